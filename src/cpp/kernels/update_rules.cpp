@@ -1,0 +1,267 @@
+// Every optimizer's fused update, written once, ISA-neutral.
+//
+// CMake compiles this file once per ISA (plain x86-64, AVX2+FMA, AVX-512), each time with
+// -DOPTKERN_ISA_NS=<isa> and that ISA's flags. The loops are plain element-wise C++ that the
+// compiler vectorises (`#pragma omp simd`, restrict pointers, -fno-math-errno for sqrt); each
+// element is read once and written once, with no temporaries, which is the whole point.
+//
+// Rules for this file: everything lives in the ISA namespace, helpers in an anonymous namespace
+// (internal linkage), and no inline functions from shared headers: the linker could otherwise
+// keep the AVX-512 copy of a shared inline function for the baseline code.
+#include "kernel_api.hpp"
+
+#include <cstddef>
+
+#ifndef OPTKERN_ISA_NS
+#error "compile this file once per ISA with -DOPTKERN_ISA_NS=<scalar|avx2|avx512>"
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define OK_RESTRICT __restrict__
+#define OK_SQRT(x) __builtin_sqrtf(x)
+#define OK_SIMD _Pragma("omp simd")
+#else
+#include <cmath>
+#define OK_RESTRICT __restrict
+#define OK_SQRT(x) std::sqrt(x)
+#define OK_SIMD __pragma(omp simd)
+#endif
+
+#define OK_STRINGIFY2(x) #x
+#define OK_STRINGIFY(x) OK_STRINGIFY2(x)
+
+namespace optkern {
+namespace OPTKERN_ISA_NS {
+namespace {
+
+using std::size_t;
+
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
+
+// Calls f(Flag<b>{}), so a runtime choice becomes a compile-time one outside the element loop.
+template <class F>
+void with_flag(bool b, F&& f) {
+  if (b) {
+    f(Flag<true>{});
+  } else {
+    f(Flag<false>{});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SGD (torch.optim.SGD), the seeds' Momentum (dampening = momentum, buffer starting at zero) and
+// Nesterov.
+//   g = grad_scale * grad (+ weight_decay * p)
+//   buf = g on the first step, else momentum * buf + (1 - dampening) * g
+//   g = g + momentum * buf (nesterov) or buf
+//   p = p - lr * g
+template <bool kDecay, bool kMomentum, bool kNesterov, bool kInit>
+void sgd_impl(const SgdStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+              float* OK_RESTRICT buf, size_t n) {
+  const float lr = s.lr, wd = s.weight_decay, mom = s.momentum, keep = s.dampening_keep,
+              gs = s.grad_scale;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float pi = p[i];
+    float gi = g[i] * gs;
+    if (kDecay) gi += wd * pi;
+    if (kMomentum) {
+      const float bi = kInit ? gi : mom * buf[i] + keep * gi;
+      buf[i] = bi;
+      gi = kNesterov ? gi + mom * bi : bi;
+    }
+    p[i] = pi - lr * gi;
+  }
+}
+
+void sgd(const SgdStep& s, float* p, const float* g, float* buf, size_t n) {
+  with_flag(s.weight_decay != 0.0f, [&](auto decay) {
+    constexpr bool kDecay = decltype(decay)::value;
+    if (buf == nullptr) {
+      sgd_impl<kDecay, false, false, false>(s, p, g, nullptr, n);
+      return;
+    }
+    with_flag(s.nesterov, [&](auto nesterov) {
+      with_flag(s.init_buffer, [&](auto init) {
+        sgd_impl<kDecay, true, decltype(nesterov)::value, decltype(init)::value>(s, p, g, buf, n);
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSprop (torch.optim.RMSprop)
+//   square_avg = alpha * square_avg + (1 - alpha) * g^2
+//   centered:  grad_avg = lerp(grad_avg, g, 1 - alpha);  avg = sqrt(square_avg - grad_avg^2) + eps
+//   else:      avg = sqrt(square_avg) + eps
+//   momentum:  buf = momentum * buf + g / avg;  p = p - lr * buf
+//   else:      p = p - lr * g / avg
+template <bool kDecay, bool kCentered, bool kMomentum>
+void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                  float* OK_RESTRICT sq, float* OK_RESTRICT buf, float* OK_RESTRICT gavg,
+                  size_t n) {
+  const float lr = s.lr, alpha = s.alpha, w = s.one_minus_alpha, eps = s.eps,
+              wd = s.weight_decay, mom = s.momentum, gs = s.grad_scale;
+  // grad_avg.lerp_(grad, w) exactly as torch evaluates it (see AdamStep).
+  const bool lerp_from_avg = w < 0.5f;
+  const float lerp_coeff = lerp_from_avg ? w : w - 1.0f;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float pi = p[i];
+    float gi = g[i] * gs;
+    if (kDecay) gi += wd * pi;
+    const float si = alpha * sq[i] + w * (gi * gi);
+    sq[i] = si;
+    float avg;
+    if (kCentered) {
+      const float ai = gavg[i];
+      const float a = (lerp_from_avg ? ai : gi) + lerp_coeff * (gi - ai);
+      gavg[i] = a;
+      avg = OK_SQRT(si - a * a) + eps;
+    } else {
+      avg = OK_SQRT(si) + eps;
+    }
+    if (kMomentum) {
+      const float bi = mom * buf[i] + gi / avg;
+      buf[i] = bi;
+      p[i] = pi - lr * bi;
+    } else {
+      p[i] = pi - lr * (gi / avg);
+    }
+  }
+}
+
+void rmsprop(const RmspropStep& s, float* p, const float* g, float* sq, float* buf, float* gavg,
+             size_t n) {
+  with_flag(s.weight_decay != 0.0f, [&](auto decay) {
+    with_flag(gavg != nullptr, [&](auto centered) {
+      with_flag(buf != nullptr, [&](auto momentum) {
+        rmsprop_impl<decltype(decay)::value, decltype(centered)::value,
+                     decltype(momentum)::value>(s, p, g, sq, buf, gavg, n);
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adagrad (torch.optim.Adagrad)
+//   sum = sum + g^2;  p = p - clr * g / (sqrt(sum) + eps)
+template <bool kDecay>
+void adagrad_impl(const AdagradStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                  float* OK_RESTRICT sum, size_t n) {
+  const float clr = s.clr, eps = s.eps, wd = s.weight_decay, gs = s.grad_scale;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float pi = p[i];
+    float gi = g[i] * gs;
+    if (kDecay) gi += wd * pi;
+    const float si = sum[i] + gi * gi;
+    sum[i] = si;
+    p[i] = pi - clr * (gi / (OK_SQRT(si) + eps));
+  }
+}
+
+void adagrad(const AdagradStep& s, float* p, const float* g, float* sum, size_t n) {
+  with_flag(s.weight_decay != 0.0f, [&](auto decay) {
+    adagrad_impl<decltype(decay)::value>(s, p, g, sum, n);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adadelta (torch.optim.Adadelta)
+//   square_avg = rho * square_avg + (1 - rho) * g^2
+//   delta = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g
+//   acc_delta = rho * acc_delta + (1 - rho) * delta^2
+//   p = p - lr * delta
+template <bool kDecay>
+void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                   float* OK_RESTRICT sq, float* OK_RESTRICT acc, size_t n) {
+  const float lr = s.lr, rho = s.rho, w = s.one_minus_rho, eps = s.eps, wd = s.weight_decay,
+              gs = s.grad_scale;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float pi = p[i];
+    float gi = g[i] * gs;
+    if (kDecay) gi += wd * pi;
+    const float si = rho * sq[i] + w * (gi * gi);
+    sq[i] = si;
+    const float ai = acc[i];
+    const float delta = OK_SQRT(ai + eps) / OK_SQRT(si + eps) * gi;
+    acc[i] = rho * ai + w * (delta * delta);
+    p[i] = pi - lr * delta;
+  }
+}
+
+void adadelta(const AdadeltaStep& s, float* p, const float* g, float* sq, float* acc, size_t n) {
+  with_flag(s.weight_decay != 0.0f, [&](auto decay) {
+    adadelta_impl<decltype(decay)::value>(s, p, g, sq, acc, n);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adam and AdamW (torch.optim.Adam / AdamW); step_size and the bias corrections are per tensor.
+//   AdamW: p = p * (1 - lr * weight_decay);   Adam: g = g + weight_decay * p
+//   exp_avg = lerp(exp_avg, g, 1 - beta1);  exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2
+//   amsgrad: max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq), used in place of exp_avg_sq below
+//   p = p - step_size * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^t) + eps)
+// One sqrt and one division per element.
+template <bool kL2, bool kDecoupled, bool kAmsgrad>
+void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+               float* OK_RESTRICT m, float* OK_RESTRICT v, float* OK_RESTRICT vmax, size_t n) {
+  const float lc = s.lerp_coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
+              wd = s.weight_decay, decay = s.decoupled_decay, step_size = s.step_size,
+              inv_bc2 = s.inv_bias_correction2_sqrt, gs = s.grad_scale;
+  const bool from_avg = s.lerp_from_avg;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    float pi = p[i];
+    float gi = g[i] * gs;
+    if (kDecoupled) pi *= decay;
+    if (kL2) gi += wd * pi;
+    const float mi0 = m[i];
+    const float mi = (from_avg ? mi0 : gi) + lc * (gi - mi0);
+    const float vi = b2 * v[i] + w2 * (gi * gi);
+    m[i] = mi;
+    v[i] = vi;
+    float vd = vi;
+    if (kAmsgrad) {
+      const float vm = vmax[i];
+      vd = (vi > vm || vi != vi) ? vi : vm;  // NaN-propagating max, like torch.maximum
+      vmax[i] = vd;
+    }
+    const float denom = OK_SQRT(vd) * inv_bc2 + eps;
+    p[i] = pi - step_size * (mi / denom);
+  }
+}
+
+void adam(const AdamStep& s, float* p, const float* g, float* m, float* v, float* vmax,
+          size_t n) {
+  const bool decay = s.weight_decay != 0.0f;
+  with_flag(decay && !s.decoupled, [&](auto l2) {
+    with_flag(decay && s.decoupled, [&](auto decoupled) {
+      with_flag(s.amsgrad, [&](auto amsgrad) {
+        adam_impl<decltype(l2)::value, decltype(decoupled)::value, decltype(amsgrad)::value>(
+            s, p, g, m, v, vmax, n);
+      });
+    });
+  });
+}
+
+constexpr KernelTable kTable = {
+    /*isa=*/OK_STRINGIFY(OPTKERN_ISA_NS),
+    /*sgd=*/sgd,
+    /*rmsprop=*/rmsprop,
+    /*adagrad=*/adagrad,
+    /*adadelta=*/adadelta,
+    /*adam=*/adam,
+};
+
+}  // namespace
+
+const KernelTable* kernel_table() { return &kTable; }
+
+}  // namespace OPTKERN_ISA_NS
+}  // namespace optkern

@@ -1,0 +1,33 @@
+// The multi-tensor driver: one call visits every element of a whole list of buffers (a param
+// group), split across threads once, one contiguous range of the concatenated buffers per thread.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+namespace optkern {
+
+// Threads a large call uses. Starts at OpenMP's default (OMP_NUM_THREADS, else the cores).
+int num_threads();
+void set_num_threads(int n);  // n >= 1
+bool have_openmp();
+
+// Below this many elements per thread, a call uses fewer threads (one, for small calls): starting
+// a parallel region costs more than it saves there. See DEFAULT_MIN_ELEMENTS_PER_THREAD.
+std::size_t min_elements_per_thread();
+void set_min_elements_per_thread(std::size_t n);  // n >= 1; tests use it to split small calls
+
+// Calls fn(ctx, tensor, begin, end) so that every element [0, sizes[t]) of every tensor is visited
+// exactly once. No parallel region nests inside another; fn must not throw.
+using SpanFn = void (*)(void* ctx, std::size_t tensor, std::size_t begin, std::size_t end);
+void for_each_span(const std::size_t* sizes, std::size_t count, SpanFn fn, void* ctx);
+
+template <class F>
+void for_each_span(const std::vector<std::size_t>& sizes, F& f) {
+  for_each_span(
+      sizes.data(), sizes.size(),
+      [](void* ctx, std::size_t t, std::size_t b, std::size_t e) { (*static_cast<F*>(ctx))(t, b, e); },
+      &f);
+}
+
+}  // namespace optkern

@@ -1,0 +1,45 @@
+"""optkern: fused SIMD + OpenMP optimizer updates, applied in place to float32 NumPy arrays.
+
+    import numpy as np, optkern as ok
+    W = np.zeros((784, 10), np.float32); b = np.zeros(10, np.float32)
+    opt = ok.Adam([W, b], lr=1e-3)
+    opt.step([dW, db])            # W and b are updated in place, in one C++ call
+
+The kernels are picked once, at import, for the best instruction set the CPU supports
+(``OPTKERN_FORCE_ISA=scalar|avx2|avx512`` forces one).
+"""
+
+from . import _core
+from . import functional
+from ._core import active_isa, available_isas, get_num_threads, set_num_threads
+from .optimizer import Optimizer
+from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, Nesterov, RMSprop
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "Optimizer",
+    "SGD",
+    "Nesterov",
+    "Momentum",
+    "RMSprop",
+    "Adagrad",
+    "Adadelta",
+    "Adam",
+    "AdamW",
+    "functional",
+    "active_isa",
+    "available_isas",
+    "get_num_threads",
+    "set_num_threads",
+    "build_info",
+]
+
+
+def build_info() -> dict:
+    """Version, compiler, OpenMP, the flags of each kernel build, and the active ISA."""
+    info = dict(_core.build_info())
+    info["active_isa"] = _core.active_isa()
+    info["available_isas"] = _core.available_isas()
+    info["num_threads"] = _core.get_num_threads()
+    return info

@@ -1,0 +1,332 @@
+"""The Optimizer base class: parameter groups, per-parameter state and torch-style state dicts.
+
+Subclasses say what state a parameter needs (:meth:`Optimizer._state_spec`) and how to apply one
+update to a group (:meth:`Optimizer._apply`, one call into :mod:`optkern.functional`).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Mapping
+from typing import Any, Dict, Iterable, Iterator, List, MutableMapping, Optional, Sequence
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["Optimizer", "ParamState"]
+
+
+class ParamState(MutableMapping):
+    """Per-parameter state, keyed by the parameter array itself (by identity, like torch's
+    ``optimizer.state[param]``: NumPy arrays are not hashable)."""
+
+    def __init__(self) -> None:
+        self._by_id: Dict[int, tuple] = {}  # id(param) -> (param, state dict)
+
+    def __getitem__(self, param: np.ndarray) -> Dict[str, Any]:
+        try:
+            return self._by_id[id(param)][1]
+        except KeyError:
+            raise KeyError("no state for this parameter (it has not been stepped yet)") from None
+
+    def __setitem__(self, param: np.ndarray, state: Dict[str, Any]) -> None:
+        self._by_id[id(param)] = (param, state)  # keeping param alive keeps its id unique
+
+    def __delitem__(self, param: np.ndarray) -> None:
+        del self._by_id[id(param)]
+
+    def __contains__(self, param: object) -> bool:
+        return id(param) in self._by_id
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (p for p, _ in self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get_by_id(self, param: np.ndarray) -> Optional[Dict[str, Any]]:
+        entry = self._by_id.get(id(param))
+        return None if entry is None else entry[1]
+
+
+def _as_param_list(params: Any, where: str) -> List[np.ndarray]:
+    if isinstance(params, np.ndarray):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(f"{where} must be an ordered sequence of arrays, not a set "
+                        "(its order, which state_dict ids follow, would change between runs)")
+    if isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
+        raise TypeError(f"{where} must be a list of float32 arrays, got {type(params).__name__}")
+    return list(params)
+
+
+class Optimizer:
+    """Base class of the optimizers. ``params`` is a list of float32 arrays, or a list of dicts
+    (parameter groups) each with a ``"params"`` list and any hyperparameters that override the
+    optimizer's defaults for that group.
+
+    ``step(grads)`` takes the gradients aligned with the parameters (group order, then list
+    order) and updates parameters and state in place. A gradient may be None: that parameter is
+    skipped, as torch skips a parameter whose ``.grad`` is None.
+    """
+
+    #: Whether the state of each parameter holds a ``step`` count.
+    _counts_steps = True
+    #: Every state array a parameter of this optimizer can hold (each shaped like the parameter).
+    _array_state_names: Sequence[str] = ()
+
+    def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
+        self.defaults = dict(defaults)
+        self.param_groups: List[Dict[str, Any]] = []
+        self.state = ParamState()
+        self._lock = threading.RLock()  # one step at a time per optimizer
+        self._check_group(dict(self.defaults))
+        groups = _as_param_list(params, "params")
+        if len(groups) == 0:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    # -- what a subclass provides ----------------------------------------------------------------
+
+    def _state_spec(self, group: Dict[str, Any]) -> Dict[str, float]:
+        """State arrays a parameter of this group needs, each with the value it starts at."""
+        raise NotImplementedError
+
+    def _apply(self, group: Dict[str, Any], params: List[np.ndarray], grads: List[np.ndarray],
+               states: List[Dict[str, Any]], positions: Optional[List[int]]) -> None:
+        """One fused update of ``params`` (all with a gradient) and their ``states``."""
+        raise NotImplementedError
+
+    # -- parameter groups ------------------------------------------------------------------------
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        # The hyperparameter checks are those of the functional update, run on an empty group,
+        # so construction, add_param_group, load_state_dict and step all check the same things.
+        self._apply(group, [], [], [], None)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a group of parameters, with hyperparameters defaulting to the optimizer's."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError('a param group must have a "params" entry')
+        group = dict(param_group)
+        params = _as_param_list(group["params"], 'param group "params"')
+        if len(params) == 0:
+            raise ValueError("a param group got an empty parameter list")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        self._check_group(group)
+        existing = [p for g in self.param_groups for p in g["params"]]
+        # Distinct, writeable, C-contiguous float32 arrays, not sharing memory with each other or
+        # with any parameter already in another group.
+        try:
+            _core.check_params(existing + params)
+        except ValueError as e:
+            if any(p is q for p in params for q in existing):
+                raise ValueError("some parameters appear in more than one parameter group") from e
+            raise
+        group["params"] = params
+        self.param_groups.append(group)
+
+    # -- stepping ----------------------------------------------------------------------------------
+
+    def step(self, grads: Sequence[Optional[np.ndarray]]) -> None:
+        """Applies one update to every parameter whose gradient is not None."""
+        with self._lock:
+            work = self._plan(grads)
+            for group, params, group_grads, positions in work:
+                states = self._states(group, params, group_grads, positions)
+                self._apply(group, params, group_grads, states, positions)
+                if self._counts_steps:
+                    for s in states:
+                        s["step"] += 1
+
+    def _plan(self, grads: Sequence[Optional[np.ndarray]]) -> list:
+        """Splits ``grads`` by group, drops parameters without a gradient and, when there is more
+        than one group, validates everything before the first group is updated."""
+        if isinstance(grads, np.ndarray) or not isinstance(grads, (list, tuple)):
+            raise TypeError("grads must be a list or tuple of arrays aligned with the parameters, "
+                            f"got {type(grads).__name__}")
+        total = sum(len(g["params"]) for g in self.param_groups)
+        if len(grads) != total:
+            raise ValueError(f"step() got {len(grads)} gradients for {total} parameters; pass one "
+                             "per parameter (None to skip one), in group order")
+        work = []
+        start = 0
+        for group in self.param_groups:
+            params = group["params"]
+            group_grads = grads[start:start + len(params)]
+            if any(g is None for g in group_grads):
+                keep = [i for i, g in enumerate(group_grads) if g is not None]
+                params = [params[i] for i in keep]
+                group_grads = [group_grads[i] for i in keep]
+                positions = [start + i for i in keep]
+            else:
+                positions = None if start == 0 else list(range(start, start + len(params)))
+            work.append((group, params, list(group_grads), positions))
+            start += len(group["params"])
+        if len(work) > 1:
+            for group, *_ in work:
+                self._check_group(group)
+            all_params = [p for _, ps, _, _ in work for p in ps]
+            all_grads = [g for _, _, gs, _ in work for g in gs]
+            positions = [i for _, ps, _, pos in work
+                         for i in (pos if pos is not None else range(len(ps)))]
+            _core.check_grads(all_params, all_grads, positions=positions)
+        return work
+
+    def _states(self, group: Dict[str, Any], params: List[np.ndarray], grads: List[np.ndarray],
+                positions: Optional[List[int]]) -> List[Dict[str, Any]]:
+        """The state of each parameter, created (or completed, after an option such as amsgrad
+        was switched on) only once the gradients are known to be valid."""
+        spec = self._state_spec(group)
+        needed = spec.keys()
+        states = [self.state.get_by_id(p) for p in params]
+        if all(s is not None and s.keys() >= needed for s in states):
+            return states  # type: ignore[return-value]
+        if not spec and not self._counts_steps:
+            return [{} if s is None else s for s in states]  # the subclass keeps what it creates
+        _core.check_grads(params, grads, positions=positions)
+        for i, p in enumerate(params):
+            s = states[i]
+            if s is None:
+                s = {"step": 0} if self._counts_steps else {}
+                self.state[p] = s
+                states[i] = s
+            for name, start in spec.items():
+                if name not in s:
+                    s[name] = np.full(p.shape, start, dtype=np.float32)
+        return states  # type: ignore[return-value]
+
+    # -- state dicts -------------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The optimizer's state in torch's layout: ``{"state": {id: {name: value}},
+        "param_groups": [{hyperparameters..., "params": [ids]}]}``, ids numbering the
+        parameters in group order. Arrays are copies, so the dict is a snapshot."""
+        with self._lock:
+            state: Dict[int, Dict[str, Any]] = {}
+            groups = []
+            index = 0
+            for group in self.param_groups:
+                packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+                ids = list(range(index, index + len(group["params"])))
+                packed["params"] = ids
+                groups.append(packed)
+                for i, p in zip(ids, group["params"]):
+                    s = self.state.get_by_id(p)
+                    if s is not None:
+                        state[i] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v))
+                                    for k, v in s.items()}
+                index += len(group["params"])
+            return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Loads a dict from :meth:`state_dict` (or from torch: tensors are read as arrays). It is
+        checked whole before anything changes: group and parameter counts, state names and
+        shapes, step counts and hyperparameters."""
+        with self._lock:
+            groups, state = self._parse_state_dict(state_dict)
+            new_state = ParamState()
+            for p, s in state:
+                new_state[p] = s
+            self.param_groups = groups
+            self.state = new_state
+
+    def _parse_state_dict(self, sd: Mapping) -> tuple:
+        if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
+            raise ValueError('a state dict must be a mapping with "state" and "param_groups"')
+        saved_groups = sd["param_groups"]
+        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
+            n = len(saved_groups) if isinstance(saved_groups, (list, tuple)) else "no list of"
+            raise ValueError(f"loaded state dict has {n} parameter groups; this optimizer has "
+                             f"{len(self.param_groups)}")
+        by_id: Dict[Any, np.ndarray] = {}
+        groups = []
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or "params" not in saved:
+                raise ValueError(f'param_groups[{gi}] must be a mapping with a "params" list')
+            ids = list(saved["params"])
+            if len(ids) != len(group["params"]):
+                raise ValueError(f"param_groups[{gi}] has {len(ids)} parameters in the loaded state "
+                                 f"dict but {len(group['params'])} in this optimizer")
+            for i, p in zip(ids, group["params"]):
+                by_id[i] = p
+            new_group = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+            for key, value in self.defaults.items():
+                new_group.setdefault(key, value)
+            new_group["params"] = group["params"]
+            try:
+                self._check_group(new_group)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
+            groups.append(new_group)
+        group_of = {id(p): g for g in groups for p in g["params"]}
+
+        saved_state = sd["state"]
+        if not isinstance(saved_state, Mapping):
+            raise ValueError('"state" must be a mapping from parameter ids to state dicts')
+        state = []
+        for key, entry in saved_state.items():
+            if key not in by_id:
+                raise ValueError(f"state has an entry for parameter id {key!r}, which no "
+                                 "parameter group lists")
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"state[{key!r}] must be a mapping, got {type(entry).__name__}")
+            p = by_id[key]
+            spec = self._state_spec(group_of[id(p)])
+            s: Dict[str, Any] = {}
+            for name, value in entry.items():
+                if value is None:
+                    continue  # torch writes momentum_buffer=None for a buffer never created
+                if name == "step":
+                    s["step"] = _load_step(value, f"state[{key!r}]['step']")
+                elif name in self._array_state_names:
+                    s[name] = _load_array(value, p, f"state[{key!r}][{name!r}]")
+                else:
+                    s[name] = copy.deepcopy(value)
+            if self._counts_steps and "step" not in s:
+                raise ValueError(f"state[{key!r}] has no 'step'")
+            missing = [n for n in spec if n not in s]
+            if missing:
+                raise ValueError(f"state[{key!r}] lacks {', '.join(map(repr, missing))}, "
+                                 "which its group's options need")
+            state.append((p, s))
+        return groups, state
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for key in sorted(k for k in group if k != "params"):
+                lines.append(f"    {key}: {group[key]}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+def _load_step(value: Any, where: str) -> int:
+    try:
+        v = float(np.asarray(value))
+    except (TypeError, ValueError):
+        raise TypeError(f"{where} must be a number, got {type(value).__name__}") from None
+    if not v.is_integer() or v < 0:
+        raise ValueError(f"{where} must be a whole number >= 0, got {value!r}")
+    return int(v)
+
+
+def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # a torch tensor that needs .cpu(), say
+        raise TypeError(f"{where} cannot be read as an array: {e}") from None
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{where} must hold real numbers, got dtype {arr.dtype}")
+    if arr.shape != param.shape:
+        raise ValueError(f"{where} has shape {arr.shape} but its parameter has shape {param.shape}")
+    return np.array(arr, dtype=np.float32, order="C", copy=True)

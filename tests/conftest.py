@@ -1,0 +1,24 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import reference.py and helpers.py
+
+import optkern as ok  # noqa: E402
+
+
+def pytest_report_header(config):
+    return (f"optkern {ok.__version__}: active ISA {ok.active_isa()} "
+            f"(available {', '.join(ok.available_isas())}), {ok.get_num_threads()} threads")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threading():
+    """Tests may change the thread count or the split threshold; put both back afterwards."""
+    threads = ok.get_num_threads()
+    threshold = ok._core._min_elements_per_thread()
+    yield
+    ok.set_num_threads(threads)
+    ok._core._set_min_elements_per_thread(threshold)

@@ -1,0 +1,183 @@
+"""Float64 NumPy references of every update rule, written from the formulas in the optimizer
+docstrings (torch.optim's semantics), independent of the C++ kernels.
+
+Each reference optimizer keeps one parameter in float64 and its state in a dict named as torch
+names it; ``step(g)`` applies one update with a float64 gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+import numpy as np
+
+
+def lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
+    """torch.lerp as torch evaluates it (the form matters for Inf and NaN)."""
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1 - weight)
+
+
+class Reference:
+    def __init__(self, name: str, p0: np.ndarray, **hp: Any) -> None:
+        self.name = name
+        self.p = np.array(p0, dtype=np.float64)
+        self.hp = hp
+        self.state: Dict[str, Any] = {}
+        self.t = 0
+
+    def zeros(self, key: str, fill: float = 0.0) -> np.ndarray:
+        if key not in self.state:
+            self.state[key] = np.full_like(self.p, fill)
+        return self.state[key]
+
+    def step(self, grad: np.ndarray, grad_scale: float = 1.0) -> None:
+        g = np.asarray(grad, dtype=np.float64) * grad_scale
+        if self.hp.get("maximize", False):
+            g = -g
+        getattr(self, "_" + self.name.lower())(g, **{k: v for k, v in self.hp.items()
+                                                     if k != "maximize"})
+        self.t += 1
+
+    # -- the rules -------------------------------------------------------------------------------
+
+    def _sgd(self, g, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+        p = self.p
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if momentum != 0:
+            buf = self.state.get("momentum_buffer")
+            buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
+            self.state["momentum_buffer"] = buf
+            g = g + momentum * buf if nesterov else buf
+        self.p = p - lr * g
+
+    def _nesterov(self, g, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0):
+        self._sgd(g, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                  nesterov=True)
+
+    def _momentum(self, g, lr=1e-3, beta=0.9, weight_decay=0.0):
+        if weight_decay != 0:
+            g = g + weight_decay * self.p
+        v = beta * self.zeros("momentum_buffer") + (1 - beta) * g
+        self.state["momentum_buffer"] = v
+        self.p = self.p - lr * v
+
+    def _rmsprop(self, g, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False):
+        p = self.p
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        sq = alpha * self.zeros("square_avg") + (1 - alpha) * g * g
+        self.state["square_avg"] = sq
+        if centered:
+            ga = lerp(self.zeros("grad_avg"), g, 1 - alpha)
+            self.state["grad_avg"] = ga
+            avg = np.sqrt(sq - ga * ga) + eps
+        else:
+            avg = np.sqrt(sq) + eps
+        if momentum > 0:
+            buf = momentum * self.zeros("momentum_buffer") + g / avg
+            self.state["momentum_buffer"] = buf
+            self.p = p - lr * buf
+        else:
+            self.p = p - lr * g / avg
+        self.state["step"] = self.t + 1
+
+    def _adagrad(self, g, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+                 eps=1e-10):
+        p = self.p
+        t = self.t + 1
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        clr = lr / (1 + (t - 1) * lr_decay)
+        s = self.zeros("sum", initial_accumulator_value) + g * g
+        self.state["sum"] = s
+        self.p = p - clr * g / (np.sqrt(s) + eps)
+        self.state["step"] = t
+
+    def _adadelta(self, g, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0):
+        p = self.p
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        sq = rho * self.zeros("square_avg") + (1 - rho) * g * g
+        acc = self.zeros("acc_delta")
+        delta = np.sqrt(acc + eps) / np.sqrt(sq + eps) * g
+        self.state["square_avg"] = sq
+        self.state["acc_delta"] = rho * acc + (1 - rho) * delta * delta
+        self.p = p - lr * delta
+        self.state["step"] = self.t + 1
+
+    def _adam(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+              decoupled=False):
+        p = self.p
+        t = self.t + 1
+        beta1, beta2 = betas
+        if weight_decay != 0:
+            if decoupled:
+                p = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
+        v = beta2 * self.zeros("exp_avg_sq") + (1 - beta2) * g * g
+        self.state["exp_avg"], self.state["exp_avg_sq"] = m, v
+        if amsgrad:
+            v = np.maximum(self.zeros("max_exp_avg_sq"), v)  # NaN-propagating, as torch.maximum
+            self.state["max_exp_avg_sq"] = v
+        bc1 = 1 - beta1 ** t
+        bc2 = 1 - beta2 ** t
+        denom = np.sqrt(v) / math.sqrt(bc2) + eps
+        self.p = p - (lr / bc1) * (m / denom)
+        self.state["step"] = t
+
+    def _adamw(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False):
+        self._adam(g, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                   decoupled=True)
+
+
+#: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
+#: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
+CASES = [
+    ("SGD", dict(lr=0.01)),
+    ("SGD", dict(lr=0.01, maximize=True)),
+    ("SGD", dict(lr=0.005, momentum=0.9)),
+    ("SGD", dict(lr=0.005, momentum=0.9, dampening=0.3)),
+    ("SGD", dict(lr=0.005, momentum=0.9, nesterov=True)),
+    ("SGD", dict(lr=0.005, momentum=0.8, weight_decay=0.05)),
+    ("SGD", dict(lr=0.005, momentum=0.5, weight_decay=0.1, nesterov=True, maximize=True)),
+    ("SGD", dict(lr=0.01, weight_decay=0.1)),
+    ("Nesterov", dict(lr=0.005)),
+    ("Nesterov", dict(lr=0.005, momentum=0.8, weight_decay=0.01, maximize=True)),
+    ("Momentum", dict(lr=0.01)),
+    ("Momentum", dict(lr=0.01, beta=0.5, weight_decay=0.05)),
+    ("Momentum", dict(lr=0.01, beta=0.99, maximize=True)),
+    ("RMSprop", dict(lr=1e-3)),
+    ("RMSprop", dict(lr=1e-3, centered=True)),
+    ("RMSprop", dict(lr=1e-3, momentum=0.9)),
+    # centered: sqrt(square_avg - grad_avg^2) cancels badly in float32 when the variance is small
+    # next to the mean (a weight decay larger than the noise), so the decay is kept small here.
+    ("RMSprop", dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=0.01)),
+    ("RMSprop", dict(lr=1e-3, alpha=0.4, eps=1e-3, weight_decay=0.01, maximize=True)),
+    ("Adagrad", dict(lr=1e-2)),
+    ("Adagrad", dict(lr=1e-2, lr_decay=0.01, weight_decay=0.1)),
+    ("Adagrad", dict(lr=1e-2, initial_accumulator_value=0.5, eps=1e-3, maximize=True)),
+    ("Adadelta", dict()),
+    ("Adadelta", dict(lr=0.5, rho=0.5, eps=1e-4, weight_decay=0.1)),
+    ("Adadelta", dict(lr=1.0, maximize=True)),
+    ("Adam", dict()),
+    ("Adam", dict(amsgrad=True)),
+    ("Adam", dict(lr=2e-3, betas=(0.8, 0.99), weight_decay=0.1)),
+    ("Adam", dict(lr=1e-3, betas=(0.3, 0.9), eps=1e-4, amsgrad=True, weight_decay=0.01,
+                  maximize=True)),
+    ("Adam", dict(lr=1e-3, betas=(0.0, 0.0))),
+    ("AdamW", dict()),
+    ("AdamW", dict(amsgrad=True, weight_decay=0.1)),
+    ("AdamW", dict(lr=1e-3, betas=(0.6, 0.95), weight_decay=0.0, maximize=True)),
+]
+
+
+def case_id(case) -> str:
+    name, hp = case
+    return name + "(" + ",".join(f"{k}={v}" for k, v in hp.items()) + ")"
