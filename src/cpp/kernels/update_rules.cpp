@@ -27,6 +27,17 @@
 #define OK_SIMD __pragma(omp simd)
 #endif
 
+// a * b + c. Where the ISA has FMA it is one fused operation, written out here because the
+// kernels are compiled with -ffp-contract=off: left to itself, the compiler fuses the vector loop
+// and its scalar remainder differently, and then an element's result would depend on where a
+// thread's range happens to end. Written out, every element of one ISA build computes the same
+// expression, so results are bit-identical for any thread count.
+#if defined(__FMA__) && (defined(__GNUC__) || defined(__clang__))
+#define OK_FMA(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define OK_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
 #define OK_STRINGIFY2(x) #x
 #define OK_STRINGIFY(x) OK_STRINGIFY2(x)
 
@@ -67,13 +78,13 @@ void sgd_impl(const SgdStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
     float gi = g[i] * gs;
-    if (kDecay) gi += wd * pi;
+    if (kDecay) gi = OK_FMA(wd, pi, gi);
     if (kMomentum) {
-      const float bi = kInit ? gi : mom * buf[i] + keep * gi;
+      const float bi = kInit ? gi : OK_FMA(mom, buf[i], keep * gi);
       buf[i] = bi;
-      gi = kNesterov ? gi + mom * bi : bi;
+      gi = kNesterov ? OK_FMA(mom, bi, gi) : bi;
     }
-    p[i] = pi - lr * gi;
+    p[i] = OK_FMA(-lr, gi, pi);
   }
 }
 
@@ -112,24 +123,24 @@ void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const float* OK_RE
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
     float gi = g[i] * gs;
-    if (kDecay) gi += wd * pi;
-    const float si = alpha * sq[i] + w * (gi * gi);
+    if (kDecay) gi = OK_FMA(wd, pi, gi);
+    const float si = OK_FMA(alpha, sq[i], w * (gi * gi));
     sq[i] = si;
     float avg;
     if (kCentered) {
       const float ai = gavg[i];
-      const float a = (lerp_from_avg ? ai : gi) + lerp_coeff * (gi - ai);
+      const float a = OK_FMA(lerp_coeff, gi - ai, lerp_from_avg ? ai : gi);
       gavg[i] = a;
-      avg = OK_SQRT(si - a * a) + eps;
+      avg = OK_SQRT(OK_FMA(-a, a, si)) + eps;
     } else {
       avg = OK_SQRT(si) + eps;
     }
     if (kMomentum) {
-      const float bi = mom * buf[i] + gi / avg;
+      const float bi = OK_FMA(mom, buf[i], gi / avg);
       buf[i] = bi;
-      p[i] = pi - lr * bi;
+      p[i] = OK_FMA(-lr, bi, pi);
     } else {
-      p[i] = pi - lr * (gi / avg);
+      p[i] = OK_FMA(-lr, gi / avg, pi);
     }
   }
 }
@@ -157,10 +168,10 @@ void adagrad_impl(const AdagradStep& s, float* OK_RESTRICT p, const float* OK_RE
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
     float gi = g[i] * gs;
-    if (kDecay) gi += wd * pi;
-    const float si = sum[i] + gi * gi;
+    if (kDecay) gi = OK_FMA(wd, pi, gi);
+    const float si = OK_FMA(gi, gi, sum[i]);
     sum[i] = si;
-    p[i] = pi - clr * (gi / (OK_SQRT(si) + eps));
+    p[i] = OK_FMA(-clr, gi / (OK_SQRT(si) + eps), pi);
   }
 }
 
@@ -185,13 +196,13 @@ void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const float* OK_
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
     float gi = g[i] * gs;
-    if (kDecay) gi += wd * pi;
-    const float si = rho * sq[i] + w * (gi * gi);
+    if (kDecay) gi = OK_FMA(wd, pi, gi);
+    const float si = OK_FMA(rho, sq[i], w * (gi * gi));
     sq[i] = si;
     const float ai = acc[i];
     const float delta = OK_SQRT(ai + eps) / OK_SQRT(si + eps) * gi;
-    acc[i] = rho * ai + w * (delta * delta);
-    p[i] = pi - lr * delta;
+    acc[i] = OK_FMA(rho, ai, w * (delta * delta));
+    p[i] = OK_FMA(-lr, delta, pi);
   }
 }
 
@@ -220,10 +231,10 @@ void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT
     float pi = p[i];
     float gi = g[i] * gs;
     if (kDecoupled) pi *= decay;
-    if (kL2) gi += wd * pi;
+    if (kL2) gi = OK_FMA(wd, pi, gi);
     const float mi0 = m[i];
-    const float mi = (from_avg ? mi0 : gi) + lc * (gi - mi0);
-    const float vi = b2 * v[i] + w2 * (gi * gi);
+    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
+    const float vi = OK_FMA(b2, v[i], w2 * (gi * gi));
     m[i] = mi;
     v[i] = vi;
     float vd = vi;
@@ -232,8 +243,8 @@ void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT
       vd = (vi > vm || vi != vi) ? vi : vm;  // NaN-propagating max, like torch.maximum
       vmax[i] = vd;
     }
-    const float denom = OK_SQRT(vd) * inv_bc2 + eps;
-    p[i] = pi - step_size * (mi / denom);
+    const float denom = OK_FMA(OK_SQRT(vd), inv_bc2, eps);
+    p[i] = OK_FMA(-step_size, mi / denom, pi);
   }
 }
 
