@@ -7,6 +7,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # tests import reference.py and helpers.py
 
 import optkern as ok  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI runs the same examples every time (a failure reproduces); HYPOTHESIS_PROFILE=explore searches
+# twenty times as many, randomly, for local bug hunting.
+settings.register_profile("ci", max_examples=100, derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_report_header(config):

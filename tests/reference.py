@@ -1,5 +1,6 @@
 """Float64 NumPy references of every update rule, written from the formulas in the optimizer
-docstrings (torch.optim's semantics), independent of the C++ kernels.
+docstrings (torch.optim's semantics, in torch's order of operations), independent of the C++
+kernels.
 
 Each reference optimizer keeps one parameter in float64 and its state in a dict named as torch
 names it; ``step(g)`` applies one update with a float64 gradient.
@@ -21,9 +22,13 @@ def lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
 
 
 class Reference:
-    def __init__(self, name: str, p0: np.ndarray, **hp: Any) -> None:
+    """``dtype=np.float32`` evaluates the same formulas in float32 (in torch's order of
+    operations), for inputs whose float64 result float32 cannot represent (gradients of 1e20)."""
+
+    def __init__(self, name: str, p0: np.ndarray, dtype: Any = np.float64, **hp: Any) -> None:
         self.name = name
-        self.p = np.array(p0, dtype=np.float64)
+        self.dtype = dtype
+        self.p = np.array(p0, dtype=dtype)
         self.hp = hp
         self.state: Dict[str, Any] = {}
         self.t = 0
@@ -34,11 +39,12 @@ class Reference:
         return self.state[key]
 
     def step(self, grad: np.ndarray, grad_scale: float = 1.0) -> None:
-        g = np.asarray(grad, dtype=np.float64) * grad_scale
+        g = np.asarray(grad, dtype=self.dtype) * grad_scale
         if self.hp.get("maximize", False):
             g = -g
-        getattr(self, "_" + self.name.lower())(g, **{k: v for k, v in self.hp.items()
-                                                     if k != "maximize"})
+        with np.errstate(all="ignore"):  # NaN and Inf are expected inputs in some tests
+            getattr(self, "_" + self.name.lower())(g, **{k: v for k, v in self.hp.items()
+                                                         if k != "maximize"})
         self.t += 1
 
     # -- the rules -------------------------------------------------------------------------------
@@ -70,7 +76,7 @@ class Reference:
         p = self.p
         if weight_decay != 0:
             g = g + weight_decay * p
-        sq = alpha * self.zeros("square_avg") + (1 - alpha) * g * g
+        sq = alpha * self.zeros("square_avg") + ((1 - alpha) * g) * g
         self.state["square_avg"] = sq
         if centered:
             ga = lerp(self.zeros("grad_avg"), g, 1 - alpha)
@@ -83,7 +89,7 @@ class Reference:
             self.state["momentum_buffer"] = buf
             self.p = p - lr * buf
         else:
-            self.p = p - lr * g / avg
+            self.p = p - (lr * g) / avg
         self.state["step"] = self.t + 1
 
     def _adagrad(self, g, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
@@ -95,18 +101,18 @@ class Reference:
         clr = lr / (1 + (t - 1) * lr_decay)
         s = self.zeros("sum", initial_accumulator_value) + g * g
         self.state["sum"] = s
-        self.p = p - clr * g / (np.sqrt(s) + eps)
+        self.p = p - (clr * g) / (np.sqrt(s) + eps)
         self.state["step"] = t
 
     def _adadelta(self, g, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0):
         p = self.p
         if weight_decay != 0:
             g = g + weight_decay * p
-        sq = rho * self.zeros("square_avg") + (1 - rho) * g * g
+        sq = rho * self.zeros("square_avg") + ((1 - rho) * g) * g
         acc = self.zeros("acc_delta")
         delta = np.sqrt(acc + eps) / np.sqrt(sq + eps) * g
         self.state["square_avg"] = sq
-        self.state["acc_delta"] = rho * acc + (1 - rho) * delta * delta
+        self.state["acc_delta"] = rho * acc + ((1 - rho) * delta) * delta
         self.p = p - lr * delta
         self.state["step"] = self.t + 1
 
@@ -121,7 +127,7 @@ class Reference:
             else:
                 g = g + weight_decay * p
         m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
-        v = beta2 * self.zeros("exp_avg_sq") + (1 - beta2) * g * g
+        v = beta2 * self.zeros("exp_avg_sq") + ((1 - beta2) * g) * g
         self.state["exp_avg"], self.state["exp_avg_sq"] = m, v
         if amsgrad:
             v = np.maximum(self.zeros("max_exp_avg_sq"), v)  # NaN-propagating, as torch.maximum
@@ -129,7 +135,7 @@ class Reference:
         bc1 = 1 - beta1 ** t
         bc2 = 1 - beta2 ** t
         denom = np.sqrt(v) / math.sqrt(bc2) + eps
-        self.p = p - (lr / bc1) * (m / denom)
+        self.p = p - ((lr / bc1) * m) / denom
         self.state["step"] = t
 
     def _adamw(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False):

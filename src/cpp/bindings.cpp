@@ -261,9 +261,14 @@ void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers,
     init = flags_of(init_buffers, "init_buffers", cb);
   }
   cb.check_disjoint();
-  const SgdStep base{static_cast<float>(lr),       static_cast<float>(weight_decay),
-                     static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
-                     static_cast<float>(grad_scale), nesterov, false};
+  SgdStep base{};
+  base.lr = static_cast<float>(lr);
+  base.weight_decay = static_cast<float>(weight_decay);
+  base.momentum = static_cast<float>(momentum);
+  base.dampening_keep = static_cast<float>(1.0 - dampening);
+  base.grad_scale = static_cast<float>(grad_scale);
+  base.has_weight_decay = weight_decay != 0.0;
+  base.nesterov = nesterov;
   const KernelTable& k = kernels();
   run(cb, [&](std::size_t t, std::size_t b, std::size_t e) {
     SgdStep s = base;
@@ -283,10 +288,15 @@ void rmsprop_step(py::handle params, py::handle grads, py::handle square_avgs,
   if (!momentum_buffers.is_none()) buf = cb.add(momentum_buffers, "momentum_buffers", Access::write);
   if (!grad_avgs.is_none()) gavg = cb.add(grad_avgs, "grad_avgs", Access::write);
   cb.check_disjoint();
-  const RmspropStep s{static_cast<float>(lr),           static_cast<float>(alpha),
-                      static_cast<float>(1.0 - alpha), static_cast<float>(eps),
-                      static_cast<float>(weight_decay), static_cast<float>(momentum),
-                      static_cast<float>(grad_scale),   !gavg.empty()};
+  RmspropStep s{};
+  s.lr = static_cast<float>(lr);
+  s.alpha = static_cast<float>(alpha);
+  s.one_minus_alpha = static_cast<float>(1.0 - alpha);
+  s.eps = static_cast<float>(eps);
+  s.weight_decay = static_cast<float>(weight_decay);
+  s.momentum = static_cast<float>(momentum);
+  s.grad_scale = static_cast<float>(grad_scale);
+  s.has_weight_decay = weight_decay != 0.0;
   const KernelTable& k = kernels();
   run(cb, [&](std::size_t t, std::size_t b, std::size_t e) {
     k.rmsprop(s, cb.param(t) + b, g[t] + b, sq[t] + b, at(buf, t, b), at(gavg, t, b), e - b);
@@ -301,11 +311,14 @@ void adagrad_step(py::handle params, py::handle grads, py::handle state_sums, py
   const auto sums = cb.add(state_sums, "state_sums", Access::write);
   cb.check_disjoint();
   const auto step = step_counts(steps, cb);
-  std::vector<AdagradStep> per_tensor(cb.count());
+  AdagradStep base{};
+  base.eps = static_cast<float>(eps);
+  base.weight_decay = static_cast<float>(weight_decay);
+  base.grad_scale = static_cast<float>(grad_scale);
+  base.has_weight_decay = weight_decay != 0.0;
+  std::vector<AdagradStep> per_tensor(cb.count(), base);
   for (std::size_t t = 0; t < cb.count(); ++t) {
-    const double clr = lr / (1.0 + static_cast<double>(step[t] - 1) * lr_decay);
-    per_tensor[t] = {static_cast<float>(clr), static_cast<float>(eps),
-                     static_cast<float>(weight_decay), static_cast<float>(grad_scale)};
+    per_tensor[t].clr = static_cast<float>(lr / (1.0 + static_cast<double>(step[t] - 1) * lr_decay));
   }
   const KernelTable& k = kernels();
   run(cb, [&](std::size_t t, std::size_t b, std::size_t e) {
@@ -321,9 +334,14 @@ void adadelta_step(py::handle params, py::handle grads, py::handle square_avgs,
   const auto sq = cb.add(square_avgs, "square_avgs", Access::write);
   const auto acc = cb.add(acc_deltas, "acc_deltas", Access::write);
   cb.check_disjoint();
-  const AdadeltaStep s{static_cast<float>(lr),  static_cast<float>(rho),
-                       static_cast<float>(1.0 - rho), static_cast<float>(eps),
-                       static_cast<float>(weight_decay), static_cast<float>(grad_scale)};
+  AdadeltaStep s{};
+  s.lr = static_cast<float>(lr);
+  s.rho = static_cast<float>(rho);
+  s.one_minus_rho = static_cast<float>(1.0 - rho);
+  s.eps = static_cast<float>(eps);
+  s.weight_decay = static_cast<float>(weight_decay);
+  s.grad_scale = static_cast<float>(grad_scale);
+  s.has_weight_decay = weight_decay != 0.0;
   const KernelTable& k = kernels();
   run(cb, [&](std::size_t t, std::size_t b, std::size_t e) {
     k.adadelta(s, cb.param(t) + b, g[t] + b, sq[t] + b, acc[t] + b, e - b);
@@ -353,6 +371,7 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
   base.weight_decay = static_cast<float>(weight_decay);
   base.decoupled_decay = static_cast<float>(1.0 - lr * weight_decay);
   base.grad_scale = static_cast<float>(grad_scale);
+  base.has_weight_decay = weight_decay != 0.0;
   base.amsgrad = !vmax.empty();
   base.decoupled = decoupled;
   std::vector<AdamStep> per_tensor(cb.count(), base);

@@ -14,14 +14,17 @@ namespace optkern {
 // Every struct below holds the scalars of one update, already in the float form the kernel uses.
 // They are filled in double by the caller (bias corrections from the step count) and then
 // rounded once. `grad_scale` multiplies the gradient before anything else: -1 for maximize,
-// times the clipping coefficient when clipping is fused into the step.
+// times the clipping coefficient when clipping is fused into the step. `has_weight_decay` is
+// decided on the double value, as torch decides it: a weight decay of 1e-320 rounds to 0.0f but
+// still adds 0 * p to the gradient, which is NaN where p is infinite.
 
 struct SgdStep {
   float lr;
-  float weight_decay;    // L2 term added to the gradient; exactly 0 skips it (0 * inf would be NaN)
-  float momentum;        // 0: no momentum buffer
+  float weight_decay;    // L2 term added to the gradient
+  float momentum;
   float dampening_keep;  // 1 - dampening
   float grad_scale;
+  bool has_weight_decay;
   bool nesterov;
   bool init_buffer;  // torch's first step: the buffer becomes the gradient itself
 };
@@ -32,9 +35,9 @@ struct RmspropStep {
   float one_minus_alpha;
   float eps;
   float weight_decay;
-  float momentum;  // 0: no momentum buffer
+  float momentum;
   float grad_scale;
-  bool centered;
+  bool has_weight_decay;
 };
 
 struct AdagradStep {
@@ -42,6 +45,7 @@ struct AdagradStep {
   float eps;
   float weight_decay;
   float grad_scale;
+  bool has_weight_decay;
 };
 
 struct AdadeltaStep {
@@ -51,6 +55,7 @@ struct AdadeltaStep {
   float eps;
   float weight_decay;
   float grad_scale;
+  bool has_weight_decay;
 };
 
 struct AdamStep {
@@ -66,6 +71,7 @@ struct AdamStep {
   float step_size;             // lr / (1 - beta1^step), per tensor
   float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step), per tensor
   float grad_scale;
+  bool has_weight_decay;
   bool amsgrad;
   bool decoupled;
 };

@@ -5,6 +5,9 @@
 // compiler vectorises (`#pragma omp simd`, restrict pointers, -fno-math-errno for sqrt); each
 // element is read once and written once, with no temporaries, which is the whole point.
 //
+// Where torch's formula is p.addcdiv_(t1, t2, value=-c), the kernel computes p - (c * t1) / t2 in
+// that order, as torch does: c * (t1 / t2) can overflow where torch's order does not.
+//
 // Rules for this file: everything lives in the ISA namespace, helpers in an anonymous namespace
 // (internal linkage), and no inline functions from shared headers: the linker could otherwise
 // keep the AVX-512 copy of a shared inline function for the baseline code.
@@ -89,7 +92,7 @@ void sgd_impl(const SgdStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g
 }
 
 void sgd(const SgdStep& s, float* p, const float* g, float* buf, size_t n) {
-  with_flag(s.weight_decay != 0.0f, [&](auto decay) {
+  with_flag(s.has_weight_decay, [&](auto decay) {
     constexpr bool kDecay = decltype(decay)::value;
     if (buf == nullptr) {
       sgd_impl<kDecay, false, false, false>(s, p, g, nullptr, n);
@@ -124,14 +127,16 @@ void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const float* OK_RE
     const float pi = p[i];
     float gi = g[i] * gs;
     if (kDecay) gi = OK_FMA(wd, pi, gi);
-    const float si = OK_FMA(alpha, sq[i], w * (gi * gi));
+    // (w * g) * g, in torch's addcmul order: a gradient of 1e20 does not overflow to inf here.
+    const float si = OK_FMA(alpha, sq[i], (w * gi) * gi);
     sq[i] = si;
     float avg;
     if (kCentered) {
       const float ai = gavg[i];
       const float a = OK_FMA(lerp_coeff, gi - ai, lerp_from_avg ? ai : gi);
       gavg[i] = a;
-      avg = OK_SQRT(OK_FMA(-a, a, si)) + eps;
+      // Not fused: torch rounds grad_avg^2 first, so where it overflows, inf - inf gives NaN.
+      avg = OK_SQRT(si - a * a) + eps;
     } else {
       avg = OK_SQRT(si) + eps;
     }
@@ -140,14 +145,14 @@ void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const float* OK_RE
       buf[i] = bi;
       p[i] = OK_FMA(-lr, bi, pi);
     } else {
-      p[i] = OK_FMA(-lr, gi / avg, pi);
+      p[i] = pi - (lr * gi) / avg;
     }
   }
 }
 
 void rmsprop(const RmspropStep& s, float* p, const float* g, float* sq, float* buf, float* gavg,
              size_t n) {
-  with_flag(s.weight_decay != 0.0f, [&](auto decay) {
+  with_flag(s.has_weight_decay, [&](auto decay) {
     with_flag(gavg != nullptr, [&](auto centered) {
       with_flag(buf != nullptr, [&](auto momentum) {
         rmsprop_impl<decltype(decay)::value, decltype(centered)::value,
@@ -171,12 +176,12 @@ void adagrad_impl(const AdagradStep& s, float* OK_RESTRICT p, const float* OK_RE
     if (kDecay) gi = OK_FMA(wd, pi, gi);
     const float si = OK_FMA(gi, gi, sum[i]);
     sum[i] = si;
-    p[i] = OK_FMA(-clr, gi / (OK_SQRT(si) + eps), pi);
+    p[i] = pi - (clr * gi) / (OK_SQRT(si) + eps);
   }
 }
 
 void adagrad(const AdagradStep& s, float* p, const float* g, float* sum, size_t n) {
-  with_flag(s.weight_decay != 0.0f, [&](auto decay) {
+  with_flag(s.has_weight_decay, [&](auto decay) {
     adagrad_impl<decltype(decay)::value>(s, p, g, sum, n);
   });
 }
@@ -197,17 +202,17 @@ void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const float* OK_
     const float pi = p[i];
     float gi = g[i] * gs;
     if (kDecay) gi = OK_FMA(wd, pi, gi);
-    const float si = OK_FMA(rho, sq[i], w * (gi * gi));
+    const float si = OK_FMA(rho, sq[i], (w * gi) * gi);
     sq[i] = si;
     const float ai = acc[i];
     const float delta = OK_SQRT(ai + eps) / OK_SQRT(si + eps) * gi;
-    acc[i] = OK_FMA(rho, ai, w * (delta * delta));
+    acc[i] = OK_FMA(rho, ai, (w * delta) * delta);
     p[i] = OK_FMA(-lr, delta, pi);
   }
 }
 
 void adadelta(const AdadeltaStep& s, float* p, const float* g, float* sq, float* acc, size_t n) {
-  with_flag(s.weight_decay != 0.0f, [&](auto decay) {
+  with_flag(s.has_weight_decay, [&](auto decay) {
     adadelta_impl<decltype(decay)::value>(s, p, g, sq, acc, n);
   });
 }
@@ -234,7 +239,7 @@ void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT
     if (kL2) gi = OK_FMA(wd, pi, gi);
     const float mi0 = m[i];
     const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
-    const float vi = OK_FMA(b2, v[i], w2 * (gi * gi));
+    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
     m[i] = mi;
     v[i] = vi;
     float vd = vi;
@@ -244,13 +249,13 @@ void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT
       vmax[i] = vd;
     }
     const float denom = OK_FMA(OK_SQRT(vd), inv_bc2, eps);
-    p[i] = OK_FMA(-step_size, mi / denom, pi);
+    p[i] = pi - (step_size * mi) / denom;
   }
 }
 
 void adam(const AdamStep& s, float* p, const float* g, float* m, float* v, float* vmax,
           size_t n) {
-  const bool decay = s.weight_decay != 0.0f;
+  const bool decay = s.has_weight_decay;
   with_flag(decay && !s.decoupled, [&](auto l2) {
     with_flag(decay && s.decoupled, [&](auto decoupled) {
       with_flag(s.amsgrad, [&](auto amsgrad) {
