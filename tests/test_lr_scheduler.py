@@ -34,10 +34,10 @@ def lr_sequence(sched, n):
     return out
 
 
-def assert_close(got, want):
+def assert_close(got, want, abs_tol=0.0):
     assert len(got) == len(want)
     for t, (g, w) in enumerate(zip(got, want)):
-        assert g == pytest.approx(w, rel=REL, abs=1e-15), f"step {t}: {g} != {w}"
+        assert g == pytest.approx(w, rel=REL, abs=abs_tol), f"step {t}: {g} != {w}"
 
 
 def cosine(base, t, T, eta_min):
@@ -115,9 +115,11 @@ def test_one_cycle_hand_computed_linear():
             sched.step()
         lrs.append(sched.get_last_lr()[0])
         moms.append(opt.param_groups[0]["momentum"])
+    # Annealing a -> b as a + (b - a) * s rounds at about ulp(max_lr), in torch as in any closed
+    # form, so near min_lr the lrs are compared to 1e-12 of max_lr.
     assert_close(lrs[:3], [0.04, 0.52, 1.0])
-    assert_close(lrs[2:], [1 + (4e-6 - 1) * k / 7 for k in range(8)])
-    assert lrs[-1] == pytest.approx(4e-6, rel=REL)
+    assert_close(lrs[2:], [1 + (4e-6 - 1) * k / 7 for k in range(8)], abs_tol=REL * 1.0)
+    assert lrs[-1] == pytest.approx(4e-6, rel=0, abs=REL * 1.0)
     assert_close(moms[:3], [0.95, 0.90, 0.85])
     assert_close(moms[2:], [0.85 + 0.1 * k / 7 for k in range(8)])
     g = opt.param_groups[0]
@@ -158,8 +160,8 @@ def test_one_cycle_closed_form_two_groups(cos, three_phase):
             lr, m = one_cycle_ref(t, max_lr, total, pct, cos=cos, three_phase=three_phase,
                                   m_max=0.9, m_base=m_base)
             g = opt.param_groups[i]
-            assert g["lr"] == pytest.approx(lr, rel=REL, abs=1e-15), (t, i)
-            assert g["betas"][0] == pytest.approx(m, rel=REL), (t, i)
+            assert g["lr"] == pytest.approx(lr, rel=REL, abs=REL * max_lr), (t, i)  # see above
+            assert g["betas"][0] == pytest.approx(m, rel=REL, abs=0), (t, i)
             assert g["betas"][1] == 0.99  # beta2 is left alone
 
 
