@@ -66,7 +66,8 @@ CASES = {
                        lambda b, t: linear(b, t, 1.0, 0.1, 6)),
     "SequentialLR": (lambda o: S.SequentialLR(o, [S.LinearLR(o, start_factor=0.1, total_iters=4),
                                                   S.CosineAnnealingLR(o, T_max=10)], milestones=[5]),
-                     20, lambda b, t: linear(b, t, 0.1, 1.0, 4) if t < 5 else cosine(b, t - 5, 10, 0)),
+                     20, lambda b, t: (linear(b, t, 0.1, 1.0, 4) if t < 5
+                                       else cosine(b, t - 5, 10, 0))),
     "SequentialLR-3": (lambda o: S.SequentialLR(o, [S.ExponentialLR(o, gamma=0.9),
                                                     S.StepLR(o, step_size=2, gamma=0.5),
                                                     S.LambdaLR(o, lambda t: 1 / (t + 1))],
@@ -195,7 +196,8 @@ def plateau_lrs(sched, metrics):
 def test_plateau_min_rel_patience():
     sched = S.ReduceLROnPlateau(make_sgd(lrs=(1.0,)), factor=0.5, patience=2)
     # best 10, 9; three bad steps (> patience 2) -> halve; best 8; three bad -> halve again
-    assert plateau_lrs(sched, [10, 9, 9, 9, 9, 8, 8, 8, 8]) == [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25]
+    assert plateau_lrs(sched, [10, 9, 9, 9, 9, 8, 8, 8, 8]) == [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5,
+                                                                0.25]
     # an improvement smaller than threshold (relative) is a bad step
     sched = S.ReduceLROnPlateau(make_sgd(lrs=(1.0,)), threshold=0.1, patience=1)
     assert plateau_lrs(sched, [10, 9.5, 9.2, 8.9]) == [1, 1, 1, 0.1, 0.1]
@@ -389,7 +391,8 @@ BAD = [
     (lambda o: S.LinearLR(o, end_factor=2.0), ValueError, r"end_factor must be in \[0, 1\]"),
     (lambda o: S.LinearLR(o, total_iters=0), ValueError, "total_iters must be >= 1"),
     (lambda o: S.LambdaLR(o, lr_lambda=0.5), TypeError, "must be callable"),
-    (lambda o: S.LambdaLR(o, lr_lambda=[lambda t: 1.0]), ValueError, "1 functions but the optimizer has 2"),
+    (lambda o: S.LambdaLR(o, lr_lambda=[lambda t: 1.0]), ValueError,
+     "1 functions but the optimizer has 2"),
     (lambda o: S.SequentialLR(o, [], milestones=[]), ValueError, "at least one scheduler"),
     (lambda o: S.SequentialLR(o, [S.StepLR(o, 2), S.StepLR(o, 3)], milestones=[]), ValueError,
      "one milestone fewer than schedulers"),

@@ -44,7 +44,8 @@ def hyper(opt):
 
 
 def assert_same(sched, torch_sched, t):
-    assert sched.get_last_lr() == pytest.approx(torch_sched.get_last_lr(), rel=REL, abs=0), f"step {t}"
+    want = torch_sched.get_last_lr()
+    assert sched.get_last_lr() == pytest.approx(want, rel=REL, abs=0), f"step {t}"
     ours, theirs = hyper(sched.optimizer), hyper(torch_sched.optimizer)
     for (lr, m), (tlr, tm) in zip(ours, theirs):
         assert lr == pytest.approx(tlr, rel=REL, abs=0), f"lr at step {t}"
@@ -148,7 +149,8 @@ def test_one_cycle_past_total_steps_raises_like_torch():
 
 PLATEAU = {
     "min-rel": dict(patience=3),
-    "min-abs-cooldown": dict(patience=2, threshold=0.05, threshold_mode="abs", cooldown=3, factor=0.5),
+    "min-abs-cooldown": dict(patience=2, threshold=0.05, threshold_mode="abs", cooldown=3,
+                             factor=0.5),
     "max-rel": dict(mode="max", patience=1, threshold=0.01, factor=0.7),
     "max-abs-min-lrs": dict(mode="max", patience=0, threshold=0.0, threshold_mode="abs",
                             min_lr=[0.02, 0.001], factor=0.5),

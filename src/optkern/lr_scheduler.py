@@ -107,14 +107,6 @@ def _lrs(optimizer: Optimizer) -> List[float]:
     return lrs
 
 
-def _phase(end_step: float, start_lr: str, end_lr: str, start_momentum: str,
-           end_momentum: str) -> Dict[str, Any]:
-    """One phase of OneCycleLR: the step it ends at and the group entries it anneals between
-    (torch's layout, so that state dicts match)."""
-    return {"end_step": end_step, "start_lr": start_lr, "end_lr": end_lr,
-            "start_momentum": start_momentum, "end_momentum": end_momentum}
-
-
 # -- the base class ----------------------------------------------------------------------------------
 
 
@@ -363,7 +355,8 @@ class LinearLR(LRScheduler):
     r"""Scales the lr by a factor going linearly from ``start_factor`` to ``end_factor`` over
     ``total_iters`` steps, then constant (a linear warm-up, with the defaults)::
 
-        lr_t = base_lr * (start_factor + (end_factor - start_factor) * min(t, total_iters) / total_iters)
+        lr_t = base_lr * (start_factor
+                          + (end_factor - start_factor) * min(t, total_iters) / total_iters)
 
     Chainable, as torch: ``lr_0 = start_factor * lr``, then for 0 < t <= total_iters
     ``lr_t = lr_{t-1} * (1 + (end - start) / (total_iters * start + (t - 1) * (end - start)))``.
@@ -409,7 +402,8 @@ class SequentialLR(LRScheduler):
                  milestones: Sequence[int], last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
         if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, (list, tuple)):
-            raise TypeError(f"schedulers must be a list of schedulers, got {type(schedulers).__name__}")
+            raise TypeError("schedulers must be a list of schedulers, got "
+                            f"{type(schedulers).__name__}")
         if len(schedulers) == 0:
             raise ValueError("SequentialLR needs at least one scheduler")
         for i, s in enumerate(schedulers):
@@ -470,6 +464,14 @@ class SequentialLR(LRScheduler):
         super().load_state_dict(state_dict)
         for s, sd in zip(self._schedulers, saved):
             s.load_state_dict(sd)
+
+
+def _phase(end_step: float, start_lr: str, end_lr: str, start_momentum: str,
+           end_momentum: str) -> Dict[str, Any]:
+    """One phase of OneCycleLR: the step it ends at and the group entries it anneals between
+    (torch's layout, so that state dicts match)."""
+    return {"end_step": end_step, "start_lr": start_lr, "end_lr": end_lr,
+            "start_momentum": start_momentum, "end_momentum": end_momentum}
 
 
 class OneCycleLR(LRScheduler):
