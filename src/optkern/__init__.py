@@ -11,6 +11,7 @@ The kernels are picked once, at import, for the best instruction set the CPU sup
 
 from . import _core
 from . import functional
+from . import lr_scheduler
 from ._core import active_isa, available_isas, get_num_threads, set_num_threads
 from .optimizer import Optimizer
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, Nesterov, RMSprop
@@ -28,6 +29,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "functional",
+    "lr_scheduler",
     "active_isa",
     "available_isas",
     "get_num_threads",
