@@ -10,6 +10,7 @@ The kernels are picked once, at import, for the best instruction set the CPU sup
 """
 
 from . import _core
+from . import data
 from . import functional
 from ._core import active_isa, available_isas, get_num_threads, set_num_threads
 from .optimizer import Optimizer
@@ -28,6 +29,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "functional",
+    "data",
     "active_isa",
     "available_isas",
     "get_num_threads",
