@@ -70,9 +70,9 @@ def save_figure(fig: Any, path: str) -> str:
     return os.path.abspath(path)
 
 
-def no_matplotlib_note(stream=sys.stderr) -> None:
+def no_matplotlib_note(stream=None) -> None:
     print("matplotlib is not installed: no plot written (pip install 'optkern[plot]')",
-          file=stream)
+          file=sys.stderr if stream is None else stream)
 
 
 class Stopwatch:
