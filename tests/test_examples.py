@@ -134,6 +134,16 @@ def test_same_start_and_batches_for_every_optimizer():
                                   b["results"]["SGD"]["train_loss"])
 
 
+def test_mlp_sweep_and_summary():
+    with blas_threads(1):
+        res = mlp.sweep(["SGD", "Adam"], lrs=(1e-3, 0.1), n_train=300, n_val=100, epochs=1,
+                        hidden=(16,))
+    assert set(res) == {"SGD", "Adam"} and set(res["SGD"]) == {1e-3, 0.1}
+    assert all(0.0 <= acc <= 1.0 for by_lr in res.values() for _, acc in by_lr.values())
+    summary = mlp.sweep_summary(res, markdown=True)
+    assert summary.count("\n") == 3 and "| SGD |" in summary
+
+
 # -- (c) sparse logistic regression ------------------------------------------------------------------
 
 

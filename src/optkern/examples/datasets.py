@@ -113,3 +113,48 @@ def show(images: np.ndarray, size: int = 12) -> str:
             line.append("".join(shades[int(x * len(shades))] for x in v))
         out.append("  ".join(line))
     return "\n".join(out)
+
+
+def plot_digits(path: str, rows: int = 4, seed: int = 0, noise: float = 0.15):
+    """A PNG of ``rows`` samples of every digit; None (with a note) without matplotlib."""
+    from optkern.examples._common import new_figure, no_matplotlib_note, save_figure
+
+    fig = new_figure(figsize=(7, 0.75 * rows + 0.3))
+    if fig is None:
+        no_matplotlib_note()
+        return None
+    X, y = make_digits(20 * rows, seed=seed, noise=noise)
+    order = np.argsort(y, kind="stable")
+    axes = fig.subplots(rows, 10)
+    size = int(round(np.sqrt(X.shape[1])))
+    for c in range(10):
+        picks = order[y[order] == c][:rows]
+        for r in range(rows):
+            ax = axes[r, c] if rows > 1 else axes[c]
+            ax.imshow(X[picks[r]].reshape(size, size), cmap="gray_r", vmin=-0.2, vmax=1.2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"make_digits(seed={seed}, noise={noise}): {size}x{size} pen-drawn digits")
+    return save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Draw samples of make_digits")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG grid of samples")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.plot:
+        written = plot_digits(args.plot, seed=args.seed)
+        if written:
+            print(f"plot written to {written}")
+    else:
+        X, y = make_digits(10, seed=args.seed)
+        order = np.argsort(y)
+        print(show(X[order]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -178,7 +178,8 @@ def table(out: Dict[str, Any], markdown: bool = False) -> str:
                     f">{out['steps']}" if r["steep_settled"] is None else r["steep_settled"]]
         rows.append(row)
     single = all(len(g) == 1 for g in out["grids"].values())
-    headers = ["method", "lr" if single else "best lr", f"f after {out['steps']} steps", "|p - p*|",
+    headers = ["method", "lr" if single else "best lr", f"f after {out['steps']} steps",
+               "distance to minimum",
                f"steps to f<{out['tol']:g}", "reversals"]
     if steep:
         headers += ["y sign flips", "y settled after"]

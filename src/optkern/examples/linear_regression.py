@@ -139,7 +139,8 @@ def table(out: Dict[str, Any], markdown: bool = False) -> str:
                      fmt(r["last_epoch_mean"]), fmt(r["last_epoch_std"]),
                      fmt(r["max_abs_error"]), f"{r['time_s']:.3f}"])
     return format_table(["method", "batch", "epochs", "updates", "final L-L*",
-                         "last-epoch mean L-L*", "last-epoch std", "max|θ-θ*|", "train s"],
+                         "last-epoch mean L-L*", "last-epoch std", "max abs err vs closed form",
+                         "train s"],
                         rows, markdown)
 
 

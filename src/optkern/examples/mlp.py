@@ -26,6 +26,7 @@ from optkern.data import batches, num_batches
 from optkern.examples._common import (OPTIMIZERS, Stopwatch, describe, fmt, format_table,
                                       machine, make_optimizer, new_figure, no_matplotlib_note,
                                       save_figure)
+from optkern.examples._blas import blas_threads
 from optkern.examples.datasets import make_digits
 
 #: Hyperparameters of each optimizer for this problem (6000 digits, batch 64, hidden (128, 64),
@@ -204,6 +205,44 @@ def sweep(optimizers: Optional[Sequence[str]] = None,
     return out
 
 
+def sweep_summary(res: Dict[str, Dict[float, Tuple[float, float]]], markdown: bool = False,
+                  within: float = 0.01) -> str:
+    """Per optimizer: the lr with the lowest validation loss, the best accuracy, and the range of
+    learning rates whose accuracy is within ``within`` of that best (how forgiving it is)."""
+    rows = []
+    for name, by_lr in res.items():
+        lrs = sorted(by_lr)
+        best_loss_lr = min(lrs, key=lambda lr: by_lr[lr][0])
+        best_acc = max(acc for _, acc in by_lr.values())
+        good = [lr for lr in lrs if by_lr[lr][1] >= best_acc - within]
+        rows.append([name, f"{best_loss_lr:g}", f"{100 * best_acc:.1f}%",
+                     f"{min(good):g} .. {max(good):g}", len(good)])
+    return format_table(["optimizer", "lr (lowest val loss)", "best val acc",
+                         f"lrs within {100 * within:g} pt of best acc", "grid points"],
+                        rows, markdown)
+
+
+def plot_sweep(res: Dict[str, Dict[float, Tuple[float, float]]], path: str,
+               epochs: int) -> Optional[str]:
+    fig = new_figure(figsize=(6.5, 4.2))
+    if fig is None:
+        no_matplotlib_note()
+        return None
+    ax = fig.subplots()
+    for i, (name, by_lr) in enumerate(res.items()):
+        lrs = sorted(by_lr)
+        ls = "--" if name in ("SGD", "Momentum", "Nesterov") else "-"
+        ax.semilogx(lrs, [100 * by_lr[lr][1] for lr in lrs], marker="o", ms=3, ls=ls,
+                    color=f"C{i}", label=name)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"validation accuracy after {epochs} epochs (%)")
+    ax.set_title("MLP on digits: sensitivity to the learning rate")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def table(out: Dict[str, Any], markdown: bool = False) -> str:
     rows = []
     for name, r in out["results"].items():
@@ -256,8 +295,15 @@ def main(argv=None) -> int:
                         help="print validation accuracy over a grid of learning rates instead")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the curves")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--blas-threads", type=int, default=1,
+                        help="BLAS threads for the matrix products (default 1; 0: library default)")
     args = parser.parse_args(argv)
-    print(f"# {machine()}")
+    with blas_threads(None if args.blas_threads == 0 else args.blas_threads) as blas:
+        print(f"# {machine()}, {blas}")
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.sweep:
         t = time.perf_counter()
         res = sweep(args.optimizers, n_train=args.n_train, epochs=args.epochs,
@@ -272,6 +318,12 @@ def main(argv=None) -> int:
               f"{args.batch_size}, hidden {tuple(args.hidden)}, * = lowest loss "
               f"({time.perf_counter() - t:.0f} s)")
         print(format_table(["optimizer \\ lr"] + [f"{lr:g}" for lr in lrs], rows, args.markdown))
+        print()
+        print(sweep_summary(res, args.markdown))
+        if args.plot:
+            written = plot_sweep(res, args.plot, args.epochs)
+            if written:
+                print(f"plot written to {written}")
         return 0
     out = run(args.optimizers, n_train=args.n_train, n_test=args.n_test, hidden=args.hidden,
               epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
