@@ -224,19 +224,24 @@ def test_plots_with_matplotlib(tmp_path):
 DEMO_SMALL = ["demo", "--epochs", "1", "--n-train", "300", "--n-test", "100", "--hidden", "16"]
 
 
-def test_demo_prints_a_table_and_a_progress_bar(capsys, tmp_path):
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "curves.png"
-    assert cli(DEMO_SMALL + ["--plot", str(png)]) == 0
+def test_demo_prints_a_table_and_a_progress_bar(capsys):
+    assert cli(DEMO_SMALL + ["--no-plot"]) == 0
     captured = capsys.readouterr()
     for name in mlp.DEFAULT_HYPER:
         assert f"\n{name} " in captured.out
     assert "test acc" in captured.out and "time s" in captured.out
-    assert f"loss curves written to {png}" in captured.out
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "written" not in captured.out
     # not a terminal: one progress line per optimizer, on stderr
     assert captured.err.count("done") == len(mlp.DEFAULT_HYPER)
     assert "[" in captured.err and "100%" in captured.err
+
+
+def test_demo_writes_a_png(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curves.png"
+    assert cli(DEMO_SMALL + ["--optimizers", "SGD", "Adam", "--plot", str(png)]) == 0
+    assert f"loss curves written to {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_demo_without_matplotlib(monkeypatch, capsys, tmp_path):
@@ -276,3 +281,28 @@ def test_example_script_runs():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "Nesterov" in res.stdout
+
+
+def test_progress_bar_redraws_in_place_on_a_terminal():
+    import io
+
+    from optkern._progress import ProgressBar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    bar = ProgressBar(4, stream=stream, width=8)
+    for i in range(1, 5):
+        bar.update(i, f"step {i}", milestone=True)
+    bar.close()
+    text = stream.getvalue()
+    assert text.count("\r") == 4 and text.endswith("\n") and text.count("\n") == 1
+    assert "[########] 100%  step 4" in text
+    log = io.StringIO()  # not a terminal: lines for milestones only
+    bar = ProgressBar(4, stream=log)
+    bar.update(1, "a")
+    bar.update(2, "b", milestone=True)
+    bar.close()
+    assert log.getvalue().count("\n") == 1 and "b" in log.getvalue() and "\r" not in log.getvalue()
