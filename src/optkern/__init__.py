@@ -10,6 +10,7 @@ The kernels are picked once, at import, for the best instruction set the CPU sup
 """
 
 from . import _core
+from . import data
 from . import functional
 from . import lr_scheduler
 from ._core import active_isa, available_isas, get_num_threads, set_num_threads
@@ -30,6 +31,7 @@ __all__ = [
     "AdamW",
     "functional",
     "lr_scheduler",
+    "data",
     "active_isa",
     "available_isas",
     "get_num_threads",

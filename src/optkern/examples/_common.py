@@ -1,0 +1,121 @@
+"""Small helpers shared by the examples: optimizer construction, tables, optional plotting."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+import optkern as ok
+
+#: Every optimizer class the examples compare, by display name.
+OPTIMIZERS: Dict[str, Callable[..., ok.Optimizer]] = {
+    "SGD": ok.SGD,
+    "Momentum": ok.Momentum,
+    "Nesterov": ok.Nesterov,
+    "RMSprop": ok.RMSprop,
+    "Adagrad": ok.Adagrad,
+    "Adadelta": ok.Adadelta,
+    "Adam": ok.Adam,
+    "AdamW": ok.AdamW,
+}
+
+
+def make_optimizer(name: str, params: List[np.ndarray], **hyper: Any) -> ok.Optimizer:
+    try:
+        cls = OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
+    return cls(params, **hyper)
+
+
+def describe(hyper: Dict[str, Any]) -> str:
+    """``lr=0.1, momentum=0.9`` for a table cell."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hyper.items())
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |",
+                 "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in cells]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    fmt = "  ".join("{:<%d}" % widths[0] if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
+    out = [fmt.format(*headers), "  ".join("-" * w for w in widths)]
+    out += [fmt.format(*r) for r in cells]
+    return "\n".join(out)
+
+
+def new_figure(*args: Any, **kwargs: Any):
+    """A matplotlib ``Figure`` (no pyplot, so no GUI backend and no global state), or None when
+    matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: str) -> str:
+    import os
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return os.path.abspath(path)
+
+
+def no_matplotlib_note(stream=None) -> None:
+    print("matplotlib is not installed: no plot written (pip install 'optkern[plot]')",
+          file=sys.stderr if stream is None else stream)
+
+
+class Stopwatch:
+    """Accumulates the time spent inside ``with watch:`` blocks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds += time.perf_counter() - self._t
+
+
+def machine() -> str:
+    """CPU model and logical core count, for the header of measured tables."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical cores, optkern ISA {ok.active_isa()}"
+
+
+def as_f32(a: np.ndarray) -> np.ndarray:
+    """A float32 C-contiguous array (what optimizer.step needs), copying only if necessary."""
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def fmt(x: Optional[float], digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    if abs(x) < 1e-3 or abs(x) >= 1e5:
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
