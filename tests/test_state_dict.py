@@ -45,7 +45,8 @@ def test_layout_follows_torch():
     opt, params = make_opt("Adam", dict(amsgrad=True))
     opt.step(grads(params, 0))
     sd = opt.state_dict()
-    assert set(sd) == {"state", "param_groups"}
+    assert set(sd) == {"state", "param_groups", "step_count", "skipped_steps"}  # torch ignores the last two
+    assert sd["step_count"] == 1 and sd["skipped_steps"] == 0
     assert [g["params"] for g in sd["param_groups"]] == [[0, 1], [2]]
     assert sd["param_groups"][1]["lr"] == 0.002
     assert sd["param_groups"][0]["betas"] == (0.9, 0.999)

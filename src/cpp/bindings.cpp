@@ -68,27 +68,33 @@ Items items_of(py::handle seq, const char* name) {
 // and their shapes; every other list must match them one to one.
 class CallBuffers {
  public:
-  // positions: None, or the caller's own index of each tensor, used in error messages (the
-  // optimizer classes pass the index into the gradient list the user gave step()).
-  CallBuffers(py::handle params, py::handle positions) : positions_(positions) {
-    const Items items = items_of(params, "params");
+  // The first list (the parameters of an update, or the gradients of a norm) fixes the count and
+  // the shapes. positions: None, or the caller's own index of each tensor, used in error
+  // messages (the optimizer classes pass the index into the gradient list given to step()).
+  CallBuffers(py::handle first, const char* name, Access access, py::handle positions)
+      : first_name_(name), positions_(positions) {
+    const Items items = items_of(first, name);
     count_ = items.size;
     sizes_.resize(count_);
-    params_ = add(params, "params", Access::write);
+    first_ = add(first, name, access);
   }
+  CallBuffers(py::handle params, py::handle positions)
+      : CallBuffers(params, "params", Access::write, positions) {}
 
   std::size_t count() const { return count_; }
   const std::vector<std::size_t>& sizes() const { return sizes_; }
-  float* param(std::size_t t) const { return params_[t]; }
+  float* param(std::size_t t) const { return first_[t]; }
+  const std::vector<float*>& first() const { return first_; }
 
   // Validates a list of arrays matched to the parameters and returns their data pointers.
   std::vector<float*> add(py::handle seq, const char* name, Access access) {
     const Items items = items_of(seq, name);
     if (items.size != count_) {
-      throw py::value_error(std::string(name) + " has " + std::to_string(items.size) + " arrays but params has " +
-                            std::to_string(count_) + "; they must match one to one");
+      throw py::value_error(std::string(name) + " has " + std::to_string(items.size) +
+                            " arrays but " + first_name_ + " has " + std::to_string(count_) +
+                            "; they must match one to one");
     }
-    const bool is_params = arrays_.empty();
+    const bool is_first = arrays_.empty();
     std::vector<float*> out(count_);
     for (std::size_t i = 0; i < count_; ++i) {
       py::handle item(items.items[i]);
@@ -120,11 +126,11 @@ class CallBuffers {
       if (access == Access::write && !(flags & npy::NPY_ARRAY_WRITEABLE_)) {
         throw py::value_error(what + " is read-only, but it is updated in place");
       }
-      if (is_params) {
+      if (is_first) {
         sizes_[i] = static_cast<std::size_t>(arr.size());
       } else if (!same_shape(arr, arrays_[i])) {
         throw py::value_error(what + " has shape " + shape_str(arr) + " but " +
-                              label("params", i) + " has shape " + shape_str(arrays_[i]));
+                              label(first_name_, i) + " has shape " + shape_str(arrays_[i]));
       }
       out[i] = static_cast<float*>(const_cast<void*>(arr.data()));
       if (sizes_[i] != 0) {
@@ -133,7 +139,7 @@ class CallBuffers {
       }
       // Hold a reference to every array while the GIL is released, in case another thread
       // empties the caller's list meanwhile.
-      (is_params ? arrays_ : held_).push_back(arr);
+      (is_first ? arrays_ : held_).push_back(arr);
     }
     return out;
   }
@@ -184,11 +190,12 @@ class CallBuffers {
     return s + (a.ndim() == 1 ? ",)" : ")");
   }
 
+  const char* first_name_;
   py::handle positions_;
   std::size_t count_ = 0;
   std::vector<std::size_t> sizes_;
-  std::vector<float*> params_;
-  std::vector<py::array> arrays_;  // the parameters, for their shapes
+  std::vector<float*> first_;
+  std::vector<py::array> arrays_;  // the first list's arrays, for their shapes
   std::vector<py::array> held_;    // every other array of the call
   std::vector<Range> ranges_;
 };
@@ -392,6 +399,78 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
   });
 }
 
+// ------------------------------------------------------------------------------------------------
+// Gradient norms and clipping
+
+// Elements per block of a norm. Blocks are reduced independently (in parallel) and then added up
+// in a fixed order, so a norm does not depend on the number of threads.
+constexpr std::size_t NORM_BLOCK = 4096;
+
+double nan_max(double a, double b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
+
+// Per-array norms and the total norm of all arrays together (torch.linalg.vector_norm of their
+// concatenation), from one read pass over the data.
+std::pair<std::vector<double>, double> compute_norms(const CallBuffers& cb, double p) {
+  if (!(p > 0.0)) throw py::value_error("norm_type must be > 0 or inf, got " + std::to_string(p));
+  struct Block {
+    std::size_t tensor, begin, size;
+  };
+  std::vector<Block> blocks;
+  for (std::size_t t = 0; t < cb.count(); ++t) {
+    for (std::size_t b = 0; b < cb.sizes()[t]; b += NORM_BLOCK) {
+      blocks.push_back({t, b, std::min(NORM_BLOCK, cb.sizes()[t] - b)});
+    }
+  }
+  std::vector<double> partial(blocks.size());
+  const KernelTable& k = kernels();
+  const float* const* data = cb.first().data();
+  auto reduce = [&](std::size_t lo, std::size_t hi) {
+    for (std::size_t i = lo; i < hi; ++i) {
+      partial[i] = k.norm_block(data[blocks[i].tensor] + blocks[i].begin, blocks[i].size, p);
+    }
+  };
+  {
+    py::gil_scoped_release nogil;
+    parallel_for(blocks.size(), NORM_BLOCK, reduce);
+  }
+  const bool is_max = std::isinf(p);
+  std::vector<double> per_tensor(cb.count(), 0.0);
+  for (std::size_t i = 0; i < blocks.size(); ++i) {
+    double& acc = per_tensor[blocks[i].tensor];
+    acc = is_max ? nan_max(acc, partial[i]) : acc + partial[i];
+  }
+  double total = 0.0;
+  for (double v : per_tensor) total = is_max ? nan_max(total, v) : total + v;
+  auto root = [&](double acc) {
+    if (is_max || p == 1.0) return acc;
+    return p == 2.0 ? std::sqrt(acc) : std::pow(acc, 1.0 / p);
+  };
+  for (double& v : per_tensor) v = root(v);
+  return {per_tensor, root(total)};
+}
+
+py::tuple grad_norms(py::handle grads, double norm_type, py::handle positions) {
+  CallBuffers cb(grads, "grads", Access::read, positions);
+  auto [per_tensor, total] = compute_norms(cb, norm_type);
+  return py::make_tuple(py::array_t<double>(per_tensor.size(), per_tensor.data()), total);
+}
+
+void scale_grads(py::handle grads, double factor) {
+  CallBuffers cb(grads, "grads", Access::write, py::none());
+  cb.check_disjoint();  // two views of one buffer would be scaled twice
+  const auto c = static_cast<float>(factor);
+  const KernelTable& k = kernels();
+  run(cb, [&](std::size_t t, std::size_t b, std::size_t e) { k.scale(cb.param(t) + b, e - b, c); });
+}
+
+void clamp_grads(py::handle grads, double lo, double hi) {
+  CallBuffers cb(grads, "grads", Access::write, py::none());
+  cb.check_disjoint();
+  const auto l = static_cast<float>(lo), h = static_cast<float>(hi);
+  const KernelTable& k = kernels();
+  run(cb, [&](std::size_t t, std::size_t b, std::size_t e) { k.clamp(cb.param(t) + b, e - b, l, h); });
+}
+
 void check_params(py::handle params) {
   CallBuffers cb(params, py::none());
   cb.check_disjoint();
@@ -448,6 +527,13 @@ PYBIND11_MODULE(_core, m) {
         py::arg("positions") = py::none(),
         "Validates grads against params without running anything.");
 
+  m.def("grad_norms", &grad_norms, py::arg("grads"), py::arg("norm_type"), py::kw_only(),
+        py::arg("positions") = py::none(),
+        "(per-array norms as a float64 array, total norm) of a list of float32 arrays.");
+  m.def("scale_", &scale_grads, py::arg("grads"), py::arg("factor"),
+        "Multiplies every array by factor (rounded to float32) in place.");
+  m.def("clamp_", &clamp_grads, py::arg("grads"), py::arg("lo"), py::arg("hi"),
+        "Clamps every array to [lo, hi] in place; NaN stays NaN.");
   m.def("sgd_step", &sgd_step, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"),
         py::kw_only(), py::arg("init_buffers"), py::arg("lr"), py::arg("weight_decay"),
         py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"), py::arg("grad_scale"),

@@ -89,6 +89,13 @@ struct KernelTable {
                    float* acc_delta, std::size_t n);
   void (*adam)(const AdamStep&, float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
                float* max_exp_avg_sq, std::size_t n);
+
+  // Gradient norms, one block at a time, accumulated in double: the sum of |x|^p (p = 1, 2 or
+  // any p > 0), or max |x| for p = inf. NaN or Inf in x makes the result NaN or Inf.
+  double (*norm_block)(const float* x, std::size_t n, double p);
+  // x *= c, and x = min(max(x, lo), hi) (NaN stays NaN, as in torch.clamp).
+  void (*scale)(float* x, std::size_t n, float c);
+  void (*clamp)(float* x, std::size_t n, float lo, float hi);
 };
 
 // Defined once per ISA build (namespaces scalar, avx2, avx512).

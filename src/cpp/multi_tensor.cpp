@@ -78,12 +78,40 @@ void set_min_elements_per_thread(std::size_t n) {
   g_min_per_thread.store(std::max<std::size_t>(1, n), std::memory_order_relaxed);
 }
 
+namespace {
+
+// Threads worth using for this many elements: one below the threshold, never more than asked for.
+int threads_for(std::size_t elements) {
+  const std::size_t by_size = elements / min_elements_per_thread();
+  return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(num_threads(), by_size)));
+}
+
+}  // namespace
+
+void parallel_for(std::size_t count, std::size_t weight, RangeFn fn, void* ctx) {
+  if (count == 0) return;
+#if defined(OPTKERN_HAVE_OPENMP)
+  const int threads = threads_for(count * weight);
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const auto parts = static_cast<std::size_t>(omp_get_num_threads());
+      const auto k = static_cast<std::size_t>(omp_get_thread_num());
+      const std::size_t lo = count * k / parts, hi = count * (k + 1) / parts;
+      if (lo < hi) fn(ctx, lo, hi);
+    }
+    return;
+  }
+#else
+  (void)weight;
+#endif
+  fn(ctx, 0, count);
+}
+
 void for_each_span(const std::size_t* sizes, std::size_t count, SpanFn fn, void* ctx) {
   std::size_t total = 0;
   for (std::size_t t = 0; t < count; ++t) total += sizes[t];
-  const std::size_t by_size = total / min_elements_per_thread();
-  const int threads =
-      static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(num_threads(), by_size)));
+  const int threads = threads_for(total);
 #if defined(OPTKERN_HAVE_OPENMP)
   if (threads > 1) {
     std::vector<std::size_t> starts(count);

@@ -22,6 +22,18 @@ void set_min_elements_per_thread(std::size_t n);  // n >= 1; tests use it to spl
 using SpanFn = void (*)(void* ctx, std::size_t tensor, std::size_t begin, std::size_t end);
 void for_each_span(const std::size_t* sizes, std::size_t count, SpanFn fn, void* ctx);
 
+// Calls fn(ctx, begin, end) over [0, count), one contiguous range per thread; `weight` is the
+// number of elements one item stands for, against the single-thread threshold.
+using RangeFn = void (*)(void* ctx, std::size_t begin, std::size_t end);
+void parallel_for(std::size_t count, std::size_t weight, RangeFn fn, void* ctx);
+
+template <class F>
+void parallel_for(std::size_t count, std::size_t weight, F& f) {
+  parallel_for(
+      count, weight,
+      [](void* ctx, std::size_t b, std::size_t e) { (*static_cast<F*>(ctx))(b, e); }, &f);
+}
+
 template <class F>
 void for_each_span(const std::vector<std::size_t>& sizes, F& f) {
   for_each_span(

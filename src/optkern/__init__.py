@@ -14,6 +14,7 @@ from . import data
 from . import functional
 from . import lr_scheduler
 from ._core import active_isa, available_isas, get_num_threads, set_num_threads
+from .clip import clip_grad_norm_, clip_grad_value_, grad_norms
 from .optimizer import Optimizer
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, Nesterov, RMSprop
 
@@ -30,6 +31,9 @@ __all__ = [
     "Adam",
     "AdamW",
     "functional",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "grad_norms",
     "lr_scheduler",
     "data",
     "active_isa",

@@ -7,6 +7,7 @@ update to a group (:meth:`Optimizer._apply`, one call into :mod:`optkern.functio
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections.abc import Mapping
 from typing import Any, Dict, Iterable, Iterator, List, MutableMapping, Optional, Sequence
@@ -14,6 +15,8 @@ from typing import Any, Dict, Iterable, Iterator, List, MutableMapping, Optional
 import numpy as np
 
 from . import _core
+from .clip import check_norm_type, clip_coefficient, total_norm
+from .functional import check_nonnegative
 
 __all__ = ["Optimizer", "ParamState"]
 
@@ -70,6 +73,9 @@ class Optimizer:
     ``step(grads)`` takes the gradients aligned with the parameters (group order, then list
     order) and updates parameters and state in place. A gradient may be None: that parameter is
     skipped, as torch skips a parameter whose ``.grad`` is None.
+
+    A group's ``lr`` may be a number or a callable ``step -> lr``, called with the number of the
+    step being taken (1 on the first; ``step_count`` counts the steps taken so far).
     """
 
     #: Whether the state of each parameter holds a ``step`` count.
@@ -81,6 +87,8 @@ class Optimizer:
         self.defaults = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
         self.state = ParamState()
+        self.step_count = 0  # steps taken (skipped ones not counted)
+        self.skipped_steps = 0  # steps skip_if_nonfinite refused
         self._lock = threading.RLock()  # one step at a time per optimizer
         self._check_group(dict(self.defaults))
         groups = _as_param_list(params, "params")
@@ -98,9 +106,19 @@ class Optimizer:
         raise NotImplementedError
 
     def _apply(self, group: Dict[str, Any], params: List[np.ndarray], grads: List[np.ndarray],
-               states: List[Dict[str, Any]], positions: Optional[List[int]]) -> None:
-        """One fused update of ``params`` (all with a gradient) and their ``states``."""
+               states: List[Dict[str, Any]], positions: Optional[List[int]],
+               grad_scale: float = 1.0) -> None:
+        """One fused update of ``params`` (all with a gradient) and their ``states``, each
+        gradient multiplied by ``grad_scale`` first."""
         raise NotImplementedError
+
+    def _lr(self, group: Dict[str, Any]) -> Any:
+        """The group's learning rate for the step being taken (a callable lr is evaluated)."""
+        lr = group["lr"]
+        if callable(lr):
+            step = self.step_count + 1
+            return check_nonnegative(f"lr({step}) (the group's lr schedule)", lr(step))
+        return lr
 
     # -- parameter groups ------------------------------------------------------------------------
 
@@ -136,16 +154,49 @@ class Optimizer:
 
     # -- stepping ----------------------------------------------------------------------------------
 
-    def step(self, grads: Sequence[Optional[np.ndarray]]) -> None:
-        """Applies one update to every parameter whose gradient is not None."""
+    def step(self, grads: Sequence[Optional[np.ndarray]], *, max_grad_norm: Optional[float] = None,
+             norm_type: float = 2.0, skip_if_nonfinite: bool = False) -> Optional[float]:
+        """Applies one update to every parameter whose gradient is not None.
+
+        ``max_grad_norm``: clip the gradients to this total norm (of order ``norm_type``) within
+        the step, as ``clip_grad_norm_(grads, max_grad_norm, norm_type)`` followed by ``step``
+        would, with the same result, but without rewriting the gradients: their norm is computed
+        in one read pass and the clipping factor is folded into the update.
+
+        ``skip_if_nonfinite``: if any gradient holds NaN or Inf (found in that same norm pass),
+        change nothing (parameters, state, step counts), add one to ``skipped_steps`` and return
+        the non-finite norm.
+
+        Returns None, or with either option the total gradient norm before clipping: a finite
+        number when the step was taken.
+        """
         with self._lock:
             work = self._plan(grads)
-            for group, params, group_grads, positions in work:
-                states = self._states(group, params, group_grads, positions)
-                self._apply(group, params, group_grads, states, positions)
-                if self._counts_steps:
-                    for s in states:
-                        s["step"] += 1
+            if max_grad_norm is None and not skip_if_nonfinite:
+                self._update(work, 1.0)
+                return None
+            limit = None if max_grad_norm is None else check_nonnegative("max_grad_norm",
+                                                                         max_grad_norm)
+            p = check_norm_type(norm_type)
+            flat_grads, flat_positions = _flatten(work)
+            norm = total_norm(flat_grads, p, flat_positions) if flat_grads else 0.0
+            if skip_if_nonfinite and not math.isfinite(norm) and _has_nonfinite(
+                    flat_grads, flat_positions, p):
+                for group, params, group_grads, positions in work:
+                    _core.check_grads(params, group_grads, positions=positions)  # an error first
+                self.skipped_steps += 1
+                return norm
+            self._update(work, 1.0 if limit is None else clip_coefficient(limit, norm))
+            return norm
+
+    def _update(self, work: list, grad_scale: float) -> None:
+        for group, params, group_grads, positions in work:
+            states = self._states(group, params, group_grads, positions)
+            self._apply(group, params, group_grads, states, positions, grad_scale)
+            if self._counts_steps:
+                for s in states:
+                    s["step"] += 1
+        self.step_count += 1
 
     def _plan(self, grads: Sequence[Optional[np.ndarray]]) -> list:
         """Splits ``grads`` by group, drops parameters without a gradient and, when there is more
@@ -175,9 +226,7 @@ class Optimizer:
             for group, *_ in work:
                 self._check_group(group)
             all_params = [p for _, ps, _, _ in work for p in ps]
-            all_grads = [g for _, _, gs, _ in work for g in gs]
-            positions = [i for _, ps, _, pos in work
-                         for i in (pos if pos is not None else range(len(ps)))]
+            all_grads, positions = _flatten(work)
             _core.check_grads(all_params, all_grads, positions=positions)
         return work
 
@@ -209,7 +258,8 @@ class Optimizer:
     def state_dict(self) -> Dict[str, Any]:
         """The optimizer's state in torch's layout: ``{"state": {id: {name: value}},
         "param_groups": [{hyperparameters..., "params": [ids]}]}``, ids numbering the
-        parameters in group order. Arrays are copies, so the dict is a snapshot."""
+        parameters in group order. Arrays are copies, so the dict is a snapshot. Two more keys,
+        which torch ignores, hold ``step_count`` and ``skipped_steps``."""
         with self._lock:
             state: Dict[int, Dict[str, Any]] = {}
             groups = []
@@ -225,7 +275,8 @@ class Optimizer:
                         state[i] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v))
                                     for k, v in s.items()}
                 index += len(group["params"])
-            return {"state": state, "param_groups": groups}
+            return {"state": state, "param_groups": groups, "step_count": self.step_count,
+                    "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Loads a dict from :meth:`state_dict` (or from torch: tensors are read as arrays). It is
@@ -233,11 +284,18 @@ class Optimizer:
         shapes, step counts and hyperparameters."""
         with self._lock:
             groups, state = self._parse_state_dict(state_dict)
+            # A dict from torch has no step_count: the parameters' own step counts tell it.
+            steps = [s["step"] for _, s in state if "step" in s]
+            step_count = _load_step(state_dict.get("step_count", max(steps, default=0)),
+                                    "step_count")
+            skipped = _load_step(state_dict.get("skipped_steps", 0), "skipped_steps")
             new_state = ParamState()
             for p, s in state:
                 new_state[p] = s
             self.param_groups = groups
             self.state = new_state
+            self.step_count = step_count
+            self.skipped_steps = skipped
 
     def _parse_state_dict(self, sd: Mapping) -> tuple:
         if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
@@ -308,6 +366,24 @@ class Optimizer:
                 lines.append(f"    {key}: {group[key]}")
         lines.append(")")
         return "\n".join(lines)
+
+
+def _flatten(work: list) -> tuple:
+    """All gradients of a planned step in one list, with their indices in the user's list
+    (None: already 0, 1, 2, ...)."""
+    if len(work) == 1:
+        return work[0][2], work[0][3]
+    grads = [g for _, _, gs, _ in work for g in gs]
+    positions = [i for _, ps, _, pos in work for i in (pos if pos is not None else range(len(ps)))]
+    return grads, positions
+
+
+def _has_nonfinite(grads: List[np.ndarray], positions: Optional[List[int]], p: float) -> bool:
+    """Whether a gradient holds NaN or Inf, given that their p-norm was not finite: for p = 1, 2
+    or inf that settles it; a larger p can overflow |x|^p from finite values, so ask the 2-norm."""
+    if p in (1.0, 2.0, math.inf):
+        return True
+    return not math.isfinite(total_norm(grads, 2.0, positions))
 
 
 def _load_step(value: Any, where: str) -> int:

@@ -42,13 +42,14 @@ class SGD(Optimizer):
     def _state_spec(self, group: Dict[str, Any]) -> Dict[str, float]:
         return {}  # the momentum buffer is created by the first update: it becomes the gradient
 
-    def _apply(self, group, params, grads, states, positions) -> None:
+    def _apply(self, group, params, grads, states, positions, grad_scale=1.0) -> None:
         bufs: Optional[List[Optional[np.ndarray]]] = None
         if F.check_nonnegative("momentum", group["momentum"]) != 0:
             bufs = [s.get("momentum_buffer") for s in states]
-        F.sgd_(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
+        F.sgd_(params, grads, bufs, lr=self._lr(group), momentum=group["momentum"],
                dampening=group["dampening"], weight_decay=group["weight_decay"],
-               nesterov=group["nesterov"], maximize=group["maximize"], _positions=positions)
+               nesterov=group["nesterov"], maximize=group["maximize"], grad_scale=grad_scale,
+               _positions=positions)
         if bufs is not None:
             for p, s, b in zip(params, states, bufs):
                 if "momentum_buffer" not in s:
@@ -95,10 +96,10 @@ class Momentum(Optimizer):
     def _state_spec(self, group: Dict[str, Any]) -> Dict[str, float]:
         return {"momentum_buffer": 0.0}
 
-    def _apply(self, group, params, grads, states, positions) -> None:
-        F.momentum_(params, grads, [s["momentum_buffer"] for s in states], lr=group["lr"],
+    def _apply(self, group, params, grads, states, positions, grad_scale=1.0) -> None:
+        F.momentum_(params, grads, [s["momentum_buffer"] for s in states], lr=self._lr(group),
                     beta=group["beta"], weight_decay=group["weight_decay"],
-                    maximize=group["maximize"], _positions=positions)
+                    maximize=group["maximize"], grad_scale=grad_scale, _positions=positions)
 
 
 class RMSprop(Optimizer):
@@ -130,15 +131,15 @@ class RMSprop(Optimizer):
             spec["grad_avg"] = 0.0
         return spec
 
-    def _apply(self, group, params, grads, states, positions) -> None:
+    def _apply(self, group, params, grads, states, positions, grad_scale=1.0) -> None:
         momentum = F.check_nonnegative("momentum", group["momentum"])
         centered = F.check_flag("centered", group["centered"])
         F.rmsprop_(params, grads, [s["square_avg"] for s in states],
                    [s["grad_avg"] for s in states] if centered else None,
                    [s["momentum_buffer"] for s in states] if momentum > 0 else None,
-                   lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                   lr=self._lr(group), alpha=group["alpha"], eps=group["eps"],
                    weight_decay=group["weight_decay"], momentum=momentum, centered=centered,
-                   maximize=group["maximize"], _positions=positions)
+                   maximize=group["maximize"], grad_scale=grad_scale, _positions=positions)
 
 
 class Adagrad(Optimizer):
@@ -170,11 +171,12 @@ class Adagrad(Optimizer):
         return {"sum": F.check_nonnegative("initial_accumulator_value",
                                            group["initial_accumulator_value"])}
 
-    def _apply(self, group, params, grads, states, positions) -> None:
+    def _apply(self, group, params, grads, states, positions, grad_scale=1.0) -> None:
         F.adagrad_(params, grads, [s["sum"] for s in states],
-                   step=[s["step"] + 1 for s in states], lr=group["lr"],
+                   step=[s["step"] + 1 for s in states], lr=self._lr(group),
                    lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-                   eps=group["eps"], maximize=group["maximize"], _positions=positions)
+                   eps=group["eps"], maximize=group["maximize"], grad_scale=grad_scale,
+                   _positions=positions)
 
 
 class Adadelta(Optimizer):
@@ -199,11 +201,11 @@ class Adadelta(Optimizer):
     def _state_spec(self, group: Dict[str, Any]) -> Dict[str, float]:
         return {"square_avg": 0.0, "acc_delta": 0.0}
 
-    def _apply(self, group, params, grads, states, positions) -> None:
+    def _apply(self, group, params, grads, states, positions, grad_scale=1.0) -> None:
         F.adadelta_(params, grads, [s["square_avg"] for s in states],
-                    [s["acc_delta"] for s in states], lr=group["lr"], rho=group["rho"],
+                    [s["acc_delta"] for s in states], lr=self._lr(group), rho=group["rho"],
                     eps=group["eps"], weight_decay=group["weight_decay"],
-                    maximize=group["maximize"], _positions=positions)
+                    maximize=group["maximize"], grad_scale=grad_scale, _positions=positions)
 
 
 class Adam(Optimizer):
@@ -235,14 +237,15 @@ class Adam(Optimizer):
             spec["max_exp_avg_sq"] = 0.0
         return spec
 
-    def _apply(self, group, params, grads, states, positions) -> None:
+    def _apply(self, group, params, grads, states, positions, grad_scale=1.0) -> None:
         beta1, beta2 = _betas(group["betas"])
         amsgrad = F.check_flag("amsgrad", group["amsgrad"])
         F._adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                step=[s["step"] + 1 for s in states], lr=group["lr"], beta1=beta1, beta2=beta2,
+                step=[s["step"] + 1 for s in states], lr=self._lr(group), beta1=beta1,
+                beta2=beta2,
                 eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=amsgrad,
                 max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
-                maximize=group["maximize"], grad_scale=1.0, decoupled=self._decoupled,
+                maximize=group["maximize"], grad_scale=grad_scale, decoupled=self._decoupled,
                 positions=positions)
 
 

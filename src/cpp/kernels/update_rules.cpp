@@ -266,6 +266,67 @@ void adam(const AdamStep& s, float* p, const float* g, float* m, float* v, float
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Gradient norms and clipping. Each block's sum is accumulated in double (a float squared is exact
+// in double); the caller adds the blocks up in a fixed order, so the result does not depend on
+// the number of threads.
+
+double sum_squares(const float* OK_RESTRICT x, size_t n) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (size_t i = 0; i < n; ++i) {
+    const double v = x[i];
+    acc += v * v;
+  }
+  return acc;
+}
+
+double sum_abs(const float* OK_RESTRICT x, size_t n) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (size_t i = 0; i < n; ++i) acc += __builtin_fabs(static_cast<double>(x[i]));
+  return acc;
+}
+
+double max_abs(const float* OK_RESTRICT x, size_t n) {
+  float m = 0.0f;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (size_t i = 0; i < n; ++i) {
+    const float a = __builtin_fabsf(x[i]);
+    m = a > m ? a : m;
+    nan |= a != a;
+  }
+  return nan ? __builtin_nan("") : static_cast<double>(m);
+}
+
+double sum_pow(const float* OK_RESTRICT x, size_t n, double p) {
+  double acc = 0.0;  // rare norm types: plain loop, pow in double
+  for (size_t i = 0; i < n; ++i) acc += __builtin_pow(__builtin_fabs(static_cast<double>(x[i])), p);
+  return acc;
+}
+
+double norm_block(const float* x, size_t n, double p) {
+  if (p == 2.0) return sum_squares(x, n);
+  if (p == 1.0) return sum_abs(x, n);
+  if (p > 1e300) return max_abs(x, n);  // p = inf
+  return sum_pow(x, n, p);
+}
+
+void scale(float* OK_RESTRICT x, size_t n, float c) {
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) x[i] *= c;
+}
+
+void clamp(float* OK_RESTRICT x, size_t n, float lo, float hi) {
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    float v = x[i];
+    v = v < lo ? lo : v;
+    x[i] = v > hi ? hi : v;
+  }
+}
+
 constexpr KernelTable kTable = {
     /*isa=*/OK_STRINGIFY(OPTKERN_ISA_NS),
     /*sgd=*/sgd,
@@ -273,6 +334,9 @@ constexpr KernelTable kTable = {
     /*adagrad=*/adagrad,
     /*adadelta=*/adadelta,
     /*adam=*/adam,
+    /*norm_block=*/norm_block,
+    /*scale=*/scale,
+    /*clamp=*/clamp,
 };
 
 }  // namespace
