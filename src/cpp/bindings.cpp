@@ -471,6 +471,18 @@ void clamp_grads(py::handle grads, double lo, double hi) {
   run(cb, [&](std::size_t t, std::size_t b, std::size_t e) { k.clamp(cb.param(t) + b, e - b, l, h); });
 }
 
+// a += s * b over lists of arrays, threaded like the optimizer kernels: the benchmark's yardstick.
+void stream_axpy(py::handle a, py::handle b, double s) {
+  CallBuffers cb(a, "a", Access::write, py::none());
+  const auto bs = cb.add(b, "b", Access::read);
+  cb.check_disjoint();
+  const auto f = static_cast<float>(s);
+  const KernelTable& k = kernels();
+  run(cb, [&](std::size_t t, std::size_t lo, std::size_t hi) {
+    k.axpy(cb.param(t) + lo, bs[t] + lo, f, hi - lo);
+  });
+}
+
 void check_params(py::handle params) {
   CallBuffers cb(params, py::none());
   cb.check_disjoint();
@@ -534,6 +546,8 @@ PYBIND11_MODULE(_core, m) {
         "Multiplies every array by factor (rounded to float32) in place.");
   m.def("clamp_", &clamp_grads, py::arg("grads"), py::arg("lo"), py::arg("hi"),
         "Clamps every array to [lo, hi] in place; NaN stays NaN.");
+  m.def("stream_axpy", &stream_axpy, py::arg("a"), py::arg("b"), py::arg("s"),
+        "a[i] += s * b[i] over lists of float32 arrays (the benchmark's bandwidth yardstick).");
   m.def("sgd_step", &sgd_step, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"),
         py::kw_only(), py::arg("init_buffers"), py::arg("lr"), py::arg("weight_decay"),
         py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"), py::arg("grad_scale"),

@@ -96,6 +96,8 @@ struct KernelTable {
   // x *= c, and x = min(max(x, lo), hi) (NaN stays NaN, as in torch.clamp).
   void (*scale)(float* x, std::size_t n, float c);
   void (*clamp)(float* x, std::size_t n, float lo, float hi);
+  // a += s * b: the benchmark's measure of the machine's in-place streaming bandwidth.
+  void (*axpy)(float* a, const float* b, float s, std::size_t n);
 };
 
 // Defined once per ISA build (namespaces scalar, avx2, avx512).

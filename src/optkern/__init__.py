@@ -15,6 +15,7 @@ from . import functional
 from . import lr_scheduler
 from ._core import active_isa, available_isas, get_num_threads, set_num_threads
 from .clip import clip_grad_norm_, clip_grad_value_, grad_norms
+from .flat import FlatParams
 from .optimizer import Optimizer
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, Nesterov, RMSprop
 
@@ -34,6 +35,7 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "grad_norms",
+    "FlatParams",
     "lr_scheduler",
     "data",
     "active_isa",

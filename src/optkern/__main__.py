@@ -1,4 +1,5 @@
-"""Command line: ``python -m optkern info`` and ``python -m optkern demo``."""
+"""Command line: ``python -m optkern info``, ``python -m optkern bench`` and
+``python -m optkern demo``."""
 
 from __future__ import annotations
 
@@ -109,6 +110,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m optkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, ISA, threads and build flags").set_defaults(run=_info)
+    from .benchmark import add_parser as _bench_parser
+
+    _bench_parser(sub)
     _demo_parser(sub)
     args = parser.parse_args(argv)
     return args.run(args)

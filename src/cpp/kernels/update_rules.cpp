@@ -327,6 +327,11 @@ void clamp(float* OK_RESTRICT x, size_t n, float lo, float hi) {
   }
 }
 
+void axpy(float* OK_RESTRICT a, const float* OK_RESTRICT b, float s, size_t n) {
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) a[i] = OK_FMA(s, b[i], a[i]);
+}
+
 constexpr KernelTable kTable = {
     /*isa=*/OK_STRINGIFY(OPTKERN_ISA_NS),
     /*sgd=*/sgd,
@@ -337,6 +342,7 @@ constexpr KernelTable kTable = {
     /*norm_block=*/norm_block,
     /*scale=*/scale,
     /*clamp=*/clamp,
+    /*axpy=*/axpy,
 };
 
 }  // namespace

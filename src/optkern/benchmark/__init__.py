@@ -1,0 +1,112 @@
+"""``python -m optkern bench``: optkern's step against the best NumPy code and torch's fastest
+CPU optimizers, as a fraction of the machine's streaming bandwidth measured in the same run.
+See bench/README.md for the measured results and what limits each case."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict
+
+import optkern as ok
+
+from .cases import CASES, torch_available
+from .runner import (Progress, machine, main_table, parse_size, run_clip, run_main,
+                     run_many_small, run_threads, size_label, write_json, write_plot)
+
+__all__ = ["CASES", "add_parser"]
+
+DEFAULT_SIZES = ["100k", "1m", "10m", "50m"]
+STUDIES = ["main", "small", "threads", "clip"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time every optimizer against NumPy and torch",
+                       description=__doc__)
+    p.add_argument("--optimizers", nargs="+", default=list(CASES), choices=list(CASES),
+                   metavar="NAME", help=f"default all: {' '.join(CASES)}")
+    p.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, metavar="N",
+                   help="elements per parameter, e.g. 100k 1m 50m (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for optkern and torch (default: optkern's default)")
+    p.add_argument("--repeats", type=int, default=5, help="timed batches per case (min is kept)")
+    p.add_argument("--studies", nargs="+", default=STUDIES, choices=STUDIES,
+                   help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
+                   "clip: fused clipping (default: all)")
+    p.add_argument("--no-torch", action="store_true", help="leave torch out even if installed")
+    p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
+    p.add_argument("--plot", metavar="PATH", help="PNG of time against size (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        ok.set_num_threads(args.threads)
+    use_torch = not args.no_torch and torch_available() is not None
+    if use_torch:
+        import torch
+        torch.set_num_threads(ok.get_num_threads())
+    sizes = [parse_size(s) for s in args.sizes]
+    cases = [CASES[k] for k in args.optimizers]
+    studies = set(args.studies)
+    total = (len(sizes) * (len(cases) + 1) if "main" in studies else 0) + \
+        ("small" in studies) + 6 * ("threads" in studies) + ("clip" in studies)
+    progress = Progress(total, enabled=not args.quiet)
+    info = machine()
+    print(f"# {info['cpu']}, {info['cores']} cores; optkern {info['optkern']} ({info['isa']}, "
+          f"{info['threads']} threads), numpy {info['numpy']}, "
+          f"torch {info['torch'] if use_torch else '(not used)'}")
+    result: Dict[str, object] = {"machine": info}
+    try:
+        if "main" in studies:
+            rows = run_main(cases, sizes, args.repeats, use_torch, progress)
+            result["main"] = rows
+        if "small" in studies:
+            result["many_small"] = run_many_small(args.repeats, use_torch, progress)
+        if "threads" in studies:
+            result["threads"] = run_threads([8_000, 32_000, 64_000, 128_000, 1_000_000,
+                                             10_000_000], args.repeats, progress)
+        if "clip" in studies:
+            result["clip"] = run_clip(50_000_000, args.repeats, progress)
+    finally:
+        progress.close()
+    report(result)
+    if args.json:
+        write_json(args.json, result)
+        print(f"JSON written to {args.json}")
+    if args.plot and "main" in result:
+        written = write_plot(args.plot, result["main"])
+        print(f"plot written to {written}" if written else "no plot: matplotlib is not installed")
+    return 0
+
+
+def report(result: Dict[str, object]) -> None:
+    if "main" in result:
+        print("\nSeconds per step (min of repeats); GB/s and %bw: bytes moved per element "
+              "(DESIGN.md) over the in-place streaming bandwidth (a += s*b) at that size; "
+              "x: how many times faster optkern is.")
+        print(main_table(result["main"]))
+        streams = {r["size"]: r["stream_gbps"] for r in result["main"]}
+        print("stream bandwidth: " + ", ".join(f"{size_label(n)} {g:.1f} GB/s"
+                                               for n, g in streams.items()))
+    if "many_small" in result:
+        s = result["many_small"]
+        print(f"\nAdam over {s['buffers']} arrays of 64..64K elements ({s['elements']} in all):")
+        for name, t in s["seconds"].items():
+            print(f"  {name:<32} {t * 1e6:9.1f} us")
+        print(f"  overhead per buffer: {s['overhead_per_buffer_us']:.2f} us"
+              + (f"; {s['speedup_vs_torch']:.2f}x faster than torch fused"
+                 if "speedup_vs_torch" in s else ""))
+    if "threads" in result:
+        print("\nAdam, 1 thread against all of them:")
+        for r in result["threads"]:
+            print(f"  {size_label(r['size']):>6}: {r['seconds_1'] * 1e6:10.1f} us -> "
+                  f"{r['seconds_n'] * 1e6:10.1f} us with {r['threads']} threads "
+                  f"({r['speedup']:.2f}x)")
+    if "clip" in result:
+        c = result["clip"]
+        print(f"\nAdam on {size_label(c['size'])} with clipping: "
+              + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["seconds"].items())
+              + f"; fused is {c['speedup']:.2f}x faster")

@@ -1,0 +1,210 @@
+"""What the benchmark measures: each optimizer's step as optkern runs it, as well as NumPy allows
+(``out=`` arguments, one preallocated scratch array, no other temporaries), and as torch's fastest
+CPU path runs it (fused where torch has a fused CPU kernel, else foreach).
+
+Every implementation is built by a factory ``make(params, grads) -> step`` over lists of float32
+arrays; ``step()`` applies one update in place. Hyperparameters are the defaults of each optimizer
+(momentum 0.9 where there is one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+import optkern as ok
+
+Arrays = List[np.ndarray]
+Step = Callable[[], None]
+Factory = Callable[[Arrays, Arrays], Step]
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str
+    bytes_per_element: int  # moved per element per step, in place (DESIGN.md)
+    optkern: Factory
+    numpy: Factory
+    torch_name: str  # torch.optim class
+    torch_kwargs: Dict = field(default_factory=dict)
+    torch_fused: bool = False  # torch has a fused CPU kernel for it
+
+    def torch(self, params: Arrays, grads: Arrays) -> Step:
+        import torch
+
+        tparams = []
+        for p, g in zip(params, grads):
+            t = torch.nn.Parameter(torch.from_numpy(p))  # shares the array's memory
+            t.grad = torch.from_numpy(g)
+            tparams.append(t)
+        impl = {"fused": True} if self.torch_fused else {"foreach": True}
+        opt = getattr(torch.optim, self.torch_name)(tparams, **self.torch_kwargs, **impl)
+        return opt.step
+
+    @property
+    def torch_impl(self) -> str:
+        return "fused" if self.torch_fused else "foreach"
+
+
+def _optkern(cls, **hp) -> Factory:
+    def make(params: Arrays, grads: Arrays) -> Step:
+        opt = cls(params, **hp)
+        return lambda: opt.step(grads)
+    return make
+
+
+def _numpy(update) -> Factory:
+    """A NumPy update of one array at a time, with its own state and one scratch array."""
+    def make(params: Arrays, grads: Arrays) -> Step:
+        slots = [(p, g, _Slots(p)) for p, g in zip(params, grads)]
+        t = [0]
+
+        def step() -> None:
+            t[0] += 1
+            for p, g, s in slots:
+                update(p, g, s, t[0])
+        return step
+    return make
+
+
+class _Slots:
+    """Lazily created state and scratch arrays for one parameter."""
+
+    def __init__(self, p: np.ndarray) -> None:
+        self._shape = p.shape
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        arr = np.zeros(self._shape, np.float32)
+        setattr(self, name, arr)
+        return arr
+
+
+LR, MOMENTUM = 1e-3, 0.9
+
+
+def _np_sgd(p, g, s, t):
+    np.multiply(g, -LR, out=s.tmp)
+    p += s.tmp
+
+
+def _np_sgd_momentum(p, g, s, t):
+    s.buf *= MOMENTUM
+    s.buf += g
+    np.multiply(s.buf, -LR, out=s.tmp)
+    p += s.tmp
+
+
+def _np_nesterov(p, g, s, t):
+    s.buf *= MOMENTUM
+    s.buf += g
+    np.multiply(s.buf, MOMENTUM, out=s.tmp)
+    s.tmp += g
+    s.tmp *= -LR
+    p += s.tmp
+
+
+def _np_momentum(p, g, s, t):
+    s.v *= MOMENTUM
+    np.multiply(g, 1 - MOMENTUM, out=s.tmp)
+    s.v += s.tmp
+    np.multiply(s.v, -LR, out=s.tmp)
+    p += s.tmp
+
+
+def _np_rmsprop(p, g, s, t, lr=1e-2, alpha=0.99, eps=1e-8):
+    s.sq *= alpha
+    np.multiply(g, g, out=s.tmp)
+    s.tmp *= 1 - alpha
+    s.sq += s.tmp
+    np.sqrt(s.sq, out=s.tmp)
+    s.tmp += eps
+    np.divide(g, s.tmp, out=s.tmp)
+    s.tmp *= -lr
+    p += s.tmp
+
+
+def _np_adagrad(p, g, s, t, lr=1e-2, eps=1e-10):
+    np.multiply(g, g, out=s.tmp)
+    s.sum += s.tmp
+    np.sqrt(s.sum, out=s.tmp)
+    s.tmp += eps
+    np.divide(g, s.tmp, out=s.tmp)
+    s.tmp *= -lr
+    p += s.tmp
+
+
+def _np_adadelta(p, g, s, t, lr=1.0, rho=0.9, eps=1e-6):
+    s.sq *= rho
+    np.multiply(g, g, out=s.tmp)
+    s.tmp *= 1 - rho
+    s.sq += s.tmp
+    np.add(s.sq, eps, out=s.tmp)
+    np.sqrt(s.tmp, out=s.tmp)  # std
+    np.add(s.acc, eps, out=s.delta)
+    np.sqrt(s.delta, out=s.delta)
+    s.delta /= s.tmp
+    s.delta *= g
+    s.acc *= rho
+    np.multiply(s.delta, s.delta, out=s.tmp)
+    s.tmp *= 1 - rho
+    s.acc += s.tmp
+    s.delta *= -lr
+    p += s.delta
+
+
+def _np_adam(p, g, s, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, decoupled=False,
+             amsgrad=False):
+    if decoupled:
+        p *= 1 - lr * wd
+    np.subtract(g, s.m, out=s.tmp)
+    s.tmp *= 1 - b1
+    s.m += s.tmp
+    s.v *= b2
+    np.multiply(g, g, out=s.tmp)
+    s.tmp *= 1 - b2
+    s.v += s.tmp
+    v = s.v
+    if amsgrad:
+        np.maximum(s.vmax, s.v, out=s.vmax)
+        v = s.vmax
+    np.sqrt(v, out=s.tmp)
+    s.tmp *= 1 / math.sqrt(1 - b2 ** t)
+    s.tmp += eps
+    np.divide(s.m, s.tmp, out=s.tmp)
+    s.tmp *= -lr / (1 - b1 ** t)
+    p += s.tmp
+
+
+CASES: Dict[str, Case] = {c.key: c for c in [
+    Case("sgd", "SGD", 12, _optkern(ok.SGD, lr=LR), _numpy(_np_sgd), "SGD", dict(lr=LR), True),
+    Case("sgd-momentum", "SGD momentum", 20, _optkern(ok.SGD, lr=LR, momentum=MOMENTUM),
+         _numpy(_np_sgd_momentum), "SGD", dict(lr=LR, momentum=MOMENTUM), True),
+    Case("nesterov", "Nesterov", 20, _optkern(ok.Nesterov, lr=LR, momentum=MOMENTUM),
+         _numpy(_np_nesterov), "SGD", dict(lr=LR, momentum=MOMENTUM, nesterov=True), True),
+    Case("momentum", "Momentum (seed)", 20, _optkern(ok.Momentum, lr=LR, beta=MOMENTUM),
+         _numpy(_np_momentum), "SGD", dict(lr=LR, momentum=MOMENTUM, dampening=MOMENTUM), True),
+    Case("rmsprop", "RMSprop", 20, _optkern(ok.RMSprop), _numpy(_np_rmsprop), "RMSprop"),
+    Case("adagrad", "Adagrad", 20, _optkern(ok.Adagrad), _numpy(_np_adagrad), "Adagrad",
+         torch_fused=True),
+    Case("adadelta", "Adadelta", 28, _optkern(ok.Adadelta), _numpy(_np_adadelta), "Adadelta"),
+    Case("adam", "Adam", 28, _optkern(ok.Adam), _numpy(_np_adam), "Adam", torch_fused=True),
+    Case("adamw", "AdamW", 28, _optkern(ok.AdamW),
+         _numpy(lambda p, g, s, t: _np_adam(p, g, s, t, wd=1e-2, decoupled=True)), "AdamW",
+         torch_fused=True),
+    Case("amsgrad", "Adam amsgrad", 36, _optkern(ok.Adam, amsgrad=True),
+         _numpy(lambda p, g, s, t: _np_adam(p, g, s, t, amsgrad=True)), "Adam",
+         dict(amsgrad=True), True),
+]}
+
+
+def torch_available() -> Optional[str]:
+    """torch's version when it can be imported, else None."""
+    try:
+        import torch
+    except Exception:  # not installed, or broken
+        return None
+    return str(torch.__version__)

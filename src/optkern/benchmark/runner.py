@@ -1,0 +1,276 @@
+"""How the benchmark measures: every timing is the minimum over repeats of a batch of steps, the
+implementations compared at one size are interleaved (so a slow spell of a shared machine hits
+them alike), and the machine's in-place streaming bandwidth (``a += s*b``, optkern's threads) is
+measured at the same sizes in the same run. Ratios come from one run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+import optkern as ok
+
+from .cases import CASES, Case, torch_available
+
+TARGET_BATCH_SECONDS = 0.02  # each timed batch of steps lasts at least this long
+
+
+def machine() -> Dict[str, object]:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "isa": ok.active_isa(),
+            "threads": ok.get_num_threads(), "optkern": ok.__version__,
+            "numpy": np.__version__, "torch": torch_available(),
+            "python": platform.python_version()}
+
+
+def time_per_step(step: Callable[[], None], batch: int) -> float:
+    start = time.perf_counter()
+    for _ in range(batch):
+        step()
+    return (time.perf_counter() - start) / batch
+
+
+def batch_for(step: Callable[[], None]) -> int:
+    """Steps per timed batch, from one warm step."""
+    once = time_per_step(step, 1)
+    return max(1, min(10_000, math.ceil(TARGET_BATCH_SECONDS / max(once, 1e-9))))
+
+
+def compare(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
+    """Seconds per step of each implementation: minimum over repeats, interleaved."""
+    for step in steps.values():  # first steps allocate state and warm caches
+        step()
+    batches = {name: batch_for(step) for name, step in steps.items()}
+    best = {name: math.inf for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            best[name] = min(best[name], time_per_step(step, batches[name]))
+    return best
+
+
+def arrays(sizes: Sequence[int], seed: int, scale: float = 1.0) -> List[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(n, dtype=np.float32) * np.float32(scale)) for n in sizes]
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().lower().replace("_", "")
+    factor = {"k": 10**3, "m": 10**6, "g": 10**9}.get(t[-1:], 1)
+    return int(float(t[:-1] if factor != 1 else t) * factor)
+
+
+def size_label(n: int) -> str:
+    for factor, suffix in [(10**9, "G"), (10**6, "M"), (10**3, "K")]:
+        if n >= factor and n % (factor // 10) == 0:
+            return f"{n / factor:g}{suffix}"
+    return str(n)
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        if self.enabled:
+            sys.stderr.write(f"\r[{self.done:>3}/{self.total}] {what:<48}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+
+
+# -- the main table ----------------------------------------------------------------------------------
+
+def bandwidth(n: int, repeats: int) -> float:
+    """In-place streaming bandwidth in bytes/s: a += s*b (12 bytes per element), optkern threads."""
+    a, b = arrays([n, n], seed=1)
+    t = compare({"stream": lambda: ok._core.stream_axpy([a], [b], 1e-7)}, repeats)["stream"]
+    return 12 * n / t
+
+
+def run_main(cases: Sequence[Case], sizes: Sequence[int], repeats: int, use_torch: bool,
+             progress: Progress) -> List[Dict[str, object]]:
+    rows = []
+    for n in sizes:
+        progress(f"stream bandwidth {size_label(n)}")
+        bw = bandwidth(n, repeats)
+        for case in cases:
+            progress(f"{case.label} {size_label(n)}")
+            impls = {"optkern": case.optkern, "numpy": case.numpy}
+            if use_torch:
+                impls["torch"] = case.torch
+            steps = {}
+            for name, make in impls.items():
+                params = arrays([n], seed=2, scale=0.5)
+                grads = arrays([n], seed=3, scale=0.01)
+                steps[name] = make(params, grads)
+            seconds = compare(steps, repeats)
+            del steps
+            gc.collect()
+            row: Dict[str, object] = {"optimizer": case.key, "label": case.label, "size": n,
+                                      "bytes_per_element": case.bytes_per_element,
+                                      "stream_gbps": bw / 1e9,
+                                      "torch_impl": case.torch_impl if use_torch else None}
+            for name, t in seconds.items():
+                gbps = case.bytes_per_element * n / t / 1e9
+                row[name] = {"seconds": t, "gbps": gbps, "fraction_of_stream": gbps * 1e9 / bw}
+            row["speedup_vs_numpy"] = seconds["numpy"] / seconds["optkern"]
+            if use_torch:
+                row["speedup_vs_torch"] = seconds["torch"] / seconds["optkern"]
+            rows.append(row)
+    return rows
+
+
+def main_table(rows: List[Dict[str, object]]) -> str:
+    torch = any("torch" in r for r in rows)
+    head = (f"{'optimizer':<16}{'size':>6} {'optkern':>10} {'GB/s':>6} {'%bw':>5} "
+            f"{'numpy':>10} {'x':>6}")
+    if torch:
+        head += f" {'torch':>10} {'(impl)':<9}{'x':>5}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        o = r["optkern"]
+        line = (f"{r['label']:<16}{size_label(r['size']):>6} {_ms(o['seconds'])} "
+                f"{o['gbps']:6.1f} {100 * o['fraction_of_stream']:4.0f}% "
+                f"{_ms(r['numpy']['seconds'])} {r['speedup_vs_numpy']:5.1f}x")
+        if torch:
+            line += (f" {_ms(r['torch']['seconds'])} ({r['torch_impl']:<7}) "
+                     f"{r['speedup_vs_torch']:4.2f}x")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:8.3f}ms"
+
+
+# -- studies ---------------------------------------------------------------------------------------
+
+def many_small_sizes(count: int = 300, seed: int = 0) -> List[int]:
+    """Sizes log-uniform in [64, 65536], like a network's weights and biases."""
+    rng = np.random.default_rng(seed)
+    return [int(x) for x in np.exp(rng.uniform(math.log(64), math.log(65536), count)).round()]
+
+
+def run_many_small(repeats: int, use_torch: bool, progress: Progress) -> Dict[str, object]:
+    """Adam over 300 separate arrays (one call per group) against the same elements as one
+    contiguous FlatParams block, and against torch's fused Adam over the 300 tensors."""
+    progress("300 small buffers")
+    sizes = many_small_sizes()
+    case = CASES["adam"]
+    steps = {"optkern (300 arrays)": case.optkern(arrays(sizes, 4, 0.5), arrays(sizes, 5, 0.01))}
+    flat, flat_grads = ok.FlatParams(sizes), ok.FlatParams(sizes)
+    flat.flat[...] = 0.5
+    flat_grads.flat[...] = 0.01
+    steps["optkern (one FlatParams block)"] = case.optkern([flat.flat], [flat_grads.flat])
+    if use_torch:
+        steps["torch fused (300 tensors)"] = case.torch(arrays(sizes, 4, 0.5),
+                                                        arrays(sizes, 5, 0.01))
+    seconds = compare(steps, repeats)
+    separate, one = seconds["optkern (300 arrays)"], seconds["optkern (one FlatParams block)"]
+    out: Dict[str, object] = {"buffers": len(sizes), "elements": int(sum(sizes)),
+                              "seconds": seconds,
+                              "overhead_per_buffer_us": (separate - one) / len(sizes) * 1e6}
+    if use_torch:
+        out["speedup_vs_torch"] = seconds["torch fused (300 tensors)"] / separate
+    return out
+
+
+def run_threads(sizes: Sequence[int], repeats: int, progress: Progress) -> List[Dict[str, object]]:
+    """Adam with 1 thread against all of them, interleaved, at each size."""
+    threads = ok.get_num_threads()
+    rows = []
+    for n in sizes:
+        progress(f"threads 1 vs {threads} at {size_label(n)}")
+        params, grads = arrays([n], 6, 0.5), arrays([n], 7, 0.01)
+        opt = ok.Adam(params)
+
+        def with_threads(k: int) -> Callable[[], None]:
+            def step() -> None:
+                ok.set_num_threads(k)
+                opt.step(grads)
+            return step
+        try:
+            seconds = compare({1: with_threads(1), threads: with_threads(threads)}, repeats)
+        finally:
+            ok.set_num_threads(threads)
+        rows.append({"size": n, "threads": threads, "seconds_1": seconds[1],
+                     "seconds_n": seconds[threads], "speedup": seconds[1] / seconds[threads]})
+    return rows
+
+
+def run_clip(n: int, repeats: int, progress: Progress) -> Dict[str, object]:
+    """Adam with clipping fused into the step against clip_grad_norm_ followed by step."""
+    progress(f"fused clipping at {size_label(n)}")
+    g_fused, g_pair = arrays([n], 8, 1.0), arrays([n], 8, 1.0)
+    fused_opt, pair_opt = ok.Adam(arrays([n], 9, 0.5)), ok.Adam(arrays([n], 9, 0.5))
+    limit = 1.0  # far below the norm (~sqrt(n)), so every step clips
+
+    def pair() -> None:
+        ok.clip_grad_norm_(g_pair, limit)
+        pair_opt.step(g_pair)
+
+    seconds = compare({"fused": lambda: fused_opt.step(g_fused, max_grad_norm=limit),
+                       "clip_grad_norm_ + step": pair}, repeats)
+    return {"size": n, "seconds": seconds,
+            "speedup": seconds["clip_grad_norm_ + step"] / seconds["fused"]}
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def write_json(path: str, result: Dict[str, object]) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=float)
+
+
+def write_plot(path: str, rows: List[Dict[str, object]]) -> Optional[str]:
+    """Time per step against size, one panel per optimizer; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = list(dict.fromkeys(r["optimizer"] for r in rows))
+    cols = min(4, len(keys))
+    rows_n = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        mine = [r for r in rows if r["optimizer"] == key]
+        sizes = [r["size"] for r in mine]
+        for impl, style in [("optkern", "o-"), ("numpy", "s--"), ("torch", "^:")]:
+            if impl in mine[0]:
+                ax.loglog(sizes, [r[impl]["seconds"] for r in mine], style, label=impl)
+        stream = [r["bytes_per_element"] * r["size"] / (r["stream_gbps"] * 1e9) for r in mine]
+        ax.loglog(sizes, stream, "k-", lw=0.8, alpha=0.5, label="bandwidth limit")
+        ax.set_title(mine[0]["label"])
+        ax.set_xlabel("elements")
+        ax.set_ylabel("seconds per step")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
