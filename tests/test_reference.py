@@ -115,3 +115,27 @@ def test_parameters_of_any_shape_are_updated_in_place():
     ok.SGD([W], lr=0.5).step([np.ones((4, 3), np.float32)])
     assert W.__array_interface__["data"][0] == before
     np.testing.assert_array_equal(W, np.full((4, 3), 0.5, np.float32))
+
+
+def test_state_lookup_follows_changes_between_steps():
+    """The per-group state cache never updates an array that is no longer the one in use."""
+    a, b, c = (np.zeros(4, np.float32) for _ in range(3))
+    g = np.ones(4, np.float32)
+    opt = ok.Adam([a, b], lr=0.1)
+    opt.step([g, g])
+    opt.param_groups[0]["params"][1] = c  # swapped in place, same length
+    opt.step([g, g])
+    assert opt.state[c]["step"] == 1 and opt.state[b]["step"] == 1 and c[0] < 0
+    before = a.copy()
+    opt.state[a] = {"step": 0, "exp_avg": np.zeros(4, np.float32),
+                    "exp_avg_sq": np.zeros(4, np.float32)}  # reset by hand
+    opt.step([g, g])
+    assert opt.state[a]["step"] == 1
+    np.testing.assert_allclose(a, before - 0.1, rtol=1e-5)  # a first step again: moves by lr
+    sd = opt.state_dict()
+    opt.step([g, g])
+    opt.load_state_dict(sd)
+    assert opt.state[a]["step"] == 1
+    opt.state[a]["exp_avg"] = np.full(4, 7.0, np.float32)  # an array replaced inside the dict
+    opt.step([g, g])
+    assert opt.state[a]["exp_avg"][0] == pytest.approx(0.9 * 7.0 + 0.1, rel=1e-6)

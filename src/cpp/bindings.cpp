@@ -36,12 +36,10 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-bool native_float32(const py::dtype& dt) {
-  if (dt.num() != npy::NPY_FLOAT_) return false;
-  const char order = dt.byteorder();
+bool native_order(char byteorder) {
   const std::uint16_t probe = 1;
   const bool little = *reinterpret_cast<const unsigned char*>(&probe) == 1;
-  return order == '=' || order == '|' || order == (little ? '<' : '>');
+  return byteorder == '=' || byteorder == '|' || byteorder == (little ? '<' : '>');
 }
 
 // A list or tuple, as a borrowed array of items (valid while the sequence is alive and the GIL
@@ -98,41 +96,44 @@ class CallBuffers {
     std::vector<float*> out(count_);
     for (std::size_t i = 0; i < count_; ++i) {
       py::handle item(items.items[i]);
-      const std::string what = label(name, i);
       if (!py::isinstance<py::array>(item)) {
-        throw py::type_error(what + " must be a float32 NumPy array, got " + type_name(item));
+        throw py::type_error(label(name, i) + " must be a float32 NumPy array, got " +
+                             type_name(item));
       }
-      auto arr = py::reinterpret_borrow<py::array>(item);
-      const py::dtype dt = arr.dtype();
-      if (!native_float32(dt)) {
-        throw py::type_error(what + " must be a float32 array in native byte order, got dtype " +
-                             std::string(py::str(dt)));
+      // NumPy's struct fields directly: this runs for every buffer of every step.
+      const auto* a = py::detail::array_proxy(item.ptr());
+      const auto* descr = py::detail::array_descriptor_proxy(a->descr);
+      if (descr->type_num != npy::NPY_FLOAT_ || !native_order(descr->byteorder)) {
+        throw py::type_error(label(name, i) + " must be a float32 array in native byte order, "
+                             "got dtype " + std::string(py::str(py::handle(a->descr))));
       }
-      if (arr.ndim() == 0) {
-        throw py::value_error(what + " is a 0-d array; optkern updates arrays with at least one "
-                              "dimension (use a shape (1,) array)");
+      if (a->nd == 0) {
+        throw py::value_error(label(name, i) + " is a 0-d array; optkern updates arrays with at "
+                              "least one dimension (use a shape (1,) array)");
       }
-      const int flags = arr.flags();
-      if (!(flags & npy::NPY_ARRAY_C_CONTIGUOUS_)) {
+      const auto arr = py::reinterpret_borrow<py::array>(item);
+      if (!(a->flags & npy::NPY_ARRAY_C_CONTIGUOUS_)) {
         throw py::value_error(
-            what + " must be C-contiguous, got strides " + strides_str(arr) +
+            label(name, i) + " must be C-contiguous, got strides " + strides_str(arr) +
             (access == Access::write
                  ? "; it is updated in place, so a contiguous copy would lose the update"
                  : "; np.ascontiguousarray() makes a contiguous copy"));
       }
-      if (!(flags & npy::NPY_ARRAY_ALIGNED_)) {
-        throw py::value_error(what + " is not aligned to 4 bytes");
+      if (!(a->flags & npy::NPY_ARRAY_ALIGNED_)) {
+        throw py::value_error(label(name, i) + " is not aligned to 4 bytes");
       }
-      if (access == Access::write && !(flags & npy::NPY_ARRAY_WRITEABLE_)) {
-        throw py::value_error(what + " is read-only, but it is updated in place");
+      if (access == Access::write && !(a->flags & npy::NPY_ARRAY_WRITEABLE_)) {
+        throw py::value_error(label(name, i) + " is read-only, but it is updated in place");
       }
       if (is_first) {
-        sizes_[i] = static_cast<std::size_t>(arr.size());
-      } else if (!same_shape(arr, arrays_[i])) {
-        throw py::value_error(what + " has shape " + shape_str(arr) + " but " +
+        std::size_t n = 1;
+        for (int d = 0; d < a->nd; ++d) n *= static_cast<std::size_t>(a->dimensions[d]);
+        sizes_[i] = n;
+      } else if (!same_shape(a, py::detail::array_proxy(arrays_[i].ptr()))) {
+        throw py::value_error(label(name, i) + " has shape " + shape_str(arr) + " but " +
                               label(first_name_, i) + " has shape " + shape_str(arrays_[i]));
       }
-      out[i] = static_cast<float*>(const_cast<void*>(arr.data()));
+      out[i] = reinterpret_cast<float*>(a->data);
       if (sizes_[i] != 0) {
         const auto lo = reinterpret_cast<std::uintptr_t>(out[i]);
         ranges_.push_back({lo, lo + sizes_[i] * sizeof(float), name, i, access == Access::write});
@@ -177,8 +178,8 @@ class CallBuffers {
     bool written;
   };
 
-  static bool same_shape(const py::array& a, const py::array& b) {
-    return a.ndim() == b.ndim() && std::equal(a.shape(), a.shape() + a.ndim(), b.shape());
+  static bool same_shape(const py::detail::PyArray_Proxy* a, const py::detail::PyArray_Proxy* b) {
+    return a->nd == b->nd && std::equal(a->dimensions, a->dimensions + a->nd, b->dimensions);
   }
 
   static std::string strides_str(const py::array& a) {
@@ -211,15 +212,21 @@ void run(const CallBuffers& cb, F&& f) {
 std::vector<std::int64_t> step_counts(py::handle steps, const CallBuffers& cb) {
   std::vector<std::int64_t> out(cb.count());
   auto check = [&](py::handle v, std::size_t i) -> std::int64_t {
-    if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr())) {
+    long long s = 0;
+    if (PyLong_CheckExact(v.ptr())) {
+      s = PyLong_AsLongLong(v.ptr());
+    } else if (!PyBool_Check(v.ptr()) && PyIndex_Check(v.ptr())) {  // numpy integers too
+      const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
+      if (!index) throw py::error_already_set();
+      s = PyLong_AsLongLong(index.ptr());
+    } else {
       throw py::type_error(cb.label("steps", i) + " must be an int, got " + type_name(v));
     }
-    const long long s = PyLong_AsLongLong(v.ptr());
     if (s == -1 && PyErr_Occurred()) throw py::error_already_set();
     if (s < 1) throw py::value_error(cb.label("steps", i) + " must be >= 1, got " + std::to_string(s));
     return s;
   };
-  if (PyLong_Check(steps.ptr())) {
+  if (!PyList_Check(steps.ptr()) && !PyTuple_Check(steps.ptr())) {
     const std::int64_t s = cb.count() ? check(steps, 0) : 1;
     std::fill(out.begin(), out.end(), s);
     return out;

@@ -40,9 +40,13 @@ Steps = Union[int, Sequence[int]]
 
 def check_real(name: str, value: Any) -> float:
     """``value`` as a float, or TypeError/ValueError naming ``name`` unless it is a finite real."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, without the slow ABC check below
+        v = float(value)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    v = float(value)
+    else:
+        v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return v
@@ -65,7 +69,9 @@ def check_unit(name: str, value: Any, *, inclusive_one: bool) -> float:
 
 
 def check_flag(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
+    if value is True or value is False:
+        return value
+    if not isinstance(value, np.bool_):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
     return bool(value)
 
@@ -75,12 +81,11 @@ def _scale(grad_scale: Any, maximize: Any) -> float:
     return -s if check_flag("maximize", maximize) else s
 
 
-def _steps(step: Steps) -> Union[int, List[int]]:
-    # The C++ side checks each count (an int >= 1); numpy integers are made plain ints here.
-    if isinstance(step, (numbers.Integral, np.integer)) and not isinstance(step, bool):
-        return int(step)
-    if isinstance(step, (list, tuple)):
-        return [int(s) if isinstance(s, np.integer) else s for s in step]
+def _steps(step: Steps) -> Steps:
+    # The C++ side checks each count (an integer >= 1, NumPy integers included).
+    if isinstance(step, (list, tuple)) or (isinstance(step, (numbers.Integral, np.integer))
+                                           and not isinstance(step, bool)):
+        return step
     raise TypeError(f"step must be an int or a list of ints, got {type(step).__name__}")
 
 

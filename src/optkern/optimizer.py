@@ -27,6 +27,7 @@ class ParamState(MutableMapping):
 
     def __init__(self) -> None:
         self._by_id: Dict[int, tuple] = {}  # id(param) -> (param, state dict)
+        self.version = 0  # changes whenever a parameter's state dict is set or removed
 
     def __getitem__(self, param: np.ndarray) -> Dict[str, Any]:
         try:
@@ -36,9 +37,11 @@ class ParamState(MutableMapping):
 
     def __setitem__(self, param: np.ndarray, state: Dict[str, Any]) -> None:
         self._by_id[id(param)] = (param, state)  # keeping param alive keeps its id unique
+        self.version += 1
 
     def __delitem__(self, param: np.ndarray) -> None:
         del self._by_id[id(param)]
+        self.version += 1
 
     def __contains__(self, param: object) -> bool:
         return id(param) in self._by_id
@@ -89,6 +92,8 @@ class Optimizer:
         self.state = ParamState()
         self.step_count = 0  # steps taken (skipped ones not counted)
         self.skipped_steps = 0  # steps skip_if_nonfinite refused
+        # id(group) -> the group's state dicts as last looked up, with what they depend on.
+        self._state_cache: Dict[int, tuple] = {}
         self._lock = threading.RLock()  # one step at a time per optimizer
         self._check_group(dict(self.defaults))
         groups = _as_param_list(params, "params")
@@ -213,7 +218,7 @@ class Optimizer:
         for group in self.param_groups:
             params = group["params"]
             group_grads = grads[start:start + len(params)]
-            if any(g is None for g in group_grads):
+            if id(None) in map(id, group_grads):  # `None in list` would compare arrays with ==
                 keep = [i for i, g in enumerate(group_grads) if g is not None]
                 params = [params[i] for i in keep]
                 group_grads = [group_grads[i] for i in keep]
@@ -235,9 +240,17 @@ class Optimizer:
         """The state of each parameter, created (or completed, after an option such as amsgrad
         was switched on) only once the gradients are known to be valid."""
         spec = self._state_spec(group)
+        ids = list(map(id, params))
+        cached = self._state_cache.get(id(group))
+        if (cached is not None and cached[0] is group and cached[1] is self.state
+                and cached[2] == self.state.version and cached[3] == ids
+                and cached[4] == spec.keys()):
+            return cached[5]  # the common case: same parameters, state complete, nothing reset
         needed = spec.keys()
         states = [self.state.get_by_id(p) for p in params]
         if all(s is not None and s.keys() >= needed for s in states):
+            self._state_cache[id(group)] = (group, self.state, self.state.version, ids,
+                                            spec.keys(), states)
             return states  # type: ignore[return-value]
         if not spec and not self._counts_steps:
             return [{} if s is None else s for s in states]  # the subclass keeps what it creates
