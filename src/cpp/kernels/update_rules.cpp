@@ -23,11 +23,13 @@
 #define OK_RESTRICT __restrict__
 #define OK_SQRT(x) __builtin_sqrtf(x)
 #define OK_SIMD _Pragma("omp simd")
+#define OK_LOOP __attribute__((noinline))  // one symbol per variant: bench/instructions.py reads it
 #else
 #include <cmath>
 #define OK_RESTRICT __restrict
 #define OK_SQRT(x) std::sqrt(x)
 #define OK_SIMD __pragma(omp simd)
+#define OK_LOOP
 #endif
 
 // a * b + c. Where the ISA has FMA it is one fused operation, written out here because the
@@ -73,7 +75,7 @@ void with_flag(bool b, F&& f) {
 //   g = g + momentum * buf (nesterov) or buf
 //   p = p - lr * g
 template <bool kDecay, bool kMomentum, bool kNesterov, bool kInit>
-void sgd_impl(const SgdStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+OK_LOOP void sgd_impl(const SgdStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
               float* OK_RESTRICT buf, size_t n) {
   const float lr = s.lr, wd = s.weight_decay, mom = s.momentum, keep = s.dampening_keep,
               gs = s.grad_scale;
@@ -114,7 +116,7 @@ void sgd(const SgdStep& s, float* p, const float* g, float* buf, size_t n) {
 //   momentum:  buf = momentum * buf + g / avg;  p = p - lr * buf
 //   else:      p = p - lr * g / avg
 template <bool kDecay, bool kCentered, bool kMomentum>
-void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+OK_LOOP void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                   float* OK_RESTRICT sq, float* OK_RESTRICT buf, float* OK_RESTRICT gavg,
                   size_t n) {
   const float lr = s.lr, alpha = s.alpha, w = s.one_minus_alpha, eps = s.eps,
@@ -166,7 +168,7 @@ void rmsprop(const RmspropStep& s, float* p, const float* g, float* sq, float* b
 // Adagrad (torch.optim.Adagrad)
 //   sum = sum + g^2;  p = p - clr * g / (sqrt(sum) + eps)
 template <bool kDecay>
-void adagrad_impl(const AdagradStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+OK_LOOP void adagrad_impl(const AdagradStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                   float* OK_RESTRICT sum, size_t n) {
   const float clr = s.clr, eps = s.eps, wd = s.weight_decay, gs = s.grad_scale;
   OK_SIMD
@@ -193,7 +195,7 @@ void adagrad(const AdagradStep& s, float* p, const float* g, float* sum, size_t 
 //   acc_delta = rho * acc_delta + (1 - rho) * delta^2
 //   p = p - lr * delta
 template <bool kDecay>
-void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+OK_LOOP void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                    float* OK_RESTRICT sq, float* OK_RESTRICT acc, size_t n) {
   const float lr = s.lr, rho = s.rho, w = s.one_minus_rho, eps = s.eps, wd = s.weight_decay,
               gs = s.grad_scale;
@@ -225,7 +227,7 @@ void adadelta(const AdadeltaStep& s, float* p, const float* g, float* sq, float*
 //   p = p - step_size * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^t) + eps)
 // One sqrt and one division per element.
 template <bool kL2, bool kDecoupled, bool kAmsgrad>
-void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                float* OK_RESTRICT m, float* OK_RESTRICT v, float* OK_RESTRICT vmax, size_t n) {
   const float lc = s.lerp_coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
               wd = s.weight_decay, decay = s.decoupled_decay, step_size = s.step_size,

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Instructions per element of each kernel's main vector loop, read from the disassembly.
+
+Hardware counters are not available on every machine (not in this VM, nor under valgrind for
+AVX-512), but the main loop of a fused element-wise kernel is straight-line code: its length
+divided by the elements one iteration handles is the count that matters for cache-resident
+buffers. Also counted: divisions and square roots (the divider is the bottleneck when the data
+fit in cache: one vdivps zmm and one vsqrtps zmm take about 10 + 12 cycles per 16 elements).
+
+Usage: python bench/instructions.py [BUILD_DIR]   (a CMake build of this repo; default build/dev)
+
+    mkdir -p build/dev && cd build/dev && cmake ../.. -G Ninja -DCMAKE_BUILD_TYPE=Release \\
+        -Dpybind11_DIR=$(python -c "import pybind11;print(pybind11.get_cmake_dir())") && ninja
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+from typing import Dict, List, Optional, Tuple
+
+KERNELS = {  # name -> symbol of the variant (template arguments: see update_rules.cpp)
+    "SGD": "sgd_impl<false, false, false, false>",
+    "SGD momentum / Momentum": "sgd_impl<false, true, false, false>",
+    "Nesterov": "sgd_impl<false, true, true, false>",
+    "RMSprop": "rmsprop_impl<false, false, false>",
+    "RMSprop centered+momentum": "rmsprop_impl<false, true, true>",
+    "Adagrad": "adagrad_impl<false>",
+    "Adadelta": "adadelta_impl<false>",
+    "Adam": "adam_impl<false, false, false>",
+    "AdamW": "adam_impl<false, true, false>",
+    "Adam amsgrad": "adam_impl<false, false, true>",
+    "norm (sum of squares)": "sum_squares(",
+    "stream a += s*b": "axpy(",
+}
+LANES = {"zmm": 16, "ymm": 8, "xmm": 4}
+LINE = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
+
+
+def functions(obj: str) -> Dict[str, List[Tuple[int, str, str]]]:
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", obj], check=True,
+                          capture_output=True, text=True).stdout
+    out: Dict[str, List[Tuple[int, str, str]]] = {}
+    current: Optional[str] = None
+    for line in text.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            current = head.group(1)
+            out[current] = []
+        elif current is not None:
+            m = LINE.match(line)
+            if m:
+                out[current].append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return out
+
+
+def main_loop(code: List[Tuple[int, str, str]]) -> Optional[List[Tuple[int, str, str]]]:
+    """The innermost loop (a conditional backward branch and its body) with the widest
+    registers: the vector body, not the remainder loops nor a jump around the whole function."""
+    best, best_key = None, (-1, 0)
+    index = {addr: i for i, (addr, _, _) in enumerate(code)}
+    for i, (addr, op, args) in enumerate(code):
+        if not op.startswith("j") or op == "jmp":
+            continue
+        target = re.match(r"([0-9a-f]+)\s", args + " ")
+        if not target or int(target.group(1), 16) >= addr or int(target.group(1), 16) not in index:
+            continue
+        body = code[index[int(target.group(1), 16)]:i + 1]
+        width = max((LANES[r] for _, _, a in body for r in LANES if f"%{r}" in a), default=1)
+        if any(o.endswith("ss") or o.endswith("sd") for _, o, _ in body) and width == 4 and \
+                not any(o.endswith("ps") or o.endswith("pd") for _, o, _ in body):
+            width = 1
+        key = (width, -len(body))
+        if key > best_key:
+            best, best_key = body, key
+    return best
+
+
+def elements_per_iteration(body: List[Tuple[int, str, str]]) -> int:
+    """Elements one pass of the loop handles: from its index step (add $0x40 = 16 floats)."""
+    for _, op, args in body:
+        m = re.match(r"\$0x([0-9a-f]+),%r", args)
+        if op == "add" and m and int(m.group(1), 16) % 4 == 0:
+            return int(m.group(1), 16) // 4
+    width = max((LANES[r] for _, _, a in body for r in LANES if f"%{r}" in a), default=1)
+    return width
+
+
+def report(build_dir: str) -> None:
+    for isa in ["scalar", "avx2", "avx512"]:
+        objs = glob.glob(os.path.join(build_dir, "**", f"optkern_kernels_{isa}.dir", "**",
+                                      "update_rules.cpp.o"), recursive=True)
+        if not objs:
+            continue
+        funcs = functions(objs[0])
+        print(f"\n{isa}: instructions per element in the main loop (divisions, square roots)")
+        for name, symbol in KERNELS.items():
+            code = next((c for f, c in funcs.items() if symbol in f), None)
+            body = main_loop(code) if code else None
+            if not body:
+                print(f"  {name:<28} (not found)")
+                continue
+            n = elements_per_iteration(body)
+            div = sum(1 for _, o, _ in body if o.startswith(("vdiv", "div")))
+            sqrt = sum(1 for _, o, _ in body if "sqrt" in o)
+            print(f"  {name:<28} {len(body) / n:5.2f}  ({len(body)} instructions per {n} "
+                  f"elements; {div} div, {sqrt} sqrt)")
+
+
+if __name__ == "__main__":
+    report(sys.argv[1] if len(sys.argv) > 1 else os.path.join("build", "dev"))
