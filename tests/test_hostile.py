@@ -32,3 +32,32 @@ def test_bad_hyperparameter_on_first_step_creates_no_state(kind, hp):
     with pytest.raises(ValueError):
         opt.step([np.ones(4, np.float32)])
     assert len(opt.state) == 0 and snapshot(opt, [p]) == before
+
+
+def test_momentum_without_velocities_is_refused():
+    """Regression: momentum_(params, grads, None) ran a plain SGD step (the C++ call treats a
+    missing buffer list as 'no momentum'), silently dropping the momentum."""
+    p, g = np.ones(4, np.float32), np.ones(4, np.float32)
+    before = digest([p, g])
+    with pytest.raises(ValueError, match="velocities is required"):
+        F.momentum_([p], [g], None, lr=0.1)
+    with pytest.raises(TypeError, match=r"velocities\[0\] must be a float32"):
+        F.momentum_([p], [g], [np.zeros(4)], lr=0.1)
+    assert digest([p, g]) == before
+
+
+@pytest.mark.parametrize("value", [1e39, -1e39, 10**400, np.float64(3.5e38)])
+def test_hyperparameter_beyond_float32_is_refused(value):
+    """Regression: lr=1e39 is finite in double but Inf in the float32 kernels, which filled the
+    parameters with Inf/NaN; 10**400 raised OverflowError instead of ValueError."""
+    p, g = np.ones(4, np.float32), np.ones(4, np.float32)
+    m, v = np.zeros(4, np.float32), np.zeros(4, np.float32)
+    before = digest([p, g, m, v])
+    with pytest.raises(ValueError, match="lr must be finite"):
+        F.adam_([p], [g], [m], [v], step=1, lr=value, beta1=0.9, beta2=0.999, eps=1e-8)
+    with pytest.raises(ValueError, match="grad_scale must be finite"):
+        F.sgd_([p], [g], lr=0.1, grad_scale=value)
+    with pytest.raises(ValueError, match="weight_decay must be finite"):
+        ok.AdamW([p], weight_decay=value)
+    assert digest([p, g, m, v]) == before
+
