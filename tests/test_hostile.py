@@ -61,3 +61,14 @@ def test_hyperparameter_beyond_float32_is_refused(value):
         ok.AdamW([p], weight_decay=value)
     assert digest([p, g, m, v]) == before
 
+
+@pytest.mark.parametrize("step", [2**63, 2**70, [1, 2**64]])
+def test_step_count_beyond_64_bits_is_a_value_error(step):
+    """Regression: a step count beyond 64 bits raised OverflowError from the binding."""
+    ps = [np.ones(4, np.float32), np.ones(3, np.float32)]
+    gs = [np.ones(4, np.float32), np.ones(3, np.float32)]
+    sums = [np.zeros(4, np.float32), np.zeros(3, np.float32)]
+    before = digest([ps, gs, sums])
+    with pytest.raises(ValueError, match=r"steps\[\d\] is out of range"):
+        F.adagrad_(ps, gs, sums, step=step, lr=0.1)
+    assert digest([ps, gs, sums]) == before

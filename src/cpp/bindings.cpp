@@ -207,8 +207,12 @@ std::vector<std::int64_t> step_counts(py::handle steps, const CallBuffers& cb) {
     if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr())) {
       throw py::type_error(cb.label("steps", i) + " must be an int, got " + type_name(v));
     }
-    const long long s = PyLong_AsLongLong(v.ptr());
+    int overflow = 0;
+    const long long s = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
     if (s == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (overflow != 0) {
+      throw py::value_error(cb.label("steps", i) + " is out of range: it must fit in 64 bits");
+    }
     if (s < 1) throw py::value_error(cb.label("steps", i) + " must be >= 1, got " + std::to_string(s));
     return s;
   };
