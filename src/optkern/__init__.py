@@ -12,6 +12,7 @@ The kernels are picked once, at import, for the best instruction set the CPU sup
 from . import _core
 from . import functional
 from ._core import active_isa, available_isas, get_num_threads, set_num_threads
+from .checkpoint import CheckpointError, load, save
 from .optimizer import Optimizer
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, Nesterov, RMSprop
 
@@ -33,6 +34,9 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "build_info",
+    "save",
+    "load",
+    "CheckpointError",
 ]
 
 
