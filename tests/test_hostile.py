@@ -74,6 +74,17 @@ def test_step_count_beyond_64_bits_is_a_value_error(step):
     assert digest([ps, gs, sums]) == before
 
 
+
+@pytest.mark.parametrize("step, exc", [(0, ValueError), (-1, ValueError), (2**64, ValueError),
+                                       (1.0, TypeError)])
+def test_bad_step_refused_even_with_nothing_to_update(step, exc):
+    """Regression (found by tests/test_fuzz.py): an int step was only checked when there was at
+    least one tensor, so adam_([], [], [], [], step=0) passed while lr=-1 there raised."""
+    with pytest.raises(exc, match="steps?"):
+        F.adam_([], [], [], [], step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+    with pytest.raises(exc, match="steps?"):
+        F.adagrad_([], [], [], step=step, lr=0.1)
+
 # == the functional layer, every function =========================================================
 
 SHAPES = [(33,), (33,), (4, 5)]  # two equal shapes, so 'listed twice' is not a shape error

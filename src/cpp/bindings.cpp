@@ -159,7 +159,9 @@ class CallBuffers {
 
   std::string label(const char* name, std::size_t i) const {
     std::size_t shown = i;
-    if (!positions_.is_none()) shown = py::cast<std::size_t>(positions_[py::int_(i)]);
+    if (!positions_.is_none() && i < py::len(positions_)) {
+      shown = py::cast<std::size_t>(positions_[py::int_(i)]);
+    }
     return std::string(name) + "[" + std::to_string(shown) + "]";
   }
 
@@ -217,7 +219,7 @@ std::vector<std::int64_t> step_counts(py::handle steps, const CallBuffers& cb) {
     return s;
   };
   if (PyLong_Check(steps.ptr())) {
-    const std::int64_t s = cb.count() ? check(steps, 0) : 1;
+    const std::int64_t s = check(steps, 0);  // checked even when there is nothing to update
     std::fill(out.begin(), out.end(), s);
     return out;
   }
