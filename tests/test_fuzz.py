@@ -157,7 +157,7 @@ def build(values, layout):
         a = values.copy()[::-1]
         return a
     elif layout == "fortran":
-        return np.asfortranarray(values)
+        return np.array(values, order="F")  # a copy: np.asfortranarray may return values itself
     elif layout == "unaligned":
         a = np.frombuffer(bytearray(4 * n + 1), np.uint8)[1:].view(np.float32).reshape(shape)
     elif layout == "list":
