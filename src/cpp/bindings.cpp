@@ -166,7 +166,9 @@ class CallBuffers {
 
   std::string label(const char* name, std::size_t i) const {
     std::size_t shown = i;
-    if (!positions_.is_none()) shown = py::cast<std::size_t>(positions_[py::int_(i)]);
+    if (!positions_.is_none() && i < py::len(positions_)) {
+      shown = py::cast<std::size_t>(positions_[py::int_(i)]);
+    }
     return std::string(name) + "[" + std::to_string(shown) + "]";
   }
 
@@ -212,22 +214,26 @@ void run(const CallBuffers& cb, F&& f) {
 std::vector<std::int64_t> step_counts(py::handle steps, const CallBuffers& cb) {
   std::vector<std::int64_t> out(cb.count());
   auto check = [&](py::handle v, std::size_t i) -> std::int64_t {
-    long long s = 0;
+    py::object number;  // a plain int, or the int a NumPy integer stands for
     if (PyLong_CheckExact(v.ptr())) {
-      s = PyLong_AsLongLong(v.ptr());
-    } else if (!PyBool_Check(v.ptr()) && PyIndex_Check(v.ptr())) {  // numpy integers too
-      const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
-      if (!index) throw py::error_already_set();
-      s = PyLong_AsLongLong(index.ptr());
+      number = py::reinterpret_borrow<py::object>(v);
+    } else if (!PyBool_Check(v.ptr()) && PyIndex_Check(v.ptr())) {
+      number = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
+      if (!number) throw py::error_already_set();
     } else {
       throw py::type_error(cb.label("steps", i) + " must be an int, got " + type_name(v));
     }
+    int overflow = 0;
+    const long long s = PyLong_AsLongLongAndOverflow(number.ptr(), &overflow);
     if (s == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (overflow != 0) {
+      throw py::value_error(cb.label("steps", i) + " is out of range: it must fit in 64 bits");
+    }
     if (s < 1) throw py::value_error(cb.label("steps", i) + " must be >= 1, got " + std::to_string(s));
     return s;
   };
   if (!PyList_Check(steps.ptr()) && !PyTuple_Check(steps.ptr())) {
-    const std::int64_t s = cb.count() ? check(steps, 0) : 1;
+    const std::int64_t s = check(steps, 0);  // checked even when there is nothing to update
     std::fill(out.begin(), out.end(), s);
     return out;
   }

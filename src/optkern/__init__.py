@@ -16,6 +16,7 @@ from . import lr_scheduler
 from ._core import active_isa, available_isas, get_num_threads, set_num_threads
 from .clip import clip_grad_norm_, clip_grad_value_, grad_norms
 from .flat import FlatParams
+from .checkpoint import CheckpointError, load, save
 from .optimizer import Optimizer
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, Nesterov, RMSprop
 
@@ -43,6 +44,9 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "build_info",
+    "save",
+    "load",
+    "CheckpointError",
 ]
 
 

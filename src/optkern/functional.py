@@ -38,17 +38,25 @@ Steps = Union[int, Sequence[int]]
 # -- hyperparameter checks, shared with the optimizer classes --------------------------------------
 
 
+#: The largest finite float32. The kernels compute in float32, so a larger hyperparameter would
+#: become Inf there and silently fill the parameters with Inf and NaN.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_real(name: str, value: Any) -> float:
-    """``value`` as a float, or TypeError/ValueError naming ``name`` unless it is a finite real."""
+    """``value`` as a float, or TypeError/ValueError naming ``name`` unless it is a real number
+    that float32 can hold (finite, magnitude at most about 3.4e38)."""
     kind = type(value)
-    if kind is float or kind is int:  # the common case, without the slow ABC check below
-        v = float(value)
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if kind is not float and kind is not int and (  # the common cases skip the slow ABC check
+            isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    else:
+    try:
         v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+    except OverflowError:  # an int beyond float64's range
+        v = math.inf
+    if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be finite (at most {FLOAT32_MAX:.4g} in magnitude, as "
+                         f"float32 holds it), got {value!r}")
     return v
 
 
@@ -168,10 +176,15 @@ def momentum_(
     beta = check_unit("beta", beta, inclusive_one=False)
     weight_decay = check_nonnegative("weight_decay", weight_decay)
     scale = _scale(grad_scale, maximize)
+    # None would make the C++ call below a plain SGD step: refuse it rather than drop the momentum.
+    velocities = _require("velocities", velocities, "(one zero-initialised array per parameter)")
     # SGD's buffer update with dampening = momentum = beta, never taking the first-step shortcut.
-    _core.sgd_step(params, grads, velocities, init_buffers=None, lr=lr, weight_decay=weight_decay,
-                   momentum=beta, dampening=beta, nesterov=False, grad_scale=scale,
-                   positions=_positions)
+    try:
+        _core.sgd_step(params, grads, velocities, init_buffers=None, lr=lr,
+                       weight_decay=weight_decay, momentum=beta, dampening=beta, nesterov=False,
+                       grad_scale=scale, positions=_positions)
+    except (TypeError, ValueError) as e:  # name the argument as the caller knows it
+        raise type(e)(str(e).replace("momentum_buffers", "velocities")) from None
 
 
 def rmsprop_(

@@ -254,6 +254,7 @@ class Optimizer:
             return states  # type: ignore[return-value]
         if not spec and not self._counts_steps:
             return [{} if s is None else s for s in states]  # the subclass keeps what it creates
+        self._check_group(group)  # a bad hyperparameter must not leave new state behind
         _core.check_grads(params, grads, positions=positions)
         for i, p in enumerate(params):
             s = states[i]

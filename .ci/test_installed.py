@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Runs the test suite against the optkern installed in this Python (a wheel, say), once under
+every instruction set this machine supports (OPTKERN_FORCE_ISA=scalar, avx2, avx512).
+
+    python .ci/test_installed.py [TESTS_DIR] [PYTEST_ARGS...]
+
+Run it from a directory where the source tree's src/ is not importable (cibuildwheel's test
+directory, or a scratch directory holding copies of tests/ and pyproject.toml): it refuses to
+test an optkern imported from a source tree. Used by .ci/run and by cibuildwheel's test-command.
+"""
+
+import os
+import subprocess
+import sys
+
+
+def main() -> int:
+    tests = sys.argv[1] if len(sys.argv) > 1 else "tests"
+    extra = sys.argv[2:]
+    probe = subprocess.run(
+        [sys.executable, "-c", "import optkern, os; print(os.path.dirname(optkern.__file__)); "
+                               "print(' '.join(optkern.available_isas()))"],
+        capture_output=True, text=True, check=True)
+    location, isas = probe.stdout.splitlines()
+    print(f"testing optkern from {location}; ISAs: {isas}", flush=True)
+    if os.path.isdir(os.path.join(location, os.pardir, "cpp")):  # src/optkern next to src/cpp
+        print("error: this optkern is the source tree's, not an installed one", file=sys.stderr)
+        return 2
+    failed = []
+    for isa in isas.split():
+        print(f"\n== tests of the installed optkern with OPTKERN_FORCE_ISA={isa}", flush=True)
+        env = dict(os.environ, OPTKERN_FORCE_ISA=isa)
+        cmd = [sys.executable, "-m", "pytest", tests, "-q", "-p", "no:cacheprovider", *extra]
+        if subprocess.call(cmd, env=env) != 0:
+            failed.append(isa)
+    if failed:
+        print(f"\nFAILED under: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

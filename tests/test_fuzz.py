@@ -1,0 +1,520 @@
+"""Fuzzing the bindings with hypothesis: random shapes, strides, offsets, dtypes, byte orders,
+contiguity, aliasing, Python objects in place of arrays and hyperparameters (NaN, Inf, negative,
+out of range, wrong types), through both optkern.functional and the optimizer classes.
+
+An independent oracle (NumPy's own flags and np.shares_memory, and the documented hyperparameter
+ranges) says whether each call is valid. A valid call must succeed and leave the caller's own
+arrays -- views with offsets and odd strides on size-1 axes included -- equal to a float64 NumPy
+reference of the update, gradients untouched: an update applied to a silent copy would show up
+as parameters that did not move. An invalid call must raise TypeError or ValueError and change
+no array. Nothing may crash.
+
+Bounded in time: OPTKERN_FUZZ_EXAMPLES (default 150) examples per test, no deadline.
+"""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+from helpers import digest
+from reference import Reference
+
+import optkern as ok
+from optkern import functional as F
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+EXAMPLES = int(os.environ.get("OPTKERN_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
+                suppress_health_check=list(HealthCheck))
+
+NATIVE = "<" if sys.byteorder == "little" else ">"
+SWAPPED = ">" if NATIVE == "<" else "<"
+F32_MAX = float(np.finfo(np.float32).max)
+
+def coin(data, p):
+    """True with probability about p. Hypothesis shrinks draws towards 0, which is False here,
+    so a failing example shrinks to the fewest bad inputs."""
+    return p > 0 and data.draw(st.integers(0, 9999)) >= 10000 * (1 - p)
+
+
+# -- hyperparameters ---------------------------------------------------------------------------------
+
+# kind -> (strategy of valid values, the check the value must pass)
+VALID = {
+    "lr": st.one_of(st.just(0.0), st.floats(1e-6, 1.0)),
+    "weight_decay": st.one_of(st.just(0.0), st.floats(0.0, 0.5)),
+    "sgd_momentum": st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
+    "dampening": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+    "beta": st.floats(0.0, 0.99),
+    # Decay rates stop at 0.999: at 1 - 1e-16, say, (1 - alpha) makes steps of 1e8 that cancel
+    # to O(1), which float32 cannot resolve (a conditioning limit, not a bug; it is the range of
+    # the float64 comparison that is bounded here, not what optkern accepts).
+    "alpha": st.floats(0.5, 0.999),
+    "eps": st.one_of(st.just(0.0), st.floats(1e-8, 1e-2)),
+    "rho": st.floats(0.5, 0.999),
+    "lr_decay": st.floats(0.0, 1.0),
+    "beta1": st.floats(0.0, 0.99),
+    "beta2": st.floats(0.5, 0.999),
+    "grad_scale": st.floats(-2.0, 2.0),
+    "rms_momentum": st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
+    "flag": st.booleans(),
+}
+# The range each real hyperparameter must lie in, as documented.
+RANGE = {"beta": "[0,1)", "beta1": "[0,1)", "beta2": "[0,1)", "alpha": "[0,1]", "rho": "[0,1]",
+         "dampening": "[0,1]", "grad_scale": "real"}
+
+BAD_REALS = [math.nan, math.inf, -math.inf, 1e39, -1e39, -0.5, 1.5, 1.0, "0.1", None, True,
+             [0.1], np.float32("nan"), 10**400]
+BAD_FLAGS = [1, 0, "yes", None, 0.5]
+
+
+def real_error(key, value):
+    """The error a real hyperparameter ``value`` must get, or None if it is valid."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        return TypeError
+    try:
+        v = float(value)
+    except OverflowError:
+        return ValueError
+    if not math.isfinite(v) or abs(v) > F32_MAX:
+        return ValueError
+    rng = RANGE.get(key, "[0,inf)")
+    if rng == "real":
+        return None
+    if v < 0 or (rng == "[0,1]" and v > 1) or (rng == "[0,1)" and v >= 1):
+        return ValueError
+    return None
+
+
+def draw_hp(data, key, kind, bad_rate):
+    """A value for hyperparameter ``key``, and the error it must get (None when valid)."""
+    if coin(data, bad_rate):
+        if kind == "flag":
+            return data.draw(st.sampled_from(BAD_FLAGS)), TypeError
+        value = data.draw(st.sampled_from(BAD_REALS))
+        return value, real_error(key, value)
+    return data.draw(VALID[kind]), None
+
+
+def draw_step(data, n, bad_rate):
+    if coin(data, bad_rate):
+        bad = data.draw(st.sampled_from(["zero", "negative", "float", "bool", "none", "huge",
+                                         "short list", "list with zero"]))
+        return {"zero": (0, ValueError), "negative": (-3, ValueError), "float": (1.5, TypeError),
+                "bool": (True, TypeError), "none": (None, TypeError),
+                "huge": (2**64, ValueError),
+                "short list": ([1] * max(0, n - 1) if n else [1], ValueError),
+                "list with zero": ([0] * max(n, 1), ValueError)}[bad]
+    if data.draw(st.booleans()):
+        return data.draw(st.integers(1, 10**6)), None
+    return data.draw(st.lists(st.integers(1, 10**6), min_size=n, max_size=n)), None
+
+
+# -- arrays ------------------------------------------------------------------------------------------
+
+SHAPES = st.one_of(
+    st.lists(st.integers(0, 6), min_size=1, max_size=3).map(tuple),
+    st.integers(1, 200).map(lambda n: (n,)),  # vector loops and their scalar tails
+)
+
+# Layouts of one array. Valid ones first; the rest break a rule (or do not, for some shapes: a
+# 'strided' array of one element is still contiguous -- the oracle looks at NumPy's flags).
+VALID_LAYOUTS = ["plain", "plain", "plain", "offset", "odd strides on size-1 axes", "read-only"]
+INVALID_LAYOUTS = ["float64", "float16", "int32", "complex64", "bool", "swapped byte order",
+                   "strided", "transposed", "reversed", "fortran", "unaligned", "list", "None",
+                   "float", "0-d", "wrong shape"]
+
+
+def build(values, layout):
+    """An object holding ``values`` (float32, C order) in the given layout."""
+    shape, n = values.shape, values.size
+    if layout == "plain":
+        return values.copy()
+    if layout == "offset":  # 4 bytes past an allocation: C-contiguous, not 64-byte aligned
+        a = np.empty(n + 1, np.float32)[1:].reshape(shape)
+    elif layout == "odd strides on size-1 axes":
+        strides = [s if d != 1 else 4 * 1000003 for d, s in zip(shape, values.strides)]
+        a = np.lib.stride_tricks.as_strided(np.empty(max(n, 1), np.float32), shape, strides)
+    elif layout == "read-only":
+        a = values.copy()
+        a.flags.writeable = False
+        return a
+    elif layout in ("float64", "float16", "int32", "complex64", "bool"):
+        return values.astype(layout)
+    elif layout == "swapped byte order":
+        return values.astype(SWAPPED + "f4")
+    elif layout == "strided":
+        big = np.empty(2 * max(n, 1), np.float32)
+        a = np.lib.stride_tricks.as_strided(big, shape, [2 * s for s in values.strides])
+    elif layout == "transposed":
+        a = np.empty(shape[::-1], np.float32).T
+    elif layout == "reversed":
+        a = values.copy()[::-1]
+        return a
+    elif layout == "fortran":
+        return np.array(values, order="F")  # a copy: np.asfortranarray may return values itself
+    elif layout == "unaligned":
+        a = np.frombuffer(bytearray(4 * n + 1), np.uint8)[1:].view(np.float32).reshape(shape)
+    elif layout == "list":
+        return values.tolist()
+    elif layout == "None":
+        return None
+    elif layout == "float":
+        return 1.0
+    elif layout == "0-d":
+        return np.array(0.5, np.float32)
+    elif layout == "wrong shape":
+        return np.zeros(shape + (2,), np.float32)
+    else:
+        raise AssertionError(layout)
+    a[...] = values
+    return a
+
+
+def entry_error(a, shape, written):
+    """The error an entry of an array list must get, or None: the documented rules, read off
+    NumPy's own flags."""
+    if not isinstance(a, np.ndarray):
+        return TypeError
+    if a.dtype.kind != "f" or a.dtype.itemsize != 4 or not a.dtype.isnative:
+        return TypeError
+    if a.ndim == 0 or not a.flags.c_contiguous or not a.flags.aligned:
+        return ValueError
+    if written and not a.flags.writeable:
+        return ValueError
+    if a.shape != shape:
+        return ValueError
+    return None
+
+
+# state list -> (Reference state name, low, high) of its values
+STATE = {
+    "momentum_buffers": ("momentum_buffer", -1, 1), "velocities": ("momentum_buffer", -1, 1),
+    "square_avgs": ("square_avg", 1, 2), "grad_avgs": ("grad_avg", -0.1, 0.1),
+    "state_sums": ("sum", 0, 1), "acc_deltas": ("acc_delta", 0, 1),
+    "exp_avgs": ("exp_avg", -1, 1), "exp_avg_sqs": ("exp_avg_sq", 0.01, 1),
+    "max_exp_avg_sqs": ("max_exp_avg_sq", 0.01, 1),
+}
+
+
+# -- the functional layer ----------------------------------------------------------------------------
+
+def draw_functional(data, bad_rate):
+    """A random call of an optkern.functional update: (function, lists, keywords, the Reference
+    name and options, the errors the call must get)."""
+    name = data.draw(st.sampled_from(["sgd_", "momentum_", "rmsprop_", "adagrad_", "adadelta_",
+                                      "adam_", "adamw_"]), label="function")
+    errors = set()
+    kw, ref_hp = {}, {}
+
+    def hp(key, kind, ref_key=None):
+        value, err = draw_hp(data, key, kind, bad_rate)
+        kw[key] = value
+        if err:
+            errors.add(err)
+        if ref_key is not False:
+            ref_hp[ref_key or key] = value
+        return value, err
+
+    lists = ["params", "grads"]
+    hp("lr", "lr")
+    hp("weight_decay", "weight_decay")
+    hp("maximize", "flag")
+    scale, _ = hp("grad_scale", "grad_scale", ref_key=False)
+    ref_name = {"sgd_": "SGD", "momentum_": "Momentum", "rmsprop_": "RMSprop",
+                "adagrad_": "Adagrad", "adadelta_": "Adadelta", "adam_": "Adam",
+                "adamw_": "AdamW"}[name]
+    if name == "sgd_":
+        momentum, merr = hp("momentum", "sgd_momentum")
+        dampening, derr = hp("dampening", "dampening")
+        nesterov, nerr = hp("nesterov", "flag")
+        if not (merr or derr or nerr) and nesterov and (momentum <= 0 or dampening != 0):
+            errors.add(ValueError)
+        if not merr and momentum != 0:
+            lists.append("momentum_buffers")
+    elif name == "momentum_":
+        hp("beta", "beta")
+        lists.append("velocities")
+    elif name == "rmsprop_":
+        hp("alpha", "alpha")
+        hp("eps", "eps")
+        momentum, merr = hp("momentum", "rms_momentum")
+        centered, cerr = hp("centered", "flag")
+        lists.append("square_avgs")
+        if not cerr and centered is True:
+            lists.append("grad_avgs")
+        if not merr and momentum > 0:
+            lists.append("momentum_buffers")
+    elif name == "adagrad_":
+        hp("lr_decay", "lr_decay")
+        hp("eps", "eps")
+        lists.append("state_sums")
+    elif name == "adadelta_":
+        hp("rho", "rho")
+        hp("eps", "eps")
+        lists += ["square_avgs", "acc_deltas"]
+    else:
+        b1, e1 = hp("beta1", "beta1", ref_key=False)
+        b2, e2 = hp("beta2", "beta2", ref_key=False)
+        ref_hp["betas"] = (b1, b2)
+        hp("eps", "eps")
+        amsgrad, aerr = hp("amsgrad", "flag")
+        lists += ["exp_avgs", "exp_avg_sqs"]
+        if not aerr and amsgrad is True:
+            lists.append("max_exp_avg_sqs")
+    return name, lists, kw, ref_name, ref_hp, scale, errors
+
+
+def draw_arrays(data, lists, bad_rate, rng, fresh_buffers):
+    """Random tensors for every list, each entry in a random layout, sometimes aliased. Returns
+    the shapes, the lists as passed, the float32 values each entry holds before the call (None
+    for a momentum buffer to be created) and the errors the arrays must get."""
+    n = data.draw(st.integers(0, 4), label="tensors")
+    shapes = [data.draw(SHAPES, label="shape") for _ in range(n)]
+    errors = set()
+    values = {}
+    args = {}
+    for arg in lists:
+        lo, hi = STATE[arg][1:] if arg in STATE else (-1, 1)
+        values[arg] = [rng.uniform(lo, hi, s).astype(np.float32) for s in shapes]
+        entries = []
+        for v in values[arg]:
+            bad = coin(data, bad_rate / max(n, 1))
+            entries.append(build(v, data.draw(st.sampled_from(
+                INVALID_LAYOUTS if bad else VALID_LAYOUTS))))
+        args[arg] = entries
+    # Aliasing: two entries of one shape made views of one buffer, overlapping or not.
+    if n and coin(data, bad_rate):
+        a_arg, b_arg = data.draw(st.sampled_from(lists)), data.draw(st.sampled_from(lists))
+        i, j = data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1))
+        if shapes[i] == shapes[j] and (a_arg, i) != (b_arg, j):
+            size = values[a_arg][i].size
+            shift = data.draw(st.integers(0, size + 1))
+            buf = np.zeros(size + shift, np.float32)
+            a, b = buf[:size].reshape(shapes[i]), buf[shift:shift + size].reshape(shapes[i])
+            a[...] = values[a_arg][i]
+            b[...] = values[b_arg][j]  # where they overlap, b's values win in both
+            args[a_arg][i], args[b_arg][j] = a, b
+            values[a_arg][i], values[b_arg][j] = a.copy(), b.copy()
+    # sgd_: momentum buffers not created yet (None), filled by torch's first-step rule.
+    if fresh_buffers and "momentum_buffers" in lists:
+        for i in range(n):
+            if data.draw(st.booleans()):
+                args["momentum_buffers"][i] = values["momentum_buffers"][i] = None
+    # A list of the wrong length, in the wrong container, or missing.
+    if coin(data, bad_rate / 2):
+        arg = data.draw(st.sampled_from(lists))
+        how = data.draw(st.sampled_from(["longer", "shorter", "None", "ndarray", "tuple"]))
+        if how == "longer":
+            args[arg] = args[arg] + [np.zeros(3, np.float32)]
+            errors.add(ValueError)
+        elif how == "shorter" and n:
+            args[arg] = args[arg][:-1]
+            errors.add(ValueError)
+        elif how == "None":
+            args[arg] = None
+            errors.add(ValueError if arg in ("momentum_buffers", "velocities", "grad_avgs",
+                                             "max_exp_avg_sqs") else TypeError)
+        elif how == "ndarray":
+            args[arg] = np.zeros((n, 3), np.float32)
+            errors.add(TypeError)
+        elif how == "tuple":
+            args[arg] = tuple(args[arg])
+            if arg == "momentum_buffers" and fresh_buffers:
+                errors.add(TypeError)  # sgd_ stores new buffers into it: it must be a list
+    # The oracle for the entries: NumPy's flags, and np.shares_memory for aliasing. (With a
+    # list of the wrong length the call may stop at an entry error first: either is right.)
+    checked = []
+    for arg in lists:
+        if isinstance(args[arg], (list, tuple)):
+            for i, a in enumerate(args[arg][:n]):
+                if a is None and arg == "momentum_buffers" and fresh_buffers:
+                    continue
+                written = arg != "grads"
+                err = entry_error(a, shapes[i], written)
+                if err:
+                    errors.add(err)
+                elif a.size:
+                    checked.append((a, written))
+    for x in range(len(checked)):
+        for y in range(x):
+            (a, wa), (b, wb) = checked[x], checked[y]
+            if (wa or wb) and np.shares_memory(a, b):
+                errors.add(ValueError)
+    return shapes, args, values, errors
+
+
+def arrays_of(args):
+    return [[a for a in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(a, np.ndarray)]
+            for _, v in sorted(args.items())]
+
+
+def reference_update(ref_name, ref_hp, scale, step, lists, values, shapes):
+    """The float64 result of the update of each tensor, from the values it started with."""
+    out = []
+    for i, shape in enumerate(shapes):
+        ref = Reference(ref_name, values["params"][i], **ref_hp)
+        for arg in lists[2:]:
+            if values[arg][i] is not None:
+                ref.state[STATE[arg][0]] = values[arg][i].astype(np.float64)
+        if step is not None:
+            ref.t = (step[i] if isinstance(step, list) else step) - 1
+        with np.errstate(all="ignore"):
+            ref.step(values["grads"][i].astype(np.float64), grad_scale=scale)
+        out.append(ref)
+    return out
+
+
+def magnitude(*arrays):
+    """The largest finite magnitude among arrays (None entries ignored), at least 1."""
+    m = 1.0
+    for a in arrays:
+        if a is not None:
+            a = np.asarray(a, dtype=np.float64)
+            m = max(m, float(np.max(np.abs(a), initial=0.0, where=np.isfinite(a))))
+    return m
+
+
+def check_close(got, want, what, scale=1.0):
+    """float32 ``got`` against the float64 ``want``: relative 1e-5, and absolute 1e-5 of the
+    largest value the update went through (``scale``), since p - lr * update cancels."""
+    want = np.asarray(want, dtype=np.float64)
+    atol = 1e-5 * max(scale, magnitude(want))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, equal_nan=True, err_msg=what)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_functional(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    bad_rate = data.draw(st.sampled_from([0.0, 0.1, 0.3]), label="bad rate")
+    ok.set_num_threads(data.draw(st.sampled_from([1, 2])))
+    ok._core._set_min_elements_per_thread(data.draw(st.sampled_from([1, 7, 64, 32768])))
+    name, lists, kw, ref_name, ref_hp, scale, errors = draw_functional(data, bad_rate)
+    shapes, args, values, array_errors = draw_arrays(data, lists, bad_rate, rng,
+                                                     fresh_buffers=name == "sgd_")
+    if name in ("adagrad_", "adam_", "adamw_"):
+        kw["step"], err = draw_step(data, len(shapes), bad_rate)
+        if err:
+            errors.add(err)
+        elif isinstance(kw["step"], list) and len(kw["step"]) != len(shapes):
+            errors.add(ValueError)
+    errors |= array_errors
+    fn = getattr(F, name)
+    ids = {k: [id(x) for x in v] if isinstance(v, (list, tuple)) else id(v) for k, v in args.items()}
+    before = digest(arrays_of(args))
+    event(f"{name}: {'refused' if errors else 'valid'}")
+    if errors:
+        with pytest.raises(tuple(errors)):
+            fn(**args, **kw)
+        assert digest(arrays_of(args)) == before, "a call that raised changed an array"
+        assert ids == {k: [id(x) for x in v] if isinstance(v, (list, tuple)) else id(v)
+                       for k, v in args.items()}, "a call that raised changed a list"
+        return
+    grads_before = digest(args["grads"])
+    assert fn(**args, **kw) is None
+    assert digest(args["grads"]) == grads_before, "gradients were written"
+    refs = reference_update(ref_name, ref_hp, scale, kw.get("step"), lists, values, shapes)
+    for i, ref in enumerate(refs):
+        check_close(args["params"][i], ref.p, f"{name} params[{i}]",
+                    magnitude(values["params"][i]))
+        for arg in lists[2:]:
+            check_close(args[arg][i], ref.state[STATE[arg][0]], f"{name} {arg}[{i}]",
+                        magnitude(values[arg][i]))
+
+
+# -- the optimizer classes ---------------------------------------------------------------------------
+
+CLASS_HPS = {
+    "SGD": [("lr", "lr"), ("momentum", "sgd_momentum"), ("weight_decay", "weight_decay")],
+    "Nesterov": [("lr", "lr"), ("weight_decay", "weight_decay")],
+    "Momentum": [("lr", "lr"), ("beta", "beta"), ("weight_decay", "weight_decay")],
+    "RMSprop": [("lr", "lr"), ("alpha", "alpha"), ("eps", "eps"), ("momentum", "rms_momentum"),
+                ("centered", "flag"), ("weight_decay", "weight_decay")],
+    "Adagrad": [("lr", "lr"), ("lr_decay", "lr_decay"), ("eps", "eps"),
+                ("weight_decay", "weight_decay")],
+    "Adadelta": [("lr", "lr"), ("rho", "rho"), ("eps", "eps"), ("weight_decay", "weight_decay")],
+    "Adam": [("lr", "lr"), ("eps", "eps"), ("amsgrad", "flag"), ("weight_decay", "weight_decay")],
+    "AdamW": [("lr", "lr"), ("eps", "eps"), ("amsgrad", "flag"), ("weight_decay", "weight_decay")],
+}
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_optimizer_classes(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    bad_rate = data.draw(st.sampled_from([0.0, 0.1, 0.3]), label="bad rate")
+    kind = data.draw(st.sampled_from(sorted(CLASS_HPS)), label="class")
+    hp, errors = {}, set()
+    for key, k in CLASS_HPS[kind]:
+        hp[key], err = draw_hp(data, key, k, bad_rate / 3)
+        if err:
+            errors.add(err)
+    hp["maximize"], err = draw_hp(data, "maximize", "flag", bad_rate / 3)
+    if err:
+        errors.add(err)
+    if kind in ("Adam", "AdamW"):
+        hp["betas"] = (data.draw(VALID["beta1"]), data.draw(VALID["beta2"]))
+    n = data.draw(st.integers(1, 4))
+    shapes = [data.draw(SHAPES) for _ in range(n)]
+    params = []
+    for s in shapes:
+        bad = coin(data, bad_rate / n)
+        # Any shape is a valid parameter: 'wrong shape' has no meaning here.
+        layout = data.draw(st.sampled_from(
+            [x for x in INVALID_LAYOUTS if x != "wrong shape"] if bad else VALID_LAYOUTS[:-1]))
+        params.append(build(rng.uniform(-1, 1, s).astype(np.float32), layout))
+        err = entry_error(params[-1], s, written=True)
+        if err:
+            errors.add(err)
+    ok_params = [p for p in params if isinstance(p, np.ndarray)]
+    before = digest(ok_params)
+    if errors:
+        event(f"{kind}: construction refused")
+        with pytest.raises(tuple(errors)):
+            getattr(ok, kind)(params, **hp)
+        assert digest(ok_params) == before
+        return
+    opt = getattr(ok, kind)(params, **hp)
+    refs = [Reference(kind, p, **hp) for p in params]
+    scales = [magnitude(p) for p in params]  # the largest |value| each parameter went through
+    for _ in range(data.draw(st.integers(1, 3))):
+        grads, step_errors = [], set()
+        for i, s in enumerate(shapes):
+            g = rng.uniform(-1, 1, s).astype(np.float32)
+            if coin(data, 0.1):
+                grads.append(None)  # skipped parameter
+                continue
+            bad = coin(data, bad_rate / n)
+            # (None is not among them: a None gradient skips its parameter, drawn above.)
+            layout = data.draw(st.sampled_from(
+                [x for x in INVALID_LAYOUTS if x != "None"] if bad else VALID_LAYOUTS))
+            grads.append(build(g, layout))
+            err = entry_error(grads[-1], s, written=False)
+            if err:
+                step_errors.add(err)
+        snapshot = digest([params, opt.state_dict()])
+        event(f"{kind} step: {'refused' if step_errors else 'valid'}")
+        if step_errors:
+            with pytest.raises(tuple(step_errors)):
+                opt.step(grads)
+            assert digest([params, opt.state_dict()]) == snapshot
+            continue
+        opt.step(grads)
+        for i, (ref, g) in enumerate(zip(refs, grads)):
+            if g is not None:
+                with np.errstate(all="ignore"):
+                    ref.step(np.asarray(g, np.float64))
+                scales[i] = max(scales[i], magnitude(ref.p, *[
+                    v for v in ref.state.values() if isinstance(v, np.ndarray)]))
+        for i, (p, ref) in enumerate(zip(params, refs)):
+            check_close(p, ref.p, f"{kind} params[{i}]", scales[i])
+            for name, value in opt.state.get_by_id(p).items() if p in opt.state else []:
+                if isinstance(value, np.ndarray):
+                    check_close(value, ref.state[name], f"{kind} state[{i}][{name!r}]",
+                                scales[i])
