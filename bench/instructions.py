@@ -33,7 +33,7 @@ KERNELS = {  # name -> symbol of the variant (template arguments: see update_rul
     "Adam": "adam_impl<false, false, false>",
     "AdamW": "adam_impl<false, true, false>",
     "Adam amsgrad": "adam_impl<false, false, true>",
-    "norm (sum of squares)": "sum_squares(",
+    "norm (sum of squares)": "lane_sum<optkern::{isa}::(anonymous namespace)::sum_squares",
     "stream a += s*b": "axpy(",
 }
 LANES = {"zmm": 16, "ymm": 8, "xmm": 4}
@@ -57,36 +57,54 @@ def functions(obj: str) -> Dict[str, List[Tuple[int, str, str]]]:
     return out
 
 
-def main_loop(code: List[Tuple[int, str, str]]) -> Optional[List[Tuple[int, str, str]]]:
-    """The innermost loop (a conditional backward branch and its body) with the widest
-    registers: the vector body, not the remainder loops nor a jump around the whole function."""
-    best, best_key = None, (-1, 0)
+def loops(code: List[Tuple[int, str, str]]) -> List[List[Tuple[int, str, str]]]:
+    """Every innermost loop: a conditional backward branch and its body, holding no other."""
     index = {addr: i for i, (addr, _, _) in enumerate(code)}
+    spans = []
     for i, (addr, op, args) in enumerate(code):
-        if not op.startswith("j") or op == "jmp":
-            continue
         target = re.match(r"([0-9a-f]+)\s", args + " ")
-        if not target or int(target.group(1), 16) >= addr or int(target.group(1), 16) not in index:
-            continue
-        body = code[index[int(target.group(1), 16)]:i + 1]
-        width = max((LANES[r] for _, _, a in body for r in LANES if f"%{r}" in a), default=1)
-        if any(o.endswith("ss") or o.endswith("sd") for _, o, _ in body) and width == 4 and \
-                not any(o.endswith("ps") or o.endswith("pd") for _, o, _ in body):
-            width = 1
-        key = (width, -len(body))
-        if key > best_key:
-            best, best_key = body, key
-    return best
+        if op.startswith("j") and op != "jmp" and target:
+            t = int(target.group(1), 16)
+            if t < addr and t in index:
+                spans.append((index[t], i))
+    return [code[a:b + 1] for a, b in spans
+            if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+
+
+def width(body: List[Tuple[int, str, str]]) -> int:
+    """Lanes of the widest float vectors the loop computes with (1: scalar code)."""
+    packed = any(op.endswith(("ps", "pd")) for _, op, _ in body)
+    best = max((LANES[r] for _, _, a in body for r in LANES if f"%{r}" in a), default=1)
+    return best if packed else 1
+
+
+def main_loop(code: List[Tuple[int, str, str]]) -> Optional[List[Tuple[int, str, str]]]:
+    """The vector body: of the innermost loops, the longest among those with the widest vectors
+    (the others are remainder loops)."""
+    candidates = loops(code)
+    return max(candidates, key=lambda b: (width(b), len(b)), default=None)
 
 
 def elements_per_iteration(body: List[Tuple[int, str, str]]) -> int:
-    """Elements one pass of the loop handles: from its index step (add $0x40 = 16 floats)."""
+    """Elements one pass of the loop handles, from the growth of a register it addresses memory
+    with: an index scaled by 4 (x(%rax,%rdx,4)) grows by elements, a base pointer ((%rax)) or an
+    unscaled index by bytes. Counters used for nothing else are ignored."""
+    text = " ".join(a for _, op, a in body if op != "lea")  # lea computes, it does not access
+    scaled = set(re.findall(r",(%r\w+),4\)", text))
+    bytewise = set(re.findall(r"\((%r\w+)[,)]", text)) | set(re.findall(r",(%r\w+),1\)", text))
     for _, op, args in body:
-        m = re.match(r"\$0x([0-9a-f]+),%r", args)
-        if op == "add" and m and int(m.group(1), 16) % 4 == 0:
-            return int(m.group(1), 16) // 4
-    width = max((LANES[r] for _, _, a in body for r in LANES if f"%{r}" in a), default=1)
-    return width
+        m = re.match(r"\$0x([0-9a-f]+),(%r\w+)$", args) if op in ("add", "sub") else \
+            re.match(r"0x([0-9a-f]+)\((%r\w+)\),(%r\w+)$", args) if op == "lea" else None
+        if not m or (op == "lea" and m.group(2) != m.group(3)):
+            continue
+        step, reg = int(m.group(1), 16), m.group(2)
+        if op == "sub":  # sub $-128,%rax is add $128,%rax
+            step = (1 << 64) - step if step >= 1 << 63 else -step
+        if reg in scaled:
+            return step
+        if reg in bytewise and step % 4 == 0:
+            return step // 4
+    return width(body)
 
 
 def report(build_dir: str) -> None:
@@ -98,6 +116,7 @@ def report(build_dir: str) -> None:
         funcs = functions(objs[0])
         print(f"\n{isa}: instructions per element in the main loop (divisions, square roots)")
         for name, symbol in KERNELS.items():
+            symbol = symbol.format(isa=isa)
             code = next((c for f, c in funcs.items() if symbol in f), None)
             body = main_loop(code) if code else None
             if not body:

@@ -301,7 +301,7 @@ inline void prefetch_ahead(const float* x, size_t i) {
 }
 
 template <class Term>
-double lane_sum(const float* OK_RESTRICT x, size_t n, Term term) {
+OK_LOOP double lane_sum(const float* OK_RESTRICT x, size_t n, Term term) {
   double acc[LANES] = {};
   size_t i = 0;
   for (; i + LANES <= n; i += LANES) {

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = [parse_size(s) for s in args.sizes]
     cases = [CASES[k] for k in args.optimizers]
     studies = set(args.studies)
-    total = (len(sizes) * (len(cases) + 1) if "main" in studies else 0) + \
+    total = (len(sizes) * len(cases) if "main" in studies else 0) + \
         ("small" in studies) + 6 * ("threads" in studies) + ("clip" in studies)
     progress = Progress(total, enabled=not args.quiet)
     info = machine()
