@@ -203,11 +203,12 @@ class CallBuffers {
   std::vector<Range> ranges_;
 };
 
-// Runs f(tensor, begin, end) over the call's elements with the GIL released.
+// Runs f(tensor, begin, end) over the call's elements with the GIL released. weight: the work of
+// one element, in the units of the single-thread threshold (multi_tensor.hpp).
 template <class F>
-void run(const CallBuffers& cb, F&& f) {
+void run(const CallBuffers& cb, std::size_t weight, F&& f) {
   py::gil_scoped_release nogil;
-  for_each_span(cb.sizes(), f);
+  for_each_span(cb.sizes(), weight, f);
 }
 
 // Step counts of this update, one per tensor: an int for all, or a list or tuple of ints >= 1.
@@ -290,7 +291,7 @@ void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers,
   base.has_weight_decay = weight_decay != 0.0;
   base.nesterov = nesterov;
   const KernelTable& k = kernels();
-  run(cb, [&](std::size_t t, std::size_t b, std::size_t e) {
+  run(cb, WEIGHT_STREAMING, [&](std::size_t t, std::size_t b, std::size_t e) {
     SgdStep s = base;
     s.init_buffer = init[t] != 0;
     k.sgd(s, cb.param(t) + b, g[t] + b, at(buf, t, b), e - b);
@@ -318,7 +319,7 @@ void rmsprop_step(py::handle params, py::handle grads, py::handle square_avgs,
   s.grad_scale = static_cast<float>(grad_scale);
   s.has_weight_decay = weight_decay != 0.0;
   const KernelTable& k = kernels();
-  run(cb, [&](std::size_t t, std::size_t b, std::size_t e) {
+  run(cb, WEIGHT_DIVIDES, [&](std::size_t t, std::size_t b, std::size_t e) {
     k.rmsprop(s, cb.param(t) + b, g[t] + b, sq[t] + b, at(buf, t, b), at(gavg, t, b), e - b);
   });
 }
@@ -341,7 +342,7 @@ void adagrad_step(py::handle params, py::handle grads, py::handle state_sums, py
     per_tensor[t].clr = static_cast<float>(lr / (1.0 + static_cast<double>(step[t] - 1) * lr_decay));
   }
   const KernelTable& k = kernels();
-  run(cb, [&](std::size_t t, std::size_t b, std::size_t e) {
+  run(cb, WEIGHT_DIVIDES, [&](std::size_t t, std::size_t b, std::size_t e) {
     k.adagrad(per_tensor[t], cb.param(t) + b, g[t] + b, sums[t] + b, e - b);
   });
 }
@@ -363,7 +364,7 @@ void adadelta_step(py::handle params, py::handle grads, py::handle square_avgs,
   s.grad_scale = static_cast<float>(grad_scale);
   s.has_weight_decay = weight_decay != 0.0;
   const KernelTable& k = kernels();
-  run(cb, [&](std::size_t t, std::size_t b, std::size_t e) {
+  run(cb, WEIGHT_DIVIDES, [&](std::size_t t, std::size_t b, std::size_t e) {
     k.adadelta(s, cb.param(t) + b, g[t] + b, sq[t] + b, acc[t] + b, e - b);
   });
 }
@@ -407,7 +408,7 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
         static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, n)));
   }
   const KernelTable& k = kernels();
-  run(cb, [&](std::size_t t, std::size_t b, std::size_t e) {
+  run(cb, WEIGHT_DIVIDES, [&](std::size_t t, std::size_t b, std::size_t e) {
     k.adam(per_tensor[t], cb.param(t) + b, g[t] + b, m[t] + b, v[t] + b, at(vmax, t, b), e - b);
   });
 }
@@ -473,7 +474,8 @@ void scale_grads(py::handle grads, double factor) {
   cb.check_disjoint();  // two views of one buffer would be scaled twice
   const auto c = static_cast<float>(factor);
   const KernelTable& k = kernels();
-  run(cb, [&](std::size_t t, std::size_t b, std::size_t e) { k.scale(cb.param(t) + b, e - b, c); });
+  run(cb, WEIGHT_STREAMING,
+      [&](std::size_t t, std::size_t b, std::size_t e) { k.scale(cb.param(t) + b, e - b, c); });
 }
 
 void clamp_grads(py::handle grads, double lo, double hi) {
@@ -481,7 +483,9 @@ void clamp_grads(py::handle grads, double lo, double hi) {
   cb.check_disjoint();
   const auto l = static_cast<float>(lo), h = static_cast<float>(hi);
   const KernelTable& k = kernels();
-  run(cb, [&](std::size_t t, std::size_t b, std::size_t e) { k.clamp(cb.param(t) + b, e - b, l, h); });
+  run(cb, WEIGHT_STREAMING, [&](std::size_t t, std::size_t b, std::size_t e) {
+    k.clamp(cb.param(t) + b, e - b, l, h);
+  });
 }
 
 // a += s * b over lists of arrays, threaded like the optimizer kernels: the benchmark's yardstick.
@@ -491,7 +495,7 @@ void stream_axpy(py::handle a, py::handle b, double s) {
   cb.check_disjoint();
   const auto f = static_cast<float>(s);
   const KernelTable& k = kernels();
-  run(cb, [&](std::size_t t, std::size_t lo, std::size_t hi) {
+  run(cb, WEIGHT_STREAMING, [&](std::size_t t, std::size_t lo, std::size_t hi) {
     k.axpy(cb.param(t) + lo, bs[t] + lo, f, hi - lo);
   });
 }

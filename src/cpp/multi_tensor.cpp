@@ -10,8 +10,9 @@
 namespace optkern {
 namespace {
 
-// Measured on a 2-core AVX-512 machine (see bench/README.md): below about this many elements a
-// second thread costs more in fork/join than it saves, for the cheapest update (SGD) as well.
+// Measured on the 2-core AVX-512 Xeon of bench/README.md (bench/threshold.py): a second thread
+// starts to pay at about 32K elements of SGD (16K per thread) and 12K of Adam, whose element
+// costs about 4 of SGD's (WEIGHT_DIVIDES). Twice the break-even keeps small calls clear of it.
 constexpr std::size_t DEFAULT_MIN_ELEMENTS_PER_THREAD = 32768;
 
 // Thread ranges start at multiples of this many elements of the concatenation, so that two
@@ -108,10 +109,11 @@ void parallel_for(std::size_t count, std::size_t weight, RangeFn fn, void* ctx) 
   fn(ctx, 0, count);
 }
 
-void for_each_span(const std::size_t* sizes, std::size_t count, SpanFn fn, void* ctx) {
+void for_each_span(const std::size_t* sizes, std::size_t count, std::size_t weight, SpanFn fn,
+                   void* ctx) {
   std::size_t total = 0;
   for (std::size_t t = 0; t < count; ++t) total += sizes[t];
-  const int threads = threads_for(total);
+  const int threads = threads_for(total * weight);
 #if defined(OPTKERN_HAVE_OPENMP)
   if (threads > 1) {
     std::vector<std::size_t> starts(count);

@@ -12,15 +12,21 @@ int num_threads();
 void set_num_threads(int n);  // n >= 1
 bool have_openmp();
 
-// Below this many elements per thread, a call uses fewer threads (one, for small calls): starting
-// a parallel region costs more than it saves there. See DEFAULT_MIN_ELEMENTS_PER_THREAD.
+// Below this much work per thread, a call uses fewer threads (one, for small calls): starting a
+// parallel region costs more than it saves there. Work is counted in elements of the cheapest
+// update (SGD); a rule with a division and a square root per element weighs WEIGHT_DIVIDES.
+// See DEFAULT_MIN_ELEMENTS_PER_THREAD.
 std::size_t min_elements_per_thread();
 void set_min_elements_per_thread(std::size_t n);  // n >= 1; tests use it to split small calls
+
+constexpr std::size_t WEIGHT_STREAMING = 1;  // a few multiply-adds per element: SGD, norms, axpy
+constexpr std::size_t WEIGHT_DIVIDES = 4;    // a sqrt and a division per element: Adam, RMSprop...
 
 // Calls fn(ctx, tensor, begin, end) so that every element [0, sizes[t]) of every tensor is visited
 // exactly once. No parallel region nests inside another; fn must not throw.
 using SpanFn = void (*)(void* ctx, std::size_t tensor, std::size_t begin, std::size_t end);
-void for_each_span(const std::size_t* sizes, std::size_t count, SpanFn fn, void* ctx);
+void for_each_span(const std::size_t* sizes, std::size_t count, std::size_t weight, SpanFn fn,
+                   void* ctx);
 
 // Calls fn(ctx, begin, end) over [0, count), one contiguous range per thread; `weight` is the
 // number of elements one item stands for, against the single-thread threshold.
@@ -35,9 +41,9 @@ void parallel_for(std::size_t count, std::size_t weight, F& f) {
 }
 
 template <class F>
-void for_each_span(const std::vector<std::size_t>& sizes, F& f) {
+void for_each_span(const std::vector<std::size_t>& sizes, std::size_t weight, F& f) {
   for_each_span(
-      sizes.data(), sizes.size(),
+      sizes.data(), sizes.size(), weight,
       [](void* ctx, std::size_t t, std::size_t b, std::size_t e) { (*static_cast<F*>(ctx))(t, b, e); },
       &f);
 }
