@@ -62,6 +62,14 @@ class FlatParams:
             view[...] = a
         return out
 
+    @classmethod
+    def filled(cls, shapes: Sequence[Union[Shape, int]], value: float) -> "FlatParams":
+        """A block of the given shapes with every element (padding too) set to ``value``."""
+        out = cls(shapes)
+        if value != 0:
+            out.flat[...] = value
+        return out
+
     def zeros_like(self) -> "FlatParams":
         """A zeroed block with the same layout (for gradients)."""
         return FlatParams(self.shapes)

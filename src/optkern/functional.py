@@ -20,6 +20,7 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
+from .flat import FlatParams
 
 __all__ = [
     "sgd_",
@@ -149,7 +150,9 @@ def sgd_(
         if len(bufs) != len(params):
             raise ValueError(f"momentum_buffers has {len(bufs)} entries but params has "
                              f"{len(params)}; they must match one to one")
-        filled = [np.empty(p.shape, np.float32) if f else b for p, b, f in zip(params, bufs, fresh)]
+        # New buffers as views of one block: the kernel then streams them as one array.
+        block = iter(FlatParams([p.shape for p, f in zip(params, fresh) if f]))
+        filled = [next(block) if f else b for b, f in zip(bufs, fresh)]
     else:
         filled = bufs
     _core.sgd_step(params, grads, filled, init_buffers=fresh, lr=lr, weight_decay=weight_decay,
