@@ -19,22 +19,14 @@ import numpy as np
 
 import optkern as ok
 
+from .._platform import cpu_model
 from .cases import CASES, Case, torch_available
 
 TARGET_BATCH_SECONDS = 0.02  # each timed batch of steps lasts at least this long
 
 
 def machine() -> Dict[str, object]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "isa": ok.active_isa(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "isa": ok.active_isa(),
             "threads": ok.get_num_threads(), "optkern": ok.__version__,
             "numpy": np.__version__, "torch": torch_available(),
             "python": platform.python_version()}

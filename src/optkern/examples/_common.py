@@ -92,18 +92,20 @@ class Stopwatch:
 def machine() -> str:
     """CPU model and logical core count, for the header of measured tables."""
     import os
-    import platform
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical cores, optkern ISA {ok.active_isa()}"
+    from .._platform import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} logical cores, optkern ISA {ok.active_isa()}"
+
+
+def print_report(out: Any, table: Any, plot: Any, markdown: bool, plot_path: Any) -> int:
+    """The end of every example's main(): its table, then its plot when asked for."""
+    print(table(out, markdown))
+    if plot_path:
+        written = plot(out, plot_path)
+        if written:
+            print(f"plot written to {written}")
+    return 0
 
 
 def as_f32(a: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 
 import optkern as ok
 from optkern.examples._common import (fmt, format_table, machine, new_figure, no_matplotlib_note,
-                                      save_figure)
+                                      print_report, save_figure)
 
 METHODS: Dict[str, Callable[[list, float], ok.Optimizer]] = {
     "SGD": lambda p, lr: ok.SGD(p, lr=lr),
@@ -245,12 +245,7 @@ def main(argv=None) -> int:
            else f"lr={args.lr:g} for every method (Momentum: lr/(1-beta))")
     print(f"# {out['problem'].name}, {steps} steps, {how}; momentum 0.9")
     print(f"# {machine()}")
-    print(table(out, args.markdown))
-    if args.plot:
-        written = plot(out, args.plot)
-        if written:
-            print(f"plot written to {written}")
-    return 0
+    return print_report(out, table, plot, args.markdown, args.plot)
 
 
 if __name__ == "__main__":

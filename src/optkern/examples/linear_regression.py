@@ -24,8 +24,8 @@ import numpy as np
 
 import optkern as ok
 from optkern.data import batches, num_batches
-from optkern.examples._common import (Stopwatch, fmt, format_table, machine, new_figure,
-                                      no_matplotlib_note, save_figure)
+from optkern.examples._common import (fmt, format_table, machine, new_figure, no_matplotlib_note,
+                                      print_report, save_figure, Stopwatch)
 
 #: method name -> batch size (None = full batch)
 METHODS: Dict[str, Optional[int]] = {"BGD": None, "MBGD": 32, "SGD": 1}
@@ -192,12 +192,7 @@ def main(argv=None) -> int:
     print(f"# linear regression: n={args.n}, d={args.d}, noise={args.noise}, lr={args.lr}, "
           f"seed={args.seed}; L* = {out['loss_star']:.6f}")
     print(f"# {machine()}")
-    print(table(out, args.markdown))
-    if args.plot:
-        written = plot(out, args.plot)
-        if written:
-            print(f"plot written to {written}")
-    return 0
+    return print_report(out, table, plot, args.markdown, args.plot)
 
 
 if __name__ == "__main__":

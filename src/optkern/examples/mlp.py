@@ -23,9 +23,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from optkern.data import batches, num_batches
-from optkern.examples._common import (OPTIMIZERS, Stopwatch, describe, fmt, format_table,
-                                      machine, make_optimizer, new_figure, no_matplotlib_note,
-                                      save_figure)
+from optkern.examples._common import (OPTIMIZERS, describe, fmt, format_table, machine,
+                                      make_optimizer, new_figure, no_matplotlib_note, print_report,
+                                      save_figure, Stopwatch)
 from optkern.examples._blas import blas_threads
 from optkern.examples.datasets import make_digits
 
@@ -327,12 +327,7 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     out = run(args.optimizers, n_train=args.n_train, n_test=args.n_test, hidden=args.hidden,
               epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    print(table(out, args.markdown))
-    if args.plot:
-        written = plot(out, args.plot)
-        if written:
-            print(f"plot written to {written}")
-    return 0
+    return print_report(out, table, plot, args.markdown, args.plot)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from optkern.data import batches, num_batches
-from optkern.examples._common import (Stopwatch, fmt, format_table, machine, make_optimizer,
-                                      new_figure, no_matplotlib_note, save_figure)
+from optkern.examples._common import (fmt, format_table, machine, make_optimizer, new_figure,
+                                      no_matplotlib_note, print_report, save_figure, Stopwatch)
 
 DEFAULT_OPTIMIZERS = ("SGD", "Momentum", "Nesterov", "Adagrad", "RMSprop", "Adadelta", "Adam")
 DEFAULT_LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -207,12 +207,7 @@ def main(argv=None) -> int:
     print(f"# {args.epochs} epochs of batch {args.batch_size} for every optimizer; lr chosen on a "
           f"validation set from {', '.join(f'{v:g}' for v in DEFAULT_LR_GRID)}")
     print(f"# {machine()}")
-    print(table(out, args.markdown))
-    if args.plot:
-        written = plot(out, args.plot)
-        if written:
-            print(f"plot written to {written}")
-    return 0
+    return print_report(out, table, plot, args.markdown, args.plot)
 
 
 if __name__ == "__main__":
