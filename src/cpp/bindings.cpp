@@ -263,6 +263,14 @@ std::vector<char> flags_of(py::handle seq, const char* name, const CallBuffers& 
   return out;
 }
 
+GradientPrep gradient_prep(double weight_decay, double grad_scale) {
+  GradientPrep prep{};
+  prep.grad_scale = static_cast<float>(grad_scale);
+  prep.weight_decay = static_cast<float>(weight_decay);
+  prep.has_weight_decay = weight_decay != 0.0;  // in double, as torch decides it
+  return prep;
+}
+
 template <class T>
 T* at(const std::vector<T*>& v, std::size_t t, std::size_t begin) {
   return v.empty() ? nullptr : v[t] + begin;
@@ -284,11 +292,9 @@ void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers,
   cb.check_disjoint();
   SgdStep base{};
   base.lr = static_cast<float>(lr);
-  base.weight_decay = static_cast<float>(weight_decay);
   base.momentum = static_cast<float>(momentum);
   base.dampening_keep = static_cast<float>(1.0 - dampening);
-  base.grad_scale = static_cast<float>(grad_scale);
-  base.has_weight_decay = weight_decay != 0.0;
+  base.grad = gradient_prep(weight_decay, grad_scale);
   base.nesterov = nesterov;
   const KernelTable& k = kernels();
   run(cb, WEIGHT_STREAMING, [&](std::size_t t, std::size_t b, std::size_t e) {
@@ -314,10 +320,8 @@ void rmsprop_step(py::handle params, py::handle grads, py::handle square_avgs,
   s.alpha = static_cast<float>(alpha);
   s.one_minus_alpha = static_cast<float>(1.0 - alpha);
   s.eps = static_cast<float>(eps);
-  s.weight_decay = static_cast<float>(weight_decay);
   s.momentum = static_cast<float>(momentum);
-  s.grad_scale = static_cast<float>(grad_scale);
-  s.has_weight_decay = weight_decay != 0.0;
+  s.grad = gradient_prep(weight_decay, grad_scale);
   const KernelTable& k = kernels();
   run(cb, WEIGHT_DIVIDES, [&](std::size_t t, std::size_t b, std::size_t e) {
     k.rmsprop(s, cb.param(t) + b, g[t] + b, sq[t] + b, at(buf, t, b), at(gavg, t, b), e - b);
@@ -334,9 +338,7 @@ void adagrad_step(py::handle params, py::handle grads, py::handle state_sums, py
   const auto step = step_counts(steps, cb);
   AdagradStep base{};
   base.eps = static_cast<float>(eps);
-  base.weight_decay = static_cast<float>(weight_decay);
-  base.grad_scale = static_cast<float>(grad_scale);
-  base.has_weight_decay = weight_decay != 0.0;
+  base.grad = gradient_prep(weight_decay, grad_scale);
   std::vector<AdagradStep> per_tensor(cb.count(), base);
   for (std::size_t t = 0; t < cb.count(); ++t) {
     per_tensor[t].clr = static_cast<float>(lr / (1.0 + static_cast<double>(step[t] - 1) * lr_decay));
@@ -360,9 +362,7 @@ void adadelta_step(py::handle params, py::handle grads, py::handle square_avgs,
   s.rho = static_cast<float>(rho);
   s.one_minus_rho = static_cast<float>(1.0 - rho);
   s.eps = static_cast<float>(eps);
-  s.weight_decay = static_cast<float>(weight_decay);
-  s.grad_scale = static_cast<float>(grad_scale);
-  s.has_weight_decay = weight_decay != 0.0;
+  s.grad = gradient_prep(weight_decay, grad_scale);
   const KernelTable& k = kernels();
   run(cb, WEIGHT_DIVIDES, [&](std::size_t t, std::size_t b, std::size_t e) {
     k.adadelta(s, cb.param(t) + b, g[t] + b, sq[t] + b, acc[t] + b, e - b);
@@ -389,10 +389,8 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
   base.beta2 = static_cast<float>(beta2);
   base.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   base.eps = static_cast<float>(eps);
-  base.weight_decay = static_cast<float>(weight_decay);
   base.decoupled_decay = static_cast<float>(1.0 - lr * weight_decay);
-  base.grad_scale = static_cast<float>(grad_scale);
-  base.has_weight_decay = weight_decay != 0.0;
+  base.grad = gradient_prep(weight_decay, grad_scale);
   base.amsgrad = !vmax.empty();
   base.decoupled = decoupled;
   std::vector<AdamStep> per_tensor(cb.count(), base);

@@ -13,18 +13,24 @@ namespace optkern {
 
 // Every struct below holds the scalars of one update, already in the float form the kernel uses.
 // They are filled in double by the caller (bias corrections from the step count) and then
-// rounded once. `grad_scale` multiplies the gradient before anything else: -1 for maximize,
-// times the clipping coefficient when clipping is fused into the step. `has_weight_decay` is
-// decided on the double value, as torch decides it: a weight decay of 1e-320 rounds to 0.0f but
-// still adds 0 * p to the gradient, which is NaN where p is infinite.
+// rounded once.
+
+// What every rule first does to the gradient: g = grad_scale * g (-1 for maximize, times the
+// clipping coefficient when clipping is fused into the step), then g += weight_decay * p when
+// has_weight_decay (AdamW decays p itself instead: see AdamStep). has_weight_decay is decided on
+// the double value, as torch decides it: a weight decay of 1e-320 rounds to 0.0f but still adds
+// 0 * p to the gradient, which is NaN where p is infinite.
+struct GradientPrep {
+  float grad_scale;
+  float weight_decay;
+  bool has_weight_decay;
+};
 
 struct SgdStep {
   float lr;
-  float weight_decay;    // L2 term added to the gradient
   float momentum;
   float dampening_keep;  // 1 - dampening
-  float grad_scale;
-  bool has_weight_decay;
+  GradientPrep grad;
   bool nesterov;
   bool init_buffer;  // torch's first step: the buffer becomes the gradient itself
 };
@@ -34,18 +40,14 @@ struct RmspropStep {
   float alpha;
   float one_minus_alpha;
   float eps;
-  float weight_decay;
   float momentum;
-  float grad_scale;
-  bool has_weight_decay;
+  GradientPrep grad;
 };
 
 struct AdagradStep {
   float clr;  // lr / (1 + (step - 1) * lr_decay), per tensor
   float eps;
-  float weight_decay;
-  float grad_scale;
-  bool has_weight_decay;
+  GradientPrep grad;
 };
 
 struct AdadeltaStep {
@@ -53,9 +55,7 @@ struct AdadeltaStep {
   float rho;
   float one_minus_rho;
   float eps;
-  float weight_decay;
-  float grad_scale;
-  bool has_weight_decay;
+  GradientPrep grad;
 };
 
 struct AdamStep {
@@ -66,12 +66,10 @@ struct AdamStep {
   float beta2;
   float one_minus_beta2;
   float eps;
-  float weight_decay;          // L2 (Adam) or decoupled (AdamW)
-  float decoupled_decay;       // 1 - lr * weight_decay, AdamW only
+  float decoupled_decay;       // 1 - lr * weight_decay, AdamW only (grad.weight_decay unused)
   float step_size;             // lr / (1 - beta1^step), per tensor
   float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step), per tensor
-  float grad_scale;
-  bool has_weight_decay;
+  GradientPrep grad;
   bool amsgrad;
   bool decoupled;
 };

@@ -68,6 +68,13 @@ struct Flag {
   static constexpr bool value = B;
 };
 
+// The first thing every rule does to an element's gradient (GradientPrep in kernel_api.hpp).
+template <bool kDecay>
+float prepared_gradient(float g, float p, float grad_scale, float weight_decay) {
+  const float scaled = g * grad_scale;
+  return kDecay ? OK_FMA(weight_decay, p, scaled) : scaled;
+}
+
 // Calls f(Flag<b>{}), so a runtime choice becomes a compile-time one outside the element loop.
 template <class F>
 void with_flag(bool b, F&& f) {
@@ -88,13 +95,12 @@ void with_flag(bool b, F&& f) {
 template <bool kDecay, bool kMomentum, bool kNesterov, bool kInit>
 OK_LOOP void sgd_impl(const SgdStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
               float* OK_RESTRICT buf, size_t n) {
-  const float lr = s.lr, wd = s.weight_decay, mom = s.momentum, keep = s.dampening_keep,
-              gs = s.grad_scale;
+  const float lr = s.lr, mom = s.momentum, keep = s.dampening_keep, gs = s.grad.grad_scale,
+              wd = s.grad.weight_decay;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
-    float gi = g[i] * gs;
-    if (kDecay) gi = OK_FMA(wd, pi, gi);
+    float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
     if (kMomentum) {
       const float bi = kInit ? gi : OK_FMA(mom, buf[i], keep * gi);
       buf[i] = bi;
@@ -105,7 +111,7 @@ OK_LOOP void sgd_impl(const SgdStep& s, float* OK_RESTRICT p, const float* OK_RE
 }
 
 void sgd(const SgdStep& s, float* p, const float* g, float* buf, size_t n) {
-  with_flag(s.has_weight_decay, [&](auto decay) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
     constexpr bool kDecay = decltype(decay)::value;
     if (buf == nullptr) {
       sgd_impl<kDecay, false, false, false>(s, p, g, nullptr, n);
@@ -131,15 +137,14 @@ OK_LOOP void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const floa
                   float* OK_RESTRICT sq, float* OK_RESTRICT buf, float* OK_RESTRICT gavg,
                   size_t n) {
   const float lr = s.lr, alpha = s.alpha, w = s.one_minus_alpha, eps = s.eps,
-              wd = s.weight_decay, mom = s.momentum, gs = s.grad_scale;
+              mom = s.momentum, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
   // grad_avg.lerp_(grad, w) exactly as torch evaluates it (see AdamStep).
   const bool lerp_from_avg = w < 0.5f;
   const float lerp_coeff = lerp_from_avg ? w : w - 1.0f;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
-    float gi = g[i] * gs;
-    if (kDecay) gi = OK_FMA(wd, pi, gi);
+    const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
     // (w * g) * g, in torch's addcmul order: a gradient of 1e20 does not overflow to inf here.
     const float si = OK_FMA(alpha, sq[i], (w * gi) * gi);
     sq[i] = si;
@@ -165,7 +170,7 @@ OK_LOOP void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const floa
 
 void rmsprop(const RmspropStep& s, float* p, const float* g, float* sq, float* buf, float* gavg,
              size_t n) {
-  with_flag(s.has_weight_decay, [&](auto decay) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
     with_flag(gavg != nullptr, [&](auto centered) {
       with_flag(buf != nullptr, [&](auto momentum) {
         rmsprop_impl<decltype(decay)::value, decltype(centered)::value,
@@ -181,12 +186,11 @@ void rmsprop(const RmspropStep& s, float* p, const float* g, float* sq, float* b
 template <bool kDecay>
 OK_LOOP void adagrad_impl(const AdagradStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                   float* OK_RESTRICT sum, size_t n) {
-  const float clr = s.clr, eps = s.eps, wd = s.weight_decay, gs = s.grad_scale;
+  const float clr = s.clr, eps = s.eps, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
-    float gi = g[i] * gs;
-    if (kDecay) gi = OK_FMA(wd, pi, gi);
+    const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
     const float si = OK_FMA(gi, gi, sum[i]);
     sum[i] = si;
     p[i] = pi - (clr * gi) / (OK_SQRT(si) + eps);
@@ -194,7 +198,7 @@ OK_LOOP void adagrad_impl(const AdagradStep& s, float* OK_RESTRICT p, const floa
 }
 
 void adagrad(const AdagradStep& s, float* p, const float* g, float* sum, size_t n) {
-  with_flag(s.has_weight_decay, [&](auto decay) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
     adagrad_impl<decltype(decay)::value>(s, p, g, sum, n);
   });
 }
@@ -208,13 +212,12 @@ void adagrad(const AdagradStep& s, float* p, const float* g, float* sum, size_t 
 template <bool kDecay>
 OK_LOOP void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                    float* OK_RESTRICT sq, float* OK_RESTRICT acc, size_t n) {
-  const float lr = s.lr, rho = s.rho, w = s.one_minus_rho, eps = s.eps, wd = s.weight_decay,
-              gs = s.grad_scale;
+  const float lr = s.lr, rho = s.rho, w = s.one_minus_rho, eps = s.eps, gs = s.grad.grad_scale,
+              wd = s.grad.weight_decay;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
-    float gi = g[i] * gs;
-    if (kDecay) gi = OK_FMA(wd, pi, gi);
+    const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
     const float si = OK_FMA(rho, sq[i], (w * gi) * gi);
     sq[i] = si;
     const float ai = acc[i];
@@ -225,7 +228,7 @@ OK_LOOP void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const fl
 }
 
 void adadelta(const AdadeltaStep& s, float* p, const float* g, float* sq, float* acc, size_t n) {
-  with_flag(s.has_weight_decay, [&](auto decay) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
     adadelta_impl<decltype(decay)::value>(s, p, g, sq, acc, n);
   });
 }
@@ -241,15 +244,15 @@ template <bool kL2, bool kDecoupled, bool kAmsgrad>
 OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                float* OK_RESTRICT m, float* OK_RESTRICT v, float* OK_RESTRICT vmax, size_t n) {
   const float lc = s.lerp_coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
-              wd = s.weight_decay, decay = s.decoupled_decay, step_size = s.step_size,
-              inv_bc2 = s.inv_bias_correction2_sqrt, gs = s.grad_scale;
+              decay = s.decoupled_decay, step_size = s.step_size,
+              inv_bc2 = s.inv_bias_correction2_sqrt, gs = s.grad.grad_scale,
+              wd = s.grad.weight_decay;
   const bool from_avg = s.lerp_from_avg;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
     float pi = p[i];
-    float gi = g[i] * gs;
     if (kDecoupled) pi *= decay;
-    if (kL2) gi = OK_FMA(wd, pi, gi);
+    const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
     const float mi0 = m[i];
     const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
     const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
@@ -268,7 +271,7 @@ OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_
 
 void adam(const AdamStep& s, float* p, const float* g, float* m, float* v, float* vmax,
           size_t n) {
-  const bool decay = s.has_weight_decay;
+  const bool decay = s.grad.has_weight_decay;
   with_flag(decay && !s.decoupled, [&](auto l2) {
     with_flag(decay && s.decoupled, [&](auto decoupled) {
       with_flag(s.amsgrad, [&](auto amsgrad) {
