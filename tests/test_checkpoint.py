@@ -5,7 +5,6 @@ CheckpointError that leaves the optimizer as it was."""
 import hashlib
 import json
 import os
-import zipfile
 
 import numpy as np
 import pytest

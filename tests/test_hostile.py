@@ -228,7 +228,6 @@ def bad_values(key, good):
 def functional_cases():
     """(function, case, mutate(args), error, pattern) for every function and hostile input."""
     for name, (_, lists, kw) in FUNCTIONS.items():
-        written = dict(lists)
         for arg, writes in lists:
             for j in (0, 2):
                 for mname, make, exc, pattern in ENTRY_MUTATIONS:

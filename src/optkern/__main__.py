@@ -44,8 +44,8 @@ def _demo(args: argparse.Namespace) -> int:
     with blas_threads(None if args.blas_threads == 0 else args.blas_threads) as blas:
         print(f"# optkern demo: MLP {tuple(args.hidden)} on {args.n_train} pen-drawn 12x12 digits "
               f"(made in code), {args.epochs} epochs of batch {args.batch_size}, seed {args.seed}")
-        print(f"# same initial weights and batch order for every optimizer; lr from "
-              f"`python -m optkern.examples.mlp --sweep`")
+        print("# same initial weights and batch order for every optimizer; lr from "
+              "`python -m optkern.examples.mlp --sweep`")
         print(f"# {machine()}, {blas}")
         sys.stdout.flush()
         bar = ProgressBar(len(names) * args.epochs) if not args.no_progress else None
