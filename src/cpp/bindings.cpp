@@ -15,6 +15,7 @@
 #include "dispatch.hpp"
 #include "kernel_api.hpp"
 #include "multi_tensor.hpp"
+#include "thread_pool.hpp"
 
 namespace py = pybind11;
 
@@ -509,11 +510,33 @@ void check_grads(py::handle params, py::handle grads, py::handle positions) {
   cb.check_disjoint();
 }
 
+// set_num_threads(n): an int (or NumPy integer), not a bool, from 1 to pool::MAX_THREADS.
+void set_num_threads_checked(py::handle n) {
+  if (PyBool_Check(n.ptr()) || !PyIndex_Check(n.ptr())) {
+    throw py::type_error("set_num_threads: n must be an int, got " + type_name(n));
+  }
+  auto number = py::reinterpret_steal<py::object>(PyNumber_Index(n.ptr()));
+  if (!number) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(number.ptr(), &overflow);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow < 0 || (overflow == 0 && v < 1)) {
+    throw py::value_error("set_num_threads: n must be >= 1, got " + py::str(number).cast<std::string>());
+  }
+  if (overflow > 0 || v > pool::MAX_THREADS) {
+    throw py::value_error("set_num_threads: n must be <= " + std::to_string(pool::MAX_THREADS) +
+                          ", got " + py::str(number).cast<std::string>());
+  }
+  set_num_threads(static_cast<int>(v));
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = OPTKERN_VERSION;
   info["compiler"] = OPTKERN_COMPILER;
-  info["openmp"] = have_openmp();
+  info["openmp"] = have_openmp();  // kept for compatibility: always False now
+  info["threads"] = threading();
+  info["max_threads"] = pool::MAX_THREADS;
   py::dict flags;
   for (const auto& [isa, f] : isa_build_flags()) flags[py::str(isa)] = f;
   info["isa_flags"] = flags;
@@ -536,17 +559,25 @@ PYBIND11_MODULE(_core, m) {
   m.def("available_isas", &available_isas,
         "The instruction sets this build holds and this CPU supports, from the baseline up.");
   m.def("get_num_threads", &num_threads, "Threads a large update uses.");
-  m.def(
-      "set_num_threads",
-      [](int n) {
-        if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
-        set_num_threads(n);
-      },
-      py::arg("n"), "Sets the threads a large update uses (1 or more).");
-  m.def("build_info", &build_info, "Version, compiler, OpenMP and the flags of each ISA build.");
+  m.def("set_num_threads", &set_num_threads_checked, py::arg("n"),
+        "Sets the threads a large update uses: an int from 1 to build_info()['max_threads'].");
+  m.def("build_info", &build_info, "Version, compiler, threading and the flags of each ISA build.");
   m.def("_set_min_elements_per_thread", &set_min_elements_per_thread, py::arg("n"),
         "Testing hook: the smallest share of elements worth a thread of its own.");
   m.def("_min_elements_per_thread", &min_elements_per_thread);
+  m.def("_set_chunk_elements", &set_chunk_elements, py::arg("n"),
+        "Testing hook: elements per chunk of a multi-threaded call (0: chosen by size).");
+  m.def("_fail_thread_creation_after", &pool::fail_thread_creation_after, py::arg("k"),
+        "Testing hook: creating a helper thread fails after k more (k < 0: never).");
+  m.def("_pool_helpers", &pool::helpers, "Testing hook: helper threads this process started.");
+  m.def("_set_spin_us", &pool::set_spin_us, py::arg("us"),
+        "Benchmark hook: how long an idle helper looks for work before it sleeps.");
+  m.def("_spin_us", &pool::spin_us);
+  m.def("_parse_thread_count", [](const std::string& s) { return pool::parse_thread_count(s.c_str()); });
+  m.def("_cpus_from_cpu_max", &pool::cpus_from_cpu_max);
+  m.def("_cpus_from_cfs", &pool::cpus_from_cfs);
+  m.def("_affinity_cpus", &pool::affinity_cpus);
+  m.def("_quota_cpus", &pool::quota_cpus);
 
   m.def("check_params", &check_params, py::arg("params"),
         "Validates params as distinct, writeable, C-contiguous float32 arrays.");

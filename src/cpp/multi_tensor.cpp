@@ -3,9 +3,7 @@
 #include <algorithm>
 #include <atomic>
 
-#if defined(OPTKERN_HAVE_OPENMP)
-#include <omp.h>
-#endif
+#include "thread_pool.hpp"
 
 namespace optkern {
 namespace {
@@ -15,39 +13,38 @@ namespace {
 // costs about 4 of SGD's (WEIGHT_DIVIDES). Twice the break-even keeps small calls clear of it.
 constexpr std::size_t DEFAULT_MIN_ELEMENTS_PER_THREAD = 32768;
 
-// Thread ranges start at multiples of this many elements of the concatenation, so that two
+// Chunk boundaries fall on multiples of this many elements of the concatenation, so that two
 // threads rarely write the same cache line.
-constexpr std::size_t RANGE_ALIGN = 64;
+constexpr std::size_t CHUNK_ALIGN = 64;
+// A chunk holds at least this much work (elements x weight): claiming one costs an atomic
+// compare-and-swap on a shared line, well under 1% of a chunk this size.
+constexpr std::size_t MIN_CHUNK_WORK = 16384;
+// And a call has about this many chunks per thread, so that when one thread is late or is
+// descheduled the others take over its share in pieces of 1/8 or less.
+constexpr std::size_t CHUNKS_PER_THREAD = 8;
 
-int initial_threads() {
-#if defined(OPTKERN_HAVE_OPENMP)
-  return std::max(1, omp_get_max_threads());
-#else
-  return 1;
-#endif
-}
-
-std::atomic<int> g_threads{0};  // 0: not read from OpenMP yet
+std::atomic<int> g_threads{0};  // 0: not read from the environment yet
 std::atomic<std::size_t> g_min_per_thread{DEFAULT_MIN_ELEMENTS_PER_THREAD};
+std::atomic<std::size_t> g_chunk_elements{0};
 
-// Start of thread k's range among `parts`, for k in [0, parts].
-std::size_t range_start(std::size_t total, std::size_t parts, std::size_t k) {
-  if (k >= parts) return total;
-  const auto start = static_cast<std::size_t>(
-      static_cast<unsigned long long>(total) * k / parts);  // total < 2^54, parts < 2^10
-  return start / RANGE_ALIGN * RANGE_ALIGN;
+// Threads worth using for this much work: one below the threshold, never more than asked for.
+int threads_for(std::size_t work) {
+  const std::size_t by_size = work / min_elements_per_thread();
+  return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(num_threads(), by_size)));
 }
 
-void visit_range(const std::size_t* sizes, const std::size_t* starts, std::size_t count,
-                 std::size_t lo, std::size_t hi, SpanFn fn, void* ctx) {
-  // The last tensor starting at or before lo.
-  std::size_t t = static_cast<std::size_t>(std::upper_bound(starts, starts + count, lo) - starts) - 1;
-  while (lo < hi && t < count) {
-    const std::size_t end = std::min(hi, starts[t] + sizes[t]);
-    if (end > lo) fn(ctx, t, lo - starts[t], end - starts[t]);
-    lo = std::max(lo, end);
-    ++t;
+// Items per chunk for `count` items of `weight` elements each, on `threads` threads.
+std::size_t chunk_items(std::size_t count, std::size_t weight, int threads, std::size_t align) {
+  std::size_t items;
+  const std::size_t forced = g_chunk_elements.load(std::memory_order_relaxed);
+  if (forced != 0) {
+    items = std::max<std::size_t>(1, forced);
+  } else {
+    const std::size_t by_balance = count / (static_cast<std::size_t>(threads) * CHUNKS_PER_THREAD);
+    const std::size_t by_cost = (MIN_CHUNK_WORK + weight - 1) / std::max<std::size_t>(1, weight);
+    items = std::max<std::size_t>({by_balance, by_cost, 1});
   }
+  return (items + align - 1) / align * align;
 }
 
 }  // namespace
@@ -55,22 +52,20 @@ void visit_range(const std::size_t* sizes, const std::size_t* starts, std::size_
 int num_threads() {
   int n = g_threads.load(std::memory_order_relaxed);
   if (n == 0) {
-    n = initial_threads();
+    n = pool::enabled() ? pool::default_threads() : 1;
     g_threads.store(n, std::memory_order_relaxed);
   }
   return n;
 }
 
-bool have_openmp() {
-#if defined(OPTKERN_HAVE_OPENMP)
-  return true;
-#else
-  return false;
-#endif
-}
+bool have_openmp() { return false; }
+
+const char* threading() { return pool::enabled() ? "optkern pool" : "none"; }
 
 void set_num_threads(int n) {
-  g_threads.store(have_openmp() ? std::max(1, n) : 1, std::memory_order_relaxed);
+  g_threads.store(pool::enabled() ? std::max(1, std::min(n, pool::MAX_THREADS)) : 1,
+                  std::memory_order_relaxed);
+  pool::retry_thread_creation();
 }
 
 std::size_t min_elements_per_thread() { return g_min_per_thread.load(std::memory_order_relaxed); }
@@ -79,34 +74,25 @@ void set_min_elements_per_thread(std::size_t n) {
   g_min_per_thread.store(std::max<std::size_t>(1, n), std::memory_order_relaxed);
 }
 
-namespace {
-
-// Threads worth using for this many elements: one below the threshold, never more than asked for.
-int threads_for(std::size_t elements) {
-  const std::size_t by_size = elements / min_elements_per_thread();
-  return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(num_threads(), by_size)));
-}
-
-}  // namespace
+void set_chunk_elements(std::size_t n) { g_chunk_elements.store(n, std::memory_order_relaxed); }
 
 void parallel_for(std::size_t count, std::size_t weight, RangeFn fn, void* ctx) {
   if (count == 0) return;
-#if defined(OPTKERN_HAVE_OPENMP)
   const int threads = threads_for(count * weight);
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-      const auto parts = static_cast<std::size_t>(omp_get_num_threads());
-      const auto k = static_cast<std::size_t>(omp_get_thread_num());
-      const std::size_t lo = count * k / parts, hi = count * (k + 1) / parts;
-      if (lo < hi) fn(ctx, lo, hi);
-    }
-    return;
-  }
-#else
-  (void)weight;
-#endif
-  fn(ctx, 0, count);
+  if (threads <= 1) return fn(ctx, 0, count);
+  const std::size_t per = chunk_items(count, weight, threads, 1);
+  struct Job {
+    std::size_t count, per;
+    RangeFn fn;
+    void* ctx;
+  } job{count, per, fn, ctx};
+  pool::run(
+      (count + per - 1) / per, threads,
+      [](void* c, std::size_t i) {
+        const Job& j = *static_cast<const Job*>(c);
+        j.fn(j.ctx, i * j.per, std::min(j.count, (i + 1) * j.per));
+      },
+      &job);
 }
 
 void for_each_span(const std::size_t* sizes, std::size_t count, std::size_t weight, SpanFn fn,
@@ -114,30 +100,41 @@ void for_each_span(const std::size_t* sizes, std::size_t count, std::size_t weig
   std::size_t total = 0;
   for (std::size_t t = 0; t < count; ++t) total += sizes[t];
   const int threads = threads_for(total * weight);
-#if defined(OPTKERN_HAVE_OPENMP)
-  if (threads > 1) {
-    std::vector<std::size_t> starts(count);
-    std::size_t at = 0;
+  if (threads <= 1) {
     for (std::size_t t = 0; t < count; ++t) {
-      starts[t] = at;
-      at += sizes[t];
-    }
-#pragma omp parallel num_threads(threads)
-    {
-      // The team may be smaller than asked for; split among the threads actually running.
-      const auto parts = static_cast<std::size_t>(omp_get_num_threads());
-      const auto k = static_cast<std::size_t>(omp_get_thread_num());
-      visit_range(sizes, starts.data(), count, range_start(total, parts, k),
-                  range_start(total, parts, k + 1), fn, ctx);
+      if (sizes[t] != 0) fn(ctx, t, 0, sizes[t]);
     }
     return;
   }
-#else
-  (void)threads;
-#endif
+  std::vector<std::size_t> starts(count);
+  std::size_t at = 0;
   for (std::size_t t = 0; t < count; ++t) {
-    if (sizes[t] != 0) fn(ctx, t, 0, sizes[t]);
+    starts[t] = at;
+    at += sizes[t];
   }
+  struct Job {
+    const std::size_t* sizes;
+    const std::size_t* starts;
+    std::size_t count, total, per;
+    SpanFn fn;
+    void* ctx;
+  } job{sizes, starts.data(), count, total, chunk_items(total, weight, threads, CHUNK_ALIGN), fn, ctx};
+  pool::run(
+      (total + job.per - 1) / job.per, threads,
+      [](void* c, std::size_t i) {
+        const Job& j = *static_cast<const Job*>(c);
+        std::size_t lo = i * j.per;
+        const std::size_t hi = std::min(j.total, lo + j.per);
+        // The last tensor starting at or before lo, then every tensor the chunk reaches into.
+        std::size_t t =
+            static_cast<std::size_t>(std::upper_bound(j.starts, j.starts + j.count, lo) - j.starts) - 1;
+        for (; lo < hi && t < j.count; ++t) {
+          const std::size_t end = std::min(hi, j.starts[t] + j.sizes[t]);
+          if (end > lo) j.fn(j.ctx, t, lo - j.starts[t], end - j.starts[t]);
+          lo = std::max(lo, end);
+        }
+      },
+      &job);
 }
 
 }  // namespace optkern

@@ -1,5 +1,6 @@
 // The multi-tensor driver: one call visits every element of a whole list of buffers (a param
-// group), split across threads once, one contiguous range of the concatenated buffers per thread.
+// group). A large call is cut into chunks of the concatenated buffers (64-element aligned), which
+// the calling thread and the helpers of optkern's pool (thread_pool.hpp) claim one at a time.
 #pragma once
 
 #include <cstddef>
@@ -7,10 +8,12 @@
 
 namespace optkern {
 
-// Threads a large call uses. Starts at OpenMP's default (OMP_NUM_THREADS, else the cores).
+// Threads a large call uses. Starts at pool::default_threads() (OPTKERN_NUM_THREADS or
+// OMP_NUM_THREADS, else the CPUs this process may use).
 int num_threads();
-void set_num_threads(int n);  // n >= 1
-bool have_openmp();
+void set_num_threads(int n);  // 1 <= n <= pool::MAX_THREADS (the bindings check)
+bool have_openmp();           // false: optkern no longer uses an OpenMP runtime
+const char* threading();      // "optkern pool", or "none" in a single-threaded build
 
 // Below this much work per thread, a call uses fewer threads (one, for small calls): starting a
 // parallel region costs more than it saves there. Work is counted in elements of the cheapest
@@ -18,6 +21,10 @@ bool have_openmp();
 // See DEFAULT_MIN_ELEMENTS_PER_THREAD.
 std::size_t min_elements_per_thread();
 void set_min_elements_per_thread(std::size_t n);  // n >= 1; tests use it to split small calls
+
+// Testing hook: every chunk of a multi-threaded call holds this many elements (0: chosen by size,
+// see chunk_elements in multi_tensor.cpp). Results never depend on it.
+void set_chunk_elements(std::size_t n);
 
 constexpr std::size_t WEIGHT_STREAMING = 1;  // a few multiply-adds per element: SGD, norms, axpy
 constexpr std::size_t WEIGHT_DIVIDES = 4;    // a sqrt and a division per element: Adam, RMSprop...
@@ -28,7 +35,7 @@ using SpanFn = void (*)(void* ctx, std::size_t tensor, std::size_t begin, std::s
 void for_each_span(const std::size_t* sizes, std::size_t count, std::size_t weight, SpanFn fn,
                    void* ctx);
 
-// Calls fn(ctx, begin, end) over [0, count), one contiguous range per thread; `weight` is the
+// Calls fn(ctx, begin, end) over [0, count), in contiguous ranges (chunks); `weight` is the
 // number of elements one item stands for, against the single-thread threshold.
 using RangeFn = void (*)(void* ctx, std::size_t begin, std::size_t end);
 void parallel_for(std::size_t count, std::size_t weight, RangeFn fn, void* ctx);

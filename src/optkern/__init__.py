@@ -1,4 +1,4 @@
-"""optkern: fused SIMD + OpenMP optimizer updates, applied in place to float32 NumPy arrays.
+"""optkern: fused SIMD + multi-threaded optimizer updates, applied in place to float32 NumPy arrays.
 
     import numpy as np, optkern as ok
     W = np.zeros((784, 10), np.float32); b = np.zeros(10, np.float32)
@@ -51,7 +51,7 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """Version, compiler, OpenMP, the flags of each kernel build, and the active ISA."""
+    """Version, compiler, threading, the flags of each kernel build, and the active ISA."""
     info = dict(_core.build_info())
     info["active_isa"] = _core.active_isa()
     info["available_isas"] = _core.available_isas()

@@ -18,7 +18,7 @@ def _info(_: argparse.Namespace) -> int:
     print(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
     print(f"active ISA: {info['active_isa']}")
     print(f"available ISAs: {', '.join(info['available_isas'])}")
-    print(f"threads: {info['num_threads']} (OpenMP {'on' if info['openmp'] else 'off'}; "
+    print(f"threads: {info['num_threads']} ({info.get('threads', 'none')}; "
           f"one thread below {info['min_elements_per_thread']} elements per thread)")
     print(f"compiler: {info['compiler']}")
     print("kernel builds:")

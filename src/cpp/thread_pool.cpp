@@ -1,0 +1,415 @@
+#include "thread_pool.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <fstream>
+#include <mutex>
+#include <new>
+#include <sstream>
+#include <thread>
+
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
+#include <immintrin.h>
+#define OPTKERN_PAUSE() _mm_pause()
+#elif defined(__aarch64__) || defined(__arm__)
+#define OPTKERN_PAUSE() __asm__ __volatile__("yield")
+#else
+#define OPTKERN_PAUSE() ((void)0)
+#endif
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#include <signal.h>
+#define OPTKERN_POSIX 1
+#endif
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+namespace optkern {
+namespace pool {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// How long the calling thread checks for its helpers' last chunks before it sleeps. Helpers
+// that hold a claimed chunk are running (or were just descheduled): most finish within a chunk's
+// time, a few microseconds; past this, sleeping gives a descheduled helper the core back.
+constexpr auto CALLER_SPIN = std::chrono::microseconds(50);
+
+std::atomic<int> g_spin_us{0};
+std::atomic<long> g_fail_after{-1};
+
+// Checks `done()` with a pause between checks for up to `limit`; true when it became true.
+template <class Done>
+bool spin_until(Done&& done, Clock::duration limit) {
+  if (done()) return true;
+  if (limit <= Clock::duration::zero()) return false;
+  const auto deadline = Clock::now() + limit;
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      OPTKERN_PAUSE();
+      if (done()) return true;
+    }
+    if (Clock::now() >= deadline) return false;
+  }
+}
+
+// One call's shared state, and the helpers that serve it. A call owns the pool for its duration
+// (g_owner); helpers find its chunks through `claim`, which carries the call's generation in its
+// high half, so a helper that wakes for an older call can never take a chunk of a newer one.
+struct Pool {
+  std::mutex wake_m;
+  std::condition_variable wake_cv;
+  std::atomic<std::uint32_t> gen{0};  // bumped (under wake_m) when a call publishes its chunks
+
+  // The current call, written by its owner before it publishes the generation.
+  ChunkFn fn = nullptr;
+  void* ctx = nullptr;
+  std::size_t chunks = 0;
+  // (generation << 32) | chunks not yet claimed. A chunk's index is chunks - remaining.
+  std::atomic<std::uint64_t> claim{0};
+  // (generation << 32) | helpers that joined; a call wants at most `wanted` of them.
+  std::atomic<std::uint64_t> join{0};
+  std::atomic<std::uint32_t> wanted{0};
+  std::atomic<std::size_t> done{0};  // chunks finished
+  std::mutex done_m;
+  std::condition_variable done_cv;
+
+  int helpers = 0;           // created (by owners only)
+  bool refused = false;      // the system refused a thread: do not ask again (until a fork)
+  std::atomic<int> alive{0};  // helpers running helper_main
+};
+
+thread_local bool t_in_pool = false;  // a helper, or a caller inside run(): no nesting
+
+// The pool of this process: created lazily, replaced (never freed) in a forked child, whose copy
+// of the parent's pool has no threads behind it.
+Pool* g_pool = nullptr;
+// Held by the thread whose call is running on the pool, and by fork's prepare handler.
+std::mutex g_owner;
+
+// Claims and runs chunks of generation g until none is left.
+void work(Pool* p, std::uint32_t g) {
+  for (;;) {
+    std::uint64_t c = p->claim.load(std::memory_order_acquire);
+    do {
+      if (static_cast<std::uint32_t>(c >> 32) != g || static_cast<std::uint32_t>(c) == 0) return;
+    } while (!p->claim.compare_exchange_weak(c, c - 1, std::memory_order_acq_rel,
+                                             std::memory_order_acquire));
+    // The call cannot end before this chunk is counted done, so its fields are still its own.
+    const std::size_t n = p->chunks;
+    p->fn(p->ctx, n - static_cast<std::uint32_t>(c));
+    if (p->done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+      std::lock_guard<std::mutex> lock(p->done_m);  // the caller may be asleep waiting for it
+      p->done_cv.notify_one();
+    }
+  }
+}
+
+// Joins generation g if the call still wants a helper.
+bool join(Pool* p, std::uint32_t g) {
+  std::uint64_t j = p->join.load(std::memory_order_acquire);
+  do {
+    if (static_cast<std::uint32_t>(j >> 32) != g) return false;
+    if (static_cast<std::uint32_t>(j) >= p->wanted.load(std::memory_order_relaxed)) return false;
+  } while (!p->join.compare_exchange_weak(j, j + 1, std::memory_order_acq_rel,
+                                          std::memory_order_acquire));
+  return true;
+}
+
+void helper_main(Pool* p, std::uint32_t seen) {
+  t_in_pool = true;
+  p->alive.fetch_add(1, std::memory_order_relaxed);
+  for (;;) {
+    std::uint32_t g = seen;
+    auto fresh = [&] { return (g = p->gen.load(std::memory_order_acquire)) != seen; };
+    const int spin = g_spin_us.load(std::memory_order_relaxed);
+    if (!spin_until(fresh, std::chrono::microseconds(spin))) {
+      std::unique_lock<std::mutex> lock(p->wake_m);
+      p->wake_cv.wait(lock, fresh);
+    }
+    seen = g;
+    if (join(p, g)) work(p, g);
+  }
+}
+
+// Starts one helper; false when the system (or the testing hook) refuses.
+bool start_helper(Pool* p) {
+  long fail = g_fail_after.load(std::memory_order_relaxed);
+  while (fail >= 0) {
+    if (fail == 0) return false;
+    if (g_fail_after.compare_exchange_weak(fail, fail - 1)) break;
+  }
+#if defined(OPTKERN_POSIX)
+  // Helpers block every signal, so that signals reach the threads that expect them (Python
+  // handles signals on its main thread; this only keeps the kernel from picking a helper).
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+#endif
+  bool ok = true;
+  try {
+    std::thread(helper_main, p, p->gen.load(std::memory_order_relaxed)).detach();
+  } catch (const std::exception&) {  // std::system_error (EAGAIN), std::bad_alloc
+    ok = false;
+  }
+#if defined(OPTKERN_POSIX)
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+#endif
+  return ok;
+}
+
+#if defined(OPTKERN_POSIX)
+// fork: the prepare handler waits for a call in flight (it takes g_owner), so the child never
+// inherits half a call. The child's copy of the pool has no threads: it starts a new one when
+// a call first needs helpers. The old one is left allocated (its mutexes may be copies of held
+// ones), a few hundred bytes per fork.
+void before_fork() { g_owner.lock(); }
+void after_fork_parent() { g_owner.unlock(); }
+void after_fork_child() {
+  g_pool = nullptr;
+  g_owner.unlock();
+}
+#endif
+
+Pool* pool() {
+  if (g_pool == nullptr) {
+#if defined(OPTKERN_POSIX)
+    static const bool registered = [] {
+      pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+      return true;
+    }();
+    (void)registered;
+#endif
+    g_pool = new Pool;
+  }
+  return g_pool;
+}
+
+void run_serial(std::size_t chunks, ChunkFn fn, void* ctx) {
+  for (std::size_t i = 0; i < chunks; ++i) fn(ctx, i);
+}
+
+}  // namespace
+
+bool enabled() {
+#if defined(OPTKERN_HAVE_THREADS)
+  return true;
+#else
+  return false;
+#endif
+}
+
+void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
+#if defined(OPTKERN_HAVE_THREADS)
+  if (chunks <= 1 || threads <= 1 || t_in_pool || chunks >= (std::size_t{1} << 32)) {
+    return run_serial(chunks, fn, ctx);
+  }
+  std::unique_lock<std::mutex> owner(g_owner, std::try_to_lock);
+  if (!owner.owns_lock()) return run_serial(chunks, fn, ctx);  // busy: run on this thread
+  Pool* p = pool();
+  const int want = static_cast<int>(std::min<std::size_t>(chunks - 1, threads - 1));
+  while (p->helpers < want && !p->refused) {
+    if (start_helper(p)) {
+      ++p->helpers;
+    } else {
+      p->refused = true;
+    }
+  }
+  const int helpers = std::min(want, p->helpers);
+  if (helpers == 0) return run_serial(chunks, fn, ctx);
+
+  t_in_pool = true;
+  p->fn = fn;
+  p->ctx = ctx;
+  p->chunks = chunks;
+  p->wanted.store(static_cast<std::uint32_t>(helpers), std::memory_order_relaxed);
+  p->done.store(0, std::memory_order_relaxed);
+  const std::uint32_t g = p->gen.load(std::memory_order_relaxed) + 1;
+  p->join.store(std::uint64_t{g} << 32, std::memory_order_relaxed);
+  p->claim.store((std::uint64_t{g} << 32) | chunks, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(p->wake_m);
+    p->gen.store(g, std::memory_order_release);
+  }
+  if (helpers >= p->helpers) {
+    p->wake_cv.notify_all();
+  } else {
+    for (int i = 0; i < helpers; ++i) p->wake_cv.notify_one();
+  }
+  work(p, g);  // the calling thread starts at once and takes whatever no helper has claimed
+  auto finished = [&] { return p->done.load(std::memory_order_acquire) == chunks; };
+  if (!spin_until(finished, CALLER_SPIN)) {
+    std::unique_lock<std::mutex> lock(p->done_m);
+    p->done_cv.wait(lock, finished);
+  }
+  t_in_pool = false;
+#else
+  (void)threads;
+  run_serial(chunks, fn, ctx);
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// The default thread count
+
+int parse_thread_count(const char* text) {
+  if (text == nullptr) return 0;
+  while (*text == ' ' || *text == '\t') ++text;
+  long long v = 0;
+  const char* s = text;
+  while (*s >= '0' && *s <= '9') {
+    v = v * 10 + (*s - '0');
+    if (v > MAX_THREADS) return 0;
+    ++s;
+  }
+  if (s == text) return 0;
+  while (*s == ' ' || *s == '\t') ++s;
+  // OMP_NUM_THREADS may list one count per nesting level ("4,2"): the first is ours.
+  if (*s != '\0' && *s != ',') return 0;
+  return v >= 1 ? static_cast<int>(v) : 0;
+}
+
+int cpus_from_cfs(long long quota, long long period) {
+  if (quota <= 0 || period <= 0) return 0;  // -1: no quota
+  const long long cpus = (quota + period - 1) / period;
+  return static_cast<int>(std::min<long long>(std::max<long long>(cpus, 1), MAX_THREADS));
+}
+
+int cpus_from_cpu_max(const std::string& text) {
+  std::istringstream in(text);
+  std::string quota;
+  long long period = 100000;
+  if (!(in >> quota) || quota == "max") return 0;
+  if (!(in >> period)) period = 100000;  // the kernel always writes both; the period defaults so
+  char* end = nullptr;
+  const long long q = std::strtoll(quota.c_str(), &end, 10);
+  if (end == quota.c_str() || *end != '\0') return 0;
+  return cpus_from_cfs(q, period);
+}
+
+int affinity_cpus() {
+#if defined(__linux__) && defined(CPU_ALLOC)
+  for (int n = 1024; n <= (1 << 20); n *= 2) {
+    cpu_set_t* set = CPU_ALLOC(n);
+    if (set == nullptr) return 0;
+    const std::size_t size = CPU_ALLOC_SIZE(n);
+    CPU_ZERO_S(size, set);
+    if (sched_getaffinity(0, size, set) == 0) {
+      const int count = CPU_COUNT_S(size, set);
+      CPU_FREE(set);
+      return count;
+    }
+    CPU_FREE(set);
+    if (errno != EINVAL) return 0;  // EINVAL: the mask is wider than n CPUs
+  }
+  return 0;
+#else
+  return static_cast<int>(std::thread::hardware_concurrency());
+#endif
+}
+
+namespace {
+
+bool read_file(const std::string& path, std::string& out) {
+  std::ifstream f(path);
+  if (!f) return false;
+  std::ostringstream s;
+  s << f.rdbuf();
+  out = s.str();
+  return true;
+}
+
+// The smallest quota among the cgroup `dir` (a path below `root`) and its ancestors; 0 for none.
+template <class Read>
+int smallest_quota(const std::string& root, std::string dir, Read&& read) {
+  int best = 0;
+  for (;;) {
+    const int q = read(root + dir);
+    if (q > 0 && (best == 0 || q < best)) best = q;
+    if (dir.empty() || dir == "/") break;
+    const auto slash = dir.find_last_of('/');
+    dir = slash == std::string::npos ? std::string() : dir.substr(0, slash);
+  }
+  return best;
+}
+
+}  // namespace
+
+int quota_cpus() {
+#if defined(__linux__)
+  std::string cgroups;
+  if (!read_file("/proc/self/cgroup", cgroups)) return 0;
+  std::istringstream lines(cgroups);
+  std::string line;
+  int best = 0;
+  auto take = [&](int q) {
+    if (q > 0 && (best == 0 || q < best)) best = q;
+  };
+  while (std::getline(lines, line)) {
+    // "hierarchy-id:controllers:path"; cgroup v2 is "0::path".
+    const auto a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+    if (controllers.empty()) {
+      take(smallest_quota("/sys/fs/cgroup", path, [](const std::string& d) {
+        std::string text;
+        return read_file(d + "/cpu.max", text) ? cpus_from_cpu_max(text) : 0;
+      }));
+    } else if (("," + controllers + ",").find(",cpu,") != std::string::npos) {
+      for (const char* root : {"/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"}) {
+        take(smallest_quota(root, path, [](const std::string& d) {
+          std::string q, p;
+          if (!read_file(d + "/cpu.cfs_quota_us", q) || !read_file(d + "/cpu.cfs_period_us", p)) {
+            return 0;
+          }
+          return cpus_from_cfs(std::atoll(q.c_str()), std::atoll(p.c_str()));
+        }));
+      }
+    }
+  }
+  return best;
+#else
+  return 0;
+#endif
+}
+
+int default_threads() {
+  for (const char* name : {"OPTKERN_NUM_THREADS", "OMP_NUM_THREADS"}) {
+    const int n = parse_thread_count(std::getenv(name));
+    if (n > 0) return n;
+  }
+  int n = affinity_cpus();
+  const int quota = quota_cpus();
+  if (quota > 0 && (n <= 0 || quota < n)) n = quota;
+  return std::max(1, std::min(n, MAX_THREADS));
+}
+
+void retry_thread_creation() {
+  std::lock_guard<std::mutex> owner(g_owner);
+  if (g_pool != nullptr) g_pool->refused = false;
+}
+
+void fail_thread_creation_after(long k) {
+  g_fail_after.store(k < 0 ? -1 : k, std::memory_order_relaxed);
+  retry_thread_creation();  // the next call tries again, and succeeds or fails as asked
+}
+
+int helpers() {
+  std::lock_guard<std::mutex> owner(g_owner);
+  return g_pool == nullptr ? 0 : g_pool->helpers;
+}
+
+void set_spin_us(int us) { g_spin_us.store(std::max(0, std::min(us, 100000)), std::memory_order_relaxed); }
+int spin_us() { return g_spin_us.load(std::memory_order_relaxed); }
+
+}  // namespace pool
+}  // namespace optkern

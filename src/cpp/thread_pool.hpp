@@ -1,0 +1,56 @@
+// optkern's own thread pool: the helpers that run the chunks of a large call beside the calling
+// thread. No OpenMP runtime: the helpers sleep when idle (they do not spin into the user's next
+// matmul), the calling thread starts work at once, and chunks are claimed one at a time, so a
+// helper that wakes late or is descheduled never holds a call back. docs/threading.md has the
+// measurements behind each choice.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace optkern {
+namespace pool {
+
+// The most threads a call may use (set_num_threads refuses more; larger environment values are
+// ignored). glibc's fixed cpu_set_t holds 1024 CPUs; a memory-bound update stops gaining long
+// before that, and the bound keeps a typo from starting millions of threads.
+constexpr int MAX_THREADS = 1024;
+
+// True when this build has the pool (CMake option OPTKERN_THREADS, on by default).
+bool enabled();
+
+// Calls fn(ctx, i) once for every i in [0, chunks): on the calling thread and on up to
+// `threads - 1` helpers, and returns when every chunk has run. fn must not throw. The calling
+// thread runs chunks itself from the start; helpers take the chunks still unclaimed when they
+// wake. Runs everything on the calling thread when threads <= 1, when the pool is already
+// running another call (a second Python thread stepping at the same time), when called from a
+// helper (no nesting), or when no helper thread could be created.
+using ChunkFn = void (*)(void* ctx, std::size_t chunk);
+void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx);
+
+// The default thread count: OPTKERN_NUM_THREADS, else the first entry of OMP_NUM_THREADS, when
+// it is an integer in [1, MAX_THREADS]; otherwise the CPUs this process may use (its affinity
+// mask and its cgroup CPU quota, the smaller), at most MAX_THREADS.
+int default_threads();
+
+// Pieces of default_threads, exposed for tests.
+int parse_thread_count(const char* text);    // 0 unless an integer in [1, MAX_THREADS]
+int cpus_from_cpu_max(const std::string& text);  // cgroup v2 "quota period": ceil, 0 for "max"
+int cpus_from_cfs(long long quota, long long period);  // cgroup v1; 0 for no quota
+int affinity_cpus();                          // 0 when unknown
+int quota_cpus();                             // 0 when there is no quota
+
+// After the system refused a thread, calls use the helpers they have and do not ask again until
+// this is called (set_num_threads calls it).
+void retry_thread_creation();
+
+// Testing hooks. After k more helper threads are created, creating one fails as if the system
+// refused it (k < 0: never). helpers() counts the helpers alive in this process.
+void fail_thread_creation_after(long k);
+int helpers();
+// How long (microseconds) an idle helper checks for new work before it sleeps.
+void set_spin_us(int us);
+int spin_us();
+
+}  // namespace pool
+}  // namespace optkern
