@@ -76,7 +76,7 @@ def test_steps_chosen_when_not_given(tmp_path):
                  "--rounds", "1", "--loop-conditions", "quiet", "--quiet",
                  "--json", str(out)]) == 0
     row = json.loads(out.read_text())["loops"]["conditions"][0]["rows"][0]
-    assert 5 <= row["steps"] <= 200
+    assert 2 <= row["steps"] <= 200
 
 
 def test_busy_neighbour_killed_on_interrupt():

@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
                    help="MLP layer sizes for the loops study (default: %(default)s)")
     p.add_argument("--loop-steps", type=int, default=None, metavar="N",
                    help="timed training steps per loop and round (default: about "
-                   f"{_loops.TARGET_SEGMENT_SECONDS * 1e3:.0f} ms of the NumPy loop, 5..200)")
+                   f"{_loops.TARGET_SEGMENT_SECONDS * 1e3:.0f} ms of the NumPy loop, 2..200)")
     p.add_argument("--rounds", type=int, default=_loops.DEFAULT_ROUNDS,
                    help="interleaved rounds of the loops study (median kept; default "
                    "%(default)s)")

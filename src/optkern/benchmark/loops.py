@@ -217,7 +217,7 @@ def measure(case, dims: Sequence[int], rounds: int, steps: Optional[int],
 
     if steps is None:  # from the NumPy loop's pace, warm
         seg = run_segment("numpy", 3)
-        steps = max(5, min(200, math.ceil(TARGET_SEGMENT_SECONDS / max(seg["wall"], 1e-6))))
+        steps = max(2, min(200, math.ceil(TARGET_SEGMENT_SECONDS / max(seg["wall"], 1e-6))))
 
     raw: Dict[str, Dict[str, List]] = {name: {"wall": [], "fwd_bwd": [], "update": []}
                                        for name in LOOPS}
