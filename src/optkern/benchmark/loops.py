@@ -63,6 +63,8 @@ def n_params(dims: Sequence[int]) -> int:
 
 
 def _short(n: int) -> str:
+    if n < 1000:
+        return str(n)
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}K"
 
 
@@ -453,6 +455,14 @@ def table(result: Dict[str, object]) -> str:
                 f"{r['update_alone'] * 1e3:9.3f}{r['update_ratio']:7.1f} | "
                 f"{r['fwd_bwd_no_update'] * 1e3:9.3f}{r['fwd_bwd_optkern'] * 1e3:9.3f}"
                 f"{r['fwd_bwd_ratio']:6.2f}" + ("" if r["finite"] else "  (non-finite!)"))
+    for c in result["conditions"]:
+        if not c.get("skipped"):
+            blas = [f"{d.get('internal_api')} {d.get('num_threads')} threads"
+                    for d in (c.get("blas") or []) if d.get("user_api") == "blas"]
+            lines.append(f"{c['condition']}: optkern {c['optkern_threads']} threads"
+                         + (f"; BLAS {', '.join(blas)}" if blas else "")
+                         + (f"; {c['note']}" if c.get("note") else "")
+                         + ("; one other process spinning" if c["condition"] == "busy" else ""))
     return "\n".join(lines)
 
 
