@@ -236,6 +236,45 @@ def test_demo_prints_a_table_and_a_progress_bar(capsys):
     assert "[" in captured.err and "100%" in captured.err
 
 
+def _blas_counts():
+    from threadpoolctl import threadpool_info
+    return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+
+def test_demo_leaves_blas_threads_as_a_users_loop_has_them(monkeypatch, capsys):
+    """By default the demo trains with the BLAS library's own thread count (what the user's
+    loop gets), and says so; --blas-threads N sets N for the run only."""
+    seen = []
+    real_run = mlp.run
+
+    def spy(*a, **kw):
+        try:
+            seen.append(_blas_counts())
+        except ImportError:
+            seen.append(None)
+        return real_run(*a, **kw)
+
+    monkeypatch.setattr(mlp, "run", spy)
+    try:
+        before = _blas_counts()
+    except ImportError:
+        before = None
+    assert cli(DEMO_SMALL + ["--optimizers", "SGD", "--no-plot", "--no-progress"]) == 0
+    assert "BLAS threads: library default" in capsys.readouterr().out
+    assert seen[-1] == before
+    assert cli(DEMO_SMALL + ["--optimizers", "SGD", "--no-plot", "--no-progress",
+                             "--blas-threads", "1"]) == 0
+    out = capsys.readouterr().out
+    if "library default" not in out:  # threadpoolctl or OpenBLAS found: it was set
+        assert "BLAS threads: 1 (" in out
+        if before is not None:
+            assert set(seen[-1]) == {1}
+    if before is not None:
+        assert _blas_counts() == before  # restored after the run
+    with pytest.raises(SystemExit):
+        cli(DEMO_SMALL + ["--blas-threads", "-1"])
+
+
 def test_demo_writes_a_png(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "curves.png"

@@ -39,9 +39,11 @@ def _demo(args: argparse.Namespace) -> int:
     from .examples._blas import blas_threads
     from .examples._common import machine
 
+    if args.blas_threads is not None and args.blas_threads < 0:
+        raise SystemExit("--blas-threads must be >= 0")
     names = args.optimizers
     wall = time.perf_counter()
-    with blas_threads(None if args.blas_threads == 0 else args.blas_threads) as blas:
+    with blas_threads(args.blas_threads or None) as blas:
         print(f"# optkern demo: MLP {tuple(args.hidden)} on {args.n_train} pen-drawn 12x12 digits "
               f"(made in code), {args.epochs} epochs of batch {args.batch_size}, seed {args.seed}")
         print("# same initial weights and batch order for every optimizer; lr from "
@@ -100,9 +102,9 @@ def _demo_parser(sub) -> None:
                    help=f"PNG of the loss curves (default ./{DEFAULT_PLOT}; needs matplotlib)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--blas-threads", type=int, default=1,
-                   help="BLAS threads for the matrix products (default 1: faster for matrices "
-                   "this small; 0 leaves the library default)")
+    p.add_argument("--blas-threads", type=int, default=None, metavar="N",
+                   help="BLAS threads for the matrix products (default: the library's own "
+                   "setting, as in your training loop; 0 also means that)")
     p.set_defaults(run=_demo)
 
 

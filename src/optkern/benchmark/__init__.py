@@ -1,6 +1,8 @@
 """``python -m optkern bench``: optkern's step against the best NumPy code and torch's fastest
 CPU optimizers, as a fraction of the machine's streaming bandwidth measured in the same run.
-See bench/README.md for the measured results and what limits each case."""
+Then the benchmark of record: a NumPy MLP's training loop with NumPy updates, with optkern and
+with optkern on one thread (study "loops", alone with --loops). See bench/README.md for the
+measured results and what limits each case."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Dict
 
 import optkern as ok
 
+from . import loops as _loops
 from .cases import CASES, torch_available
 from .runner import (Progress, machine, main_table, parse_size, run_clip, run_main,
                      run_many_small, run_threads, size_label, write_json, write_plot)
@@ -16,7 +19,7 @@ from .runner import (Progress, machine, main_table, parse_size, run_clip, run_ma
 __all__ = ["CASES", "add_parser"]
 
 DEFAULT_SIZES = ["100k", "1m", "10m", "50m"]
-STUDIES = ["main", "small", "threads", "clip"]
+STUDIES = ["main", "small", "threads", "clip", "loops"]
 
 
 def add_parser(sub) -> None:
@@ -31,7 +34,21 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed batches per case (min is kept)")
     p.add_argument("--studies", nargs="+", default=STUDIES, choices=STUDIES,
                    help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
-                   "clip: fused clipping (default: all)")
+                   "clip: fused clipping; loops: inside an MLP's training loop (default: all)")
+    p.add_argument("--loops", action="store_true",
+                   help="only the training-loop study (shorthand for --studies loops)")
+    p.add_argument("--loop-sizes", nargs="+", default=_loops.DEFAULT_LOOP_SIZES, metavar="DIMS",
+                   help="MLP layer sizes for the loops study (default: %(default)s)")
+    p.add_argument("--loop-steps", type=int, default=None, metavar="N",
+                   help="timed training steps per loop and round (default: about "
+                   f"{_loops.TARGET_SEGMENT_SECONDS * 1e3:.0f} ms of the NumPy loop, 2..200)")
+    p.add_argument("--rounds", type=int, default=_loops.DEFAULT_ROUNDS,
+                   help="interleaved rounds of the loops study (median kept; default "
+                   "%(default)s)")
+    p.add_argument("--loop-conditions", nargs="+", default=_loops.CONDITIONS,
+                   choices=_loops.CONDITIONS,
+                   help="quiet; busy: one other process spinning; torch: torch's pool warmed in "
+                   "the same process (default: all)")
     p.add_argument("--no-torch", action="store_true", help="leave torch out even if installed")
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--plot", metavar="PATH", help="PNG of time against size (needs matplotlib)")
@@ -50,9 +67,17 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(ok.get_num_threads())
     sizes = [parse_size(s) for s in args.sizes]
     cases = [CASES[k] for k in args.optimizers]
-    studies = set(args.studies)
+    studies = {"loops"} if args.loops else set(args.studies)
+    if "loops" in studies:
+        if args.rounds < 1 or (args.loop_steps is not None and args.loop_steps < 1):
+            raise SystemExit("--rounds and --loop-steps must be >= 1")
+        try:
+            loop_sizes = [_loops.parse_dims(d) for d in args.loop_sizes]
+        except ValueError as e:
+            raise SystemExit(f"--loop-sizes: {e}")
     total = (len(sizes) * len(cases) if "main" in studies else 0) + \
-        ("small" in studies) + 6 * ("threads" in studies) + ("clip" in studies)
+        ("small" in studies) + 6 * ("threads" in studies) + ("clip" in studies) + \
+        (len(args.loop_conditions) if "loops" in studies else 0)
     progress = Progress(total, enabled=not args.quiet)
     info = machine()
     print(f"# {info['cpu']}, {info['cores']} cores; optkern {info['optkern']} ({info['isa']}, "
@@ -70,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
                                              10_000_000], args.repeats, progress)
         if "clip" in studies:
             result["clip"] = run_clip(50_000_000, args.repeats, progress)
+        if "loops" in studies:
+            result["loops"] = _loops.run_loops(
+                args.optimizers, loop_sizes, args.rounds, args.loop_steps, args.loop_conditions,
+                args.threads, use_torch, progress, show_progress=not args.quiet)
     finally:
         progress.close()
     report(result)
@@ -112,3 +141,8 @@ def report(result: Dict[str, object]) -> None:
         print(f"\nAdam on {size_label(c['size'])} with clipping: "
               + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["seconds"].items())
               + f"; fused is {c['speedup']:.2f}x faster")
+    if "loops" in result:
+        print("\nInside a training loop (NumPy MLP, batch 64, NumPy's default BLAS threads):")
+        print(_loops.table(result["loops"]))
+        print("targets:")
+        print(_loops.target_lines(result["loops"]))

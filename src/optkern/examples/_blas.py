@@ -1,9 +1,8 @@
 """Best-effort control of the BLAS thread pool that NumPy's matrix products use.
 
-An MLP this small multiplies matrices of a few hundred thousand elements. Multi-threaded BLAS
-(OpenBLAS, as in NumPy's wheels) splits them across threads that then spend more time waking up
-and waiting than computing; on a machine whose cores are busy with other work it can be ten times
-slower than one thread. The demo therefore runs its matrix products on one BLAS thread by default.
+The demo and the examples run with NumPy's BLAS as the user's own training loop would: the
+library's default (OpenBLAS in NumPy's wheels: one thread per CPU). ``--blas-threads N`` sets
+another count, for example to compare with one BLAS thread; nothing is changed otherwise.
 
 ``threadpoolctl`` is used when it is installed (any BLAS); otherwise the OpenBLAS library that
 NumPy loaded is found in ``/proc/self/maps`` (Linux) and called through ctypes. When neither

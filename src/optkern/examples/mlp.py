@@ -295,10 +295,13 @@ def main(argv=None) -> int:
                         help="print validation accuracy over a grid of learning rates instead")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the curves")
     parser.add_argument("--markdown", action="store_true")
-    parser.add_argument("--blas-threads", type=int, default=1,
-                        help="BLAS threads for the matrix products (default 1; 0: library default)")
+    parser.add_argument("--blas-threads", type=int, default=None, metavar="N",
+                        help="BLAS threads for the matrix products (default: the library's own "
+                        "setting, as in your training loop; 0 also means that)")
     args = parser.parse_args(argv)
-    with blas_threads(None if args.blas_threads == 0 else args.blas_threads) as blas:
+    if args.blas_threads is not None and args.blas_threads < 0:
+        parser.error("--blas-threads must be >= 0")
+    with blas_threads(args.blas_threads or None) as blas:
         print(f"# {machine()}, {blas}")
         return _main(args)
 
