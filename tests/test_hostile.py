@@ -215,7 +215,9 @@ def bad_values(key, good):
     out = [("nan", NAN, ValueError), ("inf", INF, ValueError), ("-inf", -INF, ValueError),
            ("1e39", 1e39, ValueError), ("float32 nan", np.float32("nan"), ValueError),
            ("'0.1'", "0.1", TypeError), ("None", None, TypeError), ("True", True, TypeError),
-           ("[0.1]", [0.1], TypeError), ("1j", 1j, TypeError), ("0-d array", np.array(0.1), TypeError)]
+           ("[0.1]", [0.1], TypeError), ("1j", 1j, TypeError), ("1-d array", np.array([0.1]), TypeError)]
+    if key == "grad_scale":  # not a hyperparameter: a plain number only
+        out.append(("0-d array", np.array(0.1), TypeError))
     if key != "grad_scale":  # a negative gradient scale is allowed
         out.append(("-0.5", -0.5, ValueError))
     if key in ("beta1", "beta2", "beta", "alpha", "rho", "dampening"):
