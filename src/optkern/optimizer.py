@@ -93,6 +93,8 @@ class Optimizer:
 
     #: The update rule (set on each class built by optkern.registry).
     _rule: Rule
+    #: Testing hook: the name of a compiled kernel build to run instead of the active one.
+    _isa: Optional[str] = None
 
     def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
         if getattr(type(self), "_rule", None) is None:
@@ -293,7 +295,8 @@ class Optimizer:
         else:  # step 1 tells the kernel a buffer is new (torch's SGD starts it at the gradient)
             steps, record = [1 if f else 2 for f in fresh], None
         return _core.prepare(rule.name, params, grads, lists, core, steps=steps,
-                             grad_scale=grad_scale, positions=positions, record=record)
+                             grad_scale=grad_scale, positions=positions, record=record,
+                             isa=self._isa)
 
     def _group_states(self, group: Dict[str, Any], params: List[np.ndarray],
                       spec: Dict[str, float], created: list) -> tuple:
