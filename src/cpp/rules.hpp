@@ -88,6 +88,14 @@ struct AdamStep {
   bool decoupled;
 };
 
+struct AdamaxStep {
+  Lerp exp_avg;  // exp_avg.lerp_(g, 1 - beta1)
+  float beta2;
+  float eps;
+  float clr;  // lr / (1 - beta1^step), per tensor
+  GradientPrep grad;
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -97,7 +105,8 @@ struct AdamStep {
   X(rmsprop, RmspropStep, 3, 4)     \
   X(adagrad, AdagradStep, 1, 4)     \
   X(adadelta, AdadeltaStep, 2, 4)   \
-  X(adam, AdamStep, 3, 4)
+  X(adam, AdamStep, 3, 4)           \
+  X(adamax, AdamaxStep, 2, 4)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -263,6 +272,27 @@ inline void adamw_scalars(const Hyper& h, const StepInfo& t, AdamStep& s) {
   adam_common(h, t, s, true);
 }
 
+// Adamax (torch.optim.Adamax): Adam with the infinity norm in place of the second moment.
+constexpr HyperDecl kAdamaxHyper[] = {
+    {"lr", Real::nonnegative, 2e-3, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-8, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kAdamaxStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+    {"exp_inf", "exp_infs", nullptr, nullptr},
+};
+inline void adamax_scalars(const Hyper& h, const StepInfo& t, AdamaxStep& s) {
+  s.exp_avg = lerp_weight(1.0 - h["beta1"]);
+  s.beta2 = t.f32(h["beta2"], "beta2");
+  s.eps = t.f32(h["eps"], "eps");
+  s.clr = t.f32(h["lr"] / (1.0 - t.pow(h["beta1"], static_cast<double>(t.step))),
+                "lr / (1 - beta1^step)");
+  s.grad = t.grad(h["weight_decay"]);
+}
+
 // -- the table -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
@@ -330,6 +360,13 @@ constexpr RuleDecl kRules[] = {
          "    p <- p * (1 - lr * weight_decay)\n"
          "    then Adam's update of p with g (no L2 term)\n\n"
          "State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad)."),
+    RULE(adamax, "adamax", "Adamax", used, kAdamaxHyper, kAdamaxStates, nullptr, adamax_scalars,
+         "Adamax, as torch.optim.Adamax (Adam with the infinity norm)::\n\n"
+         "    g       <- g + weight_decay * p\n"
+         "    exp_avg <- beta1 * exp_avg + (1 - beta1) * g         (computed as torch's lerp)\n"
+         "    exp_inf <- max(beta2 * exp_inf, |g| + eps)\n"
+         "    p       <- p - lr / (1 - beta1^t) * exp_avg / exp_inf\n\n"
+         "Only the first moment is bias-corrected. State: ``step``, ``exp_avg``, ``exp_inf``."),
 };
 
 }  // namespace rules

@@ -280,6 +280,36 @@ void adam(const AdamStep& s, float* p, const float* g, float* const* st, size_t 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Adamax (torch.optim.Adamax); clr = lr / (1 - beta1^t) is per tensor.
+//   exp_avg = lerp(exp_avg, g, 1 - beta1);  exp_inf = max(beta2 * exp_inf, |g| + eps)
+//   p = p - clr * exp_avg / exp_inf
+template <bool kDecay>
+OK_LOOP void adamax_impl(const AdamaxStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                 float* OK_RESTRICT m, float* OK_RESTRICT u, size_t n) {
+  const float lc = s.exp_avg.coeff, b2 = s.beta2, eps = s.eps, clr = s.clr,
+              gs = s.grad.grad_scale, wd = s.grad.weight_decay;
+  const bool from_avg = s.exp_avg.from_start;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float pi = p[i];
+    const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
+    const float mi0 = m[i];
+    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
+    const float a = u[i] * b2, b = OK_FABSF(gi) + eps;
+    const float ui = (a > b || a != a) ? a : b;  // NaN-propagating max, like torch.maximum
+    m[i] = mi;
+    u[i] = ui;
+    p[i] = pi - (clr * mi) / ui;
+  }
+}
+
+void adamax(const AdamaxStep& s, float* p, const float* g, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    adamax_impl<decltype(decay)::value>(s, p, g, st[0], st[1], n);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gradient norms and clipping. Each block's sum is accumulated in double (a float squared is exact
 // in double); the caller adds the blocks up in a fixed order, so the result does not depend on
 // the number of threads.
