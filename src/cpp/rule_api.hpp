@@ -104,8 +104,9 @@ struct StepInfo {
 inline Lerp lerp_weight(double w) {
   const float wf = static_cast<float>(w);
   Lerp l{};
-  l.from_start = std::fabs(wf) < 0.5f;
-  l.coeff = l.from_start ? wf : wf - 1.0f;
+  const bool from_start = std::fabs(wf) < 0.5f;
+  l.from_start = from_start ? 1.0f : 0.0f;
+  l.coeff = from_start ? wf : wf - 1.0f;
   return l;
 }
 

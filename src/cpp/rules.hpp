@@ -37,7 +37,9 @@ struct GradientPrep {
 // matters for Inf and NaN). The host picks the form, in double, for every rule alike.
 struct Lerp {
   float coeff;
-  bool from_start;
+  // 1 or 0. A float, not a bool: GCC 12 does not vectorise the centered RMSprop loop when the
+  // select depends on a bool loaded from memory, and does with a float compare.
+  float from_start;
 };
 
 // -- the per-step scalars of each kernel --------------------------------------------------------

@@ -136,7 +136,7 @@ OK_LOOP void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const floa
                   size_t n) {
   const float lr = s.lr, alpha = s.alpha, w = s.one_minus_alpha, eps = s.eps,
               mom = s.momentum, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
-  const bool lerp_from_avg = s.grad_avg.from_start;  // grad_avg.lerp_(g, w), as torch (Lerp)
+  const bool lerp_from_avg = s.grad_avg.from_start != 0.0f;  // grad_avg.lerp_(g, w), as torch (Lerp)
   const float lerp_coeff = s.grad_avg.coeff;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
@@ -244,7 +244,7 @@ OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_
               decay = s.decoupled_decay, step_size = s.step_size,
               inv_bc2 = s.inv_bias_correction2_sqrt, gs = s.grad.grad_scale,
               wd = s.grad.weight_decay;
-  const bool from_avg = s.exp_avg.from_start;
+  const bool from_avg = s.exp_avg.from_start != 0.0f;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
     float pi = p[i];
@@ -288,7 +288,7 @@ OK_LOOP void adamax_impl(const AdamaxStep& s, float* OK_RESTRICT p, const float*
                  float* OK_RESTRICT m, float* OK_RESTRICT u, size_t n) {
   const float lc = s.exp_avg.coeff, b2 = s.beta2, eps = s.eps, clr = s.clr,
               gs = s.grad.grad_scale, wd = s.grad.weight_decay;
-  const bool from_avg = s.exp_avg.from_start;
+  const bool from_avg = s.exp_avg.from_start != 0.0f;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
