@@ -322,3 +322,19 @@ def test_concurrent_overlapping_groups_never_both_added():
             t.join()
         assert len(opt.param_groups) == 2 and len(errors) == 1
         opt.step([np.ones(3, np.float32), np.ones(3, np.float32)])
+
+
+def test_step_index_cannot_change_an_array_after_it_was_checked():
+    """Step counts are converted (running __index__) before any array is inspected: an __index__
+    that makes a parameter read-only is seen by the array check, which refuses the call."""
+    p, g = arrays()
+    m, v = np.zeros(5, np.float32), np.zeros(5, np.float32)
+
+    class Sneaky:
+        def __index__(self):
+            p.flags.writeable = False
+            return 1
+
+    with pytest.raises(ValueError, match=r"params\[0\] is read-only"):
+        F.adam_([p], [g], [m], [v], step=[Sneaky()], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+    assert (p == 1).all() and not m.any()

@@ -348,10 +348,17 @@ bool state_needed(const RuleDecl& r, const StateDecl& s, const std::vector<doubl
   return s.when == nullptr || Hyper(r.hyper, r.n_hyper, h.data())[s.when] != 0.0;
 }
 
-// Step counts of this update, one per tensor: an int for all, or a list or tuple of ints >= 1.
-std::vector<std::int64_t> parse_steps(py::handle steps, std::size_t count, const Buffers* cb) {
+// Step counts of this update: an int for all tensors (one entry, `all` set), or a list or tuple
+// of ints >= 1, one per tensor. Converting them may run Python code (__index__), so this runs
+// before any array is looked at; the count is matched to the parameters afterwards.
+struct StepCounts {
+  std::vector<std::int64_t> values;
+  bool all = false;
+};
+
+StepCounts parse_steps(py::handle steps, const Positions& positions) {
   auto label = [&](std::size_t i) {
-    return cb ? cb->label("steps", i) : "steps[" + std::to_string(i) + "]";
+    return "steps[" + std::to_string(i < positions.size() ? positions[i] : i) + "]";
   };
   auto check = [&](py::handle v, std::size_t i) -> std::int64_t {
     py::object number;  // a plain int, or the int a NumPy integer stands for
@@ -370,18 +377,24 @@ std::vector<std::int64_t> parse_steps(py::handle steps, std::size_t count, const
     if (s < 1) throw py::value_error(label(i) + " must be >= 1, got " + std::to_string(s));
     return s;
   };
-  std::vector<std::int64_t> out(count);
+  StepCounts out;
   if (!PyList_Check(steps.ptr()) && !PyTuple_Check(steps.ptr())) {
-    std::fill(out.begin(), out.end(), check(steps, 0));  // checked even when nothing is updated
+    out.values.push_back(check(steps, 0));  // checked even when nothing is updated
+    out.all = true;
     return out;
   }
   const py::list items = snapshot(steps, "steps", "ints");  // __index__ may change the original
-  if (items.size() != count) {
-    throw py::value_error("steps has " + std::to_string(items.size()) +
+  for (std::size_t i = 0; i < items.size(); ++i) out.values.push_back(check(items[i], i));
+  return out;
+}
+
+std::vector<std::int64_t> steps_for(const StepCounts& s, std::size_t count) {
+  if (s.all) return std::vector<std::int64_t>(count, s.values[0]);
+  if (s.values.size() != count) {
+    throw py::value_error("steps has " + std::to_string(s.values.size()) +
                           " entries but params has " + std::to_string(count));
   }
-  for (std::size_t i = 0; i < count; ++i) out[i] = check(items[i], i);
-  return out;
+  return s.values;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -468,6 +481,9 @@ class Prepared {
     }
     py::list record_items;
     if (!record.is_none()) record_items = snapshot(record, "record", "state dicts");
+    StepCounts step_counts;
+    if (steps_given) step_counts = parse_steps(steps, pos);
+    // From here on no Python code runs until the kernels are done.
 
     buffers_ = std::make_unique<Buffers>(params, "params", Access::write, std::move(pos));
     Buffers& cb = *buffers_;
@@ -477,7 +493,7 @@ class Prepared {
       if (lists[k]) state_[k] = cb.add(lists[k], rule.states[k].arg, Access::write);
     }
     cb.check_disjoint();
-    steps_ = steps_given ? parse_steps(steps, count, &cb) : std::vector<std::int64_t>(count, 2);
+    steps_ = steps_given ? steps_for(step_counts, count) : std::vector<std::int64_t>(count, 2);
     if (!record.is_none()) {
       if (record_items.size() != count) {
         throw py::value_error("record has " + std::to_string(record_items.size()) +
@@ -511,7 +527,8 @@ class Prepared {
     }
     if (count == 0 && !scalars_.empty()) scalars_.clear();
     if (count == 0) {  // still check the scalars of step 1 (or the given step)
-      StepInfo info{rule.cls, steps_given && !steps_.empty() ? steps_[0] : 1, true, grad_scale};
+      StepInfo info{rule.cls, steps_given && step_counts.all ? step_counts.values[0] : 1, true,
+                    grad_scale};
       ScalarsSlot probe{};
       try {
         rule.scalars(hyp, info, probe.bytes);
