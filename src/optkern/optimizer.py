@@ -163,6 +163,10 @@ class Optimizer:
         if "maximize" in group:
             group["maximize"] = core["maximize"]
         self._checked[id(group)] = _Checked(group, _snapshot(group), core)
+        if len(self._checked) > 2 * len(self.param_groups) + 8:  # groups replaced by loads
+            live = {id(g) for g in self.param_groups} | {id(self.defaults), id(group)}
+            self._checked = {k: v for k, v in self._checked.items() if k in live}
+            self._cache = {k: v for k, v in self._cache.items() if k in live}
         return core
 
     def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
