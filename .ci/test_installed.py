@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Runs the test suite against the optkern installed in this Python (a wheel, say), once under
-every instruction set this machine supports (OPTKERN_FORCE_ISA=scalar, avx2, avx512).
+"""Runs the test suite against the optkern installed in this Python (a wheel, say): the whole
+suite once (its tests/test_isa.py runs every ISA's kernels in that one process), then the
+end-to-end smoke tests (marker smoke) once under every instruction set this machine supports
+(OPTKERN_FORCE_ISA=scalar, avx2, avx512).
 
     python .ci/test_installed.py [TESTS_DIR] [PYTEST_ARGS...]
 
@@ -27,12 +29,16 @@ def main() -> int:
         print("error: this optkern is the source tree's, not an installed one", file=sys.stderr)
         return 2
     failed = []
+    env = {k: v for k, v in os.environ.items() if k != "OPTKERN_FORCE_ISA"}
+    print("\n== the whole suite of the installed optkern (every ISA's kernels in-process)",
+          flush=True)
+    cmd = [sys.executable, "-m", "pytest", tests, "-q", "-p", "no:cacheprovider", *extra]
+    if subprocess.call(cmd, env=env) != 0:
+        failed.append("the whole suite")
     for isa in isas.split():
-        print(f"\n== tests of the installed optkern with OPTKERN_FORCE_ISA={isa}", flush=True)
-        env = dict(os.environ, OPTKERN_FORCE_ISA=isa)
-        cmd = [sys.executable, "-m", "pytest", tests, "-q", "-p", "no:cacheprovider", *extra]
-        if subprocess.call(cmd, env=env) != 0:
-            failed.append(isa)
+        print(f"\n== smoke tests of the installed optkern with OPTKERN_FORCE_ISA={isa}", flush=True)
+        if subprocess.call(cmd + ["-m", "smoke"], env=dict(env, OPTKERN_FORCE_ISA=isa)) != 0:
+            failed.append(f"OPTKERN_FORCE_ISA={isa}")
     if failed:
         print(f"\nFAILED under: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -22,20 +22,55 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
-KERNELS = {  # name -> symbol of the variant (template arguments: see update_rules.cpp)
-    "SGD": "sgd_impl<false, false, false, false>",
-    "SGD momentum / Momentum": "sgd_impl<false, true, false, false>",
-    "Nesterov": "sgd_impl<false, true, true, false>",
-    "RMSprop": "rmsprop_impl<false, false, false>",
-    "RMSprop centered+momentum": "rmsprop_impl<false, true, true>",
-    "Adagrad": "adagrad_impl<false>",
-    "Adadelta": "adadelta_impl<false>",
-    "Adam": "adam_impl<false, false, false>",
-    "AdamW": "adam_impl<false, true, false>",
-    "Adam amsgrad": "adam_impl<false, false, true>",
+# Each rule's loop is `<kernel>_impl<flags...>` in update_rules.cpp; a variant is named here by
+# its kernel and the flags switched on (the template parameters' names, in order), so the list
+# does not depend on how the compiler spells an instantiation. Every rule of the registry gets
+# its plain variant (no weight decay, no options) without being listed.
+FLAGS = {  # kernel -> its template parameters, in order
+    "sgd": ("decay", "momentum", "nesterov", "init"),
+    "rmsprop": ("decay", "centered", "momentum"),
+    "adam": ("l2", "decoupled", "amsgrad"),
+}
+VARIANTS = {  # label -> (kernel, flags on)
+    "SGD": ("sgd", ()),
+    "SGD momentum / Momentum": ("sgd", ("momentum",)),
+    "Nesterov": ("sgd", ("momentum", "nesterov")),
+    "RMSprop": ("rmsprop", ()),
+    "RMSprop centered+momentum": ("rmsprop", ("centered", "momentum")),
+    "AdamW": ("adam", ("decoupled",)),
+    "Adam amsgrad": ("adam", ("amsgrad",)),
+}
+OTHERS = {  # loops that are not update rules
     "norm (sum of squares)": "lane_sum<optkern::{isa}::(anonymous namespace)::sum_squares",
     "stream a += s*b": "axpy(",
 }
+
+
+def rule_variants() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
+    """VARIANTS plus the plain variant of every rule the installed optkern declares."""
+    out = dict(VARIANTS)
+    try:
+        import optkern
+        rules = optkern.registry.rules()
+    except Exception:  # not installed: the listed variants only
+        rules = []
+    for r in rules:
+        if not any(k == r.kernel and not on for k, on in out.values()):
+            out[r.cls] = (r.kernel, ())
+    return out
+
+
+def find_variant(funcs: Dict[str, List[Tuple[int, str, str]]], kernel: str,
+                 on: Tuple[str, ...]) -> Optional[List[Tuple[int, str, str]]]:
+    names = FLAGS.get(kernel, ("decay",))
+    want = [n in on for n in names]
+    for f, code in funcs.items():
+        m = re.search(rf"\b{kernel}_impl<([^>]*)>", f)
+        if m and [a.strip() == "true" for a in m.group(1).split(",")] == want:
+            return code
+    return None
+
+
 LANES = {"zmm": 16, "ymm": 8, "xmm": 4}
 LINE = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
 
@@ -115,9 +150,11 @@ def report(build_dir: str) -> None:
             continue
         funcs = functions(objs[0])
         print(f"\n{isa}: instructions per element in the main loop (divisions, square roots)")
-        for name, symbol in KERNELS.items():
-            symbol = symbol.format(isa=isa)
-            code = next((c for f, c in funcs.items() if symbol in f), None)
+        found = {name: find_variant(funcs, kernel, on)
+                 for name, (kernel, on) in rule_variants().items()}
+        found.update({name: next((c for f, c in funcs.items() if symbol.format(isa=isa) in f),
+                                 None) for name, symbol in OTHERS.items()})
+        for name, code in found.items():
             body = main_loop(code) if code else None
             if not body:
                 print(f"  {name:<28} (not found)")

@@ -142,6 +142,18 @@ class Reference:
         self._adam(g, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                    decoupled=True)
 
+    def _adamax(self, g, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        p = self.p
+        t = self.t + 1
+        beta1, beta2 = betas
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
+        u = np.maximum(beta2 * self.zeros("exp_inf"), np.abs(g) + eps)  # NaN-propagating
+        self.state["exp_avg"], self.state["exp_inf"] = m, u
+        self.p = p - ((lr / (1 - beta1 ** t)) * m) / u
+        self.state["step"] = t
+
 
 #: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
 #: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
@@ -181,6 +193,9 @@ CASES = [
     ("AdamW", dict()),
     ("AdamW", dict(amsgrad=True, weight_decay=0.1)),
     ("AdamW", dict(lr=1e-3, betas=(0.6, 0.95), weight_decay=0.0, maximize=True)),
+    ("Adamax", dict()),
+    ("Adamax", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1)),
+    ("Adamax", dict(lr=2e-3, betas=(0.3, 0.9), eps=1e-4, maximize=True)),
 ]
 
 

@@ -319,8 +319,9 @@ def test_callable_lr_result_is_checked():
     with pytest.raises(ValueError, match=r"lr\(2\) \(the group's lr schedule\) must be >= 0"):
         opt.step([np.ones(2, np.float32)])
     np.testing.assert_allclose(p, -0.1, rtol=1e-6)
+    opt = ok.SGD([p], lr=lambda t: "fast")  # a schedule is called by step(), once per step
     with pytest.raises(TypeError, match=r"lr\(1\)"):
-        ok.SGD([p], lr=lambda t: "fast")
+        opt.step([np.ones(2, np.float32)])
 
 
 # -- parity with torch.nn.utils ---------------------------------------------------------------------

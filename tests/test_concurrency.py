@@ -26,6 +26,7 @@ CONFIGS = [
     ("Adam", dict(amsgrad=True)),
     ("AdamW", dict(weight_decay=0.1)),
 ]
+CONFIGS += [(r.cls, {}) for r in ok.registry.rules() if r.cls not in {k for k, _ in CONFIGS}]
 SIZES = [70001, 1031, 3]
 STEPS = 12
 

@@ -79,6 +79,12 @@ def test_maximize_is_a_negated_gradient():
     assert bits(a) == bits(b)
 
 
-def test_empty_lists_are_a_no_op():
+def test_empty_lists_update_nothing_but_are_still_checked():
     F.adam_([], [], [], [], step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
     F.rmsprop_([], [], [], lr=1e-2, alpha=0.99, eps=1e-8)
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        F.adam_([], [], [], [], step=1, lr=-1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+    with pytest.raises(ValueError, match=r"steps\[0\] must be >= 1"):
+        F.adam_([], [], [], [], step=0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+    with pytest.raises(ValueError, match="float32 cannot hold"):  # the scalars of step 1 too
+        F.adam_([], [], [], [], step=1, lr=1e38, beta1=0.9, beta2=0.999, eps=1e-8)

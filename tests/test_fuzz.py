@@ -200,15 +200,21 @@ STATE = {
     "exp_avgs": ("exp_avg", -1, 1), "exp_avg_sqs": ("exp_avg_sq", 0.01, 1),
     "max_exp_avg_sqs": ("max_exp_avg_sq", 0.01, 1),
 }
+for _rule in ok.registry.rules():  # state of rules known from their declarations: positive
+    STATE.update({st_.arg: (st_.name, 0.01, 1) for st_ in _rule.states if st_.arg not in STATE})
 
 
 # -- the functional layer ----------------------------------------------------------------------------
+
+# Functions of rules added after this file was written, known from their declarations.
+DERIVED = [r.name + "_" for r in ok.registry.rules()
+           if r.name not in ("sgd", "momentum", "rmsprop", "adagrad", "adadelta", "adam", "adamw")]
 
 def draw_functional(data, bad_rate):
     """A random call of an optkern.functional update: (function, lists, keywords, the Reference
     name and options, the errors the call must get)."""
     name = data.draw(st.sampled_from(["sgd_", "momentum_", "rmsprop_", "adagrad_", "adadelta_",
-                                      "adam_", "adamw_"]), label="function")
+                                      "adam_", "adamw_"] + DERIVED), label="function")
     errors = set()
     kw, ref_hp = {}, {}
 
@@ -226,6 +232,22 @@ def draw_functional(data, bad_rate):
     hp("weight_decay", "weight_decay")
     hp("maximize", "flag")
     scale, _ = hp("grad_scale", "grad_scale", ref_key=False)
+    if name in DERIVED:  # a rule known only from its declaration
+        rule = ok.registry.rule(name[:-1])
+        kw.pop("maximize")
+        ref_hp.pop("maximize")
+        errors.clear()
+        kw.pop("lr"), kw.pop("weight_decay"), ref_hp.pop("lr"), ref_hp.pop("weight_decay")
+        hp("maximize", "flag")
+        pair = {}
+        for h in rule.hyper:
+            value, _ = hp(h.name, _kind(h), ref_key=h.torch if h.slot < 0 else False)
+            if h.slot >= 0:
+                pair.setdefault(h.torch, []).append(value)
+        for torch_name, values in pair.items():
+            ref_hp[torch_name] = tuple(values)
+        lists += [st_.arg for st_ in rule.states if st_.when is None]
+        return name, lists, kw, rule.cls, ref_hp, scale, errors
     ref_name = {"sgd_": "SGD", "momentum_": "Momentum", "rmsprop_": "RMSprop",
                 "adagrad_": "Adagrad", "adadelta_": "Adadelta", "adam_": "Adam",
                 "adamw_": "AdamW"}[name]
@@ -398,7 +420,8 @@ def test_fuzz_functional(data):
     name, lists, kw, ref_name, ref_hp, scale, errors = draw_functional(data, bad_rate)
     shapes, args, values, array_errors = draw_arrays(data, lists, bad_rate, rng,
                                                      fresh_buffers=name == "sgd_")
-    if name in ("adagrad_", "adam_", "adamw_"):
+    if name in ("adagrad_", "adam_", "adamw_") or (name in DERIVED
+                                                   and ok.registry.rule(name[:-1]).uses_step):
         kw["step"], err = draw_step(data, len(shapes), bad_rate)
         if err:
             errors.add(err)
@@ -442,6 +465,18 @@ CLASS_HPS = {
     "Adam": [("lr", "lr"), ("eps", "eps"), ("amsgrad", "flag"), ("weight_decay", "weight_decay")],
     "AdamW": [("lr", "lr"), ("eps", "eps"), ("amsgrad", "flag"), ("weight_decay", "weight_decay")],
 }
+
+# The kind of value each declared range draws, for rules derived from the registry.
+RANGE_KIND = {"nonnegative": "lr_decay", "unit": "rho", "unit_open": "beta", "flag": "flag"}
+
+
+def _kind(h):
+    return h.name if h.name in ("lr", "eps", "weight_decay") else RANGE_KIND[h.range]
+
+
+for _rule in ok.registry.rules():
+    if _rule.cls not in CLASS_HPS:
+        CLASS_HPS[_rule.cls] = [(h.torch, _kind(h)) for h in _rule.hyper if h.slot < 0]
 
 
 @FUZZ

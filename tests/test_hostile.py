@@ -129,6 +129,15 @@ FUNCTIONS = {
                                  ("exp_avg_sqs", True), ("max_exp_avg_sqs", True)],
                       dict(step=5, lr=1e-3, beta1=0.5, beta2=0.9, eps=1e-8, amsgrad=True)),
 }
+# Every further rule of the registry, at its defaults (its always-needed state lists).
+for _rule in ok.registry.rules():
+    if not any(k == _rule.name + "_" or k.startswith(_rule.name + "_") for k in FUNCTIONS):
+        FUNCTIONS[_rule.name + "_"] = (
+            getattr(F, _rule.name + "_"),
+            [("params", True), ("grads", False)] + [(st.arg, True) for st in _rule.states
+                                                    if st.when is None],
+            dict(step=3, **{h.name: h.default for h in _rule.hyper}) if _rule.uses_step
+            else {h.name: h.default for h in _rule.hyper})
 # Lists a function needs only for some options: None there is 'required when ...' (ValueError).
 OPTIONAL_LISTS = {"momentum_buffers", "grad_avgs", "max_exp_avg_sqs", "velocities"}
 
@@ -215,7 +224,9 @@ def bad_values(key, good):
     out = [("nan", NAN, ValueError), ("inf", INF, ValueError), ("-inf", -INF, ValueError),
            ("1e39", 1e39, ValueError), ("float32 nan", np.float32("nan"), ValueError),
            ("'0.1'", "0.1", TypeError), ("None", None, TypeError), ("True", True, TypeError),
-           ("[0.1]", [0.1], TypeError), ("1j", 1j, TypeError), ("0-d array", np.array(0.1), TypeError)]
+           ("[0.1]", [0.1], TypeError), ("1j", 1j, TypeError), ("1-d array", np.array([0.1]), TypeError)]
+    if key == "grad_scale":  # not a hyperparameter: a plain number only
+        out.append(("0-d array", np.array(0.1), TypeError))
     if key != "grad_scale":  # a negative gradient scale is allowed
         out.append(("-0.5", -0.5, ValueError))
     if key in ("beta1", "beta2", "beta", "alpha", "rho", "dampening"):
@@ -392,6 +403,7 @@ CLASSES = [
     ("RMSprop", dict(centered=True, momentum=0.9)), ("Adagrad", dict(lr_decay=0.1)),
     ("Adadelta", dict()), ("Adam", dict()), ("Adam", dict(amsgrad=True)), ("AdamW", dict()),
 ]
+CLASSES += [(r.cls, {}) for r in ok.registry.rules() if r.cls not in {k for k, _ in CLASSES}]
 CLASS_IDS = [f"{k}({','.join(f'{a}={b}' for a, b in hp.items())})" for k, hp in CLASSES]
 
 

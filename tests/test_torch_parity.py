@@ -12,7 +12,7 @@ import optkern as ok
 torch = pytest.importorskip("torch")
 
 RTOL, ATOL = 1e-5, 1e-6
-TORCH_CASES = [c for c in CASES if c[0] != "Momentum"]  # the seeds' form has no torch class
+TORCH_CASES = [c for c in CASES if c[0] != "Momentum"]  # the exponentially weighted form has no torch class
 FUSED = {"SGD", "Nesterov", "Adam", "AdamW", "Adagrad"}  # torch has fused CPU kernels for these
 
 

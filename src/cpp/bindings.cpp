@@ -1,7 +1,13 @@
-// optkern._core: strict, zero-copy bindings. Each step function validates every array it is given
-// (dtype, layout, shape, aliasing) before any buffer is written, collects raw pointers, releases
-// the GIL and makes one multi-tensor kernel call. Hyperparameter ranges are checked by the Python
-// layer (optkern.functional), which is the only caller.
+// optkern._core: strict, zero-copy bindings.
+//
+// Every update rule goes through one binding, _core.step (or _core.prepare + _core.run, which the
+// optimizer classes use to validate every group before any is updated). It looks the rule up in
+// the declarations of rules.hpp, checks the hyperparameters against their declared ranges and
+// every array (dtype, layout, shape, aliasing) before anything is written, computes the per-step
+// scalars in double (refusing any float32 cannot hold), releases the GIL and makes one
+// multi-tensor kernel call per group. Python code can run only before the first array is
+// inspected: every list is copied first, so nothing the caller's __index__ or __float__ does can
+// free what is iterated.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -9,6 +15,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,6 +25,8 @@
 #include "kernel_api.hpp"
 #include "multi_tensor.hpp"
 #include "thread_pool.hpp"
+#define OPTKERN_RULE_DECLARATIONS
+#include "rules.hpp"
 
 namespace py = pybind11;
 
@@ -28,13 +39,13 @@ enum class Access { read, write };
 
 std::string type_name(py::handle h) { return Py_TYPE(h.ptr())->tp_name; }
 
-std::string shape_str(const py::array& a) {
+std::string dims_str(const Py_intptr_t* d, int nd) {
   std::string s = "(";
-  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
-    if (d) s += ", ";
-    s += std::to_string(a.shape(d));
+  for (int i = 0; i < nd; ++i) {
+    if (i) s += ", ";
+    s += std::to_string(d[i]);
   }
-  return s + (a.ndim() == 1 ? ",)" : ")");
+  return s + (nd == 1 ? ",)" : ")");
 }
 
 bool native_order(char byteorder) {
@@ -43,106 +54,81 @@ bool native_order(char byteorder) {
   return byteorder == '=' || byteorder == '|' || byteorder == (little ? '<' : '>');
 }
 
-// A list or tuple, as a borrowed array of items (valid while the sequence is alive and the GIL
-// is held). Anything else, an ndarray included, is refused: iterating a 2-D array would hand us
-// row views and hide the caller's mistake.
-struct Items {
-  PyObject** items;
-  std::size_t size;
-};
-
-Items items_of(py::handle seq, const char* name) {
-  PyObject* o = seq.ptr();
-  if (PyList_Check(o)) {
-    return {reinterpret_cast<PyListObject*>(o)->ob_item, static_cast<std::size_t>(PyList_GET_SIZE(o))};
+// A list or tuple, copied into a new list of strong references: whatever Python code runs while
+// C++ walks it (an item's __index__, another thread) cannot free an item under us. Anything else,
+// an ndarray included, is refused: iterating a 2-D array would hand us row views and hide the
+// caller's mistake.
+py::list snapshot(py::handle seq, const std::string& name, const char* what) {
+  if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) {
+    throw py::type_error(name + " must be a list or tuple of " + what + ", got " +
+                         type_name(seq));
   }
-  if (PyTuple_Check(o)) {
-    return {reinterpret_cast<PyTupleObject*>(o)->ob_item, static_cast<std::size_t>(PyTuple_GET_SIZE(o))};
-  }
-  throw py::type_error(std::string(name) + " must be a list or tuple of float32 NumPy arrays, got " +
-                       type_name(seq));
+  return py::reinterpret_steal<py::list>(PySequence_List(seq.ptr()));
 }
 
-// Every buffer of one call, validated. The parameters come first and fix the number of tensors
-// and their shapes; every other list must match them one to one.
-class CallBuffers {
+// The caller's index of each tensor (the optimizer classes pass the index into the gradient list
+// given to step()), for error messages; empty: 0, 1, 2, ...
+using Positions = std::vector<std::size_t>;
+
+Positions positions_of(py::handle positions) {
+  Positions out;
+  if (positions.is_none()) return out;
+  for (py::handle v : snapshot(positions, "positions", "ints")) out.push_back(v.cast<std::size_t>());
+  return out;
+}
+
+// The validated float32 arrays of one call. The first list (the parameters of an update, or the
+// gradients of a norm) fixes the number of tensors and their shapes; every other list must match
+// it one to one. Each array is held by a strong reference until the call is over.
+class Buffers {
  public:
-  // The first list (the parameters of an update, or the gradients of a norm) fixes the count and
-  // the shapes. positions: None, or the caller's own index of each tensor, used in error
-  // messages (the optimizer classes pass the index into the gradient list given to step()).
-  CallBuffers(py::handle first, const char* name, Access access, py::handle positions)
-      : first_name_(name), positions_(positions) {
-    const Items items = items_of(first, name);
-    count_ = items.size;
-    sizes_.resize(count_);
+  Buffers(py::handle first, const char* name, Access access, Positions positions)
+      : first_name_(name), positions_(std::move(positions)) {
     first_ = add(first, name, access);
   }
-  CallBuffers(py::handle params, py::handle positions)
-      : CallBuffers(params, "params", Access::write, positions) {}
 
-  std::size_t count() const { return count_; }
+  std::size_t count() const { return sizes_.size(); }
   const std::vector<std::size_t>& sizes() const { return sizes_; }
   float* param(std::size_t t) const { return first_[t]; }
   const std::vector<float*>& first() const { return first_; }
 
-  // Validates a list of arrays matched to the parameters and returns their data pointers.
+  std::string label(const char* name, std::size_t i) const {
+    return std::string(name) + "[" + std::to_string(i < positions_.size() ? positions_[i] : i) + "]";
+  }
+
+  // Validates a list of arrays (matched to the first list) and returns their data pointers.
   std::vector<float*> add(py::handle seq, const char* name, Access access) {
-    const Items items = items_of(seq, name);
-    if (items.size != count_) {
-      throw py::value_error(std::string(name) + " has " + std::to_string(items.size) +
-                            " arrays but " + first_name_ + " has " + std::to_string(count_) +
+    const py::list items = snapshot(seq, name, "float32 NumPy arrays");
+    const bool is_first = held_.empty();
+    const std::size_t n = items.size();
+    if (is_first) {
+      sizes_.resize(n);
+    } else if (n != count()) {
+      throw py::value_error(std::string(name) + " has " + std::to_string(n) + " arrays but " +
+                            first_name_ + " has " + std::to_string(count()) +
                             "; they must match one to one");
     }
-    const bool is_first = arrays_.empty();
-    std::vector<float*> out(count_);
-    for (std::size_t i = 0; i < count_; ++i) {
-      py::handle item(items.items[i]);
-      if (!py::isinstance<py::array>(item)) {
-        throw py::type_error(label(name, i) + " must be a float32 NumPy array, got " +
-                             type_name(item));
-      }
-      // NumPy's struct fields directly: this runs for every buffer of every step.
-      const auto* a = py::detail::array_proxy(item.ptr());
-      const auto* descr = py::detail::array_descriptor_proxy(a->descr);
-      if (descr->type_num != npy::NPY_FLOAT_ || !native_order(descr->byteorder)) {
-        throw py::type_error(label(name, i) + " must be a float32 array in native byte order, "
-                             "got dtype " + std::string(py::str(py::handle(a->descr))));
-      }
-      if (a->nd == 0) {
-        throw py::value_error(label(name, i) + " is a 0-d array; optkern updates arrays with at "
-                              "least one dimension (use a shape (1,) array)");
-      }
-      const auto arr = py::reinterpret_borrow<py::array>(item);
-      if (!(a->flags & npy::NPY_ARRAY_C_CONTIGUOUS_)) {
-        throw py::value_error(
-            label(name, i) + " must be C-contiguous, got strides " + strides_str(arr) +
-            (access == Access::write
-                 ? "; it is updated in place, so a contiguous copy would lose the update"
-                 : "; np.ascontiguousarray() makes a contiguous copy"));
-      }
-      if (!(a->flags & npy::NPY_ARRAY_ALIGNED_)) {
-        throw py::value_error(label(name, i) + " is not aligned to 4 bytes");
-      }
-      if (access == Access::write && !(a->flags & npy::NPY_ARRAY_WRITEABLE_)) {
-        throw py::value_error(label(name, i) + " is read-only, but it is updated in place");
-      }
+    std::vector<float*> out(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto* a = inspect(items[i], name, i, access);
       if (is_first) {
-        std::size_t n = 1;
-        for (int d = 0; d < a->nd; ++d) n *= static_cast<std::size_t>(a->dimensions[d]);
-        sizes_[i] = n;
-      } else if (!same_shape(a, py::detail::array_proxy(arrays_[i].ptr()))) {
-        throw py::value_error(label(name, i) + " has shape " + shape_str(arr) + " but " +
-                              label(first_name_, i) + " has shape " + shape_str(arrays_[i]));
+        std::size_t size = 1;
+        for (int d = 0; d < a->nd; ++d) size *= static_cast<std::size_t>(a->dimensions[d]);
+        sizes_[i] = size;
+        shapes_.push_back(a);
+      } else if (!(a->nd == shapes_[i]->nd &&
+                   std::equal(a->dimensions, a->dimensions + a->nd, shapes_[i]->dimensions))) {
+        throw py::value_error(label(name, i) + " has shape " + dims_str(a->dimensions, a->nd) +
+                              " but " + label(first_name_, i) + " has shape " +
+                              dims_str(shapes_[i]->dimensions, shapes_[i]->nd));
       }
       out[i] = reinterpret_cast<float*>(a->data);
       if (sizes_[i] != 0) {
         const auto lo = reinterpret_cast<std::uintptr_t>(out[i]);
         ranges_.push_back({lo, lo + sizes_[i] * sizeof(float), name, i, access == Access::write});
       }
-      // Hold a reference to every array while the GIL is released, in case another thread
-      // empties the caller's list meanwhile.
-      (is_first ? arrays_ : held_).push_back(arr);
     }
+    held_.push_back(items);
     return out;
   }
 
@@ -165,14 +151,6 @@ class CallBuffers {
     }
   }
 
-  std::string label(const char* name, std::size_t i) const {
-    std::size_t shown = i;
-    if (!positions_.is_none() && i < py::len(positions_)) {
-      shown = py::cast<std::size_t>(positions_[py::int_(i)]);
-    }
-    return std::string(name) + "[" + std::to_string(shown) + "]";
-  }
-
  private:
   struct Range {
     std::uintptr_t lo, hi;
@@ -181,40 +159,208 @@ class CallBuffers {
     bool written;
   };
 
-  static bool same_shape(const py::detail::PyArray_Proxy* a, const py::detail::PyArray_Proxy* b) {
-    return a->nd == b->nd && std::equal(a->dimensions, a->dimensions + a->nd, b->dimensions);
-  }
-
-  static std::string strides_str(const py::array& a) {
-    std::string s = "(";
-    for (py::ssize_t d = 0; d < a.ndim(); ++d) {
-      if (d) s += ", ";
-      s += std::to_string(a.strides(d));
+  // One array's checks, on NumPy's struct fields directly (this runs for every buffer of every
+  // step); no Python code runs here.
+  const py::detail::PyArray_Proxy* inspect(py::handle item, const char* name, std::size_t i,
+                                           Access access) const {
+    if (!py::isinstance<py::array>(item)) {
+      throw py::type_error(label(name, i) + " must be a float32 NumPy array, got " +
+                           type_name(item));
     }
-    return s + (a.ndim() == 1 ? ",)" : ")");
+    const auto* a = py::detail::array_proxy(item.ptr());
+    const auto* descr = py::detail::array_descriptor_proxy(a->descr);
+    if (descr->type_num != npy::NPY_FLOAT_ || !native_order(descr->byteorder)) {
+      throw py::type_error(label(name, i) + " must be a float32 array in native byte order, "
+                           "got dtype " + std::string(py::str(py::handle(a->descr))));
+    }
+    if (a->nd == 0) {
+      throw py::value_error(label(name, i) + " is a 0-d array; optkern updates arrays with at "
+                            "least one dimension (use a shape (1,) array)");
+    }
+    if (!(a->flags & npy::NPY_ARRAY_C_CONTIGUOUS_)) {
+      std::string strides = "(";
+      for (int d = 0; d < a->nd; ++d) strides += (d ? ", " : "") + std::to_string(a->strides[d]);
+      strides += a->nd == 1 ? ",)" : ")";
+      throw py::value_error(
+          label(name, i) + " must be C-contiguous, got strides " + strides +
+          (access == Access::write
+               ? "; it is updated in place, so a contiguous copy would lose the update"
+               : "; np.ascontiguousarray() makes a contiguous copy"));
+    }
+    if (!(a->flags & npy::NPY_ARRAY_ALIGNED_)) {
+      throw py::value_error(label(name, i) + " is not aligned to 4 bytes");
+    }
+    if (access == Access::write && !(a->flags & npy::NPY_ARRAY_WRITEABLE_)) {
+      throw py::value_error(label(name, i) + " is read-only, but it is updated in place");
+    }
+    return a;
   }
 
   const char* first_name_;
-  py::handle positions_;
-  std::size_t count_ = 0;
+  Positions positions_;
   std::vector<std::size_t> sizes_;
+  std::vector<const py::detail::PyArray_Proxy*> shapes_;  // the first list's arrays
   std::vector<float*> first_;
-  std::vector<py::array> arrays_;  // the first list's arrays, for their shapes
-  std::vector<py::array> held_;    // every other array of the call
+  std::vector<py::list> held_;  // every list of the call, as copied
   std::vector<Range> ranges_;
 };
 
 // Runs f(tensor, begin, end) over the call's elements with the GIL released. weight: the work of
 // one element, in the units of the single-thread threshold (multi_tensor.hpp).
 template <class F>
-void run(const CallBuffers& cb, std::size_t weight, F&& f) {
+void run(const Buffers& cb, std::size_t weight, F&& f) {
   py::gil_scoped_release nogil;
   for_each_span(cb.sizes(), weight, f);
 }
 
-// Step counts of this update, one per tensor: an int for all, or a list or tuple of ints >= 1.
-std::vector<std::int64_t> step_counts(py::handle steps, const CallBuffers& cb) {
-  std::vector<std::int64_t> out(cb.count());
+const KernelTable& table_for(py::handle isa) {
+  if (isa.is_none()) return kernels();
+  const std::string name = py::cast<std::string>(isa);
+  const KernelTable* t = kernels_for(name);
+  if (t == nullptr) {
+    throw py::value_error("isa='" + name + "' is not available here (available: " +
+                          py::str(py::cast(available_isas())).cast<std::string>() + ")");
+  }
+  return *t;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Hyperparameters
+
+constexpr double FLOAT32_MAX = 3.4028234663852886e38;
+
+// Every rule's last hyperparameter: maximize negates the gradient (folded into grad_scale).
+constexpr HyperDecl kMaximize = {"maximize", Range::flag, 0.0, "maximize", -1};
+
+const RuleDecl& rule_named(py::handle name) {
+  const std::string n = py::cast<std::string>(name);
+  for (const RuleDecl& r : rules::kRules) {
+    if (n == r.name) return r;
+  }
+  std::string known;
+  for (const RuleDecl& r : rules::kRules) known += std::string(known.empty() ? "" : ", ") + r.name;
+  throw py::value_error("unknown update rule '" + n + "' (known: " + known + ")");
+}
+
+const HyperDecl& hyper_decl(const RuleDecl& r, std::size_t i) {
+  return i < r.n_hyper ? r.hyper[i] : kMaximize;
+}
+
+// The name a message gives hyperparameter `name` (labels: {name: label}, e.g. a schedule's lr).
+std::string hyper_label(const char* name, py::handle labels) {
+  if (!labels.is_none()) {
+    PyObject* l = PyDict_GetItemString(labels.ptr(), name);
+    if (l != nullptr && PyUnicode_Check(l)) return py::reinterpret_borrow<py::str>(l);
+  }
+  return name;
+}
+
+// One value, checked against its declaration: a real number (float or int, not bool) that float32
+// can hold, in its range; or a bool for a flag. The Python layer turns NumPy scalars, 0-d arrays
+// and the like into floats first; here only exact types pass, so no Python code runs.
+double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
+  PyObject* o = v.ptr();
+  if (d.range == Range::flag) {
+    if (!PyBool_Check(o)) {
+      throw py::type_error(hyper_label(d.name, labels) + " must be a bool, got " + type_name(v) +
+                           ": " + std::string(py::repr(v)));
+    }
+    return o == Py_True ? 1.0 : 0.0;
+  }
+  double x;
+  if (PyFloat_Check(o)) {
+    x = PyFloat_AS_DOUBLE(o);
+  } else if (PyLong_Check(o) && !PyBool_Check(o)) {
+    x = PyLong_AsDouble(o);
+    if (x == -1.0 && PyErr_Occurred()) {  // beyond float64
+      PyErr_Clear();
+      x = std::numeric_limits<double>::infinity();
+    }
+  } else {
+    throw py::type_error(hyper_label(d.name, labels) + " must be a real number, got " +
+                         type_name(v) + ": " + std::string(py::repr(v)));
+  }
+  const std::string got = ", got " + std::string(py::repr(v));
+  if (!std::isfinite(x) || std::fabs(x) > FLOAT32_MAX) {
+    throw py::value_error(hyper_label(d.name, labels) +
+                          " must be finite (at most 3.403e+38 in magnitude, as float32 holds it)" +
+                          got);
+  }
+  switch (d.range) {
+    case Range::nonnegative:
+      if (x < 0) throw py::value_error(hyper_label(d.name, labels) + " must be >= 0" + got);
+      break;
+    case Range::unit:
+      if (x < 0 || x > 1) {
+        throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1]" + got);
+      }
+      break;
+    case Range::unit_open:
+      if (x < 0 || x >= 1) {
+        throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1)" + got);
+      }
+      break;
+    case Range::flag:
+      break;
+  }
+  return x;
+}
+
+// The rule's hyperparameters from a dict {name: value}, in declaration order (maximize last);
+// a missing name takes its default, an unknown one is refused.
+std::vector<double> parse_hyper(const RuleDecl& r, py::handle hyper, py::handle labels) {
+  if (!PyDict_Check(hyper.ptr())) {
+    throw py::type_error("hyper must be a dict of hyperparameters, got " + type_name(hyper));
+  }
+  const std::size_t n = r.n_hyper + 1;
+  std::vector<double> values(n);
+  std::vector<char> seen(n, 0);
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(hyper.ptr(), &pos, &key, &value)) {
+    std::size_t i = 0;
+    for (; i < n; ++i) {
+      if (PyUnicode_Check(key) &&
+          PyUnicode_CompareWithASCIIString(key, hyper_decl(r, i).name) == 0) {
+        break;
+      }
+    }
+    if (i == n) {
+      throw py::value_error(std::string(r.cls) + " has no hyperparameter " +
+                            std::string(py::repr(key)));
+    }
+    seen[i] = 1;
+    values[i] = hyper_value(hyper_decl(r, i), value, labels);
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!seen[i]) values[i] = hyper_decl(r, i).default_value;
+  }
+  if (r.check != nullptr) {
+    try {
+      r.check(Hyper(r.hyper, r.n_hyper, values.data()));
+    } catch (const HyperError& e) {
+      throw py::value_error(e.what());
+    }
+  }
+  return values;
+}
+
+bool state_needed(const RuleDecl& r, const StateDecl& s, const std::vector<double>& h) {
+  return s.when == nullptr || Hyper(r.hyper, r.n_hyper, h.data())[s.when] != 0.0;
+}
+
+// Step counts of this update: an int for all tensors (one entry, `all` set), or a list or tuple
+// of ints >= 1, one per tensor. Converting them may run Python code (__index__), so this runs
+// before any array is looked at; the count is matched to the parameters afterwards.
+struct StepCounts {
+  std::vector<std::int64_t> values;
+  bool all = false;
+};
+
+StepCounts parse_steps(py::handle steps, const Positions& positions) {
+  auto label = [&](std::size_t i) {
+    return "steps[" + std::to_string(i < positions.size() ? positions[i] : i) + "]";
+  };
   auto check = [&](py::handle v, std::size_t i) -> std::int64_t {
     py::object number;  // a plain int, or the int a NumPy integer stands for
     if (PyLong_CheckExact(v.ptr())) {
@@ -223,193 +369,339 @@ std::vector<std::int64_t> step_counts(py::handle steps, const CallBuffers& cb) {
       number = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
       if (!number) throw py::error_already_set();
     } else {
-      throw py::type_error(cb.label("steps", i) + " must be an int, got " + type_name(v));
+      throw py::type_error(label(i) + " must be an int, got " + type_name(v));
     }
     int overflow = 0;
     const long long s = PyLong_AsLongLongAndOverflow(number.ptr(), &overflow);
     if (s == -1 && PyErr_Occurred()) throw py::error_already_set();
-    if (overflow != 0) {
-      throw py::value_error(cb.label("steps", i) + " is out of range: it must fit in 64 bits");
-    }
-    if (s < 1) throw py::value_error(cb.label("steps", i) + " must be >= 1, got " + std::to_string(s));
+    if (overflow != 0) throw py::value_error(label(i) + " is out of range: it must fit in 64 bits");
+    if (s < 1) throw py::value_error(label(i) + " must be >= 1, got " + std::to_string(s));
     return s;
   };
+  StepCounts out;
   if (!PyList_Check(steps.ptr()) && !PyTuple_Check(steps.ptr())) {
-    const std::int64_t s = check(steps, 0);  // checked even when there is nothing to update
-    std::fill(out.begin(), out.end(), s);
+    out.values.push_back(check(steps, 0));  // checked even when nothing is updated
+    out.all = true;
     return out;
   }
-  const Items items = items_of(steps, "steps");
-  if (items.size != cb.count()) {
-    throw py::value_error("steps has " + std::to_string(items.size) + " entries but params has " +
-                          std::to_string(cb.count()));
-  }
-  for (std::size_t i = 0; i < items.size; ++i) out[i] = check(items.items[i], i);
+  const py::list items = snapshot(steps, "steps", "ints");  // __index__ may change the original
+  for (std::size_t i = 0; i < items.size(); ++i) out.values.push_back(check(items[i], i));
   return out;
 }
 
-std::vector<char> flags_of(py::handle seq, const char* name, const CallBuffers& cb) {
-  std::vector<char> out(cb.count(), 0);
-  if (seq.is_none()) return out;
-  const Items items = items_of(seq, name);
-  if (items.size != cb.count()) {
-    throw py::value_error(std::string(name) + " has " + std::to_string(items.size) + " entries but params has " +
-                          std::to_string(cb.count()));
+std::vector<std::int64_t> steps_for(const StepCounts& s, std::size_t count) {
+  if (s.all) return std::vector<std::int64_t>(count, s.values[0]);
+  if (s.values.size() != count) {
+    throw py::value_error("steps has " + std::to_string(s.values.size()) +
+                          " entries but params has " + std::to_string(count));
   }
-  for (std::size_t i = 0; i < items.size; ++i) {
-    const int truth = PyObject_IsTrue(items.items[i]);
-    if (truth < 0) throw py::error_already_set();
-    out[i] = static_cast<char>(truth);
-  }
-  return out;
-}
-
-GradientPrep gradient_prep(double weight_decay, double grad_scale) {
-  GradientPrep prep{};
-  prep.grad_scale = static_cast<float>(grad_scale);
-  prep.weight_decay = static_cast<float>(weight_decay);
-  prep.has_weight_decay = weight_decay != 0.0;  // in double, as torch decides it
-  return prep;
-}
-
-template <class T>
-T* at(const std::vector<T*>& v, std::size_t t, std::size_t begin) {
-  return v.empty() ? nullptr : v[t] + begin;
+  return s.values;
 }
 
 // ------------------------------------------------------------------------------------------------
+// One validated update of one group, ready to run.
 
-void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers,
-              py::handle init_buffers, double lr, double weight_decay, double momentum,
-              double dampening, bool nesterov, double grad_scale, py::handle positions) {
-  CallBuffers cb(params, positions);
-  const auto g = cb.add(grads, "grads", Access::read);
-  std::vector<float*> buf;
-  std::vector<char> init(cb.count(), 0);
-  if (!momentum_buffers.is_none()) {
-    buf = cb.add(momentum_buffers, "momentum_buffers", Access::write);
-    init = flags_of(init_buffers, "init_buffers", cb);
-  }
-  cb.check_disjoint();
-  SgdStep base{};
-  base.lr = static_cast<float>(lr);
-  base.momentum = static_cast<float>(momentum);
-  base.dampening_keep = static_cast<float>(1.0 - dampening);
-  base.grad = gradient_prep(weight_decay, grad_scale);
-  base.nesterov = nesterov;
-  const KernelTable& k = kernels();
-  run(cb, WEIGHT_STREAMING, [&](std::size_t t, std::size_t b, std::size_t e) {
-    SgdStep s = base;
-    s.init_buffer = init[t] != 0;
-    k.sgd(s, cb.param(t) + b, g[t] + b, at(buf, t, b), e - b);
-  });
+template <KernelId K>
+struct Slot;
+#define OPTKERN_SLOT(kname, S, n, w)                                       \
+  template <>                                                              \
+  struct Slot<KernelId::kname> {                                           \
+    static auto get(const KernelTable& t) { return t.kname; }              \
+  };
+OPTKERN_KERNELS(OPTKERN_SLOT)
+#undef OPTKERN_SLOT
+
+constexpr std::size_t scalars_size() {
+  std::size_t n = 0;
+#define OPTKERN_SIZE(kname, S, ns, w) n = sizeof(S) > n ? sizeof(S) : n;
+  OPTKERN_KERNELS(OPTKERN_SIZE)
+#undef OPTKERN_SIZE
+  return n;
 }
+// Room for any rule's scalars, suitably aligned.
+struct alignas(alignof(std::max_align_t)) ScalarsSlot {
+  unsigned char bytes[scalars_size()];
+};
 
-void rmsprop_step(py::handle params, py::handle grads, py::handle square_avgs,
-                  py::handle momentum_buffers, py::handle grad_avgs, double lr, double alpha,
-                  double eps, double weight_decay, double momentum, double grad_scale,
-                  py::handle positions) {
-  CallBuffers cb(params, positions);
-  const auto g = cb.add(grads, "grads", Access::read);
-  const auto sq = cb.add(square_avgs, "square_avgs", Access::write);
-  std::vector<float*> buf, gavg;
-  if (!momentum_buffers.is_none()) buf = cb.add(momentum_buffers, "momentum_buffers", Access::write);
-  if (!grad_avgs.is_none()) gavg = cb.add(grad_avgs, "grad_avgs", Access::write);
-  cb.check_disjoint();
-  RmspropStep s{};
-  s.lr = static_cast<float>(lr);
-  s.alpha = static_cast<float>(alpha);
-  s.one_minus_alpha = static_cast<float>(1.0 - alpha);
-  s.eps = static_cast<float>(eps);
-  s.momentum = static_cast<float>(momentum);
-  s.grad = gradient_prep(weight_decay, grad_scale);
-  const KernelTable& k = kernels();
-  run(cb, WEIGHT_DIVIDES, [&](std::size_t t, std::size_t b, std::size_t e) {
-    k.rmsprop(s, cb.param(t) + b, g[t] + b, sq[t] + b, at(buf, t, b), at(gavg, t, b), e - b);
-  });
-}
-
-void adagrad_step(py::handle params, py::handle grads, py::handle state_sums, py::handle steps,
-                  double lr, double lr_decay, double eps, double weight_decay, double grad_scale,
-                  py::handle positions) {
-  CallBuffers cb(params, positions);
-  const auto g = cb.add(grads, "grads", Access::read);
-  const auto sums = cb.add(state_sums, "state_sums", Access::write);
-  cb.check_disjoint();
-  const auto step = step_counts(steps, cb);
-  AdagradStep base{};
-  base.eps = static_cast<float>(eps);
-  base.grad = gradient_prep(weight_decay, grad_scale);
-  std::vector<AdagradStep> per_tensor(cb.count(), base);
-  for (std::size_t t = 0; t < cb.count(); ++t) {
-    per_tensor[t].clr = static_cast<float>(lr / (1.0 + static_cast<double>(step[t] - 1) * lr_decay));
-  }
-  const KernelTable& k = kernels();
-  run(cb, WEIGHT_DIVIDES, [&](std::size_t t, std::size_t b, std::size_t e) {
-    k.adagrad(per_tensor[t], cb.param(t) + b, g[t] + b, sums[t] + b, e - b);
-  });
-}
-
-void adadelta_step(py::handle params, py::handle grads, py::handle square_avgs,
-                   py::handle acc_deltas, double lr, double rho, double eps, double weight_decay,
-                   double grad_scale, py::handle positions) {
-  CallBuffers cb(params, positions);
-  const auto g = cb.add(grads, "grads", Access::read);
-  const auto sq = cb.add(square_avgs, "square_avgs", Access::write);
-  const auto acc = cb.add(acc_deltas, "acc_deltas", Access::write);
-  cb.check_disjoint();
-  AdadeltaStep s{};
-  s.lr = static_cast<float>(lr);
-  s.rho = static_cast<float>(rho);
-  s.one_minus_rho = static_cast<float>(1.0 - rho);
-  s.eps = static_cast<float>(eps);
-  s.grad = gradient_prep(weight_decay, grad_scale);
-  const KernelTable& k = kernels();
-  run(cb, WEIGHT_DIVIDES, [&](std::size_t t, std::size_t b, std::size_t e) {
-    k.adadelta(s, cb.param(t) + b, g[t] + b, sq[t] + b, acc[t] + b, e - b);
-  });
-}
-
-void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
-               py::handle max_exp_avg_sqs, py::handle steps, double lr, double beta1, double beta2,
-               double eps, double weight_decay, bool decoupled, double grad_scale,
-               py::handle positions) {
-  CallBuffers cb(params, positions);
-  const auto g = cb.add(grads, "grads", Access::read);
-  const auto m = cb.add(exp_avgs, "exp_avgs", Access::write);
-  const auto v = cb.add(exp_avg_sqs, "exp_avg_sqs", Access::write);
-  std::vector<float*> vmax;
-  if (!max_exp_avg_sqs.is_none()) vmax = cb.add(max_exp_avg_sqs, "max_exp_avg_sqs", Access::write);
-  cb.check_disjoint();
-  const auto step = step_counts(steps, cb);
-
-  AdamStep base{};
-  const double w = 1.0 - beta1;  // exp_avg.lerp_(grad, 1 - beta1)
-  base.lerp_from_avg = std::abs(w) < 0.5;
-  base.lerp_coeff = static_cast<float>(base.lerp_from_avg ? w : w - 1.0);
-  base.beta2 = static_cast<float>(beta2);
-  base.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  base.eps = static_cast<float>(eps);
-  base.decoupled_decay = static_cast<float>(1.0 - lr * weight_decay);
-  base.grad = gradient_prep(weight_decay, grad_scale);
-  base.amsgrad = !vmax.empty();
-  base.decoupled = decoupled;
-  std::vector<AdamStep> per_tensor(cb.count(), base);
-  for (std::size_t t = 0; t < cb.count(); ++t) {
-    if (t > 0 && step[t] == step[t - 1]) {
-      per_tensor[t] = per_tensor[t - 1];
-      continue;
+class Prepared {
+ public:
+  Prepared(const RuleDecl& rule, py::handle params, py::handle grads, py::handle states,
+           py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
+           py::handle isa, py::handle record)
+      : rule_(rule), table_(&table_for(isa)) {
+    // Everything that can run Python code comes first: the hyperparameters, the step counts,
+    // the positions and the state lists (all copied); then the arrays, which run none.
+    const std::vector<double> h = parse_hyper(rule, hyper, py::none());
+    // grad_scale is data, like a gradient: a clipping coefficient from a NaN norm is NaN and
+    // makes the update NaN, as in torch. optkern.functional refuses a non-finite one from users.
+    if (h[rule.n_hyper] != 0.0) grad_scale = -grad_scale;  // maximize
+    if (!PyDict_Check(states.ptr())) {
+      throw py::type_error("states must be a dict {state name: list of arrays}, got " +
+                           type_name(states));
     }
-    // Bias corrections from the step count, in double (never a running product).
-    const double n = static_cast<double>(step[t]);
-    per_tensor[t].step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, n)));
-    per_tensor[t].inv_bias_correction2_sqrt =
-        static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, n)));
+    std::vector<py::object> lists(rule.n_states);
+    for (std::size_t k = 0; k < rule.n_states; ++k) {
+      const StateDecl& s = rule.states[k];
+      PyObject* l = PyDict_GetItemString(states.ptr(), s.name);
+      if (state_needed(rule, s, h)) {
+        if (l == nullptr || (l == Py_None && s.when != nullptr)) {
+          std::string why;
+          if (s.when != nullptr) {
+            const bool flag = Hyper(rule.hyper, rule.n_hyper, h.data())[s.when] != 0.0 &&
+                              std::any_of(rule.hyper, rule.hyper + rule.n_hyper,
+                                          [&](const HyperDecl& d) {
+                                            return std::string(d.name) == s.when &&
+                                                   d.range == Range::flag;
+                                          });
+            why = std::string(" when ") + s.when + (flag ? "=True" : " != 0");
+          }
+          throw py::value_error(std::string(s.arg) + " is required" + why);
+        }
+        lists[k] = py::reinterpret_borrow<py::object>(l);
+      }
+    }
+    {
+      PyObject *key, *value;
+      Py_ssize_t pos = 0;
+      while (PyDict_Next(states.ptr(), &pos, &key, &value)) {
+        const bool known = PyUnicode_Check(key) &&
+                           std::any_of(rule.states, rule.states + rule.n_states,
+                                       [&](const StateDecl& s) {
+                                         return PyUnicode_CompareWithASCIIString(key, s.name) == 0;
+                                       });
+        if (!known) {
+          throw py::value_error(std::string(rule.cls) + " keeps no state " +
+                                std::string(py::repr(key)));
+        }
+      }
+    }
+    Positions pos = positions_of(positions);
+    const bool steps_given = !steps.is_none();
+    if (rule.steps == Steps::used && !steps_given) {
+      throw py::type_error(std::string(rule.cls) + " needs the step number (steps=)");
+    }
+    py::list record_items;
+    if (!record.is_none()) record_items = snapshot(record, "record", "state dicts");
+    StepCounts step_counts;
+    if (steps_given) step_counts = parse_steps(steps, pos);
+    // From here on no Python code runs until the kernels are done.
+
+    buffers_ = std::make_unique<Buffers>(params, "params", Access::write, std::move(pos));
+    Buffers& cb = *buffers_;
+    const std::size_t count = cb.count();
+    grads_ = cb.add(grads, "grads", Access::read);
+    for (std::size_t k = 0; k < rule.n_states; ++k) {
+      if (lists[k]) state_[k] = cb.add(lists[k], rule.states[k].arg, Access::write);
+    }
+    cb.check_disjoint();
+    steps_ = steps_given ? steps_for(step_counts, count) : std::vector<std::int64_t>(count, 2);
+    if (!record.is_none()) {
+      if (record_items.size() != count) {
+        throw py::value_error("record has " + std::to_string(record_items.size()) +
+                              " entries but params has " + std::to_string(count));
+      }
+      for (py::handle d : record_items) {
+        if (!PyDict_CheckExact(d.ptr())) {
+          throw py::type_error("record must hold the parameters' state dicts, got " +
+                               type_name(d));
+        }
+      }
+      record_ = record_items;
+    }
+
+    // The per-step scalars, in double from the step count, one set per distinct step.
+    const Hyper hyp(rule.hyper, rule.n_hyper, h.data());
+    which_.resize(count);
+    for (std::size_t t = 0; t < count; ++t) {
+      if (t > 0 && steps_[t] == steps_[t - 1]) {
+        which_[t] = which_[t - 1];
+        continue;
+      }
+      StepInfo info{rule.cls, steps_[t], steps_[t] == 1, grad_scale};
+      scalars_.emplace_back();
+      try {
+        rule.scalars(hyp, info, scalars_.back().bytes);
+      } catch (const HyperError& e) {
+        throw py::value_error(e.what());
+      }
+      which_[t] = scalars_.size() - 1;
+    }
+    if (count == 0 && !scalars_.empty()) scalars_.clear();
+    if (count == 0) {  // still check the scalars of step 1 (or the given step)
+      StepInfo info{rule.cls, steps_given && step_counts.all ? step_counts.values[0] : 1, true,
+                    grad_scale};
+      ScalarsSlot probe{};
+      try {
+        rule.scalars(hyp, info, probe.bytes);
+      } catch (const HyperError& e) {
+        throw py::value_error(e.what());
+      }
+    }
   }
-  const KernelTable& k = kernels();
-  run(cb, WEIGHT_DIVIDES, [&](std::size_t t, std::size_t b, std::size_t e) {
-    k.adam(per_tensor[t], cb.param(t) + b, g[t] + b, m[t] + b, v[t] + b, at(vmax, t, b), e - b);
-  });
+
+  // The kernels, with the GIL released by the caller.
+  void run_kernels() const {
+    switch (rule_.kernel) {
+#define OPTKERN_CASE(kname, S, n, w) \
+  case KernelId::kname:              \
+    run_rule<KernelId::kname>();     \
+    break;
+      OPTKERN_KERNELS(OPTKERN_CASE)
+#undef OPTKERN_CASE
+      case KernelId::count:
+        break;
+    }
+  }
+
+  // The step's bookkeeping (GIL held, no Python code runs): each state dict's step count.
+  void record() const {
+    if (!record_) return;
+    const py::list& items = *record_;
+    for (std::size_t t = 0; t < steps_.size(); ++t) {
+      py::int_ step(steps_[t]);
+      if (PyDict_SetItemString(items[t].ptr(), "step", step.ptr()) != 0) {
+        throw py::error_already_set();
+      }
+    }
+  }
+
+  bool used = false;
+
+ private:
+  template <KernelId K>
+  void run_rule() const {
+    using S = typename KernelInfo<K>::Scalars;
+    const auto fn = Slot<K>::get(*table_);
+    constexpr std::size_t NS = KernelInfo<K>::states;
+    const Buffers& cb = *buffers_;
+    auto body = [&](std::size_t t, std::size_t b, std::size_t e) {
+      float* st[MAX_STATES] = {};
+      for (std::size_t k = 0; k < NS; ++k) {
+        st[k] = state_[k].empty() ? nullptr : state_[k][t] + b;
+      }
+      fn(*reinterpret_cast<const S*>(scalars_[which_[t]].bytes), cb.param(t) + b, grads_[t] + b,
+         st, e - b);
+    };
+    for_each_span(cb.sizes(), KernelInfo<K>::weight, body);
+  }
+
+  const RuleDecl& rule_;
+  const KernelTable* table_;
+  std::unique_ptr<Buffers> buffers_;
+  std::vector<float*> grads_;
+  std::vector<float*> state_[MAX_STATES];
+  std::vector<std::int64_t> steps_;
+  std::vector<ScalarsSlot> scalars_;
+  std::vector<std::size_t> which_;
+  std::optional<py::list> record_;
+};
+
+// Runs prepared updates: every kernel in one stretch without the GIL, then all the bookkeeping
+// (state step counts, and counter[0] += 1 when a counter list is given) with no Python code in
+// between, so a KeyboardInterrupt sees either none of the step or all of it.
+void run_prepared(py::handle calls, py::handle counter) {
+  std::vector<Prepared*> todo;
+  const py::list items = snapshot(calls, "calls", "prepared updates");
+  for (py::handle c : items) {
+    auto* p = c.cast<Prepared*>();
+    if (p->used) throw py::value_error("a prepared update runs once");
+    todo.push_back(p);
+  }
+  if (!counter.is_none() && !(PyList_CheckExact(counter.ptr()) && PyList_GET_SIZE(counter.ptr()) >= 1 &&
+                              PyLong_CheckExact(PyList_GET_ITEM(counter.ptr(), 0)))) {
+    throw py::type_error("counter must be a list whose first item is an int");
+  }
+  for (Prepared* p : todo) p->used = true;
+  {
+    py::gil_scoped_release nogil;
+    for (Prepared* p : todo) p->run_kernels();
+  }
+  for (Prepared* p : todo) p->record();
+  if (!counter.is_none()) {
+    PyObject* old = PyList_GET_ITEM(counter.ptr(), 0);
+    PyObject* next = PyNumber_Add(old, py::int_(1).ptr());
+    if (next == nullptr) throw py::error_already_set();
+    PyList_SetItem(counter.ptr(), 0, next);  // steals next
+  }
+}
+
+py::dict validate(py::handle rule, py::handle hyper, py::handle labels) {
+  const RuleDecl& r = rule_named(rule);
+  const std::vector<double> h = parse_hyper(r, hyper, labels);
+  py::dict out;
+  for (std::size_t i = 0; i <= r.n_hyper; ++i) {
+    const HyperDecl& d = hyper_decl(r, i);
+    if (d.range == Range::flag) {
+      out[d.name] = py::bool_(h[i] != 0.0);
+    } else {
+      out[d.name] = py::float_(h[i]);
+    }
+  }
+  return out;
+}
+
+const char* range_name(Range r) {
+  switch (r) {
+    case Range::nonnegative: return "nonnegative";
+    case Range::unit: return "unit";
+    case Range::unit_open: return "unit_open";
+    case Range::flag: return "flag";
+  }
+  return "";
+}
+
+py::list rule_table() {
+  py::list out;
+  for (const RuleDecl& r : rules::kRules) {
+    py::dict d;
+    d["name"] = r.name;
+    d["cls"] = r.cls;
+    d["doc"] = r.doc;
+    d["counts_steps"] = r.steps != Steps::first_only;
+    d["uses_step"] = r.steps == Steps::used;
+    std::size_t weight = 1, kernel_states = 0;
+    const char* kernel = "";
+#define OPTKERN_META(kname, S, ns, w)   \
+  if (r.kernel == KernelId::kname) {   \
+    weight = w;                        \
+    kernel_states = ns;                \
+    kernel = #kname;                   \
+  }
+    OPTKERN_KERNELS(OPTKERN_META)
+#undef OPTKERN_META
+    (void)kernel_states;
+    d["kernel"] = kernel;
+    d["weight"] = weight;
+    py::list hyper;
+    for (std::size_t i = 0; i <= r.n_hyper; ++i) {
+      const HyperDecl& h = hyper_decl(r, i);
+      py::dict e;
+      e["name"] = h.name;
+      e["range"] = range_name(h.range);
+      if (h.range == Range::flag) {
+        e["default"] = py::bool_(h.default_value != 0.0);
+      } else {
+        e["default"] = h.default_value;
+      }
+      e["torch"] = h.torch;
+      e["slot"] = h.slot;
+      hyper.append(e);
+    }
+    d["hyper"] = hyper;
+    py::list states;
+    for (std::size_t k = 0; k < r.n_states; ++k) {
+      const StateDecl& s = r.states[k];
+      py::dict e;
+      e["name"] = s.name;
+      e["arg"] = s.arg;
+      e["when"] = s.when ? py::object(py::str(s.when)) : py::object(py::none());
+      e["init"] = s.init ? py::object(py::str(s.init)) : py::object(py::none());
+      states.append(e);
+    }
+    d["states"] = states;
+    out.append(d);
+  }
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -423,7 +715,7 @@ double nan_max(double a, double b) { return (a != a || b != b) ? a + b : (a > b 
 
 // Per-array norms and the total norm of all arrays together (torch.linalg.vector_norm of their
 // concatenation), from one read pass over the data.
-std::pair<std::vector<double>, double> compute_norms(const CallBuffers& cb, double p) {
+std::pair<std::vector<double>, double> compute_norms(const Buffers& cb, double p) {
   if (!(p > 0.0)) throw py::value_error("norm_type must be > 0 or inf, got " + std::to_string(p));
   struct Block {
     std::size_t tensor, begin, size;
@@ -463,13 +755,13 @@ std::pair<std::vector<double>, double> compute_norms(const CallBuffers& cb, doub
 }
 
 py::tuple grad_norms(py::handle grads, double norm_type, py::handle positions) {
-  CallBuffers cb(grads, "grads", Access::read, positions);
+  Buffers cb(grads, "grads", Access::read, positions_of(positions));
   auto [per_tensor, total] = compute_norms(cb, norm_type);
   return py::make_tuple(py::array_t<double>(per_tensor.size(), per_tensor.data()), total);
 }
 
 void scale_grads(py::handle grads, double factor) {
-  CallBuffers cb(grads, "grads", Access::write, py::none());
+  Buffers cb(grads, "grads", Access::write, {});
   cb.check_disjoint();  // two views of one buffer would be scaled twice
   const auto c = static_cast<float>(factor);
   const KernelTable& k = kernels();
@@ -478,7 +770,7 @@ void scale_grads(py::handle grads, double factor) {
 }
 
 void clamp_grads(py::handle grads, double lo, double hi) {
-  CallBuffers cb(grads, "grads", Access::write, py::none());
+  Buffers cb(grads, "grads", Access::write, {});
   cb.check_disjoint();
   const auto l = static_cast<float>(lo), h = static_cast<float>(hi);
   const KernelTable& k = kernels();
@@ -489,7 +781,7 @@ void clamp_grads(py::handle grads, double lo, double hi) {
 
 // a += s * b over lists of arrays, threaded like the optimizer kernels: the benchmark's yardstick.
 void stream_axpy(py::handle a, py::handle b, double s) {
-  CallBuffers cb(a, "a", Access::write, py::none());
+  Buffers cb(a, "a", Access::write, {});
   const auto bs = cb.add(b, "b", Access::read);
   cb.check_disjoint();
   const auto f = static_cast<float>(s);
@@ -500,12 +792,12 @@ void stream_axpy(py::handle a, py::handle b, double s) {
 }
 
 void check_params(py::handle params) {
-  CallBuffers cb(params, py::none());
+  Buffers cb(params, "params", Access::write, {});
   cb.check_disjoint();
 }
 
 void check_grads(py::handle params, py::handle grads, py::handle positions) {
-  CallBuffers cb(params, positions);
+  Buffers cb(params, "params", Access::write, positions_of(positions));
   cb.add(grads, "grads", Access::read);
   cb.check_disjoint();
 }
@@ -594,25 +886,48 @@ PYBIND11_MODULE(_core, m) {
         "Clamps every array to [lo, hi] in place; NaN stays NaN.");
   m.def("stream_axpy", &stream_axpy, py::arg("a"), py::arg("b"), py::arg("s"),
         "a[i] += s * b[i] over lists of float32 arrays (the benchmark's bandwidth yardstick).");
-  m.def("sgd_step", &sgd_step, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"),
-        py::kw_only(), py::arg("init_buffers"), py::arg("lr"), py::arg("weight_decay"),
-        py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"), py::arg("grad_scale"),
-        py::arg("positions") = py::none());
-  m.def("rmsprop_step", &rmsprop_step, py::arg("params"), py::arg("grads"),
-        py::arg("square_avgs"), py::arg("momentum_buffers"), py::arg("grad_avgs"), py::kw_only(),
-        py::arg("lr"), py::arg("alpha"), py::arg("eps"), py::arg("weight_decay"),
-        py::arg("momentum"), py::arg("grad_scale"), py::arg("positions") = py::none());
-  m.def("adagrad_step", &adagrad_step, py::arg("params"), py::arg("grads"),
-        py::arg("state_sums"), py::kw_only(), py::arg("steps"), py::arg("lr"),
-        py::arg("lr_decay"), py::arg("eps"), py::arg("weight_decay"), py::arg("grad_scale"),
-        py::arg("positions") = py::none());
-  m.def("adadelta_step", &adadelta_step, py::arg("params"), py::arg("grads"),
-        py::arg("square_avgs"), py::arg("acc_deltas"), py::kw_only(), py::arg("lr"),
-        py::arg("rho"), py::arg("eps"), py::arg("weight_decay"), py::arg("grad_scale"),
-        py::arg("positions") = py::none());
-  m.def("adam_step", &adam_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
-        py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::kw_only(), py::arg("steps"),
-        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-        py::arg("weight_decay"), py::arg("decoupled"), py::arg("grad_scale"),
-        py::arg("positions") = py::none());
+  m.def("rules", &rule_table,
+        "Every update rule's declaration: name, class, formulas, hyperparameters (name, range, "
+        "default, torch name and tuple slot), state buffers (name, functional argument, the "
+        "option that enables it, the option it starts at), kernel and whether it counts steps.");
+  m.def("validate", &validate, py::arg("rule"), py::arg("hyper"), py::kw_only(),
+        py::arg("labels") = py::none(),
+        "Checks a dict of hyperparameters against the rule's declared ranges; returns them all "
+        "(defaults filled in) as floats and bools.");
+  py::class_<Prepared>(m, "Prepared",
+                       "One validated update of one group, not yet run (see prepare and run).");
+  auto prepare = [](py::handle rule, py::handle params, py::handle grads, py::handle states,
+                    py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
+                    py::handle isa, py::handle record) {
+    return new Prepared(rule_named(rule), params, grads, states, hyper, steps, grad_scale,
+                        positions, isa, record);
+  };
+  m.def("prepare", prepare, py::arg("rule"), py::arg("params"), py::arg("grads"),
+        py::arg("states"), py::arg("hyper"), py::kw_only(), py::arg("steps") = py::none(),
+        py::arg("grad_scale") = 1.0, py::arg("positions") = py::none(),
+        py::arg("isa") = py::none(), py::arg("record") = py::none(),
+        py::return_value_policy::take_ownership,
+        "Validates one group's update (arrays, hyperparameters, step counts, per-step scalars) "
+        "without writing anything.");
+  m.def("run", &run_prepared, py::arg("calls"), py::kw_only(), py::arg("counter") = py::none(),
+        "Runs prepared updates, then records their step counts (and counter[0] += 1) with no "
+        "Python code in between.");
+  m.def(
+      "step",
+      [prepare](py::handle rule, py::handle params, py::handle grads, py::handle states,
+                py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
+                py::handle isa) {
+        std::unique_ptr<Prepared> p(
+            prepare(rule, params, grads, states, hyper, steps, grad_scale, positions, isa,
+                    py::none()));
+        p->used = true;
+        py::gil_scoped_release nogil;
+        p->run_kernels();
+      },
+      py::arg("rule"), py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("hyper"),
+      py::kw_only(), py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0,
+      py::arg("positions") = py::none(), py::arg("isa") = py::none(),
+      "One fused update of a group by the named rule: every array validated, the GIL released, "
+      "one multi-tensor kernel call. isa names a compiled kernel build to use instead of the "
+      "active one (tests compare every ISA in one process).");
 }

@@ -157,6 +157,14 @@ void init_dispatch() {
 
 const KernelTable& kernels() { return *g_table; }
 
+const KernelTable* kernels_for(const std::string& isa) {
+  const CpuSupport cpu = detect_cpu();
+  for (const IsaBuild& b : kBuilds) {
+    if (isa == b.name) return runnable(b, cpu) ? b.table() : nullptr;
+  }
+  return nullptr;
+}
+
 const char* active_isa() { return g_active->name; }
 
 std::vector<std::string> available_isas() {

@@ -18,6 +18,10 @@ void init_dispatch();
 // The active kernel table (init_dispatch() has run).
 const KernelTable& kernels();
 
+// The kernel table of the named ISA build, or nullptr when this binary or this machine lacks it
+// (tests run every ISA's kernels in one process through it).
+const KernelTable* kernels_for(const std::string& isa);
+
 // Name of the active ISA: "scalar", "avx2" or "avx512".
 const char* active_isa();
 

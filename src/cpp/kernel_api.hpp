@@ -9,84 +9,39 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "rules.hpp"
+
 namespace optkern {
 
-// Every struct below holds the scalars of one update, already in the float form the kernel uses.
-// They are filled in double by the caller (bias corrections from the step count) and then
-// rounded once.
+// The per-step scalars of each rule's kernel are declared with the rules (rules.hpp), each in the
+// float form the kernel uses, filled in double by the host and rounded once.
 
-// What every rule first does to the gradient: g = grad_scale * g (-1 for maximize, times the
-// clipping coefficient when clipping is fused into the step), then g += weight_decay * p when
-// has_weight_decay (AdamW decays p itself instead: see AdamStep). has_weight_decay is decided on
-// the double value, as torch decides it: a weight decay of 1e-320 rounds to 0.0f but still adds
-// 0 * p to the gradient, which is NaN where p is infinite.
-struct GradientPrep {
-  float grad_scale;
-  float weight_decay;
-  bool has_weight_decay;
-};
+#define OPTKERN_KERNEL_ID(name, Scalars, states, weight) name,
+enum class KernelId : int { OPTKERN_KERNELS(OPTKERN_KERNEL_ID) count };
+#undef OPTKERN_KERNEL_ID
 
-struct SgdStep {
-  float lr;
-  float momentum;
-  float dampening_keep;  // 1 - dampening
-  GradientPrep grad;
-  bool nesterov;
-  bool init_buffer;  // torch's first step: the buffer becomes the gradient itself
-};
-
-struct RmspropStep {
-  float lr;
-  float alpha;
-  float one_minus_alpha;
-  float eps;
-  float momentum;
-  GradientPrep grad;
-};
-
-struct AdagradStep {
-  float clr;  // lr / (1 + (step - 1) * lr_decay), per tensor
-  float eps;
-  GradientPrep grad;
-};
-
-struct AdadeltaStep {
-  float lr;
-  float rho;
-  float one_minus_rho;
-  float eps;
-  GradientPrep grad;
-};
-
-struct AdamStep {
-  // exp_avg.lerp_(grad, w) as torch computes it: base + coeff * (grad - exp_avg), where
-  // (base, coeff) is (exp_avg, w) for w < 0.5 and (grad, w - 1) otherwise.
-  float lerp_coeff;
-  bool lerp_from_avg;
-  float beta2;
-  float one_minus_beta2;
-  float eps;
-  float decoupled_decay;       // 1 - lr * weight_decay, AdamW only (grad.weight_decay unused)
-  float step_size;             // lr / (1 - beta1^step), per tensor
-  float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step), per tensor
-  GradientPrep grad;
-  bool amsgrad;
-  bool decoupled;
-};
+template <KernelId>
+struct KernelInfo;
+#define OPTKERN_KERNEL_INFO(kname, S, n_states, w)   \
+  template <>                                        \
+  struct KernelInfo<KernelId::kname> {               \
+    using Scalars = S;                               \
+    static constexpr std::size_t states = n_states;  \
+    static constexpr std::size_t weight = w;         \
+    static constexpr const char* name = #kname;      \
+  };
+OPTKERN_KERNELS(OPTKERN_KERNEL_INFO)
+#undef OPTKERN_KERNEL_INFO
 
 // One ISA build's entry points. Each updates elements [0, n) of the pointers it is given;
 // the multi-tensor driver offsets the pointers for each thread's range.
 struct KernelTable {
-  const char* isa;
-  void (*sgd)(const SgdStep&, float* param, const float* grad, float* momentum_buffer,
-              std::size_t n);
-  void (*rmsprop)(const RmspropStep&, float* param, const float* grad, float* square_avg,
-                  float* momentum_buffer, float* grad_avg, std::size_t n);
-  void (*adagrad)(const AdagradStep&, float* param, const float* grad, float* sum, std::size_t n);
-  void (*adadelta)(const AdadeltaStep&, float* param, const float* grad, float* square_avg,
-                   float* acc_delta, std::size_t n);
-  void (*adam)(const AdamStep&, float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
-               float* max_exp_avg_sq, std::size_t n);
+  // One entry per rule kernel: kernel(scalars, param, grad, state, n), state[k] being the k-th
+  // state buffer of the rule (nullptr when the options do not use it).
+#define OPTKERN_KERNEL_SLOT(name, S, states, weight) \
+  void (*name)(const S&, float* param, const float* grad, float* const* state, std::size_t n);
+  OPTKERN_KERNELS(OPTKERN_KERNEL_SLOT)
+#undef OPTKERN_KERNEL_SLOT
 
   // Gradient norms, one block at a time, accumulated in double: the sum of |x|^p (p = 1, 2 or
   // any p > 0), or max |x| for p = inf. NaN or Inf in x makes the result NaN or Inf.

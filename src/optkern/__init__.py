@@ -18,7 +18,12 @@ from .clip import clip_grad_norm_, clip_grad_value_, grad_norms
 from .flat import FlatParams
 from .checkpoint import CheckpointError, load, save
 from .optimizer import Optimizer
+from . import registry
+from . import optimizers as _optimizers
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, Nesterov, RMSprop
+
+# Every rule's class, those declared after this list was written included.
+globals().update({name: getattr(_optimizers, name) for name in _optimizers.__all__})
 
 __version__: str = _core.__version__
 
@@ -32,7 +37,11 @@ __all__ = [
     "Adadelta",
     "Adam",
     "AdamW",
+    *[name for name in _optimizers.__all__ if name not in ("SGD", "Nesterov", "Momentum",
+                                                          "RMSprop", "Adagrad", "Adadelta",
+                                                          "Adam", "AdamW")],
     "functional",
+    "registry",
     "clip_grad_norm_",
     "clip_grad_value_",
     "grad_norms",

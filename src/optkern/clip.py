@@ -1,6 +1,6 @@
 """Gradient clipping and gradient norms, with torch.nn.utils' semantics.
 
-The seed notes' remedies for exploding gradients are clipping and a lower learning rate; for
+The classic remedies for exploding gradients (see docs/design.md, Origins) are clipping and a lower learning rate; for
 vanishing ones, watching each layer's gradient norm. Norms are computed in C++ in one read pass,
 summed in double over fixed blocks in a fixed order: the same value for any thread count.
 To clip inside an optimizer step, without rewriting the gradients, use

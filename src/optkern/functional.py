@@ -3,8 +3,9 @@ passed in explicitly. For users who keep their own state; the optimizer classes 
 
 Every function updates ``params`` and the state arrays in place with one fused C++ call over the
 whole list, and returns None. Arrays must be float32, C-contiguous and writeable (gradients only
-readable), with each state array shaped like its parameter; hyperparameters are checked here and
-arrays in C++, all before anything is written, so a call that raises changes nothing.
+readable), with each state array shaped like its parameter. Everything (arrays, hyperparameter
+ranges, step counts, the per-step scalars) is checked by the C++ core before anything is written,
+so a call that raises changes nothing.
 
 ``step`` is the number of this update (1 on the first), an int for all parameters or a list with
 one per parameter. ``grad_scale`` multiplies every gradient before it is used (a clipping
@@ -21,6 +22,7 @@ import numpy as np
 
 from . import _core
 from .flat import FlatParams
+from .registry import as_flag, as_real, make_functional, rules
 
 __all__ = [
     "sgd_",
@@ -30,7 +32,7 @@ __all__ = [
     "adadelta_",
     "adam_",
     "adamw_",
-]
+]  # and one <rule>_ per further rule of optkern.registry (added at the end of this module)
 
 ArrayList = Sequence[np.ndarray]
 Steps = Union[int, Sequence[int]]
@@ -68,26 +70,12 @@ def check_nonnegative(name: str, value: Any) -> float:
     return v
 
 
-def check_unit(name: str, value: Any, *, inclusive_one: bool) -> float:
-    """A value in [0, 1], or in [0, 1) when ``inclusive_one`` is False."""
-    v = check_real(name, value)
-    if v < 0 or v > 1 or (v == 1 and not inclusive_one):
-        interval = "[0, 1]" if inclusive_one else "[0, 1)"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return v
-
-
 def check_flag(name: str, value: Any) -> bool:
     if value is True or value is False:
         return value
     if not isinstance(value, np.bool_):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
     return bool(value)
-
-
-def _scale(grad_scale: Any, maximize: Any) -> float:
-    s = check_real("grad_scale", grad_scale)
-    return -s if check_flag("maximize", maximize) else s
 
 
 def _steps(step: Steps) -> Steps:
@@ -98,13 +86,20 @@ def _steps(step: Steps) -> Steps:
     raise TypeError(f"step must be an int or a list of ints, got {type(step).__name__}")
 
 
-def _require(name: str, value: Optional[ArrayList], why: str) -> ArrayList:
-    if value is None:
-        raise ValueError(f"{name} is required {why}")
-    return value
+def _run(rule: str, params: ArrayList, grads: ArrayList, states: dict, hyper: dict, *,
+         step: Optional[Steps], grad_scale: Any, positions: Optional[Sequence[int]]) -> None:
+    """One fused update by ``rule``: real scalars become floats here, and the core checks the
+    rest (ranges, arrays, step counts, per-step scalars) before writing anything."""
+    core = {k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v)
+            for k, v in hyper.items()}
+    _core.step(rule, params, grads, states, core,
+               steps=None if step is None else _steps(step),
+               grad_scale=check_real("grad_scale", grad_scale), positions=positions)
 
 
 # -- the updates ------------------------------------------------------------------------------------
+# The rules' own signatures, kept as they were when each was written; a rule added later gets its
+# function from its declaration (see the end of this module).
 
 
 def sgd_(
@@ -127,24 +122,22 @@ def sgd_(
     None entry is a buffer that does not exist yet: it is created, filled by torch's first-step
     rule (the buffer becomes the gradient) and stored back into the list.
     """
-    lr = check_nonnegative("lr", lr)
-    momentum = check_nonnegative("momentum", momentum)
-    dampening = check_unit("dampening", dampening, inclusive_one=True)
-    weight_decay = check_nonnegative("weight_decay", weight_decay)
-    nesterov = check_flag("nesterov", nesterov)
-    scale = _scale(grad_scale, maximize)
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
-    if momentum == 0:
-        _core.sgd_step(params, grads, None, init_buffers=None, lr=lr, weight_decay=weight_decay,
-                       momentum=0.0, dampening=dampening, nesterov=False, grad_scale=scale,
-                       positions=_positions)
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                 nesterov=as_flag(nesterov), maximize=as_flag(maximize))
+    core = _core.validate("sgd", {k: v if isinstance(v, bool) else as_real(v)
+                                  for k, v in hyper.items()})
+    if core["momentum"] == 0:
+        _run("sgd", params, grads, {}, core, step=None, grad_scale=grad_scale,
+             positions=_positions)
         return
-    bufs = _require("momentum_buffers", momentum_buffers, "when momentum != 0")
+    bufs = momentum_buffers
+    if bufs is None:
+        raise ValueError("momentum_buffers is required when momentum != 0")
     if not isinstance(bufs, list):
         raise TypeError("momentum_buffers must be a list (new buffers are stored into it), "
                         f"got {type(bufs).__name__}")
     fresh = [b is None for b in bufs]
+    filled: List[Any] = bufs
     if any(fresh):
         _core.check_grads(params, grads, positions=_positions)  # before allocating anything
         if len(bufs) != len(params):
@@ -153,11 +146,9 @@ def sgd_(
         # New buffers as views of one block: the kernel then streams them as one array.
         block = iter(FlatParams([p.shape for p, f in zip(params, fresh) if f]))
         filled = [next(block) if f else b for b, f in zip(bufs, fresh)]
-    else:
-        filled = bufs
-    _core.sgd_step(params, grads, filled, init_buffers=fresh, lr=lr, weight_decay=weight_decay,
-                   momentum=momentum, dampening=dampening, nesterov=nesterov, grad_scale=scale,
-                   positions=_positions)
+    # A buffer's first step (step 1) takes torch's first-step rule: it becomes the gradient.
+    _run("sgd", params, grads, {"momentum_buffer": filled}, core,
+         step=[1 if f else 2 for f in fresh], grad_scale=grad_scale, positions=_positions)
     if filled is not bufs:
         bufs[:] = filled
 
@@ -174,20 +165,13 @@ def momentum_(
     grad_scale: float = 1.0,
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
-    """The seed notes' momentum: ``V = beta*V + (1-beta)*g; p -= lr*V``, V starting at zero."""
-    lr = check_nonnegative("lr", lr)
-    beta = check_unit("beta", beta, inclusive_one=False)
-    weight_decay = check_nonnegative("weight_decay", weight_decay)
-    scale = _scale(grad_scale, maximize)
-    # None would make the C++ call below a plain SGD step: refuse it rather than drop the momentum.
-    velocities = _require("velocities", velocities, "(one zero-initialised array per parameter)")
-    # SGD's buffer update with dampening = momentum = beta, never taking the first-step shortcut.
-    try:
-        _core.sgd_step(params, grads, velocities, init_buffers=None, lr=lr,
-                       weight_decay=weight_decay, momentum=beta, dampening=beta, nesterov=False,
-                       grad_scale=scale, positions=_positions)
-    except (TypeError, ValueError) as e:  # name the argument as the caller knows it
-        raise type(e)(str(e).replace("momentum_buffers", "velocities")) from None
+    """Momentum in its exponentially weighted form: ``V = beta*V + (1-beta)*g; p -= lr*V``, V
+    starting at zero (see :class:`optkern.Momentum`)."""
+    if velocities is None:  # refused rather than run as plain SGD without its momentum
+        raise ValueError("velocities is required (one zero-initialised array per parameter)")
+    _run("momentum", params, grads, {"momentum_buffer": velocities},
+         dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize), step=None,
+         grad_scale=grad_scale, positions=_positions)
 
 
 def rmsprop_(
@@ -209,18 +193,11 @@ def rmsprop_(
 ) -> None:
     """RMSprop as torch.optim.RMSprop (see :class:`optkern.RMSprop`). ``grad_avgs`` is needed
     when centered, ``momentum_buffers`` when momentum > 0; all state starts at zero."""
-    lr = check_nonnegative("lr", lr)
-    alpha = check_unit("alpha", alpha, inclusive_one=True)
-    eps = check_nonnegative("eps", eps)
-    weight_decay = check_nonnegative("weight_decay", weight_decay)
-    momentum = check_nonnegative("momentum", momentum)
-    centered = check_flag("centered", centered)
-    scale = _scale(grad_scale, maximize)
-    gavg = _require("grad_avgs", grad_avgs, "when centered=True") if centered else None
-    bufs = _require("momentum_buffers", momentum_buffers, "when momentum > 0") if momentum > 0 else None
-    _core.rmsprop_step(params, grads, square_avgs, bufs, gavg, lr=lr, alpha=alpha, eps=eps,
-                       weight_decay=weight_decay, momentum=momentum, grad_scale=scale,
-                       positions=_positions)
+    _run("rmsprop", params, grads,
+         {"square_avg": square_avgs, "grad_avg": grad_avgs, "momentum_buffer": momentum_buffers},
+         dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+              centered=centered, maximize=maximize),
+         step=None, grad_scale=grad_scale, positions=_positions)
 
 
 def adagrad_(
@@ -238,13 +215,9 @@ def adagrad_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """Adagrad as torch.optim.Adagrad (see :class:`optkern.Adagrad`)."""
-    lr = check_nonnegative("lr", lr)
-    lr_decay = check_nonnegative("lr_decay", lr_decay)
-    weight_decay = check_nonnegative("weight_decay", weight_decay)
-    eps = check_nonnegative("eps", eps)
-    scale = _scale(grad_scale, maximize)
-    _core.adagrad_step(params, grads, state_sums, steps=_steps(step), lr=lr, lr_decay=lr_decay,
-                       eps=eps, weight_decay=weight_decay, grad_scale=scale, positions=_positions)
+    _run("adagrad", params, grads, {"sum": state_sums},
+         dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize),
+         step=step, grad_scale=grad_scale, positions=_positions)
 
 
 def adadelta_(
@@ -262,28 +235,18 @@ def adadelta_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """Adadelta as torch.optim.Adadelta (see :class:`optkern.Adadelta`)."""
-    lr = check_nonnegative("lr", lr)
-    rho = check_unit("rho", rho, inclusive_one=True)
-    eps = check_nonnegative("eps", eps)
-    weight_decay = check_nonnegative("weight_decay", weight_decay)
-    scale = _scale(grad_scale, maximize)
-    _core.adadelta_step(params, grads, square_avgs, acc_deltas, lr=lr, rho=rho, eps=eps,
-                        weight_decay=weight_decay, grad_scale=scale, positions=_positions)
+    _run("adadelta", params, grads, {"square_avg": square_avgs, "acc_delta": acc_deltas},
+         dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
+         step=None, grad_scale=grad_scale, positions=_positions)
 
 
-def _adam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay,
-          amsgrad, max_exp_avg_sqs, maximize, grad_scale, decoupled, positions) -> None:
-    lr = check_nonnegative("lr", lr)
-    beta1 = check_unit("beta1", beta1, inclusive_one=False)
-    beta2 = check_unit("beta2", beta2, inclusive_one=False)
-    eps = check_nonnegative("eps", eps)
-    weight_decay = check_nonnegative("weight_decay", weight_decay)
-    amsgrad = check_flag("amsgrad", amsgrad)
-    scale = _scale(grad_scale, maximize)
-    vmax = _require("max_exp_avg_sqs", max_exp_avg_sqs, "when amsgrad=True") if amsgrad else None
-    _core.adam_step(params, grads, exp_avgs, exp_avg_sqs, vmax, steps=_steps(step), lr=lr,
-                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                    decoupled=decoupled, grad_scale=scale, positions=positions)
+def _adam(rule, params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
+          weight_decay, amsgrad, max_exp_avg_sqs, maximize, grad_scale, positions) -> None:
+    _run(rule, params, grads,
+         {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs, "max_exp_avg_sq": max_exp_avg_sqs},
+         dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+              amsgrad=amsgrad, maximize=maximize),
+         step=step, grad_scale=grad_scale, positions=positions)
 
 
 def adam_(
@@ -305,9 +268,10 @@ def adam_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """Adam as torch.optim.Adam, weight decay as an L2 term (see :class:`optkern.Adam`)."""
-    _adam(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1, beta2=beta2,
-          eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, max_exp_avg_sqs=max_exp_avg_sqs,
-          maximize=maximize, grad_scale=grad_scale, decoupled=False, positions=_positions)
+    _adam("adam", params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1,
+          beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+          max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize, grad_scale=grad_scale,
+          positions=_positions)
 
 
 def adamw_(
@@ -329,6 +293,14 @@ def adamw_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """AdamW as torch.optim.AdamW, weight decay decoupled (see :class:`optkern.AdamW`)."""
-    _adam(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1, beta2=beta2,
-          eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, max_exp_avg_sqs=max_exp_avg_sqs,
-          maximize=maximize, grad_scale=grad_scale, decoupled=True, positions=_positions)
+    _adam("adamw", params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1,
+          beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+          max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize, grad_scale=grad_scale,
+          positions=_positions)
+
+
+# Every further rule declared in C++ gets its function from its declaration.
+for _rule in rules():
+    if _rule.name + "_" not in globals():
+        globals()[_rule.name + "_"] = make_functional(_rule, _run)
+        __all__.append(_rule.name + "_")

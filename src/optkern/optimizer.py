@@ -1,7 +1,10 @@
 """The Optimizer base class: parameter groups, per-parameter state and torch-style state dicts.
 
-Subclasses say what state a parameter needs (:meth:`Optimizer._state_spec`) and how to apply one
-update to a group (:meth:`Optimizer._apply`, one call into :mod:`optkern.functional`).
+Each optimizer class is built from one update rule's declaration (:mod:`optkern.registry`): its
+hyperparameters, the state a parameter needs and the rule's name in the C++ core. A step goes down
+the layers once: split the gradients by group, evaluate each group's hyperparameters (checked again
+only when they changed) and learning rate, optionally one norm pass, then one validated C++ call
+per group, all groups validated before the first is updated.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from . import _core
 from .clip import check_norm_type, clip_coefficient, total_norm
 from .flat import FlatParams
 from .functional import check_nonnegative
+from .registry import Rule, as_flag, as_real
 
 __all__ = ["Optimizer", "ParamState"]
 
@@ -78,25 +82,35 @@ class Optimizer:
     order) and updates parameters and state in place. A gradient may be None: that parameter is
     skipped, as torch skips a parameter whose ``.grad`` is None.
 
-    A group's ``lr`` may be a number or a callable ``step -> lr``, called with the number of the
-    step being taken (1 on the first; ``step_count`` counts the steps taken so far).
+    A group's ``lr`` may be a number or a callable ``step -> lr``, called once per step with the
+    number of the step being taken (1 on the first; ``step_count`` counts the steps taken so far),
+    before anything is written.
+
+    Hyperparameters are checked when they are set: at construction, by ``add_param_group`` and
+    ``load_state_dict``, and, when a group's values were changed in place, by the next ``step``.
+    Real scalars (NumPy scalars, 0-d arrays and tensors) are stored as Python floats.
     """
 
-    #: Whether the state of each parameter holds a ``step`` count.
-    _counts_steps = True
-    #: Every state array a parameter of this optimizer can hold (each shaped like the parameter).
-    _array_state_names: Sequence[str] = ()
+    #: The update rule (set on each class built by optkern.registry).
+    _rule: Rule
+    #: Testing hook: the name of a compiled kernel build to run instead of the active one.
+    _isa: Optional[str] = None
 
     def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
+        if getattr(type(self), "_rule", None) is None:
+            raise TypeError("Optimizer is the base of optkern's rule classes (optkern.Adam, ...); "
+                            "it cannot be used by itself")
         self.defaults = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
         self.state = ParamState()
-        self.step_count = 0  # steps taken (skipped ones not counted)
+        # [steps taken]: advanced by the C++ core in the same breath as the kernels, so that an
+        # interrupted step is either wholly recorded or not at all.
+        self._counter = [0]
         self.skipped_steps = 0  # steps skip_if_nonfinite refused
-        # id(group) -> the group's state dicts as last looked up, with what they depend on.
-        self._state_cache: Dict[int, tuple] = {}
-        self._lock = threading.RLock()  # one step at a time per optimizer
-        self._check_group(dict(self.defaults))
+        self._checked: Dict[int, _Checked] = {}  # id(group) -> its hyperparameters, validated
+        self._cache: Dict[int, _GroupStates] = {}  # id(group) -> its state dicts, as last found
+        self._lock = threading.RLock()  # one step (or group change) at a time per optimizer
+        self._check_group(self.defaults)
         groups = _as_param_list(params, "params")
         if len(groups) == 0:
             raise ValueError("optimizer got an empty parameter list")
@@ -105,33 +119,72 @@ class Optimizer:
         for group in groups:
             self.add_param_group(group)
 
-    # -- what a subclass provides ----------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Steps taken (skipped ones not counted)."""
+        return self._counter[0]
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._counter[0] = int(value)
+
+    # -- what the rule says ---------------------------------------------------------------------
+
+    @property
+    def _counts_steps(self) -> bool:
+        return self._rule.counts_steps
+
+    @property
+    def _array_state_names(self) -> Sequence[str]:
+        return self._rule.array_state_names
 
     def _state_spec(self, group: Dict[str, Any]) -> Dict[str, float]:
-        """State arrays a parameter of this group needs, each with the value it starts at."""
-        raise NotImplementedError
+        """State arrays a loaded parameter of this group must have, each with the value it starts
+        at. A rule without step counts (SGD, Momentum) makes a missing buffer at its next update,
+        as torch's SGD does after loading momentum_buffer=None."""
+        core = self._check_group(group)
+        return self._rule.state_spec(core) if self._counts_steps else {}
 
-    def _apply(self, group: Dict[str, Any], params: List[np.ndarray], grads: List[np.ndarray],
-               states: List[Dict[str, Any]], positions: Optional[List[int]],
-               grad_scale: float = 1.0) -> None:
-        """One fused update of ``params`` (all with a gradient) and their ``states``, each
-        gradient multiplied by ``grad_scale`` first."""
-        raise NotImplementedError
+    # -- hyperparameters ---------------------------------------------------------------------------
 
-    def _lr(self, group: Dict[str, Any]) -> Any:
-        """The group's learning rate for the step being taken (a callable lr is evaluated)."""
-        lr = group["lr"]
+    def _check_group(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        """Checks a group's hyperparameters (by the C++ core's declared ranges), stores its real
+        scalars as Python floats, and returns them in the core's names (betas split)."""
+        rule = self._rule
+        lr = group.get("lr")
+        core = rule.to_core(group, lr=0.0 if callable(lr) else None)
+        core["maximize"] = as_flag(group.get("maximize", False))
+        core = _core.validate(rule.name, core)
+        for name, _ in rule.torch_args():
+            if name in group and not (name == "lr" and callable(lr)):
+                slots = [h.name for h in rule.hyper if h.torch == name]
+                group[name] = core[name] if len(slots) == 1 and slots[0] == name else tuple(
+                    core[n] for n in slots)
+        if "maximize" in group:
+            group["maximize"] = core["maximize"]
+        self._checked[id(group)] = _Checked(group, _snapshot(group), core)
+        if len(self._checked) > 2 * len(self.param_groups) + 8:  # groups replaced by loads
+            live = {id(g) for g in self.param_groups} | {id(self.defaults), id(group)}
+            self._checked = {k: v for k, v in self._checked.items() if k in live}
+            self._cache = {k: v for k, v in self._cache.items() if k in live}
+        return core
+
+    def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        """The group's hyperparameters for the step being taken: checked again only if a value
+        changed since they were last checked; a callable lr evaluated (once) and checked."""
+        checked = self._checked.get(id(group))
+        if checked is None or checked.group is not group or not _same(checked.values, group):
+            core = self._check_group(group)
+        else:
+            core = checked.core
+        lr = group.get("lr")
         if callable(lr):
             step = self.step_count + 1
-            return check_nonnegative(f"lr({step}) (the group's lr schedule)", lr(step))
-        return lr
+            core = _core.validate(self._rule.name, {**core, "lr": as_real(lr(step))},
+                                  labels={"lr": f"lr({step}) (the group's lr schedule)"})
+        return core
 
     # -- parameter groups ------------------------------------------------------------------------
-
-    def _check_group(self, group: Dict[str, Any]) -> None:
-        # The hyperparameter checks are those of the functional update, run on an empty group,
-        # so construction, add_param_group, load_state_dict and step all check the same things.
-        self._apply(group, [], [], [], None)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Adds a group of parameters, with hyperparameters defaulting to the optimizer's."""
@@ -139,24 +192,25 @@ class Optimizer:
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
         if "params" not in param_group:
             raise ValueError('a param group must have a "params" entry')
-        group = dict(param_group)
-        params = _as_param_list(group["params"], 'param group "params"')
-        if len(params) == 0:
-            raise ValueError("a param group got an empty parameter list")
-        for key, value in self.defaults.items():
-            group.setdefault(key, value)
-        self._check_group(group)
-        existing = [p for g in self.param_groups for p in g["params"]]
-        # Distinct, writeable, C-contiguous float32 arrays, not sharing memory with each other or
-        # with any parameter already in another group.
-        try:
-            _core.check_params(existing + params)
-        except ValueError as e:
-            if any(p is q for p in params for q in existing):
-                raise ValueError("some parameters appear in more than one parameter group") from e
-            raise
-        group["params"] = params
-        self.param_groups.append(group)
+        with self._lock:
+            group = dict(param_group)
+            params = _as_param_list(group["params"], 'param group "params"')
+            if len(params) == 0:
+                raise ValueError("a param group got an empty parameter list")
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            self._check_group(group)
+            existing = [p for g in self.param_groups for p in g["params"]]
+            # Distinct, writeable, C-contiguous float32 arrays, not sharing memory with each other
+            # or with any parameter already in another group.
+            try:
+                _core.check_params(existing + params)
+            except ValueError as e:
+                if any(p is q for p in params for q in existing):
+                    raise ValueError("some parameters appear in more than one parameter group") from e
+                raise
+            group["params"] = params
+            self.param_groups.append(group)
 
     # -- stepping ----------------------------------------------------------------------------------
 
@@ -178,35 +232,31 @@ class Optimizer:
         """
         with self._lock:
             work = self._plan(grads)
-            if max_grad_norm is None and not skip_if_nonfinite:
-                self._update(work, 1.0)
-                return None
-            limit = None if max_grad_norm is None else check_nonnegative("max_grad_norm",
-                                                                         max_grad_norm)
-            p = check_norm_type(norm_type)
-            flat_grads, flat_positions = _flatten(work)
-            norm = total_norm(flat_grads, p, flat_positions) if flat_grads else 0.0
-            if skip_if_nonfinite and not math.isfinite(norm) and _has_nonfinite(
-                    flat_grads, flat_positions, p):
-                for group, params, group_grads, positions in work:
-                    _core.check_grads(params, group_grads, positions=positions)  # an error first
+            hyper = [self._hyper(group) for group, *_ in work]  # each lr evaluated once
+            norm: Optional[float] = None
+            scale, skip = 1.0, False
+            if max_grad_norm is not None or skip_if_nonfinite:
+                limit = None if max_grad_norm is None else check_nonnegative("max_grad_norm",
+                                                                             max_grad_norm)
+                p = check_norm_type(norm_type)
+                flat_grads, flat_positions = _flatten(work)
+                norm = total_norm(flat_grads, p, flat_positions) if flat_grads else 0.0
+                skip = skip_if_nonfinite and not math.isfinite(norm) and _has_nonfinite(
+                    flat_grads, flat_positions, p)
+                if limit is not None and not skip:
+                    scale = clip_coefficient(limit, norm)
+            created: list = []
+            calls = [self._prepare(group, core, params, group_grads, positions, scale, created)
+                     for (group, params, group_grads, positions), core in zip(work, hyper)]
+            if skip:  # everything was validated: an error comes first
                 self.skipped_steps += 1
                 return norm
-            self._update(work, 1.0 if limit is None else clip_coefficient(limit, norm))
+            self._run(calls, created)
             return norm
 
-    def _update(self, work: list, grad_scale: float) -> None:
-        for group, params, group_grads, positions in work:
-            states = self._states(group, params, group_grads, positions)
-            self._apply(group, params, group_grads, states, positions, grad_scale)
-            if self._counts_steps:
-                for s in states:
-                    s["step"] += 1
-        self.step_count += 1
-
     def _plan(self, grads: Sequence[Optional[np.ndarray]]) -> list:
-        """Splits ``grads`` by group, drops parameters without a gradient and, when there is more
-        than one group, validates everything before the first group is updated."""
+        """Splits ``grads`` by group and drops parameters without a gradient; with more than one
+        group, also checks that no buffer of one group overlaps one of another."""
         if isinstance(grads, np.ndarray) or not isinstance(grads, (list, tuple)):
             raise TypeError("grads must be a list or tuple of arrays aligned with the parameters, "
                             f"got {type(grads).__name__}")
@@ -229,45 +279,77 @@ class Optimizer:
             work.append((group, params, list(group_grads), positions))
             start += len(group["params"])
         if len(work) > 1:
-            for group, *_ in work:
-                self._check_group(group)
             all_params = [p for _, ps, _, _ in work for p in ps]
             all_grads, positions = _flatten(work)
             _core.check_grads(all_params, all_grads, positions=positions)
         return work
 
-    def _states(self, group: Dict[str, Any], params: List[np.ndarray], grads: List[np.ndarray],
-                positions: Optional[List[int]]) -> List[Dict[str, Any]]:
-        """The state of each parameter, created (or completed, after an option such as amsgrad
-        was switched on) only once the gradients are known to be valid."""
-        spec = self._state_spec(group)
+    def _prepare(self, group: Dict[str, Any], core: Dict[str, Any], params: List[np.ndarray],
+                 grads: List[np.ndarray], positions: Optional[List[int]], grad_scale: float,
+                 created: list) -> Any:
+        """One group's update, validated by the core but not run. State a parameter lacks is
+        made here, in new dicts listed in ``created``, which the step installs with the update."""
+        rule = self._rule
+        spec = rule.state_spec(core)
+        states, fresh = self._group_states(group, params, spec, created)
+        lists = {name: [s[name] for s in states] for name in spec}
+        if rule.counts_steps:
+            steps: Any = [s["step"] + 1 for s in states]
+            record: Any = states
+        else:  # step 1 tells the kernel a buffer is new (torch's SGD starts it at the gradient)
+            steps, record = [1 if f else 2 for f in fresh], None
+        return _core.prepare(rule.name, params, grads, lists, core, steps=steps,
+                             grad_scale=grad_scale, positions=positions, record=record,
+                             isa=self._isa)
+
+    def _group_states(self, group: Dict[str, Any], params: List[np.ndarray],
+                      spec: Dict[str, float], created: list) -> tuple:
+        """Each parameter's state dict with every array ``spec`` names, and whether any of its
+        arrays is new. A parameter without (complete) state gets a new dict, recorded in
+        ``created`` as (param, new dict, old dict or None)."""
         ids = list(map(id, params))
-        cached = self._state_cache.get(id(group))
-        if (cached is not None and cached[0] is group and cached[1] is self.state
-                and cached[2] == self.state.version and cached[3] == ids
-                and cached[4] == spec.keys()):
-            return cached[5]  # the common case: same parameters, state complete, nothing reset
-        needed = spec.keys()
+        cached = self._cache.get(id(group))
+        if (cached is not None and cached.group is group and cached.state is self.state
+                and cached.version == self.state.version and cached.ids == ids
+                and cached.names == spec.keys()):
+            return cached.states, cached.fresh  # the common case: nothing changed
         states = [self.state.get_by_id(p) for p in params]
-        if all(s is not None and s.keys() >= needed for s in states):
-            self._state_cache[id(group)] = (group, self.state, self.state.version, ids,
-                                            spec.keys(), states)
-            return states  # type: ignore[return-value]
-        if not spec and not self._counts_steps:
-            return [{} if s is None else s for s in states]  # the subclass keeps what it creates
-        self._check_group(group)  # a bad hyperparameter must not leave new state behind
-        _core.check_grads(params, grads, positions=positions)
+        if not spec and not self._counts_steps:  # no state at all (plain SGD, like torch's)
+            states = [{} if s is None else s for s in states]
+        fresh = [s is None or not s.keys() >= spec.keys() for s in states]
+        if not any(fresh):
+            self._cache[id(group)] = _GroupStates(group, self.state, self.state.version, ids,
+                                                  spec.keys(), states, fresh)
+            return states, fresh
         for i, p in enumerate(params):
-            if states[i] is None:
-                states[i] = {"step": 0} if self._counts_steps else {}
-                self.state[p] = states[i]
+            if fresh[i]:
+                old = states[i]
+                new = dict(old) if old is not None else ({"step": 0} if self._counts_steps else {})
+                states[i] = new
+                created.append((p, new, old))
         for name, start in spec.items():
             missing = [(p, s) for p, s in zip(params, states) if name not in s]
             if missing:
                 _pack([s for _, s in missing], name, [p.shape for p, _ in missing], start)
-        return states  # type: ignore[return-value]
+        return states, fresh
 
-    # -- state dicts -------------------------------------------------------------------------------
+    def _run(self, calls: list, created: list) -> None:
+        """Installs the new state dicts and runs every group's update. The core advances
+        step_count and the state step counts together with the kernels; if the step did not
+        happen (an error, or Ctrl-C before the kernels), the new state is taken back."""
+        before = self._counter[0]
+        try:
+            for p, new, _ in created:
+                self.state[p] = new
+            _core.run(calls, counter=self._counter)
+        except BaseException:
+            if self._counter[0] == before:
+                for p, _, old in created:
+                    if old is None:
+                        self.state.pop(p, None)
+                    else:
+                        self.state[p] = old
+            raise
 
     def state_dict(self) -> Dict[str, Any]:
         """The optimizer's state in torch's layout: ``{"state": {id: {name: value}},
@@ -387,6 +469,38 @@ class Optimizer:
                 lines.append(f"    {key}: {group[key]}")
         lines.append(")")
         return "\n".join(lines)
+
+
+class _Checked:
+    """A group's hyperparameters as last checked: the values seen, and the core's dict."""
+
+    __slots__ = ("group", "values", "core")
+
+    def __init__(self, group: Dict[str, Any], values: tuple, core: Dict[str, Any]) -> None:
+        self.group, self.values, self.core = group, values, core
+
+
+def _snapshot(group: Dict[str, Any]) -> tuple:
+    return tuple((k, v) for k, v in group.items() if k != "params")
+
+
+def _same(values: tuple, group: Dict[str, Any]) -> bool:
+    """Whether a group still holds the very objects it held when checked (a cheap compare)."""
+    if len(values) != len(group) - ("params" in group):
+        return False
+    get = group.get
+    missing = object()
+    return all(get(k, missing) is v for k, v in values)
+
+
+class _GroupStates:
+    """A group's state dicts as last found, with what they depend on."""
+
+    __slots__ = ("group", "state", "version", "ids", "names", "states", "fresh")
+
+    def __init__(self, group, state, version, ids, names, states, fresh) -> None:
+        self.group, self.state, self.version, self.ids = group, state, version, ids
+        self.names, self.states, self.fresh = names, states, fresh
 
 
 def _flatten(work: list) -> tuple:

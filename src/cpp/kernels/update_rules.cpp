@@ -54,9 +54,6 @@
 #define OK_FMA(a, b, c) ((a) * (b) + (c))
 #endif
 
-#define OK_STRINGIFY2(x) #x
-#define OK_STRINGIFY(x) OK_STRINGIFY2(x)
-
 namespace optkern {
 namespace OPTKERN_ISA_NS {
 namespace {
@@ -86,8 +83,8 @@ void with_flag(bool b, F&& f) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SGD (torch.optim.SGD), the seeds' Momentum (dampening = momentum, buffer starting at zero) and
-// Nesterov.
+// SGD (torch.optim.SGD), Nesterov, and the exponentially weighted Momentum (dampening =
+// momentum, buffer starting at zero).
 //   g = grad_scale * grad (+ weight_decay * p)
 //   buf = g on the first step, else momentum * buf + (1 - dampening) * g
 //   g = g + momentum * buf (nesterov) or buf
@@ -110,7 +107,8 @@ OK_LOOP void sgd_impl(const SgdStep& s, float* OK_RESTRICT p, const float* OK_RE
   }
 }
 
-void sgd(const SgdStep& s, float* p, const float* g, float* buf, size_t n) {
+void sgd(const SgdStep& s, float* p, const float* g, float* const* st, size_t n) {
+  float* buf = st[0];
   with_flag(s.grad.has_weight_decay, [&](auto decay) {
     constexpr bool kDecay = decltype(decay)::value;
     if (buf == nullptr) {
@@ -138,9 +136,8 @@ OK_LOOP void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const floa
                   size_t n) {
   const float lr = s.lr, alpha = s.alpha, w = s.one_minus_alpha, eps = s.eps,
               mom = s.momentum, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
-  // grad_avg.lerp_(grad, w) exactly as torch evaluates it (see AdamStep).
-  const bool lerp_from_avg = w < 0.5f;
-  const float lerp_coeff = lerp_from_avg ? w : w - 1.0f;
+  const bool lerp_from_avg = s.grad_avg.from_start != 0.0f;  // grad_avg.lerp_(g, w), as torch (Lerp)
+  const float lerp_coeff = s.grad_avg.coeff;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
@@ -168,8 +165,8 @@ OK_LOOP void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const floa
   }
 }
 
-void rmsprop(const RmspropStep& s, float* p, const float* g, float* sq, float* buf, float* gavg,
-             size_t n) {
+void rmsprop(const RmspropStep& s, float* p, const float* g, float* const* st, size_t n) {
+  float *sq = st[0], *buf = st[1], *gavg = st[2];
   with_flag(s.grad.has_weight_decay, [&](auto decay) {
     with_flag(gavg != nullptr, [&](auto centered) {
       with_flag(buf != nullptr, [&](auto momentum) {
@@ -197,9 +194,9 @@ OK_LOOP void adagrad_impl(const AdagradStep& s, float* OK_RESTRICT p, const floa
   }
 }
 
-void adagrad(const AdagradStep& s, float* p, const float* g, float* sum, size_t n) {
+void adagrad(const AdagradStep& s, float* p, const float* g, float* const* st, size_t n) {
   with_flag(s.grad.has_weight_decay, [&](auto decay) {
-    adagrad_impl<decltype(decay)::value>(s, p, g, sum, n);
+    adagrad_impl<decltype(decay)::value>(s, p, g, st[0], n);
   });
 }
 
@@ -227,9 +224,9 @@ OK_LOOP void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const fl
   }
 }
 
-void adadelta(const AdadeltaStep& s, float* p, const float* g, float* sq, float* acc, size_t n) {
+void adadelta(const AdadeltaStep& s, float* p, const float* g, float* const* st, size_t n) {
   with_flag(s.grad.has_weight_decay, [&](auto decay) {
-    adadelta_impl<decltype(decay)::value>(s, p, g, sq, acc, n);
+    adadelta_impl<decltype(decay)::value>(s, p, g, st[0], st[1], n);
   });
 }
 
@@ -243,11 +240,11 @@ void adadelta(const AdadeltaStep& s, float* p, const float* g, float* sq, float*
 template <bool kL2, bool kDecoupled, bool kAmsgrad>
 OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                float* OK_RESTRICT m, float* OK_RESTRICT v, float* OK_RESTRICT vmax, size_t n) {
-  const float lc = s.lerp_coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
+  const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
               decay = s.decoupled_decay, step_size = s.step_size,
               inv_bc2 = s.inv_bias_correction2_sqrt, gs = s.grad.grad_scale,
               wd = s.grad.weight_decay;
-  const bool from_avg = s.lerp_from_avg;
+  const bool from_avg = s.exp_avg.from_start != 0.0f;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
     float pi = p[i];
@@ -269,8 +266,8 @@ OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_
   }
 }
 
-void adam(const AdamStep& s, float* p, const float* g, float* m, float* v, float* vmax,
-          size_t n) {
+void adam(const AdamStep& s, float* p, const float* g, float* const* st, size_t n) {
+  float *m = st[0], *v = st[1], *vmax = st[2];
   const bool decay = s.grad.has_weight_decay;
   with_flag(decay && !s.decoupled, [&](auto l2) {
     with_flag(decay && s.decoupled, [&](auto decoupled) {
@@ -279,6 +276,36 @@ void adam(const AdamStep& s, float* p, const float* g, float* m, float* v, float
             s, p, g, m, v, vmax, n);
       });
     });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adamax (torch.optim.Adamax); clr = lr / (1 - beta1^t) is per tensor.
+//   exp_avg = lerp(exp_avg, g, 1 - beta1);  exp_inf = max(beta2 * exp_inf, |g| + eps)
+//   p = p - clr * exp_avg / exp_inf
+template <bool kDecay>
+OK_LOOP void adamax_impl(const AdamaxStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                 float* OK_RESTRICT m, float* OK_RESTRICT u, size_t n) {
+  const float lc = s.exp_avg.coeff, b2 = s.beta2, eps = s.eps, clr = s.clr,
+              gs = s.grad.grad_scale, wd = s.grad.weight_decay;
+  const bool from_avg = s.exp_avg.from_start != 0.0f;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float pi = p[i];
+    const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
+    const float mi0 = m[i];
+    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
+    const float a = u[i] * b2, b = OK_FABSF(gi) + eps;
+    const float ui = (a > b || a != a) ? a : b;  // NaN-propagating max, like torch.maximum
+    m[i] = mi;
+    u[i] = ui;
+    p[i] = pi - (clr * mi) / ui;
+  }
+}
+
+void adamax(const AdamaxStep& s, float* p, const float* g, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    adamax_impl<decltype(decay)::value>(s, p, g, st[0], st[1], n);
   });
 }
 
@@ -385,13 +412,9 @@ void axpy(float* OK_RESTRICT a, const float* OK_RESTRICT b, float s, size_t n) {
   for (size_t i = 0; i < n; ++i) a[i] = OK_FMA(s, b[i], a[i]);
 }
 
+#define OPTKERN_KERNEL_ENTRY(name, S, states, weight) name,
 constexpr KernelTable kTable = {
-    /*isa=*/OK_STRINGIFY(OPTKERN_ISA_NS),
-    /*sgd=*/sgd,
-    /*rmsprop=*/rmsprop,
-    /*adagrad=*/adagrad,
-    /*adadelta=*/adadelta,
-    /*adam=*/adam,
+    OPTKERN_KERNELS(OPTKERN_KERNEL_ENTRY)
     /*norm_block=*/norm_block,
     /*scale=*/scale,
     /*clamp=*/clamp,

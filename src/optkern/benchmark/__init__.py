@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def report(result: Dict[str, object]) -> None:
     if "main" in result:
         print("\nSeconds per step (min of repeats); GB/s and %bw: bytes moved per element "
-              "(DESIGN.md) over the in-place streaming bandwidth (a += s*b) at that size; "
+              "(reads + writes, 4 bytes each) over the in-place streaming bandwidth (a += s*b) at that size; "
               "x: how many times faster optkern is.")
         print(main_table(result["main"]))
         streams: Dict[int, float] = {}

@@ -26,9 +26,9 @@ Factory = Callable[[Arrays, Arrays], Step]
 class Case:
     key: str
     label: str
-    bytes_per_element: int  # moved per element per step, in place (DESIGN.md)
+    bytes_per_element: int  # moved per element per step, in place: 4 * (reads + writes)
     optkern: Factory
-    numpy: Factory
+    numpy: Optional[Factory]  # None: no hand-written NumPy version (yet)
     torch_name: str  # torch.optim class
     torch_kwargs: Dict = field(default_factory=dict)
     torch_fused: bool = False  # torch has a fused CPU kernel for it
@@ -199,6 +199,14 @@ CASES: Dict[str, Case] = {c.key: c for c in [
          _numpy(lambda p, g, s, t: _np_adam(p, g, s, t, amsgrad=True)), "Adam",
          dict(amsgrad=True), True),
 ]}
+
+# Every further rule of the registry, at its defaults: p and g read, p and each state array read
+# and written. There is no NumPy version until one is written for it above.
+for _rule in ok.registry.rules():
+    if not any(c.label == _rule.cls or c.torch_name == _rule.cls for c in CASES.values()):
+        _n = sum(s.when is None for s in _rule.states)
+        CASES[_rule.name] = Case(_rule.name, _rule.cls, 12 + 8 * _n,
+                                 _optkern(getattr(ok, _rule.cls)), None, _rule.cls)
 
 
 def torch_available() -> Optional[str]:

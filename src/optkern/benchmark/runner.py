@@ -108,7 +108,9 @@ def run_main(cases: Sequence[Case], sizes: Sequence[int], repeats: int, use_torc
         stream = stream_step(n)
         for case in cases:
             progress(f"{case.label} {size_label(n)}")
-            impls = {"optkern": case.optkern, "numpy": case.numpy}
+            impls = {"optkern": case.optkern}
+            if case.numpy is not None:
+                impls["numpy"] = case.numpy
             if use_torch:
                 impls["torch"] = case.torch
             steps = {"stream": stream}
@@ -127,7 +129,8 @@ def run_main(cases: Sequence[Case], sizes: Sequence[int], repeats: int, use_torc
             for name, t in seconds.items():
                 gbps = case.bytes_per_element * n / t / 1e9
                 row[name] = {"seconds": t, "gbps": gbps, "fraction_of_stream": gbps * 1e9 / bw}
-            row["speedup_vs_numpy"] = seconds["numpy"] / seconds["optkern"]
+            if "numpy" in seconds:
+                row["speedup_vs_numpy"] = seconds["numpy"] / seconds["optkern"]
             if use_torch:
                 row["speedup_vs_torch"] = seconds["torch"] / seconds["optkern"]
             rows.append(row)
@@ -145,7 +148,8 @@ def main_table(rows: List[Dict[str, object]]) -> str:
         o = r["optkern"]
         line = (f"{r['label']:<16}{size_label(r['size']):>6} {_ms(o['seconds'])} "
                 f"{o['gbps']:6.1f} {100 * o['fraction_of_stream']:4.0f}% "
-                f"{_ms(r['numpy']['seconds'])} {r['speedup_vs_numpy']:5.1f}x")
+                + (f"{_ms(r['numpy']['seconds'])} {r['speedup_vs_numpy']:5.1f}x" if "numpy" in r
+                   else f"{'-':>10} {'-':>6}"))
         if torch:
             line += (f" {_ms(r['torch']['seconds'])} ({r['torch_impl']:<7}) "
                      f"{r['speedup_vs_torch']:4.2f}x")

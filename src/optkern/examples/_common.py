@@ -108,11 +108,6 @@ def print_report(out: Any, table: Any, plot: Any, markdown: bool, plot_path: Any
     return 0
 
 
-def as_f32(a: np.ndarray) -> np.ndarray:
-    """A float32 C-contiguous array (what optimizer.step needs), copying only if necessary."""
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
 def fmt(x: Optional[float], digits: int = 4) -> str:
     if x is None:
         return "-"

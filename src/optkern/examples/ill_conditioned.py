@@ -6,7 +6,7 @@ Two problems, both two-dimensional so the paths can be drawn:
 * ``quadratic``: ``f(x, y) = (x^2 + kappa * y^2) / 2`` (condition number ``kappa``, default 100),
   started at ``(-10, 1)``. The largest stable step of gradient descent is set by the steep ``y``
   direction (``lr < 2 / kappa``); at the best such step ``y`` flips sign on every update (the
-  oscillation across the valley that the seed notes describe) while ``x`` creeps along it at a
+  oscillation across the valley that textbooks describe) while ``x`` creeps along it at a
   rate ``(kappa - 1) / (kappa + 1)`` per step. Momentum averages the alternating ``y`` steps away
   and keeps the consistent ``x`` steps, converging at about ``sqrt(momentum)`` per step.
 * ``rosenbrock``: ``f(x, y) = (1 - x)^2 + 100 (y - x^2)^2``, started at ``(-1.2, 1)``, minimum at

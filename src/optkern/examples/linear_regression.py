@@ -2,7 +2,7 @@
 
 The loss ``L(w, b) = mean((X w + b - y)^2) / 2`` is convex, with a closed-form minimiser (least
 squares). Three ways of feeding the same data to the same optimizer (``optkern.SGD``, same
-learning rate), as the seed notes contrast them:
+learning rate), as the classic course notes contrast them:
 
 * BGD (``batch_size=None``): one update per epoch from the exact gradient. It converges linearly
   to the closed-form solution, to float32 precision.

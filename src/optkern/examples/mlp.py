@@ -63,10 +63,6 @@ class MLP:
     def layers(self) -> List[Tuple[np.ndarray, np.ndarray]]:
         return list(zip(self.params[0::2], self.params[1::2]))
 
-    def copy_from(self, other: "MLP") -> None:
-        for p, q in zip(self.params, other.params):
-            p[...] = q  # in place: an optimizer holding these arrays keeps seeing them
-
     def logits(self, X: np.ndarray) -> np.ndarray:
         h = X
         layers = self.layers

@@ -1,6 +1,6 @@
 """Logistic regression on sparse binary features: adaptive methods against plain SGD.
 
-The seed notes: "if the data is sparse, use an adaptive method (Adagrad, Adadelta, RMSprop,
+The course notes optkern grew from (docs/design.md, Origins): "if the data is sparse, use an adaptive method (Adagrad, Adadelta, RMSprop,
 Adam)". Here each sample switches on ``k`` of ``D`` binary features, drawn with Zipf-like
 frequencies (feature ``j`` with probability proportional to ``1 / (j + 1)^zipf``), so a few
 features appear in most samples and most features appear in very few. Every feature carries

@@ -1,0 +1,149 @@
+// The vocabulary of a rule's host declaration (rules.hpp): hyperparameters with their ranges,
+// state buffers, and the helpers a rule's scalars function uses to turn hyperparameters and a
+// step count into the float scalars of its kernel. Host code only.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "kernel_api.hpp"
+
+namespace optkern {
+
+// What values a hyperparameter takes. Every real one is also finite and at most float32's
+// largest value in magnitude (the kernels compute in float32).
+enum class Range {
+  nonnegative,  // [0, inf)
+  unit,         // [0, 1]
+  unit_open,    // [0, 1)
+  flag,         // a bool
+};
+
+struct HyperDecl {
+  const char* name;  // as _core.step and optkern.functional take it
+  Range range;
+  double default_value;  // flags: 0 or 1
+  const char* torch;     // torch.optim's argument ("betas" for beta1 and beta2)
+  int slot;              // -1, or the position in torch's tuple argument
+};
+
+struct StateDecl {
+  const char* name;  // torch's state name (exp_avg), also the key of _core.step's states dict
+  const char* arg;   // optkern.functional's list argument (exp_avgs)
+  const char* when;  // nullptr: always; else the hyperparameter that must be nonzero / True
+  const char* init;  // nullptr: starts at zero; else the hyperparameter it starts at
+};
+
+// A bad hyperparameter, or a per-step scalar float32 cannot hold: ValueError in Python.
+struct HyperError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+// A rule's validated hyperparameters, looked up by name.
+class Hyper {
+ public:
+  Hyper(const HyperDecl* decl, std::size_t count, const double* values)
+      : decl_(decl), count_(count), values_(values) {}
+  double operator[](const char* name) const {
+    for (std::size_t i = 0; i < count_; ++i) {
+      if (std::strcmp(decl_[i].name, name) == 0) return values_[i];
+    }
+    throw std::logic_error(std::string("optkern: no hyperparameter ") + name);
+  }
+  bool flag(const char* name) const { return (*this)[name] != 0.0; }
+
+ private:
+  const HyperDecl* decl_;
+  std::size_t count_;
+  const double* values_;
+};
+
+inline std::string number_str(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.6g", v);
+  return buf;
+}
+
+// One tensor's step: its number (1 on the first), the gradient scale, and the checked rounding
+// of every derived scalar to float32.
+struct StepInfo {
+  const char* rule;  // the class name, for messages
+  std::int64_t step;
+  bool first;
+  double grad_scale;
+
+  // v as float32, or HyperError when float32 cannot hold it (torch raises there too, rather than
+  // fill every parameter with Inf or NaN).
+  float f32(double v, const char* what) const {
+    const float f = static_cast<float>(v);
+    if (!std::isfinite(f)) {
+      throw HyperError(std::string(rule) + ": " + what + " is " + number_str(v) + " at step " +
+                       std::to_string(step) +
+                       ", which float32 cannot hold; nothing was changed (use a smaller lr or "
+                       "betas further from 1)");
+    }
+    return f;
+  }
+  GradientPrep grad(double weight_decay) const {
+    GradientPrep prep{};
+    prep.grad_scale = static_cast<float>(grad_scale);
+    prep.weight_decay = f32(weight_decay, "weight_decay");
+    prep.has_weight_decay = weight_decay != 0.0;  // in double, as torch decides it
+    return prep;
+  }
+  static double pow(double x, double y) { return std::pow(x, y); }
+  static double sqrt(double x) { return std::sqrt(x); }
+};
+
+// The lerp form for weight w, as torch's float32 lerp picks it (see Lerp).
+inline Lerp lerp_weight(double w) {
+  const float wf = static_cast<float>(w);
+  Lerp l{};
+  const bool from_start = std::fabs(wf) < 0.5f;
+  l.from_start = from_start ? 1.0f : 0.0f;
+  l.coeff = from_start ? wf : wf - 1.0f;
+  return l;
+}
+
+// What a rule does with step counts.
+enum class Steps {
+  first_only,  // no count in the state; step 1 only marks a buffer's first update (SGD)
+  counted,     // each parameter's state counts its steps; the kernel does not use them
+  used,        // counted, and the per-step scalars depend on them (bias corrections)
+};
+
+// One rule: what _core.rules() exports and _core.step runs.
+struct RuleDecl {
+  const char* name;  // functional name: optkern.functional.<name>_
+  const char* cls;   // class name: optkern.<cls>
+  const char* doc;   // the formulas, for the class docstring
+  KernelId kernel;
+  Steps steps;
+  const HyperDecl* hyper;
+  std::size_t n_hyper;
+  const StateDecl* states;
+  std::size_t n_states;
+  void (*check)(const Hyper&);  // constraints between hyperparameters, or nullptr
+  void (*scalars)(const Hyper&, const StepInfo&, void* out);
+};
+
+template <class T, std::size_t N>
+constexpr std::size_t count_of(const T (&)[N]) {
+  return N;
+}
+
+// RULE(kernel, name, class, steps, hyper, states, check, scalars, doc): one RuleDecl.
+#define RULE(kernel, name, cls, counts, hyper, states, check, scalars, doc)                       \
+  RuleDecl {                                                                                      \
+    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states, count_of(states),    \
+        check, [](const Hyper& h, const StepInfo& t, void* out) {                                 \
+          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));               \
+        }                                                                                         \
+  }
+
+}  // namespace optkern

@@ -1,0 +1,376 @@
+// Every update rule, declared once.
+//
+// A rule is four things: the struct of per-step scalars its kernel reads (filled in double by the
+// host and rounded once to float), its line in OPTKERN_KERNELS (which gives it a slot in every
+// ISA's kernel table), its host declaration (name, class name, formulas, hyperparameters with
+// their ranges, defaults and torch names, state buffers, and the function that computes the
+// per-step scalars from the hyperparameters and the step count), and its element-wise body in
+// kernels/update_rules.cpp. Everything else (the binding, the functional functions, the optimizer
+// classes, the type stubs, the test and benchmark rows) is derived from the declarations below
+// through _core.rules().
+//
+// The first half (the structs and the kernel list) is what kernel_api.hpp includes, for the
+// kernel builds and the host alike. The second half, the declarations, is compiled by exactly one
+// host translation unit (bindings.cpp), which defines OPTKERN_RULE_DECLARATIONS and includes this
+// header again.
+#ifndef OPTKERN_RULES_STRUCTS
+#define OPTKERN_RULES_STRUCTS
+
+#include <cstddef>
+#include <cstdint>
+
+namespace optkern {
+
+// What every rule first does to the gradient: g = grad_scale * g (-1 for maximize, times the
+// clipping coefficient when clipping is fused into the step), then g += weight_decay * p when
+// has_weight_decay (AdamW decays p itself instead: see AdamStep). has_weight_decay is decided on
+// the double value, as torch decides it: a weight decay of 1e-320 rounds to 0.0f but still adds
+// 0 * p to the gradient, which is NaN where p is infinite.
+struct GradientPrep {
+  float grad_scale;
+  float weight_decay;
+  bool has_weight_decay;
+};
+
+// Where torch computes start.lerp_(end, w), the kernels evaluate base + coeff * (end - start) with
+// (base, coeff) = (start, w) for |w| < 0.5 and (end, w - 1) otherwise, as torch does (the form
+// matters for Inf and NaN). The host picks the form, in double, for every rule alike.
+struct Lerp {
+  float coeff;
+  // 1 or 0. A float, not a bool: GCC 12 does not vectorise the centered RMSprop loop when the
+  // select depends on a bool loaded from memory, and does with a float compare.
+  float from_start;
+};
+
+// -- the per-step scalars of each kernel --------------------------------------------------------
+
+struct SgdStep {
+  float lr;
+  float momentum;
+  float dampening_keep;  // 1 - dampening
+  GradientPrep grad;
+  bool nesterov;
+  bool init_buffer;  // torch's first step: the buffer becomes the gradient itself
+};
+
+struct RmspropStep {
+  float lr;
+  float alpha;
+  float one_minus_alpha;
+  float eps;
+  float momentum;
+  Lerp grad_avg;  // grad_avg.lerp_(g, 1 - alpha)
+  GradientPrep grad;
+};
+
+struct AdagradStep {
+  float clr;  // lr / (1 + (step - 1) * lr_decay), per tensor
+  float eps;
+  GradientPrep grad;
+};
+
+struct AdadeltaStep {
+  float lr;
+  float rho;
+  float one_minus_rho;
+  float eps;
+  GradientPrep grad;
+};
+
+struct AdamStep {
+  Lerp exp_avg;  // exp_avg.lerp_(g, 1 - beta1)
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float decoupled_decay;             // 1 - lr * weight_decay, AdamW only (grad.weight_decay unused)
+  float step_size;                   // lr / (1 - beta1^step), per tensor
+  float inv_bias_correction2_sqrt;   // 1 / sqrt(1 - beta2^step), per tensor
+  GradientPrep grad;
+  bool amsgrad;
+  bool decoupled;
+};
+
+struct AdamaxStep {
+  Lerp exp_avg;  // exp_avg.lerp_(g, 1 - beta1)
+  float beta2;
+  float eps;
+  float clr;  // lr / (1 - beta1^step), per tensor
+  GradientPrep grad;
+};
+
+// The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
+// slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
+// function of the same name there. Work is counted against the single-thread threshold in units
+// of SGD's element (multi_tensor.hpp): 1 for a few multiply-adds, 4 with a sqrt and a division.
+#define OPTKERN_KERNELS(X)          \
+  X(sgd, SgdStep, 1, 1)             \
+  X(rmsprop, RmspropStep, 3, 4)     \
+  X(adagrad, AdagradStep, 1, 4)     \
+  X(adadelta, AdadeltaStep, 2, 4)   \
+  X(adam, AdamStep, 3, 4)           \
+  X(adamax, AdamaxStep, 2, 4)
+
+// The largest number of state buffers a kernel takes.
+constexpr std::size_t MAX_STATES = 4;
+
+}  // namespace optkern
+#endif  // OPTKERN_RULES_STRUCTS
+
+#if defined(OPTKERN_RULE_DECLARATIONS) && !defined(OPTKERN_RULES_DECLARED)
+#define OPTKERN_RULES_DECLARED
+// -- host side: the declarations -------------------------------------------------------------------
+#include "rule_api.hpp"
+
+namespace optkern {
+namespace rules {
+
+using H = HyperDecl;
+using S = StateDecl;
+using Real = Range;
+
+// SGD (torch.optim.SGD) and Nesterov (the same rule, nesterov=True by default in its class).
+constexpr HyperDecl kSgdHyper[] = {
+    {"lr", Real::nonnegative, 1e-3, "lr", -1},
+    {"momentum", Real::nonnegative, 0.0, "momentum", -1},
+    {"dampening", Real::unit, 0.0, "dampening", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+    {"nesterov", Real::flag, 0.0, "nesterov", -1},
+};
+constexpr StateDecl kSgdStates[] = {
+    {"momentum_buffer", "momentum_buffers", "momentum", nullptr},
+};
+inline void sgd_check(const Hyper& h) {
+  if (h.flag("nesterov") && (h["momentum"] <= 0 || h["dampening"] != 0)) {
+    throw HyperError("nesterov momentum requires momentum > 0 and dampening == 0");
+  }
+}
+inline void sgd_scalars(const Hyper& h, const StepInfo& t, SgdStep& s) {
+  s.lr = t.f32(h["lr"], "lr");
+  s.momentum = t.f32(h["momentum"], "momentum");
+  s.dampening_keep = t.f32(1.0 - h["dampening"], "1 - dampening");
+  s.grad = t.grad(h["weight_decay"]);
+  s.nesterov = h.flag("nesterov");
+  s.init_buffer = t.first;
+}
+
+// The notes' momentum: V = beta * V + (1 - beta) * g, V starting at zero: SGD's kernel with
+// dampening = momentum = beta, never taking the first-step shortcut.
+constexpr HyperDecl kMomentumHyper[] = {
+    {"lr", Real::nonnegative, 1e-3, "lr", -1},
+    {"beta", Real::unit_open, 0.9, "beta", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kMomentumStates[] = {
+    {"momentum_buffer", "velocities", nullptr, nullptr},
+};
+inline void momentum_scalars(const Hyper& h, const StepInfo& t, SgdStep& s) {
+  s.lr = t.f32(h["lr"], "lr");
+  s.momentum = t.f32(h["beta"], "beta");
+  s.dampening_keep = t.f32(1.0 - h["beta"], "1 - beta");
+  s.grad = t.grad(h["weight_decay"]);
+  s.nesterov = false;
+  s.init_buffer = false;
+}
+
+constexpr HyperDecl kRmspropHyper[] = {
+    {"lr", Real::nonnegative, 1e-2, "lr", -1},
+    {"alpha", Real::unit, 0.99, "alpha", -1},
+    {"eps", Real::nonnegative, 1e-8, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+    {"momentum", Real::nonnegative, 0.0, "momentum", -1},
+    {"centered", Real::flag, 0.0, "centered", -1},
+};
+constexpr StateDecl kRmspropStates[] = {
+    {"square_avg", "square_avgs", nullptr, nullptr},
+    {"momentum_buffer", "momentum_buffers", "momentum", nullptr},
+    {"grad_avg", "grad_avgs", "centered", nullptr},
+};
+inline void rmsprop_scalars(const Hyper& h, const StepInfo& t, RmspropStep& s) {
+  s.lr = t.f32(h["lr"], "lr");
+  s.alpha = t.f32(h["alpha"], "alpha");
+  s.one_minus_alpha = t.f32(1.0 - h["alpha"], "1 - alpha");
+  s.grad_avg = lerp_weight(1.0 - h["alpha"]);
+  s.eps = t.f32(h["eps"], "eps");
+  s.momentum = t.f32(h["momentum"], "momentum");
+  s.grad = t.grad(h["weight_decay"]);
+}
+
+constexpr HyperDecl kAdagradHyper[] = {
+    {"lr", Real::nonnegative, 1e-2, "lr", -1},
+    {"lr_decay", Real::nonnegative, 0.0, "lr_decay", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+    {"initial_accumulator_value", Real::nonnegative, 0.0, "initial_accumulator_value", -1},
+    {"eps", Real::nonnegative, 1e-10, "eps", -1},
+};
+constexpr StateDecl kAdagradStates[] = {
+    {"sum", "state_sums", nullptr, "initial_accumulator_value"},
+};
+inline void adagrad_scalars(const Hyper& h, const StepInfo& t, AdagradStep& s) {
+  s.clr = t.f32(h["lr"] / (1.0 + static_cast<double>(t.step - 1) * h["lr_decay"]),
+                "lr / (1 + (step - 1) * lr_decay)");
+  s.eps = t.f32(h["eps"], "eps");
+  s.grad = t.grad(h["weight_decay"]);
+}
+
+constexpr HyperDecl kAdadeltaHyper[] = {
+    {"lr", Real::nonnegative, 1.0, "lr", -1},
+    {"rho", Real::unit, 0.9, "rho", -1},
+    {"eps", Real::nonnegative, 1e-6, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kAdadeltaStates[] = {
+    {"square_avg", "square_avgs", nullptr, nullptr},
+    {"acc_delta", "acc_deltas", nullptr, nullptr},
+};
+inline void adadelta_scalars(const Hyper& h, const StepInfo& t, AdadeltaStep& s) {
+  s.lr = t.f32(h["lr"], "lr");
+  s.rho = t.f32(h["rho"], "rho");
+  s.one_minus_rho = t.f32(1.0 - h["rho"], "1 - rho");
+  s.eps = t.f32(h["eps"], "eps");
+  s.grad = t.grad(h["weight_decay"]);
+}
+
+// Adam and AdamW: one kernel; AdamW decays the parameter instead of adding an L2 term.
+constexpr HyperDecl kAdamHyper[] = {
+    {"lr", Real::nonnegative, 1e-3, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-8, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+    {"amsgrad", Real::flag, 0.0, "amsgrad", -1},
+};
+constexpr HyperDecl kAdamwHyper[] = {
+    {"lr", Real::nonnegative, 1e-3, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-8, "eps", -1},
+    {"weight_decay", Real::nonnegative, 1e-2, "weight_decay", -1},
+    {"amsgrad", Real::flag, 0.0, "amsgrad", -1},
+};
+constexpr StateDecl kAdamStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+    {"exp_avg_sq", "exp_avg_sqs", nullptr, nullptr},
+    {"max_exp_avg_sq", "max_exp_avg_sqs", "amsgrad", nullptr},
+};
+inline void adam_common(const Hyper& h, const StepInfo& t, AdamStep& s, bool decoupled) {
+  const double lr = h["lr"], beta1 = h["beta1"], beta2 = h["beta2"], wd = h["weight_decay"];
+  s.exp_avg = lerp_weight(1.0 - beta1);
+  s.beta2 = t.f32(beta2, "beta2");
+  s.one_minus_beta2 = t.f32(1.0 - beta2, "1 - beta2");
+  s.eps = t.f32(h["eps"], "eps");
+  s.decoupled_decay = t.f32(1.0 - lr * wd, "1 - lr * weight_decay");
+  const double n = static_cast<double>(t.step);  // bias corrections from the step count
+  s.step_size = t.f32(lr / (1.0 - t.pow(beta1, n)), "lr / (1 - beta1^step)");
+  s.inv_bias_correction2_sqrt =
+      t.f32(1.0 / t.sqrt(1.0 - t.pow(beta2, n)), "1 / sqrt(1 - beta2^step)");
+  s.grad = t.grad(wd);
+  s.amsgrad = h.flag("amsgrad");
+  s.decoupled = decoupled;
+}
+inline void adam_scalars(const Hyper& h, const StepInfo& t, AdamStep& s) {
+  adam_common(h, t, s, false);
+}
+inline void adamw_scalars(const Hyper& h, const StepInfo& t, AdamStep& s) {
+  adam_common(h, t, s, true);
+}
+
+// Adamax (torch.optim.Adamax): Adam with the infinity norm in place of the second moment.
+constexpr HyperDecl kAdamaxHyper[] = {
+    {"lr", Real::nonnegative, 2e-3, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-8, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kAdamaxStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+    {"exp_inf", "exp_infs", nullptr, nullptr},
+};
+inline void adamax_scalars(const Hyper& h, const StepInfo& t, AdamaxStep& s) {
+  s.exp_avg = lerp_weight(1.0 - h["beta1"]);
+  s.beta2 = t.f32(h["beta2"], "beta2");
+  s.eps = t.f32(h["eps"], "eps");
+  s.clr = t.f32(h["lr"] / (1.0 - t.pow(h["beta1"], static_cast<double>(t.step))),
+                "lr / (1 - beta1^step)");
+  s.grad = t.grad(h["weight_decay"]);
+}
+
+// -- the table -------------------------------------------------------------------------------------
+// RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
+
+constexpr RuleDecl kRules[] = {
+    RULE(sgd, "sgd", "SGD", first_only, kSgdHyper, kSgdStates, sgd_check, sgd_scalars,
+         "Stochastic gradient descent with optional (Nesterov) momentum, as torch.optim.SGD::\n\n"
+         "    g   <- g + weight_decay * p\n"
+         "    buf <- g                                          (first step)\n"
+         "    buf <- momentum * buf + (1 - dampening) * g       (later steps)\n"
+         "    g   <- g + momentum * buf     if nesterov,  else  g <- buf      (when momentum != 0)\n"
+         "    p   <- p - lr * g\n\n"
+         "State: ``momentum_buffer`` (when momentum != 0). Feeding it the gradient of the whole\n"
+         "data set, one sample or a mini-batch gives BGD, SGD or mini-batch GD (see\n"
+         "``optkern.data.batches``)."),
+    RULE(sgd, "momentum", "Momentum", first_only, kMomentumHyper, kMomentumStates, nullptr,
+         momentum_scalars,
+         "Gradient descent with momentum in its exponentially weighted form::\n\n"
+         "    g <- g + weight_decay * p\n"
+         "    V <- beta * V + (1 - beta) * g        (V starts at zero)\n"
+         "    p <- p - lr * V\n\n"
+         "This differs from ``SGD(momentum=beta)``, whose buffer is not damped by (1 - beta) and\n"
+         "starts at the first gradient. State: ``momentum_buffer`` (V)."),
+    RULE(rmsprop, "rmsprop", "RMSprop", counted, kRmspropHyper, kRmspropStates, nullptr,
+         rmsprop_scalars,
+         "RMSprop, as torch.optim.RMSprop::\n\n"
+         "    g          <- g + weight_decay * p\n"
+         "    square_avg <- alpha * square_avg + (1 - alpha) * g^2\n"
+         "    avg        <- sqrt(square_avg) + eps\n"
+         "    centered:  grad_avg <- lerp(grad_avg, g, 1 - alpha);"
+         "  avg <- sqrt(square_avg - grad_avg^2) + eps\n"
+         "    momentum > 0:  buf <- momentum * buf + g / avg;  p <- p - lr * buf\n"
+         "    otherwise:     p <- p - lr * g / avg\n\n"
+         "State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg``\n"
+         "(centered)."),
+    RULE(adagrad, "adagrad", "Adagrad", used, kAdagradHyper, kAdagradStates, nullptr,
+         adagrad_scalars,
+         "Adagrad, as torch.optim.Adagrad::\n\n"
+         "    g   <- g + weight_decay * p\n"
+         "    clr <- lr / (1 + (t - 1) * lr_decay)\n"
+         "    sum <- sum + g^2                      (sum starts at initial_accumulator_value)\n"
+         "    p   <- p - clr * g / (sqrt(sum) + eps)\n\n"
+         "Each coordinate's step shrinks with the gradient it has seen, so rare (sparse) features\n"
+         "keep large steps. State: ``step``, ``sum``."),
+    RULE(adadelta, "adadelta", "Adadelta", counted, kAdadeltaHyper, kAdadeltaStates, nullptr,
+         adadelta_scalars,
+         "Adadelta, as torch.optim.Adadelta::\n\n"
+         "    g          <- g + weight_decay * p\n"
+         "    square_avg <- rho * square_avg + (1 - rho) * g^2\n"
+         "    delta      <- sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g\n"
+         "    acc_delta  <- rho * acc_delta + (1 - rho) * delta^2\n"
+         "    p          <- p - lr * delta\n\n"
+         "State: ``step``, ``square_avg``, ``acc_delta``."),
+    RULE(adam, "adam", "Adam", used, kAdamHyper, kAdamStates, nullptr, adam_scalars,
+         "Adam, as torch.optim.Adam (weight decay as an L2 term in the gradient)::\n\n"
+         "    g          <- g + weight_decay * p\n"
+         "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g        (computed as torch's lerp)\n"
+         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+         "    amsgrad:   max_exp_avg_sq <- max(max_exp_avg_sq, exp_avg_sq), used for v below\n"
+         "    v          <- exp_avg_sq\n"
+         "    p          <- p - lr / (1 - beta1^t) * exp_avg / (sqrt(v) / sqrt(1 - beta2^t) + eps)\n\n"
+         "The bias corrections 1 - beta^t are computed in double from t. State: ``step``,\n"
+         "``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad)."),
+    RULE(adam, "adamw", "AdamW", used, kAdamwHyper, kAdamStates, nullptr, adamw_scalars,
+         "AdamW, as torch.optim.AdamW: Adam with the weight decay decoupled from the gradient::\n\n"
+         "    p <- p * (1 - lr * weight_decay)\n"
+         "    then Adam's update of p with g (no L2 term)\n\n"
+         "State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad)."),
+    RULE(adamax, "adamax", "Adamax", used, kAdamaxHyper, kAdamaxStates, nullptr, adamax_scalars,
+         "Adamax, as torch.optim.Adamax (Adam with the infinity norm)::\n\n"
+         "    g       <- g + weight_decay * p\n"
+         "    exp_avg <- beta1 * exp_avg + (1 - beta1) * g         (computed as torch's lerp)\n"
+         "    exp_inf <- max(beta2 * exp_inf, |g| + eps)\n"
+         "    p       <- p - lr / (1 - beta1^t) * exp_avg / exp_inf\n\n"
+         "Only the first moment is bias-corrected. State: ``step``, ``exp_avg``, ``exp_inf``."),
+};
+
+}  // namespace rules
+}  // namespace optkern
+#endif  // OPTKERN_RULE_DECLARATIONS

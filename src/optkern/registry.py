@@ -1,0 +1,231 @@
+"""The update rules, as the C++ core declares them (``src/cpp/rules.hpp``), and what is built
+from each declaration: the optimizer class (torch-style constructor, formulas in the docstring)
+and, for rules without a hand-written one, the function of :mod:`optkern.functional`.
+
+``rules()`` lists them; each :class:`Rule` says its hyperparameters (name, range, default and
+torch's argument), its state buffers and whether it counts steps. Tests and benchmarks iterate
+this list, so a rule declared in C++ is tested and measured without being listed anywhere else.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["Rule", "Hyper", "State", "rules", "rule", "as_real", "as_flag"]
+
+
+@dataclass(frozen=True)
+class Hyper:
+    name: str  # as optkern.functional and _core take it
+    range: str  # "nonnegative", "unit", "unit_open" or "flag"
+    default: Any
+    torch: str  # torch.optim's argument: "betas" for beta1 and beta2
+    slot: int  # -1, or the position within torch's tuple argument
+
+
+@dataclass(frozen=True)
+class State:
+    name: str  # torch's state name, e.g. "exp_avg"
+    arg: str  # optkern.functional's list argument, e.g. "exp_avgs"
+    when: Optional[str]  # None: always; else the option that must be nonzero / True
+    init: Optional[str]  # None: starts at zero; else the hyperparameter it starts at
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    cls: str
+    doc: str
+    counts_steps: bool  # each parameter's state holds a step count
+    uses_step: bool  # the per-step scalars depend on it (the functional function takes step=)
+    kernel: str
+    weight: int
+    hyper: Tuple[Hyper, ...]
+    states: Tuple[State, ...]
+
+    # -- torch's view: arguments as the class takes them ---------------------------------------------
+
+    def torch_args(self) -> List[Tuple[str, Any]]:
+        """(argument, default) in torch's order, tuple arguments (betas) joined; maximize last."""
+        out: List[Tuple[str, Any]] = []
+        for h in self.hyper:
+            if h.slot <= 0:
+                out.append((h.torch, h.default if h.slot < 0 else (h.default,)))
+            else:
+                name, prev = out[-1]
+                out[-1] = (name, prev + (h.default,))
+        return out
+
+    def to_core(self, group: Dict[str, Any], lr: Any = None) -> Dict[str, Any]:
+        """The core's hyperparameters from a group in torch's names (betas split), each turned
+        into a Python float or bool where it is a real scalar; the core checks the ranges."""
+        out: Dict[str, Any] = {}
+        for h in self.hyper:
+            value = group[h.torch] if h.torch in group else h.default
+            if h.name == "lr" and lr is not None:
+                value = lr
+            if h.slot >= 0:
+                if h.slot == 0:
+                    pair = value
+                    names = [x.name for x in self.hyper if x.torch == h.torch]
+                    if (isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__")
+                            or len(pair) != len(names)):
+                        raise TypeError(f"{h.torch} must be a pair ({', '.join(names)}), "
+                                        f"got {pair!r}")
+                value = pair[h.slot]
+            out[h.name] = as_flag(value) if h.range == "flag" else as_real(value)
+        return out
+
+    def state_spec(self, core: Dict[str, Any]) -> Dict[str, float]:
+        """State arrays a parameter needs under these (validated) hyperparameters, each with the
+        value it starts at."""
+        return {s.name: (0.0 if s.init is None else float(core[s.init]))
+                for s in self.states if s.when is None or core[s.when]}
+
+    @property
+    def array_state_names(self) -> Tuple[str, ...]:
+        return tuple(s.name for s in self.states)
+
+
+def as_real(value: Any) -> Any:
+    """A real scalar as a Python float: int and float as they are, NumPy scalars, 0-d arrays and
+    anything else 0-d with ``__float__`` (a 0-d torch tensor, without importing torch) converted.
+    Anything else is returned unchanged for the core to refuse with a message naming it."""
+    kind = type(value)
+    if kind is float or kind is int:
+        return value
+    if isinstance(value, (bool, np.bool_, str, bytes, complex)):
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "__float__"):
+        if "bool" in str(getattr(value, "dtype", "")) or "complex" in str(
+                getattr(value, "dtype", "")):
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+def as_flag(value: Any) -> Any:
+    """True/False, NumPy's bool and a 0-d boolean array as a Python bool; anything else unchanged
+    (the core refuses it)."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, np.bool_) or (getattr(value, "ndim", None) == 0
+                                       and "bool" in str(getattr(value, "dtype", ""))):
+        return bool(value)
+    return value
+
+
+def _load() -> Dict[str, Rule]:
+    out = {}
+    for r in _core.rules():
+        out[r["name"]] = Rule(
+            name=r["name"], cls=r["cls"], doc=r["doc"], counts_steps=r["counts_steps"],
+            uses_step=r["uses_step"],
+            kernel=r["kernel"], weight=r["weight"],
+            hyper=tuple(Hyper(**h) for h in r["hyper"] if h["name"] != "maximize"),
+            states=tuple(State(**s) for s in r["states"]))
+    return out
+
+
+_RULES = _load()
+
+
+def rules() -> List[Rule]:
+    """Every update rule, in declaration order."""
+    return list(_RULES.values())
+
+
+def rule(name: str) -> Rule:
+    return _RULES[name]
+
+
+# -- what is built from a declaration --------------------------------------------------------------
+
+_MAXIMIZE_NOTE = ("\n\nWith ``maximize=True`` the update uses -g. torch's execution flags are "
+                  "accepted where they change nothing: ``foreach`` and ``fused`` (optkern's "
+                  "update is always one fused multi-tensor call), ``differentiable=False``, "
+                  "``capturable=False``.")
+
+
+def _annotation(default: Any) -> str:
+    if isinstance(default, bool):
+        return "bool"
+    if isinstance(default, tuple):
+        return "Tuple[" + ", ".join("float" for _ in default) + "]"
+    return "float"
+
+
+def make_class(r: Rule, base: type) -> type:
+    """The optimizer class of rule ``r``: ``Cls(params, <torch's arguments>, *, maximize=False,
+    foreach=None, fused=None, differentiable=False, capturable=False)``."""
+    args = r.torch_args()
+    sig = ", ".join(f"{name}: {_annotation(d)} = {d!r}" for name, d in args)
+    keys = ", ".join(f"{name}={name}" for name, _ in args)
+    src = (f"def __init__(self, params: Any, {sig}, *, maximize: bool = False,\n"
+           f"             foreach: Any = None, fused: Any = None, differentiable: Any = False,\n"
+           f"             capturable: Any = False) -> None:\n"
+           f"    check_execution_flags(foreach=foreach, fused=fused,\n"
+           f"                          differentiable=differentiable, capturable=capturable)\n"
+           f"    base.__init__(self, params, dict({keys}, maximize=maximize))\n")
+    scope: Dict[str, Any] = {"Any": Any, "Tuple": Tuple, "base": base,
+                             "check_execution_flags": check_execution_flags}
+    exec(src, scope)  # noqa: S102 (a signature built from the declaration, as namedtuple does)
+    init = scope["__init__"]
+    init.__qualname__ = f"{r.cls}.__init__"
+    cls = type(r.cls, (base,), {"__init__": init, "__doc__": r.doc + _MAXIMIZE_NOTE,
+                                "_rule": r, "__module__": "optkern.optimizers"})
+    return cls
+
+
+def check_execution_flags(*, foreach: Any = None, fused: Any = None, differentiable: Any = False,
+                          capturable: Any = False) -> None:
+    """torch's execution flags: accepted where they change nothing (None or False; fused=True is
+    what optkern always does), refused where they would."""
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be None or a bool, got {value!r}")
+    for name, value in (("differentiable", differentiable), ("capturable", capturable)):
+        if value is None or value is False or (isinstance(value, np.bool_) and not value):
+            continue
+        if value is True or isinstance(value, np.bool_):
+            why = ("optkern updates NumPy arrays in place and records no autograd graph"
+                   if name == "differentiable" else
+                   "optkern runs on the CPU; there is no CUDA graph to capture")
+            raise ValueError(f"{name}=True is not supported: {why}")
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def make_functional(r: Rule, run: Callable) -> Callable:
+    """``<name>_(params, grads, <state lists>, *, [step,] <hyperparameters>, maximize=False,
+    grad_scale=1.0)`` for a rule without a hand-written functional function."""
+    lists = ", ".join(f"{s.arg}: Optional[ArrayList] = None" if s.when else f"{s.arg}: ArrayList"
+                      for s in r.states)
+    hyper = ", ".join(f"{h.name}: {_annotation(h.default)} = {h.default!r}" for h in r.hyper)
+    step = "step: Steps, " if r.uses_step else ""
+    states = ", ".join(f"{s.name!r}: {s.arg}" for s in r.states)
+    names = ", ".join(f"{h.name}={h.name}" for h in r.hyper)
+    src = (f"def {r.name}_(params: ArrayList, grads: ArrayList, {lists}, *, {step}{hyper},\n"
+           f"        maximize: bool = False, grad_scale: float = 1.0,\n"
+           f"        _positions: Optional[Sequence[int]] = None) -> None:\n"
+           f"    run({r.name!r}, params, grads, {{{states}}}, dict({names}, maximize=maximize),\n"
+           f"        step={'step' if r.uses_step else 'None'}, grad_scale=grad_scale,\n"
+           f"        positions=_positions)\n")
+    scope: Dict[str, Any] = {"run": run, "Optional": Optional, "Sequence": Any, "Any": Any,
+                             "ArrayList": Any, "Steps": Any, "Tuple": Tuple}
+    exec(src, scope)  # noqa: S102
+    fn = scope[f"{r.name}_"]
+    fn.__doc__ = (f"{r.cls} over lists of arrays, state passed in explicitly (see "
+                  f":class:`optkern.{r.cls}` for the formulas).")
+    fn.__module__ = "optkern.functional"
+    return fn
