@@ -203,7 +203,8 @@ CASES: Dict[str, Case] = {c.key: c for c in [
 # Every further rule of the registry, at its defaults: p and g read, p and each state array read
 # and written. There is no NumPy version until one is written for it above.
 for _rule in ok.registry.rules():
-    if not any(c.label == _rule.cls or c.torch_name == _rule.cls for c in CASES.values()):
+    if _rule.name not in CASES and not any(c.label == _rule.cls or c.torch_name == _rule.cls
+                                           for c in CASES.values()):
         _n = sum(s.when is None for s in _rule.states)
         CASES[_rule.name] = Case(_rule.name, _rule.cls, 12 + 8 * _n,
                                  _optkern(getattr(ok, _rule.cls)), None, _rule.cls)
