@@ -421,14 +421,38 @@ def _pack(states: List[Dict[str, Any]], name: str, shapes: List[tuple],
         s[name] = view
 
 
+#: The largest step count a state dict or checkpoint may hold. Steps are whole numbers that
+#: torch stores as float tensors, and a float counts exactly only up to 2**53; C++ takes the
+#: count as an int64, so every later step up to 2**63 - 1 still succeeds from here.
+MAX_LOADED_STEP = 2**53
+
+
 def _load_step(value: Any, where: str) -> int:
-    try:
-        v = float(np.asarray(value))
-    except (TypeError, ValueError):
-        raise TypeError(f"{where} must be a number, got {type(value).__name__}") from None
-    if not v.is_integer() or v < 0:
-        raise ValueError(f"{where} must be a whole number >= 0, got {value!r}")
-    return int(v)
+    """A loaded step count as an int in [0, MAX_LOADED_STEP]: a Python or NumPy int, a 0-d
+    integer array or tensor, or a float (0-d float array, tensor) holding an exact whole number.
+    Refused: bools, strings, other objects, NaN, fractions, negatives and larger counts."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"{where} must be an int, got {type(value).__name__}: {value!r}")
+    if isinstance(value, int):
+        v = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except Exception as e:  # a tensor that needs .cpu(), an object whose __array__ raises
+            raise TypeError(f"{where} must be an int, got {type(value).__name__}") from e
+        if arr.shape != () or arr.dtype.kind not in "iuf":
+            raise TypeError(f"{where} must be an int (or a 0-d integer or float array), got "
+                            f"{type(value).__name__} of dtype {arr.dtype} and shape {arr.shape}")
+        if arr.dtype.kind == "f":
+            f = float(arr)
+            if not math.isfinite(f) or not f.is_integer() or not 0 <= f <= MAX_LOADED_STEP:
+                raise ValueError(f"{where} must be a whole number >= 0 and <= 2**53, got {f!r}")
+            v = int(f)
+        else:
+            v = int(arr)
+    if not 0 <= v <= MAX_LOADED_STEP:
+        raise ValueError(f"{where} must be a whole number >= 0 and <= 2**53, got {v}")
+    return v
 
 
 def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
