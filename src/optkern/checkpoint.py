@@ -391,7 +391,7 @@ def _kind(mode: int) -> str:
 def _json_depth(text: bytes) -> int:
     """The deepest nesting of [ and { in JSON text, counted without decoding it (json.loads
     recurses, and raises RecursionError on deep input)."""
-    stripped = re.sub(rb'"(?:[^"\\\\]|\\\\.)*"', b'""', text)
+    stripped = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', text)
     codes = np.frombuffer(stripped, np.uint8)
     steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
              - np.isin(codes, (ord("]"), ord("}"))).astype(np.int64))

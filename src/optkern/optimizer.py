@@ -57,6 +57,14 @@ class ParamState(MutableMapping):
         entry = self._by_id.get(id(param))
         return None if entry is None else entry[1]
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # ids do not survive pickling: store the (param, state) pairs, re-keyed on unpickling.
+        return {"pairs": list(self._by_id.values()), "version": self.version}
+
+    def __setstate__(self, saved: Dict[str, Any]) -> None:
+        self._by_id = {id(p): (p, s) for p, s in saved["pairs"]}
+        self.version = saved["version"]
+
 
 def _as_param_list(params: Any, where: str) -> List[np.ndarray]:
     if isinstance(params, np.ndarray):
@@ -379,6 +387,13 @@ class Optimizer:
                     _pack(have, name, [s[name].shape for s in have], None)
         return groups, state
 
+    def __getstate__(self) -> Dict[str, Any]:
+        with self._lock:
+            return _pickled_dict(self)
+
+    def __setstate__(self, saved: Dict[str, Any]) -> None:
+        _restore_dict(self, saved)
+
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
@@ -465,3 +480,58 @@ def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
     if arr.shape != param.shape:
         raise ValueError(f"{where} has shape {arr.shape} but its parameter has shape {param.shape}")
     return arr  # copied into the group's block by _pack
+
+
+# -- pickling (copy.deepcopy and pickle.dumps) --------------------------------------------------
+#
+# Convention: an optimizer pickles its whole __dict__ except what is transient: locks (recreated
+# on unpickling), and caches, that is any attribute whose name starts or ends with ``_cache`` or
+# is listed in the class attribute ``_transient_attrs`` (a tuple of names). A transient dict,
+# list or set comes back empty; any other transient attribute comes back as None, so a class
+# that keeps one must rebuild it when it finds None. Parameters and state arrays are pickled
+# as the objects they are, so pickling the user's arrays and the optimizer together keeps their
+# identity; state arrays come back packed into one block per group and name, as a load makes.
+
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+
+
+def _is_transient(obj: Any, name: str) -> bool:
+    return (name.startswith("_cache") or name.endswith("_cache")
+            or name in getattr(type(obj), "_transient_attrs", ()))
+
+
+def _pickled_dict(obj: Any) -> Dict[str, Any]:
+    saved: Dict[str, Any] = {}
+    for name, value in vars(obj).items():
+        if isinstance(value, _LOCK_TYPES):
+            saved[name] = ("__lock__", isinstance(value, _LOCK_TYPES[1]))
+        elif _is_transient(obj, name):
+            saved[name] = ("__transient__", type(value) if type(value) in (dict, list, set)
+                           else None)
+        else:
+            saved[name] = value
+    return saved
+
+
+def _restore_dict(obj: Any, saved: Dict[str, Any]) -> None:
+    restored: Dict[str, Any] = {}
+    for name, value in saved.items():
+        if isinstance(value, tuple) and len(value) == 2 and value[0] == "__lock__":
+            restored[name] = threading.RLock() if value[1] else threading.Lock()
+        elif isinstance(value, tuple) and len(value) == 2 and value[0] == "__transient__":
+            restored[name] = value[1]() if value[1] is not None else None
+        else:
+            restored[name] = value
+    obj.__dict__.update(restored)
+    # State arrays come back as separate arrays: pack each group's into one block again.
+    groups = getattr(obj, "param_groups", None)
+    state = getattr(obj, "state", None)
+    names = getattr(type(obj), "_array_state_names", ())
+    if isinstance(groups, list) and isinstance(state, ParamState):
+        for group in groups:
+            entries = [state.get_by_id(p) for p in group.get("params", ())]
+            for name in names:
+                have = [s for s in entries if s is not None and isinstance(s.get(name), np.ndarray)
+                        and s[name].dtype == np.float32]
+                if have:
+                    _pack(have, name, [s[name].shape for s in have], None)
