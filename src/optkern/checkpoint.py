@@ -29,11 +29,15 @@ ValueError) and leaves the optimizer as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import secrets
+import stat
 import zipfile
 from typing import Any, Dict, List, Tuple, Union
 
@@ -65,10 +69,20 @@ class CheckpointError(ValueError):
 def save(optimizer: Optimizer, path: PathLike) -> None:
     """Writes ``optimizer``'s state (``state_dict()``) to ``path`` as an ``.npz`` checkpoint.
 
-    The file is written next to ``path`` under a temporary name, flushed to disk (fsync) and
-    renamed over ``path`` in one step, so ``path`` holds either the previous checkpoint or the
-    whole new one, never a part. A hyperparameter that cannot be stored (a function, say)
-    raises TypeError before anything is written.
+    The file is written next to ``path`` under a temporary name (created with O_EXCL, removed
+    on any error, Ctrl-C included), flushed to disk (fsync), renamed over ``path`` in one step,
+    and the directory is fsynced, so ``path`` holds either the previous checkpoint or the whole
+    new one, never a part. A hyperparameter that cannot be stored (a function, say) raises
+    TypeError before anything is written.
+
+    ``path`` must be absent or a regular file: a directory raises IsADirectoryError; a device,
+    FIFO or socket raises FileExistsError, before anything is created (``save(opt,
+    os.devnull)`` never replaces /dev/null). A symbolic link is written through: the regular
+    file it points to is replaced and the link is kept; a dangling link raises
+    FileNotFoundError. A replaced file keeps its permission bits (a 0600 checkpoint stays
+    0600; owner and group are the writer's); a new file gets the umask's default. The checks
+    run again just before the rename, which narrows but cannot close the window in which
+    another process could put something else at ``path``.
     """
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"save() needs an optkern optimizer, got {type(optimizer).__name__}")
@@ -113,25 +127,72 @@ def save(optimizer: Optimizer, path: PathLike) -> None:
         "counters": {k: int(sd[k]) for k in ("step_count", "skipped_steps") if k in sd},
     }
     text = json.dumps(meta, allow_nan=False, sort_keys=True).encode("utf-8")
+    # What load() refuses, save() refuses first, before anything is written.
+    limit = MAX_METADATA_BASE + MAX_METADATA_PER_PARAM * len(shapes)
+    if len(text) > limit:
+        raise ValueError(f"the checkpoint's metadata would be {len(text)} bytes, more than the "
+                         f"{limit} load() accepts (large hyperparameters?)")
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"the checkpoint's metadata would nest {depth} levels deep, more than "
+                         f"the {MAX_JSON_DEPTH} load() accepts (deeply nested hyperparameters?)")
     members = {META_KEY: np.frombuffer(text, np.uint8),
                META_SHA_KEY: np.frombuffer(hashlib.sha256(text).hexdigest().encode(), np.uint8),
                **arrays}
-    _write_atomically(os.fspath(path), members)
+    _write_atomically(os.fsdecode(os.fspath(path)), members)
+
+
+def _target(path: str) -> Tuple[str, Any]:
+    """The file save() replaces and the permission bits it keeps (None for a new file).
+
+    ``path`` must be absent or name a regular file. A symbolic link is followed: the regular
+    file it points to is replaced (the link stays a link); a link to nothing, or to anything but
+    a regular file, is refused. Directories raise IsADirectoryError, devices, FIFOs and sockets
+    FileExistsError, before anything is created: the check comes first."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path, None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            st = os.stat(path)  # follows the link (ELOOP for a loop propagates)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "is a symbolic link to nothing; save() writes "
+                                    "through a link only to an existing regular file",
+                                    path) from None
+        path = os.path.realpath(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory; save() needs a file name", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileExistsError(errno.EEXIST, f"is a {_kind(st.st_mode)}, not a regular file; "
+                              "save() replaces regular files only", path)
+    return path, stat.S_IMODE(st.st_mode)
 
 
 def _write_atomically(path: str, members: Dict[str, np.ndarray]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-    # O_EXCL: never write through someone else's file; mode 0o666 lets the umask decide, as for
-    # any new file (mkstemp would make it 0o600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    target, mode = _target(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    # A short temporary name: a target name near NAME_MAX must not make the temporary one too long.
+    tmp = os.path.join(directory, f".{os.path.basename(target)[:64]}.{secrets.token_hex(8)}.tmp")
+    fd = None
     try:
+        # O_EXCL: never write through someone else's file; mode 0o666 lets the umask decide, as
+        # for any new file (mkstemp would make it 0o600). An existing file keeps its bits.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     0o666)
+        if mode is not None and hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
+            fd = None  # the file object owns it now
             np.savez(f, **members)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the new name can point at it
-        os.replace(tmp, path)
-    except BaseException:
+        _target(target)  # still absent or a regular file (narrows, cannot close, a race)
+        os.replace(tmp, target)
+    except BaseException:  # KeyboardInterrupt included: no temporary file left behind
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
@@ -226,89 +287,256 @@ def load(optimizer: Optimizer, path: PathLike) -> None:
 
     The whole file is read and checked first (zip CRCs, format version, SHA-256 of the metadata
     and of every array, the optimizer class, the parameter shapes), then handed to
-    ``optimizer.load_state_dict``. Raises :class:`CheckpointError` for a truncated, corrupted or
-    mismatched file and OSError (FileNotFoundError, ...) when the file cannot be opened; either
-    way the optimizer is left as it was.
+    ``optimizer.load_state_dict``. Either way the optimizer is left as it was when this raises:
+
+    - :class:`CheckpointError` for anything wrong with what the path holds: a truncated,
+      corrupted, crafted or mismatched file, or a path naming something other than a regular
+      file (a FIFO, a device, a socket: refused before anything is read, so a FIFO never
+      blocks). The underlying error, if any, is chained as ``__cause__``.
+    - OSError (FileNotFoundError, PermissionError, IsADirectoryError, ...) when the path cannot
+      be opened at all; ValueError for a path with a NUL byte, as ``open`` raises.
+
+    Memory stays bounded whatever the file holds: the file's size and every archive member's
+    declared size are checked against what this optimizer's parameter shapes allow before
+    anything is inflated, and each member is then inflated with a read of bounded length.
     """
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"load() needs an optkern optimizer, got {type(optimizer).__name__}")
     path = os.fspath(path)
-    with open(path, "rb") as f:  # OSError (no such file, a directory, ...) propagates as it is
+    with _open_regular(path) as f:
         try:
-            meta, arrays = _read(f)
+            with optimizer._lock:  # shapes read once: another thread may add a group
+                shapes = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]]
+            limits = _Limits(shapes, getattr(type(optimizer), "_array_state_names", None))
+            meta, arrays = _read(f, limits, type(optimizer).__name__)
+            sd = _state_dict(meta, arrays, optimizer)
         except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from e.__cause__
-        except Exception as e:  # whatever a damaged zip or .npy header makes numpy/zipfile raise
-            raise CheckpointError(f"{path}: cannot read the checkpoint, the file is truncated or "
-                                  f"corrupted ({type(e).__name__}: {e})") from e
-    try:
-        sd = _state_dict(meta, arrays, optimizer)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+            raise CheckpointError(f"{os.fsdecode(path)}: {e}") from (e.__cause__ or e)
+        except Exception as e:  # whatever a damaged zip, .npy header or crafted JSON raises
+            raise CheckpointError(f"{os.fsdecode(path)}: cannot read the checkpoint, the file is "
+                                  f"truncated, corrupted or crafted ({type(e).__name__}: "
+                                  f"{_short(e)})") from e
     try:
         optimizer.load_state_dict(sd)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the checkpoint does not fit this optimizer: {e}") from e
+    except Exception as e:  # a crafted value the optimizer refuses (or chokes on)
+        raise CheckpointError(f"{os.fsdecode(path)}: the checkpoint does not fit this optimizer: "
+                              f"{_short(e)}") from e
 
 
-def _read(f) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+def _short(e: Any) -> str:
+    text = str(e)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+#: Fixed part of the cap on the metadata JSON's size (the rest grows with the parameter count).
+MAX_METADATA_BASE = 16 * 2**20
+#: Metadata bytes allowed per parameter, beyond the fixed part.
+MAX_METADATA_PER_PARAM = 4096
+#: How deeply the metadata's JSON may nest (a hyperparameter holding dicts of tuples of lists...).
+MAX_JSON_DEPTH = 64
+_NPY_HEADER_MAX = 4096  # an .npy member's magic + header; NumPy writes about 128 bytes for ours
+_ZIP_OVERHEAD = 1024  # local header + central directory entry of one member, generously
+
+
+class _Limits:
+    """What a checkpoint for an optimizer with these parameter shapes can hold."""
+
+    def __init__(self, shapes: List[tuple], array_names: Any) -> None:
+        self.shape_list = [list(s) for s in shapes]
+        self.shapes = {tuple(s) for s in shapes}
+        sizes = [int(np.prod(s, dtype=object)) for s in shapes]
+        n = len(shapes)
+        # Arrays a parameter may have: each state array name, plus slack for state from torch or
+        # an older optkern; unknown (a subclass without the attribute) -> generous.
+        per_param = len(array_names) + 1 if isinstance(array_names, (list, tuple)) else 8
+        self.max_arrays = per_param * n
+        self.metadata = MAX_METADATA_BASE + MAX_METADATA_PER_PARAM * n
+        self.member = _NPY_HEADER_MAX + 8 * max(sizes, default=0)  # the largest array, 8 B each
+        self.file = (self.metadata + 2 * _NPY_HEADER_MAX + 64
+                     + per_param * sum(_NPY_HEADER_MAX + 8 * s for s in sizes)
+                     + (2 + self.max_arrays) * _ZIP_OVERHEAD + 65536)
+
+
+def _open_regular(path: Union[str, bytes]):
+    """The file at ``path`` opened for reading, refused unless it is a regular file. Opened with
+    O_NONBLOCK (a FIFO must not block the open) and checked with fstat on the open descriptor,
+    so what is checked is what is read."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)  # OSError (no such file, permission, ...) propagates as it is
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file",
+                                    os.fsdecode(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{os.fsdecode(path)}: is a {_kind(st.st_mode)}, not a regular "
+                                  "file; load() reads checkpoints from regular files only")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _kind(mode: int) -> str:
+    for test, name in [(stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link")]:
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _json_depth(text: bytes) -> int:
+    """The deepest nesting of [ and { in JSON text, counted without decoding it (json.loads
+    recurses, and raises RecursionError on deep input)."""
+    stripped = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', text)
+    codes = np.frombuffer(stripped, np.uint8)
+    steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
+             - np.isin(codes, (ord("]"), ord("}"))).astype(np.int64))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A member's bytes, inflated with a read of at most ``limit + 1`` bytes (the declared size
+    was checked already, but is not trusted). Reading to the end checks the member's CRC."""
+    if info.file_size > limit:
+        raise CheckpointError(f"archive member {info.filename!r} declares {info.file_size} bytes, "
+                              f"more than the {limit} it may hold")
+    with z.open(info) as m:
+        data = m.read(limit + 1)
+        if len(data) > limit:
+            raise CheckpointError(f"archive member {info.filename!r} inflates to more than "
+                                  f"the {limit} bytes it may hold")
+    if len(data) != info.file_size:
+        raise CheckpointError(f"archive member {info.filename!r} holds {len(data)} bytes but "
+                              f"declares {info.file_size}")
+    return data
+
+
+def _parse_npy(data: bytes, where: str) -> Tuple[np.dtype, tuple, memoryview]:
+    """The dtype, shape and data bytes of an .npy member, without letting NumPy allocate for
+    whatever shape the header claims."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+    else:
+        raise CheckpointError(f"{where} has .npy format version {version}, which save() does "
+                              "not write")
+    if fortran:
+        raise CheckpointError(f"{where} is stored in Fortran order, which save() does not write")
+    return dtype, tuple(shape), memoryview(data)[buf.tell():]
+
+
+def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    size = os.fstat(f.fileno()).st_size
+    if size > limits.file:
+        raise CheckpointError(f"the file is {size} bytes, more than a checkpoint for this "
+                              f"optimizer's parameters can be ({limits.file} bytes)")
     if not zipfile.is_zipfile(f):
         raise CheckpointError("not an .npz (zip) archive: the file is truncated, corrupted or "
                               "of another kind")
     f.seek(0)
     with zipfile.ZipFile(f) as z:
-        bad = z.testzip()  # reads every member and checks its CRC before numpy parses anything
-        if bad is not None:
-            raise CheckpointError(f"archive member {bad!r} fails its CRC check: the file is "
-                                  "corrupted")
-    f.seek(0)
-    with np.load(f, allow_pickle=False) as npz:
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise CheckpointError("not an .npz archive")
-        names = set(npz.files)
-        if META_KEY not in names:
+        infos = z.infolist()
+        names = [i.filename for i in infos]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise CheckpointError(f"the archive has duplicate members {dup}")
+        if len(infos) > 2 + limits.max_arrays:
+            raise CheckpointError(f"the archive has {len(infos)} members, more than a "
+                                  "checkpoint for this optimizer holds")
+        members: Dict[str, zipfile.ZipInfo] = {}
+        for info in infos:
+            if info.is_dir() or not info.filename.endswith(".npy"):
+                raise CheckpointError(f"archive member {info.filename!r} is not an .npy array")
+            if info.flag_bits & 0x1:
+                raise CheckpointError(f"archive member {info.filename!r} is encrypted")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise CheckpointError(f"archive member {info.filename!r} uses compression method "
+                                      f"{info.compress_type}, which save() does not write")
+            key = info.filename[:-4]
+            limit = {META_KEY: _NPY_HEADER_MAX + limits.metadata,
+                     META_SHA_KEY: _NPY_HEADER_MAX + 64}.get(key, limits.member)
+            if info.file_size > limit:  # every declared size, before anything is inflated
+                raise CheckpointError(f"archive member {info.filename!r} declares "
+                                      f"{info.file_size} bytes, more than the {limit} it may "
+                                      "hold for this optimizer")
+            members[key] = info
+        if META_KEY not in members:
             raise CheckpointError(f"not an optkern checkpoint (it has no {META_KEY!r} entry)")
-        text = _bytes_member(npz, META_KEY)
-        if META_SHA_KEY not in names:
+        if META_SHA_KEY not in members:
             raise CheckpointError(f"the {META_SHA_KEY!r} entry is missing")
-        if _bytes_member(npz, META_SHA_KEY).decode("ascii", "replace") != \
-                hashlib.sha256(text).hexdigest():
+        text = _bytes_member(z, members[META_KEY], _NPY_HEADER_MAX + limits.metadata, META_KEY)
+        digest = _bytes_member(z, members[META_SHA_KEY], _NPY_HEADER_MAX + 64, META_SHA_KEY)
+        if digest.decode("ascii", "replace") != hashlib.sha256(text).hexdigest():
             raise CheckpointError("the metadata fails its SHA-256 check: the file is corrupted")
+        depth = _json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise CheckpointError(f"the metadata nests {depth} levels deep, more than the "
+                                  f"{MAX_JSON_DEPTH} a checkpoint may")
         try:
             meta = json.loads(text.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"the metadata is not valid JSON ({e})") from None
+            raise CheckpointError(f"the metadata is not valid JSON ({e})") from e
         _check_header(meta)
+        _check_fits(meta, cls, limits.shape_list)  # before reading any array
         specs = meta["arrays"]
-        if not isinstance(specs, dict):
-            raise CheckpointError("the metadata's 'arrays' is not a mapping")
         expected = {META_KEY, META_SHA_KEY, *specs}
-        missing = sorted(expected - names)
+        missing = sorted(expected - set(members))
         if missing:
             raise CheckpointError(f"array entries {missing} are missing from the archive")
-        extra = sorted(names - expected)
+        extra = sorted(set(members) - expected)
         if extra:
             raise CheckpointError(f"the archive has entries the metadata does not list: {extra}")
         arrays = {}
         for key, spec in specs.items():
             if not (isinstance(spec, dict) and {"dtype", "shape", "sha256"} <= set(spec)):
                 raise CheckpointError(f"the metadata of array {key!r} is incomplete")
-            arr = npz[key]
-            what = f"array {key!r}" + (f" ({spec['of']})" if "of" in spec else "")
-            if arr.dtype.str != spec["dtype"] or list(arr.shape) != spec["shape"]:
-                raise CheckpointError(f"{what} is {arr.dtype.str} {list(arr.shape)} but the "
-                                      f"metadata says {spec['dtype']} {spec['shape']}")
-            if _sha256(arr) != spec["sha256"]:
+            what = f"array {key!r}" + (f" ({spec['of']})" if isinstance(spec.get("of"), str)
+                                       else "")
+            dtype = _state_dtype(spec["dtype"], what)
+            shape = spec["shape"]
+            if not (isinstance(shape, list) and all(type(d) is int for d in shape)
+                    and tuple(shape) in limits.shapes):
+                raise CheckpointError(f"{what} has shape {shape!r}, which is no parameter's shape")
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            data = _read_member(z, members[key], _NPY_HEADER_MAX + nbytes)
+            got_dtype, got_shape, body = _parse_npy(data, what)
+            if got_dtype != dtype or got_dtype.str != spec["dtype"] or \
+                    list(got_shape) != shape or len(body) != nbytes:
+                raise CheckpointError(f"{what} is {got_dtype.str} {list(got_shape)} but the "
+                                      f"metadata says {spec['dtype']} {shape} ({len(body)} "
+                                      "bytes of data)")
+            if hashlib.sha256(body).hexdigest() != spec["sha256"]:
                 raise CheckpointError(f"{what} fails its SHA-256 check: the file is corrupted")
-            arrays[key] = arr
+            arrays[key] = np.frombuffer(body, dtype).reshape(shape)
     return meta, arrays
 
 
-def _bytes_member(npz, key: str) -> bytes:
-    arr = npz[key]
-    if arr.dtype != np.uint8 or arr.ndim != 1:
+def _state_dtype(text: Any, where: str) -> np.dtype:
+    """A state array's dtype as the metadata names it: real numbers of at most 8 bytes."""
+    if not isinstance(text, str):
+        raise CheckpointError(f"{where}: dtype {text!r} is not a dtype string")
+    try:
+        dtype = np.dtype(text)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {text!r} is not a NumPy dtype") from e
+    if dtype.kind not in "fiu" or dtype.itemsize > 8 or dtype.fields is not None \
+            or dtype.subdtype is not None:
+        raise CheckpointError(f"{where}: dtype {text!r} is not one this format writes for arrays")
+    return dtype
+
+
+def _bytes_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, key: str) -> bytes:
+    dtype, shape, body = _parse_npy(_read_member(z, info, limit), f"the {key!r} entry")
+    if dtype != np.uint8 or len(shape) != 1 or shape[0] != len(body):
         raise CheckpointError(f"the {key!r} entry is not a 1-D uint8 array")
-    return arr.tobytes()
+    return bytes(body)
 
 
 def _check_header(meta: Any) -> None:
@@ -327,18 +555,22 @@ def _check_header(meta: Any) -> None:
             raise CheckpointError(f"the metadata's {key!r} is missing or not a {kind.__name__}")
 
 
+def _check_fits(meta: Dict[str, Any], cls: str, shapes: List[list]) -> None:
+    if meta["optimizer"] != cls:
+        raise CheckpointError(f"the checkpoint holds the state of a {_short(meta['optimizer'])} "
+                              f"optimizer; this one is a {cls}")
+    if meta["param_shapes"] != shapes:
+        raise CheckpointError(f"the checkpoint was written for parameters of shapes "
+                              f"{_short(meta['param_shapes'])}; this optimizer's have shapes "
+                              f"{_short(shapes)}")
+
+
 def _state_dict(meta: Dict[str, Any], arrays: Dict[str, np.ndarray],
                 optimizer: Optimizer) -> Dict[str, Any]:
     """The state dict the metadata describes, after checking it was written for an optimizer
     like this one."""
-    cls = type(optimizer).__name__
-    if meta["optimizer"] != cls:
-        raise CheckpointError(f"the checkpoint holds the state of a {meta['optimizer']} "
-                              f"optimizer; this one is a {cls}")
-    shapes = [list(p.shape) for g in optimizer.param_groups for p in g["params"]]
-    if meta["param_shapes"] != shapes:
-        raise CheckpointError(f"the checkpoint was written for parameters of shapes "
-                              f"{meta['param_shapes']}; this optimizer's have shapes {shapes}")
+    _check_fits(meta, type(optimizer).__name__,
+                [list(p.shape) for g in optimizer.param_groups for p in g["params"]])
     groups: List[Dict[str, Any]] = []
     for i, group in enumerate(meta["param_groups"]):
         if not (isinstance(group, dict) and isinstance(group.get("options"), dict)

@@ -70,6 +70,16 @@ class FlatParams:
             out.flat[...] = value
         return out
 
+    def __getstate__(self) -> dict:
+        # The views are rebuilt from the block on unpickling: pickled one by one they would
+        # come back as separate arrays, no longer sharing the block's memory.
+        return {"shapes": self.shapes, "offsets": self.offsets, "flat": self.flat}
+
+    def __setstate__(self, state: dict) -> None:
+        self.shapes, self.offsets, self.flat = state["shapes"], state["offsets"], state["flat"]
+        self.views = [self.flat[o:o + int(np.prod(s, dtype=np.int64))].reshape(s)
+                      for o, s in zip(self.offsets, self.shapes)]
+
     def zeros_like(self) -> "FlatParams":
         """A zeroed block with the same layout (for gradients)."""
         return FlatParams(self.shapes)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import pickle
 import types
 from bisect import bisect_right
 from collections import Counter
@@ -241,11 +242,48 @@ class LambdaLR(LRScheduler):
                             else copy.deepcopy(fn.__dict__) for fn in self.lr_lambdas]
         return sd
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # A lambda or a function defined inside another cannot be pickled (as in torch): wrap it
+        # so that pickle says so clearly, while copy.deepcopy keeps the function as it is.
+        state = dict(vars(self))
+        state["lr_lambdas"] = [_LocalFunction(fn, i) if _is_local_function(fn) else fn
+                               for i, fn in enumerate(self.lr_lambdas)]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        state["lr_lambdas"] = [fn.fn if isinstance(fn, _LocalFunction) else fn
+                               for fn in state["lr_lambdas"]]
+        self.__dict__.update(state)
+
     def load_state_dict(self, state_dict: Mapping) -> None:
         super().load_state_dict(state_dict)
         for fn, saved in zip(self.lr_lambdas, state_dict.get("lr_lambdas") or ()):
             if saved is not None:
                 fn.__dict__.update(copy.deepcopy(saved))
+
+
+def _is_local_function(fn: Any) -> bool:
+    return isinstance(fn, types.FunctionType) and ("<lambda>" in fn.__qualname__
+                                                   or "<locals>" in fn.__qualname__)
+
+
+class _LocalFunction:
+    """A lambda in a LambdaLR being copied or pickled: deepcopy gives the function back,
+    pickle raises a clear error."""
+
+    def __init__(self, fn: Callable, index: int) -> None:
+        self.fn, self.index = fn, index
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> Callable:
+        return self.fn
+
+    def __reduce__(self) -> Any:
+        raise pickle.PicklingError(
+            f"cannot pickle this LambdaLR: lr_lambda[{self.index}] is "
+            f"{self.fn.__qualname__!r}, a lambda or a function defined inside another, which "
+            "pickle cannot store (torch's LambdaLR cannot either); use a module-level function "
+            "or a callable object")
 
 
 class StepLR(LRScheduler):

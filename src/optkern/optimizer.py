@@ -61,6 +61,14 @@ class ParamState(MutableMapping):
         entry = self._by_id.get(id(param))
         return None if entry is None else entry[1]
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # ids do not survive pickling: store the (param, state) pairs, re-keyed on unpickling.
+        return {"pairs": list(self._by_id.values()), "version": self.version}
+
+    def __setstate__(self, saved: Dict[str, Any]) -> None:
+        self._by_id = {id(p): (p, s) for p, s in saved["pairs"]}
+        self.version = saved["version"]
+
 
 def _as_param_list(params: Any, where: str) -> List[np.ndarray]:
     if isinstance(params, np.ndarray):
@@ -461,6 +469,13 @@ class Optimizer:
                     _pack(have, name, [s[name].shape for s in have], None)
         return groups, state
 
+    def __getstate__(self) -> Dict[str, Any]:
+        with self._lock:
+            return _pickled_dict(self)
+
+    def __setstate__(self, saved: Dict[str, Any]) -> None:
+        _restore_dict(self, saved)
+
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
@@ -535,14 +550,38 @@ def _pack(states: List[Dict[str, Any]], name: str, shapes: List[tuple],
         s[name] = view
 
 
+#: The largest step count a state dict or checkpoint may hold. Steps are whole numbers that
+#: torch stores as float tensors, and a float counts exactly only up to 2**53; C++ takes the
+#: count as an int64, so every later step up to 2**63 - 1 still succeeds from here.
+MAX_LOADED_STEP = 2**53
+
+
 def _load_step(value: Any, where: str) -> int:
-    try:
-        v = float(np.asarray(value))
-    except (TypeError, ValueError):
-        raise TypeError(f"{where} must be a number, got {type(value).__name__}") from None
-    if not v.is_integer() or v < 0:
-        raise ValueError(f"{where} must be a whole number >= 0, got {value!r}")
-    return int(v)
+    """A loaded step count as an int in [0, MAX_LOADED_STEP]: a Python or NumPy int, a 0-d
+    integer array or tensor, or a float (0-d float array, tensor) holding an exact whole number.
+    Refused: bools, strings, other objects, NaN, fractions, negatives and larger counts."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"{where} must be an int, got {type(value).__name__}: {value!r}")
+    if isinstance(value, int):
+        v = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except Exception as e:  # a tensor that needs .cpu(), an object whose __array__ raises
+            raise TypeError(f"{where} must be an int, got {type(value).__name__}") from e
+        if arr.shape != () or arr.dtype.kind not in "iuf":
+            raise TypeError(f"{where} must be an int (or a 0-d integer or float array), got "
+                            f"{type(value).__name__} of dtype {arr.dtype} and shape {arr.shape}")
+        if arr.dtype.kind == "f":
+            f = float(arr)
+            if not math.isfinite(f) or not f.is_integer() or not 0 <= f <= MAX_LOADED_STEP:
+                raise ValueError(f"{where} must be a whole number >= 0 and <= 2**53, got {f!r}")
+            v = int(f)
+        else:
+            v = int(arr)
+    if not 0 <= v <= MAX_LOADED_STEP:
+        raise ValueError(f"{where} must be a whole number >= 0 and <= 2**53, got {v}")
+    return v
 
 
 def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
@@ -555,3 +594,58 @@ def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
     if arr.shape != param.shape:
         raise ValueError(f"{where} has shape {arr.shape} but its parameter has shape {param.shape}")
     return arr  # copied into the group's block by _pack
+
+
+# -- pickling (copy.deepcopy and pickle.dumps) --------------------------------------------------
+#
+# Convention: an optimizer pickles its whole __dict__ except what is transient: locks (recreated
+# on unpickling), and caches, that is any attribute whose name starts or ends with ``_cache`` or
+# is listed in the class attribute ``_transient_attrs`` (a tuple of names). A transient dict,
+# list or set comes back empty; any other transient attribute comes back as None, so a class
+# that keeps one must rebuild it when it finds None. Parameters and state arrays are pickled
+# as the objects they are, so pickling the user's arrays and the optimizer together keeps their
+# identity; state arrays come back packed into one block per group and name, as a load makes.
+
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+
+
+def _is_transient(obj: Any, name: str) -> bool:
+    return (name.startswith("_cache") or name.endswith("_cache")
+            or name in getattr(type(obj), "_transient_attrs", ()))
+
+
+def _pickled_dict(obj: Any) -> Dict[str, Any]:
+    saved: Dict[str, Any] = {}
+    for name, value in vars(obj).items():
+        if isinstance(value, _LOCK_TYPES):
+            saved[name] = ("__lock__", isinstance(value, _LOCK_TYPES[1]))
+        elif _is_transient(obj, name):
+            saved[name] = ("__transient__", type(value) if type(value) in (dict, list, set)
+                           else None)
+        else:
+            saved[name] = value
+    return saved
+
+
+def _restore_dict(obj: Any, saved: Dict[str, Any]) -> None:
+    restored: Dict[str, Any] = {}
+    for name, value in saved.items():
+        if isinstance(value, tuple) and len(value) == 2 and value[0] == "__lock__":
+            restored[name] = threading.RLock() if value[1] else threading.Lock()
+        elif isinstance(value, tuple) and len(value) == 2 and value[0] == "__transient__":
+            restored[name] = value[1]() if value[1] is not None else None
+        else:
+            restored[name] = value
+    obj.__dict__.update(restored)
+    # State arrays come back as separate arrays: pack each group's into one block again.
+    groups = getattr(obj, "param_groups", None)
+    state = getattr(obj, "state", None)
+    names = getattr(type(obj), "_array_state_names", ())
+    if isinstance(groups, list) and isinstance(state, ParamState):
+        for group in groups:
+            entries = [state.get_by_id(p) for p in group.get("params", ())]
+            for name in names:
+                have = [s for s in entries if s is not None and isinstance(s.get(name), np.ndarray)
+                        and s[name].dtype == np.float32]
+                if have:
+                    _pack(have, name, [s[name].shape for s in have], None)
