@@ -93,12 +93,15 @@ class Collectives:
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
         """Runs a section that holds collectives: an exception on one rank ends every rank."""
+        self._depth = getattr(self, "_depth", 0) + 1
         try:
             yield
         except BaseException as e:
-            if self.size == 1 or self.on_error == "raise":
-                raise
+            if self.size == 1 or self.on_error == "raise" or self._depth > 1:
+                raise  # the outermost section reports it
             self.abort(f"{what} raised {type(e).__name__}: {e}")
+        finally:
+            self._depth -= 1
 
     def wait(self, requests: Sequence["MPI.Request"], what: str) -> None:
         if self.timeout is None:
