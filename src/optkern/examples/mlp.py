@@ -297,7 +297,14 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="BLAS threads for the matrix products (default 1; 0: library default)")
+    parser.add_argument("--distributed", nargs="?", const="dp", choices=["dp", "zero"],
+                        help="train over MPI ranks (run under mpiexec; needs optkern[mpi]): "
+                        "dp (default) or zero; see optkern.examples.mlp_distributed")
     args = parser.parse_args(argv)
+    if args.distributed:
+        from optkern.examples.mlp_distributed import main_distributed
+        with blas_threads(None if args.blas_threads == 0 else args.blas_threads):
+            return main_distributed(args)
     with blas_threads(None if args.blas_threads == 0 else args.blas_threads) as blas:
         print(f"# {machine()}, {blas}")
         return _main(args)
