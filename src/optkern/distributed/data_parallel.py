@@ -51,10 +51,13 @@ class DataParallel:
     pass that writes its gradients there (``np.matmul(..., out=...)``) saves the copy.
 
     **Overlap.** ``start(grads)`` takes the gradients known so far (None for the others, in the
-    same list shape as ``step``) and starts a non-blocking Allreduce of every bucket all of whose
-    gradients are in, in bucket order; call it as the backward pass proceeds and ``step`` takes
-    the rest. MPI libraries progress non-blocking collectives mostly inside MPI calls:
-    :meth:`progress` (a test of the outstanding requests) between layers helps them along.
+    same list shape as ``step``) and starts a non-blocking Allreduce (``Iallreduce``) of every
+    bucket all of whose gradients are in, in bucket order; call it as the backward pass proceeds
+    and ``step`` takes the rest (with blocking Allreduce calls). MPI libraries progress
+    non-blocking collectives mostly inside MPI calls: :meth:`progress` (a test of the
+    outstanding requests) between layers helps them along. Measure before relying on it: Open
+    MPI 5's non-blocking collectives (libnbc) took 15-40x longer than the blocking Allreduce
+    for 4 MB buckets over shared memory here (docs/distributed.md), which no overlap repays.
 
     **Same decision everywhere.** After the average, every rank holds the same gradient bytes
     (MPI's Allreduce gives every rank the same result in Open MPI and MPICH; with
@@ -117,8 +120,8 @@ class DataParallel:
         self._launched = 0
         self._requests: List[Any] = []
         self._scratch: Optional[np.ndarray] = None
-        self.bytes_per_step = 2 * (self._coll.size - 1) * self._flat.nbytes // max(
-            1, self._coll.size)  # a ring allreduce's bytes sent per rank
+        #: a ring allreduce's bytes sent per rank and step
+        self.bytes_per_step = 2 * (self._coll.size - 1) * self._flat.nbytes // self._coll.size
         with self._coll.guard("DataParallel()"):
             configure_threads(self.comm, num_threads)
             if broadcast_params:
@@ -169,6 +172,7 @@ class DataParallel:
             self._ready[i] = True
 
     def _launch_ready(self) -> None:
+        """Starts a non-blocking Allreduce of each bucket, in order, whose gradients are in."""
         while self._launched < len(self._buckets) and all(
                 self._ready[i] for i in self._members[self._launched]):
             lo, hi = self._buckets[self._launched]
@@ -191,16 +195,17 @@ class DataParallel:
             MPI.Request.Testall(self._requests)
 
     def _finish(self) -> None:
-        self._launch_ready()
         coll = self._coll
         if coll.size > 1:
-            if self.deterministic:
-                for lo, hi in self._buckets:
+            if self._requests:
+                coll.wait(self._requests, "the non-blocking allreduce of the gradients")
+            for b in range(self._launched if not self.deterministic else 0, len(self._buckets)):
+                lo, hi = self._buckets[b]
+                if self.deterministic:
                     self._reduce_deterministic(lo, hi)
-            else:
-                coll.wait(self._requests, "the allreduce of the gradients")
+                else:  # blocking: Open MPI's blocking Allreduce is much faster than its Iallreduce
+                    coll.allreduce(self._flat[lo:hi], "the allreduce of the gradients")
             np.divide(self._flat, np.float32(coll.size), out=self._flat)
-            coll.bytes_sent += self.bytes_per_step
         self._requests = []
 
     def _reduce_deterministic(self, lo: int, hi: int) -> None:
