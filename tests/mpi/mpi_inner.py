@@ -38,9 +38,10 @@ HYPER = {"SGD": dict(lr=0.01, momentum=0.9, weight_decay=1e-3), "Nesterov": dict
 SHAPES = [(13, 7), (7,), (7, 3), (3,)]
 B = 8          # batch per rank
 STEPS = 100
-# float32 tolerance after 100 steps between N ranks x batch B and one process x batch N*B (the
-# gradients differ by summation order only: ~1e-7 relative per step)
-RTOL, ATOL = 1e-4, 1e-5
+# float32 tolerance after 100 steps between N ranks x batch B and one process x batch N*B, for
+# every optimizer (the gradients differ by summation order only). Measured with N = 2, 3, 4:
+# |got - expected| <= 8.2e-7 * (0.1 + |expected|), ten times inside this.
+RTOL, ATOL = 1e-5, 1e-6
 
 
 def init_params(seed=0):

@@ -239,6 +239,8 @@ class DataParallel:
         again), then ``optimizer.step`` with them and ``kwargs`` (``max_grad_norm``,
         ``norm_type``, ``skip_if_nonfinite``): its return value."""
         with self._coll.guard("DataParallel.step"):
+            if self._coll.size == 1 and not any(self._ready):
+                return self.optimizer.step(grads, **kwargs)  # nothing to average: no copy
             averaged = self.allreduce_(grads)
             return self.optimizer.step(averaged, **kwargs)
 
