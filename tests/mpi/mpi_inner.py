@@ -327,3 +327,19 @@ def test_default_threads_divide_the_cpus():
     sharing = sum(1 for m in masks if mine & set(m))
     assert okd.default_threads(COMM) == max(1, len(mine) // sharing)
     assert okd.configure_threads(COMM, 1) == 1 == ok.get_num_threads()
+
+
+def test_auto_threads_apply_only_when_the_user_chose_nothing(monkeypatch):
+    from optkern.distributed import _mpi
+    cpus = len(os.sched_getaffinity(0))
+    expected = okd.default_threads(COMM)
+    monkeypatch.setattr(_mpi, "_configured", False)
+    monkeypatch.delenv("OPTKERN_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cpus))  # the user's choice: left alone
+    ok.set_num_threads(cpus)
+    assert okd.configure_threads(COMM) == cpus
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    ok.set_num_threads(cpus)  # optkern's default count and no variable: divided among ranks
+    assert okd.configure_threads(COMM) == expected == ok.get_num_threads()
+    ok.set_num_threads(cpus)  # once configured, a later explicit count is the user's
+    assert okd.configure_threads(COMM) == cpus
