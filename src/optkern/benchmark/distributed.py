@@ -128,7 +128,7 @@ def run_distributed(args: argparse.Namespace) -> int:
         info = machine()
         print(f"# {info['cpu']}, {info['cores']} cores; optkern {info['optkern']} "
               f"({info['isa']}); {size} ranks x threads {threads}; "
-              f"{okd.MPI.Get_library_version().splitlines()[0].strip()}")
+              f"{okd.MPI.Get_library_version().replace(chr(0), '').splitlines()[0].strip()}")
     rows = [measure(n, args.repeats, comm) for n in sizes]
     if rank != 0:
         return 0
