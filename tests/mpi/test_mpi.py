@@ -21,6 +21,7 @@ def mpi_env(extra=None):
     # more ranks than cores (CI machines may have 2)
     env.update(OMPI_MCA_rmaps_base_oversubscribe="true",
                PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")  # waiting ranks yield (shared machines)
     env.setdefault("OPTKERN_MPI_TIMEOUT", "60")
     for var in ("OPTKERN_NUM_THREADS", "OMP_NUM_THREADS"):
         env.pop(var, None)
