@@ -8,7 +8,10 @@ its share of each batch's rows; its mean gradient is weighted by its share, so t
 the ranks is the gradient of the whole batch. The run therefore follows the single-process run
 with the same batch size, up to float32 rounding (the rows' gradients are summed in another
 order), and reaches the same accuracy: rank 0 also trains the single-process model and prints
-both, with the largest difference between the final weights.
+both, with the largest difference between the final weights. Rounding differences can grow
+over the ~940 steps of 10 epochs: with 2 ranks, 7 of the 8 optimizers gave the identical test
+accuracy and Adagrad (lr 0.1, weights apart by 0.27 at the end) 98.10% against 98.05%, one
+test digit of 2000.
 """
 
 from __future__ import annotations
