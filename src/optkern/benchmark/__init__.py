@@ -53,7 +53,10 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--plot", metavar="PATH", help="PNG of time against size (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
-    p.set_defaults(run=run)
+    p.add_argument("--distributed", action="store_true",
+                   help="under mpiexec: Adam over MPI ranks (DataParallel, ZeRO), default sizes "
+                   "10m 50m; see optkern.benchmark.distributed")
+    p.set_defaults(run=run, default_sizes=DEFAULT_SIZES)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise SystemExit("--threads must be >= 1")
         ok.set_num_threads(args.threads)
+    if args.distributed:
+        from .distributed import run_distributed
+        return run_distributed(args)
     use_torch = not args.no_torch and torch_available() is not None
     if use_torch:
         import torch

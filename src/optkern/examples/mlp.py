@@ -294,9 +294,16 @@ def main(argv=None) -> int:
     parser.add_argument("--blas-threads", type=int, default=None, metavar="N",
                         help="BLAS threads for the matrix products (default: the library's own "
                         "setting, as in your training loop; 0 also means that)")
+    parser.add_argument("--distributed", nargs="?", const="dp", choices=["dp", "zero"],
+                        help="train over MPI ranks (run under mpiexec; needs optkern[mpi]): "
+                        "dp (default) or zero; see optkern.examples.mlp_distributed")
     args = parser.parse_args(argv)
     if args.blas_threads is not None and args.blas_threads < 0:
         parser.error("--blas-threads must be >= 0")
+    if args.distributed:
+        from optkern.examples.mlp_distributed import main_distributed
+        with blas_threads(args.blas_threads or None):
+            return main_distributed(args)
     with blas_threads(args.blas_threads or None) as blas:
         print(f"# {machine()}, {blas}")
         return _main(args)
