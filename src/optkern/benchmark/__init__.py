@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
                    help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
                    "clip: fused clipping (default: all)")
     p.add_argument("--no-torch", action="store_true", help="leave torch out even if installed")
+    p.add_argument("--torch", action="store_true",
+                   help="optkern.torch against torch.optim instead: the step at 1M and 50M "
+                   "and an autograd training loop (see benchmark/torch_bench.py)")
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--plot", metavar="PATH", help="PNG of time against size (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
@@ -44,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise SystemExit("--threads must be >= 1")
         ok.set_num_threads(args.threads)
+    if args.torch:
+        from .torch_bench import main_cli
+        args.sizes_given = args.sizes != DEFAULT_SIZES
+        return main_cli(args)
     use_torch = not args.no_torch and torch_available() is not None
     if use_torch:
         import torch
