@@ -186,6 +186,7 @@ def test_momentum_matches_numpy_optkern():
 # -- state dicts: torch's layout, both ways, mid-training -------------------------------------------
 
 CONFIGS = [
+    ("SGD", {"lr": 0.01, "weight_decay": 0.1}),  # no state at all, as in torch
     ("SGD", {"lr": 0.01, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
     ("RMSprop", {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.1}),
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),

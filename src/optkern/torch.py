@@ -24,12 +24,17 @@ Everything per-optimizer lives in the table ``RULES`` below.
 from __future__ import annotations
 
 import inspect
+from operator import is_
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.autograd.graph import increment_version
+try:
+    from torch.autograd.graph import increment_version
+except ImportError:  # torch < 2.1: autograd's version check does not see optkern's update
+    def increment_version(tensors: Any) -> None:
+        pass
 
 from . import functional as F
 
@@ -318,29 +323,29 @@ class _OktOptimizer(torch.optim.Optimizer):
             self._step_group(gi, group)
         return loss
 
-    def _entry(self, p: torch.Tensor, group: Dict[str, Any], gi: int, i: int) -> _Entry:
-        e = self._okt_cache.get(p)
-        if e is None or e.ptr != p.data_ptr() or e.pview.shape != p.shape:
-            why = _why_not(p, self._label(group, gi, i))
-            if why:
-                raise TypeError(f"optkern.torch.{type(self).__name__} cannot update it in "
-                                f"place: {why}")
-            e = self._okt_cache[p] = _Entry(p)
-        return e
-
     def _step_group(self, gi: int, group: Dict[str, Any]) -> None:
         rule = self._rule
         names = [b.name for b in rule.state if b.when is None or group[b.when]]
+        keys = names + ["step"] if rule.step else names
         params: List[torch.Tensor] = []
         pviews: List[np.ndarray] = []
         gviews: List[np.ndarray] = []
         entries: List[_Entry] = []
         state = self.state
+        cache = self._okt_cache
+        # The hot loop: a cached entry is reused while the parameter's memory, its gradient
+        # tensor and its state tensors are the very objects the views were made from.
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            e = self._entry(p, group, gi, i)
+            e = cache.get(p)
+            if e is None or e.ptr != p.data_ptr():
+                why = _why_not(p, self._label(group, gi, i))
+                if why:
+                    raise TypeError(f"optkern.torch.{type(self).__name__} cannot update it in "
+                                    f"place: {why}")
+                e = cache[p] = _Entry(p)
             if g is not e.grad or e.gptr != g.data_ptr():
                 why = _why_not(g, f"the gradient of {self._label(group, gi, i)}")
                 if why:
@@ -349,15 +354,12 @@ class _OktOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"the gradient of {self._label(group, gi, i)} has shape "
                                      f"{tuple(g.shape)}, the parameter {tuple(p.shape)}")
                 e.grad, e.gptr, e.gview = g, g.data_ptr(), g.numpy()
-            st = state.get(p)
-            if not st:
+            st = state.get(p) if keys else e.sdict  # SGD without momentum keeps no state
+            if not st and keys:
                 st = self._init_state(p, group)
-            tensors = tuple(st.get(n) for n in names)
-            if rule.step:
-                tensors += (st.get("step"),)
-            if st is not e.sdict or len(tensors) != len(e.tensors) or any(
-                    a is not b for a, b in zip(tensors, e.tensors)):
-                self._refresh_state(e, st, names, tensors, p, group, gi, i)
+            if keys and (st is not e.sdict or len(e.tensors) != len(keys) or not all(
+                    map(is_, map(st.get, keys), e.tensors))):
+                self._refresh_state(e, st, names, p, group, gi, i)
             params.append(p)
             pviews.append(e.pview)
             gviews.append(e.gview)
@@ -390,11 +392,11 @@ class _OktOptimizer(torch.optim.Optimizer):
         increment_version(params)  # autograd sees the in-place update, as with torch.optim
 
     def _refresh_state(self, e: _Entry, st: Dict[str, Any], names: List[str],
-                       tensors: Tuple[Any, ...], p: torch.Tensor, group: Dict[str, Any],
-                       gi: int, i: int) -> None:
+                       p: torch.Tensor, group: Dict[str, Any], gi: int, i: int) -> None:
         label = self._label(group, gi, i)
         views = []
-        for n, t in zip(names, tensors):
+        for n in names:
+            t = st.get(n)
             buf = next(b for b in self._rule.state if b.name == n)
             if t is None:
                 if buf.init == "first_grad":
