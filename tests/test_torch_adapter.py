@@ -564,3 +564,11 @@ def test_import_optkern_does_not_import_torch():
                          env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_torch_mlp_example_trains_like_torch():
+    from optkern.examples import torch_mlp
+    rows = torch_mlp.run(["RMSprop", "Adam"], n=300, hidden=32, epochs=2)
+    for r in rows:
+        assert abs(r["okt_loss"] - r["torch_loss"]) < 1e-3 * max(1.0, r["torch_loss"]), r
+        assert r["max_param_difference"] < 1e-3, r
