@@ -172,6 +172,10 @@ def _scalar(name: str, value: Any) -> Any:
     return value
 
 
+_F32 = torch.float32
+_STRIDED = torch.strided
+
+
 def _why_not(t: torch.Tensor, what: str) -> Optional[str]:
     """Why optkern cannot update (or read) ``t`` in place, or None."""
     if not isinstance(t, torch.Tensor):
@@ -347,8 +351,9 @@ class _OktOptimizer(torch.optim.Optimizer):
                                     f"place: {why}")
                 e = cache[p] = _Entry(p)
             if g is not e.grad or e.gptr != g.data_ptr():
-                why = _why_not(g, f"the gradient of {self._label(group, gi, i)}")
-                if why:
+                if not (g.is_cpu and g.dtype is _F32 and g.layout is _STRIDED
+                        and g.is_contiguous() and not g.is_conj() and not g.is_neg()):
+                    why = _why_not(g, f"the gradient of {self._label(group, gi, i)}")
                     raise TypeError(f"optkern.torch.{type(self).__name__} cannot use it: {why}")
                 if g.shape != p.shape:
                     raise ValueError(f"the gradient of {self._label(group, gi, i)} has shape "
