@@ -572,3 +572,16 @@ def test_torch_mlp_example_trains_like_torch():
     for r in rows:
         assert abs(r["okt_loss"] - r["torch_loss"]) < 1e-3 * max(1.0, r["torch_loss"]), r
         assert r["max_param_difference"] < 1e-3, r
+
+
+def test_zero_grad_frees_the_gradient():
+    import gc
+    import weakref
+    w = torch.nn.Parameter(torch.ones(1000))
+    o = okt.Adam([w])
+    w.grad = torch.ones(1000)
+    o.step()
+    ref = weakref.ref(w.grad)
+    o.zero_grad()  # set_to_none: the old gradient must not be kept alive by the optimizer
+    gc.collect()
+    assert ref() is None

@@ -24,6 +24,7 @@ Everything per-optimizer lives in the table ``RULES`` below.
 from __future__ import annotations
 
 import inspect
+import weakref
 from operator import is_
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -199,15 +200,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 class _Entry:
     """Cached NumPy views of one parameter, its gradient and its state tensors."""
-    __slots__ = ("ptr", "pview", "grad", "gptr", "gview", "sdict", "tensors", "views",
-                 "steps")
+    __slots__ = ("ptr", "pview", "grad", "gptr", "sdict", "tensors", "views", "steps")
 
     def __init__(self, p: torch.Tensor) -> None:
         self.ptr = p.data_ptr()
         self.pview = _np(p)
         self.grad = None
         self.gptr = 0
-        self.gview = None
         self.sdict = None
         self.tensors: Tuple[Any, ...] = ()
         self.views: Tuple[Any, ...] = ()
@@ -350,7 +349,9 @@ class _OktOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"optkern.torch.{type(self).__name__} cannot update it in "
                                     f"place: {why}")
                 e = cache[p] = _Entry(p)
-            if g is not e.grad or e.gptr != g.data_ptr():
+            # The gradient is held weakly and its view only during the call: zero_grad()
+            # must free it, as with torch.optim (else every parameter costs a second gradient).
+            if e.grad is None or e.grad() is not g or e.gptr != g.data_ptr():
                 if not (g.is_cpu and g.dtype is _F32 and g.layout is _STRIDED
                         and g.is_contiguous() and not g.is_conj() and not g.is_neg()):
                     why = _why_not(g, f"the gradient of {self._label(group, gi, i)}")
@@ -358,7 +359,7 @@ class _OktOptimizer(torch.optim.Optimizer):
                 if g.shape != p.shape:
                     raise ValueError(f"the gradient of {self._label(group, gi, i)} has shape "
                                      f"{tuple(g.shape)}, the parameter {tuple(p.shape)}")
-                e.grad, e.gptr, e.gview = g, g.data_ptr(), g.numpy()
+                e.grad, e.gptr = weakref.ref(g), g.data_ptr()
             st = state.get(p) if keys else e.sdict  # SGD without momentum keeps no state
             if not st and keys:
                 st = self._init_state(p, group)
@@ -367,7 +368,7 @@ class _OktOptimizer(torch.optim.Optimizer):
                 self._refresh_state(e, st, names, p, group, gi, i)
             params.append(p)
             pviews.append(e.pview)
-            gviews.append(e.gview)
+            gviews.append(g.numpy())
             entries.append(e)
         if not params:
             return
