@@ -183,7 +183,7 @@ def test_momentum_matches_numpy_optkern():
         np.testing.assert_array_equal(a.detach().numpy(), b)
 
 
-# -- state dicts: torch's layout, both ways, mid-training -------------------------------------------
+# -- state dicts: torch's layout, both ways, mid-training ------------------------------------------
 
 CONFIGS = [
     ("SGD", {"lr": 0.01, "weight_decay": 0.1}),  # no state at all, as in torch
@@ -353,7 +353,7 @@ def test_deepcopy_and_pickle_continue_identically():
     assert torch.equal(p.detach(), p2.detach())
 
 
-# -- torch's machinery: schedulers, closure, hooks, named parameters, flags --------------------------
+# -- torch's machinery: schedulers, closure, hooks, named parameters, flags ------------------------
 
 
 @pytest.mark.parametrize("sched", ["StepLR", "CosineAnnealingLR", "OneCycleLR", "Plateau"])
@@ -370,7 +370,8 @@ def test_torch_scheduler_drives_okt_as_torch(name, sched):
     p0 = make_params()
     mine = [torch.nn.Parameter(p.clone()) for p in p0]
     ref = [torch.nn.Parameter(p.clone()) for p in p0]
-    o, r = getattr(okt, name)(mine, **kwargs), getattr(torch.optim, name)(ref, **torch_kwargs(kwargs))
+    o = getattr(okt, name)(mine, **kwargs)
+    r = getattr(torch.optim, name)(ref, **torch_kwargs(kwargs))
     so, sr = make(o), make(r)
     lrs = []
     for t in range(STEPS):
@@ -505,7 +506,7 @@ def test_tensor_lr_and_betas():
     assert_state_close(o, mine, r, ref)
 
 
-# -- what optkern cannot update in place: a clear error, nothing changed -----------------------------
+# -- what optkern cannot update in place: a clear error, nothing changed ---------------------------
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -555,7 +556,7 @@ def test_aliasing_parameters_are_refused_with_names():
     assert torch.equal(base, torch.zeros(10))
 
 
-# -- packaging ---------------------------------------------------------------------------------------
+# -- packaging -------------------------------------------------------------------------------------
 
 
 def test_import_optkern_does_not_import_torch():
@@ -585,3 +586,14 @@ def test_zero_grad_frees_the_gradient():
     o.zero_grad()  # set_to_none: the old gradient must not be kept alive by the optimizer
     gc.collect()
     assert ref() is None
+
+
+def test_bench_torch_runs_small(capsys):
+    from optkern.benchmark import torch_bench as tb
+    steps = tb.bench_steps(["RMSprop", "Adam"], [1000], repeats=1)
+    assert [r["optimizer"] for r in steps] == ["RMSprop", "Adam"]
+    assert all(r["torch_s"] > 0 and r["okt_s"] > 0 for r in steps)
+    over = tb.bench_overhead(repeats=1, nparams=5, size=8)
+    tb.report_torch({"torch": torch.__version__, "threads": 1, "steps": steps,
+                     "loop": [dict(steps[0], params=1000)], "overhead": over})
+    assert "RMSprop" in capsys.readouterr().out

@@ -43,7 +43,7 @@ __all__ = ["SGD", "Nesterov", "Momentum", "RMSprop", "Adagrad", "Adadelta", "Ada
            "RULES"]
 
 
-# -- the table --------------------------------------------------------------------------------------
+# -- the table -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ RULES: Dict[str, Rule] = {
 }
 
 
-# -- checks -----------------------------------------------------------------------------------------
+# -- checks ----------------------------------------------------------------------------------------
 
 
 def _scalar(name: str, value: Any) -> Any:
@@ -213,7 +213,7 @@ class _Entry:
         self.steps = None
 
 
-# -- the base class ---------------------------------------------------------------------------------
+# -- the base class --------------------------------------------------------------------------------
 
 
 class _OktOptimizer(torch.optim.Optimizer):
@@ -464,7 +464,8 @@ def _make(name: str, rule: Rule, doc: str) -> type:
 def _doc(name: str) -> str:
     import optkern
     rule = RULES[name]
-    same = (f"Same arguments, defaults, state and state_dict layout as torch.optim.{rule.torch_name}"
+    same = ("Same arguments, defaults, state and state_dict layout as "
+            f"torch.optim.{rule.torch_name}"
             if rule.torch_name else "No torch counterpart; state_dict in torch's layout")
     return (f"{name} on CPU float32 torch tensors, stepped in place by optkern's kernels.\n\n"
             f"{same}. The update, as optkern.{name} computes it:\n\n"
