@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
                    help="quiet; busy: one other process spinning; torch: torch's pool warmed in "
                    "the same process (default: all)")
     p.add_argument("--no-torch", action="store_true", help="leave torch out even if installed")
+    p.add_argument("--torch", action="store_true",
+                   help="optkern.torch against torch.optim instead: the step at 1M and 50M "
+                   "and an autograd training loop (see benchmark/torch_bench.py)")
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--plot", metavar="PATH", help="PNG of time against size (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
@@ -67,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     if args.distributed:
         from .distributed import run_distributed
         return run_distributed(args)
+    if args.torch:
+        from .torch_bench import main_cli
+        args.sizes_given = args.sizes != DEFAULT_SIZES
+        return main_cli(args)
     use_torch = not args.no_torch and torch_available() is not None
     if use_torch:
         import torch

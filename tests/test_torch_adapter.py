@@ -1,0 +1,599 @@
+"""optkern.torch against torch.optim (skipped when torch is not installed).
+
+The core is torch's own optimizer test database: every OptimizerInput that
+``torch.testing._internal.common_optimizers.optim_db`` gives for an optimizer torch and optkern
+share, with torch's execution flags (``_get_optim_inputs_including_global_cliquey_kwargs``), runs
+against torch's single-tensor path (``foreach=False``) for 30 steps, comparing parameters and every
+state tensor. Inputs optkern refuses by design (differentiable=True, and capturable=True, which
+torch only offers for accelerators) are checked to be refused with a clear error and then skipped
+with that reason, so ``pytest -rs`` counts them.
+"""
+
+import copy
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+okt = pytest.importorskip("optkern.torch")
+
+RTOL, ATOL = 1e-5, 1e-6
+SHAPES = [(7, 13), (131,), (3, 5, 11), (1,)]
+SHARED = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW"]
+STEPS = 30
+
+
+def _optim_db_cases():
+    try:
+        from torch.testing._internal import common_optimizers as co
+    except Exception as e:  # its imports (expecttest, ...) are test-only dependencies of torch
+        return [pytest.param(None, None, None, marks=pytest.mark.skip(
+            reason=f"could not import torch's optim_db: {e}"))]
+    cases = []
+    for info in co.optim_db:
+        if info.name not in SHARED:
+            continue
+        cpu = co._get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info)
+        for inp in cpu:
+            cases.append(pytest.param(info.name, inp.kwargs, inp.desc,
+                                      id=f"{info.name}-{inp.desc}"))
+        # inputs torch gives only for accelerators (capturable): counted as refused
+        cpu_descs = {inp.desc for inp in info.optim_inputs_func(device="cpu")}
+        for inp in info.optim_inputs_func(device="cuda"):
+            if inp.desc not in cpu_descs:
+                cases.append(pytest.param(info.name, inp.kwargs, inp.desc,
+                                          id=f"{info.name}-accelerator-{inp.desc}"))
+    return cases
+
+
+def make_params(seed=0, shapes=SHAPES):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) * 0.5 for s in shapes]
+
+
+def grads_for(step, shapes=SHAPES, skip_last=True):
+    g = torch.Generator().manual_seed(1000 + step)
+    out = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    if skip_last:
+        out[-1] = None  # one parameter without a gradient: not stepped, as in torch
+    return out
+
+
+def torch_kwargs(kwargs):
+    """torch's single-tensor path for the same hyperparameters."""
+    kw = {k: v for k, v in kwargs.items() if k not in ("fused", "foreach", "differentiable")}
+    return dict(kw, foreach=False)
+
+
+def assert_state_close(okt_opt, okt_params, ref_opt, ref_params, exact=False):
+    for i, (a, b) in enumerate(zip(okt_params, ref_params)):
+        close(a.detach(), b.detach(), f"param {i}", exact)
+        sa, sb = okt_opt.state.get(a, {}), ref_opt.state.get(b, {})
+        sb = {k: v for k, v in sb.items() if v is not None}
+        assert set(sa) == set(sb), (i, sorted(sa), sorted(sb))
+        for key in sb:
+            if key == "step":
+                assert sa[key].dtype == torch.float32 and sa[key].dim() == 0
+                assert float(sa[key]) == float(sb[key])
+                continue
+            assert sa[key].is_contiguous() and sa[key].dtype == torch.float32
+            close(sa[key], sb[key], f"param {i} state {key}", exact)
+
+
+def close(a, b, what, exact=False):
+    a, b = a.numpy(), b.detach().numpy()
+    if exact:
+        np.testing.assert_array_equal(a, b, err_msg=what)
+        return
+    finite = np.abs(b[np.isfinite(b)])
+    scale = max(1.0, float(np.max(finite, initial=0.0)))
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL * scale, err_msg=what)
+
+
+def run_pair(name, kwargs, steps=STEPS, shapes=SHAPES, okt_kwargs=None):
+    p0 = make_params(shapes=shapes)
+    mine = [torch.nn.Parameter(p.clone()) for p in p0]
+    ref = [torch.nn.Parameter(p.clone()) for p in p0]
+    o = getattr(okt, name)(mine, **(okt_kwargs if okt_kwargs is not None else kwargs))
+    r = getattr(torch.optim, name)(ref, **torch_kwargs(kwargs))
+    for t in range(steps):
+        for a, b, g in zip(mine, ref, grads_for(t, shapes)):
+            a.grad = None if g is None else g.clone()
+            b.grad = None if g is None else g.clone()
+        o.step()
+        r.step()
+    return o, mine, r, ref
+
+
+@pytest.mark.parametrize("name, kwargs, desc", _optim_db_cases())
+def test_optim_db_input_matches_torch_single_tensor(name, kwargs, desc):
+    refused = [f for f in ("differentiable", "capturable") if kwargs.get(f)]
+    if refused:
+        p = torch.nn.Parameter(torch.zeros(3))
+        with pytest.raises(ValueError, match=f"does not support {refused[0]}=True"):
+            getattr(okt, name)([p], **kwargs)
+        pytest.skip(f"optkern refuses {refused[0]}=True by design (checked: clear ValueError)")
+    p0 = make_params()
+    mine = [torch.nn.Parameter(p.clone()) for p in p0]
+    o = getattr(okt, name)(mine, **kwargs)
+    ptrs = [p.data_ptr() for p in mine]
+    o2, mine2, r, ref = run_pair(name, kwargs)
+    assert_state_close(o2, mine2, r, ref)
+    # in place: no parameter or state tensor moved after its creation
+    for t in range(3):
+        for a, g in zip(mine, grads_for(t)):
+            a.grad = g
+        o.step()
+        if t == 0:
+            sptrs = {(i, k): v.data_ptr() for i, a in enumerate(mine)
+                     for k, v in o.state[a].items()}
+    assert [p.data_ptr() for p in mine] == ptrs
+    assert {(i, k): v.data_ptr() for i, a in enumerate(mine)
+            for k, v in o.state[a].items()} == sptrs
+
+
+def test_optim_db_covers_every_shared_optimizer():
+    names = {c.values[0] for c in _optim_db_cases()}
+    assert names == set(SHARED) or names == {None}
+
+
+# -- plain SGD is bit-identical; the extras match their torch spelling --------------------------
+
+
+def test_plain_sgd_is_bit_identical():
+    o, mine, r, ref = run_pair("SGD", {"lr": 0.01, "weight_decay": 0.1})
+    assert_state_close(o, mine, r, ref, exact=True)
+
+
+def test_nesterov_is_sgd_with_nesterov():
+    p0 = make_params()
+    mine = [torch.nn.Parameter(p.clone()) for p in p0]
+    ref = [torch.nn.Parameter(p.clone()) for p in p0]
+    o = okt.Nesterov(mine, lr=0.01, weight_decay=0.1)
+    r = torch.optim.SGD(ref, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.1,
+                        foreach=False)
+    for t in range(STEPS):
+        for a, b, g in zip(mine, ref, grads_for(t)):
+            a.grad, b.grad = g, None if g is None else g.clone()
+        o.step()
+        r.step()
+    assert_state_close(o, mine, r, ref)
+    assert o.state_dict()["param_groups"][0]["nesterov"] is True
+    r.load_state_dict(copy.deepcopy(o.state_dict()))  # saves as torch's SGD
+
+
+def test_momentum_matches_numpy_optkern():
+    import optkern as ok
+    p0 = make_params()
+    mine = [torch.nn.Parameter(p.clone()) for p in p0]
+    arrays = [p.numpy().copy() for p in p0]
+    o = okt.Momentum(mine, lr=0.05, beta=0.8)
+    ref = ok.Momentum(arrays[:-1], lr=0.05, beta=0.8)
+    for t in range(STEPS):
+        gs = grads_for(t)
+        for a, g in zip(mine, gs):
+            a.grad = g
+        o.step()
+        ref.step([g.numpy() for g in gs[:-1]])
+    for a, b in zip(mine[:-1], arrays[:-1]):
+        np.testing.assert_array_equal(a.detach().numpy(), b)
+
+
+# -- state dicts: torch's layout, both ways, mid-training ------------------------------------------
+
+CONFIGS = [
+    ("SGD", {"lr": 0.01, "weight_decay": 0.1}),  # no state at all, as in torch
+    ("SGD", {"lr": 0.01, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+    ("RMSprop", {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.1}),
+    ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+    ("Adadelta", {"lr": 0.5, "rho": 0.95, "weight_decay": 0.1}),
+    ("Adam", {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1}),
+    ("Adam", {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+    ("AdamW", {"lr": 0.01, "maximize": True}),
+]
+CONFIG_IDS = [f"{n}-{'-'.join(k for k in kw if k != 'lr')}" for n, kw in CONFIGS]
+
+
+def _feed(params_a, params_b, t):
+    for a, b, g in zip(params_a, params_b, grads_for(t)):
+        a.grad = None if g is None else g.clone()
+        b.grad = None if g is None else g.clone()
+
+
+def _roundtrip(sd, via_file):
+    if not via_file:
+        return copy.deepcopy(sd)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("via_file", [False, True], ids=["deepcopy", "torch.save"])
+@pytest.mark.parametrize("direction", ["okt->torch", "torch->okt"])
+@pytest.mark.parametrize("name, kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_state_dict_moves_mid_training(name, kwargs, direction, via_file):
+    p0 = make_params()
+    # the reference: torch all the way
+    ref = [torch.nn.Parameter(p.clone()) for p in p0]
+    r = getattr(torch.optim, name)(ref, **torch_kwargs(kwargs))
+    # the subject: 12 steps with one, then its state dict into the other, then 18 more steps
+    first = [torch.nn.Parameter(p.clone()) for p in p0]
+    A = okt if direction == "okt->torch" else torch.optim
+    B = torch.optim if direction == "okt->torch" else okt
+    kw_a = kwargs if A is okt else torch_kwargs(kwargs)
+    kw_b = kwargs if B is okt else torch_kwargs(kwargs)
+    a = getattr(A, name)(first, **kw_a)
+    for t in range(12):
+        _feed(first, ref, t)
+        a.step()
+        r.step()
+    sd = _roundtrip(a.state_dict(), via_file)
+    second = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    b = getattr(B, name)(second, **kw_b)
+    b.load_state_dict(sd)
+    assert b.state_dict()["param_groups"] == a.state_dict()["param_groups"]
+    for t in range(12, 30):
+        _feed(second, ref, t)
+        b.step()
+        r.step()
+    if B is okt:
+        assert_state_close(b, second, r, ref)
+    else:
+        assert_state_close_rev(b, second, r, ref)
+
+
+def assert_state_close_rev(torch_opt, torch_params, ref_opt, ref_params):
+    for i, (a, b) in enumerate(zip(torch_params, ref_params)):
+        close(a.detach(), b.detach(), f"param {i}")
+        sa, sb = torch_opt.state.get(a, {}), ref_opt.state.get(b, {})
+        assert set(sa) == set(sb)
+        for k in sb:
+            close(sa[k].detach(), sb[k], f"param {i} state {k}")
+
+
+@pytest.mark.parametrize("name, kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_state_dict_layout_is_torchs(name, kwargs):
+    p0 = make_params()
+    mine = [torch.nn.Parameter(p.clone()) for p in p0]
+    ref = [torch.nn.Parameter(p.clone()) for p in p0]
+    o = getattr(okt, name)(mine, **kwargs)
+    r = getattr(torch.optim, name)(ref, **torch_kwargs(kwargs))
+    for t in range(3):
+        _feed(mine, ref, t)
+        o.step()
+        r.step()
+    so, sr = o.state_dict(), r.state_dict()
+    go, gr = so["param_groups"][0], sr["param_groups"][0]
+    assert set(go) == set(gr)
+    assert {k: v for k, v in go.items() if k != "foreach"} == \
+        {k: v for k, v in gr.items() if k != "foreach"}
+    assert set(so["state"]) == set(sr["state"])
+    for pid, st in sr["state"].items():
+        assert set(so["state"][pid]) == set(st)
+        for k, v in st.items():
+            mine_v = so["state"][pid][k]
+            assert type(mine_v) is type(v) and mine_v.dtype == v.dtype
+            assert mine_v.shape == v.shape and mine_v.device == v.device, k
+
+
+def test_adagrad_state_exists_after_construction_as_in_torch():
+    p = torch.nn.Parameter(torch.zeros(5))
+    q = torch.nn.Parameter(torch.zeros(5))
+    so = okt.Adagrad([p], initial_accumulator_value=0.3).state_dict()
+    sr = torch.optim.Adagrad([q], initial_accumulator_value=0.3).state_dict()
+    assert set(so["state"][0]) == set(sr["state"][0]) == {"step", "sum"}
+    assert torch.equal(so["state"][0]["sum"], sr["state"][0]["sum"])
+
+
+def test_loaded_state_is_converted_once_to_contiguous_float32():
+    p0 = torch.randn(6, 6)
+    src = torch.nn.Parameter(p0.clone())
+    r = torch.optim.Adam([src], foreach=False)
+    src.grad = torch.randn(6, 6)
+    r.step()
+    sd = copy.deepcopy(r.state_dict())
+    st = sd["state"][0]
+    st["exp_avg"] = st["exp_avg"].t().contiguous().t()  # same values, not contiguous
+    st["step"] = 1  # an old checkpoint's plain number
+    assert not st["exp_avg"].is_contiguous()
+    p = torch.nn.Parameter(p0.clone())
+    o = okt.Adam([p])
+    o.load_state_dict(sd)
+    s = o.state[p]
+    assert s["exp_avg"].is_contiguous() and torch.equal(s["exp_avg"], r.state[src]["exp_avg"])
+    assert s["step"].dtype == torch.float32 and s["step"].dim() == 0 and float(s["step"]) == 1
+    ptr = s["exp_avg"].data_ptr()
+    p.grad = torch.randn(6, 6)
+    o.step()
+    assert o.state[p]["exp_avg"].data_ptr() == ptr and float(o.state[p]["step"]) == 2
+
+
+def test_replaced_state_and_param_data_are_picked_up():
+    """The cached NumPy views follow a state tensor or p.data that the user replaced."""
+    p0 = make_params(shapes=[(9,)])[0]
+    a, b = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    o, r = okt.Adam([a], lr=0.1), torch.optim.Adam([b], lr=0.1, foreach=False)
+    for t in range(6):
+        g = torch.randn(9)
+        a.grad, b.grad = g.clone(), g.clone()
+        o.step()
+        r.step()
+        if t == 2:
+            fresh = torch.full((9,), 0.5)
+            o.state[a]["exp_avg"] = fresh.clone()
+            r.state[b]["exp_avg"] = fresh.clone()
+            o.state[a]["step"] = torch.tensor(10.0)
+            r.state[b]["step"] = torch.tensor(10.0)
+        if t == 4:
+            a.data = torch.ones(9)
+            b.data = torch.ones(9)
+    close(a.detach(), b.detach(), "param")
+    close(o.state[a]["exp_avg"], r.state[b]["exp_avg"], "exp_avg")
+    assert float(o.state[a]["step"]) == float(r.state[b]["step"]) == 13
+
+
+def test_deepcopy_and_pickle_continue_identically():
+    import pickle
+    p = torch.nn.Parameter(torch.randn(17))
+    o = okt.RMSprop([p], lr=0.01, momentum=0.9)
+    for _ in range(3):
+        p.grad = torch.randn(17)
+        o.step()
+    o2 = pickle.loads(pickle.dumps(o))
+    p2 = o2.param_groups[0]["params"][0]
+    g = torch.randn(17)
+    p.grad, p2.grad = g.clone(), g.clone()
+    o.step()
+    o2.step()
+    assert torch.equal(p.detach(), p2.detach())
+
+
+# -- torch's machinery: schedulers, closure, hooks, named parameters, flags ------------------------
+
+
+@pytest.mark.parametrize("sched", ["StepLR", "CosineAnnealingLR", "OneCycleLR", "Plateau"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_torch_scheduler_drives_okt_as_torch(name, sched):
+    from torch.optim import lr_scheduler as L
+    make = {
+        "StepLR": lambda o: L.StepLR(o, step_size=4, gamma=0.5),
+        "CosineAnnealingLR": lambda o: L.CosineAnnealingLR(o, T_max=10, eta_min=1e-4),
+        "OneCycleLR": lambda o: L.OneCycleLR(o, max_lr=0.05, total_steps=STEPS),
+        "Plateau": lambda o: L.ReduceLROnPlateau(o, patience=1, factor=0.5),
+    }[sched]
+    kwargs = {"lr": 0.02, "momentum": 0.9} if name in ("SGD", "RMSprop") else {"lr": 0.02}
+    p0 = make_params()
+    mine = [torch.nn.Parameter(p.clone()) for p in p0]
+    ref = [torch.nn.Parameter(p.clone()) for p in p0]
+    o = getattr(okt, name)(mine, **kwargs)
+    r = getattr(torch.optim, name)(ref, **torch_kwargs(kwargs))
+    so, sr = make(o), make(r)
+    lrs = []
+    for t in range(STEPS):
+        _feed(mine, ref, t)
+        o.step()
+        r.step()
+        if sched == "Plateau":
+            so.step(1.0)
+            sr.step(1.0)
+        else:
+            so.step()
+            sr.step()
+        lrs.append((o.param_groups[0]["lr"], r.param_groups[0]["lr"]))
+    assert all(x == y for x, y in lrs)
+    assert len({x for x, _ in lrs}) > 1  # the schedule did change the learning rate
+    assert_state_close(o, mine, r, ref)
+
+
+def test_closure_runs_with_grad_and_returns_loss():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    o = okt.SGD([w], lr=0.1)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        o.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = o.step(closure)
+    assert float(loss.detach()) == 5.0
+    assert torch.allclose(w.detach(), torch.tensor([0.8, -1.6]))
+
+
+def test_step_hooks_fire_like_torchs():
+    w = torch.nn.Parameter(torch.ones(3))
+    o = okt.Adam([w])
+    calls = []
+    h1 = o.register_step_pre_hook(lambda opt, args, kwargs: calls.append(("pre", opt)))
+    h2 = o.register_step_post_hook(lambda opt, args, kwargs: calls.append(("post", opt)))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    h3 = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: calls.append(("global", opt)))
+    try:
+        w.grad = torch.ones(3)
+        o.step()
+    finally:
+        h1.remove()
+        h2.remove()
+        h3.remove()
+    assert calls == [("pre", o), ("post", o), ("global", o)]
+    o.step()
+    assert len(calls) == 3
+
+
+def test_zero_grad_and_version_counter():
+    w = torch.nn.Parameter(torch.ones(4))
+    o = okt.AdamW([w], foreach=True)
+    w.grad = torch.ones(4)
+    v = w._version
+    o.step()
+    assert w._version > v  # autograd knows the parameter changed in place
+    o.zero_grad(set_to_none=False)
+    assert torch.equal(w.grad, torch.zeros(4))
+    o.zero_grad()
+    assert w.grad is None
+
+
+def test_named_parameters_and_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+    ref = copy.deepcopy(model)
+    o = okt.Adam(model.named_parameters(), lr=0.01)
+    r = torch.optim.Adam(ref.named_parameters(), lr=0.01, foreach=False)
+    assert o.state_dict()["param_groups"][0]["param_names"] == \
+        ["0.weight", "0.bias", "2.weight", "2.bias"]
+    x = torch.randn(8, 5)
+    for _ in range(5):
+        for m, opt in ((model, o), (ref, r)):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        close(a.detach(), b.detach(), "param")
+    # groups: per-group options and add_param_group
+    extra = torch.nn.Parameter(torch.ones(3))
+    o2 = okt.SGD([{"params": [extra], "lr": 0.5}], lr=0.1, momentum=0.9)
+    late = torch.nn.Parameter(torch.ones(2))
+    o2.add_param_group({"params": [late]})
+    extra.grad, late.grad = torch.ones(3), torch.ones(2)
+    o2.step()
+    assert torch.allclose(extra.detach(), torch.full((3,), 0.5))
+    assert torch.allclose(late.detach(), torch.full((2,), 0.9))
+
+
+def test_signature_and_defaults_are_torchs():
+    import inspect
+    for name in SHARED:
+        ours = inspect.signature(getattr(okt, name))
+        theirs = inspect.signature(getattr(torch.optim, name))
+        assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+            [(p.name, p.kind, p.default) for p in theirs.parameters.values()], name
+        assert issubclass(getattr(okt, name), torch.optim.Optimizer)
+        p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+        assert getattr(okt, name)([p]).defaults == getattr(torch.optim, name)([q]).defaults
+
+
+def test_execution_flags():
+    p = torch.nn.Parameter(torch.zeros(2))
+    for flags in ({"foreach": None}, {"foreach": False}, {"foreach": True}, {"fused": True},
+                  {"fused": False}, {"differentiable": False}):
+        okt.Adam([p], **flags)
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):
+        okt.Adam([p], fused=True, foreach=True)
+    for flag in ("differentiable", "capturable"):
+        with pytest.raises(ValueError, match=f"does not support {flag}=True"):
+            okt.Adam([p], **{flag: True})
+    with pytest.raises(ValueError, match="does not support differentiable=True"):
+        okt.SGD([p]).add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))],
+                                      "differentiable": True})
+    with pytest.raises(TypeError):
+        okt.SGD([p], lr=0.1, betas=(0.9, 0.9))  # not an SGD argument: TypeError as in torch
+    with pytest.raises(ValueError, match="lr"):
+        okt.Adam([p], lr=-1.0)
+    with pytest.raises(ValueError, match="nesterov"):
+        okt.SGD([p], nesterov=True)
+
+
+def test_tensor_lr_and_betas():
+    o, mine, r, ref = run_pair("Adam", {"lr": torch.tensor(0.01),
+                                        "betas": (torch.tensor(0.8), torch.tensor(0.99))})
+    assert_state_close(o, mine, r, ref)
+
+
+# -- what optkern cannot update in place: a clear error, nothing changed ---------------------------
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)), "dtype torch.float64"),
+    (lambda: torch.nn.Parameter(torch.zeros(4, 4).t()), "not contiguous"),
+    (lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64)), "dtype torch.complex64"),
+    (lambda: torch.nn.Parameter(torch.zeros(4, device="meta")), "is on meta"),
+])
+def test_unsupported_parameters_are_named(bad, match):
+    good = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(TypeError, match=match) as info:
+        okt.Adam([("good", good), ("bad", bad())])
+    assert "'bad'" in str(info.value)
+    with pytest.raises(TypeError, match="parameter 1 of param group 0"):
+        okt.Adam([good, bad()])
+
+
+def test_unsupported_gradients_are_named_and_nothing_changes():
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    v = torch.nn.Parameter(torch.ones(3))
+    o = okt.Adam([w, v], lr=0.1)
+    v.grad = torch.ones(3)
+    w.grad = torch.ones(4, 4).t()  # non-contiguous
+    with pytest.raises(TypeError, match="gradient of parameter 0.*not contiguous"):
+        o.step()
+    w.grad = torch.ones(4, 4).to_sparse()
+    with pytest.raises(TypeError, match="gradient of parameter 0.*layout"):
+        o.step()
+    assert torch.equal(w.detach(), torch.ones(4, 4)) and torch.equal(v.detach(), torch.ones(3))
+    assert not o.state  # no state was created either
+    # a parameter that changed dtype after construction
+    w.grad = None
+    v.data = torch.ones(3, dtype=torch.float64)
+    v.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="parameter 1 of param group 0 has dtype torch.float64"):
+        o.step()
+
+
+def test_aliasing_parameters_are_refused_with_names():
+    base = torch.zeros(10)
+    a = torch.nn.Parameter(base[:5])
+    b = torch.nn.Parameter(base[:5])  # the same memory
+    o = okt.SGD([("a", a), ("b", b)], lr=0.1)
+    a.grad, b.grad = torch.ones(5), torch.ones(5)
+    with pytest.raises(ValueError, match="shares memory.*'a'.*'b'"):
+        o.step()
+    assert torch.equal(base, torch.zeros(10))
+
+
+# -- packaging -------------------------------------------------------------------------------------
+
+
+def test_import_optkern_does_not_import_torch():
+    code = "import sys, optkern; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_torch_mlp_example_trains_like_torch():
+    from optkern.examples import torch_mlp
+    rows = torch_mlp.run(["RMSprop", "Adam"], n=300, hidden=32, epochs=2)
+    for r in rows:
+        assert abs(r["okt_loss"] - r["torch_loss"]) < 1e-3 * max(1.0, r["torch_loss"]), r
+        assert r["max_param_difference"] < 1e-3, r
+
+
+def test_zero_grad_frees_the_gradient():
+    import gc
+    import weakref
+    w = torch.nn.Parameter(torch.ones(1000))
+    o = okt.Adam([w])
+    w.grad = torch.ones(1000)
+    o.step()
+    ref = weakref.ref(w.grad)
+    o.zero_grad()  # set_to_none: the old gradient must not be kept alive by the optimizer
+    gc.collect()
+    assert ref() is None
+
+
+def test_bench_torch_runs_small(capsys):
+    from optkern.benchmark import torch_bench as tb
+    steps = tb.bench_steps(["RMSprop", "Adam"], [1000], repeats=1)
+    assert [r["optimizer"] for r in steps] == ["RMSprop", "Adam"]
+    assert all(r["torch_s"] > 0 and r["okt_s"] > 0 for r in steps)
+    over = tb.bench_overhead(repeats=1, nparams=5, size=8)
+    tb.report_torch({"torch": torch.__version__, "threads": 1, "steps": steps,
+                     "loop": [dict(steps[0], params=1000)], "overhead": over})
+    assert "RMSprop" in capsys.readouterr().out
