@@ -1,0 +1,311 @@
+"""Float64 NumPy references of the rules that issue 13 adds, in the style of ``reference.py``:
+each written from its oracle's source, in the oracle's order of operations.
+
+- NAdam, RAdam, ASGD, Rprop, Adafactor: ``torch.optim`` 2.13 (the single-tensor path).
+- Lion: ``optax.lion`` (hard sign), with the defaults of the ``lion-pytorch`` package
+  (lr=1e-4, betas=(0.9, 0.99), weight_decay=0) and its state name ``exp_avg``.
+- LAMB: ``optax.lamb`` (Adam direction, plus decoupled decay, scaled per parameter array by
+  norm(p) / norm(u), 1 where either norm is 0); state named as torch names Adam's.
+- ScheduleFreeAdamW, ScheduleFreeSGD: ``schedulefree.AdamWScheduleFree`` and ``SGDScheduleFree``,
+  with their ``train()`` / ``eval()`` switch between the points y and x.
+
+As in ``reference.py``, one reference holds one parameter. Where the oracle keeps a counter per
+param group (Schedule-Free's ``k``, ``weight_sum``, ``lr_max`` and ``train_mode``), the reference
+keeps it in ``self.group``, and ``skip()`` advances it for a step in which this parameter had no
+gradient (the group still stepped).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from reference import Reference, lerp
+
+#: The rules of this file, with the hyperparameters (and defaults) of their oracles.
+NEW_RULES = ("NAdam", "RAdam", "ASGD", "Rprop", "Adafactor", "Lion", "LAMB",
+             "ScheduleFreeAdamW", "ScheduleFreeSGD")
+
+SCHEDULE_FREE = ("ScheduleFreeAdamW", "ScheduleFreeSGD")
+
+
+def torch_sign(x: np.ndarray) -> np.ndarray:
+    """torch.sign: (x > 0) - (x < 0), so 0 for NaN (numpy's and jax's sign give NaN)."""
+    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
+
+
+def _norm(x: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(np.square(x, dtype=np.float64))))
+
+
+class ReferenceNew(Reference):
+    #: Adafactor's ``eps=(None, ...)`` means the machine epsilon of the parameter's dtype: float32
+    #: for optkern. A check against torch in float64 sets this to float64's.
+    machine_eps = float(np.finfo(np.float32).eps)
+
+    def __init__(self, name: str, p0: np.ndarray, dtype: Any = np.float64, **hp: Any) -> None:
+        super().__init__(name, p0, dtype, **hp)
+        # Schedule-Free's per-group counters, as the package names them (it starts in eval mode).
+        self.group = {"k": 0, "weight_sum": 0.0, "lr_max": -1.0, "train_mode": False}
+
+    def step(self, grad: np.ndarray, grad_scale: float = 1.0) -> None:
+        if self.name in SCHEDULE_FREE and not self.group["train_mode"]:
+            raise RuntimeError("Schedule-Free: step() in eval mode; call train() first")
+        super().step(grad, grad_scale)
+
+    def skip(self) -> None:
+        """The group stepped but this parameter had no gradient."""
+        if self.name in SCHEDULE_FREE:
+            self._schedule_free_weights(**self._schedule_hp())
+
+    # -- torch.optim -----------------------------------------------------------------------------
+
+    def _nadam(self, g, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+               momentum_decay=4e-3, decoupled_weight_decay=False):
+        p = self.p
+        t = self.t + 1
+        beta1, beta2 = betas
+        bias_correction2 = 1 - beta2 ** t
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+        mu_product = self.state.get("mu_product", 1.0) * mu  # carried in the state, as torch
+        m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
+        v = beta2 * self.zeros("exp_avg_sq") + ((1 - beta2) * g) * g
+        denom = np.sqrt(v / bias_correction2) + eps
+        p = p + (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
+        p = p + ((-lr * mu_next) / (1.0 - mu_product * mu_next)) * (m / denom)
+        self.p = p
+        self.state.update(exp_avg=m, exp_avg_sq=v, mu_product=mu_product, step=t)
+
+    def _radam(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+               decoupled_weight_decay=False):
+        p = self.p
+        t = self.t + 1
+        beta1, beta2 = betas
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
+        v = beta2 * self.zeros("exp_avg_sq") + ((1 - beta2) * g) * g
+        bias_correction1 = 1 - beta1 ** t
+        bias_correction2 = 1 - beta2 ** t
+        m_hat = m / bias_correction1
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * t * (beta2 ** t) / bias_correction2
+        if rho_t > 5.0:
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                    / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            adaptive = (bias_correction2 ** 0.5) / (np.sqrt(v) + eps)
+            p = p - m_hat * lr * adaptive * rect
+        else:
+            p = p - m_hat * lr
+        self.p = p
+        self.state.update(exp_avg=m, exp_avg_sq=v, step=t)
+
+    def _asgd(self, g, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0):
+        p = self.p
+        t = self.t + 1
+        eta = self.state.get("eta", lr)  # the rate of this step, set by the previous one
+        mu = self.state.get("mu", 1.0)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        p = p * (1 - lambd * eta)
+        p = p + (-eta) * g
+        ax = self.zeros("ax")
+        ax = ax + (p - ax) * mu if mu != 1 else p.copy()
+        self.p = p
+        self.state.update(ax=ax, step=t, eta=lr / ((1 + lambd * lr * t) ** alpha),
+                          mu=1 / max(1, t - t0))
+
+    def _rprop(self, g, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50)):
+        etaminus, etaplus = etas
+        step_size_min, step_size_max = step_sizes
+        t = self.t + 1
+        prev = self.zeros("prev")
+        step_size = self.zeros("step_size", lr)
+        # torch's sign: a NaN product (a NaN gradient or prev, or 0 * Inf) counts as 0, so the
+        # step size stays, and a NaN gradient moves nothing (but is kept as prev).
+        sign = torch_sign(g * prev)
+        factor = np.where(sign > 0, etaplus, np.where(sign < 0, etaminus, 1.0))
+        step_size = np.clip(step_size * factor, step_size_min, step_size_max)  # NaN stays NaN
+        g = np.where(sign < 0, 0.0, g)  # where the sign flipped: no move, and prev forgets it
+        self.p = self.p - torch_sign(g) * step_size
+        self.state.update(prev=g.astype(self.dtype), step_size=step_size, step=t)
+
+    def _adafactor(self, g, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                   weight_decay=0.0):
+        p = self.p
+        t = self.t + 1
+        eps1, eps2 = eps
+        if eps1 is None:
+            eps1 = self.machine_eps
+        one_minus_beta2_t = t ** beta2_decay
+        rho_t = min(lr, 1 / (t ** 0.5))
+        # Python's max, as torch uses it on .item() values: a NaN norm gives eps2 (and below, 1).
+        alpha = max(eps2, _norm(p) / (p.size ** 0.5) if p.size else math.nan) * rho_t
+        if weight_decay != 0:
+            p = p * (1 - lr * weight_decay)
+        if g.ndim > 1:
+            if "row_var" not in self.state:
+                self.state["row_var"] = np.zeros(g.shape[:-1] + (1,), self.dtype)
+                self.state["col_var"] = np.zeros(g.shape[:-2] + (1,) + g.shape[-1:], self.dtype)
+            row_mean = np.sum(g * g, axis=-1, keepdims=True) / g.shape[-1]
+            row_var = lerp(self.state["row_var"], row_mean, one_minus_beta2_t)
+            col_mean = np.sum(g * g, axis=-2, keepdims=True) / g.shape[-2]
+            col_var = lerp(self.state["col_var"], col_mean, one_minus_beta2_t)
+            var_estimate = row_var @ col_var  # the outer product of each row and column factor
+            var_estimate = var_estimate / np.maximum(row_var.mean(axis=-2, keepdims=True), eps1)
+            self.state.update(row_var=row_var, col_var=col_var)
+        else:
+            variance = lerp(self.zeros("variance"), g * g, one_minus_beta2_t)
+            var_estimate = variance.copy()
+            self.state["variance"] = variance
+        update = 1 / np.sqrt(np.maximum(var_estimate, eps1 * eps1)) * g
+        if update.size:  # torch divides by zero on an empty parameter
+            denom = max(1.0, _norm(update) / ((update.size ** 0.5) * d))
+            p = p + (-alpha / denom) * update
+        self.p = p
+        self.state["step"] = t
+
+    # -- optax -----------------------------------------------------------------------------------
+
+    def _lion(self, g, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        beta1, beta2 = betas
+        m = self.zeros("exp_avg")
+        # optax's jnp.sign: sign(0) = 0, sign(NaN) = NaN (lion-pytorch's torch sign gives 0 for NaN)
+        u = np.sign((1.0 - beta1) * g + beta1 * m)
+        if weight_decay != 0:
+            u = u + weight_decay * self.p
+        self.p = self.p + (-lr) * u
+        self.state["exp_avg"] = (1 - beta2) * g + beta2 * m
+
+    def _lamb(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        beta1, beta2 = betas
+        t = self.t + 1
+        m = (1 - beta1) * g + beta1 * self.zeros("exp_avg")
+        v = (1 - beta2) * g ** 2 + beta2 * self.zeros("exp_avg_sq")
+        u = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)
+        if weight_decay != 0:
+            u = u + weight_decay * self.p
+        # The trust ratio of the whole array; 1 where either norm is 0 (NaN stays NaN).
+        p_norm, u_norm = _norm(self.p), _norm(u)
+        ratio = 1.0 if p_norm == 0.0 or u_norm == 0.0 else p_norm / u_norm
+        self.p = self.p + (-lr) * (u * ratio)
+        self.state.update(exp_avg=m, exp_avg_sq=v, step=t)
+
+    # -- schedulefree ----------------------------------------------------------------------------
+
+    def _schedule_hp(self):
+        keys = ("lr", "warmup_steps", "r", "weight_lr_power")
+        defaults = {"lr": 0.0025 if self.name == "ScheduleFreeAdamW" else 1.0,
+                    "warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0}
+        return {k: self.hp.get(k, defaults[k]) for k in keys}
+
+    def _schedule_free_weights(self, lr, warmup_steps, r, weight_lr_power):
+        """The package's per-group scalars for step k+1: the warmed-up rate and the weight c of
+        the new point in the average. Advances k, weight_sum and lr_max."""
+        grp = self.group
+        k = grp["k"]
+        sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
+        lr = lr * sched
+        grp["lr_max"] = lr_max = max(lr, grp["lr_max"])
+        weight = ((k + 1) ** r) * (lr_max ** weight_lr_power)
+        grp["weight_sum"] = weight_sum = grp["weight_sum"] + weight
+        ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+        grp["k"] = k + 1
+        return lr, ckp1, k
+
+    def _schedulefreeadamw(self, g, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                           warmup_steps=0, r=0.0, weight_lr_power=2.0):
+        beta1, beta2 = betas
+        lr, ckp1, k = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
+        bias_correction2 = 1 - beta2 ** (k + 1)
+        y = self.p
+        z = self.state.get("z", y.copy())
+        v = beta2 * self.zeros("exp_avg_sq") + (1 - beta2) * (g * g)
+        denom = np.sqrt(v / bias_correction2) + eps
+        gn = g / denom
+        if weight_decay != 0:
+            gn = gn + weight_decay * y  # the decay is taken at y
+        y = lerp(y, z, ckp1)
+        y = y + (lr * (beta1 * (1 - ckp1) - 1)) * gn
+        self.state.update(z=z - lr * gn, exp_avg_sq=v)
+        self.p = y
+
+    def _schedulefreesgd(self, g, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
+                         weight_lr_power=2.0):
+        lr, ckp1, _ = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
+        y = self.p
+        z = self.state.get("z", y.copy())
+        if weight_decay != 0:
+            g = g + weight_decay * y
+        y = lerp(y, z, ckp1)
+        y = y + (lr * (momentum * (1 - ckp1) - 1)) * g
+        self.state["z"] = z - lr * g
+        self.p = y
+
+    def _interpolation(self) -> float:
+        """beta1 (AdamW) or momentum (SGD): the weight of y between x and z."""
+        if self.name == "ScheduleFreeAdamW":
+            return self.hp.get("betas", (0.9, 0.999))[0]
+        return self.hp.get("momentum", 0.9)
+
+    def train(self) -> None:
+        """x -> y = (1 - beta) x + beta z, as the package's ``train()`` (a no-op before the
+        first step: there is no z yet)."""
+        if not self.group["train_mode"]:
+            if "z" in self.state:
+                self.p = lerp(self.p, self.state["z"], 1 - self._interpolation())
+            self.group["train_mode"] = True
+
+    def eval(self) -> None:
+        """y -> x = (y - (1 - beta) z) / beta, as the package's ``eval()``: the lerp from y
+        towards z with weight 1 - 1/beta (negative)."""
+        if self.group["train_mode"]:
+            if "z" in self.state:
+                self.p = lerp(self.p, self.state["z"], 1 - 1 / self._interpolation())
+            self.group["train_mode"] = False
+
+
+#: Option sets covering every branch of every new rule (the float64 self-checks and, later, the
+#: kernels' reference rows), with hyperparameters that keep 100 steps of N(0, 0.1^2) gradients
+#: well conditioned.
+NEW_CASES = [
+    ("NAdam", dict()),
+    ("NAdam", dict(lr=1e-3, momentum_decay=6e-3, weight_decay=0.1)),
+    ("NAdam", dict(weight_decay=0.1, momentum_decay=6e-3, decoupled_weight_decay=True)),
+    ("NAdam", dict(betas=(0.5, 0.9), eps=1e-4, weight_decay=0.01, maximize=True)),
+    ("RAdam", dict()),
+    ("RAdam", dict(lr=2e-3, eps=1e-6, weight_decay=0.1)),
+    ("RAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam", dict(betas=(0.8, 0.9), weight_decay=0.1, maximize=True)),  # rho_t > 5 from step 6
+    ("ASGD", dict()),
+    ("ASGD", dict(lambd=0.1, lr=0.02)),
+    ("ASGD", dict(t0=10, alpha=0.5, weight_decay=0.1)),
+    ("ASGD", dict(t0=0, weight_decay=0.1, maximize=True)),
+    ("Rprop", dict()),
+    ("Rprop", dict(lr=2e-4, etas=(0.5, 1.5), step_sizes=(2e-6, 100))),
+    ("Rprop", dict(etas=(0.3, 1.1), step_sizes=(1e-4, 0.05), maximize=True)),
+    ("Adafactor", dict()),
+    ("Adafactor", dict(weight_decay=0.1, lr=0.01)),
+    ("Adafactor", dict(weight_decay=0.1, maximize=True)),
+    ("Adafactor", dict(beta2_decay=-1.0, d=1.5, eps=(1e-20, 1e-2))),
+    ("Lion", dict()),
+    ("Lion", dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1)),
+    ("LAMB", dict()),
+    ("LAMB", dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01)),
+    ("ScheduleFreeAdamW", dict()),
+    ("ScheduleFreeAdamW", dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0,
+                               weight_decay=0.01)),
+    ("ScheduleFreeAdamW", dict(betas=(0.95, 0.99), eps=1e-6, weight_lr_power=0.0)),
+    ("ScheduleFreeSGD", dict(lr=0.1)),
+    ("ScheduleFreeSGD", dict(lr=0.05, momentum=0.8, warmup_steps=10, r=1.0, weight_decay=0.01)),
+]
