@@ -28,7 +28,7 @@ else
 fi
 
 echo "== oracles into $py"
-"$py" -m pip install "torch==2.13.0" expecttest "jax[cpu]" optax schedulefree scikit-learn
+"$py" -m pip install "torch==2.13.0" expecttest "jax[cpu]" optax schedulefree lion-pytorch scikit-learn
 echo "   installed in ${SECONDS}s"
 
 # Every test file that imports an oracle, beside the ones known today.
@@ -36,7 +36,7 @@ files=(tests/test_torch_parity.py tests/test_lr_scheduler_torch.py tests/test_cl
        tests/test_torch_adapter.py)
 while IFS= read -r f; do
   [[ " ${files[*]} " == *" $f "* ]] || files+=("$f")
-done < <(grep -lE "importorskip\(\s*[\"'](torch|jax|optax|schedulefree|sklearn)" tests/*.py | sort)
+done < <(grep -lE "importorskip\(\s*[\"'](torch|jax|optax|schedulefree|lion_pytorch|sklearn)" tests/*.py | sort)
 
 echo "== oracle tests: ${files[*]}"
 start=$SECONDS

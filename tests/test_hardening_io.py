@@ -3,7 +3,6 @@ save() may replace, and pickling optimizers and schedulers."""
 
 import copy
 import io
-import json
 import os
 import pickle
 import resource

@@ -63,12 +63,12 @@ def measure(n: int, repeats: int, comm) -> Dict[str, Any]:
     p = np.zeros(n, np.float32)
     local = ok.Adam([p], lr=1e-3)
     row["local_s"] = _timed(comm, lambda: local.step([grad]), repeats)
-    del local, p
+    local = p = None  # free before the next allocation
 
     buf = grad.copy()
     row["allreduce_s"] = _timed(comm, lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
                                 repeats) if size > 1 else 0.0
-    del buf
+    buf = None
     model_bytes = 4 * n
     row["model_bytes"] = model_bytes
     row["bytes_per_rank"] = 2 * (size - 1) * model_bytes // size
@@ -80,7 +80,7 @@ def measure(n: int, repeats: int, comm) -> Dict[str, Any]:
     dp = okd.DataParallel(ok.Adam([p], lr=1e-3), comm, num_threads=None)
     row["dp_s"] = _timed(comm, lambda: dp.step([grad]), repeats)
     row["dp_state_bytes"] = 2 * model_bytes
-    del dp, p
+    dp = p = None
 
     p = np.zeros(n, np.float32)
     zero = okd.ZeroRedundancyOptimizer(ok.Adam, [p], comm, num_threads=None, lr=1e-3)
@@ -92,7 +92,7 @@ def measure(n: int, repeats: int, comm) -> Dict[str, Any]:
     row["zero_update_s"] = _timed(comm, lambda: zero.inner.step(zero._inner_grads), repeats)
     row["zero_allgather_s"] = _timed(comm, lambda: coll.allgatherv(zero.flat, zero.ranges,
                                                                     "bench"), repeats)
-    del zero, p
+    zero = p = None
     return row
 
 
