@@ -103,6 +103,8 @@ class Optimizer:
     _rule: Rule
     #: Testing hook: the name of a compiled kernel build to run instead of the active one.
     _isa: Optional[str] = None
+    #: Attributes that pickling leaves out (rebuilt empty): keyed by id(), stale in a new process.
+    _transient_attrs = ("_checked",)
 
     def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
         if getattr(type(self), "_rule", None) is None:
@@ -640,7 +642,7 @@ def _restore_dict(obj: Any, saved: Dict[str, Any]) -> None:
     # State arrays come back as separate arrays: pack each group's into one block again.
     groups = getattr(obj, "param_groups", None)
     state = getattr(obj, "state", None)
-    names = getattr(type(obj), "_array_state_names", ())
+    names = getattr(obj, "_array_state_names", ()) if hasattr(obj, "_rule") else ()
     if isinstance(groups, list) and isinstance(state, ParamState):
         for group in groups:
             entries = [state.get_by_id(p) for p in group.get("params", ())]
