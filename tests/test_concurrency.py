@@ -70,7 +70,7 @@ def run_in_threads(targets):
         raise errors[0]
 
 
-@pytest.fixture(params=["1 OpenMP thread per call", "2 OpenMP threads per call"])
+@pytest.fixture(params=["1 thread per call", "2 threads per call"])
 def openmp_split(request):
     if request.param.startswith("2"):
         ok.set_num_threads(2)
