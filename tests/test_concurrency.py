@@ -9,6 +9,7 @@
 """
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -193,14 +194,18 @@ def test_state_dict_and_load_while_stepping_see_whole_steps(openmp_split):
         finally:
             stop.set()
 
+    # The readers pause briefly between calls: the optimizer's lock is not fair, and readers
+    # that re-take it at once can starve the stepper for seconds (minutes under sanitizers).
     def snapshots():
         while not stop.is_set():
             seen.append(opt.state_dict()["state"])
+            time.sleep(1e-4)
 
     def reloader():
         while not stop.is_set():
             with opt._lock:  # state_dict + load as one unit, so no step falls between them
                 opt.load_state_dict(opt.state_dict())
+            time.sleep(1e-4)
 
     run_in_threads([stepper, snapshots, reloader])
     assert result(opt, params) == final_ref
