@@ -161,3 +161,32 @@ def test_bad_state_dict_rejected_and_nothing_changes(how, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         other.load_state_dict(_broken(sd, how))
     assert digest([ps, other.state_dict()]) == before
+
+
+def test_named_parameters_as_torch_takes_them():
+    """[("name", array), ...] keeps the names in param_names (and so in the state dict); loaded
+    names replace the current ones; bad names are refused with nothing changed."""
+    W = np.ones((3, 2), np.float32)
+    b = np.zeros(2, np.float32)
+    opt = ok.Adam([("w", W), ("b", b)], lr=0.1)
+    assert opt.param_groups[0]["param_names"] == ["w", "b"]
+    assert opt.param_groups[0]["params"][0] is W
+    opt.step([np.ones_like(W), np.ones_like(b)])
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["param_names"] == ["w", "b"]
+    other = ok.Adam([("x", W.copy()), ("y", b.copy())], lr=0.1)
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["param_names"] == ["w", "b"]
+    bad = {**sd, "param_groups": [{**sd["param_groups"][0], "param_names": ["w"]}]}
+    fresh = ok.Adam([("x", W.copy()), ("y", b.copy())], lr=0.1)
+    with pytest.raises(ValueError, match="param_names"):
+        fresh.load_state_dict(bad)
+    assert fresh.param_groups[0]["param_names"] == ["x", "y"] and not fresh.state
+    with pytest.raises(TypeError, match="all arrays or all"):
+        ok.Adam([("w", W), b])
+    with pytest.raises(ValueError, match="unique"):
+        ok.Adam([("w", W), ("w", b)])
+    with pytest.raises(ValueError, match="named or all unnamed"):
+        ok.SGD([{"params": [("w", W)]}, {"params": [b]}], lr=0.1)
+    groups = ok.SGD([{"params": [("w", W)]}, {"params": [("b", b)], "lr": 1.0}], lr=0.1)
+    assert [g["param_names"] for g in groups.state_dict()["param_groups"]] == [["w"], ["b"]]

@@ -207,6 +207,7 @@ class Optimizer:
             params = _as_param_list(group["params"], 'param group "params"')
             if len(params) == 0:
                 raise ValueError("a param group got an empty parameter list")
+            params = self._split_names(group, params)
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             self._check_group(group)
@@ -221,6 +222,28 @@ class Optimizer:
                 raise
             group["params"] = params
             self.param_groups.append(group)
+
+    def _split_names(self, group: Dict[str, Any], params: List[Any]) -> List[Any]:
+        """Named parameters, as torch 2.13 takes them: ``[("w", W), ("b", b)]`` keeps the names
+        in the group's ``param_names`` (and so in the state dict). A group is all named or all
+        unnamed, and so is the optimizer."""
+        named = [isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params]
+        if not any(named):
+            if any("param_names" in g for g in self.param_groups):
+                raise ValueError("all parameter groups must be named or all unnamed: earlier "
+                                 "groups have (name, array) pairs, this one plain arrays")
+            return params
+        if not all(named):
+            raise TypeError("params must be all arrays or all (name, array) pairs with str names")
+        if self.param_groups and not all("param_names" in g for g in self.param_groups):
+            raise ValueError("all parameter groups must be named or all unnamed: earlier groups "
+                             "have plain arrays, this one (name, array) pairs")
+        names = [n for n, _ in params]
+        taken = {n for g in self.param_groups for n in g.get("param_names", ())}
+        if len(set(names)) != len(names) or taken.intersection(names):
+            raise ValueError("parameter names must be unique across the optimizer")
+        group["param_names"] = names
+        return [p for _, p in params]
 
     # -- stepping ----------------------------------------------------------------------------------
 
@@ -426,6 +449,15 @@ class Optimizer:
             for key, value in self.defaults.items():
                 new_group.setdefault(key, value)
             new_group["params"] = group["params"]
+            if "param_names" in saved:  # loaded names replace the current ones, as in torch
+                names = saved["param_names"]
+                if (not isinstance(names, (list, tuple)) or len(names) != len(ids)
+                        or not all(isinstance(n, str) for n in names)):
+                    raise ValueError(f"param_groups[{gi}][\"param_names\"] must be a list of "
+                                     f"{len(ids)} str names")
+                new_group["param_names"] = list(names)
+            elif "param_names" in group:
+                new_group["param_names"] = list(group["param_names"])
             try:
                 self._check_group(new_group)
             except (TypeError, ValueError) as e:
