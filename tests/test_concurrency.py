@@ -187,18 +187,23 @@ def test_state_dict_and_load_while_stepping_see_whole_steps(openmp_split):
     stop = threading.Event()
     seen = []
 
+    first_snapshot = threading.Event()
+
+    # Every thread pauses briefly between calls: the optimizer's lock is not fair, and a thread
+    # that re-takes it at once can starve the others for seconds (minutes under sanitizers).
     def stepper():
         try:
+            first_snapshot.wait(timeout=60)  # so that snapshots interleave with the steps
             for _ in range(n):
                 opt.step(g)
+                time.sleep(1e-4)
         finally:
             stop.set()
 
-    # The readers pause briefly between calls: the optimizer's lock is not fair, and readers
-    # that re-take it at once can starve the stepper for seconds (minutes under sanitizers).
     def snapshots():
         while not stop.is_set():
             seen.append(opt.state_dict()["state"])
+            first_snapshot.set()
             time.sleep(1e-4)
 
     def reloader():
