@@ -39,6 +39,27 @@ enum class Access { read, write };
 
 std::string type_name(py::handle h) { return Py_TYPE(h.ptr())->tp_name; }
 
+// Whether `h` (an ndarray) is a NumPy masked array: its mask would be ignored by the kernels,
+// which read and write the data underneath, masked-out values included. Only a subclass pays for
+// the check; numpy.ma is looked up in sys.modules (an object of its class means it is loaded), so
+// no Python code runs and nothing is imported.
+bool is_masked_array(py::handle h) {
+  if (Py_TYPE(h.ptr()) == npy::get().PyArray_Type_) return false;
+  PyObject* modules = PyImport_GetModuleDict();  // borrowed
+  PyObject* ma = PyDict_GetItemString(modules, "numpy.ma.core");  // borrowed
+  if (ma == nullptr) return false;
+  PyObject* cls = PyObject_GetAttrString(ma, "MaskedArray");  // new reference
+  if (cls == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  const int r = PyType_Check(cls) ? PyType_IsSubtype(Py_TYPE(h.ptr()),
+                                                     reinterpret_cast<PyTypeObject*>(cls))
+                                  : 0;
+  Py_DECREF(cls);
+  return r == 1;
+}
+
 std::string dims_str(const Py_intptr_t* d, int nd) {
   std::string s = "(";
   for (int i = 0; i < nd; ++i) {
@@ -166,6 +187,10 @@ class Buffers {
     if (!py::isinstance<py::array>(item)) {
       throw py::type_error(label(name, i) + " must be a float32 NumPy array, got " +
                            type_name(item));
+    }
+    if (is_masked_array(item)) {
+      throw py::type_error(label(name, i) + " is a masked array (numpy.ma): its mask would be "
+                           "ignored and the masked-out values used; pass .filled(...) or .data");
     }
     const auto* a = py::detail::array_proxy(item.ptr());
     const auto* descr = py::detail::array_descriptor_proxy(a->descr);

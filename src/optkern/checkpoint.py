@@ -212,7 +212,8 @@ def _check_names(mapping: Dict[Any, Any], where: str) -> None:
 
 
 def _sha256(arr: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest()
+    # As 1-D bytes: memoryview.cast refuses a shape with a zero in it, such as (0, 10).
+    return hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)).hexdigest()
 
 
 # JSON cannot say 'tuple', 'NaN' or 'numpy.float32', so values are tagged: a JSON object is

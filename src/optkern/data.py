@@ -10,6 +10,8 @@ One call is one epoch: every row of the arrays is visited exactly once.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterator as _Iterator
+from collections.abc import Mapping, Set
 from typing import Any, Iterator, Optional, Tuple, Union
 
 import numpy as np
@@ -31,7 +33,14 @@ def _check_batch_size(batch_size: Any) -> Optional[int]:
 
 
 def num_batches(n: int, batch_size: Optional[int] = None, drop_last: bool = False) -> int:
-    """How many batches :func:`batches` yields in one epoch over ``n`` rows."""
+    """How many batches :func:`batches` yields in one epoch over ``n`` rows (an int >= 0)."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (numbers.Integral, np.integer)):
+        raise TypeError(f"n must be an int >= 0 (a number of rows), got {type(n).__name__}: {n!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0 (a number of rows), got {n}")
+    n = int(n)
+    if not isinstance(drop_last, (bool, np.bool_)):
+        raise TypeError(f"drop_last must be a bool, got {type(drop_last).__name__}: {drop_last!r}")
     size = _check_batch_size(batch_size)
     if n == 0:
         return 0
@@ -77,6 +86,13 @@ def batches(*arrays: Any, batch_size: Optional[int] = None, shuffle: bool = True
         raise ValueError("batches() needs at least one array")
     arrs = []
     for i, a in enumerate(arrays):
+        if isinstance(a, (_Iterator, Mapping, Set, str, bytes)):
+            raise TypeError(f"array {i} is a {type(a).__name__}; batches() takes arrays (or "
+                            "sequences np.asarray turns into one), not iterators, generators, "
+                            "dicts, sets or strings")
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"array {i} is a masked array; its batches would drop the mask (pass "
+                            ".filled(...), or the unmasked rows)")
         a = np.asarray(a)
         if a.ndim == 0:
             raise ValueError(f"array {i} is a scalar (0-d); batches() needs arrays with a first "
@@ -98,6 +114,9 @@ def batches(*arrays: Any, batch_size: Optional[int] = None, shuffle: bool = True
                          "yield no batch at all")
     # Draw the permutation now, so the generator's order is fixed by the call (and a bad seed
     # fails here, not at the first next()).
+    if isinstance(seed, (bool, np.bool_)):
+        raise TypeError(f"seed must be None, an int, a sequence of ints or a Generator, not "
+                        f"{seed!r} (a bool, which NumPy would take as the int {int(seed)})")
     order = None
     if shuffle and size is not None and n > 0:
         order = np.random.default_rng(seed).permutation(n)

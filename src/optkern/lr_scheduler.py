@@ -34,8 +34,11 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
+import numpy as np
+
 from .functional import check_flag, check_nonnegative, check_real
-from .optimizer import Optimizer
+from .optimizer import Optimizer, check_depth
+from .registry import as_real
 
 __all__ = [
     "LRScheduler",
@@ -52,6 +55,54 @@ __all__ = [
 
 
 # -- argument checks ---------------------------------------------------------------------------------
+
+
+#: The largest last_epoch (and step count) a scheduler takes: a step number a float counts exactly.
+MAX_EPOCH = 2**53
+
+
+def _check_epoch(value: Any) -> int:
+    v = _check_int("last_epoch", value, -1)
+    if v > MAX_EPOCH:
+        raise ValueError(f"last_epoch must be <= 2**53, got {v}")
+    return v
+
+
+def _check_lrs(values: Any, n: int, where: str) -> List[float]:
+    """The lrs a schedule computed (or a state dict holds), one per group, each a real number
+    >= 0 that float32 holds; checked before any is written."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise TypeError(f"{where} must be a list of {n} lrs, got {type(values).__name__}")
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{where} has {len(values)} lrs but the optimizer has {n} param groups")
+    return [check_nonnegative(f"{where}[{i}]", as_real(v)) for i, v in enumerate(values)]
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, numbers.Integral):
+        return "int"
+    if isinstance(value, numbers.Real):
+        return "real"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (list, tuple)):
+        return "sequence"
+    if isinstance(value, Mapping):
+        return "mapping"
+    return "other"
+
+
+#: What a loaded attribute may be, by the kind of the attribute it replaces.
+_COMPATIBLE = {"none": {"none", "int", "real"}, "bool": {"bool"}, "int": {"int"},
+               "real": {"int", "real"}, "str": {"str"}, "sequence": {"sequence"},
+               "mapping": {"mapping"}}
+#: Keys of torch's scheduler state dicts that optkern does not keep (ignored on load).
+_TORCH_ONLY_KEYS = frozenset({"_get_lr_called_within_step", "verbose"})
 
 
 def _check_optimizer(optimizer: Any) -> Optimizer:
@@ -129,18 +180,29 @@ class LRScheduler:
 
     def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
         self.optimizer = _check_optimizer(optimizer)
-        last_epoch = _check_int("last_epoch", last_epoch, -1)
+        last_epoch = _check_epoch(last_epoch)
         _lrs(optimizer)
         for i, group in enumerate(optimizer.param_groups):
             if last_epoch != -1 and "initial_lr" not in group:
                 raise ValueError(f"param_groups[{i}] has no 'initial_lr', which resuming a scheduler "
                                  f"with last_epoch={last_epoch} needs (load the optimizer's state "
                                  "dict first, or use last_epoch=-1 for a fresh run)")
+        added = [g for g in optimizer.param_groups if "initial_lr" not in g]
+        saved = [(g, g["lr"]) for g in optimizer.param_groups]
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
-        self.base_lrs: List[float] = [group["initial_lr"] for group in optimizer.param_groups]
-        self.last_epoch = last_epoch
-        self._initial_step()
+        try:
+            self.base_lrs: List[float] = _check_lrs(
+                [group["initial_lr"] for group in optimizer.param_groups],
+                len(optimizer.param_groups), "initial_lr")
+            self.last_epoch = last_epoch
+            self._initial_step()
+        except BaseException:  # a schedule that fails at step 0 leaves the optimizer as it was
+            for group in added:
+                group.pop("initial_lr", None)
+            for group, lr in saved:
+                group["lr"] = lr
+            raise
 
     def _initial_step(self) -> None:
         self._step_count = 0  # step() calls, the initial one included (kept for torch's state dict)
@@ -168,12 +230,15 @@ class LRScheduler:
                 self.last_epoch = epoch
                 closed_form = getattr(self, "_get_closed_form_lr", None)
                 values = closed_form() if closed_form is not None else self.get_lr()
+            values = _check_lrs(values, len(self.optimizer.param_groups),
+                                f"the lrs {type(self).__name__} computed for step "
+                                f"{self.last_epoch}")
         except BaseException:
             self.last_epoch = previous
             raise
         for group, lr in zip(self.optimizer.param_groups, values):
             group["lr"] = lr
-        self._last_lr = _lrs(self.optimizer)
+        self._last_lr = list(values)
 
     def get_lr(self) -> List[float]:
         """The lr of each group at step ``last_epoch``; :meth:`step` calls it (read the lrs with
@@ -194,12 +259,41 @@ class LRScheduler:
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Restores the attributes saved by :meth:`state_dict` (the dict itself is not kept or
-        changed)."""
+        changed). The dict is checked whole first, and nothing changes if it is refused: keys
+        must be this scheduler's attributes (torch's ``_get_lr_called_within_step`` is
+        ignored), each value of the kind of the attribute it replaces (an int for an int, a
+        number for a float, a list for a list, ...), ``last_epoch`` in [-1, 2**53] and the lrs
+        real numbers >= 0, one per group."""
+        self.__dict__.update(self._loaded(state_dict))
+
+    def _loaded(self, state_dict: Any) -> Dict[str, Any]:
+        """The attributes ``state_dict`` would set, checked, as copies."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        own = vars(self)
+        out: Dict[str, Any] = {}
         for key, value in state_dict.items():
-            if key not in self._unsaved:
-                setattr(self, key, copy.deepcopy(value))
+            if key in self._unsaved or key in _TORCH_ONLY_KEYS:
+                continue
+            if not isinstance(key, str) or key not in own:
+                raise ValueError(f"state_dict has the key {key!r}, which is no attribute of "
+                                 f"{type(self).__name__} (a state dict of another scheduler?)")
+            current = own[key]
+            if _kind(value) not in _COMPATIBLE.get(_kind(current), {_kind(value)}):
+                raise TypeError(f"state_dict[{key!r}] must be like {type(current).__name__} "
+                                f"{_short(current)}, got {type(value).__name__}: "
+                                f"{_short(value)}")
+            check_depth(value, f"state_dict[{key!r}]")
+            out[key] = copy.deepcopy(value)
+        n = len(self.optimizer.param_groups)
+        if "last_epoch" in out:
+            out["last_epoch"] = _check_epoch(out["last_epoch"])
+        if "_step_count" in out:
+            out["_step_count"] = _check_int("_step_count", out["_step_count"], 0)
+        for key in ("base_lrs", "_last_lr"):
+            if key in out:
+                out[key] = _check_lrs(out[key], n, f"state_dict[{key!r}]")
+        return out
 
 
 # -- schedules ---------------------------------------------------------------------------------------
@@ -234,7 +328,9 @@ class LambdaLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> List[float]:
-        return [base_lr * fn(self.last_epoch) for fn, base_lr in zip(self.lr_lambdas, self.base_lrs)]
+        t = self.last_epoch
+        return [base_lr * check_real(f"lr_lambda[{i}]({t})", as_real(fn(t)))
+                for i, (fn, base_lr) in enumerate(zip(self.lr_lambdas, self.base_lrs))]
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
@@ -257,10 +353,30 @@ class LambdaLR(LRScheduler):
         self.__dict__.update(state)
 
     def load_state_dict(self, state_dict: Mapping) -> None:
-        super().load_state_dict(state_dict)
-        for fn, saved in zip(self.lr_lambdas, state_dict.get("lr_lambdas") or ()):
-            if saved is not None:
-                fn.__dict__.update(copy.deepcopy(saved))
+        loaded = self._loaded(state_dict)
+        saved = state_dict.get("lr_lambdas") or []
+        if not isinstance(saved, (list, tuple)) or len(saved) > len(self.lr_lambdas) or not all(
+                s is None or (isinstance(s, Mapping) and all(isinstance(k, str) for k in s))
+                for s in saved):
+            raise ValueError(f"state_dict['lr_lambdas'] must be a list of at most "
+                             f"{len(self.lr_lambdas)} entries, each None or a dict of attributes")
+        for fn, entry in zip(self.lr_lambdas, saved):
+            if entry is not None and not hasattr(fn, "__dict__"):
+                raise ValueError("state_dict['lr_lambdas'] holds attributes for a function "
+                                 "that has none")
+            check_depth(entry, "state_dict['lr_lambdas']")
+        self.__dict__.update(loaded)
+        for fn, entry in zip(self.lr_lambdas, saved):
+            if entry is not None:
+                fn.__dict__.update(copy.deepcopy(entry))
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _is_local_function(fn: Any) -> bool:
@@ -456,7 +572,7 @@ class SequentialLR(LRScheduler):
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(f"SequentialLR needs one milestone fewer than schedulers, got "
                              f"{len(schedulers)} schedulers and {len(milestones)} milestones")
-        _check_int("last_epoch", last_epoch, -1)
+        _check_epoch(last_epoch)
         self.optimizer = optimizer
         self._schedulers = list(schedulers)
         self._milestones = milestones
@@ -499,9 +615,21 @@ class SequentialLR(LRScheduler):
         if not isinstance(saved, (list, tuple)) or len(saved) != len(self._schedulers):
             raise ValueError(f"state_dict['_schedulers'] must be a list of {len(self._schedulers)} "
                              "scheduler state dicts")
-        super().load_state_dict(state_dict)
-        for s, sd in zip(self._schedulers, saved):
-            s.load_state_dict(sd)
+        # Everything checked (this scheduler's and every child's) before anything is set.
+        mine = {k: v for k, v in state_dict.items() if k != "_schedulers"}
+        loaded = self._loaded(mine)
+        children = [s._loaded(sd) if type(s).load_state_dict is LRScheduler.load_state_dict
+                    else None for s, sd in zip(self._schedulers, saved)]
+        for s, sd, checked in zip(self._schedulers, saved, children):
+            if checked is None:  # a child with its own load (LambdaLR, nested SequentialLR, ...)
+                s._loaded(sd if not isinstance(s, SequentialLR) else
+                          {k: v for k, v in sd.items() if k != "_schedulers"})
+        self.__dict__.update(loaded)
+        for s, sd, checked in zip(self._schedulers, saved, children):
+            if checked is not None:
+                s.__dict__.update(checked)
+            else:
+                s.load_state_dict(sd)
 
 
 def _phase(end_step: float, start_lr: str, end_lr: str, start_momentum: str,
@@ -581,7 +709,7 @@ class OneCycleLR(LRScheduler):
                 _phase(T - 1, "max_lr", "min_lr", "base_momentum", "max_momentum"),
             ]
 
-        if _check_int("last_epoch", last_epoch, -1) == -1:
+        if _check_epoch(last_epoch) == -1:
             for i, group in enumerate(optimizer.param_groups):
                 group["initial_lr"] = max_lrs[i] / div_factor
                 group["max_lr"] = max_lrs[i]
@@ -679,8 +807,14 @@ class ReduceLROnPlateau(LRScheduler):
         return self.cooldown_counter > 0
 
     def step(self, metrics: float) -> None:  # type: ignore[override]
-        """Records one evaluation of the metric and reduces the lrs if it has plateaued."""
-        current = float(metrics)
+        """Records one evaluation of the metric and reduces the lrs if it has plateaued. The
+        metric is a real number (a NumPy scalar, a 0-d array or tensor); NaN counts as no
+        improvement, as in torch. Anything else raises TypeError with nothing changed."""
+        value = as_real(metrics)
+        if type(value) is not float and type(value) is not int:
+            raise TypeError(f"metrics must be a real number, got {type(metrics).__name__}: "
+                            f"{_short(metrics)}")
+        current = float(value)
         self.last_epoch += 1
         if self._is_better(current, self.best):
             self.best = current
@@ -709,5 +843,17 @@ class ReduceLROnPlateau(LRScheduler):
                 group["lr"] = new_lr
 
     def load_state_dict(self, state_dict: Mapping) -> None:
-        super().load_state_dict(state_dict)
+        loaded = self._loaded(state_dict)
+        mode = loaded.get("mode", self.mode)
+        threshold_mode = loaded.get("threshold_mode", self.threshold_mode)
+        if mode not in ("min", "max") or threshold_mode not in ("rel", "abs"):
+            raise ValueError(f"state_dict has mode {mode!r} and threshold_mode "
+                             f"{threshold_mode!r}; they must be 'min'/'max' and 'rel'/'abs'")
+        for key in ("factor", "threshold", "eps"):
+            if key in loaded:
+                loaded[key] = check_nonnegative(f"state_dict[{key!r}]", loaded[key])
+        if "min_lrs" in loaded:
+            loaded["min_lrs"] = [check_nonnegative(f"state_dict['min_lrs'][{i}]", v)
+                                 for i, v in enumerate(loaded["min_lrs"])]
+        self.__dict__.update(loaded)
         self._init_is_better(self.mode, self.threshold, self.threshold_mode)

@@ -52,7 +52,13 @@ class ParamState(MutableMapping):
         return id(param) in self._by_id
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return (p for p, _ in self._by_id.values())
+        # A snapshot: another thread may add or remove entries while this one iterates.
+        return iter([p for p, _ in list(self._by_id.values())])
+
+    def clear(self) -> None:
+        # One assignment (MutableMapping's clear pops entries one by one, racing a step).
+        self._by_id = {}
+        self.version += 1
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -105,6 +111,8 @@ class Optimizer:
     _isa: Optional[str] = None
     #: Attributes that pickling leaves out (rebuilt empty): keyed by id(), stale in a new process.
     _transient_attrs = ("_checked",)
+    #: True while a callable lr runs: step, add_param_group and load_state_dict then refuse.
+    _in_lr = False
 
     def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
         if getattr(type(self), "_rule", None) is None:
@@ -161,18 +169,27 @@ class Optimizer:
         """Checks a group's hyperparameters (by the C++ core's declared ranges), stores its real
         scalars as Python floats, and returns them in the core's names (betas split)."""
         rule = self._rule
-        lr = group.get("lr")
-        core = rule.to_core(group, lr=0.0 if callable(lr) else None)
-        core["maximize"] = as_flag(group.get("maximize", False))
+        # Every value is read once: another thread may set group["lr"] meanwhile (a scheduler
+        # does, without the lock). What was read is what is checked and recorded as checked, and
+        # a converted value is written back only where the group still holds what was read, so
+        # a concurrent update is never lost nor taken as checked.
+        seen = dict(group)
+        seen.pop("params", None)
+        lr = seen.get("lr")
+        core = rule.to_core(seen, lr=0.0 if callable(lr) else None)
+        core["maximize"] = as_flag(seen.get("maximize", False))
         core = _core.validate(rule.name, core)
-        for name, _ in rule.torch_args():
-            if name in group and not (name == "lr" and callable(lr)):
-                slots = [h.name for h in rule.hyper if h.torch == name]
-                group[name] = core[name] if len(slots) == 1 and slots[0] == name else tuple(
+        missing = object()
+        for name in [n for n, _ in rule.torch_args()] + ["maximize"]:
+            if name in seen and not (name == "lr" and callable(lr)):
+                slots = [h.name for h in rule.hyper if h.torch == name] or [name]
+                value = core[name] if len(slots) == 1 and slots[0] == name else tuple(
                     core[n] for n in slots)
-        if "maximize" in group:
-            group["maximize"] = core["maximize"]
-        self._checked[id(group)] = _Checked(group, _snapshot(group), core)
+                if value is not seen[name]:
+                    if group.get(name, missing) is seen[name]:
+                        group[name] = value
+                    seen[name] = value
+        self._checked[id(group)] = _Checked(group, tuple(seen.items()), core)
         if len(self._checked) > 2 * len(self.param_groups) + 8:  # groups replaced by loads
             live = {id(g) for g in self.param_groups} | {id(self.defaults), id(group)}
             self._checked = {k: v for k, v in self._checked.items() if k in live}
@@ -190,9 +207,19 @@ class Optimizer:
         lr = group.get("lr")
         if callable(lr):
             step = self.step_count + 1
-            core = _core.validate(self._rule.name, {**core, "lr": as_real(lr(step))},
+            self._in_lr = True
+            try:
+                value = lr(step)
+            finally:
+                self._in_lr = False
+            core = _core.validate(self._rule.name, {**core, "lr": as_real(value)},
                                   labels={"lr": f"lr({step}) (the group's lr schedule)"})
         return core
+
+    def _not_reentered(self, what: str) -> None:
+        if self._in_lr:
+            raise RuntimeError(f"{what} called from inside a group's callable lr, while a step "
+                               "is evaluating it; an lr schedule must only return a number")
 
     # -- parameter groups ------------------------------------------------------------------------
 
@@ -203,6 +230,7 @@ class Optimizer:
         if "params" not in param_group:
             raise ValueError('a param group must have a "params" entry')
         with self._lock:
+            self._not_reentered("add_param_group()")
             group = dict(param_group)
             params = _as_param_list(group["params"], 'param group "params"')
             if len(params) == 0:
@@ -210,6 +238,9 @@ class Optimizer:
             params = self._split_names(group, params)
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            for key, value in group.items():
+                if key != "params":
+                    check_depth(value, f"param group {key!r}")
             self._check_group(group)
             existing = [p for g in self.param_groups for p in g["params"]]
             # Distinct, writeable, C-contiguous float32 arrays, not sharing memory with each other
@@ -264,6 +295,8 @@ class Optimizer:
         number when the step was taken.
         """
         with self._lock:
+            if self._in_lr:
+                self._not_reentered("step()")
             work = self._plan(grads)
             hyper = [self._hyper(group) for group, *_ in work]  # each lr evaluated once
             norm: Optional[float] = None
@@ -293,13 +326,14 @@ class Optimizer:
         if isinstance(grads, np.ndarray) or not isinstance(grads, (list, tuple)):
             raise TypeError("grads must be a list or tuple of arrays aligned with the parameters, "
                             f"got {type(grads).__name__}")
-        total = sum(len(g["params"]) for g in self.param_groups)
+        groups = self.param_groups  # read once: another thread may replace the list
+        total = sum(len(g["params"]) for g in groups)
         if len(grads) != total:
             raise ValueError(f"step() got {len(grads)} gradients for {total} parameters; pass one "
                              "per parameter (None to skip one), in group order")
         work = []
         start = 0
-        for group in self.param_groups:
+        for group in groups:
             params = group["params"]
             group_grads = grads[start:start + len(params)]
             if id(None) in map(id, group_grads):  # `None in list` would compare arrays with ==
@@ -412,6 +446,7 @@ class Optimizer:
         checked whole before anything changes: group and parameter counts, state names and
         shapes, step counts and hyperparameters."""
         with self._lock:
+            self._not_reentered("load_state_dict()")
             groups, state = self._parse_state_dict(state_dict)
             # A dict from torch has no step_count: the parameters' own step counts tell it.
             steps = [s["step"] for _, s in state if "step" in s]
@@ -439,12 +474,17 @@ class Optimizer:
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if not isinstance(saved, Mapping) or "params" not in saved:
                 raise ValueError(f'param_groups[{gi}] must be a mapping with a "params" list')
-            ids = list(saved["params"])
+            ids = _load_ids(saved["params"], f"param_groups[{gi}]['params']")
             if len(ids) != len(group["params"]):
                 raise ValueError(f"param_groups[{gi}] has {len(ids)} parameters in the loaded state "
                                  f"dict but {len(group['params'])} in this optimizer")
             for i, p in zip(ids, group["params"]):
+                if i in by_id:
+                    raise ValueError(f"parameter id {i} appears twice in the loaded param_groups")
                 by_id[i] = p
+            for k, v in saved.items():
+                if k != "params":
+                    check_depth(v, f"param_groups[{gi}][{k!r}]")
             new_group = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
             for key, value in self.defaults.items():
                 new_group.setdefault(key, value)
@@ -470,6 +510,7 @@ class Optimizer:
             raise ValueError('"state" must be a mapping from parameter ids to state dicts')
         state = []
         for key, entry in saved_state.items():
+            key = _load_id(key, "a state key")
             if key not in by_id:
                 raise ValueError(f"state has an entry for parameter id {key!r}, which no "
                                  "parameter group lists")
@@ -486,6 +527,7 @@ class Optimizer:
                 elif name in self._array_state_names:
                     s[name] = _load_array(value, p, f"state[{key!r}][{name!r}]")
                 else:
+                    check_depth(value, f"state[{key!r}][{name!r}]")
                     s[name] = copy.deepcopy(value)
             if self._counts_steps and "step" not in s:
                 raise ValueError(f"state[{key!r}] has no 'step'")
@@ -527,10 +569,6 @@ class _Checked:
 
     def __init__(self, group: Dict[str, Any], values: tuple, core: Dict[str, Any]) -> None:
         self.group, self.values, self.core = group, values, core
-
-
-def _snapshot(group: Dict[str, Any]) -> tuple:
-    return tuple((k, v) for k, v in group.items() if k != "params")
 
 
 def _same(values: tuple, group: Dict[str, Any]) -> bool:
@@ -618,7 +656,63 @@ def _load_step(value: Any, where: str) -> int:
     return v
 
 
+def _load_id(value: Any, where: str) -> int:
+    """A parameter id of a loaded state dict: an int (NumPy's included), as state_dict() and
+    torch write them. Strings, bools, floats and unhashable objects are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{where} must be an int parameter id, got {type(value).__name__}: "
+                        f"{_short_repr(value)}")
+    return int(value)
+
+
+def _load_ids(values: Any, where: str) -> List[int]:
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"{where} must be a list of int parameter ids, got "
+                        f"{type(values).__name__}")
+    return [_load_id(v, f"{where}[{i}]") for i, v in enumerate(values)]
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # a repr that raises (or recurses)
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+#: How deeply a hyperparameter or loaded state value may nest containers (copy.deepcopy and
+#: pickle recurse: a deeper value would raise RecursionError in state_dict() or a save).
+MAX_DEPTH = 64
+
+
+def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> None:
+    """Refuses (ValueError) a value nesting lists, tuples, sets or dicts more than ``limit``
+    levels deep, a container holding itself included; walked without recursion."""
+    if not isinstance(value, (list, tuple, dict, set, frozenset)):
+        return
+    stack = [(value, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > limit:
+            raise ValueError(f"{where} nests containers more than {limit} levels deep (or holds "
+                             "itself)")
+        items = obj.values() if isinstance(obj, dict) else obj
+        if isinstance(obj, dict):
+            stack.extend((k, depth + 1) for k in obj if isinstance(k, tuple))
+        stack.extend((v, depth + 1) for v in items
+                     if isinstance(v, (list, tuple, dict, set, frozenset)))
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
+    """A loaded state array: real numbers of the parameter's shape that float32 holds (a finite
+    value beyond float32's range would become inf when packed). Masked arrays are refused: the
+    mask would be dropped and the masked-out values used."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"{where} is a masked array; its mask would be dropped (pass "
+                        "value.filled(...) or an ndarray)")
     try:
         arr = np.asarray(value)
     except Exception as e:  # a torch tensor that needs .cpu(), say
@@ -627,6 +721,11 @@ def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
         raise TypeError(f"{where} must hold real numbers, got dtype {arr.dtype}")
     if arr.shape != param.shape:
         raise ValueError(f"{where} has shape {arr.shape} but its parameter has shape {param.shape}")
+    if arr.dtype != np.float32 and arr.size:
+        big = np.abs(arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr)
+        if big.size and float(big.max()) > _FLOAT32_MAX:
+            raise ValueError(f"{where} holds {float(big.max())!r}, beyond float32's range (at "
+                             f"most {_FLOAT32_MAX:.4g} in magnitude)")
     return arr  # copied into the group's block by _pack
 
 
