@@ -163,7 +163,19 @@ HYPER = {
     "weight_decay-neg": ("weight_decay", -1.0), "amsgrad-str": ("amsgrad", "yes"),
     "amsgrad-int": ("amsgrad", 2), "maximize-str": ("maximize", "False"),
     "maximize-none": ("maximize", None),
+    "lr-str-array": ("lr", np.array("0.1")), "lr-bytes-array": ("lr", np.array(b"0.1")),
+    "lr-object-array": ("lr", np.array(0.1, dtype=object)),
 }
+
+
+@pytest.mark.parametrize("value", [np.array("0.1"), np.array(b"0.1"), np.array(0.1, object),
+                                   np.array("nan")], ids=["str", "bytes", "object", "str-nan"])
+@pytest.mark.parametrize("kind", ["SGD", "Adam", "RMSprop"])
+def test_zero_d_non_numeric_arrays_are_not_real_scalars(kind, value):
+    """Finding: as_real took any 0-d array with __float__, and float() parses a 0-d string
+    array, so lr=np.array("0.1") was accepted (and stored as 0.1)."""
+    with pytest.raises(TypeError):
+        getattr(ok, kind)([np.ones(2, np.float32)], lr=value)
 
 
 @pytest.mark.parametrize("case", HYPER)

@@ -94,8 +94,10 @@ class Rule:
 
 
 def as_real(value: Any) -> Any:
-    """A real scalar as a Python float: int and float as they are, NumPy scalars, 0-d arrays and
-    anything else 0-d with ``__float__`` (a 0-d torch tensor, without importing torch) converted.
+    """A real scalar as a Python float: int and float as they are, NumPy scalars, 0-d integer and
+    float arrays and anything else 0-d with ``__float__`` (a 0-d torch tensor, without importing
+    torch) converted; 0-d arrays of strings, bytes or objects are not numbers, even when
+    ``float()`` would parse them.
     Anything else is returned unchanged for the core to refuse with a message naming it."""
     kind = type(value)
     if kind is float or kind is int:
@@ -105,8 +107,10 @@ def as_real(value: Any) -> Any:
     if isinstance(value, numbers.Real):
         return float(value)
     if getattr(value, "ndim", None) == 0 and hasattr(value, "__float__"):
-        if "bool" in str(getattr(value, "dtype", "")) or "complex" in str(
-                getattr(value, "dtype", "")):
+        dtype = getattr(value, "dtype", None)
+        if isinstance(dtype, np.dtype) and dtype.kind not in "iuf":
+            return value  # a 0-d string, bytes or object array converts by parsing: not a number
+        if "bool" in str(dtype) or "complex" in str(dtype):
             return value
         try:
             return float(value)
