@@ -3,7 +3,6 @@ junk or raising, huge last_epoch, foreign or mistyped state dicts, SequentialLR 
 children, ReduceLROnPlateau with non-real metrics. Each refusal is a TypeError or ValueError and
 leaves the optimizer's groups and the scheduler as they were."""
 
-import copy
 import math
 
 import numpy as np
