@@ -434,3 +434,68 @@ def test_plateau_nonfinite_metrics_behave_as_torch(metric):
         assert s.best == -math.inf and s.num_bad_epochs == 0
     else:
         assert s.best == 1.0 and s.num_bad_epochs == 1
+
+
+# -- partial updates when a step fails (findings) ---------------------------------------------------
+
+def test_one_cycle_writes_no_momentum_when_an_lr_is_refused():
+    """Regression: OneCycleLR wrote each group's momentum while computing the lrs, so a refused
+    lr (a group's max_lr set to NaN) left group 0's momentum changed."""
+    opt = opt2()
+    s = S.OneCycleLR(opt, 1.0, total_steps=10)
+    opt.param_groups[1]["max_lr"] = math.nan
+    before_groups, before = groups(opt), sched_state(s)
+    with pytest.raises(ValueError):
+        s.step()
+    assert groups(opt) == before_groups and sched_state(s) == before
+
+
+@pytest.mark.parametrize("use_betas", [False, True])
+def test_one_cycle_still_cycles_momentum(use_betas):
+    opt = (ok.Adam([np.ones(2, np.float32)], lr=0.1) if use_betas
+           else ok.SGD([np.ones(2, np.float32)], lr=0.1, momentum=0.9))
+    s = S.OneCycleLR(opt, 1.0, total_steps=10)
+    seen = []
+    for _ in range(9):
+        s.step()
+        g = opt.param_groups[0]
+        seen.append(g["betas"][0] if use_betas else g["momentum"])
+    assert min(seen) == pytest.approx(0.85) and seen[-1] == pytest.approx(0.95)
+    assert "_momenta" not in s.state_dict()
+
+
+def test_sequential_last_epoch_kept_when_a_child_refuses():
+    """Regression: SequentialLR advanced its last_epoch before the child's step, which could
+    refuse (a lambda returning junk): the two then disagreed for the rest of the run."""
+    opt = ok.SGD([np.ones(2, np.float32)], lr=0.1)
+    a = S.LambdaLR(opt, lambda e: 1.0 if e < 2 else "x")
+    s = S.SequentialLR(opt, [a, S.StepLR(opt, 2)], [5])
+    s.step()
+    before = (s.last_epoch, a.last_epoch, groups(opt))
+    with pytest.raises(TypeError):
+        s.step()
+    assert (s.last_epoch, a.last_epoch, groups(opt)) == before
+
+
+def test_plateau_unchanged_when_reducing_raises():
+    """Regression: ReduceLROnPlateau counted the step (last_epoch, num_bad_epochs) before
+    _reduce_lr raised for a group added without a min_lr."""
+    opt = ok.SGD([np.ones(2, np.float32)], lr=0.1)
+    s = S.ReduceLROnPlateau(opt, patience=0, min_lr=[0.0])
+    opt.add_param_group({"params": [np.ones(2, np.float32)]})
+    s.step(1.0)
+    before, before_groups = sched_state(s), groups(opt)
+    with pytest.raises(RuntimeError):
+        s.step(2.0)
+    assert sched_state(s) == before and groups(opt) == before_groups
+
+
+def test_plateau_lr_made_junk_refused_before_any_write():
+    opt = opt2()
+    s = S.ReduceLROnPlateau(opt, patience=0)
+    s.step(1.0)
+    opt.param_groups[1]["lr"] = "fast"
+    before, before_groups = sched_state(s), groups(opt)
+    with pytest.raises(TypeError):
+        s.step(2.0)
+    assert sched_state(s) == before and groups(opt) == before_groups

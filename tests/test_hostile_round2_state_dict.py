@@ -340,3 +340,26 @@ def test_loaded_dict_is_copied_not_kept():
     sd["param_groups"][0]["lr"] = 5.0
     assert digest([opt.state_dict()["state"]]) == digest([keep["state"]])
     assert opt.param_groups[0]["lr"] == keep["param_groups"][0]["lr"]
+
+
+# -- the step_count setter (finding: int() of anything) ----------------------------------------------
+
+@pytest.mark.parametrize("value, exc", [("3", TypeError), (3.7, ValueError), (True, TypeError),
+                                        (-5, ValueError), (2**70, ValueError), (2**53 + 1, ValueError),
+                                        (math.nan, ValueError), (None, TypeError), ([3], TypeError)],
+                         ids=["str", "fraction", "bool", "negative", "2**70", "2**53+1", "nan",
+                              "None", "list"])
+def test_step_count_setter_refuses_what_a_load_refuses(value, exc):
+    """Regression: ``opt.step_count = "3"`` (or 3.7, True, -5, 2**70) was stored as int(value)
+    and the next step ran with that count."""
+    opt, params = setup()
+    with pytest.raises(exc):
+        opt.step_count = value
+    assert opt.step_count == 2
+
+
+@pytest.mark.parametrize("value", [0, 7, np.int64(7), 7.0, 2**53])
+def test_step_count_setter_takes_whole_numbers(value):
+    opt, params = setup()
+    opt.step_count = value
+    assert opt.step_count == int(value) and type(opt.step_count) is int

@@ -238,7 +238,12 @@ class LRScheduler:
             raise
         for group, lr in zip(self.optimizer.param_groups, values):
             group["lr"] = lr
+        self._write_extra()
         self._last_lr = list(values)
+
+    def _write_extra(self) -> None:
+        """Writes what get_lr() computed besides the lrs (OneCycleLR's momentum), once the lrs
+        passed their check."""
 
     def get_lr(self) -> List[float]:
         """The lr of each group at step ``last_epoch``; :meth:`step` calls it (read the lrs with
@@ -596,13 +601,14 @@ class SequentialLR(LRScheduler):
             sched.last_epoch -= 1
 
     def step(self) -> None:
-        self.last_epoch += 1
-        i = bisect_right(self._milestones, self.last_epoch)
+        epoch = self.last_epoch + 1
+        i = bisect_right(self._milestones, epoch)
         sched = self._schedulers[i]
-        if i > 0 and self._milestones[i - 1] == self.last_epoch:
+        if i > 0 and self._milestones[i - 1] == epoch:
             sched._update_lr(0)
         else:
-            sched.step()
+            sched.step()  # if the child refuses, nothing changed, here either
+        self.last_epoch = epoch
         self._last_lr = sched.get_last_lr()
 
     def state_dict(self) -> Dict[str, Any]:
@@ -659,6 +665,8 @@ class OneCycleLR(LRScheduler):
     groups get ``initial_lr``, ``max_lr``, ``min_lr`` (and ``max_momentum``, ``base_momentum``)
     entries, as in torch. Stepping past ``total_steps`` raises ValueError.
     """
+
+    _unsaved = ("optimizer", "_momenta")  # _momenta: the step being taken's, not state
 
     def __init__(self, optimizer: Optimizer, max_lr: Union[float, Sequence[float]],
                  total_steps: Optional[int] = None, epochs: Optional[int] = None,
@@ -742,16 +750,22 @@ class OneCycleLR(LRScheduler):
             raise ValueError(f"OneCycleLR phase {i} spans no steps (total_steps={self.total_steps}): "
                              "pick pct_start so that pct_start * total_steps != 1")
         pct = (t - start) / (end - start)
-        lrs = []
+        lrs, momenta = [], []
         for group in self.optimizer.param_groups:
             lrs.append(self._anneal(group[phase["start_lr"]], group[phase["end_lr"]], pct))
             if self.cycle_momentum:
-                m = self._anneal(group[phase["start_momentum"]], group[phase["end_momentum"]], pct)
-                if self.use_beta1:
-                    group["betas"] = (m, *group["betas"][1:])
-                else:
-                    group["momentum"] = m
+                momenta.append(self._anneal(group[phase["start_momentum"]],
+                                            group[phase["end_momentum"]], pct))
+        self._momenta = momenta  # written with the lrs, after their check (_write_extra)
         return lrs
+
+    def _write_extra(self) -> None:
+        momenta, self._momenta = getattr(self, "_momenta", []), []
+        for group, m in zip(self.optimizer.param_groups, momenta):
+            if self.use_beta1:
+                group["betas"] = (m, *group["betas"][1:])
+            else:
+                group["momentum"] = m
 
 
 class ReduceLROnPlateau(LRScheduler):
@@ -815,32 +829,36 @@ class ReduceLROnPlateau(LRScheduler):
             raise TypeError(f"metrics must be a real number, got {type(metrics).__name__}: "
                             f"{_short(metrics)}")
         current = float(value)
-        self.last_epoch += 1
-        if self._is_better(current, self.best):
-            self.best = current
-            self.num_bad_epochs = 0
+        # Computed first and set last: if reducing the lrs raises, nothing changed.
+        best, bad, cooldown = self.best, self.num_bad_epochs, self.cooldown_counter
+        if self._is_better(current, best):
+            best, bad = current, 0
         else:
-            self.num_bad_epochs += 1
-        if self.in_cooldown:
-            self.cooldown_counter -= 1
-            self.num_bad_epochs = 0  # bad steps during the cooldown do not count
-        if self.num_bad_epochs > self.patience:
+            bad += 1
+        if cooldown > 0:
+            cooldown -= 1
+            bad = 0  # bad steps during the cooldown do not count
+        if bad > self.patience:
             self._reduce_lr()
-            self.cooldown_counter = self.cooldown
-            self.num_bad_epochs = 0
+            cooldown, bad = self.cooldown, 0
+        self.last_epoch += 1
+        self.best, self.num_bad_epochs, self.cooldown_counter = best, bad, cooldown
         self._last_lr = _lrs(self.optimizer)
 
     def _reduce_lr(self) -> None:
         groups = self.optimizer.param_groups
-        if len(groups) != len(self.min_lrs):
+        min_lrs = self.min_lrs
+        if len(groups) != len(min_lrs):
             if self.default_min_lr is None:
                 raise RuntimeError(f"the optimizer has {len(groups)} param groups but min_lr was "
                                    f"given for {len(self.min_lrs)}; set min_lrs to one per group")
-            self.min_lrs = [self.default_min_lr] * len(groups)
-        for group, lr, min_lr in zip(groups, _lrs(self.optimizer), self.min_lrs):
+            min_lrs = [self.default_min_lr] * len(groups)
+        lrs = _lrs(self.optimizer)  # every lr checked before any is written
+        for group, lr, min_lr in zip(groups, lrs, min_lrs):
             new_lr = max(float(lr) * self.factor, min_lr)
             if float(lr) - new_lr > self.eps:
                 group["lr"] = new_lr
+        self.min_lrs = min_lrs
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         loaded = self._loaded(state_dict)

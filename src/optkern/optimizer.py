@@ -144,7 +144,8 @@ class Optimizer:
 
     @step_count.setter
     def step_count(self, value: int) -> None:
-        self._counter[0] = int(value)
+        # As a loaded count: an int in [0, 2**53] ("3", 3.7, True, -5 and 2**70 are refused).
+        self._counter[0] = _load_step(value, "step_count")
 
     # -- what the rule says ---------------------------------------------------------------------
 
