@@ -363,3 +363,41 @@ def test_step_count_setter_takes_whole_numbers(value):
     opt, params = setup()
     opt.step_count = value
     assert opt.step_count == int(value) and type(opt.step_count) is int
+
+
+# -- state set by hand (findings: junk reached the step as AttributeError or a wrong count) ------
+
+@pytest.mark.parametrize("state, exc", [("junk", TypeError), (None, TypeError), ([1], TypeError),
+                                        ({"step": True}, TypeError), ({"step": "3"}, TypeError),
+                                        ({"step": 2**63}, ValueError), ({"step": -1}, ValueError),
+                                        ({"step": 1.5}, ValueError)],
+                         ids=["str", "None", "list", "step-True", "step-str", "step-2**63",
+                              "step-neg", "step-fraction"])
+def test_state_set_by_hand_is_checked_when_set(state, exc):
+    """Regression: ``opt.state[p] = "junk"`` made the next step raise AttributeError, and a
+    step count of True was taken as 1 (True + 1 == 2)."""
+    opt, params = setup()
+    before = digest([params, opt.state_dict()])
+    with pytest.raises(exc):
+        opt.state[params[0]] = state
+    assert digest([params, opt.state_dict()]) == before
+
+
+@pytest.mark.parametrize("step", [np.int64(4), np.array(4), 4.0])
+def test_state_set_by_hand_with_a_numpy_step_is_normalised(step):
+    opt, params = setup()
+    s = dict(opt.state[params[0]], step=step)
+    opt.state[params[0]] = s
+    assert type(opt.state[params[0]]["step"]) is int
+    opt.step([np.ones(4, np.float32), np.ones(3, np.float32), np.ones((2, 2), np.float32)])
+    assert opt.state[params[0]]["step"] == 5
+
+
+@pytest.mark.parametrize("junk", ["abc", [1, 2, 3], [None, None, None]], ids=["str", "ints", "None"])
+def test_group_params_replaced_by_junk_is_a_typeerror(junk):
+    opt, params = setup()
+    opt.param_groups[0]["params"] = junk
+    before = digest([params, opt.state_dict()["state"]])
+    with pytest.raises(TypeError):
+        opt.step([np.ones(1, np.float32)] * (len(junk) + 1))
+    assert digest([params, opt.state_dict()["state"]]) == before

@@ -41,6 +41,14 @@ class ParamState(MutableMapping):
             raise KeyError("no state for this parameter (it has not been stepped yet)") from None
 
     def __setitem__(self, param: np.ndarray, state: Dict[str, Any]) -> None:
+        # What a step reads without checking again: a dict, its step count a whole number (as a
+        # load takes it; True, "3" or 2**63 would otherwise reach the kernels' step arithmetic).
+        if not isinstance(state, dict):
+            raise TypeError(f"a parameter's state must be a dict, got {type(state).__name__}")
+        if "step" in state and type(state["step"]) is not int:
+            state["step"] = _load_step(state["step"], "state['step']")
+        elif "step" in state and not 0 <= state["step"] <= MAX_LOADED_STEP:
+            _load_step(state["step"], "state['step']")
         self._by_id[id(param)] = (param, state)  # keeping param alive keeps its id unique
         self.version += 1
 
@@ -381,6 +389,7 @@ class Optimizer:
                 and cached.version == self.state.version and cached.ids == ids
                 and cached.names == spec.keys()):
             return cached.states, cached.fresh  # the common case: nothing changed
+        _core.check_params(params)  # a group whose "params" someone replaced: TypeError here
         states = [self.state.get_by_id(p) for p in params]
         if not spec and not self._counts_steps:  # no state at all (plain SGD, like torch's)
             states = [{} if s is None else s for s in states]
