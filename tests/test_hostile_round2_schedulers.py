@@ -122,7 +122,7 @@ def test_last_epoch_at_the_bound_works(cls):
 
 # -- lambdas returning junk or raising (finding: lrs written before they were checked) ------------
 
-JUNK = {"str": "x", "none": None, "nan": math.nan, "inf": math.inf, "neg": -1.0,
+JUNK = {"str": "x", "none": None, "nan": math.nan, "inf": math.inf,
         "complex": 1j, "list": [1.0], "array": np.ones(2), "huge": 1e300, "bool": True,
         "str-array": np.array("0.5"), "object-array": np.array(0.5, dtype=object)}
 
@@ -144,6 +144,20 @@ def test_lambda_returning_junk_later_changes_nothing(junk):
         s.step()
     assert groups(opt) == before_groups and sched_state(s) == before
     assert not any(isinstance(v, np.ndarray) for g in opt.param_groups for v in g.values())
+
+
+def test_negative_lr_is_written_as_torch_does_and_refused_by_the_step():
+    """Left as torch: a schedule may compute a negative lr (a linear OneCycleLR ends just below
+    zero at total_steps); the scheduler writes it, and the optimizer's step refuses it with
+    nothing changed."""
+    p = np.ones(3, np.float32)
+    opt = ok.SGD([p], lr=0.1)
+    s = S.LambdaLR(opt, lambda t: 1.0 if t < 1 else -1.0)
+    s.step()
+    assert opt.param_groups[0]["lr"] == -0.1
+    with pytest.raises(ValueError, match="lr"):
+        opt.step([np.ones(3, np.float32)])
+    assert np.all(p == 1.0) and opt.step_count == 0
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, ZeroDivisionError, KeyboardInterrupt])
@@ -228,7 +242,7 @@ FOREIGN = {
     "base_lrs-short": {"base_lrs": [0.1]},
     "base_lrs-nan": {"base_lrs": [math.nan, 0.1]},
     "base_lrs-str": {"base_lrs": "ab"},
-    "base_lrs-neg": {"base_lrs": [-0.1, 0.1]},
+    "base_lrs-inf": {"base_lrs": [math.inf, 0.1]},
     "_last_lr-junk": {"_last_lr": [None, 0.1]},
     "gamma-str": {"gamma": "0.5"},
     "gamma-list": {"gamma": [0.5]},

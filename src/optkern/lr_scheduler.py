@@ -70,13 +70,15 @@ def _check_epoch(value: Any) -> int:
 
 def _check_lrs(values: Any, n: int, where: str) -> List[float]:
     """The lrs a schedule computed (or a state dict holds), one per group, each a real number
-    >= 0 that float32 holds; checked before any is written."""
+    that float32 holds; checked before any is written. Negative values pass, as in torch (a
+    linear OneCycleLR ends a hair below zero at total_steps); the optimizer refuses them at its
+    next step, with nothing changed."""
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise TypeError(f"{where} must be a list of {n} lrs, got {type(values).__name__}")
     values = list(values)
     if len(values) != n:
         raise ValueError(f"{where} has {len(values)} lrs but the optimizer has {n} param groups")
-    return [check_nonnegative(f"{where}[{i}]", as_real(v)) for i, v in enumerate(values)]
+    return [check_real(f"{where}[{i}]", as_real(v)) for i, v in enumerate(values)]
 
 
 def _kind(value: Any) -> str:
@@ -268,7 +270,7 @@ class LRScheduler:
         must be this scheduler's attributes (torch's ``_get_lr_called_within_step`` is
         ignored), each value of the kind of the attribute it replaces (an int for an int, a
         number for a float, a list for a list, ...), ``last_epoch`` in [-1, 2**53] and the lrs
-        real numbers >= 0, one per group."""
+        finite real numbers, one per group."""
         self.__dict__.update(self._loaded(state_dict))
 
     def _loaded(self, state_dict: Any) -> Dict[str, Any]:
