@@ -4,7 +4,10 @@ suite once (its tests/test_isa.py runs every ISA's kernels in that one process),
 end-to-end smoke tests (marker smoke) once under every instruction set this machine supports
 (OPTKERN_FORCE_ISA=scalar, avx2, avx512).
 
-    python .ci/test_installed.py [TESTS_DIR] [PYTEST_ARGS...]
+    python .ci/test_installed.py [--quick] [TESTS_DIR] [PYTEST_ARGS...]
+
+--quick runs tests/test_isa.py instead of the whole suite (for an installed module whose bytes the
+whole suite has already tested, as .ci/run's wheel stage checks), then the smoke tests.
 
 Run it from a directory where the source tree's src/ is not importable (cibuildwheel's test
 directory, or a scratch directory holding copies of tests/ and pyproject.toml): it refuses to
@@ -17,8 +20,12 @@ import sys
 
 
 def main() -> int:
-    tests = sys.argv[1] if len(sys.argv) > 1 else "tests"
-    extra = sys.argv[2:]
+    args = sys.argv[1:]
+    quick = "--quick" in args[:1]
+    if quick:
+        args = args[1:]
+    tests = args[0] if args else "tests"
+    extra = args[1:]
     probe = subprocess.run(
         [sys.executable, "-c", "import optkern, os; print(os.path.dirname(optkern.__file__)); "
                                "print(' '.join(optkern.available_isas()))"],
@@ -30,14 +37,16 @@ def main() -> int:
         return 2
     failed = []
     env = {k: v for k, v in os.environ.items() if k != "OPTKERN_FORCE_ISA"}
-    print("\n== the whole suite of the installed optkern (every ISA's kernels in-process)",
-          flush=True)
-    cmd = [sys.executable, "-m", "pytest", tests, "-q", "-p", "no:cacheprovider", *extra]
-    if subprocess.call(cmd, env=env) != 0:
-        failed.append("the whole suite")
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra]
+    what = "test_isa.py" if quick else "the whole suite"
+    print(f"\n== {what} of the installed optkern (every ISA's kernels in-process)", flush=True)
+    if subprocess.call(pytest + [os.path.join(tests, "test_isa.py") if quick else tests],
+                       env=env) != 0:
+        failed.append(what)
+    smoke = pytest + ["-m", "smoke", os.path.join(tests, "test_smoke.py")]
     for isa in isas.split():
         print(f"\n== smoke tests of the installed optkern with OPTKERN_FORCE_ISA={isa}", flush=True)
-        if subprocess.call(cmd + ["-m", "smoke"], env=dict(env, OPTKERN_FORCE_ISA=isa)) != 0:
+        if subprocess.call(smoke, env=dict(env, OPTKERN_FORCE_ISA=isa)) != 0:
             failed.append(f"OPTKERN_FORCE_ISA={isa}")
     if failed:
         print(f"\nFAILED under: {', '.join(failed)}", file=sys.stderr)
