@@ -37,7 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ._progress import ProgressBar
     from .examples import mlp
     from .examples._blas import blas_threads
-    from .examples._common import machine
+    from ._platform import describe_machine
 
     if args.blas_threads is not None and args.blas_threads < 0:
         raise SystemExit("--blas-threads must be >= 0")
@@ -48,7 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
               f"(made in code), {args.epochs} epochs of batch {args.batch_size}, seed {args.seed}")
         print("# same initial weights and batch order for every optimizer; lr from "
               "`python -m optkern.examples.mlp --sweep`")
-        print(f"# {machine()}, {blas}")
+        print(f"# {describe_machine()}, {blas}")
         sys.stdout.flush()
         bar = ProgressBar(len(names) * args.epochs) if not args.no_progress else None
         if bar is not None:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import platform
-import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -19,17 +16,15 @@ import numpy as np
 
 import optkern as ok
 
-from .._platform import cpu_model
+from .. import _platform
+from .._progress import ProgressBar
 from .cases import CASES, Case, torch_available
 
 TARGET_BATCH_SECONDS = 0.02  # each timed batch of steps lasts at least this long
 
 
 def machine() -> Dict[str, object]:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "isa": ok.active_isa(),
-            "threads": ok.get_num_threads(), "optkern": ok.__version__,
-            "numpy": np.__version__, "torch": torch_available(),
-            "python": platform.python_version()}
+    return _platform.machine(torch_available())
 
 
 def time_per_step(step: Callable[[], None], batch: int) -> float:
@@ -76,19 +71,20 @@ def size_label(n: int) -> str:
 
 
 class Progress:
+    """``progress(what)`` marks one more measurement done (the demo's progress bar)."""
+
     def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled
+        self.done = 0
+        self.bar = ProgressBar(total) if enabled else None
 
     def __call__(self, what: str) -> None:
         self.done += 1
-        if self.enabled:
-            sys.stderr.write(f"\r[{self.done:>3}/{self.total}] {what:<48}")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.update(self.done, what)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 60 + "\r")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # -- the main table ----------------------------------------------------------------------------------

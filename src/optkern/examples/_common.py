@@ -89,15 +89,6 @@ class Stopwatch:
         self.seconds += time.perf_counter() - self._t
 
 
-def machine() -> str:
-    """CPU model and logical core count, for the header of measured tables."""
-    import os
-
-    from .._platform import cpu_model
-
-    return f"{cpu_model()}, {os.cpu_count()} logical cores, optkern ISA {ok.active_isa()}"
-
-
 def print_report(out: Any, table: Any, plot: Any, markdown: bool, plot_path: Any) -> int:
     """The end of every example's main(): its table, then its plot when asked for."""
     print(table(out, markdown))

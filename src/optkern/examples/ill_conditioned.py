@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 import optkern as ok
-from optkern.examples._common import (fmt, format_table, machine, new_figure, no_matplotlib_note,
+from optkern._platform import describe_machine
+from optkern.examples._common import (fmt, format_table, new_figure, no_matplotlib_note,
                                       print_report, save_figure)
 
 METHODS: Dict[str, Callable[[list, float], ok.Optimizer]] = {
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
     how = ("lr tuned per method over 33 values from 1e-4 to 1 (geometric)" if grid is None
            else f"lr={args.lr:g} for every method (Momentum: lr/(1-beta))")
     print(f"# {out['problem'].name}, {steps} steps, {how}; momentum 0.9")
-    print(f"# {machine()}")
+    print(f"# {describe_machine()}")
     return print_report(out, table, plot, args.markdown, args.plot)
 
 

@@ -24,7 +24,8 @@ import numpy as np
 
 import optkern as ok
 from optkern.data import batches, num_batches
-from optkern.examples._common import (fmt, format_table, machine, new_figure, no_matplotlib_note,
+from optkern._platform import describe_machine
+from optkern.examples._common import (fmt, format_table, new_figure, no_matplotlib_note,
                                       print_report, save_figure, Stopwatch)
 
 #: method name -> batch size (None = full batch)
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     out = run(n=args.n, d=args.d, noise=args.noise, lr=args.lr, epochs=args.epochs, seed=args.seed)
     print(f"# linear regression: n={args.n}, d={args.d}, noise={args.noise}, lr={args.lr}, "
           f"seed={args.seed}; L* = {out['loss_star']:.6f}")
-    print(f"# {machine()}")
+    print(f"# {describe_machine()}")
     return print_report(out, table, plot, args.markdown, args.plot)
 
 

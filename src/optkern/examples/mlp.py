@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from optkern.data import batches, num_batches
-from optkern.examples._common import (OPTIMIZERS, describe, fmt, format_table, machine,
+from optkern._platform import describe_machine
+from optkern.examples._common import (OPTIMIZERS, describe, fmt, format_table,
                                       make_optimizer, new_figure, no_matplotlib_note, print_report,
                                       save_figure, Stopwatch)
 from optkern.examples._blas import blas_threads
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
         with blas_threads(args.blas_threads or None):
             return main_distributed(args)
     with blas_threads(args.blas_threads or None) as blas:
-        print(f"# {machine()}, {blas}")
+        print(f"# {describe_machine()}, {blas}")
         return _main(args)
 
 

@@ -26,7 +26,8 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from optkern.data import batches, num_batches
-from optkern.examples._common import (fmt, format_table, machine, make_optimizer, new_figure,
+from optkern._platform import describe_machine
+from optkern.examples._common import (fmt, format_table, make_optimizer, new_figure,
                                       no_matplotlib_note, print_report, save_figure, Stopwatch)
 
 DEFAULT_OPTIMIZERS = ("SGD", "Momentum", "Nesterov", "Adagrad", "RMSprop", "Adadelta", "Adam")
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
           f"{int(counts.min())}; rare = seen 1-10 times, frequent = in >10% of samples")
     print(f"# {args.epochs} epochs of batch {args.batch_size} for every optimizer; lr chosen on a "
           f"validation set from {', '.join(f'{v:g}' for v in DEFAULT_LR_GRID)}")
-    print(f"# {machine()}")
+    print(f"# {describe_machine()}")
     return print_report(out, table, plot, args.markdown, args.plot)
 
 
