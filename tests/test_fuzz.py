@@ -231,12 +231,14 @@ def draw_functional(data, bad_rate):
     hp("lr", "lr")
     hp("weight_decay", "weight_decay")
     hp("maximize", "flag")
-    scale, _ = hp("grad_scale", "grad_scale", ref_key=False)
+    scale, scale_err = hp("grad_scale", "grad_scale", ref_key=False)
     if name in DERIVED:  # a rule known only from its declaration
         rule = ok.registry.rule(name[:-1])
         kw.pop("maximize")
         ref_hp.pop("maximize")
         errors.clear()
+        if scale_err:  # grad_scale stays in the call: its error does too
+            errors.add(scale_err)
         kw.pop("lr"), kw.pop("weight_decay"), ref_hp.pop("lr"), ref_hp.pop("weight_decay")
         hp("maximize", "flag")
         pair = {}
@@ -471,7 +473,9 @@ RANGE_KIND = {"nonnegative": "lr_decay", "unit": "rho", "unit_open": "beta", "fl
 
 
 def _kind(h):
-    return h.name if h.name in ("lr", "eps", "weight_decay") else RANGE_KIND[h.range]
+    # a name with its own range above (beta2 from 0.5: a beta2 that float32 rounds to 0 with
+    # eps = 0 divides 0 by 0 where the float64 reference does not), else the declared range's
+    return h.name if h.name in VALID else RANGE_KIND[h.range]
 
 
 for _rule in ok.registry.rules():
