@@ -61,28 +61,6 @@ class ReferenceNew(Reference):
 
     # -- torch.optim -----------------------------------------------------------------------------
 
-    def _nadam(self, g, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-               momentum_decay=4e-3, decoupled_weight_decay=False):
-        p = self.p
-        t = self.t + 1
-        beta1, beta2 = betas
-        bias_correction2 = 1 - beta2 ** t
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p = p * (1 - lr * weight_decay)
-            else:
-                g = g + weight_decay * p
-        mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
-        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
-        mu_product = self.state.get("mu_product", 1.0) * mu  # carried in the state, as torch
-        m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
-        v = beta2 * self.zeros("exp_avg_sq") + ((1 - beta2) * g) * g
-        denom = np.sqrt(v / bias_correction2) + eps
-        p = p + (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
-        p = p + ((-lr * mu_next) / (1.0 - mu_product * mu_next)) * (m / denom)
-        self.p = p
-        self.state.update(exp_avg=m, exp_avg_sq=v, mu_product=mu_product, step=t)
-
     def _radam(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                decoupled_weight_decay=False):
         p = self.p

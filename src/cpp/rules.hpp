@@ -98,6 +98,21 @@ struct AdamaxStep {
   GradientPrep grad;
 };
 
+// NAdam (torch.optim.NAdam): Adam's moments, the update from mu_t and mu_{t+1} (Nesterov's
+// look-ahead); the two coefficients come from the parameter's carried mu_product.
+struct NadamStep {
+  Lerp exp_avg;  // exp_avg.lerp_(g, 1 - beta1)
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float decoupled_decay;   // 1 - lr * weight_decay (decoupled_weight_decay)
+  float bias_correction2;  // 1 - beta2^step, per tensor
+  float grad_coeff;        // -lr * (1 - mu_t) / (1 - mu_product), per tensor
+  float avg_coeff;         // -lr * mu_{t+1} / (1 - mu_product * mu_{t+1}), per tensor
+  GradientPrep grad;
+  bool decoupled;
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -108,7 +123,8 @@ struct AdamaxStep {
   X(adagrad, AdagradStep, 1, 4)     \
   X(adadelta, AdadeltaStep, 2, 4)   \
   X(adam, AdamStep, 3, 4)           \
-  X(adamax, AdamaxStep, 2, 4)
+  X(adamax, AdamaxStep, 2, 4)       \
+  X(nadam, NadamStep, 2, 4)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -119,6 +135,8 @@ constexpr std::size_t MAX_STATES = 4;
 #if defined(OPTKERN_RULE_DECLARATIONS) && !defined(OPTKERN_RULES_DECLARED)
 #define OPTKERN_RULES_DECLARED
 // -- host side: the declarations -------------------------------------------------------------------
+#include <algorithm>
+
 #include "rule_api.hpp"
 
 namespace optkern {
@@ -295,6 +313,45 @@ inline void adamax_scalars(const Hyper& h, const StepInfo& t, AdamaxStep& s) {
   s.grad = t.grad(h["weight_decay"]);
 }
 
+// NAdam (torch.optim.NAdam). mu_product is carried per parameter in double (torch keeps it as a
+// float32 tensor in the state): the product of every mu_t so far.
+constexpr HyperDecl kNadamHyper[] = {
+    {"lr", Real::nonnegative, 2e-3, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-8, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+    {"momentum_decay", Real::nonnegative, 4e-3, "momentum_decay", -1},
+    {"decoupled_weight_decay", Real::flag, 0.0, "decoupled_weight_decay", -1},
+};
+constexpr StateDecl kNadamStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+    {"exp_avg_sq", "exp_avg_sqs", nullptr, nullptr},
+};
+constexpr CarriedDecl kNadamCarried[] = {
+    {"mu_product", "mu_products", 1.0, nullptr},
+};
+inline void nadam_scalars(const Hyper& h, const StepInfo& t, NadamStep& s) {
+  const double lr = h["lr"], beta1 = h["beta1"], beta2 = h["beta2"], wd = h["weight_decay"];
+  const double n = static_cast<double>(t.step), md = h["momentum_decay"];
+  const double mu = beta1 * (1.0 - 0.5 * t.pow(0.96, n * md));
+  const double mu_next = beta1 * (1.0 - 0.5 * t.pow(0.96, (n + 1.0) * md));
+  double& mu_product = t.carried[0];
+  const double product = mu_product * mu;
+  s.exp_avg = lerp_weight(1.0 - beta1);
+  s.beta2 = t.f32(beta2, "beta2");
+  s.one_minus_beta2 = t.f32(1.0 - beta2, "1 - beta2");
+  s.eps = t.f32(h["eps"], "eps");
+  s.decoupled_decay = t.f32(1.0 - lr * wd, "1 - lr * weight_decay");
+  s.bias_correction2 = t.f32(1.0 - t.pow(beta2, n), "1 - beta2^step");
+  s.grad_coeff = t.f32(-lr * (1.0 - mu) / (1.0 - product), "lr * (1 - mu_t) / (1 - mu_product)");
+  s.avg_coeff = t.f32((-lr * mu_next) / (1.0 - product * mu_next),
+                      "lr * mu_{t+1} / (1 - mu_product * mu_{t+1})");
+  s.decoupled = h.flag("decoupled_weight_decay");
+  s.grad = t.grad(s.decoupled ? 0.0 : wd);
+  mu_product = product;
+}
+
 // -- the table -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
@@ -369,6 +426,20 @@ constexpr RuleDecl kRules[] = {
          "    exp_inf <- max(beta2 * exp_inf, |g| + eps)\n"
          "    p       <- p - lr / (1 - beta1^t) * exp_avg / exp_inf\n\n"
          "Only the first moment is bias-corrected. State: ``step``, ``exp_avg``, ``exp_inf``."),
+    RULE_CARRIED(nadam, "nadam", "NAdam", used, kNadamHyper, kNadamStates, kNadamCarried, nullptr,
+         nadam_scalars,
+         "NAdam, as torch.optim.NAdam (Adam with Nesterov momentum)::\n\n"
+         "    decoupled_weight_decay:  p <- p * (1 - lr * weight_decay)\n"
+         "    otherwise:               g <- g + weight_decay * p\n"
+         "    mu_t       = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))\n"
+         "    mu_{t+1}   = beta1 * (1 - 0.5 * 0.96^((t + 1) * momentum_decay))\n"
+         "    mu_product <- mu_product * mu_t                   (a number per parameter, from 1)\n"
+         "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g   (computed as torch's lerp)\n"
+         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+         "    denom      =  sqrt(exp_avg_sq / (1 - beta2^t)) + eps\n"
+         "    p          <- p - lr * (1 - mu_t) / (1 - mu_product) * g / denom\n"
+         "                    - lr * mu_{t+1} / (1 - mu_product * mu_{t+1}) * exp_avg / denom\n\n"
+         "State: ``step``, ``mu_product`` (a float, kept in double), ``exp_avg``, ``exp_avg_sq``."),
 };
 
 }  // namespace rules

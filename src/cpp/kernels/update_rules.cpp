@@ -310,6 +310,44 @@ void adamax(const AdamaxStep& s, float* p, const float* g, float* const* st, siz
 }
 
 // ---------------------------------------------------------------------------------------------
+// NAdam (torch.optim.NAdam); the coefficients and 1 - beta2^t are per tensor.
+//   decoupled: p = p * (1 - lr * weight_decay);   else: g = g + weight_decay * p
+//   exp_avg = lerp(exp_avg, g, 1 - beta1);  exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2
+//   denom = sqrt(exp_avg_sq / (1 - beta2^t)) + eps
+//   p = p + grad_coeff * g / denom;  p = p + avg_coeff * exp_avg / denom   (two addcdivs)
+template <bool kL2, bool kDecoupled>
+OK_LOOP void nadam_impl(const NadamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                float* OK_RESTRICT m, float* OK_RESTRICT v, size_t n) {
+  const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
+              decay = s.decoupled_decay, bc2 = s.bias_correction2, c1 = s.grad_coeff,
+              c2 = s.avg_coeff, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
+  const bool from_avg = s.exp_avg.from_start != 0.0f;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    float pi = p[i];
+    if (kDecoupled) pi *= decay;
+    const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
+    const float mi0 = m[i];
+    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
+    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
+    m[i] = mi;
+    v[i] = vi;
+    const float denom = OK_SQRT(vi / bc2) + eps;
+    pi = pi + (c1 * gi) / denom;
+    p[i] = pi + (c2 * mi) / denom;
+  }
+}
+
+void nadam(const NadamStep& s, float* p, const float* g, float* const* st, size_t n) {
+  const bool decay = s.grad.has_weight_decay;
+  with_flag(decay, [&](auto l2) {
+    with_flag(s.decoupled && s.decoupled_decay != 1.0f, [&](auto decoupled) {
+      nadam_impl<decltype(l2)::value, decltype(decoupled)::value>(s, p, g, st[0], st[1], n);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gradient norms and clipping. Each block's sum is accumulated in double (a float squared is exact
 // in double); the caller adds the blocks up in a fixed order, so the result does not depend on
 // the number of threads.
