@@ -176,6 +176,32 @@ class Reference:
         self.p = p
         self.state.update(exp_avg=m, exp_avg_sq=v, mu_product=mu_product, step=t)
 
+    def _radam(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+               decoupled_weight_decay=False):
+        p = self.p
+        t = self.t + 1
+        beta1, beta2 = betas
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
+        v = beta2 * self.zeros("exp_avg_sq") + ((1 - beta2) * g) * g
+        bias_correction1 = 1 - beta1 ** t
+        bias_correction2 = 1 - beta2 ** t
+        m_hat = m / bias_correction1
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * t * (beta2 ** t) / bias_correction2
+        if rho_t > 5.0:
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                    / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            adaptive = (bias_correction2 ** 0.5) / (np.sqrt(v) + eps)
+            p = p - m_hat * lr * adaptive * rect
+        else:
+            p = p - m_hat * lr
+        self.p = p
+        self.state.update(exp_avg=m, exp_avg_sq=v, step=t)
 
 
 #: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
@@ -223,6 +249,10 @@ CASES = [
     ("NAdam", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, momentum_decay=0.01)),
     ("NAdam", dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, eps=1e-4,
                    maximize=True)),
+    ("RAdam", dict()),  # momentum only for 5 steps, then rectified
+    ("RAdam", dict(lr=1e-3, betas=(0.9, 0.6))),  # rho_inf = 4: never rectified
+    ("RAdam", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, eps=1e-4)),
+    ("RAdam", dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
 ]
 
 

@@ -17,7 +17,7 @@ import optkern as ok
 
 torch = pytest.importorskip("torch")
 
-NAMES = ("NAdam",)
+NAMES = ("NAdam", "RAdam")
 RTOL, ATOL = 1e-5, 1e-6
 SHAPES = [(7, 13), (131,), (3, 5, 11), (1,)]
 STEPS = 30
@@ -164,3 +164,20 @@ def test_state_dict_moves_both_ways_mid_training(name, kwargs, impl):
 @pytest.mark.parametrize("name", NAMES)
 def test_optim_db_covers_each_new_optimizer(name):
     assert sum(1 for c in CASES if c.values[0] == name) >= 6
+
+
+def test_radam_switch_from_momentum_to_rectified():
+    # beta2 = 0.999: rho_t > 5 from step 6 on; beta2 = 0.6: rho_inf = 4, never
+    for betas, rectified_from in (((0.9, 0.999), 6), ((0.9, 0.6), None)):
+        pair = Pair("RAdam", dict(betas=betas), "single_tensor")
+        for t in range(12):
+            before = [p.copy() for p in pair.mine]
+            pair.step(gradients(t))
+            step = t + 1
+            moved = before[1] - pair.mine[1]
+            plain = (
+                pair.opt.state[pair.mine[1]]["exp_avg"] / np.float32(1 - 0.9**step) * np.float32(1e-3)
+            )
+            is_plain = np.allclose(moved, plain, rtol=1e-2, atol=1e-6)
+            assert is_plain == (rectified_from is None or step < rectified_from), (betas, step)
+        pair.assert_same(f"betas={betas}")

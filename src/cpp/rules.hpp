@@ -113,6 +113,22 @@ struct NadamStep {
   bool decoupled;
 };
 
+// RAdam (torch.optim.RAdam); `rectify` (rho_t > 5) is decided on the host from the step.
+struct RadamStep {
+  Lerp exp_avg;  // exp_avg.lerp_(g, 1 - beta1)
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float lr;
+  float decoupled_decay;        // 1 - lr * weight_decay (decoupled_weight_decay)
+  float bias_correction1;       // 1 - beta1^step, per tensor
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^step), per tensor
+  float rect;                   // the variance rectification r_t, per tensor (rectify only)
+  GradientPrep grad;
+  bool decoupled;
+  bool rectify;
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -124,7 +140,8 @@ struct NadamStep {
   X(adadelta, AdadeltaStep, 2, 4)   \
   X(adam, AdamStep, 3, 4)           \
   X(adamax, AdamaxStep, 2, 4)       \
-  X(nadam, NadamStep, 2, 4)
+  X(nadam, NadamStep, 2, 4)         \
+  X(radam, RadamStep, 2, 4)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -352,6 +369,43 @@ inline void nadam_scalars(const Hyper& h, const StepInfo& t, NadamStep& s) {
   mu_product = product;
 }
 
+// RAdam (torch.optim.RAdam). Whether a step is rectified depends only on the step and beta2, so
+// the host decides it; with the default betas the first 5 steps are bias-corrected momentum.
+constexpr HyperDecl kRadamHyper[] = {
+    {"lr", Real::nonnegative, 1e-3, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-8, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+    {"decoupled_weight_decay", Real::flag, 0.0, "decoupled_weight_decay", -1},
+};
+constexpr StateDecl kRadamStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+    {"exp_avg_sq", "exp_avg_sqs", nullptr, nullptr},
+};
+inline void radam_scalars(const Hyper& h, const StepInfo& t, RadamStep& s) {
+  const double lr = h["lr"], beta1 = h["beta1"], beta2 = h["beta2"], wd = h["weight_decay"];
+  const double n = static_cast<double>(t.step);
+  const double bc2 = 1.0 - t.pow(beta2, n);
+  const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
+  const double rho_t = rho_inf - 2.0 * n * t.pow(beta2, n) / bc2;
+  s.exp_avg = lerp_weight(1.0 - beta1);
+  s.beta2 = t.f32(beta2, "beta2");
+  s.one_minus_beta2 = t.f32(1.0 - beta2, "1 - beta2");
+  s.eps = t.f32(h["eps"], "eps");
+  s.lr = t.f32(lr, "lr");
+  s.decoupled_decay = t.f32(1.0 - lr * wd, "1 - lr * weight_decay");
+  s.bias_correction1 = t.f32(1.0 - t.pow(beta1, n), "1 - beta1^step");
+  s.bias_correction2_sqrt = t.f32(t.sqrt(bc2), "sqrt(1 - beta2^step)");
+  s.rectify = rho_t > 5.0;
+  s.rect = s.rectify ? t.f32(t.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
+                                    ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)),
+                             "the rectification r_t")
+                     : 1.0f;
+  s.decoupled = h.flag("decoupled_weight_decay");
+  s.grad = t.grad(s.decoupled ? 0.0 : wd);
+}
+
 // -- the table -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
@@ -440,6 +494,20 @@ constexpr RuleDecl kRules[] = {
          "    p          <- p - lr * (1 - mu_t) / (1 - mu_product) * g / denom\n"
          "                    - lr * mu_{t+1} / (1 - mu_product * mu_{t+1}) * exp_avg / denom\n\n"
          "State: ``step``, ``mu_product`` (a float, kept in double), ``exp_avg``, ``exp_avg_sq``."),
+    RULE(radam, "radam", "RAdam", used, kRadamHyper, kRadamStates, nullptr, radam_scalars,
+         "RAdam, as torch.optim.RAdam (Adam with the variance rectified)::\n\n"
+         "    decoupled_weight_decay:  p <- p * (1 - lr * weight_decay)\n"
+         "    otherwise:               g <- g + weight_decay * p\n"
+         "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g   (computed as torch's lerp)\n"
+         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+         "    rho_inf    =  2 / (1 - beta2) - 1\n"
+         "    rho_t      =  rho_inf - 2 t beta2^t / (1 - beta2^t)\n"
+         "    rho_t > 5: r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))\n"
+         "               p <- p - lr * exp_avg / (1 - beta1^t) * r_t * sqrt(1 - beta2^t)"
+         " / (sqrt(exp_avg_sq) + eps)\n"
+         "    otherwise: p <- p - lr * exp_avg / (1 - beta1^t)\n\n"
+         "The switch is decided from t (with the default betas, the first 5 steps are\n"
+         "bias-corrected momentum). State: ``step``, ``exp_avg``, ``exp_avg_sq``."),
 };
 
 }  // namespace rules

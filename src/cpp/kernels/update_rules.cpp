@@ -348,6 +348,48 @@ void nadam(const NadamStep& s, float* p, const float* g, float* const* st, size_
 }
 
 // ---------------------------------------------------------------------------------------------
+// RAdam (torch.optim.RAdam); the bias corrections and r_t are per tensor, `rectify` per step.
+//   decoupled: p = p * (1 - lr * weight_decay);   else: g = g + weight_decay * p
+//   exp_avg = lerp(exp_avg, g, 1 - beta1);  exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2
+//   u = exp_avg / (1 - beta1^t) * lr
+//   rectify: u = u * (sqrt(1 - beta2^t) / (sqrt(exp_avg_sq) + eps)) * r_t
+//   p = p - u                                     (torch's order of float32 operations)
+template <bool kL2, bool kDecoupled, bool kRectify>
+OK_LOOP void radam_impl(const RadamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                float* OK_RESTRICT m, float* OK_RESTRICT v, size_t n) {
+  const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
+              lr = s.lr, decay = s.decoupled_decay, bc1 = s.bias_correction1,
+              sbc2 = s.bias_correction2_sqrt, rect = s.rect, gs = s.grad.grad_scale,
+              wd = s.grad.weight_decay;
+  const bool from_avg = s.exp_avg.from_start != 0.0f;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    float pi = p[i];
+    if (kDecoupled) pi *= decay;
+    const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
+    const float mi0 = m[i];
+    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
+    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
+    m[i] = mi;
+    v[i] = vi;
+    float u = (mi / bc1) * lr;
+    if (kRectify) u = (u * (sbc2 / (OK_SQRT(vi) + eps))) * rect;
+    p[i] = pi - u;
+  }
+}
+
+void radam(const RadamStep& s, float* p, const float* g, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto l2) {
+    with_flag(s.decoupled && s.decoupled_decay != 1.0f, [&](auto decoupled) {
+      with_flag(s.rectify, [&](auto rectify) {
+        radam_impl<decltype(l2)::value, decltype(decoupled)::value, decltype(rectify)::value>(
+            s, p, g, st[0], st[1], n);
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gradient norms and clipping. Each block's sum is accumulated in double (a float squared is exact
 // in double); the caller adds the blocks up in a fixed order, so the result does not depend on
 // the number of threads.
