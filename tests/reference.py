@@ -203,6 +203,21 @@ class Reference:
         self.p = p
         self.state.update(exp_avg=m, exp_avg_sq=v, step=t)
 
+    def _asgd(self, g, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0):
+        p = self.p
+        t = self.t + 1
+        eta = self.state.get("eta", lr)  # the rate of this step, set by the previous one
+        mu = self.state.get("mu", 1.0)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        p = p * (1 - lambd * eta)
+        p = p + (-eta) * g
+        ax = self.zeros("ax")
+        ax = ax + (p - ax) * mu if mu != 1 else p.copy()
+        self.p = p
+        self.state.update(ax=ax, step=t, eta=lr / ((1 + lambd * lr * t) ** alpha),
+                          mu=1 / max(1, t - t0))
+
 
 #: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
 #: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
@@ -253,6 +268,9 @@ CASES = [
     ("RAdam", dict(lr=1e-3, betas=(0.9, 0.6))),  # rho_inf = 4: never rectified
     ("RAdam", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, eps=1e-4)),
     ("RAdam", dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    ("ASGD", dict()),
+    ("ASGD", dict(lr=5e-3, lambd=0.1, alpha=0.5, t0=20, weight_decay=0.1)),  # averaging from 21
+    ("ASGD", dict(lr=1e-2, lambd=1e-3, t0=0, maximize=True)),  # averaging from step 2
 ]
 
 

@@ -61,21 +61,6 @@ class ReferenceNew(Reference):
 
     # -- torch.optim -----------------------------------------------------------------------------
 
-    def _asgd(self, g, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0):
-        p = self.p
-        t = self.t + 1
-        eta = self.state.get("eta", lr)  # the rate of this step, set by the previous one
-        mu = self.state.get("mu", 1.0)
-        if weight_decay != 0:
-            g = g + weight_decay * p
-        p = p * (1 - lambd * eta)
-        p = p + (-eta) * g
-        ax = self.zeros("ax")
-        ax = ax + (p - ax) * mu if mu != 1 else p.copy()
-        self.p = p
-        self.state.update(ax=ax, step=t, eta=lr / ((1 + lambd * lr * t) ** alpha),
-                          mu=1 / max(1, t - t0))
-
     def _rprop(self, g, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50)):
         etaminus, etaplus = etas
         step_size_min, step_size_max = step_sizes

@@ -21,6 +21,7 @@ CARRIED = [r for r in ok.registry.rules() if r.carried]
 def test_the_rules_that_carry_numbers():
     assert {r.cls: [(c.name, c.arg, c.init, c.init_from) for c in r.carried] for r in CARRIED} == {
         "NAdam": [("mu_product", "mu_products", 1.0, None)],
+        "ASGD": [("eta", "etas", 0.0, "lr"), ("mu", "mus", 1.0, None)],
     }
 
 
@@ -71,6 +72,18 @@ def test_functional_lists_updated_in_place_per_parameter():
     assert params[0][0] != params[1][0]  # the carried values changed the second one's scalars
 
 
+def test_asgd_functional_eta_and_mu():
+    p, g, ax = np.ones(3, np.float32), np.full(3, 2.0, np.float32), np.zeros(3, np.float32)
+    etas, mus = [0.1], [1.0]
+    F.asgd_(
+        [p], [g], [ax], etas, mus, step=3, lr=0.1, lambd=0.5, alpha=0.75, t0=1.0, weight_decay=0.0
+    )
+    np.testing.assert_allclose(p, (1 - 0.5 * 0.1) - 0.1 * 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(ax, p)  # mu was 1: ax is a copy of p
+    assert etas == [pytest.approx(0.1 / (1 + 0.5 * 0.1 * 3) ** 0.75, rel=1e-15)]
+    assert mus == [0.5]  # 1 / max(1, 3 - 1)
+
+
 R = r"state\[0\]\['mu_product'\] "
 
 
@@ -95,6 +108,28 @@ def test_malformed_carried_number_in_a_state_dict_is_refused(bad, exc, pattern):
     with pytest.raises(exc, match=pattern):
         opt.load_state_dict(sd)
     assert digest([p, opt.state_dict()]) == before
+
+
+def test_missing_carried_number_in_a_state_dict_is_refused():
+    p = np.ones(4, np.float32)
+    opt = ok.ASGD([p])
+    opt.step([np.ones(4, np.float32)])
+    sd = opt.state_dict()
+    del sd["state"][0]["eta"]
+    with pytest.raises(ValueError, match="lacks 'eta'"):
+        opt.load_state_dict(sd)
+
+
+def test_zero_d_arrays_load_as_floats():
+    # torch keeps them as 0-d float32 tensors; their NumPy form loads as a Python float
+    p = np.ones(4, np.float32)
+    opt = ok.ASGD([p], t0=0)
+    opt.step([np.ones(4, np.float32)])
+    sd = opt.state_dict()
+    sd["state"][0]["eta"] = np.array(sd["state"][0]["eta"], np.float32)
+    sd["state"][0]["mu"] = np.array(0.5, np.float32)
+    opt.load_state_dict(sd)
+    assert type(opt.state[p]["eta"]) is float and opt.state[p]["mu"] == 0.5
 
 
 def test_failed_step_keeps_the_carried_numbers():

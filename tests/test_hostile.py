@@ -246,6 +246,14 @@ def bad_values(key, good):
     return out
 
 
+def _declared_range(function, key):
+    """The declared range of hyperparameter ``key`` of the rule behind a function, or None."""
+    for r in ok.registry.rules():
+        if function == r.name + "_" or function.startswith(r.name + "_"):
+            return next((h.range for h in r.hyper if h.name == key), None)
+    return None
+
+
 def functional_cases():
     """(function, case, mutate(args), error, pattern) for every function and hostile input."""
     for name, (_, lists, kw) in FUNCTIONS.items():
@@ -309,6 +317,8 @@ def functional_cases():
                r"params\[[01]\] shares memory with params\[[01]\]")
         for key, good in kw.items():
             for label, value, exc in bad_values(key, good):
+                if label == "1.5" and _declared_range(name, key) == "nonnegative":
+                    continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
                 yield (name, f"{key}={label}", lambda a, k=key, v=value: a.__setitem__("kw:" + k, v),
                        exc, "steps?" if key == "step" else key)
         for arg in CARRIED.get(name, {}):  # the carried numbers' lists
@@ -580,6 +590,8 @@ def hyperparameter_cases(kind, hp):
         if key == "nesterov":
             continue  # its constraints are covered in test_errors.py (they depend on momentum)
         for label, value, exc in bad_values(key, good):
+            if label == "1.5" and _declared_range(opt._rule.name + "_", key) == "nonnegative":
+                continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
             yield key, label, value, exc, key
 
 

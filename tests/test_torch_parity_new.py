@@ -17,7 +17,7 @@ import optkern as ok
 
 torch = pytest.importorskip("torch")
 
-NAMES = ("NAdam", "RAdam")
+NAMES = ("NAdam", "RAdam", "ASGD")
 RTOL, ATOL = 1e-5, 1e-6
 SHAPES = [(7, 13), (131,), (3, 5, 11), (1,)]
 STEPS = 30
@@ -164,6 +164,20 @@ def test_state_dict_moves_both_ways_mid_training(name, kwargs, impl):
 @pytest.mark.parametrize("name", NAMES)
 def test_optim_db_covers_each_new_optimizer(name):
     assert sum(1 for c in CASES if c.values[0] == name) >= 6
+
+
+def test_asgd_lr_change_takes_effect_one_step_late_as_in_torch():
+    pair = Pair("ASGD", dict(lr=0.05, lambd=0.01), "single_tensor")
+    for t in range(STEPS):
+        if t == 10:
+            pair.opt.param_groups[0]["lr"] = 0.2
+            pair.topt.param_groups[0]["lr"] = 0.2
+        pair.step(gradients(t))
+        if t == 10:  # this step still ran with the eta of the old lr
+            assert pair.opt.state[pair.mine[0]]["eta"] == pytest.approx(
+                0.2 / (1 + 0.01 * 0.2 * 11) ** 0.75
+            )
+    pair.assert_same("after the lr change")
 
 
 def test_radam_switch_from_momentum_to_rectified():

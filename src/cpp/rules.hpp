@@ -129,6 +129,15 @@ struct RadamStep {
   bool rectify;
 };
 
+// ASGD (torch.optim.ASGD): eta and mu are the parameter's carried numbers of the previous step.
+struct AsgdStep {
+  float eta;
+  float decay;  // 1 - lambd * eta
+  float mu;
+  GradientPrep grad;
+  bool copy_average;  // mu == 1 (in float32, as torch tests it): ax <- p
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -141,7 +150,8 @@ struct RadamStep {
   X(adam, AdamStep, 3, 4)           \
   X(adamax, AdamaxStep, 2, 4)       \
   X(nadam, NadamStep, 2, 4)         \
-  X(radam, RadamStep, 2, 4)
+  X(radam, RadamStep, 2, 4)         \
+  X(asgd, AsgdStep, 1, 1)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -406,6 +416,36 @@ inline void radam_scalars(const Hyper& h, const StepInfo& t, RadamStep& s) {
   s.grad = t.grad(s.decoupled ? 0.0 : wd);
 }
 
+// ASGD (torch.optim.ASGD). eta and mu are carried: each step uses the values the previous one
+// computed (eta from the lr of that step), as torch does.
+constexpr HyperDecl kAsgdHyper[] = {
+    {"lr", Real::nonnegative, 1e-2, "lr", -1},
+    {"lambd", Real::nonnegative, 1e-4, "lambd", -1},
+    {"alpha", Real::nonnegative, 0.75, "alpha", -1},
+    {"t0", Real::nonnegative, 1e6, "t0", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kAsgdStates[] = {
+    {"ax", "axs", nullptr, nullptr},
+};
+constexpr CarriedDecl kAsgdCarried[] = {
+    {"eta", "etas", 0.0, "lr"},
+    {"mu", "mus", 1.0, nullptr},
+};
+inline void asgd_scalars(const Hyper& h, const StepInfo& t, AsgdStep& s) {
+  const double lr = h["lr"], lambd = h["lambd"];
+  double& eta = t.carried[0];
+  double& mu = t.carried[1];
+  s.eta = t.f32(eta, "eta");
+  s.decay = t.f32(1.0 - lambd * eta, "1 - lambd * eta");
+  s.mu = t.f32(mu, "mu");
+  s.copy_average = s.mu == 1.0f;
+  s.grad = t.grad(h["weight_decay"]);
+  const double n = static_cast<double>(t.step);
+  eta = lr / t.pow(1.0 + lambd * lr * n, h["alpha"]);
+  mu = 1.0 / std::max(1.0, n - h["t0"]);
+}
+
 // -- the table -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
@@ -508,6 +548,17 @@ constexpr RuleDecl kRules[] = {
          "    otherwise: p <- p - lr * exp_avg / (1 - beta1^t)\n\n"
          "The switch is decided from t (with the default betas, the first 5 steps are\n"
          "bias-corrected momentum). State: ``step``, ``exp_avg``, ``exp_avg_sq``."),
+    RULE_CARRIED(asgd, "asgd", "ASGD", used, kAsgdHyper, kAsgdStates, kAsgdCarried, nullptr,
+         asgd_scalars,
+         "Averaged SGD, as torch.optim.ASGD::\n\n"
+         "    g   <- g + weight_decay * p\n"
+         "    p   <- p * (1 - lambd * eta) - eta * g\n"
+         "    ax  <- ax + mu * (p - ax)      (ax <- p while mu = 1, that is until step t0 + 1)\n"
+         "    eta <- lr / (1 + lambd * lr * t)^alpha             (the rate of the next step)\n"
+         "    mu  <- 1 / max(1, t - t0)\n\n"
+         "``eta`` starts at lr, ``mu`` at 1: numbers per parameter carried in the state, as torch\n"
+         "does (so an lr changed by a schedule takes effect one step late, as in torch). ``ax``,\n"
+         "the averaged point, is what to evaluate with. State: ``step``, ``eta``, ``mu``, ``ax``."),
 };
 
 }  // namespace rules

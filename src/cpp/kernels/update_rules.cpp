@@ -390,6 +390,38 @@ void radam(const RadamStep& s, float* p, const float* g, float* const* st, size_
 }
 
 // ---------------------------------------------------------------------------------------------
+// ASGD (torch.optim.ASGD); eta and mu are the parameter's carried numbers, per tensor.
+//   g = g + weight_decay * p;  p = p * (1 - lambd * eta);  p = p - eta * g
+//   ax = p while mu == 1, else ax = ax + (p - ax) * mu
+template <bool kDecay, bool kCopy>
+OK_LOOP void asgd_impl(const AsgdStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+               float* OK_RESTRICT ax, size_t n) {
+  const float eta = s.eta, decay = s.decay, mu = s.mu, gs = s.grad.grad_scale,
+              wd = s.grad.weight_decay;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float p0 = p[i];
+    const float gi = prepared_gradient<kDecay>(g[i], p0, gs, wd);
+    const float pi = OK_FMA(-eta, gi, p0 * decay);
+    p[i] = pi;
+    if (kCopy) {
+      ax[i] = pi;
+    } else {
+      const float ai = ax[i];
+      ax[i] = ai + (pi - ai) * mu;  // not fused: torch rounds (p - ax) * mu first
+    }
+  }
+}
+
+void asgd(const AsgdStep& s, float* p, const float* g, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    with_flag(s.copy_average, [&](auto copy) {
+      asgd_impl<decltype(decay)::value, decltype(copy)::value>(s, p, g, st[0], n);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gradient norms and clipping. Each block's sum is accumulated in double (a float squared is exact
 // in double); the caller adds the blocks up in a fixed order, so the result does not depend on
 // the number of threads.
