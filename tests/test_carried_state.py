@@ -1,8 +1,8 @@
 """Numbers a rule carries per parameter from step to step (the registry's CarriedDecl: NAdam's
 ``mu_product``, ASGD's ``eta`` and ``mu``): kept in double as floats in the parameter's state,
 updated in place in the functional lists, written to and read from state dicts (also torch's 0-d
-tensors' NumPy form), refused when malformed with nothing changed, and kept by the sharded
-layout of optkern.distributed."""
+tensors' NumPy form), and refused when malformed with nothing changed. The sharded layout of
+optkern.distributed keeps them too: tests/mpi/test_layout_carried.py (needs mpi4py)."""
 
 import math
 
@@ -13,7 +13,6 @@ from reference import Reference
 
 import optkern as ok
 from optkern import functional as F
-from optkern.distributed._layout import Layout, flat_state, state_from_flat
 
 CARRIED = [r for r in ok.registry.rules() if r.carried]
 
@@ -140,26 +139,3 @@ def test_failed_step_keeps_the_carried_numbers():
     with pytest.raises(TypeError):
         opt.step([np.ones(4, np.float64)])
     assert opt.state[p]["mu_product"] == mu and opt.state[p]["step"] == 1
-
-
-@pytest.mark.parametrize("rule", CARRIED, ids=[r.cls for r in CARRIED])
-def test_sharded_layout_keeps_carried_numbers(rule):
-    shapes = [[(3, 4), (5,)], [(7,)]]
-    layout = Layout(shapes)
-    rng = np.random.default_rng(0)
-    params = [[rng.standard_normal(s).astype(np.float32) for s in g] for g in shapes]
-    opt = getattr(ok, rule.cls)([{"params": params[0]}, {"params": params[1], "lr": 0.1}])
-    for _ in range(3):
-        opt.step([rng.standard_normal(p.shape).astype(np.float32) for g in params for p in g])
-    sd = opt.state_dict()
-    names = [c.name for c in rule.carried]
-    meta, flats = flat_state(layout, sd, 0, layout.total)
-    assert meta[1]["numbers"] == {n: sd["state"][2][n] for n in names}
-    back = state_from_flat(layout, meta, flats)
-    for i, s in sd["state"].items():
-        assert all(back[i][n] == s[n] for n in names)
-        for st in rule.states:
-            np.testing.assert_array_equal(back[i][st.name], s[st.name])
-    sd["state"][1][names[0]] += 1e-3  # unlike the group's first parameter: refused
-    with pytest.raises(ValueError, match="carried numbers"):
-        flat_state(layout, sd, 0, layout.total)
