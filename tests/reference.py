@@ -154,6 +154,70 @@ class Reference:
         self.p = p - ((lr / (1 - beta1 ** t)) * m) / u
         self.state["step"] = t
 
+    def _nadam(self, g, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+               momentum_decay=4e-3, decoupled_weight_decay=False):
+        p = self.p
+        t = self.t + 1
+        beta1, beta2 = betas
+        bias_correction2 = 1 - beta2 ** t
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+        mu_product = self.state.get("mu_product", 1.0) * mu  # carried in the state, as torch
+        m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
+        v = beta2 * self.zeros("exp_avg_sq") + ((1 - beta2) * g) * g
+        denom = np.sqrt(v / bias_correction2) + eps
+        p = p + (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
+        p = p + ((-lr * mu_next) / (1.0 - mu_product * mu_next)) * (m / denom)
+        self.p = p
+        self.state.update(exp_avg=m, exp_avg_sq=v, mu_product=mu_product, step=t)
+
+    def _radam(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+               decoupled_weight_decay=False):
+        p = self.p
+        t = self.t + 1
+        beta1, beta2 = betas
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
+        v = beta2 * self.zeros("exp_avg_sq") + ((1 - beta2) * g) * g
+        bias_correction1 = 1 - beta1 ** t
+        bias_correction2 = 1 - beta2 ** t
+        m_hat = m / bias_correction1
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * t * (beta2 ** t) / bias_correction2
+        if rho_t > 5.0:
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                    / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            adaptive = (bias_correction2 ** 0.5) / (np.sqrt(v) + eps)
+            p = p - m_hat * lr * adaptive * rect
+        else:
+            p = p - m_hat * lr
+        self.p = p
+        self.state.update(exp_avg=m, exp_avg_sq=v, step=t)
+
+    def _asgd(self, g, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0):
+        p = self.p
+        t = self.t + 1
+        eta = self.state.get("eta", lr)  # the rate of this step, set by the previous one
+        mu = self.state.get("mu", 1.0)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        p = p * (1 - lambd * eta)
+        p = p + (-eta) * g
+        ax = self.zeros("ax")
+        ax = ax + (p - ax) * mu if mu != 1 else p.copy()
+        self.p = p
+        self.state.update(ax=ax, step=t, eta=lr / ((1 + lambd * lr * t) ** alpha),
+                          mu=1 / max(1, t - t0))
+
 
 #: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
 #: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
@@ -196,6 +260,17 @@ CASES = [
     ("Adamax", dict()),
     ("Adamax", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1)),
     ("Adamax", dict(lr=2e-3, betas=(0.3, 0.9), eps=1e-4, maximize=True)),
+    ("NAdam", dict()),
+    ("NAdam", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, momentum_decay=0.01)),
+    ("NAdam", dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, eps=1e-4,
+                   maximize=True)),
+    ("RAdam", dict()),  # momentum only for 5 steps, then rectified
+    ("RAdam", dict(lr=1e-3, betas=(0.9, 0.6))),  # rho_inf = 4: never rectified
+    ("RAdam", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, eps=1e-4)),
+    ("RAdam", dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    ("ASGD", dict()),
+    ("ASGD", dict(lr=5e-3, lambd=0.1, alpha=0.5, t0=20, weight_decay=0.1)),  # averaging from 21
+    ("ASGD", dict(lr=1e-2, lambd=1e-3, t0=0, maximize=True)),  # averaging from step 2
 ]
 
 

@@ -231,12 +231,14 @@ def draw_functional(data, bad_rate):
     hp("lr", "lr")
     hp("weight_decay", "weight_decay")
     hp("maximize", "flag")
-    scale, _ = hp("grad_scale", "grad_scale", ref_key=False)
+    scale, scale_err = hp("grad_scale", "grad_scale", ref_key=False)
     if name in DERIVED:  # a rule known only from its declaration
         rule = ok.registry.rule(name[:-1])
         kw.pop("maximize")
         ref_hp.pop("maximize")
         errors.clear()
+        if scale_err:  # grad_scale stays in the call: its error does too
+            errors.add(scale_err)
         kw.pop("lr"), kw.pop("weight_decay"), ref_hp.pop("lr"), ref_hp.pop("weight_decay")
         hp("maximize", "flag")
         pair = {}
@@ -376,14 +378,17 @@ def arrays_of(args):
             for _, v in sorted(args.items())]
 
 
-def reference_update(ref_name, ref_hp, scale, step, lists, values, shapes):
-    """The float64 result of the update of each tensor, from the values it started with."""
+def reference_update(ref_name, ref_hp, scale, step, lists, values, shapes, carried=None):
+    """The float64 result of the update of each tensor, from the values it started with
+    (``carried``: {state name: a number per tensor}, a rule's carried numbers)."""
     out = []
     for i, shape in enumerate(shapes):
         ref = Reference(ref_name, values["params"][i], **ref_hp)
         for arg in lists[2:]:
             if values[arg][i] is not None:
                 ref.state[STATE[arg][0]] = values[arg][i].astype(np.float64)
+        for name, numbers in (carried or {}).items():
+            ref.state[name] = numbers[i]
         if step is not None:
             ref.t = (step[i] if isinstance(step, list) else step) - 1
         with np.errstate(all="ignore"):
@@ -428,6 +433,12 @@ def test_fuzz_functional(data):
         elif isinstance(kw["step"], list) and len(kw["step"]) != len(shapes):
             errors.add(ValueError)
     errors |= array_errors
+    # the rule's carried numbers (NAdam's mu_products, ASGD's etas and mus): lists of floats
+    carried = {}
+    if name in DERIVED:
+        for c in ok.registry.rule(name[:-1]).carried:
+            carried[c.name] = [float(x) for x in rng.uniform(0.05, 1.0, len(shapes))]
+            kw[c.arg] = list(carried[c.name])
     fn = getattr(F, name)
     ids = {k: [id(x) for x in v] if isinstance(v, (list, tuple)) else id(v) for k, v in args.items()}
     before = digest(arrays_of(args))
@@ -438,14 +449,19 @@ def test_fuzz_functional(data):
         assert digest(arrays_of(args)) == before, "a call that raised changed an array"
         assert ids == {k: [id(x) for x in v] if isinstance(v, (list, tuple)) else id(v)
                        for k, v in args.items()}, "a call that raised changed a list"
+        for c in ok.registry.rule(name[:-1]).carried if carried else ():
+            assert kw[c.arg] == carried[c.name], "a call that raised changed " + c.arg
         return
     grads_before = digest(args["grads"])
     assert fn(**args, **kw) is None
     assert digest(args["grads"]) == grads_before, "gradients were written"
-    refs = reference_update(ref_name, ref_hp, scale, kw.get("step"), lists, values, shapes)
+    refs = reference_update(ref_name, ref_hp, scale, kw.get("step"), lists, values, shapes,
+                            carried)
     for i, ref in enumerate(refs):
         check_close(args["params"][i], ref.p, f"{name} params[{i}]",
                     magnitude(values["params"][i]))
+        for c in ok.registry.rule(name[:-1]).carried if carried else ():
+            assert kw[c.arg][i] == pytest.approx(ref.state[c.name], rel=1e-12), (name, c.arg, i)
         for arg in lists[2:]:
             check_close(args[arg][i], ref.state[STATE[arg][0]], f"{name} {arg}[{i}]",
                         magnitude(values[arg][i]))
@@ -471,7 +487,9 @@ RANGE_KIND = {"nonnegative": "lr_decay", "unit": "rho", "unit_open": "beta", "fl
 
 
 def _kind(h):
-    return h.name if h.name in ("lr", "eps", "weight_decay") else RANGE_KIND[h.range]
+    # a name with its own range above (beta2 from 0.5: a beta2 that float32 rounds to 0 with
+    # eps = 0 divides 0 by 0 where the float64 reference does not), else the declared range's
+    return h.name if h.name in VALID else RANGE_KIND[h.range]
 
 
 for _rule in ok.registry.rules():

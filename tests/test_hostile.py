@@ -3,6 +3,8 @@ fed wrong dtypes, layouts, shapes, counts, aliasing buffers, None, Python lists 
 hyperparameters. Each call raises TypeError or ValueError naming what is wrong, and every buffer
 and the optimizer's state stay bit-identical (checked by hashing everything before and after)."""
 
+import math
+
 import numpy as np
 import pytest
 from helpers import digest
@@ -138,6 +140,12 @@ for _rule in ok.registry.rules():
                                                     if st.when is None],
             dict(step=3, **{h.name: h.default for h in _rule.hyper}) if _rule.uses_step
             else {h.name: h.default for h in _rule.hyper})
+# The carried numbers of a derived function (NAdam's mu_products, ASGD's etas and mus): lists of
+# floats, one per parameter, which a call updates in place. {function name: {arg: start value}}
+CARRIED = {_rule.name + "_": {c.arg: (c.init if c.init_from is None
+                                      else FUNCTIONS[_rule.name + "_"][2][c.init_from])
+                              for c in _rule.carried}
+           for _rule in ok.registry.rules() if _rule.carried}
 # Lists a function needs only for some options: None there is 'required when ...' (ValueError).
 OPTIONAL_LISTS = {"momentum_buffers", "grad_avgs", "max_exp_avg_sqs", "velocities"}
 
@@ -147,6 +155,8 @@ def valid_call(name):
     _, lists, kw = FUNCTIONS[name]
     args = {arg: [rand(s, 10 * k + i, positive=k > 1) for i, s in enumerate(SHAPES)]
             for k, (arg, _) in enumerate(lists)}
+    for arg, start in CARRIED.get(name, {}).items():
+        args[arg] = [float(start)] * len(SHAPES)
     return args, dict(kw)
 
 
@@ -236,6 +246,14 @@ def bad_values(key, good):
     return out
 
 
+def _declared_range(function, key):
+    """The declared range of hyperparameter ``key`` of the rule behind a function, or None."""
+    for r in ok.registry.rules():
+        if function == r.name + "_" or function.startswith(r.name + "_"):
+            return next((h.range for h in r.hyper if h.name == key), None)
+    return None
+
+
 def functional_cases():
     """(function, case, mutate(args), error, pattern) for every function and hostile input."""
     for name, (_, lists, kw) in FUNCTIONS.items():
@@ -299,8 +317,35 @@ def functional_cases():
                r"params\[[01]\] shares memory with params\[[01]\]")
         for key, good in kw.items():
             for label, value, exc in bad_values(key, good):
+                if label == "1.5" and _declared_range(name, key) == "nonnegative":
+                    continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
                 yield (name, f"{key}={label}", lambda a, k=key, v=value: a.__setitem__("kw:" + k, v),
                        exc, "steps?" if key == "step" else key)
+        for arg in CARRIED.get(name, {}):  # the carried numbers' lists
+            for what, value_of, exc, pattern in [
+                    ("None", lambda a, L: None, TypeError, "must be a list of floats"),
+                    ("a tuple", lambda a, L: tuple(a[L]), TypeError, "must be a list of floats"),
+                    ("an ndarray", lambda a, L: np.array(a[L]), TypeError,
+                     "must be a list of floats"),
+                    ("too short", lambda a, L: a[L][:2], ValueError,
+                     "has 2 entries but params has 3"),
+                    ("too long", lambda a, L: a[L] + [1.0], ValueError,
+                     "has 4 entries but params has 3"),
+                    ("[1]=None", lambda a, L: [a[L][0], None, a[L][2]], TypeError,
+                     r"\[1\] must be a real number"),
+                    ("[1]='0.5'", lambda a, L: [a[L][0], "0.5", a[L][2]], TypeError,
+                     r"\[1\] must be a real number"),
+                    ("[1]=True", lambda a, L: [a[L][0], True, a[L][2]], TypeError,
+                     r"\[1\] must be a real number"),
+                    ("[2]=nan", lambda a, L: [a[L][0], a[L][1], math.nan], ValueError,
+                     r"\[2\] must be finite"),
+                    ("[2]=inf", lambda a, L: [a[L][0], a[L][1], math.inf], ValueError,
+                     r"\[2\] must be finite")]:
+                yield (name, f"{arg} is {what}",
+                       lambda a, L=arg, f=value_of: a.__setitem__(L, f(a, L)),
+                       exc, rf"{arg}{pattern}" if pattern.startswith("\\") else pattern)
+            yield (name, f"{arg} missing", lambda a, L=arg: a.pop(L), TypeError,
+                   f"missing 1 required positional argument: '{arg}'")
         if name.startswith("sgd") and "momentum" in kw:
             yield (name, "nesterov with dampening",
                    lambda a: a.update({"kw:nesterov": True, "kw:dampening": 0.5}),
@@ -384,7 +429,7 @@ def test_functional_valid_call_and_accepted_variants(name):
     args["grads"] = [read_only(args["grads"][0])] * 3
     args["grads"][2] = read_only(np.ones((4, 5), np.float32))
     for k in args:
-        if k not in ("grads", "momentum_buffers"):
+        if k not in ("grads", "momentum_buffers") and k not in CARRIED.get(name, {}):
             args[k] = tuple(args[k])
     before = digest(args["params"])
     call(name, args)
@@ -545,6 +590,8 @@ def hyperparameter_cases(kind, hp):
         if key == "nesterov":
             continue  # its constraints are covered in test_errors.py (they depend on momentum)
         for label, value, exc in bad_values(key, good):
+            if label == "1.5" and _declared_range(opt._rule.name + "_", key) == "nonnegative":
+                continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
             yield key, label, value, exc, key
 
 

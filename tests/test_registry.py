@@ -58,7 +58,9 @@ def test_class_follows_the_declaration(rule):
 def test_every_state_name_is_torchs():
     names = {s.name for r in RULES for s in r.states}
     assert names <= {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "sum",
-                     "square_avg", "grad_avg", "acc_delta", "exp_inf"}
+                     "square_avg", "grad_avg", "acc_delta", "exp_inf", "ax"}
+    carried = {c.name for r in RULES for c in r.carried}
+    assert carried <= {"mu_product", "eta", "mu"}
 
 
 # -- the core checks by itself ---------------------------------------------------------------------

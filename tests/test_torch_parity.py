@@ -85,7 +85,10 @@ def test_matches_torch_fused_kernels(case):
 def to_torch_state_dict(sd):
     state = {}
     for i, s in sd["state"].items():
-        state[i] = {k: (torch.tensor(float(v)) if k == "step" else torch.from_numpy(v.copy()))
+        # a rule's carried numbers (NAdam's mu_product, ASGD's eta and mu) stay floats, which
+        # torch's __setstate__ turns into its 0-d tensors
+        state[i] = {k: (torch.tensor(float(v)) if k == "step" else
+                        torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v)
                     for k, v in s.items()}
     return {**sd, "state": state}  # with our extra keys (step_count, skipped_steps): torch ignores them
 

@@ -490,15 +490,48 @@ class Prepared {
       Py_ssize_t pos = 0;
       while (PyDict_Next(states.ptr(), &pos, &key, &value)) {
         const bool known = PyUnicode_Check(key) &&
-                           std::any_of(rule.states, rule.states + rule.n_states,
-                                       [&](const StateDecl& s) {
-                                         return PyUnicode_CompareWithASCIIString(key, s.name) == 0;
-                                       });
+                           (std::any_of(rule.states, rule.states + rule.n_states,
+                                        [&](const StateDecl& s) {
+                                          return PyUnicode_CompareWithASCIIString(key, s.name) == 0;
+                                        }) ||
+                            std::any_of(rule.carried, rule.carried + rule.n_carried,
+                                        [&](const CarriedDecl& c) {
+                                          return PyUnicode_CompareWithASCIIString(key, c.name) == 0;
+                                        }));
         if (!known) {
           throw py::value_error(std::string(rule.cls) + " keeps no state " +
                                 std::string(py::repr(key)));
         }
       }
+    }
+    // The carried numbers (CarriedDecl): a list of floats per name, read now (converting them
+    // may run Python code) and written back, with the state dicts, after the kernels.
+    for (std::size_t k = 0; k < rule.n_carried; ++k) {
+      const CarriedDecl& c = rule.carried[k];
+      PyObject* l = PyDict_GetItemString(states.ptr(), c.name);
+      if (l == nullptr) throw py::value_error(std::string(c.arg) + " is required");
+      if (!PyList_CheckExact(l)) {
+        throw py::type_error(std::string(c.arg) + " must be a list of floats (updated in place), "
+                             "got " + type_name(l));
+      }
+      carried_lists_.push_back(py::reinterpret_borrow<py::list>(l));
+      const py::list items = snapshot(l, c.arg, "floats");
+      std::vector<double> values;
+      for (std::size_t i = 0; i < items.size(); ++i) {
+        PyObject* o = items[i].ptr();
+        if (PyBool_Check(o) || !(PyFloat_Check(o) || PyLong_Check(o))) {
+          throw py::type_error(std::string(c.arg) + "[" + std::to_string(i) +
+                               "] must be a real number, got " + type_name(items[i]));
+        }
+        const double x = PyFloat_Check(o) ? PyFloat_AS_DOUBLE(o) : PyLong_AsDouble(o);
+        if (PyErr_Occurred()) throw py::error_already_set();
+        if (!std::isfinite(x)) {
+          throw py::value_error(std::string(c.arg) + "[" + std::to_string(i) +
+                                "] must be finite, got " + std::string(py::repr(items[i])));
+        }
+        values.push_back(x);
+      }
+      carried_in_.push_back(std::move(values));
     }
     Positions pos = positions_of(positions);
     const bool steps_given = !steps.is_none();
@@ -534,15 +567,38 @@ class Prepared {
       record_ = record_items;
     }
 
-    // The per-step scalars, in double from the step count, one set per distinct step.
+    const std::size_t nc = rule.n_carried;
+    for (std::size_t k = 0; k < nc; ++k) {
+      if (carried_in_[k].size() != count) {
+        throw py::value_error(std::string(rule.carried[k].arg) + " has " +
+                              std::to_string(carried_in_[k].size()) + " entries but params has " +
+                              std::to_string(count));
+      }
+    }
+    // carried_[t * nc + k]: tensor t's k-th carried number, turned by the scalars function from
+    // its value before this step into its value after it.
+    carried_.resize(count * nc);
+    for (std::size_t t = 0; t < count; ++t) {
+      for (std::size_t k = 0; k < nc; ++k) carried_[t * nc + k] = carried_in_[k][t];
+    }
+
+    // The per-step scalars, in double from the step count (and the carried numbers), one set
+    // per distinct step and carried values.
     const Hyper hyp(rule.hyper, rule.n_hyper, h.data());
     which_.resize(count);
     for (std::size_t t = 0; t < count; ++t) {
-      if (t > 0 && steps_[t] == steps_[t - 1]) {
+      bool same = t > 0 && steps_[t] == steps_[t - 1];
+      for (std::size_t k = 0; same && k < nc; ++k) {
+        same = carried_in_[k][t] == carried_in_[k][t - 1];
+      }
+      if (same) {
         which_[t] = which_[t - 1];
+        std::copy(carried_.begin() + (t - 1) * nc, carried_.begin() + t * nc,
+                  carried_.begin() + t * nc);
         continue;
       }
       StepInfo info{rule.cls, steps_[t], steps_[t] == 1, grad_scale};
+      info.carried = nc ? carried_.data() + t * nc : nullptr;
       scalars_.emplace_back();
       try {
         rule.scalars(hyp, info, scalars_.back().bytes);
@@ -555,6 +611,12 @@ class Prepared {
     if (count == 0) {  // still check the scalars of step 1 (or the given step)
       StepInfo info{rule.cls, steps_given && step_counts.all ? step_counts.values[0] : 1, true,
                     grad_scale};
+      std::vector<double> start(nc);  // each carried number at its start
+      for (std::size_t k = 0; k < nc; ++k) {
+        const CarriedDecl& c = rule.carried[k];
+        start[k] = c.init_from != nullptr ? hyp[c.init_from] : c.init;
+      }
+      info.carried = nc ? start.data() : nullptr;
       ScalarsSlot probe{};
       try {
         rule.scalars(hyp, info, probe.bytes);
@@ -579,13 +641,32 @@ class Prepared {
   }
 
   // The step's bookkeeping (GIL held, no Python code runs): each state dict's step count.
+  // The carried numbers go back into the lists they came from (and the state dicts).
   void record() const {
+    const std::size_t nc = rule_.n_carried, count = steps_.size();
+    for (std::size_t k = 0; k < nc; ++k) {
+      PyObject* l = carried_lists_[k].ptr();
+      if (static_cast<std::size_t>(PyList_GET_SIZE(l)) != count) {
+        throw py::value_error(std::string(rule_.carried[k].arg) + " changed length during the step");
+      }
+      for (std::size_t t = 0; t < count; ++t) {
+        PyObject* v = PyFloat_FromDouble(carried_[t * nc + k]);
+        if (v == nullptr) throw py::error_already_set();
+        PyList_SetItem(l, static_cast<Py_ssize_t>(t), v);  // steals v
+      }
+    }
     if (!record_) return;
     const py::list& items = *record_;
-    for (std::size_t t = 0; t < steps_.size(); ++t) {
+    for (std::size_t t = 0; t < count; ++t) {
       py::int_ step(steps_[t]);
       if (PyDict_SetItemString(items[t].ptr(), "step", step.ptr()) != 0) {
         throw py::error_already_set();
+      }
+      for (std::size_t k = 0; k < nc; ++k) {
+        py::float_ v(carried_[t * nc + k]);
+        if (PyDict_SetItemString(items[t].ptr(), rule_.carried[k].name, v.ptr()) != 0) {
+          throw py::error_already_set();
+        }
       }
     }
   }
@@ -619,6 +700,9 @@ class Prepared {
   std::vector<ScalarsSlot> scalars_;
   std::vector<std::size_t> which_;
   std::optional<py::list> record_;
+  std::vector<py::list> carried_lists_;          // the caller's lists, written back by record()
+  std::vector<std::vector<double>> carried_in_;  // [k][t]: the values before the step
+  std::vector<double> carried_;                  // [t * nc + k]: the values after it
 };
 
 // Runs prepared updates: every kernel in one stretch without the GIL, then all the bookkeeping
@@ -724,6 +808,17 @@ py::list rule_table() {
       states.append(e);
     }
     d["states"] = states;
+    py::list carried;
+    for (std::size_t k = 0; k < r.n_carried; ++k) {
+      const CarriedDecl& c = r.carried[k];
+      py::dict e;
+      e["name"] = c.name;
+      e["arg"] = c.arg;
+      e["init"] = c.init;
+      e["init_from"] = c.init_from ? py::object(py::str(c.init_from)) : py::object(py::none());
+      carried.append(e);
+    }
+    d["carried"] = carried;
     out.append(d);
   }
   return out;
@@ -946,8 +1041,11 @@ PYBIND11_MODULE(_core, m) {
             prepare(rule, params, grads, states, hyper, steps, grad_scale, positions, isa,
                     py::none()));
         p->used = true;
-        py::gil_scoped_release nogil;
-        p->run_kernels();
+        {
+          py::gil_scoped_release nogil;
+          p->run_kernels();
+        }
+        p->record();  // the carried numbers, if the rule has any
       },
       py::arg("rule"), py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("hyper"),
       py::kw_only(), py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0,

@@ -39,6 +39,20 @@ struct StateDecl {
   const char* init;  // nullptr: starts at zero; else the hyperparameter it starts at
 };
 
+// A number per parameter that a rule carries from step to step, in double (NAdam's mu_product,
+// ASGD's eta and mu). Why not recompute it from the step count: NAdam's running product would
+// drift from torch's after a load (torch keeps the product, not the factors), and ASGD's eta is
+// the rate the previous step computed from the lr of that step, so an lr changed by a schedule
+// takes effect one step late, as in torch. It lives in the parameter's state under torch's name;
+// the rule's scalars function reads the previous value from StepInfo::carried and writes the
+// next one there.
+struct CarriedDecl {
+  const char* name;       // torch's state name (mu_product), a float in the state dict
+  const char* arg;        // optkern.functional's list argument (mu_products), updated in place
+  double init;            // its value before the first step, unless init_from is set
+  const char* init_from;  // nullptr, or the hyperparameter it starts at (ASGD's eta: lr)
+};
+
 // A bad hyperparameter, or a per-step scalar float32 cannot hold: ValueError in Python.
 struct HyperError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
@@ -76,6 +90,10 @@ struct StepInfo {
   std::int64_t step;
   bool first;
   double grad_scale;
+  // The parameter's carried numbers (CarriedDecl), in declaration order: the scalars function
+  // reads the values after the previous step and overwrites them with the values after this one.
+  // nullptr for a rule that declares none.
+  double* carried = nullptr;
 
   // v as float32, or HyperError when float32 cannot hold it (torch raises there too, rather than
   // fill every parameter with Inf or NaN).
@@ -130,6 +148,8 @@ struct RuleDecl {
   std::size_t n_states;
   void (*check)(const Hyper&);  // constraints between hyperparameters, or nullptr
   void (*scalars)(const Hyper&, const StepInfo&, void* out);
+  const CarriedDecl* carried = nullptr;  // numbers per parameter (RULE_CARRIED), or none
+  std::size_t n_carried = 0;
 };
 
 template <class T, std::size_t N>
@@ -144,6 +164,16 @@ constexpr std::size_t count_of(const T (&)[N]) {
         check, [](const Hyper& h, const StepInfo& t, void* out) {                                 \
           scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));               \
         }                                                                                         \
+  }
+
+// RULE_CARRIED(kernel, name, class, steps, hyper, states, carried, check, scalars, doc): a rule
+// that also carries numbers per parameter from step to step (see CarriedDecl).
+#define RULE_CARRIED(kernel, name, cls, counts, hyper, states, carried, check, scalars, doc)      \
+  RuleDecl {                                                                                      \
+    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states, count_of(states),    \
+        check, [](const Hyper& h, const StepInfo& t, void* out) {                                 \
+          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));               \
+        }, carried, count_of(carried)                                                             \
   }
 
 }  // namespace optkern

@@ -98,6 +98,46 @@ struct AdamaxStep {
   GradientPrep grad;
 };
 
+// NAdam (torch.optim.NAdam): Adam's moments, the update from mu_t and mu_{t+1} (Nesterov's
+// look-ahead); the two coefficients come from the parameter's carried mu_product.
+struct NadamStep {
+  Lerp exp_avg;  // exp_avg.lerp_(g, 1 - beta1)
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float decoupled_decay;   // 1 - lr * weight_decay (decoupled_weight_decay)
+  float bias_correction2;  // 1 - beta2^step, per tensor
+  float grad_coeff;        // -lr * (1 - mu_t) / (1 - mu_product), per tensor
+  float avg_coeff;         // -lr * mu_{t+1} / (1 - mu_product * mu_{t+1}), per tensor
+  GradientPrep grad;
+  bool decoupled;
+};
+
+// RAdam (torch.optim.RAdam); `rectify` (rho_t > 5) is decided on the host from the step.
+struct RadamStep {
+  Lerp exp_avg;  // exp_avg.lerp_(g, 1 - beta1)
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float lr;
+  float decoupled_decay;        // 1 - lr * weight_decay (decoupled_weight_decay)
+  float bias_correction1;       // 1 - beta1^step, per tensor
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^step), per tensor
+  float rect;                   // the variance rectification r_t, per tensor (rectify only)
+  GradientPrep grad;
+  bool decoupled;
+  bool rectify;
+};
+
+// ASGD (torch.optim.ASGD): eta and mu are the parameter's carried numbers of the previous step.
+struct AsgdStep {
+  float eta;
+  float decay;  // 1 - lambd * eta
+  float mu;
+  GradientPrep grad;
+  bool copy_average;  // mu == 1 (in float32, as torch tests it): ax <- p
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -108,7 +148,10 @@ struct AdamaxStep {
   X(adagrad, AdagradStep, 1, 4)     \
   X(adadelta, AdadeltaStep, 2, 4)   \
   X(adam, AdamStep, 3, 4)           \
-  X(adamax, AdamaxStep, 2, 4)
+  X(adamax, AdamaxStep, 2, 4)       \
+  X(nadam, NadamStep, 2, 4)         \
+  X(radam, RadamStep, 2, 4)         \
+  X(asgd, AsgdStep, 1, 1)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -119,6 +162,8 @@ constexpr std::size_t MAX_STATES = 4;
 #if defined(OPTKERN_RULE_DECLARATIONS) && !defined(OPTKERN_RULES_DECLARED)
 #define OPTKERN_RULES_DECLARED
 // -- host side: the declarations -------------------------------------------------------------------
+#include <algorithm>
+
 #include "rule_api.hpp"
 
 namespace optkern {
@@ -295,6 +340,112 @@ inline void adamax_scalars(const Hyper& h, const StepInfo& t, AdamaxStep& s) {
   s.grad = t.grad(h["weight_decay"]);
 }
 
+// NAdam (torch.optim.NAdam). mu_product is carried per parameter in double (torch keeps it as a
+// float32 tensor in the state): the product of every mu_t so far.
+constexpr HyperDecl kNadamHyper[] = {
+    {"lr", Real::nonnegative, 2e-3, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-8, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+    {"momentum_decay", Real::nonnegative, 4e-3, "momentum_decay", -1},
+    {"decoupled_weight_decay", Real::flag, 0.0, "decoupled_weight_decay", -1},
+};
+constexpr StateDecl kNadamStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+    {"exp_avg_sq", "exp_avg_sqs", nullptr, nullptr},
+};
+constexpr CarriedDecl kNadamCarried[] = {
+    {"mu_product", "mu_products", 1.0, nullptr},
+};
+inline void nadam_scalars(const Hyper& h, const StepInfo& t, NadamStep& s) {
+  const double lr = h["lr"], beta1 = h["beta1"], beta2 = h["beta2"], wd = h["weight_decay"];
+  const double n = static_cast<double>(t.step), md = h["momentum_decay"];
+  const double mu = beta1 * (1.0 - 0.5 * t.pow(0.96, n * md));
+  const double mu_next = beta1 * (1.0 - 0.5 * t.pow(0.96, (n + 1.0) * md));
+  double& mu_product = t.carried[0];
+  const double product = mu_product * mu;
+  s.exp_avg = lerp_weight(1.0 - beta1);
+  s.beta2 = t.f32(beta2, "beta2");
+  s.one_minus_beta2 = t.f32(1.0 - beta2, "1 - beta2");
+  s.eps = t.f32(h["eps"], "eps");
+  s.decoupled_decay = t.f32(1.0 - lr * wd, "1 - lr * weight_decay");
+  s.bias_correction2 = t.f32(1.0 - t.pow(beta2, n), "1 - beta2^step");
+  s.grad_coeff = t.f32(-lr * (1.0 - mu) / (1.0 - product), "lr * (1 - mu_t) / (1 - mu_product)");
+  s.avg_coeff = t.f32((-lr * mu_next) / (1.0 - product * mu_next),
+                      "lr * mu_{t+1} / (1 - mu_product * mu_{t+1})");
+  s.decoupled = h.flag("decoupled_weight_decay");
+  s.grad = t.grad(s.decoupled ? 0.0 : wd);
+  mu_product = product;
+}
+
+// RAdam (torch.optim.RAdam). Whether a step is rectified depends only on the step and beta2, so
+// the host decides it; with the default betas the first 5 steps are bias-corrected momentum.
+constexpr HyperDecl kRadamHyper[] = {
+    {"lr", Real::nonnegative, 1e-3, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-8, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+    {"decoupled_weight_decay", Real::flag, 0.0, "decoupled_weight_decay", -1},
+};
+constexpr StateDecl kRadamStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+    {"exp_avg_sq", "exp_avg_sqs", nullptr, nullptr},
+};
+inline void radam_scalars(const Hyper& h, const StepInfo& t, RadamStep& s) {
+  const double lr = h["lr"], beta1 = h["beta1"], beta2 = h["beta2"], wd = h["weight_decay"];
+  const double n = static_cast<double>(t.step);
+  const double bc2 = 1.0 - t.pow(beta2, n);
+  const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
+  const double rho_t = rho_inf - 2.0 * n * t.pow(beta2, n) / bc2;
+  s.exp_avg = lerp_weight(1.0 - beta1);
+  s.beta2 = t.f32(beta2, "beta2");
+  s.one_minus_beta2 = t.f32(1.0 - beta2, "1 - beta2");
+  s.eps = t.f32(h["eps"], "eps");
+  s.lr = t.f32(lr, "lr");
+  s.decoupled_decay = t.f32(1.0 - lr * wd, "1 - lr * weight_decay");
+  s.bias_correction1 = t.f32(1.0 - t.pow(beta1, n), "1 - beta1^step");
+  s.bias_correction2_sqrt = t.f32(t.sqrt(bc2), "sqrt(1 - beta2^step)");
+  s.rectify = rho_t > 5.0;
+  s.rect = s.rectify ? t.f32(t.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
+                                    ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)),
+                             "the rectification r_t")
+                     : 1.0f;
+  s.decoupled = h.flag("decoupled_weight_decay");
+  s.grad = t.grad(s.decoupled ? 0.0 : wd);
+}
+
+// ASGD (torch.optim.ASGD). eta and mu are carried: each step uses the values the previous one
+// computed (eta from the lr of that step), as torch does.
+constexpr HyperDecl kAsgdHyper[] = {
+    {"lr", Real::nonnegative, 1e-2, "lr", -1},
+    {"lambd", Real::nonnegative, 1e-4, "lambd", -1},
+    {"alpha", Real::nonnegative, 0.75, "alpha", -1},
+    {"t0", Real::nonnegative, 1e6, "t0", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kAsgdStates[] = {
+    {"ax", "axs", nullptr, nullptr},
+};
+constexpr CarriedDecl kAsgdCarried[] = {
+    {"eta", "etas", 0.0, "lr"},
+    {"mu", "mus", 1.0, nullptr},
+};
+inline void asgd_scalars(const Hyper& h, const StepInfo& t, AsgdStep& s) {
+  const double lr = h["lr"], lambd = h["lambd"];
+  double& eta = t.carried[0];
+  double& mu = t.carried[1];
+  s.eta = t.f32(eta, "eta");
+  s.decay = t.f32(1.0 - lambd * eta, "1 - lambd * eta");
+  s.mu = t.f32(mu, "mu");
+  s.copy_average = s.mu == 1.0f;
+  s.grad = t.grad(h["weight_decay"]);
+  const double n = static_cast<double>(t.step);
+  eta = lr / t.pow(1.0 + lambd * lr * n, h["alpha"]);
+  mu = 1.0 / std::max(1.0, n - h["t0"]);
+}
+
 // -- the table -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
@@ -369,6 +520,45 @@ constexpr RuleDecl kRules[] = {
          "    exp_inf <- max(beta2 * exp_inf, |g| + eps)\n"
          "    p       <- p - lr / (1 - beta1^t) * exp_avg / exp_inf\n\n"
          "Only the first moment is bias-corrected. State: ``step``, ``exp_avg``, ``exp_inf``."),
+    RULE_CARRIED(nadam, "nadam", "NAdam", used, kNadamHyper, kNadamStates, kNadamCarried, nullptr,
+         nadam_scalars,
+         "NAdam, as torch.optim.NAdam (Adam with Nesterov momentum)::\n\n"
+         "    decoupled_weight_decay:  p <- p * (1 - lr * weight_decay)\n"
+         "    otherwise:               g <- g + weight_decay * p\n"
+         "    mu_t       = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))\n"
+         "    mu_{t+1}   = beta1 * (1 - 0.5 * 0.96^((t + 1) * momentum_decay))\n"
+         "    mu_product <- mu_product * mu_t                   (a number per parameter, from 1)\n"
+         "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g   (computed as torch's lerp)\n"
+         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+         "    denom      =  sqrt(exp_avg_sq / (1 - beta2^t)) + eps\n"
+         "    p          <- p - lr * (1 - mu_t) / (1 - mu_product) * g / denom\n"
+         "                    - lr * mu_{t+1} / (1 - mu_product * mu_{t+1}) * exp_avg / denom\n\n"
+         "State: ``step``, ``mu_product`` (a float, kept in double), ``exp_avg``, ``exp_avg_sq``."),
+    RULE(radam, "radam", "RAdam", used, kRadamHyper, kRadamStates, nullptr, radam_scalars,
+         "RAdam, as torch.optim.RAdam (Adam with the variance rectified)::\n\n"
+         "    decoupled_weight_decay:  p <- p * (1 - lr * weight_decay)\n"
+         "    otherwise:               g <- g + weight_decay * p\n"
+         "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g   (computed as torch's lerp)\n"
+         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+         "    rho_inf    =  2 / (1 - beta2) - 1\n"
+         "    rho_t      =  rho_inf - 2 t beta2^t / (1 - beta2^t)\n"
+         "    rho_t > 5: r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))\n"
+         "               p <- p - lr * exp_avg / (1 - beta1^t) * r_t * sqrt(1 - beta2^t)"
+         " / (sqrt(exp_avg_sq) + eps)\n"
+         "    otherwise: p <- p - lr * exp_avg / (1 - beta1^t)\n\n"
+         "The switch is decided from t (with the default betas, the first 5 steps are\n"
+         "bias-corrected momentum). State: ``step``, ``exp_avg``, ``exp_avg_sq``."),
+    RULE_CARRIED(asgd, "asgd", "ASGD", used, kAsgdHyper, kAsgdStates, kAsgdCarried, nullptr,
+         asgd_scalars,
+         "Averaged SGD, as torch.optim.ASGD::\n\n"
+         "    g   <- g + weight_decay * p\n"
+         "    p   <- p * (1 - lambd * eta) - eta * g\n"
+         "    ax  <- ax + mu * (p - ax)      (ax <- p while mu = 1, that is until step t0 + 1)\n"
+         "    eta <- lr / (1 + lambd * lr * t)^alpha             (the rate of the next step)\n"
+         "    mu  <- 1 / max(1, t - t0)\n\n"
+         "``eta`` starts at lr, ``mu`` at 1: numbers per parameter carried in the state, as torch\n"
+         "does (so an lr changed by a schedule takes effect one step late, as in torch). ``ax``,\n"
+         "the averaged point, is what to evaluate with. State: ``step``, ``eta``, ``mu``, ``ax``."),
 };
 
 }  // namespace rules

@@ -170,7 +170,9 @@ class Optimizer:
         at. A rule without step counts (SGD, Momentum) makes a missing buffer at its next update,
         as torch's SGD does after loading momentum_buffer=None."""
         core = self._check_group(group)
-        return self._rule.state_spec(core) if self._counts_steps else {}
+        if not self._counts_steps:
+            return {}
+        return {**self._rule.state_spec(core), **self._rule.carried_spec(core)}
 
     # -- hyperparameters ---------------------------------------------------------------------------
 
@@ -367,8 +369,9 @@ class Optimizer:
         made here, in new dicts listed in ``created``, which the step installs with the update."""
         rule = self._rule
         spec = rule.state_spec(core)
-        states, fresh = self._group_states(group, params, spec, created)
-        lists = {name: [s[name] for s in states] for name in spec}
+        carried = rule.carried_spec(core) if rule.carried else {}
+        states, fresh = self._group_states(group, params, spec, created, carried)
+        lists = {name: [s[name] for s in states] for name in (*spec, *carried)}
         if rule.counts_steps:
             steps: Any = [s["step"] + 1 for s in states]
             record: Any = states
@@ -379,10 +382,14 @@ class Optimizer:
                              isa=self._isa)
 
     def _group_states(self, group: Dict[str, Any], params: List[np.ndarray],
-                      spec: Dict[str, float], created: list) -> tuple:
-        """Each parameter's state dict with every array ``spec`` names, and whether any of its
-        arrays is new. A parameter without (complete) state gets a new dict, recorded in
-        ``created`` as (param, new dict, old dict or None)."""
+                      spec: Dict[str, float], created: list,
+                      carried: Optional[Dict[str, float]] = None) -> tuple:
+        """Each parameter's state dict with every array ``spec`` names (and every carried number
+        of ``carried``, at its start), and whether any of its arrays is new. A parameter without
+        (complete) state gets a new dict, recorded in ``created`` as (param, new dict, old dict
+        or None)."""
+        if carried:
+            spec = {**spec, **carried}
         ids = list(map(id, params))
         cached = self._cache.get(id(group))
         if (cached is not None and cached.group is group and cached.state is self.state
@@ -406,7 +413,10 @@ class Optimizer:
                 created.append((p, new, old))
         for name, start in spec.items():
             missing = [(p, s) for p, s in zip(params, states) if name not in s]
-            if missing:
+            if carried and name in carried:
+                for _, s in missing:
+                    s[name] = start
+            elif missing:
                 _pack([s for _, s in missing], name, [p.shape for p, _ in missing], start)
         return states, fresh
 
@@ -536,6 +546,8 @@ class Optimizer:
                     s["step"] = _load_step(value, f"state[{key!r}]['step']")
                 elif name in self._array_state_names:
                     s[name] = _load_array(value, p, f"state[{key!r}][{name!r}]")
+                elif name in self._rule.carried_names:
+                    s[name] = _load_carried(value, f"state[{key!r}][{name!r}]")
                 else:
                     check_depth(value, f"state[{key!r}][{name!r}]")
                     s[name] = copy.deepcopy(value)
@@ -714,6 +726,24 @@ def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> None:
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _load_carried(value: Any, where: str) -> float:
+    """A loaded carried number (NAdam's mu_product, ASGD's eta and mu) as a Python float: a real
+    number, or a 0-d array or tensor of one (torch keeps them as 0-d float32 tensors)."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"{where} must be a real number, got {type(value).__name__}: {value!r}")
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # a tensor that needs .cpu(), an object whose __array__ raises
+        raise TypeError(f"{where} must be a real number, got {type(value).__name__}") from e
+    if arr.shape != () or arr.dtype.kind not in "iuf":
+        raise TypeError(f"{where} must be a real number (or a 0-d array of one), got "
+                        f"{type(value).__name__} of dtype {arr.dtype} and shape {arr.shape}")
+    v = float(arr)
+    if not math.isfinite(v):
+        raise ValueError(f"{where} must be finite, got {v!r}")
+    return v
 
 
 def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:

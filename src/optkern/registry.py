@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["Rule", "Hyper", "State", "rules", "rule", "as_real", "as_flag"]
+__all__ = ["Rule", "Hyper", "State", "Carried", "rules", "rule", "as_real", "as_flag"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,17 @@ class State:
 
 
 @dataclass(frozen=True)
+class Carried:
+    """A number per parameter that the rule carries from step to step, in double (NAdam's
+    ``mu_product``, ASGD's ``eta`` and ``mu``): a float in the parameter's state under torch's
+    name; optkern.functional takes a list of them (``arg``) and updates it in place."""
+    name: str
+    arg: str
+    init: float  # its value before the first step, unless init_from is set
+    init_from: Optional[str]  # None, or the hyperparameter it starts at (ASGD's eta: lr)
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     cls: str
@@ -48,6 +59,7 @@ class Rule:
     weight: int
     hyper: Tuple[Hyper, ...]
     states: Tuple[State, ...]
+    carried: Tuple[Carried, ...] = ()
 
     # -- torch's view: arguments as the class takes them ---------------------------------------------
 
@@ -88,9 +100,18 @@ class Rule:
         return {s.name: (0.0 if s.init is None else float(core[s.init]))
                 for s in self.states if s.when is None or core[s.when]}
 
+    def carried_spec(self, core: Dict[str, Any]) -> Dict[str, float]:
+        """The carried numbers a parameter's state holds, each with the value it starts at."""
+        return {c.name: (float(c.init) if c.init_from is None else float(core[c.init_from]))
+                for c in self.carried}
+
     @property
     def array_state_names(self) -> Tuple[str, ...]:
         return tuple(s.name for s in self.states)
+
+    @property
+    def carried_names(self) -> Tuple[str, ...]:
+        return tuple(c.name for c in self.carried)
 
 
 def as_real(value: Any) -> Any:
@@ -138,7 +159,8 @@ def _load() -> Dict[str, Rule]:
             uses_step=r["uses_step"],
             kernel=r["kernel"], weight=r["weight"],
             hyper=tuple(Hyper(**h) for h in r["hyper"] if h["name"] != "maximize"),
-            states=tuple(State(**s) for s in r["states"]))
+            states=tuple(State(**s) for s in r["states"]),
+            carried=tuple(Carried(**c) for c in r["carried"]))
     return out
 
 
@@ -213,11 +235,12 @@ def check_execution_flags(*, foreach: Any = None, fused: Any = None, differentia
 def make_functional(r: Rule, run: Callable) -> Callable:
     """``<name>_(params, grads, <state lists>, *, [step,] <hyperparameters>, maximize=False,
     grad_scale=1.0)`` for a rule without a hand-written functional function."""
-    lists = ", ".join(f"{s.arg}: Optional[ArrayList] = None" if s.when else f"{s.arg}: ArrayList"
-                      for s in r.states)
+    lists = ", ".join([f"{s.arg}: Optional[ArrayList] = None" if s.when else f"{s.arg}: ArrayList"
+                       for s in r.states] + [f"{c.arg}: List[float]" for c in r.carried])
     hyper = ", ".join(f"{h.name}: {_annotation(h.default)} = {h.default!r}" for h in r.hyper)
     step = "step: Steps, " if r.uses_step else ""
-    states = ", ".join(f"{s.name!r}: {s.arg}" for s in r.states)
+    states = ", ".join([f"{s.name!r}: {s.arg}" for s in r.states]
+                       + [f"{c.name!r}: {c.arg}" for c in r.carried])
     names = ", ".join(f"{h.name}={h.name}" for h in r.hyper)
     src = (f"def {r.name}_(params: ArrayList, grads: ArrayList, {lists}, *, {step}{hyper},\n"
            f"        maximize: bool = False, grad_scale: float = 1.0,\n"
@@ -226,10 +249,15 @@ def make_functional(r: Rule, run: Callable) -> Callable:
            f"        step={'step' if r.uses_step else 'None'}, grad_scale=grad_scale,\n"
            f"        positions=_positions)\n")
     scope: Dict[str, Any] = {"run": run, "Optional": Optional, "Sequence": Any, "Any": Any,
-                             "ArrayList": Any, "Steps": Any, "Tuple": Tuple}
+                             "ArrayList": Any, "Steps": Any, "Tuple": Tuple, "List": List}
     exec(src, scope)  # noqa: S102
     fn = scope[f"{r.name}_"]
     fn.__doc__ = (f"{r.cls} over lists of arrays, state passed in explicitly (see "
                   f":class:`optkern.{r.cls}` for the formulas).")
+    if r.carried:
+        fn.__doc__ += (" " + ", ".join(f"``{c.arg}``" for c in r.carried) + ": lists of floats, "
+                       "one per parameter (starting at "
+                       + ", ".join(f"{c.init_from or c.init}" for c in r.carried)
+                       + "), which the call updates in place.")
     fn.__module__ = "optkern.functional"
     return fn

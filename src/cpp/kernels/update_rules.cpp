@@ -310,6 +310,118 @@ void adamax(const AdamaxStep& s, float* p, const float* g, float* const* st, siz
 }
 
 // ---------------------------------------------------------------------------------------------
+// NAdam (torch.optim.NAdam); the coefficients and 1 - beta2^t are per tensor.
+//   decoupled: p = p * (1 - lr * weight_decay);   else: g = g + weight_decay * p
+//   exp_avg = lerp(exp_avg, g, 1 - beta1);  exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2
+//   denom = sqrt(exp_avg_sq / (1 - beta2^t)) + eps
+//   p = p + grad_coeff * g / denom;  p = p + avg_coeff * exp_avg / denom   (two addcdivs)
+template <bool kL2, bool kDecoupled>
+OK_LOOP void nadam_impl(const NadamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                float* OK_RESTRICT m, float* OK_RESTRICT v, size_t n) {
+  const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
+              decay = s.decoupled_decay, bc2 = s.bias_correction2, c1 = s.grad_coeff,
+              c2 = s.avg_coeff, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
+  const bool from_avg = s.exp_avg.from_start != 0.0f;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    float pi = p[i];
+    if (kDecoupled) pi *= decay;
+    const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
+    const float mi0 = m[i];
+    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
+    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
+    m[i] = mi;
+    v[i] = vi;
+    const float denom = OK_SQRT(vi / bc2) + eps;
+    pi = pi + (c1 * gi) / denom;
+    p[i] = pi + (c2 * mi) / denom;
+  }
+}
+
+void nadam(const NadamStep& s, float* p, const float* g, float* const* st, size_t n) {
+  const bool decay = s.grad.has_weight_decay;
+  with_flag(decay, [&](auto l2) {
+    with_flag(s.decoupled && s.decoupled_decay != 1.0f, [&](auto decoupled) {
+      nadam_impl<decltype(l2)::value, decltype(decoupled)::value>(s, p, g, st[0], st[1], n);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// RAdam (torch.optim.RAdam); the bias corrections and r_t are per tensor, `rectify` per step.
+//   decoupled: p = p * (1 - lr * weight_decay);   else: g = g + weight_decay * p
+//   exp_avg = lerp(exp_avg, g, 1 - beta1);  exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2
+//   u = exp_avg / (1 - beta1^t) * lr
+//   rectify: u = u * (sqrt(1 - beta2^t) / (sqrt(exp_avg_sq) + eps)) * r_t
+//   p = p - u                                     (torch's order of float32 operations)
+template <bool kL2, bool kDecoupled, bool kRectify>
+OK_LOOP void radam_impl(const RadamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                float* OK_RESTRICT m, float* OK_RESTRICT v, size_t n) {
+  const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
+              lr = s.lr, decay = s.decoupled_decay, bc1 = s.bias_correction1,
+              sbc2 = s.bias_correction2_sqrt, rect = s.rect, gs = s.grad.grad_scale,
+              wd = s.grad.weight_decay;
+  const bool from_avg = s.exp_avg.from_start != 0.0f;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    float pi = p[i];
+    if (kDecoupled) pi *= decay;
+    const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
+    const float mi0 = m[i];
+    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
+    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
+    m[i] = mi;
+    v[i] = vi;
+    float u = (mi / bc1) * lr;
+    if (kRectify) u = (u * (sbc2 / (OK_SQRT(vi) + eps))) * rect;
+    p[i] = pi - u;
+  }
+}
+
+void radam(const RadamStep& s, float* p, const float* g, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto l2) {
+    with_flag(s.decoupled && s.decoupled_decay != 1.0f, [&](auto decoupled) {
+      with_flag(s.rectify, [&](auto rectify) {
+        radam_impl<decltype(l2)::value, decltype(decoupled)::value, decltype(rectify)::value>(
+            s, p, g, st[0], st[1], n);
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// ASGD (torch.optim.ASGD); eta and mu are the parameter's carried numbers, per tensor.
+//   g = g + weight_decay * p;  p = p * (1 - lambd * eta);  p = p - eta * g
+//   ax = p while mu == 1, else ax = ax + (p - ax) * mu
+template <bool kDecay, bool kCopy>
+OK_LOOP void asgd_impl(const AsgdStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+               float* OK_RESTRICT ax, size_t n) {
+  const float eta = s.eta, decay = s.decay, mu = s.mu, gs = s.grad.grad_scale,
+              wd = s.grad.weight_decay;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float p0 = p[i];
+    const float gi = prepared_gradient<kDecay>(g[i], p0, gs, wd);
+    const float pi = OK_FMA(-eta, gi, p0 * decay);
+    p[i] = pi;
+    if (kCopy) {
+      ax[i] = pi;
+    } else {
+      const float ai = ax[i];
+      ax[i] = ai + (pi - ai) * mu;  // not fused: torch rounds (p - ax) * mu first
+    }
+  }
+}
+
+void asgd(const AsgdStep& s, float* p, const float* g, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    with_flag(s.copy_average, [&](auto copy) {
+      asgd_impl<decltype(decay)::value, decltype(copy)::value>(s, p, g, st[0], n);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gradient norms and clipping. Each block's sum is accumulated in double (a float squared is exact
 // in double); the caller adds the blocks up in a fixed order, so the result does not depend on
 // the number of threads.

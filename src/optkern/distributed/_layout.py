@@ -95,19 +95,23 @@ def flat_state(layout: Layout, sd: Mapping[str, Any], lo: int,
                              "hold; save a consolidated checkpoint instead")
         first = entries[0]
         names = sorted(k for k, v in first.items() if isinstance(v, np.ndarray))
-        others = sorted(k for k in first if k not in names)
+        # a rule's carried numbers (NAdam's mu_product, ASGD's eta and mu): floats, alike for
+        # every parameter of the group when each step gave each a gradient, kept with the step
+        numbers = {k: v for k, v in first.items() if isinstance(v, float)}
+        others = sorted(k for k in first if k not in names and k not in numbers)
         if others not in ([], ["step"]):
-            raise ValueError(f"param group {gi}: state entries {others} are not arrays or a step "
-                             "count, which a sharded layout cannot hold")
+            raise ValueError(f"param group {gi}: state entries {others} are not arrays, a step "
+                             "count or numbers, which a sharded layout cannot hold")
         step = first.get("step")
         for i, e in zip(ids, entries):
             if sorted(k for k, v in e.items() if isinstance(v, np.ndarray)) != names or \
-                    e.get("step") != step:
+                    e.get("step") != step or \
+                    {k: v for k, v in e.items() if isinstance(v, float)} != numbers:
                 raise ValueError(f"param group {gi}: parameter {i}'s state differs from the "
-                                 "group's first parameter's (names or step count); save a "
-                                 "consolidated checkpoint instead")
+                                 "group's first parameter's (names, step count or carried "
+                                 "numbers); save a consolidated checkpoint instead")
         meta.append({"has_state": True, "step": None if step is None else int(step),
-                     "names": names})
+                     "names": names, "numbers": numbers})
     all_names = sorted({n for m in meta for n in m["names"]})
     flats: Dict[str, np.ndarray] = {}
     for name in all_names:
@@ -131,6 +135,7 @@ def state_from_flat(layout: Layout, meta: Sequence[Mapping[str, Any]],
         entry: Dict[str, Any] = {}
         if m["step"] is not None:
             entry["step"] = m["step"]
+        entry.update(m.get("numbers", {}))
         for name in m["names"]:
             entry[name] = views[name][i]
         state[i] = entry

@@ -255,7 +255,8 @@ class ZeroRedundancyOptimizer:
             s = self.inner.state[view]
             names = sorted(n for n, v in s.items() if isinstance(v, np.ndarray))
             meta[gi] = {"has_state": True, "names": names,
-                        "step": int(s["step"]) if "step" in s else None}
+                        "step": int(s["step"]) if "step" in s else None,
+                        "numbers": {n: v for n, v in s.items() if isinstance(v, float)}}
             for n in names:
                 if n not in flats:
                     flats[n] = np.zeros(self.hi - self.lo, np.float32)
@@ -343,6 +344,7 @@ class ZeroRedundancyOptimizer:
                 m = meta[gi]
                 if m["has_state"]:
                     entry: Dict[str, Any] = {} if m["step"] is None else {"step": m["step"]}
+                    entry.update(m.get("numbers", {}))  # the carried numbers (see flat_state)
                     for n in m["names"]:
                         entry[n] = flats[n][a - self.lo:b - self.lo]
                     state[k] = entry

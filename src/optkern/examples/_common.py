@@ -20,6 +20,9 @@ OPTIMIZERS: Dict[str, Callable[..., ok.Optimizer]] = {
     "Adadelta": ok.Adadelta,
     "Adam": ok.Adam,
     "AdamW": ok.AdamW,
+    "NAdam": ok.NAdam,
+    "RAdam": ok.RAdam,
+    "ASGD": ok.ASGD,
 }
 
 

@@ -43,6 +43,9 @@ DEFAULT_HYPER: Dict[str, Dict[str, Any]] = {
     "Adadelta": {"lr": 3.0},
     "Adam": {"lr": 3e-3},
     "AdamW": {"lr": 3e-3, "weight_decay": 1e-2},
+    "NAdam": {"lr": 3e-3},
+    "RAdam": {"lr": 1e-2},
+    "ASGD": {"lr": 3.0},
 }
 
 
