@@ -21,11 +21,22 @@ def lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
     return end - (end - start) * (1 - weight)
 
 
+#: Rules whose update is the sign of a float32 quantity (Lion's sign(beta1 * m + (1 - beta1) * g)):
+#: a float64 evaluation flips the sign wherever the argument is within a float32 rounding of 0,
+#: and moves that element by 2 lr, so no float32 implementation (optax's included) meets it element
+#: by element. Their reference evaluates in float32 by default, in the oracle's order of operations
+#: (NumPy's float32 arithmetic, independent of the kernels).
+FLOAT32_RULES = ("Lion",)
+
+
 class Reference:
     """``dtype=np.float32`` evaluates the same formulas in float32 (in torch's order of
-    operations), for inputs whose float64 result float32 cannot represent (gradients of 1e20)."""
+    operations), for inputs whose float64 result float32 cannot represent (gradients of 1e20).
+    The default is float64, float32 for the rules of ``FLOAT32_RULES``."""
 
-    def __init__(self, name: str, p0: np.ndarray, dtype: Any = np.float64, **hp: Any) -> None:
+    def __init__(self, name: str, p0: np.ndarray, dtype: Any = None, **hp: Any) -> None:
+        if dtype is None:
+            dtype = np.float32 if name in FLOAT32_RULES else np.float64
         self.name = name
         self.dtype = dtype
         self.p = np.array(p0, dtype=dtype)
@@ -154,6 +165,16 @@ class Reference:
         self.p = p - ((lr / (1 - beta1 ** t)) * m) / u
         self.state["step"] = t
 
+    def _lion(self, g, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        beta1, beta2 = betas
+        m = self.zeros("exp_avg")
+        # optax's jnp.sign: sign(0) = 0, sign(NaN) = NaN (lion-pytorch's torch sign gives 0 for NaN)
+        u = np.sign((1.0 - beta1) * g + beta1 * m)
+        if weight_decay != 0:
+            u = u + weight_decay * self.p
+        self.p = self.p + (-lr) * u
+        self.state["exp_avg"] = (1 - beta2) * g + beta2 * m
+
 
 #: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
 #: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
@@ -196,6 +217,9 @@ CASES = [
     ("Adamax", dict()),
     ("Adamax", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1)),
     ("Adamax", dict(lr=2e-3, betas=(0.3, 0.9), eps=1e-4, maximize=True)),
+    ("Lion", dict()),
+    ("Lion", dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1)),
+    ("Lion", dict(lr=1e-3, betas=(0.0, 0.5), weight_decay=1e-3, maximize=True)),
 ]
 
 

@@ -177,16 +177,6 @@ class ReferenceNew(Reference):
 
     # -- optax -----------------------------------------------------------------------------------
 
-    def _lion(self, g, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
-        beta1, beta2 = betas
-        m = self.zeros("exp_avg")
-        # optax's jnp.sign: sign(0) = 0, sign(NaN) = NaN (lion-pytorch's torch sign gives 0 for NaN)
-        u = np.sign((1.0 - beta1) * g + beta1 * m)
-        if weight_decay != 0:
-            u = u + weight_decay * self.p
-        self.p = self.p + (-lr) * u
-        self.state["exp_avg"] = (1 - beta2) * g + beta2 * m
-
     def _lamb(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         beta1, beta2 = betas
         t = self.t + 1

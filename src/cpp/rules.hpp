@@ -98,6 +98,15 @@ struct AdamaxStep {
   GradientPrep grad;
 };
 
+struct LionStep {
+  float beta1, one_minus_beta1;  // the direction: sign(one_minus_beta1 * g + beta1 * exp_avg)
+  float beta2, one_minus_beta2;  // exp_avg <- one_minus_beta2 * g + beta2 * exp_avg
+  float neg_lr;                  // -lr
+  // grad_scale as every rule; has_weight_decay: u += weight_decay * p (decoupled, as optax's
+  // add_decayed_weights: it is added to the signed direction, not to the gradient).
+  GradientPrep grad;
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -108,7 +117,8 @@ struct AdamaxStep {
   X(adagrad, AdagradStep, 1, 4)     \
   X(adadelta, AdadeltaStep, 2, 4)   \
   X(adam, AdamStep, 3, 4)           \
-  X(adamax, AdamaxStep, 2, 4)
+  X(adamax, AdamaxStep, 2, 4)       \
+  X(lion, LionStep, 1, 1)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -295,6 +305,26 @@ inline void adamax_scalars(const Hyper& h, const StepInfo& t, AdamaxStep& s) {
   s.grad = t.grad(h["weight_decay"]);
 }
 
+// Lion (optax.lion, Chen et al. 2023), with lion-pytorch's defaults and state name. The betas are
+// in [0, 1) as Adam's (lion-pytorch also takes 1, which freezes the moment or ignores it).
+constexpr HyperDecl kLionHyper[] = {
+    {"lr", Real::nonnegative, 1e-4, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.99, "betas", 1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kLionStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+};
+inline void lion_scalars(const Hyper& h, const StepInfo& t, LionStep& s) {
+  s.beta1 = t.f32(h["beta1"], "beta1");
+  s.one_minus_beta1 = t.f32(1.0 - h["beta1"], "1 - beta1");
+  s.beta2 = t.f32(h["beta2"], "beta2");
+  s.one_minus_beta2 = t.f32(1.0 - h["beta2"], "1 - beta2");
+  s.neg_lr = t.f32(-h["lr"], "lr");
+  s.grad = t.grad(h["weight_decay"]);
+}
+
 // -- the table -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
@@ -369,6 +399,15 @@ constexpr RuleDecl kRules[] = {
          "    exp_inf <- max(beta2 * exp_inf, |g| + eps)\n"
          "    p       <- p - lr / (1 - beta1^t) * exp_avg / exp_inf\n\n"
          "Only the first moment is bias-corrected. State: ``step``, ``exp_avg``, ``exp_inf``."),
+    RULE(lion, "lion", "Lion", first_only, kLionHyper, kLionStates, nullptr, lion_scalars,
+         "Lion, as optax.lion (Chen et al. 2023), with lion-pytorch's defaults::\n\n"
+         "    u       <- sign(beta1 * exp_avg + (1 - beta1) * g)    (sign(0) = 0, sign(NaN) = NaN)\n"
+         "    u       <- u + weight_decay * p                       (decoupled weight decay)\n"
+         "    p       <- p - lr * u\n"
+         "    exp_avg <- beta2 * exp_avg + (1 - beta2) * g\n\n"
+         "Every element moves by lr (plus the decay) or not at all. A NaN gradient makes its\n"
+         "element NaN, as in optax (lion-pytorch's torch.sign would give 0 and not move it).\n"
+         "State: ``exp_avg`` (lion-pytorch's name; no step count)."),
 };
 
 }  // namespace rules

@@ -310,6 +310,32 @@ void adamax(const AdamaxStep& s, float* p, const float* g, float* const* st, siz
 }
 
 // ---------------------------------------------------------------------------------------------
+// Lion (optax.lion), in optax's order of operations:
+//   c = (1 - beta1) * g + beta1 * exp_avg;  u = sign(c) (+ weight_decay * p)
+//   p = p + (-lr) * u;  exp_avg = (1 - beta2) * g + beta2 * exp_avg
+template <bool kDecay>
+OK_LOOP void lion_impl(const LionStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                       float* OK_RESTRICT m, size_t n) {
+  const float b1 = s.beta1, c1 = s.one_minus_beta1, b2 = s.beta2, c2 = s.one_minus_beta2,
+              nlr = s.neg_lr, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float pi = p[i], gi = g[i] * gs, mi = m[i];
+    const float c = c1 * gi + b1 * mi;
+    float u = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c);  // jnp.sign: 0 stays 0, NaN stays NaN
+    if (kDecay) u = u + wd * pi;
+    p[i] = pi + nlr * u;
+    m[i] = c2 * gi + b2 * mi;
+  }
+}
+
+void lion(const LionStep& s, float* p, const float* g, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    lion_impl<decltype(decay)::value>(s, p, g, st[0], n);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gradient norms and clipping. Each block's sum is accumulated in double (a float squared is exact
 // in double); the caller adds the blocks up in a fixed order, so the result does not depend on
 // the number of threads.

@@ -1,0 +1,141 @@
+"""optkern's new rules against their oracles, in float32, over many steps: Lion against optax.lion
+and the lion-pytorch package. Each test needs its oracle and skips cleanly without it; the oracle
+stage of CI (.ci/oracles.sh) installs them all and fails on such a skip.
+
+The float64 references of tests/reference.py cover every option without the oracles; here the
+kernels meet the oracles' own float32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import optkern as ok
+
+STEPS = 30
+SHAPES = [(37,), (5, 7), (1,), (64, 33), (2, 3, 4)]
+
+
+def initial(shapes, seed=1):
+    rng = np.random.default_rng(seed)
+    return [(0.5 * rng.standard_normal(s)).astype(np.float32) for s in shapes]
+
+
+def gradients(shapes, steps=STEPS, seed=2):
+    """Per step, one float32 gradient per shape: N(0, 0.1^2) plus a bias, so signs persist over
+    a few steps and flip at others."""
+    rng = np.random.default_rng(seed)
+    bias = [0.05 * rng.standard_normal(s) for s in shapes]
+    return [
+        [(0.1 * rng.standard_normal(s) + b).astype(np.float32) for s, b in zip(shapes, bias)]
+        for _ in range(steps)
+    ]
+
+
+def assert_close(actual, desired, what, rtol=1e-5, atol=1e-6):
+    np.testing.assert_allclose(
+        np.asarray(actual), np.asarray(desired), rtol=rtol, atol=atol, err_msg=what
+    )
+
+
+# -- Lion: optax.lion and lion-pytorch -------------------------------------------------------------
+
+LION_CASES = [
+    dict(),
+    dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1),
+    dict(lr=1e-3, betas=(0.0, 0.5), weight_decay=1e-3),
+    dict(lr=1e-2, betas=(0.99, 0.9), weight_decay=1.0),
+    dict(lr=1e-3, maximize=True),
+]
+
+
+def lion_id(hp):
+    return ",".join(f"{k}={v}" for k, v in hp.items()) or "defaults"
+
+
+def run_optax_lion(hp, p0, grads):
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    jnp = jax.numpy
+    beta1, beta2 = hp.get("betas", (0.9, 0.99))
+    tx = optax.lion(hp.get("lr", 1e-4), b1=beta1, b2=beta2, weight_decay=hp.get("weight_decay", 0.0))
+    sign = -1.0 if hp.get("maximize", False) else 1.0  # optax has no maximize: it steps on -g
+    params = {f"p{i}": jnp.asarray(x) for i, x in enumerate(p0)}
+    state = tx.init(params)
+    for gs in grads:
+        g = {f"p{i}": jnp.asarray(sign * x) for i, x in enumerate(gs)}
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    mu = state[0].mu  # scale_by_lion's state
+    return (
+        [np.asarray(params[f"p{i}"]) for i in range(len(p0))],
+        [np.asarray(mu[f"p{i}"]) for i in range(len(p0))],
+    )
+
+
+def run_optkern(name, hp, p0, grads):
+    params = [x.copy() for x in p0]
+    opt = getattr(ok, name)(params, **hp)
+    for gs in grads:
+        opt.step(gs)
+    return params, opt
+
+
+@pytest.mark.parametrize("hp", LION_CASES, ids=lion_id)
+def test_lion_matches_optax(hp):
+    p0, grads = initial(SHAPES), gradients(SHAPES)
+    want_p, want_m = run_optax_lion(hp, p0, grads)
+    params, opt = run_optkern("Lion", hp, p0, grads)
+    for i, p in enumerate(params):
+        assert p.dtype == want_p[i].dtype == np.float32
+        assert_close(p, want_p[i], f"param {i}")
+        assert set(opt.state[p]) == {"exp_avg"}  # lion-pytorch's name, no step count
+        assert_close(opt.state[p]["exp_avg"], want_m[i], f"exp_avg {i}")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_lion_nonfinite_gradients_as_optax(bad):
+    """jnp.sign(NaN) is NaN: a NaN gradient makes its element NaN in optax, and in optkern."""
+    shapes = [(37,), (5, 7)]
+    p0, grads = initial(shapes), gradients(shapes, steps=10)
+    grads[3][0][[1, 4]] = bad
+    hp = dict(lr=1e-3, weight_decay=0.1)
+    want_p, want_m = run_optax_lion(hp, p0, grads)
+    params, opt = run_optkern("Lion", hp, p0, grads)
+    for i, p in enumerate(params):
+        np.testing.assert_array_equal(np.isnan(p), np.isnan(want_p[i]))
+        np.testing.assert_array_equal(np.isinf(opt.state[p]["exp_avg"]), np.isinf(want_m[i]))
+        assert_close(p, want_p[i], f"param {i}")
+    assert np.isnan(params[0][[1, 4]]).all() == (bad != bad)
+
+
+@pytest.mark.parametrize("hp", [h for h in LION_CASES if not h.get("maximize")], ids=lion_id)
+def test_lion_matches_lion_pytorch(hp):
+    """lion-pytorch decays p before the signed step (p (1 - lr wd) - lr sign), optax adds wd p to
+    the signed step: the same update up to rounding. Its state is exp_avg alone, as optkern's."""
+    torch = pytest.importorskip("torch")
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    p0, grads = initial(SHAPES), gradients(SHAPES)
+    tparams = [torch.nn.Parameter(torch.tensor(x)) for x in p0]
+    topt = lion_pytorch.Lion(tparams, **hp)
+    for gs in grads:
+        for tp, g in zip(tparams, gs):
+            tp.grad = torch.tensor(g)
+        topt.step()
+    params, opt = run_optkern("Lion", hp, p0, grads)
+    sd = opt.state_dict()
+    for i, (p, tp) in enumerate(zip(params, tparams)):
+        assert_close(p, tp.detach().numpy(), f"param {i}")
+        assert set(topt.state[tp]) == set(opt.state[p]) == set(sd["state"][i]) == {"exp_avg"}
+        assert_close(opt.state[p]["exp_avg"], topt.state[tp]["exp_avg"].numpy(), f"exp_avg {i}")
+
+
+def test_lion_defaults_are_lion_pytorchs():
+    import inspect
+
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    theirs = inspect.signature(lion_pytorch.Lion).parameters
+    mine = inspect.signature(ok.Lion).parameters
+    for key in ("lr", "betas", "weight_decay"):
+        assert theirs[key].default == mine[key].default, key
