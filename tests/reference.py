@@ -21,6 +21,11 @@ def lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
     return end - (end - start) * (1 - weight)
 
 
+def torch_sign(x: np.ndarray) -> np.ndarray:
+    """torch.sign: (x > 0) - (x < 0), so 0 for NaN (numpy's and jax's sign give NaN)."""
+    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
+
+
 #: Rules whose update is the sign of a float32 quantity (Lion's sign(beta1 * m + (1 - beta1) * g)):
 #: a float64 evaluation flips the sign wherever the argument is within a float32 rounding of 0,
 #: and moves that element by 2 lr, so no float32 implementation (optax's included) meets it element
@@ -175,6 +180,21 @@ class Reference:
         self.p = self.p + (-lr) * u
         self.state["exp_avg"] = (1 - beta2) * g + beta2 * m
 
+    def _rprop(self, g, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50)):
+        etaminus, etaplus = etas
+        step_size_min, step_size_max = step_sizes
+        t = self.t + 1
+        prev = self.zeros("prev")
+        step_size = self.zeros("step_size", lr)
+        # torch's sign: a NaN product (a NaN gradient or prev, or 0 * Inf) counts as 0, so the
+        # step size stays, and a NaN gradient moves nothing (but is kept as prev).
+        sign = torch_sign(g * prev)
+        factor = np.where(sign > 0, etaplus, np.where(sign < 0, etaminus, 1.0))
+        step_size = np.clip(step_size * factor, step_size_min, step_size_max)  # NaN stays NaN
+        g = np.where(sign < 0, 0.0, g)  # where the sign flipped: no move, and prev forgets it
+        self.p = self.p - torch_sign(g) * step_size
+        self.state.update(prev=g.astype(self.dtype), step_size=step_size, step=t)
+
 
 #: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
 #: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
@@ -220,6 +240,9 @@ CASES = [
     ("Lion", dict()),
     ("Lion", dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1)),
     ("Lion", dict(lr=1e-3, betas=(0.0, 0.5), weight_decay=1e-3, maximize=True)),
+    ("Rprop", dict()),
+    ("Rprop", dict(lr=2e-4, etas=(0.5, 1.5), step_sizes=(2e-6, 100))),
+    ("Rprop", dict(etas=(0.3, 1.1), step_sizes=(1e-4, 0.05), maximize=True)),
 ]
 
 

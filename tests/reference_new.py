@@ -30,11 +30,6 @@ NEW_RULES = ("NAdam", "RAdam", "ASGD", "Rprop", "Adafactor", "Lion", "LAMB",
 SCHEDULE_FREE = ("ScheduleFreeAdamW", "ScheduleFreeSGD")
 
 
-def torch_sign(x: np.ndarray) -> np.ndarray:
-    """torch.sign: (x > 0) - (x < 0), so 0 for NaN (numpy's and jax's sign give NaN)."""
-    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
-
-
 def _norm(x: np.ndarray) -> float:
     return float(np.sqrt(np.sum(np.square(x, dtype=np.float64))))
 
@@ -124,21 +119,6 @@ class ReferenceNew(Reference):
         self.p = p
         self.state.update(ax=ax, step=t, eta=lr / ((1 + lambd * lr * t) ** alpha),
                           mu=1 / max(1, t - t0))
-
-    def _rprop(self, g, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50)):
-        etaminus, etaplus = etas
-        step_size_min, step_size_max = step_sizes
-        t = self.t + 1
-        prev = self.zeros("prev")
-        step_size = self.zeros("step_size", lr)
-        # torch's sign: a NaN product (a NaN gradient or prev, or 0 * Inf) counts as 0, so the
-        # step size stays, and a NaN gradient moves nothing (but is kept as prev).
-        sign = torch_sign(g * prev)
-        factor = np.where(sign > 0, etaplus, np.where(sign < 0, etaminus, 1.0))
-        step_size = np.clip(step_size * factor, step_size_min, step_size_max)  # NaN stays NaN
-        g = np.where(sign < 0, 0.0, g)  # where the sign flipped: no move, and prev forgets it
-        self.p = self.p - torch_sign(g) * step_size
-        self.state.update(prev=g.astype(self.dtype), step_size=step_size, step=t)
 
     def _adafactor(self, g, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
                    weight_decay=0.0):

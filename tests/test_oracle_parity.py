@@ -1,5 +1,6 @@
 """optkern's new rules against their oracles, in float32, over many steps: Lion against optax.lion
-and the lion-pytorch package. Each test needs its oracle and skips cleanly without it; the oracle
+and the lion-pytorch package; Rprop against torch.optim.Rprop on every input of torch's optimizer
+test database (optim_db), single-tensor and foreach. Each test needs its oracle and skips cleanly without it; the oracle
 stage of CI (.ci/oracles.sh) installs them all and fails on such a skip.
 
 The float64 references of tests/reference.py cover every option without the oracles; here the
@@ -138,4 +139,91 @@ def test_lion_defaults_are_lion_pytorchs():
     theirs = inspect.signature(lion_pytorch.Lion).parameters
     mine = inspect.signature(ok.Lion).parameters
     for key in ("lr", "betas", "weight_decay"):
+        assert theirs[key].default == mine[key].default, key
+
+
+# -- Rprop: every input torch's optimizer test database gives for it -------------------------------
+
+
+def rprop_optim_db_inputs():
+    """(kwargs, desc) of every OptimizerInput optim_db gives for Rprop on CPU in float32, with
+    torch's execution flags (differentiable), or one skip when torch or its test helpers are
+    absent."""
+    try:
+        import torch
+        from torch.testing._internal import common_optimizers as co
+    except Exception as exc:  # torch, or expecttest (a test-only dependency of optim_db)
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"could not import torch: {exc}"))]
+    (info,) = [i for i in co.optim_db if i.name == "Rprop"]
+    inputs = co._get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info)
+    return [pytest.param(inp.kwargs, id=inp.desc) for inp in inputs]
+
+
+RPROP_SHAPES = [(7, 13), (131,), (3, 5, 11), (1,)]
+
+
+@pytest.mark.parametrize("impl", ["single", "foreach"])
+@pytest.mark.parametrize("kwargs", rprop_optim_db_inputs())
+def test_rprop_matches_torch_on_optim_db(kwargs, impl):
+    """30 steps of biased N(0, 0.1^2) gradients (so signs persist and flip), float32: params and
+    every state buffer (step, prev, step_size) against torch's single-tensor and foreach paths.
+    differentiable=True is refused by optkern, as by every optimizer class (no autograd graph);
+    the update is then compared with torch's differentiable=False run."""
+    torch = pytest.importorskip("torch")
+    kwargs = dict(kwargs)
+    if kwargs.get("differentiable"):
+        with pytest.raises(ValueError, match="differentiable=True is not supported"):
+            ok.Rprop([np.zeros(3, np.float32)], **kwargs)
+        kwargs["differentiable"] = False
+    p0, grads = initial(RPROP_SHAPES), gradients(RPROP_SHAPES)
+    tparams = [torch.nn.Parameter(torch.tensor(x)) for x in p0]
+    topt = torch.optim.Rprop(tparams, **kwargs, foreach=impl == "foreach")
+    for gs in grads:
+        for tp, g in zip(tparams, gs):
+            tp.grad = torch.tensor(g)
+        topt.step()
+    params, opt = run_optkern("Rprop", dict(kwargs, foreach=impl == "foreach"), p0, grads)
+    for i, (p, tp) in enumerate(zip(params, tparams)):
+        assert_close(p, tp.detach().numpy(), f"param {i}")
+        tstate, state = topt.state[tp], opt.state[p]
+        assert set(state) == set(tstate) == {"step", "prev", "step_size"}
+        assert state["step"] == int(tstate["step"]) == STEPS
+        for key in ("prev", "step_size"):
+            assert state[key].dtype == np.float32 and state[key].shape == p.shape
+            assert_close(state[key], tstate[key].numpy(), f"{key} {i}")
+    # the param group in torch's layout
+    mine, theirs = opt.state_dict()["param_groups"][0], topt.state_dict()["param_groups"][0]
+    for key in ("lr", "etas", "step_sizes", "maximize"):
+        assert mine[key] == theirs[key], key
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_rprop_nonfinite_gradients_as_torch(bad):
+    """torch.sign(NaN) is 0: a NaN gradient moves nothing, keeps the step size and is kept as
+    prev; an infinite one moves by the step size. float32, element by element."""
+    torch = pytest.importorskip("torch")
+    shapes = [(37,), (5, 7)]
+    p0, grads = initial(shapes), gradients(shapes, steps=12)
+    for t in (3, 4, 7):
+        grads[t][0][[1, 4]] = bad
+    tparams = [torch.nn.Parameter(torch.tensor(x)) for x in p0]
+    topt = torch.optim.Rprop(tparams, foreach=False)
+    for gs in grads:
+        for tp, g in zip(tparams, gs):
+            tp.grad = torch.tensor(g)
+        topt.step()
+    params, opt = run_optkern("Rprop", {}, p0, grads)
+    for p, tp in zip(params, tparams):
+        np.testing.assert_array_equal(p, tp.detach().numpy())
+        for key in ("prev", "step_size"):
+            np.testing.assert_array_equal(opt.state[p][key], topt.state[tp][key].numpy())
+
+
+def test_rprop_defaults_are_torchs():
+    import inspect
+
+    torch = pytest.importorskip("torch")
+    theirs = inspect.signature(torch.optim.Rprop).parameters
+    mine = inspect.signature(ok.Rprop).parameters
+    for key in ("lr", "etas", "step_sizes", "maximize", "foreach", "differentiable", "capturable"):
         assert theirs[key].default == mine[key].default, key

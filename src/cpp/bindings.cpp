@@ -300,6 +300,14 @@ double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
         throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1)" + got);
       }
       break;
+    case Range::open_unit:
+      if (x <= 0 || x >= 1) {
+        throw py::value_error(hyper_label(d.name, labels) + " must be in (0, 1)" + got);
+      }
+      break;
+    case Range::above_one:
+      if (x <= 1) throw py::value_error(hyper_label(d.name, labels) + " must be > 1" + got);
+      break;
     case Range::flag:
       break;
   }
@@ -645,6 +653,8 @@ const char* range_name(Range r) {
     case Range::nonnegative: return "nonnegative";
     case Range::unit: return "unit";
     case Range::unit_open: return "unit_open";
+    case Range::open_unit: return "open_unit";
+    case Range::above_one: return "above_one";
     case Range::flag: return "flag";
   }
   return "";

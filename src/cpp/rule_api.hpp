@@ -21,6 +21,8 @@ enum class Range {
   nonnegative,  // [0, inf)
   unit,         // [0, 1]
   unit_open,    // [0, 1)
+  open_unit,    // (0, 1): a factor that must shrink (Rprop's etaminus)
+  above_one,    // (1, inf): a factor that must grow (Rprop's etaplus)
   flag,         // a bool
 };
 
@@ -45,6 +47,11 @@ struct HyperError : std::invalid_argument {
 };
 
 // A rule's validated hyperparameters, looked up by name.
+class Hyper;
+// For a rule's check function: hyperparameters `lo` <= `hi` (e.g. Rprop's step_size_min and
+// step_size_max, torch's argument `torch`), refused otherwise.
+inline void require_order(const Hyper& h, const char* lo, const char* hi, const char* torch);
+
 class Hyper {
  public:
   Hyper(const HyperDecl* decl, std::size_t count, const double* values)
@@ -67,6 +74,13 @@ inline std::string number_str(double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.6g", v);
   return buf;
+}
+
+inline void require_order(const Hyper& h, const char* lo, const char* hi, const char* torch) {
+  if (!(h[lo] <= h[hi])) {
+    throw HyperError(std::string(torch) + ": " + lo + " must be <= " + hi + ", got " +
+                     number_str(h[lo]) + " > " + number_str(h[hi]));
+  }
 }
 
 // One tensor's step: its number (1 on the first), the gradient scale, and the checked rounding

@@ -107,6 +107,12 @@ struct LionStep {
   GradientPrep grad;
 };
 
+struct RpropStep {
+  float etaminus, etaplus;              // the step size's factor where sign(g * prev) is -1, +1
+  float step_size_min, step_size_max;   // its clamp
+  float grad_scale;
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -118,7 +124,8 @@ struct LionStep {
   X(adadelta, AdadeltaStep, 2, 4)   \
   X(adam, AdamStep, 3, 4)           \
   X(adamax, AdamaxStep, 2, 4)       \
-  X(lion, LionStep, 1, 1)
+  X(lion, LionStep, 1, 1)           \
+  X(rprop, RpropStep, 2, 1)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -325,6 +332,30 @@ inline void lion_scalars(const Hyper& h, const StepInfo& t, LionStep& s) {
   s.grad = t.grad(h["weight_decay"]);
 }
 
+// Rprop (torch.optim.Rprop). torch checks 0 < etaminus < 1 < etaplus; optkern also refuses
+// negative step sizes and step_size_min > step_size_max (torch's clamp would then give the max).
+constexpr HyperDecl kRpropHyper[] = {
+    {"lr", Real::nonnegative, 1e-2, "lr", -1},
+    {"etaminus", Real::open_unit, 0.5, "etas", 0},
+    {"etaplus", Real::above_one, 1.2, "etas", 1},
+    {"step_size_min", Real::nonnegative, 1e-6, "step_sizes", 0},
+    {"step_size_max", Real::nonnegative, 50.0, "step_sizes", 1},
+};
+constexpr StateDecl kRpropStates[] = {
+    {"prev", "prevs", nullptr, nullptr},
+    {"step_size", "step_sizes", nullptr, "lr"},  // starts at lr, as torch's full_like(p, lr)
+};
+inline void rprop_check(const Hyper& h) {
+  require_order(h, "step_size_min", "step_size_max", "step_sizes");
+}
+inline void rprop_scalars(const Hyper& h, const StepInfo& t, RpropStep& s) {
+  s.etaminus = t.f32(h["etaminus"], "etaminus");
+  s.etaplus = t.f32(h["etaplus"], "etaplus");
+  s.step_size_min = t.f32(h["step_size_min"], "step_size_min");
+  s.step_size_max = t.f32(h["step_size_max"], "step_size_max");
+  s.grad_scale = static_cast<float>(t.grad_scale);
+}
+
 // -- the table -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
@@ -408,6 +439,18 @@ constexpr RuleDecl kRules[] = {
          "Every element moves by lr (plus the decay) or not at all. A NaN gradient makes its\n"
          "element NaN, as in optax (lion-pytorch's torch.sign would give 0 and not move it).\n"
          "State: ``exp_avg`` (lion-pytorch's name; no step count)."),
+    RULE(rprop, "rprop", "Rprop", counted, kRpropHyper, kRpropStates, rprop_check,
+         rprop_scalars,
+         "Rprop (resilient backpropagation), as torch.optim.Rprop::\n\n"
+         "    s         =  sign(g * prev)                       (torch's sign: 0 for NaN)\n"
+         "    step_size <- clamp(step_size * (etaplus if s > 0, etaminus if s < 0, 1 otherwise),\n"
+         "                       step_size_min, step_size_max)\n"
+         "    g         <- 0 where s < 0                (a flipped sign neither moves nor is kept)\n"
+         "    p         <- p - sign(g) * step_size\n"
+         "    prev      <- g\n\n"
+         "Only signs are used, so the gradient's scale does not matter. ``step_size`` starts at\n"
+         "lr, ``prev`` at zero. A NaN gradient moves nothing but is kept as ``prev``.\n"
+         "State: ``step``, ``prev``, ``step_size``."),
 };
 
 }  // namespace rules

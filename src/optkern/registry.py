@@ -23,7 +23,8 @@ __all__ = ["Rule", "Hyper", "State", "rules", "rule", "as_real", "as_flag"]
 @dataclass(frozen=True)
 class Hyper:
     name: str  # as optkern.functional and _core take it
-    range: str  # "nonnegative", "unit", "unit_open" or "flag"
+    range: str  # "nonnegative", "unit" [0, 1], "unit_open" [0, 1), "open_unit" (0, 1),
+    #             "above_one" (1, inf) or "flag"
     default: Any
     torch: str  # torch.optim's argument: "betas" for beta1 and beta2
     slot: int  # -1, or the position within torch's tuple argument

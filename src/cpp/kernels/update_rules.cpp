@@ -336,6 +336,33 @@ void lion(const LionStep& s, float* p, const float* g, float* const* st, size_t 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rprop (torch.optim.Rprop). Signs are torch's: sign(NaN) is 0, so a NaN product keeps the step
+// size and a NaN gradient does not move p. torch's step_size.mul_(factor).clamp_(min, max) and
+// p.addcmul_(sign(g), step_size, value=-1) (sign * step_size is exact).
+OK_LOOP void rprop_impl(const RpropStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                        float* OK_RESTRICT prev, float* OK_RESTRICT step_size, size_t n) {
+  const float em = s.etaminus, ep = s.etaplus, lo = s.step_size_min, hi = s.step_size_max,
+              gs = s.grad_scale;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float gi = g[i] * gs;
+    const float prod = gi * prev[i];
+    const float factor = prod > 0.0f ? ep : (prod < 0.0f ? em : 1.0f);
+    float ss = step_size[i] * factor;
+    ss = ss < lo ? lo : (ss > hi ? hi : ss);  // torch.clamp: NaN stays NaN
+    const float gk = prod < 0.0f ? 0.0f : gi;
+    const float sign = gk > 0.0f ? 1.0f : (gk < 0.0f ? -1.0f : 0.0f);
+    p[i] = p[i] - sign * ss;
+    step_size[i] = ss;
+    prev[i] = gk;
+  }
+}
+
+void rprop(const RpropStep& s, float* p, const float* g, float* const* st, size_t n) {
+  rprop_impl(s, p, g, st[0], st[1], n);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gradient norms and clipping. Each block's sum is accumulated in double (a float squared is exact
 // in double); the caller adds the blocks up in a fixed order, so the result does not depend on
 // the number of threads.
