@@ -26,6 +26,10 @@ def torch_sign(x: np.ndarray) -> np.ndarray:
     return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
 
 
+def _norm(x: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(np.square(x, dtype=np.float64))))
+
+
 #: Rules whose update is the sign of a float32 quantity (Lion's sign(beta1 * m + (1 - beta1) * g)):
 #: a float64 evaluation flips the sign wherever the argument is within a float32 rounding of 0,
 #: and moves that element by 2 lr, so no float32 implementation (optax's included) meets it element
@@ -196,6 +200,21 @@ class Reference:
         self.state.update(prev=g.astype(self.dtype), step_size=step_size, step=t)
 
 
+    def _lamb(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        beta1, beta2 = betas
+        t = self.t + 1
+        m = (1 - beta1) * g + beta1 * self.zeros("exp_avg")
+        v = (1 - beta2) * g ** 2 + beta2 * self.zeros("exp_avg_sq")
+        u = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)
+        if weight_decay != 0:
+            u = u + weight_decay * self.p
+        # The trust ratio of the whole array; 1 where either norm is 0 (NaN stays NaN).
+        p_norm, u_norm = _norm(self.p), _norm(u)
+        ratio = 1.0 if p_norm == 0.0 or u_norm == 0.0 else p_norm / u_norm
+        self.p = self.p + (-lr) * (u * ratio)
+        self.state.update(exp_avg=m, exp_avg_sq=v, step=t)
+
+
 #: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
 #: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
 CASES = [
@@ -243,6 +262,9 @@ CASES = [
     ("Rprop", dict()),
     ("Rprop", dict(lr=2e-4, etas=(0.5, 1.5), step_sizes=(2e-6, 100))),
     ("Rprop", dict(etas=(0.3, 1.1), step_sizes=(1e-4, 0.05), maximize=True)),
+    ("LAMB", dict()),
+    ("LAMB", dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01)),
+    ("LAMB", dict(lr=1e-3, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.1, maximize=True)),
 ]
 
 

@@ -21,17 +21,13 @@ import math
 from typing import Any
 
 import numpy as np
-from reference import Reference, lerp
+from reference import Reference, _norm, lerp
 
 #: The rules of this file, with the hyperparameters (and defaults) of their oracles.
 NEW_RULES = ("NAdam", "RAdam", "ASGD", "Rprop", "Adafactor", "Lion", "LAMB",
              "ScheduleFreeAdamW", "ScheduleFreeSGD")
 
 SCHEDULE_FREE = ("ScheduleFreeAdamW", "ScheduleFreeSGD")
-
-
-def _norm(x: np.ndarray) -> float:
-    return float(np.sqrt(np.sum(np.square(x, dtype=np.float64))))
 
 
 class ReferenceNew(Reference):
@@ -156,20 +152,6 @@ class ReferenceNew(Reference):
         self.state["step"] = t
 
     # -- optax -----------------------------------------------------------------------------------
-
-    def _lamb(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
-        beta1, beta2 = betas
-        t = self.t + 1
-        m = (1 - beta1) * g + beta1 * self.zeros("exp_avg")
-        v = (1 - beta2) * g ** 2 + beta2 * self.zeros("exp_avg_sq")
-        u = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)
-        if weight_decay != 0:
-            u = u + weight_decay * self.p
-        # The trust ratio of the whole array; 1 where either norm is 0 (NaN stays NaN).
-        p_norm, u_norm = _norm(self.p), _norm(u)
-        ratio = 1.0 if p_norm == 0.0 or u_norm == 0.0 else p_norm / u_norm
-        self.p = self.p + (-lr) * (u * ratio)
-        self.state.update(exp_avg=m, exp_avg_sq=v, step=t)
 
     # -- schedulefree ----------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """optkern's new rules against their oracles, in float32, over many steps: Lion against optax.lion
 and the lion-pytorch package; Rprop against torch.optim.Rprop on every input of torch's optimizer
-test database (optim_db), single-tensor and foreach. Each test needs its oracle and skips cleanly without it; the oracle
+test database (optim_db), single-tensor and foreach; LAMB against optax.lamb. Each test needs its oracle and skips cleanly without it; the oracle
 stage of CI (.ci/oracles.sh) installs them all and fails on such a skip.
 
 The float64 references of tests/reference.py cover every option without the oracles; here the
@@ -56,11 +56,29 @@ def lion_id(hp):
 
 
 def run_optax_lion(hp, p0, grads):
+    params, inner = run_optax("Lion", hp, p0, grads)
+    return params, [np.asarray(inner.mu[f"p{i}"]) for i in range(len(p0))]
+
+
+def run_optax(name, hp, p0, grads):
+    """Lion or LAMB in optax, float32, from p0 over the gradient steps; maximize as steps on -g.
+    Returns the params and optax's inner state (mu, and nu and count for LAMB)."""
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     jnp = jax.numpy
-    beta1, beta2 = hp.get("betas", (0.9, 0.99))
-    tx = optax.lion(hp.get("lr", 1e-4), b1=beta1, b2=beta2, weight_decay=hp.get("weight_decay", 0.0))
+    beta1, beta2 = hp.get("betas", (0.9, 0.99) if name == "Lion" else (0.9, 0.999))
+    if name == "Lion":
+        tx = optax.lion(
+            hp.get("lr", 1e-4), b1=beta1, b2=beta2, weight_decay=hp.get("weight_decay", 0.0)
+        )
+    else:
+        tx = optax.lamb(
+            hp.get("lr", 1e-3),
+            b1=beta1,
+            b2=beta2,
+            eps=hp.get("eps", 1e-6),
+            weight_decay=hp.get("weight_decay", 0.0),
+        )
     sign = -1.0 if hp.get("maximize", False) else 1.0  # optax has no maximize: it steps on -g
     params = {f"p{i}": jnp.asarray(x) for i, x in enumerate(p0)}
     state = tx.init(params)
@@ -68,11 +86,7 @@ def run_optax_lion(hp, p0, grads):
         g = {f"p{i}": jnp.asarray(sign * x) for i, x in enumerate(gs)}
         updates, state = tx.update(g, state, params)
         params = optax.apply_updates(params, updates)
-    mu = state[0].mu  # scale_by_lion's state
-    return (
-        [np.asarray(params[f"p{i}"]) for i in range(len(p0))],
-        [np.asarray(mu[f"p{i}"]) for i in range(len(p0))],
-    )
+    return [np.asarray(params[f"p{i}"]) for i in range(len(p0))], state[0]
 
 
 def run_optkern(name, hp, p0, grads):
@@ -227,3 +241,83 @@ def test_rprop_defaults_are_torchs():
     mine = inspect.signature(ok.Rprop).parameters
     for key in ("lr", "etas", "step_sizes", "maximize", "foreach", "differentiable", "capturable"):
         assert theirs[key].default == mine[key].default, key
+
+
+# -- LAMB: optax.lamb ------------------------------------------------------------------------------
+
+LAMB_CASES = [
+    dict(),
+    dict(weight_decay=0.01),
+    dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01),
+    dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.5),
+    dict(betas=(0.0, 0.0)),
+    dict(lr=1e-3, weight_decay=0.1, maximize=True),
+]
+# The trust ratio is per array: one array of zeros (norm(p) = 0 until it moves) and one whose
+# gradient is always zero (norm(u) = 0 without decay) take the ratio 1; one array spans several
+# reduction blocks (4096 elements).
+LAMB_SHAPES = SHAPES + [(6, 6), (11,), (3, 4100)]
+
+
+def lamb_inputs():
+    p0, grads = initial(LAMB_SHAPES), gradients(LAMB_SHAPES)
+    p0[-3][...] = 0.0
+    for gs in grads:
+        gs[-2][...] = 0.0
+    return p0, grads
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("hp", LAMB_CASES, ids=lion_id)
+def test_lamb_matches_optax(hp, threads):
+    p0, grads = lamb_inputs()
+    want, inner = run_optax("LAMB", hp, p0, grads)
+    before = ok.get_num_threads(), ok._core._min_elements_per_thread()
+    ok.set_num_threads(threads)
+    ok._core._set_min_elements_per_thread(1)
+    try:
+        params, opt = run_optkern("LAMB", hp, p0, grads)
+    finally:
+        ok.set_num_threads(before[0])
+        ok._core._set_min_elements_per_thread(before[1])
+    for i, p in enumerate(params):
+        assert_close(p, want[i], f"param {i} {LAMB_SHAPES[i]}")
+        state = opt.state[p]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+        assert state["step"] == int(inner.count) == STEPS
+        assert_close(state["exp_avg"], np.asarray(inner.mu[f"p{i}"]), f"exp_avg {i}")
+        assert_close(state["exp_avg_sq"], np.asarray(inner.nu[f"p{i}"]), f"exp_avg_sq {i}")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_lamb_nonfinite_gradients_as_optax(bad):
+    """A NaN or Inf in one gradient element: the array's norm of u is NaN or Inf, and the whole
+    array ends where optax's does (NaN, or NaN and zero steps); the other arrays are unaffected."""
+    shapes = [(37,), (5, 7)]
+    p0, grads = initial(shapes), gradients(shapes, steps=10)
+    grads[3][0][[1, 4]] = bad
+    hp = dict(weight_decay=0.01)
+    want, inner = run_optax("LAMB", hp, p0, grads)
+    params, opt = run_optkern("LAMB", hp, p0, grads)
+    for i, p in enumerate(params):
+        np.testing.assert_array_equal(np.isnan(p), np.isnan(want[i]))
+        np.testing.assert_array_equal(np.isinf(p), np.isinf(want[i]))
+        assert_close(p, want[i], f"param {i}")
+        for key, theirs in (("exp_avg", inner.mu), ("exp_avg_sq", inner.nu)):
+            np.testing.assert_array_equal(
+                np.isnan(opt.state[p][key]), np.isnan(np.asarray(theirs[f"p{i}"])), key
+            )
+    assert np.isnan(params[0]).all() and np.isfinite(params[1]).all()
+
+
+def test_lamb_defaults_are_optaxs():
+    import inspect
+
+    optax = pytest.importorskip("optax")
+    theirs = inspect.signature(optax.lamb).parameters
+    mine = inspect.signature(ok.LAMB).parameters
+    assert mine["lr"].default == 1e-3  # optax's learning_rate has no default
+    assert mine["betas"].default == (theirs["b1"].default, theirs["b2"].default)
+    assert mine["eps"].default == theirs["eps"].default
+    # optax's weight_decay default is 0.0 as well
+    assert mine["weight_decay"].default == theirs["weight_decay"].default

@@ -12,9 +12,9 @@ import optkern as ok
 torch = pytest.importorskip("torch")
 
 RTOL, ATOL = 1e-5, 1e-6
-# Momentum (the exponentially weighted form) and Lion (optax's rule; tests/test_oracle_parity.py
-# checks it against optax and lion-pytorch) have no torch.optim class.
-NO_TORCH_CLASS = {"Momentum", "Lion"}
+# Momentum (the exponentially weighted form), Lion and LAMB (optax rules; tests/test_oracle_parity.py
+# checks them against optax, and Lion against lion-pytorch) have no torch.optim class.
+NO_TORCH_CLASS = {"Momentum", "Lion", "LAMB"}
 TORCH_CASES = [c for c in CASES if c[0] not in NO_TORCH_CLASS]
 FUSED = {"SGD", "Nesterov", "Adam", "AdamW", "Adagrad"}  # torch has fused CPU kernels for these
 

@@ -144,6 +144,9 @@ struct RuleDecl {
   std::size_t n_states;
   void (*check)(const Hyper&);  // constraints between hyperparameters, or nullptr
   void (*scalars)(const Hyper&, const StepInfo&, void* out);
+  // Rules whose kernel has a reduction pass (OPTKERN_REDUCTIONS): turns one array's sums into
+  // that array's scalars (a copy of its step's scalars). nullptr for the others.
+  void (*per_array)(const double* sums, void* scalars) = nullptr;
 };
 
 template <class T, std::size_t N>
@@ -157,6 +160,20 @@ constexpr std::size_t count_of(const T (&)[N]) {
     name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states, count_of(states),    \
         check, [](const Hyper& h, const StepInfo& t, void* out) {                                 \
           scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));               \
+        }                                                                                         \
+  }
+
+// RULE_REDUCED(kernel, name, class, steps, hyper, states, check, scalars, per_array, doc): a rule
+// whose kernel has a reduction pass, with the function from its array's sums to its scalars.
+#define RULE_REDUCED(kernel, name, cls, counts, hyper, states, check, scalars, per_array, doc)   \
+  RuleDecl {                                                                                      \
+    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states, count_of(states), \
+        check,                                                                                    \
+        [](const Hyper& h, const StepInfo& t, void* out) {                                        \
+          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));               \
+        },                                                                                        \
+        [](const double* sums, void* out) {                                                       \
+          per_array(sums, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));             \
         }                                                                                         \
   }
 

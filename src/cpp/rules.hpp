@@ -113,6 +113,18 @@ struct RpropStep {
   float grad_scale;
 };
 
+struct LambStep {
+  float beta1, one_minus_beta1;       // exp_avg <- one_minus_beta1 * g + beta1 * exp_avg
+  float beta2, one_minus_beta2;       // exp_avg_sq <- one_minus_beta2 * g^2 + beta2 * exp_avg_sq
+  float bias_correction1;             // 1 - beta1^step, per tensor
+  float bias_correction2;             // 1 - beta2^step, per tensor
+  float eps;
+  float neg_lr;                       // -lr
+  float trust_ratio;                  // per array: filled after the reduction pass
+  // grad_scale as every rule; has_weight_decay: u += weight_decay * p (decoupled, as optax).
+  GradientPrep grad;
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -125,7 +137,18 @@ struct RpropStep {
   X(adam, AdamStep, 3, 4)           \
   X(adamax, AdamaxStep, 2, 4)       \
   X(lion, LionStep, 1, 1)           \
-  X(rprop, RpropStep, 2, 1)
+  X(rprop, RpropStep, 2, 1)         \
+  X(lamb, LambStep, 2, 4)
+
+// Kernels with a reduction pass before their element-wise pass: X(name, sums). Such a kernel has
+// a second slot `name_reduce` in KernelTable, which the multi-tensor driver (Prepared in
+// bindings.cpp) runs first over fixed blocks of each array; it may write the state (LAMB writes
+// its new moments) and returns `sums` double partial sums per block. The driver adds each array's
+// blocks in block order (so the sums do not depend on the thread count), then the rule's
+// per_array function (its RULE_REDUCED declaration) turns the array's sums into that array's
+// scalars (LAMB's trust ratio), and then the element-wise kernel `name` runs with them.
+#define OPTKERN_REDUCTIONS(X) \
+  X(lamb, 2)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -356,6 +379,43 @@ inline void rprop_scalars(const Hyper& h, const StepInfo& t, RpropStep& s) {
   s.grad_scale = static_cast<float>(t.grad_scale);
 }
 
+// LAMB (optax.lamb, You et al. 2019): Adam's direction plus decoupled decay, scaled per array by
+// the trust ratio norm(p) / norm(u). Two passes (see OPTKERN_REDUCTIONS): the first writes the
+// moments and sums p^2 and u^2; the second recomputes u from the new moments (the same float
+// operations, so the same bits whose norm was taken) and writes p.
+constexpr HyperDecl kLambHyper[] = {
+    {"lr", Real::nonnegative, 1e-3, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-6, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kLambStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+    {"exp_avg_sq", "exp_avg_sqs", nullptr, nullptr},
+};
+inline void lamb_scalars(const Hyper& h, const StepInfo& t, LambStep& s) {
+  const double beta1 = h["beta1"], beta2 = h["beta2"], n = static_cast<double>(t.step);
+  s.beta1 = t.f32(beta1, "beta1");
+  s.one_minus_beta1 = t.f32(1.0 - beta1, "1 - beta1");
+  s.beta2 = t.f32(beta2, "beta2");
+  s.one_minus_beta2 = t.f32(1.0 - beta2, "1 - beta2");
+  // Rounded to float32 they are never 0 for beta < 1 (1 - beta^t >= 1 - beta >= 2^-24).
+  s.bias_correction1 = t.f32(1.0 - t.pow(beta1, n), "1 - beta1^step");
+  s.bias_correction2 = t.f32(1.0 - t.pow(beta2, n), "1 - beta2^step");
+  s.eps = t.f32(h["eps"], "eps");
+  s.neg_lr = t.f32(-h["lr"], "lr");
+  s.trust_ratio = 1.0f;
+  s.grad = t.grad(h["weight_decay"]);
+}
+// sums = {sum of p^2, sum of u^2} over the array, in double. The ratio is 1 where either norm is
+// 0, NaN where either is NaN (as optax: a NaN anywhere in u makes the whole array NaN). It is
+// data, not a hyperparameter: rounded to float32 without the finiteness check.
+inline void lamb_per_array(const double* sums, LambStep& s) {
+  const double p_norm = std::sqrt(sums[0]), u_norm = std::sqrt(sums[1]);
+  s.trust_ratio = static_cast<float>(p_norm == 0.0 || u_norm == 0.0 ? 1.0 : p_norm / u_norm);
+}
+
 // -- the table -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
@@ -451,6 +511,19 @@ constexpr RuleDecl kRules[] = {
          "Only signs are used, so the gradient's scale does not matter. ``step_size`` starts at\n"
          "lr, ``prev`` at zero. A NaN gradient moves nothing but is kept as ``prev``.\n"
          "State: ``step``, ``prev``, ``step_size``."),
+    RULE_REDUCED(lamb, "lamb", "LAMB", used, kLambHyper, kLambStates, nullptr, lamb_scalars,
+                 lamb_per_array,
+         "LAMB, as optax.lamb (You et al. 2019): Adam's direction with decoupled weight decay,\n"
+         "scaled per parameter array by the trust ratio::\n\n"
+         "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g\n"
+         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+         "    u          =  (exp_avg / (1 - beta1^t)) / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps)\n"
+         "                   + weight_decay * p\n"
+         "    ratio      =  norm(p) / norm(u), or 1 where either norm is 0    (per array)\n"
+         "    p          <- p - lr * ratio * u\n\n"
+         "The norms are over each whole array, summed in double over fixed blocks, so the\n"
+         "result is the same for any number of threads; a NaN anywhere in u makes the array NaN,\n"
+         "as in optax. State: ``step``, ``exp_avg``, ``exp_avg_sq`` (torch's names for Adam's)."),
 };
 
 }  // namespace rules

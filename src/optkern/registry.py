@@ -49,6 +49,9 @@ class Rule:
     weight: int
     hyper: Tuple[Hyper, ...]
     states: Tuple[State, ...]
+    # Sums per block of the kernel's reduction pass (LAMB: 2, the norms of p and u), which runs
+    # over every array before the element-wise pass; 0 for a single element-wise pass.
+    reduction: int = 0
 
     # -- torch's view: arguments as the class takes them ---------------------------------------------
 
@@ -133,7 +136,7 @@ def _load() -> Dict[str, Rule]:
         out[r["name"]] = Rule(
             name=r["name"], cls=r["cls"], doc=r["doc"], counts_steps=r["counts_steps"],
             uses_step=r["uses_step"],
-            kernel=r["kernel"], weight=r["weight"],
+            kernel=r["kernel"], weight=r["weight"], reduction=r["reduction"],
             hyper=tuple(Hyper(**h) for h in r["hyper"] if h["name"] != "maximize"),
             states=tuple(State(**s) for s in r["states"]))
     return out

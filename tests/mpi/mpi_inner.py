@@ -33,7 +33,8 @@ HYPER = {"SGD": dict(lr=0.01, momentum=0.9, weight_decay=1e-3), "Nesterov": dict
          "Momentum": dict(lr=0.05), "RMSprop": dict(lr=1e-3, centered=True, momentum=0.5),
          "Adagrad": dict(lr=0.05, lr_decay=1e-3), "Adadelta": dict(lr=1.0),
          "Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2), "Adamax": dict(lr=1e-2),
-         "Lion": dict(lr=1e-3), "Rprop": dict(lr=1e-3)}
+         "Lion": dict(lr=1e-3), "Rprop": dict(lr=1e-3),
+         "LAMB": dict(lr=1e-2)}
 
 # a linear least-squares model with sizes that no N divides, and a layout with padding
 SHAPES = [(13, 7), (7,), (7, 3), (3,)]

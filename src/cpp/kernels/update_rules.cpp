@@ -465,9 +465,83 @@ void axpy(float* OK_RESTRICT a, const float* OK_RESTRICT b, float s, size_t n) {
   for (size_t i = 0; i < n; ++i) a[i] = OK_FMA(s, b[i], a[i]);
 }
 
+// ---------------------------------------------------------------------------------------------
+// LAMB (optax.lamb), in optax's order of operations. Pass 1 (lamb_reduce, per fixed block):
+//   exp_avg = (1 - beta1) * g + beta1 * exp_avg;  exp_avg_sq = (1 - beta2) * g^2 + beta2 * exp_avg_sq
+//   u = (exp_avg / bc1) / (sqrt(exp_avg_sq / bc2) + eps) (+ weight_decay * p)
+//   sums: p^2 and u^2 in double.
+// Pass 2 (lamb, with the array's trust ratio): u again from the new moments, p = p + (-lr) * (u * ratio).
+// Both passes compute u with lamb_direction, so pass 2 scales the very u whose norm was taken.
+template <bool kDecay>
+float lamb_direction(const LambStep& s, float p, float m, float v) {
+  const float u = (m / s.bias_correction1) / (OK_SQRT(v / s.bias_correction2) + s.eps);
+  return kDecay ? u + s.grad.weight_decay * p : u;
+}
+
+template <bool kDecay>
+OK_LOOP void lamb_reduce_impl(const LambStep& s, const float* OK_RESTRICT p,
+                              const float* OK_RESTRICT g, float* OK_RESTRICT m,
+                              float* OK_RESTRICT v, size_t n, double* sums) {
+  const float b1 = s.beta1, c1 = s.one_minus_beta1, b2 = s.beta2, c2 = s.one_minus_beta2,
+              gs = s.grad.grad_scale;
+  // LANES independent double sums per quantity, added in a fixed order (as lane_sum below).
+  double pp[LANES] = {}, uu[LANES] = {};
+  auto element = [&](size_t i, size_t j) {
+    const float gi = g[i] * gs;
+    const float mi = c1 * gi + b1 * m[i];
+    const float vi = c2 * (gi * gi) + b2 * v[i];
+    m[i] = mi;
+    v[i] = vi;
+    const float pi = p[i];
+    const float u = lamb_direction<kDecay>(s, pi, mi, vi);
+    pp[j] += static_cast<double>(pi) * static_cast<double>(pi);
+    uu[j] += static_cast<double>(u) * static_cast<double>(u);
+  };
+  size_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    OK_SIMD
+    for (size_t j = 0; j < LANES; ++j) element(i + j, j);
+  }
+  for (size_t j = 0; i < n; ++i, ++j) element(i, j);
+  double psum = 0.0, usum = 0.0;
+  for (size_t j = 0; j < LANES; ++j) {
+    psum += pp[j];
+    usum += uu[j];
+  }
+  sums[0] = psum;
+  sums[1] = usum;
+}
+
+template <bool kDecay>
+OK_LOOP void lamb_impl(const LambStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT m,
+                       const float* OK_RESTRICT v, size_t n) {
+  const float nlr = s.neg_lr, ratio = s.trust_ratio;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float pi = p[i];
+    p[i] = pi + nlr * (lamb_direction<kDecay>(s, pi, m[i], v[i]) * ratio);
+  }
+}
+
+void lamb_reduce(const LambStep& s, const float* p, const float* g, float* const* st, size_t n,
+                 double* sums) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    lamb_reduce_impl<decltype(decay)::value>(s, p, g, st[0], st[1], n, sums);
+  });
+}
+
+void lamb(const LambStep& s, float* p, const float*, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    lamb_impl<decltype(decay)::value>(s, p, st[0], st[1], n);
+  });
+}
+
 #define OPTKERN_KERNEL_ENTRY(name, S, states, weight) name,
 constexpr KernelTable kTable = {
     OPTKERN_KERNELS(OPTKERN_KERNEL_ENTRY)
+#define OPTKERN_REDUCE_ENTRY(name, n_sums) name##_reduce,
+    OPTKERN_REDUCTIONS(OPTKERN_REDUCE_ENTRY)
+#undef OPTKERN_REDUCE_ENTRY
     /*norm_block=*/norm_block,
     /*scale=*/scale,
     /*clamp=*/clamp,

@@ -201,12 +201,18 @@ CASES: Dict[str, Case] = {c.key: c for c in [
 ]}
 
 # Every further rule of the registry, at its defaults: p and g read, p and each state array read
-# and written. There is no NumPy version until one is written for it above.
+# and written. A rule with a reduction pass (LAMB) makes two passes: the first reads p, g and the
+# state and writes the state (8 + 8n bytes), the second reads p and the state and writes p
+# (8 + 4n). There is no NumPy version until one is written for it above.
+def _registry_bytes(rule) -> int:
+    n = sum(s.when is None for s in rule.states)
+    return 16 + 12 * n if rule.reduction else 12 + 8 * n
+
+
 for _rule in ok.registry.rules():
     if _rule.name not in CASES and not any(c.label == _rule.cls or c.torch_name == _rule.cls
                                            for c in CASES.values()):
-        _n = sum(s.when is None for s in _rule.states)
-        CASES[_rule.name] = Case(_rule.name, _rule.cls, 12 + 8 * _n,
+        CASES[_rule.name] = Case(_rule.name, _rule.cls, _registry_bytes(_rule),
                                  _optkern(getattr(ok, _rule.cls)), None, _rule.cls)
 
 
