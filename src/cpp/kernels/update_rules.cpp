@@ -468,13 +468,13 @@ void axpy(float* OK_RESTRICT a, const float* OK_RESTRICT b, float s, size_t n) {
 // ---------------------------------------------------------------------------------------------
 // LAMB (optax.lamb), in optax's order of operations. Pass 1 (lamb_reduce, per fixed block):
 //   exp_avg = (1 - beta1) * g + beta1 * exp_avg;  exp_avg_sq = (1 - beta2) * g^2 + beta2 * exp_avg_sq
-//   u = (exp_avg / bc1) / (sqrt(exp_avg_sq / bc2) + eps) (+ weight_decay * p)
+//   u = (exp_avg * (1 / bc1)) / (sqrt(exp_avg_sq * (1 / bc2)) + eps) (+ weight_decay * p)
 //   sums: p^2 and u^2 in double.
 // Pass 2 (lamb, with the array's trust ratio): u again from the new moments, p = p + (-lr) * (u * ratio).
 // Both passes compute u with lamb_direction, so pass 2 scales the very u whose norm was taken.
 template <bool kDecay>
 float lamb_direction(const LambStep& s, float p, float m, float v) {
-  const float u = (m / s.bias_correction1) / (OK_SQRT(v / s.bias_correction2) + s.eps);
+  const float u = (m * s.inv_bias_correction1) / (OK_SQRT(v * s.inv_bias_correction2) + s.eps);
   return kDecay ? u + s.grad.weight_decay * p : u;
 }
 
