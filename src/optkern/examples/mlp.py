@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from optkern.data import batches, num_batches
-from optkern.examples._common import (OPTIMIZERS, describe, fmt, format_table, machine,
+from optkern.examples._common import (MORE_OPTIMIZERS, OPTIMIZERS, describe, fmt, format_table, machine,
                                       make_optimizer, new_figure, no_matplotlib_note, print_report,
                                       save_figure, Stopwatch)
 from optkern.examples._blas import blas_threads
@@ -169,7 +169,8 @@ def run(optimizers: Optional[Sequence[str]] = None, hyper: Optional[Dict[str, Di
         results = {}
         for i, name in enumerate(names):
             cb = None if progress is None else (lambda e, l, i=i, n=name: progress(n, i, e, l))
-            results[name] = train(name, hyper[name], data, hidden, epochs, batch_size, seed, cb)
+            results[name] = train(name, hyper.get(name, {}), data, hidden, epochs, batch_size, seed,
+                                  cb)
     return dict(results=results, settings=dict(n_train=n_train, n_test=n_test,
                                                hidden=tuple(hidden), epochs=epochs,
                                                batch_size=batch_size, seed=seed))
@@ -193,7 +194,7 @@ def sweep(optimizers: Optional[Sequence[str]] = None,
         for name in names:
             out[name] = {}
             for lr in lrs:
-                h = {**DEFAULT_HYPER[name], "lr": lr}
+                h = {**DEFAULT_HYPER.get(name, {}), "lr": lr}
                 r = train(name, h, data, hidden, epochs, batch_size, seed)
                 ok_ = r["finite"] and np.isfinite(r["final_test_loss"])
                 out[name][lr] = ((r["final_test_loss"], r["final_test_acc"]) if ok_
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS),
-                        choices=list(OPTIMIZERS))
+                        choices=[*OPTIMIZERS, *MORE_OPTIMIZERS])
     parser.add_argument("--sweep", action="store_true",
                         help="print validation accuracy over a grid of learning rates instead")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the curves")
