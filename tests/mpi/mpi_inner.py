@@ -109,7 +109,19 @@ def test_data_parallel_matches_one_process(cls):
     close(got, ref)
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+# ZeRO shards arrays element-wise: rules with a per-array reduction (LAMB) are refused.
+ZERO_CLASSES = [c for c in CLASSES if not c._rule.reduction]
+
+
+def test_zero_refuses_rules_that_reduce_over_an_array():
+    for cls in CLASSES:
+        if cls._rule.reduction:
+            p = [np.ones(5, np.float32)]
+            with pytest.raises(ValueError, match="cannot shard"):
+                okd.ZeroRedundancyOptimizer(cls, p, **HYPER[cls.__name__])
+
+
+@pytest.mark.parametrize("cls", ZERO_CLASSES, ids=lambda c: c.__name__)
 def test_zero_matches_one_process(cls):
     ref, ref_opt = reference(cls, max_grad_norm=0.5)
     got, zero = run_wrapped(lambda p: okd.ZeroRedundancyOptimizer(cls, p, **HYPER[cls.__name__]),
