@@ -33,7 +33,7 @@ echo "   installed in ${SECONDS}s"
 
 # Every test file that imports an oracle, beside the ones known today.
 files=(tests/test_torch_parity.py tests/test_lr_scheduler_torch.py tests/test_clip.py
-       tests/test_torch_adapter.py)
+       tests/test_torch_adapter.py tests/test_oracle_parity.py)
 while IFS= read -r f; do
   [[ " ${files[*]} " == *" $f "* ]] || files+=("$f")
 done < <(grep -lE "importorskip\(\s*[\"'](torch|jax|optax|schedulefree|lion_pytorch|sklearn)" tests/*.py | sort)

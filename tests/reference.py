@@ -21,11 +21,31 @@ def lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
     return end - (end - start) * (1 - weight)
 
 
+def torch_sign(x: np.ndarray) -> np.ndarray:
+    """torch.sign: (x > 0) - (x < 0), so 0 for NaN (numpy's and jax's sign give NaN)."""
+    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
+
+
+def _norm(x: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(np.square(x, dtype=np.float64))))
+
+
+#: Rules whose update is the sign of a float32 quantity (Lion's sign(beta1 * m + (1 - beta1) * g)):
+#: a float64 evaluation flips the sign wherever the argument is within a float32 rounding of 0,
+#: and moves that element by 2 lr, so no float32 implementation (optax's included) meets it element
+#: by element. Their reference evaluates in float32 by default, in the oracle's order of operations
+#: (NumPy's float32 arithmetic, independent of the kernels).
+FLOAT32_RULES = ("Lion",)
+
+
 class Reference:
     """``dtype=np.float32`` evaluates the same formulas in float32 (in torch's order of
-    operations), for inputs whose float64 result float32 cannot represent (gradients of 1e20)."""
+    operations), for inputs whose float64 result float32 cannot represent (gradients of 1e20).
+    The default is float64, float32 for the rules of ``FLOAT32_RULES``."""
 
-    def __init__(self, name: str, p0: np.ndarray, dtype: Any = np.float64, **hp: Any) -> None:
+    def __init__(self, name: str, p0: np.ndarray, dtype: Any = None, **hp: Any) -> None:
+        if dtype is None:
+            dtype = np.float32 if name in FLOAT32_RULES else np.float64
         self.name = name
         self.dtype = dtype
         self.p = np.array(p0, dtype=dtype)
@@ -218,6 +238,46 @@ class Reference:
         self.state.update(ax=ax, step=t, eta=lr / ((1 + lambd * lr * t) ** alpha),
                           mu=1 / max(1, t - t0))
 
+    def _lion(self, g, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        beta1, beta2 = betas
+        m = self.zeros("exp_avg")
+        # optax's jnp.sign: sign(0) = 0, sign(NaN) = NaN (lion-pytorch's torch sign gives 0 for NaN)
+        u = np.sign((1.0 - beta1) * g + beta1 * m)
+        if weight_decay != 0:
+            u = u + weight_decay * self.p
+        self.p = self.p + (-lr) * u
+        self.state["exp_avg"] = (1 - beta2) * g + beta2 * m
+
+    def _rprop(self, g, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50)):
+        etaminus, etaplus = etas
+        step_size_min, step_size_max = step_sizes
+        t = self.t + 1
+        prev = self.zeros("prev")
+        step_size = self.zeros("step_size", lr)
+        # torch's sign: a NaN product (a NaN gradient or prev, or 0 * Inf) counts as 0, so the
+        # step size stays, and a NaN gradient moves nothing (but is kept as prev).
+        sign = torch_sign(g * prev)
+        factor = np.where(sign > 0, etaplus, np.where(sign < 0, etaminus, 1.0))
+        step_size = np.clip(step_size * factor, step_size_min, step_size_max)  # NaN stays NaN
+        g = np.where(sign < 0, 0.0, g)  # where the sign flipped: no move, and prev forgets it
+        self.p = self.p - torch_sign(g) * step_size
+        self.state.update(prev=g.astype(self.dtype), step_size=step_size, step=t)
+
+
+    def _lamb(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        beta1, beta2 = betas
+        t = self.t + 1
+        m = (1 - beta1) * g + beta1 * self.zeros("exp_avg")
+        v = (1 - beta2) * g ** 2 + beta2 * self.zeros("exp_avg_sq")
+        u = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)
+        if weight_decay != 0:
+            u = u + weight_decay * self.p
+        # The trust ratio of the whole array; 1 where either norm is 0 (NaN stays NaN).
+        p_norm, u_norm = _norm(self.p), _norm(u)
+        ratio = 1.0 if p_norm == 0.0 or u_norm == 0.0 else p_norm / u_norm
+        self.p = self.p + (-lr) * (u * ratio)
+        self.state.update(exp_avg=m, exp_avg_sq=v, step=t)
+
 
 #: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
 #: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
@@ -271,6 +331,15 @@ CASES = [
     ("ASGD", dict()),
     ("ASGD", dict(lr=5e-3, lambd=0.1, alpha=0.5, t0=20, weight_decay=0.1)),  # averaging from 21
     ("ASGD", dict(lr=1e-2, lambd=1e-3, t0=0, maximize=True)),  # averaging from step 2
+    ("Lion", dict()),
+    ("Lion", dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1)),
+    ("Lion", dict(lr=1e-3, betas=(0.0, 0.5), weight_decay=1e-3, maximize=True)),
+    ("Rprop", dict()),
+    ("Rprop", dict(lr=2e-4, etas=(0.5, 1.5), step_sizes=(2e-6, 100))),
+    ("Rprop", dict(etas=(0.3, 1.1), step_sizes=(1e-4, 0.05), maximize=True)),
+    ("LAMB", dict()),
+    ("LAMB", dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01)),
+    ("LAMB", dict(lr=1e-3, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.1, maximize=True)),
 ]
 
 

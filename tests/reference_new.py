@@ -21,22 +21,13 @@ import math
 from typing import Any
 
 import numpy as np
-from reference import Reference, lerp
+from reference import Reference, _norm, lerp
 
 #: The rules of this file, with the hyperparameters (and defaults) of their oracles.
 NEW_RULES = ("NAdam", "RAdam", "ASGD", "Rprop", "Adafactor", "Lion", "LAMB",
              "ScheduleFreeAdamW", "ScheduleFreeSGD")
 
 SCHEDULE_FREE = ("ScheduleFreeAdamW", "ScheduleFreeSGD")
-
-
-def torch_sign(x: np.ndarray) -> np.ndarray:
-    """torch.sign: (x > 0) - (x < 0), so 0 for NaN (numpy's and jax's sign give NaN)."""
-    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
-
-
-def _norm(x: np.ndarray) -> float:
-    return float(np.sqrt(np.sum(np.square(x, dtype=np.float64))))
 
 
 class ReferenceNew(Reference):
@@ -61,20 +52,6 @@ class ReferenceNew(Reference):
 
     # -- torch.optim -----------------------------------------------------------------------------
 
-    def _rprop(self, g, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50)):
-        etaminus, etaplus = etas
-        step_size_min, step_size_max = step_sizes
-        t = self.t + 1
-        prev = self.zeros("prev")
-        step_size = self.zeros("step_size", lr)
-        # torch's sign: a NaN product (a NaN gradient or prev, or 0 * Inf) counts as 0, so the
-        # step size stays, and a NaN gradient moves nothing (but is kept as prev).
-        sign = torch_sign(g * prev)
-        factor = np.where(sign > 0, etaplus, np.where(sign < 0, etaminus, 1.0))
-        step_size = np.clip(step_size * factor, step_size_min, step_size_max)  # NaN stays NaN
-        g = np.where(sign < 0, 0.0, g)  # where the sign flipped: no move, and prev forgets it
-        self.p = self.p - torch_sign(g) * step_size
-        self.state.update(prev=g.astype(self.dtype), step_size=step_size, step=t)
 
     def _adafactor(self, g, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
                    weight_decay=0.0):
@@ -112,30 +89,6 @@ class ReferenceNew(Reference):
         self.state["step"] = t
 
     # -- optax -----------------------------------------------------------------------------------
-
-    def _lion(self, g, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
-        beta1, beta2 = betas
-        m = self.zeros("exp_avg")
-        # optax's jnp.sign: sign(0) = 0, sign(NaN) = NaN (lion-pytorch's torch sign gives 0 for NaN)
-        u = np.sign((1.0 - beta1) * g + beta1 * m)
-        if weight_decay != 0:
-            u = u + weight_decay * self.p
-        self.p = self.p + (-lr) * u
-        self.state["exp_avg"] = (1 - beta2) * g + beta2 * m
-
-    def _lamb(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
-        beta1, beta2 = betas
-        t = self.t + 1
-        m = (1 - beta1) * g + beta1 * self.zeros("exp_avg")
-        v = (1 - beta2) * g ** 2 + beta2 * self.zeros("exp_avg_sq")
-        u = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)
-        if weight_decay != 0:
-            u = u + weight_decay * self.p
-        # The trust ratio of the whole array; 1 where either norm is 0 (NaN stays NaN).
-        p_norm, u_norm = _norm(self.p), _norm(u)
-        ratio = 1.0 if p_norm == 0.0 or u_norm == 0.0 else p_norm / u_norm
-        self.p = self.p + (-lr) * (u * ratio)
-        self.state.update(exp_avg=m, exp_avg_sq=v, step=t)
 
     # -- schedulefree ----------------------------------------------------------------------------
 

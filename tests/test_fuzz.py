@@ -63,6 +63,8 @@ VALID = {
     "grad_scale": st.floats(-2.0, 2.0),
     "rms_momentum": st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
     "flag": st.booleans(),
+    "open_unit": st.floats(0.05, 0.95),
+    "above_one": st.floats(1.05, 3.0),
 }
 # The range each real hyperparameter must lie in, as documented.
 RANGE = {"beta": "[0,1)", "beta1": "[0,1)", "beta2": "[0,1)", "alpha": "[0,1]", "rho": "[0,1]",
@@ -86,6 +88,10 @@ def real_error(key, value):
     rng = RANGE.get(key, "[0,inf)")
     if rng == "real":
         return None
+    if rng == "(0,1)":
+        return None if 0 < v < 1 else ValueError
+    if rng == "(1,inf)":
+        return None if v > 1 else ValueError
     if v < 0 or (rng == "[0,1]" and v > 1) or (rng == "[0,1)" and v >= 1):
         return ValueError
     return None
@@ -248,6 +254,9 @@ def draw_functional(data, bad_rate):
                 pair.setdefault(h.torch, []).append(value)
         for torch_name, values in pair.items():
             ref_hp[torch_name] = tuple(values)
+        for lo, hi in ORDERED:
+            if not errors and lo in kw and hi in kw and not kw[lo] <= kw[hi]:
+                errors.add(ValueError)
         lists += [st_.arg for st_ in rule.states if st_.when is None]
         return name, lists, kw, rule.cls, ref_hp, scale, errors
     ref_name = {"sgd_": "SGD", "momentum_": "Momentum", "rmsprop_": "RMSprop",
@@ -483,7 +492,15 @@ CLASS_HPS = {
 }
 
 # The kind of value each declared range draws, for rules derived from the registry.
-RANGE_KIND = {"nonnegative": "lr_decay", "unit": "rho", "unit_open": "beta", "flag": "flag"}
+RANGE_KIND = {"nonnegative": "lr_decay", "unit": "rho", "unit_open": "beta", "flag": "flag",
+              "open_unit": "open_unit", "above_one": "above_one"}
+# The documented range of every declared hyperparameter, by name (real_error reads it).
+for _rule in ok.registry.rules():
+    for _h in _rule.hyper:
+        RANGE.setdefault(_h.name, {"unit": "[0,1]", "unit_open": "[0,1)", "open_unit": "(0,1)",
+                                   "above_one": "(1,inf)"}.get(_h.range, "[0,inf)"))
+# Pairs of hyperparameters a rule's declaration orders (require_order in rules.hpp): lo <= hi.
+ORDERED = [("step_size_min", "step_size_max")]
 
 
 def _kind(h):

@@ -587,12 +587,39 @@ def hyperparameter_cases(kind, hp):
                     ("'ab'", "ab", TypeError, "betas must be a pair")]:
                 yield key, label, value, exc, pattern
             continue
+        if isinstance(good, tuple):  # another tuple argument (Rprop's etas, step_sizes)
+            yield from tuple_cases(getattr(ok, kind)._rule, key, good)
+            continue
         if key == "nesterov":
             continue  # its constraints are covered in test_errors.py (they depend on momentum)
         for label, value, exc in bad_values(key, good):
             if label == "1.5" and _declared_range(opt._rule.name + "_", key) == "nonnegative":
                 continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
             yield key, label, value, exc, key
+
+
+#: A value out of each declared range, with the message's range.
+OUT_OF_RANGE = {"nonnegative": (-0.5, ">= 0"), "unit": (1.5, r"in \[0, 1\]"),
+                "unit_open": (1.0, r"in \[0, 1\)"), "open_unit": (0.0, r"in \(0, 1\)"),
+                "above_one": (1.0, "> 1")}
+
+
+def tuple_cases(rule, key, good):
+    """Bad values of a tuple argument, from the rule's declaration: each slot NaN, out of its
+    range, or not a number; the tuple of the wrong length or not a tuple."""
+    slots = [h for h in rule.hyper if h.torch == key]
+    for h in slots:
+        def at(v, h=h):
+            return tuple(v if x.slot == h.slot else good[x.slot] for x in slots)
+        yield key, f"{h.name}=nan", at(NAN), ValueError, f"{h.name} must be finite"
+        yield key, f"{h.name}=inf", at(INF), ValueError, f"{h.name} must be finite"
+        yield key, f"{h.name}='a'", at("a"), TypeError, f"{h.name} must be a real number"
+        value, what = OUT_OF_RANGE[h.range]
+        yield key, f"{h.name}={value}", at(value), ValueError, f"{h.name} must be {what}"
+    if key == "step_sizes":  # declared order between the two (require_order in rules.hpp)
+        yield key, "min > max", (1.0, 0.5), ValueError, "step_size_min must be <= step_size_max"
+    for label, value in [("scalar", good[0]), ("None", None), ("short", good[:1]), ("'ab'", "ab")]:
+        yield key, label, value, TypeError, f"{key} must be a pair"
 
 
 HP_CASES = [(kind, hp, *case) for kind, hp in CLASSES for case in hyperparameter_cases(kind, hp)]

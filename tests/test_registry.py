@@ -58,7 +58,7 @@ def test_class_follows_the_declaration(rule):
 def test_every_state_name_is_torchs():
     names = {s.name for r in RULES for s in r.states}
     assert names <= {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "sum",
-                     "square_avg", "grad_avg", "acc_delta", "exp_inf", "ax"}
+                     "square_avg", "grad_avg", "acc_delta", "exp_inf", "ax", "prev", "step_size"}
     carried = {c.name for r in RULES for c in r.carried}
     assert carried <= {"mu_product", "eta", "mu"}
 
@@ -75,7 +75,8 @@ def test_private_core_refuses_out_of_range_hyperparameters(rule):
     states = {s.name: [np.zeros(5, np.float32)] for s in rule.states}
     before = digest([p, g, states])
     for h in rule.hyper:
-        bad = {"flag": "yes", "nonnegative": -5.0, "unit": 1.5, "unit_open": 1.0}[h.range]
+        bad = {"flag": "yes", "nonnegative": -5.0, "unit": 1.5, "unit_open": 1.0,
+               "open_unit": 0.0, "above_one": 1.0}[h.range]
         with pytest.raises((TypeError, ValueError), match=h.name):
             ok._core.step(rule.name, [p], [g], states, {h.name: bad}, steps=1)
         if h.range != "flag":

@@ -70,6 +70,24 @@ def test_any_chunking_bit_identical(case, chunk):
         assert run(name, hp, threads=threads, min_per_thread=1) == single
 
 
+# The option sets of every rule whose kernel has a reduction pass.
+REDUCED = [(name, hp) for name, hp in CASES
+           if any(r.cls == name and r.reduction for r in ok.registry.rules())]
+
+
+@pytest.mark.parametrize("case", REDUCED, ids=case_id)
+@pytest.mark.parametrize("chunk", [0, 1, 3, 64])
+def test_reduction_pass_bit_identical_across_threads_and_chunks(case, chunk):
+    """A rule with a reduction pass (LAMB: the per-array norms of p and u, then the trust ratio):
+    blocks of 4096 elements, each summed on one thread, added per array in block order. On 1, 2
+    and 3 threads, with chunks of 1 to 64 blocks (0: by size), params and state bit-identical."""
+    name, hp = case
+    single = run(name, hp, threads=1, min_per_thread=1)
+    ok._core._set_chunk_elements(chunk)
+    for threads in (2, 3):
+        assert run(name, hp, threads=threads, min_per_thread=1) == single
+
+
 @pytest.mark.parametrize("chunk", [0, 1, 3, 64])
 def test_norms_bit_identical_across_threads_and_chunks(chunk):
     rng = np.random.default_rng(3)

@@ -325,6 +325,14 @@ double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
         throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1)" + got);
       }
       break;
+    case Range::open_unit:
+      if (x <= 0 || x >= 1) {
+        throw py::value_error(hyper_label(d.name, labels) + " must be in (0, 1)" + got);
+      }
+      break;
+    case Range::above_one:
+      if (x <= 1) throw py::value_error(hyper_label(d.name, labels) + " must be > 1" + got);
+      break;
     case Range::flag:
       break;
   }
@@ -435,6 +443,36 @@ struct Slot;
   };
 OPTKERN_KERNELS(OPTKERN_SLOT)
 #undef OPTKERN_SLOT
+
+template <KernelId K>
+struct ReduceSlot;
+#define OPTKERN_REDUCE_SLOT_GET(kname, n)                                 \
+  template <>                                                             \
+  struct ReduceSlot<KernelId::kname> {                                    \
+    static auto get(const KernelTable& t) { return t.kname##_reduce; }    \
+  };
+OPTKERN_REDUCTIONS(OPTKERN_REDUCE_SLOT_GET)
+#undef OPTKERN_REDUCE_SLOT_GET
+
+// Every rule on a kernel with a reduction pass declares its per_array function (RULE_REDUCED),
+// and no other rule does.
+constexpr bool reductions_declared() {
+  for (const RuleDecl& r : rules::kRules) {
+    bool reduced = false;
+#define OPTKERN_IS_REDUCED(kname, n) reduced = reduced || r.kernel == KernelId::kname;
+    OPTKERN_REDUCTIONS(OPTKERN_IS_REDUCED)
+#undef OPTKERN_IS_REDUCED
+    if (reduced != (r.per_array != nullptr)) return false;
+  }
+  return true;
+}
+static_assert(reductions_declared(),
+              "a rule on a kernel of OPTKERN_REDUCTIONS needs RULE_REDUCED, and only such a rule");
+
+// Elements per block of a reduction pass (as NORM_BLOCK for the gradient norms): each block's
+// sums are computed on one thread, in a fixed order, and added per array in block order, so the
+// sums, and everything computed from them, are the same for any number of threads.
+constexpr std::size_t REDUCE_BLOCK = 4096;
 
 constexpr std::size_t scalars_size() {
   std::size_t n = 0;
@@ -674,21 +712,79 @@ class Prepared {
   bool used = false;
 
  private:
+  // The state pointers of tensor t from element b on.
+  template <KernelId K>
+  void states_at(std::size_t t, std::size_t b, float* (&st)[MAX_STATES]) const {
+    for (std::size_t k = 0; k < KernelInfo<K>::states; ++k) {
+      st[k] = state_[k].empty() ? nullptr : state_[k][t] + b;
+    }
+  }
+
   template <KernelId K>
   void run_rule() const {
     using S = typename KernelInfo<K>::Scalars;
     const auto fn = Slot<K>::get(*table_);
-    constexpr std::size_t NS = KernelInfo<K>::states;
     const Buffers& cb = *buffers_;
+    // Each tensor's scalars: its step's, or its own after a reduction pass.
+    const ScalarsSlot* scalars = scalars_.data();
+    const std::size_t* which = which_.data();
+    std::vector<ScalarsSlot> per_array;
+    std::vector<std::size_t> own;
+    if constexpr (Reduction<K>::sums > 0) {
+      per_array = reduce<K>();
+      own.resize(cb.count());
+      for (std::size_t t = 0; t < own.size(); ++t) own[t] = t;
+      scalars = per_array.data();
+      which = own.data();
+    }
     auto body = [&](std::size_t t, std::size_t b, std::size_t e) {
       float* st[MAX_STATES] = {};
-      for (std::size_t k = 0; k < NS; ++k) {
-        st[k] = state_[k].empty() ? nullptr : state_[k][t] + b;
-      }
-      fn(*reinterpret_cast<const S*>(scalars_[which_[t]].bytes), cb.param(t) + b, grads_[t] + b,
+      states_at<K>(t, b, st);
+      fn(*reinterpret_cast<const S*>(scalars[which[t]].bytes), cb.param(t) + b, grads_[t] + b,
          st, e - b);
     };
     for_each_span(cb.sizes(), KernelInfo<K>::weight, body);
+  }
+
+  // The reduction pass of a kernel that has one (OPTKERN_REDUCTIONS): its first pass over fixed
+  // blocks of every array, in parallel; each array's sums added in block order; then the rule's
+  // per_array function gives each array its own scalars, returned one per tensor.
+  template <KernelId K>
+  std::vector<ScalarsSlot> reduce() const {
+    using S = typename KernelInfo<K>::Scalars;
+    constexpr std::size_t NR = Reduction<K>::sums;
+    const auto fn = ReduceSlot<K>::get(*table_);
+    const Buffers& cb = *buffers_;
+    struct Block {
+      std::size_t tensor, begin, size;
+    };
+    std::vector<Block> blocks;
+    for (std::size_t t = 0; t < cb.count(); ++t) {
+      for (std::size_t b = 0; b < cb.sizes()[t]; b += REDUCE_BLOCK) {
+        blocks.push_back({t, b, std::min(REDUCE_BLOCK, cb.sizes()[t] - b)});
+      }
+    }
+    std::vector<double> partial(blocks.size() * NR);
+    auto pass = [&](std::size_t lo, std::size_t hi) {
+      for (std::size_t i = lo; i < hi; ++i) {
+        const Block& k = blocks[i];
+        float* st[MAX_STATES] = {};
+        states_at<K>(k.tensor, k.begin, st);
+        fn(*reinterpret_cast<const S*>(scalars_[which_[k.tensor]].bytes), cb.param(k.tensor) + k.begin,
+           grads_[k.tensor] + k.begin, st, k.size, &partial[i * NR]);
+      }
+    };
+    parallel_for(blocks.size(), REDUCE_BLOCK * KernelInfo<K>::weight, pass);
+    std::vector<double> sums(cb.count() * NR, 0.0);
+    for (std::size_t i = 0; i < blocks.size(); ++i) {  // block order: fixed
+      for (std::size_t r = 0; r < NR; ++r) sums[blocks[i].tensor * NR + r] += partial[i * NR + r];
+    }
+    std::vector<ScalarsSlot> out(cb.count());
+    for (std::size_t t = 0; t < cb.count(); ++t) {
+      out[t] = scalars_[which_[t]];
+      rule_.per_array(&sums[t * NR], out[t].bytes);
+    }
+    return out;
   }
 
   const RuleDecl& rule_;
@@ -754,6 +850,8 @@ const char* range_name(Range r) {
     case Range::nonnegative: return "nonnegative";
     case Range::unit: return "unit";
     case Range::unit_open: return "unit_open";
+    case Range::open_unit: return "open_unit";
+    case Range::above_one: return "above_one";
     case Range::flag: return "flag";
   }
   return "";
@@ -781,6 +879,12 @@ py::list rule_table() {
     (void)kernel_states;
     d["kernel"] = kernel;
     d["weight"] = weight;
+    std::size_t reduction = 0;  // double sums per block of the kernel's reduction pass, if any
+#define OPTKERN_REDUCTION_META(kname, n) \
+  if (r.kernel == KernelId::kname) reduction = n;
+    OPTKERN_REDUCTIONS(OPTKERN_REDUCTION_META)
+#undef OPTKERN_REDUCTION_META
+    d["reduction"] = reduction;
     py::list hyper;
     for (std::size_t i = 0; i <= r.n_hyper; ++i) {
       const HyperDecl& h = hyper_decl(r, i);

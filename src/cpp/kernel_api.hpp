@@ -33,6 +33,20 @@ struct KernelInfo;
 OPTKERN_KERNELS(OPTKERN_KERNEL_INFO)
 #undef OPTKERN_KERNEL_INFO
 
+// Kernels with a reduction pass (OPTKERN_REDUCTIONS in rules.hpp): how many double sums per
+// block their first pass returns; 0 for the others.
+template <KernelId>
+struct Reduction {
+  static constexpr std::size_t sums = 0;
+};
+#define OPTKERN_REDUCTION_INFO(kname, n_sums)      \
+  template <>                                      \
+  struct Reduction<KernelId::kname> {              \
+    static constexpr std::size_t sums = n_sums;    \
+  };
+OPTKERN_REDUCTIONS(OPTKERN_REDUCTION_INFO)
+#undef OPTKERN_REDUCTION_INFO
+
 // One ISA build's entry points. Each updates elements [0, n) of the pointers it is given;
 // the multi-tensor driver offsets the pointers for each thread's range.
 struct KernelTable {
@@ -42,6 +56,15 @@ struct KernelTable {
   void (*name)(const S&, float* param, const float* grad, float* const* state, std::size_t n);
   OPTKERN_KERNELS(OPTKERN_KERNEL_SLOT)
 #undef OPTKERN_KERNEL_SLOT
+
+  // The first pass of each kernel with a reduction: name_reduce(scalars, param, grad, state, n,
+  // sums) over one block, writing Reduction<name>::sums double sums (each accumulated in a
+  // fixed order within the block) to sums[0..).
+#define OPTKERN_REDUCE_SLOT(kname, n_sums)                                                  \
+  void (*kname##_reduce)(const KernelInfo<KernelId::kname>::Scalars&, const float* param,   \
+                         const float* grad, float* const* state, std::size_t n, double* sums);
+  OPTKERN_REDUCTIONS(OPTKERN_REDUCE_SLOT)
+#undef OPTKERN_REDUCE_SLOT
 
   // Gradient norms, one block at a time, accumulated in double: the sum of |x|^p (p = 1, 2 or
   // any p > 0), or max |x| for p = inf. NaN or Inf in x makes the result NaN or Inf.

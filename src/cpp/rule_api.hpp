@@ -21,6 +21,8 @@ enum class Range {
   nonnegative,  // [0, inf)
   unit,         // [0, 1]
   unit_open,    // [0, 1)
+  open_unit,    // (0, 1): a factor that must shrink (Rprop's etaminus)
+  above_one,    // (1, inf): a factor that must grow (Rprop's etaplus)
   flag,         // a bool
 };
 
@@ -59,6 +61,11 @@ struct HyperError : std::invalid_argument {
 };
 
 // A rule's validated hyperparameters, looked up by name.
+class Hyper;
+// For a rule's check function: hyperparameters `lo` <= `hi` (e.g. Rprop's step_size_min and
+// step_size_max, torch's argument `torch`), refused otherwise.
+inline void require_order(const Hyper& h, const char* lo, const char* hi, const char* torch);
+
 class Hyper {
  public:
   Hyper(const HyperDecl* decl, std::size_t count, const double* values)
@@ -81,6 +88,13 @@ inline std::string number_str(double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.6g", v);
   return buf;
+}
+
+inline void require_order(const Hyper& h, const char* lo, const char* hi, const char* torch) {
+  if (!(h[lo] <= h[hi])) {
+    throw HyperError(std::string(torch) + ": " + lo + " must be <= " + hi + ", got " +
+                     number_str(h[lo]) + " > " + number_str(h[hi]));
+  }
 }
 
 // One tensor's step: its number (1 on the first), the gradient scale, and the checked rounding
@@ -150,6 +164,9 @@ struct RuleDecl {
   void (*scalars)(const Hyper&, const StepInfo&, void* out);
   const CarriedDecl* carried = nullptr;  // numbers per parameter (RULE_CARRIED), or none
   std::size_t n_carried = 0;
+  // Rules whose kernel has a reduction pass (OPTKERN_REDUCTIONS): turns one array's sums into
+  // that array's scalars (a copy of its step's scalars). nullptr for the others.
+  void (*per_array)(const double* sums, void* scalars) = nullptr;
 };
 
 template <class T, std::size_t N>
@@ -170,10 +187,27 @@ constexpr std::size_t count_of(const T (&)[N]) {
 // that also carries numbers per parameter from step to step (see CarriedDecl).
 #define RULE_CARRIED(kernel, name, cls, counts, hyper, states, carried, check, scalars, doc)      \
   RuleDecl {                                                                                      \
-    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states, count_of(states),    \
-        check, [](const Hyper& h, const StepInfo& t, void* out) {                                 \
+    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,              \
+        count_of(states), check,                                                                  \
+        [](const Hyper& h, const StepInfo& t, void* out) {                                        \
           scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));               \
-        }, carried, count_of(carried)                                                             \
+        },                                                                                        \
+        carried, count_of(carried)                                                                \
+  }
+
+// RULE_REDUCED(kernel, name, class, steps, hyper, states, check, scalars, per_array, doc): a rule
+// whose kernel has a reduction pass, with the function from its array's sums to its scalars.
+#define RULE_REDUCED(kernel, name, cls, counts, hyper, states, check, scalars, per_array, doc)   \
+  RuleDecl {                                                                                      \
+    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,              \
+        count_of(states), check,                                                                  \
+        [](const Hyper& h, const StepInfo& t, void* out) {                                        \
+          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));               \
+        },                                                                                        \
+        nullptr, 0,                                                                               \
+        [](const double* sums, void* out) {                                                       \
+          per_array(sums, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));             \
+        }                                                                                         \
   }
 
 }  // namespace optkern

@@ -138,6 +138,33 @@ struct AsgdStep {
   bool copy_average;  // mu == 1 (in float32, as torch tests it): ax <- p
 };
 
+struct LionStep {
+  float beta1, one_minus_beta1;  // the direction: sign(one_minus_beta1 * g + beta1 * exp_avg)
+  float beta2, one_minus_beta2;  // exp_avg <- one_minus_beta2 * g + beta2 * exp_avg
+  float neg_lr;                  // -lr
+  // grad_scale as every rule; has_weight_decay: u += weight_decay * p (decoupled, as optax's
+  // add_decayed_weights: it is added to the signed direction, not to the gradient).
+  GradientPrep grad;
+};
+
+struct RpropStep {
+  float etaminus, etaplus;              // the step size's factor where sign(g * prev) is -1, +1
+  float step_size_min, step_size_max;   // its clamp
+  float grad_scale;
+};
+
+struct LambStep {
+  float beta1, one_minus_beta1;       // exp_avg <- one_minus_beta1 * g + beta1 * exp_avg
+  float beta2, one_minus_beta2;       // exp_avg_sq <- one_minus_beta2 * g^2 + beta2 * exp_avg_sq
+  float inv_bias_correction1;         // 1 / (1 - beta1^step), per tensor
+  float inv_bias_correction2;         // 1 / (1 - beta2^step), per tensor
+  float eps;
+  float neg_lr;                       // -lr
+  float trust_ratio;                  // per array: filled after the reduction pass
+  // grad_scale as every rule; has_weight_decay: u += weight_decay * p (decoupled, as optax).
+  GradientPrep grad;
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -151,7 +178,20 @@ struct AsgdStep {
   X(adamax, AdamaxStep, 2, 4)       \
   X(nadam, NadamStep, 2, 4)         \
   X(radam, RadamStep, 2, 4)         \
-  X(asgd, AsgdStep, 1, 1)
+  X(asgd, AsgdStep, 1, 1)           \
+  X(lion, LionStep, 1, 1)           \
+  X(rprop, RpropStep, 2, 1)         \
+  X(lamb, LambStep, 2, 4)
+
+// Kernels with a reduction pass before their element-wise pass: X(name, sums). Such a kernel has
+// a second slot `name_reduce` in KernelTable, which the multi-tensor driver (Prepared in
+// bindings.cpp) runs first over fixed blocks of each array; it may write the state (LAMB writes
+// its new moments) and returns `sums` double partial sums per block. The driver adds each array's
+// blocks in block order (so the sums do not depend on the thread count), then the rule's
+// per_array function (its RULE_REDUCED declaration) turns the array's sums into that array's
+// scalars (LAMB's trust ratio), and then the element-wise kernel `name` runs with them.
+#define OPTKERN_REDUCTIONS(X) \
+  X(lamb, 2)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -446,6 +486,89 @@ inline void asgd_scalars(const Hyper& h, const StepInfo& t, AsgdStep& s) {
   mu = 1.0 / std::max(1.0, n - h["t0"]);
 }
 
+// Lion (optax.lion, Chen et al. 2023), with lion-pytorch's defaults and state name. The betas are
+// in [0, 1) as Adam's (lion-pytorch also takes 1, which freezes the moment or ignores it).
+constexpr HyperDecl kLionHyper[] = {
+    {"lr", Real::nonnegative, 1e-4, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.99, "betas", 1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kLionStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+};
+inline void lion_scalars(const Hyper& h, const StepInfo& t, LionStep& s) {
+  s.beta1 = t.f32(h["beta1"], "beta1");
+  s.one_minus_beta1 = t.f32(1.0 - h["beta1"], "1 - beta1");
+  s.beta2 = t.f32(h["beta2"], "beta2");
+  s.one_minus_beta2 = t.f32(1.0 - h["beta2"], "1 - beta2");
+  s.neg_lr = t.f32(-h["lr"], "lr");
+  s.grad = t.grad(h["weight_decay"]);
+}
+
+// Rprop (torch.optim.Rprop). torch checks 0 < etaminus < 1 < etaplus; optkern also refuses
+// negative step sizes and step_size_min > step_size_max (torch's clamp would then give the max).
+constexpr HyperDecl kRpropHyper[] = {
+    {"lr", Real::nonnegative, 1e-2, "lr", -1},
+    {"etaminus", Real::open_unit, 0.5, "etas", 0},
+    {"etaplus", Real::above_one, 1.2, "etas", 1},
+    {"step_size_min", Real::nonnegative, 1e-6, "step_sizes", 0},
+    {"step_size_max", Real::nonnegative, 50.0, "step_sizes", 1},
+};
+constexpr StateDecl kRpropStates[] = {
+    {"prev", "prevs", nullptr, nullptr},
+    {"step_size", "step_sizes", nullptr, "lr"},  // starts at lr, as torch's full_like(p, lr)
+};
+inline void rprop_check(const Hyper& h) {
+  require_order(h, "step_size_min", "step_size_max", "step_sizes");
+}
+inline void rprop_scalars(const Hyper& h, const StepInfo& t, RpropStep& s) {
+  s.etaminus = t.f32(h["etaminus"], "etaminus");
+  s.etaplus = t.f32(h["etaplus"], "etaplus");
+  s.step_size_min = t.f32(h["step_size_min"], "step_size_min");
+  s.step_size_max = t.f32(h["step_size_max"], "step_size_max");
+  s.grad_scale = static_cast<float>(t.grad_scale);
+}
+
+// LAMB (optax.lamb, You et al. 2019): Adam's direction plus decoupled decay, scaled per array by
+// the trust ratio norm(p) / norm(u). Two passes (see OPTKERN_REDUCTIONS): the first writes the
+// moments and sums p^2 and u^2; the second recomputes u from the new moments (the same float
+// operations, so the same bits whose norm was taken) and writes p.
+constexpr HyperDecl kLambHyper[] = {
+    {"lr", Real::nonnegative, 1e-3, "lr", -1},
+    {"beta1", Real::unit_open, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-6, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kLambStates[] = {
+    {"exp_avg", "exp_avgs", nullptr, nullptr},
+    {"exp_avg_sq", "exp_avg_sqs", nullptr, nullptr},
+};
+inline void lamb_scalars(const Hyper& h, const StepInfo& t, LambStep& s) {
+  const double beta1 = h["beta1"], beta2 = h["beta2"], n = static_cast<double>(t.step);
+  s.beta1 = t.f32(beta1, "beta1");
+  s.one_minus_beta1 = t.f32(1.0 - beta1, "1 - beta1");
+  s.beta2 = t.f32(beta2, "beta2");
+  s.one_minus_beta2 = t.f32(1.0 - beta2, "1 - beta2");
+  // Reciprocals in double, so the kernel multiplies (optax divides: within a rounding). A division
+  // per bias correction would make LAMB's two passes divide six times per element, which at 1M
+  // elements cost 2x its memory traffic on the 2-core AVX-512 machine.
+  s.inv_bias_correction1 = t.f32(1.0 / (1.0 - t.pow(beta1, n)), "1 / (1 - beta1^step)");
+  s.inv_bias_correction2 = t.f32(1.0 / (1.0 - t.pow(beta2, n)), "1 / (1 - beta2^step)");
+  s.eps = t.f32(h["eps"], "eps");
+  s.neg_lr = t.f32(-h["lr"], "lr");
+  s.trust_ratio = 1.0f;
+  s.grad = t.grad(h["weight_decay"]);
+}
+// sums = {sum of p^2, sum of u^2} over the array, in double. The ratio is 1 where either norm is
+// 0, NaN where either is NaN (as optax: a NaN anywhere in u makes the whole array NaN). It is
+// data, not a hyperparameter: rounded to float32 without the finiteness check.
+inline void lamb_per_array(const double* sums, LambStep& s) {
+  const double p_norm = std::sqrt(sums[0]), u_norm = std::sqrt(sums[1]);
+  s.trust_ratio = static_cast<float>(p_norm == 0.0 || u_norm == 0.0 ? 1.0 : p_norm / u_norm);
+}
+
 // -- the table -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
@@ -559,6 +682,40 @@ constexpr RuleDecl kRules[] = {
          "``eta`` starts at lr, ``mu`` at 1: numbers per parameter carried in the state, as torch\n"
          "does (so an lr changed by a schedule takes effect one step late, as in torch). ``ax``,\n"
          "the averaged point, is what to evaluate with. State: ``step``, ``eta``, ``mu``, ``ax``."),
+    RULE(lion, "lion", "Lion", first_only, kLionHyper, kLionStates, nullptr, lion_scalars,
+         "Lion, as optax.lion (Chen et al. 2023), with lion-pytorch's defaults::\n\n"
+         "    u       <- sign(beta1 * exp_avg + (1 - beta1) * g)    (sign(0) = 0, sign(NaN) = NaN)\n"
+         "    u       <- u + weight_decay * p                       (decoupled weight decay)\n"
+         "    p       <- p - lr * u\n"
+         "    exp_avg <- beta2 * exp_avg + (1 - beta2) * g\n\n"
+         "Every element moves by lr (plus the decay) or not at all. A NaN gradient makes its\n"
+         "element NaN, as in optax (lion-pytorch's torch.sign would give 0 and not move it).\n"
+         "State: ``exp_avg`` (lion-pytorch's name; no step count)."),
+    RULE(rprop, "rprop", "Rprop", counted, kRpropHyper, kRpropStates, rprop_check,
+         rprop_scalars,
+         "Rprop (resilient backpropagation), as torch.optim.Rprop::\n\n"
+         "    s         =  sign(g * prev)                       (torch's sign: 0 for NaN)\n"
+         "    step_size <- clamp(step_size * (etaplus if s > 0, etaminus if s < 0, 1 otherwise),\n"
+         "                       step_size_min, step_size_max)\n"
+         "    g         <- 0 where s < 0                (a flipped sign neither moves nor is kept)\n"
+         "    p         <- p - sign(g) * step_size\n"
+         "    prev      <- g\n\n"
+         "Only signs are used, so the gradient's scale does not matter. ``step_size`` starts at\n"
+         "lr, ``prev`` at zero. A NaN gradient moves nothing but is kept as ``prev``.\n"
+         "State: ``step``, ``prev``, ``step_size``."),
+    RULE_REDUCED(lamb, "lamb", "LAMB", used, kLambHyper, kLambStates, nullptr, lamb_scalars,
+                 lamb_per_array,
+         "LAMB, as optax.lamb (You et al. 2019): Adam's direction with decoupled weight decay,\n"
+         "scaled per parameter array by the trust ratio::\n\n"
+         "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g\n"
+         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+         "    u          =  (exp_avg / (1 - beta1^t)) / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps)\n"
+         "                   + weight_decay * p\n"
+         "    ratio      =  norm(p) / norm(u), or 1 where either norm is 0    (per array)\n"
+         "    p          <- p - lr * ratio * u\n\n"
+         "The norms are over each whole array, summed in double over fixed blocks, so the\n"
+         "result is the same for any number of threads; a NaN anywhere in u makes the array NaN,\n"
+         "as in optax. State: ``step``, ``exp_avg``, ``exp_avg_sq`` (torch's names for Adam's)."),
 };
 
 }  // namespace rules

@@ -23,7 +23,8 @@ __all__ = ["Rule", "Hyper", "State", "Carried", "rules", "rule", "as_real", "as_
 @dataclass(frozen=True)
 class Hyper:
     name: str  # as optkern.functional and _core take it
-    range: str  # "nonnegative", "unit", "unit_open" or "flag"
+    range: str  # "nonnegative", "unit" [0, 1], "unit_open" [0, 1), "open_unit" (0, 1),
+    #             "above_one" (1, inf) or "flag"
     default: Any
     torch: str  # torch.optim's argument: "betas" for beta1 and beta2
     slot: int  # -1, or the position within torch's tuple argument
@@ -60,6 +61,9 @@ class Rule:
     hyper: Tuple[Hyper, ...]
     states: Tuple[State, ...]
     carried: Tuple[Carried, ...] = ()
+    # Sums per block of the kernel's reduction pass (LAMB: 2, the norms of p and u), which runs
+    # over every array before the element-wise pass; 0 for a single element-wise pass.
+    reduction: int = 0
 
     # -- torch's view: arguments as the class takes them ---------------------------------------------
 
@@ -157,7 +161,7 @@ def _load() -> Dict[str, Rule]:
         out[r["name"]] = Rule(
             name=r["name"], cls=r["cls"], doc=r["doc"], counts_steps=r["counts_steps"],
             uses_step=r["uses_step"],
-            kernel=r["kernel"], weight=r["weight"],
+            kernel=r["kernel"], weight=r["weight"], reduction=r["reduction"],
             hyper=tuple(Hyper(**h) for h in r["hyper"] if h["name"] != "maximize"),
             states=tuple(State(**s) for s in r["states"]),
             carried=tuple(Carried(**c) for c in r["carried"]))

@@ -33,7 +33,8 @@ HYPER = {"SGD": dict(lr=0.01, momentum=0.9, weight_decay=1e-3), "Nesterov": dict
          "Momentum": dict(lr=0.05), "RMSprop": dict(lr=1e-3, centered=True, momentum=0.5),
          "Adagrad": dict(lr=0.05, lr_decay=1e-3), "Adadelta": dict(lr=1.0),
          "Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2), "Adamax": dict(lr=1e-2),
-         "NAdam": dict(lr=1e-2), "RAdam": dict(lr=1e-2), "ASGD": dict(lr=0.05, t0=20)}
+         "NAdam": dict(lr=1e-2), "RAdam": dict(lr=1e-2), "ASGD": dict(lr=0.05, t0=20),
+         "Lion": dict(lr=1e-3), "Rprop": dict(lr=1e-3), "LAMB": dict(lr=1e-2)}
 
 # a linear least-squares model with sizes that no N divides, and a layout with padding
 SHAPES = [(13, 7), (7,), (7, 3), (3,)]
@@ -108,7 +109,19 @@ def test_data_parallel_matches_one_process(cls):
     close(got, ref)
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+# ZeRO shards arrays element-wise: rules with a per-array reduction (LAMB) are refused.
+ZERO_CLASSES = [c for c in CLASSES if not c._rule.reduction]
+
+
+def test_zero_refuses_rules_that_reduce_over_an_array():
+    for cls in CLASSES:
+        if cls._rule.reduction:
+            p = [np.ones(5, np.float32)]
+            with pytest.raises(ValueError, match="cannot shard"):
+                okd.ZeroRedundancyOptimizer(cls, p, **HYPER[cls.__name__])
+
+
+@pytest.mark.parametrize("cls", ZERO_CLASSES, ids=lambda c: c.__name__)
 def test_zero_matches_one_process(cls):
     ref, ref_opt = reference(cls, max_grad_norm=0.5)
     got, zero = run_wrapped(lambda p: okd.ZeroRedundancyOptimizer(cls, p, **HYPER[cls.__name__]),

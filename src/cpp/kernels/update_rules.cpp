@@ -422,6 +422,59 @@ void asgd(const AsgdStep& s, float* p, const float* g, float* const* st, size_t 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Lion (optax.lion), in optax's order of operations:
+//   c = (1 - beta1) * g + beta1 * exp_avg;  u = sign(c) (+ weight_decay * p)
+//   p = p + (-lr) * u;  exp_avg = (1 - beta2) * g + beta2 * exp_avg
+template <bool kDecay>
+OK_LOOP void lion_impl(const LionStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                       float* OK_RESTRICT m, size_t n) {
+  const float b1 = s.beta1, c1 = s.one_minus_beta1, b2 = s.beta2, c2 = s.one_minus_beta2,
+              nlr = s.neg_lr, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float pi = p[i], gi = g[i] * gs, mi = m[i];
+    const float c = c1 * gi + b1 * mi;
+    float u = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c);  // jnp.sign: 0 stays 0, NaN stays NaN
+    if (kDecay) u = u + wd * pi;
+    p[i] = pi + nlr * u;
+    m[i] = c2 * gi + b2 * mi;
+  }
+}
+
+void lion(const LionStep& s, float* p, const float* g, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    lion_impl<decltype(decay)::value>(s, p, g, st[0], n);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rprop (torch.optim.Rprop). Signs are torch's: sign(NaN) is 0, so a NaN product keeps the step
+// size and a NaN gradient does not move p. torch's step_size.mul_(factor).clamp_(min, max) and
+// p.addcmul_(sign(g), step_size, value=-1) (sign * step_size is exact).
+OK_LOOP void rprop_impl(const RpropStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
+                        float* OK_RESTRICT prev, float* OK_RESTRICT step_size, size_t n) {
+  const float em = s.etaminus, ep = s.etaplus, lo = s.step_size_min, hi = s.step_size_max,
+              gs = s.grad_scale;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float gi = g[i] * gs;
+    const float prod = gi * prev[i];
+    const float factor = prod > 0.0f ? ep : (prod < 0.0f ? em : 1.0f);
+    float ss = step_size[i] * factor;
+    ss = ss < lo ? lo : (ss > hi ? hi : ss);  // torch.clamp: NaN stays NaN
+    const float gk = prod < 0.0f ? 0.0f : gi;
+    const float sign = gk > 0.0f ? 1.0f : (gk < 0.0f ? -1.0f : 0.0f);
+    p[i] = p[i] - sign * ss;
+    step_size[i] = ss;
+    prev[i] = gk;
+  }
+}
+
+void rprop(const RpropStep& s, float* p, const float* g, float* const* st, size_t n) {
+  rprop_impl(s, p, g, st[0], st[1], n);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gradient norms and clipping. Each block's sum is accumulated in double (a float squared is exact
 // in double); the caller adds the blocks up in a fixed order, so the result does not depend on
 // the number of threads.
@@ -524,9 +577,83 @@ void axpy(float* OK_RESTRICT a, const float* OK_RESTRICT b, float s, size_t n) {
   for (size_t i = 0; i < n; ++i) a[i] = OK_FMA(s, b[i], a[i]);
 }
 
+// ---------------------------------------------------------------------------------------------
+// LAMB (optax.lamb), in optax's order of operations. Pass 1 (lamb_reduce, per fixed block):
+//   exp_avg = (1 - beta1) * g + beta1 * exp_avg;  exp_avg_sq = (1 - beta2) * g^2 + beta2 * exp_avg_sq
+//   u = (exp_avg * (1 / bc1)) / (sqrt(exp_avg_sq * (1 / bc2)) + eps) (+ weight_decay * p)
+//   sums: p^2 and u^2 in double.
+// Pass 2 (lamb, with the array's trust ratio): u again from the new moments, p = p + (-lr) * (u * ratio).
+// Both passes compute u with lamb_direction, so pass 2 scales the very u whose norm was taken.
+template <bool kDecay>
+float lamb_direction(const LambStep& s, float p, float m, float v) {
+  const float u = (m * s.inv_bias_correction1) / (OK_SQRT(v * s.inv_bias_correction2) + s.eps);
+  return kDecay ? u + s.grad.weight_decay * p : u;
+}
+
+template <bool kDecay>
+OK_LOOP void lamb_reduce_impl(const LambStep& s, const float* OK_RESTRICT p,
+                              const float* OK_RESTRICT g, float* OK_RESTRICT m,
+                              float* OK_RESTRICT v, size_t n, double* sums) {
+  const float b1 = s.beta1, c1 = s.one_minus_beta1, b2 = s.beta2, c2 = s.one_minus_beta2,
+              gs = s.grad.grad_scale;
+  // LANES independent double sums per quantity, added in a fixed order (as lane_sum below).
+  double pp[LANES] = {}, uu[LANES] = {};
+  auto element = [&](size_t i, size_t j) {
+    const float gi = g[i] * gs;
+    const float mi = c1 * gi + b1 * m[i];
+    const float vi = c2 * (gi * gi) + b2 * v[i];
+    m[i] = mi;
+    v[i] = vi;
+    const float pi = p[i];
+    const float u = lamb_direction<kDecay>(s, pi, mi, vi);
+    pp[j] += static_cast<double>(pi) * static_cast<double>(pi);
+    uu[j] += static_cast<double>(u) * static_cast<double>(u);
+  };
+  size_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    OK_SIMD
+    for (size_t j = 0; j < LANES; ++j) element(i + j, j);
+  }
+  for (size_t j = 0; i < n; ++i, ++j) element(i, j);
+  double psum = 0.0, usum = 0.0;
+  for (size_t j = 0; j < LANES; ++j) {
+    psum += pp[j];
+    usum += uu[j];
+  }
+  sums[0] = psum;
+  sums[1] = usum;
+}
+
+template <bool kDecay>
+OK_LOOP void lamb_impl(const LambStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT m,
+                       const float* OK_RESTRICT v, size_t n) {
+  const float nlr = s.neg_lr, ratio = s.trust_ratio;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float pi = p[i];
+    p[i] = pi + nlr * (lamb_direction<kDecay>(s, pi, m[i], v[i]) * ratio);
+  }
+}
+
+void lamb_reduce(const LambStep& s, const float* p, const float* g, float* const* st, size_t n,
+                 double* sums) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    lamb_reduce_impl<decltype(decay)::value>(s, p, g, st[0], st[1], n, sums);
+  });
+}
+
+void lamb(const LambStep& s, float* p, const float*, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    lamb_impl<decltype(decay)::value>(s, p, st[0], st[1], n);
+  });
+}
+
 #define OPTKERN_KERNEL_ENTRY(name, S, states, weight) name,
 constexpr KernelTable kTable = {
     OPTKERN_KERNELS(OPTKERN_KERNEL_ENTRY)
+#define OPTKERN_REDUCE_ENTRY(name, n_sums) name##_reduce,
+    OPTKERN_REDUCTIONS(OPTKERN_REDUCE_ENTRY)
+#undef OPTKERN_REDUCE_ENTRY
     /*norm_block=*/norm_block,
     /*scale=*/scale,
     /*clamp=*/clamp,

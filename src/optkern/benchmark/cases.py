@@ -9,6 +9,8 @@ arrays; ``step()`` applies one update in place. Hyperparameters are the defaults
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -32,8 +34,14 @@ class Case:
     torch_name: str  # torch.optim class
     torch_kwargs: Dict = field(default_factory=dict)
     torch_fused: bool = False  # torch has a fused CPU kernel for it
+    # A rule torch.optim lacks is compared with its own reference package instead (the column
+    # "torch" then names it): a factory like the others, and the package's name.
+    oracle: Optional[Factory] = None
+    oracle_impl: str = ""
 
     def torch(self, params: Arrays, grads: Arrays) -> Step:
+        if self.oracle is not None:
+            return self.oracle(params, grads)
         import torch
 
         tparams = []
@@ -47,6 +55,8 @@ class Case:
 
     @property
     def torch_impl(self) -> str:
+        if self.oracle is not None:
+            return self.oracle_impl
         return "fused" if self.torch_fused else "foreach"
 
 
@@ -201,13 +211,58 @@ CASES: Dict[str, Case] = {c.key: c for c in [
 ]}
 
 # Every further rule of the registry, at its defaults: p and g read, p and each state array read
-# and written. There is no NumPy version until one is written for it above.
+# and written. A rule with a reduction pass (LAMB) makes two passes: the first reads p, g and the
+# state and writes the state (8 + 8n bytes), the second reads p and the state and writes p
+# (8 + 4n). There is no NumPy version until one is written for it above.
+def _registry_bytes(rule) -> int:
+    n = sum(s.when is None for s in rule.states)
+    return 16 + 12 * n if rule.reduction else 12 + 8 * n
+
+
 for _rule in ok.registry.rules():
     if _rule.name not in CASES and not any(c.label == _rule.cls or c.torch_name == _rule.cls
                                            for c in CASES.values()):
-        _n = sum(s.when is None for s in _rule.states)
-        CASES[_rule.name] = Case(_rule.name, _rule.cls, 12 + 8 * _n,
+        CASES[_rule.name] = Case(_rule.name, _rule.cls, _registry_bytes(_rule),
                                  _optkern(getattr(ok, _rule.cls)), None, _rule.cls)
+
+
+def _lion_pytorch(params: Arrays, grads: Arrays) -> Step:
+    """lion-pytorch's Lion (its default, per-parameter torch path) on tensors sharing the arrays."""
+    import torch
+    from lion_pytorch import Lion
+
+    tparams = []
+    for p, g in zip(params, grads):
+        t = torch.nn.Parameter(torch.from_numpy(p))
+        t.grad = torch.from_numpy(g)
+        tparams.append(t)
+    return Lion(tparams).step
+
+
+def _optax_lamb(params: Arrays, grads: Arrays) -> Step:
+    """optax.lamb at its defaults (lr=1e-3), one jitted update-and-apply with the params and
+    state donated (so XLA may update them in place), waited for each step."""
+    import jax
+    import optax
+
+    tx = optax.lamb(1e-3)
+    p = [jax.numpy.asarray(x) for x in params]
+    g = [jax.numpy.asarray(x) for x in grads]
+    holder = [p, tx.init(p)]
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(p, state, g):
+        u, state = tx.update(g, state, p)
+        return optax.apply_updates(p, u), state
+
+    def step() -> None:
+        holder[0], holder[1] = update(holder[0], holder[1], g)
+        jax.block_until_ready(holder[0])
+    return step
+
+
+CASES["lion"] = dataclasses.replace(CASES["lion"], oracle=_lion_pytorch, oracle_impl="lion-pt")
+CASES["lamb"] = dataclasses.replace(CASES["lamb"], oracle=_optax_lamb, oracle_impl="optax")
 
 
 def torch_available() -> Optional[str]:

@@ -81,8 +81,9 @@ class ZeroRedundancyOptimizer:
 
     **What shards.** Every optimizer in optkern updates each element from that element's
     parameter, gradient and state alone, so splitting the vector anywhere gives exactly the
-    update of the whole. A rule that looked at a whole array (a per-layer trust ratio, as LAMB's)
-    would not shard this way; there is none today. Every parameter needs a gradient at every
+    update of the whole. A rule that looks at a whole array (LAMB's per-array trust ratio: any
+    rule with a reduction pass, ``optimizer_class._rule.reduction``) does not shard this way and
+    is refused (DataParallel runs it whole on every rank). Every parameter needs a gradient at every
     step (None is refused: an element-wise shard cannot skip one parameter).
 
     **Memory.** Optimizer state per rank is 1/N of the whole (:meth:`state_bytes`). Each rank
@@ -106,6 +107,13 @@ class ZeroRedundancyOptimizer:
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, ok.Optimizer)):
             raise TypeError(f"optimizer_class must be an optkern Optimizer class, got "
                             f"{optimizer_class!r}")
+        rule = getattr(optimizer_class, "_rule", None)
+        if rule is not None and rule.reduction:  # before any collective: every rank refuses
+            raise ValueError(
+                f"ZeroRedundancyOptimizer cannot shard {optimizer_class.__name__}: its update "
+                f"scales each parameter array by a number computed from the whole array (a "
+                f"reduction over it), and ZeRO stage 1 splits the arrays element-wise across "
+                f"ranks; use DataParallel")
         self._coll = Collectives(comm, timeout, on_error)
         self.comm = self._coll.comm
         self.optimizer_class = optimizer_class

@@ -25,12 +25,19 @@ OPTIMIZERS: Dict[str, Callable[..., ok.Optimizer]] = {
     "ASGD": ok.ASGD,
 }
 
+#: The registry's other optimizer classes (Adamax, Lion, Rprop, LAMB, ...): not in the examples'
+#: default comparisons, whose tables and tests cover the ones above, but selectable by name
+#: (``python -m optkern.examples.mlp --sweep --optimizers Lion LAMB``).
+MORE_OPTIMIZERS: Dict[str, Callable[..., ok.Optimizer]] = {
+    r.cls: getattr(ok, r.cls) for r in ok.registry.rules() if r.cls not in OPTIMIZERS}
+
 
 def make_optimizer(name: str, params: List[np.ndarray], **hyper: Any) -> ok.Optimizer:
     try:
-        cls = OPTIMIZERS[name]
+        cls = {**OPTIMIZERS, **MORE_OPTIMIZERS}[name]
     except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
+        raise ValueError(f"unknown optimizer {name!r}; choose from "
+                         f"{', '.join([*OPTIMIZERS, *MORE_OPTIMIZERS])}") from None
     return cls(params, **hyper)
 
 

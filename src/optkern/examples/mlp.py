@@ -24,7 +24,7 @@ import numpy as np
 
 from optkern.data import batches, num_batches
 from optkern._platform import describe_machine
-from optkern.examples._common import (OPTIMIZERS, describe, fmt, format_table,
+from optkern.examples._common import (MORE_OPTIMIZERS, OPTIMIZERS, describe, fmt, format_table,
                                       make_optimizer, new_figure, no_matplotlib_note, print_report,
                                       save_figure, Stopwatch)
 from optkern.examples._blas import blas_threads
@@ -173,7 +173,8 @@ def run(optimizers: Optional[Sequence[str]] = None, hyper: Optional[Dict[str, Di
         results = {}
         for i, name in enumerate(names):
             cb = None if progress is None else (lambda e, l, i=i, n=name: progress(n, i, e, l))
-            results[name] = train(name, hyper[name], data, hidden, epochs, batch_size, seed, cb)
+            results[name] = train(name, hyper.get(name, {}), data, hidden, epochs, batch_size, seed,
+                                  cb)
     return dict(results=results, settings=dict(n_train=n_train, n_test=n_test,
                                                hidden=tuple(hidden), epochs=epochs,
                                                batch_size=batch_size, seed=seed))
@@ -197,7 +198,7 @@ def sweep(optimizers: Optional[Sequence[str]] = None,
         for name in names:
             out[name] = {}
             for lr in lrs:
-                h = {**DEFAULT_HYPER[name], "lr": lr}
+                h = {**DEFAULT_HYPER.get(name, {}), "lr": lr}
                 r = train(name, h, data, hidden, epochs, batch_size, seed)
                 ok_ = r["finite"] and np.isfinite(r["final_test_loss"])
                 out[name][lr] = ((r["final_test_loss"], r["final_test_acc"]) if ok_
@@ -290,7 +291,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS),
-                        choices=list(OPTIMIZERS))
+                        choices=[*OPTIMIZERS, *MORE_OPTIMIZERS])
     parser.add_argument("--sweep", action="store_true",
                         help="print validation accuracy over a grid of learning rates instead")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the curves")
