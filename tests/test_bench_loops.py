@@ -4,6 +4,9 @@ asserted (this is a check of the benchmark's plumbing, not a benchmark)."""
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -117,6 +120,55 @@ def test_busy_neighbour_killed_on_interrupt():
         mp.undo()
     assert seen == ["busy"] and len(pids) == 1
     assert _gone(pids[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_busy_neighbour_dies_with_its_parent():
+    """A parent killed with SIGKILL (no finally runs) takes its spinning child with it; and the
+    child is started without forking this process through a preexec_fn (JAX, say, warns then)."""
+    code = ("import os, sys, time\n"
+            "from optkern.benchmark import loops\n"
+            "with loops.busy_neighbour() as proc:\n"
+            "    print(proc.pid, flush=True)\n"
+            "    time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert not _gone(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while not _child_gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _child_gone(child)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()
+
+
+def _child_gone(pid: int) -> bool:
+    """Gone, or a zombie waiting for init to reap it (it no longer runs)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_busy_neighbour_uses_no_preexec_fn(monkeypatch):
+    seen = {}
+    real = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loops.subprocess, "Popen", popen)
+    with loops.busy_neighbour():
+        pass
+    assert seen.get("preexec_fn") is None
 
 
 def test_without_torch_the_torch_condition_is_skipped(monkeypatch, tmp_path, capsys):

@@ -31,7 +31,6 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -314,13 +313,20 @@ def run_worker(cfg: Dict[str, object]) -> Dict[str, object]:
 
 # -- the parent: conditions, the busy neighbour ----------------------------------------------------
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+# The spinning child asks the kernel to kill it when its parent dies (Linux's PR_SET_PDEATHSIG),
+# then checks that the parent is still the one that started it (it may have died before). Done by
+# the child itself, not in a preexec_fn: a preexec_fn makes subprocess fork() this (multithreaded)
+# process, which libraries such as JAX warn about.
+_SPIN = """import ctypes, os, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit()
+while True:
+    pass
+"""
 
 
 @contextlib.contextmanager
@@ -328,9 +334,8 @@ def busy_neighbour() -> Iterator[subprocess.Popen]:
     """One other process spinning on one core for the duration of the block; killed on the way
     out whatever happens (exception, Ctrl-C), and with this process on Linux."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        [sys.executable, "-c", _SPIN, str(os.getpid())], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         time.sleep(0.05)  # let it start spinning
         yield proc
