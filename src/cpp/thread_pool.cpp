@@ -235,11 +235,6 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   }
   std::unique_lock<std::mutex> owner(g_owner, std::try_to_lock);
   if (!owner.owns_lock()) return run_serial(chunks, fn, ctx);  // busy: run on this thread
-  if (g_skip > 0 && g_adaptive.load(std::memory_order_relaxed)) {  // helpers were late
-    --g_skip;
-    g_stat_serial.fetch_add(1, std::memory_order_relaxed);
-    return run_serial(chunks, fn, ctx);
-  }
   Pool* p = pool();
   const int want = static_cast<int>(std::min<std::size_t>(chunks - 1, threads - 1));
   while (p->helpers < want && !p->refused) {
@@ -448,6 +443,19 @@ void fail_thread_creation_after(long k) {
 int helpers() {
   std::lock_guard<std::mutex> owner(g_owner);
   return g_pool == nullptr ? 0 : g_pool->helpers;
+}
+
+bool skip_helpers() {
+#if defined(OPTKERN_HAVE_THREADS)
+  if (!g_adaptive.load(std::memory_order_relaxed) || t_in_pool) return false;
+  std::unique_lock<std::mutex> owner(g_owner, std::try_to_lock);
+  if (!owner.owns_lock() || g_skip <= 0) return false;
+  --g_skip;
+  g_stat_serial.fetch_add(1, std::memory_order_relaxed);
+  return true;
+#else
+  return false;
+#endif
 }
 
 void set_adaptive(bool on) {
