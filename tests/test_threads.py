@@ -33,6 +33,8 @@ def _restore_pool_hooks():
     yield
     ok._core._set_chunk_elements(0)
     ok._core._fail_thread_creation_after(-1)
+    ok._core._pause_helpers(False)
+    ok._core._set_adaptive_threads(True)
 
 SIZES = [1023, 100003, 17, 5000, 0, 64]
 
@@ -323,6 +325,49 @@ if __name__ == "__main__":
     script.write_text(code)
     assert python(f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')",
                   timeout=120) == "True"
+
+
+def _late_helper_calls(adaptive, calls):
+    """`calls` multi-threaded functional Adam calls with every helper late (paused): the pool's
+    counters over them, and the results."""
+    from optkern import functional as F
+    ok.set_num_threads(2)
+    ok._core._set_min_elements_per_thread(1)
+    ok._core._set_chunk_elements(64)
+    ok._core._set_adaptive_threads(adaptive)
+    ok._core._pause_helpers(True)
+    rng = np.random.default_rng(3)
+    p, g = rng.standard_normal(5000).astype(np.float32), rng.standard_normal(5000).astype(np.float32)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    before = ok._core._pool_stats()
+    for k in range(calls):
+        F.adam_([p], [g], [m], [v], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=k + 1)
+    after = ok._core._pool_stats()
+    ok._core._pause_helpers(False)
+    return {k: after[k] - before[k] for k in after}, [bits(p), bits(m), bits(v)]
+
+
+@pytest.mark.skipif(not THREADED, reason="single-threaded build")
+def test_late_helpers_back_off():
+    """When the helpers ran no chunk of two calls in a row, the next 4 calls run on the calling
+    thread alone, then one probes with helpers; a late probe doubles the backoff. Results are
+    the same as with adaptation off and as on one thread."""
+    assert ok._core._adaptive_threads()
+    on, on_bits = _late_helper_calls(True, 10)
+    # calls 1, 2 late -> 3-6 alone -> 7 late (probe) -> 8-10 alone (backoff 8)
+    assert on == {"calls": 3, "helper_chunks": 0, "late_calls": 3, "serial_calls": 7}
+    off, off_bits = _late_helper_calls(False, 10)
+    assert off == {"calls": 10, "helper_chunks": 0, "late_calls": 10, "serial_calls": 0}
+    ok._core._set_adaptive_threads(True)
+    assert on_bits == off_bits
+    from optkern import functional as F
+    ok.set_num_threads(1)
+    rng = np.random.default_rng(3)
+    p, g = rng.standard_normal(5000).astype(np.float32), rng.standard_normal(5000).astype(np.float32)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    for k in range(10):
+        F.adam_([p], [g], [m], [v], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=k + 1)
+    assert [bits(p), bits(m), bits(v)] == on_bits
 
 
 def test_python_threads_while_pool_busy():

@@ -597,3 +597,12 @@ def test_bench_torch_runs_small(capsys):
     tb.report_torch({"torch": torch.__version__, "threads": 1, "steps": steps,
                      "loop": [dict(steps[0], params=1000)], "overhead": over})
     assert "RMSprop" in capsys.readouterr().out
+
+
+def test_bench_torch_pairs_alternate_order():
+    """The step benchmark swaps which of the two runs first every repeat, so that neither
+    always runs right after the other (torch's OpenMP workers spin for a while after its ops)."""
+    from optkern.benchmark import torch_bench as tb
+    calls = []
+    tb._median_pair(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4, inner=2)
+    assert "".join(calls) == "ab" + "aabb" + "bbaa" + "aabb" + "bbaa"

@@ -1089,6 +1089,22 @@ PYBIND11_MODULE(_core, m) {
   m.def("_set_spin_us", &pool::set_spin_us, py::arg("us"),
         "Benchmark hook: how long an idle helper looks for work before it sleeps.");
   m.def("_spin_us", &pool::spin_us);
+  m.def("_set_adaptive_threads", &pool::set_adaptive, py::arg("on"),
+        "Benchmark hook: after calls whose helpers ran no chunk, run the next calls on the "
+        "calling thread alone for a while (on by default). Setting it resets that state.");
+  m.def("_adaptive_threads", &pool::adaptive);
+  m.def("_pause_helpers", &pool::pause_helpers, py::arg("paused"),
+        "Testing hook: helpers wake but take no chunk, as if every one were late.");
+  m.def("_pool_stats", [] {
+    const pool::Stats s = pool::stats();
+    py::dict d;
+    d["calls"] = s.calls;
+    d["helper_chunks"] = s.helper_chunks;
+    d["late_calls"] = s.late_calls;
+    d["serial_calls"] = s.serial_calls;
+    return d;
+  }, "Counters: multi-threaded calls, chunks run by helpers, calls whose helpers ran none, "
+     "calls run alone because helpers had been late.");
   m.def("_parse_thread_count", [](const std::string& s) { return pool::parse_thread_count(s.c_str()); });
   m.def("_cpus_from_cpu_max", &pool::cpus_from_cpu_max);
   m.def("_cpus_from_cfs", &pool::cpus_from_cfs);

@@ -30,7 +30,8 @@ std::atomic<std::size_t> g_chunk_elements{0};
 // Threads worth using for this much work: one below the threshold, never more than asked for.
 int threads_for(std::size_t work) {
   const std::size_t by_size = work / min_elements_per_thread();
-  return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(num_threads(), by_size)));
+  const int n = static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(num_threads(), by_size)));
+  return n > 1 && pool::skip_helpers() ? 1 : n;
 }
 
 // Items per chunk for `count` items of `weight` elements each, on `threads` threads.

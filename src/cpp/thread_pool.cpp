@@ -47,6 +47,24 @@ constexpr auto CALLER_SPIN = std::chrono::microseconds(50);
 std::atomic<int> g_spin_us{0};
 std::atomic<long> g_fail_after{-1};
 
+// Late helpers. When no helper ran a single chunk of LATE_CALLS calls in a row (they woke after
+// the caller had taken every chunk: no free core, another library's threads spinning on it, a
+// busy machine), waking them only costs: a context switch that lands on the next matmul's
+// threads. The pool then runs the next `backoff` calls on the calling thread alone and probes
+// again; a late probe doubles the backoff (up to MAX_BACKOFF calls), a probe that a helper
+// helps ends it. Results do not change: the kernels are bit-identical for any thread count.
+constexpr int LATE_CALLS = 2;
+constexpr int FIRST_BACKOFF = 4;
+constexpr int MAX_BACKOFF = 64;
+std::atomic<bool> g_adaptive{true};
+std::atomic<bool> g_paused{false};  // testing hook: helpers wake but take no chunk
+// Guarded by g_owner (only the call owning the pool reads or writes them).
+int g_late_streak = 0;
+int g_backoff = 0;
+int g_skip = 0;
+std::atomic<std::uint64_t> g_stat_calls{0}, g_stat_helper_chunks{0}, g_stat_late{0},
+    g_stat_serial{0};
+
 // Checks `done()` with a pause between checks for up to `limit`; true when it became true.
 template <class Done>
 bool spin_until(Done&& done, Clock::duration limit) {
@@ -96,12 +114,14 @@ Pool* g_pool = nullptr;
 // Held by the thread whose call is running on the pool, and by fork's prepare handler.
 std::mutex g_owner;
 
-// Claims and runs chunks of generation g until none is left.
-void work(Pool* p, std::uint32_t g) {
-  for (;;) {
+// Claims and runs chunks of generation g until none is left; returns how many it ran.
+std::size_t work(Pool* p, std::uint32_t g) {
+  for (std::size_t ran = 0;; ++ran) {
     std::uint64_t c = p->claim.load(std::memory_order_acquire);
     do {
-      if (static_cast<std::uint32_t>(c >> 32) != g || static_cast<std::uint32_t>(c) == 0) return;
+      if (static_cast<std::uint32_t>(c >> 32) != g || static_cast<std::uint32_t>(c) == 0) {
+        return ran;
+      }
     } while (!p->claim.compare_exchange_weak(c, c - 1, std::memory_order_acq_rel,
                                              std::memory_order_acquire));
     // The call cannot end before this chunk is counted done, so its fields are still its own.
@@ -137,7 +157,7 @@ void helper_main(Pool* p, std::uint32_t seen) {
       p->wake_cv.wait(lock, fresh);
     }
     seen = g;
-    if (join(p, g)) work(p, g);
+    if (!g_paused.load(std::memory_order_relaxed) && join(p, g)) work(p, g);
   }
 }
 
@@ -245,13 +265,30 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   } else {
     for (int i = 0; i < helpers; ++i) p->wake_cv.notify_one();
   }
-  work(p, g);  // the calling thread starts at once and takes whatever no helper has claimed
+  // The calling thread starts at once and takes whatever no helper has claimed.
+  const std::size_t mine = work(p, g);
   auto finished = [&] { return p->done.load(std::memory_order_acquire) == chunks; };
   if (!spin_until(finished, CALLER_SPIN)) {
     std::unique_lock<std::mutex> lock(p->done_m);
     p->done_cv.wait(lock, finished);
   }
   t_in_pool = false;
+  g_stat_calls.fetch_add(1, std::memory_order_relaxed);
+  g_stat_helper_chunks.fetch_add(chunks - mine, std::memory_order_relaxed);
+  if (mine < chunks) {  // a helper helped
+    g_late_streak = 0;
+    g_backoff = 0;
+  } else {
+    g_stat_late.fetch_add(1, std::memory_order_relaxed);
+    if (g_backoff > 0) {  // a late probe after a backoff
+      g_backoff = std::min(2 * g_backoff, MAX_BACKOFF);
+      g_skip = g_backoff;
+    } else if (++g_late_streak >= LATE_CALLS) {
+      g_late_streak = 0;
+      g_backoff = FIRST_BACKOFF;
+      g_skip = g_backoff;
+    }
+  }
 #else
   (void)threads;
   run_serial(chunks, fn, ctx);
@@ -406,6 +443,32 @@ void fail_thread_creation_after(long k) {
 int helpers() {
   std::lock_guard<std::mutex> owner(g_owner);
   return g_pool == nullptr ? 0 : g_pool->helpers;
+}
+
+bool skip_helpers() {
+#if defined(OPTKERN_HAVE_THREADS)
+  if (!g_adaptive.load(std::memory_order_relaxed) || t_in_pool) return false;
+  std::unique_lock<std::mutex> owner(g_owner, std::try_to_lock);
+  if (!owner.owns_lock() || g_skip <= 0) return false;
+  --g_skip;
+  g_stat_serial.fetch_add(1, std::memory_order_relaxed);
+  return true;
+#else
+  return false;
+#endif
+}
+
+void set_adaptive(bool on) {
+  std::lock_guard<std::mutex> owner(g_owner);
+  g_adaptive.store(on, std::memory_order_relaxed);
+  g_late_streak = g_backoff = g_skip = 0;
+}
+bool adaptive() { return g_adaptive.load(std::memory_order_relaxed); }
+void pause_helpers(bool paused) { g_paused.store(paused, std::memory_order_relaxed); }
+Stats stats() {
+  return {g_stat_calls.load(std::memory_order_relaxed),
+          g_stat_helper_chunks.load(std::memory_order_relaxed),
+          g_stat_late.load(std::memory_order_relaxed), g_stat_serial.load(std::memory_order_relaxed)};
 }
 
 void set_spin_us(int us) { g_spin_us.store(std::max(0, std::min(us, 100000)), std::memory_order_relaxed); }

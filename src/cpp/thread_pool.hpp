@@ -50,6 +50,21 @@ void fail_thread_creation_after(long k);
 int helpers();
 // How long (microseconds) an idle helper checks for new work before it sleeps.
 void set_spin_us(int us);
+// Late helpers (thread_pool.cpp): after calls whose helpers ran no chunk, the next calls run on
+// the calling thread alone for a while. On by default; off for measurements (resets the state).
+void set_adaptive(bool on);
+// True when the next call should run on the calling thread alone (helpers were late: it counts
+// the call as one of the backoff). Callers then take their single-thread path, unchunked.
+bool skip_helpers();
+bool adaptive();
+// Testing hook: helpers wake but take no chunk, as if every one were late.
+void pause_helpers(bool paused);
+// Counters since the process started: multi-threaded calls, chunks the helpers ran, calls whose
+// helpers ran none, and calls run on the calling thread alone because helpers had been late.
+struct Stats {
+  unsigned long long calls, helper_chunks, late_calls, serial_calls;
+};
+Stats stats();
 int spin_us();
 
 }  // namespace pool

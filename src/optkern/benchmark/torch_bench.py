@@ -30,13 +30,16 @@ CONFIGS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
 
 def _median_pair(fa: Callable[[], None], fb: Callable[[], None], repeats: int,
                  inner: int) -> Tuple[float, float]:
-    """Median seconds per call of fa and fb, timed alternately (a, b, a, b, ...)."""
+    """Median seconds per call of fa and fb, timed alternately, the order swapped every repeat
+    (a, b, b, a, a, b, ...): each follows the other as often, so neither always runs while
+    torch's OpenMP workers still spin from the other's last op (docs/torch.md)."""
     ta: List[float] = []
     tb: List[float] = []
     fa()
     fb()  # warm-up: state allocation, first-touch of pages
-    for _ in range(repeats):
-        for f, out in ((fa, ta), (fb, tb)):
+    for r in range(repeats):
+        pairs = ((fa, ta), (fb, tb))
+        for f, out in pairs if r % 2 == 0 else pairs[::-1]:
             t0 = time.perf_counter()
             for _ in range(inner):
                 f()
