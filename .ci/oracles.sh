@@ -24,7 +24,8 @@ else
   python3 -m venv .ci-venv-oracles
   py=.ci-venv-oracles/bin/python
   "$py" -m pip install --upgrade pip >/dev/null
-  "$py" -m pip install ".[test]"
+  # its own build directory: .ci/run builds the other environments at the same time
+  "$py" -m pip install ".[test]" -C build-dir=build/oracles
 fi
 
 echo "== oracles into $py"
