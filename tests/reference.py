@@ -303,6 +303,11 @@ class Reference:
         """The package's per-group scalars for step k+1: the warmed-up rate and the weight c of
         the new point in the average. Advances k, weight_sum and lr_max."""
         grp = self.group
+        if self.counters_in_state:  # optkern's layout: the step and the numbers it carries
+            grp["k"] = self.t
+            for key in ("lr_max", "weight_sum"):
+                if key in self.state:
+                    grp[key] = self.state[key]
         k = grp["k"]
         sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
         lr = lr * sched
@@ -321,7 +326,7 @@ class Reference:
         lr, ckp1, k = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
         bias_correction2 = 1 - beta2 ** (k + 1)
         y = self.p
-        z = self.state.get("z", y.copy())
+        z = y.copy() if k == 0 or "z" not in self.state else self.state["z"]  # z starts at y
         v = beta2 * self.zeros("exp_avg_sq") + (1 - beta2) * (g * g)
         denom = np.sqrt(v / bias_correction2) + eps
         gn = g / denom
@@ -334,9 +339,9 @@ class Reference:
 
     def _schedulefreesgd(self, g, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
                          weight_lr_power=2.0):
-        lr, ckp1, _ = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
+        lr, ckp1, k = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
         y = self.p
-        z = self.state.get("z", y.copy())
+        z = y.copy() if k == 0 or "z" not in self.state else self.state["z"]  # z starts at y
         if weight_decay != 0:
             g = g + weight_decay * y
         y = lerp(y, z, ckp1)

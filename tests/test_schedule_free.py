@@ -130,3 +130,14 @@ def test_new_group_takes_the_current_mode_and_beta_is_in_the_open_interval():
         ok.ScheduleFreeSGD([np.ones(2, np.float32)], momentum=0.0)
     with pytest.raises(ValueError, match=r"beta1 must be in \(0, 1\)"):
         ok.ScheduleFreeAdamW([np.ones(2, np.float32)], betas=(0.0, 0.999))
+
+
+def test_a_warmed_up_lr_float32_cannot_hold_is_refused_and_changes_nothing():
+    """lr * t / warmup_steps, as the package computes it: warmup_steps=1e-300 at step 1 makes
+    an lr of 1e297, refused before anything is written."""
+    p = np.ones(5, np.float32)
+    opt = ok.ScheduleFreeSGD([p], lr=0.1, warmup_steps=1e-300)
+    with pytest.raises(ValueError, match="float32 cannot hold"):
+        opt.step([np.ones(5, np.float32)])
+    np.testing.assert_array_equal(p, np.ones(5, np.float32))
+    assert p not in opt.state or opt.state[p].get("step", 0) == 0

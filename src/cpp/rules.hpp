@@ -635,7 +635,7 @@ inline void schedule_free_common(const Hyper& h, const StepInfo& t, double beta1
   const double new_sum = weight_sum + weight;
   const double c = new_sum != 0.0 ? weight / new_sum : 0.0;
   s.average = lerp_weight(c);
-  s.y_coeff = t.f32(lr * (beta1 * (1.0 - c) - 1.0), "lr * (beta1 * (1 - c) - 1)");
+  s.y_coeff = t.f32(lr * (beta1 * (1.0 - c) - 1.0), "lr * (beta * (1 - c) - 1)");
   s.neg_lr = t.f32(-lr, "lr");
   s.grad = t.grad(h["weight_decay"]);
   s.init_z = t.first;
