@@ -38,10 +38,18 @@ def _norm(x: np.ndarray) -> float:
 FLOAT32_RULES = ("Lion",)
 
 
+#: The rules whose parameter holds y (train mode) or x (eval mode): see ``train`` and ``eval``.
+SCHEDULE_FREE = ("ScheduleFreeAdamW", "ScheduleFreeSGD")
+
+
 class Reference:
     """``dtype=np.float32`` evaluates the same formulas in float32 (in torch's order of
     operations), for inputs whose float64 result float32 cannot represent (gradients of 1e20).
     The default is float64, float32 for the rules of ``FLOAT32_RULES``."""
+
+    #: Schedule-Free: also keep the step and the group's lr_max and weight_sum in the parameter's
+    #: state, as optkern does (the package keeps them in the group only).
+    counters_in_state = True
 
     def __init__(self, name: str, p0: np.ndarray, dtype: Any = None, **hp: Any) -> None:
         if dtype is None:
@@ -52,6 +60,9 @@ class Reference:
         self.hp = hp
         self.state: Dict[str, Any] = {}
         self.t = 0
+        # Schedule-Free's per-group counters, as schedulefree names them. optkern's classes start
+        # in train mode (the package in eval mode: ReferenceNew starts there).
+        self.group = {"k": 0, "weight_sum": 0.0, "lr_max": -1.0, "train_mode": True}
 
     def zeros(self, key: str, fill: float = 0.0) -> np.ndarray:
         if key not in self.state:
@@ -59,6 +70,8 @@ class Reference:
         return self.state[key]
 
     def step(self, grad: np.ndarray, grad_scale: float = 1.0) -> None:
+        if self.name in SCHEDULE_FREE and not self.group["train_mode"]:
+            raise RuntimeError("Schedule-Free: step() in eval mode; call train() first")
         g = np.asarray(grad, dtype=self.dtype) * grad_scale
         if self.hp.get("maximize", False):
             g = -g
@@ -278,6 +291,86 @@ class Reference:
         self.p = self.p + (-lr) * (u * ratio)
         self.state.update(exp_avg=m, exp_avg_sq=v, step=t)
 
+    # -- schedulefree ----------------------------------------------------------------------------
+
+    def _schedule_hp(self):
+        keys = ("lr", "warmup_steps", "r", "weight_lr_power")
+        defaults = {"lr": 0.0025 if self.name == "ScheduleFreeAdamW" else 1.0,
+                    "warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0}
+        return {k: self.hp.get(k, defaults[k]) for k in keys}
+
+    def _schedule_free_weights(self, lr, warmup_steps, r, weight_lr_power):
+        """The package's per-group scalars for step k+1: the warmed-up rate and the weight c of
+        the new point in the average. Advances k, weight_sum and lr_max."""
+        grp = self.group
+        if self.counters_in_state:  # optkern's layout: the step and the numbers it carries
+            grp["k"] = self.t
+            for key in ("lr_max", "weight_sum"):
+                if key in self.state:
+                    grp[key] = self.state[key]
+        k = grp["k"]
+        sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
+        lr = lr * sched
+        grp["lr_max"] = lr_max = max(lr, grp["lr_max"])
+        weight = ((k + 1) ** r) * (lr_max ** weight_lr_power)
+        grp["weight_sum"] = weight_sum = grp["weight_sum"] + weight
+        ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+        grp["k"] = k + 1
+        if self.counters_in_state:
+            self.state.update(step=k + 1, lr_max=grp["lr_max"], weight_sum=grp["weight_sum"])
+        return lr, ckp1, k
+
+    def _schedulefreeadamw(self, g, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                           warmup_steps=0, r=0.0, weight_lr_power=2.0):
+        beta1, beta2 = betas
+        lr, ckp1, k = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
+        bias_correction2 = 1 - beta2 ** (k + 1)
+        y = self.p
+        z = y.copy() if k == 0 or "z" not in self.state else self.state["z"]  # z starts at y
+        v = beta2 * self.zeros("exp_avg_sq") + (1 - beta2) * (g * g)
+        denom = np.sqrt(v / bias_correction2) + eps
+        gn = g / denom
+        if weight_decay != 0:
+            gn = gn + weight_decay * y  # the decay is taken at y
+        y = lerp(y, z, ckp1)
+        y = y + (lr * (beta1 * (1 - ckp1) - 1)) * gn
+        self.state.update(z=z - lr * gn, exp_avg_sq=v)
+        self.p = y
+
+    def _schedulefreesgd(self, g, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
+                         weight_lr_power=2.0):
+        lr, ckp1, k = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
+        y = self.p
+        z = y.copy() if k == 0 or "z" not in self.state else self.state["z"]  # z starts at y
+        if weight_decay != 0:
+            g = g + weight_decay * y
+        y = lerp(y, z, ckp1)
+        y = y + (lr * (momentum * (1 - ckp1) - 1)) * g
+        self.state["z"] = z - lr * g
+        self.p = y
+
+    def _interpolation(self) -> float:
+        """beta1 (AdamW) or momentum (SGD): the weight of y between x and z."""
+        if self.name == "ScheduleFreeAdamW":
+            return self.hp.get("betas", (0.9, 0.999))[0]
+        return self.hp.get("momentum", 0.9)
+
+    def train(self) -> None:
+        """x -> y = (1 - beta) x + beta z, as the package's ``train()`` (a no-op before the
+        first step: there is no z yet)."""
+        if not self.group["train_mode"]:
+            if "z" in self.state:
+                self.p = lerp(self.p, self.state["z"], 1 - self._interpolation())
+            self.group["train_mode"] = True
+
+    def eval(self) -> None:
+        """y -> x = (y - (1 - beta) z) / beta, as the package's ``eval()``: the lerp from y
+        towards z with weight 1 - 1/beta (negative)."""
+        if self.group["train_mode"]:
+            if "z" in self.state:
+                self.p = lerp(self.p, self.state["z"], 1 - 1 / self._interpolation())
+            self.group["train_mode"] = False
+
 
 #: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
 #: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
@@ -340,6 +433,13 @@ CASES = [
     ("LAMB", dict()),
     ("LAMB", dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01)),
     ("LAMB", dict(lr=1e-3, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.1, maximize=True)),
+    ("ScheduleFreeAdamW", dict()),
+    ("ScheduleFreeAdamW", dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0,
+                               weight_decay=0.1)),
+    ("ScheduleFreeAdamW", dict(betas=(0.5, 0.9), eps=1e-4, weight_lr_power=0.0, maximize=True)),
+    ("ScheduleFreeSGD", dict(lr=0.01)),
+    ("ScheduleFreeSGD", dict(lr=0.005, momentum=0.8, warmup_steps=10, r=1.0, weight_decay=0.1)),
+    ("ScheduleFreeSGD", dict(lr=0.01, momentum=0.5, weight_lr_power=0.0, maximize=True)),
 ]
 
 

@@ -21,29 +21,24 @@ import math
 from typing import Any
 
 import numpy as np
-from reference import Reference, _norm, lerp
+from reference import SCHEDULE_FREE, Reference, _norm, lerp
 
 #: The rules of this file, with the hyperparameters (and defaults) of their oracles.
 NEW_RULES = ("NAdam", "RAdam", "ASGD", "Rprop", "Adafactor", "Lion", "LAMB",
              "ScheduleFreeAdamW", "ScheduleFreeSGD")
 
-SCHEDULE_FREE = ("ScheduleFreeAdamW", "ScheduleFreeSGD")
 
 
 class ReferenceNew(Reference):
+    counters_in_state = False  # the package's layout
     #: Adafactor's ``eps=(None, ...)`` means the machine epsilon of the parameter's dtype: float32
     #: for optkern. A check against torch in float64 sets this to float64's.
     machine_eps = float(np.finfo(np.float32).eps)
 
     def __init__(self, name: str, p0: np.ndarray, dtype: Any = np.float64, **hp: Any) -> None:
         super().__init__(name, p0, dtype, **hp)
-        # Schedule-Free's per-group counters, as the package names them (it starts in eval mode).
-        self.group = {"k": 0, "weight_sum": 0.0, "lr_max": -1.0, "train_mode": False}
-
-    def step(self, grad: np.ndarray, grad_scale: float = 1.0) -> None:
-        if self.name in SCHEDULE_FREE and not self.group["train_mode"]:
-            raise RuntimeError("Schedule-Free: step() in eval mode; call train() first")
-        super().step(grad, grad_scale)
+        # The package starts in eval mode (optkern's classes in train mode: see Reference).
+        self.group["train_mode"] = False
 
     def skip(self) -> None:
         """The group stepped but this parameter had no gradient."""
@@ -89,80 +84,6 @@ class ReferenceNew(Reference):
         self.state["step"] = t
 
     # -- optax -----------------------------------------------------------------------------------
-
-    # -- schedulefree ----------------------------------------------------------------------------
-
-    def _schedule_hp(self):
-        keys = ("lr", "warmup_steps", "r", "weight_lr_power")
-        defaults = {"lr": 0.0025 if self.name == "ScheduleFreeAdamW" else 1.0,
-                    "warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0}
-        return {k: self.hp.get(k, defaults[k]) for k in keys}
-
-    def _schedule_free_weights(self, lr, warmup_steps, r, weight_lr_power):
-        """The package's per-group scalars for step k+1: the warmed-up rate and the weight c of
-        the new point in the average. Advances k, weight_sum and lr_max."""
-        grp = self.group
-        k = grp["k"]
-        sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
-        lr = lr * sched
-        grp["lr_max"] = lr_max = max(lr, grp["lr_max"])
-        weight = ((k + 1) ** r) * (lr_max ** weight_lr_power)
-        grp["weight_sum"] = weight_sum = grp["weight_sum"] + weight
-        ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
-        grp["k"] = k + 1
-        return lr, ckp1, k
-
-    def _schedulefreeadamw(self, g, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                           warmup_steps=0, r=0.0, weight_lr_power=2.0):
-        beta1, beta2 = betas
-        lr, ckp1, k = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
-        bias_correction2 = 1 - beta2 ** (k + 1)
-        y = self.p
-        z = self.state.get("z", y.copy())
-        v = beta2 * self.zeros("exp_avg_sq") + (1 - beta2) * (g * g)
-        denom = np.sqrt(v / bias_correction2) + eps
-        gn = g / denom
-        if weight_decay != 0:
-            gn = gn + weight_decay * y  # the decay is taken at y
-        y = lerp(y, z, ckp1)
-        y = y + (lr * (beta1 * (1 - ckp1) - 1)) * gn
-        self.state.update(z=z - lr * gn, exp_avg_sq=v)
-        self.p = y
-
-    def _schedulefreesgd(self, g, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
-                         weight_lr_power=2.0):
-        lr, ckp1, _ = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
-        y = self.p
-        z = self.state.get("z", y.copy())
-        if weight_decay != 0:
-            g = g + weight_decay * y
-        y = lerp(y, z, ckp1)
-        y = y + (lr * (momentum * (1 - ckp1) - 1)) * g
-        self.state["z"] = z - lr * g
-        self.p = y
-
-    def _interpolation(self) -> float:
-        """beta1 (AdamW) or momentum (SGD): the weight of y between x and z."""
-        if self.name == "ScheduleFreeAdamW":
-            return self.hp.get("betas", (0.9, 0.999))[0]
-        return self.hp.get("momentum", 0.9)
-
-    def train(self) -> None:
-        """x -> y = (1 - beta) x + beta z, as the package's ``train()`` (a no-op before the
-        first step: there is no z yet)."""
-        if not self.group["train_mode"]:
-            if "z" in self.state:
-                self.p = lerp(self.p, self.state["z"], 1 - self._interpolation())
-            self.group["train_mode"] = True
-
-    def eval(self) -> None:
-        """y -> x = (y - (1 - beta) z) / beta, as the package's ``eval()``: the lerp from y
-        towards z with weight 1 - 1/beta (negative)."""
-        if self.group["train_mode"]:
-            if "z" in self.state:
-                self.p = lerp(self.p, self.state["z"], 1 - 1 / self._interpolation())
-            self.group["train_mode"] = False
-
 
 #: Option sets covering every branch of every new rule (the float64 self-checks and, later, the
 #: kernels' reference rows), with hyperparameters that keep 100 steps of N(0, 0.1^2) gradients

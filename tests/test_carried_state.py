@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 from helpers import digest
-from reference import Reference
+from reference import SCHEDULE_FREE, Reference
 
 import optkern as ok
 from optkern import functional as F
@@ -21,6 +21,11 @@ def test_the_rules_that_carry_numbers():
     assert {r.cls: [(c.name, c.arg, c.init, c.init_from) for c in r.carried] for r in CARRIED} == {
         "NAdam": [("mu_product", "mu_products", 1.0, None)],
         "ASGD": [("eta", "etas", 0.0, "lr"), ("mu", "mus", 1.0, None)],
+        # schedulefree keeps these per param group (equal on every parameter here).
+        "ScheduleFreeAdamW": [("lr_max", "lr_maxs", -1.0, None),
+                              ("weight_sum", "weight_sums", 0.0, None)],
+        "ScheduleFreeSGD": [("lr_max", "lr_maxs", -1.0, None),
+                            ("weight_sum", "weight_sums", 0.0, None)],
     }
 
 
@@ -37,7 +42,8 @@ def test_class_keeps_python_floats_matching_the_reference(rule):
         ref.step(g.astype(np.float64))
         for c in rule.carried:
             assert type(opt.state[p][c.name]) is float
-            assert opt.state[p][c.name] == pytest.approx(ref.state[c.name], rel=1e-14)
+            expected = ref.group if rule.cls in SCHEDULE_FREE else ref.state
+            assert opt.state[p][c.name] == pytest.approx(expected[c.name], rel=1e-14)
     sd = opt.state_dict()
     assert all(type(sd["state"][0][c.name]) is float for c in rule.carried)
 

@@ -47,6 +47,10 @@ def coin(data, p):
 # kind -> (strategy of valid values, the check the value must pass)
 VALID = {
     "lr": st.one_of(st.just(0.0), st.floats(1e-6, 1.0)),
+    # Schedule-Free's warmup multiplies lr by t / warmup_steps while t <= warmup_steps, as the
+    # package does: a warmup_steps of 1e-300 makes an lr float32 cannot hold (refused, tested in
+    # test_schedule_free.py), so the valid draws are step counts, as the package takes them.
+    "warmup_steps": st.one_of(st.just(0.0), st.integers(1, 20).map(float)),
     "weight_decay": st.one_of(st.just(0.0), st.floats(0.0, 0.5)),
     "sgd_momentum": st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
     "dampening": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
@@ -75,8 +79,9 @@ BAD_REALS = [math.nan, math.inf, -math.inf, 1e39, -1e39, -0.5, 1.5, 1.0, "0.1", 
 BAD_FLAGS = [1, 0, "yes", None, 0.5]
 
 
-def real_error(key, value):
-    """The error a real hyperparameter ``value`` must get, or None if it is valid."""
+def real_error(key, value, rule=None):
+    """The error a real hyperparameter ``value`` must get, or None if it is valid (``rule``: the
+    class name, where a rule declares a name in another range than the others do)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
         return TypeError
     try:
@@ -85,7 +90,7 @@ def real_error(key, value):
         return ValueError
     if not math.isfinite(v) or abs(v) > F32_MAX:
         return ValueError
-    rng = RANGE.get(key, "[0,inf)")
+    rng = RULE_RANGE.get((rule, key)) or RANGE.get(key, "[0,inf)")
     if rng == "real":
         return None
     if rng == "(0,1)":
@@ -97,13 +102,13 @@ def real_error(key, value):
     return None
 
 
-def draw_hp(data, key, kind, bad_rate):
+def draw_hp(data, key, kind, bad_rate, rule=None):
     """A value for hyperparameter ``key``, and the error it must get (None when valid)."""
     if coin(data, bad_rate):
         if kind == "flag":
             return data.draw(st.sampled_from(BAD_FLAGS)), TypeError
         value = data.draw(st.sampled_from(BAD_REALS))
-        return value, real_error(key, value)
+        return value, real_error(key, value, rule)
     return data.draw(VALID[kind]), None
 
 
@@ -224,8 +229,8 @@ def draw_functional(data, bad_rate):
     errors = set()
     kw, ref_hp = {}, {}
 
-    def hp(key, kind, ref_key=None):
-        value, err = draw_hp(data, key, kind, bad_rate)
+    def hp(key, kind, ref_key=None, rule=None):
+        value, err = draw_hp(data, key, kind, bad_rate, rule)
         kw[key] = value
         if err:
             errors.add(err)
@@ -249,7 +254,8 @@ def draw_functional(data, bad_rate):
         hp("maximize", "flag")
         pair = {}
         for h in rule.hyper:
-            value, _ = hp(h.name, _kind(h), ref_key=h.torch if h.slot < 0 else False)
+            value, _ = hp(h.name, _kind(h), ref_key=h.torch if h.slot < 0 else False,
+                          rule=rule.cls)
             if h.slot >= 0:
                 pair.setdefault(h.torch, []).append(value)
         for torch_name, values in pair.items():
@@ -499,6 +505,13 @@ for _rule in ok.registry.rules():
     for _h in _rule.hyper:
         RANGE.setdefault(_h.name, {"unit": "[0,1]", "unit_open": "[0,1)", "open_unit": "(0,1)",
                                    "above_one": "(1,inf)"}.get(_h.range, "[0,inf)"))
+_RANGE_TEXT = {"unit": "[0,1]", "unit_open": "[0,1)", "open_unit": "(0,1)", "above_one": "(1,inf)",
+               "nonnegative": "[0,inf)"}
+# Where a rule declares a name in another range than RANGE's (ScheduleFreeSGD's momentum and
+# ScheduleFreeAdamW's beta1 are in (0, 1)), by (class, name) and (class, torch name).
+RULE_RANGE = {(_rule.cls, key): _RANGE_TEXT[_h.range] for _rule in ok.registry.rules()
+              for _h in _rule.hyper if _h.range == "open_unit"
+              and RANGE.get(_h.name) != _RANGE_TEXT[_h.range] for key in {_h.name, _h.torch}}
 # Pairs of hyperparameters a rule's declaration orders (require_order in rules.hpp): lo <= hi.
 ORDERED = [("step_size_min", "step_size_max")]
 
@@ -506,7 +519,10 @@ ORDERED = [("step_size_min", "step_size_max")]
 def _kind(h):
     # a name with its own range above (beta2 from 0.5: a beta2 that float32 rounds to 0 with
     # eps = 0 divides 0 by 0 where the float64 reference does not), else the declared range's
-    return h.name if h.name in VALID else RANGE_KIND[h.range]
+    # (a name that one rule narrows to (0, 1), as Schedule-Free's beta1, draws from (0, 1))
+    if h.name in VALID and (h.range != "open_unit" or RANGE.get(h.name) == "(0,1)"):
+        return h.name
+    return RANGE_KIND[h.range]
 
 
 for _rule in ok.registry.rules():
@@ -522,7 +538,7 @@ def test_fuzz_optimizer_classes(data):
     kind = data.draw(st.sampled_from(sorted(CLASS_HPS)), label="class")
     hp, errors = {}, set()
     for key, k in CLASS_HPS[kind]:
-        hp[key], err = draw_hp(data, key, k, bad_rate / 3)
+        hp[key], err = draw_hp(data, key, k, bad_rate / 3, kind)
         if err:
             errors.add(err)
     hp["maximize"], err = draw_hp(data, "maximize", "flag", bad_rate / 3)

@@ -58,9 +58,10 @@ def test_class_follows_the_declaration(rule):
 def test_every_state_name_is_torchs():
     names = {s.name for r in RULES for s in r.states}
     assert names <= {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "sum",
-                     "square_avg", "grad_avg", "acc_delta", "exp_inf", "ax", "prev", "step_size"}
+                     "square_avg", "grad_avg", "acc_delta", "exp_inf", "ax", "prev", "step_size", "z"}
     carried = {c.name for r in RULES for c in r.carried}
-    assert carried <= {"mu_product", "eta", "mu"}
+    # schedulefree's lr_max and weight_sum are per group there, per parameter here.
+    assert carried <= {"mu_product", "eta", "mu", "lr_max", "weight_sum"}
 
 
 # -- the core checks by itself ---------------------------------------------------------------------

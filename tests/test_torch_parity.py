@@ -13,8 +13,10 @@ torch = pytest.importorskip("torch")
 
 RTOL, ATOL = 1e-5, 1e-6
 # Momentum (the exponentially weighted form), Lion and LAMB (optax rules; tests/test_oracle_parity.py
-# checks them against optax, and Lion against lion-pytorch) have no torch.optim class.
-NO_TORCH_CLASS = {"Momentum", "Lion", "LAMB"}
+# checks them against optax, and Lion against lion-pytorch) have no torch.optim class; nor have
+# ScheduleFreeAdamW and ScheduleFreeSGD (tests/test_oracle_parity_schedulefree.py checks them
+# against the schedulefree package).
+NO_TORCH_CLASS = {"Momentum", "Lion", "LAMB", "ScheduleFreeAdamW", "ScheduleFreeSGD"}
 TORCH_CASES = [c for c in CASES if c[0] not in NO_TORCH_CLASS]
 FUSED = {"SGD", "Nesterov", "Adam", "AdamW", "Adagrad"}  # torch has fused CPU kernels for these
 

@@ -165,6 +165,23 @@ struct LambStep {
   GradientPrep grad;
 };
 
+// Schedule-Free AdamW and SGD (schedulefree.AdamWScheduleFree, SGDScheduleFree; Defazio et al.
+// 2024). The parameter array holds y (train mode); z is a state buffer, which the first step
+// copies from y (init_z). The schedule's numbers (c, lr_k) come from the parameter's carried
+// lr_max and weight_sum (per group in the package: identical per parameter here).
+struct ScheduleFreeStep {
+  float beta2, one_minus_beta2;  // AdamW only: exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) g^2
+  float bias_correction2;        // AdamW only: 1 - beta2^step, per tensor
+  float eps;                     // AdamW only
+  Lerp average;                  // y.lerp_(z, c), c = weight / weight_sum
+  float y_coeff;                 // lr_k * (beta1 * (1 - c) - 1)
+  float neg_lr;                  // -lr_k: z <- z - lr_k * u
+  // grad_scale as every rule; has_weight_decay: u += weight_decay * y, after AdamW's
+  // normalisation (the package decays at y, after dividing by the denominator).
+  GradientPrep grad;
+  bool init_z;  // the parameter's first step: z starts as a copy of y
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -181,7 +198,9 @@ struct LambStep {
   X(asgd, AsgdStep, 1, 1)           \
   X(lion, LionStep, 1, 1)           \
   X(rprop, RpropStep, 2, 1)         \
-  X(lamb, LambStep, 2, 4)
+  X(lamb, LambStep, 2, 4)           \
+  X(sfadamw, ScheduleFreeStep, 2, 4) \
+  X(sfsgd, ScheduleFreeStep, 1, 1)
 
 // Kernels with a reduction pass before their element-wise pass: X(name, sums). Such a kernel has
 // a second slot `name_reduce` in KernelTable, which the multi-tensor driver (Prepared in
@@ -569,6 +588,73 @@ inline void lamb_per_array(const double* sums, LambStep& s) {
   s.trust_ratio = static_cast<float>(p_norm == 0.0 || u_norm == 0.0 ? 1.0 : p_norm / u_norm);
 }
 
+// Schedule-Free (schedulefree 1.4). The package keeps k, lr_max and weight_sum per param group;
+// optkern carries lr_max and weight_sum per parameter (CarriedDecl, starting at the package's
+// -1 and 0) and takes k from the parameter's step count, so they are the group's numbers as long
+// as every parameter of the group has a gradient at every step (a parameter skipped on a step
+// would lag the group's k here, where the package advances it). beta1 and momentum are in
+// (0, 1): eval() divides by them.
+constexpr HyperDecl kSfAdamwHyper[] = {
+    {"lr", Real::nonnegative, 0.0025, "lr", -1},
+    {"beta1", Real::open_unit, 0.9, "betas", 0},
+    {"beta2", Real::unit_open, 0.999, "betas", 1},
+    {"eps", Real::nonnegative, 1e-8, "eps", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+    {"warmup_steps", Real::nonnegative, 0.0, "warmup_steps", -1},
+    {"r", Real::nonnegative, 0.0, "r", -1},
+    {"weight_lr_power", Real::nonnegative, 2.0, "weight_lr_power", -1},
+};
+constexpr StateDecl kSfAdamwStates[] = {
+    {"z", "zs", nullptr, nullptr},  // zero until the first step's kernel copies y into it
+    {"exp_avg_sq", "exp_avg_sqs", nullptr, nullptr},
+};
+constexpr HyperDecl kSfSgdHyper[] = {
+    {"lr", Real::nonnegative, 1.0, "lr", -1},
+    {"momentum", Real::open_unit, 0.9, "momentum", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+    {"warmup_steps", Real::nonnegative, 0.0, "warmup_steps", -1},
+    {"r", Real::nonnegative, 0.0, "r", -1},
+    {"weight_lr_power", Real::nonnegative, 2.0, "weight_lr_power", -1},
+};
+constexpr StateDecl kSfSgdStates[] = {
+    {"z", "zs", nullptr, nullptr},
+};
+constexpr CarriedDecl kScheduleFreeCarried[] = {
+    {"lr_max", "lr_maxs", -1.0, nullptr},
+    {"weight_sum", "weight_sums", 0.0, nullptr},
+};
+// The package's per-group step k + 1 = t.step: the warmed-up lr and c = weight / weight_sum.
+inline void schedule_free_common(const Hyper& h, const StepInfo& t, double beta1,
+                                 ScheduleFreeStep& s) {
+  const double n = static_cast<double>(t.step), warmup = h["warmup_steps"];
+  const double lr = h["lr"] * (n - 1.0 < warmup ? n / warmup : 1.0);
+  double& lr_max = t.carried[0];
+  double& weight_sum = t.carried[1];
+  const double new_max = std::max(lr, lr_max);
+  const double weight = t.pow(n, h["r"]) * t.pow(new_max, h["weight_lr_power"]);
+  const double new_sum = weight_sum + weight;
+  const double c = new_sum != 0.0 ? weight / new_sum : 0.0;
+  s.average = lerp_weight(c);
+  s.y_coeff = t.f32(lr * (beta1 * (1.0 - c) - 1.0), "lr * (beta * (1 - c) - 1)");
+  s.neg_lr = t.f32(-lr, "lr");
+  s.grad = t.grad(h["weight_decay"]);
+  s.init_z = t.first;
+  lr_max = new_max;
+  weight_sum = new_sum;
+}
+inline void sfadamw_scalars(const Hyper& h, const StepInfo& t, ScheduleFreeStep& s) {
+  const double beta2 = h["beta2"];
+  s.beta2 = t.f32(beta2, "beta2");
+  s.one_minus_beta2 = t.f32(1.0 - beta2, "1 - beta2");
+  s.bias_correction2 = t.f32(1.0 - t.pow(beta2, static_cast<double>(t.step)), "1 - beta2^step");
+  s.eps = t.f32(h["eps"], "eps");
+  schedule_free_common(h, t, h["beta1"], s);
+}
+inline void sfsgd_scalars(const Hyper& h, const StepInfo& t, ScheduleFreeStep& s) {
+  s.beta2 = s.one_minus_beta2 = s.bias_correction2 = s.eps = 0.0f;
+  schedule_free_common(h, t, h["momentum"], s);
+}
+
 // -- the table -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
@@ -716,6 +802,36 @@ constexpr RuleDecl kRules[] = {
          "The norms are over each whole array, summed in double over fixed blocks, so the\n"
          "result is the same for any number of threads; a NaN anywhere in u makes the array NaN,\n"
          "as in optax. State: ``step``, ``exp_avg``, ``exp_avg_sq`` (torch's names for Adam's)."),
+    RULE_CARRIED(sfadamw, "schedule_free_adamw", "ScheduleFreeAdamW", used, kSfAdamwHyper,
+         kSfAdamwStates, kScheduleFreeCarried, nullptr, sfadamw_scalars,
+         "Schedule-Free AdamW, as schedulefree.AdamWScheduleFree (Defazio et al. 2024)::\n\n"
+         "    lr_t       = lr * min(1, t / warmup_steps)\n"
+         "    lr_max     <- max(lr_max, lr_t)                    (a number per parameter, from -1)\n"
+         "    weight     = t^r * lr_max^weight_lr_power;  weight_sum <- weight_sum + weight\n"
+         "    c          = weight / weight_sum                   (0 while weight_sum is 0)\n"
+         "    z          <- y                                    (first step)\n"
+         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+         "    u          =  g / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps) + weight_decay * y\n"
+         "    y          <- lerp(y, z, c) + lr_t * (beta1 * (1 - c) - 1) * u\n"
+         "    z          <- z - lr_t * u\n\n"
+         "The parameter holds y in train mode, x (the average to evaluate and save) in eval\n"
+         "mode: ``train()`` sets p <- lerp(p, z, 1 - beta1), ``eval()`` p <- lerp(p, z,\n"
+         "1 - 1/beta1); a step in eval mode is an error. Unlike the package, which starts in\n"
+         "eval mode, the optimizer starts in train mode (the package's first train() is a no-op\n"
+         "there too). ``lr_max`` and ``weight_sum`` are per group in the package and per\n"
+         "parameter here (equal while every parameter has a gradient at every step). State:\n"
+         "``step``, ``lr_max``, ``weight_sum``, ``z``, ``exp_avg_sq``; ``train_mode`` in the group."),
+    RULE_CARRIED(sfsgd, "schedule_free_sgd", "ScheduleFreeSGD", used, kSfSgdHyper, kSfSgdStates,
+         kScheduleFreeCarried, nullptr, sfsgd_scalars,
+         "Schedule-Free SGD, as schedulefree.SGDScheduleFree (Defazio et al. 2024)::\n\n"
+         "    lr_t, lr_max, weight_sum, c as ScheduleFreeAdamW's\n"
+         "    z <- y                                              (first step)\n"
+         "    u =  g + weight_decay * y\n"
+         "    y <- lerp(y, z, c) + lr_t * (momentum * (1 - c) - 1) * u\n"
+         "    z <- z - lr_t * u\n\n"
+         "``train()`` sets p <- lerp(p, z, 1 - momentum), ``eval()`` p <- lerp(p, z,\n"
+         "1 - 1/momentum); a step in eval mode is an error; the optimizer starts in train mode.\n"
+         "State: ``step``, ``lr_max``, ``weight_sum``, ``z``; ``train_mode`` in the group."),
 };
 
 }  // namespace rules

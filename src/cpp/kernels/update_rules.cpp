@@ -648,6 +648,55 @@ void lamb(const LambStep& s, float* p, const float*, float* const* st, size_t n)
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Schedule-Free AdamW and SGD (schedulefree 1.4), in the package's order of operations:
+//   z = y on the first step
+//   AdamW: exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2
+//          u = g / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps)          SGD: u = g
+//   u = u + weight_decay * y;  y = lerp(y, z, c) + y_coeff * u;  z = z + (-lr) * u
+template <bool kAdam, bool kDecay, bool kInit>
+OK_LOOP void schedule_free_impl(const ScheduleFreeStep& s, float* OK_RESTRICT p,
+                                const float* OK_RESTRICT g, float* OK_RESTRICT z,
+                                float* OK_RESTRICT v, size_t n) {
+  const float b2 = s.beta2, w2 = s.one_minus_beta2, bc2 = s.bias_correction2, eps = s.eps,
+              lc = s.average.coeff, yc = s.y_coeff, nlr = s.neg_lr, gs = s.grad.grad_scale,
+              wd = s.grad.weight_decay;
+  const bool from_y = s.average.from_start != 0.0f;
+  OK_SIMD
+  for (size_t i = 0; i < n; ++i) {
+    const float yi = p[i];
+    const float zi = kInit ? yi : z[i];
+    float u = g[i] * gs;
+    if (kAdam) {
+      const float vi = OK_FMA(b2, v[i], (w2 * u) * u);
+      v[i] = vi;
+      u = u / (OK_SQRT(vi / bc2) + eps);
+    }
+    if (kDecay) u = OK_FMA(wd, yi, u);
+    const float avg = OK_FMA(lc, zi - yi, from_y ? yi : zi);
+    p[i] = OK_FMA(yc, u, avg);
+    z[i] = OK_FMA(nlr, u, zi);
+  }
+}
+
+void sfadamw(const ScheduleFreeStep& s, float* p, const float* g, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    with_flag(s.init_z, [&](auto init) {
+      schedule_free_impl<true, decltype(decay)::value, decltype(init)::value>(s, p, g, st[0],
+                                                                              st[1], n);
+    });
+  });
+}
+
+void sfsgd(const ScheduleFreeStep& s, float* p, const float* g, float* const* st, size_t n) {
+  with_flag(s.grad.has_weight_decay, [&](auto decay) {
+    with_flag(s.init_z, [&](auto init) {
+      schedule_free_impl<false, decltype(decay)::value, decltype(init)::value>(s, p, g, st[0],
+                                                                               nullptr, n);
+    });
+  });
+}
+
 #define OPTKERN_KERNEL_ENTRY(name, S, states, weight) name,
 constexpr KernelTable kTable = {
     OPTKERN_KERNELS(OPTKERN_KERNEL_ENTRY)

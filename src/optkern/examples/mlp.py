@@ -125,6 +125,18 @@ def load_data(n_train: int = 6000, n_test: int = 2000, seed: int = 0, size: int 
     return X, y, X_test, y_test
 
 
+def _to_eval(opt: Any) -> None:
+    """Optimizers that train at one point and are evaluated at another (Schedule-Free: y and
+    x) switch with ``eval()`` / ``train()``; the others have neither."""
+    if callable(getattr(opt, "eval", None)):
+        opt.eval()
+
+
+def _to_train(opt: Any) -> None:
+    if callable(getattr(opt, "train", None)):
+        opt.train()
+
+
 def train(name: str, hyper: Dict[str, Any], data, hidden: Sequence[int] = (128, 64),
           epochs: int = 10, batch_size: int = 64, seed: int = 0,
           on_epoch: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
@@ -145,11 +157,15 @@ def train(name: str, hyper: Dict[str, Any], data, hidden: Sequence[int] = (128, 
                 opt.step(grads)
                 total += loss
         train_loss.append(total / per_epoch)
+        _to_eval(opt)
         tl, ta = model.evaluate(X_test, y_test)
         test_loss.append(tl)
         test_acc.append(ta)
         if on_epoch is not None:
             on_epoch(epoch, train_loss[-1])
+        if epoch + 1 < epochs:
+            _to_train(opt)
+    _to_eval(opt)
     final_train_loss, train_acc = model.evaluate(X, y)
     return dict(name=name, hyper=dict(hyper), train_loss=np.array(train_loss),
                 test_loss=np.array(test_loss), test_acc=np.array(test_acc),
