@@ -163,6 +163,8 @@ def test_state_dict_moves_both_ways_mid_training(name, kwargs, impl):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_optim_db_covers_each_new_optimizer(name):
+    if CASES and CASES[0].values[0] is None:  # optim_db did not import: say why, as CASES does
+        pytest.skip(CASES[0].marks[0].kwargs["reason"])
     assert sum(1 for c in CASES if c.values[0] == name) >= 6
 
 
