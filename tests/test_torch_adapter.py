@@ -10,6 +10,7 @@ with that reason, so ``pytest -rs`` counts them.
 """
 
 import copy
+import inspect
 import io
 import os
 import subprocess
@@ -23,7 +24,9 @@ okt = pytest.importorskip("optkern.torch")
 
 RTOL, ATOL = 1e-5, 1e-6
 SHAPES = [(7, 13), (131,), (3, 5, 11), (1,)]
-SHARED = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW"]
+SHARED = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW",
+          # from the registry (optkern.torch builds these classes from the declarations)
+          "Adamax", "NAdam", "RAdam", "ASGD", "Rprop"]
 STEPS = 30
 
 
@@ -183,6 +186,81 @@ def test_momentum_matches_numpy_optkern():
         np.testing.assert_array_equal(a.detach().numpy(), b)
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("Lion", {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1}),
+    ("LAMB", {"lr": 0.01, "betas": (0.85, 0.99), "eps": 1e-5, "weight_decay": 0.1}),
+    ("LAMB", {"lr": 0.01, "maximize": True}),
+])
+def test_rules_torch_lacks_match_numpy_optkern_bit_for_bit(name, kwargs):
+    import optkern as ok
+    p0 = make_params()
+    mine = [torch.nn.Parameter(p.clone()) for p in p0]
+    arrays = [p.numpy().copy() for p in p0]
+    o = getattr(okt, name)(mine, **kwargs)
+    ref = getattr(ok, name)(arrays[:-1], **kwargs)
+    ptrs = [p.data_ptr() for p in mine]
+    for t in range(STEPS):
+        gs = grads_for(t)
+        for a, g in zip(mine, gs):
+            a.grad = g
+        o.step()
+        ref.step([g.numpy() for g in gs[:-1]])
+        if t == 0:
+            sptrs = {(i, k): v.data_ptr() for i, a in enumerate(mine[:-1])
+                     for k, v in o.state[a].items()}
+    for a, b in zip(mine[:-1], arrays[:-1]):
+        np.testing.assert_array_equal(a.detach().numpy(), b)
+    assert mine[-1].detach().equal(p0[-1])  # no gradient: not stepped
+    assert [p.data_ptr() for p in mine] == ptrs
+    assert {(i, k): v.data_ptr() for i, a in enumerate(mine[:-1])
+            for k, v in o.state[a].items()} == sptrs
+    # state in torch's layout; it reloads into a fresh okt optimizer and continues identically
+    st = o.state_dict()["state"][0]
+    assert st["exp_avg"].dtype == torch.float32 and st["exp_avg"].shape == SHAPES[0]
+    if name == "LAMB":
+        assert st["step"].dtype == torch.float32 and st["step"].dim() == 0
+        assert float(st["step"]) == STEPS
+    else:
+        assert "step" not in st
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+    o2 = getattr(okt, name)(twin, **kwargs)
+    o2.load_state_dict(copy.deepcopy(o.state_dict()))
+    for t in range(STEPS, STEPS + 3):
+        gs = grads_for(t)
+        for a, b, g in zip(mine, twin, gs):
+            a.grad, b.grad = g, None if g is None else g.clone()
+        o.step()
+        o2.step()
+    for a, b in zip(mine, twin):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_every_registry_rule_has_a_class():
+    from optkern import registry
+    assert okt.UNMAPPED == {}
+    for r in registry.rules():
+        cls = getattr(okt, r.cls)
+        assert issubclass(cls, torch.optim.Optimizer) and r.cls in okt.__all__
+        sig = inspect.signature(cls)
+        for arg, default in r.torch_args() + [("maximize", False)]:
+            assert sig.parameters[arg].default == default, (r.cls, arg)
+
+
+def test_carried_numbers_are_0d_float32_as_torchs():
+    for name, keys in (("NAdam", {"mu_product"}), ("ASGD", {"eta", "mu"})):
+        p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+        o, r = getattr(okt, name)([p], lr=0.05), getattr(torch.optim, name)([q], lr=0.05,
+                                                                           foreach=False)
+        for _ in range(3):
+            p.grad, q.grad = torch.full((4,), 0.5), torch.full((4,), 0.5)
+            o.step()
+            r.step()
+        for k in keys:
+            a, b = o.state[p][k], r.state[q][k]
+            assert a.dtype == b.dtype == torch.float32 and a.dim() == b.dim() == 0
+            assert float(a) == pytest.approx(float(b), rel=1e-6), (name, k)
+
+
 # -- state dicts: torch's layout, both ways, mid-training ------------------------------------------
 
 CONFIGS = [
@@ -194,6 +272,13 @@ CONFIGS = [
     ("Adam", {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1}),
     ("Adam", {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
     ("AdamW", {"lr": 0.01, "maximize": True}),
+    ("Adamax", {"lr": 0.01, "weight_decay": 0.1}),
+    ("NAdam", {"lr": 0.01, "momentum_decay": 0.01, "weight_decay": 0.1}),
+    ("NAdam", {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+    ("RAdam", {"lr": 0.01, "weight_decay": 0.1}),
+    ("RAdam", {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+    ("ASGD", {"lr": 0.05, "t0": 5, "lambd": 0.01, "weight_decay": 0.1}),
+    ("Rprop", {"lr": 0.02, "etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0), "maximize": True}),
 ]
 CONFIG_IDS = [f"{n}-{'-'.join(k for k in kw if k != 'lr')}" for n, kw in CONFIGS]
 

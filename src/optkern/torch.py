@@ -18,7 +18,11 @@ optimizer over them works). ``differentiable=True`` and ``capturable=True`` are 
 ``foreach`` and ``fused`` are accepted with any value torch accepts (optkern's step is always one
 fused multi-tensor call).
 
-Everything per-optimizer lives in the table ``RULES`` below.
+Everything per-optimizer lives in the table ``RULES`` below: the first eight entries are written
+by hand; every other rule of :mod:`optkern.registry` gets its entry from its declaration, with
+torch's constructor signature as the authority for the arguments of a rule torch also has
+(checked against the declaration: a rule whose declaration disagrees gets no class, and
+``UNMAPPED`` says why).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ except ImportError:  # torch < 2.1: autograd's version check does not see optker
 from . import functional as F
 
 __all__ = ["SGD", "Nesterov", "Momentum", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW",
-           "RULES"]
+           "RULES", "UNMAPPED"]
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -54,6 +58,16 @@ class StateBuf:
     name: str
     init: str = "zeros"
     when: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class CarriedNum:
+    """A number per parameter carried from step to step (NAdam's ``mu_product``, ASGD's ``eta``
+    and ``mu``): a 0-d float32 CPU tensor in the state, as torch keeps it, passed to the functional
+    function as a list of floats after the state lists. ``init``: its first value, a number or
+    the name of the group entry it starts at."""
+    name: str
+    init: Any
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,7 @@ class Rule:
     step_kw: bool = False
     eager: bool = False
     fixed: Dict[str, Any] = field(default_factory=dict)
+    carried: Tuple[CarriedNum, ...] = ()
 
 
 _LR_WD_MAX = {"lr": "lr", "weight_decay": "weight_decay", "maximize": "maximize"}
@@ -200,7 +215,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 class _Entry:
     """Cached NumPy views of one parameter, its gradient and its state tensors."""
-    __slots__ = ("ptr", "pview", "grad", "gptr", "sdict", "tensors", "views", "steps")
+    __slots__ = ("ptr", "pview", "grad", "gptr", "sdict", "tensors", "views", "steps", "cviews")
 
     def __init__(self, p: torch.Tensor) -> None:
         self.ptr = p.data_ptr()
@@ -211,6 +226,7 @@ class _Entry:
         self.tensors: Tuple[Any, ...] = ()
         self.views: Tuple[Any, ...] = ()
         self.steps = None
+        self.cviews: Tuple[Any, ...] = ()
 
 
 # -- the base class --------------------------------------------------------------------------------
@@ -219,6 +235,7 @@ class _Entry:
 class _OktOptimizer(torch.optim.Optimizer):
     _rule: Rule
     _rule_name: str
+    _carried_names: Tuple[str, ...] = ()
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
         bound = self.__signature__.bind(params, *args, **kwargs)  # TypeError as torch's would be
@@ -252,10 +269,11 @@ class _OktOptimizer(torch.optim.Optimizer):
         cls = type(self).__name__
         for flag in ("differentiable", "capturable"):
             if group.get(flag):
+                alt = self._rule.torch_name or ("SGD" if cls == "Momentum" else None)
                 raise ValueError(
                     f"optkern.torch.{cls} does not support {flag}=True (param group {gi}): its "
-                    f"step runs in C++ outside autograd and CUDA graphs; use torch.optim"
-                    f".{self._rule.torch_name or 'SGD'} for that")
+                    f"step runs in C++ outside autograd and CUDA graphs"
+                    + (f"; use torch.optim.{alt} for that" if alt else ""))
         for i, p in enumerate(group["params"]):
             why = _why_not(p, self._label(group, gi, i))
             if why:
@@ -288,8 +306,8 @@ class _OktOptimizer(torch.optim.Optimizer):
         float32 ``step``; converted once here, never at a step."""
         for key in list(st):
             v = st[key]
-            if key == "step":
-                if self._rule.step:
+            if key == "step" or key in self._carried_names:
+                if key != "step" or self._rule.step:
                     if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32
                             and v.device.type == "cpu" and v.dim() == 0):
                         st[key] = torch.tensor(float(v), dtype=torch.float32)
@@ -307,10 +325,19 @@ class _OktOptimizer(torch.optim.Optimizer):
             if buf.init != "first_grad" and (buf.when is None or group[buf.when]):
                 if buf.init == "zeros":
                     st[buf.name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                else:  # filled with a constructor argument (torch reads the defaults here)
-                    st[buf.name] = torch.full_like(p, float(self.defaults[buf.init]),
-                                                   memory_format=torch.contiguous_format)
+                else:
+                    st[buf.name] = self._filled(p, buf, group)
+        for c in self._rule.carried:
+            init = c.init if not isinstance(c.init, str) else _scalar(c.init, group[c.init])
+            st[c.name] = torch.tensor(float(init), dtype=torch.float32)
         return st
+
+    def _filled(self, p: torch.Tensor, buf: StateBuf, group: Dict[str, Any]) -> torch.Tensor:
+        """A buffer filled with a hyperparameter: the constructor's value for a rule whose state
+        is created in the constructor (torch's Adagrad), else the group's (torch's Rprop)."""
+        src = self.defaults if self._rule.eager else group
+        return torch.full_like(p, float(_scalar(buf.init, src[buf.init])),
+                               memory_format=torch.contiguous_format)
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -329,7 +356,8 @@ class _OktOptimizer(torch.optim.Optimizer):
     def _step_group(self, gi: int, group: Dict[str, Any]) -> None:
         rule = self._rule
         names = [b.name for b in rule.state if b.when is None or group[b.when]]
-        keys = names + ["step"] if rule.step else names
+        cnames = list(self._carried_names)
+        keys = names + cnames + (["step"] if rule.step else [])
         params: List[torch.Tensor] = []
         pviews: List[np.ndarray] = []
         gviews: List[np.ndarray] = []
@@ -373,6 +401,8 @@ class _OktOptimizer(torch.optim.Optimizer):
         if not params:
             return
         lists = {n: [e.views[k] for e in entries] for k, n in enumerate(names)}
+        for k, n in enumerate(cnames):  # the carried numbers, read from their float32 tensors
+            lists[n] = [float(e.cviews[k]) for e in entries]
         steps = None
         if rule.step:
             steps = [int(e.steps) + 1 for e in entries]
@@ -386,6 +416,9 @@ class _OktOptimizer(torch.optim.Optimizer):
         if rule.step:
             for e, s in zip(entries, steps):
                 e.steps[()] = s
+        for k, n in enumerate(cnames):  # written back as torch keeps them: float32
+            for e, v in zip(entries, lists[n]):
+                e.cviews[k][()] = v
         fresh = [b.name for b in rule.state if b.init == "first_grad" and b.name in lists]
         for name in fresh:  # buffers the first update created: keep them as tensors
             k = names.index(name)
@@ -408,7 +441,8 @@ class _OktOptimizer(torch.optim.Optimizer):
                 if buf.init == "first_grad":
                     views.append(None)
                     continue
-                t = st[n] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                t = st[n] = (torch.zeros_like(p, memory_format=torch.contiguous_format)
+                             if buf.init == "zeros" else self._filled(p, buf, group))
             elif _why_not(t, f"state {n!r} of {label}") or t.shape != p.shape:
                 st[n] = t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
                 if t.shape != p.shape:
@@ -421,8 +455,20 @@ class _OktOptimizer(torch.optim.Optimizer):
                     and s.device.type == "cpu"):
                 s = st["step"] = torch.tensor(float(0 if s is None else s), dtype=torch.float32)
             e.steps = s.numpy()
+        cviews = []
+        for c in self._rule.carried:
+            v = st.get(c.name)
+            if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 0
+                    and v.device.type == "cpu"):
+                if v is None:
+                    init = c.init if not isinstance(c.init, str) else group[c.init]
+                    v = init
+                v = st[c.name] = torch.tensor(float(_scalar(c.name, v)), dtype=torch.float32)
+            cviews.append(v.numpy())
+        e.cviews = tuple(cviews)
         e.sdict = st
-        e.tensors = tuple(st.get(n) for n in names) + ((st["step"],) if self._rule.step else ())
+        e.tensors = (tuple(st.get(n) for n in names) + tuple(st[c.name] for c in self._rule.carried)
+                     + ((st["step"],) if self._rule.step else ()))
         e.views = tuple(views)
 
     def _call(self, group: Dict[str, Any], pviews: List[np.ndarray], gviews: List[np.ndarray],
@@ -444,6 +490,7 @@ class _OktOptimizer(torch.optim.Optimizer):
         for n in rule.buffers:
             needed = any(b.name == n and (b.when is None or group[b.when]) for b in rule.state)
             bufs.append(lists.get(n, []) if needed else None)
+        bufs += [lists.get(c.name, []) for c in rule.carried]
         fn(pviews, gviews, *bufs, **kwargs)
 
 
@@ -457,6 +504,7 @@ def _make(name: str, rule: Rule, doc: str) -> type:
     bind_sig = inspect.Signature(params[1:])
     cls = type(name, (_OktOptimizer,), {
         "_rule": rule, "_rule_name": name, "__signature__": bind_sig, "__doc__": doc,
+        "_carried_names": tuple(c.name for c in rule.carried),
         "__module__": __name__, "__qualname__": name})
     return cls
 
@@ -480,3 +528,90 @@ Adagrad = _make("Adagrad", RULES["Adagrad"], _doc("Adagrad"))
 Adadelta = _make("Adadelta", RULES["Adadelta"], _doc("Adadelta"))
 Adam = _make("Adam", RULES["Adam"], _doc("Adam"))
 AdamW = _make("AdamW", RULES["AdamW"], _doc("AdamW"))
+
+
+
+# -- every other rule of the registry --------------------------------------------------------------
+
+_KWONLY_NO_TORCH = (("maximize", False), ("foreach", None), ("fused", None),
+                    ("differentiable", False), ("capturable", False))  # as optkern's own classes
+
+
+def _from_registry(r: Any) -> Rule:
+    """The table entry of registry rule ``r``. A rule torch also has takes torch's signature
+    (order, kinds, defaults) after checking that it has every argument the declaration names,
+    with the same default; ValueError says where they disagree."""
+    by_core = {h.name: h for h in r.hyper}
+
+    def torch_name(core: Optional[str]) -> Optional[str]:
+        if core is None:
+            return None
+        h = by_core[core]
+        if h.slot >= 0:
+            raise ValueError(f"{r.cls}: state starts at {core}, an item of {h.torch}")
+        return h.torch
+
+    declared = r.torch_args()
+    theirs = getattr(torch.optim, r.cls, None)
+    if theirs is not None:
+        sig = inspect.signature(theirs)
+        ps = list(sig.parameters.values())[1:]
+        args = tuple((p.name, p.default) for p in ps
+                     if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        kwonly = tuple((p.name, p.default) for p in ps
+                       if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        if len(args) + len(kwonly) != len(ps):
+            raise ValueError(f"torch.optim.{r.cls} takes *args or **kwargs")
+        have = dict(args + kwonly)
+        for name, default in declared + [("maximize", False)]:
+            if name not in have:
+                raise ValueError(f"torch.optim.{r.cls} has no argument {name!r}, which the "
+                                 f"registry declares")
+            if have[name] != default:
+                raise ValueError(f"torch.optim.{r.cls}'s {name} defaults to {have[name]!r}, "
+                                 f"the registry's to {default!r}")
+        extra = set(have) - {n for n, _ in declared} - {n for n, _ in _KWONLY_NO_TORCH}
+        if extra:
+            raise ValueError(f"torch.optim.{r.cls} takes {sorted(extra)}, which the registry "
+                             f"does not declare")
+    else:
+        args, kwonly = tuple(declared), _KWONLY_NO_TORCH
+    kw: Dict[str, Any] = {h.name: (h.torch if h.slot < 0 else (h.torch, h.slot))
+                          for h in r.hyper}
+    kw["maximize"] = "maximize"
+    return Rule(
+        r.cls if theirs is not None else None, args=args, kwonly=kwonly,
+        state=tuple(StateBuf(s.name, init="zeros" if s.init is None else str(torch_name(s.init)),
+                             when=torch_name(s.when)) for s in r.states),
+        fn=f"{r.name}_", buffers=tuple(s.name for s in r.states), kw=kw,
+        step=r.counts_steps, step_kw=r.uses_step,
+        carried=tuple(CarriedNum(c.name, c.init if c.init_from is None
+                                 else torch_name(c.init_from)) for c in r.carried))
+
+
+# Rules of the registry without a class above, and why (a disagreement between the declaration and
+# torch's signature); ``optkern.torch.<name>`` raises AttributeError with the reason.
+UNMAPPED: Dict[str, str] = {}
+
+
+def _add_registry_rules() -> None:
+    from . import registry
+    for r in registry.rules():
+        if r.cls in RULES:
+            continue
+        try:
+            RULES[r.cls] = _from_registry(r)
+        except ValueError as err:
+            UNMAPPED[r.cls] = str(err)
+            continue
+        globals()[r.cls] = _make(r.cls, RULES[r.cls], _doc(r.cls))
+        __all__.append(r.cls)
+
+
+_add_registry_rules()
+
+
+def __getattr__(name: str) -> Any:
+    if name in UNMAPPED:
+        raise AttributeError(f"optkern.torch has no {name}: {UNMAPPED[name]}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
