@@ -595,9 +595,14 @@ UNMAPPED: Dict[str, str] = {}
 
 
 def _add_registry_rules() -> None:
-    from . import registry
+    from . import optimizers, registry
     for r in registry.rules():
         if r.cls in RULES:
+            continue
+        if hasattr(getattr(optimizers, r.cls, None), "eval"):
+            # Schedule-Free's train()/eval() switch between the y and x points is not built here.
+            UNMAPPED[r.cls] = ("its train()/eval() switch is not in optkern.torch yet; use "
+                               f"optkern.{r.cls} on NumPy arrays, or the schedulefree package")
             continue
         try:
             RULES[r.cls] = _from_registry(r)
