@@ -27,9 +27,16 @@ def main() -> int:
     tests = args[0] if args else "tests"
     extra = args[1:]
     probe = subprocess.run(
-        [sys.executable, "-c", "import optkern, os; print(os.path.dirname(optkern.__file__)); "
-                               "print(' '.join(optkern.available_isas()))"],
-        capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-c",
+            "import optkern, os; print(os.path.dirname(optkern.__file__)); "
+            "print(' '.join(optkern.available_isas()))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     location, isas = probe.stdout.splitlines()
     print(f"testing optkern from {location}; ISAs: {isas}", flush=True)
     if os.path.isdir(os.path.join(location, os.pardir, "cpp")):  # src/optkern next to src/cpp
@@ -40,8 +47,10 @@ def main() -> int:
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra]
     what = "test_isa.py" if quick else "the whole suite"
     print(f"\n== {what} of the installed optkern (every ISA's kernels in-process)", flush=True)
-    if subprocess.call(pytest + [os.path.join(tests, "test_isa.py") if quick else tests],
-                       env=env) != 0:
+    if (
+        subprocess.call(pytest + [os.path.join(tests, "test_isa.py") if quick else tests], env=env)
+        != 0
+    ):
         failed.append(what)
     smoke = pytest + ["-m", "smoke", os.path.join(tests, "test_smoke.py")]
     for isa in isas.split():

@@ -51,6 +51,7 @@ def rule_variants() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
     out = dict(VARIANTS)
     try:
         import optkern
+
         rules = optkern.registry.rules()
     except Exception:  # not installed: the listed variants only
         rules = []
@@ -60,8 +61,9 @@ def rule_variants() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
     return out
 
 
-def find_variant(funcs: Dict[str, List[Tuple[int, str, str]]], kernel: str,
-                 on: Tuple[str, ...]) -> Optional[List[Tuple[int, str, str]]]:
+def find_variant(
+    funcs: Dict[str, List[Tuple[int, str, str]]], kernel: str, on: Tuple[str, ...]
+) -> Optional[List[Tuple[int, str, str]]]:
     names = FLAGS.get(kernel, ("decay",))
     want = [n in on for n in names]
     for f, code in funcs.items():
@@ -76,8 +78,9 @@ LINE = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
 
 
 def functions(obj: str) -> Dict[str, List[Tuple[int, str, str]]]:
-    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", obj], check=True,
-                          capture_output=True, text=True).stdout
+    text = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", obj], check=True, capture_output=True, text=True
+    ).stdout
     out: Dict[str, List[Tuple[int, str, str]]] = {}
     current: Optional[str] = None
     for line in text.splitlines():
@@ -102,8 +105,11 @@ def loops(code: List[Tuple[int, str, str]]) -> List[List[Tuple[int, str, str]]]:
             t = int(target.group(1), 16)
             if t < addr and t in index:
                 spans.append((index[t], i))
-    return [code[a:b + 1] for a, b in spans
-            if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [
+        code[a : b + 1]
+        for a, b in spans
+        if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)
+    ]
 
 
 def width(body: List[Tuple[int, str, str]]) -> int:
@@ -128,8 +134,13 @@ def elements_per_iteration(body: List[Tuple[int, str, str]]) -> int:
     scaled = set(re.findall(r",(%r\w+),4\)", text))
     bytewise = set(re.findall(r"\((%r\w+)[,)]", text)) | set(re.findall(r",(%r\w+),1\)", text))
     for _, op, args in body:
-        m = re.match(r"\$0x([0-9a-f]+),(%r\w+)$", args) if op in ("add", "sub") else \
-            re.match(r"0x([0-9a-f]+)\((%r\w+)\),(%r\w+)$", args) if op == "lea" else None
+        m = (
+            re.match(r"\$0x([0-9a-f]+),(%r\w+)$", args)
+            if op in ("add", "sub")
+            else re.match(r"0x([0-9a-f]+)\((%r\w+)\),(%r\w+)$", args)
+            if op == "lea"
+            else None
+        )
         if not m or (op == "lea" and m.group(2) != m.group(3)):
             continue
         step, reg = int(m.group(1), 16), m.group(2)
@@ -144,16 +155,23 @@ def elements_per_iteration(body: List[Tuple[int, str, str]]) -> int:
 
 def report(build_dir: str) -> None:
     for isa in ["scalar", "avx2", "avx512"]:
-        objs = glob.glob(os.path.join(build_dir, "**", f"optkern_kernels_{isa}.dir", "**",
-                                      "update_rules.cpp.o"), recursive=True)
+        objs = glob.glob(
+            os.path.join(build_dir, "**", f"optkern_kernels_{isa}.dir", "**", "update_rules.cpp.o"),
+            recursive=True,
+        )
         if not objs:
             continue
         funcs = functions(objs[0])
         print(f"\n{isa}: instructions per element in the main loop (divisions, square roots)")
-        found = {name: find_variant(funcs, kernel, on)
-                 for name, (kernel, on) in rule_variants().items()}
-        found.update({name: next((c for f, c in funcs.items() if symbol.format(isa=isa) in f),
-                                 None) for name, symbol in OTHERS.items()})
+        found = {
+            name: find_variant(funcs, kernel, on) for name, (kernel, on) in rule_variants().items()
+        }
+        found.update(
+            {
+                name: next((c for f, c in funcs.items() if symbol.format(isa=isa) in f), None)
+                for name, symbol in OTHERS.items()
+            }
+        )
         for name, code in found.items():
             body = main_loop(code) if code else None
             if not body:
@@ -162,8 +180,10 @@ def report(build_dir: str) -> None:
             n = elements_per_iteration(body)
             div = sum(1 for _, o, _ in body if o.startswith(("vdiv", "div")))
             sqrt = sum(1 for _, o, _ in body if "sqrt" in o)
-            print(f"  {name:<28} {len(body) / n:5.2f}  ({len(body)} instructions per {n} "
-                  f"elements; {div} div, {sqrt} sqrt)")
+            print(
+                f"  {name:<28} {len(body) / n:5.2f}  ({len(body)} instructions per {n} "
+                f"elements; {div} div, {sqrt} sqrt)"
+            )
 
 
 if __name__ == "__main__":

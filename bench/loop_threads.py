@@ -108,7 +108,7 @@ def child(size: str, opt: str, impl: str, threads: int, spin: int, steps: int) -
     for s in range(warm + steps):
         k = (s % 8) * BATCH
         t0 = time.perf_counter()
-        forward_backward(X[k:k + BATCH], y[k:k + BATCH])
+        forward_backward(X[k : k + BATCH], y[k : k + BATCH])
         t1 = time.perf_counter()
         update()
         t2 = time.perf_counter()
@@ -122,18 +122,29 @@ def child(size: str, opt: str, impl: str, threads: int, spin: int, steps: int) -
         if s >= warm:
             alone.append(time.perf_counter() - t1)
     ms = lambda v: 1e3 * statistics.median(v)  # noqa: E731
-    return {"loop_ms": ms(loop), "update_in_loop_ms": ms(upd), "update_alone_ms": ms(alone),
-            "matmul_ms": ms(loop) - ms(upd)}
+    return {
+        "loop_ms": ms(loop),
+        "update_in_loop_ms": ms(upd),
+        "update_alone_ms": ms(alone),
+        "matmul_ms": ms(loop) - ms(upd),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
-    ap.add_argument("--python", action="append", default=[],
-                    help="NAME=PATH of a Python whose optkern to measure (default: this one as new)")
-    ap.add_argument("--variants", default="numpy,{py},{py}:t1",
-                    help="comma list; {py} expands to every --python NAME; NAME:tN forces N "
-                         "threads, NAME:sU a helper spin of U microseconds")
+    ap.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        help="NAME=PATH of a Python whose optkern to measure (default: this one as new)",
+    )
+    ap.add_argument(
+        "--variants",
+        default="numpy,{py},{py}:t1",
+        help="comma list; {py} expands to every --python NAME; NAME:tN forces N "
+        "threads, NAME:sU a helper spin of U microseconds",
+    )
     ap.add_argument("--sizes", default="small,big")
     ap.add_argument("--opts", default="adam,sgdm")
     ap.add_argument("--busy", default="none", help="comma list of none, unpinned, pinned")
@@ -171,12 +182,28 @@ def main() -> int:
                             py = pythons.get(name, sys.executable)
                             impl = "numpy" if name == "numpy" else "optkern"
                             out = subprocess.run(
-                                [py, os.path.abspath(__file__), "--child", size, opt, impl,
-                                 str(threads), str(spin), str(args.steps)],
-                                capture_output=True, text=True, check=True, cwd="/")
+                                [
+                                    py,
+                                    os.path.abspath(__file__),
+                                    "--child",
+                                    size,
+                                    opt,
+                                    impl,
+                                    str(threads),
+                                    str(spin),
+                                    str(args.steps),
+                                ],
+                                capture_output=True,
+                                text=True,
+                                check=True,
+                                cwd="/",
+                            )
                             runs[v].append(json.loads(out.stdout))
-                    base = statistics.median(r["loop_ms"] for r in runs["numpy"]) \
-                        if "numpy" in runs else None
+                    base = (
+                        statistics.median(r["loop_ms"] for r in runs["numpy"])
+                        if "numpy" in runs
+                        else None
+                    )
                     for v, rs in runs.items():
                         row = {"busy": busy, "size": size, "opt": opt, "variant": v}
                         for key in rs[0]:
@@ -185,10 +212,13 @@ def main() -> int:
                             row["loop_vs_numpy"] = row["loop_ms"] / base
                         row["in_loop_vs_alone"] = row["update_in_loop_ms"] / row["update_alone_ms"]
                         results.append(row)
-                        print(f"{busy:8} {size:5} {opt:4} {v:12} loop {row['loop_ms']:7.3f} ms"
-                              f" ({row.get('loop_vs_numpy', float('nan')):.2f}x numpy)  update in loop"
-                              f" {row['update_in_loop_ms']:7.3f} ms, alone {row['update_alone_ms']:7.3f}"
-                              f" ms ({row['in_loop_vs_alone']:.1f}x)", flush=True)
+                        print(
+                            f"{busy:8} {size:5} {opt:4} {v:12} loop {row['loop_ms']:7.3f} ms"
+                            f" ({row.get('loop_vs_numpy', float('nan')):.2f}x numpy)  update in loop"
+                            f" {row['update_in_loop_ms']:7.3f} ms, alone {row['update_alone_ms']:7.3f}"
+                            f" ms ({row['in_loop_vs_alone']:.1f}x)",
+                            flush=True,
+                        )
         finally:
             if hog:
                 hog.kill()

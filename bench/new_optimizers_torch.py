@@ -26,8 +26,16 @@ import numpy as np
 import optkern as ok
 
 # name -> (bytes per element of a fused step, how to build it)
-BYTES = {"NAdam": 28, "RAdam": 28, "ASGD": 20, "Rprop": 28, "Adafactor": 24, "Lion": 20,
-         "ScheduleFreeAdamW": 28, "ScheduleFreeSGD": 20}
+BYTES = {
+    "NAdam": 28,
+    "RAdam": 28,
+    "ASGD": 20,
+    "Rprop": 28,
+    "Adafactor": 24,
+    "Lion": 20,
+    "ScheduleFreeAdamW": 28,
+    "ScheduleFreeSGD": 20,
+}
 ROWS = 1000  # Adafactor's matrix: ROWS x n / ROWS
 
 
@@ -46,8 +54,10 @@ def time_per_step(step: Callable[[], None], batch: int) -> float:
 def compare(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
     for step in steps.values():  # the first step allocates the state
         step()
-    batches = {k: max(1, min(1000, math.ceil(0.2 / max(time_per_step(s, 1), 1e-9))))
-               for k, s in steps.items()}
+    batches = {
+        k: max(1, min(1000, math.ceil(0.2 / max(time_per_step(s, 1), 1e-9))))
+        for k, s in steps.items()
+    }
     best = {k: math.inf for k in steps}
     for _ in range(repeats):
         for k, s in steps.items():
@@ -74,6 +84,7 @@ def torch_steps(name: str, n: int) -> List[Tuple[str, Callable[[], None]]]:
         def step():  # the package divides p.grad in place: give every step the same gradient
             p.grad.copy_(g)
             opt.step()
+
         return step
 
     out = []
@@ -92,8 +103,10 @@ def torch_steps(name: str, n: int) -> List[Tuple[str, Callable[[], None]]]:
             import schedulefree
         except ImportError:
             return []
-        cls = {"ScheduleFreeAdamW": schedulefree.AdamWScheduleFree,
-               "ScheduleFreeSGD": schedulefree.SGDScheduleFree}[name]
+        cls = {
+            "ScheduleFreeAdamW": schedulefree.AdamWScheduleFree,
+            "ScheduleFreeSGD": schedulefree.SGDScheduleFree,
+        }[name]
         # AdamWScheduleFree divides p.grad in place: each timed step first copies the gradient
         # back (8 more bytes per element, inside the time).
         restore = name == "ScheduleFreeAdamW"
@@ -116,9 +129,11 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; optkern "
-          f"{ok.__version__} ({ok.active_isa()}, {ok.get_num_threads()} threads); "
-          f"{os.cpu_count()} cores")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; optkern "
+        f"{ok.__version__} ({ok.active_isa()}, {ok.get_num_threads()} threads); "
+        f"{os.cpu_count()} cores"
+    )
     print(f"{'optimizer':18} {'size':>5} {'impl':>13} {'ms/step':>9} {'GB/s':>7} {'%bw':>5}")
     for size in [parse_size(s) for s in args.sizes.split(",")]:
         for name in args.only.split(","):
@@ -132,8 +147,10 @@ def main() -> int:
             for impl, sec in best.items():
                 gbps = BYTES[name] * size / sec / 1e9
                 label = f"{size // 10**6}M" if size >= 10**6 else str(size)
-                print(f"{name:18} {label:>5} {impl:>13} {sec * 1e3:9.3f} {gbps:7.1f} "
-                      f"{100 * gbps / stream_gbps:4.0f}%")
+                print(
+                    f"{name:18} {label:>5} {impl:>13} {sec * 1e3:9.3f} {gbps:7.1f} "
+                    f"{100 * gbps / stream_gbps:4.0f}%"
+                )
             del steps
     return 0
 

@@ -46,11 +46,9 @@ def main(argv=None) -> int:
     class OptkernAdam(AdamOptimizer):
         """scikit-learn's Adam interface, optkern's fused step (same lr, betas, eps)."""
 
-        def __init__(self, params, learning_rate_init=0.001, beta_1=0.9, beta_2=0.999,
-                     epsilon=1e-8):
+        def __init__(self, params, learning_rate_init=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-8):
             super().__init__(params, learning_rate_init, beta_1, beta_2, epsilon)
-            self._ok = ok.Adam(params, lr=learning_rate_init, betas=(beta_1, beta_2),
-                               eps=epsilon)
+            self._ok = ok.Adam(params, lr=learning_rate_init, betas=(beta_1, beta_2), eps=epsilon)
 
         def update_params(self, params, grads):
             self._ok.step(grads)
@@ -72,6 +70,7 @@ def main(argv=None) -> int:
                 return update(self, params, grads)
             finally:
                 timers["update"] += time.perf_counter() - t
+
         return wrapper
 
     rng = np.random.default_rng(0)
@@ -88,9 +87,15 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for name, cls in impls.items():
                 mlp_mod.AdamOptimizer = cls
-                clf = MLPClassifier(hidden_layer_sizes=tuple(args.hidden), solver="adam",
-                                    batch_size=args.batch_size, max_iter=args.epochs, tol=0.0,
-                                    n_iter_no_change=10**9, random_state=0)
+                clf = MLPClassifier(
+                    hidden_layer_sizes=tuple(args.hidden),
+                    solver="adam",
+                    batch_size=args.batch_size,
+                    max_iter=args.epochs,
+                    tol=0.0,
+                    n_iter_no_change=10**9,
+                    random_state=0,
+                )
                 timers.update(fwd_bwd=0.0, update=0.0)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)
@@ -109,23 +114,32 @@ def main(argv=None) -> int:
         for cls, fn in patched.items():
             cls.update_params = fn
 
-    print(f"# scikit-learn {sklearn.__version__} MLPClassifier {tuple(args.hidden)}, "
-          f"{args.samples}x{args.features} float32, batch {args.batch_size}, {args.epochs} "
-          f"epochs; optkern {ok.__version__} ({ok.active_isa()}, {ok.get_num_threads()} "
-          f"threads); medians of {args.rounds} interleaved rounds, ms per epoch")
+    print(
+        f"# scikit-learn {sklearn.__version__} MLPClassifier {tuple(args.hidden)}, "
+        f"{args.samples}x{args.features} float32, batch {args.batch_size}, {args.epochs} "
+        f"epochs; optkern {ok.__version__} ({ok.active_isa()}, {ok.get_num_threads()} "
+        f"threads); medians of {args.rounds} interleaved rounds, ms per epoch"
+    )
     print(f"{'Adam':<10}{'fwd+bwd':>10}{'update':>10}{'fit':>10}")
     med = {}
     for name in impls:
         med[name] = {k: statistics.median(v) for k, v in raw[name].items()}
-        print(f"{name:<10}" + "".join(f"{med[name][k] * 1e3:10.1f}"
-                                      for k in ("fwd_bwd", "update", "fit")))
+        print(
+            f"{name:<10}"
+            + "".join(f"{med[name][k] * 1e3:10.1f}" for k in ("fwd_bwd", "update", "fit"))
+        )
     ratio = med["optkern"]["fwd_bwd"] / med["sklearn"]["fwd_bwd"]
-    print(f"forward+backward with optkern's Adam / with scikit-learn's: {ratio:.2f}x; "
-          f"fit: {med['optkern']['fit'] / med['sklearn']['fit']:.2f}x")
+    print(
+        f"forward+backward with optkern's Adam / with scikit-learn's: {ratio:.2f}x; "
+        f"fit: {med['optkern']['fit'] / med['sklearn']['fit']:.2f}x"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "raw_seconds_per_epoch": raw,
-                       "median_seconds_per_epoch": med}, f, indent=1)
+            json.dump(
+                {"args": vars(args), "raw_seconds_per_epoch": raw, "median_seconds_per_epoch": med},
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -29,12 +29,17 @@ def main() -> None:
                         ok.set_num_threads(k)
                         ok._core._set_min_elements_per_thread(floor)
                         opt.step(grads)
+
                     return step
-                s = compare({"one": on(1, threshold), "two": on(2, 1),
-                             "default": on(threads, threshold)}, 9)
-                print(f"{name:9}{n:8}: 1 thread {s['one'] * 1e6:7.1f} us, 2 threads "
-                      f"{s['two'] * 1e6:7.1f} us ({s['one'] / s['two']:.2f}x); default "
-                      f"{s['default'] * 1e6:7.1f} us")
+
+                s = compare(
+                    {"one": on(1, threshold), "two": on(2, 1), "default": on(threads, threshold)}, 9
+                )
+                print(
+                    f"{name:9}{n:8}: 1 thread {s['one'] * 1e6:7.1f} us, 2 threads "
+                    f"{s['two'] * 1e6:7.1f} us ({s['one'] / s['two']:.2f}x); default "
+                    f"{s['default'] * 1e6:7.1f} us"
+                )
     finally:
         ok.set_num_threads(threads)
         ok._core._set_min_elements_per_thread(threshold)

@@ -59,8 +59,10 @@ def main():
         return t
 
     variants = {"default": lambda: timed(oo.step), "backoff off": noad, "1 thread": one_thread}
-    for pre_name, pre in (("after a torch step", ot.step),
-                          ("after a 5 ms sleep", lambda: time.sleep(0.005))):
+    for pre_name, pre in (
+        ("after a torch step", ot.step),
+        ("after a 5 ms sleep", lambda: time.sleep(0.005)),
+    ):
         res = {k: [] for k in variants}
         tor = []
         for f in variants.values():
@@ -74,11 +76,15 @@ def main():
                 tor.append(timed(pre))
                 res[k].append(variants[k]())
         st = {k: _core._pool_stats()[k] - s0[k] for k in s0}
-        print(f"{name} {n} {pre_name}: torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
-              f"{os.environ.get('OMP_WAIT_POLICY')}, load {os.getloadavg()[0]:.1f}; "
-              f"torch step median {statistics.median(tor) * 1e6:.0f} us; pool {st}")
-        print("   okt step median us: "
-              + ", ".join(f"{k} {statistics.median(v) * 1e6:.0f}" for k, v in res.items()))
+        print(
+            f"{name} {n} {pre_name}: torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
+            f"{os.environ.get('OMP_WAIT_POLICY')}, load {os.getloadavg()[0]:.1f}; "
+            f"torch step median {statistics.median(tor) * 1e6:.0f} us; pool {st}"
+        )
+        print(
+            "   okt step median us: "
+            + ", ".join(f"{k} {statistics.median(v) * 1e6:.0f}" for k, v in res.items())
+        )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_report_header(config):
-    return (f"optkern {ok.__version__}: active ISA {ok.active_isa()} "
-            f"(available {', '.join(ok.available_isas())}), {ok.get_num_threads()} threads")
+    return (
+        f"optkern {ok.__version__}: active ISA {ok.active_isa()} "
+        f"(available {', '.join(ok.available_isas())}), {ok.get_num_threads()} threads"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ def unaligned(values: np.ndarray, misalign: int = 4) -> np.ndarray:
     values = np.asarray(values, dtype=np.float32)
     raw = np.empty(values.nbytes + 128, dtype=np.uint8)
     start = (-raw.ctypes.data) % 64 + misalign
-    out = raw[start:start + values.nbytes].view(np.float32).reshape(values.shape)
+    out = raw[start : start + values.nbytes].view(np.float32).reshape(values.shape)
     out[...] = values
     assert values.size == 0 or out.ctypes.data % 64 == misalign
     return out

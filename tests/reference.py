@@ -76,8 +76,9 @@ class Reference:
         if self.hp.get("maximize", False):
             g = -g
         with np.errstate(all="ignore"):  # NaN and Inf are expected inputs in some tests
-            getattr(self, "_" + self.name.lower())(g, **{k: v for k, v in self.hp.items()
-                                                         if k != "maximize"})
+            getattr(self, "_" + self.name.lower())(
+                g, **{k: v for k, v in self.hp.items() if k != "maximize"}
+            )
         self.t += 1
 
     # -- the rules -------------------------------------------------------------------------------
@@ -94,8 +95,9 @@ class Reference:
         self.p = p - lr * g
 
     def _nesterov(self, g, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0):
-        self._sgd(g, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                  nesterov=True)
+        self._sgd(
+            g, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=True
+        )
 
     def _momentum(self, g, lr=1e-3, beta=0.9, weight_decay=0.0):
         if weight_decay != 0:
@@ -104,8 +106,9 @@ class Reference:
         self.state["momentum_buffer"] = v
         self.p = self.p - lr * v
 
-    def _rmsprop(self, g, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False):
+    def _rmsprop(
+        self, g, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False
+    ):
         p = self.p
         if weight_decay != 0:
             g = g + weight_decay * p
@@ -125,8 +128,9 @@ class Reference:
             self.p = p - (lr * g) / avg
         self.state["step"] = self.t + 1
 
-    def _adagrad(self, g, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                 eps=1e-10):
+    def _adagrad(
+        self, g, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10
+    ):
         p = self.p
         t = self.t + 1
         if weight_decay != 0:
@@ -149,8 +153,16 @@ class Reference:
         self.p = p - lr * delta
         self.state["step"] = self.t + 1
 
-    def _adam(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-              decoupled=False):
+    def _adam(
+        self,
+        g,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=False,
+        decoupled=False,
+    ):
         p = self.p
         t = self.t + 1
         beta1, beta2 = betas
@@ -165,15 +177,16 @@ class Reference:
         if amsgrad:
             v = np.maximum(self.zeros("max_exp_avg_sq"), v)  # NaN-propagating, as torch.maximum
             self.state["max_exp_avg_sq"] = v
-        bc1 = 1 - beta1 ** t
-        bc2 = 1 - beta2 ** t
+        bc1 = 1 - beta1**t
+        bc2 = 1 - beta2**t
         denom = np.sqrt(v) / math.sqrt(bc2) + eps
         self.p = p - ((lr / bc1) * m) / denom
         self.state["step"] = t
 
     def _adamw(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False):
-        self._adam(g, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                   decoupled=True)
+        self._adam(
+            g, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, decoupled=True
+        )
 
     def _adamax(self, g, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         p = self.p
@@ -184,15 +197,23 @@ class Reference:
         m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
         u = np.maximum(beta2 * self.zeros("exp_inf"), np.abs(g) + eps)  # NaN-propagating
         self.state["exp_avg"], self.state["exp_inf"] = m, u
-        self.p = p - ((lr / (1 - beta1 ** t)) * m) / u
+        self.p = p - ((lr / (1 - beta1**t)) * m) / u
         self.state["step"] = t
 
-    def _nadam(self, g, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-               momentum_decay=4e-3, decoupled_weight_decay=False):
+    def _nadam(
+        self,
+        g,
+        lr=2e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum_decay=4e-3,
+        decoupled_weight_decay=False,
+    ):
         p = self.p
         t = self.t + 1
         beta1, beta2 = betas
-        bias_correction2 = 1 - beta2 ** t
+        bias_correction2 = 1 - beta2**t
         if weight_decay != 0:
             if decoupled_weight_decay:
                 p = p * (1 - lr * weight_decay)
@@ -209,8 +230,9 @@ class Reference:
         self.p = p
         self.state.update(exp_avg=m, exp_avg_sq=v, mu_product=mu_product, step=t)
 
-    def _radam(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-               decoupled_weight_decay=False):
+    def _radam(
+        self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False
+    ):
         p = self.p
         t = self.t + 1
         beta1, beta2 = betas
@@ -221,15 +243,16 @@ class Reference:
                 g = g + weight_decay * p
         m = lerp(self.zeros("exp_avg"), g, 1 - beta1)
         v = beta2 * self.zeros("exp_avg_sq") + ((1 - beta2) * g) * g
-        bias_correction1 = 1 - beta1 ** t
-        bias_correction2 = 1 - beta2 ** t
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
         m_hat = m / bias_correction1
         rho_inf = 2 / (1 - beta2) - 1
-        rho_t = rho_inf - 2 * t * (beta2 ** t) / bias_correction2
+        rho_t = rho_inf - 2 * t * (beta2**t) / bias_correction2
         if rho_t > 5.0:
-            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
-                    / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-            adaptive = (bias_correction2 ** 0.5) / (np.sqrt(v) + eps)
+            rect = (
+                (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+            ) ** 0.5
+            adaptive = (bias_correction2**0.5) / (np.sqrt(v) + eps)
             p = p - m_hat * lr * adaptive * rect
         else:
             p = p - m_hat * lr
@@ -248,8 +271,9 @@ class Reference:
         ax = self.zeros("ax")
         ax = ax + (p - ax) * mu if mu != 1 else p.copy()
         self.p = p
-        self.state.update(ax=ax, step=t, eta=lr / ((1 + lambd * lr * t) ** alpha),
-                          mu=1 / max(1, t - t0))
+        self.state.update(
+            ax=ax, step=t, eta=lr / ((1 + lambd * lr * t) ** alpha), mu=1 / max(1, t - t0)
+        )
 
     def _lion(self, g, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
         beta1, beta2 = betas
@@ -276,13 +300,12 @@ class Reference:
         self.p = self.p - torch_sign(g) * step_size
         self.state.update(prev=g.astype(self.dtype), step_size=step_size, step=t)
 
-
     def _lamb(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         beta1, beta2 = betas
         t = self.t + 1
         m = (1 - beta1) * g + beta1 * self.zeros("exp_avg")
-        v = (1 - beta2) * g ** 2 + beta2 * self.zeros("exp_avg_sq")
-        u = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)
+        v = (1 - beta2) * g**2 + beta2 * self.zeros("exp_avg_sq")
+        u = (m / (1 - beta1**t)) / (np.sqrt(v / (1 - beta2**t)) + eps)
         if weight_decay != 0:
             u = u + weight_decay * self.p
         # The trust ratio of the whole array; 1 where either norm is 0 (NaN stays NaN).
@@ -295,8 +318,12 @@ class Reference:
 
     def _schedule_hp(self):
         keys = ("lr", "warmup_steps", "r", "weight_lr_power")
-        defaults = {"lr": 0.0025 if self.name == "ScheduleFreeAdamW" else 1.0,
-                    "warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0}
+        defaults = {
+            "lr": 0.0025 if self.name == "ScheduleFreeAdamW" else 1.0,
+            "warmup_steps": 0,
+            "r": 0.0,
+            "weight_lr_power": 2.0,
+        }
         return {k: self.hp.get(k, defaults[k]) for k in keys}
 
     def _schedule_free_weights(self, lr, warmup_steps, r, weight_lr_power):
@@ -312,7 +339,7 @@ class Reference:
         sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
         lr = lr * sched
         grp["lr_max"] = lr_max = max(lr, grp["lr_max"])
-        weight = ((k + 1) ** r) * (lr_max ** weight_lr_power)
+        weight = ((k + 1) ** r) * (lr_max**weight_lr_power)
         grp["weight_sum"] = weight_sum = grp["weight_sum"] + weight
         ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
         grp["k"] = k + 1
@@ -320,8 +347,17 @@ class Reference:
             self.state.update(step=k + 1, lr_max=grp["lr_max"], weight_sum=grp["weight_sum"])
         return lr, ckp1, k
 
-    def _schedulefreeadamw(self, g, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                           warmup_steps=0, r=0.0, weight_lr_power=2.0):
+    def _schedulefreeadamw(
+        self,
+        g,
+        lr=0.0025,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=0,
+        r=0.0,
+        weight_lr_power=2.0,
+    ):
         beta1, beta2 = betas
         lr, ckp1, k = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
         bias_correction2 = 1 - beta2 ** (k + 1)
@@ -337,8 +373,9 @@ class Reference:
         self.state.update(z=z - lr * gn, exp_avg_sq=v)
         self.p = y
 
-    def _schedulefreesgd(self, g, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
-                         weight_lr_power=2.0):
+    def _schedulefreesgd(
+        self, g, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0
+    ):
         lr, ckp1, k = self._schedule_free_weights(lr, warmup_steps, r, weight_lr_power)
         y = self.p
         z = y.copy() if k == 0 or "z" not in self.state else self.state["z"]  # z starts at y
@@ -404,8 +441,10 @@ CASES = [
     ("Adam", dict()),
     ("Adam", dict(amsgrad=True)),
     ("Adam", dict(lr=2e-3, betas=(0.8, 0.99), weight_decay=0.1)),
-    ("Adam", dict(lr=1e-3, betas=(0.3, 0.9), eps=1e-4, amsgrad=True, weight_decay=0.01,
-                  maximize=True)),
+    (
+        "Adam",
+        dict(lr=1e-3, betas=(0.3, 0.9), eps=1e-4, amsgrad=True, weight_decay=0.01, maximize=True),
+    ),
     ("Adam", dict(lr=1e-3, betas=(0.0, 0.0))),
     ("AdamW", dict()),
     ("AdamW", dict(amsgrad=True, weight_decay=0.1)),
@@ -415,8 +454,7 @@ CASES = [
     ("Adamax", dict(lr=2e-3, betas=(0.3, 0.9), eps=1e-4, maximize=True)),
     ("NAdam", dict()),
     ("NAdam", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, momentum_decay=0.01)),
-    ("NAdam", dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, eps=1e-4,
-                   maximize=True)),
+    ("NAdam", dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, eps=1e-4, maximize=True)),
     ("RAdam", dict()),  # momentum only for 5 steps, then rectified
     ("RAdam", dict(lr=1e-3, betas=(0.9, 0.6))),  # rho_inf = 4: never rectified
     ("RAdam", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, eps=1e-4)),
@@ -434,8 +472,10 @@ CASES = [
     ("LAMB", dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01)),
     ("LAMB", dict(lr=1e-3, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.1, maximize=True)),
     ("ScheduleFreeAdamW", dict()),
-    ("ScheduleFreeAdamW", dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0,
-                               weight_decay=0.1)),
+    (
+        "ScheduleFreeAdamW",
+        dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0, weight_decay=0.1),
+    ),
     ("ScheduleFreeAdamW", dict(betas=(0.5, 0.9), eps=1e-4, weight_lr_power=0.0, maximize=True)),
     ("ScheduleFreeSGD", dict(lr=0.01)),
     ("ScheduleFreeSGD", dict(lr=0.005, momentum=0.8, warmup_steps=10, r=1.0, weight_decay=0.1)),

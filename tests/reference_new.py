@@ -24,9 +24,17 @@ import numpy as np
 from reference import SCHEDULE_FREE, Reference, _norm, lerp
 
 #: The rules of this file, with the hyperparameters (and defaults) of their oracles.
-NEW_RULES = ("NAdam", "RAdam", "ASGD", "Rprop", "Adafactor", "Lion", "LAMB",
-             "ScheduleFreeAdamW", "ScheduleFreeSGD")
-
+NEW_RULES = (
+    "NAdam",
+    "RAdam",
+    "ASGD",
+    "Rprop",
+    "Adafactor",
+    "Lion",
+    "LAMB",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
+)
 
 
 class ReferenceNew(Reference):
@@ -47,18 +55,16 @@ class ReferenceNew(Reference):
 
     # -- torch.optim -----------------------------------------------------------------------------
 
-
-    def _adafactor(self, g, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
-                   weight_decay=0.0):
+    def _adafactor(self, g, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0):
         p = self.p
         t = self.t + 1
         eps1, eps2 = eps
         if eps1 is None:
             eps1 = self.machine_eps
-        one_minus_beta2_t = t ** beta2_decay
-        rho_t = min(lr, 1 / (t ** 0.5))
+        one_minus_beta2_t = t**beta2_decay
+        rho_t = min(lr, 1 / (t**0.5))
         # Python's max, as torch uses it on .item() values: a NaN norm gives eps2 (and below, 1).
-        alpha = max(eps2, _norm(p) / (p.size ** 0.5) if p.size else math.nan) * rho_t
+        alpha = max(eps2, _norm(p) / (p.size**0.5) if p.size else math.nan) * rho_t
         if weight_decay != 0:
             p = p * (1 - lr * weight_decay)
         if g.ndim > 1:
@@ -78,12 +84,13 @@ class ReferenceNew(Reference):
             self.state["variance"] = variance
         update = 1 / np.sqrt(np.maximum(var_estimate, eps1 * eps1)) * g
         if update.size:  # torch divides by zero on an empty parameter
-            denom = max(1.0, _norm(update) / ((update.size ** 0.5) * d))
+            denom = max(1.0, _norm(update) / ((update.size**0.5) * d))
             p = p + (-alpha / denom) * update
         self.p = p
         self.state["step"] = t
 
     # -- optax -----------------------------------------------------------------------------------
+
 
 #: Option sets covering every branch of every new rule (the float64 self-checks and, later, the
 #: kernels' reference rows), with hyperparameters that keep 100 steps of N(0, 0.1^2) gradients
@@ -113,8 +120,10 @@ NEW_CASES = [
     ("LAMB", dict()),
     ("LAMB", dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01)),
     ("ScheduleFreeAdamW", dict()),
-    ("ScheduleFreeAdamW", dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0,
-                               weight_decay=0.01)),
+    (
+        "ScheduleFreeAdamW",
+        dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0, weight_decay=0.01),
+    ),
     ("ScheduleFreeAdamW", dict(betas=(0.95, 0.99), eps=1e-6, weight_lr_power=0.0)),
     ("ScheduleFreeSGD", dict(lr=0.1)),
     ("ScheduleFreeSGD", dict(lr=0.05, momentum=0.8, warmup_steps=10, r=1.0, weight_decay=0.01)),

@@ -16,10 +16,24 @@ from optkern.benchmark import loops
 from optkern.benchmark.cases import CASES
 
 TINY = ["12-8-4", "16-8-8-3"]
-SUMMARY = ["loop_numpy", "loop_optkern", "loop_optkern_1t", "loop_ratio", "loop_ratio_1t",
-           "default_vs_1t", "update_numpy_in_loop", "update_in_loop", "update_in_loop_1t",
-           "update_alone", "update_ratio", "fwd_bwd_no_update", "fwd_bwd_numpy",
-           "fwd_bwd_optkern", "fwd_bwd_optkern_1t", "fwd_bwd_ratio"]
+SUMMARY = [
+    "loop_numpy",
+    "loop_optkern",
+    "loop_optkern_1t",
+    "loop_ratio",
+    "loop_ratio_1t",
+    "default_vs_1t",
+    "update_numpy_in_loop",
+    "update_in_loop",
+    "update_in_loop_1t",
+    "update_alone",
+    "update_ratio",
+    "fwd_bwd_no_update",
+    "fwd_bwd_numpy",
+    "fwd_bwd_optkern",
+    "fwd_bwd_optkern_1t",
+    "fwd_bwd_ratio",
+]
 
 
 def _gone(pid: int) -> bool:
@@ -33,8 +47,27 @@ def _gone(pid: int) -> bool:
 
 def test_loops_study_every_row_and_field(tmp_path, capsys):
     out = tmp_path / "loops.json"
-    assert main(["bench", "--loops", "--loop-sizes", *TINY, "--loop-steps", "2", "--rounds", "2",
-                 "--loop-conditions", "quiet", "busy", "--quiet", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--loops",
+                "--loop-sizes",
+                *TINY,
+                "--loop-steps",
+                "2",
+                "--rounds",
+                "2",
+                "--loop-conditions",
+                "quiet",
+                "busy",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "Inside a training loop" in text and "targets:" in text
     for label in ("Adam", "Adadelta", "SGD momentum"):
@@ -47,8 +80,9 @@ def test_loops_study_every_row_and_field(tmp_path, capsys):
         assert cond["skipped"] is None
         assert cond["torch_imported"] is False  # quiet and busy run without torch
         rows = cond["rows"]
-        assert [(tuple(r["dims"]), r["optimizer"]) for r in rows] == \
-            [(tuple(loops.parse_dims(d)), k) for d in TINY for k in CASES if CASES[k].numpy is not None]
+        assert [(tuple(r["dims"]), r["optimizer"]) for r in rows] == [
+            (tuple(loops.parse_dims(d)), k) for d in TINY for k in CASES if CASES[k].numpy is not None
+        ]
         for r in rows:
             assert r["params"] == loops.n_params(r["dims"])
             assert r["steps"] == 2 and r["rounds"] == 2 and r["batch"] == 64
@@ -75,9 +109,27 @@ def test_loops_study_every_row_and_field(tmp_path, capsys):
 
 def test_steps_chosen_when_not_given(tmp_path):
     out = tmp_path / "loops.json"
-    assert main(["bench", "--studies", "loops", "--optimizers", "sgd", "--loop-sizes", "8-4",
-                 "--rounds", "1", "--loop-conditions", "quiet", "--quiet",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--studies",
+                "loops",
+                "--optimizers",
+                "sgd",
+                "--loop-sizes",
+                "8-4",
+                "--rounds",
+                "1",
+                "--loop-conditions",
+                "quiet",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     row = json.loads(out.read_text())["loops"]["conditions"][0]["rows"][0]
     assert 2 <= row["steps"] <= 200
 
@@ -114,8 +166,9 @@ def test_busy_neighbour_killed_on_interrupt():
     mp.setattr(loops, "busy_neighbour", spy)
     try:
         with pytest.raises(KeyboardInterrupt):
-            loops.run_loops(["sgd"], [[8, 4]], 1, 1, ["busy"], None, False, lambda _: None,
-                            worker=interrupted)
+            loops.run_loops(
+                ["sgd"], [[8, 4]], 1, 1, ["busy"], None, False, lambda _: None, worker=interrupted
+            )
     finally:
         mp.undo()
     assert seen == ["busy"] and len(pids) == 1
@@ -126,11 +179,13 @@ def test_busy_neighbour_killed_on_interrupt():
 def test_busy_neighbour_dies_with_its_parent():
     """A parent killed with SIGKILL (no finally runs) takes its spinning child with it; and the
     child is started without forking this process through a preexec_fn (JAX, say, warns then)."""
-    code = ("import os, sys, time\n"
-            "from optkern.benchmark import loops\n"
-            "with loops.busy_neighbour() as proc:\n"
-            "    print(proc.pid, flush=True)\n"
-            "    time.sleep(60)\n")
+    code = (
+        "import os, sys, time\n"
+        "from optkern.benchmark import loops\n"
+        "with loops.busy_neighbour() as proc:\n"
+        "    print(proc.pid, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         child = int(parent.stdout.readline())
@@ -174,9 +229,30 @@ def test_busy_neighbour_uses_no_preexec_fn(monkeypatch):
 def test_without_torch_the_torch_condition_is_skipped(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(loops, "torch_installed", lambda: False)
     out = tmp_path / "loops.json"
-    assert main(["bench", "--loops", "--optimizers", "adam", "--loop-sizes", "8-4",
-                 "--loop-steps", "1", "--rounds", "1", "--loop-conditions", "quiet", "torch",
-                 "--no-torch", "--quiet", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--loops",
+                "--optimizers",
+                "adam",
+                "--loop-sizes",
+                "8-4",
+                "--loop-steps",
+                "1",
+                "--rounds",
+                "1",
+                "--loop-conditions",
+                "quiet",
+                "torch",
+                "--no-torch",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "torch: skipped (torch is not installed)" in capsys.readouterr().out
     conds = json.loads(out.read_text())["loops"]["conditions"]
     assert conds[1] == {"condition": "torch", "skipped": "torch is not installed", "rows": []}
@@ -186,9 +262,28 @@ def test_without_torch_the_torch_condition_is_skipped(monkeypatch, tmp_path, cap
 def test_torch_condition_when_installed(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "loops.json"
-    assert main(["bench", "--loops", "--optimizers", "adamw", "--loop-sizes", "8-4",
-                 "--loop-steps", "1", "--rounds", "1", "--loop-conditions", "torch", "--quiet",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--loops",
+                "--optimizers",
+                "adamw",
+                "--loop-sizes",
+                "8-4",
+                "--loop-steps",
+                "1",
+                "--rounds",
+                "1",
+                "--loop-conditions",
+                "torch",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     cond = json.loads(out.read_text())["loops"]["conditions"][0]
     assert cond["skipped"] is None and cond["torch_imported"] is True
     assert "warmed" in cond["note"] and len(cond["rows"]) == 1

@@ -22,10 +22,14 @@ def test_the_rules_that_carry_numbers():
         "NAdam": [("mu_product", "mu_products", 1.0, None)],
         "ASGD": [("eta", "etas", 0.0, "lr"), ("mu", "mus", 1.0, None)],
         # schedulefree keeps these per param group (equal on every parameter here).
-        "ScheduleFreeAdamW": [("lr_max", "lr_maxs", -1.0, None),
-                              ("weight_sum", "weight_sums", 0.0, None)],
-        "ScheduleFreeSGD": [("lr_max", "lr_maxs", -1.0, None),
-                            ("weight_sum", "weight_sums", 0.0, None)],
+        "ScheduleFreeAdamW": [
+            ("lr_max", "lr_maxs", -1.0, None),
+            ("weight_sum", "weight_sums", 0.0, None),
+        ],
+        "ScheduleFreeSGD": [
+            ("lr_max", "lr_maxs", -1.0, None),
+            ("weight_sum", "weight_sums", 0.0, None),
+        ],
     }
 
 

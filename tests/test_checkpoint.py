@@ -60,10 +60,21 @@ def test_round_trip_continues_bit_identically(case, tmp_path):
 
 def test_hyperparameters_keep_their_types(tmp_path):
     opt, params = stepped()
-    extra = {"betas": (0.8, 0.99), "lr": np.float32(0.25), "note": "warm-up", "none": None,
-             "nan": NAN, "inf": -float("inf"), "big": 2**70, "flag": np.bool_(True),
-             "i64": np.int64(-3), "nested": {"a": (1, [2.5, None]), 7: "seven", (1, 2): [()]},
-             "arr": np.array([[1, 2]], np.int16), "empty": [], "t": ()}
+    extra = {
+        "betas": (0.8, 0.99),
+        "lr": np.float32(0.25),
+        "note": "warm-up",
+        "none": None,
+        "nan": NAN,
+        "inf": -float("inf"),
+        "big": 2**70,
+        "flag": np.bool_(True),
+        "i64": np.int64(-3),
+        "nested": {"a": (1, [2.5, None]), 7: "seven", (1, 2): [()]},
+        "arr": np.array([[1, 2]], np.int16),
+        "empty": [],
+        "t": (),
+    }
     opt.param_groups[1].update(extra)
     ok.save(opt, tmp_path / "c.npz")
     other, _ = make_opt()
@@ -114,6 +125,7 @@ def test_save_overwrites_and_keeps_the_directory_clean(tmp_path):
 
 # -- atomic writes -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fail_at", ["savez", "fsync", "replace"])
 def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch, fail_at):
     opt, params = stepped()
@@ -161,6 +173,7 @@ def test_save_and_load_refuse_non_optimizers(tmp_path):
 
 # -- bad files ---------------------------------------------------------------------------------------
 
+
 def saved(tmp_path):
     """A checkpoint file and an optimizer (with its own, different state) to load it into."""
     opt, _ = stepped(steps=3)
@@ -180,7 +193,8 @@ def rewrite(path, change):
     text = json.dumps(meta).encode()
     members["optkern_checkpoint"] = np.frombuffer(text, np.uint8)
     members["optkern_checkpoint_sha256"] = np.frombuffer(
-        hashlib.sha256(text).hexdigest().encode(), np.uint8)
+        hashlib.sha256(text).hexdigest().encode(), np.uint8
+    )
     with open(path, "wb") as f:
         np.savez(f, **members)
 
@@ -239,8 +253,11 @@ def test_array_that_fails_its_checksum_is_refused(tmp_path):
     def change(members, meta):  # new bytes with a valid zip CRC: only the SHA-256 can tell
         members["array_1"] = members["array_1"].copy()
         members["array_1"].flat[3] += 1
+
     rewrite(path, change)
-    assert_refused(path, target, params, r"array 'array_1' \(state\[0\]\['exp_avg_sq'\]\) fails its SHA-256")
+    assert_refused(
+        path, target, params, r"array 'array_1' \(state\[0\]\['exp_avg_sq'\]\) fails its SHA-256"
+    )
 
 
 def test_metadata_that_fails_its_checksum_is_refused(tmp_path):
@@ -254,34 +271,54 @@ def test_metadata_that_fails_its_checksum_is_refused(tmp_path):
     assert_refused(path, target, params, "metadata fails its SHA-256")
 
 
-@pytest.mark.parametrize("version, pattern", [
-    (2, r"format version 2 \(written by optkern .*\); this optkern .* reads version 1"),
-    (0, "invalid format version 0"), ("1", "invalid format version '1'"),
-    (None, "invalid format version None"), (True, "invalid format version True"),
-])
+@pytest.mark.parametrize(
+    "version, pattern",
+    [
+        (2, r"format version 2 \(written by optkern .*\); this optkern .* reads version 1"),
+        (0, "invalid format version 0"),
+        ("1", "invalid format version '1'"),
+        (None, "invalid format version None"),
+        (True, "invalid format version True"),
+    ],
+)
 def test_other_format_version_refused(tmp_path, version, pattern):
     path, target, params = saved(tmp_path)
     rewrite(path, lambda members, meta: meta.__setitem__("version", version))
     assert_refused(path, target, params, pattern)
 
 
-@pytest.mark.parametrize("change, pattern", [
-    (lambda m, meta: m.pop("array_0"), r"array entries \['array_0'\] are missing"),
-    (lambda m, meta: m.__setitem__("array_99", np.zeros(3, np.float32)),
-     r"entries the metadata does not list: \['array_99'\]"),
-    (lambda m, meta: m.__setitem__("array_0", m["array_0"].astype(np.float64)),
-     r"array 'array_0' .* is <f8 \[6, 4\] but the metadata says <f4 \[6, 4\]"),
-    (lambda m, meta: meta.__setitem__("format", "something-else"), "not an optkern checkpoint"),
-    (lambda m, meta: meta["state"][0][1].__setitem__("exp_avg", {"__array__": "array_1"}),
-     "refers to array 'array_1', which is missing or used twice"),
-    (lambda m, meta: meta["param_groups"][0]["options"].__setitem__("lr", {"__pickle__": "x"}),
-     r"param_groups\[0\]\['lr'\] holds"),
-    (lambda m, meta: meta.__setitem__("state", {}), "'state' is missing or not a list"),
-    (lambda m, meta: meta["param_groups"][1]["options"].__setitem__("lr", -1.0),
-     r"does not fit this optimizer: param_groups\[1\]: lr must be >= 0"),
-    (lambda m, meta: meta["state"][0][1].__setitem__("step", -2),
-     r"does not fit this optimizer: state\[0\]\['step'\] must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (lambda m, meta: m.pop("array_0"), r"array entries \['array_0'\] are missing"),
+        (
+            lambda m, meta: m.__setitem__("array_99", np.zeros(3, np.float32)),
+            r"entries the metadata does not list: \['array_99'\]",
+        ),
+        (
+            lambda m, meta: m.__setitem__("array_0", m["array_0"].astype(np.float64)),
+            r"array 'array_0' .* is <f8 \[6, 4\] but the metadata says <f4 \[6, 4\]",
+        ),
+        (lambda m, meta: meta.__setitem__("format", "something-else"), "not an optkern checkpoint"),
+        (
+            lambda m, meta: meta["state"][0][1].__setitem__("exp_avg", {"__array__": "array_1"}),
+            "refers to array 'array_1', which is missing or used twice",
+        ),
+        (
+            lambda m, meta: meta["param_groups"][0]["options"].__setitem__("lr", {"__pickle__": "x"}),
+            r"param_groups\[0\]\['lr'\] holds",
+        ),
+        (lambda m, meta: meta.__setitem__("state", {}), "'state' is missing or not a list"),
+        (
+            lambda m, meta: meta["param_groups"][1]["options"].__setitem__("lr", -1.0),
+            r"does not fit this optimizer: param_groups\[1\]: lr must be >= 0",
+        ),
+        (
+            lambda m, meta: meta["state"][0][1].__setitem__("step", -2),
+            r"does not fit this optimizer: state\[0\]\['step'\] must be a whole number",
+        ),
+    ],
+)
 def test_inconsistent_archive_refused(tmp_path, change, pattern):
     path, target, params = saved(tmp_path)
     rewrite(path, change)
@@ -319,6 +356,7 @@ def test_checkpoint_of_another_optimizer_refused(tmp_path):
 
 def test_save_while_another_thread_steps_writes_whole_steps(tmp_path):
     import threading
+
     opt, params = make_opt()
     g = grads(params, 0)
     done = threading.Event()

@@ -28,6 +28,7 @@ def ref_norm(arrays, p):
 
 # -- norms -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_norms_match_float64_reference(p):
     grads = grads_of(SIZES)
@@ -36,7 +37,8 @@ def test_norms_match_float64_reference(p):
     for value, g in zip(per_array, grads):
         assert value == pytest.approx(ref_norm([g], p), rel=1e-12)
     assert ok.clip_grad_norm_(grads, max_norm=1e30, norm_type=p) == pytest.approx(
-        ref_norm(grads, p), rel=1e-12)
+        ref_norm(grads, p), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("p", NORM_TYPES)
@@ -61,10 +63,10 @@ def test_norm_of_100m_elements_is_accurate():
     for i in range(0, n, chunk):  # magnitudes over 8 decades
         m = min(chunk, n - i)
         decades = rng.integers(-4, 4, m).astype(np.float32)
-        x[i:i + m] = rng.standard_normal(m, dtype=np.float32) * np.float32(10.0) ** decades
+        x[i : i + m] = rng.standard_normal(m, dtype=np.float32) * np.float32(10.0) ** decades
     partials = []
     for i in range(0, n, 1_000_000):
-        block = x[i:i + 1_000_000].astype(np.float64)
+        block = x[i : i + 1_000_000].astype(np.float64)
         partials.append(math.fsum((block * block).tolist()))
     exact = math.sqrt(math.fsum(partials))
     got = ok.clip_grad_norm_([x], max_norm=1e30)
@@ -73,6 +75,7 @@ def test_norm_of_100m_elements_is_accurate():
 
 
 # -- clip_grad_norm_ / clip_grad_value_ -------------------------------------------------------------
+
 
 def test_clip_grad_norm_scales_by_torchs_coefficient():
     grads = grads_of([10, 300], seed=4)
@@ -131,24 +134,43 @@ def test_grad_norms_spot_vanishing_and_exploding_layers():
     np.testing.assert_allclose(norms, [1e-8, 10.0, 1e7], rtol=1e-6)
 
 
-@pytest.mark.parametrize("call, exc, pattern", [
-    (lambda g: ok.clip_grad_norm_(g, -1.0), ValueError, "max_norm must be >= 0"),
-    (lambda g: ok.clip_grad_norm_(g, math.nan), ValueError, "max_norm must be finite"),
-    (lambda g: ok.clip_grad_norm_([], 1.0), ValueError, "grads is empty"),
-    (lambda g: ok.clip_grad_norm_(g, 1.0, norm_type=0), ValueError, "norm_type must be > 0"),
-    (lambda g: ok.clip_grad_norm_(g, 1.0, norm_type=-2), ValueError, "norm_type must be > 0"),
-    (lambda g: ok.clip_grad_norm_(g, 1.0, norm_type=math.nan), ValueError, "norm_type must be > 0"),
-    (lambda g: ok.clip_grad_norm_(g, 1.0, norm_type="fro"), TypeError, "norm_type must be a number"),
-    (lambda g: ok.clip_grad_norm_(g + [np.ones(2)], 1.0), TypeError, r"grads\[2\] must be a float32"),
-    (lambda g: ok.clip_grad_norm_(g + [g[0][::2]], 1.0), ValueError, r"grads\[2\] must be C-contiguous"),
-    (lambda g: ok.clip_grad_norm_(g + [g[0]], 1e-3), ValueError, "shares memory"),
-    (lambda g: ok.clip_grad_norm_({1: 2}, 1.0), TypeError, "grads must be an array or a list"),
-    (lambda g: ok.clip_grad_value_(g, -0.1), ValueError, "clip_value must be >= 0"),
-    (lambda g: ok.clip_grad_value_(g, math.inf), ValueError, "clip_value must be finite"),
-    (lambda g: ok.clip_grad_value_([], 0.1), ValueError, "grads is empty"),
-    (lambda g: ok.clip_grad_value_(g + [np.ones(2, np.float16)], 0.1), TypeError, r"grads\[2\]"),
-    (lambda g: ok.grad_norms(g, norm_type=0.0), ValueError, "norm_type must be > 0"),
-])
+@pytest.mark.parametrize(
+    "call, exc, pattern",
+    [
+        (lambda g: ok.clip_grad_norm_(g, -1.0), ValueError, "max_norm must be >= 0"),
+        (lambda g: ok.clip_grad_norm_(g, math.nan), ValueError, "max_norm must be finite"),
+        (lambda g: ok.clip_grad_norm_([], 1.0), ValueError, "grads is empty"),
+        (lambda g: ok.clip_grad_norm_(g, 1.0, norm_type=0), ValueError, "norm_type must be > 0"),
+        (lambda g: ok.clip_grad_norm_(g, 1.0, norm_type=-2), ValueError, "norm_type must be > 0"),
+        (
+            lambda g: ok.clip_grad_norm_(g, 1.0, norm_type=math.nan),
+            ValueError,
+            "norm_type must be > 0",
+        ),
+        (
+            lambda g: ok.clip_grad_norm_(g, 1.0, norm_type="fro"),
+            TypeError,
+            "norm_type must be a number",
+        ),
+        (
+            lambda g: ok.clip_grad_norm_(g + [np.ones(2)], 1.0),
+            TypeError,
+            r"grads\[2\] must be a float32",
+        ),
+        (
+            lambda g: ok.clip_grad_norm_(g + [g[0][::2]], 1.0),
+            ValueError,
+            r"grads\[2\] must be C-contiguous",
+        ),
+        (lambda g: ok.clip_grad_norm_(g + [g[0]], 1e-3), ValueError, "shares memory"),
+        (lambda g: ok.clip_grad_norm_({1: 2}, 1.0), TypeError, "grads must be an array or a list"),
+        (lambda g: ok.clip_grad_value_(g, -0.1), ValueError, "clip_value must be >= 0"),
+        (lambda g: ok.clip_grad_value_(g, math.inf), ValueError, "clip_value must be finite"),
+        (lambda g: ok.clip_grad_value_([], 0.1), ValueError, "grads is empty"),
+        (lambda g: ok.clip_grad_value_(g + [np.ones(2, np.float16)], 0.1), TypeError, r"grads\[2\]"),
+        (lambda g: ok.grad_norms(g, norm_type=0.0), ValueError, "norm_type must be > 0"),
+    ],
+)
 def test_bad_inputs_rejected_and_nothing_changes(call, exc, pattern):
     grads = grads_of([64, 9], seed=7, scale=10.0)
     before = digest(grads)
@@ -166,6 +188,7 @@ def test_read_only_gradients_can_be_measured_but_not_clipped():
 
 
 # -- clipping fused into step ----------------------------------------------------------------------
+
 
 def two_group_setup(name, hp, seed=8):
     rng = np.random.default_rng(seed)
@@ -236,6 +259,7 @@ def test_bad_max_grad_norm_changes_nothing():
 
 # -- the non-finite guard ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_skip_if_nonfinite_changes_nothing(case, bad):
@@ -286,6 +310,7 @@ def test_skipped_steps_survive_a_state_dict_round_trip():
 
 # -- learning rates as callables -------------------------------------------------------------------
 
+
 def test_callable_lr_gets_the_step_number():
     p = np.zeros(1, np.float32)
     seen = []
@@ -325,6 +350,7 @@ def test_callable_lr_result_is_checked():
 
 
 # -- parity with torch.nn.utils ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
 def test_clipping_matches_torch(p):

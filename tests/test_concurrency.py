@@ -46,7 +46,9 @@ def build(name, hp, seed):
 def result(opt, params):
     return [bits(p) for p in params] + [
         bits(v) if isinstance(v, np.ndarray) else repr(v)
-        for p in params for v in opt.state[p].values()]
+        for p in params
+        for v in opt.state[p].values()
+    ]
 
 
 def run_in_threads(targets):
@@ -127,6 +129,7 @@ def test_functional_calls_in_threads_match_serial(openmp_split):
         def run():
             for t, g in enumerate(gs, start=1):
                 F.adamw_(ps, g, ms, vs, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+
         return run, lambda: [bits(a) for a in ps + ms + vs]
 
     serial = []

@@ -147,13 +147,16 @@ def test_works_with_an_optimizer_loop():
     np.testing.assert_allclose(w, w_true, atol=1e-4)
 
 
-@pytest.mark.parametrize("bad, exc, match", [
-    (0, ValueError, "batch_size must be >= 1"),
-    (-3, ValueError, "batch_size must be >= 1"),
-    (2.0, TypeError, "batch_size must be None .* or an int"),
-    (True, TypeError, "batch_size must be None .* or an int"),
-    ("8", TypeError, "batch_size must be None .* or an int"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (0, ValueError, "batch_size must be >= 1"),
+        (-3, ValueError, "batch_size must be >= 1"),
+        (2.0, TypeError, "batch_size must be None .* or an int"),
+        (True, TypeError, "batch_size must be None .* or an int"),
+        ("8", TypeError, "batch_size must be None .* or an int"),
+    ],
+)
 def test_bad_batch_size(bad, exc, match):
     X, y = _xy()
     with pytest.raises(exc, match=match):

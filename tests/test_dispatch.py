@@ -14,8 +14,7 @@ ORDER = ["scalar", "avx2", "avx512"]
 def run_python(code, **env):
     full_env = {k: v for k, v in os.environ.items() if k != "OPTKERN_FORCE_ISA"}  # CI sets it
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
-                          text=True)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True)
 
 
 def test_available_isas_are_ordered_and_include_scalar():
@@ -62,8 +61,9 @@ def test_build_info_and_cli():
     assert info["version"] == ok.__version__
     assert set(info["isa_flags"]) >= set(ok.available_isas())
     assert "-march=native" not in " ".join(info["isa_flags"].values())
-    out = subprocess.run([sys.executable, "-m", "optkern", "info"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "optkern", "info"], capture_output=True, text=True, check=True
+    ).stdout
     assert f"active ISA: {ok.active_isa()}" in out
     assert ok.__version__ in out
     for isa in info["isa_flags"]:

@@ -26,42 +26,92 @@ def good_grads(params):
 
 
 def everything(opt, params, grads):
-    return digest([params, [g for g in grads if isinstance(g, np.ndarray)],
-                   {i: opt.state[p] for i, p in enumerate(params) if p in opt.state},
-                   [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]])
+    return digest(
+        [
+            params,
+            [g for g in grads if isinstance(g, np.ndarray)],
+            {i: opt.state[p] for i, p in enumerate(params) if p in opt.state},
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        ]
+    )
 
 
 def bad_grad_cases(params):
     p0, p1, _ = params
     g = good_grads(params)
     cases = {
-        "float64": ([g[0].astype(np.float64), g[1], g[2]], TypeError, r"grads\[0\] must be a float32"),
+        "float64": (
+            [g[0].astype(np.float64), g[1], g[2]],
+            TypeError,
+            r"grads\[0\] must be a float32",
+        ),
         "int": ([g[0], g[1].astype(np.int32), g[2]], TypeError, r"grads\[1\] must be a float32"),
         "big-endian": ([g[0], g[1], g[2].astype(">f4")], TypeError, r"grads\[2\] .*byte order"),
-        "list": ([g[0].tolist(), g[1], g[2]], TypeError, r"grads\[0\] must be a float32 NumPy array, got list"),
-        "scalar": ([g[0], g[1], np.float32(1)], TypeError, r"grads\[2\] must be a float32 NumPy array"),
-        "strided": ([np.zeros(2 * p0.size, np.float32)[::2], g[1], g[2]], ValueError,
-                    r"grads\[0\] must be C-contiguous"),
-        "transposed": ([g[0], np.zeros((5, 4), np.float32).T, g[2]], ValueError,
-                       r"grads\[1\] must be C-contiguous"),
-        "shape": ([g[0], np.zeros((5, 4), np.float32), g[2]], ValueError,
-                  r"grads\[1\] has shape \(5, 4\) but params\[1\] has shape \(4, 5\)"),
+        "list": (
+            [g[0].tolist(), g[1], g[2]],
+            TypeError,
+            r"grads\[0\] must be a float32 NumPy array, got list",
+        ),
+        "scalar": (
+            [g[0], g[1], np.float32(1)],
+            TypeError,
+            r"grads\[2\] must be a float32 NumPy array",
+        ),
+        "strided": (
+            [np.zeros(2 * p0.size, np.float32)[::2], g[1], g[2]],
+            ValueError,
+            r"grads\[0\] must be C-contiguous",
+        ),
+        "transposed": (
+            [g[0], np.zeros((5, 4), np.float32).T, g[2]],
+            ValueError,
+            r"grads\[1\] must be C-contiguous",
+        ),
+        "shape": (
+            [g[0], np.zeros((5, 4), np.float32), g[2]],
+            ValueError,
+            r"grads\[1\] has shape \(5, 4\) but params\[1\] has shape \(4, 5\)",
+        ),
         "flattened": ([g[0], g[1].ravel(), g[2]], ValueError, r"grads\[1\] has shape \(20,\)"),
         "0-d": ([g[0], g[1], np.array(1.0, np.float32)], ValueError, r"grads\[2\] is a 0-d array"),
         "too few": ([g[0], g[1]], ValueError, r"got 2 gradients for 3 parameters"),
         "too many": (g + [g[0]], ValueError, r"got 4 gradients for 3 parameters"),
-        "is the param": ([p0, g[1], g[2]], ValueError, r"shares memory with params\[0\]|params\[0\] shares memory"),
-        "overlaps a param": ([g[0], g[1], p1.ravel()[:7]], ValueError,
-                             r"grads\[2\] shares memory with params\[1\]|params\[1\] shares memory with grads\[2\]"),
-        "unaligned": ([np.frombuffer(bytearray(4 * p0.size + 1), np.float32, p0.size, offset=1),
-                       g[1], g[2]], ValueError, r"grads\[0\] is not aligned"),
+        "is the param": (
+            [p0, g[1], g[2]],
+            ValueError,
+            r"shares memory with params\[0\]|params\[0\] shares memory",
+        ),
+        "overlaps a param": (
+            [g[0], g[1], p1.ravel()[:7]],
+            ValueError,
+            r"grads\[2\] shares memory with params\[1\]|params\[1\] shares memory with grads\[2\]",
+        ),
+        "unaligned": (
+            [np.frombuffer(bytearray(4 * p0.size + 1), np.float32, p0.size, offset=1), g[1], g[2]],
+            ValueError,
+            r"grads\[0\] is not aligned",
+        ),
     }
     return cases
 
 
-CASE_NAMES = ["float64", "int", "big-endian", "list", "scalar", "strided", "transposed", "shape",
-              "flattened", "0-d", "too few", "too many", "is the param", "overlaps a param",
-              "unaligned"]
+CASE_NAMES = [
+    "float64",
+    "int",
+    "big-endian",
+    "list",
+    "scalar",
+    "strided",
+    "transposed",
+    "shape",
+    "flattened",
+    "0-d",
+    "too few",
+    "too many",
+    "is the param",
+    "overlaps a param",
+    "unaligned",
+]
 
 
 @pytest.mark.parametrize("kind", ["SGD", "Momentum", "RMSprop", "Adagrad", "Adadelta", "Adam"])
@@ -119,18 +169,30 @@ def test_gradient_index_in_message_counts_across_groups_and_skips():
 
 # -- bad parameters --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("params, exc, pattern", [
-    ([], ValueError, "empty parameter list"),
-    ([np.zeros(3)], TypeError, r"params\[0\] must be a float32"),
-    ([np.zeros(3, np.float32), [1.0, 2.0]], TypeError, r"params\[1\] must be a float32 NumPy array, got list"),
-    ([None], TypeError, r"params\[0\] must be a float32 NumPy array, got NoneType"),
-    ([np.zeros(6, np.float32)[::2]], ValueError, r"params\[0\] must be C-contiguous.*lose the update"),
-    ([np.zeros((3, 4), np.float32).T], ValueError, r"params\[0\] must be C-contiguous"),
-    ([np.array(1.0, np.float32)], ValueError, r"params\[0\] is a 0-d array"),
-    ({np.float32(1)}, TypeError, "not a set"),
-    ("abc", TypeError, "must be a list"),
-    (5, TypeError, "must be a list"),
-])
+
+@pytest.mark.parametrize(
+    "params, exc, pattern",
+    [
+        ([], ValueError, "empty parameter list"),
+        ([np.zeros(3)], TypeError, r"params\[0\] must be a float32"),
+        (
+            [np.zeros(3, np.float32), [1.0, 2.0]],
+            TypeError,
+            r"params\[1\] must be a float32 NumPy array, got list",
+        ),
+        ([None], TypeError, r"params\[0\] must be a float32 NumPy array, got NoneType"),
+        (
+            [np.zeros(6, np.float32)[::2]],
+            ValueError,
+            r"params\[0\] must be C-contiguous.*lose the update",
+        ),
+        ([np.zeros((3, 4), np.float32).T], ValueError, r"params\[0\] must be C-contiguous"),
+        ([np.array(1.0, np.float32)], ValueError, r"params\[0\] is a 0-d array"),
+        ({np.float32(1)}, TypeError, "not a set"),
+        ("abc", TypeError, "must be a list"),
+        (5, TypeError, "must be a list"),
+    ],
+)
 def test_bad_params_rejected(params, exc, pattern):
     with pytest.raises(exc, match=pattern):
         ok.Adam(params)
@@ -192,7 +254,12 @@ BAD_HPARAMS = [
     ("RMSprop", dict(momentum=-1), ValueError, "momentum must be >= 0"),
     ("RMSprop", dict(centered=None), TypeError, "centered must be a bool"),
     ("Adagrad", dict(lr_decay=-1), ValueError, "lr_decay must be >= 0"),
-    ("Adagrad", dict(initial_accumulator_value=-0.1), ValueError, "initial_accumulator_value must be >= 0"),
+    (
+        "Adagrad",
+        dict(initial_accumulator_value=-0.1),
+        ValueError,
+        "initial_accumulator_value must be >= 0",
+    ),
     ("Adagrad", dict(eps=NAN), ValueError, "eps must be finite"),
     ("Adadelta", dict(rho=1.1), ValueError, r"rho must be in \[0, 1\]"),
     ("Adadelta", dict(lr=-1), ValueError, "lr must be >= 0"),
@@ -235,6 +302,7 @@ def test_bad_hyperparameter_in_added_group_rejected():
 
 # -- the functional layer checks the same way ------------------------------------------------------
 
+
 def test_functional_rejects_and_changes_nothing():
     p = np.ones(8, np.float32)
     g = np.ones(8, np.float32)
@@ -249,8 +317,7 @@ def test_functional_rejects_and_changes_nothing():
     with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\] shares memory with exp_avgs\[0\]"):
         F.adam_([p], [g], [m], [m], step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
     with pytest.raises(ValueError, match="max_exp_avg_sqs is required when amsgrad=True"):
-        F.adam_([p], [g], [m], [v], step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                amsgrad=True)
+        F.adam_([p], [g], [m], [v], step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=True)
     with pytest.raises(ValueError, match="grad_scale must be finite"):
         F.sgd_([p], [g], lr=0.1, grad_scale=NAN)
     with pytest.raises(ValueError, match="momentum_buffers is required"):

@@ -33,8 +33,9 @@ def _no_matplotlib(monkeypatch):
 
 @pytest.fixture(scope="module")
 def linreg():
-    return linear_regression.run(n=200, d=5, lr=0.1,
-                                 epochs={"BGD": 300, "MBGD": 10, "SGD": 5}, seed=0)
+    return linear_regression.run(
+        n=200, d=5, lr=0.1, epochs={"BGD": 300, "MBGD": 10, "SGD": 5}, seed=0
+    )
 
 
 def test_bgd_reaches_the_closed_form(linreg):
@@ -133,14 +134,16 @@ def test_same_start_and_batches_for_every_optimizer():
     with blas_threads(1):
         a = mlp.run(["SGD"], n_train=300, n_test=100, hidden=(16,), epochs=2)
         b = mlp.run(["SGD"], n_train=300, n_test=100, hidden=(16,), epochs=2)
-    np.testing.assert_array_equal(a["results"]["SGD"]["train_loss"],
-                                  b["results"]["SGD"]["train_loss"])
+    np.testing.assert_array_equal(
+        a["results"]["SGD"]["train_loss"], b["results"]["SGD"]["train_loss"]
+    )
 
 
 def test_mlp_sweep_and_summary():
     with blas_threads(1):
-        res = mlp.sweep(["SGD", "Adam"], lrs=(1e-3, 0.1), n_train=300, n_val=100, epochs=1,
-                        hidden=(16,))
+        res = mlp.sweep(
+            ["SGD", "Adam"], lrs=(1e-3, 0.1), n_train=300, n_val=100, epochs=1, hidden=(16,)
+        )
     assert set(res) == {"SGD", "Adam"} and set(res["SGD"]) == {1e-3, 0.1}
     assert all(0.0 <= acc <= 1.0 for by_lr in res.values() for _, acc in by_lr.values())
     summary = mlp.sweep_summary(res, markdown=True)
@@ -153,12 +156,22 @@ def test_mlp_sweep_and_summary():
 def test_adaptive_methods_beat_sgd_on_sparse_features():
     # Equal budget (2 epochs of batch 32), each optimizer at its best lr on a validation set.
     # Measured on seeds 0-7: every adaptive method ahead of SGD by 0.035-0.10 in test log-loss.
-    out = sparse_logistic.run(optimizers=("SGD", "Adagrad", "RMSprop", "Adam"), n_train=2000,
-                              n_val=1000, n_test=2000, n_features=300, epochs=2, seed=0)
+    out = sparse_logistic.run(
+        optimizers=("SGD", "Adagrad", "RMSprop", "Adam"),
+        n_train=2000,
+        n_val=1000,
+        n_test=2000,
+        n_features=300,
+        epochs=2,
+        seed=0,
+    )
     r = out["results"]
     for name in ("Adagrad", "RMSprop", "Adam"):
-        assert r[name]["test_loss"] < r["SGD"]["test_loss"] - 0.02, (name, r[name]["test_loss"],
-                                                                     r["SGD"]["test_loss"])
+        assert r[name]["test_loss"] < r["SGD"]["test_loss"] - 0.02, (
+            name,
+            r[name]["test_loss"],
+            r["SGD"]["test_loss"],
+        )
     # SGD's best lr is inside the grid, not at its edge (so a larger lr would not rescue it)
     grid = sorted(r["SGD"]["sweep"])
     assert grid[0] < r["SGD"]["lr"] < grid[-1]
@@ -168,8 +181,7 @@ def test_adaptive_methods_beat_sgd_on_sparse_features():
 
 
 def test_momentum_and_nesterov_beat_sgd_in_a_narrow_valley():
-    out = ill_conditioned.run("quadratic", steps=200, kappa=100,
-                              lr_grid=np.geomspace(1e-3, 1.0, 13))
+    out = ill_conditioned.run("quadratic", steps=200, kappa=100, lr_grid=np.geomspace(1e-3, 1.0, 13))
     r = out["results"]
     assert r["SGD"]["steps_to_tol"] is None  # not within 1e-6 after 200 steps, at any lr
     for name in ("SGD+momentum", "Momentum", "Nesterov"):
@@ -182,8 +194,9 @@ def test_momentum_and_nesterov_beat_sgd_in_a_narrow_valley():
 def test_sgd_oscillates_across_the_valley():
     # near its stability limit (lr just under 2/(L+mu)) gradient descent crosses the valley
     # floor on every step and crawls along it
-    out = ill_conditioned.run("quadratic", steps=200, kappa=100, lr_grid=[0.0198],
-                              methods=["SGD", "SGD+momentum"])
+    out = ill_conditioned.run(
+        "quadratic", steps=200, kappa=100, lr_grid=[0.0198], methods=["SGD", "SGD+momentum"]
+    )
     sgd, mom = out["results"]["SGD"], out["results"]["SGD+momentum"]
     assert sgd["steep_flips"] == 200 and sgd["reversal_fraction"] > 0.95
     assert mom["reversal_fraction"] < 0.5
@@ -191,8 +204,9 @@ def test_sgd_oscillates_across_the_valley():
 
 
 def test_rosenbrock_runs():
-    out = ill_conditioned.run("rosenbrock", steps=300, lr_grid=[1e-3, 2e-3],
-                              methods=["SGD", "Nesterov"], tol=1e-4)
+    out = ill_conditioned.run(
+        "rosenbrock", steps=300, lr_grid=[1e-3, 2e-3], methods=["SGD", "Nesterov"], tol=1e-4
+    )
     assert all(np.isfinite(r["final_loss"]) for r in out["results"].values())
 
 
@@ -241,6 +255,7 @@ def test_demo_prints_a_table_and_a_progress_bar(capsys):
 
 def _blas_counts():
     from threadpoolctl import threadpool_info
+
     return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
 
 
@@ -265,8 +280,10 @@ def test_demo_leaves_blas_threads_as_a_users_loop_has_them(monkeypatch, capsys):
     assert cli(DEMO_SMALL + ["--optimizers", "SGD", "--no-plot", "--no-progress"]) == 0
     assert "BLAS threads: library default" in capsys.readouterr().out
     assert seen[-1] == before
-    assert cli(DEMO_SMALL + ["--optimizers", "SGD", "--no-plot", "--no-progress",
-                             "--blas-threads", "1"]) == 0
+    assert (
+        cli(DEMO_SMALL + ["--optimizers", "SGD", "--no-plot", "--no-progress", "--blas-threads", "1"])
+        == 0
+    )
     out = capsys.readouterr().out
     if "library default" not in out:  # threadpoolctl or OpenBLAS found: it was set
         assert "BLAS threads: 1 (" in out
@@ -319,8 +336,13 @@ def test_example_script_runs():
     src = os.path.dirname(os.path.dirname(os.path.abspath(optkern.__file__)))
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     script = os.path.join(REPO, "examples", "ill_conditioned.py")
-    res = subprocess.run([sys.executable, script, "--steps", "30", "--lr", "0.01"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, script, "--steps", "30", "--lr", "0.01"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "Nesterov" in res.stdout
 

@@ -50,9 +50,14 @@ def test_flat_params_step_equals_separate_arrays():
         opt_b.step([gflat.flat])
     for a, b in zip(separate, flat):
         np.testing.assert_array_equal(a, b)
-    assert not np.any(flat.flat[np.setdiff1d(np.arange(flat.flat.size),
-                                             np.concatenate([np.arange(o, o + v.size)
-                                                             for o, v in zip(flat.offsets, flat)]))])
+    assert not np.any(
+        flat.flat[
+            np.setdiff1d(
+                np.arange(flat.flat.size),
+                np.concatenate([np.arange(o, o + v.size) for o, v in zip(flat.offsets, flat)]),
+            )
+        ]
+    )
 
 
 def test_flat_params_rejects_bad_shapes():
@@ -89,12 +94,35 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys):
     """A tiny run of `python -m optkern bench` (timings are not asserted: this is not a
     benchmark, only a check that it works and writes what it says)."""
     from optkern.__main__ import main
+
     out = tmp_path / "bench.json"
-    assert main(["bench", "--optimizers", "sgd", "adam", "--sizes", "1k", "20k", "--repeats", "1",
-                 "--studies", "main", "small", "--no-torch", "--quiet", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--optimizers",
+                "sgd",
+                "adam",
+                "--sizes",
+                "1k",
+                "20k",
+                "--repeats",
+                "1",
+                "--studies",
+                "main",
+                "small",
+                "--no-torch",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "Adam" in text and "SGD" in text and "overhead per buffer" in text
     import json
+
     data = json.loads(out.read_text())
     assert {r["optimizer"] for r in data["main"]} == {"sgd", "adam"}
     assert all(r["optkern"]["seconds"] > 0 for r in data["main"])

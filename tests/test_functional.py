@@ -16,8 +16,20 @@ def test_adam_functional_matches_class_bit_for_bit():
     m, v, vmax = (np.zeros(1000, np.float32) for _ in range(3))
     for t, g in enumerate(gradient_sequence(1000, 10, seed=1), start=1):
         opt.step([g])
-        F.adam_([b], [g], [m], [v], step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                weight_decay=0.01, amsgrad=True, max_exp_avg_sqs=[vmax])
+        F.adam_(
+            [b],
+            [g],
+            [m],
+            [v],
+            step=t,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            amsgrad=True,
+            max_exp_avg_sqs=[vmax],
+        )
     assert bits(a) == bits(b)
     assert bits(opt.state[a]["max_exp_avg_sq"]) == bits(vmax)
 
@@ -63,10 +75,18 @@ def test_grad_scale_multiplies_the_gradient(scale):
     g = np.random.default_rng(1).standard_normal(100).astype(np.float32)
     a, b = np.ones(100, np.float32), np.ones(100, np.float32)
     m1, v1, m2, v2 = (np.zeros(100, np.float32) for _ in range(4))
-    F.adam_([a], [g], [m1], [v1], step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
-            grad_scale=scale)
-    F.adam_([b], [(g * np.float32(scale)).astype(np.float32)], [m2], [v2], step=1, lr=0.1,
-            beta1=0.9, beta2=0.999, eps=1e-8)
+    F.adam_([a], [g], [m1], [v1], step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, grad_scale=scale)
+    F.adam_(
+        [b],
+        [(g * np.float32(scale)).astype(np.float32)],
+        [m2],
+        [v2],
+        step=1,
+        lr=0.1,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+    )
     assert bits(a) == bits(b) and bits(m1) == bits(m2)
 
 

@@ -29,13 +29,52 @@ try:  # optional: torch stores step as a float tensor
 except ImportError:
     pass
 
-GOOD_STEPS = [5, np.int64(5), np.uint8(5), np.array(5), np.array(5, np.int32), 5.0,
-              np.float32(5), np.array(5.0), np.array(5.0, np.float32), 0, 2**53, float(2**53)]
-BAD_STEPS = [True, False, np.bool_(True), "5", b"5", None, 2**63, 2**64, 1e300, 2**53 + 1,
-             float(2**53) * 2, -1, -1.0, 1.5, float("nan"), float("inf"), -float("inf"),
-             np.array([5]), np.array([[5]]), np.array(5 + 0j), 5 + 0j, [5], (5,), {"v": 5},
-             np.array("5"), np.datetime64(5, "s"), np.timedelta64(5, "s"), object(),
-             np.array(5, dtype=object), np.float64(2**60)]
+GOOD_STEPS = [
+    5,
+    np.int64(5),
+    np.uint8(5),
+    np.array(5),
+    np.array(5, np.int32),
+    5.0,
+    np.float32(5),
+    np.array(5.0),
+    np.array(5.0, np.float32),
+    0,
+    2**53,
+    float(2**53),
+]
+BAD_STEPS = [
+    True,
+    False,
+    np.bool_(True),
+    "5",
+    b"5",
+    None,
+    2**63,
+    2**64,
+    1e300,
+    2**53 + 1,
+    float(2**53) * 2,
+    -1,
+    -1.0,
+    1.5,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    np.array([5]),
+    np.array([[5]]),
+    np.array(5 + 0j),
+    5 + 0j,
+    [5],
+    (5,),
+    {"v": 5},
+    np.array("5"),
+    np.datetime64(5, "s"),
+    np.timedelta64(5, "s"),
+    object(),
+    np.array(5, dtype=object),
+    np.float64(2**60),
+]
 
 
 def _stepped_adam():
@@ -101,6 +140,7 @@ def test_checkpoint_with_bad_step_refused(tmp_path, value):
 
 # -- 6. zip bombs --------------------------------------------------------------------------------
 
+
 def _write_members(path, members, compress=zipfile.ZIP_DEFLATED):
     with zipfile.ZipFile(path, "w", compression=compress) as z:
         for name, data in members.items():
@@ -151,24 +191,25 @@ def _patch_declared_size(data: bytes, name: bytes, size: int) -> bytes:
         local = buf.find(b"PK\x03\x04", at)
         if local < 0:
             break
-        n = int.from_bytes(buf[local + 26:local + 28], "little")
-        if bytes(buf[local + 30:local + 30 + n]) == name:
-            buf[local + 22:local + 26] = size.to_bytes(4, "little")
+        n = int.from_bytes(buf[local + 26 : local + 28], "little")
+        if bytes(buf[local + 30 : local + 30 + n]) == name:
+            buf[local + 22 : local + 26] = size.to_bytes(4, "little")
         at = local + 4
     at = 0
     while True:
         central = buf.find(b"PK\x01\x02", at)
         if central < 0:
             break
-        n = int.from_bytes(buf[central + 28:central + 30], "little")
-        if bytes(buf[central + 46:central + 46 + n]) == name:
-            buf[central + 24:central + 28] = size.to_bytes(4, "little")
+        n = int.from_bytes(buf[central + 28 : central + 30], "little")
+        if bytes(buf[central + 46 : central + 46 + n]) == name:
+            buf[central + 24 : central + 28] = size.to_bytes(4, "little")
         at = central + 4
     return bytes(buf)
 
 
-@pytest.mark.parametrize("member", ["array_0.npy", "optkern_checkpoint.npy",
-                                    "optkern_checkpoint_sha256.npy"])
+@pytest.mark.parametrize(
+    "member", ["array_0.npy", "optkern_checkpoint.npy", "optkern_checkpoint_sha256.npy"]
+)
 def test_lying_header_inflating_far_beyond_its_declared_size_is_bounded(tmp_path, member):
     path, target, params = saved(tmp_path)
     members = _raw_members(path)
@@ -221,6 +262,7 @@ def test_bounded_read_allows_a_real_large_checkpoint(tmp_path):
 
 # -- 7. malformed checkpoints -------------------------------------------------------------------
 
+
 def _deep(n, leaf=1):
     x = leaf
     for _ in range(n):
@@ -228,25 +270,70 @@ def _deep(n, leaf=1):
     return x
 
 
-NASTY = [None, True, -1, 0, 2**70, -2**70, 1e308, float("nan"), float("inf"), "x", "", [], {},
-         [None], {"a": 1}, _deep(50), {"__float__": "nan"}, {"__float__": "1e999"},
-         {"__tuple__": 1}, {"__dict__": [[[1], 2]]}, {"__dict__": [[{}, 2]]},
-         {"__numpy__": "<i1", "value": 1000}, {"__numpy__": "O", "value": 1},
-         {"__numpy__": "<c16", "value": 1}, {"__numpy__": [1], "value": 1},
-         {"__numpy__": "(1000000000,)f4", "value": 1},
-         {"__ndarray__": "<f4", "shape": [10**9], "data": []},
-         {"__ndarray__": "<f4", "shape": [-1], "data": [1, 2]},
-         {"__ndarray__": "<f4", "shape": "x", "data": [1]},
-         {"__ndarray__": "<i1", "shape": [1], "data": [1e300]},
-         {"__array__": "array_0"}, {"__array__": "nope"}, {"__array__": [1]}]
+NASTY = [
+    None,
+    True,
+    -1,
+    0,
+    2**70,
+    -(2**70),
+    1e308,
+    float("nan"),
+    float("inf"),
+    "x",
+    "",
+    [],
+    {},
+    [None],
+    {"a": 1},
+    _deep(50),
+    {"__float__": "nan"},
+    {"__float__": "1e999"},
+    {"__tuple__": 1},
+    {"__dict__": [[[1], 2]]},
+    {"__dict__": [[{}, 2]]},
+    {"__numpy__": "<i1", "value": 1000},
+    {"__numpy__": "O", "value": 1},
+    {"__numpy__": "<c16", "value": 1},
+    {"__numpy__": [1], "value": 1},
+    {"__numpy__": "(1000000000,)f4", "value": 1},
+    {"__ndarray__": "<f4", "shape": [10**9], "data": []},
+    {"__ndarray__": "<f4", "shape": [-1], "data": [1, 2]},
+    {"__ndarray__": "<f4", "shape": "x", "data": [1]},
+    {"__ndarray__": "<i1", "shape": [1], "data": [1e300]},
+    {"__array__": "array_0"},
+    {"__array__": "nope"},
+    {"__array__": [1]},
+]
 
-FIELDS = ["format", "version", "optimizer", "param_shapes", "param_groups", "state", "arrays",
-          "counters", "optkern_version",
-          "param_groups.0", "param_groups.0.params", "param_groups.0.options",
-          "param_groups.0.options.lr", "param_groups.0.options.betas", "param_groups.0.params.0",
-          "state.0", "state.0.0", "state.0.1", "state.0.1.step", "state.0.1.exp_avg",
-          "arrays.array_0", "arrays.array_0.dtype", "arrays.array_0.shape",
-          "arrays.array_0.sha256", "counters.step_count", "counters.skipped_steps"]
+FIELDS = [
+    "format",
+    "version",
+    "optimizer",
+    "param_shapes",
+    "param_groups",
+    "state",
+    "arrays",
+    "counters",
+    "optkern_version",
+    "param_groups.0",
+    "param_groups.0.params",
+    "param_groups.0.options",
+    "param_groups.0.options.lr",
+    "param_groups.0.options.betas",
+    "param_groups.0.params.0",
+    "state.0",
+    "state.0.0",
+    "state.0.1",
+    "state.0.1.step",
+    "state.0.1.exp_avg",
+    "arrays.array_0",
+    "arrays.array_0.dtype",
+    "arrays.array_0.shape",
+    "arrays.array_0.sha256",
+    "counters.step_count",
+    "counters.skipped_steps",
+]
 
 
 def _set(meta, dotted, value):
@@ -299,11 +386,15 @@ def test_deep_nesting_refused_without_recursion_error(tmp_path, depth):
     # Rewritten by hand: json.dumps itself cannot write such depth.
     with np.load(path, allow_pickle=False) as z:
         members = {k: z[k] for k in z.files}
-    text = members["optkern_checkpoint"].tobytes().replace(
-        b'"DEEP"', b"[" * depth + b'"}]"' + b"]" * depth)  # a bracket in a string: not counted
+    text = (
+        members["optkern_checkpoint"]
+        .tobytes()
+        .replace(b'"DEEP"', b"[" * depth + b'"}]"' + b"]" * depth)
+    )  # a bracket in a string: not counted
     members["optkern_checkpoint"] = np.frombuffer(text, np.uint8)
     members["optkern_checkpoint_sha256"] = np.frombuffer(
-        __import__("hashlib").sha256(text).hexdigest().encode(), np.uint8)
+        __import__("hashlib").sha256(text).hexdigest().encode(), np.uint8
+    )
     with open(path, "wb") as f:
         np.savez(f, **members)
     assert_refused(path, target, params, "nests")
@@ -336,18 +427,37 @@ ARCHIVE_EDITS = {
     "extra member": lambda m: m.__setitem__("extra.npy", _npy_bytes(np.zeros(3, np.float32))),
     "not npy name": lambda m: m.__setitem__("readme.txt", b"hi"),
     "directory member": lambda m: m.__setitem__("dir/", b""),
-    "array as object npy": lambda m: m.__setitem__("array_0.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (6, 4), }" + b" " * 50 + b"\n"),
-    "array wrong dtype": lambda m: m.__setitem__("array_0.npy", _npy_bytes(np.zeros((6, 4), np.float64))),
-    "array complex": lambda m: m.__setitem__("array_0.npy", _npy_bytes(np.zeros((6, 4), np.complex64))),
-    "array fortran": lambda m: m.__setitem__("array_0.npy", _npy_bytes(np.asfortranarray(np.zeros((6, 4), np.float32)))),
+    "array as object npy": lambda m: m.__setitem__(
+        "array_0.npy",
+        b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (6, 4), }"
+        + b" " * 50
+        + b"\n",
+    ),
+    "array wrong dtype": lambda m: m.__setitem__(
+        "array_0.npy", _npy_bytes(np.zeros((6, 4), np.float64))
+    ),
+    "array complex": lambda m: m.__setitem__(
+        "array_0.npy", _npy_bytes(np.zeros((6, 4), np.complex64))
+    ),
+    "array fortran": lambda m: m.__setitem__(
+        "array_0.npy", _npy_bytes(np.asfortranarray(np.zeros((6, 4), np.float32)))
+    ),
     "array short": lambda m: m.__setitem__("array_0.npy", m["array_0.npy"][:-8]),
     "array long": lambda m: m.__setitem__("array_0.npy", m["array_0.npy"] + b"\0" * 8),
     "array garbage": lambda m: m.__setitem__("array_0.npy", b"garbage"),
     "array empty": lambda m: m.__setitem__("array_0.npy", b""),
-    "npy version 3": lambda m: m.__setitem__("array_0.npy", m["array_0.npy"][:6] + b"\x03" + m["array_0.npy"][7:]),
-    "metadata not uint8": lambda m: m.__setitem__("optkern_checkpoint.npy", _npy_bytes(np.zeros(3, np.float32))),
-    "metadata 2-d": lambda m: m.__setitem__("optkern_checkpoint.npy", _npy_bytes(np.zeros((2, 2), np.uint8))),
-    "metadata not utf8": lambda m: m.__setitem__("optkern_checkpoint.npy", _npy_bytes(np.frombuffer(b"\xff\xfe", np.uint8))),
+    "npy version 3": lambda m: m.__setitem__(
+        "array_0.npy", m["array_0.npy"][:6] + b"\x03" + m["array_0.npy"][7:]
+    ),
+    "metadata not uint8": lambda m: m.__setitem__(
+        "optkern_checkpoint.npy", _npy_bytes(np.zeros(3, np.float32))
+    ),
+    "metadata 2-d": lambda m: m.__setitem__(
+        "optkern_checkpoint.npy", _npy_bytes(np.zeros((2, 2), np.uint8))
+    ),
+    "metadata not utf8": lambda m: m.__setitem__(
+        "optkern_checkpoint.npy", _npy_bytes(np.frombuffer(b"\xff\xfe", np.uint8))
+    ),
 }
 
 
@@ -382,6 +492,7 @@ def test_deflated_checkpoint_still_loads(tmp_path):
 
 
 # -- load: what the path names -----------------------------------------------------------------
+
 
 def test_load_from_a_fifo_refused_without_blocking(tmp_path):
     fifo = tmp_path / "fifo"
@@ -453,6 +564,7 @@ def test_load_empty_file(tmp_path):
 
 
 # -- 8. what save replaces -----------------------------------------------------------------------
+
 
 def test_save_refuses_devnull_before_creating_anything():
     opt, _ = stepped()
@@ -591,6 +703,7 @@ def test_save_into_read_only_directory_is_permission_error(tmp_path):
 
 # -- 9. pickling -----------------------------------------------------------------------------------
 
+
 def _grads(params, t):
     rng = np.random.default_rng(1000 + t)
     return [rng.standard_normal(p.shape).astype(np.float32) for p in params]
@@ -652,7 +765,7 @@ def test_transient_attrs_convention():
 
 
 def _module_level_lambda(t):
-    return 0.5 ** t
+    return 0.5**t
 
 
 class Warmup:
@@ -663,19 +776,33 @@ class Warmup:
         return min(1.0, (t + 1) / self.n)
 
 
-@pytest.mark.parametrize("make", [
-    lambda o: lr_scheduler.StepLR(o, 2, gamma=0.5),
-    lambda o: lr_scheduler.MultiStepLR(o, [1, 3, 3], gamma=0.5),
-    lambda o: lr_scheduler.ExponentialLR(o, 0.9),
-    lambda o: lr_scheduler.CosineAnnealingLR(o, 5, eta_min=0.001),
-    lambda o: lr_scheduler.LinearLR(o, 0.25, 1.0, 4),
-    lambda o: lr_scheduler.OneCycleLR(o, 0.5, total_steps=20),
-    lambda o: lr_scheduler.LambdaLR(o, _module_level_lambda),
-    lambda o: lr_scheduler.LambdaLR(o, Warmup(4)),
-    lambda o: lr_scheduler.SequentialLR(o, [lr_scheduler.LinearLR(o, 0.5, 1.0, 2),
-                                            lr_scheduler.ExponentialLR(o, 0.9)], [3]),
-], ids=["step", "multistep", "exp", "cos", "linear", "onecycle", "lambda-fn", "lambda-obj",
-        "sequential"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o: lr_scheduler.StepLR(o, 2, gamma=0.5),
+        lambda o: lr_scheduler.MultiStepLR(o, [1, 3, 3], gamma=0.5),
+        lambda o: lr_scheduler.ExponentialLR(o, 0.9),
+        lambda o: lr_scheduler.CosineAnnealingLR(o, 5, eta_min=0.001),
+        lambda o: lr_scheduler.LinearLR(o, 0.25, 1.0, 4),
+        lambda o: lr_scheduler.OneCycleLR(o, 0.5, total_steps=20),
+        lambda o: lr_scheduler.LambdaLR(o, _module_level_lambda),
+        lambda o: lr_scheduler.LambdaLR(o, Warmup(4)),
+        lambda o: lr_scheduler.SequentialLR(
+            o, [lr_scheduler.LinearLR(o, 0.5, 1.0, 2), lr_scheduler.ExponentialLR(o, 0.9)], [3]
+        ),
+    ],
+    ids=[
+        "step",
+        "multistep",
+        "exp",
+        "cos",
+        "linear",
+        "onecycle",
+        "lambda-fn",
+        "lambda-obj",
+        "sequential",
+    ],
+)
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])
 def test_every_scheduler_pickles_and_resumes(make, how):
     p = np.ones(4, np.float32)
@@ -684,8 +811,11 @@ def test_every_scheduler_pickles_and_resumes(make, how):
     for t in range(3):
         opt.step([np.full(4, 0.1 * t, np.float32)])
         sched.step()
-    copy_ = (pickle.loads(pickle.dumps((p, opt, sched))) if how == "pickle"
-             else copy.deepcopy((p, opt, sched)))
+    copy_ = (
+        pickle.loads(pickle.dumps((p, opt, sched)))
+        if how == "pickle"
+        else copy.deepcopy((p, opt, sched))
+    )
     p2, opt2, sched2 = copy_
     for t in range(3, 8):
         opt.step([np.full(4, 0.1 * t, np.float32)])
@@ -711,7 +841,7 @@ def test_reduce_lr_on_plateau_pickles():
 def test_lambda_scheduler_cannot_be_pickled_but_can_be_deepcopied():
     p = np.ones(2, np.float32)
     opt = ok.SGD([p], lr=0.1)
-    sched = lr_scheduler.LambdaLR(opt, lambda t: 0.9 ** t)
+    sched = lr_scheduler.LambdaLR(opt, lambda t: 0.9**t)
     with pytest.raises(pickle.PicklingError, match=r"lr_lambda\[0\] is '.*<lambda>'.*module-level"):
         pickle.dumps(sched)
     twin = copy.deepcopy(sched)

@@ -19,11 +19,19 @@ def snapshot(opt, params, grads=()):
 
 # -- regressions -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind, hp", [
-    ("Adam", dict(lr=-1.0)), ("AdamW", dict(eps=float("nan"))), ("Momentum", dict(lr=-1.0)),
-    ("Adagrad", dict(eps=-1.0)), ("RMSprop", dict(alpha=2.0)), ("Adadelta", dict(rho=-0.5)),
-    ("Adam", dict(amsgrad=True, lr=-1.0)),
-])
+
+@pytest.mark.parametrize(
+    "kind, hp",
+    [
+        ("Adam", dict(lr=-1.0)),
+        ("AdamW", dict(eps=float("nan"))),
+        ("Momentum", dict(lr=-1.0)),
+        ("Adagrad", dict(eps=-1.0)),
+        ("RMSprop", dict(alpha=2.0)),
+        ("Adadelta", dict(rho=-0.5)),
+        ("Adam", dict(amsgrad=True, lr=-1.0)),
+    ],
+)
 def test_bad_hyperparameter_on_first_step_creates_no_state(kind, hp):
     """Regression: the state of a parameter was created before the group's hyperparameters were
     checked, so a first step() that raised left zero-filled state (and step 0) behind."""
@@ -76,9 +84,9 @@ def test_step_count_beyond_64_bits_is_a_value_error(step):
     assert digest([ps, gs, sums]) == before
 
 
-
-@pytest.mark.parametrize("step, exc", [(0, ValueError), (-1, ValueError), (2**64, ValueError),
-                                       (1.0, TypeError)])
+@pytest.mark.parametrize(
+    "step, exc", [(0, ValueError), (-1, ValueError), (2**64, ValueError), (1.0, TypeError)]
+)
 def test_bad_step_refused_even_with_nothing_to_update(step, exc):
     """Regression (found by tests/test_fuzz.py): an int step was only checked when there was at
     least one tensor, so adam_([], [], [], [], step=0) passed while lr=-1 there raised."""
@@ -86,6 +94,7 @@ def test_bad_step_refused_even_with_nothing_to_update(step, exc):
         F.adam_([], [], [], [], step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
     with pytest.raises(exc, match="steps?"):
         F.adagrad_([], [], [], step=step, lr=0.1)
+
 
 # == the functional layer, every function =========================================================
 
@@ -101,51 +110,101 @@ def rand(shape, seed, positive=False):
 # name -> (function, [(list argument, written by the call?)], keywords of a valid call)
 FUNCTIONS = {
     "sgd_": (F.sgd_, [("params", True), ("grads", False)], dict(lr=0.1, weight_decay=0.01)),
-    "sgd_momentum": (F.sgd_, [("params", True), ("grads", False), ("momentum_buffers", True)],
-                     dict(lr=0.1, momentum=0.9, dampening=0.1)),
-    "sgd_nesterov": (F.sgd_, [("params", True), ("grads", False), ("momentum_buffers", True)],
-                     dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True)),
-    "momentum_": (F.momentum_, [("params", True), ("grads", False), ("velocities", True)],
-                  dict(lr=0.1, beta=0.9, weight_decay=0.01)),
-    "rmsprop_": (F.rmsprop_, [("params", True), ("grads", False), ("square_avgs", True)],
-                 dict(lr=0.01, alpha=0.99, eps=1e-8)),
+    "sgd_momentum": (
+        F.sgd_,
+        [("params", True), ("grads", False), ("momentum_buffers", True)],
+        dict(lr=0.1, momentum=0.9, dampening=0.1),
+    ),
+    "sgd_nesterov": (
+        F.sgd_,
+        [("params", True), ("grads", False), ("momentum_buffers", True)],
+        dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True),
+    ),
+    "momentum_": (
+        F.momentum_,
+        [("params", True), ("grads", False), ("velocities", True)],
+        dict(lr=0.1, beta=0.9, weight_decay=0.01),
+    ),
+    "rmsprop_": (
+        F.rmsprop_,
+        [("params", True), ("grads", False), ("square_avgs", True)],
+        dict(lr=0.01, alpha=0.99, eps=1e-8),
+    ),
     "rmsprop_centered_momentum": (
-        F.rmsprop_, [("params", True), ("grads", False), ("square_avgs", True),
-                     ("grad_avgs", True), ("momentum_buffers", True)],
-        dict(lr=0.01, alpha=0.99, eps=1e-8, centered=True, momentum=0.9, weight_decay=0.1)),
-    "adagrad_": (F.adagrad_, [("params", True), ("grads", False), ("state_sums", True)],
-                 dict(step=3, lr=0.01, lr_decay=0.1, eps=1e-10, grad_scale=0.5)),
-    "adadelta_": (F.adadelta_, [("params", True), ("grads", False), ("square_avgs", True),
-                                ("acc_deltas", True)],
-                  dict(lr=1.0, rho=0.9, eps=1e-6)),
-    "adam_": (F.adam_, [("params", True), ("grads", False), ("exp_avgs", True),
-                        ("exp_avg_sqs", True)],
-              dict(step=[3, 1, 7], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)),
-    "adam_amsgrad": (F.adam_, [("params", True), ("grads", False), ("exp_avgs", True),
-                               ("exp_avg_sqs", True), ("max_exp_avg_sqs", True)],
-                     dict(step=2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=True)),
-    "adamw_": (F.adamw_, [("params", True), ("grads", False), ("exp_avgs", True),
-                          ("exp_avg_sqs", True)],
-               dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)),
-    "adamw_amsgrad": (F.adamw_, [("params", True), ("grads", False), ("exp_avgs", True),
-                                 ("exp_avg_sqs", True), ("max_exp_avg_sqs", True)],
-                      dict(step=5, lr=1e-3, beta1=0.5, beta2=0.9, eps=1e-8, amsgrad=True)),
+        F.rmsprop_,
+        [
+            ("params", True),
+            ("grads", False),
+            ("square_avgs", True),
+            ("grad_avgs", True),
+            ("momentum_buffers", True),
+        ],
+        dict(lr=0.01, alpha=0.99, eps=1e-8, centered=True, momentum=0.9, weight_decay=0.1),
+    ),
+    "adagrad_": (
+        F.adagrad_,
+        [("params", True), ("grads", False), ("state_sums", True)],
+        dict(step=3, lr=0.01, lr_decay=0.1, eps=1e-10, grad_scale=0.5),
+    ),
+    "adadelta_": (
+        F.adadelta_,
+        [("params", True), ("grads", False), ("square_avgs", True), ("acc_deltas", True)],
+        dict(lr=1.0, rho=0.9, eps=1e-6),
+    ),
+    "adam_": (
+        F.adam_,
+        [("params", True), ("grads", False), ("exp_avgs", True), ("exp_avg_sqs", True)],
+        dict(step=[3, 1, 7], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8),
+    ),
+    "adam_amsgrad": (
+        F.adam_,
+        [
+            ("params", True),
+            ("grads", False),
+            ("exp_avgs", True),
+            ("exp_avg_sqs", True),
+            ("max_exp_avg_sqs", True),
+        ],
+        dict(step=2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=True),
+    ),
+    "adamw_": (
+        F.adamw_,
+        [("params", True), ("grads", False), ("exp_avgs", True), ("exp_avg_sqs", True)],
+        dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1),
+    ),
+    "adamw_amsgrad": (
+        F.adamw_,
+        [
+            ("params", True),
+            ("grads", False),
+            ("exp_avgs", True),
+            ("exp_avg_sqs", True),
+            ("max_exp_avg_sqs", True),
+        ],
+        dict(step=5, lr=1e-3, beta1=0.5, beta2=0.9, eps=1e-8, amsgrad=True),
+    ),
 }
 # Every further rule of the registry, at its defaults (its always-needed state lists).
 for _rule in ok.registry.rules():
     if not any(k == _rule.name + "_" or k.startswith(_rule.name + "_") for k in FUNCTIONS):
         FUNCTIONS[_rule.name + "_"] = (
             getattr(F, _rule.name + "_"),
-            [("params", True), ("grads", False)] + [(st.arg, True) for st in _rule.states
-                                                    if st.when is None],
-            dict(step=3, **{h.name: h.default for h in _rule.hyper}) if _rule.uses_step
-            else {h.name: h.default for h in _rule.hyper})
+            [("params", True), ("grads", False)]
+            + [(st.arg, True) for st in _rule.states if st.when is None],
+            dict(step=3, **{h.name: h.default for h in _rule.hyper})
+            if _rule.uses_step
+            else {h.name: h.default for h in _rule.hyper},
+        )
 # The carried numbers of a derived function (NAdam's mu_products, ASGD's etas and mus): lists of
 # floats, one per parameter, which a call updates in place. {function name: {arg: start value}}
-CARRIED = {_rule.name + "_": {c.arg: (c.init if c.init_from is None
-                                      else FUNCTIONS[_rule.name + "_"][2][c.init_from])
-                              for c in _rule.carried}
-           for _rule in ok.registry.rules() if _rule.carried}
+CARRIED = {
+    _rule.name + "_": {
+        c.arg: (c.init if c.init_from is None else FUNCTIONS[_rule.name + "_"][2][c.init_from])
+        for c in _rule.carried
+    }
+    for _rule in ok.registry.rules()
+    if _rule.carried
+}
 # Lists a function needs only for some options: None there is 'required when ...' (ValueError).
 OPTIONAL_LISTS = {"momentum_buffers", "grad_avgs", "max_exp_avg_sqs", "velocities"}
 
@@ -153,8 +212,10 @@ OPTIONAL_LISTS = {"momentum_buffers", "grad_avgs", "max_exp_avg_sqs", "velocitie
 def valid_call(name):
     """The list arguments and keywords of a valid call of FUNCTIONS[name]."""
     _, lists, kw = FUNCTIONS[name]
-    args = {arg: [rand(s, 10 * k + i, positive=k > 1) for i, s in enumerate(SHAPES)]
-            for k, (arg, _) in enumerate(lists)}
+    args = {
+        arg: [rand(s, 10 * k + i, positive=k > 1) for i, s in enumerate(SHAPES)]
+        for k, (arg, _) in enumerate(lists)
+    }
     for arg, start in CARRIED.get(name, {}).items():
         args[arg] = [float(start)] * len(SHAPES)
     return args, dict(kw)
@@ -162,8 +223,11 @@ def valid_call(name):
 
 def strided(a):
     """A non-contiguous view holding a's values (every other element; a transpose in 2-D)."""
-    v = np.zeros(2 * a.size, np.float32)[::2].reshape(a.shape) if a.ndim == 1 else \
-        np.zeros(a.shape[::-1], np.float32).T
+    v = (
+        np.zeros(2 * a.size, np.float32)[::2].reshape(a.shape)
+        if a.ndim == 1
+        else np.zeros(a.shape[::-1], np.float32).T
+    )
     v[...] = a
     return v
 
@@ -209,8 +273,12 @@ ENTRY_MUTATIONS = [
     ("unaligned", unaligned, ValueError, r"{L}\[{j}\] is not aligned"),
     # Shape errors are reported on the later list, which is grads when params is the mutated one.
     ("longer", lambda a: np.zeros(a.size + 1, np.float32), ValueError, r"{S}\[{j}\] has shape"),
-    ("reshaped", lambda a: a.reshape(1, -1).copy() if a.ndim == 1 else a.ravel().copy(),
-     ValueError, r"{S}\[{j}\] has shape"),
+    (
+        "reshaped",
+        lambda a: a.reshape(1, -1).copy() if a.ndim == 1 else a.ravel().copy(),
+        ValueError,
+        r"{S}\[{j}\] has shape",
+    ),
     ("size 0", lambda a: np.zeros((0,), np.float32), ValueError, r"{S}\[{j}\] has shape"),
 ]
 
@@ -223,18 +291,39 @@ def set_entry(args, arg, j, value_of):
 def bad_values(key, good):
     """Values of the keyword ``key`` that must be refused, with the error each gets."""
     if isinstance(good, bool):
-        return [("'yes'", "yes", TypeError), ("1", 1, TypeError), ("None", None, TypeError),
-                ("0.5", 0.5, TypeError)]
+        return [
+            ("'yes'", "yes", TypeError),
+            ("1", 1, TypeError),
+            ("None", None, TypeError),
+            ("0.5", 0.5, TypeError),
+        ]
     if key == "step":
-        return [("0", 0, ValueError), ("-1", -1, ValueError), ("1.5", 1.5, TypeError),
-                ("True", True, TypeError), ("None", None, TypeError), ("'1'", "1", TypeError),
-                ("2**64", 2**64, ValueError), ("2 for 3", [1, 1], ValueError),
-                ("a 0 among them", [1, 0, 1], ValueError), ("a float among them", [1, 1.0, 1], TypeError),
-                ("ndarray", np.array([1, 1, 1]), TypeError)]
-    out = [("nan", NAN, ValueError), ("inf", INF, ValueError), ("-inf", -INF, ValueError),
-           ("1e39", 1e39, ValueError), ("float32 nan", np.float32("nan"), ValueError),
-           ("'0.1'", "0.1", TypeError), ("None", None, TypeError), ("True", True, TypeError),
-           ("[0.1]", [0.1], TypeError), ("1j", 1j, TypeError), ("1-d array", np.array([0.1]), TypeError)]
+        return [
+            ("0", 0, ValueError),
+            ("-1", -1, ValueError),
+            ("1.5", 1.5, TypeError),
+            ("True", True, TypeError),
+            ("None", None, TypeError),
+            ("'1'", "1", TypeError),
+            ("2**64", 2**64, ValueError),
+            ("2 for 3", [1, 1], ValueError),
+            ("a 0 among them", [1, 0, 1], ValueError),
+            ("a float among them", [1, 1.0, 1], TypeError),
+            ("ndarray", np.array([1, 1, 1]), TypeError),
+        ]
+    out = [
+        ("nan", NAN, ValueError),
+        ("inf", INF, ValueError),
+        ("-inf", -INF, ValueError),
+        ("1e39", 1e39, ValueError),
+        ("float32 nan", np.float32("nan"), ValueError),
+        ("'0.1'", "0.1", TypeError),
+        ("None", None, TypeError),
+        ("True", True, TypeError),
+        ("[0.1]", [0.1], TypeError),
+        ("1j", 1j, TypeError),
+        ("1-d array", np.array([0.1]), TypeError),
+    ]
     if key == "grad_scale":  # not a hyperparameter: a plain number only
         out.append(("0-d array", np.array(0.1), TypeError))
     if key != "grad_scale":  # a negative gradient scale is allowed
@@ -263,96 +352,197 @@ def functional_cases():
                     if mname == "None" and arg == "momentum_buffers" and name.startswith("sgd"):
                         continue  # a None buffer is one to create, as documented
                     pat = pattern.format(L=arg, j=j, S="grads" if arg == "params" else arg)
-                    yield (name, f"{arg}[{j}]={mname}",
-                           lambda a, L=arg, j=j, m=make: set_entry(a, L, j, lambda a: m(a[L][j])),
-                           exc, pat)
+                    yield (
+                        name,
+                        f"{arg}[{j}]={mname}",
+                        lambda a, L=arg, j=j, m=make: set_entry(a, L, j, lambda a: m(a[L][j])),
+                        exc,
+                        pat,
+                    )
             if writes:
-                yield (name, f"{arg}[2]=read-only",
-                       lambda a, L=arg: set_entry(a, L, 2, lambda a: read_only(a[L][2])),
-                       ValueError, rf"{arg}\[2\] is read-only, but it is updated in place")
-                yield (name, f"{arg} lists one array twice",
-                       lambda a, L=arg: set_entry(a, L, 1, lambda a: a[L][0]),
-                       ValueError, rf"{arg}\[[01]\] shares memory with {arg}\[[01]\]")
+                yield (
+                    name,
+                    f"{arg}[2]=read-only",
+                    lambda a, L=arg: set_entry(a, L, 2, lambda a: read_only(a[L][2])),
+                    ValueError,
+                    rf"{arg}\[2\] is read-only, but it is updated in place",
+                )
+                yield (
+                    name,
+                    f"{arg} lists one array twice",
+                    lambda a, L=arg: set_entry(a, L, 1, lambda a: a[L][0]),
+                    ValueError,
+                    rf"{arg}\[[01]\] shares memory with {arg}\[[01]\]",
+                )
             # The whole list replaced.
             none_exc = ValueError if arg in OPTIONAL_LISTS else TypeError
             sgd_bufs = name.startswith("sgd") and arg == "momentum_buffers"
-            for what, value_of in [("None", lambda a, L: None), ("an ndarray", lambda a, L: a[L][0]),
-                                   ("a generator", lambda a, L: (x for x in a[L])),
-                                   ("a dict", lambda a, L: dict(enumerate(a[L]))),
-                                   ("a str", lambda a, L: "abc"), ("an int", lambda a, L: 3)]:
+            for what, value_of in [
+                ("None", lambda a, L: None),
+                ("an ndarray", lambda a, L: a[L][0]),
+                ("a generator", lambda a, L: (x for x in a[L])),
+                ("a dict", lambda a, L: dict(enumerate(a[L]))),
+                ("a str", lambda a, L: "abc"),
+                ("an int", lambda a, L: 3),
+            ]:
                 exc = none_exc if what == "None" else TypeError
-                yield (name, f"{arg} is {what}",
-                       lambda a, L=arg, f=value_of: a.__setitem__(L, f(a, L)),
-                       exc, (r"momentum_buffers (is required|must be a list)" if sgd_bufs
-                             else rf"{arg} (is required|must be a list or tuple)"))
-            yield (name, f"{arg} too short", lambda a, L=arg: a.__setitem__(L, a[L][:2]),
-                   ValueError, r"has 2 (arrays|entries) but params has 3|has 3 arrays but params has 2")
-            yield (name, f"{arg} too long",
-                   lambda a, L=arg: a.__setitem__(L, list(a[L]) + [a[L][0].copy()]),
-                   ValueError, r"has 4 (arrays|entries) but params has 3|has 3 arrays but params has 4")
+                yield (
+                    name,
+                    f"{arg} is {what}",
+                    lambda a, L=arg, f=value_of: a.__setitem__(L, f(a, L)),
+                    exc,
+                    (
+                        r"momentum_buffers (is required|must be a list)"
+                        if sgd_bufs
+                        else rf"{arg} (is required|must be a list or tuple)"
+                    ),
+                )
+            yield (
+                name,
+                f"{arg} too short",
+                lambda a, L=arg: a.__setitem__(L, a[L][:2]),
+                ValueError,
+                r"has 2 (arrays|entries) but params has 3|has 3 arrays but params has 2",
+            )
+            yield (
+                name,
+                f"{arg} too long",
+                lambda a, L=arg: a.__setitem__(L, list(a[L]) + [a[L][0].copy()]),
+                ValueError,
+                r"has 4 (arrays|entries) but params has 3|has 3 arrays but params has 4",
+            )
             if arg == "params":
                 continue
             # Aliasing: the entry is a parameter, overlaps one, or is another written buffer.
-            yield (name, f"{arg}[1] is params[1]",
-                   lambda a, L=arg: set_entry(a, L, 1, lambda a: a["params"][1]),
-                   ValueError, rf"{arg}\[1\] shares memory with params\[1\]|"
-                               rf"params\[1\] shares memory with {arg}\[1\]")
-            yield (name, f"{arg}[0] is params[1]",
-                   lambda a, L=arg: set_entry(a, L, 0, lambda a: a["params"][1]),
-                   ValueError, r"shares memory")
-            yield (name, f"{arg}[2] overlaps params[2]", lambda a, L=arg: overlap(a, "params", L),
-                   ValueError, r"shares memory")
+            yield (
+                name,
+                f"{arg}[1] is params[1]",
+                lambda a, L=arg: set_entry(a, L, 1, lambda a: a["params"][1]),
+                ValueError,
+                rf"{arg}\[1\] shares memory with params\[1\]|"
+                rf"params\[1\] shares memory with {arg}\[1\]",
+            )
+            yield (
+                name,
+                f"{arg}[0] is params[1]",
+                lambda a, L=arg: set_entry(a, L, 0, lambda a: a["params"][1]),
+                ValueError,
+                r"shares memory",
+            )
+            yield (
+                name,
+                f"{arg}[2] overlaps params[2]",
+                lambda a, L=arg: overlap(a, "params", L),
+                ValueError,
+                r"shares memory",
+            )
             for other, other_writes in lists:
                 if other not in ("params", arg) and other_writes:
-                    yield (name, f"{arg}[2] is {other}[2]",
-                           lambda a, L=arg, O=other: set_entry(a, L, 2, lambda a: a[O][2]),
-                           ValueError, r"shares memory")
-                    yield (name, f"{arg}[2] overlaps {other}[2]",
-                           lambda a, L=arg, O=other: overlap(a, O, L), ValueError, r"shares memory")
+                    yield (
+                        name,
+                        f"{arg}[2] is {other}[2]",
+                        lambda a, L=arg, O=other: set_entry(a, L, 2, lambda a: a[O][2]),
+                        ValueError,
+                        r"shares memory",
+                    )
+                    yield (
+                        name,
+                        f"{arg}[2] overlaps {other}[2]",
+                        lambda a, L=arg, O=other: overlap(a, O, L),
+                        ValueError,
+                        r"shares memory",
+                    )
 
         def params_overlap(a):
             base = np.zeros(40, np.float32)
             a["params"] = [base[:33], base[7:40], a["params"][2]]
-        yield (name, "params overlap", params_overlap, ValueError,
-               r"params\[[01]\] shares memory with params\[[01]\]")
+
+        yield (
+            name,
+            "params overlap",
+            params_overlap,
+            ValueError,
+            r"params\[[01]\] shares memory with params\[[01]\]",
+        )
         for key, good in kw.items():
             for label, value, exc in bad_values(key, good):
                 if label == "1.5" and _declared_range(name, key) == "nonnegative":
                     continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
-                yield (name, f"{key}={label}", lambda a, k=key, v=value: a.__setitem__("kw:" + k, v),
-                       exc, "steps?" if key == "step" else key)
+                yield (
+                    name,
+                    f"{key}={label}",
+                    lambda a, k=key, v=value: a.__setitem__("kw:" + k, v),
+                    exc,
+                    "steps?" if key == "step" else key,
+                )
         for arg in CARRIED.get(name, {}):  # the carried numbers' lists
             for what, value_of, exc, pattern in [
-                    ("None", lambda a, L: None, TypeError, "must be a list of floats"),
-                    ("a tuple", lambda a, L: tuple(a[L]), TypeError, "must be a list of floats"),
-                    ("an ndarray", lambda a, L: np.array(a[L]), TypeError,
-                     "must be a list of floats"),
-                    ("too short", lambda a, L: a[L][:2], ValueError,
-                     "has 2 entries but params has 3"),
-                    ("too long", lambda a, L: a[L] + [1.0], ValueError,
-                     "has 4 entries but params has 3"),
-                    ("[1]=None", lambda a, L: [a[L][0], None, a[L][2]], TypeError,
-                     r"\[1\] must be a real number"),
-                    ("[1]='0.5'", lambda a, L: [a[L][0], "0.5", a[L][2]], TypeError,
-                     r"\[1\] must be a real number"),
-                    ("[1]=True", lambda a, L: [a[L][0], True, a[L][2]], TypeError,
-                     r"\[1\] must be a real number"),
-                    ("[2]=nan", lambda a, L: [a[L][0], a[L][1], math.nan], ValueError,
-                     r"\[2\] must be finite"),
-                    ("[2]=inf", lambda a, L: [a[L][0], a[L][1], math.inf], ValueError,
-                     r"\[2\] must be finite")]:
-                yield (name, f"{arg} is {what}",
-                       lambda a, L=arg, f=value_of: a.__setitem__(L, f(a, L)),
-                       exc, rf"{arg}{pattern}" if pattern.startswith("\\") else pattern)
-            yield (name, f"{arg} missing", lambda a, L=arg: a.pop(L), TypeError,
-                   f"missing 1 required positional argument: '{arg}'")
+                ("None", lambda a, L: None, TypeError, "must be a list of floats"),
+                ("a tuple", lambda a, L: tuple(a[L]), TypeError, "must be a list of floats"),
+                ("an ndarray", lambda a, L: np.array(a[L]), TypeError, "must be a list of floats"),
+                ("too short", lambda a, L: a[L][:2], ValueError, "has 2 entries but params has 3"),
+                ("too long", lambda a, L: a[L] + [1.0], ValueError, "has 4 entries but params has 3"),
+                (
+                    "[1]=None",
+                    lambda a, L: [a[L][0], None, a[L][2]],
+                    TypeError,
+                    r"\[1\] must be a real number",
+                ),
+                (
+                    "[1]='0.5'",
+                    lambda a, L: [a[L][0], "0.5", a[L][2]],
+                    TypeError,
+                    r"\[1\] must be a real number",
+                ),
+                (
+                    "[1]=True",
+                    lambda a, L: [a[L][0], True, a[L][2]],
+                    TypeError,
+                    r"\[1\] must be a real number",
+                ),
+                (
+                    "[2]=nan",
+                    lambda a, L: [a[L][0], a[L][1], math.nan],
+                    ValueError,
+                    r"\[2\] must be finite",
+                ),
+                (
+                    "[2]=inf",
+                    lambda a, L: [a[L][0], a[L][1], math.inf],
+                    ValueError,
+                    r"\[2\] must be finite",
+                ),
+            ]:
+                yield (
+                    name,
+                    f"{arg} is {what}",
+                    lambda a, L=arg, f=value_of: a.__setitem__(L, f(a, L)),
+                    exc,
+                    rf"{arg}{pattern}" if pattern.startswith("\\") else pattern,
+                )
+            yield (
+                name,
+                f"{arg} missing",
+                lambda a, L=arg: a.pop(L),
+                TypeError,
+                f"missing 1 required positional argument: '{arg}'",
+            )
         if name.startswith("sgd") and "momentum" in kw:
-            yield (name, "nesterov with dampening",
-                   lambda a: a.update({"kw:nesterov": True, "kw:dampening": 0.5}),
-                   ValueError, "nesterov momentum requires")
+            yield (
+                name,
+                "nesterov with dampening",
+                lambda a: a.update({"kw:nesterov": True, "kw:dampening": 0.5}),
+                ValueError,
+                "nesterov momentum requires",
+            )
         if name == "sgd_":
-            yield (name, "nesterov without momentum", lambda a: a.update({"kw:nesterov": True}),
-                   ValueError, "nesterov momentum requires")
+            yield (
+                name,
+                "nesterov without momentum",
+                lambda a: a.update({"kw:nesterov": True}),
+                ValueError,
+                "nesterov momentum requires",
+            )
 
 
 def overlap(args, first, second):
@@ -370,8 +560,12 @@ FUNCTIONAL_CASES = list(functional_cases())
 def test_every_update_function_is_covered():
     """Every update of optkern.functional (a function taking params and grads) is in FUNCTIONS."""
     import inspect
-    updates = {n for n in F.__all__
-               if list(inspect.signature(getattr(F, n)).parameters)[:2] == ["params", "grads"]}
+
+    updates = {
+        n
+        for n in F.__all__
+        if list(inspect.signature(getattr(F, n)).parameters)[:2] == ["params", "grads"]
+    }
     assert updates == {fn.__name__ for fn, _, _ in FUNCTIONS.values()}
 
 
@@ -400,8 +594,11 @@ def everything(args, items):
     return digest(arrays), ids
 
 
-@pytest.mark.parametrize("name, what, mutate, exc, pattern", FUNCTIONAL_CASES,
-                         ids=[f"{c[0]}:{c[1]}" for c in FUNCTIONAL_CASES])
+@pytest.mark.parametrize(
+    "name, what, mutate, exc, pattern",
+    FUNCTIONAL_CASES,
+    ids=[f"{c[0]}:{c[1]}" for c in FUNCTIONAL_CASES],
+)
 def test_functional_hostile_input_changes_nothing(name, what, mutate, exc, pattern):
     args, _ = valid_call(name)
     mutate(args)
@@ -443,10 +640,17 @@ def test_functional_valid_call_and_accepted_variants(name):
 # == the optimizer classes, every one ===============================================================
 
 CLASSES = [
-    ("SGD", dict(lr=0.1)), ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
-    ("Nesterov", dict(lr=0.1)), ("Momentum", dict(lr=0.1)), ("RMSprop", dict()),
-    ("RMSprop", dict(centered=True, momentum=0.9)), ("Adagrad", dict(lr_decay=0.1)),
-    ("Adadelta", dict()), ("Adam", dict()), ("Adam", dict(amsgrad=True)), ("AdamW", dict()),
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    ("Nesterov", dict(lr=0.1)),
+    ("Momentum", dict(lr=0.1)),
+    ("RMSprop", dict()),
+    ("RMSprop", dict(centered=True, momentum=0.9)),
+    ("Adagrad", dict(lr_decay=0.1)),
+    ("Adadelta", dict()),
+    ("Adam", dict()),
+    ("Adam", dict(amsgrad=True)),
+    ("AdamW", dict()),
 ]
 CLASSES += [(r.cls, {}) for r in ok.registry.rules() if r.cls not in {k for k, _ in CLASSES}]
 CLASS_IDS = [f"{k}({','.join(f'{a}={b}' for a, b in hp.items())})" for k, hp in CLASSES]
@@ -467,44 +671,67 @@ def make_optimizer(kind, hp, steps):
 def step_cases(stepped):
     """(case, make grads(opt, params, base) -> list, error, pattern) for step()."""
     good = lambda params: [np.full(p.shape, 0.5, np.float32) for p in params]  # noqa: E731
-    for what, value in [("None", None), ("an ndarray", "stack"), ("a dict", "dict"),
-                        ("a generator", "gen"), ("a str", "abc"), ("an int", 3), ("a set", "set")]:
+    for what, value in [
+        ("None", None),
+        ("an ndarray", "stack"),
+        ("a dict", "dict"),
+        ("a generator", "gen"),
+        ("a str", "abc"),
+        ("an int", 3),
+        ("a set", "set"),
+    ]:
+
         def grads(opt, params, base, value=value):
             g = good(params)
-            return {"stack": g[0], "dict": dict(enumerate(g)), "gen": (x for x in g),
-                    "set": {1, 2, 3}}.get(value, value)
+            return {
+                "stack": g[0],
+                "dict": dict(enumerate(g)),
+                "gen": (x for x in g),
+                "set": {1, 2, 3},
+            }.get(value, value)
+
         yield f"grads is {what}", grads, TypeError, "grads must be a list or tuple"
     for n in (0, 2, 4):
-        yield (f"{n} gradients", lambda opt, params, base, n=n: (good(params) * 2)[:n], ValueError,
-               rf"got {n} gradients for 3 parameters")
+        yield (
+            f"{n} gradients",
+            lambda opt, params, base, n=n: (good(params) * 2)[:n],
+            ValueError,
+            rf"got {n} gradients for 3 parameters",
+        )
     for j in (0, 2):
         for mname, make, exc, pattern in ENTRY_MUTATIONS:
             if mname == "None":
                 continue  # None skips a parameter (tested below)
+
             def grads(opt, params, base, j=j, make=make):
                 g = good(params)
                 g[j] = make(g[j])
                 return g
+
             yield f"grads[{j}]={mname}", grads, exc, pattern.format(L="grads", j=j, S="grads")
 
     def is_param(opt, params, base):
         g = good(params)
         g[1] = params[1]
         return g
+
     yield "grads[1] is params[1]", is_param, ValueError, r"shares memory"
 
     def is_other_param(opt, params, base):
         g = good(params)
         g[0] = params[1]
         return g
+
     yield "grads[0] is params[1]", is_other_param, ValueError, r"shares memory"
 
     def overlaps_param(opt, params, base):
         g = good(params)
         g[2] = base[1:].reshape(4, 5)
         return g
+
     yield "grads[2] overlaps params[2]", overlaps_param, ValueError, r"shares memory"
     if stepped:
+
         def is_state(opt, params, base, own=True):
             g = good(params)
             state = opt.state.get_by_id(params[0 if own else 1]) or {}
@@ -513,9 +740,14 @@ def step_cases(stepped):
                 return None  # this optimizer keeps no state arrays
             g[0] = arrays[-1]
             return g
+
         yield "grads[0] is its own state", is_state, ValueError, r"shares memory"
-        yield ("grads[0] is another parameter's state",
-               lambda o, p, b: is_state(o, p, b, own=False), ValueError, r"shares memory")
+        yield (
+            "grads[0] is another parameter's state",
+            lambda o, p, b: is_state(o, p, b, own=False),
+            ValueError,
+            r"shares memory",
+        )
 
 
 STEP_CASES = {stepped: list(step_cases(stepped)) for stepped in (0, 2)}
@@ -545,8 +777,12 @@ def test_step_accepts_none_and_read_only_gradients(kind, hp):
     stay bit-identical. Read-only gradients are fine: they are only read."""
     opt, params, _ = make_optimizer(kind, hp, 2)
     kept = digest([params[1], opt.state_dict()["state"].get(1, {})])
-    opt.step([read_only(np.full(p.shape, 0.5, np.float32)) if i != 1 else None
-              for i, p in enumerate(params)])
+    opt.step(
+        [
+            read_only(np.full(p.shape, 0.5, np.float32)) if i != 1 else None
+            for i, p in enumerate(params)
+        ]
+    )
     assert digest([params[1], opt.state_dict()["state"].get(1, {})]) == kept
 
 
@@ -558,7 +794,11 @@ def test_params_changed_after_construction_are_checked(kind, hp, stepped):
     for change, exc, pattern in [
         (lambda ps: ps.append(ps[0]), ValueError, r"\w+\[[03]\] shares memory with \w+\[[03]\]"),
         (lambda ps: ps.append(np.zeros(3)), TypeError, r"params\[3\] must be a float32"),
-        (lambda ps: ps.__setitem__(1, ps[1].astype(np.float64)), TypeError, r"params\[1\] must be a float32"),
+        (
+            lambda ps: ps.__setitem__(1, ps[1].astype(np.float64)),
+            TypeError,
+            r"params\[1\] must be a float32",
+        ),
         (lambda ps: ps.append(ps[2].T), ValueError, r"must be C-contiguous|shares memory"),
     ]:
         opt, params, _ = make_optimizer(kind, hp, stepped)
@@ -575,17 +815,18 @@ def hyperparameter_cases(kind, hp):
     for key, good in opt.defaults.items():
         if key == "betas":
             for label, value, exc, pattern in [
-                    ("(nan, .999)", (NAN, 0.999), ValueError, "beta1 must be finite"),
-                    ("(.9, 1.5)", (0.9, 1.5), ValueError, r"beta2 must be in \[0, 1\)"),
-                    ("(.9, -1)", (0.9, -1.0), ValueError, r"beta2 must be in \[0, 1\)"),
-                    # [0, 1), or (0, 1) where eval() divides by it (ScheduleFreeAdamW)
-                    ("(1, .999)", (1.0, 0.999), ValueError, r"beta1 must be in [\[(]0, 1\)"),
-                    ("(.9, inf)", (0.9, INF), ValueError, "beta2 must be finite"),
-                    ("('a', .9)", ("a", 0.9), TypeError, "beta1 must be a real number"),
-                    ("0.9", 0.9, TypeError, "betas must be a pair"),
-                    ("None", None, TypeError, "betas must be a pair"),
-                    ("(.9,)", (0.9,), TypeError, "betas must be a pair"),
-                    ("'ab'", "ab", TypeError, "betas must be a pair")]:
+                ("(nan, .999)", (NAN, 0.999), ValueError, "beta1 must be finite"),
+                ("(.9, 1.5)", (0.9, 1.5), ValueError, r"beta2 must be in \[0, 1\)"),
+                ("(.9, -1)", (0.9, -1.0), ValueError, r"beta2 must be in \[0, 1\)"),
+                # [0, 1), or (0, 1) where eval() divides by it (ScheduleFreeAdamW)
+                ("(1, .999)", (1.0, 0.999), ValueError, r"beta1 must be in [\[(]0, 1\)"),
+                ("(.9, inf)", (0.9, INF), ValueError, "beta2 must be finite"),
+                ("('a', .9)", ("a", 0.9), TypeError, "beta1 must be a real number"),
+                ("0.9", 0.9, TypeError, "betas must be a pair"),
+                ("None", None, TypeError, "betas must be a pair"),
+                ("(.9,)", (0.9,), TypeError, "betas must be a pair"),
+                ("'ab'", "ab", TypeError, "betas must be a pair"),
+            ]:
                 yield key, label, value, exc, pattern
             continue
         if isinstance(good, tuple):  # another tuple argument (Rprop's etas, step_sizes)
@@ -600,9 +841,13 @@ def hyperparameter_cases(kind, hp):
 
 
 #: A value out of each declared range, with the message's range.
-OUT_OF_RANGE = {"nonnegative": (-0.5, ">= 0"), "unit": (1.5, r"in \[0, 1\]"),
-                "unit_open": (1.0, r"in \[0, 1\)"), "open_unit": (0.0, r"in \(0, 1\)"),
-                "above_one": (1.0, "> 1")}
+OUT_OF_RANGE = {
+    "nonnegative": (-0.5, ">= 0"),
+    "unit": (1.5, r"in \[0, 1\]"),
+    "unit_open": (1.0, r"in \[0, 1\)"),
+    "open_unit": (0.0, r"in \(0, 1\)"),
+    "above_one": (1.0, "> 1"),
+}
 
 
 def tuple_cases(rule, key, good):
@@ -610,8 +855,10 @@ def tuple_cases(rule, key, good):
     range, or not a number; the tuple of the wrong length or not a tuple."""
     slots = [h for h in rule.hyper if h.torch == key]
     for h in slots:
+
         def at(v, h=h):
             return tuple(v if x.slot == h.slot else good[x.slot] for x in slots)
+
         yield key, f"{h.name}=nan", at(NAN), ValueError, f"{h.name} must be finite"
         yield key, f"{h.name}=inf", at(INF), ValueError, f"{h.name} must be finite"
         yield key, f"{h.name}='a'", at("a"), TypeError, f"{h.name} must be a real number"
@@ -626,8 +873,11 @@ def tuple_cases(rule, key, good):
 HP_CASES = [(kind, hp, *case) for kind, hp in CLASSES for case in hyperparameter_cases(kind, hp)]
 
 
-@pytest.mark.parametrize("kind, hp, key, label, value, exc, pattern", HP_CASES,
-                         ids=[f"{c[0]}:{c[2]}={c[3]}" for c in HP_CASES])
+@pytest.mark.parametrize(
+    "kind, hp, key, label, value, exc, pattern",
+    HP_CASES,
+    ids=[f"{c[0]}:{c[2]}={c[3]}" for c in HP_CASES],
+)
 def test_bad_hyperparameter_refused_everywhere(kind, hp, key, label, value, exc, pattern):
     """At construction, in add_param_group, and set between steps (fresh and stepped): refused,
     nothing changed."""
@@ -659,15 +909,28 @@ def construction_cases():
     yield "an int", lambda: 3, TypeError, "params must be a list"
     yield "a set", lambda: {1.0}, TypeError, "not a set"
     yield "a dict", lambda: {"params": [p]}, TypeError, "params must be a list"
-    yield "[None]", lambda: [None], TypeError, r"params\[0\] must be a float32 NumPy array, got NoneType"
+    yield (
+        "[None]",
+        lambda: [None],
+        TypeError,
+        r"params\[0\] must be a float32 NumPy array, got NoneType",
+    )
     yield "[p, None]", lambda: [p, None], TypeError, r"params\[1\] must be a float32 NumPy array"
-    yield ("[[1.0, 2.0]]", lambda: [[1.0, 2.0]], TypeError,
-           r"params\[0\] must be a float32 NumPy array, got list")
+    yield (
+        "[[1.0, 2.0]]",
+        lambda: [[1.0, 2.0]],
+        TypeError,
+        r"params\[0\] must be a float32 NumPy array, got list",
+    )
     for mname, make, exc, pattern in ENTRY_MUTATIONS:
         if mname in ("None", "longer", "reshaped", "size 0"):
             continue
-        yield (f"[{mname}]", lambda make=make: [q, make(np.ones((4, 5), np.float32))], exc,
-               pattern.format(L="params", j=1))
+        yield (
+            f"[{mname}]",
+            lambda make=make: [q, make(np.ones((4, 5), np.float32))],
+            exc,
+            pattern.format(L="params", j=1),
+        )
     yield "[read-only]", lambda: [read_only(p)], ValueError, r"params\[0\] is read-only"
     yield "[p, p]", lambda: [p, p], ValueError, r"params\[1\] shares memory with params\[0\]"
     yield "overlapping", lambda: [base[:6], base[4:]], ValueError, "shares memory"
@@ -675,11 +938,24 @@ def construction_cases():
     yield "group of []", lambda: [{"params": []}], ValueError, "empty parameter list"
     yield "group of None", lambda: [{"params": None}], TypeError, "must be a list"
     yield "group of a set", lambda: [{"params": {1}}], TypeError, "not a set"
-    yield ("p in two groups", lambda: [{"params": [p]}, {"params": [p]}], ValueError,
-           "more than one parameter group")
-    yield ("overlap across groups", lambda: [{"params": [base[:6]]}, {"params": [base[4:]]}],
-           ValueError, "shares memory")
-    yield "array then group", lambda: [p, {"params": [q]}], TypeError, r"params\[1\] must be a float32"
+    yield (
+        "p in two groups",
+        lambda: [{"params": [p]}, {"params": [p]}],
+        ValueError,
+        "more than one parameter group",
+    )
+    yield (
+        "overlap across groups",
+        lambda: [{"params": [base[:6]]}, {"params": [base[4:]]}],
+        ValueError,
+        "shares memory",
+    )
+    yield (
+        "array then group",
+        lambda: [p, {"params": [q]}],
+        TypeError,
+        r"params\[1\] must be a float32",
+    )
     yield "group then array", lambda: [{"params": [p]}, q], TypeError, "a param group must be a dict"
 
 
@@ -717,6 +993,7 @@ def test_bad_param_group_refused_and_nothing_changes(kind, hp):
 @pytest.mark.parametrize("stepped", [0, 2], ids=["fresh", "stepped"])
 def test_error_in_a_later_group_changes_no_group(kind, hp, stepped):
     """Two groups: everything is validated before the first group is updated."""
+
     def build():
         a, b, c = rand((6,), 0), rand((5,), 1), rand((2, 3), 2)
         opt = getattr(ok, kind)([{"params": [a, b]}, {"params": [c], "weight_decay": 0.5}], **hp)
@@ -728,19 +1005,42 @@ def test_error_in_a_later_group_changes_no_group(kind, hp, stepped):
         return [np.full(p.shape, 0.25, np.float32) for p in params]
 
     for case, change, exc, pattern in [
-        ("float64 in group 2", lambda o, ps, g: g.__setitem__(2, g[2].astype(np.float64)),
-         TypeError, r"grads\[2\] must be a float32"),
-        ("shape in group 2", lambda o, ps, g: g.__setitem__(2, np.ones(6, np.float32)),
-         ValueError, r"grads\[2\] has shape \(6,\)"),
-        ("group 2's grad is a group 1 param", lambda o, ps, g: g.__setitem__(2, ps[0].reshape(2, 3)),
-         ValueError, "shares memory"),
-        ("group 1's grad is the group 2 param", lambda o, ps, g: g.__setitem__(0, ps[2].ravel()),
-         ValueError, "shares memory"),
-        ("bad lr in group 2", lambda o, ps, g: o.param_groups[1].__setitem__("lr", NAN),
-         ValueError, "lr must be finite"),
-        ("None in group 2, float64 in group 1",
-         lambda o, ps, g: (g.__setitem__(2, None), g.__setitem__(1, g[1].astype(np.float64))),
-         TypeError, r"grads\[1\] must be a float32"),
+        (
+            "float64 in group 2",
+            lambda o, ps, g: g.__setitem__(2, g[2].astype(np.float64)),
+            TypeError,
+            r"grads\[2\] must be a float32",
+        ),
+        (
+            "shape in group 2",
+            lambda o, ps, g: g.__setitem__(2, np.ones(6, np.float32)),
+            ValueError,
+            r"grads\[2\] has shape \(6,\)",
+        ),
+        (
+            "group 2's grad is a group 1 param",
+            lambda o, ps, g: g.__setitem__(2, ps[0].reshape(2, 3)),
+            ValueError,
+            "shares memory",
+        ),
+        (
+            "group 1's grad is the group 2 param",
+            lambda o, ps, g: g.__setitem__(0, ps[2].ravel()),
+            ValueError,
+            "shares memory",
+        ),
+        (
+            "bad lr in group 2",
+            lambda o, ps, g: o.param_groups[1].__setitem__("lr", NAN),
+            ValueError,
+            "lr must be finite",
+        ),
+        (
+            "None in group 2, float64 in group 1",
+            lambda o, ps, g: (g.__setitem__(2, None), g.__setitem__(1, g[1].astype(np.float64))),
+            TypeError,
+            r"grads\[1\] must be a float32",
+        ),
     ]:
         opt, params = build()
         grads = good(params)

@@ -63,6 +63,7 @@ def plain_result(kind, values, grads, steps=3):
 
 # -- masked arrays: refused everywhere (finding: the C++ check accepted them) -------------------
 
+
 @pytest.mark.parametrize("kind", CLASSES)
 def test_masked_param_refused_at_construction(kind):
     with pytest.raises(TypeError, match="masked"):
@@ -103,8 +104,9 @@ def test_masked_subclass_refused():
 def test_masked_grad_in_functional_api_refused():
     p, m, v = (np.zeros(4, np.float32) for _ in range(3))
     with pytest.raises(TypeError, match="masked"):
-        ok.functional.adam_([p], [masked(np.ones(4))], [m], [v], step=[1], lr=0.1, beta1=0.9,
-                            beta2=0.999, eps=1e-8)
+        ok.functional.adam_(
+            [p], [masked(np.ones(4))], [m], [v], step=[1], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8
+        )
     assert not p.any() and not m.any() and not v.any()
 
 
@@ -122,6 +124,7 @@ def test_masked_state_refused_by_load_state_dict(name):
 
 
 # -- subclasses whose data is the whole story: updated like plain arrays -------------------------
+
 
 @pytest.mark.parametrize("kind", CLASSES)
 def test_matrix_param_updated_like_plain(kind):
@@ -192,8 +195,9 @@ def test_state_of_a_subclass_param_is_a_plain_array(kind):
             assert type(value) is np.ndarray and value.shape == (2, 3), name
 
 
-@pytest.mark.parametrize("make", [np.asmatrix, lambda a: a.view(Hooked),
-                                  lambda a: a.view(np.recarray)])
+@pytest.mark.parametrize(
+    "make", [np.asmatrix, lambda a: a.view(Hooked), lambda a: a.view(np.recarray)]
+)
 def test_subclass_state_loaded_as_plain_float32(make):
     p = np.ones((2, 2), np.float32)
     opt = ok.Adam([p])
@@ -207,6 +211,7 @@ def test_subclass_state_loaded_as_plain_float32(make):
 
 
 # -- layouts that cannot be written in place ------------------------------------------------------
+
 
 def _readonly():
     a = np.ones(4, np.float32)
@@ -227,10 +232,11 @@ LAYOUTS = {
     "transposed": (lambda: np.ones((3, 4), np.float32).T, ValueError),
     "huge-stride": (_bigstride, ValueError),
     "broadcast": (lambda: np.broadcast_to(np.ones(1, np.float32), (4,)), ValueError),
-    "byteswapped": (lambda: np.ones(4, np.dtype(">f4") if np.little_endian
-                                    else np.dtype("<f4")), TypeError),
-    "misaligned": (lambda: np.frombuffer(bytearray(20), np.float32, count=4, offset=1),
-                   ValueError),
+    "byteswapped": (
+        lambda: np.ones(4, np.dtype(">f4") if np.little_endian else np.dtype("<f4")),
+        TypeError,
+    ),
+    "misaligned": (lambda: np.frombuffer(bytearray(20), np.float32, count=4, offset=1), ValueError),
     "float64": (lambda: np.ones(4), TypeError),
     "float16": (lambda: np.ones(4, np.float16), TypeError),
     "int32": (lambda: np.ones(4, np.int32), TypeError),

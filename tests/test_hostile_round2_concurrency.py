@@ -29,6 +29,7 @@ class Sneaky:
 
 # -- lost updates (finding: the check wrote back what it had read over a newer value) -------------
 
+
 def test_lr_set_during_the_check_is_not_lost():
     p = np.zeros(4, np.float32)
     opt = ok.SGD([p], lr=0.1)
@@ -41,8 +42,10 @@ def test_lr_set_during_the_check_is_not_lost():
     assert np.allclose(p, -0.6)  # and the next one the newer value
 
 
-@pytest.mark.parametrize("key, bad", [("eps", -1.0), ("weight_decay", float("nan")),
-                                      ("betas", (2.0, 0.5)), ("amsgrad", "yes")])
+@pytest.mark.parametrize(
+    "key, bad",
+    [("eps", -1.0), ("weight_decay", float("nan")), ("betas", (2.0, 0.5)), ("amsgrad", "yes")],
+)
 def test_value_set_during_the_check_is_checked_before_use(key, bad):
     p = np.zeros(4, np.float32)
     opt = ok.Adam([p], lr=0.1)
@@ -69,6 +72,7 @@ def test_lr_set_during_add_param_group_check_is_not_lost():
 
 
 # -- a callable lr re-entering the optimizer (finding: allowed, recursed or half-applied) ----------
+
 
 def reentering(action):
     p = np.zeros(4, np.float32)
@@ -118,9 +122,11 @@ def test_callable_lr_may_read_the_optimizer(what):
     p = np.zeros(4, np.float32)
     opt = ok.Adam([p], lr=0.1)
     seen = []
-    read = {"state_dict": lambda: seen.append(opt.state_dict()["step_count"]),
-            "len": lambda: seen.append(len(opt.state)),
-            "repr": lambda: seen.append(repr(opt))}[what]
+    read = {
+        "state_dict": lambda: seen.append(opt.state_dict()["step_count"]),
+        "len": lambda: seen.append(len(opt.state)),
+        "repr": lambda: seen.append(repr(opt)),
+    }[what]
     opt.param_groups[0]["lr"] = lambda t: (read(), 0.1)[1]
     opt.step([np.ones(4, np.float32)])
     opt.step([np.ones(4, np.float32)])
@@ -157,8 +163,10 @@ def test_callable_lr_appending_a_group_behind_the_lock():
     p = np.zeros(4, np.float32)
     opt = ok.SGD([p], lr=0.1)
     extra = {"params": [np.zeros(2, np.float32)], "lr": 0.1}
-    opt.param_groups[0]["lr"] = lambda t: (opt.param_groups.append(extra)
-                                           if extra not in opt.param_groups else None, 0.1)[1]
+    opt.param_groups[0]["lr"] = lambda t: (
+        opt.param_groups.append(extra) if extra not in opt.param_groups else None,
+        0.1,
+    )[1]
     opt.step([np.ones(4, np.float32)])
     assert np.allclose(p, -0.1) and len(opt.param_groups) == 2
     with pytest.raises(ValueError, match="gradients"):
@@ -166,6 +174,7 @@ def test_callable_lr_appending_a_group_behind_the_lock():
 
 
 # -- other threads -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(autouse=True)
 def _fast_switching():
@@ -185,6 +194,7 @@ def run_threads(*fns, seconds=None):
                 fn()
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
+
         return go
 
     threads = [threading.Thread(target=wrap(fn)) for fn in fns]

@@ -49,16 +49,21 @@ def test_a_generator_is_not_consumed_by_the_refusal():
     assert list(gen) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("seq", [range(6), [1, 2, 3, 4, 5, 6], (1, 2, 3, 4, 5, 6),
-                                 [[1, 2]] * 6, np.arange(6).tolist()],
-                         ids=["range", "list", "tuple", "nested-list", "tolist"])
+@pytest.mark.parametrize(
+    "seq",
+    [range(6), [1, 2, 3, 4, 5, 6], (1, 2, 3, 4, 5, 6), [[1, 2]] * 6, np.arange(6).tolist()],
+    ids=["range", "list", "tuple", "nested-list", "tolist"],
+)
 def test_sequences_are_converted_once(seq):
     out = list(batches(seq, batch_size=4, shuffle=False))
     assert [len(b) for b in out] == [4, 2]
 
 
-@pytest.mark.parametrize("value", [5, 5.0, None, np.float32(1.0), np.array(3.0)],
-                         ids=["int", "float", "None", "np-scalar", "0-d"])
+@pytest.mark.parametrize(
+    "value",
+    [5, 5.0, None, np.float32(1.0), np.array(3.0)],
+    ids=["int", "float", "None", "np-scalar", "0-d"],
+)
 def test_scalars_refused(value):
     with pytest.raises(ValueError, match="0-d"):
         batches(value, batch_size=1)
@@ -66,8 +71,18 @@ def test_scalars_refused(value):
 
 # -- mismatched lengths ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shapes", [[(5,), (4,)], [(5, 3), (6,)], [(5,), (5,), (4, 2)],
-                                    [(0,), (1,)], [(3, 0), (2, 0)], [(1,), (2,)]])
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(5,), (4,)],
+        [(5, 3), (6,)],
+        [(5,), (5,), (4, 2)],
+        [(0,), (1,)],
+        [(3, 0), (2, 0)],
+        [(1,), (2,)],
+    ],
+)
 def test_mismatched_first_dimensions_refused(shapes):
     arrays = [np.zeros(s) for s in shapes]
     with pytest.raises(ValueError, match="same length"):
@@ -81,24 +96,32 @@ def test_no_arrays_refused():
 
 # -- seeds (finding: seed=True was taken as the int 1) ----------------------------------------------
 
-@pytest.mark.parametrize("seed", [True, False, np.bool_(True), np.bool_(False)],
-                         ids=["True", "False", "np-True", "np-False"])
+
+@pytest.mark.parametrize(
+    "seed",
+    [True, False, np.bool_(True), np.bool_(False)],
+    ids=["True", "False", "np-True", "np-False"],
+)
 def test_bool_seed_refused(seed):
     with pytest.raises(TypeError, match="seed"):
         batches(np.arange(6), batch_size=2, seed=seed)
 
 
-@pytest.mark.parametrize("seed, exc", [("abc", TypeError), (1.5, TypeError), (-1, ValueError),
-                                       (object(), TypeError)],
-                         ids=["str", "float", "negative", "object"])
+@pytest.mark.parametrize(
+    "seed, exc",
+    [("abc", TypeError), (1.5, TypeError), (-1, ValueError), (object(), TypeError)],
+    ids=["str", "float", "negative", "object"],
+)
 def test_bad_seeds_refused_at_the_call(seed, exc):
     with pytest.raises(exc):
         batches(np.arange(6), batch_size=2, seed=seed)
 
 
-@pytest.mark.parametrize("seed", [0, np.int64(7), [1, 2], (3, 4), 2**100,
-                                  np.random.SeedSequence(5)],
-                         ids=["0", "np-int", "list", "tuple", "huge", "SeedSequence"])
+@pytest.mark.parametrize(
+    "seed",
+    [0, np.int64(7), [1, 2], (3, 4), 2**100, np.random.SeedSequence(5)],
+    ids=["0", "np-int", "list", "tuple", "huge", "SeedSequence"],
+)
 def test_good_seeds_reproducible(seed):
     a = [b.tolist() for b in batches(np.arange(10), batch_size=3, seed=seed)]
     b = [b.tolist() for b in batches(np.arange(10), batch_size=3, seed=seed)]
@@ -107,12 +130,23 @@ def test_good_seeds_reproducible(seed):
 
 # -- batch sizes and counts (finding: num_batches accepted negative and float n) ------------------
 
-@pytest.mark.parametrize("size, exc", [(0, ValueError), (-1, ValueError), (1.5, TypeError),
-                                       (2.0, TypeError), ("2", TypeError), (True, TypeError),
-                                       (np.float64(2), TypeError), ([2], TypeError),
-                                       (np.bool_(True), TypeError), (-(2**70), ValueError)],
-                         ids=["0", "-1", "1.5", "2.0", "str", "bool", "np-float", "list",
-                              "np-bool", "huge-negative"])
+
+@pytest.mark.parametrize(
+    "size, exc",
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (1.5, TypeError),
+        (2.0, TypeError),
+        ("2", TypeError),
+        (True, TypeError),
+        (np.float64(2), TypeError),
+        ([2], TypeError),
+        (np.bool_(True), TypeError),
+        (-(2**70), ValueError),
+    ],
+    ids=["0", "-1", "1.5", "2.0", "str", "bool", "np-float", "list", "np-bool", "huge-negative"],
+)
 def test_bad_batch_sizes_refused(size, exc):
     with pytest.raises(exc):
         batches(np.arange(6), batch_size=size)
@@ -125,12 +159,21 @@ def test_integer_batch_sizes_of_any_kind(size):
     assert len(list(batches(np.arange(5), batch_size=size))) == num_batches(5, size)
 
 
-@pytest.mark.parametrize("n, exc", [(-1, ValueError), (-(2**70), ValueError), (5.0, TypeError),
-                                    (5.5, TypeError), ("5", TypeError), (None, TypeError),
-                                    (True, TypeError), (np.float64(5), TypeError),
-                                    ([5], TypeError)],
-                         ids=["-1", "huge-negative", "5.0", "5.5", "str", "None", "bool",
-                              "np-float", "list"])
+@pytest.mark.parametrize(
+    "n, exc",
+    [
+        (-1, ValueError),
+        (-(2**70), ValueError),
+        (5.0, TypeError),
+        (5.5, TypeError),
+        ("5", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+        (np.float64(5), TypeError),
+        ([5], TypeError),
+    ],
+    ids=["-1", "huge-negative", "5.0", "5.5", "str", "None", "bool", "np-float", "list"],
+)
 def test_num_batches_refuses_bad_row_counts(n, exc):
     with pytest.raises(exc):
         num_batches(n, 2)
@@ -163,6 +206,7 @@ def test_shuffle_and_drop_last_must_be_bools(flag):
 
 
 # -- subclass arrays ---------------------------------------------------------------------------------
+
 
 def test_masked_array_refused():
     x = np.ma.MaskedArray(np.arange(6.0), mask=[0, 1, 0, 0, 0, 0])

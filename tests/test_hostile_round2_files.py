@@ -34,6 +34,7 @@ class FakePath:
 
 # -- symbolic links ----------------------------------------------------------------------------------
 
+
 def test_save_through_a_chain_of_links_replaces_the_final_file(tmp_path):
     opt, _ = stepped()
     real = tmp_path / "real.npz"
@@ -141,11 +142,19 @@ def test_save_over_a_hard_link_replaces_only_that_name(tmp_path):
 
 # -- path objects --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [str, pathlib.Path, pathlib.PurePosixPath,
-                                  lambda p: os.fsencode(str(p)), lambda p: FakePath(str(p)),
-                                  lambda p: FakePath(os.fsencode(str(p)))],
-                         ids=["str", "Path", "PurePosixPath", "bytes", "PathLike-str",
-                              "PathLike-bytes"])
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        str,
+        pathlib.Path,
+        pathlib.PurePosixPath,
+        lambda p: os.fsencode(str(p)),
+        lambda p: FakePath(str(p)),
+        lambda p: FakePath(os.fsencode(str(p))),
+    ],
+    ids=["str", "Path", "PurePosixPath", "bytes", "PathLike-str", "PathLike-bytes"],
+)
 def test_every_path_kind_round_trips(tmp_path, make):
     opt, params = stepped()
     ok.save(opt, make(tmp_path / "c.npz"))
@@ -166,8 +175,11 @@ def test_non_utf8_bytes_path_round_trips(tmp_path):
     assert target.step_count == opt.step_count
 
 
-@pytest.mark.parametrize("junk", [None, 5, 1.5, ["a"], object(), b"x\x00y", "x\x00y"],
-                         ids=["None", "int", "float", "list", "object", "bytes-NUL", "str-NUL"])
+@pytest.mark.parametrize(
+    "junk",
+    [None, 5, 1.5, ["a"], object(), b"x\x00y", "x\x00y"],
+    ids=["None", "int", "float", "list", "object", "bytes-NUL", "str-NUL"],
+)
 def test_pathlike_returning_junk_refused(tmp_path, junk):
     opt, params = stepped()
     before = everything(opt, params)
@@ -201,8 +213,9 @@ def test_nul_in_path_is_valueerror(tmp_path, path, monkeypatch):
     assert listing(tmp_path) == []
 
 
-@pytest.mark.parametrize("path", [123, 1.0, None, ["c.npz"], object()],
-                         ids=["int", "float", "None", "list", "object"])
+@pytest.mark.parametrize(
+    "path", [123, 1.0, None, ["c.npz"], object()], ids=["int", "float", "None", "list", "object"]
+)
 def test_non_path_objects_are_typeerror(tmp_path, path):
     opt, _ = stepped()
     with pytest.raises(TypeError):
@@ -255,6 +268,7 @@ def test_save_and_load_refuse_more_devices(special):
 
 
 # -- damaged or replaced files ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("where", [0, 2, 10, 40, 0.25, 0.5, 0.75, -30, -10, -2])
 def test_one_flipped_byte_refused_or_harmless(tmp_path, where):
@@ -331,6 +345,7 @@ def test_file_truncated_while_loading_refused(tmp_path, monkeypatch):
 
 # -- zero-size arrays (finding: save raised TypeError from memoryview.cast) -----------------------
 
+
 @pytest.mark.parametrize("shape", [(0, 10), (10, 0), (0,), (2, 0, 3)])
 @pytest.mark.parametrize("kind", ["Adam", "Adagrad", "Momentum", "Adadelta"])
 def test_zero_size_arrays_saved_and_loaded(tmp_path, kind, shape):
@@ -350,8 +365,10 @@ def test_zero_size_arrays_saved_and_loaded(tmp_path, kind, shape):
 
 # -- crafted sizes in the metadata ----------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [[2**40], [2**62, 2**62], [-1], [0], [6, 4, 1], [24],
-                                   [6.0, 4.0], [True, 4], "6,4", None])
+
+@pytest.mark.parametrize(
+    "shape", [[2**40], [2**62, 2**62], [-1], [0], [6, 4, 1], [24], [6.0, 4.0], [True, 4], "6,4", None]
+)
 def test_array_spec_with_a_crafted_shape_refused(tmp_path, shape):
     path, target, params = saved(tmp_path)
 
@@ -365,8 +382,9 @@ def test_array_spec_with_a_crafted_shape_refused(tmp_path, shape):
     assert everything(target, params) == before
 
 
-@pytest.mark.parametrize("dtype", ["|O", "<c8", "<U4", "|V4", "|b1", "<M8[s]", "<f16", "f4,f4",
-                                   "(2,)f4", 5, None])
+@pytest.mark.parametrize(
+    "dtype", ["|O", "<c8", "<U4", "|V4", "|b1", "<M8[s]", "<f16", "f4,f4", "(2,)f4", 5, None]
+)
 def test_array_spec_with_a_crafted_dtype_refused(tmp_path, dtype):
     path, target, params = saved(tmp_path)
 
@@ -381,6 +399,7 @@ def test_array_spec_with_a_crafted_dtype_refused(tmp_path, dtype):
 
 
 # -- permission bits ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", [0o400, 0o444, 0o604, 0o660, 0o700, 0o755])
 def test_replaced_file_keeps_odd_permission_bits(tmp_path, mode):

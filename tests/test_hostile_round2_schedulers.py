@@ -13,8 +13,11 @@ from optkern import lr_scheduler as S
 
 
 def opt2(lr=0.1):
-    return ok.SGD([{"params": [np.ones(3, np.float32)]},
-                   {"params": [np.ones(2, np.float32)], "lr": 0.01}], lr=lr, momentum=0.9)
+    return ok.SGD(
+        [{"params": [np.ones(3, np.float32)]}, {"params": [np.ones(2, np.float32)], "lr": 0.01}],
+        lr=lr,
+        momentum=0.9,
+    )
 
 
 def groups(opt):
@@ -33,18 +36,28 @@ def refused_at_construction(make, exc=(TypeError, ValueError)):
     assert groups(opt) == before  # no initial_lr left behind, lrs untouched
 
 
-BAD_REALS = {"nan": math.nan, "inf": math.inf, "neg": -0.5, "bool": True, "str": "0.5",
-             "none": None, "complex": 0.5j, "huge": 1e39, "list": [0.5], "array": np.ones(2)}
+BAD_REALS = {
+    "nan": math.nan,
+    "inf": math.inf,
+    "neg": -0.5,
+    "bool": True,
+    "str": "0.5",
+    "none": None,
+    "complex": 0.5j,
+    "huge": 1e39,
+    "list": [0.5],
+    "array": np.ones(2),
+}
 
 CTORS = {
-    "StepLR.gamma": lambda v: (lambda o: S.StepLR(o, 2, gamma=v)),
-    "MultiStepLR.gamma": lambda v: (lambda o: S.MultiStepLR(o, [1, 2], gamma=v)),
-    "ExponentialLR.gamma": lambda v: (lambda o: S.ExponentialLR(o, gamma=v)),
-    "CosineAnnealingLR.T_max": lambda v: (lambda o: S.CosineAnnealingLR(o, T_max=v)),
-    "CosineAnnealingLR.eta_min": lambda v: (lambda o: S.CosineAnnealingLR(o, 5, eta_min=v)),
-    "LinearLR.start_factor": lambda v: (lambda o: S.LinearLR(o, start_factor=v)),
-    "OneCycleLR.max_lr": lambda v: (lambda o: S.OneCycleLR(o, max_lr=v, total_steps=10)),
-    "ReduceLROnPlateau.threshold": lambda v: (lambda o: S.ReduceLROnPlateau(o, threshold=v)),
+    "StepLR.gamma": lambda v: lambda o: S.StepLR(o, 2, gamma=v),
+    "MultiStepLR.gamma": lambda v: lambda o: S.MultiStepLR(o, [1, 2], gamma=v),
+    "ExponentialLR.gamma": lambda v: lambda o: S.ExponentialLR(o, gamma=v),
+    "CosineAnnealingLR.T_max": lambda v: lambda o: S.CosineAnnealingLR(o, T_max=v),
+    "CosineAnnealingLR.eta_min": lambda v: lambda o: S.CosineAnnealingLR(o, 5, eta_min=v),
+    "LinearLR.start_factor": lambda v: lambda o: S.LinearLR(o, start_factor=v),
+    "OneCycleLR.max_lr": lambda v: lambda o: S.OneCycleLR(o, max_lr=v, total_steps=10),
+    "ReduceLROnPlateau.threshold": lambda v: lambda o: S.ReduceLROnPlateau(o, threshold=v),
 }
 
 
@@ -54,28 +67,41 @@ def test_nonsense_real_arguments_refused(ctor, value):
     refused_at_construction(CTORS[ctor](BAD_REALS[value]))
 
 
-@pytest.mark.parametrize("make", [
-    lambda o: S.StepLR(o, step_size=0), lambda o: S.StepLR(o, step_size=-2),
-    lambda o: S.StepLR(o, step_size=2.0), lambda o: S.StepLR(o, step_size=True),
-    lambda o: S.StepLR(o, step_size="2"), lambda o: S.CosineAnnealingLR(o, T_max=0),
-    lambda o: S.CosineAnnealingLR(o, T_max=-3), lambda o: S.LinearLR(o, total_iters=0),
-    lambda o: S.LinearLR(o, end_factor=1.5), lambda o: S.LinearLR(o, start_factor=0),
-    lambda o: S.OneCycleLR(o, max_lr=1.0), lambda o: S.OneCycleLR(o, 1.0, total_steps=0),
-    lambda o: S.OneCycleLR(o, 1.0, total_steps=10, pct_start=1.5),
-    lambda o: S.OneCycleLR(o, 1.0, total_steps=10, anneal_strategy="cubic"),
-    lambda o: S.OneCycleLR(o, [1.0], total_steps=10),
-    lambda o: S.OneCycleLR(o, 1.0, epochs=2, steps_per_epoch=0),
-    lambda o: S.ReduceLROnPlateau(o, mode="median"), lambda o: S.ReduceLROnPlateau(o, factor=1.0),
-    lambda o: S.ReduceLROnPlateau(o, factor=-0.1), lambda o: S.ReduceLROnPlateau(o, patience=-1),
-    lambda o: S.ReduceLROnPlateau(o, threshold_mode="pct"),
-    lambda o: S.ReduceLROnPlateau(o, min_lr=[0.1]), lambda o: S.ReduceLROnPlateau(o, cooldown=1.5),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o: S.StepLR(o, step_size=0),
+        lambda o: S.StepLR(o, step_size=-2),
+        lambda o: S.StepLR(o, step_size=2.0),
+        lambda o: S.StepLR(o, step_size=True),
+        lambda o: S.StepLR(o, step_size="2"),
+        lambda o: S.CosineAnnealingLR(o, T_max=0),
+        lambda o: S.CosineAnnealingLR(o, T_max=-3),
+        lambda o: S.LinearLR(o, total_iters=0),
+        lambda o: S.LinearLR(o, end_factor=1.5),
+        lambda o: S.LinearLR(o, start_factor=0),
+        lambda o: S.OneCycleLR(o, max_lr=1.0),
+        lambda o: S.OneCycleLR(o, 1.0, total_steps=0),
+        lambda o: S.OneCycleLR(o, 1.0, total_steps=10, pct_start=1.5),
+        lambda o: S.OneCycleLR(o, 1.0, total_steps=10, anneal_strategy="cubic"),
+        lambda o: S.OneCycleLR(o, [1.0], total_steps=10),
+        lambda o: S.OneCycleLR(o, 1.0, epochs=2, steps_per_epoch=0),
+        lambda o: S.ReduceLROnPlateau(o, mode="median"),
+        lambda o: S.ReduceLROnPlateau(o, factor=1.0),
+        lambda o: S.ReduceLROnPlateau(o, factor=-0.1),
+        lambda o: S.ReduceLROnPlateau(o, patience=-1),
+        lambda o: S.ReduceLROnPlateau(o, threshold_mode="pct"),
+        lambda o: S.ReduceLROnPlateau(o, min_lr=[0.1]),
+        lambda o: S.ReduceLROnPlateau(o, cooldown=1.5),
+    ],
+)
 def test_nonsense_construction_refused(make):
     refused_at_construction(make)
 
 
-@pytest.mark.parametrize("milestones", [[3, 1], [-1, 2], [1.0, 2], [True], "12", {1: 2}, None,
-                                        [1, "2"], 5])
+@pytest.mark.parametrize(
+    "milestones", [[3, 1], [-1, 2], [1.0, 2], [True], "12", {1: 2}, None, [1, "2"], 5]
+)
 def test_nonsense_milestones_refused(milestones):
     refused_at_construction(lambda o: S.MultiStepLR(o, milestones))
 
@@ -90,11 +116,11 @@ def test_repeated_milestones_decay_twice_like_torch():
 
 # -- last_epoch (finding: unbounded) -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("last_epoch", [2**53 + 1, 2**63, 10**30, -2, -(2**70)])
 @pytest.mark.parametrize("cls", ["StepLR", "ExponentialLR", "CosineAnnealingLR", "LinearLR"])
 def test_last_epoch_out_of_range_refused(cls, last_epoch):
-    args = {"StepLR": (2,), "ExponentialLR": (0.5,), "CosineAnnealingLR": (5,),
-            "LinearLR": ()}[cls]
+    args = {"StepLR": (2,), "ExponentialLR": (0.5,), "CosineAnnealingLR": (5,), "LinearLR": ()}[cls]
 
     def make(o):
         for g in o.param_groups:
@@ -122,9 +148,19 @@ def test_last_epoch_at_the_bound_works(cls):
 
 # -- lambdas returning junk or raising (finding: lrs written before they were checked) ------------
 
-JUNK = {"str": "x", "none": None, "nan": math.nan, "inf": math.inf,
-        "complex": 1j, "list": [1.0], "array": np.ones(2), "huge": 1e300, "bool": True,
-        "str-array": np.array("0.5"), "object-array": np.array(0.5, dtype=object)}
+JUNK = {
+    "str": "x",
+    "none": None,
+    "nan": math.nan,
+    "inf": math.inf,
+    "complex": 1j,
+    "list": [1.0],
+    "array": np.ones(2),
+    "huge": 1e300,
+    "bool": True,
+    "str-array": np.array("0.5"),
+    "object-array": np.array(0.5, dtype=object),
+}
 
 
 @pytest.mark.parametrize("junk", JUNK)
@@ -217,6 +253,7 @@ def test_chainable_lr_overflow_refused_before_writing():
 
 # -- load_state_dict (finding: foreign attributes accepted, not atomic) ----------------------------
 
+
 def stepped_steplr():
     opt = opt2()
     s = S.StepLR(opt, 2, gamma=0.5)
@@ -273,11 +310,15 @@ def test_state_dict_whose_keys_are_a_subset_loads():
     assert s.gamma == 0.5 and s.last_epoch == 0 and s.step_size == 2
 
 
-@pytest.mark.parametrize("other", [
-    lambda o: S.CosineAnnealingLR(o, 5),
-    lambda o: S.LinearLR(o), lambda o: S.OneCycleLR(o, 1.0, total_steps=10),
-    lambda o: S.MultiStepLR(o, [1]),
-])
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda o: S.CosineAnnealingLR(o, 5),
+        lambda o: S.LinearLR(o),
+        lambda o: S.OneCycleLR(o, 1.0, total_steps=10),
+        lambda o: S.MultiStepLR(o, [1]),
+    ],
+)
 def test_state_dict_of_another_scheduler_class_refused(other):
     sd = other(opt2()).state_dict()
     opt, s = stepped_steplr()
@@ -304,8 +345,15 @@ def test_ints_accepted_where_floats_are_stored():
     assert s.gamma == 1 and s.base_lrs == [1, 0]
 
 
-@pytest.mark.parametrize("bad", [{"lr_lambdas": "x"}, {"lr_lambdas": [1, 2]},
-                                 {"lr_lambdas": [None, None, None]}, {"lr_lambdas": [{1: 2}]}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"lr_lambdas": "x"},
+        {"lr_lambdas": [1, 2]},
+        {"lr_lambdas": [None, None, None]},
+        {"lr_lambdas": [{1: 2}]},
+    ],
+)
 def test_lambdalr_bad_saved_lambdas_refused(bad):
     class Scale:
         def __init__(self):
@@ -326,10 +374,19 @@ def test_lambdalr_bad_saved_lambdas_refused(bad):
     assert sched_state(s) == before and [f.k for f in fns] == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("bad", [{"mode": "median"}, {"threshold_mode": "pct"},
-                                 {"factor": -1.0}, {"min_lrs": [math.nan, 0.0]},
-                                 {"best": "low"}, {"num_bad_epochs": 1.5}, {"eps": "x"},
-                                 {"cooldown_counter": None}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"mode": "median"},
+        {"threshold_mode": "pct"},
+        {"factor": -1.0},
+        {"min_lrs": [math.nan, 0.0]},
+        {"best": "low"},
+        {"num_bad_epochs": 1.5},
+        {"eps": "x"},
+        {"cooldown_counter": None},
+    ],
+)
 def test_plateau_bad_state_dict_refused_atomically(bad):
     opt = opt2()
     s = S.ReduceLROnPlateau(opt, patience=1)
@@ -345,6 +402,7 @@ def test_plateau_bad_state_dict_refused_atomically(bad):
 
 # -- SequentialLR ------------------------------------------------------------------------------------
 
+
 def test_sequential_with_a_plateau_child_refused():
     opt = opt2()
     refused = [S.ExponentialLR(opt, 0.5), S.ReduceLROnPlateau(opt)]
@@ -352,14 +410,19 @@ def test_sequential_with_a_plateau_child_refused():
         S.SequentialLR(opt, refused, [2])
 
 
-@pytest.mark.parametrize("children", ["none", "empty", "not-scheduler", "other-optimizer",
-                                      "tuple-of-one-scheduler"])
+@pytest.mark.parametrize(
+    "children", ["none", "empty", "not-scheduler", "other-optimizer", "tuple-of-one-scheduler"]
+)
 def test_sequential_with_odd_children_refused(children):
     opt = opt2()
     a = S.ExponentialLR(opt, 0.5)
-    kids = {"none": None, "empty": [], "not-scheduler": [a, 3],
-            "other-optimizer": [a, S.ExponentialLR(opt2(), 0.5)],
-            "tuple-of-one-scheduler": a}[children]
+    kids = {
+        "none": None,
+        "empty": [],
+        "not-scheduler": [a, 3],
+        "other-optimizer": [a, S.ExponentialLR(opt2(), 0.5)],
+        "tuple-of-one-scheduler": a,
+    }[children]
     with pytest.raises((TypeError, ValueError)):
         S.SequentialLR(opt, kids, [2])
 
@@ -411,12 +474,42 @@ def test_sequential_load_with_bad_children_list_refused(bad):
 
 # -- ReduceLROnPlateau metrics (finding: non-real metrics accepted) -----------------------------------
 
-@pytest.mark.parametrize("metric", ["1.0", b"1", True, np.bool_(False), 1j, None, [1.0],
-                                    np.array([1.0]), np.ones((1, 1)), {"loss": 1.0}, object(),
-                                    np.array("1.0"), np.array(b"1.0"), np.array(1.0, object)],
-                         ids=["str", "bytes", "bool", "np-bool", "complex", "None", "list",
-                              "array-1", "array-1x1", "dict", "object", "array-str",
-                              "array-bytes", "array-object"])
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        "1.0",
+        b"1",
+        True,
+        np.bool_(False),
+        1j,
+        None,
+        [1.0],
+        np.array([1.0]),
+        np.ones((1, 1)),
+        {"loss": 1.0},
+        object(),
+        np.array("1.0"),
+        np.array(b"1.0"),
+        np.array(1.0, object),
+    ],
+    ids=[
+        "str",
+        "bytes",
+        "bool",
+        "np-bool",
+        "complex",
+        "None",
+        "list",
+        "array-1",
+        "array-1x1",
+        "dict",
+        "object",
+        "array-str",
+        "array-bytes",
+        "array-object",
+    ],
+)
 def test_plateau_refuses_non_real_metrics(metric):
     opt = opt2()
     s = S.ReduceLROnPlateau(opt, patience=0)
@@ -427,8 +520,7 @@ def test_plateau_refuses_non_real_metrics(metric):
     assert sched_state(s) == before and groups(opt) == before_groups
 
 
-@pytest.mark.parametrize("metric", [np.float32(2.0), np.float64(2.0), np.array(2.0), 2,
-                                    np.int64(2)])
+@pytest.mark.parametrize("metric", [np.float32(2.0), np.float64(2.0), np.array(2.0), 2, np.int64(2)])
 def test_plateau_takes_real_scalars(metric):
     opt = opt2()
     s = S.ReduceLROnPlateau(opt, patience=0, factor=0.5)
@@ -452,6 +544,7 @@ def test_plateau_nonfinite_metrics_behave_as_torch(metric):
 
 # -- partial updates when a step fails (findings) ---------------------------------------------------
 
+
 def test_one_cycle_writes_no_momentum_when_an_lr_is_refused():
     """Regression: OneCycleLR wrote each group's momentum while computing the lrs, so a refused
     lr (a group's max_lr set to NaN) left group 0's momentum changed."""
@@ -466,8 +559,11 @@ def test_one_cycle_writes_no_momentum_when_an_lr_is_refused():
 
 @pytest.mark.parametrize("use_betas", [False, True])
 def test_one_cycle_still_cycles_momentum(use_betas):
-    opt = (ok.Adam([np.ones(2, np.float32)], lr=0.1) if use_betas
-           else ok.SGD([np.ones(2, np.float32)], lr=0.1, momentum=0.9))
+    opt = (
+        ok.Adam([np.ones(2, np.float32)], lr=0.1)
+        if use_betas
+        else ok.SGD([np.ones(2, np.float32)], lr=0.1, momentum=0.9)
+    )
     s = S.OneCycleLR(opt, 1.0, total_steps=10)
     seen = []
     for _ in range(9):

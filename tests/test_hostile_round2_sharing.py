@@ -41,8 +41,12 @@ def mmap_buf(n):
     return mmap.mmap(-1, n)
 
 
-BUFFERS = {"bytearray": bytearray_buf, "ctypes": ctypes_buf, "memoryview": memoryview_buf,
-           "anonymous-mmap": mmap_buf}
+BUFFERS = {
+    "bytearray": bytearray_buf,
+    "ctypes": ctypes_buf,
+    "memoryview": memoryview_buf,
+    "anonymous-mmap": mmap_buf,
+}
 
 
 @pytest.mark.parametrize("source", BUFFERS)

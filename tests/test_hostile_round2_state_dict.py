@@ -37,6 +37,7 @@ def edit(fn):
         sd = opt.state_dict()
         fn(sd)
         return sd
+
     return make
 
 
@@ -77,8 +78,7 @@ BAD_IDS = {
     "params-int": (lambda sd: sd["param_groups"][0].update(params=2), TypeError),
     "params-none": (lambda sd: sd["param_groups"][0].update(params=None), TypeError),
     "params-set": (lambda sd: sd["param_groups"][0].update(params={0, 1}), TypeError),
-    "params-gen": (lambda sd: sd["param_groups"][0].update(params=(i for i in range(2))),
-                   TypeError),
+    "params-gen": (lambda sd: sd["param_groups"][0].update(params=(i for i in range(2))), TypeError),
     "state-key-str": (lambda sd: sd.update(state={"0": sd["state"][0]}), TypeError),
     "state-key-float": (lambda sd: sd.update(state={0.0: sd["state"][0]}), TypeError),
     "state-key-none": (lambda sd: sd.update(state={None: sd["state"][0]}), TypeError),
@@ -152,24 +152,41 @@ def test_malformed_structure_refused(case):
 # -- hyperparameters in the groups -----------------------------------------------------------------
 
 HYPER = {
-    "lr-nan": ("lr", math.nan), "lr-inf": ("lr", math.inf), "lr-neg": ("lr", -0.1),
-    "lr-str": ("lr", "0.1"), "lr-bool": ("lr", True), "lr-none": ("lr", None),
-    "lr-list": ("lr", [0.1]), "lr-beyond-f32": ("lr", 1e39), "lr-complex": ("lr", 0.1j),
-    "lr-array": ("lr", np.array([0.1])), "lr-huge-int": ("lr", 10**400),
-    "betas-short": ("betas", (0.9,)), "betas-long": ("betas", (0.9, 0.99, 0.5)),
-    "betas-str": ("betas", "ab"), "betas-nan": ("betas", (math.nan, 0.999)),
-    "betas-above-1": ("betas", (1.5, 0.999)), "betas-none": ("betas", None),
-    "eps-neg": ("eps", -1e-8), "eps-str": ("eps", "1e-8"),
-    "weight_decay-neg": ("weight_decay", -1.0), "amsgrad-str": ("amsgrad", "yes"),
-    "amsgrad-int": ("amsgrad", 2), "maximize-str": ("maximize", "False"),
+    "lr-nan": ("lr", math.nan),
+    "lr-inf": ("lr", math.inf),
+    "lr-neg": ("lr", -0.1),
+    "lr-str": ("lr", "0.1"),
+    "lr-bool": ("lr", True),
+    "lr-none": ("lr", None),
+    "lr-list": ("lr", [0.1]),
+    "lr-beyond-f32": ("lr", 1e39),
+    "lr-complex": ("lr", 0.1j),
+    "lr-array": ("lr", np.array([0.1])),
+    "lr-huge-int": ("lr", 10**400),
+    "betas-short": ("betas", (0.9,)),
+    "betas-long": ("betas", (0.9, 0.99, 0.5)),
+    "betas-str": ("betas", "ab"),
+    "betas-nan": ("betas", (math.nan, 0.999)),
+    "betas-above-1": ("betas", (1.5, 0.999)),
+    "betas-none": ("betas", None),
+    "eps-neg": ("eps", -1e-8),
+    "eps-str": ("eps", "1e-8"),
+    "weight_decay-neg": ("weight_decay", -1.0),
+    "amsgrad-str": ("amsgrad", "yes"),
+    "amsgrad-int": ("amsgrad", 2),
+    "maximize-str": ("maximize", "False"),
     "maximize-none": ("maximize", None),
-    "lr-str-array": ("lr", np.array("0.1")), "lr-bytes-array": ("lr", np.array(b"0.1")),
+    "lr-str-array": ("lr", np.array("0.1")),
+    "lr-bytes-array": ("lr", np.array(b"0.1")),
     "lr-object-array": ("lr", np.array(0.1, dtype=object)),
 }
 
 
-@pytest.mark.parametrize("value", [np.array("0.1"), np.array(b"0.1"), np.array(0.1, object),
-                                   np.array("nan")], ids=["str", "bytes", "object", "str-nan"])
+@pytest.mark.parametrize(
+    "value",
+    [np.array("0.1"), np.array(b"0.1"), np.array(0.1, object), np.array("nan")],
+    ids=["str", "bytes", "object", "str-nan"],
+)
 @pytest.mark.parametrize("kind", ["SGD", "Adam", "RMSprop"])
 def test_zero_d_non_numeric_arrays_are_not_real_scalars(kind, value):
     """Finding: as_real took any 0-d array with __float__, and float() parses a 0-d string
@@ -196,22 +213,32 @@ def test_real_scalars_as_loaded_hyperparameters_become_floats():
 
 # -- nesting (finding: RecursionError instead of ValueError) ----------------------------------------
 
-NESTED = {"list-65": deep(65), "list-10000": deep(10_000), "list-200000": deep(200_000),
-          "dict-100": deep_dict(100), "dict-50000": deep_dict(50_000), "cycle": cyclic()}
+NESTED = {
+    "list-65": deep(65),
+    "list-10000": deep(10_000),
+    "list-200000": deep(200_000),
+    "dict-100": deep_dict(100),
+    "dict-50000": deep_dict(50_000),
+    "cycle": cyclic(),
+}
 
 
 @pytest.mark.parametrize("case", NESTED)
 def test_deeply_nested_group_value_refused(case):
     value = NESTED[case]
-    check_refused(edit(lambda sd: sd["param_groups"][0].__setitem__("extra", value)), ValueError,
-                  match="levels deep")
+    check_refused(
+        edit(lambda sd: sd["param_groups"][0].__setitem__("extra", value)),
+        ValueError,
+        match="levels deep",
+    )
 
 
 @pytest.mark.parametrize("case", NESTED)
 def test_deeply_nested_state_value_refused(case):
     value = NESTED[case]
-    check_refused(edit(lambda sd: sd["state"][0].__setitem__("note", value)), ValueError,
-                  match="levels deep")
+    check_refused(
+        edit(lambda sd: sd["state"][0].__setitem__("note", value)), ValueError, match="levels deep"
+    )
 
 
 @pytest.mark.parametrize("case", ["list-65", "list-10000", "dict-100", "cycle"])
@@ -237,8 +264,7 @@ VALUES = {
     "beyond-f32-f64": (lambda: np.full(4, 1e39), ValueError),
     "beyond-f32-neg": (lambda: np.full(4, -1e300), ValueError),
     "beyond-f32-one": (lambda: np.array([0.0, 0.0, 0.0, 3.5e38]), ValueError),
-    "beyond-f32-int": (lambda: np.full(4, 2**63 - 1, np.int64) * 0 + np.iinfo(np.int64).max,
-                       None),
+    "beyond-f32-int": (lambda: np.full(4, 2**63 - 1, np.int64) * 0 + np.iinfo(np.int64).max, None),
     "beyond-f32-list": (lambda: [0.0, 0.0, 1e300, 0.0], ValueError),
     "wrong-shape": (lambda: np.ones(5, np.float32), ValueError),
     "wrong-ndim": (lambda: np.ones((4, 1), np.float32), ValueError),
@@ -272,8 +298,9 @@ def test_nonfinite_state_loads_as_torch_does(value):
     sd = opt.state_dict()
     sd["state"][0]["exp_avg"] = np.full(4, value)
     opt.load_state_dict(sd)
-    assert np.array_equal(opt.state[params[0]]["exp_avg"], np.full(4, value, np.float32),
-                          equal_nan=True)
+    assert np.array_equal(
+        opt.state[params[0]]["exp_avg"], np.full(4, value, np.float32), equal_nan=True
+    )
 
 
 def test_negative_exp_avg_sq_loads_as_torch_does():
@@ -286,8 +313,18 @@ def test_negative_exp_avg_sq_loads_as_torch_does():
     assert np.all(opt.state[params[0]]["exp_avg_sq"] == -1.0)
 
 
-STEPS = {"bool": True, "str": "2", "float-frac": 2.5, "nan": math.nan, "neg": -1,
-         "huge": 2**64, "list": [2], "none-needed": None, "complex": 2j, "bytes": b"2"}
+STEPS = {
+    "bool": True,
+    "str": "2",
+    "float-frac": 2.5,
+    "nan": math.nan,
+    "neg": -1,
+    "huge": 2**64,
+    "list": [2],
+    "none-needed": None,
+    "complex": 2j,
+    "bytes": b"2",
+}
 
 
 @pytest.mark.parametrize("case", STEPS)
@@ -344,11 +381,22 @@ def test_loaded_dict_is_copied_not_kept():
 
 # -- the step_count setter (finding: int() of anything) ----------------------------------------------
 
-@pytest.mark.parametrize("value, exc", [("3", TypeError), (3.7, ValueError), (True, TypeError),
-                                        (-5, ValueError), (2**70, ValueError), (2**53 + 1, ValueError),
-                                        (math.nan, ValueError), (None, TypeError), ([3], TypeError)],
-                         ids=["str", "fraction", "bool", "negative", "2**70", "2**53+1", "nan",
-                              "None", "list"])
+
+@pytest.mark.parametrize(
+    "value, exc",
+    [
+        ("3", TypeError),
+        (3.7, ValueError),
+        (True, TypeError),
+        (-5, ValueError),
+        (2**70, ValueError),
+        (2**53 + 1, ValueError),
+        (math.nan, ValueError),
+        (None, TypeError),
+        ([3], TypeError),
+    ],
+    ids=["str", "fraction", "bool", "negative", "2**70", "2**53+1", "nan", "None", "list"],
+)
 def test_step_count_setter_refuses_what_a_load_refuses(value, exc):
     """Regression: ``opt.step_count = "3"`` (or 3.7, True, -5, 2**70) was stored as int(value)
     and the next step ran with that count."""
@@ -367,12 +415,21 @@ def test_step_count_setter_takes_whole_numbers(value):
 
 # -- state set by hand (findings: junk reached the step as AttributeError or a wrong count) ------
 
-@pytest.mark.parametrize("state, exc", [("junk", TypeError), (None, TypeError), ([1], TypeError),
-                                        ({"step": True}, TypeError), ({"step": "3"}, TypeError),
-                                        ({"step": 2**63}, ValueError), ({"step": -1}, ValueError),
-                                        ({"step": 1.5}, ValueError)],
-                         ids=["str", "None", "list", "step-True", "step-str", "step-2**63",
-                              "step-neg", "step-fraction"])
+
+@pytest.mark.parametrize(
+    "state, exc",
+    [
+        ("junk", TypeError),
+        (None, TypeError),
+        ([1], TypeError),
+        ({"step": True}, TypeError),
+        ({"step": "3"}, TypeError),
+        ({"step": 2**63}, ValueError),
+        ({"step": -1}, ValueError),
+        ({"step": 1.5}, ValueError),
+    ],
+    ids=["str", "None", "list", "step-True", "step-str", "step-2**63", "step-neg", "step-fraction"],
+)
 def test_state_set_by_hand_is_checked_when_set(state, exc):
     """Regression: ``opt.state[p] = "junk"`` made the next step raise AttributeError, and a
     step count of True was taken as 1 (True + 1 == 2)."""

@@ -51,29 +51,55 @@ def linear(base, t, start, end, total):
 # Each case: a scheduler built on an optimizer, the number of steps to run, and lr(base_lr, t) from
 # the closed form.
 CASES = {
-    "LambdaLR": (lambda o: S.LambdaLR(o, lambda t: 0.95 ** t * (1 + t % 3)), 12,
-                 lambda b, t: b * 0.95 ** t * (1 + t % 3)),
-    "StepLR": (lambda o: S.StepLR(o, step_size=3, gamma=0.5), 14,
-               lambda b, t: b * 0.5 ** (t // 3)),
-    "MultiStepLR": (lambda o: S.MultiStepLR(o, milestones=[2, 5, 5, 9], gamma=0.1), 12,
-                    lambda b, t: b * 0.1 ** sum(m <= t for m in [2, 5, 5, 9])),
-    "ExponentialLR": (lambda o: S.ExponentialLR(o, gamma=0.9), 30, lambda b, t: b * 0.9 ** t),
-    "CosineAnnealingLR": (lambda o: S.CosineAnnealingLR(o, T_max=7, eta_min=0.001), 40,
-                          lambda b, t: cosine(b, t, 7, 0.001)),
-    "LinearLR-warmup": (lambda o: S.LinearLR(o, start_factor=0.25, total_iters=4), 10,
-                        lambda b, t: linear(b, t, 0.25, 1.0, 4)),
-    "LinearLR-decay": (lambda o: S.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=6), 10,
-                       lambda b, t: linear(b, t, 1.0, 0.1, 6)),
-    "SequentialLR": (lambda o: S.SequentialLR(o, [S.LinearLR(o, start_factor=0.1, total_iters=4),
-                                                  S.CosineAnnealingLR(o, T_max=10)], milestones=[5]),
-                     20, lambda b, t: (linear(b, t, 0.1, 1.0, 4) if t < 5
-                                       else cosine(b, t - 5, 10, 0))),
-    "SequentialLR-3": (lambda o: S.SequentialLR(o, [S.ExponentialLR(o, gamma=0.9),
-                                                    S.StepLR(o, step_size=2, gamma=0.5),
-                                                    S.LambdaLR(o, lambda t: 1 / (t + 1))],
-                                                milestones=[3, 7]), 12,
-                       lambda b, t: (b * 0.9 ** t if t < 3 else b * 0.5 ** ((t - 3) // 2) if t < 7
-                                     else b / (t - 7 + 1))),
+    "LambdaLR": (
+        lambda o: S.LambdaLR(o, lambda t: 0.95**t * (1 + t % 3)),
+        12,
+        lambda b, t: b * 0.95**t * (1 + t % 3),
+    ),
+    "StepLR": (lambda o: S.StepLR(o, step_size=3, gamma=0.5), 14, lambda b, t: b * 0.5 ** (t // 3)),
+    "MultiStepLR": (
+        lambda o: S.MultiStepLR(o, milestones=[2, 5, 5, 9], gamma=0.1),
+        12,
+        lambda b, t: b * 0.1 ** sum(m <= t for m in [2, 5, 5, 9]),
+    ),
+    "ExponentialLR": (lambda o: S.ExponentialLR(o, gamma=0.9), 30, lambda b, t: b * 0.9**t),
+    "CosineAnnealingLR": (
+        lambda o: S.CosineAnnealingLR(o, T_max=7, eta_min=0.001),
+        40,
+        lambda b, t: cosine(b, t, 7, 0.001),
+    ),
+    "LinearLR-warmup": (
+        lambda o: S.LinearLR(o, start_factor=0.25, total_iters=4),
+        10,
+        lambda b, t: linear(b, t, 0.25, 1.0, 4),
+    ),
+    "LinearLR-decay": (
+        lambda o: S.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=6),
+        10,
+        lambda b, t: linear(b, t, 1.0, 0.1, 6),
+    ),
+    "SequentialLR": (
+        lambda o: S.SequentialLR(
+            o,
+            [S.LinearLR(o, start_factor=0.1, total_iters=4), S.CosineAnnealingLR(o, T_max=10)],
+            milestones=[5],
+        ),
+        20,
+        lambda b, t: linear(b, t, 0.1, 1.0, 4) if t < 5 else cosine(b, t - 5, 10, 0),
+    ),
+    "SequentialLR-3": (
+        lambda o: S.SequentialLR(
+            o,
+            [
+                S.ExponentialLR(o, gamma=0.9),
+                S.StepLR(o, step_size=2, gamma=0.5),
+                S.LambdaLR(o, lambda t: 1 / (t + 1)),
+            ],
+            milestones=[3, 7],
+        ),
+        12,
+        lambda b, t: b * 0.9**t if t < 3 else b * 0.5 ** ((t - 3) // 2) if t < 7 else b / (t - 7 + 1),
+    ),
 }
 
 
@@ -101,8 +127,10 @@ def test_hand_computed_numbers():
     assert_close(run(lambda o: S.LinearLR(o), 7), [0.1, 0.14, 0.18, 0.22, 0.26, 0.3, 0.3, 0.3])
     # cosine over 4 steps: (1 + cos(pi t / 4)) / 2 = 1, (2 + sqrt 2) / 4, 1/2, (2 - sqrt 2) / 4, 0
     r = math.sqrt(2)
-    assert_close(run(lambda o: S.CosineAnnealingLR(o, T_max=4), 8, lr=1.0),
-                 [1, (2 + r) / 4, 0.5, (2 - r) / 4, 0, (2 - r) / 4, 0.5, (2 + r) / 4, 1])
+    assert_close(
+        run(lambda o: S.CosineAnnealingLR(o, T_max=4), 8, lr=1.0),
+        [1, (2 + r) / 4, 0.5, (2 - r) / 4, 0, (2 - r) / 4, 0.5, (2 + r) / 4, 1],
+    )
 
 
 def test_one_cycle_hand_computed_linear():
@@ -128,15 +156,28 @@ def test_one_cycle_hand_computed_linear():
     assert (g["max_momentum"], g["base_momentum"]) == (0.95, 0.85)
 
 
-def one_cycle_ref(t, max_lr, total, pct, div=25.0, final_div=1e4, cos=True, three_phase=False,
-                  m_max=0.95, m_base=0.85):
+def one_cycle_ref(
+    t,
+    max_lr,
+    total,
+    pct,
+    div=25.0,
+    final_div=1e4,
+    cos=True,
+    three_phase=False,
+    m_max=0.95,
+    m_base=0.85,
+):
     """(lr, momentum) of the 1cycle policy at step t, written out phase by phase."""
     lo = max_lr / div
     end = lo / final_div
     w = pct * total - 1  # last step of the warm-up
     if three_phase:
-        phases = [(0, w, lo, max_lr, m_max, m_base), (w, 2 * w, max_lr, lo, m_base, m_max),
-                  (2 * w, total - 1, lo, end, m_max, m_max)]
+        phases = [
+            (0, w, lo, max_lr, m_max, m_base),
+            (w, 2 * w, max_lr, lo, m_base, m_max),
+            (2 * w, total - 1, lo, end, m_max, m_max),
+        ]
     else:
         phases = [(0, w, lo, max_lr, m_max, m_base), (w, total - 1, max_lr, end, m_base, m_max)]
     s, e, a, b, ma, mb = next((p for p in phases if t <= p[1]), phases[-1])
@@ -149,17 +190,28 @@ def one_cycle_ref(t, max_lr, total, pct, div=25.0, final_div=1e4, cos=True, thre
 @pytest.mark.parametrize("three_phase", [False, True])
 def test_one_cycle_closed_form_two_groups(cos, three_phase):
     total, pct = 40, 0.25
-    opt = ok.Adam([{"params": [np.zeros(2, np.float32)]}, {"params": [np.zeros(2, np.float32)]}],
-                  lr=1e-3, betas=(0.9, 0.99))
-    sched = S.OneCycleLR(opt, max_lr=[0.5, 0.2], total_steps=total, pct_start=pct,
-                         anneal_strategy="cos" if cos else "linear", three_phase=three_phase,
-                         base_momentum=[0.8, 0.85], max_momentum=0.9)
+    opt = ok.Adam(
+        [{"params": [np.zeros(2, np.float32)]}, {"params": [np.zeros(2, np.float32)]}],
+        lr=1e-3,
+        betas=(0.9, 0.99),
+    )
+    sched = S.OneCycleLR(
+        opt,
+        max_lr=[0.5, 0.2],
+        total_steps=total,
+        pct_start=pct,
+        anneal_strategy="cos" if cos else "linear",
+        three_phase=three_phase,
+        base_momentum=[0.8, 0.85],
+        max_momentum=0.9,
+    )
     for t in range(total):
         if t:
             sched.step()
         for i, (max_lr, m_base) in enumerate([(0.5, 0.8), (0.2, 0.85)]):
-            lr, m = one_cycle_ref(t, max_lr, total, pct, cos=cos, three_phase=three_phase,
-                                  m_max=0.9, m_base=m_base)
+            lr, m = one_cycle_ref(
+                t, max_lr, total, pct, cos=cos, three_phase=three_phase, m_max=0.9, m_base=m_base
+            )
             g = opt.param_groups[i]
             assert g["lr"] == pytest.approx(lr, rel=REL, abs=REL * max_lr), (t, i)  # see above
             assert g["betas"][0] == pytest.approx(m, rel=REL, abs=0), (t, i)
@@ -196,8 +248,18 @@ def plateau_lrs(sched, metrics):
 def test_plateau_min_rel_patience():
     sched = S.ReduceLROnPlateau(make_sgd(lrs=(1.0,)), factor=0.5, patience=2)
     # best 10, 9; three bad steps (> patience 2) -> halve; best 8; three bad -> halve again
-    assert plateau_lrs(sched, [10, 9, 9, 9, 9, 8, 8, 8, 8]) == [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5,
-                                                                0.25]
+    assert plateau_lrs(sched, [10, 9, 9, 9, 9, 8, 8, 8, 8]) == [
+        1,
+        1,
+        1,
+        1,
+        1,
+        0.5,
+        0.5,
+        0.5,
+        0.5,
+        0.25,
+    ]
     # an improvement smaller than threshold (relative) is a bad step
     sched = S.ReduceLROnPlateau(make_sgd(lrs=(1.0,)), threshold=0.1, patience=1)
     assert plateau_lrs(sched, [10, 9.5, 9.2, 8.9]) == [1, 1, 1, 0.1, 0.1]
@@ -211,20 +273,24 @@ def test_plateau_cooldown():
 
 def test_plateau_max_abs_and_rel():
     metrics = [1.0, 1.4, 1.6, 2.0, 2.2, 2.3, 2.4]
-    sched = S.ReduceLROnPlateau(make_sgd(lrs=(1.0,)), mode="max", factor=0.5, patience=1,
-                                threshold=0.5, threshold_mode="abs")
+    sched = S.ReduceLROnPlateau(
+        make_sgd(lrs=(1.0,)), mode="max", factor=0.5, patience=1, threshold=0.5, threshold_mode="abs"
+    )
     assert plateau_lrs(sched, metrics) == [1, 1, 1, 1, 1, 1, 1, 0.5]
-    sched = S.ReduceLROnPlateau(make_sgd(lrs=(1.0,)), mode="max", factor=0.5, patience=1,
-                                threshold=0.5, threshold_mode="rel")
+    sched = S.ReduceLROnPlateau(
+        make_sgd(lrs=(1.0,)), mode="max", factor=0.5, patience=1, threshold=0.5, threshold_mode="rel"
+    )
     assert plateau_lrs(sched, metrics) == [1, 1, 1, 1, 1, 0.5, 0.5, 0.25]
 
 
 def test_plateau_min_lr_list_and_eps():
-    sched = S.ReduceLROnPlateau(make_sgd(lrs=(1.0, 0.01)), factor=0.5, patience=0,
-                                min_lr=[0.3, 0.0], eps=0.004)
+    sched = S.ReduceLROnPlateau(
+        make_sgd(lrs=(1.0, 0.01)), factor=0.5, patience=0, min_lr=[0.3, 0.0], eps=0.004
+    )
     # group 0 stops at its min_lr 0.3; group 1 stops once a cut would be 0.0025 <= eps
-    assert_close(plateau_lrs(sched, [1] * 4),
-                 [[1, 0.01], [1, 0.01], [0.5, 0.005], [0.3, 0.005], [0.3, 0.005]])
+    assert_close(
+        plateau_lrs(sched, [1] * 4), [[1, 0.01], [1, 0.01], [0.5, 0.005], [0.3, 0.005], [0.3, 0.005]]
+    )
 
 
 def test_plateau_state_dict_round_trip():
@@ -317,7 +383,7 @@ def test_resume_with_last_epoch():
     # (torch's initial step then moves last_epoch to 4, leaving the lr as it is)
     resumed = S.ExponentialLR(opt, gamma=0.5, last_epoch=3)
     assert resumed.last_epoch == 4 and resumed.base_lrs == [0.1, 0.03]
-    assert_close(lr_sequence(resumed, 2), [[0.1 * 0.5 ** t, 0.03 * 0.5 ** t] for t in (3, 4, 5)])
+    assert_close(lr_sequence(resumed, 2), [[0.1 * 0.5**t, 0.03 * 0.5**t] for t in (3, 4, 5)])
 
 
 def test_chainable_forms_follow_outside_changes():
@@ -391,44 +457,86 @@ BAD = [
     (lambda o: S.LinearLR(o, end_factor=2.0), ValueError, r"end_factor must be in \[0, 1\]"),
     (lambda o: S.LinearLR(o, total_iters=0), ValueError, "total_iters must be >= 1"),
     (lambda o: S.LambdaLR(o, lr_lambda=0.5), TypeError, "must be callable"),
-    (lambda o: S.LambdaLR(o, lr_lambda=[lambda t: 1.0]), ValueError,
-     "1 functions but the optimizer has 2"),
+    (
+        lambda o: S.LambdaLR(o, lr_lambda=[lambda t: 1.0]),
+        ValueError,
+        "1 functions but the optimizer has 2",
+    ),
     (lambda o: S.SequentialLR(o, [], milestones=[]), ValueError, "at least one scheduler"),
-    (lambda o: S.SequentialLR(o, [S.StepLR(o, 2), S.StepLR(o, 3)], milestones=[]), ValueError,
-     "one milestone fewer than schedulers"),
-    (lambda o: S.SequentialLR(o, [S.StepLR(o, 2)] * 3, milestones=[4, 4]), ValueError,
-     "milestones must be increasing"),
-    (lambda o: S.SequentialLR(o, [S.StepLR(o, 2), "x"], milestones=[3]), TypeError,
-     r"schedulers\[1\] must be an LRScheduler"),
-    (lambda o: S.SequentialLR(o, [S.StepLR(o, 2), S.ReduceLROnPlateau(o)], milestones=[3]),
-     ValueError, "needs a metric"),
-    (lambda o: S.SequentialLR(o, [S.StepLR(make_sgd(), 2)], milestones=[]), ValueError,
-     "another optimizer"),
+    (
+        lambda o: S.SequentialLR(o, [S.StepLR(o, 2), S.StepLR(o, 3)], milestones=[]),
+        ValueError,
+        "one milestone fewer than schedulers",
+    ),
+    (
+        lambda o: S.SequentialLR(o, [S.StepLR(o, 2)] * 3, milestones=[4, 4]),
+        ValueError,
+        "milestones must be increasing",
+    ),
+    (
+        lambda o: S.SequentialLR(o, [S.StepLR(o, 2), "x"], milestones=[3]),
+        TypeError,
+        r"schedulers\[1\] must be an LRScheduler",
+    ),
+    (
+        lambda o: S.SequentialLR(o, [S.StepLR(o, 2), S.ReduceLROnPlateau(o)], milestones=[3]),
+        ValueError,
+        "needs a metric",
+    ),
+    (
+        lambda o: S.SequentialLR(o, [S.StepLR(make_sgd(), 2)], milestones=[]),
+        ValueError,
+        "another optimizer",
+    ),
     (lambda o: S.OneCycleLR(o, max_lr=1.0), ValueError, "needs total_steps"),
     (lambda o: S.OneCycleLR(o, max_lr=1.0, total_steps=0), ValueError, "total_steps must be >= 1"),
-    (lambda o: S.OneCycleLR(o, max_lr=1.0, epochs=2, steps_per_epoch=0), ValueError,
-     "steps_per_epoch must be >= 1"),
-    (lambda o: S.OneCycleLR(o, max_lr=1.0, total_steps=10, pct_start=1.5), ValueError,
-     r"pct_start must be in \[0, 1\]"),
-    (lambda o: S.OneCycleLR(o, max_lr=1.0, total_steps=10, anneal_strategy="exp"), ValueError,
-     "anneal_strategy must be 'cos' or 'linear'"),
-    (lambda o: S.OneCycleLR(o, max_lr=[1.0], total_steps=10), ValueError,
-     "max_lr has 1 values but the optimizer has 2"),
-    (lambda o: S.OneCycleLR(o, max_lr=1.0, total_steps=10, div_factor=0), ValueError,
-     "div_factor must be > 0"),
+    (
+        lambda o: S.OneCycleLR(o, max_lr=1.0, epochs=2, steps_per_epoch=0),
+        ValueError,
+        "steps_per_epoch must be >= 1",
+    ),
+    (
+        lambda o: S.OneCycleLR(o, max_lr=1.0, total_steps=10, pct_start=1.5),
+        ValueError,
+        r"pct_start must be in \[0, 1\]",
+    ),
+    (
+        lambda o: S.OneCycleLR(o, max_lr=1.0, total_steps=10, anneal_strategy="exp"),
+        ValueError,
+        "anneal_strategy must be 'cos' or 'linear'",
+    ),
+    (
+        lambda o: S.OneCycleLR(o, max_lr=[1.0], total_steps=10),
+        ValueError,
+        "max_lr has 1 values but the optimizer has 2",
+    ),
+    (
+        lambda o: S.OneCycleLR(o, max_lr=1.0, total_steps=10, div_factor=0),
+        ValueError,
+        "div_factor must be > 0",
+    ),
     # torch fails here with ZeroDivisionError: a warm-up of pct_start * total_steps = 1 step
-    (lambda o: S.OneCycleLR(o, max_lr=1.0, total_steps=10, pct_start=0.1), ValueError,
-     "spans no steps"),
-    (lambda o: S.OneCycleLR(_one_group_adagrad(), max_lr=1.0, total_steps=10), ValueError,
-     "neither 'momentum' nor 'betas'"),
+    (
+        lambda o: S.OneCycleLR(o, max_lr=1.0, total_steps=10, pct_start=0.1),
+        ValueError,
+        "spans no steps",
+    ),
+    (
+        lambda o: S.OneCycleLR(_one_group_adagrad(), max_lr=1.0, total_steps=10),
+        ValueError,
+        "neither 'momentum' nor 'betas'",
+    ),
     (lambda o: S.ReduceLROnPlateau(o, mode="avg"), ValueError, "mode must be 'min' or 'max'"),
     (lambda o: S.ReduceLROnPlateau(o, threshold_mode="pct"), ValueError, "threshold_mode must be"),
     (lambda o: S.ReduceLROnPlateau(o, factor=1.0), ValueError, r"factor must be in \[0, 1\)"),
     (lambda o: S.ReduceLROnPlateau(o, min_lr=[0.0]), ValueError, "min_lr has 1 values"),
     (lambda o: S.ReduceLROnPlateau(o, patience=-1), ValueError, "patience must be >= 0"),
     (lambda o: S.ReduceLROnPlateau(o, cooldown=1.5), TypeError, "cooldown must be an int"),
-    (lambda o: S.ExponentialLR([np.zeros(2, np.float32)], gamma=0.9), TypeError,
-     "must be an optkern Optimizer"),
+    (
+        lambda o: S.ExponentialLR([np.zeros(2, np.float32)], gamma=0.9),
+        TypeError,
+        "must be an optkern Optimizer",
+    ),
     (lambda o: S.ExponentialLR(o, gamma=0.9, last_epoch=-2), ValueError, "last_epoch must be >= -1"),
 ]
 
@@ -459,6 +567,15 @@ def test_exported():
     assert ok.lr_scheduler is S and "lr_scheduler" in ok.__all__
     sched = ok.lr_scheduler.CosineAnnealingLR(make_sgd(), T_max=100)
     sched.step()
-    for cls in (S.LambdaLR, S.StepLR, S.MultiStepLR, S.ExponentialLR, S.CosineAnnealingLR,
-                S.LinearLR, S.SequentialLR, S.OneCycleLR, S.ReduceLROnPlateau):
+    for cls in (
+        S.LambdaLR,
+        S.StepLR,
+        S.MultiStepLR,
+        S.ExponentialLR,
+        S.CosineAnnealingLR,
+        S.LinearLR,
+        S.SequentialLR,
+        S.OneCycleLR,
+        S.ReduceLROnPlateau,
+    ):
         assert issubclass(cls, S.LRScheduler) and "lr" in cls.__doc__

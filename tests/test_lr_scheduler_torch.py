@@ -29,8 +29,9 @@ OPTIMIZERS = {  # kind: (optkern class, torch class, extra constructor arguments
 def make_pair(kind):
     ours, theirs, kw = OPTIMIZERS[kind]
     ok_opt = ours([{"params": [np.zeros(3, np.float32)], "lr": lr} for lr in LRS], lr=LRS[0], **kw)
-    torch_opt = theirs()([{"params": [torch.zeros(3, requires_grad=True)], "lr": lr} for lr in LRS],
-                         lr=LRS[0], **kw)
+    torch_opt = theirs()(
+        [{"params": [torch.zeros(3, requires_grad=True)], "lr": lr} for lr in LRS], lr=LRS[0], **kw
+    )
     return ok_opt, torch_opt
 
 
@@ -60,9 +61,12 @@ def torch_step(torch_sched, *args):
 # Each spec: optimizer kind, a builder taking the scheduler module (ours or torch's) and the
 # optimizer, and the number of steps.
 SPECS = {
-    "LambdaLR": ("sgd", lambda L, o: L.LambdaLR(o, lambda t: 0.95 ** t * (1 + t % 3)), 15),
-    "LambdaLR-list": ("sgd", lambda L, o: L.LambdaLR(o, [lambda t: 1 / (t + 1), lambda t: 0.9 ** t]),
-                      15),
+    "LambdaLR": ("sgd", lambda L, o: L.LambdaLR(o, lambda t: 0.95**t * (1 + t % 3)), 15),
+    "LambdaLR-list": (
+        "sgd",
+        lambda L, o: L.LambdaLR(o, [lambda t: 1 / (t + 1), lambda t: 0.9**t]),
+        15,
+    ),
     "StepLR": ("sgd", lambda L, o: L.StepLR(o, step_size=3, gamma=0.5), 20),
     "StepLR-every-step": ("adam", lambda L, o: L.StepLR(o, step_size=1, gamma=0.9), 30),
     "MultiStepLR": ("sgd", lambda L, o: L.MultiStepLR(o, milestones=[2, 5, 5, 9], gamma=0.3), 15),
@@ -70,34 +74,92 @@ SPECS = {
     "ExponentialLR": ("sgd", lambda L, o: L.ExponentialLR(o, gamma=0.93), 50),
     "CosineAnnealingLR": ("sgd", lambda L, o: L.CosineAnnealingLR(o, T_max=7, eta_min=0.001), 45),
     "CosineAnnealingLR-T1": ("sgd", lambda L, o: L.CosineAnnealingLR(o, T_max=1), 6),
-    "CosineAnnealingLR-Tfloat": ("sgd", lambda L, o: L.CosineAnnealingLR(o, T_max=2.5, eta_min=0.01),
-                                 12),
+    "CosineAnnealingLR-Tfloat": (
+        "sgd",
+        lambda L, o: L.CosineAnnealingLR(o, T_max=2.5, eta_min=0.01),
+        12,
+    ),
     "CosineAnnealingLR-long": ("adam", lambda L, o: L.CosineAnnealingLR(o, T_max=100), 250),
     "LinearLR": ("sgd", lambda L, o: L.LinearLR(o), 10),
-    "LinearLR-to-zero": ("sgd", lambda L, o: L.LinearLR(o, start_factor=1.0, end_factor=0.0,
-                                                        total_iters=8), 12),
-    "LinearLR-partial": ("sgd", lambda L, o: L.LinearLR(o, start_factor=0.5, end_factor=0.8,
-                                                        total_iters=3), 6),
-    "SequentialLR": ("sgd", lambda L, o: L.SequentialLR(
-        o, [L.LinearLR(o, start_factor=0.1, total_iters=4), L.CosineAnnealingLR(o, T_max=10)],
-        milestones=[5]), 25),
-    "SequentialLR-3": ("sgd", lambda L, o: L.SequentialLR(
-        o, [L.ExponentialLR(o, gamma=0.9), L.StepLR(o, step_size=2, gamma=0.5),
-            L.MultiStepLR(o, milestones=[1, 3], gamma=0.5)], milestones=[3, 7]), 15),
-    "SequentialLR-lambda": ("sgd", lambda L, o: L.SequentialLR(
-        o, [L.LinearLR(o, start_factor=0.2, total_iters=3), L.LambdaLR(o, lambda t: 1 / (t + 1))],
-        milestones=[4]), 10),
+    "LinearLR-to-zero": (
+        "sgd",
+        lambda L, o: L.LinearLR(o, start_factor=1.0, end_factor=0.0, total_iters=8),
+        12,
+    ),
+    "LinearLR-partial": (
+        "sgd",
+        lambda L, o: L.LinearLR(o, start_factor=0.5, end_factor=0.8, total_iters=3),
+        6,
+    ),
+    "SequentialLR": (
+        "sgd",
+        lambda L, o: L.SequentialLR(
+            o,
+            [L.LinearLR(o, start_factor=0.1, total_iters=4), L.CosineAnnealingLR(o, T_max=10)],
+            milestones=[5],
+        ),
+        25,
+    ),
+    "SequentialLR-3": (
+        "sgd",
+        lambda L, o: L.SequentialLR(
+            o,
+            [
+                L.ExponentialLR(o, gamma=0.9),
+                L.StepLR(o, step_size=2, gamma=0.5),
+                L.MultiStepLR(o, milestones=[1, 3], gamma=0.5),
+            ],
+            milestones=[3, 7],
+        ),
+        15,
+    ),
+    "SequentialLR-lambda": (
+        "sgd",
+        lambda L, o: L.SequentialLR(
+            o,
+            [L.LinearLR(o, start_factor=0.2, total_iters=3), L.LambdaLR(o, lambda t: 1 / (t + 1))],
+            milestones=[4],
+        ),
+        10,
+    ),
     "OneCycleLR": ("sgd", lambda L, o: L.OneCycleLR(o, max_lr=1.0, total_steps=20), 20),
-    "OneCycleLR-adam-linear-3phase": ("adam", lambda L, o: L.OneCycleLR(
-        o, max_lr=[0.5, 0.2], total_steps=30, pct_start=0.25, anneal_strategy="linear",
-        three_phase=True, base_momentum=[0.8, 0.85], max_momentum=0.9), 30),
-    "OneCycleLR-adam-cos-3phase": ("adam", lambda L, o: L.OneCycleLR(
-        o, max_lr=0.5, total_steps=23, three_phase=True), 23),
-    "OneCycleLR-rmsprop": ("rmsprop", lambda L, o: L.OneCycleLR(o, max_lr=0.2, total_steps=12,
-                                                                pct_start=0.5), 12),
-    "OneCycleLR-epochs-no-momentum": ("sgd", lambda L, o: L.OneCycleLR(
-        o, max_lr=0.3, epochs=3, steps_per_epoch=7, cycle_momentum=False, div_factor=10.0,
-        final_div_factor=100.0), 21),
+    "OneCycleLR-adam-linear-3phase": (
+        "adam",
+        lambda L, o: L.OneCycleLR(
+            o,
+            max_lr=[0.5, 0.2],
+            total_steps=30,
+            pct_start=0.25,
+            anneal_strategy="linear",
+            three_phase=True,
+            base_momentum=[0.8, 0.85],
+            max_momentum=0.9,
+        ),
+        30,
+    ),
+    "OneCycleLR-adam-cos-3phase": (
+        "adam",
+        lambda L, o: L.OneCycleLR(o, max_lr=0.5, total_steps=23, three_phase=True),
+        23,
+    ),
+    "OneCycleLR-rmsprop": (
+        "rmsprop",
+        lambda L, o: L.OneCycleLR(o, max_lr=0.2, total_steps=12, pct_start=0.5),
+        12,
+    ),
+    "OneCycleLR-epochs-no-momentum": (
+        "sgd",
+        lambda L, o: L.OneCycleLR(
+            o,
+            max_lr=0.3,
+            epochs=3,
+            steps_per_epoch=7,
+            cycle_momentum=False,
+            div_factor=10.0,
+            final_div_factor=100.0,
+        ),
+        21,
+    ),
 }
 
 
@@ -149,11 +211,13 @@ def test_one_cycle_past_total_steps_raises_like_torch():
 
 PLATEAU = {
     "min-rel": dict(patience=3),
-    "min-abs-cooldown": dict(patience=2, threshold=0.05, threshold_mode="abs", cooldown=3,
-                             factor=0.5),
+    "min-abs-cooldown": dict(
+        patience=2, threshold=0.05, threshold_mode="abs", cooldown=3, factor=0.5
+    ),
     "max-rel": dict(mode="max", patience=1, threshold=0.01, factor=0.7),
-    "max-abs-min-lrs": dict(mode="max", patience=0, threshold=0.0, threshold_mode="abs",
-                            min_lr=[0.02, 0.001], factor=0.5),
+    "max-abs-min-lrs": dict(
+        mode="max", patience=0, threshold=0.0, threshold_mode="abs", min_lr=[0.02, 0.001], factor=0.5
+    ),
     "eps": dict(patience=1, factor=0.9, min_lr=0.05, eps=0.003),
 }
 
@@ -176,5 +240,8 @@ def test_reduce_on_plateau_matches_torch(name):
         torch_step(torch_sched, float(m))
         assert_same(sched, torch_sched, t)
         assert (sched.best, sched.num_bad_epochs, sched.cooldown_counter) == (
-            torch_sched.best, torch_sched.num_bad_epochs, torch_sched.cooldown_counter)
+            torch_sched.best,
+            torch_sched.num_bad_epochs,
+            torch_sched.cooldown_counter,
+        )
     assert sched.get_last_lr() != [0.1, 0.03]  # the schedule did reduce the lrs

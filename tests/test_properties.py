@@ -11,9 +11,7 @@ from reference import Reference
 import optkern as ok
 
 RTOL, ATOL = 1e-5, 1e-6
-PROPERTY_SETTINGS = settings(deadline=None,
-                             suppress_health_check=[HealthCheck.too_slow])
-
+PROPERTY_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def real(lo, hi):
@@ -34,8 +32,11 @@ def sgd_family(draw):
     hp = dict(lr=draw(lr), weight_decay=draw(decay), maximize=draw(st.booleans()))
     if kind == "SGD":
         nesterov = draw(st.booleans())
-        hp.update(momentum=draw(real(0.01, 0.99) if nesterov else st.one_of(st.just(0.0), unit)),
-                  dampening=0.0 if nesterov else draw(unit), nesterov=nesterov)
+        hp.update(
+            momentum=draw(real(0.01, 0.99) if nesterov else st.one_of(st.just(0.0), unit)),
+            dampening=0.0 if nesterov else draw(unit),
+            nesterov=nesterov,
+        )
     elif kind == "Nesterov":
         hp.update(momentum=draw(real(0.01, 0.99)))
     else:
@@ -51,17 +52,24 @@ def adaptive(draw):
         centered = draw(st.booleans())
         # centered with alpha near 0 makes square_avg - grad_avg^2 a float32 cancellation (it
         # can round below zero: NaN, in torch as here), so centered runs keep alpha >= 0.5.
-        hp.update(lr=draw(real(0.0, 0.01)), centered=centered,
-                  alpha=draw(real(0.5, 1.0) if centered else unit),
-                  momentum=draw(st.one_of(st.just(0.0), real(0.0, 0.95))))
+        hp.update(
+            lr=draw(real(0.0, 0.01)),
+            centered=centered,
+            alpha=draw(real(0.5, 1.0) if centered else unit),
+            momentum=draw(st.one_of(st.just(0.0), real(0.0, 0.95))),
+        )
     elif kind == "Adagrad":
-        hp.update(lr=draw(lr), lr_decay=draw(real(0.0, 0.5)),
-                  initial_accumulator_value=draw(real(0.0, 1.0)))
+        hp.update(
+            lr=draw(lr), lr_decay=draw(real(0.0, 0.5)), initial_accumulator_value=draw(real(0.0, 1.0))
+        )
     elif kind == "Adadelta":
         hp.update(lr=draw(real(0.0, 1.0)), rho=draw(unit))
     else:
-        hp.update(lr=draw(real(0.0, 0.01)), amsgrad=draw(st.booleans()),
-                  betas=(draw(real(0.0, 0.99)), draw(real(0.0, 0.9999))))
+        hp.update(
+            lr=draw(real(0.0, 0.01)),
+            amsgrad=draw(st.booleans()),
+            betas=(draw(real(0.0, 0.99)), draw(real(0.0, 0.9999))),
+        )
     return kind, hp
 
 
@@ -98,14 +106,20 @@ def assert_matches(opt, p, ref, rtol=RTOL, atol=ATOL):
     if p in opt.state:
         for key, value in ref.state.items():
             if key != "step":
-                np.testing.assert_allclose(opt.state[p][key], value, rtol=rtol,
-                                           atol=atol * magnitude(value), err_msg=key)
+                np.testing.assert_allclose(
+                    opt.state[p][key], value, rtol=rtol, atol=atol * magnitude(value), err_msg=key
+                )
 
 
 @PROPERTY_SETTINGS
-@given(case=any_optimizer, size=st.integers(0, 300), steps=st.integers(1, 5),
-       scale=st.sampled_from([0.0, 1e-20, 1e-3, 1.0]), seed=st.integers(0, 2**32 - 1),
-       layout=st.sampled_from(["aligned", "unaligned"]))
+@given(
+    case=any_optimizer,
+    size=st.integers(0, 300),
+    steps=st.integers(1, 5),
+    scale=st.sampled_from([0.0, 1e-20, 1e-3, 1.0]),
+    seed=st.integers(0, 2**32 - 1),
+    layout=st.sampled_from(["aligned", "unaligned"]),
+)
 def test_agrees_with_float64_reference(case, size, steps, scale, seed, layout):
     kind, hp = case
     opt, p, ref = run(kind, hp, size, steps, scale, seed, layout)
@@ -113,15 +127,20 @@ def test_agrees_with_float64_reference(case, size, steps, scale, seed, layout):
 
 
 @PROPERTY_SETTINGS
-@given(case=any_optimizer, size=st.integers(1, 300), steps=st.integers(1, 5),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    case=any_optimizer,
+    size=st.integers(1, 300),
+    steps=st.integers(1, 5),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_huge_gradients_behave_as_float32_formulas(case, size, steps, seed):
     """Gradients of 1e20: squares overflow to Inf for some hyperparameters, in torch as here. The
     same formulas evaluated in float32 NumPy give the same values, NaNs and Infs."""
     kind, hp = case
     opt, p, ref = run(kind, hp, size, steps, 1e20, seed, dtype=np.float32)
-    for mine, theirs in [(p, ref.p)] + [(opt.state[p][k], v) for k, v in ref.state.items()
-                                         if k != "step" and p in opt.state]:
+    for mine, theirs in [(p, ref.p)] + [
+        (opt.state[p][k], v) for k, v in ref.state.items() if k != "step" and p in opt.state
+    ]:
         np.testing.assert_array_equal(np.isnan(mine), np.isnan(theirs))
         np.testing.assert_array_equal(np.isinf(mine), np.isinf(theirs))
     # Two float32 evaluations differ by rounding (FMA here, not in NumPy), a few ulps per step.
@@ -129,9 +148,16 @@ def test_huge_gradients_behave_as_float32_formulas(case, size, steps, seed):
 
 
 @PROPERTY_SETTINGS
-@given(case=any_optimizer, size=st.integers(1, 200), seed=st.integers(0, 2**32 - 1),
-       bad=st.lists(st.tuples(st.integers(0, 199), st.sampled_from([np.nan, np.inf, -np.inf])),
-                    min_size=1, max_size=4))
+@given(
+    case=any_optimizer,
+    size=st.integers(1, 200),
+    seed=st.integers(0, 2**32 - 1),
+    bad=st.lists(
+        st.tuples(st.integers(0, 199), st.sampled_from([np.nan, np.inf, -np.inf])),
+        min_size=1,
+        max_size=4,
+    ),
+)
 def test_nan_and_inf_propagate_as_the_formulas_say(case, size, seed, bad):
     kind, hp = case
     opt, p, ref = run(kind, hp, size, 3, 1.0, seed, nonfinite=bad)
@@ -142,8 +168,12 @@ def test_nan_and_inf_propagate_as_the_formulas_say(case, size, seed, bad):
 
 
 @settings(deadline=None)
-@given(case=any_optimizer, sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=6),
-       min_per_thread=st.integers(1, 4000), seed=st.integers(0, 2**32 - 1))
+@given(
+    case=any_optimizer,
+    sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=6),
+    min_per_thread=st.integers(1, 4000),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_thread_split_never_changes_a_bit(case, sizes, min_per_thread, seed):
     kind, hp = case
     results = []

@@ -40,8 +40,9 @@ def check_against_reference(opt, params, refs):
                 # State can be far larger than the parameters (RMSprop's momentum buffer holds
                 # normalised steps, ~10): its absolute tolerance scales with its magnitude.
                 scale = max(1.0, float(np.max(np.abs(value), initial=0.0)))
-                np.testing.assert_allclose(state[key], value, rtol=RTOL, atol=ATOL * scale,
-                                           err_msg=key)
+                np.testing.assert_allclose(
+                    state[key], value, rtol=RTOL, atol=ATOL * scale, err_msg=key
+                )
         assert set(state) == set(ref.state), "state names differ from torch's"
 
 
@@ -69,8 +70,7 @@ def test_many_buffers_and_groups(case):
     p0 = [initial(int(np.prod(s)), seed=i).reshape(s) for i, s in enumerate(shapes)]
     params = [make(x, "unaligned" if i % 2 else "aligned") for i, x in enumerate(p0)]
     other = dict(hp, lr=hp.get("lr", 1e-3) * 0.5)
-    opt = getattr(ok, name)([{"params": params[:4]}, {"params": params[4:], "lr": other["lr"]}],
-                            **hp)
+    opt = getattr(ok, name)([{"params": params[:4]}, {"params": params[4:], "lr": other["lr"]}], **hp)
     refs = [Reference(name, x, **(hp if i < 4 else other)) for i, x in enumerate(p0)]
     rng = np.random.default_rng(7)
     for t in range(40):
@@ -127,8 +127,11 @@ def test_state_lookup_follows_changes_between_steps():
     opt.step([g, g])
     assert opt.state[c]["step"] == 1 and opt.state[b]["step"] == 1 and c[0] < 0
     before = a.copy()
-    opt.state[a] = {"step": 0, "exp_avg": np.zeros(4, np.float32),
-                    "exp_avg_sq": np.zeros(4, np.float32)}  # reset by hand
+    opt.state[a] = {
+        "step": 0,
+        "exp_avg": np.zeros(4, np.float32),
+        "exp_avg_sq": np.zeros(4, np.float32),
+    }  # reset by hand
     opt.step([g, g])
     assert opt.state[a]["step"] == 1
     np.testing.assert_allclose(a, before - 0.1, rtol=1e-5)  # a first step again: moves by lr

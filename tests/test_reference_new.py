@@ -57,8 +57,9 @@ def assert_close(actual, expected, dtype, what):
     expected = np.asarray(expected, dtype=np.float64)
     finite = np.abs(expected[np.isfinite(expected)])
     scale = max(1.0, float(np.max(finite, initial=0.0)))  # state may be far larger than params
-    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=rtol,
-                               atol=atol * scale, err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64), expected, rtol=rtol, atol=atol * scale, err_msg=what
+    )
 
 
 # -- torch.optim --------------------------------------------------------------------------------
@@ -95,8 +96,11 @@ def torch_inputs():
             out.append(pytest.param(name, kwargs, id=pid, marks=marks))
     # Branches optim_db does not reach in 30 steps (ASGD's averaging from t0 on, RAdam's
     # rectification switch with other betas, Adafactor's explicit eps1) come from NEW_CASES.
-    out += [pytest.param(name, hp, id="case-" + case_id(name, hp))
-            for name, hp in NEW_CASES if name in TORCH_RULES]
+    out += [
+        pytest.param(name, hp, id="case-" + case_id(name, hp))
+        for name, hp in NEW_CASES
+        if name in TORCH_RULES
+    ]
     return out
 
 
@@ -144,8 +148,9 @@ def test_torch_rule_matches_reference(name, kwargs, impl):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("case", [c for c in NEW_CASES if c[0] in TORCH_RULES],
-                         ids=lambda c: case_id(*c))
+@pytest.mark.parametrize(
+    "case", [c for c in NEW_CASES if c[0] in TORCH_RULES], ids=lambda c: case_id(*c)
+)
 def test_torch_rule_nonfinite_gradients(case, bad):
     """NaN and Inf in a few gradient elements on two steps: the reference's NaN, +Inf and -Inf
     land where torch's do (float64, so that only the rule's own arithmetic decides)."""
@@ -169,8 +174,9 @@ def test_torch_rule_nonfinite_gradients(case, bad):
     for p, r in zip(params, refs):
         np.testing.assert_allclose(p.detach().numpy(), r.p, rtol=1e-10, atol=1e-12)
         for key, value in r.state.items():
-            np.testing.assert_allclose(torch_state_value(opt.state[p][key]), value, rtol=1e-10,
-                                       atol=1e-12, err_msg=key)
+            np.testing.assert_allclose(
+                torch_state_value(opt.state[p][key]), value, rtol=1e-10, atol=1e-12, err_msg=key
+            )
 
 
 @pytest.mark.parametrize("name", TORCH_RULES)
@@ -206,10 +212,16 @@ OPTAX_SHAPES = SHAPES + [(6, 6), (11,)]
 def optax_transform(optax, name, hp):
     beta1, beta2 = hp.get("betas", (0.9, 0.99) if name == "Lion" else (0.9, 0.999))
     if name == "Lion":
-        return optax.lion(hp.get("lr", 1e-4), b1=beta1, b2=beta2,
-                          weight_decay=hp.get("weight_decay", 0.0))
-    return optax.lamb(hp.get("lr", 1e-3), b1=beta1, b2=beta2, eps=hp.get("eps", 1e-6),
-                      weight_decay=hp.get("weight_decay", 0.0))
+        return optax.lion(
+            hp.get("lr", 1e-4), b1=beta1, b2=beta2, weight_decay=hp.get("weight_decay", 0.0)
+        )
+    return optax.lamb(
+        hp.get("lr", 1e-3),
+        b1=beta1,
+        b2=beta2,
+        eps=hp.get("eps", 1e-6),
+        weight_decay=hp.get("weight_decay", 0.0),
+    )
 
 
 def run_optax(name, hp, dtype, bad=None):
@@ -245,8 +257,7 @@ def test_optax_rule_matches_reference(case, dtype):
         assert_close(params[f"p{i}"], r.p, dtype, f"param {i} {OPTAX_SHAPES[i]}")
         assert_close(np.asarray(inner.mu[f"p{i}"]), r.state["exp_avg"], dtype, "exp_avg")
         if name == "LAMB":
-            assert_close(np.asarray(inner.nu[f"p{i}"]), r.state["exp_avg_sq"], dtype,
-                         "exp_avg_sq")
+            assert_close(np.asarray(inner.nu[f"p{i}"]), r.state["exp_avg_sq"], dtype, "exp_avg_sq")
             assert int(inner.count) == r.state["step"]
 
 
@@ -262,8 +273,9 @@ def test_optax_rule_nonfinite_gradients(case, bad):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("case", [c for c in OPTAX_CASES if c[0] == "Lion"],
-                         ids=lambda c: case_id(*c))
+@pytest.mark.parametrize(
+    "case", [c for c in OPTAX_CASES if c[0] == "Lion"], ids=lambda c: case_id(*c)
+)
 def test_lion_matches_lion_pytorch(case, dtype):
     """lion-pytorch decays p before the signed step (p (1 - lr wd) - lr sign), optax adds wd p to
     the signed step: the same update, up to rounding."""
@@ -298,8 +310,10 @@ def test_lion_defaults_are_lion_pytorchs():
 
 SF_CASES = [
     ("ScheduleFreeAdamW", dict()),
-    ("ScheduleFreeAdamW", dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0,
-                               weight_decay=0.01)),
+    (
+        "ScheduleFreeAdamW",
+        dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0, weight_decay=0.01),
+    ),
     ("ScheduleFreeAdamW", dict(betas=(0.95, 0.99), eps=1e-6, weight_lr_power=0.0)),
     ("ScheduleFreeAdamW", dict(lr=0.01, warmup_steps=40, weight_decay=0.1)),  # warm all along
     ("ScheduleFreeAdamW", dict(lr=5e-3, r=2.0, weight_lr_power=3.0, betas=(0.5, 0.9))),
@@ -389,6 +403,7 @@ def test_schedule_free_defaults_are_the_packages(name):
 
 # -- invariants of the references themselves (no oracle needed) ---------------------------------
 
+
 def run_reference(name, hp, shape=(6, 7), steps=STEPS, seed=3):
     (p0,) = initial([shape], seed=seed)
     r = ReferenceNew(name, p0, **hp)
@@ -444,8 +459,9 @@ def test_adafactor_factors_a_rank_one_square_exactly():
 def test_lamb_step_is_lr_times_norm_p_per_array():
     p0, r = run_reference("LAMB", dict(lr=1e-2), steps=1)
     before = ReferenceNew("LAMB", p0, lr=1e-2)
-    np.testing.assert_allclose(np.linalg.norm(r.p - before.p), 1e-2 * np.linalg.norm(p0.astype(np.float64)),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        np.linalg.norm(r.p - before.p), 1e-2 * np.linalg.norm(p0.astype(np.float64)), rtol=1e-12
+    )
     r = ReferenceNew("LAMB", np.zeros(4), lr=1e-2)  # norm(p) = 0: ratio 1, a plain Adam step
     r.step(np.array([1.0, -2.0, 0.0, 3.0]))
     np.testing.assert_allclose(r.p, -1e-2 * np.array([1, -1, 0, 1]) / (1 + 1e-6), rtol=1e-6)

@@ -45,7 +45,12 @@ def test_layout_follows_torch():
     opt, params = make_opt("Adam", dict(amsgrad=True))
     opt.step(grads(params, 0))
     sd = opt.state_dict()
-    assert set(sd) == {"state", "param_groups", "step_count", "skipped_steps"}  # torch ignores the last two
+    assert set(sd) == {
+        "state",
+        "param_groups",
+        "step_count",
+        "skipped_steps",
+    }  # torch ignores the last two
     assert sd["step_count"] == 1 and sd["skipped_steps"] == 0
     assert [g["params"] for g in sd["param_groups"]] == [[0, 1], [2]]
     assert sd["param_groups"][1]["lr"] == 0.002
@@ -102,8 +107,9 @@ def test_torch_style_values_are_accepted():
     assert other.state[p0]["step"] == 1 and other.state[p0]["exp_avg"].dtype == np.float32
     assert other.param_groups[0]["foreach"] is None
     sgd, ps = make_opt("SGD", dict(momentum=0.9))
-    sgd.load_state_dict({"state": {0: {"momentum_buffer": None}},
-                         "param_groups": sgd.state_dict()["param_groups"]})
+    sgd.load_state_dict(
+        {"state": {0: {"momentum_buffer": None}}, "param_groups": sgd.state_dict()["param_groups"]}
+    )
     assert ps[0] not in sgd.state or "momentum_buffer" not in sgd.state[ps[0]]
 
 
@@ -136,20 +142,23 @@ def _broken(sd, how):
     return sd
 
 
-@pytest.mark.parametrize("how, pattern", [
-    ("groups", "has 1 parameter groups; this optimizer has 2"),
-    ("group size", r"param_groups\[0\] has 3 parameters"),
-    ("unknown id", "parameter id 42"),
-    ("shape", r"state\[1\]\['exp_avg'\] has shape \(8,\) but its parameter has shape \(9,\)"),
-    ("missing array", r"state\[2\] lacks 'exp_avg_sq'"),
-    ("missing step", r"state\[0\] has no 'step'"),
-    ("bad step", "must be a whole number >= 0"),
-    ("fractional step", "must be a whole number >= 0"),
-    ("bad lr", r"param_groups\[1\]: lr must be finite"),
-    ("not a dict", "must be a mapping"),
-    ("amsgrad without state", "lacks 'max_exp_avg_sq'"),
-    ("string array", "must hold real numbers"),
-])
+@pytest.mark.parametrize(
+    "how, pattern",
+    [
+        ("groups", "has 1 parameter groups; this optimizer has 2"),
+        ("group size", r"param_groups\[0\] has 3 parameters"),
+        ("unknown id", "parameter id 42"),
+        ("shape", r"state\[1\]\['exp_avg'\] has shape \(8,\) but its parameter has shape \(9,\)"),
+        ("missing array", r"state\[2\] lacks 'exp_avg_sq'"),
+        ("missing step", r"state\[0\] has no 'step'"),
+        ("bad step", "must be a whole number >= 0"),
+        ("fractional step", "must be a whole number >= 0"),
+        ("bad lr", r"param_groups\[1\]: lr must be finite"),
+        ("not a dict", "must be a mapping"),
+        ("amsgrad without state", "lacks 'max_exp_avg_sq'"),
+        ("string array", "must hold real numbers"),
+    ],
+)
 def test_bad_state_dict_rejected_and_nothing_changes(how, pattern):
     opt, params = make_opt("Adam", {})
     for t in range(3):

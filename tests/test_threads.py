@@ -36,6 +36,7 @@ def _restore_pool_hooks():
     ok._core._pause_helpers(False)
     ok._core._set_adaptive_threads(True)
 
+
 SIZES = [1023, 100003, 17, 5000, 0, 64]
 
 
@@ -43,13 +44,19 @@ def run(name, hp, threads, min_per_thread, steps=5):
     ok.set_num_threads(threads)
     ok._core._set_min_elements_per_thread(min_per_thread)
     rng = np.random.default_rng(42)
-    params = [make(rng.standard_normal(n), "unaligned" if i % 2 else "aligned")
-              for i, n in enumerate(SIZES)]
+    params = [
+        make(rng.standard_normal(n), "unaligned" if i % 2 else "aligned") for i, n in enumerate(SIZES)
+    ]
     opt = getattr(ok, name)(params, **hp)
     for _ in range(steps):
         opt.step([rng.standard_normal(n).astype(np.float32) for n in SIZES])
-    return [bits(p) for p in params] + [bits(v) for p in params if p in opt.state
-                                         for v in opt.state[p].values() if isinstance(v, np.ndarray)]
+    return [bits(p) for p in params] + [
+        bits(v)
+        for p in params
+        if p in opt.state
+        for v in opt.state[p].values()
+        if isinstance(v, np.ndarray)
+    ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -73,8 +80,11 @@ def test_any_chunking_bit_identical(case, chunk):
 
 
 # The option sets of every rule whose kernel has a reduction pass.
-REDUCED = [(name, hp) for name, hp in CASES
-           if any(r.cls == name and r.reduction for r in ok.registry.rules())]
+REDUCED = [
+    (name, hp)
+    for name, hp in CASES
+    if any(r.cls == name and r.reduction for r in ok.registry.rules())
+]
 
 
 @pytest.mark.parametrize("case", REDUCED, ids=case_id)
@@ -124,7 +134,7 @@ def test_set_num_threads_refuses_non_integers(bad):
     assert ok.get_num_threads() == (2 if THREADED else 1)
 
 
-@pytest.mark.parametrize("bad", [0, -1, -10**30, MAX_THREADS + 1, 10**9, 10**30])
+@pytest.mark.parametrize("bad", [0, -1, -(10**30), MAX_THREADS + 1, 10**9, 10**30])
 def test_set_num_threads_bounds(bad):
     ok.set_num_threads(2)
     with pytest.raises(ValueError, match="n must be (>= 1|<= %d)" % MAX_THREADS):
@@ -134,11 +144,17 @@ def test_set_num_threads_bounds(bad):
 
 def python(code, env=None, timeout=120):
     """Runs code in a fresh interpreter under a timeout (a hang fails the test); its stdout."""
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("OPTKERN_NUM_THREADS", "OMP_NUM_THREADS")}
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("OPTKERN_NUM_THREADS", "OMP_NUM_THREADS")
+    }
     full_env.update(env or {})
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -147,13 +163,16 @@ NUM_THREADS = "import optkern; print(optkern.get_num_threads())"
 
 
 @pytest.mark.skipif(not THREADED, reason="single-threaded build")
-@pytest.mark.parametrize("env, want", [
-    ({"OMP_NUM_THREADS": "3"}, "3"),
-    ({"OMP_NUM_THREADS": "5,2"}, "5"),                 # one count per nesting level: the first
-    ({"OPTKERN_NUM_THREADS": "4", "OMP_NUM_THREADS": "3"}, "4"),
-    ({"OPTKERN_NUM_THREADS": " 6 "}, "6"),
-    ({"OPTKERN_NUM_THREADS": str(MAX_THREADS)}, str(MAX_THREADS)),
-])
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({"OMP_NUM_THREADS": "3"}, "3"),
+        ({"OMP_NUM_THREADS": "5,2"}, "5"),  # one count per nesting level: the first
+        ({"OPTKERN_NUM_THREADS": "4", "OMP_NUM_THREADS": "3"}, "4"),
+        ({"OPTKERN_NUM_THREADS": " 6 "}, "6"),
+        ({"OPTKERN_NUM_THREADS": str(MAX_THREADS)}, str(MAX_THREADS)),
+    ],
+)
 def test_environment_is_honoured(env, want):
     assert python(NUM_THREADS, env) == want
 
@@ -174,8 +193,8 @@ def test_parsers():
     assert [parse(s) for s in ("", "0", "-1", "1025", "x", "2 3", "+2", "0x10")] == [0] * 8
     cpu_max = ok._core._cpus_from_cpu_max
     assert cpu_max("max 100000\n") == 0
-    assert cpu_max("150000 100000\n") == 2   # 1.5 CPUs: two threads, each busy part of the time
-    assert cpu_max("50000 100000") == 1       # half a CPU: still one
+    assert cpu_max("150000 100000\n") == 2  # 1.5 CPUs: two threads, each busy part of the time
+    assert cpu_max("50000 100000") == 1  # half a CPU: still one
     assert cpu_max("400000 100000") == 4
     assert cpu_max("") == 0 and cpu_max("garbage 100000") == 0
     cfs = ok._core._cpus_from_cfs
@@ -233,8 +252,10 @@ def test_refused_thread_means_fewer_threads():
 
 
 @pytest.mark.skipif(not THREADED or not hasattr(os, "fork"), reason="needs fork and threads")
-@pytest.mark.skipif(not hasattr(__import__("resource"), "RLIMIT_NPROC") if os.name == "posix" else True,
-                    reason="no RLIMIT_NPROC")
+@pytest.mark.skipif(
+    not hasattr(__import__("resource"), "RLIMIT_NPROC") if os.name == "posix" else True,
+    reason="no RLIMIT_NPROC",
+)
 def test_rlimit_nproc_does_not_kill_the_process():
     """A real refusal: the child lowers RLIMIT_NPROC to what it has, so pthread_create fails
     with EAGAIN (root is exempt from the limit: then the helpers simply start)."""
@@ -267,7 +288,9 @@ def step():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_os_fork_after_threaded_step():
-    code = FORK_STEP + """
+    code = (
+        FORK_STEP
+        + """
     want = step()
     norm = lambda: ok._core.grad_norms([np.ones(300_001, np.float32)], 2.0)[1]
     want_norm = norm()
@@ -278,15 +301,20 @@ def test_os_fork_after_threaded_step():
     _, status = os.waitpid(pid, 0)
     print(os.waitstatus_to_exitcode(status), step() == want)
     """
-    assert python(textwrap.dedent(FORK_STEP) + textwrap.dedent(code[len(FORK_STEP):]),
-                  timeout=60) == "0 True"
+    )
+    assert (
+        python(textwrap.dedent(FORK_STEP) + textwrap.dedent(code[len(FORK_STEP) :]), timeout=60)
+        == "0 True"
+    )
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_fork_while_another_thread_steps():
     """fork waits for a call in flight; the child still steps (many forks against a thread
     stepping in a loop)."""
-    code = FORK_STEP + """
+    code = (
+        FORK_STEP
+        + """
 import threading
 want = step()
 stop = threading.Event()
@@ -303,15 +331,19 @@ for _ in range(20):
 stop.set(); t.join()
 print(codes == [0] * 20)
 """
+    )
     assert python(code, timeout=120) == "True"
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_multiprocessing_pool(method, tmp_path):
     import multiprocessing
+
     if method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"no {method} here")
-    code = FORK_STEP + f"""
+    code = (
+        FORK_STEP
+        + f"""
 import multiprocessing
 def work(_):
     return step()
@@ -321,16 +353,20 @@ if __name__ == "__main__":
         got = pool.map(work, range(4))
     print(got == [want] * 4)
 """
+    )
     script = tmp_path / "pool_script.py"  # spawn's children import the main module from its file
     script.write_text(code)
-    assert python(f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')",
-                  timeout=120) == "True"
+    assert (
+        python(f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')", timeout=120)
+        == "True"
+    )
 
 
 def _late_helper_calls(adaptive, calls):
     """`calls` multi-threaded functional Adam calls with every helper late (paused): the pool's
     counters over them, and the results."""
     from optkern import functional as F
+
     ok.set_num_threads(2)
     ok._core._set_min_elements_per_thread(1)
     ok._core._set_chunk_elements(64)
@@ -361,6 +397,7 @@ def test_late_helpers_back_off():
     ok._core._set_adaptive_threads(True)
     assert on_bits == off_bits
     from optkern import functional as F
+
     ok.set_num_threads(1)
     rng = np.random.default_rng(3)
     p, g = rng.standard_normal(5000).astype(np.float32), rng.standard_normal(5000).astype(np.float32)
@@ -377,8 +414,10 @@ def test_python_threads_while_pool_busy():
     ok._core._set_min_elements_per_thread(1)
     ok._core._set_chunk_elements(64)  # many chunks: the pool stays busy longer
     results = [None] * 4
+
     def target(i):
         results[i] = big_adam(2, steps=3)
+
     threads = [threading.Thread(target=target, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
@@ -424,6 +463,7 @@ print(json.dumps([before == after, before["blas"], before["torch"],
 
 def test_no_side_effects():
     import json
+
     same, blas, torch_threads, diff = json.loads(python(SIDE_EFFECTS, {"OMP_NUM_THREADS": "2"}))
     assert same, diff
     # What was compared (for the record; either may be absent).

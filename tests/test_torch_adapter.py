@@ -24,9 +24,20 @@ okt = pytest.importorskip("optkern.torch")
 
 RTOL, ATOL = 1e-5, 1e-6
 SHAPES = [(7, 13), (131,), (3, 5, 11), (1,)]
-SHARED = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW",
-          # from the registry (optkern.torch builds these classes from the declarations)
-          "Adamax", "NAdam", "RAdam", "ASGD", "Rprop"]
+SHARED = [
+    "SGD",
+    "RMSprop",
+    "Adagrad",
+    "Adadelta",
+    "Adam",
+    "AdamW",
+    # from the registry (optkern.torch builds these classes from the declarations)
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "ASGD",
+    "Rprop",
+]
 STEPS = 30
 
 
@@ -34,22 +45,30 @@ def _optim_db_cases():
     try:
         from torch.testing._internal import common_optimizers as co
     except Exception as e:  # its imports (expecttest, ...) are test-only dependencies of torch
-        return [pytest.param(None, None, None, marks=pytest.mark.skip(
-            reason=f"could not import torch's optim_db: {e}"))]
+        return [
+            pytest.param(
+                None,
+                None,
+                None,
+                marks=pytest.mark.skip(reason=f"could not import torch's optim_db: {e}"),
+            )
+        ]
     cases = []
     for info in co.optim_db:
         if info.name not in SHARED:
             continue
         cpu = co._get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info)
         for inp in cpu:
-            cases.append(pytest.param(info.name, inp.kwargs, inp.desc,
-                                      id=f"{info.name}-{inp.desc}"))
+            cases.append(pytest.param(info.name, inp.kwargs, inp.desc, id=f"{info.name}-{inp.desc}"))
         # inputs torch gives only for accelerators (capturable): counted as refused
         cpu_descs = {inp.desc for inp in info.optim_inputs_func(device="cpu")}
         for inp in info.optim_inputs_func(device="cuda"):
             if inp.desc not in cpu_descs:
-                cases.append(pytest.param(info.name, inp.kwargs, inp.desc,
-                                          id=f"{info.name}-accelerator-{inp.desc}"))
+                cases.append(
+                    pytest.param(
+                        info.name, inp.kwargs, inp.desc, id=f"{info.name}-accelerator-{inp.desc}"
+                    )
+                )
     return cases
 
 
@@ -132,11 +151,9 @@ def test_optim_db_input_matches_torch_single_tensor(name, kwargs, desc):
             a.grad = g
         o.step()
         if t == 0:
-            sptrs = {(i, k): v.data_ptr() for i, a in enumerate(mine)
-                     for k, v in o.state[a].items()}
+            sptrs = {(i, k): v.data_ptr() for i, a in enumerate(mine) for k, v in o.state[a].items()}
     assert [p.data_ptr() for p in mine] == ptrs
-    assert {(i, k): v.data_ptr() for i, a in enumerate(mine)
-            for k, v in o.state[a].items()} == sptrs
+    assert {(i, k): v.data_ptr() for i, a in enumerate(mine) for k, v in o.state[a].items()} == sptrs
 
 
 def test_optim_db_covers_every_shared_optimizer():
@@ -157,8 +174,7 @@ def test_nesterov_is_sgd_with_nesterov():
     mine = [torch.nn.Parameter(p.clone()) for p in p0]
     ref = [torch.nn.Parameter(p.clone()) for p in p0]
     o = okt.Nesterov(mine, lr=0.01, weight_decay=0.1)
-    r = torch.optim.SGD(ref, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.1,
-                        foreach=False)
+    r = torch.optim.SGD(ref, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.1, foreach=False)
     for t in range(STEPS):
         for a, b, g in zip(mine, ref, grads_for(t)):
             a.grad, b.grad = g, None if g is None else g.clone()
@@ -171,6 +187,7 @@ def test_nesterov_is_sgd_with_nesterov():
 
 def test_momentum_matches_numpy_optkern():
     import optkern as ok
+
     p0 = make_params()
     mine = [torch.nn.Parameter(p.clone()) for p in p0]
     arrays = [p.numpy().copy() for p in p0]
@@ -186,13 +203,17 @@ def test_momentum_matches_numpy_optkern():
         np.testing.assert_array_equal(a.detach().numpy(), b)
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("Lion", {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1}),
-    ("LAMB", {"lr": 0.01, "betas": (0.85, 0.99), "eps": 1e-5, "weight_decay": 0.1}),
-    ("LAMB", {"lr": 0.01, "maximize": True}),
-])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("Lion", {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1}),
+        ("LAMB", {"lr": 0.01, "betas": (0.85, 0.99), "eps": 1e-5, "weight_decay": 0.1}),
+        ("LAMB", {"lr": 0.01, "maximize": True}),
+    ],
+)
 def test_rules_torch_lacks_match_numpy_optkern_bit_for_bit(name, kwargs):
     import optkern as ok
+
     p0 = make_params()
     mine = [torch.nn.Parameter(p.clone()) for p in p0]
     arrays = [p.numpy().copy() for p in p0]
@@ -206,14 +227,16 @@ def test_rules_torch_lacks_match_numpy_optkern_bit_for_bit(name, kwargs):
         o.step()
         ref.step([g.numpy() for g in gs[:-1]])
         if t == 0:
-            sptrs = {(i, k): v.data_ptr() for i, a in enumerate(mine[:-1])
-                     for k, v in o.state[a].items()}
+            sptrs = {
+                (i, k): v.data_ptr() for i, a in enumerate(mine[:-1]) for k, v in o.state[a].items()
+            }
     for a, b in zip(mine[:-1], arrays[:-1]):
         np.testing.assert_array_equal(a.detach().numpy(), b)
     assert mine[-1].detach().equal(p0[-1])  # no gradient: not stepped
     assert [p.data_ptr() for p in mine] == ptrs
-    assert {(i, k): v.data_ptr() for i, a in enumerate(mine[:-1])
-            for k, v in o.state[a].items()} == sptrs
+    assert {
+        (i, k): v.data_ptr() for i, a in enumerate(mine[:-1]) for k, v in o.state[a].items()
+    } == sptrs
     # state in torch's layout; it reloads into a fresh okt optimizer and continues identically
     st = o.state_dict()["state"][0]
     assert st["exp_avg"].dtype == torch.float32 and st["exp_avg"].shape == SHAPES[0]
@@ -237,6 +260,7 @@ def test_rules_torch_lacks_match_numpy_optkern_bit_for_bit(name, kwargs):
 
 def test_every_registry_rule_has_a_class():
     from optkern import registry
+
     switching = {"ScheduleFreeAdamW", "ScheduleFreeSGD"}  # train()/eval(): not in okt yet
     assert set(okt.UNMAPPED) == switching
     for name in switching:
@@ -255,8 +279,10 @@ def test_every_registry_rule_has_a_class():
 def test_carried_numbers_are_0d_float32_as_torchs():
     for name, keys in (("NAdam", {"mu_product"}), ("ASGD", {"eta", "mu"})):
         p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
-        o, r = getattr(okt, name)([p], lr=0.05), getattr(torch.optim, name)([q], lr=0.05,
-                                                                           foreach=False)
+        o, r = (
+            getattr(okt, name)([p], lr=0.05),
+            getattr(torch.optim, name)([q], lr=0.05, foreach=False),
+        )
         for _ in range(3):
             p.grad, q.grad = torch.full((4,), 0.5), torch.full((4,), 0.5)
             o.step()
@@ -361,8 +387,9 @@ def test_state_dict_layout_is_torchs(name, kwargs):
     so, sr = o.state_dict(), r.state_dict()
     go, gr = so["param_groups"][0], sr["param_groups"][0]
     assert set(go) == set(gr)
-    assert {k: v for k, v in go.items() if k != "foreach"} == \
-        {k: v for k, v in gr.items() if k != "foreach"}
+    assert {k: v for k, v in go.items() if k != "foreach"} == {
+        k: v for k, v in gr.items() if k != "foreach"
+    }
     assert set(so["state"]) == set(sr["state"])
     for pid, st in sr["state"].items():
         assert set(so["state"][pid]) == set(st)
@@ -430,6 +457,7 @@ def test_replaced_state_and_param_data_are_picked_up():
 
 def test_deepcopy_and_pickle_continue_identically():
     import pickle
+
     p = torch.nn.Parameter(torch.randn(17))
     o = okt.RMSprop([p], lr=0.01, momentum=0.9)
     for _ in range(3):
@@ -451,6 +479,7 @@ def test_deepcopy_and_pickle_continue_identically():
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
 def test_torch_scheduler_drives_okt_as_torch(name, sched):
     from torch.optim import lr_scheduler as L
+
     make = {
         "StepLR": lambda o: L.StepLR(o, step_size=4, gamma=0.5),
         "CosineAnnealingLR": lambda o: L.CosineAnnealingLR(o, T_max=10, eta_min=1e-4),
@@ -488,7 +517,7 @@ def test_closure_runs_with_grad_and_returns_loss():
     def closure():
         assert torch.is_grad_enabled()
         o.zero_grad()
-        loss = (w ** 2).sum()
+        loss = (w**2).sum()
         loss.backward()
         return loss
 
@@ -505,8 +534,8 @@ def test_step_hooks_fire_like_torchs():
     h1 = o.register_step_pre_hook(lambda opt, args, kwargs: calls.append(("pre", opt)))
     h2 = o.register_step_post_hook(lambda opt, args, kwargs: calls.append(("post", opt)))
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    h3 = register_optimizer_step_post_hook(
-        lambda opt, args, kwargs: calls.append(("global", opt)))
+
+    h3 = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(("global", opt)))
     try:
         w.grad = torch.ones(3)
         o.step()
@@ -537,8 +566,12 @@ def test_named_parameters_and_groups():
     ref = copy.deepcopy(model)
     o = okt.Adam(model.named_parameters(), lr=0.01)
     r = torch.optim.Adam(ref.named_parameters(), lr=0.01, foreach=False)
-    assert o.state_dict()["param_groups"][0]["param_names"] == \
-        ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert o.state_dict()["param_groups"][0]["param_names"] == [
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    ]
     x = torch.randn(8, 5)
     for _ in range(5):
         for m, opt in ((model, o), (ref, r)):
@@ -560,11 +593,13 @@ def test_named_parameters_and_groups():
 
 def test_signature_and_defaults_are_torchs():
     import inspect
+
     for name in SHARED:
         ours = inspect.signature(getattr(okt, name))
         theirs = inspect.signature(getattr(torch.optim, name))
-        assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
-            [(p.name, p.kind, p.default) for p in theirs.parameters.values()], name
+        assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
+            (p.name, p.kind, p.default) for p in theirs.parameters.values()
+        ], name
         assert issubclass(getattr(okt, name), torch.optim.Optimizer)
         p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
         assert getattr(okt, name)([p]).defaults == getattr(torch.optim, name)([q]).defaults
@@ -572,8 +607,14 @@ def test_signature_and_defaults_are_torchs():
 
 def test_execution_flags():
     p = torch.nn.Parameter(torch.zeros(2))
-    for flags in ({"foreach": None}, {"foreach": False}, {"foreach": True}, {"fused": True},
-                  {"fused": False}, {"differentiable": False}):
+    for flags in (
+        {"foreach": None},
+        {"foreach": False},
+        {"foreach": True},
+        {"fused": True},
+        {"fused": False},
+        {"differentiable": False},
+    ):
         okt.Adam([p], **flags)
     with pytest.raises(RuntimeError, match="cannot be `True` together"):
         okt.Adam([p], fused=True, foreach=True)
@@ -581,8 +622,9 @@ def test_execution_flags():
         with pytest.raises(ValueError, match=f"does not support {flag}=True"):
             okt.Adam([p], **{flag: True})
     with pytest.raises(ValueError, match="does not support differentiable=True"):
-        okt.SGD([p]).add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))],
-                                      "differentiable": True})
+        okt.SGD([p]).add_param_group(
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "differentiable": True}
+        )
     with pytest.raises(TypeError):
         okt.SGD([p], lr=0.1, betas=(0.9, 0.9))  # not an SGD argument: TypeError as in torch
     with pytest.raises(ValueError, match="lr"):
@@ -592,20 +634,24 @@ def test_execution_flags():
 
 
 def test_tensor_lr_and_betas():
-    o, mine, r, ref = run_pair("Adam", {"lr": torch.tensor(0.01),
-                                        "betas": (torch.tensor(0.8), torch.tensor(0.99))})
+    o, mine, r, ref = run_pair(
+        "Adam", {"lr": torch.tensor(0.01), "betas": (torch.tensor(0.8), torch.tensor(0.99))}
+    )
     assert_state_close(o, mine, r, ref)
 
 
 # -- what optkern cannot update in place: a clear error, nothing changed ---------------------------
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)), "dtype torch.float64"),
-    (lambda: torch.nn.Parameter(torch.zeros(4, 4).t()), "not contiguous"),
-    (lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64)), "dtype torch.complex64"),
-    (lambda: torch.nn.Parameter(torch.zeros(4, device="meta")), "is on meta"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)), "dtype torch.float64"),
+        (lambda: torch.nn.Parameter(torch.zeros(4, 4).t()), "not contiguous"),
+        (lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64)), "dtype torch.complex64"),
+        (lambda: torch.nn.Parameter(torch.zeros(4, device="meta")), "is on meta"),
+    ],
+)
 def test_unsupported_parameters_are_named(bad, match):
     good = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(TypeError, match=match) as info:
@@ -652,14 +698,16 @@ def test_aliasing_parameters_are_refused_with_names():
 
 def test_import_optkern_does_not_import_torch():
     code = "import sys, optkern; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ)
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
 
 def test_torch_mlp_example_trains_like_torch():
     from optkern.examples import torch_mlp
+
     rows = torch_mlp.run(["RMSprop", "Adam"], n=300, hidden=32, epochs=2)
     for r in rows:
         assert abs(r["okt_loss"] - r["torch_loss"]) < 1e-3 * max(1.0, r["torch_loss"]), r
@@ -669,6 +717,7 @@ def test_torch_mlp_example_trains_like_torch():
 def test_zero_grad_frees_the_gradient():
     import gc
     import weakref
+
     w = torch.nn.Parameter(torch.ones(1000))
     o = okt.Adam([w])
     w.grad = torch.ones(1000)
@@ -681,12 +730,20 @@ def test_zero_grad_frees_the_gradient():
 
 def test_bench_torch_runs_small(capsys):
     from optkern.benchmark import torch_bench as tb
+
     steps = tb.bench_steps(["RMSprop", "Adam"], [1000], repeats=1)
     assert [r["optimizer"] for r in steps] == ["RMSprop", "Adam"]
     assert all(r["torch_s"] > 0 and r["okt_s"] > 0 for r in steps)
     over = tb.bench_overhead(repeats=1, nparams=5, size=8)
-    tb.report_torch({"torch": torch.__version__, "threads": 1, "steps": steps,
-                     "loop": [dict(steps[0], params=1000)], "overhead": over})
+    tb.report_torch(
+        {
+            "torch": torch.__version__,
+            "threads": 1,
+            "steps": steps,
+            "loop": [dict(steps[0], params=1000)],
+            "overhead": over,
+        }
+    )
     assert "RMSprop" in capsys.readouterr().out
 
 
@@ -694,6 +751,7 @@ def test_bench_torch_pairs_alternate_order():
     """The step benchmark swaps which of the two runs first every repeat, so that neither
     always runs right after the other (torch's OpenMP workers spin for a while after its ops)."""
     from optkern.benchmark import torch_bench as tb
+
     calls = []
     tb._median_pair(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4, inner=2)
     assert "".join(calls) == "ab" + "aabb" + "bbaa" + "aabb" + "bbaa"

@@ -92,10 +92,20 @@ def to_torch_state_dict(sd):
     for i, s in sd["state"].items():
         # a rule's carried numbers (NAdam's mu_product, ASGD's eta and mu) stay floats, which
         # torch's __setstate__ turns into its 0-d tensors
-        state[i] = {k: (torch.tensor(float(v)) if k == "step" else
-                        torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v)
-                    for k, v in s.items()}
-    return {**sd, "state": state}  # with our extra keys (step_count, skipped_steps): torch ignores them
+        state[i] = {
+            k: (
+                torch.tensor(float(v))
+                if k == "step"
+                else torch.from_numpy(v.copy())
+                if isinstance(v, np.ndarray)
+                else v
+            )
+            for k, v in s.items()
+        }
+    return {
+        **sd,
+        "state": state,
+    }  # with our extra keys (step_count, skipped_steps): torch ignores them
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)

@@ -45,7 +45,7 @@ std::string type_name(py::handle h) { return Py_TYPE(h.ptr())->tp_name; }
 // no Python code runs and nothing is imported.
 bool is_masked_array(py::handle h) {
   if (Py_TYPE(h.ptr()) == npy::get().PyArray_Type_) return false;
-  PyObject* modules = PyImport_GetModuleDict();  // borrowed
+  PyObject* modules = PyImport_GetModuleDict();                   // borrowed
   PyObject* ma = PyDict_GetItemString(modules, "numpy.ma.core");  // borrowed
   if (ma == nullptr) return false;
   PyObject* cls = PyObject_GetAttrString(ma, "MaskedArray");  // new reference
@@ -53,9 +53,9 @@ bool is_masked_array(py::handle h) {
     PyErr_Clear();
     return false;
   }
-  const int r = PyType_Check(cls) ? PyType_IsSubtype(Py_TYPE(h.ptr()),
-                                                     reinterpret_cast<PyTypeObject*>(cls))
-                                  : 0;
+  const int r = PyType_Check(cls)
+                    ? PyType_IsSubtype(Py_TYPE(h.ptr()), reinterpret_cast<PyTypeObject*>(cls))
+                    : 0;
   Py_DECREF(cls);
   return r == 1;
 }
@@ -81,8 +81,7 @@ bool native_order(char byteorder) {
 // caller's mistake.
 py::list snapshot(py::handle seq, const std::string& name, const char* what) {
   if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) {
-    throw py::type_error(name + " must be a list or tuple of " + what + ", got " +
-                         type_name(seq));
+    throw py::type_error(name + " must be a list or tuple of " + what + ", got " + type_name(seq));
   }
   return py::reinterpret_steal<py::list>(PySequence_List(seq.ptr()));
 }
@@ -94,7 +93,8 @@ using Positions = std::vector<std::size_t>;
 Positions positions_of(py::handle positions) {
   Positions out;
   if (positions.is_none()) return out;
-  for (py::handle v : snapshot(positions, "positions", "ints")) out.push_back(v.cast<std::size_t>());
+  for (py::handle v : snapshot(positions, "positions", "ints"))
+    out.push_back(v.cast<std::size_t>());
   return out;
 }
 
@@ -114,7 +114,8 @@ class Buffers {
   const std::vector<float*>& first() const { return first_; }
 
   std::string label(const char* name, std::size_t i) const {
-    return std::string(name) + "[" + std::to_string(i < positions_.size() ? positions_[i] : i) + "]";
+    return std::string(name) + "[" + std::to_string(i < positions_.size() ? positions_[i] : i) +
+           "]";
   }
 
   // Validates a list of arrays (matched to the first list) and returns their data pointers.
@@ -164,9 +165,9 @@ class Buffers {
     const Range* reach = nullptr;
     for (const Range& r : ranges_) {
       if (reach != nullptr && r.lo < reach->hi && (r.written || reach->written)) {
-        throw py::value_error(label(r.name, r.index) + " shares memory with " +
-                              label(reach->name, reach->index) +
-                              "; every buffer an optimizer writes must be separate from all others");
+        throw py::value_error(
+            label(r.name, r.index) + " shares memory with " + label(reach->name, reach->index) +
+            "; every buffer an optimizer writes must be separate from all others");
       }
       if (reach == nullptr || r.hi > reach->hi) reach = &r;
     }
@@ -189,17 +190,21 @@ class Buffers {
                            type_name(item));
     }
     if (is_masked_array(item)) {
-      throw py::type_error(label(name, i) + " is a masked array (numpy.ma): its mask would be "
+      throw py::type_error(label(name, i) +
+                           " is a masked array (numpy.ma): its mask would be "
                            "ignored and the masked-out values used; pass .filled(...) or .data");
     }
     const auto* a = py::detail::array_proxy(item.ptr());
     const auto* descr = py::detail::array_descriptor_proxy(a->descr);
     if (descr->type_num != npy::NPY_FLOAT_ || !native_order(descr->byteorder)) {
-      throw py::type_error(label(name, i) + " must be a float32 array in native byte order, "
-                           "got dtype " + std::string(py::str(py::handle(a->descr))));
+      throw py::type_error(label(name, i) +
+                           " must be a float32 array in native byte order, "
+                           "got dtype " +
+                           std::string(py::str(py::handle(a->descr))));
     }
     if (a->nd == 0) {
-      throw py::value_error(label(name, i) + " is a 0-d array; optkern updates arrays with at "
+      throw py::value_error(label(name, i) +
+                            " is a 0-d array; optkern updates arrays with at "
                             "least one dimension (use a shape (1,) array)");
     }
     if (!(a->flags & npy::NPY_ARRAY_C_CONTIGUOUS_)) {
@@ -436,20 +441,20 @@ std::vector<std::int64_t> steps_for(const StepCounts& s, std::size_t count) {
 
 template <KernelId K>
 struct Slot;
-#define OPTKERN_SLOT(kname, S, n, w)                                       \
-  template <>                                                              \
-  struct Slot<KernelId::kname> {                                           \
-    static auto get(const KernelTable& t) { return t.kname; }              \
+#define OPTKERN_SLOT(kname, S, n, w)                          \
+  template <>                                                 \
+  struct Slot<KernelId::kname> {                              \
+    static auto get(const KernelTable& t) { return t.kname; } \
   };
 OPTKERN_KERNELS(OPTKERN_SLOT)
 #undef OPTKERN_SLOT
 
 template <KernelId K>
 struct ReduceSlot;
-#define OPTKERN_REDUCE_SLOT_GET(kname, n)                                 \
-  template <>                                                             \
-  struct ReduceSlot<KernelId::kname> {                                    \
-    static auto get(const KernelTable& t) { return t.kname##_reduce; }    \
+#define OPTKERN_REDUCE_SLOT_GET(kname, n)                              \
+  template <>                                                          \
+  struct ReduceSlot<KernelId::kname> {                                 \
+    static auto get(const KernelTable& t) { return t.kname##_reduce; } \
   };
 OPTKERN_REDUCTIONS(OPTKERN_REDUCE_SLOT_GET)
 #undef OPTKERN_REDUCE_SLOT_GET
@@ -510,12 +515,11 @@ class Prepared {
         if (l == nullptr || (l == Py_None && s.when != nullptr)) {
           std::string why;
           if (s.when != nullptr) {
-            const bool flag = Hyper(rule.hyper, rule.n_hyper, h.data())[s.when] != 0.0 &&
-                              std::any_of(rule.hyper, rule.hyper + rule.n_hyper,
-                                          [&](const HyperDecl& d) {
-                                            return std::string(d.name) == s.when &&
-                                                   d.range == Range::flag;
-                                          });
+            const bool flag =
+                Hyper(rule.hyper, rule.n_hyper, h.data())[s.when] != 0.0 &&
+                std::any_of(rule.hyper, rule.hyper + rule.n_hyper, [&](const HyperDecl& d) {
+                  return std::string(d.name) == s.when && d.range == Range::flag;
+                });
             why = std::string(" when ") + s.when + (flag ? "=True" : " != 0");
           }
           throw py::value_error(std::string(s.arg) + " is required" + why);
@@ -527,15 +531,15 @@ class Prepared {
       PyObject *key, *value;
       Py_ssize_t pos = 0;
       while (PyDict_Next(states.ptr(), &pos, &key, &value)) {
-        const bool known = PyUnicode_Check(key) &&
-                           (std::any_of(rule.states, rule.states + rule.n_states,
-                                        [&](const StateDecl& s) {
-                                          return PyUnicode_CompareWithASCIIString(key, s.name) == 0;
-                                        }) ||
-                            std::any_of(rule.carried, rule.carried + rule.n_carried,
-                                        [&](const CarriedDecl& c) {
-                                          return PyUnicode_CompareWithASCIIString(key, c.name) == 0;
-                                        }));
+        const bool known =
+            PyUnicode_Check(key) &&
+            (std::any_of(rule.states, rule.states + rule.n_states,
+                         [&](const StateDecl& s) {
+                           return PyUnicode_CompareWithASCIIString(key, s.name) == 0;
+                         }) ||
+             std::any_of(rule.carried, rule.carried + rule.n_carried, [&](const CarriedDecl& c) {
+               return PyUnicode_CompareWithASCIIString(key, c.name) == 0;
+             }));
         if (!known) {
           throw py::value_error(std::string(rule.cls) + " keeps no state " +
                                 std::string(py::repr(key)));
@@ -549,8 +553,10 @@ class Prepared {
       PyObject* l = PyDict_GetItemString(states.ptr(), c.name);
       if (l == nullptr) throw py::value_error(std::string(c.arg) + " is required");
       if (!PyList_CheckExact(l)) {
-        throw py::type_error(std::string(c.arg) + " must be a list of floats (updated in place), "
-                             "got " + type_name(l));
+        throw py::type_error(std::string(c.arg) +
+                             " must be a list of floats (updated in place), "
+                             "got " +
+                             type_name(l));
       }
       carried_lists_.push_back(py::reinterpret_borrow<py::list>(l));
       const py::list items = snapshot(l, c.arg, "floats");
@@ -598,8 +604,7 @@ class Prepared {
       }
       for (py::handle d : record_items) {
         if (!PyDict_CheckExact(d.ptr())) {
-          throw py::type_error("record must hold the parameters' state dicts, got " +
-                               type_name(d));
+          throw py::type_error("record must hold the parameters' state dicts, got " + type_name(d));
         }
       }
       record_ = record_items;
@@ -685,7 +690,8 @@ class Prepared {
     for (std::size_t k = 0; k < nc; ++k) {
       PyObject* l = carried_lists_[k].ptr();
       if (static_cast<std::size_t>(PyList_GET_SIZE(l)) != count) {
-        throw py::value_error(std::string(rule_.carried[k].arg) + " changed length during the step");
+        throw py::value_error(std::string(rule_.carried[k].arg) +
+                              " changed length during the step");
       }
       for (std::size_t t = 0; t < count; ++t) {
         PyObject* v = PyFloat_FromDouble(carried_[t * nc + k]);
@@ -740,8 +746,8 @@ class Prepared {
     auto body = [&](std::size_t t, std::size_t b, std::size_t e) {
       float* st[MAX_STATES] = {};
       states_at<K>(t, b, st);
-      fn(*reinterpret_cast<const S*>(scalars[which[t]].bytes), cb.param(t) + b, grads_[t] + b,
-         st, e - b);
+      fn(*reinterpret_cast<const S*>(scalars[which[t]].bytes), cb.param(t) + b, grads_[t] + b, st,
+         e - b);
     };
     for_each_span(cb.sizes(), KernelInfo<K>::weight, body);
   }
@@ -770,8 +776,8 @@ class Prepared {
         const Block& k = blocks[i];
         float* st[MAX_STATES] = {};
         states_at<K>(k.tensor, k.begin, st);
-        fn(*reinterpret_cast<const S*>(scalars_[which_[k.tensor]].bytes), cb.param(k.tensor) + k.begin,
-           grads_[k.tensor] + k.begin, st, k.size, &partial[i * NR]);
+        fn(*reinterpret_cast<const S*>(scalars_[which_[k.tensor]].bytes),
+           cb.param(k.tensor) + k.begin, grads_[k.tensor] + k.begin, st, k.size, &partial[i * NR]);
       }
     };
     parallel_for(blocks.size(), REDUCE_BLOCK * KernelInfo<K>::weight, pass);
@@ -812,8 +818,9 @@ void run_prepared(py::handle calls, py::handle counter) {
     if (p->used) throw py::value_error("a prepared update runs once");
     todo.push_back(p);
   }
-  if (!counter.is_none() && !(PyList_CheckExact(counter.ptr()) && PyList_GET_SIZE(counter.ptr()) >= 1 &&
-                              PyLong_CheckExact(PyList_GET_ITEM(counter.ptr(), 0)))) {
+  if (!counter.is_none() &&
+      !(PyList_CheckExact(counter.ptr()) && PyList_GET_SIZE(counter.ptr()) >= 1 &&
+        PyLong_CheckExact(PyList_GET_ITEM(counter.ptr(), 0)))) {
     throw py::type_error("counter must be a list whose first item is an int");
   }
   for (Prepared* p : todo) p->used = true;
@@ -847,12 +854,18 @@ py::dict validate(py::handle rule, py::handle hyper, py::handle labels) {
 
 const char* range_name(Range r) {
   switch (r) {
-    case Range::nonnegative: return "nonnegative";
-    case Range::unit: return "unit";
-    case Range::unit_open: return "unit_open";
-    case Range::open_unit: return "open_unit";
-    case Range::above_one: return "above_one";
-    case Range::flag: return "flag";
+    case Range::nonnegative:
+      return "nonnegative";
+    case Range::unit:
+      return "unit";
+    case Range::unit_open:
+      return "unit_open";
+    case Range::open_unit:
+      return "open_unit";
+    case Range::above_one:
+      return "above_one";
+    case Range::flag:
+      return "flag";
   }
   return "";
 }
@@ -868,11 +881,11 @@ py::list rule_table() {
     d["uses_step"] = r.steps == Steps::used;
     std::size_t weight = 1, kernel_states = 0;
     const char* kernel = "";
-#define OPTKERN_META(kname, S, ns, w)   \
-  if (r.kernel == KernelId::kname) {   \
-    weight = w;                        \
-    kernel_states = ns;                \
-    kernel = #kname;                   \
+#define OPTKERN_META(kname, S, ns, w) \
+  if (r.kernel == KernelId::kname) {  \
+    weight = w;                       \
+    kernel_states = ns;               \
+    kernel = #kname;                  \
   }
     OPTKERN_KERNELS(OPTKERN_META)
 #undef OPTKERN_META
@@ -998,9 +1011,8 @@ void clamp_grads(py::handle grads, double lo, double hi) {
   cb.check_disjoint();
   const auto l = static_cast<float>(lo), h = static_cast<float>(hi);
   const KernelTable& k = kernels();
-  run(cb, WEIGHT_STREAMING, [&](std::size_t t, std::size_t b, std::size_t e) {
-    k.clamp(cb.param(t) + b, e - b, l, h);
-  });
+  run(cb, WEIGHT_STREAMING,
+      [&](std::size_t t, std::size_t b, std::size_t e) { k.clamp(cb.param(t) + b, e - b, l, h); });
 }
 
 // a += s * b over lists of arrays, threaded like the optimizer kernels: the benchmark's yardstick.
@@ -1037,7 +1049,8 @@ void set_num_threads_checked(py::handle n) {
   const long long v = PyLong_AsLongLongAndOverflow(number.ptr(), &overflow);
   if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
   if (overflow < 0 || (overflow == 0 && v < 1)) {
-    throw py::value_error("set_num_threads: n must be >= 1, got " + py::str(number).cast<std::string>());
+    throw py::value_error("set_num_threads: n must be >= 1, got " +
+                          py::str(number).cast<std::string>());
   }
   if (overflow > 0 || v > pool::MAX_THREADS) {
     throw py::value_error("set_num_threads: n must be <= " + std::to_string(pool::MAX_THREADS) +
@@ -1066,12 +1079,14 @@ py::dict build_info() {
 PYBIND11_MODULE(_core, m) {
   using namespace optkern;
   namespace py = pybind11;
-  m.doc() = "optkern's C++ core: fused optimizer kernels behind runtime ISA dispatch (private; "
-            "use optkern and optkern.functional)";
+  m.doc() =
+      "optkern's C++ core: fused optimizer kernels behind runtime ISA dispatch (private; "
+      "use optkern and optkern.functional)";
   init_dispatch();
   m.attr("__version__") = OPTKERN_VERSION;
 
-  m.def("active_isa", &active_isa, "The instruction set the kernels run with: scalar, avx2 or avx512.");
+  m.def("active_isa", &active_isa,
+        "The instruction set the kernels run with: scalar, avx2 or avx512.");
   m.def("available_isas", &available_isas,
         "The instruction sets this build holds and this CPU supports, from the baseline up.");
   m.def("get_num_threads", &num_threads, "Threads a large update uses.");
@@ -1095,17 +1110,21 @@ PYBIND11_MODULE(_core, m) {
   m.def("_adaptive_threads", &pool::adaptive);
   m.def("_pause_helpers", &pool::pause_helpers, py::arg("paused"),
         "Testing hook: helpers wake but take no chunk, as if every one were late.");
-  m.def("_pool_stats", [] {
-    const pool::Stats s = pool::stats();
-    py::dict d;
-    d["calls"] = s.calls;
-    d["helper_chunks"] = s.helper_chunks;
-    d["late_calls"] = s.late_calls;
-    d["serial_calls"] = s.serial_calls;
-    return d;
-  }, "Counters: multi-threaded calls, chunks run by helpers, calls whose helpers ran none, "
-     "calls run alone because helpers had been late.");
-  m.def("_parse_thread_count", [](const std::string& s) { return pool::parse_thread_count(s.c_str()); });
+  m.def(
+      "_pool_stats",
+      [] {
+        const pool::Stats s = pool::stats();
+        py::dict d;
+        d["calls"] = s.calls;
+        d["helper_chunks"] = s.helper_chunks;
+        d["late_calls"] = s.late_calls;
+        d["serial_calls"] = s.serial_calls;
+        return d;
+      },
+      "Counters: multi-threaded calls, chunks run by helpers, calls whose helpers ran none, "
+      "calls run alone because helpers had been late.");
+  m.def("_parse_thread_count",
+        [](const std::string& s) { return pool::parse_thread_count(s.c_str()); });
   m.def("_cpus_from_cpu_max", &pool::cpus_from_cpu_max);
   m.def("_cpus_from_cfs", &pool::cpus_from_cfs);
   m.def("_affinity_cpus", &pool::affinity_cpus);
@@ -1142,11 +1161,10 @@ PYBIND11_MODULE(_core, m) {
     return new Prepared(rule_named(rule), params, grads, states, hyper, steps, grad_scale,
                         positions, isa, record);
   };
-  m.def("prepare", prepare, py::arg("rule"), py::arg("params"), py::arg("grads"),
-        py::arg("states"), py::arg("hyper"), py::kw_only(), py::arg("steps") = py::none(),
-        py::arg("grad_scale") = 1.0, py::arg("positions") = py::none(),
-        py::arg("isa") = py::none(), py::arg("record") = py::none(),
-        py::return_value_policy::take_ownership,
+  m.def("prepare", prepare, py::arg("rule"), py::arg("params"), py::arg("grads"), py::arg("states"),
+        py::arg("hyper"), py::kw_only(), py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0,
+        py::arg("positions") = py::none(), py::arg("isa") = py::none(),
+        py::arg("record") = py::none(), py::return_value_policy::take_ownership,
         "Validates one group's update (arrays, hyperparameters, step counts, per-step scalars) "
         "without writing anything.");
   m.def("run", &run_prepared, py::arg("calls"), py::kw_only(), py::arg("counter") = py::none(),
@@ -1157,9 +1175,8 @@ PYBIND11_MODULE(_core, m) {
       [prepare](py::handle rule, py::handle params, py::handle grads, py::handle states,
                 py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
                 py::handle isa) {
-        std::unique_ptr<Prepared> p(
-            prepare(rule, params, grads, states, hyper, steps, grad_scale, positions, isa,
-                    py::none()));
+        std::unique_ptr<Prepared> p(prepare(rule, params, grads, states, hyper, steps, grad_scale,
+                                            positions, isa, py::none()));
         p->used = true;
         {
           py::gil_scoped_release nogil;

@@ -53,8 +53,8 @@ CpuSupport detect_cpu() {
   const bool fma = r[2] & (1u << 12), osxsave = r[2] & (1u << 27), avx = r[2] & (1u << 28);
   if (!(osxsave && avx)) return s;  // without OSXSAVE, xgetbv is not allowed
   const std::uint64_t xcr0 = xgetbv0();
-  const bool os_ymm = (xcr0 & 0x6) == 0x6;     // SSE and AVX state
-  const bool os_zmm = (xcr0 & 0xE6) == 0xE6;   // plus opmask, ZMM_Hi256, Hi16_ZMM
+  const bool os_ymm = (xcr0 & 0x6) == 0x6;    // SSE and AVX state
+  const bool os_zmm = (xcr0 & 0xE6) == 0xE6;  // plus opmask, ZMM_Hi256, Hi16_ZMM
   cpuid(7, 0, r);
   const unsigned ebx = r[1];
   const bool avx2 = ebx & (1u << 5);
@@ -81,8 +81,7 @@ struct IsaBuild {
 
 // From the baseline up; the last supported one is the default.
 const IsaBuild kBuilds[] = {
-    {"scalar", scalar::kernel_table, OPTKERN_FLAGS_SCALAR,
-     [](const CpuSupport&) { return true; }},
+    {"scalar", scalar::kernel_table, OPTKERN_FLAGS_SCALAR, [](const CpuSupport&) { return true; }},
 #if defined(OPTKERN_HAVE_AVX2)
     {"avx2", avx2::kernel_table, OPTKERN_FLAGS_AVX2, [](const CpuSupport& c) { return c.avx2; }},
 #else
@@ -142,9 +141,9 @@ void init_dispatch() {
                                " kernels (it has: " + joined_available(cpu) + ")");
     }
     if (!b.supported(cpu)) {
-      throw std::runtime_error("OPTKERN_FORCE_ISA='" + std::string(forced) + "': " + b.name +
-                               " is not supported by this CPU and OS (available: " +
-                               joined_available(cpu) + ")");
+      throw std::runtime_error(
+          "OPTKERN_FORCE_ISA='" + std::string(forced) + "': " + b.name +
+          " is not supported by this CPU and OS (available: " + joined_available(cpu) + ")");
     }
     g_active = &b;
     g_table = b.table();
@@ -152,7 +151,8 @@ void init_dispatch() {
   }
   throw std::runtime_error("OPTKERN_FORCE_ISA='" + std::string(forced) +
                            "' is not an ISA optkern knows; expected one of scalar, avx2, "
-                           "avx512 (available here: " + joined_available(cpu) + ")");
+                           "avx512 (available here: " +
+                           joined_available(cpu) + ")");
 }
 
 const KernelTable& kernels() { return *g_table; }

@@ -22,13 +22,13 @@ enum class KernelId : int { OPTKERN_KERNELS(OPTKERN_KERNEL_ID) count };
 
 template <KernelId>
 struct KernelInfo;
-#define OPTKERN_KERNEL_INFO(kname, S, n_states, w)   \
-  template <>                                        \
-  struct KernelInfo<KernelId::kname> {               \
-    using Scalars = S;                               \
-    static constexpr std::size_t states = n_states;  \
-    static constexpr std::size_t weight = w;         \
-    static constexpr const char* name = #kname;      \
+#define OPTKERN_KERNEL_INFO(kname, S, n_states, w)  \
+  template <>                                       \
+  struct KernelInfo<KernelId::kname> {              \
+    using Scalars = S;                              \
+    static constexpr std::size_t states = n_states; \
+    static constexpr std::size_t weight = w;        \
+    static constexpr const char* name = #kname;     \
   };
 OPTKERN_KERNELS(OPTKERN_KERNEL_INFO)
 #undef OPTKERN_KERNEL_INFO
@@ -39,10 +39,10 @@ template <KernelId>
 struct Reduction {
   static constexpr std::size_t sums = 0;
 };
-#define OPTKERN_REDUCTION_INFO(kname, n_sums)      \
-  template <>                                      \
-  struct Reduction<KernelId::kname> {              \
-    static constexpr std::size_t sums = n_sums;    \
+#define OPTKERN_REDUCTION_INFO(kname, n_sums)   \
+  template <>                                   \
+  struct Reduction<KernelId::kname> {           \
+    static constexpr std::size_t sums = n_sums; \
   };
 OPTKERN_REDUCTIONS(OPTKERN_REDUCTION_INFO)
 #undef OPTKERN_REDUCTION_INFO
@@ -60,8 +60,8 @@ struct KernelTable {
   // The first pass of each kernel with a reduction: name_reduce(scalars, param, grad, state, n,
   // sums) over one block, writing Reduction<name>::sums double sums (each accumulated in a
   // fixed order within the block) to sums[0..).
-#define OPTKERN_REDUCE_SLOT(kname, n_sums)                                                  \
-  void (*kname##_reduce)(const KernelInfo<KernelId::kname>::Scalars&, const float* param,   \
+#define OPTKERN_REDUCE_SLOT(kname, n_sums)                                                \
+  void (*kname##_reduce)(const KernelInfo<KernelId::kname>::Scalars&, const float* param, \
                          const float* grad, float* const* state, std::size_t n, double* sums);
   OPTKERN_REDUCTIONS(OPTKERN_REDUCE_SLOT)
 #undef OPTKERN_REDUCE_SLOT
@@ -77,8 +77,14 @@ struct KernelTable {
 };
 
 // Defined once per ISA build (namespaces scalar, avx2, avx512).
-namespace scalar { const KernelTable* kernel_table(); }
-namespace avx2 { const KernelTable* kernel_table(); }
-namespace avx512 { const KernelTable* kernel_table(); }
+namespace scalar {
+const KernelTable* kernel_table();
+}
+namespace avx2 {
+const KernelTable* kernel_table();
+}
+namespace avx512 {
+const KernelTable* kernel_table();
+}
 
 }  // namespace optkern

@@ -30,7 +30,8 @@ std::atomic<std::size_t> g_chunk_elements{0};
 // Threads worth using for this much work: one below the threshold, never more than asked for.
 int threads_for(std::size_t work) {
   const std::size_t by_size = work / min_elements_per_thread();
-  const int n = static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(num_threads(), by_size)));
+  const int n =
+      static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(num_threads(), by_size)));
   return n > 1 && pool::skip_helpers() ? 1 : n;
 }
 
@@ -87,13 +88,12 @@ void parallel_for(std::size_t count, std::size_t weight, RangeFn fn, void* ctx) 
     RangeFn fn;
     void* ctx;
   } job{count, per, fn, ctx};
-  pool::run(
-      (count + per - 1) / per, threads,
-      [](void* c, std::size_t i) {
-        const Job& j = *static_cast<const Job*>(c);
-        j.fn(j.ctx, i * j.per, std::min(j.count, (i + 1) * j.per));
-      },
-      &job);
+  pool::run((count + per - 1) / per, threads,
+            [](void* c, std::size_t i) {
+              const Job& j = *static_cast<const Job*>(c);
+              j.fn(j.ctx, i * j.per, std::min(j.count, (i + 1) * j.per));
+            },
+            &job);
 }
 
 void for_each_span(const std::size_t* sizes, std::size_t count, std::size_t weight, SpanFn fn,
@@ -119,23 +119,24 @@ void for_each_span(const std::size_t* sizes, std::size_t count, std::size_t weig
     std::size_t count, total, per;
     SpanFn fn;
     void* ctx;
-  } job{sizes, starts.data(), count, total, chunk_items(total, weight, threads, CHUNK_ALIGN), fn, ctx};
-  pool::run(
-      (total + job.per - 1) / job.per, threads,
-      [](void* c, std::size_t i) {
-        const Job& j = *static_cast<const Job*>(c);
-        std::size_t lo = i * j.per;
-        const std::size_t hi = std::min(j.total, lo + j.per);
-        // The last tensor starting at or before lo, then every tensor the chunk reaches into.
-        std::size_t t =
-            static_cast<std::size_t>(std::upper_bound(j.starts, j.starts + j.count, lo) - j.starts) - 1;
-        for (; lo < hi && t < j.count; ++t) {
-          const std::size_t end = std::min(hi, j.starts[t] + j.sizes[t]);
-          if (end > lo) j.fn(j.ctx, t, lo - j.starts[t], end - j.starts[t]);
-          lo = std::max(lo, end);
-        }
-      },
-      &job);
+  } job{sizes, starts.data(), count, total, chunk_items(total, weight, threads, CHUNK_ALIGN), fn,
+        ctx};
+  pool::run((total + job.per - 1) / job.per, threads,
+            [](void* c, std::size_t i) {
+              const Job& j = *static_cast<const Job*>(c);
+              std::size_t lo = i * j.per;
+              const std::size_t hi = std::min(j.total, lo + j.per);
+              // The last tensor starting at or before lo, then every tensor the chunk reaches into.
+              std::size_t t = static_cast<std::size_t>(
+                                  std::upper_bound(j.starts, j.starts + j.count, lo) - j.starts) -
+                              1;
+              for (; lo < hi && t < j.count; ++t) {
+                const std::size_t end = std::min(hi, j.starts[t] + j.sizes[t]);
+                if (end > lo) j.fn(j.ctx, t, lo - j.starts[t], end - j.starts[t]);
+                lo = std::max(lo, end);
+              }
+            },
+            &job);
 }
 
 }  // namespace optkern

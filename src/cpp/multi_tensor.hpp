@@ -43,15 +43,17 @@ void parallel_for(std::size_t count, std::size_t weight, RangeFn fn, void* ctx);
 template <class F>
 void parallel_for(std::size_t count, std::size_t weight, F& f) {
   parallel_for(
-      count, weight,
-      [](void* ctx, std::size_t b, std::size_t e) { (*static_cast<F*>(ctx))(b, e); }, &f);
+      count, weight, [](void* ctx, std::size_t b, std::size_t e) { (*static_cast<F*>(ctx))(b, e); },
+      &f);
 }
 
 template <class F>
 void for_each_span(const std::vector<std::size_t>& sizes, std::size_t weight, F& f) {
   for_each_span(
       sizes.data(), sizes.size(), weight,
-      [](void* ctx, std::size_t t, std::size_t b, std::size_t e) { (*static_cast<F*>(ctx))(t, b, e); },
+      [](void* ctx, std::size_t t, std::size_t b, std::size_t e) {
+        (*static_cast<F*>(ctx))(t, b, e);
+      },
       &f);
 }
 

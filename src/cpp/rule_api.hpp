@@ -175,39 +175,38 @@ constexpr std::size_t count_of(const T (&)[N]) {
 }
 
 // RULE(kernel, name, class, steps, hyper, states, check, scalars, doc): one RuleDecl.
-#define RULE(kernel, name, cls, counts, hyper, states, check, scalars, doc)                       \
-  RuleDecl {                                                                                      \
-    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states, count_of(states),    \
-        check, [](const Hyper& h, const StepInfo& t, void* out) {                                 \
-          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));               \
-        }                                                                                         \
+#define RULE(kernel, name, cls, counts, hyper, states, check, scalars, doc)          \
+  RuleDecl {                                                                         \
+    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states, \
+        count_of(states), check, [](const Hyper& h, const StepInfo& t, void* out) {  \
+          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));  \
+        }                                                                            \
   }
 
 // RULE_CARRIED(kernel, name, class, steps, hyper, states, carried, check, scalars, doc): a rule
 // that also carries numbers per parameter from step to step (see CarriedDecl).
-#define RULE_CARRIED(kernel, name, cls, counts, hyper, states, carried, check, scalars, doc)      \
-  RuleDecl {                                                                                      \
-    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,              \
-        count_of(states), check,                                                                  \
-        [](const Hyper& h, const StepInfo& t, void* out) {                                        \
-          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));               \
-        },                                                                                        \
-        carried, count_of(carried)                                                                \
+#define RULE_CARRIED(kernel, name, cls, counts, hyper, states, carried, check, scalars, doc) \
+  RuleDecl {                                                                                 \
+    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,         \
+        count_of(states), check,                                                             \
+        [](const Hyper& h, const StepInfo& t, void* out) {                                   \
+          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));          \
+        },                                                                                   \
+        carried, count_of(carried)                                                           \
   }
 
 // RULE_REDUCED(kernel, name, class, steps, hyper, states, check, scalars, per_array, doc): a rule
 // whose kernel has a reduction pass, with the function from its array's sums to its scalars.
-#define RULE_REDUCED(kernel, name, cls, counts, hyper, states, check, scalars, per_array, doc)   \
-  RuleDecl {                                                                                      \
-    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,              \
-        count_of(states), check,                                                                  \
-        [](const Hyper& h, const StepInfo& t, void* out) {                                        \
-          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));               \
-        },                                                                                        \
-        nullptr, 0,                                                                               \
-        [](const double* sums, void* out) {                                                       \
-          per_array(sums, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));             \
-        }                                                                                         \
+#define RULE_REDUCED(kernel, name, cls, counts, hyper, states, check, scalars, per_array, doc) \
+  RuleDecl {                                                                                   \
+    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,           \
+        count_of(states), check,                                                               \
+        [](const Hyper& h, const StepInfo& t, void* out) {                                     \
+          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));            \
+        },                                                                                     \
+        nullptr, 0, [](const double* sums, void* out) {                                        \
+          per_array(sums, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));          \
+        }                                                                                      \
   }
 
 }  // namespace optkern

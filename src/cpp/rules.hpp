@@ -82,9 +82,9 @@ struct AdamStep {
   float beta2;
   float one_minus_beta2;
   float eps;
-  float decoupled_decay;             // 1 - lr * weight_decay, AdamW only (grad.weight_decay unused)
-  float step_size;                   // lr / (1 - beta1^step), per tensor
-  float inv_bias_correction2_sqrt;   // 1 / sqrt(1 - beta2^step), per tensor
+  float decoupled_decay;            // 1 - lr * weight_decay, AdamW only (grad.weight_decay unused)
+  float step_size;                  // lr / (1 - beta1^step), per tensor
+  float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step), per tensor
   GradientPrep grad;
   bool amsgrad;
   bool decoupled;
@@ -148,19 +148,19 @@ struct LionStep {
 };
 
 struct RpropStep {
-  float etaminus, etaplus;              // the step size's factor where sign(g * prev) is -1, +1
-  float step_size_min, step_size_max;   // its clamp
+  float etaminus, etaplus;             // the step size's factor where sign(g * prev) is -1, +1
+  float step_size_min, step_size_max;  // its clamp
   float grad_scale;
 };
 
 struct LambStep {
-  float beta1, one_minus_beta1;       // exp_avg <- one_minus_beta1 * g + beta1 * exp_avg
-  float beta2, one_minus_beta2;       // exp_avg_sq <- one_minus_beta2 * g^2 + beta2 * exp_avg_sq
-  float inv_bias_correction1;         // 1 / (1 - beta1^step), per tensor
-  float inv_bias_correction2;         // 1 / (1 - beta2^step), per tensor
+  float beta1, one_minus_beta1;  // exp_avg <- one_minus_beta1 * g + beta1 * exp_avg
+  float beta2, one_minus_beta2;  // exp_avg_sq <- one_minus_beta2 * g^2 + beta2 * exp_avg_sq
+  float inv_bias_correction1;    // 1 / (1 - beta1^step), per tensor
+  float inv_bias_correction2;    // 1 / (1 - beta2^step), per tensor
   float eps;
-  float neg_lr;                       // -lr
-  float trust_ratio;                  // per array: filled after the reduction pass
+  float neg_lr;       // -lr
+  float trust_ratio;  // per array: filled after the reduction pass
   // grad_scale as every rule; has_weight_decay: u += weight_decay * p (decoupled, as optax).
   GradientPrep grad;
 };
@@ -186,19 +186,19 @@ struct ScheduleFreeStep {
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
 // of SGD's element (multi_tensor.hpp): 1 for a few multiply-adds, 4 with a sqrt and a division.
-#define OPTKERN_KERNELS(X)          \
-  X(sgd, SgdStep, 1, 1)             \
-  X(rmsprop, RmspropStep, 3, 4)     \
-  X(adagrad, AdagradStep, 1, 4)     \
-  X(adadelta, AdadeltaStep, 2, 4)   \
-  X(adam, AdamStep, 3, 4)           \
-  X(adamax, AdamaxStep, 2, 4)       \
-  X(nadam, NadamStep, 2, 4)         \
-  X(radam, RadamStep, 2, 4)         \
-  X(asgd, AsgdStep, 1, 1)           \
-  X(lion, LionStep, 1, 1)           \
-  X(rprop, RpropStep, 2, 1)         \
-  X(lamb, LambStep, 2, 4)           \
+#define OPTKERN_KERNELS(X)           \
+  X(sgd, SgdStep, 1, 1)              \
+  X(rmsprop, RmspropStep, 3, 4)      \
+  X(adagrad, AdagradStep, 1, 4)      \
+  X(adadelta, AdadeltaStep, 2, 4)    \
+  X(adam, AdamStep, 3, 4)            \
+  X(adamax, AdamaxStep, 2, 4)        \
+  X(nadam, NadamStep, 2, 4)          \
+  X(radam, RadamStep, 2, 4)          \
+  X(asgd, AsgdStep, 1, 1)            \
+  X(lion, LionStep, 1, 1)            \
+  X(rprop, RpropStep, 2, 1)          \
+  X(lamb, LambStep, 2, 4)            \
   X(sfadamw, ScheduleFreeStep, 2, 4) \
   X(sfsgd, ScheduleFreeStep, 1, 1)
 
@@ -209,8 +209,7 @@ struct ScheduleFreeStep {
 // blocks in block order (so the sums do not depend on the thread count), then the rule's
 // per_array function (its RULE_REDUCED declaration) turns the array's sums into that array's
 // scalars (LAMB's trust ratio), and then the element-wise kernel `name` runs with them.
-#define OPTKERN_REDUCTIONS(X) \
-  X(lamb, 2)
+#define OPTKERN_REDUCTIONS(X) X(lamb, 2)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -220,7 +219,8 @@ constexpr std::size_t MAX_STATES = 4;
 
 #if defined(OPTKERN_RULE_DECLARATIONS) && !defined(OPTKERN_RULES_DECLARED)
 #define OPTKERN_RULES_DECLARED
-// -- host side: the declarations -------------------------------------------------------------------
+// -- host side: the declarations
+// -------------------------------------------------------------------
 #include <algorithm>
 
 #include "rule_api.hpp"
@@ -655,20 +655,22 @@ inline void sfsgd_scalars(const Hyper& h, const StepInfo& t, ScheduleFreeStep& s
   schedule_free_common(h, t, h["momentum"], s);
 }
 
-// -- the table -------------------------------------------------------------------------------------
+// -- the table
+// -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
 
 constexpr RuleDecl kRules[] = {
-    RULE(sgd, "sgd", "SGD", first_only, kSgdHyper, kSgdStates, sgd_check, sgd_scalars,
-         "Stochastic gradient descent with optional (Nesterov) momentum, as torch.optim.SGD::\n\n"
-         "    g   <- g + weight_decay * p\n"
-         "    buf <- g                                          (first step)\n"
-         "    buf <- momentum * buf + (1 - dampening) * g       (later steps)\n"
-         "    g   <- g + momentum * buf     if nesterov,  else  g <- buf      (when momentum != 0)\n"
-         "    p   <- p - lr * g\n\n"
-         "State: ``momentum_buffer`` (when momentum != 0). Feeding it the gradient of the whole\n"
-         "data set, one sample or a mini-batch gives BGD, SGD or mini-batch GD (see\n"
-         "``optkern.data.batches``)."),
+    RULE(
+        sgd, "sgd", "SGD", first_only, kSgdHyper, kSgdStates, sgd_check, sgd_scalars,
+        "Stochastic gradient descent with optional (Nesterov) momentum, as torch.optim.SGD::\n\n"
+        "    g   <- g + weight_decay * p\n"
+        "    buf <- g                                          (first step)\n"
+        "    buf <- momentum * buf + (1 - dampening) * g       (later steps)\n"
+        "    g   <- g + momentum * buf     if nesterov,  else  g <- buf      (when momentum != 0)\n"
+        "    p   <- p - lr * g\n\n"
+        "State: ``momentum_buffer`` (when momentum != 0). Feeding it the gradient of the whole\n"
+        "data set, one sample or a mini-batch gives BGD, SGD or mini-batch GD (see\n"
+        "``optkern.data.batches``)."),
     RULE(sgd, "momentum", "Momentum", first_only, kMomentumHyper, kMomentumStates, nullptr,
          momentum_scalars,
          "Gradient descent with momentum in its exponentially weighted form::\n\n"
@@ -714,7 +716,8 @@ constexpr RuleDecl kRules[] = {
          "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
          "    amsgrad:   max_exp_avg_sq <- max(max_exp_avg_sq, exp_avg_sq), used for v below\n"
          "    v          <- exp_avg_sq\n"
-         "    p          <- p - lr / (1 - beta1^t) * exp_avg / (sqrt(v) / sqrt(1 - beta2^t) + eps)\n\n"
+         "    p          <- p - lr / (1 - beta1^t) * exp_avg / (sqrt(v) / sqrt(1 - beta2^t) + "
+         "eps)\n\n"
          "The bias corrections 1 - beta^t are computed in double from t. State: ``step``,\n"
          "``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad)."),
     RULE(adam, "adamw", "AdamW", used, kAdamwHyper, kAdamStates, nullptr, adamw_scalars,
@@ -729,20 +732,21 @@ constexpr RuleDecl kRules[] = {
          "    exp_inf <- max(beta2 * exp_inf, |g| + eps)\n"
          "    p       <- p - lr / (1 - beta1^t) * exp_avg / exp_inf\n\n"
          "Only the first moment is bias-corrected. State: ``step``, ``exp_avg``, ``exp_inf``."),
-    RULE_CARRIED(nadam, "nadam", "NAdam", used, kNadamHyper, kNadamStates, kNadamCarried, nullptr,
-         nadam_scalars,
-         "NAdam, as torch.optim.NAdam (Adam with Nesterov momentum)::\n\n"
-         "    decoupled_weight_decay:  p <- p * (1 - lr * weight_decay)\n"
-         "    otherwise:               g <- g + weight_decay * p\n"
-         "    mu_t       = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))\n"
-         "    mu_{t+1}   = beta1 * (1 - 0.5 * 0.96^((t + 1) * momentum_decay))\n"
-         "    mu_product <- mu_product * mu_t                   (a number per parameter, from 1)\n"
-         "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g   (computed as torch's lerp)\n"
-         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
-         "    denom      =  sqrt(exp_avg_sq / (1 - beta2^t)) + eps\n"
-         "    p          <- p - lr * (1 - mu_t) / (1 - mu_product) * g / denom\n"
-         "                    - lr * mu_{t+1} / (1 - mu_product * mu_{t+1}) * exp_avg / denom\n\n"
-         "State: ``step``, ``mu_product`` (a float, kept in double), ``exp_avg``, ``exp_avg_sq``."),
+    RULE_CARRIED(
+        nadam, "nadam", "NAdam", used, kNadamHyper, kNadamStates, kNadamCarried, nullptr,
+        nadam_scalars,
+        "NAdam, as torch.optim.NAdam (Adam with Nesterov momentum)::\n\n"
+        "    decoupled_weight_decay:  p <- p * (1 - lr * weight_decay)\n"
+        "    otherwise:               g <- g + weight_decay * p\n"
+        "    mu_t       = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))\n"
+        "    mu_{t+1}   = beta1 * (1 - 0.5 * 0.96^((t + 1) * momentum_decay))\n"
+        "    mu_product <- mu_product * mu_t                   (a number per parameter, from 1)\n"
+        "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g   (computed as torch's lerp)\n"
+        "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+        "    denom      =  sqrt(exp_avg_sq / (1 - beta2^t)) + eps\n"
+        "    p          <- p - lr * (1 - mu_t) / (1 - mu_product) * g / denom\n"
+        "                    - lr * mu_{t+1} / (1 - mu_product * mu_{t+1}) * exp_avg / denom\n\n"
+        "State: ``step``, ``mu_product`` (a float, kept in double), ``exp_avg``, ``exp_avg_sq``."),
     RULE(radam, "radam", "RAdam", used, kRadamHyper, kRadamStates, nullptr, radam_scalars,
          "RAdam, as torch.optim.RAdam (Adam with the variance rectified)::\n\n"
          "    decoupled_weight_decay:  p <- p * (1 - lr * weight_decay)\n"
@@ -751,87 +755,92 @@ constexpr RuleDecl kRules[] = {
          "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
          "    rho_inf    =  2 / (1 - beta2) - 1\n"
          "    rho_t      =  rho_inf - 2 t beta2^t / (1 - beta2^t)\n"
-         "    rho_t > 5: r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))\n"
+         "    rho_t > 5: r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) "
+         "rho_t))\n"
          "               p <- p - lr * exp_avg / (1 - beta1^t) * r_t * sqrt(1 - beta2^t)"
          " / (sqrt(exp_avg_sq) + eps)\n"
          "    otherwise: p <- p - lr * exp_avg / (1 - beta1^t)\n\n"
          "The switch is decided from t (with the default betas, the first 5 steps are\n"
          "bias-corrected momentum). State: ``step``, ``exp_avg``, ``exp_avg_sq``."),
-    RULE_CARRIED(asgd, "asgd", "ASGD", used, kAsgdHyper, kAsgdStates, kAsgdCarried, nullptr,
-         asgd_scalars,
-         "Averaged SGD, as torch.optim.ASGD::\n\n"
-         "    g   <- g + weight_decay * p\n"
-         "    p   <- p * (1 - lambd * eta) - eta * g\n"
-         "    ax  <- ax + mu * (p - ax)      (ax <- p while mu = 1, that is until step t0 + 1)\n"
-         "    eta <- lr / (1 + lambd * lr * t)^alpha             (the rate of the next step)\n"
-         "    mu  <- 1 / max(1, t - t0)\n\n"
-         "``eta`` starts at lr, ``mu`` at 1: numbers per parameter carried in the state, as torch\n"
-         "does (so an lr changed by a schedule takes effect one step late, as in torch). ``ax``,\n"
-         "the averaged point, is what to evaluate with. State: ``step``, ``eta``, ``mu``, ``ax``."),
-    RULE(lion, "lion", "Lion", first_only, kLionHyper, kLionStates, nullptr, lion_scalars,
-         "Lion, as optax.lion (Chen et al. 2023), with lion-pytorch's defaults::\n\n"
-         "    u       <- sign(beta1 * exp_avg + (1 - beta1) * g)    (sign(0) = 0, sign(NaN) = NaN)\n"
-         "    u       <- u + weight_decay * p                       (decoupled weight decay)\n"
-         "    p       <- p - lr * u\n"
-         "    exp_avg <- beta2 * exp_avg + (1 - beta2) * g\n\n"
-         "Every element moves by lr (plus the decay) or not at all. A NaN gradient makes its\n"
-         "element NaN, as in optax (lion-pytorch's torch.sign would give 0 and not move it).\n"
-         "State: ``exp_avg`` (lion-pytorch's name; no step count)."),
-    RULE(rprop, "rprop", "Rprop", counted, kRpropHyper, kRpropStates, rprop_check,
-         rprop_scalars,
-         "Rprop (resilient backpropagation), as torch.optim.Rprop::\n\n"
-         "    s         =  sign(g * prev)                       (torch's sign: 0 for NaN)\n"
-         "    step_size <- clamp(step_size * (etaplus if s > 0, etaminus if s < 0, 1 otherwise),\n"
-         "                       step_size_min, step_size_max)\n"
-         "    g         <- 0 where s < 0                (a flipped sign neither moves nor is kept)\n"
-         "    p         <- p - sign(g) * step_size\n"
-         "    prev      <- g\n\n"
-         "Only signs are used, so the gradient's scale does not matter. ``step_size`` starts at\n"
-         "lr, ``prev`` at zero. A NaN gradient moves nothing but is kept as ``prev``.\n"
-         "State: ``step``, ``prev``, ``step_size``."),
-    RULE_REDUCED(lamb, "lamb", "LAMB", used, kLambHyper, kLambStates, nullptr, lamb_scalars,
-                 lamb_per_array,
-         "LAMB, as optax.lamb (You et al. 2019): Adam's direction with decoupled weight decay,\n"
-         "scaled per parameter array by the trust ratio::\n\n"
-         "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g\n"
-         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
-         "    u          =  (exp_avg / (1 - beta1^t)) / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps)\n"
-         "                   + weight_decay * p\n"
-         "    ratio      =  norm(p) / norm(u), or 1 where either norm is 0    (per array)\n"
-         "    p          <- p - lr * ratio * u\n\n"
-         "The norms are over each whole array, summed in double over fixed blocks, so the\n"
-         "result is the same for any number of threads; a NaN anywhere in u makes the array NaN,\n"
-         "as in optax. State: ``step``, ``exp_avg``, ``exp_avg_sq`` (torch's names for Adam's)."),
-    RULE_CARRIED(sfadamw, "schedule_free_adamw", "ScheduleFreeAdamW", used, kSfAdamwHyper,
-         kSfAdamwStates, kScheduleFreeCarried, nullptr, sfadamw_scalars,
-         "Schedule-Free AdamW, as schedulefree.AdamWScheduleFree (Defazio et al. 2024)::\n\n"
-         "    lr_t       = lr * min(1, t / warmup_steps)\n"
-         "    lr_max     <- max(lr_max, lr_t)                    (a number per parameter, from -1)\n"
-         "    weight     = t^r * lr_max^weight_lr_power;  weight_sum <- weight_sum + weight\n"
-         "    c          = weight / weight_sum                   (0 while weight_sum is 0)\n"
-         "    z          <- y                                    (first step)\n"
-         "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
-         "    u          =  g / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps) + weight_decay * y\n"
-         "    y          <- lerp(y, z, c) + lr_t * (beta1 * (1 - c) - 1) * u\n"
-         "    z          <- z - lr_t * u\n\n"
-         "The parameter holds y in train mode, x (the average to evaluate and save) in eval\n"
-         "mode: ``train()`` sets p <- lerp(p, z, 1 - beta1), ``eval()`` p <- lerp(p, z,\n"
-         "1 - 1/beta1); a step in eval mode is an error. Unlike the package, which starts in\n"
-         "eval mode, the optimizer starts in train mode (the package's first train() is a no-op\n"
-         "there too). ``lr_max`` and ``weight_sum`` are per group in the package and per\n"
-         "parameter here (equal while every parameter has a gradient at every step). State:\n"
-         "``step``, ``lr_max``, ``weight_sum``, ``z``, ``exp_avg_sq``; ``train_mode`` in the group."),
-    RULE_CARRIED(sfsgd, "schedule_free_sgd", "ScheduleFreeSGD", used, kSfSgdHyper, kSfSgdStates,
-         kScheduleFreeCarried, nullptr, sfsgd_scalars,
-         "Schedule-Free SGD, as schedulefree.SGDScheduleFree (Defazio et al. 2024)::\n\n"
-         "    lr_t, lr_max, weight_sum, c as ScheduleFreeAdamW's\n"
-         "    z <- y                                              (first step)\n"
-         "    u =  g + weight_decay * y\n"
-         "    y <- lerp(y, z, c) + lr_t * (momentum * (1 - c) - 1) * u\n"
-         "    z <- z - lr_t * u\n\n"
-         "``train()`` sets p <- lerp(p, z, 1 - momentum), ``eval()`` p <- lerp(p, z,\n"
-         "1 - 1/momentum); a step in eval mode is an error; the optimizer starts in train mode.\n"
-         "State: ``step``, ``lr_max``, ``weight_sum``, ``z``; ``train_mode`` in the group."),
+    RULE_CARRIED(
+        asgd, "asgd", "ASGD", used, kAsgdHyper, kAsgdStates, kAsgdCarried, nullptr, asgd_scalars,
+        "Averaged SGD, as torch.optim.ASGD::\n\n"
+        "    g   <- g + weight_decay * p\n"
+        "    p   <- p * (1 - lambd * eta) - eta * g\n"
+        "    ax  <- ax + mu * (p - ax)      (ax <- p while mu = 1, that is until step t0 + 1)\n"
+        "    eta <- lr / (1 + lambd * lr * t)^alpha             (the rate of the next step)\n"
+        "    mu  <- 1 / max(1, t - t0)\n\n"
+        "``eta`` starts at lr, ``mu`` at 1: numbers per parameter carried in the state, as torch\n"
+        "does (so an lr changed by a schedule takes effect one step late, as in torch). ``ax``,\n"
+        "the averaged point, is what to evaluate with. State: ``step``, ``eta``, ``mu``, ``ax``."),
+    RULE(
+        lion, "lion", "Lion", first_only, kLionHyper, kLionStates, nullptr, lion_scalars,
+        "Lion, as optax.lion (Chen et al. 2023), with lion-pytorch's defaults::\n\n"
+        "    u       <- sign(beta1 * exp_avg + (1 - beta1) * g)    (sign(0) = 0, sign(NaN) = NaN)\n"
+        "    u       <- u + weight_decay * p                       (decoupled weight decay)\n"
+        "    p       <- p - lr * u\n"
+        "    exp_avg <- beta2 * exp_avg + (1 - beta2) * g\n\n"
+        "Every element moves by lr (plus the decay) or not at all. A NaN gradient makes its\n"
+        "element NaN, as in optax (lion-pytorch's torch.sign would give 0 and not move it).\n"
+        "State: ``exp_avg`` (lion-pytorch's name; no step count)."),
+    RULE(
+        rprop, "rprop", "Rprop", counted, kRpropHyper, kRpropStates, rprop_check, rprop_scalars,
+        "Rprop (resilient backpropagation), as torch.optim.Rprop::\n\n"
+        "    s         =  sign(g * prev)                       (torch's sign: 0 for NaN)\n"
+        "    step_size <- clamp(step_size * (etaplus if s > 0, etaminus if s < 0, 1 otherwise),\n"
+        "                       step_size_min, step_size_max)\n"
+        "    g         <- 0 where s < 0                (a flipped sign neither moves nor is kept)\n"
+        "    p         <- p - sign(g) * step_size\n"
+        "    prev      <- g\n\n"
+        "Only signs are used, so the gradient's scale does not matter. ``step_size`` starts at\n"
+        "lr, ``prev`` at zero. A NaN gradient moves nothing but is kept as ``prev``.\n"
+        "State: ``step``, ``prev``, ``step_size``."),
+    RULE_REDUCED(
+        lamb, "lamb", "LAMB", used, kLambHyper, kLambStates, nullptr, lamb_scalars, lamb_per_array,
+        "LAMB, as optax.lamb (You et al. 2019): Adam's direction with decoupled weight decay,\n"
+        "scaled per parameter array by the trust ratio::\n\n"
+        "    exp_avg    <- beta1 * exp_avg + (1 - beta1) * g\n"
+        "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+        "    u          =  (exp_avg / (1 - beta1^t)) / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps)\n"
+        "                   + weight_decay * p\n"
+        "    ratio      =  norm(p) / norm(u), or 1 where either norm is 0    (per array)\n"
+        "    p          <- p - lr * ratio * u\n\n"
+        "The norms are over each whole array, summed in double over fixed blocks, so the\n"
+        "result is the same for any number of threads; a NaN anywhere in u makes the array NaN,\n"
+        "as in optax. State: ``step``, ``exp_avg``, ``exp_avg_sq`` (torch's names for Adam's)."),
+    RULE_CARRIED(
+        sfadamw, "schedule_free_adamw", "ScheduleFreeAdamW", used, kSfAdamwHyper, kSfAdamwStates,
+        kScheduleFreeCarried, nullptr, sfadamw_scalars,
+        "Schedule-Free AdamW, as schedulefree.AdamWScheduleFree (Defazio et al. 2024)::\n\n"
+        "    lr_t       = lr * min(1, t / warmup_steps)\n"
+        "    lr_max     <- max(lr_max, lr_t)                    (a number per parameter, from -1)\n"
+        "    weight     = t^r * lr_max^weight_lr_power;  weight_sum <- weight_sum + weight\n"
+        "    c          = weight / weight_sum                   (0 while weight_sum is 0)\n"
+        "    z          <- y                                    (first step)\n"
+        "    exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * g^2\n"
+        "    u          =  g / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps) + weight_decay * y\n"
+        "    y          <- lerp(y, z, c) + lr_t * (beta1 * (1 - c) - 1) * u\n"
+        "    z          <- z - lr_t * u\n\n"
+        "The parameter holds y in train mode, x (the average to evaluate and save) in eval\n"
+        "mode: ``train()`` sets p <- lerp(p, z, 1 - beta1), ``eval()`` p <- lerp(p, z,\n"
+        "1 - 1/beta1); a step in eval mode is an error. Unlike the package, which starts in\n"
+        "eval mode, the optimizer starts in train mode (the package's first train() is a no-op\n"
+        "there too). ``lr_max`` and ``weight_sum`` are per group in the package and per\n"
+        "parameter here (equal while every parameter has a gradient at every step). State:\n"
+        "``step``, ``lr_max``, ``weight_sum``, ``z``, ``exp_avg_sq``; ``train_mode`` in the "
+        "group."),
+    RULE_CARRIED(
+        sfsgd, "schedule_free_sgd", "ScheduleFreeSGD", used, kSfSgdHyper, kSfSgdStates,
+        kScheduleFreeCarried, nullptr, sfsgd_scalars,
+        "Schedule-Free SGD, as schedulefree.SGDScheduleFree (Defazio et al. 2024)::\n\n"
+        "    lr_t, lr_max, weight_sum, c as ScheduleFreeAdamW's\n"
+        "    z <- y                                              (first step)\n"
+        "    u =  g + weight_decay * y\n"
+        "    y <- lerp(y, z, c) + lr_t * (momentum * (1 - c) - 1) * u\n"
+        "    z <- z - lr_t * u\n\n"
+        "``train()`` sets p <- lerp(p, z, 1 - momentum), ``eval()`` p <- lerp(p, z,\n"
+        "1 - 1/momentum); a step in eval mode is an error; the optimizer starts in train mode.\n"
+        "State: ``step``, ``lr_max``, ``weight_sum``, ``z``; ``train_mode`` in the group."),
 };
 
 }  // namespace rules

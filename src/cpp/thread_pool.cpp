@@ -101,8 +101,8 @@ struct Pool {
   std::mutex done_m;
   std::condition_variable done_cv;
 
-  int helpers = 0;           // created (by owners only)
-  bool refused = false;      // the system refused a thread: do not ask again (until a fork)
+  int helpers = 0;            // created (by owners only)
+  bool refused = false;       // the system refused a thread: do not ask again (until a fork)
   std::atomic<int> alive{0};  // helpers running helper_main
 };
 
@@ -468,10 +468,13 @@ void pause_helpers(bool paused) { g_paused.store(paused, std::memory_order_relax
 Stats stats() {
   return {g_stat_calls.load(std::memory_order_relaxed),
           g_stat_helper_chunks.load(std::memory_order_relaxed),
-          g_stat_late.load(std::memory_order_relaxed), g_stat_serial.load(std::memory_order_relaxed)};
+          g_stat_late.load(std::memory_order_relaxed),
+          g_stat_serial.load(std::memory_order_relaxed)};
 }
 
-void set_spin_us(int us) { g_spin_us.store(std::max(0, std::min(us, 100000)), std::memory_order_relaxed); }
+void set_spin_us(int us) {
+  g_spin_us.store(std::max(0, std::min(us, 100000)), std::memory_order_relaxed);
+}
 int spin_us() { return g_spin_us.load(std::memory_order_relaxed); }
 
 }  // namespace pool

@@ -34,11 +34,11 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx);
 int default_threads();
 
 // Pieces of default_threads, exposed for tests.
-int parse_thread_count(const char* text);    // 0 unless an integer in [1, MAX_THREADS]
+int parse_thread_count(const char* text);        // 0 unless an integer in [1, MAX_THREADS]
 int cpus_from_cpu_max(const std::string& text);  // cgroup v2 "quota period": ceil, 0 for "max"
 int cpus_from_cfs(long long quota, long long period);  // cgroup v1; 0 for no quota
-int affinity_cpus();                          // 0 when unknown
-int quota_cpus();                             // 0 when there is no quota
+int affinity_cpus();                                   // 0 when unknown
+int quota_cpus();                                      // 0 when there is no quota
 
 // After the system refused a thread, calls use the helpers they have and do not ask again until
 // this is called (set_num_threads calls it).

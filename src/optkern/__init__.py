@@ -37,9 +37,12 @@ __all__ = [
     "Adadelta",
     "Adam",
     "AdamW",
-    *[name for name in _optimizers.__all__ if name not in ("SGD", "Nesterov", "Momentum",
-                                                          "RMSprop", "Adagrad", "Adadelta",
-                                                          "Adam", "AdamW")],
+    *[
+        name
+        for name in _optimizers.__all__
+        if name
+        not in ("SGD", "Nesterov", "Momentum", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW")
+    ],
     "functional",
     "registry",
     "clip_grad_norm_",

@@ -18,8 +18,10 @@ def _info(_: argparse.Namespace) -> int:
     print(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
     print(f"active ISA: {info['active_isa']}")
     print(f"available ISAs: {', '.join(info['available_isas'])}")
-    print(f"threads: {info['num_threads']} ({info.get('threads', 'none')}; "
-          f"one thread below {info['min_elements_per_thread']} elements per thread)")
+    print(
+        f"threads: {info['num_threads']} ({info.get('threads', 'none')}; "
+        f"one thread below {info['min_elements_per_thread']} elements per thread)"
+    )
     print(f"compiler: {info['compiler']}")
     print("kernel builds:")
     for isa, flags in info["isa_flags"].items():
@@ -44,10 +46,14 @@ def _demo(args: argparse.Namespace) -> int:
     names = args.optimizers
     wall = time.perf_counter()
     with blas_threads(args.blas_threads or None) as blas:
-        print(f"# optkern demo: MLP {tuple(args.hidden)} on {args.n_train} pen-drawn 12x12 digits "
-              f"(made in code), {args.epochs} epochs of batch {args.batch_size}, seed {args.seed}")
-        print("# same initial weights and batch order for every optimizer; lr from "
-              "`python -m optkern.examples.mlp --sweep`")
+        print(
+            f"# optkern demo: MLP {tuple(args.hidden)} on {args.n_train} pen-drawn 12x12 digits "
+            f"(made in code), {args.epochs} epochs of batch {args.batch_size}, seed {args.seed}"
+        )
+        print(
+            "# same initial weights and batch order for every optimizer; lr from "
+            "`python -m optkern.examples.mlp --sweep`"
+        )
         print(f"# {describe_machine()}, {blas}")
         sys.stdout.flush()
         bar = ProgressBar(len(names) * args.epochs) if not args.no_progress else None
@@ -57,21 +63,33 @@ def _demo(args: argparse.Namespace) -> int:
         def progress(name: str, i: int, epoch: int, loss: float) -> None:
             if bar is not None:
                 last = epoch + 1 == args.epochs
-                bar.update(i * args.epochs + epoch + 1,
-                           f"{i + 1}/{len(names)} {name:<8} epoch {epoch + 1}/{args.epochs} "
-                           f"loss {loss:.4f}" + (" done" if last else ""), milestone=last)
+                bar.update(
+                    i * args.epochs + epoch + 1,
+                    f"{i + 1}/{len(names)} {name:<8} epoch {epoch + 1}/{args.epochs} "
+                    f"loss {loss:.4f}" + (" done" if last else ""),
+                    milestone=last,
+                )
 
         try:
-            out = mlp.run(names, n_train=args.n_train, n_test=args.n_test, hidden=args.hidden,
-                          epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                          progress=progress)
+            out = mlp.run(
+                names,
+                n_train=args.n_train,
+                n_test=args.n_test,
+                hidden=args.hidden,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                progress=progress,
+            )
         finally:
             if bar is not None:
                 bar.close()
     print(mlp.table(out))
     best = max(out["results"].values(), key=lambda r: r["final_test_acc"])
-    print(f"best test accuracy: {best['name']} {100 * best['final_test_acc']:.1f}% "
-          f"({args.n_test} test digits); total time {time.perf_counter() - wall:.1f} s")
+    print(
+        f"best test accuracy: {best['name']} {100 * best['final_test_acc']:.1f}% "
+        f"({args.n_test} test digits); total time {time.perf_counter() - wall:.1f} s"
+    )
     if not args.no_plot:
         written = mlp.plot(out, args.plot)
         if written is not None:
@@ -85,26 +103,45 @@ def _demo(args: argparse.Namespace) -> int:
 def _demo_parser(sub) -> None:
     from .examples._common import OPTIMIZERS
 
-    p = sub.add_parser("demo", help="train a small MLP with every optimizer and compare them",
-                       description="Trains a NumPy MLP on digits made in code with each optimizer "
-                       "(same start, same batches, same epochs), prints final loss, accuracy and "
-                       "time per optimizer, and plots the loss curves when matplotlib is installed.")
+    p = sub.add_parser(
+        "demo",
+        help="train a small MLP with every optimizer and compare them",
+        description="Trains a NumPy MLP on digits made in code with each optimizer "
+        "(same start, same batches, same epochs), prints final loss, accuracy and "
+        "time per optimizer, and plots the loss curves when matplotlib is installed.",
+    )
     p.add_argument("--epochs", type=int, default=10, help="epochs per optimizer (default 10)")
     p.add_argument("--n-train", type=int, default=6000, help="training digits (default 6000)")
     p.add_argument("--n-test", type=int, default=2000, help="test digits (default 2000)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--hidden", type=int, nargs="*", default=[128, 64],
-                   help="hidden layer sizes (default 128 64)")
+    p.add_argument(
+        "--hidden", type=int, nargs="*", default=[128, 64], help="hidden layer sizes (default 128 64)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS),
-                   metavar="NAME", help=f"which to train (default all: {' '.join(OPTIMIZERS)})")
-    p.add_argument("--plot", metavar="PATH", default=DEFAULT_PLOT,
-                   help=f"PNG of the loss curves (default ./{DEFAULT_PLOT}; needs matplotlib)")
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=list(OPTIMIZERS),
+        choices=list(OPTIMIZERS),
+        metavar="NAME",
+        help=f"which to train (default all: {' '.join(OPTIMIZERS)})",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        default=DEFAULT_PLOT,
+        help=f"PNG of the loss curves (default ./{DEFAULT_PLOT}; needs matplotlib)",
+    )
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--blas-threads", type=int, default=None, metavar="N",
-                   help="BLAS threads for the matrix products (default: the library's own "
-                   "setting, as in your training loop; 0 also means that)")
+    p.add_argument(
+        "--blas-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="BLAS threads for the matrix products (default: the library's own "
+        "setting, as in your training loop; 0 also means that)",
+    )
     p.set_defaults(run=_demo)
 
 

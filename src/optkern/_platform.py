@@ -26,10 +26,16 @@ def machine(torch: Optional[str] = None) -> Dict[str, object]:
 
     import optkern as ok
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "isa": ok.active_isa(),
-            "threads": ok.get_num_threads(), "optkern": ok.__version__,
-            "numpy": np.__version__, "torch": torch,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "isa": ok.active_isa(),
+        "threads": ok.get_num_threads(),
+        "optkern": ok.__version__,
+        "numpy": np.__version__,
+        "torch": torch,
+        "python": platform.python_version(),
+    }
 
 
 def describe_machine() -> str:

@@ -26,8 +26,10 @@ class ProgressBar:
         frac = min(max(done / self.total, 0.0), 1.0)
         filled = int(round(frac * self.width))
         elapsed = int(time.perf_counter() - self.start)
-        return (f"[{'#' * filled}{'.' * (self.width - filled)}] {100 * frac:3.0f}%  {text}  "
-                f"{elapsed // 60}:{elapsed % 60:02d}")
+        return (
+            f"[{'#' * filled}{'.' * (self.width - filled)}] {100 * frac:3.0f}%  {text}  "
+            f"{elapsed // 60}:{elapsed % 60:02d}"
+        )
 
     def update(self, done: int, text: str = "", milestone: bool = False) -> None:
         now = time.perf_counter()

@@ -101,8 +101,12 @@ def save(optimizer: Optimizer, path: PathLike) -> None:
                 key = f"{ARRAY_PREFIX}{len(arrays)}"
                 arr = np.ascontiguousarray(value)
                 arrays[key] = arr
-                specs[key] = {"dtype": arr.dtype.str, "shape": list(arr.shape),
-                              "sha256": _sha256(arr), "of": where}
+                specs[key] = {
+                    "dtype": arr.dtype.str,
+                    "shape": list(arr.shape),
+                    "sha256": _sha256(arr),
+                    "of": where,
+                }
                 encoded[name] = {"__array__": key}
             else:
                 encoded[name] = _encode(value, where)
@@ -110,10 +114,15 @@ def save(optimizer: Optimizer, path: PathLike) -> None:
     groups = []
     for i, group in enumerate(sd["param_groups"]):
         _check_names(group, f"param_groups[{i}]")
-        options = {k: _encode(v, f"param_groups[{i}][{k!r}]") for k, v in group.items()
-                   if k != "params"}
-        groups.append({"params": [_encode(p, f"param_groups[{i}]['params']")
-                                  for p in group["params"]], "options": options})
+        options = {
+            k: _encode(v, f"param_groups[{i}][{k!r}]") for k, v in group.items() if k != "params"
+        }
+        groups.append(
+            {
+                "params": [_encode(p, f"param_groups[{i}]['params']") for p in group["params"]],
+                "options": options,
+            }
+        )
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -130,15 +139,21 @@ def save(optimizer: Optimizer, path: PathLike) -> None:
     # What load() refuses, save() refuses first, before anything is written.
     limit = MAX_METADATA_BASE + MAX_METADATA_PER_PARAM * len(shapes)
     if len(text) > limit:
-        raise ValueError(f"the checkpoint's metadata would be {len(text)} bytes, more than the "
-                         f"{limit} load() accepts (large hyperparameters?)")
+        raise ValueError(
+            f"the checkpoint's metadata would be {len(text)} bytes, more than the "
+            f"{limit} load() accepts (large hyperparameters?)"
+        )
     depth = _json_depth(text)
     if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"the checkpoint's metadata would nest {depth} levels deep, more than "
-                         f"the {MAX_JSON_DEPTH} load() accepts (deeply nested hyperparameters?)")
-    members = {META_KEY: np.frombuffer(text, np.uint8),
-               META_SHA_KEY: np.frombuffer(hashlib.sha256(text).hexdigest().encode(), np.uint8),
-               **arrays}
+        raise ValueError(
+            f"the checkpoint's metadata would nest {depth} levels deep, more than "
+            f"the {MAX_JSON_DEPTH} load() accepts (deeply nested hyperparameters?)"
+        )
+    members = {
+        META_KEY: np.frombuffer(text, np.uint8),
+        META_SHA_KEY: np.frombuffer(hashlib.sha256(text).hexdigest().encode(), np.uint8),
+        **arrays,
+    }
     _write_atomically(os.fsdecode(os.fspath(path)), members)
 
 
@@ -157,15 +172,21 @@ def _target(path: str) -> Tuple[str, Any]:
         try:
             st = os.stat(path)  # follows the link (ELOOP for a loop propagates)
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "is a symbolic link to nothing; save() writes "
-                                    "through a link only to an existing regular file",
-                                    path) from None
+            raise FileNotFoundError(
+                errno.ENOENT,
+                "is a symbolic link to nothing; save() writes "
+                "through a link only to an existing regular file",
+                path,
+            ) from None
         path = os.path.realpath(path)
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory; save() needs a file name", path)
     if not stat.S_ISREG(st.st_mode):
-        raise FileExistsError(errno.EEXIST, f"is a {_kind(st.st_mode)}, not a regular file; "
-                              "save() replaces regular files only", path)
+        raise FileExistsError(
+            errno.EEXIST,
+            f"is a {_kind(st.st_mode)}, not a regular file; save() replaces regular files only",
+            path,
+        )
     return path, stat.S_IMODE(st.st_mode)
 
 
@@ -178,8 +199,7 @@ def _write_atomically(path: str, members: Dict[str, np.ndarray]) -> None:
     try:
         # O_EXCL: never write through someone else's file; mode 0o666 lets the umask decide, as
         # for any new file (mkstemp would make it 0o600). An existing file keeps its bits.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                     0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         if mode is not None and hasattr(os, "fchmod"):
             os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -233,11 +253,16 @@ def _encode(value: Any, where: str) -> Any:
     elif isinstance(value, dict):
         return {"__dict__": [[_encode(k, where), _encode(v, where)] for k, v in value.items()]}
     elif isinstance(value, np.ndarray) and value.dtype.kind in "bif" and value.dtype.itemsize <= 8:
-        return {"__ndarray__": value.dtype.str, "shape": list(value.shape),
-                "data": [_encode(v, where) for v in value.ravel().tolist()]}
-    raise TypeError(f"{where} is a {type(value).__name__}, which a checkpoint cannot store "
-                    "(it stores None, bools, numbers, strings, lists, tuples, dicts and NumPy "
-                    "numbers)")
+        return {
+            "__ndarray__": value.dtype.str,
+            "shape": list(value.shape),
+            "data": [_encode(v, where) for v in value.ravel().tolist()],
+        }
+    raise TypeError(
+        f"{where} is a {type(value).__name__}, which a checkpoint cannot store "
+        "(it stores None, bools, numbers, strings, lists, tuples, dicts and NumPy "
+        "numbers)"
+    )
 
 
 def _decode(value: Any, where: str) -> Any:
@@ -314,14 +339,17 @@ def load(optimizer: Optimizer, path: PathLike) -> None:
         except CheckpointError as e:
             raise CheckpointError(f"{os.fsdecode(path)}: {e}") from (e.__cause__ or e)
         except Exception as e:  # whatever a damaged zip, .npy header or crafted JSON raises
-            raise CheckpointError(f"{os.fsdecode(path)}: cannot read the checkpoint, the file is "
-                                  f"truncated, corrupted or crafted ({type(e).__name__}: "
-                                  f"{_short(e)})") from e
+            raise CheckpointError(
+                f"{os.fsdecode(path)}: cannot read the checkpoint, the file is "
+                f"truncated, corrupted or crafted ({type(e).__name__}: "
+                f"{_short(e)})"
+            ) from e
     try:
         optimizer.load_state_dict(sd)
     except Exception as e:  # a crafted value the optimizer refuses (or chokes on)
-        raise CheckpointError(f"{os.fsdecode(path)}: the checkpoint does not fit this optimizer: "
-                              f"{_short(e)}") from e
+        raise CheckpointError(
+            f"{os.fsdecode(path)}: the checkpoint does not fit this optimizer: {_short(e)}"
+        ) from e
 
 
 def _short(e: Any) -> str:
@@ -353,9 +381,14 @@ class _Limits:
         self.max_arrays = per_param * n
         self.metadata = MAX_METADATA_BASE + MAX_METADATA_PER_PARAM * n
         self.member = _NPY_HEADER_MAX + 8 * max(sizes, default=0)  # the largest array, 8 B each
-        self.file = (self.metadata + 2 * _NPY_HEADER_MAX + 64
-                     + per_param * sum(_NPY_HEADER_MAX + 8 * s for s in sizes)
-                     + (2 + self.max_arrays) * _ZIP_OVERHEAD + 65536)
+        self.file = (
+            self.metadata
+            + 2 * _NPY_HEADER_MAX
+            + 64
+            + per_param * sum(_NPY_HEADER_MAX + 8 * s for s in sizes)
+            + (2 + self.max_arrays) * _ZIP_OVERHEAD
+            + 65536
+        )
 
 
 def _open_regular(path: Union[str, bytes]):
@@ -367,11 +400,14 @@ def _open_regular(path: Union[str, bytes]):
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file",
-                                    os.fsdecode(path))
+            raise IsADirectoryError(
+                errno.EISDIR, "is a directory, not a checkpoint file", os.fsdecode(path)
+            )
         if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{os.fsdecode(path)}: is a {_kind(st.st_mode)}, not a regular "
-                                  "file; load() reads checkpoints from regular files only")
+            raise CheckpointError(
+                f"{os.fsdecode(path)}: is a {_kind(st.st_mode)}, not a regular "
+                "file; load() reads checkpoints from regular files only"
+            )
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
@@ -381,9 +417,14 @@ def _open_regular(path: Union[str, bytes]):
 
 
 def _kind(mode: int) -> str:
-    for test, name in [(stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link")]:
+    for test, name in [
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symbolic link"),
+    ]:
         if test(mode):
             return name
     return "special file"
@@ -394,8 +435,9 @@ def _json_depth(text: bytes) -> int:
     recurses, and raises RecursionError on deep input)."""
     stripped = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', text)
     codes = np.frombuffer(stripped, np.uint8)
-    steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
-             - np.isin(codes, (ord("]"), ord("}"))).astype(np.int64))
+    steps = np.isin(codes, (ord("["), ord("{"))).astype(np.int64) - np.isin(
+        codes, (ord("]"), ord("}"))
+    ).astype(np.int64)
     return int(np.cumsum(steps).max(initial=0))
 
 
@@ -403,16 +445,21 @@ def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes
     """A member's bytes, inflated with a read of at most ``limit + 1`` bytes (the declared size
     was checked already, but is not trusted). Reading to the end checks the member's CRC."""
     if info.file_size > limit:
-        raise CheckpointError(f"archive member {info.filename!r} declares {info.file_size} bytes, "
-                              f"more than the {limit} it may hold")
+        raise CheckpointError(
+            f"archive member {info.filename!r} declares {info.file_size} bytes, "
+            f"more than the {limit} it may hold"
+        )
     with z.open(info) as m:
         data = m.read(limit + 1)
         if len(data) > limit:
-            raise CheckpointError(f"archive member {info.filename!r} inflates to more than "
-                                  f"the {limit} bytes it may hold")
+            raise CheckpointError(
+                f"archive member {info.filename!r} inflates to more than "
+                f"the {limit} bytes it may hold"
+            )
     if len(data) != info.file_size:
-        raise CheckpointError(f"archive member {info.filename!r} holds {len(data)} bytes but "
-                              f"declares {info.file_size}")
+        raise CheckpointError(
+            f"archive member {info.filename!r} holds {len(data)} bytes but declares {info.file_size}"
+        )
     return data
 
 
@@ -426,21 +473,25 @@ def _parse_npy(data: bytes, where: str) -> Tuple[np.dtype, tuple, memoryview]:
     elif version == (2, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
     else:
-        raise CheckpointError(f"{where} has .npy format version {version}, which save() does "
-                              "not write")
+        raise CheckpointError(
+            f"{where} has .npy format version {version}, which save() does not write"
+        )
     if fortran:
         raise CheckpointError(f"{where} is stored in Fortran order, which save() does not write")
-    return dtype, tuple(shape), memoryview(data)[buf.tell():]
+    return dtype, tuple(shape), memoryview(data)[buf.tell() :]
 
 
 def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     size = os.fstat(f.fileno()).st_size
     if size > limits.file:
-        raise CheckpointError(f"the file is {size} bytes, more than a checkpoint for this "
-                              f"optimizer's parameters can be ({limits.file} bytes)")
+        raise CheckpointError(
+            f"the file is {size} bytes, more than a checkpoint for this "
+            f"optimizer's parameters can be ({limits.file} bytes)"
+        )
     if not zipfile.is_zipfile(f):
-        raise CheckpointError("not an .npz (zip) archive: the file is truncated, corrupted or "
-                              "of another kind")
+        raise CheckpointError(
+            "not an .npz (zip) archive: the file is truncated, corrupted or of another kind"
+        )
     f.seek(0)
     with zipfile.ZipFile(f) as z:
         infos = z.infolist()
@@ -449,8 +500,10 @@ def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.nd
             dup = sorted({n for n in names if names.count(n) > 1})
             raise CheckpointError(f"the archive has duplicate members {dup}")
         if len(infos) > 2 + limits.max_arrays:
-            raise CheckpointError(f"the archive has {len(infos)} members, more than a "
-                                  "checkpoint for this optimizer holds")
+            raise CheckpointError(
+                f"the archive has {len(infos)} members, more than a "
+                "checkpoint for this optimizer holds"
+            )
         members: Dict[str, zipfile.ZipInfo] = {}
         for info in infos:
             if info.is_dir() or not info.filename.endswith(".npy"):
@@ -458,15 +511,21 @@ def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.nd
             if info.flag_bits & 0x1:
                 raise CheckpointError(f"archive member {info.filename!r} is encrypted")
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise CheckpointError(f"archive member {info.filename!r} uses compression method "
-                                      f"{info.compress_type}, which save() does not write")
+                raise CheckpointError(
+                    f"archive member {info.filename!r} uses compression method "
+                    f"{info.compress_type}, which save() does not write"
+                )
             key = info.filename[:-4]
-            limit = {META_KEY: _NPY_HEADER_MAX + limits.metadata,
-                     META_SHA_KEY: _NPY_HEADER_MAX + 64}.get(key, limits.member)
+            limit = {
+                META_KEY: _NPY_HEADER_MAX + limits.metadata,
+                META_SHA_KEY: _NPY_HEADER_MAX + 64,
+            }.get(key, limits.member)
             if info.file_size > limit:  # every declared size, before anything is inflated
-                raise CheckpointError(f"archive member {info.filename!r} declares "
-                                      f"{info.file_size} bytes, more than the {limit} it may "
-                                      "hold for this optimizer")
+                raise CheckpointError(
+                    f"archive member {info.filename!r} declares "
+                    f"{info.file_size} bytes, more than the {limit} it may "
+                    "hold for this optimizer"
+                )
             members[key] = info
         if META_KEY not in members:
             raise CheckpointError(f"not an optkern checkpoint (it has no {META_KEY!r} entry)")
@@ -478,8 +537,10 @@ def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.nd
             raise CheckpointError("the metadata fails its SHA-256 check: the file is corrupted")
         depth = _json_depth(text)
         if depth > MAX_JSON_DEPTH:
-            raise CheckpointError(f"the metadata nests {depth} levels deep, more than the "
-                                  f"{MAX_JSON_DEPTH} a checkpoint may")
+            raise CheckpointError(
+                f"the metadata nests {depth} levels deep, more than the "
+                f"{MAX_JSON_DEPTH} a checkpoint may"
+            )
         try:
             meta = json.loads(text.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -498,21 +559,29 @@ def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.nd
         for key, spec in specs.items():
             if not (isinstance(spec, dict) and {"dtype", "shape", "sha256"} <= set(spec)):
                 raise CheckpointError(f"the metadata of array {key!r} is incomplete")
-            what = f"array {key!r}" + (f" ({spec['of']})" if isinstance(spec.get("of"), str)
-                                       else "")
+            what = f"array {key!r}" + (f" ({spec['of']})" if isinstance(spec.get("of"), str) else "")
             dtype = _state_dtype(spec["dtype"], what)
             shape = spec["shape"]
-            if not (isinstance(shape, list) and all(type(d) is int for d in shape)
-                    and tuple(shape) in limits.shapes):
+            if not (
+                isinstance(shape, list)
+                and all(type(d) is int for d in shape)
+                and tuple(shape) in limits.shapes
+            ):
                 raise CheckpointError(f"{what} has shape {shape!r}, which is no parameter's shape")
             nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
             data = _read_member(z, members[key], _NPY_HEADER_MAX + nbytes)
             got_dtype, got_shape, body = _parse_npy(data, what)
-            if got_dtype != dtype or got_dtype.str != spec["dtype"] or \
-                    list(got_shape) != shape or len(body) != nbytes:
-                raise CheckpointError(f"{what} is {got_dtype.str} {list(got_shape)} but the "
-                                      f"metadata says {spec['dtype']} {shape} ({len(body)} "
-                                      "bytes of data)")
+            if (
+                got_dtype != dtype
+                or got_dtype.str != spec["dtype"]
+                or list(got_shape) != shape
+                or len(body) != nbytes
+            ):
+                raise CheckpointError(
+                    f"{what} is {got_dtype.str} {list(got_shape)} but the "
+                    f"metadata says {spec['dtype']} {shape} ({len(body)} "
+                    "bytes of data)"
+                )
             if hashlib.sha256(body).hexdigest() != spec["sha256"]:
                 raise CheckpointError(f"{what} fails its SHA-256 check: the file is corrupted")
             arrays[key] = np.frombuffer(body, dtype).reshape(shape)
@@ -527,8 +596,12 @@ def _state_dtype(text: Any, where: str) -> np.dtype:
         dtype = np.dtype(text)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {text!r} is not a NumPy dtype") from e
-    if dtype.kind not in "fiu" or dtype.itemsize > 8 or dtype.fields is not None \
-            or dtype.subdtype is not None:
+    if (
+        dtype.kind not in "fiu"
+        or dtype.itemsize > 8
+        or dtype.fields is not None
+        or dtype.subdtype is not None
+    ):
         raise CheckpointError(f"{where}: dtype {text!r} is not one this format writes for arrays")
     return dtype
 
@@ -547,35 +620,53 @@ def _check_header(meta: Any) -> None:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(f"invalid format version {version!r}")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"format version {version} (written by optkern "
-                              f"{meta.get('optkern_version', '?')}); this optkern "
-                              f"({_core.__version__}) reads version {FORMAT_VERSION}")
-    for key, kind in [("optimizer", str), ("param_shapes", list), ("param_groups", list),
-                      ("state", list), ("arrays", dict)]:
+        raise CheckpointError(
+            f"format version {version} (written by optkern "
+            f"{meta.get('optkern_version', '?')}); this optkern "
+            f"({_core.__version__}) reads version {FORMAT_VERSION}"
+        )
+    for key, kind in [
+        ("optimizer", str),
+        ("param_shapes", list),
+        ("param_groups", list),
+        ("state", list),
+        ("arrays", dict),
+    ]:
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"the metadata's {key!r} is missing or not a {kind.__name__}")
 
 
 def _check_fits(meta: Dict[str, Any], cls: str, shapes: List[list]) -> None:
     if meta["optimizer"] != cls:
-        raise CheckpointError(f"the checkpoint holds the state of a {_short(meta['optimizer'])} "
-                              f"optimizer; this one is a {cls}")
+        raise CheckpointError(
+            f"the checkpoint holds the state of a {_short(meta['optimizer'])} "
+            f"optimizer; this one is a {cls}"
+        )
     if meta["param_shapes"] != shapes:
-        raise CheckpointError(f"the checkpoint was written for parameters of shapes "
-                              f"{_short(meta['param_shapes'])}; this optimizer's have shapes "
-                              f"{_short(shapes)}")
+        raise CheckpointError(
+            f"the checkpoint was written for parameters of shapes "
+            f"{_short(meta['param_shapes'])}; this optimizer's have shapes "
+            f"{_short(shapes)}"
+        )
 
 
-def _state_dict(meta: Dict[str, Any], arrays: Dict[str, np.ndarray],
-                optimizer: Optimizer) -> Dict[str, Any]:
+def _state_dict(
+    meta: Dict[str, Any], arrays: Dict[str, np.ndarray], optimizer: Optimizer
+) -> Dict[str, Any]:
     """The state dict the metadata describes, after checking it was written for an optimizer
     like this one."""
-    _check_fits(meta, type(optimizer).__name__,
-                [list(p.shape) for g in optimizer.param_groups for p in g["params"]])
+    _check_fits(
+        meta,
+        type(optimizer).__name__,
+        [list(p.shape) for g in optimizer.param_groups for p in g["params"]],
+    )
     groups: List[Dict[str, Any]] = []
     for i, group in enumerate(meta["param_groups"]):
-        if not (isinstance(group, dict) and isinstance(group.get("options"), dict)
-                and isinstance(group.get("params"), list)):
+        if not (
+            isinstance(group, dict)
+            and isinstance(group.get("options"), dict)
+            and isinstance(group.get("params"), list)
+        ):
             raise CheckpointError(f"param_groups[{i}] in the metadata is malformed")
         where = f"param_groups[{i}]"
         out = {k: _decode(v, f"{where}[{k!r}]") for k, v in group["options"].items()}
@@ -592,8 +683,10 @@ def _state_dict(meta: Dict[str, Any], arrays: Dict[str, np.ndarray],
             if isinstance(value, dict) and set(value) == {"__array__"}:
                 key = value["__array__"]
                 if key not in arrays or key in used:
-                    raise CheckpointError(f"state[{pid!r}][{name!r}] refers to array {key!r}, "
-                                          "which is missing or used twice")
+                    raise CheckpointError(
+                        f"state[{pid!r}][{name!r}] refers to array {key!r}, "
+                        "which is missing or used twice"
+                    )
                 used.add(key)
                 entry[name] = arrays[key]
             else:
@@ -603,7 +696,10 @@ def _state_dict(meta: Dict[str, Any], arrays: Dict[str, np.ndarray],
     if unused:
         raise CheckpointError(f"arrays {unused} belong to no state entry")
     counters = meta.get("counters", {})
-    if not (isinstance(counters, dict) and set(counters) <= {"step_count", "skipped_steps"}
-            and all(type(v) is int and v >= 0 for v in counters.values())):
+    if not (
+        isinstance(counters, dict)
+        and set(counters) <= {"step_count", "skipped_steps"}
+        and all(type(v) is int and v >= 0 for v in counters.values())
+    ):
         raise CheckpointError("the optimizer counters in the metadata are malformed")
     return {"state": state, "param_groups": groups, **counters}

@@ -34,8 +34,9 @@ def _grad_list(grads: Grads) -> List[np.ndarray]:
 
 def check_norm_type(norm_type: Any) -> float:
     """A norm order p > 0 or inf (torch's 0 "norm", a count of non-zeros, is not a norm)."""
-    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float, np.integer,
-                                                                 np.floating)):
+    if isinstance(norm_type, bool) or not isinstance(
+        norm_type, (int, float, np.integer, np.floating)
+    ):
         raise TypeError(f"norm_type must be a number > 0 or inf, got {norm_type!r}")
     p = float(norm_type)
     if not p > 0:  # also NaN
@@ -43,8 +44,9 @@ def check_norm_type(norm_type: Any) -> float:
     return p
 
 
-def total_norm(grads: List[np.ndarray], norm_type: float,
-               positions: Optional[Sequence[int]] = None) -> float:
+def total_norm(
+    grads: List[np.ndarray], norm_type: float, positions: Optional[Sequence[int]] = None
+) -> float:
     """The norm of all gradients together (validated, nothing written)."""
     return _core.grad_norms(grads, norm_type, positions=positions)[1]
 
@@ -55,8 +57,9 @@ def grad_norms(grads: Grads, norm_type: float = 2.0) -> np.ndarray:
     return _core.grad_norms(_grad_list(grads), check_norm_type(norm_type))[0]
 
 
-def clip_grad_norm_(grads: Grads, max_norm: float, norm_type: float = 2.0,
-                    error_if_nonfinite: bool = False) -> float:
+def clip_grad_norm_(
+    grads: Grads, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> float:
     """Scales the gradients in place so that their total norm is at most ``max_norm``, as
     torch.nn.utils.clip_grad_norm_::
 
@@ -73,9 +76,11 @@ def clip_grad_norm_(grads: Grads, max_norm: float, norm_type: float = 2.0,
     grads = _grad_list(grads)
     total = total_norm(grads, p)
     if not math.isfinite(total) and error_if_nonfinite:
-        raise RuntimeError(f"the total norm of order {p} of the gradients is non-finite "
-                           f"({total}), so it cannot be clipped; nothing was changed "
-                           "(set error_if_nonfinite=False to clip anyway)")
+        raise RuntimeError(
+            f"the total norm of order {p} of the gradients is non-finite "
+            f"({total}), so it cannot be clipped; nothing was changed "
+            "(set error_if_nonfinite=False to clip anyway)"
+        )
     coef = clip_coefficient(max_norm, total)
     if coef != 1.0:
         _core.scale_(grads, coef)

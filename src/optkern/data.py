@@ -25,8 +25,10 @@ def _check_batch_size(batch_size: Any) -> Optional[int]:
     if batch_size is None:
         return None
     if isinstance(batch_size, bool) or not isinstance(batch_size, (numbers.Integral, np.integer)):
-        raise TypeError("batch_size must be None (the full batch) or an int >= 1, got "
-                        f"{type(batch_size).__name__}: {batch_size!r}")
+        raise TypeError(
+            "batch_size must be None (the full batch) or an int >= 1, got "
+            f"{type(batch_size).__name__}: {batch_size!r}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (or None for the full batch), got {batch_size}")
     return int(batch_size)
@@ -49,8 +51,13 @@ def num_batches(n: int, batch_size: Optional[int] = None, drop_last: bool = Fals
     return n // size if drop_last else -(-n // size)
 
 
-def batches(*arrays: Any, batch_size: Optional[int] = None, shuffle: bool = True,
-            seed: Any = None, drop_last: bool = False) -> Iterator[Batch]:
+def batches(
+    *arrays: Any,
+    batch_size: Optional[int] = None,
+    shuffle: bool = True,
+    seed: Any = None,
+    drop_last: bool = False,
+) -> Iterator[Batch]:
     """One epoch over ``arrays`` (which share their first dimension), in batches of rows.
 
     ``batch_size``
@@ -87,44 +94,57 @@ def batches(*arrays: Any, batch_size: Optional[int] = None, shuffle: bool = True
     arrs = []
     for i, a in enumerate(arrays):
         if isinstance(a, (_Iterator, Mapping, Set, str, bytes)):
-            raise TypeError(f"array {i} is a {type(a).__name__}; batches() takes arrays (or "
-                            "sequences np.asarray turns into one), not iterators, generators, "
-                            "dicts, sets or strings")
+            raise TypeError(
+                f"array {i} is a {type(a).__name__}; batches() takes arrays (or "
+                "sequences np.asarray turns into one), not iterators, generators, "
+                "dicts, sets or strings"
+            )
         if isinstance(a, np.ma.MaskedArray):
-            raise TypeError(f"array {i} is a masked array; its batches would drop the mask (pass "
-                            ".filled(...), or the unmasked rows)")
+            raise TypeError(
+                f"array {i} is a masked array; its batches would drop the mask (pass "
+                ".filled(...), or the unmasked rows)"
+            )
         a = np.asarray(a)
         if a.ndim == 0:
-            raise ValueError(f"array {i} is a scalar (0-d); batches() needs arrays with a first "
-                             "dimension to split into rows")
+            raise ValueError(
+                f"array {i} is a scalar (0-d); batches() needs arrays with a first "
+                "dimension to split into rows"
+            )
         arrs.append(a)
     n = arrs[0].shape[0]
     for i, a in enumerate(arrs[1:], start=1):
         if a.shape[0] != n:
             lengths = ", ".join(f"array {j}: {b.shape[0]}" for j, b in enumerate(arrs))
-            raise ValueError("arrays passed to batches() must have the same length (first "
-                             f"dimension); got {lengths}")
+            raise ValueError(
+                "arrays passed to batches() must have the same length (first "
+                f"dimension); got {lengths}"
+            )
     size = _check_batch_size(batch_size)
     if not isinstance(shuffle, (bool, np.bool_)):
         raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}: {shuffle!r}")
     if not isinstance(drop_last, (bool, np.bool_)):
         raise TypeError(f"drop_last must be a bool, got {type(drop_last).__name__}: {drop_last!r}")
     if drop_last and size is not None and size > n > 0:
-        raise ValueError(f"drop_last=True with batch_size={size} larger than the {n} rows would "
-                         "yield no batch at all")
+        raise ValueError(
+            f"drop_last=True with batch_size={size} larger than the {n} rows would "
+            "yield no batch at all"
+        )
     # Draw the permutation now, so the generator's order is fixed by the call (and a bad seed
     # fails here, not at the first next()).
     if isinstance(seed, (bool, np.bool_)):
-        raise TypeError(f"seed must be None, an int, a sequence of ints or a Generator, not "
-                        f"{seed!r} (a bool, which NumPy would take as the int {int(seed)})")
+        raise TypeError(
+            f"seed must be None, an int, a sequence of ints or a Generator, not "
+            f"{seed!r} (a bool, which NumPy would take as the int {int(seed)})"
+        )
     order = None
     if shuffle and size is not None and n > 0:
         order = np.random.default_rng(seed).permutation(n)
     return _generate(arrs, n, size, order, bool(drop_last))
 
 
-def _generate(arrs, n: int, size: Optional[int], order: Optional[np.ndarray],
-              drop_last: bool) -> Iterator[Batch]:
+def _generate(
+    arrs, n: int, size: Optional[int], order: Optional[np.ndarray], drop_last: bool
+) -> Iterator[Batch]:
     single = len(arrs) == 1
     if n == 0:
         return

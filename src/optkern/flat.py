@@ -17,7 +17,7 @@ Shape = Tuple[int, ...]
 def _aligned_zeros(n: int) -> np.ndarray:
     raw = np.zeros(n + ALIGN_ELEMENTS, dtype=np.float32)
     start = (-raw.ctypes.data // 4) % ALIGN_ELEMENTS
-    return raw[start:start + n]
+    return raw[start : start + n]
 
 
 class FlatParams:
@@ -37,8 +37,9 @@ class FlatParams:
     """
 
     def __init__(self, shapes: Sequence[Union[Shape, int]]) -> None:
-        self.shapes: List[Shape] = [(s,) if isinstance(s, (int, np.integer)) else tuple(s)
-                                    for s in shapes]
+        self.shapes: List[Shape] = [
+            (s,) if isinstance(s, (int, np.integer)) else tuple(s) for s in shapes
+        ]
         for s in self.shapes:
             if any((not isinstance(d, (int, np.integer))) or d < 0 for d in s):
                 raise ValueError(f"a shape must be a tuple of non-negative ints, got {s!r}")
@@ -50,8 +51,9 @@ class FlatParams:
             at += -(-size // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
         self.flat = _aligned_zeros(at)
         self.views: List[np.ndarray] = [
-            self.flat[o:o + int(np.prod(s, dtype=np.int64))].reshape(s)
-            for o, s in zip(self.offsets, self.shapes)]
+            self.flat[o : o + int(np.prod(s, dtype=np.int64))].reshape(s)
+            for o, s in zip(self.offsets, self.shapes)
+        ]
 
     @classmethod
     def from_arrays(cls, arrays: Sequence[np.ndarray]) -> "FlatParams":
@@ -77,8 +79,10 @@ class FlatParams:
 
     def __setstate__(self, state: dict) -> None:
         self.shapes, self.offsets, self.flat = state["shapes"], state["offsets"], state["flat"]
-        self.views = [self.flat[o:o + int(np.prod(s, dtype=np.int64))].reshape(s)
-                      for o, s in zip(self.offsets, self.shapes)]
+        self.views = [
+            self.flat[o : o + int(np.prod(s, dtype=np.int64))].reshape(s)
+            for o, s in zip(self.offsets, self.shapes)
+        ]
 
     def zeros_like(self) -> "FlatParams":
         """A zeroed block with the same layout (for gradients)."""

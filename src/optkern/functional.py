@@ -50,16 +50,23 @@ def check_real(name: str, value: Any) -> float:
     """``value`` as a float, or TypeError/ValueError naming ``name`` unless it is a real number
     that float32 can hold (finite, magnitude at most about 3.4e38)."""
     kind = type(value)
-    if kind is not float and kind is not int and (  # the common cases skip the slow ABC check
-            isinstance(value, bool) or not isinstance(value, numbers.Real)):
+    if (
+        kind is not float
+        and kind is not int
+        and (  # the common cases skip the slow ABC check
+            isinstance(value, bool) or not isinstance(value, numbers.Real)
+        )
+    ):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
     try:
         v = float(value)
     except OverflowError:  # an int beyond float64's range
         v = math.inf
     if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
-        raise ValueError(f"{name} must be finite (at most {FLOAT32_MAX:.4g} in magnitude, as "
-                         f"float32 holds it), got {value!r}")
+        raise ValueError(
+            f"{name} must be finite (at most {FLOAT32_MAX:.4g} in magnitude, as "
+            f"float32 holds it), got {value!r}"
+        )
     return v
 
 
@@ -80,21 +87,39 @@ def check_flag(name: str, value: Any) -> bool:
 
 def _steps(step: Steps) -> Steps:
     # The C++ side checks each count (an integer >= 1, NumPy integers included).
-    if isinstance(step, (list, tuple)) or (isinstance(step, (numbers.Integral, np.integer))
-                                           and not isinstance(step, bool)):
+    if isinstance(step, (list, tuple)) or (
+        isinstance(step, (numbers.Integral, np.integer)) and not isinstance(step, bool)
+    ):
         return step
     raise TypeError(f"step must be an int or a list of ints, got {type(step).__name__}")
 
 
-def _run(rule: str, params: ArrayList, grads: ArrayList, states: dict, hyper: dict, *,
-         step: Optional[Steps], grad_scale: Any, positions: Optional[Sequence[int]]) -> None:
+def _run(
+    rule: str,
+    params: ArrayList,
+    grads: ArrayList,
+    states: dict,
+    hyper: dict,
+    *,
+    step: Optional[Steps],
+    grad_scale: Any,
+    positions: Optional[Sequence[int]],
+) -> None:
     """One fused update by ``rule``: real scalars become floats here, and the core checks the
     rest (ranges, arrays, step counts, per-step scalars) before writing anything."""
-    core = {k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v)
-            for k, v in hyper.items()}
-    _core.step(rule, params, grads, states, core,
-               steps=None if step is None else _steps(step),
-               grad_scale=check_real("grad_scale", grad_scale), positions=positions)
+    core = {
+        k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()
+    }
+    _core.step(
+        rule,
+        params,
+        grads,
+        states,
+        core,
+        steps=None if step is None else _steps(step),
+        grad_scale=check_real("grad_scale", grad_scale),
+        positions=positions,
+    )
 
 
 # -- the updates ------------------------------------------------------------------------------------
@@ -122,33 +147,51 @@ def sgd_(
     None entry is a buffer that does not exist yet: it is created, filled by torch's first-step
     rule (the buffer becomes the gradient) and stored back into the list.
     """
-    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                 nesterov=as_flag(nesterov), maximize=as_flag(maximize))
-    core = _core.validate("sgd", {k: v if isinstance(v, bool) else as_real(v)
-                                  for k, v in hyper.items()})
+    hyper = dict(
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=as_flag(nesterov),
+        maximize=as_flag(maximize),
+    )
+    core = _core.validate(
+        "sgd", {k: v if isinstance(v, bool) else as_real(v) for k, v in hyper.items()}
+    )
     if core["momentum"] == 0:
-        _run("sgd", params, grads, {}, core, step=None, grad_scale=grad_scale,
-             positions=_positions)
+        _run("sgd", params, grads, {}, core, step=None, grad_scale=grad_scale, positions=_positions)
         return
     bufs = momentum_buffers
     if bufs is None:
         raise ValueError("momentum_buffers is required when momentum != 0")
     if not isinstance(bufs, list):
-        raise TypeError("momentum_buffers must be a list (new buffers are stored into it), "
-                        f"got {type(bufs).__name__}")
+        raise TypeError(
+            "momentum_buffers must be a list (new buffers are stored into it), "
+            f"got {type(bufs).__name__}"
+        )
     fresh = [b is None for b in bufs]
     filled: List[Any] = bufs
     if any(fresh):
         _core.check_grads(params, grads, positions=_positions)  # before allocating anything
         if len(bufs) != len(params):
-            raise ValueError(f"momentum_buffers has {len(bufs)} entries but params has "
-                             f"{len(params)}; they must match one to one")
+            raise ValueError(
+                f"momentum_buffers has {len(bufs)} entries but params has "
+                f"{len(params)}; they must match one to one"
+            )
         # New buffers as views of one block: the kernel then streams them as one array.
         block = iter(FlatParams([p.shape for p, f in zip(params, fresh) if f]))
         filled = [next(block) if f else b for b, f in zip(bufs, fresh)]
     # A buffer's first step (step 1) takes torch's first-step rule: it becomes the gradient.
-    _run("sgd", params, grads, {"momentum_buffer": filled}, core,
-         step=[1 if f else 2 for f in fresh], grad_scale=grad_scale, positions=_positions)
+    _run(
+        "sgd",
+        params,
+        grads,
+        {"momentum_buffer": filled},
+        core,
+        step=[1 if f else 2 for f in fresh],
+        grad_scale=grad_scale,
+        positions=_positions,
+    )
     if filled is not bufs:
         bufs[:] = filled
 
@@ -169,9 +212,16 @@ def momentum_(
     starting at zero (see :class:`optkern.Momentum`)."""
     if velocities is None:  # refused rather than run as plain SGD without its momentum
         raise ValueError("velocities is required (one zero-initialised array per parameter)")
-    _run("momentum", params, grads, {"momentum_buffer": velocities},
-         dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize), step=None,
-         grad_scale=grad_scale, positions=_positions)
+    _run(
+        "momentum",
+        params,
+        grads,
+        {"momentum_buffer": velocities},
+        dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize),
+        step=None,
+        grad_scale=grad_scale,
+        positions=_positions,
+    )
 
 
 def rmsprop_(
@@ -193,11 +243,24 @@ def rmsprop_(
 ) -> None:
     """RMSprop as torch.optim.RMSprop (see :class:`optkern.RMSprop`). ``grad_avgs`` is needed
     when centered, ``momentum_buffers`` when momentum > 0; all state starts at zero."""
-    _run("rmsprop", params, grads,
-         {"square_avg": square_avgs, "grad_avg": grad_avgs, "momentum_buffer": momentum_buffers},
-         dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-              centered=centered, maximize=maximize),
-         step=None, grad_scale=grad_scale, positions=_positions)
+    _run(
+        "rmsprop",
+        params,
+        grads,
+        {"square_avg": square_avgs, "grad_avg": grad_avgs, "momentum_buffer": momentum_buffers},
+        dict(
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            maximize=maximize,
+        ),
+        step=None,
+        grad_scale=grad_scale,
+        positions=_positions,
+    )
 
 
 def adagrad_(
@@ -215,9 +278,16 @@ def adagrad_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """Adagrad as torch.optim.Adagrad (see :class:`optkern.Adagrad`)."""
-    _run("adagrad", params, grads, {"sum": state_sums},
-         dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize),
-         step=step, grad_scale=grad_scale, positions=_positions)
+    _run(
+        "adagrad",
+        params,
+        grads,
+        {"sum": state_sums},
+        dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize),
+        step=step,
+        grad_scale=grad_scale,
+        positions=_positions,
+    )
 
 
 def adadelta_(
@@ -235,18 +305,55 @@ def adadelta_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """Adadelta as torch.optim.Adadelta (see :class:`optkern.Adadelta`)."""
-    _run("adadelta", params, grads, {"square_avg": square_avgs, "acc_delta": acc_deltas},
-         dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
-         step=None, grad_scale=grad_scale, positions=_positions)
+    _run(
+        "adadelta",
+        params,
+        grads,
+        {"square_avg": square_avgs, "acc_delta": acc_deltas},
+        dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
+        step=None,
+        grad_scale=grad_scale,
+        positions=_positions,
+    )
 
 
-def _adam(rule, params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
-          weight_decay, amsgrad, max_exp_avg_sqs, maximize, grad_scale, positions) -> None:
-    _run(rule, params, grads,
-         {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs, "max_exp_avg_sq": max_exp_avg_sqs},
-         dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-              amsgrad=amsgrad, maximize=maximize),
-         step=step, grad_scale=grad_scale, positions=positions)
+def _adam(
+    rule,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    max_exp_avg_sqs,
+    maximize,
+    grad_scale,
+    positions,
+) -> None:
+    _run(
+        rule,
+        params,
+        grads,
+        {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs, "max_exp_avg_sq": max_exp_avg_sqs},
+        dict(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+        ),
+        step=step,
+        grad_scale=grad_scale,
+        positions=positions,
+    )
 
 
 def adam_(
@@ -268,10 +375,24 @@ def adam_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """Adam as torch.optim.Adam, weight decay as an L2 term (see :class:`optkern.Adam`)."""
-    _adam("adam", params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1,
-          beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-          max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize, grad_scale=grad_scale,
-          positions=_positions)
+    _adam(
+        "adam",
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        maximize=maximize,
+        grad_scale=grad_scale,
+        positions=_positions,
+    )
 
 
 def adamw_(
@@ -293,10 +414,24 @@ def adamw_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """AdamW as torch.optim.AdamW, weight decay decoupled (see :class:`optkern.AdamW`)."""
-    _adam("adamw", params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1,
-          beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-          max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize, grad_scale=grad_scale,
-          positions=_positions)
+    _adam(
+        "adamw",
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        maximize=maximize,
+        grad_scale=grad_scale,
+        positions=_positions,
+    )
 
 
 # Every further rule declared in C++ gets its function from its declaration.

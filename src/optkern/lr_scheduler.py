@@ -100,9 +100,15 @@ def _kind(value: Any) -> str:
 
 
 #: What a loaded attribute may be, by the kind of the attribute it replaces.
-_COMPATIBLE = {"none": {"none", "int", "real"}, "bool": {"bool"}, "int": {"int"},
-               "real": {"int", "real"}, "str": {"str"}, "sequence": {"sequence"},
-               "mapping": {"mapping"}}
+_COMPATIBLE = {
+    "none": {"none", "int", "real"},
+    "bool": {"bool"},
+    "int": {"int"},
+    "real": {"int", "real"},
+    "str": {"str"},
+    "sequence": {"sequence"},
+    "mapping": {"mapping"},
+}
 #: Keys of torch's scheduler state dicts that optkern does not keep (ignored on load).
 _TORCH_ONLY_KEYS = frozenset({"_get_lr_called_within_step", "verbose"})
 
@@ -155,8 +161,10 @@ def _lrs(optimizer: Optimizer) -> List[float]:
     for i, group in enumerate(optimizer.param_groups):
         lr = group["lr"]
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-            raise TypeError(f"param_groups[{i}]['lr'] must be a number for a scheduler to set it, "
-                            f"got {type(lr).__name__}: {lr!r}")
+            raise TypeError(
+                f"param_groups[{i}]['lr'] must be a number for a scheduler to set it, "
+                f"got {type(lr).__name__}: {lr!r}"
+            )
         lrs.append(lr)
     return lrs
 
@@ -186,9 +194,11 @@ class LRScheduler:
         _lrs(optimizer)
         for i, group in enumerate(optimizer.param_groups):
             if last_epoch != -1 and "initial_lr" not in group:
-                raise ValueError(f"param_groups[{i}] has no 'initial_lr', which resuming a scheduler "
-                                 f"with last_epoch={last_epoch} needs (load the optimizer's state "
-                                 "dict first, or use last_epoch=-1 for a fresh run)")
+                raise ValueError(
+                    f"param_groups[{i}] has no 'initial_lr', which resuming a scheduler "
+                    f"with last_epoch={last_epoch} needs (load the optimizer's state "
+                    "dict first, or use last_epoch=-1 for a fresh run)"
+                )
         added = [g for g in optimizer.param_groups if "initial_lr" not in g]
         saved = [(g, g["lr"]) for g in optimizer.param_groups]
         for group in optimizer.param_groups:
@@ -196,7 +206,9 @@ class LRScheduler:
         try:
             self.base_lrs: List[float] = _check_lrs(
                 [group["initial_lr"] for group in optimizer.param_groups],
-                len(optimizer.param_groups), "initial_lr")
+                len(optimizer.param_groups),
+                "initial_lr",
+            )
             self.last_epoch = last_epoch
             self._initial_step()
         except BaseException:  # a schedule that fails at step 0 leaves the optimizer as it was
@@ -232,9 +244,11 @@ class LRScheduler:
                 self.last_epoch = epoch
                 closed_form = getattr(self, "_get_closed_form_lr", None)
                 values = closed_form() if closed_form is not None else self.get_lr()
-            values = _check_lrs(values, len(self.optimizer.param_groups),
-                                f"the lrs {type(self).__name__} computed for step "
-                                f"{self.last_epoch}")
+            values = _check_lrs(
+                values,
+                len(self.optimizer.param_groups),
+                f"the lrs {type(self).__name__} computed for step {self.last_epoch}",
+            )
         except BaseException:
             self.last_epoch = previous
             raise
@@ -283,13 +297,17 @@ class LRScheduler:
             if key in self._unsaved or key in _TORCH_ONLY_KEYS:
                 continue
             if not isinstance(key, str) or key not in own:
-                raise ValueError(f"state_dict has the key {key!r}, which is no attribute of "
-                                 f"{type(self).__name__} (a state dict of another scheduler?)")
+                raise ValueError(
+                    f"state_dict has the key {key!r}, which is no attribute of "
+                    f"{type(self).__name__} (a state dict of another scheduler?)"
+                )
             current = own[key]
             if _kind(value) not in _COMPATIBLE.get(_kind(current), {_kind(value)}):
-                raise TypeError(f"state_dict[{key!r}] must be like {type(current).__name__} "
-                                f"{_short(current)}, got {type(value).__name__}: "
-                                f"{_short(value)}")
+                raise TypeError(
+                    f"state_dict[{key!r}] must be like {type(current).__name__} "
+                    f"{_short(current)}, got {type(value).__name__}: "
+                    f"{_short(value)}"
+                )
             check_depth(value, f"state_dict[{key!r}]")
             out[key] = copy.deepcopy(value)
         n = len(self.optimizer.param_groups)
@@ -317,14 +335,19 @@ class LambdaLR(LRScheduler):
 
     _unsaved = ("optimizer", "lr_lambdas")
 
-    def __init__(self, optimizer: Optimizer, lr_lambda: Union[Callable[[int], float],
-                 Sequence[Callable[[int], float]]], last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        lr_lambda: Union[Callable[[int], float], Sequence[Callable[[int], float]]],
+        last_epoch: int = -1,
+    ) -> None:
         _check_optimizer(optimizer)
         n = len(optimizer.param_groups)
         if isinstance(lr_lambda, (list, tuple)):
             if len(lr_lambda) != n:
-                raise ValueError(f"lr_lambda has {len(lr_lambda)} functions but the optimizer has "
-                                 f"{n} param groups")
+                raise ValueError(
+                    f"lr_lambda has {len(lr_lambda)} functions but the optimizer has {n} param groups"
+                )
             lambdas = list(lr_lambda)
         else:
             lambdas = [lr_lambda] * n
@@ -336,41 +359,58 @@ class LambdaLR(LRScheduler):
 
     def get_lr(self) -> List[float]:
         t = self.last_epoch
-        return [base_lr * check_real(f"lr_lambda[{i}]({t})", as_real(fn(t)))
-                for i, (fn, base_lr) in enumerate(zip(self.lr_lambdas, self.base_lrs))]
+        return [
+            base_lr * check_real(f"lr_lambda[{i}]({t})", as_real(fn(t)))
+            for i, (fn, base_lr) in enumerate(zip(self.lr_lambdas, self.base_lrs))
+        ]
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
-        sd["lr_lambdas"] = [None if isinstance(fn, types.FunctionType) or not hasattr(fn, "__dict__")
-                            else copy.deepcopy(fn.__dict__) for fn in self.lr_lambdas]
+        sd["lr_lambdas"] = [
+            None
+            if isinstance(fn, types.FunctionType) or not hasattr(fn, "__dict__")
+            else copy.deepcopy(fn.__dict__)
+            for fn in self.lr_lambdas
+        ]
         return sd
 
     def __getstate__(self) -> Dict[str, Any]:
         # A lambda or a function defined inside another cannot be pickled (as in torch): wrap it
         # so that pickle says so clearly, while copy.deepcopy keeps the function as it is.
         state = dict(vars(self))
-        state["lr_lambdas"] = [_LocalFunction(fn, i) if _is_local_function(fn) else fn
-                               for i, fn in enumerate(self.lr_lambdas)]
+        state["lr_lambdas"] = [
+            _LocalFunction(fn, i) if _is_local_function(fn) else fn
+            for i, fn in enumerate(self.lr_lambdas)
+        ]
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         state = dict(state)
-        state["lr_lambdas"] = [fn.fn if isinstance(fn, _LocalFunction) else fn
-                               for fn in state["lr_lambdas"]]
+        state["lr_lambdas"] = [
+            fn.fn if isinstance(fn, _LocalFunction) else fn for fn in state["lr_lambdas"]
+        ]
         self.__dict__.update(state)
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         loaded = self._loaded(state_dict)
         saved = state_dict.get("lr_lambdas") or []
-        if not isinstance(saved, (list, tuple)) or len(saved) > len(self.lr_lambdas) or not all(
+        if (
+            not isinstance(saved, (list, tuple))
+            or len(saved) > len(self.lr_lambdas)
+            or not all(
                 s is None or (isinstance(s, Mapping) and all(isinstance(k, str) for k in s))
-                for s in saved):
-            raise ValueError(f"state_dict['lr_lambdas'] must be a list of at most "
-                             f"{len(self.lr_lambdas)} entries, each None or a dict of attributes")
+                for s in saved
+            )
+        ):
+            raise ValueError(
+                f"state_dict['lr_lambdas'] must be a list of at most "
+                f"{len(self.lr_lambdas)} entries, each None or a dict of attributes"
+            )
         for fn, entry in zip(self.lr_lambdas, saved):
             if entry is not None and not hasattr(fn, "__dict__"):
-                raise ValueError("state_dict['lr_lambdas'] holds attributes for a function "
-                                 "that has none")
+                raise ValueError(
+                    "state_dict['lr_lambdas'] holds attributes for a function that has none"
+                )
             check_depth(entry, "state_dict['lr_lambdas']")
         self.__dict__.update(loaded)
         for fn, entry in zip(self.lr_lambdas, saved):
@@ -387,8 +427,9 @@ def _short(value: Any) -> str:
 
 
 def _is_local_function(fn: Any) -> bool:
-    return isinstance(fn, types.FunctionType) and ("<lambda>" in fn.__qualname__
-                                                   or "<locals>" in fn.__qualname__)
+    return isinstance(fn, types.FunctionType) and (
+        "<lambda>" in fn.__qualname__ or "<locals>" in fn.__qualname__
+    )
 
 
 class _LocalFunction:
@@ -406,7 +447,8 @@ class _LocalFunction:
             f"cannot pickle this LambdaLR: lr_lambda[{self.index}] is "
             f"{self.fn.__qualname__!r}, a lambda or a function defined inside another, which "
             "pickle cannot store (torch's LambdaLR cannot either); use a module-level function "
-            "or a callable object")
+            "or a callable object"
+        )
 
 
 class StepLR(LRScheduler):
@@ -418,8 +460,9 @@ class StepLR(LRScheduler):
     ``lr_{t-1}``.
     """
 
-    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1
+    ) -> None:
         self.step_size = _check_int("step_size", step_size, 1)
         self.gamma = _check_positive("gamma", gamma)
         super().__init__(optimizer, last_epoch)
@@ -429,8 +472,9 @@ class StepLR(LRScheduler):
         return 1.0 if t == 0 or t % self.step_size != 0 else self.gamma
 
     def _get_closed_form_lr(self) -> List[float]:
-        return [base_lr * self.gamma ** (self.last_epoch // self.step_size)
-                for base_lr in self.base_lrs]
+        return [
+            base_lr * self.gamma ** (self.last_epoch // self.step_size) for base_lr in self.base_lrs
+        ]
 
 
 class MultiStepLR(LRScheduler):
@@ -443,25 +487,30 @@ class MultiStepLR(LRScheduler):
     gamma ** n there (torch's rule).
     """
 
-    def __init__(self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        milestones: Iterable[int],
+        gamma: float = 0.1,
+        last_epoch: int = -1,
+    ) -> None:
         self.milestones = Counter(_check_milestones(milestones, strict=False))
         self.gamma = _check_positive("gamma", gamma)
         super().__init__(optimizer, last_epoch)
 
     def _factor(self) -> float:
         n = self.milestones.get(self.last_epoch, 0)
-        return self.gamma ** n if n else 1.0
+        return self.gamma**n if n else 1.0
 
     def _get_closed_form_lr(self) -> List[float]:
         passed = bisect_right(sorted(self.milestones.elements()), self.last_epoch)
-        return [base_lr * self.gamma ** passed for base_lr in self.base_lrs]
+        return [base_lr * self.gamma**passed for base_lr in self.base_lrs]
 
 
 class ExponentialLR(LRScheduler):
     r"""Decays the lr by ``gamma`` every step::
 
-        lr_t = base_lr * gamma ** t            (chainable: lr_t = gamma * lr_{t-1})
+    lr_t = base_lr * gamma ** t            (chainable: lr_t = gamma * lr_{t-1})
     """
 
     def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
@@ -472,7 +521,7 @@ class ExponentialLR(LRScheduler):
         return 1.0 if self._is_initial else self.gamma
 
     def _get_closed_form_lr(self) -> List[float]:
-        return [base_lr * self.gamma ** self.last_epoch for base_lr in self.base_lrs]
+        return [base_lr * self.gamma**self.last_epoch for base_lr in self.base_lrs]
 
 
 class CosineAnnealingLR(LRScheduler):
@@ -488,8 +537,9 @@ class CosineAnnealingLR(LRScheduler):
                                                            when (t - 1 - T_max) % (2 T_max) == 0
     """
 
-    def __init__(self, optimizer: Optimizer, T_max: float, eta_min: float = 0.0,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: Optimizer, T_max: float, eta_min: float = 0.0, last_epoch: int = -1
+    ) -> None:
         _check_positive("T_max", T_max)
         self.T_max = T_max
         self.eta_min = check_nonnegative("eta_min", eta_min)
@@ -501,15 +551,22 @@ class CosineAnnealingLR(LRScheduler):
         if self._is_initial:
             return lrs
         if (t - 1 - T) % (2 * T) == 0:  # leaving the minimum, where the ratio below is 0/0
-            return [lr + (base_lr - eta_min) * (1 - math.cos(math.pi / T)) / 2
-                    for lr, base_lr in zip(lrs, self.base_lrs)]
-        return [(1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T))
-                * (lr - eta_min) + eta_min for lr in lrs]
+            return [
+                lr + (base_lr - eta_min) * (1 - math.cos(math.pi / T)) / 2
+                for lr, base_lr in zip(lrs, self.base_lrs)
+            ]
+        return [
+            (1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T)) * (lr - eta_min)
+            + eta_min
+            for lr in lrs
+        ]
 
     def _get_closed_form_lr(self) -> List[float]:
-        return [self.eta_min + (base_lr - self.eta_min)
-                * (1 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2
-                for base_lr in self.base_lrs]
+        return [
+            self.eta_min
+            + (base_lr - self.eta_min) * (1 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2
+            for base_lr in self.base_lrs
+        ]
 
 
 class LinearLR(LRScheduler):
@@ -523,8 +580,14 @@ class LinearLR(LRScheduler):
     ``lr_t = lr_{t-1} * (1 + (end - start) / (total_iters * start + (t - 1) * (end - start)))``.
     """
 
-    def __init__(self, optimizer: Optimizer, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
-                 total_iters: int = 5, last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        start_factor: float = 1.0 / 3,
+        end_factor: float = 1.0,
+        total_iters: int = 5,
+        last_epoch: int = -1,
+    ) -> None:
         self.start_factor = check_real("start_factor", start_factor)
         if not 0 < self.start_factor <= 1:
             raise ValueError(f"start_factor must be in (0, 1], got {start_factor!r}")
@@ -544,8 +607,11 @@ class LinearLR(LRScheduler):
 
     def _get_closed_form_lr(self) -> List[float]:
         start, end = self.start_factor, self.end_factor
-        return [base_lr * (start + (end - start) * min(self.total_iters, self.last_epoch)
-                           / self.total_iters) for base_lr in self.base_lrs]
+        return [
+            base_lr
+            * (start + (end - start) * min(self.total_iters, self.last_epoch) / self.total_iters)
+            for base_lr in self.base_lrs
+        ]
 
 
 class SequentialLR(LRScheduler):
@@ -559,26 +625,36 @@ class SequentialLR(LRScheduler):
 
     _unsaved = ("optimizer", "_schedulers")
 
-    def __init__(self, optimizer: Optimizer, schedulers: Sequence[LRScheduler],
-                 milestones: Sequence[int], last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        schedulers: Sequence[LRScheduler],
+        milestones: Sequence[int],
+        last_epoch: int = -1,
+    ) -> None:
         _check_optimizer(optimizer)
         if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, (list, tuple)):
-            raise TypeError("schedulers must be a list of schedulers, got "
-                            f"{type(schedulers).__name__}")
+            raise TypeError(
+                f"schedulers must be a list of schedulers, got {type(schedulers).__name__}"
+            )
         if len(schedulers) == 0:
             raise ValueError("SequentialLR needs at least one scheduler")
         for i, s in enumerate(schedulers):
             if not isinstance(s, LRScheduler):
                 raise TypeError(f"schedulers[{i}] must be an LRScheduler, got {type(s).__name__}")
             if isinstance(s, ReduceLROnPlateau):
-                raise ValueError(f"schedulers[{i}] is a ReduceLROnPlateau, which SequentialLR cannot "
-                                 "run: its step() needs a metric")
+                raise ValueError(
+                    f"schedulers[{i}] is a ReduceLROnPlateau, which SequentialLR cannot "
+                    "run: its step() needs a metric"
+                )
             if s.optimizer is not optimizer:
                 raise ValueError(f"schedulers[{i}] drives another optimizer than the one given")
         milestones = _check_milestones(milestones, strict=True)
         if len(milestones) != len(schedulers) - 1:
-            raise ValueError(f"SequentialLR needs one milestone fewer than schedulers, got "
-                             f"{len(schedulers)} schedulers and {len(milestones)} milestones")
+            raise ValueError(
+                f"SequentialLR needs one milestone fewer than schedulers, got "
+                f"{len(schedulers)} schedulers and {len(milestones)} milestones"
+            )
         _check_epoch(last_epoch)
         self.optimizer = optimizer
         self._schedulers = list(schedulers)
@@ -621,17 +697,24 @@ class SequentialLR(LRScheduler):
     def load_state_dict(self, state_dict: Mapping) -> None:
         saved = state_dict.get("_schedulers") if isinstance(state_dict, Mapping) else None
         if not isinstance(saved, (list, tuple)) or len(saved) != len(self._schedulers):
-            raise ValueError(f"state_dict['_schedulers'] must be a list of {len(self._schedulers)} "
-                             "scheduler state dicts")
+            raise ValueError(
+                f"state_dict['_schedulers'] must be a list of {len(self._schedulers)} "
+                "scheduler state dicts"
+            )
         # Everything checked (this scheduler's and every child's) before anything is set.
         mine = {k: v for k, v in state_dict.items() if k != "_schedulers"}
         loaded = self._loaded(mine)
-        children = [s._loaded(sd) if type(s).load_state_dict is LRScheduler.load_state_dict
-                    else None for s, sd in zip(self._schedulers, saved)]
+        children = [
+            s._loaded(sd) if type(s).load_state_dict is LRScheduler.load_state_dict else None
+            for s, sd in zip(self._schedulers, saved)
+        ]
         for s, sd, checked in zip(self._schedulers, saved, children):
             if checked is None:  # a child with its own load (LambdaLR, nested SequentialLR, ...)
-                s._loaded(sd if not isinstance(s, SequentialLR) else
-                          {k: v for k, v in sd.items() if k != "_schedulers"})
+                s._loaded(
+                    sd
+                    if not isinstance(s, SequentialLR)
+                    else {k: v for k, v in sd.items() if k != "_schedulers"}
+                )
         self.__dict__.update(loaded)
         for s, sd, checked in zip(self._schedulers, saved, children):
             if checked is not None:
@@ -640,12 +723,18 @@ class SequentialLR(LRScheduler):
                 s.load_state_dict(sd)
 
 
-def _phase(end_step: float, start_lr: str, end_lr: str, start_momentum: str,
-           end_momentum: str) -> Dict[str, Any]:
+def _phase(
+    end_step: float, start_lr: str, end_lr: str, start_momentum: str, end_momentum: str
+) -> Dict[str, Any]:
     """One phase of OneCycleLR: the step it ends at and the group entries it anneals between
     (torch's layout, so that state dicts match)."""
-    return {"end_step": end_step, "start_lr": start_lr, "end_lr": end_lr,
-            "start_momentum": start_momentum, "end_momentum": end_momentum}
+    return {
+        "end_step": end_step,
+        "start_lr": start_lr,
+        "end_lr": end_lr,
+        "start_momentum": start_momentum,
+        "end_momentum": end_momentum,
+    }
 
 
 class OneCycleLR(LRScheduler):
@@ -670,20 +759,30 @@ class OneCycleLR(LRScheduler):
 
     _unsaved = ("optimizer", "_momenta")  # _momenta: the step being taken's, not state
 
-    def __init__(self, optimizer: Optimizer, max_lr: Union[float, Sequence[float]],
-                 total_steps: Optional[int] = None, epochs: Optional[int] = None,
-                 steps_per_epoch: Optional[int] = None, pct_start: float = 0.3,
-                 anneal_strategy: str = "cos", cycle_momentum: bool = True,
-                 base_momentum: Union[float, Sequence[float]] = 0.85,
-                 max_momentum: Union[float, Sequence[float]] = 0.95, div_factor: float = 25.0,
-                 final_div_factor: float = 1e4, three_phase: bool = False,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        max_lr: Union[float, Sequence[float]],
+        total_steps: Optional[int] = None,
+        epochs: Optional[int] = None,
+        steps_per_epoch: Optional[int] = None,
+        pct_start: float = 0.3,
+        anneal_strategy: str = "cos",
+        cycle_momentum: bool = True,
+        base_momentum: Union[float, Sequence[float]] = 0.85,
+        max_momentum: Union[float, Sequence[float]] = 0.95,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+        three_phase: bool = False,
+        last_epoch: int = -1,
+    ) -> None:
         _lrs(_check_optimizer(optimizer))
         if total_steps is not None:
             self.total_steps = _check_int("total_steps", total_steps, 1)
         elif epochs is not None and steps_per_epoch is not None:
-            self.total_steps = (_check_int("epochs", epochs, 1)
-                                * _check_int("steps_per_epoch", steps_per_epoch, 1))
+            self.total_steps = _check_int("epochs", epochs, 1) * _check_int(
+                "steps_per_epoch", steps_per_epoch, 1
+            )
         else:
             raise ValueError("OneCycleLR needs total_steps, or epochs and steps_per_epoch")
         pct_start = check_real("pct_start", pct_start)
@@ -698,19 +797,25 @@ class OneCycleLR(LRScheduler):
         self.cycle_momentum = check_flag("cycle_momentum", cycle_momentum)
         if self.cycle_momentum:
             if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
-                raise ValueError(f"{type(optimizer).__name__} has neither 'momentum' nor 'betas' "
-                                 "to cycle; pass cycle_momentum=False")
+                raise ValueError(
+                    f"{type(optimizer).__name__} has neither 'momentum' nor 'betas' "
+                    "to cycle; pass cycle_momentum=False"
+                )
             self.use_beta1 = "betas" in optimizer.defaults
             max_momentums = _per_group("max_momentum", max_momentum, optimizer, check_nonnegative)
-            base_momentums = _per_group("base_momentum", base_momentum, optimizer,
-                                        check_nonnegative)
+            base_momentums = _per_group("base_momentum", base_momentum, optimizer, check_nonnegative)
 
         w, T = float(pct_start * self.total_steps), self.total_steps
         if check_flag("three_phase", three_phase):
             self._schedule_phases = [
                 _phase(w - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
-                _phase(float(2 * pct_start * T) - 2, "max_lr", "initial_lr", "base_momentum",
-                      "max_momentum"),
+                _phase(
+                    float(2 * pct_start * T) - 2,
+                    "max_lr",
+                    "initial_lr",
+                    "base_momentum",
+                    "max_momentum",
+                ),
                 _phase(T - 1, "initial_lr", "min_lr", "max_momentum", "max_momentum"),
             ]
         else:
@@ -749,15 +854,18 @@ class OneCycleLR(LRScheduler):
                 break
             start = end
         if end == start:
-            raise ValueError(f"OneCycleLR phase {i} spans no steps (total_steps={self.total_steps}): "
-                             "pick pct_start so that pct_start * total_steps != 1")
+            raise ValueError(
+                f"OneCycleLR phase {i} spans no steps (total_steps={self.total_steps}): "
+                "pick pct_start so that pct_start * total_steps != 1"
+            )
         pct = (t - start) / (end - start)
         lrs, momenta = [], []
         for group in self.optimizer.param_groups:
             lrs.append(self._anneal(group[phase["start_lr"]], group[phase["end_lr"]], pct))
             if self.cycle_momentum:
-                momenta.append(self._anneal(group[phase["start_momentum"]],
-                                            group[phase["end_momentum"]], pct))
+                momenta.append(
+                    self._anneal(group[phase["start_momentum"]], group[phase["end_momentum"]], pct)
+                )
         self._momenta = momenta  # written with the lrs, after their check (_write_extra)
         return lrs
 
@@ -783,10 +891,18 @@ class ReduceLROnPlateau(LRScheduler):
     ``cooldown`` steps count no bad steps. ``min_lr`` is one number or one per group.
     """
 
-    def __init__(self, optimizer: Optimizer, mode: str = "min", factor: float = 0.1,
-                 patience: int = 10, threshold: float = 1e-4, threshold_mode: str = "rel",
-                 cooldown: int = 0, min_lr: Union[float, Sequence[float]] = 0,
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        mode: str = "min",
+        factor: float = 0.1,
+        patience: int = 10,
+        threshold: float = 1e-4,
+        threshold_mode: str = "rel",
+        cooldown: int = 0,
+        min_lr: Union[float, Sequence[float]] = 0,
+        eps: float = 1e-8,
+    ) -> None:
         self.optimizer = _check_optimizer(optimizer)
         self.factor = check_real("factor", factor)
         if not 0 <= self.factor < 1:
@@ -813,10 +929,14 @@ class ReduceLROnPlateau(LRScheduler):
 
     def _is_better(self, a: float, best: float) -> bool:
         if self.mode == "min":
-            return a < (best * (1.0 - self.threshold) if self.threshold_mode == "rel"
-                        else best - self.threshold)
-        return a > (best * (self.threshold + 1.0) if self.threshold_mode == "rel"
-                    else best + self.threshold)
+            return a < (
+                best * (1.0 - self.threshold)
+                if self.threshold_mode == "rel"
+                else best - self.threshold
+            )
+        return a > (
+            best * (self.threshold + 1.0) if self.threshold_mode == "rel" else best + self.threshold
+        )
 
     @property
     def in_cooldown(self) -> bool:
@@ -828,8 +948,9 @@ class ReduceLROnPlateau(LRScheduler):
         improvement, as in torch. Anything else raises TypeError with nothing changed."""
         value = as_real(metrics)
         if type(value) is not float and type(value) is not int:
-            raise TypeError(f"metrics must be a real number, got {type(metrics).__name__}: "
-                            f"{_short(metrics)}")
+            raise TypeError(
+                f"metrics must be a real number, got {type(metrics).__name__}: {_short(metrics)}"
+            )
         current = float(value)
         # Computed first and set last: if reducing the lrs raises, nothing changed.
         best, bad, cooldown = self.best, self.num_bad_epochs, self.cooldown_counter
@@ -852,8 +973,10 @@ class ReduceLROnPlateau(LRScheduler):
         min_lrs = self.min_lrs
         if len(groups) != len(min_lrs):
             if self.default_min_lr is None:
-                raise RuntimeError(f"the optimizer has {len(groups)} param groups but min_lr was "
-                                   f"given for {len(self.min_lrs)}; set min_lrs to one per group")
+                raise RuntimeError(
+                    f"the optimizer has {len(groups)} param groups but min_lr was "
+                    f"given for {len(self.min_lrs)}; set min_lrs to one per group"
+                )
             min_lrs = [self.default_min_lr] * len(groups)
         lrs = _lrs(self.optimizer)  # every lr checked before any is written
         for group, lr, min_lr in zip(groups, lrs, min_lrs):
@@ -867,13 +990,17 @@ class ReduceLROnPlateau(LRScheduler):
         mode = loaded.get("mode", self.mode)
         threshold_mode = loaded.get("threshold_mode", self.threshold_mode)
         if mode not in ("min", "max") or threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"state_dict has mode {mode!r} and threshold_mode "
-                             f"{threshold_mode!r}; they must be 'min'/'max' and 'rel'/'abs'")
+            raise ValueError(
+                f"state_dict has mode {mode!r} and threshold_mode "
+                f"{threshold_mode!r}; they must be 'min'/'max' and 'rel'/'abs'"
+            )
         for key in ("factor", "threshold", "eps"):
             if key in loaded:
                 loaded[key] = check_nonnegative(f"state_dict[{key!r}]", loaded[key])
         if "min_lrs" in loaded:
-            loaded["min_lrs"] = [check_nonnegative(f"state_dict['min_lrs'][{i}]", v)
-                                 for i, v in enumerate(loaded["min_lrs"])]
+            loaded["min_lrs"] = [
+                check_nonnegative(f"state_dict['min_lrs'][{i}]", v)
+                for i, v in enumerate(loaded["min_lrs"])
+            ]
         self.__dict__.update(loaded)
         self._init_is_better(self.mode, self.threshold, self.threshold_mode)

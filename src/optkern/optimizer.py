@@ -88,8 +88,10 @@ def _as_param_list(params: Any, where: str) -> List[np.ndarray]:
     if isinstance(params, np.ndarray):
         return [params]
     if isinstance(params, (set, frozenset)):
-        raise TypeError(f"{where} must be an ordered sequence of arrays, not a set "
-                        "(its order, which state_dict ids follow, would change between runs)")
+        raise TypeError(
+            f"{where} must be an ordered sequence of arrays, not a set "
+            "(its order, which state_dict ids follow, would change between runs)"
+        )
     if isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
         raise TypeError(f"{where} must be a list of float32 arrays, got {type(params).__name__}")
     return list(params)
@@ -124,8 +126,10 @@ class Optimizer:
 
     def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
         if getattr(type(self), "_rule", None) is None:
-            raise TypeError("Optimizer is the base of optkern's rule classes (optkern.Adam, ...); "
-                            "it cannot be used by itself")
+            raise TypeError(
+                "Optimizer is the base of optkern's rule classes (optkern.Adam, ...); "
+                "it cannot be used by itself"
+            )
         self.defaults = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
         self.state = ParamState()
@@ -194,8 +198,11 @@ class Optimizer:
         for name in [n for n, _ in rule.torch_args()] + ["maximize"]:
             if name in seen and not (name == "lr" and callable(lr)):
                 slots = [h.name for h in rule.hyper if h.torch == name] or [name]
-                value = core[name] if len(slots) == 1 and slots[0] == name else tuple(
-                    core[n] for n in slots)
+                value = (
+                    core[name]
+                    if len(slots) == 1 and slots[0] == name
+                    else tuple(core[n] for n in slots)
+                )
                 if value is not seen[name]:
                     if group.get(name, missing) is seen[name]:
                         group[name] = value
@@ -223,14 +230,19 @@ class Optimizer:
                 value = lr(step)
             finally:
                 self._in_lr = False
-            core = _core.validate(self._rule.name, {**core, "lr": as_real(value)},
-                                  labels={"lr": f"lr({step}) (the group's lr schedule)"})
+            core = _core.validate(
+                self._rule.name,
+                {**core, "lr": as_real(value)},
+                labels={"lr": f"lr({step}) (the group's lr schedule)"},
+            )
         return core
 
     def _not_reentered(self, what: str) -> None:
         if self._in_lr:
-            raise RuntimeError(f"{what} called from inside a group's callable lr, while a step "
-                               "is evaluating it; an lr schedule must only return a number")
+            raise RuntimeError(
+                f"{what} called from inside a group's callable lr, while a step "
+                "is evaluating it; an lr schedule must only return a number"
+            )
 
     # -- parameter groups ------------------------------------------------------------------------
 
@@ -272,14 +284,18 @@ class Optimizer:
         named = [isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params]
         if not any(named):
             if any("param_names" in g for g in self.param_groups):
-                raise ValueError("all parameter groups must be named or all unnamed: earlier "
-                                 "groups have (name, array) pairs, this one plain arrays")
+                raise ValueError(
+                    "all parameter groups must be named or all unnamed: earlier "
+                    "groups have (name, array) pairs, this one plain arrays"
+                )
             return params
         if not all(named):
             raise TypeError("params must be all arrays or all (name, array) pairs with str names")
         if self.param_groups and not all("param_names" in g for g in self.param_groups):
-            raise ValueError("all parameter groups must be named or all unnamed: earlier groups "
-                             "have plain arrays, this one (name, array) pairs")
+            raise ValueError(
+                "all parameter groups must be named or all unnamed: earlier groups "
+                "have plain arrays, this one (name, array) pairs"
+            )
         names = [n for n, _ in params]
         taken = {n for g in self.param_groups for n in g.get("param_names", ())}
         if len(set(names)) != len(names) or taken.intersection(names):
@@ -289,8 +305,14 @@ class Optimizer:
 
     # -- stepping ----------------------------------------------------------------------------------
 
-    def step(self, grads: Sequence[Optional[np.ndarray]], *, max_grad_norm: Optional[float] = None,
-             norm_type: float = 2.0, skip_if_nonfinite: bool = False) -> Optional[float]:
+    def step(
+        self,
+        grads: Sequence[Optional[np.ndarray]],
+        *,
+        max_grad_norm: Optional[float] = None,
+        norm_type: float = 2.0,
+        skip_if_nonfinite: bool = False,
+    ) -> Optional[float]:
         """Applies one update to every parameter whose gradient is not None.
 
         ``max_grad_norm``: clip the gradients to this total norm (of order ``norm_type``) within
@@ -313,18 +335,26 @@ class Optimizer:
             norm: Optional[float] = None
             scale, skip = 1.0, False
             if max_grad_norm is not None or skip_if_nonfinite:
-                limit = None if max_grad_norm is None else check_nonnegative("max_grad_norm",
-                                                                             max_grad_norm)
+                limit = (
+                    None
+                    if max_grad_norm is None
+                    else check_nonnegative("max_grad_norm", max_grad_norm)
+                )
                 p = check_norm_type(norm_type)
                 flat_grads, flat_positions = _flatten(work)
                 norm = total_norm(flat_grads, p, flat_positions) if flat_grads else 0.0
-                skip = skip_if_nonfinite and not math.isfinite(norm) and _has_nonfinite(
-                    flat_grads, flat_positions, p)
+                skip = (
+                    skip_if_nonfinite
+                    and not math.isfinite(norm)
+                    and _has_nonfinite(flat_grads, flat_positions, p)
+                )
                 if limit is not None and not skip:
                     scale = clip_coefficient(limit, norm)
             created: list = []
-            calls = [self._prepare(group, core, params, group_grads, positions, scale, created)
-                     for (group, params, group_grads, positions), core in zip(work, hyper)]
+            calls = [
+                self._prepare(group, core, params, group_grads, positions, scale, created)
+                for (group, params, group_grads, positions), core in zip(work, hyper)
+            ]
             if skip:  # everything was validated: an error comes first
                 self.skipped_steps += 1
                 return norm
@@ -335,18 +365,22 @@ class Optimizer:
         """Splits ``grads`` by group and drops parameters without a gradient; with more than one
         group, also checks that no buffer of one group overlaps one of another."""
         if isinstance(grads, np.ndarray) or not isinstance(grads, (list, tuple)):
-            raise TypeError("grads must be a list or tuple of arrays aligned with the parameters, "
-                            f"got {type(grads).__name__}")
+            raise TypeError(
+                "grads must be a list or tuple of arrays aligned with the parameters, "
+                f"got {type(grads).__name__}"
+            )
         groups = self.param_groups  # read once: another thread may replace the list
         total = sum(len(g["params"]) for g in groups)
         if len(grads) != total:
-            raise ValueError(f"step() got {len(grads)} gradients for {total} parameters; pass one "
-                             "per parameter (None to skip one), in group order")
+            raise ValueError(
+                f"step() got {len(grads)} gradients for {total} parameters; pass one "
+                "per parameter (None to skip one), in group order"
+            )
         work = []
         start = 0
         for group in groups:
             params = group["params"]
-            group_grads = grads[start:start + len(params)]
+            group_grads = grads[start : start + len(params)]
             if id(None) in map(id, group_grads):  # `None in list` would compare arrays with ==
                 keep = [i for i, g in enumerate(group_grads) if g is not None]
                 params = [params[i] for i in keep]
@@ -362,9 +396,16 @@ class Optimizer:
             _core.check_grads(all_params, all_grads, positions=positions)
         return work
 
-    def _prepare(self, group: Dict[str, Any], core: Dict[str, Any], params: List[np.ndarray],
-                 grads: List[np.ndarray], positions: Optional[List[int]], grad_scale: float,
-                 created: list) -> Any:
+    def _prepare(
+        self,
+        group: Dict[str, Any],
+        core: Dict[str, Any],
+        params: List[np.ndarray],
+        grads: List[np.ndarray],
+        positions: Optional[List[int]],
+        grad_scale: float,
+        created: list,
+    ) -> Any:
         """One group's update, validated by the core but not run. State a parameter lacks is
         made here, in new dicts listed in ``created``, which the step installs with the update."""
         rule = self._rule
@@ -377,13 +418,27 @@ class Optimizer:
             record: Any = states
         else:  # step 1 tells the kernel a buffer is new (torch's SGD starts it at the gradient)
             steps, record = [1 if f else 2 for f in fresh], None
-        return _core.prepare(rule.name, params, grads, lists, core, steps=steps,
-                             grad_scale=grad_scale, positions=positions, record=record,
-                             isa=self._isa)
+        return _core.prepare(
+            rule.name,
+            params,
+            grads,
+            lists,
+            core,
+            steps=steps,
+            grad_scale=grad_scale,
+            positions=positions,
+            record=record,
+            isa=self._isa,
+        )
 
-    def _group_states(self, group: Dict[str, Any], params: List[np.ndarray],
-                      spec: Dict[str, float], created: list,
-                      carried: Optional[Dict[str, float]] = None) -> tuple:
+    def _group_states(
+        self,
+        group: Dict[str, Any],
+        params: List[np.ndarray],
+        spec: Dict[str, float],
+        created: list,
+        carried: Optional[Dict[str, float]] = None,
+    ) -> tuple:
         """Each parameter's state dict with every array ``spec`` names (and every carried number
         of ``carried``, at its start), and whether any of its arrays is new. A parameter without
         (complete) state gets a new dict, recorded in ``created`` as (param, new dict, old dict
@@ -392,9 +447,14 @@ class Optimizer:
             spec = {**spec, **carried}
         ids = list(map(id, params))
         cached = self._cache.get(id(group))
-        if (cached is not None and cached.group is group and cached.state is self.state
-                and cached.version == self.state.version and cached.ids == ids
-                and cached.names == spec.keys()):
+        if (
+            cached is not None
+            and cached.group is group
+            and cached.state is self.state
+            and cached.version == self.state.version
+            and cached.ids == ids
+            and cached.names == spec.keys()
+        ):
             return cached.states, cached.fresh  # the common case: nothing changed
         _core.check_params(params)  # a group whose "params" someone replaced: TypeError here
         states = [self.state.get_by_id(p) for p in params]
@@ -402,8 +462,9 @@ class Optimizer:
             states = [{} if s is None else s for s in states]
         fresh = [s is None or not s.keys() >= spec.keys() for s in states]
         if not any(fresh):
-            self._cache[id(group)] = _GroupStates(group, self.state, self.state.version, ids,
-                                                  spec.keys(), states, fresh)
+            self._cache[id(group)] = _GroupStates(
+                group, self.state, self.state.version, ids, spec.keys(), states, fresh
+            )
             return states, fresh
         for i, p in enumerate(params):
             if fresh[i]:
@@ -455,11 +516,17 @@ class Optimizer:
                 for i, p in zip(ids, group["params"]):
                     s = self.state.get_by_id(p)
                     if s is not None:
-                        state[i] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v))
-                                    for k, v in s.items()}
+                        state[i] = {
+                            k: (v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v))
+                            for k, v in s.items()
+                        }
                 index += len(group["params"])
-            return {"state": state, "param_groups": groups, "step_count": self.step_count,
-                    "skipped_steps": self.skipped_steps}
+            return {
+                "state": state,
+                "param_groups": groups,
+                "step_count": self.step_count,
+                "skipped_steps": self.skipped_steps,
+            }
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Loads a dict from :meth:`state_dict` (or from torch: tensors are read as arrays). It is
@@ -470,8 +537,7 @@ class Optimizer:
             groups, state = self._parse_state_dict(state_dict)
             # A dict from torch has no step_count: the parameters' own step counts tell it.
             steps = [s["step"] for _, s in state if "step" in s]
-            step_count = _load_step(state_dict.get("step_count", max(steps, default=0)),
-                                    "step_count")
+            step_count = _load_step(state_dict.get("step_count", max(steps, default=0)), "step_count")
             skipped = _load_step(state_dict.get("skipped_steps", 0), "skipped_steps")
             new_state = ParamState()
             for p, s in state:
@@ -487,8 +553,10 @@ class Optimizer:
         saved_groups = sd["param_groups"]
         if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
             n = len(saved_groups) if isinstance(saved_groups, (list, tuple)) else "no list of"
-            raise ValueError(f"loaded state dict has {n} parameter groups; this optimizer has "
-                             f"{len(self.param_groups)}")
+            raise ValueError(
+                f"loaded state dict has {n} parameter groups; this optimizer has "
+                f"{len(self.param_groups)}"
+            )
         by_id: Dict[Any, np.ndarray] = {}
         groups = []
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
@@ -496,8 +564,10 @@ class Optimizer:
                 raise ValueError(f'param_groups[{gi}] must be a mapping with a "params" list')
             ids = _load_ids(saved["params"], f"param_groups[{gi}]['params']")
             if len(ids) != len(group["params"]):
-                raise ValueError(f"param_groups[{gi}] has {len(ids)} parameters in the loaded state "
-                                 f"dict but {len(group['params'])} in this optimizer")
+                raise ValueError(
+                    f"param_groups[{gi}] has {len(ids)} parameters in the loaded state "
+                    f"dict but {len(group['params'])} in this optimizer"
+                )
             for i, p in zip(ids, group["params"]):
                 if i in by_id:
                     raise ValueError(f"parameter id {i} appears twice in the loaded param_groups")
@@ -511,10 +581,14 @@ class Optimizer:
             new_group["params"] = group["params"]
             if "param_names" in saved:  # loaded names replace the current ones, as in torch
                 names = saved["param_names"]
-                if (not isinstance(names, (list, tuple)) or len(names) != len(ids)
-                        or not all(isinstance(n, str) for n in names)):
-                    raise ValueError(f"param_groups[{gi}][\"param_names\"] must be a list of "
-                                     f"{len(ids)} str names")
+                if (
+                    not isinstance(names, (list, tuple))
+                    or len(names) != len(ids)
+                    or not all(isinstance(n, str) for n in names)
+                ):
+                    raise ValueError(
+                        f'param_groups[{gi}]["param_names"] must be a list of {len(ids)} str names'
+                    )
                 new_group["param_names"] = list(names)
             elif "param_names" in group:
                 new_group["param_names"] = list(group["param_names"])
@@ -532,8 +606,9 @@ class Optimizer:
         for key, entry in saved_state.items():
             key = _load_id(key, "a state key")
             if key not in by_id:
-                raise ValueError(f"state has an entry for parameter id {key!r}, which no "
-                                 "parameter group lists")
+                raise ValueError(
+                    f"state has an entry for parameter id {key!r}, which no parameter group lists"
+                )
             if not isinstance(entry, Mapping):
                 raise ValueError(f"state[{key!r}] must be a mapping, got {type(entry).__name__}")
             p = by_id[key]
@@ -555,8 +630,10 @@ class Optimizer:
                 raise ValueError(f"state[{key!r}] has no 'step'")
             missing = [n for n in spec if n not in s]
             if missing:
-                raise ValueError(f"state[{key!r}] lacks {', '.join(map(repr, missing))}, "
-                                 "which its group's options need")
+                raise ValueError(
+                    f"state[{key!r}] lacks {', '.join(map(repr, missing))}, "
+                    "which its group's options need"
+                )
             state.append((p, s))
         for group in groups:  # each group's state in one block per name, as a first step makes
             in_group = {id(p) for p in group["params"]}
@@ -630,8 +707,9 @@ def _has_nonfinite(grads: List[np.ndarray], positions: Optional[List[int]], p: f
     return not math.isfinite(total_norm(grads, 2.0, positions))
 
 
-def _pack(states: List[Dict[str, Any]], name: str, shapes: List[tuple],
-          start: Optional[float]) -> None:
+def _pack(
+    states: List[Dict[str, Any]], name: str, shapes: List[tuple], start: Optional[float]
+) -> None:
     """Gives each state dict its ``name`` array as a view of one aligned block: the arrays of a
     group then follow each other in memory, as the kernels walk them, and the memory system
     streams them as one (separate arrays cost about 1.6 us per parameter on the 2-core Xeon of
@@ -664,8 +742,10 @@ def _load_step(value: Any, where: str) -> int:
         except Exception as e:  # a tensor that needs .cpu(), an object whose __array__ raises
             raise TypeError(f"{where} must be an int, got {type(value).__name__}") from e
         if arr.shape != () or arr.dtype.kind not in "iuf":
-            raise TypeError(f"{where} must be an int (or a 0-d integer or float array), got "
-                            f"{type(value).__name__} of dtype {arr.dtype} and shape {arr.shape}")
+            raise TypeError(
+                f"{where} must be an int (or a 0-d integer or float array), got "
+                f"{type(value).__name__} of dtype {arr.dtype} and shape {arr.shape}"
+            )
         if arr.dtype.kind == "f":
             f = float(arr)
             if not math.isfinite(f) or not f.is_integer() or not 0 <= f <= MAX_LOADED_STEP:
@@ -682,15 +762,15 @@ def _load_id(value: Any, where: str) -> int:
     """A parameter id of a loaded state dict: an int (NumPy's included), as state_dict() and
     torch write them. Strings, bools, floats and unhashable objects are refused."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{where} must be an int parameter id, got {type(value).__name__}: "
-                        f"{_short_repr(value)}")
+        raise TypeError(
+            f"{where} must be an int parameter id, got {type(value).__name__}: {_short_repr(value)}"
+        )
     return int(value)
 
 
 def _load_ids(values: Any, where: str) -> List[int]:
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (list, tuple)):
-        raise TypeError(f"{where} must be a list of int parameter ids, got "
-                        f"{type(values).__name__}")
+        raise TypeError(f"{where} must be a list of int parameter ids, got {type(values).__name__}")
     return [_load_id(v, f"{where}[{i}]") for i, v in enumerate(values)]
 
 
@@ -716,13 +796,15 @@ def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> None:
     while stack:
         obj, depth = stack.pop()
         if depth > limit:
-            raise ValueError(f"{where} nests containers more than {limit} levels deep (or holds "
-                             "itself)")
+            raise ValueError(
+                f"{where} nests containers more than {limit} levels deep (or holds itself)"
+            )
         items = obj.values() if isinstance(obj, dict) else obj
         if isinstance(obj, dict):
             stack.extend((k, depth + 1) for k in obj if isinstance(k, tuple))
-        stack.extend((v, depth + 1) for v in items
-                     if isinstance(v, (list, tuple, dict, set, frozenset)))
+        stack.extend(
+            (v, depth + 1) for v in items if isinstance(v, (list, tuple, dict, set, frozenset))
+        )
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -738,8 +820,10 @@ def _load_carried(value: Any, where: str) -> float:
     except Exception as e:  # a tensor that needs .cpu(), an object whose __array__ raises
         raise TypeError(f"{where} must be a real number, got {type(value).__name__}") from e
     if arr.shape != () or arr.dtype.kind not in "iuf":
-        raise TypeError(f"{where} must be a real number (or a 0-d array of one), got "
-                        f"{type(value).__name__} of dtype {arr.dtype} and shape {arr.shape}")
+        raise TypeError(
+            f"{where} must be a real number (or a 0-d array of one), got "
+            f"{type(value).__name__} of dtype {arr.dtype} and shape {arr.shape}"
+        )
     v = float(arr)
     if not math.isfinite(v):
         raise ValueError(f"{where} must be finite, got {v!r}")
@@ -751,8 +835,10 @@ def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
     value beyond float32's range would become inf when packed). Masked arrays are refused: the
     mask would be dropped and the masked-out values used."""
     if isinstance(value, np.ma.MaskedArray):
-        raise TypeError(f"{where} is a masked array; its mask would be dropped (pass "
-                        "value.filled(...) or an ndarray)")
+        raise TypeError(
+            f"{where} is a masked array; its mask would be dropped (pass "
+            "value.filled(...) or an ndarray)"
+        )
     try:
         arr = np.asarray(value)
     except Exception as e:  # a torch tensor that needs .cpu(), say
@@ -764,8 +850,10 @@ def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
     if arr.dtype != np.float32 and arr.size:
         big = np.abs(arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr)
         if big.size and float(big.max()) > _FLOAT32_MAX:
-            raise ValueError(f"{where} holds {float(big.max())!r}, beyond float32's range (at "
-                             f"most {_FLOAT32_MAX:.4g} in magnitude)")
+            raise ValueError(
+                f"{where} holds {float(big.max())!r}, beyond float32's range (at "
+                f"most {_FLOAT32_MAX:.4g} in magnitude)"
+            )
     return arr  # copied into the group's block by _pack
 
 
@@ -783,8 +871,11 @@ _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
 
 
 def _is_transient(obj: Any, name: str) -> bool:
-    return (name.startswith("_cache") or name.endswith("_cache")
-            or name in getattr(type(obj), "_transient_attrs", ()))
+    return (
+        name.startswith("_cache")
+        or name.endswith("_cache")
+        or name in getattr(type(obj), "_transient_attrs", ())
+    )
 
 
 def _pickled_dict(obj: Any) -> Dict[str, Any]:
@@ -793,8 +884,7 @@ def _pickled_dict(obj: Any) -> Dict[str, Any]:
         if isinstance(value, _LOCK_TYPES):
             saved[name] = ("__lock__", isinstance(value, _LOCK_TYPES[1]))
         elif _is_transient(obj, name):
-            saved[name] = ("__transient__", type(value) if type(value) in (dict, list, set)
-                           else None)
+            saved[name] = ("__transient__", type(value) if type(value) in (dict, list, set) else None)
         else:
             saved[name] = value
     return saved
@@ -818,7 +908,12 @@ def _restore_dict(obj: Any, saved: Dict[str, Any]) -> None:
         for group in groups:
             entries = [state.get_by_id(p) for p in group.get("params", ())]
             for name in names:
-                have = [s for s in entries if s is not None and isinstance(s.get(name), np.ndarray)
-                        and s[name].dtype == np.float32]
+                have = [
+                    s
+                    for s in entries
+                    if s is not None
+                    and isinstance(s.get(name), np.ndarray)
+                    and s[name].dtype == np.float32
+                ]
                 if have:
                     _pack(have, name, [s[name].shape for s in have], None)

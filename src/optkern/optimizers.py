@@ -59,10 +59,11 @@ class _ScheduleFree:
 
     def step(self, grads: Sequence[Optional[np.ndarray]], **kwargs: Any) -> Optional[float]:
         with self._lock:  # type: ignore[attr-defined]
-            if not all(bool(g.get("train_mode", True))
-                       for g in self.param_groups):  # type: ignore[attr-defined]
-                raise RuntimeError(f"{type(self).__name__}.step() in eval mode: call train() "
-                                   "first (and eval() again before evaluating or saving)")
+            if not all(bool(g.get("train_mode", True)) for g in self.param_groups):  # type: ignore[attr-defined]
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() in eval mode: call train() "
+                    "first (and eval() again before evaluating or saving)"
+                )
             return super().step(grads, **kwargs)  # type: ignore[misc]
 
 
@@ -77,15 +78,21 @@ def _lerp_(p: np.ndarray, z: np.ndarray, weight: np.float32) -> None:
         np.subtract(z, diff, out=p)
 
 
-_MIXINS = {"ScheduleFreeAdamW": (_ScheduleFree,),
-           "ScheduleFreeSGD": (type("_ScheduleFreeMomentum", (_ScheduleFree,),
-                                    {"_interpolation": "momentum"}),)}
+_MIXINS = {
+    "ScheduleFreeAdamW": (_ScheduleFree,),
+    "ScheduleFreeSGD": (
+        type("_ScheduleFreeMomentum", (_ScheduleFree,), {"_interpolation": "momentum"}),
+    ),
+}
 
 for _rule in rules():
     _cls = make_class(_rule, Optimizer)
     if _rule.cls in _MIXINS:
-        _cls = type(_rule.cls, _MIXINS[_rule.cls] + (_cls,),
-                    {"__doc__": _cls.__doc__, "__module__": _cls.__module__})
+        _cls = type(
+            _rule.cls,
+            _MIXINS[_rule.cls] + (_cls,),
+            {"__doc__": _cls.__doc__, "__module__": _cls.__module__},
+        )
     globals()[_rule.cls] = _cls
 
 SGD: Any = globals()["SGD"]
@@ -101,12 +108,32 @@ class Nesterov(SGD):  # type: ignore[misc, valid-type]
     overshoot of plain momentum. State: ``momentum_buffer``.
     """
 
-    def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.9,
-                 dampening: float = 0.0, weight_decay: float = 0.0, *,
-                 maximize: bool = False, foreach: Any = None, fused: Any = None,
-                 differentiable: Any = False, capturable: Any = False) -> None:
-        check_execution_flags(foreach=foreach, fused=fused, differentiable=differentiable,
-                              capturable=capturable)
-        Optimizer.__init__(self, params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                              weight_decay=weight_decay, nesterov=True,
-                                              maximize=maximize))
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: Any = None,
+        fused: Any = None,
+        differentiable: Any = False,
+        capturable: Any = False,
+    ) -> None:
+        check_execution_flags(
+            foreach=foreach, fused=fused, differentiable=differentiable, capturable=capturable
+        )
+        Optimizer.__init__(
+            self,
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=True,
+                maximize=maximize,
+            ),
+        )

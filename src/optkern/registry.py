@@ -43,6 +43,7 @@ class Carried:
     """A number per parameter that the rule carries from step to step, in double (NAdam's
     ``mu_product``, ASGD's ``eta`` and ``mu``): a float in the parameter's state under torch's
     name; optkern.functional takes a list of them (``arg``) and updates it in place."""
+
     name: str
     arg: str
     init: float  # its value before the first step, unless init_from is set
@@ -90,10 +91,14 @@ class Rule:
                 if h.slot == 0:
                     pair = value
                     names = [x.name for x in self.hyper if x.torch == h.torch]
-                    if (isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__")
-                            or len(pair) != len(names)):
-                        raise TypeError(f"{h.torch} must be a pair ({', '.join(names)}), "
-                                        f"got {pair!r}")
+                    if (
+                        isinstance(pair, (str, bytes))
+                        or not hasattr(pair, "__len__")
+                        or len(pair) != len(names)
+                    ):
+                        raise TypeError(
+                            f"{h.torch} must be a pair ({', '.join(names)}), got {pair!r}"
+                        )
                 value = pair[h.slot]
             out[h.name] = as_flag(value) if h.range == "flag" else as_real(value)
         return out
@@ -101,13 +106,18 @@ class Rule:
     def state_spec(self, core: Dict[str, Any]) -> Dict[str, float]:
         """State arrays a parameter needs under these (validated) hyperparameters, each with the
         value it starts at."""
-        return {s.name: (0.0 if s.init is None else float(core[s.init]))
-                for s in self.states if s.when is None or core[s.when]}
+        return {
+            s.name: (0.0 if s.init is None else float(core[s.init]))
+            for s in self.states
+            if s.when is None or core[s.when]
+        }
 
     def carried_spec(self, core: Dict[str, Any]) -> Dict[str, float]:
         """The carried numbers a parameter's state holds, each with the value it starts at."""
-        return {c.name: (float(c.init) if c.init_from is None else float(core[c.init_from]))
-                for c in self.carried}
+        return {
+            c.name: (float(c.init) if c.init_from is None else float(core[c.init_from]))
+            for c in self.carried
+        }
 
     @property
     def array_state_names(self) -> Tuple[str, ...]:
@@ -149,8 +159,9 @@ def as_flag(value: Any) -> Any:
     (the core refuses it)."""
     if value is True or value is False:
         return value
-    if isinstance(value, np.bool_) or (getattr(value, "ndim", None) == 0
-                                       and "bool" in str(getattr(value, "dtype", ""))):
+    if isinstance(value, np.bool_) or (
+        getattr(value, "ndim", None) == 0 and "bool" in str(getattr(value, "dtype", ""))
+    ):
         return bool(value)
     return value
 
@@ -159,12 +170,18 @@ def _load() -> Dict[str, Rule]:
     out = {}
     for r in _core.rules():
         out[r["name"]] = Rule(
-            name=r["name"], cls=r["cls"], doc=r["doc"], counts_steps=r["counts_steps"],
+            name=r["name"],
+            cls=r["cls"],
+            doc=r["doc"],
+            counts_steps=r["counts_steps"],
             uses_step=r["uses_step"],
-            kernel=r["kernel"], weight=r["weight"], reduction=r["reduction"],
+            kernel=r["kernel"],
+            weight=r["weight"],
+            reduction=r["reduction"],
             hyper=tuple(Hyper(**h) for h in r["hyper"] if h["name"] != "maximize"),
             states=tuple(State(**s) for s in r["states"]),
-            carried=tuple(Carried(**c) for c in r["carried"]))
+            carried=tuple(Carried(**c) for c in r["carried"]),
+        )
     return out
 
 
@@ -182,10 +199,12 @@ def rule(name: str) -> Rule:
 
 # -- what is built from a declaration --------------------------------------------------------------
 
-_MAXIMIZE_NOTE = ("\n\nWith ``maximize=True`` the update uses -g. torch's execution flags are "
-                  "accepted where they change nothing: ``foreach`` and ``fused`` (optkern's "
-                  "update is always one fused multi-tensor call), ``differentiable=False``, "
-                  "``capturable=False``.")
+_MAXIMIZE_NOTE = (
+    "\n\nWith ``maximize=True`` the update uses -g. torch's execution flags are "
+    "accepted where they change nothing: ``foreach`` and ``fused`` (optkern's "
+    "update is always one fused multi-tensor call), ``differentiable=False``, "
+    "``capturable=False``."
+)
 
 
 def _annotation(default: Any) -> str:
@@ -202,24 +221,39 @@ def make_class(r: Rule, base: type) -> type:
     args = r.torch_args()
     sig = ", ".join(f"{name}: {_annotation(d)} = {d!r}" for name, d in args)
     keys = ", ".join(f"{name}={name}" for name, _ in args)
-    src = (f"def __init__(self, params: Any, {sig}, *, maximize: bool = False,\n"
-           f"             foreach: Any = None, fused: Any = None, differentiable: Any = False,\n"
-           f"             capturable: Any = False) -> None:\n"
-           f"    check_execution_flags(foreach=foreach, fused=fused,\n"
-           f"                          differentiable=differentiable, capturable=capturable)\n"
-           f"    base.__init__(self, params, dict({keys}, maximize=maximize))\n")
-    scope: Dict[str, Any] = {"Any": Any, "Tuple": Tuple, "base": base,
-                             "check_execution_flags": check_execution_flags}
+    src = (
+        f"def __init__(self, params: Any, {sig}, *, maximize: bool = False,\n"
+        f"             foreach: Any = None, fused: Any = None, differentiable: Any = False,\n"
+        f"             capturable: Any = False) -> None:\n"
+        f"    check_execution_flags(foreach=foreach, fused=fused,\n"
+        f"                          differentiable=differentiable, capturable=capturable)\n"
+        f"    base.__init__(self, params, dict({keys}, maximize=maximize))\n"
+    )
+    scope: Dict[str, Any] = {
+        "Any": Any,
+        "Tuple": Tuple,
+        "base": base,
+        "check_execution_flags": check_execution_flags,
+    }
     exec(src, scope)  # noqa: S102 (a signature built from the declaration, as namedtuple does)
     init = scope["__init__"]
     init.__qualname__ = f"{r.cls}.__init__"
-    cls = type(r.cls, (base,), {"__init__": init, "__doc__": r.doc + _MAXIMIZE_NOTE,
-                                "_rule": r, "__module__": "optkern.optimizers"})
+    cls = type(
+        r.cls,
+        (base,),
+        {
+            "__init__": init,
+            "__doc__": r.doc + _MAXIMIZE_NOTE,
+            "_rule": r,
+            "__module__": "optkern.optimizers",
+        },
+    )
     return cls
 
 
-def check_execution_flags(*, foreach: Any = None, fused: Any = None, differentiable: Any = False,
-                          capturable: Any = False) -> None:
+def check_execution_flags(
+    *, foreach: Any = None, fused: Any = None, differentiable: Any = False, capturable: Any = False
+) -> None:
     """torch's execution flags: accepted where they change nothing (None or False; fused=True is
     what optkern always does), refused where they would."""
     for name, value in (("foreach", foreach), ("fused", fused)):
@@ -229,9 +263,11 @@ def check_execution_flags(*, foreach: Any = None, fused: Any = None, differentia
         if value is None or value is False or (isinstance(value, np.bool_) and not value):
             continue
         if value is True or isinstance(value, np.bool_):
-            why = ("optkern updates NumPy arrays in place and records no autograd graph"
-                   if name == "differentiable" else
-                   "optkern runs on the CPU; there is no CUDA graph to capture")
+            why = (
+                "optkern updates NumPy arrays in place and records no autograd graph"
+                if name == "differentiable"
+                else "optkern runs on the CPU; there is no CUDA graph to capture"
+            )
             raise ValueError(f"{name}=True is not supported: {why}")
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
@@ -239,29 +275,49 @@ def check_execution_flags(*, foreach: Any = None, fused: Any = None, differentia
 def make_functional(r: Rule, run: Callable) -> Callable:
     """``<name>_(params, grads, <state lists>, *, [step,] <hyperparameters>, maximize=False,
     grad_scale=1.0)`` for a rule without a hand-written functional function."""
-    lists = ", ".join([f"{s.arg}: Optional[ArrayList] = None" if s.when else f"{s.arg}: ArrayList"
-                       for s in r.states] + [f"{c.arg}: List[float]" for c in r.carried])
+    lists = ", ".join(
+        [
+            f"{s.arg}: Optional[ArrayList] = None" if s.when else f"{s.arg}: ArrayList"
+            for s in r.states
+        ]
+        + [f"{c.arg}: List[float]" for c in r.carried]
+    )
     hyper = ", ".join(f"{h.name}: {_annotation(h.default)} = {h.default!r}" for h in r.hyper)
     step = "step: Steps, " if r.uses_step else ""
-    states = ", ".join([f"{s.name!r}: {s.arg}" for s in r.states]
-                       + [f"{c.name!r}: {c.arg}" for c in r.carried])
+    states = ", ".join(
+        [f"{s.name!r}: {s.arg}" for s in r.states] + [f"{c.name!r}: {c.arg}" for c in r.carried]
+    )
     names = ", ".join(f"{h.name}={h.name}" for h in r.hyper)
-    src = (f"def {r.name}_(params: ArrayList, grads: ArrayList, {lists}, *, {step}{hyper},\n"
-           f"        maximize: bool = False, grad_scale: float = 1.0,\n"
-           f"        _positions: Optional[Sequence[int]] = None) -> None:\n"
-           f"    run({r.name!r}, params, grads, {{{states}}}, dict({names}, maximize=maximize),\n"
-           f"        step={'step' if r.uses_step else 'None'}, grad_scale=grad_scale,\n"
-           f"        positions=_positions)\n")
-    scope: Dict[str, Any] = {"run": run, "Optional": Optional, "Sequence": Any, "Any": Any,
-                             "ArrayList": Any, "Steps": Any, "Tuple": Tuple, "List": List}
+    src = (
+        f"def {r.name}_(params: ArrayList, grads: ArrayList, {lists}, *, {step}{hyper},\n"
+        f"        maximize: bool = False, grad_scale: float = 1.0,\n"
+        f"        _positions: Optional[Sequence[int]] = None) -> None:\n"
+        f"    run({r.name!r}, params, grads, {{{states}}}, dict({names}, maximize=maximize),\n"
+        f"        step={'step' if r.uses_step else 'None'}, grad_scale=grad_scale,\n"
+        f"        positions=_positions)\n"
+    )
+    scope: Dict[str, Any] = {
+        "run": run,
+        "Optional": Optional,
+        "Sequence": Any,
+        "Any": Any,
+        "ArrayList": Any,
+        "Steps": Any,
+        "Tuple": Tuple,
+        "List": List,
+    }
     exec(src, scope)  # noqa: S102
     fn = scope[f"{r.name}_"]
-    fn.__doc__ = (f"{r.cls} over lists of arrays, state passed in explicitly (see "
-                  f":class:`optkern.{r.cls}` for the formulas).")
+    fn.__doc__ = (
+        f"{r.cls} over lists of arrays, state passed in explicitly (see "
+        f":class:`optkern.{r.cls}` for the formulas)."
+    )
     if r.carried:
-        fn.__doc__ += (" " + ", ".join(f"``{c.arg}``" for c in r.carried) + ": lists of floats, "
-                       "one per parameter (starting at "
-                       + ", ".join(f"{c.init_from or c.init}" for c in r.carried)
-                       + "), which the call updates in place.")
+        fn.__doc__ += (
+            " " + ", ".join(f"``{c.arg}``" for c in r.carried) + ": lists of floats, "
+            "one per parameter (starting at "
+            + ", ".join(f"{c.init_from or c.init}" for c in r.carried)
+            + "), which the call updates in place."
+        )
     fn.__module__ = "optkern.functional"
     return fn

@@ -35,16 +35,29 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
 try:
     from torch.autograd.graph import increment_version
 except ImportError:  # torch < 2.1: autograd's version check does not see optkern's update
+
     def increment_version(tensors: Any) -> None:
         pass
 
+
 from . import functional as F
 
-__all__ = ["SGD", "Nesterov", "Momentum", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW",
-           "RULES", "UNMAPPED"]
+__all__ = [
+    "SGD",
+    "Nesterov",
+    "Momentum",
+    "RMSprop",
+    "Adagrad",
+    "Adadelta",
+    "Adam",
+    "AdamW",
+    "RULES",
+    "UNMAPPED",
+]
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -55,6 +68,7 @@ class StateBuf:
     """A state tensor shaped like its parameter. ``init``: "zeros", "first_grad" (created by the
     first update: it becomes the gradient, torch's SGD rule) or the name of a default whose value
     fills it. ``when``: the group entry that must be truthy (> 0) for the buffer to exist."""
+
     name: str
     init: str = "zeros"
     when: Optional[str] = None
@@ -66,6 +80,7 @@ class CarriedNum:
     and ``mu``): a 0-d float32 CPU tensor in the state, as torch keeps it, passed to the functional
     function as a list of floats after the state lists. ``init``: its first value, a number or
     the name of the group entry it starts at."""
+
     name: str
     init: Any
 
@@ -84,6 +99,7 @@ class Rule:
     ``("betas", i)`` for an item of a tuple entry, or ``"@name"`` for the list of state buffer
     ``name`` (None unless it exists for the group).
     """
+
     torch_name: Optional[str]
     args: Tuple[Tuple[str, Any], ...]
     kwonly: Tuple[Tuple[str, Any], ...]
@@ -99,79 +115,155 @@ class Rule:
 
 
 _LR_WD_MAX = {"lr": "lr", "weight_decay": "weight_decay", "maximize": "maximize"}
-_ADAM_KW = dict(_LR_WD_MAX, beta1=("betas", 0), beta2=("betas", 1), eps="eps",
-                amsgrad="amsgrad", max_exp_avg_sqs="@max_exp_avg_sq")
-_ADAM_STATE = (StateBuf("exp_avg"), StateBuf("exp_avg_sq"),
-               StateBuf("max_exp_avg_sq", when="amsgrad"))
+_ADAM_KW = dict(
+    _LR_WD_MAX,
+    beta1=("betas", 0),
+    beta2=("betas", 1),
+    eps="eps",
+    amsgrad="amsgrad",
+    max_exp_avg_sqs="@max_exp_avg_sq",
+)
+_ADAM_STATE = (
+    StateBuf("exp_avg"),
+    StateBuf("exp_avg_sq"),
+    StateBuf("max_exp_avg_sq", when="amsgrad"),
+)
 
 RULES: Dict[str, Rule] = {
     "SGD": Rule(
         "SGD",
-        args=(("lr", 1e-3), ("momentum", 0), ("dampening", 0), ("weight_decay", 0),
-              ("nesterov", False)),
-        kwonly=(("maximize", False), ("foreach", None), ("differentiable", False),
-                ("fused", None)),
+        args=(
+            ("lr", 1e-3),
+            ("momentum", 0),
+            ("dampening", 0),
+            ("weight_decay", 0),
+            ("nesterov", False),
+        ),
+        kwonly=(("maximize", False), ("foreach", None), ("differentiable", False), ("fused", None)),
         state=(StateBuf("momentum_buffer", init="first_grad", when="momentum"),),
-        fn="sgd_", buffers=("momentum_buffer",), step=False,
-        kw=dict(_LR_WD_MAX, momentum="momentum", dampening="dampening", nesterov="nesterov")),
+        fn="sgd_",
+        buffers=("momentum_buffer",),
+        step=False,
+        kw=dict(_LR_WD_MAX, momentum="momentum", dampening="dampening", nesterov="nesterov"),
+    ),
     "Nesterov": Rule(  # optkern's SGD(nesterov=True); saves as torch's SGD
         "SGD",
         args=(("lr", 1e-3), ("momentum", 0.9), ("dampening", 0), ("weight_decay", 0)),
-        kwonly=(("maximize", False), ("foreach", None), ("differentiable", False),
-                ("fused", None)),
+        kwonly=(("maximize", False), ("foreach", None), ("differentiable", False), ("fused", None)),
         fixed={"nesterov": True},
         state=(StateBuf("momentum_buffer", init="first_grad", when="momentum"),),
-        fn="sgd_", buffers=("momentum_buffer",), step=False,
-        kw=dict(_LR_WD_MAX, momentum="momentum", dampening="dampening", nesterov="nesterov")),
+        fn="sgd_",
+        buffers=("momentum_buffer",),
+        step=False,
+        kw=dict(_LR_WD_MAX, momentum="momentum", dampening="dampening", nesterov="nesterov"),
+    ),
     "Momentum": Rule(  # the seed notes' V = beta*V + (1-beta)*g; no torch class
         None,
         args=(("lr", 1e-3), ("beta", 0.9), ("weight_decay", 0)),
-        kwonly=(("maximize", False), ("foreach", None), ("differentiable", False),
-                ("fused", None)),
-        state=(StateBuf("momentum_buffer"),), fn="momentum_", buffers=("momentum_buffer",),
-        step=False, kw=dict(_LR_WD_MAX, beta="beta")),
+        kwonly=(("maximize", False), ("foreach", None), ("differentiable", False), ("fused", None)),
+        state=(StateBuf("momentum_buffer"),),
+        fn="momentum_",
+        buffers=("momentum_buffer",),
+        step=False,
+        kw=dict(_LR_WD_MAX, beta="beta"),
+    ),
     "RMSprop": Rule(
         "RMSprop",
-        args=(("lr", 1e-2), ("alpha", 0.99), ("eps", 1e-8), ("weight_decay", 0), ("momentum", 0),
-              ("centered", False), ("capturable", False), ("foreach", None),
-              ("maximize", False), ("differentiable", False)),
+        args=(
+            ("lr", 1e-2),
+            ("alpha", 0.99),
+            ("eps", 1e-8),
+            ("weight_decay", 0),
+            ("momentum", 0),
+            ("centered", False),
+            ("capturable", False),
+            ("foreach", None),
+            ("maximize", False),
+            ("differentiable", False),
+        ),
         kwonly=(),
-        state=(StateBuf("square_avg"), StateBuf("momentum_buffer", when="momentum"),
-               StateBuf("grad_avg", when="centered")),
-        fn="rmsprop_", buffers=("square_avg", "grad_avg", "momentum_buffer"),
-        kw=dict(_LR_WD_MAX, alpha="alpha", eps="eps", momentum="momentum", centered="centered")),
+        state=(
+            StateBuf("square_avg"),
+            StateBuf("momentum_buffer", when="momentum"),
+            StateBuf("grad_avg", when="centered"),
+        ),
+        fn="rmsprop_",
+        buffers=("square_avg", "grad_avg", "momentum_buffer"),
+        kw=dict(_LR_WD_MAX, alpha="alpha", eps="eps", momentum="momentum", centered="centered"),
+    ),
     "Adagrad": Rule(
         "Adagrad",
-        args=(("lr", 1e-2), ("lr_decay", 0), ("weight_decay", 0),
-              ("initial_accumulator_value", 0), ("eps", 1e-10), ("foreach", None)),
+        args=(
+            ("lr", 1e-2),
+            ("lr_decay", 0),
+            ("weight_decay", 0),
+            ("initial_accumulator_value", 0),
+            ("eps", 1e-10),
+            ("foreach", None),
+        ),
         kwonly=(("maximize", False), ("differentiable", False), ("fused", None)),
-        state=(StateBuf("sum", init="initial_accumulator_value"),), eager=True,
-        fn="adagrad_", buffers=("sum",), step_kw=True,
-        kw=dict(_LR_WD_MAX, lr_decay="lr_decay", eps="eps")),
+        state=(StateBuf("sum", init="initial_accumulator_value"),),
+        eager=True,
+        fn="adagrad_",
+        buffers=("sum",),
+        step_kw=True,
+        kw=dict(_LR_WD_MAX, lr_decay="lr_decay", eps="eps"),
+    ),
     "Adadelta": Rule(
         "Adadelta",
         args=(("lr", 1.0), ("rho", 0.9), ("eps", 1e-6), ("weight_decay", 0), ("foreach", None)),
         kwonly=(("capturable", False), ("maximize", False), ("differentiable", False)),
         state=(StateBuf("square_avg"), StateBuf("acc_delta")),
-        fn="adadelta_", buffers=("square_avg", "acc_delta"),
-        kw=dict(_LR_WD_MAX, rho="rho", eps="eps")),
+        fn="adadelta_",
+        buffers=("square_avg", "acc_delta"),
+        kw=dict(_LR_WD_MAX, rho="rho", eps="eps"),
+    ),
     "Adam": Rule(
         "Adam",
-        args=(("lr", 1e-3), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 0),
-              ("amsgrad", False)),
-        kwonly=(("foreach", None), ("maximize", False), ("capturable", False),
-                ("differentiable", False), ("fused", None), ("decoupled_weight_decay", False)),
-        state=_ADAM_STATE, fn=("decoupled_weight_decay", "adam_", "adamw_"),
-        buffers=("exp_avg", "exp_avg_sq"), kw=_ADAM_KW, step_kw=True),
+        args=(
+            ("lr", 1e-3),
+            ("betas", (0.9, 0.999)),
+            ("eps", 1e-8),
+            ("weight_decay", 0),
+            ("amsgrad", False),
+        ),
+        kwonly=(
+            ("foreach", None),
+            ("maximize", False),
+            ("capturable", False),
+            ("differentiable", False),
+            ("fused", None),
+            ("decoupled_weight_decay", False),
+        ),
+        state=_ADAM_STATE,
+        fn=("decoupled_weight_decay", "adam_", "adamw_"),
+        buffers=("exp_avg", "exp_avg_sq"),
+        kw=_ADAM_KW,
+        step_kw=True,
+    ),
     "AdamW": Rule(
         "AdamW",
-        args=(("lr", 1e-3), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 1e-2),
-              ("amsgrad", False)),
-        kwonly=(("maximize", False), ("foreach", None), ("capturable", False),
-                ("differentiable", False), ("fused", None)),
+        args=(
+            ("lr", 1e-3),
+            ("betas", (0.9, 0.999)),
+            ("eps", 1e-8),
+            ("weight_decay", 1e-2),
+            ("amsgrad", False),
+        ),
+        kwonly=(
+            ("maximize", False),
+            ("foreach", None),
+            ("capturable", False),
+            ("differentiable", False),
+            ("fused", None),
+        ),
         fixed={"decoupled_weight_decay": True},
-        state=_ADAM_STATE, fn=("decoupled_weight_decay", "adam_", "adamw_"),
-        buffers=("exp_avg", "exp_avg_sq"), kw=_ADAM_KW, step_kw=True),
+        state=_ADAM_STATE,
+        fn=("decoupled_weight_decay", "adam_", "adamw_"),
+        buffers=("exp_avg", "exp_avg_sq"),
+        kw=_ADAM_KW,
+        step_kw=True,
+    ),
 }
 
 
@@ -215,6 +307,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 class _Entry:
     """Cached NumPy views of one parameter, its gradient and its state tensors."""
+
     __slots__ = ("ptr", "pview", "grad", "gptr", "sdict", "tensors", "views", "steps", "cviews")
 
     def __init__(self, p: torch.Tensor) -> None:
@@ -273,12 +366,15 @@ class _OktOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"optkern.torch.{cls} does not support {flag}=True (param group {gi}): its "
                     f"step runs in C++ outside autograd and CUDA graphs"
-                    + (f"; use torch.optim.{alt} for that" if alt else ""))
+                    + (f"; use torch.optim.{alt} for that" if alt else "")
+                )
         for i, p in enumerate(group["params"]):
             why = _why_not(p, self._label(group, gi, i))
             if why:
-                raise TypeError(f"optkern.torch.{cls} cannot update it in place: {why}; "
-                                f"use torch.optim for such parameters")
+                raise TypeError(
+                    f"optkern.torch.{cls} cannot update it in place: {why}; "
+                    f"use torch.optim for such parameters"
+                )
         self._call(group, [], [], {}, [], dry=True)  # optkern validates the hyperparameters
 
     @staticmethod
@@ -308,8 +404,12 @@ class _OktOptimizer(torch.optim.Optimizer):
             v = st[key]
             if key == "step" or key in self._carried_names:
                 if key != "step" or self._rule.step:
-                    if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32
-                            and v.device.type == "cpu" and v.dim() == 0):
+                    if not (
+                        isinstance(v, torch.Tensor)
+                        and v.dtype == torch.float32
+                        and v.device.type == "cpu"
+                        and v.dim() == 0
+                    ):
                         st[key] = torch.tensor(float(v), dtype=torch.float32)
             elif v is None:
                 del st[key]  # an old torch SGD checkpoint's absent momentum buffer
@@ -336,8 +436,9 @@ class _OktOptimizer(torch.optim.Optimizer):
         """A buffer filled with a hyperparameter: the constructor's value for a rule whose state
         is created in the constructor (torch's Adagrad), else the group's (torch's Rprop)."""
         src = self.defaults if self._rule.eager else group
-        return torch.full_like(p, float(_scalar(buf.init, src[buf.init])),
-                               memory_format=torch.contiguous_format)
+        return torch.full_like(
+            p, float(_scalar(buf.init, src[buf.init])), memory_format=torch.contiguous_format
+        )
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -374,25 +475,37 @@ class _OktOptimizer(torch.optim.Optimizer):
             if e is None or e.ptr != p.data_ptr():
                 why = _why_not(p, self._label(group, gi, i))
                 if why:
-                    raise TypeError(f"optkern.torch.{type(self).__name__} cannot update it in "
-                                    f"place: {why}")
+                    raise TypeError(
+                        f"optkern.torch.{type(self).__name__} cannot update it in place: {why}"
+                    )
                 e = cache[p] = _Entry(p)
             # The gradient is held weakly and its view only during the call: zero_grad()
             # must free it, as with torch.optim (else every parameter costs a second gradient).
             if e.grad is None or e.grad() is not g or e.gptr != g.data_ptr():
-                if not (g.is_cpu and g.dtype is _F32 and g.layout is _STRIDED
-                        and g.is_contiguous() and not g.is_conj() and not g.is_neg()):
+                if not (
+                    g.is_cpu
+                    and g.dtype is _F32
+                    and g.layout is _STRIDED
+                    and g.is_contiguous()
+                    and not g.is_conj()
+                    and not g.is_neg()
+                ):
                     why = _why_not(g, f"the gradient of {self._label(group, gi, i)}")
                     raise TypeError(f"optkern.torch.{type(self).__name__} cannot use it: {why}")
                 if g.shape != p.shape:
-                    raise ValueError(f"the gradient of {self._label(group, gi, i)} has shape "
-                                     f"{tuple(g.shape)}, the parameter {tuple(p.shape)}")
+                    raise ValueError(
+                        f"the gradient of {self._label(group, gi, i)} has shape "
+                        f"{tuple(g.shape)}, the parameter {tuple(p.shape)}"
+                    )
                 e.grad, e.gptr = weakref.ref(g), g.data_ptr()
             st = state.get(p) if keys else e.sdict  # SGD without momentum keeps no state
             if not st and keys:
                 st = self._init_state(p, group)
-            if keys and (st is not e.sdict or len(e.tensors) != len(keys) or not all(
-                    map(is_, map(st.get, keys), e.tensors))):
+            if keys and (
+                st is not e.sdict
+                or len(e.tensors) != len(keys)
+                or not all(map(is_, map(st.get, keys), e.tensors))
+            ):
                 self._refresh_state(e, st, names, p, group, gi, i)
             params.append(p)
             pviews.append(e.pview)
@@ -411,8 +524,10 @@ class _OktOptimizer(torch.optim.Optimizer):
         except (TypeError, ValueError) as err:  # say which tensors the indices name
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             where = "; ".join(f"[{k}] = {self._label(group, gi, i)}" for k, i in enumerate(idx))
-            raise type(err)(f"{err} (param group {gi}; the indices count its parameters that "
-                            f"have a gradient: {where})") from None
+            raise type(err)(
+                f"{err} (param group {gi}; the indices count its parameters that "
+                f"have a gradient: {where})"
+            ) from None
         if rule.step:
             for e, s in zip(entries, steps):
                 e.steps[()] = s
@@ -426,12 +541,20 @@ class _OktOptimizer(torch.optim.Optimizer):
                 if e.views[k] is None:
                     t = torch.from_numpy(v)  # shares the buffer's memory
                     state[p][name] = t
-                    e.tensors = e.tensors[:k] + (t,) + e.tensors[k + 1:]
-                    e.views = e.views[:k] + (v,) + e.views[k + 1:]
+                    e.tensors = e.tensors[:k] + (t,) + e.tensors[k + 1 :]
+                    e.views = e.views[:k] + (v,) + e.views[k + 1 :]
         increment_version(params)  # autograd sees the in-place update, as with torch.optim
 
-    def _refresh_state(self, e: _Entry, st: Dict[str, Any], names: List[str],
-                       p: torch.Tensor, group: Dict[str, Any], gi: int, i: int) -> None:
+    def _refresh_state(
+        self,
+        e: _Entry,
+        st: Dict[str, Any],
+        names: List[str],
+        p: torch.Tensor,
+        group: Dict[str, Any],
+        gi: int,
+        i: int,
+    ) -> None:
         label = self._label(group, gi, i)
         views = []
         for n in names:
@@ -441,25 +564,38 @@ class _OktOptimizer(torch.optim.Optimizer):
                 if buf.init == "first_grad":
                     views.append(None)
                     continue
-                t = st[n] = (torch.zeros_like(p, memory_format=torch.contiguous_format)
-                             if buf.init == "zeros" else self._filled(p, buf, group))
+                t = st[n] = (
+                    torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    if buf.init == "zeros"
+                    else self._filled(p, buf, group)
+                )
             elif _why_not(t, f"state {n!r} of {label}") or t.shape != p.shape:
                 st[n] = t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
                 if t.shape != p.shape:
-                    raise ValueError(f"state {n!r} of {label} has shape {tuple(t.shape)}, the "
-                                     f"parameter {tuple(p.shape)}")
+                    raise ValueError(
+                        f"state {n!r} of {label} has shape {tuple(t.shape)}, the "
+                        f"parameter {tuple(p.shape)}"
+                    )
             views.append(_np(t))
         if self._rule.step:
             s = st.get("step")
-            if not (isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.dim() == 0
-                    and s.device.type == "cpu"):
+            if not (
+                isinstance(s, torch.Tensor)
+                and s.dtype == torch.float32
+                and s.dim() == 0
+                and s.device.type == "cpu"
+            ):
                 s = st["step"] = torch.tensor(float(0 if s is None else s), dtype=torch.float32)
             e.steps = s.numpy()
         cviews = []
         for c in self._rule.carried:
             v = st.get(c.name)
-            if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 0
-                    and v.device.type == "cpu"):
+            if not (
+                isinstance(v, torch.Tensor)
+                and v.dtype == torch.float32
+                and v.dim() == 0
+                and v.device.type == "cpu"
+            ):
                 if v is None:
                     init = c.init if not isinstance(c.init, str) else group[c.init]
                     v = init
@@ -467,12 +603,22 @@ class _OktOptimizer(torch.optim.Optimizer):
             cviews.append(v.numpy())
         e.cviews = tuple(cviews)
         e.sdict = st
-        e.tensors = (tuple(st.get(n) for n in names) + tuple(st[c.name] for c in self._rule.carried)
-                     + ((st["step"],) if self._rule.step else ()))
+        e.tensors = (
+            tuple(st.get(n) for n in names)
+            + tuple(st[c.name] for c in self._rule.carried)
+            + ((st["step"],) if self._rule.step else ())
+        )
         e.views = tuple(views)
 
-    def _call(self, group: Dict[str, Any], pviews: List[np.ndarray], gviews: List[np.ndarray],
-              lists: Dict[str, List[Any]], steps: Optional[List[int]], dry: bool = False) -> None:
+    def _call(
+        self,
+        group: Dict[str, Any],
+        pviews: List[np.ndarray],
+        gviews: List[np.ndarray],
+        lists: Dict[str, List[Any]],
+        steps: Optional[List[int]],
+        dry: bool = False,
+    ) -> None:
         rule = self._rule
         fn_name = rule.fn if isinstance(rule.fn, str) else rule.fn[2 if group[rule.fn[0]] else 1]
         fn = getattr(F, fn_name)
@@ -495,29 +641,47 @@ class _OktOptimizer(torch.optim.Optimizer):
 
 
 def _make(name: str, rule: Rule, doc: str) -> type:
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-              inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
-               for n, d in rule.args]
-    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d)
-               for n, d in rule.kwonly]
+    params = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    ]
+    params += [
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in rule.args
+    ]
+    params += [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in rule.kwonly
+    ]
     bind_sig = inspect.Signature(params[1:])
-    cls = type(name, (_OktOptimizer,), {
-        "_rule": rule, "_rule_name": name, "__signature__": bind_sig, "__doc__": doc,
-        "_carried_names": tuple(c.name for c in rule.carried),
-        "__module__": __name__, "__qualname__": name})
+    cls = type(
+        name,
+        (_OktOptimizer,),
+        {
+            "_rule": rule,
+            "_rule_name": name,
+            "__signature__": bind_sig,
+            "__doc__": doc,
+            "_carried_names": tuple(c.name for c in rule.carried),
+            "__module__": __name__,
+            "__qualname__": name,
+        },
+    )
     return cls
 
 
 def _doc(name: str) -> str:
     import optkern
+
     rule = RULES[name]
-    same = ("Same arguments, defaults, state and state_dict layout as "
-            f"torch.optim.{rule.torch_name}"
-            if rule.torch_name else "No torch counterpart; state_dict in torch's layout")
-    return (f"{name} on CPU float32 torch tensors, stepped in place by optkern's kernels.\n\n"
-            f"{same}. The update, as optkern.{name} computes it:\n\n"
-            + (getattr(optkern, name).__doc__ or ""))
+    same = (
+        f"Same arguments, defaults, state and state_dict layout as torch.optim.{rule.torch_name}"
+        if rule.torch_name
+        else "No torch counterpart; state_dict in torch's layout"
+    )
+    return (
+        f"{name} on CPU float32 torch tensors, stepped in place by optkern's kernels.\n\n"
+        f"{same}. The update, as optkern.{name} computes it:\n\n"
+        + (getattr(optkern, name).__doc__ or "")
+    )
 
 
 SGD = _make("SGD", RULES["SGD"], _doc("SGD"))
@@ -530,11 +694,15 @@ Adam = _make("Adam", RULES["Adam"], _doc("Adam"))
 AdamW = _make("AdamW", RULES["AdamW"], _doc("AdamW"))
 
 
-
 # -- every other rule of the registry --------------------------------------------------------------
 
-_KWONLY_NO_TORCH = (("maximize", False), ("foreach", None), ("fused", None),
-                    ("differentiable", False), ("capturable", False))  # as optkern's own classes
+_KWONLY_NO_TORCH = (
+    ("maximize", False),
+    ("foreach", None),
+    ("fused", None),
+    ("differentiable", False),
+    ("capturable", False),
+)  # as optkern's own classes
 
 
 def _from_registry(r: Any) -> Rule:
@@ -556,37 +724,54 @@ def _from_registry(r: Any) -> Rule:
     if theirs is not None:
         sig = inspect.signature(theirs)
         ps = list(sig.parameters.values())[1:]
-        args = tuple((p.name, p.default) for p in ps
-                     if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        kwonly = tuple((p.name, p.default) for p in ps
-                       if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        args = tuple(
+            (p.name, p.default) for p in ps if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        )
+        kwonly = tuple((p.name, p.default) for p in ps if p.kind is inspect.Parameter.KEYWORD_ONLY)
         if len(args) + len(kwonly) != len(ps):
             raise ValueError(f"torch.optim.{r.cls} takes *args or **kwargs")
         have = dict(args + kwonly)
         for name, default in declared + [("maximize", False)]:
             if name not in have:
-                raise ValueError(f"torch.optim.{r.cls} has no argument {name!r}, which the "
-                                 f"registry declares")
+                raise ValueError(
+                    f"torch.optim.{r.cls} has no argument {name!r}, which the registry declares"
+                )
             if have[name] != default:
-                raise ValueError(f"torch.optim.{r.cls}'s {name} defaults to {have[name]!r}, "
-                                 f"the registry's to {default!r}")
+                raise ValueError(
+                    f"torch.optim.{r.cls}'s {name} defaults to {have[name]!r}, "
+                    f"the registry's to {default!r}"
+                )
         extra = set(have) - {n for n, _ in declared} - {n for n, _ in _KWONLY_NO_TORCH}
         if extra:
-            raise ValueError(f"torch.optim.{r.cls} takes {sorted(extra)}, which the registry "
-                             f"does not declare")
+            raise ValueError(
+                f"torch.optim.{r.cls} takes {sorted(extra)}, which the registry does not declare"
+            )
     else:
         args, kwonly = tuple(declared), _KWONLY_NO_TORCH
-    kw: Dict[str, Any] = {h.name: (h.torch if h.slot < 0 else (h.torch, h.slot))
-                          for h in r.hyper}
+    kw: Dict[str, Any] = {h.name: (h.torch if h.slot < 0 else (h.torch, h.slot)) for h in r.hyper}
     kw["maximize"] = "maximize"
     return Rule(
-        r.cls if theirs is not None else None, args=args, kwonly=kwonly,
-        state=tuple(StateBuf(s.name, init="zeros" if s.init is None else str(torch_name(s.init)),
-                             when=torch_name(s.when)) for s in r.states),
-        fn=f"{r.name}_", buffers=tuple(s.name for s in r.states), kw=kw,
-        step=r.counts_steps, step_kw=r.uses_step,
-        carried=tuple(CarriedNum(c.name, c.init if c.init_from is None
-                                 else torch_name(c.init_from)) for c in r.carried))
+        r.cls if theirs is not None else None,
+        args=args,
+        kwonly=kwonly,
+        state=tuple(
+            StateBuf(
+                s.name,
+                init="zeros" if s.init is None else str(torch_name(s.init)),
+                when=torch_name(s.when),
+            )
+            for s in r.states
+        ),
+        fn=f"{r.name}_",
+        buffers=tuple(s.name for s in r.states),
+        kw=kw,
+        step=r.counts_steps,
+        step_kw=r.uses_step,
+        carried=tuple(
+            CarriedNum(c.name, c.init if c.init_from is None else torch_name(c.init_from))
+            for c in r.carried
+        ),
+    )
 
 
 # Rules of the registry without a class above, and why (a disagreement between the declaration and
@@ -596,13 +781,16 @@ UNMAPPED: Dict[str, str] = {}
 
 def _add_registry_rules() -> None:
     from . import optimizers, registry
+
     for r in registry.rules():
         if r.cls in RULES:
             continue
         if hasattr(getattr(optimizers, r.cls, None), "eval"):
             # Schedule-Free's train()/eval() switch between the y and x points is not built here.
-            UNMAPPED[r.cls] = ("its train()/eval() switch is not in optkern.torch yet; use "
-                               f"optkern.{r.cls} on NumPy arrays, or the schedulefree package")
+            UNMAPPED[r.cls] = (
+                "its train()/eval() switch is not in optkern.torch yet; use "
+                f"optkern.{r.cls} on NumPy arrays, or the schedulefree package"
+            )
             continue
         try:
             RULES[r.cls] = _from_registry(r)

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 if not any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
-    pytest.skip("runs only under mpiexec (tests/mpi/test_mpi.py launches it)",
-                allow_module_level=True)
+    pytest.skip(
+        "runs only under mpiexec (tests/mpi/test_mpi.py launches it)", allow_module_level=True
+    )
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
@@ -26,15 +27,30 @@ COMM = MPI.COMM_WORLD
 N = COMM.Get_size()
 RANK = COMM.Get_rank()
 
-CLASSES = [getattr(ok, n) for n in ok.__all__
-           if isinstance(getattr(ok, n), type) and issubclass(getattr(ok, n), ok.Optimizer)
-           and getattr(ok, n) is not ok.Optimizer]
-HYPER = {"SGD": dict(lr=0.01, momentum=0.9, weight_decay=1e-3), "Nesterov": dict(lr=0.01),
-         "Momentum": dict(lr=0.05), "RMSprop": dict(lr=1e-3, centered=True, momentum=0.5),
-         "Adagrad": dict(lr=0.05, lr_decay=1e-3), "Adadelta": dict(lr=1.0),
-         "Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2), "Adamax": dict(lr=1e-2),
-         "NAdam": dict(lr=1e-2), "RAdam": dict(lr=1e-2), "ASGD": dict(lr=0.05, t0=20),
-         "Lion": dict(lr=1e-3), "Rprop": dict(lr=1e-3), "LAMB": dict(lr=1e-2)}
+CLASSES = [
+    getattr(ok, n)
+    for n in ok.__all__
+    if isinstance(getattr(ok, n), type)
+    and issubclass(getattr(ok, n), ok.Optimizer)
+    and getattr(ok, n) is not ok.Optimizer
+]
+HYPER = {
+    "SGD": dict(lr=0.01, momentum=0.9, weight_decay=1e-3),
+    "Nesterov": dict(lr=0.01),
+    "Momentum": dict(lr=0.05),
+    "RMSprop": dict(lr=1e-3, centered=True, momentum=0.5),
+    "Adagrad": dict(lr=0.05, lr_decay=1e-3),
+    "Adadelta": dict(lr=1.0),
+    "Adam": dict(lr=1e-2, amsgrad=True),
+    "AdamW": dict(lr=1e-2),
+    "Adamax": dict(lr=1e-2),
+    "NAdam": dict(lr=1e-2),
+    "RAdam": dict(lr=1e-2),
+    "ASGD": dict(lr=0.05, t0=20),
+    "Lion": dict(lr=1e-3),
+    "Rprop": dict(lr=1e-3),
+    "LAMB": dict(lr=1e-2),
+}
 
 
 def hyper_of(cls):
@@ -46,7 +62,7 @@ def hyper_of(cls):
 
 # a linear least-squares model with sizes that no N divides, and a layout with padding
 SHAPES = [(13, 7), (7,), (7, 3), (3,)]
-B = 8          # batch per rank
+B = 8  # batch per rank
 STEPS = 100
 # float32 tolerance after 100 steps between N ranks x batch B and one process x batch N*B, for
 # every optimizer (the gradients differ by summation order only). Measured with N = 2, 3, 4:
@@ -110,8 +126,7 @@ def identical_everywhere(arrays):
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 def test_data_parallel_matches_one_process(cls):
     ref, _ = reference(cls)
-    got, dp = run_wrapped(lambda p: okd.DataParallel(cls(p, **hyper_of(cls)),
-                                                     bucket_mb=1e-4))
+    got, dp = run_wrapped(lambda p: okd.DataParallel(cls(p, **hyper_of(cls)), bucket_mb=1e-4))
     assert len(dp.buckets) > 1
     identical_everywhere(got)
     close(got, ref)
@@ -132,8 +147,9 @@ def test_zero_refuses_rules_that_reduce_over_an_array():
 @pytest.mark.parametrize("cls", ZERO_CLASSES, ids=lambda c: c.__name__)
 def test_zero_matches_one_process(cls):
     ref, ref_opt = reference(cls, max_grad_norm=0.5)
-    got, zero = run_wrapped(lambda p: okd.ZeroRedundancyOptimizer(cls, p, **hyper_of(cls)),
-                            max_grad_norm=0.5)
+    got, zero = run_wrapped(
+        lambda p: okd.ZeroRedundancyOptimizer(cls, p, **hyper_of(cls)), max_grad_norm=0.5
+    )
     identical_everywhere(got)
     close(got, ref)
     # the consolidated state has the single-process layout and values
@@ -240,8 +256,14 @@ def test_none_gradient_skips_that_parameter_everywhere():
     params = init_params()
     dp = okd.DataParallel(ok.Adam(params, lr=1e-2))
     before = params[1].copy()
-    dp.step([np.ones(SHAPES[0], np.float32), None, np.ones(SHAPES[2], np.float32),
-             np.ones(SHAPES[3], np.float32)])
+    dp.step(
+        [
+            np.ones(SHAPES[0], np.float32),
+            None,
+            np.ones(SHAPES[2], np.float32),
+            np.ones(SHAPES[3], np.float32),
+        ]
+    )
     np.testing.assert_array_equal(params[1], before)
     assert params[1] not in dp.optimizer.state
 
@@ -252,8 +274,9 @@ def test_zero_groups_flat_params_and_lr_changes():
         v[...] = p
     ref = init_params()
     ref_opt = ok.Adam([{"params": ref[:2], "lr": 1e-2}, {"params": ref[2:]}], lr=3e-3)
-    zero = okd.ZeroRedundancyOptimizer(ok.Adam, [{"params": list(fp)[:2], "lr": 1e-2},
-                                                 {"params": list(fp)[2:]}], lr=3e-3)
+    zero = okd.ZeroRedundancyOptimizer(
+        ok.Adam, [{"params": list(fp)[:2], "lr": 1e-2}, {"params": list(fp)[2:]}], lr=3e-3
+    )
     assert zero._zero_copy  # the FlatParams block is the storage
     sched = ok.lr_scheduler.StepLR(zero.optimizer, step_size=3, gamma=0.5)
     ref_sched = ok.lr_scheduler.StepLR(ref_opt, step_size=3, gamma=0.5)
@@ -316,8 +339,7 @@ def test_sharded_checkpoint_resumes_bitwise_and_reshards(cls, tmp_path_factory):
     for x, y in zip(params, params2):
         np.testing.assert_array_equal(x, y)
     # onto other numbers of ranks: one rank alone (COMM_SELF), and a DataParallel
-    alone = okd.ZeroRedundancyOptimizer(cls, [p.copy() for p in saved_params], MPI.COMM_SELF,
-                                        **hyper)
+    alone = okd.ZeroRedundancyOptimizer(cls, [p.copy() for p in saved_params], MPI.COMM_SELF, **hyper)
     okd.load(alone, ckpt)
     dp = okd.DataParallel(cls([p.copy() for p in saved_params], **hyper))
     okd.load(dp, ckpt)
@@ -353,6 +375,7 @@ def test_default_threads_divide_the_cpus():
 
 def test_auto_threads_apply_only_when_the_user_chose_nothing(monkeypatch):
     from optkern.distributed import _mpi
+
     cpus = len(os.sched_getaffinity(0))
     expected = okd.default_threads(COMM)
     monkeypatch.setattr(_mpi, "_configured", False)

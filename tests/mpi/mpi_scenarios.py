@@ -38,8 +38,12 @@ def grads(t):
 
 def state_digest(opt):
     sd = opt.state_dict()
-    arrays = [sd["state"][i][k] for i in sorted(sd["state"]) for k in sorted(sd["state"][i])
-              if isinstance(sd["state"][i][k], np.ndarray)]
+    arrays = [
+        sd["state"][i][k]
+        for i in sorted(sd["state"])
+        for k in sorted(sd["state"][i])
+        if isinstance(sd["state"][i][k], np.ndarray)
+    ]
     return okd.params_digest(arrays).hex() + f" step_count={sd['step_count']}"
 
 
@@ -77,12 +81,14 @@ def main(name, directory):
         for t in range(3, 5):
             zero.step(grads(t))
         if last:
+
             def dying_write(path, arrays):
                 with open(f"{path}.tmp-{os.getpid()}", "wb") as f:
                     f.write(b"PK\x03\x04 half a shard")
                     f.flush()
                     os.fsync(f.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
+
             okd_checkpoint._write_shard = dying_write
         okd.save(zero, ckpt)
         print("the save finished, which it must not", flush=True)

@@ -19,8 +19,10 @@ def mpi_env(extra=None):
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without these
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     # more ranks than cores (CI machines may have 2)
-    env.update(OMPI_MCA_rmaps_base_oversubscribe="true",
-               PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
+    env.update(
+        OMPI_MCA_rmaps_base_oversubscribe="true",
+        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
+    )
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")  # waiting ranks yield (shared machines)
     env.setdefault("OPTKERN_MPI_TIMEOUT", "60")
     for var in ("OPTKERN_NUM_THREADS", "OMP_NUM_THREADS"):
@@ -42,8 +44,9 @@ def run(n, args, timeout=TIMEOUT, env=None):
     cmd = [mpiexec(), "-n", str(n), sys.executable] + args
     start = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=HERE, env=mpi_env(env), capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=HERE, env=mpi_env(env), capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(cmd)} did not end within {timeout} s:\n{e.stdout}\n{e.stderr}")
     return proc, time.monotonic() - start
@@ -55,17 +58,21 @@ def test_import_optkern_does_not_import_mpi4py():
 
 
 def test_without_mpi4py_the_error_says_what_to_install():
-    code = ("import sys; sys.modules['mpi4py'] = None\n"
-            "try:\n    import optkern.distributed\nexcept ImportError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout
+    code = (
+        "import sys; sys.modules['mpi4py'] = None\n"
+        "try:\n    import optkern.distributed\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
     assert "optkern[mpi]" in out
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_inner_suite_under_mpiexec(n):
-    proc, _ = run(n, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                      os.path.join(HERE, "mpi_inner.py")])
+    proc, _ = run(
+        n, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", os.path.join(HERE, "mpi_inner.py")]
+    )
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert proc.stdout.count(" passed") == n  # every rank ran the suite
 
@@ -78,29 +85,35 @@ def test_a_rank_that_raises_aborts_the_job():
 
 
 def test_a_rank_killed_with_sigkill_ends_the_job():
-    proc, seconds = run(3, [os.path.join(HERE, "mpi_scenarios.py"), "sigkill"], timeout=120,
-                        env={"OPTKERN_MPI_TIMEOUT": ""})  # mpiexec alone must end the others
+    proc, seconds = run(
+        3,
+        [os.path.join(HERE, "mpi_scenarios.py"), "sigkill"],
+        timeout=120,
+        env={"OPTKERN_MPI_TIMEOUT": ""},
+    )  # mpiexec alone must end the others
     assert proc.returncode != 0
     assert seconds < 60, f"the job took {seconds:.1f} s to end"
 
 
 def test_a_rank_that_hangs_makes_the_others_abort_after_the_timeout():
-    proc, seconds = run(2, [os.path.join(HERE, "mpi_scenarios.py"), "hang"], timeout=120,
-                        env={"OPTKERN_MPI_TIMEOUT": "3"})
+    proc, seconds = run(
+        2,
+        [os.path.join(HERE, "mpi_scenarios.py"), "hang"],
+        timeout=120,
+        env={"OPTKERN_MPI_TIMEOUT": "3"},
+    )
     assert proc.returncode != 0
     assert "timeout 3 s" in proc.stderr and "rank 0 of 2" in proc.stderr
     assert seconds < 60
 
 
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
-    proc, _ = run(2, [os.path.join(HERE, "mpi_scenarios.py"), "save1", str(tmp_path)],
-                  timeout=120)
+    proc, _ = run(2, [os.path.join(HERE, "mpi_scenarios.py"), "save1", str(tmp_path)], timeout=120)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "the save finished" not in proc.stdout
     assert (tmp_path / "expected").exists()
     # the second generation's files may be there in part; the manifest still names the first
     for n in (1, 3):  # and it loads onto other numbers of ranks
-        proc, _ = run(n, [os.path.join(HERE, "mpi_scenarios.py"), "load", str(tmp_path)],
-                      timeout=120)
+        proc, _ = run(n, [os.path.join(HERE, "mpi_scenarios.py"), "load", str(tmp_path)], timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"loaded generation 1 onto {n} ranks" in proc.stdout

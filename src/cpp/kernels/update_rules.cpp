@@ -91,7 +91,7 @@ void with_flag(bool b, F&& f) {
 //   p = p - lr * g
 template <bool kDecay, bool kMomentum, bool kNesterov, bool kInit>
 OK_LOOP void sgd_impl(const SgdStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
-              float* OK_RESTRICT buf, size_t n) {
+                      float* OK_RESTRICT buf, size_t n) {
   const float lr = s.lr, mom = s.momentum, keep = s.dampening_keep, gs = s.grad.grad_scale,
               wd = s.grad.weight_decay;
   OK_SIMD
@@ -132,11 +132,12 @@ void sgd(const SgdStep& s, float* p, const float* g, float* const* st, size_t n)
 //   else:      p = p - lr * g / avg
 template <bool kDecay, bool kCentered, bool kMomentum>
 OK_LOOP void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
-                  float* OK_RESTRICT sq, float* OK_RESTRICT buf, float* OK_RESTRICT gavg,
-                  size_t n) {
-  const float lr = s.lr, alpha = s.alpha, w = s.one_minus_alpha, eps = s.eps,
-              mom = s.momentum, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
-  const bool lerp_from_avg = s.grad_avg.from_start != 0.0f;  // grad_avg.lerp_(g, w), as torch (Lerp)
+                          float* OK_RESTRICT sq, float* OK_RESTRICT buf, float* OK_RESTRICT gavg,
+                          size_t n) {
+  const float lr = s.lr, alpha = s.alpha, w = s.one_minus_alpha, eps = s.eps, mom = s.momentum,
+              gs = s.grad.grad_scale, wd = s.grad.weight_decay;
+  const bool lerp_from_avg =
+      s.grad_avg.from_start != 0.0f;  // grad_avg.lerp_(g, w), as torch (Lerp)
   const float lerp_coeff = s.grad_avg.coeff;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
@@ -170,8 +171,8 @@ void rmsprop(const RmspropStep& s, float* p, const float* g, float* const* st, s
   with_flag(s.grad.has_weight_decay, [&](auto decay) {
     with_flag(gavg != nullptr, [&](auto centered) {
       with_flag(buf != nullptr, [&](auto momentum) {
-        rmsprop_impl<decltype(decay)::value, decltype(centered)::value,
-                     decltype(momentum)::value>(s, p, g, sq, buf, gavg, n);
+        rmsprop_impl<decltype(decay)::value, decltype(centered)::value, decltype(momentum)::value>(
+            s, p, g, sq, buf, gavg, n);
       });
     });
   });
@@ -182,7 +183,7 @@ void rmsprop(const RmspropStep& s, float* p, const float* g, float* const* st, s
 //   sum = sum + g^2;  p = p - clr * g / (sqrt(sum) + eps)
 template <bool kDecay>
 OK_LOOP void adagrad_impl(const AdagradStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
-                  float* OK_RESTRICT sum, size_t n) {
+                          float* OK_RESTRICT sum, size_t n) {
   const float clr = s.clr, eps = s.eps, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
@@ -195,9 +196,8 @@ OK_LOOP void adagrad_impl(const AdagradStep& s, float* OK_RESTRICT p, const floa
 }
 
 void adagrad(const AdagradStep& s, float* p, const float* g, float* const* st, size_t n) {
-  with_flag(s.grad.has_weight_decay, [&](auto decay) {
-    adagrad_impl<decltype(decay)::value>(s, p, g, st[0], n);
-  });
+  with_flag(s.grad.has_weight_decay,
+            [&](auto decay) { adagrad_impl<decltype(decay)::value>(s, p, g, st[0], n); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ void adagrad(const AdagradStep& s, float* p, const float* g, float* const* st, s
 //   p = p - lr * delta
 template <bool kDecay>
 OK_LOOP void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
-                   float* OK_RESTRICT sq, float* OK_RESTRICT acc, size_t n) {
+                           float* OK_RESTRICT sq, float* OK_RESTRICT acc, size_t n) {
   const float lr = s.lr, rho = s.rho, w = s.one_minus_rho, eps = s.eps, gs = s.grad.grad_scale,
               wd = s.grad.weight_decay;
   OK_SIMD
@@ -225,9 +225,8 @@ OK_LOOP void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const fl
 }
 
 void adadelta(const AdadeltaStep& s, float* p, const float* g, float* const* st, size_t n) {
-  with_flag(s.grad.has_weight_decay, [&](auto decay) {
-    adadelta_impl<decltype(decay)::value>(s, p, g, st[0], st[1], n);
-  });
+  with_flag(s.grad.has_weight_decay,
+            [&](auto decay) { adadelta_impl<decltype(decay)::value>(s, p, g, st[0], st[1], n); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -239,7 +238,8 @@ void adadelta(const AdadeltaStep& s, float* p, const float* g, float* const* st,
 // One sqrt and one division per element.
 template <bool kL2, bool kDecoupled, bool kAmsgrad>
 OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
-               float* OK_RESTRICT m, float* OK_RESTRICT v, float* OK_RESTRICT vmax, size_t n) {
+                       float* OK_RESTRICT m, float* OK_RESTRICT v, float* OK_RESTRICT vmax,
+                       size_t n) {
   const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
               decay = s.decoupled_decay, step_size = s.step_size,
               inv_bc2 = s.inv_bias_correction2_sqrt, gs = s.grad.grad_scale,
@@ -285,9 +285,9 @@ void adam(const AdamStep& s, float* p, const float* g, float* const* st, size_t 
 //   p = p - clr * exp_avg / exp_inf
 template <bool kDecay>
 OK_LOOP void adamax_impl(const AdamaxStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
-                 float* OK_RESTRICT m, float* OK_RESTRICT u, size_t n) {
-  const float lc = s.exp_avg.coeff, b2 = s.beta2, eps = s.eps, clr = s.clr,
-              gs = s.grad.grad_scale, wd = s.grad.weight_decay;
+                         float* OK_RESTRICT m, float* OK_RESTRICT u, size_t n) {
+  const float lc = s.exp_avg.coeff, b2 = s.beta2, eps = s.eps, clr = s.clr, gs = s.grad.grad_scale,
+              wd = s.grad.weight_decay;
   const bool from_avg = s.exp_avg.from_start != 0.0f;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
@@ -304,9 +304,8 @@ OK_LOOP void adamax_impl(const AdamaxStep& s, float* OK_RESTRICT p, const float*
 }
 
 void adamax(const AdamaxStep& s, float* p, const float* g, float* const* st, size_t n) {
-  with_flag(s.grad.has_weight_decay, [&](auto decay) {
-    adamax_impl<decltype(decay)::value>(s, p, g, st[0], st[1], n);
-  });
+  with_flag(s.grad.has_weight_decay,
+            [&](auto decay) { adamax_impl<decltype(decay)::value>(s, p, g, st[0], st[1], n); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,7 +316,7 @@ void adamax(const AdamaxStep& s, float* p, const float* g, float* const* st, siz
 //   p = p + grad_coeff * g / denom;  p = p + avg_coeff * exp_avg / denom   (two addcdivs)
 template <bool kL2, bool kDecoupled>
 OK_LOOP void nadam_impl(const NadamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
-                float* OK_RESTRICT m, float* OK_RESTRICT v, size_t n) {
+                        float* OK_RESTRICT m, float* OK_RESTRICT v, size_t n) {
   const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
               decay = s.decoupled_decay, bc2 = s.bias_correction2, c1 = s.grad_coeff,
               c2 = s.avg_coeff, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
@@ -356,11 +355,10 @@ void nadam(const NadamStep& s, float* p, const float* g, float* const* st, size_
 //   p = p - u                                     (torch's order of float32 operations)
 template <bool kL2, bool kDecoupled, bool kRectify>
 OK_LOOP void radam_impl(const RadamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
-                float* OK_RESTRICT m, float* OK_RESTRICT v, size_t n) {
-  const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
-              lr = s.lr, decay = s.decoupled_decay, bc1 = s.bias_correction1,
-              sbc2 = s.bias_correction2_sqrt, rect = s.rect, gs = s.grad.grad_scale,
-              wd = s.grad.weight_decay;
+                        float* OK_RESTRICT m, float* OK_RESTRICT v, size_t n) {
+  const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps, lr = s.lr,
+              decay = s.decoupled_decay, bc1 = s.bias_correction1, sbc2 = s.bias_correction2_sqrt,
+              rect = s.rect, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
   const bool from_avg = s.exp_avg.from_start != 0.0f;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
@@ -395,7 +393,7 @@ void radam(const RadamStep& s, float* p, const float* g, float* const* st, size_
 //   ax = p while mu == 1, else ax = ax + (p - ax) * mu
 template <bool kDecay, bool kCopy>
 OK_LOOP void asgd_impl(const AsgdStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
-               float* OK_RESTRICT ax, size_t n) {
+                       float* OK_RESTRICT ax, size_t n) {
   const float eta = s.eta, decay = s.decay, mu = s.mu, gs = s.grad.grad_scale,
               wd = s.grad.weight_decay;
   OK_SIMD
@@ -442,9 +440,8 @@ OK_LOOP void lion_impl(const LionStep& s, float* OK_RESTRICT p, const float* OK_
 }
 
 void lion(const LionStep& s, float* p, const float* g, float* const* st, size_t n) {
-  with_flag(s.grad.has_weight_decay, [&](auto decay) {
-    lion_impl<decltype(decay)::value>(s, p, g, st[0], n);
-  });
+  with_flag(s.grad.has_weight_decay,
+            [&](auto decay) { lion_impl<decltype(decay)::value>(s, p, g, st[0], n); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -579,11 +576,12 @@ void axpy(float* OK_RESTRICT a, const float* OK_RESTRICT b, float s, size_t n) {
 
 // ---------------------------------------------------------------------------------------------
 // LAMB (optax.lamb), in optax's order of operations. Pass 1 (lamb_reduce, per fixed block):
-//   exp_avg = (1 - beta1) * g + beta1 * exp_avg;  exp_avg_sq = (1 - beta2) * g^2 + beta2 * exp_avg_sq
-//   u = (exp_avg * (1 / bc1)) / (sqrt(exp_avg_sq * (1 / bc2)) + eps) (+ weight_decay * p)
-//   sums: p^2 and u^2 in double.
-// Pass 2 (lamb, with the array's trust ratio): u again from the new moments, p = p + (-lr) * (u * ratio).
-// Both passes compute u with lamb_direction, so pass 2 scales the very u whose norm was taken.
+//   exp_avg = (1 - beta1) * g + beta1 * exp_avg;  exp_avg_sq = (1 - beta2) * g^2 + beta2 *
+//   exp_avg_sq u = (exp_avg * (1 / bc1)) / (sqrt(exp_avg_sq * (1 / bc2)) + eps) (+ weight_decay *
+//   p) sums: p^2 and u^2 in double.
+// Pass 2 (lamb, with the array's trust ratio): u again from the new moments, p = p + (-lr) * (u *
+// ratio). Both passes compute u with lamb_direction, so pass 2 scales the very u whose norm was
+// taken.
 template <bool kDecay>
 float lamb_direction(const LambStep& s, float p, float m, float v) {
   const float u = (m * s.inv_bias_correction1) / (OK_SQRT(v * s.inv_bias_correction2) + s.eps);
@@ -643,9 +641,8 @@ void lamb_reduce(const LambStep& s, const float* p, const float* g, float* const
 }
 
 void lamb(const LambStep& s, float* p, const float*, float* const* st, size_t n) {
-  with_flag(s.grad.has_weight_decay, [&](auto decay) {
-    lamb_impl<decltype(decay)::value>(s, p, st[0], st[1], n);
-  });
+  with_flag(s.grad.has_weight_decay,
+            [&](auto decay) { lamb_impl<decltype(decay)::value>(s, p, st[0], st[1], n); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -682,8 +679,8 @@ OK_LOOP void schedule_free_impl(const ScheduleFreeStep& s, float* OK_RESTRICT p,
 void sfadamw(const ScheduleFreeStep& s, float* p, const float* g, float* const* st, size_t n) {
   with_flag(s.grad.has_weight_decay, [&](auto decay) {
     with_flag(s.init_z, [&](auto init) {
-      schedule_free_impl<true, decltype(decay)::value, decltype(init)::value>(s, p, g, st[0],
-                                                                              st[1], n);
+      schedule_free_impl<true, decltype(decay)::value, decltype(init)::value>(s, p, g, st[0], st[1],
+                                                                              n);
     });
   });
 }
@@ -701,7 +698,7 @@ void sfsgd(const ScheduleFreeStep& s, float* p, const float* g, float* const* st
 constexpr KernelTable kTable = {
     OPTKERN_KERNELS(OPTKERN_KERNEL_ENTRY)
 #define OPTKERN_REDUCE_ENTRY(name, n_sums) name##_reduce,
-    OPTKERN_REDUCTIONS(OPTKERN_REDUCE_ENTRY)
+        OPTKERN_REDUCTIONS(OPTKERN_REDUCE_ENTRY)
 #undef OPTKERN_REDUCE_ENTRY
     /*norm_block=*/norm_block,
     /*scale=*/scale,

@@ -13,8 +13,19 @@ import optkern as ok
 
 from . import loops as _loops
 from .cases import CASES, torch_available
-from .runner import (Progress, machine, main_table, parse_size, run_clip, run_main,
-                     run_many_small, run_threads, size_label, write_json, write_plot)
+from .runner import (
+    Progress,
+    machine,
+    main_table,
+    parse_size,
+    run_clip,
+    run_main,
+    run_many_small,
+    run_threads,
+    size_label,
+    write_json,
+    write_plot,
+)
 
 __all__ = ["CASES", "add_parser"]
 
@@ -23,42 +34,89 @@ STUDIES = ["main", "small", "threads", "clip", "loops"]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="time every optimizer against NumPy and torch",
-                       description=__doc__)
-    p.add_argument("--optimizers", nargs="+", default=list(CASES), choices=list(CASES),
-                   metavar="NAME", help=f"default all: {' '.join(CASES)}")
-    p.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, metavar="N",
-                   help="elements per parameter, e.g. 100k 1m 50m (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads for optkern and torch (default: optkern's default)")
+    p = sub.add_parser(
+        "bench", help="time every optimizer against NumPy and torch", description=__doc__
+    )
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=list(CASES),
+        choices=list(CASES),
+        metavar="NAME",
+        help=f"default all: {' '.join(CASES)}",
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        default=DEFAULT_SIZES,
+        metavar="N",
+        help="elements per parameter, e.g. 100k 1m 50m (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for optkern and torch (default: optkern's default)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed batches per case (min is kept)")
-    p.add_argument("--studies", nargs="+", default=STUDIES, choices=STUDIES,
-                   help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
-                   "clip: fused clipping; loops: inside an MLP's training loop (default: all)")
-    p.add_argument("--loops", action="store_true",
-                   help="only the training-loop study (shorthand for --studies loops)")
-    p.add_argument("--loop-sizes", nargs="+", default=_loops.DEFAULT_LOOP_SIZES, metavar="DIMS",
-                   help="MLP layer sizes for the loops study (default: %(default)s)")
-    p.add_argument("--loop-steps", type=int, default=None, metavar="N",
-                   help="timed training steps per loop and round (default: about "
-                   f"{_loops.TARGET_SEGMENT_SECONDS * 1e3:.0f} ms of the NumPy loop, 2..200)")
-    p.add_argument("--rounds", type=int, default=_loops.DEFAULT_ROUNDS,
-                   help="interleaved rounds of the loops study (median kept; default "
-                   "%(default)s)")
-    p.add_argument("--loop-conditions", nargs="+", default=_loops.CONDITIONS,
-                   choices=_loops.CONDITIONS,
-                   help="quiet; busy: one other process spinning; torch: torch's pool warmed in "
-                   "the same process (default: all)")
+    p.add_argument(
+        "--studies",
+        nargs="+",
+        default=STUDIES,
+        choices=STUDIES,
+        help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
+        "clip: fused clipping; loops: inside an MLP's training loop (default: all)",
+    )
+    p.add_argument(
+        "--loops",
+        action="store_true",
+        help="only the training-loop study (shorthand for --studies loops)",
+    )
+    p.add_argument(
+        "--loop-sizes",
+        nargs="+",
+        default=_loops.DEFAULT_LOOP_SIZES,
+        metavar="DIMS",
+        help="MLP layer sizes for the loops study (default: %(default)s)",
+    )
+    p.add_argument(
+        "--loop-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="timed training steps per loop and round (default: about "
+        f"{_loops.TARGET_SEGMENT_SECONDS * 1e3:.0f} ms of the NumPy loop, 2..200)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=_loops.DEFAULT_ROUNDS,
+        help="interleaved rounds of the loops study (median kept; default %(default)s)",
+    )
+    p.add_argument(
+        "--loop-conditions",
+        nargs="+",
+        default=_loops.CONDITIONS,
+        choices=_loops.CONDITIONS,
+        help="quiet; busy: one other process spinning; torch: torch's pool warmed in "
+        "the same process (default: all)",
+    )
     p.add_argument("--no-torch", action="store_true", help="leave torch out even if installed")
-    p.add_argument("--torch", action="store_true",
-                   help="optkern.torch against torch.optim instead: the step at 1M and 50M "
-                   "and an autograd training loop (see benchmark/torch_bench.py)")
+    p.add_argument(
+        "--torch",
+        action="store_true",
+        help="optkern.torch against torch.optim instead: the step at 1M and 50M "
+        "and an autograd training loop (see benchmark/torch_bench.py)",
+    )
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--plot", metavar="PATH", help="PNG of time against size (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
-    p.add_argument("--distributed", action="store_true",
-                   help="under mpiexec: Adam over MPI ranks (DataParallel, ZeRO), default sizes "
-                   "10m 50m; see optkern.benchmark.distributed")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="under mpiexec: Adam over MPI ranks (DataParallel, ZeRO), default sizes "
+        "10m 50m; see optkern.benchmark.distributed",
+    )
     p.set_defaults(run=run, default_sizes=DEFAULT_SIZES)
 
 
@@ -69,14 +127,17 @@ def run(args: argparse.Namespace) -> int:
         ok.set_num_threads(args.threads)
     if args.distributed:
         from .distributed import run_distributed
+
         return run_distributed(args)
     if args.torch:
         from .torch_bench import main_cli
+
         args.sizes_given = args.sizes != DEFAULT_SIZES
         return main_cli(args)
     use_torch = not args.no_torch and torch_available() is not None
     if use_torch:
         import torch
+
         torch.set_num_threads(ok.get_num_threads())
     sizes = [parse_size(s) for s in args.sizes]
     cases = [CASES[k] for k in args.optimizers]
@@ -88,14 +149,20 @@ def run(args: argparse.Namespace) -> int:
             loop_sizes = [_loops.parse_dims(d) for d in args.loop_sizes]
         except ValueError as e:
             raise SystemExit(f"--loop-sizes: {e}")
-    total = (len(sizes) * len(cases) if "main" in studies else 0) + \
-        ("small" in studies) + 6 * ("threads" in studies) + ("clip" in studies) + \
-        (len(args.loop_conditions) if "loops" in studies else 0)
+    total = (
+        (len(sizes) * len(cases) if "main" in studies else 0)
+        + ("small" in studies)
+        + 6 * ("threads" in studies)
+        + ("clip" in studies)
+        + (len(args.loop_conditions) if "loops" in studies else 0)
+    )
     progress = Progress(total, enabled=not args.quiet)
     info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores; optkern {info['optkern']} ({info['isa']}, "
-          f"{info['threads']} threads), numpy {info['numpy']}, "
-          f"torch {info['torch'] if use_torch else '(not used)'}")
+    print(
+        f"# {info['cpu']}, {info['cores']} cores; optkern {info['optkern']} ({info['isa']}, "
+        f"{info['threads']} threads), numpy {info['numpy']}, "
+        f"torch {info['torch'] if use_torch else '(not used)'}"
+    )
     result: Dict[str, object] = {"machine": info}
     try:
         if "main" in studies:
@@ -104,14 +171,23 @@ def run(args: argparse.Namespace) -> int:
         if "small" in studies:
             result["many_small"] = run_many_small(args.repeats, use_torch, progress)
         if "threads" in studies:
-            result["threads"] = run_threads([8_000, 32_000, 64_000, 128_000, 1_000_000,
-                                             10_000_000], args.repeats, progress)
+            result["threads"] = run_threads(
+                [8_000, 32_000, 64_000, 128_000, 1_000_000, 10_000_000], args.repeats, progress
+            )
         if "clip" in studies:
             result["clip"] = run_clip(50_000_000, args.repeats, progress)
         if "loops" in studies:
             result["loops"] = _loops.run_loops(
-                args.optimizers, loop_sizes, args.rounds, args.loop_steps, args.loop_conditions,
-                args.threads, use_torch, progress, show_progress=not args.quiet)
+                args.optimizers,
+                loop_sizes,
+                args.rounds,
+                args.loop_steps,
+                args.loop_conditions,
+                args.threads,
+                use_torch,
+                progress,
+                show_progress=not args.quiet,
+            )
     finally:
         progress.close()
     report(result)
@@ -126,34 +202,47 @@ def run(args: argparse.Namespace) -> int:
 
 def report(result: Dict[str, object]) -> None:
     if "main" in result:
-        print("\nSeconds per step (min of repeats); GB/s and %bw: bytes moved per element "
-              "(reads + writes, 4 bytes each) over the in-place streaming bandwidth (a += s*b) at that size; "
-              "x: how many times faster optkern is.")
+        print(
+            "\nSeconds per step (min of repeats); GB/s and %bw: bytes moved per element "
+            "(reads + writes, 4 bytes each) over the in-place streaming bandwidth (a += s*b) at that size; "
+            "x: how many times faster optkern is."
+        )
         print(main_table(result["main"]))
         streams: Dict[int, float] = {}
         for r in result["main"]:
             streams[r["size"]] = max(streams.get(r["size"], 0.0), r["stream_gbps"])
-        print("stream bandwidth (best beside any case): " +
-              ", ".join(f"{size_label(n)} {g:.1f} GB/s" for n, g in streams.items()))
+        print(
+            "stream bandwidth (best beside any case): "
+            + ", ".join(f"{size_label(n)} {g:.1f} GB/s" for n, g in streams.items())
+        )
     if "many_small" in result:
         s = result["many_small"]
         print(f"\nAdam over {s['buffers']} arrays of 64..64K elements ({s['elements']} in all):")
         for name, t in s["seconds"].items():
             print(f"  {name:<32} {t * 1e6:9.1f} us")
-        print(f"  overhead per buffer: {s['overhead_per_buffer_us']:.2f} us"
-              + (f"; {s['speedup_vs_torch']:.2f}x faster than torch fused"
-                 if "speedup_vs_torch" in s else ""))
+        print(
+            f"  overhead per buffer: {s['overhead_per_buffer_us']:.2f} us"
+            + (
+                f"; {s['speedup_vs_torch']:.2f}x faster than torch fused"
+                if "speedup_vs_torch" in s
+                else ""
+            )
+        )
     if "threads" in result:
         print("\nAdam, 1 thread against all of them:")
         for r in result["threads"]:
-            print(f"  {size_label(r['size']):>6}: {r['seconds_1'] * 1e6:10.1f} us -> "
-                  f"{r['seconds_n'] * 1e6:10.1f} us with {r['threads']} threads "
-                  f"({r['speedup']:.2f}x)")
+            print(
+                f"  {size_label(r['size']):>6}: {r['seconds_1'] * 1e6:10.1f} us -> "
+                f"{r['seconds_n'] * 1e6:10.1f} us with {r['threads']} threads "
+                f"({r['speedup']:.2f}x)"
+            )
     if "clip" in result:
         c = result["clip"]
-        print(f"\nAdam on {size_label(c['size'])} with clipping: "
-              + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["seconds"].items())
-              + f"; fused is {c['speedup']:.2f}x faster")
+        print(
+            f"\nAdam on {size_label(c['size'])} with clipping: "
+            + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["seconds"].items())
+            + f"; fused is {c['speedup']:.2f}x faster"
+        )
     if "loops" in result:
         print("\nInside a training loop (NumPy MLP, batch 64, NumPy's default BLAS threads):")
         print(_loops.table(result["loops"]))

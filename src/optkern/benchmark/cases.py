@@ -64,11 +64,13 @@ def _optkern(cls, **hp) -> Factory:
     def make(params: Arrays, grads: Arrays) -> Step:
         opt = cls(params, **hp)
         return lambda: opt.step(grads)
+
     return make
 
 
 def _numpy(update) -> Factory:
     """A NumPy update of one array at a time, with its own state and one scratch array."""
+
     def make(params: Arrays, grads: Arrays) -> Step:
         slots = [(p, g, _Slots(p)) for p, g in zip(params, grads)]
         t = [0]
@@ -77,7 +79,9 @@ def _numpy(update) -> Factory:
             t[0] += 1
             for p, g, s in slots:
                 update(p, g, s, t[0])
+
         return step
+
     return make
 
 
@@ -166,8 +170,7 @@ def _np_adadelta(p, g, s, t, lr=1.0, rho=0.9, eps=1e-6):
     p += s.delta
 
 
-def _np_adam(p, g, s, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, decoupled=False,
-             amsgrad=False):
+def _np_adam(p, g, s, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, decoupled=False, amsgrad=False):
     if decoupled:
         p *= 1 - lr * wd
     np.subtract(g, s.m, out=s.tmp)
@@ -182,33 +185,81 @@ def _np_adam(p, g, s, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, decoupled=
         np.maximum(s.vmax, s.v, out=s.vmax)
         v = s.vmax
     np.sqrt(v, out=s.tmp)
-    s.tmp *= 1 / math.sqrt(1 - b2 ** t)
+    s.tmp *= 1 / math.sqrt(1 - b2**t)
     s.tmp += eps
     np.divide(s.m, s.tmp, out=s.tmp)
-    s.tmp *= -lr / (1 - b1 ** t)
+    s.tmp *= -lr / (1 - b1**t)
     p += s.tmp
 
 
-CASES: Dict[str, Case] = {c.key: c for c in [
-    Case("sgd", "SGD", 12, _optkern(ok.SGD, lr=LR), _numpy(_np_sgd), "SGD", dict(lr=LR), True),
-    Case("sgd-momentum", "SGD momentum", 20, _optkern(ok.SGD, lr=LR, momentum=MOMENTUM),
-         _numpy(_np_sgd_momentum), "SGD", dict(lr=LR, momentum=MOMENTUM), True),
-    Case("nesterov", "Nesterov", 20, _optkern(ok.Nesterov, lr=LR, momentum=MOMENTUM),
-         _numpy(_np_nesterov), "SGD", dict(lr=LR, momentum=MOMENTUM, nesterov=True), True),
-    Case("momentum", "Momentum (seed)", 20, _optkern(ok.Momentum, lr=LR, beta=MOMENTUM),
-         _numpy(_np_momentum), "SGD", dict(lr=LR, momentum=MOMENTUM, dampening=MOMENTUM), True),
-    Case("rmsprop", "RMSprop", 20, _optkern(ok.RMSprop), _numpy(_np_rmsprop), "RMSprop"),
-    Case("adagrad", "Adagrad", 20, _optkern(ok.Adagrad), _numpy(_np_adagrad), "Adagrad",
-         torch_fused=True),
-    Case("adadelta", "Adadelta", 28, _optkern(ok.Adadelta), _numpy(_np_adadelta), "Adadelta"),
-    Case("adam", "Adam", 28, _optkern(ok.Adam), _numpy(_np_adam), "Adam", torch_fused=True),
-    Case("adamw", "AdamW", 28, _optkern(ok.AdamW),
-         _numpy(lambda p, g, s, t: _np_adam(p, g, s, t, wd=1e-2, decoupled=True)), "AdamW",
-         torch_fused=True),
-    Case("amsgrad", "Adam amsgrad", 36, _optkern(ok.Adam, amsgrad=True),
-         _numpy(lambda p, g, s, t: _np_adam(p, g, s, t, amsgrad=True)), "Adam",
-         dict(amsgrad=True), True),
-]}
+CASES: Dict[str, Case] = {
+    c.key: c
+    for c in [
+        Case("sgd", "SGD", 12, _optkern(ok.SGD, lr=LR), _numpy(_np_sgd), "SGD", dict(lr=LR), True),
+        Case(
+            "sgd-momentum",
+            "SGD momentum",
+            20,
+            _optkern(ok.SGD, lr=LR, momentum=MOMENTUM),
+            _numpy(_np_sgd_momentum),
+            "SGD",
+            dict(lr=LR, momentum=MOMENTUM),
+            True,
+        ),
+        Case(
+            "nesterov",
+            "Nesterov",
+            20,
+            _optkern(ok.Nesterov, lr=LR, momentum=MOMENTUM),
+            _numpy(_np_nesterov),
+            "SGD",
+            dict(lr=LR, momentum=MOMENTUM, nesterov=True),
+            True,
+        ),
+        Case(
+            "momentum",
+            "Momentum (seed)",
+            20,
+            _optkern(ok.Momentum, lr=LR, beta=MOMENTUM),
+            _numpy(_np_momentum),
+            "SGD",
+            dict(lr=LR, momentum=MOMENTUM, dampening=MOMENTUM),
+            True,
+        ),
+        Case("rmsprop", "RMSprop", 20, _optkern(ok.RMSprop), _numpy(_np_rmsprop), "RMSprop"),
+        Case(
+            "adagrad",
+            "Adagrad",
+            20,
+            _optkern(ok.Adagrad),
+            _numpy(_np_adagrad),
+            "Adagrad",
+            torch_fused=True,
+        ),
+        Case("adadelta", "Adadelta", 28, _optkern(ok.Adadelta), _numpy(_np_adadelta), "Adadelta"),
+        Case("adam", "Adam", 28, _optkern(ok.Adam), _numpy(_np_adam), "Adam", torch_fused=True),
+        Case(
+            "adamw",
+            "AdamW",
+            28,
+            _optkern(ok.AdamW),
+            _numpy(lambda p, g, s, t: _np_adam(p, g, s, t, wd=1e-2, decoupled=True)),
+            "AdamW",
+            torch_fused=True,
+        ),
+        Case(
+            "amsgrad",
+            "Adam amsgrad",
+            36,
+            _optkern(ok.Adam, amsgrad=True),
+            _numpy(lambda p, g, s, t: _np_adam(p, g, s, t, amsgrad=True)),
+            "Adam",
+            dict(amsgrad=True),
+            True,
+        ),
+    ]
+}
+
 
 # Every further rule of the registry, at its defaults: p and g read, p and each state array read
 # and written. A rule with a reduction pass (LAMB) makes two passes: the first reads p, g and the
@@ -220,10 +271,17 @@ def _registry_bytes(rule) -> int:
 
 
 for _rule in ok.registry.rules():
-    if _rule.name not in CASES and not any(c.label == _rule.cls or c.torch_name == _rule.cls
-                                           for c in CASES.values()):
-        CASES[_rule.name] = Case(_rule.name, _rule.cls, _registry_bytes(_rule),
-                                 _optkern(getattr(ok, _rule.cls)), None, _rule.cls)
+    if _rule.name not in CASES and not any(
+        c.label == _rule.cls or c.torch_name == _rule.cls for c in CASES.values()
+    ):
+        CASES[_rule.name] = Case(
+            _rule.name,
+            _rule.cls,
+            _registry_bytes(_rule),
+            _optkern(getattr(ok, _rule.cls)),
+            None,
+            _rule.cls,
+        )
 
 
 def _lion_pytorch(params: Arrays, grads: Arrays) -> Step:
@@ -258,6 +316,7 @@ def _optax_lamb(params: Arrays, grads: Arrays) -> Step:
     def step() -> None:
         holder[0], holder[1] = update(holder[0], holder[1], g)
         jax.block_until_ready(holder[0])
+
     return step
 
 

@@ -40,6 +40,7 @@ LATENCY_S = 5e-6  # per message on a good Ethernet/InfiniBand link (assumed, not
 def _timed(comm, fn: Callable[[], Any], repeats: int) -> float:
     """The slowest rank's time of ``fn``, minimum over ``repeats`` (after one warm-up)."""
     from mpi4py import MPI
+
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -66,8 +67,11 @@ def measure(n: int, repeats: int, comm) -> Dict[str, Any]:
     local = p = None  # free before the next allocation
 
     buf = grad.copy()
-    row["allreduce_s"] = _timed(comm, lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
-                                repeats) if size > 1 else 0.0
+    row["allreduce_s"] = (
+        _timed(comm, lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), repeats)
+        if size > 1
+        else 0.0
+    )
     buf = None
     model_bytes = 4 * n
     row["model_bytes"] = model_bytes
@@ -87,11 +91,15 @@ def measure(n: int, repeats: int, comm) -> Dict[str, Any]:
     row["zero_s"] = _timed(comm, lambda: zero.step([grad]), repeats)
     row["zero_state_bytes"] = comm.allreduce(zero.state_bytes(), op=MPI.MAX)
     coll = zero._coll
-    row["zero_reduce_scatter_s"] = _timed(comm, lambda: coll.reduce_scatter(
-        grad, zero._gslice, zero.ranges, False, None, "bench"), repeats)
+    row["zero_reduce_scatter_s"] = _timed(
+        comm,
+        lambda: coll.reduce_scatter(grad, zero._gslice, zero.ranges, False, None, "bench"),
+        repeats,
+    )
     row["zero_update_s"] = _timed(comm, lambda: zero.inner.step(zero._inner_grads), repeats)
-    row["zero_allgather_s"] = _timed(comm, lambda: coll.allgatherv(zero.flat, zero.ranges,
-                                                                    "bench"), repeats)
+    row["zero_allgather_s"] = _timed(
+        comm, lambda: coll.allgatherv(zero.flat, zero.ranges, "bench"), repeats
+    )
     zero = p = None
     return row
 
@@ -106,10 +114,18 @@ def model(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             comm_bytes = 2 * (n_ranks - 1) * r["model_bytes"] / n_ranks
             for gbit in LINKS_GBITS:
                 net = comm_bytes / (gbit * 1e9 / 8) + 2 * (n_ranks - 1) * LATENCY_S
-                out.append({"size": r["size"], "ranks": n_ranks, "link_gbits": gbit,
-                            "bytes_per_rank": comm_bytes, "network_s": net,
-                            "dp_step_s": update + net, "zero_step_s": update / n_ranks + net,
-                            "zero_state_bytes_per_rank": 2 * r["model_bytes"] / n_ranks})
+                out.append(
+                    {
+                        "size": r["size"],
+                        "ranks": n_ranks,
+                        "link_gbits": gbit,
+                        "bytes_per_rank": comm_bytes,
+                        "network_s": net,
+                        "dp_step_s": update + net,
+                        "zero_step_s": update / n_ranks + net,
+                        "zero_state_bytes_per_rank": 2 * r["model_bytes"] / n_ranks,
+                    }
+                )
     return out
 
 
@@ -121,46 +137,64 @@ def run_distributed(args: argparse.Namespace) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     if args.threads is None:
         okd.configure_threads(comm)
-    sizes = [parse_size(s) for s in (DEFAULT_SIZES if args.sizes == args.default_sizes
-                                     else args.sizes)]
+    sizes = [
+        parse_size(s) for s in (DEFAULT_SIZES if args.sizes == args.default_sizes else args.sizes)
+    ]
     threads = comm.allgather(ok.get_num_threads())
     if rank == 0:
         info = machine()
-        print(f"# {info['cpu']}, {info['cores']} cores; optkern {info['optkern']} "
-              f"({info['isa']}); {size} ranks x threads {threads}; "
-              f"{okd.MPI.Get_library_version().replace(chr(0), '').splitlines()[0].strip()}")
+        print(
+            f"# {info['cpu']}, {info['cores']} cores; optkern {info['optkern']} "
+            f"({info['isa']}); {size} ranks x threads {threads}; "
+            f"{okd.MPI.Get_library_version().replace(chr(0), '').splitlines()[0].strip()}"
+        )
     rows = [measure(n, args.repeats, comm) for n in sizes]
     if rank != 0:
         return 0
-    print("\nAdam, seconds per step (slowest rank, min of repeats). local: the whole model's "
-          "update in one process; allreduce: in-place MPI_Allreduce of the gradient; dp: "
-          "DataParallel.step; zero: ZeroRedundancyOptimizer.step = reduce-scatter + update of "
-          "1/N + allgather.")
-    head = (f"{'size':>6} {'ranks':>5} {'local':>9} {'allreduce':>9} {'dp':>9} {'zero':>9} "
-            f"{'zero RS':>9} {'zero upd':>9} {'zero AG':>9} {'bytes/rank':>11} {'busbw GB/s':>10} "
-            f"{'state/rank dp':>13} {'zero':>9}")
+    print(
+        "\nAdam, seconds per step (slowest rank, min of repeats). local: the whole model's "
+        "update in one process; allreduce: in-place MPI_Allreduce of the gradient; dp: "
+        "DataParallel.step; zero: ZeroRedundancyOptimizer.step = reduce-scatter + update of "
+        "1/N + allgather."
+    )
+    head = (
+        f"{'size':>6} {'ranks':>5} {'local':>9} {'allreduce':>9} {'dp':>9} {'zero':>9} "
+        f"{'zero RS':>9} {'zero upd':>9} {'zero AG':>9} {'bytes/rank':>11} {'busbw GB/s':>10} "
+        f"{'state/rank dp':>13} {'zero':>9}"
+    )
     print(head)
     for r in rows:
-        print(f"{size_label(r['size']):>6} {r['ranks']:>5} {r['local_s'] * 1e3:8.1f}m "
-              f"{r['allreduce_s'] * 1e3:8.1f}m {r['dp_s'] * 1e3:8.1f}m {r['zero_s'] * 1e3:8.1f}m "
-              f"{r['zero_reduce_scatter_s'] * 1e3:8.1f}m {r['zero_update_s'] * 1e3:8.1f}m "
-              f"{r['zero_allgather_s'] * 1e3:8.1f}m {r['bytes_per_rank'] / 1e6:9.1f}MB "
-              f"{r.get('busbw_gbs', float('nan')):10.2f} {r['dp_state_bytes'] / 1e6:11.1f}MB "
-              f"{r['zero_state_bytes'] / 1e6:7.1f}MB")
+        print(
+            f"{size_label(r['size']):>6} {r['ranks']:>5} {r['local_s'] * 1e3:8.1f}m "
+            f"{r['allreduce_s'] * 1e3:8.1f}m {r['dp_s'] * 1e3:8.1f}m {r['zero_s'] * 1e3:8.1f}m "
+            f"{r['zero_reduce_scatter_s'] * 1e3:8.1f}m {r['zero_update_s'] * 1e3:8.1f}m "
+            f"{r['zero_allgather_s'] * 1e3:8.1f}m {r['bytes_per_rank'] / 1e6:9.1f}MB "
+            f"{r.get('busbw_gbs', float('nan')):10.2f} {r['dp_state_bytes'] / 1e6:11.1f}MB "
+            f"{r['zero_state_bytes'] / 1e6:7.1f}MB"
+        )
     modelled = model(rows)
-    print(f"\nModel of a real network (ring allreduce, 2(N-1)/N x model bytes per rank, "
-          f"{LATENCY_S * 1e6:g} us per message assumed; update times from the 'local' column "
-          "above: whole model for DataParallel, 1/N for ZeRO; backward/forward not included):")
-    print(f"{'size':>6} {'ranks':>5} {'MB/rank':>8} " + " ".join(
-        f"{f'{g}Gb/s net':>11} {'dp':>8} {'zero':>8}" for g in LINKS_GBITS) +
-        f" {'zero state/rank':>15}")
+    print(
+        f"\nModel of a real network (ring allreduce, 2(N-1)/N x model bytes per rank, "
+        f"{LATENCY_S * 1e6:g} us per message assumed; update times from the 'local' column "
+        "above: whole model for DataParallel, 1/N for ZeRO; backward/forward not included):"
+    )
+    print(
+        f"{'size':>6} {'ranks':>5} {'MB/rank':>8} "
+        + " ".join(f"{f'{g}Gb/s net':>11} {'dp':>8} {'zero':>8}" for g in LINKS_GBITS)
+        + f" {'zero state/rank':>15}"
+    )
     for n in sizes:
         for n_ranks in MODEL_RANKS:
             cells = [m for m in modelled if m["size"] == n and m["ranks"] == n_ranks]
-            print(f"{size_label(n):>6} {n_ranks:>5} {cells[0]['bytes_per_rank'] / 1e6:8.1f} " +
-                  " ".join(f"{c['network_s'] * 1e3:10.1f}m {c['dp_step_s'] * 1e3:7.1f}m "
-                           f"{c['zero_step_s'] * 1e3:7.1f}m" for c in cells) +
-                  f" {cells[0]['zero_state_bytes_per_rank'] / 1e6:13.1f}MB")
+            print(
+                f"{size_label(n):>6} {n_ranks:>5} {cells[0]['bytes_per_rank'] / 1e6:8.1f} "
+                + " ".join(
+                    f"{c['network_s'] * 1e3:10.1f}m {c['dp_step_s'] * 1e3:7.1f}m "
+                    f"{c['zero_step_s'] * 1e3:7.1f}m"
+                    for c in cells
+                )
+                + f" {cells[0]['zero_state_bytes_per_rank'] / 1e6:13.1f}MB"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"measured": rows, "model": modelled, "threads": threads}, f, indent=1)

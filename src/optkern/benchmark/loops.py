@@ -73,6 +73,7 @@ def dims_label(dims: Sequence[int]) -> str:
 
 # -- the model -------------------------------------------------------------------------------------
 
+
 def init_params(dims: Sequence[int], seed: int) -> List[np.ndarray]:
     """He-initialised weights (in, out) and zero biases: [W1, b1, W2, b2, ...]."""
     rng = np.random.default_rng(seed)
@@ -138,6 +139,7 @@ def make_data(dims: Sequence[int], batches: int, batch: int, seed: int):
 
 # -- one condition, in the worker ------------------------------------------------------------------
 
+
 def _blas_info() -> Optional[List[Dict[str, object]]]:
     try:
         from threadpoolctl import threadpool_info
@@ -150,16 +152,23 @@ def _median(xs: Sequence[float]) -> float:
     return float(np.median(np.asarray(xs, dtype=np.float64)))
 
 
-def measure(case, dims: Sequence[int], rounds: int, steps: Optional[int],
-            poke: Callable[[], None], seed: int = 0) -> Dict[str, object]:
+def measure(
+    case,
+    dims: Sequence[int],
+    rounds: int,
+    steps: Optional[int],
+    poke: Callable[[], None],
+    seed: int = 0,
+) -> Dict[str, object]:
     """One optimizer at one size: the five loops interleaved in rounds."""
     import optkern as ok
 
     default_threads = ok.get_num_threads()
     init = init_params(dims, seed)
     X, y = make_data(dims, 4, BATCH, seed + 1)
-    models = {name: MLP(dims, init, BATCH) for name in ["numpy", "optkern", "optkern_1t",
-                                                        "no_update"]}
+    models = {
+        name: MLP(dims, init, BATCH) for name in ["numpy", "optkern", "optkern_1t", "no_update"]
+    }
     updates: Dict[str, Optional[Callable[[], None]]] = {
         "numpy": case.numpy(models["numpy"].params, models["numpy"].grads),
         "optkern": case.optkern(models["optkern"].params, models["optkern"].grads),
@@ -220,8 +229,9 @@ def measure(case, dims: Sequence[int], rounds: int, steps: Optional[int],
         seg = run_segment("numpy", 3)
         steps = max(2, min(200, math.ceil(TARGET_SEGMENT_SECONDS / max(seg["wall"], 1e-6))))
 
-    raw: Dict[str, Dict[str, List]] = {name: {"wall": [], "fwd_bwd": [], "update": []}
-                                       for name in LOOPS}
+    raw: Dict[str, Dict[str, List]] = {
+        name: {"wall": [], "fwd_bwd": [], "update": []} for name in LOOPS
+    }
     for _ in range(rounds):
         for name in LOOPS:
             seg = run_segment(name, steps)
@@ -258,10 +268,21 @@ def measure(case, dims: Sequence[int], rounds: int, steps: Optional[int],
         "fwd_bwd_optkern_1t": med["optkern_1t"]["fwd_bwd"],
         "fwd_bwd_ratio": med["optkern"]["fwd_bwd"] / med["no_update"]["fwd_bwd"],
     }
-    return {"optimizer": case.key, "label": case.label, "dims": list(dims),
-            "params": n_params(dims), "batch": BATCH, "rounds": rounds, "steps": steps,
-            "threads": default_threads, "final_loss": loss, "finite": finite,
-            "median_seconds": med, **summary, "raw_seconds": raw}
+    return {
+        "optimizer": case.key,
+        "label": case.label,
+        "dims": list(dims),
+        "params": n_params(dims),
+        "batch": BATCH,
+        "rounds": rounds,
+        "steps": steps,
+        "threads": default_threads,
+        "final_loss": loss,
+        "finite": finite,
+        "median_seconds": med,
+        **summary,
+        "raw_seconds": raw,
+    }
 
 
 def run_worker(cfg: Dict[str, object]) -> Dict[str, object]:
@@ -281,19 +302,27 @@ def run_worker(cfg: Dict[str, object]) -> Dict[str, object]:
         for _ in range(20):
             a @ a
         torch_matrix = a
-        note = (f"torch {torch.__version__} imported, intra-op pool of "
-                f"{torch.get_num_threads()} threads warmed (one matmul before each stretch)")
+        note = (
+            f"torch {torch.__version__} imported, intra-op pool of "
+            f"{torch.get_num_threads()} threads warmed (one matmul before each stretch)"
+        )
 
     def poke() -> None:  # a torch matmul before each stretch keeps torch's pool awake
         if torch_matrix is not None:
             torch_matrix @ torch_matrix
 
     out: Dict[str, object] = {
-        "condition": cfg["condition"], "note": note, "pid": os.getpid(),
-        "torch_imported": "torch" in sys.modules, "optkern_threads": ok.get_num_threads(),
+        "condition": cfg["condition"],
+        "note": note,
+        "pid": os.getpid(),
+        "torch_imported": "torch" in sys.modules,
+        "optkern_threads": ok.get_num_threads(),
         "blas": _blas_info(),
-        "env": {k: os.environ[k] for k in sorted(os.environ)
-                if k.startswith(("OMP_", "OPENBLAS_", "MKL_", "GOMP_", "OPTKERN_"))},
+        "env": {
+            k: os.environ[k]
+            for k in sorted(os.environ)
+            if k.startswith(("OMP_", "OPENBLAS_", "MKL_", "GOMP_", "OPTKERN_"))
+        },
     }
     rows = []
     total = len(cfg["sizes"]) * len(cfg["optimizers"])
@@ -301,8 +330,10 @@ def run_worker(cfg: Dict[str, object]) -> Dict[str, object]:
         for key in cfg["optimizers"]:
             case = CASES[key]
             if cfg.get("progress"):
-                sys.stderr.write(f"\r[loops {cfg['condition']:<5} {len(rows) + 1:>2}/{total}] "
-                                 f"{case.label} {dims_label(dims):<28}")
+                sys.stderr.write(
+                    f"\r[loops {cfg['condition']:<5} {len(rows) + 1:>2}/{total}] "
+                    f"{case.label} {dims_label(dims):<28}"
+                )
                 sys.stderr.flush()
             rows.append(measure(case, dims, int(cfg["rounds"]), cfg.get("steps"), poke))
     if cfg.get("progress"):
@@ -334,8 +365,12 @@ def busy_neighbour() -> Iterator[subprocess.Popen]:
     """One other process spinning on one core for the duration of the block; killed on the way
     out whatever happens (exception, Ctrl-C), and with this process on Linux."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SPIN, str(os.getpid())], stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [sys.executable, "-c", _SPIN, str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         time.sleep(0.05)  # let it start spinning
         yield proc
@@ -370,11 +405,18 @@ def _run_in_worker(cfg: Dict[str, object]) -> Dict[str, object]:
         os.unlink(path)
 
 
-def run_loops(optimizers: Sequence[str], sizes: Sequence[Sequence[int]], rounds: int,
-              steps: Optional[int], conditions: Sequence[str], threads: Optional[int],
-              use_torch: bool, progress: Callable[[str], None], show_progress: bool = True,
-              worker: Callable[[Dict[str, object]], Dict[str, object]] = _run_in_worker
-              ) -> Dict[str, object]:
+def run_loops(
+    optimizers: Sequence[str],
+    sizes: Sequence[Sequence[int]],
+    rounds: int,
+    steps: Optional[int],
+    conditions: Sequence[str],
+    threads: Optional[int],
+    use_torch: bool,
+    progress: Callable[[str], None],
+    show_progress: bool = True,
+    worker: Callable[[Dict[str, object]], Dict[str, object]] = _run_in_worker,
+) -> Dict[str, object]:
     """Every condition in its own worker process; returns every measurement. A rule without a
     hand-written NumPy update (Adamax, say) has nothing to compare the loop with and is left out."""
     from .cases import CASES
@@ -383,12 +425,17 @@ def run_loops(optimizers: Sequence[str], sizes: Sequence[Sequence[int]], rounds:
     results = []
     for condition in conditions:
         progress(f"loops: {condition}")
-        cfg = {"condition": condition, "optimizers": list(optimizers),
-               "sizes": [list(d) for d in sizes], "rounds": rounds, "steps": steps,
-               "threads": threads, "progress": show_progress}
+        cfg = {
+            "condition": condition,
+            "optimizers": list(optimizers),
+            "sizes": [list(d) for d in sizes],
+            "rounds": rounds,
+            "steps": steps,
+            "threads": threads,
+            "progress": show_progress,
+        }
         if condition == "torch" and not use_torch:
-            why = ("torch is not installed" if not torch_installed() else
-                   "torch left out (--no-torch)")
+            why = "torch is not installed" if not torch_installed() else "torch left out (--no-torch)"
             results.append({"condition": condition, "skipped": why, "rows": []})
             continue
         if condition == "busy":
@@ -399,13 +446,19 @@ def run_loops(optimizers: Sequence[str], sizes: Sequence[Sequence[int]], rounds:
             res = worker(cfg)
         res["skipped"] = None
         results.append(res)
-    out: Dict[str, object] = {"batch": BATCH, "rounds": rounds, "steps": steps,
-                              "sizes": [list(d) for d in sizes], "conditions": results}
+    out: Dict[str, object] = {
+        "batch": BATCH,
+        "rounds": rounds,
+        "steps": steps,
+        "sizes": [list(d) for d in sizes],
+        "conditions": results,
+    }
     out["targets"] = targets(results)
     return out
 
 
 # -- targets and the table -------------------------------------------------------------------------
+
 
 def targets(conditions: List[Dict[str, object]]) -> List[Dict[str, object]]:
     rows = [(c["condition"], r) for c in conditions for r in c["rows"]]
@@ -424,37 +477,76 @@ def targets(conditions: List[Dict[str, object]]) -> List[Dict[str, object]]:
             if value > limit:
                 fails.append(f"{r['label']} {r['params']} {cond}: {value:.3f} > {limit:g}")
         _, cond, r, value, limit = worst
-        return {"target": name, "met": not fails, "failures": fails,
-                "worst": {"condition": cond, "optimizer": r["optimizer"], "params": r["params"],
-                          "value": value, "limit": limit}}
+        return {
+            "target": name,
+            "met": not fails,
+            "failures": fails,
+            "worst": {
+                "condition": cond,
+                "optimizer": r["optimizer"],
+                "params": r["params"],
+                "value": value,
+                "limit": limit,
+            },
+        }
 
     out = []
     for key, limit in [("adam", 0.8), ("adamw", 0.8), ("rmsprop", 0.85), ("adadelta", 0.85)]:
         items = [(c, r, r["loop_ratio"]) for c, r in rows if r["optimizer"] == key]
         if items:
-            out.append(check(f"loop optkern/numpy <= {limit} for {items[0][1]['label']}",
-                             items, lambda r, lim=limit: lim))
-    out.append(check("loop optkern/numpy <= 1.0 for every optimizer",
-                     [(c, r, r["loop_ratio"]) for c, r in rows], lambda r: 1.0))
-    out.append(check("optkern's update in the loop <= 2x the same update alone",
-                     [(c, r, r["update_ratio"]) for c, r in rows], lambda r: 2.0))
-    out.append(check("forward+backward with optkern steps <= 1.05x without any update",
-                     [(c, r, r["fwd_bwd_ratio"]) for c, r in rows], lambda r: 1.05))
+            out.append(
+                check(
+                    f"loop optkern/numpy <= {limit} for {items[0][1]['label']}",
+                    items,
+                    lambda r, lim=limit: lim,
+                )
+            )
+    out.append(
+        check(
+            "loop optkern/numpy <= 1.0 for every optimizer",
+            [(c, r, r["loop_ratio"]) for c, r in rows],
+            lambda r: 1.0,
+        )
+    )
+    out.append(
+        check(
+            "optkern's update in the loop <= 2x the same update alone",
+            [(c, r, r["update_ratio"]) for c, r in rows],
+            lambda r: 2.0,
+        )
+    )
+    out.append(
+        check(
+            "forward+backward with optkern steps <= 1.05x without any update",
+            [(c, r, r["fwd_bwd_ratio"]) for c, r in rows],
+            lambda r: 1.05,
+        )
+    )
     big = [(c, r, r["default_vs_1t"]) for c, r in rows if r["params"] == largest]
-    out.append(check(f"loop at {_short(largest)} params: default threads <= 1.05x one thread",
-                     big, lambda r: 1.05))
+    out.append(
+        check(
+            f"loop at {_short(largest)} params: default threads <= 1.05x one thread",
+            big,
+            lambda r: 1.05,
+        )
+    )
     return out
 
 
 def table(result: Dict[str, object]) -> str:
-    head = (f"{'size':<8}{'optimizer':<16}{'condition':<8}{'numpy':>9}{'optkern':>9}{'x':>6}"
-            f"{'1 thr':>9}{'x':>6} | {'upd loop':>9}{'alone':>9}{'x':>7} | "
-            f"{'mm w/o':>9}{'mm with':>9}{'x':>6}")
-    lines = ["per step, ms (medians over rounds); loop = whole training step; x = optkern/numpy; "
-             "1 thr = optkern on one thread;",
-             "upd loop = optkern's update inside the loop, alone = same update in a hot loop; "
-             "mm = forward+backward without any update / with optkern's",
-             head, "-" * len(head)]
+    head = (
+        f"{'size':<8}{'optimizer':<16}{'condition':<8}{'numpy':>9}{'optkern':>9}{'x':>6}"
+        f"{'1 thr':>9}{'x':>6} | {'upd loop':>9}{'alone':>9}{'x':>7} | "
+        f"{'mm w/o':>9}{'mm with':>9}{'x':>6}"
+    )
+    lines = [
+        "per step, ms (medians over rounds); loop = whole training step; x = optkern/numpy; "
+        "1 thr = optkern on one thread;",
+        "upd loop = optkern's update inside the loop, alone = same update in a hot loop; "
+        "mm = forward+backward without any update / with optkern's",
+        head,
+        "-" * len(head),
+    ]
     for c in result["conditions"]:
         if c.get("skipped"):
             lines.append(f"{c['condition']}: skipped ({c['skipped']})")
@@ -468,15 +560,21 @@ def table(result: Dict[str, object]) -> str:
                 f"{r['loop_ratio_1t']:6.2f} | {r['update_in_loop'] * 1e3:9.3f}"
                 f"{r['update_alone'] * 1e3:9.3f}{r['update_ratio']:7.1f} | "
                 f"{r['fwd_bwd_no_update'] * 1e3:9.3f}{r['fwd_bwd_optkern'] * 1e3:9.3f}"
-                f"{r['fwd_bwd_ratio']:6.2f}" + ("" if r["finite"] else "  (non-finite!)"))
+                f"{r['fwd_bwd_ratio']:6.2f}" + ("" if r["finite"] else "  (non-finite!)")
+            )
     for c in result["conditions"]:
         if not c.get("skipped"):
-            blas = [f"{d.get('internal_api')} {d.get('num_threads')} threads"
-                    for d in (c.get("blas") or []) if d.get("user_api") == "blas"]
-            lines.append(f"{c['condition']}: optkern {c['optkern_threads']} threads"
-                         + (f"; BLAS {', '.join(blas)}" if blas else "")
-                         + (f"; {c['note']}" if c.get("note") else "")
-                         + ("; one other process spinning" if c["condition"] == "busy" else ""))
+            blas = [
+                f"{d.get('internal_api')} {d.get('num_threads')} threads"
+                for d in (c.get("blas") or [])
+                if d.get("user_api") == "blas"
+            ]
+            lines.append(
+                f"{c['condition']}: optkern {c['optkern_threads']} threads"
+                + (f"; BLAS {', '.join(blas)}" if blas else "")
+                + (f"; {c['note']}" if c.get("note") else "")
+                + ("; one other process spinning" if c["condition"] == "busy" else "")
+            )
     return "\n".join(lines)
 
 
@@ -484,8 +582,9 @@ def target_lines(result: Dict[str, object]) -> str:
     lines = []
     for t in result["targets"]:
         w = t["worst"]
-        lines.append(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: worst "
-                     f"{w['value']:.3f} ({w['optimizer']}, {_short(w['params'])}, "
-                     f"{w['condition']})" + (f"; {len(t['failures'])} rows over"
-                                              if t["failures"] else ""))
+        lines.append(
+            f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: worst "
+            f"{w['value']:.3f} ({w['optimizer']}, {_short(w['params'])}, "
+            f"{w['condition']})" + (f"; {len(t['failures'])} rows over" if t["failures"] else "")
+        )
     return "\n".join(lines)

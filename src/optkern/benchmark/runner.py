@@ -89,14 +89,16 @@ class Progress:
 
 # -- the main table ----------------------------------------------------------------------------------
 
+
 def stream_step(n: int) -> Callable[[], None]:
     """a += s*b over n elements (12 bytes each), optkern's threads: the bandwidth yardstick."""
     a, b = arrays([n, n], seed=1)
     return lambda: ok._core.stream_axpy([a], [b], 1e-7)
 
 
-def run_main(cases: Sequence[Case], sizes: Sequence[int], repeats: int, use_torch: bool,
-             progress: Progress) -> List[Dict[str, object]]:
+def run_main(
+    cases: Sequence[Case], sizes: Sequence[int], repeats: int, use_torch: bool, progress: Progress
+) -> List[Dict[str, object]]:
     """Each case at each size, with the yardstick (a += s*b) timed in the same interleaved set:
     its fraction of the bandwidth compares measurements taken side by side."""
     rows = []
@@ -118,10 +120,14 @@ def run_main(cases: Sequence[Case], sizes: Sequence[int], repeats: int, use_torc
             del steps
             gc.collect()
             bw = 12 * n / seconds.pop("stream")
-            row: Dict[str, object] = {"optimizer": case.key, "label": case.label, "size": n,
-                                      "bytes_per_element": case.bytes_per_element,
-                                      "stream_gbps": bw / 1e9,
-                                      "torch_impl": case.torch_impl if use_torch else None}
+            row: Dict[str, object] = {
+                "optimizer": case.key,
+                "label": case.label,
+                "size": n,
+                "bytes_per_element": case.bytes_per_element,
+                "stream_gbps": bw / 1e9,
+                "torch_impl": case.torch_impl if use_torch else None,
+            }
             for name, t in seconds.items():
                 gbps = case.bytes_per_element * n / t / 1e9
                 row[name] = {"seconds": t, "gbps": gbps, "fraction_of_stream": gbps * 1e9 / bw}
@@ -135,20 +141,27 @@ def run_main(cases: Sequence[Case], sizes: Sequence[int], repeats: int, use_torc
 
 def main_table(rows: List[Dict[str, object]]) -> str:
     torch = any("torch" in r for r in rows)
-    head = (f"{'optimizer':<16}{'size':>6} {'optkern':>10} {'GB/s':>6} {'%bw':>5} "
-            f"{'numpy':>10} {'x':>6}")
+    head = (
+        f"{'optimizer':<16}{'size':>6} {'optkern':>10} {'GB/s':>6} {'%bw':>5} {'numpy':>10} {'x':>6}"
+    )
     if torch:
         head += f" {'torch':>10} {'(impl)':<9}{'x':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
         o = r["optkern"]
-        line = (f"{r['label']:<16}{size_label(r['size']):>6} {_ms(o['seconds'])} "
-                f"{o['gbps']:6.1f} {100 * o['fraction_of_stream']:4.0f}% "
-                + (f"{_ms(r['numpy']['seconds'])} {r['speedup_vs_numpy']:5.1f}x" if "numpy" in r
-                   else f"{'-':>10} {'-':>6}"))
+        line = (
+            f"{r['label']:<16}{size_label(r['size']):>6} {_ms(o['seconds'])} "
+            f"{o['gbps']:6.1f} {100 * o['fraction_of_stream']:4.0f}% "
+            + (
+                f"{_ms(r['numpy']['seconds'])} {r['speedup_vs_numpy']:5.1f}x"
+                if "numpy" in r
+                else f"{'-':>10} {'-':>6}"
+            )
+        )
         if torch:
-            line += (f" {_ms(r['torch']['seconds'])} ({r['torch_impl']:<7}) "
-                     f"{r['speedup_vs_torch']:4.2f}x")
+            line += (
+                f" {_ms(r['torch']['seconds'])} ({r['torch_impl']:<7}) {r['speedup_vs_torch']:4.2f}x"
+            )
         lines.append(line)
     return "\n".join(lines)
 
@@ -158,6 +171,7 @@ def _ms(seconds: float) -> str:
 
 
 # -- studies ---------------------------------------------------------------------------------------
+
 
 def many_small_sizes(count: int = 300, seed: int = 0) -> List[int]:
     """Sizes log-uniform in [64, 65536], like a network's weights and biases."""
@@ -177,15 +191,17 @@ def run_many_small(repeats: int, use_torch: bool, progress: Progress) -> Dict[st
     flat_grads.flat[...] = 0.01
     steps["optkern (one FlatParams block)"] = case.optkern([flat.flat], [flat_grads.flat])
     if use_torch:
-        steps["torch fused (300 tensors)"] = case.torch(arrays(sizes, 4, 0.5),
-                                                        arrays(sizes, 5, 0.01))
+        steps["torch fused (300 tensors)"] = case.torch(arrays(sizes, 4, 0.5), arrays(sizes, 5, 0.01))
     # The overhead is a difference of two ~1.5 ms times on a machine whose bandwidth drifts by
     # 10%: more repeats than elsewhere.
     seconds = compare(steps, max(repeats, 15))
     separate, one = seconds["optkern (300 arrays)"], seconds["optkern (one FlatParams block)"]
-    out: Dict[str, object] = {"buffers": len(sizes), "elements": int(sum(sizes)),
-                              "seconds": seconds,
-                              "overhead_per_buffer_us": (separate - one) / len(sizes) * 1e6}
+    out: Dict[str, object] = {
+        "buffers": len(sizes),
+        "elements": int(sum(sizes)),
+        "seconds": seconds,
+        "overhead_per_buffer_us": (separate - one) / len(sizes) * 1e6,
+    }
     if use_torch:
         out["speedup_vs_torch"] = seconds["torch fused (300 tensors)"] / separate
     return out
@@ -204,13 +220,22 @@ def run_threads(sizes: Sequence[int], repeats: int, progress: Progress) -> List[
             def step() -> None:
                 ok.set_num_threads(k)
                 opt.step(grads)
+
             return step
+
         try:
             seconds = compare({1: with_threads(1), threads: with_threads(threads)}, repeats)
         finally:
             ok.set_num_threads(threads)
-        rows.append({"size": n, "threads": threads, "seconds_1": seconds[1],
-                     "seconds_n": seconds[threads], "speedup": seconds[1] / seconds[threads]})
+        rows.append(
+            {
+                "size": n,
+                "threads": threads,
+                "seconds_1": seconds[1],
+                "seconds_n": seconds[threads],
+                "speedup": seconds[1] / seconds[threads],
+            }
+        )
     return rows
 
 
@@ -230,13 +255,19 @@ def run_clip(n: int, repeats: int, progress: Progress) -> Dict[str, object]:
         norm[0] = 0.5 * total  # their norm now
         pair_opt.step(g_pair)
 
-    seconds = compare({"fused": lambda: fused_opt.step(g_fused, max_grad_norm=1.0),
-                       "clip_grad_norm_ + step": pair}, repeats)
-    return {"size": n, "seconds": seconds,
-            "speedup": seconds["clip_grad_norm_ + step"] / seconds["fused"]}
+    seconds = compare(
+        {"fused": lambda: fused_opt.step(g_fused, max_grad_norm=1.0), "clip_grad_norm_ + step": pair},
+        repeats,
+    )
+    return {
+        "size": n,
+        "seconds": seconds,
+        "speedup": seconds["clip_grad_norm_ + step"] / seconds["fused"],
+    }
 
 
 # -- output ----------------------------------------------------------------------------------------
+
 
 def write_json(path: str, result: Dict[str, object]) -> None:
     with open(path, "w") as f:
@@ -247,6 +278,7 @@ def write_plot(path: str, rows: List[Dict[str, object]]) -> Optional[str]:
     """Time per step against size, one panel per optimizer; None without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -267,7 +299,7 @@ def write_plot(path: str, rows: List[Dict[str, object]]) -> Optional[str]:
         ax.set_xlabel("elements")
         ax.set_ylabel("seconds per step")
         ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()

@@ -28,8 +28,9 @@ CONFIGS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
 }
 
 
-def _median_pair(fa: Callable[[], None], fb: Callable[[], None], repeats: int,
-                 inner: int) -> Tuple[float, float]:
+def _median_pair(
+    fa: Callable[[], None], fb: Callable[[], None], repeats: int, inner: int
+) -> Tuple[float, float]:
     """Median seconds per call of fa and fb, timed alternately, the order swapped every repeat
     (a, b, b, a, a, b, ...): each follows the other as often, so neither always runs while
     torch's OpenMP workers still spin from the other's last op (docs/torch.md)."""
@@ -51,6 +52,7 @@ def bench_steps(names: List[str], sizes: List[int], repeats: int) -> List[Dict[s
     import torch
 
     import optkern.torch as okt
+
     rows = []
     for n in sizes:
         for name in names:
@@ -64,25 +66,39 @@ def bench_steps(names: List[str], sizes: List[int], repeats: int) -> List[Dict[s
             oo = getattr(okt, name)([po], **hp)
             inner = max(1, int(2_000_000 // n))
             tt, to = _median_pair(ot.step, oo.step, repeats, inner)
-            rows.append({"optimizer": name, "size": n, "torch_path": next(iter(impl)),
-                         "torch_s": tt, "okt_s": to, "speedup": tt / to})
+            rows.append(
+                {
+                    "optimizer": name,
+                    "size": n,
+                    "torch_path": next(iter(impl)),
+                    "torch_s": tt,
+                    "okt_s": to,
+                    "speedup": tt / to,
+                }
+            )
             del ot, oo, pt, po, p0, grad
     return rows
 
 
 def _mlp(seed: int):
     import torch
+
     torch.manual_seed(seed)
     # 784*1024 + 1024 + 1024*1024 + 1024 + 1024*10 + 10 = 1,863,690 parameters
-    return torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(),
-                               torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
-                               torch.nn.Linear(1024, 10))
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 10),
+    )
 
 
 def bench_loop(names: List[str], repeats: int, iters: int = 20) -> List[Dict[str, Any]]:
     import torch
 
     import optkern.torch as okt
+
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 784, generator=gen)
     y = torch.randint(0, 10, (64,), generator=gen)
@@ -99,12 +115,21 @@ def bench_loop(names: List[str], repeats: int, iters: int = 20) -> List[Dict[str
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
+
             return one
 
         tt, to = _median_pair(loop(mt, ot), loop(mo, oo), repeats, iters)
         nparams = sum(p.numel() for p in mt.parameters())
-        rows.append({"optimizer": name, "params": nparams, "torch_path": next(iter(impl)),
-                     "torch_s": tt, "okt_s": to, "speedup": tt / to})
+        rows.append(
+            {
+                "optimizer": name,
+                "params": nparams,
+                "torch_path": next(iter(impl)),
+                "torch_s": tt,
+                "okt_s": to,
+                "speedup": tt / to,
+            }
+        )
     return rows
 
 
@@ -115,6 +140,7 @@ def bench_overhead(repeats: int, nparams: int = 200, size: int = 16) -> Dict[str
 
     import optkern.torch as okt
     from optkern import functional as F
+
     params = [torch.nn.Parameter(torch.zeros(size)) for _ in range(nparams)]
     grads = [torch.full((size,), 1e-3) for _ in range(nparams)]
     for p, g in zip(params, grads):
@@ -137,50 +163,70 @@ def bench_overhead(repeats: int, nparams: int = 200, size: int = 16) -> Dict[str
         opt.step()
 
     t_okt, t_direct = _median_pair(opt.step, direct, repeats, 200)
-    t_fresh, t_clone = _median_pair(fresh_grads, lambda: [g.clone() for g in grads], repeats,
-                                    200)
-    topt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(size)) for _ in range(nparams)],
-                            fused=True)
+    t_fresh, t_clone = _median_pair(fresh_grads, lambda: [g.clone() for g in grads], repeats, 200)
+    topt = torch.optim.Adam(
+        [torch.nn.Parameter(torch.zeros(size)) for _ in range(nparams)], fused=True
+    )
     for p in topt.param_groups[0]["params"]:
         p.grad = torch.full((size,), 1e-3)
     t_torch, _ = _median_pair(topt.step, direct, repeats, 50)
-    return {"params": nparams, "elements_each": size, "okt_s": t_okt, "functional_s": t_direct,
-            "okt_fresh_grads_s": t_fresh - t_clone, "torch_fused_s": t_torch,
-            "overhead_per_param_us": (t_okt - t_direct) / nparams * 1e6,
-            "overhead_per_param_fresh_grads_us": (t_fresh - t_clone - t_direct) / nparams * 1e6}
+    return {
+        "params": nparams,
+        "elements_each": size,
+        "okt_s": t_okt,
+        "functional_s": t_direct,
+        "okt_fresh_grads_s": t_fresh - t_clone,
+        "torch_fused_s": t_torch,
+        "overhead_per_param_us": (t_okt - t_direct) / nparams * 1e6,
+        "overhead_per_param_fresh_grads_us": (t_fresh - t_clone - t_direct) / nparams * 1e6,
+    }
 
 
 def run_torch(names: List[str], sizes: List[int], repeats: int, threads: int) -> Dict[str, Any]:
     import torch
 
     import optkern as ok
+
     torch.set_num_threads(threads)
     ok.set_num_threads(threads)
-    return {"threads": threads, "torch": torch.__version__,
-            "steps": bench_steps(names, sizes, repeats),
-            "loop": bench_loop(names, repeats),
-            "overhead": bench_overhead(repeats)}
+    return {
+        "threads": threads,
+        "torch": torch.__version__,
+        "steps": bench_steps(names, sizes, repeats),
+        "loop": bench_loop(names, repeats),
+        "overhead": bench_overhead(repeats),
+    }
 
 
 def report_torch(res: Dict[str, Any]) -> None:
-    print(f"\noptkern.torch against torch.optim {res['torch']} ({res['threads']} threads each); "
-          "medians of interleaved repeats; x = torch time / optkern time")
+    print(
+        f"\noptkern.torch against torch.optim {res['torch']} ({res['threads']} threads each); "
+        "medians of interleaved repeats; x = torch time / optkern time"
+    )
     print(f"\n{'step alone':<10} {'size':>6} {'torch path':>10} {'torch':>11} {'okt':>11} {'x':>6}")
     for r in res["steps"]:
-        print(f"{r['optimizer']:<10} {_label(r['size']):>6} {r['torch_path']:>10} "
-              f"{r['torch_s'] * 1e3:9.3f}ms {r['okt_s'] * 1e3:9.3f}ms {r['speedup']:6.2f}")
-    print(f"\n{'loop':<10} {'params':>9} {'torch path':>10} {'torch':>11} {'okt':>11} {'x':>6}"
-          "   (MLP 784-1024-1024-10, batch 64, zero_grad+forward+backward+step)")
+        print(
+            f"{r['optimizer']:<10} {_label(r['size']):>6} {r['torch_path']:>10} "
+            f"{r['torch_s'] * 1e3:9.3f}ms {r['okt_s'] * 1e3:9.3f}ms {r['speedup']:6.2f}"
+        )
+    print(
+        f"\n{'loop':<10} {'params':>9} {'torch path':>10} {'torch':>11} {'okt':>11} {'x':>6}"
+        "   (MLP 784-1024-1024-10, batch 64, zero_grad+forward+backward+step)"
+    )
     for r in res["loop"]:
-        print(f"{r['optimizer']:<10} {r['params']:>9} {r['torch_path']:>10} "
-              f"{r['torch_s'] * 1e3:9.3f}ms {r['okt_s'] * 1e3:9.3f}ms {r['speedup']:6.2f}")
+        print(
+            f"{r['optimizer']:<10} {r['params']:>9} {r['torch_path']:>10} "
+            f"{r['torch_s'] * 1e3:9.3f}ms {r['okt_s'] * 1e3:9.3f}ms {r['speedup']:6.2f}"
+        )
     o = res["overhead"]
-    print(f"\nAdam over {o['params']} parameters of {o['elements_each']} elements: okt "
-          f"{o['okt_s'] * 1e6:.1f} us (new grad tensors each step: "
-          f"{o['okt_fresh_grads_s'] * 1e6:.1f} us), optkern.functional on the same memory "
-          f"{o['functional_s'] * 1e6:.1f} us, torch fused {o['torch_fused_s'] * 1e6:.1f} us; "
-          f"optkern.torch's overhead {o['overhead_per_param_us']:.2f} us per parameter "
-          f"({o['overhead_per_param_fresh_grads_us']:.2f} us with new grad tensors)")
+    print(
+        f"\nAdam over {o['params']} parameters of {o['elements_each']} elements: okt "
+        f"{o['okt_s'] * 1e6:.1f} us (new grad tensors each step: "
+        f"{o['okt_fresh_grads_s'] * 1e6:.1f} us), optkern.functional on the same memory "
+        f"{o['functional_s'] * 1e6:.1f} us, torch fused {o['torch_fused_s'] * 1e6:.1f} us; "
+        f"optkern.torch's overhead {o['overhead_per_param_us']:.2f} us per parameter "
+        f"({o['overhead_per_param_fresh_grads_us']:.2f} us with new grad tensors)"
+    )
 
 
 def _label(n: int) -> str:
@@ -189,10 +235,12 @@ def _label(n: int) -> str:
 
 def main_cli(args: Any) -> int:
     from .cases import torch_available
+
     if torch_available() is None:
         raise SystemExit("--torch needs torch: pip install 'optkern[torch]'")
     import optkern as ok
     from .runner import machine, parse_size, write_json
+
     chosen = {o.lower().replace("-momentum", "") for o in args.optimizers}
     names = [n for n in CONFIGS if n.lower() in chosen] or list(CONFIGS)
     sizes = [parse_size(s) for s in (args.sizes if args.sizes_given else ["1m", "50m"])]

@@ -12,12 +12,31 @@ state. An optional layer: ``pip install "optkern[mpi]"`` (mpi4py and Open MPI's 
 Run with ``mpiexec -n N python train.py``. See docs/distributed.md.
 """
 
-from ._mpi import (MPI, TIMEOUT_ENV, Collectives, DistributedError, configure_threads,
-                   default_threads, install_excepthook)
+from ._mpi import (
+    MPI,
+    TIMEOUT_ENV,
+    Collectives,
+    DistributedError,
+    configure_threads,
+    default_threads,
+    install_excepthook,
+)
 from .data_parallel import DataParallel, check_identical, params_digest
 from .zero import ZeroRedundancyOptimizer
 from .checkpoint import load, save
 
-__all__ = ["DataParallel", "ZeroRedundancyOptimizer", "save", "load", "DistributedError",
-           "configure_threads", "default_threads", "install_excepthook", "check_identical",
-           "params_digest", "Collectives", "TIMEOUT_ENV", "MPI"]
+__all__ = [
+    "DataParallel",
+    "ZeroRedundancyOptimizer",
+    "save",
+    "load",
+    "DistributedError",
+    "configure_threads",
+    "default_threads",
+    "install_excepthook",
+    "check_identical",
+    "params_digest",
+    "Collectives",
+    "TIMEOUT_ENV",
+    "MPI",
+]

@@ -53,26 +53,31 @@ class Layout:
         return [i for i, g in enumerate(self.group_of) if g == gi]
 
     def describe(self) -> Dict[str, Any]:
-        return {"shapes": [list(s) for s in self.shapes], "group_of": self.group_of,
-                "total": self.total}
+        return {
+            "shapes": [list(s) for s in self.shapes],
+            "group_of": self.group_of,
+            "total": self.total,
+        }
 
-    def scatter_into(self, flat: np.ndarray, arrays: Sequence[Optional[np.ndarray]],
-                     lo: int = 0) -> None:
+    def scatter_into(
+        self, flat: np.ndarray, arrays: Sequence[Optional[np.ndarray]], lo: int = 0
+    ) -> None:
         """Copies each array's part that falls in ``[lo, lo + flat.size)`` into ``flat``."""
         hi = lo + flat.size
         for off, size, a in zip(self.offsets, self.sizes, arrays):
             a_lo, a_hi = max(off, lo), min(off + size, hi)
             if a is None or a_lo >= a_hi:
                 continue
-            flat[a_lo - lo:a_hi - lo] = np.asarray(a).reshape(-1)[a_lo - off:a_hi - off]
+            flat[a_lo - lo : a_hi - lo] = np.asarray(a).reshape(-1)[a_lo - off : a_hi - off]
 
     def views(self, flat: np.ndarray) -> List[np.ndarray]:
         """Each parameter's view of a whole-layout vector."""
-        return [flat[o:o + n].reshape(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes)]
+        return [flat[o : o + n].reshape(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes)]
 
 
-def flat_state(layout: Layout, sd: Mapping[str, Any], lo: int,
-               hi: int) -> Tuple[List[Dict[str, Any]], Dict[str, np.ndarray]]:
+def flat_state(
+    layout: Layout, sd: Mapping[str, Any], lo: int, hi: int
+) -> Tuple[List[Dict[str, Any]], Dict[str, np.ndarray]]:
     """From a state dict in optkern's layout (parameter ids 0, 1, ... in group order): per group
     ``{"has_state", "step", "names"}`` and, per state name, the float32 vector of ``[lo, hi)``.
 
@@ -90,9 +95,11 @@ def flat_state(layout: Layout, sd: Mapping[str, Any], lo: int,
             meta.append({"has_state": False, "step": None, "names": []})
             continue
         if not all(have):
-            raise ValueError(f"param group {gi}: some parameters have optimizer state and some "
-                             "do not (some steps left them out), which a sharded layout cannot "
-                             "hold; save a consolidated checkpoint instead")
+            raise ValueError(
+                f"param group {gi}: some parameters have optimizer state and some "
+                "do not (some steps left them out), which a sharded layout cannot "
+                "hold; save a consolidated checkpoint instead"
+            )
         first = entries[0]
         names = sorted(k for k, v in first.items() if isinstance(v, np.ndarray))
         # a rule's carried numbers (NAdam's mu_product, ASGD's eta and mu): floats, alike for
@@ -100,30 +107,46 @@ def flat_state(layout: Layout, sd: Mapping[str, Any], lo: int,
         numbers = {k: v for k, v in first.items() if isinstance(v, float)}
         others = sorted(k for k in first if k not in names and k not in numbers)
         if others not in ([], ["step"]):
-            raise ValueError(f"param group {gi}: state entries {others} are not arrays, a step "
-                             "count or numbers, which a sharded layout cannot hold")
+            raise ValueError(
+                f"param group {gi}: state entries {others} are not arrays, a step "
+                "count or numbers, which a sharded layout cannot hold"
+            )
         step = first.get("step")
         for i, e in zip(ids, entries):
-            if sorted(k for k, v in e.items() if isinstance(v, np.ndarray)) != names or \
-                    e.get("step") != step or \
-                    {k: v for k, v in e.items() if isinstance(v, float)} != numbers:
-                raise ValueError(f"param group {gi}: parameter {i}'s state differs from the "
-                                 "group's first parameter's (names, step count or carried "
-                                 "numbers); save a consolidated checkpoint instead")
-        meta.append({"has_state": True, "step": None if step is None else int(step),
-                     "names": names, "numbers": numbers})
+            if (
+                sorted(k for k, v in e.items() if isinstance(v, np.ndarray)) != names
+                or e.get("step") != step
+                or {k: v for k, v in e.items() if isinstance(v, float)} != numbers
+            ):
+                raise ValueError(
+                    f"param group {gi}: parameter {i}'s state differs from the "
+                    "group's first parameter's (names, step count or carried "
+                    "numbers); save a consolidated checkpoint instead"
+                )
+        meta.append(
+            {
+                "has_state": True,
+                "step": None if step is None else int(step),
+                "names": names,
+                "numbers": numbers,
+            }
+        )
     all_names = sorted({n for m in meta for n in m["names"]})
     flats: Dict[str, np.ndarray] = {}
     for name in all_names:
         flat = np.zeros(hi - lo, np.float32)
-        layout.scatter_into(flat, [None if state.get(i) is None else state[i].get(name)
-                                   for i in range(len(layout.shapes))], lo)
+        layout.scatter_into(
+            flat,
+            [None if state.get(i) is None else state[i].get(name) for i in range(len(layout.shapes))],
+            lo,
+        )
         flats[name] = flat
     return meta, flats
 
 
-def state_from_flat(layout: Layout, meta: Sequence[Mapping[str, Any]],
-                    flats: Mapping[str, np.ndarray]) -> Dict[int, Dict[str, Any]]:
+def state_from_flat(
+    layout: Layout, meta: Sequence[Mapping[str, Any]], flats: Mapping[str, np.ndarray]
+) -> Dict[int, Dict[str, Any]]:
     """The inverse of :func:`flat_state` over the whole layout: ``{param id: {name: array}}``
     (arrays are views of ``flats``)."""
     state: Dict[int, Dict[str, Any]] = {}

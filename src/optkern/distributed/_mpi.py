@@ -17,12 +17,21 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without mpi4py
     raise ImportError(
         "optkern.distributed needs mpi4py and an MPI library: pip install 'optkern[mpi]' "
-        "(mpi4py and Open MPI's wheel), or mpi4py built against the system's MPI") from e
+        "(mpi4py and Open MPI's wheel), or mpi4py built against the system's MPI"
+    ) from e
 
 import optkern as ok
 
-__all__ = ["MPI", "DistributedError", "Collectives", "split", "configure_threads",
-           "default_threads", "install_excepthook", "TIMEOUT_ENV"]
+__all__ = [
+    "MPI",
+    "DistributedError",
+    "Collectives",
+    "split",
+    "configure_threads",
+    "default_threads",
+    "install_excepthook",
+    "TIMEOUT_ENV",
+]
 
 #: Seconds a rank waits in one collective before it gives up and aborts the job (unset: forever).
 TIMEOUT_ENV = "OPTKERN_MPI_TIMEOUT"
@@ -65,12 +74,17 @@ class Collectives:
     the next collective; ``"raise"`` re-raises it (the caller must then end the job itself).
     """
 
-    def __init__(self, comm: Optional["MPI.Intracomm"], timeout: Optional[float] = None,
-                 on_error: str = "abort") -> None:
+    def __init__(
+        self,
+        comm: Optional["MPI.Intracomm"],
+        timeout: Optional[float] = None,
+        on_error: str = "abort",
+    ) -> None:
         self.comm = MPI.COMM_WORLD if comm is None else comm
         if not isinstance(self.comm, MPI.Intracomm):
-            raise TypeError(f"comm must be an mpi4py intracommunicator, got "
-                            f"{type(self.comm).__name__}")
+            raise TypeError(
+                f"comm must be an mpi4py intracommunicator, got {type(self.comm).__name__}"
+            )
         if on_error not in ("abort", "raise"):
             raise ValueError(f'on_error must be "abort" or "raise", got {on_error!r}')
         self.timeout = _timeout_from_env() if timeout is None else float(timeout)
@@ -86,8 +100,10 @@ class Collectives:
 
     def abort(self, message: str) -> None:
         sys.stdout.flush()
-        sys.stderr.write(f"optkern.distributed: rank {self.rank} of {self.size}: {message}; "
-                         "calling MPI_Abort so that no rank waits forever\n")
+        sys.stderr.write(
+            f"optkern.distributed: rank {self.rank} of {self.size}: {message}; "
+            "calling MPI_Abort so that no rank waits forever\n"
+        )
         sys.stderr.flush()
         self.comm.Abort(1)
 
@@ -176,9 +192,15 @@ class Collectives:
         with self.deadline(what):
             self.comm.Allgatherv(MPI.IN_PLACE, [buf, counts, displs, _mpi_type(buf)])
 
-    def reduce_scatter(self, send: np.ndarray, recv: np.ndarray,
-                       ranges: Sequence[Tuple[int, int]], deterministic: bool,
-                       scratch: Optional[np.ndarray], what: str) -> None:
+    def reduce_scatter(
+        self,
+        send: np.ndarray,
+        recv: np.ndarray,
+        ranges: Sequence[Tuple[int, int]],
+        deterministic: bool,
+        scratch: Optional[np.ndarray],
+        what: str,
+    ) -> None:
         """``recv`` (this rank's range) = the sum over ranks of ``send[range]``.
 
         MPI's own reduce-scatter sums in an order its algorithm picks (which may change with the
@@ -190,7 +212,7 @@ class Collectives:
         mine = counts[self.rank]
         if self.size == 1:
             if recv.size:
-                recv[...] = send[ranges[0][0]:ranges[0][1]]
+                recv[...] = send[ranges[0][0] : ranges[0][1]]
             return
         self.bytes_sent += (send.size - mine) * send.itemsize
         t = _mpi_type(send)
@@ -204,13 +226,14 @@ class Collectives:
         assert scratch is not None and scratch.size >= self.size * mine
         displs = [lo for lo, _ in ranges]
         with self.deadline(what):
-            self.comm.Alltoallv([send, counts, displs, t],
-                                [scratch, [mine] * self.size,
-                                 [i * mine for i in range(self.size)], t])
+            self.comm.Alltoallv(
+                [send, counts, displs, t],
+                [scratch, [mine] * self.size, [i * mine for i in range(self.size)], t],
+            )
         if mine:
             np.copyto(recv, scratch[:mine])
             for i in range(1, self.size):
-                np.add(recv, scratch[i * mine:(i + 1) * mine], out=recv)
+                np.add(recv, scratch[i * mine : (i + 1) * mine], out=recv)
 
 
 class _Watchdog:
@@ -218,6 +241,7 @@ class _Watchdog:
 
     def __init__(self, owner: Collectives) -> None:
         import threading
+
         self.owner = owner
         self.cond = threading.Condition()
         self.what: Optional[str] = None
@@ -247,9 +271,11 @@ class _Watchdog:
                 if left > 0:
                     self.cond.wait(left)
                     continue
-                self.owner.abort(f"waited {time.monotonic() - self.since:.1f} s (timeout "
-                                 f"{self.owner.timeout:g} s, ${TIMEOUT_ENV}) in {self.what}: "
-                                 "another rank has died, hangs or left the collective sequence")
+                self.owner.abort(
+                    f"waited {time.monotonic() - self.since:.1f} s (timeout "
+                    f"{self.owner.timeout:g} s, ${TIMEOUT_ENV}) in {self.what}: "
+                    "another rank has died, hangs or left the collective sequence"
+                )
 
 
 def _mpi_type(buf: np.ndarray):
@@ -267,7 +293,7 @@ def combine_norms(partials: np.ndarray, norm_type: float) -> float:
         return float(np.max(partials)) if not np.isnan(partials).any() else math.nan
     total = 0.0
     for v in partials.tolist():
-        total += v ** norm_type
+        total += v**norm_type
     return total ** (1.0 / norm_type)
 
 
@@ -279,6 +305,7 @@ def clip_coefficient(max_norm: float, total: float) -> float:
 
 
 # -- threads ---------------------------------------------------------------------------------------
+
 
 def _own_cpus() -> frozenset:
     try:
@@ -332,6 +359,7 @@ def configure_threads(comm: Optional["MPI.Intracomm"] = None, num_threads="auto"
 
 # -- unhandled exceptions --------------------------------------------------------------------------
 
+
 def install_excepthook(comm: Optional["MPI.Intracomm"] = None) -> None:
     """Makes an exception that nothing catches, on any rank, abort the whole job (MPI_Abort)
     after printing its traceback, instead of leaving the other ranks blocked in their next
@@ -342,8 +370,10 @@ def install_excepthook(comm: Optional["MPI.Intracomm"] = None) -> None:
     def hook(kind, value, tb):
         previous(kind, value, tb)
         if comm.Get_size() > 1:
-            sys.stderr.write(f"optkern.distributed: rank {comm.Get_rank()} raised "
-                             f"{kind.__name__}; aborting every rank\n")
+            sys.stderr.write(
+                f"optkern.distributed: rank {comm.Get_rank()} raised "
+                f"{kind.__name__}; aborting every rank\n"
+            )
             sys.stderr.flush()
             comm.Abort(1)
 

@@ -55,9 +55,11 @@ Wrapper = Union[DataParallel, ZeroRedundancyOptimizer]
 
 def _check(opt: Any) -> None:
     if not isinstance(opt, (DataParallel, ZeroRedundancyOptimizer)):
-        raise TypeError("optkern.distributed.save/load take a DataParallel or a "
-                        f"ZeroRedundancyOptimizer, got {type(opt).__name__} (use ok.save/ok.load "
-                        "for a single-process optimizer)")
+        raise TypeError(
+            "optkern.distributed.save/load take a DataParallel or a "
+            f"ZeroRedundancyOptimizer, got {type(opt).__name__} (use ok.save/ok.load "
+            "for a single-process optimizer)"
+        )
 
 
 def _class_name(opt: Wrapper) -> str:
@@ -65,6 +67,7 @@ def _class_name(opt: Wrapper) -> str:
 
 
 # -- JSON of hyperparameters ---------------------------------------------------------------------
+
 
 def _encode(value: Any, where: str) -> Any:
     if value is None or isinstance(value, (bool, str)):
@@ -78,8 +81,10 @@ def _encode(value: Any, where: str) -> Any:
         return {"__tuple__": [_encode(v, where) for v in value]}
     if isinstance(value, list):
         return [_encode(v, where) for v in value]
-    raise TypeError(f"{where} is a {type(value).__name__}, which a sharded checkpoint cannot store "
-                    "(numbers, bools, strings, None, lists and tuples)")
+    raise TypeError(
+        f"{where} is a {type(value).__name__}, which a sharded checkpoint cannot store "
+        "(numbers, bools, strings, None, lists and tuples)"
+    )
 
 
 def _decode(value: Any) -> Any:
@@ -130,12 +135,14 @@ def _write_shard(path: str, arrays: Dict[str, np.ndarray]) -> None:
 
 # -- the state of a wrapper as flat slices ---------------------------------------------------------
 
+
 def _layout(opt: Wrapper) -> Layout:
     return opt.layout if isinstance(opt, ZeroRedundancyOptimizer) else Layout.of(opt.param_groups)
 
 
-def _flat_range(opt: Wrapper, layout: Layout, lo: int,
-                hi: int) -> Tuple[List[Dict[str, Any]], Dict[str, np.ndarray]]:
+def _flat_range(
+    opt: Wrapper, layout: Layout, lo: int, hi: int
+) -> Tuple[List[Dict[str, Any]], Dict[str, np.ndarray]]:
     if isinstance(opt, ZeroRedundancyOptimizer):
         meta, flats = opt._local_flat_state()
         return opt._gather_meta(meta), flats
@@ -147,6 +154,7 @@ def _flat_range(opt: Wrapper, layout: Layout, lo: int,
 
 
 # -- saving --------------------------------------------------------------------------------------
+
 
 def save(opt: Wrapper, path: Union[str, os.PathLike], consolidated: bool = False) -> None:
     """Writes ``opt``'s optimizer state to ``path`` (collective: every rank calls it with the same
@@ -160,12 +168,17 @@ def save(opt: Wrapper, path: Union[str, os.PathLike], consolidated: bool = False
             _save_consolidated(opt, path)
             return
         layout = _layout(opt)
-        groups = [{k: _encode(v, f"param_groups[{gi}][{k!r}]") for k, v in g.items()
-                   if k != "params"} for gi, g in enumerate(opt.param_groups)]
+        groups = [
+            {k: _encode(v, f"param_groups[{gi}][{k!r}]") for k, v in g.items() if k != "params"}
+            for gi, g in enumerate(opt.param_groups)
+        ]
         if coll.rank == 0:
             os.makedirs(path, exist_ok=True)
-            generation = _read_manifest(path).get("generation", 0) + 1 if os.path.exists(
-                os.path.join(path, MANIFEST)) else 1
+            generation = (
+                _read_manifest(path).get("generation", 0) + 1
+                if os.path.exists(os.path.join(path, MANIFEST))
+                else 1
+            )
         else:
             generation = None
         generation = coll.bcast_object(generation, "the checkpoint generation")
@@ -173,20 +186,34 @@ def save(opt: Wrapper, path: Union[str, os.PathLike], consolidated: bool = False
         meta, flats = _flat_range(opt, layout, lo, hi)
         name = f"shard-{generation:08d}-{coll.rank:05d}.npz"
         _write_shard(os.path.join(path, name), flats)
-        info = {"file": name, "start": lo, "stop": hi,
-                "sha256": {n: _sha(a) for n, a in flats.items()}}
+        info = {
+            "file": name,
+            "start": lo,
+            "stop": hi,
+            "sha256": {n: _sha(a) for n, a in flats.items()},
+        }
         shards = coll.allgather_object(info, "the shard list")  # every shard is in place now
         if coll.rank == 0:
             manifest = {
-                "format": FORMAT, "version": VERSION, "generation": generation,
-                "optimizer": _class_name(opt), "optkern_version": ok.__version__,
-                "world_size": coll.size, "layout": layout.describe(), "param_groups": groups,
-                "groups_state": meta, "step_count": int(opt.optimizer.step_count
-                                                        if isinstance(opt, DataParallel)
-                                                        else opt.step_count),
-                "skipped_steps": int(opt.optimizer.skipped_steps if isinstance(opt, DataParallel)
-                                     else opt.skipped_steps),
-                "shards": shards}
+                "format": FORMAT,
+                "version": VERSION,
+                "generation": generation,
+                "optimizer": _class_name(opt),
+                "optkern_version": ok.__version__,
+                "world_size": coll.size,
+                "layout": layout.describe(),
+                "param_groups": groups,
+                "groups_state": meta,
+                "step_count": int(
+                    opt.optimizer.step_count if isinstance(opt, DataParallel) else opt.step_count
+                ),
+                "skipped_steps": int(
+                    opt.optimizer.skipped_steps
+                    if isinstance(opt, DataParallel)
+                    else opt.skipped_steps
+                ),
+                "shards": shards,
+            }
             text = json.dumps(manifest, indent=1, allow_nan=False).encode()
             _write_atomic(os.path.join(path, MANIFEST), lambda f: f.write(text))
             keep = {s["file"] for s in shards}
@@ -212,6 +239,7 @@ def _save_consolidated(opt: Wrapper, path: str) -> None:
 
 # -- loading -------------------------------------------------------------------------------------
 
+
 def _read_manifest(path: str) -> Dict[str, Any]:
     with open(os.path.join(path, MANIFEST), "rb") as f:
         try:
@@ -221,8 +249,9 @@ def _read_manifest(path: str) -> Dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise DistributedError(f"{path}: not an optkern sharded checkpoint")
     if m.get("version") != VERSION:
-        raise DistributedError(f"{path}: format version {m.get('version')!r}, this optkern "
-                               f"reads {VERSION}")
+        raise DistributedError(
+            f"{path}: format version {m.get('version')!r}, this optkern reads {VERSION}"
+        )
     return m
 
 
@@ -246,12 +275,16 @@ def _load_sharded(opt: Wrapper, path: str) -> None:
     m = _read_manifest(path)
     layout = _layout(opt)
     if m["optimizer"] != _class_name(opt):
-        raise DistributedError(f"{path}: the checkpoint holds {m['optimizer']} state; this "
-                               f"optimizer is a {_class_name(opt)}")
+        raise DistributedError(
+            f"{path}: the checkpoint holds {m['optimizer']} state; this "
+            f"optimizer is a {_class_name(opt)}"
+        )
     if m["layout"] != layout.describe():
-        raise DistributedError(f"{path}: the checkpoint was written for parameters of shapes "
-                               f"{m['layout']['shapes']} (groups {m['layout']['group_of']}); "
-                               f"these are {layout.describe()['shapes']}")
+        raise DistributedError(
+            f"{path}: the checkpoint was written for parameters of shapes "
+            f"{m['layout']['shapes']} (groups {m['layout']['group_of']}); "
+            f"these are {layout.describe()['shapes']}"
+        )
     meta = merge_meta([m["groups_state"]])
     if isinstance(opt, ZeroRedundancyOptimizer):
         lo, hi = opt.lo, opt.hi
@@ -271,20 +304,26 @@ def _load_sharded(opt: Wrapper, path: str) -> None:
                     raise DistributedError(f"{file}: {n!r} has the wrong dtype or length")
                 if _sha(arr) != shard["sha256"][n]:
                     raise DistributedError(f"{file}: {n!r} fails its SHA-256 check")
-                flats[n][a - lo:b - lo] = arr[a - shard["start"]:b - shard["start"]]
+                flats[n][a - lo : b - lo] = arr[a - shard["start"] : b - shard["start"]]
     groups = [{k: _decode(v) for k, v in g.items()} for g in m["param_groups"]]
     if len(groups) != len(opt.param_groups):
-        raise DistributedError(f"{path}: {len(groups)} parameter groups, the optimizer has "
-                               f"{len(opt.param_groups)}")
+        raise DistributedError(
+            f"{path}: {len(groups)} parameter groups, the optimizer has {len(opt.param_groups)}"
+        )
     if isinstance(opt, DataParallel):
         state = state_from_flat(layout, meta, flats)
         index = 0
         for g, mine in zip(groups, opt.param_groups):
             g["params"] = list(range(index, index + len(mine["params"])))
             index += len(mine["params"])
-        opt.optimizer.load_state_dict({"state": state, "param_groups": groups,
-                                       "step_count": m["step_count"],
-                                       "skipped_steps": m["skipped_steps"]})
+        opt.optimizer.load_state_dict(
+            {
+                "state": state,
+                "param_groups": groups,
+                "step_count": m["step_count"],
+                "skipped_steps": m["skipped_steps"],
+            }
+        )
     else:
         index = 0
         for g, mine in zip(groups, opt.param_groups):  # hyperparameters, checked by the class

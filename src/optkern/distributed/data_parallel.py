@@ -75,13 +75,22 @@ class DataParallel:
     :func:`configure_threads`.
     """
 
-    def __init__(self, optimizer: ok.Optimizer, comm=None, bucket_mb: float = 25.0, *,
-                 deterministic: bool = False, broadcast_params: bool = True,
-                 timeout: Optional[float] = None, on_error: str = "abort",
-                 num_threads: Any = "auto") -> None:
+    def __init__(
+        self,
+        optimizer: ok.Optimizer,
+        comm=None,
+        bucket_mb: float = 25.0,
+        *,
+        deterministic: bool = False,
+        broadcast_params: bool = True,
+        timeout: Optional[float] = None,
+        on_error: str = "abort",
+        num_threads: Any = "auto",
+    ) -> None:
         if not isinstance(optimizer, ok.Optimizer):
-            raise TypeError(f"DataParallel wraps an optkern optimizer, got "
-                            f"{type(optimizer).__name__}")
+            raise TypeError(
+                f"DataParallel wraps an optkern optimizer, got {type(optimizer).__name__}"
+            )
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
         self.optimizer = optimizer
@@ -100,7 +109,8 @@ class DataParallel:
             at += sizes[i]
         self._flat = ok.FlatParams([(max(at, 1),)]).flat[:at]
         self.grad_buffers: List[np.ndarray] = [
-            self._flat[o:o + s].reshape(p.shape) for o, s, p in zip(offsets, sizes, self._params)]
+            self._flat[o : o + s].reshape(p.shape) for o, s, p in zip(offsets, sizes, self._params)
+        ]
         limit = max(1, int(bucket_mb * 2**20) // 4)
         self._buckets: List[Tuple[int, int]] = []  # [lo, hi) of the flat buffer
         self._bucket_of = [0] * n
@@ -114,8 +124,9 @@ class DataParallel:
             hi = end
         if hi > lo or not self._buckets:
             self._buckets.append((lo, hi))
-        self._members = [[i for i in range(n) if self._bucket_of[i] == b]
-                         for b in range(len(self._buckets))]
+        self._members = [
+            [i for i in range(n) if self._bucket_of[i] == b] for b in range(len(self._buckets))
+        ]
         self._ready = [False] * n
         self._launched = 0
         self._requests: List[Any] = []
@@ -153,11 +164,15 @@ class DataParallel:
 
     def _take(self, grads: Sequence[Optional[np.ndarray]], only_new: bool) -> None:
         if not isinstance(grads, (list, tuple)):
-            raise TypeError("grads must be a list or tuple of arrays aligned with the parameters, "
-                            f"got {type(grads).__name__}")
+            raise TypeError(
+                "grads must be a list or tuple of arrays aligned with the parameters, "
+                f"got {type(grads).__name__}"
+            )
         if len(grads) != len(self._params):
-            raise ValueError(f"got {len(grads)} gradients for {len(self._params)} parameters; "
-                             "pass one per parameter (None for none), in group order")
+            raise ValueError(
+                f"got {len(grads)} gradients for {len(self._params)} parameters; "
+                "pass one per parameter (None for none), in group order"
+            )
         for i, g in enumerate(grads):
             if self._ready[i] or (g is None and only_new):
                 continue
@@ -174,11 +189,13 @@ class DataParallel:
     def _launch_ready(self) -> None:
         """Starts a non-blocking Allreduce of each bucket, in order, whose gradients are in."""
         while self._launched < len(self._buckets) and all(
-                self._ready[i] for i in self._members[self._launched]):
+            self._ready[i] for i in self._members[self._launched]
+        ):
             lo, hi = self._buckets[self._launched]
             if self._coll.size > 1 and hi > lo and not self.deterministic:
-                self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self._flat[lo:hi],
-                                                           op=MPI.SUM))
+                self._requests.append(
+                    self.comm.Iallreduce(MPI.IN_PLACE, self._flat[lo:hi], op=MPI.SUM)
+                )
             self._launched += 1
 
     def start(self, grads: Sequence[Optional[np.ndarray]]) -> None:
@@ -218,8 +235,9 @@ class DataParallel:
         bucket = self._flat[lo:hi]
         a, b = ranges[coll.rank]
         out = np.empty(mine, np.float32)
-        coll.reduce_scatter(bucket, out, ranges, True, self._scratch,
-                            "the all-to-all of the gradients")
+        coll.reduce_scatter(
+            bucket, out, ranges, True, self._scratch, "the all-to-all of the gradients"
+        )
         bucket[a:b] = out
         coll.allgatherv(bucket, ranges, "the allgather of the gradients")
 
@@ -249,6 +267,8 @@ class DataParallel:
         check_identical(self._params, self.comm)
 
     def __repr__(self) -> str:
-        return (f"DataParallel({type(self.optimizer).__name__}, rank {self._coll.rank} of "
-                f"{self._coll.size}, {len(self._buckets)} buckets, "
-                f"{'deterministic' if self.deterministic else 'MPI allreduce'})")
+        return (
+            f"DataParallel({type(self.optimizer).__name__}, rank {self._coll.rank} of "
+            f"{self._coll.size}, {len(self._buckets)} buckets, "
+            f"{'deterministic' if self.deterministic else 'MPI allreduce'})"
+        )

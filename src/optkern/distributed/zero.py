@@ -35,8 +35,12 @@ def _block_of(arrays: Sequence[np.ndarray], layout: Layout) -> Optional[np.ndarr
             root = root.base
         roots.append(root)
     root = roots[0]
-    if any(r is not root for r in roots) or root.dtype != np.float32 or root.ndim != 1 or \
-            not root.flags.c_contiguous:
+    if (
+        any(r is not root for r in roots)
+        or root.dtype != np.float32
+        or root.ndim != 1
+        or not root.flags.c_contiguous
+    ):
         return None
     start = arrays[0].ctypes.data
     skip = start - root.ctypes.data
@@ -45,7 +49,7 @@ def _block_of(arrays: Sequence[np.ndarray], layout: Layout) -> Optional[np.ndarr
     for a, off in zip(arrays, layout.offsets):
         if a.ctypes.data != start + 4 * off:
             return None
-    return root[skip // 4:skip // 4 + layout.total]
+    return root[skip // 4 : skip // 4 + layout.total]
 
 
 class ZeroRedundancyOptimizer:
@@ -100,20 +104,31 @@ class ZeroRedundancyOptimizer:
     them); the inner optimizer picks the change up at the next step.
     """
 
-    def __init__(self, optimizer_class: Type[ok.Optimizer], params: Any, comm=None, *,
-                 deterministic: bool = False, broadcast_params: bool = True,
-                 timeout: Optional[float] = None, on_error: str = "abort",
-                 num_threads: Any = "auto", **hyperparameters: Any) -> None:
+    def __init__(
+        self,
+        optimizer_class: Type[ok.Optimizer],
+        params: Any,
+        comm=None,
+        *,
+        deterministic: bool = False,
+        broadcast_params: bool = True,
+        timeout: Optional[float] = None,
+        on_error: str = "abort",
+        num_threads: Any = "auto",
+        **hyperparameters: Any,
+    ) -> None:
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, ok.Optimizer)):
-            raise TypeError(f"optimizer_class must be an optkern Optimizer class, got "
-                            f"{optimizer_class!r}")
+            raise TypeError(
+                f"optimizer_class must be an optkern Optimizer class, got {optimizer_class!r}"
+            )
         rule = getattr(optimizer_class, "_rule", None)
         if rule is not None and rule.reduction:  # before any collective: every rank refuses
             raise ValueError(
                 f"ZeroRedundancyOptimizer cannot shard {optimizer_class.__name__}: its update "
                 f"scales each parameter array by a number computed from the whole array (a "
                 f"reduction over it), and ZeRO stage 1 splits the arrays element-wise across "
-                f"ranks; use DataParallel")
+                f"ranks; use DataParallel"
+            )
         self._coll = Collectives(comm, timeout, on_error)
         self.comm = self._coll.comm
         self.optimizer_class = optimizer_class
@@ -138,8 +153,11 @@ class ZeroRedundancyOptimizer:
                 self._copy_out()
         self._gslice = _aligned(self.hi - self.lo)
         self._gflat: Optional[np.ndarray] = None  # whole gradient buffer, made when needed
-        self._scratch = (np.zeros(self._coll.size * (self.hi - self.lo), np.float32)
-                         if self.deterministic and self._coll.size > 1 else None)
+        self._scratch = (
+            np.zeros(self._coll.size * (self.hi - self.lo), np.float32)
+            if self.deterministic and self._coll.size > 1
+            else None
+        )
         # the inner optimizer: one 1-D view per group that meets this rank's slice
         self._inner_map: List[Tuple[int, int, int]] = []
         groups = []
@@ -148,8 +166,8 @@ class ZeroRedundancyOptimizer:
             if a < b:
                 self._inner_map.append((gi, a, b))
                 groups.append(dict(self._hyper(gi), params=[self.flat[a:b]]))
-        self.inner: Optional[ok.Optimizer] = (optimizer_class(groups) if groups else None)
-        self._inner_grads = [self._gslice[a - self.lo:b - self.lo] for _, a, b in self._inner_map]
+        self.inner: Optional[ok.Optimizer] = optimizer_class(groups) if groups else None
+        self._inner_grads = [self._gslice[a - self.lo : b - self.lo] for _, a, b in self._inner_map]
         self.step_count = 0
         self.skipped_steps = 0
 
@@ -170,27 +188,32 @@ class ZeroRedundancyOptimizer:
         """Bytes of optimizer state this rank holds (its shard)."""
         if self.inner is None:
             return 0
-        return sum(v.nbytes for p in self.inner.state for v in self.inner.state[p].values()
-                   if isinstance(v, np.ndarray))
+        return sum(
+            v.nbytes
+            for p in self.inner.state
+            for v in self.inner.state[p].values()
+            if isinstance(v, np.ndarray)
+        )
 
     # -- stepping -------------------------------------------------------------------------------
 
     def _gradient_source(self, grads: Sequence[np.ndarray]) -> np.ndarray:
         if not isinstance(grads, (list, tuple)):
-            raise TypeError("grads must be a list or tuple of arrays aligned with the parameters, "
-                            f"got {type(grads).__name__}")
+            raise TypeError(
+                "grads must be a list or tuple of arrays aligned with the parameters, "
+                f"got {type(grads).__name__}"
+            )
         if len(grads) != len(self._params):
-            raise ValueError(f"step() got {len(grads)} gradients for {len(self._params)} "
-                             "parameters")
+            raise ValueError(f"step() got {len(grads)} gradients for {len(self._params)} parameters")
         for i, (g, p) in enumerate(zip(grads, self._params)):
             if g is None:
-                raise ValueError(f"grads[{i}] is None: ZeroRedundancyOptimizer needs a gradient "
-                                 "for every parameter at every step (pass zeros)")
+                raise ValueError(
+                    f"grads[{i}] is None: ZeroRedundancyOptimizer needs a gradient "
+                    "for every parameter at every step (pass zeros)"
+                )
             if not isinstance(g, np.ndarray) or g.dtype != np.float32 or g.shape != p.shape:
-                what = (f"{g.dtype} {g.shape}" if isinstance(g, np.ndarray)
-                        else type(g).__name__)
-                raise ValueError(f"grads[{i}] must be a float32 array of shape {p.shape}, got "
-                                 f"{what}")
+                what = f"{g.dtype} {g.shape}" if isinstance(g, np.ndarray) else type(g).__name__
+                raise ValueError(f"grads[{i}] must be a float32 array of shape {p.shape}, got {what}")
         block = _block_of(list(grads), self.layout)
         if block is not None:
             return block
@@ -199,8 +222,14 @@ class ZeroRedundancyOptimizer:
         self.layout.scatter_into(self._gflat, grads)
         return self._gflat
 
-    def step(self, grads: Sequence[np.ndarray], *, max_grad_norm: Optional[float] = None,
-             norm_type: float = 2.0, skip_if_nonfinite: bool = False) -> Optional[float]:
+    def step(
+        self,
+        grads: Sequence[np.ndarray],
+        *,
+        max_grad_norm: Optional[float] = None,
+        norm_type: float = 2.0,
+        skip_if_nonfinite: bool = False,
+    ) -> Optional[float]:
         """One step with this rank's gradients (of its own batch): their average over the ranks
         updates the parameters on every rank. ``max_grad_norm``, ``norm_type`` and
         ``skip_if_nonfinite`` act on the averaged gradient as in ``Optimizer.step``; the return
@@ -213,8 +242,14 @@ class ZeroRedundancyOptimizer:
                 if max_grad_norm is not None and not float(max_grad_norm) >= 0:
                     raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm!r}")
             source = self._gradient_source(grads)
-            coll.reduce_scatter(source, self._gslice, self.ranges, self.deterministic,
-                                self._scratch, "the reduce-scatter of the gradients")
+            coll.reduce_scatter(
+                source,
+                self._gslice,
+                self.ranges,
+                self.deterministic,
+                self._scratch,
+                "the reduce-scatter of the gradients",
+            )
             if coll.size > 1:
                 np.divide(self._gslice, np.float32(coll.size), out=self._gslice)
             total = None
@@ -262,25 +297,31 @@ class ZeroRedundancyOptimizer:
                 continue
             s = self.inner.state[view]
             names = sorted(n for n, v in s.items() if isinstance(v, np.ndarray))
-            meta[gi] = {"has_state": True, "names": names,
-                        "step": int(s["step"]) if "step" in s else None,
-                        "numbers": {n: v for n, v in s.items() if isinstance(v, float)}}
+            meta[gi] = {
+                "has_state": True,
+                "names": names,
+                "step": int(s["step"]) if "step" in s else None,
+                "numbers": {n: v for n, v in s.items() if isinstance(v, float)},
+            }
             for n in names:
                 if n not in flats:
                     flats[n] = np.zeros(self.hi - self.lo, np.float32)
-                flats[n][a - self.lo:b - self.lo] = s[n]
+                flats[n][a - self.lo : b - self.lo] = s[n]
         return meta, flats
 
     def local_state_dict(self) -> Dict[str, Any]:
         """This rank's shard: the inner optimizer's state dict (its parameters are the 1-D
         slices of the groups this rank owns) and where the shard sits."""
-        sd = self.inner.state_dict() if self.inner is not None else {"state": {},
-                                                                        "param_groups": []}
+        sd = self.inner.state_dict() if self.inner is not None else {"state": {}, "param_groups": []}
         sd["step_count"] = self.step_count
         sd["skipped_steps"] = self.skipped_steps
-        sd["zero"] = {"rank": self._coll.rank, "world_size": self._coll.size,
-                      "range": [self.lo, self.hi], "total": self.layout.total,
-                      "groups": [[gi, a, b] for gi, a, b in self._inner_map]}
+        sd["zero"] = {
+            "rank": self._coll.rank,
+            "world_size": self._coll.size,
+            "range": [self.lo, self.hi],
+            "total": self.layout.total,
+            "groups": [[gi, a, b] for gi, a, b in self._inner_map],
+        }
         return sd
 
     def _gather_meta(self, local_meta) -> List[Dict[str, Any]]:
@@ -300,7 +341,7 @@ class ZeroRedundancyOptimizer:
             for n in names:
                 buf = np.zeros(self.layout.total, np.float32)
                 if n in local_flats:
-                    buf[self.lo:self.hi] = local_flats[n]
+                    buf[self.lo : self.hi] = local_flats[n]
                 coll.allgatherv(buf, self.ranges, f"the allgather of state {n!r}")
                 full[n] = buf
             state = state_from_flat(self.layout, meta, full)
@@ -311,8 +352,12 @@ class ZeroRedundancyOptimizer:
                 packed["params"] = list(range(index, index + len(g["params"])))
                 index += len(g["params"])
                 groups.append(packed)
-            return {"state": state, "param_groups": groups, "step_count": self.step_count,
-                    "skipped_steps": self.skipped_steps}
+            return {
+                "state": state,
+                "param_groups": groups,
+                "step_count": self.step_count,
+                "skipped_steps": self.skipped_steps,
+            }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a consolidated state dict (from :meth:`state_dict`, ``ok.save``'s optimizer or
@@ -325,8 +370,11 @@ class ZeroRedundancyOptimizer:
     def _load_from(self, opt: ok.Optimizer) -> None:
         """Takes this rank's slice of a single-process optimizer's state, hyperparameters and
         counters, then empties that optimizer's state."""
-        state = {i: opt.state[p] for i, p in
-                 enumerate(p for g in opt.param_groups for p in g["params"]) if p in opt.state}
+        state = {
+            i: opt.state[p]
+            for i, p in enumerate(p for g in opt.param_groups for p in g["params"])
+            if p in opt.state
+        }
         meta, flats = flat_state(self.layout, {"state": state}, self.lo, self.hi)
         if opt is not self.optimizer:
             for g, h in zip(self.optimizer.param_groups, opt.param_groups):
@@ -337,13 +385,22 @@ class ZeroRedundancyOptimizer:
         for g in opt.param_groups:
             ids.append(list(range(index, index + len(g["params"]))))
             index += len(g["params"])
-        empty = {"state": {}, "param_groups": [dict({k: v for k, v in g.items() if k != "params"},
-                                                    params=i)
-                                               for g, i in zip(opt.param_groups, ids)]}
+        empty = {
+            "state": {},
+            "param_groups": [
+                dict({k: v for k, v in g.items() if k != "params"}, params=i)
+                for g, i in zip(opt.param_groups, ids)
+            ],
+        }
         opt.load_state_dict(empty)
 
-    def _load_local(self, meta: Sequence[Dict[str, Any]], flats: Dict[str, np.ndarray],
-                    step_count: int, skipped_steps: int) -> None:
+    def _load_local(
+        self,
+        meta: Sequence[Dict[str, Any]],
+        flats: Dict[str, np.ndarray],
+        step_count: int,
+        skipped_steps: int,
+    ) -> None:
         """Installs this rank's slice ``flats`` (over ``[lo, hi)``) described by ``meta``."""
         if self.inner is not None:
             state = {}
@@ -354,23 +411,27 @@ class ZeroRedundancyOptimizer:
                     entry: Dict[str, Any] = {} if m["step"] is None else {"step": m["step"]}
                     entry.update(m.get("numbers", {}))  # the carried numbers (see flat_state)
                     for n in m["names"]:
-                        entry[n] = flats[n][a - self.lo:b - self.lo]
+                        entry[n] = flats[n][a - self.lo : b - self.lo]
                     state[k] = entry
                 groups.append(dict(self._hyper(gi), params=[k]))
-            self.inner.load_state_dict({"state": state, "param_groups": groups,
-                                        "step_count": step_count, "skipped_steps": 0})
+            self.inner.load_state_dict(
+                {"state": state, "param_groups": groups, "step_count": step_count, "skipped_steps": 0}
+            )
         self.step_count = step_count
         self.skipped_steps = skipped_steps
 
     def __repr__(self) -> str:
-        return (f"ZeroRedundancyOptimizer({self.optimizer_class.__name__}, rank "
-                f"{self._coll.rank} of {self._coll.size}, slice [{self.lo}, {self.hi}) of "
-                f"{self.layout.total})")
+        return (
+            f"ZeroRedundancyOptimizer({self.optimizer_class.__name__}, rank "
+            f"{self._coll.rank} of {self._coll.size}, slice [{self.lo}, {self.hi}) of "
+            f"{self.layout.total})"
+        )
 
 
 def _norm_type(norm_type: Any) -> float:
-    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float, np.integer,
-                                                                 np.floating)):
+    if isinstance(norm_type, bool) or not isinstance(
+        norm_type, (int, float, np.integer, np.floating)
+    ):
         raise TypeError(f"norm_type must be a number > 0 or inf, got {norm_type!r}")
     p = float(norm_type)
     if not p > 0:

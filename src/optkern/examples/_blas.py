@@ -15,17 +15,24 @@ import contextlib
 import ctypes
 from typing import Iterator, Optional, Tuple
 
-_SET = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
-        "openblas_set_num_threads64_")
-_GET = ("openblas_get_num_threads", "scipy_openblas_get_num_threads64_",
-        "openblas_get_num_threads64_")
+_SET = (
+    "openblas_set_num_threads",
+    "scipy_openblas_set_num_threads64_",
+    "openblas_set_num_threads64_",
+)
+_GET = (
+    "openblas_get_num_threads",
+    "scipy_openblas_get_num_threads64_",
+    "openblas_get_num_threads64_",
+)
 
 
 def _openblas() -> Optional[Tuple[object, object]]:
     try:
         with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f
-                            if "openblas" in line.lower() and ".so" in line})
+            paths = sorted(
+                {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+            )
     except OSError:
         return None
     for path in paths:

@@ -29,15 +29,17 @@ OPTIMIZERS: Dict[str, Callable[..., ok.Optimizer]] = {
 #: default comparisons, whose tables and tests cover the ones above, but selectable by name
 #: (``python -m optkern.examples.mlp --sweep --optimizers Lion LAMB``).
 MORE_OPTIMIZERS: Dict[str, Callable[..., ok.Optimizer]] = {
-    r.cls: getattr(ok, r.cls) for r in ok.registry.rules() if r.cls not in OPTIMIZERS}
+    r.cls: getattr(ok, r.cls) for r in ok.registry.rules() if r.cls not in OPTIMIZERS
+}
 
 
 def make_optimizer(name: str, params: List[np.ndarray], **hyper: Any) -> ok.Optimizer:
     try:
         cls = {**OPTIMIZERS, **MORE_OPTIMIZERS}[name]
     except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; choose from "
-                         f"{', '.join([*OPTIMIZERS, *MORE_OPTIMIZERS])}") from None
+        raise ValueError(
+            f"unknown optimizer {name!r}; choose from {', '.join([*OPTIMIZERS, *MORE_OPTIMIZERS])}"
+        ) from None
     return cls(params, **hyper)
 
 
@@ -46,15 +48,20 @@ def describe(hyper: Dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hyper.items())
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False
+) -> str:
     cells = [[str(c) for c in row] for row in rows]
     if markdown:
-        lines = ["| " + " | ".join(headers) + " |",
-                 "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+        lines = [
+            "| " + " | ".join(headers) + " |",
+            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in cells]
         return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     fmt = "  ".join("{:<%d}" % widths[0] if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
     out = [fmt.format(*headers), "  ".join("-" * w for w in widths)]
     out += [fmt.format(*r) for r in cells]
@@ -81,8 +88,10 @@ def save_figure(fig: Any, path: str) -> str:
 
 
 def no_matplotlib_note(stream=None) -> None:
-    print("matplotlib is not installed: no plot written (pip install 'optkern[plot]')",
-          file=sys.stderr if stream is None else stream)
+    print(
+        "matplotlib is not installed: no plot written (pip install 'optkern[plot]')",
+        file=sys.stderr if stream is None else stream,
+    )
 
 
 class Stopwatch:

@@ -17,8 +17,9 @@ import numpy as np
 __all__ = ["make_digits", "DIGIT_STROKES"]
 
 
-def _arc(cx: float, cy: float, rx: float, ry: float, start: float, stop: float,
-         points: int = 12) -> List[Tuple[float, float]]:
+def _arc(
+    cx: float, cy: float, rx: float, ry: float, start: float, stop: float, points: int = 12
+) -> List[Tuple[float, float]]:
     """Points on an ellipse, angles in turns (0 = right, 0.25 = down, since y grows down)."""
     t = np.linspace(start, stop, points) * 2 * np.pi
     return [(cx + rx * np.cos(a), cy + ry * np.sin(a)) for a in t]
@@ -49,8 +50,9 @@ def _segments(c: int) -> Tuple[np.ndarray, np.ndarray]:
     return np.concatenate(a), np.concatenate(b)
 
 
-def make_digits(n: int, size: int = 12, seed: int = 0, noise: float = 0.15,
-                distortion: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
+def make_digits(
+    n: int, size: int = 12, seed: int = 0, noise: float = 0.15, distortion: float = 1.0
+) -> Tuple[np.ndarray, np.ndarray]:
     """``n`` images of digits (balanced over 0-9, in random order) as ``(X, y)``: ``X`` is
     float32 of shape ``(n, size * size)`` with pixel values about in [0, 1] (plus noise), ``y``
     int64 labels. ``distortion`` scales every random deformation (0 gives clean templates)."""
@@ -60,17 +62,17 @@ def make_digits(n: int, size: int = 12, seed: int = 0, noise: float = 0.15,
     labels = rng.permutation(np.arange(n) % 10)
     images = np.empty((n, size * size), np.float32)
     centres = (np.arange(size) + 0.5) / size
-    px, py = np.meshgrid(centres, centres)                      # py is the row (down)
-    pixels = np.stack([px.ravel(), py.ravel()], axis=1)          # (P, 2)
+    px, py = np.meshgrid(centres, centres)  # py is the row (down)
+    pixels = np.stack([px.ravel(), py.ravel()], axis=1)  # (P, 2)
     for c in range(10):
         rows = np.nonzero(labels == c)[0]
         k = len(rows)
         if k == 0:
             continue
-        a, b = _segments(c)                                      # (m, 2) each
+        a, b = _segments(c)  # (m, 2) each
         # The jitter moves each vertex of the template; shared endpoints of consecutive
         # segments move together because b[i] == a[i+1] is the same vertex.
-        verts = np.concatenate([a, b[-1:]])                      # rough vertex list (m+1, 2)
+        verts = np.concatenate([a, b[-1:]])  # rough vertex list (m+1, 2)
         jitter = rng.normal(0.0, 0.025 * distortion, (k,) + verts.shape)
         ja = a[None] + jitter[:, :-1]
         jb = b[None] + jitter[:, 1:]
@@ -89,15 +91,15 @@ def make_digits(n: int, size: int = 12, seed: int = 0, noise: float = 0.15,
         ja = np.einsum("kij,kmj->kmi", M, ja - 0.5) + 0.5 + shift[:, None]
         jb = np.einsum("kij,kmj->kmi", M, jb - 0.5) + 0.5 + shift[:, None]
         # Distance from every pixel centre to every segment, then the nearest one.
-        d = jb - ja                                              # (k, m, 2)
-        rel = pixels[None, :, None, :] - ja[:, None]              # (k, P, m, 2)
+        d = jb - ja  # (k, m, 2)
+        rel = pixels[None, :, None, :] - ja[:, None]  # (k, P, m, 2)
         t = np.einsum("kpmi,kmi->kpm", rel, d) / np.maximum(np.sum(d * d, -1), 1e-12)[:, None]
         t = np.clip(t, 0.0, 1.0)
         nearest = rel - t[..., None] * d[:, None]
-        dist = np.sqrt(np.min(np.sum(nearest * nearest, -1), axis=2))   # (k, P)
+        dist = np.sqrt(np.min(np.sum(nearest * nearest, -1), axis=2))  # (k, P)
         width = rng.uniform(0.045, 0.085, k)[:, None]
-        ink = np.clip((width + 0.5 / size - dist) * size, 0.0, 1.0)      # anti-aliased pen
-        ink *= rng.uniform(0.7, 1.0, (k, 1))                             # pen pressure
+        ink = np.clip((width + 0.5 / size - dist) * size, 0.0, 1.0)  # anti-aliased pen
+        ink *= rng.uniform(0.7, 1.0, (k, 1))  # pen pressure
         images[rows] = ink + rng.normal(0.0, noise, ink.shape)
     return images, labels.astype(np.int64)
 

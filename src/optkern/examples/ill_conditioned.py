@@ -29,8 +29,14 @@ import numpy as np
 
 import optkern as ok
 from optkern._platform import describe_machine
-from optkern.examples._common import (fmt, format_table, new_figure, no_matplotlib_note,
-                                      print_report, save_figure)
+from optkern.examples._common import (
+    fmt,
+    format_table,
+    new_figure,
+    no_matplotlib_note,
+    print_report,
+    save_figure,
+)
 
 METHODS: Dict[str, Callable[[list, float], ok.Optimizer]] = {
     "SGD": lambda p, lr: ok.SGD(p, lr=lr),
@@ -41,8 +47,15 @@ METHODS: Dict[str, Callable[[list, float], ok.Optimizer]] = {
 
 
 class Problem:
-    def __init__(self, name: str, f: Callable, grad: Callable, start: Tuple[float, float],
-                 minimum: Tuple[float, float], steep: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        f: Callable,
+        grad: Callable,
+        start: Tuple[float, float],
+        minimum: Tuple[float, float],
+        steep: Optional[int] = None,
+    ) -> None:
         self.name, self.f, self.grad = name, f, grad
         self.start, self.minimum = np.array(start, np.float64), np.array(minimum, np.float64)
         self.steep = steep  # index of the coordinate along the steepest curvature, if there is one
@@ -50,8 +63,14 @@ class Problem:
 
 def quadratic(kappa: float = 100.0) -> Problem:
     h = np.array([1.0, kappa])
-    return Problem(f"quadratic, kappa={kappa:g}", lambda p: 0.5 * float(np.sum(h * p * p)),
-                   lambda p: h * p, (-10.0, 1.0), (0.0, 0.0), steep=1)
+    return Problem(
+        f"quadratic, kappa={kappa:g}",
+        lambda p: 0.5 * float(np.sum(h * p * p)),
+        lambda p: h * p,
+        (-10.0, 1.0),
+        (0.0, 0.0),
+        steep=1,
+    )
 
 
 def rosenbrock() -> Problem:
@@ -69,8 +88,9 @@ def rosenbrock() -> Problem:
 PROBLEMS = {"quadratic": quadratic, "rosenbrock": rosenbrock}
 
 
-def descend(problem: Problem, make: Callable[[list, float], ok.Optimizer], lr: float,
-            steps: int) -> Dict[str, Any]:
+def descend(
+    problem: Problem, make: Callable[[list, float], ok.Optimizer], lr: float, steps: int
+) -> Dict[str, Any]:
     """``steps`` updates from the problem's start. Returns the path (steps+1, 2), the loss after
     each step and whether it diverged (a non-finite or exploding loss stops the run)."""
     p = problem.start.astype(np.float32)
@@ -106,8 +126,9 @@ def reversal_fraction(path: np.ndarray) -> float:
     return float(np.mean(dots[moving] < 0)) if np.any(moving) else 0.0
 
 
-def steep_oscillation(path: np.ndarray, minimum: np.ndarray, index: int,
-                      visible: float = 1e-3) -> Tuple[int, Optional[int]]:
+def steep_oscillation(
+    path: np.ndarray, minimum: np.ndarray, index: int, visible: float = 1e-3
+) -> Tuple[int, Optional[int]]:
     """For the steep coordinate ``c = path[:, index] - minimum[index]``: how many steps flip its
     sign while ``|c| > visible * |c_0|`` (crossings of the valley floor that can be seen), and
     the number of steps after which it stays below that (the oscillation has settled; None if it
@@ -125,9 +146,14 @@ def steps_to(losses: np.ndarray, tol: float) -> Optional[int]:
     return int(below[0]) if len(below) else None
 
 
-def run(problem: str = "quadratic", steps: int = 200, kappa: float = 100.0,
-        lr_grid: Union[Sequence[float], Dict[str, Sequence[float]], None] = None, tol: float = 1e-6,
-        methods: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def run(
+    problem: str = "quadratic",
+    steps: int = 200,
+    kappa: float = 100.0,
+    lr_grid: Union[Sequence[float], Dict[str, Sequence[float]], None] = None,
+    tol: float = 1e-6,
+    methods: Optional[Sequence[str]] = None,
+) -> Dict[str, Any]:
     """For each method, tries every lr in ``lr_grid`` (one grid, or a dict of grids by method) for
     ``steps`` steps and keeps the one with the lowest final loss. Returns ``{"problem", "results": {name: {...}}}`` with, per method,
     the best ``lr``, its ``path`` and ``losses`` (``diverged=True`` and no path when every lr
@@ -149,8 +175,15 @@ def run(problem: str = "quadratic", steps: int = 200, kappa: float = 100.0,
             if best is None or r["losses"][-1] < best["losses"][-1]:
                 best = r
         if best is None:
-            results[name] = dict(diverged=True, lr=None, final_loss=float("inf"), path=None,
-                                 losses=None, distance=float("inf"), steps_to_tol=None)
+            results[name] = dict(
+                diverged=True,
+                lr=None,
+                final_loss=float("inf"),
+                path=None,
+                losses=None,
+                distance=float("inf"),
+                steps_to_tol=None,
+            )
             continue
         best["final_loss"] = float(best["losses"][-1])
         best["distance"] = float(np.linalg.norm(best["path"][-1] - prob.minimum))
@@ -158,7 +191,8 @@ def run(problem: str = "quadratic", steps: int = 200, kappa: float = 100.0,
         best["reversal_fraction"] = reversal_fraction(best["path"])
         if prob.steep is not None:
             best["steep_flips"], best["steep_settled"] = steep_oscillation(
-                best["path"], prob.minimum, prob.steep)
+                best["path"], prob.minimum, prob.steep
+            )
         results[name] = best
     grids = {n: list(lr_grid[n] if isinstance(lr_grid, dict) else lr_grid) for n in names}
     return dict(problem=prob, steps=steps, tol=tol, results=results, grids=grids)
@@ -171,17 +205,29 @@ def table(out: Dict[str, Any], markdown: bool = False) -> str:
         if r["diverged"]:
             rows.append([name, "diverged"] + [""] * (6 if steep else 4))
             continue
-        row = [name, fmt(r["lr"], 3), fmt(r["final_loss"]), fmt(r["distance"]),
-               "-" if r["steps_to_tol"] is None else r["steps_to_tol"],
-               f"{r['reversal_fraction']:.2f}"]
+        row = [
+            name,
+            fmt(r["lr"], 3),
+            fmt(r["final_loss"]),
+            fmt(r["distance"]),
+            "-" if r["steps_to_tol"] is None else r["steps_to_tol"],
+            f"{r['reversal_fraction']:.2f}",
+        ]
         if steep:
-            row += [r["steep_flips"],
-                    f">{out['steps']}" if r["steep_settled"] is None else r["steep_settled"]]
+            row += [
+                r["steep_flips"],
+                f">{out['steps']}" if r["steep_settled"] is None else r["steep_settled"],
+            ]
         rows.append(row)
     single = all(len(g) == 1 for g in out["grids"].values())
-    headers = ["method", "lr" if single else "best lr", f"f after {out['steps']} steps",
-               "distance to minimum",
-               f"steps to f<{out['tol']:g}", "reversals"]
+    headers = [
+        "method",
+        "lr" if single else "best lr",
+        f"f after {out['steps']} steps",
+        "distance to minimum",
+        f"steps to f<{out['tol']:g}",
+        "reversals",
+    ]
     if steep:
         headers += ["y sign flips", "y settled after"]
     return format_table(headers, rows, markdown)
@@ -209,8 +255,16 @@ def plot(out: Dict[str, Any], path: str) -> Optional[str]:
             continue
         p = r["path"]
         style = ["-", "--", ":", "-."][i % 4]
-        ax1.plot(p[:, 0], p[:, 1], marker=".", ls=style, ms=2, lw=0.9, color=f"C{i}",
-                 label=f"{name} (lr={r['lr']:.3g})")
+        ax1.plot(
+            p[:, 0],
+            p[:, 1],
+            marker=".",
+            ls=style,
+            ms=2,
+            lw=0.9,
+            color=f"C{i}",
+            label=f"{name} (lr={r['lr']:.3g})",
+        )
         ax2.semilogy(np.maximum(r["losses"], 1e-20), ls=style, color=f"C{i}", label=name)
     ax1.plot(*prob.minimum, "k*", ms=10)
     ax1.set_title(f"{prob.name}: paths from ({prob.start[0]:g}, {prob.start[1]:g})")
@@ -227,11 +281,19 @@ def plot(out: Dict[str, Any], path: str) -> Optional[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problem", choices=sorted(PROBLEMS), default="quadratic")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps per run (default 200 quadratic, 3000 Rosenbrock)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per run (default 200 quadratic, 3000 Rosenbrock)",
+    )
     parser.add_argument("--kappa", type=float, default=100.0, help="condition number (quadratic)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="one lr for every method instead of tuning over the grid")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="one lr for every method instead of tuning over the grid",
+    )
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of paths and losses")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
@@ -239,11 +301,17 @@ def main(argv=None) -> int:
     tol = 1e-6 if args.problem == "quadratic" else 1e-4
     # The seed's Momentum steps by lr * V with V an average (damped by 1 - beta): give it
     # lr / (1 - beta) so that its steady-state step matches the others'.
-    grid = None if args.lr is None else {
-        m: [args.lr / (1 - 0.9) if m == "Momentum" else args.lr] for m in METHODS}
+    grid = (
+        None
+        if args.lr is None
+        else {m: [args.lr / (1 - 0.9) if m == "Momentum" else args.lr] for m in METHODS}
+    )
     out = run(args.problem, steps=steps, kappa=args.kappa, tol=tol, lr_grid=grid)
-    how = ("lr tuned per method over 33 values from 1e-4 to 1 (geometric)" if grid is None
-           else f"lr={args.lr:g} for every method (Momentum: lr/(1-beta))")
+    how = (
+        "lr tuned per method over 33 values from 1e-4 to 1 (geometric)"
+        if grid is None
+        else f"lr={args.lr:g} for every method (Momentum: lr/(1-beta))"
+    )
     print(f"# {out['problem'].name}, {steps} steps, {how}; momentum 0.9")
     print(f"# {describe_machine()}")
     return print_report(out, table, plot, args.markdown, args.plot)

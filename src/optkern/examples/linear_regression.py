@@ -25,8 +25,15 @@ import numpy as np
 import optkern as ok
 from optkern.data import batches, num_batches
 from optkern._platform import describe_machine
-from optkern.examples._common import (fmt, format_table, new_figure, no_matplotlib_note,
-                                      print_report, save_figure, Stopwatch)
+from optkern.examples._common import (
+    fmt,
+    format_table,
+    new_figure,
+    no_matplotlib_note,
+    print_report,
+    save_figure,
+    Stopwatch,
+)
 
 #: method name -> batch size (None = full batch)
 METHODS: Dict[str, Optional[int]] = {"BGD": None, "MBGD": 32, "SGD": 1}
@@ -56,8 +63,16 @@ def loss(X: np.ndarray, y: np.ndarray, w: np.ndarray, b: Union[float, np.ndarray
     return 0.5 * float(np.mean(r * r))
 
 
-def train(X: np.ndarray, y: np.ndarray, batch_size: Optional[int], epochs: int, lr: float,
-          seed: int = 0, evals_per_epoch: int = 20, loss_star: float = 0.0) -> Dict[str, Any]:
+def train(
+    X: np.ndarray,
+    y: np.ndarray,
+    batch_size: Optional[int],
+    epochs: int,
+    lr: float,
+    seed: int = 0,
+    evals_per_epoch: int = 20,
+    loss_star: float = 0.0,
+) -> Dict[str, Any]:
     """Trains ``(w, b)`` from zero with ``optkern.SGD(lr)`` on batches of ``batch_size``.
 
     Returns the final parameters, the excess loss ``L - L*`` measured ``evals_per_epoch`` times
@@ -95,16 +110,30 @@ def train(X: np.ndarray, y: np.ndarray, batch_size: Optional[int], epochs: int, 
                 path.append(w[:2].copy())
                 if epoch == epochs - 1:
                     last_epoch.append(e)
-    return dict(w=w, b=float(b[0]), updates=updates, time_s=watch.seconds,
-                curve_epochs=np.array(xs), curve_excess=np.array(excess), path=np.array(path),
-                final_excess=excess[-1], last_epoch_mean=float(np.mean(last_epoch)),
-                last_epoch_std=float(np.std(last_epoch)))
+    return dict(
+        w=w,
+        b=float(b[0]),
+        updates=updates,
+        time_s=watch.seconds,
+        curve_epochs=np.array(xs),
+        curve_excess=np.array(excess),
+        path=np.array(path),
+        final_excess=excess[-1],
+        last_epoch_mean=float(np.mean(last_epoch)),
+        last_epoch_std=float(np.std(last_epoch)),
+    )
 
 
-def run(n: int = 1000, d: int = 5, noise: float = 0.5, lr: float = 0.1,
-        epochs: Union[int, Dict[str, int], None] = None,
-        methods: Optional[Dict[str, Optional[int]]] = None, seed: int = 0,
-        evals_per_epoch: int = 20) -> Dict[str, Any]:
+def run(
+    n: int = 1000,
+    d: int = 5,
+    noise: float = 0.5,
+    lr: float = 0.1,
+    epochs: Union[int, Dict[str, int], None] = None,
+    methods: Optional[Dict[str, Optional[int]]] = None,
+    seed: int = 0,
+    evals_per_epoch: int = 20,
+) -> Dict[str, Any]:
     """Trains with every method in ``methods`` (name -> batch size; default BGD / MBGD(32) / SGD)
     and compares with the closed form. ``epochs`` is an int for all methods or a dict by name.
 
@@ -122,27 +151,61 @@ def run(n: int = 1000, d: int = 5, noise: float = 0.5, lr: float = 0.1,
     loss_star = loss(X, y, w_star, b_star)
     results = {}
     for name, bs in methods.items():
-        r = train(X, y, bs, epochs[name], lr, seed=seed + 1, evals_per_epoch=evals_per_epoch,
-                  loss_star=loss_star)
+        r = train(
+            X,
+            y,
+            bs,
+            epochs[name],
+            lr,
+            seed=seed + 1,
+            evals_per_epoch=evals_per_epoch,
+            loss_star=loss_star,
+        )
         r["batch_size"] = bs
         r["epochs"] = epochs[name]
         r["max_abs_error"] = float(max(np.max(np.abs(r["w"] - w_star)), abs(r["b"] - b_star)))
         results[name] = r
-    return dict(w_star=w_star, b_star=float(b_star), loss_star=loss_star, results=results,
-                settings=dict(n=n, d=d, noise=noise, lr=lr, seed=seed))
+    return dict(
+        w_star=w_star,
+        b_star=float(b_star),
+        loss_star=loss_star,
+        results=results,
+        settings=dict(n=n, d=d, noise=noise, lr=lr, seed=seed),
+    )
 
 
 def table(out: Dict[str, Any], markdown: bool = False) -> str:
     rows = []
     for name, r in out["results"].items():
         bs = "n (full)" if r["batch_size"] is None else r["batch_size"]
-        rows.append([name, bs, r["epochs"], r["updates"], fmt(r["final_excess"]),
-                     fmt(r["last_epoch_mean"]), fmt(r["last_epoch_std"]),
-                     fmt(r["max_abs_error"]), f"{r['time_s']:.3f}"])
-    return format_table(["method", "batch", "epochs", "updates", "final L-L*",
-                         "last-epoch mean L-L*", "last-epoch std", "max abs err vs closed form",
-                         "train s"],
-                        rows, markdown)
+        rows.append(
+            [
+                name,
+                bs,
+                r["epochs"],
+                r["updates"],
+                fmt(r["final_excess"]),
+                fmt(r["last_epoch_mean"]),
+                fmt(r["last_epoch_std"]),
+                fmt(r["max_abs_error"]),
+                f"{r['time_s']:.3f}",
+            ]
+        )
+    return format_table(
+        [
+            "method",
+            "batch",
+            "epochs",
+            "updates",
+            "final L-L*",
+            "last-epoch mean L-L*",
+            "last-epoch std",
+            "max abs err vs closed form",
+            "train s",
+        ],
+        rows,
+        markdown,
+    )
 
 
 def plot(out: Dict[str, Any], path: str, path_epochs: int = 3) -> Optional[str]:
@@ -155,8 +218,9 @@ def plot(out: Dict[str, Any], path: str, path_epochs: int = 3) -> Optional[str]:
     colors = {"BGD": "C0", "MBGD": "C2", "SGD": "C3"}
     for name, r in out["results"].items():
         x = r["curve_epochs"][1:]
-        ax1.loglog(x, np.maximum(r["curve_excess"][1:], 1e-16), label=name,
-                   color=colors.get(name), lw=1.2)
+        ax1.loglog(
+            x, np.maximum(r["curve_excess"][1:], 1e-16), label=name, color=colors.get(name), lw=1.2
+        )
     s = out["settings"]
     ax1.set_xlabel("epochs (passes over the data)")
     ax1.set_ylabel("L(w, b) - L*  (excess loss over the closed form)")
@@ -167,8 +231,7 @@ def plot(out: Dict[str, Any], path: str, path_epochs: int = 3) -> Optional[str]:
         keep = r["curve_epochs"] <= (r["epochs"] if r["batch_size"] is None else path_epochs)
         p = r["path"][keep]
         label = name if r["batch_size"] is None else f"{name} (first {path_epochs} epochs)"
-        ax2.plot(p[:, 0], p[:, 1], ".-", ms=2, lw=0.6, label=label, color=colors.get(name),
-                 alpha=0.8)
+        ax2.plot(p[:, 0], p[:, 1], ".-", ms=2, lw=0.6, label=label, color=colors.get(name), alpha=0.8)
     ax2.plot(*out["w_star"][:2], "k*", ms=12, label="closed form")
     ax2.set_xlabel("w[0]")
     ax2.set_ylabel("w[1]")
@@ -183,15 +246,21 @@ def main(argv=None) -> int:
     parser.add_argument("--d", type=int, default=5, help="features (default 5)")
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs for every method (default BGD 300, MBGD 30, SGD 30)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs for every method (default BGD 300, MBGD 30, SGD 30)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the curves (matplotlib)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = parser.parse_args(argv)
     out = run(n=args.n, d=args.d, noise=args.noise, lr=args.lr, epochs=args.epochs, seed=args.seed)
-    print(f"# linear regression: n={args.n}, d={args.d}, noise={args.noise}, lr={args.lr}, "
-          f"seed={args.seed}; L* = {out['loss_star']:.6f}")
+    print(
+        f"# linear regression: n={args.n}, d={args.d}, noise={args.noise}, lr={args.lr}, "
+        f"seed={args.seed}; L* = {out['loss_star']:.6f}"
+    )
     print(f"# {describe_machine()}")
     return print_report(out, table, plot, args.markdown, args.plot)
 

@@ -24,9 +24,19 @@ import numpy as np
 
 from optkern.data import batches, num_batches
 from optkern._platform import describe_machine
-from optkern.examples._common import (MORE_OPTIMIZERS, OPTIMIZERS, describe, fmt, format_table,
-                                      make_optimizer, new_figure, no_matplotlib_note, print_report,
-                                      save_figure, Stopwatch)
+from optkern.examples._common import (
+    MORE_OPTIMIZERS,
+    OPTIMIZERS,
+    describe,
+    fmt,
+    format_table,
+    make_optimizer,
+    new_figure,
+    no_matplotlib_note,
+    print_report,
+    save_figure,
+    Stopwatch,
+)
 from optkern.examples._blas import blas_threads
 from optkern.examples.datasets import make_digits
 
@@ -137,9 +147,16 @@ def _to_train(opt: Any) -> None:
         opt.train()
 
 
-def train(name: str, hyper: Dict[str, Any], data, hidden: Sequence[int] = (128, 64),
-          epochs: int = 10, batch_size: int = 64, seed: int = 0,
-          on_epoch: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
+def train(
+    name: str,
+    hyper: Dict[str, Any],
+    data,
+    hidden: Sequence[int] = (128, 64),
+    epochs: int = 10,
+    batch_size: int = 64,
+    seed: int = 0,
+    on_epoch: Optional[Callable[[int, float], None]] = None,
+) -> Dict[str, Any]:
     """Trains a fresh MLP (initialised from ``seed``) with optimizer ``name`` and returns the
     per-epoch training loss (mean over that epoch's batches), test loss and test accuracy, the
     final ones, and the training time (forward, backward and update; not the evaluations)."""
@@ -167,17 +184,32 @@ def train(name: str, hyper: Dict[str, Any], data, hidden: Sequence[int] = (128, 
             _to_train(opt)
     _to_eval(opt)
     final_train_loss, train_acc = model.evaluate(X, y)
-    return dict(name=name, hyper=dict(hyper), train_loss=np.array(train_loss),
-                test_loss=np.array(test_loss), test_acc=np.array(test_acc),
-                final_train_loss=final_train_loss, train_acc=train_acc,
-                final_test_loss=test_loss[-1], final_test_acc=test_acc[-1],
-                time_s=watch.seconds, finite=bool(np.isfinite(final_train_loss)))
+    return dict(
+        name=name,
+        hyper=dict(hyper),
+        train_loss=np.array(train_loss),
+        test_loss=np.array(test_loss),
+        test_acc=np.array(test_acc),
+        final_train_loss=final_train_loss,
+        train_acc=train_acc,
+        final_test_loss=test_loss[-1],
+        final_test_acc=test_acc[-1],
+        time_s=watch.seconds,
+        finite=bool(np.isfinite(final_train_loss)),
+    )
 
 
-def run(optimizers: Optional[Sequence[str]] = None, hyper: Optional[Dict[str, Dict]] = None,
-        n_train: int = 6000, n_test: int = 2000, hidden: Sequence[int] = (128, 64),
-        epochs: int = 10, batch_size: int = 64, seed: int = 0,
-        progress: Optional[Callable[[str, int, int, float], None]] = None) -> Dict[str, Any]:
+def run(
+    optimizers: Optional[Sequence[str]] = None,
+    hyper: Optional[Dict[str, Dict]] = None,
+    n_train: int = 6000,
+    n_test: int = 2000,
+    hidden: Sequence[int] = (128, 64),
+    epochs: int = 10,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: Optional[Callable[[str, int, int, float], None]] = None,
+) -> Dict[str, Any]:
     """Trains one MLP per optimizer at an equal budget; returns ``{"results": {name: ...}}``.
 
     ``progress(name, optimizer_index, epoch, train_loss)`` is called after every epoch.
@@ -189,18 +221,32 @@ def run(optimizers: Optional[Sequence[str]] = None, hyper: Optional[Dict[str, Di
         results = {}
         for i, name in enumerate(names):
             cb = None if progress is None else (lambda e, l, i=i, n=name: progress(n, i, e, l))
-            results[name] = train(name, hyper.get(name, {}), data, hidden, epochs, batch_size, seed,
-                                  cb)
-    return dict(results=results, settings=dict(n_train=n_train, n_test=n_test,
-                                               hidden=tuple(hidden), epochs=epochs,
-                                               batch_size=batch_size, seed=seed))
+            results[name] = train(
+                name, hyper.get(name, {}), data, hidden, epochs, batch_size, seed, cb
+            )
+    return dict(
+        results=results,
+        settings=dict(
+            n_train=n_train,
+            n_test=n_test,
+            hidden=tuple(hidden),
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+        ),
+    )
 
 
-def sweep(optimizers: Optional[Sequence[str]] = None,
-          lrs: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0),
-          n_train: int = 6000, n_val: int = 2000, epochs: int = 10, batch_size: int = 64,
-          hidden: Sequence[int] = (128, 64), seed: int = 0
-          ) -> Dict[str, Dict[float, Tuple[float, float]]]:
+def sweep(
+    optimizers: Optional[Sequence[str]] = None,
+    lrs: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0),
+    n_train: int = 6000,
+    n_val: int = 2000,
+    epochs: int = 10,
+    batch_size: int = 64,
+    hidden: Sequence[int] = (128, 64),
+    seed: int = 0,
+) -> Dict[str, Dict[float, Tuple[float, float]]]:
     """``(validation loss, validation accuracy)`` of every optimizer at every lr (other
     hyperparameters as in :data:`DEFAULT_HYPER`), on a validation set drawn with its own seed
     (not the test set). A run that diverges gets ``(inf, 0)``."""
@@ -217,13 +263,15 @@ def sweep(optimizers: Optional[Sequence[str]] = None,
                 h = {**DEFAULT_HYPER.get(name, {}), "lr": lr}
                 r = train(name, h, data, hidden, epochs, batch_size, seed)
                 ok_ = r["finite"] and np.isfinite(r["final_test_loss"])
-                out[name][lr] = ((r["final_test_loss"], r["final_test_acc"]) if ok_
-                                 else (float("inf"), 0.0))
+                out[name][lr] = (
+                    (r["final_test_loss"], r["final_test_acc"]) if ok_ else (float("inf"), 0.0)
+                )
     return out
 
 
-def sweep_summary(res: Dict[str, Dict[float, Tuple[float, float]]], markdown: bool = False,
-                  within: float = 0.01) -> str:
+def sweep_summary(
+    res: Dict[str, Dict[float, Tuple[float, float]]], markdown: bool = False, within: float = 0.01
+) -> str:
     """Per optimizer: the lr with the lowest validation loss, the best accuracy, and the range of
     learning rates whose accuracy is within ``within`` of that best (how forgiving it is)."""
     rows = []
@@ -232,15 +280,31 @@ def sweep_summary(res: Dict[str, Dict[float, Tuple[float, float]]], markdown: bo
         best_loss_lr = min(lrs, key=lambda lr: by_lr[lr][0])
         best_acc = max(acc for _, acc in by_lr.values())
         good = [lr for lr in lrs if by_lr[lr][1] >= best_acc - within]
-        rows.append([name, f"{best_loss_lr:g}", f"{100 * best_acc:.1f}%",
-                     f"{min(good):g} .. {max(good):g}", len(good)])
-    return format_table(["optimizer", "lr (lowest val loss)", "best val acc",
-                         f"lrs within {100 * within:g} pt of best acc", "grid points"],
-                        rows, markdown)
+        rows.append(
+            [
+                name,
+                f"{best_loss_lr:g}",
+                f"{100 * best_acc:.1f}%",
+                f"{min(good):g} .. {max(good):g}",
+                len(good),
+            ]
+        )
+    return format_table(
+        [
+            "optimizer",
+            "lr (lowest val loss)",
+            "best val acc",
+            f"lrs within {100 * within:g} pt of best acc",
+            "grid points",
+        ],
+        rows,
+        markdown,
+    )
 
 
-def plot_sweep(res: Dict[str, Dict[float, Tuple[float, float]]], path: str,
-               epochs: int) -> Optional[str]:
+def plot_sweep(
+    res: Dict[str, Dict[float, Tuple[float, float]]], path: str, epochs: int
+) -> Optional[str]:
     fig = new_figure(figsize=(6.5, 4.2))
     if fig is None:
         no_matplotlib_note()
@@ -249,8 +313,15 @@ def plot_sweep(res: Dict[str, Dict[float, Tuple[float, float]]], path: str,
     for i, (name, by_lr) in enumerate(res.items()):
         lrs = sorted(by_lr)
         ls = "--" if name in ("SGD", "Momentum", "Nesterov") else "-"
-        ax.semilogx(lrs, [100 * by_lr[lr][1] for lr in lrs], marker="o", ms=3, ls=ls,
-                    color=f"C{i}", label=name)
+        ax.semilogx(
+            lrs,
+            [100 * by_lr[lr][1] for lr in lrs],
+            marker="o",
+            ms=3,
+            ls=ls,
+            color=f"C{i}",
+            label=name,
+        )
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"validation accuracy after {epochs} epochs (%)")
     ax.set_title("MLP on digits: sensitivity to the learning rate")
@@ -263,11 +334,30 @@ def plot_sweep(res: Dict[str, Dict[float, Tuple[float, float]]], path: str,
 def table(out: Dict[str, Any], markdown: bool = False) -> str:
     rows = []
     for name, r in out["results"].items():
-        rows.append([name, describe(r["hyper"]), fmt(r["final_train_loss"]),
-                     f"{100 * r['train_acc']:.1f}%", fmt(r["final_test_loss"]),
-                     f"{100 * r['final_test_acc']:.1f}%", f"{r['time_s']:.2f}"])
-    return format_table(["optimizer", "hyperparameters", "train loss", "train acc", "test loss",
-                         "test acc", "time s"], rows, markdown)
+        rows.append(
+            [
+                name,
+                describe(r["hyper"]),
+                fmt(r["final_train_loss"]),
+                f"{100 * r['train_acc']:.1f}%",
+                fmt(r["final_test_loss"]),
+                f"{100 * r['final_test_acc']:.1f}%",
+                f"{r['time_s']:.2f}",
+            ]
+        )
+    return format_table(
+        [
+            "optimizer",
+            "hyperparameters",
+            "train loss",
+            "train acc",
+            "test loss",
+            "test acc",
+            "time s",
+        ],
+        rows,
+        markdown,
+    )
 
 
 def plot(out: Dict[str, Any], path: str) -> Optional[str]:
@@ -306,23 +396,38 @@ def main(argv=None) -> int:
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--hidden", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS),
-                        choices=[*OPTIMIZERS, *MORE_OPTIMIZERS])
-    parser.add_argument("--sweep", action="store_true",
-                        help="print validation accuracy over a grid of learning rates instead")
+    parser.add_argument(
+        "--optimizers", nargs="*", default=list(OPTIMIZERS), choices=[*OPTIMIZERS, *MORE_OPTIMIZERS]
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="print validation accuracy over a grid of learning rates instead",
+    )
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the curves")
     parser.add_argument("--markdown", action="store_true")
-    parser.add_argument("--blas-threads", type=int, default=None, metavar="N",
-                        help="BLAS threads for the matrix products (default: the library's own "
-                        "setting, as in your training loop; 0 also means that)")
-    parser.add_argument("--distributed", nargs="?", const="dp", choices=["dp", "zero"],
-                        help="train over MPI ranks (run under mpiexec; needs optkern[mpi]): "
-                        "dp (default) or zero; see optkern.examples.mlp_distributed")
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="BLAS threads for the matrix products (default: the library's own "
+        "setting, as in your training loop; 0 also means that)",
+    )
+    parser.add_argument(
+        "--distributed",
+        nargs="?",
+        const="dp",
+        choices=["dp", "zero"],
+        help="train over MPI ranks (run under mpiexec; needs optkern[mpi]): "
+        "dp (default) or zero; see optkern.examples.mlp_distributed",
+    )
     args = parser.parse_args(argv)
     if args.blas_threads is not None and args.blas_threads < 0:
         parser.error("--blas-threads must be >= 0")
     if args.distributed:
         from optkern.examples.mlp_distributed import main_distributed
+
         with blas_threads(args.blas_threads or None):
             return main_distributed(args)
     with blas_threads(args.blas_threads or None) as blas:
@@ -333,17 +438,31 @@ def main(argv=None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if args.sweep:
         t = time.perf_counter()
-        res = sweep(args.optimizers, n_train=args.n_train, epochs=args.epochs,
-                    batch_size=args.batch_size, hidden=args.hidden, seed=args.seed)
+        res = sweep(
+            args.optimizers,
+            n_train=args.n_train,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            hidden=args.hidden,
+            seed=args.seed,
+        )
         lrs = sorted(next(iter(res.values())))
         rows = []
         for name in res:
             best = min(lrs, key=lambda lr: res[name][lr][0])
-            rows.append([name] + [("*" if lr == best else "") + f"{fmt(res[name][lr][0], 3)} / "
-                                  f"{100 * res[name][lr][1]:.1f}" for lr in lrs])
-        print(f"# validation loss / accuracy (%) after {args.epochs} epochs, batch "
-              f"{args.batch_size}, hidden {tuple(args.hidden)}, * = lowest loss "
-              f"({time.perf_counter() - t:.0f} s)")
+            rows.append(
+                [name]
+                + [
+                    ("*" if lr == best else "") + f"{fmt(res[name][lr][0], 3)} / "
+                    f"{100 * res[name][lr][1]:.1f}"
+                    for lr in lrs
+                ]
+            )
+        print(
+            f"# validation loss / accuracy (%) after {args.epochs} epochs, batch "
+            f"{args.batch_size}, hidden {tuple(args.hidden)}, * = lowest loss "
+            f"({time.perf_counter() - t:.0f} s)"
+        )
         print(format_table(["optimizer \\ lr"] + [f"{lr:g}" for lr in lrs], rows, args.markdown))
         print()
         print(sweep_summary(res, args.markdown))
@@ -352,8 +471,15 @@ def _main(args: argparse.Namespace) -> int:
             if written:
                 print(f"plot written to {written}")
         return 0
-    out = run(args.optimizers, n_train=args.n_train, n_test=args.n_test, hidden=args.hidden,
-              epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    out = run(
+        args.optimizers,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        hidden=args.hidden,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     return print_report(out, table, plot, args.markdown, args.plot)
 
 

@@ -26,8 +26,17 @@ from optkern.data import batches
 from optkern.examples._common import OPTIMIZERS, format_table, make_optimizer
 
 
-def _train(name: str, hyper: Dict[str, Any], data, hidden: Sequence[int], epochs: int,
-           batch_size: int, seed: int, mode: str, comm) -> tuple:
+def _train(
+    name: str,
+    hyper: Dict[str, Any],
+    data,
+    hidden: Sequence[int],
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    mode: str,
+    comm,
+) -> tuple:
     from optkern import distributed as okd
     from optkern.examples.mlp import MLP
 
@@ -75,26 +84,64 @@ def main_distributed(args: argparse.Namespace) -> int:
         rows: List[List[str]] = []
         for name in args.optimizers:
             t = time.perf_counter()
-            model, acc = _train(name, DEFAULT_HYPER[name], data, args.hidden, args.epochs,
-                                args.batch_size, args.seed, mode, comm)
+            model, acc = _train(
+                name,
+                DEFAULT_HYPER[name],
+                data,
+                args.hidden,
+                args.epochs,
+                args.batch_size,
+                args.seed,
+                mode,
+                comm,
+            )
             seconds = time.perf_counter() - t
             if rank == 0:
                 t1 = time.perf_counter()
-                single, acc1 = _train(name, DEFAULT_HYPER[name], data, args.hidden,
-                                      args.epochs, args.batch_size, args.seed, mode, None)
+                single, acc1 = _train(
+                    name,
+                    DEFAULT_HYPER[name],
+                    data,
+                    args.hidden,
+                    args.epochs,
+                    args.batch_size,
+                    args.seed,
+                    mode,
+                    None,
+                )
                 seconds1 = time.perf_counter() - t1
-                diff = max(float(np.max(np.abs(p - q))) for p, q in zip(model.params,
-                                                                         single.params))
-                rows.append([name, f"{100 * acc:.2f}", f"{100 * acc1:.2f}", f"{diff:.1e}",
-                             f"{seconds:.1f}", f"{seconds1:.1f}"])
+                diff = max(float(np.max(np.abs(p - q))) for p, q in zip(model.params, single.params))
+                rows.append(
+                    [
+                        name,
+                        f"{100 * acc:.2f}",
+                        f"{100 * acc1:.2f}",
+                        f"{diff:.1e}",
+                        f"{seconds:.1f}",
+                        f"{seconds1:.1f}",
+                    ]
+                )
             _wait_quietly(comm)
     okd.check_identical(model.params, comm)
     if rank == 0:
-        print(f"# digits MLP, {'ZeRO stage 1' if mode == 'zero' else 'DataParallel'} over "
-              f"{size} ranks; global batch {args.batch_size} split across the ranks, "
-              f"{args.epochs} epochs, hidden {tuple(args.hidden)}; every rank's weights are "
-              "bit-identical (checked)")
-        print(format_table(["optimizer", f"test acc % ({size} ranks)", "test acc % (1 process)",
-                            "max |w diff|", f"s ({size} ranks)", "s (1 process)"], rows,
-                           args.markdown))
+        print(
+            f"# digits MLP, {'ZeRO stage 1' if mode == 'zero' else 'DataParallel'} over "
+            f"{size} ranks; global batch {args.batch_size} split across the ranks, "
+            f"{args.epochs} epochs, hidden {tuple(args.hidden)}; every rank's weights are "
+            "bit-identical (checked)"
+        )
+        print(
+            format_table(
+                [
+                    "optimizer",
+                    f"test acc % ({size} ranks)",
+                    "test acc % (1 process)",
+                    "max |w diff|",
+                    f"s ({size} ranks)",
+                    "s (1 process)",
+                ],
+                rows,
+                args.markdown,
+            )
+        )
     return 0

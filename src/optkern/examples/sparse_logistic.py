@@ -27,8 +27,16 @@ import numpy as np
 
 from optkern.data import batches, num_batches
 from optkern._platform import describe_machine
-from optkern.examples._common import (fmt, format_table, make_optimizer, new_figure,
-                                      no_matplotlib_note, print_report, save_figure, Stopwatch)
+from optkern.examples._common import (
+    fmt,
+    format_table,
+    make_optimizer,
+    new_figure,
+    no_matplotlib_note,
+    print_report,
+    save_figure,
+    Stopwatch,
+)
 
 DEFAULT_OPTIMIZERS = ("SGD", "Momentum", "Nesterov", "Adagrad", "RMSprop", "Adadelta", "Adam")
 DEFAULT_LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -36,9 +44,16 @@ DEFAULT_LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 EXTRA = {"Momentum": {"beta": 0.9}, "Nesterov": {"momentum": 0.9}}
 
 
-def make_data(n: int, n_features: int = 1000, active: int = 10, zipf: float = 1.1,
-              scale: float = 1.5, seed: int = 0, w_true: Optional[np.ndarray] = None,
-              b_true: float = -0.5):
+def make_data(
+    n: int,
+    n_features: int = 1000,
+    active: int = 10,
+    zipf: float = 1.1,
+    scale: float = 1.5,
+    seed: int = 0,
+    w_true: Optional[np.ndarray] = None,
+    b_true: float = -0.5,
+):
     """``(X, y, w_true)``: X (n, n_features) float32 of 0/1 with about ``active`` ones a row."""
     rng = np.random.default_rng(seed)
     if w_true is None:
@@ -67,9 +82,18 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
-def train(name: str, lr: float, X: np.ndarray, y: np.ndarray, epochs: int, batch_size: int,
-          seed: int, X_eval: Optional[np.ndarray] = None, y_eval: Optional[np.ndarray] = None,
-          evals_per_epoch: int = 4) -> Dict[str, Any]:
+def train(
+    name: str,
+    lr: float,
+    X: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    X_eval: Optional[np.ndarray] = None,
+    y_eval: Optional[np.ndarray] = None,
+    evals_per_epoch: int = 4,
+) -> Dict[str, Any]:
     """Trains ``(w, b)`` from zero with optimizer ``name`` at ``lr``; the evaluation-set log-loss
     is recorded ``evals_per_epoch`` times per epoch (``curve``)."""
     n, d = X.shape
@@ -94,14 +118,28 @@ def train(name: str, lr: float, X: np.ndarray, y: np.ndarray, epochs: int, batch
             if X_eval is not None and ((i + 1) % every == 0 or i + 1 == per_epoch):
                 curve_x.append(epoch + (i + 1) / per_epoch)
                 curve.append(log_loss(X_eval, y_eval, w, float(b[0])))
-    return dict(w=w, b=float(b[0]), time_s=watch.seconds, curve_epochs=np.array(curve_x),
-                curve=np.array(curve))
+    return dict(
+        w=w,
+        b=float(b[0]),
+        time_s=watch.seconds,
+        curve_epochs=np.array(curve_x),
+        curve=np.array(curve),
+    )
 
 
-def run(optimizers: Sequence[str] = DEFAULT_OPTIMIZERS, lr_grid: Sequence[float] = DEFAULT_LR_GRID,
-        n_train: int = 5000, n_val: int = 2000, n_test: int = 5000, n_features: int = 1000,
-        active: int = 10, zipf: float = 1.1, epochs: int = 3, batch_size: int = 32,
-        seed: int = 0) -> Dict[str, Any]:
+def run(
+    optimizers: Sequence[str] = DEFAULT_OPTIMIZERS,
+    lr_grid: Sequence[float] = DEFAULT_LR_GRID,
+    n_train: int = 5000,
+    n_val: int = 2000,
+    n_test: int = 5000,
+    n_features: int = 1000,
+    active: int = 10,
+    zipf: float = 1.1,
+    epochs: int = 3,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Dict[str, Any]:
     """For each optimizer: the lr in ``lr_grid`` with the lowest validation log-loss after the
     budget, then that run's test log-loss and accuracy and its validation curve.
 
@@ -134,31 +172,75 @@ def run(optimizers: Sequence[str] = DEFAULT_OPTIMIZERS, lr_grid: Sequence[float]
         r = train(name, lr, X, y, epochs, batch_size, seed + 3, X_val, y_val)
         err = r["w"].astype(np.float64) - w_true
         results[name] = dict(
-            lr=lr, val_loss=val, sweep=sweep, time_s=r["time_s"],
+            lr=lr,
+            val_loss=val,
+            sweep=sweep,
+            time_s=r["time_s"],
             test_loss=log_loss(X_test, y_test, r["w"], r["b"]),
             test_acc=accuracy(X_test, y_test, r["w"], r["b"]),
             rare_error=float(np.sqrt(np.mean(err[rare] ** 2))) if rare.any() else None,
-            frequent_error=(float(np.sqrt(np.mean(err[frequent] ** 2)))
-                            if frequent.any() else None),
-            curve_epochs=r["curve_epochs"], curve=r["curve"])
-    return dict(results=results, bayes_test_loss=log_loss(X_test, y_test, w_true, -0.5),
-                bayes_test_acc=accuracy(X_test, y_test, w_true, -0.5),
-                feature_counts=counts, n_rare=int(rare.sum()), n_frequent=int(frequent.sum()),
-                settings=dict(n_train=n_train, n_features=n_features, active=active, zipf=zipf,
-                              epochs=epochs, batch_size=batch_size, seed=seed,
-                              lr_grid=list(lr_grid)))
+            frequent_error=(float(np.sqrt(np.mean(err[frequent] ** 2))) if frequent.any() else None),
+            curve_epochs=r["curve_epochs"],
+            curve=r["curve"],
+        )
+    return dict(
+        results=results,
+        bayes_test_loss=log_loss(X_test, y_test, w_true, -0.5),
+        bayes_test_acc=accuracy(X_test, y_test, w_true, -0.5),
+        feature_counts=counts,
+        n_rare=int(rare.sum()),
+        n_frequent=int(frequent.sum()),
+        settings=dict(
+            n_train=n_train,
+            n_features=n_features,
+            active=active,
+            zipf=zipf,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            lr_grid=list(lr_grid),
+        ),
+    )
 
 
 def table(out: Dict[str, Any], markdown: bool = False) -> str:
     rows = []
     for name, r in sorted(out["results"].items(), key=lambda kv: kv[1]["test_loss"]):
-        rows.append([name, fmt(r["lr"], 3), fmt(r["test_loss"]), f"{100 * r['test_acc']:.1f}%",
-                     fmt(r["rare_error"], 3), fmt(r["frequent_error"], 3), f"{r['time_s']:.2f}"])
-    rows.append(["(true weights)", "", fmt(out["bayes_test_loss"]),
-                 f"{100 * out['bayes_test_acc']:.1f}%", "0", "0", ""])
-    return format_table(["optimizer", "best lr", "test log-loss", "test acc",
-                         f"RMS err, {out['n_rare']} rare w", f"RMS err, {out['n_frequent']} frequent w",
-                         "train s"], rows, markdown)
+        rows.append(
+            [
+                name,
+                fmt(r["lr"], 3),
+                fmt(r["test_loss"]),
+                f"{100 * r['test_acc']:.1f}%",
+                fmt(r["rare_error"], 3),
+                fmt(r["frequent_error"], 3),
+                f"{r['time_s']:.2f}",
+            ]
+        )
+    rows.append(
+        [
+            "(true weights)",
+            "",
+            fmt(out["bayes_test_loss"]),
+            f"{100 * out['bayes_test_acc']:.1f}%",
+            "0",
+            "0",
+            "",
+        ]
+    )
+    return format_table(
+        [
+            "optimizer",
+            "best lr",
+            "test log-loss",
+            "test acc",
+            f"RMS err, {out['n_rare']} rare w",
+            f"RMS err, {out['n_frequent']} frequent w",
+            "train s",
+        ],
+        rows,
+        markdown,
+    )
 
 
 def plot(out: Dict[str, Any], path: str) -> Optional[str]:
@@ -169,10 +251,13 @@ def plot(out: Dict[str, Any], path: str) -> Optional[str]:
     ax1, ax2 = fig.subplots(1, 2)
     for i, (name, r) in enumerate(out["results"].items()):
         ls = "--" if name in ("SGD", "Momentum", "Nesterov") else "-"
-        ax1.plot(r["curve_epochs"], r["curve"], ls=ls, color=f"C{i}", label=f"{name} (lr={r['lr']:g})")
+        ax1.plot(
+            r["curve_epochs"], r["curve"], ls=ls, color=f"C{i}", label=f"{name} (lr={r['lr']:g})"
+        )
         lrs = sorted(r["sweep"])
-        ax2.semilogx(lrs, [min(r["sweep"][lr], 1.0) for lr in lrs], "o", ls=ls, ms=3,
-                     color=f"C{i}", label=name)
+        ax2.semilogx(
+            lrs, [min(r["sweep"][lr], 1.0) for lr in lrs], "o", ls=ls, ms=3, color=f"C{i}", label=name
+        )
     ax1.axhline(out["bayes_test_loss"], color="k", lw=0.6, ls=":", label="true weights (test)")
     s = out["settings"]
     ax1.set_xlabel("epochs")
@@ -198,15 +283,24 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the curves and the sweep")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
-    out = run(n_train=args.n_train, n_features=args.features, epochs=args.epochs,
-              batch_size=args.batch_size, seed=args.seed)
+    out = run(
+        n_train=args.n_train,
+        n_features=args.features,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     counts = out["feature_counts"]
-    print(f"# sparse logistic regression: {args.n_train} samples, {args.features} binary features, "
-          f"~{out['settings']['active']} active a row; feature frequency from "
-          f"{int(counts.max())} samples down to {int(np.median(counts))} (median) and "
-          f"{int(counts.min())}; rare = seen 1-10 times, frequent = in >10% of samples")
-    print(f"# {args.epochs} epochs of batch {args.batch_size} for every optimizer; lr chosen on a "
-          f"validation set from {', '.join(f'{v:g}' for v in DEFAULT_LR_GRID)}")
+    print(
+        f"# sparse logistic regression: {args.n_train} samples, {args.features} binary features, "
+        f"~{out['settings']['active']} active a row; feature frequency from "
+        f"{int(counts.max())} samples down to {int(np.median(counts))} (median) and "
+        f"{int(counts.min())}; rare = seen 1-10 times, frequent = in >10% of samples"
+    )
+    print(
+        f"# {args.epochs} epochs of batch {args.batch_size} for every optimizer; lr chosen on a "
+        f"validation set from {', '.join(f'{v:g}' for v in DEFAULT_LR_GRID)}"
+    )
     print(f"# {describe_machine()}")
     return print_report(out, table, plot, args.markdown, args.plot)
 
