@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -38,6 +39,20 @@ class Case:
     # "torch" then names it): a factory like the others, and the package's name.
     oracle: Optional[Factory] = None
     oracle_impl: str = ""
+    oracle_modules: Tuple[str, ...] = ()  # what the oracle imports
+
+    def peer_missing(self) -> Optional[str]:
+        """Why the "torch" column cannot be measured here (a package missing, or no such class
+        in torch.optim), else None. Only torch is imported to find out (the column needs it)."""
+        for module in self.oracle_modules or ("torch",):
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed"
+        if self.oracle is None:
+            import torch
+
+            if not hasattr(torch.optim, self.torch_name):
+                return f"torch.optim has no {self.torch_name}"
+        return None
 
     def torch(self, params: Arrays, grads: Arrays) -> Step:
         if self.oracle is not None:
@@ -320,8 +335,44 @@ def _optax_lamb(params: Arrays, grads: Arrays) -> Step:
     return step
 
 
-CASES["lion"] = dataclasses.replace(CASES["lion"], oracle=_lion_pytorch, oracle_impl="lion-pt")
-CASES["lamb"] = dataclasses.replace(CASES["lamb"], oracle=_optax_lamb, oracle_impl="optax")
+def _schedulefree(cls_name: str) -> Factory:
+    """The schedulefree package's torch class at its defaults, in train mode."""
+
+    def make(params: Arrays, grads: Arrays) -> Step:
+        import schedulefree
+        import torch
+
+        tparams = []
+        for p, g in zip(params, grads):
+            t = torch.nn.Parameter(torch.from_numpy(p))
+            t.grad = torch.from_numpy(g)
+            tparams.append(t)
+        opt = getattr(schedulefree, cls_name)(tparams)
+        opt.train()
+        return opt.step
+
+    return make
+
+
+CASES["lion"] = dataclasses.replace(
+    CASES["lion"],
+    oracle=_lion_pytorch,
+    oracle_impl="lion-pt",
+    oracle_modules=("torch", "lion_pytorch"),
+)
+CASES["lamb"] = dataclasses.replace(
+    CASES["lamb"], oracle=_optax_lamb, oracle_impl="optax", oracle_modules=("jax", "optax")
+)
+for _key, _cls in (
+    ("schedule_free_adamw", "AdamWScheduleFree"),
+    ("schedule_free_sgd", "SGDScheduleFree"),
+):
+    CASES[_key] = dataclasses.replace(
+        CASES[_key],
+        oracle=_schedulefree(_cls),
+        oracle_impl="sf-pt",
+        oracle_modules=("torch", "schedulefree"),
+    )
 
 
 def torch_available() -> Optional[str]:

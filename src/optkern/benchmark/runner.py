@@ -109,7 +109,8 @@ def run_main(
             impls = {"optkern": case.optkern}
             if case.numpy is not None:
                 impls["numpy"] = case.numpy
-            if use_torch:
+            missing = case.peer_missing() if use_torch else None
+            if use_torch and missing is None:
                 impls["torch"] = case.torch
             steps = {"stream": stream}
             for name, make in impls.items():
@@ -128,19 +129,21 @@ def run_main(
                 "stream_gbps": bw / 1e9,
                 "torch_impl": case.torch_impl if use_torch else None,
             }
+            if missing is not None:
+                row["torch_missing"] = missing
             for name, t in seconds.items():
                 gbps = case.bytes_per_element * n / t / 1e9
                 row[name] = {"seconds": t, "gbps": gbps, "fraction_of_stream": gbps * 1e9 / bw}
             if "numpy" in seconds:
                 row["speedup_vs_numpy"] = seconds["numpy"] / seconds["optkern"]
-            if use_torch:
+            if "torch" in seconds:
                 row["speedup_vs_torch"] = seconds["torch"] / seconds["optkern"]
             rows.append(row)
     return rows
 
 
 def main_table(rows: List[Dict[str, object]]) -> str:
-    torch = any("torch" in r for r in rows)
+    torch = any("torch" in r or "torch_missing" in r for r in rows)
     head = (
         f"{'optimizer':<16}{'size':>6} {'optkern':>10} {'GB/s':>6} {'%bw':>5} {'numpy':>10} {'x':>6}"
     )
@@ -158,10 +161,12 @@ def main_table(rows: List[Dict[str, object]]) -> str:
                 else f"{'-':>10} {'-':>6}"
             )
         )
-        if torch:
+        if torch and "torch" in r:
             line += (
                 f" {_ms(r['torch']['seconds'])} ({r['torch_impl']:<7}) {r['speedup_vs_torch']:4.2f}x"
             )
+        elif torch:
+            line += f" {'-':>10} {'':<9}{'-':>5}  ({r.get('torch_missing', 'not measured')})"
         lines.append(line)
     return "\n".join(lines)
 
