@@ -59,13 +59,10 @@ class Case:
             return self.oracle(params, grads)
         import torch
 
-        tparams = []
-        for p, g in zip(params, grads):
-            t = torch.nn.Parameter(torch.from_numpy(p))  # shares the array's memory
-            t.grad = torch.from_numpy(g)
-            tparams.append(t)
         impl = {"fused": True} if self.torch_fused else {"foreach": True}
-        opt = getattr(torch.optim, self.torch_name)(tparams, **self.torch_kwargs, **impl)
+        opt = getattr(torch.optim, self.torch_name)(
+            _torch_params(params, grads), **self.torch_kwargs, **impl
+        )
         return opt.step
 
     @property
@@ -73,6 +70,18 @@ class Case:
         if self.oracle is not None:
             return self.oracle_impl
         return "fused" if self.torch_fused else "foreach"
+
+
+def _torch_params(params: Arrays, grads: Arrays) -> list:
+    """torch Parameters sharing the arrays' memory, each with its gradient set."""
+    import torch
+
+    tparams = []
+    for p, g in zip(params, grads):
+        t = torch.nn.Parameter(torch.from_numpy(p))
+        t.grad = torch.from_numpy(g)
+        tparams.append(t)
+    return tparams
 
 
 def _optkern(cls, **hp) -> Factory:
@@ -301,15 +310,9 @@ for _rule in ok.registry.rules():
 
 def _lion_pytorch(params: Arrays, grads: Arrays) -> Step:
     """lion-pytorch's Lion (its default, per-parameter torch path) on tensors sharing the arrays."""
-    import torch
     from lion_pytorch import Lion
 
-    tparams = []
-    for p, g in zip(params, grads):
-        t = torch.nn.Parameter(torch.from_numpy(p))
-        t.grad = torch.from_numpy(g)
-        tparams.append(t)
-    return Lion(tparams).step
+    return Lion(_torch_params(params, grads)).step
 
 
 def _optax_lamb(params: Arrays, grads: Arrays) -> Step:
@@ -340,14 +343,8 @@ def _schedulefree(cls_name: str) -> Factory:
 
     def make(params: Arrays, grads: Arrays) -> Step:
         import schedulefree
-        import torch
 
-        tparams = []
-        for p, g in zip(params, grads):
-            t = torch.nn.Parameter(torch.from_numpy(p))
-            t.grad = torch.from_numpy(g)
-            tparams.append(t)
-        opt = getattr(schedulefree, cls_name)(tparams)
+        opt = getattr(schedulefree, cls_name)(_torch_params(params, grads))
         opt.train()
         return opt.step
 
