@@ -165,8 +165,12 @@ def test_optim_db_covers_every_shared_optimizer():
 
 
 def test_plain_sgd_is_bit_identical():
+    # Bit for bit on optkern's FMA builds (avx2, avx512), which fuse the multiply-add as torch's
+    # CPU kernel does here; the scalar build (no FMA) is within float32 rounding, as test_isa says.
+    import optkern as ok
+
     o, mine, r, ref = run_pair("SGD", {"lr": 0.01, "weight_decay": 0.1})
-    assert_state_close(o, mine, r, ref, exact=True)
+    assert_state_close(o, mine, r, ref, exact=ok.active_isa() != "scalar")
 
 
 def test_nesterov_is_sgd_with_nesterov():
