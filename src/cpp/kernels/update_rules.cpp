@@ -72,6 +72,18 @@ float prepared_gradient(float g, float p, float grad_scale, float weight_decay) 
   return kDecay ? OK_FMA(weight_decay, p, scaled) : scaled;
 }
 
+// torch's start.lerp_(end, w) for one element, in the form the host picked for w (Lerp in
+// rules.hpp): start + coeff * (end - start) or end + coeff * (end - start).
+float lerp(float start, float end, float coeff, bool from_start) {
+  return OK_FMA(coeff, end - start, from_start ? start : end);
+}
+
+// A moving average of squares, torch's avg.mul_(decay).addcmul_(x, x, value=1 - decay): decay *
+// avg + ((1 - decay) * x) * x, in that order (Adam's exp_avg_sq, RMSprop's square_avg, ...).
+float moving_square(float avg, float x, float decay, float one_minus_decay) {
+  return OK_FMA(decay, avg, (one_minus_decay * x) * x);
+}
+
 // Calls f(Flag<b>{}), so a runtime choice becomes a compile-time one outside the element loop.
 template <class F>
 void with_flag(bool b, F&& f) {
@@ -144,12 +156,12 @@ OK_LOOP void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const floa
     const float pi = p[i];
     const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
     // (w * g) * g, in torch's addcmul order: a gradient of 1e20 does not overflow to inf here.
-    const float si = OK_FMA(alpha, sq[i], (w * gi) * gi);
+    const float si = moving_square(sq[i], gi, alpha, w);
     sq[i] = si;
     float avg;
     if (kCentered) {
       const float ai = gavg[i];
-      const float a = OK_FMA(lerp_coeff, gi - ai, lerp_from_avg ? ai : gi);
+      const float a = lerp(ai, gi, lerp_coeff, lerp_from_avg);
       gavg[i] = a;
       // Not fused: torch rounds grad_avg^2 first, so where it overflows, inf - inf gives NaN.
       avg = OK_SQRT(si - a * a) + eps;
@@ -215,11 +227,11 @@ OK_LOOP void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const fl
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
     const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
-    const float si = OK_FMA(rho, sq[i], (w * gi) * gi);
+    const float si = moving_square(sq[i], gi, rho, w);
     sq[i] = si;
     const float ai = acc[i];
     const float delta = OK_SQRT(ai + eps) / OK_SQRT(si + eps) * gi;
-    acc[i] = OK_FMA(rho, ai, (w * delta) * delta);
+    acc[i] = moving_square(ai, delta, rho, w);
     p[i] = OK_FMA(-lr, delta, pi);
   }
 }
@@ -251,8 +263,8 @@ OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_
     if (kDecoupled) pi *= decay;
     const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
     const float mi0 = m[i];
-    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
-    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
+    const float mi = lerp(mi0, gi, lc, from_avg);
+    const float vi = moving_square(v[i], gi, b2, w2);
     m[i] = mi;
     v[i] = vi;
     float vd = vi;
@@ -294,7 +306,7 @@ OK_LOOP void adamax_impl(const AdamaxStep& s, float* OK_RESTRICT p, const float*
     const float pi = p[i];
     const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
     const float mi0 = m[i];
-    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
+    const float mi = lerp(mi0, gi, lc, from_avg);
     const float a = u[i] * b2, b = OK_FABSF(gi) + eps;
     const float ui = (a > b || a != a) ? a : b;  // NaN-propagating max, like torch.maximum
     m[i] = mi;
@@ -327,8 +339,8 @@ OK_LOOP void nadam_impl(const NadamStep& s, float* OK_RESTRICT p, const float* O
     if (kDecoupled) pi *= decay;
     const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
     const float mi0 = m[i];
-    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
-    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
+    const float mi = lerp(mi0, gi, lc, from_avg);
+    const float vi = moving_square(v[i], gi, b2, w2);
     m[i] = mi;
     v[i] = vi;
     const float denom = OK_SQRT(vi / bc2) + eps;
@@ -366,8 +378,8 @@ OK_LOOP void radam_impl(const RadamStep& s, float* OK_RESTRICT p, const float* O
     if (kDecoupled) pi *= decay;
     const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
     const float mi0 = m[i];
-    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
-    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
+    const float mi = lerp(mi0, gi, lc, from_avg);
+    const float vi = moving_square(v[i], gi, b2, w2);
     m[i] = mi;
     v[i] = vi;
     float u = (mi / bc1) * lr;
@@ -665,12 +677,12 @@ OK_LOOP void schedule_free_impl(const ScheduleFreeStep& s, float* OK_RESTRICT p,
     const float zi = kInit ? yi : z[i];
     float u = g[i] * gs;
     if (kAdam) {
-      const float vi = OK_FMA(b2, v[i], (w2 * u) * u);
+      const float vi = moving_square(v[i], u, b2, w2);
       v[i] = vi;
       u = u / (OK_SQRT(vi / bc2) + eps);
     }
     if (kDecay) u = OK_FMA(wd, yi, u);
-    const float avg = OK_FMA(lc, zi - yi, from_y ? yi : zi);
+    const float avg = lerp(yi, zi, lc, from_y);
     p[i] = OK_FMA(yc, u, avg);
     z[i] = OK_FMA(nlr, u, zi);
   }
