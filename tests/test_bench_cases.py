@@ -33,3 +33,164 @@ def test_every_registry_rule_has_a_case():
         assert r.name in cases.CASES or any(
             r.cls in (c.label, c.torch_name) for c in cases.CASES.values()
         ), r.cls
+
+
+# -- python -m optkern bench --torch and examples/torch_mlp.py: every optkern.torch class ----------
+
+
+def test_torch_bench_has_a_peer_for_every_okt_class():
+    import inspect
+
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    okt = pytest.importorskip("optkern.torch")
+    from optkern.benchmark import torch_bench as tb
+
+    table = tb.peers()
+    assert list(table) == list(okt.RULES)
+    for name, peer in table.items():
+        rule = okt.RULES[name]
+        if rule.torch_name:  # torch.optim's class, on its fused path where it takes fused=True
+            fused = "fused" in inspect.signature(getattr(torch.optim, rule.torch_name)).parameters
+            assert peer.cls == f"torch.optim.{rule.torch_name}", name
+            assert peer.flags == ((("fused" if fused else "foreach"), True),), name
+    assert table["Momentum"].cls == "torch.optim.SGD"
+    assert table["Lion"].cls == "lion_pytorch.Lion"
+    assert table["LAMB"].cls == "optax.lamb" and not table["LAMB"].torch_optimizer
+    assert table["ScheduleFreeAdamW"].cls == "schedulefree.AdamWScheduleFree"
+    assert table["ScheduleFreeSGD"].cls == "schedulefree.SGDScheduleFree"
+    assert table["Nesterov"].make([torch.nn.Parameter(torch.zeros(2))], {"lr": 0.1}).defaults == dict(
+        torch.optim.SGD([torch.zeros(1)], lr=0.1, momentum=0.9, nesterov=True, fused=True).defaults
+    )
+    assert all(tb.peers()[n].missing() is None for n in tb.ORIGINALS)  # torch is enough
+
+
+def test_torch_bench_missing_peer_is_blank_with_the_reason(capsys):
+    import pytest
+
+    pytest.importorskip("torch")
+    from optkern.benchmark import torch_bench as tb
+
+    table = dict(tb.peers())
+    table["Lion"] = dataclasses.replace(
+        table["Lion"], modules=("torch", "optkern_no_such_package_for_tests")
+    )
+    steps = tb.bench_steps(["Lion", "NAdam", "ScheduleFreeSGD"], [1000], 1, table)
+    lion, nadam, sf = steps
+    assert "torch_s" not in lion and lion["okt_s"] > 0
+    assert lion["torch_missing"] == "optkern_no_such_package_for_tests is not installed"
+    assert nadam["torch_path"] == "foreach" and nadam["torch_s"] > 0 and nadam["okt_s"] > 0
+    assert "torch_s" in sf or sf["torch_missing"] == "schedulefree is not installed"
+    loop = tb.bench_loop(["LAMB"], 1, iters=1, table=table)
+    assert loop[0]["torch_missing"] == "optax.lamb is not a torch optimizer (no training loop)"
+    over = tb.bench_overhead(repeats=1, nparams=5, size=8)
+    tb.report_torch(
+        {
+            "torch": "x",
+            "threads": 1,
+            "steps": steps,
+            "loop": loop,
+            "overhead": over,
+            "not_run": ["SGD"],
+        }
+    )
+    out = capsys.readouterr().out
+    assert "(optkern_no_such_package_for_tests is not installed)" in out
+    assert "(optax.lamb is not a torch optimizer (no training loop))" in out
+    assert "Not run: SGD (--all runs every optkern.torch class)" in out
+
+
+def test_torch_bench_steps_every_okt_class():
+    import pytest
+
+    pytest.importorskip("torch")
+    okt = pytest.importorskip("optkern.torch")
+    from optkern.benchmark import torch_bench as tb
+
+    rows = tb.bench_steps(list(okt.RULES), [200_000], 1)  # 10 steps a repeat
+    assert [r["optimizer"] for r in rows] == list(okt.RULES)
+    for r in rows:
+        assert r["okt_s"] > 0
+        assert (r.get("torch_s", 0) > 0) != ("torch_missing" in r), r
+
+
+def test_torch_bench_selection():
+    import pytest
+
+    pytest.importorskip("torch")
+    okt = pytest.importorskip("optkern.torch")
+    from optkern.benchmark import torch_bench as tb
+
+    assert tb.select(None, False) == tb.ORIGINALS  # the default run stays short
+    assert tb.select(None, True) == list(okt.RULES)
+    assert tb.select(["nadam", "sgd-momentum", "schedule_free_sgd", "Lion"], False) == [
+        "SGD",
+        "NAdam",
+        "Lion",
+        "ScheduleFreeSGD",
+    ]
+    with pytest.raises(SystemExit, match="no optkern.torch class 'nope'"):
+        tb.select(["nope"], False)
+
+
+def test_bench_torch_cli_picks_the_classes(monkeypatch, capsys):
+    import argparse
+
+    import pytest
+
+    pytest.importorskip("torch")
+    from optkern import benchmark
+    from optkern.benchmark import torch_bench as tb
+
+    seen = []
+
+    def fake(names, sizes, repeats, threads):
+        seen.append((names, sizes))
+        return {"threads": 1, "torch": "x", "steps": [], "loop": [], "overhead": _OVERHEAD}
+
+    monkeypatch.setattr(tb, "run_torch", fake)
+    parser = argparse.ArgumentParser()
+    benchmark.add_parser(parser.add_subparsers())
+    for argv, names in (
+        ([], tb.ORIGINALS),
+        (["--all"], list(tb.peers())),
+        (["--optimizers", "rprop", "adam"], ["Adam", "Rprop"]),
+    ):
+        args = parser.parse_args(["bench", "--torch", "--quiet", *argv])
+        assert args.run(args) == 0
+        assert seen[-1] == (names, [1_000_000, 50_000_000])
+    assert "Not run: Nesterov" in capsys.readouterr().out
+
+
+_OVERHEAD = {
+    "params": 1,
+    "elements_each": 1,
+    "okt_s": 1e-6,
+    "okt_fresh_grads_s": 1e-6,
+    "functional_s": 1e-6,
+    "torch_fused_s": 1e-6,
+    "overhead_per_param_us": 0.0,
+    "overhead_per_param_fresh_grads_us": 0.0,
+}
+
+
+def test_torch_mlp_example_runs_every_okt_class():
+    import pytest
+
+    pytest.importorskip("torch")
+    okt = pytest.importorskip("optkern.torch")
+    from optkern.examples import torch_mlp
+
+    assert list(torch_mlp.HYPER) == list(okt.RULES)
+    rows = torch_mlp.run(list(torch_mlp.HYPER), n=200, hidden=16, epochs=1)
+    assert [r["optimizer"] for r in rows] == list(okt.RULES)
+    for r in rows:
+        assert r["okt_loss"] > 0 and r["okt_s"] > 0
+        if "peer_missing" in r:
+            assert r["optimizer"] in ("Lion", "LAMB", "ScheduleFreeAdamW", "ScheduleFreeSGD"), r
+            continue
+        if r["optimizer"] == "Momentum":  # torch's SGD with dampening: differs at the first step
+            continue
+        assert abs(r["okt_loss"] - r["torch_loss"]) < 1e-3 * max(1.0, r["torch_loss"]), r
+        assert r["max_param_difference"] < 1e-3, r

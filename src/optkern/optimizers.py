@@ -6,7 +6,7 @@ starting at zero unless said otherwise).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,17 +45,19 @@ class _ScheduleFree:
         self._switch(False)
 
     def _switch(self, to_train: bool) -> None:
+        def pairs(group: Dict[str, Any]) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+            for p in group["params"]:
+                s = self.state.get_by_id(p)  # type: ignore[attr-defined]
+                if s is not None and s.get("step", 0) > 0 and "z" in s:
+                    yield p, s["z"]
+
         with self._lock:  # type: ignore[attr-defined]
-            for group in self.param_groups:  # type: ignore[attr-defined]
-                if bool(group.get("train_mode", True)) == to_train:
-                    continue
-                beta = self._hyper(group)[self._interpolation]  # type: ignore[attr-defined]
-                weight = np.float32(1.0 - beta if to_train else 1.0 - 1.0 / beta)
-                for p in group["params"]:
-                    s = self.state.get_by_id(p)  # type: ignore[attr-defined]
-                    if s is not None and s.get("step", 0) > 0 and "z" in s:
-                        _lerp_(p, s["z"], weight)
-                group["train_mode"] = to_train
+            switch_schedule_free(
+                self.param_groups,  # type: ignore[attr-defined]
+                to_train,
+                lambda group: self._hyper(group)[self._interpolation],  # type: ignore[attr-defined]
+                pairs,
+            )
 
     def step(self, grads: Sequence[Optional[np.ndarray]], **kwargs: Any) -> Optional[float]:
         with self._lock:  # type: ignore[attr-defined]
@@ -65,6 +67,26 @@ class _ScheduleFree:
                     "first (and eval() again before evaluating or saving)"
                 )
             return super().step(grads, **kwargs)  # type: ignore[misc]
+
+
+def switch_schedule_free(
+    groups: Sequence[Dict[str, Any]],
+    to_train: bool,
+    beta: Callable[[Dict[str, Any]], float],
+    pairs: Callable[[Dict[str, Any]], Iterable[Tuple[np.ndarray, np.ndarray]]],
+) -> None:
+    """Schedule-Free's mode switch over param groups (shared with ``optkern.torch``): each group
+    not yet in the mode moves every (p, z) of ``pairs(group)`` by p <- lerp(p, z, w), with
+    w = 1 - beta (x -> y, to train) or 1 - 1/beta (y -> x, to eval) and beta = ``beta(group)``,
+    then records the mode in its ``train_mode``."""
+    for group in groups:
+        if bool(group.get("train_mode", True)) == to_train:
+            continue
+        b = beta(group)
+        weight = np.float32(1.0 - b if to_train else 1.0 - 1.0 / b)
+        for p, z in pairs(group):
+            _lerp_(p, z, weight)
+        group["train_mode"] = to_train
 
 
 def _lerp_(p: np.ndarray, z: np.ndarray, weight: np.float32) -> None:

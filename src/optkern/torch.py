@@ -18,11 +18,13 @@ optimizer over them works). ``differentiable=True`` and ``capturable=True`` are 
 ``foreach`` and ``fused`` are accepted with any value torch accepts (optkern's step is always one
 fused multi-tensor call).
 
-Everything per-optimizer lives in the table ``RULES`` below: the first eight entries are written
-by hand; every other rule of :mod:`optkern.registry` gets its entry from its declaration, with
-torch's constructor signature as the authority for the arguments of a rule torch also has
-(checked against the declaration: a rule whose declaration disagrees gets no class, and
-``UNMAPPED`` says why).
+Every rule of :mod:`optkern.registry` gets a class, its entry in the table ``RULES`` derived from
+its declaration: a rule torch also has takes torch's constructor signature (checked against the
+declaration: a rule whose declaration disagrees gets no class, and ``UNMAPPED`` says why), the
+Schedule-Free rules the schedulefree package's arguments and its ``train()``/``eval()`` switch,
+the others optkern's own arguments. Two facts no signature or declaration says are kept below
+with their reasons (``_FIRST_UPDATE``, ``_FLAG_RULES``), and ``Nesterov`` is SGD's entry with
+optkern.Nesterov's arguments.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from operator import is_
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -47,18 +49,7 @@ except ImportError:  # torch < 2.1: autograd's version check does not see optker
 from . import _core
 from . import functional as F
 
-__all__ = [
-    "SGD",
-    "Nesterov",
-    "Momentum",
-    "RMSprop",
-    "Adagrad",
-    "Adadelta",
-    "Adam",
-    "AdamW",
-    "RULES",
-    "UNMAPPED",
-]
+__all__ = ["RULES", "UNMAPPED", "PACKAGE_PEERS"]  # and a class per entry of RULES, added below
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -66,11 +57,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StateBuf:
-    """A state tensor shaped like its parameter. ``init``: "zeros", "first_grad" (created by the
-    first update: it becomes the gradient, torch's SGD rule) or the name of a default whose value
-    fills it. ``when``: the group entry that must be truthy (> 0) for the buffer to exist."""
+    """A state tensor shaped like its parameter. ``arg``: the functional function's keyword for
+    the list of them. ``init``: "zeros", "first_grad" (created by the first update: it becomes
+    the gradient, torch's SGD rule) or the name of a default whose value fills it. ``when``: the
+    group entry that must be truthy (> 0) for the buffer to exist."""
 
     name: str
+    arg: str
     init: str = "zeros"
     when: Optional[str] = None
     #: How its shape follows the parameter's (registry.State.shape): "like_param", or a kind
@@ -87,12 +80,16 @@ class StateBuf:
 @dataclass(frozen=True)
 class CarriedNum:
     """A number per parameter carried from step to step (NAdam's ``mu_product``, ASGD's ``eta``
-    and ``mu``): a 0-d float32 CPU tensor in the state, as torch keeps it, passed to the functional
-    function as a list of floats after the state lists. ``init``: its first value, a number or
-    the name of the group entry it starts at."""
+    and ``mu``, Schedule-Free's ``lr_max`` and ``weight_sum``), passed to the functional function
+    as a list of floats (keyword ``arg``). ``tensor``: kept in the state as a 0-d float32 CPU
+    tensor, as torch keeps its own; else as a Python float (double), as optkern's classes and the
+    schedulefree package keep theirs (a tensor would be cast to float32 by torch's
+    ``load_state_dict``). ``init``: its first value, a number or the group entry it starts at."""
 
     name: str
+    arg: str
     init: Any
+    tensor: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,11 +100,11 @@ class Rule:
     torch's defaults (positional-or-keyword, then keyword-only). ``fixed``: group entries that are
     not arguments. ``step``: the state has torch's ``step``, a 0-d float32 CPU tensor.
     ``step_kw``: the functional function takes the step count. ``eager``: state is created in
-    the constructor (torch's Adagrad). ``fn``: the functional
-    function, or a group entry and the two functions it chooses between. ``buffers``: the state
-    lists passed positionally after params and grads. ``kw``: functional keyword -> group entry,
-    ``("betas", i)`` for an item of a tuple entry, or ``"@name"`` for the list of state buffer
-    ``name`` (None unless it exists for the group).
+    the constructor (torch's Adagrad). ``fn``: the functional function, or a group entry and the
+    two functions it chooses between. ``kw``: functional keyword -> group entry, or
+    ``("betas", i)`` for an item of a tuple entry. ``switch``: for a rule with ``train()`` /
+    ``eval()`` (Schedule-Free), the hyperparameter (optkern's name) that interpolates between
+    its points.
     """
 
     torch_name: Optional[str]
@@ -115,166 +112,18 @@ class Rule:
     kwonly: Tuple[Tuple[str, Any], ...]
     state: Tuple[StateBuf, ...]
     fn: Any
-    buffers: Tuple[str, ...]
     kw: Dict[str, Any]
     step: bool = True
     step_kw: bool = False
     eager: bool = False
     fixed: Dict[str, Any] = field(default_factory=dict)
     carried: Tuple[CarriedNum, ...] = ()
+    registry_name: str = ""
+    switch: Optional[str] = None
 
 
-_LR_WD_MAX = {"lr": "lr", "weight_decay": "weight_decay", "maximize": "maximize"}
-_ADAM_KW = dict(
-    _LR_WD_MAX,
-    beta1=("betas", 0),
-    beta2=("betas", 1),
-    eps="eps",
-    amsgrad="amsgrad",
-    max_exp_avg_sqs="@max_exp_avg_sq",
-)
-_ADAM_STATE = (
-    StateBuf("exp_avg"),
-    StateBuf("exp_avg_sq"),
-    StateBuf("max_exp_avg_sq", when="amsgrad"),
-)
-
-RULES: Dict[str, Rule] = {
-    "SGD": Rule(
-        "SGD",
-        args=(
-            ("lr", 1e-3),
-            ("momentum", 0),
-            ("dampening", 0),
-            ("weight_decay", 0),
-            ("nesterov", False),
-        ),
-        kwonly=(("maximize", False), ("foreach", None), ("differentiable", False), ("fused", None)),
-        state=(StateBuf("momentum_buffer", init="first_grad", when="momentum"),),
-        fn="sgd_",
-        buffers=("momentum_buffer",),
-        step=False,
-        kw=dict(_LR_WD_MAX, momentum="momentum", dampening="dampening", nesterov="nesterov"),
-    ),
-    "Nesterov": Rule(  # optkern's SGD(nesterov=True); saves as torch's SGD
-        "SGD",
-        args=(("lr", 1e-3), ("momentum", 0.9), ("dampening", 0), ("weight_decay", 0)),
-        kwonly=(("maximize", False), ("foreach", None), ("differentiable", False), ("fused", None)),
-        fixed={"nesterov": True},
-        state=(StateBuf("momentum_buffer", init="first_grad", when="momentum"),),
-        fn="sgd_",
-        buffers=("momentum_buffer",),
-        step=False,
-        kw=dict(_LR_WD_MAX, momentum="momentum", dampening="dampening", nesterov="nesterov"),
-    ),
-    "Momentum": Rule(  # the seed notes' V = beta*V + (1-beta)*g; no torch class
-        None,
-        args=(("lr", 1e-3), ("beta", 0.9), ("weight_decay", 0)),
-        kwonly=(("maximize", False), ("foreach", None), ("differentiable", False), ("fused", None)),
-        state=(StateBuf("momentum_buffer"),),
-        fn="momentum_",
-        buffers=("momentum_buffer",),
-        step=False,
-        kw=dict(_LR_WD_MAX, beta="beta"),
-    ),
-    "RMSprop": Rule(
-        "RMSprop",
-        args=(
-            ("lr", 1e-2),
-            ("alpha", 0.99),
-            ("eps", 1e-8),
-            ("weight_decay", 0),
-            ("momentum", 0),
-            ("centered", False),
-            ("capturable", False),
-            ("foreach", None),
-            ("maximize", False),
-            ("differentiable", False),
-        ),
-        kwonly=(),
-        state=(
-            StateBuf("square_avg"),
-            StateBuf("momentum_buffer", when="momentum"),
-            StateBuf("grad_avg", when="centered"),
-        ),
-        fn="rmsprop_",
-        buffers=("square_avg", "grad_avg", "momentum_buffer"),
-        kw=dict(_LR_WD_MAX, alpha="alpha", eps="eps", momentum="momentum", centered="centered"),
-    ),
-    "Adagrad": Rule(
-        "Adagrad",
-        args=(
-            ("lr", 1e-2),
-            ("lr_decay", 0),
-            ("weight_decay", 0),
-            ("initial_accumulator_value", 0),
-            ("eps", 1e-10),
-            ("foreach", None),
-        ),
-        kwonly=(("maximize", False), ("differentiable", False), ("fused", None)),
-        state=(StateBuf("sum", init="initial_accumulator_value"),),
-        eager=True,
-        fn="adagrad_",
-        buffers=("sum",),
-        step_kw=True,
-        kw=dict(_LR_WD_MAX, lr_decay="lr_decay", eps="eps"),
-    ),
-    "Adadelta": Rule(
-        "Adadelta",
-        args=(("lr", 1.0), ("rho", 0.9), ("eps", 1e-6), ("weight_decay", 0), ("foreach", None)),
-        kwonly=(("capturable", False), ("maximize", False), ("differentiable", False)),
-        state=(StateBuf("square_avg"), StateBuf("acc_delta")),
-        fn="adadelta_",
-        buffers=("square_avg", "acc_delta"),
-        kw=dict(_LR_WD_MAX, rho="rho", eps="eps"),
-    ),
-    "Adam": Rule(
-        "Adam",
-        args=(
-            ("lr", 1e-3),
-            ("betas", (0.9, 0.999)),
-            ("eps", 1e-8),
-            ("weight_decay", 0),
-            ("amsgrad", False),
-        ),
-        kwonly=(
-            ("foreach", None),
-            ("maximize", False),
-            ("capturable", False),
-            ("differentiable", False),
-            ("fused", None),
-            ("decoupled_weight_decay", False),
-        ),
-        state=_ADAM_STATE,
-        fn=("decoupled_weight_decay", "adam_", "adamw_"),
-        buffers=("exp_avg", "exp_avg_sq"),
-        kw=_ADAM_KW,
-        step_kw=True,
-    ),
-    "AdamW": Rule(
-        "AdamW",
-        args=(
-            ("lr", 1e-3),
-            ("betas", (0.9, 0.999)),
-            ("eps", 1e-8),
-            ("weight_decay", 1e-2),
-            ("amsgrad", False),
-        ),
-        kwonly=(
-            ("maximize", False),
-            ("foreach", None),
-            ("capturable", False),
-            ("differentiable", False),
-            ("fused", None),
-        ),
-        fixed={"decoupled_weight_decay": True},
-        state=_ADAM_STATE,
-        fn=("decoupled_weight_decay", "adam_", "adamw_"),
-        buffers=("exp_avg", "exp_avg_sq"),
-        kw=_ADAM_KW,
-        step_kw=True,
-    ),
-}
+#: Filled below from :mod:`optkern.registry`, one entry per class.
+RULES: Dict[str, Rule] = {}
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -338,7 +187,8 @@ class _Entry:
 class _OktOptimizer(torch.optim.Optimizer):
     _rule: Rule
     _rule_name: str
-    _carried_names: Tuple[str, ...] = ()
+    _carried_names: Tuple[str, ...] = ()  # carried numbers kept as 0-d float32 tensors
+    _float_names: Tuple[str, ...] = ()  # carried numbers kept as Python floats
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
         bound = self.__signature__.bind(params, *args, **kwargs)  # TypeError as torch's would be
@@ -385,7 +235,7 @@ class _OktOptimizer(torch.optim.Optimizer):
                     f"optkern.torch.{cls} cannot update it in place: {why}; "
                     f"use torch.optim for such parameters"
                 )
-        self._call(group, [], [], {}, [], dry=True)  # optkern validates the hyperparameters
+        self._call(group, [], [], {}, [])  # optkern validates the hyperparameters
 
     @staticmethod
     def _label(group: Dict[str, Any], gi: int, i: int) -> str:
@@ -412,7 +262,9 @@ class _OktOptimizer(torch.optim.Optimizer):
         float32 ``step``; converted once here, never at a step."""
         for key in list(st):
             v = st[key]
-            if key == "step" or key in self._carried_names:
+            if key in self._float_names:
+                st[key] = float(v)
+            elif key == "step" or key in self._carried_names:
                 if key != "step" or self._rule.step:
                     if not (
                         isinstance(v, torch.Tensor)
@@ -447,7 +299,7 @@ class _OktOptimizer(torch.optim.Optimizer):
                     st[buf.name] = self._filled(p, buf, group)
         for c in self._rule.carried:
             init = c.init if not isinstance(c.init, str) else _scalar(c.init, group[c.init])
-            st[c.name] = torch.tensor(float(init), dtype=torch.float32)
+            st[c.name] = torch.tensor(float(init), dtype=torch.float32) if c.tensor else float(init)
         return st
 
     def _filled(self, p: torch.Tensor, buf: StateBuf, group: Dict[str, Any]) -> torch.Tensor:
@@ -476,7 +328,8 @@ class _OktOptimizer(torch.optim.Optimizer):
         rule = self._rule
         names = [b.name for b in rule.state if b.when is None or group[b.when]]
         cnames = list(self._carried_names)
-        keys = names + cnames + (["step"] if rule.step else [])
+        fnames = self._float_names
+        keys = names + cnames + (["step"] if rule.step else [])  # tensors, checked by identity
         params: List[torch.Tensor] = []
         pviews: List[np.ndarray] = []
         gviews: List[np.ndarray] = []
@@ -534,6 +387,8 @@ class _OktOptimizer(torch.optim.Optimizer):
         lists = {n: [e.views[k] for e in entries] for k, n in enumerate(names)}
         for k, n in enumerate(cnames):  # the carried numbers, read from their float32 tensors
             lists[n] = [float(e.cviews[k]) for e in entries]
+        for n in fnames:  # or kept as floats in the state
+            lists[n] = [e.sdict[n] for e in entries]
         steps = None
         if rule.step:
             steps = [int(e.steps) + 1 for e in entries]
@@ -552,6 +407,9 @@ class _OktOptimizer(torch.optim.Optimizer):
         for k, n in enumerate(cnames):  # written back as torch keeps them: float32
             for e, v in zip(entries, lists[n]):
                 e.cviews[k][()] = v
+        for n in fnames:
+            for e, v in zip(entries, lists[n]):
+                e.sdict[n] = v
         fresh = [b.name for b in rule.state if b.init == "first_grad" and b.name in lists]
         for name in fresh:  # buffers the first update created: keep them as tensors
             k = names.index(name)
@@ -620,6 +478,11 @@ class _OktOptimizer(torch.optim.Optimizer):
         cviews = []
         for c in self._rule.carried:
             v = st.get(c.name)
+            if not c.tensor:
+                if v is None:
+                    v = c.init if not isinstance(c.init, str) else group[c.init]
+                st[c.name] = float(_scalar(c.name, v))
+                continue
             if not (
                 isinstance(v, torch.Tensor)
                 and v.dtype == torch.float32
@@ -635,7 +498,7 @@ class _OktOptimizer(torch.optim.Optimizer):
         e.sdict = st
         e.tensors = (
             tuple(st.get(n) for n in names)
-            + tuple(st[c.name] for c in self._rule.carried)
+            + tuple(st[c.name] for c in self._rule.carried if c.tensor)
             + ((st["step"],) if self._rule.step else ())
         )
         e.views = tuple(views)
@@ -647,7 +510,6 @@ class _OktOptimizer(torch.optim.Optimizer):
         gviews: List[np.ndarray],
         lists: Dict[str, List[Any]],
         steps: Optional[List[int]],
-        dry: bool = False,
     ) -> None:
         rule = self._rule
         fn_name = rule.fn if isinstance(rule.fn, str) else rule.fn[2 if group[rule.fn[0]] else 1]
@@ -656,18 +518,122 @@ class _OktOptimizer(torch.optim.Optimizer):
         for kw, src in rule.kw.items():
             if isinstance(src, tuple):
                 kwargs[kw] = _scalar(f"{src[0]}[{src[1]}]", group[src[0]][src[1]])
-            elif src.startswith("@"):
-                kwargs[kw] = lists.get(src[1:], [] if dry else None)
             else:
                 kwargs[kw] = _scalar(src, group[src])
         if rule.step_kw:
             kwargs["step"] = steps if steps is not None else []
-        bufs = []
-        for n in rule.buffers:
-            needed = any(b.name == n and (b.when is None or group[b.when]) for b in rule.state)
-            bufs.append(lists.get(n, []) if needed else None)
-        bufs += [lists.get(c.name, []) for c in rule.carried]
-        fn(pviews, gviews, *bufs, **kwargs)
+        for b in rule.state:  # by keyword: a list the group does not use is None
+            kwargs[b.arg] = lists.get(b.name, []) if b.when is None or group[b.when] else None
+        for c in rule.carried:
+            kwargs[c.arg] = lists.get(c.name, [])
+        fn(pviews, gviews, **kwargs)
+
+
+# -- Schedule-Free's train()/eval() ---------------------------------------------------------------
+
+
+class _ScheduleFreeSwitch:
+    """``train()`` / ``eval()`` as the schedulefree package's ``AdamWScheduleFree`` and
+    ``SGDScheduleFree``: the parameter holds y (where the gradient is taken) in train mode and x
+    (the average, to evaluate and save) in eval mode; each switch is one in-place lerp towards
+    ``state["z"]`` (optkern's own, :func:`optkern.optimizers.switch_schedule_free`). The mode is
+    each group's ``train_mode``, saved with the group; a step in eval mode raises RuntimeError
+    before anything runs or changes. Unlike the package, a new group starts in train mode (in the
+    first group's mode, once there is one), as in optkern's NumPy classes.
+
+    optkern counts steps per parameter (``step``, ``lr_max``, ``weight_sum`` in each parameter's
+    state), the package per group (``k``, ``lr_max``, ``weight_sum`` in the group); they agree
+    while every parameter has a gradient at every step. ``state_dict()`` also writes the group
+    counters where the group's parameters agree on them, so the package loads it;
+    ``load_state_dict`` takes the package's layout too (each parameter with a ``z`` gets the
+    group's counters)."""
+
+    _GROUP_COUNTERS = ("k", "lr_max", "weight_sum", "scheduled_lr")
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        groups = self.param_groups  # type: ignore[attr-defined]
+        mode = bool(groups[0].get("train_mode", True)) if groups else True
+        super().add_param_group(param_group)  # type: ignore[misc]
+        groups[-1].setdefault("train_mode", mode)
+
+    def train(self) -> None:
+        """x -> y: p <- lerp(p, z, 1 - beta), for each group in eval mode."""
+        self._switch(True)
+
+    def eval(self) -> None:
+        """y -> x: p <- lerp(p, z, 1 - 1/beta), for each group in train mode."""
+        self._switch(False)
+
+    @torch.no_grad()
+    def _switch(self, to_train: bool) -> None:
+        from . import optimizers, registry
+
+        reg = registry.rule(self._rule.registry_name)  # type: ignore[attr-defined]
+        moved: List[torch.Tensor] = []
+
+        def pairs(group: Dict[str, Any]) -> Any:
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)  # type: ignore[attr-defined]
+                if not st or "z" not in st or float(st.get("step", 0)) <= 0:
+                    continue  # not stepped yet: y = x = z
+                why = _why_not(p, "parameter")
+                if why:
+                    gi = [id(g) for g in self.param_groups].index(id(group))  # type: ignore[attr-defined]
+                    why = _why_not(p, self._label(group, gi, i))  # type: ignore[attr-defined]
+                    raise TypeError(f"optkern.torch.{type(self).__name__} cannot move it: {why}")
+                z = st["z"]
+                if _why_not(z, "z") or z.shape != p.shape:
+                    st["z"] = z = z.detach().to(device="cpu", dtype=torch.float32).contiguous()
+                moved.append(p)
+                yield _np(p), _np(z)
+
+        optimizers.switch_schedule_free(
+            self.param_groups,  # type: ignore[attr-defined]
+            to_train,
+            lambda group: reg.to_core(group)[self._rule.switch],  # type: ignore[attr-defined]
+            pairs,
+        )
+        if moved:
+            increment_version(moved)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        if not all(bool(g.get("train_mode", True)) for g in self.param_groups):  # type: ignore[attr-defined]
+            raise RuntimeError(
+                f"{type(self).__name__}.step() in eval mode: call train() first (and eval() "
+                "again before evaluating or saving)"
+            )
+        return super().step(closure)  # type: ignore[misc]
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()  # type: ignore[misc]
+        for group, packed in zip(self.param_groups, sd["param_groups"]):  # type: ignore[attr-defined]
+            seen = set()
+            for p in group["params"]:
+                st = self.state.get(p)  # type: ignore[attr-defined]
+                if st and "step" in st:
+                    seen.add((int(st["step"]), st["lr_max"], st["weight_sum"]))
+            if len(seen) <= 1:  # the package's group counters, where its parameters agree
+                k, lr_max, weight_sum = seen.pop() if seen else (0, -1.0, 0.0)
+                packed.update(k=k, lr_max=lr_max, weight_sum=weight_sum)
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            if "k" not in group:
+                continue
+            k, lr_max, weight_sum = group["k"], group.get("lr_max", -1.0), group["weight_sum"]
+            for key in self._GROUP_COUNTERS:
+                group.pop(key, None)
+            for p in group["params"]:
+                st = self.state.get(p)  # type: ignore[attr-defined]
+                if st and "z" in st and "step" not in st:  # the package's layout
+                    st["step"] = torch.tensor(float(k), dtype=torch.float32)
+                    st["lr_max"], st["weight_sum"] = float(lr_max), float(weight_sum)
+        self._okt_cache = {}
+
+
+# -- the classes -----------------------------------------------------------------------------------
 
 
 def _make(name: str, rule: Rule, doc: str) -> type:
@@ -682,15 +648,17 @@ def _make(name: str, rule: Rule, doc: str) -> type:
         inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in rule.kwonly
     ]
     bind_sig = inspect.Signature(params[1:])
+    bases = (_ScheduleFreeSwitch, _OktOptimizer) if rule.switch else (_OktOptimizer,)
     cls = type(
         name,
-        (_OktOptimizer,),
+        bases,
         {
             "_rule": rule,
             "_rule_name": name,
             "__signature__": bind_sig,
             "__doc__": doc,
-            "_carried_names": tuple(c.name for c in rule.carried),
+            "_carried_names": tuple(c.name for c in rule.carried if c.tensor),
+            "_float_names": tuple(c.name for c in rule.carried if not c.tensor),
             "__module__": __name__,
             "__qualname__": name,
         },
@@ -698,33 +666,39 @@ def _make(name: str, rule: Rule, doc: str) -> type:
     return cls
 
 
+#: Where a Schedule-Free class's arguments come from: the schedulefree package's classes.
+PACKAGE_PEERS = {
+    "ScheduleFreeAdamW": "schedulefree.AdamWScheduleFree",
+    "ScheduleFreeSGD": "schedulefree.SGDScheduleFree",
+}
+
+
 def _doc(name: str) -> str:
     import optkern
 
     rule = RULES[name]
-    same = (
-        f"Same arguments, defaults, state and state_dict layout as torch.optim.{rule.torch_name}"
-        if rule.torch_name
-        else "No torch counterpart; state_dict in torch's layout"
-    )
-    return (
+    if rule.torch_name:
+        same = (
+            f"Same arguments, defaults, state and state_dict layout as torch.optim.{rule.torch_name}"
+        )
+    elif rule.switch:
+        same = (
+            f"Same arguments and defaults as {PACKAGE_PEERS[name]}, and its train()/eval() "
+            "switch (see below); state_dict in torch's layout"
+        )
+    else:
+        same = "No torch counterpart; state_dict in torch's layout"
+    doc = (
         f"{name} on CPU float32 torch tensors, stepped in place by optkern's kernels.\n\n"
         f"{same}. The update, as optkern.{name} computes it:\n\n"
         + (getattr(optkern, name).__doc__ or "")
     )
+    if rule.switch:
+        doc += "\n\n" + (_ScheduleFreeSwitch.__doc__ or "")
+    return doc
 
 
-SGD = _make("SGD", RULES["SGD"], _doc("SGD"))
-Nesterov = _make("Nesterov", RULES["Nesterov"], _doc("Nesterov"))
-Momentum = _make("Momentum", RULES["Momentum"], _doc("Momentum"))
-RMSprop = _make("RMSprop", RULES["RMSprop"], _doc("RMSprop"))
-Adagrad = _make("Adagrad", RULES["Adagrad"], _doc("Adagrad"))
-Adadelta = _make("Adadelta", RULES["Adadelta"], _doc("Adadelta"))
-Adam = _make("Adam", RULES["Adam"], _doc("Adam"))
-AdamW = _make("AdamW", RULES["AdamW"], _doc("AdamW"))
-
-
-# -- every other rule of the registry --------------------------------------------------------------
+# -- the table from the registry -------------------------------------------------------------------
 
 _KWONLY_NO_TORCH = (
     ("maximize", False),
@@ -734,11 +708,32 @@ _KWONLY_NO_TORCH = (
     ("capturable", False),
 )  # as optkern's own classes
 
+# What neither torch's signature nor a declaration says, explained:
+#: torch's SGD creates its momentum buffer at the first update, as the gradient itself
+#: (optkern.functional.sgd_ does that for a None entry of its list); other buffers start filled.
+_FIRST_UPDATE = {"SGD": "momentum_buffer"}
+#: torch's Adam takes decoupled_weight_decay=True to be AdamW; the registry declares the two as
+#: separate rules (flag, the rule it selects).
+_FLAG_RULES = {"Adam": ("decoupled_weight_decay", "adamw")}
+
+
+def _torch_signature(theirs: type) -> Tuple[Tuple[Tuple[str, Any], ...], ...]:
+    ps = list(inspect.signature(theirs).parameters.values())[1:]
+    args = tuple((p.name, p.default) for p in ps if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    kwonly = tuple((p.name, p.default) for p in ps if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    if len(args) + len(kwonly) != len(ps):
+        raise ValueError(f"torch.optim.{theirs.__name__} takes *args or **kwargs")
+    return args, kwonly
+
 
 def _from_registry(r: Any) -> Rule:
     """The table entry of registry rule ``r``. A rule torch also has takes torch's signature
     (order, kinds, defaults) after checking that it has every argument the declaration names,
-    with the same default; ValueError says where they disagree."""
+    with the same default; the group entries torch sets without an argument (AdamW's
+    ``decoupled_weight_decay``) and whether it creates state in the constructor (Adagrad) are
+    read off an instance of torch's class. ValueError says where they disagree."""
+    from . import optimizers
+
     by_core = {h.name: h for h in r.hyper}
 
     def torch_name(core: Optional[str]) -> Optional[str]:
@@ -751,15 +746,12 @@ def _from_registry(r: Any) -> Rule:
 
     declared = r.torch_args()
     theirs = getattr(torch.optim, r.cls, None)
+    flag = _FLAG_RULES.get(r.cls)
+    fixed: Dict[str, Any] = {}
+    eager = False
+    switch = None
     if theirs is not None:
-        sig = inspect.signature(theirs)
-        ps = list(sig.parameters.values())[1:]
-        args = tuple(
-            (p.name, p.default) for p in ps if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-        )
-        kwonly = tuple((p.name, p.default) for p in ps if p.kind is inspect.Parameter.KEYWORD_ONLY)
-        if len(args) + len(kwonly) != len(ps):
-            raise ValueError(f"torch.optim.{r.cls} takes *args or **kwargs")
+        args, kwonly = _torch_signature(theirs)
         have = dict(args + kwonly)
         for name, default in declared + [("maximize", False)]:
             if name not in have:
@@ -772,14 +764,31 @@ def _from_registry(r: Any) -> Rule:
                     f"the registry's to {default!r}"
                 )
         extra = set(have) - {n for n, _ in declared} - {n for n, _ in _KWONLY_NO_TORCH}
+        extra -= {flag[0]} if flag else set()
         if extra:
             raise ValueError(
                 f"torch.optim.{r.cls} takes {sorted(extra)}, which the registry does not declare"
             )
+        try:
+            made = theirs([torch.zeros(1, requires_grad=True)])
+        except Exception as err:  # noqa: BLE001 (said in UNMAPPED)
+            raise ValueError(f"torch.optim.{r.cls} with its defaults fails: {err}") from None
+        fixed = {k: v for k, v in made.defaults.items() if k not in have}
+        eager = bool(made.state)
+    elif hasattr(getattr(optimizers, r.cls, None), "eval"):
+        # Schedule-Free: the schedulefree package's arguments, the declaration's then foreach
+        # (default True where torch has its foreach ops, as the package's); optkern's flags after.
+        switch = getattr(optimizers, r.cls)._interpolation
+        args = tuple(declared) + (("foreach", hasattr(torch, "_foreach_mul_")),)
+        kwonly = tuple(kv for kv in _KWONLY_NO_TORCH if kv[0] != "foreach")
     else:
         args, kwonly = tuple(declared), _KWONLY_NO_TORCH
     kw: Dict[str, Any] = {h.name: (h.torch if h.slot < 0 else (h.torch, h.slot)) for h in r.hyper}
     kw["maximize"] = "maximize"
+    # only what the functional function takes (Adagrad's initial_accumulator_value fills state)
+    takes = inspect.signature(getattr(F, f"{r.name}_")).parameters
+    kw = {k: v for k, v in kw.items() if k in takes}
+    first = _FIRST_UPDATE.get(r.cls)
     return Rule(
         r.cls if theirs is not None else None,
         args=args,
@@ -787,49 +796,67 @@ def _from_registry(r: Any) -> Rule:
         state=tuple(
             StateBuf(
                 s.name,
-                init="zeros" if s.init is None else str(torch_name(s.init)),
+                s.arg,
+                init="first_grad"
+                if s.name == first
+                else "zeros"
+                if s.init is None
+                else str(torch_name(s.init)),
                 when=torch_name(s.when),
                 shape=s.shape,
             )
             for s in r.states
         ),
-        fn=f"{r.name}_",
-        buffers=tuple(s.name for s in r.states),
+        fn=(flag[0], f"{r.name}_", f"{flag[1]}_") if flag else f"{r.name}_",
         kw=kw,
         step=r.counts_steps,
         step_kw=r.uses_step,
+        eager=eager,
+        fixed=fixed,
         carried=tuple(
-            CarriedNum(c.name, c.init if c.init_from is None else torch_name(c.init_from))
+            CarriedNum(
+                c.name,
+                c.arg,
+                c.init if c.init_from is None else torch_name(c.init_from),
+                tensor=theirs is not None,
+            )
             for c in r.carried
         ),
+        registry_name=r.name,
+        switch=switch,
     )
 
 
-# Rules of the registry without a class above, and why (a disagreement between the declaration and
+def _nesterov(sgd: Rule) -> Rule:
+    """optkern's Nesterov (SGD with nesterov=True, momentum 0.9 by default; no torch class, it
+    saves as torch's SGD): SGD's entry with optkern.Nesterov's arguments."""
+    from . import optimizers
+
+    ps = list(inspect.signature(optimizers.Nesterov).parameters.values())[1:]
+    args = tuple((p.name, p.default) for p in ps if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return replace(sgd, args=args, fixed={"nesterov": True})
+
+
+# Rules of the registry without a class, and why (a disagreement between the declaration and
 # torch's signature); ``optkern.torch.<name>`` raises AttributeError with the reason.
 UNMAPPED: Dict[str, str] = {}
 
 
 def _add_registry_rules() -> None:
-    from . import optimizers, registry
+    from . import registry
 
     for r in registry.rules():
-        if r.cls in RULES:
-            continue
-        if hasattr(getattr(optimizers, r.cls, None), "eval"):
-            # Schedule-Free's train()/eval() switch between the y and x points is not built here.
-            UNMAPPED[r.cls] = (
-                "its train()/eval() switch is not in optkern.torch yet; use "
-                f"optkern.{r.cls} on NumPy arrays, or the schedulefree package"
-            )
-            continue
         try:
             RULES[r.cls] = _from_registry(r)
         except ValueError as err:
             UNMAPPED[r.cls] = str(err)
             continue
-        globals()[r.cls] = _make(r.cls, RULES[r.cls], _doc(r.cls))
-        __all__.append(r.cls)
+        if r.cls == "SGD":
+            RULES["Nesterov"] = _nesterov(RULES["SGD"])
+    for name in RULES:
+        globals()[name] = _make(name, RULES[name], _doc(name))
+        if name not in __all__:
+            __all__.append(name)
 
 
 _add_registry_rules()

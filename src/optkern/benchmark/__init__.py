@@ -106,7 +106,14 @@ def add_parser(sub) -> None:
         "--torch",
         action="store_true",
         help="optkern.torch against torch.optim instead: the step at 1M and 50M "
-        "and an autograd training loop (see benchmark/torch_bench.py)",
+        "and an autograd training loop, for SGD, Adam, AdamW, Adagrad, RMSprop and Adadelta "
+        "unless --all or --optimizers says otherwise (see benchmark/torch_bench.py)",
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="with --torch: every optkern.torch class, each against torch.optim's class or "
+        "its reference package (lion-pytorch, optax, schedulefree) where installed",
     )
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--plot", metavar="PATH", help="PNG of time against size (needs matplotlib)")
@@ -133,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         from .torch_bench import main_cli
 
         args.sizes_given = args.sizes != DEFAULT_SIZES
+        args.optimizers_given = args.optimizers != list(CASES)
         return main_cli(args)
     use_torch = not args.no_torch and torch_available() is not None
     if use_torch:

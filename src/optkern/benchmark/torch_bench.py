@@ -3,29 +3,138 @@
 Three measurements, each interleaving torch and optkern repeat by repeat and keeping medians:
 
 * the optimizer step alone on one float32 parameter of 1M and 50M elements, against torch's
-  fastest CPU path (``fused=True`` for SGD, Adam, AdamW and Adagrad, ``foreach=True`` otherwise);
+  fastest CPU path (``fused=True`` where torch's class takes it: SGD, Adam, AdamW, Adagrad;
+  ``foreach=True`` otherwise), or the class's own reference package where torch.optim lacks it
+  (Lion: lion-pytorch, LAMB: optax, Schedule-Free: schedulefree); a peer that is not installed
+  leaves its cell blank with the reason;
 * a whole training loop (autograd MLP of about 2M parameters, batch 64: zero_grad, forward,
   cross-entropy, backward, step), the number users feel;
 * the per-parameter overhead of optkern.torch's Python side (views, checks) over many small
   parameters, against calling optkern.functional on the same arrays directly.
+
+By default the six classes with a torch.optim counterpart that the first version covered run
+(``ORIGINALS``: about a minute); ``--all`` runs every optkern.torch class, ``--optimizers``
+the ones named.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
+import inspect
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-#: name -> (torch kwargs for the fastest CPU path, shared hyperparameters)
-CONFIGS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
-    "SGD": ({"fused": True}, {"lr": 0.01, "momentum": 0.9}),
-    "Adam": ({"fused": True}, {"lr": 1e-3}),
-    "AdamW": ({"fused": True}, {"lr": 1e-3}),
-    "Adagrad": ({"fused": True}, {"lr": 0.01}),
-    "RMSprop": ({"foreach": True}, {"lr": 1e-3}),
-    "Adadelta": ({"foreach": True}, {"lr": 1.0}),
+#: The default run: these classes against torch's fused or foreach path.
+ORIGINALS = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta"]
+
+#: optkern.torch class -> the hyperparameters both sides take in the benchmark (else defaults).
+#: Schedule-Free SGD's default lr=1.0 diverges on the benchmark's MLP.
+HYPER: Dict[str, Dict[str, Any]] = {
+    "SGD": {"lr": 0.01, "momentum": 0.9},
+    "Nesterov": {"lr": 0.01, "momentum": 0.9},
+    "Momentum": {"lr": 0.01, "beta": 0.9},
+    "Adam": {"lr": 1e-3},
+    "AdamW": {"lr": 1e-3},
+    "Adagrad": {"lr": 0.01},
+    "RMSprop": {"lr": 1e-3},
+    "Adadelta": {"lr": 1.0},
+    "ScheduleFreeSGD": {"lr": 0.1},
 }
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What an optkern.torch class is compared with: ``cls`` (dotted: torch.optim.X or a
+    package's class) built with the same hyperparameters (``rename`` maps them where the names
+    differ) plus ``flags`` (torch's fused/foreach). ``impl`` labels the column. A peer that is
+    not a torch optimizer (optax's LAMB) times the step alone, on the same memory."""
+
+    cls: str
+    impl: str
+    flags: Tuple[Tuple[str, Any], ...] = ()
+    rename: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
+    modules: Tuple[str, ...] = ("torch",)
+    torch_optimizer: bool = True
+
+    def missing(self, loop: bool = False) -> Optional[str]:
+        """Why this peer cannot be measured here, else None (nothing is imported but torch)."""
+        if not self.cls:
+            return self.impl
+        if loop and not self.torch_optimizer:
+            return f"{self.cls} is not a torch optimizer (no training loop)"
+        for module in self.modules:
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed"
+        if self.cls.startswith("torch.optim."):
+            import torch
+
+            if not hasattr(torch.optim, self.cls.rsplit(".", 1)[1]):
+                return f"{self.cls} does not exist in torch {torch.__version__}"
+        return None
+
+    def make(self, params: Any, hp: Dict[str, Any]) -> Any:
+        """The peer optimizer over torch ``params``, in train mode (Schedule-Free)."""
+        module, name = self.cls.rsplit(".", 1)
+        kwargs = dict(self.rename(hp) if self.rename else hp, **dict(self.flags))
+        opt = getattr(importlib.import_module(module), name)(params, **kwargs)
+        if module == "schedulefree":
+            opt.train()  # the package starts in eval mode
+        return opt
+
+    def stepper(self, params: List[Any], hp: Dict[str, Any]) -> Callable[[], None]:
+        """One step of the peer over ``params`` (each with its ``grad``)."""
+        if self.torch_optimizer:
+            return self.make(params, hp).step
+        from .cases import _optax_lamb
+
+        return _optax_lamb([p.detach().numpy() for p in params], [p.grad.numpy() for p in params])
+
+
+def _momentum_as_sgd(hp: Dict[str, Any]) -> Dict[str, Any]:
+    beta = hp.get("beta", 0.9)
+    return {
+        "lr": hp.get("lr", 1e-3),
+        "momentum": beta,
+        "dampening": beta,
+        "weight_decay": hp.get("weight_decay", 0.0),
+    }
+
+
+def peers() -> Dict[str, Peer]:
+    """The peer of every optkern.torch class, in optkern.torch's order."""
+    import torch
+
+    import optkern.torch as okt
+
+    out: Dict[str, Peer] = {}
+    for name, rule in okt.RULES.items():
+        theirs = rule.torch_name
+        if theirs is not None:
+            fused = "fused" in inspect.signature(getattr(torch.optim, theirs)).parameters
+            impl = "fused" if fused else "foreach"
+            rename = None
+            if theirs != name:  # Nesterov: torch's SGD with optkern's defaults and nesterov=True
+                defaults = dict(rule.args)
+
+                def rename(hp, defaults=defaults, fixed=rule.fixed):
+                    return {**defaults, **hp, **fixed}
+
+            out[name] = Peer(f"torch.optim.{theirs}", impl, ((impl, True),), rename)
+        elif name == "Momentum":  # torch's SGD with dampening = momentum: the same update
+            out[name] = Peer("torch.optim.SGD", "fused", (("fused", True),), _momentum_as_sgd)
+        elif name == "Lion":
+            out[name] = Peer("lion_pytorch.Lion", "lion-pt", modules=("torch", "lion_pytorch"))
+        elif name == "LAMB":
+            out[name] = Peer("optax.lamb", "optax", modules=("jax", "optax"), torch_optimizer=False)
+        elif name in okt.PACKAGE_PEERS:
+            out[name] = Peer(okt.PACKAGE_PEERS[name], "sf-pt", modules=("torch", "schedulefree"))
+        else:
+            out[name] = Peer("", "no peer known")
+    return out
 
 
 def _median_pair(
@@ -48,35 +157,52 @@ def _median_pair(
     return statistics.median(ta), statistics.median(tb)
 
 
-def bench_steps(names: List[str], sizes: List[int], repeats: int) -> List[Dict[str, Any]]:
+def _median_one(f: Callable[[], None], repeats: int, inner: int) -> float:
+    f()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            f()
+        out.append((time.perf_counter() - t0) / inner)
+    return statistics.median(out)
+
+
+def _row(name: str, peer: Peer, why: Optional[str], tt: Optional[float], to: float) -> Dict:
+    row: Dict[str, Any] = {"optimizer": name, "torch_path": peer.impl, "okt_s": to}
+    if why is None and tt is not None:
+        row.update(torch_s=tt, speedup=tt / to)
+    else:
+        row["torch_missing"] = why
+    return row
+
+
+def bench_steps(
+    names: List[str], sizes: List[int], repeats: int, table: Optional[Dict[str, Peer]] = None
+) -> List[Dict[str, Any]]:
     import torch
 
     import optkern.torch as okt
 
+    table = table or peers()
     rows = []
     for n in sizes:
         for name in names:
-            impl, hp = CONFIGS[name]
+            peer, hp = table[name], HYPER.get(name, {})
+            why = peer.missing()
             gen = torch.Generator().manual_seed(0)
             p0 = torch.randn(n, generator=gen)
             grad = torch.randn(n, generator=gen) * 1e-3
             pt, po = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0)
             pt.grad, po.grad = grad.clone(), grad
-            ot = getattr(torch.optim, name)([pt], **impl, **hp)
             oo = getattr(okt, name)([po], **hp)
             inner = max(1, int(2_000_000 // n))
-            tt, to = _median_pair(ot.step, oo.step, repeats, inner)
-            rows.append(
-                {
-                    "optimizer": name,
-                    "size": n,
-                    "torch_path": next(iter(impl)),
-                    "torch_s": tt,
-                    "okt_s": to,
-                    "speedup": tt / to,
-                }
-            )
-            del ot, oo, pt, po, p0, grad
+            if why is None:
+                tt, to = _median_pair(peer.stepper([pt], hp), oo.step, repeats, inner)
+            else:
+                tt, to = None, _median_one(oo.step, repeats, inner)
+            rows.append(dict(_row(name, peer, why, tt, to), size=n))
+            del oo, pt, po, p0, grad
     return rows
 
 
@@ -94,20 +220,23 @@ def _mlp(seed: int):
     )
 
 
-def bench_loop(names: List[str], repeats: int, iters: int = 20) -> List[Dict[str, Any]]:
+def bench_loop(
+    names: List[str], repeats: int, iters: int = 20, table: Optional[Dict[str, Peer]] = None
+) -> List[Dict[str, Any]]:
     import torch
 
     import optkern.torch as okt
 
+    table = table or peers()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 784, generator=gen)
     y = torch.randint(0, 10, (64,), generator=gen)
     rows = []
     for name in names:
-        impl, hp = CONFIGS[name]
+        peer, hp = table[name], HYPER.get(name, {})
+        why = peer.missing(loop=True)
         mt = _mlp(0)
         mo = copy.deepcopy(mt)
-        ot = getattr(torch.optim, name)(mt.parameters(), **impl, **hp)
         oo = getattr(okt, name)(mo.parameters(), **hp)
 
         def loop(model, opt):
@@ -118,18 +247,13 @@ def bench_loop(names: List[str], repeats: int, iters: int = 20) -> List[Dict[str
 
             return one
 
-        tt, to = _median_pair(loop(mt, ot), loop(mo, oo), repeats, iters)
+        if why is None:
+            ot = peer.make(list(mt.parameters()), hp)
+            tt, to = _median_pair(loop(mt, ot), loop(mo, oo), repeats, iters)
+        else:
+            tt, to = None, _median_one(loop(mo, oo), repeats, iters)
         nparams = sum(p.numel() for p in mt.parameters())
-        rows.append(
-            {
-                "optimizer": name,
-                "params": nparams,
-                "torch_path": next(iter(impl)),
-                "torch_s": tt,
-                "okt_s": to,
-                "speedup": tt / to,
-            }
-        )
+        rows.append(dict(_row(name, peer, why, tt, to), params=nparams))
     return rows
 
 
@@ -198,26 +322,27 @@ def run_torch(names: List[str], sizes: List[int], repeats: int, threads: int) ->
     }
 
 
+def _cells(r: Dict[str, Any]) -> str:
+    if "torch_s" in r:
+        return f"{r['torch_s'] * 1e3:9.3f}ms {r['okt_s'] * 1e3:9.3f}ms {r['speedup']:6.2f}"
+    return f"{'':>11} {r['okt_s'] * 1e3:9.3f}ms {'':>6}  ({r['torch_missing']})"
+
+
 def report_torch(res: Dict[str, Any]) -> None:
     print(
-        f"\noptkern.torch against torch.optim {res['torch']} ({res['threads']} threads each); "
-        "medians of interleaved repeats; x = torch time / optkern time"
+        f"\noptkern.torch against torch.optim {res['torch']} ({res['threads']} threads each), or "
+        "the class's reference package; medians of interleaved repeats; x = peer time / "
+        "optkern time"
     )
-    print(f"\n{'step alone':<10} {'size':>6} {'torch path':>10} {'torch':>11} {'okt':>11} {'x':>6}")
+    print(f"\n{'step alone':<18} {'size':>6} {'peer':>8} {'peer':>11} {'okt':>11} {'x':>6}")
     for r in res["steps"]:
-        print(
-            f"{r['optimizer']:<10} {_label(r['size']):>6} {r['torch_path']:>10} "
-            f"{r['torch_s'] * 1e3:9.3f}ms {r['okt_s'] * 1e3:9.3f}ms {r['speedup']:6.2f}"
-        )
+        print(f"{r['optimizer']:<18} {_label(r['size']):>6} {r['torch_path']:>8} {_cells(r)}")
     print(
-        f"\n{'loop':<10} {'params':>9} {'torch path':>10} {'torch':>11} {'okt':>11} {'x':>6}"
+        f"\n{'loop':<18} {'params':>9} {'peer':>8} {'peer':>11} {'okt':>11} {'x':>6}"
         "   (MLP 784-1024-1024-10, batch 64, zero_grad+forward+backward+step)"
     )
     for r in res["loop"]:
-        print(
-            f"{r['optimizer']:<10} {r['params']:>9} {r['torch_path']:>10} "
-            f"{r['torch_s'] * 1e3:9.3f}ms {r['okt_s'] * 1e3:9.3f}ms {r['speedup']:6.2f}"
-        )
+        print(f"{r['optimizer']:<18} {r['params']:>9} {r['torch_path']:>8} {_cells(r)}")
     o = res["overhead"]
     print(
         f"\nAdam over {o['params']} parameters of {o['elements_each']} elements: okt "
@@ -227,10 +352,36 @@ def report_torch(res: Dict[str, Any]) -> None:
         f"optkern.torch's overhead {o['overhead_per_param_us']:.2f} us per parameter "
         f"({o['overhead_per_param_fresh_grads_us']:.2f} us with new grad tensors)"
     )
+    left = res.get("not_run") or []
+    if left:
+        print(f"\nNot run: {', '.join(left)} (--all runs every optkern.torch class)")
 
 
 def _label(n: int) -> str:
     return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
+def select(optimizers: Optional[List[str]], every: bool) -> List[str]:
+    """The optkern.torch classes to run: every one (``--all``), the ones ``--optimizers`` names
+    (optkern.torch class names, or the main benchmark's keys: ``nadam``, ``sgd-momentum``, ...),
+    else ``ORIGINALS``."""
+    import optkern as ok
+    import optkern.torch as okt
+
+    classes = list(okt.RULES)
+    if every:
+        return classes
+    if not optimizers:
+        return list(ORIGINALS)
+    by_key = {n.lower(): n for n in classes}
+    by_key.update({r.name: r.cls for r in ok.registry.rules() if r.cls in okt.RULES})
+    by_key.update({"sgd-momentum": "SGD", "amsgrad": "Adam"})
+    chosen = set()
+    for o in optimizers:
+        if o.lower() not in by_key:
+            raise SystemExit(f"--torch: no optkern.torch class {o!r}; one of {', '.join(classes)}")
+        chosen.add(by_key[o.lower()])
+    return [n for n in classes if n in chosen]
 
 
 def main_cli(args: Any) -> int:
@@ -241,14 +392,15 @@ def main_cli(args: Any) -> int:
     import optkern as ok
     from .runner import machine, parse_size, write_json
 
-    chosen = {o.lower().replace("-momentum", "") for o in args.optimizers}
-    names = [n for n in CONFIGS if n.lower() in chosen] or list(CONFIGS)
+    given = getattr(args, "optimizers_given", True)
+    names = select(args.optimizers if given else None, getattr(args, "all", False))
     sizes = [parse_size(s) for s in (args.sizes if args.sizes_given else ["1m", "50m"])]
     threads = args.threads or ok.get_num_threads()
     info = machine()
     print(f"# {info['cpu']}, {info['cores']} cores; optkern {info['optkern']} ({info['isa']})")
     res = run_torch(names, sizes, args.repeats, threads)
     res["machine"] = info
+    res["not_run"] = [n for n in peers() if n not in names]
     report_torch(res)
     if args.json:
         write_json(args.json, res)
@@ -256,4 +408,4 @@ def main_cli(args: Any) -> int:
     return 0
 
 
-__all__ = ["CONFIGS", "run_torch", "report_torch", "main_cli"]
+__all__ = ["ORIGINALS", "HYPER", "Peer", "peers", "select", "run_torch", "report_torch", "main_cli"]

@@ -4,7 +4,14 @@ The model is a torch MLP (autograd, ``nn.Linear`` + ReLU, cross-entropy) on the 
 :func:`optkern.examples.datasets.make_digits` (made in code: nothing is downloaded). Each optimizer
 trains it twice from the same initial weights on the same batches: once with ``torch.optim`` and
 once with ``optkern.torch``, its drop-in twin; the table shows that both reach the same loss and
-how long each training took. A ``torch.optim.lr_scheduler`` drives both.
+how long each training took. A ``torch.optim.lr_scheduler`` drives both (not the Schedule-Free
+classes, which need none: they train in ``train()`` mode and are evaluated after ``eval()``).
+
+Every optkern.torch class runs, each against the peer ``python -m optkern bench --torch`` uses
+(:func:`optkern.benchmark.torch_bench.peers`): torch.optim's class on its fused or foreach path,
+or the reference package where torch lacks the optimizer (lion-pytorch's Lion, schedulefree's
+classes); a peer that is missing, or not a torch optimizer (optax's LAMB), leaves its columns
+blank with the reason.
 
 Needs torch (``pip install "optkern[torch]"``). ``python -m optkern.examples.torch_mlp --help``.
 """
@@ -18,30 +25,36 @@ from typing import Any, Dict, List, Sequence
 
 from optkern.examples.datasets import make_digits
 
-#: name -> (hyperparameters, torch's fastest CPU path for it)
+#: optkern.torch class -> its hyperparameters here (both sides take them)
 HYPER: Dict[str, Dict[str, Any]] = {
     "SGD": {"lr": 0.1, "momentum": 0.9},
+    "Nesterov": {"lr": 0.05, "momentum": 0.9},
+    "Momentum": {"lr": 1.0, "beta": 0.9},
     "RMSprop": {"lr": 1e-3},
     "Adagrad": {"lr": 0.05},
     "Adadelta": {"lr": 1.0},
     "Adam": {"lr": 1e-3},
     "AdamW": {"lr": 1e-3, "weight_decay": 1e-2},
-}
-TORCH_FLAGS = {
-    "SGD": {"fused": True},
-    "Adam": {"fused": True},
-    "AdamW": {"fused": True},
-    "Adagrad": {"fused": True},
-    "RMSprop": {"foreach": True},
-    "Adadelta": {"foreach": True},
+    "Adamax": {"lr": 2e-3},
+    "NAdam": {"lr": 1e-3},
+    "RAdam": {"lr": 1e-3},
+    "ASGD": {"lr": 0.5},
+    "Lion": {"lr": 1e-3},
+    "Rprop": {"lr": 1e-4},  # a full-batch method: poor on minibatches
+    "LAMB": {"lr": 1e-2},
+    "ScheduleFreeAdamW": {"lr": 2.5e-3},
+    "ScheduleFreeSGD": {"lr": 1.0},
 }
 
 
 def train(make_opt, model, X, y, epochs: int, batch_size: int, seed: int) -> Dict[str, Any]:
     import torch
 
-    opt = make_opt(model.parameters())
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    opt = make_opt(list(model.parameters()))
+    switch = hasattr(opt, "eval") and hasattr(opt, "train")  # Schedule-Free: no schedule
+    sched = None if switch else torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    if switch:
+        opt.train()
     gen = torch.Generator().manual_seed(seed)
     losses: List[float] = []
     t0 = time.perf_counter()
@@ -55,8 +68,11 @@ def train(make_opt, model, X, y, epochs: int, batch_size: int, seed: int) -> Dic
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
-        sched.step()
+        if sched is not None:
+            sched.step()
         losses.append(total / len(X))
+    if switch:
+        opt.eval()  # the parameters hold x, the average, to evaluate
     return {"seconds": time.perf_counter() - t0, "losses": losses}
 
 
@@ -72,6 +88,7 @@ def run(
     import torch
 
     import optkern.torch as okt
+    from optkern.benchmark.torch_bench import peers
 
     Xn, yn = make_digits(n, seed=seed)
     X = torch.from_numpy(np.ascontiguousarray(Xn - Xn.mean(axis=0), dtype=np.float32))
@@ -84,41 +101,37 @@ def run(
         torch.nn.ReLU(),
         torch.nn.Linear(hidden, 10),
     )
+    table = peers()
     rows = []
     for name in optimizers:
-        hp = HYPER[name]
+        hp, peer = HYPER.get(name, {}), table[name]
+        why = peer.missing(loop=True)
         mt, mo = copy.deepcopy(base), copy.deepcopy(base)
-        rt = train(
-            lambda ps: getattr(torch.optim, name)(ps, **hp, **TORCH_FLAGS[name]),
-            mt,
-            X,
-            y,
-            epochs,
-            batch_size,
-            seed,
-        )
+        rt = None
+        if why is None:
+            rt = train(lambda ps: peer.make(ps, hp), mt, X, y, epochs, batch_size, seed)
         ro = train(lambda ps: getattr(okt, name)(ps, **hp), mo, X, y, epochs, batch_size, seed)
+        row: Dict[str, Any] = {"optimizer": name, "peer": peer.impl, "okt_loss": ro["losses"][-1]}
         with torch.no_grad():
-            acc = float((mo(X).argmax(1) == y).float().mean())
-            drift = max(float((a - b).abs().max()) for a, b in zip(mt.parameters(), mo.parameters()))
-        rows.append(
-            {
-                "optimizer": name,
-                "torch_loss": rt["losses"][-1],
-                "okt_loss": ro["losses"][-1],
-                "okt_train_acc": acc,
-                "max_param_difference": drift,
-                "torch_s": rt["seconds"],
-                "okt_s": ro["seconds"],
-                "torch_path": next(iter(TORCH_FLAGS[name])),
-            }
-        )
+            row["okt_train_acc"] = float((mo(X).argmax(1) == y).float().mean())
+            if rt is not None:
+                row["max_param_difference"] = max(
+                    float((a - b).abs().max()) for a, b in zip(mt.parameters(), mo.parameters())
+                )
+        row["okt_s"] = ro["seconds"]
+        if rt is None:
+            row["peer_missing"] = why
+        else:
+            row.update(torch_loss=rt["losses"][-1], torch_s=rt["seconds"])
+        rows.append(row)
     return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--optimizers", nargs="*", default=list(HYPER), choices=list(HYPER))
+    p.add_argument(
+        "--optimizers", nargs="*", default=list(HYPER), choices=list(HYPER), metavar="NAME"
+    )
     p.add_argument("--n", type=int, default=4000, help="training digits")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--epochs", type=int, default=5)
@@ -136,14 +149,21 @@ def main(argv=None) -> int:
         f"batch {args.batch_size}, cosine schedule"
     )
     print(
-        f"{'optimizer':<10} {'torch loss':>10} {'okt loss':>10} {'okt acc':>8} "
-        f"{'max |dp|':>9} {'torch s':>8} {'okt s':>8}  torch path"
+        f"{'optimizer':<18} {'peer':>8} {'peer loss':>10} {'okt loss':>10} {'okt acc':>8} "
+        f"{'max |dp|':>9} {'peer s':>8} {'okt s':>8}"
     )
     for r in rows:
+        if "peer_missing" in r:
+            print(
+                f"{r['optimizer']:<18} {r['peer']:>8} {'':>10} {r['okt_loss']:10.4f} "
+                f"{100 * r['okt_train_acc']:7.1f}% {'':>9} {'':>8} {r['okt_s']:8.2f}"
+                f"  ({r['peer_missing']})"
+            )
+            continue
         print(
-            f"{r['optimizer']:<10} {r['torch_loss']:10.4f} {r['okt_loss']:10.4f} "
+            f"{r['optimizer']:<18} {r['peer']:>8} {r['torch_loss']:10.4f} {r['okt_loss']:10.4f} "
             f"{100 * r['okt_train_acc']:7.1f}% {r['max_param_difference']:9.2e} "
-            f"{r['torch_s']:8.2f} {r['okt_s']:8.2f}  {r['torch_path']}"
+            f"{r['torch_s']:8.2f} {r['okt_s']:8.2f}"
         )
     return 0
 
