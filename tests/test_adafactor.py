@@ -28,6 +28,7 @@ SHAPES = [
     (130, 3),
     (67, 129),
     (2, 3, 1, 33),
+    (3, 17000),  # rows longer than the kernel's column block (16384) and its float runs (1024)
     (1,),
     (0,),
     (0, 5),

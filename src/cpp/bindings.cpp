@@ -897,7 +897,7 @@ class Prepared {
     const std::size_t count = cb.count();
     struct Array {
       std::size_t batch = 0, rows = 1, cols = 0, numel = 0;
-      std::size_t row_at = 0, col_at = 0, matrix_at = 0;  // offsets into the per-array vectors
+      std::size_t row_at = 0, col_at = 0;  // offsets into the per-row and per-column vectors
       bool factored = false;
     };
     struct Tile {
@@ -906,7 +906,7 @@ class Prepared {
     };
     std::vector<Array> arrays(count);
     std::vector<Tile> tiles;
-    std::size_t n_rows = 0, n_cols = 0, n_matrices = 0, n_partials = 0, total = 0;
+    std::size_t n_rows = 0, n_cols = 0, n_partials = 0, total = 0;
     for (std::size_t t = 0; t < count; ++t) {
       Array& a = arrays[t];
       const int nd = cb.ndim(t);
@@ -921,10 +921,8 @@ class Prepared {
         for (int d = 0; d < nd - 2; ++d) a.batch *= static_cast<std::size_t>(dims[d]);
         a.row_at = n_rows;
         a.col_at = n_cols;
-        a.matrix_at = n_matrices;
         n_rows += a.batch * a.rows;
         n_cols += a.batch * a.cols;
-        n_matrices += a.batch;
         if (a.numel == 0) continue;
         // Whole rows per tile: about FACTOR_TILE elements, and at most FACTOR_TILES tiles per
         // matrix (each keeps a partial sum per column).
@@ -946,7 +944,7 @@ class Prepared {
     }
     constexpr std::size_t NS = 1;  // sums per tile and pass
     std::vector<double> sums(tiles.size() * NS), row_sums(n_rows, 0.0), partials(n_partials);
-    std::vector<float> per_matrix(n_matrices, 0.0f);
+    std::vector<float> per_row(n_rows, 0.0f), per_col(n_cols, 0.0f);
     std::vector<ScalarsSlot> scalars(count);
     for (std::size_t t = 0; t < count; ++t) scalars[t] = scalars_[which_[t]];
     const std::size_t weight =
@@ -975,7 +973,8 @@ class Prepared {
           }
           ft.rows = k.rows;
           ft.cols = a.factored ? a.cols : k.size;
-          ft.matrix = a.factored ? per_matrix[a.matrix_at + k.matrix] : 0.0f;
+          ft.row_scale = a.factored ? &per_row[a.row_at + k.matrix * a.rows + k.row] : nullptr;
+          ft.col_scale = a.factored ? &per_col[a.col_at + k.matrix * a.cols] : nullptr;
           ft.sums = &sums[i * NS];
           ft.row_sums = a.factored ? &row_sums[a.row_at + k.matrix * a.rows + k.row] : nullptr;
           ft.col_sums = a.factored ? &partials[k.col_sums] : nullptr;
@@ -1010,7 +1009,8 @@ class Prepared {
         fa.rows = a.rows;
         fa.cols = a.cols;
         fa.numel = a.numel;
-        fa.per_matrix = per_matrix.data() + a.matrix_at;
+        fa.per_row = per_row.data() + a.row_at;
+        fa.per_col = per_col.data() + a.col_at;
         fa.factored = a.factored;
         rule_.between(pass, fa, scalars[t].bytes);
       }

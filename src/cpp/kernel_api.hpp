@@ -72,10 +72,11 @@ struct FactoredTile {
   const float* grad;
   float* state[MAX_STATES];
   std::size_t rows, cols;
-  float matrix;      // the number per matrix the rule's host step wrote (FactoredArray)
-  double* sums;      // out: the tile's sums (one pass's; a fixed order within the tile)
-  double* row_sums;  // out, pass 0 of a factored array: [rows], one sum per row
-  double* col_sums;  // out, pass 0 of a factored array: [cols], this tile's sum per column
+  const float* row_scale;  // factored, after pass 0: the host step's number per row of the tile
+  const float* col_scale;  // factored, after pass 0: its number per column of the matrix
+  double* sums;            // out: the tile's sums (one pass's; a fixed order within the tile)
+  double* row_sums;        // out, pass 0 of a factored array: [rows], one sum per row
+  double* col_sums;        // out, pass 0 of a factored array: [cols], this tile's sum per column
 };
 
 // One ISA build's entry points. Each updates elements [0, n) of the pointers it is given;

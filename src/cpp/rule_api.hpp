@@ -210,7 +210,8 @@ struct FactoredArray {
   const double* col_sums;  // after pass 0, factored: [batch * cols] sums of its columns
   float* const* state;     // the array's state buffers, whole (nullptr where absent)
   std::size_t batch, rows, cols, numel;
-  float* per_matrix;  // [batch]: a number per matrix that the later passes read
+  float* per_row;  // [batch * rows]: a number per row that the later passes read
+  float* per_col;  // [batch * cols]: a number per column that the later passes read
   bool factored;
 };
 

@@ -188,10 +188,11 @@ struct ScheduleFreeStep {
 // alpha, the row and column factors' lerps and each matrix's clamped row-factor mean. Pass 1: the
 // sum of update^2. Host: coeff = -alpha / denom. Pass 2: p <- p * decay + coeff * update.
 struct AdafactorStep {
-  Lerp var;       // w = t^beta2_decay: row_var, col_var and variance lerp towards g^2 by w
-  float eps1;     // the floor of a matrix's row-factor mean
-  float eps1_sq;  // eps1 * eps1 (in double, then float): the floor of the variance estimate
-  float decay;    // 1 - lr * weight_decay
+  Lerp var;         // w = t^beta2_decay: row_var, col_var and variance lerp towards g^2 by w
+  float eps1;       // the floor of a matrix's row-factor mean
+  float eps1_sq;    // eps1 * eps1 (in double, then float): the floor of the variance estimate
+  float scale_cap;  // 1 / sqrt(eps1_sq): the largest factor of the update (factored arrays)
+  float decay;      // 1 - lr * weight_decay
   float grad_scale;
   float coeff;     // per array, after pass 1: -alpha / max(1, rms(update) / d)
   bool has_decay;  // weight_decay != 0
@@ -704,6 +705,7 @@ inline void adafactor_scalars(const Hyper& h, const StepInfo& t, AdafactorStep& 
   s.var = lerp_weight(t.pow(step, h["beta2_decay"]));
   s.eps1 = t.f32(eps1, "eps1");
   s.eps1_sq = static_cast<float>(eps1 * eps1);  // torch's clamp_(min=eps1 * eps1): may be inf
+  s.scale_cap = 1.0f / std::sqrt(s.eps1_sq);
   s.decay = t.f32(1.0 - lr * h["weight_decay"], "1 - lr * weight_decay");
   s.has_decay = h["weight_decay"] != 0.0;
   s.grad_scale = static_cast<float>(t.grad_scale);
@@ -738,8 +740,13 @@ inline void adafactor_between(int pass, const FactoredArray& a, AdafactorStep& s
       for (std::size_t j = 0; j < a.cols; ++j) {
         c[j] = host_lerp(c[j], static_cast<float>(a.col_sums[b * a.cols + j] / rows), s.var);
       }
-      const float mean = static_cast<float>(total / rows);
-      a.per_matrix[b] = mean < s.eps1 ? s.eps1 : mean;  // clamp_(min=eps1): NaN stays NaN
+      float mean = static_cast<float>(total / rows);
+      mean = mean < s.eps1 ? s.eps1 : mean;  // clamp_(min=eps1): NaN stays NaN
+      // v[i, j] = r[i] * c[j] / mean; the kernel takes 1 / sqrt(v) as the product of these.
+      for (std::size_t i = 0; i < a.rows; ++i) {
+        a.per_row[b * a.rows + i] = 1.0f / std::sqrt(r[i] / mean);
+      }
+      for (std::size_t j = 0; j < a.cols; ++j) a.per_col[b * a.cols + j] = 1.0f / std::sqrt(c[j]);
     }
   } else if (pass == 1) {
     const double ratio = std::sqrt(a.sums[0]) / (std::sqrt(n) * s.d);

@@ -713,65 +713,137 @@ void sfsgd(const ScheduleFreeStep& s, float* p, const float* g, float* const* st
 // tile and added in a fixed order, so a tile's sums do not depend on the thread that ran it.
 //   pass 0: sum p^2; factored: the sums of g^2 per row and per column of the tile;
 //           else: variance = lerp(variance, g^2, w)
-//   pass 1: u = (1 / sqrt(max(v, eps1^2))) * g, v = (row_var * col_var) / matrix (the clamped
-//           row-factor mean) or variance; sum u^2
+//   pass 1: u = g / sqrt(max(v, eps1^2)); sum u^2
 //   pass 2: p = p * (1 - lr * weight_decay) + coeff * u
+// Factored, 1 / sqrt(max(v, eps1^2)) with v = row_var * col_var / mean is evaluated as
+// min(row_scale[i] * col_scale[j], 1 / sqrt(eps1^2)), the two scales (1 / sqrt(row_var / mean),
+// 1 / sqrt(col_var)) computed once per row and column by the host step: within a few float32
+// roundings of torch's order, and no division or square root per element.
+// Sums of squares in float over short runs (SEGMENT elements, SEGMENT / LANES terms per lane),
+// each run then added in double: the cost of float arithmetic, nearly the accuracy of double
+// (tests/test_adafactor.py holds the result to rtol 1e-5 of a float64 reference).
+constexpr size_t SEGMENT = 1024;
+
+// Pass 0 of a factored tile, one column block (at most BLOCK columns, so that rows of up to
+// BLOCK elements are walked linearly) at a time: each run of SEGMENT elements of a row adds p^2
+// and g^2 into float lanes, then into double; each column's g^2 goes into a float partial over
+// the tile's rows (then into double).
+constexpr size_t BLOCK = 16384;
+
+OK_LOOP void adafactor_stats_factored(const AdafactorStep& s, const FactoredTile& t) {
+  const float gs = s.grad_scale;
+  const size_t rows = t.rows, cols = t.cols;
+  double* OK_RESTRICT col = t.col_sums;
+  double acc[LANES] = {};
+  for (size_t i = 0; i < rows; ++i) t.row_sums[i] = 0.0;
+  float colf[BLOCK];
+  for (size_t c0 = 0; c0 < cols; c0 += BLOCK) {
+    const size_t width = cols - c0 < BLOCK ? cols - c0 : BLOCK;
+    for (size_t j = 0; j < width; ++j) colf[j] = 0.0f;
+    for (size_t i = 0; i < rows; ++i) {
+      double row = 0.0;
+      for (size_t s0 = 0; s0 < width; s0 += SEGMENT) {
+        const size_t run = width - s0 < SEGMENT ? width - s0 : SEGMENT;
+        const float* OK_RESTRICT p = t.param + i * cols + c0 + s0;
+        const float* OK_RESTRICT g = t.grad + i * cols + c0 + s0;
+        float* OK_RESTRICT cf = colf + s0;
+        float pf[LANES] = {}, rf[LANES] = {};
+        size_t j = 0;
+        for (; j + LANES <= run; j += LANES) {
+          prefetch_ahead(p, j);  // a read-only pass: see PREFETCH_AHEAD
+          prefetch_ahead(g, j);
+          OK_SIMD
+          for (size_t k = 0; k < LANES; ++k) {
+            const float gi = g[j + k] * gs, pi = p[j + k], sq = gi * gi;
+            pf[k] = OK_FMA(pi, pi, pf[k]);
+            rf[k] += sq;
+            cf[j + k] += sq;
+          }
+        }
+        for (size_t k = 0; j < run; ++j, ++k) {
+          const float gi = g[j] * gs, pi = p[j], sq = gi * gi;
+          pf[k] = OK_FMA(pi, pi, pf[k]);
+          rf[k] += sq;
+          cf[j] += sq;
+        }
+        for (size_t k = 0; k < LANES; ++k) {
+          acc[k] += pf[k];
+          row += rf[k];
+        }
+      }
+      t.row_sums[i] += row;
+    }
+    for (size_t j = 0; j < width; ++j) col[c0 + j] = colf[j];
+  }
+  double total = 0.0;
+  for (size_t k = 0; k < LANES; ++k) total += acc[k];
+  t.sums[0] = total;
+}
+
+OK_LOOP void adafactor_stats_vector(const AdafactorStep& s, const FactoredTile& t) {
+  const float gs = s.grad_scale, lc = s.var.coeff;
+  const bool from_var = s.var.from_start != 0.0f;
+  const size_t n = t.cols;
+  const float* OK_RESTRICT p = t.param;
+  const float* OK_RESTRICT g = t.grad;
+  float* OK_RESTRICT v = t.state[2];
+  double acc[LANES] = {};
+  auto element = [&](size_t i, size_t k) {
+    const double pi = p[i];
+    acc[k] += pi * pi;
+    const float gi = g[i] * gs, sq = gi * gi, v0 = v[i];
+    v[i] = OK_FMA(lc, sq - v0, from_var ? v0 : sq);
+  };
+  size_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    OK_SIMD
+    for (size_t k = 0; k < LANES; ++k) element(i + k, k);
+  }
+  for (size_t k = 0; i < n; ++i, ++k) element(i, k);
+  double total = 0.0;
+  for (size_t k = 0; k < LANES; ++k) total += acc[k];
+  t.sums[0] = total;
+}
+
+// The update's scale of one element: factored, min(row * col, cap) (NaN stays NaN); else
+// 1 / sqrt(max(variance, eps1^2)) in torch's order.
 template <bool kFactored>
-float adafactor_update(const AdafactorStep& s, float gi, float r, float c, float m, float v) {
-  float est = kFactored ? (r * c) / m : v;
-  est = est < s.eps1_sq ? s.eps1_sq : est;  // clamp_(min=eps1^2): NaN stays NaN
-  return (1.0f / OK_SQRT(est)) * gi;
+float adafactor_scale(const AdafactorStep& s, float row, float col, float v) {
+  if (kFactored) {
+    const float x = row * col;
+    return x > s.scale_cap ? s.scale_cap : x;
+  }
+  const float est = v < s.eps1_sq ? s.eps1_sq : v;  // clamp_(min=eps1^2): NaN stays NaN
+  return 1.0f / OK_SQRT(est);
 }
 
 template <bool kFactored>
-OK_LOOP void adafactor_sums(const AdafactorStep& s, int pass, const FactoredTile& t) {
-  const float gs = s.grad_scale, m = t.matrix;
+OK_LOOP void adafactor_norm(const AdafactorStep& s, const FactoredTile& t) {
+  const float gs = s.grad_scale;
   const size_t rows = t.rows, cols = t.cols;
-  const float* OK_RESTRICT rv = t.state[0];
-  const float* OK_RESTRICT cv = t.state[1];
-  float* OK_RESTRICT var = t.state[2];
-  double* OK_RESTRICT col = t.col_sums;
-  const Lerp w = s.var;
-  const bool from_var = w.from_start != 0.0f;
   double acc[LANES] = {};
-  if (kFactored && pass == 0) {
-    for (size_t j = 0; j < cols; ++j) col[j] = 0.0;
-  }
   for (size_t i = 0; i < rows; ++i) {
-    const float* OK_RESTRICT p = t.param + i * cols;
-    const float* OK_RESTRICT g = t.grad + i * cols;
-    float* OK_RESTRICT vr = kFactored ? nullptr : var + i * cols;
-    const float r = kFactored ? rv[i] : 0.0f;
-    double row[LANES] = {};
-    auto element = [&](size_t j, size_t k) {
-      const float gi = g[j] * gs;
-      if (pass == 0) {
-        const double pi = p[j];
-        acc[k] += pi * pi;
-        if (kFactored) {
-          const double sq = static_cast<double>(gi) * static_cast<double>(gi);
-          row[k] += sq;
-          col[j] += sq;
-        } else {
-          const float v0 = vr[j], sq = gi * gi;
-          vr[j] = OK_FMA(w.coeff, sq - v0, from_var ? v0 : sq);
-        }
-      } else {
-        const float u = adafactor_update<kFactored>(s, gi, r, kFactored ? cv[j] : 0.0f, m,
-                                                    kFactored ? 0.0f : vr[j]);
-        acc[k] += static_cast<double>(u) * static_cast<double>(u);
+    const float r = kFactored ? t.row_scale[i] : 0.0f;
+    for (size_t c0 = 0; c0 < cols; c0 += SEGMENT) {  // float lanes over a run, then double
+      const size_t width = cols - c0 < SEGMENT ? cols - c0 : SEGMENT;
+      const float* OK_RESTRICT g = t.grad + i * cols + c0;
+      const float* OK_RESTRICT v = kFactored ? nullptr : t.state[2] + i * cols + c0;
+      const float* OK_RESTRICT cs = kFactored ? t.col_scale + c0 : nullptr;
+      float uf[LANES] = {};
+      auto element = [&](size_t j, size_t k) {
+        const float u =
+            adafactor_scale<kFactored>(s, r, kFactored ? cs[j] : 0.0f, kFactored ? 0.0f : v[j]) *
+            (g[j] * gs);
+        uf[k] = OK_FMA(u, u, uf[k]);
+      };
+      size_t j = 0;
+      for (; j + LANES <= width; j += LANES) {
+        prefetch_ahead(g, j);  // a read-only pass over g: see PREFETCH_AHEAD
+        OK_SIMD
+        for (size_t k = 0; k < LANES; ++k) element(j + k, k);
       }
-    };
-    size_t j = 0;
-    for (; j + LANES <= cols; j += LANES) {
-      OK_SIMD
-      for (size_t k = 0; k < LANES; ++k) element(j + k, k);
-    }
-    for (size_t k = 0; j < cols; ++j, ++k) element(j, k);
-    if (kFactored && pass == 0) {
-      double total = 0.0;
-      for (size_t k = 0; k < LANES; ++k) total += row[k];
-      t.row_sums[i] = total;
+      for (size_t k = 0; j < width; ++j, ++k) element(j, k);
+      for (size_t k = 0; k < LANES; ++k) acc[k] += uf[k];
     }
   }
   double total = 0.0;
@@ -781,19 +853,19 @@ OK_LOOP void adafactor_sums(const AdafactorStep& s, int pass, const FactoredTile
 
 template <bool kFactored, bool kDecay>
 OK_LOOP void adafactor_apply(const AdafactorStep& s, const FactoredTile& t) {
-  const float gs = s.grad_scale, m = t.matrix, coeff = s.coeff, decay = s.decay;
+  const float gs = s.grad_scale, coeff = s.coeff, decay = s.decay;
   const size_t rows = t.rows, cols = t.cols;
-  const float* OK_RESTRICT rv = t.state[0];
-  const float* OK_RESTRICT cv = t.state[1];
+  const float* OK_RESTRICT cs = t.col_scale;
   for (size_t i = 0; i < rows; ++i) {
     float* OK_RESTRICT p = t.param + i * cols;
     const float* OK_RESTRICT g = t.grad + i * cols;
-    const float* OK_RESTRICT vr = kFactored ? nullptr : t.state[2] + i * cols;
-    const float r = kFactored ? rv[i] : 0.0f;
+    const float* OK_RESTRICT v = kFactored ? nullptr : t.state[2] + i * cols;
+    const float r = kFactored ? t.row_scale[i] : 0.0f;
     OK_SIMD
     for (size_t j = 0; j < cols; ++j) {
-      const float u = adafactor_update<kFactored>(s, g[j] * gs, r, kFactored ? cv[j] : 0.0f, m,
-                                                  kFactored ? 0.0f : vr[j]);
+      const float u =
+          adafactor_scale<kFactored>(s, r, kFactored ? cs[j] : 0.0f, kFactored ? 0.0f : v[j]) *
+          (g[j] * gs);
       const float pi = kDecay ? p[j] * decay : p[j];
       p[j] = OK_FMA(coeff, u, pi);
     }
@@ -803,12 +875,18 @@ OK_LOOP void adafactor_apply(const AdafactorStep& s, const FactoredTile& t) {
 void adafactor_pass(const AdafactorStep& s, int pass, const FactoredTile& t) {
   with_flag(t.state[0] != nullptr, [&](auto factored) {
     constexpr bool kFactored = decltype(factored)::value;
-    if (pass < 2) {
-      adafactor_sums<kFactored>(s, pass, t);
-      return;
+    if (pass == 0) {
+      if (kFactored) {
+        adafactor_stats_factored(s, t);
+      } else {
+        adafactor_stats_vector(s, t);
+      }
+    } else if (pass == 1) {
+      adafactor_norm<kFactored>(s, t);
+    } else {
+      with_flag(s.has_decay,
+                [&](auto decay) { adafactor_apply<kFactored, decltype(decay)::value>(s, t); });
     }
-    with_flag(s.has_decay,
-              [&](auto decay) { adafactor_apply<kFactored, decltype(decay)::value>(s, t); });
   });
 }
 
