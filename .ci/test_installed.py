@@ -4,10 +4,13 @@ suite once (its tests/test_isa.py runs every ISA's kernels in that one process),
 end-to-end smoke tests (marker smoke) once under every instruction set this machine supports
 (OPTKERN_FORCE_ISA=scalar, avx2, avx512).
 
-    python .ci/test_installed.py [--quick] [TESTS_DIR] [PYTEST_ARGS...]
+    python .ci/test_installed.py [--quick | --suite-isa=ISA] [TESTS_DIR] [PYTEST_ARGS...]
 
 --quick runs tests/test_isa.py instead of the whole suite (for an installed module whose bytes the
 whole suite has already tested, as .ci/run's wheel stage checks), then the smoke tests.
+--suite-isa=ISA runs the whole suite with OPTKERN_FORCE_ISA=ISA (the sanitizer lane runs it on
+the scalar kernels, so every test that compares bits, with torch say, also meets the build
+without FMA that machines without AVX2 get).
 
 Run it from a directory where the source tree's src/ is not importable (cibuildwheel's test
 directory, or a scratch directory holding copies of tests/ and pyproject.toml): it refuses to
@@ -23,6 +26,10 @@ def main() -> int:
     args = sys.argv[1:]
     quick = "--quick" in args[:1]
     if quick:
+        args = args[1:]
+    suite_isa = None
+    if args and args[0].startswith("--suite-isa="):
+        suite_isa = args[0].split("=", 1)[1]
         args = args[1:]
     tests = args[0] if args else "tests"
     extra = args[1:]
@@ -46,9 +53,18 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if k != "OPTKERN_FORCE_ISA"}
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra]
     what = "test_isa.py" if quick else "the whole suite"
+    suite_env = env
+    if suite_isa is not None:
+        if suite_isa not in isas.split():
+            print(f"error: --suite-isa={suite_isa}: this machine has {isas}", file=sys.stderr)
+            return 2
+        suite_env = dict(env, OPTKERN_FORCE_ISA=suite_isa)
+        what += f" with OPTKERN_FORCE_ISA={suite_isa}"
     print(f"\n== {what} of the installed optkern (every ISA's kernels in-process)", flush=True)
     if (
-        subprocess.call(pytest + [os.path.join(tests, "test_isa.py") if quick else tests], env=env)
+        subprocess.call(
+            pytest + [os.path.join(tests, "test_isa.py") if quick else tests], env=suite_env
+        )
         != 0
     ):
         failed.append(what)

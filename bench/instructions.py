@@ -30,7 +30,11 @@ FLAGS = {  # kernel -> its template parameters, in order
     "sgd": ("decay", "momentum", "nesterov", "init"),
     "rmsprop": ("decay", "centered", "momentum"),
     "adam": ("l2", "decoupled", "amsgrad"),
+    "sfadamw": ("adamw", "decay", "init"),
+    "sfsgd": ("adamw", "decay", "init"),
 }
+# Kernels whose loop is another name's template: kernel -> (loop name, flags always on).
+SHARED_LOOPS = {"sfadamw": ("schedule_free", ("adamw",)), "sfsgd": ("schedule_free", ())}
 VARIANTS = {  # label -> (kernel, flags on)
     "SGD": ("sgd", ()),
     "SGD momentum / Momentum": ("sgd", ("momentum",)),
@@ -65,9 +69,10 @@ def find_variant(
     funcs: Dict[str, List[Tuple[int, str, str]]], kernel: str, on: Tuple[str, ...]
 ) -> Optional[List[Tuple[int, str, str]]]:
     names = FLAGS.get(kernel, ("decay",))
-    want = [n in on for n in names]
+    loop, always = SHARED_LOOPS.get(kernel, (kernel, ()))
+    want = [n in on or n in always for n in names]
     for f, code in funcs.items():
-        m = re.search(rf"\b{kernel}_impl<([^>]*)>", f)
+        m = re.search(rf"\b{loop}_impl<([^>]*)>", f)
         if m and [a.strip() == "true" for a in m.group(1).split(",")] == want:
             return code
     return None

@@ -17,11 +17,10 @@ gradient (the group still stepped).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
-from reference import SCHEDULE_FREE, Reference, _norm, lerp
+from reference import SCHEDULE_FREE, Reference
 
 #: The rules of this file, with the hyperparameters (and defaults) of their oracles.
 NEW_RULES = (
@@ -39,9 +38,6 @@ NEW_RULES = (
 
 class ReferenceNew(Reference):
     counters_in_state = False  # the package's layout
-    #: Adafactor's ``eps=(None, ...)`` means the machine epsilon of the parameter's dtype: float32
-    #: for optkern. A check against torch in float64 sets this to float64's.
-    machine_eps = float(np.finfo(np.float32).eps)
 
     def __init__(self, name: str, p0: np.ndarray, dtype: Any = np.float64, **hp: Any) -> None:
         super().__init__(name, p0, dtype, **hp)
@@ -52,42 +48,6 @@ class ReferenceNew(Reference):
         """The group stepped but this parameter had no gradient."""
         if self.name in SCHEDULE_FREE:
             self._schedule_free_weights(**self._schedule_hp())
-
-    # -- torch.optim -----------------------------------------------------------------------------
-
-    def _adafactor(self, g, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0):
-        p = self.p
-        t = self.t + 1
-        eps1, eps2 = eps
-        if eps1 is None:
-            eps1 = self.machine_eps
-        one_minus_beta2_t = t**beta2_decay
-        rho_t = min(lr, 1 / (t**0.5))
-        # Python's max, as torch uses it on .item() values: a NaN norm gives eps2 (and below, 1).
-        alpha = max(eps2, _norm(p) / (p.size**0.5) if p.size else math.nan) * rho_t
-        if weight_decay != 0:
-            p = p * (1 - lr * weight_decay)
-        if g.ndim > 1:
-            if "row_var" not in self.state:
-                self.state["row_var"] = np.zeros(g.shape[:-1] + (1,), self.dtype)
-                self.state["col_var"] = np.zeros(g.shape[:-2] + (1,) + g.shape[-1:], self.dtype)
-            row_mean = np.sum(g * g, axis=-1, keepdims=True) / g.shape[-1]
-            row_var = lerp(self.state["row_var"], row_mean, one_minus_beta2_t)
-            col_mean = np.sum(g * g, axis=-2, keepdims=True) / g.shape[-2]
-            col_var = lerp(self.state["col_var"], col_mean, one_minus_beta2_t)
-            var_estimate = row_var @ col_var  # the outer product of each row and column factor
-            var_estimate = var_estimate / np.maximum(row_var.mean(axis=-2, keepdims=True), eps1)
-            self.state.update(row_var=row_var, col_var=col_var)
-        else:
-            variance = lerp(self.zeros("variance"), g * g, one_minus_beta2_t)
-            var_estimate = variance.copy()
-            self.state["variance"] = variance
-        update = 1 / np.sqrt(np.maximum(var_estimate, eps1 * eps1)) * g
-        if update.size:  # torch divides by zero on an empty parameter
-            denom = max(1.0, _norm(update) / ((update.size**0.5) * d))
-            p = p + (-alpha / denom) * update
-        self.p = p
-        self.state["step"] = t
 
     # -- optax -----------------------------------------------------------------------------------
 

@@ -75,6 +75,8 @@ VALID = {
     "flag": st.booleans(),
     "open_unit": st.floats(0.05, 0.95),
     "above_one": st.floats(1.05, 3.0),
+    "one_or_more": st.floats(1.0, 3.0),
+    "nonpositive": st.floats(-1.5, 0.0),
 }
 # The range each real hyperparameter must lie in, as documented.
 RANGE = {
@@ -104,11 +106,15 @@ BAD_REALS = [
     10**400,
 ]
 BAD_FLAGS = [1, 0, "yes", None, 0.5]
+#: Hyperparameters that take None, standing for a value (registry.Hyper.if_none).
+NONE_MEANS = {h.name for r in ok.registry.rules() for h in r.hyper if h.if_none is not None}
 
 
 def real_error(key, value, rule=None):
     """The error a real hyperparameter ``value`` must get, or None if it is valid (``rule``: the
     class name, where a rule declares a name in another range than the others do)."""
+    if value is None and key in NONE_MEANS:
+        return None  # None stands for a value (Adafactor's eps1: float32's epsilon)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
         return TypeError
     try:
@@ -124,6 +130,10 @@ def real_error(key, value, rule=None):
         return None if 0 < v < 1 else ValueError
     if rng == "(1,inf)":
         return None if v > 1 else ValueError
+    if rng == "[1,inf)":
+        return None if v >= 1 else ValueError
+    if rng == "(-inf,0]":
+        return None if v <= 0 else ValueError
     if v < 0 or (rng == "[0,1]" and v > 1) or (rng == "[0,1)" and v >= 1):
         return ValueError
     return None
@@ -593,15 +603,22 @@ RANGE_KIND = {
     "flag": "flag",
     "open_unit": "open_unit",
     "above_one": "above_one",
+    "one_or_more": "one_or_more",
+    "nonpositive": "nonpositive",
 }
 # The documented range of every declared hyperparameter, by name (real_error reads it).
 for _rule in ok.registry.rules():
     for _h in _rule.hyper:
         RANGE.setdefault(
             _h.name,
-            {"unit": "[0,1]", "unit_open": "[0,1)", "open_unit": "(0,1)", "above_one": "(1,inf)"}.get(
-                _h.range, "[0,inf)"
-            ),
+            {
+                "unit": "[0,1]",
+                "unit_open": "[0,1)",
+                "open_unit": "(0,1)",
+                "above_one": "(1,inf)",
+                "one_or_more": "[1,inf)",
+                "nonpositive": "(-inf,0]",
+            }.get(_h.range, "[0,inf)"),
         )
 _RANGE_TEXT = {
     "unit": "[0,1]",
@@ -609,6 +626,8 @@ _RANGE_TEXT = {
     "open_unit": "(0,1)",
     "above_one": "(1,inf)",
     "nonnegative": "[0,inf)",
+    "one_or_more": "[1,inf)",
+    "nonpositive": "(-inf,0]",
 }
 # Where a rule declares a name in another range than RANGE's (ScheduleFreeSGD's momentum and
 # ScheduleFreeAdamW's beta1 are in (0, 1)), by (class, name) and (class, torch name).

@@ -209,11 +209,48 @@ CARRIED = {
 OPTIONAL_LISTS = {"momentum_buffers", "grad_avgs", "max_exp_avg_sqs", "velocities"}
 
 
+def _rule_of(name):
+    for r in ok.registry.rules():
+        if name == r.name + "_" or name.startswith(r.name + "_"):
+            return r
+    return None
+
+
+def _state_of(name, arg):
+    """The registry's State behind list ``arg`` of FUNCTIONS[name], or None (params, grads)."""
+    r = _rule_of(name)
+    return next((st for st in r.states if st.arg == arg), None) if r is not None else None
+
+
+def shaped(name, arg):
+    """Whether list ``arg`` holds states shaped by their own kind (registry.State.shape:
+    Adafactor's row_vars, col_vars, variances), checked as such by the core."""
+    st = _state_of(name, arg)
+    return st is not None and st.shape != "like_param"
+
+
+def entry_shape(name, arg, j):
+    """The shape of entry j of list ``arg`` in a valid call: SHAPES[j], or the state's own
+    (registry.State.shape_for), None where parameter j keeps no such state."""
+    st = _state_of(name, arg)
+    return SHAPES[j] if st is None else st.shape_for(SHAPES[j])
+
+
+def present(name, arg):
+    """The indices of list ``arg`` that hold an array in a valid call."""
+    return [j for j in range(len(SHAPES)) if entry_shape(name, arg, j) is not None]
+
+
 def valid_call(name):
     """The list arguments and keywords of a valid call of FUNCTIONS[name]."""
     _, lists, kw = FUNCTIONS[name]
     args = {
-        arg: [rand(s, 10 * k + i, positive=k > 1) for i, s in enumerate(SHAPES)]
+        arg: [
+            None
+            if entry_shape(name, arg, i) is None
+            else rand(entry_shape(name, arg, i), 10 * k + i, positive=k > 1)
+            for i in range(len(SHAPES))
+        ]
         for k, (arg, _) in enumerate(lists)
     }
     for arg, start in CARRIED.get(name, {}).items():
@@ -221,15 +258,34 @@ def valid_call(name):
     return args, dict(kw)
 
 
+def _long_axis(a):
+    """The last axis of more than one element (a transpose or a reversal of the others leaves
+    an array of shape (4, 1) or (1, 5) C-contiguous)."""
+    return max((k for k, d in enumerate(a.shape) if d > 1), default=a.ndim - 1)
+
+
 def strided(a):
-    """A non-contiguous view holding a's values (every other element; a transpose in 2-D)."""
-    v = (
-        np.zeros(2 * a.size, np.float32)[::2].reshape(a.shape)
-        if a.ndim == 1
-        else np.zeros(a.shape[::-1], np.float32).T
-    )
+    """A non-contiguous view holding a's values (every other element; a transpose in 2-D; every
+    other element along its long axis where the others have one element)."""
+    if a.ndim == 1:
+        v = np.zeros(2 * a.size, np.float32)[::2].reshape(a.shape)
+    elif sum(d > 1 for d in a.shape) >= 2:
+        v = np.zeros(a.shape[::-1], np.float32).T
+    else:
+        k = _long_axis(a)
+        big = list(a.shape)
+        big[k] *= 2
+        v = np.zeros(big, np.float32)[
+            tuple(slice(None, None, 2 if i == k else 1) for i in range(a.ndim))
+        ]
     v[...] = a
     return v
+
+
+def reversed_(a):
+    """a's values, reversed along its first axis (its long axis where the first has one)."""
+    k = 0 if a.shape[0] > 1 else _long_axis(a)
+    return np.flip(a.copy(), axis=k)
 
 
 def unaligned(a):
@@ -245,10 +301,11 @@ def read_only(a):
 
 
 def fortran(a):
-    """A Fortran-ordered (not C-contiguous) array of a's shape; 1-D gets a column of a 2-D one."""
-    if a.ndim > 1:
+    """A Fortran-ordered (not C-contiguous) array of a's shape; 1-D (or one long axis) gets a
+    column of a 2-D one."""
+    if sum(d > 1 for d in a.shape) >= 2:
         return np.asfortranarray(a)
-    return np.zeros((a.size, 2), np.float32)[:, 0]
+    return np.zeros((a.size, 2), np.float32)[:, 0].reshape(a.shape)
 
 
 # One entry of one list replaced: (name, make(entry), error, pattern); {L} and {j} are filled in.
@@ -268,7 +325,7 @@ ENTRY_MUTATIONS = [
     ("big-endian", lambda a: a.astype(">f4"), TypeError, r"{L}\[{j}\] .*native byte order"),
     ("0-d", lambda a: np.array(1.0, np.float32), ValueError, r"{L}\[{j}\] is a 0-d array"),
     ("strided", strided, ValueError, r"{L}\[{j}\] must be C-contiguous"),
-    ("reversed", lambda a: a.copy()[::-1], ValueError, r"{L}\[{j}\] must be C-contiguous"),
+    ("reversed", reversed_, ValueError, r"{L}\[{j}\] must be C-contiguous"),
     ("fortran", fortran, ValueError, r"{L}\[{j}\] must be C-contiguous"),
     ("unaligned", unaligned, ValueError, r"{L}\[{j}\] is not aligned"),
     # Shape errors are reported on the later list, which is grads when params is the mutated one.
@@ -288,8 +345,13 @@ def set_entry(args, arg, j, value_of):
     args[arg][j] = value_of(args)
 
 
-def bad_values(key, good):
-    """Values of the keyword ``key`` that must be refused, with the error each gets."""
+#: Hyperparameters that take None, standing for a value (registry.Hyper.if_none: Adafactor's eps1).
+NONE_MEANS = {h.name for r in ok.registry.rules() for h in r.hyper if h.if_none is not None}
+
+
+def bad_values(key, good, rng=None):
+    """Values of the keyword ``key`` that must be refused, with the error each gets (``rng``:
+    its declared range, where it is one of the ranges beyond [0, inf))."""
     if isinstance(good, bool):
         return [
             ("'yes'", "yes", TypeError),
@@ -326,8 +388,14 @@ def bad_values(key, good):
     ]
     if key == "grad_scale":  # not a hyperparameter: a plain number only
         out.append(("0-d array", np.array(0.1), TypeError))
-    if key != "grad_scale":  # a negative gradient scale is allowed
+    if key in NONE_MEANS:  # None stands for a value
+        out = [c for c in out if c[0] != "None"]
+    if rng == "nonpositive":  # (-inf, 0]: Adafactor's beta2_decay
+        out.append(("0.5", 0.5, ValueError))
+    elif key != "grad_scale":  # a negative gradient scale is allowed
         out.append(("-0.5", -0.5, ValueError))
+    if rng == "one_or_more":  # [1, inf): Adafactor's d
+        out.append(("0.5", 0.5, ValueError))
     if key in ("beta1", "beta2", "beta", "alpha", "rho", "dampening"):
         out.append(("1.5", 1.5, ValueError))
     if key in ("beta1", "beta2", "beta"):
@@ -348,9 +416,23 @@ def functional_cases():
     for name, (_, lists, kw) in FUNCTIONS.items():
         for arg, writes in lists:
             for j in (0, 2):
+                if entry_shape(name, arg, j) is None:  # parameter j keeps no such state
+                    yield (
+                        name,
+                        f"{arg}[{j}]=array",
+                        lambda a, L=arg, j=j: set_entry(a, L, j, lambda a: a["params"][j].copy()),
+                        ValueError,
+                        rf"{arg}\[{j}\] must be None",
+                    )
+                    continue
                 for mname, make, exc, pattern in ENTRY_MUTATIONS:
                     if mname == "None" and arg == "momentum_buffers" and name.startswith("sgd"):
                         continue  # a None buffer is one to create, as documented
+                    if mname == "None" and shaped(name, arg):
+                        exc, pattern = (
+                            ValueError,
+                            r"{L}\[{j}\] is None, but a .*-d parameter needs it",
+                        )
                     pat = pattern.format(L=arg, j=j, S="grads" if arg == "params" else arg)
                     yield (
                         name,
@@ -360,20 +442,22 @@ def functional_cases():
                         pat,
                     )
             if writes:
+                r = present(name, arg)[-1]  # 2, or the last entry holding an array
                 yield (
                     name,
-                    f"{arg}[2]=read-only",
-                    lambda a, L=arg: set_entry(a, L, 2, lambda a: read_only(a[L][2])),
+                    f"{arg}[{r}]=read-only",
+                    lambda a, L=arg, r=r: set_entry(a, L, r, lambda a: read_only(a[L][r])),
                     ValueError,
-                    rf"{arg}\[2\] is read-only, but it is updated in place",
+                    rf"{arg}\[{r}\] is read-only, but it is updated in place",
                 )
-                yield (
-                    name,
-                    f"{arg} lists one array twice",
-                    lambda a, L=arg: set_entry(a, L, 1, lambda a: a[L][0]),
-                    ValueError,
-                    rf"{arg}\[[01]\] shares memory with {arg}\[[01]\]",
-                )
+                if present(name, arg)[:2] == [0, 1]:  # two entries of one shape to repeat
+                    yield (
+                        name,
+                        f"{arg} lists one array twice",
+                        lambda a, L=arg: set_entry(a, L, 1, lambda a: a[L][0]),
+                        ValueError,
+                        rf"{arg}\[[01]\] shares memory with {arg}\[[01]\]",
+                    )
             # The whole list replaced.
             none_exc = ValueError if arg in OPTIONAL_LISTS else TypeError
             sgd_bufs = name.startswith("sgd") and arg == "momentum_buffers"
@@ -407,11 +491,16 @@ def functional_cases():
             yield (
                 name,
                 f"{arg} too long",
-                lambda a, L=arg: a.__setitem__(L, list(a[L]) + [a[L][0].copy()]),
+                lambda a, L=arg: a.__setitem__(
+                    L, list(a[L]) + [next(x for x in a[L][::-1] if x is not None).copy()]
+                ),
                 ValueError,
                 r"has 4 (arrays|entries) but params has 3|has 3 arrays but params has 4",
             )
             if arg == "params":
+                continue
+            if shaped(name, arg) or any(shaped(name, o) for o, w in lists if o != arg and w):
+                yield from shaped_aliasing(name, arg, lists)
                 continue
             # Aliasing: the entry is a parameter, overlaps one, or is another written buffer.
             yield (
@@ -465,7 +554,7 @@ def functional_cases():
             r"params\[[01]\] shares memory with params\[[01]\]",
         )
         for key, good in kw.items():
-            for label, value, exc in bad_values(key, good):
+            for label, value, exc in bad_values(key, good, _declared_range(name, key)):
                 if label == "1.5" and _declared_range(name, key) == "nonnegative":
                     continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
                 yield (
@@ -543,6 +632,39 @@ def functional_cases():
                 ValueError,
                 "nesterov momentum requires",
             )
+
+
+def shaped_aliasing(name, arg, lists):
+    """The aliasing cases of list ``arg`` where it or another written list holds states of their
+    own shapes (Adafactor's): the entry becomes a view of the other array's memory, in its own
+    shape, or the two become views of one buffer shifted by one element."""
+    others = ["params"] + [o for o, w in lists if o not in ("params", arg) and w]
+    for other in others:
+        for how in ("is", "overlaps"):
+            yield (
+                name,
+                f"{arg} {how} {other}",
+                lambda a, L=arg, O=other, h=how: alias(name, a, L, O, h),
+                ValueError,
+                r"shares memory",
+            )
+
+
+def alias(name, args, first, second, how):
+    """Makes an entry of list ``first`` share memory with one of list ``second`` (the last of
+    each that holds an array), as a view in its own shape ("is") or shifted by one element."""
+    i, k = present(name, first)[-1], present(name, second)[-1]
+    a, b = args[first][i], args[second][k]
+    args[first], args[second] = list(args[first]), list(args[second])
+    if how == "is" and b.size >= a.size:
+        args[first][i] = b.reshape(-1)[: a.size].reshape(a.shape)
+    elif how == "is":
+        args[second][k] = a.reshape(-1)[: b.size].reshape(b.shape)
+    else:
+        base = np.zeros(max(a.size, b.size) + 1, np.float32)
+        va, vb = base[: a.size].reshape(a.shape), base[1 : 1 + b.size].reshape(b.shape)
+        va[...], vb[...] = a, b
+        args[first][i], args[second][k] = va, vb
 
 
 def overlap(args, first, second):
@@ -834,7 +956,7 @@ def hyperparameter_cases(kind, hp):
             continue
         if key == "nesterov":
             continue  # its constraints are covered in test_errors.py (they depend on momentum)
-        for label, value, exc in bad_values(key, good):
+        for label, value, exc in bad_values(key, good, _declared_range(opt._rule.name + "_", key)):
             if label == "1.5" and _declared_range(opt._rule.name + "_", key) == "nonnegative":
                 continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
             yield key, label, value, exc, key
@@ -847,6 +969,8 @@ OUT_OF_RANGE = {
     "unit_open": (1.0, r"in \[0, 1\)"),
     "open_unit": (0.0, r"in \(0, 1\)"),
     "above_one": (1.0, "> 1"),
+    "one_or_more": (0.5, ">= 1"),
+    "nonpositive": (0.5, "<= 0"),
 }
 
 

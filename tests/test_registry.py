@@ -81,6 +81,9 @@ def test_every_state_name_is_torchs():
         "prev",
         "step_size",
         "z",
+        "row_var",
+        "col_var",
+        "variance",
     }
     carried = {c.name for r in RULES for c in r.carried}
     # schedulefree's lr_max and weight_sum are per group there, per parameter here.
@@ -107,6 +110,8 @@ def test_private_core_refuses_out_of_range_hyperparameters(rule):
             "unit_open": 1.0,
             "open_unit": 0.0,
             "above_one": 1.0,
+            "one_or_more": 0.5,
+            "nonpositive": 0.5,
         }[h.range]
         with pytest.raises((TypeError, ValueError), match=h.name):
             ok._core.step(rule.name, [p], [g], states, {h.name: bad}, steps=1)

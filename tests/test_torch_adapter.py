@@ -37,6 +37,7 @@ SHARED = [
     "RAdam",
     "ASGD",
     "Rprop",
+    "Adafactor",  # factored states: row_var (..., R, 1) and col_var (..., 1, C), or variance
 ]
 STEPS = 30
 
@@ -310,6 +311,8 @@ CONFIGS = [
     ("RAdam", {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
     ("ASGD", {"lr": 0.05, "t0": 5, "lambd": 0.01, "weight_decay": 0.1}),
     ("Rprop", {"lr": 0.02, "etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0), "maximize": True}),
+    ("Adafactor", {"lr": 0.02, "weight_decay": 0.1, "d": 1.5}),
+    ("Adafactor", {"eps": (1e-20, 1e-2), "beta2_decay": -1.0, "maximize": True}),
 ]
 CONFIG_IDS = [f"{n}-{'-'.join(k for k in kw if k != 'lr')}" for n, kw in CONFIGS]
 

@@ -17,7 +17,7 @@ import optkern as ok
 
 torch = pytest.importorskip("torch")
 
-NAMES = ("NAdam", "RAdam", "ASGD")
+NAMES = ("NAdam", "RAdam", "ASGD", "Adafactor")
 RTOL, ATOL = 1e-5, 1e-6
 SHAPES = [(7, 13), (131,), (3, 5, 11), (1,)]
 STEPS = 30
@@ -90,7 +90,7 @@ class Pair:
                     assert isinstance(sa[key], float), (where, i, key)
                     close(np.float64(sa[key]), expected.double().numpy(), f"{where}: param {i} {key}")
                 else:
-                    assert sa[key].dtype == np.float32 and sa[key].shape == a.shape
+                    assert sa[key].dtype == np.float32 and sa[key].shape == tuple(expected.shape)
                     close(sa[key], expected.numpy(), f"{where}: param {i} state {key}")
 
 
@@ -163,7 +163,8 @@ def test_state_dict_moves_both_ways_mid_training(name, kwargs, impl):
 def test_optim_db_covers_each_new_optimizer(name):
     if OPTIM_DB_MISSING:
         pytest.skip(OPTIM_DB_MISSING)
-    assert sum(1 for c in CASES if c.values[0] == name) >= 6
+    # torch 2.13's optim_db has 5 CPU inputs for Adafactor, 6 or more for the others
+    assert sum(1 for c in CASES if c.values[0] == name) >= (5 if name == "Adafactor" else 6)
 
 
 def test_asgd_lr_change_takes_effect_one_step_late_as_in_torch():

@@ -111,6 +111,9 @@ class Buffers {
   std::size_t count() const { return sizes_.size(); }
   const std::vector<std::size_t>& sizes() const { return sizes_; }
   float* param(std::size_t t) const { return first_[t]; }
+  // The first list's array t: its number of dimensions and its dimensions.
+  int ndim(std::size_t t) const { return shapes_[t]->nd; }
+  const Py_intptr_t* dims(std::size_t t) const { return shapes_[t]->dimensions; }
   const std::vector<float*>& first() const { return first_; }
 
   std::string label(const char* name, std::size_t i) const {
@@ -119,7 +122,10 @@ class Buffers {
   }
 
   // Validates a list of arrays (matched to the first list) and returns their data pointers.
-  std::vector<float*> add(py::handle seq, const char* name, Access access) {
+  // `shape`: a state list, each array shaped by its kind from its parameter's shape (rule_api's
+  // state_dims); an entry is None, and its pointer nullptr, where the kind does not apply.
+  std::vector<float*> add(py::handle seq, const char* name, Access access,
+                          const StateShape* shape = nullptr) {
     const py::list items = snapshot(seq, name, "float32 NumPy arrays");
     const bool is_first = held_.empty();
     const std::size_t n = items.size();
@@ -132,6 +138,40 @@ class Buffers {
     }
     std::vector<float*> out(n);
     for (std::size_t i = 0; i < n; ++i) {
+      std::size_t state_size = 0;
+      if (shape != nullptr) {
+        const int nd = shapes_[i]->nd;
+        const bool applies = state_applies(*shape, nd);
+        if (!applies) {
+          if (!items[i].is_none()) {
+            throw py::value_error(label(name, i) + " must be None: a " + std::to_string(nd) +
+                                  "-d parameter keeps no such state (" + state_shape_name(*shape) +
+                                  ")");
+          }
+          continue;  // out[i] stays nullptr
+        }
+        if (items[i].is_none()) {
+          throw py::value_error(label(name, i) + " is None, but a " + std::to_string(nd) +
+                                "-d parameter needs it");
+        }
+        const auto* a = inspect(items[i], name, i, access);
+        std::vector<Py_intptr_t> want(static_cast<std::size_t>(nd));
+        state_dims(*shape, shapes_[i]->dimensions, nd, want.data());
+        if (!(a->nd == nd && std::equal(a->dimensions, a->dimensions + nd, want.begin()))) {
+          throw py::value_error(label(name, i) + " has shape " + dims_str(a->dimensions, a->nd) +
+                                " but " + label(first_name_, i) + " of shape " +
+                                dims_str(shapes_[i]->dimensions, nd) + " needs " +
+                                dims_str(want.data(), nd));
+        }
+        state_size = 1;
+        for (int d = 0; d < nd; ++d) state_size *= static_cast<std::size_t>(want[d]);
+        out[i] = reinterpret_cast<float*>(a->data);
+        if (state_size != 0) {
+          const auto lo = reinterpret_cast<std::uintptr_t>(out[i]);
+          ranges_.push_back({lo, lo + state_size * sizeof(float), name, i, true});
+        }
+        continue;
+      }
       const auto* a = inspect(items[i], name, i, access);
       if (is_first) {
         std::size_t size = 1;
@@ -297,6 +337,7 @@ double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
     }
     return o == Py_True ? 1.0 : 0.0;
   }
+  if (o == Py_None && d.none.allowed) return d.none.value;  // None stands for a value
   double x;
   if (PyFloat_Check(o)) {
     x = PyFloat_AS_DOUBLE(o);
@@ -307,7 +348,8 @@ double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
       x = std::numeric_limits<double>::infinity();
     }
   } else {
-    throw py::type_error(hyper_label(d.name, labels) + " must be a real number, got " +
+    throw py::type_error(hyper_label(d.name, labels) + " must be a real number" +
+                         (d.none.allowed ? std::string(" or None") : std::string()) + ", got " +
                          type_name(v) + ": " + std::string(py::repr(v)));
   }
   const std::string got = ", got " + std::string(py::repr(v));
@@ -337,6 +379,12 @@ double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
       break;
     case Range::above_one:
       if (x <= 1) throw py::value_error(hyper_label(d.name, labels) + " must be > 1" + got);
+      break;
+    case Range::one_or_more:
+      if (x < 1) throw py::value_error(hyper_label(d.name, labels) + " must be >= 1" + got);
+      break;
+    case Range::nonpositive:
+      if (x > 0) throw py::value_error(hyper_label(d.name, labels) + " must be <= 0" + got);
       break;
     case Range::flag:
       break;
@@ -371,7 +419,10 @@ std::vector<double> parse_hyper(const RuleDecl& r, py::handle hyper, py::handle 
     values[i] = hyper_value(hyper_decl(r, i), value, labels);
   }
   for (std::size_t i = 0; i < n; ++i) {
-    if (!seen[i]) values[i] = hyper_decl(r, i).default_value;
+    if (!seen[i]) {
+      const HyperDecl& d = hyper_decl(r, i);
+      values[i] = d.none.none_default ? d.none.value : d.default_value;
+    }
   }
   if (r.check != nullptr) {
     try {
@@ -473,6 +524,37 @@ constexpr bool reductions_declared() {
 }
 static_assert(reductions_declared(),
               "a rule on a kernel of OPTKERN_REDUCTIONS needs RULE_REDUCED, and only such a rule");
+
+template <KernelId K>
+struct FactoredSlot;
+#define OPTKERN_FACTORED_SLOT_GET(kname, n)                          \
+  template <>                                                        \
+  struct FactoredSlot<KernelId::kname> {                             \
+    static auto get(const KernelTable& t) { return t.kname##_pass; } \
+  };
+OPTKERN_FACTORED(OPTKERN_FACTORED_SLOT_GET)
+#undef OPTKERN_FACTORED_SLOT_GET
+
+// Every rule on a factored kernel declares its host step (RULE_FACTORED), and no other rule does.
+constexpr bool factored_declared() {
+  for (const RuleDecl& r : rules::kRules) {
+    bool factored = false;
+#define OPTKERN_IS_FACTORED(kname, n) factored = factored || r.kernel == KernelId::kname;
+    OPTKERN_FACTORED(OPTKERN_IS_FACTORED)
+#undef OPTKERN_IS_FACTORED
+    if (factored != (r.between != nullptr)) return false;
+  }
+  return true;
+}
+static_assert(factored_declared(),
+              "a rule on a kernel of OPTKERN_FACTORED needs RULE_FACTORED, and only such a rule");
+
+// Tiles of a factored kernel: about FACTOR_TILE elements of whole rows (or of an array of <= 1
+// dimension), and at most FACTOR_TILES tiles per matrix, each of which keeps a partial sum per
+// column (so a 5000 x 10000 matrix has 64 tiles of 79 rows and 5 MB of partial sums). Fixed by
+// the shapes alone, never by the thread count.
+constexpr std::size_t FACTOR_TILE = 4096;
+constexpr std::size_t FACTOR_TILES = 64;
 
 // Elements per block of a reduction pass (as NORM_BLOCK for the gradient norms): each block's
 // sums are computed on one thread, in a fixed order, and added per array in block order, so the
@@ -593,7 +675,11 @@ class Prepared {
     const std::size_t count = cb.count();
     grads_ = cb.add(grads, "grads", Access::read);
     for (std::size_t k = 0; k < rule.n_states; ++k) {
-      if (lists[k]) state_[k] = cb.add(lists[k], rule.states[k].arg, Access::write);
+      if (lists[k]) {
+        const StateShape& kind = rule.states[k].shape;
+        state_[k] = cb.add(lists[k], rule.states[k].arg, Access::write,
+                           kind == StateShape::like_param ? nullptr : &kind);
+      }
     }
     cb.check_disjoint();
     steps_ = steps_given ? steps_for(step_counts, count) : std::vector<std::int64_t>(count, 2);
@@ -728,6 +814,10 @@ class Prepared {
 
   template <KernelId K>
   void run_rule() const {
+    if constexpr (Factored<K>::passes > 0) {
+      factored<K>();
+      return;
+    }
     using S = typename KernelInfo<K>::Scalars;
     const auto fn = Slot<K>::get(*table_);
     const Buffers& cb = *buffers_;
@@ -791,6 +881,140 @@ class Prepared {
       rule_.per_array(&sums[t * NR], out[t].bytes);
     }
     return out;
+  }
+
+  // A factored kernel (OPTKERN_FACTORED): its passes over tiles of whole rows of every array,
+  // the tiles of the whole group in one parallel region per pass, and the rule's host step
+  // (`between`) on each array after each pass but the last. The tiles depend on the shapes alone
+  // and each tile's sums are added per array in tile order, so the results do not depend on the
+  // number of threads.
+  template <KernelId K>
+  void factored() const {
+    using S = typename KernelInfo<K>::Scalars;
+    constexpr int PASSES = Factored<K>::passes;
+    const auto fn = FactoredSlot<K>::get(*table_);
+    const Buffers& cb = *buffers_;
+    const std::size_t count = cb.count();
+    struct Array {
+      std::size_t batch = 0, rows = 1, cols = 0, numel = 0;
+      std::size_t row_at = 0, col_at = 0, matrix_at = 0;  // offsets into the per-array vectors
+      bool factored = false;
+    };
+    struct Tile {
+      std::size_t tensor, matrix, row, rows, begin, size;  // begin: first element in the array
+      std::size_t col_sums;                                // offset of its column partials
+    };
+    std::vector<Array> arrays(count);
+    std::vector<Tile> tiles;
+    std::size_t n_rows = 0, n_cols = 0, n_matrices = 0, n_partials = 0, total = 0;
+    for (std::size_t t = 0; t < count; ++t) {
+      Array& a = arrays[t];
+      const int nd = cb.ndim(t);
+      const Py_intptr_t* dims = cb.dims(t);
+      a.numel = cb.sizes()[t];
+      total += a.numel;
+      a.factored = nd >= 2;
+      if (a.factored) {
+        a.rows = static_cast<std::size_t>(dims[nd - 2]);
+        a.cols = static_cast<std::size_t>(dims[nd - 1]);
+        a.batch = 1;
+        for (int d = 0; d < nd - 2; ++d) a.batch *= static_cast<std::size_t>(dims[d]);
+        a.row_at = n_rows;
+        a.col_at = n_cols;
+        a.matrix_at = n_matrices;
+        n_rows += a.batch * a.rows;
+        n_cols += a.batch * a.cols;
+        n_matrices += a.batch;
+        if (a.numel == 0) continue;
+        // Whole rows per tile: about FACTOR_TILE elements, and at most FACTOR_TILES tiles per
+        // matrix (each keeps a partial sum per column).
+        const std::size_t by_size = (FACTOR_TILE + a.cols - 1) / a.cols;
+        const std::size_t by_count = (a.rows + FACTOR_TILES - 1) / FACTOR_TILES;
+        const std::size_t per = std::max<std::size_t>(1, std::max(by_size, by_count));
+        for (std::size_t b = 0; b < a.batch; ++b) {
+          for (std::size_t r = 0; r < a.rows; r += per) {
+            const std::size_t nr = std::min(per, a.rows - r);
+            tiles.push_back({t, b, r, nr, (b * a.rows + r) * a.cols, nr * a.cols, n_partials});
+            n_partials += a.cols;
+          }
+        }
+      } else {
+        for (std::size_t e = 0; e < a.numel; e += FACTOR_TILE) {
+          tiles.push_back({t, 0, 0, 1, e, std::min(FACTOR_TILE, a.numel - e), 0});
+        }
+      }
+    }
+    constexpr std::size_t NS = 1;  // sums per tile and pass
+    std::vector<double> sums(tiles.size() * NS), row_sums(n_rows, 0.0), partials(n_partials);
+    std::vector<float> per_matrix(n_matrices, 0.0f);
+    std::vector<ScalarsSlot> scalars(count);
+    for (std::size_t t = 0; t < count; ++t) scalars[t] = scalars_[which_[t]];
+    const std::size_t weight =
+        tiles.empty() ? 1 : std::max<std::size_t>(1, total / tiles.size()) * KernelInfo<K>::weight;
+    for (int pass = 0; pass < PASSES; ++pass) {
+      auto body = [&](std::size_t lo, std::size_t hi) {
+        for (std::size_t i = lo; i < hi; ++i) {
+          const Tile& k = tiles[i];
+          const Array& a = arrays[k.tensor];
+          FactoredTile ft{};
+          ft.param = cb.param(k.tensor) + k.begin;
+          ft.grad = grads_[k.tensor] + k.begin;
+          for (std::size_t s = 0; s < KernelInfo<K>::states; ++s) {
+            float* base = state_[s].empty() ? nullptr : state_[s][k.tensor];
+            if (base == nullptr) continue;
+            switch (rule_.states[s].shape) {
+              case StateShape::rows:
+                ft.state[s] = base + k.matrix * a.rows + k.row;
+                break;
+              case StateShape::cols:
+                ft.state[s] = base + k.matrix * a.cols;
+                break;
+              default:
+                ft.state[s] = base + k.begin;
+            }
+          }
+          ft.rows = k.rows;
+          ft.cols = a.factored ? a.cols : k.size;
+          ft.matrix = a.factored ? per_matrix[a.matrix_at + k.matrix] : 0.0f;
+          ft.sums = &sums[i * NS];
+          ft.row_sums = a.factored ? &row_sums[a.row_at + k.matrix * a.rows + k.row] : nullptr;
+          ft.col_sums = a.factored ? &partials[k.col_sums] : nullptr;
+          fn(*reinterpret_cast<const S*>(scalars[k.tensor].bytes), pass, ft);
+        }
+      };
+      parallel_for(tiles.size(), weight, body);
+      if (pass == PASSES - 1) break;
+      // The host step of each array: its tile sums (and pass 0's column partials) in tile order.
+      std::vector<double> array_sums(count * NS, 0.0), col_sums(pass == 0 ? n_cols : 0, 0.0);
+      for (std::size_t i = 0; i < tiles.size(); ++i) {
+        const Tile& k = tiles[i];
+        for (std::size_t r = 0; r < NS; ++r) array_sums[k.tensor * NS + r] += sums[i * NS + r];
+        const Array& a = arrays[k.tensor];
+        if (pass == 0 && a.factored) {
+          double* c = &col_sums[a.col_at + k.matrix * a.cols];
+          for (std::size_t j = 0; j < a.cols; ++j) c[j] += partials[k.col_sums + j];
+        }
+      }
+      for (std::size_t t = 0; t < count; ++t) {
+        const Array& a = arrays[t];
+        float* st[MAX_STATES] = {};
+        for (std::size_t s = 0; s < KernelInfo<K>::states; ++s) {
+          st[s] = state_[s].empty() ? nullptr : state_[s][t];
+        }
+        FactoredArray fa{};
+        fa.sums = &array_sums[t * NS];
+        fa.row_sums = a.factored && pass == 0 ? row_sums.data() + a.row_at : nullptr;
+        fa.col_sums = a.factored && pass == 0 ? col_sums.data() + a.col_at : nullptr;
+        fa.state = st;
+        fa.batch = a.batch;
+        fa.rows = a.rows;
+        fa.cols = a.cols;
+        fa.numel = a.numel;
+        fa.per_matrix = per_matrix.data() + a.matrix_at;
+        fa.factored = a.factored;
+        rule_.between(pass, fa, scalars[t].bytes);
+      }
+    }
   }
 
   const RuleDecl& rule_;
@@ -864,6 +1088,10 @@ const char* range_name(Range r) {
       return "open_unit";
     case Range::above_one:
       return "above_one";
+    case Range::one_or_more:
+      return "one_or_more";
+    case Range::nonpositive:
+      return "nonpositive";
     case Range::flag:
       return "flag";
   }
@@ -898,13 +1126,22 @@ py::list rule_table() {
     OPTKERN_REDUCTIONS(OPTKERN_REDUCTION_META)
 #undef OPTKERN_REDUCTION_META
     d["reduction"] = reduction;
+    int passes = 0;  // passes of a factored kernel (OPTKERN_FACTORED), 0 for the others
+#define OPTKERN_FACTORED_META(kname, n) \
+  if (r.kernel == KernelId::kname) passes = n;
+    OPTKERN_FACTORED(OPTKERN_FACTORED_META)
+#undef OPTKERN_FACTORED_META
+    d["factored"] = passes;
     py::list hyper;
     for (std::size_t i = 0; i <= r.n_hyper; ++i) {
       const HyperDecl& h = hyper_decl(r, i);
       py::dict e;
       e["name"] = h.name;
       e["range"] = range_name(h.range);
-      if (h.range == Range::flag) {
+      e["if_none"] = h.none.allowed ? py::object(py::float_(h.none.value)) : py::object(py::none());
+      if (h.none.none_default) {
+        e["default"] = py::none();
+      } else if (h.range == Range::flag) {
         e["default"] = py::bool_(h.default_value != 0.0);
       } else {
         e["default"] = h.default_value;
@@ -922,6 +1159,7 @@ py::list rule_table() {
       e["arg"] = s.arg;
       e["when"] = s.when ? py::object(py::str(s.when)) : py::object(py::none());
       e["init"] = s.init ? py::object(py::str(s.init)) : py::object(py::none());
+      e["shape"] = state_shape_name(s.shape);
       states.append(e);
     }
     d["states"] = states;
@@ -1145,6 +1383,31 @@ PYBIND11_MODULE(_core, m) {
         "Clamps every array to [lo, hi] in place; NaN stays NaN.");
   m.def("stream_axpy", &stream_axpy, py::arg("a"), py::arg("b"), py::arg("s"),
         "a[i] += s * b[i] over lists of float32 arrays (the benchmark's bandwidth yardstick).");
+  m.def(
+      "state_shape",
+      [](const std::string& kind, const std::vector<Py_intptr_t>& shape) -> py::object {
+        StateShape k;
+        if (kind == "like_param") {
+          k = StateShape::like_param;
+        } else if (kind == "rows") {
+          k = StateShape::rows;
+        } else if (kind == "cols") {
+          k = StateShape::cols;
+        } else if (kind == "unfactored") {
+          k = StateShape::unfactored;
+        } else {
+          throw py::value_error("unknown state shape kind '" + kind + "'");
+        }
+        const int nd = static_cast<int>(shape.size());
+        if (!state_applies(k, nd)) return py::none();
+        std::vector<Py_intptr_t> out(shape.size());
+        state_dims(k, shape.data(), nd, out.data());
+        return py::tuple(py::cast(out));
+      },
+      py::arg("kind"), py::arg("shape"),
+      "The shape of a state of this kind (a StateDecl's shape: like_param, rows, cols, "
+      "unfactored) for a parameter of this shape, or None where the kind does not apply: the "
+      "one rule the core's array checks, the state dicts and the checkpoints share.");
   m.def("rules", &rule_table,
         "Every update rule's declaration: name, class, formulas, hyperparameters (name, range, "
         "default, torch name and tuple slot), state buffers (name, functional argument, the "

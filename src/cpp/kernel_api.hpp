@@ -47,6 +47,37 @@ struct Reduction {
 OPTKERN_REDUCTIONS(OPTKERN_REDUCTION_INFO)
 #undef OPTKERN_REDUCTION_INFO
 
+// Factored kernels (OPTKERN_FACTORED in rules.hpp): how many passes over the data they make (0
+// for the others).
+template <KernelId>
+struct Factored {
+  static constexpr int passes = 0;
+};
+#define OPTKERN_FACTORED_INFO(kname, n_passes) \
+  template <>                                  \
+  struct Factored<KernelId::kname> {           \
+    static constexpr int passes = n_passes;    \
+  };
+OPTKERN_FACTORED(OPTKERN_FACTORED_INFO)
+#undef OPTKERN_FACTORED_INFO
+
+// One tile of a factored kernel's pass: `rows` whole rows of `cols` elements of one matrix (the
+// last two dimensions of an array of >= 2 dimensions), or for an array of <= 1 dimension one
+// block of `cols` elements (rows = 1). The driver (Prepared::factored in bindings.cpp) fixes the
+// tiles from the shapes alone and positions every pointer: param and grad at the tile's first
+// element, each state by its StateShape (like_param and unfactored at the tile's first element,
+// rows at the tile's first row, cols at its matrix's first column; nullptr where absent).
+struct FactoredTile {
+  float* param;
+  const float* grad;
+  float* state[MAX_STATES];
+  std::size_t rows, cols;
+  float matrix;      // the number per matrix the rule's host step wrote (FactoredArray)
+  double* sums;      // out: the tile's sums (one pass's; a fixed order within the tile)
+  double* row_sums;  // out, pass 0 of a factored array: [rows], one sum per row
+  double* col_sums;  // out, pass 0 of a factored array: [cols], this tile's sum per column
+};
+
 // One ISA build's entry points. Each updates elements [0, n) of the pointers it is given;
 // the multi-tensor driver offsets the pointers for each thread's range.
 struct KernelTable {
@@ -65,6 +96,13 @@ struct KernelTable {
                          const float* grad, float* const* state, std::size_t n, double* sums);
   OPTKERN_REDUCTIONS(OPTKERN_REDUCE_SLOT)
 #undef OPTKERN_REDUCE_SLOT
+
+  // Each factored kernel's passes: name_pass(scalars, pass, tile), pass = 0, 1, ...
+#define OPTKERN_FACTORED_SLOT(kname, n_passes)                                \
+  void (*kname##_pass)(const KernelInfo<KernelId::kname>::Scalars&, int pass, \
+                       const FactoredTile& tile);
+  OPTKERN_FACTORED(OPTKERN_FACTORED_SLOT)
+#undef OPTKERN_FACTORED_SLOT
 
   // Gradient norms, one block at a time, accumulated in double: the sum of |x|^p (p = 1, 2 or
   // any p > 0), or max |x| for p = inf. NaN or Inf in x makes the result NaN or Inf.

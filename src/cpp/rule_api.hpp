@@ -23,7 +23,17 @@ enum class Range {
   unit_open,    // [0, 1)
   open_unit,    // (0, 1): a factor that must shrink (Rprop's etaminus)
   above_one,    // (1, inf): a factor that must grow (Rprop's etaplus)
+  one_or_more,  // [1, inf) (Adafactor's clipping threshold d)
+  nonpositive,  // (-inf, 0] (Adafactor's beta2_decay)
   flag,         // a bool
+};
+
+// A real hyperparameter that also takes None (torch's `eps=(None, 1e-3)` for Adafactor):
+// None stands for `none_means`, and the default is None when `none_default` is set.
+struct NoneMeans {
+  bool allowed;
+  double value;       // what None stands for
+  bool none_default;  // the declared default is None (default_value is then unused)
 };
 
 struct HyperDecl {
@@ -32,6 +42,15 @@ struct HyperDecl {
   double default_value;  // flags: 0 or 1
   const char* torch;     // torch.optim's argument ("betas" for beta1 and beta2)
   int slot;              // -1, or the position in torch's tuple argument
+  NoneMeans none = {false, 0.0, false};
+};
+
+// The shape of a state array, from its parameter's shape (dims[0..nd)):
+enum class StateShape {
+  like_param,  // the parameter's shape (every rule's states before Adafactor)
+  rows,        // nd >= 2 only: dims[:-1] + (1,), one number per row (Adafactor's row_var)
+  cols,        // nd >= 2 only: dims[:-2] + (1, dims[-1]), one per column (col_var)
+  unfactored,  // nd <= 1 only: the parameter's shape (Adafactor's variance)
 };
 
 struct StateDecl {
@@ -39,7 +58,47 @@ struct StateDecl {
   const char* arg;   // optkern.functional's list argument (exp_avgs)
   const char* when;  // nullptr: always; else the hyperparameter that must be nonzero / True
   const char* init;  // nullptr: starts at zero; else the hyperparameter it starts at
+  StateShape shape = StateShape::like_param;
 };
+
+// Whether a state of this shape kind exists for a parameter of nd dimensions (a state that does
+// not apply is absent from the parameter's state dict, and None in optkern.functional's list).
+inline bool state_applies(StateShape s, int nd) {
+  switch (s) {
+    case StateShape::rows:
+    case StateShape::cols:
+      return nd >= 2;
+    case StateShape::unfactored:
+      return nd <= 1;
+    case StateShape::like_param:
+      break;
+  }
+  return true;
+}
+
+// The shape of a state of kind s for a parameter of shape dims[0..nd) (the kind must apply): the
+// one definition every layer uses (Buffers checks arrays against it; Python creates and loads
+// states through _core.state_shape).
+template <class Dim>
+void state_dims(StateShape s, const Dim* dims, int nd, Dim* out) {
+  for (int i = 0; i < nd; ++i) out[i] = dims[i];
+  if (s == StateShape::rows) out[nd - 1] = 1;
+  if (s == StateShape::cols) out[nd - 2] = 1;
+}
+
+inline const char* state_shape_name(StateShape s) {
+  switch (s) {
+    case StateShape::rows:
+      return "rows";
+    case StateShape::cols:
+      return "cols";
+    case StateShape::unfactored:
+      return "unfactored";
+    case StateShape::like_param:
+      break;
+  }
+  return "like_param";
+}
 
 // A number per parameter that a rule carries from step to step, in double (NAdam's mu_product,
 // ASGD's eta and mu). Why not recompute it from the step count: NAdam's running product would
@@ -142,6 +201,19 @@ inline Lerp lerp_weight(double w) {
   return l;
 }
 
+// One array of a factored kernel (OPTKERN_FACTORED), as the rule's host step between two passes
+// sees it (RULE_FACTORED's `between`). An array of >= 2 dimensions is factored: `batch` matrices
+// of rows x cols (its last two dimensions); an array of <= 1 dimension is not (batch 0).
+struct FactoredArray {
+  const double* sums;      // the pass's sums over the whole array (tile sums in tile order)
+  const double* row_sums;  // after pass 0, factored: [batch * rows] sums of the pass's rows
+  const double* col_sums;  // after pass 0, factored: [batch * cols] sums of its columns
+  float* const* state;     // the array's state buffers, whole (nullptr where absent)
+  std::size_t batch, rows, cols, numel;
+  float* per_matrix;  // [batch]: a number per matrix that the later passes read
+  bool factored;
+};
+
 // What a rule does with step counts.
 enum class Steps {
   first_only,  // no count in the state; step 1 only marks a buffer's first update (SGD)
@@ -167,6 +239,10 @@ struct RuleDecl {
   // Rules whose kernel has a reduction pass (OPTKERN_REDUCTIONS): turns one array's sums into
   // that array's scalars (a copy of its step's scalars). nullptr for the others.
   void (*per_array)(const double* sums, void* scalars) = nullptr;
+  // Rules on a factored kernel (OPTKERN_FACTORED): after pass `pass` (0, 1, ...) over an array,
+  // the host step that turns the array's sums into its scalars for the next pass (and may write
+  // its small states: Adafactor's row and column factors). nullptr for the others.
+  void (*between)(int pass, const FactoredArray& a, void* scalars) = nullptr;
 };
 
 template <class T, std::size_t N>
@@ -207,6 +283,20 @@ constexpr std::size_t count_of(const T (&)[N]) {
         nullptr, 0, [](const double* sums, void* out) {                                        \
           per_array(sums, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));          \
         }                                                                                      \
+  }
+
+// RULE_FACTORED(kernel, name, class, steps, hyper, states, check, scalars, between, doc): a rule
+// on a factored kernel, with its host step between passes.
+#define RULE_FACTORED(kernel, name, cls, counts, hyper, states, check, scalars, between, doc) \
+  RuleDecl {                                                                                  \
+    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,          \
+        count_of(states), check,                                                              \
+        [](const Hyper& h, const StepInfo& t, void* out) {                                    \
+          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));           \
+        },                                                                                    \
+        nullptr, 0, nullptr, [](int pass, const FactoredArray& a, void* out) {                \
+          between(pass, a, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));        \
+        }                                                                                     \
   }
 
 }  // namespace optkern

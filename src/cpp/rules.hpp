@@ -182,6 +182,24 @@ struct ScheduleFreeStep {
   bool init_z;  // the parameter's first step: z starts as a copy of y
 };
 
+// Adafactor (torch.optim.Adafactor): a factored kernel (OPTKERN_FACTORED), three passes over each
+// array. Pass 0: the sum of p^2 and, for an array of >= 2 dimensions, the sums of g^2 over each
+// row and each column (for one of <= 1 dimension: variance <- lerp(variance, g^2, w)). Host:
+// alpha, the row and column factors' lerps and each matrix's clamped row-factor mean. Pass 1: the
+// sum of update^2. Host: coeff = -alpha / denom. Pass 2: p <- p * decay + coeff * update.
+struct AdafactorStep {
+  Lerp var;       // w = t^beta2_decay: row_var, col_var and variance lerp towards g^2 by w
+  float eps1;     // the floor of a matrix's row-factor mean
+  float eps1_sq;  // eps1 * eps1 (in double, then float): the floor of the variance estimate
+  float decay;    // 1 - lr * weight_decay
+  float grad_scale;
+  float coeff;     // per array, after pass 1: -alpha / max(1, rms(update) / d)
+  bool has_decay;  // weight_decay != 0
+  double rho;      // host: min(lr, 1 / sqrt(t))
+  double eps2, d;  // host
+  double alpha;    // host, per array after pass 0: max(eps2, rms(p)) * rho
+};
+
 // The kernels: X(name, scalars struct, number of state buffers, work per element). Each gets a
 // slot `name` in KernelTable, filled by every ISA build of kernels/update_rules.cpp from the
 // function of the same name there. Work is counted against the single-thread threshold in units
@@ -200,7 +218,8 @@ struct ScheduleFreeStep {
   X(rprop, RpropStep, 2, 1)          \
   X(lamb, LambStep, 2, 4)            \
   X(sfadamw, ScheduleFreeStep, 2, 4) \
-  X(sfsgd, ScheduleFreeStep, 1, 1)
+  X(sfsgd, ScheduleFreeStep, 1, 1)   \
+  X(adafactor, AdafactorStep, 3, 4)
 
 // Kernels with a reduction pass before their element-wise pass: X(name, sums). Such a kernel has
 // a second slot `name_reduce` in KernelTable, which the multi-tensor driver (Prepared in
@@ -210,6 +229,16 @@ struct ScheduleFreeStep {
 // per_array function (its RULE_REDUCED declaration) turns the array's sums into that array's
 // scalars (LAMB's trust ratio), and then the element-wise kernel `name` runs with them.
 #define OPTKERN_REDUCTIONS(X) X(lamb, 2)
+
+// Factored kernels: X(name, passes). Their state arrays need not be shaped like the parameter
+// (StateDecl::shape: a factor per row or per column), so they do not run element-wise over flat
+// spans: the driver (Prepared::factored in bindings.cpp) cuts each array into tiles of whole rows
+// (fixed by the shape alone), runs the kernel's slot `name_pass` for pass 0, 1, ... over every
+// tile of the group in one parallel region per pass, adds each array's tile sums (and pass 0's row
+// and column sums) in tile order, and between two passes runs the rule's host step (RULE_FACTORED's
+// `between`) on each array. Results do not depend on the thread count. Their element-wise slot
+// `name` is the last pass over a span of an array of <= 1 dimension (tests call it directly).
+#define OPTKERN_FACTORED(X) X(adafactor, 3)
 
 // The largest number of state buffers a kernel takes.
 constexpr std::size_t MAX_STATES = 4;
@@ -655,6 +684,69 @@ inline void sfsgd_scalars(const Hyper& h, const StepInfo& t, ScheduleFreeStep& s
   schedule_free_common(h, t, h["momentum"], s);
 }
 
+// Adafactor (torch.optim.Adafactor): eps1 = None means float32's machine epsilon (torch: the
+// parameter's dtype's), d >= 1 and beta2_decay <= 0 as torch requires.
+constexpr HyperDecl kAdafactorHyper[] = {
+    {"lr", Real::nonnegative, 1e-2, "lr", -1},
+    {"beta2_decay", Real::nonpositive, -0.8, "beta2_decay", -1},
+    {"eps1", Real::nonnegative, 0.0, "eps", 0, {true, 1.1920928955078125e-07, true}},
+    {"eps2", Real::nonnegative, 1e-3, "eps", 1},
+    {"d", Real::one_or_more, 1.0, "d", -1},
+    {"weight_decay", Real::nonnegative, 0.0, "weight_decay", -1},
+};
+constexpr StateDecl kAdafactorStates[] = {
+    {"row_var", "row_vars", nullptr, nullptr, StateShape::rows},
+    {"col_var", "col_vars", nullptr, nullptr, StateShape::cols},
+    {"variance", "variances", nullptr, nullptr, StateShape::unfactored},
+};
+inline void adafactor_scalars(const Hyper& h, const StepInfo& t, AdafactorStep& s) {
+  const double step = static_cast<double>(t.step), eps1 = h["eps1"], lr = h["lr"];
+  s.var = lerp_weight(t.pow(step, h["beta2_decay"]));
+  s.eps1 = t.f32(eps1, "eps1");
+  s.eps1_sq = static_cast<float>(eps1 * eps1);  // torch's clamp_(min=eps1 * eps1): may be inf
+  s.decay = t.f32(1.0 - lr * h["weight_decay"], "1 - lr * weight_decay");
+  s.has_decay = h["weight_decay"] != 0.0;
+  s.grad_scale = static_cast<float>(t.grad_scale);
+  s.coeff = 0.0f;
+  s.rho = std::min(lr, 1.0 / t.sqrt(step));
+  s.eps2 = h["eps2"];
+  s.d = h["d"];
+  s.alpha = 0.0;
+}
+// torch's float32 lerp (see Lerp), on the host: the same result on every ISA.
+inline float host_lerp(float start, float end, const Lerp& l) {
+  return (l.from_start != 0.0f ? start : end) + l.coeff * (end - start);
+}
+inline void adafactor_between(int pass, const FactoredArray& a, AdafactorStep& s) {
+  const double n = static_cast<double>(a.numel);
+  if (pass == 0) {
+    // Python's max(eps2, rms) as torch takes it: a NaN rms (or an empty array) gives eps2.
+    const double rms = a.numel ? std::sqrt(a.sums[0]) / std::sqrt(n) : 0.0;
+    s.alpha = (rms > s.eps2 ? rms : s.eps2) * s.rho;
+    if (!a.factored) return;
+    float *row = a.state[0], *col = a.state[1];
+    const double rows = static_cast<double>(a.rows), cols = static_cast<double>(a.cols);
+    for (std::size_t b = 0; b < a.batch; ++b) {
+      float* r = row + b * a.rows;
+      float* c = col + b * a.cols;
+      double total = 0.0;
+      for (std::size_t i = 0; i < a.rows; ++i) {
+        // torch: norm(g, dim=-1)^2 / cols (0 / 0 = NaN for an empty row, as in torch)
+        r[i] = host_lerp(r[i], static_cast<float>(a.row_sums[b * a.rows + i] / cols), s.var);
+        total += r[i];
+      }
+      for (std::size_t j = 0; j < a.cols; ++j) {
+        c[j] = host_lerp(c[j], static_cast<float>(a.col_sums[b * a.cols + j] / rows), s.var);
+      }
+      const float mean = static_cast<float>(total / rows);
+      a.per_matrix[b] = mean < s.eps1 ? s.eps1 : mean;  // clamp_(min=eps1): NaN stays NaN
+    }
+  } else if (pass == 1) {
+    const double ratio = std::sqrt(a.sums[0]) / (std::sqrt(n) * s.d);
+    s.coeff = static_cast<float>(-s.alpha / (ratio > 1.0 ? ratio : 1.0));  // max(1.0, ratio)
+  }
+}
+
 // -- the table
 // -------------------------------------------------------------------------------------
 // RULE(kernel, name, class, steps (see Steps), hyper, states, check, scalars, formulas)
@@ -841,6 +933,28 @@ constexpr RuleDecl kRules[] = {
         "``train()`` sets p <- lerp(p, z, 1 - momentum), ``eval()`` p <- lerp(p, z,\n"
         "1 - 1/momentum); a step in eval mode is an error; the optimizer starts in train mode.\n"
         "State: ``step``, ``lr_max``, ``weight_sum``, ``z``; ``train_mode`` in the group."),
+    RULE_FACTORED(
+        adafactor, "adafactor", "Adafactor", used, kAdafactorHyper, kAdafactorStates, nullptr,
+        adafactor_scalars, adafactor_between,
+        "Adafactor, as torch.optim.Adafactor (Shazeer and Stern 2018)::\n\n"
+        "    w        = t^beta2_decay;  rho = min(lr, 1 / sqrt(t))\n"
+        "    alpha    = max(eps2, norm(p) / sqrt(numel(p))) * rho       (p before the decay)\n"
+        "    p        <- p * (1 - lr * weight_decay)\n"
+        "    p of >= 2 dimensions (factored over its last two, R rows x C columns):\n"
+        "      row_var <- lerp(row_var, mean of g^2 over each row, w)       (shape [..., R, 1])\n"
+        "      col_var <- lerp(col_var, mean of g^2 over each column, w)    (shape [..., 1, C])\n"
+        "      v       =  row_var @ col_var / max(mean of row_var over the rows, eps1)\n"
+        "    p of <= 1 dimension:\n"
+        "      variance <- lerp(variance, g^2, w);  v = variance\n"
+        "    u        = g / sqrt(max(v, eps1^2))\n"
+        "    p        <- p - alpha / max(1, norm(u) / (sqrt(numel(p)) * d)) * u\n\n"
+        "``eps=(None, 1e-3)``: eps1 None means float32's machine epsilon. A factored parameter\n"
+        "keeps R + C numbers per matrix instead of R * C: the memory of the second moment\n"
+        "shrinks from the parameter's size to its row and column counts. Three passes over\n"
+        "each array (24 bytes per element of a factored one: p and g read, g read, p and g\n"
+        "read and p written); sums are over fixed tiles, so results do not depend on the\n"
+        "thread count. State: ``step``, ``row_var`` and ``col_var`` (>= 2 dimensions) or\n"
+        "``variance`` (<= 1 dimension)."),
 };
 
 }  // namespace rules

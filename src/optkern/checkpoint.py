@@ -333,7 +333,11 @@ def load(optimizer: Optimizer, path: PathLike) -> None:
         try:
             with optimizer._lock:  # shapes read once: another thread may add a group
                 shapes = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]]
-            limits = _Limits(shapes, getattr(type(optimizer), "_array_state_names", None))
+            limits = _Limits(
+                shapes,
+                getattr(type(optimizer), "_array_state_names", None),
+                getattr(type(optimizer), "_rule", None),
+            )
             meta, arrays = _read(f, limits, type(optimizer).__name__)
             sd = _state_dict(meta, arrays, optimizer)
         except CheckpointError as e:
@@ -370,9 +374,15 @@ _ZIP_OVERHEAD = 1024  # local header + central directory entry of one member, ge
 class _Limits:
     """What a checkpoint for an optimizer with these parameter shapes can hold."""
 
-    def __init__(self, shapes: List[tuple], array_names: Any) -> None:
+    def __init__(self, shapes: List[tuple], array_names: Any, rule: Any = None) -> None:
         self.shape_list = [list(s) for s in shapes]
+        # The parameters' shapes and those their states take (Adafactor's row and column
+        # factors: registry.State.shape_for, the core's rule); load_state_dict then checks
+        # each state against its own parameter.
         self.shapes = {tuple(s) for s in shapes}
+        for st in getattr(rule, "states", ()):
+            if st.shape != "like_param":
+                self.shapes |= {st.shape_for(tuple(s)) for s in shapes} - {None}
         sizes = [int(np.prod(s, dtype=object)) for s in shapes]
         n = len(shapes)
         # Arrays a parameter may have: each state array name, plus slack for state from torch or

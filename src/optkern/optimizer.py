@@ -201,7 +201,7 @@ class Optimizer:
                 value = (
                     core[name]
                     if len(slots) == 1 and slots[0] == name
-                    else tuple(core[n] for n in slots)
+                    else tuple(_kept_none(rule, seen[name], i, n, core) for i, n in enumerate(slots))
                 )
                 if value is not seen[name]:
                     if group.get(name, missing) is seen[name]:
@@ -412,7 +412,10 @@ class Optimizer:
         spec = rule.state_spec(core)
         carried = rule.carried_spec(core) if rule.carried else {}
         states, fresh = self._group_states(group, params, spec, created, carried)
-        lists = {name: [s[name] for s in states] for name in (*spec, *carried)}
+        if rule.factored:  # a state a parameter's shape does not call for is None in the list
+            lists = {name: [s.get(name) for s in states] for name in (*spec, *carried)}
+        else:
+            lists = {name: [s[name] for s in states] for name in (*spec, *carried)}
         if rule.counts_steps:
             steps: Any = [s["step"] + 1 for s in states]
             record: Any = states
@@ -460,7 +463,17 @@ class Optimizer:
         states = [self.state.get_by_id(p) for p in params]
         if not spec and not self._counts_steps:  # no state at all (plain SGD, like torch's)
             states = [{} if s is None else s for s in states]
-        fresh = [s is None or not s.keys() >= spec.keys() for s in states]
+        # The names each parameter needs: all of spec, but for a state whose shape kind does not
+        # apply to the parameter's shape (Adafactor's row_var for a vector).
+        shaped = [n for n in spec if n in self._array_state_names and self._shaped(n)]
+        if shaped:
+            needs = [
+                spec.keys() - {n for n in shaped if self._rule.state(n).shape_for(p.shape) is None}
+                for p in params
+            ]
+        else:
+            needs = [spec.keys()] * len(params)
+        fresh = [s is None or not s.keys() >= need for s, need in zip(states, needs)]
         if not any(fresh):
             self._cache[id(group)] = _GroupStates(
                 group, self.state, self.state.version, ids, spec.keys(), states, fresh
@@ -473,13 +486,21 @@ class Optimizer:
                 states[i] = new
                 created.append((p, new, old))
         for name, start in spec.items():
-            missing = [(p, s) for p, s in zip(params, states) if name not in s]
+            missing = [
+                (p, s) for p, s, need in zip(params, states, needs) if name not in s and name in need
+            ]
             if carried and name in carried:
                 for _, s in missing:
                     s[name] = start
             elif missing:
-                _pack([s for _, s in missing], name, [p.shape for p, _ in missing], start)
+                shape_for = self._rule.state(name).shape_for
+                _pack([s for _, s in missing], name, [shape_for(p.shape) for p, _ in missing], start)
         return states, fresh
+
+    def _shaped(self, name: str) -> bool:
+        """Whether state ``name`` is shaped unlike its parameter (a factor per row or column, or
+        one kept only for some shapes): see registry.State.shape."""
+        return self._rule.state(name).shape != "like_param"
 
     def _run(self, calls: list, created: list) -> None:
         """Installs the new state dicts and runs every group's update. The core advances
@@ -620,7 +641,14 @@ class Optimizer:
                 if name == "step":
                     s["step"] = _load_step(value, f"state[{key!r}]['step']")
                 elif name in self._array_state_names:
-                    s[name] = _load_array(value, p, f"state[{key!r}][{name!r}]")
+                    where = f"state[{key!r}][{name!r}]"
+                    shape = self._rule.state(name).shape_for(p.shape)
+                    if shape is None:
+                        raise ValueError(
+                            f"{where}: a parameter of shape {p.shape} keeps no {name!r} "
+                            f"(a {self._rule.state(name).shape} state)"
+                        )
+                    s[name] = _load_array(value, p, where, shape)
                 elif name in self._rule.carried_names:
                     s[name] = _load_carried(value, f"state[{key!r}][{name!r}]")
                 else:
@@ -628,7 +656,15 @@ class Optimizer:
                     s[name] = copy.deepcopy(value)
             if self._counts_steps and "step" not in s:
                 raise ValueError(f"state[{key!r}] has no 'step'")
-            missing = [n for n in spec if n not in s]
+            missing = [
+                n
+                for n in spec
+                if n not in s
+                and (
+                    n not in self._array_state_names
+                    or self._rule.state(n).shape_for(p.shape) is not None
+                )
+            ]
             if missing:
                 raise ValueError(
                     f"state[{key!r}] lacks {', '.join(map(repr, missing))}, "
@@ -659,6 +695,18 @@ class Optimizer:
                 lines.append(f"    {key}: {group[key]}")
         lines.append(")")
         return "\n".join(lines)
+
+
+def _kept_none(rule: Rule, given: Any, slot: int, name: str, core: Dict[str, Any]) -> Any:
+    """Slot ``slot`` of a tuple hyperparameter as the group keeps it: None where the user gave
+    None and the declaration takes it (Adafactor's ``eps=(None, 1e-3)``, as torch keeps it),
+    else the checked value."""
+    try:
+        if given[slot] is None and any(h.name == name and h.if_none is not None for h in rule.hyper):
+            return None
+    except (TypeError, IndexError, KeyError):
+        pass
+    return core[name]
 
 
 class _Checked:
@@ -830,7 +878,9 @@ def _load_carried(value: Any, where: str) -> float:
     return v
 
 
-def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
+def _load_array(
+    value: Any, param: np.ndarray, where: str, shape: Optional[tuple] = None
+) -> np.ndarray:
     """A loaded state array: real numbers of the parameter's shape that float32 holds (a finite
     value beyond float32's range would become inf when packed). Masked arrays are refused: the
     mask would be dropped and the masked-out values used."""
@@ -845,8 +895,16 @@ def _load_array(value: Any, param: np.ndarray, where: str) -> np.ndarray:
         raise TypeError(f"{where} cannot be read as an array: {e}") from None
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{where} must hold real numbers, got dtype {arr.dtype}")
-    if arr.shape != param.shape:
-        raise ValueError(f"{where} has shape {arr.shape} but its parameter has shape {param.shape}")
+    if shape is None or tuple(shape) == param.shape:
+        if arr.shape != param.shape:
+            raise ValueError(
+                f"{where} has shape {arr.shape} but its parameter has shape {param.shape}"
+            )
+    elif arr.shape != tuple(shape):
+        raise ValueError(
+            f"{where} has shape {arr.shape} but its parameter of shape {param.shape} "
+            f"needs {tuple(shape)}"
+        )
     if arr.dtype != np.float32 and arr.size:
         big = np.abs(arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr)
         if big.size and float(big.max()) > _FLOAT32_MAX:

@@ -25,10 +25,13 @@ __all__ = ["Rule", "Hyper", "State", "Carried", "rules", "rule", "as_real", "as_
 class Hyper:
     name: str  # as optkern.functional and _core take it
     range: str  # "nonnegative", "unit" [0, 1], "unit_open" [0, 1), "open_unit" (0, 1),
-    #             "above_one" (1, inf) or "flag"
-    default: Any
+    #             "above_one" (1, inf), "one_or_more" [1, inf), "nonpositive" (-inf, 0] or "flag"
+    default: Any  # None where the declared default is None (see if_none)
     torch: str  # torch.optim's argument: "betas" for beta1 and beta2
     slot: int  # -1, or the position within torch's tuple argument
+    #: The value None stands for, where the hyperparameter takes None (Adafactor's eps1: float32's
+    #: machine epsilon); None where None is refused.
+    if_none: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,17 @@ class State:
     arg: str  # optkern.functional's list argument, e.g. "exp_avgs"
     when: Optional[str]  # None: always; else the option that must be nonzero / True
     init: Optional[str]  # None: starts at zero; else the hyperparameter it starts at
+    #: How its shape follows the parameter's (the core's StateShape): "like_param"; "rows" and
+    #: "cols" (one number per row / column of the last two dimensions, parameters of >= 2
+    #: dimensions only); "unfactored" (like_param, parameters of <= 1 dimension only).
+    shape: str = "like_param"
+
+    def shape_for(self, param_shape: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
+        """This state's shape for a parameter of ``param_shape``, or None where the parameter
+        keeps no such state (absent from its state dict, None in a functional list)."""
+        if self.shape == "like_param":
+            return tuple(param_shape)
+        return _core.state_shape(self.shape, tuple(param_shape))
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,9 @@ class Rule:
     # Sums per block of the kernel's reduction pass (LAMB: 2, the norms of p and u), which runs
     # over every array before the element-wise pass; 0 for a single element-wise pass.
     reduction: int = 0
+    # Passes of a factored kernel (Adafactor: 3), whose states may be shaped unlike the parameter
+    # (State.shape); 0 for an element-wise kernel.
+    factored: int = 0
 
     # -- torch's view: arguments as the class takes them ---------------------------------------------
 
@@ -119,6 +136,24 @@ class Rule:
             c.name: (float(c.init) if c.init_from is None else float(core[c.init_from]))
             for c in self.carried
         }
+
+    def state_shapes(self, core: Dict[str, Any], param_shape: Tuple[int, ...]) -> Dict[str, Any]:
+        """The state arrays a parameter of ``param_shape`` needs under these hyperparameters:
+        {name: (shape, start value)}."""
+        out = {}
+        for s in self.states:
+            if s.when is not None and not core[s.when]:
+                continue
+            shape = s.shape_for(param_shape)
+            if shape is not None:
+                out[s.name] = (shape, 0.0 if s.init is None else float(core[s.init]))
+        return out
+
+    def state(self, name: str) -> "State":
+        for s in self.states:
+            if s.name == name:
+                return s
+        raise KeyError(name)
 
     @property
     def array_state_names(self) -> Tuple[str, ...]:
@@ -179,6 +214,7 @@ def _load() -> Dict[str, Rule]:
             kernel=r["kernel"],
             weight=r["weight"],
             reduction=r["reduction"],
+            factored=r["factored"],
             hyper=tuple(Hyper(**h) for h in r["hyper"] if h["name"] != "maximize"),
             states=tuple(State(**s) for s in r["states"]),
             carried=tuple(Carried(**c) for c in r["carried"]),

@@ -46,6 +46,7 @@ except ImportError:  # torch < 2.1: autograd's version check does not see optker
         pass
 
 
+from . import _core
 from . import functional as F
 
 __all__ = ["RULES", "UNMAPPED", "PACKAGE_PEERS"]  # and a class per entry of RULES, added below
@@ -65,6 +66,15 @@ class StateBuf:
     arg: str
     init: str = "zeros"
     when: Optional[str] = None
+    #: How its shape follows the parameter's (registry.State.shape): "like_param", or a kind
+    #: that gives another shape (Adafactor's row and column factors) or none for some shapes.
+    shape: str = "like_param"
+
+    def shape_for(self, p: torch.Tensor) -> Optional[Tuple[int, ...]]:
+        """Its shape for parameter ``p``, or None where ``p`` keeps no such state."""
+        if self.shape == "like_param":
+            return tuple(p.shape)
+        return _core.state_shape(self.shape, tuple(p.shape))
 
 
 @dataclass(frozen=True)
@@ -265,9 +275,13 @@ class _OktOptimizer(torch.optim.Optimizer):
                         st[key] = torch.tensor(float(v), dtype=torch.float32)
             elif v is None:
                 del st[key]  # an old torch SGD checkpoint's absent momentum buffer
-            elif isinstance(v, torch.Tensor) and v.shape == p.shape:
+            elif isinstance(v, torch.Tensor) and tuple(v.shape) == self._shape_of(key, p):
                 if _why_not(v, key) is not None:
                     st[key] = v.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+    def _shape_of(self, key: str, p: torch.Tensor) -> Optional[Tuple[int, ...]]:
+        buf = next((b for b in self._rule.state if b.name == key), None)
+        return tuple(p.shape) if buf is None else buf.shape_for(p)
 
     def _init_state(self, p: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         st = self.state[p]
@@ -275,7 +289,11 @@ class _OktOptimizer(torch.optim.Optimizer):
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
         for buf in self._rule.state:
             if buf.init != "first_grad" and (buf.when is None or group[buf.when]):
-                if buf.init == "zeros":
+                if buf.shape != "like_param":  # a factor's shape, or none for this parameter
+                    shape = buf.shape_for(p)
+                    if shape is not None:
+                        st[buf.name] = torch.zeros(shape, dtype=torch.float32)
+                elif buf.init == "zeros":
                     st[buf.name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 else:
                     st[buf.name] = self._filled(p, buf, group)
@@ -418,7 +436,18 @@ class _OktOptimizer(torch.optim.Optimizer):
         for n in names:
             t = st.get(n)
             buf = next(b for b in self._rule.state if b.name == n)
-            if t is None:
+            shape = buf.shape_for(p)
+            if shape is None:  # this parameter keeps no such state (Adafactor's variance of a matrix)
+                if t is not None:
+                    raise ValueError(
+                        f"state {n!r} of {label}: a parameter of shape {tuple(p.shape)} keeps "
+                        f"none (a {buf.shape} state)"
+                    )
+                views.append(None)
+                continue
+            if t is None and buf.shape != "like_param":
+                t = st[n] = torch.zeros(shape, dtype=torch.float32)
+            elif t is None:
                 if buf.init == "first_grad":
                     views.append(None)
                     continue
@@ -427,12 +456,13 @@ class _OktOptimizer(torch.optim.Optimizer):
                     if buf.init == "zeros"
                     else self._filled(p, buf, group)
                 )
-            elif _why_not(t, f"state {n!r} of {label}") or t.shape != p.shape:
+            elif _why_not(t, f"state {n!r} of {label}") or tuple(t.shape) != shape:
                 st[n] = t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
-                if t.shape != p.shape:
+                if tuple(t.shape) != shape:
                     raise ValueError(
                         f"state {n!r} of {label} has shape {tuple(t.shape)}, the "
                         f"parameter {tuple(p.shape)}"
+                        + ("" if shape == tuple(p.shape) else f", which needs {shape}")
                     )
             views.append(_np(t))
         if self._rule.step:
@@ -773,6 +803,7 @@ def _from_registry(r: Any) -> Rule:
                 if s.init is None
                 else str(torch_name(s.init)),
                 when=torch_name(s.when),
+                shape=s.shape,
             )
             for s in r.states
         ),

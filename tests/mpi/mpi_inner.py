@@ -132,13 +132,14 @@ def test_data_parallel_matches_one_process(cls):
     close(got, ref)
 
 
-# ZeRO shards arrays element-wise: rules with a per-array reduction (LAMB) are refused.
-ZERO_CLASSES = [c for c in CLASSES if not c._rule.reduction]
+# ZeRO shards arrays element-wise: rules with a per-array reduction (LAMB) or factored state
+# (Adafactor's row and column factors) are refused.
+ZERO_CLASSES = [c for c in CLASSES if not c._rule.reduction and not c._rule.factored]
 
 
 def test_zero_refuses_rules_that_reduce_over_an_array():
     for cls in CLASSES:
-        if cls._rule.reduction:
+        if cls._rule.reduction or cls._rule.factored:
             p = [np.ones(5, np.float32)]
             with pytest.raises(ValueError, match="cannot shard"):
                 okd.ZeroRedundancyOptimizer(cls, p, **hyper_of(cls))

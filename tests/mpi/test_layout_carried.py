@@ -34,3 +34,16 @@ def test_sharded_layout_keeps_carried_numbers(rule):
     sd["state"][1][names[0]] += 1e-3  # unlike the group's first parameter: refused
     with pytest.raises(ValueError, match="carried numbers"):
         flat_state(layout, sd, 0, layout.total)
+
+
+def test_sharded_layout_refuses_factored_state():
+    """Adafactor's row and column factors are not shaped like their parameters: an element-wise
+    shard cannot hold them, and flat_state says so (a consolidated checkpoint can)."""
+    shapes = [[(3, 4), (5,)]]
+    layout = Layout(shapes)
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes[0]]
+    opt = ok.Adafactor(params)
+    opt.step([rng.standard_normal(p.shape).astype(np.float32) for p in params])
+    with pytest.raises(ValueError, match="'row_var' has shape .* sharded layout cannot hold"):
+        flat_state(layout, opt.state_dict(), 0, layout.total)

@@ -72,6 +72,18 @@ float prepared_gradient(float g, float p, float grad_scale, float weight_decay) 
   return kDecay ? OK_FMA(weight_decay, p, scaled) : scaled;
 }
 
+// torch's start.lerp_(end, w) for one element, in the form the host picked for w (Lerp in
+// rules.hpp): start + coeff * (end - start) or end + coeff * (end - start).
+float lerp(float start, float end, float coeff, bool from_start) {
+  return OK_FMA(coeff, end - start, from_start ? start : end);
+}
+
+// A moving average of squares, torch's avg.mul_(decay).addcmul_(x, x, value=1 - decay): decay *
+// avg + ((1 - decay) * x) * x, in that order (Adam's exp_avg_sq, RMSprop's square_avg, ...).
+float moving_square(float avg, float x, float decay, float one_minus_decay) {
+  return OK_FMA(decay, avg, (one_minus_decay * x) * x);
+}
+
 // Calls f(Flag<b>{}), so a runtime choice becomes a compile-time one outside the element loop.
 template <class F>
 void with_flag(bool b, F&& f) {
@@ -144,12 +156,12 @@ OK_LOOP void rmsprop_impl(const RmspropStep& s, float* OK_RESTRICT p, const floa
     const float pi = p[i];
     const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
     // (w * g) * g, in torch's addcmul order: a gradient of 1e20 does not overflow to inf here.
-    const float si = OK_FMA(alpha, sq[i], (w * gi) * gi);
+    const float si = moving_square(sq[i], gi, alpha, w);
     sq[i] = si;
     float avg;
     if (kCentered) {
       const float ai = gavg[i];
-      const float a = OK_FMA(lerp_coeff, gi - ai, lerp_from_avg ? ai : gi);
+      const float a = lerp(ai, gi, lerp_coeff, lerp_from_avg);
       gavg[i] = a;
       // Not fused: torch rounds grad_avg^2 first, so where it overflows, inf - inf gives NaN.
       avg = OK_SQRT(si - a * a) + eps;
@@ -215,11 +227,11 @@ OK_LOOP void adadelta_impl(const AdadeltaStep& s, float* OK_RESTRICT p, const fl
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i];
     const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
-    const float si = OK_FMA(rho, sq[i], (w * gi) * gi);
+    const float si = moving_square(sq[i], gi, rho, w);
     sq[i] = si;
     const float ai = acc[i];
     const float delta = OK_SQRT(ai + eps) / OK_SQRT(si + eps) * gi;
-    acc[i] = OK_FMA(rho, ai, (w * delta) * delta);
+    acc[i] = moving_square(ai, delta, rho, w);
     p[i] = OK_FMA(-lr, delta, pi);
   }
 }
@@ -251,8 +263,8 @@ OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_
     if (kDecoupled) pi *= decay;
     const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
     const float mi0 = m[i];
-    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
-    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
+    const float mi = lerp(mi0, gi, lc, from_avg);
+    const float vi = moving_square(v[i], gi, b2, w2);
     m[i] = mi;
     v[i] = vi;
     float vd = vi;
@@ -294,7 +306,7 @@ OK_LOOP void adamax_impl(const AdamaxStep& s, float* OK_RESTRICT p, const float*
     const float pi = p[i];
     const float gi = prepared_gradient<kDecay>(g[i], pi, gs, wd);
     const float mi0 = m[i];
-    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
+    const float mi = lerp(mi0, gi, lc, from_avg);
     const float a = u[i] * b2, b = OK_FABSF(gi) + eps;
     const float ui = (a > b || a != a) ? a : b;  // NaN-propagating max, like torch.maximum
     m[i] = mi;
@@ -327,8 +339,8 @@ OK_LOOP void nadam_impl(const NadamStep& s, float* OK_RESTRICT p, const float* O
     if (kDecoupled) pi *= decay;
     const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
     const float mi0 = m[i];
-    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
-    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
+    const float mi = lerp(mi0, gi, lc, from_avg);
+    const float vi = moving_square(v[i], gi, b2, w2);
     m[i] = mi;
     v[i] = vi;
     const float denom = OK_SQRT(vi / bc2) + eps;
@@ -366,8 +378,8 @@ OK_LOOP void radam_impl(const RadamStep& s, float* OK_RESTRICT p, const float* O
     if (kDecoupled) pi *= decay;
     const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
     const float mi0 = m[i];
-    const float mi = OK_FMA(lc, gi - mi0, from_avg ? mi0 : gi);
-    const float vi = OK_FMA(b2, v[i], (w2 * gi) * gi);
+    const float mi = lerp(mi0, gi, lc, from_avg);
+    const float vi = moving_square(v[i], gi, b2, w2);
     m[i] = mi;
     v[i] = vi;
     float u = (mi / bc1) * lr;
@@ -665,12 +677,12 @@ OK_LOOP void schedule_free_impl(const ScheduleFreeStep& s, float* OK_RESTRICT p,
     const float zi = kInit ? yi : z[i];
     float u = g[i] * gs;
     if (kAdam) {
-      const float vi = OK_FMA(b2, v[i], (w2 * u) * u);
+      const float vi = moving_square(v[i], u, b2, w2);
       v[i] = vi;
       u = u / (OK_SQRT(vi / bc2) + eps);
     }
     if (kDecay) u = OK_FMA(wd, yi, u);
-    const float avg = OK_FMA(lc, zi - yi, from_y ? yi : zi);
+    const float avg = lerp(yi, zi, lc, from_y);
     p[i] = OK_FMA(yc, u, avg);
     z[i] = OK_FMA(nlr, u, zi);
   }
@@ -694,12 +706,132 @@ void sfsgd(const ScheduleFreeStep& s, float* p, const float* g, float* const* st
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Adafactor (torch.optim.Adafactor), a factored kernel (AdafactorStep in rules.hpp). Its states:
+// st[0] row_var, st[1] col_var (factored tiles: whole rows of one matrix), st[2] variance (arrays
+// of <= 1 dimension). Sums are kept in LANES double lanes by column (element) index within the
+// tile and added in a fixed order, so a tile's sums do not depend on the thread that ran it.
+//   pass 0: sum p^2; factored: the sums of g^2 per row and per column of the tile;
+//           else: variance = lerp(variance, g^2, w)
+//   pass 1: u = (1 / sqrt(max(v, eps1^2))) * g, v = (row_var * col_var) / matrix (the clamped
+//           row-factor mean) or variance; sum u^2
+//   pass 2: p = p * (1 - lr * weight_decay) + coeff * u
+template <bool kFactored>
+float adafactor_update(const AdafactorStep& s, float gi, float r, float c, float m, float v) {
+  float est = kFactored ? (r * c) / m : v;
+  est = est < s.eps1_sq ? s.eps1_sq : est;  // clamp_(min=eps1^2): NaN stays NaN
+  return (1.0f / OK_SQRT(est)) * gi;
+}
+
+template <bool kFactored>
+OK_LOOP void adafactor_sums(const AdafactorStep& s, int pass, const FactoredTile& t) {
+  const float gs = s.grad_scale, m = t.matrix;
+  const size_t rows = t.rows, cols = t.cols;
+  const float* OK_RESTRICT rv = t.state[0];
+  const float* OK_RESTRICT cv = t.state[1];
+  float* OK_RESTRICT var = t.state[2];
+  double* OK_RESTRICT col = t.col_sums;
+  const Lerp w = s.var;
+  const bool from_var = w.from_start != 0.0f;
+  double acc[LANES] = {};
+  if (kFactored && pass == 0) {
+    for (size_t j = 0; j < cols; ++j) col[j] = 0.0;
+  }
+  for (size_t i = 0; i < rows; ++i) {
+    const float* OK_RESTRICT p = t.param + i * cols;
+    const float* OK_RESTRICT g = t.grad + i * cols;
+    float* OK_RESTRICT vr = kFactored ? nullptr : var + i * cols;
+    const float r = kFactored ? rv[i] : 0.0f;
+    double row[LANES] = {};
+    auto element = [&](size_t j, size_t k) {
+      const float gi = g[j] * gs;
+      if (pass == 0) {
+        const double pi = p[j];
+        acc[k] += pi * pi;
+        if (kFactored) {
+          const double sq = static_cast<double>(gi) * static_cast<double>(gi);
+          row[k] += sq;
+          col[j] += sq;
+        } else {
+          const float v0 = vr[j], sq = gi * gi;
+          vr[j] = OK_FMA(w.coeff, sq - v0, from_var ? v0 : sq);
+        }
+      } else {
+        const float u = adafactor_update<kFactored>(s, gi, r, kFactored ? cv[j] : 0.0f, m,
+                                                    kFactored ? 0.0f : vr[j]);
+        acc[k] += static_cast<double>(u) * static_cast<double>(u);
+      }
+    };
+    size_t j = 0;
+    for (; j + LANES <= cols; j += LANES) {
+      OK_SIMD
+      for (size_t k = 0; k < LANES; ++k) element(j + k, k);
+    }
+    for (size_t k = 0; j < cols; ++j, ++k) element(j, k);
+    if (kFactored && pass == 0) {
+      double total = 0.0;
+      for (size_t k = 0; k < LANES; ++k) total += row[k];
+      t.row_sums[i] = total;
+    }
+  }
+  double total = 0.0;
+  for (size_t k = 0; k < LANES; ++k) total += acc[k];
+  t.sums[0] = total;
+}
+
+template <bool kFactored, bool kDecay>
+OK_LOOP void adafactor_apply(const AdafactorStep& s, const FactoredTile& t) {
+  const float gs = s.grad_scale, m = t.matrix, coeff = s.coeff, decay = s.decay;
+  const size_t rows = t.rows, cols = t.cols;
+  const float* OK_RESTRICT rv = t.state[0];
+  const float* OK_RESTRICT cv = t.state[1];
+  for (size_t i = 0; i < rows; ++i) {
+    float* OK_RESTRICT p = t.param + i * cols;
+    const float* OK_RESTRICT g = t.grad + i * cols;
+    const float* OK_RESTRICT vr = kFactored ? nullptr : t.state[2] + i * cols;
+    const float r = kFactored ? rv[i] : 0.0f;
+    OK_SIMD
+    for (size_t j = 0; j < cols; ++j) {
+      const float u = adafactor_update<kFactored>(s, g[j] * gs, r, kFactored ? cv[j] : 0.0f, m,
+                                                  kFactored ? 0.0f : vr[j]);
+      const float pi = kDecay ? p[j] * decay : p[j];
+      p[j] = OK_FMA(coeff, u, pi);
+    }
+  }
+}
+
+void adafactor_pass(const AdafactorStep& s, int pass, const FactoredTile& t) {
+  with_flag(t.state[0] != nullptr, [&](auto factored) {
+    constexpr bool kFactored = decltype(factored)::value;
+    if (pass < 2) {
+      adafactor_sums<kFactored>(s, pass, t);
+      return;
+    }
+    with_flag(s.has_decay,
+              [&](auto decay) { adafactor_apply<kFactored, decltype(decay)::value>(s, t); });
+  });
+}
+
+// The element-wise slot: the last pass over a span of an array of <= 1 dimension.
+void adafactor(const AdafactorStep& s, float* p, const float* g, float* const* st, size_t n) {
+  FactoredTile t{};
+  t.param = p;
+  t.grad = g;
+  t.state[2] = st[2];
+  t.rows = 1;
+  t.cols = n;
+  adafactor_pass(s, 2, t);
+}
+
 #define OPTKERN_KERNEL_ENTRY(name, S, states, weight) name,
 constexpr KernelTable kTable = {
     OPTKERN_KERNELS(OPTKERN_KERNEL_ENTRY)
 #define OPTKERN_REDUCE_ENTRY(name, n_sums) name##_reduce,
         OPTKERN_REDUCTIONS(OPTKERN_REDUCE_ENTRY)
 #undef OPTKERN_REDUCE_ENTRY
+#define OPTKERN_FACTORED_ENTRY(name, n_passes) name##_pass,
+            OPTKERN_FACTORED(OPTKERN_FACTORED_ENTRY)
+#undef OPTKERN_FACTORED_ENTRY
     /*norm_block=*/norm_block,
     /*scale=*/scale,
     /*clamp=*/clamp,

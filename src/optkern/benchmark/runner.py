@@ -113,9 +113,10 @@ def run_main(
             if use_torch and missing is None:
                 impls["torch"] = case.torch
             steps = {"stream": stream}
+            shape = case.shape(n) if case.shape is not None else (n,)
             for name, make in impls.items():
-                params = arrays([n], seed=2, scale=0.5)
-                grads = arrays([n], seed=3, scale=0.01)
+                params = [a.reshape(shape) for a in arrays([n], seed=2, scale=0.5)]
+                grads = [a.reshape(shape) for a in arrays([n], seed=3, scale=0.01)]
                 steps[name] = make(params, grads)
             seconds = compare(steps, repeats)
             del steps
@@ -125,6 +126,7 @@ def run_main(
                 "optimizer": case.key,
                 "label": case.label,
                 "size": n,
+                "shape": list(shape),
                 "bytes_per_element": case.bytes_per_element,
                 "stream_gbps": bw / 1e9,
                 "torch_impl": case.torch_impl if use_torch else None,

@@ -113,6 +113,14 @@ def flat_state(
             )
         step = first.get("step")
         for i, e in zip(ids, entries):
+            for k, v in e.items():  # element-wise sharding: states shaped like their parameter
+                if isinstance(v, np.ndarray) and v.shape != tuple(layout.shapes[i]):
+                    raise ValueError(
+                        f"param group {gi}: parameter {i}'s state {k!r} has shape {v.shape}, "
+                        f"not its parameter's {tuple(layout.shapes[i])} (a factored state, "
+                        "as Adafactor's), which a sharded layout cannot hold; save a "
+                        "consolidated checkpoint instead"
+                    )
             if (
                 sorted(k for k, v in e.items() if isinstance(v, np.ndarray)) != names
                 or e.get("step") != step

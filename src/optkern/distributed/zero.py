@@ -86,8 +86,8 @@ class ZeroRedundancyOptimizer:
     **What shards.** Every optimizer in optkern updates each element from that element's
     parameter, gradient and state alone, so splitting the vector anywhere gives exactly the
     update of the whole. A rule that looks at a whole array (LAMB's per-array trust ratio: any
-    rule with a reduction pass, ``optimizer_class._rule.reduction``) does not shard this way and
-    is refused (DataParallel runs it whole on every rank). Every parameter needs a gradient at every
+    rule with a reduction pass, ``optimizer_class._rule.reduction``; Adafactor's factored
+    second moment, ``_rule.factored``) does not shard this way and is refused (DataParallel runs it whole on every rank). Every parameter needs a gradient at every
     step (None is refused: an element-wise shard cannot skip one parameter).
 
     **Memory.** Optimizer state per rank is 1/N of the whole (:meth:`state_bytes`). Each rank
@@ -122,12 +122,18 @@ class ZeroRedundancyOptimizer:
                 f"optimizer_class must be an optkern Optimizer class, got {optimizer_class!r}"
             )
         rule = getattr(optimizer_class, "_rule", None)
-        if rule is not None and rule.reduction:  # before any collective: every rank refuses
+        if rule is not None and (rule.reduction or rule.factored):  # before any collective
             raise ValueError(
                 f"ZeroRedundancyOptimizer cannot shard {optimizer_class.__name__}: its update "
-                f"scales each parameter array by a number computed from the whole array (a "
-                f"reduction over it), and ZeRO stage 1 splits the arrays element-wise across "
-                f"ranks; use DataParallel"
+                + (
+                    "keeps factors per row and per column of each array and scales it by "
+                    "norms over the whole array (a factored kernel)"
+                    if rule.factored
+                    else "scales each parameter array by a number computed from the whole "
+                    "array (a reduction over it)"
+                )
+                + ", and ZeRO stage 1 splits the arrays element-wise across ranks; use "
+                "DataParallel"
             )
         self._coll = Collectives(comm, timeout, on_error)
         self.comm = self._coll.comm

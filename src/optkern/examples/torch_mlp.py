@@ -44,6 +44,7 @@ HYPER: Dict[str, Dict[str, Any]] = {
     "LAMB": {"lr": 1e-2},
     "ScheduleFreeAdamW": {"lr": 2.5e-3},
     "ScheduleFreeSGD": {"lr": 1.0},
+    "Adafactor": {"lr": 1e-2},
 }
 
 
