@@ -108,3 +108,123 @@ def test_empty_lists_update_nothing_but_are_still_checked():
         F.adam_([], [], [], [], step=0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
     with pytest.raises(ValueError, match="float32 cannot hold"):  # the scalars of step 1 too
         F.adam_([], [], [], [], step=1, lr=1e38, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+def _shape(fn):
+    """A signature without annotations: names, kinds and defaults."""
+    import inspect
+
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+# The signatures the first rules' functions were written with (before their bodies were derived).
+def _rmsprop_(
+    params,
+    grads,
+    square_avgs,
+    grad_avgs=None,
+    momentum_buffers=None,
+    *,
+    lr,
+    alpha,
+    eps,
+    weight_decay=0.0,
+    momentum=0.0,
+    centered=False,
+    maximize=False,
+    grad_scale=1.0,
+    _positions=None,
+): ...
+def _adagrad_(
+    params,
+    grads,
+    state_sums,
+    *,
+    step,
+    lr,
+    lr_decay=0.0,
+    weight_decay=0.0,
+    eps=1e-10,
+    maximize=False,
+    grad_scale=1.0,
+    _positions=None,
+): ...
+def _adadelta_(
+    params,
+    grads,
+    square_avgs,
+    acc_deltas,
+    *,
+    lr,
+    rho,
+    eps,
+    weight_decay=0.0,
+    maximize=False,
+    grad_scale=1.0,
+    _positions=None,
+): ...
+def _adam_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay=0.0,
+    amsgrad=False,
+    max_exp_avg_sqs=None,
+    maximize=False,
+    grad_scale=1.0,
+    _positions=None,
+): ...
+def _adamw_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay=1e-2,
+    amsgrad=False,
+    max_exp_avg_sqs=None,
+    maximize=False,
+    grad_scale=1.0,
+    _positions=None,
+): ...
+
+
+def test_first_rules_keep_their_signatures_with_bodies_from_the_declaration():
+    for ref in (_rmsprop_, _adagrad_, _adadelta_, _adam_, _adamw_):
+        fn = getattr(F, ref.__name__[1:])
+        assert _shape(fn) == _shape(ref), ref.__name__
+        assert fn.__module__ == "optkern.functional" and fn.__doc__
+
+
+def test_a_stub_that_disagrees_with_the_declaration_is_refused():
+    from optkern.registry import make_functional, rule
+
+    def adam_(
+        params,
+        grads,
+        exp_avgs,
+        max_exp_avg_sqs,
+        *,
+        step,
+        lr,
+        beta3,
+        maximize=False,
+        grad_scale=1.0,
+        _positions=None,
+    ):
+        """no exp_avg_sqs, an unknown beta3"""
+
+    with pytest.raises(TypeError, match=r"unknown \['beta3'\], missing \['exp_avg_sqs'\]"):
+        make_functional(rule("adam"), F._run, like=adam_)

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _core
 from .flat import FlatParams
-from .registry import as_flag, as_real, make_functional, rules
+from .registry import as_flag, as_real, make_functional, rule, rules
 
 __all__ = [
     "sgd_",
@@ -123,8 +123,13 @@ def _run(
 
 
 # -- the updates ------------------------------------------------------------------------------------
-# The rules' own signatures, kept as they were when each was written; a rule added later gets its
-# function from its declaration (see the end of this module).
+# The first rules' functions keep the signatures they were written with (lr required, their own
+# order of state lists); rmsprop_ ... adamw_ take only that signature from the stubs below, their
+# bodies derived from the declaration as every later rule's function is (see the end of this
+# module). Two keep a written body: sgd_ creates missing momentum buffers (torch's first-step
+# rule, which the declaration does not say) and momentum_ refuses velocities=None with a
+# ValueError (the core would run plain SGD without a list; every other required list is a
+# TypeError there).
 
 
 def sgd_(
@@ -224,6 +229,13 @@ def momentum_(
     )
 
 
+def _declared(name: str) -> Any:
+    """The function of rule ``name`` with the decorated stub's signature and docstring, its body
+    derived from the declaration (:func:`optkern.registry.make_functional`)."""
+    return lambda stub: make_functional(rule(name), _run, like=stub)
+
+
+@_declared("rmsprop")
 def rmsprop_(
     params: ArrayList,
     grads: ArrayList,
@@ -243,26 +255,9 @@ def rmsprop_(
 ) -> None:
     """RMSprop as torch.optim.RMSprop (see :class:`optkern.RMSprop`). ``grad_avgs`` is needed
     when centered, ``momentum_buffers`` when momentum > 0; all state starts at zero."""
-    _run(
-        "rmsprop",
-        params,
-        grads,
-        {"square_avg": square_avgs, "grad_avg": grad_avgs, "momentum_buffer": momentum_buffers},
-        dict(
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            centered=centered,
-            maximize=maximize,
-        ),
-        step=None,
-        grad_scale=grad_scale,
-        positions=_positions,
-    )
 
 
+@_declared("adagrad")
 def adagrad_(
     params: ArrayList,
     grads: ArrayList,
@@ -278,18 +273,9 @@ def adagrad_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """Adagrad as torch.optim.Adagrad (see :class:`optkern.Adagrad`)."""
-    _run(
-        "adagrad",
-        params,
-        grads,
-        {"sum": state_sums},
-        dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize),
-        step=step,
-        grad_scale=grad_scale,
-        positions=_positions,
-    )
 
 
+@_declared("adadelta")
 def adadelta_(
     params: ArrayList,
     grads: ArrayList,
@@ -305,57 +291,9 @@ def adadelta_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """Adadelta as torch.optim.Adadelta (see :class:`optkern.Adadelta`)."""
-    _run(
-        "adadelta",
-        params,
-        grads,
-        {"square_avg": square_avgs, "acc_delta": acc_deltas},
-        dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
-        step=None,
-        grad_scale=grad_scale,
-        positions=_positions,
-    )
 
 
-def _adam(
-    rule,
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    *,
-    step,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    amsgrad,
-    max_exp_avg_sqs,
-    maximize,
-    grad_scale,
-    positions,
-) -> None:
-    _run(
-        rule,
-        params,
-        grads,
-        {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs, "max_exp_avg_sq": max_exp_avg_sqs},
-        dict(
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-        ),
-        step=step,
-        grad_scale=grad_scale,
-        positions=positions,
-    )
-
-
+@_declared("adam")
 def adam_(
     params: ArrayList,
     grads: ArrayList,
@@ -375,26 +313,9 @@ def adam_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """Adam as torch.optim.Adam, weight decay as an L2 term (see :class:`optkern.Adam`)."""
-    _adam(
-        "adam",
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad,
-        max_exp_avg_sqs=max_exp_avg_sqs,
-        maximize=maximize,
-        grad_scale=grad_scale,
-        positions=_positions,
-    )
 
 
+@_declared("adamw")
 def adamw_(
     params: ArrayList,
     grads: ArrayList,
@@ -414,24 +335,6 @@ def adamw_(
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
     """AdamW as torch.optim.AdamW, weight decay decoupled (see :class:`optkern.AdamW`)."""
-    _adam(
-        "adamw",
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad,
-        max_exp_avg_sqs=max_exp_avg_sqs,
-        maximize=maximize,
-        grad_scale=grad_scale,
-        positions=_positions,
-    )
 
 
 # Every further rule declared in C++ gets its function from its declaration.

@@ -1,6 +1,7 @@
 """The update rules, as the C++ core declares them (``src/cpp/rules.hpp``), and what is built
 from each declaration: the optimizer class (torch-style constructor, formulas in the docstring)
-and, for rules without a hand-written one, the function of :mod:`optkern.functional`.
+and the function of :mod:`optkern.functional` (for the first rules with the signature they were
+written with, but for ``sgd_`` and ``momentum_``, whose bodies are written by hand).
 
 ``rules()`` lists them; each :class:`Rule` says its hyperparameters (name, range, default and
 torch's argument), its state buffers and whether it counts steps. Tests and benchmarks iterate
@@ -308,9 +309,18 @@ def check_execution_flags(
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def make_functional(r: Rule, run: Callable) -> Callable:
+def make_functional(r: Rule, run: Callable, like: Optional[Callable] = None) -> Callable:
     """``<name>_(params, grads, <state lists>, *, [step,] <hyperparameters>, maximize=False,
-    grad_scale=1.0)`` for a rule without a hand-written functional function."""
+    grad_scale=1.0)`` for a rule without a hand-written functional function.
+
+    ``like``: a function whose signature (names, kinds, defaults, annotations) and docstring the
+    result takes instead, the body still derived from the declaration (the first rules' functions
+    keep the signatures they were written with: lr required, their own list order). Each of its
+    parameters must be a state list, carried list or hyperparameter of the rule (a
+    hyperparameter it lacks is left at the core's default: Adagrad's initial_accumulator_value
+    only fills state), and every state list must be there."""
+    if like is not None:
+        return _functional_like(r, run, like)
     lists = ", ".join(
         [
             f"{s.arg}: Optional[ArrayList] = None" if s.when else f"{s.arg}: ArrayList"
@@ -356,4 +366,44 @@ def make_functional(r: Rule, run: Callable) -> Callable:
             + "), which the call updates in place."
         )
     fn.__module__ = "optkern.functional"
+    return fn
+
+
+def _functional_like(r: Rule, run: Callable, like: Callable) -> Callable:
+    import inspect
+
+    sig = inspect.signature(like)
+    fixed = {"params", "grads", "maximize", "grad_scale", "_positions"}
+    fixed |= {"step"} if r.uses_step else set()
+    lists = {s.arg: s.name for s in r.states}
+    lists.update({c.arg: c.name for c in r.carried})
+    hyper = [h.name for h in r.hyper if h.name in sig.parameters]
+    unknown = set(sig.parameters) - fixed - set(lists) - set(hyper)
+    missing = (set(lists) | fixed) - set(sig.parameters)
+    if unknown or missing:
+        raise TypeError(
+            f"{like.__name__}'s signature does not match rule {r.name!r}: "
+            f"unknown {sorted(unknown)}, missing {sorted(missing)}"
+        )
+    parts, star = [], False
+    for p in sig.parameters.values():
+        if p.kind is p.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    states = ", ".join(f"{name!r}: {arg}" for arg, name in lists.items())
+    names = ", ".join(f"{h}={h}" for h in hyper)
+    src = (
+        f"def {like.__name__}({', '.join(parts)}):\n"
+        f"    run({r.name!r}, params, grads, {{{states}}}, dict({names}, maximize=maximize),\n"
+        f"        step={'step' if r.uses_step else 'None'}, grad_scale=grad_scale,\n"
+        f"        positions=_positions)\n"
+    )
+    scope: Dict[str, Any] = {"run": run}
+    exec(src, scope)  # noqa: S102 (the stub's signature, the declaration's body)
+    fn = scope[like.__name__]
+    fn.__doc__ = like.__doc__
+    fn.__annotations__ = dict(like.__annotations__)
+    fn.__module__ = like.__module__
+    fn.__qualname__ = like.__qualname__
     return fn

@@ -13,7 +13,8 @@ Three measurements, each interleaving torch and optkern repeat by repeat and kee
   parameters, against calling optkern.functional on the same arrays directly.
 
 By default the six classes with a torch.optim counterpart that the first version covered run
-(``ORIGINALS``: about a minute); ``--all`` runs every optkern.torch class, ``--optimizers``
+(``ORIGINALS``: 3 minutes on a shared 2-core machine); ``--all`` runs every optkern.torch
+class (about three times as long), ``--optimizers``
 the ones named.
 """
 
