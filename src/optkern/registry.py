@@ -358,6 +358,16 @@ def make_functional(r: Rule, run: Callable, like: Optional[Callable] = None) -> 
         f"{r.cls} over lists of arrays, state passed in explicitly (see "
         f":class:`optkern.{r.cls}` for the formulas)."
     )
+    shaped = [st for st in r.states if st.shape != "like_param"]
+    if shaped:
+        fn.__doc__ += (
+            " "
+            + ", ".join(f"``{st.arg}``" for st in shaped)
+            + ": one entry per parameter, shaped by its kind ("
+            + ", ".join(f"{st.arg}: {st.shape}" for st in shaped)
+            + "; rows: [..., R, 1], cols: [..., 1, C] for >= 2 dimensions, unfactored: the "
+            "parameter's shape for <= 1 dimension), None for a parameter that keeps no such state."
+        )
     if r.carried:
         fn.__doc__ += (
             " " + ", ".join(f"``{c.arg}``" for c in r.carried) + ": lists of floats, "
