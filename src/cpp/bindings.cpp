@@ -13,6 +13,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -549,12 +550,18 @@ constexpr bool factored_declared() {
 static_assert(factored_declared(),
               "a rule on a kernel of OPTKERN_FACTORED needs RULE_FACTORED, and only such a rule");
 
-// Tiles of a factored kernel: about FACTOR_TILE elements of whole rows (or of an array of <= 1
-// dimension), and at most FACTOR_TILES tiles per matrix, each of which keeps a partial sum per
-// column (so a 5000 x 10000 matrix has 64 tiles of 79 rows and 5 MB of partial sums). Fixed by
-// the shapes alone, never by the thread count.
+// Tiles of a factored kernel: a matrix's rows longer than 2 * FACTOR_COLS are cut into column
+// tiles of about FACTOR_COLS; each column tile into row tiles of about FACTOR_TILE elements, at
+// most FACTOR_TILES of them and at least FACTOR_MIN_ROWS rows each (an array of <= 1 dimension:
+// tiles of FACTOR_TILE elements). Each tile keeps a partial sum per row and per column it holds
+// (a 5000 x 10000 matrix: 3 x 64 tiles, 5 MB of column partials; 16 x 250000: 62 x 1 tiles).
+// Fixed by the shapes alone, never by the thread count.
 constexpr std::size_t FACTOR_TILE = 4096;
 constexpr std::size_t FACTOR_TILES = 64;
+constexpr std::size_t FACTOR_MIN_ROWS = 16;
+constexpr std::size_t FACTOR_COLS = 4096;
+// Rows or columns per range of a factored rule's work per row and column (between_range).
+constexpr std::size_t HOST_RANGE = 4096;
 
 // Elements per block of a reduction pass (as NORM_BLOCK for the gradient norms): each block's
 // sums are computed on one thread, in a fixed order, and added per array in block order, so the
@@ -883,11 +890,13 @@ class Prepared {
     return out;
   }
 
-  // A factored kernel (OPTKERN_FACTORED): its passes over tiles of whole rows of every array,
-  // the tiles of the whole group in one parallel region per pass, and the rule's host step
-  // (`between`) on each array after each pass but the last. The tiles depend on the shapes alone
-  // and each tile's sums are added per array in tile order, so the results do not depend on the
-  // number of threads.
+  // A factored kernel (OPTKERN_FACTORED): its passes over tiles of every array, the tiles of the
+  // whole group in one parallel region per pass, and the rule's host step (`between`) on each
+  // array after each pass but the last; after pass 0 also its work per row and per column
+  // (`between_range`), in parallel over ranges of rows and of columns. A matrix's tile grid and
+  // ranges depend on its shape alone, each tile's sums are added per array in tile order, its
+  // row and column partial sums per row and column in tile order, so the results do not depend
+  // on the number of threads.
   template <KernelId K>
   void factored() const {
     using S = typename KernelInfo<K>::Scalars;
@@ -897,16 +906,26 @@ class Prepared {
     const std::size_t count = cb.count();
     struct Array {
       std::size_t batch = 0, rows = 1, cols = 0, numel = 0;
-      std::size_t row_at = 0, col_at = 0;  // offsets into the per-row and per-column vectors
+      std::size_t row_at = 0, col_at = 0, mat_at = 0;  // into per_row, per_col, per_matrix
+      std::size_t row_tiles = 1, col_tiles = 1;
+      // Its row partials, [col_tiles][batch * rows], and column partials, [row_tiles][batch *
+      // cols], in `parts`: each tile writes its own; the first slice ends up holding the sums.
+      std::size_t rp_at = 0, cp_at = 0;
       bool factored = false;
     };
     struct Tile {
-      std::size_t tensor, matrix, row, rows, begin, size;  // begin: first element in the array
-      std::size_t col_sums;                                // offset of its column partials
+      std::size_t tensor, matrix, row, rows, col, cols;  // rows x cols at (row, col) of a matrix
+      std::size_t begin;                                 // its first element in the array
+      std::size_t row_part, col_part;                    // where its partial sums go in `parts`
+    };
+    struct Range {
+      std::size_t tensor, matrix, lo, hi;
+      bool rows;
     };
     std::vector<Array> arrays(count);
     std::vector<Tile> tiles;
-    std::size_t n_rows = 0, n_cols = 0, n_partials = 0, total = 0;
+    std::vector<Range> ranges;
+    std::size_t n_rows = 0, n_cols = 0, n_matrices = 0, n_parts = 0, total = 0, spans = 0;
     for (std::size_t t = 0; t < count; ++t) {
       Array& a = arrays[t];
       const int nd = cb.ndim(t);
@@ -914,39 +933,123 @@ class Prepared {
       a.numel = cb.sizes()[t];
       total += a.numel;
       a.factored = nd >= 2;
-      if (a.factored) {
-        a.rows = static_cast<std::size_t>(dims[nd - 2]);
-        a.cols = static_cast<std::size_t>(dims[nd - 1]);
-        a.batch = 1;
-        for (int d = 0; d < nd - 2; ++d) a.batch *= static_cast<std::size_t>(dims[d]);
-        a.row_at = n_rows;
-        a.col_at = n_cols;
-        n_rows += a.batch * a.rows;
-        n_cols += a.batch * a.cols;
-        if (a.numel == 0) continue;
-        // Whole rows per tile: about FACTOR_TILE elements, and at most FACTOR_TILES tiles per
-        // matrix (each keeps a partial sum per column).
-        const std::size_t by_size = (FACTOR_TILE + a.cols - 1) / a.cols;
-        const std::size_t by_count = (a.rows + FACTOR_TILES - 1) / FACTOR_TILES;
-        const std::size_t per = std::max<std::size_t>(1, std::max(by_size, by_count));
-        for (std::size_t b = 0; b < a.batch; ++b) {
-          for (std::size_t r = 0; r < a.rows; r += per) {
-            const std::size_t nr = std::min(per, a.rows - r);
-            tiles.push_back({t, b, r, nr, (b * a.rows + r) * a.cols, nr * a.cols, n_partials});
-            n_partials += a.cols;
+      if (!a.factored) {
+        for (std::size_t e = 0; e < a.numel; e += FACTOR_TILE) {
+          const std::size_t n = std::min(FACTOR_TILE, a.numel - e);
+          tiles.push_back({t, 0, 0, 1, 0, n, e, 0, 0});
+        }
+        continue;
+      }
+      a.rows = static_cast<std::size_t>(dims[nd - 2]);
+      a.cols = static_cast<std::size_t>(dims[nd - 1]);
+      a.batch = 1;
+      for (int d = 0; d < nd - 2; ++d) a.batch *= static_cast<std::size_t>(dims[d]);
+      a.row_at = n_rows;
+      a.col_at = n_cols;
+      a.mat_at = n_matrices;
+      n_rows += a.batch * a.rows;
+      n_cols += a.batch * a.cols;
+      n_matrices += a.batch;
+      // Columns in tiles of about FACTOR_COLS when a row is longer than twice that; rows in
+      // tiles of about FACTOR_TILE elements, at most FACTOR_TILES per column tile and at least
+      // FACTOR_MIN_ROWS rows (the column partials: at most an eighth of the matrix's bytes).
+      std::size_t width = a.cols;
+      if (a.cols > 2 * FACTOR_COLS) {
+        const std::size_t n = (a.cols + FACTOR_COLS - 1) / FACTOR_COLS;
+        width = ((a.cols + n - 1) / n + 15) / 16 * 16;
+        a.col_tiles = (a.cols + width - 1) / width;
+      }
+      std::size_t per = std::max(
+          (FACTOR_TILE + std::max<std::size_t>(width, 1) - 1) / std::max<std::size_t>(width, 1),
+          (a.rows + FACTOR_TILES - 1) / FACTOR_TILES);
+      per = std::max<std::size_t>(1, std::max(per, std::min(a.rows, FACTOR_MIN_ROWS)));
+      a.row_tiles = a.numel == 0 ? 1 : (a.rows + per - 1) / per;
+      a.rp_at = n_parts;
+      n_parts += a.col_tiles * a.batch * a.rows;
+      a.cp_at = n_parts;
+      n_parts += a.row_tiles * a.batch * a.cols;
+      for (std::size_t b = 0; b < a.batch; ++b) {
+        for (std::size_t r = 0, rt = 0; a.numel != 0 && r < a.rows; r += per, ++rt) {
+          for (std::size_t c = 0, ct = 0; c < a.cols; c += width, ++ct) {
+            tiles.push_back({t, b, r, std::min(per, a.rows - r), c, std::min(width, a.cols - c),
+                             (b * a.rows + r) * a.cols + c,
+                             a.rp_at + (ct * a.batch + b) * a.rows + r,
+                             a.cp_at + (rt * a.batch + b) * a.cols + c});
           }
         }
-      } else {
-        for (std::size_t e = 0; e < a.numel; e += FACTOR_TILE) {
-          tiles.push_back({t, 0, 0, 1, e, std::min(FACTOR_TILE, a.numel - e), 0});
+        for (std::size_t lo = 0; lo < a.rows; lo += HOST_RANGE) {
+          ranges.push_back({t, b, lo, std::min(a.rows, lo + HOST_RANGE), true});
         }
+        for (std::size_t lo = 0; lo < a.cols; lo += HOST_RANGE) {
+          ranges.push_back({t, b, lo, std::min(a.cols, lo + HOST_RANGE), false});
+        }
+        spans += a.rows + a.cols;
+      }
+    }
+    // The partial sums and the per-row and per-column numbers, in buffers kept by the calling
+    // thread from step to step (every element is written before it is read): fresh pages of a
+    // few tens of MB would cost more than the pass that fills them.
+    thread_local std::vector<double> parts_buffer;
+    thread_local std::vector<float> scale_buffer;
+    if (parts_buffer.size() < n_parts) parts_buffer.resize(n_parts);
+    if (scale_buffer.size() < n_rows + n_cols) scale_buffer.resize(n_rows + n_cols);
+    double* parts = parts_buffer.data();
+    float* per_row = scale_buffer.data();
+    float* per_col = per_row + n_rows;
+    for (const Array& a : arrays) {  // an empty matrix: its rows or columns sum to 0
+      if (a.factored && a.numel == 0) {
+        std::fill(parts + a.rp_at, parts + a.cp_at + a.batch * a.cols, 0.0);
       }
     }
     constexpr std::size_t NS = 1;  // sums per tile and pass
-    std::vector<double> sums(tiles.size() * NS), row_sums(n_rows, 0.0), partials(n_partials);
-    std::vector<float> per_row(n_rows, 0.0f), per_col(n_cols, 0.0f);
+    std::vector<double> sums(tiles.size() * NS), range_out(ranges.size()), per_matrix(n_matrices);
     std::vector<ScalarsSlot> scalars(count);
-    for (std::size_t t = 0; t < count; ++t) scalars[t] = scalars_[which_[t]];
+    std::vector<std::array<float*, MAX_STATES>> states(count);
+    for (std::size_t t = 0; t < count; ++t) {
+      scalars[t] = scalars_[which_[t]];
+      states[t].fill(nullptr);
+      for (std::size_t s = 0; s < KernelInfo<K>::states; ++s) {
+        states[t][s] = state_[s].empty() ? nullptr : state_[s][t];
+      }
+    }
+    auto array_view = [&](std::size_t t, const double* array_sums) {
+      const Array& a = arrays[t];
+      FactoredArray fa{};
+      fa.sums = array_sums != nullptr ? array_sums + t * NS : nullptr;
+      fa.row_sums = a.factored ? parts + a.rp_at : nullptr;
+      fa.col_sums = a.factored ? parts + a.cp_at : nullptr;
+      fa.state = states[t].data();
+      fa.batch = a.batch;
+      fa.rows = a.rows;
+      fa.cols = a.cols;
+      fa.numel = a.numel;
+      fa.per_row = per_row + a.row_at;
+      fa.per_col = per_col + a.col_at;
+      fa.per_matrix = per_matrix.data() + a.mat_at;
+      fa.factored = a.factored;
+      return fa;
+    };
+    auto run_ranges = [&](int stage) {
+      auto body = [&](std::size_t lo, std::size_t hi) {
+        for (std::size_t i = lo; i < hi; ++i) {
+          const Range& g = ranges[i];
+          const Array& a = arrays[g.tensor];
+          if (stage == 0) {  // this range's sums: its partials in tile order
+            const std::size_t n = g.rows ? a.rows : a.cols,
+                              slices = g.rows ? a.col_tiles : a.row_tiles;
+            double* first = parts + (g.rows ? a.rp_at : a.cp_at) + g.matrix * n;
+            for (std::size_t k = 1; k < slices; ++k) {
+              const double* other = first + k * a.batch * n;
+              for (std::size_t j = g.lo; j < g.hi; ++j) first[j] += other[j];
+            }
+          }
+          range_out[i] = rule_.between_range(stage, array_view(g.tensor, nullptr), g.matrix, g.rows,
+                                             g.lo, g.hi, scalars[g.tensor].bytes);
+        }
+      };
+      const std::size_t w = ranges.empty() ? 1 : std::max<std::size_t>(1, spans / ranges.size());
+      parallel_for(ranges.size(), w * WEIGHT_DIVIDES, body);
+    };
     const std::size_t weight =
         tiles.empty() ? 1 : std::max<std::size_t>(1, total / tiles.size()) * KernelInfo<K>::weight;
     for (int pass = 0; pass < PASSES; ++pass) {
@@ -965,55 +1068,45 @@ class Prepared {
                 ft.state[s] = base + k.matrix * a.rows + k.row;
                 break;
               case StateShape::cols:
-                ft.state[s] = base + k.matrix * a.cols;
+                ft.state[s] = base + k.matrix * a.cols + k.col;
                 break;
               default:
                 ft.state[s] = base + k.begin;
             }
           }
           ft.rows = k.rows;
-          ft.cols = a.factored ? a.cols : k.size;
-          ft.row_scale = a.factored ? &per_row[a.row_at + k.matrix * a.rows + k.row] : nullptr;
-          ft.col_scale = a.factored ? &per_col[a.col_at + k.matrix * a.cols] : nullptr;
+          ft.cols = k.cols;
+          ft.stride = a.factored ? a.cols : k.cols;
+          ft.row_scale = a.factored ? per_row + a.row_at + k.matrix * a.rows + k.row : nullptr;
+          ft.col_scale = a.factored ? per_col + a.col_at + k.matrix * a.cols + k.col : nullptr;
           ft.sums = &sums[i * NS];
-          ft.row_sums = a.factored ? &row_sums[a.row_at + k.matrix * a.rows + k.row] : nullptr;
-          ft.col_sums = a.factored ? &partials[k.col_sums] : nullptr;
+          ft.row_sums = a.factored ? parts + k.row_part : nullptr;
+          ft.col_sums = a.factored ? parts + k.col_part : nullptr;
           fn(*reinterpret_cast<const S*>(scalars[k.tensor].bytes), pass, ft);
         }
       };
       parallel_for(tiles.size(), weight, body);
       if (pass == PASSES - 1) break;
-      // The host step of each array: its tile sums (and pass 0's column partials) in tile order.
-      std::vector<double> array_sums(count * NS, 0.0), col_sums(pass == 0 ? n_cols : 0, 0.0);
+      if (pass == 0) run_ranges(0);
+      // The host step of each array: its tile sums in tile order, and after pass 0 its matrices'
+      // stage-0 results over their row ranges in range order.
+      std::vector<double> array_sums(count * NS, 0.0);
       for (std::size_t i = 0; i < tiles.size(); ++i) {
-        const Tile& k = tiles[i];
-        for (std::size_t r = 0; r < NS; ++r) array_sums[k.tensor * NS + r] += sums[i * NS + r];
-        const Array& a = arrays[k.tensor];
-        if (pass == 0 && a.factored) {
-          double* c = &col_sums[a.col_at + k.matrix * a.cols];
-          for (std::size_t j = 0; j < a.cols; ++j) c[j] += partials[k.col_sums + j];
+        for (std::size_t r = 0; r < NS; ++r) {
+          array_sums[tiles[i].tensor * NS + r] += sums[i * NS + r];
+        }
+      }
+      if (pass == 0) {
+        std::fill(per_matrix.begin(), per_matrix.end(), 0.0);
+        for (std::size_t i = 0; i < ranges.size(); ++i) {
+          const Range& g = ranges[i];
+          if (g.rows) per_matrix[arrays[g.tensor].mat_at + g.matrix] += range_out[i];
         }
       }
       for (std::size_t t = 0; t < count; ++t) {
-        const Array& a = arrays[t];
-        float* st[MAX_STATES] = {};
-        for (std::size_t s = 0; s < KernelInfo<K>::states; ++s) {
-          st[s] = state_[s].empty() ? nullptr : state_[s][t];
-        }
-        FactoredArray fa{};
-        fa.sums = &array_sums[t * NS];
-        fa.row_sums = a.factored && pass == 0 ? row_sums.data() + a.row_at : nullptr;
-        fa.col_sums = a.factored && pass == 0 ? col_sums.data() + a.col_at : nullptr;
-        fa.state = st;
-        fa.batch = a.batch;
-        fa.rows = a.rows;
-        fa.cols = a.cols;
-        fa.numel = a.numel;
-        fa.per_row = per_row.data() + a.row_at;
-        fa.per_col = per_col.data() + a.col_at;
-        fa.factored = a.factored;
-        rule_.between(pass, fa, scalars[t].bytes);
+        rule_.between(pass, array_view(t, array_sums.data()), scalars[t].bytes);
       }
+      if (pass == 0) run_ranges(1);
     }
   }
 

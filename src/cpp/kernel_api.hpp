@@ -71,11 +71,12 @@ struct FactoredTile {
   float* param;
   const float* grad;
   float* state[MAX_STATES];
-  std::size_t rows, cols;
+  std::size_t rows, cols;  // a tile of a matrix: rows x cols, its rows `stride` elements apart
+  std::size_t stride;
   const float* row_scale;  // factored, after pass 0: the host step's number per row of the tile
   const float* col_scale;  // factored, after pass 0: its number per column of the matrix
   double* sums;            // out: the tile's sums (one pass's; a fixed order within the tile)
-  double* row_sums;        // out, pass 0 of a factored array: [rows], one sum per row
+  double* row_sums;        // out, pass 0 of a factored array: [rows], this tile's sum per row
   double* col_sums;        // out, pass 0 of a factored array: [cols], this tile's sum per column
 };
 

@@ -212,6 +212,10 @@ struct FactoredArray {
   std::size_t batch, rows, cols, numel;
   float* per_row;  // [batch * rows]: a number per row that the later passes read
   float* per_col;  // [batch * cols]: a number per column that the later passes read
+  // After pass 0, factored: [batch] one number per matrix. `between` finds in it the sum, over
+  // the matrix's row ranges in order, of what stage 0 of `between_range` returned for them; what
+  // it leaves there, stage 1 reads.
+  double* per_matrix;
   bool factored;
 };
 
@@ -244,6 +248,12 @@ struct RuleDecl {
   // the host step that turns the array's sums into its scalars for the next pass (and may write
   // its small states: Adafactor's row and column factors). nullptr for the others.
   void (*between)(int pass, const FactoredArray& a, void* scalars) = nullptr;
+  // Their work per row and per column after pass 0, in parallel over ranges fixed by the shape
+  // alone: stage 0 on rows (rows = true) or columns [lo, hi) of matrix `matrix` before `between`
+  // (its sums, a.row_sums and a.col_sums, complete over those rows or columns), stage 1 after it.
+  // What stage 0 returns for a range of rows is added per matrix into a.per_matrix.
+  double (*between_range)(int stage, const FactoredArray& a, std::size_t matrix, bool rows,
+                          std::size_t lo, std::size_t hi, const void* scalars) = nullptr;
 };
 
 template <class T, std::size_t N>
@@ -286,18 +296,25 @@ constexpr std::size_t count_of(const T (&)[N]) {
         }                                                                                      \
   }
 
-// RULE_FACTORED(kernel, name, class, steps, hyper, states, check, scalars, between, doc): a rule
-// on a factored kernel, with its host step between passes.
-#define RULE_FACTORED(kernel, name, cls, counts, hyper, states, check, scalars, between, doc) \
-  RuleDecl {                                                                                  \
-    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,          \
-        count_of(states), check,                                                              \
-        [](const Hyper& h, const StepInfo& t, void* out) {                                    \
-          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));           \
-        },                                                                                    \
-        nullptr, 0, nullptr, [](int pass, const FactoredArray& a, void* out) {                \
-          between(pass, a, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));        \
-        }                                                                                     \
+// RULE_FACTORED(kernel, name, class, steps, hyper, states, check, scalars, between, range, doc):
+// a rule on a factored kernel, with its host step between passes and its work per row and column.
+#define RULE_FACTORED(kernel, name, cls, counts, hyper, states, check, scalars, between, range, \
+                      doc)                                                                      \
+  RuleDecl {                                                                                    \
+    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,            \
+        count_of(states), check,                                                                \
+        [](const Hyper& h, const StepInfo& t, void* out) {                                      \
+          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));             \
+        },                                                                                      \
+        nullptr, 0, nullptr,                                                                    \
+        [](int pass, const FactoredArray& a, void* out) {                                       \
+          between(pass, a, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));          \
+        },                                                                                      \
+        [](int stage, const FactoredArray& a, std::size_t m, bool rows, std::size_t lo,         \
+           std::size_t hi, const void* s) {                                                     \
+          return range(stage, a, m, rows, lo, hi,                                               \
+                       *static_cast<const KernelInfo<KernelId::kernel>::Scalars*>(s));          \
+        }                                                                                       \
   }
 
 }  // namespace optkern

@@ -719,6 +719,8 @@ inline void adafactor_scalars(const Hyper& h, const StepInfo& t, AdafactorStep& 
 inline float host_lerp(float start, float end, const Lerp& l) {
   return (l.from_start != 0.0f ? start : end) + l.coeff * (end - start);
 }
+// After pass 0: alpha, and each matrix's clamped row-factor mean from the sum of its lerped row
+// factors (adafactor_range's stage 0, added per matrix over its row ranges in order).
 inline void adafactor_between(int pass, const FactoredArray& a, AdafactorStep& s) {
   const double n = static_cast<double>(a.numel);
   if (pass == 0) {
@@ -726,32 +728,52 @@ inline void adafactor_between(int pass, const FactoredArray& a, AdafactorStep& s
     const double rms = a.numel ? std::sqrt(a.sums[0]) / std::sqrt(n) : 0.0;
     s.alpha = (rms > s.eps2 ? rms : s.eps2) * s.rho;
     if (!a.factored) return;
-    float *row = a.state[0], *col = a.state[1];
-    const double rows = static_cast<double>(a.rows), cols = static_cast<double>(a.cols);
+    const double rows = static_cast<double>(a.rows);
     for (std::size_t b = 0; b < a.batch; ++b) {
-      float* r = row + b * a.rows;
-      float* c = col + b * a.cols;
-      double total = 0.0;
-      for (std::size_t i = 0; i < a.rows; ++i) {
-        // torch: norm(g, dim=-1)^2 / cols (0 / 0 = NaN for an empty row, as in torch)
-        r[i] = host_lerp(r[i], static_cast<float>(a.row_sums[b * a.rows + i] / cols), s.var);
-        total += r[i];
-      }
-      for (std::size_t j = 0; j < a.cols; ++j) {
-        c[j] = host_lerp(c[j], static_cast<float>(a.col_sums[b * a.cols + j] / rows), s.var);
-      }
-      float mean = static_cast<float>(total / rows);
+      float mean = static_cast<float>(a.per_matrix[b] / rows);
       mean = mean < s.eps1 ? s.eps1 : mean;  // clamp_(min=eps1): NaN stays NaN
-      // v[i, j] = r[i] * c[j] / mean; the kernel takes 1 / sqrt(v) as the product of these.
-      for (std::size_t i = 0; i < a.rows; ++i) {
-        a.per_row[b * a.rows + i] = 1.0f / std::sqrt(r[i] / mean);
-      }
-      for (std::size_t j = 0; j < a.cols; ++j) a.per_col[b * a.cols + j] = 1.0f / std::sqrt(c[j]);
+      a.per_matrix[b] = mean;
     }
   } else if (pass == 1) {
     const double ratio = std::sqrt(a.sums[0]) / (std::sqrt(n) * s.d);
     s.coeff = static_cast<float>(-s.alpha / (ratio > 1.0 ? ratio : 1.0));  // max(1.0, ratio)
   }
+}
+// The work per row and column of matrix b after pass 0, over [lo, hi). Stage 0: the row factors'
+// lerps (returning their sum, in double, for the mean) and the column factors' lerps with each
+// column's scale 1 / sqrt(col_var); stage 1: each row's scale 1 / sqrt(row_var / mean).
+// v[i, j] = r[i] * c[j] / mean; the kernel takes 1 / sqrt(v) as the product of the two scales.
+inline double adafactor_range(int stage, const FactoredArray& a, std::size_t b, bool rows,
+                              std::size_t lo, std::size_t hi, const AdafactorStep& s) {
+  if (rows) {
+    float* r = a.state[0] + b * a.rows;
+    float* scale = a.per_row + b * a.rows;
+    if (stage == 1) {
+      const float mean = static_cast<float>(a.per_matrix[b]);
+      for (std::size_t i = lo; i < hi; ++i) scale[i] = 1.0f / std::sqrt(r[i] / mean);
+      return 0.0;
+    }
+    const double* sums = a.row_sums + b * a.rows;
+    const double cols = static_cast<double>(a.cols);
+    double total = 0.0;
+    for (std::size_t i = lo; i < hi; ++i) {
+      // torch: norm(g, dim=-1)^2 / cols (0 / 0 = NaN for an empty row, as in torch)
+      r[i] = host_lerp(r[i], static_cast<float>(sums[i] / cols), s.var);
+      total += r[i];
+    }
+    return total;
+  }
+  if (stage == 0) {
+    float* c = a.state[1] + b * a.cols;
+    float* scale = a.per_col + b * a.cols;
+    const double* sums = a.col_sums + b * a.cols;
+    const double nrows = static_cast<double>(a.rows);
+    for (std::size_t j = lo; j < hi; ++j) {
+      c[j] = host_lerp(c[j], static_cast<float>(sums[j] / nrows), s.var);
+      scale[j] = 1.0f / std::sqrt(c[j]);
+    }
+  }
+  return 0.0;
 }
 
 // -- the table
@@ -942,7 +964,7 @@ constexpr RuleDecl kRules[] = {
         "State: ``step``, ``lr_max``, ``weight_sum``, ``z``; ``train_mode`` in the group."),
     RULE_FACTORED(
         adafactor, "adafactor", "Adafactor", used, kAdafactorHyper, kAdafactorStates, nullptr,
-        adafactor_scalars, adafactor_between,
+        adafactor_scalars, adafactor_between, adafactor_range,
         "Adafactor, as torch.optim.Adafactor (Shazeer and Stern 2018)::\n\n"
         "    w        = t^beta2_decay;  rho = min(lr, 1 / sqrt(t))\n"
         "    alpha    = max(eps2, norm(p) / sqrt(numel(p))) * rho       (p before the decay)\n"

@@ -732,7 +732,7 @@ constexpr size_t BLOCK = 16384;
 
 OK_LOOP void adafactor_stats_factored(const AdafactorStep& s, const FactoredTile& t) {
   const float gs = s.grad_scale;
-  const size_t rows = t.rows, cols = t.cols;
+  const size_t rows = t.rows, cols = t.cols, stride = t.stride;
   double* OK_RESTRICT col = t.col_sums;
   double acc[LANES] = {};
   for (size_t i = 0; i < rows; ++i) t.row_sums[i] = 0.0;
@@ -744,8 +744,8 @@ OK_LOOP void adafactor_stats_factored(const AdafactorStep& s, const FactoredTile
       double row = 0.0;
       for (size_t s0 = 0; s0 < width; s0 += SEGMENT) {
         const size_t run = width - s0 < SEGMENT ? width - s0 : SEGMENT;
-        const float* OK_RESTRICT p = t.param + i * cols + c0 + s0;
-        const float* OK_RESTRICT g = t.grad + i * cols + c0 + s0;
+        const float* OK_RESTRICT p = t.param + i * stride + c0 + s0;
+        const float* OK_RESTRICT g = t.grad + i * stride + c0 + s0;
         float* OK_RESTRICT cf = colf + s0;
         float pf[LANES] = {}, rf[LANES] = {};
         size_t j = 0;
@@ -766,10 +766,11 @@ OK_LOOP void adafactor_stats_factored(const AdafactorStep& s, const FactoredTile
           rf[k] += sq;
           cf[j] += sq;
         }
-        for (size_t k = 0; k < LANES; ++k) {
-          acc[k] += pf[k];
-          row += rf[k];
+        for (size_t k = 0; k < LANES; ++k) acc[k] += pf[k];
+        for (size_t w = LANES / 2; w > 0; w /= 2) {  // a fixed tree, then one double addition
+          for (size_t k = 0; k < w; ++k) rf[k] += rf[k + w];
         }
+        row += rf[0];
       }
       t.row_sums[i] += row;
     }
@@ -820,14 +821,14 @@ float adafactor_scale(const AdafactorStep& s, float row, float col, float v) {
 template <bool kFactored>
 OK_LOOP void adafactor_norm(const AdafactorStep& s, const FactoredTile& t) {
   const float gs = s.grad_scale;
-  const size_t rows = t.rows, cols = t.cols;
+  const size_t rows = t.rows, cols = t.cols, stride = t.stride;
   double acc[LANES] = {};
   for (size_t i = 0; i < rows; ++i) {
     const float r = kFactored ? t.row_scale[i] : 0.0f;
     for (size_t c0 = 0; c0 < cols; c0 += SEGMENT) {  // float lanes over a run, then double
       const size_t width = cols - c0 < SEGMENT ? cols - c0 : SEGMENT;
-      const float* OK_RESTRICT g = t.grad + i * cols + c0;
-      const float* OK_RESTRICT v = kFactored ? nullptr : t.state[2] + i * cols + c0;
+      const float* OK_RESTRICT g = t.grad + i * stride + c0;
+      const float* OK_RESTRICT v = kFactored ? nullptr : t.state[2] + i * stride + c0;
       const float* OK_RESTRICT cs = kFactored ? t.col_scale + c0 : nullptr;
       float uf[LANES] = {};
       auto element = [&](size_t j, size_t k) {
@@ -854,12 +855,12 @@ OK_LOOP void adafactor_norm(const AdafactorStep& s, const FactoredTile& t) {
 template <bool kFactored, bool kDecay>
 OK_LOOP void adafactor_apply(const AdafactorStep& s, const FactoredTile& t) {
   const float gs = s.grad_scale, coeff = s.coeff, decay = s.decay;
-  const size_t rows = t.rows, cols = t.cols;
+  const size_t rows = t.rows, cols = t.cols, stride = t.stride;
   const float* OK_RESTRICT cs = t.col_scale;
   for (size_t i = 0; i < rows; ++i) {
-    float* OK_RESTRICT p = t.param + i * cols;
-    const float* OK_RESTRICT g = t.grad + i * cols;
-    const float* OK_RESTRICT v = kFactored ? nullptr : t.state[2] + i * cols;
+    float* OK_RESTRICT p = t.param + i * stride;
+    const float* OK_RESTRICT g = t.grad + i * stride;
+    const float* OK_RESTRICT v = kFactored ? nullptr : t.state[2] + i * stride;
     const float r = kFactored ? t.row_scale[i] : 0.0f;
     OK_SIMD
     for (size_t j = 0; j < cols; ++j) {
@@ -897,7 +898,7 @@ void adafactor(const AdafactorStep& s, float* p, const float* g, float* const* s
   t.grad = g;
   t.state[2] = st[2];
   t.rows = 1;
-  t.cols = n;
+  t.cols = t.stride = n;
   adafactor_pass(s, 2, t);
 }
 
