@@ -730,7 +730,62 @@ constexpr size_t SEGMENT = 1024;
 // the tile's rows (then into double).
 constexpr size_t BLOCK = 16384;
 
+// The sum of v[0, 2W) in float by a fixed tree of W, W / 2, ..., 1 vector additions.
+template <size_t W>
+inline float fold_lanes(float* v) {
+  OK_SIMD
+  for (size_t k = 0; k < W; ++k) v[k] += v[k + W];
+  if constexpr (W > 1) {
+    return fold_lanes<W / 2>(v);
+  } else {
+    return v[0];
+  }
+}
+
+// Rows of fewer than LANES elements (tall, narrow matrices): lane j holds column j, and each row's
+// g^2 is one float sum in element order; the float lanes go into double every NARROW_RUN rows.
+constexpr size_t NARROW_RUN = 32;
+
+OK_LOOP void adafactor_stats_narrow(const AdafactorStep& s, const FactoredTile& t) {
+  const float gs = s.grad_scale;
+  const size_t rows = t.rows, cols = t.cols, stride = t.stride;
+  double* OK_RESTRICT col = t.col_sums;
+  double acc[LANES] = {};
+  float pf[LANES] = {}, cf[LANES] = {};
+  for (size_t j = 0; j < cols; ++j) col[j] = 0.0;
+  for (size_t i0 = 0; i0 < rows; i0 += NARROW_RUN) {
+    const size_t end = rows - i0 < NARROW_RUN ? rows : i0 + NARROW_RUN;
+    for (size_t i = i0; i < end; ++i) {
+      const float* OK_RESTRICT p = t.param + i * stride;
+      const float* OK_RESTRICT g = t.grad + i * stride;
+      float row = 0.0f;
+      for (size_t j = 0; j < cols; ++j) {
+        const float gi = g[j] * gs, pi = p[j], sq = gi * gi;
+        pf[j] = OK_FMA(pi, pi, pf[j]);
+        cf[j] += sq;
+        row += sq;
+      }
+      t.row_sums[i] = row;
+    }
+    for (size_t j = 0; j < LANES; ++j) {
+      acc[j] += pf[j];
+      pf[j] = 0.0f;
+    }
+    for (size_t j = 0; j < cols; ++j) {
+      col[j] += cf[j];
+      cf[j] = 0.0f;
+    }
+  }
+  double total = 0.0;
+  for (size_t k = 0; k < LANES; ++k) total += acc[k];
+  t.sums[0] = total;
+}
+
 OK_LOOP void adafactor_stats_factored(const AdafactorStep& s, const FactoredTile& t) {
+  if (t.cols < LANES) {
+    adafactor_stats_narrow(s, t);
+    return;
+  }
   const float gs = s.grad_scale;
   const size_t rows = t.rows, cols = t.cols, stride = t.stride;
   double* OK_RESTRICT col = t.col_sums;
@@ -767,10 +822,7 @@ OK_LOOP void adafactor_stats_factored(const AdafactorStep& s, const FactoredTile
           cf[j] += sq;
         }
         for (size_t k = 0; k < LANES; ++k) acc[k] += pf[k];
-        for (size_t w = LANES / 2; w > 0; w /= 2) {  // a fixed tree, then one double addition
-          for (size_t k = 0; k < w; ++k) rf[k] += rf[k + w];
-        }
-        row += rf[0];
+        row += fold_lanes<LANES / 2>(rf);  // a fixed tree, then one double addition
       }
       t.row_sums[i] += row;
     }
@@ -818,8 +870,40 @@ float adafactor_scale(const AdafactorStep& s, float row, float col, float v) {
   return 1.0f / OK_SQRT(est);
 }
 
+// Pass 1 over rows of fewer than LANES elements: lane j holds column j, into double every
+// NARROW_RUN rows.
+OK_LOOP void adafactor_norm_narrow(const AdafactorStep& s, const FactoredTile& t) {
+  const float gs = s.grad_scale;
+  const size_t rows = t.rows, cols = t.cols, stride = t.stride;
+  const float* OK_RESTRICT cs = t.col_scale;
+  double acc[LANES] = {};
+  float uf[LANES] = {};
+  for (size_t i0 = 0; i0 < rows; i0 += NARROW_RUN) {
+    const size_t end = rows - i0 < NARROW_RUN ? rows : i0 + NARROW_RUN;
+    for (size_t i = i0; i < end; ++i) {
+      const float* OK_RESTRICT g = t.grad + i * stride;
+      const float r = t.row_scale[i];
+      for (size_t j = 0; j < cols; ++j) {
+        const float u = adafactor_scale<true>(s, r, cs[j], 0.0f) * (g[j] * gs);
+        uf[j] = OK_FMA(u, u, uf[j]);
+      }
+    }
+    for (size_t j = 0; j < LANES; ++j) {
+      acc[j] += uf[j];
+      uf[j] = 0.0f;
+    }
+  }
+  double total = 0.0;
+  for (size_t k = 0; k < LANES; ++k) total += acc[k];
+  t.sums[0] = total;
+}
+
 template <bool kFactored>
 OK_LOOP void adafactor_norm(const AdafactorStep& s, const FactoredTile& t) {
+  if (kFactored && t.cols < LANES) {
+    adafactor_norm_narrow(s, t);
+    return;
+  }
   const float gs = s.grad_scale;
   const size_t rows = t.rows, cols = t.cols, stride = t.stride;
   double acc[LANES] = {};
