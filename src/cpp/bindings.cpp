@@ -912,6 +912,9 @@ class Prepared {
       // cols], in `parts`: each tile writes its own; the first slice ends up holding the sums.
       std::size_t rp_at = 0, cp_at = 0;
       bool factored = false;
+      // One row tile: pass 0 finishes the columns itself (FactoredTile::col_scale_out), with no
+      // column partials and no ranges of columns.
+      bool whole_cols = false;
     };
     struct Tile {
       std::size_t tensor, matrix, row, rows, col, cols;  // rows x cols at (row, col) of a matrix
@@ -964,10 +967,11 @@ class Prepared {
           (a.rows + FACTOR_TILES - 1) / FACTOR_TILES);
       per = std::max<std::size_t>(1, std::max(per, std::min(a.rows, FACTOR_MIN_ROWS)));
       a.row_tiles = a.numel == 0 ? 1 : (a.rows + per - 1) / per;
+      a.whole_cols = a.numel != 0 && a.row_tiles == 1;
       a.rp_at = n_parts;
       n_parts += a.col_tiles * a.batch * a.rows;
       a.cp_at = n_parts;
-      n_parts += a.row_tiles * a.batch * a.cols;
+      if (!a.whole_cols) n_parts += a.row_tiles * a.batch * a.cols;
       for (std::size_t b = 0; b < a.batch; ++b) {
         for (std::size_t r = 0, rt = 0; a.numel != 0 && r < a.rows; r += per, ++rt) {
           for (std::size_t c = 0, ct = 0; c < a.cols; c += width, ++ct) {
@@ -980,10 +984,10 @@ class Prepared {
         for (std::size_t lo = 0; lo < a.rows; lo += HOST_RANGE) {
           ranges.push_back({t, b, lo, std::min(a.rows, lo + HOST_RANGE), true});
         }
-        for (std::size_t lo = 0; lo < a.cols; lo += HOST_RANGE) {
+        for (std::size_t lo = 0; !a.whole_cols && lo < a.cols; lo += HOST_RANGE) {
           ranges.push_back({t, b, lo, std::min(a.cols, lo + HOST_RANGE), false});
         }
-        spans += a.rows + a.cols;
+        spans += a.rows + (a.whole_cols ? 0 : a.cols);
       }
     }
     // The partial sums and the per-row and per-column numbers, in buffers kept by the calling
@@ -1081,7 +1085,9 @@ class Prepared {
           ft.col_scale = a.factored ? per_col + a.col_at + k.matrix * a.cols + k.col : nullptr;
           ft.sums = &sums[i * NS];
           ft.row_sums = a.factored ? parts + k.row_part : nullptr;
-          ft.col_sums = a.factored ? parts + k.col_part : nullptr;
+          ft.col_sums = a.factored && !a.whole_cols ? parts + k.col_part : nullptr;
+          ft.col_scale_out =
+              a.whole_cols ? per_col + a.col_at + k.matrix * a.cols + k.col : nullptr;
           fn(*reinterpret_cast<const S*>(scalars[k.tensor].bytes), pass, ft);
         }
       };

@@ -78,6 +78,9 @@ struct FactoredTile {
   double* sums;            // out: the tile's sums (one pass's; a fixed order within the tile)
   double* row_sums;        // out, pass 0 of a factored array: [rows], this tile's sum per row
   double* col_sums;        // out, pass 0 of a factored array: [cols], this tile's sum per column
+  // Pass 0 of a tile that holds every row of its matrix (else nullptr): the kernel finishes the
+  // columns itself (their states and [cols] numbers per column here) and leaves col_sums unused.
+  float* col_scale_out;
 };
 
 // One ISA build's entry points. Each updates elements [0, n) of the pointers it is given;

@@ -742,6 +742,26 @@ inline float fold_lanes(float* v) {
   }
 }
 
+// Pass 0 of a tile holding every row of its matrix (FactoredTile::col_scale_out): the columns'
+// part of the host step (adafactor_range, stage 0), in the same float and double operations as
+// there (so the same bits): col_var <- lerp(col_var, sum / rows, w); scale = 1 / sqrt(col_var).
+template <class T>
+OK_LOOP void adafactor_finish_cols(const AdafactorStep& s, const FactoredTile& t, size_t c0,
+                                   const T* OK_RESTRICT sums, size_t width) {
+  const double rows = static_cast<double>(t.rows);
+  const float lc = s.var.coeff;
+  const bool from_var = s.var.from_start != 0.0f;
+  float* OK_RESTRICT c = t.state[1] + c0;
+  float* OK_RESTRICT out = t.col_scale_out + c0;
+  OK_SIMD
+  for (size_t j = 0; j < width; ++j) {
+    const float m = static_cast<float>(static_cast<double>(sums[j]) / rows), c0j = c[j];
+    const float v = (from_var ? c0j : m) + lc * (m - c0j);  // host_lerp's order, no FMA
+    c[j] = v;
+    out[j] = 1.0f / OK_SQRT(v);
+  }
+}
+
 // Rows of fewer than LANES elements (tall, narrow matrices): lane j holds column j, and each row's
 // g^2 is one float sum in element order; the float lanes go into double every NARROW_RUN rows.
 constexpr size_t NARROW_RUN = 32;
@@ -749,10 +769,8 @@ constexpr size_t NARROW_RUN = 32;
 OK_LOOP void adafactor_stats_narrow(const AdafactorStep& s, const FactoredTile& t) {
   const float gs = s.grad_scale;
   const size_t rows = t.rows, cols = t.cols, stride = t.stride;
-  double* OK_RESTRICT col = t.col_sums;
-  double acc[LANES] = {};
+  double col[LANES] = {}, acc[LANES] = {};
   float pf[LANES] = {}, cf[LANES] = {};
-  for (size_t j = 0; j < cols; ++j) col[j] = 0.0;
   for (size_t i0 = 0; i0 < rows; i0 += NARROW_RUN) {
     const size_t end = rows - i0 < NARROW_RUN ? rows : i0 + NARROW_RUN;
     for (size_t i = i0; i < end; ++i) {
@@ -775,6 +793,11 @@ OK_LOOP void adafactor_stats_narrow(const AdafactorStep& s, const FactoredTile& 
       col[j] += cf[j];
       cf[j] = 0.0f;
     }
+  }
+  if (t.col_scale_out != nullptr) {
+    adafactor_finish_cols(s, t, 0, col, cols);
+  } else {
+    for (size_t j = 0; j < cols; ++j) t.col_sums[j] = col[j];
   }
   double total = 0.0;
   for (size_t k = 0; k < LANES; ++k) total += acc[k];
@@ -826,7 +849,11 @@ OK_LOOP void adafactor_stats_factored(const AdafactorStep& s, const FactoredTile
       }
       t.row_sums[i] += row;
     }
-    for (size_t j = 0; j < width; ++j) col[c0 + j] = colf[j];
+    if (t.col_scale_out != nullptr) {
+      adafactor_finish_cols(s, t, c0, colf, width);
+    } else {
+      for (size_t j = 0; j < width; ++j) col[c0 + j] = colf[j];
+    }
   }
   double total = 0.0;
   for (size_t k = 0; k < LANES; ++k) total += acc[k];
