@@ -754,11 +754,13 @@ inline double adafactor_range(int stage, const FactoredArray& a, std::size_t b, 
       return 0.0;
     }
     const double* sums = a.row_sums + b * a.rows;
-    const double cols = static_cast<double>(a.cols);
+    // torch: norm(g, dim=-1)^2 / cols, here times 1 / cols in double (a double division per row
+    // or column costs more than the float passes' rounding can show; 0 * inf = NaN for an empty
+    // row, as torch's 0 / 0)
+    const double inv_cols = 1.0 / static_cast<double>(a.cols);
     double total = 0.0;
     for (std::size_t i = lo; i < hi; ++i) {
-      // torch: norm(g, dim=-1)^2 / cols (0 / 0 = NaN for an empty row, as in torch)
-      r[i] = host_lerp(r[i], static_cast<float>(sums[i] / cols), s.var);
+      r[i] = host_lerp(r[i], static_cast<float>(sums[i] * inv_cols), s.var);
       total += r[i];
     }
     return total;
@@ -767,9 +769,9 @@ inline double adafactor_range(int stage, const FactoredArray& a, std::size_t b, 
     float* c = a.state[1] + b * a.cols;
     float* scale = a.per_col + b * a.cols;
     const double* sums = a.col_sums + b * a.cols;
-    const double nrows = static_cast<double>(a.rows);
+    const double inv_rows = 1.0 / static_cast<double>(a.rows);  // as the kernel's pass 0
     for (std::size_t j = lo; j < hi; ++j) {
-      c[j] = host_lerp(c[j], static_cast<float>(sums[j] / nrows), s.var);
+      c[j] = host_lerp(c[j], static_cast<float>(sums[j] * inv_rows), s.var);
       scale[j] = 1.0f / std::sqrt(c[j]);
     }
   }

@@ -744,18 +744,19 @@ inline float fold_lanes(float* v) {
 
 // Pass 0 of a tile holding every row of its matrix (FactoredTile::col_scale_out): the columns'
 // part of the host step (adafactor_range, stage 0), in the same float and double operations as
-// there (so the same bits): col_var <- lerp(col_var, sum / rows, w); scale = 1 / sqrt(col_var).
+// there (so the same bits): col_var <- lerp(col_var, sum * (1 / rows), w), scale = 1 /
+// sqrt(col_var).
 template <class T>
 OK_LOOP void adafactor_finish_cols(const AdafactorStep& s, const FactoredTile& t, size_t c0,
                                    const T* OK_RESTRICT sums, size_t width) {
-  const double rows = static_cast<double>(t.rows);
+  const double inv_rows = 1.0 / static_cast<double>(t.rows);
   const float lc = s.var.coeff;
   const bool from_var = s.var.from_start != 0.0f;
   float* OK_RESTRICT c = t.state[1] + c0;
   float* OK_RESTRICT out = t.col_scale_out + c0;
   OK_SIMD
   for (size_t j = 0; j < width; ++j) {
-    const float m = static_cast<float>(static_cast<double>(sums[j]) / rows), c0j = c[j];
+    const float m = static_cast<float>(static_cast<double>(sums[j]) * inv_rows), c0j = c[j];
     const float v = (from_var ? c0j : m) + lc * (m - c0j);  // host_lerp's order, no FMA
     c[j] = v;
     out[j] = 1.0f / OK_SQRT(v);
