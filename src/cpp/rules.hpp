@@ -233,11 +233,13 @@ struct AdafactorStep {
 
 // Factored kernels: X(name, passes). Their state arrays need not be shaped like the parameter
 // (StateDecl::shape: a factor per row or per column), so they do not run element-wise over flat
-// spans: the driver (Prepared::factored in bindings.cpp) cuts each array into tiles of whole rows
-// (fixed by the shape alone), runs the kernel's slot `name_pass` for pass 0, 1, ... over every
-// tile of the group in one parallel region per pass, adds each array's tile sums (and pass 0's row
-// and column sums) in tile order, and between two passes runs the rule's host step (RULE_FACTORED's
-// `between`) on each array. Results do not depend on the thread count. Their element-wise slot
+// spans: the driver (Prepared::factored in bindings.cpp) cuts each matrix into a grid of tiles
+// (column tiles for long rows, row tiles within them; fixed by the shape alone), runs the
+// kernel's slot `name_pass` for pass 0, 1, ... over every tile of the group in one parallel region
+// per pass, adds each array's tile sums in tile order, and after pass 0 each row's and column's
+// partial sums in tile order, then runs the rule's work per row and column (RULE_FACTORED's
+// `between_range`) in parallel over fixed ranges; between two passes it runs the rule's host step
+// (`between`) on each array. Results do not depend on the thread count. Their element-wise slot
 // `name` is the last pass over a span of an array of <= 1 dimension (tests call it directly).
 #define OPTKERN_FACTORED(X) X(adafactor, 3)
 

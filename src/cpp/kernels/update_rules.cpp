@@ -708,16 +708,18 @@ void sfsgd(const ScheduleFreeStep& s, float* p, const float* g, float* const* st
 
 // ---------------------------------------------------------------------------------------------
 // Adafactor (torch.optim.Adafactor), a factored kernel (AdafactorStep in rules.hpp). Its states:
-// st[0] row_var, st[1] col_var (factored tiles: whole rows of one matrix), st[2] variance (arrays
-// of <= 1 dimension). Sums are kept in LANES double lanes by column (element) index within the
-// tile and added in a fixed order, so a tile's sums do not depend on the thread that ran it.
+// st[0] row_var, st[1] col_var (factored tiles: a block of rows x columns of one matrix), st[2]
+// variance (arrays of <= 1 dimension). Sums are kept in LANES double lanes by column (element)
+// index within the tile and added in a fixed order, so a tile's sums do not depend on the thread
+// that ran it.
 //   pass 0: sum p^2; factored: the sums of g^2 per row and per column of the tile;
 //           else: variance = lerp(variance, g^2, w)
 //   pass 1: u = g / sqrt(max(v, eps1^2)); sum u^2
 //   pass 2: p = p * (1 - lr * weight_decay) + coeff * u
 // Factored, 1 / sqrt(max(v, eps1^2)) with v = row_var * col_var / mean is evaluated as
 // min(row_scale[i] * col_scale[j], 1 / sqrt(eps1^2)), the two scales (1 / sqrt(row_var / mean),
-// 1 / sqrt(col_var)) computed once per row and column by the host step: within a few float32
+// 1 / sqrt(col_var)) computed once per row and column by the host step (or, for the columns of
+// a matrix held by one row tile, by pass 0): within a few float32
 // roundings of torch's order, and no division or square root per element.
 // Sums of squares in float over short runs (SEGMENT elements, SEGMENT / LANES terms per lane),
 // each run then added in double: the cost of float arithmetic, nearly the accuracy of double
