@@ -766,7 +766,8 @@ OK_LOOP void adafactor_finish_cols(const AdafactorStep& s, const FactoredTile& t
 }
 
 // Rows of fewer than LANES elements (tall, narrow matrices): lane j holds column j, and each row's
-// g^2 is one float sum in element order; the float lanes go into double every NARROW_RUN rows.
+// g^2 is one float sum by fold_lanes (vector code: a sum in element order would keep the loop
+// scalar); the float lanes go into double every NARROW_RUN rows.
 constexpr size_t NARROW_RUN = 32;
 
 OK_LOOP void adafactor_stats_narrow(const AdafactorStep& s, const FactoredTile& t) {
@@ -779,14 +780,15 @@ OK_LOOP void adafactor_stats_narrow(const AdafactorStep& s, const FactoredTile& 
     for (size_t i = i0; i < end; ++i) {
       const float* OK_RESTRICT p = t.param + i * stride;
       const float* OK_RESTRICT g = t.grad + i * stride;
-      float row = 0.0f;
+      float rf[LANES] = {};
+      OK_SIMD
       for (size_t j = 0; j < cols; ++j) {
         const float gi = g[j] * gs, pi = p[j], sq = gi * gi;
         pf[j] = OK_FMA(pi, pi, pf[j]);
         cf[j] += sq;
-        row += sq;
+        rf[j] = sq;
       }
-      t.row_sums[i] = row;
+      t.row_sums[i] = fold_lanes<LANES / 2>(rf);
     }
     for (size_t j = 0; j < LANES; ++j) {
       acc[j] += pf[j];
@@ -913,6 +915,7 @@ OK_LOOP void adafactor_norm_narrow(const AdafactorStep& s, const FactoredTile& t
     for (size_t i = i0; i < end; ++i) {
       const float* OK_RESTRICT g = t.grad + i * stride;
       const float r = t.row_scale[i];
+      OK_SIMD
       for (size_t j = 0; j < cols; ++j) {
         const float u = adafactor_scale<true>(s, r, cs[j], 0.0f) * (g[j] * gs);
         uf[j] = OK_FMA(u, u, uf[j]);
