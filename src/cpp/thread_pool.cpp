@@ -13,6 +13,7 @@
 #include <mutex>
 #include <new>
 #include <sstream>
+#include <stdexcept>
 #include <thread>
 
 #if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
@@ -31,6 +32,13 @@
 #endif
 #if defined(__linux__)
 #include <sched.h>
+#endif
+#if defined(OPTKERN_POSIX) && defined(OPTKERN_HAVE_THREADS)
+#include <dlfcn.h>
+#if defined(__linux__)
+#include <link.h>
+#endif
+#define OPTKERN_GOMP 1
 #endif
 
 namespace optkern {
@@ -194,47 +202,115 @@ bool start_helper(Pool* p) {
 // ones), a few hundred bytes per fork.
 void before_fork() { g_owner.lock(); }
 void after_fork_parent() { g_owner.unlock(); }
+void drop_gomp_in_child();
 void after_fork_child() {
   g_pool = nullptr;
+  drop_gomp_in_child();
   g_owner.unlock();
 }
 #endif
 
+void register_fork_handlers() {
+#if defined(OPTKERN_POSIX)
+  static const bool registered = [] {
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+    return true;
+  }();
+  (void)registered;
+#endif
+}
+
 Pool* pool() {
   if (g_pool == nullptr) {
-#if defined(OPTKERN_POSIX)
-    static const bool registered = [] {
-      pthread_atfork(before_fork, after_fork_parent, after_fork_child);
-      return true;
-    }();
-    (void)registered;
-#endif
+    register_fork_handlers();
     g_pool = new Pool;
   }
   return g_pool;
 }
 
+// ------------------------------------------------------------------------------------------------
+// The "gomp" backend: the chunks go to the calling thread's GNU OpenMP team (set_backend).
+
+using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
+using OmpMaxThreadsFn = int (*)();
+
+// Written under g_owner only (set_backend, the fork child); read by run() under g_owner.
+struct Gomp {
+  void* handle = nullptr;  // from dlopen(RTLD_NOLOAD): keeps the library loaded while in use
+  GompParallelFn parallel = nullptr;
+  OmpMaxThreadsFn max_threads = nullptr;
+  std::string path;
+};
+Gomp g_gomp;
+
+void drop_gomp_in_child() {
+  // The child has no threads behind the parent's OpenMP team; leave the handle open (the
+  // library stays loaded in the child anyway) and go back to optkern's pool.
+  g_gomp = Gomp{};
+}
+
+// One call on the team: every thread of the team claims chunks until none is left.
+struct GompJob {
+  ChunkFn fn;
+  void* ctx;
+  std::size_t chunks;
+  std::atomic<std::size_t> next{0};
+  std::size_t caller_ran = 0;
+};
+thread_local const GompJob* t_gomp_job = nullptr;  // the call this thread handed to its team
+
+void gomp_body(void* data) {
+  GompJob* j = static_cast<GompJob*>(data);
+  const bool caller = t_gomp_job == j;
+  const bool was_in_pool = t_in_pool;
+  t_in_pool = true;  // a chunk that calls back into optkern runs serially there (no nesting)
+  std::size_t ran = 0;
+  if (caller || !g_paused.load(std::memory_order_relaxed)) {
+    for (;;) {
+      const std::size_t i = j->next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= j->chunks) break;
+      j->fn(j->ctx, i);
+      ++ran;
+    }
+  }
+  t_in_pool = was_in_pool;
+  if (caller) j->caller_ran = ran;
+}
+
+// Runs the chunks on `threads` threads of the team; returns how many the calling thread ran.
+// GOMP_parallel returns after the team's closing barrier: every chunk has run.
+std::size_t run_gomp(std::size_t chunks, unsigned threads, ChunkFn fn, void* ctx) {
+  GompJob job;
+  job.fn = fn;
+  job.ctx = ctx;
+  job.chunks = chunks;
+  const GompJob* outer = t_gomp_job;
+  t_gomp_job = &job;
+  g_gomp.parallel(gomp_body, &job, threads, 0);
+  t_gomp_job = outer;
+  return job.caller_ran;
+}
+
+#if defined(OPTKERN_GOMP) && defined(__linux__)
+int find_libgomp(struct dl_phdr_info* info, std::size_t, void* out) {
+  const char* name = info->dlpi_name;
+  if (name == nullptr || *name == '\0') return 0;
+  const char* base = std::strrchr(name, '/');
+  base = base == nullptr ? name : base + 1;
+  if (std::strncmp(base, "libgomp", 7) != 0) return 0;
+  *static_cast<std::string*>(out) = name;
+  return 1;
+}
+#endif
+
 void run_serial(std::size_t chunks, ChunkFn fn, void* ctx) {
   for (std::size_t i = 0; i < chunks; ++i) fn(ctx, i);
 }
 
-}  // namespace
-
-bool enabled() {
-#if defined(OPTKERN_HAVE_THREADS)
-  return true;
-#else
-  return false;
-#endif
-}
-
-void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
-#if defined(OPTKERN_HAVE_THREADS)
-  if (chunks <= 1 || threads <= 1 || t_in_pool || chunks >= (std::size_t{1} << 32)) {
-    return run_serial(chunks, fn, ctx);
-  }
-  std::unique_lock<std::mutex> owner(g_owner, std::try_to_lock);
-  if (!owner.owns_lock()) return run_serial(chunks, fn, ctx);  // busy: run on this thread
+// optkern's pool: runs the chunks with up to threads - 1 helpers and returns how many the
+// calling thread ran, or NOT_RUN when no helper is available (the caller runs them serially).
+constexpr std::size_t NOT_RUN = ~std::size_t{0};
+std::size_t run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   Pool* p = pool();
   const int want = static_cast<int>(std::min<std::size_t>(chunks - 1, threads - 1));
   while (p->helpers < want && !p->refused) {
@@ -245,7 +321,7 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
     }
   }
   const int helpers = std::min(want, p->helpers);
-  if (helpers == 0) return run_serial(chunks, fn, ctx);
+  if (helpers == 0) return NOT_RUN;
 
   t_in_pool = true;
   p->fn = fn;
@@ -273,6 +349,37 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
     p->done_cv.wait(lock, finished);
   }
   t_in_pool = false;
+  return mine;
+}
+
+}  // namespace
+
+bool enabled() {
+#if defined(OPTKERN_HAVE_THREADS)
+  return true;
+#else
+  return false;
+#endif
+}
+
+void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
+#if defined(OPTKERN_HAVE_THREADS)
+  if (chunks <= 1 || threads <= 1 || t_in_pool || chunks >= (std::size_t{1} << 32)) {
+    return run_serial(chunks, fn, ctx);
+  }
+  std::unique_lock<std::mutex> owner(g_owner, std::try_to_lock);
+  if (!owner.owns_lock()) return run_serial(chunks, fn, ctx);  // busy: run on this thread
+  std::size_t mine;
+  if (g_gomp.parallel != nullptr) {
+    int team = threads;
+    if (g_gomp.max_threads != nullptr) team = std::min(team, std::max(1, g_gomp.max_threads()));
+    team = static_cast<int>(std::min<std::size_t>(chunks, static_cast<std::size_t>(team)));
+    if (team <= 1) return run_serial(chunks, fn, ctx);
+    mine = run_gomp(chunks, static_cast<unsigned>(team), fn, ctx);
+  } else {
+    mine = run_pool(chunks, threads, fn, ctx);
+    if (mine == NOT_RUN) return run_serial(chunks, fn, ctx);
+  }
   g_stat_calls.fetch_add(1, std::memory_order_relaxed);
   g_stat_helper_chunks.fetch_add(chunks - mine, std::memory_order_relaxed);
   if (mine < chunks) {  // a helper helped
@@ -293,6 +400,51 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   (void)threads;
   run_serial(chunks, fn, ctx);
 #endif
+}
+
+std::string set_backend(const std::string& name, const std::string& path) {
+  if (name != "pool" && name != "gomp") {
+    throw std::invalid_argument("parallel backend must be 'pool' or 'gomp', got '" + name + "'");
+  }
+  std::lock_guard<std::mutex> owner(g_owner);  // no call is in flight while the backend changes
+  Gomp next;
+#if defined(OPTKERN_GOMP)
+  if (name == "gomp") {
+    std::string lib = path;
+#if defined(__linux__)
+    if (lib.empty()) dl_iterate_phdr(find_libgomp, &lib);
+#endif
+    // RTLD_NOLOAD: only a library this process has already loaded; never a second runtime.
+    void* handle = lib.empty() ? nullptr : dlopen(lib.c_str(), RTLD_NOW | RTLD_NOLOAD);
+    if (handle != nullptr) {
+      next.parallel = reinterpret_cast<GompParallelFn>(dlsym(handle, "GOMP_parallel"));
+      next.max_threads = reinterpret_cast<OmpMaxThreadsFn>(dlsym(handle, "omp_get_max_threads"));
+      if (next.parallel == nullptr) {
+        dlclose(handle);
+        next = Gomp{};
+      } else {
+        next.handle = handle;
+        next.path = lib;
+        register_fork_handlers();
+      }
+    }
+  }
+  if (g_gomp.handle != nullptr) dlclose(g_gomp.handle);
+#else
+  (void)path;
+#endif
+  g_gomp = next;
+  return g_gomp.parallel != nullptr ? "gomp" : "pool";
+}
+
+std::string backend() {
+  std::lock_guard<std::mutex> owner(g_owner);
+  return g_gomp.parallel != nullptr ? "gomp" : "pool";
+}
+
+std::string backend_library() {
+  std::lock_guard<std::mutex> owner(g_owner);
+  return g_gomp.path;
 }
 
 // ------------------------------------------------------------------------------------------------
