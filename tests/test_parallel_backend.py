@@ -131,9 +131,13 @@ def test_bit_identical_to_one_thread_and_pool(gomp, case):
 def test_calls_run_on_the_team(gomp):
     ok._core._set_adaptive_threads(False)
     try:
-        before = ok._core._pool_stats()["calls"]
+        before = ok._core._pool_stats()
         run("Adam", {}, threads=2)
-        assert ok._core._pool_stats()["calls"] > before  # multi-threaded calls, on the team
+        after = ok._core._pool_stats()
+        # Multi-threaded calls, all on the team (adaptive off: no slow-team fallback to the pool).
+        assert after["calls"] > before["calls"]
+        assert after["gomp_calls"] - before["gomp_calls"] == after["calls"] - before["calls"]
+        assert after["gomp_pool_calls"] == before["gomp_pool_calls"]
         torch.set_num_threads(1)  # the team is torch's size: one thread, no team call
         before = ok._core._pool_stats()["calls"]
         single = run("Adam", {}, threads=2)

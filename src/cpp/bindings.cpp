@@ -1126,6 +1126,9 @@ PYBIND11_MODULE(_core, m) {
         d["helper_chunks"] = s.helper_chunks;
         d["late_calls"] = s.late_calls;
         d["serial_calls"] = s.serial_calls;
+        d["gomp_calls"] = s.gomp_calls;
+        d["gomp_slow_calls"] = s.gomp_slow_calls;
+        d["gomp_pool_calls"] = s.gomp_pool_calls;
         return d;
       },
       "Counters: multi-threaded calls, chunks run by helpers, calls whose helpers ran none, "

@@ -249,13 +249,20 @@ void drop_gomp_in_child() {
   g_gomp = Gomp{};
 }
 
-// One call on the team: every thread of the team claims chunks until none is left.
+// One call on the team: every thread of the team claims chunks until none is left. The calling
+// thread then waits for the chunks the others hold, as the pool's caller does (a short spin,
+// then sleep), before it enters libgomp's closing barrier: there it would spin (libgomp's
+// OMP_WAIT_POLICY) on the core a descheduled worker needs to finish its chunk.
 struct GompJob {
   ChunkFn fn;
   void* ctx;
   std::size_t chunks;
   std::atomic<std::size_t> next{0};
+  std::atomic<std::size_t> done{0};
+  std::mutex done_m;
+  std::condition_variable done_cv;
   std::size_t caller_ran = 0;
+  Clock::time_point caller_done;  // every chunk had run: the rest is libgomp's closing barrier
 };
 thread_local const GompJob* t_gomp_job = nullptr;  // the call this thread handed to its team
 
@@ -274,8 +281,35 @@ void gomp_body(void* data) {
     }
   }
   t_in_pool = was_in_pool;
-  if (caller) j->caller_ran = ran;
+  if (ran > 0 && j->done.fetch_add(ran, std::memory_order_acq_rel) + ran == j->chunks && !caller) {
+    std::lock_guard<std::mutex> lock(j->done_m);  // the caller may be asleep waiting for it
+    j->done_cv.notify_one();
+  }
+  if (caller) {
+    j->caller_ran = ran;
+    auto finished = [&] { return j->done.load(std::memory_order_acquire) == j->chunks; };
+    if (!spin_until(finished, CALLER_SPIN)) {
+      std::unique_lock<std::mutex> lock(j->done_m);
+      j->done_cv.wait(lock, finished);
+    }
+    j->caller_done = Clock::now();
+  }
 }
+
+// A slow team. When a worker of the team cannot get a core (another process holds it, or more
+// threads than cores), libgomp's closing barrier makes the calling thread wait until it gets
+// one, spinning on the core that worker needs for up to libgomp's spin count (milliseconds
+// with OMP_WAIT_POLICY unset): a 1M step measured 8 ms instead of 0.1-0.4 ms that way on the
+// loaded 2-core VM. optkern's pool does not wait for a helper that took no chunk. So a call
+// whose barrier (the time from its last chunk's end to GOMP_parallel's return) took longer
+// than SLOW_BARRIER sends the next calls to optkern's pool: GOMP_FIRST_BACKOFF calls, doubled
+// by each slow probe up to GOMP_MAX_BACKOFF; a fast probe ends it. Off with set_adaptive(false).
+constexpr auto SLOW_BARRIER = std::chrono::microseconds(200);
+constexpr int GOMP_FIRST_BACKOFF = 8;
+constexpr int GOMP_MAX_BACKOFF = 512;
+int g_gomp_backoff = 0;  // guarded by g_owner
+int g_gomp_skip = 0;
+std::atomic<std::uint64_t> g_stat_gomp_calls{0}, g_stat_gomp_slow{0}, g_stat_gomp_pool{0};
 
 // Runs the chunks on `threads` threads of the team; returns how many the calling thread ran.
 // GOMP_parallel returns after the team's closing barrier: every chunk has run.
@@ -287,7 +321,19 @@ std::size_t run_gomp(std::size_t chunks, unsigned threads, ChunkFn fn, void* ctx
   const GompJob* outer = t_gomp_job;
   t_gomp_job = &job;
   g_gomp.parallel(gomp_body, &job, threads, 0);
+  const auto barrier = Clock::now() - job.caller_done;
   t_gomp_job = outer;
+  g_stat_gomp_calls.fetch_add(1, std::memory_order_relaxed);
+  if (barrier > SLOW_BARRIER) {
+    g_stat_gomp_slow.fetch_add(1, std::memory_order_relaxed);
+    if (g_adaptive.load(std::memory_order_relaxed)) {
+      g_gomp_backoff =
+          g_gomp_backoff == 0 ? GOMP_FIRST_BACKOFF : std::min(2 * g_gomp_backoff, GOMP_MAX_BACKOFF);
+      g_gomp_skip = g_gomp_backoff;
+    }
+  } else {
+    g_gomp_backoff = 0;
+  }
   return job.caller_ran;
 }
 
@@ -370,7 +416,13 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   std::unique_lock<std::mutex> owner(g_owner, std::try_to_lock);
   if (!owner.owns_lock()) return run_serial(chunks, fn, ctx);  // busy: run on this thread
   std::size_t mine;
-  if (g_gomp.parallel != nullptr) {
+  bool gomp = g_gomp.parallel != nullptr;
+  if (gomp && g_gomp_skip > 0) {
+    --g_gomp_skip;  // the team was slow lately: this call runs on optkern's pool
+    g_stat_gomp_pool.fetch_add(1, std::memory_order_relaxed);
+    gomp = false;
+  }
+  if (gomp) {
     int team = threads;
     if (g_gomp.max_threads != nullptr) team = std::min(team, std::max(1, g_gomp.max_threads()));
     team = static_cast<int>(std::min<std::size_t>(chunks, static_cast<std::size_t>(team)));
@@ -433,7 +485,7 @@ std::string set_backend(const std::string& name, const std::string& path) {
 #else
   (void)path;
 #endif
-  g_gomp = next;
+  g_gomp = next;  // the slow-team backoff carries over: it describes the machine, not the library
   return g_gomp.parallel != nullptr ? "gomp" : "pool";
 }
 
@@ -614,6 +666,7 @@ void set_adaptive(bool on) {
   std::lock_guard<std::mutex> owner(g_owner);
   g_adaptive.store(on, std::memory_order_relaxed);
   g_late_streak = g_backoff = g_skip = 0;
+  g_gomp_backoff = g_gomp_skip = 0;
 }
 bool adaptive() { return g_adaptive.load(std::memory_order_relaxed); }
 void pause_helpers(bool paused) { g_paused.store(paused, std::memory_order_relaxed); }
@@ -621,7 +674,10 @@ Stats stats() {
   return {g_stat_calls.load(std::memory_order_relaxed),
           g_stat_helper_chunks.load(std::memory_order_relaxed),
           g_stat_late.load(std::memory_order_relaxed),
-          g_stat_serial.load(std::memory_order_relaxed)};
+          g_stat_serial.load(std::memory_order_relaxed),
+          g_stat_gomp_calls.load(std::memory_order_relaxed),
+          g_stat_gomp_slow.load(std::memory_order_relaxed),
+          g_stat_gomp_pool.load(std::memory_order_relaxed)};
 }
 
 void set_spin_us(int us) {

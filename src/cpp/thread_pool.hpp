@@ -75,9 +75,12 @@ bool adaptive();
 // Testing hook: helpers wake but take no chunk, as if every one were late.
 void pause_helpers(bool paused);
 // Counters since the process started: multi-threaded calls, chunks the helpers ran, calls whose
-// helpers ran none, and calls run on the calling thread alone because helpers had been late.
+// helpers ran none, and calls run on the calling thread alone because helpers had been late;
+// for the "gomp" backend: calls on the OpenMP team, those whose closing barrier was slow, and
+// calls sent to optkern's pool after slow ones (thread_pool.cpp, "A slow team").
 struct Stats {
-  unsigned long long calls, helper_chunks, late_calls, serial_calls;
+  unsigned long long calls, helper_chunks, late_calls, serial_calls, gomp_calls, gomp_slow_calls,
+      gomp_pool_calls;
 };
 Stats stats();
 int spin_us();
