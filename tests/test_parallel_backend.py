@@ -272,3 +272,31 @@ def test_torch_imported_after_optkern():
         """
     )
     assert out in ("pool gomp True", "pool pool True", "gomp gomp True")
+
+
+def test_optkern_torch_turns_it_on_and_env_keeps_the_pool():
+    """Importing optkern.torch puts the chunks on torch's libgomp when torch's wheel ships one;
+    OPTKERN_PARALLEL_BACKEND=pool keeps optkern's pool."""
+    torch = pytest.importorskip("torch")
+    from optkern._torch_threads import torch_libgomp
+
+    code = """
+        import optkern.torch, optkern
+        print(*optkern._core._parallel_backend())
+        """
+    libs = torch_libgomp(torch)
+    out = python(code).split()
+    if libs:
+        assert out[0] == "gomp" and out[1] in libs
+    else:
+        assert out == ["pool"]
+    env = dict(os.environ, OPTKERN_PARALLEL_BACKEND="pool")
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["pool"]
