@@ -303,7 +303,8 @@ void gomp_body(void* data) {
 // loaded 2-core VM. optkern's pool does not wait for a helper that took no chunk. So a call
 // whose barrier (the time from its last chunk's end to GOMP_parallel's return) took longer
 // than SLOW_BARRIER sends the next calls to optkern's pool: GOMP_FIRST_BACKOFF calls, doubled
-// by each slow probe up to GOMP_MAX_BACKOFF; a fast probe ends it. Off with set_adaptive(false).
+// by each slow probe up to GOMP_MAX_BACKOFF; a fast probe ends it. set_adaptive(false) suspends
+// it (calls go to the team) without resetting it: it describes the machine.
 constexpr auto SLOW_BARRIER = std::chrono::microseconds(200);
 constexpr int GOMP_FIRST_BACKOFF = 8;
 constexpr int GOMP_MAX_BACKOFF = 512;
@@ -417,7 +418,7 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   if (!owner.owns_lock()) return run_serial(chunks, fn, ctx);  // busy: run on this thread
   std::size_t mine;
   bool gomp = g_gomp.parallel != nullptr;
-  if (gomp && g_gomp_skip > 0) {
+  if (gomp && g_gomp_skip > 0 && g_adaptive.load(std::memory_order_relaxed)) {
     --g_gomp_skip;  // the team was slow lately: this call runs on optkern's pool
     g_stat_gomp_pool.fetch_add(1, std::memory_order_relaxed);
     gomp = false;
@@ -666,7 +667,6 @@ void set_adaptive(bool on) {
   std::lock_guard<std::mutex> owner(g_owner);
   g_adaptive.store(on, std::memory_order_relaxed);
   g_late_streak = g_backoff = g_skip = 0;
-  g_gomp_backoff = g_gomp_skip = 0;
 }
 bool adaptive() { return g_adaptive.load(std::memory_order_relaxed); }
 void pause_helpers(bool paused) { g_paused.store(paused, std::memory_order_relaxed); }
