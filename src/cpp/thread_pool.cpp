@@ -262,7 +262,8 @@ struct GompJob {
   std::mutex done_m;
   std::condition_variable done_cv;
   std::size_t caller_ran = 0;
-  Clock::time_point caller_done;  // every chunk had run: the rest is libgomp's closing barrier
+  // The calling thread's timeline: it entered the region, found no chunk left to claim.
+  Clock::time_point caller_start, caller_idle;
 };
 thread_local const GompJob* t_gomp_job = nullptr;  // the call this thread handed to its team
 
@@ -272,6 +273,7 @@ void gomp_body(void* data) {
   const bool was_in_pool = t_in_pool;
   t_in_pool = true;  // a chunk that calls back into optkern runs serially there (no nesting)
   std::size_t ran = 0;
+  if (caller) j->caller_start = Clock::now();
   if (caller || !g_paused.load(std::memory_order_relaxed)) {
     for (;;) {
       const std::size_t i = j->next.fetch_add(1, std::memory_order_relaxed);
@@ -287,25 +289,26 @@ void gomp_body(void* data) {
   }
   if (caller) {
     j->caller_ran = ran;
+    j->caller_idle = Clock::now();
     auto finished = [&] { return j->done.load(std::memory_order_acquire) == j->chunks; };
     if (!spin_until(finished, CALLER_SPIN)) {
       std::unique_lock<std::mutex> lock(j->done_m);
       j->done_cv.wait(lock, finished);
     }
-    j->caller_done = Clock::now();
   }
 }
 
 // A slow team. When a worker of the team cannot get a core (another process holds it, or more
-// threads than cores), libgomp's closing barrier makes the calling thread wait until it gets
-// one, spinning on the core that worker needs for up to libgomp's spin count (milliseconds
-// with OMP_WAIT_POLICY unset): a 1M step measured 8 ms instead of 0.1-0.4 ms that way on the
-// loaded 2-core VM. optkern's pool does not wait for a helper that took no chunk. So a call
-// whose barrier (the time from its last chunk's end to GOMP_parallel's return) took longer
-// than SLOW_BARRIER sends the next calls to optkern's pool: GOMP_FIRST_BACKOFF calls, doubled
-// by each slow probe up to GOMP_MAX_BACKOFF; a fast probe ends it. set_adaptive(false) suspends
-// it (calls go to the team) without resetting it: it describes the machine.
-constexpr auto SLOW_BARRIER = std::chrono::microseconds(200);
+// threads than cores), the calling thread waits for the chunk that worker holds, then in
+// libgomp's closing barrier for the worker itself, spinning on the core that worker needs for
+// up to libgomp's spin count (milliseconds with OMP_WAIT_POLICY unset): a 1M step measured
+// 8 ms instead of 0.1-0.4 ms that way on the loaded 2-core VM. optkern's pool does not wait for
+// a helper that took no chunk. So a call whose caller waited (from its last chunk to
+// GOMP_parallel's return) longer than SLOW_WAIT plus two of its own chunks' time sends the next
+// calls to optkern's pool: GOMP_FIRST_BACKOFF calls, doubled by each slow probe up to
+// GOMP_MAX_BACKOFF; a fast probe ends it. set_adaptive(false) suspends it (calls go to the
+// team) without resetting it: it describes the machine.
+constexpr auto SLOW_WAIT = std::chrono::microseconds(200);
 constexpr int GOMP_FIRST_BACKOFF = 8;
 constexpr int GOMP_MAX_BACKOFF = 512;
 int g_gomp_backoff = 0;  // guarded by g_owner
@@ -322,10 +325,14 @@ std::size_t run_gomp(std::size_t chunks, unsigned threads, ChunkFn fn, void* ctx
   const GompJob* outer = t_gomp_job;
   t_gomp_job = &job;
   g_gomp.parallel(gomp_body, &job, threads, 0);
-  const auto barrier = Clock::now() - job.caller_done;
+  // The caller's wait: for the chunks the workers held, then for libgomp's closing barrier.
+  // A worker with a core ends within about one chunk's time (the caller's own chunks tell it).
+  const auto wait = Clock::now() - job.caller_idle;
+  const auto chunk_time = (job.caller_idle - job.caller_start) /
+                          static_cast<long>(std::max<std::size_t>(1, job.caller_ran));
   t_gomp_job = outer;
   g_stat_gomp_calls.fetch_add(1, std::memory_order_relaxed);
-  if (barrier > SLOW_BARRIER) {
+  if (wait > SLOW_WAIT + 2 * chunk_time) {
     g_stat_gomp_slow.fetch_add(1, std::memory_order_relaxed);
     if (g_adaptive.load(std::memory_order_relaxed)) {
       g_gomp_backoff =
