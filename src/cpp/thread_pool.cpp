@@ -299,15 +299,16 @@ void gomp_body(void* data) {
 }
 
 // A slow team. When a worker of the team cannot get a core (another process holds it, or more
-// threads than cores), the calling thread waits for the chunk that worker holds, then in
-// libgomp's closing barrier for the worker itself, spinning on the core that worker needs for
-// up to libgomp's spin count (milliseconds with OMP_WAIT_POLICY unset): a 1M step measured
-// 8 ms instead of 0.1-0.4 ms that way on the loaded 2-core VM. optkern's pool does not wait for
-// a helper that took no chunk. So a call whose caller waited (from its last chunk to
-// GOMP_parallel's return) longer than SLOW_WAIT plus two of its own chunks' time sends the next
-// calls to optkern's pool: GOMP_FIRST_BACKOFF calls, doubled by each slow probe up to
-// GOMP_MAX_BACKOFF; a fast probe ends it. set_adaptive(false) suspends it (calls go to the
-// team) without resetting it: it describes the machine.
+// threads than cores), the calling thread waits for it in libgomp's start (the worker has not
+// reached the dock since the last region), for the chunk it holds, and in libgomp's closing
+// barrier, spinning on the core that worker needs for up to libgomp's spin count (milliseconds
+// with OMP_WAIT_POLICY unset): a 1M step measured 8 ms instead of 0.1-0.4 ms that way on the
+// loaded 2-core VM. optkern's pool does not wait for a helper that took no chunk. So a call
+// whose caller waited (in GOMP_parallel's start, and from its last chunk to GOMP_parallel's
+// return) longer than SLOW_WAIT plus two of its own chunks' time sends the next calls to
+// optkern's pool: GOMP_FIRST_BACKOFF calls, doubled by each slow probe up to GOMP_MAX_BACKOFF;
+// a fast probe ends it. set_adaptive(false) suspends it (calls go to the team) without
+// resetting it: it describes the machine.
 constexpr auto SLOW_WAIT = std::chrono::microseconds(200);
 constexpr int GOMP_FIRST_BACKOFF = 8;
 constexpr int GOMP_MAX_BACKOFF = 512;
@@ -324,10 +325,12 @@ std::size_t run_gomp(std::size_t chunks, unsigned threads, ChunkFn fn, void* ctx
   job.chunks = chunks;
   const GompJob* outer = t_gomp_job;
   t_gomp_job = &job;
+  const auto called = Clock::now();
   g_gomp.parallel(gomp_body, &job, threads, 0);
-  // The caller's wait: for the chunks the workers held, then for libgomp's closing barrier.
-  // A worker with a core ends within about one chunk's time (the caller's own chunks tell it).
-  const auto wait = Clock::now() - job.caller_idle;
+  // The caller's waits: in libgomp's start (for the workers to reach its dock from their last
+  // region), for the chunks the workers held, then in libgomp's closing barrier. A worker with
+  // a core ends within about one chunk's time (the caller's own chunks tell it).
+  const auto wait = (job.caller_start - called) + (Clock::now() - job.caller_idle);
   const auto chunk_time = (job.caller_idle - job.caller_start) /
                           static_cast<long>(std::max<std::size_t>(1, job.caller_ran));
   t_gomp_job = outer;
