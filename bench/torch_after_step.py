@@ -3,8 +3,9 @@
 torch's CPU wheel runs its intra-op parallelism on libgomp, whose worker threads keep spinning
 for a while after each parallel region (OMP_WAIT_POLICY unset). This script times one okt step
 right after a torch.optim fused step (the situation of a training loop: the step follows
-backward) and right after a 5 ms sleep, for optkern's default (late-helper backoff on), the
-backoff off, and optkern on one thread, in shuffled order, medians over rounds. Run it with
+backward) and right after a 5 ms sleep, on optkern's pool (late-helper backoff on), the pool
+with the backoff off, optkern on one thread, and the "gomp" backend (optkern's chunks on torch's
+own OpenMP team, docs/threading.md), in shuffled order, medians over rounds. Run it with
 OMP_WAIT_POLICY=passive or TT=1 (torch.set_num_threads(1)) to see torch's pool's share.
 
     python bench/torch_after_step.py SGD 1000000
@@ -58,14 +59,26 @@ def main():
         _core.set_num_threads(threads)
         return t
 
-    variants = {"default": lambda: timed(oo.step), "backoff off": noad, "1 thread": one_thread}
+    def step():
+        return timed(oo.step)
+
+    # Each variant: (parallel backend, timed step). The backend is set before the torch op, so
+    # that switching it (a dlopen of an already loaded library) does not land between the two.
+    variants = {
+        "pool": ("pool", step),
+        "pool, backoff off": ("pool", noad),
+        "1 thread": ("pool", one_thread),
+        "gomp (torch's team)": ("gomp", step),
+    }
+    restore = _core._parallel_backend()[0]
     for pre_name, pre in (
         ("after a torch step", ot.step),
         ("after a 5 ms sleep", lambda: time.sleep(0.005)),
     ):
         res = {k: [] for k in variants}
         tor = []
-        for f in variants.values():
+        for backend, f in variants.values():
+            _core._set_parallel_backend(backend)
             pre()
             f()
         s0 = _core._pool_stats()
@@ -73,9 +86,11 @@ def main():
             order = list(variants)
             random.shuffle(order)
             for k in order:
+                _core._set_parallel_backend(variants[k][0])
                 tor.append(timed(pre))
-                res[k].append(variants[k]())
+                res[k].append(variants[k][1]())
         st = {k: _core._pool_stats()[k] - s0[k] for k in s0}
+        _core._set_parallel_backend(restore)
         print(
             f"{name} {n} {pre_name}: torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
             f"{os.environ.get('OMP_WAIT_POLICY')}, load {os.getloadavg()[0]:.1f}; "

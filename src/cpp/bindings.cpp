@@ -1441,6 +1441,13 @@ PYBIND11_MODULE(_core, m) {
   m.def("_set_spin_us", &pool::set_spin_us, py::arg("us"),
         "Benchmark hook: how long an idle helper looks for work before it sleeps.");
   m.def("_spin_us", &pool::spin_us);
+  m.def("_set_parallel_backend", &pool::set_backend, py::arg("name"), py::arg("library") = "",
+        "Where large updates run their chunks: 'pool' (optkern's threads) or 'gomp' (the calling "
+        "thread's OpenMP team of an already loaded libgomp, e.g. torch's). Returns the backend in "
+        "effect ('pool' when the library is not loaded or lacks GOMP_parallel).");
+  m.def(
+      "_parallel_backend", [] { return py::make_tuple(pool::backend(), pool::backend_library()); },
+      "The parallel backend in effect and its library ('' for the pool).");
   m.def("_set_adaptive_threads", &pool::set_adaptive, py::arg("on"),
         "Benchmark hook: after calls whose helpers ran no chunk, run the next calls on the "
         "calling thread alone for a while (on by default). Setting it resets that state.");
@@ -1456,6 +1463,9 @@ PYBIND11_MODULE(_core, m) {
         d["helper_chunks"] = s.helper_chunks;
         d["late_calls"] = s.late_calls;
         d["serial_calls"] = s.serial_calls;
+        d["gomp_calls"] = s.gomp_calls;
+        d["gomp_slow_calls"] = s.gomp_slow_calls;
+        d["gomp_pool_calls"] = s.gomp_pool_calls;
         return d;
       },
       "Counters: multi-threaded calls, chunks run by helpers, calls whose helpers ran none, "

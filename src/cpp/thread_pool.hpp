@@ -28,6 +28,21 @@ bool enabled();
 using ChunkFn = void (*)(void* ctx, std::size_t chunk);
 void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx);
 
+// Where run() hands its chunks. "pool" (the default): optkern's helpers above. "gomp": the GNU
+// OpenMP team of the calling thread, through GOMP_parallel of a libgomp this process has
+// already loaded (torch's, so that the workers torch just used, still spinning after its op,
+// take optkern's chunks instead of competing with optkern's helpers for the cores). `path`
+// names the library (opened with RTLD_NOLOAD: never a second OpenMP runtime); empty: the first
+// loaded object whose file name starts with "libgomp". The chunks and the results are the same
+// on either backend; a call runs on min(threads, omp_get_max_threads()) threads of the team.
+// The pool's rules hold on both: one call at a time (a concurrent call runs on its calling
+// thread), no nesting, the late-helper backoff. A forked child goes back to "pool" (libgomp's
+// team does not survive fork). Returns the backend in effect: "pool" when the library is not
+// loaded or lacks GOMP_parallel, or in a build without threads or dlopen.
+std::string set_backend(const std::string& name, const std::string& path);
+std::string backend();
+std::string backend_library();  // the library's path for "gomp", else empty
+
 // The default thread count: OPTKERN_NUM_THREADS, else the first entry of OMP_NUM_THREADS, when
 // it is an integer in [1, MAX_THREADS]; otherwise the CPUs this process may use (its affinity
 // mask and its cgroup CPU quota, the smaller), at most MAX_THREADS.
@@ -60,9 +75,12 @@ bool adaptive();
 // Testing hook: helpers wake but take no chunk, as if every one were late.
 void pause_helpers(bool paused);
 // Counters since the process started: multi-threaded calls, chunks the helpers ran, calls whose
-// helpers ran none, and calls run on the calling thread alone because helpers had been late.
+// helpers ran none, and calls run on the calling thread alone because helpers had been late;
+// for the "gomp" backend: calls on the OpenMP team, those whose closing barrier was slow, and
+// calls sent to optkern's pool after slow ones (thread_pool.cpp, "A slow team").
 struct Stats {
-  unsigned long long calls, helper_chunks, late_calls, serial_calls;
+  unsigned long long calls, helper_chunks, late_calls, serial_calls, gomp_calls, gomp_slow_calls,
+      gomp_pool_calls;
 };
 Stats stats();
 int spin_us();

@@ -48,6 +48,9 @@ except ImportError:  # torch < 2.1: autograd's version check does not see optker
 
 from . import _core
 from . import functional as F
+from ._torch_threads import use_torch_openmp
+
+use_torch_openmp(torch)  # optkern's chunks on torch's own OpenMP team (docs/threading.md)
 
 __all__ = ["RULES", "UNMAPPED", "PACKAGE_PEERS"]  # and a class per entry of RULES, added below
 

@@ -1,0 +1,40 @@
+"""optkern.torch's choice of parallel backend: optkern's chunks on torch's own OpenMP team.
+
+torch's CPU wheel runs its intra-op threads on the libgomp it ships (``torch/lib/libgomp*.so*``);
+after each torch op those workers spin for a while. An optkern step that follows a torch op
+(the step after backward) then competes with them for the cores when it runs on optkern's own
+pool; on the "gomp" backend it hands its chunks to that same team instead, and the spinning
+workers take them (docs/threading.md, "The gomp backend"; measurements in docs/torch.md).
+
+``OPTKERN_PARALLEL_BACKEND=pool`` (read when optkern.torch is imported) keeps optkern's pool.
+Only torch's own libgomp is used, and only when it is already loaded: never a second OpenMP
+runtime, and never another library's team. Results are bit-identical on either backend.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from types import ModuleType
+
+from . import _core
+
+ENV = "OPTKERN_PARALLEL_BACKEND"
+
+
+def torch_libgomp(torch: ModuleType) -> list:
+    """The libgomp files of torch's wheel (``torch/lib/libgomp*.so*``), if any."""
+    lib_dir = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "lib")
+    return sorted(glob.glob(os.path.join(lib_dir, "libgomp*.so*")))
+
+
+def use_torch_openmp(torch: ModuleType) -> str:
+    """Sets the gomp backend on torch's libgomp unless ``OPTKERN_PARALLEL_BACKEND=pool``;
+    returns the backend in effect ("pool" when torch has no loaded libgomp of its own)."""
+    choice = os.environ.get(ENV, "").strip().lower()
+    if choice == "pool":
+        return _core._set_parallel_backend("pool")
+    for path in torch_libgomp(torch):
+        if _core._set_parallel_backend("gomp", path) == "gomp":
+            return "gomp"
+    return _core._parallel_backend()[0]
