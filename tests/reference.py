@@ -30,12 +30,13 @@ def _norm(x: np.ndarray) -> float:
     return float(np.sqrt(np.sum(np.square(x, dtype=np.float64))))
 
 
-#: Rules whose update is the sign of a float32 quantity (Lion's sign(beta1 * m + (1 - beta1) * g)):
+#: Rules whose update is the sign of a float32 quantity (Lion's sign(beta1 * m + (1 - beta1) * g),
+#: Rprop's sign(g * prev), where a product below float32's smallest subnormal is 0, not a sign):
 #: a float64 evaluation flips the sign wherever the argument is within a float32 rounding of 0,
 #: and moves that element by 2 lr, so no float32 implementation (optax's included) meets it element
 #: by element. Their reference evaluates in float32 by default, in the oracle's order of operations
 #: (NumPy's float32 arithmetic, independent of the kernels).
-FLOAT32_RULES = ("Lion",)
+FLOAT32_RULES = ("Lion", "Rprop")
 
 
 #: The rules whose parameter holds y (train mode) or x (eval mode): see ``train`` and ``eval``.
@@ -319,18 +320,22 @@ class Reference:
             if "row_var" not in self.state:
                 self.state["row_var"] = np.zeros(g.shape[:-1] + (1,), self.dtype)
                 self.state["col_var"] = np.zeros(g.shape[:-2] + (1,) + g.shape[-1:], self.dtype)
-            row_mean = np.sum(g * g, axis=-1, keepdims=True) / g.shape[-1]
-            row_var = lerp(self.state["row_var"], row_mean, one_minus_beta2_t)
-            col_mean = np.sum(g * g, axis=-2, keepdims=True) / g.shape[-2]
-            col_var = lerp(self.state["col_var"], col_mean, one_minus_beta2_t)
-            var_estimate = row_var @ col_var  # the outer product of each row and column factor
-            var_estimate = var_estimate / np.maximum(row_var.mean(axis=-2, keepdims=True), eps1)
+            # An empty row or column averages 0 / 0 = NaN, as in torch (no warning here).
+            with np.errstate(invalid="ignore", divide="ignore"):
+                row_mean = np.sum(g * g, axis=-1, keepdims=True) / g.shape[-1]
+                col_mean = np.sum(g * g, axis=-2, keepdims=True) / g.shape[-2]
+                row_var = lerp(self.state["row_var"], row_mean, one_minus_beta2_t)
+                col_var = lerp(self.state["col_var"], col_mean, one_minus_beta2_t)
+                var_estimate = row_var @ col_var  # the outer product of each row and column factor
+                row_var_mean = np.sum(row_var, axis=-2, keepdims=True) / row_var.shape[-2]
+                var_estimate = var_estimate / np.maximum(row_var_mean, eps1)
             self.state.update(row_var=row_var, col_var=col_var)
         else:
             variance = lerp(self.zeros("variance"), g * g, one_minus_beta2_t)
             var_estimate = variance.copy()
             self.state["variance"] = variance
-        update = 1 / np.sqrt(np.maximum(var_estimate, eps1 * eps1)) * g
+        with np.errstate(invalid="ignore", divide="ignore"):  # eps1 = 0: 1 / 0 and 0 * inf, as torch
+            update = 1 / np.sqrt(np.maximum(var_estimate, eps1 * eps1)) * g
         if update.size:  # torch divides by zero on an empty parameter
             denom = max(1.0, _norm(update) / ((update.size**0.5) * d))
             p = p + (-alpha / denom) * update

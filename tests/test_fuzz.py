@@ -277,6 +277,16 @@ STATE = {
 }
 for _rule in ok.registry.rules():  # state of rules known from their declarations: positive
     STATE.update({st_.arg: (st_.name, 0.01, 1) for st_ in _rule.states if st_.arg not in STATE})
+# state lists whose entries are not shaped like their parameters (Adafactor's factors), by list
+SHAPED = {
+    st_.arg: st_ for _rule in ok.registry.rules() for st_ in _rule.states if st_.shape != "like_param"
+}
+
+
+def entry_shape(arg, shape):
+    """The shape of list ``arg``'s entry for a parameter of ``shape``; None where the parameter
+    keeps no such state (the entry is then None)."""
+    return SHAPED[arg].shape_for(shape) if arg in SHAPED else shape
 
 
 # -- the functional layer ----------------------------------------------------------------------------
@@ -397,9 +407,15 @@ def draw_arrays(data, lists, bad_rate, rng, fresh_buffers):
     args = {}
     for arg in lists:
         lo, hi = STATE[arg][1:] if arg in STATE else (-1, 1)
-        values[arg] = [rng.uniform(lo, hi, s).astype(np.float32) for s in shapes]
+        values[arg] = [
+            None if es is None else rng.uniform(lo, hi, es).astype(np.float32)
+            for es in (entry_shape(arg, s) for s in shapes)
+        ]
         entries = []
         for v in values[arg]:
+            if v is None:  # a state this parameter does not keep
+                entries.append(None)
+                continue
             bad = coin(data, bad_rate / max(n, 1))
             entries.append(
                 build(v, data.draw(st.sampled_from(INVALID_LAYOUTS if bad else VALID_LAYOUTS)))
@@ -409,11 +425,12 @@ def draw_arrays(data, lists, bad_rate, rng, fresh_buffers):
     if n and coin(data, bad_rate):
         a_arg, b_arg = data.draw(st.sampled_from(lists)), data.draw(st.sampled_from(lists))
         i, j = data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1))
-        if shapes[i] == shapes[j] and (a_arg, i) != (b_arg, j):
-            size = values[a_arg][i].size
+        va, vb = values[a_arg][i], values[b_arg][j]
+        if va is not None and vb is not None and va.shape == vb.shape and (a_arg, i) != (b_arg, j):
+            size = va.size
             shift = data.draw(st.integers(0, size + 1))
             buf = np.zeros(size + shift, np.float32)
-            a, b = buf[:size].reshape(shapes[i]), buf[shift : shift + size].reshape(shapes[i])
+            a, b = buf[:size].reshape(va.shape), buf[shift : shift + size].reshape(va.shape)
             a[...] = values[a_arg][i]
             b[...] = values[b_arg][j]  # where they overlap, b's values win in both
             args[a_arg][i], args[b_arg][j] = a, b
@@ -455,8 +472,10 @@ def draw_arrays(data, lists, bad_rate, rng, fresh_buffers):
             for i, a in enumerate(args[arg][:n]):
                 if a is None and arg == "momentum_buffers" and fresh_buffers:
                     continue
+                if a is None and values[arg][i] is None:  # not kept for this parameter
+                    continue
                 written = arg != "grads"
-                err = entry_error(a, shapes[i], written)
+                err = entry_error(a, entry_shape(arg, shapes[i]), written)
                 if err:
                     errors.add(err)
                 elif a.size:
@@ -484,7 +503,7 @@ def reference_update(ref_name, ref_hp, scale, step, lists, values, shapes, carri
         ref = Reference(ref_name, values["params"][i], **ref_hp)
         for arg in lists[2:]:
             if values[arg][i] is not None:
-                ref.state[STATE[arg][0]] = values[arg][i].astype(np.float64)
+                ref.state[STATE[arg][0]] = values[arg][i].astype(ref.dtype)
         for name, numbers in (carried or {}).items():
             ref.state[name] = numbers[i]
         if step is not None:
@@ -562,6 +581,9 @@ def test_fuzz_functional(data):
         for c in ok.registry.rule(name[:-1]).carried if carried else ():
             assert kw[c.arg][i] == pytest.approx(ref.state[c.name], rel=1e-12), (name, c.arg, i)
         for arg in lists[2:]:
+            if values[arg][i] is None:  # a state this parameter does not keep
+                assert args[arg][i] is None
+                continue
             check_close(
                 args[arg][i],
                 ref.state[STATE[arg][0]],
@@ -630,12 +652,13 @@ _RANGE_TEXT = {
     "nonpositive": "(-inf,0]",
 }
 # Where a rule declares a name in another range than RANGE's (ScheduleFreeSGD's momentum and
-# ScheduleFreeAdamW's beta1 are in (0, 1)), by (class, name) and (class, torch name).
+# ScheduleFreeAdamW's beta1 are in (0, 1); ASGD's alpha is any nonnegative number where
+# RMSprop's is in [0, 1]), by (class, name) and (class, torch name).
 RULE_RANGE = {
     (_rule.cls, key): _RANGE_TEXT[_h.range]
     for _rule in ok.registry.rules()
     for _h in _rule.hyper
-    if _h.range == "open_unit" and RANGE.get(_h.name) != _RANGE_TEXT[_h.range]
+    if _h.range in _RANGE_TEXT and RANGE.get(_h.name) != _RANGE_TEXT[_h.range]
     for key in {_h.name, _h.torch}
 }
 # Pairs of hyperparameters a rule's declaration orders (require_order in rules.hpp): lo <= hi.
