@@ -283,13 +283,16 @@ def test_optkern_torch_turns_it_on_and_env_keeps_the_pool():
     code = """
         import optkern.torch, optkern
         print(*optkern._core._parallel_backend())
+        print(optkern.build_info()["threads"])
         """
     libs = torch_libgomp(torch)
-    out = python(code).split()
+    backend, threads = python(code).splitlines()
+    out = backend.split()
     if libs:
         assert out[0] == "gomp" and out[1] in libs
+        assert threads.startswith("gomp team")  # build_info says which backend runs the chunks
     else:
-        assert out == ["pool"]
+        assert out == ["pool"] and threads == "optkern pool"
     env = dict(os.environ, OPTKERN_PARALLEL_BACKEND="pool")
     res = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
@@ -299,4 +302,5 @@ def test_optkern_torch_turns_it_on_and_env_keeps_the_pool():
         timeout=120,
     )
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["pool"]
+    backend, threads = res.stdout.splitlines()
+    assert backend.split() == ["pool"] and threads == "optkern pool"

@@ -62,7 +62,10 @@ int num_threads() {
 
 bool have_openmp() { return false; }
 
-const char* threading() { return pool::enabled() ? "optkern pool" : "none"; }
+const char* threading() {
+  if (!pool::enabled()) return "none";
+  return pool::backend() == "gomp" ? "gomp team (optkern.torch: torch's libgomp)" : "optkern pool";
+}
 
 void set_num_threads(int n) {
   g_threads.store(pool::enabled() ? std::max(1, std::min(n, pool::MAX_THREADS)) : 1,

@@ -13,7 +13,9 @@ namespace optkern {
 int num_threads();
 void set_num_threads(int n);  // 1 <= n <= pool::MAX_THREADS (the bindings check)
 bool have_openmp();           // false: optkern no longer uses an OpenMP runtime
-const char* threading();      // "optkern pool", or "none" in a single-threaded build
+// "optkern pool"; "gomp team ..." while the gomp backend is on (pool::set_backend); "none" in a
+// single-threaded build.
+const char* threading();
 
 // Below this much work per thread, a call uses fewer threads (one, for small calls): starting a
 // parallel region costs more than it saves there. Work is counted in elements of the cheapest
