@@ -30,10 +30,10 @@ SHAPES = [
     (2, 3, 1, 33),
     (3, 17000),  # rows longer than the kernel's column block (16384) and its float runs (1024)
     (1, 70000),  # one row in many column tiles
-    (20, 9000),  # two row tiles by three column tiles
+    (20, 17000),  # two row tiles by three column tiles
     (50000, 3),  # tall and narrow: many ranges of rows in the host step
-    (2, 3, 9000),  # a batch of one-row-tile matrices, each in three column tiles
-    (2, 0, 9000),
+    (2, 3, 17000),  # a batch of one-row-tile matrices, each in three column tiles
+    (2, 0, 17000),
     (1,),
     (0,),
     (0, 5),
@@ -122,7 +122,7 @@ def run(shapes, hp, threads, isa=None, steps=12):
 def test_bit_identical_for_any_thread_count(isa):
     before = ok.get_num_threads(), ok._core._min_elements_per_thread()
     shapes = [(300, 257), (3, 70, 90), (5000,), (9, 1), (1, 2000), (1, 70000), (3, 50000)]
-    shapes += [(50000, 3), (20, 9000), (2, 17, 9000), (4, 3, 9000)] + [(4, 5)] * 20
+    shapes += [(50000, 3), (20, 17000), (2, 17, 17000), (4, 3, 17000)] + [(4, 5)] * 20
     try:
         results = [run(shapes, dict(weight_decay=0.1), n, isa) for n in (1, 2, 3)]
     finally:

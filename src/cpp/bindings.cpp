@@ -554,12 +554,16 @@ static_assert(factored_declared(),
 // tiles of about FACTOR_COLS; each column tile into row tiles of about FACTOR_TILE elements, at
 // most FACTOR_TILES of them and at least FACTOR_MIN_ROWS rows each (an array of <= 1 dimension:
 // tiles of FACTOR_TILE elements). Each tile keeps a partial sum per row and per column it holds
-// (a 5000 x 10000 matrix: 3 x 64 tiles, 5 MB of column partials; 16 x 250000: 62 x 1 tiles).
-// Fixed by the shapes alone, never by the thread count.
+// (a 5000 x 10000 matrix: 1 x 64 tiles, 5 MB of column partials; 16 x 250000: 31 x 1 tiles).
+// Fixed by the shapes alone, never by the thread count. A tile's rows are separate runs of
+// memory, each restarting the hardware's streams: with FACTOR_COLS = 4096 a 5000 x 10000 matrix
+// came in runs of 3344 elements and its three passes took 1.15-1.5x the time of three flat passes
+// over the same bytes, against 1.0-1.2x in whole rows of 10000 (the kernel's column block,
+// BLOCK = 16384 floats, still holds a tile's width).
 constexpr std::size_t FACTOR_TILE = 4096;
 constexpr std::size_t FACTOR_TILES = 64;
 constexpr std::size_t FACTOR_MIN_ROWS = 16;
-constexpr std::size_t FACTOR_COLS = 4096;
+constexpr std::size_t FACTOR_COLS = 8192;
 // Rows or columns per range of a factored rule's work per row and column (between_range).
 constexpr std::size_t HOST_RANGE = 4096;
 
