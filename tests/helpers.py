@@ -61,3 +61,33 @@ def digest(arrays: Iterable) -> str:
 def gradient_sequence(size: int, steps: int, seed: int, scale: float = 1.0) -> List[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [(rng.standard_normal(size) * scale).astype(np.float32) for _ in range(steps)]
+
+
+#: Sizes of the thread tests' tensors: vector bodies and tails, one split across threads, an
+#: empty tensor, one of 64 elements.
+THREAD_TEST_SIZES = [1023, 100003, 17, 5000, 0, 64]
+
+
+def step_bits(name: str, hp: dict, threads: int, min_per_thread: int, steps: int, seed: int):
+    """The bits of every parameter and state array after ``steps`` steps of ``optkern.<name>``
+    over tensors of THREAD_TEST_SIZES (aligned and unaligned by turns), on ``threads`` threads
+    with the given per-thread threshold: results to compare across thread counts and backends."""
+    import optkern as ok
+
+    ok.set_num_threads(threads)
+    ok._core._set_min_elements_per_thread(min_per_thread)
+    rng = np.random.default_rng(seed)
+    params = [
+        make(rng.standard_normal(n), "unaligned" if i % 2 else "aligned")
+        for i, n in enumerate(THREAD_TEST_SIZES)
+    ]
+    opt = getattr(ok, name)(params, **hp)
+    for _ in range(steps):
+        opt.step([rng.standard_normal(n).astype(np.float32) for n in THREAD_TEST_SIZES])
+    return [bits(p) for p in params] + [
+        bits(v)
+        for p in params
+        if p in opt.state
+        for v in opt.state[p].values()
+        if isinstance(v, np.ndarray)
+    ]

@@ -23,9 +23,8 @@ import sys
 import textwrap
 import threading
 
-import numpy as np
 import pytest
-from helpers import bits, make
+from helpers import step_bits
 from reference import CASES, case_id
 
 import optkern as ok
@@ -94,26 +93,8 @@ def gomp():
     torch.set_num_threads(torch_threads)
 
 
-SIZES = [1023, 100003, 17, 5000, 0, 64]
-
-
 def run(name, hp, threads, steps=4):
-    ok.set_num_threads(threads)
-    ok._core._set_min_elements_per_thread(1)
-    rng = np.random.default_rng(7)
-    params = [
-        make(rng.standard_normal(n), "unaligned" if i % 2 else "aligned") for i, n in enumerate(SIZES)
-    ]
-    opt = getattr(ok, name)(params, **hp)
-    for _ in range(steps):
-        opt.step([rng.standard_normal(n).astype(np.float32) for n in SIZES])
-    return [bits(p) for p in params] + [
-        bits(v)
-        for p in params
-        if p in opt.state
-        for v in opt.state[p].values()
-        if isinstance(v, np.ndarray)
-    ]
+    return step_bits(name, hp, threads, min_per_thread=1, steps=steps, seed=7)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

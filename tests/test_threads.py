@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import bits, make
+from helpers import bits, step_bits
 from reference import CASES, case_id
 
 import optkern as ok
@@ -37,26 +37,8 @@ def _restore_pool_hooks():
     ok._core._set_adaptive_threads(True)
 
 
-SIZES = [1023, 100003, 17, 5000, 0, 64]
-
-
 def run(name, hp, threads, min_per_thread, steps=5):
-    ok.set_num_threads(threads)
-    ok._core._set_min_elements_per_thread(min_per_thread)
-    rng = np.random.default_rng(42)
-    params = [
-        make(rng.standard_normal(n), "unaligned" if i % 2 else "aligned") for i, n in enumerate(SIZES)
-    ]
-    opt = getattr(ok, name)(params, **hp)
-    for _ in range(steps):
-        opt.step([rng.standard_normal(n).astype(np.float32) for n in SIZES])
-    return [bits(p) for p in params] + [
-        bits(v)
-        for p in params
-        if p in opt.state
-        for v in opt.state[p].values()
-        if isinstance(v, np.ndarray)
-    ]
+    return step_bits(name, hp, threads, min_per_thread, steps, seed=42)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
