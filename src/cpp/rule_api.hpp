@@ -261,60 +261,52 @@ constexpr std::size_t count_of(const T (&)[N]) {
   return N;
 }
 
+// The scalars struct of `kernel` behind the void* that rule tables pass around.
+#define OPTKERN_SCALARS_OF(kernel, ptr) (*static_cast<KernelInfo<KernelId::kernel>::Scalars*>(ptr))
+
+// What every RULE_* macro begins with: the rule's names, formulas, kernel, steps, hyperparameters,
+// states and check, and its scalars function typed for its kernel's scalars struct.
+#define OPTKERN_RULE_HEAD(kernel, name, cls, counts, hyper, states, check, scalars, doc) \
+  name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,       \
+      count_of(states), check, [](const Hyper& h, const StepInfo& t, void* out) {        \
+        scalars(h, t, OPTKERN_SCALARS_OF(kernel, out));                                  \
+      }
+
 // RULE(kernel, name, class, steps, hyper, states, check, scalars, doc): one RuleDecl.
-#define RULE(kernel, name, cls, counts, hyper, states, check, scalars, doc)          \
-  RuleDecl {                                                                         \
-    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states, \
-        count_of(states), check, [](const Hyper& h, const StepInfo& t, void* out) {  \
-          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));  \
-        }                                                                            \
-  }
+#define RULE(kernel, name, cls, counts, hyper, states, check, scalars, doc) \
+  RuleDecl { OPTKERN_RULE_HEAD(kernel, name, cls, counts, hyper, states, check, scalars, doc) }
 
 // RULE_CARRIED(kernel, name, class, steps, hyper, states, carried, check, scalars, doc): a rule
 // that also carries numbers per parameter from step to step (see CarriedDecl).
-#define RULE_CARRIED(kernel, name, cls, counts, hyper, states, carried, check, scalars, doc) \
-  RuleDecl {                                                                                 \
-    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,         \
-        count_of(states), check,                                                             \
-        [](const Hyper& h, const StepInfo& t, void* out) {                                   \
-          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));          \
-        },                                                                                   \
-        carried, count_of(carried)                                                           \
+#define RULE_CARRIED(kernel, name, cls, counts, hyper, states, carried, check, scalars, doc)   \
+  RuleDecl {                                                                                   \
+    OPTKERN_RULE_HEAD(kernel, name, cls, counts, hyper, states, check, scalars, doc), carried, \
+        count_of(carried)                                                                      \
   }
 
 // RULE_REDUCED(kernel, name, class, steps, hyper, states, check, scalars, per_array, doc): a rule
 // whose kernel has a reduction pass, with the function from its array's sums to its scalars.
-#define RULE_REDUCED(kernel, name, cls, counts, hyper, states, check, scalars, per_array, doc) \
-  RuleDecl {                                                                                   \
-    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,           \
-        count_of(states), check,                                                               \
-        [](const Hyper& h, const StepInfo& t, void* out) {                                     \
-          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));            \
-        },                                                                                     \
-        nullptr, 0, [](const double* sums, void* out) {                                        \
-          per_array(sums, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));          \
-        }                                                                                      \
+#define RULE_REDUCED(kernel, name, cls, counts, hyper, states, check, scalars, per_array, doc)    \
+  RuleDecl {                                                                                      \
+    OPTKERN_RULE_HEAD(kernel, name, cls, counts, hyper, states, check, scalars, doc), nullptr, 0, \
+        [](const double* sums, void* out) { per_array(sums, OPTKERN_SCALARS_OF(kernel, out)); }   \
   }
 
 // RULE_FACTORED(kernel, name, class, steps, hyper, states, check, scalars, between, range, doc):
 // a rule on a factored kernel, with its host step between passes and its work per row and column.
-#define RULE_FACTORED(kernel, name, cls, counts, hyper, states, check, scalars, between, range, \
-                      doc)                                                                      \
-  RuleDecl {                                                                                    \
-    name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,            \
-        count_of(states), check,                                                                \
-        [](const Hyper& h, const StepInfo& t, void* out) {                                      \
-          scalars(h, t, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));             \
-        },                                                                                      \
-        nullptr, 0, nullptr,                                                                    \
-        [](int pass, const FactoredArray& a, void* out) {                                       \
-          between(pass, a, *static_cast<KernelInfo<KernelId::kernel>::Scalars*>(out));          \
-        },                                                                                      \
-        [](int stage, const FactoredArray& a, std::size_t m, bool rows, std::size_t lo,         \
-           std::size_t hi, const void* s) {                                                     \
-          return range(stage, a, m, rows, lo, hi,                                               \
-                       *static_cast<const KernelInfo<KernelId::kernel>::Scalars*>(s));          \
-        }                                                                                       \
+#define RULE_FACTORED(kernel, name, cls, counts, hyper, states, check, scalars, between, range,   \
+                      doc)                                                                        \
+  RuleDecl {                                                                                      \
+    OPTKERN_RULE_HEAD(kernel, name, cls, counts, hyper, states, check, scalars, doc), nullptr, 0, \
+        nullptr,                                                                                  \
+        [](int pass, const FactoredArray& a, void* out) {                                         \
+          between(pass, a, OPTKERN_SCALARS_OF(kernel, out));                                      \
+        },                                                                                        \
+        [](int stage, const FactoredArray& a, std::size_t m, bool rows, std::size_t lo,           \
+           std::size_t hi, const void* s) {                                                       \
+          return range(stage, a, m, rows, lo, hi,                                                 \
+                       *static_cast<const KernelInfo<KernelId::kernel>::Scalars*>(s));            \
+        }                                                                                         \
   }
 
 }  // namespace optkern
