@@ -550,6 +550,102 @@ def test_step_hooks_fire_like_torchs():
     assert len(calls) == 3
 
 
+def test_step_hooks_change_args_and_run_once_in_a_subclass():
+    """optkern's step runs torch's hooks itself (no record_function outside a profiler): a pre
+    hook may replace the arguments, as with torch's wrapper, and a subclass that overrides step
+    (which torch then wraps) runs every hook once, not twice."""
+    w = torch.nn.Parameter(torch.ones(3))
+    o = okt.SGD([w], lr=0.5)
+    w.grad = torch.ones(3)
+    ran = []
+
+    def closure():
+        ran.append("closure")
+        return torch.tensor(7.0)
+
+    h = o.register_step_pre_hook(lambda opt, args, kwargs: (args, {"closure": closure}))
+    try:
+        assert float(o.step()) == 7.0
+    finally:
+        h.remove()
+    assert ran == ["closure"]
+    h = o.register_step_pre_hook(lambda opt, args, kwargs: "nonsense")
+    try:
+        with pytest.raises(RuntimeError, match="must return None or a tuple"):
+            o.step()
+    finally:
+        h.remove()
+
+    class Counting(okt.Adam):
+        def step(self, closure=None):
+            self.own += 1
+            return super().step(closure)
+
+    v = torch.nn.Parameter(torch.ones(3))
+    c = Counting([v])
+    c.own = 0
+    calls = []
+    c.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    c.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    v.grad = torch.ones(3)
+    c.step()
+    assert (c.own, calls) == (1, ["pre", "post"])
+    assert c.state[v]["step"].item() == 1.0
+
+
+def test_step_is_labelled_in_a_profile():
+    w = torch.nn.Parameter(torch.ones(3))
+    o = okt.Adam([w])
+    w.grad = torch.ones(3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        o.step()
+    names = {e.name for e in prof.events()}
+    assert "Optimizer.step#Adam.step" in names
+
+
+def test_hyperparameters_checked_again_when_they_change():
+    """After the first step the checked hyperparameters are reused while the group's values and
+    types stay the same; any change is checked again before anything is written."""
+    w = torch.nn.Parameter(torch.ones(5))
+    o = okt.Adam([w], lr=0.1)
+    ref = torch.nn.Parameter(torch.ones(5))
+    r = torch.optim.Adam([ref], lr=0.1, foreach=False)
+    g = torch.linspace(-1, 1, 5)
+    for lr in (0.1, 0.1, 0.05, np.float64(0.02), torch.tensor(0.01), 0.01):
+        o.param_groups[0]["lr"] = lr
+        r.param_groups[0]["lr"] = float(lr)
+        w.grad, ref.grad = g.clone(), g.clone()
+        o.step()
+        r.step()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=RTOL, atol=ATOL)
+    lr_tensor = torch.tensor(0.01)
+    o.param_groups[0]["lr"] = lr_tensor
+    w.grad = g.clone()
+    o.step()
+    lr_tensor.fill_(-1.0)  # changed in place: the same object, a new value
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match="lr"):
+        o.step()
+    assert torch.equal(w.detach(), before)
+    for key, bad, err in [
+        ("lr", -0.1, ValueError),
+        ("betas", (0.9, 1.5), ValueError),
+        ("maximize", 1, TypeError),  # 1 == True, but a flag must be a bool
+        ("eps", float("nan"), ValueError),
+    ]:
+        o.param_groups[0]["lr"] = 0.01
+        good = o.param_groups[0][key]
+        o.step()  # the good values are remembered
+        o.param_groups[0][key] = bad
+        with pytest.raises(err):
+            o.step()
+        snap = w.detach().clone()
+        with pytest.raises(err):
+            o.step()
+        assert torch.equal(w.detach(), snap)
+        o.param_groups[0][key] = good
+
+
 def test_zero_grad_and_version_counter():
     w = torch.nn.Parameter(torch.ones(4))
     o = okt.AdamW([w], foreach=True)

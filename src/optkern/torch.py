@@ -46,6 +46,12 @@ except ImportError:  # torch < 2.1: autograd's version check does not see optker
         pass
 
 
+try:  # torch's global step hooks, which optkern's step runs itself (see _OktOptimizer.step)
+    from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
+    from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
+except ImportError:  # a torch that keeps them elsewhere: its own wrapper runs every hook
+    _GLOBAL_POST_HOOKS = _GLOBAL_PRE_HOOKS = None
+
 from . import _core
 from . import functional as F
 from ._torch_threads import use_torch_openmp
@@ -142,6 +148,9 @@ def _scalar(name: str, value: Any) -> Any:
     return value
 
 
+#: Hyperparameter types whose equality means the same value to optkern's checks.
+_PLAIN_SCALARS = (float, int, bool)
+_profiler_enabled = torch.autograd._profiler_enabled  # torch.profiler or autograd's profiler on
 _F32 = torch.float32
 _STRIDED = torch.strided
 
@@ -192,6 +201,7 @@ class _OktOptimizer(torch.optim.Optimizer):
     _rule_name: str
     _carried_names: Tuple[str, ...] = ()  # carried numbers kept as 0-d float32 tensors
     _float_names: Tuple[str, ...] = ()  # carried numbers kept as Python floats
+    _first_update_names: Tuple[str, ...] = ()  # buffers the first update makes (SGD's)
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
         bound = self.__signature__.bind(params, *args, **kwargs)  # TypeError as torch's would be
@@ -204,6 +214,9 @@ class _OktOptimizer(torch.optim.Optimizer):
         if "betas" in defaults:
             defaults["betas"] = tuple(defaults["betas"])
         self._okt_cache: Dict[torch.Tensor, _Entry] = {}
+        #: id(group) -> (group, functional name, types and values of its hyperparameters, the
+        #: core's validated dict of them): see _call
+        self._okt_checked: Dict[int, Tuple[Any, ...]] = {}
         super().__init__(params, defaults)
         if self._rule.eager:  # torch's Adagrad creates its state in the constructor
             for group in self.param_groups:
@@ -250,6 +263,7 @@ class _OktOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self._okt_cache = {}
+        self._okt_checked = {}
         rule = self._rule
         for group in self.param_groups:
             for name, default in rule.args + rule.kwonly:
@@ -315,17 +329,69 @@ class _OktOptimizer(torch.optim.Optimizer):
 
     # -- the step -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One update of every parameter that has a gradient; ``closure`` (re-evaluating the
-        model and returning the loss) runs first, with gradients enabled."""
+        model and returning the loss) runs first, with gradients enabled.
+
+        Step hooks (the optimizer's and torch's global ones) run as torch.optim runs them; the
+        step is labelled ``Optimizer.step#<class>.step`` in a profile, as torch labels its own,
+        but the label is only made while a profiler is on (torch's wrapper makes one at every
+        step, about 5 us: a fifth of a small model's step)."""
+        if type(self).step is not _OktOptimizer.step or _GLOBAL_PRE_HOOKS is None:
+            return self._step(closure)  # torch's wrapper runs the hooks (a subclass's own step)
+        if _profiler_enabled():
+            with torch.autograd.profiler.record_function(
+                f"Optimizer.step#{type(self).__name__}.step"
+            ):
+                return self._hooked_step(closure)
+        return self._hooked_step(closure)
+
+    # torch's Optimizer wraps a step not marked hooked in its own hook-running wrapper
+    step.hooked = _GLOBAL_PRE_HOOKS is not None  # type: ignore[attr-defined]
+
+    def _hooked_step(self, closure: Optional[Callable[[], Any]]) -> Any:
+        args: Tuple[Any, ...] = (self,) if closure is None else (self, closure)
+        kwargs: Dict[str, Any] = {}
+        pre = _GLOBAL_PRE_HOOKS, self._optimizer_step_pre_hooks
+        if pre[0] or pre[1]:  # as torch's wrapper: a hook may return new (args, kwargs)
+            for hook in [*pre[0].values(), *pre[1].values()]:
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    if isinstance(result, tuple) and len(result) == 2:
+                        args, kwargs = result
+                    else:
+                        raise RuntimeError(
+                            f"{type(self).step} must return None or a tuple of (new_args, "
+                            f"new_kwargs), but got {result}."
+                        )
+        out = self._step(*args[1:], **kwargs)
+        self._optimizer_step_code()
+        post = self._optimizer_step_post_hooks, _GLOBAL_POST_HOOKS
+        if post[0] or post[1]:
+            for hook in [*post[0].values(), *post[1].values()]:
+                hook(self, args, kwargs)
+        return out
+
+    def _step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        self._before_step()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group)
+        grad_mode = torch.is_grad_enabled()
+        if grad_mode:  # state tensors are made outside autograd, as torch.optim's step does
+            torch.set_grad_enabled(False)
+        try:
+            for gi, group in enumerate(self.param_groups):
+                self._step_group(gi, group)
+        finally:
+            if grad_mode:
+                torch.set_grad_enabled(True)
         return loss
+
+    def _before_step(self) -> None:
+        """Raises before anything changes if the optimizer cannot step now (Schedule-Free in eval
+        mode)."""
 
     def _step_group(self, gi: int, group: Dict[str, Any]) -> None:
         rule = self._rule
@@ -516,20 +582,60 @@ class _OktOptimizer(torch.optim.Optimizer):
     ) -> None:
         rule = self._rule
         fn_name = rule.fn if isinstance(rule.fn, str) else rule.fn[2 if group[rule.fn[0]] else 1]
-        fn = getattr(F, fn_name)
-        kwargs: Dict[str, Any] = {}
-        for kw, src in rule.kw.items():
-            if isinstance(src, tuple):
-                kwargs[kw] = _scalar(f"{src[0]}[{src[1]}]", group[src[0]][src[1]])
-            else:
-                kwargs[kw] = _scalar(src, group[src])
+        values = [
+            _scalar(f"{src[0]}[{src[1]}]", group[src[0]][src[1]])
+            if isinstance(src, tuple)
+            else _scalar(src, group[src])
+            for src in rule.kw.values()
+        ]
+        states = {  # by name: a list the group does not use is None
+            b.name: lists.get(b.name, []) if b.when is None or group[b.when] else None
+            for b in rule.state
+        }
+        states.update((c.name, lists.get(c.name, [])) for c in rule.carried)
+        # The common step: hyperparameters the functional function checked before, unchanged
+        # (the same values and types), and no buffer its first update makes (SGD's momentum).
+        # The core is called directly with them, as that function would call it: the core
+        # still checks every array, step count and per-step scalar.
+        known = self._okt_checked.get(id(group))
+        types = list(map(type, values))
+        if (
+            known is not None
+            and known[0] is group
+            and known[1] == fn_name
+            and known[2] == types
+            and known[3] == values
+            and not any(id(None) in map(id, states[n] or ()) for n in self._first_update_names)
+        ):
+            _core.step(
+                fn_name[:-1],
+                pviews,
+                gviews,
+                states,
+                known[4],
+                steps=steps if rule.step_kw else None,
+                grad_scale=1.0,
+            )
+            return
+        kwargs: Dict[str, Any] = dict(zip(rule.kw, values))
         if rule.step_kw:
             kwargs["step"] = steps if steps is not None else []
-        for b in rule.state:  # by keyword: a list the group does not use is None
-            kwargs[b.arg] = lists.get(b.name, []) if b.when is None or group[b.when] else None
+        for b in rule.state:
+            kwargs[b.arg] = states[b.name]
         for c in rule.carried:
-            kwargs[c.arg] = lists.get(c.name, [])
-        fn(pviews, gviews, **kwargs)
+            kwargs[c.arg] = states[c.name]
+        getattr(F, fn_name)(pviews, gviews, **kwargs)
+        if pviews and all(t in _PLAIN_SCALARS for t in types):  # checked: remember them
+            core = {
+                k: v if isinstance(v, bool) else float(v) for k, v in kwargs.items() if k in rule.kw
+            }
+            self._okt_checked[id(group)] = (
+                group,
+                fn_name,
+                types,
+                values,
+                _core.validate(fn_name[:-1], core),
+            )
 
 
 # -- Schedule-Free's train()/eval() ---------------------------------------------------------------
@@ -599,13 +705,12 @@ class _ScheduleFreeSwitch:
         if moved:
             increment_version(moved)
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def _before_step(self) -> None:
         if not all(bool(g.get("train_mode", True)) for g in self.param_groups):  # type: ignore[attr-defined]
             raise RuntimeError(
                 f"{type(self).__name__}.step() in eval mode: call train() first (and eval() "
                 "again before evaluating or saving)"
             )
-        return super().step(closure)  # type: ignore[misc]
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()  # type: ignore[misc]
@@ -662,6 +767,7 @@ def _make(name: str, rule: Rule, doc: str) -> type:
             "__doc__": doc,
             "_carried_names": tuple(c.name for c in rule.carried if c.tensor),
             "_float_names": tuple(c.name for c in rule.carried if not c.tensor),
+            "_first_update_names": tuple(b.name for b in rule.state if b.init == "first_grad"),
             "__module__": __name__,
             "__qualname__": name,
         },
