@@ -248,33 +248,54 @@ void adadelta(const AdadeltaStep& s, float* p, const float* g, float* const* st,
 //   amsgrad: max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq), used in place of exp_avg_sq below
 //   p = p - step_size * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^t) + eps)
 // One sqrt and one division per element.
+// Adam's moments of one element, shared by Adam, AdamW, NAdam and RAdam (their step structs name
+// the same fields): the parameter decayed (decoupled weight decay), the gradient prepared from
+// it, exp_avg and exp_avg_sq updated in place; returned for the rule's update. Built from the
+// step struct once per call, outside the element loop.
+template <bool kL2, bool kDecoupled>
+struct AdamMoments {
+  struct Element {
+    float p, g, m, v;
+  };
+  float lc, b2, w2, decay, gs, wd;
+  bool from_avg;
+  template <class Step>
+  explicit AdamMoments(const Step& s)
+      : lc(s.exp_avg.coeff),
+        b2(s.beta2),
+        w2(s.one_minus_beta2),
+        decay(s.decoupled_decay),
+        gs(s.grad.grad_scale),
+        wd(s.grad.weight_decay),
+        from_avg(s.exp_avg.from_start != 0.0f) {}
+  Element operator()(float p, float g, float& m, float& v) const {
+    if (kDecoupled) p *= decay;
+    const float gi = prepared_gradient<kL2>(g, p, gs, wd);
+    const float mi = lerp(m, gi, lc, from_avg);
+    const float vi = moving_square(v, gi, b2, w2);
+    m = mi;
+    v = vi;
+    return {p, gi, mi, vi};
+  }
+};
+
 template <bool kL2, bool kDecoupled, bool kAmsgrad>
 OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                        float* OK_RESTRICT m, float* OK_RESTRICT v, float* OK_RESTRICT vmax,
                        size_t n) {
-  const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
-              decay = s.decoupled_decay, step_size = s.step_size,
-              inv_bc2 = s.inv_bias_correction2_sqrt, gs = s.grad.grad_scale,
-              wd = s.grad.weight_decay;
-  const bool from_avg = s.exp_avg.from_start != 0.0f;
+  const AdamMoments<kL2, kDecoupled> moments(s);
+  const float eps = s.eps, step_size = s.step_size, inv_bc2 = s.inv_bias_correction2_sqrt;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
-    float pi = p[i];
-    if (kDecoupled) pi *= decay;
-    const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
-    const float mi0 = m[i];
-    const float mi = lerp(mi0, gi, lc, from_avg);
-    const float vi = moving_square(v[i], gi, b2, w2);
-    m[i] = mi;
-    v[i] = vi;
-    float vd = vi;
+    const auto e = moments(p[i], g[i], m[i], v[i]);
+    float vd = e.v;
     if (kAmsgrad) {
       const float vm = vmax[i];
-      vd = (vi > vm || vi != vi) ? vi : vm;  // NaN-propagating max, like torch.maximum
+      vd = (e.v > vm || e.v != e.v) ? e.v : vm;  // NaN-propagating max, like torch.maximum
       vmax[i] = vd;
     }
     const float denom = OK_FMA(OK_SQRT(vd), inv_bc2, eps);
-    p[i] = pi - (step_size * mi) / denom;
+    p[i] = e.p - (step_size * e.m) / denom;
   }
 }
 
@@ -329,23 +350,14 @@ void adamax(const AdamaxStep& s, float* p, const float* g, float* const* st, siz
 template <bool kL2, bool kDecoupled>
 OK_LOOP void nadam_impl(const NadamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                         float* OK_RESTRICT m, float* OK_RESTRICT v, size_t n) {
-  const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps,
-              decay = s.decoupled_decay, bc2 = s.bias_correction2, c1 = s.grad_coeff,
-              c2 = s.avg_coeff, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
-  const bool from_avg = s.exp_avg.from_start != 0.0f;
+  const AdamMoments<kL2, kDecoupled> moments(s);
+  const float eps = s.eps, bc2 = s.bias_correction2, c1 = s.grad_coeff, c2 = s.avg_coeff;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
-    float pi = p[i];
-    if (kDecoupled) pi *= decay;
-    const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
-    const float mi0 = m[i];
-    const float mi = lerp(mi0, gi, lc, from_avg);
-    const float vi = moving_square(v[i], gi, b2, w2);
-    m[i] = mi;
-    v[i] = vi;
-    const float denom = OK_SQRT(vi / bc2) + eps;
-    pi = pi + (c1 * gi) / denom;
-    p[i] = pi + (c2 * mi) / denom;
+    const auto e = moments(p[i], g[i], m[i], v[i]);
+    const float denom = OK_SQRT(e.v / bc2) + eps;
+    const float pi = e.p + (c1 * e.g) / denom;
+    p[i] = pi + (c2 * e.m) / denom;
   }
 }
 
@@ -368,23 +380,15 @@ void nadam(const NadamStep& s, float* p, const float* g, float* const* st, size_
 template <bool kL2, bool kDecoupled, bool kRectify>
 OK_LOOP void radam_impl(const RadamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                         float* OK_RESTRICT m, float* OK_RESTRICT v, size_t n) {
-  const float lc = s.exp_avg.coeff, b2 = s.beta2, w2 = s.one_minus_beta2, eps = s.eps, lr = s.lr,
-              decay = s.decoupled_decay, bc1 = s.bias_correction1, sbc2 = s.bias_correction2_sqrt,
-              rect = s.rect, gs = s.grad.grad_scale, wd = s.grad.weight_decay;
-  const bool from_avg = s.exp_avg.from_start != 0.0f;
+  const AdamMoments<kL2, kDecoupled> moments(s);
+  const float eps = s.eps, lr = s.lr, bc1 = s.bias_correction1, sbc2 = s.bias_correction2_sqrt,
+              rect = s.rect;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
-    float pi = p[i];
-    if (kDecoupled) pi *= decay;
-    const float gi = prepared_gradient<kL2>(g[i], pi, gs, wd);
-    const float mi0 = m[i];
-    const float mi = lerp(mi0, gi, lc, from_avg);
-    const float vi = moving_square(v[i], gi, b2, w2);
-    m[i] = mi;
-    v[i] = vi;
-    float u = (mi / bc1) * lr;
-    if (kRectify) u = (u * (sbc2 / (OK_SQRT(vi) + eps))) * rect;
-    p[i] = pi - u;
+    const auto e = moments(p[i], g[i], m[i], v[i]);
+    float u = (e.m / bc1) * lr;
+    if (kRectify) u = (u * (sbc2 / (OK_SQRT(e.v) + eps))) * rect;
+    p[i] = e.p - u;
   }
 }
 
