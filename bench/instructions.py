@@ -30,6 +30,10 @@ FLAGS = {  # kernel -> its template parameters, in order
     "sgd": ("decay", "momentum", "nesterov", "init"),
     "rmsprop": ("decay", "centered", "momentum"),
     "adam": ("l2", "decoupled", "amsgrad"),
+    "nadam": ("l2", "decoupled"),
+    "radam": ("l2", "decoupled", "rectify"),
+    "asgd": ("decay", "copy"),
+    "rprop": (),  # not a template
     "sfadamw": ("adamw", "decay", "init"),
     "sfsgd": ("adamw", "decay", "init"),
 }
@@ -72,8 +76,9 @@ def find_variant(
     loop, always = SHARED_LOOPS.get(kernel, (kernel, ()))
     want = [n in on or n in always for n in names]
     for f, code in funcs.items():
-        m = re.search(rf"\b{loop}_impl<([^>]*)>", f)
-        if m and [a.strip() == "true" for a in m.group(1).split(",")] == want:
+        m = re.search(rf"\b{loop}_impl(?:<([^>]*)>)?\(", f)
+        flags = m.group(1).split(",") if m and m.group(1) else []
+        if m and [a.strip() == "true" for a in flags] == want:
             return code
     return None
 

@@ -448,7 +448,13 @@ OK_LOOP void lion_impl(const LionStep& s, float* OK_RESTRICT p, const float* OK_
   for (size_t i = 0; i < n; ++i) {
     const float pi = p[i], gi = g[i] * gs, mi = m[i];
     const float c = c1 * gi + b1 * mi;
-    float u = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c);  // jnp.sign: 0 stays 0, NaN stays NaN
+    // jnp.sign: 0 stays 0, NaN stays NaN. Both comparisons are made before either select: nested
+    // as `c > 0 ? 1 : (c < 0 ? -1 : c)`, the second comparison is conditional and may trap on a
+    // NaN, so GCC does not if-convert the loop without AVX-512's masks (scalar code, a
+    // mispredicted branch per element: 10x slower on AVX2).
+    const bool positive = c > 0.0f, negative = c < 0.0f;
+    float u = positive ? 1.0f : c;
+    u = negative ? -1.0f : u;
     if (kDecay) u = u + wd * pi;
     p[i] = pi + nlr * u;
     m[i] = c2 * gi + b2 * mi;
@@ -470,13 +476,20 @@ OK_LOOP void rprop_impl(const RpropStep& s, float* OK_RESTRICT p, const float* O
               gs = s.grad_scale;
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
+    // Every comparison is made before the selects that use it, as in Lion's loop (why: there).
     const float gi = g[i] * gs;
     const float prod = gi * prev[i];
-    const float factor = prod > 0.0f ? ep : (prod < 0.0f ? em : 1.0f);
-    float ss = step_size[i] * factor;
-    ss = ss < lo ? lo : (ss > hi ? hi : ss);  // torch.clamp: NaN stays NaN
-    const float gk = prod < 0.0f ? 0.0f : gi;
-    const float sign = gk > 0.0f ? 1.0f : (gk < 0.0f ? -1.0f : 0.0f);
+    const bool grew = prod > 0.0f, flipped = prod < 0.0f;
+    float factor = grew ? ep : 1.0f;
+    factor = flipped ? em : factor;
+    const float ss0 = step_size[i] * factor;
+    const bool below = ss0<lo, above = ss0> hi;
+    const float capped = above ? hi : ss0;
+    const float ss = below ? lo : capped;  // torch.clamp: NaN stays NaN
+    const float gk = flipped ? 0.0f : gi;
+    const bool gpos = gk > 0.0f, gneg = gk < 0.0f;
+    float sign = gpos ? 1.0f : 0.0f;
+    sign = gneg ? -1.0f : sign;
     p[i] = p[i] - sign * ss;
     step_size[i] = ss;
     prev[i] = gk;
