@@ -105,10 +105,10 @@ struct NadamStep {
   float beta2;
   float one_minus_beta2;
   float eps;
-  float decoupled_decay;   // 1 - lr * weight_decay (decoupled_weight_decay)
-  float bias_correction2;  // 1 - beta2^step, per tensor
-  float grad_coeff;        // -lr * (1 - mu_t) / (1 - mu_product), per tensor
-  float avg_coeff;         // -lr * mu_{t+1} / (1 - mu_product * mu_{t+1}), per tensor
+  float decoupled_decay;       // 1 - lr * weight_decay (decoupled_weight_decay)
+  float inv_bias_correction2;  // 1 / (1 - beta2^step), per tensor
+  float grad_coeff;            // -lr * (1 - mu_t) / (1 - mu_product), per tensor
+  float avg_coeff;             // -lr * mu_{t+1} / (1 - mu_product * mu_{t+1}), per tensor
   GradientPrep grad;
   bool decoupled;
 };
@@ -461,7 +461,7 @@ inline void nadam_scalars(const Hyper& h, const StepInfo& t, NadamStep& s) {
   s.one_minus_beta2 = t.f32(1.0 - beta2, "1 - beta2");
   s.eps = t.f32(h["eps"], "eps");
   s.decoupled_decay = t.f32(1.0 - lr * wd, "1 - lr * weight_decay");
-  s.bias_correction2 = t.f32(1.0 - t.pow(beta2, n), "1 - beta2^step");
+  s.inv_bias_correction2 = t.f32(1.0 / (1.0 - t.pow(beta2, n)), "1 / (1 - beta2^step)");
   s.grad_coeff = t.f32(-lr * (1.0 - mu) / (1.0 - product), "lr * (1 - mu_t) / (1 - mu_product)");
   s.avg_coeff = t.f32((-lr * mu_next) / (1.0 - product * mu_next),
                       "lr * mu_{t+1} / (1 - mu_product * mu_{t+1})");
