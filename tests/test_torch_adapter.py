@@ -15,6 +15,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -853,3 +854,28 @@ def test_bench_torch_pairs_alternate_order():
     calls = []
     tb._median_pair(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4, inner=2)
     assert "".join(calls) == "ab" + "aabb" + "bbaa" + "aabb" + "bbaa"
+
+
+def test_bench_torch_cheap_steps_get_more_repeats():
+    """With min_seconds, a case whose repeats are cheap is repeated until they add up to about
+    that long (never fewer than `repeats`, never more than MAX_REPEATS); without it, exactly
+    `repeats`. The 1M rows of `bench --torch` use it: 5 medians of a sub-millisecond step were
+    too few on a noisy machine."""
+    from optkern.benchmark import torch_bench as tb
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.001)
+
+    tb._median_pair(slow, slow, repeats=2, inner=1)
+    assert len(calls) == 2 + 2 * 2  # warm-up pair + 2 repeats
+    calls.clear()
+    tb._median_pair(slow, slow, repeats=2, inner=1, min_seconds=0.1)
+    # about 0.1 s / (2 calls of >= 1 ms): up to 50 repeats; at least 10 unless a 1 ms sleep
+    # takes 5 ms
+    assert 2 + 2 * 10 <= len(calls) <= 2 + 2 * tb.MAX_REPEATS
+    calls.clear()
+    tb._median_pair(lambda: calls.append(1), lambda: calls.append(1), 3, 1, min_seconds=10.0)
+    assert len(calls) == 2 + 2 * tb.MAX_REPEATS  # capped

@@ -21,6 +21,7 @@ the ones named.
 from __future__ import annotations
 
 import copy
+import math
 import importlib
 import importlib.util
 import inspect
@@ -34,6 +35,12 @@ ORIGINALS = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta"]
 
 #: optkern.torch class -> the hyperparameters both sides take in the benchmark (else defaults).
 #: Schedule-Free SGD's default lr=1.0 diverges on the benchmark's MLP.
+# The step cases repeat until they take about STEP_SECONDS (at most MAX_REPEATS repeats): a 1M
+# step takes under a millisecond, and 5 medians of it moved by 15% between runs on a noisy 2-core
+# VM, where 41 agreed to a few percent (docs/torch.md). 50M steps and the loops keep --repeats.
+STEP_SECONDS = 0.5
+MAX_REPEATS = 101
+
 HYPER: Dict[str, Dict[str, Any]] = {
     "SGD": {"lr": 0.01, "momentum": 0.9},
     "Nesterov": {"lr": 0.01, "momentum": 0.9},
@@ -139,15 +146,26 @@ def peers() -> Dict[str, Peer]:
 
 
 def _median_pair(
-    fa: Callable[[], None], fb: Callable[[], None], repeats: int, inner: int
+    fa: Callable[[], None],
+    fb: Callable[[], None],
+    repeats: int,
+    inner: int,
+    min_seconds: float = 0.0,
 ) -> Tuple[float, float]:
     """Median seconds per call of fa and fb, timed alternately, the order swapped every repeat
     (a, b, b, a, a, b, ...): each follows the other as often, so neither always runs while
-    torch's OpenMP workers still spin from the other's last op (docs/torch.md)."""
+    torch's OpenMP workers still spin from the other's last op (docs/torch.md).
+
+    At least ``repeats`` repeats, more (up to MAX_REPEATS) until they take about
+    ``min_seconds``: cheap cases get the samples a noisy machine needs for a stable median."""
     ta: List[float] = []
     tb: List[float] = []
+    t0 = time.perf_counter()
     fa()
     fb()  # warm-up: state allocation, first-touch of pages
+    once = (time.perf_counter() - t0) * inner  # about one repeat of both (warm-up is slower)
+    if min_seconds > 0.0:
+        repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_seconds / max(once, 1e-9))))
     for r in range(repeats):
         pairs = ((fa, ta), (fb, tb))
         for f, out in pairs if r % 2 == 0 else pairs[::-1]:
@@ -179,7 +197,11 @@ def _row(name: str, peer: Peer, why: Optional[str], tt: Optional[float], to: flo
 
 
 def bench_steps(
-    names: List[str], sizes: List[int], repeats: int, table: Optional[Dict[str, Peer]] = None
+    names: List[str],
+    sizes: List[int],
+    repeats: int,
+    table: Optional[Dict[str, Peer]] = None,
+    min_seconds: float = 0.0,
 ) -> List[Dict[str, Any]]:
     import torch
 
@@ -199,7 +221,7 @@ def bench_steps(
             oo = getattr(okt, name)([po], **hp)
             inner = max(1, int(2_000_000 // n))
             if why is None:
-                tt, to = _median_pair(peer.stepper([pt], hp), oo.step, repeats, inner)
+                tt, to = _median_pair(peer.stepper([pt], hp), oo.step, repeats, inner, min_seconds)
             else:
                 tt, to = None, _median_one(oo.step, repeats, inner)
             rows.append(dict(_row(name, peer, why, tt, to), size=n))
@@ -317,7 +339,7 @@ def run_torch(names: List[str], sizes: List[int], repeats: int, threads: int) ->
     return {
         "threads": threads,
         "torch": torch.__version__,
-        "steps": bench_steps(names, sizes, repeats),
+        "steps": bench_steps(names, sizes, repeats, min_seconds=STEP_SECONDS),
         "loop": bench_loop(names, repeats),
         "overhead": bench_overhead(repeats),
     }
@@ -332,8 +354,8 @@ def _cells(r: Dict[str, Any]) -> str:
 def report_torch(res: Dict[str, Any]) -> None:
     print(
         f"\noptkern.torch against torch.optim {res['torch']} ({res['threads']} threads each), or "
-        "the class's reference package; medians of interleaved repeats; x = peer time / "
-        "optkern time"
+        "the class's reference package; medians of interleaved repeats (the step alone: "
+        f"--repeats or more, about {STEP_SECONDS} s a case); x = peer time / optkern time"
     )
     print(f"\n{'step alone':<18} {'size':>6} {'peer':>8} {'peer':>11} {'okt':>11} {'x':>6}")
     for r in res["steps"]:
