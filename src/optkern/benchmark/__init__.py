@@ -58,7 +58,13 @@ def add_parser(sub) -> None:
         default=None,
         help="threads for optkern and torch (default: optkern's default)",
     )
-    p.add_argument("--repeats", type=int, default=5, help="timed batches per case (min is kept)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed batches per case (min is kept; --torch: medians, and its step cases "
+        "repeat for about 0.5 s when that is more)",
+    )
     p.add_argument(
         "--studies",
         nargs="+",
