@@ -242,12 +242,6 @@ void adadelta(const AdadeltaStep& s, float* p, const float* g, float* const* st,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Adam and AdamW (torch.optim.Adam / AdamW); step_size and the bias corrections are per tensor.
-//   AdamW: p = p * (1 - lr * weight_decay);   Adam: g = g + weight_decay * p
-//   exp_avg = lerp(exp_avg, g, 1 - beta1);  exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2
-//   amsgrad: max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq), used in place of exp_avg_sq below
-//   p = p - step_size * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^t) + eps)
-// One sqrt and one division per element.
 // Adam's moments of one element, shared by Adam, AdamW, NAdam and RAdam (their step structs name
 // the same fields): the parameter decayed (decoupled weight decay), the gradient prepared from
 // it, exp_avg and exp_avg_sq updated in place; returned for the rule's update. Built from the
@@ -279,6 +273,13 @@ struct AdamMoments {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Adam and AdamW (torch.optim.Adam / AdamW); step_size and the bias corrections are per tensor.
+//   AdamW: p = p * (1 - lr * weight_decay);   Adam: g = g + weight_decay * p
+//   exp_avg = lerp(exp_avg, g, 1 - beta1);  exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2
+//   amsgrad: max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq), used in place of exp_avg_sq below
+//   p = p - step_size * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^t) + eps)
+// One sqrt and one division per element.
 template <bool kL2, bool kDecoupled, bool kAmsgrad>
 OK_LOOP void adam_impl(const AdamStep& s, float* OK_RESTRICT p, const float* OK_RESTRICT g,
                        float* OK_RESTRICT m, float* OK_RESTRICT v, float* OK_RESTRICT vmax,
@@ -485,7 +486,8 @@ OK_LOOP void rprop_impl(const RpropStep& s, float* OK_RESTRICT p, const float* O
     float factor = grew ? ep : 1.0f;
     factor = flipped ? em : factor;
     const float ss0 = step_size[i] * factor;
-    const bool below = ss0<lo, above = ss0> hi;
+    const bool below = ss0 < lo;
+    const bool above = ss0 > hi;
     const float capped = above ? hi : ss0;
     const float ss = below ? lo : capped;  // torch.clamp: NaN stays NaN
     const float gk = flipped ? 0.0f : gi;
