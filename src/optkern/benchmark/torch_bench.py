@@ -21,10 +21,10 @@ the ones named.
 from __future__ import annotations
 
 import copy
-import math
 import importlib
 import importlib.util
 import inspect
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,14 +33,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 #: The default run: these classes against torch's fused or foreach path.
 ORIGINALS = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta"]
 
-#: optkern.torch class -> the hyperparameters both sides take in the benchmark (else defaults).
-#: Schedule-Free SGD's default lr=1.0 diverges on the benchmark's MLP.
-# The step cases repeat until they take about STEP_SECONDS (at most MAX_REPEATS repeats): a 1M
-# step takes under a millisecond, and 5 medians of it moved by 15% between runs on a noisy 2-core
-# VM, where 41 agreed to a few percent (docs/torch.md). 50M steps and the loops keep --repeats.
+# The step cases repeat until they take about STEP_SECONDS (at least --repeats, at most
+# MAX_REPEATS repeats): a 1M step takes under a millisecond, and 5 medians of it moved by 15%
+# between runs on a noisy 2-core VM, where 41 agreed to a few percent (docs/torch.md). A 50M pair
+# takes about 0.1 s, so --repeats 5 already fills it; the loops keep --repeats.
 STEP_SECONDS = 0.5
 MAX_REPEATS = 101
 
+#: optkern.torch class -> the hyperparameters both sides take in the benchmark (else defaults).
+#: Schedule-Free SGD's default lr=1.0 diverges on the benchmark's MLP.
 HYPER: Dict[str, Dict[str, Any]] = {
     "SGD": {"lr": 0.01, "momentum": 0.9},
     "Nesterov": {"lr": 0.01, "momentum": 0.9},
