@@ -872,9 +872,9 @@ def test_bench_torch_cheap_steps_get_more_repeats():
     tb._median_pair(slow, slow, repeats=2, inner=1)
     assert len(calls) == 2 + 2 * 2  # warm-up pair + 2 repeats
     calls.clear()
-    tb._median_pair(slow, slow, repeats=2, inner=1, min_seconds=0.1)
-    # about 0.1 s / (2 calls of >= 1 ms): up to 50 repeats; at least 10 unless a 1 ms sleep
-    # takes 5 ms
+    tb._median_pair(slow, slow, repeats=2, inner=1, min_seconds=0.5)
+    # 0.5 s / (2 calls of >= 1 ms): the cap of 101 repeats on a quiet machine; at least 10
+    # repeats unless a 1 ms sleep takes 25 ms
     assert 2 + 2 * 10 <= len(calls) <= 2 + 2 * tb.MAX_REPEATS
     calls.clear()
     tb._median_pair(lambda: calls.append(1), lambda: calls.append(1), 3, 1, min_seconds=10.0)
