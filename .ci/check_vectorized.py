@@ -72,7 +72,7 @@ def main() -> int:
     cxx = os.environ.get("CXX", "g++")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     if "Free Software Foundation" not in version:
-        sys.exit(f"{cxx} is not GCC: -fopt-info-vec-optimized is GCC's (set CXX=g++)")
+        sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set CXX=g++)")
     missing = []
     checked = 0
     for source in SOURCES:

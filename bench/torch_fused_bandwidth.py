@@ -12,16 +12,15 @@ bytes each) over the yardstick of ``python -m optkern bench``, optkern's in-plac
 Results: docs/torch.md ("Speed").
 """
 
-import random
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
 import optkern.torch as okt
 from optkern import _core, _platform
+from optkern.benchmark.runner import shuffled_times
 from optkern.benchmark.torch_bench import HYPER
 
 N = 50_000_000
@@ -44,15 +43,7 @@ def main(repeats: int = 9) -> None:
             opt.step()  # state allocated, pages touched
             keep.append((p, opt))
             steps[f"{name}/{side}"] = opt.step
-    times = {k: [] for k in steps}
-    for _ in range(repeats):
-        order = list(steps)
-        random.shuffle(order)
-        for k in order:
-            t0 = time.perf_counter()
-            steps[k]()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in shuffled_times(steps, repeats).items()}
     stream = 12 * N / med["stream"]
     print(
         f"# {_platform.describe_machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads"

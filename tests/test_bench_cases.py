@@ -194,3 +194,17 @@ def test_torch_mlp_example_runs_every_okt_class():
             continue
         assert abs(r["okt_loss"] - r["torch_loss"]) < 1e-3 * max(1.0, r["torch_loss"]), r
         assert r["max_param_difference"] < 1e-3, r
+
+
+def test_shuffled_times_times_every_step_once_per_repeat_in_varying_orders():
+    """bench/pass_bounds.py and bench/torch_fused_bandwidth.py time their steps with it: one
+    time per step per repeat, and the order changes between repeats (with 4 steps and 30
+    repeats, one fixed order would come out every time with probability 24^-29)."""
+    calls = []
+    steps = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
+    times = runner.shuffled_times(steps, 30)
+    assert sorted(times) == list("abcd")
+    assert all(len(v) == 30 and all(t >= 0.0 for t in v) for v in times.values())
+    rounds = ["".join(calls[i : i + 4]) for i in range(0, len(calls), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert len(set(rounds)) > 1

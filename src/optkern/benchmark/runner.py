@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import random
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -50,6 +51,21 @@ def compare(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, flo
         for name, step in steps.items():
             best[name] = min(best[name], time_per_step(step, batches[name]))
     return best
+
+
+def shuffled_times(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, List[float]]:
+    """Seconds of one call of each step in each repeat, the steps in a new random order every
+    repeat, so that none always runs right after the same other (for steps long enough to time
+    one call: tens of milliseconds, as at 50M elements). Min or median is the caller's."""
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        order = list(steps)
+        random.shuffle(order)
+        for k in order:
+            t0 = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def arrays(sizes: Sequence[int], seed: int, scale: float = 1.0) -> List[np.ndarray]:
