@@ -1,8 +1,12 @@
 """The benchmark's cases: a comparison column whose package or class is missing is left blank
 with the reason, instead of crashing the run (python -m optkern bench is the README's main job)."""
 
+import argparse
 import dataclasses
 
+import pytest
+
+from optkern import benchmark
 from optkern.benchmark import cases, runner
 
 
@@ -135,12 +139,7 @@ def test_torch_bench_selection():
 
 
 def test_bench_torch_cli_picks_the_classes(monkeypatch, capsys):
-    import argparse
-
-    import pytest
-
     pytest.importorskip("torch")
-    from optkern import benchmark
     from optkern.benchmark import torch_bench as tb
 
     seen = []
@@ -208,3 +207,18 @@ def test_shuffled_times_times_every_step_once_per_repeat_in_varying_orders():
     rounds = ["".join(calls[i : i + 4]) for i in range(0, len(calls), 4)]
     assert all(sorted(r) == list("abcd") for r in rounds)
     assert len(set(rounds)) > 1
+
+
+@pytest.mark.parametrize(
+    "argv", [["--repeats", "0"], ["--repeats", "-3"], ["--rounds", "0"], ["--loop-steps", "0"]]
+)
+def test_bench_refuses_counts_below_one(argv, capsys):
+    """A count of repeats, rounds or loop steps below 1 would leave a case with no timings (it
+    ended in a StatisticsError traceback): the command line refuses it, naming the option."""
+    parser = argparse.ArgumentParser()
+    benchmark.add_parser(parser.add_subparsers())
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["bench", *argv])
+    assert exc.value.code == 2
+    assert f"argument {argv[0]}: must be a positive integer" in capsys.readouterr().err
+    assert parser.parse_args(["bench", argv[0], "1"]) is not None

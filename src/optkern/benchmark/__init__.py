@@ -33,6 +33,18 @@ DEFAULT_SIZES = ["100k", "1m", "10m", "50m"]
 STUDIES = ["main", "small", "threads", "clip", "loops"]
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts of repeats, rounds and steps: none of them can be 0 (a median or
+    minimum of no timings), so 0 and negatives are refused at the command line."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+_positive_int.__name__ = "integer"  # argparse's "invalid integer value: 'x'"
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench", help="time every optimizer against NumPy and torch", description=__doc__
@@ -60,7 +72,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--repeats",
-        type=int,
+        type=_positive_int,
         default=5,
         help="timed batches per case (min is kept; --torch: medians, and its step cases "
         "repeat for about 0.5 s when that is more)",
@@ -87,7 +99,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--loop-steps",
-        type=int,
+        type=_positive_int,
         default=None,
         metavar="N",
         help="timed training steps per loop and round (default: about "
@@ -95,7 +107,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=_positive_int,
         default=_loops.DEFAULT_ROUNDS,
         help="interleaved rounds of the loops study (median kept; default %(default)s)",
     )
