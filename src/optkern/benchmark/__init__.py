@@ -12,6 +12,7 @@ from typing import Dict
 import optkern as ok
 
 from . import loops as _loops
+from . import programs as _programs
 from .cases import CASES, torch_available
 from .runner import (
     Progress,
@@ -95,7 +96,18 @@ def add_parser(sub) -> None:
         nargs="+",
         default=_loops.DEFAULT_LOOP_SIZES,
         metavar="DIMS",
-        help="MLP layer sizes for the loops study (default: %(default)s)",
+        help="MLP layer sizes for the loops study, or none for the program shapes alone "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--programs",
+        nargs="+",
+        default=list(_programs.PROGRAMS),
+        choices=list(_programs.PROGRAMS) + ["none"],
+        metavar="NAME",
+        help="program shapes run in the loops study beside the MLP, each with its own NumPy "
+        f"update lines and with optkern: {' '.join(_programs.PROGRAMS)}, or none "
+        "(default: all; see optkern/benchmark/programs.py)",
     )
     p.add_argument(
         "--loop-steps",
@@ -172,9 +184,10 @@ def run(args: argparse.Namespace) -> int:
         if args.rounds < 1 or (args.loop_steps is not None and args.loop_steps < 1):
             raise SystemExit("--rounds and --loop-steps must be >= 1")
         try:
-            loop_sizes = [_loops.parse_dims(d) for d in args.loop_sizes]
+            loop_sizes = [_loops.parse_dims(d) for d in args.loop_sizes if d != "none"]
         except ValueError as e:
             raise SystemExit(f"--loop-sizes: {e}")
+        programs = [k for k in args.programs if k != "none"]
     total = (
         (len(sizes) * len(cases) if "main" in studies else 0)
         + ("small" in studies)
@@ -213,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
                 use_torch,
                 progress,
                 show_progress=not args.quiet,
+                programs=programs,
             )
     finally:
         progress.close()
@@ -272,5 +286,8 @@ def report(result: Dict[str, object]) -> None:
     if "loops" in result:
         print("\nInside a training loop (NumPy MLP, batch 64, NumPy's default BLAS threads):")
         print(_loops.table(result["loops"]))
+        if any(c.get("program_rows") for c in result["loops"]["conditions"]):
+            print("\nProgram shapes (their own NumPy update lines against optkern):")
+            print(_programs.table(result["loops"]["conditions"]))
         print("targets:")
         print(_loops.target_lines(result["loops"]))
