@@ -215,6 +215,8 @@ class Buffers {
   }
 
  private:
+  friend class StepPlan;  // holds the arrays of a prepared update from step to step
+
   struct Range {
     std::uintptr_t lo, hi;
     const char* name;
@@ -304,10 +306,16 @@ constexpr double FLOAT32_MAX = 3.4028234663852886e38;
 constexpr HyperDecl kMaximize = {"maximize", Range::flag, 0.0, "maximize", -1};
 
 const RuleDecl& rule_named(py::handle name) {
-  const std::string n = py::cast<std::string>(name);
-  for (const RuleDecl& r : rules::kRules) {
-    if (n == r.name) return r;
+  // Called on every functional step: compared in place, the rule found last tried first (the
+  // GIL is held, so the cache needs no lock).
+  static const RuleDecl* last = &rules::kRules[0];
+  if (PyUnicode_Check(name.ptr())) {
+    if (PyUnicode_CompareWithASCIIString(name.ptr(), last->name) == 0) return *last;
+    for (const RuleDecl& r : rules::kRules) {
+      if (PyUnicode_CompareWithASCIIString(name.ptr(), r.name) == 0) return *(last = &r);
+    }
   }
+  const std::string n = py::cast<std::string>(name);
   std::string known;
   for (const RuleDecl& r : rules::kRules) known += std::string(known.empty() ? "" : ", ") + r.name;
   throw py::value_error("unknown update rule '" + n + "' (known: " + known + ")");
@@ -353,39 +361,40 @@ double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
                          (d.none.allowed ? std::string(" or None") : std::string()) + ", got " +
                          type_name(v) + ": " + std::string(py::repr(v)));
   }
-  const std::string got = ", got " + std::string(py::repr(v));
+  // The message's tail, made only for a message (repr formats the number: slow, every step).
+  auto got = [&] { return ", got " + std::string(py::repr(v)); };
   if (!std::isfinite(x) || std::fabs(x) > FLOAT32_MAX) {
     throw py::value_error(hyper_label(d.name, labels) +
                           " must be finite (at most 3.403e+38 in magnitude, as float32 holds it)" +
-                          got);
+                          got());
   }
   switch (d.range) {
     case Range::nonnegative:
-      if (x < 0) throw py::value_error(hyper_label(d.name, labels) + " must be >= 0" + got);
+      if (x < 0) throw py::value_error(hyper_label(d.name, labels) + " must be >= 0" + got());
       break;
     case Range::unit:
       if (x < 0 || x > 1) {
-        throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1]" + got);
+        throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1]" + got());
       }
       break;
     case Range::unit_open:
       if (x < 0 || x >= 1) {
-        throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1)" + got);
+        throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1)" + got());
       }
       break;
     case Range::open_unit:
       if (x <= 0 || x >= 1) {
-        throw py::value_error(hyper_label(d.name, labels) + " must be in (0, 1)" + got);
+        throw py::value_error(hyper_label(d.name, labels) + " must be in (0, 1)" + got());
       }
       break;
     case Range::above_one:
-      if (x <= 1) throw py::value_error(hyper_label(d.name, labels) + " must be > 1" + got);
+      if (x <= 1) throw py::value_error(hyper_label(d.name, labels) + " must be > 1" + got());
       break;
     case Range::one_or_more:
-      if (x < 1) throw py::value_error(hyper_label(d.name, labels) + " must be >= 1" + got);
+      if (x < 1) throw py::value_error(hyper_label(d.name, labels) + " must be >= 1" + got());
       break;
     case Range::nonpositive:
-      if (x > 0) throw py::value_error(hyper_label(d.name, labels) + " must be <= 0" + got);
+      if (x > 0) throw py::value_error(hyper_label(d.name, labels) + " must be <= 0" + got());
       break;
     case Range::flag:
       break;
@@ -404,14 +413,17 @@ std::vector<double> parse_hyper(const RuleDecl& r, py::handle hyper, py::handle 
   std::vector<char> seen(n, 0);
   PyObject *key, *value;
   Py_ssize_t pos = 0;
+  std::size_t next = 0;  // keys usually come in declaration order: try the next one first
   while (PyDict_Next(hyper.ptr(), &pos, &key, &value)) {
-    std::size_t i = 0;
-    for (; i < n; ++i) {
-      if (PyUnicode_Check(key) &&
-          PyUnicode_CompareWithASCIIString(key, hyper_decl(r, i).name) == 0) {
+    std::size_t i = n;
+    for (std::size_t j = 0; j < n && PyUnicode_Check(key); ++j) {
+      const std::size_t k = (next + j) % n;
+      if (PyUnicode_CompareWithASCIIString(key, hyper_decl(r, k).name) == 0) {
+        i = k;
         break;
       }
     }
+    next = i + 1;
     if (i == n) {
       throw py::value_error(std::string(r.cls) + " has no hyperparameter " +
                             std::string(py::repr(key)));
@@ -584,6 +596,20 @@ struct alignas(alignof(std::max_align_t)) ScalarsSlot {
   unsigned char bytes[scalars_size()];
 };
 
+// The work of one element of a kernel, in the units of the single-thread threshold.
+constexpr std::size_t kernel_weight(KernelId k) {
+  switch (k) {
+#define OPTKERN_WEIGHT_OF(kname, S, n, w) \
+  case KernelId::kname:                   \
+    return w;
+    OPTKERN_KERNELS(OPTKERN_WEIGHT_OF)
+#undef OPTKERN_WEIGHT_OF
+    case KernelId::count:
+      break;
+  }
+  return 1;
+}
+
 class Prepared {
  public:
   Prepared(const RuleDecl& rule, py::handle params, py::handle grads, py::handle states,
@@ -592,10 +618,12 @@ class Prepared {
       : rule_(rule), table_(&table_for(isa)) {
     // Everything that can run Python code comes first: the hyperparameters, the step counts,
     // the positions and the state lists (all copied); then the arrays, which run none.
-    const std::vector<double> h = parse_hyper(rule, hyper, py::none());
+    h_ = parse_hyper(rule, hyper, py::none());
+    const std::vector<double>& h = h_;
     // grad_scale is data, like a gradient: a clipping coefficient from a NaN norm is NaN and
     // makes the update NaN, as in torch. optkern.functional refuses a non-finite one from users.
     if (h[rule.n_hyper] != 0.0) grad_scale = -grad_scale;  // maximize
+    grad_scale_ = grad_scale;
     if (!PyDict_Check(states.ptr())) {
       throw py::type_error("states must be a dict {state name: list of arrays}, got " +
                            type_name(states));
@@ -715,40 +743,9 @@ class Prepared {
                               std::to_string(count));
       }
     }
-    // carried_[t * nc + k]: tensor t's k-th carried number, turned by the scalars function from
-    // its value before this step into its value after it.
-    carried_.resize(count * nc);
-    for (std::size_t t = 0; t < count; ++t) {
-      for (std::size_t k = 0; k < nc; ++k) carried_[t * nc + k] = carried_in_[k][t];
-    }
-
-    // The per-step scalars, in double from the step count (and the carried numbers), one set
-    // per distinct step and carried values.
-    const Hyper hyp(rule.hyper, rule.n_hyper, h.data());
-    which_.resize(count);
-    for (std::size_t t = 0; t < count; ++t) {
-      bool same = t > 0 && steps_[t] == steps_[t - 1];
-      for (std::size_t k = 0; same && k < nc; ++k) {
-        same = carried_in_[k][t] == carried_in_[k][t - 1];
-      }
-      if (same) {
-        which_[t] = which_[t - 1];
-        std::copy(carried_.begin() + (t - 1) * nc, carried_.begin() + t * nc,
-                  carried_.begin() + t * nc);
-        continue;
-      }
-      StepInfo info{rule.cls, steps_[t], steps_[t] == 1, grad_scale};
-      info.carried = nc ? carried_.data() + t * nc : nullptr;
-      scalars_.emplace_back();
-      try {
-        rule.scalars(hyp, info, scalars_.back().bytes);
-      } catch (const HyperError& e) {
-        throw py::value_error(e.what());
-      }
-      which_[t] = scalars_.size() - 1;
-    }
-    if (count == 0 && !scalars_.empty()) scalars_.clear();
+    compute_scalars();
     if (count == 0) {  // still check the scalars of step 1 (or the given step)
+      const Hyper hyp(rule.hyper, rule.n_hyper, h.data());
       StepInfo info{rule.cls, steps_given && step_counts.all ? step_counts.values[0] : 1, true,
                     grad_scale};
       std::vector<double> start(nc);  // each carried number at its start
@@ -766,7 +763,54 @@ class Prepared {
     }
   }
 
-  // The kernels, with the GIL released by the caller.
+  // The per-step scalars, in double from the step counts steps_ (and the carried numbers
+  // carried_in_), one set per run of tensors with the same step and carried values; carried_
+  // gets each tensor's carried numbers after this step. HyperError (float32 cannot hold a
+  // scalar at this step) as a ValueError.
+  void compute_scalars() {
+    const std::size_t nc = rule_.n_carried, count = steps_.size();
+    // carried_[t * nc + k]: tensor t's k-th carried number, turned by the scalars function from
+    // its value before this step into its value after it.
+    carried_.resize(count * nc);
+    for (std::size_t t = 0; t < count; ++t) {
+      for (std::size_t k = 0; k < nc; ++k) carried_[t * nc + k] = carried_in_[k][t];
+    }
+    const Hyper hyp(rule_.hyper, rule_.n_hyper, h_.data());
+    scalars_.clear();
+    which_.resize(count);
+    for (std::size_t t = 0; t < count; ++t) {
+      bool same = t > 0 && steps_[t] == steps_[t - 1];
+      for (std::size_t k = 0; same && k < nc; ++k) {
+        same = carried_in_[k][t] == carried_in_[k][t - 1];
+      }
+      if (same) {
+        which_[t] = which_[t - 1];
+        std::copy(carried_.begin() + (t - 1) * nc, carried_.begin() + t * nc,
+                  carried_.begin() + t * nc);
+        continue;
+      }
+      StepInfo info{rule_.cls, steps_[t], steps_[t] == 1, grad_scale_};
+      info.carried = nc ? carried_.data() + t * nc : nullptr;
+      scalars_.emplace_back();
+      try {
+        rule_.scalars(hyp, info, scalars_.back().bytes);
+      } catch (const HyperError& e) {
+        throw py::value_error(e.what());
+      }
+      which_[t] = scalars_.size() - 1;
+    }
+  }
+
+  // Whether the kernels take long enough to let other Python threads run meanwhile: a call below
+  // the threshold of a second thread takes microseconds, less than handing the GIL over and back
+  // (and another thread holding it can make that wait last a whole switch interval, 5 ms).
+  bool worth_releasing_gil() const {
+    std::size_t work = 0;
+    for (std::size_t s : buffers_->sizes()) work += s;
+    return work * kernel_weight(rule_.kernel) >= min_elements_per_thread();
+  }
+
+  // The kernels, with the GIL released by the caller (or held, for a short call).
   void run_kernels() const {
     switch (rule_.kernel) {
 #define OPTKERN_CASE(kname, S, n, w) \
@@ -1120,8 +1164,12 @@ class Prepared {
     }
   }
 
+  friend class StepPlan;  // re-runs a prepared update with new gradients and step counts
+
   const RuleDecl& rule_;
   const KernelTable* table_;
+  std::vector<double> h_;    // the hyperparameters, maximize last
+  double grad_scale_ = 1.0;  // with maximize's sign
   std::unique_ptr<Buffers> buffers_;
   std::vector<float*> grads_;
   std::vector<float*> state_[MAX_STATES];
@@ -1151,8 +1199,10 @@ void run_prepared(py::handle calls, py::handle counter) {
     throw py::type_error("counter must be a list whose first item is an int");
   }
   for (Prepared* p : todo) p->used = true;
-  {
+  if (std::any_of(todo.begin(), todo.end(), [](Prepared* p) { return p->worth_releasing_gil(); })) {
     py::gil_scoped_release nogil;
+    for (Prepared* p : todo) p->run_kernels();
+  } else {
     for (Prepared* p : todo) p->run_kernels();
   }
   for (Prepared* p : todo) p->record();
@@ -1163,6 +1213,8 @@ void run_prepared(py::handle calls, py::handle counter) {
     PyList_SetItem(counter.ptr(), 0, next);  // steals next
   }
 }
+
+#include "step_plan.inc"
 
 py::dict validate(py::handle rule, py::handle hyper, py::handle labels) {
   const RuleDecl& r = rule_named(rule);
@@ -1543,6 +1595,16 @@ PYBIND11_MODULE(_core, m) {
         py::arg("record") = py::none(), py::return_value_policy::take_ownership,
         "Validates one group's update (arrays, hyperparameters, step counts, per-step scalars) "
         "without writing anything.");
+  py::class_<StepPlan>(m, "StepPlan",
+                       "One optimizer's validated step, kept from step to step: each step "
+                       "checks only what can have changed (see step_plan.inc).")
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, bool,
+                    py::handle>(),
+           py::arg("calls"), py::arg("groups"), py::arg("owner"), py::arg("param_state"),
+           py::arg("state_dicts"), py::arg("counter"), py::arg("check_held"), py::arg("previous"))
+      .def("step", &StepPlan::step, py::arg("grads"), py::arg("run"),
+           "One step: None when it ran, else why the whole path must take it (nothing changed), "
+           "or the (group, index) of parameters newly held by no one but the optimizer.");
   m.def("run", &run_prepared, py::arg("calls"), py::kw_only(), py::arg("counter") = py::none(),
         "Runs prepared updates, then records their step counts (and counter[0] += 1) with no "
         "Python code in between.");
@@ -1554,15 +1616,17 @@ PYBIND11_MODULE(_core, m) {
         std::unique_ptr<Prepared> p(prepare(rule, params, grads, states, hyper, steps, grad_scale,
                                             positions, isa, py::none()));
         p->used = true;
-        {
+        if (p->worth_releasing_gil()) {
           py::gil_scoped_release nogil;
+          p->run_kernels();
+        } else {
           p->run_kernels();
         }
         p->record();  // the carried numbers, if the rule has any
       },
       py::arg("rule"), py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("hyper"),
-      py::kw_only(), py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0,
-      py::arg("positions") = py::none(), py::arg("isa") = py::none(),
+      py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0, py::arg("positions") = py::none(),
+      py::arg("isa") = py::none(),
       "One fused update of a group by the named rule: every array validated, the GIL released, "
       "one multi-tensor kernel call. isa names a compiled kernel build to use instead of the "
       "active one (tests compare every ISA in one process).");

@@ -45,6 +45,20 @@ def stream_axpy(a: _Arrays, b: _Arrays, s: float) -> None: ...
 
 class Prepared: ...
 
+class StepPlan:
+    def __init__(
+        self,
+        calls: Sequence[Prepared],
+        groups: List[Dict[str, Any]],
+        owner: Dict[str, Any],
+        param_state: Dict[str, Any],
+        state_dicts: Sequence[Sequence[Optional[Dict[str, Any]]]],
+        counter: List[int],
+        check_held: bool,
+        previous: Optional["StepPlan"],
+    ) -> None: ...
+    def step(self, grads: Sequence[Any], run: bool) -> Union[None, str, List[Tuple[int, int]]]: ...
+
 def rules() -> List[Dict[str, Any]]: ...
 def state_shape(kind: str, shape: Sequence[int]) -> Optional[Tuple[int, ...]]: ...
 def validate(
@@ -70,7 +84,6 @@ def step(
     grads: _Arrays,
     states: Dict[str, Optional[Union[_Arrays, List[float]]]],
     hyper: Dict[str, Any],
-    *,
     steps: Optional[_Steps] = ...,
     grad_scale: float = ...,
     positions: Optional[Sequence[int]] = ...,

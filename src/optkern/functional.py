@@ -94,6 +94,10 @@ def _steps(step: Steps) -> Steps:
     raise TypeError(f"step must be an int or a list of ints, got {type(step).__name__}")
 
 
+#: Types the core takes as they are (a NumPy scalar or 0-d array is turned into a float first).
+_PLAIN = frozenset((float, int, bool))
+
+
 def _run(
     rule: str,
     params: ArrayList,
@@ -107,19 +111,15 @@ def _run(
 ) -> None:
     """One fused update by ``rule``: real scalars become floats here, and the core checks the
     rest (ranges, arrays, step counts, per-step scalars) before writing anything."""
-    core = {
-        k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()
-    }
-    _core.step(
-        rule,
-        params,
-        grads,
-        states,
-        core,
-        steps=None if step is None else _steps(step),
-        grad_scale=check_real("grad_scale", grad_scale),
-        positions=positions,
-    )
+    if not _PLAIN.issuperset(map(type, hyper.values())):
+        hyper = {
+            k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()
+        }
+    if type(grad_scale) is not float or not -FLOAT32_MAX <= grad_scale <= FLOAT32_MAX:
+        grad_scale = check_real("grad_scale", grad_scale)
+    if step is not None and type(step) is not int:
+        step = _steps(step)
+    _core.step(rule, params, grads, states, hyper, step, grad_scale, positions)
 
 
 # -- the updates ------------------------------------------------------------------------------------
@@ -152,16 +152,21 @@ def sgd_(
     None entry is a buffer that does not exist yet: it is created, filled by torch's first-step
     rule (the buffer becomes the gradient) and stored back into the list.
     """
-    hyper = dict(
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=as_flag(nesterov),
-        maximize=as_flag(maximize),
-    )
+    hyper = {
+        "lr": lr,
+        "momentum": momentum,
+        "dampening": dampening,
+        "weight_decay": weight_decay,
+        "nesterov": nesterov,
+        "maximize": maximize,
+    }
+    if (type(momentum) is float or type(momentum) is int) and momentum == 0:
+        # Plain SGD (the common case): the core checks every value in the one call.
+        _run("sgd", params, grads, {}, hyper, step=None, grad_scale=grad_scale, positions=_positions)
+        return
     core = _core.validate(
-        "sgd", {k: v if isinstance(v, bool) else as_real(v) for k, v in hyper.items()}
+        "sgd",
+        {k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()},
     )
     if core["momentum"] == 0:
         _run("sgd", params, grads, {}, core, step=None, grad_scale=grad_scale, positions=_positions)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any, Dict, Iterable, Iterator, List, MutableMapping, Optional, Sequence
 
@@ -23,7 +24,12 @@ from .flat import FlatParams
 from .functional import check_nonnegative
 from .registry import Rule, as_flag, as_real
 
-__all__ = ["Optimizer", "ParamState"]
+__all__ = ["Optimizer", "ParamState", "StaleParameterWarning"]
+
+
+class StaleParameterWarning(RuntimeWarning):
+    """A parameter is held by nothing but its optimizer any more: the code that read it has
+    replaced it with another array, so the optimizer updates an array nobody reads."""
 
 
 class ParamState(MutableMapping):
@@ -117,10 +123,12 @@ class Optimizer:
 
     #: The update rule (set on each class built by optkern.registry).
     _rule: Rule
-    #: Testing hook: the name of a compiled kernel build to run instead of the active one.
-    _isa: Optional[str] = None
     #: Attributes that pickling leaves out (rebuilt empty): keyed by id(), stale in a new process.
-    _transient_attrs = ("_checked",)
+    _transient_attrs = ("_checked", "_step_plan")
+    #: The plan kept from the last step that went the whole way (see step), or None.
+    _step_plan: Any = None
+    _isa_name: Optional[str] = None
+    _warn_stale_on = True
     #: True while a callable lr runs: step, add_param_group and load_state_dict then refuse.
     _in_lr = False
 
@@ -148,6 +156,27 @@ class Optimizer:
             groups = [{"params": groups}]
         for group in groups:
             self.add_param_group(group)
+
+    @property
+    def _isa(self) -> Optional[str]:
+        """Testing hook: the name of a compiled kernel build to run instead of the active one."""
+        return self._isa_name
+
+    @_isa.setter
+    def _isa(self, name: Optional[str]) -> None:
+        self._isa_name = name
+        self._step_plan = None
+
+    @property
+    def warn_stale(self) -> bool:
+        """Whether ``step`` warns (``StaleParameterWarning``, once per parameter) when a parameter
+        is held by nothing but the optimizer any more (default True)."""
+        return self._warn_stale_on
+
+    @warn_stale.setter
+    def warn_stale(self, on: bool) -> None:
+        self._warn_stale_on = bool(on)
+        self._step_plan = None
 
     @property
     def step_count(self) -> int:
@@ -276,6 +305,7 @@ class Optimizer:
                 raise
             group["params"] = params
             self.param_groups.append(group)
+            self._step_plan = None
 
     def _split_names(self, group: Dict[str, Any], params: List[Any]) -> List[Any]:
         """Named parameters, as torch 2.13 takes them: ``[("w", W), ("b", b)]`` keeps the names
@@ -330,6 +360,18 @@ class Optimizer:
         with self._lock:
             if self._in_lr:
                 self._not_reentered("step()")
+            # The kept plan takes the step when nothing it relies on changed (the common case);
+            # otherwise it says why, having changed nothing, and the whole path below runs.
+            plan = self._step_plan
+            options = max_grad_norm is not None or skip_if_nonfinite
+            why = None
+            while plan is not None:
+                why = plan.step(grads, not options)
+                if why is None:
+                    return None
+                if type(why) is not list:
+                    break
+                self._warn_stale(why)  # then the plan checks again
             work = self._plan(grads)
             hyper = [self._hyper(group) for group, *_ in work]  # each lr evaluated once
             norm: Optional[float] = None
@@ -359,7 +401,53 @@ class Optimizer:
                 self.skipped_steps += 1
                 return norm
             self._run(calls, created)
+            if why != "options":  # (with options only, the plan still holds)
+                self._step_plan = self._make_plan(work, calls, plan)
             return norm
+
+    def _make_plan(self, work: list, calls: list, previous: Any) -> Any:
+        """The plan later steps take (``_core.StepPlan``), from the updates this step ran; None
+        when a step with a None gradient left parameters out, or when a value is of a type the
+        plan does not read (a callable lr: every step then takes the whole path)."""
+        if any(len(params) != len(group["params"]) for group, params, _, _ in work):
+            return None
+        try:
+            return _core.StepPlan(
+                calls,
+                self.param_groups,
+                vars(self),
+                vars(self.state),
+                [[self.state.get_by_id(p) for p in g["params"]] for g in self.param_groups],
+                self._counter,
+                self._warn_stale_on,
+                previous,
+            )
+        except (TypeError, ValueError):
+            return None
+
+    def _warn_stale(self, found: list) -> None:
+        """Warns (StaleParameterWarning, once per parameter) that parameters are held by
+        nothing but the optimizer any more."""
+        for g, i in found:
+            group = self.param_groups[g]
+            p = group["params"][i]
+            names = group.get("param_names")
+            name = (
+                repr(names[i])
+                if isinstance(names, list) and i < len(names)
+                else f"param_groups[{g}]['params'][{i}]"
+            )
+            warnings.warn(
+                f"{type(self).__name__}.step(): parameter {name} (shape {p.shape}) is held by "
+                "nothing but the optimizer any more: the code that read it has probably "
+                "replaced it with another array (model.params = copies, W = W - ...), so this "
+                "step updates an array nobody reads. Write new values into the array instead "
+                "(np.copyto(W, new) or W[...] = new), or make a new optimizer over the new "
+                "arrays. Silence: warnings.filterwarnings('ignore', "
+                "category=optkern.StaleParameterWarning), or opt.warn_stale = False.",
+                StaleParameterWarning,
+                stacklevel=3,
+            )
 
     def _plan(self, grads: Sequence[Optional[np.ndarray]]) -> list:
         """Splits ``grads`` by group and drops parameters without a gradient; with more than one
@@ -565,6 +653,7 @@ class Optimizer:
                 new_state[p] = s
             self.param_groups = groups
             self.state = new_state
+            self._step_plan = None
             self.step_count = step_count
             self.skipped_steps = skipped
 

@@ -1,0 +1,321 @@
+"""The kept step plan (``_core.StepPlan``, see optimizer.step): a step that reuses what the last
+whole step validated gives bit for bit what the whole path gives, re-validates what changed
+(a hyperparameter written into a group, a state entry replaced, an array reshaped or made
+read-only, new gradients), and hands every other case to the whole path, which raises the same
+errors and changes nothing."""
+
+import copy
+import pickle
+import threading
+
+import numpy as np
+import pytest
+from helpers import bits
+
+import optkern as ok
+
+SHAPES = [(6, 5), (5,), (5, 3), (3,)]
+
+CONFIGS = [
+    ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("RMSprop", dict(lr=1e-2, centered=True, momentum=0.5)),
+    ("Adam", dict(lr=1e-2, amsgrad=True)),
+]
+CONFIGS += [(r.cls, {}) for r in ok.registry.rules() if r.cls not in {c for c, _ in CONFIGS}]
+IDS = [f"{c}-{i}" for i, (c, _) in enumerate(CONFIGS)]
+
+
+def arrays(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(s) * scale).astype(np.float32) for s in SHAPES]
+
+
+def build(name, hp, seed=0):
+    params = arrays(seed)
+    return getattr(ok, name)(params, **hp), params
+
+
+def whole_path_only(opt):
+    """Every step of opt goes the whole way (no plan is ever kept)."""
+    opt._make_plan = lambda *a, **k: None
+    return opt
+
+
+def snapshot(opt, params):
+    out = [bits(p) for p in params]
+    for p in params:
+        s = opt.state.get_by_id(p) or {}
+        out += [(k, bits(v) if isinstance(v, np.ndarray) else repr(v)) for k, v in sorted(s.items())]
+    return out + [opt.step_count]
+
+
+def count_whole_steps(monkeypatch, opt):
+    calls = []
+    real = opt._plan
+    monkeypatch.setattr(opt, "_plan", lambda grads: (calls.append(1), real(grads))[1])
+    return calls
+
+
+@pytest.mark.parametrize("name, hp", CONFIGS, ids=IDS)
+def test_kept_plan_matches_the_whole_path(name, hp, monkeypatch):
+    a, pa = build(name, hp)
+    b, pb = build(name, hp)
+    whole_path_only(b)
+    whole = count_whole_steps(monkeypatch, a)
+    lr = a.param_groups[0]["lr"]
+    for t in range(8):
+        g = arrays(100 + t, 0.1)
+        if t in (3, 5):  # a new float written into the group, as a schedule does
+            for opt in (a, b):
+                opt.param_groups[0]["lr"] = lr * (0.5 + 0.1 * t)
+        a.step(g)
+        b.step([x.copy() for x in g])
+        assert snapshot(a, pa) == snapshot(b, pb), t
+    assert len(whole) == 1, "steps after the first should take the kept plan"
+
+
+def test_every_hyperparameter_write_is_validated_and_used(monkeypatch):
+    a, pa = build("Adam", dict(lr=1e-2))
+    b, pb = build("Adam", dict(lr=1e-2))
+    whole_path_only(b)
+    whole = count_whole_steps(monkeypatch, a)
+    changes = [
+        ("betas", (0.8, 0.99)),
+        ("eps", 1e-6),
+        ("weight_decay", 0.1),
+        ("maximize", True),
+        ("maximize", False),
+        ("lr", 3e-3),
+    ]
+    for key, value in changes:
+        for opt in (a, b):
+            opt.param_groups[0][key] = value
+        g = arrays(7, 0.1)
+        a.step(g)
+        b.step(g)
+        assert snapshot(a, pa) == snapshot(b, pb), key
+    assert len(whole) == 1
+
+
+@pytest.mark.parametrize(
+    "key, value, error",
+    [
+        ("lr", -1.0, "lr must be >= 0"),
+        ("lr", float("nan"), "lr must be finite"),
+        ("betas", (0.9, 1.5), "beta2 must be in"),
+        ("eps", "x", "eps must be a real number"),
+        ("maximize", 1.0, "maximize must be a bool"),
+    ],
+)
+def test_a_bad_value_written_between_steps_raises_and_changes_nothing(key, value, error):
+    opt, params = build("Adam", dict(lr=1e-2))
+    opt.step(arrays(1))
+    opt.step(arrays(2))
+    assert opt._step_plan is not None
+    before = snapshot(opt, params)
+    opt.param_groups[0][key] = value
+    with pytest.raises((TypeError, ValueError), match=error):
+        opt.step(arrays(3))
+    assert snapshot(opt, params) == before
+    opt.param_groups[0][key] = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8}.get(key, False)
+    opt.step(arrays(3))
+    assert opt.step_count == 3
+
+
+def test_numpy_scalars_and_ints_are_stored_as_floats():
+    opt, _ = build("SGD", dict(lr=0.1, momentum=0.9))
+    for value in (np.float64(0.05), np.float32(0.25), 1):
+        opt.param_groups[0]["lr"] = value
+        opt.step(arrays(4))
+        assert type(opt.param_groups[0]["lr"]) is float and opt.param_groups[0]["lr"] == value
+
+
+def test_a_float_lr_write_keeps_the_plan(monkeypatch):
+    opt, _ = build("SGD", dict(lr=0.1))
+    opt.step(arrays(1))
+    plan = opt._step_plan
+    whole = count_whole_steps(monkeypatch, opt)
+    for t in range(20):
+        opt.param_groups[0]["lr"] = 0.1 / (1 + t)
+        opt.step(arrays(t))
+    assert whole == [] and opt._step_plan is plan
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "amsgrad",  # a state to make
+        "state_array",  # a state entry replaced
+        "state_step",  # a step count written
+        "param_in_list",  # a parameter replaced in its group's list
+        "params_list",  # the group's list replaced
+        "state_dict_entry",  # opt.state[p] replaced
+        "add_group",
+        "load_state_dict",
+    ],
+)
+def test_changes_between_steps_match_the_whole_path(change):
+    a, pa = build("Adam", dict(lr=1e-2))
+    b, pb = build("Adam", dict(lr=1e-2))
+    whole_path_only(b)
+    for opt, params in ((a, pa), (b, pb)):
+        opt.step(arrays(1))
+        opt.step(arrays(2))
+        group = opt.param_groups[0]
+        if change == "amsgrad":
+            group["amsgrad"] = True
+        elif change == "state_array":
+            opt.state[params[0]]["exp_avg"] = np.full(SHAPES[0], 0.5, np.float32)
+        elif change == "state_step":
+            opt.state[params[1]]["step"] = 40
+        elif change == "param_in_list":
+            group["params"][2] = params[2] = np.ones(SHAPES[2], np.float32)
+        elif change == "params_list":
+            group["params"] = list(group["params"])
+        elif change == "state_dict_entry":
+            opt.state[params[3]] = {k: copy.deepcopy(v) for k, v in opt.state[params[3]].items()}
+        elif change == "add_group":
+            params.append(np.ones(4, np.float32))
+            opt.add_param_group({"params": [params[-1]], "lr": 0.1})
+        elif change == "load_state_dict":
+            opt.load_state_dict(opt.state_dict())
+    extra = [np.full(4, 0.3, np.float32)] if change == "add_group" else []
+    for t in range(3):
+        g = arrays(10 + t) + extra
+        a.step(g)
+        b.step(g)
+        assert snapshot(a, pa) == snapshot(b, pb), (change, t)
+    assert a._step_plan is not None
+
+
+def test_arrays_changed_in_place_are_checked_again():
+    opt, params = build("Adam", dict(lr=1e-2))
+    opt.step(arrays(1))
+    opt.step(arrays(2))
+    before = snapshot(opt, params)
+    params[0].flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[0\] is read-only"):
+        opt.step(arrays(3))
+    assert snapshot(opt, params) == before
+    params[0].flags.writeable = True
+    params[0].shape = (5, 6)  # same memory, another shape
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape \(6, 5\) but params\[0\]"):
+        opt.step(arrays(3))
+    params[0].shape = (6, 5)
+    opt.state[params[1]]["exp_avg_sq"].shape = (5, 1)
+    with pytest.raises(ValueError, match="exp_avg_sqs"):
+        opt.step(arrays(3))
+    assert snapshot(opt, params) == before
+    opt.state[params[1]]["exp_avg_sq"].shape = (5,)
+    opt.step(arrays(3))
+    assert opt.step_count == 3
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (lambda g, p: g[:3], ValueError),
+        (lambda g, p: [g[0].astype(np.float64)] + g[1:], TypeError),
+        (lambda g, p: [g[0].T] + g[1:], ValueError),
+        (lambda g, p: [np.asfortranarray(g[0])] + g[1:], ValueError),
+        (lambda g, p: [p[0]] + g[1:], ValueError),  # the parameter itself
+        (lambda g, p: g[:1] + [p[0][0]] + g[2:], ValueError),  # a view into a parameter
+        (lambda g, p: [np.ma.masked_array(g[0])] + g[1:], TypeError),
+        (lambda g, p: tuple(g[:3]) + ("x",), TypeError),
+        (lambda g, p: np.stack([g[1], g[1]]), TypeError),
+    ],
+)
+def test_bad_gradients_raise_as_before_and_change_nothing(bad, error):
+    opt, params = build("Adam", dict(lr=1e-2))
+    opt.step(arrays(1))
+    opt.step(arrays(2))
+    before = snapshot(opt, params)
+    g = arrays(3)
+    with pytest.raises(error):
+        opt.step(bad(g, params))
+    assert snapshot(opt, params) == before
+
+
+def test_a_state_a_gradient_overlaps_is_refused():
+    opt, params = build("Adam", dict(lr=1e-2))
+    opt.step(arrays(1))
+    opt.step(arrays(2))
+    before = snapshot(opt, params)
+    g = arrays(3)
+    g[1] = opt.state[params[1]]["exp_avg"]
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step(g)
+    assert snapshot(opt, params) == before
+
+
+def test_none_gradients_and_options_take_the_whole_path_and_keep_the_plan():
+    a, pa = build("Adam", dict(lr=1e-2))
+    b, pb = build("Adam", dict(lr=1e-2))
+    whole_path_only(b)
+    for opt in (a, b):
+        opt.step(arrays(1))
+        opt.step(arrays(2))
+        opt.step([None] + arrays(3)[1:])
+        assert opt.step([x * 100 for x in arrays(4)], max_grad_norm=1.0) > 1.0
+        opt.step(arrays(5), skip_if_nonfinite=True)
+        opt.step(arrays(6))
+    assert snapshot(a, pa) == snapshot(b, pb)
+    assert a._step_plan is not None
+
+
+def test_a_callable_lr_is_evaluated_once_per_step():
+    seen = []
+    opt, params = build("SGD", dict(lr=lambda step: seen.append(step) or 0.1, momentum=0.9))
+    for t in range(4):
+        opt.step(arrays(t))
+    assert seen == [1, 2, 3, 4]
+
+
+def test_threads_stepping_one_optimizer_take_whole_steps():
+    opt, params = build("Adam", dict(lr=1e-3))
+    ref, ref_params = build("Adam", dict(lr=1e-3))
+    g = arrays(9)
+    n = 300
+    for _ in range(4 * n):
+        ref.step(g)
+    barrier = threading.Barrier(4)
+
+    def run():
+        mine = [x.copy() for x in g]
+        barrier.wait()
+        for _ in range(n):
+            opt.step(mine)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert opt.step_count == 4 * n and opt.state[params[0]]["step"] == 4 * n
+    assert snapshot(opt, params) == snapshot(ref, ref_params)
+
+
+def test_copies_start_without_a_plan_and_step_alike():
+    opt, params = build("Adam", dict(lr=1e-2))
+    opt.step(arrays(1))
+    opt.step(arrays(2))
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other._step_plan is None
+        mine = other.param_groups[0]["params"]
+        other.step(arrays(3))
+        other.step(arrays(4))
+        assert other._step_plan is not None
+    opt.step(arrays(3))
+    opt.step(arrays(4))
+    assert [bits(p) for p in mine] == [bits(p) for p in params]
+
+
+def test_setting_isa_drops_the_plan():
+    opt, params = build("Adam", dict(lr=1e-2))
+    opt.step(arrays(1))
+    assert opt._step_plan is not None
+    opt._isa = ok.available_isas()[0]
+    assert opt._step_plan is None
+    opt.step(arrays(2))
+    assert opt._step_plan is not None
