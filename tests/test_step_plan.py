@@ -153,6 +153,9 @@ def test_a_float_lr_write_keeps_the_plan(monkeypatch):
         "state_dict_entry",  # opt.state[p] replaced
         "add_group",
         "load_state_dict",
+        "state_cleared",  # opt.state[p] emptied in place
+        "param_appended",  # the group's list grows
+        "counter",  # step_count set
     ],
 )
 def test_changes_between_steps_match_the_whole_path(change):
@@ -180,7 +183,15 @@ def test_changes_between_steps_match_the_whole_path(change):
             opt.add_param_group({"params": [params[-1]], "lr": 0.1})
         elif change == "load_state_dict":
             opt.load_state_dict(opt.state_dict())
-    extra = [np.full(4, 0.3, np.float32)] if change == "add_group" else []
+        elif change == "state_cleared":
+            opt.state[params[2]].clear()
+        elif change == "param_appended":
+            params.append(np.ones(4, np.float32))
+            group["params"].append(params[-1])
+        elif change == "counter":
+            opt.step_count = 7
+    grow = change in ("add_group", "param_appended")
+    extra = [np.full(4, 0.3, np.float32)] if grow else []
     for t in range(3):
         g = arrays(10 + t) + extra
         a.step(g)

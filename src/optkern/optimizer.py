@@ -146,7 +146,6 @@ class Optimizer:
         self._counter = [0]
         self.skipped_steps = 0  # steps skip_if_nonfinite refused
         self._checked: Dict[int, _Checked] = {}  # id(group) -> its hyperparameters, validated
-        self._cache: Dict[int, _GroupStates] = {}  # id(group) -> its state dicts, as last found
         self._lock = threading.RLock()  # one step (or group change) at a time per optimizer
         self._check_group(self.defaults)
         groups = _as_param_list(params, "params")
@@ -240,7 +239,6 @@ class Optimizer:
         if len(self._checked) > 2 * len(self.param_groups) + 8:  # groups replaced by loads
             live = {id(g) for g in self.param_groups} | {id(self.defaults), id(group)}
             self._checked = {k: v for k, v in self._checked.items() if k in live}
-            self._cache = {k: v for k, v in self._cache.items() if k in live}
         return core
 
     def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
@@ -536,17 +534,6 @@ class Optimizer:
         or None)."""
         if carried:
             spec = {**spec, **carried}
-        ids = list(map(id, params))
-        cached = self._cache.get(id(group))
-        if (
-            cached is not None
-            and cached.group is group
-            and cached.state is self.state
-            and cached.version == self.state.version
-            and cached.ids == ids
-            and cached.names == spec.keys()
-        ):
-            return cached.states, cached.fresh  # the common case: nothing changed
         _core.check_params(params)  # a group whose "params" someone replaced: TypeError here
         states = [self.state.get_by_id(p) for p in params]
         if not spec and not self._counts_steps:  # no state at all (plain SGD, like torch's)
@@ -563,14 +550,13 @@ class Optimizer:
             needs = [spec.keys()] * len(params)
         fresh = [s is None or not s.keys() >= need for s, need in zip(states, needs)]
         if not any(fresh):
-            self._cache[id(group)] = _GroupStates(
-                group, self.state, self.state.version, ids, spec.keys(), states, fresh
-            )
             return states, fresh
         for i, p in enumerate(params):
             if fresh[i]:
                 old = states[i]
-                new = dict(old) if old is not None else ({"step": 0} if self._counts_steps else {})
+                new = dict(old) if old is not None else {}
+                if self._counts_steps:  # a dict emptied in place starts over, as a new one
+                    new.setdefault("step", 0)
                 states[i] = new
                 created.append((p, new, old))
         for name, start in spec.items():
@@ -814,16 +800,6 @@ def _same(values: tuple, group: Dict[str, Any]) -> bool:
     get = group.get
     missing = object()
     return all(get(k, missing) is v for k, v in values)
-
-
-class _GroupStates:
-    """A group's state dicts as last found, with what they depend on."""
-
-    __slots__ = ("group", "state", "version", "ids", "names", "states", "fresh")
-
-    def __init__(self, group, state, version, ids, names, states, fresh) -> None:
-        self.group, self.state, self.version, self.ids = group, state, version, ids
-        self.names, self.states, self.fresh = names, states, fresh
 
 
 def _flatten(work: list) -> tuple:
