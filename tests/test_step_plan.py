@@ -260,6 +260,55 @@ def test_a_state_a_gradient_overlaps_is_refused():
     assert snapshot(opt, params) == before
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 3.0, 10.0])
+def test_clipping_and_skipping_in_the_kept_plan(norm_type, monkeypatch):
+    a, pa = build("Adam", dict(lr=1e-2))
+    b, pb = build("Adam", dict(lr=1e-2))
+    whole_path_only(b)
+    whole = count_whole_steps(monkeypatch, a)
+    cases = [
+        (dict(max_grad_norm=1.0), 100.0),  # clipped
+        (dict(max_grad_norm=1e6), 1.0),  # not clipped
+        (dict(max_grad_norm=0.0), 1.0),  # every update zero
+        (dict(skip_if_nonfinite=True), 1.0),
+        (dict(skip_if_nonfinite=True, max_grad_norm=0.5), float("nan")),  # skipped
+        (dict(skip_if_nonfinite=True), float("inf")),  # skipped
+        # finite values whose 10-norm overflows: not skipped (the 2-norm is finite)
+        (dict(skip_if_nonfinite=True, max_grad_norm=1.0), 1e36),
+        (dict(max_grad_norm=1.0), float("nan")),  # not skipped: NaN everywhere, as in torch
+    ]
+    for kwargs, scale in cases:
+        g = arrays(5, 0.1)
+        g[1][0] = scale if not np.isfinite(scale) else g[1][0]
+        if np.isfinite(scale):
+            g = [x * np.float32(scale) for x in g]
+        ra = a.step(g, norm_type=norm_type, **kwargs)
+        rb = b.step([x.copy() for x in g], norm_type=norm_type, **kwargs)
+        assert type(ra) is float and (ra == rb or (np.isnan(ra) and np.isnan(rb))), kwargs
+        assert a.skipped_steps == b.skipped_steps
+        assert snapshot(a, pa) == snapshot(b, pb), kwargs
+    assert len(whole) == 1 and a.skipped_steps == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(max_grad_norm=-1.0), "max_grad_norm must be >= 0"),
+        (dict(max_grad_norm=1.0, norm_type=0), "norm_type must be > 0"),
+        (dict(skip_if_nonfinite=True, norm_type="x"), "norm_type must be a number"),
+    ],
+)
+def test_bad_options_raise_as_before(kwargs, error):
+    opt, params = build("Adam", dict(lr=1e-2))
+    opt.step(arrays(1))
+    before = snapshot(opt, params)
+    with pytest.raises((TypeError, ValueError), match=error):
+        opt.step(arrays(2), **kwargs)
+    with pytest.raises(ValueError, match="step\\(\\) got 3 gradients"):
+        opt.step(arrays(2)[:3], **kwargs)  # the gradients' count is checked first, as before
+    assert snapshot(opt, params) == before
+
+
 def test_none_gradients_and_options_take_the_whole_path_and_keep_the_plan():
     a, pa = build("Adam", dict(lr=1e-2))
     b, pb = build("Adam", dict(lr=1e-2))

@@ -1215,8 +1215,6 @@ void run_prepared(py::handle calls, py::handle counter) {
   }
 }
 
-#include "step_plan.inc"
-
 py::dict validate(py::handle rule, py::handle hyper, py::handle labels) {
   const RuleDecl& r = rule_named(rule);
   const std::vector<double> h = parse_hyper(r, hyper, labels);
@@ -1346,31 +1344,35 @@ double nan_max(double a, double b) { return (a != a || b != b) ? a + b : (a > b 
 
 // Per-array norms and the total norm of all arrays together (torch.linalg.vector_norm of their
 // concatenation), from one read pass over the data.
-std::pair<std::vector<double>, double> compute_norms(const Buffers& cb, double p) {
+// data[t] holds sizes[t] floats, t < count. The GIL is released for a pass long enough to split.
+std::pair<std::vector<double>, double> compute_norms(const float* const* data,
+                                                     const std::size_t* sizes, std::size_t count,
+                                                     double p) {
   if (!(p > 0.0)) throw py::value_error("norm_type must be > 0 or inf, got " + std::to_string(p));
   struct Block {
     std::size_t tensor, begin, size;
   };
   std::vector<Block> blocks;
-  for (std::size_t t = 0; t < cb.count(); ++t) {
-    for (std::size_t b = 0; b < cb.sizes()[t]; b += NORM_BLOCK) {
-      blocks.push_back({t, b, std::min(NORM_BLOCK, cb.sizes()[t] - b)});
+  for (std::size_t t = 0; t < count; ++t) {
+    for (std::size_t b = 0; b < sizes[t]; b += NORM_BLOCK) {
+      blocks.push_back({t, b, std::min(NORM_BLOCK, sizes[t] - b)});
     }
   }
   std::vector<double> partial(blocks.size());
   const KernelTable& k = kernels();
-  const float* const* data = cb.first().data();
   auto reduce = [&](std::size_t lo, std::size_t hi) {
     for (std::size_t i = lo; i < hi; ++i) {
       partial[i] = k.norm_block(data[blocks[i].tensor] + blocks[i].begin, blocks[i].size, p);
     }
   };
-  {
+  if (blocks.size() * NORM_BLOCK >= min_elements_per_thread()) {
     py::gil_scoped_release nogil;
+    parallel_for(blocks.size(), NORM_BLOCK, reduce);
+  } else {
     parallel_for(blocks.size(), NORM_BLOCK, reduce);
   }
   const bool is_max = std::isinf(p);
-  std::vector<double> per_tensor(cb.count(), 0.0);
+  std::vector<double> per_tensor(count, 0.0);
   for (std::size_t i = 0; i < blocks.size(); ++i) {
     double& acc = per_tensor[blocks[i].tensor];
     acc = is_max ? nan_max(acc, partial[i]) : acc + partial[i];
@@ -1384,6 +1386,12 @@ std::pair<std::vector<double>, double> compute_norms(const Buffers& cb, double p
   for (double& v : per_tensor) v = root(v);
   return {per_tensor, root(total)};
 }
+
+std::pair<std::vector<double>, double> compute_norms(const Buffers& cb, double p) {
+  return compute_norms(cb.first().data(), cb.sizes().data(), cb.count(), p);
+}
+
+#include "step_plan.inc"
 
 py::tuple grad_norms(py::handle grads, double norm_type, py::handle positions) {
   Buffers cb(grads, "grads", Access::read, positions_of(positions));
@@ -1603,9 +1611,11 @@ PYBIND11_MODULE(_core, m) {
                     py::handle>(),
            py::arg("calls"), py::arg("groups"), py::arg("owner"), py::arg("param_state"),
            py::arg("state_dicts"), py::arg("counter"), py::arg("check_held"), py::arg("previous"))
-      .def("step", &StepPlan::step, py::arg("grads"), py::arg("run"),
-           "One step: None when it ran, else why the whole path must take it (nothing changed), "
-           "or the (group, index) of parameters newly held by no one but the optimizer.");
+      .def("step", &StepPlan::step, py::arg("grads"), py::arg("run"), py::arg("max_norm"),
+           py::arg("norm_type"), py::arg("skip"),
+           "One step (see step_plan.inc): None or the norm when it ran, (norm,) when skipped, else "
+           "why the whole path must take it (nothing changed), or the (group, index) of "
+           "parameters newly held by no one but the optimizer.");
   m.def("run", &run_prepared, py::arg("calls"), py::kw_only(), py::arg("counter") = py::none(),
         "Runs prepared updates, then records their step counts (and counter[0] += 1) with no "
         "Python code in between.");

@@ -361,15 +361,26 @@ class Optimizer:
             # The kept plan takes the step when nothing it relies on changed (the common case);
             # otherwise it says why, having changed nothing, and the whole path below runs.
             plan = self._step_plan
-            options = max_grad_norm is not None or skip_if_nonfinite
             why = None
-            while plan is not None:
-                why = plan.step(grads, not options)
-                if why is None:
-                    return None
-                if type(why) is not list:
-                    break
-                self._warn_stale(why)  # then the plan checks again
+            if plan is not None:
+                limit, p, run = None, 2.0, True
+                if max_grad_norm is not None or skip_if_nonfinite:
+                    try:
+                        if max_grad_norm is not None:
+                            limit = check_nonnegative("max_grad_norm", max_grad_norm)
+                        p = check_norm_type(norm_type)
+                    except (TypeError, ValueError):
+                        run = False  # the whole path raises, after the errors it checks first
+                while True:
+                    why = plan.step(grads, run, limit, p, bool(skip_if_nonfinite))
+                    if why is None or type(why) is float:
+                        return why
+                    if type(why) is tuple:  # skip_if_nonfinite found NaN or Inf
+                        self.skipped_steps += 1
+                        return why[0]
+                    if type(why) is not list:
+                        break
+                    self._warn_stale(why)  # then the plan checks again
             work = self._plan(grads)
             hyper = [self._hyper(group) for group, *_ in work]  # each lr evaluated once
             norm: Optional[float] = None
