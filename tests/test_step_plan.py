@@ -324,12 +324,46 @@ def test_none_gradients_and_options_take_the_whole_path_and_keep_the_plan():
     assert a._step_plan is not None
 
 
-def test_a_callable_lr_is_evaluated_once_per_step():
+def test_a_callable_lr_is_evaluated_once_per_step_and_keeps_the_plan(monkeypatch):
     seen = []
-    opt, params = build("SGD", dict(lr=lambda step: seen.append(step) or 0.1, momentum=0.9))
-    for t in range(4):
-        opt.step(arrays(t))
-    assert seen == [1, 2, 3, 4]
+    a, pa = build("SGD", dict(lr=lambda step: seen.append(step) or 0.1 / step, momentum=0.9))
+    b, pb = build("SGD", dict(lr=lambda step: 0.1 / step, momentum=0.9))
+    whole_path_only(b)
+    a.step(arrays(0))
+    b.step(arrays(0))
+    plan = a._step_plan
+    for t in range(1, 4):
+        a.step(arrays(t))
+        b.step(arrays(t))
+    assert seen == [1, 2, 3, 4] and a._step_plan is plan  # the whole path, the plan kept
+    a.param_groups[0]["lr"] = b.param_groups[0]["lr"] = 0.01  # a float again: the plan
+    whole = count_whole_steps(monkeypatch, a)
+    for t in range(4, 7):
+        a.step(arrays(t))
+        b.step(arrays(t))
+    assert whole == []  # the plan reads the new float itself
+    assert snapshot(a, pa) == snapshot(b, pb)
+
+
+def test_a_callable_lr_still_gets_stale_warnings():
+    model = {"W": np.ones((3, 2), np.float32)}
+    opt = ok.Adam(list(model.values()), lr=lambda step: 1e-2)
+    g = [np.full((3, 2), 0.1, np.float32)]
+    opt.step(g)
+    opt.step(g)
+    model.clear()
+    with pytest.warns(ok.StaleParameterWarning):
+        opt.step(g)
+
+
+def test_a_step_with_none_gradients_keeps_the_plan():
+    opt, params = build("Adam", dict(lr=1e-2))
+    opt.step(arrays(1))
+    plan = opt._step_plan
+    opt.step([None] + arrays(2)[1:])
+    assert opt._step_plan is plan
+    opt.step(arrays(3))
+    assert opt.state[params[0]]["step"] == 2 and opt.state[params[1]]["step"] == 3
 
 
 def test_threads_stepping_one_optimizer_take_whole_steps():

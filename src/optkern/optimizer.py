@@ -410,14 +410,16 @@ class Optimizer:
                 self.skipped_steps += 1
                 return norm
             self._run(calls, created)
-            if why != "options":  # (with options only, the plan still holds)
-                self._step_plan = self._make_plan(work, calls, plan)
+            if why != "lr":  # (a callable lr, called above: the plan still holds)
+                # A step that left parameters out (None gradients) makes no plan; the old one
+                # stays, checking everything again at the next step.
+                self._step_plan = self._make_plan(work, calls, plan) or plan
             return norm
 
     def _make_plan(self, work: list, calls: list, previous: Any) -> Any:
         """The plan later steps take (``_core.StepPlan``), from the updates this step ran; None
         when a step with a None gradient left parameters out, or when a value is of a type the
-        plan does not read (a callable lr: every step then takes the whole path)."""
+        plan does not read."""
         if any(len(params) != len(group["params"]) for group, params, _, _ in work):
             return None
         try:
