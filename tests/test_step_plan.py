@@ -413,3 +413,38 @@ def test_setting_isa_drops_the_plan():
     assert opt._step_plan is None
     opt.step(arrays(2))
     assert opt._step_plan is not None
+
+
+def test_python_code_run_by_a_lookup_may_step_again():
+    """A group key whose __eq__ runs Python code (it collides with "lr" in the dict's hash
+    table) and steps the optimizer from inside the plan's step: the inner step takes the whole
+    path, and both steps happen, whole."""
+    opt, params = build("Adam", dict(lr=1e-2))
+    ref, ref_params = build("Adam", dict(lr=1e-2))
+    g = arrays(3)
+
+    class Evil:
+        armed = False
+
+        def __hash__(self):
+            return hash("lr")
+
+        def __eq__(self, other):
+            if Evil.armed:
+                Evil.armed = False
+                opt.step(g)
+            return False
+
+    group = opt.param_groups[0]
+    lr = group.pop("lr")
+    group[Evil()] = 0  # probed before "lr" from now on
+    group["lr"] = lr
+    opt.step(g)
+    assert opt._step_plan is not None
+    Evil.armed = True
+    opt.step(g)  # the plan's lookup of "lr" runs Evil.__eq__, which steps once more
+    assert not Evil.armed
+    for _ in range(3):
+        ref.step(g)
+    assert opt.step_count == 3
+    assert snapshot(opt, params) == snapshot(ref, ref_params)
