@@ -107,7 +107,9 @@ class Buffers {
  public:
   Buffers(py::handle first, const char* name, Access access, Positions positions)
       : first_name_(name), positions_(std::move(positions)) {
+    held_.reserve(2 + MAX_STATES);  // params, grads and states: no reallocation on the way
     first_ = add(first, name, access);
+    ranges_.reserve(count() * (2 + MAX_STATES));
   }
 
   std::size_t count() const { return sizes_.size(); }
@@ -305,6 +307,21 @@ constexpr double FLOAT32_MAX = 3.4028234663852886e38;
 
 // Every rule's last hyperparameter: maximize negates the gradient (folded into grad_scale).
 constexpr HyperDecl kMaximize = {"maximize", Range::flag, 0.0, "maximize", -1};
+
+// The interned str of a name declared in C++ (a state's, "step"): made once per name, so a dict
+// lookup by it hashes nothing and compares pointers first (the GIL guards the table).
+PyObject* key_of(const char* name) {
+  static std::unordered_map<const char*, PyObject*> keys;
+  auto [it, fresh] = keys.try_emplace(name, nullptr);
+  if (fresh) {
+    it->second = PyUnicode_InternFromString(name);
+    if (it->second == nullptr) {
+      keys.erase(it);
+      throw py::error_already_set();
+    }
+  }
+  return it->second;
+}
 
 const RuleDecl& rule_named(py::handle name) {
   // Called on every functional step: compared in place, the rule found last tried first (the
@@ -632,7 +649,7 @@ class Prepared {
     std::vector<py::object> lists(rule.n_states);
     for (std::size_t k = 0; k < rule.n_states; ++k) {
       const StateDecl& s = rule.states[k];
-      PyObject* l = PyDict_GetItemString(states.ptr(), s.name);
+      PyObject* l = PyDict_GetItem(states.ptr(), key_of(s.name));
       if (state_needed(rule, s, h)) {
         if (l == nullptr || (l == Py_None && s.when != nullptr)) {
           std::string why;
@@ -672,7 +689,7 @@ class Prepared {
     // may run Python code) and written back, with the state dicts, after the kernels.
     for (std::size_t k = 0; k < rule.n_carried; ++k) {
       const CarriedDecl& c = rule.carried[k];
-      PyObject* l = PyDict_GetItemString(states.ptr(), c.name);
+      PyObject* l = PyDict_GetItem(states.ptr(), key_of(c.name));
       if (l == nullptr) throw py::value_error(std::string(c.arg) + " is required");
       if (!PyList_CheckExact(l)) {
         throw py::type_error(std::string(c.arg) +
@@ -845,12 +862,12 @@ class Prepared {
     const py::list& items = *record_;
     for (std::size_t t = 0; t < count; ++t) {
       py::int_ step(steps_[t]);
-      if (PyDict_SetItemString(items[t].ptr(), "step", step.ptr()) != 0) {
+      if (PyDict_SetItem(items[t].ptr(), key_of("step"), step.ptr()) != 0) {
         throw py::error_already_set();
       }
       for (std::size_t k = 0; k < nc; ++k) {
         py::float_ v(carried_[t * nc + k]);
-        if (PyDict_SetItemString(items[t].ptr(), rule_.carried[k].name, v.ptr()) != 0) {
+        if (PyDict_SetItem(items[t].ptr(), key_of(rule_.carried[k].name), v.ptr()) != 0) {
           throw py::error_already_set();
         }
       }

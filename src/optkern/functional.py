@@ -104,22 +104,27 @@ def _run(
     grads: ArrayList,
     states: dict,
     hyper: dict,
-    *,
     step: Optional[Steps],
     grad_scale: Any,
     positions: Optional[Sequence[int]],
 ) -> None:
-    """One fused update by ``rule``: real scalars become floats here, and the core checks the
-    rest (ranges, arrays, step counts, per-step scalars) before writing anything."""
-    if not _PLAIN.issuperset(map(type, hyper.values())):
-        hyper = {
-            k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()
-        }
+    """One fused update by ``rule``: the core checks everything (ranges, arrays, step counts,
+    per-step scalars) before writing anything. It takes floats, ints and bools; a call it
+    refuses for a value of another type (a NumPy scalar, a 0-d array) changed nothing, and is
+    made again with every real scalar as a float."""
     if type(grad_scale) is not float or not -FLOAT32_MAX <= grad_scale <= FLOAT32_MAX:
         grad_scale = check_real("grad_scale", grad_scale)
     if step is not None and type(step) is not int:
         step = _steps(step)
-    _core.step(rule, params, grads, states, hyper, step, grad_scale, positions)
+    try:
+        _core.step(rule, params, grads, states, hyper, step, grad_scale, positions)
+    except TypeError:
+        if _PLAIN.issuperset(map(type, hyper.values())):
+            raise
+        hyper = {
+            k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()
+        }
+        _core.step(rule, params, grads, states, hyper, step, grad_scale, positions)
 
 
 # -- the updates ------------------------------------------------------------------------------------
@@ -162,14 +167,14 @@ def sgd_(
     }
     if (type(momentum) is float or type(momentum) is int) and momentum == 0:
         # Plain SGD (the common case): the core checks every value in the one call.
-        _run("sgd", params, grads, {}, hyper, step=None, grad_scale=grad_scale, positions=_positions)
+        _run("sgd", params, grads, {}, hyper, None, grad_scale, _positions)
         return
     core = _core.validate(
         "sgd",
         {k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()},
     )
     if core["momentum"] == 0:
-        _run("sgd", params, grads, {}, core, step=None, grad_scale=grad_scale, positions=_positions)
+        _run("sgd", params, grads, {}, core, None, grad_scale, _positions)
         return
     bufs = momentum_buffers
     if bufs is None:
@@ -192,16 +197,8 @@ def sgd_(
         block = iter(FlatParams([p.shape for p, f in zip(params, fresh) if f]))
         filled = [next(block) if f else b for b, f in zip(bufs, fresh)]
     # A buffer's first step (step 1) takes torch's first-step rule: it becomes the gradient.
-    _run(
-        "sgd",
-        params,
-        grads,
-        {"momentum_buffer": filled},
-        core,
-        step=[1 if f else 2 for f in fresh],
-        grad_scale=grad_scale,
-        positions=_positions,
-    )
+    steps = [1 if f else 2 for f in fresh]
+    _run("sgd", params, grads, {"momentum_buffer": filled}, core, steps, grad_scale, _positions)
     if filled is not bufs:
         bufs[:] = filled
 
@@ -222,15 +219,16 @@ def momentum_(
     starting at zero (see :class:`optkern.Momentum`)."""
     if velocities is None:  # refused rather than run as plain SGD without its momentum
         raise ValueError("velocities is required (one zero-initialised array per parameter)")
+    hyper = {"lr": lr, "beta": beta, "weight_decay": weight_decay, "maximize": maximize}
     _run(
         "momentum",
         params,
         grads,
         {"momentum_buffer": velocities},
-        dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize),
-        step=None,
-        grad_scale=grad_scale,
-        positions=_positions,
+        hyper,
+        None,
+        grad_scale,
+        _positions,
     )
 
 
