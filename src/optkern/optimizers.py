@@ -90,7 +90,7 @@ def switch_schedule_free(
 
 
 def _lerp_(p: np.ndarray, z: np.ndarray, weight: np.float32) -> None:
-    """p <- torch.lerp(p, z, weight) in float32, in torch's form (see ``Lerp`` in rules.hpp)."""
+    """p <- torch.lerp(p, z, weight) in float32, in torch's form (see ``Lerp`` in src/cpp/kernel_api.hpp)."""
     diff = z - p
     if abs(weight) < 0.5:
         diff *= weight
