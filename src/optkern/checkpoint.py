@@ -618,9 +618,9 @@ def read_json(path: Union[str, bytes], limit: int) -> Any:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise CheckpointError(f"{name}: {size} bytes, more than the {limit} it may hold")
-        text = f.read(limit + 1)
-    if len(text) > limit:
-        raise CheckpointError(f"{name}: grew past the {limit} bytes it may hold while read")
+        text = f.read(size + 1)  # read(n) allocates n bytes first: ask for what is there
+    if len(text) > size:
+        raise CheckpointError(f"{name}: grew while it was read")
     depth = _json_depth(text)
     if depth > MAX_JSON_DEPTH:
         raise CheckpointError(

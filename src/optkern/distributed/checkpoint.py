@@ -168,6 +168,8 @@ def save(opt: Wrapper, path: Union[str, os.PathLike], consolidated: bool = False
                 os.makedirs(path, exist_ok=True)
                 generation = _generation(path)
             except Exception as e:
+                if coll.size == 1:
+                    raise
                 generation = _failure(e)
         generation = coll.bcast_object(generation, "the checkpoint generation")
         if _failed(generation):
@@ -183,11 +185,15 @@ def save(opt: Wrapper, path: Union[str, os.PathLike], consolidated: bool = False
                 meta, flats = _flat_dp(opt, layout, lo, hi)
                 problem = None
             except Exception as e:
+                if coll.size == 1:
+                    raise
                 meta, flats, problem = None, {}, _failure(e)
         if problem is None:
             try:
                 _write_shard(os.path.join(path, name), flats)
             except Exception as e:
+                if coll.size == 1:
+                    raise
                 problem = _failure(e)
         info: Any = (
             problem
@@ -228,6 +234,8 @@ def save(opt: Wrapper, path: Union[str, os.PathLike], consolidated: bool = False
                     if os.path.basename(old) not in keep:
                         os.unlink(old)  # older generations, and temporaries of dead saves
             except Exception as e:
+                if coll.size == 1:
+                    raise
                 written = _failure(e)
         written = coll.bcast_object(written, "the end of the save")
         if written is not None:
@@ -273,6 +281,8 @@ def _save_consolidated(opt: Wrapper, path: str) -> None:
             try:
                 ok.save(opt.optimizer, path)
             except Exception as e:
+                if coll.size == 1:
+                    raise
                 problem = _failure(e)
     else:
         sd = opt.state_dict()  # collective
@@ -282,6 +292,8 @@ def _save_consolidated(opt: Wrapper, path: str) -> None:
                 whole.load_state_dict(sd)
                 ok.save(whole, path)
             except Exception as e:
+                if coll.size == 1:
+                    raise
                 problem = _failure(e)
     problem = coll.bcast_object(problem, "the end of the save")
     if problem is not None:
