@@ -37,6 +37,8 @@ class RanksDisagree(DistributedError):
     """The ranks were not set up alike. Raised on every rank at the same point (so it is not
     turned into MPI_Abort), before anything changed."""
 
+    raised_on_every_rank = True
+
 
 def canonical(value: Any) -> str:
     """A text for a hyperparameter that is the same on every rank exactly when the values are
