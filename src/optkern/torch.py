@@ -55,6 +55,7 @@ except ImportError:  # a torch that keeps them elsewhere: its own wrapper runs e
 from . import _core
 from . import functional as F
 from ._torch_threads import use_torch_openmp
+from .schedule_free import ScheduleFreeSwitch
 
 use_torch_openmp(torch)  # optkern's chunks on torch's own OpenMP team (docs/threading.md)
 
@@ -641,14 +642,15 @@ class _OktOptimizer(torch.optim.Optimizer):
 # -- Schedule-Free's train()/eval() ---------------------------------------------------------------
 
 
-class _ScheduleFreeSwitch:
+class _ScheduleFreeSwitch(ScheduleFreeSwitch):
     """``train()`` / ``eval()`` as the schedulefree package's ``AdamWScheduleFree`` and
     ``SGDScheduleFree``: the parameter holds y (where the gradient is taken) in train mode and x
     (the average, to evaluate and save) in eval mode; each switch is one in-place lerp towards
-    ``state["z"]`` (optkern's own, :func:`optkern.optimizers.switch_schedule_free`). The mode is
-    each group's ``train_mode``, saved with the group; a step in eval mode raises RuntimeError
-    before anything runs or changes. Unlike the package, a new group starts in train mode (in the
-    first group's mode, once there is one), as in optkern's NumPy classes.
+    ``state["z"]``, every parameter checked before any moves (:mod:`optkern.schedule_free`, the
+    same switch as optkern's NumPy classes). The mode is each group's ``train_mode`` (a bool),
+    saved with the group; a step in eval mode raises RuntimeError before anything runs or
+    changes. Unlike the package, a new group starts in train mode (in the first group's mode,
+    once there is one), as in optkern's NumPy classes.
 
     optkern counts steps per parameter (``step``, ``lr_max``, ``weight_sum`` in each parameter's
     state), the package per group (``k``, ``lr_max``, ``weight_sum`` in the group); they agree
@@ -659,58 +661,43 @@ class _ScheduleFreeSwitch:
 
     _GROUP_COUNTERS = ("k", "lr_max", "weight_sum", "scheduled_lr")
 
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        groups = self.param_groups  # type: ignore[attr-defined]
-        mode = bool(groups[0].get("train_mode", True)) if groups else True
-        super().add_param_group(param_group)  # type: ignore[misc]
-        groups[-1].setdefault("train_mode", mode)
-
-    def train(self) -> None:
-        """x -> y: p <- lerp(p, z, 1 - beta), for each group in eval mode."""
-        self._switch(True)
-
-    def eval(self) -> None:
-        """y -> x: p <- lerp(p, z, 1 - 1/beta), for each group in train mode."""
-        self._switch(False)
-
-    @torch.no_grad()
-    def _switch(self, to_train: bool) -> None:
-        from . import optimizers, registry
+    def _sf_beta(self, group: Dict[str, Any]) -> float:
+        from . import registry
 
         reg = registry.rule(self._rule.registry_name)  # type: ignore[attr-defined]
-        moved: List[torch.Tensor] = []
+        core = _core.validate(reg.name, reg.to_core(group, lr=0.0))
+        return core[self._rule.switch]  # type: ignore[attr-defined]
 
-        def pairs(group: Dict[str, Any]) -> Any:
-            for i, p in enumerate(group["params"]):
-                st = self.state.get(p)  # type: ignore[attr-defined]
-                if not st or "z" not in st or float(st.get("step", 0)) <= 0:
-                    continue  # not stepped yet: y = x = z
-                why = _why_not(p, "parameter")
-                if why:
-                    gi = [id(g) for g in self.param_groups].index(id(group))  # type: ignore[attr-defined]
-                    why = _why_not(p, self._label(group, gi, i))  # type: ignore[attr-defined]
-                    raise TypeError(f"optkern.torch.{type(self).__name__} cannot move it: {why}")
-                z = st["z"]
-                if _why_not(z, "z") or z.shape != p.shape:
-                    st["z"] = z = z.detach().to(device="cpu", dtype=torch.float32).contiguous()
-                moved.append(p)
-                yield _np(p), _np(z)
+    def _sf_pair(
+        self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor
+    ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        st = self.state.get(p)  # type: ignore[attr-defined]
+        if not st or "z" not in st or float(st.get("step", 0)) <= 0:
+            return None  # not stepped yet: y = x = z
+        label = self._label(group, gi, i)  # type: ignore[attr-defined]
+        why = _why_not(p, label)
+        if why:
+            raise TypeError(f"optkern.torch.{type(self).__name__} cannot move it: {why}")
+        z = st["z"]
+        if not isinstance(z, torch.Tensor) or tuple(z.shape) != tuple(p.shape):
+            what = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"the state 'z' of {label} is {what}, not shaped as its parameter")
+        if _why_not(z, "z"):
+            # a loaded z in another dtype or layout: read from a float32 copy (the kernels
+            # convert it the same way at the next step)
+            z = z.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        return _np(p), _np(z)
 
-        optimizers.switch_schedule_free(
-            self.param_groups,  # type: ignore[attr-defined]
-            to_train,
-            lambda group: reg.to_core(group)[self._rule.switch],  # type: ignore[attr-defined]
-            pairs,
-        )
-        if moved:
-            increment_version(moved)
+    def _sf_moved(self, params: List[Any]) -> None:
+        increment_version(params)
 
     def _before_step(self) -> None:
-        if not all(bool(g.get("train_mode", True)) for g in self.param_groups):  # type: ignore[attr-defined]
-            raise RuntimeError(
-                f"{type(self).__name__}.step() in eval mode: call train() first (and eval() "
-                "again before evaluating or saving)"
-            )
+        self._sf_refuse_eval_step()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if isinstance(state_dict, dict):
+            self._sf_check_loaded_modes(state_dict.get("param_groups"))
+        self._sf_load_state_dict(state_dict)
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()  # type: ignore[misc]
@@ -725,7 +712,7 @@ class _ScheduleFreeSwitch:
                 packed.update(k=k, lr_max=lr_max, weight_sum=weight_sum)
         return sd
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def _sf_load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)  # type: ignore[misc]
         for group in self.param_groups:  # type: ignore[attr-defined]
             if "k" not in group:
