@@ -182,37 +182,42 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return a.reshape(1) if a.ndim == 0 else a
 
 
-def _meta(t: torch.Tensor) -> Tuple[Any, ...]:
+def _meta(t: Optional[torch.Tensor]) -> Optional[Tuple[Any, ...]]:
     """What makes a NumPy view of ``t`` exact: the address, shape, strides and dtype. A view is
     reused only while these are unchanged (an in-place transpose, ``p.data = p.data.view(...)``
     or a ``set_`` keeps the address but changes the rest)."""
-    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype)
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two dense tensors' memory ranges overlap."""
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+#: Whether a tensor still has the layout of a detached alias taken when its view was made: the
+#: same storage, offset, shape and strides, in one call. (A dtype reinterpretation of the same
+#: bytes keeps all four; a parameter's is refused by torch, a state's needs shape-preserving
+#: same-size dtypes and would make torch.optim itself fail.)
+_IS_SET_TO = torch.Tensor.is_set_to
 
 
 class _Entry:
     """Cached NumPy views of one parameter, its gradient and its state tensors, each valid while
-    the tensor's :func:`_meta` is the one recorded."""
+    the tensor keeps the layout it had when the view was made (``is_set_to`` a detached alias;
+    the gradient, held weakly, by :func:`_meta`)."""
 
     __slots__ = (
-        "meta", "pview", "grad", "gmeta", "galias", "sdict", "tensors", "tmeta", "views",
+        "ref", "lo", "nbytes", "pview", "grad", "gmeta", "galias", "sdict", "tensors", "tlive",
+        "trefs", "views",
         "steps", "cviews",
     )  # fmt: skip
 
     def __init__(self, p: torch.Tensor) -> None:
-        self.meta = _meta(p)
+        self.ref = p.detach()
+        self.lo, self.nbytes = p.data_ptr(), p.numel() * p.element_size()
         self.pview = _np(p)
         self.grad = None
         self.gmeta: Tuple[Any, ...] = ()
         self.galias = False  # the gradient shares memory with the parameter (p.grad = p.data)
         self.sdict = None
         self.tensors: Tuple[Any, ...] = ()
-        self.tmeta: Tuple[Any, ...] = ()
+        self.tlive: List[Any] = []  # the state tensors (not None) and their aliases
+        self.trefs: List[Any] = []
         self.views: Tuple[Any, ...] = ()
         self.steps = None
         self.cviews: Tuple[Any, ...] = ()
@@ -493,7 +498,7 @@ class _OktOptimizer(torch.optim.Optimizer):
             if g is None:
                 continue
             e = cache.get(p)
-            if e is None or e.meta != _meta(p):
+            if e is None or not p.is_set_to(e.ref) or p.dtype is not e.ref.dtype:
                 why = _why_not(p, self._label(group, gi, i))
                 if why:
                     raise TypeError(
@@ -502,7 +507,8 @@ class _OktOptimizer(torch.optim.Optimizer):
                 e = cache[p] = _Entry(p)
             # The gradient is held weakly and its view only during the call: zero_grad()
             # must free it, as with torch.optim (else every parameter costs a second gradient).
-            if e.grad is None or e.grad() is not g or e.gmeta != _meta(g):
+            gm = (g.data_ptr(), g.shape, g.stride(), g.dtype)
+            if e.grad is None or e.grad() is not g or e.gmeta != gm:
                 if not (
                     g.is_cpu
                     and g.dtype is _F32
@@ -518,23 +524,29 @@ class _OktOptimizer(torch.optim.Optimizer):
                         f"the gradient of {self._label(group, gi, i)} has shape "
                         f"{tuple(g.shape)}, the parameter {tuple(p.shape)}"
                     )
-                e.grad, e.gmeta, e.galias = weakref.ref(g), _meta(g), _overlap(g, p)
+                # a gradient of the parameter's shape and dtype: its bytes span as many
+                e.grad, e.gmeta = weakref.ref(g), gm
+                e.galias = gm[0] < e.lo + e.nbytes and e.lo < gm[0] + e.nbytes
             st = state.get(p) if keys else e.sdict  # SGD without momentum keeps no state
             if not st and keys:
                 if p not in state:
                     undo.append((state, p, _MISSING))
                 st = self._init_state(p, group)
-            if keys and (
-                st is not e.sdict
-                or len(e.tensors) != len(keys)
-                or not all(map(is_, map(st.get, keys), e.tensors))
-                or e.tmeta != tuple(None if t is None else _meta(t) for t in e.tensors)
-            ):
-                self._refresh_state(e, st, names, p, group, gi, i, undo)
+            if keys:
+                stale = (
+                    st is not e.sdict
+                    or len(e.tensors) != len(keys)
+                    or not all(map(is_, map(st.get, keys), e.tensors))
+                )
+                if stale or not all(map(_IS_SET_TO, e.tlive, e.trefs)):
+                    self._refresh_state(e, st, names, p, group, gi, i, undo)
             params.append(p)
             pviews.append(e.pview)
             # p.grad = p.data (torch allows it): the kernels read a copy, never the memory they write
-            gviews.append(_np(g).copy() if e.galias else _np(g))
+            gv = g.numpy()
+            if not gv.ndim:
+                gv = gv.reshape(1)
+            gviews.append(gv.copy() if e.galias else gv)
             entries.append(e)
         if not params:
             return None
@@ -576,7 +588,8 @@ class _OktOptimizer(torch.optim.Optimizer):
                     t = torch.from_numpy(v.reshape(p.shape))  # shares the buffer's memory
                     self.state[p][name] = t
                     e.tensors = e.tensors[:k] + (t,) + e.tensors[k + 1 :]
-                    e.tmeta = e.tmeta[:k] + (_meta(t),) + e.tmeta[k + 1 :]
+                    e.tlive.append(t)
+                    e.trefs.append(t.detach())
                     e.views = e.views[:k] + (v,) + e.views[k + 1 :]
         increment_version(pl.params)  # autograd sees the in-place update, as with torch.optim
 
@@ -668,7 +681,8 @@ class _OktOptimizer(torch.optim.Optimizer):
             + tuple(st[c.name] for c in self._rule.carried if c.tensor)
             + ((st["step"],) if self._rule.step else ())
         )
-        e.tmeta = tuple(None if t is None else _meta(t) for t in e.tensors)
+        e.tlive = [t for t in e.tensors if t is not None]
+        e.trefs = [t.detach() for t in e.tlive]
         e.views = tuple(views)
 
     def _prepare(
