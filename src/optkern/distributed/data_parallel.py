@@ -99,8 +99,11 @@ class DataParallel:
     algorithm: runs are bitwise reproducible for a given N. Buckets are then reduced one after
     another at ``step`` (``start`` only copies).
 
-    A gradient may be None (that parameter is skipped, as in ``Optimizer.step``) when it is None
-    on every rank. ``timeout``, ``on_error``: see :class:`Collectives`; ``num_threads``: see
+    A gradient None on some ranks only counts as zeros there and the parameter steps on every
+    rank (torch DDP's find_unused_parameters); None on every rank skips it everywhere, as in
+    ``Optimizer.step``. The ranks must be built and stepped alike: anything that differs raises
+    :class:`RanksDisagree` on every rank (docs/distributed.md, "Ranks must agree").
+    ``timeout``, ``on_error``: see :class:`Collectives`; ``num_threads``: see
     :func:`configure_threads`.
     """
 
