@@ -653,3 +653,63 @@ def test_save_after_a_damaged_manifest_takes_a_new_generation(tmp_path, kind):
     assert sorted(os.listdir(ck)) == [dck.MANIFEST, "shard-00000002-00000.npz"]
     other, _ = fresh(kind)
     okd.load(other, ck)
+
+
+# -- state dicts that do not fit: nothing changes ---------------------------------------------------
+
+
+def _partial_state_dict():
+    """A state dict in which some parameters of a group have state and others not (a step that
+    left one out), which ZeRO's element-wise slices cannot hold."""
+    params = _params()
+    opt = ok.Adam(_groups(params), lr=1e-2)
+    opt.step([np.ones(s, np.float32) if i != 1 else None for i, s in enumerate(SHAPES)])
+    return opt.state_dict()
+
+
+def test_zero_load_state_dict_that_cannot_shard_changes_nothing():
+    zero, params = fresh("zero")
+    zero.step([np.ones(s, np.float32) for s in SHAPES])
+    sd = _partial_state_dict()
+    sd["param_groups"][0]["lr"] = 0.5  # a change that must not be half-applied
+    before = snapshot(zero, params)
+    with pytest.raises(ValueError, match="some parameters have optimizer state"):
+        zero.load_state_dict(sd)
+    assert snapshot(zero, params) == before
+    assert zero.param_groups[0]["lr"] == 1e-2
+    assert len(zero.optimizer.state) == 0  # the state-less optimizer holds no state
+
+
+@pytest.mark.parametrize("kind", ["dp", "zero"])
+def test_load_state_dict_with_a_bad_last_group_changes_nothing(kind):
+    wrapper, params = fresh(kind)
+    wrapper.step([np.ones(s, np.float32) for s in SHAPES])
+    sd = _stepped().state_dict()
+    sd["param_groups"][1]["betas"] = (0.9, 1.5)
+    before = snapshot(wrapper, params)
+    with pytest.raises(ValueError):
+        wrapper.load_state_dict(sd)
+    assert snapshot(wrapper, params) == before
+
+
+def test_zero_with_named_parameters_steps_saves_and_loads(tmp_path):
+    params = _params()
+    named = [
+        {"params": [("w", params[0]), ("b", params[1])]},
+        {"params": [("v", params[2])], "lr": 1e-3},
+    ]
+    zero = okd.ZeroRedundancyOptimizer(ok.Adam, named, lr=1e-2, num_threads=None)
+    zero.step([np.ones(s, np.float32) for s in SHAPES])
+    sd = zero.state_dict()
+    assert sd["param_groups"][0]["param_names"] == ["w", "b"]
+    okd.save(zero, tmp_path / "ck")
+    other = okd.ZeroRedundancyOptimizer(
+        ok.Adam,
+        [{"params": [("w", _params()[0]), ("b", _params()[1])]}, {"params": [("v", _params()[2])]}],
+        lr=1e-2,
+        num_threads=None,
+    )
+    okd.load(other, tmp_path / "ck")
+    assert other.param_groups[1]["lr"] == 1e-3
+    assert other.state_dict()["param_groups"][1]["param_names"] == ["v"]
+    other.load_state_dict(sd)
