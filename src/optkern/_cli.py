@@ -20,7 +20,8 @@ def at_least(low: int, what: str = "integer") -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
         if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
         return value
 
     return _named(parse, what)
