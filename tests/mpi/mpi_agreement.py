@@ -447,3 +447,45 @@ def test_a_save_failing_on_one_rank_raises_everywhere_and_keeps_the_previous(
     shards = sorted(f for f in os.listdir(ck) if f.startswith("shard-"))
     assert shards == [f"shard-00000001-{r:05d}.npz" for r in range(N)]
     in_step()
+
+
+# -- ranks in different calls ------------------------------------------------------------------------
+
+
+def _zero_sf():
+    zero = okd.ZeroRedundancyOptimizer(ok.ScheduleFreeAdamW, params(), lr=1e-2)
+    zero.step(grads())
+    return zero
+
+
+MIXED_CALLS = {
+    "eval against step": (lambda w, root: w.eval(), lambda w, root: w.step(grads())),
+    "state_dict against step": (lambda w, root: w.state_dict(), lambda w, root: w.step(grads())),
+    "train against state_dict": (lambda w, root: w.train(), lambda w, root: w.state_dict()),
+    "save against load": (
+        lambda w, root: okd.save(w, os.path.join(root, "ck")),
+        lambda w, root: okd.load(w, os.path.join(root, "ck")),
+    ),
+    "save against step": (
+        lambda w, root: okd.save(w, os.path.join(root, "ck")),
+        lambda w, root: w.step(grads()),
+    ),
+    "load against eval": (
+        lambda w, root: okd.load(w, os.path.join(root, "ck")),
+        lambda w, root: w.eval(),
+    ),
+}
+
+
+@pytest.mark.parametrize("mix", list(MIXED_CALLS))
+def test_zero_ranks_in_different_calls_are_told_which(mix, tmp_path_factory):
+    root = _shared_dir(tmp_path_factory)
+    zero = _zero_sf()
+    if "load" in mix:
+        okd.save(zero, os.path.join(root, "ck"))
+    before = [p.tobytes() for p in zero._params], _state(zero)
+    odd, others = MIXED_CALLS[mix]
+    with pytest.raises(okd.RanksDisagree, match="the call"):
+        (odd if IS_ODD else others)(zero, root)
+    assert ([p.tobytes() for p in zero._params], _state(zero)) == before
+    in_step()

@@ -22,13 +22,13 @@ left waiting and nothing has changed.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ._mpi import Collectives, DistributedError
 
-__all__ = ["RanksDisagree", "canonical", "describe_groups", "construction_check", "StepDigest"]
+__all__ = ["RanksDisagree", "canonical", "describe_groups", "agree", "StepDigest"]
 
 Fields = List[Tuple[str, str]]
 
@@ -122,19 +122,31 @@ def _short(text: str) -> str:
     return text if len(text) <= 120 else text[:120] + "..."
 
 
-def construction_check(coll: Collectives, fields: Fields, what: str) -> None:
+def agree(
+    coll: Collectives,
+    fields: Union[Fields, Callable[[], Fields]],
+    what: str,
+    d: Optional[bytes] = None,
+) -> None:
     """Collective: raises RanksDisagree on every rank unless every rank's ``fields`` are the
-    same. One Allgather of 16 bytes per rank; the descriptions only on a disagreement."""
+    same. One Allgather of a 16-byte digest per rank (``d``, or the digest of ``fields``), the
+    same format for every call that uses it, so ranks in different calls (one in a step,
+    another in a save) find that out too; the descriptions (``fields`` may be a function
+    making them) are exchanged only on a disagreement."""
     if coll.size == 1:
         return
-    mine = np.frombuffer(digest(fields), np.uint8)
+    mine = np.frombuffer(d if d is not None else digest(_fields(fields)), np.uint8)
     out = np.empty((coll.size, 16), np.uint8)
     with coll.deadline(f"the agreement check of {what}"):
         coll.comm.Allgather(mine, out)
     if (out == out[0]).all():
         return
-    everyone = coll.allgather_object(fields, f"the descriptions of {what}")
+    everyone = coll.allgather_object(_fields(fields), f"the descriptions of {what}")
     raise RanksDisagree(explain(everyone, what))
+
+
+def _fields(fields: Union[Fields, Callable[[], Fields]]) -> Fields:
+    return fields() if callable(fields) else fields
 
 
 class StepDigest:
@@ -156,22 +168,28 @@ class StepDigest:
             self._seen = seen
         return self._groups_digest, self._groups_fields
 
-    def fields(self, param_groups, options: Dict[str, Any], counters: Dict[str, int]) -> Fields:
+    def fields(
+        self, call: str, param_groups, options: Dict[str, Any], counters: Dict[str, int]
+    ) -> Fields:
         _, groups = self._groups(param_groups)
         return (
-            groups
+            [("the call", call)]
+            + groups
             + [(f"the step's {k}", canonical(v)) for k, v in sorted(options.items())]
             + [(k, str(v)) for k, v in counters.items()]
         )
 
-    def digest(self, param_groups, options: Dict[str, Any], counters: Dict[str, int]) -> bytes:
+    def digest(
+        self, call: str, param_groups, options: Dict[str, Any], counters: Dict[str, int]
+    ) -> bytes:
+        """A digest of :meth:`fields`, cheaply: the groups' part is hashed once per change."""
         groups, _ = self._groups(param_groups)
-        h = hashlib.blake2b(groups, digest_size=16)
-        for k, v in sorted(options.items()):
-            h.update(f"{k}={canonical(v)};".encode())
-        for k, v in counters.items():
-            h.update(f"{k}={v};".encode())
-        return h.digest()
+        rest = (
+            [("the call", call)]
+            + [(k, canonical(v)) for k, v in sorted(options.items())]
+            + [(k, str(v)) for k, v in counters.items()]
+        )
+        return digest([("groups", groups.hex())] + rest)
 
 
 # -- a digest carried by a sum (DataParallel's allreduce) ------------------------------------------
@@ -199,24 +217,3 @@ def sums_agree(summed: np.ndarray, n: int) -> bool:
     s = summed[:32].astype(np.int64)
     q = summed[32:].astype(np.int64)
     return bool(np.all(n * q == s * s))
-
-
-def gather_digest_rows(coll: Collectives, norm: float, d: bytes, what: str) -> np.ndarray:
-    """One row per rank of [norm, the digest as four 32-bit whole numbers] (float64, exact)."""
-    row = np.empty(5, np.float64)
-    row[0] = norm
-    row[1:] = np.frombuffer(d, np.uint32).astype(np.float64)
-    if coll.size == 1:
-        return row[None, :]
-    out = np.empty((coll.size, 5), np.float64)
-    with coll.deadline(what):
-        coll.comm.Allgather(row, out)
-    return out
-
-
-def rows_agree(rows: np.ndarray) -> bool:
-    return bool((rows[:, 1:] == rows[0, 1:]).all())
-
-
-def norm_of_rows(rows: np.ndarray) -> np.ndarray:
-    return rows[:, 0].copy()

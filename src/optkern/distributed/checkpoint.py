@@ -48,7 +48,7 @@ import optkern as ok
 from optkern import checkpoint as _ck
 from optkern.optimizer import MAX_LOADED_STEP
 
-from ._agree import RanksDisagree, construction_check
+from ._agree import RanksDisagree, agree
 from ._layout import Layout, flat_state, merge_meta, state_from_flat
 from ._mpi import DistributedError
 from .data_parallel import DataParallel
@@ -140,7 +140,7 @@ def save(opt: Wrapper, path: Union[str, os.PathLike], consolidated: bool = False
     coll = opt._coll
     path = os.fspath(path)
     with coll.guard("optkern.distributed.save"):
-        construction_check(
+        agree(
             coll,
             [
                 ("the call", "optkern.distributed.save"),
@@ -316,6 +316,11 @@ def load(opt: Wrapper, path: Union[str, os.PathLike]) -> None:
     coll = opt._coll
     path = os.fspath(path)
     with coll.guard("optkern.distributed.load"):
+        agree(
+            coll,
+            [("the call", "optkern.distributed.load"), ("the wrapper", type(opt).__name__)],
+            "optkern.distributed.load",
+        )
         try:
             install, ident = _prepare_load(opt, path)
             outcome: Any = ("ok", ident)

@@ -13,7 +13,7 @@ from ._agree import (
     SUM_SLOTS,
     RanksDisagree,
     StepDigest,
-    construction_check,
+    agree,
     describe_groups,
     describe_params,
     explain,
@@ -132,9 +132,10 @@ class DataParallel:
             self.deterministic = bool(deterministic)
             self._params = [p for g in optimizer.param_groups for p in g["params"]]
             # before any collective whose size depends on them: the ranks agree on everything
-            construction_check(
+            agree(
                 self._coll,
                 [
+                    ("the call", "DataParallel()"),
                     ("the wrapper", "DataParallel"),
                     ("the optimizer class", type(optimizer).__qualname__),
                     ("bucket_mb", repr(bucket_mb)),
@@ -191,6 +192,7 @@ class DataParallel:
         self._requests: List[Any] = []
         self._scratch: Optional[np.ndarray] = None
         self._step_digest = StepDigest()
+        self._call = "DataParallel.step"
         #: a ring allreduce's bytes sent per rank and step
         self.bytes_per_step = 2 * (self._coll.size - 1) * self._flat.nbytes // self._coll.size
 
@@ -301,7 +303,7 @@ class DataParallel:
         counters = {"step_count": inner.step_count, "skipped_steps": inner.skipped_steps}
         if coll.size > 1:
             to_sum_slots(
-                self._step_digest.digest(inner.param_groups, options, counters),
+                self._step_digest.digest(self._call, inner.param_groups, options, counters),
                 self._digest_slots,
             )
             if self._requests:
@@ -314,7 +316,7 @@ class DataParallel:
                     coll.allreduce(self._flat[lo:hi], "the allreduce of the gradients")
             self._requests = []
             if not sums_agree(self._digest_slots, coll.size):
-                fields = self._step_digest.fields(inner.param_groups, options, counters)
+                fields = self._step_digest.fields(self._call, inner.param_groups, options, counters)
                 everyone = coll.allgather_object(fields, "the descriptions of the step")
                 raise RanksDisagree(explain(everyone, "this DataParallel step"))
             grads = self._flat[: self._grads_end]
@@ -356,7 +358,8 @@ class DataParallel:
         """Averages ``grads`` over the ranks without stepping; returns the averaged gradients
         (views of the internal buffer; None for a parameter no rank has a gradient for)."""
         with self._coll.guard("DataParallel.allreduce_"):
-            return self._averaged(grads, {"allreduce_": True})
+            self._call = "DataParallel.allreduce_"
+            return self._averaged(grads, {})
 
     def step(self, grads: Sequence[Optional[np.ndarray]], **kwargs: Any) -> Optional[float]:
         """Averages the gradients over the ranks (those ``start`` already took are not copied
@@ -369,6 +372,7 @@ class DataParallel:
         with self._coll.guard("DataParallel.step"):
             if self._coll.size == 1 and not any(self._ready):
                 return self.optimizer.step(grads, **kwargs)  # nothing to average: no copy
+            self._call = "DataParallel.step"
             averaged = self._averaged(grads, kwargs)
             return self.optimizer.step(averaged, **kwargs)
 

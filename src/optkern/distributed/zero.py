@@ -12,15 +12,10 @@ import numpy as np
 import optkern as ok
 
 from ._agree import (
-    RanksDisagree,
     StepDigest,
-    construction_check,
+    agree,
     describe_groups,
     describe_params,
-    explain,
-    gather_digest_rows,
-    norm_of_rows,
-    rows_agree,
 )
 from ._layout import Layout, flat_state, merge_meta, state_from_flat
 from ._mpi import (
@@ -148,9 +143,10 @@ class ZeroRedundancyOptimizer:
             #: param_groups are this wrapper's (for schedulers and for checking state dicts).
             self.optimizer = optimizer_class(params, **hyperparameters)
             # before any collective whose size depends on them: the ranks agree on everything
-            construction_check(
+            agree(
                 self._coll,
                 [
+                    ("the call", "ZeroRedundancyOptimizer()"),
                     ("the wrapper", "ZeroRedundancyOptimizer"),
                     ("the optimizer class", optimizer_class.__qualname__),
                     ("deterministic", repr(self.deterministic)),
@@ -291,6 +287,21 @@ class ZeroRedundancyOptimizer:
             if max_grad_norm is not None and not float(max_grad_norm) >= 0:
                 raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm!r}")
             source = self._gradient_source(grads)
+            # First, as every collective call of this wrapper: the ranks agree (the call, the
+            # hyperparameters, the step's options, the counters) before anything changes.
+            options = {
+                "max_grad_norm": max_grad_norm,
+                "norm_type": norm_type,
+                "skip_if_nonfinite": bool(skip_if_nonfinite),
+            }
+            counters = {"step_count": self.step_count, "skipped_steps": self.skipped_steps}
+            call = "ZeroRedundancyOptimizer.step"
+            agree(
+                coll,
+                lambda: self._step_digest.fields(call, self.param_groups, options, counters),
+                "this ZeroRedundancyOptimizer step",
+                self._step_digest.digest(call, self.param_groups, options, counters),
+            )
             coll.reduce_scatter(
                 source,
                 self._gslice,
@@ -301,28 +312,6 @@ class ZeroRedundancyOptimizer:
             )
             if coll.size > 1:
                 np.divide(self._gslice, np.float32(coll.size), out=self._gslice)
-            # One small gather whatever the options: this rank's partial norm and the step's
-            # digest (hyperparameters, options, counters), so the ranks agree before anything
-            # changes and take the same decisions.
-            options = {
-                "max_grad_norm": max_grad_norm,
-                "norm_type": norm_type,
-                "skip_if_nonfinite": bool(skip_if_nonfinite),
-            }
-            counters = {"step_count": self.step_count, "skipped_steps": self.skipped_steps}
-            partial = (
-                float(ok.grad_norms([self._gslice], p)[0]) if check and self._gslice.size else 0.0
-            )
-            rows = gather_digest_rows(
-                coll,
-                partial,
-                self._step_digest.digest(self.param_groups, options, counters),
-                "the gradient norm and the step's agreement check",
-            )
-            if not rows_agree(rows):
-                fields = self._step_digest.fields(self.param_groups, options, counters)
-                everyone = coll.allgather_object(fields, "the descriptions of the step")
-                raise RanksDisagree(explain(everyone, "this ZeroRedundancyOptimizer step"))
             if not all(g.get("train_mode", True) for g in self.param_groups):
                 err = RuntimeError(
                     f"{self.optimizer_class.__name__}.step() in eval mode: call train() first "
@@ -332,7 +321,8 @@ class ZeroRedundancyOptimizer:
                 raise err
             total = None
             if check:
-                total = combine_norms(norm_of_rows(rows), p)
+                partial = float(ok.grad_norms([self._gslice], p)[0]) if self._gslice.size else 0.0
+                total = combine_norms(coll.allgather_float64(partial, "the gradient norm"), p)
                 if skip_if_nonfinite and not math.isfinite(total):
                     self.skipped_steps += 1
                     return total
@@ -370,9 +360,12 @@ class ZeroRedundancyOptimizer:
             )
         coll = self._coll
         with coll.guard(f"ZeroRedundancyOptimizer.{what}"):
-            construction_check(
+            agree(
                 coll,
-                [("the call", f"{what}()"), ("step_count", str(self.step_count))]
+                [
+                    ("the call", f"ZeroRedundancyOptimizer.{what}()"),
+                    ("step_count", str(self.step_count)),
+                ]
                 + describe_groups(self.param_groups),
                 f"ZeroRedundancyOptimizer.{what}()",
             )
@@ -463,6 +456,11 @@ class ZeroRedundancyOptimizer:
         rank gets the whole dict (it holds the whole state for a moment)."""
         coll = self._coll
         with coll.guard("ZeroRedundancyOptimizer.state_dict"):
+            agree(
+                coll,
+                [("the call", "ZeroRedundancyOptimizer.state_dict()")],
+                "ZeroRedundancyOptimizer.state_dict()",
+            )
             local_meta, local_flats = self._local_flat_state()
             meta = self._gather_meta(local_meta)
             names = sorted({n for m in meta for n in m["names"]})
