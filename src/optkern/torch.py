@@ -498,7 +498,11 @@ class _OktOptimizer(torch.optim.Optimizer):
             if g is None:
                 continue
             e = cache.get(p)
-            if e is None or not p.is_set_to(e.ref) or p.dtype is not e.ref.dtype:
+            try:
+                fresh = e is None or not p.is_set_to(e.ref) or p.dtype is not e.ref.dtype
+            except RuntimeError:  # no storage now (sparse, meta): _why_not says what it is
+                fresh = True
+            if fresh:
                 why = _why_not(p, self._label(group, gi, i))
                 if why:
                     raise TypeError(
@@ -507,8 +511,11 @@ class _OktOptimizer(torch.optim.Optimizer):
                 e = cache[p] = _Entry(p)
             # The gradient is held weakly and its view only during the call: zero_grad()
             # must free it, as with torch.optim (else every parameter costs a second gradient).
-            gm = (g.data_ptr(), g.shape, g.stride(), g.dtype)
-            if e.grad is None or e.grad() is not g or e.gmeta != gm:
+            try:
+                gm = (g.data_ptr(), g.shape, g.stride(), g.dtype)
+            except RuntimeError:  # no storage (sparse, meta): the checks below say what it is
+                gm = None
+            if gm is None or e.grad is None or e.grad() is not g or e.gmeta != gm:
                 if not (
                     g.is_cpu
                     and g.dtype is _F32

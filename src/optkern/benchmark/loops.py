@@ -39,6 +39,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from .._cli import parse_dims  # noqa: F401  (one rule for --loop-sizes and the study)
 
 DEFAULT_LOOP_SIZES = ["784-256-128-10", "1024-1024-1024-10"]
 CONDITIONS = ["quiet", "busy", "torch"]
