@@ -12,6 +12,7 @@ from typing import Dict
 import optkern as ok
 
 from . import loops as _loops
+from . import studies as _studies
 from .cases import CASES, torch_available
 from .runner import (
     Progress,
@@ -30,7 +31,11 @@ from .runner import (
 __all__ = ["CASES", "add_parser"]
 
 DEFAULT_SIZES = ["100k", "1m", "10m", "50m"]
+#: what ``python -m optkern bench`` runs by default (README, Set up)
 STUDIES = ["main", "small", "threads", "clip", "loops"]
+#: run only when named (optkern.benchmark.studies)
+EXTRA_STUDIES = list(_studies.NAMES)
+DEFAULT_REPEATS = 5
 
 
 def _positive_int(text: str) -> int:
@@ -73,17 +78,21 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--repeats",
         type=_positive_int,
-        default=5,
-        help="timed batches per case (min is kept; --torch: medians, and its step cases "
-        "repeat for about 0.5 s when that is more)",
+        default=None,
+        help=f"timed batches per case (default {DEFAULT_REPEATS}; min is kept; --torch: medians, "
+        "and its step cases repeat for about 0.5 s when that is more; the extra studies: "
+        + ", ".join(f"{k} {v}" for k, v in _studies.DEFAULT_REPEATS.items())
+        + ")",
     )
     p.add_argument(
         "--studies",
         nargs="+",
         default=STUDIES,
-        choices=STUDIES,
+        choices=STUDIES + EXTRA_STUDIES,
         help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
-        "clip: fused clipping; loops: inside an MLP's training loop (default: all)",
+        "clip: fused clipping; loops: inside an MLP's training loop (default: these five); "
+        "run only when named: threshold, adafactor-shapes, pass-bounds, torch-bandwidth, "
+        "torch-phases (see optkern.benchmark.studies)",
     )
     p.add_argument(
         "--loops",
@@ -150,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise SystemExit("--threads must be >= 1")
         ok.set_num_threads(args.threads)
+    repeats_given = args.repeats is not None
+    if not repeats_given:
+        args.repeats = DEFAULT_REPEATS
     if args.distributed:
         from .distributed import run_distributed
 
@@ -168,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
     sizes = [parse_size(s) for s in args.sizes]
     cases = [CASES[k] for k in args.optimizers]
     studies = {"loops"} if args.loops else set(args.studies)
+    extra = [k for k in EXTRA_STUDIES if k in studies]
+    if any(k in _studies.NEEDS_TORCH for k in extra) and torch_available() is None:
+        raise SystemExit(
+            "--studies torch-bandwidth / torch-phases need torch: pip install 'optkern[torch]'"
+        )
     if "loops" in studies:
         if args.rounds < 1 or (args.loop_steps is not None and args.loop_steps < 1):
             raise SystemExit("--rounds and --loop-steps must be >= 1")
@@ -181,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         + 6 * ("threads" in studies)
         + ("clip" in studies)
         + (len(args.loop_conditions) if "loops" in studies else 0)
+        + len(extra)
     )
     progress = Progress(total, enabled=not args.quiet)
     info = machine()
@@ -214,6 +232,10 @@ def run(args: argparse.Namespace) -> int:
                 progress,
                 show_progress=not args.quiet,
             )
+        for name in extra:
+            progress(name)
+            reps = args.repeats if repeats_given else _studies.DEFAULT_REPEATS[name]
+            result.setdefault("studies", {})[name] = _studies.run_study(name, reps)
     finally:
         progress.close()
     report(result)
@@ -269,6 +291,8 @@ def report(result: Dict[str, object]) -> None:
             + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["seconds"].items())
             + f"; fused is {c['speedup']:.2f}x faster"
         )
+    for study in result.get("studies", {}).values():
+        print("\n" + study["text"])
     if "loops" in result:
         print("\nInside a training loop (NumPy MLP, batch 64, NumPy's default BLAS threads):")
         print(_loops.table(result["loops"]))
