@@ -1,8 +1,9 @@
 """``python -m optkern bench``: optkern's step against the best NumPy code and torch's fastest
 CPU optimizers, as a fraction of the machine's streaming bandwidth measured in the same run.
 Then the benchmark of record: a NumPy MLP's training loop with NumPy updates, with optkern and
-with optkern on one thread (study "loops", alone with --loops). See bench/README.md for the
-measured results and what limits each case."""
+with optkern on one thread (study "loops", alone with --loops). Other studies run when named
+(--studies). bench/README.md says what each measures; bench/results/ holds dated runs, each
+naming its machine."""
 
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ def add_parser(sub) -> None:
         nargs="+",
         default=STUDIES,
         choices=STUDIES + EXTRA_STUDIES,
+        metavar="NAME",
         help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
         "clip: fused clipping; loops: inside an MLP's training loop (default: these five); "
         "run only when named: threshold, adafactor-shapes, pass-bounds, torch-bandwidth, "
