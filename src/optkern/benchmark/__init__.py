@@ -1,8 +1,9 @@
 """``python -m optkern bench``: optkern's step against the best NumPy code and torch's fastest
 CPU optimizers, as a fraction of the machine's streaming bandwidth measured in the same run.
 Then the benchmark of record: a NumPy MLP's training loop with NumPy updates, with optkern and
-with optkern on one thread (study "loops", alone with --loops). See bench/README.md for the
-measured results and what limits each case."""
+with optkern on one thread (study "loops", alone with --loops). Other studies run when named
+(--studies). bench/README.md says what each measures; bench/results/ holds dated runs, each
+naming its machine."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Dict
 
 import optkern as ok
 
+from .._cli import dims, positive_int, size, thread_count, writable_file
 from . import loops as _loops
 from . import programs as _programs
+from . import studies as _studies
 from .cases import CASES, torch_available
 from .runner import (
     Progress,
@@ -31,19 +34,19 @@ from .runner import (
 __all__ = ["CASES", "add_parser"]
 
 DEFAULT_SIZES = ["100k", "1m", "10m", "50m"]
+#: what ``python -m optkern bench`` runs by default (README, Set up)
 STUDIES = ["main", "small", "threads", "clip", "loops"]
+#: run only when named (optkern.benchmark.studies)
+EXTRA_STUDIES = list(_studies.NAMES)
+DEFAULT_REPEATS = 5
 
 
-def _positive_int(text: str) -> int:
-    """argparse type for counts of repeats, rounds and steps: none of them can be 0 (a median or
-    minimum of no timings), so 0 and negatives are refused at the command line."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _dims_or_none(text: str) -> str:
+    """--loop-sizes: layer sizes, or none (the program shapes alone)."""
+    return text if text == "none" else dims(text)
 
 
-_positive_int.__name__ = "integer"  # argparse's "invalid integer value: 'x'"
+_dims_or_none.__name__ = dims.__name__  # argparse names the type in its message
 
 
 def add_parser(sub) -> None:
@@ -62,29 +65,35 @@ def add_parser(sub) -> None:
         "--sizes",
         nargs="+",
         default=DEFAULT_SIZES,
+        type=size,
         metavar="N",
         help="elements per parameter, e.g. 100k 1m 50m (default: %(default)s)",
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=thread_count,
         default=None,
         help="threads for optkern and torch (default: optkern's default)",
     )
     p.add_argument(
         "--repeats",
-        type=_positive_int,
-        default=5,
-        help="timed batches per case (min is kept; --torch: medians, and its step cases "
-        "repeat for about 0.5 s when that is more)",
+        type=positive_int,
+        default=None,
+        help=f"timed batches per case (default {DEFAULT_REPEATS}; min is kept; --torch: medians, "
+        "and its step cases repeat for about 0.5 s when that is more; the extra studies: "
+        + ", ".join(f"{k} {v}" for k, v in _studies.DEFAULT_REPEATS.items())
+        + ")",
     )
     p.add_argument(
         "--studies",
         nargs="+",
         default=STUDIES,
-        choices=STUDIES,
+        choices=STUDIES + EXTRA_STUDIES,
+        metavar="NAME",
         help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
-        "clip: fused clipping; loops: inside an MLP's training loop (default: all)",
+        "clip: fused clipping; loops: inside an MLP's training loop (default: these five); "
+        "run only when named: threshold, adafactor-shapes, pass-bounds, torch-bandwidth, "
+        "torch-phases (see optkern.benchmark.studies)",
     )
     p.add_argument(
         "--loops",
@@ -95,6 +104,7 @@ def add_parser(sub) -> None:
         "--loop-sizes",
         nargs="+",
         default=_loops.DEFAULT_LOOP_SIZES,
+        type=_dims_or_none,
         metavar="DIMS",
         help="MLP layer sizes for the loops study, or none for the program shapes alone "
         "(default: %(default)s)",
@@ -111,7 +121,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--loop-steps",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="timed training steps per loop and round (default: about "
@@ -119,7 +129,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int,
         default=_loops.DEFAULT_ROUNDS,
         help="interleaved rounds of the loops study (median kept; default %(default)s)",
     )
@@ -145,8 +155,15 @@ def add_parser(sub) -> None:
         help="with --torch: every optkern.torch class, each against torch.optim's class or "
         "its reference package (lion-pytorch, optax, schedulefree) where installed",
     )
-    p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
-    p.add_argument("--plot", metavar="PATH", help="PNG of time against size (needs matplotlib)")
+    p.add_argument(
+        "--json", metavar="PATH", type=writable_file, help="write every measurement as JSON"
+    )
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        type=writable_file,
+        help="PNG of time against size (needs matplotlib)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.add_argument(
         "--distributed",
@@ -159,9 +176,10 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
         ok.set_num_threads(args.threads)
+    repeats_given = args.repeats is not None
+    if not repeats_given:
+        args.repeats = DEFAULT_REPEATS
     if args.distributed:
         from .distributed import run_distributed
 
@@ -180,20 +198,23 @@ def run(args: argparse.Namespace) -> int:
     sizes = [parse_size(s) for s in args.sizes]
     cases = [CASES[k] for k in args.optimizers]
     studies = {"loops"} if args.loops else set(args.studies)
+    extra = [k for k in EXTRA_STUDIES if k in studies]
+    if any(k in _studies.NEEDS_TORCH for k in extra) and torch_available() is None:
+        raise SystemExit(
+            "--studies torch-bandwidth / torch-phases need torch: pip install 'optkern[torch]'"
+        )
+    # the small study: Adam, or each optimizer --optimizers names
+    small_keys = args.optimizers if args.optimizers != list(CASES) else ["adam"]
     if "loops" in studies:
-        if args.rounds < 1 or (args.loop_steps is not None and args.loop_steps < 1):
-            raise SystemExit("--rounds and --loop-steps must be >= 1")
-        try:
-            loop_sizes = [_loops.parse_dims(d) for d in args.loop_sizes if d != "none"]
-        except ValueError as e:
-            raise SystemExit(f"--loop-sizes: {e}")
+        loop_sizes = [_loops.parse_dims(d) for d in args.loop_sizes if d != "none"]
         programs = [k for k in args.programs if k != "none"]
     total = (
         (len(sizes) * len(cases) if "main" in studies else 0)
-        + ("small" in studies)
+        + (len(small_keys) if "small" in studies else 0)
         + 6 * ("threads" in studies)
         + ("clip" in studies)
         + (len(args.loop_conditions) if "loops" in studies else 0)
+        + len(extra)
     )
     progress = Progress(total, enabled=not args.quiet)
     info = machine()
@@ -208,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
             rows = run_main(cases, sizes, args.repeats, use_torch, progress)
             result["main"] = rows
         if "small" in studies:
-            result["many_small"] = run_many_small(args.repeats, use_torch, progress)
+            result["many_small"] = [
+                run_many_small(args.repeats, use_torch, progress, key) for key in small_keys
+            ]
         if "threads" in studies:
             result["threads"] = run_threads(
                 [8_000, 32_000, 64_000, 128_000, 1_000_000, 10_000_000], args.repeats, progress
@@ -228,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
                 show_progress=not args.quiet,
                 programs=programs,
             )
+        for name in extra:
+            progress(name)
+            reps = args.repeats if repeats_given else _studies.DEFAULT_REPEATS[name]
+            result.setdefault("studies", {})[name] = _studies.run_study(name, reps)
     finally:
         progress.close()
     report(result)
@@ -255,15 +282,17 @@ def report(result: Dict[str, object]) -> None:
             "stream bandwidth (best beside any case): "
             + ", ".join(f"{size_label(n)} {g:.1f} GB/s" for n, g in streams.items())
         )
-    if "many_small" in result:
-        s = result["many_small"]
-        print(f"\nAdam over {s['buffers']} arrays of 64..64K elements ({s['elements']} in all):")
+    for s in result.get("many_small", []):
+        print(
+            f"\n{s['optimizer']} over {s['buffers']} arrays of 64..64K elements "
+            f"({s['elements']} in all):"
+        )
         for name, t in s["seconds"].items():
             print(f"  {name:<32} {t * 1e6:9.1f} us")
         print(
             f"  overhead per buffer: {s['overhead_per_buffer_us']:.2f} us"
             + (
-                f"; {s['speedup_vs_torch']:.2f}x faster than torch fused"
+                f"; {s['speedup_vs_torch']:.2f}x faster than torch {s['torch_impl']}"
                 if "speedup_vs_torch" in s
                 else ""
             )
@@ -283,6 +312,8 @@ def report(result: Dict[str, object]) -> None:
             + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["seconds"].items())
             + f"; fused is {c['speedup']:.2f}x faster"
         )
+    for study in result.get("studies", {}).values():
+        print("\n" + study["text"])
     if "loops" in result:
         print("\nInside a training loop (NumPy MLP, batch 64, NumPy's default BLAS threads):")
         print(_loops.table(result["loops"]))
