@@ -4,6 +4,15 @@ kernels.
 
 Each reference optimizer keeps one parameter in float64 and its state in a dict named as torch
 names it; ``step(g)`` applies one update with a float64 gradient.
+
+Each rule is written from its oracle's source, in the oracle's order of operations:
+torch.optim 2.13 (the single-tensor path) for the torch rules; ``optax.lion`` (hard sign, with the
+defaults of the ``lion-pytorch`` package and its state name ``exp_avg``) for Lion; ``optax.lamb``
+(Adam direction plus decoupled decay, scaled per array by norm(p) / norm(u), 1 where either norm
+is 0; state named as torch names Adam's) for LAMB; ``schedulefree.AdamWScheduleFree`` and
+``SGDScheduleFree`` (with their ``train()`` / ``eval()`` switch between the points y and x) for
+the Schedule-Free rules. ``Reference`` keeps optkern's layout; ``OracleReference`` the oracle
+packages' (test_reference_oracles.py checks the formulas against the packages themselves).
 """
 
 from __future__ import annotations
@@ -451,6 +460,26 @@ class Reference:
             self.group["train_mode"] = False
 
 
+class OracleReference(Reference):
+    """A reference in the layout of the oracle packages: float64 by default for every rule (the
+    oracles' float64 runs pin the order of operations), Schedule-Free's counters per param group
+    (``k``, ``weight_sum``, ``lr_max`` and ``train_mode`` in ``self.group``, as the package keeps
+    them) starting in eval mode, and ``skip()`` for a step of the group in which this parameter
+    had no gradient."""
+
+    counters_in_state = False  # the package's layout
+
+    def __init__(self, name: str, p0: np.ndarray, dtype: Any = np.float64, **hp: Any) -> None:
+        super().__init__(name, p0, dtype, **hp)
+        # The package starts in eval mode (optkern's classes in train mode: see Reference).
+        self.group["train_mode"] = False
+
+    def skip(self) -> None:
+        """The group stepped but this parameter had no gradient."""
+        if self.name in SCHEDULE_FREE:
+            self._schedule_free_weights(**self._schedule_hp())
+
+
 #: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
 #: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
 CASES = [
@@ -531,3 +560,41 @@ CASES = [
 def case_id(case) -> str:
     name, hp = case
     return name + "(" + ",".join(f"{k}={v}" for k, v in hp.items()) + ")"
+
+
+#: Option sets checked against the oracles (test_reference_oracles.py), covering every branch of
+#: the rules that came with an oracle package, with hyperparameters that keep 100 steps of
+#: N(0, 0.1^2) gradients well conditioned.
+ORACLE_CASES = [
+    ("NAdam", dict()),
+    ("NAdam", dict(lr=1e-3, momentum_decay=6e-3, weight_decay=0.1)),
+    ("NAdam", dict(weight_decay=0.1, momentum_decay=6e-3, decoupled_weight_decay=True)),
+    ("NAdam", dict(betas=(0.5, 0.9), eps=1e-4, weight_decay=0.01, maximize=True)),
+    ("RAdam", dict()),
+    ("RAdam", dict(lr=2e-3, eps=1e-6, weight_decay=0.1)),
+    ("RAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam", dict(betas=(0.8, 0.9), weight_decay=0.1, maximize=True)),  # rho_t > 5 from step 6
+    ("ASGD", dict()),
+    ("ASGD", dict(lambd=0.1, lr=0.02)),
+    ("ASGD", dict(t0=10, alpha=0.5, weight_decay=0.1)),
+    ("ASGD", dict(t0=0, weight_decay=0.1, maximize=True)),
+    ("Rprop", dict()),
+    ("Rprop", dict(lr=2e-4, etas=(0.5, 1.5), step_sizes=(2e-6, 100))),
+    ("Rprop", dict(etas=(0.3, 1.1), step_sizes=(1e-4, 0.05), maximize=True)),
+    ("Adafactor", dict()),
+    ("Adafactor", dict(weight_decay=0.1, lr=0.01)),
+    ("Adafactor", dict(weight_decay=0.1, maximize=True)),
+    ("Adafactor", dict(beta2_decay=-1.0, d=1.5, eps=(1e-20, 1e-2))),
+    ("Lion", dict()),
+    ("Lion", dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1)),
+    ("LAMB", dict()),
+    ("LAMB", dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01)),
+    ("ScheduleFreeAdamW", dict()),
+    (
+        "ScheduleFreeAdamW",
+        dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0, weight_decay=0.01),
+    ),
+    ("ScheduleFreeAdamW", dict(betas=(0.95, 0.99), eps=1e-6, weight_lr_power=0.0)),
+    ("ScheduleFreeSGD", dict(lr=0.1)),
+    ("ScheduleFreeSGD", dict(lr=0.05, momentum=0.8, warmup_steps=10, r=1.0, weight_decay=0.01)),
+]

@@ -1,8 +1,9 @@
-"""The float64 references of reference_new.py against their oracles, each skipped when its
-oracle is not installed: torch.optim 2.13 (every optimizer input of torch's own test database
-for that optimizer on CPU), optax (lion, lamb), lion-pytorch and schedulefree. Each oracle runs
-in float32 (its single-tensor and foreach paths) against the float64 reference at the tolerance
-the kernels must meet, and in float64 against it at 1e-10, which pins the order of operations.
+"""The float64 references of reference.py (OracleReference) against their oracles, each skipped
+when its oracle is not installed: torch.optim 2.13 (every optimizer input of torch's own test
+database for that optimizer on CPU), optax (lion, lamb), lion-pytorch and schedulefree. Each
+oracle runs in float32 (its single-tensor and foreach paths) against the float64 reference at the
+tolerance the kernels must meet, and in float64 against it at 1e-10, which pins the order of
+operations.
 
 Without any oracle, the invariants at the end still check the references."""
 
@@ -13,7 +14,7 @@ import inspect
 
 import numpy as np
 import pytest
-from reference_new import NEW_CASES, ReferenceNew
+from reference import ORACLE_CASES, OracleReference
 
 STEPS = 30
 TOL = {np.float32: (1e-5, 1e-6), np.float64: (1e-10, 1e-12)}
@@ -81,7 +82,7 @@ def torch_inputs():
         name = info.optim_cls.__name__
         if name not in TORCH_RULES:
             continue
-        sig = inspect.signature(getattr(ReferenceNew, "_" + name.lower())).parameters
+        sig = inspect.signature(getattr(OracleReference, "_" + name.lower())).parameters
         for oi in info.optim_inputs_func(device="cpu", dtype=torch.float32):
             kwargs = {k: v for k, v in oi.kwargs.items() if k not in NOT_SEMANTICS}
             pid = f"{name}-{oi.desc}"
@@ -95,10 +96,10 @@ def torch_inputs():
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             out.append(pytest.param(name, kwargs, id=pid, marks=marks))
     # Branches optim_db does not reach in 30 steps (ASGD's averaging from t0 on, RAdam's
-    # rectification switch with other betas, Adafactor's explicit eps1) come from NEW_CASES.
+    # rectification switch with other betas, Adafactor's explicit eps1) come from ORACLE_CASES.
     out += [
         pytest.param(name, hp, id="case-" + case_id(name, hp))
-        for name, hp in NEW_CASES
+        for name, hp in ORACLE_CASES
         if name in TORCH_RULES
     ]
     return out
@@ -129,7 +130,7 @@ def test_torch_rule_matches_reference(name, kwargs, impl):
     with torch_default_dtype(torch, tdtype):
         params = [torch.nn.Parameter(torch.tensor(x, dtype=tdtype)) for x in p0]
         opt = getattr(torch.optim, name)(params, foreach=(impl == "foreach"), **kwargs)
-        refs = [ReferenceNew(name, x, **kwargs) for x in p0]
+        refs = [OracleReference(name, x, **kwargs) for x in p0]
         if impl == "float64":
             for r in refs:
                 r.machine_eps = float(np.finfo(np.float64).eps)
@@ -149,7 +150,7 @@ def test_torch_rule_matches_reference(name, kwargs, impl):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize(
-    "case", [c for c in NEW_CASES if c[0] in TORCH_RULES], ids=lambda c: case_id(*c)
+    "case", [c for c in ORACLE_CASES if c[0] in TORCH_RULES], ids=lambda c: case_id(*c)
 )
 def test_torch_rule_nonfinite_gradients(case, bad):
     """NaN and Inf in a few gradient elements on two steps: the reference's NaN, +Inf and -Inf
@@ -161,7 +162,7 @@ def test_torch_rule_nonfinite_gradients(case, bad):
     with torch_default_dtype(torch, torch.float64):
         params = [torch.nn.Parameter(torch.tensor(x, dtype=torch.float64)) for x in p0]
         opt = getattr(torch.optim, name)(params, foreach=False, **hp)
-        refs = [ReferenceNew(name, x, **hp) for x in p0]
+        refs = [OracleReference(name, x, **hp) for x in p0]
         for r in refs:
             r.machine_eps = float(np.finfo(np.float64).eps)
         for t, gs in enumerate(gradients(shapes, 12)):
@@ -183,7 +184,7 @@ def test_torch_rule_nonfinite_gradients(case, bad):
 def test_reference_defaults_are_torchs(name):
     torch = pytest.importorskip("torch")
     theirs = inspect.signature(getattr(torch.optim, name)).parameters
-    mine = inspect.signature(getattr(ReferenceNew, "_" + name.lower())).parameters
+    mine = inspect.signature(getattr(OracleReference, "_" + name.lower())).parameters
     for key, par in mine.items():
         if key not in ("self", "g"):
             assert theirs[key].default == par.default, key
@@ -234,7 +235,7 @@ def run_optax(name, hp, dtype, bad=None):
         tx = optax_transform(optax, name, hp)
         params = {f"p{i}": jnp.asarray(x, dtype=dtype) for i, x in enumerate(p0)}
         state = tx.init(params)
-        refs = [ReferenceNew(name, x, **hp) for x in p0]
+        refs = [OracleReference(name, x, **hp) for x in p0]
         for t, gs in enumerate(gradients(OPTAX_SHAPES)):
             gs[-1][...] = 0.0
             if bad is not None and t in (3, 7):
@@ -286,7 +287,7 @@ def test_lion_matches_lion_pytorch(case, dtype):
     p0 = initial(SHAPES)
     params = [torch.nn.Parameter(torch.tensor(x, dtype=tdtype)) for x in p0]
     opt = lion_pytorch.Lion(params, **hp)
-    refs = [ReferenceNew("Lion", x, **hp) for x in p0]
+    refs = [OracleReference("Lion", x, **hp) for x in p0]
     for gs in gradients(SHAPES):
         for p, g, r in zip(params, gs, refs):
             p.grad = torch.tensor(g, dtype=tdtype)
@@ -301,7 +302,7 @@ def test_lion_matches_lion_pytorch(case, dtype):
 def test_lion_defaults_are_lion_pytorchs():
     lion_pytorch = pytest.importorskip("lion_pytorch")
     theirs = inspect.signature(lion_pytorch.Lion).parameters
-    mine = inspect.signature(ReferenceNew._lion).parameters
+    mine = inspect.signature(OracleReference._lion).parameters
     for key in ("lr", "betas", "weight_decay"):
         assert theirs[key].default == mine[key].default, key
 
@@ -338,7 +339,7 @@ def test_schedule_free_matches_reference(case, impl):
     p0 = initial(SHAPES)
     params = [torch.nn.Parameter(torch.tensor(x, dtype=tdtype)) for x in p0]
     opt = getattr(schedulefree, SF_CLASS[name])(params, foreach=(impl == "foreach"), **hp)
-    refs = [ReferenceNew(name, x, **hp) for x in p0]
+    refs = [OracleReference(name, x, **hp) for x in p0]
 
     def compare(what):
         for i, (p, r) in enumerate(zip(params, refs)):
@@ -394,7 +395,7 @@ def test_schedule_free_step_in_eval_mode_is_an_error_in_the_package():
 def test_schedule_free_defaults_are_the_packages(name):
     schedulefree = pytest.importorskip("schedulefree")
     theirs = inspect.signature(getattr(schedulefree, SF_CLASS[name])).parameters
-    mine = inspect.signature(getattr(ReferenceNew, "_" + name.lower())).parameters
+    mine = inspect.signature(getattr(OracleReference, "_" + name.lower())).parameters
     for key, par in mine.items():
         if key not in ("self", "g"):
             assert theirs[key].default == par.default, key
@@ -406,7 +407,7 @@ def test_schedule_free_defaults_are_the_packages(name):
 
 def run_reference(name, hp, shape=(6, 7), steps=STEPS, seed=3):
     (p0,) = initial([shape], seed=seed)
-    r = ReferenceNew(name, p0, **hp)
+    r = OracleReference(name, p0, **hp)
     if name in ("ScheduleFreeAdamW", "ScheduleFreeSGD"):
         r.train()
     for (g,) in gradients([shape], steps, seed=seed):
@@ -414,7 +415,7 @@ def run_reference(name, hp, shape=(6, 7), steps=STEPS, seed=3):
     return p0, r
 
 
-@pytest.mark.parametrize("case", NEW_CASES, ids=lambda c: case_id(*c))
+@pytest.mark.parametrize("case", ORACLE_CASES, ids=lambda c: case_id(*c))
 def test_every_case_runs_100_finite_steps(case):
     name, hp = case
     p0, r = run_reference(name, hp, steps=100)
@@ -425,7 +426,7 @@ def test_every_case_runs_100_finite_steps(case):
 
 def test_lion_moves_each_element_by_lr_or_not_at_all():
     p = np.linspace(-1, 1, 11)
-    r = ReferenceNew("Lion", p, lr=0.25)
+    r = OracleReference("Lion", p, lr=0.25)
     for g in ([1.0] * 5 + [0.0] + [-1.0] * 5, np.zeros(11)):
         before = r.p.copy()
         r.step(np.asarray(g))
@@ -435,7 +436,7 @@ def test_lion_moves_each_element_by_lr_or_not_at_all():
 def test_rprop_step_sizes_stay_in_bounds_and_flips_forget():
     _, r = run_reference("Rprop", dict(lr=0.01, step_sizes=(1e-3, 0.02)))
     assert r.state["step_size"].min() >= 1e-3 and r.state["step_size"].max() <= 0.02
-    r = ReferenceNew("Rprop", np.zeros(2), lr=0.1)
+    r = OracleReference("Rprop", np.zeros(2), lr=0.1)
     r.step(np.array([1.0, 1.0]))
     r.step(np.array([-1.0, 1.0]))  # first element flips: no move, prev forgets, step shrinks
     np.testing.assert_array_equal(r.state["prev"], [0.0, 1.0])
@@ -449,7 +450,7 @@ def test_adafactor_factors_a_rank_one_square_exactly():
     a, b = np.array([0.5, 1.0, 2.0]), np.array([1.0, 3.0, 0.25, 2.0])
     g = np.outer(a, b) * np.array([[1, -1, 1, 1], [-1, 1, 1, -1], [1, 1, -1, 1]])
     p0 = np.full((3, 4), 0.2)
-    r = ReferenceNew("Adafactor", p0, lr=0.5, eps=(1e-30, 1e-3))
+    r = OracleReference("Adafactor", p0, lr=0.5, eps=(1e-30, 1e-3))
     r.step(g)
     alpha = 0.2 * 0.5  # RMS(p) * min(lr, 1/sqrt(1))
     np.testing.assert_allclose(r.p, p0 - alpha * np.sign(g), rtol=1e-12)
@@ -458,11 +459,11 @@ def test_adafactor_factors_a_rank_one_square_exactly():
 
 def test_lamb_step_is_lr_times_norm_p_per_array():
     p0, r = run_reference("LAMB", dict(lr=1e-2), steps=1)
-    before = ReferenceNew("LAMB", p0, lr=1e-2)
+    before = OracleReference("LAMB", p0, lr=1e-2)
     np.testing.assert_allclose(
         np.linalg.norm(r.p - before.p), 1e-2 * np.linalg.norm(p0.astype(np.float64)), rtol=1e-12
     )
-    r = ReferenceNew("LAMB", np.zeros(4), lr=1e-2)  # norm(p) = 0: ratio 1, a plain Adam step
+    r = OracleReference("LAMB", np.zeros(4), lr=1e-2)  # norm(p) = 0: ratio 1, a plain Adam step
     r.step(np.array([1.0, -2.0, 0.0, 3.0]))
     np.testing.assert_allclose(r.p, -1e-2 * np.array([1, -1, 0, 1]) / (1 + 1e-6), rtol=1e-6)
 
@@ -472,7 +473,7 @@ def test_schedule_free_x_is_the_average_of_the_z_iterates(name):
     """With r = 0, weight_lr_power = 0 and no warmup every weight is 1: after t steps, x (the
     eval point) is the plain mean of z_1..z_t; and eval() then train() gives y back."""
     (p0,) = initial([(9,)])
-    r = ReferenceNew(name, p0, lr=0.05, weight_lr_power=0.0)
+    r = OracleReference(name, p0, lr=0.05, weight_lr_power=0.0)
     r.train()
     zs = []
     for (g,) in gradients([(9,)], 20):
