@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 import pytest
 from helpers import digest
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 from test_checkpoint import assert_refused, everything, grads, make_opt, rewrite, saved, stepped
 
 import optkern as ok

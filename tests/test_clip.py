@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 from helpers import bits, digest, make
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 

@@ -5,7 +5,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 

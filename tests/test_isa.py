@@ -5,7 +5,8 @@ other. The end-to-end OPTKERN_FORCE_ISA runs are the smoke tests of test_smoke.p
 import numpy as np
 import pytest
 from helpers import bits, gradient_sequence, make
-from reference import CASES, Reference, case_id
+from optim_db import CASES, case_id
+from reference import Reference
 from test_reference import check_against_reference, grads_for, initial
 
 import optkern as ok

@@ -6,7 +6,8 @@ import functools
 import numpy as np
 import pytest
 from helpers import gradient_sequence, make
-from reference import CASES, Reference, case_id
+from optim_db import CASES, case_id
+from reference import Reference
 
 import optkern as ok
 

@@ -14,7 +14,8 @@ import inspect
 
 import numpy as np
 import pytest
-from reference import ORACLE_CASES, OracleReference
+from optim_db import ENTRIES, entry, with_oracle
+from reference import OracleReference
 
 STEPS = 30
 TOL = {np.float32: (1e-5, 1e-6), np.float64: (1e-10, 1e-12)}
@@ -65,12 +66,15 @@ def assert_close(actual, expected, dtype, what):
 
 # -- torch.optim --------------------------------------------------------------------------------
 
-TORCH_RULES = ("NAdam", "RAdam", "ASGD", "Rprop", "Adafactor")
+#: Every rule whose torch oracle has inputs in torch's optim_db, and the option sets checked beside
+#: them, from the optimizer database.
+TORCH_RULES = tuple(e.name for e in with_oracle("torch") if e.oracle("torch").optim_db)
+ORACLE_CASES = [(e.name, hp) for e in ENTRIES for hp in e.oracle_cases]
 NOT_SEMANTICS = {"foreach", "differentiable", "capturable", "fused"}  # how torch runs, not what
 
 
 def torch_inputs():
-    """(name, kwargs) for every optim_db input of the new torch rules on CPU float32, and a skip
+    """(name, kwargs) for every optim_db input of the torch rules on CPU float32, and a skip
     (with its reason) for each one whose kwargs do not apply to a float array's update."""
     try:
         import torch
@@ -186,43 +190,35 @@ def test_reference_defaults_are_torchs(name):
     theirs = inspect.signature(getattr(torch.optim, name)).parameters
     mine = inspect.signature(getattr(OracleReference, "_" + name.lower())).parameters
     for key, par in mine.items():
-        if key not in ("self", "g"):
-            assert theirs[key].default == par.default, key
+        if key in ("self", "g"):
+            continue
+        if key not in theirs:  # a switch of the reference's own (Adam's decoupled: AdamW), off
+            assert par.default is False, key
+            continue
+        assert theirs[key].default == par.default, key
+    # what torch takes and the reference lacks, optkern's class lacks too (Adam's
+    # decoupled_weight_decay: optkern has AdamW for it)
     missing = set(theirs) - set(mine) - NOT_SEMANTICS - {"params", "maximize"}
-    assert not missing
+    assert not missing & set(inspect.signature(entry(name).cls).parameters)
 
 
 # -- optax: Lion and LAMB -----------------------------------------------------------------------
 
+#: The option sets of every rule with an optax oracle (optax has no maximize).
 OPTAX_CASES = [
-    ("Lion", dict()),
-    ("Lion", dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1)),
-    ("Lion", dict(lr=1e-3, betas=(0.0, 0.5), weight_decay=1e-3)),
-    ("Lion", dict(lr=1e-2, betas=(0.99, 0.9), weight_decay=1.0)),
-    ("LAMB", dict()),
-    ("LAMB", dict(weight_decay=0.01)),
-    ("LAMB", dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01)),
-    ("LAMB", dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.5)),
-    ("LAMB", dict(betas=(0.0, 0.0))),
+    (e.name, hp)
+    for e in with_oracle("optax")
+    for hp in (e.oracle_cases or e.cases)
+    if not hp.get("maximize")
 ]
 # The trust ratio is per array: one array of zeros (norm(p) = 0 until it moves) and one whose
 # gradient is always zero (norm(u) = 0 without decay) take the ratio 1.
 OPTAX_SHAPES = SHAPES + [(6, 6), (11,)]
 
 
-def optax_transform(optax, name, hp):
-    beta1, beta2 = hp.get("betas", (0.9, 0.99) if name == "Lion" else (0.9, 0.999))
-    if name == "Lion":
-        return optax.lion(
-            hp.get("lr", 1e-4), b1=beta1, b2=beta2, weight_decay=hp.get("weight_decay", 0.0)
-        )
-    return optax.lamb(
-        hp.get("lr", 1e-3),
-        b1=beta1,
-        b2=beta2,
-        eps=hp.get("eps", 1e-6),
-        weight_decay=hp.get("weight_decay", 0.0),
-    )
+def optax_transform(name, hp):
+    oracle = entry(name).oracle("optax")
+    return oracle.load()(**oracle.kwargs(entry(name), hp))
 
 
 def run_optax(name, hp, dtype, bad=None):
@@ -232,7 +228,7 @@ def run_optax(name, hp, dtype, bad=None):
     p0 = initial(OPTAX_SHAPES)
     p0[-2][...] = 0.0
     with jax.enable_x64(dtype == np.float64):
-        tx = optax_transform(optax, name, hp)
+        tx = optax_transform(name, hp)
         params = {f"p{i}": jnp.asarray(x, dtype=dtype) for i, x in enumerate(p0)}
         state = tx.init(params)
         refs = [OracleReference(name, x, **hp) for x in p0]
@@ -275,7 +271,9 @@ def test_optax_rule_nonfinite_gradients(case, bad):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(
-    "case", [c for c in OPTAX_CASES if c[0] == "Lion"], ids=lambda c: case_id(*c)
+    "case",
+    [(e.name, hp) for e in with_oracle("lion_pytorch") for hp in e.oracle_cases or e.cases],
+    ids=lambda c: case_id(*c),
 )
 def test_lion_matches_lion_pytorch(case, dtype):
     """lion-pytorch decays p before the signed step (p (1 - lr wd) - lr sign), optax adds wd p to
@@ -309,21 +307,12 @@ def test_lion_defaults_are_lion_pytorchs():
 
 # -- schedulefree -------------------------------------------------------------------------------
 
-SF_CASES = [
-    ("ScheduleFreeAdamW", dict()),
-    (
-        "ScheduleFreeAdamW",
-        dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0, weight_decay=0.01),
-    ),
-    ("ScheduleFreeAdamW", dict(betas=(0.95, 0.99), eps=1e-6, weight_lr_power=0.0)),
-    ("ScheduleFreeAdamW", dict(lr=0.01, warmup_steps=40, weight_decay=0.1)),  # warm all along
-    ("ScheduleFreeAdamW", dict(lr=5e-3, r=2.0, weight_lr_power=3.0, betas=(0.5, 0.9))),
-    ("ScheduleFreeSGD", dict(lr=0.1)),
-    ("ScheduleFreeSGD", dict()),
-    ("ScheduleFreeSGD", dict(lr=0.05, momentum=0.8, warmup_steps=10, r=1.0, weight_decay=0.01)),
-    ("ScheduleFreeSGD", dict(lr=0.2, momentum=0.5, warmup_steps=40, weight_lr_power=0.0)),
-]
-SF_CLASS = {"ScheduleFreeAdamW": "AdamWScheduleFree", "ScheduleFreeSGD": "SGDScheduleFree"}
+#: The option sets of every rule with a schedulefree oracle.
+SF_CASES = [(e.name, hp) for e in with_oracle("schedulefree") for hp in (e.oracle_cases or e.cases)]
+
+
+def sf_class(name):
+    return entry(name).oracle("schedulefree").load()
 
 
 @pytest.mark.parametrize("impl", ["single", "foreach", "float64"])
@@ -332,13 +321,14 @@ def test_schedule_free_matches_reference(case, impl):
     """Steps in train mode with one parameter skipped (no gradient) on every third step; an
     eval()/train() round trip in the middle (x compared); x compared at the end."""
     torch = pytest.importorskip("torch")
-    schedulefree = pytest.importorskip("schedulefree")
+    pytest.importorskip("schedulefree")
     name, hp = case
     dtype = np.float64 if impl == "float64" else np.float32
     tdtype = torch.float64 if impl == "float64" else torch.float32
     p0 = initial(SHAPES)
     params = [torch.nn.Parameter(torch.tensor(x, dtype=tdtype)) for x in p0]
-    opt = getattr(schedulefree, SF_CLASS[name])(params, foreach=(impl == "foreach"), **hp)
+    kwargs = entry(name).oracle("schedulefree").kwargs(entry(name), hp)
+    opt = sf_class(name)(params, foreach=(impl == "foreach"), **kwargs)
     refs = [OracleReference(name, x, **hp) for x in p0]
 
     def compare(what):
@@ -384,17 +374,17 @@ def test_schedule_free_matches_reference(case, impl):
 
 def test_schedule_free_step_in_eval_mode_is_an_error_in_the_package():
     torch = pytest.importorskip("torch")
-    schedulefree = pytest.importorskip("schedulefree")
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.ones(3)
-    with pytest.raises(Exception, match="train mode"):
-        schedulefree.AdamWScheduleFree([p]).step()
+    for e in with_oracle("schedulefree"):
+        with pytest.raises(Exception, match="train mode"):
+            sf_class(e.name)([p]).step()
 
 
-@pytest.mark.parametrize("name", ["ScheduleFreeAdamW", "ScheduleFreeSGD"])
+@pytest.mark.parametrize("name", [e.name for e in with_oracle("schedulefree")])
 def test_schedule_free_defaults_are_the_packages(name):
-    schedulefree = pytest.importorskip("schedulefree")
-    theirs = inspect.signature(getattr(schedulefree, SF_CLASS[name])).parameters
+    pytest.importorskip("schedulefree")
+    theirs = inspect.signature(sf_class(name)).parameters
     mine = inspect.signature(getattr(OracleReference, "_" + name.lower())).parameters
     for key, par in mine.items():
         if key not in ("self", "g"):
@@ -408,7 +398,7 @@ def test_schedule_free_defaults_are_the_packages(name):
 def run_reference(name, hp, shape=(6, 7), steps=STEPS, seed=3):
     (p0,) = initial([shape], seed=seed)
     r = OracleReference(name, p0, **hp)
-    if name in ("ScheduleFreeAdamW", "ScheduleFreeSGD"):
+    if entry(name).schedule_free:
         r.train()
     for (g,) in gradients([shape], steps, seed=seed):
         r.step(g)
@@ -468,7 +458,7 @@ def test_lamb_step_is_lr_times_norm_p_per_array():
     np.testing.assert_allclose(r.p, -1e-2 * np.array([1, -1, 0, 1]) / (1 + 1e-6), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ScheduleFreeAdamW", "ScheduleFreeSGD"])
+@pytest.mark.parametrize("name", [e.name for e in ENTRIES if e.schedule_free])
 def test_schedule_free_x_is_the_average_of_the_z_iterates(name):
     """With r = 0, weight_lr_power = 0 and no warmup every weight is 1: after t steps, x (the
     eval point) is the plain mean of z_1..z_t; and eval() then train() gives y back."""

@@ -13,7 +13,8 @@ import test_concurrency
 import test_fuzz
 import test_input_checks
 from helpers import digest
-from reference import CASES, Reference
+from optim_db import CASES
+from reference import Reference
 
 import optkern as ok
 from optkern import functional as F

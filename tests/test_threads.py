@@ -20,7 +20,7 @@ import threading
 import numpy as np
 import pytest
 from helpers import bits, step_bits
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 

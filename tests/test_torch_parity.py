@@ -5,7 +5,7 @@ option set, and a state_dict moves both ways between the two and training contin
 import numpy as np
 import pytest
 from helpers import gradient_sequence
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 
