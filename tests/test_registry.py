@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+import optim_db as db
 import test_concurrency
 import test_fuzz
 import test_input_checks
@@ -30,19 +31,12 @@ IDS = [r.cls for r in RULES]
 @pytest.mark.parametrize("rule", RULES, ids=IDS)
 def test_every_rule_is_in_every_test_and_benchmark_set(rule):
     assert hasattr(Reference, "_" + rule.cls.lower()), "no float64 reference formula"
-    assert rule.cls in {name for name, _ in CASES}, "no row in reference.CASES"
+    assert rule.cls in db.DB and db.entry(rule.cls).rule == rule, "not in optim_db"
+    assert rule.cls in {name for name, _ in CASES}, "no reference case in optim_db"
     assert any(f is getattr(F, rule.name + "_") for f, _, _ in test_input_checks.FUNCTIONS.values())
     assert rule.cls in {k for k, _ in test_input_checks.CLASSES}
     assert rule.cls in test_fuzz.CLASS_HPS
-    assert rule.name + "_" in test_fuzz.DERIVED or rule.name in (
-        "sgd",
-        "momentum",
-        "rmsprop",
-        "adagrad",
-        "adadelta",
-        "adam",
-        "adamw",
-    )
+    assert rule.name + "_" in test_fuzz.DERIVED + list(test_fuzz.HAND_DRAWN)
     assert rule.cls in {k for k, _ in test_concurrency.CONFIGS}
     assert any(
         rule.cls in (c.label, c.torch_name) or c.key == rule.name for c in bench_cases.CASES.values()
