@@ -311,6 +311,10 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(betas=(0.95, 0.99), eps=1e-6, weight_lr_power=0.0),
             dict(lr=0.01, warmup_steps=40, weight_decay=0.1),  # warming up all along
             dict(lr=5e-3, r=2.0, weight_lr_power=3.0, betas=(0.5, 0.9)),
+            dict(lr=1e-2, warmup_steps=10),
+            dict(lr=5e-3, weight_decay=0.1, r=0.5, weight_lr_power=1.0),
+            dict(lr=2e-3, betas=(0.5, 0.99), eps=1e-6, weight_lr_power=0.0, warmup_steps=50),
+            dict(lr=1e-3, r=2.0, weight_lr_power=3.0, warmup_steps=5),
         ],
     ),
     "ScheduleFreeSGD": dict(
@@ -326,6 +330,7 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(),
             dict(lr=0.05, momentum=0.8, warmup_steps=10, r=1.0, weight_decay=0.01),
             dict(lr=0.2, momentum=0.5, warmup_steps=40, weight_lr_power=0.0),
+            dict(lr=0.2, momentum=0.5, weight_lr_power=0.0, weight_decay=0.1),
         ],
     ),
     "Adafactor": dict(
