@@ -56,4 +56,5 @@ echo "== oracle tests: ${files[*]}"
 start=$SECONDS
 PYTHONPATH="$PWD/.ci${PYTHONPATH:+:$PYTHONPATH}" "$py" -m pytest -q -p no:cacheprovider \
   -p require_oracles -rs "${files[@]}"
-echo "== oracle stage: tests $((SECONDS - start))s, total ${SECONDS}s"
+echo "== oracle stage: tests $((SECONDS - start))s, total ${SECONDS}s; CPU (user system, this shell then its children):"
+times
