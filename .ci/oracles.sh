@@ -50,7 +50,7 @@ files=(tests/test_torch_parity.py tests/test_lr_scheduler_torch.py tests/test_cl
        tests/test_torch_adapter.py tests/test_oracle_parity.py)
 while IFS= read -r f; do
   [[ " ${files[*]} " == *" $f "* ]] || files+=("$f")
-done < <(grep -lE "importorskip\(\s*[\"'](torch|jax|optax|schedulefree|lion_pytorch|sklearn)|with_oracle\(|\.oracle\(" tests/*.py | sort)
+done < <(grep -lE "importorskip\(\s*[\"'](torch|jax|optax|schedulefree|lion_pytorch|sklearn)|with_oracle\(|\.oracle\(" tests/test_*.py | sort)
 
 echo "== oracle tests: ${files[*]}"
 start=$SECONDS
