@@ -188,7 +188,7 @@ HYPER = {
     [np.array("0.1"), np.array(b"0.1"), np.array(0.1, object), np.array("nan")],
     ids=["str", "bytes", "object", "str-nan"],
 )
-@pytest.mark.parametrize("kind", ["SGD", "Adam", "RMSprop"])
+@pytest.mark.parametrize("kind", db.NAMES)
 def test_zero_d_non_numeric_arrays_are_not_real_scalars(kind, value):
     """Finding: as_real took any 0-d array with __float__, and float() parses a 0-d string
     array, so lr=np.array("0.1") was accepted (and stored as 0.1)."""

@@ -291,7 +291,7 @@ def _shared_dir(tmp_path_factory):
     return COMM.bcast(path)
 
 
-@pytest.mark.parametrize("cls", [ok.Adam, ok.SGD, ok.Adagrad], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", ZERO_CLASSES, ids=lambda c: c.__name__)
 def test_sharded_checkpoint_resumes_bitwise_and_reshards(cls, tmp_path_factory):
     hyper = hyper_of(cls)
     root = _shared_dir(tmp_path_factory)
