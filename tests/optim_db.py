@@ -434,14 +434,16 @@ def all_states_on(rule: Rule) -> Dict[str, Any]:
 
 def derived_cases(rule: Rule) -> List[Dict[str, Any]]:
     """A new rule's reference cases from its declaration: the defaults; every optional state on,
-    a weight decay and maximize; each flag flipped on its own."""
-    rich = dict(all_states_on(rule), maximize=True)
+    a weight decay and maximize; each other flag flipped, with the optional states on (a flag
+    may need one: SGD's nesterov, a momentum)."""
+    on = all_states_on(rule)
+    rich = dict(on, maximize=True)
     if any(h.torch == "weight_decay" for h in rule.hyper):
         rich["weight_decay"] = 0.1
     out = [{}, rich]
     for h in rule.hyper:
         if h.range == "flag" and h.torch not in rich:
-            out.append({h.torch: not h.default})
+            out.append(dict(on, **{h.torch: not h.default}))
     return out
 
 
