@@ -7,6 +7,7 @@ import gc
 import warnings
 
 import numpy as np
+import optim_db as db
 import pytest
 
 import optkern as ok
@@ -37,10 +38,13 @@ class Model:
         }
 
 
-@pytest.mark.parametrize("name, hp", [("SGD", {}), ("SGD", {"momentum": 0.9}), ("Adam", {})])
+RICHEST = db.richest() + [("SGD", {})]  # every class with every state, and plain SGD (none)
+
+
+@pytest.mark.parametrize("name, hp", RICHEST, ids=[db.case_id(c) for c in RICHEST])
 def test_replaced_parameters_warn_once_each(name, hp):
     model = Model()
-    opt = getattr(ok, name)(list(model.params.values()), lr=0.1, **hp)
+    opt = getattr(ok, name)(list(model.params.values()), **hp)
     grads = grads_for(model.params.values())
     assert step_n(opt, grads, 3) == []
     model.params = {k: v.copy() for k, v in model.params.items()}  # the Solver's last line

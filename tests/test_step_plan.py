@@ -9,6 +9,7 @@ import pickle
 import threading
 
 import numpy as np
+import optim_db as db
 import pytest
 from helpers import bits
 
@@ -16,14 +17,10 @@ import optkern as ok
 
 SHAPES = [(6, 5), (5,), (5, 3), (3,)]
 
-CONFIGS = [
-    ("SGD", dict(lr=0.05)),
-    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
-    ("RMSprop", dict(lr=1e-2, centered=True, momentum=0.5)),
-    ("Adam", dict(lr=1e-2, amsgrad=True)),
-]
-CONFIGS += [(r.cls, {}) for r in ok.registry.rules() if r.cls not in {c for c, _ in CONFIGS}]
-IDS = [f"{c}-{i}" for i, (c, _) in enumerate(CONFIGS)]
+# Every class with every state buffer it can keep (optim_db's attack sets), and every reference
+# case (the options that change which branch a kernel takes).
+CONFIGS = db.attack_cases() + db.CASES
+IDS = [db.case_id(c) + f"-{i}" for i, c in enumerate(CONFIGS)]
 
 
 def arrays(seed, scale=1.0):

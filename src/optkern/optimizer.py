@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Mapping
@@ -457,7 +459,7 @@ class Optimizer:
                 "arrays. Silence: warnings.filterwarnings('ignore', "
                 "category=optkern.StaleParameterWarning), or opt.warn_stale = False.",
                 StaleParameterWarning,
-                stacklevel=3,
+                stacklevel=_outside_optkern(),
             )
 
     def _plan(self, grads: Sequence[Optional[np.ndarray]]) -> list:
@@ -795,6 +797,18 @@ def _kept_none(rule: Rule, given: Any, slot: int, name: str, core: Dict[str, Any
     except (TypeError, IndexError, KeyError):
         pass
     return core[name]
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _outside_optkern() -> int:
+    """The ``stacklevel`` of the first caller outside optkern, for a warning issued by the
+    function calling this (a subclass's step, ScheduleFree's say, adds frames in between)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class _Checked:
