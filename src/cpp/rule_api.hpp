@@ -268,8 +268,12 @@ template <class Fn>
 struct PerReal {
   Fn f32 = nullptr;
   Fn f64 = nullptr;
+  // Whether the rule declares the function. A flag, not `f32 != nullptr`: GCC does not treat a
+  // function's address compared with null as a constant under -fsanitize, and
+  // rules/host.cpp's static_assert reads this.
+  bool declared = false;
   constexpr Fn operator[](bool is_f64) const { return is_f64 ? f64 : f32; }
-  constexpr explicit operator bool() const { return f32 != nullptr; }
+  constexpr explicit operator bool() const { return declared; }
 };
 
 namespace detail {
@@ -310,7 +314,7 @@ using Erased = Erase<decltype(F), F>;
 // per_array, between or between_range function).
 template <auto F32, auto F64>
 constexpr PerReal<typename detail::Erased<F32>::Fn> per_real = {&detail::Erased<F32>::call,
-                                                                &detail::Erased<F64>::call};
+                                                                &detail::Erased<F64>::call, true};
 
 // One rule: what _core.rules() exports and _core.step runs. Declared with designated
 // initializers in its file's host part (fields in this order; the optional ones may be left out).
