@@ -1410,7 +1410,17 @@ py::dict build_info() {
   py::dict flags;
   for (const auto& [isa, f] : isa_build_flags()) flags[py::str(isa)] = f;
   info["isa_flags"] = flags;
+  // When a call uses more than one thread (multi_tensor.hpp): each thread's share must take
+  // min_us_per_thread on one thread, estimated at ns_per_work per unit of work; an element of a
+  // rule of weight w is w units.
   info["min_elements_per_thread"] = min_elements_per_thread();
+  info["min_us_per_thread"] = min_us_per_thread();
+  info["ns_per_work"] = ns_per_work();
+  py::dict by_weight;
+  for (std::size_t w : {WEIGHT_STREAMING, WEIGHT_DIVIDES}) {
+    by_weight[py::int_(w)] = (min_elements_per_thread() + w - 1) / w;
+  }
+  info["min_elements_per_thread_by_weight"] = by_weight;
   return info;
 }
 
@@ -1437,6 +1447,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("_set_min_elements_per_thread", &set_min_elements_per_thread, py::arg("n"),
         "Testing hook: the smallest share of elements worth a thread of its own.");
   m.def("_min_elements_per_thread", &min_elements_per_thread);
+  m.def(
+      "_split_threads",
+      [](std::size_t elements, std::size_t weight) {
+        return split_threads(elements * weight, num_threads(), min_elements_per_thread());
+      },
+      py::arg("elements"), py::arg("weight"),
+      "Testing hook: the threads a call of this many elements of this weight would use (before "
+      "the late-helper backoff).");
   m.def("_set_chunk_elements", &set_chunk_elements, py::arg("n"),
         "Testing hook: elements per chunk of a multi-threaded call (0: chosen by size).");
   m.def("_fail_thread_creation_after", &pool::fail_thread_creation_after, py::arg("k"),
@@ -1474,6 +1492,42 @@ PYBIND11_MODULE(_core, m) {
       },
       "Counters: multi-threaded calls, chunks run by helpers, calls whose helpers ran none, "
       "calls run alone because helpers had been late.");
+  m.def("_set_placement", &pool::set_placement);
+  m.def(
+      "_call_paid",
+      [](std::size_t chunks, std::size_t mine, int threads, double own_us, double wait_us) {
+        auto us = [](double v) {
+          return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+              std::chrono::duration<double, std::micro>(v));
+        };
+        return pool::paid(chunks, mine, threads, us(own_us), us(wait_us));
+      },
+      py::arg("chunks"), py::arg("mine"), py::arg("threads"), py::arg("own_us"), py::arg("wait_us"),
+      "Testing hook: whether a multi-threaded call with these counts and times paid for its "
+      "helpers (thread_pool.hpp).");
+  m.def("_set_policy", &pool::set_policy);
+  m.def("_pool_trace", &pool::trace, py::arg("on"),
+        "Benchmark hook: clear and start (or stop) recording each multi-threaded call's timings.");
+  m.def(
+      "_pool_take_trace",
+      [] {
+        py::list out;
+        for (const auto& t : pool::take_trace()) {
+          out.append(py::make_tuple(t.wake_us, t.caller_us, t.wait_us, t.chunks, t.helper_chunks,
+                                    t.caller_cpu, t.helper_cpu));
+        }
+        return out;
+      },
+      "Benchmark hook: the recorded calls as (wake_us, caller_us, wait_us, chunks, "
+      "helper_chunks, caller_cpu, helper_cpu), and clears them.");
+  m.def(
+      "_helper_wake_latencies",
+      [](int samples, int gap_us) {
+        py::gil_scoped_release nogil;
+        return pool::wake_latencies(samples, gap_us);
+      },
+      py::arg("samples"), py::arg("gap_us"),
+      "Benchmark hook: microseconds from a call to a helper running, per sample (-1: none).");
   m.def("_parse_thread_count",
         [](const std::string& s) { return pool::parse_thread_count(s.c_str()); });
   m.def("_cpus_from_cpu_max", &pool::cpus_from_cpu_max);

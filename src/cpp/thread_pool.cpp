@@ -15,6 +15,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
 #include <immintrin.h>
@@ -32,6 +33,8 @@
 #endif
 #if defined(__linux__)
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #if defined(OPTKERN_POSIX) && defined(OPTKERN_HAVE_THREADS)
 #include <dlfcn.h>
@@ -106,10 +109,17 @@ struct Pool {
   std::atomic<std::uint64_t> join{0};
   std::atomic<std::uint32_t> wanted{0};
   std::atomic<std::size_t> done{0};  // chunks finished
+  std::atomic<std::int64_t> helper_start{0};  // tracing: when a helper claimed its first chunk
+  std::atomic<int> helper_cpu{-1};
   std::mutex done_m;
   std::condition_variable done_cv;
 
   int helpers = 0;            // created (by owners only)
+  std::atomic<int> caller_cpu{-1};  // the CPU the current call's caller started on
+  std::mutex tid_m;
+  std::vector<long> tids;     // the helpers' kernel thread ids
+  int excluded_cpu = -1;      // the CPU the helpers' affinity leaves out (owners only)
+  std::size_t masked = 0;     // helpers whose affinity leaves it out
   bool refused = false;       // the system refused a thread: do not ask again (until a fork)
   std::atomic<int> alive{0};  // helpers running helper_main
 };
@@ -122,8 +132,26 @@ Pool* g_pool = nullptr;
 // Held by the thread whose call is running on the pool, and by fork's prepare handler.
 std::mutex g_owner;
 
+std::atomic<bool> g_tracing{false};
+std::atomic<int> g_placement{0};
+std::atomic<int> g_policy{1};
+constexpr auto SLOW_WAIT_FLOOR = std::chrono::microseconds(50);
+constexpr long SLOW_WAIT_CHUNKS = 4;
+std::vector<CallTrace> g_trace;  // guarded by g_owner
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+      .count();
+}
+int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
 // Claims and runs chunks of generation g until none is left; returns how many it ran.
-std::size_t work(Pool* p, std::uint32_t g) {
+std::size_t work(Pool* p, std::uint32_t g, bool helper) {
   for (std::size_t ran = 0;; ++ran) {
     std::uint64_t c = p->claim.load(std::memory_order_acquire);
     do {
@@ -134,6 +162,12 @@ std::size_t work(Pool* p, std::uint32_t g) {
                                              std::memory_order_acquire));
     // The call cannot end before this chunk is counted done, so its fields are still its own.
     const std::size_t n = p->chunks;
+    if (helper && ran == 0 && g_tracing.load(std::memory_order_relaxed)) {
+      std::int64_t zero = 0;
+      if (p->helper_start.compare_exchange_strong(zero, now_ns())) {
+        p->helper_cpu.store(current_cpu(), std::memory_order_relaxed);
+      }
+    }
     p->fn(p->ctx, n - static_cast<std::uint32_t>(c));
     if (p->done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
       std::lock_guard<std::mutex> lock(p->done_m);  // the caller may be asleep waiting for it
@@ -156,6 +190,12 @@ bool join(Pool* p, std::uint32_t g) {
 void helper_main(Pool* p, std::uint32_t seen) {
   t_in_pool = true;
   p->alive.fetch_add(1, std::memory_order_relaxed);
+#if defined(__linux__)
+  {
+    std::lock_guard<std::mutex> lock(p->tid_m);
+    p->tids.push_back(static_cast<long>(syscall(SYS_gettid)));
+  }
+#endif
   for (;;) {
     std::uint32_t g = seen;
     auto fresh = [&] { return (g = p->gen.load(std::memory_order_acquire)) != seen; };
@@ -165,7 +205,11 @@ void helper_main(Pool* p, std::uint32_t seen) {
       p->wake_cv.wait(lock, fresh);
     }
     seen = g;
-    if (!g_paused.load(std::memory_order_relaxed) && join(p, g)) work(p, g);
+    if (g_placement.load(std::memory_order_relaxed) == 2 &&
+        current_cpu() == p->caller_cpu.load(std::memory_order_relaxed)) {
+      continue;  // running here would take the caller's core
+    }
+    if (!g_paused.load(std::memory_order_relaxed) && join(p, g)) work(p, g, true);
   }
 }
 
@@ -364,10 +408,46 @@ void run_serial(std::size_t chunks, ChunkFn fn, void* ctx) {
   for (std::size_t i = 0; i < chunks; ++i) fn(ctx, i);
 }
 
-// optkern's pool: runs the chunks with up to threads - 1 helpers and returns how many the
-// calling thread ran, or NOT_RUN when no helper is available (the caller runs them serially).
+#if defined(__linux__)
+// Keeps the helpers off the caller's CPU: their affinity is the caller's minus that CPU.
+void exclude_cpu(Pool* p, int cpu) {
+  std::lock_guard<std::mutex> lock(p->tid_m);
+  if (cpu < 0 || (cpu == p->excluded_cpu && p->masked == p->tids.size())) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) != 0) return;
+  CPU_CLR(cpu, &set);
+  if (CPU_COUNT(&set) == 0) return;
+  for (long tid : p->tids) sched_setaffinity(static_cast<pid_t>(tid), sizeof set, &set);
+  p->excluded_cpu = cpu;
+  p->masked = p->tids.size();
+}
+#endif
+
+// What run_pool tells run(): the chunks the calling thread ran (NOT_RUN: no helper was available,
+// the caller runs them serially), the threads of the call, how long the caller worked on its own
+// chunks and how long it then waited for the helpers' last ones.
 constexpr std::size_t NOT_RUN = ~std::size_t{0};
-std::size_t run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
+struct PoolRun {
+  std::size_t mine = NOT_RUN;
+  int threads = 1;
+  Clock::duration own{}, wait{};
+};
+
+#if defined(__linux__)
+void include_caller_cpu(Pool* p) {
+  std::lock_guard<std::mutex> lock(p->tid_m);
+  if (p->excluded_cpu < 0) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) != 0) return;
+  for (long tid : p->tids) sched_setaffinity(static_cast<pid_t>(tid), sizeof set, &set);
+  p->excluded_cpu = -1;
+}
+#endif
+
+// optkern's pool: runs the chunks with up to threads - 1 helpers.
+PoolRun run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   Pool* p = pool();
   const int want = static_cast<int>(std::min<std::size_t>(chunks - 1, threads - 1));
   while (p->helpers < want && !p->refused) {
@@ -378,9 +458,20 @@ std::size_t run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
     }
   }
   const int helpers = std::min(want, p->helpers);
-  if (helpers == 0) return NOT_RUN;
+  PoolRun out;
+  if (helpers == 0) return out;
+  out.threads = helpers + 1;
 
   t_in_pool = true;
+  const bool tracing = g_tracing.load(std::memory_order_relaxed);
+  const auto t0 = Clock::now();
+  const int placement = g_placement.load(std::memory_order_relaxed);
+  p->caller_cpu.store(placement || tracing ? current_cpu() : -1, std::memory_order_relaxed);
+#if defined(__linux__)
+  if (placement == 1) exclude_cpu(p, p->caller_cpu.load(std::memory_order_relaxed));
+#endif
+  p->helper_start.store(0, std::memory_order_relaxed);
+  p->helper_cpu.store(-1, std::memory_order_relaxed);
   p->fn = fn;
   p->ctx = ctx;
   p->chunks = chunks;
@@ -399,15 +490,54 @@ std::size_t run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
     for (int i = 0; i < helpers; ++i) p->wake_cv.notify_one();
   }
   // The calling thread starts at once and takes whatever no helper has claimed.
-  const std::size_t mine = work(p, g);
+  out.mine = work(p, g, false);
+  const auto t1 = Clock::now();
   auto finished = [&] { return p->done.load(std::memory_order_acquire) == chunks; };
   if (!spin_until(finished, CALLER_SPIN)) {
+#if defined(__linux__)
+    // A helper holds a chunk and does not finish it: let it run on this CPU while we sleep.
+    if (placement == 1) include_caller_cpu(p);
+#endif
     std::unique_lock<std::mutex> lock(p->done_m);
     p->done_cv.wait(lock, finished);
   }
   t_in_pool = false;
-  return mine;
+  const auto t2 = Clock::now();
+  out.own = t1 - t0;
+  out.wait = t2 - t1;
+  if (tracing && g_trace.size() < (1u << 20)) {
+    const std::int64_t h = p->helper_start.load(std::memory_order_relaxed);
+    const std::int64_t start =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(t0.time_since_epoch()).count();
+    auto us = [](Clock::duration d) {
+      return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count() * 1e-3;
+    };
+    g_trace.push_back({h == 0 ? -1.0 : (h - start) * 1e-3, us(out.own), us(out.wait),
+                       static_cast<unsigned>(chunks), static_cast<unsigned>(chunks - out.mine),
+                       p->caller_cpu.load(std::memory_order_relaxed),
+                       p->helper_cpu.load(std::memory_order_relaxed)});
+  }
+  return out;
 }
+
+// Whether a multi-threaded call paid for its helpers: they ran at least half their fair share of
+// the chunks, and the caller did not wait long for their last ones (a helper descheduled while
+// it held a chunk). A call that did not pay counts towards the backoff.
+}  // namespace
+
+bool paid(std::size_t chunks, std::size_t mine, int threads, Clock::duration own,
+          Clock::duration wait) {
+  if (mine >= chunks) return false;
+  if (g_policy.load(std::memory_order_relaxed) == 0) return true;
+  const std::size_t helped = chunks - mine;
+  const std::size_t t = static_cast<std::size_t>(std::max(threads, 2));
+  if (2 * helped * t < chunks * (t - 1)) return false;
+  if (mine == 0) return true;  // the caller ran none: nothing to time a chunk by
+  const auto per_chunk = own / static_cast<long>(mine);
+  return wait <= SLOW_WAIT_FLOOR + SLOW_WAIT_CHUNKS * per_chunk;
+}
+
+namespace {
 
 }  // namespace
 
@@ -427,6 +557,7 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   std::unique_lock<std::mutex> owner(g_owner, std::try_to_lock);
   if (!owner.owns_lock()) return run_serial(chunks, fn, ctx);  // busy: run on this thread
   std::size_t mine;
+  bool ok;
   bool gomp = g_gomp.parallel != nullptr;
   if (gomp && g_gomp_skip > 0 && g_adaptive.load(std::memory_order_relaxed)) {
     --g_gomp_skip;  // the team was slow lately: this call runs on optkern's pool
@@ -439,15 +570,23 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
     team = static_cast<int>(std::min<std::size_t>(chunks, static_cast<std::size_t>(team)));
     if (team <= 1) return run_serial(chunks, fn, ctx);
     mine = run_gomp(chunks, static_cast<unsigned>(team), fn, ctx);
+    ok = paid(chunks, mine, team, Clock::duration::zero(), Clock::duration::zero());
   } else {
-    mine = run_pool(chunks, threads, fn, ctx);
-    if (mine == NOT_RUN) return run_serial(chunks, fn, ctx);
+    const PoolRun r = run_pool(chunks, threads, fn, ctx);
+    if (r.mine == NOT_RUN) return run_serial(chunks, fn, ctx);
+    mine = r.mine;
+    ok = paid(chunks, mine, r.threads, r.own, r.wait);
   }
   g_stat_calls.fetch_add(1, std::memory_order_relaxed);
   g_stat_helper_chunks.fetch_add(chunks - mine, std::memory_order_relaxed);
-  if (mine < chunks) {  // a helper helped
+  if (ok) {
     g_late_streak = 0;
-    g_backoff = 0;
+    if (g_policy.load(std::memory_order_relaxed) == 0 || g_backoff < 2 * FIRST_BACKOFF) {
+      g_backoff = 0;
+    } else {  // a probe that paid: back off half as long
+      g_backoff /= 2;
+      g_skip = g_backoff;
+    }
   } else {
     g_stat_late.fetch_add(1, std::memory_order_relaxed);
     if (g_backoff > 0) {  // a late probe after a backoff
@@ -688,6 +827,56 @@ Stats stats() {
           g_stat_gomp_calls.load(std::memory_order_relaxed),
           g_stat_gomp_slow.load(std::memory_order_relaxed),
           g_stat_gomp_pool.load(std::memory_order_relaxed)};
+}
+
+void set_placement(int mode) { g_placement.store(mode, std::memory_order_relaxed); }
+void set_policy(int mode) { g_policy.store(mode, std::memory_order_relaxed); }
+
+void trace(bool on) {
+  std::lock_guard<std::mutex> owner(g_owner);
+  g_trace.clear();
+  g_tracing.store(on, std::memory_order_relaxed);
+}
+
+std::vector<CallTrace> take_trace() {
+  std::lock_guard<std::mutex> owner(g_owner);
+  std::vector<CallTrace> out;
+  out.swap(g_trace);
+  return out;
+}
+
+std::vector<double> wake_latencies(int samples, int gap_us) {
+  std::vector<double> out;
+#if defined(OPTKERN_HAVE_THREADS)
+  struct Probe {
+    std::thread::id caller = std::this_thread::get_id();
+    std::int64_t t0 = 0;
+    std::atomic<std::int64_t> helper{0};
+  } probe;
+  for (int i = 0; i < samples; ++i) {
+    if (gap_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(gap_us));
+    probe.helper.store(0, std::memory_order_relaxed);
+    probe.t0 = now_ns();
+    run(2, 2,
+        [](void* ctx, std::size_t) {
+          Probe& pr = *static_cast<Probe*>(ctx);
+          if (std::this_thread::get_id() != pr.caller) {
+            pr.helper.store(now_ns(), std::memory_order_release);
+            return;
+          }
+          // The caller's chunk waits for a helper to start the other one (at most 100 ms).
+          spin_until([&] { return pr.helper.load(std::memory_order_acquire) != 0; },
+                     std::chrono::milliseconds(100));
+        },
+        &probe);
+    const std::int64_t h = probe.helper.load(std::memory_order_acquire);
+    out.push_back(h == 0 ? -1.0 : (h - probe.t0) * 1e-3);
+  }
+#else
+  (void)samples;
+  (void)gap_us;
+#endif
+  return out;
 }
 
 void set_spin_us(int us) {

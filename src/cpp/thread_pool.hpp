@@ -5,8 +5,10 @@
 // measurements behind each choice.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <string>
+#include <vector>
 
 namespace optkern {
 namespace pool {
@@ -42,6 +44,14 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx);
 std::string set_backend(const std::string& name, const std::string& path);
 std::string backend();
 std::string backend_library();  // the library's path for "gomp", else empty
+
+// Whether a multi-threaded call paid for its helpers (the late-helper backoff counts those that
+// did not): they ran at least half their fair share of the `chunks` (the calling thread ran
+// `mine`), and the calling thread, after `own` on its own chunks, waited at most `wait` for
+// theirs: no more than a floor plus a few of its own chunks' time (more: a helper descheduled
+// while holding a chunk).
+bool paid(std::size_t chunks, std::size_t mine, int threads, std::chrono::steady_clock::duration own,
+          std::chrono::steady_clock::duration wait);
 
 // The default thread count: OPTKERN_NUM_THREADS, else the first entry of OMP_NUM_THREADS, when
 // it is an integer in [1, MAX_THREADS]; otherwise the CPUs this process may use (its affinity
@@ -84,6 +94,24 @@ struct Stats {
 };
 Stats stats();
 int spin_us();
+
+// Benchmark hooks. trace(true) clears and starts a record of every multi-threaded call on the
+// pool: microseconds from publishing the call to a helper's first chunk (-1: helpers ran none),
+// the caller's own work until no chunk was left, its wait for the helpers' chunks after that;
+// chunks, those run by helpers, and the CPUs of the caller and of that helper.
+struct CallTrace {
+  double wake_us, caller_us, wait_us;
+  unsigned chunks, helper_chunks;
+  int caller_cpu, helper_cpu;
+};
+void trace(bool on);
+void set_placement(int mode);
+void set_policy(int mode);
+std::vector<CallTrace> take_trace();
+// `samples` calls of two chunks on two threads, `gap_us` apart (the helpers asleep between
+// them), the caller's chunk waiting for a helper to start the other: microseconds from the call
+// to a helper running (-1: none within 100 ms).
+std::vector<double> wake_latencies(int samples, int gap_us);
 
 }  // namespace pool
 }  // namespace optkern

@@ -12,6 +12,7 @@ from typing import Dict
 import optkern as ok
 
 from . import loops as _loops
+from . import threads as _threads
 from .cases import CASES, torch_available
 from .runner import (
     Progress,
@@ -21,7 +22,6 @@ from .runner import (
     run_clip,
     run_main,
     run_many_small,
-    run_threads,
     size_label,
     write_json,
     write_plot,
@@ -82,8 +82,31 @@ def add_parser(sub) -> None:
         nargs="+",
         default=STUDIES,
         choices=STUDIES,
-        help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
+        help="main: the table; small: 300 small buffers; threads: the update's median and p90 "
+        "on default threads against one thread, quiet and beside busy processes; "
         "clip: fused clipping; loops: inside an MLP's training loop (default: all)",
+    )
+    p.add_argument(
+        "--thread-sizes",
+        nargs="+",
+        default=[str(n) for n in _threads.DEFAULT_SIZES],
+        metavar="N",
+        help="elements of the threads study's one array (default: 10k to 10m)",
+    )
+    p.add_argument(
+        "--thread-conditions",
+        nargs="+",
+        default=list(_threads.CONDITIONS),
+        choices=list(_threads.CONDITIONS),
+        help="threads study: quiet; busy1, busy3: one or three other processes spinning "
+        "(default: all)",
+    )
+    p.add_argument(
+        "--thread-seconds",
+        type=float,
+        default=_threads.DEFAULT_SECONDS,
+        metavar="S",
+        help="threads study: seconds per optimizer and size (default %(default)s)",
     )
     p.add_argument(
         "--loops",
@@ -178,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     total = (
         (len(sizes) * len(cases) if "main" in studies else 0)
         + ("small" in studies)
-        + 6 * ("threads" in studies)
+        + (len(args.thread_conditions) if "threads" in studies else 0)
         + ("clip" in studies)
         + (len(args.loop_conditions) if "loops" in studies else 0)
     )
@@ -197,8 +220,17 @@ def run(args: argparse.Namespace) -> int:
         if "small" in studies:
             result["many_small"] = run_many_small(args.repeats, use_torch, progress)
         if "threads" in studies:
-            result["threads"] = run_threads(
-                [8_000, 32_000, 64_000, 128_000, 1_000_000, 10_000_000], args.repeats, progress
+            optimizers = (
+                args.optimizers if args.optimizers != list(CASES) else _threads.DEFAULT_OPTIMIZERS
+            )
+            result["threads"] = _threads.run_threads_study(
+                optimizers,
+                [parse_size(s) for s in args.thread_sizes],
+                args.thread_conditions,
+                args.thread_seconds,
+                args.threads,
+                progress,
+                show_progress=not args.quiet,
             )
         if "clip" in studies:
             result["clip"] = run_clip(50_000_000, args.repeats, progress)
@@ -255,13 +287,10 @@ def report(result: Dict[str, object]) -> None:
             )
         )
     if "threads" in result:
-        print("\nAdam, 1 thread against all of them:")
-        for r in result["threads"]:
-            print(
-                f"  {size_label(r['size']):>6}: {r['seconds_1'] * 1e6:10.1f} us -> "
-                f"{r['seconds_n'] * 1e6:10.1f} us with {r['threads']} threads "
-                f"({r['speedup']:.2f}x)"
-            )
+        print("\nDefault threads against one thread (stragglers):")
+        print(_threads.table(result["threads"]))
+        print("targets:")
+        print(_threads.target_lines(result["threads"]))
     if "clip" in result:
         c = result["clip"]
         print(
