@@ -1492,7 +1492,9 @@ PYBIND11_MODULE(_core, m) {
       },
       "Counters: multi-threaded calls, chunks run by helpers, calls whose helpers ran none, "
       "calls run alone because helpers had been late.");
-  m.def("_set_placement", &pool::set_placement);
+  m.def("_set_keep_off_caller_cpu", &pool::set_keep_off_caller_cpu, py::arg("on"),
+        "Benchmark hook: helpers stay off the calling thread's CPU (Linux; on by default).");
+  m.def("_keep_off_caller_cpu", &pool::keep_off_caller_cpu);
   m.def(
       "_call_paid",
       [](std::size_t chunks, std::size_t mine, int threads, double own_us, double wait_us) {
@@ -1505,7 +1507,6 @@ PYBIND11_MODULE(_core, m) {
       py::arg("chunks"), py::arg("mine"), py::arg("threads"), py::arg("own_us"), py::arg("wait_us"),
       "Testing hook: whether a multi-threaded call with these counts and times paid for its "
       "helpers (thread_pool.hpp).");
-  m.def("_set_policy", &pool::set_policy);
   m.def("_pool_trace", &pool::trace, py::arg("on"),
         "Benchmark hook: clear and start (or stop) recording each multi-threaded call's timings.");
   m.def(

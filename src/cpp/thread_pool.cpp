@@ -116,10 +116,10 @@ struct Pool {
 
   int helpers = 0;            // created (by owners only)
   std::atomic<int> caller_cpu{-1};  // the CPU the current call's caller started on
-  std::mutex tid_m;
-  std::vector<long> tids;     // the helpers' kernel thread ids
-  int excluded_cpu = -1;      // the CPU the helpers' affinity leaves out (owners only)
-  std::size_t masked = 0;     // helpers whose affinity leaves it out
+  std::mutex tid_m;                 // guards the next three
+  std::vector<long> tids;           // the helpers' kernel thread ids
+  int excluded_cpu = -1;            // the CPU the helpers' affinity leaves out (-1: none)
+  std::size_t masked = 0;           // helpers whose affinity place_helpers set
   bool refused = false;       // the system refused a thread: do not ask again (until a fork)
   std::atomic<int> alive{0};  // helpers running helper_main
 };
@@ -132,11 +132,14 @@ Pool* g_pool = nullptr;
 // Held by the thread whose call is running on the pool, and by fork's prepare handler.
 std::mutex g_owner;
 
-std::atomic<bool> g_tracing{false};
-std::atomic<int> g_placement{0};
-std::atomic<int> g_policy{1};
+// Helpers stay off the calling thread's CPU (run_pool). On by default; a benchmark hook.
+std::atomic<bool> g_keep_off{true};
+// A straggler (paid): the caller, after its own chunks, waited for a helper's chunk longer than
+// this floor plus this many of its own chunks' time.
 constexpr auto SLOW_WAIT_FLOOR = std::chrono::microseconds(50);
 constexpr long SLOW_WAIT_CHUNKS = 4;
+
+std::atomic<bool> g_tracing{false};
 std::vector<CallTrace> g_trace;  // guarded by g_owner
 std::int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
@@ -205,9 +208,11 @@ void helper_main(Pool* p, std::uint32_t seen) {
       p->wake_cv.wait(lock, fresh);
     }
     seen = g;
-    if (g_placement.load(std::memory_order_relaxed) == 2 &&
+    // A helper woken on the calling thread's CPU has taken it from the caller (run_pool keeps
+    // them apart; the caller may have moved since): it gives it back at once.
+    if (g_keep_off.load(std::memory_order_relaxed) &&
         current_cpu() == p->caller_cpu.load(std::memory_order_relaxed)) {
-      continue;  // running here would take the caller's core
+      continue;
     }
     if (!g_paused.load(std::memory_order_relaxed) && join(p, g)) work(p, g, true);
   }
@@ -409,15 +414,17 @@ void run_serial(std::size_t chunks, ChunkFn fn, void* ctx) {
 }
 
 #if defined(__linux__)
-// Keeps the helpers off the caller's CPU: their affinity is the caller's minus that CPU.
-void exclude_cpu(Pool* p, int cpu) {
+// The helpers' affinity: the calling thread's CPUs without `cpu` (the one it runs on), or all of
+// them (cpu < 0). Set only when it changes (a new CPU, a new helper): a sched_setaffinity per
+// helper then, nothing otherwise. A mask the system refuses leaves the helpers as they were.
+void place_helpers(Pool* p, int cpu) {
   std::lock_guard<std::mutex> lock(p->tid_m);
-  if (cpu < 0 || (cpu == p->excluded_cpu && p->masked == p->tids.size())) return;
+  if (cpu == p->excluded_cpu && p->masked == p->tids.size()) return;
   cpu_set_t set;
   CPU_ZERO(&set);
   if (sched_getaffinity(0, sizeof set, &set) != 0) return;
-  CPU_CLR(cpu, &set);
-  if (CPU_COUNT(&set) == 0) return;
+  if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_CLR(cpu, &set);
+  if (CPU_COUNT(&set) == 0) return;  // the caller may use one CPU only
   for (long tid : p->tids) sched_setaffinity(static_cast<pid_t>(tid), sizeof set, &set);
   p->excluded_cpu = cpu;
   p->masked = p->tids.size();
@@ -434,19 +441,15 @@ struct PoolRun {
   Clock::duration own{}, wait{};
 };
 
-#if defined(__linux__)
-void include_caller_cpu(Pool* p) {
-  std::lock_guard<std::mutex> lock(p->tid_m);
-  if (p->excluded_cpu < 0) return;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof set, &set) != 0) return;
-  for (long tid : p->tids) sched_setaffinity(static_cast<pid_t>(tid), sizeof set, &set);
-  p->excluded_cpu = -1;
-}
-#endif
-
 // optkern's pool: runs the chunks with up to threads - 1 helpers.
+//
+// Helpers stay off the calling thread's CPU. When no CPU is idle, Linux wakes a helper on the
+// CPU of the thread that woke it, where it preempts the caller; the helper runs the chunks while
+// the caller, which may hold one itself, waits behind every other runnable thread of that CPU
+// for a time slice (milliseconds) before it can finish the call. So while a call runs, the
+// helpers' affinity leaves out the CPU the caller runs on, and a helper that finds itself there
+// anyway takes no chunk. When the caller has to sleep until a helper finishes a chunk, the
+// helpers may use its CPU again.
 PoolRun run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   Pool* p = pool();
   const int want = static_cast<int>(std::min<std::size_t>(chunks - 1, threads - 1));
@@ -465,10 +468,11 @@ PoolRun run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   t_in_pool = true;
   const bool tracing = g_tracing.load(std::memory_order_relaxed);
   const auto t0 = Clock::now();
-  const int placement = g_placement.load(std::memory_order_relaxed);
-  p->caller_cpu.store(placement || tracing ? current_cpu() : -1, std::memory_order_relaxed);
+  const bool keep_off = g_keep_off.load(std::memory_order_relaxed);
+  const int cpu = keep_off || tracing ? current_cpu() : -1;
+  p->caller_cpu.store(keep_off ? cpu : -1, std::memory_order_relaxed);
 #if defined(__linux__)
-  if (placement == 1) exclude_cpu(p, p->caller_cpu.load(std::memory_order_relaxed));
+  if (keep_off) place_helpers(p, cpu);
 #endif
   p->helper_start.store(0, std::memory_order_relaxed);
   p->helper_cpu.store(-1, std::memory_order_relaxed);
@@ -495,8 +499,7 @@ PoolRun run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   auto finished = [&] { return p->done.load(std::memory_order_acquire) == chunks; };
   if (!spin_until(finished, CALLER_SPIN)) {
 #if defined(__linux__)
-    // A helper holds a chunk and does not finish it: let it run on this CPU while we sleep.
-    if (placement == 1) include_caller_cpu(p);
+    if (keep_off) place_helpers(p, -1);  // a helper holds a chunk: it may run here meanwhile
 #endif
     std::unique_lock<std::mutex> lock(p->done_m);
     p->done_cv.wait(lock, finished);
@@ -514,8 +517,7 @@ PoolRun run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
     };
     g_trace.push_back({h == 0 ? -1.0 : (h - start) * 1e-3, us(out.own), us(out.wait),
                        static_cast<unsigned>(chunks), static_cast<unsigned>(chunks - out.mine),
-                       p->caller_cpu.load(std::memory_order_relaxed),
-                       p->helper_cpu.load(std::memory_order_relaxed)});
+                       cpu, p->helper_cpu.load(std::memory_order_relaxed)});
   }
   return out;
 }
@@ -525,16 +527,17 @@ PoolRun run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
 // it held a chunk). A call that did not pay counts towards the backoff.
 }  // namespace
 
+bool straggled(std::size_t mine, Clock::duration own, Clock::duration wait) {
+  if (mine == 0) return false;  // the caller ran none: nothing to time a chunk by
+  return wait > SLOW_WAIT_FLOOR + SLOW_WAIT_CHUNKS * (own / static_cast<long>(mine));
+}
+
 bool paid(std::size_t chunks, std::size_t mine, int threads, Clock::duration own,
           Clock::duration wait) {
   if (mine >= chunks) return false;
-  if (g_policy.load(std::memory_order_relaxed) == 0) return true;
   const std::size_t helped = chunks - mine;
   const std::size_t t = static_cast<std::size_t>(std::max(threads, 2));
-  if (2 * helped * t < chunks * (t - 1)) return false;
-  if (mine == 0) return true;  // the caller ran none: nothing to time a chunk by
-  const auto per_chunk = own / static_cast<long>(mine);
-  return wait <= SLOW_WAIT_FLOOR + SLOW_WAIT_CHUNKS * per_chunk;
+  return 2 * helped * t >= chunks * (t - 1) && !straggled(mine, own, wait);
 }
 
 namespace {
@@ -557,7 +560,7 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   std::unique_lock<std::mutex> owner(g_owner, std::try_to_lock);
   if (!owner.owns_lock()) return run_serial(chunks, fn, ctx);  // busy: run on this thread
   std::size_t mine;
-  bool ok;
+  bool ok, slow = false;
   bool gomp = g_gomp.parallel != nullptr;
   if (gomp && g_gomp_skip > 0 && g_adaptive.load(std::memory_order_relaxed)) {
     --g_gomp_skip;  // the team was slow lately: this call runs on optkern's pool
@@ -576,12 +579,13 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
     if (r.mine == NOT_RUN) return run_serial(chunks, fn, ctx);
     mine = r.mine;
     ok = paid(chunks, mine, r.threads, r.own, r.wait);
+    slow = straggled(mine, r.own, r.wait);
   }
   g_stat_calls.fetch_add(1, std::memory_order_relaxed);
   g_stat_helper_chunks.fetch_add(chunks - mine, std::memory_order_relaxed);
   if (ok) {
     g_late_streak = 0;
-    if (g_policy.load(std::memory_order_relaxed) == 0 || g_backoff < 2 * FIRST_BACKOFF) {
+    if (g_backoff < 2 * FIRST_BACKOFF) {
       g_backoff = 0;
     } else {  // a probe that paid: back off half as long
       g_backoff /= 2;
@@ -592,7 +596,7 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
     if (g_backoff > 0) {  // a late probe after a backoff
       g_backoff = std::min(2 * g_backoff, MAX_BACKOFF);
       g_skip = g_backoff;
-    } else if (++g_late_streak >= LATE_CALLS) {
+    } else if (slow || ++g_late_streak >= LATE_CALLS) {  // a straggler: back off at once
       g_late_streak = 0;
       g_backoff = FIRST_BACKOFF;
       g_skip = g_backoff;
@@ -829,8 +833,8 @@ Stats stats() {
           g_stat_gomp_pool.load(std::memory_order_relaxed)};
 }
 
-void set_placement(int mode) { g_placement.store(mode, std::memory_order_relaxed); }
-void set_policy(int mode) { g_policy.store(mode, std::memory_order_relaxed); }
+void set_keep_off_caller_cpu(bool on) { g_keep_off.store(on, std::memory_order_relaxed); }
+bool keep_off_caller_cpu() { return g_keep_off.load(std::memory_order_relaxed); }
 
 void trace(bool on) {
   std::lock_guard<std::mutex> owner(g_owner);

@@ -52,6 +52,9 @@ std::string backend_library();  // the library's path for "gomp", else empty
 // while holding a chunk).
 bool paid(std::size_t chunks, std::size_t mine, int threads, std::chrono::steady_clock::duration own,
           std::chrono::steady_clock::duration wait);
+// The second condition alone: true when a helper held the caller back (straggled).
+bool straggled(std::size_t mine, std::chrono::steady_clock::duration own,
+               std::chrono::steady_clock::duration wait);
 
 // The default thread count: OPTKERN_NUM_THREADS, else the first entry of OMP_NUM_THREADS, when
 // it is an integer in [1, MAX_THREADS]; otherwise the CPUs this process may use (its affinity
@@ -105,8 +108,10 @@ struct CallTrace {
   int caller_cpu, helper_cpu;
 };
 void trace(bool on);
-void set_placement(int mode);
-void set_policy(int mode);
+// Benchmark hook: whether helpers stay off the calling thread's CPU (run_pool in
+// thread_pool.cpp; Linux; on by default).
+void set_keep_off_caller_cpu(bool on);
+bool keep_off_caller_cpu();
 std::vector<CallTrace> take_trace();
 // `samples` calls of two chunks on two threads, `gap_us` apart (the helpers asleep between
 // them), the caller's chunk waiting for a helper to start the other: microseconds from the call

@@ -47,6 +47,28 @@ def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
 
 
+def overhead(case) -> float:
+    """Seconds of a one-thread step of 64 elements (median): the fixed cost of a call, to take
+    off the per-element estimates."""
+    import optkern as ok
+
+    from .runner import arrays
+
+    step = case.optkern(arrays([64], seed=2, scale=0.5), arrays([64], seed=3, scale=0.01))
+    threads = ok.get_num_threads()
+    ok.set_num_threads(1)
+    try:
+        step()
+        xs = []
+        for _ in range(2000):
+            a = time.perf_counter()
+            step()
+            xs.append(time.perf_counter() - a)
+    finally:
+        ok.set_num_threads(threads)
+    return _pct(xs, 50)
+
+
 def measure(case, n: int, seconds: float, default_threads: int) -> Dict[str, object]:
     """One optimizer at one size: default threads and one thread, interleaved; every step's time."""
     import optkern as ok
@@ -116,6 +138,8 @@ def wake_latencies(samples: int = WAKE_SAMPLES) -> Dict[str, Dict[str, float]]:
                 else {}
             ),
         }
+    # The probe's calls count towards the late-helper backoff: start the measurements afresh.
+    ok._core._set_adaptive_threads(ok._core._adaptive_threads())
     return out
 
 
@@ -139,7 +163,10 @@ def run_worker(cfg: Dict[str, object]) -> Dict[str, object]:
     out["wake_us"] = wake_latencies() if threads > 1 else None
     rows = []
     total = len(cfg["sizes"]) * len(cfg["optimizers"])
+    out["overhead_us"] = {}
     for key in cfg["optimizers"]:
+        fixed = overhead(CASES[key])
+        out["overhead_us"][key] = fixed * 1e6
         for n in cfg["sizes"]:
             if cfg.get("progress"):
                 sys.stderr.write(
@@ -147,7 +174,10 @@ def run_worker(cfg: Dict[str, object]) -> Dict[str, object]:
                     f"{CASES[key].label} {n:<10}"
                 )
                 sys.stderr.flush()
-            rows.append(measure(CASES[key], int(n), float(cfg["seconds"]), threads))
+            row = measure(CASES[key], int(n), float(cfg["seconds"]), threads)
+            # One thread's time per element, the fixed cost of a call taken off.
+            row["ns_per_element_1t"] = (row["one"]["median"] - fixed) / int(n) * 1e9
+            rows.append(row)
     if cfg.get("progress"):
         sys.stderr.write("\r" + " " * 70 + "\r")
     out["rows"] = rows
@@ -237,12 +267,14 @@ def table(result: Dict[str, object]) -> str:
     head = (
         f"{'condition':<10}{'optimizer':<10}{'size':>9} | {'1 thread':>9}{'p90':>9} | "
         f"{'default':>9}{'p90':>9} | {'med x':>6}{'p90 x':>6} | {'helped':>7}{'unpaid':>7}{'alone':>7}"
+        f" | {'ns/el':>6}"
     )
     lines = [
         "update step, us (median and p90 over every step); x = default / one thread; helped = "
         "multi-threaded calls,",
         "unpaid = of those, calls whose helpers ran under half their share or held the caller "
-        "back; alone = calls the backoff ran on one thread",
+        "back; alone = calls the backoff ran on one thread; ns/el = one thread's time per "
+        "element, the fixed cost of a call taken off",
         head,
         "-" * len(head),
     ]
@@ -254,9 +286,19 @@ def table(result: Dict[str, object]) -> str:
                 f"{_us(r['one']['median'])}{_us(r['one']['p90'])} |"
                 f"{_us(r['default']['median'])}{_us(r['default']['p90'])} | "
                 f"{r['median_ratio']:6.2f}{r['p90_ratio']:6.2f} | "
-                f"{pool['calls']:7d}{pool['late_calls']:7d}{pool['serial_calls']:7d}"
+                f"{pool['calls']:7d}{pool['late_calls']:7d}{pool['serial_calls']:7d} | "
+                f"{r['ns_per_element_1t']:6.3f}"
                 + ("" if r["finite"] else "  (non-finite!)")
             )
+    if result["conditions"]:
+        info = result["conditions"][0]["build_info"]
+        by_weight = info.get("min_elements_per_thread_by_weight", {})
+        lines.append(
+            f"split rule of this build: each thread's share >= {info.get('min_us_per_thread')} us "
+            f"on one thread at {info.get('ns_per_work')} ns per unit: "
+            + ", ".join(f"{n} elements per thread at weight {w}" for w, n in by_weight.items())
+            + " (Adam: weight 4, SGD: 1)"
+        )
     for c in result["conditions"]:
         wake = c.get("wake_us")
         load = c.get("load_before")
