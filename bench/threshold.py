@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Where a second thread starts to pay: each optimizer's step at small sizes on 1 thread and on
-2 threads with no threshold at all, interleaved, minimum of repeats. The break-even sizes set
-DEFAULT_MIN_ELEMENTS_PER_THREAD and the work weights in src/cpp/multi_tensor.*.
+2 threads with no threshold at all, interleaved, minimum of repeats (a quiet machine's best
+case: the median and p90 are the threads study's, `python -m optkern bench --studies threads`).
+The build's threshold is a time per thread over a time per unit of work (src/cpp/multi_tensor.cpp,
+`python -m optkern info`); the "default" column shows where it puts these sizes.
 
 Usage: python bench/threshold.py
 """
@@ -11,7 +13,7 @@ import numpy as np
 import optkern as ok
 from optkern.benchmark.runner import compare, machine
 
-SIZES = [4096, 8192, 16384, 32768, 65536, 131072]
+SIZES = [16384, 32768, 65536, 131072, 262144, 524288]
 
 
 def main() -> None:

@@ -4,10 +4,17 @@
   time per thread over a time per element, as build_info states it).
 - Results bit-identical on 1, 2 and 3 threads right below, at and above the boundaries of the
   default threshold, for a rule of each weight.
-- A call whose helpers are held back (the paused-helpers hook) still finishes, with the same
-  results; the backoff after calls that did not pay.
+- Which calls pay for their helpers (the backoff counts those that do not; test_threads.py
+  tests the backoff with the paused-helpers hook).
+- Helpers kept off the calling thread's CPU; a caller pinned to one CPU still finishes.
 No timing is asserted: which calls pay depends on the machine.
 """
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -86,22 +93,6 @@ def test_bit_identical_at_the_boundaries(fn, weight):
             assert _run(fn, threads, n) == want, (n, threads)
 
 
-@pytest.mark.skipif(not THREADED, reason="single-threaded build")
-def test_paused_helpers_finish_and_back_off():
-    """Helpers held back take no chunk: every call still finishes, on the calling thread, with
-    the single-thread results; the pool counts the calls as not paid and backs off."""
-    n = 2 * (MIN // 4) + 1000
-    want = _run(_adam, 1, n, steps=12)
-    ok._core._pause_helpers(True)
-    before = ok._core._pool_stats()
-    got = _run(_adam, 2, n, steps=12)
-    after = ok._core._pool_stats()
-    assert got == want
-    d = {k: after[k] - before[k] for k in ("calls", "helper_chunks", "late_calls", "serial_calls")}
-    # calls 1, 2 not paid -> 3-6 alone -> 7 probes, not paid -> 8-12 alone (backoff 8)
-    assert d == {"calls": 3, "helper_chunks": 0, "late_calls": 3, "serial_calls": 9}
-
-
 @pytest.mark.parametrize(
     "chunks, mine, threads, own_us, wait_us, paid",
     [
@@ -120,3 +111,58 @@ def test_paused_helpers_finish_and_back_off():
 )
 def test_paid_rule(chunks, mine, threads, own_us, wait_us, paid):
     assert ok._core._call_paid(chunks, mine, threads, own_us, wait_us) is paid
+
+
+def python(code):
+    """Runs code in a fresh interpreter under a timeout; its stdout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPTKERN_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+KEEP_OFF = """
+import json, os, numpy as np, optkern as ok
+ok.set_num_threads(2)
+ok._core._set_min_elements_per_thread(1)
+ok._core._set_adaptive_threads(False)
+before = set(os.listdir("/proc/self/task"))
+p = np.zeros(200_000, np.float32); g = np.ones_like(p)
+import time
+deadline = time.monotonic() + 30  # a loaded machine may start the helper late
+while ok._core._pool_stats()["helper_chunks"] == 0 and time.monotonic() < deadline:
+    ok.functional.sgd_([p], [g], lr=0.5)
+ok._core._pool_trace(True)
+for _ in range(5):
+    ok.functional.sgd_([p], [g], lr=0.5)
+trace = ok._core._pool_take_trace()
+helpers = sorted(int(t) for t in set(os.listdir("/proc/self/task")) - before)
+print(json.dumps({"helpers": [sorted(os.sched_getaffinity(t)) for t in helpers],
+                  "mine": sorted(os.sched_getaffinity(0)), "last": trace[-1], "p": float(p[0]),
+                  "helped": ok._core._pool_stats()["helper_chunks"]}))
+"""
+
+
+@pytest.mark.skipif(not THREADED, reason="single-threaded build")
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux affinity")
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: [])(0)) < 2, reason="1 CPU")
+def test_helpers_kept_off_the_callers_cpu():
+    """After a multi-threaded call, the helper's affinity is the caller's CPUs without the one the
+    call started on (as the pool's trace recorded it), unless the caller slept waiting for a
+    helper's chunk (it waited over 50 us), which lets the helpers back onto its CPU."""
+    out = json.loads(python(KEEP_OFF))
+    assert out["p"] < 0 and out["helped"] > 0
+    (helper,) = out["helpers"]
+    mine, last = out["mine"], out["last"]
+    wait_us, cpu = last[2], last[5]
+    assert cpu in mine
+    if wait_us < 50:
+        assert helper == sorted(set(mine) - {cpu})
+    else:
+        assert helper == mine

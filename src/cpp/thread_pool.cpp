@@ -108,20 +108,20 @@ struct Pool {
   // (generation << 32) | helpers that joined; a call wants at most `wanted` of them.
   std::atomic<std::uint64_t> join{0};
   std::atomic<std::uint32_t> wanted{0};
-  std::atomic<std::size_t> done{0};  // chunks finished
+  std::atomic<std::size_t> done{0};           // chunks finished
   std::atomic<std::int64_t> helper_start{0};  // tracing: when a helper claimed its first chunk
   std::atomic<int> helper_cpu{-1};
   std::mutex done_m;
   std::condition_variable done_cv;
 
-  int helpers = 0;            // created (by owners only)
+  int helpers = 0;                  // created (by owners only)
   std::atomic<int> caller_cpu{-1};  // the CPU the current call's caller started on
   std::mutex tid_m;                 // guards the next three
   std::vector<long> tids;           // the helpers' kernel thread ids
   int excluded_cpu = -1;            // the CPU the helpers' affinity leaves out (-1: none)
   std::size_t masked = 0;           // helpers whose affinity place_helpers set
-  bool refused = false;       // the system refused a thread: do not ask again (until a fork)
-  std::atomic<int> alive{0};  // helpers running helper_main
+  bool refused = false;             // the system refused a thread: do not ask again (until a fork)
+  std::atomic<int> alive{0};        // helpers running helper_main
 };
 
 thread_local bool t_in_pool = false;  // a helper, or a caller inside run(): no nesting
@@ -516,8 +516,8 @@ PoolRun run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
       return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count() * 1e-3;
     };
     g_trace.push_back({h == 0 ? -1.0 : (h - start) * 1e-3, us(out.own), us(out.wait),
-                       static_cast<unsigned>(chunks), static_cast<unsigned>(chunks - out.mine),
-                       cpu, p->helper_cpu.load(std::memory_order_relaxed)});
+                       static_cast<unsigned>(chunks), static_cast<unsigned>(chunks - out.mine), cpu,
+                       p->helper_cpu.load(std::memory_order_relaxed)});
   }
   return out;
 }
@@ -540,9 +540,7 @@ bool paid(std::size_t chunks, std::size_t mine, int threads, Clock::duration own
   return 2 * helped * t >= chunks * (t - 1) && !straggled(mine, own, wait);
 }
 
-namespace {
-
-}  // namespace
+namespace {}  // namespace
 
 bool enabled() {
 #if defined(OPTKERN_HAVE_THREADS)
@@ -861,7 +859,8 @@ std::vector<double> wake_latencies(int samples, int gap_us) {
     if (gap_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(gap_us));
     probe.helper.store(0, std::memory_order_relaxed);
     probe.t0 = now_ns();
-    run(2, 2,
+    run(
+        2, 2,
         [](void* ctx, std::size_t) {
           Probe& pr = *static_cast<Probe*>(ctx);
           if (std::this_thread::get_id() != pr.caller) {

@@ -50,8 +50,8 @@ std::string backend_library();  // the library's path for "gomp", else empty
 // `mine`), and the calling thread, after `own` on its own chunks, waited at most `wait` for
 // theirs: no more than a floor plus a few of its own chunks' time (more: a helper descheduled
 // while holding a chunk).
-bool paid(std::size_t chunks, std::size_t mine, int threads, std::chrono::steady_clock::duration own,
-          std::chrono::steady_clock::duration wait);
+bool paid(std::size_t chunks, std::size_t mine, int threads,
+          std::chrono::steady_clock::duration own, std::chrono::steady_clock::duration wait);
 // The second condition alone: true when a helper held the caller back (straggled).
 bool straggled(std::size_t mine, std::chrono::steady_clock::duration own,
                std::chrono::steady_clock::duration wait);

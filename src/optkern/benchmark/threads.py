@@ -110,10 +110,17 @@ def measure(case, n: int, seconds: float, default_threads: int) -> Dict[str, obj
         "size": n,
         "rounds": rounds,
         "block": block,
-        "pool": {k: after[k] - before[k] for k in ("calls", "helper_chunks", "late_calls", "serial_calls")},
+        "pool": {
+            k: after[k] - before[k] for k in ("calls", "helper_chunks", "late_calls", "serial_calls")
+        },
     }
     for name, xs in times.items():
-        row[name] = {"median": _pct(xs, 50), "p90": _pct(xs, 90), "p99": _pct(xs, 99), "steps": len(xs)}
+        row[name] = {
+            "median": _pct(xs, 50),
+            "p90": _pct(xs, 90),
+            "p99": _pct(xs, 99),
+            "steps": len(xs),
+        }
     row["median_ratio"] = row["default"]["median"] / row["one"]["median"]
     row["p90_ratio"] = row["default"]["p90"] / row["one"]["p90"]
     row["finite"] = bool(np.all(np.isfinite(params[0])))
@@ -133,9 +140,7 @@ def wake_latencies(samples: int = WAKE_SAMPLES) -> Dict[str, Dict[str, float]]:
             "samples": int(xs.size),
             "none": int((xs < 0).sum()),
             **(
-                {"p50": _pct(ran, 50), "p90": _pct(ran, 90), "p99": _pct(ran, 99)}
-                if ran.size
-                else {}
+                {"p50": _pct(ran, 50), "p90": _pct(ran, 90), "p99": _pct(ran, 99)} if ran.size else {}
             ),
         }
     # The probe's calls count towards the late-helper backoff: start the measurements afresh.
@@ -287,8 +292,7 @@ def table(result: Dict[str, object]) -> str:
                 f"{_us(r['default']['median'])}{_us(r['default']['p90'])} | "
                 f"{r['median_ratio']:6.2f}{r['p90_ratio']:6.2f} | "
                 f"{pool['calls']:7d}{pool['late_calls']:7d}{pool['serial_calls']:7d} | "
-                f"{r['ns_per_element_1t']:6.3f}"
-                + ("" if r["finite"] else "  (non-finite!)")
+                f"{r['ns_per_element_1t']:6.3f}" + ("" if r["finite"] else "  (non-finite!)")
             )
     if result["conditions"]:
         info = result["conditions"][0]["build_info"]
