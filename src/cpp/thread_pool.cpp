@@ -58,12 +58,15 @@ constexpr auto CALLER_SPIN = std::chrono::microseconds(50);
 std::atomic<int> g_spin_us{0};
 std::atomic<long> g_fail_after{-1};
 
-// Late helpers. When no helper ran a single chunk of LATE_CALLS calls in a row (they woke after
-// the caller had taken every chunk: no free core, another library's threads spinning on it, a
-// busy machine), waking them only costs: a context switch that lands on the next matmul's
-// threads. The pool then runs the next `backoff` calls on the calling thread alone and probes
-// again; a late probe doubles the backoff (up to MAX_BACKOFF calls), a probe that a helper
-// helps ends it. Results do not change: the kernels are bit-identical for any thread count.
+// Helpers that do not pay (thread_pool.hpp, paid): they came late (the caller had taken every
+// chunk: no free core, another library's threads spinning on it, a busy machine), ran under half
+// their share, or one held the caller back. Waking them then only costs: a context switch that
+// lands on the next matmul's threads, or a time slice. After LATE_CALLS such calls in a row, or
+// one straggler, the pool runs the next `backoff` calls on the calling thread alone and probes
+// again: a probe that does not pay doubles the backoff (up to MAX_BACKOFF calls), one that pays
+// halves it (under 2 * FIRST_BACKOFF: over). On a machine with no idle CPU, about one call in
+// MAX_BACKOFF + 1 has helpers. Results do not change: the kernels are bit-identical for any
+// thread count.
 constexpr int LATE_CALLS = 2;
 constexpr int FIRST_BACKOFF = 4;
 constexpr int MAX_BACKOFF = 64;
@@ -134,8 +137,8 @@ std::mutex g_owner;
 
 // Helpers stay off the calling thread's CPU (run_pool). On by default; a benchmark hook.
 std::atomic<bool> g_keep_off{true};
-// A straggler (paid): the caller, after its own chunks, waited for a helper's chunk longer than
-// this floor plus this many of its own chunks' time.
+// A straggler (straggled): the caller, after its own chunks, waited for a helper's chunk longer
+// than this floor plus this many of its own chunks' time.
 constexpr auto SLOW_WAIT_FLOOR = std::chrono::microseconds(50);
 constexpr long SLOW_WAIT_CHUNKS = 4;
 
@@ -145,6 +148,7 @@ std::int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
       .count();
 }
+// The CPU this thread runs on, -1 when unknown (not Linux, or sched_getcpu failed).
 int current_cpu() {
 #if defined(__linux__)
   return sched_getcpu();
@@ -210,10 +214,8 @@ void helper_main(Pool* p, std::uint32_t seen) {
     seen = g;
     // A helper woken on the calling thread's CPU has taken it from the caller (run_pool keeps
     // them apart; the caller may have moved since): it gives it back at once.
-    if (g_keep_off.load(std::memory_order_relaxed) &&
-        current_cpu() == p->caller_cpu.load(std::memory_order_relaxed)) {
-      continue;
-    }
+    const int caller_cpu = p->caller_cpu.load(std::memory_order_relaxed);
+    if (caller_cpu >= 0 && current_cpu() == caller_cpu) continue;
     if (!g_paused.load(std::memory_order_relaxed) && join(p, g)) work(p, g, true);
   }
 }
@@ -522,10 +524,15 @@ PoolRun run_pool(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
   return out;
 }
 
-// Whether a multi-threaded call paid for its helpers: they ran at least half their fair share of
-// the chunks, and the caller did not wait long for their last ones (a helper descheduled while
-// it held a chunk). A call that did not pay counts towards the backoff.
 }  // namespace
+
+bool enabled() {
+#if defined(OPTKERN_HAVE_THREADS)
+  return true;
+#else
+  return false;
+#endif
+}
 
 bool straggled(std::size_t mine, Clock::duration own, Clock::duration wait) {
   if (mine == 0) return false;  // the caller ran none: nothing to time a chunk by
@@ -538,16 +545,6 @@ bool paid(std::size_t chunks, std::size_t mine, int threads, Clock::duration own
   const std::size_t helped = chunks - mine;
   const std::size_t t = static_cast<std::size_t>(std::max(threads, 2));
   return 2 * helped * t >= chunks * (t - 1) && !straggled(mine, own, wait);
-}
-
-namespace {}  // namespace
-
-bool enabled() {
-#if defined(OPTKERN_HAVE_THREADS)
-  return true;
-#else
-  return false;
-#endif
 }
 
 void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
@@ -591,7 +588,7 @@ void run(std::size_t chunks, int threads, ChunkFn fn, void* ctx) {
     }
   } else {
     g_stat_late.fetch_add(1, std::memory_order_relaxed);
-    if (g_backoff > 0) {  // a late probe after a backoff
+    if (g_backoff > 0) {  // a probe that did not pay
       g_backoff = std::min(2 * g_backoff, MAX_BACKOFF);
       g_skip = g_backoff;
     } else if (slow || ++g_late_streak >= LATE_CALLS) {  // a straggler: back off at once
@@ -854,10 +851,12 @@ std::vector<double> wake_latencies(int samples, int gap_us) {
     std::thread::id caller = std::this_thread::get_id();
     std::int64_t t0 = 0;
     std::atomic<std::int64_t> helper{0};
+    bool caller_waited = false;
   } probe;
   for (int i = 0; i < samples; ++i) {
     if (gap_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(gap_us));
     probe.helper.store(0, std::memory_order_relaxed);
+    probe.caller_waited = false;
     probe.t0 = now_ns();
     run(
         2, 2,
@@ -867,7 +866,10 @@ std::vector<double> wake_latencies(int samples, int gap_us) {
             pr.helper.store(now_ns(), std::memory_order_release);
             return;
           }
-          // The caller's chunk waits for a helper to start the other one (at most 100 ms).
+          // The caller's chunk waits for a helper to start the other one (at most 100 ms); when
+          // none came, the caller runs the other one too (the pool was busy: no helper).
+          if (pr.caller_waited) return;
+          pr.caller_waited = true;
           spin_until([&] { return pr.helper.load(std::memory_order_acquire) != 0; },
                      std::chrono::milliseconds(100));
         },

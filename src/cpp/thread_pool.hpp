@@ -1,8 +1,10 @@
 // optkern's own thread pool: the helpers that run the chunks of a large call beside the calling
 // thread. No OpenMP runtime: the helpers sleep when idle (they do not spin into the user's next
-// matmul), the calling thread starts work at once, and chunks are claimed one at a time, so a
-// helper that wakes late or is descheduled never holds a call back. docs/threading.md has the
-// measurements behind each choice.
+// matmul), the calling thread starts work at once, chunks are claimed one at a time (a helper
+// that wakes late takes only what is left), helpers stay off the caller's CPU, and calls whose
+// helpers came late or held the caller back (descheduled while holding a chunk) make the next
+// calls run on the caller alone for a while. docs/threading.md has the measurements behind each
+// choice.
 #pragma once
 
 #include <chrono>
@@ -78,17 +80,20 @@ void fail_thread_creation_after(long k);
 int helpers();
 // How long (microseconds) an idle helper checks for new work before it sleeps.
 void set_spin_us(int us);
-// Late helpers (thread_pool.cpp): after calls whose helpers ran no chunk, the next calls run on
-// the calling thread alone for a while. On by default; off for measurements (resets the state).
+// Helpers that do not pay (thread_pool.cpp): after calls whose helpers did not pay (paid, below),
+// the next calls run on the calling thread alone for a while. On by default; off for
+// measurements (resets the state).
 void set_adaptive(bool on);
-// True when the next call should run on the calling thread alone (helpers were late: it counts
-// the call as one of the backoff). Callers then take their single-thread path, unchunked.
+// True when the next call should run on the calling thread alone (helpers did not pay lately:
+// it counts the call as one of the backoff). Callers then take their single-thread path,
+// unchunked.
 bool skip_helpers();
 bool adaptive();
 // Testing hook: helpers wake but take no chunk, as if every one were late.
 void pause_helpers(bool paused);
 // Counters since the process started: multi-threaded calls, chunks the helpers ran, calls whose
-// helpers ran none, and calls run on the calling thread alone because helpers had been late;
+// helpers did not pay (late_calls: late, under half their share, or a straggler), and calls run
+// on the calling thread alone by the backoff;
 // for the "gomp" backend: calls on the OpenMP team, those whose closing barrier was slow, and
 // calls sent to optkern's pool after slow ones (thread_pool.cpp, "A slow team").
 struct Stats {
@@ -108,14 +113,14 @@ struct CallTrace {
   int caller_cpu, helper_cpu;
 };
 void trace(bool on);
+std::vector<CallTrace> take_trace();  // the record so far, cleared
 // Benchmark hook: whether helpers stay off the calling thread's CPU (run_pool in
 // thread_pool.cpp; Linux; on by default).
 void set_keep_off_caller_cpu(bool on);
 bool keep_off_caller_cpu();
-std::vector<CallTrace> take_trace();
-// `samples` calls of two chunks on two threads, `gap_us` apart (the helpers asleep between
-// them), the caller's chunk waiting for a helper to start the other: microseconds from the call
-// to a helper running (-1: none within 100 ms).
+// Benchmark hook: `samples` calls of two chunks on two threads, `gap_us` apart (the helpers
+// asleep between them), the caller's chunk waiting for a helper to start the other: microseconds
+// from the call to a helper running (-1: none within 100 ms).
 std::vector<double> wake_latencies(int samples, int gap_us);
 
 }  // namespace pool
