@@ -9,15 +9,17 @@ namespace optkern {
 namespace {
 
 // When a call is worth a second thread, in time. A helper that a call wakes starts running after
-// a wake-up latency: p50 5-17 us, p90 6-25 us on the 2-core AVX-512 VM (`python -m optkern
-// bench --studies threads` measures it: "helper wake-up"); the calling thread works meanwhile,
-// so a split of a call that takes T on one thread ends after about (T + wake) / 2. Each thread's
-// share must therefore take at least MIN_NS_PER_THREAD on one thread: T >= 40 us for two
-// threads, where even a p90 wake-up leaves a clear gain and a helper that comes too late costs
-// little against the call. The work is estimated from its size: NS_PER_WORK nanoseconds per
-// element of the cheapest update (SGD, WEIGHT_STREAMING), measured on one thread with the data
-// in L2 (where small calls live), and WEIGHT_DIVIDES of them for an element of a rule with a
-// square root and a division (Adam measured 4-5x SGD's time per element).
+// a wake-up latency: p50 5-17 us, p90 6-25 us on the 2-core AVX-512 VM with no other load
+// (`python -m optkern bench --studies threads` measures it: "helper wake-up"); the calling
+// thread works meanwhile, so a split of a call that takes T on one thread ends after about
+// (T + wake) / 2. Each thread's share must therefore take at least MIN_NS_PER_THREAD on one
+// thread: T >= 40 us for two threads, where even a p90 wake-up leaves a clear gain (0.8 T) and a
+// helper that comes too late costs little against the call. The time is estimated from the
+// size: NS_PER_WORK per unit of work, an element of weight w being w units. Measured on one
+// thread (docs/threading.md): Adam 0.41-0.59 ns per element (WEIGHT_DIVIDES = 4 units) from L2
+// sizes to 200K elements, plain SGD 0.06-0.13 (WEIGHT_STREAMING = 1 unit); at the sizes where
+// the threshold falls both take at least NS_PER_WORK per unit, so calls split later than
+// MIN_NS_PER_THREAD says, not earlier.
 constexpr double MIN_NS_PER_THREAD = 20000.0;
 constexpr double NS_PER_WORK = 0.1;
 constexpr std::size_t DEFAULT_MIN_ELEMENTS_PER_THREAD =
