@@ -166,3 +166,17 @@ def test_helpers_kept_off_the_callers_cpu():
         assert helper == sorted(set(mine) - {cpu})
     else:
         assert helper == mine
+
+
+def test_info_states_the_threshold(capsys):
+    """`python -m optkern info` states the threshold as a time and in elements per weight, with
+    the rules of each weight."""
+    from optkern.__main__ import main
+
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"at least {INFO['min_us_per_thread']:g} us on one thread" in text
+    assert f"{INFO['ns_per_work']:g} ns per element of weight 1" in text
+    for w, n in INFO["min_elements_per_thread_by_weight"].items():
+        assert f"{n} elements at weight {w}" in text
+    assert "(SGD," in text and "Adam," in text
