@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Helpers kept off the calling thread's CPU, or not: the threads study's measurement (the
-update's median and p90 on default threads against one thread) with `_core._set_keep_off_caller_cpu`
+update's median and p90 on default threads against one thread) with `_core._testing.set_keep_off_caller_cpu`
 on and off, each variant in its own process, the variants alternated REPS times, beside 0, 1 and
-3 spinning processes. Every multi-threaded call is traced (`_core._pool_trace`): "on caller's
+3 spinning processes. Every multi-threaded call is traced (`_core._testing.pool_trace`): "on caller's
 CPU" is the share of calls whose helper ran its first chunk on the CPU the caller started on,
 with the p90 of those calls' time and of the others'. The figures behind "Helpers stay off the
 calling thread's CPU" in docs/threading.md.
@@ -28,14 +28,14 @@ import optkern as ok
 from optkern.benchmark import threads
 from optkern.benchmark.cases import CASES
 cfg = json.loads(sys.argv[1])
-ok._core._set_keep_off_caller_cpu(cfg["keep_off"])
+ok._core._testing.set_keep_off_caller_cpu(cfg["keep_off"])
 rows = []
 for k in cfg["optimizers"]:
     for n in cfg["sizes"]:
-        ok._core._pool_trace(True)
+        ok._core._testing.pool_trace(True)
         row = threads.measure(CASES[k], n, cfg["seconds"], ok.get_num_threads())
-        trace = ok._core._pool_take_trace()
-        ok._core._pool_trace(False)
+        trace = ok._core._testing.pool_take_trace()
+        ok._core._testing.pool_trace(False)
         # (wake_us, caller_us, wait_us, chunks, helper_chunks, caller_cpu, helper_cpu)
         row["same"] = [t[1] + t[2] for t in trace if t[0] >= 0 and t[5] == t[6]]
         row["other"] = [t[1] + t[2] for t in trace if not (t[0] >= 0 and t[5] == t[6])]

@@ -31,9 +31,9 @@ MIN = INFO["min_elements_per_thread"]
 @pytest.fixture(autouse=True)
 def _restore_pool_hooks():
     yield
-    ok._core._set_chunk_elements(0)
-    ok._core._pause_helpers(False)
-    ok._core._set_adaptive_threads(True)
+    ok._core._testing.set_chunk_elements(0)
+    ok._core._testing.pause_helpers(False)
+    ok._core._testing.set_adaptive_threads(True)
 
 
 def test_threshold_is_a_time_over_a_time_per_element():
@@ -49,7 +49,7 @@ def test_threshold_is_a_time_over_a_time_per_element():
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_split_decision(weight, threads):
     ok.set_num_threads(threads)
-    split = ok._core._split_threads
+    split = ok._core._testing.split_threads
     per = MIN // weight  # elements per thread at this weight (MIN is a multiple of 4)
     assert MIN % 4 == 0
     assert split(0, weight) == 1
@@ -59,7 +59,7 @@ def test_split_decision(weight, threads):
     assert split(3 * per, weight) == min(3, threads)
     assert split(1000 * per, weight) == threads
     # The testing hook moves the threshold; the decision follows it.
-    ok._core._set_min_elements_per_thread(1)
+    ok._core._testing.set_min_elements_per_thread(1)
     assert split(threads, 1) == threads and split(1, 1) == 1
 
 
@@ -110,7 +110,7 @@ def test_bit_identical_at_the_boundaries(fn, weight):
     ],
 )
 def test_paid_rule(chunks, mine, threads, own_us, wait_us, paid):
-    assert ok._core._call_paid(chunks, mine, threads, own_us, wait_us) is paid
+    assert ok._core._testing.call_paid(chunks, mine, threads, own_us, wait_us) is paid
 
 
 def python(code):
@@ -130,22 +130,22 @@ def python(code):
 KEEP_OFF = """
 import json, os, numpy as np, optkern as ok
 ok.set_num_threads(2)
-ok._core._set_min_elements_per_thread(1)
-ok._core._set_adaptive_threads(False)
+ok._core._testing.set_min_elements_per_thread(1)
+ok._core._testing.set_adaptive_threads(False)
 before = set(os.listdir("/proc/self/task"))
 p = np.zeros(200_000, np.float32); g = np.ones_like(p)
 import time
 deadline = time.monotonic() + 30  # a loaded machine may start the helper late
-while ok._core._pool_stats()["helper_chunks"] == 0 and time.monotonic() < deadline:
+while ok._core._testing.pool_stats()["helper_chunks"] == 0 and time.monotonic() < deadline:
     ok.functional.sgd_([p], [g], lr=0.5)
-ok._core._pool_trace(True)
+ok._core._testing.pool_trace(True)
 for _ in range(5):
     ok.functional.sgd_([p], [g], lr=0.5)
-trace = ok._core._pool_take_trace()
+trace = ok._core._testing.pool_take_trace()
 helpers = sorted(int(t) for t in set(os.listdir("/proc/self/task")) - before)
 print(json.dumps({"helpers": [sorted(os.sched_getaffinity(t)) for t in helpers],
                   "mine": sorted(os.sched_getaffinity(0)), "last": trace[-1], "p": float(p[0]),
-                  "helped": ok._core._pool_stats()["helper_chunks"]}))
+                  "helped": ok._core._testing.pool_stats()["helper_chunks"]}))
 """
 
 

@@ -13,7 +13,7 @@ for each condition in its own worker process (a fresh thread pool):
 For each optimizer and size, the step on default threads and on one thread run in blocks of
 about 10 ms, interleaved in a new random order every round, each step timed on its own; the rows
 report the median and p90 over all steps. Each condition also measures how long a helper takes
-to start running after a call wakes it (``_core._helper_wake_latencies``), and every row carries
+to start running after a call wakes it (``_core._testing.helper_wake_latencies``), and every row carries
 the pool's counters over its steps (multi-threaded calls, chunks the helpers ran, calls that did
 not pay, calls run alone by the backoff).
 """
@@ -85,7 +85,7 @@ def measure(case, n: int, seconds: float, default_threads: int) -> Dict[str, obj
     step()
     block = max(1, min(1000, math.ceil(BLOCK_SECONDS / max(time.perf_counter() - t0, 1e-7))))
     times: Dict[str, List[float]] = {name: [] for name in variants}
-    before = ok._core._pool_stats()
+    before = ok._core._testing.pool_stats()
     clock = time.perf_counter
     start = clock()
     rounds = 0
@@ -103,7 +103,7 @@ def measure(case, n: int, seconds: float, default_threads: int) -> Dict[str, obj
             rounds += 1
     finally:
         ok.set_num_threads(default_threads)
-    after = ok._core._pool_stats()
+    after = ok._core._testing.pool_stats()
     row: Dict[str, object] = {
         "optimizer": case.key,
         "label": case.label,
@@ -134,7 +134,7 @@ def wake_latencies(samples: int = WAKE_SAMPLES) -> Dict[str, Dict[str, float]]:
 
     out = {}
     for label, gap in (("back_to_back", 0), ("after_1ms", 1000)):
-        xs = np.asarray(ok._core._helper_wake_latencies(samples, gap), dtype=np.float64)
+        xs = np.asarray(ok._core._testing.helper_wake_latencies(samples, gap), dtype=np.float64)
         ran = xs[xs >= 0]
         out[label] = {
             "samples": int(xs.size),
@@ -144,7 +144,7 @@ def wake_latencies(samples: int = WAKE_SAMPLES) -> Dict[str, Dict[str, float]]:
             ),
         }
     # The probe's calls count towards the late-helper backoff: start the measurements afresh.
-    ok._core._set_adaptive_threads(ok._core._adaptive_threads())
+    ok._core._testing.set_adaptive_threads(ok._core._testing.adaptive_threads())
     return out
 
 
