@@ -11,6 +11,7 @@
   environment are what they were before optkern was imported and used.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import threading
 import numpy as np
 import pytest
 from helpers import bits, step_bits
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 
@@ -144,6 +145,12 @@ def python(code, env=None, timeout=120):
 NUM_THREADS = "import optkern; print(optkern.get_num_threads())"
 
 
+@functools.lru_cache(maxsize=None)
+def default_thread_count():
+    """A fresh interpreter's thread count without either variable (once per run)."""
+    return python(NUM_THREADS)
+
+
 @pytest.mark.skipif(not THREADED, reason="single-threaded build")
 @pytest.mark.parametrize(
     "env, want",
@@ -162,7 +169,7 @@ def test_environment_is_honoured(env, want):
 @pytest.mark.skipif(not THREADED, reason="single-threaded build")
 @pytest.mark.parametrize("value", ["0", "-2", "abc", "", "2.5", "3x", str(MAX_THREADS + 1), "9" * 30])
 def test_invalid_environment_is_ignored(value):
-    default = python(NUM_THREADS)
+    default = default_thread_count()
     assert python(NUM_THREADS, {"OPTKERN_NUM_THREADS": value}) == default
     assert python(NUM_THREADS, {"OMP_NUM_THREADS": value}) == default
     # An invalid OPTKERN_NUM_THREADS falls through to a valid OMP_NUM_THREADS.
@@ -437,6 +444,13 @@ ok._core._testing.set_min_elements_per_thread(1)
 p = np.arange(500_000, dtype=np.float32); opt = ok.AdamW([p])
 for _ in range(3):
     opt.step([np.ones_like(p)], max_grad_norm=1.0)
+if WITH_TORCH:  # optkern.torch builds torch.optim optimizers at import (torch's dynamo import)
+    import optkern.torch as okt
+    t = torch.zeros(500_000, requires_grad=True); topt = okt.Adam([t])
+    for _ in range(3):
+        t.grad = torch.ones_like(t); topt.step(); topt.zero_grad()
+    torch.optim.SGD([t], lr=0.1).step()
+    okt.Adam([t]).state_dict()
 after = state()
 print(json.dumps([before == after, before["blas"], before["torch"],
                   {k: (before[k], after[k]) for k in before if before[k] != after[k]}],
@@ -444,10 +458,14 @@ print(json.dumps([before == after, before["blas"], before["torch"],
 """
 
 
-def test_no_side_effects():
+@pytest.mark.parametrize("with_torch", [False, True], ids=["numpy", "optkern.torch"])
+def test_no_side_effects(with_torch):
     import json
 
-    same, blas, torch_threads, diff = json.loads(python(SIDE_EFFECTS, {"OMP_NUM_THREADS": "2"}))
+    if with_torch:
+        pytest.importorskip("torch")
+    script = f"WITH_TORCH = {with_torch}\n" + SIDE_EFFECTS
+    same, blas, torch_threads, diff = json.loads(python(script, {"OMP_NUM_THREADS": "2"}))
     assert same, diff
     # What was compared (for the record; either may be absent).
     print("BLAS pools:", blas, "torch threads:", torch_threads)

@@ -9,7 +9,7 @@ namespace optkern {
 namespace {
 
 // When a call is worth a second thread, in time. A helper that a call wakes starts running after
-// a wake-up latency: p50 5-17 us, p90 6-25 us on the 2-core AVX-512 VM with no other load
+// a wake-up latency: p50 2-17 us, p90 3-25 us on the 2-core AVX-512 VM with no other load
 // (`python -m optkern bench --studies threads` measures it: "helper wake-up"); the calling
 // thread works meanwhile, so a split of a call that takes T on one thread ends after about
 // (T + wake) / 2. Each thread's share must therefore take at least MIN_NS_PER_THREAD on one

@@ -148,6 +148,32 @@ def wake_latencies(samples: int = WAKE_SAMPLES) -> Dict[str, Dict[str, float]]:
     return out
 
 
+def placement_rows(cfg: Dict[str, object]) -> List[Dict[str, object]]:
+    """The study ``thread-placement``'s worker (a fresh process): ``measure`` with helpers kept
+    off the caller's CPU or not (cfg["keep_off"]), every multi-threaded call traced: the time
+    (caller's work and wait, us) of the calls whose helper ran its first chunk on the CPU the
+    caller started on ("same") and of the others."""
+    import optkern as ok
+
+    from .cases import CASES
+
+    testing = ok._core._testing
+    testing.set_keep_off_caller_cpu(bool(cfg["keep_off"]))
+    rows = []
+    for key in cfg["optimizers"]:
+        for n in cfg["sizes"]:
+            testing.pool_trace(True)
+            row = measure(CASES[key], int(n), float(cfg["seconds"]), ok.get_num_threads())
+            trace = testing.pool_take_trace()
+            testing.pool_trace(False)
+            # (wake_us, caller_us, wait_us, chunks, helper_chunks, caller_cpu, helper_cpu)
+            same = [t[0] >= 0 and t[5] == t[6] for t in trace]
+            row["same"] = [t[1] + t[2] for t, s in zip(trace, same) if s]
+            row["other"] = [t[1] + t[2] for t, s in zip(trace, same) if not s]
+            rows.append(row)
+    return rows
+
+
 def run_worker(cfg: Dict[str, object]) -> Dict[str, object]:
     """One condition, in this (fresh) process: every optimizer at every size."""
     import optkern as ok
