@@ -23,13 +23,13 @@ CONFIGS = db.attack_cases() + db.CASES
 IDS = [db.case_id(c) + f"-{i}" for i, c in enumerate(CONFIGS)]
 
 
-def arrays(seed, scale=1.0):
+def arrays(seed, scale=1.0, dtypes=(np.float32,) * len(SHAPES)):
     rng = np.random.default_rng(seed)
-    return [(rng.standard_normal(s) * scale).astype(np.float32) for s in SHAPES]
+    return [(rng.standard_normal(s) * scale).astype(t) for s, t in zip(SHAPES, dtypes)]
 
 
-def build(name, hp, seed=0):
-    params = arrays(seed)
+def build(name, hp, seed=0, dtypes=(np.float32,) * len(SHAPES)):
+    params = arrays(seed, dtypes=dtypes)
     return getattr(ok, name)(params, **hp), params
 
 
@@ -224,7 +224,8 @@ def test_arrays_changed_in_place_are_checked_again():
     "bad, error",
     [
         (lambda g, p: g[:3], ValueError),
-        (lambda g, p: [g[0].astype(np.float64)] + g[1:], TypeError),
+        (lambda g, p: [g[0].astype(np.float16)] + g[1:], TypeError),
+        (lambda g, p: [g[0].astype(np.float64).view(np.int64)] + g[1:], TypeError),
         (lambda g, p: [g[0].T] + g[1:], ValueError),
         (lambda g, p: [np.asfortranarray(g[0])] + g[1:], ValueError),
         (lambda g, p: [p[0]] + g[1:], ValueError),  # the parameter itself
@@ -445,3 +446,103 @@ def test_python_code_run_by_a_lookup_may_step_again():
         ref.step(g)
     assert opt.step_count == 3
     assert snapshot(opt, params) == snapshot(ref, ref_params)
+
+
+# Element types: the plan's kernels are chosen per (parameter, gradient) type by the step that
+# made it; a float64 group, a group mixing both types and gradients of the other type keep a
+# plan, and any change of type (a gradient's, a parameter's or a state's) is checked again.
+F32, F64 = np.float32, np.float64
+MIXED = (F64, F32, F32, F64)
+LAYOUTS = {  # parameters' types, gradients' types
+    "float64": ((F64,) * 4, (F64,) * 4),
+    "mixed": (MIXED, MIXED),
+    "crossed": (MIXED, tuple(F32 if t is F64 else F64 for t in MIXED)),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("name, hp", CONFIGS, ids=IDS)
+def test_kept_plan_in_float64_and_mixed_groups_matches_the_whole_path(name, hp, layout, monkeypatch):
+    ptypes, gtypes = LAYOUTS[layout]
+    a, pa = build(name, hp, dtypes=ptypes)
+    b, pb = build(name, hp, dtypes=ptypes)
+    whole_path_only(b)
+    whole = count_whole_steps(monkeypatch, a)
+    lr = a.param_groups[0]["lr"]
+    for t in range(6):
+        g = arrays(100 + t, 0.1, gtypes)
+        if t == 3:
+            for opt in (a, b):
+                opt.param_groups[0]["lr"] = lr * 0.7
+        a.step(g)
+        b.step([x.copy() for x in g])
+        assert snapshot(a, pa) == snapshot(b, pb), t
+    assert [p.dtype for p in pa] == list(map(np.dtype, ptypes))
+    assert len(whole) == 1, "steps after the first should take the kept plan"
+
+
+def test_a_gradient_of_another_type_is_checked_again(monkeypatch):
+    """The plan made with one set of gradient types hands a step with other types to the whole
+    path (whose kernels convert them), which makes a plan for those; bit for bit throughout."""
+    crossed = LAYOUTS["crossed"][1]
+    a, pa = build("Adam", dict(lr=1e-2), dtypes=MIXED)
+    b, pb = build("Adam", dict(lr=1e-2), dtypes=MIXED)
+    whole_path_only(b)
+    whole = []
+    real = a._plan
+    monkeypatch.setattr(a, "_plan", lambda grads: (whole.append(t), real(grads))[1])
+    kinds = [MIXED, MIXED, crossed, crossed, MIXED, (F64,) * 4, (F64,) * 4, MIXED]
+    for t, gtypes in enumerate(kinds):
+        g = arrays(t, 0.1, gtypes)
+        a.step(g)
+        b.step(g)
+        assert snapshot(a, pa) == snapshot(b, pb), t
+        assert all(x.dtype == y for x, y in zip(pa, MIXED))
+    assert whole == [0, 2, 4, 5, 7]
+
+
+def _same_outcome(a, pa, b, pb, g):
+    """a.step(g) and b.step(g) raise the same error, or none, and leave the same state."""
+    errors = []
+    for opt in (a, b):
+        try:
+            opt.step(g)
+            errors.append(None)
+        except (TypeError, ValueError) as e:
+            errors.append((type(e), str(e)))
+    assert errors[0] == errors[1]
+    assert snapshot(a, pa) == snapshot(b, pb)
+    return errors[0]
+
+
+@pytest.mark.parametrize("dtypes", [(F32,) * 4, (F64,) * 4, MIXED], ids=["f32", "f64", "mixed"])
+def test_a_type_changed_in_place_is_checked_again(dtypes):
+    """A parameter or state array whose dtype is changed in place (same memory, another type),
+    or a state array replaced by one of the other type: the same error as the whole path, then
+    steps go on once it is undone."""
+    a, pa = build("Adam", dict(lr=1e-2), dtypes=dtypes)
+    b, pb = build("Adam", dict(lr=1e-2), dtypes=dtypes)
+    whole_path_only(b)
+    for t in range(2):
+        g = arrays(t, 0.1, dtypes)
+        a.step(g)
+        b.step(g)
+    assert a._step_plan is not None
+    g = arrays(5, 0.1, dtypes)
+    same = np.int32 if dtypes[0] is F32 else np.int64
+    for opt_params in (pa, pb):
+        opt_params[0].dtype = same  # same itemsize, same shape
+    assert _same_outcome(a, pa, b, pb, g)[0] is TypeError
+    for opt_params in (pa, pb):
+        opt_params[0].dtype = dtypes[0]
+    other = F64 if dtypes[1] is F32 else F32
+    for opt, params in ((a, pa), (b, pb)):
+        s = opt.state[params[1]]
+        s["exp_avg"] = s["exp_avg"].astype(other)
+    assert _same_outcome(a, pa, b, pb, g)[0] is TypeError
+    for opt, params in ((a, pa), (b, pb)):
+        s = opt.state[params[1]]
+        s["exp_avg"] = s["exp_avg"].astype(dtypes[1])
+    assert _same_outcome(a, pa, b, pb, g) is None
+    assert _same_outcome(a, pa, b, pb, arrays(6, 0.1, dtypes)) is None
+    assert a._step_plan is not None and a.step_count == 4

@@ -403,7 +403,12 @@ class StepPlan {
       }
       throw py::value_error("a hyperparameter the plan cannot read");
     }
-    if (h != P.h_) throw py::value_error("the group's values are not those of its update");
+    // (None is kept as a NaN: equal to itself here)
+    if (!std::equal(h.begin(), h.end(), P.h_.begin(), P.h_.end(), [](double a, double b) {
+          return a == b || (std::isnan(a) && std::isnan(b));
+        })) {
+      throw py::value_error("the group's values are not those of its update");
+    }
     G.h = G.h_next = h;
     for (std::size_t s = 0; s < r.states.size(); ++s)
       G.needed.push_back(state_needed(r, r.states[s], h));

@@ -14,9 +14,9 @@ people write by hand, each run with its own NumPy update lines and with optkern 
 - ``mlp64``: a 64-30-10 sigmoid MLP (quadratic cost) on 8x8 digits, trained with mini-batch SGD
   (batch 10) whose learning rate is set before every batch, in float64.
 
-Every program computes fresh gradient arrays each iteration, as such programs do. A program whose
-dtype optkern does not accept yet is measured with its NumPy update only (``optkern_skipped``
-says why). Each one is written for this benchmark; none is copied from anywhere.
+Every program computes fresh gradient arrays each iteration, as such programs do, and keeps its
+own dtype: optkern steps the float64 programs' arrays in float64, with no conversion. Each one is
+written for this benchmark; none is copied from anywhere.
 """
 
 from __future__ import annotations
@@ -28,20 +28,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["PROGRAMS", "Program", "measure_program", "optkern_refuses"]
+__all__ = ["PROGRAMS", "Program", "measure_program"]
 
 VARIANTS = ["numpy", "optkern", "optkern_1t"]
-
-
-def optkern_refuses(dtype: np.dtype) -> Optional[str]:
-    """Why optkern cannot step parameters of ``dtype`` here (its message), or None."""
-    import optkern as ok
-
-    try:
-        ok.SGD([np.zeros(2, dtype)], lr=0.1).step([np.zeros(2, dtype)])
-    except (TypeError, ValueError) as e:
-        return str(e).splitlines()[0]
-    return None
 
 
 # -- a character-level RNN with Adagrad (float64) ------------------------------------------------------
@@ -512,8 +501,7 @@ def measure_program(
     import optkern as ok
 
     default_threads = ok.get_num_threads()
-    skipped = optkern_refuses(np.dtype(program.dtype))
-    variants = [v for v in VARIANTS if v == "numpy" or skipped is None]
+    variants = VARIANTS
     inst = {v: program.build(seed, optimizer, v) for v in variants}
 
     def segment(name: str, count: int) -> Tuple[float, List[float], List[float]]:
@@ -575,23 +563,20 @@ def measure_program(
         "rounds": rounds,
         "steps": steps,
         "threads": default_threads,
-        "optkern_skipped": skipped,
         "final_loss": {name: float(inst[name].loss()) for name in variants},
         "finite": all(bool(np.all(np.isfinite(p))) for r in inst.values() for p in r.params()),
         "seconds": out,
         "raw_seconds": raw,
+        "loop_ratio": out["optkern"]["iteration"] / out["numpy"]["iteration"],
+        "loop_ratio_1t": out["optkern_1t"]["iteration"] / out["numpy"]["iteration"],
+        "update_ratio": out["optkern"]["update_median"] / out["numpy"]["update_median"],
+        "p90_vs_1t": out["optkern"]["update_p90"] / out["optkern_1t"]["update_p90"],
     }
-    if skipped is None:
-        row["loop_ratio"] = out["optkern"]["iteration"] / out["numpy"]["iteration"]
-        row["loop_ratio_1t"] = out["optkern_1t"]["iteration"] / out["numpy"]["iteration"]
-        row["update_ratio"] = out["optkern"]["update_median"] / out["numpy"]["update_median"]
-        row["p90_vs_1t"] = out["optkern"]["update_p90"] / out["optkern_1t"]["update_p90"]
     return row
 
 
 def program_targets(rows: List[Tuple[str, Dict[str, object]]]) -> List[Dict[str, object]]:
-    """The issue's targets over (condition, row) pairs that ran optkern."""
-    ran = [(c, r) for c, r in rows if r.get("optkern_skipped") is None]
+    """The issue's targets over (condition, row) pairs."""
     checks = [
         ("program loop optkern/numpy <= 1.0", lambda r: True, "loop_ratio", 1.0),
         (
@@ -604,7 +589,7 @@ def program_targets(rows: List[Tuple[str, Dict[str, object]]]) -> List[Dict[str,
     ]
     out = []
     for name, applies, key, limit in checks:
-        items = [(c, r) for c, r in ran if applies(r)]
+        items = [(c, r) for c, r in rows if applies(r)]
         if not items:
             continue
         worst = max(items, key=lambda cr: cr[1][key])
@@ -626,13 +611,6 @@ def program_targets(rows: List[Tuple[str, Dict[str, object]]]) -> List[Dict[str,
                     "limit": limit,
                 },
             }
-        )
-    skipped = sorted(
-        {(r["program"], r["optkern_skipped"]) for _, r in rows if r.get("optkern_skipped")}
-    )
-    for key, why in skipped:
-        out.append(
-            {"target": f"{key}: optkern not measured", "met": False, "failures": [why], "worst": None}
         )
     return out
 
@@ -659,19 +637,13 @@ def table(conditions: List[Dict[str, object]]) -> str:
                 f"{r['label']:<24}{r['optimizer_label']:<18}{c['condition']:<7}"
                 f"{npy['iteration'] * 1e6:8.1f}"
             )
-            if r["optkern_skipped"]:
-                line += (
-                    f"{'-':>9}{'':>6}{'-':>8}{'':>6} | {npy['update_median'] * 1e6:8.1f}"
-                    f"{npy['update_p90'] * 1e6:8.1f} | optkern: {r['optkern_skipped'][:60]}"
-                )
-            else:
-                o, o1 = s["optkern"], s["optkern_1t"]
-                line += (
-                    f"{o['iteration'] * 1e6:9.1f}{r['loop_ratio']:6.2f}{o1['iteration'] * 1e6:8.1f}"
-                    f"{r['loop_ratio_1t']:6.2f} | {npy['update_median'] * 1e6:8.1f}"
-                    f"{npy['update_p90'] * 1e6:8.1f} | {o['update_median'] * 1e6:8.1f}"
-                    f"{o['update_p90'] * 1e6:8.1f} | {o1['update_median'] * 1e6:8.1f}"
-                    f"{o1['update_p90'] * 1e6:8.1f}{r['p90_vs_1t']:8.2f}"
-                )
+            o, o1 = s["optkern"], s["optkern_1t"]
+            line += (
+                f"{o['iteration'] * 1e6:9.1f}{r['loop_ratio']:6.2f}{o1['iteration'] * 1e6:8.1f}"
+                f"{r['loop_ratio_1t']:6.2f} | {npy['update_median'] * 1e6:8.1f}"
+                f"{npy['update_p90'] * 1e6:8.1f} | {o['update_median'] * 1e6:8.1f}"
+                f"{o['update_p90'] * 1e6:8.1f} | {o1['update_median'] * 1e6:8.1f}"
+                f"{o1['update_p90'] * 1e6:8.1f}{r['p90_vs_1t']:8.2f}"
+            )
             lines.append(line + ("" if r["finite"] else "  (non-finite!)"))
     return "\n".join(lines)
