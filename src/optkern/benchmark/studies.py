@@ -18,7 +18,11 @@ the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by defa
   the in-place streaming bandwidth measured in the same run;
 * ``torch-phases`` (needs torch): zero_grad, forward, backward and step timed inside the torch
   training loop of ``bench --torch``, for torch fused, optkern.torch (2 threads and 1) and torch
-  foreach.
+  foreach;
+* ``step-cost``: the fixed cost of a small step (optkern/benchmark/step_cost.py): SGD and Adam on
+  a 4-array model against NumPy's in-place updates, a hyperparameter written before each step,
+  the functional call per call and per array, the stale-parameter check per array, in float32
+  and float64 (repeats: rounds).
 
 Each returns a JSON-able dict whose ``"text"`` is what it prints.
 """
@@ -40,6 +44,7 @@ import numpy as np
 import optkern as ok
 
 from .runner import compare, shuffled_times
+from .step_cost import step_cost
 
 NAMES = [
     "threshold",
@@ -48,6 +53,7 @@ NAMES = [
     "pass-bounds",
     "torch-bandwidth",
     "torch-phases",
+    "step-cost",
 ]
 #: repeats (rounds for torch-phases) when --repeats is not given
 DEFAULT_REPEATS = {
@@ -57,6 +63,7 @@ DEFAULT_REPEATS = {
     "pass-bounds": 9,
     "torch-bandwidth": 9,
     "torch-phases": 30,
+    "step-cost": 41,
 }
 NEEDS_TORCH = {"torch-bandwidth", "torch-phases"}
 
@@ -439,4 +446,5 @@ def run_study(name: str, repeats: int) -> Dict[str, Any]:
         "pass-bounds": pass_bounds,
         "torch-bandwidth": torch_bandwidth,
         "torch-phases": torch_phases,
+        "step-cost": step_cost,
     }[name](repeats)
