@@ -3,16 +3,18 @@ update on a 4-array model (shapes (64, 30), (30,), (30, 10), (10,): a 64-30-10 M
 writing a new hyperparameter value before each step, the functional call's cost per call and per
 array, and the stale-parameter check's cost per array, in float32 and float64.
 
-Every case is a callable timed in batches of calls; the cases of one figure are interleaved
-(A B C, A B C, ...) over ``rounds`` rounds, and each figure reports the median (and min) over
-rounds of the time per call. The targets are issue 23's (item 2, and item 5's check cost).
+Every case is a callable timed in short batches of calls (about BATCH_SECONDS each, so that on a
+loaded machine most batches run without being descheduled); the cases of one figure are
+interleaved (A B C, A B C, ...) over ``rounds`` rounds, and each figure reports the median (and
+min) over rounds of the time per call. The targets are issue 23's (item 2, and item 5's check
+cost).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from optkern import functional as F
 SHAPES = [(64, 30), (30,), (30, 10), (10,)]
 FIGURES = ["sgd", "adam", "lr", "functional", "stale"]
 DTYPES = ("float32", "float64")
+BATCH_SECONDS = 100e-6  # one timed batch of a case: a descheduling (milliseconds) spoils few
 
 
 def model(dtype, seed: int = 0):
@@ -32,21 +35,37 @@ def model(dtype, seed: int = 0):
 
 
 def interleaved(
-    cases: Dict[str, Callable[[], None]], rounds: int, batch: int
+    cases: Dict[str, Callable[[], None]], rounds: int, batch: Optional[int] = None
 ) -> Dict[str, List[float]]:
-    """Seconds per call of each case in each round, the cases interleaved within a round."""
-    for f in cases.values():  # warm: first steps make state and plans
+    """Seconds per call of each case in each round, the cases interleaved within a round; each
+    case's calls per batch are ``batch``, or as many as take about BATCH_SECONDS."""
+    clock = time.perf_counter
+    batches = {}
+    for name, f in cases.items():  # warm: first steps make state and plans
+        t0 = clock()
         for _ in range(200):
             f()
+        once = min((clock() - t0) / 200, _best_call(f))
+        batches[name] = batch or max(5, min(2000, round(BATCH_SECONDS / max(once, 1e-8))))
     out: Dict[str, List[float]] = {k: [] for k in cases}
-    clock = time.perf_counter
     for _ in range(rounds):
         for name, f in cases.items():
+            n = batches[name]
             t0 = clock()
-            for _ in range(batch):
+            for _ in range(n):
                 f()
-            out[name].append((clock() - t0) / batch)
+            out[name].append((clock() - t0) / n)
     return out
+
+
+def _best_call(f: Callable[[], None], tries: int = 20) -> float:
+    clock = time.perf_counter
+    best = float("inf")
+    for _ in range(tries):
+        t0 = clock()
+        f()
+        best = min(best, clock() - t0)
+    return best
 
 
 def show(
@@ -212,7 +231,7 @@ def fig_stale(text, dtype, rounds, batch) -> Dict[str, Any]:
         opt = ok.Adam(params, lr=1e-3)
         opt.warn_stale = on
         cases[f"Adam, {n} arrays, check {'on' if on else 'off'}"] = lambda o=opt, g=grads: o.step(g)
-    med = show(text, "The stale-parameter check", interleaved(cases, rounds, max(1, batch // 8)))
+    med = show(text, "The stale-parameter check", interleaved(cases, rounds, batch))
     on, off = (med[k] for k in cases)
     per_array = (on - off) / n
     text.append(f"  cost per array: {per_array * 1e9:.1f} ns (on minus off, over {n} arrays)")
@@ -254,7 +273,7 @@ def targets(figs: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def step_cost(
     rounds: int,
-    batch: int = 400,
+    batch: Optional[int] = None,
     dtypes: Sequence[str] = DTYPES,
     figures: Sequence[str] = FIGURES,
 ) -> Dict[str, Any]:
@@ -263,7 +282,7 @@ def step_cost(
 
     text = [
         f"Step cost on the 4-array model ({ok.active_isa()}, {ok.get_num_threads()} threads): "
-        f"median over {rounds} rounds of {batch} calls; load average before "
+        f"median over {rounds} rounds of {batch or 'about 100 us of'} calls; load average before "
         + " ".join(f"{x:.2f}" for x in os.getloadavg())
     ]
     figs: Dict[str, Dict[str, Any]] = {}

@@ -63,7 +63,7 @@ DEFAULT_REPEATS = {
     "pass-bounds": 9,
     "torch-bandwidth": 9,
     "torch-phases": 30,
-    "step-cost": 41,
+    "step-cost": 301,
 }
 NEEDS_TORCH = {"torch-bandwidth", "torch-phases"}
 
