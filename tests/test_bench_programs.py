@@ -111,7 +111,7 @@ def test_programs_in_the_loops_study(tmp_path, capsys):
         for s in r["seconds"].values():
             assert all(np.isfinite(v) and v > 0 for v in s.values())
             assert s["update_p90"] >= s["update_median"]
-        for k in ("loop_ratio", "loop_ratio_1t", "update_ratio", "p90_vs_1t"):
+        for k in ("loop_ratio", "loop_ratio_1t", "update_ratio", "p90_vs_1t", "loop_ratio_same_fb"):
             assert np.isfinite(r[k]) and r[k] > 0
         assert r["label"] in text
     targets = [t["target"] for t in result["targets"]]
