@@ -87,10 +87,25 @@ class Reference:
 
     # -- the rules -------------------------------------------------------------------------------
 
-    def _sgd(self, g, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+    def _sgd(
+        self,
+        g,
+        lr=1e-3,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        lr_in_velocity=False,
+    ):
         p = self.p
         if weight_decay != 0:
             g = g + weight_decay * p
+        if momentum != 0 and lr_in_velocity:  # classic momentum: the buffer is the velocity
+            v = self.state.get("momentum_buffer")
+            v = -lr * g if v is None else momentum * v - lr * (1 - dampening) * g
+            self.state["momentum_buffer"] = v
+            self.p = p + (momentum * v - lr * g if nesterov else v)
+            return
         if momentum != 0:
             buf = self.state.get("momentum_buffer")
             buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
@@ -111,20 +126,33 @@ class Reference:
         self.p = self.p - lr * v
 
     def _rmsprop(
-        self, g, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False
+        self,
+        g,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.0,
+        centered=False,
+        eps_inside_sqrt=False,
+        lr_in_velocity=False,
     ):
         p = self.p
         if weight_decay != 0:
             g = g + weight_decay * p
         sq = alpha * self.zeros("square_avg") + ((1 - alpha) * g) * g
         self.state["square_avg"] = sq
+        var = sq
         if centered:
             ga = lerp(self.zeros("grad_avg"), g, 1 - alpha)
             self.state["grad_avg"] = ga
-            avg = np.sqrt(sq - ga * ga) + eps
-        else:
-            avg = np.sqrt(sq) + eps
-        if momentum > 0:
+            var = sq - ga * ga
+        avg = np.sqrt(var + eps) if eps_inside_sqrt else np.sqrt(var) + eps
+        if momentum > 0 and lr_in_velocity:  # the buffer holds the steps, lr inside
+            buf = momentum * self.zeros("momentum_buffer") + (lr * g) / avg
+            self.state["momentum_buffer"] = buf
+            self.p = p - buf
+        elif momentum > 0:
             buf = momentum * self.zeros("momentum_buffer") + g / avg
             self.state["momentum_buffer"] = buf
             self.p = p - lr * buf
@@ -133,7 +161,14 @@ class Reference:
         self.state["step"] = self.t + 1
 
     def _adagrad(
-        self, g, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10
+        self,
+        g,
+        lr=1e-2,
+        lr_decay=0.0,
+        weight_decay=0.0,
+        initial_accumulator_value=0.0,
+        eps=1e-10,
+        eps_inside_sqrt=False,
     ):
         p = self.p
         t = self.t + 1
@@ -142,7 +177,8 @@ class Reference:
         clr = lr / (1 + (t - 1) * lr_decay)
         s = self.zeros("sum", initial_accumulator_value) + g * g
         self.state["sum"] = s
-        self.p = p - (clr * g) / (np.sqrt(s) + eps)
+        denom = np.sqrt(s + eps) if eps_inside_sqrt else np.sqrt(s) + eps
+        self.p = p - (clr * g) / denom
         self.state["step"] = t
 
     def _adadelta(self, g, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0):
@@ -462,6 +498,11 @@ CASES = [
     ("SGD", dict(lr=0.005, momentum=0.8, weight_decay=0.05)),
     ("SGD", dict(lr=0.005, momentum=0.5, weight_decay=0.1, nesterov=True, maximize=True)),
     ("SGD", dict(lr=0.01, weight_decay=0.1)),
+    # classic momentum (lr inside the velocity)
+    ("SGD", dict(lr=0.005, momentum=0.9, lr_in_velocity=True)),
+    ("SGD", dict(lr=0.005, momentum=0.8, dampening=0.3, weight_decay=0.05, lr_in_velocity=True)),
+    ("SGD", dict(lr=0.005, momentum=0.5, nesterov=True, lr_in_velocity=True, maximize=True)),
+    ("SGD", dict(lr=0.01, lr_in_velocity=True)),  # no momentum: plain SGD
     ("Nesterov", dict(lr=0.005)),
     ("Nesterov", dict(lr=0.005, momentum=0.8, weight_decay=0.01, maximize=True)),
     ("Momentum", dict(lr=0.01)),
@@ -474,9 +515,20 @@ CASES = [
     # next to the mean (a weight decay larger than the noise), so the decay is kept small here.
     ("RMSprop", dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=0.01)),
     ("RMSprop", dict(lr=1e-3, alpha=0.4, eps=1e-3, weight_decay=0.01, maximize=True)),
+    # the textbook forms: eps under the square root, lr inside the momentum buffer (Keras')
+    ("RMSprop", dict(lr=1e-3, eps=1e-3, eps_inside_sqrt=True)),
+    ("RMSprop", dict(lr=1e-3, momentum=0.9, eps_inside_sqrt=True, lr_in_velocity=True)),
+    (
+        "RMSprop",
+        dict(lr=1e-3, momentum=0.9, centered=True, eps=1e-4, eps_inside_sqrt=True, weight_decay=0.01),
+    ),
+    ("RMSprop", dict(lr=1e-3, momentum=0.5, centered=True, lr_in_velocity=True, maximize=True)),
     ("Adagrad", dict(lr=1e-2)),
     ("Adagrad", dict(lr=1e-2, lr_decay=0.01, weight_decay=0.1)),
     ("Adagrad", dict(lr=1e-2, initial_accumulator_value=0.5, eps=1e-3, maximize=True)),
+    # the textbook form: eps under the square root
+    ("Adagrad", dict(lr=1e-2, eps=1e-7, initial_accumulator_value=0.1, eps_inside_sqrt=True)),
+    ("Adagrad", dict(lr=1e-2, lr_decay=0.01, weight_decay=0.1, eps=1e-3, eps_inside_sqrt=True)),
     ("Adadelta", dict()),
     ("Adadelta", dict(lr=0.5, rho=0.5, eps=1e-4, weight_decay=0.1)),
     ("Adadelta", dict(lr=1.0, maximize=True)),

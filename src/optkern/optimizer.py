@@ -195,7 +195,7 @@ class Optimizer:
         core["maximize"] = as_flag(seen.get("maximize", False))
         core = _core.validate(rule.name, core)
         missing = object()
-        for name in [n for n, _ in rule.torch_args()] + ["maximize"]:
+        for name in [n for n, _ in rule.torch_args() + rule.own_args()] + ["maximize"]:
             if name in seen and not (name == "lr" and callable(lr)):
                 slots = [h.name for h in rule.hyper if h.torch == name] or [name]
                 value = (

@@ -32,6 +32,9 @@ class Hyper:
     #: The value None stands for, where the hyperparameter takes None (Adafactor's eps1: float32's
     #: machine epsilon); None where None is refused.
     if_none: Optional[float] = None
+    #: An option torch.optim's class of the same name lacks (a textbook form: Adagrad's
+    #: eps_inside_sqrt): optkern's class and function take it, optkern.torch does not.
+    optkern_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,15 +90,23 @@ class Rule:
     # -- torch's view: arguments as the class takes them ---------------------------------------------
 
     def torch_args(self) -> List[Tuple[str, Any]]:
-        """(argument, default) in torch's order, tuple arguments (betas) joined; maximize last."""
+        """(argument, default) in torch's order, tuple arguments (betas) joined; without the
+        options torch lacks (``own_args``) and maximize."""
         out: List[Tuple[str, Any]] = []
         for h in self.hyper:
+            if h.optkern_only:
+                continue
             if h.slot <= 0:
                 out.append((h.torch, h.default if h.slot < 0 else (h.default,)))
             else:
                 name, prev = out[-1]
                 out[-1] = (name, prev + (h.default,))
         return out
+
+    def own_args(self) -> List[Tuple[str, Any]]:
+        """(argument, default) of the options torch.optim's class lacks (the textbook forms),
+        keyword-only after torch's arguments."""
+        return [(h.torch, h.default) for h in self.hyper if h.optkern_only]
 
     def to_core(self, group: Dict[str, Any], lr: Any = None) -> Dict[str, Any]:
         """The core's hyperparameters from a group in torch's names (betas split), each turned
@@ -253,13 +264,16 @@ def _annotation(default: Any) -> str:
 
 
 def make_class(r: Rule, base: type) -> type:
-    """The optimizer class of rule ``r``: ``Cls(params, <torch's arguments>, *, maximize=False,
-    foreach=None, fused=None, differentiable=False, capturable=False)``."""
+    """The optimizer class of rule ``r``: ``Cls(params, <torch's arguments>, *, <the options
+    torch lacks>, maximize=False, foreach=None, fused=None, differentiable=False,
+    capturable=False)``."""
     args = r.torch_args()
+    own = r.own_args()
     sig = ", ".join(f"{name}: {_annotation(d)} = {d!r}" for name, d in args)
-    keys = ", ".join(f"{name}={name}" for name, _ in args)
+    sig_own = "".join(f"{name}: {_annotation(d)} = {d!r}, " for name, d in own)
+    keys = ", ".join(f"{name}={name}" for name, _ in args + own)
     src = (
-        f"def __init__(self, params: Any, {sig}, *, maximize: bool = False,\n"
+        f"def __init__(self, params: Any, {sig}, *, {sig_own}maximize: bool = False,\n"
         f"             foreach: Any = None, fused: Any = None, differentiable: Any = False,\n"
         f"             capturable: Any = False) -> None:\n"
         f"    check_execution_flags(foreach=foreach, fused=fused,\n"
