@@ -123,7 +123,7 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(lr=0.005, momentum=0.8, weight_decay=0.05),
             dict(lr=0.005, momentum=0.5, weight_decay=0.1, nesterov=True, maximize=True),
             dict(lr=0.01, weight_decay=0.1),
-            # classic momentum (lr inside the velocity)
+            # classic momentum (lr inside the velocity; Keras, its oracle: test_oracle_parity_keras.py)
             dict(lr=0.005, momentum=0.9, lr_in_velocity=True),
             dict(lr=0.005, momentum=0.8, dampening=0.3, weight_decay=0.05, lr_in_velocity=True),
             dict(lr=0.005, momentum=0.5, nesterov=True, lr_in_velocity=True, maximize=True),
@@ -132,6 +132,7 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
         attack=[
             dict(lr=0.1),
             dict(lr=0.1, momentum=0.9, weight_decay=0.01),
+            dict(lr=0.1, momentum=0.9, nesterov=True, lr_in_velocity=True),
             dict(lr=0.01, momentum=0.9, nesterov=True),
         ],
         oracles=[_torch("SGD", fused=True)],
@@ -165,7 +166,8 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             # is small next to the mean (a weight decay larger than the noise): a small decay.
             dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=0.01),
             dict(lr=1e-3, alpha=0.4, eps=1e-3, weight_decay=0.01, maximize=True),
-            # the textbook forms: eps under the square root, lr inside the momentum buffer
+            # the textbook forms, Keras' (test_oracle_parity_keras.py): eps under the square root, lr
+            # inside the momentum buffer
             dict(lr=1e-3, eps=1e-3, eps_inside_sqrt=True),
             dict(lr=1e-3, momentum=0.9, eps_inside_sqrt=True, lr_in_velocity=True),
             dict(
@@ -178,7 +180,11 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             ),
             dict(lr=1e-3, momentum=0.5, centered=True, lr_in_velocity=True, maximize=True),
         ],
-        attack=[dict(), dict(lr=1e-3, centered=True, momentum=0.9, weight_decay=0.1)],
+        attack=[
+            dict(),
+            dict(lr=1e-3, momentum=0.9, eps_inside_sqrt=True, lr_in_velocity=True),
+            dict(lr=1e-3, centered=True, momentum=0.9, weight_decay=0.1),
+        ],
         oracles=[_torch("RMSprop")],
         mpi=dict(lr=1e-3, centered=True, momentum=0.5),
     ),
@@ -187,11 +193,11 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(lr=1e-2),
             dict(lr=1e-2, lr_decay=0.01, weight_decay=0.1),
             dict(lr=1e-2, initial_accumulator_value=0.5, eps=1e-3, maximize=True),
-            # the textbook form: eps under the square root
+            # the textbook form, Keras' (test_oracle_parity_keras.py): eps under the square root
             dict(lr=1e-2, eps=1e-7, initial_accumulator_value=0.1, eps_inside_sqrt=True),
             dict(lr=1e-2, lr_decay=0.01, weight_decay=0.1, eps=1e-3, eps_inside_sqrt=True),
         ],
-        attack=[dict(lr_decay=0.1, initial_accumulator_value=0.1)],
+        attack=[dict(eps_inside_sqrt=True), dict(lr_decay=0.1, initial_accumulator_value=0.1)],
         oracles=[_torch("Adagrad", fused=True)],
         mpi=dict(lr=0.05, lr_decay=1e-3),
     ),
