@@ -142,6 +142,7 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
         cases=[
             dict(lr=0.005),
             dict(lr=0.005, momentum=0.8, weight_decay=0.01, maximize=True),
+            dict(lr=0.005, momentum=0.8, weight_decay=0.05, lr_in_velocity=True),
         ],
         attack=[dict(lr=0.1, maximize=True)],
         # SGD's optim_db inputs are SGD's (test_torch_parity checks Nesterov on its own cases)

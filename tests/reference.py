@@ -122,9 +122,17 @@ class Reference:
             g = g + momentum * buf if nesterov else buf
         self.p = p - lr * g
 
-    def _nesterov(self, g, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0):
+    def _nesterov(
+        self, g, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, lr_in_velocity=False
+    ):
         self._sgd(
-            g, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=True
+            g,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=True,
+            lr_in_velocity=lr_in_velocity,
         )
 
     def _momentum(self, g, lr=1e-3, beta=0.9, weight_decay=0.0):
