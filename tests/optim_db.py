@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,6 +57,9 @@ class Oracle:
     maximize: bool = True  # takes maximize=; else the tests step it on -g
     optim_db: bool = False  # torch's optimizer test database (optim_db) has inputs for it
     fused: bool = False  # torch has a fused CPU kernel for it
+    states: Tuple[Tuple[str, str], ...] = ()  # optkern's state name -> the oracle's (optax's fields)
+    convert: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None  # arguments it takes
+    # in another form, after renaming (AdEMAMix's warmups as optax schedules)
 
     def load(self) -> Any:
         """The oracle's class or function (skips the test when the package is absent)."""
@@ -92,20 +95,23 @@ class Oracle:
                 out.update(zip(split[key], value))
             else:
                 out[rename.get(key, key)] = value
-        return out
+        return self.convert(out) if self.convert else out
 
 
 def _torch(name: str, **kw: Any) -> Oracle:
     return Oracle("torch", "optim." + name, optim_db=kw.pop("optim_db", True), **kw)
 
 
-def _optax(name: str) -> Oracle:
+def _optax(name: str, states: Tuple[Tuple[str, str], ...], **kw: Any) -> Oracle:
+    betas = kw.pop("betas", ("b1", "b2"))
     return Oracle(
         "optax",
         name,
         rename=(("lr", "learning_rate"),),
-        split=(("betas", ("b1", "b2")),),
+        split=(("betas", betas),),
         maximize=False,
+        states=states,
+        **kw,
     )
 
 
@@ -296,7 +302,10 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1),
             dict(lr=1e-3, betas=(0.0, 0.5), weight_decay=1e-3, maximize=True),
         ],
-        oracles=[_optax("lion"), Oracle("lion_pytorch", "Lion", maximize=False)],
+        oracles=[
+            _optax("lion", (("exp_avg", "mu"),)),
+            Oracle("lion_pytorch", "Lion", maximize=False),
+        ],
         oracle_cases=[
             dict(),
             dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1),
@@ -325,7 +334,7 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01),
             dict(lr=1e-3, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.1, maximize=True),
         ],
-        oracles=[_optax("lamb")],
+        oracles=[_optax("lamb", (("exp_avg", "mu"), ("exp_avg_sq", "nu")))],
         oracle_cases=[
             dict(),
             dict(weight_decay=0.01),

@@ -126,8 +126,9 @@ class Rule:
                         or not hasattr(pair, "__len__")
                         or len(pair) != len(names)
                     ):
+                        size = "a pair" if len(names) == 2 else f"a tuple of {len(names)}"
                         raise TypeError(
-                            f"{h.torch} must be a pair ({', '.join(names)}), got {pair!r}"
+                            f"{h.torch} must be {size} ({', '.join(names)}), got {pair!r}"
                         )
                 value = pair[h.slot]
             out[h.name] = as_flag(value) if h.range == "flag" else as_real(value)
@@ -260,8 +261,8 @@ def _annotation(default: Any) -> str:
     if isinstance(default, bool):
         return "bool"
     if isinstance(default, tuple):
-        return "Tuple[" + ", ".join("float" for _ in default) + "]"
-    return "float"
+        return "Tuple[" + ", ".join(_annotation(d) for d in default) + "]"
+    return "Optional[float]" if default is None else "float"  # None: a declared if_none
 
 
 def make_class(r: Rule, base: type) -> type:
@@ -283,6 +284,7 @@ def make_class(r: Rule, base: type) -> type:
     )
     scope: Dict[str, Any] = {
         "Any": Any,
+        "Optional": Optional,
         "Tuple": Tuple,
         "base": base,
         "check_execution_flags": check_execution_flags,
