@@ -395,6 +395,36 @@ class Reference:
         self.p = p
         self.state["step"] = t
 
+    def _ademamix(
+        self,
+        g,
+        lr=1e-3,
+        betas=(0.9, 0.999, 0.9999),
+        alpha=2.0,
+        beta3_warmup=None,
+        alpha_warmup=None,
+        eps=1e-8,
+        weight_decay=0.0,
+    ):
+        beta1, beta2, beta3 = betas
+        t = self.t + 1
+        if alpha_warmup is not None and t < alpha_warmup:  # linear from 0
+            alpha = alpha * t / alpha_warmup
+        if beta3_warmup is not None and t < beta3_warmup:
+            # the slow average's half-life grows linearly from beta1's to beta3's
+            def half_life(b):
+                return math.log(0.5) / math.log(b + 1e-8) - 1
+
+            a = t / beta3_warmup
+            beta3 = 0.5 ** (1 / ((1 - a) * half_life(beta1) + a * half_life(beta3) + 1))
+        fast = beta1 * self.zeros("exp_avg_fast") + (1 - beta1) * g
+        slow = beta3 * self.zeros("exp_avg_slow") + (1 - beta3) * g
+        sq = beta2 * self.zeros("exp_avg_sq") + (1 - beta2) * g * g
+        denom = np.sqrt(sq) / math.sqrt(1 - beta2**t) + eps
+        update = (fast / (1 - beta1**t) + alpha * slow) / denom
+        self.p = self.p - lr * (update + weight_decay * self.p)
+        self.state.update(exp_avg_fast=fast, exp_avg_slow=slow, exp_avg_sq=sq, step=t)
+
     def _lamb(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         beta1, beta2 = betas
         t = self.t + 1
