@@ -30,6 +30,7 @@ sets, its oracles); an override naming no class of optkern is an error, so none 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -113,6 +114,30 @@ def _optax(name: str, states: Tuple[Tuple[str, str], ...], **kw: Any) -> Oracle:
         states=states,
         **kw,
     )
+
+
+def _ademamix_schedules(kw: Dict[str, Any]) -> Dict[str, Any]:
+    """AdEMAMix's warmups (the authors' class) as the schedules optax.contrib.ademamix takes:
+    functions of its count (the step - 1), computed in double on the host as optkern does (a
+    float32 log of beta3 + 1e-8 would move the half-life by 1e-3)."""
+    beta1, beta3, alpha = kw["b1"], kw["b3"], kw["alpha"]
+    beta3_warmup, alpha_warmup = kw.pop("beta3_warmup"), kw.pop("alpha_warmup")
+
+    def half_life(b: float) -> float:
+        return math.log(0.5) / math.log(b + 1e-8) - 1
+
+    def b3(count: Any) -> float:
+        step = int(count) + 1
+        if not beta3_warmup or step >= beta3_warmup:
+            return beta3
+        a = step / beta3_warmup
+        return 0.5 ** (1 / ((1 - a) * half_life(beta1) + a * half_life(beta3) + 1))
+
+    def warm_alpha(count: Any) -> float:
+        step = int(count) + 1
+        return alpha * step / alpha_warmup if alpha_warmup and step < alpha_warmup else alpha
+
+    return dict(kw, b3=b3, alpha=warm_alpha)
 
 
 # -- what a rule needs beyond its derived defaults -------------------------------------------------
@@ -392,6 +417,26 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(weight_decay=0.1, lr=0.01),
             dict(weight_decay=0.1, maximize=True),
             dict(beta2_decay=-1.0, d=1.5, eps=(1e-20, 1e-2)),
+        ],
+    ),
+    # The derived cases leave the warmups (None-able numbers, not flags) off: the cases below
+    # warm up within the tests' steps, all along them, and not at all; and optax's oracle.
+    "AdEMAMix": dict(
+        cases=[
+            dict(),
+            dict(betas=(0.9, 0.999, 0.999), alpha=5.0, weight_decay=0.1, maximize=True),
+            dict(beta3_warmup=20, alpha_warmup=12),
+            dict(lr=2e-3, betas=(0.8, 0.99, 0.9999), alpha=8.0, beta3_warmup=500, alpha_warmup=500),
+            dict(betas=(0.0, 0.999, 0.99), eps=1e-6, weight_decay=0.01),  # no fast average
+            dict(alpha=0.0, alpha_warmup=0),  # Adam (a warmup of 0 is none)
+        ],
+        oracles=[
+            _optax(
+                "contrib.ademamix",
+                (("exp_avg_fast", "m1"), ("exp_avg_slow", "m2"), ("exp_avg_sq", "nu")),
+                betas=("b1", "b2", "b3"),
+                convert=_ademamix_schedules,
+            )
         ],
     ),
 }

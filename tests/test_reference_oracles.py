@@ -1,9 +1,9 @@
 """The float64 references of reference.py (OracleReference) against their oracles, each skipped
 when its oracle is not installed: torch.optim 2.13 (every optimizer input of torch's own test
-database for that optimizer on CPU), optax (lion, lamb), lion-pytorch and
-schedulefree. Each oracle runs in float32 (its single-tensor and foreach paths) against the float64 reference at the
-tolerance the kernels must meet, and in float64 against it at 1e-10, which pins the order of
-operations.
+database for that optimizer on CPU), optax (lion, lamb, contrib.ademamix), lion-pytorch and
+schedulefree. Each oracle runs in float32 (its single-tensor and foreach paths) against the
+float64 reference at the tolerance the kernels must meet, and in float64 against it at 1e-10,
+which pins the order of operations.
 
 Without any oracle, the invariants at the end still check the references."""
 
