@@ -715,7 +715,7 @@ class Optimizer:
 def _kept_none(rule: Rule, given: Any, slot: int, name: str, core: Dict[str, Any]) -> Any:
     """Slot ``slot`` of a tuple hyperparameter (of a 1-tuple for the others) as the group keeps
     it: None where the user gave None and the declaration takes it (Adafactor's ``eps=(None,
-    1e-3)``, as torch keeps it; AdEMAMix's warmups), else the checked value."""
+    1e-3)``, as torch keeps it; a warmup of None), else the checked value."""
     try:
         if given[slot] is None and any(h.name == name and h.if_none is not None for h in rule.hyper):
             return None
