@@ -454,15 +454,18 @@ class StepPlan {
   }
 
   // Reads the value of key k into h (the slots it fills); false where the plan does not take
-  // it (the whole path converts or refuses it): a real must be a float, a flag a bool, a tuple
-  // argument a tuple of those; an absent key or None is left to the whole path too.
+  // it (the whole path converts or refuses it): a real must be a float (or None where the rule
+  // takes None), a flag a bool, a tuple argument a tuple of those; an absent key is left to the
+  // whole path too.
   bool read_value(const Group& G, std::size_t k, PyObject* v, std::vector<double>& h) const {
     if (v == nullptr) return false;
     const std::vector<std::size_t>& slots = G.slots[k];
     const HyperDecl& d0 = hyper_decl(*rule_, slots[0]);
     if (d0.slot < 0) {
-      if (d0.range == Range::flag ? !PyBool_Check(v) : !PyFloat_CheckExact(v)) return false;
-      return read_one(d0, v, h[slots[0]]);
+      const bool ok = d0.range == Range::flag
+                          ? PyBool_Check(v)
+                          : PyFloat_CheckExact(v) || (v == Py_None && d0.none.allowed);
+      return ok && read_one(d0, v, h[slots[0]]);
     }
     if (!PyTuple_CheckExact(v) || static_cast<std::size_t>(PyTuple_GET_SIZE(v)) != slots.size()) {
       return false;
