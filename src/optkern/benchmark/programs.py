@@ -3,14 +3,14 @@ people write by hand, each run with its own NumPy update lines and with optkern 
 
 - ``charrnn``: a character-level RNN (hidden 100, 25-step unroll through time, gradients clipped
   to [-5, 5]) trained with Adagrad on a short text of its own, in float64. Its NumPy update is
-  the textbook Adagrad with eps inside the square root, ``p -= lr * g / sqrt(G + eps)``;
-  optkern's Adagrad puts eps outside (torch's form), the same work per element.
+  the textbook Adagrad with eps inside the square root, ``p -= lr * g / sqrt(G + eps)``, and
+  optkern's takes the same form (``eps_inside_sqrt=True``).
 - ``fcnet``: a six-layer fully connected ReLU net (144-100-100-100-80-60-10, 48K parameters,
   softmax loss with L2) trained by a ``Solver`` that samples mini-batches of 100, applies an
   update rule to every parameter and decays the learning rate after every epoch, in float32,
   with Adam, RMSprop and SGD-momentum. Its NumPy rules return new arrays (``next_w = w + v``) as
-  such solvers do; its SGD-momentum is classic momentum (``v = mu * v - lr * dw``), optkern's is
-  torch's (``buf = mu * buf + dw; w -= lr * buf``), which differ once the lr decays.
+  such solvers do; its SGD-momentum is classic momentum (``v = mu * v - lr * dw``), and so is
+  optkern's (``lr_in_velocity=True``).
 - ``mlp64``: a 64-30-10 sigmoid MLP (quadratic cost) on 8x8 digits, trained with mini-batch SGD
   (batch 10) whose learning rate is set before every batch, in float64.
 
@@ -137,7 +137,7 @@ class CharRNN:
     def optkern_update(self, optimizer: str) -> Callable[[], None]:
         import optkern as ok
 
-        opt = ok.Adagrad(self.params, lr=self.LR, eps=self.EPS)
+        opt = ok.Adagrad(self.params, lr=self.LR, eps=self.EPS, eps_inside_sqrt=True)
         return lambda: opt.step(self.grads)
 
 
@@ -300,7 +300,9 @@ class OptkernSolver(Solver):
         cfg = _CONFIGS[update_rule]
         params = list(model.params.values())
         if update_rule == "sgd-momentum":
-            self.opt = ok.SGD(params, lr=cfg["learning_rate"], momentum=cfg["momentum"])
+            self.opt = ok.SGD(
+                params, lr=cfg["learning_rate"], momentum=cfg["momentum"], lr_in_velocity=True
+            )
         elif update_rule == "rmsprop":
             self.opt = ok.RMSprop(
                 params, lr=cfg["learning_rate"], alpha=cfg["decay_rate"], eps=cfg["epsilon"]
