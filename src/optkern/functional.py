@@ -22,17 +22,9 @@ import numpy as np
 
 from . import _core
 from .flat import FlatParams
-from .registry import as_flag, as_real, make_functional, rule, rules
+from .registry import as_flag, as_real, first_update_states, make_functional, rule, rules
 
-__all__ = [
-    "sgd_",
-    "momentum_",
-    "rmsprop_",
-    "adagrad_",
-    "adadelta_",
-    "adam_",
-    "adamw_",
-]  # and one <rule>_ per further rule of optkern.registry (added at the end of this module)
+__all__: List[str] = []  # one <rule>_ per rule of optkern.registry, added at the end of this module
 
 ArrayList = Sequence[np.ndarray]
 Steps = Union[int, Sequence[int]]
@@ -95,7 +87,7 @@ def _steps(step: Steps) -> Steps:
 
 
 def _run(
-    rule: str,
+    name: str,
     params: ArrayList,
     grads: ArrayList,
     states: dict,
@@ -105,240 +97,46 @@ def _run(
     grad_scale: Any,
     positions: Optional[Sequence[int]],
 ) -> None:
-    """One fused update by ``rule``: real scalars become floats here, and the core checks the
-    rest (ranges, arrays, step counts, per-step scalars) before writing anything."""
+    """One fused update by rule ``name``: real scalars become floats here, and the core checks
+    the rest (ranges, arrays, step counts, per-step scalars) before writing anything.
+
+    A None entry in the list of a state the rule creates at its first update
+    (:func:`optkern.registry.first_update_states`: SGD's momentum buffer) is a buffer that does
+    not exist yet: every argument is checked first, then the new buffers are made as views of
+    one block (the kernel streams them as one array), passed with a step count of 1 (the kernel
+    then applies torch's first-step rule) and stored into the caller's list."""
     core = {
         k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()
     }
-    _core.step(
-        rule,
-        params,
-        grads,
-        states,
-        core,
-        steps=None if step is None else _steps(step),
-        grad_scale=check_real("grad_scale", grad_scale),
-        positions=positions,
-    )
-
-
-# -- the updates ------------------------------------------------------------------------------------
-# The first rules' functions keep the signatures they were written with (lr required, their own
-# order of state lists); rmsprop_ ... adamw_ take only that signature from the stubs below, their
-# bodies derived from the declaration as every later rule's function is (see the end of this
-# module). Two keep a written body: sgd_ creates missing momentum buffers (torch's first-step
-# rule, which the declaration does not say) and momentum_ refuses velocities=None with a
-# ValueError (the core would run plain SGD without a list; every other required list is a
-# TypeError there).
-
-
-def sgd_(
-    params: ArrayList,
-    grads: ArrayList,
-    momentum_buffers: Optional[List[Optional[np.ndarray]]] = None,
-    *,
-    lr: float,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """SGD as torch.optim.SGD (see :class:`optkern.SGD` for the formulas).
-
-    ``momentum_buffers`` (needed when momentum != 0) is a list with one entry per parameter; a
-    None entry is a buffer that does not exist yet: it is created, filled by torch's first-step
-    rule (the buffer becomes the gradient) and stored back into the list.
-    """
-    hyper = dict(
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=as_flag(nesterov),
-        maximize=as_flag(maximize),
-    )
-    core = _core.validate(
-        "sgd", {k: v if isinstance(v, bool) else as_real(v) for k, v in hyper.items()}
-    )
-    if core["momentum"] == 0:
-        _run("sgd", params, grads, {}, core, step=None, grad_scale=grad_scale, positions=_positions)
-        return
-    bufs = momentum_buffers
-    if bufs is None:
-        raise ValueError("momentum_buffers is required when momentum != 0")
-    if not isinstance(bufs, list):
-        raise TypeError(
-            "momentum_buffers must be a list (new buffers are stored into it), "
-            f"got {type(bufs).__name__}"
-        )
-    fresh = [b is None for b in bufs]
-    filled: List[Any] = bufs
-    if any(fresh):
-        _core.check_grads(params, grads, positions=_positions)  # before allocating anything
-        if len(bufs) != len(params):
+    scale = check_real("grad_scale", grad_scale)
+    steps = None if step is None else _steps(step)
+    made = []
+    for state in first_update_states(rule(name)):
+        entries = states.get(state)
+        if not isinstance(entries, list) or id(None) not in map(id, entries):
+            continue  # the core checks (or refuses) what it is
+        arg = next(s.arg for s in rule(name).states if s.name == state)
+        core = _core.validate(name, core)
+        if not core[next(s.when for s in rule(name).states if s.name == state)]:
+            continue  # not used under these options
+        _core.check_grads(params, grads, positions=positions)  # before allocating anything
+        if len(entries) != len(params):
             raise ValueError(
-                f"momentum_buffers has {len(bufs)} entries but params has "
-                f"{len(params)}; they must match one to one"
+                f"{arg} has {len(entries)} entries but params has {len(params)}; they must "
+                "match one to one"
             )
-        # New buffers as views of one block: the kernel then streams them as one array.
+        fresh = [b is None for b in entries]
         block = iter(FlatParams([p.shape for p, f in zip(params, fresh) if f]))
-        filled = [next(block) if f else b for b, f in zip(bufs, fresh)]
-    # A buffer's first step (step 1) takes torch's first-step rule: it becomes the gradient.
-    _run(
-        "sgd",
-        params,
-        grads,
-        {"momentum_buffer": filled},
-        core,
-        step=[1 if f else 2 for f in fresh],
-        grad_scale=grad_scale,
-        positions=_positions,
-    )
-    if filled is not bufs:
-        bufs[:] = filled
+        filled = [next(block) if f else b for b, f in zip(entries, fresh)]
+        states = {**states, state: filled}
+        steps = [1 if f else 2 for f in fresh]
+        made.append((entries, filled))
+    _core.step(name, params, grads, states, core, steps=steps, grad_scale=scale, positions=positions)
+    for entries, filled in made:
+        entries[:] = filled
 
 
-def momentum_(
-    params: ArrayList,
-    grads: ArrayList,
-    velocities: ArrayList,
-    *,
-    lr: float,
-    beta: float = 0.9,
-    weight_decay: float = 0.0,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """Momentum in its exponentially weighted form: ``V = beta*V + (1-beta)*g; p -= lr*V``, V
-    starting at zero (see :class:`optkern.Momentum`)."""
-    if velocities is None:  # refused rather than run as plain SGD without its momentum
-        raise ValueError("velocities is required (one zero-initialised array per parameter)")
-    _run(
-        "momentum",
-        params,
-        grads,
-        {"momentum_buffer": velocities},
-        dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize),
-        step=None,
-        grad_scale=grad_scale,
-        positions=_positions,
-    )
-
-
-def _declared(name: str) -> Any:
-    """The function of rule ``name`` with the decorated stub's signature and docstring, its body
-    derived from the declaration (:func:`optkern.registry.make_functional`)."""
-    return lambda stub: make_functional(rule(name), _run, like=stub)
-
-
-@_declared("rmsprop")
-def rmsprop_(
-    params: ArrayList,
-    grads: ArrayList,
-    square_avgs: ArrayList,
-    grad_avgs: Optional[ArrayList] = None,
-    momentum_buffers: Optional[ArrayList] = None,
-    *,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
-    centered: bool = False,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """RMSprop as torch.optim.RMSprop (see :class:`optkern.RMSprop`). ``grad_avgs`` is needed
-    when centered, ``momentum_buffers`` when momentum > 0; all state starts at zero."""
-
-
-@_declared("adagrad")
-def adagrad_(
-    params: ArrayList,
-    grads: ArrayList,
-    state_sums: ArrayList,
-    *,
-    step: Steps,
-    lr: float,
-    lr_decay: float = 0.0,
-    weight_decay: float = 0.0,
-    eps: float = 1e-10,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """Adagrad as torch.optim.Adagrad (see :class:`optkern.Adagrad`)."""
-
-
-@_declared("adadelta")
-def adadelta_(
-    params: ArrayList,
-    grads: ArrayList,
-    square_avgs: ArrayList,
-    acc_deltas: ArrayList,
-    *,
-    lr: float,
-    rho: float,
-    eps: float,
-    weight_decay: float = 0.0,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """Adadelta as torch.optim.Adadelta (see :class:`optkern.Adadelta`)."""
-
-
-@_declared("adam")
-def adam_(
-    params: ArrayList,
-    grads: ArrayList,
-    exp_avgs: ArrayList,
-    exp_avg_sqs: ArrayList,
-    *,
-    step: Steps,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float = 0.0,
-    amsgrad: bool = False,
-    max_exp_avg_sqs: Optional[ArrayList] = None,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """Adam as torch.optim.Adam, weight decay as an L2 term (see :class:`optkern.Adam`)."""
-
-
-@_declared("adamw")
-def adamw_(
-    params: ArrayList,
-    grads: ArrayList,
-    exp_avgs: ArrayList,
-    exp_avg_sqs: ArrayList,
-    *,
-    step: Steps,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float = 1e-2,
-    amsgrad: bool = False,
-    max_exp_avg_sqs: Optional[ArrayList] = None,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """AdamW as torch.optim.AdamW, weight decay decoupled (see :class:`optkern.AdamW`)."""
-
-
-# Every further rule declared in C++ gets its function from its declaration.
+# Every rule declared in C++ gets its function from its declaration (optkern.registry).
 for _rule in rules():
-    if _rule.name + "_" not in globals():
-        globals()[_rule.name + "_"] = make_functional(_rule, _run)
-        __all__.append(_rule.name + "_")
+    globals()[_rule.name + "_"] = make_functional(_rule, _run, __name__)
+    __all__.append(_rule.name + "_")

@@ -948,7 +948,7 @@ def _from_registry(r: Any) -> Rule:
     with the same default; the group entries torch sets without an argument (AdamW's
     ``decoupled_weight_decay``) and whether it creates state in the constructor (Adagrad) are
     read off an instance of torch's class. ValueError says where they disagree."""
-    from . import optimizers
+    from . import _classes as optimizers
 
     by_core = {h.name: h for h in r.hyper}
 
@@ -994,7 +994,7 @@ def _from_registry(r: Any) -> Rule:
     elif hasattr(getattr(optimizers, r.cls, None), "eval"):
         # Schedule-Free: the schedulefree package's arguments, the declaration's then foreach
         # (default True where torch has its foreach ops, as the package's); optkern's flags after.
-        switch = getattr(optimizers, r.cls)._interpolation
+        switch = r.switch
         args = tuple(declared) + (("foreach", hasattr(torch, "_foreach_mul_")),)
         kwonly = tuple(kv for kv in _KWONLY_NO_TORCH if kv[0] != "foreach")
     else:
@@ -1046,7 +1046,7 @@ def _from_registry(r: Any) -> Rule:
 def _nesterov(sgd: Rule) -> Rule:
     """optkern's Nesterov (SGD with nesterov=True, momentum 0.9 by default; no torch class, it
     saves as torch's SGD): SGD's entry with optkern.Nesterov's arguments."""
-    from . import optimizers
+    from . import _classes as optimizers
 
     ps = list(inspect.signature(optimizers.Nesterov).parameters.values())[1:]
     args = tuple((p.name, p.default) for p in ps if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
