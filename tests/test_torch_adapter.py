@@ -4,9 +4,9 @@ The core is torch's own optimizer test database: every OptimizerInput that
 ``torch.testing._internal.common_optimizers.optim_db`` gives for an optimizer torch and optkern
 share, with torch's execution flags (``_get_optim_inputs_including_global_cliquey_kwargs``), runs
 against torch's single-tensor path (``foreach=False``) for 30 steps, comparing parameters and every
-state tensor. Inputs optkern refuses by design (differentiable=True, and capturable=True, which
-torch only offers for accelerators) are checked to be refused with a clear error and then skipped
-with that reason, so ``pytest -rs`` counts them.
+state tensor. Inputs the kernels cannot serve (differentiable=True, and capturable=True, which
+torch only offers for accelerators) run torch's own implementation: they must give exactly what
+torch gives with the same arguments, its errors included, with a TorchFallbackWarning.
 """
 
 import copy
@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def assert_state_close(okt_opt, okt_params, ref_opt, ref_params, exact=False):
 
 
 def close(a, b, what, exact=False):
-    a, b = a.numpy(), b.detach().numpy()
+    a, b = a.detach().numpy(), b.detach().numpy()
     if exact:
         np.testing.assert_array_equal(a, b, err_msg=what)
         return
@@ -133,14 +134,42 @@ def run_pair(name, kwargs, steps=STEPS, shapes=SHAPES, okt_kwargs=None):
     return o, mine, r, ref
 
 
+def run_same(name, kwargs, steps=5, shapes=SHAPES, leaf=True):
+    """optkern.torch and torch.optim with the same arguments: (outcome, ours, theirs), the
+    outcome the exception type both raised at construction or at a step, else None."""
+    sides = []
+    for cls in (getattr(okt, name), getattr(torch.optim, name)):
+        p0 = make_params(shapes=shapes)
+        ps = [torch.nn.Parameter(p.clone()) for p in p0]
+        if not leaf:  # differentiable=True steps a non-leaf tensor (as torch's own tests do)
+            ps = [p.clone() for p in ps]
+            for p in ps:
+                p.retain_grad()
+        try:
+            opt = cls(ps, **kwargs)
+            for t in range(steps):
+                for a, g in zip(ps, grads_for(t, shapes)):
+                    a.grad = g
+                opt.step()
+        except Exception as e:  # noqa: BLE001 (compared below)
+            sides.append((type(e), None, None))
+            continue
+        sides.append((None, opt, ps))
+    (err, o, mine), (terr, r, ref) = sides
+    assert err is terr, (err, terr)
+    return err, (o, mine), (r, ref)
+
+
 @pytest.mark.parametrize("name, kwargs, desc", _optim_db_cases())
 def test_optim_db_input_matches_torch_single_tensor(name, kwargs, desc):
-    refused = [f for f in ("differentiable", "capturable") if kwargs.get(f)]
-    if refused:
-        p = torch.nn.Parameter(torch.zeros(3))
-        with pytest.raises(ValueError, match=f"does not support {refused[0]}=True"):
-            getattr(okt, name)([p], **kwargs)
-        pytest.skip(f"optkern refuses {refused[0]}=True by design (checked: clear ValueError)")
+    fallback = [f for f in ("differentiable", "capturable") if kwargs.get(f)]
+    if fallback:
+        # torch's own implementation runs such a group: exactly torch's results, or its error
+        with pytest.warns(okt.TorchFallbackWarning, match=f"{fallback[0]}=True"):
+            err, (o, mine), (r, ref) = run_same(name, kwargs, leaf=not kwargs.get("differentiable"))
+        if err is None:
+            assert_state_close(o, mine, r, ref, exact=True)
+        return
     p0 = make_params()
     mine = [torch.nn.Parameter(p.clone()) for p in p0]
     o = getattr(okt, name)(mine, **kwargs)
@@ -412,6 +441,8 @@ def test_adagrad_state_exists_after_construction_as_in_torch():
 
 
 def test_loaded_state_is_converted_once_to_contiguous_float32():
+    """torch's load (its class normalizes an old plain-number step); the kernels' first step
+    converts the state to contiguous float32 tensors once, and keeps them."""
     p0 = torch.randn(6, 6)
     src = torch.nn.Parameter(p0.clone())
     r = torch.optim.Adam([src], foreach=False)
@@ -426,12 +457,15 @@ def test_loaded_state_is_converted_once_to_contiguous_float32():
     o = okt.Adam([p])
     o.load_state_dict(sd)
     s = o.state[p]
-    assert s["exp_avg"].is_contiguous() and torch.equal(s["exp_avg"], r.state[src]["exp_avg"])
+    assert torch.equal(s["exp_avg"], r.state[src]["exp_avg"])
     assert s["step"].dtype == torch.float32 and s["step"].dim() == 0 and float(s["step"]) == 1
-    ptr = s["exp_avg"].data_ptr()
     p.grad = torch.randn(6, 6)
     o.step()
-    assert o.state[p]["exp_avg"].data_ptr() == ptr and float(o.state[p]["step"]) == 2
+    s = o.state[p]
+    assert s["exp_avg"].is_contiguous() and s["exp_avg"].dtype == torch.float32
+    ptr = s["exp_avg"].data_ptr()
+    o.step()
+    assert o.state[p]["exp_avg"].data_ptr() == ptr and float(o.state[p]["step"]) == 3
 
 
 def test_replaced_state_and_param_data_are_picked_up():
@@ -624,27 +658,36 @@ def test_hyperparameters_checked_again_when_they_change():
     w.grad = g.clone()
     o.step()
     lr_tensor.fill_(-1.0)  # changed in place: the same object, a new value
-    before = w.detach().clone()
-    with pytest.raises(ValueError, match="lr"):
+    # a value the kernels do not take: torch's own implementation steps the group with it
+    ref = torch.nn.Parameter(w.detach().clone())
+    r = torch.optim.Adam([ref])
+    r.load_state_dict(copy.deepcopy(o.state_dict()))
+    w.grad, ref.grad = g.clone(), g.clone()
+    with pytest.warns(okt.TorchFallbackWarning, match="lr must be >= 0"):
         o.step()
-    assert torch.equal(w.detach(), before)
+    r.step()
+    assert torch.equal(w.detach(), ref.detach())
+    # a class torch lacks refuses such values, before anything changes
+    v = torch.nn.Parameter(torch.ones(5))
+    lion = okt.Lion([v], lr=0.1)
     for key, bad, err in [
         ("lr", -0.1, ValueError),
         ("betas", (0.9, 1.5), ValueError),
         ("maximize", 1, TypeError),  # 1 == True, but a flag must be a bool
-        ("eps", float("nan"), ValueError),
+        ("lr", float("nan"), ValueError),
     ]:
-        o.param_groups[0]["lr"] = 0.01
-        good = o.param_groups[0][key]
-        o.step()  # the good values are remembered
-        o.param_groups[0][key] = bad
+        lion.param_groups[0]["lr"] = 0.01
+        good = lion.param_groups[0][key]
+        v.grad = g.clone()
+        lion.step()  # the good values are remembered
+        lion.param_groups[0][key] = bad
         with pytest.raises(err):
-            o.step()
-        snap = w.detach().clone()
+            lion.step()
+        snap = v.detach().clone()
         with pytest.raises(err):
-            o.step()
-        assert torch.equal(w.detach(), snap)
-        o.param_groups[0][key] = good
+            lion.step()
+        assert torch.equal(v.detach(), snap)
+        lion.param_groups[0][key] = good
 
 
 def test_zero_grad_and_version_counter():
@@ -713,23 +756,28 @@ def test_execution_flags():
         {"fused": True},
         {"fused": False},
         {"differentiable": False},
+        {"differentiable": True},  # taken as torch takes it (its group runs torch's step)
+        {"capturable": True},
     ):
         okt.Adam([p], **flags)
     with pytest.raises(RuntimeError, match="cannot be `True` together"):
         okt.Adam([p], fused=True, foreach=True)
-    for flag in ("differentiable", "capturable"):
+    with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
+        okt.Adam([p], fused=True, differentiable=True)
+    for flag in ("differentiable", "capturable"):  # a class torch lacks has nothing to run them
         with pytest.raises(ValueError, match=f"does not support {flag}=True"):
-            okt.Adam([p], **{flag: True})
-    with pytest.raises(ValueError, match="does not support differentiable=True"):
-        okt.SGD([p]).add_param_group(
-            {"params": [torch.nn.Parameter(torch.zeros(1))], "differentiable": True}
-        )
+            okt.Lion([p], **{flag: True})
+    okt.SGD([p]).add_param_group(
+        {"params": [torch.nn.Parameter(torch.zeros(1))], "differentiable": True}
+    )
     with pytest.raises(TypeError):
         okt.SGD([p], lr=0.1, betas=(0.9, 0.9))  # not an SGD argument: TypeError as in torch
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
         okt.Adam([p], lr=-1.0)
-    with pytest.raises(ValueError, match="nesterov"):
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):
         okt.SGD([p], nesterov=True)
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        okt.Lion([p], lr=-1.0)
 
 
 def test_tensor_lr_and_betas():
@@ -739,53 +787,112 @@ def test_tensor_lr_and_betas():
     assert_state_close(o, mine, r, ref)
 
 
-# -- what optkern cannot update in place: a clear error, nothing changed ---------------------------
+# -- what the kernels cannot serve: torch's own implementation, or (a class torch lacks) an error --
+
+BAD_PARAMS = {
+    "float64": (
+        lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)),
+        "dtype torch.float64",
+    ),
+    "complex64": (lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64)), "complex64"),
+    "meta": (lambda: torch.nn.Parameter(torch.zeros(4, device="meta")), "is on meta"),
+}
 
 
-@pytest.mark.parametrize(
-    "bad, match",
-    [
-        (lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)), "dtype torch.float64"),
-        (lambda: torch.nn.Parameter(torch.zeros(4, 4).t()), "not contiguous"),
-        (lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64)), "dtype torch.complex64"),
-        (lambda: torch.nn.Parameter(torch.zeros(4, device="meta")), "is on meta"),
-    ],
-)
-def test_unsupported_parameters_are_named(bad, match):
+@pytest.mark.parametrize("bad", list(BAD_PARAMS))
+def test_parameters_the_kernels_cannot_serve_run_torchs_step(bad):
+    make, what = BAD_PARAMS[bad]
+    good, ref_good = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    p, q = make(), make()
+    o = okt.Adam([("good", good), ("bad", p)], lr=0.1)  # accepted, as torch accepts them
+    r = torch.optim.Adam([ref_good, q], lr=0.1)
+    for t in range(3):
+        good.grad, ref_good.grad = torch.ones(3), torch.ones(3)
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            o.step()
+        r.step()
+        said = [str(w.message) for w in seen if w.category is okt.TorchFallbackWarning]
+        if t == 0:
+            assert len(said) == 1 and "'bad'" in said[0] and what in said[0], said
+        else:
+            assert not said  # said once
+    assert torch.equal(good.detach(), ref_good.detach())
+    if bad != "meta":
+        assert torch.equal(p.detach(), q.detach())
+        assert all(torch.equal(o.state[p][k], v) for k, v in r.state[q].items())
+
+
+@pytest.mark.parametrize("bad", list(BAD_PARAMS))
+def test_a_class_torch_lacks_refuses_them_at_the_step_naming_them(bad):
+    make, what = BAD_PARAMS[bad]
     good = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(TypeError, match=match) as info:
-        okt.Adam([("good", good), ("bad", bad())])
-    assert "'bad'" in str(info.value)
-    with pytest.raises(TypeError, match="parameter 1 of param group 0"):
-        okt.Adam([good, bad()])
+    o = okt.Lion([("good", good), ("bad", make())])  # taken at construction, as torch takes it
+    for p in o.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError, match=f"'bad'.*{what}"):
+        o.step()
+    assert torch.equal(good.detach(), torch.zeros(3)) and not o.state
 
 
-def test_unsupported_gradients_are_named_and_nothing_changes():
+def test_parameters_that_are_not_contiguous_are_stepped_in_place():
+    base, ref_base = torch.randn(6, 5, 2), None
+    ref_base = base.clone()
+    p = torch.nn.Parameter(base[..., 0])  # a strided view: the kernels step a contiguous copy
+    q = torch.nn.Parameter(ref_base[..., 0])
+    assert not p.is_contiguous()
+    o, r = okt.Adam([p], lr=0.1), torch.optim.Adam([q], lr=0.1, foreach=False)
+    for t in range(4):
+        g = torch.randn(6, 5)
+        p.grad, q.grad = g.clone(), g.clone()
+        o.step()
+        r.step()
+    close(p.detach(), q.detach(), "strided parameter")
+    assert p.data_ptr() == base.data_ptr() + 0  # still the user's memory
+    close(o.state[p]["exp_avg"], r.state[q]["exp_avg"], "exp_avg")
+
+
+def test_gradients_the_kernels_cannot_read():
     w = torch.nn.Parameter(torch.ones(4, 4))
     v = torch.nn.Parameter(torch.ones(3))
     o = okt.Adam([w, v], lr=0.1)
     v.grad = torch.ones(3)
-    w.grad = torch.ones(4, 4).t()  # non-contiguous
-    with pytest.raises(TypeError, match="gradient of parameter 0.*not contiguous"):
+    w.grad = torch.ones(4, 4).t()  # not contiguous: read through a copy
+    o.step()
+    assert torch.allclose(w.detach(), torch.full((4, 4), 0.9))
+    w.grad = torch.ones(4, 4).to_sparse()  # torch's own step refuses it, with torch's message
+    with pytest.warns(okt.TorchFallbackWarning), pytest.raises(RuntimeError, match="sparse"):
         o.step()
-    w.grad = torch.ones(4, 4).to_sparse()
+    lion = okt.Lion([w, v])  # a class torch lacks names it
     with pytest.raises(TypeError, match="gradient of parameter 0.*layout"):
+        lion.step()
+    assert not lion.state
+    w.grad = torch.ones(4, 4)
+    w.grad.data = torch.ones(5)  # a gradient of another shape: refused, nothing changes
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match="gradient of parameter 0 of param group 0 has shape"):
         o.step()
-    assert torch.equal(w.detach(), torch.ones(4, 4)) and torch.equal(v.detach(), torch.ones(3))
-    assert not o.state  # no state was created either
-    # a parameter that changed dtype after construction
-    w.grad = None
-    v.data = torch.ones(3, dtype=torch.float64)
-    v.grad = torch.ones(3, dtype=torch.float64)
-    with pytest.raises(TypeError, match="parameter 1 of param group 0 has dtype torch.float64"):
-        o.step()
+    assert torch.equal(w.detach(), before)
 
 
-def test_aliasing_parameters_are_refused_with_names():
-    base = torch.zeros(10)
-    a = torch.nn.Parameter(base[:5])
-    b = torch.nn.Parameter(base[:5])  # the same memory
-    o = okt.SGD([("a", a), ("b", b)], lr=0.1)
+def test_aliasing_parameters_run_torchs_step():
+    outs = []
+    for cls in (okt.SGD, torch.optim.SGD):
+        base = torch.zeros(10)
+        a = torch.nn.Parameter(base[:5])
+        b = torch.nn.Parameter(base[:5])  # the same memory: the kernels do not take it
+        o = cls([("a", a), ("b", b)], lr=0.1)
+        a.grad, b.grad = torch.ones(5), torch.ones(5)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            o.step()
+        outs.append((base, seen))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert any("shares memory" in str(w.message) for w in outs[0][1])
+    base = torch.zeros(10)  # a class torch lacks refuses it, naming both
+    a, b = torch.nn.Parameter(base[:5]), torch.nn.Parameter(base[:5])
+    o = okt.Lion([("a", a), ("b", b)], lr=0.1)
     a.grad, b.grad = torch.ones(5), torch.ones(5)
     with pytest.raises(ValueError, match="shares memory.*'a'.*'b'"):
         o.step()
