@@ -3,10 +3,12 @@ fed wrong dtypes, layouts, shapes, counts, aliasing buffers, None, Python lists 
 hyperparameters. Each call raises TypeError or ValueError naming what is wrong, and every buffer
 and the optimizer's state stay bit-identical (checked by hashing everything before and after)."""
 
+import inspect
 import math
 
 import numpy as np
 import pytest
+import optim_db as db
 from helpers import digest
 
 import optkern as ok
@@ -107,119 +109,55 @@ def rand(shape, seed, positive=False):
     return np.abs(a) if positive else a
 
 
-# name -> (function, [(list argument, written by the call?)], keywords of a valid call)
-FUNCTIONS = {
-    "sgd_": (F.sgd_, [("params", True), ("grads", False)], dict(lr=0.1, weight_decay=0.01)),
-    "sgd_momentum": (
-        F.sgd_,
-        [("params", True), ("grads", False), ("momentum_buffers", True)],
-        dict(lr=0.1, momentum=0.9, dampening=0.1),
-    ),
-    "sgd_nesterov": (
-        F.sgd_,
-        [("params", True), ("grads", False), ("momentum_buffers", True)],
-        dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True),
-    ),
-    "momentum_": (
-        F.momentum_,
-        [("params", True), ("grads", False), ("velocities", True)],
-        dict(lr=0.1, beta=0.9, weight_decay=0.01),
-    ),
-    "rmsprop_": (
-        F.rmsprop_,
-        [("params", True), ("grads", False), ("square_avgs", True)],
-        dict(lr=0.01, alpha=0.99, eps=1e-8),
-    ),
-    "rmsprop_centered_momentum": (
-        F.rmsprop_,
-        [
-            ("params", True),
-            ("grads", False),
-            ("square_avgs", True),
-            ("grad_avgs", True),
-            ("momentum_buffers", True),
-        ],
-        dict(lr=0.01, alpha=0.99, eps=1e-8, centered=True, momentum=0.9, weight_decay=0.1),
-    ),
-    "adagrad_": (
-        F.adagrad_,
-        [("params", True), ("grads", False), ("state_sums", True)],
-        dict(step=3, lr=0.01, lr_decay=0.1, eps=1e-10, grad_scale=0.5),
-    ),
-    "adadelta_": (
-        F.adadelta_,
-        [("params", True), ("grads", False), ("square_avgs", True), ("acc_deltas", True)],
-        dict(lr=1.0, rho=0.9, eps=1e-6),
-    ),
-    "adam_": (
-        F.adam_,
-        [("params", True), ("grads", False), ("exp_avgs", True), ("exp_avg_sqs", True)],
-        dict(step=[3, 1, 7], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8),
-    ),
-    "adam_amsgrad": (
-        F.adam_,
-        [
-            ("params", True),
-            ("grads", False),
-            ("exp_avgs", True),
-            ("exp_avg_sqs", True),
-            ("max_exp_avg_sqs", True),
-        ],
-        dict(step=2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=True),
-    ),
-    "adamw_": (
-        F.adamw_,
-        [("params", True), ("grads", False), ("exp_avgs", True), ("exp_avg_sqs", True)],
-        dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1),
-    ),
-    "adamw_amsgrad": (
-        F.adamw_,
-        [
-            ("params", True),
-            ("grads", False),
-            ("exp_avgs", True),
-            ("exp_avg_sqs", True),
-            ("max_exp_avg_sqs", True),
-        ],
-        dict(step=5, lr=1e-3, beta1=0.5, beta2=0.9, eps=1e-8, amsgrad=True),
-    ),
-}
-# Every further rule of the registry, at its defaults (its always-needed state lists).
-for _rule in ok.registry.rules():
-    if not any(k == _rule.name + "_" or k.startswith(_rule.name + "_") for k in FUNCTIONS):
-        FUNCTIONS[_rule.name + "_"] = (
-            getattr(F, _rule.name + "_"),
-            [("params", True), ("grads", False)]
-            + [(st.arg, True) for st in _rule.states if st.when is None],
-            dict(step=3, **{h.name: h.default for h in _rule.hyper})
-            if _rule.uses_step
-            else {h.name: h.default for h in _rule.hyper},
-        )
-# The carried numbers of a derived function (NAdam's mu_products, ASGD's etas and mus): lists of
-# floats, one per parameter, which a call updates in place. {function name: {arg: start value}}
+def _functions():
+    """name -> (function, [(list argument, written by the call?)], keywords of a valid call), and
+    name -> the rule: one call per attack option set of every class of the optimizer database
+    (optim_db.py), with the class's hyperparameters under those options as optkern.functional
+    names them, the state lists those options need, a gradient scale and, for a rule that counts
+    steps, per-parameter step counts (the first call of each function) or one count."""
+    functions, rules = {}, {}
+    seen = set()
+    for e in db.ENTRIES:
+        fn = e.function
+        sig = inspect.signature(fn).parameters
+        for hp in e.attack:
+            group = e.cls([np.zeros(1, np.float32)], **hp).param_groups[0]
+            core = e.rule.to_core(group)
+            lists = [("params", True), ("grads", False)] + [
+                (s.arg, True) for s in e.rule.states if s.when is None or core[s.when]
+            ]
+            kw = {k: v for k, v in core.items() if k in sig}
+            kw.update(maximize=group["maximize"], grad_scale=0.5)
+            if e.rule.uses_step:
+                first = not any(f is fn for f, _, _ in functions.values())
+                kw = dict(step=[3, 1, 7] if first else 3, **kw)
+            key = (fn.__name__, repr(lists), repr(sorted(kw.items(), key=str)))
+            if key in seen:
+                continue
+            seen.add(key)
+            name = fn.__name__ + db.case_id((e.name, hp))
+            functions[name], rules[name] = (fn, lists, kw), e.rule
+    return functions, rules
+
+
+FUNCTIONS, FUNCTION_RULE = _functions()
+# The carried numbers of a function (NAdam's mu_products, ASGD's etas and mus): lists of floats,
+# one per parameter, which a call updates in place. {function name: {arg: start value}}
 CARRIED = {
-    _rule.name + "_": {
-        c.arg: (c.init if c.init_from is None else FUNCTIONS[_rule.name + "_"][2][c.init_from])
-        for c in _rule.carried
+    name: {
+        c.arg: (c.init if c.init_from is None else FUNCTIONS[name][2][c.init_from])
+        for c in rule.carried
     }
-    for _rule in ok.registry.rules()
-    if _rule.carried
+    for name, rule in FUNCTION_RULE.items()
+    if rule.carried
 }
 # Lists a function needs only for some options: None there is 'required when ...' (ValueError).
 OPTIONAL_LISTS = {"momentum_buffers", "grad_avgs", "max_exp_avg_sqs"}
 
 
-def _rule_of(name):
-    for r in ok.registry.rules():
-        if name == r.name + "_" or name.startswith(r.name + "_"):
-            return r
-    return None
-
-
 def _state_of(name, arg):
     """The registry's State behind list ``arg`` of FUNCTIONS[name], or None (params, grads)."""
-    r = _rule_of(name)
-    return next((st for st in r.states if st.arg == arg), None) if r is not None else None
+    return next((st for st in FUNCTION_RULE[name].states if st.arg == arg), None)
 
 
 def shaped(name, arg):
@@ -309,21 +247,31 @@ def fortran(a):
 
 
 # One entry of one list replaced: (name, make(entry), error, pattern); {L} and {j} are filled in.
+# A parameter or gradient may be float32 or float64 (states: the parameter's type), so the
+# messages name "float32 or float64" for those and "float32" for a state of a float32 parameter.
+F32 = r"must be a float32 (or float64 )?"
 ENTRY_MUTATIONS = [
-    ("None", lambda a: None, TypeError, r"{L}\[{j}\] must be a float32 NumPy array, got NoneType"),
-    ("list", lambda a: a.tolist(), TypeError, r"{L}\[{j}\] must be a float32 NumPy array, got list"),
-    ("tuple", lambda a: tuple(a.ravel()), TypeError, r"{L}\[{j}\] must be a float32 NumPy array"),
-    ("float", lambda a: 1.0, TypeError, r"{L}\[{j}\] must be a float32 NumPy array, got float"),
-    ("np.float32", lambda a: np.float32(1), TypeError, r"{L}\[{j}\] must be a float32 NumPy array"),
-    ("memoryview", lambda a: memoryview(a.copy()), TypeError, r"{L}\[{j}\] must be a float32 NumPy"),
-    ("float64", lambda a: a.astype(np.float64), TypeError, r"{L}\[{j}\] must be a float32 array"),
-    ("float16", lambda a: a.astype(np.float16), TypeError, r"{L}\[{j}\] must be a float32 array"),
-    ("int32", lambda a: a.astype(np.int32), TypeError, r"{L}\[{j}\] must be a float32 array"),
-    ("bool", lambda a: a > 0, TypeError, r"{L}\[{j}\] must be a float32 array"),
-    ("complex64", lambda a: a.astype(np.complex64), TypeError, r"{L}\[{j}\] must be a float32 array"),
-    ("object", lambda a: a.astype(object), TypeError, r"{L}\[{j}\] must be a float32 array"),
+    ("None", lambda a: None, TypeError, r"{L}\[{j}\] " + F32 + "NumPy array, got NoneType"),
+    ("list", lambda a: a.tolist(), TypeError, r"{L}\[{j}\] " + F32 + "NumPy array, got list"),
+    ("tuple", lambda a: tuple(a.ravel()), TypeError, r"{L}\[{j}\] " + F32 + "NumPy array"),
+    ("float", lambda a: 1.0, TypeError, r"{L}\[{j}\] " + F32 + "NumPy array, got float"),
+    ("np.float32", lambda a: np.float32(1), TypeError, r"{L}\[{j}\] " + F32 + "NumPy array"),
+    ("memoryview", lambda a: memoryview(a.copy()), TypeError, r"{L}\[{j}\] " + F32 + "NumPy"),
+    # a state of another type than its parameter's (a float64 parameter or gradient is valid)
+    (
+        "float64",
+        lambda a: a.astype(np.float64),
+        TypeError,
+        r"{L}\[{j}\] must be a float32 array like",
+    ),
+    ("float16", lambda a: a.astype(np.float16), TypeError, r"{L}\[{j}\] " + F32 + "array"),
+    ("int32", lambda a: a.astype(np.int32), TypeError, r"{L}\[{j}\] " + F32 + "array"),
+    ("bool", lambda a: a > 0, TypeError, r"{L}\[{j}\] " + F32 + "array"),
+    ("complex64", lambda a: a.astype(np.complex64), TypeError, r"{L}\[{j}\] " + F32 + "array"),
+    ("object", lambda a: a.astype(object), TypeError, r"{L}\[{j}\] " + F32 + "array"),
     ("big-endian", lambda a: a.astype(">f4"), TypeError, r"{L}\[{j}\] .*native byte order"),
-    ("0-d", lambda a: np.array(1.0, np.float32), ValueError, r"{L}\[{j}\] is a 0-d array"),
+    # a 0-d array is one element: its shape differs from the others' (see "longer")
+    ("0-d", lambda a: np.array(1.0, np.float32), ValueError, r"{S}\[{j}\] has shape"),
     ("strided", strided, ValueError, r"{L}\[{j}\] must be C-contiguous"),
     ("reversed", reversed_, ValueError, r"{L}\[{j}\] must be C-contiguous"),
     ("fortran", fortran, ValueError, r"{L}\[{j}\] must be C-contiguous"),
@@ -403,12 +351,9 @@ def bad_values(key, good, rng=None):
     return out
 
 
-def _declared_range(function, key):
-    """The declared range of hyperparameter ``key`` of the rule behind a function, or None."""
-    for r in ok.registry.rules():
-        if function == r.name + "_" or function.startswith(r.name + "_"):
-            return next((h.range for h in r.hyper if h.name == key), None)
-    return None
+def _declared_range(rule, key):
+    """The declared range of hyperparameter ``key`` of a rule, or None."""
+    return next((h.range for h in rule.hyper if h.name == key), None)
 
 
 def functional_cases():
@@ -428,6 +373,8 @@ def functional_cases():
                 for mname, make, exc, pattern in ENTRY_MUTATIONS:
                     if mname == "None" and arg == "momentum_buffers" and name.startswith("sgd"):
                         continue  # a None buffer is one to create, as documented
+                    if mname == "float64" and arg in ("params", "grads"):
+                        continue  # valid: float64 parameters, gradients of either type
                     if mname == "None" and shaped(name, arg):
                         exc, pattern = (
                             ValueError,
@@ -554,8 +501,8 @@ def functional_cases():
             r"params\[[01]\] shares memory with params\[[01]\]",
         )
         for key, good in kw.items():
-            for label, value, exc in bad_values(key, good, _declared_range(name, key)):
-                if label == "1.5" and _declared_range(name, key) == "nonnegative":
+            for label, value, exc in bad_values(key, good, _declared_range(FUNCTION_RULE[name], key)):
+                if label == "1.5" and _declared_range(FUNCTION_RULE[name], key) == "nonnegative":
                     continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
                 yield (
                     name,
@@ -624,7 +571,7 @@ def functional_cases():
                 ValueError,
                 "nesterov momentum requires",
             )
-        if name == "sgd_":
+        if name.startswith("sgd") and not kw.get("momentum"):
             yield (
                 name,
                 "nesterov without momentum",
@@ -761,21 +708,8 @@ def test_functional_valid_call_and_accepted_variants(name):
 
 # == the optimizer classes, every one ===============================================================
 
-CLASSES = [
-    ("SGD", dict(lr=0.1)),
-    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
-    ("Nesterov", dict(lr=0.1)),
-    ("Momentum", dict(lr=0.1)),
-    ("RMSprop", dict()),
-    ("RMSprop", dict(centered=True, momentum=0.9)),
-    ("Adagrad", dict(lr_decay=0.1)),
-    ("Adadelta", dict()),
-    ("Adam", dict()),
-    ("Adam", dict(amsgrad=True)),
-    ("AdamW", dict()),
-]
-CLASSES += [(r.cls, {}) for r in ok.registry.rules() if r.cls not in {k for k, _ in CLASSES}]
-CLASS_IDS = [f"{k}({','.join(f'{a}={b}' for a, b in hp.items())})" for k, hp in CLASSES]
+CLASSES = db.attack_cases()  # (class name, options) of every class in the optimizer database
+CLASS_IDS = [db.case_id(c) for c in CLASSES]
 
 
 def make_optimizer(kind, hp, steps):
@@ -822,8 +756,8 @@ def step_cases(stepped):
         )
     for j in (0, 2):
         for mname, make, exc, pattern in ENTRY_MUTATIONS:
-            if mname == "None":
-                continue  # None skips a parameter (tested below)
+            if mname in ("None", "float64"):
+                continue  # None skips a parameter (tested below); a float64 gradient is valid
 
             def grads(opt, params, base, j=j, make=make):
                 g = good(params)
@@ -915,11 +849,15 @@ def test_params_changed_after_construction_are_checked(kind, hp, stepped):
     put into it, is refused by the next step() with nothing changed."""
     for change, exc, pattern in [
         (lambda ps: ps.append(ps[0]), ValueError, r"\w+\[[03]\] shares memory with \w+\[[03]\]"),
-        (lambda ps: ps.append(np.zeros(3)), TypeError, r"params\[3\] must be a float32"),
         (
-            lambda ps: ps.__setitem__(1, ps[1].astype(np.float64)),
+            lambda ps: ps.append(np.zeros(3, np.float16)),
             TypeError,
-            r"params\[1\] must be a float32",
+            r"params\[3\] must be a float32 or float64",
+        ),
+        (
+            lambda ps: ps.__setitem__(1, ps[1].astype(np.int32)),
+            TypeError,
+            r"params\[1\] must be a float32 or float64",
         ),
         (lambda ps: ps.append(ps[2].T), ValueError, r"must be C-contiguous|shares memory"),
     ]:
@@ -956,8 +894,8 @@ def hyperparameter_cases(kind, hp):
             continue
         if key == "nesterov":
             continue  # its constraints are covered in test_errors.py (they depend on momentum)
-        for label, value, exc in bad_values(key, good, _declared_range(opt._rule.name + "_", key)):
-            if label == "1.5" and _declared_range(opt._rule.name + "_", key) == "nonnegative":
+        for label, value, exc in bad_values(key, good, _declared_range(opt._rule, key)):
+            if label == "1.5" and _declared_range(opt._rule, key) == "nonnegative":
                 continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
             yield key, label, value, exc, key
 
@@ -988,7 +926,7 @@ def tuple_cases(rule, key, good):
         yield key, f"{h.name}='a'", at("a"), TypeError, f"{h.name} must be a real number"
         value, what = OUT_OF_RANGE[h.range]
         yield key, f"{h.name}={value}", at(value), ValueError, f"{h.name} must be {what}"
-    if key == "step_sizes":  # declared order between the two (require_order in rules.hpp)
+    if key == "step_sizes":  # declared order between the two (require_order in rule_api.hpp)
         yield key, "min > max", (1.0, 0.5), ValueError, "step_size_min must be <= step_size_max"
     for label, value in [("scalar", good[0]), ("None", None), ("short", good[:1]), ("'ab'", "ab")]:
         yield key, label, value, TypeError, f"{key} must be a pair"
@@ -1015,10 +953,11 @@ def test_bad_hyperparameter_refused_everywhere(kind, hp, key, label, value, exc,
         with pytest.raises(exc, match=pattern):
             opt.add_param_group({"params": [p], key: value})
         assert len(opt.param_groups) == 1
+        good = opt.param_groups[0][key]
         opt.param_groups[0][key] = value
         with pytest.raises(exc, match=pattern):
             opt.step(grads)
-        opt.param_groups[0][key] = hp.get(key, opt.defaults[key])
+        opt.param_groups[0][key] = good
         assert snapshot(opt, params, grads) == before
 
 
@@ -1037,18 +976,23 @@ def construction_cases():
         "[None]",
         lambda: [None],
         TypeError,
-        r"params\[0\] must be a float32 NumPy array, got NoneType",
+        r"params\[0\] must be a float32 or float64 NumPy array, got NoneType",
     )
-    yield "[p, None]", lambda: [p, None], TypeError, r"params\[1\] must be a float32 NumPy array"
+    yield (
+        "[p, None]",
+        lambda: [p, None],
+        TypeError,
+        r"params\[1\] must be a float32 or float64 NumPy array",
+    )
     yield (
         "[[1.0, 2.0]]",
         lambda: [[1.0, 2.0]],
         TypeError,
-        r"params\[0\] must be a float32 NumPy array, got list",
+        r"params\[0\] must be a float32 or float64 NumPy array, got list",
     )
     for mname, make, exc, pattern in ENTRY_MUTATIONS:
-        if mname in ("None", "longer", "reshaped", "size 0"):
-            continue
+        if mname in ("None", "longer", "reshaped", "size 0", "float64", "0-d"):
+            continue  # valid parameters by themselves
         yield (
             f"[{mname}]",
             lambda make=make: [q, make(np.ones((4, 5), np.float32))],
@@ -1101,7 +1045,7 @@ def test_bad_param_group_refused_and_nothing_changes(kind, hp):
     for group, exc, pattern in [
         ({"params": [params[0]]}, ValueError, "more than one parameter group"),
         ({"params": [base[1:].reshape(4, 5)]}, ValueError, "shares memory"),
-        ({"params": [np.zeros(3)]}, TypeError, r"params\[3\] must be a float32"),
+        ({"params": [np.zeros(3, np.float16)]}, TypeError, r"params\[3\] must be a float32"),
         ({"params": []}, ValueError, "empty parameter list"),
         ({"params": None}, TypeError, "must be a list"),
         ({"lr": 0.1}, ValueError, 'must have a "params" entry'),
@@ -1130,8 +1074,8 @@ def test_error_in_a_later_group_changes_no_group(kind, hp, stepped):
 
     for case, change, exc, pattern in [
         (
-            "float64 in group 2",
-            lambda o, ps, g: g.__setitem__(2, g[2].astype(np.float64)),
+            "float16 in group 2",
+            lambda o, ps, g: g.__setitem__(2, g[2].astype(np.float16)),
             TypeError,
             r"grads\[2\] must be a float32",
         ),
@@ -1160,8 +1104,8 @@ def test_error_in_a_later_group_changes_no_group(kind, hp, stepped):
             "lr must be finite",
         ),
         (
-            "None in group 2, float64 in group 1",
-            lambda o, ps, g: (g.__setitem__(2, None), g.__setitem__(1, g[1].astype(np.float64))),
+            "None in group 2, float16 in group 1",
+            lambda o, ps, g: (g.__setitem__(2, None), g.__setitem__(1, g[1].astype(np.float16))),
             TypeError,
             r"grads\[1\] must be a float32",
         ),

@@ -18,10 +18,8 @@ def _info(_: argparse.Namespace) -> int:
     print(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
     print(f"active ISA: {info['active_isa']}")
     print(f"available ISAs: {', '.join(info['available_isas'])}")
-    print(
-        f"threads: {info['num_threads']} ({info.get('threads', 'none')}; "
-        f"one thread below {info['min_elements_per_thread']} elements per thread)"
-    )
+    print(f"threads: {info['num_threads']} ({info.get('threads', 'none')})")
+    print(_split_rule(info))
     print(f"compiler: {info['compiler']}")
     print("kernel builds:")
     for isa, flags in info["isa_flags"].items():
@@ -29,11 +27,35 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _split_rule(info: dict) -> str:
+    """When a call uses more than one thread, in time and in elements per weight of rule."""
+    from .registry import rules
+
+    by_weight: dict = {}
+    for r in rules():
+        by_weight.setdefault(r.weight, []).append(r.cls)
+    lines = [
+        f"  a call uses k threads when each one's share would take at least "
+        f"{info['min_us_per_thread']:g} us on one thread",
+        f"  (estimated at {info['ns_per_work']:g} ns per element of weight 1), i.e. at least, "
+        "per thread:",
+    ]
+    for w, n in sorted(info["min_elements_per_thread_by_weight"].items()):
+        names = ", ".join(by_weight.get(w, [])) + ("; clipping, norms" if w == 1 else "")
+        lines.append(f"    {n:>7} elements at weight {w} ({names})")
+    lines.append(
+        "  smaller calls run on the calling thread, and so do calls after helpers that did not "
+        "pay (docs/threading.md)"
+    )
+    return "\n".join(lines)
+
+
 DEFAULT_PLOT = "optkern-demo.png"
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Trains the MLP of optkern.examples.mlp with every optimizer, at an equal budget."""
+    """Trains the MLP of optkern.examples.mlp with each optimizer named (by default the
+    examples' set, optkern.examples._common.OPTIMIZERS), at an equal budget."""
     import numpy as np
 
     from ._progress import ProgressBar
@@ -100,11 +122,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _demo_parser(sub) -> None:
     from ._cli import nonnegative_int, positive_int, writable_file
-    from .examples._common import OPTIMIZERS
+    from .examples._common import MORE_OPTIMIZERS, OPTIMIZERS
 
     p = sub.add_parser(
         "demo",
-        help="train a small MLP with every optimizer and compare them",
+        help=f"train a small MLP with {len(OPTIMIZERS)} optimizers (or any named) and compare them",
         description="Trains a NumPy MLP on digits made in code with each optimizer "
         "(same start, same batches, same epochs), prints final loss, accuracy and "
         "time per optimizer, and plots the loss curves when matplotlib is installed.",
@@ -129,9 +151,9 @@ def _demo_parser(sub) -> None:
         "--optimizers",
         nargs="+",
         default=list(OPTIMIZERS),
-        choices=list(OPTIMIZERS),
+        choices=[*OPTIMIZERS, *MORE_OPTIMIZERS],
         metavar="NAME",
-        help=f"which to train (default all: {' '.join(OPTIMIZERS)})",
+        help=f"which to train (default: {' '.join(OPTIMIZERS)}; also: {' '.join(MORE_OPTIMIZERS)})",
     )
     p.add_argument(
         "--plot",

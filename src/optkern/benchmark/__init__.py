@@ -1,8 +1,9 @@
 """``python -m optkern bench``: optkern's step against the best NumPy code and torch's fastest
 CPU optimizers, as a fraction of the machine's streaming bandwidth measured in the same run.
 Then the benchmark of record: a NumPy MLP's training loop with NumPy updates, with optkern and
-with optkern on one thread (study "loops", alone with --loops). See bench/README.md for the
-measured results and what limits each case."""
+with optkern on one thread (study "loops", alone with --loops). Other studies run when named
+(--studies). bench/README.md says what each measures; bench/results/ holds dated runs, each
+naming its machine."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Dict
 
 import optkern as ok
 
-from .._cli import dims, positive_int, size, thread_count, writable_file
+from .._cli import dims, positive_int, positive_seconds, size, thread_count, writable_file
 from . import loops as _loops
+from . import studies as _studies
+from . import threads as _threads
 from .cases import CASES, torch_available
 from .runner import (
     Progress,
@@ -22,7 +25,6 @@ from .runner import (
     run_clip,
     run_main,
     run_many_small,
-    run_threads,
     size_label,
     write_json,
     write_plot,
@@ -31,7 +33,11 @@ from .runner import (
 __all__ = ["CASES", "add_parser"]
 
 DEFAULT_SIZES = ["100k", "1m", "10m", "50m"]
+#: what ``python -m optkern bench`` runs by default (README, Set up)
 STUDIES = ["main", "small", "threads", "clip", "loops"]
+#: run only when named (optkern.benchmark.studies)
+EXTRA_STUDIES = list(_studies.NAMES)
+DEFAULT_REPEATS = 5
 
 
 def add_parser(sub) -> None:
@@ -63,17 +69,47 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--repeats",
         type=positive_int,
-        default=5,
-        help="timed batches per case (min is kept; --torch: medians, and its step cases "
-        "repeat for about 0.5 s when that is more)",
+        default=None,
+        help=f"timed batches per case (default {DEFAULT_REPEATS}; min is kept; --torch: medians, "
+        "and its step cases repeat for about 0.5 s when that is more; the extra studies: "
+        + ", ".join(f"{k} {v}" for k, v in _studies.DEFAULT_REPEATS.items())
+        + ")",
     )
     p.add_argument(
         "--studies",
         nargs="+",
         default=STUDIES,
-        choices=STUDIES,
-        help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
-        "clip: fused clipping; loops: inside an MLP's training loop (default: all)",
+        choices=STUDIES + EXTRA_STUDIES,
+        metavar="NAME",
+        help="main: the table; small: 300 small buffers; threads: the update's median and p90 "
+        "on default threads against one thread, quiet and beside busy processes; "
+        "clip: fused clipping; loops: inside an MLP's training loop (default: these five); "
+        "run only when named: threshold, thread-placement, adafactor-shapes, pass-bounds, "
+        "torch-bandwidth, "
+        "torch-phases (see optkern.benchmark.studies)",
+    )
+    p.add_argument(
+        "--thread-sizes",
+        nargs="+",
+        default=[str(n) for n in _threads.DEFAULT_SIZES],
+        type=size,
+        metavar="N",
+        help="elements of the threads study's one array (default: 10k to 10m)",
+    )
+    p.add_argument(
+        "--thread-conditions",
+        nargs="+",
+        default=list(_threads.CONDITIONS),
+        choices=list(_threads.CONDITIONS),
+        help="threads study: quiet; busy1, busy3: one or three other processes spinning "
+        "(default: all)",
+    )
+    p.add_argument(
+        "--thread-seconds",
+        type=positive_seconds,
+        default=_threads.DEFAULT_SECONDS,
+        metavar="S",
+        help="threads study: seconds per optimizer and size (default %(default)s)",
     )
     p.add_argument(
         "--loops",
@@ -146,6 +182,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         ok.set_num_threads(args.threads)
+    repeats_given = args.repeats is not None
+    if not repeats_given:
+        args.repeats = DEFAULT_REPEATS
     if args.distributed:
         from .distributed import run_distributed
 
@@ -164,6 +203,11 @@ def run(args: argparse.Namespace) -> int:
     sizes = [parse_size(s) for s in args.sizes]
     cases = [CASES[k] for k in args.optimizers]
     studies = {"loops"} if args.loops else set(args.studies)
+    extra = [k for k in EXTRA_STUDIES if k in studies]
+    if any(k in _studies.NEEDS_TORCH for k in extra) and torch_available() is None:
+        raise SystemExit(
+            "--studies torch-bandwidth / torch-phases need torch: pip install 'optkern[torch]'"
+        )
     # the small study: Adam, or each optimizer --optimizers names
     small_keys = args.optimizers if args.optimizers != list(CASES) else ["adam"]
     if "loops" in studies:
@@ -171,9 +215,10 @@ def run(args: argparse.Namespace) -> int:
     total = (
         (len(sizes) * len(cases) if "main" in studies else 0)
         + (len(small_keys) if "small" in studies else 0)
-        + 6 * ("threads" in studies)
+        + (len(args.thread_conditions) if "threads" in studies else 0)
         + ("clip" in studies)
         + (len(args.loop_conditions) if "loops" in studies else 0)
+        + len(extra)
     )
     progress = Progress(total, enabled=not args.quiet)
     info = machine()
@@ -192,8 +237,17 @@ def run(args: argparse.Namespace) -> int:
                 run_many_small(args.repeats, use_torch, progress, key) for key in small_keys
             ]
         if "threads" in studies:
-            result["threads"] = run_threads(
-                [8_000, 32_000, 64_000, 128_000, 1_000_000, 10_000_000], args.repeats, progress
+            optimizers = (
+                args.optimizers if args.optimizers != list(CASES) else _threads.DEFAULT_OPTIMIZERS
+            )
+            result["threads"] = _threads.run_threads_study(
+                optimizers,
+                [parse_size(s) for s in args.thread_sizes],
+                args.thread_conditions,
+                args.thread_seconds,
+                args.threads,
+                progress,
+                show_progress=not args.quiet,
             )
         if "clip" in studies:
             result["clip"] = run_clip(50_000_000, args.repeats, progress)
@@ -209,6 +263,10 @@ def run(args: argparse.Namespace) -> int:
                 progress,
                 show_progress=not args.quiet,
             )
+        for name in extra:
+            progress(name)
+            reps = args.repeats if repeats_given else _studies.DEFAULT_REPEATS[name]
+            result.setdefault("studies", {})[name] = _studies.run_study(name, reps)
     finally:
         progress.close()
     report(result)
@@ -252,13 +310,10 @@ def report(result: Dict[str, object]) -> None:
             )
         )
     if "threads" in result:
-        print("\nAdam, 1 thread against all of them:")
-        for r in result["threads"]:
-            print(
-                f"  {size_label(r['size']):>6}: {r['seconds_1'] * 1e6:10.1f} us -> "
-                f"{r['seconds_n'] * 1e6:10.1f} us with {r['threads']} threads "
-                f"({r['speedup']:.2f}x)"
-            )
+        print("\nDefault threads against one thread (stragglers):")
+        print(_threads.table(result["threads"]))
+        print("targets:")
+        print(_threads.target_lines(result["threads"]))
     if "clip" in result:
         c = result["clip"]
         print(
@@ -266,6 +321,8 @@ def report(result: Dict[str, object]) -> None:
             + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["seconds"].items())
             + f"; fused is {c['speedup']:.2f}x faster"
         )
+    for study in result.get("studies", {}).values():
+        print("\n" + study["text"])
     if "loops" in result:
         print("\nInside a training loop (NumPy MLP, batch 64, NumPy's default BLAS threads):")
         print(_loops.table(result["loops"]))
