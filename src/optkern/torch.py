@@ -17,7 +17,7 @@ makes there), and a param group the kernels cannot serve runs torch's own implem
 the state in torch's layout, so its results and checkpoints are exactly torch's; a
 :class:`TorchFallbackWarning` names the reason once. The kernels cannot serve
 ``differentiable=True``, ``capturable=True``, a parameter or gradient that is not a dense CPU
-tensor of a dtype the kernels take (float32), a lazy conjugate or negative bit, or
+tensor of a dtype the kernels take (float32 or float64), a lazy conjugate or negative bit, or
 hyperparameters outside the ranges the kernels take; what they serve is decided per group at
 every step from these facts (:attr:`Binding.dtypes` comes from the rule's declaration), so a
 group moves to the kernels as soon as they can serve it (a model built on the meta device and
@@ -70,7 +70,7 @@ except ImportError:  # pragma: no cover - torch < 2.1
 
 from . import _core, registry
 from ._torch_threads import use_torch_openmp
-from .flat import FlatParams
+from .flat import DTYPES, FlatParams
 from .registry import as_flag
 from .schedule_free import ScheduleFreeSwitch
 
@@ -107,7 +107,7 @@ class Binding:
     fixed: Dict[str, Any]
     eager: bool = False
     variants: Tuple[Tuple[str, registry.Rule], ...] = ()
-    dtypes: FrozenSet[torch.dtype] = frozenset({torch.float32})
+    dtypes: FrozenSet[torch.dtype] = frozenset({torch.float32, torch.float64})
 
     @property
     def torch_name(self) -> Optional[str]:
@@ -138,6 +138,9 @@ UNMAPPED: Dict[str, str] = {}
 # -- tensors the kernels can serve ---------------------------------------------------------------
 
 _STRIDED = torch.strided
+#: The element types the kernels take (optkern.flat.DTYPES: float32 and float64), as torch's.
+_NUMPY_OF = {getattr(torch, dt.name): dt for dt in DTYPES}
+_KERNEL_DTYPES: FrozenSet[torch.dtype] = frozenset(_NUMPY_OF)
 _profiler_enabled = torch.autograd._profiler_enabled  # torch.profiler or autograd's profiler on
 #: Whether a tensor still has the layout of a detached alias taken when its view was made: the
 #: same storage, offset, shape and strides, in one call (the dtype is compared beside it).
@@ -239,12 +242,20 @@ class _Refused(Exception):
 
 
 def _block(shapes: List[Tuple[torch.dtype, Tuple[int, ...]]], start: float) -> List[torch.Tensor]:
-    """New state tensors of these dtypes and shapes, filled with ``start``: those of float32 as
-    views of one aligned block (the kernels then stream a group's state as one array)."""
-    if all(dtype == torch.float32 for dtype, _ in shapes):
-        block = FlatParams.filled([shape for _, shape in shapes], start)
-        return [torch.from_numpy(view) for view in block]
-    return [torch.full(shape, start, dtype=dtype) for dtype, shape in shapes]
+    """New state tensors of these dtypes and shapes, filled with ``start``: those of each dtype
+    the kernels take as views of one aligned block (the kernels then stream a group's state as
+    one array), any other dtype (a group torch's own step runs) as tensors of their own."""
+    out: List[Any] = [None] * len(shapes)
+    for dtype in dict.fromkeys(d for d, _ in shapes):
+        mine = [i for i, (d, _) in enumerate(shapes) if d == dtype]
+        if dtype in _KERNEL_DTYPES:
+            block = FlatParams.filled([shapes[i][1] for i in mine], start, _NUMPY_OF[dtype])
+            for i, view in zip(mine, block):
+                out[i] = torch.from_numpy(view)
+        else:
+            for i in mine:
+                out[i] = torch.full(shapes[i][1], start, dtype=dtype)
+    return out
 
 
 def _unhooked_step(cls: type) -> Callable:
@@ -723,6 +734,12 @@ class _OktOptimizer(torch.optim.Optimizer):
                         made_first.add(id(e))
                 elif not isinstance(t, torch.Tensor):
                     raise TypeError(f"state {n!r} of {label} is a {type(t).__name__}, not a tensor")
+                elif t.dtype != p.dtype and self._binding.torch_cls is not None:
+                    # a parameter cast after its state was made (torch's load casts the state it
+                    # loads): torch's step keeps the state's dtype, or refuses the mix
+                    self._refuse(
+                        TypeError, f"state {n!r} of {label} has dtype {t.dtype}, the parameter {p.dtype}"
+                    )
                 elif (
                     _tensor_reason(t, self._binding.dtypes)
                     or t.dtype != p.dtype
@@ -1025,8 +1042,9 @@ def _torch_fixed(theirs: type) -> Tuple[Dict[str, Any], bool]:
 
 def _kernel_dtypes(r: registry.Rule) -> FrozenSet[torch.dtype]:
     """The parameter dtypes the kernels take for rule ``r``: the declaration's, where it says
-    (``Rule.dtypes``), else float32."""
-    return frozenset(getattr(torch, name) for name in (getattr(r, "dtypes", None) or ("float32",)))
+    (``Rule.dtypes``), else every element type the kernels are built for."""
+    declared = getattr(r, "dtypes", None)
+    return frozenset(getattr(torch, n) for n in declared) if declared else _KERNEL_DTYPES
 
 
 def _bind(r: registry.Rule) -> Binding:
