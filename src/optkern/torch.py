@@ -738,7 +738,8 @@ class _OktOptimizer(torch.optim.Optimizer):
                     # a parameter cast after its state was made (torch's load casts the state it
                     # loads): torch's step keeps the state's dtype, or refuses the mix
                     self._refuse(
-                        TypeError, f"state {n!r} of {label} has dtype {t.dtype}, the parameter {p.dtype}"
+                        TypeError,
+                        f"state {n!r} of {label} has dtype {t.dtype}, the parameter {p.dtype}",
                     )
                 elif (
                     _tensor_reason(t, self._binding.dtypes)
