@@ -201,11 +201,12 @@ class _Entry:
     update in its place (copied in before the step, back after it)."""
 
     __slots__ = (
-        "ref", "dtype", "shape", "lo", "hi", "pview", "stage", "sdict", "tensors", "tlive",
-        "trefs", "views", "steps", "cviews",
+        "param", "ref", "dtype", "shape", "lo", "hi", "pview", "stage", "sdict", "keys",
+        "tensors", "tlive", "trefs", "views", "steps", "cviews",
     )  # fmt: skip
 
     def __init__(self, p: torch.Tensor) -> None:
+        self.param = p  # the cache is keyed by id(p): this holds p, so the id stays p's
         self.ref = p.detach()
         self.dtype = p.dtype
         self.shape = tuple(p.shape)  # a gradient's must be the same
@@ -214,12 +215,30 @@ class _Entry:
         self.lo = self.pview.ctypes.data
         self.hi = self.lo + self.pview.nbytes
         self.sdict: Any = None
+        self.keys: Any = None  # the list of state keys the views were made for
         self.tensors: Tuple[Any, ...] = ()
         self.tlive: List[Any] = []  # the state tensors (not None) and their aliases
         self.trefs: List[Any] = []
         self.views: Tuple[Any, ...] = ()
         self.steps: Any = None
         self.cviews: Tuple[Any, ...] = ()
+
+
+class _Keys:
+    """What a group's hyperparameters imply for its parameters' state: the arrays kept
+    (``names``), the carried numbers, and the state keys whose tensors the cached views were
+    made of (``keys``: the arrays, the carried numbers where kept as tensors, the step)."""
+
+    __slots__ = ("names", "carried", "keys")
+
+    def __init__(self, rule: registry.Rule, hyper: Dict[str, Any], tensor_carried: bool) -> None:
+        self.names = [s.name for s in rule.states if s.when is None or hyper[s.when]]
+        self.carried = rule.carried_names
+        self.keys = (
+            self.names
+            + (list(self.carried) if tensor_carried else [])
+            + (["step"] if rule.counts_steps else [])
+        )
 
 
 class _Plan:
@@ -321,9 +340,11 @@ class _OktOptimizer(torch.optim.Optimizer):
 
     def _okt_reset(self) -> None:
         """The caches, made empty (at construction and whenever the state is replaced)."""
-        #: parameter -> its cached views (see _plan_group)
-        self._okt_cache: Dict[torch.Tensor, _Entry] = {}
-        #: id(group) -> (group, rule, hyperparameter values, the core's validated dict of them)
+        #: id(parameter) -> its cached views (see _plan_group); keyed by id because hashing a
+        #: tensor is a Python call (torch.Tensor.__hash__), the entry holds the parameter
+        self._okt_cache: Dict[int, _Entry] = {}
+        #: id(group) -> (group, rule, hyperparameter names and values, the core's validated dict
+        #: of them, the group's _Keys)
         self._okt_checked: Dict[int, Tuple[Any, ...]] = {}
         #: [runs of the kernels]: advanced by the core right after them, so a step that is
         #: interrupted after its kernels ran still completes its bookkeeping (see _update)
@@ -586,13 +607,9 @@ class _OktOptimizer(torch.optim.Optimizer):
                 self._refuse(
                     ValueError, f"{flag}=True: the kernels run outside autograd and CUDA graphs"
                 )
-        rule, hyper = self._hyper(group)
-        names = [s.name for s in rule.states if s.when is None or hyper[s.when]]
-        cnames = rule.carried_names
+        rule, hyper, ks = self._hyper(group)
+        names, cnames, keys = ks.names, ks.carried, ks.keys
         tensor_carried = b.torch_cls is not None
-        keys = (
-            names + (list(cnames) if tensor_carried else []) + (["step"] if rule.counts_steps else [])
-        )
         params: List[torch.Tensor] = []
         pviews: List[np.ndarray] = []
         gviews: List[np.ndarray] = []
@@ -607,16 +624,17 @@ class _OktOptimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
-            e = cache.get(p)
+            e = cache.get(id(p))
             try:
-                fresh = e is None or not _IS_SET_TO(p, e.ref) or p.dtype is not e.dtype
+                fresh = e is None or e.param is not p or not _IS_SET_TO(p, e.ref)
+                fresh = fresh or p.dtype is not e.dtype
             except Exception:  # no storage (meta, sparse): the reason below says what it is
                 fresh = True
             if fresh:
                 why = _tensor_reason(p, dtypes)
                 if why:
                     self._refuse(TypeError, f"{self._label(group, gi, i)} {why}")
-                e = cache[p] = _Entry(p)
+                e = cache[id(p)] = _Entry(p)
             # The gradient's view is made at every step and held only during the call:
             # zero_grad() must free the gradient, as with torch.optim.
             try:
@@ -642,7 +660,7 @@ class _OktOptimizer(torch.optim.Optimizer):
                     e.sdict = None
                 elif not (
                     st is e.sdict
-                    and len(e.tensors) == len(keys)
+                    and (e.keys is keys or e.keys == keys)
                     and all(map(is_, map(st.get, keys), e.tensors))
                     and all(map(_IS_SET_TO, e.tlive, e.trefs))
                 ):
@@ -654,7 +672,9 @@ class _OktOptimizer(torch.optim.Optimizer):
             entries.append(e)
         if not params:
             return None
-        fresh_names = self._complete_state(new, group, gi, rule, hyper, names, keys, undo)
+        fresh_names = (
+            self._complete_state(new, group, gi, rule, hyper, names, keys, undo) if new else ()
+        )
         lists = {n: [e.views[k] for e in entries] for k, n in enumerate(names)}
         for k, n in enumerate(cnames):
             if tensor_carried:  # read from their 0-d tensors, as torch keeps them
@@ -791,29 +811,31 @@ class _OktOptimizer(torch.optim.Optimizer):
             else ()
         )
         e.sdict = st
+        e.keys = keys
         e.tensors = tuple(st.get(k) for k in keys)
         e.tlive = [t for t in e.tensors if t is not None]
         e.trefs = [t.detach() for t in e.tlive]
 
-    def _hyper(self, group: Dict[str, Any]) -> Tuple[registry.Rule, Dict[str, Any]]:
-        """The group's rule and its hyperparameters as the core validated them, checked again
-        only when a value changed (plain numbers are compared; a tensor is read every step).
-        Values the kernels do not take refuse the group."""
+    def _hyper(self, group: Dict[str, Any]) -> Tuple[registry.Rule, Dict[str, Any], "_Keys"]:
+        """The group's rule, its hyperparameters as the core validated them and the state keys
+        they imply, checked again only when a value changed (plain numbers are compared; a
+        tensor is read every step). Values the kernels do not take refuse the group."""
         rule = self._binding.rule_for(group)
         known = self._okt_checked.get(id(group))
         if known is not None and known[0] is group and known[1] is rule:
             values = [group.get(k) for k in known[2]]
             if all(map(is_, values, known[3])) or (_plain(values) and values == known[3]):
-                return rule, known[4]
+                return rule, known[4], known[5]
         try:
             hyper = self._okt_validate(group)
         except (TypeError, ValueError) as err:
             self._refuse(type(err), f"{err}, which the kernels do not take")
+        ks = _Keys(rule, hyper, self._binding.torch_cls is not None)
         keys = tuple(dict.fromkeys([h.torch for h in rule.hyper] + ["maximize"]))
         values = [group.get(k) for k in keys]
         if _plain(values):  # checked: remember them (a tensor may change in place)
-            self._okt_checked[id(group)] = (group, rule, keys, values, hyper)
-        return rule, hyper
+            self._okt_checked[id(group)] = (group, rule, keys, values, hyper, ks)
+        return rule, hyper, ks
 
     def _prepare(
         self,
