@@ -279,18 +279,19 @@ def test_momentum_matches_numpy_optkern():
 NOT_IN_TORCH = [(e.name, hp) for e in db.ENTRIES if not e.oracle("torch") for hp in e.cases[-2:]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name, kwargs", NOT_IN_TORCH, ids=[db.case_id(c) for c in NOT_IN_TORCH])
-def test_rules_torch_lacks_match_numpy_optkern_bit_for_bit(name, kwargs):
+def test_rules_torch_lacks_match_numpy_optkern_bit_for_bit(name, kwargs, dtype):
     import optkern as ok
 
-    p0 = make_params()
+    p0 = make_params(dtype=dtype)
     mine = [torch.nn.Parameter(p.clone()) for p in p0]
     arrays = [p.numpy().copy() for p in p0]
     o = getattr(okt, name)(mine, **kwargs)
     ref = getattr(ok, name)(arrays[:-1], **kwargs)
     ptrs = [p.data_ptr() for p in mine]
     for t in range(STEPS):
-        gs = grads_for(t)
+        gs = grads_for(t, dtype=dtype)
         for a, g in zip(mine, gs):
             a.grad = g
         o.step()
@@ -318,7 +319,7 @@ def test_rules_torch_lacks_match_numpy_optkern_bit_for_bit(name, kwargs):
     arrays = [k for k in st if k in rule.array_state_names]
     assert arrays
     for k in arrays:
-        assert st[k].dtype == torch.float32 and st[k].shape == rule.state(k).shape_for(SHAPES[0])
+        assert st[k].dtype == dtype and st[k].shape == rule.state(k).shape_for(SHAPES[0])
     if rule.counts_steps:
         assert st["step"].dtype == torch.float32 and st["step"].dim() == 0
         assert float(st["step"]) == STEPS
@@ -328,7 +329,7 @@ def test_rules_torch_lacks_match_numpy_optkern_bit_for_bit(name, kwargs):
     o2 = getattr(okt, name)(twin, **kwargs)
     o2.load_state_dict(copy.deepcopy(o.state_dict()))
     for t in range(STEPS, STEPS + 3):
-        gs = grads_for(t)
+        gs = grads_for(t, dtype=dtype)
         for a, b, g in zip(mine, twin, gs):
             a.grad, b.grad = g, None if g is None else g.clone()
         o.step()
