@@ -111,22 +111,27 @@ def test_empty_lists_update_nothing_but_are_still_checked():
 
 
 def test_every_function_takes_its_signature_from_the_declaration():
-    """params and grads, the state lists a step always needs and the carried lists positional;
-    then, keyword only, the lists needed under an option, step (where the rule uses it), every
-    hyperparameter at its declared default, maximize and grad_scale."""
+    """params and grads, the state lists a step always needs, the carried lists and the lists
+    the first update creates (SGD's momentum buffers, third as in torch's functional sgd)
+    positional; then, keyword only, the other lists needed under an option, step (where the rule
+    uses it), every hyperparameter at its declared default, maximize and grad_scale."""
     import inspect
 
     for r in ok.registry.rules():
         ps = inspect.signature(getattr(F, r.name + "_")).parameters
         kinds = {n: p.kind for n, p in ps.items()}
+        first = ok.registry.first_update_states(r)
         positional = ["params", "grads"] + [s.arg for s in r.states if s.when is None]
         positional += [c.arg for c in r.carried]
+        positional += [s.arg for s in r.states if s.name in first]
         assert [n for n, k in kinds.items() if k is inspect.Parameter.POSITIONAL_OR_KEYWORD] == (
             positional
         ), r.name
         for s in r.states:
             if s.when is not None:
-                assert kinds[s.arg] is inspect.Parameter.KEYWORD_ONLY and ps[s.arg].default is None
+                kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if s.name in first else None
+                assert kinds[s.arg] is (kind or inspect.Parameter.KEYWORD_ONLY), (r.name, s.arg)
+                assert ps[s.arg].default is None
         assert ("step" in ps) == r.uses_step
         for h in r.hyper:
             assert kinds[h.name] is inspect.Parameter.KEYWORD_ONLY, (r.name, h.name)

@@ -36,8 +36,8 @@ def check_real(name: str, value: Any) -> float: ...
 def sgd_(
     params: ArrayList,
     grads: ArrayList,
-    *,
     momentum_buffers: Optional[List[Optional[np.ndarray]]] = None,
+    *,
     lr: float = 0.001,
     momentum: float = 0.0,
     dampening: float = 0.0,

@@ -299,18 +299,21 @@ def first_update_states(r: Rule) -> Tuple[str, ...]:
 
 def functional_signature(r: Rule) -> str:
     """The functional function's parameters, as source text: params, grads, the state lists a
-    step always needs and the carried lists (positional); then, keyword only, the lists needed
-    only under an option, the step counts (where the per-step scalars use them), the
-    hyperparameters with their declared defaults, ``maximize`` and ``grad_scale``."""
+    step always needs, the carried lists and the lists the first update creates (SGD's momentum
+    buffers, third as in torch's functional sgd) (positional); then, keyword only, the other
+    lists needed only under an option, the step counts (where the per-step scalars use them),
+    the hyperparameters with their declared defaults, ``maximize`` and ``grad_scale``."""
     first = first_update_states(r)
     positional = ["params: ArrayList", "grads: ArrayList"]
     positional += [f"{s.arg}: ArrayList" for s in r.states if s.when is None]
     positional += [f"{c.arg}: List[float]" for c in r.carried]
+    positional += [
+        f"{s.arg}: Optional[List[Optional[np.ndarray]]] = None" for s in r.states if s.name in first
+    ]
     keyword = [
-        f"{s.arg}: Optional[{'List[Optional[np.ndarray]]' if s.name in first else 'ArrayList'}]"
-        " = None"
+        f"{s.arg}: Optional[ArrayList] = None"
         for s in r.states
-        if s.when is not None
+        if s.when is not None and s.name not in first
     ]
     keyword += ["step: Steps"] if r.uses_step else []
     keyword += [f"{h.name}: {annotation(h.default)} = {h.default!r}" for h in r.hyper]
