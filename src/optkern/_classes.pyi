@@ -23,6 +23,7 @@ __all__ = [
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",
     "Adafactor",
+    "AdEMAMix",
     "Nesterov",
 ]
 
@@ -36,6 +37,7 @@ class SGD(Optimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
+        lr_in_velocity: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
@@ -69,6 +71,8 @@ class RMSprop(Optimizer):
         momentum: float = 0.0,
         centered: bool = False,
         *,
+        eps_inside_sqrt: bool = False,
+        lr_in_velocity: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
@@ -86,6 +90,7 @@ class Adagrad(Optimizer):
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
         *,
+        eps_inside_sqrt: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
@@ -315,6 +320,25 @@ class Adafactor(Optimizer):
         capturable: bool = False,
     ) -> None: ...
 
+class AdEMAMix(Optimizer):
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.001,
+        betas: Tuple[float, float, float] = (0.9, 0.999, 0.9999),
+        alpha: float = 2.0,
+        beta3_warmup: Optional[float] = None,
+        alpha_warmup: Optional[float] = None,
+        eps: float = 1e-08,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        differentiable: bool = False,
+        capturable: bool = False,
+    ) -> None: ...
+
 class Nesterov(SGD):
     def __init__(
         self,
@@ -324,6 +348,7 @@ class Nesterov(SGD):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         *,
+        lr_in_velocity: bool = False,
         maximize: bool = False,
         foreach: Any = None,
         fused: Any = None,

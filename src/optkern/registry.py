@@ -33,6 +33,9 @@ class Hyper:
     #: eps1: the machine epsilon of the parameter's dtype, float32's here); None where None is
     #: refused. The core keeps a given None as None (``_core.validate`` returns it).
     if_none: Optional[float] = None
+    #: An option torch.optim's class of the same name lacks (a textbook form: Adagrad's
+    #: eps_inside_sqrt): optkern's class and function take it, optkern.torch does not.
+    optkern_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,15 +91,23 @@ class Rule:
     # -- torch's view: arguments as the class takes them ---------------------------------------------
 
     def torch_args(self) -> List[Tuple[str, Any]]:
-        """(argument, default) in torch's order, tuple arguments (betas) joined; maximize last."""
+        """(argument, default) in torch's order, tuple arguments (betas) joined; without the
+        options torch lacks (``own_args``) and maximize."""
         out: List[Tuple[str, Any]] = []
         for h in self.hyper:
+            if h.optkern_only:
+                continue
             if h.slot <= 0:
                 out.append((h.torch, h.default if h.slot < 0 else (h.default,)))
             else:
                 name, prev = out[-1]
                 out[-1] = (name, prev + (h.default,))
         return out
+
+    def own_args(self) -> List[Tuple[str, Any]]:
+        """(argument, default) of the options torch.optim's class lacks (the textbook forms),
+        keyword-only after torch's arguments."""
+        return [(h.torch, h.default) for h in self.hyper if h.optkern_only]
 
     def to_core(self, group: Dict[str, Any], lr: Any = None) -> Dict[str, Any]:
         """The core's hyperparameters from a group in torch's names (betas split), each turned
@@ -115,8 +126,9 @@ class Rule:
                         or not hasattr(pair, "__len__")
                         or len(pair) != len(names)
                     ):
+                        size = "a pair" if len(names) == 2 else f"a tuple of {len(names)}"
                         raise TypeError(
-                            f"{h.torch} must be a pair ({', '.join(names)}), got {pair!r}"
+                            f"{h.torch} must be {size} ({', '.join(names)}), got {pair!r}"
                         )
                 value = pair[h.slot]
             out[h.name] = as_flag(value) if h.range == "flag" else as_real(value)
@@ -282,10 +294,12 @@ def annotation(default: Any) -> str:
 
 def class_signature(r: Rule) -> str:
     """The constructor's parameters, as source text: ``params``, torch's arguments of the rule
-    in torch's order (tuple arguments joined), then the execution flags, keyword only."""
+    in torch's order (tuple arguments joined); then, keyword only, the options torch's class
+    lacks (``Rule.own_args``: the textbook forms) and the execution flags."""
     args = [f"{name}: {annotation(d)} = {d!r}" for name, d in r.torch_args()]
+    own = [f"{name}: {annotation(d)} = {d!r}" for name, d in r.own_args()]
     flags = [f"{name}: {ann} = {d!r}" for name, ann, d in EXECUTION_FLAGS]
-    return ", ".join(["self", "params: Any", *args, "*", *flags])
+    return ", ".join(["self", "params: Any", *args, "*", *own, *flags])
 
 
 def first_update_states(r: Rule) -> Tuple[str, ...]:
@@ -370,7 +384,7 @@ _SCOPE = {
 
 def make_class(r: Rule, base: type, module: str) -> type:
     """The optimizer class of rule ``r``, its constructor :func:`class_signature`."""
-    keys = ", ".join(f"{name}={name}" for name, _ in r.torch_args())
+    keys = ", ".join(f"{name}={name}" for name, _ in r.torch_args() + r.own_args())
     src = (
         f"def __init__({class_signature(r)}) -> None:\n"
         f"    check_execution_flags(foreach=foreach, fused=fused,\n"
