@@ -276,6 +276,9 @@ def test_torch_studies_run_small():
     assert [r["optimizer"] for r in b["rows"]] == ["SGD", "Adam", "AdamW", "Adagrad"]
     ph = studies.torch_phases(1, per_round=1)
     assert set(ph["ms"]) == {"torch fused", "okt", "okt 1 thread", "torch foreach"}
+    small = studies.torch_small_step(2, inner=1, fresh=True)
+    assert set(small["us"]) == {"optkern.torch", "torch fused", "torch single-tensor"}
+    assert all(r["median_us"] > 0 and r["p90_us"] >= r["median_us"] for r in small["us"].values())
 
 
 def test_step_cost_study_runs_small():

@@ -382,6 +382,12 @@ def test_schedule_free_train_and_eval_in_float64(name):
 def test_functional_sgd_creates_buffers_in_each_parameters_dtype():
     params = [np.ones(3), np.ones(2, np.float32), np.ones(4)]
     bufs = [None, None, np.zeros(4)]
-    F.sgd_(params, [np.ones(3, np.float32), np.ones(2), np.ones(4)], bufs, lr=0.1, momentum=0.9)
+    F.sgd_(
+        params,
+        [np.ones(3, np.float32), np.ones(2), np.ones(4)],
+        momentum_buffers=bufs,
+        lr=0.1,
+        momentum=0.9,
+    )
     assert [b.dtype for b in bufs] == [np.float64, np.float32, np.float64]
     assert bufs[0].tolist() == [1.0] * 3 and bufs[2].tolist() == [1.0] * 4

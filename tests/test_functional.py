@@ -54,10 +54,10 @@ def test_sgd_functional_creates_missing_buffers_in_the_list():
     p = np.zeros(4, np.float32)
     bufs = [None]
     g = np.arange(4, dtype=np.float32)
-    F.sgd_([p], [g], bufs, lr=0.1, momentum=0.9)
+    F.sgd_([p], [g], momentum_buffers=bufs, lr=0.1, momentum=0.9)
     assert isinstance(bufs[0], np.ndarray)
     np.testing.assert_array_equal(bufs[0], g)  # torch's first step: the buffer is the gradient
-    F.sgd_([p], [g], bufs, lr=0.1, momentum=0.9)
+    F.sgd_([p], [g], momentum_buffers=bufs, lr=0.1, momentum=0.9)
     np.testing.assert_allclose(bufs[0], 1.9 * g, rtol=1e-6)
 
 
@@ -110,127 +110,34 @@ def test_empty_lists_update_nothing_but_are_still_checked():
         F.adam_([], [], [], [], step=1, lr=1e38, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
-def _shape(fn):
-    """A signature without annotations: names, kinds and defaults."""
+def test_every_function_takes_its_signature_from_the_declaration():
+    """params and grads, the state lists a step always needs, the carried lists and the lists
+    the first update creates (SGD's momentum buffers, third as in torch's functional sgd)
+    positional; then, keyword only, the other lists needed under an option, step (where the rule
+    uses it), every hyperparameter at its declared default, maximize and grad_scale."""
     import inspect
 
-    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
-
-
-# The signatures the first rules' functions were written with (before their bodies were derived).
-def _rmsprop_(
-    params,
-    grads,
-    square_avgs,
-    grad_avgs=None,
-    momentum_buffers=None,
-    *,
-    lr,
-    alpha,
-    eps,
-    weight_decay=0.0,
-    momentum=0.0,
-    centered=False,
-    eps_inside_sqrt=False,
-    lr_in_velocity=False,
-    maximize=False,
-    grad_scale=1.0,
-    _positions=None,
-): ...
-def _adagrad_(
-    params,
-    grads,
-    state_sums,
-    *,
-    step,
-    lr,
-    lr_decay=0.0,
-    weight_decay=0.0,
-    eps=1e-10,
-    eps_inside_sqrt=False,
-    maximize=False,
-    grad_scale=1.0,
-    _positions=None,
-): ...
-def _adadelta_(
-    params,
-    grads,
-    square_avgs,
-    acc_deltas,
-    *,
-    lr,
-    rho,
-    eps,
-    weight_decay=0.0,
-    maximize=False,
-    grad_scale=1.0,
-    _positions=None,
-): ...
-def _adam_(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    *,
-    step,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay=0.0,
-    amsgrad=False,
-    max_exp_avg_sqs=None,
-    maximize=False,
-    grad_scale=1.0,
-    _positions=None,
-): ...
-def _adamw_(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    *,
-    step,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay=1e-2,
-    amsgrad=False,
-    max_exp_avg_sqs=None,
-    maximize=False,
-    grad_scale=1.0,
-    _positions=None,
-): ...
-
-
-def test_first_rules_keep_their_signatures_with_bodies_from_the_declaration():
-    for ref in (_rmsprop_, _adagrad_, _adadelta_, _adam_, _adamw_):
-        fn = getattr(F, ref.__name__[1:])
-        assert _shape(fn) == _shape(ref), ref.__name__
-        assert fn.__module__ == "optkern.functional" and fn.__doc__
-
-
-def test_a_stub_that_disagrees_with_the_declaration_is_refused():
-    from optkern.registry import make_functional, rule
-
-    def adam_(
-        params,
-        grads,
-        exp_avgs,
-        max_exp_avg_sqs,
-        *,
-        step,
-        lr,
-        beta3,
-        maximize=False,
-        grad_scale=1.0,
-        _positions=None,
-    ):
-        """no exp_avg_sqs, an unknown beta3"""
-
-    with pytest.raises(TypeError, match=r"unknown \['beta3'\], missing \['exp_avg_sqs'\]"):
-        make_functional(rule("adam"), F._run, like=adam_)
+    for r in ok.registry.rules():
+        ps = inspect.signature(getattr(F, r.name + "_")).parameters
+        kinds = {n: p.kind for n, p in ps.items()}
+        first = ok.registry.first_update_states(r)
+        positional = ["params", "grads"] + [s.arg for s in r.states if s.when is None]
+        positional += [c.arg for c in r.carried]
+        positional += [s.arg for s in r.states if s.name in first]
+        assert [n for n, k in kinds.items() if k is inspect.Parameter.POSITIONAL_OR_KEYWORD] == (
+            positional
+        ), r.name
+        for s in r.states:
+            if s.when is not None:
+                kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if s.name in first else None
+                assert kinds[s.arg] is (kind or inspect.Parameter.KEYWORD_ONLY), (r.name, s.arg)
+                assert ps[s.arg].default is None
+        assert ("step" in ps) == r.uses_step
+        for h in r.hyper:
+            assert kinds[h.name] is inspect.Parameter.KEYWORD_ONLY, (r.name, h.name)
+            assert ps[h.name].default == h.default, (r.name, h.name)
+        assert ps["maximize"].default is False and ps["grad_scale"].default == 1.0
+        assert getattr(F, r.name + "_").__doc__
 
 
 def test_textbook_forms_through_the_functions_match_the_classes():
@@ -264,7 +171,7 @@ def test_textbook_forms_through_the_functions_match_the_classes():
     state = run(
         "RMSprop",
         hp,
-        lambda p, g, t, hp: F.rmsprop_([p], [g], [sq], [ga], [mb], **hp),
+        lambda p, g, t, hp: F.rmsprop_([p], [g], [sq], grad_avgs=[ga], momentum_buffers=[mb], **hp),
     )
     assert bits(state["momentum_buffer"]) == bits(mb)
 

@@ -51,7 +51,7 @@ def test_momentum_without_velocities_is_refused():
     missing buffer list as 'no momentum'), silently dropping the momentum."""
     p, g = np.ones(4, np.float32), np.ones(4, np.float32)
     before = digest([p, g])
-    with pytest.raises(ValueError, match="velocities is required"):
+    with pytest.raises(TypeError, match="velocities must be a list"):
         F.momentum_([p], [g], None, lr=0.1)
     with pytest.raises(TypeError, match=r"velocities\[0\] must be a float32"):
         F.momentum_([p], [g], [np.zeros(4)], lr=0.1)
@@ -152,7 +152,7 @@ CARRIED = {
     if rule.carried
 }
 # Lists a function needs only for some options: None there is 'required when ...' (ValueError).
-OPTIONAL_LISTS = {"momentum_buffers", "grad_avgs", "max_exp_avg_sqs", "velocities"}
+OPTIONAL_LISTS = {"momentum_buffers", "grad_avgs", "max_exp_avg_sqs"}
 
 
 def _state_of(name, arg):

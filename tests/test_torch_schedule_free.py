@@ -126,7 +126,9 @@ def test_arguments_and_defaults_are_the_packages(name):
         "differentiable",
         "capturable",
     ]
-    assert okt.PACKAGE_PEERS[name] == f"schedulefree.{PACKAGE[name]}"
+    from optkern.benchmark import torch_bench
+
+    assert torch_bench.peers()[name].cls == f"schedulefree.{PACKAGE[name]}"
 
 
 def _train(opt, params, grads):

@@ -20,31 +20,15 @@ from .flat import FlatParams
 from .checkpoint import CheckpointError, load, save
 from .optimizer import Optimizer, StaleParameterWarning
 from . import registry
-from . import optimizers as _optimizers
-from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, Nesterov, RMSprop
-
-# Every rule's class, those declared after this list was written included.
-globals().update({name: getattr(_optimizers, name) for name in _optimizers.__all__})
+from ._classes import *  # noqa: F403 (one class per rule of the registry; _classes.pyi names them)
+from ._classes import __all__ as _class_names
 
 __version__: str = _core.__version__
 
 __all__ = [
     "Optimizer",
     "StaleParameterWarning",
-    "SGD",
-    "Nesterov",
-    "Momentum",
-    "RMSprop",
-    "Adagrad",
-    "Adadelta",
-    "Adam",
-    "AdamW",
-    *[
-        name
-        for name in _optimizers.__all__
-        if name
-        not in ("SGD", "Nesterov", "Momentum", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW")
-    ],
+    *_class_names,
     "functional",
     "registry",
     "clip_grad_norm_",

@@ -24,17 +24,9 @@ import numpy as np
 
 from . import _core
 from .flat import FlatParams
-from .registry import as_flag, as_real, make_functional, rule, rules
+from .registry import as_flag, as_real, first_update_states, make_functional, rule, rules
 
-__all__ = [
-    "sgd_",
-    "momentum_",
-    "rmsprop_",
-    "adagrad_",
-    "adadelta_",
-    "adam_",
-    "adamw_",
-]  # and one <rule>_ per further rule of optkern.registry (added at the end of this module)
+__all__: List[str] = []  # one <rule>_ per rule of optkern.registry, added at the end of this module
 
 ArrayList = Sequence[np.ndarray]
 Steps = Union[int, Sequence[int]]
@@ -100,8 +92,20 @@ def _steps(step: Steps) -> Steps:
 _PLAIN = frozenset((float, int, bool))
 
 
+def _created_states(name: str) -> List[tuple]:
+    """(state name, list argument, the flag or value that turns it on) of each state rule
+    ``name`` creates at its first update (:func:`optkern.registry.first_update_states`)."""
+    r = rule(name)
+    by_name = {s.name: s for s in r.states}
+    return [(st, by_name[st].arg, by_name[st].when) for st in first_update_states(r)]
+
+
+#: _created_states of every rule, computed once: a step pays a dict lookup for it.
+_CREATED = {r.name: _created_states(r.name) for r in rules()}
+
+
 def _run(
-    rule: str,
+    name: str,
     params: ArrayList,
     grads: ArrayList,
     states: dict,
@@ -110,252 +114,63 @@ def _run(
     grad_scale: Any,
     positions: Optional[Sequence[int]],
 ) -> None:
-    """One fused update by ``rule``: the core checks everything (ranges, arrays, step counts,
-    per-step scalars) before writing anything. It takes floats, ints and bools; a call it
-    refuses for a value of another type (a NumPy scalar, a 0-d array) changed nothing, and is
-    made again with every real scalar as a float."""
+    """One fused update by rule ``name``: the core checks everything (ranges, arrays, step
+    counts, per-step scalars) before writing anything. It takes floats, ints and bools; a call
+    it refuses for a value of another type (a NumPy scalar, a 0-d array) changed nothing, and is
+    made again with every real scalar as a float.
+
+    A None entry in the list of a state the rule creates at its first update (SGD's momentum
+    buffer) is a buffer that does not exist yet: every argument is checked first, then the new
+    buffers are made as views of one block per dtype (the kernel streams them as one array),
+    passed with a step count of 1 (the kernel then applies torch's first-step rule) and stored
+    into the caller's list."""
     if type(grad_scale) is not float or not -FLOAT32_MAX <= grad_scale <= FLOAT32_MAX:
         grad_scale = check_real("grad_scale", grad_scale)
     if step is not None and type(step) is not int:
         step = _steps(step)
-    try:
-        _core.step(rule, params, grads, states, hyper, step, grad_scale, positions)
-    except TypeError:
-        if _PLAIN.issuperset(map(type, hyper.values())):
-            raise
-        hyper = {
-            k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()
-        }
-        _core.step(rule, params, grads, states, hyper, step, grad_scale, positions)
-
-
-# -- the updates ------------------------------------------------------------------------------------
-# The first rules' functions keep the signatures they were written with (lr required, their own
-# order of state lists); rmsprop_ ... adamw_ take only that signature from the stubs below, their
-# bodies derived from the declaration as every later rule's function is (see the end of this
-# module). Two keep a written body: sgd_ creates missing momentum buffers (torch's first-step
-# rule, which the declaration does not say) and momentum_ refuses velocities=None with a
-# ValueError (the core would run plain SGD without a list; every other required list is a
-# TypeError there).
-
-
-def sgd_(
-    params: ArrayList,
-    grads: ArrayList,
-    momentum_buffers: Optional[List[Optional[np.ndarray]]] = None,
-    *,
-    lr: float,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    lr_in_velocity: bool = False,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """SGD as torch.optim.SGD, or with ``lr_in_velocity=True`` classic momentum (see
-    :class:`optkern.SGD` for the formulas).
-
-    ``momentum_buffers`` (needed when momentum != 0) is a list with one entry per parameter; a
-    None entry is a buffer that does not exist yet: it is created, filled by torch's first-step
-    rule (the buffer becomes the gradient) and stored back into the list.
-    """
-    hyper = {
-        "lr": lr,
-        "momentum": momentum,
-        "dampening": dampening,
-        "weight_decay": weight_decay,
-        "nesterov": nesterov,
-        "lr_in_velocity": lr_in_velocity,
-        "maximize": maximize,
-    }
-    if (type(momentum) is float or type(momentum) is int) and momentum == 0:
-        # Plain SGD (the common case): the core checks every value in the one call.
-        _run("sgd", params, grads, {}, hyper, None, grad_scale, _positions)
-        return
-    core = _core.validate(
-        "sgd",
-        {k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()},
-    )
-    if core["momentum"] == 0:
-        _run("sgd", params, grads, {}, core, None, grad_scale, _positions)
-        return
-    bufs = momentum_buffers
-    if bufs is None:
-        raise ValueError("momentum_buffers is required when momentum != 0")
-    if not isinstance(bufs, list):
-        raise TypeError(
-            "momentum_buffers must be a list (new buffers are stored into it), "
-            f"got {type(bufs).__name__}"
-        )
-    fresh = [b is None for b in bufs]
-    filled: List[Any] = bufs
-    if any(fresh):
-        _core.check_grads(params, grads, positions=_positions)  # before allocating anything
-        if len(bufs) != len(params):
+    made = []
+    for state, arg, when in _CREATED[name]:
+        entries = states.get(state)
+        if not isinstance(entries, list) or id(None) not in map(id, entries):
+            continue  # the core checks (or refuses) what it is
+        hyper = _core.validate(name, _as_core(hyper))
+        if not hyper[when]:
+            continue  # not used under these options
+        _core.check_grads(params, grads, positions=positions)  # before allocating anything
+        if len(entries) != len(params):
             raise ValueError(
-                f"momentum_buffers has {len(bufs)} entries but params has "
-                f"{len(params)}; they must match one to one"
+                f"{arg} has {len(entries)} entries but params has {len(params)}; they must "
+                "match one to one"
             )
-        # New buffers as views of one block per dtype: the kernel then streams them as one array.
-        filled = list(bufs)
+        fresh = [b is None for b in entries]
+        filled = list(entries)
         new = [i for i, f in enumerate(fresh) if f]
         for dtype in dict.fromkeys(params[i].dtype for i in new):
             mine = [i for i in new if params[i].dtype == dtype]
             for i, view in zip(mine, FlatParams([params[i].shape for i in mine], dtype)):
                 filled[i] = view
-    # A buffer's first step (step 1) takes torch's first-step rule: it becomes the gradient.
-    steps = [1 if f else 2 for f in fresh]
-    _run("sgd", params, grads, {"momentum_buffer": filled}, core, steps, grad_scale, _positions)
-    if filled is not bufs:
-        bufs[:] = filled
+        states = {**states, state: filled}
+        step = [1 if f else 2 for f in fresh]
+        made.append((entries, filled))
+    try:
+        _core.step(name, params, grads, states, hyper, step, grad_scale, positions)
+    except TypeError:
+        if _PLAIN.issuperset(map(type, hyper.values())):
+            raise
+        _core.step(name, params, grads, states, _as_core(hyper), step, grad_scale, positions)
+    for entries, filled in made:
+        entries[:] = filled
 
 
-def momentum_(
-    params: ArrayList,
-    grads: ArrayList,
-    velocities: ArrayList,
-    *,
-    lr: float,
-    beta: float = 0.9,
-    weight_decay: float = 0.0,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """Momentum in its exponentially weighted form: ``V = beta*V + (1-beta)*g; p -= lr*V``, V
-    starting at zero (see :class:`optkern.Momentum`)."""
-    if velocities is None:  # refused rather than run as plain SGD without its momentum
-        raise ValueError("velocities is required (one zero-initialised array per parameter)")
-    hyper = {"lr": lr, "beta": beta, "weight_decay": weight_decay, "maximize": maximize}
-    _run(
-        "momentum",
-        params,
-        grads,
-        {"momentum_buffer": velocities},
-        hyper,
-        None,
-        grad_scale,
-        _positions,
-    )
+def _as_core(hyper: dict) -> dict:
+    """Every real scalar as a float, every flag as a bool (TypeError naming one that is
+    neither)."""
+    return {
+        k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()
+    }
 
 
-def _declared(name: str) -> Any:
-    """The function of rule ``name`` with the decorated stub's signature and docstring, its body
-    derived from the declaration (:func:`optkern.registry.make_functional`)."""
-    return lambda stub: make_functional(rule(name), _run, like=stub)
-
-
-@_declared("rmsprop")
-def rmsprop_(
-    params: ArrayList,
-    grads: ArrayList,
-    square_avgs: ArrayList,
-    grad_avgs: Optional[ArrayList] = None,
-    momentum_buffers: Optional[ArrayList] = None,
-    *,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
-    centered: bool = False,
-    eps_inside_sqrt: bool = False,
-    lr_in_velocity: bool = False,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """RMSprop as torch.optim.RMSprop, or in the textbook forms (see :class:`optkern.RMSprop`).
-    ``grad_avgs`` is needed when centered, ``momentum_buffers`` when momentum > 0; all state
-    starts at zero."""
-
-
-@_declared("adagrad")
-def adagrad_(
-    params: ArrayList,
-    grads: ArrayList,
-    state_sums: ArrayList,
-    *,
-    step: Steps,
-    lr: float,
-    lr_decay: float = 0.0,
-    weight_decay: float = 0.0,
-    eps: float = 1e-10,
-    eps_inside_sqrt: bool = False,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """Adagrad as torch.optim.Adagrad, or with ``eps_inside_sqrt=True`` in the textbook form (see
-    :class:`optkern.Adagrad`)."""
-
-
-@_declared("adadelta")
-def adadelta_(
-    params: ArrayList,
-    grads: ArrayList,
-    square_avgs: ArrayList,
-    acc_deltas: ArrayList,
-    *,
-    lr: float,
-    rho: float,
-    eps: float,
-    weight_decay: float = 0.0,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """Adadelta as torch.optim.Adadelta (see :class:`optkern.Adadelta`)."""
-
-
-@_declared("adam")
-def adam_(
-    params: ArrayList,
-    grads: ArrayList,
-    exp_avgs: ArrayList,
-    exp_avg_sqs: ArrayList,
-    *,
-    step: Steps,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float = 0.0,
-    amsgrad: bool = False,
-    max_exp_avg_sqs: Optional[ArrayList] = None,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """Adam as torch.optim.Adam, weight decay as an L2 term (see :class:`optkern.Adam`)."""
-
-
-@_declared("adamw")
-def adamw_(
-    params: ArrayList,
-    grads: ArrayList,
-    exp_avgs: ArrayList,
-    exp_avg_sqs: ArrayList,
-    *,
-    step: Steps,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float = 1e-2,
-    amsgrad: bool = False,
-    max_exp_avg_sqs: Optional[ArrayList] = None,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    _positions: Optional[Sequence[int]] = None,
-) -> None:
-    """AdamW as torch.optim.AdamW, weight decay decoupled (see :class:`optkern.AdamW`)."""
-
-
-# Every further rule declared in C++ gets its function from its declaration.
+# Every rule declared in C++ gets its function from its declaration (optkern.registry).
 for _rule in rules():
-    if _rule.name + "_" not in globals():
-        globals()[_rule.name + "_"] = make_functional(_rule, _run)
-        __all__.append(_rule.name + "_")
+    globals()[_rule.name + "_"] = make_functional(_rule, _run, __name__)
+    __all__.append(_rule.name + "_")

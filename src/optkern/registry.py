@@ -1,7 +1,7 @@
 """The update rules, as the C++ core declares them (``src/cpp/rules/<name>.inc``), and what is
-built from each declaration: the optimizer class (torch-style constructor, formulas in the docstring)
-and the function of :mod:`optkern.functional` (for the first rules with the signature they were
-written with, but for ``sgd_`` and ``momentum_``, whose bodies are written by hand).
+built from each declaration: the optimizer class (torch-style constructor, formulas in the
+docstring), the function of :mod:`optkern.functional`, and the source text of both signatures,
+which the type stubs repeat (:mod:`optkern._stubs`).
 
 ``rules()`` lists them; each :class:`Rule` says its hyperparameters (name, range, default and
 torch's argument), its state buffers and whether it counts steps. Tests and benchmarks iterate
@@ -169,6 +169,16 @@ class Rule:
         raise KeyError(name)
 
     @property
+    def switch(self) -> Optional[str]:
+        """For a Schedule-Free rule (one that keeps ``z``, the point its ``train()`` and
+        ``eval()`` move the parameter towards), the hyperparameter that interpolates between
+        its points: the first one in (0, 1), where both ``1 - beta`` and ``1 / beta`` are
+        defined (beta1, momentum). None for any other rule."""
+        if "z" not in self.array_state_names:
+            return None
+        return next(h.name for h in self.hyper if h.range == "open_unit")
+
+    @property
     def array_state_names(self) -> Tuple[str, ...]:
         return tuple(s.name for s in self.states)
 
@@ -248,6 +258,10 @@ def rule(name: str) -> Rule:
 
 
 # -- what is built from a declaration --------------------------------------------------------------
+#
+# The classes (optkern._classes), the functions of optkern.functional and their type stubs
+# (optkern._stubs) take their signatures from the source text made here, so the three cannot
+# disagree.
 
 _MAXIMIZE_NOTE = (
     "\n\nWith ``maximize=True`` the update uses -g. torch's execution flags are "
@@ -256,53 +270,137 @@ _MAXIMIZE_NOTE = (
     "``capturable=False``."
 )
 
+#: The keyword-only arguments every class takes after the rule's own: torch's execution flags.
+EXECUTION_FLAGS = (
+    ("maximize", "bool", False),
+    ("foreach", "Optional[bool]", None),
+    ("fused", "Optional[bool]", None),
+    ("differentiable", "bool", False),
+    ("capturable", "bool", False),
+)
 
-def _annotation(default: Any) -> str:
+
+def annotation(default: Any) -> str:
+    """The annotation of a hyperparameter from its declared default (a tuple argument's items
+    each; None where the declaration takes None, Adafactor's eps1)."""
     if isinstance(default, bool):
         return "bool"
     if isinstance(default, tuple):
-        return "Tuple[" + ", ".join(_annotation(d) for d in default) + "]"
-    return "Optional[float]" if default is None else "float"  # None: a declared if_none
+        return "Tuple[" + ", ".join(annotation(d) for d in default) + "]"
+    if default is None:
+        return "Optional[float]"
+    return "float"
 
 
-def make_class(r: Rule, base: type) -> type:
-    """The optimizer class of rule ``r``: ``Cls(params, <torch's arguments>, *, <the options
-    torch lacks>, maximize=False, foreach=None, fused=None, differentiable=False,
-    capturable=False)``."""
-    args = r.torch_args()
-    own = r.own_args()
-    sig = ", ".join(f"{name}: {_annotation(d)} = {d!r}" for name, d in args)
-    sig_own = "".join(f"{name}: {_annotation(d)} = {d!r}, " for name, d in own)
-    keys = ", ".join(f"{name}={name}" for name, _ in args + own)
+def class_signature(r: Rule) -> str:
+    """The constructor's parameters, as source text: ``params``, torch's arguments of the rule
+    in torch's order (tuple arguments joined); then, keyword only, the options torch's class
+    lacks (``Rule.own_args``: the textbook forms) and the execution flags."""
+    args = [f"{name}: {annotation(d)} = {d!r}" for name, d in r.torch_args()]
+    own = [f"{name}: {annotation(d)} = {d!r}" for name, d in r.own_args()]
+    flags = [f"{name}: {ann} = {d!r}" for name, ann, d in EXECUTION_FLAGS]
+    return ", ".join(["self", "params: Any", *args, "*", *own, *flags])
+
+
+def first_update_states(r: Rule) -> Tuple[str, ...]:
+    """States that a rule without step counts keeps only under an option and creates at the
+    update that first needs them (torch's SGD: the momentum buffer starts as the gradient; the
+    kernel is told by a step count of 1). optkern.functional takes None entries for them."""
+    if r.counts_steps:
+        return ()
+    return tuple(s.name for s in r.states if s.when is not None)
+
+
+def functional_signature(r: Rule) -> str:
+    """The functional function's parameters, as source text: params, grads, the state lists a
+    step always needs, the carried lists and the lists the first update creates (SGD's momentum
+    buffers, third as in torch's functional sgd) (positional); then, keyword only, the other
+    lists needed only under an option, the step counts (where the per-step scalars use them),
+    the hyperparameters with their declared defaults, ``maximize`` and ``grad_scale``."""
+    first = first_update_states(r)
+    positional = ["params: ArrayList", "grads: ArrayList"]
+    positional += [f"{s.arg}: ArrayList" for s in r.states if s.when is None]
+    positional += [f"{c.arg}: List[float]" for c in r.carried]
+    positional += [
+        f"{s.arg}: Optional[List[Optional[np.ndarray]]] = None" for s in r.states if s.name in first
+    ]
+    keyword = [
+        f"{s.arg}: Optional[ArrayList] = None"
+        for s in r.states
+        if s.when is not None and s.name not in first
+    ]
+    keyword += ["step: Steps"] if r.uses_step else []
+    keyword += [f"{h.name}: {annotation(h.default)} = {h.default!r}" for h in r.hyper]
+    keyword += ["maximize: bool = False", "grad_scale: float = 1.0"]
+    return ", ".join([*positional, "*", *keyword])
+
+
+def functional_doc(r: Rule) -> str:
+    doc = (
+        f"{r.cls} over lists of arrays, state passed in explicitly (see "
+        f":class:`optkern.{r.cls}` for the formulas)."
+    )
+    for s in r.states:
+        if s.when is not None:
+            doc += f" ``{s.arg}`` is needed when {s.when} is on"
+            if s.name in first_update_states(r):
+                doc += (
+                    "; a None entry is a buffer that does not exist yet: it is created, "
+                    "filled by torch's first-step rule (it becomes the gradient) and stored "
+                    "back into the list"
+                )
+            doc += "."
+    shaped = [st for st in r.states if st.shape != "like_param"]
+    if shaped:
+        doc += (
+            " "
+            + ", ".join(f"``{st.arg}``" for st in shaped)
+            + ": one entry per parameter, shaped by its kind ("
+            + ", ".join(f"{st.arg}: {st.shape}" for st in shaped)
+            + "; rows: [..., R, 1], cols: [..., 1, C] for >= 2 dimensions, unfactored: the "
+            "parameter's shape for <= 1 dimension), None for a parameter that keeps no such state."
+        )
+    if r.carried:
+        doc += (
+            " " + ", ".join(f"``{c.arg}``" for c in r.carried) + ": lists of floats, "
+            "one per parameter (starting at "
+            + ", ".join(f"{c.init_from or c.init}" for c in r.carried)
+            + "), which the call updates in place."
+        )
+    return doc
+
+
+_SCOPE = {
+    "Any": Any,
+    "Tuple": Tuple,
+    "List": List,
+    "Optional": Optional,
+    "Sequence": Any,
+    "ArrayList": Any,
+    "Steps": Any,
+    "np": np,
+}
+
+
+def make_class(r: Rule, base: type, module: str) -> type:
+    """The optimizer class of rule ``r``, its constructor :func:`class_signature`."""
+    keys = ", ".join(f"{name}={name}" for name, _ in r.torch_args() + r.own_args())
     src = (
-        f"def __init__(self, params: Any, {sig}, *, {sig_own}maximize: bool = False,\n"
-        f"             foreach: Any = None, fused: Any = None, differentiable: Any = False,\n"
-        f"             capturable: Any = False) -> None:\n"
+        f"def __init__({class_signature(r)}) -> None:\n"
         f"    check_execution_flags(foreach=foreach, fused=fused,\n"
         f"                          differentiable=differentiable, capturable=capturable)\n"
         f"    base.__init__(self, params, dict({keys}, maximize=maximize))\n"
     )
-    scope: Dict[str, Any] = {
-        "Any": Any,
-        "Optional": Optional,
-        "Tuple": Tuple,
-        "base": base,
-        "check_execution_flags": check_execution_flags,
-    }
+    scope: Dict[str, Any] = {**_SCOPE, "base": base, "check_execution_flags": check_execution_flags}
     exec(src, scope)  # noqa: S102 (a signature built from the declaration, as namedtuple does)
     init = scope["__init__"]
     init.__qualname__ = f"{r.cls}.__init__"
-    cls = type(
+    init.__module__ = module
+    return type(
         r.cls,
         (base,),
-        {
-            "__init__": init,
-            "__doc__": r.doc + _MAXIMIZE_NOTE,
-            "_rule": r,
-            "__module__": "optkern.optimizers",
-        },
+        {"__init__": init, "__doc__": r.doc + _MAXIMIZE_NOTE, "_rule": r, "__module__": module},
     )
-    return cls
 
 
 def check_execution_flags(
@@ -326,109 +424,22 @@ def check_execution_flags(
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def make_functional(r: Rule, run: Callable, like: Optional[Callable] = None) -> Callable:
-    """``<name>_(params, grads, <state lists>, *, [step,] <hyperparameters>, maximize=False,
-    grad_scale=1.0)`` for a rule without a hand-written functional function.
-
-    ``like``: a function whose signature (names, kinds, defaults, annotations) and docstring the
-    result takes instead, the body still derived from the declaration (the first rules' functions
-    keep the signatures they were written with: lr required, their own list order). Each of its
-    parameters must be a state list, carried list or hyperparameter of the rule (a
-    hyperparameter it lacks is left at the core's default: Adagrad's initial_accumulator_value
-    only fills state), and every state list must be there."""
-    if like is not None:
-        return _functional_like(r, run, like)
-    lists = ", ".join(
-        [
-            f"{s.arg}: Optional[ArrayList] = None" if s.when else f"{s.arg}: ArrayList"
-            for s in r.states
-        ]
-        + [f"{c.arg}: List[float]" for c in r.carried]
-    )
-    hyper = ", ".join(f"{h.name}: {_annotation(h.default)} = {h.default!r}" for h in r.hyper)
-    step = "step: Steps, " if r.uses_step else ""
+def make_functional(r: Rule, run: Callable, module: str) -> Callable:
+    """``<name>_`` of optkern.functional for rule ``r``, its parameters
+    :func:`functional_signature`: one call of ``run`` with the state lists by name."""
     states = ", ".join(
         [f"{s.name!r}: {s.arg}" for s in r.states] + [f"{c.name!r}: {c.arg}" for c in r.carried]
     )
     names = "".join(f"{h.name!r}: {h.name}, " for h in r.hyper)
     src = (
-        f"def {r.name}_(params: ArrayList, grads: ArrayList, {lists}, *, {step}{hyper},\n"
-        f"        maximize: bool = False, grad_scale: float = 1.0,\n"
+        f"def {r.name}_({functional_signature(r)},\n"
         f"        _positions: Optional[Sequence[int]] = None) -> None:\n"
         f"    run({r.name!r}, params, grads, {{{states}}}, {{{names}'maximize': maximize}},\n"
         f"        {'step' if r.uses_step else 'None'}, grad_scale, _positions)\n"
     )
-    scope: Dict[str, Any] = {
-        "run": run,
-        "Optional": Optional,
-        "Sequence": Any,
-        "Any": Any,
-        "ArrayList": Any,
-        "Steps": Any,
-        "Tuple": Tuple,
-        "List": List,
-    }
+    scope: Dict[str, Any] = {**_SCOPE, "run": run}
     exec(src, scope)  # noqa: S102
     fn = scope[f"{r.name}_"]
-    fn.__doc__ = (
-        f"{r.cls} over lists of arrays, state passed in explicitly (see "
-        f":class:`optkern.{r.cls}` for the formulas)."
-    )
-    shaped = [st for st in r.states if st.shape != "like_param"]
-    if shaped:
-        fn.__doc__ += (
-            " "
-            + ", ".join(f"``{st.arg}``" for st in shaped)
-            + ": one entry per parameter, shaped by its kind ("
-            + ", ".join(f"{st.arg}: {st.shape}" for st in shaped)
-            + "; rows: [..., R, 1], cols: [..., 1, C] for >= 2 dimensions, unfactored: the "
-            "parameter's shape for <= 1 dimension), None for a parameter that keeps no such state."
-        )
-    if r.carried:
-        fn.__doc__ += (
-            " " + ", ".join(f"``{c.arg}``" for c in r.carried) + ": lists of floats, "
-            "one per parameter (starting at "
-            + ", ".join(f"{c.init_from or c.init}" for c in r.carried)
-            + "), which the call updates in place."
-        )
-    fn.__module__ = "optkern.functional"
-    return fn
-
-
-def _functional_like(r: Rule, run: Callable, like: Callable) -> Callable:
-    import inspect
-
-    sig = inspect.signature(like)
-    fixed = {"params", "grads", "maximize", "grad_scale", "_positions"}
-    fixed |= {"step"} if r.uses_step else set()
-    lists = {s.arg: s.name for s in r.states}
-    lists.update({c.arg: c.name for c in r.carried})
-    hyper = [h.name for h in r.hyper if h.name in sig.parameters]
-    unknown = set(sig.parameters) - fixed - set(lists) - set(hyper)
-    missing = (set(lists) | fixed) - set(sig.parameters)
-    if unknown or missing:
-        raise TypeError(
-            f"{like.__name__}'s signature does not match rule {r.name!r}: "
-            f"unknown {sorted(unknown)}, missing {sorted(missing)}"
-        )
-    parts, star = [], False
-    for p in sig.parameters.values():
-        if p.kind is p.KEYWORD_ONLY and not star:
-            parts.append("*")
-            star = True
-        parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
-    states = ", ".join(f"{name!r}: {arg}" for arg, name in lists.items())
-    names = "".join(f"{h!r}: {h}, " for h in hyper)
-    src = (
-        f"def {like.__name__}({', '.join(parts)}):\n"
-        f"    run({r.name!r}, params, grads, {{{states}}}, {{{names}'maximize': maximize}},\n"
-        f"        {'step' if r.uses_step else 'None'}, grad_scale, _positions)\n"
-    )
-    scope: Dict[str, Any] = {"run": run}
-    exec(src, scope)  # noqa: S102 (the stub's signature, the declaration's body)
-    fn = scope[like.__name__]
-    fn.__doc__ = like.__doc__
-    fn.__annotations__ = dict(like.__annotations__)
-    fn.__module__ = like.__module__
-    fn.__qualname__ = like.__qualname__
+    fn.__doc__ = functional_doc(r)
+    fn.__module__ = module
     return fn

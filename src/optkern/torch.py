@@ -4,27 +4,33 @@
     opt = okt.Adam(model.parameters(), lr=1e-3)      # same arguments as torch.optim.Adam
     loss.backward(); opt.step(); opt.zero_grad()
 
-Each class subclasses ``torch.optim.Optimizer`` and steps ``p.grad`` of CPU float32 tensors in
-place with one fused C++ call per param group (through :mod:`optkern.functional`, on NumPy views
-that share the tensors' memory: nothing is copied). Param groups, ``step(closure)``,
-``zero_grad``, step hooks, named parameters, ``torch.optim.lr_scheduler``, ``state_dict`` /
-``load_state_dict`` in torch's own layout (a state dict moves both ways between ``okt.Adam`` and
-``torch.optim.Adam``) and ``torch.save`` all behave as in ``torch.optim``.
+Each class subclasses ``torch.optim.Optimizer`` and steps ``p.grad`` of CPU tensors in place with
+one fused C++ call for all its param groups (NumPy views that share the tensors' memory: nothing
+is copied). Param groups, ``step(closure)``, ``zero_grad``, step and state-dict hooks, named
+parameters, ``torch.optim.lr_scheduler``, ``state_dict`` / ``load_state_dict`` in torch's own
+layout (a state dict moves both ways between ``okt.Adam`` and ``torch.optim.Adam``), pickling
+and ``torch.save`` behave as in ``torch.optim``.
 
-A tensor optkern cannot update in place (not on the CPU, not float32, complex, sparse gradient,
-not contiguous, conjugate/negative view bits) raises TypeError/ValueError naming the parameter;
-there is no silent copy and no fallback: use ``torch.optim`` for such parameters (a separate
-optimizer over them works). ``differentiable=True`` and ``capturable=True`` are refused;
-``foreach`` and ``fused`` are accepted with any value torch accepts (optkern's step is always one
-fused multi-tensor call).
+A drop-in refuses nothing torch accepts. A class with a torch.optim counterpart is built by
+torch's own constructor (its checks, their order and messages, its param groups and the state it
+makes there), and a param group the kernels cannot serve runs torch's own implementation, with
+the state in torch's layout, so its results and checkpoints are exactly torch's; a
+:class:`TorchFallbackWarning` names the reason once. The kernels cannot serve
+``differentiable=True``, ``capturable=True``, a parameter or gradient that is not a dense CPU
+tensor of a dtype the kernels take (float32 or float64), a lazy conjugate or negative bit, or
+hyperparameters outside the ranges the kernels take; what they serve is decided per group at
+every step from these facts (:attr:`Binding.dtypes` comes from the rule's declaration), so a
+group moves to the kernels as soon as they can serve it (a model built on the meta device and
+then ``to_empty()``'d, say). A parameter that is not contiguous is stepped through a contiguous
+copy that is written back. The classes torch lacks (Momentum, Lion, LAMB, the Schedule-Free
+ones) have nothing to fall back to: they refuse such groups with TypeError or ValueError naming
+the parameter, at the step (parameters are taken as given at construction, as torch takes them).
 
-Every rule of :mod:`optkern.registry` gets a class, its entry in the table ``RULES`` derived from
+Every rule of :mod:`optkern.registry` gets a class, its :class:`Binding` in ``RULES`` derived from
 its declaration: a rule torch also has takes torch's constructor signature (checked against the
 declaration: a rule whose declaration disagrees gets no class, and ``UNMAPPED`` says why), the
 Schedule-Free rules the schedulefree package's arguments and its ``train()``/``eval()`` switch,
-the others optkern's own arguments. Two facts no signature or declaration says are kept below
-with their reasons (``_FIRST_UPDATE``, ``_FLAG_RULES``), and ``Nesterov`` is SGD's entry with
-optkern.Nesterov's arguments.
+the others optkern's own arguments; a preset of a rule's class (optkern.Nesterov) gets one too.
 """
 
 from __future__ import annotations
@@ -32,10 +38,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import weakref
+import warnings
+from dataclasses import dataclass, replace
 from operator import is_
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,126 +60,130 @@ try:  # torch's global step hooks, which optkern's step runs itself (see _OktOpt
 except ImportError:  # a torch that keeps them elsewhere: its own wrapper runs every hook
     _GLOBAL_POST_HOOKS = _GLOBAL_PRE_HOOKS = None
 
-from . import _core
-from . import functional as F
+try:  # the dtype of torch's step counts and carried numbers (float64 under a float64 default)
+    from torch.optim.optimizer import _get_scalar_dtype
+except ImportError:  # pragma: no cover - torch < 2.1
+
+    def _get_scalar_dtype() -> torch.dtype:
+        return torch.float32
+
+
+from . import _core, registry
 from ._torch_threads import use_torch_openmp
-from .flat import FlatParams
-from .registry import as_flag, as_real
+from .flat import DTYPES, FlatParams
+from .registry import as_flag
 from .schedule_free import ScheduleFreeSwitch
 
 use_torch_openmp(torch)  # optkern's chunks on torch's own OpenMP team (docs/threading.md)
 
-__all__ = ["RULES", "UNMAPPED", "PACKAGE_PEERS"]  # and a class per entry of RULES, added below
+__all__ = ["RULES", "UNMAPPED", "Binding", "TorchFallbackWarning"]  # and a class per binding
 
 
-# -- the table -------------------------------------------------------------------------------------
+class TorchFallbackWarning(UserWarning):
+    """A param group that optkern's kernels cannot serve runs torch.optim's own implementation
+    (said once per optimizer and reason)."""
+
+
+# -- how a class maps onto a rule of the registry ------------------------------------------------
 
 
 @dataclass(frozen=True)
-class StateBuf:
-    """A state tensor shaped like its parameter. ``arg``: the functional function's keyword for
-    the list of them. ``init``: "zeros", "first_grad" (created by the first update: it becomes
-    the gradient, torch's SGD rule) or the name of a default whose value fills it. ``when``: the
-    group entry that must be truthy (> 0) for the buffer to exist."""
+class Binding:
+    """One ``optkern.torch`` class: the rule it runs and the constructor it takes.
+
+    ``args``/``kwonly``: the constructor's arguments after ``params`` (positional-or-keyword,
+    then keyword-only) with their defaults: torch.optim's own where ``torch_cls`` (the torch
+    class of the same algorithm) is set. ``fixed``: group entries that are not arguments
+    (AdamW's ``decoupled_weight_decay``, Nesterov's ``nesterov``). ``eager``: torch's class makes
+    the state in its constructor (Adagrad). ``variants``: (flag, rule) pairs, the rule a group
+    runs while its flag is true (torch's Adam with ``decoupled_weight_decay=True`` is AdamW).
+    ``dtypes``: the parameter dtypes the kernels take for this rule."""
 
     name: str
-    arg: str
-    init: str = "zeros"
-    when: Optional[str] = None
-    #: How its shape follows the parameter's (registry.State.shape): "like_param", or a kind
-    #: that gives another shape (Adafactor's row and column factors) or none for some shapes.
-    shape: str = "like_param"
-
-    def shape_for(self, p: torch.Tensor) -> Optional[Tuple[int, ...]]:
-        """Its shape for parameter ``p``, or None where ``p`` keeps no such state."""
-        if self.shape == "like_param":
-            return tuple(p.shape)
-        return _core.state_shape(self.shape, tuple(p.shape))
-
-
-@dataclass(frozen=True)
-class CarriedNum:
-    """A number per parameter carried from step to step (NAdam's ``mu_product``, ASGD's ``eta``
-    and ``mu``, Schedule-Free's ``lr_max`` and ``weight_sum``), passed to the functional function
-    as a list of floats (keyword ``arg``). ``tensor``: kept in the state as a 0-d float32 CPU
-    tensor, as torch keeps its own; else as a Python float (double), as optkern's classes and the
-    schedulefree package keep theirs (a tensor would be cast to float32 by torch's
-    ``load_state_dict``). ``init``: its first value, a number or the group entry it starts at."""
-
-    name: str
-    arg: str
-    init: Any
-    tensor: bool = True
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One optimizer: its torch signature, state and the functional call it maps to.
-
-    ``args``/``kwonly``: torch's constructor arguments after ``params``, in torch's order, with
-    torch's defaults (positional-or-keyword, then keyword-only). ``fixed``: group entries that are
-    not arguments. ``step``: the state has torch's ``step``, a 0-d float32 CPU tensor.
-    ``step_kw``: the functional function takes the step count. ``eager``: state is created in
-    the constructor (torch's Adagrad). ``fn``: the functional function, or a group entry and the
-    two functions it chooses between. ``kw``: functional keyword -> group entry, or
-    ``("betas", i)`` for an item of a tuple entry. ``switch``: for a rule with ``train()`` /
-    ``eval()`` (Schedule-Free), the hyperparameter (optkern's name) that interpolates between
-    its points.
-    """
-
-    torch_name: Optional[str]
+    rule: registry.Rule
+    torch_cls: Optional[type]
     args: Tuple[Tuple[str, Any], ...]
     kwonly: Tuple[Tuple[str, Any], ...]
-    state: Tuple[StateBuf, ...]
-    fn: Any
-    kw: Dict[str, Any]
-    step: bool = True
-    step_kw: bool = False
+    fixed: Dict[str, Any]
     eager: bool = False
-    fixed: Dict[str, Any] = field(default_factory=dict)
-    carried: Tuple[CarriedNum, ...] = ()
-    registry_name: str = ""
-    switch: Optional[str] = None
+    variants: Tuple[Tuple[str, registry.Rule], ...] = ()
+    dtypes: FrozenSet[torch.dtype] = frozenset({torch.float32, torch.float64})
+
+    @property
+    def torch_name(self) -> Optional[str]:
+        return None if self.torch_cls is None else self.torch_cls.__name__
+
+    @property
+    def registry_name(self) -> str:
+        return self.rule.name
+
+    @property
+    def switch(self) -> Optional[str]:
+        return self.rule.switch
+
+    def rule_for(self, group: Dict[str, Any]) -> registry.Rule:
+        for flag, rule in self.variants:
+            if group.get(flag):
+                return rule
+        return self.rule
 
 
-#: Filled below from :mod:`optkern.registry`, one entry per class.
-RULES: Dict[str, Rule] = {}
+#: One binding per class, filled below from :mod:`optkern.registry`.
+RULES: Dict[str, Binding] = {}
+#: Rules of the registry without a class, and why; ``optkern.torch.<name>`` raises
+#: AttributeError with the reason.
+UNMAPPED: Dict[str, str] = {}
 
 
-# -- checks ----------------------------------------------------------------------------------------
+# -- tensors the kernels can serve ---------------------------------------------------------------
+
+_STRIDED = torch.strided
+#: The element types the kernels take (optkern.flat.DTYPES: float32 and float64), as torch's.
+_NUMPY_OF = {getattr(torch, dt.name): dt for dt in DTYPES}
+_KERNEL_DTYPES: FrozenSet[torch.dtype] = frozenset(_NUMPY_OF)
+_profiler_enabled = torch.autograd._profiler_enabled  # torch.profiler or autograd's profiler on
+#: Whether a tensor still has the layout of a detached alias taken when its view was made: the
+#: same storage, offset, shape and strides, in one call (the dtype is compared beside it).
+_IS_SET_TO = torch.Tensor.is_set_to
+_MISSING = object()
+#: Hyperparameter types whose equality means the same value to the core's checks.
+_PLAIN = (float, int, bool)
 
 
-def _scalar(name: str, value: Any) -> Any:
-    """A hyperparameter as a Python number (a 1-element tensor, as torch accepts for lr and
-    betas, becomes its value); anything else goes to optkern's checks as it is."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+def _scalar(value: Any) -> Any:
+    """A 1-element tensor (torch takes lr and betas as tensors) as its value."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
+    if type(value) is tuple:
+        return tuple(_scalar(v) for v in value)
     return value
 
 
-#: Hyperparameter types whose equality means the same value to optkern's checks.
-_PLAIN_SCALARS = (float, int, bool)
-_profiler_enabled = torch.autograd._profiler_enabled  # torch.profiler or autograd's profiler on
-_F32 = torch.float32
-_STRIDED = torch.strided
+def _plain(values: List[Any]) -> bool:
+    """Whether every value is a plain number (or a tuple of them): equal ones mean the same to
+    the core, and none can change in place."""
+    for v in values:
+        if type(v) is tuple:
+            if not all(type(x) in _PLAIN or x is None for x in v):
+                return False
+        elif type(v) not in _PLAIN:
+            return False
+    return True
 
 
-def _why_not(t: torch.Tensor, what: str) -> Optional[str]:
-    """Why optkern cannot update (or read) ``t`` in place, or None."""
+def _tensor_reason(t: Any, dtypes: FrozenSet[torch.dtype]) -> Optional[str]:
+    """Why the kernels cannot update (or read) ``t`` in place, or None. Not being contiguous
+    is no reason: such a tensor is read or stepped through a contiguous copy."""
     if not isinstance(t, torch.Tensor):
-        return f"{what} is a {type(t).__name__}, not a torch.Tensor"
-    if t.is_sparse or t.layout != torch.strided:
-        return f"{what} has layout {t.layout} (optkern needs dense tensors)"
+        return f"is a {type(t).__name__}, not a torch.Tensor"
+    if t.layout is not _STRIDED:
+        return f"has layout {t.layout}"
     if t.device.type != "cpu":
-        return f"{what} is on {t.device} (optkern steps CPU tensors)"
-    if t.dtype != torch.float32:
-        return f"{what} has dtype {t.dtype} (optkern steps float32)"
-    if not t.is_contiguous():
-        return f"{what} is not contiguous (stride {t.stride()}; call .contiguous() on it first)"
+        return f"is on {t.device}"
+    if t.dtype not in dtypes:
+        return f"has dtype {t.dtype}"
     if t.is_conj() or t.is_neg():
-        return f"{what} has a lazy conjugate/negative bit (resolve it first)"
+        return "has a lazy conjugate/negative bit"
     return None
 
 
@@ -184,122 +194,195 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return a.reshape(1) if a.ndim == 0 else a
 
 
-def _meta(t: Optional[torch.Tensor]) -> Optional[Tuple[Any, ...]]:
-    """What makes a NumPy view of ``t`` exact: the address, shape, strides and dtype. A view is
-    reused only while these are unchanged (an in-place transpose, ``p.data = p.data.view(...)``
-    or a ``set_`` keeps the address but changes the rest)."""
-    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype)
-
-
-#: Whether a tensor still has the layout of a detached alias taken when its view was made: the
-#: same storage, offset, shape and strides, in one call. (A dtype reinterpretation of the same
-#: bytes keeps all four; a parameter's is refused by torch, a state's needs shape-preserving
-#: same-size dtypes and would make torch.optim itself fail.)
-_IS_SET_TO = torch.Tensor.is_set_to
-
-
 class _Entry:
-    """Cached NumPy views of one parameter, its gradient and its state tensors, each valid while
-    the tensor keeps the layout it had when the view was made (``is_set_to`` a detached alias;
-    the gradient, held weakly, by :func:`_meta`)."""
+    """Cached NumPy views of one parameter and its state tensors, each valid while the tensor
+    keeps the layout it had when the view was made (``is_set_to`` a detached alias, and the
+    dtype). ``stage``: for a parameter that is not contiguous, the contiguous copy the kernels
+    update in its place (copied in before the step, back after it)."""
 
     __slots__ = (
-        "ref", "lo", "nbytes", "pview", "grad", "gmeta", "galias", "sdict", "tensors", "tlive",
-        "trefs", "views",
-        "steps", "cviews",
+        "param", "ref", "dtype", "shape", "lo", "hi", "pview", "stage", "sdict", "keys",
+        "tensors", "tlive", "trefs", "views", "steps", "cviews",
     )  # fmt: skip
 
     def __init__(self, p: torch.Tensor) -> None:
+        self.param = p  # the cache is keyed by id(p): this holds p, so the id stays p's
         self.ref = p.detach()
-        self.lo, self.nbytes = p.data_ptr(), p.numel() * p.element_size()
-        self.pview = _np(p)
-        self.grad = None
-        self.gmeta: Tuple[Any, ...] = ()
-        self.galias = False  # the gradient shares memory with the parameter (p.grad = p.data)
-        self.sdict = None
+        self.dtype = p.dtype
+        self.shape = tuple(p.shape)  # a gradient's must be the same
+        self.stage = None if p.is_contiguous() else p.detach().contiguous()
+        self.pview = _np(p if self.stage is None else self.stage)
+        self.lo = self.pview.ctypes.data
+        self.hi = self.lo + self.pview.nbytes
+        self.sdict: Any = None
+        self.keys: Any = None  # the list of state keys the views were made for
         self.tensors: Tuple[Any, ...] = ()
         self.tlive: List[Any] = []  # the state tensors (not None) and their aliases
         self.trefs: List[Any] = []
         self.views: Tuple[Any, ...] = ()
-        self.steps = None
+        self.steps: Any = None
         self.cviews: Tuple[Any, ...] = ()
 
 
-_MISSING = object()
+class _Keys:
+    """What a group's hyperparameters imply for its parameters' state: the arrays kept
+    (``names``), the carried numbers, and the state keys whose tensors the cached views were
+    made of (``keys``: the arrays, the carried numbers where kept as tensors, the step)."""
+
+    __slots__ = ("names", "carried", "keys")
+
+    def __init__(self, rule: registry.Rule, hyper: Dict[str, Any], tensor_carried: bool) -> None:
+        self.names = [s.name for s in rule.states if s.when is None or hyper[s.when]]
+        self.carried = rule.carried_names
+        self.keys = (
+            self.names
+            + (list(self.carried) if tensor_carried else [])
+            + (["step"] if rule.counts_steps else [])
+        )
 
 
 class _Plan:
     """One group's update, checked by the core but not run, and what to write back after."""
 
-    __slots__ = ("call", "params", "entries", "lists", "steps", "fresh")
+    __slots__ = ("call", "params", "entries", "lists", "steps", "rule")
 
-    def __init__(self, call, params, entries, lists, steps, fresh) -> None:
+    def __init__(self, call, params, entries, lists, steps, rule) -> None:
         self.call, self.params, self.entries = call, params, entries
-        self.lists, self.steps, self.fresh = lists, steps, fresh
+        self.lists, self.steps, self.rule = lists, steps, rule
+
+
+class _Refused(Exception):
+    """A group the kernels cannot serve: the reason, and the error a class without a torch
+    implementation raises for it."""
+
+    def __init__(self, error: type, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+def _block(shapes: List[Tuple[torch.dtype, Tuple[int, ...]]], start: float) -> List[torch.Tensor]:
+    """New state tensors of these dtypes and shapes, filled with ``start``: those of each dtype
+    the kernels take as views of one aligned block (the kernels then stream a group's state as
+    one array), any other dtype (a group torch's own step runs) as tensors of their own."""
+    out: List[Any] = [None] * len(shapes)
+    for dtype in dict.fromkeys(d for d, _ in shapes):
+        mine = [i for i, (d, _) in enumerate(shapes) if d == dtype]
+        if dtype in _KERNEL_DTYPES:
+            block = FlatParams.filled([shapes[i][1] for i in mine], start, _NUMPY_OF[dtype])
+            for i, view in zip(mine, block):
+                out[i] = torch.from_numpy(view)
+        else:
+            for i in mine:
+                out[i] = torch.full(shapes[i][1], start, dtype=dtype)
+    return out
+
+
+def _unhooked_step(cls: type) -> Callable:
+    """torch's step of ``cls`` without the wrapper that runs the step hooks (optkern's own step
+    already ran them): the function under ``profile_hook_step``."""
+    fn = cls.step
+    if getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__"):
+        return fn.__wrapped__
+    return fn
+
+
+@contextlib.contextmanager
+def _environment_kept():
+    """Undoes what torch writes to os.environ meanwhile. The first torch.optim optimizer a
+    process builds imports torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR; optkern.torch
+    builds one of each of torch's classes at import (to read their defaults), and importing or
+    using optkern changes no environment variable (docs/threading.md, tested)."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 # -- the base class --------------------------------------------------------------------------------
 
 
 class _OktOptimizer(torch.optim.Optimizer):
-    _rule: Rule
-    _rule_name: str
-    _carried_names: Tuple[str, ...] = ()  # carried numbers kept as 0-d float32 tensors
-    _float_names: Tuple[str, ...] = ()  # carried numbers kept as Python floats
-    _first_update_names: Tuple[str, ...] = ()  # buffers the first update makes (SGD's)
+    _binding: Binding
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
         bound = self.__signature__.bind(params, *args, **kwargs)  # TypeError as torch's would be
         bound.apply_defaults()
-        defaults = dict(bound.arguments)
-        del defaults["params"]
-        defaults.update(self._rule.fixed)
-        if defaults.get("fused") and defaults.get("foreach"):
+        given = dict(bound.arguments)
+        params = given.pop("params")
+        b = self._binding
+        self._okt_reset()
+        if b.torch_cls is not None:
+            # torch's own constructor: its checks in its order with its messages (hyperparameters
+            # before parameters), its param groups, defaults and the state it makes (Adagrad)
+            theirs = set(inspect.signature(b.torch_cls).parameters)
+            fixed = {k: v for k, v in b.fixed.items() if k in theirs}
+            made = b.torch_cls(params, **given, **fixed)
+            self.__dict__.update(made.__dict__)
+            self._patch_step_function()
+            self._okt_shadow = made
+            return
+        if given.get("fused") and given.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if "betas" in defaults:
-            defaults["betas"] = tuple(defaults["betas"])
-        self._okt_cache: Dict[torch.Tensor, _Entry] = {}
-        #: id(group) -> (group, functional name, types and values of its hyperparameters, the
-        #: core's validated dict of them): see _call
+        for flag in ("differentiable", "capturable"):
+            if given.get(flag):
+                raise ValueError(
+                    f"optkern.torch.{type(self).__name__} does not support {flag}=True: its "
+                    "step runs in C++ outside autograd and CUDA graphs, and torch.optim has no "
+                    f"{type(self).__name__} to run instead"
+                )
+        self._okt_validate(given)  # before the parameters, as torch's classes check theirs
+        super().__init__(params, {**given, **b.fixed})
+
+    def _okt_reset(self) -> None:
+        """The caches, made empty (at construction and whenever the state is replaced)."""
+        #: id(parameter) -> its cached views (see _plan_group); keyed by id because hashing a
+        #: tensor is a Python call (torch.Tensor.__hash__), the entry holds the parameter
+        self._okt_cache: Dict[int, _Entry] = {}
+        #: id(group) -> (group, rule, hyperparameter names and values, the core's validated dict
+        #: of them, the group's _Keys)
         self._okt_checked: Dict[int, Tuple[Any, ...]] = {}
         #: [runs of the kernels]: advanced by the core right after them, so a step that is
-        #: interrupted after its kernels ran still completes its bookkeeping (see _step)
+        #: interrupted after its kernels ran still completes its bookkeeping (see _update)
         self._okt_runs = [0]
-        super().__init__(params, defaults)
-        if self._rule.eager:  # torch's Adagrad creates its state in the constructor
-            for group in self.param_groups:
-                for p in group["params"]:
-                    self._init_state(p, group)
+        self._okt_warned: set = set()
+
+    def _okt_validate(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        """A group's hyperparameters as the kernels take them (in the core's names), checked by
+        the core: TypeError or ValueError naming the argument."""
+        rule = self._binding.rule_for(group)
+        values = {k: _scalar(v) for k, v in group.items() if k != "params"}
+        core = rule.to_core(values)
+        core["maximize"] = as_flag(values.get("maximize", False))
+        return _core.validate(rule.name, core)
+
+    def _okt_torch(self) -> torch.optim.Optimizer:
+        """The instance of the torch class that runs the groups the kernels cannot serve (made
+        when first needed after unpickling); its state and groups are pointed at this
+        optimizer's before each use."""
+        shadow = self.__dict__.get("_okt_shadow")
+        if shadow is None:
+            with _environment_kept(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                shadow = self._binding.torch_cls([torch.zeros(1, requires_grad=True)])
+            self._okt_shadow = shadow
+        return shadow
 
     # torch's Optimizer calls this for every group, the constructor's included
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        if self._binding.torch_cls is not None:
+            return  # torch checks a new group's hyperparameters no further; a step may
         group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
         try:
-            self._check_group(group, gi)
+            self._okt_validate(group)
         except Exception:
             self.param_groups.pop()
             raise
-
-    def _check_group(self, group: Dict[str, Any], gi: int) -> None:
-        cls = type(self).__name__
-        for flag in ("differentiable", "capturable"):
-            if group.get(flag):
-                alt = self._rule.torch_name or ("SGD" if cls == "Momentum" else None)
-                raise ValueError(
-                    f"optkern.torch.{cls} does not support {flag}=True (param group {gi}): its "
-                    f"step runs in C++ outside autograd and CUDA graphs"
-                    + (f"; use torch.optim.{alt} for that" if alt else "")
-                )
-        for i, p in enumerate(group["params"]):
-            why = _why_not(p, self._label(group, gi, i))
-            if why:
-                raise TypeError(
-                    f"optkern.torch.{cls} cannot update it in place: {why}; "
-                    f"use torch.optim for such parameters"
-                )
-        self._prepare(group, [], [], {}, [])  # optkern validates the hyperparameters
 
     @staticmethod
     def _label(group: Dict[str, Any], gi: int, i: int) -> str:
@@ -310,71 +393,62 @@ class _OktOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._okt_cache = {}
-        self._okt_checked = {}
-        self._okt_runs = [0]
-        rule = self._rule
+        self._okt_reset()
+        self.__dict__.pop("_okt_shadow", None)
+        b = self._binding
+        if b.torch_cls is not None:
+            # torch's class normalizes what it loads (group entries of older versions, a step
+            # saved as a number): let it do so on these very groups and state dicts
+            self._okt_torch().__setstate__({"state": self.state, "param_groups": self.param_groups})
+            return
         for group in self.param_groups:
-            for name, default in rule.args + rule.kwonly:
+            for name, default in b.args + b.kwonly:
                 group.setdefault(name, default)
-            group.update(rule.fixed)
+            group.update(b.fixed)
             for p in group["params"]:
                 st = self.state.get(p)
                 if st:
-                    self._normalize_state(p, st)
+                    self._normalize_state(st)
 
-    def _normalize_state(self, p: torch.Tensor, st: Dict[str, Any]) -> None:
-        """Loaded state in the layout the kernels take: contiguous float32 CPU tensors, a 0-d
-        float32 ``step``; converted once here, never at a step."""
+    def _normalize_state(self, st: Dict[str, Any]) -> None:
+        """Loaded state of a class without a torch counterpart: the step a 0-d tensor, carried
+        numbers Python floats (in double), an absent buffer (None) dropped."""
+        rule = self._binding.rule
         for key in list(st):
             v = st[key]
-            if key in self._float_names:
+            if key == "step" and rule.counts_steps and not isinstance(v, torch.Tensor):
+                st[key] = torch.tensor(float(v), dtype=_get_scalar_dtype())
+            elif key in rule.carried_names:
                 st[key] = float(v)
-            elif key == "step" or key in self._carried_names:
-                if key != "step" or self._rule.step:
-                    if not (
-                        isinstance(v, torch.Tensor)
-                        and v.dtype == torch.float32
-                        and v.device.type == "cpu"
-                        and v.dim() == 0
-                    ):
-                        st[key] = torch.tensor(float(v), dtype=torch.float32)
             elif v is None:
-                del st[key]  # an old torch SGD checkpoint's absent momentum buffer
-            elif isinstance(v, torch.Tensor) and tuple(v.shape) == self._shape_of(key, p):
-                if _why_not(v, key) is not None:
-                    st[key] = v.detach().to(device="cpu", dtype=torch.float32).contiguous()
+                del st[key]
 
-    def _shape_of(self, key: str, p: torch.Tensor) -> Optional[Tuple[int, ...]]:
-        buf = next((b for b in self._rule.state if b.name == key), None)
-        return tuple(p.shape) if buf is None else buf.shape_for(p)
+    # -- state a parameter lacks ----------------------------------------------------------------
 
-    def _init_state(self, p: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
-        st = self.state[p]
-        if self._rule.step:
-            st["step"] = torch.tensor(0.0, dtype=torch.float32)
-        for buf in self._rule.state:
-            if buf.init != "first_grad" and (buf.when is None or group[buf.when]):
-                if buf.shape != "like_param":  # a factor's shape, or none for this parameter
-                    shape = buf.shape_for(p)
-                    if shape is not None:
-                        st[buf.name] = torch.zeros(shape, dtype=torch.float32)
-                elif buf.init == "zeros":
-                    st[buf.name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                else:
-                    st[buf.name] = self._filled(p, buf, group)
-        for c in self._rule.carried:
-            init = c.init if not isinstance(c.init, str) else _scalar(c.init, group[c.init])
-            st[c.name] = torch.tensor(float(init), dtype=torch.float32) if c.tensor else float(init)
+    def _init_state(
+        self, p: torch.Tensor, group: Dict[str, Any], rule: registry.Rule, core: Dict[str, Any]
+    ) -> Dict[str, Any]:
+        """A new state dict for ``p``, in torch's layout: the step count, every array the rule
+        keeps under these hyperparameters (each at its start value, shaped as declared) and the
+        carried numbers. Arrays of the group are made later, in one block per name."""
+        st: Dict[str, Any] = {}
+        if rule.counts_steps:
+            st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        as_tensor = self._binding.torch_cls is not None
+        for name, start in rule.carried_spec(core).items():
+            st[name] = torch.tensor(start, dtype=_get_scalar_dtype()) if as_tensor else start
         return st
 
-    def _filled(self, p: torch.Tensor, buf: StateBuf, group: Dict[str, Any]) -> torch.Tensor:
-        """A buffer filled with a hyperparameter: the constructor's value for a rule whose state
-        is created in the constructor (torch's Adagrad), else the group's (torch's Rprop)."""
-        src = self.defaults if self._rule.eager else group
-        return torch.full_like(
-            p, float(_scalar(buf.init, src[buf.init])), memory_format=torch.contiguous_format
-        )
+    def _start(self, group: Dict[str, Any], name: str, core: Dict[str, Any]) -> float:
+        """The value state ``name`` starts at: its hyperparameter's, from the constructor's
+        arguments for a rule whose torch class makes the state there (Adagrad), as torch does,
+        else from the group's (torch's Rprop)."""
+        s = self._binding.rule.state(name)
+        if s.init is None:
+            return 0.0
+        if self._binding.eager:
+            return float(self._okt_validate(self.defaults)[s.init])
+        return float(core[s.init])
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -443,15 +517,26 @@ class _OktOptimizer(torch.optim.Optimizer):
 
     def _update(self) -> None:
         """Every group checked and prepared first (state a parameter lacks is made then, and
-        taken back if a later group is refused), then one run of every group's kernels, then the
-        bookkeeping: a refused step changes nothing, as with optkern's NumPy classes."""
+        taken back if the step does not happen); then the groups the kernels cannot serve, by
+        torch's implementation; then one run of every other group's kernels and the
+        bookkeeping. A step the kernels refuse changes nothing."""
         undo: List[Tuple[Any, Any, Any]] = []
         plans: List[_Plan] = []
+        refused: List[Tuple[int, Dict[str, Any], _Refused]] = []
         try:
             for gi, group in enumerate(self.param_groups):
-                plan = self._plan_group(gi, group, undo)
+                mark = len(undo)
+                try:
+                    plan = self._plan_group(gi, group, undo)
+                except _Refused as why:
+                    self._undo(undo[mark:])
+                    del undo[mark:]
+                    refused.append((gi, group, why))
+                    continue
                 if plan is not None:
                     plans.append(plan)
+            if refused:
+                self._torch_step(refused)
         except BaseException:
             self._undo(undo)
             raise
@@ -470,6 +555,35 @@ class _OktOptimizer(torch.optim.Optimizer):
                     self._write_back(pl)
             raise
 
+    def _torch_step(self, refused: List[Tuple[int, Dict[str, Any], _Refused]]) -> None:
+        """The groups the kernels cannot serve, stepped by torch's own implementation on this
+        optimizer's state (torch's layout); a class torch lacks raises instead."""
+        b = self._binding
+        if b.torch_cls is None:
+            gi, _, why = refused[0]
+            raise why.error(
+                f"optkern.torch.{type(self).__name__} cannot step param group {gi}: {why}"
+            )
+        for gi, _, why in refused:
+            key = str(why)
+            if key not in self._okt_warned:
+                self._okt_warned.add(key)
+                warnings.warn(
+                    f"optkern.torch.{type(self).__name__}: param group {gi} runs "
+                    f"torch.optim.{b.torch_name}'s own implementation ({why}); its results and "
+                    "state are torch's",
+                    TorchFallbackWarning,
+                    stacklevel=5,
+                )
+        shadow = self._okt_torch()
+        shadow.defaults = self.defaults
+        shadow.state = self.state
+        shadow.param_groups = [group for _, group, _ in refused]
+        for attr in ("grad_scale", "found_inf"):  # set on the optimizer by torch's GradScaler
+            if attr in self.__dict__:
+                setattr(shadow, attr, self.__dict__[attr])
+        _unhooked_step(type(shadow))(shadow)
+
     def _undo(self, undo: List[Tuple[Any, Any, Any]]) -> None:
         for where, key, old in reversed(undo):
             if old is _MISSING:
@@ -478,301 +592,313 @@ class _OktOptimizer(torch.optim.Optimizer):
                 where[key] = old
 
     def _set(self, undo: list, where: Any, key: Any, value: Any) -> None:
-        undo.append((where, key, where.get(key, _MISSING) if key in where else _MISSING))
+        undo.append((where, key, where[key] if key in where else _MISSING))
         where[key] = value
 
+    def _refuse(self, error: type, message: str) -> None:
+        raise _Refused(error, message)
+
     def _plan_group(self, gi: int, group: Dict[str, Any], undo: list) -> Optional[_Plan]:
-        rule = self._rule
-        names = [b.name for b in rule.state if b.when is None or group[b.when]]
-        cnames = list(self._carried_names)
-        fnames = self._float_names
-        keys = names + cnames + (["step"] if rule.step else [])  # tensors, checked by identity
+        """The kernels' update of one group, checked by the core but not run; None if no
+        parameter has a gradient. Raises _Refused when the kernels cannot serve the group."""
+        b = self._binding
+        for flag in ("differentiable", "capturable"):
+            if group.get(flag):
+                self._refuse(
+                    ValueError, f"{flag}=True: the kernels run outside autograd and CUDA graphs"
+                )
+        rule, hyper, ks = self._hyper(group)
+        names, cnames, keys = ks.names, ks.carried, ks.keys
+        tensor_carried = b.torch_cls is not None
         params: List[torch.Tensor] = []
         pviews: List[np.ndarray] = []
         gviews: List[np.ndarray] = []
         entries: List[_Entry] = []
+        new: List[Tuple[int, torch.Tensor, _Entry]] = []  # whose state or views are (re)made
         state = self.state
         cache = self._okt_cache
-        # The hot loop: a cached entry is reused while the parameter's memory, its gradient
-        # tensor and its state tensors are the very objects (and layouts) the views were made of.
+        dtypes = b.dtypes
+        # The hot loop: a cached entry is reused while the parameter, its state dict and its
+        # state tensors are the very objects, with the layouts, the views were made of.
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            e = cache.get(p)
+            e = cache.get(id(p))
             try:
-                fresh = e is None or not p.is_set_to(e.ref) or p.dtype is not e.ref.dtype
-            except RuntimeError:  # no storage now (sparse, meta): _why_not says what it is
+                fresh = e is None or e.param is not p or not _IS_SET_TO(p, e.ref)
+                fresh = fresh or p.dtype is not e.dtype
+            except Exception:  # no storage (meta, sparse): the reason below says what it is
                 fresh = True
             if fresh:
-                why = _why_not(p, self._label(group, gi, i))
+                why = _tensor_reason(p, dtypes)
                 if why:
-                    raise TypeError(
-                        f"optkern.torch.{type(self).__name__} cannot update it in place: {why}"
-                    )
-                e = cache[p] = _Entry(p)
-            # The gradient is held weakly and its view only during the call: zero_grad()
-            # must free it, as with torch.optim (else every parameter costs a second gradient).
+                    self._refuse(TypeError, f"{self._label(group, gi, i)} {why}")
+                e = cache[id(p)] = _Entry(p)
+            # The gradient's view is made at every step and held only during the call:
+            # zero_grad() must free the gradient, as with torch.optim.
             try:
-                gm = (g.data_ptr(), g.shape, g.stride(), g.dtype)
-            except RuntimeError:  # no storage (sparse, meta): the checks below say what it is
-                gm = None
-            if gm is None or e.grad is None or e.grad() is not g or e.gmeta != gm:
-                if not (
-                    g.is_cpu
-                    and g.dtype is _F32
-                    and g.layout is _STRIDED
-                    and g.is_contiguous()
-                    and not g.is_conj()
-                    and not g.is_neg()
-                ):
-                    why = _why_not(g, f"the gradient of {self._label(group, gi, i)}")
-                    raise TypeError(f"optkern.torch.{type(self).__name__} cannot use it: {why}")
-                if g.shape != p.shape:
-                    raise ValueError(
-                        f"the gradient of {self._label(group, gi, i)} has shape "
-                        f"{tuple(g.shape)}, the parameter {tuple(p.shape)}"
-                    )
-                # a gradient of the parameter's shape and dtype: its bytes span as many
-                e.grad, e.gmeta = weakref.ref(g), gm
-                e.galias = gm[0] < e.lo + e.nbytes and e.lo < gm[0] + e.nbytes
-            st = state.get(p) if keys else e.sdict  # SGD without momentum keeps no state
-            if not st and keys:
-                if p not in state:
-                    undo.append((state, p, _MISSING))
-                st = self._init_state(p, group)
+                gv = g.numpy()
+            except Exception:
+                gv = self._grad_view(g, group, gi, i)
+            if gv.dtype != e.pview.dtype or gv.shape != e.shape:
+                gv = self._grad_view(g, group, gi, i, e)
+            if not gv.flags.c_contiguous:
+                gv = np.ascontiguousarray(gv)  # read through a contiguous copy
+            elif not gv.ndim:
+                gv = gv.reshape(1)
+            if e.stage is not None:
+                e.stage.copy_(p)  # the kernels step the copy; it is written back after them
             if keys:
-                stale = (
-                    st is not e.sdict
-                    or len(e.tensors) != len(keys)
-                    or not all(map(is_, map(st.get, keys), e.tensors))
-                )
-                if stale or not all(map(_IS_SET_TO, e.tlive, e.trefs)):
-                    self._refresh_state(e, st, names, p, group, gi, i, undo)
+                st = state.get(p)
+                if not st:
+                    if p not in state:
+                        undo.append((state, p, _MISSING))
+                    st = self._init_state(p, group, rule, hyper)
+                    state[p] = st
+                    new.append((i, p, e))
+                    e.sdict = None
+                elif not (
+                    st is e.sdict
+                    and (e.keys is keys or e.keys == keys)
+                    and all(map(is_, map(st.get, keys), e.tensors))
+                    and all(map(_IS_SET_TO, e.tlive, e.trefs))
+                ):
+                    new.append((i, p, e))
+                    e.sdict = None
             params.append(p)
             pviews.append(e.pview)
-            # p.grad = p.data (torch allows it): the kernels read a copy, never the memory they write
-            gv = g.numpy()
-            if not gv.ndim:
-                gv = gv.reshape(1)
-            gviews.append(gv.copy() if e.galias else gv)
+            gviews.append(gv)
             entries.append(e)
         if not params:
             return None
+        fresh_names = (
+            self._complete_state(new, group, gi, rule, hyper, names, keys, undo) if new else ()
+        )
         lists = {n: [e.views[k] for e in entries] for k, n in enumerate(names)}
-        for k, n in enumerate(cnames):  # the carried numbers, read from their float32 tensors
-            lists[n] = [float(e.cviews[k]) for e in entries]
-        for n in fnames:  # or kept as floats in the state
-            lists[n] = [e.sdict[n] for e in entries]
-        steps = [int(e.steps) + 1 for e in entries] if rule.step else None
+        for k, n in enumerate(cnames):
+            if tensor_carried:  # read from their 0-d tensors, as torch keeps them
+                lists[n] = [float(e.cviews[k]) for e in entries]
+            else:  # kept as Python floats in the state
+                lists[n] = [e.sdict[n] for e in entries]
+        if rule.counts_steps:
+            steps: Any = [int(e.steps) + 1 for e in entries]
+        elif fresh_names:  # a buffer the first update makes (SGD's): step 1 tells the kernel
+            steps = [1 if id(e) in fresh_names else 2 for e in entries]
+        else:
+            steps = None
+        states = {s.name: lists.get(s.name) for s in rule.states}
+        states.update((n, lists[n]) for n in cnames)
         try:
-            call, fresh = self._prepare(group, pviews, gviews, lists, steps)
+            call = self._prepare(rule, pviews, gviews, states, hyper, steps, entries)
         except (TypeError, ValueError) as err:  # say which tensors the indices name
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             where = "; ".join(f"[{k}] = {self._label(group, gi, i)}" for k, i in enumerate(idx))
-            raise type(err)(
-                f"{err} (param group {gi}; the indices count its parameters that "
-                f"have a gradient: {where})"
-            ) from None
-        return _Plan(call, params, entries, lists, steps, fresh)
+            self._refuse(
+                type(err),
+                f"{err} (param group {gi}; the indices count its parameters that have a "
+                f"gradient: {where})",
+            )
+        return _Plan(call, params, entries, lists, steps if rule.counts_steps else None, rule)
 
-    def _write_back(self, pl: _Plan) -> None:
-        """A group's bookkeeping after its kernels ran: step counts and carried numbers into
-        their tensors, buffers the first update made into the state (each write idempotent)."""
-        rule = self._rule
-        if rule.step:
-            for e, s in zip(pl.entries, pl.steps):
-                e.steps[()] = s
-        for k, n in enumerate(self._carried_names):  # written back as torch keeps them: float32
-            for e, v in zip(pl.entries, pl.lists[n]):
-                e.cviews[k][()] = v
-        for n in self._float_names:
-            for e, v in zip(pl.entries, pl.lists[n]):
-                e.sdict[n] = v
-        names = [b.name for b in rule.state if b.name in pl.lists]
-        for name in pl.fresh:  # buffers the first update created: keep them as tensors
-            k = names.index(name)
-            for p, e, v in zip(pl.params, pl.entries, pl.lists[name]):
-                if e.views[k] is None:
-                    t = torch.from_numpy(v.reshape(p.shape))  # shares the buffer's memory
-                    self.state[p][name] = t
-                    e.tensors = e.tensors[:k] + (t,) + e.tensors[k + 1 :]
-                    e.tlive.append(t)
-                    e.trefs.append(t.detach())
-                    e.views = e.views[:k] + (v,) + e.views[k + 1 :]
-        increment_version(pl.params)  # autograd sees the in-place update, as with torch.optim
+    def _grad_view(
+        self, g: torch.Tensor, group: Dict[str, Any], gi: int, i: int, e: Optional[_Entry] = None
+    ) -> np.ndarray:
+        """The NumPy view of a gradient that ``g.numpy()`` did not give as the kernels take it:
+        one that requires grad (a view of it, detached), or a refusal naming what it is."""
+        label = f"the gradient of {self._label(group, gi, i)}"
+        p = group["params"][i]
+        why = _tensor_reason(g, self._binding.dtypes)
+        if why is None and g.dtype != p.dtype:
+            why = f"has dtype {g.dtype}, its parameter {p.dtype}"
+        if why:
+            self._refuse(TypeError, f"{label} {why}")
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"{label} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
+        return g.detach().numpy()
 
-    def _refresh_state(
+    def _complete_state(
         self,
-        e: _Entry,
-        st: Dict[str, Any],
-        names: List[str],
-        p: torch.Tensor,
+        new: List[Tuple[int, torch.Tensor, _Entry]],
         group: Dict[str, Any],
         gi: int,
-        i: int,
+        rule: registry.Rule,
+        hyper: Dict[str, Any],
+        names: List[str],
+        keys: List[str],
         undo: list,
-    ) -> None:
-        label = self._label(group, gi, i)
-        views = []
-        for n in names:
-            t = st.get(n)
-            buf = next(b for b in self._rule.state if b.name == n)
-            shape = buf.shape_for(p)
-            if shape is None:  # this parameter keeps no such state (Adafactor's variance of a matrix)
-                if t is not None:
-                    raise ValueError(
-                        f"state {n!r} of {label}: a parameter of shape {tuple(p.shape)} keeps "
-                        f"none (a {buf.shape} state)"
-                    )
-                views.append(None)
-                continue
-            if t is None and buf.shape != "like_param":
-                t = torch.zeros(shape, dtype=torch.float32)
-                self._set(undo, st, n, t)
-            elif t is None:
-                if buf.init == "first_grad":
-                    views.append(None)
+    ) -> set:
+        """The state the listed parameters lack made (arrays of one name in one block, so a
+        group's state streams as one), state loaded in another layout converted once (to
+        contiguous tensors of the parameter's dtype), and their cached views made again.
+        Returns the ids of the entries whose buffer their first update makes (SGD's)."""
+        first = registry.first_update_states(rule)
+        made_first = set()
+        missing: Dict[str, List[Tuple[torch.Tensor, _Entry, Tuple[int, ...]]]] = {}
+        for i, p, e in new:
+            st = self.state[p]
+            label = self._label(group, gi, i)
+            for n in names:
+                shape = rule.state(n).shape_for(tuple(p.shape))
+                t = st.get(n)
+                if shape is None:  # this parameter keeps no such state (Adafactor's variance)
+                    if t is not None:
+                        raise ValueError(
+                            f"state {n!r} of {label}: a parameter of shape {tuple(p.shape)} "
+                            f"keeps none (a {rule.state(n).shape} state)"
+                        )
                     continue
-                t = (
-                    torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    if buf.init == "zeros"
-                    else self._filled(p, buf, group)
-                )
-                self._set(undo, st, n, t)
-            elif not isinstance(t, torch.Tensor):
-                raise TypeError(f"state {n!r} of {label} is a {type(t).__name__}, not a tensor")
-            elif _why_not(t, f"state {n!r} of {label}") or tuple(t.shape) != shape:
-                t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
-                if tuple(t.shape) != shape:
-                    raise ValueError(
-                        f"state {n!r} of {label} has shape {tuple(t.shape)}, the "
-                        f"parameter {tuple(p.shape)}"
-                        + ("" if shape == tuple(p.shape) else f", which needs {shape}")
+                if t is None:
+                    missing.setdefault(n, []).append((p, e, shape))
+                    if n in first:
+                        made_first.add(id(e))
+                elif not isinstance(t, torch.Tensor):
+                    raise TypeError(f"state {n!r} of {label} is a {type(t).__name__}, not a tensor")
+                elif t.dtype != p.dtype and self._binding.torch_cls is not None:
+                    # a parameter cast after its state was made (torch's load casts the state it
+                    # loads): torch's step keeps the state's dtype, or refuses the mix
+                    self._refuse(
+                        TypeError,
+                        f"state {n!r} of {label} has dtype {t.dtype}, the parameter {p.dtype}",
                     )
-                self._set(undo, st, n, t)
-            views.append(_np(t))
-        if self._rule.step:
-            s = st.get("step")
-            if not (
-                isinstance(s, torch.Tensor)
-                and s.dtype == torch.float32
-                and s.dim() == 0
-                and s.device.type == "cpu"
-            ):
-                s = torch.tensor(float(0 if s is None else s), dtype=torch.float32)
-                self._set(undo, st, "step", s)
-            e.steps = s.numpy()
-        cviews = []
-        for c in self._rule.carried:
-            v = st.get(c.name)
-            if not c.tensor:
+                elif (
+                    _tensor_reason(t, self._binding.dtypes)
+                    or t.dtype != p.dtype
+                    or not t.is_contiguous()
+                    or tuple(t.shape) != shape
+                ):
+                    if tuple(t.shape) != shape:
+                        raise ValueError(
+                            f"state {n!r} of {label} has shape {tuple(t.shape)}, the "
+                            f"parameter {tuple(p.shape)}"
+                            + ("" if shape == tuple(p.shape) else f", which needs {shape}")
+                        )
+                    converted = t.detach().to(device="cpu", dtype=p.dtype).contiguous()
+                    self._set(undo, st, n, converted)
+            for key in ("step",) if rule.counts_steps else ():
+                s = st.get(key)
+                if not (isinstance(s, torch.Tensor) and s.dim() == 0 and s.device.type == "cpu"):
+                    value = 0.0 if s is None else float(s)
+                    self._set(undo, st, key, torch.tensor(value, dtype=_get_scalar_dtype()))
+            for c in rule.carried:
+                v = st.get(c.name)
                 if v is None:
-                    v = c.init if not isinstance(c.init, str) else group[c.init]
-                self._set(undo, st, c.name, float(_scalar(c.name, v)))
-                continue
-            if not (
-                isinstance(v, torch.Tensor)
-                and v.dtype == torch.float32
-                and v.dim() == 0
-                and v.device.type == "cpu"
-            ):
-                if v is None:
-                    init = c.init if not isinstance(c.init, str) else group[c.init]
-                    v = init
-                v = torch.tensor(float(_scalar(c.name, v)), dtype=torch.float32)
-                self._set(undo, st, c.name, v)
-            cviews.append(v.numpy())
-        e.cviews = tuple(cviews)
-        e.sdict = st
-        e.tensors = (
-            tuple(st.get(n) for n in names)
-            + tuple(st[c.name] for c in self._rule.carried if c.tensor)
-            + ((st["step"],) if self._rule.step else ())
+                    v = rule.carried_spec(hyper)[c.name]
+                if self._binding.torch_cls is None:
+                    if not isinstance(v, float):
+                        self._set(undo, st, c.name, float(v))
+                elif not (isinstance(v, torch.Tensor) and v.dim() == 0 and v.device.type == "cpu"):
+                    self._set(undo, st, c.name, torch.tensor(float(v), dtype=_get_scalar_dtype()))
+        for n, where in missing.items():
+            tensors = _block(
+                [(p.dtype, shape) for p, _, shape in where], self._start(group, n, hyper)
+            )
+            for (p, _, _), t in zip(where, tensors):
+                self._set(undo, self.state[p], n, t)
+        for _, p, e in new:
+            self._refresh_entry(p, e, rule, names, keys)
+        return made_first
+
+    def _refresh_entry(
+        self, p: torch.Tensor, e: _Entry, rule: registry.Rule, names: List[str], keys: List[str]
+    ) -> None:
+        st = self.state[p]
+        e.views = tuple(None if st.get(n) is None else _np(st[n]) for n in names)
+        e.steps = st["step"].numpy() if rule.counts_steps else None
+        e.cviews = (
+            tuple(st[n].numpy() for n in rule.carried_names)
+            if self._binding.torch_cls is not None
+            else ()
         )
+        e.sdict = st
+        e.keys = keys
+        e.tensors = tuple(st.get(k) for k in keys)
         e.tlive = [t for t in e.tensors if t is not None]
         e.trefs = [t.detach() for t in e.tlive]
-        e.views = tuple(views)
+
+    def _hyper(self, group: Dict[str, Any]) -> Tuple[registry.Rule, Dict[str, Any], "_Keys"]:
+        """The group's rule, its hyperparameters as the core validated them and the state keys
+        they imply, checked again only when a value changed (plain numbers are compared; a
+        tensor is read every step). Values the kernels do not take refuse the group."""
+        rule = self._binding.rule_for(group)
+        known = self._okt_checked.get(id(group))
+        if known is not None and known[0] is group and known[1] is rule:
+            values = [group.get(k) for k in known[2]]
+            if all(map(is_, values, known[3])) or (_plain(values) and values == known[3]):
+                return rule, known[4], known[5]
+        try:
+            hyper = self._okt_validate(group)
+        except (TypeError, ValueError) as err:
+            self._refuse(type(err), f"{err}, which the kernels do not take")
+        ks = _Keys(rule, hyper, self._binding.torch_cls is not None)
+        keys = tuple(dict.fromkeys([h.torch for h in rule.hyper] + ["maximize"]))
+        values = [group.get(k) for k in keys]
+        if _plain(values):  # checked: remember them (a tensor may change in place)
+            self._okt_checked[id(group)] = (group, rule, keys, values, hyper, ks)
+        return rule, hyper, ks
 
     def _prepare(
         self,
-        group: Dict[str, Any],
+        rule: registry.Rule,
         pviews: List[np.ndarray],
         gviews: List[np.ndarray],
-        lists: Dict[str, List[Any]],
-        steps: Optional[List[int]],
-    ) -> Tuple[Any, List[str]]:
+        states: Dict[str, Any],
+        hyper: Dict[str, Any],
+        steps: Any,
+        entries: List[_Entry],
+    ) -> Any:
         """The group's update, checked by the core (arrays, step counts, hyperparameters, the
-        per-step scalars) but not run; and the names of the buffers it creates (SGD's momentum
-        at its first update, made here in one block and passed in place of the None entries)."""
-        rule = self._rule
-        fn_name = rule.fn if isinstance(rule.fn, str) else rule.fn[2 if group[rule.fn[0]] else 1]
-        core_name = fn_name[:-1]
-        values = [
-            _scalar(f"{src[0]}[{src[1]}]", group[src[0]][src[1]])
-            if isinstance(src, tuple)
-            else _scalar(src, group[src])
-            for src in rule.kw.values()
-        ]
-        types = list(map(type, values))
-        # The hyperparameters the core checked before for this group, if unchanged (the same
-        # values and types): their validated dict is reused.
-        known = self._okt_checked.get(id(group))
-        if (
-            known is not None
-            and known[0] is group
-            and known[1] == fn_name
-            and known[2] == types
-            and known[3] == values
-        ):
-            hyper = known[4]
-        else:
-            hyper = _core.validate(
-                core_name,
-                {
-                    k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v)
-                    for k, v in zip(rule.kw, values)
-                },
+        per-step scalars) but not run. A gradient that shares memory with its parameter (torch
+        allows ``p.grad = p.data``) is read from a copy: the kernels never read memory they
+        write."""
+        try:
+            return _core.prepare(
+                rule.name, pviews, gviews, states, hyper, steps=steps, grad_scale=1.0
             )
-            if all(t in _PLAIN_SCALARS for t in types):  # checked: remember them
-                self._okt_checked[id(group)] = (group, fn_name, types, values, hyper)
-        states = {  # by name: a list the group does not use is None
-            b.name: lists.get(b.name, []) if b.when is None or group[b.when] else None
-            for b in rule.state
-        }
-        states.update((c.name, lists.get(c.name, [])) for c in rule.carried)
-        fresh: List[str] = []
-        call_steps = steps if rule.step_kw else None
-        for name in self._first_update_names:
-            entries = states.get(name)
-            if not entries or id(None) not in map(id, entries):
-                continue
-            if hyper.get("momentum", 1.0) == 0:  # SGD without momentum: no buffer at all
-                states[name] = None
-                continue
-            made = iter(FlatParams([p.shape for p, b in zip(pviews, entries) if b is None]))
-            flags = [b is None for b in entries]
-            entries[:] = [next(made) if f else b for b, f in zip(entries, flags)]
-            call_steps = [1 if f else 2 for f in flags]  # step 1: the buffer becomes the gradient
-            fresh.append(name)
-        call = _core.prepare(
-            core_name, pviews, gviews, states, hyper, steps=call_steps, grad_scale=1.0
-        )
-        return call, fresh
+        except ValueError:
+            shared = [
+                k
+                for k, (e, g) in enumerate(zip(entries, gviews))
+                if g.ctypes.data < e.hi and e.lo < g.ctypes.data + g.nbytes
+            ]
+            if not shared:
+                raise
+            for k in shared:
+                gviews[k] = gviews[k].copy()
+            return _core.prepare(
+                rule.name, pviews, gviews, states, hyper, steps=steps, grad_scale=1.0
+            )
+
+    def _write_back(self, pl: _Plan) -> None:
+        """A group's bookkeeping after its kernels ran: step counts and carried numbers into
+        their tensors (or floats), staged parameters copied back (each write idempotent)."""
+        if pl.steps is not None:
+            for e, s in zip(pl.entries, pl.steps):
+                e.steps[()] = s
+        for k, n in enumerate(pl.rule.carried_names):
+            if self._binding.torch_cls is not None:  # written back as torch keeps them
+                for e, v in zip(pl.entries, pl.lists[n]):
+                    e.cviews[k][()] = v
+            else:
+                for e, v in zip(pl.entries, pl.lists[n]):
+                    e.sdict[n] = v
+        for p, e in zip(pl.params, pl.entries):
+            if e.stage is not None:
+                p.copy_(e.stage)
+        increment_version(pl.params)  # autograd sees the in-place update, as with torch.optim
 
 
 # -- Schedule-Free's train()/eval() ---------------------------------------------------------------
 
 
 class _ScheduleFreeSwitch(ScheduleFreeSwitch):
-    """``train()`` / ``eval()`` as the schedulefree package's ``AdamWScheduleFree`` and
-    ``SGDScheduleFree``: the parameter holds y (where the gradient is taken) in train mode and x
-    (the average, to evaluate and save) in eval mode; each switch is one in-place lerp towards
-    ``state["z"]``, every parameter checked before any moves (:mod:`optkern.schedule_free`, the
-    same switch as optkern's NumPy classes). The mode is each group's ``train_mode`` (a bool),
-    saved with the group; a step in eval mode raises RuntimeError before anything runs or
-    changes. Unlike the package, a new group starts in train mode (in the first group's mode,
-    once there is one), as in optkern's NumPy classes.
+    """``train()`` / ``eval()`` as the schedulefree package's classes: the parameter holds y
+    (where the gradient is taken) in train mode and x (the average, to evaluate and save) in
+    eval mode; each switch is one in-place lerp towards ``state["z"]``, every parameter checked
+    before any moves (:mod:`optkern.schedule_free`, the same switch as optkern's NumPy classes).
+    The mode is each group's ``train_mode`` (a bool), saved with the group; a step in eval mode
+    raises RuntimeError before anything runs or changes. Unlike the package, a new group starts
+    in train mode (in the first group's mode, once there is one), as in optkern's NumPy classes.
 
     optkern counts steps per parameter (``step``, ``lr_max``, ``weight_sum`` in each parameter's
     state), the package per group (``k``, ``lr_max``, ``weight_sum`` in the group); they agree
@@ -784,11 +910,8 @@ class _ScheduleFreeSwitch(ScheduleFreeSwitch):
     _GROUP_COUNTERS = ("k", "lr_max", "weight_sum", "scheduled_lr")
 
     def _sf_beta(self, group: Dict[str, Any]) -> float:
-        from . import registry
-
-        reg = registry.rule(self._rule.registry_name)  # type: ignore[attr-defined]
-        core = _core.validate(reg.name, reg.to_core(group, lr=0.0))
-        return core[self._rule.switch]  # type: ignore[attr-defined]
+        values = dict(group, lr=0.0)  # the lr is not what the switch uses
+        return self._okt_validate(values)[self._binding.switch]  # type: ignore[attr-defined]
 
     def _sf_pair(
         self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor
@@ -797,20 +920,34 @@ class _ScheduleFreeSwitch(ScheduleFreeSwitch):
         if not st or "z" not in st or float(st.get("step", 0)) <= 0:
             return None  # not stepped yet: y = x = z
         label = self._label(group, gi, i)  # type: ignore[attr-defined]
-        why = _why_not(p, label)
+        why = _tensor_reason(p, self._binding.dtypes)  # type: ignore[attr-defined]
         if why:
-            raise TypeError(f"optkern.torch.{type(self).__name__} cannot move it: {why}")
+            raise TypeError(f"optkern.torch.{type(self).__name__} cannot move {label}: it {why}")
         z = st["z"]
         if not isinstance(z, torch.Tensor) or tuple(z.shape) != tuple(p.shape):
             what = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"the state 'z' of {label} is {what}, not shaped as its parameter")
-        if _why_not(z, "z"):
-            # a loaded z in another dtype or layout: read from a float32 copy (the kernels
-            # convert it the same way at the next step)
-            z = z.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        return _np(p), _np(z)
+        if _tensor_reason(z, self._binding.dtypes) or z.dtype != p.dtype:  # type: ignore[attr-defined]
+            # a loaded z in another dtype or device: read from a copy (the kernels convert it
+            # the same way at the next step)
+            z = z.detach().to(device="cpu", dtype=p.dtype)
+        if not p.is_contiguous():  # moved through a contiguous copy, written back after
+            stage = p.detach().contiguous()
+            self._okt_sf_staged.append((p, stage))
+            return _np(stage), _np(z.contiguous())
+        return _np(p), _np(z.contiguous())
+
+    def _switch(self, to_train: bool) -> None:
+        self._okt_sf_staged: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            super()._switch(to_train)
+        finally:
+            self._okt_sf_staged = []
 
     def _sf_moved(self, params: List[Any]) -> None:
+        with torch.no_grad():
+            for p, stage in self._okt_sf_staged:
+                p.copy_(stage)
         increment_version(params)
 
     def _before_step(self) -> None:
@@ -819,7 +956,19 @@ class _ScheduleFreeSwitch(ScheduleFreeSwitch):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if isinstance(state_dict, dict):
             self._sf_check_loaded_modes(state_dict.get("param_groups"))
-        self._sf_load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            if "k" not in group:
+                continue
+            k, lr_max, weight_sum = group["k"], group.get("lr_max", -1.0), group["weight_sum"]
+            for key in self._GROUP_COUNTERS:
+                group.pop(key, None)
+            for p in group["params"]:
+                st = self.state.get(p)  # type: ignore[attr-defined]
+                if st and "z" in st and "step" not in st:  # the package's layout
+                    st["step"] = torch.tensor(float(k), dtype=_get_scalar_dtype())
+                    st["lr_max"], st["weight_sum"] = float(lr_max), float(weight_sum)
+        self._okt_cache = {}
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()  # type: ignore[misc]
@@ -834,105 +983,64 @@ class _ScheduleFreeSwitch(ScheduleFreeSwitch):
                 packed.update(k=k, lr_max=lr_max, weight_sum=weight_sum)
         return sd
 
-    def _sf_load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        for group in self.param_groups:  # type: ignore[attr-defined]
-            if "k" not in group:
-                continue
-            k, lr_max, weight_sum = group["k"], group.get("lr_max", -1.0), group["weight_sum"]
-            for key in self._GROUP_COUNTERS:
-                group.pop(key, None)
-            for p in group["params"]:
-                st = self.state.get(p)  # type: ignore[attr-defined]
-                if st and "z" in st and "step" not in st:  # the package's layout
-                    st["step"] = torch.tensor(float(k), dtype=torch.float32)
-                    st["lr_max"], st["weight_sum"] = float(lr_max), float(weight_sum)
-        self._okt_cache = {}
-
 
 # -- the classes -----------------------------------------------------------------------------------
 
 
-def _make(name: str, rule: Rule, doc: str) -> type:
+def _make(b: Binding) -> type:
     params = [
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
         inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
     ]
     params += [
-        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in rule.args
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in b.args
     ]
-    params += [
-        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in rule.kwonly
-    ]
-    bind_sig = inspect.Signature(params[1:])
-    bases = (_ScheduleFreeSwitch, _OktOptimizer) if rule.switch else (_OktOptimizer,)
-    cls = type(
-        name,
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in b.kwonly]
+    bases = (_ScheduleFreeSwitch, _OktOptimizer) if b.switch else (_OktOptimizer,)
+    return type(
+        b.name,
         bases,
         {
-            "_rule": rule,
-            "_rule_name": name,
-            "__signature__": bind_sig,
-            "__doc__": doc,
-            "_carried_names": tuple(c.name for c in rule.carried if c.tensor),
-            "_float_names": tuple(c.name for c in rule.carried if not c.tensor),
-            "_first_update_names": tuple(b.name for b in rule.state if b.init == "first_grad"),
+            "_binding": b,
+            "__signature__": inspect.Signature(params[1:]),
+            "__doc__": _doc(b),
             "__module__": __name__,
-            "__qualname__": name,
+            "__qualname__": b.name,
         },
     )
-    return cls
 
 
-#: Where a Schedule-Free class's arguments come from: the schedulefree package's classes.
-PACKAGE_PEERS = {
-    "ScheduleFreeAdamW": "schedulefree.AdamWScheduleFree",
-    "ScheduleFreeSGD": "schedulefree.SGDScheduleFree",
-}
-
-
-def _doc(name: str) -> str:
+def _doc(b: Binding) -> str:
     import optkern
 
-    rule = RULES[name]
-    if rule.torch_name:
+    if b.torch_cls is not None:
         same = (
-            f"Same arguments, defaults, state and state_dict layout as torch.optim.{rule.torch_name}"
+            f"Same arguments, defaults, checks, state and state_dict layout as "
+            f"torch.optim.{b.torch_name}, whose own implementation runs a param group the "
+            "kernels cannot serve"
         )
-    elif rule.switch:
+    elif b.switch:
         same = (
-            f"Same arguments and defaults as {PACKAGE_PEERS[name]}, and its train()/eval() "
-            "switch (see below); state_dict in torch's layout"
+            "Same arguments and defaults as the schedulefree package's class, and its "
+            "train()/eval() switch (see below); state_dict in torch's layout"
         )
     else:
         same = "No torch counterpart; state_dict in torch's layout"
     doc = (
-        f"{name} on CPU float32 torch tensors, stepped in place by optkern's kernels.\n\n"
-        f"{same}. The update, as optkern.{name} computes it:\n\n"
-        + (getattr(optkern, name).__doc__ or "")
+        f"{b.name} on CPU torch tensors, stepped in place by optkern's kernels.\n\n"
+        f"{same}. The update, as optkern.{b.name} computes it:\n\n"
+        + (getattr(optkern, b.name).__doc__ or "")
     )
-    if rule.switch:
+    if b.switch:
         doc += "\n\n" + (_ScheduleFreeSwitch.__doc__ or "")
     return doc
 
 
-# -- the table from the registry -------------------------------------------------------------------
+# -- the bindings from the registry ----------------------------------------------------------------
 
-_KWONLY_NO_TORCH = (
-    ("maximize", False),
-    ("foreach", None),
-    ("fused", None),
-    ("differentiable", False),
-    ("capturable", False),
+_KWONLY_NO_TORCH = tuple(
+    (name, default) for name, _, default in registry.EXECUTION_FLAGS
 )  # as optkern's own classes
-
-# What neither torch's signature nor a declaration says, explained:
-#: torch's SGD creates its momentum buffer at the first update, as the gradient itself
-#: (optkern.functional.sgd_ does that for a None entry of its list); other buffers start filled.
-_FIRST_UPDATE = {"SGD": "momentum_buffer"}
-#: torch's Adam takes decoupled_weight_decay=True to be AdamW; the registry declares the two as
-#: separate rules (flag, the rule it selects).
-_FLAG_RULES = {"Adam": ("decoupled_weight_decay", "adamw")}
 
 
 def _torch_signature(theirs: type) -> Tuple[Tuple[Tuple[str, Any], ...], ...]:
@@ -944,155 +1052,98 @@ def _torch_signature(theirs: type) -> Tuple[Tuple[Tuple[str, Any], ...], ...]:
     return args, kwonly
 
 
-def _from_registry(r: Any) -> Rule:
-    """The table entry of registry rule ``r``. A rule torch also has takes torch's signature
-    (order, kinds, defaults) after checking that it has every argument the declaration names,
-    with the same default; the group entries torch sets without an argument (AdamW's
-    ``decoupled_weight_decay``) and whether it creates state in the constructor (Adagrad) are
-    read off an instance of torch's class. ValueError says where they disagree."""
-    from . import optimizers
+def _torch_fixed(theirs: type) -> Tuple[Dict[str, Any], bool]:
+    """The group entries an instance of torch's class sets without an argument, and whether its
+    constructor makes state (read off an instance with one parameter)."""
+    try:
+        made = theirs([torch.zeros(1, requires_grad=True)])
+    except Exception as err:  # noqa: BLE001 (said in UNMAPPED)
+        raise ValueError(f"torch.optim.{theirs.__name__} with its defaults fails: {err}") from None
+    have = set(inspect.signature(theirs).parameters)
+    return {k: v for k, v in made.defaults.items() if k not in have}, bool(made.state)
 
-    by_core = {h.name: h for h in r.hyper}
 
-    def torch_name(core: Optional[str]) -> Optional[str]:
-        if core is None:
-            return None
-        h = by_core[core]
-        if h.slot >= 0:
-            raise ValueError(f"{r.cls}: state starts at {core}, an item of {h.torch}")
-        return h.torch
+def _kernel_dtypes(r: registry.Rule) -> FrozenSet[torch.dtype]:
+    """The parameter dtypes the kernels take for rule ``r``: the declaration's, where it says
+    (``Rule.dtypes``), else every element type the kernels are built for."""
+    declared = getattr(r, "dtypes", None)
+    return frozenset(getattr(torch, n) for n in declared) if declared else _KERNEL_DTYPES
 
+
+def _bind(r: registry.Rule) -> Binding:
+    """The binding of registry rule ``r``. A rule torch also has takes torch's signature (order,
+    kinds, defaults) after checking that it has every argument the declaration names, with the
+    same default; a torch argument the declaration lacks must be a flag that selects another
+    rule: the rule whose torch class derives from this one and fixes the flag on (Adam's
+    ``decoupled_weight_decay``: AdamW). ValueError says where they disagree."""
     declared = r.torch_args()
     theirs = getattr(torch.optim, r.cls, None)
-    flag = _FLAG_RULES.get(r.cls)
-    fixed: Dict[str, Any] = {}
-    eager = False
-    switch = None
-    if theirs is not None:
-        args, kwonly = _torch_signature(theirs)
-        have = dict(args + kwonly)
-        for name, default in declared + [("maximize", False)]:
-            if name not in have:
-                raise ValueError(
-                    f"torch.optim.{r.cls} has no argument {name!r}, which the registry declares"
-                )
-            if have[name] != default:
-                raise ValueError(
-                    f"torch.optim.{r.cls}'s {name} defaults to {have[name]!r}, "
-                    f"the registry's to {default!r}"
-                )
-        extra = set(have) - {n for n, _ in declared} - {n for n, _ in _KWONLY_NO_TORCH}
-        extra -= {flag[0]} if flag else set()
-        if extra:
+    dtypes = _kernel_dtypes(r)
+    if theirs is None:
+        if r.switch:
+            # the schedulefree package's arguments: the declaration's then foreach (default True
+            # where torch has its foreach ops, as the package's); optkern's flags after
+            args = tuple(declared) + (("foreach", hasattr(torch, "_foreach_mul_")),)
+            kwonly = tuple(kv for kv in _KWONLY_NO_TORCH if kv[0] != "foreach")
+        else:
+            args, kwonly = tuple(declared), _KWONLY_NO_TORCH
+        return Binding(r.cls, r, None, args, kwonly, {}, dtypes=dtypes)
+    args, kwonly = _torch_signature(theirs)
+    have = dict(args + kwonly)
+    for name, default in declared + [("maximize", False)]:
+        if name not in have:
             raise ValueError(
-                f"torch.optim.{r.cls} takes {sorted(extra)}, which the registry does not declare"
+                f"torch.optim.{r.cls} has no argument {name!r}, which the registry declares"
             )
-        try:
-            made = theirs([torch.zeros(1, requires_grad=True)])
-        except Exception as err:  # noqa: BLE001 (said in UNMAPPED)
-            raise ValueError(f"torch.optim.{r.cls} with its defaults fails: {err}") from None
-        fixed = {k: v for k, v in made.defaults.items() if k not in have}
-        eager = bool(made.state)
-    elif hasattr(getattr(optimizers, r.cls, None), "eval"):
-        # Schedule-Free: the schedulefree package's arguments, the declaration's then foreach
-        # (default True where torch has its foreach ops, as the package's); optkern's flags after.
-        switch = getattr(optimizers, r.cls)._interpolation
-        args = tuple(declared) + (("foreach", hasattr(torch, "_foreach_mul_")),)
-        kwonly = tuple(kv for kv in _KWONLY_NO_TORCH if kv[0] != "foreach")
-    else:
-        args, kwonly = tuple(declared), _KWONLY_NO_TORCH
-    # optkern's options torch lacks (the textbook forms) stay out: torch's signature, their defaults
-    kw: Dict[str, Any] = {
-        h.name: (h.torch if h.slot < 0 else (h.torch, h.slot)) for h in r.hyper if not h.optkern_only
-    }
-    kw["maximize"] = "maximize"
-    # only what the functional function takes (Adagrad's initial_accumulator_value fills state)
-    takes = inspect.signature(getattr(F, f"{r.name}_")).parameters
-    kw = {k: v for k, v in kw.items() if k in takes}
-    first = _FIRST_UPDATE.get(r.cls)
-    return Rule(
-        r.cls if theirs is not None else None,
-        args=args,
-        kwonly=kwonly,
-        state=tuple(
-            StateBuf(
-                s.name,
-                s.arg,
-                init="first_grad"
-                if s.name == first
-                else "zeros"
-                if s.init is None
-                else str(torch_name(s.init)),
-                when=torch_name(s.when),
-                shape=s.shape,
+        if have[name] != default:
+            raise ValueError(
+                f"torch.optim.{r.cls}'s {name} defaults to {have[name]!r}, "
+                f"the registry's to {default!r}"
             )
-            for s in r.states
-        ),
-        fn=(flag[0], f"{r.name}_", f"{flag[1]}_") if flag else f"{r.name}_",
-        kw=kw,
-        step=r.counts_steps,
-        step_kw=r.uses_step,
-        eager=eager,
-        fixed=fixed,
-        carried=tuple(
-            CarriedNum(
-                c.name,
-                c.arg,
-                c.init if c.init_from is None else torch_name(c.init_from),
-                tensor=theirs is not None,
-            )
-            for c in r.carried
-        ),
-        registry_name=r.name,
-        switch=switch,
-    )
+    extra = set(have) - {n for n, _ in declared} - {n for n, _ in _KWONLY_NO_TORCH}
+    variants = []
+    for other in registry.rules():
+        derived = getattr(torch.optim, other.cls, None)
+        if derived is None or derived is theirs or not issubclass(derived, theirs):
+            continue
+        fixed_there, _ = _torch_fixed(derived)
+        variants += [(flag, other) for flag in sorted(extra) if fixed_there.get(flag) is True]
+    extra -= {flag for flag, _ in variants}
+    if extra:
+        raise ValueError(
+            f"torch.optim.{r.cls} takes {sorted(extra)}, which the registry does not declare"
+        )
+    fixed, eager = _torch_fixed(theirs)
+    return Binding(r.cls, r, theirs, args, kwonly, fixed, eager, tuple(variants), dtypes)
 
 
-def _nesterov(sgd: Rule) -> Rule:
-    """optkern's Nesterov (SGD with nesterov=True, momentum 0.9 by default; no torch class, it
-    saves as torch's SGD): SGD's entry with optkern.Nesterov's arguments."""
-    from . import optimizers
-
-    ps = list(inspect.signature(optimizers.Nesterov).parameters.values())[1:]
+def _preset(name: str, cls: type) -> Optional[Binding]:
+    """The binding of a preset of a rule's class in optkern (``_preset``: the group entries its
+    constructor fixes; optkern.Nesterov): its base's binding with the preset's arguments."""
+    base = next((RULES[c.__name__] for c in cls.__mro__[1:] if c.__name__ in RULES), None)
+    if base is None:
+        return None
+    ps = list(inspect.signature(cls).parameters.values())[1:]
     args = tuple((p.name, p.default) for p in ps if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return replace(sgd, args=args, fixed={"nesterov": True})
-
-
-# Rules of the registry without a class, and why (a disagreement between the declaration and
-# torch's signature); ``optkern.torch.<name>`` raises AttributeError with the reason.
-UNMAPPED: Dict[str, str] = {}
-
-
-@contextlib.contextmanager
-def _environment_kept():
-    """Undoes what torch writes to os.environ meanwhile. The first torch.optim optimizer a
-    process builds imports torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR; optkern.torch
-    builds one of each of torch's classes at import (to read their defaults), and importing or
-    using optkern changes no environment variable (docs/threading.md, tested)."""
-    before = dict(os.environ)
-    try:
-        yield
-    finally:
-        for key in set(os.environ) - set(before):
-            del os.environ[key]
-        for key, value in before.items():
-            if os.environ.get(key) != value:
-                os.environ[key] = value
+    return replace(base, name=name, args=args, fixed={**base.fixed, **cls._preset})
 
 
 def _add_registry_rules() -> None:
-    from . import registry
+    from . import _classes
 
+    presets = [n for n in _classes.__all__ if hasattr(getattr(_classes, n), "_preset")]
     for r in registry.rules():
         try:
-            RULES[r.cls] = _from_registry(r)
+            RULES[r.cls] = _bind(r)
         except ValueError as err:
             UNMAPPED[r.cls] = str(err)
             continue
-        if r.cls == "SGD":
-            RULES["Nesterov"] = _nesterov(RULES["SGD"])
-    for name in RULES:
-        globals()[name] = _make(name, RULES[name], _doc(name))
+        for name in presets:  # right after the class it presets
+            b = _preset(name, getattr(_classes, name))
+            if b is not None and b.rule is r and name not in RULES:
+                RULES[name] = b
+    for name, b in RULES.items():
+        globals()[name] = _make(b)
         if name not in __all__:
             __all__.append(name)
 

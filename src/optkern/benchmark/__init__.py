@@ -95,7 +95,7 @@ def add_parser(sub) -> None:
         "clip: fused clipping; loops: inside an MLP's training loop (default: these five); "
         "run only when named: threshold, thread-placement, adafactor-shapes, pass-bounds, "
         "torch-bandwidth, "
-        "torch-phases (see optkern.benchmark.studies)",
+        "torch-phases, torch-small-step (see optkern.benchmark.studies)",
     )
     p.add_argument(
         "--thread-sizes",
@@ -226,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
     extra = [k for k in EXTRA_STUDIES if k in studies]
     if any(k in _studies.NEEDS_TORCH for k in extra) and torch_available() is None:
         raise SystemExit(
-            "--studies torch-bandwidth / torch-phases need torch: pip install 'optkern[torch]'"
+            "--studies torch-bandwidth / torch-phases / torch-small-step need torch: "
+            "pip install 'optkern[torch]'"
         )
     # the small study: Adam, or each optimizer --optimizers names
     small_keys = args.optimizers if args.optimizers != list(CASES) else ["adam"]

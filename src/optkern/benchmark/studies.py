@@ -23,6 +23,10 @@ the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by defa
   a 4-array model against NumPy's in-place updates, a hyperparameter written before each step,
   the functional call per call and per array, the stale-parameter check per array, in float32
   and float64 (repeats: rounds).
+* ``torch-small-step`` (needs torch): the fixed cost of a step on a small model (Adam over the
+  six tensors of an MLP 784-128-64-10, 109K parameters): optkern.torch's step beside torch's
+  fused and single-tensor steps, each timed alone, interleaved in a new random order every
+  round; median and p90 per step.
 
 Each returns a JSON-able dict whose ``"text"`` is what it prints.
 """
@@ -54,6 +58,7 @@ NAMES = [
     "torch-bandwidth",
     "torch-phases",
     "step-cost",
+    "torch-small-step",
 ]
 #: repeats (rounds for torch-phases) when --repeats is not given
 DEFAULT_REPEATS = {
@@ -64,8 +69,9 @@ DEFAULT_REPEATS = {
     "torch-bandwidth": 9,
     "torch-phases": 30,
     "step-cost": 301,
+    "torch-small-step": 60,
 }
-NEEDS_TORCH = {"torch-bandwidth", "torch-phases"}
+NEEDS_TORCH = {"torch-bandwidth", "torch-phases", "torch-small-step"}
 
 
 ELEMENT_COST_RULES = [
@@ -438,6 +444,66 @@ def torch_phases(rounds: int, name: str = "Adam", per_round: int = 8) -> Dict[st
     return {"optimizer": name, "ms": rows, "text": "\n".join(text)}
 
 
+SMALL_MLP = [(128, 784), (128,), (64, 128), (64,), (10, 64), (10,)]
+
+
+def torch_small_step(rounds: int, inner: int = 20, fresh: bool = False) -> Dict[str, Any]:
+    """Adam's step over the six tensors of an MLP 784-128-64-10: optkern.torch, torch fused and
+    torch single-tensor, ``rounds`` rounds of ``inner`` steps each (a new random order every
+    round); median and p90 of the rounds' means, in us. ``fresh``: new gradient tensors before
+    every step (what zero_grad() and backward() leave), made outside the timing."""
+    import torch
+
+    import optkern.torch as okt
+
+    def stepper(make: Callable[[Any], Any]) -> Callable[[int], float]:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.05) for s in SMALL_MLP]
+        grads = [torch.randn(*s, generator=gen) * 1e-3 for s in SMALL_MLP]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt = make(params)
+        opt.step()  # the state made outside the timings
+
+        def run(n: int) -> float:
+            total = 0.0
+            for _ in range(n):
+                if fresh:
+                    for p, g in zip(params, grads):
+                        p.grad = g.clone()
+                t0 = time.perf_counter()
+                opt.step()
+                total += time.perf_counter() - t0
+            return total / n
+
+        return run
+
+    impls = {
+        "optkern.torch": stepper(lambda ps: okt.Adam(ps, lr=1e-3)),
+        "torch fused": stepper(lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
+        "torch single-tensor": stepper(lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False)),
+    }
+    times: Dict[str, List[float]] = {k: [] for k in impls}
+    for _ in range(rounds):
+        order = list(impls)
+        random.shuffle(order)
+        for k in order:
+            times[k].append(impls[k](inner) * 1e6)
+    elements = sum(int(np.prod(s)) for s in SMALL_MLP)
+    text = [
+        f"Adam's step, {len(SMALL_MLP)} tensors ({elements} elements): torch {torch.__version__}, "
+        f"optkern {ok.get_num_threads()} threads, {ok.active_isa()}; {rounds} rounds of {inner} "
+        f"steps, fresh gradients: {fresh}; load {os.getloadavg()[0]:.1f}"
+    ]
+    rows = {}
+    base = statistics.median(times["optkern.torch"])
+    for k, t in times.items():
+        med, p90 = statistics.median(t), float(np.percentile(t, 90))
+        rows[k] = {"median_us": med, "p90_us": p90}
+        text.append(f"  {k:20s} median {med:7.1f} us  p90 {p90:7.1f} us  ({med / base:.2f}x)")
+    return {"us": rows, "text": "\n".join(text)}
+
+
 def run_study(name: str, repeats: int) -> Dict[str, Any]:
     return {
         "threshold": threshold,
@@ -447,4 +513,5 @@ def run_study(name: str, repeats: int) -> Dict[str, Any]:
         "torch-bandwidth": torch_bandwidth,
         "torch-phases": torch_phases,
         "step-cost": step_cost,
+        "torch-small-step": torch_small_step,
     }[name](repeats)

@@ -103,6 +103,13 @@ class Peer:
         return _optax_lamb([p.detach().numpy() for p in params], [p.grad.numpy() for p in params])
 
 
+#: The schedulefree package's class of each Schedule-Free class.
+SCHEDULE_FREE = {
+    "ScheduleFreeAdamW": "schedulefree.AdamWScheduleFree",
+    "ScheduleFreeSGD": "schedulefree.SGDScheduleFree",
+}
+
+
 def _momentum_as_sgd(hp: Dict[str, Any]) -> Dict[str, Any]:
     beta = hp.get("beta", 0.9)
     return {
@@ -139,8 +146,8 @@ def peers() -> Dict[str, Peer]:
             out[name] = Peer("lion_pytorch.Lion", "lion-pt", modules=("torch", "lion_pytorch"))
         elif name == "LAMB":
             out[name] = Peer("optax.lamb", "optax", modules=("jax", "optax"), torch_optimizer=False)
-        elif name in okt.PACKAGE_PEERS:
-            out[name] = Peer(okt.PACKAGE_PEERS[name], "sf-pt", modules=("torch", "schedulefree"))
+        elif name in SCHEDULE_FREE:
+            out[name] = Peer(SCHEDULE_FREE[name], "sf-pt", modules=("torch", "schedulefree"))
         else:
             out[name] = Peer("", "no peer known")
     return out

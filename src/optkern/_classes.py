@@ -1,7 +1,8 @@
 """The optimizer classes, one per update rule of :mod:`optkern.registry`, built from the rule's
 declaration: constructor arguments, defaults, semantics and state names follow torch.optim (2.x);
 each docstring gives the update as formulas, for one parameter p with gradient g at step t (state
-starting at zero unless said otherwise).
+starting at zero unless said otherwise). Their public names are ``optkern.<Class>`` (the package
+re-exports ``__all__``); :mod:`optkern.optimizer` holds their base class.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ __all__ = [r.cls for r in rules()] + ["Nesterov"]
 
 
 class _ScheduleFree(ScheduleFreeSwitch):
-    """``train()`` and ``eval()`` of the Schedule-Free rules (schedulefree's
-    ``AdamWScheduleFree`` and ``SGDScheduleFree``): the parameter array holds y (where the
+    """``train()`` and ``eval()`` of the Schedule-Free rules (those of the schedulefree
+    package), :attr:`optkern.registry.Rule.switch`: the parameter array holds y (where the
     gradient is taken) in train mode and x (the average, to evaluate and save) in eval mode; z is
     in the state. Each switch is one element-wise pass, in place (so references to the arrays see
     it), over every parameter that has taken a step, all checked before any moves; the mode is
@@ -28,14 +29,11 @@ class _ScheduleFree(ScheduleFreeSwitch):
     new group starts in train mode (in the mode of the first group, once there is one). See
     :mod:`optkern.schedule_free`."""
 
-    #: The hyperparameter between y and the other two points: beta1 (AdamW) or momentum (SGD).
-    _interpolation = "beta1"
-
     def _sf_lock(self) -> Any:
         return self._lock  # type: ignore[attr-defined]
 
     def _sf_beta(self, group: Dict[str, Any]) -> float:
-        return self._hyper(group)[self._interpolation]  # type: ignore[attr-defined]
+        return self._hyper(group)[self._rule.switch]  # type: ignore[attr-defined]
 
     def _sf_pair(
         self, group: Dict[str, Any], gi: int, i: int, p: np.ndarray
@@ -69,19 +67,12 @@ class _ScheduleFree(ScheduleFreeSwitch):
         super().load_state_dict(state_dict)  # type: ignore[misc]
 
 
-_MIXINS = {
-    "ScheduleFreeAdamW": (_ScheduleFree,),
-    "ScheduleFreeSGD": (
-        type("_ScheduleFreeMomentum", (_ScheduleFree,), {"_interpolation": "momentum"}),
-    ),
-}
-
 for _rule in rules():
-    _cls = make_class(_rule, Optimizer)
-    if _rule.cls in _MIXINS:
+    _cls = make_class(_rule, Optimizer, "optkern")
+    if _rule.switch:
         _cls = type(
             _rule.cls,
-            _MIXINS[_rule.cls] + (_cls,),
+            (_ScheduleFree, _cls),
             {"__doc__": _cls.__doc__, "__module__": _cls.__module__},
         )
     globals()[_rule.cls] = _cls
@@ -104,6 +95,11 @@ class Nesterov(SGD):  # type: ignore[misc, valid-type]
 
     State: ``momentum_buffer``.
     """
+
+    __module__ = "optkern"
+    #: A preset of a rule's class: the group entries its constructor fixes (optkern.torch builds
+    #: its own preset from this and the constructor's signature).
+    _preset = {"nesterov": True}
 
     def __init__(
         self,
