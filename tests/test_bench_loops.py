@@ -175,6 +175,7 @@ def test_busy_neighbour_killed_on_interrupt():
     assert _gone(pids[0])
 
 
+@pytest.mark.spawns
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_busy_neighbour_dies_with_its_parent():
     """A parent killed with SIGKILL (no finally runs) takes its spinning child with it; and the
@@ -212,6 +213,7 @@ def _child_gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.spawns
 def test_busy_neighbour_uses_no_preexec_fn(monkeypatch):
     seen = {}
     real = subprocess.Popen

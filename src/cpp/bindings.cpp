@@ -1410,6 +1410,11 @@ py::dict build_info() {
   py::dict flags;
   for (const auto& [isa, f] : isa_build_flags()) flags[py::str(isa)] = f;
   info["isa_flags"] = flags;
+  py::list fused;  // the available ISAs whose builds fuse multiply-adds (bit-identical results)
+  for (const std::string& isa : available_isas()) {
+    if (kernels_for(isa)->fused_multiply_add) fused.append(isa);
+  }
+  info["fused_multiply_add"] = fused;
   info["min_elements_per_thread"] = min_elements_per_thread();
   return info;
 }
@@ -1427,7 +1432,8 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = OPTKERN_VERSION;
 
   m.def("active_isa", &active_isa,
-        "The instruction set the kernels run with: scalar, avx2 or avx512.");
+        "The instruction set the kernels run with: scalar, avx2, avx512 (x86-64), neon, sve "
+        "(aarch64).");
   m.def("available_isas", &available_isas,
         "The instruction sets this build holds and this CPU supports, from the baseline up.");
   m.def("get_num_threads", &num_threads, "Threads a large update uses.");

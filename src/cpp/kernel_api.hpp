@@ -117,9 +117,14 @@ struct KernelTable {
   void (*clamp)(float* x, std::size_t n, float lo, float hi);
   // a += s * b: the benchmark's measure of the machine's in-place streaming bandwidth.
   void (*axpy)(float* a, const float* b, float s, std::size_t n);
+
+  // Whether this build's OK_FMA is one fused multiply-add (AVX2, AVX-512, NEON, SVE) or a
+  // multiply then an add (x86-64's baseline, the generic build): builds that fuse compute
+  // bit-identical results, the others agree with them within float32 roundings.
+  bool fused_multiply_add;
 };
 
-// Defined once per ISA build (namespaces scalar, avx2, avx512).
+// Defined once per ISA build (src/cpp/isa_builds.txt; a binary holds one architecture's).
 namespace scalar {
 const KernelTable* kernel_table();
 }
@@ -127,6 +132,12 @@ namespace avx2 {
 const KernelTable* kernel_table();
 }
 namespace avx512 {
+const KernelTable* kernel_table();
+}
+namespace neon {
+const KernelTable* kernel_table();
+}
+namespace sve {
 const KernelTable* kernel_table();
 }
 

@@ -1,7 +1,7 @@
 // Every optimizer's fused update, written once, ISA-neutral.
 //
-// CMake compiles this file once per ISA (plain x86-64, AVX2+FMA, AVX-512), each time with
-// -DOPTKERN_ISA_NS=<isa> and that ISA's flags. The loops are plain element-wise C++ that the
+// CMake compiles this file once per ISA (x86-64: plain, AVX2+FMA, AVX-512; aarch64: NEON, SVE),
+// each time with -DOPTKERN_ISA_NS=<isa> and that ISA's flags. The loops are plain element-wise C++ that the
 // compiler vectorises (`#pragma omp simd`, restrict pointers, -fno-math-errno for sqrt); each
 // element is read once and written once, with no temporaries, which is the whole point.
 //
@@ -16,7 +16,7 @@
 #include <cstddef>
 
 #ifndef OPTKERN_ISA_NS
-#error "compile this file once per ISA with -DOPTKERN_ISA_NS=<scalar|avx2|avx512>"
+#error "compile this file once per ISA with -DOPTKERN_ISA_NS=<isa> (src/cpp/isa_builds.txt)"
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -48,10 +48,15 @@
 // and its scalar remainder differently, and then an element's result would depend on where a
 // thread's range happens to end. Written out, every element of one ISA build computes the same
 // expression, so results are bit-identical for any thread count.
-#if defined(__FMA__) && (defined(__GNUC__) || defined(__clang__))
+// x86-64: AVX2 and AVX-512 fuse (-mfma), the baseline (SSE2) does not. aarch64: every build fuses,
+// NEON included: fused multiply-add is part of the base architecture (FMLA, FMADD), so NEON and
+// SVE compute the same expressions and agree bit for bit.
+#if (defined(__FMA__) || defined(__ARM_FEATURE_FMA)) && (defined(__GNUC__) || defined(__clang__))
 #define OK_FMA(a, b, c) __builtin_fmaf((a), (b), (c))
+#define OK_FUSED true
 #else
 #define OK_FMA(a, b, c) ((a) * (b) + (c))
+#define OK_FUSED false
 #endif
 
 namespace optkern {
@@ -1053,6 +1058,7 @@ constexpr KernelTable kTable = {
     /*scale=*/scale,
     /*clamp=*/clamp,
     /*axpy=*/axpy,
+    /*fused_multiply_add=*/OK_FUSED,
 };
 
 }  // namespace
