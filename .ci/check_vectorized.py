@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Every loop marked OK_SIMD in the kernels vectorises, on every x86 ISA build.
+"""Every loop marked OK_SIMD in the kernels vectorises, on every ISA build of an architecture.
 
 A loop GCC cannot vectorise still computes the right numbers, so no test sees it, but it runs
 one element per iteration: Lion's and Rprop's loops once did on the scalar (SSE2) and AVX2
@@ -8,9 +8,13 @@ NaN) and were 11-15x slower there than on AVX-512. This compiles each kernel sou
 does for each ISA (the flags of CMakeLists.txt; GCC only) with -fopt-info-vec-missed, and fails
 naming every OK_SIMD loop (from its `for` to its closing brace) where GCC reports "couldn't
 vectorize loop" for any instantiation. (GCC merges its reports by source location, so a
-"vectorized" report at a loop does not say that every instantiation of it was.)
+"vectorized" report at a loop does not say that every instantiation of it was.) The ISA builds
+and their flags are src/cpp/isa_builds.txt's, as CMake reads them.
 
-    python .ci/check_vectorized.py            (CXX picks the compiler; default g++)
+    python .ci/check_vectorized.py [--arch x86_64|aarch64] [SOURCES...]
+
+x86_64 (the default) compiles with $CXX (default g++); aarch64 with $CXX_AARCH64 (default
+aarch64-linux-gnu-g++, Debian's g++-aarch64-linux-gnu).
 """
 
 from __future__ import annotations
@@ -23,17 +27,21 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCES = sorted((ROOT / "src/cpp/kernels").glob("*.cpp"))
-if len(sys.argv) > 1:  # other copies of the sources (to check that the check fails on old code)
-    SOURCES = [pathlib.Path(a).resolve() for a in sys.argv[1:]]
 COMMON = ["-O3", "-DNDEBUG", "-std=c++17", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]
 COMMON += ["-fopenmp-simd", f"-I{ROOT / 'src/cpp'}"]
-ISAS = {  # CMakeLists.txt: OPTKERN_ISA_FLAGS_<isa>
-    "scalar": [],
-    "avx2": ["-mavx2", "-mfma"],
-    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"]
-    + ["-mprefer-vector-width=512"],
-}
+COMPILERS = {"x86_64": ("CXX", "g++"), "aarch64": ("CXX_AARCH64", "aarch64-linux-gnu-g++")}
+
+
+def isa_builds(arch: str) -> dict[str, list[str]]:
+    """isa -> GCC flags of each build of `arch` in src/cpp/isa_builds.txt, baseline first."""
+    out = {}
+    for line in (ROOT / "src/cpp/isa_builds.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        line_arch, isa, gcc_flags, _msvc = (f.strip() for f in line.split("|"))
+        if line_arch == arch and gcc_flags != "n/a":
+            out[isa] = [] if gcc_flags == "-" else gcc_flags.split()
+    return out
 
 
 def simd_loops(source: pathlib.Path) -> dict[tuple[int, int], str]:
@@ -69,15 +77,29 @@ def failed_lines(cxx: str, source: pathlib.Path, isa: str, flags: list[str]) -> 
 
 
 def main() -> int:
-    cxx = os.environ.get("CXX", "g++")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    args = sys.argv[1:]
+    arch = "x86_64"
+    if args[:1] == ["--arch"]:
+        arch, args = args[1], args[2:]
+    if arch not in COMPILERS:
+        sys.exit(f"--arch {arch}: expected one of {', '.join(COMPILERS)}")
+    # other copies of the sources (to check that the check fails on old code)
+    sources = [pathlib.Path(a).resolve() for a in args]
+    sources = sources or sorted((ROOT / "src/cpp/kernels").glob("*.cpp"))
+    isas = isa_builds(arch)
+    variable, default = COMPILERS[arch]
+    cxx = os.environ.get(variable, default)
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        sys.exit(f"{cxx} not found (set {variable})")
     if "Free Software Foundation" not in version:
-        sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set CXX=g++)")
+        sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set {variable})")
     missing = []
     checked = 0
-    for source in SOURCES:
+    for source in sources:
         loops = simd_loops(source)
-        for isa, flags in ISAS.items():
+        for isa, flags in isas.items():
             failed = failed_lines(cxx, source, isa, flags)
             for (first, last), text in loops.items():
                 checked += 1
@@ -87,7 +109,7 @@ def main() -> int:
         print("OK_SIMD loops GCC did not vectorise:\n  " + "\n  ".join(missing))
         return 1
     print(
-        f"{checked} OK_SIMD loops x ISAs ({', '.join(ISAS)}) all vectorised by",
+        f"{checked} OK_SIMD loops x ISAs ({', '.join(isas)}) all vectorised by",
         version.split("\n")[0],
     )
     return 0

