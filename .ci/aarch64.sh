@@ -21,7 +21,8 @@
 #     float64 reference at 17 and 1023 elements on both NEON and SVE, the two bit-identical, and
 #     bit-identical for 1 and 2 threads), the registry, dispatch, smoke, functional, carried
 #     state, state_dict, checkpoints (less the every-flipped-byte scan), error messages and the
-#     round-2 hostile inputs (arrays, state dicts, sharing, data, concurrency).
+#     hostile inputs of test_arrays, test_state_dict_inputs, test_memory_sharing,
+#     test_data_inputs and test_concurrent_changes.
 #  2. -cpu max,sve-default-vector-length=16 (SVE at 128 bits): test_isa's ISA agreement (NEON and
 #     SVE bit-identical at a different vector length).
 #  3. -cpu max with OPTKERN_FORCE_ISA=neon: the smoke tests.
@@ -41,9 +42,9 @@ WHEELS=(numpy==2.4.6 pytest==9.2.0 hypothesis==6.155.7 iniconfig==2.3.1 packagin
         pluggy==1.7.0 pygments==2.21.0 sortedcontainers==2.4.0)
 MAX_TESTS=(tests/test_isa.py tests/test_registry.py tests/test_dispatch.py tests/test_smoke.py
            tests/test_functional.py tests/test_carried_state.py tests/test_state_dict.py
-           tests/test_checkpoint.py tests/test_errors.py tests/test_hostile_round2_arrays.py
-           tests/test_hostile_round2_state_dict.py tests/test_hostile_round2_sharing.py
-           tests/test_hostile_round2_data.py tests/test_hostile_round2_concurrency.py)
+           tests/test_checkpoint.py tests/test_errors.py tests/test_arrays.py
+           tests/test_state_dict_inputs.py tests/test_memory_sharing.py tests/test_data_inputs.py
+           tests/test_concurrent_changes.py)
 # 100003 elements: the float64 reference's 100 steps take minutes under emulation (the thread
 # split at that size is covered by test_isa's thread test, 64 elements per thread).
 MAX_DESELECT="100003 or test_every_flipped_byte_is_refused_or_harmless"

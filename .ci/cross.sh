@@ -49,14 +49,21 @@ host_include=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['includ
 python3 -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" \
   || { echo "the macOS and musl checks use this machine's CPython $PY headers"; exit 1; }
 
-# zig-c++-TARGET: `zig c++ -target TARGET`, with -bundle (CMake's flag for a macOS module) read as
-# -shared: zig 0.17's Mach-O linker crashes on -bundle, and Python loads a dylib the same way.
+# zig-c++-TARGET: `zig c++ -target TARGET`. For macOS, -bundle (CMake's flag for a module) is read
+# as -shared (zig 0.17's Mach-O linker crashes on -bundle; Python loads a dylib the same way) and
+# every link leaves libc++ to the system's (-nostdlib++), as Apple's toolchain links it.
 mkdir -p "$work/bin"
 for target in aarch64-macos x86_64-macos x86_64-windows-gnu x86_64-linux-musl; do
   cat > "$work/bin/zig-c++-$target" <<EOF
 #!/usr/bin/env bash
 args=()
-for a in "\$@"; do [[ \$a == -bundle ]] && a=-shared; args+=("\$a"); done
+link=1
+for a in "\$@"; do
+  [[ \$a == -c ]] && link=0
+  [[ $target == *-macos && \$a == -bundle ]] && a=-shared
+  args+=("\$a")
+done
+[[ $target == *-macos && \$link == 1 ]] && args+=(-nostdlib++)
 exec "$zig" c++ -target $target "\${args[@]}"
 EOF
 done
@@ -105,8 +112,7 @@ for arch in arm64 x86_64; do
   stage "macOS $arch: compile and link the module (zig, -undefined dynamic_lookup, -nostdlib++)"
   target=$([[ $arch == arm64 ]] && echo aarch64-macos || echo x86_64-macos)
   cross_build "macos-$arch" "$target" ".cpython-${PY/./}-darwin.so" \
-    -DPython_INCLUDE_DIR="$host_include" -DCMAKE_SHARED_LINKER_FLAGS=-nostdlib++ \
-    -DCMAKE_MODULE_LINKER_FLAGS=-nostdlib++ -DCMAKE_OSX_DEPLOYMENT_TARGET=10.15
+    -DPython_INCLUDE_DIR="$host_include" -DCMAKE_OSX_DEPLOYMENT_TARGET=10.15
   check_module "$built" mach-o "$arch"
 done
 
