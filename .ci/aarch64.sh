@@ -55,9 +55,10 @@ trap 'rm -rf "$work"' EXIT
 stage "toolchain: qemu-user-static, g++-aarch64-linux-gnu (Debian)"
 export DEBIAN_FRONTEND=noninteractive
 dpkg --add-architecture arm64
-apt-get update -qq
-apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends qemu-user-static g++-aarch64-linux-gnu \
-  binutils-aarch64-linux-gnu > "$work/apt.log" || { cat "$work/apt.log"; exit 1; }
+# flock: the cross-build lane runs apt-get at the same time
+flock "${TMPDIR:-/tmp}/optkern-ci-apt.lock" bash -c "apt-get update -qq && apt-get install -y -qq \
+  --no-install-recommends qemu-user-static g++-aarch64-linux-gnu binutils-aarch64-linux-gnu \
+  > '$work/apt.log'" || { cat "$work/apt.log"; exit 1; }
 aarch64-linux-gnu-g++ --version | head -1
 qemu-aarch64-static --version | head -1
 

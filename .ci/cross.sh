@@ -2,7 +2,8 @@
 # The cross-build lane: compile and link optkern's extension for the platforms this machine cannot
 # run, with zig's cross toolchain (the ziglang package from PyPI), so that code that only builds on
 # Linux (affinity masks, cgroups, <link.h>, getauxval, GCC-only intrinsics) fails CI rather than a
-# user's `pip install`. Run by .ci/run beside the other lanes; alone: `bash .ci/cross.sh`.
+# user's `pip install`. Run by .ci/run beside the other lanes; alone: `bash .ci/cross.sh` (as root:
+# it installs a Debian package).
 #
 #  - macOS arm64 (NEON kernels) and x86_64 (scalar, AVX2, AVX-512 with dispatch): CMake configures
 #    and builds the module as it would on a Mac, against CPython 3.11's headers. Those are this
@@ -13,13 +14,15 @@
 #    interpreter that loads it) and against the system's libc++ at run time (-nostdlib++), as
 #    Apple's toolchain links it: building zig's own libc++ for two more targets would cost CI
 #    about 40 s of CPU each and check nothing the Mac's dynamic libc++ would not.
-#  - Windows x86_64 (MinGW-w64 ABI: zig targets x86_64-windows-gnu; the wheels of record are built
-#    by MSVC on a Windows runner, see [tool.cibuildwheel]): against CPython 3.11's Windows headers,
-#    Include/ and PC/pyconfig.h from CPython's source (Debian's python3.11 source package), with
-#    MS_WIN64 defined as MinGW builds of extensions need. Windows links every symbol at link time:
-#    python311.dll's import library is made with `zig dlltool` from the PyAPI_FUNC / PyAPI_DATA
-#    declarations of those same headers (what the DLL exports), so the link checks that every
-#    symbol the module uses is declared by CPython or provided by the C/C++ runtime and Windows.
+#  - Windows x86_64 with Debian's MinGW-w64 GCC (g++-mingw-w64-x86-64-posix: its C and C++
+#    runtimes come prebuilt, where zig would build MinGW's CRT and libc++ first, over two minutes
+#    of CPU on every run; the wheels of record are built by MSVC on a Windows runner, see
+#    [tool.cibuildwheel]): against CPython 3.11's Windows headers, Include/ and PC/pyconfig.h from
+#    CPython's source (Debian's python3.11 source package), with MS_WIN64 defined as MinGW builds
+#    of extensions need. Windows links every symbol at link time: python311.dll's import library
+#    is made with dlltool from the PyAPI_FUNC / PyAPI_DATA declarations of those same headers
+#    (what the DLL exports), so the link checks that every symbol the module uses is declared by
+#    CPython or provided by the C/C++ runtime and Windows.
 #  - musllinux x86_64: a wheel (pip wheel with zig targeting x86_64-linux-musl, libc++ linked
 #    statically), repaired by auditwheel to a musllinux tag. Built only: neither Debian nor PyPI
 #    has a musl CPython to test it with.
@@ -53,7 +56,7 @@ python3 -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" \
 # as -shared (zig 0.17's Mach-O linker crashes on -bundle; Python loads a dylib the same way) and
 # every link leaves libc++ to the system's (-nostdlib++), as Apple's toolchain links it.
 mkdir -p "$work/bin"
-for target in aarch64-macos x86_64-macos x86_64-windows-gnu x86_64-linux-musl; do
+for target in aarch64-macos x86_64-macos x86_64-linux-musl; do
   cat > "$work/bin/zig-c++-$target" <<EOF
 #!/usr/bin/env bash
 args=()
@@ -116,7 +119,12 @@ for arch in arm64 x86_64; do
   check_module "$built" mach-o "$arch"
 done
 
-stage "Windows x86_64: CPython $PY's Windows headers (Debian's python3.11 source package)"
+stage "Windows x86_64: MinGW-w64 GCC (Debian), CPython $PY's Windows headers (python3.11 source)"
+# flock: the aarch64 lane runs apt-get at the same time
+flock "${TMPDIR:-/tmp}/optkern-ci-apt.lock" bash -c "apt-get update -qq && \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+  g++-mingw-w64-x86-64-posix > '$work/apt.log'" || { cat "$work/apt.log"; exit 1; }
+x86_64-w64-mingw32-g++-posix --version | head -1
 mkdir -p "$work/apt/lists/partial" "$work/apt/cache" "$work/apt/sources" "$work/cpython"
 cat > "$work/apt/sources/debian-src.sources" <<'EOF'
 Types: deb-src
@@ -148,14 +156,21 @@ lines += [f"  {n} DATA" if k == "DATA" else f"  {n}" for n, k in sorted(names.it
 pathlib.Path(out).write_text("\n".join(lines) + "\n")
 print(f"{dll}: {len(names)} exported names from the headers' PyAPI_FUNC / PyAPI_DATA")
 PY
-"$zig" dlltool -m i386:x86-64 -d "$work/python${PY/./}.def" -D "python${PY/./}.dll" \
-  -l "$work/libpython${PY/./}.a"
+x86_64-w64-mingw32-dlltool -m i386:x86-64 -d "$work/python${PY/./}.def" \
+  -D "python${PY/./}.dll" -l "$work/libpython${PY/./}.a"
 
-stage "Windows x86_64: compile and link the module (zig, x86_64-windows-gnu)"
-cross_build windows-amd64 x86_64-windows-gnu ".cp${PY/./}-win_amd64.pyd" \
-  -DPython_INCLUDE_DIR="$win_include" -DPython_LIBRARY="$work/libpython${PY/./}.a" \
-  -DCMAKE_CXX_FLAGS=-DMS_WIN64
-check_module "$built" pe x86_64
+stage "Windows x86_64: compile and link the module (MinGW-w64 GCC)"
+build="$root/build/cross-windows-amd64"
+rm -rf "$build"
+SETUPTOOLS_EXT_SUFFIX=".cp${PY/./}-win_amd64.pyd" cmake -S . -B "$build" -G Ninja \
+  -DCMAKE_BUILD_TYPE=Release -DCMAKE_SYSTEM_NAME=Windows -DCMAKE_SYSTEM_PROCESSOR=AMD64 \
+  -DCMAKE_CXX_COMPILER=x86_64-w64-mingw32-g++-posix -Dpybind11_DIR="$pybind11_dir" \
+  -DPYBIND11_USE_CROSSCOMPILING=ON -DPython_INCLUDE_DIR="$win_include" \
+  -DPython_LIBRARY="$work/libpython${PY/./}.a" -DCMAKE_CXX_FLAGS=-DMS_WIN64 \
+  > "$work/configure-windows.log" 2>&1 || { cat "$work/configure-windows.log"; exit 1; }
+grep "optkern:" "$work/configure-windows.log"
+cmake --build "$build" > "$work/build-windows.log" 2>&1 || { cat "$work/build-windows.log"; exit 1; }
+check_module "$build/_core.cp${PY/./}-win_amd64.pyd" pe x86_64
 
 stage "musllinux x86_64: the wheel (zig, x86_64-linux-musl), built only"
 SETUPTOOLS_EXT_SUFFIX=".cpython-${PY/./}-x86_64-linux-musl.so" _PYTHON_HOST_PLATFORM=linux-x86_64 \

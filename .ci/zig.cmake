@@ -1,7 +1,7 @@
 # CMake toolchain file: cross-compile with zig's clang-based toolchain (the ziglang package from
 # PyPI). The environment names the target: ZIG_TARGET (a zig target triple: aarch64-macos,
-# x86_64-macos, x86_64-windows-gnu, x86_64-linux-musl) and ZIG_CXX / ZIG_AR / ZIG_RANLIB (wrapper
-# scripts that run `zig c++ -target $ZIG_TARGET`, `zig ar`, `zig ranlib`; .ci/cross.sh makes them).
+# x86_64-macos, x86_64-linux-musl) and ZIG_CXX / ZIG_AR / ZIG_RANLIB (wrapper scripts that run
+# `zig c++ -target $ZIG_TARGET`, `zig ar`, `zig ranlib`; .ci/cross.sh makes them).
 set(_zig_target "$ENV{ZIG_TARGET}")
 string(REGEX MATCH "^[^-]+" _zig_arch "${_zig_target}")
 if(_zig_target MATCHES "-macos")
@@ -10,11 +10,6 @@ if(_zig_target MATCHES "-macos")
     set(_zig_arch arm64)  # what a Mac reports
   endif()
   set(CMAKE_OSX_SYSROOT "")  # zig brings the macOS headers and libSystem stubs
-elseif(_zig_target MATCHES "-windows")
-  set(CMAKE_SYSTEM_NAME Windows)
-  if(_zig_arch STREQUAL "x86_64")
-    set(_zig_arch AMD64)  # what Windows reports
-  endif()
 else()
   set(CMAKE_SYSTEM_NAME Linux)
 endif()
@@ -22,7 +17,7 @@ set(CMAKE_SYSTEM_PROCESSOR "${_zig_arch}")
 set(CMAKE_CXX_COMPILER "$ENV{ZIG_CXX}")
 set(CMAKE_AR "$ENV{ZIG_AR}" CACHE FILEPATH "")
 set(CMAKE_RANLIB "$ENV{ZIG_RANLIB}" CACHE FILEPATH "")
-# The host's strip cannot read Mach-O or PE files (it crashes on them) and zig has none: the
+# The host's strip cannot read Mach-O files (it crashes on them) and zig has none: the
 # check keeps the module unstripped.
 set(CMAKE_STRIP true CACHE FILEPATH "")
 # Compiler checks compile without linking: a link would make zig build its libc++ for the target
