@@ -157,7 +157,12 @@ pathlib.Path(out).write_text("\n".join(lines) + "\n")
 print(f"{dll}: {len(names)} exported names from the headers' PyAPI_FUNC / PyAPI_DATA")
 PY
 x86_64-w64-mingw32-dlltool -m i386:x86-64 -d "$work/python${PY/./}.def" \
-  -D "python${PY/./}.dll" -l "$work/libpython${PY/./}.a"
+  -D "python${PY/./}.dll" -l "$work/libpython${PY/./}.dll.a"
+# CMake's FindPython takes an import library without its DLL for a static libpython and adds the
+# libraries the *host* interpreter was linked with (-ldl -lm); MinGW has libm but no libdl, so an
+# empty libdl.a (no symbols: it satisfies nothing else) stands in for it.
+mkdir -p "$work/stub"
+x86_64-w64-mingw32-ar rc "$work/stub/libdl.a"
 
 stage "Windows x86_64: compile and link the module (MinGW-w64 GCC)"
 build="$root/build/cross-windows-amd64"
@@ -166,11 +171,13 @@ SETUPTOOLS_EXT_SUFFIX=".cp${PY/./}-win_amd64.pyd" cmake -S . -B "$build" -G Ninj
   -DCMAKE_BUILD_TYPE=Release -DCMAKE_SYSTEM_NAME=Windows -DCMAKE_SYSTEM_PROCESSOR=AMD64 \
   -DCMAKE_CXX_COMPILER=x86_64-w64-mingw32-g++-posix -Dpybind11_DIR="$pybind11_dir" \
   -DPYBIND11_USE_CROSSCOMPILING=ON -DPython_INCLUDE_DIR="$win_include" \
-  -DPython_LIBRARY="$work/libpython${PY/./}.a" -DCMAKE_CXX_FLAGS=-DMS_WIN64 \
+  -DPython_LIBRARY="$work/libpython${PY/./}.dll.a" -DCMAKE_CXX_FLAGS=-DMS_WIN64 \
+  -DCMAKE_MODULE_LINKER_FLAGS="-L$work/stub" \
   > "$work/configure-windows.log" 2>&1 || { cat "$work/configure-windows.log"; exit 1; }
 grep "optkern:" "$work/configure-windows.log"
 cmake --build "$build" > "$work/build-windows.log" 2>&1 || { cat "$work/build-windows.log"; exit 1; }
 check_module "$build/_core.cp${PY/./}-win_amd64.pyd" pe x86_64
+x86_64-w64-mingw32-objdump -p "$build/_core.cp${PY/./}-win_amd64.pyd" | grep "DLL Name"
 
 stage "musllinux x86_64: the wheel (zig, x86_64-linux-musl), built only"
 SETUPTOOLS_EXT_SUFFIX=".cpython-${PY/./}-x86_64-linux-musl.so" _PYTHON_HOST_PLATFORM=linux-x86_64 \
