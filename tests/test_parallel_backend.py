@@ -292,6 +292,7 @@ def test_optkern_torch_turns_it_on_and_env_keeps_the_pool():
     assert backend.split() == ["pool"] and threads == "optkern pool"
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("value", ["pool ", "POOL", "gomp", ""])
 def test_backend_variable_accepts_its_values(value):
     code = "import optkern.torch"
@@ -300,6 +301,7 @@ def test_backend_variable_accepts_its_values(value):
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("value", ["pol", "openmp", "gomp,pool", "1"])
 def test_backend_variable_typo_fails_the_import_naming_it(value):
     pytest.importorskip("torch")
