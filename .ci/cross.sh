@@ -24,8 +24,8 @@
 #    (what the DLL exports), so the link checks that every symbol the module uses is declared by
 #    CPython or provided by the C/C++ runtime and Windows.
 #  - musllinux x86_64: a wheel (pip wheel with zig targeting x86_64-linux-musl, libc++ linked
-#    statically), repaired by auditwheel to a musllinux tag. Built only: neither Debian nor PyPI
-#    has a musl CPython to test it with.
+#    statically), not repaired (auditwheel needs the musl libc it links against, which this glibc
+#    machine lacks). Built only: neither Debian nor PyPI has a musl CPython to test it with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -188,11 +188,14 @@ CMAKE_TOOLCHAIN_FILE="$root/.ci/zig.cmake" \
   -C build-dir=build/cross-musllinux -C cmake.define.PYBIND11_USE_CROSSCOMPILING=ON \
   -C cmake.define.Python_INCLUDE_DIR="$host_include" > "$work/build-musl.log" 2>&1 \
   || { cat "$work/build-musl.log"; exit 1; }
-PATH="$tools:$PATH" auditwheel repair -w "$work/wheelhouse" "$work"/dist/optkern-*.whl
-wheel=$(ls "$work"/wheelhouse/optkern-*musllinux*_x86_64.whl)
-echo "repaired wheel: $(basename "$wheel")"
+# Not repaired: auditwheel locates every library the module needs, and this glibc machine has no
+# musl libc.so to find (it stops with 'required library "libc.so" could not be located').
+wheel=$(ls "$work"/dist/optkern-*.whl)
+echo "wheel: $(basename "$wheel") (not repaired)"
 mkdir -p "$work/musl"
 python3 -m zipfile -e "$wheel" "$work/musl"
-check_module "$(ls "$work"/musl/optkern/_core*.so)" elf x86_64
+module=$(ls "$work"/musl/optkern/_core*.so)
+check_module "$module" elf x86_64
+readelf -d "$module" | grep NEEDED || true
 
 stage "cross lane passed"
