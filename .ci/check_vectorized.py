@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
-"""Every loop marked OK_SIMD in the kernels vectorises, on every ISA build of an architecture.
+"""Every loop marked OK_SIMD in the kernels vectorises, on every ISA build of an architecture, for
+every element type a kernel is compiled for.
 
 A loop GCC cannot vectorise still computes the right numbers, so no test sees it, but it runs
 one element per iteration: Lion's and Rprop's loops once did on the scalar (SSE2) and AVX2
 builds (a comparison made conditionally, which GCC does not speculate since it may trap on a
-NaN) and were 11-15x slower there than on AVX-512. This compiles each kernel source as CMake
-does for each ISA (the flags of CMakeLists.txt; GCC only) with -fopt-info-vec-missed, and fails
-naming every OK_SIMD loop (from its `for` to its closing brace) where GCC reports "couldn't
-vectorize loop" for any instantiation. (GCC merges its reports by source location, so a
-"vectorized" report at a loop does not say that every instantiation of it was.) The ISA builds
-and their flags are src/cpp/isa_builds.txt's, as CMake reads them.
+NaN) and were 11-15x slower there than on AVX-512. This compiles each kernel unit as CMake does
+for each ISA build of one architecture (GCC only) with -fopt-info-vec-missed: every rule file
+of src/cpp/rules/list.inc through src/cpp/kernels/rule.cpp, and src/cpp/kernels/norms.cpp. It
+fails naming every OK_SIMD loop (from its `for` to its closing brace, in the rule file or kernel
+source that holds it) where GCC reports "couldn't vectorize loop" for any instantiation: GCC
+reports each instantiation (every option variant, every combination of element types: float32,
+float64, mixed gradients) at the loop's own location, so one that fails anywhere fails the loop.
+The ISA builds and their flags are src/cpp/isa_builds.txt's, as CMake reads them.
 
-    python .ci/check_vectorized.py [--arch x86_64|aarch64] [SOURCES...]
+    python .ci/check_vectorized.py [--arch x86_64|aarch64] [FILE...]
 
 x86_64 (the default) compiles with $CXX (default g++); aarch64 with $CXX_AARCH64 (default
-aarch64-linux-gnu-g++, Debian's g++-aarch64-linux-gnu).
+aarch64-linux-gnu-g++, Debian's g++-aarch64-linux-gnu). FILE...: other copies of the sources (a
+rule file (.inc) or a kernel unit), to check that the check fails on old code.
 """
 
 from __future__ import annotations
@@ -27,20 +31,39 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COMMON = ["-O3", "-DNDEBUG", "-std=c++17", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]
-COMMON += ["-fopenmp-simd", f"-I{ROOT / 'src/cpp'}"]
+CPP = ROOT / "src/cpp"
+COMMON = ["-O3", "-DNDEBUG", "-std=c++20", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]
+COMMON += ["-fopenmp-simd", f"-I{CPP}"]
 COMPILERS = {"x86_64": ("CXX", "g++"), "aarch64": ("CXX_AARCH64", "aarch64-linux-gnu-g++")}
 
 
 def isa_builds(arch: str) -> dict[str, list[str]]:
     """isa -> GCC flags of each build of `arch` in src/cpp/isa_builds.txt, baseline first."""
     out = {}
-    for line in (ROOT / "src/cpp/isa_builds.txt").read_text().splitlines():
+    for line in (CPP / "isa_builds.txt").read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         line_arch, isa, gcc_flags, _msvc = (f.strip() for f in line.split("|"))
         if line_arch == arch and gcc_flags != "n/a":
             out[isa] = [] if gcc_flags == "-" else gcc_flags.split()
+    return out
+
+
+def rule_files() -> list[pathlib.Path]:
+    """Every rule file, in the order of src/cpp/rules/list.inc (as CMakeLists.txt reads it)."""
+    text = (CPP / "rules/list.inc").read_text()
+    return [CPP / f"rules/{name}.inc" for name in re.findall(r"^OPTKERN_RULE\((\w+)\)", text, re.M)]
+
+
+def units(paths: list[pathlib.Path]) -> list[tuple[pathlib.Path, list[str]]]:
+    """(file whose OK_SIMD loops are checked, compiler arguments of the unit that compiles it)."""
+    out = []
+    for path in paths:
+        if path.suffix == ".inc":  # a rule file: compiled through kernels/rule.cpp
+            args = [f"-DOPTKERN_RULE_NAME={path.stem}", f'-DOPTKERN_RULE_FILE="{path}"']
+            out.append((path, [*args, str(CPP / "kernels/rule.cpp")]))
+        else:
+            out.append((path, [str(path)]))
     return out
 
 
@@ -64,10 +87,10 @@ def simd_loops(source: pathlib.Path) -> dict[tuple[int, int], str]:
     return out
 
 
-def failed_lines(cxx: str, source: pathlib.Path, isa: str, flags: list[str]) -> set[int]:
-    """Lines where GCC reports a loop it could not vectorise."""
+def failed_lines(cxx: str, source: pathlib.Path, unit: list[str], isa: str, flags: list[str]):
+    """Lines of `source` where GCC reports a loop it could not vectorise."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [cxx, f"-DOPTKERN_ISA_NS={isa}", *COMMON, *flags, "-c", str(source)]
+        cmd = [cxx, f"-DOPTKERN_ISA_NS={isa}", *COMMON, *flags, "-c", *unit]
         cmd += ["-o", os.path.join(tmp, "k.o"), "-fopt-info-vec-missed"]
         run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
@@ -80,12 +103,11 @@ def main() -> int:
     args = sys.argv[1:]
     arch = "x86_64"
     if args[:1] == ["--arch"]:
+        if len(args) < 2:
+            sys.exit(f"--arch: expected one of {', '.join(COMPILERS)}")
         arch, args = args[1], args[2:]
     if arch not in COMPILERS:
         sys.exit(f"--arch {arch}: expected one of {', '.join(COMPILERS)}")
-    # other copies of the sources (to check that the check fails on old code)
-    sources = [pathlib.Path(a).resolve() for a in args]
-    sources = sources or sorted((ROOT / "src/cpp/kernels").glob("*.cpp"))
     isas = isa_builds(arch)
     variable, default = COMPILERS[arch]
     cxx = os.environ.get(variable, default)
@@ -95,12 +117,17 @@ def main() -> int:
         sys.exit(f"{cxx} not found (set {variable})")
     if "Free Software Foundation" not in version:
         sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set {variable})")
+    sources = [pathlib.Path(a).resolve() for a in args]
+    if not sources:
+        sources = [*rule_files(), CPP / "kernels/norms.cpp"]
     missing = []
     checked = 0
-    for source in sources:
+    for source, unit in units(sources):
         loops = simd_loops(source)
+        if not loops:
+            sys.exit(f"{source} has no OK_SIMD loop: is it a kernel source?")
         for isa, flags in isas.items():
-            failed = failed_lines(cxx, source, isa, flags)
+            failed = failed_lines(cxx, source, unit, isa, flags)
             for (first, last), text in loops.items():
                 checked += 1
                 if any(first <= line <= last for line in failed):
@@ -109,7 +136,8 @@ def main() -> int:
         print("OK_SIMD loops GCC did not vectorise:\n  " + "\n  ".join(missing))
         return 1
     print(
-        f"{checked} OK_SIMD loops x ISAs ({', '.join(isas)}) all vectorised by",
+        f"{checked} OK_SIMD loops x ISAs ({', '.join(isas)}) in {len(sources)} files all "
+        "vectorised by",
         version.split("\n")[0],
     )
     return 0

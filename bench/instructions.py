@@ -12,10 +12,11 @@ Debian's binutils-aarch64-linux-gnu; $OBJDUMP_AARCH64 names another). An SVE loo
 vector of VL bits per iteration whatever VL is (vector-length agnostic), so its count is given per
 vector, and per element at VL = 128 bits (Neoverse V2, Grace) and 256 bits (Graviton 3). The last
 table puts every ISA side by side as instructions per vector of the ISA's width: per element
-times the lanes of one vector (8 for AVX2, 16 for AVX-512, 4 for NEON, VL/32 for SVE), the
-count to compare across vector widths.
+times the lanes of one vector (float32: 8 for AVX2, 16 for AVX-512, 4 for NEON, VL/32 for SVE),
+the count to compare across vector widths.
 
-Usage: python bench/instructions.py [BUILD_DIR...]   (CMake builds of this repo; default build/dev)
+Usage: python bench/instructions.py [BUILD_DIR...] [--dtype float32|float64]
+       (CMake builds of this repo; default build/dev; the float32 kernels by default)
 
     mkdir -p build/dev && cd build/dev && cmake ../.. -G Ninja -DCMAKE_BUILD_TYPE=Release \\
         -Dpybind11_DIR=$(python -c "import pybind11;print(pybind11.get_cmake_dir())") && ninja
@@ -34,23 +35,26 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
-# Each rule's loop is `<kernel>_impl<flags...>` in update_rules.cpp; a variant is named here by
-# its kernel and the flags switched on (the template parameters' names, in order), so the list
-# does not depend on how the compiler spells an instantiation. Every rule of the registry gets
-# its plain variant (no weight decay, no options) without being listed.
-FLAGS = {  # kernel -> its template parameters, in order
+# Each rule's loop is `<kernel>_impl<Types<P, G, S>, flags...>` in its src/cpp/rules/<kernel>.inc;
+# a variant is named here by its kernel and the flags switched on (the template parameters' names,
+# in order, after the element types), so the list does not depend on how the compiler spells an
+# instantiation. Every rule of the registry gets its plain variant (no weight decay, no options)
+# without being listed.
+FLAGS = {  # kernel -> its template parameters after the element types, in order
     "sgd": ("decay", "momentum", "nesterov", "init"),
     "rmsprop": ("decay", "centered", "momentum"),
     "adam": ("l2", "decoupled", "amsgrad"),
     "nadam": ("l2", "decoupled"),
     "radam": ("l2", "decoupled", "rectify"),
     "asgd": ("decay", "copy"),
-    "rprop": (),  # not a template
-    "sfadamw": ("adamw", "decay", "init"),
-    "sfsgd": ("adamw", "decay", "init"),
+    "rprop": (),
+    "schedule_free": ("adamw", "decay", "init"),
+    "adafactor": ("factored", "decay"),
 }
-# Kernels whose loop is another name's template: kernel -> (loop name, flags always on).
-SHARED_LOOPS = {"sfadamw": ("schedule_free", ("adamw",)), "sfsgd": ("schedule_free", ())}
+# Kernels whose element-wise loop has another name than <kernel>_impl.
+LOOP_NAMES = {"adafactor": "adafactor_apply"}
+# Flags a rule's class always has on (its kernel's plain variant would be another rule's).
+RULE_FLAGS = {"ScheduleFreeAdamW": ("adamw",)}
 VARIANTS = {  # label -> (kernel, flags on)
     "SGD": ("sgd", ()),
     "SGD momentum / Momentum": ("sgd", ("momentum",)),
@@ -60,10 +64,13 @@ VARIANTS = {  # label -> (kernel, flags on)
     "AdamW": ("adam", ("decoupled",)),
     "Adam amsgrad": ("adam", ("amsgrad",)),
 }
-OTHERS = {  # loops that are not update rules
-    "norm (sum of squares)": "lane_sum<optkern::{isa}::(anonymous namespace)::sum_squares",
-    "stream a += s*b": "axpy(",
+OTHERS = {  # loops that are not update rules: a pattern of their symbol ({t}: the element type)
+    "norm (sum of squares)": r"lane_sum<{t}, .*sum_squares<{t}>",
+    "stream a += s*b": r"::axpy\(",
 }
+#: The element types (parameter, gradient, state) of the instantiations to count: --dtype float64
+#: counts the float64 kernels.
+ELEMENT_TYPES = {"float32": "float, float, float", "float64": "double, double, double"}
 
 
 def rule_variants() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
@@ -76,28 +83,51 @@ def rule_variants() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
     except Exception:  # not installed: the listed variants only
         rules = []
     for r in rules:
-        if not any(k == r.kernel and not on for k, on in out.values()):
-            out[r.cls] = (r.kernel, ())
+        on = RULE_FLAGS.get(r.cls, ())
+        if not any(k == r.kernel and set(o) == set(on) for k, o in out.values()):
+            out[r.cls] = (r.kernel, on)
     return out
 
 
+def template_args(name: str, start: int) -> List[str]:
+    """The top-level template arguments of the `<...>` that opens at name[start]."""
+    args, depth, begin = [], 0, start + 1
+    for i in range(start, len(name)):
+        c = name[i]
+        if c == "<":
+            depth += 1
+        elif c == ">":
+            depth -= 1
+            if depth == 0:
+                args.append(name[begin:i].strip())
+                return args
+        elif c == "," and depth == 1:
+            args.append(name[begin:i].strip())
+            begin = i + 1
+    return args
+
+
 def find_variant(
-    funcs: Dict[str, List[Tuple[int, str, str]]], kernel: str, on: Tuple[str, ...]
+    funcs: Dict[str, List[Tuple[int, str, str]]], kernel: str, on: Tuple[str, ...], types: str
 ) -> Optional[List[Tuple[int, str, str]]]:
     names = FLAGS.get(kernel, ("decay",))
-    loop, always = SHARED_LOOPS.get(kernel, (kernel, ()))
-    want = [n in on or n in always for n in names]
+    loop = LOOP_NAMES.get(kernel, f"{kernel}_impl")
+    want = [n in on for n in names]
     for f, code in funcs.items():
-        m = re.search(rf"\b{loop}_impl(?:<([^>]*)>)?\(", f)
-        flags = m.group(1).split(",") if m and m.group(1) else []
-        if m and [a.strip() == "true" for a in flags] == want:
+        m = re.search(rf"\b{loop}<", f)
+        if not m:
+            continue
+        args = template_args(f, m.end() - 1)
+        if not args or not args[0].endswith(f"Types<{types}>"):
+            continue
+        if [a == "true" for a in args[1:]] == want:
             return code
     return None
 
 
-LANES = {"zmm": 16, "ymm": 8, "xmm": 4}
-NEON_LANES = {".4s": 4, ".2s": 2}  # float32 lanes of a NEON arrangement
-SVE = 0  # width() of an SVE loop: one vector of VL/32 float32 lanes
+LANES = {"zmm": 16, "ymm": 8, "xmm": 4}  # float32 lanes of an x86 register
+NEON_BYTES = {".4s": 16, ".2d": 16, ".2s": 8}  # bytes of a NEON floating-point arrangement
+SVE = 0  # width() of an SVE loop: one vector of VL bits
 LINE = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
 EM_AARCH64 = 183  # ELF e_machine
 
@@ -154,22 +184,17 @@ def loops(code: List[Tuple[int, str, str]]) -> List[List[Tuple[int, str, str]]]:
     ]
 
 
-def width(body: List[Tuple[int, str, str]]) -> int:
-    """Lanes of the widest float vectors the loop computes with (1: scalar code; SVE: an SVE
-    loop, whose lanes are VL/32)."""
-    if any(re.search(r"\bz\d+\.s\b", a) for _, _, a in body):
+def width(body: List[Tuple[int, str, str]], size: int = 4) -> int:
+    """Lanes of the widest vectors of `size`-byte elements the loop computes with (1: scalar
+    code; SVE: an SVE loop, whose lanes are VL / (8 * size))."""
+    if any(re.search(r"\bz\d+\.[bhsd]\b", a) for _, _, a in body):
         return SVE
-    neon = [n for _, op, a in body if op.startswith("f") for k, n in NEON_LANES.items() if k in a]
+    neon = [n for _, op, a in body if op.startswith("f") for k, n in NEON_BYTES.items() if k in a]
     if neon:
-        return max(neon)
+        return max(1, max(neon) // size)
     packed = any(op.endswith(("ps", "pd")) for _, op, _ in body)
     best = max((LANES[r] for _, _, a in body for r in LANES if f"%{r}" in a), default=1)
-    return best if packed else 1
-
-
-def rank(body: List[Tuple[int, str, str]]) -> Tuple[int, int]:
-    w = width(body)
-    return (1 << 20 if w == SVE else w, len(body))
+    return max(1, best * 4 // size) if packed else 1
 
 
 def main_loop(code: List[Tuple[int, str, str]]) -> Optional[List[Tuple[int, str, str]]]:
@@ -179,12 +204,18 @@ def main_loop(code: List[Tuple[int, str, str]]) -> Optional[List[Tuple[int, str,
     return max(candidates, key=rank, default=None)
 
 
-def elements_per_iteration(body: List[Tuple[int, str, str]]) -> int:
-    """Elements one pass of the loop handles, from the growth of a register it addresses memory
-    with: an index scaled by 4 (x(%rax,%rdx,4)) grows by elements, a base pointer ((%rax)) or an
-    unscaled index by bytes. Counters used for nothing else are ignored."""
+def rank(body: List[Tuple[int, str, str]]) -> Tuple[int, int]:
+    """Widest first (an SVE loop above any fixed width), then longest."""
+    w = width(body)
+    return (1 << 20 if w == SVE else w, len(body))
+
+
+def elements_per_iteration(body: List[Tuple[int, str, str]], size: int = 4) -> int:
+    """Elements (of `size` bytes) one pass of the loop handles, from the growth of a register it
+    addresses memory with: an index scaled by the size (x(%rax,%rdx,4)) grows by elements, a base
+    pointer ((%rax)) or an unscaled index by bytes. Counters used for nothing else are ignored."""
     text = " ".join(a for _, op, a in body if op != "lea")  # lea computes, it does not access
-    scaled = set(re.findall(r",(%r\w+),4\)", text))
+    scaled = set(re.findall(rf",(%r\w+),{size}\)", text))
     bytewise = set(re.findall(r"\((%r\w+)[,)]", text)) | set(re.findall(r",(%r\w+),1\)", text))
     for _, op, args in body:
         m = (
@@ -201,64 +232,92 @@ def elements_per_iteration(body: List[Tuple[int, str, str]]) -> int:
             step = (1 << 64) - step if step >= 1 << 63 else -step
         if reg in scaled:
             return step
-        if reg in bytewise and step % 4 == 0:
-            return step // 4
-    return width(body)
+        if reg in bytewise and step % size == 0:
+            return step // size
+    return width(body, size)
 
 
-def aarch64_elements(body: List[Tuple[int, str, str]], code: List[Tuple[int, str, str]]) -> float:
-    """Elements one pass of an aarch64 loop handles, from the growth of the register it indexes
-    memory with: [x1, x0, lsl #2] indexes by elements, [x1, x0] or [x1], #16 by bytes. For SVE,
-    in vectors: the index grows by cntw (or incw), one vector of VL/32 elements."""
+def aarch64_elements(
+    body: List[Tuple[int, str, str]], code: List[Tuple[int, str, str]], size: int = 4
+) -> float:
+    """Elements (of `size` bytes) one pass of an aarch64 loop handles, from the growth of the
+    register it indexes memory with: [x1, x0, lsl #2] (float32; lsl #3 for float64) indexes by
+    elements, [x1, x0] or [x1], #16 by bytes. For SVE, in vectors: the index grows by cntw (cntd
+    for float64) or incw, one vector of VL / (8 * size) elements."""
     text = " ".join(a for _, _, a in body)
-    scaled = set(re.findall(r"\[x\d+, (x\d+), lsl #2\]", text))
+    shift = {4: 2, 8: 3}[size]
+    scaled = set(re.findall(rf"\[x\d+, (x\d+), lsl #{shift}\]", text))
     bytewise = set(re.findall(r"\[x\d+, (x\d+)\]", text))
     bytewise |= set(re.findall(r"\[(x\d+)(?:, #-?\w+)?\](?:, #\w+)?", text))
-    per_vector = {"cntb": 4.0, "cnth": 2.0, "cntw": 1.0, "cntd": 0.5}
-    counts = {}  # register -> vectors, from cnt[bhwd] xN[, all, mul #k] in the function
+    # cnt[bhwd] counts the bytes, halfwords, words, doublewords of one vector: as an element
+    # index, in vectors of `size`-byte elements (cntb = size vectors); as a byte offset, one
+    # vector per `size` of them.
+    per_vector = {"cntb": size / 1, "cnth": size / 2, "cntw": size / 4, "cntd": size / 8}
+    counts = {}  # register -> vectors as an element index, from cnt[bhwd] xN[, all, mul #k]
     for _, op, args in code:
         m = re.match(r"(x\d+)(?:, all, mul #(\d+))?$", args)
         if op in per_vector and m:
             counts[m.group(1)] = per_vector[op] * int(m.group(2) or 1)
     for _, op, args in body:
         m = re.match(r"(x\d+)(?:, all, mul #(\d+))?$", args)
-        if op.replace("inc", "cnt") in per_vector and m:  # incw x0: one vector
-            return per_vector[op.replace("inc", "cnt")] * int(m.group(2) or 1)
+        if op.replace("inc", "cnt") in per_vector and m:  # incw x0: one vector of float32
+            vectors = per_vector[op.replace("inc", "cnt")] * int(m.group(2) or 1)
+            return vectors / size if m.group(1) in bytewise - scaled else vectors
         m = re.match(r"(x\d+), (x\d+), (#0x[0-9a-f]+|#\d+|x\d+)$", args)
         if op != "add" or not m or m.group(1) != m.group(2):
             continue
         reg, step = m.group(1), m.group(3)
         if step in counts:
-            return counts[step]
+            return counts[step] / size if reg in bytewise - scaled else counts[step]
         if not step.startswith("#"):
             continue
         step_value = int(step[1:], 0)
         if reg in scaled:
             return step_value
-        if reg in bytewise and step_value % 4 == 0:
-            return step_value // 4
-    w = width(body)
+        if reg in bytewise and step_value % size == 0:
+            return step_value // size
+    w = width(body, size)
     return 1 if w == SVE else w
 
 
-def lanes_of(isa: str) -> int:
-    return {"avx2": 8, "avx512": 16, "neon": 4, "sve": SVE}.get(isa, 4)
+def lanes_of(isa: str, size: int = 4) -> int:
+    """Lanes of one vector of `size`-byte elements (SVE: SVE, per vector of any length)."""
+    if isa == "sve":
+        return SVE
+    return max(1, {"avx2": 32, "avx512": 64, "neon": 16}.get(isa, 16) // size)
 
 
-def objects(build_dir: str, isa: str) -> List[str]:
-    """The object files of one ISA build (one or more translation units)."""
-    pattern = os.path.join(build_dir, "**", f"optkern_kernels_{isa}*.dir", "**", "*.o")
-    return sorted(glob.glob(pattern, recursive=True))
+def _isa_order(isa: str) -> tuple:
+    known = ["scalar", "avx2", "avx512", "neon", "sve"]
+    return (known.index(isa) if isa in known else len(known), isa)
 
 
-def report(build_dirs: List[str]) -> None:
+def report(build_dirs: List[str], dtype: str = "float32") -> None:
+    types = ELEMENT_TYPES[dtype]
+    scalar = types.split(",")[0]
+    size = 8 if dtype == "float64" else 4
+    # Every ISA build CMake made (optkern_kernels_<isa>) in the build trees, from the baseline up.
+    dirs = [
+        d
+        for b in build_dirs
+        for d in glob.glob(os.path.join(b, "**", "optkern_kernels_*.dir"), recursive=True)
+    ]
+    isas = sorted({re.sub(r".*optkern_kernels_(\w+)\.dir$", r"\1", d) for d in dirs}, key=_isa_order)
     per_vector: Dict[str, Dict[str, float]] = {}  # rule -> isa -> instructions per vector
-    for isa in ["scalar", "avx2", "avx512", "neon", "sve"]:
-        objs = [o for d in build_dirs for o in objects(d, isa)]
+    for isa in isas:
+        # One object per rule file (generated/kernels/<rule>.cpp.o) and the norms'.
+        objs = [
+            o
+            for b in build_dirs
+            for o in glob.glob(
+                os.path.join(b, "**", f"optkern_kernels_{isa}.dir", "**", "*.cpp.o"),
+                recursive=True,
+            )
+        ]
         if not objs:
             continue
         funcs: Dict[str, List[Tuple[int, str, str]]] = {}
-        for obj in objs:
+        for obj in sorted(objs):
             funcs.update(functions(obj))
         sve = isa == "sve"
         what = (
@@ -266,14 +325,17 @@ def report(build_dirs: List[str]) -> None:
             if sve
             else "instructions per element"
         )
-        print(f"\n{isa}: {what} in the main loop (divisions, square roots)")
+        print(f"\n{isa}, {dtype}: {what} in the main loop (divisions, square roots)")
         found = {
-            name: find_variant(funcs, kernel, on) for name, (kernel, on) in rule_variants().items()
+            name: find_variant(funcs, kernel, on, types)
+            for name, (kernel, on) in rule_variants().items()
         }
         found.update(
             {
-                name: next((c for f, c in funcs.items() if symbol.format(isa=isa) in f), None)
-                for name, symbol in OTHERS.items()
+                name: next(
+                    (c for f, c in funcs.items() if re.search(pattern.format(t=scalar), f)), None
+                )
+                for name, pattern in OTHERS.items()
             }
         )
         for name, code in found.items():
@@ -281,29 +343,38 @@ def report(build_dirs: List[str]) -> None:
             if not body:
                 print(f"  {name:<28} (not found)")
                 continue
-            aarch64 = isa in ("neon", "sve")
-            n = aarch64_elements(body, code) if aarch64 else elements_per_iteration(body)
+            if isa in ("neon", "sve"):
+                n = aarch64_elements(body, code, size)
+            else:
+                n = elements_per_iteration(body, size)
             div = sum(1 for _, o, _ in body if o.startswith(("vdiv", "div", "fdiv")))
             sqrt = sum(1 for _, o, _ in body if "sqrt" in o)
             if sve:
                 vec = len(body) / n
+                per_128, per_256 = vec / (16 // size), vec / (32 // size)
                 print(
-                    f"  {name:<28} {vec:5.2f}  ({vec / 4:.2f} / {vec / 8:.2f}; {len(body)} "
+                    f"  {name:<28} {vec:5.2f}  ({per_128:.2f} / {per_256:.2f}; {len(body)} "
                     f"instructions per {n:g} vectors; {div} div, {sqrt} sqrt)"
                 )
             else:
-                vec = len(body) / n * lanes_of(isa)
+                vec = len(body) / n * lanes_of(isa, size)
                 print(
                     f"  {name:<28} {len(body) / n:5.2f}  ({len(body)} instructions per {n:g} "
                     f"elements; {div} div, {sqrt} sqrt)"
                 )
             per_vector.setdefault(name, {})[isa] = vec
+    compare(per_vector, size)
+
+
+def compare(per_vector: Dict[str, Dict[str, float]], size: int) -> None:
+    """Every vector ISA side by side, per vector of its width, against AVX2."""
     compared = [
         i for i in ["avx2", "avx512", "neon", "sve"] if any(i in v for v in per_vector.values())
     ]
     if not compared:
         return
-    print("\ninstructions per vector (per element x lanes: avx2 8, avx512 16, neon 4, sve VL/32)")
+    lanes = ", ".join(f"{i} {lanes_of(i, size)}" for i in compared if i != "sve")
+    print(f"\ninstructions per vector (per element x lanes: {lanes}, sve VL/{8 * size})")
     print(f"  {'':<28} " + " ".join(f"{i:>13}" for i in compared))
     for name, by_isa in per_vector.items():
         base = by_isa.get("avx2")
@@ -320,4 +391,10 @@ def report(build_dirs: List[str]) -> None:
 
 
 if __name__ == "__main__":
-    report(sys.argv[1:] or [os.path.join("build", "dev")])
+    args = sys.argv[1:]
+    dtype = "float32"
+    if "--dtype" in args:
+        i = args.index("--dtype")
+        dtype = args[i + 1]
+        del args[i : i + 2]
+    report(args or [os.path.join("build", "dev")], dtype)

@@ -45,6 +45,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_loops_study_every_row_and_field(tmp_path, capsys):
     out = tmp_path / "loops.json"
     assert (
@@ -107,6 +108,7 @@ def test_loops_study_every_row_and_field(tmp_path, capsys):
     assert "NOT met" in text or "met" in text
 
 
+@pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_steps_chosen_when_not_given(tmp_path):
     out = tmp_path / "loops.json"
     assert (
@@ -134,6 +136,7 @@ def test_steps_chosen_when_not_given(tmp_path):
     assert 2 <= row["steps"] <= 200
 
 
+@pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_busy_neighbour_killed_on_interrupt():
     """Ctrl-C (KeyboardInterrupt) while a condition runs: the spinning child is gone after."""
     seen = []
@@ -228,6 +231,7 @@ def test_busy_neighbour_uses_no_preexec_fn(monkeypatch):
     assert seen.get("preexec_fn") is None
 
 
+@pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_without_torch_the_torch_condition_is_skipped(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(loops, "torch_installed", lambda: False)
     out = tmp_path / "loops.json"
@@ -261,6 +265,7 @@ def test_without_torch_the_torch_condition_is_skipped(monkeypatch, tmp_path, cap
     assert len(conds[0]["rows"]) == 1
 
 
+@pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_torch_condition_when_installed(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "loops.json"

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 from helpers import bits, digest, make
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 
@@ -47,13 +47,14 @@ def test_norms_do_not_depend_on_threads(p):
     results = []
     for threads, threshold in [(1, 1), (2, 1), (2, 5000), (2, 1 << 20)]:
         ok.set_num_threads(threads)
-        ok._core._set_min_elements_per_thread(threshold)
+        ok._core._testing.set_min_elements_per_thread(threshold)
         norms = ok.grad_norms(grads, p)
         total = ok.clip_grad_norm_(grads, 1e30, p)
         results.append((bits(norms), total))
     assert all(r == results[0] for r in results)
 
 
+@pytest.mark.slow
 def test_norm_of_100m_elements_is_accurate():
     """Against math.fsum of the exact squares (a float32 squared is exact in double)."""
     n = 100_000_000

@@ -4,7 +4,7 @@ torch's CPU wheel runs its intra-op threads on the libgomp it ships (``torch/lib
 after each torch op those workers spin for a while. An optkern step that follows a torch op
 (the step after backward) then competes with them for the cores when it runs on optkern's own
 pool; on the "gomp" backend it hands its chunks to that same team instead, and the spinning
-workers take them (docs/threading.md, "The gomp backend"; measurements in docs/torch.md).
+workers take them (docs/threading.md, "The gomp backend"; measurements in docs/torch.md, Speed).
 
 ``OPTKERN_PARALLEL_BACKEND=pool`` (read when optkern.torch is imported) keeps optkern's pool;
 ``gomp`` is the default said explicitly; anything else fails the import (ImportError naming the
@@ -42,8 +42,8 @@ def use_torch_openmp(torch: ModuleType) -> str:
             f"{', '.join(c for c in CHOICES if c)} (or unset: gomp where torch has its libgomp)"
         )
     if choice == "pool":
-        return _core._set_parallel_backend("pool")
+        return _core.set_parallel_backend("pool")
     for path in torch_libgomp(torch):
-        if _core._set_parallel_backend("gomp", path) == "gomp":
+        if _core.set_parallel_backend("gomp", path) == "gomp":
             return "gomp"
-    return _core._parallel_backend()[0]
+    return _core.parallel_backend()[0]
