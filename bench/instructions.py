@@ -373,8 +373,10 @@ def compare(per_vector: Dict[str, Dict[str, float]], size: int) -> None:
     ]
     if not compared:
         return
-    lanes = ", ".join(f"{i} {lanes_of(i, size)}" for i in compared if i != "sve")
-    print(f"\ninstructions per vector (per element x lanes: {lanes}, sve VL/{8 * size})")
+    lanes = ", ".join(
+        f"{i} VL/{8 * size}" if i == "sve" else f"{i} {lanes_of(i, size)}" for i in compared
+    )
+    print(f"\ninstructions per vector (per element x lanes: {lanes})")
     print(f"  {'':<28} " + " ".join(f"{i:>13}" for i in compared))
     for name, by_isa in per_vector.items():
         base = by_isa.get("avx2")
