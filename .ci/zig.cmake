@@ -26,3 +26,6 @@ set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)
 set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
 set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
+# CMake 3.28+ scans C++20 sources for modules with clang-scan-deps when the compiler is Clang;
+# zig ships none, and optkern uses no modules.
+set(CMAKE_CXX_SCAN_FOR_MODULES OFF)
