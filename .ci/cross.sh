@@ -5,6 +5,12 @@
 # user's `pip install`. Run by .ci/run beside the other lanes; alone: `bash .ci/cross.sh` (as root:
 # it installs a Debian package).
 #
+# The macOS and Windows modules are checks that the code compiles and links, never run here: they
+# are built unoptimised (OPTKERN_CHECK_BUILD_ONLY, -O0), which takes a fraction of the CPU of an
+# optimised build (the lane runs beside the others on the same two cores). The musllinux wheel is
+# a release build (-O3). The Windows prerequisites (mostly downloads) come in the background while
+# the macOS modules compile.
+#
 #  - macOS arm64 (NEON kernels) and x86_64 (scalar, AVX2, AVX-512 with dispatch): CMake configures
 #    and builds the module as it would on a Mac, against CPython 3.11's headers. Those are this
 #    machine's own CPython 3.11 headers: macOS is, like Linux x86-64 and aarch64, an LP64 POSIX
@@ -30,11 +36,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 SECONDS=0
-stage() { echo; echo "######## [cross ${SECONDS}s] $*"; }
+# Each stage's header: wall seconds and CPU seconds (user + system of this script and the programs
+# it waited for) so far. `times` runs in this shell (a subshell's own counts start at zero).
+cpu_file=$(mktemp "${TMPDIR:-/tmp}/optkern-cross-times.XXXXXX")
+stage() {
+  times > "$cpu_file"
+  local cpu
+  cpu=$(python3 -c "import re, sys; print(round(sum(float(m) * 60 + float(s) for m, s in re.findall(r'(\d+)m([\d.]+)s', sys.stdin.read()))))" < "$cpu_file")
+  echo; echo "######## [cross ${SECONDS}s wall, ${cpu}s CPU] $*"
+}
 
 PY=3.11
 work=$(mktemp -d "${TMPDIR:-/tmp}/optkern-cross.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work" "$cpu_file"' EXIT
 export ZIG_GLOBAL_CACHE_DIR="$work/zig-cache" ZIG_LOCAL_CACHE_DIR="$work/zig-local-cache"
 
 stage "tools: ziglang, pybind11, auditwheel (PyPI)"
@@ -54,7 +68,10 @@ python3 -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" \
 
 # zig-c++-TARGET: `zig c++ -target TARGET`. For macOS, -bundle (CMake's flag for a module) is read
 # as -shared (zig 0.17's Mach-O linker crashes on -bundle; Python loads a dylib the same way) and
-# every link leaves libc++ to the system's (-nostdlib++), as Apple's toolchain links it.
+# every link leaves libc++ to the system's (-nostdlib++), as Apple's toolchain links it. Without
+# optimisation zig compiles C and C++ with UBSan's checks and links its UBSan runtime, built for
+# each target (about 15 s of CPU each, and slower compiles): -fno-sanitize=undefined, as clang has
+# it by default (the sanitizer build runs natively, .ci/run's lane B).
 mkdir -p "$work/bin"
 for target in aarch64-macos x86_64-macos x86_64-linux-musl; do
   cat > "$work/bin/zig-c++-$target" <<EOF
@@ -67,7 +84,7 @@ for a in "\$@"; do
   args+=("\$a")
 done
 [[ $target == *-macos && \$link == 1 ]] && args+=(-nostdlib++)
-exec "$zig" c++ -target $target "\${args[@]}"
+exec "$zig" c++ -target $target -fno-sanitize=undefined "\${args[@]}"
 EOF
 done
 printf '#!/bin/sh\nexec "%s" ar "$@"\n' "$zig" > "$work/bin/zig-ar"
@@ -104,46 +121,40 @@ cross_build() {
   ZIG_AR="$work/bin/zig-ar" ZIG_RANLIB="$work/bin/zig-ranlib" \
     cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_TOOLCHAIN_FILE="$root/.ci/zig.cmake" -Dpybind11_DIR="$pybind11_dir" \
-    -DPYBIND11_USE_CROSSCOMPILING=ON "$@" > "$work/configure-$name.log" 2>&1 \
+    -DPYBIND11_USE_CROSSCOMPILING=ON -DOPTKERN_CHECK_BUILD_ONLY=ON "$@" > "$work/configure-$name.log" 2>&1 \
     || { cat "$work/configure-$name.log"; exit 1; }
   grep "optkern:" "$work/configure-$name.log"
   cmake --build "$build" > "$work/build-$name.log" 2>&1 || { cat "$work/build-$name.log"; exit 1; }
   built="$build/_core$suffix"
 }
 
-for arch in arm64 x86_64; do
-  stage "macOS $arch: compile and link the module (zig, -undefined dynamic_lookup, -nostdlib++)"
-  target=$([[ $arch == arm64 ]] && echo aarch64-macos || echo x86_64-macos)
-  cross_build "macos-$arch" "$target" ".cpython-${PY/./}-darwin.so" \
-    -DPython_INCLUDE_DIR="$host_include" -DCMAKE_OSX_DEPLOYMENT_TARGET=10.15
-  check_module "$built" mach-o "$arch"
-done
-
-stage "Windows x86_64: MinGW-w64 GCC (Debian), CPython $PY's Windows headers (python3.11 source)"
-# flock: the aarch64 lane runs apt-get at the same time
-flock "${TMPDIR:-/tmp}/optkern-ci-apt.lock" bash -c "apt-get update -qq && \
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  g++-mingw-w64-x86-64-posix > '$work/apt.log'" || { cat "$work/apt.log"; exit 1; }
-x86_64-w64-mingw32-g++-posix --version | head -1
-mkdir -p "$work/apt/lists/partial" "$work/apt/cache" "$work/apt/sources" "$work/cpython"
-cat > "$work/apt/sources/debian-src.sources" <<'EOF'
+# The Windows build's prerequisites, mostly downloads: Debian's MinGW-w64 GCC, CPython's Windows
+# headers, python311.dll's import library. Run in the background while the macOS modules compile.
+win_include="$work/cpython/include"
+windows_prerequisites() {
+  # flock: the aarch64 lane runs apt-get at the same time
+  flock "${TMPDIR:-/tmp}/optkern-ci-apt.lock" bash -c "apt-get update -qq && \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    g++-mingw-w64-x86-64-posix > '$work/apt.log'" || { cat "$work/apt.log"; exit 1; }
+  x86_64-w64-mingw32-g++-posix --version | head -1
+  mkdir -p "$work/apt/lists/partial" "$work/apt/cache" "$work/apt/sources" "$work/cpython"
+  cat > "$work/apt/sources/debian-src.sources" <<'EOF'
 Types: deb-src
 URIs: http://deb.debian.org/debian
 Suites: bookworm
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
-apt_src=(-o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts="$work/apt/sources"
-         -o Dir::State::Lists="$work/apt/lists" -o Dir::Cache="$work/apt/cache"
-         -o APT::Sandbox::User=root)  # its own lists and cache: the aarch64 lane runs apt too
-apt-get "${apt_src[@]}" update -qq
-(cd "$work/cpython" && apt-get "${apt_src[@]}" source --download-only -qq "python$PY")
-tar -xzf "$work"/cpython/python"$PY"_*.orig.tar.gz -C "$work/cpython" --strip-components=1 \
-  --wildcards '*/Include/*' '*/PC/pyconfig.h'
-win_include="$work/cpython/include"
-cp -r "$work/cpython/Include" "$win_include"
-cp "$work/cpython/PC/pyconfig.h" "$win_include/"
-python3 - "$win_include" "$work/python${PY/./}.def" "python${PY/./}.dll" <<'PY'
+  apt_src=(-o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts="$work/apt/sources"
+           -o Dir::State::Lists="$work/apt/lists" -o Dir::Cache="$work/apt/cache"
+           -o APT::Sandbox::User=root)  # its own lists and cache: the aarch64 lane runs apt too
+  apt-get "${apt_src[@]}" update -qq
+  (cd "$work/cpython" && apt-get "${apt_src[@]}" source --download-only -qq "python$PY")
+  tar -xzf "$work"/cpython/python"$PY"_*.orig.tar.gz -C "$work/cpython" --strip-components=1 \
+    --wildcards '*/Include/*' '*/PC/pyconfig.h'
+  cp -r "$work/cpython/Include" "$win_include"
+  cp "$work/cpython/PC/pyconfig.h" "$win_include/"
+  python3 - "$win_include" "$work/python${PY/./}.def" "python${PY/./}.dll" <<'PY'
 import pathlib, re, sys
 include, out, dll = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 decl = re.compile(r"PyAPI_(FUNC|DATA)\((?:[^()]|\([^()]*\))*\)\s*\(?\s*\*?\s*(\w+)")
@@ -156,15 +167,31 @@ lines += [f"  {n} DATA" if k == "DATA" else f"  {n}" for n, k in sorted(names.it
 pathlib.Path(out).write_text("\n".join(lines) + "\n")
 print(f"{dll}: {len(names)} exported names from the headers' PyAPI_FUNC / PyAPI_DATA")
 PY
-x86_64-w64-mingw32-dlltool -m i386:x86-64 -d "$work/python${PY/./}.def" \
-  -D "python${PY/./}.dll" -l "$work/libpython${PY/./}.dll.a"
-# CMake's FindPython takes an import library without its DLL for a static libpython and adds the
-# libraries the *host* interpreter was linked with (-ldl -lm); MinGW has libm but no libdl, so an
-# empty libdl.a (no symbols: it satisfies nothing else) stands in for it.
-mkdir -p "$work/stub"
-x86_64-w64-mingw32-ar rc "$work/stub/libdl.a"
+  x86_64-w64-mingw32-dlltool -m i386:x86-64 -d "$work/python${PY/./}.def" \
+    -D "python${PY/./}.dll" -l "$work/libpython${PY/./}.dll.a"
+  # CMake's FindPython takes an import library without its DLL for a static libpython and adds the
+  # libraries the *host* interpreter was linked with (-ldl -lm); MinGW has libm but no libdl, so an
+  # empty libdl.a (no symbols: it satisfies nothing else) stands in for it.
+  mkdir -p "$work/stub"
+  x86_64-w64-mingw32-ar rc "$work/stub/libdl.a"
+}
+
+windows_start=$SECONDS
+windows_prerequisites > "$work/windows-prerequisites.log" 2>&1 &
+windows_pid=$!
+
+for arch in arm64 x86_64; do
+  stage "macOS $arch: compile and link the module (zig, -undefined dynamic_lookup, -nostdlib++)"
+  target=$([[ $arch == arm64 ]] && echo aarch64-macos || echo x86_64-macos)
+  cross_build "macos-$arch" "$target" ".cpython-${PY/./}-darwin.so" \
+    -DPython_INCLUDE_DIR="$host_include" -DCMAKE_OSX_DEPLOYMENT_TARGET=10.15
+  check_module "$built" mach-o "$arch"
+done
 
 stage "Windows x86_64: compile and link the module (MinGW-w64 GCC)"
+wait "$windows_pid" || { cat "$work/windows-prerequisites.log"; exit 1; }
+echo "== prerequisites (in the background from ${windows_start}s): MinGW-w64 GCC (Debian), CPython $PY's Windows headers (python3.11 source)"
+cat "$work/windows-prerequisites.log"
 build="$root/build/cross-windows-amd64"
 rm -rf "$build"
 SETUPTOOLS_EXT_SUFFIX=".cp${PY/./}-win_amd64.pyd" cmake -S . -B "$build" -G Ninja \
@@ -172,7 +199,7 @@ SETUPTOOLS_EXT_SUFFIX=".cp${PY/./}-win_amd64.pyd" cmake -S . -B "$build" -G Ninj
   -DCMAKE_CXX_COMPILER=x86_64-w64-mingw32-g++-posix -Dpybind11_DIR="$pybind11_dir" \
   -DPYBIND11_USE_CROSSCOMPILING=ON -DPython_INCLUDE_DIR="$win_include" \
   -DPython_LIBRARY="$work/libpython${PY/./}.dll.a" -DCMAKE_CXX_FLAGS=-DMS_WIN64 \
-  -DCMAKE_MODULE_LINKER_FLAGS="-L$work/stub" \
+  -DCMAKE_MODULE_LINKER_FLAGS="-L$work/stub" -DOPTKERN_CHECK_BUILD_ONLY=ON \
   > "$work/configure-windows.log" 2>&1 || { cat "$work/configure-windows.log"; exit 1; }
 grep "optkern:" "$work/configure-windows.log"
 cmake --build "$build" > "$work/build-windows.log" 2>&1 || { cat "$work/build-windows.log"; exit 1; }
