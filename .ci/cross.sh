@@ -206,8 +206,8 @@ cmake --build "$build" > "$work/build-windows.log" 2>&1 || { cat "$work/build-wi
 check_module "$build/_core.cp${PY/./}-win_amd64.pyd" pe x86_64
 x86_64-w64-mingw32-objdump -p "$build/_core.cp${PY/./}-win_amd64.pyd" | grep "DLL Name"
 
-# The musllinux wheel is most of this lane's CPU: zig builds musl's libc and LLVM's libc++,
-# libc++abi and libunwind from source for the target, then the optimised module.
+# The musllinux wheel is most of this lane's CPU: zig builds LLVM's C++ runtime (libc++,
+# libc++abi, libunwind) and compiler-rt from source for the target, then the optimised module.
 # OPTKERN_CI_SKIP="musl" leaves it out.
 if [[ " ${OPTKERN_CI_SKIP:-} " == *" musl "* ]]; then
   stage "musllinux x86_64: skipped (OPTKERN_CI_SKIP)"
