@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
-"""Every loop marked OK_SIMD in the kernels vectorises, on every x86 ISA build, for every element
-type a kernel is compiled for.
+"""Every loop marked OK_SIMD in the kernels vectorises, on every ISA build of an architecture, for
+every element type a kernel is compiled for.
 
 A loop GCC cannot vectorise still computes the right numbers, so no test sees it, but it runs
 one element per iteration: Lion's and Rprop's loops once did on the scalar (SSE2) and AVX2
 builds (a comparison made conditionally, which GCC does not speculate since it may trap on a
 NaN) and were 11-15x slower there than on AVX-512. This compiles each kernel unit as CMake does
-for each ISA (the flags of CMakeLists.txt; GCC only) with -fopt-info-vec-missed: every rule file
+for each ISA build of one architecture (GCC only) with -fopt-info-vec-missed: every rule file
 of src/cpp/rules/list.inc through src/cpp/kernels/rule.cpp, and src/cpp/kernels/norms.cpp. It
 fails naming every OK_SIMD loop (from its `for` to its closing brace, in the rule file or kernel
 source that holds it) where GCC reports "couldn't vectorize loop" for any instantiation: GCC
 reports each instantiation (every option variant, every combination of element types: float32,
 float64, mixed gradients) at the loop's own location, so one that fails anywhere fails the loop.
+The ISA builds and their flags are src/cpp/isa_builds.txt's, as CMake reads them.
 
-    python .ci/check_vectorized.py              (CXX picks the compiler; default g++)
-    python .ci/check_vectorized.py FILE...      (other copies: a rule file (.inc) or a kernel unit)
+    python .ci/check_vectorized.py [--arch x86_64|aarch64] [FILE...]
+
+x86_64 (the default) compiles with $CXX (default g++); aarch64 with $CXX_AARCH64 (default
+aarch64-linux-gnu-g++, Debian's g++-aarch64-linux-gnu). FILE...: other copies of the sources (a
+rule file (.inc) or a kernel unit), to check that the check fails on old code.
 """
 
 from __future__ import annotations
@@ -30,12 +34,19 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CPP = ROOT / "src/cpp"
 COMMON = ["-O3", "-DNDEBUG", "-std=c++20", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]
 COMMON += ["-fopenmp-simd", f"-I{CPP}"]
-ISAS = {  # CMakeLists.txt: OPTKERN_ISA_FLAGS_<isa>
-    "scalar": [],
-    "avx2": ["-mavx2", "-mfma"],
-    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"]
-    + ["-mprefer-vector-width=512"],
-}
+COMPILERS = {"x86_64": ("CXX", "g++"), "aarch64": ("CXX_AARCH64", "aarch64-linux-gnu-g++")}
+
+
+def isa_builds(arch: str) -> dict[str, list[str]]:
+    """isa -> GCC flags of each build of `arch` in src/cpp/isa_builds.txt, baseline first."""
+    out = {}
+    for line in (CPP / "isa_builds.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        line_arch, isa, gcc_flags, _msvc = (f.strip() for f in line.split("|"))
+        if line_arch == arch and gcc_flags != "n/a":
+            out[isa] = [] if gcc_flags == "-" else gcc_flags.split()
+    return out
 
 
 def rule_files() -> list[pathlib.Path]:
@@ -89,11 +100,24 @@ def failed_lines(cxx: str, source: pathlib.Path, unit: list[str], isa: str, flag
 
 
 def main() -> int:
-    cxx = os.environ.get("CXX", "g++")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    args = sys.argv[1:]
+    arch = "x86_64"
+    if args[:1] == ["--arch"]:
+        if len(args) < 2:
+            sys.exit(f"--arch: expected one of {', '.join(COMPILERS)}")
+        arch, args = args[1], args[2:]
+    if arch not in COMPILERS:
+        sys.exit(f"--arch {arch}: expected one of {', '.join(COMPILERS)}")
+    isas = isa_builds(arch)
+    variable, default = COMPILERS[arch]
+    cxx = os.environ.get(variable, default)
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        sys.exit(f"{cxx} not found (set {variable})")
     if "Free Software Foundation" not in version:
-        sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set CXX=g++)")
-    sources = [pathlib.Path(a).resolve() for a in sys.argv[1:]]
+        sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set {variable})")
+    sources = [pathlib.Path(a).resolve() for a in args]
     if not sources:
         sources = [*rule_files(), CPP / "kernels/norms.cpp"]
     missing = []
@@ -102,7 +126,7 @@ def main() -> int:
         loops = simd_loops(source)
         if not loops:
             sys.exit(f"{source} has no OK_SIMD loop: is it a kernel source?")
-        for isa, flags in ISAS.items():
+        for isa, flags in isas.items():
             failed = failed_lines(cxx, source, unit, isa, flags)
             for (first, last), text in loops.items():
                 checked += 1
@@ -112,7 +136,7 @@ def main() -> int:
         print("OK_SIMD loops GCC did not vectorise:\n  " + "\n  ".join(missing))
         return 1
     print(
-        f"{checked} OK_SIMD loops x ISAs ({', '.join(ISAS)}) in {len(sources)} files all "
+        f"{checked} OK_SIMD loops x ISAs ({', '.join(isas)}) in {len(sources)} files all "
         "vectorised by",
         version.split("\n")[0],
     )

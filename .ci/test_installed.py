@@ -2,7 +2,8 @@
 """Runs the test suite against the optkern installed in this Python (a wheel, say): the main
 suite (pyproject's default selection: every test but the slow ones) once (its tests/test_isa.py
 runs every ISA's kernels in that one process), then the end-to-end smoke tests (marker smoke)
-once under every instruction set this machine supports (OPTKERN_FORCE_ISA=scalar, avx2, avx512).
+once under every instruction set this machine supports (OPTKERN_FORCE_ISA=scalar, avx2, avx512
+on x86-64; neon, sve on aarch64).
 
     python .ci/test_installed.py [--quick | --suite-isa=ISA] [TESTS_DIR] [PYTEST_ARGS...]
 

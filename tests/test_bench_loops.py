@@ -45,6 +45,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_loops_study_every_row_and_field(tmp_path, capsys):
     out = tmp_path / "loops.json"
     assert (
@@ -109,6 +110,7 @@ def test_loops_study_every_row_and_field(tmp_path, capsys):
     assert "NOT met" in text or "met" in text
 
 
+@pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_steps_chosen_when_not_given(tmp_path):
     out = tmp_path / "loops.json"
     assert (
@@ -138,6 +140,7 @@ def test_steps_chosen_when_not_given(tmp_path):
     assert 2 <= row["steps"] <= 200
 
 
+@pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_busy_neighbour_killed_on_interrupt():
     """Ctrl-C (KeyboardInterrupt) while a condition runs: the spinning child is gone after."""
     seen = []
@@ -179,6 +182,7 @@ def test_busy_neighbour_killed_on_interrupt():
     assert _gone(pids[0])
 
 
+@pytest.mark.spawns
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_busy_neighbour_dies_with_its_parent():
     """A parent killed with SIGKILL (no finally runs) takes its spinning child with it; and the
@@ -216,6 +220,7 @@ def _child_gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.spawns
 def test_busy_neighbour_uses_no_preexec_fn(monkeypatch):
     seen = {}
     real = subprocess.Popen
@@ -230,6 +235,7 @@ def test_busy_neighbour_uses_no_preexec_fn(monkeypatch):
     assert seen.get("preexec_fn") is None
 
 
+@pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_without_torch_the_torch_condition_is_skipped(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(loops, "torch_installed", lambda: False)
     out = tmp_path / "loops.json"
@@ -270,6 +276,7 @@ def test_without_torch_the_torch_condition_is_skipped(monkeypatch, tmp_path, cap
     assert len(conds[0]["rows"]) == 1
 
 
+@pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_torch_condition_when_installed(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "loops.json"

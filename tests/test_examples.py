@@ -389,6 +389,7 @@ def test_blas_threads_restores():
         assert "default" in what
 
 
+@pytest.mark.spawns
 def test_example_script_runs():
     env = dict(os.environ)
     src = os.path.dirname(os.path.dirname(os.path.abspath(optkern.__file__)))

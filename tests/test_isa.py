@@ -12,6 +12,7 @@ from test_reference import check_against_reference, grads_for, initial
 import optkern as ok
 
 ISAS = ok.available_isas()
+FUSED_ISAS = ok.build_info()["fused_multiply_add"]
 SIZES = [17, 1023, pytest.param(100003, marks=pytest.mark.slow)]  # see test_reference.SIZES
 # The active ISA's kernels meet the reference in test_reference.py (the same sizes, unaligned,
 # and more): here every other one.
@@ -48,18 +49,18 @@ def run_on(isa, name, hp, threads=None, size=4099, steps=25):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_isas_agree(case):
-    """FMA builds (avx2, avx512) compute the same expressions: bit-identical; the scalar build
-    (no FMA) within a few float32 roundings of them."""
+    """Builds that fuse multiply-adds (avx2, avx512; neon, sve) compute the same expressions:
+    bit-identical; x86-64's baseline build (no FMA) within a few float32 roundings of them."""
     name, hp = case
     results = {isa: run_on(isa, name, hp) for isa in ISAS}
-    fma = [i for i in ISAS if i != "scalar"]
+    fma = FUSED_ISAS
     for isa in fma[1:]:
         assert bits(results[isa][0]) == bits(results[fma[0]][0]), isa
         for k, v in results[isa][1].items():
             if isinstance(v, np.ndarray):
                 assert bits(v) == bits(results[fma[0]][1][k]), (isa, k)
     for isa in ISAS[1:]:
-        np.testing.assert_allclose(results[isa][0], results["scalar"][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(results[isa][0], results[ISAS[0]][0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -163,6 +163,7 @@ def test_param_groups_made_to_overlap_afterwards_refused_at_step():
     assert digest([a, b, opt.state_dict()]) == before
 
 
+@pytest.mark.spawns  # shared_memory starts multiprocessing's resource tracker
 def test_shared_memory_segment_views_refused():
     shm_mod = pytest.importorskip("multiprocessing.shared_memory")
     try:
@@ -180,6 +181,7 @@ def test_shared_memory_segment_views_refused():
         shm.unlink()
 
 
+@pytest.mark.spawns  # shared_memory starts multiprocessing's resource tracker
 def test_two_attachments_of_one_shared_memory_segment():
     """Two attachments of one segment are two mappings at different addresses: no address
     comparison can see they are the same memory (as with one file mapped twice). Left alone,

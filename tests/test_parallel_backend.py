@@ -55,6 +55,7 @@ def test_unknown_backend_raises():
         ok._core.set_parallel_backend("openmp")
 
 
+@pytest.mark.spawns
 def test_refused_without_libgomp():
     """No torch: nothing loaded a libgomp (checked in /proc/self/maps), so "gomp" is refused;
     a path that is not loaded, or a library without GOMP_parallel, is refused too."""
@@ -185,6 +186,7 @@ def step():
 """
 
 
+@pytest.mark.spawns
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_fork_child_steps_on_the_pool():
     pytest.importorskip("torch")
@@ -207,6 +209,7 @@ print(codes, ok._core.parallel_backend()[0], step() == want)
     assert out in ("[0, 0, 0, 0, 0] gomp True", "no libgomp")
 
 
+@pytest.mark.spawns
 def test_signals_and_keyboard_interrupt():
     """A 1 ms interval timer interrupts steps on the team; its handler raises
     KeyboardInterrupt after 20 ticks. Steps finish, and the backend works afterwards."""
@@ -236,6 +239,7 @@ print(interrupted, ok._core.parallel_backend()[0], step() == want)
     assert out in ("True gomp True", "no libgomp")
 
 
+@pytest.mark.spawns
 def test_torch_imported_after_optkern():
     pytest.importorskip("torch")
     out = python(
@@ -255,6 +259,7 @@ def test_torch_imported_after_optkern():
     assert out in ("pool gomp True", "pool pool True", "gomp gomp True")
 
 
+@pytest.mark.spawns
 def test_optkern_torch_turns_it_on_and_env_keeps_the_pool():
     """Importing optkern.torch puts the chunks on torch's libgomp when torch's wheel ships one;
     OPTKERN_PARALLEL_BACKEND=pool keeps optkern's pool."""
@@ -287,6 +292,7 @@ def test_optkern_torch_turns_it_on_and_env_keeps_the_pool():
     assert backend.split() == ["pool"] and threads == "optkern pool"
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("value", ["pool ", "POOL", "gomp", ""])
 def test_backend_variable_accepts_its_values(value):
     code = "import optkern.torch"
@@ -295,6 +301,7 @@ def test_backend_variable_accepts_its_values(value):
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("value", ["pol", "openmp", "gomp,pool", "1"])
 def test_backend_variable_typo_fails_the_import_naming_it(value):
     pytest.importorskip("torch")

@@ -151,6 +151,7 @@ def default_thread_count():
     return python(NUM_THREADS)
 
 
+@pytest.mark.spawns
 @pytest.mark.skipif(not THREADED, reason="single-threaded build")
 @pytest.mark.parametrize(
     "env, want",
@@ -166,6 +167,7 @@ def test_environment_is_honoured(env, want):
     assert python(NUM_THREADS, env) == want
 
 
+@pytest.mark.spawns
 @pytest.mark.skipif(not THREADED, reason="single-threaded build")
 @pytest.mark.parametrize("value", ["0", "-2", "abc", "", "2.5", "3x", str(MAX_THREADS + 1), "9" * 30])
 def test_invalid_environment_is_ignored(value):
@@ -208,6 +210,7 @@ def test_parsers():
     assert cfs(10**15, 1) == MAX_THREADS
 
 
+@pytest.mark.spawns
 @pytest.mark.skipif(not THREADED, reason="single-threaded build")
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no affinity masks here")
 def test_default_follows_affinity_and_quota():
@@ -232,6 +235,7 @@ def big_adam(threads, n=300_000, steps=3):
     return [bits(p) for p in params]
 
 
+@pytest.mark.spawns
 @pytest.mark.skipif(not THREADED, reason="single-threaded build")
 def test_refused_thread_means_fewer_threads():
     """Helpers are started when a call first needs them; when the system refuses one, the call
@@ -257,6 +261,7 @@ def test_refused_thread_means_fewer_threads():
     assert big_adam(3) == want
 
 
+@pytest.mark.spawns
 @pytest.mark.skipif(not THREADED or not hasattr(os, "fork"), reason="needs fork and threads")
 @pytest.mark.skipif(
     not hasattr(__import__("resource"), "RLIMIT_NPROC") if os.name == "posix" else True,
@@ -292,6 +297,7 @@ def step():
 """
 
 
+@pytest.mark.spawns
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_os_fork_after_threaded_step():
     code = (
@@ -314,6 +320,7 @@ def test_os_fork_after_threaded_step():
     )
 
 
+@pytest.mark.spawns
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_fork_while_another_thread_steps():
     """fork waits for a call in flight; the child still steps (many forks against a thread
@@ -341,6 +348,7 @@ print(codes == [0] * 20)
     assert python(code, timeout=120) == "True"
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_multiprocessing_pool(method, tmp_path):
     import multiprocessing
@@ -475,6 +483,7 @@ print(json.dumps([before == after, before["blas"], before["torch"],
 """
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("with_torch", [False, True], ids=["numpy", "optkern.torch"])
 def test_no_side_effects(with_torch):
     import json

@@ -12,6 +12,12 @@
 #else
 #include <cpuid.h>
 #endif
+#elif (defined(__aarch64__) || defined(_M_ARM64)) && defined(__linux__)
+#define OPTKERN_AARCH64_LINUX 1
+#include <sys/auxv.h>
+#ifndef HWCAP_SVE
+#define HWCAP_SVE (1UL << 22)  // Linux's bit for SVE in AT_HWCAP (asm/hwcap.h), for old headers
+#endif
 #endif
 
 namespace optkern {
@@ -20,6 +26,7 @@ namespace {
 struct CpuSupport {
   bool avx2 = false;    // AVX2 + FMA, with the OS saving YMM state
   bool avx512 = false;  // AVX-512 F/DQ/BW/VL on top of that, with the OS saving ZMM and mask state
+  bool sve = false;     // aarch64: SVE, which the kernel reports only when it saves SVE state
 };
 
 #if defined(OPTKERN_X86)
@@ -64,7 +71,14 @@ CpuSupport detect_cpu() {
   s.avx512 = s.avx2 && os_zmm && f && dq && bw && vl;
   return s;
 }
+#elif defined(OPTKERN_AARCH64_LINUX)
+CpuSupport detect_cpu() {
+  CpuSupport s;
+  s.sve = (getauxval(AT_HWCAP) & HWCAP_SVE) != 0;
+  return s;
+}
 #else
+// Other systems (macOS on Apple silicon, Windows): the baseline only. Apple's CPUs have no SVE.
 CpuSupport detect_cpu() { return {}; }
 #endif
 
@@ -75,24 +89,43 @@ struct IsaBuild {
   bool (*supported)(const CpuSupport&);
 };
 
-#ifndef OPTKERN_FLAGS_SCALAR
-#define OPTKERN_FLAGS_SCALAR ""
-#endif
-
-// From the baseline up; the last supported one is the default.
-const IsaBuild kBuilds[] = {
-    {"scalar", scalar::kernel_table, OPTKERN_FLAGS_SCALAR, [](const CpuSupport&) { return true; }},
-#if defined(OPTKERN_HAVE_AVX2)
-    {"avx2", avx2::kernel_table, OPTKERN_FLAGS_AVX2, [](const CpuSupport& c) { return c.avx2; }},
+// Every ISA build optkern knows, of every architecture (src/cpp/isa_builds.txt), from the baseline
+// up; a binary holds the builds of one architecture (OPTKERN_HAVE_<ISA> from CMake), so the last
+// runnable one is the default. The baseline of x86-64 and of other architectures is "scalar",
+// that of aarch64 is "neon": whatever a binary holds of it runs on every CPU it loads on.
+#define OPTKERN_NOT_BUILT(name, check) {name, nullptr, "", check}
+#if defined(OPTKERN_HAVE_SCALAR)
+#define OPTKERN_BUILD_SCALAR(check) {"scalar", scalar::kernel_table, OPTKERN_FLAGS_SCALAR, check}
 #else
-    {"avx2", nullptr, "", [](const CpuSupport&) { return false; }},
+#define OPTKERN_BUILD_SCALAR(check) OPTKERN_NOT_BUILT("scalar", check)
+#endif
+#if defined(OPTKERN_HAVE_AVX2)
+#define OPTKERN_BUILD_AVX2(check) {"avx2", avx2::kernel_table, OPTKERN_FLAGS_AVX2, check}
+#else
+#define OPTKERN_BUILD_AVX2(check) OPTKERN_NOT_BUILT("avx2", check)
 #endif
 #if defined(OPTKERN_HAVE_AVX512)
-    {"avx512", avx512::kernel_table, OPTKERN_FLAGS_AVX512,
-     [](const CpuSupport& c) { return c.avx512; }},
+#define OPTKERN_BUILD_AVX512(check) {"avx512", avx512::kernel_table, OPTKERN_FLAGS_AVX512, check}
 #else
-    {"avx512", nullptr, "", [](const CpuSupport&) { return false; }},
+#define OPTKERN_BUILD_AVX512(check) OPTKERN_NOT_BUILT("avx512", check)
 #endif
+#if defined(OPTKERN_HAVE_NEON)
+#define OPTKERN_BUILD_NEON(check) {"neon", neon::kernel_table, OPTKERN_FLAGS_NEON, check}
+#else
+#define OPTKERN_BUILD_NEON(check) OPTKERN_NOT_BUILT("neon", check)
+#endif
+#if defined(OPTKERN_HAVE_SVE)
+#define OPTKERN_BUILD_SVE(check) {"sve", sve::kernel_table, OPTKERN_FLAGS_SVE, check}
+#else
+#define OPTKERN_BUILD_SVE(check) OPTKERN_NOT_BUILT("sve", check)
+#endif
+
+const IsaBuild kBuilds[] = {
+    OPTKERN_BUILD_SCALAR([](const CpuSupport&) { return true; }),
+    OPTKERN_BUILD_AVX2([](const CpuSupport& c) { return c.avx2; }),
+    OPTKERN_BUILD_AVX512([](const CpuSupport& c) { return c.avx512; }),
+    OPTKERN_BUILD_NEON([](const CpuSupport&) { return true; }),
+    OPTKERN_BUILD_SVE([](const CpuSupport& c) { return c.sve; }),
 };
 
 // Set once by init_dispatch(), at import, under the GIL; read-only afterwards.
@@ -107,6 +140,15 @@ std::string joined_available(const CpuSupport& cpu) {
   std::string out;
   for (const IsaBuild& b : kBuilds) {
     if (!runnable(b, cpu)) continue;
+    if (!out.empty()) out += ", ";
+    out += b.name;
+  }
+  return out;
+}
+
+std::string known_names() {
+  std::string out;
+  for (const IsaBuild& b : kBuilds) {
     if (!out.empty()) out += ", ";
     out += b.name;
   }
@@ -150,9 +192,8 @@ void init_dispatch() {
     return;
   }
   throw std::runtime_error("OPTKERN_FORCE_ISA='" + std::string(forced) +
-                           "' is not an ISA optkern knows; expected one of scalar, avx2, "
-                           "avx512 (available here: " +
-                           joined_available(cpu) + ")");
+                           "' is not an ISA optkern knows; expected one of " + known_names() +
+                           " (available here: " + joined_available(cpu) + ")");
 }
 
 const KernelTable& kernels() { return *g_table; }

@@ -22,7 +22,7 @@ const KernelTable& kernels();
 // (tests run every ISA's kernels in one process through it).
 const KernelTable* kernels_for(const std::string& isa);
 
-// Name of the active ISA: "scalar", "avx2" or "avx512".
+// Name of the active ISA: "scalar", "avx2" or "avx512" on x86-64, "neon" or "sve" on aarch64.
 const char* active_isa();
 
 // The ISAs this binary holds that this machine can run, from the baseline up.

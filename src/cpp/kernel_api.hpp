@@ -158,9 +158,15 @@ struct KernelTable {
   const NormKernels* norms;              // [DTYPE_COUNT], by DType
   // a += s * b (float32): the benchmark's measure of the machine's in-place streaming bandwidth.
   void (*axpy)(float* a, const float* b, float s, std::size_t n);
+
+  // Whether this build's OK_FMA is one fused multiply-add (AVX2, AVX-512, NEON, SVE) or a
+  // multiply then an add (x86-64's baseline, the generic build): builds that fuse compute
+  // bit-identical results, the others agree with them within float32 roundings.
+  bool fused_multiply_add;
 };
 
-// Defined once per ISA build (kernels/table.cpp, in namespaces scalar, avx2, avx512).
+// Defined once per ISA build (kernels/table.cpp), in a namespace named after the ISA
+// (src/cpp/isa_builds.txt lists them; a binary holds one architecture's).
 namespace scalar {
 const KernelTable* kernel_table();
 }
@@ -168,6 +174,12 @@ namespace avx2 {
 const KernelTable* kernel_table();
 }
 namespace avx512 {
+const KernelTable* kernel_table();
+}
+namespace neon {
+const KernelTable* kernel_table();
+}
+namespace sve {
 const KernelTable* kernel_table();
 }
 

@@ -7,7 +7,7 @@ NumPy arrays.
     opt.step([dW, db])            # W and b are updated in place, in one C++ call
 
 The kernels are picked once, at import, for the best instruction set the CPU supports
-(``OPTKERN_FORCE_ISA=scalar|avx2|avx512`` forces one).
+(``OPTKERN_FORCE_ISA=scalar|avx2|avx512`` on x86-64, ``neon|sve`` on aarch64, forces one).
 """
 
 from . import _core

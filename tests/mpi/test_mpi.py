@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.spawns  # every test starts a Python (mpiexec runs sys.executable)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 300  # seconds for one mpiexec run (the slowest, -n 4 on 2 shared cores, takes ~10)
 

@@ -63,6 +63,11 @@ py::dict build_info() {
   py::dict flags;
   for (const auto& [isa, f] : isa_build_flags()) flags[py::str(isa)] = f;
   info["isa_flags"] = flags;
+  py::list fused;  // the available ISAs whose builds fuse multiply-adds (bit-identical results)
+  for (const std::string& isa : available_isas()) {
+    if (kernels_for(isa)->fused_multiply_add) fused.append(isa);
+  }
+  info["fused_multiply_add"] = fused;
   // When a call uses more than one thread (multi_tensor.hpp): each thread's share must take
   // min_us_per_thread on one thread, estimated at ns_per_work per unit of work; an element of a
   // rule of weight w is w units.
@@ -102,7 +107,8 @@ PYBIND11_MODULE(_core, m) {
   warn_on_unreadable_thread_count();
 
   m.def("active_isa", &active_isa,
-        "The instruction set the kernels run with: scalar, avx2 or avx512.");
+        "The instruction set the kernels run with: scalar, avx2, avx512 (x86-64), neon, sve "
+        "(aarch64).");
   m.def("available_isas", &available_isas,
         "The instruction sets this build holds and this CPU supports, from the baseline up.");
   m.def("get_num_threads", &num_threads, "Threads a large update uses.");

@@ -20,7 +20,7 @@
 #include "kernel_api.hpp"
 
 #ifndef OPTKERN_ISA_NS
-#error "compile kernel units once per ISA with -DOPTKERN_ISA_NS=<scalar|avx2|avx512>"
+#error "compile kernel units once per ISA with -DOPTKERN_ISA_NS=<isa> (src/cpp/isa_builds.txt)"
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -54,10 +54,15 @@ namespace {
 
 using std::size_t;
 
-#if defined(__FMA__) && (defined(__GNUC__) || defined(__clang__))
+// x86-64: AVX2 and AVX-512 fuse (-mfma), the baseline (SSE2) does not. aarch64: every build fuses,
+// NEON included: fused multiply-add is part of the base architecture (FMLA, FMADD), so NEON and
+// SVE compute the same expressions and agree bit for bit.
+#if (defined(__FMA__) || defined(__ARM_FEATURE_FMA)) && (defined(__GNUC__) || defined(__clang__))
+constexpr bool kFusedMultiplyAdd = true;
 float fused_multiply_add(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 double fused_multiply_add(double a, double b, double c) { return __builtin_fma(a, b, c); }
 #else
+constexpr bool kFusedMultiplyAdd = false;
 float fused_multiply_add(float a, float b, float c) { return a * b + c; }
 double fused_multiply_add(double a, double b, double c) { return a * b + c; }
 #endif

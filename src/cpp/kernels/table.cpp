@@ -22,6 +22,7 @@ constexpr KernelTable kTable = {
     },
     norm_kernels,
     &axpy,
+    kFusedMultiplyAdd,
 };
 
 }  // namespace
