@@ -178,6 +178,7 @@ def test_invalid_environment_is_ignored(value):
     assert python(NUM_THREADS, {"OPTKERN_NUM_THREADS": value, "OMP_NUM_THREADS": "3"}) == "3"
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("value", ["abc", "0", "2.5"])
 def test_unreadable_optkern_num_threads_warns_at_import(value):
     code = """
