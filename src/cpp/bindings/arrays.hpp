@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -37,17 +38,28 @@ Positions positions_of(py::handle positions);
 // the first list at the same index.
 struct Accept {
   unsigned types;   // bit (1 << DType) per accepted type
-  bool like_first;  // each array has the type of the first list's array at its index
+  bool like_first;  // each array has the type of the first list's array at its index; with
+                    // `types`, only where that is float64 (else one of `types`)
 };
 constexpr unsigned bit(DType t) { return 1u << static_cast<unsigned>(t); }
 constexpr Accept FLOAT32 = {bit(DType::f32), false};
 constexpr Accept LIKE_FIRST = {0, true};
+constexpr unsigned FLOATS = bit(DType::f32) | bit(DType::bf16) | bit(DType::f16);
 
-// What the bindings take: an optimizer's parameters and gradients (its states: LIKE_FIRST), and
-// the arrays of the norms and clipping (a list may mix the types).
-constexpr Accept PARAMS = FLOAT32;
-constexpr Accept GRADS = FLOAT32;
-constexpr Accept NORM_ARRAYS = FLOAT32;
+// What the bindings take: an optimizer's parameters and gradients, its states (float32,
+// bfloat16 or q8 codes; a float64 parameter's like it), and the arrays of the norms and
+// clipping (a list may mix the types).
+constexpr Accept PARAMS = {FLOATS, false};
+constexpr Accept GRADS = {FLOATS | bit(DType::f64), false};
+constexpr Accept STATES = {bit(DType::f32) | bit(DType::bf16) | bit(DType::q8), true};
+constexpr Accept NORM_ARRAYS = {FLOATS, false};
+
+// The NumPy type number of ml_dtypes' bfloat16 (registered by optkern's __init__ when ml_dtypes
+// imports; -1: none).
+void set_bfloat16_type(int type_num);
+// The DType of a NumPy dtype number, if optkern has one.
+bool dtype_of(int type_num, DType* out);
+const char* dtype_name(DType t);
 
 struct ArrayRef {
   void* data;  // nullptr where a state does not apply
@@ -70,12 +82,21 @@ class Buffers {
   const Py_intptr_t* dims(std::size_t t) const { return shapes_[t]->dimensions; }
 
   std::string label(const char* name, std::size_t i) const;
+  // The caller's index of tensor i (positions, else i).
+  std::size_t position(std::size_t i) const { return i < positions_.size() ? positions_[i] : i; }
 
   // Validates a list of arrays (matched to the first list) and returns them. `shape`: a state
   // list, each array shaped by its kind from its parameter's shape (rule_api's state_dims); an
   // entry is None, and its data nullptr, where the kind does not apply.
   std::vector<ArrayRef> add(py::handle seq, const char* name, Access access, Accept accept,
                             const StateShape* shape = nullptr);
+
+  // A written list of float32 arrays beside the states: per tensor t, shape[t] = NONE (the
+  // entry must be None: data nullptr), LIKE_PARAM (an array shaped like the first list's: a
+  // master copy) or n >= 0 (a 1-d array of n elements: a q8 state's absmax per block).
+  static constexpr std::ptrdiff_t NONE = -1, LIKE_PARAM = -2;
+  std::vector<ArrayRef> add_float32(py::handle seq, const char* name,
+                                    const std::vector<std::ptrdiff_t>& shape);
 
   // Refuses any buffer that is written and shares memory with another buffer of the call
   // (gradients may share memory with each other: they are only read).
@@ -98,7 +119,8 @@ class Buffers {
   std::vector<std::size_t> sizes_;
   std::vector<const py::detail::PyArray_Proxy*> shapes_;  // the first list's arrays
   std::vector<ArrayRef> first_;
-  std::vector<py::list> held_;  // every list of the call, as copied
+  std::vector<py::list> held_;                       // every list of the call, as copied
+  std::vector<std::unique_ptr<std::string>> names_;  // names made up for add_float32 lists
   std::vector<Range> ranges_;
 };
 

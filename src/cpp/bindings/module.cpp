@@ -27,6 +27,7 @@ void define_rules(py::module_& m);
 void define_prepared(py::module_& m);
 void define_norms(py::module_& m);
 void define_testing(py::module_& m);
+void define_lowbits(py::module_& m, py::module_& testing);
 
 namespace {
 
@@ -98,4 +99,5 @@ PYBIND11_MODULE(_core, m) {
   py::module_ testing =
       m.def_submodule("_testing", "Hooks for optkern's tests and benchmarks; not an API.");
   define_testing(testing);
+  define_lowbits(m, testing);
 }

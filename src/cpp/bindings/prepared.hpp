@@ -17,7 +17,7 @@ class Prepared {
  public:
   Prepared(const Rule& rule, py::handle params, py::handle grads, py::handle states,
            py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
-           py::handle isa, py::handle record);
+           py::handle isa, py::handle record, py::handle noise_seed = py::none());
 
   // The kernels, with the GIL released by the caller.
   void run_kernels() const { run_update(update_); }
