@@ -48,11 +48,12 @@ constexpr unsigned FLOATS = bit(DType::f32) | bit(DType::bf16) | bit(DType::f16)
 
 // What the bindings take: an optimizer's parameters and gradients, its states (float32,
 // bfloat16 or q8 codes; a float64 parameter's like it), and the arrays of the norms and
-// clipping (a list may mix the types).
-constexpr Accept PARAMS = {FLOATS, false};
+// clipping. A list may mix the types; each (parameter, gradient, state) combination is one
+// kernels/kernel.hpp instantiates, or one a rule's staged entry serves (update.hpp).
+constexpr Accept PARAMS = {FLOATS | bit(DType::f64), false};
 constexpr Accept GRADS = {FLOATS | bit(DType::f64), false};
 constexpr Accept STATES = {bit(DType::f32) | bit(DType::bf16) | bit(DType::q8), true};
-constexpr Accept NORM_ARRAYS = {FLOATS, false};
+constexpr Accept NORM_ARRAYS = {FLOATS | bit(DType::f64), false};
 
 // The NumPy type number of ml_dtypes' bfloat16 (registered by optkern's __init__ when ml_dtypes
 // imports; -1: none).
