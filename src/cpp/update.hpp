@@ -56,6 +56,23 @@ const KernelEntry* find_entry(const KernelSet& set, Types types);
 // a float32 parameter written to nearest: a compiled combination).
 bool staged(Types types);
 
+// Why state k of a kernel cannot be q8, or nullptr if it can: a state holding values of the
+// parameter's size (ASGD's ax, Schedule-Free's z); a kernel with a reduction pass (LAMB), whose
+// norms would be computed from the moments before requantisation and its update from the
+// requantised ones (a moment requantised to zero would then get an update no norm bounds);
+// a factored kernel, which takes its states in the parameter's type.
+inline const char* q8_refusal(const KernelDecl& k, std::size_t state) {
+  if ((k.parameter_states >> state) & 1u) {
+    return "keeps an average of the parameter in its state, which 8 bits cannot hold";
+  }
+  if (k.reduce_sums > 0) {
+    return "computes norms of its update in a pass of their own, which 8-bit state would make "
+           "inconsistent with the update";
+  }
+  if (k.passes > 0) return "keeps its factored state in the parameter's type";
+  return nullptr;
+}
+
 // Elements a thread's range of this tensor starts at a multiple of (Q8_BLOCK with q8 state).
 inline std::size_t range_align(const Types& t) { return t.state == DType::q8 ? Q8_BLOCK : 1; }
 

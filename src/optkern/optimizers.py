@@ -112,6 +112,9 @@ class Nesterov(SGD):  # type: ignore[misc, valid-type]
         fused: Any = None,
         differentiable: Any = False,
         capturable: Any = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         check_execution_flags(
             foreach=foreach, fused=fused, differentiable=differentiable, capturable=capturable
@@ -127,4 +130,7 @@ class Nesterov(SGD):  # type: ignore[misc, valid-type]
                 nesterov=True,
                 maximize=maximize,
             ),
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
         )

@@ -45,6 +45,12 @@ class State:
     #: "cols" (one number per row / column of the last two dimensions, parameters of >= 2
     #: dimensions only); "unfactored" (like_param, parameters of <= 1 dimension only).
     shape: str = "like_param"
+    #: Never negative (a moving average of squares): as int8 state it takes bitsandbytes'
+    #: unsigned dynamic map, twice as fine as the signed one.
+    nonnegative: bool = False
+    #: Whether it may be kept as int8 (blockwise 8-bit) state: not an average of the parameter
+    #: itself (ASGD's ax, Schedule-Free's z) nor a factored rule's state.
+    int8: bool = True
 
     def shape_for(self, param_shape: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
         """This state's shape for a parameter of ``param_shape``, or None where the parameter
@@ -255,17 +261,21 @@ def _annotation(default: Any) -> str:
 
 def make_class(r: Rule, base: type) -> type:
     """The optimizer class of rule ``r``: ``Cls(params, <torch's arguments>, *, maximize=False,
-    foreach=None, fused=None, differentiable=False, capturable=False)``."""
+    foreach=None, fused=None, differentiable=False, capturable=False, state_dtype="float32",
+    stochastic_rounding=False, master_weights=False)`` (the last three: optimizer.Optimizer)."""
     args = r.torch_args()
     sig = ", ".join(f"{name}: {_annotation(d)} = {d!r}" for name, d in args)
     keys = ", ".join(f"{name}={name}" for name, _ in args)
     src = (
         f"def __init__(self, params: Any, {sig}, *, maximize: bool = False,\n"
         f"             foreach: Any = None, fused: Any = None, differentiable: Any = False,\n"
-        f"             capturable: Any = False) -> None:\n"
+        f"             capturable: Any = False, state_dtype: Any = 'float32',\n"
+        f"             stochastic_rounding: bool = False, master_weights: bool = False) -> None:\n"
         f"    check_execution_flags(foreach=foreach, fused=fused,\n"
         f"                          differentiable=differentiable, capturable=capturable)\n"
-        f"    base.__init__(self, params, dict({keys}, maximize=maximize))\n"
+        f"    base.__init__(self, params, dict({keys}, maximize=maximize),\n"
+        f"                  state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,\n"
+        f"                  master_weights=master_weights)\n"
     )
     scope: Dict[str, Any] = {
         "Any": Any,

@@ -185,10 +185,11 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
                              ": the states of a parameter share one type");
       }
     }
-    if (state_type[t] == DType::q8 && rule.info.parameter_states != 0) {
-      throw py::type_error(cb.label("params", t) + ": " + rule.cls +
-                           " keeps an average of the parameter in its state, which 8 bits "
-                           "cannot hold; use bfloat16 or float32 state");
+    for (std::size_t k = 0; state_type[t] == DType::q8 && k < rule.states.size(); ++k) {
+      if (const char* why = q8_refusal(rule.info, k)) {
+        throw py::type_error(cb.label("params", t) + ": " + rule.cls + " " + why +
+                             "; use bfloat16 or float32 state");
+      }
     }
   }
   // q8 states: the absmax of each block, float32 (ceil(n / Q8_BLOCK),).
