@@ -184,7 +184,7 @@ SHAPES = st.one_of(
 VALID_LAYOUTS = ["plain", "plain", "plain", "offset", "odd strides on size-1 axes", "read-only"]
 INVALID_LAYOUTS = [
     "float64",
-    "float16",
+    "longdouble",
     "int32",
     "complex64",
     "bool",
@@ -216,7 +216,7 @@ def build(values, layout):
         a = values.copy()
         a.flags.writeable = False
         return a
-    elif layout in ("float64", "float16", "int32", "complex64", "bool"):
+    elif layout in ("float64", "longdouble", "int32", "complex64", "bool"):
         return values.astype(layout)
     elif layout == "swapped byte order":
         return values.astype(SWAPPED + "f4")

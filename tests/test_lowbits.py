@@ -509,3 +509,30 @@ def test_master_weights_follow_the_float32_trajectory_bit_for_bit(name, half):
         assert master.dtype == np.float32
         assert bits(master) == bits(p32)
         assert bits(p16) == bits(p32.astype(dt))
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_checkpoints_keep_the_low_bit_form(state_dtype, tmp_path):
+    rng = np.random.default_rng(6)
+    ps = [rng.standard_normal(s).astype(BF16) for s in ((300,), (17, 5))]
+    opt = ok.AdamW(ps, lr=1e-2, state_dtype=state_dtype, master_weights=True)
+    opt.step([rng.standard_normal(p.shape).astype(np.float32) for p in ps])
+    ok.save(opt, tmp_path / "c.npz")
+    twins = [p.copy() for p in ps]
+    twin = ok.AdamW(twins, lr=1e-2, state_dtype=state_dtype, master_weights=True)
+    ok.load(twin, tmp_path / "c.npz")
+    for p, q in zip(ps, twins):
+        a, b = array_states(opt, p), array_states(twin, q)
+        assert a.keys() == b.keys() and "master_param" in a
+        for k in a:
+            assert a[k].dtype == b[k].dtype and bits(a[k]) == bits(b[k]), k
+    gs = [rng.standard_normal(p.shape).astype(np.float32) for p in ps]
+    opt.step(gs)
+    twin.step(gs)
+    assert [bits(p) for p in ps] == [bits(q) for q in twins]
+    # into a float32-state optimizer: converted
+    plain = ok.AdamW([p.copy() for p in ps], lr=1e-2)
+    ok.load(plain, tmp_path / "c.npz")
+    for p in plain.param_groups[0]["params"]:
+        assert {v.dtype for v in array_states(plain, p).values()} == {np.dtype(np.float32)}
+        assert "master_param" not in plain.state[p]
