@@ -20,6 +20,8 @@ the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by defa
   gradients, against optkern's float32 step, torch's fused Adam on bfloat16 tensors and
   bitsandbytes' 8-bit Adam on CPU (each where installed), as a share of the in-place streaming
   bandwidth for the bytes each moves; and the bytes of state per parameter;
+* ``precision-loop``: the loops study's MLP (784-256-128-10, 0.24M parameters) with Adam in
+  float32 and with bfloat16 and int8 state: the update's share of the training step;
 * ``torch-phases`` (needs torch): zero_grad, forward, backward and step timed inside the torch
   training loop of ``bench --torch``, for torch fused, optkern.torch (2 threads and 1) and torch
   foreach.
@@ -53,6 +55,7 @@ NAMES = [
     "torch-bandwidth",
     "torch-phases",
     "precision",
+    "precision-loop",
 ]
 #: repeats (rounds for torch-phases) when --repeats is not given
 DEFAULT_REPEATS = {
@@ -63,6 +66,7 @@ DEFAULT_REPEATS = {
     "torch-bandwidth": 9,
     "torch-phases": 30,
     "precision": 9,
+    "precision-loop": 7,
 }
 NEEDS_TORCH = {"torch-bandwidth", "torch-phases"}
 
@@ -554,6 +558,42 @@ def precision(repeats: int, n: int = 50_000_000) -> Dict[str, Any]:
     return {"stream_gbps": stream / 1e9, "rows": rows, "ratios": out_ratios, "text": "\n".join(text)}
 
 
+def precision_loop(rounds: int, dims: Sequence[int] = (784, 256, 128, 10)) -> Dict[str, Any]:
+    """The loops study's measurement (optkern.benchmark.loops.measure: interleaved loops, medians
+    of the rounds) for Adam with each state_dtype; the update's share of optkern's loop."""
+    import dataclasses
+
+    from .cases import CASES, _optkern
+    from .loops import measure
+
+    text = [f"MLP {'-'.join(map(str, dims))}, Adam, medians of {rounds} rounds"]
+    rows = []
+    for state_dtype in ("float32", "bfloat16", "int8"):
+        case = dataclasses.replace(
+            CASES["adam"],
+            key=f"adam-{state_dtype}",
+            label=f"Adam, {state_dtype} state",
+            optkern=_optkern(ok.Adam, lr=1e-3, state_dtype=state_dtype),
+        )
+        r = measure(case, dims, rounds, None, lambda: None)
+        share = r["update_in_loop"] / r["loop_optkern"]
+        rows.append(
+            {
+                "state_dtype": state_dtype,
+                "loop": r["loop_optkern"],
+                "update_in_loop": r["update_in_loop"],
+                "update_alone": r["update_alone"],
+                "share": share,
+            }
+        )
+        text.append(
+            f"  {state_dtype:8s} loop {r['loop_optkern'] * 1e3:6.3f} ms  update in loop "
+            f"{r['update_in_loop'] * 1e3:6.3f} ms ({share:4.0%})  alone "
+            f"{r['update_alone'] * 1e3:6.3f} ms"
+        )
+    return {"rows": rows, "text": "\n".join(text)}
+
+
 def _p90s(xs: List[float]) -> float:
     ys = sorted(xs)
     return ys[min(len(ys) - 1, int(0.9 * len(ys)))]
@@ -562,6 +602,7 @@ def _p90s(xs: List[float]) -> float:
 def run_study(name: str, repeats: int) -> Dict[str, Any]:
     return {
         "precision": precision,
+        "precision-loop": precision_loop,
         "threshold": threshold,
         "thread-placement": thread_placement,
         "adafactor-shapes": adafactor_shapes,
