@@ -450,6 +450,8 @@ def test_int8_refused_where_eight_bits_cannot_hold_the_state():
         )
     with pytest.raises(ValueError, match="factored"):
         ok.Adafactor([np.zeros((3, 3), np.float32)], state_dtype="bfloat16")
+    with pytest.raises(TypeError, match=r"params\[0\] is bfloat16: Adafactor keeps its factored"):
+        ok.Adafactor([np.zeros((3, 3), BF16)])
     with pytest.raises(TypeError, match=r"params\[1\] is float64"):
         ok.Adam([np.zeros(3, np.float32), np.zeros(3)], state_dtype="int8")
 

@@ -53,7 +53,14 @@ def test_class_follows_the_declaration(rule):
     assert positional == rule.torch_args()
     kw_only = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
     assert kw_only == dict(
-        maximize=False, foreach=None, fused=None, differentiable=False, capturable=False
+        maximize=False,
+        foreach=None,
+        fused=None,
+        differentiable=False,
+        capturable=False,
+        state_dtype="float32",
+        stochastic_rounding=False,
+        master_weights=False,
     )
     assert rule.doc.splitlines()[0] in cls.__doc__
     opt = cls([np.zeros(3, np.float32)])

@@ -323,6 +323,14 @@ class Optimizer:
                 if any(p is q for p in params for q in existing):
                     raise ValueError("some parameters appear in more than one parameter group") from e
                 raise
+            if self._rule.factored:
+                for i, p in enumerate(params):
+                    if _lowbits.is_half(p.dtype):
+                        raise TypeError(
+                            f"params[{len(existing) + i}] is {p.dtype}: {self._rule.cls} keeps "
+                            "its factored state in the parameter's type and takes float32 and "
+                            "float64 parameters"
+                        )
             if self.state_dtype != "float32":
                 for i, p in enumerate(params):
                     if p.dtype == np.float64:

@@ -132,7 +132,11 @@ float f16_to_float(std::uint16_t h) {
   const std::uint32_t inf_nan = (em << 13) | 0x7f800000u;
   const float subnormal =
       static_cast<float>(static_cast<std::int32_t>(em)) * 5.9604644775390625e-8f;
-  const std::uint32_t r = em >= 0x7c00u ? inf_nan : (em >= 0x0400u ? normal : bits_of(subnormal));
+  // Selected by masks: GCC keeps a loop with nested selects of this function scalar ("control
+  // flow in loop"), and vectorises the masks.
+  const std::uint32_t big = 0u - static_cast<std::uint32_t>(em >= 0x7c00u);
+  const std::uint32_t norm = 0u - static_cast<std::uint32_t>(em >= 0x0400u);
+  const std::uint32_t r = (inf_nan & big) | (normal & norm & ~big) | (bits_of(subnormal) & ~norm);
   return float_of(r | sign);
 }
 std::uint16_t float_to_f16(float x) {
@@ -141,9 +145,13 @@ std::uint16_t float_to_f16(float x) {
   const std::uint32_t a = u & 0x7fffffffu;
   const std::uint32_t normal = (a - ((127u - 15u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
   const std::uint32_t subnormal = bits_of(float_of(a) + 0.5f) - 0x3f000000u;
-  const std::uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN, or Inf and overflow
+  // NaN (a quiet one), or Inf and overflow: 0x7c00 | 0x200 for a NaN, by a mask
+  const std::uint32_t big = 0x7c00u | (0x200u & (0u - static_cast<std::uint32_t>(a > 0x7f800000u)));
   // 65520 (0x477ff000) and above round to Inf; 2^-14 (0x38800000) is the least normal half.
-  const std::uint32_t r = a >= 0x477ff000u ? big : (a >= 0x38800000u ? normal : subnormal);
+  // Selected by masks, as in f16_to_float.
+  const std::uint32_t over = 0u - static_cast<std::uint32_t>(a >= 0x477ff000u);
+  const std::uint32_t norm = 0u - static_cast<std::uint32_t>(a >= 0x38800000u);
+  const std::uint32_t r = (big & over) | (normal & norm & ~over) | (subnormal & ~norm);
   return static_cast<std::uint16_t>(r | sign);
 }
 
@@ -194,11 +202,19 @@ struct TypeList {};
 
 // The combinations of element types every rule's kernel is compiled for, each an entry of its
 // KernelSet (the driver picks the entry per tensor): a float32 or float64 parameter with a
-// gradient of either type, its states in the parameter's type. Each combination costs every
-// rule's loops once more in every ISA build (compile time, and binary size: about 150 KB per
-// combination); the bindings accept exactly these (bindings/arrays.hpp).
-using Instantiated = TypeList<Types<float, float, float>, Types<float, double, float>,
-                              Types<double, double, double>, Types<double, float, double>>;
+// gradient of either type, its states in the parameter's type; and the common 16-bit ones,
+// computed in float32 with each operand converted as it is loaded and stored: a bfloat16 or
+// float16 parameter with a gradient of its type or float32 and float32 state, float32 with
+// bfloat16 state, and all bfloat16. Each combination costs every rule's loops once more in every
+// ISA build (compile time, and binary size: about 150 KB per combination), so they are listed,
+// not crossed: every other combination the bindings accept (other gradient types, int8 state,
+// stochastic rounding, master copies) takes the rule's staged entry (update.hpp).
+using Instantiated =
+    TypeList<Types<float, float, float>, Types<float, double, float>,
+             Types<double, double, double>, Types<double, float, double>,
+             Types<bfloat16, bfloat16, float>, Types<bfloat16, float, float>,
+             Types<float16, float16, float>, Types<float16, float, float>,
+             Types<float, float, bfloat16>, Types<bfloat16, bfloat16, bfloat16>>;
 
 // -- helpers of the element-wise loops
 // -------------------------------------------------------------

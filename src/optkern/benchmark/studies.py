@@ -22,6 +22,9 @@ the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by defa
   bandwidth for the bytes each moves; and the bytes of state per parameter;
 * ``precision-loop``: the loops study's MLP (784-256-128-10, 0.24M parameters) with Adam in
   float32 and with bfloat16 and int8 state: the update's share of the training step;
+* ``precision-accuracy``: the digits MLP of ``python -m optkern demo`` (Adam, 10 epochs) with
+  float32, bfloat16 and int8 state, and with bfloat16 parameters rounded to nearest, rounded
+  stochastically and kept with float32 master weights: test accuracy of each (seeds: repeats);
 * ``torch-phases`` (needs torch): zero_grad, forward, backward and step timed inside the torch
   training loop of ``bench --torch``, for torch fused, optkern.torch (2 threads and 1) and torch
   foreach.
@@ -56,6 +59,7 @@ NAMES = [
     "torch-phases",
     "precision",
     "precision-loop",
+    "precision-accuracy",
 ]
 #: repeats (rounds for torch-phases) when --repeats is not given
 DEFAULT_REPEATS = {
@@ -67,6 +71,7 @@ DEFAULT_REPEATS = {
     "torch-phases": 30,
     "precision": 9,
     "precision-loop": 7,
+    "precision-accuracy": 3,
 }
 NEEDS_TORCH = {"torch-bandwidth", "torch-phases"}
 
@@ -594,6 +599,59 @@ def precision_loop(rounds: int, dims: Sequence[int] = (784, 256, 128, 10)) -> Di
     return {"rows": rows, "text": "\n".join(text)}
 
 
+def precision_accuracy(seeds: int) -> Dict[str, Any]:
+    """Test accuracy of the digits MLP (144-128-64-10, 6000/2000 digits, 10 epochs, batch 64)
+    trained with Adam at two learning rates, per precision setting, for ``seeds`` seeds (the
+    initial weights and batch order); mean and range over the seeds."""
+    from .. import _lowbits
+    from ..examples.mlp import MLP, load_data
+    from ..data import batches
+
+    if _lowbits.BFLOAT16 is None:
+        raise RuntimeError("precision-accuracy needs ml_dtypes (bfloat16)")
+    bf16 = _lowbits.BFLOAT16
+    settings = [
+        ("float32", {}, False),
+        ("bfloat16 state", {"state_dtype": "bfloat16"}, False),
+        ("int8 state", {"state_dtype": "int8"}, False),
+        ("bf16 params, nearest", {}, True),
+        ("bf16 params, stochastic", {"stochastic_rounding": True}, True),
+        ("bf16 params, master weights", {"master_weights": True}, True),
+    ]
+    data = load_data(6000, 2000, 0)
+    X, y, X_test, y_test = data
+    rows = []
+    text = [
+        "digits MLP 144-128-64-10, Adam, 10 epochs of batch 64; test accuracy, mean "
+        f"[min, max] over {seeds} seeds"
+    ]
+    for lr in (3e-3, 3e-4):
+        for label, options, half in settings:
+            accs = []
+            for seed in range(seeds):
+                model = MLP([X.shape[1], 128, 64, 10], seed=seed)
+                params = [p.astype(bf16) for p in model.params] if half else model.params
+                opt = ok.Adam(params, lr=lr, **options)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    for epoch in range(10):
+                        for Xb, yb in batches(X, y, batch_size=64, seed=(seed, epoch)):
+                            if half:  # the float32 model computes with the bfloat16 weights
+                                for p32, p16 in zip(model.params, params):
+                                    p32[...] = p16
+                            _, grads = model.loss_and_gradients(Xb, yb)
+                            opt.step(grads)
+                    if half:
+                        for p32, p16 in zip(model.params, params):
+                            p32[...] = p16
+                    accs.append(model.evaluate(X_test, y_test)[1])
+            rows.append({"lr": lr, "setting": label, "test_acc": accs})
+            text.append(
+                f"  lr {lr:g}  {label:30s} {100 * np.mean(accs):5.1f}% "
+                f"[{100 * min(accs):.1f}, {100 * max(accs):.1f}]"
+            )
+    return {"rows": rows, "text": "\n".join(text)}
+
+
 def _p90s(xs: List[float]) -> float:
     ys = sorted(xs)
     return ys[min(len(ys) - 1, int(0.9 * len(ys)))]
@@ -603,6 +661,7 @@ def run_study(name: str, repeats: int) -> Dict[str, Any]:
     return {
         "precision": precision,
         "precision-loop": precision_loop,
+        "precision-accuracy": precision_accuracy,
         "threshold": threshold,
         "thread-placement": thread_placement,
         "adafactor-shapes": adafactor_shapes,
