@@ -7,7 +7,8 @@ one element per iteration: Lion's and Rprop's loops once did on the scalar (SSE2
 builds (a comparison made conditionally, which GCC does not speculate since it may trap on a
 NaN) and were 11-15x slower there than on AVX-512. This compiles each kernel unit as CMake does
 for each ISA (the flags of CMakeLists.txt; GCC only) with -fopt-info-vec-missed: every rule file
-of src/cpp/rules/list.inc through src/cpp/kernels/rule.cpp, and src/cpp/kernels/norms.cpp. It
+of src/cpp/rules/list.inc through src/cpp/kernels/rule.cpp, src/cpp/kernels/norms.cpp and
+src/cpp/kernels/staging.cpp (the 16-bit and int8 conversions of the staged entries). It
 fails naming every OK_SIMD loop (from its `for` to its closing brace, in the rule file or kernel
 source that holds it) where GCC reports "couldn't vectorize loop" for any instantiation: GCC
 reports each instantiation (every option variant, every combination of element types: float32,
@@ -95,7 +96,7 @@ def main() -> int:
         sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set CXX=g++)")
     sources = [pathlib.Path(a).resolve() for a in sys.argv[1:]]
     if not sources:
-        sources = [*rule_files(), CPP / "kernels/norms.cpp"]
+        sources = [*rule_files(), CPP / "kernels/norms.cpp", CPP / "kernels/staging.cpp"]
     missing = []
     checked = 0
     for source, unit in units(sources):

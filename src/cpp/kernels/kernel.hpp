@@ -209,12 +209,11 @@ struct TypeList {};
 // ISA build (compile time, and binary size: about 150 KB per combination), so they are listed,
 // not crossed: every other combination the bindings accept (other gradient types, int8 state,
 // stochastic rounding, master copies) takes the rule's staged entry (update.hpp).
-using Instantiated =
-    TypeList<Types<float, float, float>, Types<float, double, float>,
-             Types<double, double, double>, Types<double, float, double>,
-             Types<bfloat16, bfloat16, float>, Types<bfloat16, float, float>,
-             Types<float16, float16, float>, Types<float16, float, float>,
-             Types<float, float, bfloat16>, Types<bfloat16, bfloat16, bfloat16>>;
+using Instantiated = TypeList<Types<float, float, float>, Types<float, double, float>,
+                              Types<double, double, double>, Types<double, float, double>,
+                              Types<bfloat16, bfloat16, float>, Types<bfloat16, float, float>,
+                              Types<float16, float16, float>, Types<float16, float, float>,
+                              Types<float, float, bfloat16>, Types<bfloat16, bfloat16, bfloat16>>;
 
 // -- helpers of the element-wise loops
 // -------------------------------------------------------------

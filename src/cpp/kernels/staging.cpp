@@ -61,16 +61,21 @@ std::uint16_t f16_stochastic(float x, std::uint32_t noise) {
   const std::uint32_t sign = (u >> 16) & 0x8000u;
   const std::uint32_t a = u & 0x7fffffffu;
   const std::uint32_t normal = (a - ((127u - 15u) << 23) + (noise & 0x1fffu)) >> 13;
-  float units = float_of(a) * 16777216.0f;    // |x| / 2^-24: below 1024 where it is used
-  units = units < 2048.0f ? units : 2048.0f;  // (and in range for the conversion: no NaN)
+  // |x| / 2^-24: below 1024 where it is used; capped at 2048 (2^-13 as bits) to stay in range
+  // for the conversion (no NaN)
+  const std::uint32_t capped = a < 0x39000000u ? a : 0x39000000u;
+  const float units = float_of(capped) * 16777216.0f;
   const std::int32_t whole = static_cast<std::int32_t>(units);
   const float fraction = units - static_cast<float>(whole);
   const float uniform =
       static_cast<float>(static_cast<std::int32_t>(noise >> 8)) * 5.9604644775390625e-8f;
   const std::uint32_t subnormal =
-      static_cast<std::uint32_t>(whole) + (uniform < fraction ? 1u : 0u);
-  const std::uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  const std::uint32_t r = a >= 0x47800000u ? big : (a >= 0x38800000u ? normal : subnormal);
+      static_cast<std::uint32_t>(whole) + static_cast<std::uint32_t>(uniform < fraction);
+  // Selected by masks, as kernel.hpp's float_to_f16 (nested selects kept the loop scalar).
+  const std::uint32_t big = 0x7c00u | (0x200u & (0u - static_cast<std::uint32_t>(a > 0x7f800000u)));
+  const std::uint32_t over = 0u - static_cast<std::uint32_t>(a >= 0x47800000u);
+  const std::uint32_t norm = 0u - static_cast<std::uint32_t>(a >= 0x38800000u);
+  const std::uint32_t r = (big & over) | (normal & norm & ~over) | (subnormal & ~norm);
   return static_cast<std::uint16_t>(r | sign);
 }
 
