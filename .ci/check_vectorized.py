@@ -7,7 +7,8 @@ one element per iteration: Lion's and Rprop's loops once did on the scalar (SSE2
 builds (a comparison made conditionally, which GCC does not speculate since it may trap on a
 NaN) and were 11-15x slower there than on AVX-512. This compiles each kernel unit as CMake does
 for each ISA build of one architecture (GCC only) with -fopt-info-vec-missed: every rule file
-of src/cpp/rules/list.inc through src/cpp/kernels/rule.cpp, and src/cpp/kernels/norms.cpp. It
+of src/cpp/rules/list.inc through src/cpp/kernels/rule.cpp, src/cpp/kernels/norms.cpp and
+src/cpp/kernels/staging.cpp (the 16-bit and int8 conversions of the staged entries). It
 fails naming every OK_SIMD loop (from its `for` to its closing brace, in the rule file or kernel
 source that holds it) where GCC reports "couldn't vectorize loop" for any instantiation: GCC
 reports each instantiation (every option variant, every combination of element types: float32,
@@ -46,7 +47,13 @@ def isa_builds(arch: str) -> dict[str, list[str]]:
         line_arch, isa, gcc_flags, _msvc = (f.strip() for f in line.split("|"))
         if line_arch == arch and gcc_flags != "n/a":
             out[isa] = [] if gcc_flags == "-" else gcc_flags.split()
+            if isa in GCC_ONLY_FLAGS:
+                out[isa] += GCC_ONLY_FLAGS[isa]
     return out
+
+
+# Flags CMakeLists.txt adds for GCC alone (Clang refuses them): the gathers of the staged loops.
+GCC_ONLY_FLAGS = {"avx2": ["-mtune-ctrl=use_gather"], "avx512": ["-mtune-ctrl=use_gather"]}
 
 
 def rule_files() -> list[pathlib.Path]:
@@ -119,7 +126,7 @@ def main() -> int:
         sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set {variable})")
     sources = [pathlib.Path(a).resolve() for a in args]
     if not sources:
-        sources = [*rule_files(), CPP / "kernels/norms.cpp"]
+        sources = [*rule_files(), CPP / "kernels/norms.cpp", CPP / "kernels/staging.cpp"]
     missing = []
     checked = 0
     for source, unit in units(sources):

@@ -40,6 +40,17 @@ import optkern as ok
 from optkern.registry import Rule
 
 TOL = (1e-5, 1e-6)  # float32 against the float64 reference after 100 steps (the contract)
+#: Keyword arguments of the classes that are not hyperparameters of the rule: torch's execution
+#: flags and optkern's precision options.
+NOT_HYPERPARAMETERS = (
+    "foreach",
+    "fused",
+    "differentiable",
+    "capturable",
+    "state_dtype",
+    "stochastic_rounding",
+    "master_weights",
+)
 
 # -- oracles -----------------------------------------------------------------------------------------
 
@@ -459,13 +470,13 @@ class Entry:
 
     @property
     def defaults(self) -> Dict[str, Any]:
-        """The class's arguments and their defaults, in torch's names (maximize included)."""
+        """The class's arguments and their defaults, in torch's names (maximize included; not
+        torch's execution flags nor optkern's precision options)."""
         params = inspect.signature(self.cls).parameters.values()
         return {
             p.name: p.default
             for p in params
-            if p.default is not p.empty
-            and p.name not in ("foreach", "fused", "differentiable", "capturable")
+            if p.default is not p.empty and p.name not in NOT_HYPERPARAMETERS
         }
 
     @property

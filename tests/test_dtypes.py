@@ -298,8 +298,8 @@ def test_flat_params_of_float64():
     assert np.all(flat[0] == -0.5)
     copy = ok.FlatParams.from_arrays([np.ones(2, np.float32)], dtype=np.float64)
     assert copy.flat.dtype == np.float64
-    with pytest.raises(TypeError, match="float32 or float64"):
-        ok.FlatParams([(2,)], dtype=np.float16)
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        ok.FlatParams([(2,)], dtype=np.longdouble)
 
 
 # -- what is refused -------------------------------------------------------------------------------
@@ -313,13 +313,17 @@ def test_a_state_of_the_other_type_is_refused_naming_it():
     assert not p.any() and not v.any()
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.int64, np.complex128, ">f8"])
+@pytest.mark.parametrize("dtype", [np.longdouble, np.int64, np.complex128, ">f8"])
 def test_other_dtypes_are_refused(dtype):
     p = np.zeros(3, dtype)
-    with pytest.raises(TypeError, match=r"params\[0\] must be a float32 or float64 array"):
+    with pytest.raises(
+        TypeError, match=r"params\[0\] must be a float32, float64, bfloat16 or float16 array"
+    ):
         ok.SGD([p], lr=0.1)
     q = np.zeros(3)
-    with pytest.raises(TypeError, match=r"grads\[0\] must be a float32 or float64 array"):
+    with pytest.raises(
+        TypeError, match=r"grads\[0\] must be a float32, float64, bfloat16 or float16 array"
+    ):
         ok.SGD([q], lr=0.1).step([np.ones(3, dtype)])
     assert not q.any()
 

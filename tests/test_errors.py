@@ -41,26 +41,26 @@ def bad_grad_cases(params):
     p0, p1, _ = params
     g = good_grads(params)
     cases = {
-        "float16": (
-            [g[0].astype(np.float16), g[1], g[2]],
+        "longdouble": (
+            [g[0].astype(np.longdouble), g[1], g[2]],
             TypeError,
-            r"grads\[0\] must be a float32 or float64",
+            r"grads\[0\] must be a float32, float64, bfloat16 or float16",
         ),
         "int": (
             [g[0], g[1].astype(np.int32), g[2]],
             TypeError,
-            r"grads\[1\] must be a float32 or float64",
+            r"grads\[1\] must be a float32, float64, bfloat16 or float16",
         ),
         "big-endian": ([g[0], g[1], g[2].astype(">f4")], TypeError, r"grads\[2\] .*byte order"),
         "list": (
             [g[0].tolist(), g[1], g[2]],
             TypeError,
-            r"grads\[0\] must be a float32 or float64 NumPy array, got list",
+            r"grads\[0\] must be a float32, float64, bfloat16 or float16 NumPy array, got list",
         ),
         "scalar": (
             [g[0], g[1], np.float32(1)],
             TypeError,
-            r"grads\[2\] must be a float32 or float64 NumPy array",
+            r"grads\[2\] must be a float32, float64, bfloat16 or float16 NumPy array",
         ),
         "strided": (
             [np.zeros(2 * p0.size, np.float32)[::2], g[1], g[2]],
@@ -102,7 +102,7 @@ def bad_grad_cases(params):
 
 
 CASE_NAMES = [
-    "float16",
+    "longdouble",
     "int",
     "big-endian",
     "list",
@@ -135,7 +135,7 @@ def test_first_step_failure_creates_no_state():
     params = [np.zeros(5, np.float32), np.zeros(3, np.float32)]
     opt = ok.Adam(params)
     with pytest.raises(TypeError):
-        opt.step([np.zeros(5, np.float32), np.zeros(3, np.float16)])
+        opt.step([np.zeros(5, np.float32), np.zeros(3, np.longdouble)])
     assert len(opt.state) == 0
     sgd = ok.SGD(params, momentum=0.9)
     with pytest.raises(ValueError):
@@ -167,9 +167,9 @@ def test_gradient_index_in_message_counts_across_groups_and_skips():
     a, b, c = (np.ones(n, np.float32) for n in (2, 3, 4))
     opt = ok.SGD([{"params": [a, b]}, {"params": [c]}], lr=0.1)
     with pytest.raises(TypeError, match=r"grads\[2\]"):
-        opt.step([None, np.ones(3, np.float32), np.ones(4, np.float16)])
+        opt.step([None, np.ones(3, np.float32), np.ones(4, np.longdouble)])
     with pytest.raises(TypeError, match=r"grads\[1\]"):
-        opt.step([None, np.ones(3, np.float16), np.ones(4, np.float32)])
+        opt.step([None, np.ones(3, np.longdouble), np.ones(4, np.float32)])
 
 
 # -- bad parameters --------------------------------------------------------------------------------
@@ -179,16 +179,20 @@ def test_gradient_index_in_message_counts_across_groups_and_skips():
     "params, exc, pattern",
     [
         ([], ValueError, "empty parameter list"),
-        ([np.zeros(3, np.float16)], TypeError, r"params\[0\] must be a float32 or float64"),
+        (
+            [np.zeros(3, np.longdouble)],
+            TypeError,
+            r"params\[0\] must be a float32, float64, bfloat16 or float16",
+        ),
         (
             [np.zeros(3, np.float32), [1.0, 2.0]],
             TypeError,
-            r"params\[1\] must be a float32 or float64 NumPy array, got list",
+            r"params\[1\] must be a float32, float64, bfloat16 or float16 NumPy array, got list",
         ),
         (
             [None],
             TypeError,
-            r"params\[0\] must be a float32 or float64 NumPy array, got NoneType",
+            r"params\[0\] must be a float32, float64, bfloat16 or float16 NumPy array, got NoneType",
         ),
         (
             [np.zeros(6, np.float32)[::2]],

@@ -247,9 +247,10 @@ def fortran(a):
 
 
 # One entry of one list replaced: (name, make(entry), error, pattern); {L} and {j} are filled in.
-# A parameter or gradient may be float32 or float64 (states: the parameter's type), so the
-# messages name "float32 or float64" for those and "float32" for a state of a float32 parameter.
-F32 = r"must be a float32 (or float64 )?"
+# A parameter or gradient may be float32, float64, bfloat16 or float16; a state of a float32
+# parameter float32, bfloat16 or uint8 codes (of a float64 parameter: float64). The messages name
+# those types.
+F32 = r"must be a float32(, float64, bfloat16 or float16|, bfloat16 or uint8 \(8-bit state codes\))? "
 ENTRY_MUTATIONS = [
     ("None", lambda a: None, TypeError, r"{L}\[{j}\] " + F32 + "NumPy array, got NoneType"),
     ("list", lambda a: a.tolist(), TypeError, r"{L}\[{j}\] " + F32 + "NumPy array, got list"),
@@ -262,9 +263,9 @@ ENTRY_MUTATIONS = [
         "float64",
         lambda a: a.astype(np.float64),
         TypeError,
-        r"{L}\[{j}\] must be a float32 array like",
+        r"{L}\[{j}\] must be a float32(, bfloat16 or uint8 \(8-bit state codes\))? array",
     ),
-    ("float16", lambda a: a.astype(np.float16), TypeError, r"{L}\[{j}\] " + F32 + "array"),
+    ("longdouble", lambda a: a.astype(np.longdouble), TypeError, r"{L}\[{j}\] " + F32 + "array"),
     ("int32", lambda a: a.astype(np.int32), TypeError, r"{L}\[{j}\] " + F32 + "array"),
     ("bool", lambda a: a > 0, TypeError, r"{L}\[{j}\] " + F32 + "array"),
     ("complex64", lambda a: a.astype(np.complex64), TypeError, r"{L}\[{j}\] " + F32 + "array"),
@@ -850,14 +851,14 @@ def test_params_changed_after_construction_are_checked(kind, hp, stepped):
     for change, exc, pattern in [
         (lambda ps: ps.append(ps[0]), ValueError, r"\w+\[[03]\] shares memory with \w+\[[03]\]"),
         (
-            lambda ps: ps.append(np.zeros(3, np.float16)),
+            lambda ps: ps.append(np.zeros(3, np.longdouble)),
             TypeError,
-            r"params\[3\] must be a float32 or float64",
+            r"params\[3\] must be a float32, float64, bfloat16 or float16",
         ),
         (
             lambda ps: ps.__setitem__(1, ps[1].astype(np.int32)),
             TypeError,
-            r"params\[1\] must be a float32 or float64",
+            r"params\[1\] must be a float32, float64, bfloat16 or float16",
         ),
         (lambda ps: ps.append(ps[2].T), ValueError, r"must be C-contiguous|shares memory"),
     ]:
@@ -961,19 +962,19 @@ def construction_cases():
         "[None]",
         lambda: [None],
         TypeError,
-        r"params\[0\] must be a float32 or float64 NumPy array, got NoneType",
+        r"params\[0\] must be a float32, float64, bfloat16 or float16 NumPy array, got NoneType",
     )
     yield (
         "[p, None]",
         lambda: [p, None],
         TypeError,
-        r"params\[1\] must be a float32 or float64 NumPy array",
+        r"params\[1\] must be a float32, float64, bfloat16 or float16 NumPy array",
     )
     yield (
         "[[1.0, 2.0]]",
         lambda: [[1.0, 2.0]],
         TypeError,
-        r"params\[0\] must be a float32 or float64 NumPy array, got list",
+        r"params\[0\] must be a float32, float64, bfloat16 or float16 NumPy array, got list",
     )
     for mname, make, exc, pattern in ENTRY_MUTATIONS:
         if mname in ("None", "longer", "reshaped", "size 0", "float64", "0-d"):
@@ -1030,7 +1031,7 @@ def test_bad_param_group_refused_and_nothing_changes(kind, hp):
     for group, exc, pattern in [
         ({"params": [params[0]]}, ValueError, "more than one parameter group"),
         ({"params": [base[1:].reshape(4, 5)]}, ValueError, "shares memory"),
-        ({"params": [np.zeros(3, np.float16)]}, TypeError, r"params\[3\] must be a float32"),
+        ({"params": [np.zeros(3, np.longdouble)]}, TypeError, r"params\[3\] must be a float32"),
         ({"params": []}, ValueError, "empty parameter list"),
         ({"params": None}, TypeError, "must be a list"),
         ({"lr": 0.1}, ValueError, 'must have a "params" entry'),
@@ -1059,8 +1060,8 @@ def test_error_in_a_later_group_changes_no_group(kind, hp, stepped):
 
     for case, change, exc, pattern in [
         (
-            "float16 in group 2",
-            lambda o, ps, g: g.__setitem__(2, g[2].astype(np.float16)),
+            "longdouble in group 2",
+            lambda o, ps, g: g.__setitem__(2, g[2].astype(np.longdouble)),
             TypeError,
             r"grads\[2\] must be a float32",
         ),
@@ -1089,8 +1090,8 @@ def test_error_in_a_later_group_changes_no_group(kind, hp, stepped):
             "lr must be finite",
         ),
         (
-            "None in group 2, float16 in group 1",
-            lambda o, ps, g: (g.__setitem__(2, None), g.__setitem__(1, g[1].astype(np.float16))),
+            "None in group 2, longdouble in group 1",
+            lambda o, ps, g: (g.__setitem__(2, None), g.__setitem__(1, g[1].astype(np.longdouble))),
             TypeError,
             r"grads\[1\] must be a float32",
         ),

@@ -60,6 +60,9 @@ def test_class_follows_the_declaration(rule):
         fused=None,
         differentiable=False,
         capturable=False,
+        state_dtype="float32",
+        stochastic_rounding=False,
+        master_weights=False,
     )
     assert rule.doc.splitlines()[0] in cls.__doc__
     opt = cls([np.zeros(3, np.float32)])

@@ -233,7 +233,7 @@ def test_arrays_changed_in_place_are_checked_again():
     "bad, error",
     [
         (lambda g, p: g[:3], ValueError),
-        (lambda g, p: [g[0].astype(np.float16)] + g[1:], TypeError),
+        (lambda g, p: [g[0].astype(np.longdouble)] + g[1:], TypeError),
         (lambda g, p: [g[0].astype(np.dtype(np.float64).newbyteorder())] + g[1:], TypeError),
         (lambda g, p: [g[0].astype(np.float64).view(np.int64)] + g[1:], TypeError),
         (lambda g, p: [g[0].T] + g[1:], ValueError),

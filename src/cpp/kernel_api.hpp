@@ -20,13 +20,38 @@ namespace optkern {
 // parameter) and stores with round-to-nearest-even; kernels/kernel.hpp has the per-ISA load and
 // store of each type. Adding a type: an entry here, its load/store there, and its combinations
 // in kernels/kernel.hpp's Instantiated list (docs/design.md, "Element types").
-enum class DType : std::uint8_t { f32, f64 };
-constexpr int DTYPE_COUNT = 2;
+//   bf16, f16: bfloat16 and IEEE half, computed in float32.
+//   q8: a state only, blockwise 8-bit: one byte per element, the index of the nearest of 256
+//       codes (bitsandbytes' dynamic map: signed, or unsigned for a state that is never
+//       negative), times a float32 absmax per block of Q8_BLOCK elements.
+enum class DType : std::uint8_t { f32, f64, bf16, f16, q8 };
+constexpr int DTYPE_COUNT = 5;
+
+// The 16-bit storage types as the kernels see them: the bits (kernels/kernel.hpp converts them).
+struct bfloat16 {
+  std::uint16_t bits;
+};
+struct float16 {
+  std::uint16_t bits;
+};
+
+// Elements per block of a q8 state, each with its own float32 absmax (bitsandbytes' 8-bit
+// optimizers' block size). A thread's range of a tensor with q8 state starts on a block.
+constexpr std::size_t Q8_BLOCK = 256;
+
+// How a 16-bit parameter is written from the float32 value the rule computed.
+enum class ParamWrite : std::uint8_t {
+  nearest,     // rounded to nearest even (every parameter type)
+  stochastic,  // rounded up or down at random, in proportion (Operands::noise)
+  master,      // the rule updates a float32 master copy (Operands::master), which is then
+               // rounded to nearest even into the parameter
+};
 
 // The element types of one kernel entry: the parameter's, the gradient's, and the states' (one
-// type for every state array of the call).
+// type for every state array of the call), and how a 16-bit parameter is written.
 struct Types {
   DType param, grad, state;
+  ParamWrite write = ParamWrite::nearest;
 };
 
 // -- pieces of the per-step scalars ---------------------------------------------------------------
@@ -78,6 +103,15 @@ struct KernelDecl {
   // A factored kernel (Adafactor): its passes over tiles of each matrix, with the rule's host step
   // between passes (factored.cpp). Its states need not be shaped like the parameter.
   int passes = 0;
+  // Bit k set: state k is never negative (a moving average of squares, a sum of squares), so
+  // as q8 it takes the unsigned dynamic map, twice as fine as the signed one.
+  unsigned nonnegative_states = 0;
+  // The element-wise pass only reads the states (the reduction pass wrote them: LAMB), so a
+  // staged entry does not write them back after it.
+  bool step_keeps_states = false;
+  // Bit k set: state k holds values of the parameter's size (an average of the parameter:
+  // ASGD's ax, Schedule-Free's z), which q8 state would lose; the bindings refuse q8 there.
+  unsigned parameter_states = 0;
 };
 
 // The rule files, in the order of rules/list.inc: a kernel's index in every KernelTable.
@@ -117,14 +151,25 @@ struct FactoredTile {
 // arrays hold the entry's Types. Each updates elements [0, n) of the pointers it is given; the
 // driver offsets the pointers for each thread's range.
 
-// The element-wise pass: state[k] is the k-th state buffer (nullptr when the options do not use
-// it).
-using StepFn = void (*)(const void* scalars, void* param, const void* grad, void* const* state,
-                        std::size_t n);
+// The arrays of an update of elements [0, n) of one tensor, each positioned at the range's first
+// element (absmax at the range's first block: a range of a tensor with q8 state starts on a
+// block).
+struct Operands {
+  void* param;
+  const void* grad;
+  void* state[MAX_STATES];    // the k-th state buffer (nullptr when the options do not use it)
+  float* absmax[MAX_STATES];  // q8 states: the absmax of each Q8_BLOCK-element block
+  float* master;              // ParamWrite::master: the float32 copy of the parameter
+  Types types;
+  std::uint32_t noise;  // ParamWrite::stochastic: this tensor's key at this step
+  std::size_t first;    // the range's first element within its tensor (the noise counter)
+};
+
+// The element-wise pass.
+using StepFn = void (*)(const void* scalars, const Operands& op, std::size_t n);
 // A kernel's reduction pass over one block, writing KernelDecl::reduce_sums sums (each
-// accumulated in a fixed order within the block).
-using ReduceFn = void (*)(const void* scalars, const void* param, const void* grad,
-                          void* const* state, std::size_t n, double* sums);
+// accumulated in a fixed order within the block); it may write the states (LAMB's moments).
+using ReduceFn = void (*)(const void* scalars, const Operands& op, std::size_t n, double* sums);
 // A factored kernel's pass `pass` (0, 1, ...) over one tile.
 using PassFn = void (*)(const void* scalars, int pass, const FactoredTile& tile);
 
@@ -135,10 +180,16 @@ struct KernelEntry {
   PassFn pass;      // nullptr unless KernelDecl::passes
 };
 
-// One rule file's kernel on one ISA: an entry per combination of element types compiled.
+// One rule file's kernel on one ISA: an entry per combination of element types compiled, and the
+// staged entry, which serves the 16-bit and 8-bit combinations (staged(Types) in update.hpp)
+// through the float32 entry: each block of Q8_BLOCK elements of every operand not in float32 is
+// widened into float32 on the stack, the float32 loop runs on the block, and what it wrote is
+// narrowed back (rounded, or requantised), so the block never leaves L1. nullptr for a factored
+// kernel.
 struct KernelSet {
   const KernelEntry* entries;
   std::size_t count;
+  const KernelEntry* staged;
 };
 
 // Gradient norms and clipping on arrays of one type.
@@ -152,12 +203,30 @@ struct NormKernels {
   void (*clamp)(void* x, std::size_t n, double lo, double hi);
 };
 
+// The conversions of the staged entries (kernels/staging.cpp), for the bindings' own use: a state
+// converted between float32 and q8 (a load into an optimizer of the other state type) and the
+// tests of every ISA.
+struct StagingKernels {
+  // out = the q8 codes of x (n <= Q8_BLOCK elements: one block), returning the block's absmax.
+  float (*quantize)(const float* x, bool nonnegative, std::uint8_t* out, std::size_t n);
+  // out = code[q] * absmax (one block).
+  void (*dequantize)(const std::uint8_t* q, float absmax, bool nonnegative, float* out,
+                     std::size_t n);
+  // 16-bit (or float64) to float32 and back, rounding to nearest even; and rounding
+  // stochastically with the noise of key at elements [first, first + n).
+  void (*widen)(DType type, const void* x, float* out, std::size_t n);
+  void (*narrow)(DType type, const float* x, void* out, std::size_t n);
+  void (*narrow_stochastic)(DType type, const float* x, void* out, std::size_t n, std::uint32_t key,
+                            std::size_t first);
+};
+
 // One ISA build's entry points.
 struct KernelTable {
   const KernelSet* rules[KERNEL_COUNT];  // by KernelId
   const NormKernels* norms;              // [DTYPE_COUNT], by DType
   // a += s * b (float32): the benchmark's measure of the machine's in-place streaming bandwidth.
   void (*axpy)(float* a, const float* b, float s, std::size_t n);
+  const StagingKernels* staging;
 
   // Whether this build's OK_FMA is one fused multiply-add (AVX2, AVX-512, NEON, SVE) or a
   // multiply then an add (x86-64's baseline, the generic build): builds that fuse compute

@@ -118,8 +118,8 @@ void parallel_for(std::size_t count, std::size_t weight, RangeFn fn, void* ctx) 
             &job);
 }
 
-void for_each_span(const std::size_t* sizes, std::size_t count, std::size_t weight, SpanFn fn,
-                   void* ctx) {
+void for_each_span(const std::size_t* sizes, const std::size_t* aligns, std::size_t count,
+                   std::size_t weight, SpanFn fn, void* ctx) {
   std::size_t total = 0;
   for (std::size_t t = 0; t < count; ++t) total += sizes[t];
   const int threads = threads_for(total * weight);
@@ -129,33 +129,39 @@ void for_each_span(const std::size_t* sizes, std::size_t count, std::size_t weig
     }
     return;
   }
+  // The tensors laid end to end, each aligned tensor starting at a multiple of its alignment
+  // (padding no chunk visits), and chunks a multiple of every alignment: a chunk then starts
+  // inside an aligned tensor only at a multiple of its alignment.
   std::vector<std::size_t> starts(count);
-  std::size_t at = 0;
+  std::size_t at = 0, align = CHUNK_ALIGN;
   for (std::size_t t = 0; t < count; ++t) {
+    const std::size_t a = aligns == nullptr ? 1 : aligns[t];
+    at = (at + a - 1) / a * a;
+    align = std::max(align, a);  // every alignment divides CHUNK_ALIGN or equals Q8_BLOCK
     starts[t] = at;
     at += sizes[t];
   }
+  const std::size_t extent = at;
   struct Job {
     const std::size_t* sizes;
     const std::size_t* starts;
-    std::size_t count, total, per;
+    std::size_t count, extent, per;
     SpanFn fn;
     void* ctx;
-  } job{sizes, starts.data(), count, total, chunk_items(total, weight, threads, CHUNK_ALIGN), fn,
-        ctx};
-  pool::run((total + job.per - 1) / job.per, threads,
+  } job{sizes, starts.data(), count, extent, chunk_items(total, weight, threads, align), fn, ctx};
+  pool::run((extent + job.per - 1) / job.per, threads,
             [](void* c, std::size_t i) {
               const Job& j = *static_cast<const Job*>(c);
-              std::size_t lo = i * j.per;
-              const std::size_t hi = std::min(j.total, lo + j.per);
+              const std::size_t lo = i * j.per;
+              const std::size_t hi = std::min(j.extent, lo + j.per);
               // The last tensor starting at or before lo, then every tensor the chunk reaches into.
               std::size_t t = static_cast<std::size_t>(
                                   std::upper_bound(j.starts, j.starts + j.count, lo) - j.starts) -
                               1;
-              for (; lo < hi && t < j.count; ++t) {
-                const std::size_t end = std::min(hi, j.starts[t] + j.sizes[t]);
-                if (end > lo) j.fn(j.ctx, t, lo - j.starts[t], end - j.starts[t]);
-                lo = std::max(lo, end);
+              for (; t < j.count && j.starts[t] < hi; ++t) {
+                const std::size_t b = std::max(lo, j.starts[t]);
+                const std::size_t e = std::min(hi, j.starts[t] + j.sizes[t]);
+                if (e > b) j.fn(j.ctx, t, b - j.starts[t], e - j.starts[t]);
               }
             },
             &job);

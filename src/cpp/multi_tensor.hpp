@@ -39,10 +39,12 @@ constexpr std::size_t WEIGHT_STREAMING = 1;  // a few multiply-adds per element:
 constexpr std::size_t WEIGHT_DIVIDES = 4;    // a sqrt and a division per element: Adam, RMSprop...
 
 // Calls fn(ctx, tensor, begin, end) so that every element [0, sizes[t]) of every tensor is visited
-// exactly once. No parallel region nests inside another; fn must not throw.
+// exactly once. No parallel region nests inside another; fn must not throw. aligns (or nullptr:
+// all 1): each range of tensor t begins at a multiple of aligns[t] (1 or Q8_BLOCK), so that a
+// block of q8 state is never split between threads.
 using SpanFn = void (*)(void* ctx, std::size_t tensor, std::size_t begin, std::size_t end);
-void for_each_span(const std::size_t* sizes, std::size_t count, std::size_t weight, SpanFn fn,
-                   void* ctx);
+void for_each_span(const std::size_t* sizes, const std::size_t* aligns, std::size_t count,
+                   std::size_t weight, SpanFn fn, void* ctx);
 
 // Calls fn(ctx, begin, end) over [0, count), in contiguous ranges (chunks); `weight` is the
 // number of elements one item stands for, against the single-thread threshold.
@@ -57,9 +59,19 @@ void parallel_for(std::size_t count, std::size_t weight, F& f) {
 }
 
 template <class F>
+void for_each_span(const std::vector<std::size_t>& sizes, const std::vector<std::size_t>& aligns,
+                   std::size_t weight, F& f) {
+  for_each_span(
+      sizes.data(), aligns.empty() ? nullptr : aligns.data(), sizes.size(), weight,
+      [](void* ctx, std::size_t t, std::size_t b, std::size_t e) {
+        (*static_cast<F*>(ctx))(t, b, e);
+      },
+      &f);
+}
+template <class F>
 void for_each_span(const std::vector<std::size_t>& sizes, std::size_t weight, F& f) {
   for_each_span(
-      sizes.data(), sizes.size(), weight,
+      sizes.data(), nullptr, sizes.size(), weight,
       [](void* ctx, std::size_t t, std::size_t b, std::size_t e) {
         (*static_cast<F*>(ctx))(t, b, e);
       },

@@ -19,8 +19,30 @@
 
 namespace optkern {
 
-// Bytes per element of an array of this type.
-inline std::size_t dtype_size(DType t) { return t == DType::f64 ? 8 : 4; }
+// Bytes per element of an array of this type (q8: its codes; the absmax per block is apart).
+inline std::size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::f64:
+      return 8;
+    case DType::bf16:
+    case DType::f16:
+      return 2;
+    case DType::q8:
+      return 1;
+    case DType::f32:
+      break;
+  }
+  return 4;
+}
+
+// The states dict of _core.step and the state dicts name a q8 state's absmax per block
+// "<state>_absmax" (optkern.functional: "<state list>_absmax"), and a 16-bit parameter's float32
+// master copy "master_param" ("master_params").
+constexpr const char* ABSMAX_SUFFIX = "_absmax";
+constexpr const char* MASTER_STATE = "master_param";
+
+// Blocks of a q8 state of n elements (one absmax each).
+inline std::size_t q8_blocks(std::size_t n) { return (n + Q8_BLOCK - 1) / Q8_BLOCK; }
 
 // What values a hyperparameter takes. Every real one is also finite and at most float32's
 // largest value in magnitude (float32 parameters are computed in float32).

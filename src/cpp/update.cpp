@@ -19,9 +19,20 @@ const void* advance(const void* p, DType type, std::size_t elements) {
   return static_cast<const char*>(p) + elements * dtype_size(type);
 }
 
-// Tensor t's state pointers from element b on.
-void states_at(const Tensor& t, std::size_t b, void* (&st)[MAX_STATES]) {
-  for (std::size_t k = 0; k < MAX_STATES; ++k) st[k] = advance(t.state[k], t.types.state, b);
+// Tensor t's operands from element b on (b a multiple of range_align(t.types)).
+Operands operands_at(const Tensor& t, std::size_t b) {
+  Operands op{};
+  op.param = advance(t.param, t.types.param, b);
+  op.grad = advance(t.grad, t.types.grad, b);
+  for (std::size_t k = 0; k < MAX_STATES; ++k) {
+    op.state[k] = advance(t.state[k], t.types.state, b);
+    op.absmax[k] = t.absmax[k] == nullptr ? nullptr : t.absmax[k] + b / Q8_BLOCK;
+  }
+  op.master = t.master == nullptr ? nullptr : t.master + b;
+  op.types = t.types;
+  op.noise = t.noise;
+  op.first = b;
+  return op;
 }
 
 // The reduction pass of a kernel that has one (KernelDecl::reduce_sums): its first pass over
@@ -43,10 +54,8 @@ std::vector<ScalarsSlot> reduce(const Update& u) {
     for (std::size_t i = lo; i < hi; ++i) {
       const Block& k = blocks[i];
       const Tensor& t = u.tensors[k.tensor];
-      void* st[MAX_STATES];
-      states_at(t, k.begin, st);
-      t.entry->reduce(u.scalars[t.scalars].bytes, advance(t.param, t.types.param, k.begin),
-                      advance(t.grad, t.types.grad, k.begin), st, k.size, &partial[i * NR]);
+      t.entry->reduce(u.scalars[t.scalars].bytes, operands_at(t, k.begin), k.size,
+                      &partial[i * NR]);
     }
   };
   parallel_for(blocks.size(), REDUCE_BLOCK * u.rule->info.weight, pass);
@@ -68,11 +77,20 @@ std::vector<ScalarsSlot> reduce(const Update& u) {
 const KernelEntry* find_entry(const KernelSet& set, Types types) {
   for (std::size_t i = 0; i < set.count; ++i) {
     const Types& e = set.entries[i].types;
-    if (e.param == types.param && e.grad == types.grad && e.state == types.state) {
+    if (e.param == types.param && e.grad == types.grad && e.state == types.state &&
+        e.write == types.write) {
       return &set.entries[i];
     }
   }
-  return nullptr;
+  return set.staged != nullptr && staged(types) ? set.staged : nullptr;
+}
+
+bool staged(Types t) {
+  const bool half = t.param == DType::bf16 || t.param == DType::f16;
+  if (!(t.param == DType::f32 || half) || t.grad == DType::q8) return false;
+  if (!(t.state == DType::f32 || t.state == DType::bf16 || t.state == DType::q8)) return false;
+  if (t.write != ParamWrite::nearest && !half) return false;
+  return true;
 }
 
 void run_update(const Update& u) {
@@ -85,13 +103,10 @@ void run_update(const Update& u) {
   if (u.rule->info.reduce_sums > 0) per_array = reduce(u);
   auto body = [&](std::size_t t, std::size_t b, std::size_t e) {
     const Tensor& tensor = u.tensors[t];
-    void* st[MAX_STATES];
-    states_at(tensor, b, st);
     const ScalarsSlot& s = per_array.empty() ? u.scalars[tensor.scalars] : per_array[t];
-    tensor.entry->step(s.bytes, advance(tensor.param, tensor.types.param, b),
-                       advance(tensor.grad, tensor.types.grad, b), st, e - b);
+    tensor.entry->step(s.bytes, operands_at(tensor, b), e - b);
   };
-  for_each_span(u.sizes, u.rule->info.weight, body);
+  for_each_span(u.sizes, u.aligns, u.rule->info.weight, body);
 }
 
 }  // namespace optkern

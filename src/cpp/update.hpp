@@ -26,8 +26,11 @@ struct alignas(alignof(std::max_align_t)) ScalarsSlot {
 struct Tensor {
   void* param;
   const void* grad;
-  void* state[MAX_STATES];  // the kernel's state slots (nullptr where unused)
-  std::size_t size;         // elements
+  void* state[MAX_STATES];    // the kernel's state slots (nullptr where unused)
+  float* absmax[MAX_STATES];  // q8 states: their absmax per block (Operands)
+  float* master;              // ParamWrite::master: the float32 copy of the parameter
+  std::uint32_t noise;        // ParamWrite::stochastic: the tensor's key at this step
+  std::size_t size;           // elements
   int ndim;
   const std::intptr_t* dims;  // its shape (factored kernels tile matrices by it)
   Types types;
@@ -38,12 +41,40 @@ struct Tensor {
 struct Update {
   const Rule* rule = nullptr;
   std::vector<Tensor> tensors;
-  std::vector<std::size_t> sizes;  // tensors[t].size, for the multi-tensor split
+  std::vector<std::size_t> sizes;   // tensors[t].size, for the multi-tensor split
+  std::vector<std::size_t> aligns;  // range_align(tensors[t].types): where ranges may start
   std::vector<ScalarsSlot> scalars;
 };
 
-// The entry of `set` for these element types, or nullptr when none was compiled.
+// The entry of `set` for these element types: a compiled combination, else the staged entry
+// where it serves them (staged), else nullptr.
 const KernelEntry* find_entry(const KernelSet& set, Types types);
+
+// Whether a kernel's staged entry serves these element types: a float32, bfloat16 or float16
+// parameter (written to nearest; bfloat16 and float16 also stochastically or from a master
+// copy), a gradient of any float type, states in float32, bfloat16 or q8 (not both float32 with
+// a float32 parameter written to nearest: a compiled combination).
+bool staged(Types types);
+
+// Why state k of a kernel cannot be q8, or nullptr if it can: a state holding values of the
+// parameter's size (ASGD's ax, Schedule-Free's z); a kernel with a reduction pass (LAMB), whose
+// norms would be computed from the moments before requantisation and its update from the
+// requantised ones (a moment requantised to zero would then get an update no norm bounds);
+// a factored kernel, which takes its states in the parameter's type.
+inline const char* q8_refusal(const KernelDecl& k, std::size_t state) {
+  if ((k.parameter_states >> state) & 1u) {
+    return "keeps an average of the parameter in its state, which 8 bits cannot hold";
+  }
+  if (k.reduce_sums > 0) {
+    return "computes norms of its update in a pass of their own, which 8-bit state would make "
+           "inconsistent with the update";
+  }
+  if (k.passes > 0) return "keeps its factored state in the parameter's type";
+  return nullptr;
+}
+
+// Elements a thread's range of this tensor starts at a multiple of (Q8_BLOCK with q8 state).
+inline std::size_t range_align(const Types& t) { return t.state == DType::q8 ? Q8_BLOCK : 1; }
 
 // Runs the update (the caller has released the GIL). Results do not depend on the number of
 // threads: element-wise passes are split at any element, reductions are summed over blocks

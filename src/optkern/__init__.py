@@ -11,6 +11,7 @@ The kernels are picked once, at import, for the best instruction set the CPU sup
 """
 
 from . import _core
+from . import _lowbits  # noqa: F401 (registers ml_dtypes' bfloat16 with the core when installed)
 from . import data
 from . import functional
 from . import lr_scheduler

@@ -115,6 +115,9 @@ class Nesterov(SGD):  # type: ignore[misc, valid-type]
         fused: Any = None,
         differentiable: Any = False,
         capturable: Any = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         check_execution_flags(
             foreach=foreach, fused=fused, differentiable=differentiable, capturable=capturable
@@ -131,4 +134,7 @@ class Nesterov(SGD):  # type: ignore[misc, valid-type]
                 lr_in_velocity=lr_in_velocity,
                 maximize=maximize,
             ),
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
         )

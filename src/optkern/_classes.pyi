@@ -43,6 +43,9 @@ class SGD(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class Momentum(Optimizer):
@@ -58,6 +61,9 @@ class Momentum(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class RMSprop(Optimizer):
@@ -78,6 +84,9 @@ class RMSprop(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class Adagrad(Optimizer):
@@ -96,6 +105,9 @@ class Adagrad(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class Adadelta(Optimizer):
@@ -112,6 +124,9 @@ class Adadelta(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class Adam(Optimizer):
@@ -129,6 +144,9 @@ class Adam(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class AdamW(Optimizer):
@@ -146,6 +164,9 @@ class AdamW(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class Adamax(Optimizer):
@@ -162,6 +183,9 @@ class Adamax(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class NAdam(Optimizer):
@@ -180,6 +204,9 @@ class NAdam(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class RAdam(Optimizer):
@@ -197,6 +224,9 @@ class RAdam(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class ASGD(Optimizer):
@@ -214,6 +244,9 @@ class ASGD(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class Lion(Optimizer):
@@ -229,6 +262,9 @@ class Lion(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class Rprop(Optimizer):
@@ -244,6 +280,9 @@ class Rprop(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class LAMB(Optimizer):
@@ -260,6 +299,9 @@ class LAMB(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class ScheduleFreeAdamW(Optimizer):
@@ -279,6 +321,9 @@ class ScheduleFreeAdamW(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
     def eval(self) -> None: ...
     def train(self) -> None: ...
@@ -299,6 +344,9 @@ class ScheduleFreeSGD(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
     def eval(self) -> None: ...
     def train(self) -> None: ...
@@ -318,6 +366,9 @@ class Adafactor(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class AdEMAMix(Optimizer):
@@ -337,6 +388,9 @@ class AdEMAMix(Optimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...
 
 class Nesterov(SGD):
@@ -354,4 +408,7 @@ class Nesterov(SGD):
         fused: Any = None,
         differentiable: Any = False,
         capturable: Any = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None: ...

@@ -40,12 +40,18 @@ PREAMBLE = {
 }
 
 
+def _literal(value: Any) -> str:
+    """A default as the formatter writes it (strings in double quotes)."""
+    return '"' + value + '"' if isinstance(value, str) and '"' not in value else repr(value)
+
+
 def _parameter(p: inspect.Parameter) -> str:
     text = p.name
     if p.annotation is not p.empty:
         text += f": {p.annotation}"
     if p.default is not p.empty:
-        text += f" = {p.default!r}" if p.annotation is not p.empty else f"={p.default!r}"
+        default = _literal(p.default)
+        text += f" = {default}" if p.annotation is not p.empty else f"={default}"
     return text
 
 

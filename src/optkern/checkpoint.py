@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Tuple, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, _lowbits
 from .optimizer import Optimizer
 
 __all__ = ["save", "load", "read_state_dict", "CheckpointError", "FORMAT_VERSION"]
@@ -100,6 +100,10 @@ def save(optimizer: Optimizer, path: PathLike) -> None:
             if isinstance(value, np.ndarray):
                 key = f"{ARRAY_PREFIX}{len(arrays)}"
                 arr = np.ascontiguousarray(value)
+                # bfloat16 (ml_dtypes) has no .npy type of its own: its bits, as uint16
+                bf16 = _lowbits.BFLOAT16 is not None and arr.dtype == _lowbits.BFLOAT16
+                if bf16:
+                    arr = arr.view(np.uint16)
                 arrays[key] = arr
                 specs[key] = {
                     "dtype": arr.dtype.str,
@@ -107,6 +111,8 @@ def save(optimizer: Optimizer, path: PathLike) -> None:
                     "sha256": _sha256(arr),
                     "of": where,
                 }
+                if bf16:
+                    specs[key]["as"] = "bfloat16"
                 encoded[name] = {"__array__": key}
             else:
                 encoded[name] = _encode(value, where)
@@ -402,6 +408,8 @@ class _Limits:
         # factors: registry.State.shape_for, the core's rule); load_state_dict then checks
         # each state against its own parameter.
         self.shapes = {tuple(s) for s in shapes}
+        # int8 state: a float32 absmax per block of each state array of the parameter's size
+        self.shapes |= {(_lowbits.blocks(int(np.prod(s, dtype=object))),) for s in shapes}
         for st in getattr(rule, "states", ()):
             if st.shape != "like_param":
                 self.shapes |= {st.shape_for(tuple(s)) for s in shapes} - {None}
@@ -409,7 +417,8 @@ class _Limits:
         n = len(shapes)
         # Arrays a parameter may have: each state array name, plus slack for state from torch or
         # an older optkern; unknown (a subclass without the attribute) -> generous.
-        per_param = len(array_names) + 1 if isinstance(array_names, (list, tuple)) else 8
+        # (times two: an int8 state's absmax; plus a master copy)
+        per_param = 2 * len(array_names) + 2 if isinstance(array_names, (list, tuple)) else 8
         self.max_arrays = per_param * n
         self.metadata = MAX_METADATA_BASE + MAX_METADATA_PER_PARAM * n
         self.member = _NPY_HEADER_MAX + 8 * max(sizes, default=0)  # the largest array, 8 B each
@@ -685,6 +694,15 @@ def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.nd
             ):
                 raise CheckpointError(f"{what} has shape {shape!r}, which is no parameter's shape")
             arrays[key] = z.array(key, dtype, shape, spec["sha256"], what)
+            if "as" in spec:  # bfloat16 state, stored as its bits
+                if spec["as"] != "bfloat16" or dtype != np.uint16:
+                    raise CheckpointError(f"{what}: 'as' {spec['as']!r} is not one save() writes")
+                if _lowbits.BFLOAT16 is None:
+                    raise CheckpointError(
+                        f"{what} is bfloat16 state, which needs ml_dtypes (pip install "
+                        "'optkern[bf16]')"
+                    )
+                arrays[key] = arrays[key].view(_lowbits.BFLOAT16)
     return meta, arrays
 
 

@@ -1,4 +1,4 @@
-"""FlatParams: many parameters in one aligned float32 (or float64) block, so a whole model steps
+"""FlatParams: many parameters in one aligned float32 (or float64, float16, bfloat16) block, so a whole model steps
 in one contiguous pass (one buffer for the optimizer instead of one per layer)."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from typing import Any, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import _lowbits
+
 __all__ = ["FlatParams"]
 
 ALIGN_BYTES = 64  # each view starts on a 64-byte boundary (a cache line, an AVX-512 vector)
@@ -14,18 +16,22 @@ ALIGN_ELEMENTS = 16  # of float32: ALIGN_BYTES // 4
 
 Shape = Tuple[int, ...]
 
-#: The element types the kernels take.
-DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: The element types the kernels take as parameters (bfloat16: when ml_dtypes is installed).
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)) + (
+    () if _lowbits.BFLOAT16 is None else (_lowbits.BFLOAT16,)
+)
+_NAMES = "float32, float64, float16 or bfloat16"
 
 
 def element_type(dtype: Any) -> np.dtype:
-    """``dtype`` as a NumPy dtype the kernels take (float32 or float64), else TypeError."""
+    """``dtype`` as a NumPy dtype the kernels take (float32, float64, float16 or bfloat16),
+    else TypeError."""
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+        raise TypeError(f"dtype must be {_NAMES}, got {dtype!r}") from None
     if dt not in DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        raise TypeError(f"dtype must be {_NAMES}, got {dt}")
     return dt
 
 
@@ -54,7 +60,9 @@ class FlatParams:
     """
 
     def __init__(self, shapes: Sequence[Union[Shape, int]], dtype: Any = np.float32) -> None:
-        self.dtype = element_type(dtype)
+        # uint8: the codes of int8 optimizer state (optimizer._pack), not a parameter type
+        codes = isinstance(dtype, np.dtype) and dtype == np.uint8
+        self.dtype = dtype if codes else element_type(dtype)
         self.shapes: List[Shape] = [
             (s,) if isinstance(s, (int, np.integer)) else tuple(s) for s in shapes
         ]

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, Iterator, List, MutableMapping, Optional
 
 import numpy as np
 
-from . import _core
+from . import _core, _lowbits
 from .clip import check_norm_type, clip_coefficient, total_norm
 from .flat import FlatParams
 from .functional import check_nonnegative
@@ -108,10 +108,23 @@ def _as_param_list(params: Any, where: str) -> List[np.ndarray]:
 
 
 class Optimizer:
-    """Base class of the optimizers. ``params`` is a list of float32 or float64 arrays (a group
-    may mix them; each parameter's state is in its own dtype), or a list of dicts (parameter
-    groups) each with a ``"params"`` list and any hyperparameters that override the
-    optimizer's defaults for that group.
+    """Base class of the optimizers. ``params`` is a list of float32, float64, float16 or
+    bfloat16 (``ml_dtypes.bfloat16``) arrays (a group may mix them), or a list of dicts
+    (parameter groups) each with a ``"params"`` list and any hyperparameters that override the
+    optimizer's defaults for that group. A gradient may have any of these types, whatever its
+    parameter's. 16-bit parameters are computed in float32 and stored rounded to nearest even.
+
+    Precision options (keyword-only, for the whole optimizer):
+
+    - ``state_dtype``: ``"float32"`` (default), ``"bfloat16"`` or ``"int8"`` (blockwise 8-bit,
+      bitsandbytes' dynamic maps: uint8 codes and a float32 ``<name>_absmax`` per block of 256
+      elements) for the state of float32 and 16-bit parameters; a float64 parameter's state is
+      float64 and takes only ``"float32"``.
+    - ``stochastic_rounding``: a 16-bit parameter is rounded up or down at random in proportion
+      (noise keyed by the step, the parameter's position and the element: reproducible, the same
+      for any thread count).
+    - ``master_weights``: each 16-bit parameter has a float32 copy in its state
+      (``master_param``), which the rule updates; the parameter is that copy rounded to nearest.
 
     ``step(grads)`` takes the gradients aligned with the parameters (group order, then list
     order) and updates parameters and state in place. A gradient may be None: that parameter is
@@ -137,11 +150,44 @@ class Optimizer:
     #: True while a callable lr runs: step, add_param_group and load_state_dict then refuse.
     _in_lr = False
 
-    def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
+    def __init__(
+        self,
+        params: Any,
+        defaults: Dict[str, Any],
+        *,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
+    ) -> None:
         if getattr(type(self), "_rule", None) is None:
             raise TypeError(
                 "Optimizer is the base of optkern's rule classes (optkern.Adam, ...); "
                 "it cannot be used by itself"
+            )
+        self.state_dtype = _lowbits.check_state_dtype(state_dtype)
+        if self.state_dtype == "int8":
+            refused = [st.name for st in self._rule.states if not st.int8]
+            if refused:
+                raise ValueError(
+                    f"state_dtype='int8': {self._rule.cls}'s {', '.join(refused)} cannot be kept "
+                    "in 8 bits (an average of the parameter itself, the moments of a rule with "
+                    "a norm pass, or a factored state); use 'bfloat16' or 'float32'"
+                )
+        if self._rule.factored and self.state_dtype != "float32":
+            raise ValueError(
+                f"state_dtype={self.state_dtype!r}: {self._rule.cls}'s factored state is kept "
+                "in the parameter's type; use 'float32'"
+            )
+        self.stochastic_rounding = as_flag(stochastic_rounding)
+        self.master_weights = as_flag(master_weights)
+        if not isinstance(self.stochastic_rounding, bool) or not isinstance(
+            self.master_weights, bool
+        ):
+            raise TypeError("stochastic_rounding and master_weights must be bools")
+        if self.stochastic_rounding and self.master_weights:
+            raise ValueError(
+                "stochastic_rounding and master_weights exclude each other: with master "
+                "weights the parameter is the float32 copy rounded to nearest"
             )
         self.defaults = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
@@ -298,14 +344,30 @@ class Optimizer:
                     check_depth(value, f"param group {key!r}")
             self._check_group(group)
             existing = [p for g in self.param_groups for p in g["params"]]
-            # Distinct, writeable, C-contiguous float32 or float64 arrays, not sharing memory with each other
-            # or with any parameter already in another group.
+            # Distinct, writeable, C-contiguous arrays of a supported float type, not sharing
+            # memory with each other or with any parameter already in another group.
             try:
                 _core.check_params(existing + params)
             except ValueError as e:
                 if any(p is q for p in params for q in existing):
                     raise ValueError("some parameters appear in more than one parameter group") from e
                 raise
+            if self._rule.factored:
+                for i, p in enumerate(params):
+                    if _lowbits.is_half(p.dtype):
+                        raise TypeError(
+                            f"params[{len(existing) + i}] is {p.dtype}: {self._rule.cls} keeps "
+                            "its factored state in the parameter's type and takes float32 and "
+                            "float64 parameters"
+                        )
+            if self.state_dtype != "float32":
+                for i, p in enumerate(params):
+                    if p.dtype == np.float64:
+                        raise TypeError(
+                            f"params[{len(existing) + i}] is float64, whose state is float64; "
+                            f"state_dtype={self.state_dtype!r} applies to float32, float16 and "
+                            "bfloat16 parameters"
+                        )
             group["params"] = params
             self.param_groups.append(group)
             self._step_plan = None
@@ -427,6 +489,11 @@ class Optimizer:
         plan does not read."""
         if any(len(params) != len(group["params"]) for group, params, _, _ in work):
             return None
+        if self.stochastic_rounding or self.master_weights or self.state_dtype != "float32":
+            # The plan replays one step's arrays and scalars: stochastic rounding's noise is
+            # keyed by the step, and the 16-bit or 8-bit state and master copies are the staged
+            # entries' (every such step takes the whole path).
+            return None
         try:
             return _core.StepPlan(
                 calls,
@@ -520,6 +587,13 @@ class Optimizer:
             lists = {name: [s.get(name) for s in states] for name in (*spec, *carried)}
         else:
             lists = {name: [s[name] for s in states] for name in (*spec, *carried)}
+        if self.state_dtype == "int8":
+            for name in spec:
+                if name in self._array_state_names:
+                    key = name + _lowbits.ABSMAX_SUFFIX
+                    lists[key] = [s.get(key) for s in states]
+        if self.master_weights and any(_lowbits.MASTER in s for s in states):
+            lists[_lowbits.MASTER] = [s.get(_lowbits.MASTER) for s in states]
         if rule.counts_steps:
             steps: Any = [s["step"] + 1 for s in states]
             record: Any = states
@@ -536,6 +610,9 @@ class Optimizer:
             positions=positions,
             record=record,
             isa=self._isa,
+            # the noise of stochastic rounding is keyed by the step being taken (and, in the
+            # core, by each parameter's position and each element's index)
+            noise_seed=self.step_count + 1 if self.stochastic_rounding else None,
         )
 
     def _group_states(
@@ -566,6 +643,7 @@ class Optimizer:
             ]
         else:
             needs = [spec.keys()] * len(params)
+        needs = [self._stored_names(p, need) for p, need in zip(params, needs)]
         fresh = [s is None or not s.keys() >= need for s, need in zip(states, needs)]
         if not any(fresh):
             return states, fresh
@@ -586,14 +664,48 @@ class Optimizer:
                     s[name] = start
             elif missing:
                 shape_for = self._rule.state(name).shape_for
-                _pack(
-                    [s for _, s in missing],
-                    name,
-                    [shape_for(p.shape) for p, _ in missing],
-                    start,
-                    [p.dtype for p, _ in missing],
-                )
+                shapes = [shape_for(p.shape) for p, _ in missing]
+                dtypes = [self._state_storage(p) for p, _ in missing]
+                if self.state_dtype == "int8":
+                    nonneg = self._rule.state(name).nonnegative
+                    for (p, s), shape in zip(missing, shapes):
+                        s[name], s[name + _lowbits.ABSMAX_SUFFIX] = _lowbits.quantize(
+                            np.full(shape, start, np.float32), nonneg
+                        )
+                    _pack_int8([s for _, s in missing], name)
+                else:
+                    _pack([s for _, s in missing], name, shapes, start, dtypes)
+        masters = [
+            s
+            for p, s, need in zip(params, states, needs)
+            if _lowbits.MASTER in need and _lowbits.MASTER not in s
+        ]
+        if masters:
+            for p, s in zip(params, states):
+                if any(s is m for m in masters):
+                    s[_lowbits.MASTER] = p.astype(np.float32)
+            _pack(
+                masters,
+                _lowbits.MASTER,
+                [m[_lowbits.MASTER].shape for m in masters],
+                None,
+                [np.float32] * len(masters),
+            )
         return states, fresh
+
+    def _state_storage(self, p: np.ndarray) -> np.dtype:
+        """The dtype of parameter p's state arrays."""
+        return _lowbits.storage_dtype(self.state_dtype, p.dtype)
+
+    def _stored_names(self, p: np.ndarray, need: Any) -> Any:
+        """The state dict keys parameter p needs beside ``need`` (its rule's): each int8
+        state's absmax, and the master copy of a 16-bit parameter."""
+        extra = []
+        if self.state_dtype == "int8" and p.dtype != np.float64:
+            extra = [n + _lowbits.ABSMAX_SUFFIX for n in need if n in self._array_state_names]
+        if self.master_weights and _lowbits.is_half(p.dtype):
+            extra.append(_lowbits.MASTER)
+        return set(need).union(extra) if extra else need
 
     def _shaped(self, name: str) -> bool:
         """Whether state ``name`` is shaped unlike its parameter (a factor per row or column, or
@@ -748,6 +860,11 @@ class Optimizer:
                             f"(a {self._rule.state(name).shape} state)"
                         )
                     s[name] = _load_array(value, p, where, shape)
+                elif name == _lowbits.MASTER or (
+                    name.endswith(_lowbits.ABSMAX_SUFFIX)
+                    and name[: -len(_lowbits.ABSMAX_SUFFIX)] in self._array_state_names
+                ):
+                    s[name] = _load_float32(value, f"state[{key!r}][{name!r}]")
                 elif name in self._rule.carried_names:
                     s[name] = _load_carried(value, f"state[{key!r}][{name!r}]")
                 else:
@@ -755,6 +872,7 @@ class Optimizer:
                     s[name] = copy.deepcopy(value)
             if self._counts_steps and "step" not in s:
                 raise ValueError(f"state[{key!r}] has no 'step'")
+            self._convert_loaded(p, s, f"state[{key!r}]")
             missing = [
                 n
                 for n in spec
@@ -775,15 +893,64 @@ class Optimizer:
             entries = [(p, s) for p, s in state if id(p) in in_group]
             for name in self._array_state_names:
                 have = [(p, s) for p, s in entries if isinstance(s.get(name), np.ndarray)]
-                if have:
+                if have and self.state_dtype == "int8":
+                    _pack_int8([s for _, s in have], name)
+                elif have:
                     _pack(
                         [s for _, s in have],
                         name,
                         [s[name].shape for _, s in have],
                         None,
-                        [p.dtype for p, _ in have],
+                        [self._state_storage(p) for p, _ in have],
                     )
+            masters = [s for _, s in entries if isinstance(s.get(_lowbits.MASTER), np.ndarray)]
+            if masters:
+                _pack(
+                    masters,
+                    _lowbits.MASTER,
+                    [m[_lowbits.MASTER].shape for m in masters],
+                    None,
+                    [np.float32] * len(masters),
+                )
         return groups, state
+
+    def _convert_loaded(self, p: np.ndarray, s: Dict[str, Any], where: str) -> None:
+        """Brings a loaded state dict to this optimizer's state form: int8 codes (with their
+        absmax) into float32 values for a float32 or bfloat16 optimizer, float values into
+        codes for an int8 one (bfloat16 and float32 convert when packed); a master copy is
+        checked against its parameter (one is made from the parameter at the next step if the
+        dict lacks it, and one a parameter does not use is dropped)."""
+        int8 = self.state_dtype == "int8" and p.dtype != np.float64
+        for name in self._array_state_names:
+            arr = s.get(name)
+            if not isinstance(arr, np.ndarray):
+                continue
+            key = name + _lowbits.ABSMAX_SUFFIX
+            nonneg = self._rule.state(name).nonnegative
+            if key in s:  # loaded as int8
+                absmax = s[key]
+                if arr.dtype != np.uint8 or absmax.shape != (_lowbits.blocks(arr.size),):
+                    raise ValueError(
+                        f"{where}[{name!r}] and [{key!r}] must be uint8 codes and a float32 "
+                        f"absmax per block of {_lowbits.BLOCK} ({_lowbits.blocks(arr.size)} "
+                        f"for {arr.size} elements), got dtype {arr.dtype} and "
+                        f"shape {absmax.shape}"
+                    )
+                if not int8:
+                    s[name] = _lowbits.dequantize(arr, absmax, nonneg)
+                    del s[key]
+            elif int8:
+                values = np.asarray(arr, dtype=np.float32)
+                s[name], s[key] = _lowbits.quantize(values, nonneg)
+        if _lowbits.MASTER in s:
+            m = s[_lowbits.MASTER]
+            if not (self.master_weights and _lowbits.is_half(p.dtype)):
+                del s[_lowbits.MASTER]
+            elif m.shape != p.shape:
+                raise ValueError(
+                    f"{where}[{_lowbits.MASTER!r}] has shape {m.shape} but its parameter has "
+                    f"shape {p.shape}"
+                )
 
     def __getstate__(self) -> Dict[str, Any]:
         with self._lock:
@@ -882,6 +1049,30 @@ def _pack(
             if start is None:
                 view[...] = states[i][name]
             states[i][name] = view
+
+
+def _pack_int8(states: List[Dict[str, Any]], name: str) -> None:
+    """_pack for int8 states: the codes of ``name`` in one uint8 block, their absmax arrays in
+    one float32 block (parameters of another type keep their own state form)."""
+    have = [s for s in states if s.get(name) is not None and s[name].dtype == np.uint8]
+    if have:
+        key = name + _lowbits.ABSMAX_SUFFIX
+        _pack(have, name, [s[name].shape for s in have], None, [np.uint8] * len(have))
+        _pack(have, key, [s[key].shape for s in have], None, [np.float32] * len(have))
+    rest = [s for s in states if s.get(name) is not None and s[name].dtype != np.uint8]
+    if rest:  # float64 parameters
+        _pack(rest, name, [s[name].shape for s in rest], None, [s[name].dtype for s in rest])
+
+
+def _load_float32(value: Any, where: str) -> np.ndarray:
+    """A loaded int8 absmax or master copy: real numbers, kept as float32."""
+    try:
+        arr = np.asarray(value)
+    except Exception as e:
+        raise TypeError(f"{where} cannot be read as an array: {e}") from None
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{where} must hold real numbers, got dtype {arr.dtype}")
+    return arr.astype(np.float32)
 
 
 #: The largest step count a state dict or checkpoint may hold. Steps are whole numbers that
@@ -1008,7 +1199,11 @@ def _load_array(
         arr = np.asarray(value)
     except Exception as e:  # a torch tensor that needs .cpu(), say
         raise TypeError(f"{where} cannot be read as an array: {e}") from None
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    if not (
+        np.issubdtype(arr.dtype, np.floating)
+        or np.issubdtype(arr.dtype, np.integer)
+        or _lowbits.is_half(arr.dtype)
+    ):
         raise TypeError(f"{where} must hold real numbers, got dtype {arr.dtype}")
     if shape is None or tuple(shape) == param.shape:
         if arr.shape != param.shape:
@@ -1087,13 +1282,15 @@ def _restore_dict(obj: Any, saved: Dict[str, Any]) -> None:
                     if s is not None
                     and isinstance(s.get(name), np.ndarray)
                     and isinstance(p, np.ndarray)
-                    and s[name].dtype == p.dtype
+                    and s[name].dtype == obj._state_storage(p)
                 ]
-                if have:
+                if have and obj.state_dtype == "int8":
+                    _pack_int8([s for _, s in have], name)
+                elif have:
                     _pack(
                         [s for _, s in have],
                         name,
                         [s[name].shape for _, s in have],
                         None,
-                        [p.dtype for p, _ in have],
+                        [obj._state_storage(p) for p, _ in have],
                     )

@@ -48,6 +48,12 @@ class State:
     #: "cols" (one number per row / column of the last two dimensions, parameters of >= 2
     #: dimensions only); "unfactored" (like_param, parameters of <= 1 dimension only).
     shape: str = "like_param"
+    #: Never negative (a moving average of squares): as int8 state it takes bitsandbytes'
+    #: unsigned dynamic map, twice as fine as the signed one.
+    nonnegative: bool = False
+    #: Whether it may be kept as int8 (blockwise 8-bit) state: not an average of the parameter
+    #: itself (ASGD's ax, Schedule-Free's z) nor a factored rule's state.
+    int8: bool = True
 
     def shape_for(self, param_shape: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
         """This state's shape for a parameter of ``param_shape``, or None where the parameter
@@ -292,13 +298,23 @@ def annotation(default: Any) -> str:
     return "float"
 
 
+#: The precision options of optkern's NumPy classes (optimizer.Optimizer), after the execution
+#: flags: (name, annotation, default).
+PRECISION_ARGS = (
+    ("state_dtype", "Any", "float32"),
+    ("stochastic_rounding", "bool", False),
+    ("master_weights", "bool", False),
+)
+
+
 def class_signature(r: Rule) -> str:
     """The constructor's parameters, as source text: ``params``, torch's arguments of the rule
     in torch's order (tuple arguments joined); then, keyword only, the options torch's class
-    lacks (``Rule.own_args``: the textbook forms) and the execution flags."""
+    lacks (``Rule.own_args``: the textbook forms), the execution flags and the precision
+    options."""
     args = [f"{name}: {annotation(d)} = {d!r}" for name, d in r.torch_args()]
     own = [f"{name}: {annotation(d)} = {d!r}" for name, d in r.own_args()]
-    flags = [f"{name}: {ann} = {d!r}" for name, ann, d in EXECUTION_FLAGS]
+    flags = [f"{name}: {ann} = {d!r}" for name, ann, d in EXECUTION_FLAGS + PRECISION_ARGS]
     return ", ".join(["self", "params: Any", *args, "*", *own, *flags])
 
 
@@ -389,7 +405,9 @@ def make_class(r: Rule, base: type, module: str) -> type:
         f"def __init__({class_signature(r)}) -> None:\n"
         f"    check_execution_flags(foreach=foreach, fused=fused,\n"
         f"                          differentiable=differentiable, capturable=capturable)\n"
-        f"    base.__init__(self, params, dict({keys}, maximize=maximize))\n"
+        f"    base.__init__(self, params, dict({keys}, maximize=maximize),\n"
+        f"                  state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,\n"
+        f"                  master_weights=master_weights)\n"
     )
     scope: Dict[str, Any] = {**_SCOPE, "base": base, "check_execution_flags": check_execution_flags}
     exec(src, scope)  # noqa: S102 (a signature built from the declaration, as namedtuple does)

@@ -138,8 +138,10 @@ UNMAPPED: Dict[str, str] = {}
 # -- tensors the kernels can serve ---------------------------------------------------------------
 
 _STRIDED = torch.strided
-#: The element types the kernels take (optkern.flat.DTYPES: float32 and float64), as torch's.
-_NUMPY_OF = {getattr(torch, dt.name): dt for dt in DTYPES}
+#: The element types optkern.torch steps on the kernels, as torch's: float32 and float64. (The
+#: kernels also take float16 and bfloat16 NumPy arrays, optkern.flat.DTYPES; torch's 16-bit
+#: tensors still run torch's own step here.)
+_NUMPY_OF = {getattr(torch, dt.name): dt for dt in DTYPES if dt.name in ("float32", "float64")}
 _KERNEL_DTYPES: FrozenSet[torch.dtype] = frozenset(_NUMPY_OF)
 _profiler_enabled = torch.autograd._profiler_enabled  # torch.profiler or autograd's profiler on
 #: Whether a tensor still has the layout of a detached alias taken when its view was made: the

@@ -1,6 +1,7 @@
 #include "bindings/arrays.hpp"
 
 #include <algorithm>
+#include <atomic>
 
 namespace optkern {
 namespace {
@@ -37,15 +38,16 @@ std::string dims_str(const Py_intptr_t* d, int nd) {
   return s + (nd == 1 ? ",)" : ")");
 }
 
-const char* dtype_name(DType t) { return t == DType::f64 ? "float64" : "float32"; }
-
-// "float32", "float32 or float64", ...
+// "float32", "float32 or float64", "float32, bfloat16 or float16", ...
 std::string types_str(unsigned types) {
+  std::vector<const char*> names;
+  for (DType t : {DType::f32, DType::f64, DType::bf16, DType::f16, DType::q8}) {
+    if (types & bit(t)) names.push_back(dtype_name(t));
+  }
   std::string out;
-  for (DType t : {DType::f32, DType::f64}) {
-    if (!(types & bit(t))) continue;
-    if (!out.empty()) out += " or ";
-    out += dtype_name(t);
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    if (i > 0) out += i + 1 == names.size() ? " or " : ", ";
+    out += names[i];
   }
   return out;
 }
@@ -58,15 +60,43 @@ bool native_order(char byteorder) {
   return byteorder == '=' || byteorder == '|' || byteorder == (little ? '<' : '>');
 }
 
+std::atomic<int> g_bfloat16_type{-1};
+
+// The DType of a NumPy dtype number, if optkern has one (NPY_HALF: float16; NPY_UBYTE: the codes
+// of a q8 state, taken only where a list accepts q8).
 bool dtype_of(int type_num, DType* out) {
   if (type_num == npy::NPY_FLOAT_) {
     *out = DType::f32;
   } else if (type_num == npy::NPY_DOUBLE_) {
     *out = DType::f64;
+  } else if (type_num == 23) {  // NPY_HALF (pybind11 names no constant for it)
+    *out = DType::f16;
+  } else if (type_num == npy::NPY_UBYTE_) {
+    *out = DType::q8;
+  } else if (type_num >= 0 && type_num == g_bfloat16_type.load(std::memory_order_relaxed)) {
+    *out = DType::bf16;
   } else {
     return false;
   }
   return true;
+}
+
+void set_bfloat16_type(int type_num) { g_bfloat16_type.store(type_num); }
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::f64:
+      return "float64";
+    case DType::bf16:
+      return "bfloat16";
+    case DType::f16:
+      return "float16";
+    case DType::q8:
+      return "uint8 (8-bit state codes)";
+    case DType::f32:
+      break;
+  }
+  return "float32";
 }
 
 std::string type_name(py::handle h) { return Py_TYPE(h.ptr())->tp_name; }
@@ -104,7 +134,8 @@ std::vector<ArrayRef> Buffers::add(py::handle seq, const char* name, Access acce
   const bool is_first = held_.empty();
   if (is_first) first_types_ = accept.types;
   const std::string what =
-      types_str(accept.like_first ? first_types_ : accept.types) + " NumPy arrays";
+      types_str(accept.like_first && accept.types == 0 ? first_types_ : accept.types) +
+      " NumPy arrays";
   const py::list items = snapshot(seq, name, what.c_str());
   const std::size_t n = items.size();
   if (is_first) {
@@ -172,6 +203,56 @@ std::vector<ArrayRef> Buffers::add(py::handle seq, const char* name, Access acce
   return out;
 }
 
+std::vector<ArrayRef> Buffers::add_float32(py::handle seq, const char* given,
+                                           const std::vector<std::ptrdiff_t>& shape) {
+  names_.push_back(std::make_unique<std::string>(given));  // ranges_ keep the name
+  const char* name = names_.back()->c_str();
+  const py::list items = snapshot(seq, name, "float32 NumPy arrays");
+  if (items.size() != count()) {
+    throw py::value_error(std::string(name) + " has " + std::to_string(items.size()) +
+                          " entries but " + first_name_ + " has " + std::to_string(count()) +
+                          "; they must match one to one");
+  }
+  std::vector<ArrayRef> out(count(), ArrayRef{nullptr, DType::f32});
+  for (std::size_t i = 0; i < count(); ++i) {
+    if (shape[i] == NONE) {
+      if (!items[i].is_none()) {
+        throw py::value_error(label(name, i) + " must be None for a " + dtype_name(first_[i].type) +
+                              " " + label(first_name_, i));
+      }
+      continue;
+    }
+    if (items[i].is_none()) {
+      throw py::value_error(label(name, i) + " is None, but " + label(first_name_, i) +
+                            " needs it");
+    }
+    DType type = DType::f32;
+    const auto* a = inspect(items[i], name, i, Access::write, FLOAT32, &type);
+    std::size_t n = 1;
+    for (int d = 0; d < a->nd; ++d) n *= static_cast<std::size_t>(a->dimensions[d]);
+    if (shape[i] == LIKE_PARAM) {
+      if (!(a->nd == shapes_[i]->nd &&
+            std::equal(a->dimensions, a->dimensions + a->nd, shapes_[i]->dimensions))) {
+        throw py::value_error(label(name, i) + " has shape " + dims_str(a->dimensions, a->nd) +
+                              " but " + label(first_name_, i) + " has shape " +
+                              dims_str(shapes_[i]->dimensions, shapes_[i]->nd));
+      }
+    } else if (a->nd != 1 || n != static_cast<std::size_t>(shape[i])) {
+      throw py::value_error(label(name, i) + " has shape " + dims_str(a->dimensions, a->nd) +
+                            " but must have shape (" + std::to_string(shape[i]) +
+                            ",): one number per block of " + std::to_string(Q8_BLOCK) +
+                            " elements of " + label(first_name_, i));
+    }
+    out[i] = {a->data, type};
+    if (n != 0) {
+      const auto lo = reinterpret_cast<std::uintptr_t>(a->data);
+      ranges_.push_back({lo, lo + n * sizeof(float), name, i, true});
+    }
+  }
+  held_.push_back(items);
+  return out;
+}
+
 void Buffers::check_disjoint() {
   std::sort(ranges_.begin(), ranges_.end(),
             [](const Range& a, const Range& b) { return a.lo < b.lo; });
@@ -193,8 +274,10 @@ void Buffers::check_disjoint() {
 // step); no Python code runs here.
 const py::detail::PyArray_Proxy* Buffers::inspect(py::handle item, const char* name, std::size_t i,
                                                   Access access, Accept accept, DType* type) const {
+  // A state list (like_first with types) takes those types, or float64 like a float64 parameter.
+  const bool exact = accept.like_first && (accept.types == 0 || first_[i].type == DType::f64);
   const std::string want =
-      accept.like_first ? std::string(dtype_name(first_[i].type)) : types_str(accept.types);
+      exact ? std::string(dtype_name(first_[i].type)) : types_str(accept.types);
   if (!py::isinstance<py::array>(item)) {
     throw py::type_error(label(name, i) + " must be a " + want + " NumPy array, got " +
                          type_name(item));
@@ -207,12 +290,12 @@ const py::detail::PyArray_Proxy* Buffers::inspect(py::handle item, const char* n
   const auto* a = py::detail::array_proxy(item.ptr());
   const auto* descr = py::detail::array_descriptor_proxy(a->descr);
   const bool known = dtype_of(descr->type_num, type) && native_order(descr->byteorder);
-  if (accept.like_first && known && *type != first_[i].type) {
+  if (exact && known && *type != first_[i].type) {
     throw py::type_error(label(name, i) + " must be a " + want + " array like " +
                          label(first_name_, i) + ", got dtype " +
                          std::string(py::str(py::handle(a->descr))));
   }
-  if (!known || !(accept.like_first || (accept.types & bit(*type)))) {
+  if (!known || !(exact || (accept.types & bit(*type)))) {
     throw py::type_error(label(name, i) + " must be a " + want +
                          " array in native byte order, got dtype " +
                          std::string(py::str(py::handle(a->descr))));

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -43,20 +44,29 @@ Positions positions_of(py::handle positions);
 // the first list at the same index.
 struct Accept {
   unsigned types;   // bit (1 << DType) per accepted type
-  bool like_first;  // each array has the type of the first list's array at its index
+  bool like_first;  // each array has the type of the first list's array at its index; with
+                    // `types`, only where that is float64 (else one of `types`)
 };
 constexpr unsigned bit(DType t) { return 1u << static_cast<unsigned>(t); }
 constexpr Accept FLOAT32 = {bit(DType::f32), false};
 constexpr Accept LIKE_FIRST = {0, true};
+constexpr unsigned FLOATS = bit(DType::f32) | bit(DType::bf16) | bit(DType::f16);
 
-constexpr Accept REALS = {bit(DType::f32) | bit(DType::f64), false};
+// What the bindings take: an optimizer's parameters and gradients, its states (float32,
+// bfloat16 or q8 codes; a float64 parameter's like it), and the arrays of the norms and
+// clipping. A list may mix the types; each (parameter, gradient, state) combination is one
+// kernels/kernel.hpp instantiates, or one a rule's staged entry serves (update.hpp).
+constexpr Accept PARAMS = {FLOATS | bit(DType::f64), false};
+constexpr Accept GRADS = {FLOATS | bit(DType::f64), false};
+constexpr Accept STATES = {bit(DType::f32) | bit(DType::bf16) | bit(DType::q8), true};
+constexpr Accept NORM_ARRAYS = {FLOATS | bit(DType::f64), false};
 
-// What the bindings take: an optimizer's parameters and gradients (its states: LIKE_FIRST, the
-// parameter's type), and the arrays of the norms and clipping. A list may mix the types; each
-// (parameter, gradient, state) combination is one kernels/kernel.hpp instantiates.
-constexpr Accept PARAMS = REALS;
-constexpr Accept GRADS = REALS;
-constexpr Accept NORM_ARRAYS = REALS;
+// The NumPy type number of ml_dtypes' bfloat16 (registered by optkern's __init__ when ml_dtypes
+// imports; -1: none).
+void set_bfloat16_type(int type_num);
+// The DType of a NumPy dtype number, if optkern has one.
+bool dtype_of(int type_num, DType* out);
+const char* dtype_name(DType t);
 
 struct ArrayRef {
   void* data;  // nullptr where a state does not apply
@@ -79,6 +89,8 @@ class Buffers {
   const Py_intptr_t* dims(std::size_t t) const { return shapes_[t]->dimensions; }
 
   std::string label(const char* name, std::size_t i) const;
+  // The caller's index of tensor i (positions, else i).
+  std::size_t position(std::size_t i) const { return i < positions_.size() ? positions_[i] : i; }
 
   // The k-th list of the call as copied (0: the first), holding its arrays.
   const py::list& list(std::size_t k) const { return held_[k]; }
@@ -88,6 +100,13 @@ class Buffers {
   // entry is None, and its data nullptr, where the kind does not apply.
   std::vector<ArrayRef> add(py::handle seq, const char* name, Access access, Accept accept,
                             const StateShape* shape = nullptr);
+
+  // A written list of float32 arrays beside the states: per tensor t, shape[t] = NONE (the
+  // entry must be None: data nullptr), LIKE_PARAM (an array shaped like the first list's: a
+  // master copy) or n >= 0 (a 1-d array of n elements: a q8 state's absmax per block).
+  static constexpr std::ptrdiff_t NONE = -1, LIKE_PARAM = -2;
+  std::vector<ArrayRef> add_float32(py::handle seq, const char* name,
+                                    const std::vector<std::ptrdiff_t>& shape);
 
   // Refuses any buffer that is written and shares memory with another buffer of the call
   // (gradients may share memory with each other: they are only read).
@@ -110,7 +129,8 @@ class Buffers {
   std::vector<std::size_t> sizes_;
   std::vector<const py::detail::PyArray_Proxy*> shapes_;  // the first list's arrays
   std::vector<ArrayRef> first_;
-  std::vector<py::list> held_;  // every list of the call, as copied
+  std::vector<py::list> held_;                       // every list of the call, as copied
+  std::vector<std::unique_ptr<std::string>> names_;  // names made up for add_float32 lists
   std::vector<Range> ranges_;
 };
 

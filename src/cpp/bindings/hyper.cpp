@@ -1,5 +1,7 @@
 #include "bindings/hyper.hpp"
 
+#include "update.hpp"
+
 #include <pybind11/stl.h>
 
 #include <algorithm>
@@ -283,13 +285,17 @@ py::list rule_table() {
     }
     d["hyper"] = hyper;
     py::list states;
-    for (const StateDecl& s : r.states) {
+    for (std::size_t k = 0; k < r.states.size(); ++k) {
+      const StateDecl& s = r.states[k];
       py::dict e;
       e["name"] = s.name;
       e["arg"] = s.arg;
       e["when"] = s.when ? py::object(py::str(s.when)) : py::object(py::none());
       e["init"] = s.init ? py::object(py::str(s.init)) : py::object(py::none());
       e["shape"] = state_shape_name(s.shape);
+      // As 8-bit state: the unsigned map (never negative), or refused (q8_refusal).
+      e["nonnegative"] = py::bool_((r.info.nonnegative_states >> k) & 1u);
+      e["int8"] = py::bool_(q8_refusal(r.info, k) == nullptr);
       states.append(e);
     }
     d["states"] = states;

@@ -29,6 +29,7 @@ void define_prepared(py::module_& m);
 void define_step_plan(py::module_& m);
 void define_norms(py::module_& m);
 void define_testing(py::module_& m);
+void define_lowbits(py::module_& m, py::module_& testing);
 
 namespace {
 
@@ -130,4 +131,5 @@ PYBIND11_MODULE(_core, m) {
   py::module_ testing =
       m.def_submodule("_testing", "Hooks for optkern's tests and benchmarks; not an API.");
   define_testing(testing);
+  define_lowbits(m, testing);
 }

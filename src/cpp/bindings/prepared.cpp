@@ -10,6 +10,19 @@
 #include "multi_tensor.hpp"
 
 namespace optkern {
+namespace {
+
+// The key of a tensor's stochastic rounding noise: the step's seed and the tensor's position,
+// mixed (splitmix64's finalizer) so that neighbouring seeds and positions share no pattern.
+std::uint32_t noise_key(std::uint64_t seed, std::size_t position) {
+  std::uint64_t z = seed * 0x9e3779b97f4a7c15ull + static_cast<std::uint64_t>(position);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return static_cast<std::uint32_t>(z ^ (z >> 32));
+}
+
+}  // namespace
 
 PyObject* key_of(const char* name) {
   static std::unordered_map<const char*, PyObject*> keys;  // the GIL guards it
@@ -37,7 +50,7 @@ const KernelTable& table_for(py::handle isa) {
 
 Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::handle states,
                    py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
-                   py::handle isa, py::handle record)
+                   py::handle isa, py::handle record, py::handle noise_seed)
     : rule_(rule) {
   const KernelTable& table = table_for(isa);
   // Everything that can run Python code comes first: the hyperparameters, the step counts,
@@ -80,8 +93,11 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
           PyUnicode_Check(key) &&
           (std::any_of(rule.states.begin(), rule.states.end(),
                        [&](const StateDecl& s) {
-                         return PyUnicode_CompareWithASCIIString(key, s.name) == 0;
+                         return PyUnicode_CompareWithASCIIString(key, s.name) == 0 ||
+                                PyUnicode_CompareWithASCIIString(
+                                    key, (std::string(s.name) + ABSMAX_SUFFIX).c_str()) == 0;
                        }) ||
+           PyUnicode_CompareWithASCIIString(key, MASTER_STATE) == 0 ||
            std::any_of(rule.carried.begin(), rule.carried.end(), [&](const CarriedDecl& c) {
              return PyUnicode_CompareWithASCIIString(key, c.name) == 0;
            }));
@@ -128,6 +144,28 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
   }
   py::list record_items;
   if (!record.is_none()) record_items = snapshot(record, "record", "state dicts");
+  // Stochastic rounding: the seed of this step's noise (the optimizer classes pass the step).
+  std::optional<std::uint64_t> seed;
+  if (!noise_seed.is_none()) {
+    if (PyBool_Check(noise_seed.ptr()) || !PyLong_Check(noise_seed.ptr())) {
+      throw py::type_error("noise_seed must be None or an int, got " + type_name(noise_seed));
+    }
+    // Any int: its low 64 bits (two's complement) key the noise.
+    seed = PyLong_AsUnsignedLongLongMask(noise_seed.ptr());
+    if (PyErr_Occurred()) throw py::error_already_set();
+  }
+  // The lists beside the states: each q8 state's absmax, the master copies (read now: a dict
+  // lookup runs no Python code, but keep every Python-facing step before the arrays).
+  std::vector<py::object> absmax_lists(rule.states.size());
+  for (std::size_t k = 0; k < rule.states.size(); ++k) {
+    PyObject* l = PyDict_GetItemString(states.ptr(),
+                                       (std::string(rule.states[k].name) + ABSMAX_SUFFIX).c_str());
+    if (l != nullptr && lists[k]) absmax_lists[k] = py::reinterpret_borrow<py::object>(l);
+  }
+  py::object master_list;
+  if (PyObject* l = PyDict_GetItemString(states.ptr(), MASTER_STATE)) {
+    master_list = py::reinterpret_borrow<py::object>(l);
+  }
   StepCounts step_counts;
   if (steps_given) step_counts = parse_steps(steps, pos);
   // From here on no Python code runs until the kernels are done.
@@ -140,9 +178,69 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
   for (std::size_t k = 0; k < rule.states.size(); ++k) {
     if (lists[k]) {
       const StateShape& kind = rule.states[k].shape;
-      state_arrays[k] = cb.add(lists[k], rule.states[k].arg, Access::write, LIKE_FIRST,
+      state_arrays[k] = cb.add(lists[k], rule.states[k].arg, Access::write,
+                               rule.info.passes > 0 ? LIKE_FIRST : STATES,
                                kind == StateShape::like_param ? nullptr : &kind);
     }
+  }
+  // Each tensor's states share one type: the first state's (a tensor without state: float32,
+  // or its parameter's float64).
+  std::vector<DType> state_type(count);
+  for (std::size_t t = 0; t < count; ++t) {
+    const DType param = cb.first()[t].type;
+    state_type[t] = param == DType::f64 ? DType::f64 : DType::f32;
+    const char* first_name = nullptr;
+    for (std::size_t k = 0; k < rule.states.size(); ++k) {
+      if (state_arrays[k].empty() || state_arrays[k][t].data == nullptr) continue;
+      const DType type = state_arrays[k][t].type;
+      if (first_name == nullptr) {
+        state_type[t] = type;
+        first_name = rule.states[k].arg;
+      } else if (type != state_type[t]) {
+        throw py::type_error(cb.label(rule.states[k].arg, t) + " is " + dtype_name(type) + " but " +
+                             cb.label(first_name, t) + " is " + dtype_name(state_type[t]) +
+                             ": the states of a parameter share one type");
+      }
+    }
+    for (std::size_t k = 0; state_type[t] == DType::q8 && k < rule.states.size(); ++k) {
+      if (const char* why = q8_refusal(rule.info, k)) {
+        throw py::type_error(cb.label("params", t) + ": " + rule.cls + " " + why +
+                             "; use bfloat16 or float32 state");
+      }
+    }
+  }
+  // q8 states: the absmax of each block, float32 (ceil(n / Q8_BLOCK),).
+  std::vector<ArrayRef> absmax_arrays[MAX_STATES];
+  for (std::size_t k = 0; k < rule.states.size(); ++k) {
+    if (!lists[k]) continue;
+    std::vector<std::ptrdiff_t> shape(count, Buffers::NONE);
+    bool any = false;
+    for (std::size_t t = 0; t < count; ++t) {
+      if (state_type[t] == DType::q8 && state_arrays[k][t].data != nullptr) {
+        shape[t] = static_cast<std::ptrdiff_t>(q8_blocks(cb.sizes()[t]));
+        any = true;
+      }
+    }
+    const std::string name = std::string(rule.states[k].name) + ABSMAX_SUFFIX;
+    if (!absmax_lists[k]) {
+      if (any) {
+        throw py::value_error(name + " is required: " + rule.states[k].arg +
+                              " holds 8-bit codes, each block of " + std::to_string(Q8_BLOCK) +
+                              " scaled by its absmax");
+      }
+      continue;
+    }
+    absmax_arrays[k] = cb.add_float32(absmax_lists[k], name.c_str(), shape);
+  }
+  // Master copies: float32, shaped like their 16-bit parameters (None for the others).
+  std::vector<ArrayRef> master_arrays;
+  if (master_list) {
+    std::vector<std::ptrdiff_t> shape(count, Buffers::NONE);
+    for (std::size_t t = 0; t < count; ++t) {
+      const DType param = cb.first()[t].type;
+      if (param == DType::bf16 || param == DType::f16) shape[t] = Buffers::LIKE_PARAM;
+    }
+    master_arrays = cb.add_float32(master_list, "master_params", shape);
   }
   cb.check_disjoint();
   steps_ = steps_given ? steps_for(step_counts, count) : std::vector<std::int64_t>(count, 2);
@@ -173,6 +271,7 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
   Update& u = update_;
   u.rule = &rule;
   u.sizes = cb.sizes();
+  u.aligns.assign(count, 1);
   u.tensors.resize(count);
   const KernelSet& kernels = *table.rules[static_cast<int>(rule.kernel)];
   for (std::size_t t = 0; t < count; ++t) {
@@ -186,16 +285,37 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
     tensor.size = cb.sizes()[t];
     tensor.ndim = cb.ndim(t);
     tensor.dims = cb.dims(t);
-    tensor.types = {p.type, grad_arrays[t].type, p.type};
+    for (std::size_t k = 0; k < MAX_STATES; ++k) {
+      tensor.absmax[k] =
+          absmax_arrays[k].empty() ? nullptr : static_cast<float*>(absmax_arrays[k][t].data);
+    }
+    tensor.master = master_arrays.empty() ? nullptr : static_cast<float*>(master_arrays[t].data);
+    const bool half = p.type == DType::bf16 || p.type == DType::f16;
+    ParamWrite write = ParamWrite::nearest;
+    tensor.noise = 0;
+    if (tensor.master != nullptr) {
+      write = ParamWrite::master;
+    } else if (seed && half) {
+      write = ParamWrite::stochastic;
+      tensor.noise = noise_key(*seed, cb.position(t));
+    }
+    tensor.types = {p.type, grad_arrays[t].type, state_type[t], write};
     const Tensor* prev = t > 0 ? &u.tensors[t - 1] : nullptr;
     const bool same_types = prev != nullptr && prev->types.param == tensor.types.param &&
                             prev->types.grad == tensor.types.grad &&
-                            prev->types.state == tensor.types.state;
+                            prev->types.state == tensor.types.state &&
+                            prev->types.write == tensor.types.write;
     tensor.entry = same_types ? prev->entry : find_entry(kernels, tensor.types);
     if (tensor.entry == nullptr) {
-      throw py::type_error(cb.label("params", t) + ": " + rule.cls +
-                           " has no kernel for these element types in this build");
+      throw py::type_error(cb.label("params", t) + ": " + rule.cls + " has no kernel for a " +
+                           dtype_name(p.type) + " parameter with a " +
+                           dtype_name(grad_arrays[t].type) + " gradient and " +
+                           dtype_name(state_type[t]) + " state" +
+                           (write == ParamWrite::master       ? " and a master copy"
+                            : write == ParamWrite::stochastic ? " rounded stochastically"
+                                                              : ""));
     }
+    u.aligns[t] = range_align(tensor.types);
   }
 
   compute_scalars();
@@ -333,14 +453,15 @@ void define_prepared(py::module_& m) {
                        "One validated update of one group, not yet run (see prepare and run).");
   auto prepare = [](py::handle rule, py::handle params, py::handle grads, py::handle states,
                     py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
-                    py::handle isa, py::handle record) {
+                    py::handle isa, py::handle record, py::handle noise_seed) {
     return new Prepared(rule_named(rule), params, grads, states, hyper, steps, grad_scale,
-                        positions, isa, record);
+                        positions, isa, record, noise_seed);
   };
   m.def("prepare", prepare, py::arg("rule"), py::arg("params"), py::arg("grads"), py::arg("states"),
         py::arg("hyper"), py::kw_only(), py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0,
         py::arg("positions") = py::none(), py::arg("isa") = py::none(),
-        py::arg("record") = py::none(), py::return_value_policy::take_ownership,
+        py::arg("record") = py::none(), py::arg("noise_seed") = py::none(),
+        py::return_value_policy::take_ownership,
         "Validates one group's update (arrays, hyperparameters, step counts, per-step scalars) "
         "without writing anything.");
   m.def("run", &run_prepared, py::arg("calls"), py::kw_only(), py::arg("counter") = py::none(),
@@ -350,9 +471,9 @@ void define_prepared(py::module_& m) {
       "step",
       [prepare](py::handle rule, py::handle params, py::handle grads, py::handle states,
                 py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
-                py::handle isa) {
+                py::handle isa, py::handle noise_seed) {
         std::unique_ptr<Prepared> p(prepare(rule, params, grads, states, hyper, steps, grad_scale,
-                                            positions, isa, py::none()));
+                                            positions, isa, py::none(), noise_seed));
         p->used = true;
         if (p->worth_releasing_gil()) {
           py::gil_scoped_release nogil;
@@ -364,7 +485,7 @@ void define_prepared(py::module_& m) {
       },
       py::arg("rule"), py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("hyper"),
       py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0, py::arg("positions") = py::none(),
-      py::arg("isa") = py::none(),
+      py::arg("isa") = py::none(), py::arg("noise_seed") = py::none(),
       "One fused update of a group by the named rule: every array validated, the GIL released, "
       "one multi-tensor kernel call. isa names a compiled kernel build to use instead of the "
       "active one (tests compare every ISA in one process).");

@@ -17,7 +17,7 @@ class Prepared {
  public:
   Prepared(const Rule& rule, py::handle params, py::handle grads, py::handle states,
            py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
-           py::handle isa, py::handle record);
+           py::handle isa, py::handle record, py::handle noise_seed = py::none());
 
   // Whether the kernels take long enough to let other Python threads run meanwhile: a call below
   // the threshold of a second thread takes microseconds, less than handing the GIL over and back

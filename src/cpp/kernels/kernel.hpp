@@ -14,6 +14,7 @@
 // closes that anonymous namespace itself; include it only from kernel units.
 #pragma once
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 
@@ -86,8 +87,9 @@ double quiet_nan() { return std::numeric_limits<double>::quiet_NaN(); }
 // -- element types: how each storage type is loaded and stored ------------------------------------
 // A kernel computes in its parameter's compute type R and converts every operand as it reads or
 // writes it, in registers, never as a copy. float and double convert by the hardware (a store
-// rounds to nearest even). A 16-bit or 8-bit type adds its own load and store here (and its
-// DType and combinations below); the rules' loops stay as they are.
+// rounds to nearest even); bfloat16 and float16 by the bit operations below, which every ISA
+// build vectorises and computes alike. The rules' loops are compiled for float and double; the
+// 16-bit and 8-bit types reach them through the staged entries (kernels/staging.cpp).
 
 template <class Stored>
 struct ElementType;  // what a kernel knows of a storage type
@@ -101,14 +103,86 @@ struct ElementType<double> {
   using compute = double;
   static constexpr DType dtype = DType::f64;
 };
+template <>
+struct ElementType<bfloat16> {
+  using compute = float;
+  static constexpr DType dtype = DType::bf16;
+};
+template <>
+struct ElementType<float16> {
+  using compute = float;
+  static constexpr DType dtype = DType::f16;
+};
+
+std::uint32_t bits_of(float x) { return std::bit_cast<std::uint32_t>(x); }
+float float_of(std::uint32_t u) { return std::bit_cast<float>(u); }
+
+// bfloat16 is the high half of a float32: widening is exact; narrowing rounds the low half to
+// nearest even, and a NaN stays a (quiet) NaN of its sign, as torch and ml_dtypes convert.
+float bf16_to_float(std::uint16_t h) { return float_of(static_cast<std::uint32_t>(h) << 16); }
+std::uint16_t float_to_bf16(float x) {
+  const std::uint32_t u = bits_of(x);
+  const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const std::uint32_t nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
+  return static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+// IEEE half: 5 exponent bits, 10 mantissa bits. Subnormal halves (below 2^-14) are multiples
+// of 2^-24, which float32 holds exactly: widening multiplies the count, narrowing lets a float
+// addition round at that spacing (adding 0.5 puts 2^-24 in the last mantissa bit).
+float f16_to_float(std::uint16_t h) {
+  const std::uint32_t sign = (static_cast<std::uint32_t>(h) & 0x8000u) << 16;
+  const std::uint32_t em = static_cast<std::uint32_t>(h) & 0x7fffu;
+  const std::uint32_t normal = (em << 13) + ((127u - 15u) << 23);
+  const std::uint32_t inf_nan = (em << 13) | 0x7f800000u;
+  const float subnormal =
+      static_cast<float>(static_cast<std::int32_t>(em)) * 5.9604644775390625e-8f;
+  // Selected by masks: GCC keeps a loop with nested selects of this function scalar ("control
+  // flow in loop"), and vectorises the masks.
+  const std::uint32_t big = 0u - static_cast<std::uint32_t>(em >= 0x7c00u);
+  const std::uint32_t norm = 0u - static_cast<std::uint32_t>(em >= 0x0400u);
+  const std::uint32_t r = (inf_nan & big) | (normal & norm & ~big) | (bits_of(subnormal) & ~norm);
+  return float_of(r | sign);
+}
+std::uint16_t float_to_f16(float x) {
+  const std::uint32_t u = bits_of(x);
+  const std::uint32_t sign = (u >> 16) & 0x8000u;
+  const std::uint32_t a = u & 0x7fffffffu;
+  const std::uint32_t normal = (a - ((127u - 15u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  const std::uint32_t subnormal = bits_of(float_of(a) + 0.5f) - 0x3f000000u;
+  // NaN (a quiet one), or Inf and overflow: 0x7c00 | 0x200 for a NaN, by a mask
+  const std::uint32_t big = 0x7c00u | (0x200u & (0u - static_cast<std::uint32_t>(a > 0x7f800000u)));
+  // 65520 (0x477ff000) and above round to Inf; 2^-14 (0x38800000) is the least normal half.
+  // Selected by masks, as in f16_to_float.
+  const std::uint32_t over = 0u - static_cast<std::uint32_t>(a >= 0x477ff000u);
+  const std::uint32_t norm = 0u - static_cast<std::uint32_t>(a >= 0x38800000u);
+  const std::uint32_t r = (big & over) | (normal & norm & ~over) | (subnormal & ~norm);
+  return static_cast<std::uint16_t>(r | sign);
+}
 
 template <class R, class Stored>
 R load(const Stored& x) {
   return static_cast<R>(x);
 }
+template <class R>
+R load(const bfloat16& x) {
+  return static_cast<R>(bf16_to_float(x.bits));
+}
+template <class R>
+R load(const float16& x) {
+  return static_cast<R>(f16_to_float(x.bits));
+}
 template <class Stored, class R>
 void store(Stored& to, R v) {
   to = static_cast<Stored>(v);
+}
+template <class R>
+void store(bfloat16& to, R v) {
+  to.bits = float_to_bf16(static_cast<float>(v));
+}
+template <class R>
+void store(float16& to, R v) {
+  to.bits = float_to_f16(static_cast<float>(v));
 }
 
 // The element types of one kernel entry: parameter, gradient and states, and the compute type.
@@ -133,11 +207,18 @@ struct TypeList {};
 
 // The combinations of element types every rule's kernel is compiled for, each an entry of its
 // KernelSet (the driver picks the entry per tensor): a float32 or float64 parameter with a
-// gradient of either type, its states in the parameter's type. Each combination costs every
-// rule's loops once more in every ISA build (compile time, and binary size: about 150 KB per
-// combination); the bindings accept exactly these (bindings/arrays.hpp).
+// gradient of either type, its states in the parameter's type; and the common 16-bit ones,
+// computed in float32 with each operand converted as it is loaded and stored: a bfloat16 or
+// float16 parameter with a gradient of its type or float32 and float32 state, float32 with
+// bfloat16 state, and all bfloat16. Each combination costs every rule's loops once more in every
+// ISA build (compile time, and binary size: about 150 KB per combination), so they are listed,
+// not crossed: every other combination the bindings accept (other gradient types, int8 state,
+// stochastic rounding, master copies) takes the rule's staged entry (update.hpp).
 using Instantiated = TypeList<Types<float, float, float>, Types<float, double, float>,
-                              Types<double, double, double>, Types<double, float, double>>;
+                              Types<double, double, double>, Types<double, float, double>,
+                              Types<bfloat16, bfloat16, float>, Types<bfloat16, float, float>,
+                              Types<float16, float16, float>, Types<float16, float, float>,
+                              Types<float, float, bfloat16>, Types<bfloat16, bfloat16, bfloat16>>;
 
 // -- helpers of the element-wise loops
 // -------------------------------------------------------------
@@ -232,5 +313,45 @@ struct AdamMoments {
 };
 
 }  // namespace
+
+// -- the staged entries' conversions (kernels/staging.cpp, once per ISA)
+// ---------------------------- Each converts n elements (n <= Q8_BLOCK) between a storage type and
+// float32 on the stack.
+
+// out = x as float32: bfloat16, float16 (exact) or float64 (rounded to nearest even).
+void widen(DType type, const void* x, float* out, size_t n);
+// out = x rounded to nearest even into bfloat16 or float16.
+void narrow(DType type, const float* x, void* out, size_t n);
+// out = x rounded stochastically into bfloat16 or float16: up with the probability of x's
+// distance from the value below, by the noise of (key, element index) for the elements
+// [first, first + n) of the tensor, so the result depends on neither the thread nor the ISA.
+void narrow_stochastic(DType type, const float* x, void* out, size_t n, std::uint32_t key,
+                       size_t first);
+// The q8 codes of one block of x (bitsandbytes' dynamic map: unsigned where `nonnegative`),
+// returning the block's absmax; and back.
+float quantize(const float* x, bool nonnegative, std::uint8_t* out, size_t n);
+void dequantize(const std::uint8_t* q, float absmax, bool nonnegative, float* out, size_t n);
+
+// One block of a staged entry's operands as float32 arrays: an operand stored in float32 in
+// place, the others widened (dequantised) into the stack buffers of Stage. With master weights
+// the rule's parameter is the float32 master copy.
+struct alignas(64) Stage {
+  float param[Q8_BLOCK];
+  float grad[Q8_BLOCK];
+  float state[MAX_STATES][Q8_BLOCK];
+};
+struct StagedBlock {
+  float* param;
+  const float* grad;
+  float* state[MAX_STATES];
+};
+// Block [b, b + n) of op (b a multiple of Q8_BLOCK, n <= Q8_BLOCK). `nonnegative`: the kernel's
+// KernelDecl::nonnegative_states.
+StagedBlock stage_in(const Operands& op, size_t b, size_t n, Stage& buf, unsigned nonnegative);
+// Writes back what the pass wrote: the parameter (rounded to its type, stochastically when asked,
+// or from the master copy) if `param_written`, the 16-bit and q8 states if `states_written`.
+void stage_out(const Operands& op, size_t b, size_t n, const StagedBlock& block,
+               unsigned nonnegative, bool param_written, bool states_written);
+
 }  // namespace OPTKERN_ISA_NS
 }  // namespace optkern

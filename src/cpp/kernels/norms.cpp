@@ -15,9 +15,9 @@ OK_LOOP double lane_sum(const T* OK_RESTRICT x, size_t n, Term term) {
   for (; i + LANES <= n; i += LANES) {
     prefetch_ahead(x, i);
     OK_SIMD
-    for (size_t j = 0; j < LANES; ++j) acc[j] += term(static_cast<double>(x[i + j]));
+    for (size_t j = 0; j < LANES; ++j) acc[j] += term(load<double>(x[i + j]));
   }
-  for (size_t j = 0; i < n; ++i, ++j) acc[j] += term(static_cast<double>(x[i]));
+  for (size_t j = 0; i < n; ++i, ++j) acc[j] += term(load<double>(x[i]));
   double total = 0.0;
   for (size_t j = 0; j < LANES; ++j) total += acc[j];
   return total;
@@ -33,31 +33,37 @@ double sum_abs(const T* x, size_t n) {
   return lane_sum(x, n, [](double v) { return OK_FABS(v); });
 }
 
+// The type arithmetic on T's values happens in: T, or float for the 16-bit types.
+template <class T>
+using Arith = typename ElementType<T>::compute;
+
 template <class T>
 OK_LOOP double max_abs(const T* OK_RESTRICT x, size_t n) {
-  // The NaN flags in T: flags of another width keep the double loop scalar on SSE2.
-  T m[LANES] = {};
-  T nan[LANES] = {};
+  // The NaN flags in the compute type: flags of another width keep the double loop scalar on
+  // SSE2.
+  using A = Arith<T>;
+  A m[LANES] = {};
+  A nan[LANES] = {};
   size_t i = 0;
   for (; i + LANES <= n; i += LANES) {
     prefetch_ahead(x, i);
     OK_SIMD
     for (size_t j = 0; j < LANES; ++j) {
-      const T a = OK_FABS(x[i + j]);
+      const A a = OK_FABS(load<A>(x[i + j]));
       m[j] = a > m[j] ? a : m[j];
-      nan[j] = a != a ? T(1) : nan[j];
+      nan[j] = a != a ? A(1) : nan[j];
     }
   }
   for (size_t j = 0; i < n; ++i, ++j) {
-    const T a = OK_FABS(x[i]);
+    const A a = OK_FABS(load<A>(x[i]));
     m[j] = a > m[j] ? a : m[j];
-    nan[j] = a != a ? T(1) : nan[j];
+    nan[j] = a != a ? A(1) : nan[j];
   }
-  T best = 0;
+  A best = 0;
   bool any_nan = false;
   for (size_t j = 0; j < LANES; ++j) {
     best = m[j] > best ? m[j] : best;
-    any_nan = any_nan || nan[j] != T(0);
+    any_nan = any_nan || nan[j] != A(0);
   }
   return any_nan ? quiet_nan() : static_cast<double>(best);
 }
@@ -65,7 +71,7 @@ OK_LOOP double max_abs(const T* OK_RESTRICT x, size_t n) {
 template <class T>
 double sum_pow(const T* OK_RESTRICT x, size_t n, double p) {
   double acc = 0.0;  // rare norm types: plain loop, pow in double
-  for (size_t i = 0; i < n; ++i) acc += power(OK_FABS(static_cast<double>(x[i])), p);
+  for (size_t i = 0; i < n; ++i) acc += power(OK_FABS(load<double>(x[i])), p);
   return acc;
 }
 
@@ -78,30 +84,32 @@ double norm_block(const void* data, size_t n, double p) {
   return sum_pow(x, n, p);
 }
 
+// A 16-bit array is scaled and clamped in float32 and rounded back to nearest even, as torch's
+// mul_ and clamp_ on a bfloat16 or float16 tensor compute.
 template <class T>
-OK_LOOP void scale_loop(T* OK_RESTRICT x, size_t n, T c) {
+OK_LOOP void scale_loop(T* OK_RESTRICT x, size_t n, Arith<T> c) {
   OK_SIMD
-  for (size_t i = 0; i < n; ++i) x[i] *= c;
+  for (size_t i = 0; i < n; ++i) store(x[i], load<Arith<T>>(x[i]) * c);
 }
 
 template <class T>
 void scale(void* x, size_t n, double c) {
-  scale_loop(static_cast<T*>(x), n, static_cast<T>(c));
+  scale_loop(static_cast<T*>(x), n, static_cast<Arith<T>>(c));
 }
 
 template <class T>
-OK_LOOP void clamp_loop(T* OK_RESTRICT x, size_t n, T lo, T hi) {
+OK_LOOP void clamp_loop(T* OK_RESTRICT x, size_t n, Arith<T> lo, Arith<T> hi) {
   OK_SIMD
   for (size_t i = 0; i < n; ++i) {
-    T v = x[i];
+    Arith<T> v = load<Arith<T>>(x[i]);
     v = v < lo ? lo : v;
-    x[i] = v > hi ? hi : v;
+    store(x[i], v > hi ? hi : v);
   }
 }
 
 template <class T>
 void clamp(void* x, size_t n, double lo, double hi) {
-  clamp_loop(static_cast<T*>(x), n, static_cast<T>(lo), static_cast<T>(hi));
+  clamp_loop(static_cast<T*>(x), n, static_cast<Arith<T>>(lo), static_cast<Arith<T>>(hi));
 }
 
 }  // namespace
@@ -110,8 +118,12 @@ void clamp(void* x, size_t n, double lo, double hi) {
 extern const NormKernels norm_kernels[DTYPE_COUNT] = {
     {&norm_block<float>, &scale<float>, &clamp<float>},
     {&norm_block<double>, &scale<double>, &clamp<double>},
+    {&norm_block<bfloat16>, &scale<bfloat16>, &clamp<bfloat16>},
+    {&norm_block<float16>, &scale<float16>, &clamp<float16>},
+    {nullptr, nullptr, nullptr},  // q8: a state, never a gradient
 };
-static_assert(static_cast<int>(DType::f32) == 0 && static_cast<int>(DType::f64) == 1);
+static_assert(static_cast<int>(DType::f32) == 0 && static_cast<int>(DType::f64) == 1 &&
+              static_cast<int>(DType::bf16) == 2 && static_cast<int>(DType::f16) == 3);
 
 void axpy(float* OK_RESTRICT a, const float* OK_RESTRICT b, float s, size_t n) {
   OK_SIMD

@@ -46,20 +46,20 @@ void states_of(void* const* state, State<T>** out) {
 }
 
 template <class K, class T>
-void step_entry(const void* s, void* p, const void* g, void* const* state, size_t n) {
+void step_entry(const void* s, const Operands& op, size_t n) {
   State<T>* st[MAX_STATES];
-  states_of<T>(state, st);
-  K::template step<T>(*static_cast<const Scalars<Real<T>>*>(s), static_cast<Param<T>*>(p),
-                      static_cast<const Grad<T>*>(g), st, n);
+  states_of<T>(op.state, st);
+  K::template step<T>(*static_cast<const Scalars<Real<T>>*>(s), static_cast<Param<T>*>(op.param),
+                      static_cast<const Grad<T>*>(op.grad), st, n);
 }
 
 template <class K, class T>
-void reduce_entry(const void* s, const void* p, const void* g, void* const* state, size_t n,
-                  double* sums) {
+void reduce_entry(const void* s, const Operands& op, size_t n, double* sums) {
   State<T>* st[MAX_STATES];
-  states_of<T>(state, st);
-  K::template reduce<T>(*static_cast<const Scalars<Real<T>>*>(s), static_cast<const Param<T>*>(p),
-                        static_cast<const Grad<T>*>(g), st, n, sums);
+  states_of<T>(op.state, st);
+  K::template reduce<T>(*static_cast<const Scalars<Real<T>>*>(s),
+                        static_cast<const Param<T>*>(op.param),
+                        static_cast<const Grad<T>*>(op.grad), st, n, sums);
 }
 
 template <class K, class T>
@@ -90,13 +90,68 @@ constexpr Entries<K, T...> entries_of(TypeList<T...>) {
 
 using RuleEntries = decltype(entries_of<Kernel>(Instantiated{}));
 
+// The staged entry (KernelSet::staged): the float32 loop, one block of Q8_BLOCK elements at a
+// time, its operands widened into float32 on the stack and narrowed back (kernels/staging.cpp).
+// The rule's loops are not compiled again for the 16-bit and 8-bit types.
+using Staged = Types<float, float, float>;
+
+template <class K>
+void staged_step(const void* s, const Operands& op, size_t n) {
+  const auto& scalars = *static_cast<const Scalars<float>*>(s);
+  Stage buf;
+  for (size_t b = 0; b < n; b += Q8_BLOCK) {
+    const size_t len = n - b < Q8_BLOCK ? n - b : Q8_BLOCK;
+    const StagedBlock block = stage_in(op, b, len, buf, kKernel.nonnegative_states);
+    float* st[MAX_STATES];
+    for (size_t k = 0; k < MAX_STATES; ++k) st[k] = block.state[k];
+    K::template step<Staged>(scalars, block.param, block.grad, st, len);
+    stage_out(op, b, len, block, kKernel.nonnegative_states, true, !kKernel.step_keeps_states);
+  }
+}
+
+template <class K>
+void staged_reduce(const void* s, const Operands& op, size_t n, double* sums) {
+  const auto& scalars = *static_cast<const Scalars<float>*>(s);
+  Stage buf;
+  for (size_t r = 0; r < kKernel.reduce_sums; ++r) sums[r] = 0.0;
+  for (size_t b = 0; b < n; b += Q8_BLOCK) {
+    const size_t len = n - b < Q8_BLOCK ? n - b : Q8_BLOCK;
+    const StagedBlock block = stage_in(op, b, len, buf, kKernel.nonnegative_states);
+    float* st[MAX_STATES];
+    for (size_t k = 0; k < MAX_STATES; ++k) st[k] = block.state[k];
+    double part[kKernel.reduce_sums > 0 ? kKernel.reduce_sums : 1];
+    K::template reduce<Staged>(scalars, block.param, block.grad, st, len, part);
+    for (size_t r = 0; r < kKernel.reduce_sums; ++r) sums[r] += part[r];  // block order: fixed
+    stage_out(op, b, len, block, kKernel.nonnegative_states, false, true);
+  }
+}
+
+template <class K>
+constexpr KernelEntry staged_entry() {
+  KernelEntry e{{DType::f32, DType::f32, DType::f32}, &staged_step<K>, nullptr, nullptr};
+  if constexpr (kKernel.reduce_sums > 0) e.reduce = &staged_reduce<K>;
+  return e;
+}
+
+// A factored kernel (its passes see tiles, not blocks) has no staged entry.
+template <class K>
+constexpr KernelEntry make_staged() {
+  if constexpr (kKernel.passes > 0) {
+    return KernelEntry{};
+  } else {
+    return staged_entry<K>();
+  }
+}
+constexpr KernelEntry kStaged[] = {make_staged<Kernel>()};
+
 }  // namespace
 }  // namespace OPTKERN_RULE_NS
 
 // kernels_<rule>: this rule's entries on this ISA (kernels/table.cpp lists them).
 extern const KernelSet OPTKERN_CAT(kernels_, OPTKERN_RULE_NAME) = {
     OPTKERN_RULE_NS::RuleEntries::list,
-    sizeof(OPTKERN_RULE_NS::RuleEntries::list) / sizeof(KernelEntry)};
+    sizeof(OPTKERN_RULE_NS::RuleEntries::list) / sizeof(KernelEntry),
+    OPTKERN_RULE_NS::kKernel.passes > 0 ? nullptr : OPTKERN_RULE_NS::kStaged};
 
 }  // namespace OPTKERN_ISA_NS
 }  // namespace optkern

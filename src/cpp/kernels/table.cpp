@@ -11,6 +11,7 @@ namespace OPTKERN_ISA_NS {
 #undef OPTKERN_RULE
 extern const NormKernels norm_kernels[DTYPE_COUNT];
 void axpy(float* a, const float* b, float s, size_t n);
+extern const StagingKernels staging_kernels;
 
 namespace {
 
@@ -22,6 +23,7 @@ constexpr KernelTable kTable = {
     },
     norm_kernels,
     &axpy,
+    &staging_kernels,
     kFusedMultiplyAdd,
 };
 

@@ -16,6 +16,15 @@ the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by defa
   passes can be on this machine, whatever its share of the in-place stream;
 * ``torch-bandwidth`` (needs torch): torch's fused step and optkern.torch's at 50M as a share of
   the in-place streaming bandwidth measured in the same run;
+* ``precision``: Adam's 50M step with bfloat16 and int8 state, bfloat16 parameters and
+  gradients, against optkern's float32 step, torch's fused Adam on bfloat16 tensors and
+  bitsandbytes' 8-bit Adam on CPU (each where installed), as a share of the in-place streaming
+  bandwidth for the bytes each moves; and the bytes of state per parameter;
+* ``precision-loop``: the loops study's MLP (784-256-128-10, 0.24M parameters) with Adam in
+  float32 and with bfloat16 and int8 state: the update's share of the training step;
+* ``precision-accuracy``: the digits MLP of ``python -m optkern demo`` (Adam, 10 epochs) with
+  float32, bfloat16 and int8 state, and with bfloat16 parameters rounded to nearest, rounded
+  stochastically and kept with float32 master weights: test accuracy of each (seeds: repeats);
 * ``torch-phases`` (needs torch): zero_grad, forward, backward and step timed inside the torch
   training loop of ``bench --torch``, for torch fused, optkern.torch (2 threads and 1) and torch
   foreach;
@@ -59,6 +68,9 @@ NAMES = [
     "torch-phases",
     "step-cost",
     "torch-small-step",
+    "precision",
+    "precision-loop",
+    "precision-accuracy",
 ]
 #: repeats (rounds for torch-phases) when --repeats is not given
 DEFAULT_REPEATS = {
@@ -70,6 +82,9 @@ DEFAULT_REPEATS = {
     "torch-phases": 30,
     "step-cost": 301,
     "torch-small-step": 60,
+    "precision": 9,
+    "precision-loop": 7,
+    "precision-accuracy": 3,
 }
 NEEDS_TORCH = {"torch-bandwidth", "torch-phases", "torch-small-step"}
 
@@ -504,8 +519,222 @@ def torch_small_step(rounds: int, inner: int = 20, fresh: bool = False) -> Dict[
     return {"us": rows, "text": "\n".join(text)}
 
 
+def precision(repeats: int, n: int = 50_000_000) -> Dict[str, Any]:
+    """Adam's step at n elements per precision, shuffled, medians and p90s; bitsandbytes' 8-bit
+    Adam (seconds per step on CPU) only 3 times."""
+    from .. import _core, _lowbits
+
+    rng = np.random.default_rng(0)
+    bf16 = _lowbits.BFLOAT16
+    a, b = np.ones(n, np.float32), np.ones(n, np.float32)
+    steps: Dict[str, Callable[[], Any]] = {"stream": lambda: _core.stream_axpy([a], [b], 1e-9)}
+    nbytes: Dict[str, float] = {}
+    state_bytes: Dict[str, float] = {}
+    keep: List[Any] = []
+    # (label, parameter and gradient dtype, state_dtype, bytes moved per element)
+    cases = [
+        ("optkern f32", np.float32, "float32", 28),
+        ("optkern f32, bf16 state", np.float32, "bfloat16", 20),
+        ("optkern f32, int8 state", np.float32, "int8", 16 + 16 / 256),
+    ]
+    if bf16 is not None:
+        cases += [
+            ("optkern bf16, bf16 state", bf16, "bfloat16", 14),
+            ("optkern bf16, int8 state", bf16, "int8", 10 + 16 / 256),
+        ]
+    for label, dtype, state_dtype, per in cases:
+        p = rng.standard_normal(n, dtype=np.float32).astype(dtype)
+        g = (rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)).astype(dtype)
+        opt = ok.Adam([p], lr=1e-3, state_dtype=state_dtype)
+        opt.step([g])  # state allocated, pages touched
+        state_bytes[label] = (
+            sum(v.nbytes for v in opt.state[p].values() if isinstance(v, np.ndarray)) / n
+        )
+        keep.append((p, g, opt))
+        steps[label] = lambda o=opt, g=g: o.step([g])
+        nbytes[label] = per
+    torch_version = None
+    try:
+        import torch
+
+        torch_version = torch.__version__
+        for label, dt, per in (
+            ("torch fused f32", torch.float32, 28),
+            ("torch fused bf16", torch.bfloat16, 14),
+        ):
+            tp = torch.nn.Parameter(torch.randn(n).to(dt))
+            tp.grad = (torch.randn(n) * 1e-3).to(dt)
+            topt = torch.optim.Adam([tp], lr=1e-3, fused=True)
+            topt.step()
+            keep.append((tp, topt))
+            steps[label] = topt.step
+            nbytes[label] = per
+    except ImportError:
+        pass
+    times = shuffled_times(steps, repeats)
+    slow: Dict[str, List[float]] = {}
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        tp = torch.nn.Parameter(torch.randn(n))
+        tp.grad = torch.randn(n) * 1e-3
+        bopt = bnb.optim.Adam8bit([tp], lr=1e-3, min_8bit_size=0)
+        bopt.step()
+        slow["bitsandbytes Adam8bit f32"] = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            bopt.step()
+            slow["bitsandbytes Adam8bit f32"].append(time.perf_counter() - t0)
+        nbytes["bitsandbytes Adam8bit f32"] = 16 + 16 / 256
+        del bopt, tp
+    except ImportError:
+        pass
+    times.update(slow)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    stream = 12 * n / med["stream"]
+    text = [
+        f"Adam, {n / 1e6:g}M elements, {ok.get_num_threads()} threads, ISA {ok.active_isa()}, "
+        f"torch {torch_version}; medians (p90) of {repeats} shuffled repeats",
+        f"  in-place stream a += s*b: {stream / 1e9:.1f} GB/s ({med['stream'] * 1e3:.1f} ms)",
+    ]
+    rows = []
+    for k, per in nbytes.items():
+        t = med[k]
+        share = per * n / t / stream
+        rows.append(
+            {
+                "case": k,
+                "seconds": t,
+                "p90": _p90s(times[k]),
+                "bytes": per,
+                "fraction_of_stream": share,
+                "state_bytes": state_bytes.get(k),
+            }
+        )
+        sb = f"  state {state_bytes[k]:.3f} B/param" if k in state_bytes else ""
+        text.append(
+            f"  {k:28s} {t * 1e3:8.1f} ms (p90 {_p90s(times[k]) * 1e3:8.1f})  "
+            f"{per:5.1f} B/elem  {per * n / t / 1e9:5.1f} GB/s ({share:4.0%}){sb}"
+        )
+    ratios = [
+        ("bf16 state vs f32 (x = f32 / bf16 state)", "optkern f32", "optkern f32, bf16 state"),
+        ("int8 state vs f32", "optkern f32", "optkern f32, int8 state"),
+        ("torch fused bf16 / optkern bf16+int8", "torch fused bf16", "optkern bf16, int8 state"),
+        ("torch fused f32 / optkern f32", "torch fused f32", "optkern f32"),
+        (
+            "bitsandbytes 8-bit / optkern f32+int8",
+            "bitsandbytes Adam8bit f32",
+            "optkern f32, int8 state",
+        ),
+    ]
+    out_ratios = {}
+    for label, num, den in ratios:
+        if num in med and den in med:
+            out_ratios[label] = med[num] / med[den]
+            text.append(f"  {label}: x = {med[num] / med[den]:.2f}")
+    return {"stream_gbps": stream / 1e9, "rows": rows, "ratios": out_ratios, "text": "\n".join(text)}
+
+
+def precision_loop(rounds: int, dims: Sequence[int] = (784, 256, 128, 10)) -> Dict[str, Any]:
+    """The loops study's measurement (optkern.benchmark.loops.measure: interleaved loops, medians
+    of the rounds) for Adam with each state_dtype; the update's share of optkern's loop."""
+    import dataclasses
+
+    from .cases import CASES, _optkern
+    from .loops import measure
+
+    text = [f"MLP {'-'.join(map(str, dims))}, Adam, medians of {rounds} rounds"]
+    rows = []
+    for state_dtype in ("float32", "bfloat16", "int8"):
+        case = dataclasses.replace(
+            CASES["adam"],
+            key=f"adam-{state_dtype}",
+            label=f"Adam, {state_dtype} state",
+            optkern=_optkern(ok.Adam, lr=1e-3, state_dtype=state_dtype),
+        )
+        r = measure(case, dims, rounds, None, lambda: None)
+        share = r["update_in_loop"] / r["loop_optkern"]
+        rows.append(
+            {
+                "state_dtype": state_dtype,
+                "loop": r["loop_optkern"],
+                "update_in_loop": r["update_in_loop"],
+                "update_alone": r["update_alone"],
+                "share": share,
+            }
+        )
+        text.append(
+            f"  {state_dtype:8s} loop {r['loop_optkern'] * 1e3:6.3f} ms  update in loop "
+            f"{r['update_in_loop'] * 1e3:6.3f} ms ({share:4.0%})  alone "
+            f"{r['update_alone'] * 1e3:6.3f} ms"
+        )
+    return {"rows": rows, "text": "\n".join(text)}
+
+
+def precision_accuracy(seeds: int) -> Dict[str, Any]:
+    """Test accuracy of the digits MLP (144-128-64-10, 6000/2000 digits, 10 epochs, batch 64)
+    trained with Adam at two learning rates, per precision setting, for ``seeds`` seeds (the
+    initial weights and batch order); mean and range over the seeds."""
+    from .. import _lowbits
+    from ..examples.mlp import MLP, load_data
+    from ..data import batches
+
+    if _lowbits.BFLOAT16 is None:
+        raise RuntimeError("precision-accuracy needs ml_dtypes (bfloat16)")
+    bf16 = _lowbits.BFLOAT16
+    settings = [
+        ("float32", {}, False),
+        ("bfloat16 state", {"state_dtype": "bfloat16"}, False),
+        ("int8 state", {"state_dtype": "int8"}, False),
+        ("bf16 params, nearest", {}, True),
+        ("bf16 params, stochastic", {"stochastic_rounding": True}, True),
+        ("bf16 params, master weights", {"master_weights": True}, True),
+    ]
+    data = load_data(6000, 2000, 0)
+    X, y, X_test, y_test = data
+    rows = []
+    text = [
+        "digits MLP 144-128-64-10, Adam, 10 epochs of batch 64; test accuracy, mean "
+        f"[min, max] over {seeds} seeds"
+    ]
+    for lr in (3e-3, 3e-4):
+        for label, options, half in settings:
+            accs = []
+            for seed in range(seeds):
+                model = MLP([X.shape[1], 128, 64, 10], seed=seed)
+                params = [p.astype(bf16) for p in model.params] if half else model.params
+                opt = ok.Adam(params, lr=lr, **options)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    for epoch in range(10):
+                        for Xb, yb in batches(X, y, batch_size=64, seed=(seed, epoch)):
+                            if half:  # the float32 model computes with the bfloat16 weights
+                                for p32, p16 in zip(model.params, params):
+                                    p32[...] = p16
+                            _, grads = model.loss_and_gradients(Xb, yb)
+                            opt.step(grads)
+                    if half:
+                        for p32, p16 in zip(model.params, params):
+                            p32[...] = p16
+                    accs.append(model.evaluate(X_test, y_test)[1])
+            rows.append({"lr": lr, "setting": label, "test_acc": accs})
+            text.append(
+                f"  lr {lr:g}  {label:30s} {100 * np.mean(accs):5.1f}% "
+                f"[{100 * min(accs):.1f}, {100 * max(accs):.1f}]"
+            )
+    return {"rows": rows, "text": "\n".join(text)}
+
+
+def _p90s(xs: List[float]) -> float:
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(0.9 * len(ys)))]
+
+
 def run_study(name: str, repeats: int) -> Dict[str, Any]:
     return {
+        "precision": precision,
+        "precision-loop": precision_loop,
+        "precision-accuracy": precision_accuracy,
         "threshold": threshold,
         "thread-placement": thread_placement,
         "adafactor-shapes": adafactor_shapes,

@@ -1,0 +1,90 @@
+"""16-bit and 8-bit storage: bfloat16 (ml_dtypes, a soft dependency: ``pip install
+'optkern[bf16]'``), the optimizers' ``state_dtype`` and its blockwise 8-bit form.
+
+An ``"int8"`` state named ``exp_avg`` is two arrays in the state dict: ``exp_avg`` (uint8 codes,
+shaped like the parameter: the index of the nearest of bitsandbytes' 256 dynamic-map values) and
+``exp_avg_absmax`` (float32, one scale per block of ``BLOCK`` elements of the flattened array).
+The value of element i is ``dynamic_map[codes[i]] * absmax[i // BLOCK]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+
+try:  # a soft dependency: without it optkern takes no bfloat16 arrays
+    import ml_dtypes as _ml_dtypes
+except ImportError:  # pragma: no cover - the bf16 extra not installed
+    _ml_dtypes = None
+
+#: ml_dtypes' bfloat16 as a NumPy dtype, or None when ml_dtypes is not installed.
+BFLOAT16: Optional[np.dtype] = None if _ml_dtypes is None else np.dtype(_ml_dtypes.bfloat16)
+if BFLOAT16 is not None:
+    _core.set_bfloat16_dtype(BFLOAT16)
+
+#: Elements per block of an int8 state, each block with its own float32 absmax (bitsandbytes'
+#: block size for its 8-bit optimizers).
+BLOCK = 256
+#: What a state array's name gets for its int8 absmax array, and the master copy's name.
+ABSMAX_SUFFIX = "_absmax"
+MASTER = "master_param"
+
+STATE_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def check_state_dtype(value: Any) -> str:
+    if isinstance(value, np.dtype) or value is np.float32:
+        value = np.dtype(value).name
+    if BFLOAT16 is not None and (value is _ml_dtypes.bfloat16 or value == BFLOAT16):
+        value = "bfloat16"
+    if not isinstance(value, str) or value not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {value!r}")
+    if value == "bfloat16" and BFLOAT16 is None:
+        raise ImportError(
+            "state_dtype='bfloat16' needs ml_dtypes (pip install 'optkern[bf16]' or ml_dtypes)"
+        )
+    return value
+
+
+def is_half(dtype: np.dtype) -> bool:
+    """A 16-bit parameter type: float16, or bfloat16."""
+    return dtype == np.float16 or (BFLOAT16 is not None and dtype == BFLOAT16)
+
+
+def storage_dtype(state_dtype: str, param_dtype: np.dtype) -> np.dtype:
+    """The dtype of a state array of a parameter of ``param_dtype`` (a float64 parameter's state
+    is float64; int8 state is stored as uint8 codes)."""
+    if param_dtype == np.float64:
+        return np.dtype(np.float64)
+    if state_dtype == "bfloat16":
+        assert BFLOAT16 is not None
+        return BFLOAT16
+    if state_dtype == "int8":
+        return np.dtype(np.uint8)
+    return np.dtype(np.float32)
+
+
+def blocks(size: int) -> int:
+    return -(-size // BLOCK)
+
+
+def quantize(x: np.ndarray, nonnegative: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """(codes shaped like x, absmax per block) of the int8 form of ``x`` (read as float32)."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    codes = np.empty(flat.shape, np.uint8)
+    absmax = np.empty(blocks(flat.size), np.float32)
+    _core.quantize_blockwise(flat, codes, absmax, nonnegative=nonnegative)
+    return codes.reshape(np.shape(x)), absmax
+
+
+def dequantize(codes: np.ndarray, absmax: np.ndarray, nonnegative: bool) -> np.ndarray:
+    """The float32 values of an int8 state."""
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    out = np.empty(flat.shape, np.float32)
+    _core.dequantize_blockwise(
+        flat, np.ascontiguousarray(absmax, np.float32), out, nonnegative=nonnegative
+    )
+    return out.reshape(codes.shape)
