@@ -9,10 +9,8 @@
 // shape, no overlap with any buffer the step writes). Then it computes the per-step scalars,
 // runs the kernels and records the step counts with no Python code in between, as run() does.
 // Anything it does not handle (a value of another type, a missing state, a None gradient, an
-// error to report) it hands back to the whole path with a reason, having changed nothing.
-//
-// It also notices a parameter that only the optimizer still holds (user code replaced the array
-// it reads, e.g. model.params = copies): see Held below.
+// error to report) it hands back to the whole path with a reason, having changed nothing. It
+// also notices a parameter only the optimizer still holds (see Held below).
 
 #include <algorithm>
 #include <cmath>
