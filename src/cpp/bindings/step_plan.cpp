@@ -1,16 +1,15 @@
-// A step plan: one optimizer's validated step, kept from step to step.
-//
-// optimizer.py builds it after a step that went the whole way (prepare + run), from that step's
-// prepared updates. Each later step then checks only what can have changed since: that the
-// optimizer still holds the same group list, groups, parameter lists, parameters and state
-// entries (by identity: the plan holds a reference to each, so none can be freed and its
-// address reused); each array's data pointer, shape, flags and dtype; each hyperparameter's
-// value by identity, re-validating only the ones that changed; and the gradients (dtype, layout,
-// shape, no overlap with any buffer the step writes). Then it computes the per-step scalars,
-// runs the kernels and records the step counts with no Python code in between, as run() does.
-// Anything it does not handle (a value of another type, a missing state, a None gradient, an
-// error to report) it hands back to the whole path with a reason, having changed nothing. It
-// also notices a parameter only the optimizer still holds (see Held below).
+// A step plan: one optimizer's validated step, kept from step to step. optimizer.py builds it after
+// a step that went the whole way (prepare + run), from that step's prepared updates. Each later
+// step then checks only what can have changed since: that the optimizer still holds the same group
+// list, groups, parameter lists, parameters and state entries (by identity: the plan holds a
+// reference to each, so none can be freed and its address reused); each array's data pointer,
+// shape, flags and dtype; each hyperparameter's value by identity, re-validating only the ones that
+// changed; and the gradients (dtype, layout, shape, no overlap with any buffer the step writes).
+// Then it computes the per-step scalars, runs the kernels and records the step counts with no
+// Python code in between, as run() does. Anything it does not handle (a value of another type, a
+// missing state, a None gradient, an error to report) it hands back to the whole path with a
+// reason, having changed nothing. It also notices a parameter only the optimizer still holds (see
+// Held below).
 
 #include <algorithm>
 #include <cmath>
