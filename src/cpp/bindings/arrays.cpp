@@ -276,10 +276,12 @@ const py::detail::PyArray_Proxy* Buffers::inspect(py::handle item, const char* n
                                                   Access access, Accept accept, DType* type) const {
   // A state list (like_first with types) takes those types, or float64 like a float64 parameter.
   const bool exact = accept.like_first && (accept.types == 0 || first_[i].type == DType::f64);
-  const std::string want =
-      exact ? std::string(dtype_name(first_[i].type)) : types_str(accept.types);
+  // What the messages say it must be: built only when one is thrown (this runs per array).
+  const auto want = [&] {
+    return exact ? std::string(dtype_name(first_[i].type)) : types_str(accept.types);
+  };
   if (!py::isinstance<py::array>(item)) {
-    throw py::type_error(label(name, i) + " must be a " + want + " NumPy array, got " +
+    throw py::type_error(label(name, i) + " must be a " + want() + " NumPy array, got " +
                          type_name(item));
   }
   if (is_masked_array(item)) {
@@ -291,12 +293,12 @@ const py::detail::PyArray_Proxy* Buffers::inspect(py::handle item, const char* n
   const auto* descr = py::detail::array_descriptor_proxy(a->descr);
   const bool known = dtype_of(descr->type_num, type) && native_order(descr->byteorder);
   if (exact && known && *type != first_[i].type) {
-    throw py::type_error(label(name, i) + " must be a " + want + " array like " +
+    throw py::type_error(label(name, i) + " must be a " + want() + " array like " +
                          label(first_name_, i) + ", got dtype " +
                          std::string(py::str(py::handle(a->descr))));
   }
   if (!known || !(exact || (accept.types & bit(*type)))) {
-    throw py::type_error(label(name, i) + " must be a " + want +
+    throw py::type_error(label(name, i) + " must be a " + want() +
                          " array in native byte order, got dtype " +
                          std::string(py::str(py::handle(a->descr))));
   }
