@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <unordered_map>
 
@@ -85,22 +86,34 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
       lists[k] = py::reinterpret_borrow<py::object>(l);
     }
   }
+  // Whether the dict holds an absmax list or the master copies (looked up below only then: most
+  // steps have neither).
+  bool any_absmax = false, any_master = false;
   {
     PyObject *key, *value;
     Py_ssize_t pos = 0;
+    const std::size_t suffix = std::strlen(ABSMAX_SUFFIX);
     while (PyDict_Next(states.ptr(), &pos, &key, &value)) {
-      const bool known =
-          PyUnicode_Check(key) &&
-          (std::any_of(rule.states.begin(), rule.states.end(),
-                       [&](const StateDecl& s) {
-                         return PyUnicode_CompareWithASCIIString(key, s.name) == 0 ||
-                                PyUnicode_CompareWithASCIIString(
-                                    key, (std::string(s.name) + ABSMAX_SUFFIX).c_str()) == 0;
-                       }) ||
-           PyUnicode_CompareWithASCIIString(key, MASTER_STATE) == 0 ||
-           std::any_of(rule.carried.begin(), rule.carried.end(), [&](const CarriedDecl& c) {
-             return PyUnicode_CompareWithASCIIString(key, c.name) == 0;
-           }));
+      const char* k = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : nullptr;
+      if (k == nullptr) PyErr_Clear();
+      const auto is_state = [&](const StateDecl& s) { return std::strcmp(k, s.name) == 0; };
+      const auto is_absmax = [&](const StateDecl& s) {  // "<name>_absmax", without allocating
+        const std::size_t n = std::strlen(s.name);
+        return std::strncmp(k, s.name, n) == 0 && std::strncmp(k + n, ABSMAX_SUFFIX, suffix) == 0 &&
+               k[n + suffix] == '\0';
+      };
+      bool known = false;
+      if (k != nullptr) {
+        if (std::any_of(rule.states.begin(), rule.states.end(), is_state) ||
+            std::any_of(rule.carried.begin(), rule.carried.end(),
+                        [&](const CarriedDecl& c) { return std::strcmp(k, c.name) == 0; })) {
+          known = true;
+        } else if (std::any_of(rule.states.begin(), rule.states.end(), is_absmax)) {
+          known = any_absmax = true;
+        } else if (std::strcmp(k, MASTER_STATE) == 0) {
+          known = any_master = true;
+        }
+      }
       if (!known) {
         throw py::value_error(std::string(rule.cls) + " keeps no state " +
                               std::string(py::repr(key)));
@@ -157,13 +170,13 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
   // The lists beside the states: each q8 state's absmax, the master copies (read now: a dict
   // lookup runs no Python code, but keep every Python-facing step before the arrays).
   std::vector<py::object> absmax_lists(rule.states.size());
-  for (std::size_t k = 0; k < rule.states.size(); ++k) {
+  for (std::size_t k = 0; any_absmax && k < rule.states.size(); ++k) {
     PyObject* l = PyDict_GetItemString(states.ptr(),
                                        (std::string(rule.states[k].name) + ABSMAX_SUFFIX).c_str());
     if (l != nullptr && lists[k]) absmax_lists[k] = py::reinterpret_borrow<py::object>(l);
   }
   py::object master_list;
-  if (PyObject* l = PyDict_GetItemString(states.ptr(), MASTER_STATE)) {
+  if (PyObject* l = any_master ? PyDict_GetItemString(states.ptr(), MASTER_STATE) : nullptr) {
     master_list = py::reinterpret_borrow<py::object>(l);
   }
   StepCounts step_counts;
@@ -211,7 +224,9 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
   }
   // q8 states: the absmax of each block, float32 (ceil(n / Q8_BLOCK),).
   std::vector<ArrayRef> absmax_arrays[MAX_STATES];
-  for (std::size_t k = 0; k < rule.states.size(); ++k) {
+  const bool any_q8 =
+      std::find(state_type.begin(), state_type.end(), DType::q8) != state_type.end();
+  for (std::size_t k = 0; (any_q8 || any_absmax) && k < rule.states.size(); ++k) {
     if (!lists[k]) continue;
     std::vector<std::ptrdiff_t> shape(count, Buffers::NONE);
     bool any = false;
