@@ -214,6 +214,19 @@ class StepPlan {
   }
 
  private:
+  // Whether the optimizer's state still maps parameter i of G to the state dict the plan
+  // counted among the parameter's references (ParamState._by_id: id -> (param, dict)).
+  bool state_still_held(PyObject* param, const py::object& dict) const {
+    if (dict.is_none()) return true;  // not counted
+    PyObject* by_id = PyDict_GetItemString(state_vars_.ptr(), "_by_id");
+    if (by_id == nullptr || !PyDict_Check(by_id)) return false;
+    py::object key = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(param));
+    if (!key) throw py::error_already_set();
+    PyObject* entry = PyDict_GetItem(by_id, key.ptr());
+    return entry != nullptr && PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2 &&
+           PyTuple_GET_ITEM(entry, 0) == param && PyTuple_GET_ITEM(entry, 1) == dict.ptr();
+  }
+
   py::object run_step(py::handle grads, bool run, py::handle max_norm, double norm_type,
                       bool skip) {
     if (const char* why = check_structure()) return py::str(why);
@@ -227,6 +240,9 @@ class StepPlan {
           if (h.held(G.params[i].obj)) {
             h.armed = true;
           } else if (h.armed) {
+            // Another thread may have just removed the parameter's state (its reference went,
+            // the version bump not yet made): then the whole path looks again.
+            if (!state_still_held(G.params[i].obj, G.state_dicts[i])) return py::str("state");
             h.reported = true;
             stale.append(py::make_tuple(g, i));
           }
