@@ -401,13 +401,12 @@ _SCOPE = {
 def make_class(r: Rule, base: type, module: str) -> type:
     """The optimizer class of rule ``r``, its constructor :func:`class_signature`."""
     keys = ", ".join(f"{name}={name}" for name, _ in r.torch_args() + r.own_args())
+    precision = ", ".join(f"{name}={name}" for name, _, _ in PRECISION_ARGS)
     src = (
         f"def __init__({class_signature(r)}) -> None:\n"
         f"    check_execution_flags(foreach=foreach, fused=fused,\n"
         f"                          differentiable=differentiable, capturable=capturable)\n"
-        f"    base.__init__(self, params, dict({keys}, maximize=maximize),\n"
-        f"                  state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,\n"
-        f"                  master_weights=master_weights)\n"
+        f"    base.__init__(self, params, dict({keys}, maximize=maximize), {precision})\n"
     )
     scope: Dict[str, Any] = {**_SCOPE, "base": base, "check_execution_flags": check_execution_flags}
     exec(src, scope)  # noqa: S102 (a signature built from the declaration, as namedtuple does)
