@@ -200,8 +200,10 @@ void narrow_stochastic(DType type, const float* x, void* out, size_t n, std::uin
   }
 }
 
-float quantize(const float* x, bool nonnegative, std::uint8_t* out, size_t n) {
-  const float absmax = absmax_of(x, n);
+namespace {
+
+// The codes of x in a block of the given absmax (absmax_of(x)).
+void quantize_with(const float* x, float absmax, bool nonnegative, std::uint8_t* out, size_t n) {
   // 1 / absmax rounded once: each element then costs a multiplication, not a division (within
   // an ulp of bitsandbytes' x / absmax). An all-zero block keeps absmax 0 (codes of 0); a NaN or
   // Inf absmax makes the block dequantise to NaN or Inf.
@@ -211,6 +213,13 @@ float quantize(const float* x, bool nonnegative, std::uint8_t* out, size_t n) {
   } else {
     quantize_signed(x, inv, out, n);
   }
+}
+
+}  // namespace
+
+float quantize(const float* x, bool nonnegative, std::uint8_t* out, size_t n) {
+  const float absmax = absmax_of(x, n);
+  quantize_with(x, absmax, nonnegative, out, n);
   return absmax;
 }
 
@@ -278,14 +287,24 @@ void stage_out(const Operands& op, size_t b, size_t n, const StagedBlock& block,
     }
   }
   if (!states_written || t.state == DType::f32) return;
+  if (t.state != DType::q8) {
+    for (size_t k = 0; k < MAX_STATES; ++k) {
+      if (op.state[k] != nullptr) narrow(t.state, block.state[k], at(op.state[k], t.state, b), n);
+    }
+    return;
+  }
+  // Every state's absmax first, then every state's codes: each quantisation waits for its
+  // block's absmax (a reduction, then a division), and this order gives the core the next
+  // state's independent work to overlap with that wait.
+  float absmax[MAX_STATES];
+  for (size_t k = 0; k < MAX_STATES; ++k) {
+    if (op.state[k] != nullptr) absmax[k] = absmax_of(block.state[k], n);
+  }
   for (size_t k = 0; k < MAX_STATES; ++k) {
     if (op.state[k] == nullptr) continue;
-    if (t.state == DType::q8) {
-      op.absmax[k][b / Q8_BLOCK] = quantize(block.state[k], (nonnegative >> k) & 1u,
-                                            static_cast<std::uint8_t*>(op.state[k]) + b, n);
-    } else {
-      narrow(t.state, block.state[k], at(op.state[k], t.state, b), n);
-    }
+    quantize_with(block.state[k], absmax[k], (nonnegative >> k) & 1u,
+                  static_cast<std::uint8_t*>(op.state[k]) + b, n);
+    op.absmax[k][b / Q8_BLOCK] = absmax[k];
   }
 }
 
