@@ -296,7 +296,7 @@ void stage_out(const Operands& op, size_t b, size_t n, const StagedBlock& block,
   // Every state's absmax first, then every state's codes: each quantisation waits for its
   // block's absmax (a reduction, then a division), and this order gives the core the next
   // state's independent work to overlap with that wait.
-  float absmax[MAX_STATES];
+  float absmax[MAX_STATES] = {};
   for (size_t k = 0; k < MAX_STATES; ++k) {
     if (op.state[k] != nullptr) absmax[k] = absmax_of(block.state[k], n);
   }
