@@ -208,8 +208,8 @@ STEP_OPTIONS = {
 }
 
 
-def _started(wrapper):
-    w, ps = build(wrapper)
+def _started(wrapper, dtypes=None):
+    w, ps = build(wrapper, dtypes=dtypes)
     w.step(grads(seed=7))
     _WHOLE[0] = w.state_dict()  # collective for ZeRO: every rank
     return w, ps
@@ -219,6 +219,30 @@ def _started(wrapper):
 @pytest.mark.parametrize("change", list(STEP_CHANGES))
 def test_a_change_on_one_rank_refuses_the_next_step_everywhere(wrapper, change):
     w, ps = _started(wrapper)
+    edit, what = STEP_CHANGES[change]
+    if IS_ODD:
+        edit(w, ps)
+    before = [p.tobytes() for p in ps], _state(w)
+    with pytest.raises(okd.RanksDisagree) as info:
+        w.step(grads())
+    text = str(info.value)
+    assert what in text and f"rank {ODD} has" in text, text
+    assert ([p.tobytes() for p in ps], _state(w)) == before
+    in_step()
+
+
+F64_CASES = {
+    "float64": [np.float64] * 4,
+    "mixed": [np.float64, np.float32, np.float32, np.float64],  # DataParallel's tail: float64
+}
+
+
+@pytest.mark.parametrize("dtypes", list(F64_CASES))
+@pytest.mark.parametrize("wrapper", ["dp", "zero"])
+@pytest.mark.parametrize("change", ["lr set on one rank", "a state loaded on one rank"])
+def test_a_change_on_one_rank_refused_with_float64_parameters(wrapper, change, dtypes):
+    """The step's digest travels in a float64 buffer when the first parameter is float64."""
+    w, ps = _started(wrapper, F64_CASES[dtypes])
     edit, what = STEP_CHANGES[change]
     if IS_ODD:
         edit(w, ps)

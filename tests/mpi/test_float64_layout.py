@@ -261,3 +261,15 @@ def test_consolidated_float64_file_into_float32_parameters_is_checked(tmp_path, 
     with pytest.raises((ok.CheckpointError, ValueError), match="float32"):
         okd.load(wrapper, tmp_path / "big.npz")
     assert snapshot(wrapper, params) == before
+
+
+@pytest.mark.parametrize("kind", ["dp", "zero"])
+def test_consolidated_float32_file_loads_into_float64_parameters_converted(tmp_path, kind):
+    opt = _stepped([F32] * 4)
+    ok.save(opt, tmp_path / "f32.npz")
+    wrapper, _ = _fresh(kind, [F64] * 4)
+    okd.load(wrapper, tmp_path / "f32.npz")
+    got = wrapper.state_dict()["state"]
+    for i, entry in opt.state_dict()["state"].items():
+        assert got[i]["exp_avg"].dtype == F64
+        np.testing.assert_array_equal(got[i]["exp_avg"], entry["exp_avg"].astype(F64))
