@@ -375,7 +375,7 @@ struct RuleDecl {
   double example_lr = 0;
   // What benchmarks compare the rule with where torch.optim has no class of its name: a
   // "module.name" (a torch optimizer class, or a function such as optax's that makes one),
-  // optionally with its arguments named after the rule's hyperparameters, "torch.optim.SGD(
+  // optionally with its arguments given as the class's own (torch's names), "torch.optim.SGD(
   // momentum=beta, dampening=beta)"; nullptr: torch.optim.<cls>, or none known.
   const char* peer = nullptr;
   const char* doc = "";  // the formulas, for the class docstring

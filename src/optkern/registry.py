@@ -97,8 +97,8 @@ class Rule:
     # default comparison (they take it by name, at its default lr).
     example_lr: Optional[float] = None
     # What benchmarks compare it with where torch.optim has no class of its name ("optax.lamb",
-    # "torch.optim.SGD(momentum=beta, dampening=beta)": arguments named after its
-    # hyperparameters), or None.
+    # "torch.optim.SGD(momentum=beta, dampening=beta)": arguments given as the class's own,
+    # torch's names), or None.
     peer: Optional[str] = None
 
     # -- torch's view: arguments as the class takes them ---------------------------------------------

@@ -122,8 +122,9 @@ class Peer:
 
 def _declared_peer(rule: Any) -> Peer:
     """The peer a rule declares (``registry.Rule.peer``): ``module.name``, its arguments
-    optionally named after the rule's hyperparameters (``torch.optim.SGD(momentum=beta,
-    dampening=beta)``: the others are passed as they are, at their defaults when not given)."""
+    optionally given as the class's own (``torch.optim.SGD(momentum=beta, dampening=beta)``:
+    SGD's momentum and dampening take the class's beta; the other arguments are passed as they
+    are, at their defaults when not given)."""
     from .cases import PEER_PACKAGES
 
     dotted, _, args = rule.peer.partition("(")
