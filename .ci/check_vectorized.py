@@ -43,21 +43,16 @@ COMPILERS = {"x86_64": ("CXX", "g++"), "aarch64": ("CXX_AARCH64", "aarch64-linux
 
 
 def isa_builds(arch: str) -> dict[str, list[str]]:
-    """isa -> GCC flags of each build of `arch` in src/cpp/isa_builds.txt, baseline first."""
+    """isa -> GCC flags of each build of `arch` in src/cpp/isa_builds.txt, baseline first: the
+    flags GCC and Clang share, then those for GCC alone, as CMakeLists.txt passes them to GCC."""
     out = {}
     for line in (CPP / "isa_builds.txt").read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
-        line_arch, isa, gcc_flags, _msvc = (f.strip() for f in line.split("|"))
-        if line_arch == arch and gcc_flags != "n/a":
-            out[isa] = [] if gcc_flags == "-" else gcc_flags.split()
-            if isa in GCC_ONLY_FLAGS:
-                out[isa] += GCC_ONLY_FLAGS[isa]
+        line_arch, isa, flags, gcc_flags, _msvc = (f.strip() for f in line.split("|"))
+        if line_arch == arch and flags != "n/a":
+            out[isa] = [f for f in (*flags.split(), *gcc_flags.split()) if f != "-"]
     return out
-
-
-# Flags CMakeLists.txt adds for GCC alone (Clang refuses them): the gathers of the staged loops.
-GCC_ONLY_FLAGS = {"avx2": ["-mtune-ctrl=use_gather"], "avx512": ["-mtune-ctrl=use_gather"]}
 
 
 def rule_files() -> list[pathlib.Path]:

@@ -48,13 +48,13 @@ FLAGS = {  # kernel -> its template parameters after the element types, in order
     "radam": ("l2", "decoupled", "rectify"),
     "asgd": ("decay", "copy"),
     "rprop": (),
-    "schedule_free": ("adamw", "decay", "init"),
+    "schedule_free": ("second_moment", "decay", "init"),
     "adafactor": ("factored", "decay"),
 }
 # Kernels whose element-wise loop has another name than <kernel>_impl.
 LOOP_NAMES = {"adafactor": "adafactor_apply"}
 # Flags a rule's class always has on (its kernel's plain variant would be another rule's).
-RULE_FLAGS = {"ScheduleFreeAdamW": ("adamw",)}
+RULE_FLAGS = {"ScheduleFreeAdamW": ("second_moment",)}
 VARIANTS = {  # label -> (kernel, flags on)
     "SGD": ("sgd", ()),
     "SGD momentum / Momentum": ("sgd", ("momentum",)),

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+import optkern
 from optkern import benchmark
 from optkern.benchmark import cases, runner
 
@@ -69,6 +70,33 @@ def test_torch_bench_has_a_peer_for_every_okt_class():
         torch.optim.SGD([torch.zeros(1)], lr=0.1, momentum=0.9, nesterov=True, fused=True).defaults
     )
     assert all(tb.peers()[n].missing() is None for n in tb.ORIGINALS)  # torch is enough
+
+
+def test_declared_peers_are_measurable_and_take_the_rules_arguments():
+    """Every peer a rule declares is torch.optim's or a package the benchmarks know (none is
+    left as "no benchmark of ..."), and Momentum's declared arguments map its beta onto torch
+    SGD's momentum and dampening, the other arguments passed as they are."""
+    import pytest
+
+    pytest.importorskip("torch")
+    from optkern.benchmark import torch_bench as tb
+    from optkern.benchmark.cases import CASES, PEER_PACKAGES
+
+    declared = [r for r in optkern.registry.rules() if r.peer is not None]
+    assert declared
+    table = tb.peers()
+    for r in declared:
+        package = r.peer.split(".")[0]
+        assert package == "torch" or package in PEER_PACKAGES, r.peer
+        assert table[r.cls].cls == r.peer.partition("(")[0], r.cls
+        if package != "torch":  # the main table's torch column measures the same peer
+            assert CASES[r.name].oracle_impl == PEER_PACKAGES[package][0], r.name
+    assert table["Momentum"].rename({"lr": 0.01, "beta": 0.8}) == {
+        "lr": 0.01,
+        "weight_decay": 0.0,
+        "momentum": 0.8,
+        "dampening": 0.8,
+    }
 
 
 def test_torch_bench_missing_peer_is_blank_with_the_reason(capsys):
@@ -273,7 +301,8 @@ def test_torch_studies_run_small():
     from optkern.benchmark import studies
 
     b = studies.torch_bandwidth(1, n=20_000)
-    assert [r["optimizer"] for r in b["rows"]] == ["SGD", "Adam", "AdamW", "Adagrad"]
+    # the registry's rules whose torch.optim class has a fused step, in the registry's order
+    assert [r["optimizer"] for r in b["rows"]] == ["SGD", "Adagrad", "Adam", "AdamW"]
     ph = studies.torch_phases(1, per_round=1)
     assert set(ph["ms"]) == {"torch fused", "okt", "okt 1 thread", "torch foreach"}
     small = studies.torch_small_step(2, inner=1, fresh=True)

@@ -319,6 +319,21 @@ def test_demo_rejects_unknown_optimizer(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_the_examples_compare_the_rules_that_declare_an_example_lr():
+    """The examples' default set and learning rates come from the rules' declarations: each rule
+    with an example_lr at that lr, followed by its class's presets (Nesterov after SGD)."""
+    from optkern.examples._common import MORE_OPTIMIZERS, OPTIMIZERS
+
+    declared = [r for r in optkern.registry.rules() if r.example_lr is not None]
+    rules_in = [n for n in OPTIMIZERS if n in {r.cls for r in optkern.registry.rules()}]
+    assert rules_in == [r.cls for r in declared]
+    assert list(OPTIMIZERS).index("Nesterov") == list(OPTIMIZERS).index("SGD") + 1
+    assert not set(OPTIMIZERS) & set(MORE_OPTIMIZERS)
+    for r in declared:
+        assert mlp.DEFAULT_HYPER[r.cls] == {"lr": r.example_lr}
+    assert sparse_logistic.DEFAULT_OPTIMIZERS == tuple(OPTIMIZERS)
+
+
 def test_demo_takes_every_class_by_name(capsys):
     """The default set is the examples' (README: which ones); any registry class can be named."""
     from optkern.examples._common import MORE_OPTIMIZERS, OPTIMIZERS

@@ -369,6 +369,15 @@ struct RuleDecl {
   // Its work per element when less than its kernel's (KernelDecl::weight; 0: the kernel's):
   // Schedule-Free SGD takes its kernel's path without the square root and division.
   std::size_t weight = 0;
+  // The learning rate the examples train this rule at (optkern.examples: the best of
+  // `python -m optkern.examples.mlp --sweep` on their MLP); 0: the rule is not in the examples'
+  // default comparison (they take it by name, at its default lr).
+  double example_lr = 0;
+  // What benchmarks compare the rule with where torch.optim has no class of its name: a
+  // "module.name" (a torch optimizer class, or a function such as optax's that makes one),
+  // optionally with its arguments given as the class's own (torch's names), "torch.optim.SGD(
+  // momentum=beta, dampening=beta)"; nullptr: torch.optim.<cls>, or none known.
+  const char* peer = nullptr;
   const char* doc = "";  // the formulas, for the class docstring
 };
 

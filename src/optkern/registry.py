@@ -93,6 +93,13 @@ class Rule:
     # Passes of a factored kernel (Adafactor: 3), whose states may be shaped unlike the parameter
     # (State.shape); 0 for an element-wise kernel.
     factored: int = 0
+    # The learning rate the examples train it at (optkern.examples), or None: not in their
+    # default comparison (they take it by name, at its default lr).
+    example_lr: Optional[float] = None
+    # What benchmarks compare it with where torch.optim has no class of its name ("optax.lamb",
+    # "torch.optim.SGD(momentum=beta, dampening=beta)": arguments given as the class's own,
+    # torch's names), or None.
+    peer: Optional[str] = None
 
     # -- torch's view: arguments as the class takes them ---------------------------------------------
 
@@ -244,6 +251,8 @@ def _load() -> Dict[str, Rule]:
             weight=r["weight"],
             reduction=r["reduction"],
             factored=r["factored"],
+            example_lr=r["example_lr"],
+            peer=r["peer"],
             hyper=tuple(Hyper(**h) for h in r["hyper"] if h["name"] != "maximize"),
             states=tuple(State(**s) for s in r["states"]),
             carried=tuple(Carried(**c) for c in r["carried"]),

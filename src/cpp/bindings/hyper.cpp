@@ -262,6 +262,9 @@ py::list rule_table() {
     };
     d["kernel"] = kernel_names[static_cast<int>(r.kernel)];
     d["weight"] = r.info.weight;
+    d["example_lr"] =
+        r.example_lr > 0 ? py::object(py::float_(r.example_lr)) : py::object(py::none());
+    d["peer"] = r.peer ? py::object(py::str(r.peer)) : py::object(py::none());
     d["reduction"] = r.info.reduce_sums;  // double sums per block of its reduction pass, if any
     d["factored"] = r.info.passes;        // passes of a factored kernel, 0 for the others
     py::list hyper;

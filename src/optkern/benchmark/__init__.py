@@ -171,7 +171,7 @@ def add_parser(sub) -> None:
         "--torch",
         action="store_true",
         help="optkern.torch against torch.optim instead: the step at 1M and 50M "
-        "and an autograd training loop, for SGD, Adam, AdamW, Adagrad, RMSprop and Adadelta "
+        "and an autograd training loop, for the classes the main table has a NumPy version of "
         "unless --all or --optimizers says otherwise (see benchmark/torch_bench.py)",
     )
     p.add_argument(

@@ -324,68 +324,84 @@ for _rule in ok.registry.rules():
         )
 
 
-def _lion_pytorch(params: Arrays, grads: Arrays) -> Step:
-    """lion-pytorch's Lion (its default, per-parameter torch path) on tensors sharing the arrays."""
-    from lion_pytorch import Lion
-
-    return Lion(_torch_params(params, grads)).step
-
-
-def _optax_lamb(params: Arrays, grads: Arrays) -> Step:
-    """optax.lamb at its defaults (lr=1e-3), one jitted update-and-apply with the params and
-    state donated (so XLA may update them in place), waited for each step."""
-    import jax
-    import optax
-
-    tx = optax.lamb(1e-3)
-    p = [jax.numpy.asarray(x) for x in params]
-    g = [jax.numpy.asarray(x) for x in grads]
-    holder = [p, tx.init(p)]
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def update(p, state, g):
-        u, state = tx.update(g, state, p)
-        return optax.apply_updates(p, u), state
-
-    def step() -> None:
-        holder[0], holder[1] = update(holder[0], holder[1], g)
-        jax.block_until_ready(holder[0])
-
-    return step
+#: What a rule's declared peer (registry.Rule.peer) needs, by its package: the column's label,
+#: the modules it imports, and whether it is a torch optimizer (optax's are functions of jax
+#: arrays, timed on the step alone).
+PEER_PACKAGES: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
+    "lion_pytorch": ("lion-pt", ("torch", "lion_pytorch"), True),
+    "optax": ("optax", ("jax", "optax"), False),
+    "schedulefree": ("sf-pt", ("torch", "schedulefree"), True),
+}
 
 
-def _schedulefree(cls_name: str) -> Factory:
-    """The schedulefree package's torch class at its defaults, in train mode."""
+def _resolve(dotted: str) -> Callable:
+    """``module.name`` (``optax.contrib.x``: the longest importable module), imported."""
+    import importlib
+
+    parts = dotted.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:k]))
+        except ImportError:
+            continue
+        return functools.reduce(getattr, parts[k:], obj)
+    raise ImportError(dotted)
+
+
+def _optax(dotted: str, lr: float) -> Callable[[Arrays, Arrays], Step]:
+    """An optax optimizer (``optax.lamb``) at lr and its other defaults, one jitted
+    update-and-apply with the params and state donated (so XLA may update them in place),
+    waited for each step."""
 
     def make(params: Arrays, grads: Arrays) -> Step:
-        import schedulefree
+        import jax
+        import optax
 
-        opt = getattr(schedulefree, cls_name)(_torch_params(params, grads))
-        opt.train()
+        tx = _resolve(dotted)(lr)
+        p = [jax.numpy.asarray(x) for x in params]
+        g = [jax.numpy.asarray(x) for x in grads]
+        holder = [p, tx.init(p)]
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def update(p, state, g):
+            u, state = tx.update(g, state, p)
+            return optax.apply_updates(p, u), state
+
+        def step() -> None:
+            holder[0], holder[1] = update(holder[0], holder[1], g)
+            jax.block_until_ready(holder[0])
+
+        return step
+
+    return make
+
+
+def _torch_peer(dotted: str) -> Factory:
+    """A package's torch optimizer class at its defaults (its own default path), on tensors
+    sharing the arrays; a Schedule-Free class in train mode (the package starts in eval)."""
+
+    def make(params: Arrays, grads: Arrays) -> Step:
+        opt = _resolve(dotted)(_torch_params(params, grads))
+        if dotted.startswith("schedulefree."):
+            opt.train()
         return opt.step
 
     return make
 
 
-CASES["lion"] = dataclasses.replace(
-    CASES["lion"],
-    oracle=_lion_pytorch,
-    oracle_impl="lion-pt",
-    oracle_modules=("torch", "lion_pytorch"),
-)
-CASES["lamb"] = dataclasses.replace(
-    CASES["lamb"], oracle=_optax_lamb, oracle_impl="optax", oracle_modules=("jax", "optax")
-)
-for _key, _cls in (
-    ("schedule_free_adamw", "AdamWScheduleFree"),
-    ("schedule_free_sgd", "SGDScheduleFree"),
-):
-    CASES[_key] = dataclasses.replace(
-        CASES[_key],
-        oracle=_schedulefree(_cls),
-        oracle_impl="sf-pt",
-        oracle_modules=("torch", "schedulefree"),
-    )
+# A rule torch.optim lacks is compared with the peer it declares (lion-pytorch's Lion, optax's
+# LAMB, schedulefree's classes) where the package is one of PEER_PACKAGES.
+for _rule in ok.registry.rules():
+    _package = (_rule.peer or "").split(".")[0]
+    if _rule.name in CASES and _package in PEER_PACKAGES:
+        _label, _modules, _is_torch = PEER_PACKAGES[_package]
+        _lr = next(h.default for h in _rule.hyper if h.name == "lr")
+        CASES[_rule.name] = dataclasses.replace(
+            CASES[_rule.name],
+            oracle=_torch_peer(_rule.peer) if _is_torch else _optax(_rule.peer, _lr),
+            oracle_impl=_label,
+            oracle_modules=_modules,
+        )
 
 
 def torch_available() -> Optional[str]:

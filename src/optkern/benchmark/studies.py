@@ -43,6 +43,7 @@ Each returns a JSON-able dict whose ``"text"`` is what it prints.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import random
@@ -344,7 +345,14 @@ def torch_bandwidth(repeats: int, n: int = 50_000_000) -> Dict[str, Any]:
     from .. import _core
     from .torch_bench import HYPER
 
-    nbytes = {"SGD": 20, "Adam": 28, "AdamW": 28, "Adagrad": 20}  # SGD with momentum (HYPER)
+    # Every rule whose torch.optim class has a fused CPU step, at the benchmark's settings
+    # (HYPER: SGD with momentum); bytes moved per element in place: p and g read, p written,
+    # each state it keeps there read and written.
+    nbytes = {
+        r.cls: 12 + 8 * len(r.state_spec(r.to_core({**dict(r.torch_args()), **HYPER[r.cls]})))
+        for r in ok.registry.rules()
+        if "fused" in inspect.signature(getattr(torch.optim, r.cls, lambda: None)).parameters
+    }
     a, b = np.ones(n, np.float32), np.ones(n, np.float32)
     steps: Dict[str, Callable[[], Any]] = {"stream": lambda: _core.stream_axpy([a], [b], 1e-9)}
     keep = []

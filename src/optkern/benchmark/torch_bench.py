@@ -30,8 +30,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-#: The default run: these classes against torch's fused or foreach path.
-ORIGINALS = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta"]
+from .. import registry
+from .cases import CASES
+
+
+#: The default run: the classes the main benchmark has a hand-written NumPy version of (the
+#: first version's optimizers, ``cases.CASES``), in the registry's order, each against torch's
+#: fused or foreach path.
+ORIGINALS = [
+    r.cls
+    for r in registry.rules()
+    if r.cls in {c.torch_name for c in CASES.values() if c.numpy is not None}
+]
 
 # The step cases repeat until they take about STEP_SECONDS (at least --repeats, at most
 # MAX_REPEATS repeats): a 1M step takes under a millisecond, and 5 medians of it moved by 15%
@@ -40,19 +50,25 @@ ORIGINALS = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta"]
 STEP_SECONDS = 0.5
 MAX_REPEATS = 101
 
-#: optkern.torch class -> the hyperparameters both sides take in the benchmark (else defaults).
-#: Schedule-Free SGD's default lr=1.0 diverges on the benchmark's MLP.
-HYPER: Dict[str, Dict[str, Any]] = {
-    "SGD": {"lr": 0.01, "momentum": 0.9},
-    "Nesterov": {"lr": 0.01, "momentum": 0.9},
-    "Momentum": {"lr": 0.01, "beta": 0.9},
-    "Adam": {"lr": 1e-3},
-    "AdamW": {"lr": 1e-3},
-    "Adagrad": {"lr": 0.01},
-    "RMSprop": {"lr": 1e-3},
-    "Adadelta": {"lr": 1.0},
-    "ScheduleFreeSGD": {"lr": 0.1},
-}
+
+def _bench_hyper(rule: Any) -> Dict[str, Any]:
+    """The hyperparameters both sides take in the benchmark: the defaults, with lr at most 0.1
+    (Schedule-Free SGD's default 1.0 diverges on the benchmark's MLP); a rule that keeps no state
+    at its defaults (SGD) has the option that makes one set (momentum 0.9), so that it is
+    measured with a buffer like the others."""
+    hp: Dict[str, Any] = {}
+    lr = next(h.default for h in rule.hyper if h.name == "lr")
+    if lr > 0.1:
+        hp["lr"] = 0.1
+    if rule.states and all(s.when is not None for s in rule.states):
+        flag = next(h for h in rule.hyper if h.name == rule.states[0].when)
+        hp[flag.torch] = True if flag.range == "flag" else 0.9
+    return hp
+
+
+#: optkern class (optkern.torch's of the same name) -> the hyperparameters both sides take in the
+#: benchmark (``_bench_hyper``); a preset (Nesterov) runs at its own defaults.
+HYPER: Dict[str, Dict[str, Any]] = {r.cls: _bench_hyper(r) for r in registry.rules()}
 
 
 @dataclass(frozen=True)
@@ -98,40 +114,59 @@ class Peer:
         """One step of the peer over ``params`` (each with its ``grad``)."""
         if self.torch_optimizer:
             return self.make(params, hp).step
-        from .cases import _optax_lamb
+        from .cases import _optax
 
-        return _optax_lamb([p.detach().numpy() for p in params], [p.grad.numpy() for p in params])
-
-
-#: The schedulefree package's class of each Schedule-Free class.
-SCHEDULE_FREE = {
-    "ScheduleFreeAdamW": "schedulefree.AdamWScheduleFree",
-    "ScheduleFreeSGD": "schedulefree.SGDScheduleFree",
-}
+        make = _optax(self.cls, hp.get("lr", 1e-3))
+        return make([p.detach().numpy() for p in params], [p.grad.numpy() for p in params])
 
 
-def _momentum_as_sgd(hp: Dict[str, Any]) -> Dict[str, Any]:
-    beta = hp.get("beta", 0.9)
-    return {
-        "lr": hp.get("lr", 1e-3),
-        "momentum": beta,
-        "dampening": beta,
-        "weight_decay": hp.get("weight_decay", 0.0),
-    }
+def _declared_peer(rule: Any) -> Peer:
+    """The peer a rule declares (``registry.Rule.peer``): ``module.name``, its arguments
+    optionally given as the class's own (``torch.optim.SGD(momentum=beta, dampening=beta)``:
+    SGD's momentum and dampening take the class's beta; the other arguments are passed as they
+    are, at their defaults when not given)."""
+    from .cases import PEER_PACKAGES
+
+    dotted, _, args = rule.peer.partition("(")
+    rename = None
+    if args:
+        mapping = dict(a.strip().split("=") for a in args.rstrip(")").split(","))
+        defaults = dict(rule.torch_args())
+
+        def rename(hp, mapping=mapping, defaults=defaults):
+            values = {**defaults, **hp}
+            out = {k: v for k, v in values.items() if k not in mapping.values()}
+            out.update((theirs, values[ours]) for theirs, ours in mapping.items())
+            return out
+
+    package = dotted.split(".")[0]
+    if package == "torch":
+        return Peer(dotted, *_torch_path(dotted.rsplit(".", 1)[1]), rename=rename)
+    if package not in PEER_PACKAGES:
+        return Peer("", f"no benchmark of {package}")
+    impl, modules, is_torch = PEER_PACKAGES[package]
+    return Peer(dotted, impl, rename=rename, modules=modules, torch_optimizer=is_torch)
+
+
+def _torch_path(theirs: str) -> Tuple[str, Tuple[Tuple[str, Any], ...]]:
+    """torch.optim's fastest CPU path of class ``theirs``: fused where it takes it, else foreach."""
+    import torch
+
+    fused = "fused" in inspect.signature(getattr(torch.optim, theirs)).parameters
+    impl = "fused" if fused else "foreach"
+    return impl, ((impl, True),)
 
 
 def peers() -> Dict[str, Peer]:
-    """The peer of every optkern.torch class, in optkern.torch's order."""
-    import torch
-
+    """The peer of every optkern.torch class, in optkern.torch's order: torch.optim's class of
+    the same algorithm, else the peer its rule declares."""
     import optkern.torch as okt
 
     out: Dict[str, Peer] = {}
     for name, rule in okt.RULES.items():
         theirs = rule.torch_name
         if theirs is not None:
-            fused = "fused" in inspect.signature(getattr(torch.optim, theirs)).parameters
-            impl = "fused" if fused else "foreach"
+            impl, flags = _torch_path(theirs)
             rename = None
             if theirs != name:  # Nesterov: torch's SGD with optkern's defaults and nesterov=True
                 defaults = dict(rule.args)
@@ -139,15 +174,9 @@ def peers() -> Dict[str, Peer]:
                 def rename(hp, defaults=defaults, fixed=rule.fixed):
                     return {**defaults, **hp, **fixed}
 
-            out[name] = Peer(f"torch.optim.{theirs}", impl, ((impl, True),), rename)
-        elif name == "Momentum":  # torch's SGD with dampening = momentum: the same update
-            out[name] = Peer("torch.optim.SGD", "fused", (("fused", True),), _momentum_as_sgd)
-        elif name == "Lion":
-            out[name] = Peer("lion_pytorch.Lion", "lion-pt", modules=("torch", "lion_pytorch"))
-        elif name == "LAMB":
-            out[name] = Peer("optax.lamb", "optax", modules=("jax", "optax"), torch_optimizer=False)
-        elif name in SCHEDULE_FREE:
-            out[name] = Peer(SCHEDULE_FREE[name], "sf-pt", modules=("torch", "schedulefree"))
+            out[name] = Peer(f"torch.optim.{theirs}", impl, flags, rename)
+        elif rule.rule.peer is not None:
+            out[name] = _declared_peer(rule.rule)
         else:
             out[name] = Peer("", "no peer known")
     return out
@@ -406,7 +435,7 @@ def select(optimizers: Optional[List[str]], every: bool) -> List[str]:
         return list(ORIGINALS)
     by_key = {n.lower(): n for n in classes}
     by_key.update({r.name: r.cls for r in ok.registry.rules() if r.cls in okt.RULES})
-    by_key.update({"sgd-momentum": "SGD", "amsgrad": "Adam"})
+    by_key.update({k: c.torch_name for k, c in CASES.items() if k not in by_key})
     chosen = set()
     for o in optimizers:
         if o.lower() not in by_key:

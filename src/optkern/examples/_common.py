@@ -10,27 +10,59 @@ import numpy as np
 
 import optkern as ok
 
-#: Every optimizer class the examples compare, by display name.
-OPTIMIZERS: Dict[str, Callable[..., ok.Optimizer]] = {
-    "SGD": ok.SGD,
-    "Momentum": ok.Momentum,
-    "Nesterov": ok.Nesterov,
-    "RMSprop": ok.RMSprop,
-    "Adagrad": ok.Adagrad,
-    "Adadelta": ok.Adadelta,
-    "Adam": ok.Adam,
-    "AdamW": ok.AdamW,
-    "NAdam": ok.NAdam,
-    "RAdam": ok.RAdam,
-    "ASGD": ok.ASGD,
-}
 
-#: The registry's other optimizer classes (Adamax, Lion, Rprop, LAMB, ...): not in the examples'
-#: default comparisons, whose tables and tests cover the ones above, but selectable by name
+def _presets() -> Dict[str, List[type]]:
+    """Rule class name -> the presets of it that optkern exports (optkern.Nesterov: SGD with
+    nesterov=True), in export order."""
+    out: Dict[str, List[type]] = {}
+    for name in ok._classes.__all__:
+        cls = getattr(ok, name)
+        if getattr(cls, "_preset", None) is not None:
+            out.setdefault(cls.__mro__[1].__name__, []).append(cls)
+    return out
+
+
+def _compared() -> Dict[str, Callable[..., ok.Optimizer]]:
+    out: Dict[str, Callable[..., ok.Optimizer]] = {}
+    presets = _presets()
+    for r in ok.registry.rules():
+        if r.example_lr is not None:
+            out[r.cls] = getattr(ok, r.cls)
+            out.update((p.__name__, p) for p in presets.get(r.cls, []))
+    return out
+
+
+#: The optimizer classes the examples compare by default, by name: every rule that declares the
+#: learning rate they train it at (``example_lr`` in its declaration, src/cpp/rules/), followed
+#: by the presets of its class (Nesterov after SGD), in the registry's order.
+OPTIMIZERS: Dict[str, Callable[..., ok.Optimizer]] = _compared()
+
+#: The registry's other optimizer classes (Lion, Rprop, LAMB, ...): not in the examples' default
+#: comparisons, but selectable by name, at their default learning rate
 #: (``python -m optkern.examples.mlp --sweep --optimizers Lion LAMB``).
 MORE_OPTIMIZERS: Dict[str, Callable[..., ok.Optimizer]] = {
     r.cls: getattr(ok, r.cls) for r in ok.registry.rules() if r.cls not in OPTIMIZERS
 }
+
+
+def rule_of(name: str) -> "ok.registry.Rule":
+    """The registry's rule of an optimizer class named ``name`` (a preset: its base's)."""
+    cls = getattr(ok, name)
+    by_cls = {r.cls: r for r in ok.registry.rules()}
+    return next(by_cls[c.__name__] for c in cls.__mro__ if c.__name__ in by_cls)
+
+
+def example_hyper(name: str) -> Dict[str, Any]:
+    """The hyperparameters the examples train rule class ``name`` at: its declared example
+    learning rate, the other hyperparameters at their defaults ({} without one)."""
+    lr = rule_of(name).example_lr
+    return {} if lr is None else {"lr": lr}
+
+
+def is_plain(name: str) -> bool:
+    """Whether class ``name`` steps without a per-coordinate scale (no running average of
+    squares: SGD, Momentum, Nesterov, ASGD), drawn dashed in the examples' plots."""
+    return not any(s.nonnegative for s in rule_of(name).states)
 
 
 def make_optimizer(name: str, params: List[np.ndarray], **hyper: Any) -> ok.Optimizer:

@@ -28,6 +28,8 @@ from optkern.examples._common import (
     MORE_OPTIMIZERS,
     OPTIMIZERS,
     describe,
+    example_hyper,
+    is_plain,
     fmt,
     format_table,
     make_optimizer,
@@ -41,22 +43,12 @@ from optkern.examples._blas import blas_threads
 from optkern.examples.datasets import make_digits
 
 #: Hyperparameters of each optimizer for this problem (6000 digits, batch 64, hidden (128, 64),
-#: 10 epochs). Each lr is the one with the lowest validation loss in
-#: ``python -m optkern.examples.mlp --sweep`` (lr from 1e-4 to 10 in steps of about 3x, seed 0);
-#: the other hyperparameters are the defaults.
-DEFAULT_HYPER: Dict[str, Dict[str, Any]] = {
-    "SGD": {"lr": 1.0},
-    "Momentum": {"lr": 1.0, "beta": 0.9},
-    "Nesterov": {"lr": 0.1, "momentum": 0.9},
-    "RMSprop": {"lr": 1e-3},
-    "Adagrad": {"lr": 0.1},
-    "Adadelta": {"lr": 3.0},
-    "Adam": {"lr": 3e-3},
-    "AdamW": {"lr": 3e-3, "weight_decay": 1e-2},
-    "NAdam": {"lr": 3e-3},
-    "RAdam": {"lr": 1e-2},
-    "ASGD": {"lr": 3.0},
-}
+#: 10 epochs): each rule's declared example learning rate (``example_lr`` in src/cpp/rules/), the
+#: lr with the lowest validation loss in ``python -m optkern.examples.mlp --sweep`` (lr from 1e-4
+#: to 10 in steps of about 3x, seed 0); the other hyperparameters are the defaults. A preset
+#: (Nesterov) has its own: its base's lr with momentum 0.9 would step ten times as far.
+DEFAULT_HYPER: Dict[str, Dict[str, Any]] = {name: example_hyper(name) for name in OPTIMIZERS}
+DEFAULT_HYPER["Nesterov"] = {"lr": 0.1, "momentum": 0.9}
 
 
 class MLP:
@@ -312,7 +304,7 @@ def plot_sweep(
     ax = fig.subplots()
     for i, (name, by_lr) in enumerate(res.items()):
         lrs = sorted(by_lr)
-        ls = "--" if name in ("SGD", "Momentum", "Nesterov") else "-"
+        ls = "--" if is_plain(name) else "-"
         ax.semilogx(
             lrs,
             [100 * by_lr[lr][1] for lr in lrs],
@@ -368,7 +360,7 @@ def plot(out: Dict[str, Any], path: str) -> Optional[str]:
         return None
     ax1, ax2 = fig.subplots(1, 2)
     for i, (name, r) in enumerate(out["results"].items()):
-        ls = "--" if name in ("SGD", "Momentum", "Nesterov") else "-"
+        ls = "--" if is_plain(name) else "-"
         x = np.arange(1, len(r["train_loss"]) + 1)
         ax1.semilogy(x, r["train_loss"], ls=ls, color=f"C{i}", label=name)
         ax2.plot(x, 100 * r["test_acc"], ls=ls, color=f"C{i}", label=name)

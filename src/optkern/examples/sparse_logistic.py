@@ -28,8 +28,11 @@ import numpy as np
 from optkern.data import batches, num_batches
 from optkern._platform import describe_machine
 from optkern.examples._common import (
+    MORE_OPTIMIZERS,
+    OPTIMIZERS,
     fmt,
     format_table,
+    is_plain,
     make_optimizer,
     new_figure,
     no_matplotlib_note,
@@ -38,10 +41,9 @@ from optkern.examples._common import (
     Stopwatch,
 )
 
-DEFAULT_OPTIMIZERS = ("SGD", "Momentum", "Nesterov", "Adagrad", "RMSprop", "Adadelta", "Adam")
+#: every optimizer the examples compare (optkern.examples._common.OPTIMIZERS), each at its best lr
+DEFAULT_OPTIMIZERS = tuple(OPTIMIZERS)
 DEFAULT_LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-#: hyperparameters besides lr (defaults otherwise)
-EXTRA = {"Momentum": {"beta": 0.9}, "Nesterov": {"momentum": 0.9}}
 
 
 def make_data(
@@ -99,7 +101,7 @@ def train(
     n, d = X.shape
     w = np.zeros(d, np.float32)
     b = np.zeros(1, np.float32)
-    opt = make_optimizer(name, [w, b], lr=lr, **EXTRA.get(name, {}))
+    opt = make_optimizer(name, [w, b], lr=lr)  # the other hyperparameters at their defaults
     rng = np.random.default_rng(seed)
     per_epoch = num_batches(n, batch_size)
     every = max(1, per_epoch // evals_per_epoch)
@@ -250,7 +252,7 @@ def plot(out: Dict[str, Any], path: str) -> Optional[str]:
         return None
     ax1, ax2 = fig.subplots(1, 2)
     for i, (name, r) in enumerate(out["results"].items()):
-        ls = "--" if name in ("SGD", "Momentum", "Nesterov") else "-"
+        ls = "--" if is_plain(name) else "-"
         ax1.plot(
             r["curve_epochs"], r["curve"], ls=ls, color=f"C{i}", label=f"{name} (lr={r['lr']:g})"
         )
@@ -282,8 +284,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the curves and the sweep")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=list(DEFAULT_OPTIMIZERS),
+        choices=[*OPTIMIZERS, *MORE_OPTIMIZERS],
+        metavar="NAME",
+        help="optkern classes to compare (default: the examples' set)",
+    )
     args = parser.parse_args(argv)
     out = run(
+        optimizers=args.optimizers,
         n_train=args.n_train,
         n_features=args.features,
         epochs=args.epochs,

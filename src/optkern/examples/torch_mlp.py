@@ -23,30 +23,18 @@ import copy
 import time
 from typing import Any, Dict, List, Sequence
 
+from optkern import registry
+from optkern.examples._common import example_hyper
 from optkern.examples.datasets import make_digits
 
-#: optkern.torch class -> its hyperparameters here (both sides take them); a class not listed
-#: (a rule added since) runs at its defaults
+#: optkern.torch class -> its hyperparameters here (both sides take them): each rule's declared
+#: example learning rate (``example_lr``, src/cpp/rules/; the NumPy MLP example's), the rest at
+#: their defaults; a rule without one (and any class not listed) runs at its defaults. The
+#: preset Nesterov has its own: SGD's lr with momentum 0.9 would step ten times as far.
 HYPER: Dict[str, Dict[str, Any]] = {
-    "SGD": {"lr": 0.1, "momentum": 0.9},
-    "Nesterov": {"lr": 0.05, "momentum": 0.9},
-    "Momentum": {"lr": 1.0, "beta": 0.9},
-    "RMSprop": {"lr": 1e-3},
-    "Adagrad": {"lr": 0.05},
-    "Adadelta": {"lr": 1.0},
-    "Adam": {"lr": 1e-3},
-    "AdamW": {"lr": 1e-3, "weight_decay": 1e-2},
-    "Adamax": {"lr": 2e-3},
-    "NAdam": {"lr": 1e-3},
-    "RAdam": {"lr": 1e-3},
-    "ASGD": {"lr": 0.5},
-    "Lion": {"lr": 1e-3},
-    "Rprop": {"lr": 1e-4},  # a full-batch method: poor on minibatches
-    "LAMB": {"lr": 1e-2},
-    "ScheduleFreeAdamW": {"lr": 2.5e-3},
-    "ScheduleFreeSGD": {"lr": 1.0},
-    "Adafactor": {"lr": 1e-2},
+    r.cls: example_hyper(r.cls) for r in registry.rules() if r.example_lr is not None
 }
+HYPER["Nesterov"] = {"lr": 0.05, "momentum": 0.9}
 
 
 def train(make_opt, model, X, y, epochs: int, batch_size: int, seed: int) -> Dict[str, Any]:
