@@ -49,6 +49,39 @@ def check_state_dtype(value: Any) -> str:
     return value
 
 
+def check_precision(
+    rule: Any, state_dtype: Any, stochastic_rounding: Any, master_weights: Any
+) -> Tuple[str, bool, bool]:
+    """The precision options of an optimizer of ``rule`` (optkern's classes and optkern.torch's),
+    checked: (state_dtype, stochastic_rounding, master_weights), or ValueError/TypeError naming
+    the option."""
+    from .registry import as_flag
+
+    state_dtype = check_state_dtype(state_dtype)
+    if state_dtype == "int8":
+        refused = [st.name for st in rule.states if not st.int8]
+        if refused:
+            raise ValueError(
+                f"state_dtype='int8': {rule.cls}'s {', '.join(refused)} cannot be kept "
+                "in 8 bits (an average of the parameter itself, the moments of a rule with "
+                "a norm pass, or a factored state); use 'bfloat16' or 'float32'"
+            )
+    if rule.factored and state_dtype != "float32":
+        raise ValueError(
+            f"state_dtype={state_dtype!r}: {rule.cls}'s factored state is kept "
+            "in the parameter's type; use 'float32'"
+        )
+    stochastic_rounding, master_weights = as_flag(stochastic_rounding), as_flag(master_weights)
+    if not isinstance(stochastic_rounding, bool) or not isinstance(master_weights, bool):
+        raise TypeError("stochastic_rounding and master_weights must be bools")
+    if stochastic_rounding and master_weights:
+        raise ValueError(
+            "stochastic_rounding and master_weights exclude each other: with master "
+            "weights the parameter is the float32 copy rounded to nearest"
+        )
+    return state_dtype, stochastic_rounding, master_weights
+
+
 def is_half(dtype: np.dtype) -> bool:
     """A 16-bit parameter type: float16, or bfloat16."""
     return dtype == np.float16 or (BFLOAT16 is not None and dtype == BFLOAT16)
