@@ -164,8 +164,8 @@ class Optimizer:
                 "Optimizer is the base of optkern's rule classes (optkern.Adam, ...); "
                 "it cannot be used by itself"
             )
-        self.state_dtype, self.stochastic_rounding, self.master_weights = (
-            _lowbits.check_precision(self._rule, state_dtype, stochastic_rounding, master_weights)
+        self.state_dtype, self.stochastic_rounding, self.master_weights = _lowbits.check_precision(
+            self._rule, state_dtype, stochastic_rounding, master_weights
         )
         self.defaults = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []

@@ -358,8 +358,8 @@ class _OktOptimizer(torch.optim.Optimizer):
         # optkern's precision options (keyword-only, for the whole optimizer, as optkern's own
         # classes take them): checked first, never passed to torch
         precision = [given.pop(name) for name, _, _ in registry.PRECISION_ARGS]
-        self.state_dtype, self.stochastic_rounding, self.master_weights = (
-            _lowbits.check_precision(b.rule, *precision)
+        self.state_dtype, self.stochastic_rounding, self.master_weights = _lowbits.check_precision(
+            b.rule, *precision
         )
         self._okt_reset()
         if b.torch_cls is not None:
@@ -827,9 +827,7 @@ class _OktOptimizer(torch.optim.Optimizer):
             entries.append(e)
         if not params:
             return None
-        fresh_names = (
-            self._complete_state(new, group, gi, rule, hyper, ks, undo) if new else ()
-        )
+        fresh_names = self._complete_state(new, group, gi, rule, hyper, ks, undo) if new else ()
         lists = {n: [e.views[k] for e in entries] for k, n in enumerate(names)}
         for k, n in enumerate(ks.absmax):  # int8 state: each array's absmax beside it
             lists[n] = [e.aviews[k] for e in entries]
@@ -859,9 +857,7 @@ class _OktOptimizer(torch.optim.Optimizer):
             base = sum(len(g["params"]) for g in self.param_groups[:gi])
             positions, seed = [base + i for i in idx], self._okt_runs[0] + 1
         try:
-            call = self._prepare(
-                rule, pviews, gviews, states, hyper, steps, entries, positions, seed
-            )
+            call = self._prepare(rule, pviews, gviews, states, hyper, steps, entries, positions, seed)
         except (TypeError, ValueError) as err:  # say which tensors the indices name
             shown = enumerate(idx) if positions is None else zip(positions, idx)
             where = "; ".join(f"[{k}] = {self._label(group, gi, i)}" for k, i in shown)
@@ -940,7 +936,7 @@ class _OktOptimizer(torch.optim.Optimizer):
                         f"parameter {tuple(p.shape)}"
                         + ("" if shape == tuple(p.shape) else f", which needs {shape}")
                     )
-                if torch_layout:
+                if torch_layout and t.dtype is not torch.uint8 and n + _ABSMAX not in st:
                     if t.dtype != p.dtype and self._binding.torch_cls is not None:
                         # a parameter cast after its state was made (torch's load casts the
                         # state it loads): torch's step keeps the state's dtype, or refuses
@@ -993,7 +989,9 @@ class _OktOptimizer(torch.optim.Optimizer):
                 absmax = _block([(torch.float32, (_lowbits.blocks(t.numel()),)) for _, t in int8], 0)
                 nonneg = rule.state(n).nonnegative
                 for (p, t), a in zip(int8, absmax):
-                    codes, scale = _lowbits.quantize(np.full(tuple(t.shape), start, np.float32), nonneg)
+                    codes, scale = _lowbits.quantize(
+                        np.full(tuple(t.shape), start, np.float32), nonneg
+                    )
                     t.numpy()[...] = codes
                     a.numpy()[...] = scale
                     self._set(undo, self.state[p], n + _ABSMAX, a)
