@@ -535,3 +535,30 @@ def test_within_16_bit_rounding_of_torch_one_step_at_a_time(name, kwargs, dtype,
                 _assert_within(
                     ours, v, old.to(ours.dtype), unit, skip, f"{where}, {k}", normwise=True
                 )
+
+
+@pytest.mark.spawns
+def test_without_ml_dtypes_bfloat16_runs_torchs_step_and_says_why():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['ml_dtypes'] = None\n"
+        "import torch, optkern.torch as okt\n"
+        "p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))\n"
+        "h = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))\n"
+        "o = okt.Adam([p, h])\n"
+        "p.grad, h.grad = torch.ones_like(p), torch.ones_like(h)\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    o.step()\n"
+        "print([str(w.message) for w in seen if w.category is okt.TorchFallbackWarning])\n"
+        "print(o.state[p]['exp_avg'].dtype, o.state[h]['exp_avg'].dtype)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "with ml_dtypes installed" in out and "'torch.bfloat16'" not in out
+    # the group runs torch's step (its state in the parameters' dtypes)
+    assert out.splitlines()[-1] == "torch.bfloat16 torch.float16"
