@@ -14,6 +14,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import _core
+from .registry import ABSMAX_SUFFIX, as_flag  # noqa: F401 (ABSMAX_SUFFIX: read from here too)
 
 try:  # a soft dependency: without it optkern takes no bfloat16 arrays
     import ml_dtypes as _ml_dtypes
@@ -28,8 +29,7 @@ if BFLOAT16 is not None:
 #: Elements per block of an int8 state, each block with its own float32 absmax (bitsandbytes'
 #: block size for its 8-bit optimizers).
 BLOCK = 256
-#: What a state array's name gets for its int8 absmax array, and the master copy's name.
-ABSMAX_SUFFIX = "_absmax"
+#: The master copy's name (``<name>_absmax``, ABSMAX_SUFFIX: an int8 state's absmax array).
 MASTER = "master_param"
 
 STATE_DTYPES = ("float32", "bfloat16", "int8")
@@ -55,8 +55,6 @@ def check_precision(
     """The precision options of an optimizer of ``rule`` (optkern's classes and optkern.torch's),
     checked: (state_dtype, stochastic_rounding, master_weights), or ValueError/TypeError naming
     the option."""
-    from .registry import as_flag
-
     state_dtype = check_state_dtype(state_dtype)
     if state_dtype == "int8":
         refused = [st.name for st in rule.states if not st.int8]
