@@ -562,3 +562,24 @@ def test_without_ml_dtypes_bfloat16_runs_torchs_step_and_says_why():
     assert "with ml_dtypes installed" in out and "'torch.bfloat16'" not in out
     # the group runs torch's step (its state in the parameters' dtypes)
     assert out.splitlines()[-1] == "torch.bfloat16 torch.float16"
+
+
+def test_stochastic_rounding_keeps_its_step_count_in_the_state_dict():
+    p = torch.nn.Parameter(torch.ones(40, dtype=torch.bfloat16))
+    o = okt.SGD([p], lr=0.01, momentum=0.9, stochastic_rounding=True)
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        o.step()
+    sd = o.state_dict()
+    assert sd["step_count"] == 3
+    # torch ignores the entry
+    q = torch.nn.Parameter(p.detach().clone())
+    ref = torch.optim.SGD([q], lr=0.01, momentum=0.9)
+    ref.load_state_dict(copy.deepcopy(sd))
+    bad = copy.deepcopy(sd)
+    bad["step_count"] = -1
+    bad["state"][0]["momentum_buffer"] = torch.zeros(40)
+    before = o.state[p]["momentum_buffer"].clone()
+    with pytest.raises(ValueError, match="step_count must be an int >= 0"):
+        o.load_state_dict(bad)
+    assert torch.equal(o.state[p]["momentum_buffer"], before) and o.state_dict()["step_count"] == 3

@@ -507,6 +507,11 @@ class _OktOptimizer(torch.optim.Optimizer):
         torch would cast it to the parameter's (int8 codes and their absmax, master copies, and
         every state of a 16-bit parameter or under a state_dtype): the next step converts what
         is not in this optimizer's form, explicitly (see ``_convert_state``)."""
+        count = state_dict.get("step_count") if isinstance(state_dict, dict) else None
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0
+        ):  # checked before anything is loaded
+            raise ValueError(f"step_count must be an int >= 0, got {count!r}")
         kept = self._kept_forms(state_dict)
         super().load_state_dict(state_dict)
         for p, key, value in kept:
@@ -514,12 +519,9 @@ class _OktOptimizer(torch.optim.Optimizer):
             if st is not None and key in st:
                 st[key] = value.to(device=p.device)
         if self.stochastic_rounding:
-            count = state_dict.get("step_count")
             if count is None:  # torch's dict: the parameters' own step counts tell it
                 steps = [st["step"] for st in self.state.values() if "step" in st]
                 count = max((int(s) for s in steps), default=0)
-            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-                raise ValueError(f"step_count must be an int >= 0, got {count!r}")
             self._okt_runs[0] = int(count)
 
     def _kept_forms(self, sd: Any) -> List[Tuple[torch.Tensor, Any, torch.Tensor]]:
