@@ -397,7 +397,8 @@ def _optim_db_cases():
     try:
         from torch.testing._internal.common_optimizers import optim_db
     except Exception as e:  # expecttest, a test-only dependency of torch's suite
-        return [pytest.param(None, None, None, None, marks=pytest.mark.skip(reason=str(e)))]
+        reason = f"could not import torch's optim_db: {e}"
+        return [pytest.param(None, None, None, None, marks=pytest.mark.skip(reason=reason))]
     names = {e.name for e in db.with_oracle("torch") if e.oracle("torch").optim_db}
     cases = []
     for info in optim_db:
