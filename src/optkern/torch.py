@@ -17,14 +17,21 @@ makes there), and a param group the kernels cannot serve runs torch's own implem
 the state in torch's layout, so its results and checkpoints are exactly torch's; a
 :class:`TorchFallbackWarning` names the reason once. The kernels cannot serve
 ``differentiable=True``, ``capturable=True``, a parameter or gradient that is not a dense CPU
-tensor of a dtype the kernels take (float32 or float64), a lazy conjugate or negative bit, or
-hyperparameters outside the ranges the kernels take; what they serve is decided per group at
+tensor of a dtype the kernels take (float32, float64, float16, and bfloat16 with ml_dtypes
+installed), a lazy conjugate or negative bit, or hyperparameters outside the ranges the kernels
+take; what they serve is decided per group at
 every step from these facts (:attr:`Binding.dtypes` comes from the rule's declaration), so a
 group moves to the kernels as soon as they can serve it (a model built on the meta device and
 then ``to_empty()``'d, say). A parameter that is not contiguous is stepped through a contiguous
 copy that is written back. The classes torch lacks (Momentum, Lion, LAMB, the Schedule-Free
 ones) have nothing to fall back to: they refuse such groups with TypeError or ValueError naming
 the parameter, at the step (parameters are taken as given at construction, as torch takes them).
+
+optkern's precision options (``state_dtype``, ``stochastic_rounding``, ``master_weights``) are
+keyword-only arguments of every class, after torch's, meaning what they mean on optkern's own
+classes; 16-bit parameters are computed in float32 and rounded once, so results agree with
+torch's 16-bit step within 16-bit rounding (docs/torch.md). A group that would need torch's
+step is refused under a precision option, which torch's implementation lacks.
 
 Every rule of :mod:`optkern.registry` gets a class, its :class:`Binding` in ``RULES`` derived from
 its declaration: a rule torch also has takes torch's constructor signature (checked against the
