@@ -76,8 +76,8 @@ def _break_lr(ps, opt):
 
 def _break_param(ps, opt):
     with torch.no_grad():
-        ps[2].data = ps[2].data.half()
-    ps[2].grad = torch.zeros(2, 5, dtype=torch.float16)
+        ps[2].data = ps[2].data.to(torch.complex64)  # (float16 runs on the kernels)
+    ps[2].grad = torch.zeros(2, 5, dtype=torch.complex64)
 
 
 #: What the kernels refuse in group 1, the error, and whether a class with a torch counterpart
@@ -85,7 +85,7 @@ def _break_param(ps, opt):
 BREAKS = {
     "a gradient of another shape": (_break_shape, ValueError, False),
     "a negative lr": (_break_lr, ValueError, True),
-    "a parameter cast to float16": (_break_param, TypeError, True),
+    "a parameter cast to complex64": (_break_param, TypeError, True),
 }
 
 
@@ -152,7 +152,7 @@ def test_torch_group_the_kernels_cannot_serve_runs_torchs_step_beside_the_kernel
             try:
                 o.step()
                 outcome.append(None)
-            except RuntimeError as e:  # torch's own step may refuse it (float32 state, float16 p)
+            except RuntimeError as e:  # torch's own step may refuse it (float32 state, complex p)
                 outcome.append(type(e))
         said.append([str(w.message) for w in seen if w.category is okt.TorchFallbackWarning])
     assert outcome[0] is outcome[1]

@@ -22,6 +22,8 @@ import numpy as np
 import optim_db as db
 import pytest
 
+from optkern import registry
+
 torch = pytest.importorskip("torch")
 okt = pytest.importorskip("optkern.torch")
 
@@ -788,9 +790,11 @@ def test_signature_and_defaults_are_torchs():
     for name in SHARED:
         ours = inspect.signature(getattr(okt, name))
         theirs = inspect.signature(getattr(torch.optim, name))
+        # torch's arguments, then optkern's precision options (keyword-only)
+        precision = [(n, inspect.Parameter.KEYWORD_ONLY, d) for n, _, d in registry.PRECISION_ARGS]
         assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
             (p.name, p.kind, p.default) for p in theirs.parameters.values()
-        ], name
+        ] + precision, name
         assert issubclass(getattr(okt, name), torch.optim.Optimizer)
         p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
         assert getattr(okt, name)([p]).defaults == getattr(torch.optim, name)([q]).defaults
@@ -838,11 +842,7 @@ def test_tensor_lr_and_betas():
 
 # -- what the kernels cannot serve: torch's own implementation, or (a class torch lacks) an error --
 
-BAD_PARAMS = {
-    "float16": (
-        lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.float16)),
-        "dtype torch.float16",
-    ),
+BAD_PARAMS = {  # (float16 and bfloat16 run on the kernels: tests/test_torch_lowbits.py)
     "complex64": (lambda: torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64)), "complex64"),
     "meta": (lambda: torch.nn.Parameter(torch.zeros(4, device="meta")), "is on meta"),
 }

@@ -125,6 +125,9 @@ def test_arguments_and_defaults_are_the_packages(name):
         "fused",
         "differentiable",
         "capturable",
+        "state_dtype",
+        "stochastic_rounding",
+        "master_weights",
     ]
     from optkern.benchmark import torch_bench
 

@@ -14,6 +14,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import _core
+from .registry import ABSMAX_SUFFIX, as_flag  # noqa: F401 (ABSMAX_SUFFIX: read from here too)
 
 try:  # a soft dependency: without it optkern takes no bfloat16 arrays
     import ml_dtypes as _ml_dtypes
@@ -28,8 +29,7 @@ if BFLOAT16 is not None:
 #: Elements per block of an int8 state, each block with its own float32 absmax (bitsandbytes'
 #: block size for its 8-bit optimizers).
 BLOCK = 256
-#: What a state array's name gets for its int8 absmax array, and the master copy's name.
-ABSMAX_SUFFIX = "_absmax"
+#: The master copy's name (``<name>_absmax``, ABSMAX_SUFFIX: an int8 state's absmax array).
 MASTER = "master_param"
 
 STATE_DTYPES = ("float32", "bfloat16", "int8")
@@ -47,6 +47,37 @@ def check_state_dtype(value: Any) -> str:
             "state_dtype='bfloat16' needs ml_dtypes (pip install 'optkern[bf16]' or ml_dtypes)"
         )
     return value
+
+
+def check_precision(
+    rule: Any, state_dtype: Any, stochastic_rounding: Any, master_weights: Any
+) -> Tuple[str, bool, bool]:
+    """The precision options of an optimizer of ``rule`` (optkern's classes and optkern.torch's),
+    checked: (state_dtype, stochastic_rounding, master_weights), or ValueError/TypeError naming
+    the option."""
+    state_dtype = check_state_dtype(state_dtype)
+    if state_dtype == "int8":
+        refused = [st.name for st in rule.states if not st.int8]
+        if refused:
+            raise ValueError(
+                f"state_dtype='int8': {rule.cls}'s {', '.join(refused)} cannot be kept "
+                "in 8 bits (an average of the parameter itself, the moments of a rule with "
+                "a norm pass, or a factored state); use 'bfloat16' or 'float32'"
+            )
+    if rule.factored and state_dtype != "float32":
+        raise ValueError(
+            f"state_dtype={state_dtype!r}: {rule.cls}'s factored state is kept "
+            "in the parameter's type; use 'float32'"
+        )
+    stochastic_rounding, master_weights = as_flag(stochastic_rounding), as_flag(master_weights)
+    if not isinstance(stochastic_rounding, bool) or not isinstance(master_weights, bool):
+        raise TypeError("stochastic_rounding and master_weights must be bools")
+    if stochastic_rounding and master_weights:
+        raise ValueError(
+            "stochastic_rounding and master_weights exclude each other: with master "
+            "weights the parameter is the float32 copy rounded to nearest"
+        )
+    return state_dtype, stochastic_rounding, master_weights
 
 
 def is_half(dtype: np.dtype) -> bool:

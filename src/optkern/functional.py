@@ -2,12 +2,16 @@
 passed in explicitly. For users who keep their own state; the optimizer classes call these.
 
 Every function updates ``params`` and the state arrays in place with one fused C++ call over the
-whole list, and returns None. Parameters are float32 or float64 arrays (a list may mix them),
-C-contiguous and writeable; each gradient is float32 or float64 whatever its parameter's dtype
-(converted as it is read: no copy) and only read; each state array has its parameter's dtype
-and shape (0-d arrays count as one element). Everything (arrays, hyperparameter ranges, step
-counts, the per-step scalars) is checked by the C++ core before anything is written, so a call
-that raises changes nothing.
+whole list, and returns None. Parameters are float32, float64, float16 or bfloat16 arrays (a
+list may mix them), C-contiguous and writeable; each gradient is of any of these types whatever
+its parameter's dtype (converted as it is read: no copy) and only read. Each state array is
+shaped like its parameter (0-d arrays count as one element) and has its dtype (a float64
+parameter's), or is float32 or bfloat16 (a float32 or 16-bit parameter's; one type for all the
+states of a parameter), or is int8 state: uint8 codes, with a list of their float32 absmax
+arrays (one per block of 256) passed beside the state list (``exp_avg_absmax=``, say), as the
+optimizer classes keep it under ``state_dtype="int8"``. Everything (arrays, hyperparameter
+ranges, step counts, the per-step scalars) is checked by the C++ core before anything is
+written, so a call that raises changes nothing.
 
 ``step`` is the number of this update (1 on the first), an int for all parameters or a list with
 one per parameter. ``grad_scale`` multiplies every gradient before it is used (a clipping
@@ -22,9 +26,17 @@ from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, _lowbits
 from .flat import FlatParams
-from .registry import as_flag, as_real, first_update_states, make_functional, rule, rules
+from .registry import (
+    ABSMAX_SUFFIX,
+    as_flag,
+    as_real,
+    first_update_states,
+    make_functional,
+    rule,
+    rules,
+)
 
 __all__: List[str] = []  # one <rule>_ per rule of optkern.registry, added at the end of this module
 
@@ -145,6 +157,28 @@ def _run(
         fresh = [b is None for b in entries]
         filled = list(entries)
         new = [i for i, f in enumerate(fresh) if f]
+        absmax = states.get(state + ABSMAX_SUFFIX)
+        if isinstance(absmax, list):
+            # int8 state: the new buffers as uint8 codes, each with a new absmax array where
+            # its entry of the absmax list is None too (the codes of zeros, as the classes
+            # start them; the first update overwrites them)
+            if len(absmax) != len(params):
+                raise ValueError(
+                    f"{state}{ABSMAX_SUFFIX} has {len(absmax)} entries but params has "
+                    f"{len(params)}; they must match one to one"
+                )
+            scales = list(absmax)
+            mine = [i for i in new if absmax[i] is None]
+            if mine:
+                shapes = [params[i].shape for i in mine]
+                codes = FlatParams(shapes, np.dtype(np.uint8))
+                blocks = FlatParams([(_lowbits.blocks(params[i].size),) for i in mine])
+                for i, c, a in zip(mine, codes, blocks):
+                    c[...], a[...] = _lowbits.quantize(np.zeros(c.shape, np.float32), False)
+                    filled[i], scales[i] = c, a
+                states = {**states, state + ABSMAX_SUFFIX: scales}
+                made.append((absmax, scales))
+            new = [i for i in new if absmax[i] is not None]
         for dtype in dict.fromkeys(params[i].dtype for i in new):
             mine = [i for i in new if params[i].dtype == dtype]
             for i, view in zip(mine, FlatParams([params[i].shape for i in mine], dtype)):

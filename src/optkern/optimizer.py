@@ -164,31 +164,9 @@ class Optimizer:
                 "Optimizer is the base of optkern's rule classes (optkern.Adam, ...); "
                 "it cannot be used by itself"
             )
-        self.state_dtype = _lowbits.check_state_dtype(state_dtype)
-        if self.state_dtype == "int8":
-            refused = [st.name for st in self._rule.states if not st.int8]
-            if refused:
-                raise ValueError(
-                    f"state_dtype='int8': {self._rule.cls}'s {', '.join(refused)} cannot be kept "
-                    "in 8 bits (an average of the parameter itself, the moments of a rule with "
-                    "a norm pass, or a factored state); use 'bfloat16' or 'float32'"
-                )
-        if self._rule.factored and self.state_dtype != "float32":
-            raise ValueError(
-                f"state_dtype={self.state_dtype!r}: {self._rule.cls}'s factored state is kept "
-                "in the parameter's type; use 'float32'"
-            )
-        self.stochastic_rounding = as_flag(stochastic_rounding)
-        self.master_weights = as_flag(master_weights)
-        if not isinstance(self.stochastic_rounding, bool) or not isinstance(
-            self.master_weights, bool
-        ):
-            raise TypeError("stochastic_rounding and master_weights must be bools")
-        if self.stochastic_rounding and self.master_weights:
-            raise ValueError(
-                "stochastic_rounding and master_weights exclude each other: with master "
-                "weights the parameter is the float32 copy rounded to nearest"
-            )
+        self.state_dtype, self.stochastic_rounding, self.master_weights = _lowbits.check_precision(
+            self._rule, state_dtype, stochastic_rounding, master_weights
+        )
         self.defaults = dict(defaults)
         self.param_groups: List[Dict[str, Any]] = []
         self.state = ParamState()

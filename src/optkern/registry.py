@@ -336,12 +336,24 @@ def first_update_states(r: Rule) -> Tuple[str, ...]:
     return tuple(s.name for s in r.states if s.when is not None)
 
 
+#: What a state's name gets for the list of its int8 form's absmax arrays (``exp_avg_absmax``:
+#: the key of the optimizer classes' state dicts and of the core's states dict).
+ABSMAX_SUFFIX = "_absmax"
+
+
+def absmax_args(r: Rule) -> List[str]:
+    """The functional keyword arguments of rule ``r``'s int8 absmax lists: one per state that
+    may be kept as int8 (``State.int8``)."""
+    return [s.name + ABSMAX_SUFFIX for s in r.states if s.int8]
+
+
 def functional_signature(r: Rule) -> str:
     """The functional function's parameters, as source text: params, grads, the state lists a
     step always needs, the carried lists and the lists the first update creates (SGD's momentum
     buffers, third as in torch's functional sgd) (positional); then, keyword only, the other
-    lists needed only under an option, the step counts (where the per-step scalars use them),
-    the hyperparameters with their declared defaults, ``maximize`` and ``grad_scale``."""
+    lists needed only under an option, the int8 states' absmax lists (:func:`absmax_args`), the
+    step counts (where the per-step scalars use them), the hyperparameters with their declared
+    defaults, ``maximize`` and ``grad_scale``."""
     first = first_update_states(r)
     positional = ["params: ArrayList", "grads: ArrayList"]
     positional += [f"{s.arg}: ArrayList" for s in r.states if s.when is None]
@@ -354,6 +366,7 @@ def functional_signature(r: Rule) -> str:
         for s in r.states
         if s.when is not None and s.name not in first
     ]
+    keyword += [f"{a}: Optional[List[Optional[np.ndarray]]] = None" for a in absmax_args(r)]
     keyword += ["step: Steps"] if r.uses_step else []
     keyword += [f"{h.name}: {annotation(h.default)} = {h.default!r}" for h in r.hyper]
     keyword += ["maximize: bool = False", "grad_scale: float = 1.0"]
@@ -384,6 +397,15 @@ def functional_doc(r: Rule) -> str:
             + ", ".join(f"{st.arg}: {st.shape}" for st in shaped)
             + "; rows: [..., R, 1], cols: [..., 1, C] for >= 2 dimensions, unfactored: the "
             "parameter's shape for <= 1 dimension), None for a parameter that keeps no such state."
+        )
+    int8 = [s for s in r.states if s.int8]
+    if int8:
+        doc += (
+            " int8 state (bitsandbytes' blockwise 8-bit form, as ``state_dtype='int8'`` keeps "
+            "it): a state list of uint8 codes shaped like the parameters, with "
+            + ", ".join(f"``{s.name}{ABSMAX_SUFFIX}``" for s in int8)
+            + " beside it: float32 arrays of one absmax per block of 256 elements (None for a "
+            "parameter whose state is not int8)."
         )
     if r.carried:
         doc += (
@@ -457,10 +479,15 @@ def make_functional(r: Rule, run: Callable, module: str) -> Callable:
         [f"{s.name!r}: {s.arg}" for s in r.states] + [f"{c.name!r}: {c.arg}" for c in r.carried]
     )
     names = "".join(f"{h.name!r}: {h.name}, " for h in r.hyper)
+    absmax = "".join(f"{a!r}: {a}, " for a in absmax_args(r))
     src = (
         f"def {r.name}_({functional_signature(r)},\n"
         f"        _positions: Optional[Sequence[int]] = None) -> None:\n"
-        f"    run({r.name!r}, params, grads, {{{states}}}, {{{names}'maximize': maximize}},\n"
+        f"    states = {{{states}}}\n"
+        f"    for key, value in {{{absmax}}}.items():\n"
+        f"        if value is not None:\n"
+        f"            states[key] = value\n"
+        f"    run({r.name!r}, params, grads, states, {{{names}'maximize': maximize}},\n"
         f"        {'step' if r.uses_step else 'None'}, grad_scale, _positions)\n"
     )
     scope: Dict[str, Any] = {**_SCOPE, "run": run}

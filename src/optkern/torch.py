@@ -17,14 +17,21 @@ makes there), and a param group the kernels cannot serve runs torch's own implem
 the state in torch's layout, so its results and checkpoints are exactly torch's; a
 :class:`TorchFallbackWarning` names the reason once. The kernels cannot serve
 ``differentiable=True``, ``capturable=True``, a parameter or gradient that is not a dense CPU
-tensor of a dtype the kernels take (float32 or float64), a lazy conjugate or negative bit, or
-hyperparameters outside the ranges the kernels take; what they serve is decided per group at
+tensor of a dtype the kernels take (float32, float64, float16, and bfloat16 with ml_dtypes
+installed), a lazy conjugate or negative bit, or hyperparameters outside the ranges the kernels
+take; what they serve is decided per group at
 every step from these facts (:attr:`Binding.dtypes` comes from the rule's declaration), so a
 group moves to the kernels as soon as they can serve it (a model built on the meta device and
 then ``to_empty()``'d, say). A parameter that is not contiguous is stepped through a contiguous
 copy that is written back. The classes torch lacks (Momentum, Lion, LAMB, the Schedule-Free
 ones) have nothing to fall back to: they refuse such groups with TypeError or ValueError naming
 the parameter, at the step (parameters are taken as given at construction, as torch takes them).
+
+optkern's precision options (``state_dtype``, ``stochastic_rounding``, ``master_weights``) are
+keyword-only arguments of every class, after torch's, meaning what they mean on optkern's own
+classes; 16-bit parameters are computed in float32 and rounded once, so results agree with
+torch's 16-bit step within 16-bit rounding (docs/torch.md). A group that would need torch's
+step is refused under a precision option, which torch's implementation lacks.
 
 Every rule of :mod:`optkern.registry` gets a class, its :class:`Binding` in ``RULES`` derived from
 its declaration: a rule torch also has takes torch's constructor signature (checked against the
@@ -68,9 +75,9 @@ except ImportError:  # pragma: no cover - torch < 2.1
         return torch.float32
 
 
-from . import _core, registry
+from . import _core, _lowbits, registry
 from ._torch_threads import use_torch_openmp
-from .flat import DTYPES, FlatParams
+from .flat import FlatParams
 from .registry import as_flag
 from .schedule_free import ScheduleFreeSwitch
 
@@ -138,11 +145,25 @@ UNMAPPED: Dict[str, str] = {}
 # -- tensors the kernels can serve ---------------------------------------------------------------
 
 _STRIDED = torch.strided
-#: The element types optkern.torch steps on the kernels, as torch's: float32 and float64. (The
-#: kernels also take float16 and bfloat16 NumPy arrays, optkern.flat.DTYPES; torch's 16-bit
-#: tensors still run torch's own step here.)
-_NUMPY_OF = {getattr(torch, dt.name): dt for dt in DTYPES if dt.name in ("float32", "float64")}
+_BF16 = torch.bfloat16
+#: The element types optkern.torch steps on the kernels, as torch's, and the NumPy dtype each is
+#: viewed as (sharing the tensor's memory): float32, float64, float16 and, where ml_dtypes is
+#: installed, bfloat16 (NumPy has none: its bytes are viewed as ml_dtypes.bfloat16).
+_NUMPY_OF = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.float16: np.dtype(np.float16),
+}
+if _lowbits.BFLOAT16 is not None:
+    _NUMPY_OF[_BF16] = _lowbits.BFLOAT16
 _KERNEL_DTYPES: FrozenSet[torch.dtype] = frozenset(_NUMPY_OF)
+_NUMPY_KERNEL = frozenset(_NUMPY_OF.values())
+_HALF: FrozenSet[torch.dtype] = frozenset({torch.float16, _BF16})
+#: The dtype of the state tensors of a float32, float16 or bfloat16 parameter per state_dtype
+#: (int8 state: uint8 codes, with a float32 absmax per block beside them).
+_STATE_TORCH = {"float32": torch.float32, "bfloat16": _BF16, "int8": torch.uint8}
+_MASTER = _lowbits.MASTER
+_ABSMAX = _lowbits.ABSMAX_SUFFIX
 _profiler_enabled = torch.autograd._profiler_enabled  # torch.profiler or autograd's profiler on
 #: Whether a tensor still has the layout of a detached alias taken when its view was made: the
 #: same storage, offset, shape and strides, in one call (the dtype is compared beside it).
@@ -183,6 +204,8 @@ def _tensor_reason(t: Any, dtypes: FrozenSet[torch.dtype]) -> Optional[str]:
     if t.device.type != "cpu":
         return f"is on {t.device}"
     if t.dtype not in dtypes:
+        if t.dtype is _BF16 and _lowbits.BFLOAT16 is None:
+            return "has dtype torch.bfloat16 (the kernels take it with ml_dtypes installed)"
         return f"has dtype {t.dtype}"
     if t.is_conj() or t.is_neg():
         return "has a lazy conjugate/negative bit"
@@ -192,7 +215,8 @@ def _tensor_reason(t: Any, dtypes: FrozenSet[torch.dtype]) -> Optional[str]:
 def _np(t: torch.Tensor) -> np.ndarray:
     """A NumPy view sharing ``t``'s memory (never a copy); a 0-d tensor's as one element, the
     shape the kernels take for it."""
-    a = t.detach().numpy()
+    t = t.detach()
+    a = t.view(torch.int16).numpy().view(_lowbits.BFLOAT16) if t.dtype is _BF16 else t.numpy()
     return a.reshape(1) if a.ndim == 0 else a
 
 
@@ -204,7 +228,7 @@ class _Entry:
 
     __slots__ = (
         "param", "ref", "dtype", "shape", "lo", "hi", "pview", "stage", "sdict", "keys",
-        "tensors", "tlive", "trefs", "views", "steps", "cviews",
+        "tensors", "tlive", "trefs", "views", "steps", "cviews", "aviews", "mview",
     )  # fmt: skip
 
     def __init__(self, p: torch.Tensor) -> None:
@@ -224,20 +248,35 @@ class _Entry:
         self.views: Tuple[Any, ...] = ()
         self.steps: Any = None
         self.cviews: Tuple[Any, ...] = ()
+        self.aviews: Tuple[Any, ...] = ()  # the int8 states' absmax
+        self.mview: Any = None  # the master copy of a 16-bit parameter
 
 
 class _Keys:
-    """What a group's hyperparameters imply for its parameters' state: the arrays kept
-    (``names``), the carried numbers, and the state keys whose tensors the cached views were
-    made of (``keys``: the arrays, the carried numbers where kept as tensors, the step)."""
+    """What a group's hyperparameters and the optimizer's precision options imply for its
+    parameters' state: the arrays kept (``names``), their absmax arrays (``absmax``, int8 state),
+    whether 16-bit parameters keep a master copy, the carried numbers, and the state keys whose
+    tensors the cached views were made of (``keys``: the arrays, the absmax arrays, the master
+    copy, the carried numbers where kept as tensors, the step)."""
 
-    __slots__ = ("names", "carried", "keys")
+    __slots__ = ("names", "absmax", "master", "carried", "keys")
 
-    def __init__(self, rule: registry.Rule, hyper: Dict[str, Any], tensor_carried: bool) -> None:
+    def __init__(
+        self,
+        rule: registry.Rule,
+        hyper: Dict[str, Any],
+        tensor_carried: bool,
+        state_dtype: str = "float32",
+        master: bool = False,
+    ) -> None:
         self.names = [s.name for s in rule.states if s.when is None or hyper[s.when]]
+        self.absmax = [n + _ABSMAX for n in self.names] if state_dtype == "int8" else []
+        self.master = master
         self.carried = rule.carried_names
         self.keys = (
             self.names
+            + self.absmax
+            + ([_MASTER] if master else [])
             + (list(self.carried) if tensor_carried else [])
             + (["step"] if rule.counts_steps else [])
         )
@@ -264,15 +303,21 @@ class _Refused(Exception):
 
 def _block(shapes: List[Tuple[torch.dtype, Tuple[int, ...]]], start: float) -> List[torch.Tensor]:
     """New state tensors of these dtypes and shapes, filled with ``start``: those of each dtype
-    the kernels take as views of one aligned block (the kernels then stream a group's state as
-    one array), any other dtype (a group torch's own step runs) as tensors of their own."""
+    the kernels take (and int8 state's uint8 codes) as views of one aligned block (the kernels
+    then stream a group's state as one array), any other dtype (a group torch's own step runs)
+    as tensors of their own."""
     out: List[Any] = [None] * len(shapes)
     for dtype in dict.fromkeys(d for d, _ in shapes):
         mine = [i for i, (d, _) in enumerate(shapes) if d == dtype]
-        if dtype in _KERNEL_DTYPES:
-            block = FlatParams.filled([shapes[i][1] for i in mine], start, _NUMPY_OF[dtype])
+        if dtype in _KERNEL_DTYPES or dtype is torch.uint8:
+            np_dtype = np.dtype(np.uint8) if dtype is torch.uint8 else _NUMPY_OF[dtype]
+            block = FlatParams.filled([shapes[i][1] for i in mine], start, np_dtype)
             for i, view in zip(mine, block):
-                out[i] = torch.from_numpy(view)
+                out[i] = (
+                    torch.from_numpy(view.view(np.int16)).view(_BF16)
+                    if dtype is _BF16
+                    else torch.from_numpy(view)
+                )
         else:
             for i in mine:
                 out[i] = torch.full(shapes[i][1], start, dtype=dtype)
@@ -317,6 +362,12 @@ class _OktOptimizer(torch.optim.Optimizer):
         given = dict(bound.arguments)
         params = given.pop("params")
         b = self._binding
+        # optkern's precision options (keyword-only, for the whole optimizer, as optkern's own
+        # classes take them): checked first, never passed to torch
+        precision = [given.pop(name) for name, _, _ in registry.PRECISION_ARGS]
+        self.state_dtype, self.stochastic_rounding, self.master_weights = _lowbits.check_precision(
+            b.rule, *precision
+        )
         self._okt_reset()
         if b.torch_cls is not None:
             # torch's own constructor: its checks in its order with its messages (hyperparameters
@@ -327,6 +378,8 @@ class _OktOptimizer(torch.optim.Optimizer):
             self.__dict__.update(made.__dict__)
             self._patch_step_function()
             self._okt_shadow = made
+            for gi, group in enumerate(self.param_groups):
+                self._check_state_dtype(group, gi)
             return
         if given.get("fused") and given.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -340,6 +393,30 @@ class _OktOptimizer(torch.optim.Optimizer):
         self._okt_validate(given)  # before the parameters, as torch's classes check theirs
         super().__init__(params, {**given, **b.fixed})
 
+    def _check_state_dtype(self, group: Dict[str, Any], gi: int) -> None:
+        """TypeError for a float64 parameter under a state_dtype other than float32 (its state
+        is float64), as optkern's own classes refuse it."""
+        if self.state_dtype == "float32":
+            return
+        for i, p in enumerate(group["params"]):
+            if isinstance(p, torch.Tensor) and p.dtype is torch.float64:
+                raise TypeError(
+                    f"{self._label(group, gi, i)} is float64, whose state is float64; "
+                    f"state_dtype={self.state_dtype!r} applies to float32, float16 and bfloat16 "
+                    "parameters"
+                )
+
+    def _precise(self) -> bool:
+        """Whether a precision option is not its default (torch's own step has none of them)."""
+        return self.state_dtype != "float32" or self.stochastic_rounding or self.master_weights
+
+    def _storage(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of parameter ``p``'s state tensors: float64 for a float64 parameter, else
+        the state_dtype's (float32 by default, for 16-bit parameters too)."""
+        if p.dtype is torch.float64:
+            return p.dtype
+        return _STATE_TORCH[self.state_dtype]
+
     def _okt_reset(self) -> None:
         """The caches, made empty (at construction and whenever the state is replaced)."""
         #: id(parameter) -> its cached views (see _plan_group); keyed by id because hashing a
@@ -349,8 +426,10 @@ class _OktOptimizer(torch.optim.Optimizer):
         #: of them, the group's _Keys)
         self._okt_checked: Dict[int, Tuple[Any, ...]] = {}
         #: [runs of the kernels]: advanced by the core right after them, so a step that is
-        #: interrupted after its kernels ran still completes its bookkeeping (see _update)
-        self._okt_runs = [0]
+        #: interrupted after its kernels ran still completes its bookkeeping (see _update);
+        #: also the step count that keys stochastic rounding's noise (kept when the state is
+        #: replaced: load_state_dict sets it from the dict)
+        self._okt_runs = self.__dict__.get("_okt_runs") or [0]
         self._okt_warned: set = set()
 
     def _okt_validate(self, group: Dict[str, Any]) -> Dict[str, Any]:
@@ -377,11 +456,12 @@ class _OktOptimizer(torch.optim.Optimizer):
     # torch's Optimizer calls this for every group, the constructor's included
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if self._binding.torch_cls is not None:
-            return  # torch checks a new group's hyperparameters no further; a step may
         group = self.param_groups[-1]
         try:
-            self._okt_validate(group)
+            if "state_dtype" in self.__dict__:  # (torch's constructor adds the first groups)
+                self._check_state_dtype(group, len(self.param_groups) - 1)
+            if self._binding.torch_cls is None:  # torch checks a new group's hyperparameters
+                self._okt_validate(group)  # no further; a step may
         except Exception:
             self.param_groups.pop()
             raise
@@ -393,8 +473,17 @@ class _OktOptimizer(torch.optim.Optimizer):
             return f"parameter {names[i]!r} (param group {gi}, index {i})"
         return f"parameter {i} of param group {gi}"
 
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        for name, _, _ in registry.PRECISION_ARGS:
+            state[name] = getattr(self, name)
+        state["_okt_runs"] = list(self._okt_runs)
+        return state
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        for name, _, default in registry.PRECISION_ARGS:  # a pickle from before they existed
+            self.__dict__.setdefault(name, default)
         self._okt_reset()
         self.__dict__.pop("_okt_shadow", None)
         b = self._binding
@@ -411,6 +500,65 @@ class _OktOptimizer(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st:
                     self._normalize_state(st)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's state dict; with stochastic rounding also ``step_count`` (the steps taken,
+        which key the noise; torch ignores the entry), as optkern's own classes write it."""
+        sd = super().state_dict()
+        if self.stochastic_rounding:
+            sd["step_count"] = self._okt_runs[0]
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch's load, except that state in optkern's precision forms keeps its dtype where
+        torch would cast it to the parameter's (int8 codes and their absmax, master copies, and
+        every state of a 16-bit parameter or under a state_dtype): the next step converts what
+        is not in this optimizer's form, explicitly (see ``_convert_state``)."""
+        count = state_dict.get("step_count") if isinstance(state_dict, dict) else None
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0
+        ):  # checked before anything is loaded
+            raise ValueError(f"step_count must be an int >= 0, got {count!r}")
+        kept = self._kept_forms(state_dict)
+        super().load_state_dict(state_dict)
+        for p, key, value in kept:
+            st = self.state.get(p)
+            if st is not None and key in st:
+                st[key] = value.to(device=p.device)
+        if self.stochastic_rounding:
+            if count is None:  # torch's dict: the parameters' own step counts tell it
+                steps = [st["step"] for st in self.state.values() if "step" in st]
+                count = max((int(s) for s in steps), default=0)
+            self._okt_runs[0] = int(count)
+
+    def _kept_forms(self, sd: Any) -> List[Tuple[torch.Tensor, Any, torch.Tensor]]:
+        """(parameter, key, tensor) of the loaded state whose dtype torch's load would change
+        but optkern's forms keep; nothing for a dict torch's load refuses anyway."""
+        try:
+            ids = [i for g in sd["param_groups"] for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            saved = sd["state"]
+        except (KeyError, TypeError):
+            return []
+        if len(ids) != len(params) or not isinstance(saved, dict):
+            return []
+        kept = []
+        for i, p in zip(ids, params):
+            entry = saved.get(i)
+            if not isinstance(entry, dict) or not isinstance(p, torch.Tensor):
+                continue
+            ours = p.dtype in _HALF or self.state_dtype != "float32"
+            for key, value in entry.items():
+                if not isinstance(value, torch.Tensor) or key == "step":
+                    continue
+                if (
+                    value.dtype is torch.uint8
+                    or key == _MASTER
+                    or (isinstance(key, str) and key.endswith(_ABSMAX))
+                    or (ours and value.is_floating_point())
+                ):
+                    kept.append((p, key, value))
+        return kept
 
     def _normalize_state(self, st: Dict[str, Any]) -> None:
         """Loaded state of a class without a torch counterpart: the step a 0-d tensor, carried
@@ -561,10 +709,21 @@ class _OktOptimizer(torch.optim.Optimizer):
         """The groups the kernels cannot serve, stepped by torch's own implementation on this
         optimizer's state (torch's layout); a class torch lacks raises instead."""
         b = self._binding
-        if b.torch_cls is None:
+        if b.torch_cls is None or self._precise():
             gi, _, why = refused[0]
+            options = ", ".join(
+                f"{n}={getattr(self, n)!r}"
+                for n, _, d in registry.PRECISION_ARGS
+                if getattr(self, n) != d
+            )
             raise why.error(
                 f"optkern.torch.{type(self).__name__} cannot step param group {gi}: {why}"
+                + (
+                    f" (torch.optim.{b.torch_name}'s own implementation, which runs what the "
+                    f"kernels cannot, has no {options})"
+                    if b.torch_cls is not None
+                    else ""
+                )
             )
         for gi, _, why in refused:
             key = str(why)
@@ -611,6 +770,8 @@ class _OktOptimizer(torch.optim.Optimizer):
                 )
         rule, hyper, ks = self._hyper(group)
         names, cnames, keys = ks.names, ks.carried, ks.keys
+        if self.state_dtype != "float32":
+            self._check_state_dtype(group, gi)  # a parameter cast to float64 since
         tensor_carried = b.torch_cls is not None
         params: List[torch.Tensor] = []
         pviews: List[np.ndarray] = []
@@ -638,12 +799,13 @@ class _OktOptimizer(torch.optim.Optimizer):
                     self._refuse(TypeError, f"{self._label(group, gi, i)} {why}")
                 e = cache[id(p)] = _Entry(p)
             # The gradient's view is made at every step and held only during the call:
-            # zero_grad() must free the gradient, as with torch.optim.
+            # zero_grad() must free the gradient, as with torch.optim. It may have any dtype
+            # the kernels take, whatever its parameter's.
             try:
-                gv = g.numpy()
+                gv = g.numpy() if g.dtype is not _BF16 else _np(g)
             except Exception:
                 gv = self._grad_view(g, group, gi, i)
-            if gv.dtype != e.pview.dtype or gv.shape != e.shape:
+            if gv.shape != e.shape or gv.dtype not in _NUMPY_KERNEL:
                 gv = self._grad_view(g, group, gi, i, e)
             if not gv.flags.c_contiguous:
                 gv = np.ascontiguousarray(gv)  # read through a contiguous copy
@@ -674,10 +836,12 @@ class _OktOptimizer(torch.optim.Optimizer):
             entries.append(e)
         if not params:
             return None
-        fresh_names = (
-            self._complete_state(new, group, gi, rule, hyper, names, keys, undo) if new else ()
-        )
+        fresh_names = self._complete_state(new, group, gi, rule, hyper, ks, undo) if new else ()
         lists = {n: [e.views[k] for e in entries] for k, n in enumerate(names)}
+        for k, n in enumerate(ks.absmax):  # int8 state: each array's absmax beside it
+            lists[n] = [e.aviews[k] for e in entries]
+        if ks.master and any(e.mview is not None for e in entries):
+            lists[_MASTER] = [e.mview for e in entries]
         for k, n in enumerate(cnames):
             if tensor_carried:  # read from their 0-d tensors, as torch keeps them
                 lists[n] = [float(e.cviews[k]) for e in entries]
@@ -691,15 +855,29 @@ class _OktOptimizer(torch.optim.Optimizer):
             steps = None
         states = {s.name: lists.get(s.name) for s in rule.states}
         states.update((n, lists[n]) for n in cnames)
+        states.update((n, lists[n]) for n in ks.absmax)
+        if _MASTER in lists:
+            states[_MASTER] = lists[_MASTER]
+        idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        positions = seed = None
+        if self.stochastic_rounding:
+            # the noise is keyed by the step (the optimizer's count of steps, as optkern's own
+            # classes key it) and each parameter's index in the optimizer (group order)
+            base = sum(len(g["params"]) for g in self.param_groups[:gi])
+            positions, seed = [base + i for i in idx], self._okt_runs[0] + 1
         try:
-            call = self._prepare(rule, pviews, gviews, states, hyper, steps, entries)
+            call = self._prepare(rule, pviews, gviews, states, hyper, steps, entries, positions, seed)
         except (TypeError, ValueError) as err:  # say which tensors the indices name
-            idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
-            where = "; ".join(f"[{k}] = {self._label(group, gi, i)}" for k, i in enumerate(idx))
+            shown = enumerate(idx) if positions is None else zip(positions, idx)
+            where = "; ".join(f"[{k}] = {self._label(group, gi, i)}" for k, i in shown)
+            counted = (
+                "its parameters that have a gradient"
+                if positions is None
+                else "the optimizer's parameters"
+            )
             self._refuse(
                 type(err),
-                f"{err} (param group {gi}; the indices count its parameters that have a "
-                f"gradient: {where})",
+                f"{err} (param group {gi}; the indices count {counted}: {where})",
             )
         return _Plan(call, params, entries, lists, steps if rule.counts_steps else None, rule)
 
@@ -710,14 +888,12 @@ class _OktOptimizer(torch.optim.Optimizer):
         one that requires grad (a view of it, detached), or a refusal naming what it is."""
         label = f"the gradient of {self._label(group, gi, i)}"
         p = group["params"][i]
-        why = _tensor_reason(g, self._binding.dtypes)
-        if why is None and g.dtype != p.dtype:
-            why = f"has dtype {g.dtype}, its parameter {p.dtype}"
+        why = _tensor_reason(g, _KERNEL_DTYPES)
         if why:
             self._refuse(TypeError, f"{label} {why}")
         if tuple(g.shape) != tuple(p.shape):
             raise ValueError(f"{label} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
-        return g.detach().numpy()
+        return _np(g)
 
     def _complete_state(
         self,
@@ -726,20 +902,26 @@ class _OktOptimizer(torch.optim.Optimizer):
         gi: int,
         rule: registry.Rule,
         hyper: Dict[str, Any],
-        names: List[str],
-        keys: List[str],
+        ks: _Keys,
         undo: list,
     ) -> set:
         """The state the listed parameters lack made (arrays of one name in one block, so a
         group's state streams as one), state loaded in another layout converted once (to
-        contiguous tensors of the parameter's dtype), and their cached views made again.
+        contiguous tensors of the state's dtype: the parameter's, or the state_dtype's for
+        16-bit parameters and under a state_dtype; int8 codes with their absmax dequantised, or
+        values quantised, as the optimizer keeps them), and their cached views made again.
         Returns the ids of the entries whose buffer their first update makes (SGD's)."""
         first = registry.first_update_states(rule)
         made_first = set()
+        names = ks.names
         missing: Dict[str, List[Tuple[torch.Tensor, _Entry, Tuple[int, ...]]]] = {}
+        masters: List[torch.Tensor] = []
         for i, p, e in new:
             st = self.state[p]
             label = self._label(group, gi, i)
+            target = self._storage(p)
+            # torch's own layout (state in the parameter's dtype) or optkern's precision forms
+            torch_layout = self.state_dtype == "float32" and p.dtype not in _HALF
             for n in names:
                 shape = rule.state(n).shape_for(tuple(p.shape))
                 t = st.get(n)
@@ -754,29 +936,46 @@ class _OktOptimizer(torch.optim.Optimizer):
                     missing.setdefault(n, []).append((p, e, shape))
                     if n in first:
                         made_first.add(id(e))
-                elif not isinstance(t, torch.Tensor):
+                    continue
+                if not isinstance(t, torch.Tensor):
                     raise TypeError(f"state {n!r} of {label} is a {type(t).__name__}, not a tensor")
-                elif t.dtype != p.dtype and self._binding.torch_cls is not None:
-                    # a parameter cast after its state was made (torch's load casts the state it
-                    # loads): torch's step keeps the state's dtype, or refuses the mix
-                    self._refuse(
-                        TypeError,
-                        f"state {n!r} of {label} has dtype {t.dtype}, the parameter {p.dtype}",
+                if tuple(t.shape) != shape:
+                    raise ValueError(
+                        f"state {n!r} of {label} has shape {tuple(t.shape)}, the "
+                        f"parameter {tuple(p.shape)}"
+                        + ("" if shape == tuple(p.shape) else f", which needs {shape}")
                     )
-                elif (
-                    _tensor_reason(t, self._binding.dtypes)
-                    or t.dtype != p.dtype
-                    or not t.is_contiguous()
-                    or tuple(t.shape) != shape
-                ):
-                    if tuple(t.shape) != shape:
-                        raise ValueError(
-                            f"state {n!r} of {label} has shape {tuple(t.shape)}, the "
-                            f"parameter {tuple(p.shape)}"
-                            + ("" if shape == tuple(p.shape) else f", which needs {shape}")
+                if torch_layout and t.dtype is not torch.uint8 and n + _ABSMAX not in st:
+                    if t.dtype != p.dtype and self._binding.torch_cls is not None:
+                        # a parameter cast after its state was made (torch's load casts the
+                        # state it loads): torch's step keeps the state's dtype, or refuses
+                        self._refuse(
+                            TypeError,
+                            f"state {n!r} of {label} has dtype {t.dtype}, the parameter {p.dtype}",
                         )
-                    converted = t.detach().to(device="cpu", dtype=p.dtype).contiguous()
-                    self._set(undo, st, n, converted)
+                    if (
+                        _tensor_reason(t, self._binding.dtypes)
+                        or t.dtype != p.dtype
+                        or not t.is_contiguous()
+                    ):
+                        converted = t.detach().to(device="cpu", dtype=p.dtype).contiguous()
+                        self._set(undo, st, n, converted)
+                else:
+                    self._convert_state(st, n, t, target, rule, label, undo)
+            if ks.master and p.dtype in _HALF:
+                m = st.get(_MASTER)
+                if m is None:
+                    masters.append(p)
+                elif not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(p.shape):
+                    what = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+                    raise ValueError(
+                        f"state {_MASTER!r} of {label} is {what}, not shaped as its parameter "
+                        f"{tuple(p.shape)}"
+                    )
+                elif m.dtype is not torch.float32 or not m.is_contiguous() or m.device.type != "cpu":
+                    self._set(undo, st, _MASTER, m.detach().to("cpu", torch.float32).contiguous())
+            elif _MASTER in st:  # a copy this parameter does not use (as optkern's classes drop it)
+                self._pop(undo, st, _MASTER)
             for key in ("step",) if rule.counts_steps else ():
                 s = st.get(key)
                 if not (isinstance(s, torch.Tensor) and s.dim() == 0 and s.device.type == "cpu"):
@@ -792,20 +991,95 @@ class _OktOptimizer(torch.optim.Optimizer):
                 elif not (isinstance(v, torch.Tensor) and v.dim() == 0 and v.device.type == "cpu"):
                     self._set(undo, st, c.name, torch.tensor(float(v), dtype=_get_scalar_dtype()))
         for n, where in missing.items():
-            tensors = _block(
-                [(p.dtype, shape) for p, _, shape in where], self._start(group, n, hyper)
-            )
+            start = self._start(group, n, hyper)
+            tensors = _block([(self._storage(p), shape) for p, _, shape in where], start)
+            int8 = [(p, t) for (p, _, _), t in zip(where, tensors) if t.dtype is torch.uint8]
+            if int8:  # the codes of the start value, and a block of their absmax arrays
+                absmax = _block([(torch.float32, (_lowbits.blocks(t.numel()),)) for _, t in int8], 0)
+                nonneg = rule.state(n).nonnegative
+                for (p, t), a in zip(int8, absmax):
+                    codes, scale = _lowbits.quantize(
+                        np.full(tuple(t.shape), start, np.float32), nonneg
+                    )
+                    t.numpy()[...] = codes
+                    a.numpy()[...] = scale
+                    self._set(undo, self.state[p], n + _ABSMAX, a)
             for (p, _, _), t in zip(where, tensors):
                 self._set(undo, self.state[p], n, t)
+        if masters:  # float32 copies of the 16-bit parameters, in one block
+            copies = _block([(torch.float32, tuple(p.shape)) for p in masters], 0)
+            for p, m in zip(masters, copies):
+                m.copy_(p.detach())
+                self._set(undo, self.state[p], _MASTER, m)
         for _, p, e in new:
-            self._refresh_entry(p, e, rule, names, keys)
+            self._refresh_entry(p, e, rule, ks)
         return made_first
 
-    def _refresh_entry(
-        self, p: torch.Tensor, e: _Entry, rule: registry.Rule, names: List[str], keys: List[str]
+    def _convert_state(
+        self,
+        st: Dict[str, Any],
+        n: str,
+        t: torch.Tensor,
+        target: torch.dtype,
+        rule: registry.Rule,
+        label: str,
+        undo: list,
     ) -> None:
+        """State ``n`` (tensor ``t``, shaped right) brought to the optimizer's form, as optkern's
+        own classes convert a loaded state: int8 codes (uint8, with their ``<n>_absmax``)
+        dequantised for a float state, float values quantised for int8 state, float values of
+        another dtype converted (bfloat16 and float16 into float32 exactly; float32 into
+        bfloat16 rounded to nearest even)."""
+        key = n + _ABSMAX
+        nonneg = rule.state(n).nonnegative
+        if t.dtype is torch.uint8:  # int8 codes
+            a = st.get(key)
+            blocks = _lowbits.blocks(t.numel())
+            if (
+                not isinstance(a, torch.Tensor)
+                or tuple(a.shape) != (blocks,)
+                or not (a.is_floating_point() and a.device.type == "cpu")
+            ):
+                what = (
+                    f"dtype {a.dtype}, shape {tuple(a.shape)} on {a.device}"
+                    if isinstance(a, torch.Tensor)
+                    else type(a).__name__
+                )
+                raise ValueError(
+                    f"state {n!r} of {label} holds uint8 codes: {key!r} must be a float32 CPU "
+                    f"tensor of one absmax per block of {_lowbits.BLOCK} ({blocks} for "
+                    f"{t.numel()} elements), got {what}"
+                )
+            if target is torch.uint8:
+                if not t.is_contiguous():
+                    self._set(undo, st, n, t.contiguous())
+                if a.dtype is not torch.float32 or not a.is_contiguous():
+                    self._set(undo, st, key, a.to(torch.float32).contiguous())
+                return
+            values = _lowbits.dequantize(_np(t.contiguous()), _np(a.to(torch.float32)), nonneg)
+            self._set(undo, st, n, torch.from_numpy(values).to(target).contiguous())
+            self._pop(undo, st, key)
+            return
+        if key in st:  # an absmax without codes: left from another form
+            self._pop(undo, st, key)
+        if target is torch.uint8:
+            values = t.detach().to(device="cpu", dtype=torch.float32).numpy()
+            codes, absmax = _lowbits.quantize(values, nonneg)
+            self._set(undo, st, n, torch.from_numpy(codes))
+            self._set(undo, st, key, torch.from_numpy(absmax))
+        elif t.dtype != target or t.device.type != "cpu" or not t.is_contiguous():
+            self._set(undo, st, n, t.detach().to(device="cpu", dtype=target).contiguous())
+
+    def _pop(self, undo: list, where: Any, key: Any) -> None:
+        undo.append((where, key, where[key]))
+        del where[key]
+
+    def _refresh_entry(self, p: torch.Tensor, e: _Entry, rule: registry.Rule, ks: _Keys) -> None:
         st = self.state[p]
+        names = ks.names
         e.views = tuple(None if st.get(n) is None else _np(st[n]) for n in names)
+        e.aviews = tuple(None if st.get(n) is None else _np(st[n]) for n in ks.absmax)
+        e.mview = _np(st[_MASTER]) if ks.master and st.get(_MASTER) is not None else None
         e.steps = st["step"].numpy() if rule.counts_steps else None
         e.cviews = (
             tuple(st[n].numpy() for n in rule.carried_names)
@@ -813,8 +1087,8 @@ class _OktOptimizer(torch.optim.Optimizer):
             else ()
         )
         e.sdict = st
-        e.keys = keys
-        e.tensors = tuple(st.get(k) for k in keys)
+        e.keys = ks.keys
+        e.tensors = tuple(st.get(k) for k in ks.keys)
         e.tlive = [t for t in e.tensors if t is not None]
         e.trefs = [t.detach() for t in e.tlive]
 
@@ -832,7 +1106,13 @@ class _OktOptimizer(torch.optim.Optimizer):
             hyper = self._okt_validate(group)
         except (TypeError, ValueError) as err:
             self._refuse(type(err), f"{err}, which the kernels do not take")
-        ks = _Keys(rule, hyper, self._binding.torch_cls is not None)
+        ks = _Keys(
+            rule,
+            hyper,
+            self._binding.torch_cls is not None,
+            self.state_dtype,
+            self.master_weights,
+        )
         keys = tuple(dict.fromkeys([h.torch for h in rule.hyper] + ["maximize"]))
         values = [group.get(k) for k in keys]
         if _plain(values):  # checked: remember them (a tensor may change in place)
@@ -848,14 +1128,17 @@ class _OktOptimizer(torch.optim.Optimizer):
         hyper: Dict[str, Any],
         steps: Any,
         entries: List[_Entry],
+        positions: Optional[List[int]] = None,
+        noise_seed: Optional[int] = None,
     ) -> Any:
         """The group's update, checked by the core (arrays, step counts, hyperparameters, the
         per-step scalars) but not run. A gradient that shares memory with its parameter (torch
         allows ``p.grad = p.data``) is read from a copy: the kernels never read memory they
         write."""
+        extra = {} if noise_seed is None else {"positions": positions, "noise_seed": noise_seed}
         try:
             return _core.prepare(
-                rule.name, pviews, gviews, states, hyper, steps=steps, grad_scale=1.0
+                rule.name, pviews, gviews, states, hyper, steps=steps, grad_scale=1.0, **extra
             )
         except ValueError:
             shared = [
@@ -868,7 +1151,7 @@ class _OktOptimizer(torch.optim.Optimizer):
             for k in shared:
                 gviews[k] = gviews[k].copy()
             return _core.prepare(
-                rule.name, pviews, gviews, states, hyper, steps=steps, grad_scale=1.0
+                rule.name, pviews, gviews, states, hyper, steps=steps, grad_scale=1.0, **extra
             )
 
     def _write_back(self, pl: _Plan) -> None:
@@ -998,6 +1281,10 @@ def _make(b: Binding) -> type:
         inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in b.args
     ]
     params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in b.kwonly]
+    params += [  # optkern's precision options, after torch's arguments
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d)
+        for n, _, d in registry.PRECISION_ARGS
+    ]
     bases = (_ScheduleFreeSwitch, _OktOptimizer) if b.switch else (_OktOptimizer,)
     return type(
         b.name,
@@ -1069,7 +1356,13 @@ def _kernel_dtypes(r: registry.Rule) -> FrozenSet[torch.dtype]:
     """The parameter dtypes the kernels take for rule ``r``: the declaration's, where it says
     (``Rule.dtypes``), else every element type the kernels are built for."""
     declared = getattr(r, "dtypes", None)
-    return frozenset(getattr(torch, n) for n in declared) if declared else _KERNEL_DTYPES
+    dtypes = frozenset(getattr(torch, n) for n in declared) if declared else _KERNEL_DTYPES
+    if r.factored or r.switch:
+        # factored state is kept in the parameter's type (float32 or float64, as optkern's own
+        # classes keep it); Schedule-Free's train()/eval() moves the parameter towards z in its
+        # own type: 16-bit parameters run torch's step, or are refused where torch has none
+        dtypes -= _HALF
+    return dtypes
 
 
 def _bind(r: registry.Rule) -> Binding:

@@ -22,9 +22,10 @@ the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by defa
   bandwidth for the bytes each moves; and the bytes of state per parameter;
 * ``precision-loop``: the loops study's MLP (784-256-128-10, 0.24M parameters) with Adam in
   float32 and with bfloat16 and int8 state: the update's share of the training step;
-* ``precision-accuracy``: the digits MLP of ``python -m optkern demo`` (Adam, 10 epochs) with
-  float32, bfloat16 and int8 state, and with bfloat16 parameters rounded to nearest, rounded
-  stochastically and kept with float32 master weights: test accuracy of each (seeds: repeats);
+* ``precision-accuracy``: the digits MLP of ``python -m optkern demo`` (Adam, 10 epochs) and a
+  small char-RNN (optkern.examples.char_rnn) with float32, bfloat16 and int8 state, and with
+  bfloat16 parameters rounded to nearest, rounded stochastically and kept with float32 master
+  weights: test accuracy, and held-out bits per character, of each (seeds: repeats);
 * ``torch-phases`` (needs torch): zero_grad, forward, backward and step timed inside the torch
   training loop of ``bench --torch``, for torch fused, optkern.torch (2 threads and 1) and torch
   foreach;
@@ -51,7 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -725,12 +726,56 @@ def precision_accuracy(seeds: int) -> Dict[str, Any]:
                         for p32, p16 in zip(model.params, params):
                             p32[...] = p16
                     accs.append(model.evaluate(X_test, y_test)[1])
-            rows.append({"lr": lr, "setting": label, "test_acc": accs})
+            rows.append({"task": "digits-mlp", "lr": lr, "setting": label, "test_acc": accs})
             text.append(
                 f"  lr {lr:g}  {label:30s} {100 * np.mean(accs):5.1f}% "
                 f"[{100 * min(accs):.1f}, {100 * max(accs):.1f}]"
             )
-    return {"rows": rows, "text": "\n".join(text)}
+    rnn_rows, rnn_text = _char_rnn_accuracy(seeds, settings, bf16)
+    return {"rows": rows + rnn_rows, "text": "\n".join(text + rnn_text)}
+
+
+def _char_rnn_accuracy(seeds: int, settings: list, bf16: Any) -> Tuple[list, List[str]]:
+    """The char-RNN of optkern.examples.char_rnn (26 symbols, 64 tanh units, 32 streams of 32
+    characters, 8 passes over 60,000 characters of its grammar's text, gradients clipped to
+    norm 1) trained with Adam per precision setting: held-out bits per character, mean and
+    range over the seeds (the initial weights)."""
+    from ..examples.char_rnn import CharRNN, chunks, make_text
+
+    train, held = make_text(60_000, 0), make_text(10_000, 1)
+    vocab = {c: i for i, c in enumerate(sorted(set(train) | set(held)))}
+    ids = np.array([vocab[c] for c in train])
+    held_ids = np.array([vocab[c] for c in held])
+    rows = []
+    text = [
+        f"char-RNN {len(vocab)}-64 tanh, Adam, 8 passes over 60k characters (32 streams x 32); "
+        f"held-out bits per character, mean [min, max] over {seeds} seeds"
+    ]
+    for lr in (3e-3, 1e-3):
+        for label, options, half in settings:
+            scores = []
+            for seed in range(seeds):
+                model = CharRNN(len(vocab), 64, seed)
+                params = [p.astype(bf16) for p in model.params] if half else model.params
+                opt = ok.Adam(params, lr=lr, **options)
+                for _ in range(8):
+                    h = np.zeros((32, 64), np.float32)
+                    for x, y in chunks(ids, 32, 32):
+                        if half:  # the float32 model computes with the bfloat16 weights
+                            for p32, p16 in zip(model.params, params):
+                                p32[...] = p16
+                        _, grads, h = model.loss_and_gradients(x, y, h)
+                        opt.step(grads, max_grad_norm=1.0)
+                if half:
+                    for p32, p16 in zip(model.params, params):
+                        p32[...] = p16
+                scores.append(model.bits_per_char(held_ids))
+            rows.append({"task": "char-rnn", "lr": lr, "setting": label, "bits_per_char": scores})
+            text.append(
+                f"  lr {lr:g}  {label:30s} {np.mean(scores):.3f} bits/char "
+                f"[{min(scores):.3f}, {max(scores):.3f}]"
+            )
+    return rows, text
 
 
 def _p90s(xs: List[float]) -> float:
