@@ -43,6 +43,7 @@ def test_every_registry_rule_has_a_case():
 # -- python -m optkern bench --torch and examples/torch_mlp.py: every optkern.torch class ----------
 
 
+@pytest.mark.oracle
 def test_torch_bench_has_a_peer_for_every_okt_class():
     import inspect
 
@@ -71,6 +72,7 @@ def test_torch_bench_has_a_peer_for_every_okt_class():
     assert all(tb.peers()[n].missing() is None for n in tb.ORIGINALS)  # torch is enough
 
 
+@pytest.mark.oracle
 def test_torch_bench_missing_peer_is_blank_with_the_reason(capsys):
     import pytest
 
@@ -106,6 +108,7 @@ def test_torch_bench_missing_peer_is_blank_with_the_reason(capsys):
     assert "Not run: SGD (--all runs every optkern.torch class)" in out
 
 
+@pytest.mark.oracle
 def test_torch_bench_steps_every_okt_class():
     import pytest
 
@@ -120,6 +123,7 @@ def test_torch_bench_steps_every_okt_class():
         assert (r.get("torch_s", 0) > 0) != ("torch_missing" in r), r
 
 
+@pytest.mark.oracle
 def test_torch_bench_selection():
     import pytest
 
@@ -139,6 +143,7 @@ def test_torch_bench_selection():
         tb.select(["nope"], False)
 
 
+@pytest.mark.oracle
 def test_bench_torch_cli_picks_the_classes(monkeypatch, capsys):
     pytest.importorskip("torch")
     from optkern.benchmark import torch_bench as tb
@@ -175,6 +180,7 @@ _OVERHEAD = {
 }
 
 
+@pytest.mark.oracle
 def test_torch_mlp_example_runs_every_okt_class():
     import pytest
 
@@ -268,6 +274,7 @@ def test_bench_cli_runs_a_named_study(capsys, monkeypatch):
     assert "(2000, 20)" in out and "(40000,)" in out
 
 
+@pytest.mark.oracle
 def test_torch_studies_run_small():
     pytest.importorskip("torch")
     from optkern.benchmark import studies
