@@ -33,9 +33,10 @@ if N < 2:
 SHAPES = [(4, 3), (3,), (2, 5), (6,)]
 
 
-def params(shapes=SHAPES, seed=0):
+def params(shapes=SHAPES, seed=0, dtypes=None):
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    dtypes = dtypes or [np.float32] * len(shapes)
+    return [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
 
 
 def grads(shapes=SHAPES, seed=1):
@@ -48,10 +49,21 @@ def in_step():
     assert COMM.allreduce(1) == N
 
 
-def build(wrapper, cls=ok.Adam, shapes=SHAPES, split=(2,), hyper=None, names=None, group1=None, **kw):
+def build(
+    wrapper,
+    cls=ok.Adam,
+    shapes=SHAPES,
+    split=(2,),
+    hyper=None,
+    names=None,
+    group1=None,
+    dtypes=None,
+    **kw,
+):
     """A wrapper over ``shapes`` split into groups at ``split``; ``hyper`` for every group,
-    ``group1`` for the second group only; ``names`` makes the parameters named."""
-    ps = params(shapes)
+    ``group1`` for the second group only; ``names`` makes the parameters named; ``dtypes``
+    gives the parameters' dtypes (float32)."""
+    ps = params(shapes, dtypes=dtypes)
     cut = [0, *split, len(ps)]
     groups = []
     for gi, (a, b) in enumerate(zip(cut[:-1], cut[1:])):
@@ -90,6 +102,15 @@ CONSTRUCTION = {
     "deterministic": (dict(deterministic=True), "deterministic"),
     "broadcast_params": (dict(broadcast_params=False), "broadcast_params"),
     "lr as a number and a callable": (dict(hyper=dict(lr=lambda step: 1e-2)), "['lr']"),
+    "one parameter in float64": (
+        dict(dtypes=[np.float32, np.float64, np.float32, np.float32]),
+        "the parameter dtypes",
+    ),
+    "every parameter in float64": (dict(dtypes=[np.float64] * 4), "the parameter dtypes"),
+    # refused by the wrappers on every rank alike, so the ranks must agree on them first
+    "state_dtype int8": (dict(hyper=dict(state_dtype="int8")), "the precision options"),
+    "master_weights": (dict(hyper=dict(master_weights=True)), "the precision options"),
+    "stochastic_rounding": (dict(hyper=dict(stochastic_rounding=True)), "the precision options"),
 }
 DP_ONLY = {"bucket_mb": (dict(bucket_mb=1.0), "bucket_mb")}
 
@@ -187,8 +208,8 @@ STEP_OPTIONS = {
 }
 
 
-def _started(wrapper):
-    w, ps = build(wrapper)
+def _started(wrapper, dtypes=None):
+    w, ps = build(wrapper, dtypes=dtypes)
     w.step(grads(seed=7))
     _WHOLE[0] = w.state_dict()  # collective for ZeRO: every rank
     return w, ps
@@ -198,6 +219,30 @@ def _started(wrapper):
 @pytest.mark.parametrize("change", list(STEP_CHANGES))
 def test_a_change_on_one_rank_refuses_the_next_step_everywhere(wrapper, change):
     w, ps = _started(wrapper)
+    edit, what = STEP_CHANGES[change]
+    if IS_ODD:
+        edit(w, ps)
+    before = [p.tobytes() for p in ps], _state(w)
+    with pytest.raises(okd.RanksDisagree) as info:
+        w.step(grads())
+    text = str(info.value)
+    assert what in text and f"rank {ODD} has" in text, text
+    assert ([p.tobytes() for p in ps], _state(w)) == before
+    in_step()
+
+
+F64_CASES = {
+    "float64": [np.float64] * 4,
+    "mixed": [np.float64, np.float32, np.float32, np.float64],  # DataParallel's tail: float64
+}
+
+
+@pytest.mark.parametrize("dtypes", list(F64_CASES))
+@pytest.mark.parametrize("wrapper", ["dp", "zero"])
+@pytest.mark.parametrize("change", ["lr set on one rank", "a state loaded on one rank"])
+def test_a_change_on_one_rank_refused_with_float64_parameters(wrapper, change, dtypes):
+    """The step's digest travels in a float64 buffer when the first parameter is float64."""
+    w, ps = _started(wrapper, F64_CASES[dtypes])
     edit, what = STEP_CHANGES[change]
     if IS_ODD:
         edit(w, ps)

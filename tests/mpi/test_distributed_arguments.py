@@ -118,14 +118,31 @@ def test_bad_timeout_variable_refused_naming_it(monkeypatch, text):
         _dp()
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32])
+@pytest.mark.parametrize("dtype", [np.int32, np.complex64, np.longdouble, np.uint8])
 @pytest.mark.parametrize("make", [_dp, _zero], ids=["dp", "zero"])
 def test_gradients_of_another_dtype_refused_as_the_optimizer_refuses_them(make, dtype):
     wrapper = make(num_threads=None)
     before = [p.copy() for p in wrapper.param_groups[0]["params"]]
-    with pytest.raises(TypeError, match=r"grads\[1\]"):
+    with pytest.raises(TypeError, match=r"grads\[1\] must be a float32, float64, float16"):
         wrapper.step([np.ones((3, 2), np.float32), np.ones(4, dtype)])
     assert all(np.array_equal(p, q) for p, q in zip(wrapper.param_groups[0]["params"], before))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+@pytest.mark.parametrize("make", [_dp, _zero], ids=["dp", "zero"])
+def test_gradients_of_another_float_type_step_as_the_optimizer_steps_them(make, dtype):
+    """A float64 or float16 gradient of a float32 parameter is converted as the optimizer
+    converts it (rounded to nearest as it is read): the same bits as a single optimizer."""
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal((3, 2)).astype(dtype), rng.standard_normal(4).astype(dtype)]
+    wrapper = make(num_threads=None)
+    ref_params = _params()
+    ref = ok.Adam(ref_params, lr=1e-3)
+    for _ in range(3):
+        wrapper.step(grads)
+        ref.step(grads)
+    for p, q in zip(wrapper.param_groups[0]["params"], ref_params):
+        np.testing.assert_array_equal(p, q)
 
 
 @pytest.mark.parametrize("make", [_dp, _zero], ids=["dp", "zero"])
@@ -144,7 +161,7 @@ def test_data_parallel_checks_every_gradient_before_copying_any():
     dp = _dp(num_threads=None, bucket_mb=1e-6)
     dp.grad_buffers[0][...] = 7.0
     with pytest.raises(TypeError):
-        dp.allreduce_([np.ones((3, 2), np.float32), np.ones(4, np.float64)])
+        dp.allreduce_([np.ones((3, 2), np.float32), np.ones(4, np.int64)])
     assert (dp.grad_buffers[0] == 7.0).all()  # the good first gradient was not copied in
 
 
@@ -164,13 +181,51 @@ def test_data_parallel_train_eval_need_a_schedule_free_optimizer():
         np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-7)
 
 
+def _wrap(make, params, **options):
+    if make is _dp:
+        return okd.DataParallel(ok.Adam(params, lr=1e-3, **options), num_threads=None)
+    return okd.ZeroRedundancyOptimizer(ok.Adam, params, lr=1e-3, num_threads=None, **options)
+
+
 @pytest.mark.parametrize("make", [_dp, _zero], ids=["dp", "zero"])
-def test_float64_parameters_refused_naming_the_parameter(make):
-    """optkern's optimizers step float64 arrays; the wrappers (float32 buffers) refuse them at
-    construction rather than averaging or sharding them in float32."""
-    params = [np.zeros((3, 2), np.float32), np.zeros(4)]
-    with pytest.raises(TypeError, match="takes float32 parameters; parameter 1 is float64"):
-        if make is _dp:
-            okd.DataParallel(ok.Adam(params, lr=1e-3), num_threads=None)
-        else:
-            okd.ZeroRedundancyOptimizer(ok.Adam, params, lr=1e-3, num_threads=None)
+def test_float16_parameters_refused_naming_the_parameter(make):
+    """16-bit parameters are refused at construction, before anything is sent or allocated
+    (optkern's optimizers step them in one process)."""
+    params = [np.zeros((3, 2), np.float32), np.zeros(4, np.float16)]
+    before = [p.copy() for p in params]
+    with pytest.raises(
+        TypeError, match="takes float32 and float64 parameters; parameter 1 is float16"
+    ):
+        _wrap(make, params)
+    assert all(np.array_equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("make", [_dp, _zero], ids=["dp", "zero"])
+def test_bfloat16_parameters_refused_naming_the_parameter(make):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    params = [np.zeros(4, ml_dtypes.bfloat16), np.zeros((3, 2), np.float64)]
+    with pytest.raises(TypeError, match="parameter 0 is bfloat16"):
+        _wrap(make, params)
+
+
+PRECISION_OPTIONS = [
+    ({"state_dtype": "int8"}, "state_dtype='int8'"),
+    ({"stochastic_rounding": True}, "stochastic_rounding=True"),
+    ({"master_weights": True}, "master_weights=True"),
+]
+
+
+@pytest.mark.parametrize("options, named", PRECISION_OPTIONS, ids=lambda v: str(v))
+@pytest.mark.parametrize("make", [_dp, _zero], ids=["dp", "zero"])
+def test_precision_options_refused_naming_the_option(make, options, named):
+    params = [np.zeros((3, 2), np.float32), np.zeros(4, np.float32)]
+    with pytest.raises(ValueError, match=f"does not take {named}"):
+        _wrap(make, params, **options)
+
+
+@pytest.mark.parametrize("make", [_dp, _zero], ids=["dp", "zero"])
+def test_bfloat16_state_refused_naming_the_option(make):
+    pytest.importorskip("ml_dtypes")
+    params = [np.zeros((3, 2), np.float32)]
+    with pytest.raises(ValueError, match="does not take state_dtype='bfloat16'"):
+        _wrap(make, params, state_dtype="bfloat16")

@@ -133,9 +133,13 @@ std::vector<ArrayRef> Buffers::add(py::handle seq, const char* name, Access acce
                                    const StateShape* shape) {
   const bool is_first = held_.empty();
   if (is_first) first_types_ = accept.types;
+  // The text of snapshot's message, built only where it can be thrown (a list or tuple is
+  // taken): this runs for every list of every step, and building it cost several allocations.
+  const bool sequence = PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr());
   const std::string what =
-      types_str(accept.like_first && accept.types == 0 ? first_types_ : accept.types) +
-      " NumPy arrays";
+      sequence ? std::string()
+               : types_str(accept.like_first && accept.types == 0 ? first_types_ : accept.types) +
+                     " NumPy arrays";
   const py::list items = snapshot(seq, name, what.c_str());
   const std::size_t n = items.size();
   if (is_first) {

@@ -91,14 +91,15 @@ def measure(n: int, repeats: int, comm) -> Dict[str, Any]:
     row["zero_s"] = _timed(comm, lambda: zero.step([grad]), repeats)
     row["zero_state_bytes"] = comm.allreduce(zero.state_bytes(), op=MPI.MAX)
     coll = zero._coll
+    (shard,) = zero._shards  # one float32 part
     row["zero_reduce_scatter_s"] = _timed(
         comm,
-        lambda: coll.reduce_scatter(grad, zero._gslice, zero.ranges, False, None, "bench"),
+        lambda: coll.reduce_scatter(grad, shard.gslice, shard.ranges, False, None, "bench"),
         repeats,
     )
     row["zero_update_s"] = _timed(comm, lambda: zero.inner.step(zero._inner_grads), repeats)
     row["zero_allgather_s"] = _timed(
-        comm, lambda: coll.allgatherv(zero.flat, zero.ranges, "bench"), repeats
+        comm, lambda: coll.allgatherv(shard.flat, shard.ranges, "bench"), repeats
     )
     zero = p = None
     return row

@@ -28,7 +28,15 @@ import numpy as np
 
 from ._mpi import Collectives, DistributedError
 
-__all__ = ["RanksDisagree", "canonical", "describe_groups", "agree", "StepDigest"]
+__all__ = [
+    "RanksDisagree",
+    "canonical",
+    "describe_groups",
+    "describe_precision",
+    "agree",
+    "StepDigest",
+    "require_supported",
+]
 
 Fields = List[Tuple[str, str]]
 
@@ -86,18 +94,55 @@ def describe_params(param_groups: Sequence[Dict[str, Any]]) -> Fields:
     ]
 
 
-def require_float32(params: Sequence[Any], wrapper: str) -> None:
-    """The distributed wrappers lay gradients, parameters and states out in float32 buffers:
-    a parameter of another dtype (optkern's optimizers also take float64) is refused, on every
-    rank alike (the ranks have agreed on the dtypes first), before anything is allocated."""
+def describe_precision(optimizer: Any) -> Fields:
+    """The optimizer's precision options (not group entries: for the whole optimizer)."""
+    return [
+        (
+            "the precision options",
+            f"state_dtype={getattr(optimizer, 'state_dtype', 'float32')!r}, "
+            f"stochastic_rounding={getattr(optimizer, 'stochastic_rounding', False)!r}, "
+            f"master_weights={getattr(optimizer, 'master_weights', False)!r}",
+        )
+    ]
+
+
+#: The parameter dtypes the wrappers lay out, reduce and shard (each in its own type).
+PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def require_supported(optimizer: Any, params: Sequence[Any], wrapper: str) -> None:
+    """The wrappers average, lay out and shard float32 and float64 parameters, each in its own
+    type. 16-bit parameters and the 16-bit and 8-bit precision options are refused, on every
+    rank alike (the ranks have agreed on the dtypes and options first), before anything is
+    allocated or sent: a TypeError naming the parameter, a ValueError naming the option."""
+
+    def refuse(err: Exception) -> None:
+        err.raised_on_every_rank = True  # type: ignore[attr-defined]
+        raise err
+
     for i, p in enumerate(params):
-        if p.dtype != np.float32:
-            err = TypeError(
-                f"{wrapper} takes float32 parameters; parameter {i} is {p.dtype} (optkern's "
-                "optimizers step float64 arrays, optkern.distributed does not yet)"
+        if p.dtype not in PARAM_DTYPES:
+            refuse(
+                TypeError(
+                    f"{wrapper} takes float32 and float64 parameters; parameter {i} is "
+                    f"{p.dtype} (optkern's optimizers step 16-bit parameters in one process; "
+                    "optkern.distributed does not average or shard them)"
+                )
             )
-            err.raised_on_every_rank = True  # type: ignore[attr-defined]
-            raise err
+    options = [
+        ("state_dtype", getattr(optimizer, "state_dtype", "float32"), "float32"),
+        ("stochastic_rounding", getattr(optimizer, "stochastic_rounding", False), False),
+        ("master_weights", getattr(optimizer, "master_weights", False), False),
+    ]
+    for name, value, default in options:
+        if value != default:
+            refuse(
+                ValueError(
+                    f"{wrapper} does not take {name}={value!r} (its optimizer's state is "
+                    f"kept, sharded and checkpointed in the parameters' own types); use "
+                    f"{name}={default!r}"
+                )
+            )
 
 
 def digest(fields: Fields) -> bytes:
@@ -208,13 +253,14 @@ class StepDigest:
 
 # -- a digest carried by a sum (DataParallel's allreduce) ------------------------------------------
 
-#: float32 slots a digest takes in a summed buffer: its 32 nibbles, then their squares.
+#: slots a digest takes in a summed buffer (float32 or float64): its 32 nibbles, then their
+#: squares.
 SUM_SLOTS = 64
 
 
 def to_sum_slots(d: bytes, out: np.ndarray) -> None:
-    """Writes the 16-byte digest into ``out`` (64 float32) so that, summed over N ranks, the
-    sums tell whether every rank sent the same digest (see :func:`sums_agree`)."""
+    """Writes the 16-byte digest into ``out`` (64 float32 or float64) so that, summed over N
+    ranks, the sums tell whether every rank sent the same digest (see :func:`sums_agree`)."""
     b = np.frombuffer(d, np.uint8)
     nibbles = np.empty(32, np.float32)
     nibbles[0::2] = b >> 4
@@ -226,8 +272,9 @@ def to_sum_slots(d: bytes, out: np.ndarray) -> None:
 def sums_agree(summed: np.ndarray, n: int) -> bool:
     """Whether the N summed digests were all the same: for each nibble, N * sum(x^2) ==
     sum(x)^2 holds exactly when every rank's x is the same (Cauchy-Schwarz). Every term is a
-    whole number below 2^24 for N up to 74,000 ranks, so float32 sums are exact in any order,
-    and every rank takes the same decision from the same sums."""
+    whole number below 2^24 for N up to 74,000 ranks, so float32 sums (and float64 sums, a
+    fortiori) are exact in any order, and every rank takes the same decision from the same
+    sums."""
     s = summed[:32].astype(np.int64)
     q = summed[32:].astype(np.int64)
     return bool(np.all(n * q == s * s))

@@ -31,6 +31,7 @@ __all__ = [
     "default_threads",
     "check_num_threads",
     "check_positive_real",
+    "check_gradient",
     "install_excepthook",
     "TIMEOUT_ENV",
 ]
@@ -75,6 +76,22 @@ def check_positive_real(value: Any, name: str) -> float:
     if not (v > 0 and math.isfinite(v)):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return v
+
+
+def check_gradient(g: Any, i: int, shape: Tuple[int, ...], none: str = " or None") -> None:
+    """A gradient the wrappers take for parameter ``i``: an array of one of the types the
+    optimizers take as gradients (float32, float64, float16, bfloat16), of the parameter's
+    shape, whatever the parameter's type (it is converted to that type as it is copied)."""
+    from optkern.flat import DTYPES, _NAMES
+
+    if not isinstance(g, np.ndarray):
+        raise TypeError(
+            f"grads[{i}] must be a {_NAMES} array of shape {shape}{none}, got {type(g).__name__}"
+        )
+    if g.dtype not in DTYPES:
+        raise TypeError(f"grads[{i}] must be a {_NAMES} array of shape {shape}, got dtype {g.dtype}")
+    if g.shape != tuple(shape):
+        raise ValueError(f"grads[{i}] must have shape {tuple(shape)}, got {g.shape}")
 
 
 def split(total: int, parts: int, align: int = 1) -> List[Tuple[int, int]]:

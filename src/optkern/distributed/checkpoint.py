@@ -3,10 +3,12 @@
 ``save(opt, path)`` (sharded) makes ``path`` a directory holding
 
 ``shard-<generation>-<rank>.npz``
-    one per rank: for each state name (``exp_avg``, ...) the float32 slice ``[start, stop)`` of
-    that state laid out flat (:mod:`._layout`: the parameters in group order, each on a
-    16-element boundary; the layout depends only on the shapes, not on the number of ranks).
-    Written as ``ok.save`` writes its file (temporary name, fsync, rename).
+    one per rank: for each state name (``exp_avg``, ...) the slice of that state laid out flat
+    for the layout's elements ``[start, stop)`` (:mod:`._layout`: the parameters in group
+    order, each on a 16-element boundary; the layout depends only on the shapes and dtypes, not
+    on the number of ranks), one array per parameter dtype in that dtype (``exp_avg`` for the
+    float32 parameters, ``exp_avg.float64`` for the float64 ones). Written as ``ok.save`` writes
+    its file (temporary name, fsync, rename).
 ``manifest.json``
     written last, by rank 0, once every rank has renamed its shard into place: the format, the
     generation, the optimizer class, the shapes, each group's hyperparameters (tagged as
@@ -180,6 +182,11 @@ def save(opt: Wrapper, path: Union[str, os.PathLike], consolidated: bool = False
             local_meta, flats = opt._local_flat_state()
             meta = opt._gather_meta(local_meta)  # collective
             problem = None
+            # every shard holds every state's array of every dtype (zeros where this rank's
+            # range has none of it: a group without that state, or an empty range)
+            for k, _, part in layout.keys(sorted({n for m in meta for n in m["names"]})):
+                if k not in flats:
+                    flats[k] = np.zeros(part.at(hi) - part.at(lo), part.dtype)
         else:
             try:
                 meta, flats = _flat_dp(opt, layout, lo, hi)
@@ -382,14 +389,18 @@ def _prepare_sharded(opt: Wrapper, path: str) -> Tuple[Callable[[], None], str]:
         lo, hi = opt.lo, opt.hi
     else:
         lo, hi = 0, layout.total
-    flats = {n: np.zeros(hi - lo, np.float32) for n in names}
+    keys = layout.keys(names)
+    flats = {k: np.zeros(part.at(hi) - part.at(lo), part.dtype) for k, _, part in keys}
     for shard in shards:
         a, b = max(lo, shard["start"]), min(hi, shard["stop"])
         if a >= b or not names:
             continue
-        arrays = _read_shard(os.path.join(path, shard["file"]), shard, names)
-        for n in names:
-            flats[n][a - lo : b - lo] = arrays[n][a - shard["start"] : b - shard["start"]]
+        arrays = _read_shard(os.path.join(path, shard["file"]), shard, keys)
+        for k, _, part in keys:
+            start = part.at(shard["start"])
+            flats[k][part.at(a) - part.at(lo) : part.at(b) - part.at(lo)] = arrays[k][
+                part.at(a) - start : part.at(b) - start
+            ]
     index = 0
     for g, mine in zip(groups, opt.param_groups):
         g["params"] = list(range(index, index + len(mine["params"])))
@@ -411,25 +422,26 @@ def _prepare_sharded(opt: Wrapper, path: str) -> Tuple[Callable[[], None], str]:
         ) from e
 
 
-def _read_shard(file: str, shard: Dict[str, Any], names: List[str]) -> Dict[str, np.ndarray]:
-    """One shard's arrays, read with ok.load's reader and bounded by its range in the layout."""
-    length = shard["stop"] - shard["start"]
-    member = _ck._NPY_HEADER_MAX + 4 * length
+def _read_shard(file: str, shard: Dict[str, Any], keys) -> Dict[str, np.ndarray]:
+    """One shard's arrays (``keys``: :meth:`Layout.keys`), read with ok.load's reader, each of
+    exactly its part's dtype and the length of the shard's range in that part."""
+    lengths = {k: part.at(shard["stop"]) - part.at(shard["start"]) for k, _, part in keys}
+    limits = {k: _ck._NPY_HEADER_MAX + part.dtype.itemsize * lengths[k] for k, _, part in keys}
     try:
         with _ck.open_regular(file) as f:
             with _ck.Archive(
                 f,
-                len(names) * (member + _ck._ZIP_OVERHEAD) + 65536,
-                len(names),
-                lambda _key: member,
+                sum(limits.values()) + len(keys) * _ck._ZIP_OVERHEAD + 65536,
+                len(keys),
+                lambda k: limits.get(k, max(limits.values(), default=0)),
             ) as z:
-                if set(z.members) != set(names):
+                if set(z.members) != set(limits):
                     raise _ck.CheckpointError(
-                        f"holds the arrays {sorted(z.members)}; the manifest lists {names}"
+                        f"holds the arrays {sorted(z.members)}; the manifest lists {sorted(limits)}"
                     )
                 return {
-                    n: z.array(n, np.dtype(np.float32), [length], shard["sha256"][n], repr(n))
-                    for n in names
+                    k: z.array(k, part.dtype, [lengths[k]], shard["sha256"][k], repr(k))
+                    for k, _, part in keys
                 }
     except _ck.CheckpointError as e:
         raise _ck.CheckpointError(f"{file}: {e}") from (e.__cause__ or e)
@@ -468,10 +480,18 @@ def _check_manifest(m: Any, opt: Wrapper, layout: Layout, cls: type):
             f"{cls.__name__}"
         )
     if m.get("layout") != layout.describe():
-        shapes = m["layout"].get("shapes") if isinstance(m.get("layout"), dict) else None
+        theirs = m["layout"] if isinstance(m.get("layout"), dict) else {}
+        mine = layout.describe()
+        if theirs.get("shapes") == mine["shapes"] and theirs.get("dtypes") != mine.get("dtypes"):
+            raise _bad(
+                "the checkpoint was written for parameters of dtypes "
+                f"{_ck._short(theirs.get('dtypes', 'float32'))}; these are "
+                f"{_ck._short([d.name for d in layout.dtypes])}"
+            )
         raise _bad(
-            f"the checkpoint was written for parameters of shapes {_ck._short(shapes)}; these "
-            f"are {_ck._short(layout.describe()['shapes'])} (groups {layout.group_of})"
+            f"the checkpoint was written for parameters of shapes "
+            f"{_ck._short(theirs.get('shapes'))}; these are {_ck._short(mine['shapes'])} "
+            f"(groups {layout.group_of})"
         )
     n_groups = len(layout.group_ranges)
     raw_groups = m.get("param_groups")
@@ -515,6 +535,7 @@ def _check_manifest(m: Any, opt: Wrapper, layout: Layout, cls: type):
             raise _bad(f"{where}['numbers'] must map {sorted(carried)} to finite numbers")
     meta = merge_meta([raw_meta])
     names = sorted({n for g in meta for n in g["names"]})
+    keys = sorted(k for k, _, _ in layout.keys(names))
     step_count = _whole(m.get("step_count"), "'step_count'")
     skipped = _whole(m.get("skipped_steps"), "'skipped_steps'")
     raw_shards = m.get("shards")
@@ -540,10 +561,10 @@ def _check_manifest(m: Any, opt: Wrapper, layout: Layout, cls: type):
         sha = s.get("sha256")
         if (
             not isinstance(sha, dict)
-            or set(sha) != set(names)
+            or set(sha) != set(keys)
             or not all(isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) for v in sha.values())
         ):
-            raise _bad(f"{where}['sha256'] must give the SHA-256 of exactly the arrays {names}")
+            raise _bad(f"{where}['sha256'] must give the SHA-256 of exactly the arrays {keys}")
         shards.append({"file": file, "start": start, "stop": stop, "sha256": sha})
     shards.sort(key=lambda s: (s["start"], s["stop"]))
     at = 0

@@ -16,16 +16,18 @@ from ._agree import (
     agree,
     describe_groups,
     describe_params,
+    describe_precision,
     explain,
-    require_float32,
+    require_supported,
     sums_agree,
     to_sum_slots,
 )
-from ._layout import ALIGN
+from ._layout import ALIGN_BYTES
 from ._mpi import (
     MPI,
     Collectives,
     DistributedError,
+    check_gradient,
     check_num_threads,
     check_positive_real,
     configure_threads,
@@ -74,11 +76,14 @@ class DataParallel:
         ...
         dp.step(grads)                       # Allreduce (average), then opt.step locally
 
-    Gradients are copied into one float32 buffer laid out in reverse parameter order (the last
-    layers, whose gradients a backward pass computes first, come first) and averaged with
-    in-place Allreduce calls of at most ``bucket_mb`` MiB each (one parameter larger than that
-    is one bucket). ``grad_buffers`` gives that buffer's view for each parameter: a backward
-    pass that writes its gradients there (``np.matmul(..., out=...)``) saves the copy.
+    Parameters may be float32 or float64 (a group may mix them). Gradients are copied into one
+    buffer per parameter dtype (a gradient is converted to its parameter's type as it is
+    copied, as the optimizer converts it as it reads it), laid out in reverse parameter order
+    (the last layers, whose gradients a backward pass computes first, come first), and averaged
+    in that type (float64 as MPI_DOUBLE) with in-place Allreduce calls of at most ``bucket_mb``
+    MiB each (one parameter larger than that is one bucket). ``grad_buffers`` gives each
+    parameter's view of its buffer: a backward pass that writes its gradients there
+    (``np.matmul(..., out=...)``) saves the copy.
 
     **Overlap.** ``start(grads)`` takes the gradients known so far (None for the others, in the
     same list shape as ``step``) and starts a non-blocking Allreduce (``Iallreduce``) of every
@@ -144,10 +149,11 @@ class DataParallel:
                     ("broadcast_params", repr(bool(broadcast_params))),
                 ]
                 + describe_params(optimizer.param_groups)
+                + describe_precision(optimizer)
                 + describe_groups(optimizer.param_groups),
                 "the DataParallel construction",
             )
-            require_float32(self._params, "DataParallel")
+            require_supported(optimizer, self._params, "DataParallel")
             self._build(bucket_mb)
             configure_threads(self.comm, num_threads)
             if broadcast_params:
@@ -157,46 +163,65 @@ class DataParallel:
     def _build(self, bucket_mb: float) -> None:
         n = len(self._params)
         sizes = [int(p.size) for p in self._params]
-        # reverse parameter order: the first bucket holds the last parameters
+        dtypes = [p.dtype for p in self._params]
+        # One buffer per dtype, each in reverse parameter order; buckets of at most bucket_mb
+        # within one buffer, ordered by when a backward pass completes them (the bucket that
+        # holds parameter k is complete once k's gradient is in), so the last bucket holds
+        # parameter 0 and ends its buffer. After it, a tail summed with it: per parameter 1
+        # where this rank has a gradient (the sum says whether any rank has), then the step's
+        # agreement digest (whole numbers: exact in float32 and float64 alike).
         offsets = [0] * n
-        at = 0
+        ends: Dict[np.dtype, int] = {}
+        open_bucket: Dict[np.dtype, List[int]] = {}  # dtype -> [lo, hi, members...]
+        buckets: List[Tuple[np.dtype, int, int, List[int]]] = []
         for i in reversed(range(n)):
-            at = -(-at // ALIGN) * ALIGN
+            d = dtypes[i]
+            per = ALIGN_BYTES // d.itemsize
+            at = -(-ends.get(d, 0) // per) * per
             offsets[i] = at
-            at += sizes[i]
-        # after the gradients, a tail summed with them: per parameter 1 where this rank has a
-        # gradient (the sum says whether any rank has), then the step's agreement digest
-        self._grads_end = at
-        self._tail = at + n + SUM_SLOTS
-        self._flat = ok.FlatParams([(self._tail,)]).flat[: self._tail]
+            ends[d] = at + sizes[i]
+            limit = max(1, int(min(bucket_mb, 2.0**40) * 2**20) // d.itemsize)
+            b = open_bucket.get(d)
+            if b is not None and b[1] > b[0] and ends[d] - b[0] > limit:
+                buckets.append((d, b[0], b[1], b[2:]))
+                b = None
+            if b is None:
+                b = open_bucket[d] = [at, at]
+            b[1] = ends[d]
+            b.append(i)
+        for d, b in open_bucket.items():
+            buckets.append((d, b[0], b[1], b[2:]))
+        buckets.sort(key=lambda b: -min(b[3]))  # complete first, first
+        tail_dtype = dtypes[0]
+        self._grads_end = dict(ends)
+        self._flats: Dict[np.dtype, np.ndarray] = {}
+        for d, end in ends.items():
+            length = end + (n + SUM_SLOTS if d == tail_dtype else 0)
+            self._flats[d] = ok.FlatParams([(length,)], d).flat[:length]
         self.grad_buffers: List[np.ndarray] = [
-            self._flat[o : o + s].reshape(p.shape) for o, s, p in zip(offsets, sizes, self._params)
+            self._flats[d][o : o + s].reshape(p.shape)
+            for o, s, d, p in zip(offsets, sizes, dtypes, self._params)
         ]
-        self._present = self._flat[at : at + n]
-        self._digest_slots = self._flat[at + n : self._tail]
-        limit = max(1, int(min(bucket_mb, 2.0**40) * 2**20) // 4)
-        self._buckets: List[Tuple[int, int]] = []  # [lo, hi) of the flat buffer
-        self._bucket_of = [0] * n
-        lo = hi = 0
-        for i in reversed(range(n)):
-            end = offsets[i] + sizes[i]
-            if hi > lo and end - lo > limit:
-                self._buckets.append((lo, hi))
-                lo = offsets[i]
-            self._bucket_of[i] = len(self._buckets)
-            hi = end
-        self._buckets.append((lo, self._tail))  # the last bucket carries the tail
-        self._members = [
-            [i for i in range(n) if self._bucket_of[i] == b] for b in range(len(self._buckets))
+        tail = self._flats[tail_dtype]
+        at = ends[tail_dtype]
+        self._present = tail[at : at + n]
+        self._digest_slots = tail[at + n :]
+        # [(buffer, lo, hi)]: the last bucket carries the tail
+        self._buckets: List[Tuple[np.ndarray, int, int]] = [
+            (self._flats[d], lo, hi) for d, lo, hi, _ in buckets
         ]
+        self._buckets[-1] = (tail, self._buckets[-1][1], tail.size)
+        self._members = [members for _, _, _, members in buckets]
         self._ready = [False] * n
         self._launched = 0
         self._requests: List[Any] = []
-        self._scratch: Optional[np.ndarray] = None
+        self._scratch: Dict[np.dtype, np.ndarray] = {}
         self._step_digest = StepDigest()
         self._call = "DataParallel.step"
         #: a ring allreduce's bytes sent per rank and step
-        self.bytes_per_step = 2 * (self._coll.size - 1) * self._flat.nbytes // self._coll.size
+        self.bytes_per_step = sum(
+            2 * (self._coll.size - 1) * f.nbytes // self._coll.size for f in self._flats.values()
+        )
 
     # -- what the optimizer has -----------------------------------------------------------------
 
@@ -224,8 +249,9 @@ class DataParallel:
         _switch(self.optimizer, "eval")
 
     @property
-    def buckets(self) -> List[Tuple[int, int]]:
-        return list(self._buckets)
+    def buckets(self) -> List[Tuple[str, int, int]]:
+        """(dtype name, lo, hi) of each bucket in its dtype's buffer, in reduction order."""
+        return [(f.dtype.name, lo, hi) for f, lo, hi in self._buckets]
 
     # -- gradients ------------------------------------------------------------------------------
 
@@ -242,21 +268,8 @@ class DataParallel:
             )
         # every gradient checked before any is copied: a bad one changes nothing
         for i, g in enumerate(grads):
-            if g is None or self._ready[i]:
-                continue
-            view = self.grad_buffers[i]
-            if not isinstance(g, np.ndarray):
-                raise TypeError(
-                    f"grads[{i}] must be a float32 array of shape {view.shape} or None, "
-                    f"got {type(g).__name__}"
-                )
-            if g.dtype != np.float32:
-                raise TypeError(
-                    f"grads[{i}] must be a float32 array (as its float32 parameter), "
-                    f"got dtype {g.dtype}"
-                )
-            if g.shape != view.shape:
-                raise ValueError(f"grads[{i}] must have shape {view.shape}, got {g.shape}")
+            if g is not None and not self._ready[i]:
+                check_gradient(g, i, self._params[i].shape)
         for i, g in enumerate(grads):
             if self._ready[i] or (g is None and only_new):
                 continue
@@ -265,8 +278,8 @@ class DataParallel:
                 view[...] = 0
                 self._present[i] = 0.0
             else:
-                if g.ctypes.data != view.ctypes.data:
-                    np.copyto(view, g)
+                if g.ctypes.data != view.ctypes.data or g.dtype != view.dtype:
+                    np.copyto(view, g, casting="unsafe")  # rounds as the kernels round
                 self._present[i] = 1.0
             self._ready[i] = True
 
@@ -276,11 +289,9 @@ class DataParallel:
         while self._launched < len(self._buckets) - 1 and all(
             self._ready[i] for i in self._members[self._launched]
         ):
-            lo, hi = self._buckets[self._launched]
+            flat, lo, hi = self._buckets[self._launched]
             if self._coll.size > 1 and hi > lo and not self.deterministic:
-                self._requests.append(
-                    self.comm.Iallreduce(MPI.IN_PLACE, self._flat[lo:hi], op=MPI.SUM)
-                )
+                self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, flat[lo:hi], op=MPI.SUM))
             self._launched += 1
 
     def start(self, grads: Sequence[Optional[np.ndarray]]) -> None:
@@ -311,18 +322,19 @@ class DataParallel:
             if self._requests:
                 coll.wait(self._requests, "the non-blocking allreduce of the gradients")
             for b in range(self._launched if not self.deterministic else 0, len(self._buckets)):
-                lo, hi = self._buckets[b]
+                flat, lo, hi = self._buckets[b]
                 if self.deterministic:
-                    self._reduce_deterministic(lo, hi)
+                    self._reduce_deterministic(flat[lo:hi])
                 else:  # blocking: Open MPI's blocking Allreduce is much faster than its Iallreduce
-                    coll.allreduce(self._flat[lo:hi], "the allreduce of the gradients")
+                    coll.allreduce(flat[lo:hi], "the allreduce of the gradients")
             self._requests = []
             if not sums_agree(self._digest_slots, coll.size):
                 fields = self._step_digest.fields(self._call, inner.param_groups, options, counters)
                 everyone = coll.allgather_object(fields, "the descriptions of the step")
                 raise RanksDisagree(explain(everyone, "this DataParallel step"))
-            grads = self._flat[: self._grads_end]
-            np.divide(grads, np.float32(coll.size), out=grads)
+            for d, end in self._grads_end.items():  # each in its own type
+                grads = self._flats[d][:end]
+                np.divide(grads, d.type(coll.size), out=grads)
         return [bool(v > 0) for v in self._present]
 
     def _reset(self) -> None:
@@ -330,19 +342,17 @@ class DataParallel:
         self._launched = 0
         self._requests = []
 
-    def _reduce_deterministic(self, lo: int, hi: int) -> None:
+    def _reduce_deterministic(self, bucket: np.ndarray) -> None:
         coll = self._coll
-        ranges = split(hi - lo, coll.size)
+        ranges = split(bucket.size, coll.size)
         mine = ranges[coll.rank][1] - ranges[coll.rank][0]
         need = coll.size * max(hi2 - lo2 for lo2, hi2 in ranges)
-        if self._scratch is None or self._scratch.size < need:
-            self._scratch = np.empty(need, np.float32)
-        bucket = self._flat[lo:hi]
+        scratch = self._scratch.get(bucket.dtype)
+        if scratch is None or scratch.size < need:
+            scratch = self._scratch[bucket.dtype] = np.empty(need, bucket.dtype)
         a, b = ranges[coll.rank]
-        out = np.empty(mine, np.float32)
-        coll.reduce_scatter(
-            bucket, out, ranges, True, self._scratch, "the all-to-all of the gradients"
-        )
+        out = np.empty(mine, bucket.dtype)
+        coll.reduce_scatter(bucket, out, ranges, True, scratch, "the all-to-all of the gradients")
         bucket[a:b] = out
         coll.allgatherv(bucket, ranges, "the allgather of the gradients")
 
@@ -373,14 +383,12 @@ class DataParallel:
         rank skips it everywhere."""
         with self._coll.guard("DataParallel.step"):
             if self._coll.size == 1 and not any(self._ready):
-                # nothing to average: no copy; a gradient the averaging path would refuse (it
-                # averages float32) is refused here too, with one rank as with several
-                for i, g in enumerate(grads if isinstance(grads, (list, tuple)) else ()):
-                    if isinstance(g, np.ndarray) and g.dtype != np.float32:
-                        raise TypeError(
-                            f"grads[{i}] must be a float32 array (as its float32 parameter), "
-                            f"got dtype {g.dtype}"
-                        )
+                # nothing to average: no copy; a gradient the averaging path would refuse is
+                # refused here too, by the same check, with one rank as with several
+                if isinstance(grads, (list, tuple)) and len(grads) == len(self._params):
+                    for i, g in enumerate(grads):
+                        if g is not None:
+                            check_gradient(g, i, self._params[i].shape)
                 return self.optimizer.step(grads, **kwargs)
             self._call = "DataParallel.step"
             averaged = self._averaged(grads, kwargs)

@@ -16,11 +16,13 @@ from ._agree import (
     agree,
     describe_groups,
     describe_params,
-    require_float32,
+    describe_precision,
+    require_supported,
 )
-from ._layout import Layout, flat_state, merge_meta, state_from_flat
+from ._layout import Layout, Part, flat_state, key, merge_meta, state_from_flat
 from ._mpi import (
     Collectives,
+    check_gradient,
     check_num_threads,
     clip_coefficient,
     combine_norms,
@@ -30,18 +32,20 @@ from ._mpi import (
 __all__ = ["ZeroRedundancyOptimizer"]
 
 
-def _aligned(n: int) -> np.ndarray:
-    return ok.FlatParams([(n,)]).flat[:n]
+def _aligned(n: int, dtype: np.dtype) -> np.ndarray:
+    return ok.FlatParams([(n,)], dtype).flat[:n]
 
 
-def _block_of(arrays: Sequence[np.ndarray], layout: Layout) -> Optional[np.ndarray]:
-    """The whole-layout vector the arrays are views of, if they already sit in one float32 block
-    exactly as ``layout`` places them (``ok.FlatParams`` views, or one flat array); else None."""
+def _block_of(arrays: Sequence[Any], part: Part) -> Optional[np.ndarray]:
+    """The whole-part vector the arrays are views of, if they already sit in one block of the
+    part's dtype exactly as ``part`` places them (``ok.FlatParams`` views of that dtype, or one
+    flat array); else None."""
+    dtype = part.dtype
     if not arrays or any(not isinstance(a, np.ndarray) for a in arrays):
         return None
     roots = []
     for a in arrays:
-        if a.dtype != np.float32 or not a.flags.c_contiguous:
+        if a.dtype != dtype or not a.flags.c_contiguous:
             return None
         root = a
         while isinstance(root.base, np.ndarray):
@@ -50,19 +54,49 @@ def _block_of(arrays: Sequence[np.ndarray], layout: Layout) -> Optional[np.ndarr
     root = roots[0]
     if (
         any(r is not root for r in roots)
-        or root.dtype != np.float32
+        or root.dtype != dtype
         or root.ndim != 1
         or not root.flags.c_contiguous
     ):
         return None
     start = arrays[0].ctypes.data
     skip = start - root.ctypes.data
-    if skip % 4 or skip < 0 or skip // 4 + layout.total > root.size:
+    size = dtype.itemsize
+    if skip % size or skip < 0 or skip // size + part.total > root.size:
         return None
-    for a, off in zip(arrays, layout.offsets):
-        if a.ctypes.data != start + 4 * off:
+    for a, off in zip(arrays, part.offsets):
+        if a.ctypes.data != start + size * off:
             return None
-    return root[skip // 4 : skip // 4 + layout.total]
+    return root[skip // size : skip // size + part.total]
+
+
+class _Shard:
+    """This rank's share of one part (the parameters of one dtype): the whole part's
+    parameter vector, every rank's range of it, and the gradient slice of this rank's."""
+
+    def __init__(self, part: Part, params: Sequence[np.ndarray], ranges, rank: int) -> None:
+        self.part = part
+        self.dtype = part.dtype
+        mine = [params[i] for i in part.members]
+        block = _block_of(mine, part)
+        self.zero_copy = block is not None
+        self.flat = block if block is not None else _aligned(part.total, part.dtype)
+        if not self.zero_copy:
+            part.scatter_into(self.flat, params)
+        self.ranges = part.ranges(ranges)
+        self.lo, self.hi = self.ranges[rank]
+        self.gslice = _aligned(self.hi - self.lo, part.dtype)
+        self.gflat: Optional[np.ndarray] = None  # whole gradient vector, made when needed
+        self.scratch: Optional[np.ndarray] = None
+
+    def copy_out(self, params: Sequence[np.ndarray]) -> None:
+        if not self.zero_copy:
+            for i, v in zip(self.part.members, self.part.views(self.flat)):
+                np.copyto(params[i], v)
+
+    def refresh(self, params: Sequence[np.ndarray]) -> None:
+        if not self.zero_copy:
+            self.part.scatter_into(self.flat, params)
 
 
 class ZeroRedundancyOptimizer:
@@ -72,11 +106,13 @@ class ZeroRedundancyOptimizer:
         zero = ZeroRedundancyOptimizer(ok.Adam, [W1, b1, W2, b2], lr=1e-3)
         zero.step([gW1, gb1, gW2, gb2])   # this rank's gradients of its own batch
 
-    The parameters are laid out in one float32 vector (group order, each on a 64-byte boundary,
-    as :class:`optkern.FlatParams` places them). Each rank owns one contiguous slice of it (N
-    nearly equal slices, boundaries on 16 elements) and keeps the optimizer state of that slice
-    only: an inner ``optimizer_class`` over the slice, one 1-D view per parameter group. A step
-    is
+    The parameters (float32 or float64; a group may mix them) are laid out in one vector per
+    dtype (group order, each on a 64-byte boundary, as :class:`optkern.FlatParams` places
+    them). Each rank owns one contiguous range of the model's elements (N nearly equal ranges,
+    boundaries on 16 elements), which is one slice of each dtype's vector, and keeps the
+    optimizer state of those slices only: an inner ``optimizer_class`` over them, one 1-D view
+    per parameter group and dtype. Each dtype is reduced, updated and gathered in its own type
+    (float64 as MPI_DOUBLE). A step is
 
     1. a reduce-scatter of the gradients, divided by N: each rank gets the average gradient of
        its slice;
@@ -93,7 +129,8 @@ class ZeroRedundancyOptimizer:
     construction and the updated values are copied back into them after every step (write to
     them between steps only through a step, or call :meth:`refresh_from_params`). Likewise
     gradients given as views of a block in this layout (``FlatParams.zeros_like()``) are read
-    in place; others are copied into a buffer first. With ``broadcast_params`` (default) rank
+    in place; others are copied into a buffer first, converted to their parameter's type (as
+    the optimizer converts a gradient as it reads it). With ``broadcast_params`` (default) rank
     0's initial parameters are sent to every rank.
 
     **What shards.** Every optimizer in optkern updates each element from that element's
@@ -154,10 +191,12 @@ class ZeroRedundancyOptimizer:
                     ("broadcast_params", repr(bool(broadcast_params))),
                 ]
                 + describe_params(self.optimizer.param_groups)
+                + describe_precision(self.optimizer)
                 + describe_groups(self.optimizer.param_groups),
                 "the ZeroRedundancyOptimizer construction",
             )
-            require_float32(
+            require_supported(
+                self.optimizer,
                 [p for g in self.optimizer.param_groups for p in g["params"]],
                 "ZeroRedundancyOptimizer",
             )
@@ -182,36 +221,38 @@ class ZeroRedundancyOptimizer:
             self.defaults = self.optimizer.defaults
             self.layout = Layout.of(self.optimizer.param_groups)
             self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            block = _block_of(self._params, self.layout)
-            self._zero_copy = block is not None
-            self.flat = block if block is not None else _aligned(self.layout.total)
-            if not self._zero_copy:
-                self.layout.scatter_into(self.flat, self._params)
+            #: this rank's range of the layout's elements (one slice of each dtype's vector)
             self.ranges = self.layout.ranges(self._coll.size)
             self.lo, self.hi = self.ranges[self._coll.rank]
+            self._shards = [
+                _Shard(part, self._params, self.ranges, self._coll.rank) for part in self.layout.parts
+            ]
             configure_threads(self.comm, num_threads)
             if broadcast_params:
-                self._coll.bcast(self.flat, "broadcast of the initial parameters")
+                for sh in self._shards:
+                    self._coll.bcast(sh.flat, "broadcast of the initial parameters")
                 self._copy_out()
-        self._gslice = _aligned(self.hi - self.lo)
-        self._gflat: Optional[np.ndarray] = None  # whole gradient buffer, made when needed
-        self._scratch = (
-            np.zeros(self._coll.size * (self.hi - self.lo), np.float32)
-            if self.deterministic and self._coll.size > 1
-            else None
-        )
-        # the inner optimizer: one 1-D view per group that meets this rank's slice
-        self._inner_map: List[Tuple[int, int, int]] = []
+        for sh in self._shards:
+            if self.deterministic and self._coll.size > 1:
+                sh.scratch = np.zeros(self._coll.size * (sh.hi - sh.lo), sh.dtype)
+        # the inner optimizer: one 1-D view per group and dtype that meets this rank's slices,
+        # each group's views of a dtype together, as a group of the user's mixes them
+        self._inner_map: List[Tuple[int, int, int, int]] = []  # (group, shard, a, b)
         groups = []
-        for gi, (glo, ghi) in enumerate(self.layout.group_ranges):
-            a, b = max(self.lo, glo), min(self.hi, ghi)
-            if a < b:
-                self._inner_map.append((gi, a, b))
-                hyper = self._hyper(gi)
-                hyper.pop("param_names", None)  # one unnamed view per group
-                groups.append(dict(hyper, params=[self.flat[a:b]]))
+        for gi in range(len(self.layout.group_ranges)):
+            for k, sh in enumerate(self._shards):
+                glo, ghi = sh.part.group_ranges[gi]
+                a, b = max(sh.lo, glo), min(sh.hi, ghi)
+                if a < b:
+                    self._inner_map.append((gi, k, a, b))
+                    hyper = self._hyper(gi)
+                    hyper.pop("param_names", None)  # one unnamed view per group
+                    groups.append(dict(hyper, params=[sh.flat[a:b]]))
         self.inner: Optional[ok.Optimizer] = optimizer_class(groups) if groups else None
-        self._inner_grads = [self._gslice[a - self.lo : b - self.lo] for _, a, b in self._inner_map]
+        self._inner_grads = [
+            self._shards[k].gslice[a - self._shards[k].lo : b - self._shards[k].lo]
+            for _, k, a, b in self._inner_map
+        ]
         self.step_count = 0
         self.skipped_steps = 0
         self._step_digest = StepDigest()
@@ -227,7 +268,7 @@ class ZeroRedundancyOptimizer:
 
     def _sync_hyperparameters(self) -> None:
         # not train_mode: the inner optimizer's mode says where its slice is (see _switch)
-        for k, (gi, _, _) in enumerate(self._inner_map):
+        for k, (gi, _, _, _) in enumerate(self._inner_map):
             hyper = self._hyper(gi)
             hyper.pop("train_mode", None)
             hyper.pop("param_names", None)
@@ -246,7 +287,9 @@ class ZeroRedundancyOptimizer:
 
     # -- stepping -------------------------------------------------------------------------------
 
-    def _gradient_source(self, grads: Sequence[np.ndarray]) -> np.ndarray:
+    def _gradient_sources(self, grads: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """Each dtype's whole gradient vector: the gradients' own block when they are views of
+        one in that part's layout, else a buffer they are copied (and converted) into."""
         if not isinstance(grads, (list, tuple)):
             raise TypeError(
                 "grads must be a list or tuple of arrays aligned with the parameters, "
@@ -260,18 +303,19 @@ class ZeroRedundancyOptimizer:
                     f"grads[{i}] is None: ZeroRedundancyOptimizer needs a gradient "
                     "for every parameter at every step (pass zeros)"
                 )
-            if not isinstance(g, np.ndarray) or g.dtype != np.float32:
-                what = f"dtype {g.dtype}" if isinstance(g, np.ndarray) else type(g).__name__
-                raise TypeError(f"grads[{i}] must be a float32 array of shape {p.shape}, got {what}")
-            if g.shape != p.shape:
-                raise ValueError(f"grads[{i}] must have shape {p.shape}, got {g.shape}")
-        block = _block_of(list(grads), self.layout)
-        if block is not None:
-            return block
-        if self._gflat is None:
-            self._gflat = _aligned(self.layout.total)
-        self.layout.scatter_into(self._gflat, grads)
-        return self._gflat
+            check_gradient(g, i, p.shape, none="")
+        sources = []
+        for sh in self._shards:
+            mine = [grads[i] for i in sh.part.members]
+            block = _block_of(mine, sh.part)
+            if block is None:
+                if sh.gflat is None:
+                    sh.gflat = _aligned(sh.part.total, sh.dtype)
+                for i, view in zip(sh.part.members, sh.part.views(sh.gflat)):
+                    np.copyto(view, grads[i], casting="unsafe")  # rounds as the kernels round
+                block = sh.gflat
+            sources.append(block)
+        return sources
 
     def step(
         self,
@@ -291,7 +335,7 @@ class ZeroRedundancyOptimizer:
             p = _norm_type(norm_type) if check else 2.0
             if max_grad_norm is not None and not float(max_grad_norm) >= 0:
                 raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm!r}")
-            source = self._gradient_source(grads)
+            sources = self._gradient_sources(grads)
             # First, as every collective call of this wrapper: the ranks agree (the call, the
             # hyperparameters, the step's options, the counters) before anything changes.
             options = {
@@ -307,16 +351,17 @@ class ZeroRedundancyOptimizer:
                 "this ZeroRedundancyOptimizer step",
                 self._step_digest.digest(call, self.param_groups, options, counters),
             )
-            coll.reduce_scatter(
-                source,
-                self._gslice,
-                self.ranges,
-                self.deterministic,
-                self._scratch,
-                "the reduce-scatter of the gradients",
-            )
-            if coll.size > 1:
-                np.divide(self._gslice, np.float32(coll.size), out=self._gslice)
+            for sh, source in zip(self._shards, sources):  # each dtype in its own type
+                coll.reduce_scatter(
+                    source,
+                    sh.gslice,
+                    sh.ranges,
+                    self.deterministic,
+                    sh.scratch,
+                    "the reduce-scatter of the gradients",
+                )
+                if coll.size > 1:
+                    np.divide(sh.gslice, sh.dtype.type(coll.size), out=sh.gslice)
             if not all(g.get("train_mode", True) for g in self.param_groups):
                 err = RuntimeError(
                     f"{self.optimizer_class.__name__}.step() in eval mode: call train() first "
@@ -326,7 +371,9 @@ class ZeroRedundancyOptimizer:
                 raise err
             total = None
             if check:
-                partial = float(ok.grad_norms([self._gslice], p)[0]) if self._gslice.size else 0.0
+                slices = [sh.gslice for sh in self._shards if sh.gslice.size]
+                norms = ok.grad_norms(slices, p) if slices else np.zeros(1)
+                partial = combine_norms(np.asarray(norms, np.float64), p)
                 total = combine_norms(coll.allgather_float64(partial, "the gradient norm"), p)
                 if skip_if_nonfinite and not math.isfinite(total):
                     self.skipped_steps += 1
@@ -334,12 +381,12 @@ class ZeroRedundancyOptimizer:
                 if max_grad_norm is not None:
                     coef = clip_coefficient(float(max_grad_norm), total)
                     if coef != 1.0:
-                        np.multiply(self._gslice, np.float32(coef), out=self._gslice)
+                        for sh in self._shards:
+                            np.multiply(sh.gslice, sh.dtype.type(coef), out=sh.gslice)
             if self.inner is not None:
                 self._sync_hyperparameters()
                 self.inner.step(self._inner_grads)
-            coll.allgatherv(self.flat, self.ranges, "the allgather of the parameters")
-            self._copy_out()
+            self._gather_params()
             self.step_count += 1
             return total
 
@@ -379,8 +426,7 @@ class ZeroRedundancyOptimizer:
                 getattr(self.inner, what)()
             for g in self.param_groups:
                 g["train_mode"] = to_train
-            coll.allgatherv(self.flat, self.ranges, "the allgather of the parameters")
-            self._copy_out()
+            self._gather_params()
 
     def _shadow_switch(self) -> None:
         """The state-less optimizer that holds the user's groups has nothing to move: its
@@ -398,29 +444,41 @@ class ZeroRedundancyOptimizer:
         self.optimizer.train = refuse  # type: ignore[method-assign]
         self.optimizer.eval = refuse  # type: ignore[method-assign]
 
+    def _gather_params(self) -> None:
+        for sh in self._shards:
+            self._coll.allgatherv(sh.flat, sh.ranges, "the allgather of the parameters")
+        self._copy_out()
+
     def _copy_out(self) -> None:
-        if not self._zero_copy:
-            for p, v in zip(self._params, self.layout.views(self.flat)):
-                np.copyto(p, v)
+        for sh in self._shards:
+            sh.copy_out(self._params)
+
+    @property
+    def _zero_copy(self) -> bool:
+        """Whether every dtype's parameters are views of a block in this layout (no copies)."""
+        return all(sh.zero_copy for sh in self._shards)
 
     def refresh_from_params(self) -> None:
-        """Copies the user's parameter arrays into the internal vector (after they were changed
+        """Copies the user's parameter arrays into the internal vectors (after they were changed
         other than by a step; a no-op when the arrays are the storage)."""
-        if not self._zero_copy:
-            self.layout.scatter_into(self.flat, self._params)
+        for sh in self._shards:
+            sh.refresh(self._params)
 
     # -- state ----------------------------------------------------------------------------------
 
     def _local_flat_state(self) -> Tuple[List[Optional[Dict[str, Any]]], Dict[str, np.ndarray]]:
-        """Per group (None where this rank holds none of it) and per name, this rank's slice."""
+        """Per group (None where this rank holds none of it) and per state name and dtype
+        (:func:`key`), this rank's slice of that dtype's vector."""
         meta: List[Optional[Dict[str, Any]]] = [None] * len(self.layout.group_ranges)
         flats: Dict[str, np.ndarray] = {}
         if self.inner is None:
             return meta, flats
-        for k, (gi, a, b) in enumerate(self._inner_map):
+        for k, (gi, si, a, b) in enumerate(self._inner_map):
+            sh = self._shards[si]
             view = self.inner.param_groups[k]["params"][0]
             if view not in self.inner.state:
-                meta[gi] = {"has_state": False, "step": None, "names": []}
+                if meta[gi] is None:
+                    meta[gi] = {"has_state": False, "step": None, "names": []}
                 continue
             s = self.inner.state[view]
             names = sorted(n for n, v in s.items() if isinstance(v, np.ndarray))
@@ -431,9 +489,9 @@ class ZeroRedundancyOptimizer:
                 "numbers": {n: v for n, v in s.items() if isinstance(v, float)},
             }
             for n in names:
-                if n not in flats:
-                    flats[n] = np.zeros(self.hi - self.lo, np.float32)
-                flats[n][a - self.lo : b - self.lo] = s[n]
+                for other in self._shards:  # every dtype's vector, as flat_state makes them
+                    flats.setdefault(key(n, other.dtype), np.zeros(other.hi - other.lo, other.dtype))
+                flats[key(n, sh.dtype)][a - sh.lo : b - sh.lo] = s[n]
         return meta, flats
 
     def local_state_dict(self) -> Dict[str, Any]:
@@ -447,7 +505,9 @@ class ZeroRedundancyOptimizer:
             "world_size": self._coll.size,
             "range": [self.lo, self.hi],
             "total": self.layout.total,
-            "groups": [[gi, a, b] for gi, a, b in self._inner_map],
+            "dtypes": [sh.dtype.name for sh in self._shards],
+            "slices": [[sh.lo, sh.hi] for sh in self._shards],
+            "groups": [[gi, self._shards[k].dtype.name, a, b] for gi, k, a, b in self._inner_map],
         }
         return sd
 
@@ -471,11 +531,13 @@ class ZeroRedundancyOptimizer:
             names = sorted({n for m in meta for n in m["names"]})
             full: Dict[str, np.ndarray] = {}
             for n in names:
-                buf = np.zeros(self.layout.total, np.float32)
-                if n in local_flats:
-                    buf[self.lo : self.hi] = local_flats[n]
-                coll.allgatherv(buf, self.ranges, f"the allgather of state {n!r}")
-                full[n] = buf
+                for sh in self._shards:
+                    k = key(n, sh.dtype)
+                    buf = np.zeros(sh.part.total, sh.dtype)
+                    if k in local_flats:
+                        buf[sh.lo : sh.hi] = local_flats[k]
+                    coll.allgatherv(buf, sh.ranges, f"the allgather of state {k!r}")
+                    full[k] = buf
             state = state_from_flat(self.layout, meta, full)
             groups = []
             index = 0
@@ -542,7 +604,8 @@ class ZeroRedundancyOptimizer:
         step_count: Any,
         skipped_steps: Any,
     ) -> Callable[[], None]:
-        """Checks this rank's slice ``flats`` (over ``[lo, hi)``) described by ``meta``, with
+        """Checks this rank's slices ``flats`` (per :func:`key`, each over this rank's range of
+        its dtype's vector) described by ``meta``, with
         the user-facing groups' hyperparameters ``groups`` (a state dict's ``param_groups``;
         None keeps the current ones) and the counters, by the optimizers' own state-dict
         checks; returns the function that installs them (which then cannot fail)."""
@@ -563,13 +626,14 @@ class ZeroRedundancyOptimizer:
         if self.inner is not None:
             state = {}
             inner_groups = []
-            for k, (gi, a, b) in enumerate(self._inner_map):
+            for k, (gi, si, a, b) in enumerate(self._inner_map):
                 m = meta[gi]
+                sh = self._shards[si]
                 if m["has_state"]:
                     entry: Dict[str, Any] = {} if m["step"] is None else {"step": m["step"]}
                     entry.update(m.get("numbers", {}))  # the carried numbers (see flat_state)
                     for n in m["names"]:
-                        entry[n] = flats[n][a - self.lo : b - self.lo]
+                        entry[n] = flats[key(n, sh.dtype)][a - sh.lo : b - sh.lo]
                     state[k] = entry
                 h = hyper(gi)
                 h.pop("param_names", None)  # the inner groups hold one unnamed view each
