@@ -20,6 +20,13 @@ table lookup of the int8 state (GATHER_LOOPS) is a gather: GCC reports a lookup 
 as vectorised, built from scalar loads, several times slower.
 
     python .ci/check_vectorized.py [--arch x86_64|aarch64] [FILE...]
+    python .ci/check_vectorized.py --reports DIR
+
+--reports DIR reads the reports a build configured with -DOPTKERN_VECTORIZE_REPORT=DIR wrote
+(GCC's -fopt-info-vec-missed of each kernel unit, as CMake compiled it for each ISA build)
+instead of compiling: CI checks the wheels it builds that way, at the cost of writing the reports
+(about a sixth of the kernels' compile time) rather than of a second compile. The architecture is
+the build's; a report missing for any rule file, kernel unit or ISA build of it fails the check.
 
 x86_64 (the default) compiles with $CXX (default g++); aarch64 with $CXX_AARCH64 (default
 aarch64-linux-gnu-g++, Debian's g++-aarch64-linux-gnu). FILE...: other copies of the sources (a
@@ -93,16 +100,21 @@ def simd_loops(source: pathlib.Path) -> dict[tuple[int, int], str]:
     return out
 
 
+def missed_lines(source: pathlib.Path, report: str) -> set[int]:
+    """Lines of `source` where GCC's report says a loop could not be vectorised."""
+    pattern = re.compile(rf"{re.escape(source.name)}:(\d+):\d+: missed: couldn't vectorize loop")
+    return {int(m.group(1)) for m in pattern.finditer(report)}
+
+
 def failed_lines(cxx: str, source: pathlib.Path, unit: list[str], isa: str, flags: list[str]):
-    """Lines of `source` where GCC reports a loop it could not vectorise."""
+    """Lines of `source` where GCC reports a loop it could not vectorise (compiling the unit)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [cxx, f"-DOPTKERN_ISA_NS={isa}", *COMMON, *flags, "-c", *unit]
         cmd += ["-o", os.path.join(tmp, "k.o"), "-fopt-info-vec-missed"]
         run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{run.stderr}")
-    pattern = re.compile(rf"{re.escape(source.name)}:(\d+):\d+: missed: couldn't vectorize loop")
-    return {int(m.group(1)) for m in pattern.finditer(run.stderr)}
+    return missed_lines(source, run.stderr)
 
 
 # The staged entries' table lookups (kernels/staging.cpp), which must be gathers on the x86 ISA
@@ -136,16 +148,35 @@ def lookups_without_gather(cxx: str, source: pathlib.Path, isa: str, flags: list
     return missing
 
 
-def main() -> int:
-    args = sys.argv[1:]
-    arch = "x86_64"
-    if args[:1] == ["--arch"]:
-        if len(args) < 2:
-            sys.exit(f"--arch: expected one of {', '.join(COMPILERS)}")
-        arch, args = args[1], args[2:]
+def build_reports(directory: pathlib.Path):
+    """(arch, compiler, isas, failed(source, isa)) of a build's reports (CMake's
+    OPTKERN_VECTORIZE_REPORT): failed reads the report of that kernel unit and ISA build."""
+    info_file = directory / "build.txt"
+    if not info_file.is_file():
+        sys.exit(
+            f"{info_file} missing: configure the build with -DOPTKERN_VECTORIZE_REPORT={directory}"
+        )
+    info = dict(line.split(": ", 1) for line in info_file.read_text().splitlines() if ": " in line)
+    arch, isas = info["arch"], info["isas"].split(";")
     if arch not in COMPILERS:
-        sys.exit(f"--arch {arch}: expected one of {', '.join(COMPILERS)}")
-    isas = isa_builds(arch)
+        sys.exit(f"{info_file}: architecture {arch}: expected one of {', '.join(COMPILERS)}")
+    if isas != list(isa_builds(arch)):
+        sys.exit(
+            f"{info_file}: ISA builds {isas}, src/cpp/isa_builds.txt has {list(isa_builds(arch))}"
+        )
+
+    def failed(source: pathlib.Path, isa: str) -> set[int]:
+        kind = "rules" if source.suffix == ".inc" else "kernels"
+        report = directory / isa / kind / f"{source.stem}.txt"
+        if not report.is_file():
+            sys.exit(f"{report} missing: was {source.name} compiled for {isa} by that build?")
+        return missed_lines(source, report.read_text())
+
+    return arch, f"{info['compiler']} (the build's reports in {directory})", isas, failed
+
+
+def compiler(arch: str):
+    """(compiler, failed(source, isa)) compiling each unit with $CXX or $CXX_AARCH64."""
     variable, default = COMPILERS[arch]
     cxx = os.environ.get(variable, default)
     try:
@@ -154,27 +185,60 @@ def main() -> int:
         sys.exit(f"{cxx} not found (set {variable})")
     if "Free Software Foundation" not in version:
         sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set {variable})")
+    isas = isa_builds(arch)
+    unit_of = dict(units([*rule_files(), *KERNEL_UNITS]))
+
+    def failed(source: pathlib.Path, isa: str) -> set[int]:
+        unit = unit_of.get(source) or dict(units([source]))[source]
+        return failed_lines(cxx, source, unit, isa, isas[isa])
+
+    return version.split("\n")[0], failed
+
+
+KERNEL_UNITS = [CPP / "kernels/norms.cpp", CPP / "kernels/staging.cpp"]
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if args[:1] == ["--reports"]:
+        if len(args) != 2:
+            sys.exit("--reports DIR: one directory, no other argument")
+        arch, version, isas, failed = build_reports(pathlib.Path(args[1]).resolve())
+        args = []
+    else:
+        arch = "x86_64"
+        if args[:1] == ["--arch"]:
+            if len(args) < 2:
+                sys.exit(f"--arch: expected one of {', '.join(COMPILERS)}")
+            arch, args = args[1], args[2:]
+        if arch not in COMPILERS:
+            sys.exit(f"--arch {arch}: expected one of {', '.join(COMPILERS)}")
+        isas = list(isa_builds(arch))
+        version, failed = compiler(arch)
     sources = [pathlib.Path(a).resolve() for a in args]
     if not sources:
-        sources = [*rule_files(), CPP / "kernels/norms.cpp", CPP / "kernels/staging.cpp"]
+        sources = [*rule_files(), *KERNEL_UNITS]
     missing = []
     checked = 0
-    for source, unit in units(sources):
+    for source in sources:
         loops = simd_loops(source)
         if not loops:
             sys.exit(f"{source} has no OK_SIMD loop: is it a kernel source?")
-        for isa, flags in isas.items():
-            failed = failed_lines(cxx, source, unit, isa, flags)
+        for isa in isas:
+            failed_here = failed(source, isa)
             for (first, last), text in loops.items():
                 checked += 1
-                if any(first <= line <= last for line in failed):
+                if any(first <= line <= last for line in failed_here):
                     missing.append(f"{source}:{first} ({isa}): {text}")
     if arch == "x86_64":
+        # compiled here in both modes: a report says nothing of the instructions chosen
+        cxx = os.environ.get(*COMPILERS["x86_64"])
+        flags = isa_builds("x86_64")
         for source in sources:
             if source.name != "staging.cpp":
                 continue
             for isa in GATHER_ISAS:
-                for what in lookups_without_gather(cxx, source, isa, isas[isa]):
+                for what in lookups_without_gather(cxx, source, isa, flags[isa]):
                     missing.append(f"{source} ({isa}): {what}")
     if missing:
         print("OK_SIMD loops GCC did not vectorise:\n  " + "\n  ".join(missing))
@@ -182,7 +246,7 @@ def main() -> int:
     print(
         f"{checked} OK_SIMD loops x ISAs ({', '.join(isas)}) in {len(sources)} files all "
         "vectorised by",
-        version.split("\n")[0],
+        version,
     )
     return 0
 

@@ -50,7 +50,9 @@ fi
 echo "   installed in ${SECONDS}s"
 
 # Every test file that imports an oracle or takes one from the optimizer database (tests/optim_db.py),
-# beside the ones known today.
+# beside the ones known today; of those, the tests marked `oracle` (tests/conftest.py: the ones that
+# import an oracle, and every test of a module that imports one at its top). The files' other
+# tests run in the main lane; one that skips for a missing oracle without the mark fails there.
 files=(tests/test_torch_parity.py tests/test_lr_scheduler_torch.py tests/test_clip.py
        tests/test_torch_adapter.py tests/test_oracle_parity.py)
 while IFS= read -r f; do
@@ -60,6 +62,6 @@ done < <(grep -lE "importorskip\(\s*[\"'](torch|jax|optax|schedulefree|lion_pyto
 echo "== oracle tests: ${files[*]}"
 start=$SECONDS
 PYTHONPATH="$PWD/.ci${PYTHONPATH:+:$PYTHONPATH}" "$py" -m pytest -q -p no:cacheprovider \
-  -p require_oracles -rs "${files[@]}"
+  -p require_oracles -rs -m "oracle and not slow" "${files[@]}"
 echo "== oracle stage: tests $((SECONDS - start))s, total ${SECONDS}s; CPU (user system, this shell then its children):"
 times

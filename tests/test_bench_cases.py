@@ -44,6 +44,7 @@ def test_every_registry_rule_has_a_case():
 # -- python -m optkern bench --torch and examples/torch_mlp.py: every optkern.torch class ----------
 
 
+@pytest.mark.oracle
 def test_torch_bench_has_a_peer_for_every_okt_class():
     import inspect
 
@@ -72,6 +73,7 @@ def test_torch_bench_has_a_peer_for_every_okt_class():
     assert all(tb.peers()[n].missing() is None for n in tb.ORIGINALS)  # torch is enough
 
 
+@pytest.mark.oracle
 def test_declared_peers_are_measurable_and_take_the_rules_arguments():
     """Every peer a rule declares is torch.optim's or a package the benchmarks know (none is
     left as "no benchmark of ..."), and Momentum's declared arguments map its beta onto torch
@@ -99,6 +101,7 @@ def test_declared_peers_are_measurable_and_take_the_rules_arguments():
     }
 
 
+@pytest.mark.oracle
 def test_torch_bench_missing_peer_is_blank_with_the_reason(capsys):
     import pytest
 
@@ -134,6 +137,7 @@ def test_torch_bench_missing_peer_is_blank_with_the_reason(capsys):
     assert "Not run: SGD (--all runs every optkern.torch class)" in out
 
 
+@pytest.mark.oracle
 def test_torch_bench_steps_every_okt_class():
     import pytest
 
@@ -148,6 +152,7 @@ def test_torch_bench_steps_every_okt_class():
         assert (r.get("torch_s", 0) > 0) != ("torch_missing" in r), r
 
 
+@pytest.mark.oracle
 def test_torch_bench_selection():
     import pytest
 
@@ -167,6 +172,7 @@ def test_torch_bench_selection():
         tb.select(["nope"], False)
 
 
+@pytest.mark.oracle
 def test_bench_torch_cli_picks_the_classes(monkeypatch, capsys):
     pytest.importorskip("torch")
     from optkern.benchmark import torch_bench as tb
@@ -203,6 +209,7 @@ _OVERHEAD = {
 }
 
 
+@pytest.mark.oracle
 def test_torch_mlp_example_runs_every_okt_class():
     import pytest
 
@@ -296,6 +303,7 @@ def test_bench_cli_runs_a_named_study(capsys, monkeypatch):
     assert "(2000, 20)" in out and "(40000,)" in out
 
 
+@pytest.mark.oracle
 def test_torch_studies_run_small():
     pytest.importorskip("torch")
     from optkern.benchmark import studies

@@ -276,6 +276,7 @@ def test_without_torch_the_torch_condition_is_skipped(monkeypatch, tmp_path, cap
     assert len(conds[0]["rows"]) == 1
 
 
+@pytest.mark.oracle
 @pytest.mark.spawns  # the loops study runs each condition in a worker process
 def test_torch_condition_when_installed(tmp_path):
     pytest.importorskip("torch")

@@ -357,6 +357,7 @@ def test_callable_lr_result_is_checked():
 # -- parity with torch.nn.utils ---------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
 def test_clipping_matches_torch(p):
     torch = pytest.importorskip("torch")

@@ -198,6 +198,19 @@ def python_blocks(text):
     return blocks
 
 
+def runnable_blocks(page):
+    """(line, source) of the page's Python blocks not marked '# fragment:'."""
+    with open(page, encoding="utf-8") as f:
+        blocks = python_blocks(f.read())
+    return [(n, src) for n, src in blocks if not src.lstrip().startswith(FRAGMENT)]
+
+
+def uses_torch(page):
+    return any(
+        re.search(r"^\s*import torch\b|optkern\.torch", src, re.M) for _, src in runnable_blocks(page)
+    )
+
+
 PAGES_WITH_PYTHON = []
 for _page in PAGES:
     with open(_page, encoding="utf-8") as _f:
@@ -205,14 +218,16 @@ for _page in PAGES:
             PAGES_WITH_PYTHON.append(_page)
 
 
-@pytest.mark.parametrize("page", PAGES_WITH_PYTHON, ids=_rel)
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(p, marks=[pytest.mark.oracle] if uses_torch(p) else []) for p in PAGES_WITH_PYTHON],
+    ids=_rel,
+)
 def test_python_snippets_run(page, tmp_path, monkeypatch):
-    with open(page, encoding="utf-8") as f:
-        blocks = python_blocks(f.read())
-    runnable = [(n, src) for n, src in blocks if not src.lstrip().startswith(FRAGMENT)]
+    runnable = runnable_blocks(page)
     if not runnable:
         pytest.skip("every block is marked '# fragment:'")
-    if any(re.search(r"^\s*import torch\b|optkern\.torch", src, re.M) for _, src in runnable):
+    if uses_torch(page):
         pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__docs__"}

@@ -16,6 +16,7 @@ NEEDS_KERAS = """
 import pytest
 
 
+@pytest.mark.oracle
 def test_against_keras():
     pytest.importorskip("keras")
 """

@@ -90,6 +90,7 @@ def run_optkern(name, hp, p0, grads):
     return params, opt
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("hp", LION_CASES, ids=lion_id)
 def test_lion_matches_optax(hp):
     p0, grads = initial(SHAPES), gradients(SHAPES)
@@ -102,6 +103,7 @@ def test_lion_matches_optax(hp):
         assert_close(opt.state[p]["exp_avg"], want_m[i], f"exp_avg {i}")
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 def test_lion_nonfinite_gradients_as_optax(bad):
     """jnp.sign(NaN) is NaN: a NaN gradient makes its element NaN in optax, and in optkern."""
@@ -118,6 +120,7 @@ def test_lion_nonfinite_gradients_as_optax(bad):
     assert np.isnan(params[0][[1, 4]]).all() == (bad != bad)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("hp", [h for h in LION_CASES if not h.get("maximize")], ids=lion_id)
 def test_lion_matches_lion_pytorch(hp):
     """lion-pytorch decays p before the signed step (p (1 - lr wd) - lr sign), optax adds wd p to
@@ -139,6 +142,7 @@ def test_lion_matches_lion_pytorch(hp):
         assert_close(opt.state[p]["exp_avg"], topt.state[tp]["exp_avg"].numpy(), f"exp_avg {i}")
 
 
+@pytest.mark.oracle
 def test_lion_defaults_are_lion_pytorchs():
     import inspect
 
@@ -169,6 +173,7 @@ def rprop_optim_db_inputs():
 RPROP_SHAPES = [(7, 13), (131,), (3, 5, 11), (1,)]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("impl", ["single", "foreach"])
 @pytest.mark.parametrize("kwargs", rprop_optim_db_inputs())
 def test_rprop_matches_torch_on_optim_db(kwargs, impl):
@@ -204,6 +209,7 @@ def test_rprop_matches_torch_on_optim_db(kwargs, impl):
         assert mine[key] == theirs[key], key
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 def test_rprop_nonfinite_gradients_as_torch(bad):
     """torch.sign(NaN) is 0: a NaN gradient moves nothing, keeps the step size and is kept as
@@ -226,6 +232,7 @@ def test_rprop_nonfinite_gradients_as_torch(bad):
             np.testing.assert_array_equal(opt.state[p][key], topt.state[tp][key].numpy())
 
 
+@pytest.mark.oracle
 def test_rprop_defaults_are_torchs():
     import inspect
 
@@ -253,6 +260,7 @@ def lamb_inputs():
     return p0, grads
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("hp", LAMB_CASES, ids=lion_id)
 def test_lamb_matches_optax(hp, threads):
@@ -275,6 +283,7 @@ def test_lamb_matches_optax(hp, threads):
         assert_close(state["exp_avg_sq"], np.asarray(inner.nu[f"p{i}"]), f"exp_avg_sq {i}")
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 def test_lamb_nonfinite_gradients_as_optax(bad):
     """A NaN or Inf in one gradient element: the array's norm of u is NaN or Inf, and the whole
@@ -296,6 +305,7 @@ def test_lamb_nonfinite_gradients_as_optax(bad):
     assert np.isnan(params[0]).all() and np.isfinite(params[1]).all()
 
 
+@pytest.mark.oracle
 def test_lamb_defaults_are_optaxs():
     import inspect
 
@@ -314,6 +324,7 @@ def test_lamb_defaults_are_optaxs():
 ADEMAMIX_CASES = list(db.entry("AdEMAMix").oracle_cases or db.entry("AdEMAMix").cases)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("hp", ADEMAMIX_CASES, ids=lion_id)
 def test_ademamix_matches_optax(hp, threads):
@@ -348,6 +359,7 @@ def test_ademamix_warmups_change_the_steps_as_optax_schedules():
     assert all(np.max(np.abs(w - c)) > 1e-3 for w, c in zip(warm, cold))
 
 
+@pytest.mark.oracle
 def test_ademamix_defaults_are_the_authors():
     """The authors' class's defaults (optax's alpha defaults to 5.0, its lr has none); optax's
     b1, b2, b3, eps and weight_decay defaults are the same."""

@@ -132,6 +132,7 @@ def assert_close(actual, desired, what):
     np.testing.assert_allclose(actual, desired, rtol=RTOL, atol=ATOL * scale, err_msg=what)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case_id", IDS)
 def test_textbook_form_matches_keras(case_id, isa):
@@ -150,6 +151,7 @@ def max_relative_gap(a, b):
 
 # With Keras' Adagrad defaults (the accumulator from 0.1, eps 1e-7) eps's place moves the result
 # by about 2e-5 relative over these steps: the case from zero with eps 1e-3 tells the forms apart.
+@pytest.mark.oracle
 @pytest.mark.parametrize("case_id", [i for i in IDS if i != "adagrad"])
 def test_torch_form_differs_from_keras(case_id):
     """The options matter: with them off (torch's forms) the same run misses Keras by far more

@@ -46,6 +46,7 @@ def assert_close(actual, desired, what, scale=1.0):
     )
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_schedulefree(case, foreach):
@@ -97,6 +98,7 @@ def test_matches_schedulefree(case, foreach):
     compare("x at the end")
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", list(PACKAGE))
 def test_state_dict_saved_in_eval_mode_resumes_like_the_package(name):
     """The package's recipe: eval(), save the parameters and the optimizer, load both into fresh

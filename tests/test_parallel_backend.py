@@ -98,6 +98,7 @@ def run(name, hp, threads, steps=4):
     return step_bits(name, hp, threads, min_per_thread=1, steps=steps, seed=7)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_bit_identical_to_one_thread_and_pool(gomp, case):
     name, hp = case
@@ -110,6 +111,7 @@ def test_bit_identical_to_one_thread_and_pool(gomp, case):
         assert run(name, hp, threads=2) == single == pooled
 
 
+@pytest.mark.oracle
 def test_calls_run_on_the_team(gomp):
     ok._core._testing.set_adaptive_threads(False)
     try:
@@ -130,6 +132,7 @@ def test_calls_run_on_the_team(gomp):
         ok._core._testing.set_adaptive_threads(True)
 
 
+@pytest.mark.oracle
 def test_torch_ops_between_steps(gomp):
     """torch's parallel ops and optkern's steps on the same team, alternating."""
     t = torch.randn(2_000_000)
@@ -139,6 +142,7 @@ def test_torch_ops_between_steps(gomp):
         assert run("AdamW", {"weight_decay": 0.1}, threads=2) == want
 
 
+@pytest.mark.oracle
 def test_python_threads_at_once(gomp):
     """Four Python threads step at once: one owns the backend, the others run on their own
     thread; a thread alone creates its own OpenMP team. Every result is the single-thread one."""
@@ -186,6 +190,7 @@ def step():
 """
 
 
+@pytest.mark.oracle
 @pytest.mark.spawns
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_fork_child_steps_on_the_pool():
@@ -209,6 +214,7 @@ print(codes, ok._core.parallel_backend()[0], step() == want)
     assert out in ("[0, 0, 0, 0, 0] gomp True", "no libgomp")
 
 
+@pytest.mark.oracle
 @pytest.mark.spawns
 def test_signals_and_keyboard_interrupt():
     """A 1 ms interval timer interrupts steps on the team; its handler raises
@@ -239,6 +245,7 @@ print(interrupted, ok._core.parallel_backend()[0], step() == want)
     assert out in ("True gomp True", "no libgomp")
 
 
+@pytest.mark.oracle
 @pytest.mark.spawns
 def test_torch_imported_after_optkern():
     pytest.importorskip("torch")
@@ -259,6 +266,7 @@ def test_torch_imported_after_optkern():
     assert out in ("pool gomp True", "pool pool True", "gomp gomp True")
 
 
+@pytest.mark.oracle
 @pytest.mark.spawns
 def test_optkern_torch_turns_it_on_and_env_keeps_the_pool():
     """Importing optkern.torch puts the chunks on torch's libgomp when torch's wheel ships one;
@@ -292,6 +300,7 @@ def test_optkern_torch_turns_it_on_and_env_keeps_the_pool():
     assert backend.split() == ["pool"] and threads == "optkern pool"
 
 
+@pytest.mark.oracle
 @pytest.mark.spawns
 @pytest.mark.parametrize("value", ["pool ", "POOL", "gomp", ""])
 def test_backend_variable_accepts_its_values(value):
@@ -301,6 +310,7 @@ def test_backend_variable_accepts_its_values(value):
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
+@pytest.mark.oracle
 @pytest.mark.spawns
 @pytest.mark.parametrize("value", ["pol", "openmp", "gomp,pool", "1"])
 def test_backend_variable_typo_fails_the_import_naming_it(value):

@@ -124,6 +124,7 @@ def torch_state_value(v):
     return v.detach().numpy() if v.ndim else float(v)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("impl", ["single", "foreach", "float64"])
 @pytest.mark.parametrize("name, kwargs", torch_inputs())
 def test_torch_rule_matches_reference(name, kwargs, impl):
@@ -152,6 +153,7 @@ def test_torch_rule_matches_reference(name, kwargs, impl):
             assert_close(torch_state_value(tstate[key]), value, dtype, f"{key} of {SHAPES[i]}")
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize(
     "case", [c for c in ORACLE_CASES if c[0] in TORCH_RULES], ids=lambda c: case_id(*c)
@@ -184,6 +186,7 @@ def test_torch_rule_nonfinite_gradients(case, bad):
             )
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", TORCH_RULES)
 def test_reference_defaults_are_torchs(name):
     torch = pytest.importorskip("torch")
@@ -244,6 +247,7 @@ def run_optax(name, hp, dtype, bad=None):
         return {k: np.asarray(v) for k, v in params.items()}, state, refs
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", OPTAX_CASES, ids=lambda c: case_id(*c))
 def test_optax_rule_matches_reference(case, dtype):
@@ -260,6 +264,7 @@ def test_optax_rule_matches_reference(case, dtype):
             assert int(inner.count) == r.state["step"]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("case", OPTAX_CASES, ids=lambda c: case_id(*c))
 def test_optax_rule_nonfinite_gradients(case, bad):
@@ -271,6 +276,7 @@ def test_optax_rule_nonfinite_gradients(case, bad):
         np.testing.assert_allclose(params[f"p{i}"], r.p, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(
     "case",
@@ -299,6 +305,7 @@ def test_lion_matches_lion_pytorch(case, dtype):
         assert_close(opt.state[p]["exp_avg"].numpy(), r.state["exp_avg"], dtype, "exp_avg")
 
 
+@pytest.mark.oracle
 def test_lion_defaults_are_lion_pytorchs():
     lion_pytorch = pytest.importorskip("lion_pytorch")
     theirs = inspect.signature(lion_pytorch.Lion).parameters
@@ -317,6 +324,7 @@ def sf_class(name):
     return entry(name).oracle("schedulefree").load()
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("impl", ["single", "foreach", "float64"])
 @pytest.mark.parametrize("case", SF_CASES, ids=lambda c: case_id(*c))
 def test_schedule_free_matches_reference(case, impl):
@@ -374,6 +382,7 @@ def test_schedule_free_matches_reference(case, impl):
     compare("x")
 
 
+@pytest.mark.oracle
 def test_schedule_free_step_in_eval_mode_is_an_error_in_the_package():
     torch = pytest.importorskip("torch")
     p = torch.nn.Parameter(torch.zeros(3))
@@ -383,6 +392,7 @@ def test_schedule_free_step_in_eval_mode_is_an_error_in_the_package():
             sf_class(e.name)([p]).step()
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", [e.name for e in with_oracle("schedulefree")])
 def test_schedule_free_defaults_are_the_packages(name):
     pytest.importorskip("schedulefree")

@@ -374,6 +374,7 @@ def test_real_0d_scalars_are_accepted_and_stored_as_floats(value):
     assert type(opt.param_groups[0]["weight_decay"]) is float
 
 
+@pytest.mark.oracle
 def test_torch_tensor_hyperparameters_when_torch_is_installed():
     torch = pytest.importorskip("torch")
     opt = ok.Adam(

@@ -138,6 +138,7 @@ def test_arrays_on_memory_the_optimizer_cannot_see_into_do_not_warn():
     assert step_n(opt, grads) == []
 
 
+@pytest.mark.oracle
 def test_arrays_of_torch_tensors_do_not_warn():
     torch = pytest.importorskip("torch")
     t = torch.ones(4, 3)
@@ -150,6 +151,7 @@ def test_arrays_of_torch_tensors_do_not_warn():
     assert float(t[0, 0]) != 1.0
 
 
+@pytest.mark.oracle
 def test_optkern_torch_steps_do_not_warn():
     torch = pytest.importorskip("torch")
     import optkern.torch as okt

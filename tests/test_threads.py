@@ -485,7 +485,11 @@ print(json.dumps([before == after, before["blas"], before["torch"],
 
 
 @pytest.mark.spawns
-@pytest.mark.parametrize("with_torch", [False, True], ids=["numpy", "optkern.torch"])
+@pytest.mark.parametrize(
+    "with_torch",
+    [False, pytest.param(True, marks=pytest.mark.oracle)],
+    ids=["numpy", "optkern.torch"],
+)
 def test_no_side_effects(with_torch):
     import json
 
