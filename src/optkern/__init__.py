@@ -21,6 +21,9 @@ from .optimizer import Optimizer
 from . import registry
 from . import optimizers as _optimizers
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, Nesterov, RMSprop
+from .sparse import RowSparse
+from .muon import Muon
+from .lbfgs import LBFGS
 
 # Every rule's class, those declared after this list was written included.
 globals().update({name: getattr(_optimizers, name) for name in _optimizers.__all__})
@@ -43,6 +46,9 @@ __all__ = [
         if name
         not in ("SGD", "Nesterov", "Momentum", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW")
     ],
+    "Muon",
+    "LBFGS",
+    "RowSparse",
     "functional",
     "registry",
     "clip_grad_norm_",

@@ -193,7 +193,7 @@ class Optimizer:
         lr = seen.get("lr")
         core = rule.to_core(seen, lr=0.0 if callable(lr) else None)
         core["maximize"] = as_flag(seen.get("maximize", False))
-        core = _core.validate(rule.name, core)
+        core = self._validate(core)
         missing = object()
         for name in [n for n, _ in rule.torch_args()] + ["maximize"]:
             if name in seen and not (name == "lr" and callable(lr)):
@@ -230,12 +230,19 @@ class Optimizer:
                 value = lr(step)
             finally:
                 self._in_lr = False
-            core = _core.validate(
-                self._rule.name,
+            core = self._validate(
                 {**core, "lr": as_real(value)},
                 labels={"lr": f"lr({step}) (the group's lr schedule)"},
             )
         return core
+
+    def _validate(
+        self, core: Dict[str, Any], labels: Optional[Dict[str, str]] = None
+    ) -> Dict[str, Any]:
+        """Checks hyperparameters in the core's names (betas split) and returns them as the
+        kernels take them: by the C++ declaration of the rule. An optimizer that is not one
+        element-wise rule (Muon, LBFGS) checks its own here."""
+        return _core.validate(self._rule.name, core, labels=labels)
 
     def _not_reentered(self, what: str) -> None:
         if self._in_lr:
@@ -332,24 +339,7 @@ class Optimizer:
                 self._not_reentered("step()")
             work = self._plan(grads)
             hyper = [self._hyper(group) for group, *_ in work]  # each lr evaluated once
-            norm: Optional[float] = None
-            scale, skip = 1.0, False
-            if max_grad_norm is not None or skip_if_nonfinite:
-                limit = (
-                    None
-                    if max_grad_norm is None
-                    else check_nonnegative("max_grad_norm", max_grad_norm)
-                )
-                p = check_norm_type(norm_type)
-                flat_grads, flat_positions = _flatten(work)
-                norm = total_norm(flat_grads, p, flat_positions) if flat_grads else 0.0
-                skip = (
-                    skip_if_nonfinite
-                    and not math.isfinite(norm)
-                    and _has_nonfinite(flat_grads, flat_positions, p)
-                )
-                if limit is not None and not skip:
-                    scale = clip_coefficient(limit, norm)
+            norm, scale, skip = self._clipping(work, max_grad_norm, norm_type, skip_if_nonfinite)
             created: list = []
             calls = [
                 self._prepare(group, core, params, group_grads, positions, scale, created)
@@ -360,6 +350,33 @@ class Optimizer:
                 return norm
             self._run(calls, created)
             return norm
+
+    def _clipping(
+        self,
+        work: list,
+        max_grad_norm: Optional[float],
+        norm_type: float,
+        skip_if_nonfinite: bool,
+    ) -> tuple:
+        """(total norm or None, the clipping coefficient, whether to skip the step) for a planned
+        step's gradients: one read pass when either option is on."""
+        norm: Optional[float] = None
+        scale, skip = 1.0, False
+        if max_grad_norm is not None or skip_if_nonfinite:
+            limit = (
+                None if max_grad_norm is None else check_nonnegative("max_grad_norm", max_grad_norm)
+            )
+            p = check_norm_type(norm_type)
+            flat_grads, flat_positions = _flatten(work)
+            norm = total_norm(flat_grads, p, flat_positions) if flat_grads else 0.0
+            skip = (
+                skip_if_nonfinite
+                and not math.isfinite(norm)
+                and _has_nonfinite(flat_grads, flat_positions, p)
+            )
+            if limit is not None and not skip:
+                scale = clip_coefficient(limit, norm)
+        return norm, scale, skip
 
     def _plan(self, grads: Sequence[Optional[np.ndarray]]) -> list:
         """Splits ``grads`` by group and drops parameters without a gradient; with more than one
