@@ -32,6 +32,9 @@
 namespace py = pybind11;
 
 namespace optkern {
+// bind_algos.cpp: the fused passes of Muon and L-BFGS, and row-sparse helpers.
+void register_algos(py::module_& m);
+
 namespace {
 
 using npy = py::detail::npy_api;
@@ -1425,6 +1428,7 @@ PYBIND11_MODULE(_core, m) {
       "use optkern and optkern.functional)";
   init_dispatch();
   m.attr("__version__") = OPTKERN_VERSION;
+  register_algos(m);
 
   m.def("active_isa", &active_isa,
         "The instruction set the kernels run with: scalar, avx2 or avx512.");

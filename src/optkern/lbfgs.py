@@ -113,73 +113,34 @@ def validate(core: Dict[str, Any], labels: Optional[Dict[str, str]] = None) -> D
     return out
 
 
-# -- the fused passes ----------------------------------------------------------------------------
+# -- the fused passes (C++, optkern._core: one call each, threads split by fixed blocks) -------------
+#
+# _core.lbfgs_history(g, gp, d, t, y, s, S, Y): y <- g - gp, s <- t d, gp <- g; returns
+#     ([y.s, y.y, g.s, g.y], [[s_j.y, s_j.g, y_j.y, y_j.s, y_j.g] for each pair j]).
+# _core.lbfgs_direction(g, cg, S, cs, Y, cy, d): d <- cg g + sum_j (cy_j y_j + cs_j s_j);
+#     returns (g.d, max|d|).
+# _core.lbfgs_take(g, out, d): out <- g (flat); returns (g.d, max|g|).
+# _core.lbfgs_point(params, x, d, t): p <- x + t d.
+# g is a list of arrays (the closure's gradients, or views of a flat copy); the other vectors are
+# flat float32 arrays over all parameters in order.
 
 
-def _flat(grads: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.ravel(g) for g in grads]) if len(grads) != 1 else np.ravel(grads[0])
+#: Columns per block when the history's inner products are computed from scratch (a loaded state).
+_GRAM_BLOCK = 16384
 
 
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a.astype(np.float64), b.astype(np.float64)))
-
-
-def _pass_history(
-    g: Sequence[np.ndarray],
-    gp: np.ndarray,
-    d: np.ndarray,
-    t: float,
-    y: np.ndarray,
-    s: np.ndarray,
-    S: Sequence[np.ndarray],
-    Y: Sequence[np.ndarray],
-) -> Tuple[np.ndarray, np.ndarray]:
-    """y <- g - gp, s <- t d, gp <- g; returns (new, per_pair): new = [y.s, y.y, g.s, g.y],
-    per_pair[j] = [s_j.y, s_j.g, y_j.y, y_j.s, y_j.g]."""
-    gf = _flat(g)
-    np.subtract(gf, gp, out=y)
-    np.multiply(d, np.float32(t), out=s)
-    gp[...] = gf
-    new = np.array([_dot(y, s), _dot(y, y), _dot(gf, s), _dot(gf, y)])
-    per = np.array(
-        [[_dot(sj, y), _dot(sj, gf), _dot(yj, y), _dot(yj, s), _dot(yj, gf)] for sj, yj in zip(S, Y)]
-    ).reshape(len(S), 5)
-    return new, per
-
-
-def _pass_direction(
-    g: Sequence[np.ndarray],
-    cg: float,
-    S: Sequence[np.ndarray],
-    cs: np.ndarray,
-    Y: Sequence[np.ndarray],
-    cy: np.ndarray,
-    d: np.ndarray,
-) -> Tuple[float, float]:
-    """d <- cg g + sum_j cy_j y_j + cs_j s_j; returns (g . d, max |d|)."""
-    gf = _flat(g)
-    np.multiply(gf, np.float32(cg), out=d)
-    for sj, yj, a, b in zip(S, Y, cs, cy):
-        d += np.float32(b) * yj
-        d += np.float32(a) * sj
-    return _dot(gf, d), float(np.max(np.abs(d))) if d.size else 0.0
-
-
-def _pass_take(g: Sequence[np.ndarray], out: np.ndarray, d: np.ndarray) -> Tuple[float, float]:
-    """out <- g (flat); returns (g . d, max |g|)."""
-    out[...] = _flat(g)
-    return _dot(out, d), float(np.max(np.abs(out))) if out.size else 0.0
-
-
-def _pass_point(params: Sequence[np.ndarray], x: np.ndarray, d: np.ndarray, t: float) -> None:
-    """p <- x + t d (each parameter from its slice of the flat x and d)."""
-    at = 0
-    tf = np.float32(t)
-    for p in params:
-        n = p.size
-        np.multiply(d[at : at + n].reshape(p.shape), tf, out=p)
-        p += x[at : at + n].reshape(p.shape)
-        at += n
+def _gram(S: Sequence[np.ndarray], Y: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """(SY, YY) of a history from scratch: SY[i, j] = s_i . y_j, YY[i, j] = y_i . y_j, as one
+    matrix product per block of columns (float32 within a block, blocks added in double)."""
+    k = len(S)
+    n = S[0].size if k else 0
+    SY, YY = np.zeros((k, k)), np.zeros((k, k))
+    for c in range(0, n, _GRAM_BLOCK):
+        M = np.stack([v[c : c + _GRAM_BLOCK] for v in (*S, *Y)])
+        G = (M @ M.T).astype(np.float64)
+        SY += G[:k, k:]
+        YY += G[k:, k:]
+    return SY, YY
 
 
 # -- the history ----------------------------------------------------------------------------------
@@ -213,7 +174,7 @@ class _History:
         return np.empty(n, np.float32), np.empty(n, np.float32)
 
     def push(self, s: np.ndarray, y: np.ndarray, ro: float, new: np.ndarray, per: np.ndarray):
-        """Appends the pair (dropping the oldest when full), its products from _pass_history."""
+        """Appends the pair (dropping the oldest when full), its products from _core.lbfgs_history."""
         k = len(self.S)
         SY = np.empty((k + 1, k + 1))
         YY = np.empty((k + 1, k + 1))
@@ -359,9 +320,7 @@ class LBFGS(Optimizer):
             h.Y = list(dirs)
             h.S = list(stps)
             h.ro = [float(r) for r in state["ro"]]
-            k = len(h.Y)
-            h.SY = np.array([[_dot(si, yj) for yj in h.Y] for si in h.S]).reshape(k, k)
-            h.YY = np.array([[_dot(yi, yj) for yj in h.Y] for yi in h.Y]).reshape(k, k)
+            h.SY, h.YY = _gram(h.S, h.Y)
         self._history = h
         return h
 
@@ -416,13 +375,15 @@ class LBFGS(Optimizer):
                 H_diag = 1.0
                 if d is None or d.size != n:
                     d = np.empty(n, np.float32)
-                gtd, d_max = _pass_direction(g, -1.0, [], np.zeros(0), [], np.zeros(0), d)
                 if prev_flat_grad is None or prev_flat_grad.size != n:
                     prev_flat_grad = np.empty(n, np.float32)
-                prev_flat_grad[...] = _flat(g)
+                _core.lbfgs_take(g, prev_flat_grad, d)
+                gtd, d_max = _core.lbfgs_direction(g, -1.0, [], [], [], [], d)
             else:
                 s_new, y_new = hist.take(n)
-                new, per = _pass_history(g, prev_flat_grad, d, t, y_new, s_new, hist.S, hist.Y)
+                new, per = _core.lbfgs_history(
+                    g, prev_flat_grad, d, float(t), y_new, s_new, hist.S, hist.Y
+                )
                 ys, yy = new[0], new[1]
                 gS = np.append(per[:, 1], new[2])
                 gY = np.append(per[:, 4], new[3])
@@ -439,7 +400,7 @@ class LBFGS(Optimizer):
                     al = [None] * hist.size
                 cg, cs, cy, a = hist.two_loop(float(H_diag), gS, gY)
                 al[: len(a)] = [float(x) for x in a]
-                gtd, d_max = _pass_direction(g, cg, hist.S, cs, hist.Y, cy, d)
+                gtd, d_max = _core.lbfgs_direction(g, cg, hist.S, cs.tolist(), hist.Y, cy.tolist(), d)
             prev_loss = loss
             if state["n_iter"] == 1:
                 t = min(1.0, 1.0 / _core.grad_norms(list(g), 1.0)[1]) * lr
@@ -506,15 +467,15 @@ class LBFGS(Optimizer):
         """torch's _strong_wolfe: (loss, grads, t, evaluations, max|grads|) at the step length it
         settles on, where it leaves the parameters (x + t d)."""
         x = np.empty(n, np.float32)
-        _pass_take(params, x, d)
+        _core.lbfgs_take(params, x, d)
         g0 = np.empty(n, np.float32)
-        _, g0_max = _pass_take(g, g0, d)
+        _, g0_max = _core.lbfgs_take(g, g0, d)
 
         def evaluate(step: float) -> Tuple[float, np.ndarray, float, float]:
-            _pass_point(params, x, d, step)
+            _core.lbfgs_point(params, x, d, step)
             loss, grads = self._evaluate(closure)
             out = np.empty(n, np.float32)
-            gtd_new, g_max = _pass_take(grads, out, d)
+            gtd_new, g_max = _core.lbfgs_take(grads, out, d)
             return float(loss), out, gtd_new, g_max
 
         f_new, g_new, gtd_new, m_new = evaluate(t)
@@ -590,7 +551,7 @@ class LBFGS(Optimizer):
                 bracket_g[low_pos], bracket_gtd[low_pos] = g_new, gtd_new
                 bracket_m[low_pos] = m_new
         t = bracket[low_pos]
-        _pass_point(params, x, d, t)
+        _core.lbfgs_point(params, x, d, t)
         return (
             bracket_f[low_pos],
             _views(bracket_g[low_pos], params),

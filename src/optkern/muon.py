@@ -138,6 +138,8 @@ class _Workspace:
         self.Y = np.empty(shape, dtype)
         self.A = np.empty((r, r), dtype)
         self.B = np.empty((r, r), dtype)
+        # The fused passes read and write float32: products in another type go through this.
+        self.U = self.X if dtype == np.float32 else np.empty(shape, np.float32)
 
 
 def _iterate(work: _Workspace, coefficients: Tuple[float, float, float], steps: int) -> np.ndarray:
@@ -185,28 +187,6 @@ def newton_schulz(
     work.X /= max(norm, eps)
     a, b, c = (float(x) for x in coefficients)
     return _iterate(work, (a, b, c), int(steps)).copy()
-
-
-def _momentum_pass(
-    g: np.ndarray, buf: np.ndarray, out: np.ndarray, momentum: float, nesterov: bool, scale: float
-) -> float:
-    """buf <- lerp(buf, g, 1 - momentum); out <- lerp(g, buf, momentum) or buf; returns the sum
-    of out's squares (in double)."""
-    gs = g * np.float32(scale) if scale != 1.0 else g
-    buf += np.float32(1.0 - momentum) * (gs - buf)
-    if nesterov:
-        np.subtract(buf, gs, out=out)
-        out *= np.float32(momentum)
-        out += gs
-    else:
-        out[...] = buf
-    return float(np.sum(np.square(out, dtype=np.float64)))
-
-
-def _update_pass(p: np.ndarray, update: np.ndarray, decay: float, coeff: float) -> None:
-    """p <- p * decay + coeff * update."""
-    p *= np.float32(decay)
-    p += np.float32(coeff) * update.astype(np.float32, copy=False)
 
 
 class Muon(Optimizer):
@@ -319,13 +299,23 @@ class Muon(Optimizer):
         decay = 1.0 - core["lr"] * core["weight_decay"]
         for p, g, s in zip(params, grads, states):
             work = self._workspace(p.shape)
-            sumsq = _momentum_pass(
-                g, s["momentum_buffer"], work.X, core["momentum"], core["nesterov"], scale
+            sumsq = _core.muon_momentum(
+                g,
+                s["momentum_buffer"],
+                work.U,
+                momentum=core["momentum"],
+                nesterov=core["nesterov"],
+                grad_scale=scale,
             )
+            if work.U is not work.X:
+                work.X[...] = work.U
             work.X /= max(math.sqrt(sumsq), core["eps"])
             out = _iterate(work, coefficients, core["ns_steps"])
+            if out.dtype != np.float32:
+                work.U[...] = out
+                out = work.U
             lr = adjusted_lr(core["lr"], core["adjust_lr_fn"], p.shape)
-            _update_pass(p, out, decay, -lr)
+            _core.muon_update(p, out, decay=decay, coeff=-lr)
 
 
 def _ns_dtype(value: Any) -> Any:

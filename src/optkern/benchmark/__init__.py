@@ -11,6 +11,7 @@ from typing import Dict
 
 import optkern as ok
 
+from . import algos as _algos
 from . import loops as _loops
 from .cases import CASES, torch_available
 from .runner import (
@@ -31,6 +32,8 @@ __all__ = ["CASES", "add_parser"]
 
 DEFAULT_SIZES = ["100k", "1m", "10m", "50m"]
 STUDIES = ["main", "small", "threads", "clip", "loops"]
+#: Studies run only when asked for (--studies): optimizers that are not one element-wise pass.
+ALGO_STUDIES = list(_algos.STUDIES)
 
 
 def _positive_int(text: str) -> int:
@@ -81,9 +84,12 @@ def add_parser(sub) -> None:
         "--studies",
         nargs="+",
         default=STUDIES,
-        choices=STUDIES,
+        choices=STUDIES + ALGO_STUDIES,
         help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
-        "clip: fused clipping; loops: inside an MLP's training loop (default: all)",
+        "clip: fused clipping; loops: inside an MLP's training loop (default: these five); "
+        "sparse: SparseAdam/Adagrad/SGD on a 1M x 64 embedding, 4096 rows a step; muon: a "
+        "1024 x 1024 Muon step; lbfgs: an LBFGS step at 1M parameters (these three against "
+        "torch when installed, only when named)",
     )
     p.add_argument(
         "--loops",
@@ -168,6 +174,21 @@ def run(args: argparse.Namespace) -> int:
     sizes = [parse_size(s) for s in args.sizes]
     cases = [CASES[k] for k in args.optimizers]
     studies = {"loops"} if args.loops else set(args.studies)
+    algo_studies = [s for s in ALGO_STUDIES if s in studies]
+    studies -= set(algo_studies)
+    if algo_studies:
+        info = machine()
+        print(
+            f"# {info['cpu']}, {info['cores']} cores; optkern {info['optkern']} ({info['isa']}, "
+            f"{info['threads']} threads), numpy {info['numpy']}, torch {info['torch']}"
+        )
+        algo_result = _algos.run_algos(algo_studies, args.repeats, args.threads)
+        _algos.report_algos(algo_result)
+        if args.json and not studies:
+            write_json(args.json, {"machine": info, **algo_result})
+            print(f"JSON written to {args.json}")
+        if not studies:
+            return 0
     if "loops" in studies:
         if args.rounds < 1 or (args.loop_steps is not None and args.loop_steps < 1):
             raise SystemExit("--rounds and --loop-steps must be >= 1")
