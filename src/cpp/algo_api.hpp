@@ -60,6 +60,10 @@ struct AlgoKernels {
   void (*muon_update)(float* p, const float* u, float decay, float coeff, std::size_t n);
   // L-BFGS: the history pass over one block, its sums into sums[0 .. 4 + 5 k).
   void (*lbfgs_history)(const LbfgsHistory& a, std::size_t n, double* sums);
+  // L-BFGS: the pairs' part of the history pass alone, for given y, s and g (not written):
+  // sums[5 j ..] = [s_j.y, s_j.g, y_j.y, y_j.s, y_j.g], the same sums in the same order.
+  void (*lbfgs_pairs)(const float* y, const float* s, const float* g, const float* const* S,
+                      const float* const* Y, std::size_t k, std::size_t n, double* sums);
   // L-BFGS: the direction pass over one block; sums: [g.d, max |d|] (max: NaN if any is NaN).
   void (*lbfgs_direction)(const LbfgsDirection& a, std::size_t n, double* sums);
   // L-BFGS: out <- g; sums: [g.d, max |g|].

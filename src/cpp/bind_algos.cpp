@@ -282,6 +282,64 @@ py::tuple lbfgs_history(py::handle grads, py::handle gp, py::handle d, double t,
   return py::make_tuple(fresh, pairs);
 }
 
+// The history's inner products from scratch (a loaded state), with the very sums the history
+// pass makes (the same kernel, blocks and order), so a loaded run continues bit for bit:
+// SY[i, j] = s_i . y_j, YY[i, j] = y_i . y_j. sizes: the parameters' sizes (the blocks).
+py::tuple lbfgs_gram(py::handle S, py::handle Y, const std::vector<std::size_t>& sizes,
+                     py::handle isa) {
+  const AlgoKernels& k = algo_table(isa);
+  Arrays a;
+  std::size_t n = 0;
+  for (std::size_t sz : sizes) n += sz;
+  const std::vector<const float*> Sp = history(a, S, "S", n), Yp = history(a, Y, "Y", n);
+  if (Sp.size() != Yp.size()) throw py::value_error("S and Y must hold the same number of arrays");
+  const std::size_t kk = Sp.size();
+  struct Chunk {
+    std::size_t flat, size;
+  };
+  std::vector<Chunk> blocks;
+  std::size_t flat = 0;
+  for (std::size_t sz : sizes) {
+    for (std::size_t b = 0; b < sz; b += ALGO_BLOCK)
+      blocks.push_back({flat + b, std::min(ALGO_BLOCK, sz - b)});
+    flat += sz;
+  }
+  const std::size_t width = kk * kk * LBFGS_PAIR_SUMS;
+  std::vector<double> partial(blocks.size() * width);
+  auto body = [&](std::size_t lo, std::size_t hi) {
+    std::vector<const float*> Sb(kk), Yb(kk);
+    for (std::size_t b = lo; b < hi; ++b) {
+      const Chunk& c = blocks[b];
+      for (std::size_t j = 0; j < kk; ++j) {
+        Sb[j] = Sp[j] + c.flat;
+        Yb[j] = Yp[j] + c.flat;
+      }
+      for (std::size_t i = 0; i < kk; ++i) {  // pair i as the "new" one: y = y_i, s = s_i
+        k.lbfgs_pairs(Yb[i], Sb[i], Yb[i], Sb.data(), Yb.data(), kk, c.size,
+                      &partial[b * width + i * kk * LBFGS_PAIR_SUMS]);
+      }
+    }
+  };
+  {
+    py::gil_scoped_release nogil;
+    parallel_for(blocks.size(), ALGO_BLOCK * (1 + kk * kk), body);
+  }
+  py::array_t<double> SY({kk, kk}), YY({kk, kk});
+  double *sy = SY.mutable_data(), *yy = YY.mutable_data();
+  std::fill(sy, sy + kk * kk, 0.0);
+  std::fill(yy, yy + kk * kk, 0.0);
+  for (std::size_t b = 0; b < blocks.size(); ++b) {  // block order, as the history pass
+    for (std::size_t i = 0; i < kk; ++i) {
+      for (std::size_t j = 0; j < kk; ++j) {
+        const double* p = &partial[b * width + (i * kk + j) * LBFGS_PAIR_SUMS];
+        sy[j * kk + i] += p[0];  // s_j . y_i
+        yy[j * kk + i] += p[2];  // y_j . y_i
+      }
+    }
+  }
+  return py::make_tuple(SY, YY);
+}
+
 std::vector<float> coefficients(py::handle seq, std::size_t k, const char* name) {
   const auto values = py::cast<std::vector<double>>(seq);
   if (values.size() != k) {
@@ -425,6 +483,10 @@ void register_algos(py::module_& m) {
         py::arg("isa") = py::none(),
         "L-BFGS's history pass: y <- g - prev, s <- t d, prev <- g; returns ([y.s, y.y, g.s, "
         "g.y], [[s_j.y, s_j.g, y_j.y, y_j.s, y_j.g] for each pair j]).");
+  m.def("lbfgs_gram", &lbfgs_gram, py::arg("S"), py::arg("Y"), py::arg("sizes"), py::kw_only(),
+        py::arg("isa") = py::none(),
+        "L-BFGS's history products from scratch, as the history pass sums them: (SY, YY), "
+        "SY[i, j] = s_i.y_j, YY[i, j] = y_i.y_j; sizes: the parameters' sizes.");
   m.def("lbfgs_direction", &lbfgs_direction, py::arg("grads"), py::arg("cg"), py::arg("S"),
         py::arg("cs"), py::arg("Y"), py::arg("cy"), py::arg("d"), py::kw_only(),
         py::arg("isa") = py::none(),

@@ -125,24 +125,6 @@ def validate(core: Dict[str, Any], labels: Optional[Dict[str, str]] = None) -> D
 # flat float32 arrays over all parameters in order.
 
 
-#: Columns per block when the history's inner products are computed from scratch (a loaded state).
-_GRAM_BLOCK = 16384
-
-
-def _gram(S: Sequence[np.ndarray], Y: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """(SY, YY) of a history from scratch: SY[i, j] = s_i . y_j, YY[i, j] = y_i . y_j, as one
-    matrix product per block of columns (float32 within a block, blocks added in double)."""
-    k = len(S)
-    n = S[0].size if k else 0
-    SY, YY = np.zeros((k, k)), np.zeros((k, k))
-    for c in range(0, n, _GRAM_BLOCK):
-        M = np.stack([v[c : c + _GRAM_BLOCK] for v in (*S, *Y)])
-        G = (M @ M.T).astype(np.float64)
-        SY += G[:k, k:]
-        YY += G[k:, k:]
-    return SY, YY
-
-
 # -- the history ----------------------------------------------------------------------------------
 
 
@@ -302,8 +284,9 @@ class LBFGS(Optimizer):
         return _core.grad_norms(list(grads), math.inf)[1] if grads else 0.0
 
     def _memory(self, state: Dict[str, Any], history_size: int) -> _History:
-        """The history as the state holds it: rebuilt (its inner products recomputed) when the
-        state's lists are not the arrays it last left there (a loaded state dict)."""
+        """The history as the state holds it: rebuilt when the state's lists are not the arrays
+        it last left there (a loaded state dict), its inner products recomputed with the very sums
+        the history pass makes, so a loaded run goes on as the saved one would have."""
         h = self._history
         dirs, stps = state.get("old_dirs"), state.get("old_stps")
         if (
@@ -320,7 +303,8 @@ class LBFGS(Optimizer):
             h.Y = list(dirs)
             h.S = list(stps)
             h.ro = [float(r) for r in state["ro"]]
-            h.SY, h.YY = _gram(h.S, h.Y)
+            sizes = [p.size for p in self._params]
+            h.SY, h.YY = _core.lbfgs_gram(h.S, h.Y, sizes)
         self._history = h
         return h
 

@@ -170,16 +170,22 @@ OK_LOOP void lbfgs_pair(const float* OK_RESTRICT sj, const float* OK_RESTRICT yj
   }
 }
 
-void lbfgs_history(const LbfgsHistory& a, size_t n, double* sums) {
-  for (size_t i = 0; i < LBFGS_NEW_SUMS + LBFGS_PAIR_SUMS * a.k; ++i) sums[i] = 0.0;
-  lbfgs_new_pair(a, n, sums);
-  for (size_t j = 0; j < a.k; ++j) {
-    if (j + 1 < a.k) {  // the next pair's first lines, before its streams start
-      OK_PREFETCH(a.S[j + 1]);
-      OK_PREFETCH(a.Y[j + 1]);
+void lbfgs_pairs(const float* y, const float* s, const float* g, const float* const* S,
+                 const float* const* Y, size_t k, size_t n, double* sums) {
+  for (size_t i = 0; i < LBFGS_PAIR_SUMS * k; ++i) sums[i] = 0.0;
+  for (size_t j = 0; j < k; ++j) {
+    if (j + 1 < k) {  // the next pair's first lines, before its streams start
+      OK_PREFETCH(S[j + 1]);
+      OK_PREFETCH(Y[j + 1]);
     }
-    lbfgs_pair(a.S[j], a.Y[j], a.y, a.s, a.g, n, sums + LBFGS_NEW_SUMS + LBFGS_PAIR_SUMS * j);
+    lbfgs_pair(S[j], Y[j], y, s, g, n, sums + LBFGS_PAIR_SUMS * j);
   }
+}
+
+void lbfgs_history(const LbfgsHistory& a, size_t n, double* sums) {
+  for (size_t i = 0; i < LBFGS_NEW_SUMS; ++i) sums[i] = 0.0;
+  lbfgs_new_pair(a, n, sums);
+  lbfgs_pairs(a.y, a.s, a.g, a.S, a.Y, a.k, n, sums + LBFGS_NEW_SUMS);
 }
 
 OK_LOOP void scale_into(float* OK_RESTRICT d, const float* OK_RESTRICT g, float c, size_t n) {
@@ -249,7 +255,8 @@ OK_LOOP void lbfgs_point(float* OK_RESTRICT p, const float* OK_RESTRICT x,
 }
 
 const AlgoKernels kTable = {
-    muon_momentum, muon_update, lbfgs_history, lbfgs_direction, lbfgs_take, lbfgs_point,
+    muon_momentum,   muon_update, lbfgs_history, lbfgs_pairs,
+    lbfgs_direction, lbfgs_take,  lbfgs_point,
 };
 
 }  // namespace
