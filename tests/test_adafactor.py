@@ -1,7 +1,7 @@
 """Adafactor, the factored kernel: against its float64 reference over every option and shapes of
 1, 2 and 3 dimensions (one row, one column, odd sizes, empty arrays), on every compiled ISA;
 bit-identical for 1, 2 and 3 threads; the functional form; and arrays or state of the wrong shape
-refused with nothing changed. Parity with torch is in test_torch_parity_new.py."""
+refused with nothing changed. Parity with torch is in test_torch_parity_optim_db.py."""
 
 import warnings
 

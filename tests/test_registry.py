@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import test_concurrency
 import test_fuzz
-import test_hostile
+import test_input_checks
 from helpers import digest
 from reference import CASES, Reference
 
@@ -30,8 +30,8 @@ IDS = [r.cls for r in RULES]
 def test_every_rule_is_in_every_test_and_benchmark_set(rule):
     assert hasattr(Reference, "_" + rule.cls.lower()), "no float64 reference formula"
     assert rule.cls in {name for name, _ in CASES}, "no row in reference.CASES"
-    assert any(f is getattr(F, rule.name + "_") for f, _, _ in test_hostile.FUNCTIONS.values())
-    assert rule.cls in {k for k, _ in test_hostile.CLASSES}
+    assert any(f is getattr(F, rule.name + "_") for f, _, _ in test_input_checks.FUNCTIONS.values())
+    assert rule.cls in {k for k, _ in test_input_checks.CLASSES}
     assert rule.cls in test_fuzz.CLASS_HPS
     assert rule.name + "_" in test_fuzz.DERIVED or rule.name in (
         "sgd",

@@ -1,4 +1,4 @@
-"""Hostile round 2, area (b): memory shared by other means than one NumPy base array. The C++
+"""Memory shared by other means than one NumPy base array. The C++
 check compares address ranges, not base objects, so two np.frombuffer views of one bytearray, a
 memoryview, ctypes buffers and multiprocessing.shared_memory are caught like slices of one array;
 a parameter aliasing its own gradient or state, or a parameter of another group, is refused, and

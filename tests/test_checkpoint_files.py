@@ -1,4 +1,4 @@
-"""Hostile round 2, area (c): file-system oddities for ok.save and ok.load. Symbolic links
+"""File-system oddities for ok.save and ok.load. Symbolic links
 (chains, loops, links to directories and FIFOs), path objects of every kind (bytes, non-UTF-8
 bytes, os.PathLike returning junk or raising, NUL bytes), files damaged byte by byte or replaced
 while being loaded, zero-size arrays, crafted shapes and sizes, and the permission bits kept.

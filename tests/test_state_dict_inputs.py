@@ -1,4 +1,4 @@
-"""Hostile round 2, area (e): malformed state dicts in torch's layout. Every one raises
+"""Malformed state dicts in torch's layout. Every one raises
 TypeError or ValueError (never RecursionError, KeyError, AttributeError...) and changes nothing;
 a few odd but meaningful ones load as torch would."""
 

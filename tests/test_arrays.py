@@ -1,4 +1,4 @@
-"""Hostile round 2, area (a): ndarray subclasses and odd array layouts as parameters, gradients
+"""ndarray subclasses and odd array layouts as parameters, gradients
 and loaded state. A subclass whose data is the whole story (np.matrix, memmap, recarray, a
 subclass with hooks) is updated like a plain array, in place, without its Python hooks running;
 a masked array is refused (its mask would be ignored), and so are read-only, non-contiguous,

@@ -1,4 +1,4 @@
-"""Hostile round 2, area (d): param_groups and state changed while step, state_dict and
+"""param_groups and state changed while step, state_dict and
 load_state_dict run, from another thread or from inside the step (a callable lr). A step never
 loses a concurrent hyperparameter update, never takes an unchecked value as checked, and is not
 broken by another thread clearing the state; a callable lr cannot re-enter the optimizer."""

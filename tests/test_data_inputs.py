@@ -1,4 +1,4 @@
-"""Hostile round 2, area (g): ok.data.batches and num_batches fed generators, dicts, sets,
+"""ok.data.batches and num_batches fed generators, dicts, sets,
 mismatched lengths, seed=True, negative or float counts and subclass arrays. Refusals happen at
 the call (not at the first next()) with TypeError or ValueError."""
 

@@ -1,4 +1,4 @@
-"""Hostile round 2, area (f): schedulers fed nonsense. Construction arguments, lambdas returning
+"""Schedulers fed nonsense. Construction arguments, lambdas returning
 junk or raising, huge last_epoch, foreign or mistyped state dicts, SequentialLR with odd
 children, ReduceLROnPlateau with non-real metrics. Each refusal is a TypeError or ValueError and
 leaves the optimizer's groups and the scheduler as they were."""
