@@ -194,13 +194,356 @@ class _History:
         return -H, rs, H * qc, al
 
 
+# -- the algorithm ---------------------------------------------------------------------------------
+
+
+class Saved:
+    """The state torch's LBFGS keeps (on its first parameter), as the engine works with it:
+    vectors as flat float32 NumPy arrays, numbers as Python floats. ``tokens``: the objects
+    the state's history lists held when read, by which the engine knows its cached inner
+    products still describe them."""
+
+    __slots__ = (
+        "func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag",
+        "prev_flat_grad", "prev_loss", "al", "tokens",
+    )  # fmt: skip
+
+    def __init__(self, **values: Any) -> None:
+        for name in self.__slots__:
+            setattr(self, name, values.get(name))
+
+
+class StateIO:
+    """How an optimizer's state dict holds the engine's values (optkern.LBFGS: as they are;
+    optkern.torch.LBFGS: as tensors sharing the arrays' memory)."""
+
+    def read(self, state: Dict[str, Any]) -> Saved:
+        ro = state.get("ro")
+        return Saved(
+            func_evals=int(state.get("func_evals", 0)),
+            n_iter=int(state.get("n_iter", 0)),
+            d=state.get("d"),
+            t=_number(state.get("t")),
+            old_dirs=list(state.get("old_dirs") or ()),
+            old_stps=list(state.get("old_stps") or ()),
+            ro=None if ro is None else [float(r) for r in ro],
+            H_diag=_number(state.get("H_diag")),
+            prev_flat_grad=state.get("prev_flat_grad"),
+            prev_loss=_number(state.get("prev_loss")),
+            al=None if state.get("al") is None else [_number(a) for a in state["al"]],
+            tokens=tuple(state.get("old_dirs") or ()) + tuple(state.get("old_stps") or ()),
+        )
+
+    def write(self, state: Dict[str, Any], saved: Saved) -> tuple:
+        """Stores the engine's values; returns the tokens of the history lists now there."""
+        state.update(
+            func_evals=saved.func_evals,
+            n_iter=saved.n_iter,
+            d=saved.d,
+            t=saved.t,
+            old_dirs=list(saved.old_dirs),
+            old_stps=list(saved.old_stps),
+            ro=list(saved.ro),
+            H_diag=saved.H_diag,
+            prev_flat_grad=saved.prev_flat_grad,
+            prev_loss=saved.prev_loss,
+        )
+        if saved.al is not None:
+            state["al"] = list(saved.al)
+        return tuple(saved.old_dirs) + tuple(saved.old_stps)
+
+    def scalar(self, value: float) -> float:
+        """A number of the history (ro, H_diag) as the state keeps it: exactly (optkern.torch
+        keeps them in float32 tensors, as torch, and rounds them here, so that a run resumed
+        from its state dict reads the very values the running one uses)."""
+        return value
+
+    def counts(self, state: Dict[str, Any], func_evals: int, n_iter: int) -> None:
+        """Records the counters alone (a step that returns before iterating)."""
+        state["func_evals"] = func_evals
+        state["n_iter"] = n_iter
+
+
+def _number(v: Any) -> Any:
+    return None if v is None else float(v)
+
+
+class Engine:
+    """torch's L-BFGS step (its two-loop recursion on the history's inner products, its
+    strong-Wolfe line search, its stopping rules) over parameters given as NumPy arrays, with a
+    cache of the history's inner products that outlives a step."""
+
+    def __init__(self) -> None:
+        self.history: Optional[_History] = None
+        self.tokens: tuple = ()
+
+    def memory(self, saved: Saved, history_size: int, sizes: List[int]) -> _History:
+        """The history as the state holds it: rebuilt when the state's lists are not the arrays
+        it last left there (a loaded state dict), its inner products recomputed with the very sums
+        the history pass makes, so a loaded run goes on as the saved one would have."""
+        h = self.history
+        if (
+            h is not None
+            and h.size == history_size
+            and len(saved.tokens) == len(self.tokens)
+            and all(a is b for a, b in zip(saved.tokens, self.tokens))
+        ):
+            return h
+        h = _History(history_size)
+        if saved.old_dirs:
+            n = sum(sizes)
+            for name, vs in (("old_dirs", saved.old_dirs), ("old_stps", saved.old_stps)):
+                for i, v in enumerate(vs):
+                    if not isinstance(v, np.ndarray) or v.shape != (n,) or v.dtype != np.float32:
+                        raise ValueError(
+                            f"state {name}[{i}] must be a flat float32 vector of {n} elements"
+                        )
+            if len(saved.old_stps) != len(saved.old_dirs) or len(saved.ro or ()) != len(
+                saved.old_dirs
+            ):
+                raise ValueError("state old_dirs, old_stps and ro must have the same length")
+            h.Y = list(saved.old_dirs)
+            h.S = list(saved.old_stps)
+            h.ro = list(saved.ro)
+            h.SY, h.YY = _core.lbfgs_gram(h.S, h.Y, sizes)
+        self.history = h
+        self.tokens = saved.tokens
+        return h
+
+    def step(
+        self,
+        core: Dict[str, Any],
+        params: List[np.ndarray],
+        state: Dict[str, Any],
+        evaluate: Callable[[], Tuple[Any, List[np.ndarray]]],
+        io: StateIO,
+    ) -> Any:
+        """One step: ``evaluate()`` returns (loss, gradients as NumPy arrays aligned with
+        ``params``) at the parameters' current values. Returns the first loss as evaluated."""
+        lr, max_iter, max_eval = core["lr"], core["max_iter"], core["max_eval"]
+        tolerance_grad, tolerance_change = core["tolerance_grad"], core["tolerance_change"]
+        sizes = [p.size for p in params]
+        n = sum(sizes)
+        saved = io.read(state)
+        orig_loss, g = evaluate()
+        loss = _loss_value(orig_loss)
+        current_evals = 1
+        saved.func_evals += 1
+        if _max_abs(g) <= tolerance_grad:
+            io.counts(state, saved.func_evals, saved.n_iter)
+            return orig_loss
+
+        hist = self.memory(saved, core["history_size"], sizes)
+        d, t, H_diag = saved.d, saved.t, saved.H_diag
+        prev_flat_grad, prev_loss, al = saved.prev_flat_grad, saved.prev_loss, saved.al
+        for name, v in (("d", d), ("prev_flat_grad", prev_flat_grad)):
+            if v is not None and (v.shape != (n,) or v.dtype != np.float32):
+                raise ValueError(f"state {name} must be a flat float32 vector of {n} elements")
+        n_iter = 0
+        while n_iter < max_iter:
+            n_iter += 1
+            saved.n_iter += 1
+            if saved.n_iter == 1:
+                hist.clear()
+                H_diag = 1.0
+                if d is None:
+                    d = np.empty(n, np.float32)
+                if prev_flat_grad is None:
+                    prev_flat_grad = np.empty(n, np.float32)
+                _core.lbfgs_take(g, prev_flat_grad, d)
+                gtd, d_max = _core.lbfgs_direction(g, -1.0, [], [], [], [], d)
+            else:
+                s_new, y_new = hist.take(n)
+                new, per = _core.lbfgs_history(
+                    g, prev_flat_grad, d, float(t), y_new, s_new, hist.S, hist.Y
+                )
+                ys, yy = new[0], new[1]
+                gS = np.append(per[:, 1], new[2])
+                gY = np.append(per[:, 4], new[3])
+                if ys > CURVATURE_MIN:
+                    dropped = len(hist.S) == hist.size
+                    hist.push(s_new, y_new, io.scalar(1.0 / ys), new, per)
+                    H_diag = io.scalar(ys / yy)
+                    if dropped:
+                        gS, gY = gS[1:], gY[1:]
+                else:
+                    hist.spare.append((s_new, y_new))
+                    gS, gY = gS[:-1], gY[:-1]
+                if al is None or len(al) != hist.size:
+                    al = [None] * hist.size
+                cg, cs, cy, a = hist.two_loop(float(H_diag), gS, gY)
+                al[: len(a)] = [float(x) for x in a]
+                gtd, d_max = _core.lbfgs_direction(g, cg, hist.S, cs.tolist(), hist.Y, cy.tolist(), d)
+            prev_loss = loss
+            if saved.n_iter == 1:
+                t = min(1.0, 1.0 / _core.grad_norms(list(g), 1.0)[1]) * lr
+            else:
+                t = lr
+            if gtd > -tolerance_change:
+                break
+            ls_func_evals = 0
+            if core["line_search_fn"] is not None:
+                loss, g, t, ls_func_evals, g_max = _strong_wolfe(
+                    evaluate, params, t, d, d_max, loss, g, gtd, max_eval - current_evals, n
+                )
+                opt_cond = g_max <= tolerance_grad
+            else:
+                _core.stream_axpy(list(params), _views(d, params), t)
+                opt_cond = False
+                if n_iter != max_iter:
+                    loss_obj, g = evaluate()
+                    loss = _loss_value(loss_obj)
+                    opt_cond = _max_abs(g) <= tolerance_grad
+                    ls_func_evals = 1
+            current_evals += ls_func_evals
+            saved.func_evals += ls_func_evals
+            if n_iter == max_iter:
+                break
+            if current_evals >= max_eval:
+                break
+            if opt_cond:
+                break
+            if abs(t) * d_max <= tolerance_change:
+                break
+            if abs(loss - prev_loss) < tolerance_change:
+                break
+        saved.d, saved.t, saved.H_diag = d, t, H_diag
+        saved.old_dirs, saved.old_stps, saved.ro = list(hist.Y), list(hist.S), list(hist.ro)
+        saved.prev_flat_grad, saved.prev_loss, saved.al = prev_flat_grad, prev_loss, al
+        self.tokens = io.write(state, saved)
+        return orig_loss
+
+
+def _loss_value(loss: Any) -> float:
+    """A closure's loss as a float (a tensor detached first, as torch's LBFGS reads it)."""
+    detach = getattr(loss, "detach", None)
+    return float(detach() if callable(detach) else loss)
+
+
+def _max_abs(grads: Sequence[np.ndarray]) -> float:
+    return _core.grad_norms(list(grads), math.inf)[1] if grads else 0.0
+
+
+def _strong_wolfe(
+    evaluate: Callable[[], Tuple[Any, List[np.ndarray]]],
+    params: List[np.ndarray],
+    t: float,
+    d: np.ndarray,
+    d_norm: float,
+    f: float,
+    g: List[np.ndarray],
+    gtd: float,
+    max_ls: int,
+    n: int,
+    c1: float = 1e-4,
+    c2: float = 0.9,
+    tolerance_change: float = 1e-9,
+) -> Tuple[float, List[np.ndarray], float, int, float]:
+    """torch's _strong_wolfe: (loss, grads, t, evaluations, max|grads|) at the step length it
+    settles on, where it leaves the parameters (x + t d). Each evaluation's gradient is copied
+    (the closure may reuse its arrays) in the pass that takes its g.d and max|g|."""
+    x = np.empty(n, np.float32)
+    _core.lbfgs_take(params, x, d)
+    g0 = np.empty(n, np.float32)
+    _, g0_max = _core.lbfgs_take(g, g0, d)
+
+    def at(step: float) -> Tuple[float, np.ndarray, float, float]:
+        _core.lbfgs_point(params, x, d, step)
+        loss, grads = evaluate()
+        out = np.empty(n, np.float32)
+        gtd_new, g_max = _core.lbfgs_take(grads, out, d)
+        return _loss_value(loss), out, gtd_new, g_max
+
+    f_new, g_new, gtd_new, m_new = at(t)
+    ls_func_evals = 1
+    t_prev, f_prev, g_prev, gtd_prev, m_prev = 0.0, f, g0, gtd, g0_max
+    done = False
+    ls_iter = 0
+    bracket: List[float] = []
+    while ls_iter < max_ls:
+        if f_new > (f + c1 * t * gtd) or (ls_iter > 1 and f_new >= f_prev):
+            bracket, bracket_f = [t_prev, t], [f_prev, f_new]
+            bracket_g, bracket_gtd = [g_prev, g_new], [gtd_prev, gtd_new]
+            bracket_m = [m_prev, m_new]
+            break
+        if abs(gtd_new) <= -c2 * gtd:
+            bracket, bracket_f, bracket_g, bracket_m = [t], [f_new], [g_new], [m_new]
+            done = True
+            break
+        if gtd_new >= 0:
+            bracket, bracket_f = [t_prev, t], [f_prev, f_new]
+            bracket_g, bracket_gtd = [g_prev, g_new], [gtd_prev, gtd_new]
+            bracket_m = [m_prev, m_new]
+            break
+        min_step = t + 0.01 * (t - t_prev)
+        max_step = t * 10
+        tmp = t
+        t = _cubic_interpolate(
+            t_prev, f_prev, gtd_prev, t, f_new, gtd_new, bounds=(min_step, max_step)
+        )
+        t_prev, f_prev, g_prev, gtd_prev, m_prev = tmp, f_new, g_new, gtd_new, m_new
+        f_new, g_new, gtd_new, m_new = at(t)
+        ls_func_evals += 1
+        ls_iter += 1
+    if ls_iter == max_ls:
+        bracket, bracket_f = [0.0, t], [f, f_new]
+        bracket_g, bracket_m = [g0, g_new], [g0_max, m_new]
+        bracket_gtd = [gtd, gtd_new]  # unused: torch's loop below stops at once here
+    insuf_progress = False
+    low_pos, high_pos = (0, 1) if bracket_f[0] <= bracket_f[-1] else (1, 0)
+    while not done and ls_iter < max_ls:
+        if abs(bracket[1] - bracket[0]) * d_norm < tolerance_change:
+            break
+        t = _cubic_interpolate(
+            bracket[0], bracket_f[0], bracket_gtd[0], bracket[1], bracket_f[1], bracket_gtd[1]
+        )
+        hi, lo = max(bracket), min(bracket)
+        eps = 0.1 * (hi - lo)
+        if min(hi - t, t - lo) < eps:
+            if insuf_progress or t >= hi or t <= lo:
+                t = hi - eps if abs(t - hi) < abs(t - lo) else lo + eps
+                insuf_progress = False
+            else:
+                insuf_progress = True
+        else:
+            insuf_progress = False
+        f_new, g_new, gtd_new, m_new = at(t)
+        ls_func_evals += 1
+        ls_iter += 1
+        if f_new > (f + c1 * t * gtd) or f_new >= bracket_f[low_pos]:
+            bracket[high_pos], bracket_f[high_pos] = t, f_new
+            bracket_g[high_pos], bracket_gtd[high_pos] = g_new, gtd_new
+            bracket_m[high_pos] = m_new
+            low_pos, high_pos = (0, 1) if bracket_f[0] <= bracket_f[1] else (1, 0)
+        else:
+            if abs(gtd_new) <= -c2 * gtd:
+                done = True
+            elif gtd_new * (bracket[high_pos] - bracket[low_pos]) >= 0:
+                bracket[high_pos], bracket_f[high_pos] = bracket[low_pos], bracket_f[low_pos]
+                bracket_g[high_pos] = bracket_g[low_pos]
+                bracket_gtd[high_pos] = bracket_gtd[low_pos]
+                bracket_m[high_pos] = bracket_m[low_pos]
+            bracket[low_pos], bracket_f[low_pos] = t, f_new
+            bracket_g[low_pos], bracket_gtd[low_pos] = g_new, gtd_new
+            bracket_m[low_pos] = m_new
+    t = bracket[low_pos]
+    _core.lbfgs_point(params, x, d, t)
+    return (
+        bracket_f[low_pos],
+        _views(bracket_g[low_pos], params),
+        t,
+        ls_func_evals,
+        (bracket_m[low_pos]),
+    )
+
+
 # -- the optimizer --------------------------------------------------------------------------------
 
 
 class LBFGS(Optimizer):
     __doc__ = _DOC
     _rule = _RULE
-    _transient_attrs = Optimizer._transient_attrs + ("_history",)
+    _transient_attrs = Optimizer._transient_attrs + ("_engine",)
 
     def __init__(
         self,
@@ -223,7 +566,7 @@ class LBFGS(Optimizer):
         )
         if max_eval is None:
             max_eval = _count("max_iter", max_iter, 0) * 5 // 4
-        self._history: Optional[_History] = None
+        self._engine: Optional[Engine] = Engine()
         defaults = dict(
             lr=lr,
             max_iter=max_iter,
@@ -244,8 +587,6 @@ class LBFGS(Optimizer):
         if self.param_groups:
             raise ValueError(_GROUPS_ERROR)
         super().add_param_group(param_group)
-
-    # -- pieces --------------------------------------------------------------------------------
 
     @property
     def _params(self) -> List[np.ndarray]:
@@ -280,36 +621,6 @@ class LBFGS(Optimizer):
             ) from e
         return loss, grads
 
-    def _max_abs(self, grads: Sequence[np.ndarray]) -> float:
-        return _core.grad_norms(list(grads), math.inf)[1] if grads else 0.0
-
-    def _memory(self, state: Dict[str, Any], history_size: int) -> _History:
-        """The history as the state holds it: rebuilt when the state's lists are not the arrays
-        it last left there (a loaded state dict), its inner products recomputed with the very sums
-        the history pass makes, so a loaded run goes on as the saved one would have."""
-        h = self._history
-        dirs, stps = state.get("old_dirs"), state.get("old_stps")
-        if (
-            h is not None
-            and h.size == history_size
-            and dirs is not None
-            and len(dirs) == len(h.Y)
-            and all(a is b for a, b in zip(dirs, h.Y))
-            and all(a is b for a, b in zip(stps or (), h.S))
-        ):
-            return h
-        h = _History(history_size)
-        if dirs:
-            h.Y = list(dirs)
-            h.S = list(stps)
-            h.ro = [float(r) for r in state["ro"]]
-            sizes = [p.size for p in self._params]
-            h.SY, h.YY = _core.lbfgs_gram(h.S, h.Y, sizes)
-        self._history = h
-        return h
-
-    # -- the step ------------------------------------------------------------------------------
-
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
         """Runs up to ``max_iter`` L-BFGS iterations; returns the closure's first loss."""
         if not callable(closure):
@@ -319,230 +630,19 @@ class LBFGS(Optimizer):
         with self._lock:
             if self._in_lr:
                 self._not_reentered("step()")
-            return self._step(closure)
+            core = self._hyper(self.param_groups[0])
+            params = self._params
+            state = self.state.get_by_id(params[0])
+            if state is None:
+                state = {}
+                self.state[params[0]] = state
+            if self._engine is None:  # after unpickling (a transient attribute)
+                self._engine = Engine()
+            self._counter[0] += 1
+            return self._engine.step(core, params, state, lambda: self._evaluate(closure), _IO)
 
-    def _step(self, closure: Callable[[], Any]) -> Any:
-        group = self.param_groups[0]
-        core = self._hyper(group)
-        lr, max_iter, max_eval = core["lr"], core["max_iter"], core["max_eval"]
-        tolerance_grad, tolerance_change = core["tolerance_grad"], core["tolerance_change"]
-        params = self._params
-        n = sum(p.size for p in params)
-        state = self.state.get_by_id(params[0])
-        if state is None:
-            state = {}
-            self.state[params[0]] = state
-        state.setdefault("func_evals", 0)
-        state.setdefault("n_iter", 0)
 
-        orig_loss, g = self._evaluate(closure)
-        loss = float(orig_loss)
-        current_evals = 1
-        state["func_evals"] += 1
-        self._counter[0] += 1
-        if self._max_abs(g) <= tolerance_grad:
-            return orig_loss
-
-        hist = self._memory(state, core["history_size"])
-        d = state.get("d")
-        t = state.get("t")
-        H_diag = state.get("H_diag")
-        prev_flat_grad = state.get("prev_flat_grad")
-        prev_loss = state.get("prev_loss")
-        al = state.get("al")
-        n_iter = 0
-        while n_iter < max_iter:
-            n_iter += 1
-            state["n_iter"] += 1
-            if state["n_iter"] == 1:
-                hist.clear()
-                H_diag = 1.0
-                if d is None or d.size != n:
-                    d = np.empty(n, np.float32)
-                if prev_flat_grad is None or prev_flat_grad.size != n:
-                    prev_flat_grad = np.empty(n, np.float32)
-                _core.lbfgs_take(g, prev_flat_grad, d)
-                gtd, d_max = _core.lbfgs_direction(g, -1.0, [], [], [], [], d)
-            else:
-                s_new, y_new = hist.take(n)
-                new, per = _core.lbfgs_history(
-                    g, prev_flat_grad, d, float(t), y_new, s_new, hist.S, hist.Y
-                )
-                ys, yy = new[0], new[1]
-                gS = np.append(per[:, 1], new[2])
-                gY = np.append(per[:, 4], new[3])
-                if ys > CURVATURE_MIN:
-                    dropped = len(hist.S) == hist.size
-                    hist.push(s_new, y_new, 1.0 / ys, new, per)
-                    H_diag = ys / yy
-                    if dropped:
-                        gS, gY = gS[1:], gY[1:]
-                else:
-                    hist.spare.append((s_new, y_new))
-                    gS, gY = gS[:-1], gY[:-1]
-                if al is None or len(al) != hist.size:
-                    al = [None] * hist.size
-                cg, cs, cy, a = hist.two_loop(float(H_diag), gS, gY)
-                al[: len(a)] = [float(x) for x in a]
-                gtd, d_max = _core.lbfgs_direction(g, cg, hist.S, cs.tolist(), hist.Y, cy.tolist(), d)
-            prev_loss = loss
-            if state["n_iter"] == 1:
-                t = min(1.0, 1.0 / _core.grad_norms(list(g), 1.0)[1]) * lr
-            else:
-                t = lr
-            if gtd > -tolerance_change:
-                break
-            ls_func_evals = 0
-            if core["line_search_fn"] is not None:
-                loss, g, t, ls_func_evals, g_max = self._strong_wolfe(
-                    closure, params, t, d, d_max, loss, g, gtd, max_eval - current_evals, n
-                )
-                opt_cond = g_max <= tolerance_grad
-            else:
-                _core.stream_axpy(list(params), _views(d, params), t)
-                opt_cond = False
-                if n_iter != max_iter:
-                    loss_obj, g = self._evaluate(closure)
-                    loss = float(loss_obj)
-                    opt_cond = self._max_abs(g) <= tolerance_grad
-                    ls_func_evals = 1
-            current_evals += ls_func_evals
-            state["func_evals"] += ls_func_evals
-            if n_iter == max_iter:
-                break
-            if current_evals >= max_eval:
-                break
-            if opt_cond:
-                break
-            if abs(t) * d_max <= tolerance_change:
-                break
-            if abs(loss - prev_loss) < tolerance_change:
-                break
-        state.update(
-            d=d,
-            t=t,
-            old_dirs=list(hist.Y),
-            old_stps=list(hist.S),
-            ro=list(hist.ro),
-            H_diag=H_diag,
-            prev_flat_grad=prev_flat_grad,
-            prev_loss=prev_loss,
-        )
-        if al is not None:
-            state["al"] = al
-        return orig_loss
-
-    def _strong_wolfe(
-        self,
-        closure: Callable[[], Any],
-        params: List[np.ndarray],
-        t: float,
-        d: np.ndarray,
-        d_norm: float,
-        f: float,
-        g: List[np.ndarray],
-        gtd: float,
-        max_ls: int,
-        n: int,
-        c1: float = 1e-4,
-        c2: float = 0.9,
-        tolerance_change: float = 1e-9,
-    ) -> Tuple[float, List[np.ndarray], float, int, float]:
-        """torch's _strong_wolfe: (loss, grads, t, evaluations, max|grads|) at the step length it
-        settles on, where it leaves the parameters (x + t d)."""
-        x = np.empty(n, np.float32)
-        _core.lbfgs_take(params, x, d)
-        g0 = np.empty(n, np.float32)
-        _, g0_max = _core.lbfgs_take(g, g0, d)
-
-        def evaluate(step: float) -> Tuple[float, np.ndarray, float, float]:
-            _core.lbfgs_point(params, x, d, step)
-            loss, grads = self._evaluate(closure)
-            out = np.empty(n, np.float32)
-            gtd_new, g_max = _core.lbfgs_take(grads, out, d)
-            return float(loss), out, gtd_new, g_max
-
-        f_new, g_new, gtd_new, m_new = evaluate(t)
-        ls_func_evals = 1
-        t_prev, f_prev, g_prev, gtd_prev, m_prev = 0.0, f, g0, gtd, g0_max
-        done = False
-        ls_iter = 0
-        bracket: List[float] = []
-        while ls_iter < max_ls:
-            if f_new > (f + c1 * t * gtd) or (ls_iter > 1 and f_new >= f_prev):
-                bracket, bracket_f = [t_prev, t], [f_prev, f_new]
-                bracket_g, bracket_gtd = [g_prev, g_new], [gtd_prev, gtd_new]
-                bracket_m = [m_prev, m_new]
-                break
-            if abs(gtd_new) <= -c2 * gtd:
-                bracket, bracket_f, bracket_g, bracket_m = [t], [f_new], [g_new], [m_new]
-                done = True
-                break
-            if gtd_new >= 0:
-                bracket, bracket_f = [t_prev, t], [f_prev, f_new]
-                bracket_g, bracket_gtd = [g_prev, g_new], [gtd_prev, gtd_new]
-                bracket_m = [m_prev, m_new]
-                break
-            min_step = t + 0.01 * (t - t_prev)
-            max_step = t * 10
-            tmp = t
-            t = _cubic_interpolate(
-                t_prev, f_prev, gtd_prev, t, f_new, gtd_new, bounds=(min_step, max_step)
-            )
-            t_prev, f_prev, g_prev, gtd_prev, m_prev = tmp, f_new, g_new, gtd_new, m_new
-            f_new, g_new, gtd_new, m_new = evaluate(t)
-            ls_func_evals += 1
-            ls_iter += 1
-        if ls_iter == max_ls:
-            bracket, bracket_f = [0.0, t], [f, f_new]
-            bracket_g, bracket_m = [g0, g_new], [g0_max, m_new]
-            bracket_gtd = [gtd, gtd_new]  # unused: torch's loop below stops at once here
-        insuf_progress = False
-        low_pos, high_pos = (0, 1) if bracket_f[0] <= bracket_f[-1] else (1, 0)
-        while not done and ls_iter < max_ls:
-            if abs(bracket[1] - bracket[0]) * d_norm < tolerance_change:
-                break
-            t = _cubic_interpolate(
-                bracket[0], bracket_f[0], bracket_gtd[0], bracket[1], bracket_f[1], bracket_gtd[1]
-            )
-            hi, lo = max(bracket), min(bracket)
-            eps = 0.1 * (hi - lo)
-            if min(hi - t, t - lo) < eps:
-                if insuf_progress or t >= hi or t <= lo:
-                    t = hi - eps if abs(t - hi) < abs(t - lo) else lo + eps
-                    insuf_progress = False
-                else:
-                    insuf_progress = True
-            else:
-                insuf_progress = False
-            f_new, g_new, gtd_new, m_new = evaluate(t)
-            ls_func_evals += 1
-            ls_iter += 1
-            if f_new > (f + c1 * t * gtd) or f_new >= bracket_f[low_pos]:
-                bracket[high_pos], bracket_f[high_pos] = t, f_new
-                bracket_g[high_pos], bracket_gtd[high_pos] = g_new, gtd_new
-                bracket_m[high_pos] = m_new
-                low_pos, high_pos = (0, 1) if bracket_f[0] <= bracket_f[1] else (1, 0)
-            else:
-                if abs(gtd_new) <= -c2 * gtd:
-                    done = True
-                elif gtd_new * (bracket[high_pos] - bracket[low_pos]) >= 0:
-                    bracket[high_pos], bracket_f[high_pos] = bracket[low_pos], bracket_f[low_pos]
-                    bracket_g[high_pos] = bracket_g[low_pos]
-                    bracket_gtd[high_pos] = bracket_gtd[low_pos]
-                    bracket_m[high_pos] = bracket_m[low_pos]
-                bracket[low_pos], bracket_f[low_pos] = t, f_new
-                bracket_g[low_pos], bracket_gtd[low_pos] = g_new, gtd_new
-                bracket_m[low_pos] = m_new
-        t = bracket[low_pos]
-        _core.lbfgs_point(params, x, d, t)
-        return (
-            bracket_f[low_pos],
-            _views(bracket_g[low_pos], params),
-            t,
-            ls_func_evals,
-            (bracket_m[low_pos]),
-        )
+_IO = StateIO()
 
 
 def _views(flat: np.ndarray, params: Sequence[np.ndarray]) -> List[np.ndarray]:

@@ -970,6 +970,11 @@ def _add_registry_rules() -> None:
 
 _add_registry_rules()
 
+# torch.optim's classes that are not one element-wise rule (their own module).
+from ._torch_algos import LBFGS, Muon  # noqa: E402
+
+__all__ += ["Muon", "LBFGS"]
+
 
 def __getattr__(name: str) -> Any:
     if name in UNMAPPED:
