@@ -239,9 +239,15 @@ class Muon(torch.optim.Optimizer):
                     torch.addmm(X, B, X, beta=a, out=Y)
                 X, Y = Y, X
             out = X
-        lr = core["lr"]
-        adjusted = _muon.adjusted_lr(lr, core["adjust_lr_fn"], shape)
-        _core.muon_update(_np(p), _np(out), decay=1.0 - lr * core["weight_decay"], coeff=-adjusted)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):  # torch computes with a tensor lr in float32 tensors
+            lr = lr.detach().cpu().reshape(())
+            decay = (1 - lr * core["weight_decay"]).item()
+            adjusted = _muon.adjusted_lr(lr, core["adjust_lr_fn"], shape).item()
+        else:
+            decay = 1.0 - lr * core["weight_decay"]
+            adjusted = _muon.adjusted_lr(lr, core["adjust_lr_fn"], shape)
+        _core.muon_update(_np(p), _np(out), decay=decay, coeff=-adjusted)
 
 
 def _triple(value: Any) -> List[Any]:
