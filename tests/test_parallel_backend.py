@@ -285,3 +285,22 @@ def test_optkern_torch_turns_it_on_and_env_keeps_the_pool():
     assert res.returncode == 0, res.stderr
     backend, threads = res.stdout.splitlines()
     assert backend.split() == ["pool"] and threads == "optkern pool"
+
+
+@pytest.mark.parametrize("value", ["pool ", "POOL", "gomp", ""])
+def test_backend_variable_accepts_its_values(value):
+    code = "import optkern.torch"
+    env = dict(os.environ, OPTKERN_PARALLEL_BACKEND=value)
+    pytest.importorskip("torch")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize("value", ["pol", "openmp", "gomp,pool", "1"])
+def test_backend_variable_typo_fails_the_import_naming_it(value):
+    pytest.importorskip("torch")
+    env = dict(os.environ, OPTKERN_PARALLEL_BACKEND=value)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import optkern.torch"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "OPTKERN_PARALLEL_BACKEND" in proc.stderr and repr(value) in proc.stderr

@@ -41,8 +41,6 @@ def _demo(args: argparse.Namespace) -> int:
     from .examples._blas import blas_threads
     from ._platform import describe_machine
 
-    if args.blas_threads is not None and args.blas_threads < 0:
-        raise SystemExit("--blas-threads must be >= 0")
     names = args.optimizers
     wall = time.perf_counter()
     with blas_threads(args.blas_threads or None) as blas:
@@ -101,6 +99,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_parser(sub) -> None:
+    from ._cli import nonnegative_int, positive_int, writable_file
     from .examples._common import OPTIMIZERS
 
     p = sub.add_parser(
@@ -110,14 +109,22 @@ def _demo_parser(sub) -> None:
         "(same start, same batches, same epochs), prints final loss, accuracy and "
         "time per optimizer, and plots the loss curves when matplotlib is installed.",
     )
-    p.add_argument("--epochs", type=int, default=10, help="epochs per optimizer (default 10)")
-    p.add_argument("--n-train", type=int, default=6000, help="training digits (default 6000)")
-    p.add_argument("--n-test", type=int, default=2000, help="test digits (default 2000)")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
-        "--hidden", type=int, nargs="*", default=[128, 64], help="hidden layer sizes (default 128 64)"
+        "--epochs", type=positive_int, default=10, help="epochs per optimizer (default 10)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--n-train", type=positive_int, default=6000, help="training digits (default 6000)"
+    )
+    p.add_argument("--n-test", type=positive_int, default=2000, help="test digits (default 2000)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument(
+        "--hidden",
+        type=positive_int,
+        nargs="*",
+        default=[128, 64],
+        help="hidden layer sizes (default 128 64)",
+    )
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument(
         "--optimizers",
         nargs="+",
@@ -129,6 +136,7 @@ def _demo_parser(sub) -> None:
     p.add_argument(
         "--plot",
         metavar="PATH",
+        type=writable_file,
         default=DEFAULT_PLOT,
         help=f"PNG of the loss curves (default ./{DEFAULT_PLOT}; needs matplotlib)",
     )
@@ -136,7 +144,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument(
         "--blas-threads",
-        type=int,
+        type=nonnegative_int,
         default=None,
         metavar="N",
         help="BLAS threads for the matrix products (default: the library's own "

@@ -6,7 +6,9 @@ after each torch op those workers spin for a while. An optkern step that follows
 pool; on the "gomp" backend it hands its chunks to that same team instead, and the spinning
 workers take them (docs/threading.md, "The gomp backend"; measurements in docs/torch.md).
 
-``OPTKERN_PARALLEL_BACKEND=pool`` (read when optkern.torch is imported) keeps optkern's pool.
+``OPTKERN_PARALLEL_BACKEND=pool`` (read when optkern.torch is imported) keeps optkern's pool;
+``gomp`` is the default said explicitly; anything else fails the import (ImportError naming the
+variable), as a misspelt ``OPTKERN_FORCE_ISA`` does.
 Only torch's own libgomp is used, and only when it is already loaded: never a second OpenMP
 runtime, and never another library's team. Results are bit-identical on either backend.
 """
@@ -20,6 +22,8 @@ from types import ModuleType
 from . import _core
 
 ENV = "OPTKERN_PARALLEL_BACKEND"
+#: What the variable may say ("" when unset; case and surrounding blanks do not matter).
+CHOICES = ("", "pool", "gomp")
 
 
 def torch_libgomp(torch: ModuleType) -> list:
@@ -32,6 +36,11 @@ def use_torch_openmp(torch: ModuleType) -> str:
     """Sets the gomp backend on torch's libgomp unless ``OPTKERN_PARALLEL_BACKEND=pool``;
     returns the backend in effect ("pool" when torch has no loaded libgomp of its own)."""
     choice = os.environ.get(ENV, "").strip().lower()
+    if choice not in CHOICES:
+        raise ImportError(
+            f"{ENV}={os.environ[ENV]!r} is not a backend optkern.torch knows; expected one of "
+            f"{', '.join(c for c in CHOICES if c)} (or unset: gomp where torch has its libgomp)"
+        )
     if choice == "pool":
         return _core._set_parallel_backend("pool")
     for path in torch_libgomp(torch):

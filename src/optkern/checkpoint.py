@@ -39,14 +39,14 @@ import re
 import secrets
 import stat
 import zipfile
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import numpy as np
 
 from . import _core
 from .optimizer import Optimizer
 
-__all__ = ["save", "load", "CheckpointError", "FORMAT_VERSION"]
+__all__ = ["save", "load", "read_state_dict", "CheckpointError", "FORMAT_VERSION"]
 
 #: The version of the file layout this optkern writes and reads.
 FORMAT_VERSION = 1
@@ -191,6 +191,14 @@ def _target(path: str) -> Tuple[str, Any]:
 
 
 def _write_atomically(path: str, members: Dict[str, np.ndarray]) -> None:
+    write_file_atomically(path, lambda f: np.savez(f, **members))
+
+
+def write_file_atomically(path: str, write: Callable[[Any], None]) -> None:
+    """Writes a file as :func:`save` does (shared with the sharded checkpoints): ``write(f)``
+    fills a temporary file in the same directory (O_EXCL, removed on any error), which is
+    fsynced, renamed over ``path`` and the directory fsynced. ``path`` must be absent or a
+    regular file (see :func:`_target`)."""
     target, mode = _target(path)
     directory = os.path.dirname(os.path.abspath(target))
     # A short temporary name: a target name near NAME_MAX must not make the temporary one too long.
@@ -204,7 +212,7 @@ def _write_atomically(path: str, members: Dict[str, np.ndarray]) -> None:
             os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             fd = None  # the file object owns it now
-            np.savez(f, **members)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the new name can point at it
         _target(target)  # still absent or a regular file (narrows, cannot close, a race)
@@ -326,10 +334,29 @@ def load(optimizer: Optimizer, path: PathLike) -> None:
     declared size are checked against what this optimizer's parameter shapes allow before
     anything is inflated, and each member is then inflated with a read of bounded length.
     """
+    sd = read_state_dict(optimizer, path)
+    try:
+        optimizer.load_state_dict(sd)
+    except Exception as e:  # a crafted value the optimizer refuses (or chokes on)
+        raise CheckpointError(
+            f"{os.fsdecode(os.fspath(path))}: the checkpoint does not fit this optimizer: {_short(e)}"
+        ) from e
+
+
+def read_state_dict(optimizer: Optimizer, path: PathLike) -> Dict[str, Any]:
+    """The state dict a checkpoint file holds, read and checked as :func:`load` reads it (the
+    file against ``optimizer``'s class and parameter shapes, with bounded memory), without
+    loading it: ``optimizer`` is not changed."""
+    return _read_checked(optimizer, path)[0]
+
+
+def _read_checked(optimizer: Optimizer, path: PathLike) -> Tuple[Dict[str, Any], str]:
+    """:func:`read_state_dict`, and a SHA-256 that identifies the checkpoint's content (of its
+    metadata, which holds every array's SHA-256)."""
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"load() needs an optkern optimizer, got {type(optimizer).__name__}")
     path = os.fspath(path)
-    with _open_regular(path) as f:
+    with open_regular(path) as f:
         try:
             with optimizer._lock:  # shapes read once: another thread may add a group
                 shapes = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]]
@@ -339,7 +366,8 @@ def load(optimizer: Optimizer, path: PathLike) -> None:
                 getattr(type(optimizer), "_rule", None),
             )
             meta, arrays = _read(f, limits, type(optimizer).__name__)
-            sd = _state_dict(meta, arrays, optimizer)
+            ident = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+            return _state_dict(meta, arrays, optimizer), ident
         except CheckpointError as e:
             raise CheckpointError(f"{os.fsdecode(path)}: {e}") from (e.__cause__ or e)
         except Exception as e:  # whatever a damaged zip, .npy header or crafted JSON raises
@@ -348,12 +376,6 @@ def load(optimizer: Optimizer, path: PathLike) -> None:
                 f"truncated, corrupted or crafted ({type(e).__name__}: "
                 f"{_short(e)})"
             ) from e
-    try:
-        optimizer.load_state_dict(sd)
-    except Exception as e:  # a crafted value the optimizer refuses (or chokes on)
-        raise CheckpointError(
-            f"{os.fsdecode(path)}: the checkpoint does not fit this optimizer: {_short(e)}"
-        ) from e
 
 
 def _short(e: Any) -> str:
@@ -401,7 +423,7 @@ class _Limits:
         )
 
 
-def _open_regular(path: Union[str, bytes]):
+def open_regular(path: Union[str, bytes]):
     """The file at ``path`` opened for reading, refused unless it is a regular file. Opened with
     O_NONBLOCK (a FIFO must not block the open) and checked with fstat on the open descriptor,
     so what is checked is what is read."""
@@ -491,58 +513,138 @@ def _parse_npy(data: bytes, where: str) -> Tuple[np.dtype, tuple, memoryview]:
     return dtype, tuple(shape), memoryview(data)[buf.tell() :]
 
 
-def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
-    size = os.fstat(f.fileno()).st_size
-    if size > limits.file:
-        raise CheckpointError(
-            f"the file is {size} bytes, more than a checkpoint for this "
-            f"optimizer's parameters can be ({limits.file} bytes)"
-        )
-    if not zipfile.is_zipfile(f):
-        raise CheckpointError(
-            "not an .npz (zip) archive: the file is truncated, corrupted or of another kind"
-        )
-    f.seek(0)
-    with zipfile.ZipFile(f) as z:
-        infos = z.infolist()
-        names = [i.filename for i in infos]
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise CheckpointError(f"the archive has duplicate members {dup}")
-        if len(infos) > 2 + limits.max_arrays:
+class Archive:
+    """An ``.npz`` file opened for checked reading, shared by :func:`load` and the sharded
+    checkpoints of :mod:`optkern.distributed`: nothing is inflated before its declared size is
+    checked against a bound the caller derives from the parameters' layout, and every member is
+    then inflated with a read of bounded length.
+
+    ``f`` is a file opened by :func:`open_regular` (a regular file: a FIFO or device never
+    blocks or streams). Checked here, before any member is read: the file's size (at most
+    ``max_file`` bytes), that it is a zip archive of at most ``max_members`` members, each an
+    ``.npy`` entry named once, not encrypted, stored or deflated, and declaring at most
+    ``limit(key)`` bytes (``key``: the member's name without ``.npy``)."""
+
+    def __init__(self, f, max_file: int, max_members: int, limit: Callable[[str], int]) -> None:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_file:
             raise CheckpointError(
-                f"the archive has {len(infos)} members, more than a "
-                "checkpoint for this optimizer holds"
+                f"the file is {size} bytes, more than a checkpoint for this "
+                f"optimizer's parameters can be ({max_file} bytes)"
             )
-        members: Dict[str, zipfile.ZipInfo] = {}
-        for info in infos:
-            if info.is_dir() or not info.filename.endswith(".npy"):
-                raise CheckpointError(f"archive member {info.filename!r} is not an .npy array")
-            if info.flag_bits & 0x1:
-                raise CheckpointError(f"archive member {info.filename!r} is encrypted")
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        if not zipfile.is_zipfile(f):
+            raise CheckpointError(
+                "not an .npz (zip) archive: the file is truncated, corrupted or of another kind"
+            )
+        f.seek(0)
+        self.zip = zipfile.ZipFile(f)
+        try:
+            infos = self.zip.infolist()
+            names = [i.filename for i in infos]
+            if len(set(names)) != len(names):
+                dup = sorted({n for n in names if names.count(n) > 1})
+                raise CheckpointError(f"the archive has duplicate members {dup}")
+            if len(infos) > max_members:
                 raise CheckpointError(
-                    f"archive member {info.filename!r} uses compression method "
-                    f"{info.compress_type}, which save() does not write"
+                    f"the archive has {len(infos)} members, more than a "
+                    "checkpoint for this optimizer holds"
                 )
-            key = info.filename[:-4]
-            limit = {
-                META_KEY: _NPY_HEADER_MAX + limits.metadata,
-                META_SHA_KEY: _NPY_HEADER_MAX + 64,
-            }.get(key, limits.member)
-            if info.file_size > limit:  # every declared size, before anything is inflated
-                raise CheckpointError(
-                    f"archive member {info.filename!r} declares "
-                    f"{info.file_size} bytes, more than the {limit} it may "
-                    "hold for this optimizer"
-                )
-            members[key] = info
+            self.members: Dict[str, zipfile.ZipInfo] = {}
+            self.limits: Dict[str, int] = {}
+            for info in infos:
+                if info.is_dir() or not info.filename.endswith(".npy"):
+                    raise CheckpointError(f"archive member {info.filename!r} is not an .npy array")
+                if info.flag_bits & 0x1:
+                    raise CheckpointError(f"archive member {info.filename!r} is encrypted")
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise CheckpointError(
+                        f"archive member {info.filename!r} uses compression method "
+                        f"{info.compress_type}, which save() does not write"
+                    )
+                key = info.filename[:-4]
+                bound = limit(key)
+                if info.file_size > bound:  # every declared size, before anything is inflated
+                    raise CheckpointError(
+                        f"archive member {info.filename!r} declares "
+                        f"{info.file_size} bytes, more than the {bound} it may "
+                        "hold for this optimizer"
+                    )
+                self.members[key] = info
+                self.limits[key] = bound
+        except BaseException:
+            self.zip.close()
+            raise
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.zip.close()
+
+    def bytes_member(self, key: str) -> bytes:
+        """A 1-D uint8 member's bytes (the metadata)."""
+        data = _read_member(self.zip, self.members[key], self.limits[key])
+        dtype, shape, body = _parse_npy(data, f"the {key!r} entry")
+        if dtype != np.uint8 or len(shape) != 1 or shape[0] != len(body):
+            raise CheckpointError(f"the {key!r} entry is not a 1-D uint8 array")
+        return bytes(body)
+
+    def array(self, key: str, dtype: np.dtype, shape: List[int], sha256: Any, what: str):
+        """Member ``key`` as an array of exactly ``dtype`` and ``shape`` whose bytes have the
+        SHA-256 ``sha256``, inflated with a read bounded by that dtype and shape."""
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        data = _read_member(self.zip, self.members[key], _NPY_HEADER_MAX + nbytes)
+        got_dtype, got_shape, body = _parse_npy(data, what)
+        if got_dtype != dtype or got_dtype.str != dtype.str or list(got_shape) != list(shape):
+            raise CheckpointError(
+                f"{what} is {got_dtype.str} {list(got_shape)} but the metadata says "
+                f"{dtype.str} {list(shape)} ({len(body)} bytes of data)"
+            )
+        if len(body) != nbytes:
+            raise CheckpointError(
+                f"{what} holds {len(body)} bytes of data, not the {nbytes} its shape needs"
+            )
+        if hashlib.sha256(body).hexdigest() != sha256:
+            raise CheckpointError(f"{what} fails its SHA-256 check: the file is corrupted")
+        return np.frombuffer(body, dtype).reshape(shape)
+
+
+def read_json(path: Union[str, bytes], limit: int) -> Any:
+    """A JSON file (a sharded checkpoint's manifest) read with :func:`load`'s protections: a
+    regular file only (a FIFO never blocks), at most ``limit`` bytes, nesting at most
+    :data:`MAX_JSON_DEPTH` deep. Any problem raises CheckpointError naming the file."""
+    name = os.fsdecode(path)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise CheckpointError(f"{name}: {size} bytes, more than the {limit} it may hold")
+        text = f.read(size + 1)  # read(n) allocates n bytes first: ask for what is there
+    if len(text) > size:
+        raise CheckpointError(f"{name}: grew while it was read")
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise CheckpointError(
+            f"{name}: nests {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed"
+        )
+    try:
+        return json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{name}: not valid JSON ({e})") from e
+
+
+def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    bounds = {
+        META_KEY: _NPY_HEADER_MAX + limits.metadata,
+        META_SHA_KEY: _NPY_HEADER_MAX + 64,
+    }
+    with Archive(f, limits.file, 2 + limits.max_arrays, lambda k: bounds.get(k, limits.member)) as z:
+        members = z.members
         if META_KEY not in members:
             raise CheckpointError(f"not an optkern checkpoint (it has no {META_KEY!r} entry)")
         if META_SHA_KEY not in members:
             raise CheckpointError(f"the {META_SHA_KEY!r} entry is missing")
-        text = _bytes_member(z, members[META_KEY], _NPY_HEADER_MAX + limits.metadata, META_KEY)
-        digest = _bytes_member(z, members[META_SHA_KEY], _NPY_HEADER_MAX + 64, META_SHA_KEY)
+        text = z.bytes_member(META_KEY)
+        digest = z.bytes_member(META_SHA_KEY)
         if digest.decode("ascii", "replace") != hashlib.sha256(text).hexdigest():
             raise CheckpointError("the metadata fails its SHA-256 check: the file is corrupted")
         depth = _json_depth(text)
@@ -571,6 +673,10 @@ def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.nd
                 raise CheckpointError(f"the metadata of array {key!r} is incomplete")
             what = f"array {key!r}" + (f" ({spec['of']})" if isinstance(spec.get("of"), str) else "")
             dtype = _state_dtype(spec["dtype"], what)
+            if dtype.str != spec["dtype"]:
+                raise CheckpointError(
+                    f"{what}: dtype {spec['dtype']!r} is not written as save() writes it"
+                )
             shape = spec["shape"]
             if not (
                 isinstance(shape, list)
@@ -578,23 +684,7 @@ def _read(f, limits: _Limits, cls: str) -> Tuple[Dict[str, Any], Dict[str, np.nd
                 and tuple(shape) in limits.shapes
             ):
                 raise CheckpointError(f"{what} has shape {shape!r}, which is no parameter's shape")
-            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-            data = _read_member(z, members[key], _NPY_HEADER_MAX + nbytes)
-            got_dtype, got_shape, body = _parse_npy(data, what)
-            if (
-                got_dtype != dtype
-                or got_dtype.str != spec["dtype"]
-                or list(got_shape) != shape
-                or len(body) != nbytes
-            ):
-                raise CheckpointError(
-                    f"{what} is {got_dtype.str} {list(got_shape)} but the "
-                    f"metadata says {spec['dtype']} {shape} ({len(body)} "
-                    "bytes of data)"
-                )
-            if hashlib.sha256(body).hexdigest() != spec["sha256"]:
-                raise CheckpointError(f"{what} fails its SHA-256 check: the file is corrupted")
-            arrays[key] = np.frombuffer(body, dtype).reshape(shape)
+            arrays[key] = z.array(key, dtype, shape, spec["sha256"], what)
     return meta, arrays
 
 
@@ -614,13 +704,6 @@ def _state_dtype(text: Any, where: str) -> np.dtype:
     ):
         raise CheckpointError(f"{where}: dtype {text!r} is not one this format writes for arrays")
     return dtype
-
-
-def _bytes_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, key: str) -> bytes:
-    dtype, shape, body = _parse_npy(_read_member(z, info, limit), f"the {key!r} entry")
-    if dtype != np.uint8 or len(shape) != 1 or shape[0] != len(body):
-        raise CheckpointError(f"the {key!r} entry is not a 1-D uint8 array")
-    return bytes(body)
 
 
 def _check_header(meta: Any) -> None:

@@ -6,98 +6,63 @@ starting at zero unless said otherwise).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .optimizer import Optimizer
 from .registry import check_execution_flags, make_class, rules
+from .schedule_free import ScheduleFreeSwitch
 
 __all__ = [r.cls for r in rules()] + ["Nesterov"]
 
 
-class _ScheduleFree:
+class _ScheduleFree(ScheduleFreeSwitch):
     """``train()`` and ``eval()`` of the Schedule-Free rules (schedulefree's
     ``AdamWScheduleFree`` and ``SGDScheduleFree``): the parameter array holds y (where the
     gradient is taken) in train mode and x (the average, to evaluate and save) in eval mode; z is
     in the state. Each switch is one element-wise pass, in place (so references to the arrays see
-    it), over every parameter that has taken a step; the mode is each group's ``train_mode``, as
-    in the package, and is saved in the state dict with the group. A step in eval mode is an
-    error (before anything changes). Unlike the package, a new group starts in train mode (in
-    the mode of the first group, once there is one)."""
+    it), over every parameter that has taken a step, all checked before any moves; the mode is
+    each group's ``train_mode`` (a bool), as in the package, and is saved in the state dict with
+    the group. A step in eval mode is an error (before anything changes). Unlike the package, a
+    new group starts in train mode (in the mode of the first group, once there is one). See
+    :mod:`optkern.schedule_free`."""
 
     #: The hyperparameter between y and the other two points: beta1 (AdamW) or momentum (SGD).
     _interpolation = "beta1"
 
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        with self._lock:  # type: ignore[attr-defined]
-            groups = self.param_groups  # type: ignore[attr-defined]
-            mode = bool(groups[0].get("train_mode", True)) if groups else True
-            super().add_param_group(param_group)  # type: ignore[misc]
-            groups[-1].setdefault("train_mode", mode)
+    def _sf_lock(self) -> Any:
+        return self._lock  # type: ignore[attr-defined]
 
-    def train(self) -> None:
-        """x -> y: p <- lerp(p, z, 1 - beta), for each group in eval mode."""
-        self._switch(True)
+    def _sf_beta(self, group: Dict[str, Any]) -> float:
+        return self._hyper(group)[self._interpolation]  # type: ignore[attr-defined]
 
-    def eval(self) -> None:
-        """y -> x: p <- lerp(p, z, 1 - 1/beta), for each group in train mode."""
-        self._switch(False)
-
-    def _switch(self, to_train: bool) -> None:
-        def pairs(group: Dict[str, Any]) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-            for p in group["params"]:
-                s = self.state.get_by_id(p)  # type: ignore[attr-defined]
-                if s is not None and s.get("step", 0) > 0 and "z" in s:
-                    yield p, s["z"]
-
-        with self._lock:  # type: ignore[attr-defined]
-            switch_schedule_free(
-                self.param_groups,  # type: ignore[attr-defined]
-                to_train,
-                lambda group: self._hyper(group)[self._interpolation],  # type: ignore[attr-defined]
-                pairs,
-            )
+    def _sf_pair(
+        self, group: Dict[str, Any], gi: int, i: int, p: np.ndarray
+    ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        s = self.state.get_by_id(p)  # type: ignore[attr-defined]
+        if s is None or s.get("step", 0) <= 0 or "z" not in s:
+            return None  # not stepped yet: y = x = z
+        where = f"parameter {i} of param group {gi}"
+        if not (isinstance(p, np.ndarray) and p.dtype == np.float32 and p.flags.c_contiguous):
+            raise TypeError(f"{where} is no longer a C-contiguous float32 array; cannot move it")
+        if not p.flags.writeable:
+            raise ValueError(f"{where} is read-only; train()/eval() moves it in place")
+        z = s["z"]
+        if not (isinstance(z, np.ndarray) and z.dtype == np.float32 and z.shape == p.shape):
+            what = f"{z.dtype} {z.shape}" if isinstance(z, np.ndarray) else type(z).__name__
+            raise ValueError(f"the state 'z' of {where} is {what}, not float32 {p.shape}")
+        return p, z
 
     def step(self, grads: Sequence[Optional[np.ndarray]], **kwargs: Any) -> Optional[float]:
         with self._lock:  # type: ignore[attr-defined]
-            if not all(bool(g.get("train_mode", True)) for g in self.param_groups):  # type: ignore[attr-defined]
-                raise RuntimeError(
-                    f"{type(self).__name__}.step() in eval mode: call train() "
-                    "first (and eval() again before evaluating or saving)"
-                )
+            self._sf_refuse_eval_step()
             return super().step(grads, **kwargs)  # type: ignore[misc]
 
-
-def switch_schedule_free(
-    groups: Sequence[Dict[str, Any]],
-    to_train: bool,
-    beta: Callable[[Dict[str, Any]], float],
-    pairs: Callable[[Dict[str, Any]], Iterable[Tuple[np.ndarray, np.ndarray]]],
-) -> None:
-    """Schedule-Free's mode switch over param groups (shared with ``optkern.torch``): each group
-    not yet in the mode moves every (p, z) of ``pairs(group)`` by p <- lerp(p, z, w), with
-    w = 1 - beta (x -> y, to train) or 1 - 1/beta (y -> x, to eval) and beta = ``beta(group)``,
-    then records the mode in its ``train_mode``."""
-    for group in groups:
-        if bool(group.get("train_mode", True)) == to_train:
-            continue
-        b = beta(group)
-        weight = np.float32(1.0 - b if to_train else 1.0 - 1.0 / b)
-        for p, z in pairs(group):
-            _lerp_(p, z, weight)
-        group["train_mode"] = to_train
-
-
-def _lerp_(p: np.ndarray, z: np.ndarray, weight: np.float32) -> None:
-    """p <- torch.lerp(p, z, weight) in float32, in torch's form (see ``Lerp`` in rules.hpp)."""
-    diff = z - p
-    if abs(weight) < 0.5:
-        diff *= weight
-        p += diff
-    else:
-        diff *= np.float32(1.0) - weight
-        np.subtract(z, diff, out=p)
+    def load_state_dict(self, state_dict: Any) -> None:
+        if isinstance(state_dict, dict):
+            self._sf_check_loaded_modes(state_dict.get("param_groups"))
+        super().load_state_dict(state_dict)  # type: ignore[misc]
 
 
 _MIXINS = {

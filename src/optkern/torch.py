@@ -55,6 +55,9 @@ except ImportError:  # a torch that keeps them elsewhere: its own wrapper runs e
 from . import _core
 from . import functional as F
 from ._torch_threads import use_torch_openmp
+from .flat import FlatParams
+from .registry import as_flag, as_real
+from .schedule_free import ScheduleFreeSwitch
 
 use_torch_openmp(torch)  # optkern's chunks on torch's own OpenMP team (docs/threading.md)
 
@@ -173,24 +176,64 @@ def _why_not(t: torch.Tensor, what: str) -> Optional[str]:
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy()  # shares memory; never copies
+    """A NumPy view sharing ``t``'s memory (never a copy); a 0-d tensor's as one element, the
+    shape the kernels take for it."""
+    a = t.detach().numpy()
+    return a.reshape(1) if a.ndim == 0 else a
+
+
+def _meta(t: Optional[torch.Tensor]) -> Optional[Tuple[Any, ...]]:
+    """What makes a NumPy view of ``t`` exact: the address, shape, strides and dtype. A view is
+    reused only while these are unchanged (an in-place transpose, ``p.data = p.data.view(...)``
+    or a ``set_`` keeps the address but changes the rest)."""
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype)
+
+
+#: Whether a tensor still has the layout of a detached alias taken when its view was made: the
+#: same storage, offset, shape and strides, in one call. (A dtype reinterpretation of the same
+#: bytes keeps all four; a parameter's is refused by torch, a state's needs shape-preserving
+#: same-size dtypes and would make torch.optim itself fail.)
+_IS_SET_TO = torch.Tensor.is_set_to
 
 
 class _Entry:
-    """Cached NumPy views of one parameter, its gradient and its state tensors."""
+    """Cached NumPy views of one parameter, its gradient and its state tensors, each valid while
+    the tensor keeps the layout it had when the view was made (``is_set_to`` a detached alias;
+    the gradient, held weakly, by :func:`_meta`)."""
 
-    __slots__ = ("ptr", "pview", "grad", "gptr", "sdict", "tensors", "views", "steps", "cviews")
+    __slots__ = (
+        "ref", "lo", "nbytes", "pview", "grad", "gmeta", "galias", "sdict", "tensors", "tlive",
+        "trefs", "views",
+        "steps", "cviews",
+    )  # fmt: skip
 
     def __init__(self, p: torch.Tensor) -> None:
-        self.ptr = p.data_ptr()
+        self.ref = p.detach()
+        self.lo, self.nbytes = p.data_ptr(), p.numel() * p.element_size()
         self.pview = _np(p)
         self.grad = None
-        self.gptr = 0
+        self.gmeta: Tuple[Any, ...] = ()
+        self.galias = False  # the gradient shares memory with the parameter (p.grad = p.data)
         self.sdict = None
         self.tensors: Tuple[Any, ...] = ()
+        self.tlive: List[Any] = []  # the state tensors (not None) and their aliases
+        self.trefs: List[Any] = []
         self.views: Tuple[Any, ...] = ()
         self.steps = None
         self.cviews: Tuple[Any, ...] = ()
+
+
+_MISSING = object()
+
+
+class _Plan:
+    """One group's update, checked by the core but not run, and what to write back after."""
+
+    __slots__ = ("call", "params", "entries", "lists", "steps", "fresh")
+
+    def __init__(self, call, params, entries, lists, steps, fresh) -> None:
+        self.call, self.params, self.entries = call, params, entries
+        self.lists, self.steps, self.fresh = lists, steps, fresh
 
 
 # -- the base class --------------------------------------------------------------------------------
@@ -217,6 +260,9 @@ class _OktOptimizer(torch.optim.Optimizer):
         #: id(group) -> (group, functional name, types and values of its hyperparameters, the
         #: core's validated dict of them): see _call
         self._okt_checked: Dict[int, Tuple[Any, ...]] = {}
+        #: [runs of the kernels]: advanced by the core right after them, so a step that is
+        #: interrupted after its kernels ran still completes its bookkeeping (see _step)
+        self._okt_runs = [0]
         super().__init__(params, defaults)
         if self._rule.eager:  # torch's Adagrad creates its state in the constructor
             for group in self.param_groups:
@@ -251,7 +297,7 @@ class _OktOptimizer(torch.optim.Optimizer):
                     f"optkern.torch.{cls} cannot update it in place: {why}; "
                     f"use torch.optim for such parameters"
                 )
-        self._call(group, [], [], {}, [])  # optkern validates the hyperparameters
+        self._prepare(group, [], [], {}, [])  # optkern validates the hyperparameters
 
     @staticmethod
     def _label(group: Dict[str, Any], gi: int, i: int) -> str:
@@ -264,6 +310,7 @@ class _OktOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._okt_cache = {}
         self._okt_checked = {}
+        self._okt_runs = [0]
         rule = self._rule
         for group in self.param_groups:
             for name, default in rule.args + rule.kwonly:
@@ -382,8 +429,7 @@ class _OktOptimizer(torch.optim.Optimizer):
         if grad_mode:  # state tensors are made outside autograd, as torch.optim's step does
             torch.set_grad_enabled(False)
         try:
-            for gi, group in enumerate(self.param_groups):
-                self._step_group(gi, group)
+            self._update()
         finally:
             if grad_mode:
                 torch.set_grad_enabled(True)
@@ -393,7 +439,47 @@ class _OktOptimizer(torch.optim.Optimizer):
         """Raises before anything changes if the optimizer cannot step now (Schedule-Free in eval
         mode)."""
 
-    def _step_group(self, gi: int, group: Dict[str, Any]) -> None:
+    def _update(self) -> None:
+        """Every group checked and prepared first (state a parameter lacks is made then, and
+        taken back if a later group is refused), then one run of every group's kernels, then the
+        bookkeeping: a refused step changes nothing, as with optkern's NumPy classes."""
+        undo: List[Tuple[Any, Any, Any]] = []
+        plans: List[_Plan] = []
+        try:
+            for gi, group in enumerate(self.param_groups):
+                plan = self._plan_group(gi, group, undo)
+                if plan is not None:
+                    plans.append(plan)
+        except BaseException:
+            self._undo(undo)
+            raise
+        if not plans:
+            return
+        runs = self._okt_runs[0]
+        try:
+            _core.run([pl.call for pl in plans], counter=self._okt_runs)
+            for pl in plans:
+                self._write_back(pl)
+        except BaseException:
+            if self._okt_runs[0] == runs:  # the kernels did not run: nothing changed
+                self._undo(undo)
+            else:  # they ran (a Ctrl-C during the bookkeeping): finish it, which is idempotent
+                for pl in plans:
+                    self._write_back(pl)
+            raise
+
+    def _undo(self, undo: List[Tuple[Any, Any, Any]]) -> None:
+        for where, key, old in reversed(undo):
+            if old is _MISSING:
+                where.pop(key, None)
+            else:
+                where[key] = old
+
+    def _set(self, undo: list, where: Any, key: Any, value: Any) -> None:
+        undo.append((where, key, where.get(key, _MISSING) if key in where else _MISSING))
+        where[key] = value
+
+    def _plan_group(self, gi: int, group: Dict[str, Any], undo: list) -> Optional[_Plan]:
         rule = self._rule
         names = [b.name for b in rule.state if b.when is None or group[b.when]]
         cnames = list(self._carried_names)
@@ -406,13 +492,17 @@ class _OktOptimizer(torch.optim.Optimizer):
         state = self.state
         cache = self._okt_cache
         # The hot loop: a cached entry is reused while the parameter's memory, its gradient
-        # tensor and its state tensors are the very objects the views were made from.
+        # tensor and its state tensors are the very objects (and layouts) the views were made of.
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
             e = cache.get(p)
-            if e is None or e.ptr != p.data_ptr():
+            try:
+                fresh = e is None or not p.is_set_to(e.ref) or p.dtype is not e.ref.dtype
+            except RuntimeError:  # no storage now (sparse, meta): _why_not says what it is
+                fresh = True
+            if fresh:
                 why = _why_not(p, self._label(group, gi, i))
                 if why:
                     raise TypeError(
@@ -421,7 +511,11 @@ class _OktOptimizer(torch.optim.Optimizer):
                 e = cache[p] = _Entry(p)
             # The gradient is held weakly and its view only during the call: zero_grad()
             # must free it, as with torch.optim (else every parameter costs a second gradient).
-            if e.grad is None or e.grad() is not g or e.gptr != g.data_ptr():
+            try:
+                gm = (g.data_ptr(), g.shape, g.stride(), g.dtype)
+            except RuntimeError:  # no storage (sparse, meta): the checks below say what it is
+                gm = None
+            if gm is None or e.grad is None or e.grad() is not g or e.gmeta != gm:
                 if not (
                     g.is_cpu
                     and g.dtype is _F32
@@ -437,32 +531,40 @@ class _OktOptimizer(torch.optim.Optimizer):
                         f"the gradient of {self._label(group, gi, i)} has shape "
                         f"{tuple(g.shape)}, the parameter {tuple(p.shape)}"
                     )
-                e.grad, e.gptr = weakref.ref(g), g.data_ptr()
+                # a gradient of the parameter's shape and dtype: its bytes span as many
+                e.grad, e.gmeta = weakref.ref(g), gm
+                e.galias = gm[0] < e.lo + e.nbytes and e.lo < gm[0] + e.nbytes
             st = state.get(p) if keys else e.sdict  # SGD without momentum keeps no state
             if not st and keys:
+                if p not in state:
+                    undo.append((state, p, _MISSING))
                 st = self._init_state(p, group)
-            if keys and (
-                st is not e.sdict
-                or len(e.tensors) != len(keys)
-                or not all(map(is_, map(st.get, keys), e.tensors))
-            ):
-                self._refresh_state(e, st, names, p, group, gi, i)
+            if keys:
+                stale = (
+                    st is not e.sdict
+                    or len(e.tensors) != len(keys)
+                    or not all(map(is_, map(st.get, keys), e.tensors))
+                )
+                if stale or not all(map(_IS_SET_TO, e.tlive, e.trefs)):
+                    self._refresh_state(e, st, names, p, group, gi, i, undo)
             params.append(p)
             pviews.append(e.pview)
-            gviews.append(g.numpy())
+            # p.grad = p.data (torch allows it): the kernels read a copy, never the memory they write
+            gv = g.numpy()
+            if not gv.ndim:
+                gv = gv.reshape(1)
+            gviews.append(gv.copy() if e.galias else gv)
             entries.append(e)
         if not params:
-            return
+            return None
         lists = {n: [e.views[k] for e in entries] for k, n in enumerate(names)}
         for k, n in enumerate(cnames):  # the carried numbers, read from their float32 tensors
             lists[n] = [float(e.cviews[k]) for e in entries]
         for n in fnames:  # or kept as floats in the state
             lists[n] = [e.sdict[n] for e in entries]
-        steps = None
-        if rule.step:
-            steps = [int(e.steps) + 1 for e in entries]
+        steps = [int(e.steps) + 1 for e in entries] if rule.step else None
         try:
-            self._call(group, pviews, gviews, lists, steps)
+            call, fresh = self._prepare(group, pviews, gviews, lists, steps)
         except (TypeError, ValueError) as err:  # say which tensors the indices name
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             where = "; ".join(f"[{k}] = {self._label(group, gi, i)}" for k, i in enumerate(idx))
@@ -470,25 +572,33 @@ class _OktOptimizer(torch.optim.Optimizer):
                 f"{err} (param group {gi}; the indices count its parameters that "
                 f"have a gradient: {where})"
             ) from None
+        return _Plan(call, params, entries, lists, steps, fresh)
+
+    def _write_back(self, pl: _Plan) -> None:
+        """A group's bookkeeping after its kernels ran: step counts and carried numbers into
+        their tensors, buffers the first update made into the state (each write idempotent)."""
+        rule = self._rule
         if rule.step:
-            for e, s in zip(entries, steps):
+            for e, s in zip(pl.entries, pl.steps):
                 e.steps[()] = s
-        for k, n in enumerate(cnames):  # written back as torch keeps them: float32
-            for e, v in zip(entries, lists[n]):
+        for k, n in enumerate(self._carried_names):  # written back as torch keeps them: float32
+            for e, v in zip(pl.entries, pl.lists[n]):
                 e.cviews[k][()] = v
-        for n in fnames:
-            for e, v in zip(entries, lists[n]):
+        for n in self._float_names:
+            for e, v in zip(pl.entries, pl.lists[n]):
                 e.sdict[n] = v
-        fresh = [b.name for b in rule.state if b.init == "first_grad" and b.name in lists]
-        for name in fresh:  # buffers the first update created: keep them as tensors
+        names = [b.name for b in rule.state if b.name in pl.lists]
+        for name in pl.fresh:  # buffers the first update created: keep them as tensors
             k = names.index(name)
-            for p, e, v in zip(params, entries, lists[name]):
+            for p, e, v in zip(pl.params, pl.entries, pl.lists[name]):
                 if e.views[k] is None:
-                    t = torch.from_numpy(v)  # shares the buffer's memory
-                    state[p][name] = t
+                    t = torch.from_numpy(v.reshape(p.shape))  # shares the buffer's memory
+                    self.state[p][name] = t
                     e.tensors = e.tensors[:k] + (t,) + e.tensors[k + 1 :]
+                    e.tlive.append(t)
+                    e.trefs.append(t.detach())
                     e.views = e.views[:k] + (v,) + e.views[k + 1 :]
-        increment_version(params)  # autograd sees the in-place update, as with torch.optim
+        increment_version(pl.params)  # autograd sees the in-place update, as with torch.optim
 
     def _refresh_state(
         self,
@@ -499,6 +609,7 @@ class _OktOptimizer(torch.optim.Optimizer):
         group: Dict[str, Any],
         gi: int,
         i: int,
+        undo: list,
     ) -> None:
         label = self._label(group, gi, i)
         views = []
@@ -515,24 +626,29 @@ class _OktOptimizer(torch.optim.Optimizer):
                 views.append(None)
                 continue
             if t is None and buf.shape != "like_param":
-                t = st[n] = torch.zeros(shape, dtype=torch.float32)
+                t = torch.zeros(shape, dtype=torch.float32)
+                self._set(undo, st, n, t)
             elif t is None:
                 if buf.init == "first_grad":
                     views.append(None)
                     continue
-                t = st[n] = (
+                t = (
                     torch.zeros_like(p, memory_format=torch.contiguous_format)
                     if buf.init == "zeros"
                     else self._filled(p, buf, group)
                 )
+                self._set(undo, st, n, t)
+            elif not isinstance(t, torch.Tensor):
+                raise TypeError(f"state {n!r} of {label} is a {type(t).__name__}, not a tensor")
             elif _why_not(t, f"state {n!r} of {label}") or tuple(t.shape) != shape:
-                st[n] = t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+                t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
                 if tuple(t.shape) != shape:
                     raise ValueError(
                         f"state {n!r} of {label} has shape {tuple(t.shape)}, the "
                         f"parameter {tuple(p.shape)}"
                         + ("" if shape == tuple(p.shape) else f", which needs {shape}")
                     )
+                self._set(undo, st, n, t)
             views.append(_np(t))
         if self._rule.step:
             s = st.get("step")
@@ -542,7 +658,8 @@ class _OktOptimizer(torch.optim.Optimizer):
                 and s.dim() == 0
                 and s.device.type == "cpu"
             ):
-                s = st["step"] = torch.tensor(float(0 if s is None else s), dtype=torch.float32)
+                s = torch.tensor(float(0 if s is None else s), dtype=torch.float32)
+                self._set(undo, st, "step", s)
             e.steps = s.numpy()
         cviews = []
         for c in self._rule.carried:
@@ -550,7 +667,7 @@ class _OktOptimizer(torch.optim.Optimizer):
             if not c.tensor:
                 if v is None:
                     v = c.init if not isinstance(c.init, str) else group[c.init]
-                st[c.name] = float(_scalar(c.name, v))
+                self._set(undo, st, c.name, float(_scalar(c.name, v)))
                 continue
             if not (
                 isinstance(v, torch.Tensor)
@@ -561,7 +678,8 @@ class _OktOptimizer(torch.optim.Optimizer):
                 if v is None:
                     init = c.init if not isinstance(c.init, str) else group[c.init]
                     v = init
-                v = st[c.name] = torch.tensor(float(_scalar(c.name, v)), dtype=torch.float32)
+                v = torch.tensor(float(_scalar(c.name, v)), dtype=torch.float32)
+                self._set(undo, st, c.name, v)
             cviews.append(v.numpy())
         e.cviews = tuple(cviews)
         e.sdict = st
@@ -570,85 +688,89 @@ class _OktOptimizer(torch.optim.Optimizer):
             + tuple(st[c.name] for c in self._rule.carried if c.tensor)
             + ((st["step"],) if self._rule.step else ())
         )
+        e.tlive = [t for t in e.tensors if t is not None]
+        e.trefs = [t.detach() for t in e.tlive]
         e.views = tuple(views)
 
-    def _call(
+    def _prepare(
         self,
         group: Dict[str, Any],
         pviews: List[np.ndarray],
         gviews: List[np.ndarray],
         lists: Dict[str, List[Any]],
         steps: Optional[List[int]],
-    ) -> None:
+    ) -> Tuple[Any, List[str]]:
+        """The group's update, checked by the core (arrays, step counts, hyperparameters, the
+        per-step scalars) but not run; and the names of the buffers it creates (SGD's momentum
+        at its first update, made here in one block and passed in place of the None entries)."""
         rule = self._rule
         fn_name = rule.fn if isinstance(rule.fn, str) else rule.fn[2 if group[rule.fn[0]] else 1]
+        core_name = fn_name[:-1]
         values = [
             _scalar(f"{src[0]}[{src[1]}]", group[src[0]][src[1]])
             if isinstance(src, tuple)
             else _scalar(src, group[src])
             for src in rule.kw.values()
         ]
-        states = {  # by name: a list the group does not use is None
-            b.name: lists.get(b.name, []) if b.when is None or group[b.when] else None
-            for b in rule.state
-        }
-        states.update((c.name, lists.get(c.name, [])) for c in rule.carried)
-        # The common step: hyperparameters the functional function checked before, unchanged
-        # (the same values and types), and no buffer its first update makes (SGD's momentum).
-        # The core is called directly with them, as that function would call it: the core
-        # still checks every array, step count and per-step scalar.
-        known = self._okt_checked.get(id(group))
         types = list(map(type, values))
+        # The hyperparameters the core checked before for this group, if unchanged (the same
+        # values and types): their validated dict is reused.
+        known = self._okt_checked.get(id(group))
         if (
             known is not None
             and known[0] is group
             and known[1] == fn_name
             and known[2] == types
             and known[3] == values
-            and not any(id(None) in map(id, states[n] or ()) for n in self._first_update_names)
         ):
-            _core.step(
-                fn_name[:-1],
-                pviews,
-                gviews,
-                states,
-                known[4],
-                steps=steps if rule.step_kw else None,
-                grad_scale=1.0,
+            hyper = known[4]
+        else:
+            hyper = _core.validate(
+                core_name,
+                {
+                    k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v)
+                    for k, v in zip(rule.kw, values)
+                },
             )
-            return
-        kwargs: Dict[str, Any] = dict(zip(rule.kw, values))
-        if rule.step_kw:
-            kwargs["step"] = steps if steps is not None else []
-        for b in rule.state:
-            kwargs[b.arg] = states[b.name]
-        for c in rule.carried:
-            kwargs[c.arg] = states[c.name]
-        getattr(F, fn_name)(pviews, gviews, **kwargs)
-        if pviews and all(t in _PLAIN_SCALARS for t in types):  # checked: remember them
-            core = {
-                k: v if isinstance(v, bool) else float(v) for k, v in kwargs.items() if k in rule.kw
-            }
-            self._okt_checked[id(group)] = (
-                group,
-                fn_name,
-                types,
-                values,
-                _core.validate(fn_name[:-1], core),
-            )
+            if all(t in _PLAIN_SCALARS for t in types):  # checked: remember them
+                self._okt_checked[id(group)] = (group, fn_name, types, values, hyper)
+        states = {  # by name: a list the group does not use is None
+            b.name: lists.get(b.name, []) if b.when is None or group[b.when] else None
+            for b in rule.state
+        }
+        states.update((c.name, lists.get(c.name, [])) for c in rule.carried)
+        fresh: List[str] = []
+        call_steps = steps if rule.step_kw else None
+        for name in self._first_update_names:
+            entries = states.get(name)
+            if not entries or id(None) not in map(id, entries):
+                continue
+            if hyper.get("momentum", 1.0) == 0:  # SGD without momentum: no buffer at all
+                states[name] = None
+                continue
+            made = iter(FlatParams([p.shape for p, b in zip(pviews, entries) if b is None]))
+            flags = [b is None for b in entries]
+            entries[:] = [next(made) if f else b for b, f in zip(entries, flags)]
+            call_steps = [1 if f else 2 for f in flags]  # step 1: the buffer becomes the gradient
+            fresh.append(name)
+        call = _core.prepare(
+            core_name, pviews, gviews, states, hyper, steps=call_steps, grad_scale=1.0
+        )
+        return call, fresh
 
 
 # -- Schedule-Free's train()/eval() ---------------------------------------------------------------
 
 
-class _ScheduleFreeSwitch:
+class _ScheduleFreeSwitch(ScheduleFreeSwitch):
     """``train()`` / ``eval()`` as the schedulefree package's ``AdamWScheduleFree`` and
     ``SGDScheduleFree``: the parameter holds y (where the gradient is taken) in train mode and x
     (the average, to evaluate and save) in eval mode; each switch is one in-place lerp towards
-    ``state["z"]`` (optkern's own, :func:`optkern.optimizers.switch_schedule_free`). The mode is
-    each group's ``train_mode``, saved with the group; a step in eval mode raises RuntimeError
-    before anything runs or changes. Unlike the package, a new group starts in train mode (in the
-    first group's mode, once there is one), as in optkern's NumPy classes.
+    ``state["z"]``, every parameter checked before any moves (:mod:`optkern.schedule_free`, the
+    same switch as optkern's NumPy classes). The mode is each group's ``train_mode`` (a bool),
+    saved with the group; a step in eval mode raises RuntimeError before anything runs or
+    changes. Unlike the package, a new group starts in train mode (in the first group's mode,
+    once there is one), as in optkern's NumPy classes.
 
     optkern counts steps per parameter (``step``, ``lr_max``, ``weight_sum`` in each parameter's
     state), the package per group (``k``, ``lr_max``, ``weight_sum`` in the group); they agree
@@ -659,58 +781,43 @@ class _ScheduleFreeSwitch:
 
     _GROUP_COUNTERS = ("k", "lr_max", "weight_sum", "scheduled_lr")
 
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        groups = self.param_groups  # type: ignore[attr-defined]
-        mode = bool(groups[0].get("train_mode", True)) if groups else True
-        super().add_param_group(param_group)  # type: ignore[misc]
-        groups[-1].setdefault("train_mode", mode)
-
-    def train(self) -> None:
-        """x -> y: p <- lerp(p, z, 1 - beta), for each group in eval mode."""
-        self._switch(True)
-
-    def eval(self) -> None:
-        """y -> x: p <- lerp(p, z, 1 - 1/beta), for each group in train mode."""
-        self._switch(False)
-
-    @torch.no_grad()
-    def _switch(self, to_train: bool) -> None:
-        from . import optimizers, registry
+    def _sf_beta(self, group: Dict[str, Any]) -> float:
+        from . import registry
 
         reg = registry.rule(self._rule.registry_name)  # type: ignore[attr-defined]
-        moved: List[torch.Tensor] = []
+        core = _core.validate(reg.name, reg.to_core(group, lr=0.0))
+        return core[self._rule.switch]  # type: ignore[attr-defined]
 
-        def pairs(group: Dict[str, Any]) -> Any:
-            for i, p in enumerate(group["params"]):
-                st = self.state.get(p)  # type: ignore[attr-defined]
-                if not st or "z" not in st or float(st.get("step", 0)) <= 0:
-                    continue  # not stepped yet: y = x = z
-                why = _why_not(p, "parameter")
-                if why:
-                    gi = [id(g) for g in self.param_groups].index(id(group))  # type: ignore[attr-defined]
-                    why = _why_not(p, self._label(group, gi, i))  # type: ignore[attr-defined]
-                    raise TypeError(f"optkern.torch.{type(self).__name__} cannot move it: {why}")
-                z = st["z"]
-                if _why_not(z, "z") or z.shape != p.shape:
-                    st["z"] = z = z.detach().to(device="cpu", dtype=torch.float32).contiguous()
-                moved.append(p)
-                yield _np(p), _np(z)
+    def _sf_pair(
+        self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor
+    ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        st = self.state.get(p)  # type: ignore[attr-defined]
+        if not st or "z" not in st or float(st.get("step", 0)) <= 0:
+            return None  # not stepped yet: y = x = z
+        label = self._label(group, gi, i)  # type: ignore[attr-defined]
+        why = _why_not(p, label)
+        if why:
+            raise TypeError(f"optkern.torch.{type(self).__name__} cannot move it: {why}")
+        z = st["z"]
+        if not isinstance(z, torch.Tensor) or tuple(z.shape) != tuple(p.shape):
+            what = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"the state 'z' of {label} is {what}, not shaped as its parameter")
+        if _why_not(z, "z"):
+            # a loaded z in another dtype or layout: read from a float32 copy (the kernels
+            # convert it the same way at the next step)
+            z = z.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        return _np(p), _np(z)
 
-        optimizers.switch_schedule_free(
-            self.param_groups,  # type: ignore[attr-defined]
-            to_train,
-            lambda group: reg.to_core(group)[self._rule.switch],  # type: ignore[attr-defined]
-            pairs,
-        )
-        if moved:
-            increment_version(moved)
+    def _sf_moved(self, params: List[Any]) -> None:
+        increment_version(params)
 
     def _before_step(self) -> None:
-        if not all(bool(g.get("train_mode", True)) for g in self.param_groups):  # type: ignore[attr-defined]
-            raise RuntimeError(
-                f"{type(self).__name__}.step() in eval mode: call train() first (and eval() "
-                "again before evaluating or saving)"
-            )
+        self._sf_refuse_eval_step()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if isinstance(state_dict, dict):
+            self._sf_check_loaded_modes(state_dict.get("param_groups"))
+        self._sf_load_state_dict(state_dict)
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()  # type: ignore[misc]
@@ -725,7 +832,7 @@ class _ScheduleFreeSwitch:
                 packed.update(k=k, lr_max=lr_max, weight_sum=weight_sum)
         return sd
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def _sf_load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)  # type: ignore[misc]
         for group in self.param_groups:  # type: ignore[attr-defined]
             if "k" not in group:

@@ -70,9 +70,9 @@ def test_without_mpi4py_the_error_says_what_to_install():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_inner_suite_under_mpiexec(n):
-    proc, _ = run(
-        n, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", os.path.join(HERE, "mpi_inner.py")]
-    )
+    # one launch per N for both suites (mpiexec's start-up is a good part of the time)
+    suites = [os.path.join(HERE, f) for f in ("mpi_inner.py", "mpi_agreement.py")]
+    proc, _ = run(n, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *suites])
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert proc.stdout.count(" passed") == n  # every rank ran the suite
 

@@ -11,6 +11,7 @@ from typing import Dict
 
 import optkern as ok
 
+from .._cli import dims, positive_int, size, thread_count, writable_file
 from . import algos as _algos
 from . import loops as _loops
 from .cases import CASES, torch_available
@@ -36,18 +37,6 @@ STUDIES = ["main", "small", "threads", "clip", "loops"]
 ALGO_STUDIES = list(_algos.STUDIES)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type for counts of repeats, rounds and steps: none of them can be 0 (a median or
-    minimum of no timings), so 0 and negatives are refused at the command line."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-_positive_int.__name__ = "integer"  # argparse's "invalid integer value: 'x'"
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench", help="time every optimizer against NumPy and torch", description=__doc__
@@ -64,18 +53,19 @@ def add_parser(sub) -> None:
         "--sizes",
         nargs="+",
         default=DEFAULT_SIZES,
+        type=size,
         metavar="N",
         help="elements per parameter, e.g. 100k 1m 50m (default: %(default)s)",
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=thread_count,
         default=None,
         help="threads for optkern and torch (default: optkern's default)",
     )
     p.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=5,
         help="timed batches per case (min is kept; --torch: medians, and its step cases "
         "repeat for about 0.5 s when that is more)",
@@ -100,12 +90,13 @@ def add_parser(sub) -> None:
         "--loop-sizes",
         nargs="+",
         default=_loops.DEFAULT_LOOP_SIZES,
+        type=dims,
         metavar="DIMS",
         help="MLP layer sizes for the loops study (default: %(default)s)",
     )
     p.add_argument(
         "--loop-steps",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="timed training steps per loop and round (default: about "
@@ -113,7 +104,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int,
         default=_loops.DEFAULT_ROUNDS,
         help="interleaved rounds of the loops study (median kept; default %(default)s)",
     )
@@ -139,8 +130,15 @@ def add_parser(sub) -> None:
         help="with --torch: every optkern.torch class, each against torch.optim's class or "
         "its reference package (lion-pytorch, optax, schedulefree) where installed",
     )
-    p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
-    p.add_argument("--plot", metavar="PATH", help="PNG of time against size (needs matplotlib)")
+    p.add_argument(
+        "--json", metavar="PATH", type=writable_file, help="write every measurement as JSON"
+    )
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        type=writable_file,
+        help="PNG of time against size (needs matplotlib)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.add_argument(
         "--distributed",
@@ -153,8 +151,6 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
         ok.set_num_threads(args.threads)
     if args.distributed:
         from .distributed import run_distributed
@@ -189,16 +185,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"JSON written to {args.json}")
         if not studies:
             return 0
+    # the small study: Adam, or each optimizer --optimizers names
+    small_keys = args.optimizers if args.optimizers != list(CASES) else ["adam"]
     if "loops" in studies:
-        if args.rounds < 1 or (args.loop_steps is not None and args.loop_steps < 1):
-            raise SystemExit("--rounds and --loop-steps must be >= 1")
-        try:
-            loop_sizes = [_loops.parse_dims(d) for d in args.loop_sizes]
-        except ValueError as e:
-            raise SystemExit(f"--loop-sizes: {e}")
+        loop_sizes = [_loops.parse_dims(d) for d in args.loop_sizes]
     total = (
         (len(sizes) * len(cases) if "main" in studies else 0)
-        + ("small" in studies)
+        + (len(small_keys) if "small" in studies else 0)
         + 6 * ("threads" in studies)
         + ("clip" in studies)
         + (len(args.loop_conditions) if "loops" in studies else 0)
@@ -216,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
             rows = run_main(cases, sizes, args.repeats, use_torch, progress)
             result["main"] = rows
         if "small" in studies:
-            result["many_small"] = run_many_small(args.repeats, use_torch, progress)
+            result["many_small"] = [
+                run_many_small(args.repeats, use_torch, progress, key) for key in small_keys
+            ]
         if "threads" in studies:
             result["threads"] = run_threads(
                 [8_000, 32_000, 64_000, 128_000, 1_000_000, 10_000_000], args.repeats, progress
@@ -262,15 +257,17 @@ def report(result: Dict[str, object]) -> None:
             "stream bandwidth (best beside any case): "
             + ", ".join(f"{size_label(n)} {g:.1f} GB/s" for n, g in streams.items())
         )
-    if "many_small" in result:
-        s = result["many_small"]
-        print(f"\nAdam over {s['buffers']} arrays of 64..64K elements ({s['elements']} in all):")
+    for s in result.get("many_small", []):
+        print(
+            f"\n{s['optimizer']} over {s['buffers']} arrays of 64..64K elements "
+            f"({s['elements']} in all):"
+        )
         for name, t in s["seconds"].items():
             print(f"  {name:<32} {t * 1e6:9.1f} us")
         print(
             f"  overhead per buffer: {s['overhead_per_buffer_us']:.2f} us"
             + (
-                f"; {s['speedup_vs_torch']:.2f}x faster than torch fused"
+                f"; {s['speedup_vs_torch']:.2f}x faster than torch {s['torch_impl']}"
                 if "speedup_vs_torch" in s
                 else ""
             )

@@ -39,6 +39,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from .._cli import parse_dims  # noqa: F401  (one rule for --loop-sizes and the study)
+
 DEFAULT_LOOP_SIZES = ["784-256-128-10", "1024-1024-1024-10"]
 CONDITIONS = ["quiet", "busy", "torch"]
 LOOPS = ["numpy", "optkern", "optkern_1t", "no_update", "alone"]
@@ -48,13 +50,6 @@ TARGET_SEGMENT_SECONDS = 0.04  # each timed stretch of steps lasts about this lo
 
 # Targets of issue 10 on the loop ratio optkern / numpy (every optimizer: at most 1.0).
 LOOP_RATIO_TARGETS = {"adam": 0.8, "adamw": 0.8, "rmsprop": 0.85, "adadelta": 0.85}
-
-
-def parse_dims(text: str) -> List[int]:
-    dims = [int(x) for x in text.replace("x", "-").split("-") if x]
-    if len(dims) < 2 or min(dims) < 1:
-        raise ValueError(f"layer sizes like 784-256-128-10, not {text!r}")
-    return dims
 
 
 def n_params(dims: Sequence[int]) -> int:

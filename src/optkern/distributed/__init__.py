@@ -21,9 +21,10 @@ from ._mpi import (
     default_threads,
     install_excepthook,
 )
+from ._agree import RanksDisagree
 from .data_parallel import DataParallel, check_identical, params_digest
 from .zero import ZeroRedundancyOptimizer
-from .checkpoint import load, save
+from .checkpoint import ShardedCheckpointError, load, save
 
 __all__ = [
     "DataParallel",
@@ -31,6 +32,8 @@ __all__ = [
     "save",
     "load",
     "DistributedError",
+    "RanksDisagree",
+    "ShardedCheckpointError",
     "configure_threads",
     "default_threads",
     "install_excepthook",

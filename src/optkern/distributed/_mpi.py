@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +29,8 @@ __all__ = [
     "split",
     "configure_threads",
     "default_threads",
+    "check_num_threads",
+    "check_positive_real",
     "install_excepthook",
     "TIMEOUT_ENV",
 ]
@@ -39,6 +41,40 @@ TIMEOUT_ENV = "OPTKERN_MPI_TIMEOUT"
 
 class DistributedError(RuntimeError):
     """A collective that did not complete (timeout) or ranks that disagree."""
+
+    #: True for an error that every rank raises at the same point (ranks that disagree, a
+    #: checkpoint some rank cannot read): a guarded section re-raises it instead of aborting.
+    raised_on_every_rank = False
+
+
+# -- the wrappers' arguments (one checker for DataParallel, ZeRO and configure_threads) ----------
+
+
+def check_num_threads(value: Any, name: str = "num_threads") -> Any:
+    """``"auto"``, None, or a thread count that ``optkern.set_num_threads`` takes (an int, not a
+    bool, from 1 to its maximum): returned as given (an int for a count)."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f'{name} must be "auto", None or an int >= 1, got {type(value).__name__}: {value!r}'
+        )
+    top = int(ok.build_info()["max_threads"])
+    if not 1 <= int(value) <= top:
+        raise ValueError(f"{name} must be from 1 to {top}, got {int(value)}")
+    return int(value)
+
+
+def check_positive_real(value: Any, name: str) -> float:
+    """A finite real number > 0 (an int or float, NumPy's included; not a bool or a string)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{name} must be a number > 0, got {type(value).__name__}: {value!r}")
+    v = float(value)
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
 
 
 def split(total: int, parts: int, align: int = 1) -> List[Tuple[int, int]]:
@@ -57,8 +93,11 @@ def _timeout_from_env() -> Optional[float]:
     text = os.environ.get(TIMEOUT_ENV, "").strip()
     if not text:
         return None
-    value = float(text)
-    if not value > 0:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
     return value
 
@@ -87,9 +126,9 @@ class Collectives:
             )
         if on_error not in ("abort", "raise"):
             raise ValueError(f'on_error must be "abort" or "raise", got {on_error!r}')
-        self.timeout = _timeout_from_env() if timeout is None else float(timeout)
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.timeout = (
+            _timeout_from_env() if timeout is None else check_positive_real(timeout, "timeout")
+        )
         self.on_error = on_error
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
@@ -114,8 +153,13 @@ class Collectives:
         try:
             yield
         except BaseException as e:
-            if self.size == 1 or self.on_error == "raise" or self._depth > 1:
-                raise  # the outermost section reports it
+            if (
+                self.size == 1
+                or self.on_error == "raise"
+                or self._depth > 1
+                or getattr(e, "raised_on_every_rank", False)
+            ):
+                raise  # the outermost section reports it; every rank raises an agreed error
             self.abort(f"{what} raised {type(e).__name__}: {e}")
         finally:
             self._depth -= 1
@@ -342,10 +386,11 @@ def configure_threads(comm: Optional["MPI.Intracomm"] = None, num_threads="auto"
     that count cannot be told apart from the default and is overridden: pass an int then). An
     int sets that count; None leaves the threads alone. Collective over ``comm`` for "auto"."""
     global _configured
+    num_threads = check_num_threads(num_threads)
     if num_threads is None:
         return ok.get_num_threads()
     if num_threads != "auto":
-        n = int(num_threads)
+        n = num_threads
         ok.set_num_threads(n)
         _configured = True
         return n

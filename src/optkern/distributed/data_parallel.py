@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 import optkern as ok
 
+from ._agree import (
+    SUM_SLOTS,
+    RanksDisagree,
+    StepDigest,
+    agree,
+    describe_groups,
+    describe_params,
+    explain,
+    sums_agree,
+    to_sum_slots,
+)
 from ._layout import ALIGN
-from ._mpi import MPI, Collectives, DistributedError, configure_threads, split
+from ._mpi import (
+    MPI,
+    Collectives,
+    DistributedError,
+    check_num_threads,
+    check_positive_real,
+    configure_threads,
+    split,
+)
 
 __all__ = ["DataParallel", "params_digest", "check_identical"]
 
@@ -33,6 +52,16 @@ def check_identical(arrays: Sequence[np.ndarray], comm=None) -> None:
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
         raise DistributedError(f"ranks {differ} hold parameters that differ from rank 0's")
+
+
+def _switch(optimizer: ok.Optimizer, mode: str) -> None:
+    method = getattr(optimizer, mode, None)
+    if method is None:
+        raise TypeError(
+            f"{type(optimizer).__name__} has no train()/eval() (only the Schedule-Free "
+            "optimizers switch modes)"
+        )
+    method()
 
 
 class DataParallel:
@@ -70,8 +99,11 @@ class DataParallel:
     algorithm: runs are bitwise reproducible for a given N. Buckets are then reduced one after
     another at ``step`` (``start`` only copies).
 
-    A gradient may be None (that parameter is skipped, as in ``Optimizer.step``) when it is None
-    on every rank. ``timeout``, ``on_error``: see :class:`Collectives`; ``num_threads``: see
+    A gradient None on some ranks only counts as zeros there and the parameter steps on every
+    rank (torch DDP's find_unused_parameters); None on every rank skips it everywhere, as in
+    ``Optimizer.step``. The ranks must be built and stepped alike: anything that differs raises
+    :class:`RanksDisagree` on every rank (docs/distributed.md, "Ranks must agree").
+    ``timeout``, ``on_error``: see :class:`Collectives`; ``num_threads``: see
     :func:`configure_threads`.
     """
 
@@ -91,13 +123,36 @@ class DataParallel:
             raise TypeError(
                 f"DataParallel wraps an optkern optimizer, got {type(optimizer).__name__}"
             )
-        if not bucket_mb > 0:
-            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
-        self.optimizer = optimizer
         self._coll = Collectives(comm, timeout, on_error)
         self.comm = self._coll.comm
-        self.deterministic = bool(deterministic)
-        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        with self._coll.guard("DataParallel()"):
+            bucket_mb = check_positive_real(bucket_mb, "bucket_mb")
+            num_threads = check_num_threads(num_threads)
+            self.optimizer = optimizer
+            self.deterministic = bool(deterministic)
+            self._params = [p for g in optimizer.param_groups for p in g["params"]]
+            # before any collective whose size depends on them: the ranks agree on everything
+            agree(
+                self._coll,
+                [
+                    ("the call", "DataParallel()"),
+                    ("the wrapper", "DataParallel"),
+                    ("the optimizer class", type(optimizer).__qualname__),
+                    ("bucket_mb", repr(bucket_mb)),
+                    ("deterministic", repr(self.deterministic)),
+                    ("broadcast_params", repr(bool(broadcast_params))),
+                ]
+                + describe_params(optimizer.param_groups)
+                + describe_groups(optimizer.param_groups),
+                "the DataParallel construction",
+            )
+            self._build(bucket_mb)
+            configure_threads(self.comm, num_threads)
+            if broadcast_params:
+                for p in self._params:
+                    self._coll.bcast(p, "the broadcast of the initial parameters")
+
+    def _build(self, bucket_mb: float) -> None:
         n = len(self._params)
         sizes = [int(p.size) for p in self._params]
         # reverse parameter order: the first bucket holds the last parameters
@@ -107,11 +162,17 @@ class DataParallel:
             at = -(-at // ALIGN) * ALIGN
             offsets[i] = at
             at += sizes[i]
-        self._flat = ok.FlatParams([(max(at, 1),)]).flat[:at]
+        # after the gradients, a tail summed with them: per parameter 1 where this rank has a
+        # gradient (the sum says whether any rank has), then the step's agreement digest
+        self._grads_end = at
+        self._tail = at + n + SUM_SLOTS
+        self._flat = ok.FlatParams([(self._tail,)]).flat[: self._tail]
         self.grad_buffers: List[np.ndarray] = [
             self._flat[o : o + s].reshape(p.shape) for o, s, p in zip(offsets, sizes, self._params)
         ]
-        limit = max(1, int(bucket_mb * 2**20) // 4)
+        self._present = self._flat[at : at + n]
+        self._digest_slots = self._flat[at + n : self._tail]
+        limit = max(1, int(min(bucket_mb, 2.0**40) * 2**20) // 4)
         self._buckets: List[Tuple[int, int]] = []  # [lo, hi) of the flat buffer
         self._bucket_of = [0] * n
         lo = hi = 0
@@ -122,8 +183,7 @@ class DataParallel:
                 lo = offsets[i]
             self._bucket_of[i] = len(self._buckets)
             hi = end
-        if hi > lo or not self._buckets:
-            self._buckets.append((lo, hi))
+        self._buckets.append((lo, self._tail))  # the last bucket carries the tail
         self._members = [
             [i for i in range(n) if self._bucket_of[i] == b] for b in range(len(self._buckets))
         ]
@@ -131,13 +191,10 @@ class DataParallel:
         self._launched = 0
         self._requests: List[Any] = []
         self._scratch: Optional[np.ndarray] = None
+        self._step_digest = StepDigest()
+        self._call = "DataParallel.step"
         #: a ring allreduce's bytes sent per rank and step
         self.bytes_per_step = 2 * (self._coll.size - 1) * self._flat.nbytes // self._coll.size
-        with self._coll.guard("DataParallel()"):
-            configure_threads(self.comm, num_threads)
-            if broadcast_params:
-                for p in self._params:
-                    self._coll.bcast(p, "the broadcast of the initial parameters")
 
     # -- what the optimizer has -----------------------------------------------------------------
 
@@ -156,6 +213,14 @@ class DataParallel:
     def load_state_dict(self, state_dict) -> None:
         self.optimizer.load_state_dict(state_dict)
 
+    def train(self) -> None:
+        """Schedule-Free's switch to train mode (every rank holds the whole state: local)."""
+        _switch(self.optimizer, "train")
+
+    def eval(self) -> None:
+        """Schedule-Free's switch to eval mode (every rank holds the whole state: local)."""
+        _switch(self.optimizer, "eval")
+
     @property
     def buckets(self) -> List[Tuple[int, int]]:
         return list(self._buckets)
@@ -173,22 +238,40 @@ class DataParallel:
                 f"got {len(grads)} gradients for {len(self._params)} parameters; "
                 "pass one per parameter (None for none), in group order"
             )
+        # every gradient checked before any is copied: a bad one changes nothing
+        for i, g in enumerate(grads):
+            if g is None or self._ready[i]:
+                continue
+            view = self.grad_buffers[i]
+            if not isinstance(g, np.ndarray):
+                raise TypeError(
+                    f"grads[{i}] must be a float32 array of shape {view.shape} or None, "
+                    f"got {type(g).__name__}"
+                )
+            if g.dtype != np.float32:
+                raise TypeError(
+                    f"grads[{i}] must be a float32 array (as the optimizer's step takes), "
+                    f"got dtype {g.dtype}"
+                )
+            if g.shape != view.shape:
+                raise ValueError(f"grads[{i}] must have shape {view.shape}, got {g.shape}")
         for i, g in enumerate(grads):
             if self._ready[i] or (g is None and only_new):
                 continue
             view = self.grad_buffers[i]
             if g is None:
                 view[...] = 0
-            elif not isinstance(g, np.ndarray) or g.shape != view.shape:
-                what = g.shape if isinstance(g, np.ndarray) else type(g).__name__
-                raise ValueError(f"grads[{i}] must be an array of shape {view.shape}, got {what}")
-            elif not (g.ctypes.data == view.ctypes.data and g.dtype == np.float32):
-                np.copyto(view, g, casting="same_kind")
+                self._present[i] = 0.0
+            else:
+                if g.ctypes.data != view.ctypes.data:
+                    np.copyto(view, g)
+                self._present[i] = 1.0
             self._ready[i] = True
 
     def _launch_ready(self) -> None:
-        """Starts a non-blocking Allreduce of each bucket, in order, whose gradients are in."""
-        while self._launched < len(self._buckets) and all(
+        """Starts a non-blocking Allreduce of each bucket, in order, whose gradients are in (not
+        the last one: its tail holds the step's digest, known only at ``step``)."""
+        while self._launched < len(self._buckets) - 1 and all(
             self._ready[i] for i in self._members[self._launched]
         ):
             lo, hi = self._buckets[self._launched]
@@ -211,9 +294,18 @@ class DataParallel:
         if self._requests:
             MPI.Request.Testall(self._requests)
 
-    def _finish(self) -> None:
+    def _finish(self, options: Dict[str, Any]) -> List[bool]:
+        """Sums every bucket over the ranks, checks that the ranks agree (hyperparameters,
+        ``options``, counters) and averages the gradients; returns which parameters have a
+        gradient on some rank."""
         coll = self._coll
+        inner = self.optimizer
+        counters = {"step_count": inner.step_count, "skipped_steps": inner.skipped_steps}
         if coll.size > 1:
+            to_sum_slots(
+                self._step_digest.digest(self._call, inner.param_groups, options, counters),
+                self._digest_slots,
+            )
             if self._requests:
                 coll.wait(self._requests, "the non-blocking allreduce of the gradients")
             for b in range(self._launched if not self.deterministic else 0, len(self._buckets)):
@@ -222,7 +314,18 @@ class DataParallel:
                     self._reduce_deterministic(lo, hi)
                 else:  # blocking: Open MPI's blocking Allreduce is much faster than its Iallreduce
                     coll.allreduce(self._flat[lo:hi], "the allreduce of the gradients")
-            np.divide(self._flat, np.float32(coll.size), out=self._flat)
+            self._requests = []
+            if not sums_agree(self._digest_slots, coll.size):
+                fields = self._step_digest.fields(self._call, inner.param_groups, options, counters)
+                everyone = coll.allgather_object(fields, "the descriptions of the step")
+                raise RanksDisagree(explain(everyone, "this DataParallel step"))
+            grads = self._flat[: self._grads_end]
+            np.divide(grads, np.float32(coll.size), out=grads)
+        return [bool(v > 0) for v in self._present]
+
+    def _reset(self) -> None:
+        self._ready = [False] * len(self._params)
+        self._launched = 0
         self._requests = []
 
     def _reduce_deterministic(self, lo: int, hi: int) -> None:
@@ -241,25 +344,36 @@ class DataParallel:
         bucket[a:b] = out
         coll.allgatherv(bucket, ranges, "the allgather of the gradients")
 
+    def _averaged(
+        self, grads: Sequence[Optional[np.ndarray]], options: Dict[str, Any]
+    ) -> List[Optional[np.ndarray]]:
+        try:
+            self._take(grads, only_new=False)
+            used = self._finish(options)
+        finally:
+            self._reset()
+        return [v if u else None for v, u in zip(self.grad_buffers, used)]
+
     def allreduce_(self, grads: Sequence[Optional[np.ndarray]]) -> List[Optional[np.ndarray]]:
         """Averages ``grads`` over the ranks without stepping; returns the averaged gradients
-        (views of the internal buffer)."""
+        (views of the internal buffer; None for a parameter no rank has a gradient for)."""
         with self._coll.guard("DataParallel.allreduce_"):
-            self._take(grads, only_new=False)
-            self._finish()
-            out = [v if g is not None else None for v, g in zip(self.grad_buffers, grads)]
-            self._ready = [False] * len(self._params)
-            self._launched = 0
-            return out
+            self._call = "DataParallel.allreduce_"
+            return self._averaged(grads, {})
 
     def step(self, grads: Sequence[Optional[np.ndarray]], **kwargs: Any) -> Optional[float]:
         """Averages the gradients over the ranks (those ``start`` already took are not copied
         again), then ``optimizer.step`` with them and ``kwargs`` (``max_grad_norm``,
-        ``norm_type``, ``skip_if_nonfinite``): its return value."""
+        ``norm_type``, ``skip_if_nonfinite``): its return value.
+
+        A gradient None on some ranks only counts as zeros there (as torch DDP's
+        find_unused_parameters does), and the parameter steps on every rank; None on every
+        rank skips it everywhere."""
         with self._coll.guard("DataParallel.step"):
             if self._coll.size == 1 and not any(self._ready):
                 return self.optimizer.step(grads, **kwargs)  # nothing to average: no copy
-            averaged = self.allreduce_(grads)
+            self._call = "DataParallel.step"
+            averaged = self._averaged(grads, kwargs)
             return self.optimizer.step(averaged, **kwargs)
 
     def check_identical(self) -> None:

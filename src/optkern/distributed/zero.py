@@ -5,14 +5,26 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
 import optkern as ok
 
+from ._agree import (
+    StepDigest,
+    agree,
+    describe_groups,
+    describe_params,
+)
 from ._layout import Layout, flat_state, merge_meta, state_from_flat
-from ._mpi import Collectives, clip_coefficient, combine_norms, configure_threads
+from ._mpi import (
+    Collectives,
+    check_num_threads,
+    clip_coefficient,
+    combine_norms,
+    configure_threads,
+)
 
 __all__ = ["ZeroRedundancyOptimizer"]
 
@@ -121,38 +133,57 @@ class ZeroRedundancyOptimizer:
             raise TypeError(
                 f"optimizer_class must be an optkern Optimizer class, got {optimizer_class!r}"
             )
-        rule = getattr(optimizer_class, "_rule", None)
-        if rule is not None and (rule.reduction or rule.factored):  # before any collective
-            raise ValueError(
-                f"ZeroRedundancyOptimizer cannot shard {optimizer_class.__name__}: its update "
-                + (
-                    "keeps factors per row and per column of each array and scales it by "
-                    "norms over the whole array (a factored kernel)"
-                    if rule.factored
-                    else "scales each parameter array by a number computed from the whole "
-                    "array (a reduction over it)"
-                )
-                + ", and ZeRO stage 1 splits the arrays element-wise across ranks; use "
-                "DataParallel"
-            )
         self._coll = Collectives(comm, timeout, on_error)
         self.comm = self._coll.comm
         self.optimizer_class = optimizer_class
         self.deterministic = bool(deterministic)
-        #: An optimizer over the user's parameters that never steps and holds no state: its
-        #: param_groups are this wrapper's (for schedulers and for checking state dicts).
-        self.optimizer = optimizer_class(params, **hyperparameters)
-        self.defaults = self.optimizer.defaults
-        self.layout = Layout.of(self.optimizer.param_groups)
-        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        block = _block_of(self._params, self.layout)
-        self._zero_copy = block is not None
-        self.flat = block if block is not None else _aligned(self.layout.total)
-        if not self._zero_copy:
-            self.layout.scatter_into(self.flat, self._params)
-        self.ranges = self.layout.ranges(self._coll.size)
-        self.lo, self.hi = self.ranges[self._coll.rank]
         with self._coll.guard("ZeroRedundancyOptimizer()"):
+            num_threads = check_num_threads(num_threads)
+            #: An optimizer over the user's parameters that never steps and holds no state: its
+            #: param_groups are this wrapper's (for schedulers and for checking state dicts).
+            self.optimizer = optimizer_class(params, **hyperparameters)
+            # before any collective whose size depends on them: the ranks agree on everything
+            agree(
+                self._coll,
+                [
+                    ("the call", "ZeroRedundancyOptimizer()"),
+                    ("the wrapper", "ZeroRedundancyOptimizer"),
+                    ("the optimizer class", optimizer_class.__qualname__),
+                    ("deterministic", repr(self.deterministic)),
+                    ("broadcast_params", repr(bool(broadcast_params))),
+                ]
+                + describe_params(self.optimizer.param_groups)
+                + describe_groups(self.optimizer.param_groups),
+                "the ZeroRedundancyOptimizer construction",
+            )
+            rule = optimizer_class._rule
+            if rule.reduction or rule.factored:  # the same class on every rank: all refuse
+                err = ValueError(
+                    f"ZeroRedundancyOptimizer cannot shard {optimizer_class.__name__}: its "
+                    "update "
+                    + (
+                        "keeps factors per row and per column of each array and scales it by "
+                        "norms over the whole array (a factored kernel)"
+                        if rule.factored
+                        else "scales each parameter array by a number computed from the whole "
+                        "array (a reduction over it)"
+                    )
+                    + ", and ZeRO stage 1 splits the arrays element-wise across ranks; use "
+                    "DataParallel"
+                )
+                err.raised_on_every_rank = True  # type: ignore[attr-defined]
+                raise err
+            self._shadow_switch()
+            self.defaults = self.optimizer.defaults
+            self.layout = Layout.of(self.optimizer.param_groups)
+            self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            block = _block_of(self._params, self.layout)
+            self._zero_copy = block is not None
+            self.flat = block if block is not None else _aligned(self.layout.total)
+            if not self._zero_copy:
+                self.layout.scatter_into(self.flat, self._params)
+            self.ranges = self.layout.ranges(self._coll.size)
+            self.lo, self.hi = self.ranges[self._coll.rank]
             configure_threads(self.comm, num_threads)
             if broadcast_params:
                 self._coll.bcast(self.flat, "broadcast of the initial parameters")
@@ -171,11 +202,14 @@ class ZeroRedundancyOptimizer:
             a, b = max(self.lo, glo), min(self.hi, ghi)
             if a < b:
                 self._inner_map.append((gi, a, b))
-                groups.append(dict(self._hyper(gi), params=[self.flat[a:b]]))
+                hyper = self._hyper(gi)
+                hyper.pop("param_names", None)  # one unnamed view per group
+                groups.append(dict(hyper, params=[self.flat[a:b]]))
         self.inner: Optional[ok.Optimizer] = optimizer_class(groups) if groups else None
         self._inner_grads = [self._gslice[a - self.lo : b - self.lo] for _, a, b in self._inner_map]
         self.step_count = 0
         self.skipped_steps = 0
+        self._step_digest = StepDigest()
 
     # -- user-facing groups ---------------------------------------------------------------------
 
@@ -187,8 +221,12 @@ class ZeroRedundancyOptimizer:
         return {k: v for k, v in self.optimizer.param_groups[gi].items() if k != "params"}
 
     def _sync_hyperparameters(self) -> None:
+        # not train_mode: the inner optimizer's mode says where its slice is (see _switch)
         for k, (gi, _, _) in enumerate(self._inner_map):
-            self.inner.param_groups[k].update(self._hyper(gi))
+            hyper = self._hyper(gi)
+            hyper.pop("train_mode", None)
+            hyper.pop("param_names", None)
+            self.inner.param_groups[k].update(hyper)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (its shard)."""
@@ -217,9 +255,11 @@ class ZeroRedundancyOptimizer:
                     f"grads[{i}] is None: ZeroRedundancyOptimizer needs a gradient "
                     "for every parameter at every step (pass zeros)"
                 )
-            if not isinstance(g, np.ndarray) or g.dtype != np.float32 or g.shape != p.shape:
-                what = f"{g.dtype} {g.shape}" if isinstance(g, np.ndarray) else type(g).__name__
-                raise ValueError(f"grads[{i}] must be a float32 array of shape {p.shape}, got {what}")
+            if not isinstance(g, np.ndarray) or g.dtype != np.float32:
+                what = f"dtype {g.dtype}" if isinstance(g, np.ndarray) else type(g).__name__
+                raise TypeError(f"grads[{i}] must be a float32 array of shape {p.shape}, got {what}")
+            if g.shape != p.shape:
+                raise ValueError(f"grads[{i}] must have shape {p.shape}, got {g.shape}")
         block = _block_of(list(grads), self.layout)
         if block is not None:
             return block
@@ -243,11 +283,25 @@ class ZeroRedundancyOptimizer:
         coll = self._coll
         with coll.guard("ZeroRedundancyOptimizer.step"):
             check = max_grad_norm is not None or skip_if_nonfinite
-            if check:
-                p = _norm_type(norm_type)
-                if max_grad_norm is not None and not float(max_grad_norm) >= 0:
-                    raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm!r}")
+            p = _norm_type(norm_type) if check else 2.0
+            if max_grad_norm is not None and not float(max_grad_norm) >= 0:
+                raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm!r}")
             source = self._gradient_source(grads)
+            # First, as every collective call of this wrapper: the ranks agree (the call, the
+            # hyperparameters, the step's options, the counters) before anything changes.
+            options = {
+                "max_grad_norm": max_grad_norm,
+                "norm_type": norm_type,
+                "skip_if_nonfinite": bool(skip_if_nonfinite),
+            }
+            counters = {"step_count": self.step_count, "skipped_steps": self.skipped_steps}
+            call = "ZeroRedundancyOptimizer.step"
+            agree(
+                coll,
+                lambda: self._step_digest.fields(call, self.param_groups, options, counters),
+                "this ZeroRedundancyOptimizer step",
+                self._step_digest.digest(call, self.param_groups, options, counters),
+            )
             coll.reduce_scatter(
                 source,
                 self._gslice,
@@ -258,6 +312,13 @@ class ZeroRedundancyOptimizer:
             )
             if coll.size > 1:
                 np.divide(self._gslice, np.float32(coll.size), out=self._gslice)
+            if not all(g.get("train_mode", True) for g in self.param_groups):
+                err = RuntimeError(
+                    f"{self.optimizer_class.__name__}.step() in eval mode: call train() first "
+                    "(and eval() again before evaluating or saving)"
+                )
+                err.raised_on_every_rank = True  # type: ignore[attr-defined]
+                raise err
             total = None
             if check:
                 partial = float(ok.grad_norms([self._gslice], p)[0]) if self._gslice.size else 0.0
@@ -276,6 +337,61 @@ class ZeroRedundancyOptimizer:
             self._copy_out()
             self.step_count += 1
             return total
+
+    # -- Schedule-Free's train()/eval() ---------------------------------------------------------
+
+    def train(self) -> None:
+        """Schedule-Free: every parameter to y, where gradients are taken (collective: call it
+        on every rank). Each rank moves its slice with the z it holds, then the parameters are
+        gathered, as after a step."""
+        self._switch(True)
+
+    def eval(self) -> None:
+        """Schedule-Free: every parameter to x, to evaluate or save (collective: call it on
+        every rank)."""
+        self._switch(False)
+
+    def _switch(self, to_train: bool) -> None:
+        what = "train" if to_train else "eval"
+        if not hasattr(self.optimizer_class, "eval"):
+            raise TypeError(
+                f"{self.optimizer_class.__name__} has no train()/eval() (only the Schedule-Free "
+                "optimizers switch modes)"
+            )
+        coll = self._coll
+        with coll.guard(f"ZeroRedundancyOptimizer.{what}"):
+            agree(
+                coll,
+                [
+                    ("the call", f"ZeroRedundancyOptimizer.{what}()"),
+                    ("step_count", str(self.step_count)),
+                ]
+                + describe_groups(self.param_groups),
+                f"ZeroRedundancyOptimizer.{what}()",
+            )
+            if self.inner is not None:
+                self._sync_hyperparameters()
+                getattr(self.inner, what)()
+            for g in self.param_groups:
+                g["train_mode"] = to_train
+            coll.allgatherv(self.flat, self.ranges, "the allgather of the parameters")
+            self._copy_out()
+
+    def _shadow_switch(self) -> None:
+        """The state-less optimizer that holds the user's groups has nothing to move: its
+        train()/eval() would only flip the flag, so they point here instead."""
+        if not hasattr(self.optimizer_class, "eval"):
+            return
+
+        def refuse(*_: Any) -> None:
+            raise RuntimeError(
+                "this optimizer only holds a ZeroRedundancyOptimizer's groups (its state is "
+                "sharded across ranks): call train()/eval() on the ZeroRedundancyOptimizer, "
+                "on every rank"
+            )
+
+        self.optimizer.train = refuse  # type: ignore[method-assign]
+        self.optimizer.eval = refuse  # type: ignore[method-assign]
 
     def _copy_out(self) -> None:
         if not self._zero_copy:
@@ -340,6 +456,11 @@ class ZeroRedundancyOptimizer:
         rank gets the whole dict (it holds the whole state for a moment)."""
         coll = self._coll
         with coll.guard("ZeroRedundancyOptimizer.state_dict"):
+            agree(
+                coll,
+                [("the call", "ZeroRedundancyOptimizer.state_dict()")],
+                "ZeroRedundancyOptimizer.state_dict()",
+            )
             local_meta, local_flats = self._local_flat_state()
             meta = self._gather_meta(local_meta)
             names = sorted({n for m in meta for n in m["names"]})
@@ -368,49 +489,75 @@ class ZeroRedundancyOptimizer:
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a consolidated state dict (from :meth:`state_dict`, ``ok.save``'s optimizer or
         a single-process optimizer over the same parameters): checked whole by a
-        single-process ``optimizer_class``, then each rank keeps its slice. Not collective."""
+        single-process ``optimizer_class``, then each rank keeps its slice. Not collective.
+        Everything is checked before anything changes."""
         with self._coll.guard("ZeroRedundancyOptimizer.load_state_dict"):
-            self.optimizer.load_state_dict(state_dict)  # checks it (and holds it for a moment)
-            self._load_from(self.optimizer)
+            whole = self.whole_optimizer()
+            whole.load_state_dict(state_dict)  # checks it
+            self._prepare_load_from(whole)()
 
-    def _load_from(self, opt: ok.Optimizer) -> None:
-        """Takes this rank's slice of a single-process optimizer's state, hyperparameters and
-        counters, then empties that optimizer's state."""
+    def whole_optimizer(self) -> ok.Optimizer:
+        """A new single-process ``optimizer_class`` over the user's parameters with these
+        groups' hyperparameters (and names), holding no state."""
+        groups = []
+        for g in self.param_groups:
+            group = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+            names = g.get("param_names")
+            group["params"] = list(zip(names, g["params"])) if names is not None else g["params"]
+            groups.append(group)
+        opt = self.optimizer_class(groups)
+        for group, g in zip(opt.param_groups, self.param_groups):
+            if "train_mode" in g:
+                group["train_mode"] = g["train_mode"]
+        return opt
+
+    def _prepare_load_from(self, opt: ok.Optimizer) -> Callable[[], None]:
+        """This rank's slice of a single-process optimizer's state, hyperparameters and
+        counters, checked: returns the function that installs them (``opt`` is only read)."""
         state = {
             i: opt.state[p]
             for i, p in enumerate(p for g in opt.param_groups for p in g["params"])
             if p in opt.state
         }
         meta, flats = flat_state(self.layout, {"state": state}, self.lo, self.hi)
-        if opt is not self.optimizer:
-            for g, h in zip(self.optimizer.param_groups, opt.param_groups):
-                g.update({k: v for k, v in h.items() if k != "params"})
-        self._load_local(meta, flats, opt.step_count, opt.skipped_steps)
-        ids = []
+        groups = []
         index = 0
         for g in opt.param_groups:
-            ids.append(list(range(index, index + len(g["params"]))))
+            packed = {k: v for k, v in g.items() if k != "params"}
+            packed["params"] = list(range(index, index + len(g["params"])))
             index += len(g["params"])
-        empty = {
-            "state": {},
-            "param_groups": [
-                dict({k: v for k, v in g.items() if k != "params"}, params=i)
-                for g, i in zip(opt.param_groups, ids)
-            ],
-        }
-        opt.load_state_dict(empty)
+            groups.append(packed)
+        return self._prepare_install(groups, meta, flats, opt.step_count, opt.skipped_steps)
 
-    def _load_local(
+    def _prepare_install(
         self,
+        groups: Optional[List[Dict[str, Any]]],
         meta: Sequence[Dict[str, Any]],
         flats: Dict[str, np.ndarray],
-        step_count: int,
-        skipped_steps: int,
-    ) -> None:
-        """Installs this rank's slice ``flats`` (over ``[lo, hi)``) described by ``meta``."""
+        step_count: Any,
+        skipped_steps: Any,
+    ) -> Callable[[], None]:
+        """Checks this rank's slice ``flats`` (over ``[lo, hi)``) described by ``meta``, with
+        the user-facing groups' hyperparameters ``groups`` (a state dict's ``param_groups``;
+        None keeps the current ones) and the counters, by the optimizers' own state-dict
+        checks; returns the function that installs them (which then cannot fail)."""
+        from optkern.optimizer import _load_step
+
+        shadow_sd = None
+        if groups is not None:
+            shadow_sd = {"state": {}, "param_groups": groups}
+            self.optimizer._parse_state_dict(shadow_sd)
+
+            def hyper(gi: int) -> Dict[str, Any]:
+                return {k: v for k, v in groups[gi].items() if k != "params"}
+        else:
+            hyper = self._hyper
+        step_count = _load_step(step_count, "step_count")
+        skipped_steps = _load_step(skipped_steps, "skipped_steps")
+        inner_sd = None
         if self.inner is not None:
             state = {}
-            groups = []
+            inner_groups = []
             for k, (gi, a, b) in enumerate(self._inner_map):
                 m = meta[gi]
                 if m["has_state"]:
@@ -419,12 +566,26 @@ class ZeroRedundancyOptimizer:
                     for n in m["names"]:
                         entry[n] = flats[n][a - self.lo : b - self.lo]
                     state[k] = entry
-                groups.append(dict(self._hyper(gi), params=[k]))
-            self.inner.load_state_dict(
-                {"state": state, "param_groups": groups, "step_count": step_count, "skipped_steps": 0}
-            )
-        self.step_count = step_count
-        self.skipped_steps = skipped_steps
+                h = hyper(gi)
+                h.pop("param_names", None)  # the inner groups hold one unnamed view each
+                inner_groups.append(dict(h, params=[k]))
+            inner_sd = {
+                "state": state,
+                "param_groups": inner_groups,
+                "step_count": step_count,
+                "skipped_steps": 0,
+            }
+            self.inner._parse_state_dict(inner_sd)
+
+        def install() -> None:
+            if shadow_sd is not None:
+                self.optimizer.load_state_dict(shadow_sd)
+            if inner_sd is not None:
+                self.inner.load_state_dict(inner_sd)
+            self.step_count = step_count
+            self.skipped_steps = skipped_steps
+
+        return install
 
     def __repr__(self) -> str:
         return (
