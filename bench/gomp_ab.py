@@ -30,7 +30,7 @@ def median_multi(variants, repeats, inner):
     names = list(variants)
     out = {k: [] for k in names}
     for k in names:  # warm-up: state allocation, first touch
-        _core._set_parallel_backend(variants[k][0])
+        _core.set_parallel_backend(variants[k][0])
         variants[k][1]()
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
@@ -38,7 +38,7 @@ def median_multi(variants, repeats, inner):
             order = order[::-1]
         for k in order:
             backend, f = variants[k]
-            _core._set_parallel_backend(backend)
+            _core.set_parallel_backend(backend)
             t0 = time.perf_counter()
             for _ in range(inner):
                 f()
@@ -104,8 +104,8 @@ def main():
     repeats = int(os.environ.get("REPEATS", "5"))
     sizes = [int(float(s[:-1]) * 1_000_000) for s in os.environ.get("SIZES", "1m,50m").split(",")]
     names = os.environ.get("NAMES", ",".join(CONFIGS)).split(",")
-    restore = _core._parallel_backend()[0]
-    assert _core._set_parallel_backend("gomp") == "gomp", "torch's libgomp not found"
+    restore = _core.parallel_backend()[0]
+    assert _core.set_parallel_backend("gomp") == "gomp", "torch's libgomp not found"
     print(
         f"torch {torch.__version__}, threads torch {torch.get_num_threads()} / optkern "
         f"{_core.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
@@ -125,7 +125,7 @@ def main():
             f" {m['gomp'] / m['pool']:9.2f}"
         )
     print(f"load at the end {os.getloadavg()[0]:.1f}")
-    _core._set_parallel_backend(restore)
+    _core.set_parallel_backend(restore)
 
 
 if __name__ == "__main__":

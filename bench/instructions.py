@@ -7,7 +7,8 @@ divided by the elements one iteration handles is the count that matters for cach
 buffers. Also counted: divisions and square roots (the divider is the bottleneck when the data
 fit in cache: one vdivps zmm and one vsqrtps zmm take about 10 + 12 cycles per 16 elements).
 
-Usage: python bench/instructions.py [BUILD_DIR]   (a CMake build of this repo; default build/dev)
+Usage: python bench/instructions.py [BUILD_DIR] [--dtype float32|float64]
+       (a CMake build of this repo; default build/dev; the float32 kernels by default)
 
     mkdir -p build/dev && cd build/dev && cmake ../.. -G Ninja -DCMAKE_BUILD_TYPE=Release \\
         -Dpybind11_DIR=$(python -c "import pybind11;print(pybind11.get_cmake_dir())") && ninja
@@ -22,23 +23,26 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
-# Each rule's loop is `<kernel>_impl<flags...>` in update_rules.cpp; a variant is named here by
-# its kernel and the flags switched on (the template parameters' names, in order), so the list
-# does not depend on how the compiler spells an instantiation. Every rule of the registry gets
-# its plain variant (no weight decay, no options) without being listed.
-FLAGS = {  # kernel -> its template parameters, in order
+# Each rule's loop is `<kernel>_impl<Types<P, G, S>, flags...>` in its src/cpp/rules/<kernel>.inc;
+# a variant is named here by its kernel and the flags switched on (the template parameters' names,
+# in order, after the element types), so the list does not depend on how the compiler spells an
+# instantiation. Every rule of the registry gets its plain variant (no weight decay, no options)
+# without being listed.
+FLAGS = {  # kernel -> its template parameters after the element types, in order
     "sgd": ("decay", "momentum", "nesterov", "init"),
     "rmsprop": ("decay", "centered", "momentum"),
     "adam": ("l2", "decoupled", "amsgrad"),
     "nadam": ("l2", "decoupled"),
     "radam": ("l2", "decoupled", "rectify"),
     "asgd": ("decay", "copy"),
-    "rprop": (),  # not a template
-    "sfadamw": ("adamw", "decay", "init"),
-    "sfsgd": ("adamw", "decay", "init"),
+    "rprop": (),
+    "schedule_free": ("adamw", "decay", "init"),
+    "adafactor": ("factored", "decay"),
 }
-# Kernels whose loop is another name's template: kernel -> (loop name, flags always on).
-SHARED_LOOPS = {"sfadamw": ("schedule_free", ("adamw",)), "sfsgd": ("schedule_free", ())}
+# Kernels whose element-wise loop has another name than <kernel>_impl.
+LOOP_NAMES = {"adafactor": "adafactor_apply"}
+# Flags a rule's class always has on (its kernel's plain variant would be another rule's).
+RULE_FLAGS = {"ScheduleFreeAdamW": ("adamw",)}
 VARIANTS = {  # label -> (kernel, flags on)
     "SGD": ("sgd", ()),
     "SGD momentum / Momentum": ("sgd", ("momentum",)),
@@ -48,10 +52,13 @@ VARIANTS = {  # label -> (kernel, flags on)
     "AdamW": ("adam", ("decoupled",)),
     "Adam amsgrad": ("adam", ("amsgrad",)),
 }
-OTHERS = {  # loops that are not update rules
-    "norm (sum of squares)": "lane_sum<optkern::{isa}::(anonymous namespace)::sum_squares",
-    "stream a += s*b": "axpy(",
+OTHERS = {  # loops that are not update rules: a pattern of their symbol ({t}: the element type)
+    "norm (sum of squares)": r"lane_sum<{t}, .*sum_squares<{t}>",
+    "stream a += s*b": r"::axpy\(",
 }
+#: The element types (parameter, gradient, state) of the instantiations to count: --dtype float64
+#: counts the float64 kernels.
+ELEMENT_TYPES = {"float32": "float, float, float", "float64": "double, double, double"}
 
 
 def rule_variants() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
@@ -64,21 +71,44 @@ def rule_variants() -> Dict[str, Tuple[str, Tuple[str, ...]]]:
     except Exception:  # not installed: the listed variants only
         rules = []
     for r in rules:
-        if not any(k == r.kernel and not on for k, on in out.values()):
-            out[r.cls] = (r.kernel, ())
+        on = RULE_FLAGS.get(r.cls, ())
+        if not any(k == r.kernel and set(o) == set(on) for k, o in out.values()):
+            out[r.cls] = (r.kernel, on)
     return out
 
 
+def template_args(name: str, start: int) -> List[str]:
+    """The top-level template arguments of the `<...>` that opens at name[start]."""
+    args, depth, begin = [], 0, start + 1
+    for i in range(start, len(name)):
+        c = name[i]
+        if c == "<":
+            depth += 1
+        elif c == ">":
+            depth -= 1
+            if depth == 0:
+                args.append(name[begin:i].strip())
+                return args
+        elif c == "," and depth == 1:
+            args.append(name[begin:i].strip())
+            begin = i + 1
+    return args
+
+
 def find_variant(
-    funcs: Dict[str, List[Tuple[int, str, str]]], kernel: str, on: Tuple[str, ...]
+    funcs: Dict[str, List[Tuple[int, str, str]]], kernel: str, on: Tuple[str, ...], types: str
 ) -> Optional[List[Tuple[int, str, str]]]:
     names = FLAGS.get(kernel, ("decay",))
-    loop, always = SHARED_LOOPS.get(kernel, (kernel, ()))
-    want = [n in on or n in always for n in names]
+    loop = LOOP_NAMES.get(kernel, f"{kernel}_impl")
+    want = [n in on for n in names]
     for f, code in funcs.items():
-        m = re.search(rf"\b{loop}_impl(?:<([^>]*)>)?\(", f)
-        flags = m.group(1).split(",") if m and m.group(1) else []
-        if m and [a.strip() == "true" for a in flags] == want:
+        m = re.search(rf"\b{loop}<", f)
+        if not m:
+            continue
+        args = template_args(f, m.end() - 1)
+        if not args or not args[0].endswith(f"Types<{types}>"):
+            continue
+        if [a == "true" for a in args[1:]] == want:
             return code
     return None
 
@@ -122,26 +152,26 @@ def loops(code: List[Tuple[int, str, str]]) -> List[List[Tuple[int, str, str]]]:
     ]
 
 
-def width(body: List[Tuple[int, str, str]]) -> int:
-    """Lanes of the widest float vectors the loop computes with (1: scalar code)."""
+def width(body: List[Tuple[int, str, str]], size: int = 4) -> int:
+    """Lanes of the widest vectors of `size`-byte elements the loop computes with (1: scalar)."""
     packed = any(op.endswith(("ps", "pd")) for _, op, _ in body)
     best = max((LANES[r] for _, _, a in body for r in LANES if f"%{r}" in a), default=1)
-    return best if packed else 1
+    return max(1, best * 4 // size) if packed else 1
 
 
 def main_loop(code: List[Tuple[int, str, str]]) -> Optional[List[Tuple[int, str, str]]]:
     """The vector body: of the innermost loops, the longest among those with the widest vectors
     (the others are remainder loops)."""
     candidates = loops(code)
-    return max(candidates, key=lambda b: (width(b), len(b)), default=None)
+    return max(candidates, key=lambda b: (width(b), len(b)), default=None)  # widest, longest
 
 
-def elements_per_iteration(body: List[Tuple[int, str, str]]) -> int:
-    """Elements one pass of the loop handles, from the growth of a register it addresses memory
-    with: an index scaled by 4 (x(%rax,%rdx,4)) grows by elements, a base pointer ((%rax)) or an
-    unscaled index by bytes. Counters used for nothing else are ignored."""
+def elements_per_iteration(body: List[Tuple[int, str, str]], size: int = 4) -> int:
+    """Elements (of `size` bytes) one pass of the loop handles, from the growth of a register it
+    addresses memory with: an index scaled by the size (x(%rax,%rdx,4)) grows by elements, a base
+    pointer ((%rax)) or an unscaled index by bytes. Counters used for nothing else are ignored."""
     text = " ".join(a for _, op, a in body if op != "lea")  # lea computes, it does not access
-    scaled = set(re.findall(r",(%r\w+),4\)", text))
+    scaled = set(re.findall(rf",(%r\w+),{size}\)", text))
     bytewise = set(re.findall(r"\((%r\w+)[,)]", text)) | set(re.findall(r",(%r\w+),1\)", text))
     for _, op, args in body:
         m = (
@@ -158,28 +188,46 @@ def elements_per_iteration(body: List[Tuple[int, str, str]]) -> int:
             step = (1 << 64) - step if step >= 1 << 63 else -step
         if reg in scaled:
             return step
-        if reg in bytewise and step % 4 == 0:
-            return step // 4
-    return width(body)
+        if reg in bytewise and step % size == 0:
+            return step // size
+    return width(body, size)
 
 
-def report(build_dir: str) -> None:
-    for isa in ["scalar", "avx2", "avx512"]:
+def _isa_order(isa: str) -> tuple:
+    known = ["scalar", "avx2", "avx512", "neon", "sve"]
+    return (known.index(isa) if isa in known else len(known), isa)
+
+
+def report(build_dir: str, dtype: str = "float32") -> None:
+    types = ELEMENT_TYPES[dtype]
+    scalar = types.split(",")[0]
+    # Every ISA build CMake made (optkern_kernels_<isa>), from the baseline up.
+    dirs = glob.glob(os.path.join(build_dir, "**", "optkern_kernels_*.dir"), recursive=True)
+    isas = sorted({re.sub(r".*optkern_kernels_(\w+)\.dir$", r"\1", d) for d in dirs}, key=_isa_order)
+    for isa in isas:
+        # One object per rule file (generated/kernels/<rule>.cpp.o) and the norms'.
         objs = glob.glob(
-            os.path.join(build_dir, "**", f"optkern_kernels_{isa}.dir", "**", "update_rules.cpp.o"),
+            os.path.join(build_dir, "**", f"optkern_kernels_{isa}.dir", "**", "*.cpp.o"),
             recursive=True,
         )
         if not objs:
             continue
-        funcs = functions(objs[0])
-        print(f"\n{isa}: instructions per element in the main loop (divisions, square roots)")
+        funcs: Dict[str, List[Tuple[int, str, str]]] = {}
+        for obj in sorted(objs):
+            funcs.update(functions(obj))
+        print(
+            f"\n{isa}, {dtype}: instructions per element in the main loop (divisions, square roots)"
+        )
         found = {
-            name: find_variant(funcs, kernel, on) for name, (kernel, on) in rule_variants().items()
+            name: find_variant(funcs, kernel, on, types)
+            for name, (kernel, on) in rule_variants().items()
         }
         found.update(
             {
-                name: next((c for f, c in funcs.items() if symbol.format(isa=isa) in f), None)
-                for name, symbol in OTHERS.items()
+                name: next(
+                    (c for f, c in funcs.items() if re.search(pattern.format(t=scalar), f)), None
+                )
+                for name, pattern in OTHERS.items()
             }
         )
         for name, code in found.items():
@@ -187,7 +235,7 @@ def report(build_dir: str) -> None:
             if not body:
                 print(f"  {name:<28} (not found)")
                 continue
-            n = elements_per_iteration(body)
+            n = elements_per_iteration(body, 8 if dtype == "float64" else 4)
             div = sum(1 for _, o, _ in body if o.startswith(("vdiv", "div")))
             sqrt = sum(1 for _, o, _ in body if "sqrt" in o)
             print(
@@ -197,4 +245,10 @@ def report(build_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    report(sys.argv[1] if len(sys.argv) > 1 else os.path.join("build", "dev"))
+    args = sys.argv[1:]
+    dtype = "float32"
+    if "--dtype" in args:
+        i = args.index("--dtype")
+        dtype = args[i + 1]
+        del args[i : i + 2]
+    report(args[0] if args else os.path.join("build", "dev"), dtype)

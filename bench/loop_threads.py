@@ -75,7 +75,7 @@ def child(size: str, opt: str, impl: str, threads: int, spin: int, steps: int) -
         if threads:
             ok.set_num_threads(threads)
         if spin >= 0:
-            ok._core._set_spin_us(spin)
+            ok._core._testing.set_spin_us(spin)
         o = ok.Adam(params, lr=lr) if opt == "adam" else ok.SGD(params, lr=lr, momentum=0.9)
 
         def update():

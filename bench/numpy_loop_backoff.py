@@ -64,14 +64,14 @@ T = {k: [] for k in V}
 def one(k, rec):
     P, opt = V[k]
     if k == "noad":
-        _core._set_adaptive_threads(False)
+        _core._testing.set_adaptive_threads(False)
     if k == "t1":
         ok.set_num_threads(1)
     t0 = time.perf_counter()
     opt.step(grads(P))
     t1 = time.perf_counter()
     if k == "noad":
-        _core._set_adaptive_threads(True)
+        _core._testing.set_adaptive_threads(True)
     if k == "t1":
         ok.set_num_threads(2)
     if rec:
@@ -81,7 +81,7 @@ def one(k, rec):
 for k in V:
     for _ in range(3):
         one(k, False)
-s0 = _core._pool_stats()
+s0 = _core._testing.pool_stats()
 for r in range(int(os.environ.get("R", "12"))):
     ks = list(V)
     ks = ks[r % 3 :] + ks[: r % 3]
@@ -94,7 +94,7 @@ print(
     dims,
     "load",
     os.getloadavg()[0],
-    {k: _core._pool_stats()[k] - s0[k] for k in s0},
+    {k: _core._testing.pool_stats()[k] - s0[k] for k in s0},
 )
 for k in V:
     print(f"  {k:5s} {statistics.median(T[k]) * 1e3:7.3f} ms/step")

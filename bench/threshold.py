@@ -17,7 +17,7 @@ SIZES = [4096, 8192, 16384, 32768, 65536, 131072]
 def main() -> None:
     info = machine()
     print(f"# {info['cpu']}, {info['cores']} cores, {info['isa']}")
-    threads, threshold = ok.get_num_threads(), ok._core._min_elements_per_thread()
+    threads, threshold = ok.get_num_threads(), ok._core._testing.min_elements_per_thread()
     try:
         for name, cls in (("SGD", ok.SGD), ("Adam", ok.Adam), ("Adadelta", ok.Adadelta)):
             for n in SIZES:
@@ -27,7 +27,7 @@ def main() -> None:
                 def on(k, floor):
                     def step():
                         ok.set_num_threads(k)
-                        ok._core._set_min_elements_per_thread(floor)
+                        ok._core._testing.set_min_elements_per_thread(floor)
                         opt.step(grads)
 
                     return step
@@ -42,7 +42,7 @@ def main() -> None:
                 )
     finally:
         ok.set_num_threads(threads)
-        ok._core._set_min_elements_per_thread(threshold)
+        ok._core._testing.set_min_elements_per_thread(threshold)
 
 
 if __name__ == "__main__":

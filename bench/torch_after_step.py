@@ -47,9 +47,9 @@ def main():
     oo = getattr(okt, name)([po], lr=1e-3)
 
     def noad():
-        _core._set_adaptive_threads(False)
+        _core._testing.set_adaptive_threads(False)
         t = timed(oo.step)
-        _core._set_adaptive_threads(True)
+        _core._testing.set_adaptive_threads(True)
         return t
 
     def one_thread():
@@ -70,7 +70,7 @@ def main():
         "1 thread": ("pool", one_thread),
         "gomp (torch's team)": ("gomp", step),
     }
-    restore = _core._parallel_backend()[0]
+    restore = _core.parallel_backend()[0]
     for pre_name, pre in (
         ("after a torch step", ot.step),
         ("after a 5 ms sleep", lambda: time.sleep(0.005)),
@@ -78,19 +78,19 @@ def main():
         res = {k: [] for k in variants}
         tor = []
         for backend, f in variants.values():
-            _core._set_parallel_backend(backend)
+            _core.set_parallel_backend(backend)
             pre()
             f()
-        s0 = _core._pool_stats()
+        s0 = _core._testing.pool_stats()
         for _ in range(int(os.environ.get("R", "60"))):
             order = list(variants)
             random.shuffle(order)
             for k in order:
-                _core._set_parallel_backend(variants[k][0])
+                _core.set_parallel_backend(variants[k][0])
                 tor.append(timed(pre))
                 res[k].append(variants[k][1]())
-        st = {k: _core._pool_stats()[k] - s0[k] for k in s0}
-        _core._set_parallel_backend(restore)
+        st = {k: _core._testing.pool_stats()[k] - s0[k] for k in s0}
+        _core.set_parallel_backend(restore)
         print(
             f"{name} {n} {pre_name}: torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
             f"{os.environ.get('OMP_WAIT_POLICY')}, load {os.getloadavg()[0]:.1f}; "

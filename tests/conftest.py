@@ -26,7 +26,7 @@ def pytest_report_header(config):
 def _restore_threading():
     """Tests may change the thread count or the split threshold; put both back afterwards."""
     threads = ok.get_num_threads()
-    threshold = ok._core._min_elements_per_thread()
+    threshold = ok._core._testing.min_elements_per_thread()
     yield
     ok.set_num_threads(threads)
-    ok._core._set_min_elements_per_thread(threshold)
+    ok._core._testing.set_min_elements_per_thread(threshold)

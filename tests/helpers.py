@@ -75,7 +75,7 @@ def step_bits(name: str, hp: dict, threads: int, min_per_thread: int, steps: int
     import optkern as ok
 
     ok.set_num_threads(threads)
-    ok._core._set_min_elements_per_thread(min_per_thread)
+    ok._core._testing.set_min_elements_per_thread(min_per_thread)
     rng = np.random.default_rng(seed)
     params = [
         make(rng.standard_normal(n), "unaligned" if i % 2 else "aligned")

@@ -109,7 +109,7 @@ def test_factored_state_is_small_and_torch_shaped():
 
 def run(shapes, hp, threads, isa=None, steps=12):
     ok.set_num_threads(threads)
-    ok._core._set_min_elements_per_thread(64)
+    ok._core._testing.set_min_elements_per_thread(64)
     params = initial(shapes, seed=5)
     opt = ok.Adafactor(params, **hp)
     opt._isa = isa
@@ -120,14 +120,14 @@ def run(shapes, hp, threads, isa=None, steps=12):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_bit_identical_for_any_thread_count(isa):
-    before = ok.get_num_threads(), ok._core._min_elements_per_thread()
+    before = ok.get_num_threads(), ok._core._testing.min_elements_per_thread()
     shapes = [(300, 257), (3, 70, 90), (5000,), (9, 1), (1, 2000), (1, 70000), (3, 50000)]
     shapes += [(50000, 3), (20, 17000), (2, 17, 17000), (4, 3, 17000)] + [(4, 5)] * 20
     try:
         results = [run(shapes, dict(weight_decay=0.1), n, isa) for n in (1, 2, 3)]
     finally:
         ok.set_num_threads(before[0])
-        ok._core._set_min_elements_per_thread(before[1])
+        ok._core._testing.set_min_elements_per_thread(before[1])
     (p1, o1), *rest = results
     for pn, on in rest:
         for a, b in zip(p1, pn):

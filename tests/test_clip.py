@@ -47,7 +47,7 @@ def test_norms_do_not_depend_on_threads(p):
     results = []
     for threads, threshold in [(1, 1), (2, 1), (2, 5000), (2, 1 << 20)]:
         ok.set_num_threads(threads)
-        ok._core._set_min_elements_per_thread(threshold)
+        ok._core._testing.set_min_elements_per_thread(threshold)
         norms = ok.grad_norms(grads, p)
         total = ok.clip_grad_norm_(grads, 1e30, p)
         results.append((bits(norms), total))

@@ -77,7 +77,7 @@ def run_in_threads(targets):
 def openmp_split(request):
     if request.param.startswith("2"):
         ok.set_num_threads(2)
-        ok._core._set_min_elements_per_thread(512)  # split even these small calls
+        ok._core._testing.set_min_elements_per_thread(512)  # split even these small calls
     else:
         ok.set_num_threads(1)
 

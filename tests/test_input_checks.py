@@ -988,7 +988,7 @@ def tuple_cases(rule, key, good):
         yield key, f"{h.name}='a'", at("a"), TypeError, f"{h.name} must be a real number"
         value, what = OUT_OF_RANGE[h.range]
         yield key, f"{h.name}={value}", at(value), ValueError, f"{h.name} must be {what}"
-    if key == "step_sizes":  # declared order between the two (require_order in rules.hpp)
+    if key == "step_sizes":  # declared order between the two (require_order in rule_api.hpp)
         yield key, "min > max", (1.0, 0.5), ValueError, "step_size_min must be <= step_size_max"
     for label, value in [("scalar", good[0]), ("None", None), ("short", good[:1]), ("'ab'", "ab")]:
         yield key, label, value, TypeError, f"{key} must be a pair"

@@ -33,7 +33,7 @@ def test_every_isa_matches_reference(case, size, isa):
 def run_on(isa, name, hp, threads=None, size=4099, steps=25):
     if threads is not None:
         ok.set_num_threads(threads)
-        ok._core._set_min_elements_per_thread(64)
+        ok._core._testing.set_min_elements_per_thread(64)
     p = (np.random.default_rng(3).standard_normal(size) * 0.5).astype(np.float32)
     opt = getattr(ok, name)([p], **hp)
     opt._isa = isa

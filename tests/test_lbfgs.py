@@ -149,7 +149,7 @@ def test_state_dict_has_torchs_layout_and_resumes_identically():
 
 def run_bits(threads, isa=None):
     ok.set_num_threads(threads)
-    ok._core._set_min_elements_per_thread(64)
+    ok._core._testing.set_min_elements_per_thread(64)
     f = quadratic(20000, seed=5)
     shapes = [(100, 150), (5000,)]
     params = [np.zeros(s, np.float32) for s in shapes]

@@ -102,7 +102,7 @@ def test_passes_match_numpy(isa, nesterov):
 
 def run_bits(threads):
     ok.set_num_threads(threads)
-    ok._core._set_min_elements_per_thread(64)
+    ok._core._testing.set_min_elements_per_thread(64)
     rng = np.random.default_rng(4)
     params = [rng.standard_normal(s).astype(np.float32) for s in [(100, 130), (300, 20)]]
     opt = ok.Muon(params)

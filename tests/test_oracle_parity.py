@@ -272,14 +272,14 @@ def lamb_inputs():
 def test_lamb_matches_optax(hp, threads):
     p0, grads = lamb_inputs()
     want, inner = run_optax("LAMB", hp, p0, grads)
-    before = ok.get_num_threads(), ok._core._min_elements_per_thread()
+    before = ok.get_num_threads(), ok._core._testing.min_elements_per_thread()
     ok.set_num_threads(threads)
-    ok._core._set_min_elements_per_thread(1)
+    ok._core._testing.set_min_elements_per_thread(1)
     try:
         params, opt = run_optkern("LAMB", hp, p0, grads)
     finally:
         ok.set_num_threads(before[0])
-        ok._core._set_min_elements_per_thread(before[1])
+        ok._core._testing.set_min_elements_per_thread(before[1])
     for i, p in enumerate(params):
         assert_close(p, want[i], f"param {i} {LAMB_SHAPES[i]}")
         state = opt.state[p]

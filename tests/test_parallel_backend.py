@@ -1,6 +1,6 @@
 """The "gomp" parallel backend: optkern's chunks on the calling thread's GNU OpenMP team.
 
-_core._set_parallel_backend("gomp") hands the pool's chunk loop to GOMP_parallel of a libgomp
+_core.set_parallel_backend("gomp") hands the pool's chunk loop to GOMP_parallel of a libgomp
 the process has already loaded (torch's). Checked here:
 
 - it is refused ("pool" stays in effect) when no libgomp is loaded, for a library not loaded,
@@ -52,7 +52,7 @@ def python(code, timeout=120):
 
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="pool"):
-        ok._core._set_parallel_backend("openmp")
+        ok._core.set_parallel_backend("openmp")
 
 
 def test_refused_without_libgomp():
@@ -63,9 +63,9 @@ def test_refused_without_libgomp():
         import optkern as ok, numpy as np
         maps = open("/proc/self/maps").read() if __import__("os").path.exists("/proc/self/maps") else ""
         loaded = "libgomp" in maps
-        print(loaded, ok._core._set_parallel_backend("gomp"), ok._core._parallel_backend())
-        print(ok._core._set_parallel_backend("gomp", "/nonexistent/libgomp.so.1"))
-        print(ok._core._set_parallel_backend("gomp", ok._core.__file__))
+        print(loaded, ok._core.set_parallel_backend("gomp"), ok._core.parallel_backend())
+        print(ok._core.set_parallel_backend("gomp", "/nonexistent/libgomp.so.1"))
+        print(ok._core.set_parallel_backend("gomp", ok._core.__file__))
         """
     )
     lines = out.splitlines()
@@ -81,14 +81,14 @@ torch = None
 def gomp():
     global torch
     torch = pytest.importorskip("torch")
-    if ok._core._set_parallel_backend("gomp") != "gomp":
+    if ok._core.set_parallel_backend("gomp") != "gomp":
         pytest.skip("torch did not load a libgomp (not a GNU OpenMP build of torch)")
     threads, torch_threads = ok.get_num_threads(), torch.get_num_threads()
     torch.set_num_threads(2)
     yield
-    ok._core._set_parallel_backend("pool")
-    ok._core._set_chunk_elements(0)
-    ok._core._set_min_elements_per_thread(32768)
+    ok._core.set_parallel_backend("pool")
+    ok._core._testing.set_chunk_elements(0)
+    ok._core._testing.set_min_elements_per_thread(32768)
     ok.set_num_threads(threads)
     torch.set_num_threads(torch_threads)
 
@@ -101,32 +101,32 @@ def run(name, hp, threads, steps=4):
 def test_bit_identical_to_one_thread_and_pool(gomp, case):
     name, hp = case
     single = run(name, hp, threads=1)
-    ok._core._set_parallel_backend("pool")
+    ok._core.set_parallel_backend("pool")
     pooled = run(name, hp, threads=2)
-    assert ok._core._set_parallel_backend("gomp") == "gomp"
+    assert ok._core.set_parallel_backend("gomp") == "gomp"
     for chunk in (0, 64, 4096):
-        ok._core._set_chunk_elements(chunk)
+        ok._core._testing.set_chunk_elements(chunk)
         assert run(name, hp, threads=2) == single == pooled
 
 
 def test_calls_run_on_the_team(gomp):
-    ok._core._set_adaptive_threads(False)
+    ok._core._testing.set_adaptive_threads(False)
     try:
-        before = ok._core._pool_stats()
+        before = ok._core._testing.pool_stats()
         run("Adam", {}, threads=2)
-        after = ok._core._pool_stats()
+        after = ok._core._testing.pool_stats()
         # Multi-threaded calls, all on the team (adaptive off: no slow-team fallback to the pool).
         assert after["calls"] > before["calls"]
         assert after["gomp_calls"] - before["gomp_calls"] == after["calls"] - before["calls"]
         assert after["gomp_pool_calls"] == before["gomp_pool_calls"]
         torch.set_num_threads(1)  # the team is torch's size: one thread, no team call
-        before = ok._core._pool_stats()["calls"]
+        before = ok._core._testing.pool_stats()["calls"]
         single = run("Adam", {}, threads=2)
-        assert ok._core._pool_stats()["calls"] == before
+        assert ok._core._testing.pool_stats()["calls"] == before
         torch.set_num_threads(2)
         assert run("Adam", {}, threads=2) == single
     finally:
-        ok._core._set_adaptive_threads(True)
+        ok._core._testing.set_adaptive_threads(True)
 
 
 def test_torch_ops_between_steps(gomp):
@@ -173,9 +173,9 @@ import os, signal, sys, numpy as np, torch, optkern as ok
 import optkern.torch
 torch.set_num_threads(2)
 ok.set_num_threads(2)
-ok._core._set_min_elements_per_thread(1)
-ok._core._set_adaptive_threads(False)
-if ok._core._set_parallel_backend("gomp") != "gomp":
+ok._core._testing.set_min_elements_per_thread(1)
+ok._core._testing.set_adaptive_threads(False)
+if ok._core.set_parallel_backend("gomp") != "gomp":
     print("no libgomp"); sys.exit(0)
 def step():
     p = np.arange(400_000, dtype=np.float32); opt = ok.Adam([p], lr=0.5)
@@ -197,10 +197,10 @@ codes = []
 for _ in range(5):
     pid = os.fork()
     if pid == 0:
-        ok_child = ok._core._parallel_backend() == ("pool", "") and step() == want
+        ok_child = ok._core.parallel_backend() == ("pool", "") and step() == want
         os._exit(0 if ok_child else 3)
     codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(codes, ok._core._parallel_backend()[0], step() == want)
+print(codes, ok._core.parallel_backend()[0], step() == want)
 """,
         timeout=120,
     )
@@ -229,7 +229,7 @@ try:
 except KeyboardInterrupt:
     interrupted = True
 signal.setitimer(signal.ITIMER_REAL, 0)
-print(interrupted, ok._core._parallel_backend()[0], step() == want)
+print(interrupted, ok._core.parallel_backend()[0], step() == want)
 """,
         timeout=120,
     )
@@ -242,12 +242,12 @@ def test_torch_imported_after_optkern():
         """
         import numpy as np, optkern as ok
         ok.set_num_threads(2)
-        ok._core._set_min_elements_per_thread(1)
-        first = ok._core._set_parallel_backend("gomp")
+        ok._core._testing.set_min_elements_per_thread(1)
+        first = ok._core.set_parallel_backend("gomp")
         p = np.arange(300_000, dtype=np.float32); ok.Adam([p]).step([np.ones_like(p)])
         import torch
         torch.set_num_threads(2)
-        second = ok._core._set_parallel_backend("gomp")
+        second = ok._core.set_parallel_backend("gomp")
         q = np.arange(300_000, dtype=np.float32); ok.Adam([q]).step([np.ones_like(q)])
         print(first, second, bool((p == q).all()))
         """
@@ -263,7 +263,7 @@ def test_optkern_torch_turns_it_on_and_env_keeps_the_pool():
 
     code = """
         import optkern.torch, optkern
-        print(*optkern._core._parallel_backend())
+        print(*optkern._core.parallel_backend())
         print(optkern.build_info()["threads"])
         """
     libs = torch_libgomp(torch)

@@ -179,7 +179,7 @@ def test_thread_split_never_changes_a_bit(case, sizes, min_per_thread, seed):
     results = []
     for threads, threshold in [(1, 1), (2, min_per_thread)]:
         ok.set_num_threads(threads)
-        ok._core._set_min_elements_per_thread(threshold)
+        ok._core._testing.set_min_elements_per_thread(threshold)
         rng = np.random.default_rng(seed)
         params = [rng.standard_normal(n).astype(np.float32) for n in sizes]
         opt = getattr(ok, kind)(params, **hp)

@@ -31,10 +31,10 @@ THREADED = ok.build_info()["threads"] != "none"
 @pytest.fixture(autouse=True)
 def _restore_pool_hooks():
     yield
-    ok._core._set_chunk_elements(0)
-    ok._core._fail_thread_creation_after(-1)
-    ok._core._pause_helpers(False)
-    ok._core._set_adaptive_threads(True)
+    ok._core._testing.set_chunk_elements(0)
+    ok._core._testing.fail_thread_creation_after(-1)
+    ok._core._testing.pause_helpers(False)
+    ok._core._testing.set_adaptive_threads(True)
 
 
 def run(name, hp, threads, min_per_thread, steps=5):
@@ -56,7 +56,7 @@ def test_any_chunking_bit_identical(case, chunk):
     a helper is often descheduled and the others take its chunks)."""
     name, hp = case
     single = run(name, hp, threads=1, min_per_thread=1)
-    ok._core._set_chunk_elements(chunk)
+    ok._core._testing.set_chunk_elements(chunk)
     for threads in (2, 3):
         assert run(name, hp, threads=threads, min_per_thread=1) == single
 
@@ -77,7 +77,7 @@ def test_reduction_pass_bit_identical_across_threads_and_chunks(case, chunk):
     and 3 threads, with chunks of 1 to 64 blocks (0: by size), params and state bit-identical."""
     name, hp = case
     single = run(name, hp, threads=1, min_per_thread=1)
-    ok._core._set_chunk_elements(chunk)
+    ok._core._testing.set_chunk_elements(chunk)
     for threads in (2, 3):
         assert run(name, hp, threads=threads, min_per_thread=1) == single
 
@@ -88,8 +88,8 @@ def test_norms_bit_identical_across_threads_and_chunks(chunk):
     grads = [rng.standard_normal(n).astype(np.float32) for n in (100003, 5, 4096 * 7 + 1, 0)]
     ok.set_num_threads(1)
     want = {p: ok._core.grad_norms(grads, p) for p in (1.0, 2.0, 3.5, float("inf"))}
-    ok._core._set_chunk_elements(chunk)  # for norms: blocks of 4096 per chunk, at least one
-    ok._core._set_min_elements_per_thread(1)
+    ok._core._testing.set_chunk_elements(chunk)  # for norms: blocks of 4096 per chunk, at least one
+    ok._core._testing.set_min_elements_per_thread(1)
     for threads in (2, 3):
         ok.set_num_threads(threads)
         for p, (per, total) in want.items():
@@ -170,16 +170,16 @@ def test_invalid_environment_is_ignored(value):
 
 
 def test_parsers():
-    parse = ok._core._parse_thread_count
+    parse = ok._core._testing.parse_thread_count
     assert [parse(s) for s in ("1", "12", "4,2", " 7\t", "1024")] == [1, 12, 4, 7, 1024]
     assert [parse(s) for s in ("", "0", "-1", "1025", "x", "2 3", "+2", "0x10")] == [0] * 8
-    cpu_max = ok._core._cpus_from_cpu_max
+    cpu_max = ok._core._testing.cpus_from_cpu_max
     assert cpu_max("max 100000\n") == 0
     assert cpu_max("150000 100000\n") == 2  # 1.5 CPUs: two threads, each busy part of the time
     assert cpu_max("50000 100000") == 1  # half a CPU: still one
     assert cpu_max("400000 100000") == 4
     assert cpu_max("") == 0 and cpu_max("garbage 100000") == 0
-    cfs = ok._core._cpus_from_cfs
+    cfs = ok._core._testing.cpus_from_cfs
     assert cfs(-1, 100000) == 0 and cfs(200000, 100000) == 2 and cfs(1, 100000) == 1
     assert cfs(10**15, 1) == MAX_THREADS
 
@@ -188,8 +188,8 @@ def test_parsers():
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no affinity masks here")
 def test_default_follows_affinity_and_quota():
     cpus = len(os.sched_getaffinity(0))
-    assert ok._core._affinity_cpus() == cpus
-    quota = ok._core._quota_cpus()
+    assert ok._core._testing.affinity_cpus() == cpus
+    quota = ok._core._testing.quota_cpus()
     want = min(cpus, quota) if quota > 0 else cpus
     assert python(NUM_THREADS) == str(min(want, MAX_THREADS))
     # A process pinned to one CPU defaults to one thread.
@@ -215,21 +215,21 @@ def test_refused_thread_means_fewer_threads():
     want = big_adam(1)
     code = """
     import numpy as np, optkern as ok
-    ok._core._fail_thread_creation_after({k})
+    ok._core._testing.fail_thread_creation_after({k})
     ok.set_num_threads(4)
-    ok._core._set_min_elements_per_thread(1)
+    ok._core._testing.set_min_elements_per_thread(1)
     p = np.arange(300_000, dtype=np.float32); opt = ok.Adam([p])
     for _ in range(3):
         opt.step([np.ones_like(p)])
-    print(ok._core._pool_helpers(), float(p.sum()))
+    print(ok._core._testing.pool_helpers(), float(p.sum()))
     """
     results = [python(code.format(k=k)).split() for k in (0, 1, 2, -1)]
     assert [r[0] for r in results] == ["0", "1", "2", "3"]
     assert len({r[1] for r in results}) == 1
     # In this process too: refused, then allowed again by set_num_threads.
-    ok._core._fail_thread_creation_after(0)
+    ok._core._testing.fail_thread_creation_after(0)
     assert big_adam(3) == want
-    ok._core._fail_thread_creation_after(-1)
+    ok._core._testing.fail_thread_creation_after(-1)
     assert big_adam(3) == want
 
 
@@ -248,7 +248,7 @@ def test_rlimit_nproc_does_not_kill_the_process():
     except (ValueError, OSError):
         pass
     ok.set_num_threads(3)
-    ok._core._set_min_elements_per_thread(1)
+    ok._core._testing.set_min_elements_per_thread(1)
     p = np.arange(300_000, dtype=np.float32); opt = ok.SGD([p], lr=0.5)
     opt.step([np.ones_like(p)])
     print(float(p[-1]))
@@ -259,7 +259,7 @@ def test_rlimit_nproc_does_not_kill_the_process():
 FORK_STEP = """
 import os, sys, numpy as np, optkern as ok
 ok.set_num_threads(2)
-ok._core._set_min_elements_per_thread(1)
+ok._core._testing.set_min_elements_per_thread(1)
 def step():
     p = np.arange(400_000, dtype=np.float32); opt = ok.Adam([p], lr=0.5)
     for _ in range(3):
@@ -276,7 +276,7 @@ def test_os_fork_after_threaded_step():
     want = step()
     norm = lambda: ok._core.grad_norms([np.ones(300_001, np.float32)], 2.0)[1]
     want_norm = norm()
-    assert ok._core._pool_helpers() >= (1 if ok.build_info()["threads"] != "none" else 0)
+    assert ok._core._testing.pool_helpers() >= (1 if ok.build_info()["threads"] != "none" else 0)
     pid = os.fork()
     if pid == 0:
         os._exit(0 if step() == want and norm() == want_norm else 3)
@@ -350,18 +350,18 @@ def _late_helper_calls(adaptive, calls):
     from optkern import functional as F
 
     ok.set_num_threads(2)
-    ok._core._set_min_elements_per_thread(1)
-    ok._core._set_chunk_elements(64)
-    ok._core._set_adaptive_threads(adaptive)
-    ok._core._pause_helpers(True)
+    ok._core._testing.set_min_elements_per_thread(1)
+    ok._core._testing.set_chunk_elements(64)
+    ok._core._testing.set_adaptive_threads(adaptive)
+    ok._core._testing.pause_helpers(True)
     rng = np.random.default_rng(3)
     p, g = rng.standard_normal(5000).astype(np.float32), rng.standard_normal(5000).astype(np.float32)
     m, v = np.zeros_like(p), np.zeros_like(p)
-    before = ok._core._pool_stats()
+    before = ok._core._testing.pool_stats()
     for k in range(calls):
         F.adam_([p], [g], [m], [v], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=k + 1)
-    after = ok._core._pool_stats()
-    ok._core._pause_helpers(False)
+    after = ok._core._testing.pool_stats()
+    ok._core._testing.pause_helpers(False)
     pool_keys = ("calls", "helper_chunks", "late_calls", "serial_calls")  # not the gomp backend's
     return {k: after[k] - before[k] for k in pool_keys}, [bits(p), bits(m), bits(v)]
 
@@ -371,13 +371,13 @@ def test_late_helpers_back_off():
     """When the helpers ran no chunk of two calls in a row, the next 4 calls run on the calling
     thread alone, then one probes with helpers; a late probe doubles the backoff. Results are
     the same as with adaptation off and as on one thread."""
-    assert ok._core._adaptive_threads()
+    assert ok._core._testing.adaptive_threads()
     on, on_bits = _late_helper_calls(True, 10)
     # calls 1, 2 late -> 3-6 alone -> 7 late (probe) -> 8-10 alone (backoff 8)
     assert on == {"calls": 3, "helper_chunks": 0, "late_calls": 3, "serial_calls": 7}
     off, off_bits = _late_helper_calls(False, 10)
     assert off == {"calls": 10, "helper_chunks": 0, "late_calls": 10, "serial_calls": 0}
-    ok._core._set_adaptive_threads(True)
+    ok._core._testing.set_adaptive_threads(True)
     assert on_bits == off_bits
     from optkern import functional as F
 
@@ -394,8 +394,8 @@ def test_python_threads_while_pool_busy():
     """Several Python threads run multi-threaded calls at once: one owns the pool, the others
     run on their own threads; none waits for long, and all give the serial results."""
     want = big_adam(1)
-    ok._core._set_min_elements_per_thread(1)
-    ok._core._set_chunk_elements(64)  # many chunks: the pool stays busy longer
+    ok._core._testing.set_min_elements_per_thread(1)
+    ok._core._testing.set_chunk_elements(64)  # many chunks: the pool stays busy longer
     results = [None] * 4
 
     def target(i):
@@ -433,7 +433,7 @@ def state():
 a = np.ones((64, 64)); a @ a   # start NumPy's BLAS threads
 before = state()
 import optkern as ok
-ok._core._set_min_elements_per_thread(1)
+ok._core._testing.set_min_elements_per_thread(1)
 p = np.arange(500_000, dtype=np.float32); opt = ok.AdamW([p])
 for _ in range(3):
     opt.step([np.ones_like(p)], max_grad_norm=1.0)

@@ -1,22 +1,29 @@
-// The vocabulary of a rule's host declaration (rules.hpp): hyperparameters with their ranges,
-// state buffers, and the helpers a rule's scalars function uses to turn hyperparameters and a
-// step count into the float scalars of its kernel. Host code only.
+// The vocabulary of a rule's host declaration (the host part of each rules/<name>.inc):
+// hyperparameters with their ranges, state buffers, carried numbers, the helpers a rule's scalars
+// function uses to turn hyperparameters and a step count into the scalars of its kernel, and the
+// declaration itself (RuleDecl). Host code only.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
+#include <span>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kernel_api.hpp"
 
 namespace optkern {
 
+// Bytes per element of an array of this type.
+inline std::size_t dtype_size(DType t) { return t == DType::f64 ? 8 : 4; }
+
 // What values a hyperparameter takes. Every real one is also finite and at most float32's
-// largest value in magnitude (the kernels compute in float32).
+// largest value in magnitude (float32 parameters are computed in float32).
 enum class Range {
   nonnegative,  // [0, inf)
   unit,         // [0, 1]
@@ -114,17 +121,12 @@ struct CarriedDecl {
   const char* init_from;  // nullptr, or the hyperparameter it starts at (ASGD's eta: lr)
 };
 
-// A bad hyperparameter, or a per-step scalar float32 cannot hold: ValueError in Python.
+// A bad hyperparameter, or a per-step scalar the compute type cannot hold: ValueError in Python.
 struct HyperError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
 // A rule's validated hyperparameters, looked up by name.
-class Hyper;
-// For a rule's check function: hyperparameters `lo` <= `hi` (e.g. Rprop's step_size_min and
-// step_size_max, torch's argument `torch`), refused otherwise.
-inline void require_order(const Hyper& h, const char* lo, const char* hi, const char* torch);
-
 class Hyper {
  public:
   Hyper(const HyperDecl* decl, std::size_t count, const double* values)
@@ -149,6 +151,8 @@ inline std::string number_str(double v) {
   return buf;
 }
 
+// For a rule's check function: hyperparameters `lo` <= `hi` (e.g. Rprop's step_size_min and
+// step_size_max, torch's argument `torch`), refused otherwise.
 inline void require_order(const Hyper& h, const char* lo, const char* hi, const char* torch) {
   if (!(h[lo] <= h[hi])) {
     throw HyperError(std::string(torch) + ": " + lo + " must be <= " + hi + ", got " +
@@ -156,8 +160,13 @@ inline void require_order(const Hyper& h, const char* lo, const char* hi, const 
   }
 }
 
+template <class R>
+constexpr const char* real_name() {
+  return std::is_same_v<R, float> ? "float32" : "float64";
+}
+
 // One tensor's step: its number (1 on the first), the gradient scale, and the checked rounding
-// of every derived scalar to float32.
+// of every derived scalar to the compute type R (float32, or float64 for float64 parameters).
 struct StepInfo {
   const char* rule;  // the class name, for messages
   std::int64_t step;
@@ -168,22 +177,24 @@ struct StepInfo {
   // nullptr for a rule that declares none.
   double* carried = nullptr;
 
-  // v as float32, or HyperError when float32 cannot hold it (torch raises there too, rather than
+  // v rounded to R, or HyperError when R cannot hold it (torch raises there too, rather than
   // fill every parameter with Inf or NaN).
-  float f32(double v, const char* what) const {
-    const float f = static_cast<float>(v);
-    if (!std::isfinite(f)) {
+  template <class R>
+  R real(double v, const char* what) const {
+    const R r = static_cast<R>(v);
+    if (!std::isfinite(r)) {
       throw HyperError(std::string(rule) + ": " + what + " is " + number_str(v) + " at step " +
-                       std::to_string(step) +
-                       ", which float32 cannot hold; nothing was changed (use a smaller lr or "
+                       std::to_string(step) + ", which " + real_name<R>() +
+                       " cannot hold; nothing was changed (use a smaller lr or "
                        "betas further from 1)");
     }
-    return f;
+    return r;
   }
-  GradientPrep grad(double weight_decay) const {
-    GradientPrep prep{};
-    prep.grad_scale = static_cast<float>(grad_scale);
-    prep.weight_decay = f32(weight_decay, "weight_decay");
+  template <class R>
+  GradientPrep<R> grad(double weight_decay) const {
+    GradientPrep<R> prep{};
+    prep.grad_scale = static_cast<R>(grad_scale);
+    prep.weight_decay = real<R>(weight_decay, "weight_decay");
     prep.has_weight_decay = weight_decay != 0.0;  // in double, as torch decides it
     return prep;
   }
@@ -191,27 +202,29 @@ struct StepInfo {
   static double sqrt(double x) { return std::sqrt(x); }
 };
 
-// The lerp form for weight w, as torch's float32 lerp picks it (see Lerp).
-inline Lerp lerp_weight(double w) {
-  const float wf = static_cast<float>(w);
-  Lerp l{};
-  const bool from_start = std::fabs(wf) < 0.5f;
-  l.from_start = from_start ? 1.0f : 0.0f;
-  l.coeff = from_start ? wf : wf - 1.0f;
+// The lerp form for weight w, as torch's lerp in R picks it (see Lerp).
+template <class R>
+Lerp<R> lerp_weight(double w) {
+  const R wr = static_cast<R>(w);
+  Lerp<R> l{};
+  const bool from_start = std::fabs(wr) < R(0.5);
+  l.from_start = from_start ? R(1) : R(0);
+  l.coeff = from_start ? wr : wr - R(1);
   return l;
 }
 
-// One array of a factored kernel (OPTKERN_FACTORED), as the rule's host step between two passes
-// sees it (RULE_FACTORED's `between`). An array of >= 2 dimensions is factored: `batch` matrices
-// of rows x cols (its last two dimensions); an array of <= 1 dimension is not (batch 0).
+// One array of a factored kernel, as the rule's host step between two passes sees it (RuleDecl's
+// `between`). An array of >= 2 dimensions is factored: `batch` matrices of rows x cols (its last
+// two dimensions); an array of <= 1 dimension is not (batch 0). States and the numbers per row and
+// column are in the compute type R of the rule's host step.
 struct FactoredArray {
   const double* sums;      // the pass's sums over the whole array (tile sums in tile order)
   const double* row_sums;  // after pass 0, factored: [batch * rows] sums of the pass's rows
   const double* col_sums;  // after pass 0, factored: [batch * cols] sums of its columns
-  float* const* state;     // the array's state buffers, whole (nullptr where absent)
+  void* const* state;      // the array's state buffers, whole (nullptr where absent)
   std::size_t batch, rows, cols, numel;
-  float* per_row;  // [batch * rows]: a number per row that the later passes read
-  float* per_col;  // [batch * cols]: a number per column that the later passes read
+  void* per_row;  // [batch * rows]: a number per row that the later passes read
+  void* per_col;  // [batch * cols]: a number per column that the later passes read
   // After pass 0, factored: [batch] one number per matrix. `between` finds in it the sum, over
   // the matrix's row ranges in order, of what stage 0 of `between_range` returned for them; what
   // it leaves there, stage 1 reads.
@@ -226,87 +239,102 @@ enum class Steps {
   used,        // counted, and the per-step scalars depend on them (bias corrections)
 };
 
-// One rule: what _core.rules() exports and _core.step runs.
+// -- the declaration ------------------------------------------------------------------------------
+
+// The host functions of a rule, type-erased (void* is the rule's scalars struct for one compute
+// type); per_real below builds them from a rule's function templates.
+using ScalarsFn = void (*)(const Hyper&, const StepInfo&, void* scalars);
+using PerArrayFn = void (*)(const double* sums, void* scalars);
+using BetweenFn = void (*)(int pass, const FactoredArray&, void* scalars);
+using BetweenRangeFn = double (*)(int stage, const FactoredArray&, std::size_t matrix, bool rows,
+                                  std::size_t lo, std::size_t hi, const void* scalars);
+
+// One host function per compute type: [0] float32, [1] float64.
+template <class Fn>
+struct PerReal {
+  Fn f32 = nullptr;
+  Fn f64 = nullptr;
+  constexpr Fn operator[](bool is_f64) const { return is_f64 ? f64 : f32; }
+  constexpr explicit operator bool() const { return f32 != nullptr; }
+};
+
+namespace detail {
+template <class Fn, Fn F>
+struct Erase;
+template <class S, void (*F)(const Hyper&, const StepInfo&, S&)>
+struct Erase<void (*)(const Hyper&, const StepInfo&, S&), F> {
+  using Fn = ScalarsFn;
+  static void call(const Hyper& h, const StepInfo& t, void* s) { F(h, t, *static_cast<S*>(s)); }
+};
+template <class S, void (*F)(const double*, S&)>
+struct Erase<void (*)(const double*, S&), F> {
+  using Fn = PerArrayFn;
+  static void call(const double* sums, void* s) { F(sums, *static_cast<S*>(s)); }
+};
+template <class S, void (*F)(int, const FactoredArray&, S&)>
+struct Erase<void (*)(int, const FactoredArray&, S&), F> {
+  using Fn = BetweenFn;
+  static void call(int pass, const FactoredArray& a, void* s) { F(pass, a, *static_cast<S*>(s)); }
+};
+template <class S, double (*F)(int, const FactoredArray&, std::size_t, bool, std::size_t,
+                               std::size_t, const S&)>
+struct Erase<double (*)(int, const FactoredArray&, std::size_t, bool, std::size_t, std::size_t,
+                        const S&),
+             F> {
+  using Fn = BetweenRangeFn;
+  static double call(int stage, const FactoredArray& a, std::size_t m, bool rows, std::size_t lo,
+                     std::size_t hi, const void* s) {
+    return F(stage, a, m, rows, lo, hi, *static_cast<const S*>(s));
+  }
+};
+template <auto F>
+using Erased = Erase<decltype(F), F>;
+}  // namespace detail
+
+// A rule's host function in its float32 and float64 forms, type-erased: per_real<f<float>,
+// f<double>> for a function template f taking the rule's scalars struct (a scalars function, a
+// per_array, between or between_range function).
+template <auto F32, auto F64>
+constexpr PerReal<typename detail::Erased<F32>::Fn> per_real = {&detail::Erased<F32>::call,
+                                                                &detail::Erased<F64>::call};
+
+// One rule: what _core.rules() exports and _core.step runs. Declared with designated
+// initializers in its file's host part (fields in this order; the optional ones may be left out).
 struct RuleDecl {
   const char* name;  // functional name: optkern.functional.<name>_
   const char* cls;   // class name: optkern.<cls>
-  const char* doc;   // the formulas, for the class docstring
-  KernelId kernel;
   Steps steps;
-  const HyperDecl* hyper;
-  std::size_t n_hyper;
-  const StateDecl* states;
-  std::size_t n_states;
-  void (*check)(const Hyper&);  // constraints between hyperparameters, or nullptr
-  void (*scalars)(const Hyper&, const StepInfo&, void* out);
-  const CarriedDecl* carried = nullptr;  // numbers per parameter (RULE_CARRIED), or none
-  std::size_t n_carried = 0;
-  // Rules whose kernel has a reduction pass (OPTKERN_REDUCTIONS): turns one array's sums into
-  // that array's scalars (a copy of its step's scalars). nullptr for the others.
-  void (*per_array)(const double* sums, void* scalars) = nullptr;
-  // Rules on a factored kernel (OPTKERN_FACTORED): after pass `pass` (0, 1, ...) over an array,
+  std::span<const HyperDecl> hyper;
+  std::span<const StateDecl> states;
+  std::span<const CarriedDecl> carried = {};  // numbers per parameter carried between steps
+  void (*check)(const Hyper&) = nullptr;      // constraints between hyperparameters, if any
+  // The per-step scalars from the hyperparameters and the step (and the carried numbers).
+  PerReal<ScalarsFn> scalars;
+  // Rules whose kernel has a reduction pass (KernelDecl::reduce_sums): turns one array's sums into
+  // that array's scalars (a copy of its step's scalars). Empty for the others.
+  PerReal<PerArrayFn> per_array = {};
+  // Rules on a factored kernel (KernelDecl::passes): after pass `pass` (0, 1, ...) over an array,
   // the host step that turns the array's sums into its scalars for the next pass (and may write
-  // its small states: Adafactor's row and column factors). nullptr for the others.
-  void (*between)(int pass, const FactoredArray& a, void* scalars) = nullptr;
+  // its small states: Adafactor's row and column factors). Empty for the others.
+  PerReal<BetweenFn> between = {};
   // Their work per row and per column after pass 0, in parallel over ranges fixed by the shape
   // alone: stage 0 on rows (rows = true) or columns [lo, hi) of matrix `matrix` before `between`
   // (its sums, a.row_sums and a.col_sums, complete over those rows or columns), stage 1 after it.
   // What stage 0 returns for a range of rows is added per matrix into a.per_matrix.
-  double (*between_range)(int stage, const FactoredArray& a, std::size_t matrix, bool rows,
-                          std::size_t lo, std::size_t hi, const void* scalars) = nullptr;
+  PerReal<BetweenRangeFn> between_range = {};
+  // Its work per element when less than its kernel's (KernelDecl::weight; 0: the kernel's):
+  // Schedule-Free SGD takes its kernel's path without the square root and division.
+  std::size_t weight = 0;
+  const char* doc = "";  // the formulas, for the class docstring
 };
 
-template <class T, std::size_t N>
-constexpr std::size_t count_of(const T (&)[N]) {
-  return N;
+// Whether a rule file's declarations fit its kernel: a reduction pass needs per_array, a factored
+// kernel between and between_range, and only those (rules/host.cpp asserts it).
+constexpr bool fits_kernel(const RuleDecl& r, const KernelDecl& k) {
+  return (k.reduce_sums > 0) == static_cast<bool>(r.per_array) &&
+         (k.passes > 0) == static_cast<bool>(r.between) &&
+         (k.passes > 0) == static_cast<bool>(r.between_range) && r.states.size() <= k.states &&
+         k.states <= MAX_STATES;
 }
-
-// The scalars struct of `kernel` behind the void* that rule tables pass around.
-#define OPTKERN_SCALARS_OF(kernel, ptr) (*static_cast<KernelInfo<KernelId::kernel>::Scalars*>(ptr))
-
-// What every RULE_* macro begins with: the rule's names, formulas, kernel, steps, hyperparameters,
-// states and check, and its scalars function typed for its kernel's scalars struct.
-#define OPTKERN_RULE_HEAD(kernel, name, cls, counts, hyper, states, check, scalars, doc) \
-  name, cls, doc, KernelId::kernel, Steps::counts, hyper, count_of(hyper), states,       \
-      count_of(states), check, [](const Hyper& h, const StepInfo& t, void* out) {        \
-        scalars(h, t, OPTKERN_SCALARS_OF(kernel, out));                                  \
-      }
-
-// RULE(kernel, name, class, steps, hyper, states, check, scalars, doc): one RuleDecl.
-#define RULE(kernel, name, cls, counts, hyper, states, check, scalars, doc) \
-  RuleDecl { OPTKERN_RULE_HEAD(kernel, name, cls, counts, hyper, states, check, scalars, doc) }
-
-// RULE_CARRIED(kernel, name, class, steps, hyper, states, carried, check, scalars, doc): a rule
-// that also carries numbers per parameter from step to step (see CarriedDecl).
-#define RULE_CARRIED(kernel, name, cls, counts, hyper, states, carried, check, scalars, doc)   \
-  RuleDecl {                                                                                   \
-    OPTKERN_RULE_HEAD(kernel, name, cls, counts, hyper, states, check, scalars, doc), carried, \
-        count_of(carried)                                                                      \
-  }
-
-// RULE_REDUCED(kernel, name, class, steps, hyper, states, check, scalars, per_array, doc): a rule
-// whose kernel has a reduction pass, with the function from its array's sums to its scalars.
-#define RULE_REDUCED(kernel, name, cls, counts, hyper, states, check, scalars, per_array, doc)    \
-  RuleDecl {                                                                                      \
-    OPTKERN_RULE_HEAD(kernel, name, cls, counts, hyper, states, check, scalars, doc), nullptr, 0, \
-        [](const double* sums, void* out) { per_array(sums, OPTKERN_SCALARS_OF(kernel, out)); }   \
-  }
-
-// RULE_FACTORED(kernel, name, class, steps, hyper, states, check, scalars, between, range, doc):
-// a rule on a factored kernel, with its host step between passes and its work per row and column.
-#define RULE_FACTORED(kernel, name, cls, counts, hyper, states, check, scalars, between, range,   \
-                      doc)                                                                        \
-  RuleDecl {                                                                                      \
-    OPTKERN_RULE_HEAD(kernel, name, cls, counts, hyper, states, check, scalars, doc), nullptr, 0, \
-        nullptr,                                                                                  \
-        [](int pass, const FactoredArray& a, void* out) {                                         \
-          between(pass, a, OPTKERN_SCALARS_OF(kernel, out));                                      \
-        },                                                                                        \
-        [](int stage, const FactoredArray& a, std::size_t m, bool rows, std::size_t lo,           \
-           std::size_t hi, const void* s) {                                                       \
-          return range(stage, a, m, rows, lo, hi,                                                 \
-                       *static_cast<const KernelInfo<KernelId::kernel>::Scalars*>(s));            \
-        }                                                                                         \
-  }
 
 }  // namespace optkern

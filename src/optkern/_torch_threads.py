@@ -42,8 +42,8 @@ def use_torch_openmp(torch: ModuleType) -> str:
             f"{', '.join(c for c in CHOICES if c)} (or unset: gomp where torch has its libgomp)"
         )
     if choice == "pool":
-        return _core._set_parallel_backend("pool")
+        return _core.set_parallel_backend("pool")
     for path in torch_libgomp(torch):
-        if _core._set_parallel_backend("gomp", path) == "gomp":
+        if _core.set_parallel_backend("gomp", path) == "gomp":
             return "gomp"
-    return _core._parallel_backend()[0]
+    return _core.parallel_backend()[0]

@@ -1,5 +1,5 @@
-"""The update rules, as the C++ core declares them (``src/cpp/rules.hpp``), and what is built
-from each declaration: the optimizer class (torch-style constructor, formulas in the docstring)
+"""The update rules, as the C++ core declares them (``src/cpp/rules/<name>.inc``), and what is
+built from each declaration: the optimizer class (torch-style constructor, formulas in the docstring)
 and the function of :mod:`optkern.functional` (for the first rules with the signature they were
 written with, but for ``sgd_`` and ``momentum_``, whose bodies are written by hand).
 

@@ -1,41 +1,15 @@
 // The fused passes of Muon and L-BFGS (algo_api.hpp), written once, ISA-neutral.
 //
-// CMake compiles this file once per ISA, beside update_rules.cpp, with -DOPTKERN_ISA_NS=<isa>
-// and that ISA's flags; the same rules hold (everything in the ISA namespace, helpers with
-// internal linkage, FMAs written out, -ffp-contract=off).
+// CMake compiles this file once per ISA, beside the rules' kernels, with -DOPTKERN_ISA_NS=<isa>
+// and that ISA's flags; kernels/kernel.hpp's rules and helpers hold here too (everything in the
+// ISA namespace, helpers with internal linkage, FMAs written out, -ffp-contract=off).
 //
-// Sums: each run of RUN elements is added in LANES float lanes (element i into lane i % LANES),
-// the lanes then in a fixed order in double, and the runs in double: the same result for any
-// split of the work between threads (the host fixes the blocks), within a few float roundings of
-// an exact sum over a run.
-#include <cstddef>
-
+// Sums: each run of RUN elements is added in DOT_LANES float lanes (element i into lane i %
+// DOT_LANES), the lanes then in a fixed order in double, and the runs in double: the same result
+// for any split of the work between threads (the host fixes the blocks), within a few float
+// roundings of an exact sum over a run.
 #include "algo_api.hpp"
-
-#ifndef OPTKERN_ISA_NS
-#error "compile this file once per ISA with -DOPTKERN_ISA_NS=<scalar|avx2|avx512>"
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define OK_RESTRICT __restrict__
-#define OK_SIMD _Pragma("omp simd")
-#define OK_LOOP __attribute__((noinline))
-#define OK_PREFETCH(p) __builtin_prefetch(p)
-#define OK_FABSF(x) __builtin_fabsf(x)
-#else
-#include <cmath>
-#define OK_RESTRICT __restrict
-#define OK_SIMD __pragma(omp simd)
-#define OK_LOOP
-#define OK_PREFETCH(p) ((void)0)
-#define OK_FABSF(x) std::fabs(x)
-#endif
-
-#if defined(__FMA__) && (defined(__GNUC__) || defined(__clang__))
-#define OK_FMA(a, b, c) __builtin_fmaf((a), (b), (c))
-#else
-#define OK_FMA(a, b, c) ((a) * (b) + (c))
-#endif
+#include "kernels/kernel.hpp"
 
 namespace optkern {
 namespace OPTKERN_ISA_NS {
@@ -43,28 +17,24 @@ namespace {
 
 using std::size_t;
 
-constexpr size_t LANES = 16;
-constexpr size_t RUN = 256;  // a multiple of LANES
-
-float lerp(float start, float end, float coeff, float from_start) {
-  return OK_FMA(coeff, end - start, from_start != 0.0f ? start : end);
-}
+constexpr size_t DOT_LANES = 16;
+constexpr size_t RUN = 256;  // a multiple of DOT_LANES
 
 // The larger of m and |x|, NaN once either is NaN (as torch's max of abs).
-float max_abs(float m, float x) {
-  const float a = OK_FABSF(x);
+float larger_abs(float m, float x) {
+  const float a = OK_FABS(x);
   return (a > m || a != a) ? a : m;
 }
 
 double lanes_sum(const float* acc) {
   double s = 0.0;
-  for (size_t l = 0; l < LANES; ++l) s += acc[l];
+  for (size_t l = 0; l < DOT_LANES; ++l) s += acc[l];
   return s;
 }
 
 double lanes_max(const float* acc) {
   float m = acc[0];
-  for (size_t l = 1; l < LANES; ++l) m = max_abs(m, acc[l]);
+  for (size_t l = 1; l < DOT_LANES; ++l) m = larger_abs(m, acc[l]);
   return m;
 }
 
@@ -76,19 +46,19 @@ OK_LOOP double muon_momentum_impl(const MuonMomentum& m, const float* OK_RESTRIC
   double total = 0.0;
   for (size_t r = 0; r < n; r += RUN) {
     const size_t e = r + RUN < n ? r + RUN : n;
-    float acc[LANES] = {};
+    float acc[DOT_LANES] = {};
     auto element = [&](size_t i, size_t l) {
       const float gi = g[i] * gs;
-      const float bi = lerp(buf[i], gi, bc, bf);
+      const float bi = lerp(buf[i], gi, bc, bf != 0.0f);
       buf[i] = bi;
-      const float oi = kNesterov ? lerp(gi, bi, oc, of) : bi;
+      const float oi = kNesterov ? lerp(gi, bi, oc, of != 0.0f) : bi;
       out[i] = oi;
       acc[l] = OK_FMA(oi, oi, acc[l]);
     };
     size_t i = r;
-    for (; i + LANES <= e; i += LANES) {
+    for (; i + DOT_LANES <= e; i += DOT_LANES) {
       OK_SIMD
-      for (size_t l = 0; l < LANES; ++l) element(i + l, l);
+      for (size_t l = 0; l < DOT_LANES; ++l) element(i + l, l);
     }
     for (size_t l = 0; i < e; ++i, ++l) element(i, l);
     total += lanes_sum(acc);
@@ -116,7 +86,7 @@ OK_LOOP void lbfgs_new_pair(const LbfgsHistory& a, size_t n, double* sums) {
   const float t = a.t;
   for (size_t r = 0; r < n; r += RUN) {
     const size_t e = r + RUN < n ? r + RUN : n;
-    float ys[LANES] = {}, yy[LANES] = {}, gs[LANES] = {}, gy[LANES] = {};
+    float ys[DOT_LANES] = {}, yy[DOT_LANES] = {}, gs[DOT_LANES] = {}, gy[DOT_LANES] = {};
     auto element = [&](size_t i, size_t l) {
       const float gi = g[i];
       const float yi = gi - gp[i];
@@ -130,9 +100,9 @@ OK_LOOP void lbfgs_new_pair(const LbfgsHistory& a, size_t n, double* sums) {
       gy[l] = OK_FMA(gi, yi, gy[l]);
     };
     size_t i = r;
-    for (; i + LANES <= e; i += LANES) {
+    for (; i + DOT_LANES <= e; i += DOT_LANES) {
       OK_SIMD
-      for (size_t l = 0; l < LANES; ++l) element(i + l, l);
+      for (size_t l = 0; l < DOT_LANES; ++l) element(i + l, l);
     }
     for (size_t l = 0; i < e; ++i, ++l) element(i, l);
     sums[0] += lanes_sum(ys);
@@ -147,7 +117,8 @@ OK_LOOP void lbfgs_pair(const float* OK_RESTRICT sj, const float* OK_RESTRICT yj
                         const float* OK_RESTRICT g, size_t n, double* sums) {
   for (size_t r = 0; r < n; r += RUN) {
     const size_t e = r + RUN < n ? r + RUN : n;
-    float a0[LANES] = {}, a1[LANES] = {}, a2[LANES] = {}, a3[LANES] = {}, a4[LANES] = {};
+    float a0[DOT_LANES] = {}, a1[DOT_LANES] = {}, a2[DOT_LANES] = {}, a3[DOT_LANES] = {},
+          a4[DOT_LANES] = {};
     auto element = [&](size_t i, size_t l) {
       const float si = sj[i], yi = yj[i];
       a0[l] = OK_FMA(si, y[i], a0[l]);
@@ -157,9 +128,9 @@ OK_LOOP void lbfgs_pair(const float* OK_RESTRICT sj, const float* OK_RESTRICT yj
       a4[l] = OK_FMA(yi, g[i], a4[l]);
     };
     size_t i = r;
-    for (; i + LANES <= e; i += LANES) {
+    for (; i + DOT_LANES <= e; i += DOT_LANES) {
       OK_SIMD
-      for (size_t l = 0; l < LANES; ++l) element(i + l, l);
+      for (size_t l = 0; l < DOT_LANES; ++l) element(i + l, l);
     }
     for (size_t l = 0; i < e; ++i, ++l) element(i, l);
     sums[0] += lanes_sum(a0);
@@ -203,18 +174,18 @@ OK_LOOP void add_pair(float* OK_RESTRICT d, const float* OK_RESTRICT y, float cy
 OK_LOOP void dot_and_max(const float* OK_RESTRICT g, const float* OK_RESTRICT x, size_t n,
                          double* sums) {
   double dot = 0.0;
-  float mx[LANES] = {};
+  float mx[DOT_LANES] = {};
   for (size_t r = 0; r < n; r += RUN) {
     const size_t e = r + RUN < n ? r + RUN : n;
-    float acc[LANES] = {};
+    float acc[DOT_LANES] = {};
     auto element = [&](size_t i, size_t l) {
       acc[l] = OK_FMA(g[i], x[i], acc[l]);
-      mx[l] = max_abs(mx[l], x[i]);
+      mx[l] = larger_abs(mx[l], x[i]);
     };
     size_t i = r;
-    for (; i + LANES <= e; i += LANES) {
+    for (; i + DOT_LANES <= e; i += DOT_LANES) {
       OK_SIMD
-      for (size_t l = 0; l < LANES; ++l) element(i + l, l);
+      for (size_t l = 0; l < DOT_LANES; ++l) element(i + l, l);
     }
     for (size_t l = 0; i < e; ++i, ++l) element(i, l);
     dot += lanes_sum(acc);

@@ -1,8 +1,10 @@
-// Bindings of the fused passes of Muon and L-BFGS (algo_api.hpp) and of the row grouping of
-// row-sparse gradients (sparse_rows.hpp). Each binding checks every array (float32, native byte
-// order, C-contiguous, aligned, writeable where written, sizes, no written array sharing memory
-// with another) before anything is written, releases the GIL and splits the work into blocks
-// fixed by the sizes alone, so results do not depend on the number of threads.
+// Bindings of the fused passes of Muon and L-BFGS (algo_api.hpp), the registration of
+// optkern.RowSparse and a test hook of the row grouping (sparse_rows.hpp). Each pass checks every
+// array (check_array: float32, native byte order, C-contiguous, aligned, writeable where written;
+// then sizes, and no written array sharing memory with another) before anything is written,
+// releases the GIL and splits the work into blocks fixed by the sizes alone, so results do not
+// depend on the number of threads. The vectors of L-BFGS are flat (torch's state layout); the
+// gradients and parameters are the lists of arrays the optimizer holds.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -15,16 +17,15 @@
 #include <vector>
 
 #include "algo_api.hpp"
+#include "bindings/arrays.hpp"
+#include "bindings/row_grads.hpp"
 #include "dispatch.hpp"
 #include "multi_tensor.hpp"
 #include "sparse_rows.hpp"
 
-namespace py = pybind11;
-
 namespace optkern {
 namespace {
-
-using npy = py::detail::npy_api;
+namespace algos {  // named: the bindings are one unity-build unit with other anonymous helpers
 
 const AlgoKernels& algo_table(py::handle isa) {
   const std::string name = isa.is_none() ? std::string(active_isa()) : py::cast<std::string>(isa);
@@ -40,12 +41,6 @@ const AlgoKernels& algo_table(py::handle isa) {
   return *scalar::algo_kernels();
 }
 
-bool native_order(char byteorder) {
-  const std::uint16_t probe = 1;
-  const bool little = *reinterpret_cast<const unsigned char*>(&probe) == 1;
-  return byteorder == '=' || byteorder == '|' || byteorder == (little ? '<' : '>');
-}
-
 // One checked float32 array of a call.
 struct Span {
   float* data;
@@ -57,23 +52,9 @@ struct Span {
 class Arrays {
  public:
   Span& add(py::handle h, const std::string& name, bool write) {
-    if (!py::isinstance<py::array>(h)) {
-      throw py::type_error(name + " must be a float32 NumPy array, got " +
-                           std::string(Py_TYPE(h.ptr())->tp_name));
-    }
-    const auto* a = py::detail::array_proxy(h.ptr());
-    const auto* descr = py::detail::array_descriptor_proxy(a->descr);
-    if (descr->type_num != npy::NPY_FLOAT_ || !native_order(descr->byteorder)) {
-      throw py::type_error(name + " must be a float32 array in native byte order, got dtype " +
-                           std::string(py::str(py::handle(a->descr))));
-    }
-    if (!(a->flags & npy::NPY_ARRAY_C_CONTIGUOUS_)) {
-      throw py::value_error(name + " must be C-contiguous");
-    }
-    if (!(a->flags & npy::NPY_ARRAY_ALIGNED_)) throw py::value_error(name + " is not aligned");
-    if (write && !(a->flags & npy::NPY_ARRAY_WRITEABLE_)) {
-      throw py::value_error(name + " is read-only, but it is written");
-    }
+    DType type;
+    const auto* a =
+        check_array(h, name, write ? Access::write : Access::read, bit(DType::f32), &type);
     std::size_t size = 1;
     for (int d = 0; d < a->nd; ++d) size *= static_cast<std::size_t>(a->dimensions[d]);
     held_.push_back(py::reinterpret_borrow<py::object>(h));
@@ -83,11 +64,7 @@ class Arrays {
 
   // A list or tuple of arrays (copied first: nothing the caller does can free an item).
   std::vector<std::size_t> add_list(py::handle seq, const std::string& name, bool write) {
-    if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) {
-      throw py::type_error(name + " must be a list of float32 arrays, got " +
-                           std::string(Py_TYPE(seq.ptr())->tp_name));
-    }
-    const auto items = py::reinterpret_steal<py::list>(PySequence_List(seq.ptr()));
+    const py::list items = snapshot(seq, name, "float32 arrays");
     std::vector<std::size_t> at;
     for (std::size_t i = 0; i < items.size(); ++i) {
       add(items[i], name + "[" + std::to_string(i) + "]", write);
@@ -467,9 +444,14 @@ py::tuple group_rows_hook(py::array_t<std::int64_t, py::array::c_style> idx, std
                         py::array_t<std::size_t>(g.order.size(), g.order.data()));
 }
 
+}  // namespace algos
 }  // namespace
 
-void register_algos(py::module_& m) {
+using namespace algos;  // NOLINT: this file's own helpers, for the registrations below
+
+void define_algos(py::module_& m) {
+  m.def("_set_row_sparse_type", &set_row_sparse_type, py::arg("cls"),
+        "Registers optkern.RowSparse, the row-sparse gradients the bindings take.");
   m.def("muon_momentum", &muon_momentum, py::arg("grad"), py::arg("momentum_buffer"),
         py::arg("out"), py::kw_only(), py::arg("momentum"), py::arg("nesterov"),
         py::arg("grad_scale") = 1.0, py::arg("isa") = py::none(),
@@ -495,8 +477,11 @@ void register_algos(py::module_& m) {
         py::arg("isa") = py::none(), "out <- g (flat); returns (g.d, max|g|).");
   m.def("lbfgs_point", &lbfgs_point, py::arg("params"), py::arg("x"), py::arg("d"), py::arg("t"),
         py::kw_only(), py::arg("isa") = py::none(), "p <- x + t d, over the parameters in order.");
-  m.def("_group_rows", &group_rows_hook, py::arg("indices"), py::arg("num_rows"),
-        "Testing hook: a row-sparse gradient's rows grouped (rows, first, order).");
+}
+
+void define_algos_testing(py::module_& m) {
+  m.def("group_rows", &group_rows_hook, py::arg("indices"), py::arg("num_rows"),
+        "A row-sparse gradient's rows grouped: (rows, first, order) (sparse_rows.hpp).");
 }
 
 }  // namespace optkern

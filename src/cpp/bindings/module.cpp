@@ -1,0 +1,105 @@
+// optkern._core: strict, zero-copy bindings of optkern's C++ core (private; optkern and
+// optkern.functional are the API).
+//
+// Every update rule goes through one binding, _core.step (or _core.prepare + _core.run, which the
+// optimizer classes use to validate every group before any is updated): bindings/prepared.cpp.
+// It looks the rule up in the declarations (rules/registry.hpp), checks the hyperparameters
+// against their declared ranges (bindings/hyper.cpp) and every array (dtype, layout, shape,
+// aliasing: bindings/arrays.cpp) before anything is written, computes the per-step scalars in
+// double (refusing any the compute type cannot hold), releases the GIL and makes one multi-tensor
+// kernel call per group (update.cpp). Python code can run only before the first array is
+// inspected: every list is copied first, so nothing the caller's __index__ or __float__ does can
+// free what is iterated. The hooks tests and benchmarks use are in the _core._testing submodule
+// (bindings/testing.cpp).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "bindings/arrays.hpp"
+#include "dispatch.hpp"
+#include "multi_tensor.hpp"
+#include "thread_pool.hpp"
+
+namespace optkern {
+
+void define_rules(py::module_& m);
+void define_prepared(py::module_& m);
+void define_norms(py::module_& m);
+void define_testing(py::module_& m);
+void define_algos(py::module_& m);
+void define_algos_testing(py::module_& m);
+
+namespace {
+
+// set_num_threads(n): an int (or NumPy integer), not a bool, from 1 to pool::MAX_THREADS.
+void set_num_threads_checked(py::handle n) {
+  if (PyBool_Check(n.ptr()) || !PyIndex_Check(n.ptr())) {
+    throw py::type_error("set_num_threads: n must be an int, got " + type_name(n));
+  }
+  auto number = py::reinterpret_steal<py::object>(PyNumber_Index(n.ptr()));
+  if (!number) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(number.ptr(), &overflow);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow < 0 || (overflow == 0 && v < 1)) {
+    throw py::value_error("set_num_threads: n must be >= 1, got " +
+                          py::str(number).cast<std::string>());
+  }
+  if (overflow > 0 || v > pool::MAX_THREADS) {
+    throw py::value_error("set_num_threads: n must be <= " + std::to_string(pool::MAX_THREADS) +
+                          ", got " + py::str(number).cast<std::string>());
+  }
+  set_num_threads(static_cast<int>(v));
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = OPTKERN_VERSION;
+  info["compiler"] = OPTKERN_COMPILER;
+  info["openmp"] = have_openmp();  // kept for compatibility: always False now
+  info["threads"] = threading();
+  info["max_threads"] = pool::MAX_THREADS;
+  py::dict flags;
+  for (const auto& [isa, f] : isa_build_flags()) flags[py::str(isa)] = f;
+  info["isa_flags"] = flags;
+  info["min_elements_per_thread"] = min_elements_per_thread();
+  return info;
+}
+
+}  // namespace
+}  // namespace optkern
+
+PYBIND11_MODULE(_core, m) {
+  using namespace optkern;
+  m.doc() =
+      "optkern's C++ core: fused optimizer kernels behind runtime ISA dispatch (private; "
+      "use optkern and optkern.functional)";
+  init_dispatch();
+  m.attr("__version__") = OPTKERN_VERSION;
+
+  m.def("active_isa", &active_isa,
+        "The instruction set the kernels run with: scalar, avx2 or avx512.");
+  m.def("available_isas", &available_isas,
+        "The instruction sets this build holds and this CPU supports, from the baseline up.");
+  m.def("get_num_threads", &num_threads, "Threads a large update uses.");
+  m.def("set_num_threads", &set_num_threads_checked, py::arg("n"),
+        "Sets the threads a large update uses: an int from 1 to build_info()['max_threads'].");
+  m.def("build_info", &build_info, "Version, compiler, threading and the flags of each ISA build.");
+  m.def("set_parallel_backend", &pool::set_backend, py::arg("name"), py::arg("library") = "",
+        "Where large updates run their chunks: 'pool' (optkern's threads) or 'gomp' (the calling "
+        "thread's OpenMP team of an already loaded libgomp, e.g. torch's). Returns the backend in "
+        "effect ('pool' when the library is not loaded or lacks GOMP_parallel).");
+  m.def(
+      "parallel_backend", [] { return py::make_tuple(pool::backend(), pool::backend_library()); },
+      "The parallel backend in effect and its library ('' for the pool).");
+
+  define_norms(m);
+  define_rules(m);
+  define_prepared(m);
+  define_algos(m);
+  py::module_ testing =
+      m.def_submodule("_testing", "Hooks for optkern's tests and benchmarks; not an API.");
+  define_testing(testing);
+  define_algos_testing(testing);
+}

@@ -1,0 +1,337 @@
+#include "bindings/prepared.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "bindings/hyper.hpp"
+#include "dispatch.hpp"
+
+namespace optkern {
+
+const KernelTable& table_for(py::handle isa) {
+  if (isa.is_none()) return kernels();
+  const std::string name = py::cast<std::string>(isa);
+  const KernelTable* t = kernels_for(name);
+  if (t == nullptr) {
+    throw py::value_error("isa='" + name + "' is not available here (available: " +
+                          py::str(py::cast(available_isas())).cast<std::string>() + ")");
+  }
+  return *t;
+}
+
+Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::handle states,
+                   py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
+                   py::handle isa, py::handle record)
+    : rule_(rule) {
+  const KernelTable& table = table_for(isa);
+  // Everything that can run Python code comes first: the hyperparameters, the step counts,
+  // the positions and the state lists (all copied); then the arrays, which run none.
+  const std::vector<double> h = parse_hyper(rule, hyper, py::none());
+  // grad_scale is data, like a gradient: a clipping coefficient from a NaN norm is NaN and
+  // makes the update NaN, as in torch. optkern.functional refuses a non-finite one from users.
+  if (h[rule.hyper.size()] != 0.0) grad_scale = -grad_scale;  // maximize
+  if (!PyDict_Check(states.ptr())) {
+    throw py::type_error("states must be a dict {state name: list of arrays}, got " +
+                         type_name(states));
+  }
+  std::vector<py::object> lists(rule.states.size());
+  for (std::size_t k = 0; k < rule.states.size(); ++k) {
+    const StateDecl& s = rule.states[k];
+    PyObject* l = PyDict_GetItemString(states.ptr(), s.name);
+    if (state_needed(rule, s, h)) {
+      if (l == nullptr || (l == Py_None && s.when != nullptr)) {
+        std::string why;
+        if (s.when != nullptr) {
+          const bool flag =
+              Hyper(rule.hyper.data(), rule.hyper.size(), h.data())[s.when] != 0.0 &&
+              std::any_of(rule.hyper.begin(), rule.hyper.end(), [&](const HyperDecl& d) {
+                return std::string(d.name) == s.when && d.range == Range::flag;
+              });
+          why = std::string(" when ") + s.when + (flag ? "=True" : " != 0");
+        }
+        throw py::value_error(std::string(s.arg) + " is required" + why);
+      }
+      lists[k] = py::reinterpret_borrow<py::object>(l);
+    }
+  }
+  {
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(states.ptr(), &pos, &key, &value)) {
+      const bool known =
+          PyUnicode_Check(key) &&
+          (std::any_of(rule.states.begin(), rule.states.end(),
+                       [&](const StateDecl& s) {
+                         return PyUnicode_CompareWithASCIIString(key, s.name) == 0;
+                       }) ||
+           std::any_of(rule.carried.begin(), rule.carried.end(), [&](const CarriedDecl& c) {
+             return PyUnicode_CompareWithASCIIString(key, c.name) == 0;
+           }));
+      if (!known) {
+        throw py::value_error(std::string(rule.cls) + " keeps no state " +
+                              std::string(py::repr(key)));
+      }
+    }
+  }
+  // The carried numbers (CarriedDecl): a list of floats per name, read now (converting them
+  // may run Python code) and written back, with the state dicts, after the kernels.
+  for (const CarriedDecl& c : rule.carried) {
+    PyObject* l = PyDict_GetItemString(states.ptr(), c.name);
+    if (l == nullptr) throw py::value_error(std::string(c.arg) + " is required");
+    if (!PyList_CheckExact(l)) {
+      throw py::type_error(std::string(c.arg) +
+                           " must be a list of floats (updated in place), "
+                           "got " +
+                           type_name(l));
+    }
+    carried_lists_.push_back(py::reinterpret_borrow<py::list>(l));
+    const py::list items = snapshot(l, c.arg, "floats");
+    std::vector<double> values;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      PyObject* o = items[i].ptr();
+      if (PyBool_Check(o) || !(PyFloat_Check(o) || PyLong_Check(o))) {
+        throw py::type_error(std::string(c.arg) + "[" + std::to_string(i) +
+                             "] must be a real number, got " + type_name(items[i]));
+      }
+      const double x = PyFloat_Check(o) ? PyFloat_AS_DOUBLE(o) : PyLong_AsDouble(o);
+      if (PyErr_Occurred()) throw py::error_already_set();
+      if (!std::isfinite(x)) {
+        throw py::value_error(std::string(c.arg) + "[" + std::to_string(i) +
+                              "] must be finite, got " + std::string(py::repr(items[i])));
+      }
+      values.push_back(x);
+    }
+    carried_in_.push_back(std::move(values));
+  }
+  Positions pos = positions_of(positions);
+  const bool steps_given = !steps.is_none();
+  if (rule.steps == Steps::used && !steps_given) {
+    throw py::type_error(std::string(rule.cls) + " needs the step number (steps=)");
+  }
+  py::list record_items;
+  if (!record.is_none()) record_items = snapshot(record, "record", "state dicts");
+  StepCounts step_counts;
+  if (steps_given) step_counts = parse_steps(steps, pos);
+  // From here on no Python code runs until the kernels are done.
+
+  buffers_ = std::make_unique<Buffers>(params, "params", Access::write, std::move(pos), PARAMS);
+  Buffers& cb = *buffers_;
+  const std::size_t count = cb.count();
+  const std::vector<ArrayRef> grad_arrays = cb.add(grads, "grads", Access::read, GRADS);
+  std::vector<ArrayRef> state_arrays[MAX_STATES];
+  for (std::size_t k = 0; k < rule.states.size(); ++k) {
+    if (lists[k]) {
+      const StateShape& kind = rule.states[k].shape;
+      state_arrays[k] = cb.add(lists[k], rule.states[k].arg, Access::write, LIKE_FIRST,
+                               kind == StateShape::like_param ? nullptr : &kind);
+    }
+  }
+  cb.check_disjoint();
+  steps_ = steps_given ? steps_for(step_counts, count) : std::vector<std::int64_t>(count, 2);
+  if (!record.is_none()) {
+    if (record_items.size() != count) {
+      throw py::value_error("record has " + std::to_string(record_items.size()) +
+                            " entries but params has " + std::to_string(count));
+    }
+    for (py::handle d : record_items) {
+      if (!PyDict_CheckExact(d.ptr())) {
+        throw py::type_error("record must hold the parameters' state dicts, got " + type_name(d));
+      }
+    }
+    record_ = record_items;
+  }
+
+  const std::size_t nc = rule.carried.size();
+  for (std::size_t k = 0; k < nc; ++k) {
+    if (carried_in_[k].size() != count) {
+      throw py::value_error(std::string(rule.carried[k].arg) + " has " +
+                            std::to_string(carried_in_[k].size()) + " entries but params has " +
+                            std::to_string(count));
+    }
+  }
+  // carried_[t * nc + k]: tensor t's k-th carried number, turned by the scalars function from
+  // its value before this step into its value after it.
+  carried_.resize(count * nc);
+  for (std::size_t t = 0; t < count; ++t) {
+    for (std::size_t k = 0; k < nc; ++k) carried_[t * nc + k] = carried_in_[k][t];
+  }
+
+  // Each tensor's arrays and kernel entry: the entry of its element types (parameter, gradient,
+  // states: the parameter's type).
+  Update& u = update_;
+  u.rule = &rule;
+  u.sizes = cb.sizes();
+  u.tensors.resize(count);
+  const KernelSet& kernels = *table.rules[static_cast<int>(rule.kernel)];
+  for (std::size_t t = 0; t < count; ++t) {
+    Tensor& tensor = u.tensors[t];
+    const ArrayRef& p = cb.first()[t];
+    tensor.param = p.data;
+    tensor.grad = grad_arrays[t].data;
+    for (std::size_t k = 0; k < MAX_STATES; ++k) {
+      tensor.state[k] = state_arrays[k].empty() ? nullptr : state_arrays[k][t].data;
+    }
+    tensor.size = cb.sizes()[t];
+    tensor.ndim = cb.ndim(t);
+    tensor.dims = cb.dims(t);
+    tensor.types = {p.type, grad_arrays[t].type, p.type};
+    const Tensor* prev = t > 0 ? &u.tensors[t - 1] : nullptr;
+    const bool same_types = prev != nullptr && prev->types.param == tensor.types.param &&
+                            prev->types.grad == tensor.types.grad &&
+                            prev->types.state == tensor.types.state;
+    tensor.entry = same_types ? prev->entry : find_entry(kernels, tensor.types);
+    if (tensor.entry == nullptr) {
+      throw py::type_error(cb.label("params", t) + ": " + rule.cls +
+                           " has no kernel for these element types in this build");
+    }
+  }
+
+  // The per-step scalars, in double from the step count (and the carried numbers), rounded to
+  // each tensor's compute type: one set per distinct step, carried values and compute type.
+  const Hyper hyp(rule.hyper.data(), rule.hyper.size(), h.data());
+  for (std::size_t t = 0; t < count; ++t) {
+    const bool f64 = computes_in_f64(u.tensors[t].types.param);
+    bool same =
+        t > 0 && steps_[t] == steps_[t - 1] && f64 == computes_in_f64(u.tensors[t - 1].types.param);
+    for (std::size_t k = 0; same && k < nc; ++k) {
+      same = carried_in_[k][t] == carried_in_[k][t - 1];
+    }
+    if (same) {
+      u.tensors[t].scalars = u.tensors[t - 1].scalars;
+      std::copy(carried_.begin() + (t - 1) * nc, carried_.begin() + t * nc,
+                carried_.begin() + t * nc);
+      continue;
+    }
+    StepInfo info{rule.cls, steps_[t], steps_[t] == 1, grad_scale};
+    info.carried = nc ? carried_.data() + t * nc : nullptr;
+    u.scalars.emplace_back();
+    try {
+      rule.scalars[f64](hyp, info, u.scalars.back().bytes);
+    } catch (const HyperError& e) {
+      throw py::value_error(e.what());
+    }
+    u.tensors[t].scalars = u.scalars.size() - 1;
+  }
+  if (count == 0) {  // still check the scalars of step 1 (or the given step), in float32
+    StepInfo info{rule.cls, steps_given && step_counts.all ? step_counts.values[0] : 1, true,
+                  grad_scale};
+    std::vector<double> start(nc);  // each carried number at its start
+    for (std::size_t k = 0; k < nc; ++k) {
+      const CarriedDecl& c = rule.carried[k];
+      start[k] = c.init_from != nullptr ? hyp[c.init_from] : c.init;
+    }
+    info.carried = nc ? start.data() : nullptr;
+    ScalarsSlot probe{};
+    try {
+      rule.scalars.f32(hyp, info, probe.bytes);
+    } catch (const HyperError& e) {
+      throw py::value_error(e.what());
+    }
+  }
+}
+
+void Prepared::record() const {
+  const std::size_t nc = rule_.carried.size(), count = steps_.size();
+  for (std::size_t k = 0; k < nc; ++k) {
+    PyObject* l = carried_lists_[k].ptr();
+    if (static_cast<std::size_t>(PyList_GET_SIZE(l)) != count) {
+      throw py::value_error(std::string(rule_.carried[k].arg) + " changed length during the step");
+    }
+    for (std::size_t t = 0; t < count; ++t) {
+      PyObject* v = PyFloat_FromDouble(carried_[t * nc + k]);
+      if (v == nullptr) throw py::error_already_set();
+      PyList_SetItem(l, static_cast<Py_ssize_t>(t), v);  // steals v
+    }
+  }
+  if (!record_) return;
+  const py::list& items = *record_;
+  for (std::size_t t = 0; t < count; ++t) {
+    py::int_ step(steps_[t]);
+    if (PyDict_SetItemString(items[t].ptr(), "step", step.ptr()) != 0) {
+      throw py::error_already_set();
+    }
+    for (std::size_t k = 0; k < nc; ++k) {
+      py::float_ v(carried_[t * nc + k]);
+      if (PyDict_SetItemString(items[t].ptr(), rule_.carried[k].name, v.ptr()) != 0) {
+        throw py::error_already_set();
+      }
+    }
+  }
+}
+
+namespace {
+
+// Runs prepared updates: every kernel in one stretch without the GIL, then all the bookkeeping
+// (state step counts, and counter[0] += 1 when a counter list is given) with no Python code in
+// between, so a KeyboardInterrupt sees either none of the step or all of it.
+void run_prepared(py::handle calls, py::handle counter) {
+  std::vector<Prepared*> todo;
+  const py::list items = snapshot(calls, "calls", "prepared updates");
+  for (py::handle c : items) {
+    auto* p = c.cast<Prepared*>();
+    if (p->used) throw py::value_error("a prepared update runs once");
+    todo.push_back(p);
+  }
+  if (!counter.is_none() &&
+      !(PyList_CheckExact(counter.ptr()) && PyList_GET_SIZE(counter.ptr()) >= 1 &&
+        PyLong_CheckExact(PyList_GET_ITEM(counter.ptr(), 0)))) {
+    throw py::type_error("counter must be a list whose first item is an int");
+  }
+  for (Prepared* p : todo) p->used = true;
+  {
+    py::gil_scoped_release nogil;
+    for (Prepared* p : todo) p->run_kernels();
+  }
+  for (Prepared* p : todo) p->record();
+  if (!counter.is_none()) {
+    PyObject* old = PyList_GET_ITEM(counter.ptr(), 0);
+    PyObject* next = PyNumber_Add(old, py::int_(1).ptr());
+    if (next == nullptr) throw py::error_already_set();
+    PyList_SetItem(counter.ptr(), 0, next);  // steals next
+  }
+}
+
+}  // namespace
+
+void define_prepared(py::module_& m) {
+  py::class_<Prepared>(m, "Prepared",
+                       "One validated update of one group, not yet run (see prepare and run).");
+  auto prepare = [](py::handle rule, py::handle params, py::handle grads, py::handle states,
+                    py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
+                    py::handle isa, py::handle record) {
+    return new Prepared(rule_named(rule), params, grads, states, hyper, steps, grad_scale,
+                        positions, isa, record);
+  };
+  m.def("prepare", prepare, py::arg("rule"), py::arg("params"), py::arg("grads"), py::arg("states"),
+        py::arg("hyper"), py::kw_only(), py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0,
+        py::arg("positions") = py::none(), py::arg("isa") = py::none(),
+        py::arg("record") = py::none(), py::return_value_policy::take_ownership,
+        "Validates one group's update (arrays, hyperparameters, step counts, per-step scalars) "
+        "without writing anything.");
+  m.def("run", &run_prepared, py::arg("calls"), py::kw_only(), py::arg("counter") = py::none(),
+        "Runs prepared updates, then records their step counts (and counter[0] += 1) with no "
+        "Python code in between.");
+  m.def(
+      "step",
+      [prepare](py::handle rule, py::handle params, py::handle grads, py::handle states,
+                py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
+                py::handle isa) {
+        std::unique_ptr<Prepared> p(prepare(rule, params, grads, states, hyper, steps, grad_scale,
+                                            positions, isa, py::none()));
+        p->used = true;
+        {
+          py::gil_scoped_release nogil;
+          p->run_kernels();
+        }
+        p->record();  // the carried numbers, if the rule has any
+      },
+      py::arg("rule"), py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("hyper"),
+      py::kw_only(), py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0,
+      py::arg("positions") = py::none(), py::arg("isa") = py::none(),
+      "One fused update of a group by the named rule: every array validated, the GIL released, "
+      "one multi-tensor kernel call. isa names a compiled kernel build to use instead of the "
+      "active one (tests compare every ISA in one process).");
+}
+
+}  // namespace optkern

@@ -1,0 +1,47 @@
+// _core.prepare, _core.run and _core.step: one group's update validated whole (arrays,
+// hyperparameters, step counts, per-step scalars) into an Update (update.hpp) before anything is
+// written, then run with the GIL released, then its bookkeeping (step counts, carried numbers)
+// recorded with no Python code in between.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "bindings/arrays.hpp"
+#include "update.hpp"
+
+namespace optkern {
+
+class Prepared {
+ public:
+  Prepared(const Rule& rule, py::handle params, py::handle grads, py::handle states,
+           py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
+           py::handle isa, py::handle record);
+
+  // The kernels, with the GIL released by the caller.
+  void run_kernels() const { run_update(update_); }
+
+  // The step's bookkeeping (GIL held, no Python code runs): each state dict's step count.
+  // The carried numbers go back into the lists they came from (and the state dicts).
+  void record() const;
+
+  bool used = false;
+
+ private:
+  const Rule& rule_;
+  std::unique_ptr<Buffers> buffers_;
+  Update update_;
+  std::vector<std::int64_t> steps_;
+  std::optional<py::list> record_;
+  std::vector<py::list> carried_lists_;          // the caller's lists, written back by record()
+  std::vector<std::vector<double>> carried_in_;  // [k][t]: the values before the step
+  std::vector<double> carried_;                  // [t * nc + k]: the values after it
+};
+
+// The kernel table of the ISA build named `isa` (None: the active one), or ValueError.
+const KernelTable& table_for(py::handle isa);
+
+void define_prepared(py::module_& m);
+
+}  // namespace optkern

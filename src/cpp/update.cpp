@@ -1,0 +1,97 @@
+#include "update.hpp"
+
+#include <algorithm>
+
+#include "multi_tensor.hpp"
+
+namespace optkern {
+namespace {
+
+// Elements per block of a reduction pass (as NORM_BLOCK for the gradient norms): each block's
+// sums are computed on one thread, in a fixed order, and added per array in block order, so the
+// sums, and everything computed from them, are the same for any number of threads.
+constexpr std::size_t REDUCE_BLOCK = 4096;
+
+void* advance(void* p, DType type, std::size_t elements) {
+  return p == nullptr ? nullptr : static_cast<char*>(p) + elements * dtype_size(type);
+}
+const void* advance(const void* p, DType type, std::size_t elements) {
+  return static_cast<const char*>(p) + elements * dtype_size(type);
+}
+
+// Tensor t's state pointers from element b on.
+void states_at(const Tensor& t, std::size_t b, void* (&st)[MAX_STATES]) {
+  for (std::size_t k = 0; k < MAX_STATES; ++k) st[k] = advance(t.state[k], t.types.state, b);
+}
+
+// The reduction pass of a kernel that has one (KernelDecl::reduce_sums): its first pass over
+// fixed blocks of every array, in parallel; each array's sums added in block order; then the
+// rule's per_array function gives each array its own scalars, returned one per tensor.
+std::vector<ScalarsSlot> reduce(const Update& u) {
+  const std::size_t NR = u.rule->info.reduce_sums;
+  struct Block {
+    std::size_t tensor, begin, size;
+  };
+  std::vector<Block> blocks;
+  for (std::size_t t = 0; t < u.tensors.size(); ++t) {
+    for (std::size_t b = 0; b < u.sizes[t]; b += REDUCE_BLOCK) {
+      blocks.push_back({t, b, std::min(REDUCE_BLOCK, u.sizes[t] - b)});
+    }
+  }
+  std::vector<double> partial(blocks.size() * NR);
+  auto pass = [&](std::size_t lo, std::size_t hi) {
+    for (std::size_t i = lo; i < hi; ++i) {
+      const Block& k = blocks[i];
+      const Tensor& t = u.tensors[k.tensor];
+      void* st[MAX_STATES];
+      states_at(t, k.begin, st);
+      t.entry->reduce(u.scalars[t.scalars].bytes, advance(t.param, t.types.param, k.begin),
+                      advance(t.grad, t.types.grad, k.begin), st, k.size, &partial[i * NR]);
+    }
+  };
+  parallel_for(blocks.size(), REDUCE_BLOCK * u.rule->info.weight, pass);
+  std::vector<double> sums(u.tensors.size() * NR, 0.0);
+  for (std::size_t i = 0; i < blocks.size(); ++i) {  // block order: fixed
+    for (std::size_t r = 0; r < NR; ++r) sums[blocks[i].tensor * NR + r] += partial[i * NR + r];
+  }
+  std::vector<ScalarsSlot> out(u.tensors.size());
+  for (std::size_t t = 0; t < u.tensors.size(); ++t) {
+    const Tensor& tensor = u.tensors[t];
+    out[t] = u.scalars[tensor.scalars];
+    u.rule->per_array[computes_in_f64(tensor.types.param)](&sums[t * NR], out[t].bytes);
+  }
+  return out;
+}
+
+}  // namespace
+
+const KernelEntry* find_entry(const KernelSet& set, Types types) {
+  for (std::size_t i = 0; i < set.count; ++i) {
+    const Types& e = set.entries[i].types;
+    if (e.param == types.param && e.grad == types.grad && e.state == types.state) {
+      return &set.entries[i];
+    }
+  }
+  return nullptr;
+}
+
+void run_update(const Update& u) {
+  if (u.rule->info.passes > 0) {
+    run_factored(u);
+    return;
+  }
+  // Each tensor's scalars: its step's, or its own after a reduction pass.
+  std::vector<ScalarsSlot> per_array;
+  if (u.rule->info.reduce_sums > 0) per_array = reduce(u);
+  auto body = [&](std::size_t t, std::size_t b, std::size_t e) {
+    const Tensor& tensor = u.tensors[t];
+    void* st[MAX_STATES];
+    states_at(tensor, b, st);
+    const ScalarsSlot& s = per_array.empty() ? u.scalars[tensor.scalars] : per_array[t];
+    tensor.entry->step(s.bytes, advance(tensor.param, tensor.types.param, b),
+                       advance(tensor.grad, tensor.types.grad, b), st, e - b);
+  };
+  for_each_span(u.sizes, u.rule->info.weight, body);
+}
+
+}  // namespace optkern
