@@ -176,7 +176,12 @@ class MuonRef:
     ):  # fmt: skip
         self.p = np.array(p0, dtype=np.float64)
         self.buf = np.zeros_like(self.p)
-        self.lr, self.weight_decay, self.momentum, self.nesterov = lr, weight_decay, momentum, nesterov
+        self.lr, self.weight_decay, self.momentum, self.nesterov = (
+            lr,
+            weight_decay,
+            momentum,
+            nesterov,
+        )
         self.coefficients, self.eps, self.ns_steps = ns_coefficients, eps, ns_steps
         self.adjust_lr_fn = adjust_lr_fn
 
@@ -237,7 +242,9 @@ def strong_wolfe(obj, x, t, d, f, g, gtd, c1=1e-4, c2=0.9, tolerance_change=1e-9
         min_step = t + 0.01 * (t - t_prev)
         max_step = t * 10
         tmp = t
-        t = cubic_interpolate(t_prev, f_prev, gtd_prev, t, f_new, gtd_new, bounds=(min_step, max_step))
+        t = cubic_interpolate(
+            t_prev, f_prev, gtd_prev, t, f_new, gtd_new, bounds=(min_step, max_step)
+        )
         t_prev, f_prev, g_prev, gtd_prev = tmp, f_new, g_new.copy(), gtd_new
         f_new, g_new = obj(x, t, d)
         ls_func_evals += 1

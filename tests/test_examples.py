@@ -406,3 +406,17 @@ def test_muon_mlp_trains():
     for m in ("muon", "adam"):
         assert out["best"][m]["test_acc"] > 0.7  # chance: 0.1
     assert "muon" in muon_mlp.table(out, markdown=True)
+
+
+# -- the recommender: row-sparse gradients --------------------------------------------------------
+
+
+def test_recommender_learns_with_row_sparse_gradients():
+    from optkern.examples import recommender
+
+    out = recommender.run(n_users=2000, n_items=500, n_ratings=30000, epochs=3, seed=0)
+    for m, res in out["results"].items():
+        assert res["test_rmse"][-1] < out["baseline_rmse"], m  # better than the mean
+    # the lazy methods touch a batch's rows only: much less work per step than dense Adam
+    assert out["results"]["SparseAdam"]["test_rmse"][-1] < 0.9 * out["baseline_rmse"]
+    assert "SparseAdam" in recommender.table(out, markdown=True)

@@ -92,6 +92,17 @@ void run_update(const Update& u) {
                        advance(tensor.grad, tensor.types.grad, b), st, e - b);
   };
   for_each_span(u.sizes, u.rule->info.weight, body);
+  if (u.rows.empty()) return;
+  // The tensors with row-sparse gradients (their sizes are 0 above): the rule's kernel on each
+  // listed row (or every row), the row's gradient summed from its duplicates in order.
+  auto rows = [&](std::size_t r, std::size_t offset, const float* g, std::size_t n) {
+    const Tensor& tensor = u.tensors[u.row_tensors[r]];
+    void* st[MAX_STATES];
+    states_at(tensor, offset, st);
+    tensor.entry->step(u.scalars[tensor.scalars].bytes,
+                       advance(tensor.param, tensor.types.param, offset), g, st, n);
+  };
+  for_each_row(u.rows, u.dense_rows, u.rule->info.weight, rows);
 }
 
 }  // namespace optkern

@@ -23,6 +23,7 @@ import numpy as np
 from . import _core
 from .flat import FlatParams
 from .registry import as_flag, as_real, make_functional, rule, rules
+from .sparse import RowSparse
 
 __all__ = [
     "sgd_",
@@ -177,7 +178,12 @@ def sgd_(
     fresh = [b is None for b in bufs]
     filled: List[Any] = bufs
     if any(fresh):
-        _core.check_grads(params, grads, positions=_positions)  # before allocating anything
+        dense = [i for i, g in enumerate(grads) if not isinstance(g, RowSparse)]  # the core
+        _core.check_grads(  # checks a RowSparse itself; these before allocating anything
+            [params[i] for i in dense],
+            [grads[i] for i in dense],
+            positions=[(_positions[i] if _positions is not None else i) for i in dense],
+        )
         if len(bufs) != len(params):
             raise ValueError(
                 f"momentum_buffers has {len(bufs)} entries but params has "

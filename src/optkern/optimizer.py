@@ -22,6 +22,7 @@ from .clip import check_norm_type, clip_coefficient, total_norm
 from .flat import FlatParams
 from .functional import check_nonnegative
 from .registry import Rule, as_flag, as_real
+from .sparse import RowSparse, check_row_sources, for_norms
 
 __all__ = ["Optimizer", "ParamState"]
 
@@ -368,6 +369,8 @@ class Optimizer:
             )
             p = check_norm_type(norm_type)
             flat_grads, flat_positions = _flatten(work)
+            if any(isinstance(g, RowSparse) for g in flat_grads):  # norms of the dense gradients
+                flat_grads, flat_positions = for_norms(flat_grads), None
             norm = total_norm(flat_grads, p, flat_positions) if flat_grads else 0.0
             skip = (
                 skip_if_nonfinite
@@ -410,6 +413,12 @@ class Optimizer:
         if len(work) > 1:
             all_params = [p for _, ps, _, _ in work for p in ps]
             all_grads, positions = _flatten(work)
+            if any(isinstance(g, RowSparse) for g in all_grads):  # each group's core checks them
+                check_row_sources(all_params, all_grads)
+                keep = [i for i, g in enumerate(all_grads) if not isinstance(g, RowSparse)]
+                all_params = [all_params[i] for i in keep]
+                all_grads = [all_grads[i] for i in keep]
+                positions = [positions[i] for i in keep]
             _core.check_grads(all_params, all_grads, positions=positions)
         return work
 

@@ -21,7 +21,7 @@ Other optimizers refuse a RowSparse gradient (as torch's refuse sparse gradients
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 
@@ -97,8 +97,44 @@ class RowSparse:
         np.add.at(out, idx, self._values)  # unbuffered: duplicates in order of appearance
         return out
 
+    def coalesced(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(the distinct rows listed, ascending; their gradients, duplicates summed in the order
+        they appear, float32): the rows a step touches and what it applies to them."""
+        rows, inverse = np.unique(self._indices, return_inverse=True)
+        out = np.zeros((len(rows),) + self.row_shape, dtype=np.float32)
+        np.add.at(out, inverse.reshape(-1), self._values)
+        return rows, out
+
     def __reduce__(self) -> Any:
         return (RowSparse, (self._indices, self._values))
 
     def __repr__(self) -> str:
         return f"RowSparse(nnz={self.nnz}, row_shape={self.row_shape})"
+
+
+def for_norms(grads: List[Any]) -> List[Any]:
+    """``grads`` with each RowSparse replaced by its coalesced values (flat): the same norms as
+    the dense gradients it stands for."""
+    return [g.coalesced()[1].reshape(-1) if isinstance(g, RowSparse) else g for g in grads]
+
+
+def check_row_sources(params: List[Any], grads: List[Any]) -> None:
+    """ValueError if a RowSparse gradient's values share memory with a parameter (which a step
+    would write while reading them); the core checks this within a group, this across groups."""
+    for i, g in enumerate(grads):
+        if isinstance(g, RowSparse) and g.values.size:
+            for j, p in enumerate(params):
+                if isinstance(p, np.ndarray) and np.may_share_memory(g.values, p):
+                    raise ValueError(
+                        f"grads[{i}].values (a RowSparse) shares memory with parameter {j}; "
+                        "every buffer an optimizer writes must be separate from all others"
+                    )
+
+
+def _register() -> None:
+    from . import _core
+
+    _core._set_row_sparse_type(RowSparse)
+
+
+_register()

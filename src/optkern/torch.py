@@ -30,6 +30,7 @@ optkern.Nesterov's arguments.
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from operator import is_
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,7 @@ except ImportError:  # a torch that keeps them elsewhere: its own wrapper runs e
 
 from . import _core
 from . import functional as F
+from .sparse import RowSparse
 from ._torch_threads import use_torch_openmp
 from .flat import FlatParams
 from .registry import as_flag, as_real
@@ -132,6 +134,12 @@ class Rule:
     carried: Tuple[CarriedNum, ...] = ()
     registry_name: str = ""
     switch: Optional[str] = None
+    #: Sparse COO gradients (nn.Embedding(sparse=True), EmbeddingBag): how the rule takes them
+    #: (registry.Rows; None: refused, as torch refuses them), whether it takes only them
+    #: (SparseAdam), and whether torch keeps its ``step`` as a Python int (SparseAdam).
+    rows: Any = None
+    sparse_only: bool = False
+    int_step: bool = False
 
 
 #: Filled below from :mod:`optkern.registry`, one entry per class.
@@ -156,6 +164,7 @@ _PLAIN_SCALARS = (float, int, bool)
 _profiler_enabled = torch.autograd._profiler_enabled  # torch.profiler or autograd's profiler on
 _F32 = torch.float32
 _STRIDED = torch.strided
+_COO = torch.sparse_coo
 
 
 def _why_not(t: torch.Tensor, what: str) -> Optional[str]:
@@ -224,6 +233,22 @@ class _Entry:
 
 
 _MISSING = object()
+
+
+class _IntStep:
+    """A parameter's step kept as a Python int in its state dict (torch's SparseAdam), read and
+    written as the 0-d array view of a tensor step is: ``int(x)``, ``x[()] = n``."""
+
+    __slots__ = ("st",)
+
+    def __init__(self, st: Dict[str, Any]) -> None:
+        self.st = st
+
+    def __int__(self) -> int:
+        return int(self.st["step"])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.st["step"] = int(value)
 
 
 class _Plan:
@@ -328,6 +353,8 @@ class _OktOptimizer(torch.optim.Optimizer):
             v = st[key]
             if key in self._float_names:
                 st[key] = float(v)
+            elif key == "step" and self._rule.int_step:
+                st[key] = int(v)
             elif key == "step" or key in self._carried_names:
                 if key != "step" or self._rule.step:
                     if not (
@@ -350,7 +377,7 @@ class _OktOptimizer(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         st = self.state[p]
         if self._rule.step:
-            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["step"] = 0 if self._rule.int_step else torch.tensor(0.0, dtype=torch.float32)
         for buf in self._rule.state:
             if buf.init != "first_grad" and (buf.when is None or group[buf.when]):
                 if buf.shape != "like_param":  # a factor's shape, or none for this parameter
@@ -484,11 +511,13 @@ class _OktOptimizer(torch.optim.Optimizer):
         names = [b.name for b in rule.state if b.when is None or group[b.when]]
         cnames = list(self._carried_names)
         fnames = self._float_names
-        keys = names + cnames + (["step"] if rule.step else [])  # tensors, checked by identity
+        # tensors, checked by identity (an int step is read from the state dict itself)
+        keys = names + cnames + (["step"] if rule.step and not rule.int_step else [])
         params: List[torch.Tensor] = []
         pviews: List[np.ndarray] = []
         gviews: List[np.ndarray] = []
         entries: List[_Entry] = []
+        reshaped: Dict[int, Tuple[int, ...]] = {}  # position -> rows view of a sparse gradient
         state = self.state
         cache = self._okt_cache
         # The hot loop: a cached entry is reused while the parameter's memory, its gradient
@@ -509,31 +538,40 @@ class _OktOptimizer(torch.optim.Optimizer):
                         f"optkern.torch.{type(self).__name__} cannot update it in place: {why}"
                     )
                 e = cache[p] = _Entry(p)
-            # The gradient is held weakly and its view only during the call: zero_grad()
-            # must free it, as with torch.optim (else every parameter costs a second gradient).
-            try:
-                gm = (g.data_ptr(), g.shape, g.stride(), g.dtype)
-            except RuntimeError:  # no storage (sparse, meta): the checks below say what it is
-                gm = None
-            if gm is None or e.grad is None or e.grad() is not g or e.gmeta != gm:
-                if not (
-                    g.is_cpu
-                    and g.dtype is _F32
-                    and g.layout is _STRIDED
-                    and g.is_contiguous()
-                    and not g.is_conj()
-                    and not g.is_neg()
-                ):
-                    why = _why_not(g, f"the gradient of {self._label(group, gi, i)}")
-                    raise TypeError(f"optkern.torch.{type(self).__name__} cannot use it: {why}")
-                if g.shape != p.shape:
-                    raise ValueError(
-                        f"the gradient of {self._label(group, gi, i)} has shape "
-                        f"{tuple(g.shape)}, the parameter {tuple(p.shape)}"
-                    )
-                # a gradient of the parameter's shape and dtype: its bytes span as many
-                e.grad, e.gmeta = weakref.ref(g), gm
-                e.galias = gm[0] < e.lo + e.nbytes and e.lo < gm[0] + e.nbytes
+            row_grad = None
+            if g.layout is _COO:  # nn.Embedding(sparse=True) and the like
+                row_grad, rows_shape = self._row_sparse(g, p, group, gi, i)
+            elif rule.sparse_only:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support dense gradients, please consider "
+                    "Adam instead"
+                )
+            else:
+                # The gradient is held weakly and its view only during the call: zero_grad()
+                # must free it, as with torch.optim (else every parameter costs a second gradient).
+                try:
+                    gm = (g.data_ptr(), g.shape, g.stride(), g.dtype)
+                except RuntimeError:  # no storage (sparse, meta): the checks below say what it is
+                    gm = None
+                if gm is None or e.grad is None or e.grad() is not g or e.gmeta != gm:
+                    if not (
+                        g.is_cpu
+                        and g.dtype is _F32
+                        and g.layout is _STRIDED
+                        and g.is_contiguous()
+                        and not g.is_conj()
+                        and not g.is_neg()
+                    ):
+                        why = _why_not(g, f"the gradient of {self._label(group, gi, i)}")
+                        raise TypeError(f"optkern.torch.{type(self).__name__} cannot use it: {why}")
+                    if g.shape != p.shape:
+                        raise ValueError(
+                            f"the gradient of {self._label(group, gi, i)} has shape "
+                            f"{tuple(g.shape)}, the parameter {tuple(p.shape)}"
+                        )
+                    # a gradient of the parameter's shape and dtype: its bytes span as many
+                    e.grad, e.gmeta = weakref.ref(g), gm
+                    e.galias = gm[0] < e.lo + e.nbytes and e.lo < gm[0] + e.nbytes
             st = state.get(p) if keys else e.sdict  # SGD without momentum keeps no state
             if not st and keys:
                 if p not in state:
@@ -548,6 +586,13 @@ class _OktOptimizer(torch.optim.Optimizer):
                 if stale or not all(map(_IS_SET_TO, e.tlive, e.trefs)):
                     self._refresh_state(e, st, names, p, group, gi, i, undo)
             params.append(p)
+            if row_grad is not None:
+                gviews.append(row_grad)
+                if rows_shape is not None:  # sparse in more than the first dimension
+                    reshaped[len(pviews)] = rows_shape
+                pviews.append(e.pview if rows_shape is None else e.pview.reshape(rows_shape))
+                entries.append(e)
+                continue
             pviews.append(e.pview)
             # p.grad = p.data (torch allows it): the kernels read a copy, never the memory they write
             gv = g.numpy()
@@ -558,6 +603,10 @@ class _OktOptimizer(torch.optim.Optimizer):
         if not params:
             return None
         lists = {n: [e.views[k] for e in entries] for k, n in enumerate(names)}
+        for k, shape in reshaped.items():  # their states viewed as the parameter is
+            for n in names:
+                if lists[n][k] is not None:
+                    lists[n][k] = lists[n][k].reshape(shape)
         for k, n in enumerate(cnames):  # the carried numbers, read from their float32 tensors
             lists[n] = [float(e.cviews[k]) for e in entries]
         for n in fnames:  # or kept as floats in the state
@@ -573,6 +622,42 @@ class _OktOptimizer(torch.optim.Optimizer):
                 f"have a gradient: {where})"
             ) from None
         return _Plan(call, params, entries, lists, steps, fresh)
+
+    def _row_sparse(
+        self, g: torch.Tensor, p: torch.Tensor, group: Dict[str, Any], gi: int, i: int
+    ) -> Tuple[Any, Optional[Tuple[int, ...]]]:
+        """A sparse COO gradient as an optkern.RowSparse (its indices and values, no copy where
+        they are contiguous), and the shape to view the parameter and its states as when it is
+        sparse in more than its first dimension (rows of the flattened sparse dimensions); torch's
+        errors where torch refuses it."""
+        rows = self._rule.rows
+        name = type(self).__name__
+        if rows is None:
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        if rows.refused_when is not None and _scalar(
+            rows.refused_when, group.get(rows.refused_when, 0)
+        ):
+            raise RuntimeError(f"{rows.refused_when} option is not compatible with sparse gradients")
+        label = f"the gradient of {self._label(group, gi, i)}"
+        if g.device.type != "cpu" or g.dtype is not _F32:
+            raise TypeError(
+                f"optkern.torch.{name} cannot use it: {label} is a sparse {g.dtype} tensor on "
+                f"{g.device} (optkern steps CPU float32)"
+            )
+        if g.shape != p.shape or p.dim() == 0:
+            raise ValueError(f"{label} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
+        sd = g.sparse_dim()
+        ind, vals = g._indices(), g._values().detach()
+        if sd == 1:
+            idx, shape = ind[0], None
+        else:  # row-major position within the sparse dimensions
+            idx = ind[0].clone()
+            for d in range(1, sd):
+                idx.mul_(p.shape[d]).add_(ind[d])
+            shape = (math.prod(p.shape[:sd]), *p.shape[sd:])
+        if not vals.is_contiguous():
+            vals = vals.contiguous()
+        return RowSparse(idx.contiguous().numpy(), vals.numpy()), shape
 
     def _write_back(self, pl: _Plan) -> None:
         """A group's bookkeeping after its kernels ran: step counts and carried numbers into
@@ -650,7 +735,11 @@ class _OktOptimizer(torch.optim.Optimizer):
                     )
                 self._set(undo, st, n, t)
             views.append(_np(t))
-        if self._rule.step:
+        if self._rule.step and self._rule.int_step:  # a Python int, as torch's SparseAdam keeps it
+            if type(st.get("step")) is not int:
+                self._set(undo, st, "step", int(st.get("step") or 0))
+            e.steps = _IntStep(st)
+        elif self._rule.step:
             s = st.get("step")
             if not (
                 isinstance(s, torch.Tensor)
@@ -686,7 +775,7 @@ class _OktOptimizer(torch.optim.Optimizer):
         e.tensors = (
             tuple(st.get(n) for n in names)
             + tuple(st[c.name] for c in self._rule.carried if c.tensor)
-            + ((st["step"],) if self._rule.step else ())
+            + ((st["step"],) if self._rule.step and not self._rule.int_step else ())
         )
         e.tlive = [t for t in e.tensors if t is not None]
         e.trefs = [t.detach() for t in e.tlive]
@@ -928,6 +1017,10 @@ _KWONLY_NO_TORCH = (
 #: torch's SGD creates its momentum buffer at the first update, as the gradient itself
 #: (optkern.functional.sgd_ does that for a None entry of its list); other buffers start filled.
 _FIRST_UPDATE = {"SGD": "momentum_buffer"}
+#: torch's SparseAdam refuses dense gradients ("please consider Adam instead"), though optkern's
+#: rule updates every row with one; and it keeps its step as a Python int, not a tensor.
+_SPARSE_ONLY = {"SparseAdam"}
+_INT_STEP = {"SparseAdam"}
 #: torch's Adam takes decoupled_weight_decay=True to be AdamW; the registry declares the two as
 #: separate rules (flag, the rule it selects).
 _FLAG_RULES = {"Adam": ("decoupled_weight_decay", "adamw")}
@@ -1040,6 +1133,9 @@ def _from_registry(r: Any) -> Rule:
         ),
         registry_name=r.name,
         switch=switch,
+        rows=r.rows if r.rows is not None and r.rows.accepted else None,
+        sparse_only=r.cls in _SPARSE_ONLY,
+        int_step=r.cls in _INT_STEP,
     )
 
 

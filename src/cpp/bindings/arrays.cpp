@@ -99,7 +99,7 @@ std::string Buffers::label(const char* name, std::size_t i) const {
 }
 
 std::vector<ArrayRef> Buffers::add(py::handle seq, const char* name, Access access, Accept accept,
-                                   const StateShape* shape) {
+                                   const StateShape* shape, const std::vector<char>* skip) {
   const bool is_first = held_.empty();
   if (is_first) first_types_ = accept.types;
   const std::string what =
@@ -149,6 +149,7 @@ std::vector<ArrayRef> Buffers::add(py::handle seq, const char* name, Access acce
       }
       continue;
     }
+    if (skip != nullptr && i < skip->size() && (*skip)[i]) continue;  // out[i].data: nullptr
     const auto* a = inspect(items[i], name, i, access, accept, &type);
     if (is_first) {
       std::size_t size = 1;
@@ -169,6 +170,13 @@ std::vector<ArrayRef> Buffers::add(py::handle seq, const char* name, Access acce
   }
   held_.push_back(items);
   return out;
+}
+
+void Buffers::add_range(const void* data, std::size_t bytes, const char* name, std::size_t index,
+                        bool written) {
+  if (bytes == 0) return;
+  const auto lo = reinterpret_cast<std::uintptr_t>(data);
+  ranges_.push_back({lo, lo + bytes, name, index, written});
 }
 
 void Buffers::check_disjoint() {

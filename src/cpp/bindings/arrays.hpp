@@ -82,8 +82,15 @@ class Buffers {
   // Validates a list of arrays (matched to the first list) and returns them. `shape`: a state
   // list, each array shaped by its kind from its parameter's shape (rule_api's state_dims); an
   // entry is None, and its data nullptr, where the kind does not apply.
+  // `skip`: entries left to the caller (an update's row-sparse gradients, optkern.RowSparse,
+  // checked by bindings/row_grads.hpp), unchecked here; their ArrayRef's data is nullptr.
   std::vector<ArrayRef> add(py::handle seq, const char* name, Access access, Accept accept,
-                            const StateShape* shape = nullptr);
+                            const StateShape* shape = nullptr,
+                            const std::vector<char>* skip = nullptr);
+  // Memory the call reads or writes beside its lists (a RowSparse gradient's values), for
+  // check_disjoint: `bytes` from `data`, named name[index] in messages.
+  void add_range(const void* data, std::size_t bytes, const char* name, std::size_t index,
+                 bool written);
 
   // Refuses any buffer that is written and shares memory with another buffer of the call
   // (gradients may share memory with each other: they are only read).

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bindings/arrays.hpp"
+#include "bindings/row_grads.hpp"
 #include "update.hpp"
 
 namespace optkern {
@@ -31,6 +32,7 @@ class Prepared {
  private:
   const Rule& rule_;
   std::unique_ptr<Buffers> buffers_;
+  std::vector<RowGrad> row_grads_;  // the row-sparse gradients (update_.rows points into them)
   Update update_;
   std::vector<std::int64_t> steps_;
   std::optional<py::list> record_;
