@@ -95,7 +95,7 @@ def main() -> int:
         sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set CXX=g++)")
     sources = [pathlib.Path(a).resolve() for a in sys.argv[1:]]
     if not sources:
-        sources = [*rule_files(), CPP / "kernels/norms.cpp"]
+        sources = [*rule_files(), CPP / "kernels/norms.cpp", CPP / "kernels/algo_kernels.cpp"]
     missing = []
     checked = 0
     for source, unit in units(sources):
