@@ -18,6 +18,8 @@ constexpr std::size_t RADIX_MIN = 512;
 // elements, with this block of zeros as their gradient.
 constexpr std::size_t ZERO_BLOCK = 16384;
 alignas(64) const float kZeros[ZERO_BLOCK] = {};
+// How many listed rows ahead of the one being updated their memory is asked for.
+constexpr std::size_t PREFETCH_ROWS = 8;
 
 int bits_for(std::int64_t num_rows) {
   int bits = 0;
@@ -95,7 +97,7 @@ RowGroups group_rows(const std::int64_t* idx, std::size_t k, std::int64_t num_ro
 }
 
 void for_each_row(const RowTarget* targets, std::size_t count, bool dense, std::size_t weight,
-                  RowFn fn, void* ctx) {
+                  RowFn fn, RowPrefetchFn prefetch, void* ctx) {
   // Items: the listed rows (lazy) or all rows (dense) of every target, numbered across targets.
   std::vector<std::size_t> start(count + 1, 0);
   std::size_t widest = 1;
@@ -116,8 +118,14 @@ void for_each_row(const RowTarget* targets, std::size_t count, bool dense, std::
       const std::size_t end = std::min(hi, start[t + 1]);
       const RowGroups& rg = *g.groups;
       if (!dense) {
+        for (std::size_t a = i; a < std::min(end, i + PREFETCH_ROWS); ++a) {
+          prefetch(ctx, t, static_cast<std::size_t>(rg.rows[a - start[t]]) * g.row, g.row);
+        }
         for (; i < end; ++i) {
           const std::size_t u = i - start[t];
+          if (i + PREFETCH_ROWS < end) {
+            prefetch(ctx, t, static_cast<std::size_t>(rg.rows[u + PREFETCH_ROWS]) * g.row, g.row);
+          }
           fn(ctx, t, static_cast<std::size_t>(rg.rows[u]) * g.row, summed_row(g, u, scratch),
              g.row);
         }

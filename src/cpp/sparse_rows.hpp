@@ -41,19 +41,28 @@ struct RowTarget {
 using RowFn = void (*)(void* ctx, std::size_t target, std::size_t offset, const float* g,
                        std::size_t n);
 
+// prefetch(ctx, target, offset, n): asks for the memory fn will touch for elements [offset,
+// offset + n) of target (its parameter and states), a few rows before fn runs on them: the rows
+// of a large table are far apart, and each would otherwise start with a cache and TLB miss.
+using RowPrefetchFn = void (*)(void* ctx, std::size_t target, std::size_t offset, std::size_t n);
+
 // Runs fn on the rows of every target. Lazy (dense = false): each distinct listed row once, with
 // its summed gradient. Dense: every row, the rows not listed with a zero gradient (what the rule
 // does to a dense gradient that is zero outside the listed rows), in runs of consecutive rows.
 // weight: the work of one element against the single-thread threshold (multi_tensor.hpp).
 void for_each_row(const RowTarget* targets, std::size_t count, bool dense, std::size_t weight,
-                  RowFn fn, void* ctx);
+                  RowFn fn, RowPrefetchFn prefetch, void* ctx);
 
+// f(t, offset, g, n) runs the kernel; f.prefetch(t, offset, n) asks for its memory.
 template <class F>
 void for_each_row(const std::vector<RowTarget>& targets, bool dense, std::size_t weight, F& f) {
   for_each_row(
       targets.data(), targets.size(), dense, weight,
       [](void* c, std::size_t t, std::size_t offset, const float* g, std::size_t n) {
         (*static_cast<F*>(c))(t, offset, g, n);
+      },
+      [](void* c, std::size_t t, std::size_t offset, std::size_t n) {
+        static_cast<F*>(c)->prefetch(t, offset, n);
       },
       &f);
 }

@@ -19,6 +19,19 @@ const void* advance(const void* p, DType type, std::size_t elements) {
   return static_cast<const char*>(p) + elements * dtype_size(type);
 }
 
+// Asks for the cache lines of elements [offset, offset + n) of an array (nullptr: none), to be
+// written: its first lines (the hardware prefetcher follows a long row by itself).
+void prefetch_span(const void* p, DType type, std::size_t offset, std::size_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  if (p == nullptr) return;
+  const char* at = static_cast<const char*>(p) + offset * dtype_size(type);
+  const std::size_t bytes = std::min<std::size_t>(n * dtype_size(type), 1024);
+  for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(at + b, 1);
+#else
+  (void)p, (void)type, (void)offset, (void)n;
+#endif
+}
+
 // Tensor t's state pointers from element b on.
 void states_at(const Tensor& t, std::size_t b, void* (&st)[MAX_STATES]) {
   for (std::size_t k = 0; k < MAX_STATES; ++k) st[k] = advance(t.state[k], t.types.state, b);
@@ -95,13 +108,21 @@ void run_update(const Update& u) {
   if (u.rows.empty()) return;
   // The tensors with row-sparse gradients (their sizes are 0 above): the rule's kernel on each
   // listed row (or every row), the row's gradient summed from its duplicates in order.
-  auto rows = [&](std::size_t r, std::size_t offset, const float* g, std::size_t n) {
-    const Tensor& tensor = u.tensors[u.row_tensors[r]];
-    void* st[MAX_STATES];
-    states_at(tensor, offset, st);
-    tensor.entry->step(u.scalars[tensor.scalars].bytes,
-                       advance(tensor.param, tensor.types.param, offset), g, st, n);
-  };
+  struct Rows {
+    const Update& u;
+    void operator()(std::size_t r, std::size_t offset, const float* g, std::size_t n) const {
+      const Tensor& tensor = u.tensors[u.row_tensors[r]];
+      void* st[MAX_STATES];
+      states_at(tensor, offset, st);
+      tensor.entry->step(u.scalars[tensor.scalars].bytes,
+                         advance(tensor.param, tensor.types.param, offset), g, st, n);
+    }
+    void prefetch(std::size_t r, std::size_t offset, std::size_t n) const {
+      const Tensor& tensor = u.tensors[u.row_tensors[r]];
+      prefetch_span(tensor.param, tensor.types.param, offset, n);
+      for (void* s : tensor.state) prefetch_span(s, tensor.types.state, offset, n);
+    }
+  } rows{u};
   for_each_row(u.rows, u.dense_rows, u.rule->info.weight, rows);
 }
 
