@@ -14,9 +14,13 @@ torch = pytest.importorskip("torch")
 okt = pytest.importorskip("optkern.torch")
 
 # torch's own LBFGS reads a closure's loss with float() (a once-per-process warning of torch's)
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Converting a tensor with requires_grad=True to a scalar:UserWarning"
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:Converting a tensor with requires_grad=True to a scalar:UserWarning"
+    ),
+    # torch.sparse_coo_tensor's once-per-process note
+    pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled:UserWarning"),
+]
 
 
 def optim_db_inputs(name):
@@ -297,3 +301,121 @@ def test_lbfgs_refuses_parameters_it_cannot_step():
     opt = okt.LBFGS([p])
     with pytest.raises(TypeError, match="torch.optim.LBFGS"):
         opt.step(lambda: torch.tensor(0.0))
+
+
+# -- sparse gradients: SparseAdam, Adagrad, SGD -----------------------------------------------------
+
+SPARSE = [
+    ("SparseAdam", {"lr": 0.01}),
+    ("SparseAdam", {"lr": 0.01, "betas": (0.8, 0.99), "maximize": True}),
+    ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+    ("SGD", {"lr": 0.1}),
+    ("SGD", {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
+]
+
+
+def embedding_run(module, name, kw, steps=100):
+    """An Embedding and an EmbeddingBag (sparse=True) trained on lookups with many duplicates."""
+    torch.manual_seed(1)
+    emb = torch.nn.Embedding(300, 8, sparse=True)
+    bag = torch.nn.EmbeddingBag(100, 4, sparse=True, mode="sum")
+    opt = getattr(module, name)([*emb.parameters(), *bag.parameters()], **copy.deepcopy(kw))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        idx = torch.randint(0, 60, (4, 9), generator=gen)
+        bi = torch.randint(0, 100, (16,), generator=gen)
+        opt.zero_grad()
+        loss = emb(idx).pow(2).sum() + bag(bi, torch.tensor([0, 7])).pow(2).sum()
+        loss.backward()
+        opt.step()
+    return emb.weight, bag.weight, opt
+
+
+@pytest.mark.parametrize("name, kw", SPARSE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SPARSE)])
+def test_sparse_gradients_match_torch_after_100_steps(name, kw):
+    ea, ba, oa = embedding_run(torch.optim, name, kw)
+    eb, bb, ob = embedding_run(okt, name, kw)
+    torch.testing.assert_close(eb, ea, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-6)
+    for pa, pb in zip(oa.param_groups[0]["params"], ob.param_groups[0]["params"]):
+        sa, sb = oa.state[pa], ob.state[pb]
+        assert set(sa) == set(sb)
+        for k, v in sa.items():
+            w = sb[k]
+            if isinstance(v, torch.Tensor) and v.is_sparse:  # torch's SGD keeps a sparse buffer
+                v = v.to_dense()
+            if isinstance(v, torch.Tensor):  # float32 rounding of the largest value
+                scale = max(1.0, float(v.abs().max())) if v.numel() else 1.0
+                torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-6 * scale)
+            else:
+                assert type(w) is type(v) and w == v, k  # SparseAdam's step: an int
+
+
+def test_sparse_adam_follows_torchs_order_of_operations():
+    # The same operations in torch's order: within a rounding or two after 100 steps (a row
+    # listed several times has its values summed, optkern in the order they appear, torch's
+    # coalesce in the order of its unstable sort).
+    gen = torch.Generator().manual_seed(3)
+    p0 = torch.randn(40, 6, generator=gen)
+    a, b = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    oa, ob = torch.optim.SparseAdam([a], lr=0.02), okt.SparseAdam([b], lr=0.02)
+    for _ in range(100):
+        idx = torch.randint(0, 40, (1, 25), generator=gen)
+        vals = torch.randn(25, 6, generator=gen)
+        a.grad = torch.sparse_coo_tensor(idx, vals, (40, 6))
+        b.grad = torch.sparse_coo_tensor(idx, vals, (40, 6))
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=2e-7)
+    for k in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(ob.state[b][k], oa.state[a][k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["SparseAdam", "Adagrad", "SGD"])
+def test_to_sparse_of_any_shape(name):
+    # optim_db's tests hand SparseAdam `grad.to_sparse()`: sparse in every dimension
+    gen = torch.Generator().manual_seed(4)
+    p0 = torch.randn(6, 5, 3, generator=gen)
+    a, b = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    oa, ob = getattr(torch.optim, name)([a], lr=0.05), getattr(okt, name)([b], lr=0.05)
+    for _ in range(10):
+        g = torch.randn(6, 5, 3, generator=gen)
+        g[g.abs() < 0.7] = 0
+        a.grad, b.grad = g.to_sparse(), g.to_sparse(2)
+        oa.step()
+        b.grad = g.to_sparse() if name != "SGD" else b.grad
+        ob.step()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("err", error_inputs("SparseAdam"))
+def test_sparse_adam_error_inputs(err):
+    check_error_input(okt.SparseAdam, err)
+
+
+def test_sparse_refusals_are_torchs():
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    for opt, msg in [
+        (okt.Adam([p]), "Adam does not support sparse gradients"),
+        (okt.Adagrad([p], weight_decay=0.1), "weight_decay option is not compatible"),
+        (okt.SGD([p], lr=0.1, weight_decay=0.1), "weight_decay option is not compatible"),
+    ]:
+        p.grad = torch.ones(4, 3).to_sparse()
+        with pytest.raises(RuntimeError, match=msg):
+            opt.step()
+    p.grad = torch.ones(4, 3)
+    with pytest.raises(RuntimeError, match="SparseAdam does not support dense gradients"):
+        okt.SparseAdam([p]).step()
+    assert torch.equal(p, torch.zeros(4, 3))
+
+
+def test_sparse_adam_state_dict_both_ways():
+    _, _, oa = embedding_run(torch.optim, "SparseAdam", {"lr": 0.01}, steps=5)
+    _, _, ob = embedding_run(okt, "SparseAdam", {"lr": 0.01}, steps=5)
+    for src, dst_mod in ((oa, okt), (ob, torch.optim)):
+        emb = torch.nn.Embedding(300, 8, sparse=True)
+        bag = torch.nn.EmbeddingBag(100, 4, sparse=True, mode="sum")
+        dst = dst_mod.SparseAdam([*emb.parameters(), *bag.parameters()], lr=0.01)
+        dst.load_state_dict(copy.deepcopy(src.state_dict()))
+        st = dst.state[emb.weight]
+        assert st["step"] == 5 and type(st["step"]) is int

@@ -235,6 +235,22 @@ class _Entry:
 _MISSING = object()
 
 
+def _sparse_adam_checks(defaults: Dict[str, Any]) -> None:
+    """torch.optim.SparseAdam's checks of its arguments, in its order and words (it checks them
+    before the parameters)."""
+    lr, eps, betas = defaults["lr"], defaults["eps"], defaults["betas"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 < lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 < eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+
+
 class _IntStep:
     """A parameter's step kept as a Python int in its state dict (torch's SparseAdam), read and
     written as the 0-d array view of a tensor step is: ``int(x)``, ``x[()] = n``."""
@@ -281,6 +297,8 @@ class _OktOptimizer(torch.optim.Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if "betas" in defaults:
             defaults["betas"] = tuple(defaults["betas"])
+        if self._rule.sparse_only:  # torch's SparseAdam checks these first, with these words
+            _sparse_adam_checks(defaults)
         self._okt_cache: Dict[torch.Tensor, _Entry] = {}
         #: id(group) -> (group, functional name, types and values of its hyperparameters, the
         #: core's validated dict of them): see _call
@@ -317,6 +335,14 @@ class _OktOptimizer(torch.optim.Optimizer):
                 )
         for i, p in enumerate(group["params"]):
             why = _why_not(p, self._label(group, gi, i))
+            if why and self._rule.sparse_only and (p.is_sparse or p.is_complex()):
+                raise ValueError(  # torch's SparseAdam's words
+                    f"Sparse params at indices [[{gi}, {i}]]: SparseAdam requires dense parameter "
+                    "tensors"
+                    if p.is_sparse
+                    else f"Complex params at indices [[{gi}, {i}]]: SparseAdam does not support "
+                    "complex parameters"
+                )
             if why:
                 raise TypeError(
                     f"optkern.torch.{cls} cannot update it in place: {why}; "
