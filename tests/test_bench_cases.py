@@ -224,3 +224,51 @@ def test_bench_refuses_counts_below_one(argv, capsys):
     assert exc.value.code == 2
     assert f"argument {argv[0]}: must be a positive integer" in capsys.readouterr().err
     assert parser.parse_args(["bench", argv[0], "1"]) is not None
+
+
+def test_extra_studies_are_named_not_default():
+    """The studies that were scripts in bench/ run only when named; the default run is the
+    README's five."""
+    from optkern.benchmark import studies
+
+    assert benchmark.STUDIES == ["main", "small", "threads", "clip", "loops"]
+    assert set(benchmark.EXTRA_STUDIES) == set(studies.DEFAULT_REPEATS) == set(studies.NAMES)
+    parser = argparse.ArgumentParser()
+    benchmark.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench"])
+    assert args.studies == benchmark.STUDIES and args.repeats is None
+    assert parser.parse_args(["bench", "--studies", "pass-bounds"]).studies == ["pass-bounds"]
+
+
+def test_numpy_studies_run_small():
+    """Each NumPy study runs end to end on small sizes (the timings mean nothing here) and
+    reports a row per case."""
+    from optkern.benchmark import studies
+
+    t = studies.threshold(1)
+    assert len(t["rows"]) == 18 and "1 thread" in t["text"]
+    p = studies.pass_bounds(1, n=200_000)
+    assert [r["optimizer"] for r in p["rows"]] == ["Adafactor", "LAMB"]
+    assert all(r["seconds"] > 0 and r["fraction_of_bound"] > 0 for r in p["rows"])
+
+
+def test_bench_cli_runs_a_named_study(capsys, monkeypatch):
+    from optkern.__main__ import main
+    from optkern.benchmark import studies
+
+    monkeypatch.setattr(studies, "ADAFACTOR_SHAPES", [(2000, 20), (40_000,)])
+    monkeypatch.setitem(studies.DEFAULT_REPEATS, "adafactor-shapes", 2)
+    assert main(["bench", "--studies", "adafactor-shapes", "--quiet", "--no-torch"]) == 0
+    out = capsys.readouterr().out
+    assert "Adafactor, one step on 4M elements by shape (min / median of 2" in out
+    assert "(2000, 20)" in out and "(40000,)" in out
+
+
+def test_torch_studies_run_small():
+    pytest.importorskip("torch")
+    from optkern.benchmark import studies
+
+    b = studies.torch_bandwidth(1, n=20_000)
+    assert [r["optimizer"] for r in b["rows"]] == ["SGD", "Adam", "AdamW", "Adagrad"]
+    ph = studies.torch_phases(1, per_round=1)
+    assert set(ph["ms"]) == {"torch fused", "okt", "okt 1 thread", "torch foreach"}

@@ -315,8 +315,66 @@ def test_demo_without_matplotlib(monkeypatch, capsys, tmp_path):
 
 def test_demo_rejects_unknown_optimizer(capsys):
     with pytest.raises(SystemExit):
-        cli(["demo", "--optimizers", "Lion"])
+        cli(["demo", "--optimizers", "Adamm"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_demo_takes_every_class_by_name(capsys):
+    """The default set is the examples' (README: which ones); any registry class can be named."""
+    from optkern.examples._common import MORE_OPTIMIZERS, OPTIMIZERS
+
+    assert {r.cls for r in optkern.registry.rules()} <= set(OPTIMIZERS) | set(MORE_OPTIMIZERS)
+    assert cli(DEMO_SMALL + ["--no-plot", "--optimizers", "Lion", "ScheduleFreeAdamW"]) == 0
+    out = capsys.readouterr().out
+    assert "\nLion " in out and "\nScheduleFreeAdamW " in out
+
+
+def _imports_of(path, package):
+    """The modules of ``package`` that the module at ``path`` imports, at any depth of its code
+    (an import inside a function counts: it closes a cycle as well)."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x / from .x import y
+                base = package + ("." + base if base else "")
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n.startswith(package + "."))
+    return found
+
+
+def test_examples_import_no_cycle():
+    """optkern.examples' modules (and the scripts in examples/) import each other without a
+    cycle: mlp imports mlp_distributed for --distributed, never the other way round."""
+    import glob
+
+    import optkern.examples as pkg
+
+    package = "optkern.examples"
+    paths = {
+        f"{package}.{os.path.basename(f)[:-3]}": f
+        for f in glob.glob(os.path.join(os.path.dirname(pkg.__file__), "*.py"))
+    }
+    for f in glob.glob(os.path.join(REPO, "examples", "*.py")):
+        paths[f"examples/{os.path.basename(f)}"] = f
+    graph = {m: _imports_of(f, package) & set(paths) for m, f in paths.items()}
+    assert "optkern.examples.mlp_distributed" in graph["optkern.examples.mlp"]
+
+    def visit(m, stack):
+        assert m not in stack, "import cycle: " + " -> ".join([*stack, m])
+        for n in graph[m]:
+            visit(n, [*stack, m])
+
+    for m in graph:
+        visit(m, [])
 
 
 def test_info_still_works(capsys):

@@ -437,6 +437,13 @@ ok._core._testing.set_min_elements_per_thread(1)
 p = np.arange(500_000, dtype=np.float32); opt = ok.AdamW([p])
 for _ in range(3):
     opt.step([np.ones_like(p)], max_grad_norm=1.0)
+if WITH_TORCH:  # optkern.torch builds torch.optim optimizers at import (torch's dynamo import)
+    import optkern.torch as okt
+    t = torch.zeros(500_000, requires_grad=True); topt = okt.Adam([t])
+    for _ in range(3):
+        t.grad = torch.ones_like(t); topt.step(); topt.zero_grad()
+    torch.optim.SGD([t], lr=0.1).step()
+    okt.Adam([t]).state_dict()
 after = state()
 print(json.dumps([before == after, before["blas"], before["torch"],
                   {k: (before[k], after[k]) for k in before if before[k] != after[k]}],
@@ -444,10 +451,14 @@ print(json.dumps([before == after, before["blas"], before["torch"],
 """
 
 
-def test_no_side_effects():
+@pytest.mark.parametrize("with_torch", [False, True], ids=["numpy", "optkern.torch"])
+def test_no_side_effects(with_torch):
     import json
 
-    same, blas, torch_threads, diff = json.loads(python(SIDE_EFFECTS, {"OMP_NUM_THREADS": "2"}))
+    if with_torch:
+        pytest.importorskip("torch")
+    script = f"WITH_TORCH = {with_torch}\n" + SIDE_EFFECTS
+    same, blas, torch_threads, diff = json.loads(python(script, {"OMP_NUM_THREADS": "2"}))
     assert same, diff
     # What was compared (for the record; either may be absent).
     print("BLAS pools:", blas, "torch threads:", torch_threads)

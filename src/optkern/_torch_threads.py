@@ -4,7 +4,7 @@ torch's CPU wheel runs its intra-op threads on the libgomp it ships (``torch/lib
 after each torch op those workers spin for a while. An optkern step that follows a torch op
 (the step after backward) then competes with them for the cores when it runs on optkern's own
 pool; on the "gomp" backend it hands its chunks to that same team instead, and the spinning
-workers take them (docs/threading.md, "The gomp backend"; measurements in docs/torch.md).
+workers take them (docs/threading.md, "The gomp backend"; measurements in docs/torch.md, Speed).
 
 ``OPTKERN_PARALLEL_BACKEND=pool`` (read when optkern.torch is imported) keeps optkern's pool;
 ``gomp`` is the default said explicitly; anything else fails the import (ImportError naming the

@@ -787,7 +787,7 @@ def _pack(
     """Gives each state dict its ``name`` array as a view of one aligned block: the arrays of a
     group then follow each other in memory, as the kernels walk them, and the memory system
     streams them as one (separate arrays cost about 1.6 us per parameter on the 2-core Xeon of
-    bench/README.md, one block about none). ``start``: the value to fill with; None keeps the
+    bench/results/2026-12-01-xeon-avx512-2core.md, one block about none). ``start``: the value to fill with; None keeps the
     arrays the dicts already hold, copied into the block."""
     block = FlatParams.filled(shapes, 0.0 if start is None else start)
     for s, view in zip(states, block):

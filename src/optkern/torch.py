@@ -29,8 +29,10 @@ optkern.Nesterov's arguments.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import os
 import weakref
 from operator import is_
 from dataclasses import dataclass, field, replace
@@ -1180,6 +1182,23 @@ def _nesterov(sgd: Rule) -> Rule:
 UNMAPPED: Dict[str, str] = {}
 
 
+@contextlib.contextmanager
+def _environment_kept():
+    """Undoes what torch writes to os.environ meanwhile. The first torch.optim optimizer a
+    process builds imports torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR; optkern.torch
+    builds one of each of torch's classes at import (to read their defaults), and importing or
+    using optkern changes no environment variable (docs/threading.md, tested)."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
 def _add_registry_rules() -> None:
     from . import registry
 
@@ -1197,7 +1216,8 @@ def _add_registry_rules() -> None:
             __all__.append(name)
 
 
-_add_registry_rules()
+with _environment_kept():
+    _add_registry_rules()
 
 # torch.optim's classes that are not one element-wise rule (their own module).
 from ._torch_algos import LBFGS, Muon  # noqa: E402

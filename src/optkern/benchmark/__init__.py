@@ -1,8 +1,9 @@
 """``python -m optkern bench``: optkern's step against the best NumPy code and torch's fastest
 CPU optimizers, as a fraction of the machine's streaming bandwidth measured in the same run.
 Then the benchmark of record: a NumPy MLP's training loop with NumPy updates, with optkern and
-with optkern on one thread (study "loops", alone with --loops). See bench/README.md for the
-measured results and what limits each case."""
+with optkern on one thread (study "loops", alone with --loops). Other studies run when named
+(--studies). bench/README.md says what each measures; bench/results/ holds dated runs, each
+naming its machine."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Dict
 import optkern as ok
 
 from .._cli import dims, positive_int, size, thread_count, writable_file
-from . import algos as _algos
 from . import loops as _loops
+from . import studies as _studies
 from .cases import CASES, torch_available
 from .runner import (
     Progress,
@@ -32,9 +33,11 @@ from .runner import (
 __all__ = ["CASES", "add_parser"]
 
 DEFAULT_SIZES = ["100k", "1m", "10m", "50m"]
+#: what ``python -m optkern bench`` runs by default (README, Set up)
 STUDIES = ["main", "small", "threads", "clip", "loops"]
-#: Studies run only when asked for (--studies): optimizers that are not one element-wise pass.
-ALGO_STUDIES = list(_algos.STUDIES)
+#: run only when named (optkern.benchmark.studies)
+EXTRA_STUDIES = list(_studies.NAMES)
+DEFAULT_REPEATS = 5
 
 
 def add_parser(sub) -> None:
@@ -66,20 +69,22 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--repeats",
         type=positive_int,
-        default=5,
-        help="timed batches per case (min is kept; --torch: medians, and its step cases "
-        "repeat for about 0.5 s when that is more)",
+        default=None,
+        help=f"timed batches per case (default {DEFAULT_REPEATS}; min is kept; --torch: medians, "
+        "and its step cases repeat for about 0.5 s when that is more; the extra studies: "
+        + ", ".join(f"{k} {v}" for k, v in _studies.DEFAULT_REPEATS.items())
+        + ")",
     )
     p.add_argument(
         "--studies",
         nargs="+",
         default=STUDIES,
-        choices=STUDIES + ALGO_STUDIES,
+        choices=STUDIES + EXTRA_STUDIES,
+        metavar="NAME",
         help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
         "clip: fused clipping; loops: inside an MLP's training loop (default: these five); "
-        "sparse: SparseAdam/Adagrad/SGD on a 1M x 64 embedding, 4096 rows a step; muon: a "
-        "1024 x 1024 Muon step; lbfgs: an LBFGS step at 1M parameters (these three against "
-        "torch when installed, only when named)",
+        "run only when named: threshold, adafactor-shapes, pass-bounds, torch-bandwidth, "
+        "torch-phases (see optkern.benchmark.studies)",
     )
     p.add_argument(
         "--loops",
@@ -152,6 +157,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         ok.set_num_threads(args.threads)
+    repeats_given = args.repeats is not None
+    if not repeats_given:
+        args.repeats = DEFAULT_REPEATS
     if args.distributed:
         from .distributed import run_distributed
 
@@ -170,21 +178,11 @@ def run(args: argparse.Namespace) -> int:
     sizes = [parse_size(s) for s in args.sizes]
     cases = [CASES[k] for k in args.optimizers]
     studies = {"loops"} if args.loops else set(args.studies)
-    algo_studies = [s for s in ALGO_STUDIES if s in studies]
-    studies -= set(algo_studies)
-    if algo_studies:
-        info = machine()
-        print(
-            f"# {info['cpu']}, {info['cores']} cores; optkern {info['optkern']} ({info['isa']}, "
-            f"{info['threads']} threads), numpy {info['numpy']}, torch {info['torch']}"
+    extra = [k for k in EXTRA_STUDIES if k in studies]
+    if any(k in _studies.NEEDS_TORCH for k in extra) and torch_available() is None:
+        raise SystemExit(
+            "--studies torch-bandwidth / torch-phases need torch: pip install 'optkern[torch]'"
         )
-        algo_result = _algos.run_algos(algo_studies, args.repeats, args.threads)
-        _algos.report_algos(algo_result)
-        if args.json and not studies:
-            write_json(args.json, {"machine": info, **algo_result})
-            print(f"JSON written to {args.json}")
-        if not studies:
-            return 0
     # the small study: Adam, or each optimizer --optimizers names
     small_keys = args.optimizers if args.optimizers != list(CASES) else ["adam"]
     if "loops" in studies:
@@ -195,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         + 6 * ("threads" in studies)
         + ("clip" in studies)
         + (len(args.loop_conditions) if "loops" in studies else 0)
+        + len(extra)
     )
     progress = Progress(total, enabled=not args.quiet)
     info = machine()
@@ -230,6 +229,10 @@ def run(args: argparse.Namespace) -> int:
                 progress,
                 show_progress=not args.quiet,
             )
+        for name in extra:
+            progress(name)
+            reps = args.repeats if repeats_given else _studies.DEFAULT_REPEATS[name]
+            result.setdefault("studies", {})[name] = _studies.run_study(name, reps)
     finally:
         progress.close()
     report(result)
@@ -287,6 +290,8 @@ def report(result: Dict[str, object]) -> None:
             + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["seconds"].items())
             + f"; fused is {c['speedup']:.2f}x faster"
         )
+    for study in result.get("studies", {}).values():
+        print("\n" + study["text"])
     if "loops" in result:
         print("\nInside a training loop (NumPy MLP, batch 64, NumPy's default BLAS threads):")
         print(_loops.table(result["loops"]))

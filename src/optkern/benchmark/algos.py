@@ -261,39 +261,30 @@ def lbfgs_cases(
 # -- the study runner ------------------------------------------------------------------------------
 
 
-def run_algos(studies: List[str], repeats: int, threads: Optional[int]) -> Dict[str, Any]:
+def run_study(name: str, repeats: int, threads: Optional[int] = None) -> Dict[str, Any]:
+    """One study (``python -m optkern bench --studies sparse``): its timings and their text."""
     torch = _torch()
     if torch is not None:
         torch.set_num_threads(threads or ok.get_num_threads())
-    out: Dict[str, Any] = {}
-    if "sparse" in studies:
-        out["sparse"] = interleaved(sparse_cases(), max(repeats, 20))
-    if "muon" in studies:
-        out["muon"] = interleaved(muon_cases(), max(repeats, 3))
-    if "lbfgs" in studies:
-        out["lbfgs"] = interleaved(lbfgs_cases(), max(repeats, 3))
-    return out
+    make = {"sparse": sparse_cases, "muon": muon_cases, "lbfgs": lbfgs_cases}[name]
+    study = interleaved(make(), repeats)
+    return {"cases": study, "text": report(name, study)}
 
 
-def ratios(study: Dict[str, Dict[str, float]], ours: str, theirs: str) -> Optional[float]:
-    if ours in study and theirs in study:
-        return study[theirs]["median"] / study[ours]["median"]
-    return None
-
-
-def report_algos(result: Dict[str, Any]) -> None:
-    for name, study in result.items():
-        if name not in STUDIES:
+def report(name: str, study: Dict[str, Dict[str, float]]) -> str:
+    n = next(iter(study.values()))["n"]
+    lines = [f"{name}: seconds per step (median and 90th percentile of {n}, interleaved)"]
+    for case, s in study.items():
+        lines.append(f"  {case:<56} {s['median'] * 1e3:10.3f} ms   p90 {s['p90'] * 1e3:10.3f} ms")
+    groups: Dict[str, List[str]] = {}
+    for case in study:
+        groups.setdefault(case.split()[0], []).append(case)
+    for opt, members in groups.items():
+        base = f"{opt} torch"
+        if base not in study:
             continue
-        print(f"\n{name}: seconds per step (median and p90 of {next(iter(study.values()))['n']})")
-        for case, s in study.items():
-            print(f"  {case:<56} {s['median'] * 1e3:10.3f} ms   p90 {s['p90'] * 1e3:10.3f} ms")
-        groups: Dict[str, List[str]] = {}
-        for case in study:
-            groups.setdefault(case.split()[0], []).append(case)
-        for opt, members in groups.items():
-            base = f"{opt} torch"
-            for case in members:
-                r = ratios(study, case, base)
-                if r is not None and case != base and base in study:
-                    print(f"  {case} vs {base}: {r:.1f}x")
+        for case in members:
+            if case != base and not case.startswith(f"{opt} torch,"):
+                ratio = study[base]["median"] / study[case]["median"]
+                lines.append(f"  {case}: {ratio:.1f}x faster than {base} (medians)")
+    return "\n".join(lines)

@@ -429,7 +429,7 @@ def main(argv=None) -> int:
         from optkern.examples.mlp_distributed import main_distributed
 
         with blas_threads(args.blas_threads or None):
-            return main_distributed(args)
+            return main_distributed(args, MLP, load_data, DEFAULT_HYPER)
     with blas_threads(args.blas_threads or None) as blas:
         print(f"# {describe_machine()}, {blas}")
         return _main(args)

@@ -12,13 +12,16 @@ both, with the largest difference between the final weights. Rounding difference
 over the ~940 steps of 10 epochs: with 2 ranks, 7 of the 8 optimizers gave the identical test
 accuracy and Adagrad (lr 0.1, weights apart by 0.27 at the end) 98.10% against 98.05%, one
 test digit of 2000.
+
+This module does not import :mod:`optkern.examples.mlp` (which imports it for ``--distributed``):
+the model class, the data loader and the hyperparameters come in as arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
@@ -27,6 +30,7 @@ from optkern.examples._common import OPTIMIZERS, format_table, make_optimizer
 
 
 def _train(
+    model_cls: Callable[..., Any],
     name: str,
     hyper: Dict[str, Any],
     data,
@@ -38,10 +42,9 @@ def _train(
     comm,
 ) -> tuple:
     from optkern import distributed as okd
-    from optkern.examples.mlp import MLP
 
     X, y, X_test, y_test = data
-    model = MLP([X.shape[1], *hidden, 10], seed=seed)
+    model = model_cls([X.shape[1], *hidden, 10], seed=seed)
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
     if comm is None:
         opt = make_optimizer(name, model.params, **hyper)
@@ -71,9 +74,15 @@ def _wait_quietly(comm) -> None:
         time.sleep(0.01)
 
 
-def main_distributed(args: argparse.Namespace) -> int:
+def main_distributed(
+    args: argparse.Namespace,
+    model_cls: Callable[..., Any],
+    load_data: Callable[..., Any],
+    hyper: Dict[str, Dict[str, Any]],
+) -> int:
+    """``model_cls(sizes, seed=...)``, ``load_data(n_train, n_test, seed)`` and ``hyper[name]``
+    are :mod:`optkern.examples.mlp`'s ``MLP``, ``load_data`` and ``DEFAULT_HYPER``."""
     from optkern import distributed as okd
-    from optkern.examples.mlp import DEFAULT_HYPER, load_data
 
     comm = okd.MPI.COMM_WORLD
     okd.install_excepthook(comm)
@@ -85,8 +94,9 @@ def main_distributed(args: argparse.Namespace) -> int:
         for name in args.optimizers:
             t = time.perf_counter()
             model, acc = _train(
+                model_cls,
                 name,
-                DEFAULT_HYPER[name],
+                hyper.get(name, {}),
                 data,
                 args.hidden,
                 args.epochs,
@@ -99,8 +109,9 @@ def main_distributed(args: argparse.Namespace) -> int:
             if rank == 0:
                 t1 = time.perf_counter()
                 single, acc1 = _train(
+                    model_cls,
                     name,
-                    DEFAULT_HYPER[name],
+                    hyper.get(name, {}),
                     data,
                     args.hidden,
                     args.epochs,

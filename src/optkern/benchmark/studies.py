@@ -1,0 +1,329 @@
+"""The benchmark's narrower studies, each a question behind a design choice or a bound quoted in
+the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by default):
+
+* ``threshold``: where a second thread starts to pay (the single-thread threshold and the work
+  weights of src/cpp/multi_tensor.*): SGD, Adam and Adadelta at 4K-128K elements on 1 thread,
+  on 2 threads with no threshold, and at the defaults;
+* ``adafactor-shapes``: one Adafactor step on 4M-element matrices of several aspect ratios (and
+  a 4M vector): the factored driver's cost should depend on the element count, not the shape;
+* ``pass-bounds``: Adafactor's and LAMB's 50M step beside passes that move exactly their bytes
+  (built from optkern's streaming kernels): a step at 100% of that bound is as fast as its
+  passes can be on this machine, whatever its share of the in-place stream;
+* ``torch-bandwidth`` (needs torch): torch's fused step and optkern.torch's at 50M as a share of
+  the in-place streaming bandwidth measured in the same run;
+* ``torch-phases`` (needs torch): zero_grad, forward, backward and step timed inside the torch
+  training loop of ``bench --torch``, for torch fused, optkern.torch (2 threads and 1) and torch
+  foreach;
+* ``sparse``, ``muon``, ``lbfgs``: the optimizers that are not one element-wise pass, against
+  torch's on the same inputs when torch is installed (optkern.benchmark.algos): SparseAdam,
+  Adagrad and SGD on a 1M x 64 embedding table with 4096 looked-up rows a step; a 1024 x 1024
+  Muon step; an LBFGS step at 1M parameters with the closure's time subtracted.
+
+Each returns a JSON-able dict whose ``"text"`` is what it prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import statistics
+import time
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+
+import optkern as ok
+
+from . import algos
+from .runner import compare, shuffled_times
+
+NAMES = [
+    "threshold",
+    "adafactor-shapes",
+    "pass-bounds",
+    "torch-bandwidth",
+    "torch-phases",
+    *algos.STUDIES,
+]
+#: repeats (rounds for torch-phases) when --repeats is not given
+DEFAULT_REPEATS = {
+    "threshold": 9,
+    "adafactor-shapes": 15,
+    "pass-bounds": 9,
+    "torch-bandwidth": 9,
+    "torch-phases": 30,
+    "sparse": 41,
+    "muon": 5,
+    "lbfgs": 5,
+}
+NEEDS_TORCH = {"torch-bandwidth", "torch-phases"}
+
+
+def threshold(repeats: int) -> Dict[str, Any]:
+    """Each rule's step at small sizes: 1 thread, 2 threads with no threshold, the defaults;
+    interleaved, minimum of the repeats."""
+    threads, floor = ok.get_num_threads(), ok._core._testing.min_elements_per_thread()
+    rows: List[Dict[str, Any]] = []
+    try:
+        for name in ("SGD", "Adam", "Adadelta"):
+            for n in (4096, 8192, 16384, 32768, 65536, 131072):
+                params, grads = [np.zeros(n, np.float32)], [np.full(n, 1e-3, np.float32)]
+                opt = getattr(ok, name)(params)
+
+                def on(k: int, least: int) -> Callable[[], None]:
+                    def step() -> None:
+                        ok.set_num_threads(k)
+                        ok._core._testing.set_min_elements_per_thread(least)
+                        opt.step(grads)
+
+                    return step
+
+                s = compare(
+                    {"one": on(1, floor), "two": on(2, 1), "default": on(threads, floor)}, repeats
+                )
+                rows.append({"optimizer": name, "size": n, **{k: v for k, v in s.items()}})
+    finally:
+        ok.set_num_threads(threads)
+        ok._core._testing.set_min_elements_per_thread(floor)
+    text = [f"Where a second thread pays (min of {repeats}; threshold {floor} elements per thread):"]
+    for r in rows:
+        text.append(
+            f"  {r['optimizer']:9}{r['size']:8}: 1 thread {r['one'] * 1e6:7.1f} us, 2 threads "
+            f"{r['two'] * 1e6:7.1f} us ({r['one'] / r['two']:.2f}x); default {r['default'] * 1e6:7.1f} us"
+        )
+    return {"rows": rows, "text": "\n".join(text)}
+
+
+ADAFACTOR_SHAPES = [
+    (2000, 2000),
+    (4_000_000,),
+    (1, 4_000_000),
+    (16, 250_000),
+    (64, 62_500),
+    (4000, 1000),
+    (250_000, 16),
+    (2, 2, 1_000_000),
+]
+
+
+def adafactor_shapes(repeats: int) -> Dict[str, Any]:
+    """One Adafactor step per shape (4M elements each), after 3 warm-up steps: min and median."""
+    rows = []
+    for shape in ADAFACTOR_SHAPES:
+        rng = np.random.default_rng(0)
+        p = rng.standard_normal(shape).astype(np.float32)
+        g = rng.standard_normal(shape).astype(np.float32)
+        opt = ok.Adafactor([p])
+        for _ in range(3):
+            opt.step([g])
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            opt.step([g])
+            ts.append(time.perf_counter() - t)
+        rows.append({"shape": list(shape), "min": min(ts), "median": statistics.median(ts)})
+    first = rows[0]
+    text = [
+        f"Adafactor, one step on 4M elements by shape (min / median of {repeats}; "
+        f"x: min over {tuple(first['shape'])}'s):"
+    ]
+    for r in rows:
+        text.append(
+            f"  {str(tuple(r['shape'])):>20} {r['min'] * 1e3:7.2f} ms / {r['median'] * 1e3:7.2f} ms"
+            f"  {r['min'] / first['min']:4.2f}x"
+        )
+    return {"rows": rows, "text": "\n".join(text)}
+
+
+def pass_bounds(repeats: int, n: int = 50_000_000) -> Dict[str, Any]:
+    """Adafactor's (5000 x 10000) and LAMB's step beside passes moving exactly their bytes."""
+    from .. import _core
+
+    rng = np.random.default_rng(0)
+
+    def arr(shape=(n,), scale=1.0):
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+
+    shape = (n // 10000, 10000)
+    pa, ga = arr(shape), arr(shape, 1e-3)
+    adafactor = ok.Adafactor([pa])
+    pl, gl = arr(), arr(scale=1e-3)
+    lamb = ok.LAMB([pl])
+    adafactor.step([ga])  # state allocated, pages touched
+    lamb.step([gl])
+    a, b, c, d = arr(), arr(), arr(), arr()
+    cases = {
+        "Adafactor": lambda: adafactor.step([ga]),
+        "LAMB": lambda: lamb.step([gl]),
+        # a += s*b: the yardstick, and the traffic of Adafactor's pass 2 (p, g read; p written)
+        "stream": lambda: _core.stream_axpy([a], [b], 1e-9),
+        "read 2": lambda: ok.grad_norms([a, b]),  # Adafactor's pass 0: p and g read
+        "read 1": lambda: ok.grad_norms([b]),  # Adafactor's pass 1: g read
+        # LAMB's pass 1: p, g, m, v read, m and v written (two in-place streams)
+        "stream x2": lambda: _core.stream_axpy([c, d], [a, b], 1e-9),
+    }
+    cases["stream"]()
+    best = {k: min(v) for k, v in shuffled_times(cases, repeats).items()}
+    stream_rate = 12 * n / best["stream"]
+    # LAMB's pass 2 (p, m, v read; p written) = one in-place stream + one read-only array
+    bounds = {
+        "Adafactor": (24, best["read 2"] + best["read 1"] + best["stream"]),
+        "LAMB": (40, best["stream x2"] + best["stream"] + best["read 1"]),
+    }
+    text = [f"{n / 1e6:g}M elements, min of {repeats} shuffled repeats:"]
+    for k, nbytes in (("stream", 12), ("read 2", 8), ("read 1", 4), ("stream x2", 24)):
+        text.append(f"  {k:10s} {best[k] * 1e3:7.1f} ms  {nbytes * n / best[k] / 1e9:5.1f} GB/s")
+    rows = []
+    for k, (nbytes, bound) in bounds.items():
+        t = best[k]
+        rows.append(
+            {
+                "optimizer": k,
+                "seconds": t,
+                "bound_seconds": bound,
+                "fraction_of_stream": nbytes * n / t / stream_rate,
+                "fraction_of_bound": bound / t,
+            }
+        )
+        text.append(
+            f"  {k:10s} {t * 1e3:7.1f} ms  {nbytes * n / t / 1e9:5.1f} GB/s  %stream "
+            f"{nbytes * n / t / stream_rate:4.0%}  same-bytes passes {bound * 1e3:6.1f} ms  %bound {bound / t:4.0%}"
+        )
+    return {"passes": best, "rows": rows, "text": "\n".join(text)}
+
+
+def torch_bandwidth(repeats: int, n: int = 50_000_000) -> Dict[str, Any]:
+    """torch's fused step and optkern.torch's at n elements over the in-place stream's rate,
+    shuffled, medians."""
+    import torch
+
+    import optkern.torch as okt
+
+    from .. import _core
+    from .torch_bench import HYPER
+
+    nbytes = {"SGD": 20, "Adam": 28, "AdamW": 28, "Adagrad": 20}  # SGD with momentum (HYPER)
+    a, b = np.ones(n, np.float32), np.ones(n, np.float32)
+    steps: Dict[str, Callable[[], Any]] = {"stream": lambda: _core.stream_axpy([a], [b], 1e-9)}
+    keep = []
+    for name in nbytes:
+        for side, make in (
+            ("torch", lambda ps, k=name: getattr(torch.optim, k)(ps, fused=True, **HYPER[k])),
+            ("okt", lambda ps, k=name: getattr(okt, k)(ps, **HYPER[k])),
+        ):
+            p = torch.nn.Parameter(torch.randn(n))
+            p.grad = torch.randn(n) * 1e-3
+            opt = make([p])
+            opt.step()  # state allocated, pages touched
+            keep.append((p, opt))
+            steps[f"{name}/{side}"] = opt.step
+    med = {k: statistics.median(v) for k, v in shuffled_times(steps, repeats).items()}
+    stream = 12 * n / med["stream"]
+    text = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n / 1e6:g}M elements, "
+        f"medians of {repeats} shuffled repeats",
+        f"  in-place stream a += s*b: {stream / 1e9:.1f} GB/s ({med['stream'] * 1e3:.1f} ms)",
+    ]
+    rows = []
+    for name, nb in nbytes.items():
+        cells = []
+        for side in ("torch", "okt"):
+            t = med[f"{name}/{side}"]
+            cells.append(
+                f"{side} {t * 1e3:6.1f} ms {nb * n / t / 1e9:5.1f} GB/s ({nb * n / t / stream:4.0%})"
+            )
+        x = med[f"{name}/torch"] / med[f"{name}/okt"]
+        rows.append(
+            {"optimizer": name, "torch": med[f"{name}/torch"], "okt": med[f"{name}/okt"], "x": x}
+        )
+        text.append(f"  {name:8s} fused  " + "   ".join(cells) + f"   x = {x:.2f}")
+    return {"stream_gbps": stream / 1e9, "rows": rows, "text": "\n".join(text)}
+
+
+PHASES = ("zero_grad", "forward", "backward", "step")
+
+
+def torch_phases(rounds: int, name: str = "Adam", per_round: int = 8) -> Dict[str, Any]:
+    """zero_grad, forward, backward and step inside the loop of ``bench --torch`` (MLP
+    784-1024-1024-10, batch 64), shuffled order, medians over rounds of per_round steps."""
+    import torch
+
+    import optkern.torch as okt
+
+    from .. import _core
+    from .torch_bench import HYPER, _mlp
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 784, generator=gen)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    hp = HYPER.get(name, {})
+    model0 = _mlp(0)
+    threads = _core.get_num_threads()
+
+    def one_thread(on: bool) -> None:
+        _core.set_num_threads(1 if on else threads)
+
+    configs = {
+        "torch fused": (lambda ps: getattr(torch.optim, name)(ps, fused=True, **hp), None),
+        "okt": (lambda ps: getattr(okt, name)(ps, **hp), None),
+        "okt 1 thread": (lambda ps: getattr(okt, name)(ps, **hp), one_thread),
+        "torch foreach": (lambda ps: getattr(torch.optim, name)(ps, foreach=True, **hp), None),
+    }
+    runs = {}
+    for key, (make, around) in configs.items():
+        model = copy.deepcopy(model0)
+        runs[key] = (model, make(model.parameters()), around)
+    samples: Dict[str, List[List[float]]] = {k: [] for k in runs}
+
+    def run(key: str) -> None:
+        model, opt, around = runs[key]
+        per: List[List[float]] = [[] for _ in PHASES]
+        for _ in range(per_round):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            t1 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            if around:
+                around(True)
+            opt.step()
+            if around:
+                around(False)
+            t4 = time.perf_counter()
+            for k, dt in enumerate((t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                per[k].append(dt)
+        samples[key].append([statistics.median(v) for v in per])
+
+    try:
+        for _ in range(rounds + 2):  # the first two rounds warm up
+            order = list(runs)
+            random.shuffle(order)
+            for key in order:
+                run(key)
+    finally:
+        _core.set_num_threads(threads)
+    text = [
+        f"{name} inside the torch loop: torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"medians of {rounds} rounds of {per_round} steps, ms",
+        f"  {'':14s}" + "".join(f"{p:>10s}" for p in PHASES) + f"{'sum':>10s}",
+    ]
+    rows = {}
+    for key, got in samples.items():
+        med = [statistics.median(col) * 1e3 for col in zip(*got[2:])]
+        rows[key] = dict(zip(PHASES, med))
+        text.append(f"  {key:14s}" + "".join(f"{v:10.3f}" for v in med) + f"{sum(med):10.3f}")
+    return {"optimizer": name, "ms": rows, "text": "\n".join(text)}
+
+
+def run_study(name: str, repeats: int) -> Dict[str, Any]:
+    if name in algos.STUDIES:
+        return algos.run_study(name, repeats)
+    return {
+        "threshold": threshold,
+        "adafactor-shapes": adafactor_shapes,
+        "pass-bounds": pass_bounds,
+        "torch-bandwidth": torch_bandwidth,
+        "torch-phases": torch_phases,
+    }[name](repeats)
