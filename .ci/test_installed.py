@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""Runs the test suite against the optkern installed in this Python (a wheel, say): the whole
-suite once (its tests/test_isa.py runs every ISA's kernels in that one process), then the
-end-to-end smoke tests (marker smoke) once under every instruction set this machine supports
-(OPTKERN_FORCE_ISA=scalar, avx2, avx512).
+"""Runs the test suite against the optkern installed in this Python (a wheel, say): the main
+suite (pyproject's default selection: every test but the slow ones) once (its tests/test_isa.py
+runs every ISA's kernels in that one process), then the end-to-end smoke tests (marker smoke)
+once under every instruction set this machine supports (OPTKERN_FORCE_ISA=scalar, avx2, avx512).
 
     python .ci/test_installed.py [--quick | --suite-isa=ISA] [TESTS_DIR] [PYTEST_ARGS...]
 
---quick runs tests/test_isa.py instead of the whole suite (for an installed module whose bytes the
-whole suite has already tested, as .ci/run's wheel stage checks), then the smoke tests.
---suite-isa=ISA runs the whole suite with OPTKERN_FORCE_ISA=ISA (the sanitizer lane runs it on
+--quick runs tests/test_isa.py instead of the main suite (for an installed module whose bytes the
+main suite has already tested), then the smoke tests.
+--suite-isa=ISA runs the main suite with OPTKERN_FORCE_ISA=ISA (the sanitizer lane runs it on
 the scalar kernels, so every test that compares bits, with torch say, also meets the build
 without FMA that machines without AVX2 get).
 
@@ -52,7 +52,7 @@ def main() -> int:
     failed = []
     env = {k: v for k, v in os.environ.items() if k != "OPTKERN_FORCE_ISA"}
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra]
-    what = "test_isa.py" if quick else "the whole suite"
+    what = "test_isa.py" if quick else "the main suite"
     suite_env = env
     if suite_isa is not None:
         if suite_isa not in isas.split():

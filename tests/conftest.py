@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import reference.py and helpers.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests import optim_db.py, reference.py, helpers.py
 
 import optkern as ok  # noqa: E402
 from hypothesis import settings  # noqa: E402

@@ -4,6 +4,15 @@ kernels.
 
 Each reference optimizer keeps one parameter in float64 and its state in a dict named as torch
 names it; ``step(g)`` applies one update with a float64 gradient.
+
+Each rule is written from its oracle's source, in the oracle's order of operations:
+torch.optim 2.13 (the single-tensor path) for the torch rules; ``optax.lion`` (hard sign, with the
+defaults of the ``lion-pytorch`` package and its state name ``exp_avg``) for Lion; ``optax.lamb``
+(Adam direction plus decoupled decay, scaled per array by norm(p) / norm(u), 1 where either norm
+is 0; state named as torch names Adam's) for LAMB; ``schedulefree.AdamWScheduleFree`` and
+``SGDScheduleFree`` (with their ``train()`` / ``eval()`` switch between the points y and x) for
+the Schedule-Free rules. ``Reference`` keeps optkern's layout; ``OracleReference`` the oracle
+packages' (test_reference_oracles.py checks the formulas against the packages themselves).
 """
 
 from __future__ import annotations
@@ -465,86 +474,21 @@ class Reference:
             self.group["train_mode"] = False
 
 
-#: Option sets covering every branch of every rule, with hyperparameters that keep 100 steps of
-#: N(0, 1) gradients in a well-conditioned range (so float32 can meet rtol 1e-5 / atol 1e-6).
-CASES = [
-    ("SGD", dict(lr=0.01)),
-    ("SGD", dict(lr=0.01, maximize=True)),
-    ("SGD", dict(lr=0.005, momentum=0.9)),
-    ("SGD", dict(lr=0.005, momentum=0.9, dampening=0.3)),
-    ("SGD", dict(lr=0.005, momentum=0.9, nesterov=True)),
-    ("SGD", dict(lr=0.005, momentum=0.8, weight_decay=0.05)),
-    ("SGD", dict(lr=0.005, momentum=0.5, weight_decay=0.1, nesterov=True, maximize=True)),
-    ("SGD", dict(lr=0.01, weight_decay=0.1)),
-    ("Nesterov", dict(lr=0.005)),
-    ("Nesterov", dict(lr=0.005, momentum=0.8, weight_decay=0.01, maximize=True)),
-    ("Momentum", dict(lr=0.01)),
-    ("Momentum", dict(lr=0.01, beta=0.5, weight_decay=0.05)),
-    ("Momentum", dict(lr=0.01, beta=0.99, maximize=True)),
-    ("RMSprop", dict(lr=1e-3)),
-    ("RMSprop", dict(lr=1e-3, centered=True)),
-    ("RMSprop", dict(lr=1e-3, momentum=0.9)),
-    # centered: sqrt(square_avg - grad_avg^2) cancels badly in float32 when the variance is small
-    # next to the mean (a weight decay larger than the noise), so the decay is kept small here.
-    ("RMSprop", dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=0.01)),
-    ("RMSprop", dict(lr=1e-3, alpha=0.4, eps=1e-3, weight_decay=0.01, maximize=True)),
-    ("Adagrad", dict(lr=1e-2)),
-    ("Adagrad", dict(lr=1e-2, lr_decay=0.01, weight_decay=0.1)),
-    ("Adagrad", dict(lr=1e-2, initial_accumulator_value=0.5, eps=1e-3, maximize=True)),
-    ("Adadelta", dict()),
-    ("Adadelta", dict(lr=0.5, rho=0.5, eps=1e-4, weight_decay=0.1)),
-    ("Adadelta", dict(lr=1.0, maximize=True)),
-    ("Adam", dict()),
-    ("Adam", dict(amsgrad=True)),
-    ("Adam", dict(lr=2e-3, betas=(0.8, 0.99), weight_decay=0.1)),
-    (
-        "Adam",
-        dict(lr=1e-3, betas=(0.3, 0.9), eps=1e-4, amsgrad=True, weight_decay=0.01, maximize=True),
-    ),
-    ("Adam", dict(lr=1e-3, betas=(0.0, 0.0))),
-    ("AdamW", dict()),
-    ("AdamW", dict(amsgrad=True, weight_decay=0.1)),
-    ("AdamW", dict(lr=1e-3, betas=(0.6, 0.95), weight_decay=0.0, maximize=True)),
-    ("Adamax", dict()),
-    ("Adamax", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1)),
-    ("Adamax", dict(lr=2e-3, betas=(0.3, 0.9), eps=1e-4, maximize=True)),
-    ("NAdam", dict()),
-    ("NAdam", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, momentum_decay=0.01)),
-    ("NAdam", dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, eps=1e-4, maximize=True)),
-    ("RAdam", dict()),  # momentum only for 5 steps, then rectified
-    ("RAdam", dict(lr=1e-3, betas=(0.9, 0.6))),  # rho_inf = 4: never rectified
-    ("RAdam", dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, eps=1e-4)),
-    ("RAdam", dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
-    ("ASGD", dict()),
-    ("ASGD", dict(lr=5e-3, lambd=0.1, alpha=0.5, t0=20, weight_decay=0.1)),  # averaging from 21
-    ("ASGD", dict(lr=1e-2, lambd=1e-3, t0=0, maximize=True)),  # averaging from step 2
-    ("Lion", dict()),
-    ("Lion", dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1)),
-    ("Lion", dict(lr=1e-3, betas=(0.0, 0.5), weight_decay=1e-3, maximize=True)),
-    ("Rprop", dict()),
-    ("Rprop", dict(lr=2e-4, etas=(0.5, 1.5), step_sizes=(2e-6, 100))),
-    ("Rprop", dict(etas=(0.3, 1.1), step_sizes=(1e-4, 0.05), maximize=True)),
-    ("LAMB", dict()),
-    ("LAMB", dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01)),
-    ("LAMB", dict(lr=1e-3, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.1, maximize=True)),
-    ("ScheduleFreeAdamW", dict()),
-    (
-        "ScheduleFreeAdamW",
-        dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0, weight_decay=0.1),
-    ),
-    ("ScheduleFreeAdamW", dict(betas=(0.5, 0.9), eps=1e-4, weight_lr_power=0.0, maximize=True)),
-    ("ScheduleFreeSGD", dict(lr=0.01)),
-    ("ScheduleFreeSGD", dict(lr=0.005, momentum=0.8, warmup_steps=10, r=1.0, weight_decay=0.1)),
-    ("ScheduleFreeSGD", dict(lr=0.01, momentum=0.5, weight_lr_power=0.0, maximize=True)),
-    ("Adafactor", dict()),
-    ("Adafactor", dict(lr=0.01, weight_decay=0.1, maximize=True)),
-    ("Adafactor", dict(beta2_decay=-1.0, d=1.5, eps=(1e-20, 1e-2))),
-    ("SparseAdam", dict()),
-    ("SparseAdam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-4)),
-    ("SparseAdam", dict(lr=1e-3, betas=(0.0, 0.5), maximize=True)),
-]
+class OracleReference(Reference):
+    """A reference in the layout of the oracle packages: float64 by default for every rule (the
+    oracles' float64 runs pin the order of operations), Schedule-Free's counters per param group
+    (``k``, ``weight_sum``, ``lr_max`` and ``train_mode`` in ``self.group``, as the package keeps
+    them) starting in eval mode, and ``skip()`` for a step of the group in which this parameter
+    had no gradient."""
 
+    counters_in_state = False  # the package's layout
 
-def case_id(case) -> str:
-    name, hp = case
-    return name + "(" + ",".join(f"{k}={v}" for k, v in hp.items()) + ")"
+    def __init__(self, name: str, p0: np.ndarray, dtype: Any = np.float64, **hp: Any) -> None:
+        super().__init__(name, p0, dtype, **hp)
+        # The package starts in eval mode (optkern's classes in train mode: see Reference).
+        self.group["train_mode"] = False
+
+    def skip(self) -> None:
+        """The group stepped but this parameter had no gradient."""
+        if self.name in SCHEDULE_FREE:
+            self._schedule_free_weights(**self._schedule_hp())

@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 from helpers import bits, digest, make
-from reference import CASES, Reference, case_id
+from optim_db import CASES, case_id
+from reference import Reference
 
 import optkern as ok
 from optkern import functional as F

@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 from helpers import digest
-from reference import SCHEDULE_FREE, Reference
+import optim_db as db
+from reference import Reference
 
 import optkern as ok
 from optkern import functional as F
@@ -46,7 +47,7 @@ def test_class_keeps_python_floats_matching_the_reference(rule):
         ref.step(g.astype(np.float64))
         for c in rule.carried:
             assert type(opt.state[p][c.name]) is float
-            expected = ref.group if rule.cls in SCHEDULE_FREE else ref.state
+            expected = ref.group if db.entry(rule.cls).schedule_free else ref.state
             assert opt.state[p][c.name] == pytest.approx(expected[c.name], rel=1e-14)
     sd = opt.state_dict()
     assert all(type(sd["state"][0][c.name]) is float for c in rule.carried)

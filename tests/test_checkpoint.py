@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 from helpers import digest
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 from optkern import checkpoint

@@ -10,6 +10,7 @@ import stat
 
 import numpy as np
 import pytest
+import optim_db as db
 from test_checkpoint import everything, grads, rewrite, saved, stepped
 
 import optkern as ok
@@ -347,7 +348,7 @@ def test_file_truncated_while_loading_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(0, 10), (10, 0), (0,), (2, 0, 3)])
-@pytest.mark.parametrize("kind", ["Adam", "Adagrad", "Momentum", "Adadelta"])
+@pytest.mark.parametrize("kind", db.NAMES)
 def test_zero_size_arrays_saved_and_loaded(tmp_path, kind, shape):
     def build():
         ps = [np.zeros(shape, np.float32), np.ones(3, np.float32)]

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 from helpers import bits, digest, make
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 
@@ -54,6 +54,7 @@ def test_norms_do_not_depend_on_threads(p):
     assert all(r == results[0] for r in results)
 
 
+@pytest.mark.slow
 def test_norm_of_100m_elements_is_accurate():
     """Against math.fsum of the exact squares (a float32 squared is exact in double)."""
     n = 100_000_000

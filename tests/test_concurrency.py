@@ -13,21 +13,14 @@ import time
 
 import numpy as np
 import pytest
+import optim_db as db
 from helpers import bits
 
 import optkern as ok
 from optkern import functional as F
 
-CONFIGS = [
-    ("SGD", dict(lr=0.01, momentum=0.9, nesterov=True)),
-    ("Momentum", dict(lr=0.01)),
-    ("RMSprop", dict(lr=1e-3, centered=True, momentum=0.5)),
-    ("Adagrad", dict(lr=1e-2, lr_decay=0.01)),
-    ("Adadelta", dict(weight_decay=0.01)),
-    ("Adam", dict(amsgrad=True)),
-    ("AdamW", dict(weight_decay=0.1)),
-]
-CONFIGS += [(r.cls, {}) for r in ok.registry.rules() if r.cls not in {k for k, _ in CONFIGS}]
+#: One (class, options) per class of the optimizer database: the options that keep every state.
+CONFIGS = db.richest()
 SIZES = [70001, 1031, 3]
 STEPS = 12
 

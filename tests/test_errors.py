@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import optim_db as db
 from helpers import digest
 
 import optkern as ok
@@ -114,10 +115,9 @@ CASE_NAMES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["SGD", "Momentum", "RMSprop", "Adagrad", "Adadelta", "Adam"])
+@pytest.mark.parametrize("kind, hp", db.richest(), ids=[n for n, _ in db.richest()])
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_bad_gradient_changes_nothing(kind, case):
-    hp = {"SGD": dict(momentum=0.9)}.get(kind, {})
+def test_bad_gradient_changes_nothing(kind, hp, case):
     opt, params = fresh(kind=kind, **hp)
     grads, exc, pattern = bad_grad_cases(params)[case]
     before = everything(opt, params, grads)

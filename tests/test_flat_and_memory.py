@@ -5,7 +5,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from reference import CASES, case_id
+import optim_db as db
+from optim_db import CASES, case_id
 
 import optkern as ok
 
@@ -65,7 +66,15 @@ def test_flat_params_rejects_bad_shapes():
         ok.FlatParams([(3, -1)])
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+# Every class at the options that keep all its state in the main suite; every other reference
+# case (the same Python path with fewer states) in the slow lane.
+ALLOCATION_CASES = [
+    c if c in db.richest() else pytest.param(c, marks=pytest.mark.slow)
+    for c in CASES + [c for c in db.richest() if c not in CASES]
+]
+
+
+@pytest.mark.parametrize("case", ALLOCATION_CASES, ids=case_id)
 def test_step_allocates_nothing_after_the_first(case):
     """After the first step (which creates the state), steps allocate no arrays: what
     tracemalloc sees is Python's bookkeeping (small lists), a tiny fraction of one buffer."""

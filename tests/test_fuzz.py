@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+import optim_db as db
 from helpers import digest
 from reference import Reference
 
@@ -291,23 +292,28 @@ def entry_shape(arg, shape):
 
 # -- the functional layer ----------------------------------------------------------------------------
 
-# Functions of rules added after this file was written, known from their declarations.
-DERIVED = [
-    r.name + "_"
-    for r in ok.registry.rules()
-    if r.name not in ("sgd", "momentum", "rmsprop", "adagrad", "adadelta", "adam", "adamw")
-]
+#: The functions whose calls draw_functional draws by hand (their optional state lists and
+#: constraints: sgd_'s fresh buffers and nesterov, rmsprop_'s centered and momentum lists,
+#: adam's amsgrad list), with the reference each follows: a per-function override.
+HAND_DRAWN = {
+    "sgd_": "SGD",
+    "momentum_": "Momentum",
+    "rmsprop_": "RMSprop",
+    "adagrad_": "Adagrad",
+    "adadelta_": "Adadelta",
+    "adam_": "Adam",
+    "adamw_": "AdamW",
+}
+# Every other function of the optimizer database, drawn from its rule's declaration.
+DERIVED = list(
+    dict.fromkeys(e.function.__name__ for e in db.ENTRIES if e.function.__name__ not in HAND_DRAWN)
+)
 
 
 def draw_functional(data, bad_rate):
     """A random call of an optkern.functional update: (function, lists, keywords, the Reference
     name and options, the errors the call must get)."""
-    name = data.draw(
-        st.sampled_from(
-            ["sgd_", "momentum_", "rmsprop_", "adagrad_", "adadelta_", "adam_", "adamw_"] + DERIVED
-        ),
-        label="function",
-    )
+    name = data.draw(st.sampled_from(list(HAND_DRAWN) + DERIVED), label="function")
     errors = set()
     kw, ref_hp = {}, {}
 
@@ -346,15 +352,7 @@ def draw_functional(data, bad_rate):
                 errors.add(ValueError)
         lists += [st_.arg for st_ in rule.states if st_.when is None]
         return name, lists, kw, rule.cls, ref_hp, scale, errors
-    ref_name = {
-        "sgd_": "SGD",
-        "momentum_": "Momentum",
-        "rmsprop_": "RMSprop",
-        "adagrad_": "Adagrad",
-        "adadelta_": "Adadelta",
-        "adam_": "Adam",
-        "adamw_": "AdamW",
-    }[name]
+    ref_name = HAND_DRAWN[name]
     if name == "sgd_":
         momentum, merr = hp("momentum", "sgd_momentum")
         dampening, derr = hp("dampening", "dampening")
@@ -596,6 +594,9 @@ def test_fuzz_functional(data):
 
 # -- the optimizer classes ---------------------------------------------------------------------------
 
+#: The hyperparameters each class's constructor is fuzzed with, and the kind of value each draws:
+#: by hand for the first classes (per-class overrides), from the declaration for every other class
+#: of the optimizer database (below).
 CLASS_HPS = {
     "SGD": [("lr", "lr"), ("momentum", "sgd_momentum"), ("weight_decay", "weight_decay")],
     "Nesterov": [("lr", "lr"), ("weight_decay", "weight_decay")],
@@ -676,9 +677,9 @@ def _kind(h):
     return RANGE_KIND[h.range]
 
 
-for _rule in ok.registry.rules():
-    if _rule.cls not in CLASS_HPS:
-        CLASS_HPS[_rule.cls] = [(h.torch, _kind(h)) for h in _rule.hyper if h.slot < 0]
+for _entry in db.ENTRIES:
+    if _entry.name not in CLASS_HPS:
+        CLASS_HPS[_entry.name] = [(h.torch, _kind(h)) for h in _entry.rule.hyper if h.slot < 0]
 
 
 @FUZZ

@@ -3,10 +3,12 @@ fed wrong dtypes, layouts, shapes, counts, aliasing buffers, None, Python lists 
 hyperparameters. Each call raises TypeError or ValueError naming what is wrong, and every buffer
 and the optimizer's state stay bit-identical (checked by hashing everything before and after)."""
 
+import inspect
 import math
 
 import numpy as np
 import pytest
+import optim_db as db
 from helpers import digest
 
 import optkern as ok
@@ -107,119 +109,55 @@ def rand(shape, seed, positive=False):
     return np.abs(a) if positive else a
 
 
-# name -> (function, [(list argument, written by the call?)], keywords of a valid call)
-FUNCTIONS = {
-    "sgd_": (F.sgd_, [("params", True), ("grads", False)], dict(lr=0.1, weight_decay=0.01)),
-    "sgd_momentum": (
-        F.sgd_,
-        [("params", True), ("grads", False), ("momentum_buffers", True)],
-        dict(lr=0.1, momentum=0.9, dampening=0.1),
-    ),
-    "sgd_nesterov": (
-        F.sgd_,
-        [("params", True), ("grads", False), ("momentum_buffers", True)],
-        dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True),
-    ),
-    "momentum_": (
-        F.momentum_,
-        [("params", True), ("grads", False), ("velocities", True)],
-        dict(lr=0.1, beta=0.9, weight_decay=0.01),
-    ),
-    "rmsprop_": (
-        F.rmsprop_,
-        [("params", True), ("grads", False), ("square_avgs", True)],
-        dict(lr=0.01, alpha=0.99, eps=1e-8),
-    ),
-    "rmsprop_centered_momentum": (
-        F.rmsprop_,
-        [
-            ("params", True),
-            ("grads", False),
-            ("square_avgs", True),
-            ("grad_avgs", True),
-            ("momentum_buffers", True),
-        ],
-        dict(lr=0.01, alpha=0.99, eps=1e-8, centered=True, momentum=0.9, weight_decay=0.1),
-    ),
-    "adagrad_": (
-        F.adagrad_,
-        [("params", True), ("grads", False), ("state_sums", True)],
-        dict(step=3, lr=0.01, lr_decay=0.1, eps=1e-10, grad_scale=0.5),
-    ),
-    "adadelta_": (
-        F.adadelta_,
-        [("params", True), ("grads", False), ("square_avgs", True), ("acc_deltas", True)],
-        dict(lr=1.0, rho=0.9, eps=1e-6),
-    ),
-    "adam_": (
-        F.adam_,
-        [("params", True), ("grads", False), ("exp_avgs", True), ("exp_avg_sqs", True)],
-        dict(step=[3, 1, 7], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8),
-    ),
-    "adam_amsgrad": (
-        F.adam_,
-        [
-            ("params", True),
-            ("grads", False),
-            ("exp_avgs", True),
-            ("exp_avg_sqs", True),
-            ("max_exp_avg_sqs", True),
-        ],
-        dict(step=2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=True),
-    ),
-    "adamw_": (
-        F.adamw_,
-        [("params", True), ("grads", False), ("exp_avgs", True), ("exp_avg_sqs", True)],
-        dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1),
-    ),
-    "adamw_amsgrad": (
-        F.adamw_,
-        [
-            ("params", True),
-            ("grads", False),
-            ("exp_avgs", True),
-            ("exp_avg_sqs", True),
-            ("max_exp_avg_sqs", True),
-        ],
-        dict(step=5, lr=1e-3, beta1=0.5, beta2=0.9, eps=1e-8, amsgrad=True),
-    ),
-}
-# Every further rule of the registry, at its defaults (its always-needed state lists).
-for _rule in ok.registry.rules():
-    if not any(k == _rule.name + "_" or k.startswith(_rule.name + "_") for k in FUNCTIONS):
-        FUNCTIONS[_rule.name + "_"] = (
-            getattr(F, _rule.name + "_"),
-            [("params", True), ("grads", False)]
-            + [(st.arg, True) for st in _rule.states if st.when is None],
-            dict(step=3, **{h.name: h.default for h in _rule.hyper})
-            if _rule.uses_step
-            else {h.name: h.default for h in _rule.hyper},
-        )
-# The carried numbers of a derived function (NAdam's mu_products, ASGD's etas and mus): lists of
-# floats, one per parameter, which a call updates in place. {function name: {arg: start value}}
+def _functions():
+    """name -> (function, [(list argument, written by the call?)], keywords of a valid call), and
+    name -> the rule: one call per attack option set of every class of the optimizer database
+    (optim_db.py), with the class's hyperparameters under those options as optkern.functional
+    names them, the state lists those options need, a gradient scale and, for a rule that counts
+    steps, per-parameter step counts (the first call of each function) or one count."""
+    functions, rules = {}, {}
+    seen = set()
+    for e in db.ENTRIES:
+        fn = e.function
+        sig = inspect.signature(fn).parameters
+        for hp in e.attack:
+            group = e.cls([np.zeros(1, np.float32)], **hp).param_groups[0]
+            core = e.rule.to_core(group)
+            lists = [("params", True), ("grads", False)] + [
+                (s.arg, True) for s in e.rule.states if s.when is None or core[s.when]
+            ]
+            kw = {k: v for k, v in core.items() if k in sig}
+            kw.update(maximize=group["maximize"], grad_scale=0.5)
+            if e.rule.uses_step:
+                first = not any(f is fn for f, _, _ in functions.values())
+                kw = dict(step=[3, 1, 7] if first else 3, **kw)
+            key = (fn.__name__, repr(lists), repr(sorted(kw.items(), key=str)))
+            if key in seen:
+                continue
+            seen.add(key)
+            name = fn.__name__ + db.case_id((e.name, hp))
+            functions[name], rules[name] = (fn, lists, kw), e.rule
+    return functions, rules
+
+
+FUNCTIONS, FUNCTION_RULE = _functions()
+# The carried numbers of a function (NAdam's mu_products, ASGD's etas and mus): lists of floats,
+# one per parameter, which a call updates in place. {function name: {arg: start value}}
 CARRIED = {
-    _rule.name + "_": {
-        c.arg: (c.init if c.init_from is None else FUNCTIONS[_rule.name + "_"][2][c.init_from])
-        for c in _rule.carried
+    name: {
+        c.arg: (c.init if c.init_from is None else FUNCTIONS[name][2][c.init_from])
+        for c in rule.carried
     }
-    for _rule in ok.registry.rules()
-    if _rule.carried
+    for name, rule in FUNCTION_RULE.items()
+    if rule.carried
 }
 # Lists a function needs only for some options: None there is 'required when ...' (ValueError).
 OPTIONAL_LISTS = {"momentum_buffers", "grad_avgs", "max_exp_avg_sqs", "velocities"}
 
 
-def _rule_of(name):
-    for r in ok.registry.rules():
-        if name == r.name + "_" or name.startswith(r.name + "_"):
-            return r
-    return None
-
-
 def _state_of(name, arg):
     """The registry's State behind list ``arg`` of FUNCTIONS[name], or None (params, grads)."""
-    r = _rule_of(name)
-    return next((st for st in r.states if st.arg == arg), None) if r is not None else None
+    return next((st for st in FUNCTION_RULE[name].states if st.arg == arg), None)
 
 
 def shaped(name, arg):
@@ -403,12 +341,9 @@ def bad_values(key, good, rng=None):
     return out
 
 
-def _declared_range(function, key):
-    """The declared range of hyperparameter ``key`` of the rule behind a function, or None."""
-    for r in ok.registry.rules():
-        if function == r.name + "_" or function.startswith(r.name + "_"):
-            return next((h.range for h in r.hyper if h.name == key), None)
-    return None
+def _declared_range(rule, key):
+    """The declared range of hyperparameter ``key`` of a rule, or None."""
+    return next((h.range for h in rule.hyper if h.name == key), None)
 
 
 def functional_cases():
@@ -554,8 +489,8 @@ def functional_cases():
             r"params\[[01]\] shares memory with params\[[01]\]",
         )
         for key, good in kw.items():
-            for label, value, exc in bad_values(key, good, _declared_range(name, key)):
-                if label == "1.5" and _declared_range(name, key) == "nonnegative":
+            for label, value, exc in bad_values(key, good, _declared_range(FUNCTION_RULE[name], key)):
+                if label == "1.5" and _declared_range(FUNCTION_RULE[name], key) == "nonnegative":
                     continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
                 yield (
                     name,
@@ -624,7 +559,7 @@ def functional_cases():
                 ValueError,
                 "nesterov momentum requires",
             )
-        if name == "sgd_":
+        if name.startswith("sgd") and not kw.get("momentum"):
             yield (
                 name,
                 "nesterov without momentum",
@@ -761,21 +696,8 @@ def test_functional_valid_call_and_accepted_variants(name):
 
 # == the optimizer classes, every one ===============================================================
 
-CLASSES = [
-    ("SGD", dict(lr=0.1)),
-    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
-    ("Nesterov", dict(lr=0.1)),
-    ("Momentum", dict(lr=0.1)),
-    ("RMSprop", dict()),
-    ("RMSprop", dict(centered=True, momentum=0.9)),
-    ("Adagrad", dict(lr_decay=0.1)),
-    ("Adadelta", dict()),
-    ("Adam", dict()),
-    ("Adam", dict(amsgrad=True)),
-    ("AdamW", dict()),
-]
-CLASSES += [(r.cls, {}) for r in ok.registry.rules() if r.cls not in {k for k, _ in CLASSES}]
-CLASS_IDS = [f"{k}({','.join(f'{a}={b}' for a, b in hp.items())})" for k, hp in CLASSES]
+CLASSES = db.attack_cases()  # (class name, options) of every class in the optimizer database
+CLASS_IDS = [db.case_id(c) for c in CLASSES]
 
 
 def make_optimizer(kind, hp, steps):
@@ -956,8 +878,8 @@ def hyperparameter_cases(kind, hp):
             continue
         if key == "nesterov":
             continue  # its constraints are covered in test_errors.py (they depend on momentum)
-        for label, value, exc in bad_values(key, good, _declared_range(opt._rule.name + "_", key)):
-            if label == "1.5" and _declared_range(opt._rule.name + "_", key) == "nonnegative":
+        for label, value, exc in bad_values(key, good, _declared_range(opt._rule, key)):
+            if label == "1.5" and _declared_range(opt._rule, key) == "nonnegative":
                 continue  # ASGD's alpha is an exponent, not a weight in [0, 1]
             yield key, label, value, exc, key
 
@@ -1015,10 +937,11 @@ def test_bad_hyperparameter_refused_everywhere(kind, hp, key, label, value, exc,
         with pytest.raises(exc, match=pattern):
             opt.add_param_group({"params": [p], key: value})
         assert len(opt.param_groups) == 1
+        good = opt.param_groups[0][key]
         opt.param_groups[0][key] = value
         with pytest.raises(exc, match=pattern):
             opt.step(grads)
-        opt.param_groups[0][key] = hp.get(key, opt.defaults[key])
+        opt.param_groups[0][key] = good
         assert snapshot(opt, params, grads) == before
 
 

@@ -9,11 +9,14 @@ import mmap
 
 import numpy as np
 import pytest
+import optim_db as db
 from helpers import digest
 
 import optkern as ok
 
-CLASSES = ["SGD", "Momentum", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Nesterov"]
+#: Every class of the optimizer database, with the options under which it keeps every state.
+OPTIONS = dict(db.richest())
+CLASSES = list(OPTIONS)
 
 
 def two_views(make_buffer, n=8, overlap=0):
@@ -71,17 +74,17 @@ def test_grad_over_the_param_memory_by_frombuffer_refused(kind):
     p = np.frombuffer(buf, np.float32)
     p[:] = 1.0
     g = np.frombuffer(buf, np.float32)  # another array object, same bytes
-    opt = getattr(ok, kind)([p], lr=0.1)
+    opt = getattr(ok, kind)([p], **OPTIONS[kind])
     before = digest([p, opt.state_dict()])
     with pytest.raises(ValueError, match="share"):
         opt.step([g])
     assert digest([p, opt.state_dict()]) == before
 
 
-@pytest.mark.parametrize("kind", ["Adam", "Adagrad", "Momentum", "RMSprop"])
+@pytest.mark.parametrize("kind", CLASSES)
 def test_param_aliasing_its_own_state_refused(kind):
     p = np.ones(4, np.float32)
-    opt = getattr(ok, kind)([p], lr=0.1)
+    opt = getattr(ok, kind)([p], **OPTIONS[kind])
     opt.step([np.ones(4, np.float32)])
     name = next(k for k, v in opt.state[p].items() if isinstance(v, np.ndarray))
     opt.state[p][name] = p  # someone points the state at the parameter itself
@@ -91,33 +94,52 @@ def test_param_aliasing_its_own_state_refused(kind):
     assert digest([p]) == before
 
 
-def test_grad_aliasing_state_refused():
+def array_states(opt, p):
+    return [k for k, v in opt.state[p].items() if isinstance(v, np.ndarray)]
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_grad_aliasing_state_refused(kind):
     p = np.ones(4, np.float32)
-    opt = ok.Adam([p])
+    opt = getattr(ok, kind)([p], **OPTIONS[kind])
     opt.step([np.ones(4, np.float32)])
-    g = opt.state[p]["exp_avg"]
-    before = digest([p, opt.state_dict()])
-    with pytest.raises(ValueError, match="share"):
-        opt.step([g])
-    assert digest([p, opt.state_dict()]) == before
+    for name in array_states(opt, p):
+        g = opt.state[p][name]
+        before = digest([p, opt.state_dict()])
+        with pytest.raises(ValueError, match="share"):
+            opt.step([g])
+        assert digest([p, opt.state_dict()]) == before
 
 
-def test_two_state_buffers_aliased_refused():
+def keeps_two_states(kind):
+    """Whether a 1-d parameter of ``kind`` keeps two or more state arrays."""
+    rule = db.entry(kind).rule
+    group = getattr(ok, kind)([np.zeros(1, np.float32)], **OPTIONS[kind]).param_groups[0]
+    return len(rule.state_shapes(rule.to_core(group), (4,))) > 1
+
+
+@pytest.mark.parametrize("kind", [k for k in CLASSES if keeps_two_states(k)])
+def test_two_state_buffers_aliased_refused(kind):
     p = np.ones(4, np.float32)
-    opt = ok.Adam([p])
+    opt = getattr(ok, kind)([p], **OPTIONS[kind])
     opt.step([np.ones(4, np.float32)])
-    opt.state[p]["exp_avg_sq"] = opt.state[p]["exp_avg"]
-    with pytest.raises(ValueError, match="share"):
-        opt.step([np.ones(4, np.float32)])
+    first, *others = array_states(opt, p)
+    assert others
+    for name in others:
+        opt.state[p][name] = opt.state[p][first]
+        with pytest.raises(ValueError, match="share"):
+            opt.step([np.ones(4, np.float32)])
 
 
-def test_state_of_two_params_aliased_refused():
+@pytest.mark.parametrize("kind", CLASSES)
+def test_state_of_two_params_aliased_refused(kind):
     a, b = np.ones(4, np.float32), np.ones(4, np.float32)
-    opt = ok.Adam([a, b])
+    opt = getattr(ok, kind)([a, b], **OPTIONS[kind])
     opt.step([np.ones(4, np.float32)] * 2)
-    opt.state[b]["exp_avg"] = opt.state[a]["exp_avg"]
-    with pytest.raises(ValueError, match="share"):
-        opt.step([np.ones(4, np.float32)] * 2)
+    for name in array_states(opt, a):
+        opt.state[b][name] = opt.state[a][name]
+        with pytest.raises(ValueError, match="share"):
+            opt.step([np.ones(4, np.float32)] * 2)
 
 
 @pytest.mark.parametrize("source", BUFFERS)

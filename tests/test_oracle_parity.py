@@ -10,6 +10,7 @@ kernels meet the oracles' own float32 arithmetic.
 from __future__ import annotations
 
 import numpy as np
+import optim_db as db
 import pytest
 
 import optkern as ok
@@ -42,13 +43,15 @@ def assert_close(actual, desired, what, rtol=1e-5, atol=1e-6):
 
 # -- Lion: optax.lion and lion-pytorch -------------------------------------------------------------
 
-LION_CASES = [
-    dict(),
-    dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1),
-    dict(lr=1e-3, betas=(0.0, 0.5), weight_decay=1e-3),
-    dict(lr=1e-2, betas=(0.99, 0.9), weight_decay=1.0),
-    dict(lr=1e-3, maximize=True),
-]
+
+def oracle_cases(name):
+    """The option sets of ``name`` checked against its oracles: the database's oracle cases, and
+    its reference cases with maximize (the oracles step on -g there)."""
+    e = db.entry(name)
+    return list(e.oracle_cases) + [hp for hp in e.cases if hp.get("maximize")]
+
+
+LION_CASES = oracle_cases("Lion")
 
 
 def lion_id(hp):
@@ -66,19 +69,8 @@ def run_optax(name, hp, p0, grads):
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     jnp = jax.numpy
-    beta1, beta2 = hp.get("betas", (0.9, 0.99) if name == "Lion" else (0.9, 0.999))
-    if name == "Lion":
-        tx = optax.lion(
-            hp.get("lr", 1e-4), b1=beta1, b2=beta2, weight_decay=hp.get("weight_decay", 0.0)
-        )
-    else:
-        tx = optax.lamb(
-            hp.get("lr", 1e-3),
-            b1=beta1,
-            b2=beta2,
-            eps=hp.get("eps", 1e-6),
-            weight_decay=hp.get("weight_decay", 0.0),
-        )
+    oracle = db.entry(name).oracle("optax")
+    tx = oracle.load()(**oracle.kwargs(db.entry(name), hp))
     sign = -1.0 if hp.get("maximize", False) else 1.0  # optax has no maximize: it steps on -g
     params = {f"p{i}": jnp.asarray(x) for i, x in enumerate(p0)}
     state = tx.init(params)
@@ -245,14 +237,7 @@ def test_rprop_defaults_are_torchs():
 
 # -- LAMB: optax.lamb ------------------------------------------------------------------------------
 
-LAMB_CASES = [
-    dict(),
-    dict(weight_decay=0.01),
-    dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01),
-    dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.5),
-    dict(betas=(0.0, 0.0)),
-    dict(lr=1e-3, weight_decay=0.1, maximize=True),
-]
+LAMB_CASES = oracle_cases("LAMB")
 # The trust ratio is per array: one array of zeros (norm(p) = 0 until it moves) and one whose
 # gradient is always zero (norm(u) = 0 without decay) take the ratio 1; one array spans several
 # reduction blocks (4096 elements).

@@ -11,6 +11,7 @@ group (see the class docstrings), and the two agree exactly then.
 from __future__ import annotations
 
 import numpy as np
+import optim_db as db
 import pytest
 
 import optkern as ok
@@ -18,27 +19,11 @@ import optkern as ok
 STEPS = 40
 SWITCH_AT = (7, 19, 30)  # eval() then train() after these steps
 SHAPES = [(37,), (5, 7), (1,), (64, 33), (2, 3, 4)]
-PACKAGE = {"ScheduleFreeAdamW": "AdamWScheduleFree", "ScheduleFreeSGD": "SGDScheduleFree"}
-
-CASES = [
-    ("ScheduleFreeAdamW", dict()),
-    ("ScheduleFreeAdamW", dict(lr=1e-2, warmup_steps=10)),
-    ("ScheduleFreeAdamW", dict(lr=5e-3, weight_decay=0.1, r=0.5, weight_lr_power=1.0)),
-    (
-        "ScheduleFreeAdamW",
-        dict(lr=2e-3, betas=(0.5, 0.99), eps=1e-6, weight_lr_power=0.0, warmup_steps=50),
-    ),  # still warming up at the end
-    ("ScheduleFreeAdamW", dict(lr=1e-3, r=2.0, weight_lr_power=3.0, warmup_steps=5)),
-    ("ScheduleFreeSGD", dict(lr=0.1)),
-    ("ScheduleFreeSGD", dict()),  # lr=1.0
-    ("ScheduleFreeSGD", dict(lr=0.05, momentum=0.8, warmup_steps=10, r=1.0, weight_decay=0.01)),
-    ("ScheduleFreeSGD", dict(lr=0.2, momentum=0.5, weight_lr_power=0.0, weight_decay=0.1)),
-]
-
-
-def case_id(case):
-    name, hp = case
-    return name + "(" + ",".join(f"{k}={v}" for k, v in hp.items()) + ")"
+# The rules of the optimizer database with a schedulefree oracle: the package's class, and the
+# option sets checked against it.
+PACKAGE = {e.name: e.oracle("schedulefree").name for e in db.with_oracle("schedulefree")}
+CASES = [(e.name, hp) for e in db.with_oracle("schedulefree") for hp in e.oracle_cases or e.cases]
+case_id = db.case_id
 
 
 def initial(seed=1):

@@ -25,7 +25,7 @@ import threading
 
 import pytest
 from helpers import step_bits
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 

@@ -1,8 +1,9 @@
-"""The float64 references of reference_new.py against their oracles, each skipped when its
-oracle is not installed: torch.optim 2.13 (every optimizer input of torch's own test database
-for that optimizer on CPU), optax (lion, lamb), lion-pytorch and schedulefree. Each oracle runs
-in float32 (its single-tensor and foreach paths) against the float64 reference at the tolerance
-the kernels must meet, and in float64 against it at 1e-10, which pins the order of operations.
+"""The float64 references of reference.py (OracleReference) against their oracles, each skipped
+when its oracle is not installed: torch.optim 2.13 (every optimizer input of torch's own test
+database for that optimizer on CPU), optax (lion, lamb), lion-pytorch and schedulefree. Each
+oracle runs in float32 (its single-tensor and foreach paths) against the float64 reference at the
+tolerance the kernels must meet, and in float64 against it at 1e-10, which pins the order of
+operations.
 
 Without any oracle, the invariants at the end still check the references."""
 
@@ -13,7 +14,8 @@ import inspect
 
 import numpy as np
 import pytest
-from reference_new import NEW_CASES, ReferenceNew
+from optim_db import ENTRIES, entry, with_oracle
+from reference import OracleReference
 
 STEPS = 30
 TOL = {np.float32: (1e-5, 1e-6), np.float64: (1e-10, 1e-12)}
@@ -64,12 +66,15 @@ def assert_close(actual, expected, dtype, what):
 
 # -- torch.optim --------------------------------------------------------------------------------
 
-TORCH_RULES = ("NAdam", "RAdam", "ASGD", "Rprop", "Adafactor")
+#: Every rule whose torch oracle has inputs in torch's optim_db, and the option sets checked beside
+#: them, from the optimizer database.
+TORCH_RULES = tuple(e.name for e in with_oracle("torch") if e.oracle("torch").optim_db)
+ORACLE_CASES = [(e.name, hp) for e in ENTRIES for hp in e.oracle_cases]
 NOT_SEMANTICS = {"foreach", "differentiable", "capturable", "fused"}  # how torch runs, not what
 
 
 def torch_inputs():
-    """(name, kwargs) for every optim_db input of the new torch rules on CPU float32, and a skip
+    """(name, kwargs) for every optim_db input of the torch rules on CPU float32, and a skip
     (with its reason) for each one whose kwargs do not apply to a float array's update."""
     try:
         import torch
@@ -81,7 +86,7 @@ def torch_inputs():
         name = info.optim_cls.__name__
         if name not in TORCH_RULES:
             continue
-        sig = inspect.signature(getattr(ReferenceNew, "_" + name.lower())).parameters
+        sig = inspect.signature(getattr(OracleReference, "_" + name.lower())).parameters
         for oi in info.optim_inputs_func(device="cpu", dtype=torch.float32):
             kwargs = {k: v for k, v in oi.kwargs.items() if k not in NOT_SEMANTICS}
             pid = f"{name}-{oi.desc}"
@@ -95,10 +100,10 @@ def torch_inputs():
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             out.append(pytest.param(name, kwargs, id=pid, marks=marks))
     # Branches optim_db does not reach in 30 steps (ASGD's averaging from t0 on, RAdam's
-    # rectification switch with other betas, Adafactor's explicit eps1) come from NEW_CASES.
+    # rectification switch with other betas, Adafactor's explicit eps1) come from ORACLE_CASES.
     out += [
         pytest.param(name, hp, id="case-" + case_id(name, hp))
-        for name, hp in NEW_CASES
+        for name, hp in ORACLE_CASES
         if name in TORCH_RULES
     ]
     return out
@@ -129,7 +134,7 @@ def test_torch_rule_matches_reference(name, kwargs, impl):
     with torch_default_dtype(torch, tdtype):
         params = [torch.nn.Parameter(torch.tensor(x, dtype=tdtype)) for x in p0]
         opt = getattr(torch.optim, name)(params, foreach=(impl == "foreach"), **kwargs)
-        refs = [ReferenceNew(name, x, **kwargs) for x in p0]
+        refs = [OracleReference(name, x, **kwargs) for x in p0]
         if impl == "float64":
             for r in refs:
                 r.machine_eps = float(np.finfo(np.float64).eps)
@@ -149,7 +154,7 @@ def test_torch_rule_matches_reference(name, kwargs, impl):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize(
-    "case", [c for c in NEW_CASES if c[0] in TORCH_RULES], ids=lambda c: case_id(*c)
+    "case", [c for c in ORACLE_CASES if c[0] in TORCH_RULES], ids=lambda c: case_id(*c)
 )
 def test_torch_rule_nonfinite_gradients(case, bad):
     """NaN and Inf in a few gradient elements on two steps: the reference's NaN, +Inf and -Inf
@@ -161,7 +166,7 @@ def test_torch_rule_nonfinite_gradients(case, bad):
     with torch_default_dtype(torch, torch.float64):
         params = [torch.nn.Parameter(torch.tensor(x, dtype=torch.float64)) for x in p0]
         opt = getattr(torch.optim, name)(params, foreach=False, **hp)
-        refs = [ReferenceNew(name, x, **hp) for x in p0]
+        refs = [OracleReference(name, x, **hp) for x in p0]
         for r in refs:
             r.machine_eps = float(np.finfo(np.float64).eps)
         for t, gs in enumerate(gradients(shapes, 12)):
@@ -183,45 +188,37 @@ def test_torch_rule_nonfinite_gradients(case, bad):
 def test_reference_defaults_are_torchs(name):
     torch = pytest.importorskip("torch")
     theirs = inspect.signature(getattr(torch.optim, name)).parameters
-    mine = inspect.signature(getattr(ReferenceNew, "_" + name.lower())).parameters
+    mine = inspect.signature(getattr(OracleReference, "_" + name.lower())).parameters
     for key, par in mine.items():
-        if key not in ("self", "g"):
-            assert theirs[key].default == par.default, key
+        if key in ("self", "g"):
+            continue
+        if key not in theirs:  # a switch of the reference's own (Adam's decoupled: AdamW), off
+            assert par.default is False, key
+            continue
+        assert theirs[key].default == par.default, key
+    # what torch takes and the reference lacks, optkern's class lacks too (Adam's
+    # decoupled_weight_decay: optkern has AdamW for it)
     missing = set(theirs) - set(mine) - NOT_SEMANTICS - {"params", "maximize"}
-    assert not missing
+    assert not missing & set(inspect.signature(entry(name).cls).parameters)
 
 
 # -- optax: Lion and LAMB -----------------------------------------------------------------------
 
+#: The option sets of every rule with an optax oracle (optax has no maximize).
 OPTAX_CASES = [
-    ("Lion", dict()),
-    ("Lion", dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1)),
-    ("Lion", dict(lr=1e-3, betas=(0.0, 0.5), weight_decay=1e-3)),
-    ("Lion", dict(lr=1e-2, betas=(0.99, 0.9), weight_decay=1.0)),
-    ("LAMB", dict()),
-    ("LAMB", dict(weight_decay=0.01)),
-    ("LAMB", dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01)),
-    ("LAMB", dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.5)),
-    ("LAMB", dict(betas=(0.0, 0.0))),
+    (e.name, hp)
+    for e in with_oracle("optax")
+    for hp in (e.oracle_cases or e.cases)
+    if not hp.get("maximize")
 ]
 # The trust ratio is per array: one array of zeros (norm(p) = 0 until it moves) and one whose
 # gradient is always zero (norm(u) = 0 without decay) take the ratio 1.
 OPTAX_SHAPES = SHAPES + [(6, 6), (11,)]
 
 
-def optax_transform(optax, name, hp):
-    beta1, beta2 = hp.get("betas", (0.9, 0.99) if name == "Lion" else (0.9, 0.999))
-    if name == "Lion":
-        return optax.lion(
-            hp.get("lr", 1e-4), b1=beta1, b2=beta2, weight_decay=hp.get("weight_decay", 0.0)
-        )
-    return optax.lamb(
-        hp.get("lr", 1e-3),
-        b1=beta1,
-        b2=beta2,
-        eps=hp.get("eps", 1e-6),
-        weight_decay=hp.get("weight_decay", 0.0),
-    )
+def optax_transform(name, hp):
+    oracle = entry(name).oracle("optax")
+    return oracle.load()(**oracle.kwargs(entry(name), hp))
 
 
 def run_optax(name, hp, dtype, bad=None):
@@ -231,10 +228,10 @@ def run_optax(name, hp, dtype, bad=None):
     p0 = initial(OPTAX_SHAPES)
     p0[-2][...] = 0.0
     with jax.enable_x64(dtype == np.float64):
-        tx = optax_transform(optax, name, hp)
+        tx = optax_transform(name, hp)
         params = {f"p{i}": jnp.asarray(x, dtype=dtype) for i, x in enumerate(p0)}
         state = tx.init(params)
-        refs = [ReferenceNew(name, x, **hp) for x in p0]
+        refs = [OracleReference(name, x, **hp) for x in p0]
         for t, gs in enumerate(gradients(OPTAX_SHAPES)):
             gs[-1][...] = 0.0
             if bad is not None and t in (3, 7):
@@ -274,7 +271,9 @@ def test_optax_rule_nonfinite_gradients(case, bad):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(
-    "case", [c for c in OPTAX_CASES if c[0] == "Lion"], ids=lambda c: case_id(*c)
+    "case",
+    [(e.name, hp) for e in with_oracle("lion_pytorch") for hp in e.oracle_cases or e.cases],
+    ids=lambda c: case_id(*c),
 )
 def test_lion_matches_lion_pytorch(case, dtype):
     """lion-pytorch decays p before the signed step (p (1 - lr wd) - lr sign), optax adds wd p to
@@ -286,7 +285,7 @@ def test_lion_matches_lion_pytorch(case, dtype):
     p0 = initial(SHAPES)
     params = [torch.nn.Parameter(torch.tensor(x, dtype=tdtype)) for x in p0]
     opt = lion_pytorch.Lion(params, **hp)
-    refs = [ReferenceNew("Lion", x, **hp) for x in p0]
+    refs = [OracleReference("Lion", x, **hp) for x in p0]
     for gs in gradients(SHAPES):
         for p, g, r in zip(params, gs, refs):
             p.grad = torch.tensor(g, dtype=tdtype)
@@ -301,28 +300,19 @@ def test_lion_matches_lion_pytorch(case, dtype):
 def test_lion_defaults_are_lion_pytorchs():
     lion_pytorch = pytest.importorskip("lion_pytorch")
     theirs = inspect.signature(lion_pytorch.Lion).parameters
-    mine = inspect.signature(ReferenceNew._lion).parameters
+    mine = inspect.signature(OracleReference._lion).parameters
     for key in ("lr", "betas", "weight_decay"):
         assert theirs[key].default == mine[key].default, key
 
 
 # -- schedulefree -------------------------------------------------------------------------------
 
-SF_CASES = [
-    ("ScheduleFreeAdamW", dict()),
-    (
-        "ScheduleFreeAdamW",
-        dict(lr=1e-3, warmup_steps=10, r=0.5, weight_lr_power=1.0, weight_decay=0.01),
-    ),
-    ("ScheduleFreeAdamW", dict(betas=(0.95, 0.99), eps=1e-6, weight_lr_power=0.0)),
-    ("ScheduleFreeAdamW", dict(lr=0.01, warmup_steps=40, weight_decay=0.1)),  # warm all along
-    ("ScheduleFreeAdamW", dict(lr=5e-3, r=2.0, weight_lr_power=3.0, betas=(0.5, 0.9))),
-    ("ScheduleFreeSGD", dict(lr=0.1)),
-    ("ScheduleFreeSGD", dict()),
-    ("ScheduleFreeSGD", dict(lr=0.05, momentum=0.8, warmup_steps=10, r=1.0, weight_decay=0.01)),
-    ("ScheduleFreeSGD", dict(lr=0.2, momentum=0.5, warmup_steps=40, weight_lr_power=0.0)),
-]
-SF_CLASS = {"ScheduleFreeAdamW": "AdamWScheduleFree", "ScheduleFreeSGD": "SGDScheduleFree"}
+#: The option sets of every rule with a schedulefree oracle.
+SF_CASES = [(e.name, hp) for e in with_oracle("schedulefree") for hp in (e.oracle_cases or e.cases)]
+
+
+def sf_class(name):
+    return entry(name).oracle("schedulefree").load()
 
 
 @pytest.mark.parametrize("impl", ["single", "foreach", "float64"])
@@ -331,14 +321,15 @@ def test_schedule_free_matches_reference(case, impl):
     """Steps in train mode with one parameter skipped (no gradient) on every third step; an
     eval()/train() round trip in the middle (x compared); x compared at the end."""
     torch = pytest.importorskip("torch")
-    schedulefree = pytest.importorskip("schedulefree")
+    pytest.importorskip("schedulefree")
     name, hp = case
     dtype = np.float64 if impl == "float64" else np.float32
     tdtype = torch.float64 if impl == "float64" else torch.float32
     p0 = initial(SHAPES)
     params = [torch.nn.Parameter(torch.tensor(x, dtype=tdtype)) for x in p0]
-    opt = getattr(schedulefree, SF_CLASS[name])(params, foreach=(impl == "foreach"), **hp)
-    refs = [ReferenceNew(name, x, **hp) for x in p0]
+    kwargs = entry(name).oracle("schedulefree").kwargs(entry(name), hp)
+    opt = sf_class(name)(params, foreach=(impl == "foreach"), **kwargs)
+    refs = [OracleReference(name, x, **hp) for x in p0]
 
     def compare(what):
         for i, (p, r) in enumerate(zip(params, refs)):
@@ -383,18 +374,18 @@ def test_schedule_free_matches_reference(case, impl):
 
 def test_schedule_free_step_in_eval_mode_is_an_error_in_the_package():
     torch = pytest.importorskip("torch")
-    schedulefree = pytest.importorskip("schedulefree")
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.ones(3)
-    with pytest.raises(Exception, match="train mode"):
-        schedulefree.AdamWScheduleFree([p]).step()
+    for e in with_oracle("schedulefree"):
+        with pytest.raises(Exception, match="train mode"):
+            sf_class(e.name)([p]).step()
 
 
-@pytest.mark.parametrize("name", ["ScheduleFreeAdamW", "ScheduleFreeSGD"])
+@pytest.mark.parametrize("name", [e.name for e in with_oracle("schedulefree")])
 def test_schedule_free_defaults_are_the_packages(name):
-    schedulefree = pytest.importorskip("schedulefree")
-    theirs = inspect.signature(getattr(schedulefree, SF_CLASS[name])).parameters
-    mine = inspect.signature(getattr(ReferenceNew, "_" + name.lower())).parameters
+    pytest.importorskip("schedulefree")
+    theirs = inspect.signature(sf_class(name)).parameters
+    mine = inspect.signature(getattr(OracleReference, "_" + name.lower())).parameters
     for key, par in mine.items():
         if key not in ("self", "g"):
             assert theirs[key].default == par.default, key
@@ -406,15 +397,15 @@ def test_schedule_free_defaults_are_the_packages(name):
 
 def run_reference(name, hp, shape=(6, 7), steps=STEPS, seed=3):
     (p0,) = initial([shape], seed=seed)
-    r = ReferenceNew(name, p0, **hp)
-    if name in ("ScheduleFreeAdamW", "ScheduleFreeSGD"):
+    r = OracleReference(name, p0, **hp)
+    if entry(name).schedule_free:
         r.train()
     for (g,) in gradients([shape], steps, seed=seed):
         r.step(g)
     return p0, r
 
 
-@pytest.mark.parametrize("case", NEW_CASES, ids=lambda c: case_id(*c))
+@pytest.mark.parametrize("case", ORACLE_CASES, ids=lambda c: case_id(*c))
 def test_every_case_runs_100_finite_steps(case):
     name, hp = case
     p0, r = run_reference(name, hp, steps=100)
@@ -425,7 +416,7 @@ def test_every_case_runs_100_finite_steps(case):
 
 def test_lion_moves_each_element_by_lr_or_not_at_all():
     p = np.linspace(-1, 1, 11)
-    r = ReferenceNew("Lion", p, lr=0.25)
+    r = OracleReference("Lion", p, lr=0.25)
     for g in ([1.0] * 5 + [0.0] + [-1.0] * 5, np.zeros(11)):
         before = r.p.copy()
         r.step(np.asarray(g))
@@ -435,7 +426,7 @@ def test_lion_moves_each_element_by_lr_or_not_at_all():
 def test_rprop_step_sizes_stay_in_bounds_and_flips_forget():
     _, r = run_reference("Rprop", dict(lr=0.01, step_sizes=(1e-3, 0.02)))
     assert r.state["step_size"].min() >= 1e-3 and r.state["step_size"].max() <= 0.02
-    r = ReferenceNew("Rprop", np.zeros(2), lr=0.1)
+    r = OracleReference("Rprop", np.zeros(2), lr=0.1)
     r.step(np.array([1.0, 1.0]))
     r.step(np.array([-1.0, 1.0]))  # first element flips: no move, prev forgets, step shrinks
     np.testing.assert_array_equal(r.state["prev"], [0.0, 1.0])
@@ -449,7 +440,7 @@ def test_adafactor_factors_a_rank_one_square_exactly():
     a, b = np.array([0.5, 1.0, 2.0]), np.array([1.0, 3.0, 0.25, 2.0])
     g = np.outer(a, b) * np.array([[1, -1, 1, 1], [-1, 1, 1, -1], [1, 1, -1, 1]])
     p0 = np.full((3, 4), 0.2)
-    r = ReferenceNew("Adafactor", p0, lr=0.5, eps=(1e-30, 1e-3))
+    r = OracleReference("Adafactor", p0, lr=0.5, eps=(1e-30, 1e-3))
     r.step(g)
     alpha = 0.2 * 0.5  # RMS(p) * min(lr, 1/sqrt(1))
     np.testing.assert_allclose(r.p, p0 - alpha * np.sign(g), rtol=1e-12)
@@ -458,21 +449,21 @@ def test_adafactor_factors_a_rank_one_square_exactly():
 
 def test_lamb_step_is_lr_times_norm_p_per_array():
     p0, r = run_reference("LAMB", dict(lr=1e-2), steps=1)
-    before = ReferenceNew("LAMB", p0, lr=1e-2)
+    before = OracleReference("LAMB", p0, lr=1e-2)
     np.testing.assert_allclose(
         np.linalg.norm(r.p - before.p), 1e-2 * np.linalg.norm(p0.astype(np.float64)), rtol=1e-12
     )
-    r = ReferenceNew("LAMB", np.zeros(4), lr=1e-2)  # norm(p) = 0: ratio 1, a plain Adam step
+    r = OracleReference("LAMB", np.zeros(4), lr=1e-2)  # norm(p) = 0: ratio 1, a plain Adam step
     r.step(np.array([1.0, -2.0, 0.0, 3.0]))
     np.testing.assert_allclose(r.p, -1e-2 * np.array([1, -1, 0, 1]) / (1 + 1e-6), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ScheduleFreeAdamW", "ScheduleFreeSGD"])
+@pytest.mark.parametrize("name", [e.name for e in ENTRIES if e.schedule_free])
 def test_schedule_free_x_is_the_average_of_the_z_iterates(name):
     """With r = 0, weight_lr_power = 0 and no warmup every weight is 1: after t steps, x (the
     eval point) is the plain mean of z_1..z_t; and eval() then train() gives y back."""
     (p0,) = initial([(9,)])
-    r = ReferenceNew(name, p0, lr=0.05, weight_lr_power=0.0)
+    r = OracleReference(name, p0, lr=0.05, weight_lr_power=0.0)
     r.train()
     zs = []
     for (g,) in gradients([(9,)], 20):

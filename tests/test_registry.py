@@ -9,11 +9,13 @@ import threading
 
 import numpy as np
 import pytest
+import optim_db as db
 import test_concurrency
 import test_fuzz
 import test_input_checks
 from helpers import digest
-from reference import CASES, Reference
+from optim_db import CASES
+from reference import Reference
 
 import optkern as ok
 from optkern import functional as F
@@ -29,19 +31,12 @@ IDS = [r.cls for r in RULES]
 @pytest.mark.parametrize("rule", RULES, ids=IDS)
 def test_every_rule_is_in_every_test_and_benchmark_set(rule):
     assert hasattr(Reference, "_" + rule.cls.lower()), "no float64 reference formula"
-    assert rule.cls in {name for name, _ in CASES}, "no row in reference.CASES"
+    assert rule.cls in db.DB and db.entry(rule.cls).rule == rule, "not in optim_db"
+    assert rule.cls in {name for name, _ in CASES}, "no reference case in optim_db"
     assert any(f is getattr(F, rule.name + "_") for f, _, _ in test_input_checks.FUNCTIONS.values())
     assert rule.cls in {k for k, _ in test_input_checks.CLASSES}
     assert rule.cls in test_fuzz.CLASS_HPS
-    assert rule.name + "_" in test_fuzz.DERIVED or rule.name in (
-        "sgd",
-        "momentum",
-        "rmsprop",
-        "adagrad",
-        "adadelta",
-        "adam",
-        "adamw",
-    )
+    assert rule.name + "_" in test_fuzz.DERIVED + list(test_fuzz.HAND_DRAWN)
     assert rule.cls in {k for k, _ in test_concurrency.CONFIGS}
     assert any(
         rule.cls in (c.label, c.torch_name) or c.key == rule.name for c in bench_cases.CASES.values()
@@ -439,3 +434,41 @@ def test_step_index_cannot_change_an_array_after_it_was_checked():
     with pytest.raises(ValueError, match=r"params\[0\] is read-only"):
         F.adam_([p], [g], [m], [v], step=[Sneaky()], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
     assert (p == 1).all() and not m.any()
+
+
+# -- the optimizer database's defaults ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", RULES, ids=IDS)
+def test_derived_database_defaults_are_valid_for_every_rule(rule):
+    """What a rule the registry adds gets in tests/optim_db.py without an override: reference
+    cases and an attack set that its class takes and steps, its float64 reference runs, and under
+    the attack set every state the rule declares exists."""
+    cls = getattr(ok, rule.cls)
+    for hp in db.derived_cases(rule):
+        p = np.full((3, 4), 0.5, np.float32)
+        opt = cls([p], **hp)
+        ref = Reference(rule.cls, p.copy(), **hp)
+        g = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+        for _ in range(3):
+            opt.step([g])
+            ref.step(g)
+        np.testing.assert_allclose(p, ref.p, rtol=1e-4, atol=1e-5)
+    on = db.all_states_on(rule)
+    p = np.ones(5, np.float32)
+    opt = cls([p], **on)
+    opt.step([np.ones(5, np.float32)])
+    core = rule.to_core(opt.param_groups[0])
+    assert set(rule.state_shapes(core, (5,))) == {
+        s.name for s in rule.states if s.shape_for((5,)) is not None
+    }
+    assert set(rule.state_shapes(core, (5,))) <= set(opt.state[p])
+
+
+def test_database_overrides_name_real_classes_and_fields():
+    assert set(db.OVERRIDES) <= set(db.DB)
+    fields = {"cases", "attack", "oracles", "oracle_cases", "mpi", "tol"}
+    assert all(set(over) <= fields for over in db.OVERRIDES.values())
+    # every class of optkern is in the database, under its own rule
+    assert [e.cls for e in db.ENTRIES] == db.optimizer_classes()
+    assert all(e.rule is e.cls._rule for e in db.ENTRIES)

@@ -9,15 +9,14 @@ import pickle
 
 import numpy as np
 import pytest
+import optim_db as db
 from reference import Reference
 
 import optkern as ok
 from optkern import checkpoint
 
-CASES = [
-    ("ScheduleFreeAdamW", dict(lr=1e-2, warmup_steps=5, r=0.5, weight_decay=0.1)),
-    ("ScheduleFreeSGD", dict(lr=0.05, momentum=0.8, warmup_steps=5, weight_lr_power=1.0)),
-]
+# Every Schedule-Free class of the optimizer database, at its reference case with most options.
+CASES = [(e.name, max(e.cases, key=len)) for e in db.ENTRIES if e.schedule_free]
 IDS = [name for name, _ in CASES]
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import pytest
 from helpers import digest
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 

@@ -11,6 +11,7 @@
   environment are what they were before optkern was imported and used.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import threading
 import numpy as np
 import pytest
 from helpers import bits, step_bits
-from reference import CASES, case_id
+from optim_db import CASES, case_id
 
 import optkern as ok
 
@@ -144,6 +145,12 @@ def python(code, env=None, timeout=120):
 NUM_THREADS = "import optkern; print(optkern.get_num_threads())"
 
 
+@functools.lru_cache(maxsize=None)
+def default_thread_count():
+    """A fresh interpreter's thread count without either variable (once per run)."""
+    return python(NUM_THREADS)
+
+
 @pytest.mark.skipif(not THREADED, reason="single-threaded build")
 @pytest.mark.parametrize(
     "env, want",
@@ -162,7 +169,7 @@ def test_environment_is_honoured(env, want):
 @pytest.mark.skipif(not THREADED, reason="single-threaded build")
 @pytest.mark.parametrize("value", ["0", "-2", "abc", "", "2.5", "3x", str(MAX_THREADS + 1), "9" * 30])
 def test_invalid_environment_is_ignored(value):
-    default = python(NUM_THREADS)
+    default = default_thread_count()
     assert python(NUM_THREADS, {"OPTKERN_NUM_THREADS": value}) == default
     assert python(NUM_THREADS, {"OMP_NUM_THREADS": value}) == default
     # An invalid OPTKERN_NUM_THREADS falls through to a valid OMP_NUM_THREADS.

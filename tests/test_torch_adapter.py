@@ -18,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+import optim_db as db
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -25,21 +26,9 @@ okt = pytest.importorskip("optkern.torch")
 
 RTOL, ATOL = 1e-5, 1e-6
 SHAPES = [(7, 13), (131,), (3, 5, 11), (1,)]
-SHARED = [
-    "SGD",
-    "RMSprop",
-    "Adagrad",
-    "Adadelta",
-    "Adam",
-    "AdamW",
-    # from the registry (optkern.torch builds these classes from the declarations)
-    "Adamax",
-    "NAdam",
-    "RAdam",
-    "ASGD",
-    "Rprop",
-    "Adafactor",  # factored states: row_var (..., R, 1) and col_var (..., 1, C), or variance
-]
+# The rules optkern.torch and torch.optim share: every rule of the optimizer database whose
+# torch oracle has inputs in torch's optim_db.
+SHARED = [e.name for e in db.with_oracle("torch") if e.oracle("torch").optim_db]
 STEPS = 30
 
 
@@ -209,14 +198,12 @@ def test_momentum_matches_numpy_optkern():
         np.testing.assert_array_equal(a.detach().numpy(), b)
 
 
-@pytest.mark.parametrize(
-    "name, kwargs",
-    [
-        ("Lion", {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.1}),
-        ("LAMB", {"lr": 0.01, "betas": (0.85, 0.99), "eps": 1e-5, "weight_decay": 0.1}),
-        ("LAMB", {"lr": 0.01, "maximize": True}),
-    ],
-)
+# The rules torch.optim lacks (optkern.torch runs them on optkern's kernels): each at its last
+# two reference option sets.
+NOT_IN_TORCH = [(e.name, hp) for e in db.ENTRIES if not e.oracle("torch") for hp in e.cases[-2:]]
+
+
+@pytest.mark.parametrize("name, kwargs", NOT_IN_TORCH, ids=[db.case_id(c) for c in NOT_IN_TORCH])
 def test_rules_torch_lacks_match_numpy_optkern_bit_for_bit(name, kwargs):
     import optkern as ok
 
@@ -234,19 +221,29 @@ def test_rules_torch_lacks_match_numpy_optkern_bit_for_bit(name, kwargs):
         ref.step([g.numpy() for g in gs[:-1]])
         if t == 0:
             sptrs = {
-                (i, k): v.data_ptr() for i, a in enumerate(mine[:-1]) for k, v in o.state[a].items()
+                (i, k): v.data_ptr()
+                for i, a in enumerate(mine[:-1])
+                for k, v in o.state[a].items()
+                if isinstance(v, torch.Tensor)
             }
     for a, b in zip(mine[:-1], arrays[:-1]):
         np.testing.assert_array_equal(a.detach().numpy(), b)
     assert mine[-1].detach().equal(p0[-1])  # no gradient: not stepped
     assert [p.data_ptr() for p in mine] == ptrs
     assert {
-        (i, k): v.data_ptr() for i, a in enumerate(mine[:-1]) for k, v in o.state[a].items()
+        (i, k): v.data_ptr()
+        for i, a in enumerate(mine[:-1])
+        for k, v in o.state[a].items()
+        if isinstance(v, torch.Tensor)
     } == sptrs
     # state in torch's layout; it reloads into a fresh okt optimizer and continues identically
     st = o.state_dict()["state"][0]
-    assert st["exp_avg"].dtype == torch.float32 and st["exp_avg"].shape == SHAPES[0]
-    if name == "LAMB":
+    rule = db.entry(name).rule
+    arrays = [k for k in st if k in rule.array_state_names]
+    assert arrays
+    for k in arrays:
+        assert st[k].dtype == torch.float32 and st[k].shape == rule.state(k).shape_for(SHAPES[0])
+    if rule.counts_steps:
         assert st["step"].dtype == torch.float32 and st["step"].dim() == 0
         assert float(st["step"]) == STEPS
     else:
@@ -315,6 +312,8 @@ CONFIGS = [
     ("Adafactor", {"lr": 0.02, "weight_decay": 0.1, "d": 1.5}),
     ("Adafactor", {"eps": (1e-20, 1e-2), "beta2_decay": -1.0, "maximize": True}),
 ]
+# every other shared rule (one the registry adds): the options that keep all its state
+CONFIGS += [(n, dict(db.entry(n).attack[-1])) for n in SHARED if n not in {c for c, _ in CONFIGS}]
 CONFIG_IDS = [f"{n}-{'-'.join(k for k in kw if k != 'lr')}" for n, kw in CONFIGS]
 
 

@@ -5,32 +5,26 @@ option set, and a state_dict moves both ways between the two and training contin
 import numpy as np
 import pytest
 from helpers import gradient_sequence
-from reference import CASES, case_id
+import optim_db as db
+from optim_db import CASES, case_id
 
 import optkern as ok
 
 torch = pytest.importorskip("torch")
 
 RTOL, ATOL = 1e-5, 1e-6
-# Momentum (the exponentially weighted form), Lion and LAMB (optax rules; tests/test_oracle_parity.py
-# checks them against optax, and Lion against lion-pytorch) have no torch.optim class; nor have
-# ScheduleFreeAdamW and ScheduleFreeSGD (tests/test_oracle_parity_schedulefree.py checks them
-# against the schedulefree package).
-NO_TORCH_CLASS = {"Momentum", "Lion", "LAMB", "ScheduleFreeAdamW", "ScheduleFreeSGD"}
-TORCH_CASES = [c for c in CASES if c[0] not in NO_TORCH_CLASS]
-FUSED = {"SGD", "Nesterov", "Adam", "AdamW", "Adagrad"}  # torch has fused CPU kernels for these
+# The rules with a torch.optim oracle in the optimizer database (the others: Momentum, the seed's
+# form, has none; Lion and LAMB are checked against optax and lion-pytorch in
+# test_oracle_parity.py, the Schedule-Free rules against schedulefree in
+# test_oracle_parity_schedulefree.py).
+TORCH_CASES = [c for c in CASES if db.entry(c[0]).oracle("torch")]
+FUSED = {e.name for e in db.with_oracle("torch") if e.oracle("torch").fused}  # fused CPU kernels
 
 
 def torch_optimizer(name, params, hp, fused=False):
-    hp = dict(hp)
-    if name == "Nesterov":
-        name = "SGD"
-        hp.setdefault("momentum", 0.9)
-        hp["nesterov"] = True
+    oracle = db.entry(name).oracle("torch")
     impl = {"fused": True} if fused else {"foreach": False}
-    if name == "SGD":
-        hp.setdefault("lr", 1e-3)
-    return getattr(torch.optim, name)(params, **hp, **impl)
+    return oracle.load()(params, **oracle.kwargs(db.entry(name), hp), **impl)
 
 
 def run_both(name, hp, size, steps, fused=False):

@@ -20,6 +20,8 @@ if not any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_R
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
+import optim_db as db  # noqa: E402  (tests/, on the path by tests/conftest.py)
+
 import optkern as ok  # noqa: E402
 from optkern import distributed as okd  # noqa: E402
 
@@ -27,37 +29,15 @@ COMM = MPI.COMM_WORLD
 N = COMM.Get_size()
 RANK = COMM.Get_rank()
 
-CLASSES = [
-    getattr(ok, n)
-    for n in ok.__all__
-    if isinstance(getattr(ok, n), type)
-    and issubclass(getattr(ok, n), ok.Optimizer)
-    and getattr(ok, n) is not ok.Optimizer
-]
-HYPER = {
-    "SGD": dict(lr=0.01, momentum=0.9, weight_decay=1e-3),
-    "Nesterov": dict(lr=0.01),
-    "Momentum": dict(lr=0.05),
-    "RMSprop": dict(lr=1e-3, centered=True, momentum=0.5),
-    "Adagrad": dict(lr=0.05, lr_decay=1e-3),
-    "Adadelta": dict(lr=1.0),
-    "Adam": dict(lr=1e-2, amsgrad=True),
-    "AdamW": dict(lr=1e-2),
-    "Adamax": dict(lr=1e-2),
-    "NAdam": dict(lr=1e-2),
-    "RAdam": dict(lr=1e-2),
-    "ASGD": dict(lr=0.05, t0=20),
-    "Lion": dict(lr=1e-3),
-    "Rprop": dict(lr=1e-3),
-    "LAMB": dict(lr=1e-2),
-}
+# Every class of the optimizer database (tests/optim_db.py), each with its MPI options (picked
+# away from the defaults; a class without any runs with its defaults but a small lr: some
+# defaults, such as Schedule-Free SGD's lr=1, diverge on this model; the tests compare runs, not
+# values).
+CLASSES = [e.cls for e in db.ENTRIES]
 
 
 def hyper_of(cls):
-    """The row above, which picks options away from the defaults; a class without one (a rule
-    added since) runs with its defaults but a small lr (some defaults, such as Schedule-Free
-    SGD's lr=1, diverge on this model): the tests compare runs, not values."""
-    return HYPER.get(cls.__name__, {"lr": 1e-3})
+    return db.entry(cls.__name__).mpi
 
 
 # a linear least-squares model with sizes that no N divides, and a layout with padding
@@ -134,12 +114,12 @@ def test_data_parallel_matches_one_process(cls):
 
 # ZeRO shards arrays element-wise: rules with a per-array reduction (LAMB) or factored state
 # (Adafactor's row and column factors) are refused.
-ZERO_CLASSES = [c for c in CLASSES if not c._rule.reduction and not c._rule.factored]
+ZERO_CLASSES = [e.cls for e in db.ENTRIES if e.zero]
 
 
 def test_zero_refuses_rules_that_reduce_over_an_array():
     for cls in CLASSES:
-        if cls._rule.reduction or cls._rule.factored:
+        if not db.entry(cls.__name__).zero:
             p = [np.ones(5, np.float32)]
             with pytest.raises(ValueError, match="cannot shard"):
                 okd.ZeroRedundancyOptimizer(cls, p, **hyper_of(cls))
@@ -311,7 +291,7 @@ def _shared_dir(tmp_path_factory):
     return COMM.bcast(path)
 
 
-@pytest.mark.parametrize("cls", [ok.Adam, ok.SGD, ok.Adagrad], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", ZERO_CLASSES, ids=lambda c: c.__name__)
 def test_sharded_checkpoint_resumes_bitwise_and_reshards(cls, tmp_path_factory):
     hyper = hyper_of(cls)
     root = _shared_dir(tmp_path_factory)
