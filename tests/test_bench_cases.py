@@ -247,6 +247,11 @@ def test_numpy_studies_run_small():
 
     t = studies.threshold(1)
     assert len(t["rows"]) == 18 and "1 thread" in t["text"]
+    assert [c["rule"] for c in t["element_costs"]] == [r for r, _ in studies.ELEMENT_COST_RULES]
+    assert all(len(c["ns_per_element"]) == 4 for c in t["element_costs"])
+    pl = studies.thread_placement(1, busy=(0,), sizes=(1000,), optimizers=("sgd",), seconds=0.01)
+    (cond,) = pl["conditions"]
+    assert set(cond["runs"]) == {"kept off", "anywhere"} and "on caller's CPU" in pl["text"]
     p = studies.pass_bounds(1, n=200_000)
     assert [r["optimizer"] for r in p["rows"]] == ["Adafactor", "LAMB"]
     assert all(r["seconds"] > 0 and r["fraction_of_bound"] > 0 for r in p["rows"])

@@ -103,7 +103,7 @@ def test_loops_study_every_row_and_field(tmp_path, capsys):
     busy = result["conditions"][1]
     assert _gone(busy["busy_pid"]), "the busy neighbour outlived the benchmark"
     names = [t["target"] for t in result["targets"]]
-    assert len(names) == 8 and all(isinstance(t["met"], bool) for t in result["targets"])
+    assert len(names) == 9 and all(isinstance(t["met"], bool) for t in result["targets"])
     assert "NOT met" in text or "met" in text
 
 

@@ -148,5 +148,5 @@ def test_failed_step_keeps_the_carried_numbers():
     opt.step([np.ones(4, np.float32)])
     mu = opt.state[p]["mu_product"]
     with pytest.raises(TypeError):
-        opt.step([np.ones(4, np.float64)])
+        opt.step([np.ones(4, np.float16)])
     assert opt.state[p]["mu_product"] == mu and opt.state[p]["step"] == 1

@@ -247,21 +247,31 @@ def fortran(a):
 
 
 # One entry of one list replaced: (name, make(entry), error, pattern); {L} and {j} are filled in.
+# A parameter or gradient may be float32 or float64 (states: the parameter's type), so the
+# messages name "float32 or float64" for those and "float32" for a state of a float32 parameter.
+F32 = r"must be a float32 (or float64 )?"
 ENTRY_MUTATIONS = [
-    ("None", lambda a: None, TypeError, r"{L}\[{j}\] must be a float32 NumPy array, got NoneType"),
-    ("list", lambda a: a.tolist(), TypeError, r"{L}\[{j}\] must be a float32 NumPy array, got list"),
-    ("tuple", lambda a: tuple(a.ravel()), TypeError, r"{L}\[{j}\] must be a float32 NumPy array"),
-    ("float", lambda a: 1.0, TypeError, r"{L}\[{j}\] must be a float32 NumPy array, got float"),
-    ("np.float32", lambda a: np.float32(1), TypeError, r"{L}\[{j}\] must be a float32 NumPy array"),
-    ("memoryview", lambda a: memoryview(a.copy()), TypeError, r"{L}\[{j}\] must be a float32 NumPy"),
-    ("float64", lambda a: a.astype(np.float64), TypeError, r"{L}\[{j}\] must be a float32 array"),
-    ("float16", lambda a: a.astype(np.float16), TypeError, r"{L}\[{j}\] must be a float32 array"),
-    ("int32", lambda a: a.astype(np.int32), TypeError, r"{L}\[{j}\] must be a float32 array"),
-    ("bool", lambda a: a > 0, TypeError, r"{L}\[{j}\] must be a float32 array"),
-    ("complex64", lambda a: a.astype(np.complex64), TypeError, r"{L}\[{j}\] must be a float32 array"),
-    ("object", lambda a: a.astype(object), TypeError, r"{L}\[{j}\] must be a float32 array"),
+    ("None", lambda a: None, TypeError, r"{L}\[{j}\] " + F32 + "NumPy array, got NoneType"),
+    ("list", lambda a: a.tolist(), TypeError, r"{L}\[{j}\] " + F32 + "NumPy array, got list"),
+    ("tuple", lambda a: tuple(a.ravel()), TypeError, r"{L}\[{j}\] " + F32 + "NumPy array"),
+    ("float", lambda a: 1.0, TypeError, r"{L}\[{j}\] " + F32 + "NumPy array, got float"),
+    ("np.float32", lambda a: np.float32(1), TypeError, r"{L}\[{j}\] " + F32 + "NumPy array"),
+    ("memoryview", lambda a: memoryview(a.copy()), TypeError, r"{L}\[{j}\] " + F32 + "NumPy"),
+    # a state of another type than its parameter's (a float64 parameter or gradient is valid)
+    (
+        "float64",
+        lambda a: a.astype(np.float64),
+        TypeError,
+        r"{L}\[{j}\] must be a float32 array like",
+    ),
+    ("float16", lambda a: a.astype(np.float16), TypeError, r"{L}\[{j}\] " + F32 + "array"),
+    ("int32", lambda a: a.astype(np.int32), TypeError, r"{L}\[{j}\] " + F32 + "array"),
+    ("bool", lambda a: a > 0, TypeError, r"{L}\[{j}\] " + F32 + "array"),
+    ("complex64", lambda a: a.astype(np.complex64), TypeError, r"{L}\[{j}\] " + F32 + "array"),
+    ("object", lambda a: a.astype(object), TypeError, r"{L}\[{j}\] " + F32 + "array"),
     ("big-endian", lambda a: a.astype(">f4"), TypeError, r"{L}\[{j}\] .*native byte order"),
-    ("0-d", lambda a: np.array(1.0, np.float32), ValueError, r"{L}\[{j}\] is a 0-d array"),
+    # a 0-d array is one element: its shape differs from the others' (see "longer")
+    ("0-d", lambda a: np.array(1.0, np.float32), ValueError, r"{S}\[{j}\] has shape"),
     ("strided", strided, ValueError, r"{L}\[{j}\] must be C-contiguous"),
     ("reversed", reversed_, ValueError, r"{L}\[{j}\] must be C-contiguous"),
     ("fortran", fortran, ValueError, r"{L}\[{j}\] must be C-contiguous"),
@@ -363,6 +373,8 @@ def functional_cases():
                 for mname, make, exc, pattern in ENTRY_MUTATIONS:
                     if mname == "None" and arg == "momentum_buffers" and name.startswith("sgd"):
                         continue  # a None buffer is one to create, as documented
+                    if mname == "float64" and arg in ("params", "grads"):
+                        continue  # valid: float64 parameters, gradients of either type
                     if mname == "None" and shaped(name, arg):
                         exc, pattern = (
                             ValueError,
@@ -744,8 +756,8 @@ def step_cases(stepped):
         )
     for j in (0, 2):
         for mname, make, exc, pattern in ENTRY_MUTATIONS:
-            if mname == "None":
-                continue  # None skips a parameter (tested below)
+            if mname in ("None", "float64"):
+                continue  # None skips a parameter (tested below); a float64 gradient is valid
 
             def grads(opt, params, base, j=j, make=make):
                 g = good(params)
@@ -837,11 +849,15 @@ def test_params_changed_after_construction_are_checked(kind, hp, stepped):
     put into it, is refused by the next step() with nothing changed."""
     for change, exc, pattern in [
         (lambda ps: ps.append(ps[0]), ValueError, r"\w+\[[03]\] shares memory with \w+\[[03]\]"),
-        (lambda ps: ps.append(np.zeros(3)), TypeError, r"params\[3\] must be a float32"),
         (
-            lambda ps: ps.__setitem__(1, ps[1].astype(np.float64)),
+            lambda ps: ps.append(np.zeros(3, np.float16)),
             TypeError,
-            r"params\[1\] must be a float32",
+            r"params\[3\] must be a float32 or float64",
+        ),
+        (
+            lambda ps: ps.__setitem__(1, ps[1].astype(np.int32)),
+            TypeError,
+            r"params\[1\] must be a float32 or float64",
         ),
         (lambda ps: ps.append(ps[2].T), ValueError, r"must be C-contiguous|shares memory"),
     ]:
@@ -960,18 +976,23 @@ def construction_cases():
         "[None]",
         lambda: [None],
         TypeError,
-        r"params\[0\] must be a float32 NumPy array, got NoneType",
+        r"params\[0\] must be a float32 or float64 NumPy array, got NoneType",
     )
-    yield "[p, None]", lambda: [p, None], TypeError, r"params\[1\] must be a float32 NumPy array"
+    yield (
+        "[p, None]",
+        lambda: [p, None],
+        TypeError,
+        r"params\[1\] must be a float32 or float64 NumPy array",
+    )
     yield (
         "[[1.0, 2.0]]",
         lambda: [[1.0, 2.0]],
         TypeError,
-        r"params\[0\] must be a float32 NumPy array, got list",
+        r"params\[0\] must be a float32 or float64 NumPy array, got list",
     )
     for mname, make, exc, pattern in ENTRY_MUTATIONS:
-        if mname in ("None", "longer", "reshaped", "size 0"):
-            continue
+        if mname in ("None", "longer", "reshaped", "size 0", "float64", "0-d"):
+            continue  # valid parameters by themselves
         yield (
             f"[{mname}]",
             lambda make=make: [q, make(np.ones((4, 5), np.float32))],
@@ -1024,7 +1045,7 @@ def test_bad_param_group_refused_and_nothing_changes(kind, hp):
     for group, exc, pattern in [
         ({"params": [params[0]]}, ValueError, "more than one parameter group"),
         ({"params": [base[1:].reshape(4, 5)]}, ValueError, "shares memory"),
-        ({"params": [np.zeros(3)]}, TypeError, r"params\[3\] must be a float32"),
+        ({"params": [np.zeros(3, np.float16)]}, TypeError, r"params\[3\] must be a float32"),
         ({"params": []}, ValueError, "empty parameter list"),
         ({"params": None}, TypeError, "must be a list"),
         ({"lr": 0.1}, ValueError, 'must have a "params" entry'),
@@ -1053,8 +1074,8 @@ def test_error_in_a_later_group_changes_no_group(kind, hp, stepped):
 
     for case, change, exc, pattern in [
         (
-            "float64 in group 2",
-            lambda o, ps, g: g.__setitem__(2, g[2].astype(np.float64)),
+            "float16 in group 2",
+            lambda o, ps, g: g.__setitem__(2, g[2].astype(np.float16)),
             TypeError,
             r"grads\[2\] must be a float32",
         ),
@@ -1083,8 +1104,8 @@ def test_error_in_a_later_group_changes_no_group(kind, hp, stepped):
             "lr must be finite",
         ),
         (
-            "None in group 2, float64 in group 1",
-            lambda o, ps, g: (g.__setitem__(2, None), g.__setitem__(1, g[1].astype(np.float64))),
+            "None in group 2, float16 in group 1",
+            lambda o, ps, g: (g.__setitem__(2, None), g.__setitem__(1, g[1].astype(np.float16))),
             TypeError,
             r"grads\[1\] must be a float32",
         ),

@@ -8,10 +8,22 @@
 namespace optkern {
 namespace {
 
-// Measured on the 2-core AVX-512 Xeon of bench/README.md (bench/threshold.py): a second thread
-// starts to pay at about 32K elements of SGD (16K per thread) and 12K of Adam, whose element
-// costs about 4 of SGD's (WEIGHT_DIVIDES). Twice the break-even keeps small calls clear of it.
-constexpr std::size_t DEFAULT_MIN_ELEMENTS_PER_THREAD = 32768;
+// When a call is worth a second thread, in time. A helper that a call wakes starts running after
+// a wake-up latency: p50 2-17 us, p90 3-25 us on the 2-core AVX-512 VM with no other load
+// (`python -m optkern bench --studies threads` measures it: "helper wake-up"); the calling
+// thread works meanwhile, so a split of a call that takes T on one thread ends after about
+// (T + wake) / 2. Each thread's share must therefore take at least MIN_NS_PER_THREAD on one
+// thread: T >= 40 us for two threads, where even a p90 wake-up leaves a clear gain (0.8 T) and a
+// helper that comes too late costs little against the call. The time is estimated from the
+// size: NS_PER_WORK per unit of work, an element of weight w being w units. Measured on one
+// thread (docs/threading.md): Adam 0.41-0.59 ns per element (WEIGHT_DIVIDES = 4 units) from L2
+// sizes to 200K elements, plain SGD 0.06-0.13 (WEIGHT_STREAMING = 1 unit); at the sizes where
+// the threshold falls both take at least NS_PER_WORK per unit, so calls split later than
+// MIN_NS_PER_THREAD says, not earlier.
+constexpr double MIN_NS_PER_THREAD = 20000.0;
+constexpr double NS_PER_WORK = 0.1;
+constexpr std::size_t DEFAULT_MIN_ELEMENTS_PER_THREAD =
+    static_cast<std::size_t>(MIN_NS_PER_THREAD / NS_PER_WORK);
 
 // Chunk boundaries fall on multiples of this many elements of the concatenation, so that two
 // threads rarely write the same cache line.
@@ -27,11 +39,9 @@ std::atomic<int> g_threads{0};  // 0: not read from the environment yet
 std::atomic<std::size_t> g_min_per_thread{DEFAULT_MIN_ELEMENTS_PER_THREAD};
 std::atomic<std::size_t> g_chunk_elements{0};
 
-// Threads worth using for this much work: one below the threshold, never more than asked for.
+// Threads worth using for this much work, unless helpers have lately not paid (pool::skip_helpers).
 int threads_for(std::size_t work) {
-  const std::size_t by_size = work / min_elements_per_thread();
-  const int n =
-      static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(num_threads(), by_size)));
+  const int n = split_threads(work, num_threads(), min_elements_per_thread());
   return n > 1 && pool::skip_helpers() ? 1 : n;
 }
 
@@ -50,6 +60,15 @@ std::size_t chunk_items(std::size_t count, std::size_t weight, int threads, std:
 }
 
 }  // namespace
+
+int split_threads(std::size_t work, int threads, std::size_t min_per_thread) {
+  const std::size_t by_size = work / std::max<std::size_t>(1, min_per_thread);
+  return static_cast<int>(
+      std::max<std::size_t>(1, std::min<std::size_t>(std::max(threads, 1), by_size)));
+}
+
+double min_us_per_thread() { return MIN_NS_PER_THREAD * 1e-3; }
+double ns_per_work() { return NS_PER_WORK; }
 
 int num_threads() {
   int n = g_threads.load(std::memory_order_relaxed);

@@ -17,12 +17,19 @@ bool have_openmp();           // false: optkern no longer uses an OpenMP runtime
 // single-threaded build.
 const char* threading();
 
-// Below this much work per thread, a call uses fewer threads (one, for small calls): starting a
-// parallel region costs more than it saves there. Work is counted in elements of the cheapest
-// update (SGD); a rule with a division and a square root per element weighs WEIGHT_DIVIDES.
-// See DEFAULT_MIN_ELEMENTS_PER_THREAD.
+// Below this much work per thread, a call uses fewer threads (one, for small calls): a helper
+// starts running some microseconds after a call wakes it, so a share that takes less than that
+// is faster done by the calling thread. Work is counted in elements of the cheapest update (SGD,
+// WEIGHT_STREAMING); an element of a rule with a division and a square root weighs
+// WEIGHT_DIVIDES. The default is a time (min_us_per_thread of work for each thread's share, on
+// one thread) over an estimate of the time per unit of work (ns_per_work): multi_tensor.cpp.
 std::size_t min_elements_per_thread();
 void set_min_elements_per_thread(std::size_t n);  // n >= 1; tests use it to split small calls
+double min_us_per_thread();
+double ns_per_work();
+// The threads a call of `work` units uses with `threads` available and that threshold: work /
+// min_per_thread, at least 1 and at most `threads` (before the late-helper backoff).
+int split_threads(std::size_t work, int threads, std::size_t min_per_thread);
 
 // Testing hook: every chunk of a multi-threaded call holds this many elements (0: chosen by size,
 // see chunk_elements in multi_tensor.cpp). Results never depend on it.

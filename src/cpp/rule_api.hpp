@@ -35,13 +35,19 @@ enum class Range {
   flag,         // a bool
 };
 
-// A real hyperparameter that also takes None (torch's `eps=(None, 1e-3)` for Adafactor):
-// None stands for `none_means`, and the default is None when `none_default` is set.
+// A real hyperparameter that also takes None (torch's `eps=(None, 1e-3)` for Adafactor): None
+// stands for a value the rule's scalars function picks (Hyper::is_none; Adafactor's eps1: the
+// compute type's machine epsilon), `value` for float32, which _core.rules() reports; the default
+// is None when `none_default` is set.
 struct NoneMeans {
   bool allowed;
-  double value;       // what None stands for
+  double value;       // what None stands for in float32
   bool none_default;  // the declared default is None (default_value is then unused)
 };
+
+// How a hyperparameter given as None is kept among the validated values: a NaN (every other
+// value is finite), which Hyper turns back into NoneMeans::value or reports by is_none.
+constexpr double NONE_VALUE = std::numeric_limits<double>::quiet_NaN();
 
 struct HyperDecl {
   const char* name;  // as _core.step and optkern.functional take it
@@ -131,15 +137,23 @@ class Hyper {
  public:
   Hyper(const HyperDecl* decl, std::size_t count, const double* values)
       : decl_(decl), count_(count), values_(values) {}
+  // Its value; for one given as None, the value None stands for in float32.
   double operator[](const char* name) const {
+    const std::size_t i = index(name);
+    return std::isnan(values_[i]) ? decl_[i].none.value : values_[i];
+  }
+  bool flag(const char* name) const { return (*this)[name] != 0.0; }
+  // Whether it was given as None (or left at a default of None).
+  bool is_none(const char* name) const { return std::isnan(values_[index(name)]); }
+
+ private:
+  std::size_t index(const char* name) const {
     for (std::size_t i = 0; i < count_; ++i) {
-      if (std::strcmp(decl_[i].name, name) == 0) return values_[i];
+      if (std::strcmp(decl_[i].name, name) == 0) return i;
     }
     throw std::logic_error(std::string("optkern: no hyperparameter ") + name);
   }
-  bool flag(const char* name) const { return (*this)[name] != 0.0; }
 
- private:
   const HyperDecl* decl_;
   std::size_t count_;
   const double* values_;
@@ -254,8 +268,12 @@ template <class Fn>
 struct PerReal {
   Fn f32 = nullptr;
   Fn f64 = nullptr;
+  // Whether the rule declares the function. A flag, not `f32 != nullptr`: GCC does not treat a
+  // function's address compared with null as a constant under -fsanitize, and
+  // rules/host.cpp's static_assert reads this.
+  bool declared = false;
   constexpr Fn operator[](bool is_f64) const { return is_f64 ? f64 : f32; }
-  constexpr explicit operator bool() const { return f32 != nullptr; }
+  constexpr explicit operator bool() const { return declared; }
 };
 
 namespace detail {
@@ -296,7 +314,7 @@ using Erased = Erase<decltype(F), F>;
 // per_array, between or between_range function).
 template <auto F32, auto F64>
 constexpr PerReal<typename detail::Erased<F32>::Fn> per_real = {&detail::Erased<F32>::call,
-                                                                &detail::Erased<F64>::call};
+                                                                &detail::Erased<F64>::call, true};
 
 // One rule: what _core.rules() exports and _core.step runs. Declared with designated
 // initializers in its file's host part (fields in this order; the optional ones may be left out).

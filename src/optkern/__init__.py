@@ -1,7 +1,8 @@
-"""optkern: fused SIMD + multi-threaded optimizer updates, applied in place to float32 NumPy arrays.
+"""optkern: fused SIMD + multi-threaded optimizer updates, applied in place to float32 or float64
+NumPy arrays.
 
     import numpy as np, optkern as ok
-    W = np.zeros((784, 10), np.float32); b = np.zeros(10, np.float32)
+    W = np.zeros((784, 10)); b = np.zeros(10)   # float64, NumPy's default (float32 works too)
     opt = ok.Adam([W, b], lr=1e-3)
     opt.step([dW, db])            # W and b are updated in place, in one C++ call
 

@@ -18,15 +18,36 @@ def _info(_: argparse.Namespace) -> int:
     print(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
     print(f"active ISA: {info['active_isa']}")
     print(f"available ISAs: {', '.join(info['available_isas'])}")
-    print(
-        f"threads: {info['num_threads']} ({info.get('threads', 'none')}; "
-        f"one thread below {info['min_elements_per_thread']} elements per thread)"
-    )
+    print(f"threads: {info['num_threads']} ({info.get('threads', 'none')})")
+    print(_split_rule(info))
     print(f"compiler: {info['compiler']}")
     print("kernel builds:")
     for isa, flags in info["isa_flags"].items():
         print(f"  {isa:<7} {flags}")
     return 0
+
+
+def _split_rule(info: dict) -> str:
+    """When a call uses more than one thread, in time and in elements per weight of rule."""
+    from .registry import rules
+
+    by_weight: dict = {}
+    for r in rules():
+        by_weight.setdefault(r.weight, []).append(r.cls)
+    lines = [
+        f"  a call uses k threads when each one's share would take at least "
+        f"{info['min_us_per_thread']:g} us on one thread",
+        f"  (estimated at {info['ns_per_work']:g} ns per element of weight 1), i.e. at least, "
+        "per thread:",
+    ]
+    for w, n in sorted(info["min_elements_per_thread_by_weight"].items()):
+        names = ", ".join(by_weight.get(w, [])) + ("; clipping, norms" if w == 1 else "")
+        lines.append(f"    {n:>7} elements at weight {w} ({names})")
+    lines.append(
+        "  smaller calls run on the calling thread, and so do calls after helpers that did not "
+        "pay (docs/threading.md)"
+    )
+    return "\n".join(lines)
 
 
 DEFAULT_PLOT = "optkern-demo.png"

@@ -31,6 +31,17 @@ positive_int = at_least(1)
 nonnegative_int = at_least(0)
 
 
+def positive_seconds(text: str) -> float:
+    """A duration in seconds, > 0 and finite."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+_named(positive_seconds, "seconds")
+
+
 def thread_count(text: str) -> int:
     """A thread count ``optkern.set_num_threads`` takes: 1 to its maximum."""
     import optkern

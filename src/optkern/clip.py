@@ -2,7 +2,9 @@
 
 The classic remedies for exploding gradients (see docs/design.md, Origins) are clipping and a lower learning rate; for
 vanishing ones, watching each layer's gradient norm. Norms are computed in C++ in one read pass,
-summed in double over fixed blocks in a fixed order: the same value for any thread count.
+summed in double over fixed blocks in a fixed order: the same value for any thread count. The
+gradients may be float32 or float64 arrays, mixed in one list (0-d arrays are one element);
+clipping scales each in its own dtype.
 To clip inside an optimizer step, without rewriting the gradients, use
 ``opt.step(grads, max_grad_norm=...)``.
 """

@@ -2,10 +2,12 @@
 passed in explicitly. For users who keep their own state; the optimizer classes call these.
 
 Every function updates ``params`` and the state arrays in place with one fused C++ call over the
-whole list, and returns None. Arrays must be float32, C-contiguous and writeable (gradients only
-readable), with each state array shaped like its parameter. Everything (arrays, hyperparameter
-ranges, step counts, the per-step scalars) is checked by the C++ core before anything is written,
-so a call that raises changes nothing.
+whole list, and returns None. Parameters are float32 or float64 arrays (a list may mix them),
+C-contiguous and writeable; each gradient is float32 or float64 whatever its parameter's dtype
+(converted as it is read: no copy) and only read; each state array has its parameter's dtype
+and shape (0-d arrays count as one element). Everything (arrays, hyperparameter ranges, step
+counts, the per-step scalars) is checked by the C++ core before anything is written, so a call
+that raises changes nothing.
 
 ``step`` is the number of this update (1 on the first), an int for all parameters or a list with
 one per parameter. ``grad_scale`` multiplies every gradient before it is used (a clipping
@@ -42,7 +44,7 @@ Steps = Union[int, Sequence[int]]
 # -- hyperparameter checks, shared with the optimizer classes --------------------------------------
 
 
-#: The largest finite float32. The kernels compute in float32, so a larger hyperparameter would
+#: The largest finite float32. Hyperparameters are held to it for every dtype: the float32 kernels
 #: become Inf there and silently fill the parameters with Inf and NaN.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -189,9 +191,13 @@ def sgd_(
                 f"momentum_buffers has {len(bufs)} entries but params has "
                 f"{len(params)}; they must match one to one"
             )
-        # New buffers as views of one block: the kernel then streams them as one array.
-        block = iter(FlatParams([p.shape for p, f in zip(params, fresh) if f]))
-        filled = [next(block) if f else b for b, f in zip(bufs, fresh)]
+        # New buffers as views of one block per dtype: the kernel then streams them as one array.
+        filled = list(bufs)
+        new = [i for i, f in enumerate(fresh) if f]
+        for dtype in dict.fromkeys(params[i].dtype for i in new):
+            mine = [i for i in new if params[i].dtype == dtype]
+            for i, view in zip(mine, FlatParams([params[i].shape for i in mine], dtype)):
+                filled[i] = view
     # A buffer's first step (step 1) takes torch's first-step rule: it becomes the gradient.
     _run(
         "sgd",

@@ -291,7 +291,13 @@ class Muon(Optimizer):
         missing = [i for i, s in enumerate(states) if s is None or "momentum_buffer" not in s]
         if missing:
             fresh = [dict(states[i] or {}) for i in missing]
-            _pack(fresh, "momentum_buffer", [params[i].shape for i in missing], 0.0)
+            _pack(
+                fresh,
+                "momentum_buffer",
+                [params[i].shape for i in missing],
+                0.0,
+                [params[i].dtype for i in missing],
+            )
             for i, s in zip(missing, fresh):
                 self.state[params[i]] = s
                 states[i] = s

@@ -94,13 +94,16 @@ def _as_param_list(params: Any, where: str) -> List[np.ndarray]:
             "(its order, which state_dict ids follow, would change between runs)"
         )
     if isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
-        raise TypeError(f"{where} must be a list of float32 arrays, got {type(params).__name__}")
+        raise TypeError(
+            f"{where} must be a list of float32 or float64 arrays, got {type(params).__name__}"
+        )
     return list(params)
 
 
 class Optimizer:
-    """Base class of the optimizers. ``params`` is a list of float32 arrays, or a list of dicts
-    (parameter groups) each with a ``"params"`` list and any hyperparameters that override the
+    """Base class of the optimizers. ``params`` is a list of float32 or float64 arrays (a group
+    may mix them; each parameter's state is in its own dtype), or a list of dicts (parameter
+    groups) each with a ``"params"`` list and any hyperparameters that override the
     optimizer's defaults for that group.
 
     ``step(grads)`` takes the gradients aligned with the parameters (group order, then list
@@ -274,7 +277,7 @@ class Optimizer:
                     check_depth(value, f"param group {key!r}")
             self._check_group(group)
             existing = [p for g in self.param_groups for p in g["params"]]
-            # Distinct, writeable, C-contiguous float32 arrays, not sharing memory with each other
+            # Distinct, writeable, C-contiguous float32 or float64 arrays, not sharing memory with each other
             # or with any parameter already in another group.
             try:
                 _core.check_params(existing + params)
@@ -520,7 +523,13 @@ class Optimizer:
                     s[name] = start
             elif missing:
                 shape_for = self._rule.state(name).shape_for
-                _pack([s for _, s in missing], name, [shape_for(p.shape) for p, _ in missing], start)
+                _pack(
+                    [s for _, s in missing],
+                    name,
+                    [shape_for(p.shape) for p, _ in missing],
+                    start,
+                    [p.dtype for p, _ in missing],
+                )
         return states, fresh
 
     def _shaped(self, name: str) -> bool:
@@ -701,9 +710,15 @@ class Optimizer:
             in_group = {id(p) for p in group["params"]}
             entries = [(p, s) for p, s in state if id(p) in in_group]
             for name in self._array_state_names:
-                have = [s for _, s in entries if isinstance(s.get(name), np.ndarray)]
+                have = [(p, s) for p, s in entries if isinstance(s.get(name), np.ndarray)]
                 if have:
-                    _pack(have, name, [s[name].shape for s in have], None)
+                    _pack(
+                        [s for _, s in have],
+                        name,
+                        [s[name].shape for _, s in have],
+                        None,
+                        [p.dtype for p, _ in have],
+                    )
         return groups, state
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -782,18 +797,25 @@ def _has_nonfinite(grads: List[np.ndarray], positions: Optional[List[int]], p: f
 
 
 def _pack(
-    states: List[Dict[str, Any]], name: str, shapes: List[tuple], start: Optional[float]
+    states: List[Dict[str, Any]],
+    name: str,
+    shapes: List[tuple],
+    start: Optional[float],
+    dtypes: List[np.dtype],
 ) -> None:
-    """Gives each state dict its ``name`` array as a view of one aligned block: the arrays of a
-    group then follow each other in memory, as the kernels walk them, and the memory system
-    streams them as one (separate arrays cost about 1.6 us per parameter on the 2-core Xeon of
-    bench/results/2026-12-01-xeon-avx512-2core.md, one block about none). ``start``: the value to fill with; None keeps the
-    arrays the dicts already hold, copied into the block."""
-    block = FlatParams.filled(shapes, 0.0 if start is None else start)
-    for s, view in zip(states, block):
-        if start is None:
-            view[...] = s[name]
-        s[name] = view
+    """Gives each state dict its ``name`` array as a view of one aligned block per dtype (each
+    state in its parameter's dtype, ``dtypes``): the arrays of a group then follow each other in
+    memory, as the kernels walk them, and the memory system streams them as one (separate arrays
+    cost about 1.6 us per parameter on the 2-core Xeon of
+    bench/results/2026-12-01-xeon-avx512-2core.md, one block about none). ``start``: the value to
+    fill with; None keeps the arrays the dicts already hold, converted into the block."""
+    for dtype in dict.fromkeys(np.dtype(d) for d in dtypes):
+        mine = [i for i, d in enumerate(dtypes) if np.dtype(d) == dtype]
+        block = FlatParams.filled([shapes[i] for i in mine], 0.0 if start is None else start, dtype)
+        for i, view in zip(mine, block):
+            if start is None:
+                view[...] = states[i][name]
+            states[i][name] = view
 
 
 #: The largest step count a state dict or checkpoint may hold. Steps are whole numbers that
@@ -907,9 +929,10 @@ def _load_carried(value: Any, where: str) -> float:
 def _load_array(
     value: Any, param: np.ndarray, where: str, shape: Optional[tuple] = None
 ) -> np.ndarray:
-    """A loaded state array: real numbers of the parameter's shape that float32 holds (a finite
-    value beyond float32's range would become inf when packed). Masked arrays are refused: the
-    mask would be dropped and the masked-out values used."""
+    """A loaded state array: real numbers of the parameter's shape that the parameter's dtype
+    holds (a finite value beyond float32's range would become inf when packed for a float32
+    parameter; any array is converted to the parameter's dtype by _pack). Masked arrays are
+    refused: the mask would be dropped and the masked-out values used."""
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(
             f"{where} is a masked array; its mask would be dropped (pass "
@@ -931,7 +954,7 @@ def _load_array(
             f"{where} has shape {arr.shape} but its parameter of shape {param.shape} "
             f"needs {tuple(shape)}"
         )
-    if arr.dtype != np.float32 and arr.size:
+    if param.dtype == np.float32 and arr.dtype != np.float32 and arr.size:
         big = np.abs(arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr)
         if big.size and float(big.max()) > _FLOAT32_MAX:
             raise ValueError(
@@ -990,14 +1013,21 @@ def _restore_dict(obj: Any, saved: Dict[str, Any]) -> None:
     names = getattr(obj, "_array_state_names", ()) if hasattr(obj, "_rule") else ()
     if isinstance(groups, list) and isinstance(state, ParamState):
         for group in groups:
-            entries = [state.get_by_id(p) for p in group.get("params", ())]
+            entries = [(p, state.get_by_id(p)) for p in group.get("params", ())]
             for name in names:
                 have = [
-                    s
-                    for s in entries
+                    (p, s)
+                    for p, s in entries
                     if s is not None
                     and isinstance(s.get(name), np.ndarray)
-                    and s[name].dtype == np.float32
+                    and isinstance(p, np.ndarray)
+                    and s[name].dtype == p.dtype
                 ]
                 if have:
-                    _pack(have, name, [s[name].shape for s in have], None)
+                    _pack(
+                        [s for _, s in have],
+                        name,
+                        [s[name].shape for _, s in have],
+                        None,
+                        [p.dtype for p, _ in have],
+                    )

@@ -44,14 +44,18 @@ class _ScheduleFree(ScheduleFreeSwitch):
         if s is None or s.get("step", 0) <= 0 or "z" not in s:
             return None  # not stepped yet: y = x = z
         where = f"parameter {i} of param group {gi}"
-        if not (isinstance(p, np.ndarray) and p.dtype == np.float32 and p.flags.c_contiguous):
-            raise TypeError(f"{where} is no longer a C-contiguous float32 array; cannot move it")
+        if not (
+            isinstance(p, np.ndarray) and p.dtype in (np.float32, np.float64) and p.flags.c_contiguous
+        ):
+            raise TypeError(
+                f"{where} is no longer a C-contiguous float32 or float64 array; cannot move it"
+            )
         if not p.flags.writeable:
             raise ValueError(f"{where} is read-only; train()/eval() moves it in place")
         z = s["z"]
-        if not (isinstance(z, np.ndarray) and z.dtype == np.float32 and z.shape == p.shape):
+        if not (isinstance(z, np.ndarray) and z.dtype == p.dtype and z.shape == p.shape):
             what = f"{z.dtype} {z.shape}" if isinstance(z, np.ndarray) else type(z).__name__
-            raise ValueError(f"the state 'z' of {where} is {what}, not float32 {p.shape}")
+            raise ValueError(f"the state 'z' of {where} is {what}, not {p.dtype} {p.shape}")
         return p, z
 
     def step(self, grads: Sequence[Optional[np.ndarray]], **kwargs: Any) -> Optional[float]:

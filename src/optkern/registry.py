@@ -29,8 +29,9 @@ class Hyper:
     default: Any  # None where the declared default is None (see if_none)
     torch: str  # torch.optim's argument: "betas" for beta1 and beta2
     slot: int  # -1, or the position within torch's tuple argument
-    #: The value None stands for, where the hyperparameter takes None (Adafactor's eps1: float32's
-    #: machine epsilon); None where None is refused.
+    #: The value None stands for in float32, where the hyperparameter takes None (Adafactor's
+    #: eps1: the machine epsilon of the parameter's dtype, float32's here); None where None is
+    #: refused. The core keeps a given None as None (``_core.validate`` returns it).
     if_none: Optional[float] = None
 
 

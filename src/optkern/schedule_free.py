@@ -63,13 +63,14 @@ def deferred_interrupts() -> Iterator[None]:
             previous(*pending[0])
 
 
-def lerp_(p: np.ndarray, z: np.ndarray, weight: np.float32, scratch: np.ndarray) -> None:
-    """p <- torch.lerp(p, z, weight) in float32, in torch's form (see ``Lerp`` in the core),
-    chunk by chunk through ``scratch``: no allocation."""
+def lerp_(p: np.ndarray, z: np.ndarray, weight: np.floating, scratch: np.ndarray) -> None:
+    """p <- torch.lerp(p, z, weight) in p's dtype (``weight`` a NumPy scalar of it), in torch's
+    form (see ``Lerp`` in the core), chunk by chunk through ``scratch`` (of p's dtype): no
+    allocation."""
     flat_p = p.reshape(-1)
     flat_z = z.reshape(-1)
     small = abs(float(weight)) < 0.5
-    factor = weight if small else np.float32(1.0) - weight
+    factor = weight if small else type(weight)(1.0) - weight
     for a in range(0, flat_p.size, scratch.size):
         b = min(a + scratch.size, flat_p.size)
         pc, zc, s = flat_p[a:b], flat_z[a:b], scratch[: b - a]
@@ -138,7 +139,7 @@ class ScheduleFreeSwitch:
                 if mode == to_train:
                     continue
                 beta = float(self._sf_beta(group))
-                weight = np.float32(1.0 - beta if to_train else 1.0 - 1.0 / beta)
+                weight = 1.0 - beta if to_train else 1.0 - 1.0 / beta  # rounded per dtype below
                 pairs = []
                 for i, p in enumerate(group["params"]):
                     pair = self._sf_pair(group, gi, i, p)
@@ -147,12 +148,15 @@ class ScheduleFreeSwitch:
                 plan.append((group, weight, pairs))
             # everything is checked: move every parameter, then record every group's mode
             largest = max((pair[0].size for _, _, ps in plan for _, pair in ps), default=0)
-            scratch = np.empty(min(max(largest, 1), _CHUNK), np.float32)
+            scratch = {
+                dtype: np.empty(min(max(largest, 1), _CHUNK), dtype)
+                for dtype in {pair[0].dtype for _, _, ps in plan for _, pair in ps}
+            }
             moved = []
             with deferred_interrupts():
                 for group, weight, pairs in plan:
                     for p, (pv, zv) in pairs:
-                        lerp_(pv, zv, weight, scratch)
+                        lerp_(pv, zv, pv.dtype.type(weight), scratch[pv.dtype])
                         moved.append(p)
                 for group, _, _ in plan:
                     group["train_mode"] = to_train

@@ -162,3 +162,15 @@ def test_data_parallel_train_eval_need_a_schedule_free_optimizer():
     dp.train()
     for p, q in zip(ps, y):
         np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [_dp, _zero], ids=["dp", "zero"])
+def test_float64_parameters_refused_naming_the_parameter(make):
+    """optkern's optimizers step float64 arrays; the wrappers (float32 buffers) refuse them at
+    construction rather than averaging or sharding them in float32."""
+    params = [np.zeros((3, 2), np.float32), np.zeros(4)]
+    with pytest.raises(TypeError, match="takes float32 parameters; parameter 1 is float64"):
+        if make is _dp:
+            okd.DataParallel(ok.Adam(params, lr=1e-3), num_threads=None)
+        else:
+            okd.ZeroRedundancyOptimizer(ok.Adam, params, lr=1e-3, num_threads=None)

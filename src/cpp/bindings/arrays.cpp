@@ -232,11 +232,6 @@ const py::detail::PyArray_Proxy* check_array(py::handle item, const std::string&
     throw py::type_error(label + " must be a " + want + " array in native byte order, got dtype " +
                          std::string(py::str(py::handle(a->descr))));
   }
-  if (a->nd == 0) {
-    throw py::value_error(label +
-                          " is a 0-d array; optkern updates arrays with at "
-                          "least one dimension (use a shape (1,) array)");
-  }
   if (!(a->flags & npy::NPY_ARRAY_C_CONTIGUOUS_)) {
     std::string strides = "(";
     for (int d = 0; d < a->nd; ++d) strides += (d ? ", " : "") + std::to_string(a->strides[d]);

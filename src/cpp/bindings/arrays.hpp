@@ -43,11 +43,14 @@ constexpr unsigned bit(DType t) { return 1u << static_cast<unsigned>(t); }
 constexpr Accept FLOAT32 = {bit(DType::f32), false};
 constexpr Accept LIKE_FIRST = {0, true};
 
-// What the bindings take: an optimizer's parameters and gradients (its states: LIKE_FIRST), and
-// the arrays of the norms and clipping (a list may mix the types).
-constexpr Accept PARAMS = FLOAT32;
-constexpr Accept GRADS = FLOAT32;
-constexpr Accept NORM_ARRAYS = FLOAT32;
+constexpr Accept REALS = {bit(DType::f32) | bit(DType::f64), false};
+
+// What the bindings take: an optimizer's parameters and gradients (its states: LIKE_FIRST, the
+// parameter's type), and the arrays of the norms and clipping. A list may mix the types; each
+// (parameter, gradient, state) combination is one kernels/kernel.hpp instantiates.
+constexpr Accept PARAMS = REALS;
+constexpr Accept GRADS = REALS;
+constexpr Accept NORM_ARRAYS = REALS;
 
 struct ArrayRef {
   void* data;  // nullptr where a state does not apply

@@ -36,7 +36,7 @@ double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
     }
     return o == Py_True ? 1.0 : 0.0;
   }
-  if (o == Py_None && d.none.allowed) return d.none.value;  // None stands for a value
+  if (o == Py_None && d.none.allowed) return NONE_VALUE;  // None stands for a value
   double x;
   if (PyFloat_Check(o)) {
     x = PyFloat_AS_DOUBLE(o);
@@ -134,7 +134,7 @@ std::vector<double> parse_hyper(const Rule& r, py::handle hyper, py::handle labe
   for (std::size_t i = 0; i < n; ++i) {
     if (!seen[i]) {
       const HyperDecl& d = hyper_decl(r, i);
-      values[i] = d.none.none_default ? d.none.value : d.default_value;
+      values[i] = d.none.none_default ? NONE_VALUE : d.default_value;
     }
   }
   if (r.check != nullptr) {
@@ -202,6 +202,8 @@ py::dict validate(py::handle rule, py::handle hyper, py::handle labels) {
     const HyperDecl& d = hyper_decl(r, i);
     if (d.range == Range::flag) {
       out[d.name] = py::bool_(h[i] != 0.0);
+    } else if (std::isnan(h[i])) {
+      out[d.name] = py::none();  // None stands for a value the rule picks per compute type
     } else {
       out[d.name] = py::float_(h[i]);
     }

@@ -63,7 +63,17 @@ py::dict build_info() {
   py::dict flags;
   for (const auto& [isa, f] : isa_build_flags()) flags[py::str(isa)] = f;
   info["isa_flags"] = flags;
+  // When a call uses more than one thread (multi_tensor.hpp): each thread's share must take
+  // min_us_per_thread on one thread, estimated at ns_per_work per unit of work; an element of a
+  // rule of weight w is w units.
   info["min_elements_per_thread"] = min_elements_per_thread();
+  info["min_us_per_thread"] = min_us_per_thread();
+  info["ns_per_work"] = ns_per_work();
+  py::dict by_weight;
+  for (std::size_t w : {WEIGHT_STREAMING, WEIGHT_DIVIDES}) {
+    by_weight[py::int_(w)] = (min_elements_per_thread() + w - 1) / w;
+  }
+  info["min_elements_per_thread_by_weight"] = by_weight;
   return info;
 }
 

@@ -127,8 +127,12 @@ template <class... T>
 struct TypeList {};
 
 // The combinations of element types every rule's kernel is compiled for, each an entry of its
-// KernelSet (the driver picks the entry per tensor).
-using Instantiated = TypeList<Types<float, float, float>>;
+// KernelSet (the driver picks the entry per tensor): a float32 or float64 parameter with a
+// gradient of either type, its states in the parameter's type. Each combination costs every
+// rule's loops once more in every ISA build (compile time, and binary size: about 150 KB per
+// combination); the bindings accept exactly these (bindings/arrays.hpp).
+using Instantiated = TypeList<Types<float, float, float>, Types<float, double, float>,
+                              Types<double, double, double>, Types<double, float, double>>;
 
 // -- helpers of the element-wise loops
 // -------------------------------------------------------------

@@ -12,9 +12,10 @@ from typing import Dict
 
 import optkern as ok
 
-from .._cli import dims, positive_int, size, thread_count, writable_file
+from .._cli import dims, positive_int, positive_seconds, size, thread_count, writable_file
 from . import loops as _loops
 from . import studies as _studies
+from . import threads as _threads
 from .cases import CASES, torch_available
 from .runner import (
     Progress,
@@ -24,7 +25,6 @@ from .runner import (
     run_clip,
     run_main,
     run_many_small,
-    run_threads,
     size_label,
     write_json,
     write_plot,
@@ -81,10 +81,35 @@ def add_parser(sub) -> None:
         default=STUDIES,
         choices=STUDIES + EXTRA_STUDIES,
         metavar="NAME",
-        help="main: the table; small: 300 small buffers; threads: 1 vs N threads; "
+        help="main: the table; small: 300 small buffers; threads: the update's median and p90 "
+        "on default threads against one thread, quiet and beside busy processes; "
         "clip: fused clipping; loops: inside an MLP's training loop (default: these five); "
-        "run only when named: threshold, adafactor-shapes, pass-bounds, torch-bandwidth, "
+        "run only when named: threshold, thread-placement, adafactor-shapes, pass-bounds, "
+        "torch-bandwidth, "
         "torch-phases (see optkern.benchmark.studies)",
+    )
+    p.add_argument(
+        "--thread-sizes",
+        nargs="+",
+        default=[str(n) for n in _threads.DEFAULT_SIZES],
+        type=size,
+        metavar="N",
+        help="elements of the threads study's one array (default: 10k to 10m)",
+    )
+    p.add_argument(
+        "--thread-conditions",
+        nargs="+",
+        default=list(_threads.CONDITIONS),
+        choices=list(_threads.CONDITIONS),
+        help="threads study: quiet; busy1, busy3: one or three other processes spinning "
+        "(default: all)",
+    )
+    p.add_argument(
+        "--thread-seconds",
+        type=positive_seconds,
+        default=_threads.DEFAULT_SECONDS,
+        metavar="S",
+        help="threads study: seconds per optimizer and size (default %(default)s)",
     )
     p.add_argument(
         "--loops",
@@ -190,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     total = (
         (len(sizes) * len(cases) if "main" in studies else 0)
         + (len(small_keys) if "small" in studies else 0)
-        + 6 * ("threads" in studies)
+        + (len(args.thread_conditions) if "threads" in studies else 0)
         + ("clip" in studies)
         + (len(args.loop_conditions) if "loops" in studies else 0)
         + len(extra)
@@ -212,8 +237,17 @@ def run(args: argparse.Namespace) -> int:
                 run_many_small(args.repeats, use_torch, progress, key) for key in small_keys
             ]
         if "threads" in studies:
-            result["threads"] = run_threads(
-                [8_000, 32_000, 64_000, 128_000, 1_000_000, 10_000_000], args.repeats, progress
+            optimizers = (
+                args.optimizers if args.optimizers != list(CASES) else _threads.DEFAULT_OPTIMIZERS
+            )
+            result["threads"] = _threads.run_threads_study(
+                optimizers,
+                [parse_size(s) for s in args.thread_sizes],
+                args.thread_conditions,
+                args.thread_seconds,
+                args.threads,
+                progress,
+                show_progress=not args.quiet,
             )
         if "clip" in studies:
             result["clip"] = run_clip(50_000_000, args.repeats, progress)
@@ -276,13 +310,10 @@ def report(result: Dict[str, object]) -> None:
             )
         )
     if "threads" in result:
-        print("\nAdam, 1 thread against all of them:")
-        for r in result["threads"]:
-            print(
-                f"  {size_label(r['size']):>6}: {r['seconds_1'] * 1e6:10.1f} us -> "
-                f"{r['seconds_n'] * 1e6:10.1f} us with {r['threads']} threads "
-                f"({r['speedup']:.2f}x)"
-            )
+        print("\nDefault threads against one thread (stragglers):")
+        print(_threads.table(result["threads"]))
+        print("targets:")
+        print(_threads.target_lines(result["threads"]))
     if "clip" in result:
         c = result["clip"]
         print(

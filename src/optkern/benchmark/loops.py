@@ -14,12 +14,13 @@ Each round runs one untimed step of each, then ``steps`` timed steps, timing for
 and the update of every step apart. A row reports medians over rounds of the per-step means.
 
 Each condition runs in a fresh worker process (``python -m optkern.benchmark._loops_worker``), so that
-"quiet" and "busy" never see torch or what other studies left behind:
+"quiet" and the busy conditions never see torch or what other studies left behind:
 
 - ``quiet``: nothing else started by the benchmark;
 - ``busy``: one other process spinning (``while True: pass``) for the whole condition, started
   before the worker and killed after it, also on an exception or Ctrl-C (and, on Linux, when
   this process dies: the child is asked to get SIGKILL with its parent);
+- ``busy3``: three of them (more runnable threads than cores on a 2-core machine);
 - ``torch``: torch imported in the worker, its intra-op pool warmed by a few matmuls before the
   first round and by one matmul (untimed) before each timed stretch.
 """
@@ -42,7 +43,7 @@ import numpy as np
 from .._cli import parse_dims  # noqa: F401  (one rule for --loop-sizes and the study)
 
 DEFAULT_LOOP_SIZES = ["784-256-128-10", "1024-1024-1024-10"]
-CONDITIONS = ["quiet", "busy", "torch"]
+CONDITIONS = ["quiet", "busy", "busy3", "torch"]
 LOOPS = ["numpy", "optkern", "optkern_1t", "no_update", "alone"]
 BATCH = 64
 DEFAULT_ROUNDS = 5
@@ -145,6 +146,10 @@ def _blas_info() -> Optional[List[Dict[str, object]]]:
 
 def _median(xs: Sequence[float]) -> float:
     return float(np.median(np.asarray(xs, dtype=np.float64)))
+
+
+def _p90(per_round: List[List[float]]) -> float:
+    return float(np.percentile(np.asarray([x for r in per_round for x in r], np.float64), 90))
 
 
 def measure(
@@ -256,6 +261,9 @@ def measure(
         "update_in_loop": med["optkern"]["update"],
         "update_in_loop_1t": med["optkern_1t"]["update"],
         "update_alone": med["alone"]["update"],
+        # Every step's update, not the rounds' means: a slow step now and then shows here.
+        "update_p90_in_loop": _p90(raw["optkern"]["update"]),
+        "update_p90_in_loop_1t": _p90(raw["optkern_1t"]["update"]),
         "update_ratio": med["optkern"]["update"] / med["alone"]["update"],
         "fwd_bwd_no_update": med["no_update"]["fwd_bwd"],
         "fwd_bwd_numpy": med["numpy"]["fwd_bwd"],
@@ -356,22 +364,36 @@ while True:
 
 
 @contextlib.contextmanager
-def busy_neighbour() -> Iterator[subprocess.Popen]:
-    """One other process spinning on one core for the duration of the block; killed on the way
-    out whatever happens (exception, Ctrl-C), and with this process on Linux."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SPIN, str(os.getpid())],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def busy_processes(count: int) -> Iterator[List[subprocess.Popen]]:
+    """`count` other processes, each spinning on a core, for the duration of the block; killed on
+    the way out whatever happens (exception, Ctrl-C), and with this process on Linux."""
+    procs: List[subprocess.Popen] = []
     try:
-        time.sleep(0.05)  # let it start spinning
-        yield proc
+        for _ in range(count):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _SPIN, str(os.getpid())],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        if procs:
+            time.sleep(0.05)  # let them start spinning
+        yield procs
     finally:
-        proc.kill()
-        proc.wait()
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+@contextlib.contextmanager
+def busy_neighbour() -> Iterator[subprocess.Popen]:
+    """One other process spinning on one core for the duration of the block (busy_processes)."""
+    with busy_processes(1) as procs:
+        yield procs[0]
 
 
 def torch_installed() -> bool:
@@ -437,6 +459,10 @@ def run_loops(
             with busy_neighbour() as proc:
                 res = worker(cfg)
                 res["busy_pid"] = proc.pid
+        elif condition == "busy3":
+            with busy_processes(3) as procs:
+                res = worker(cfg)
+                res["busy_pids"] = [p.pid for p in procs]
         else:
             res = worker(cfg)
         res["skipped"] = None
@@ -517,6 +543,13 @@ def targets(conditions: List[Dict[str, object]]) -> List[Dict[str, object]]:
             lambda r: 1.05,
         )
     )
+    out.append(
+        check(
+            "optkern's update in the loop: p90 on default threads <= 1.5x on one thread",
+            [(c, r, r["update_p90_in_loop"] / r["update_p90_in_loop_1t"]) for c, r in rows],
+            lambda r: 1.5,
+        )
+    )
     big = [(c, r, r["default_vs_1t"]) for c, r in rows if r["params"] == largest]
     out.append(
         check(
@@ -569,6 +602,7 @@ def table(result: Dict[str, object]) -> str:
                 + (f"; BLAS {', '.join(blas)}" if blas else "")
                 + (f"; {c['note']}" if c.get("note") else "")
                 + ("; one other process spinning" if c["condition"] == "busy" else "")
+                + ("; three other processes spinning" if c["condition"] == "busy3" else "")
             )
     return "\n".join(lines)
 

@@ -236,38 +236,6 @@ def run_many_small(
     return out
 
 
-def run_threads(sizes: Sequence[int], repeats: int, progress: Progress) -> List[Dict[str, object]]:
-    """Adam with 1 thread against all of them, interleaved, at each size."""
-    threads = ok.get_num_threads()
-    rows = []
-    for n in sizes:
-        progress(f"threads 1 vs {threads} at {size_label(n)}")
-        params, grads = arrays([n], 6, 0.5), arrays([n], 7, 0.01)
-        opt = ok.Adam(params)
-
-        def with_threads(k: int) -> Callable[[], None]:
-            def step() -> None:
-                ok.set_num_threads(k)
-                opt.step(grads)
-
-            return step
-
-        try:
-            seconds = compare({1: with_threads(1), threads: with_threads(threads)}, repeats)
-        finally:
-            ok.set_num_threads(threads)
-        rows.append(
-            {
-                "size": n,
-                "threads": threads,
-                "seconds_1": seconds[1],
-                "seconds_n": seconds[threads],
-                "speedup": seconds[1] / seconds[threads],
-            }
-        )
-    return rows
-
-
 def run_clip(n: int, repeats: int, progress: Progress) -> Dict[str, object]:
     """Adam with clipping fused into the step against clip_grad_norm_ followed by step, with
     clipping active on every step of both (as with fresh, too-large gradients each step)."""

@@ -1,9 +1,14 @@
 """The benchmark's narrower studies, each a question behind a design choice or a bound quoted in
 the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by default):
 
-* ``threshold``: where a second thread starts to pay (the single-thread threshold and the work
-  weights of src/cpp/multi_tensor.*): SGD, Adam and Adadelta at 4K-128K elements on 1 thread,
-  on 2 threads with no threshold, and at the defaults;
+* ``threshold``: what the split threshold of src/cpp/multi_tensor.cpp rests on: one thread's
+  time per element of several rules (thread CPU time, the fixed cost of a call taken off), and
+  SGD, Adam and Adadelta at 16K-512K elements on 1 thread, on 2 threads with no threshold, and
+  at the defaults (minimum of the repeats: a quiet machine's best case; the threads study has
+  the medians and p90s);
+* ``thread-placement``: the threads study's measurement with helpers kept off the calling
+  thread's CPU and allowed anywhere, each in its own process, alternated (repeats: how many
+  times), beside 0, 1 and 3 spinning processes; every call traced;
 * ``adafactor-shapes``: one Adafactor step on 4M-element matrices of several aspect ratios (and
   a 4M vector): the factored driver's cost should depend on the element count, not the shape;
 * ``pass-bounds``: Adafactor's and LAMB's 50M step beside passes that move exactly their bytes
@@ -25,10 +30,14 @@ Each returns a JSON-able dict whose ``"text"`` is what it prints.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
@@ -39,6 +48,7 @@ from .runner import compare, shuffled_times
 
 NAMES = [
     "threshold",
+    "thread-placement",
     "adafactor-shapes",
     "pass-bounds",
     "torch-bandwidth",
@@ -48,6 +58,7 @@ NAMES = [
 #: repeats (rounds for torch-phases) when --repeats is not given
 DEFAULT_REPEATS = {
     "threshold": 9,
+    "thread-placement": 2,
     "adafactor-shapes": 15,
     "pass-bounds": 9,
     "torch-bandwidth": 9,
@@ -59,21 +70,68 @@ DEFAULT_REPEATS = {
 NEEDS_TORCH = {"torch-bandwidth", "torch-phases"}
 
 
+ELEMENT_COST_RULES = [
+    ("SGD", {}),
+    ("SGD", {"momentum": 0.9}),
+    ("Lion", {}),
+    ("Adam", {}),
+    ("RMSprop", {}),
+    ("Adadelta", {}),
+    ("LAMB", {}),
+]
+
+
+def element_costs(repeats: int) -> List[Dict[str, Any]]:
+    """One thread's CPU time per element of each rule at 24K-1M elements: the step's thread CPU
+    time (minimum over repeats of a batch) less a 64-element step's, over the elements."""
+    threads = ok.get_num_threads()
+    ok.set_num_threads(1)
+
+    def cost(name: str, hp: Dict[str, Any], n: int) -> float:
+        rng = np.random.default_rng(0)
+        p = rng.random(n, dtype=np.float32)
+        g = (rng.random(n, dtype=np.float32) - 0.5) * np.float32(1e-3)
+        opt = getattr(ok, name)([p], lr=1e-4, **hp)
+        opt.step([g])
+        batch = max(20, 10_000_000 // max(n, 1000))
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            for _ in range(batch):
+                opt.step([g])
+            best = min(best, (time.thread_time() - t0) / batch)
+        return best
+
+    rows = []
+    try:
+        for name, hp in ELEMENT_COST_RULES:
+            fixed = cost(name, hp, 64)
+            per = {
+                n: (cost(name, hp, n) - fixed) / n * 1e9 for n in (24_000, 48_000, 200_000, 1_000_000)
+            }
+            rows.append({"rule": name, "hyper": hp, "fixed_us": fixed * 1e6, "ns_per_element": per})
+    finally:
+        ok.set_num_threads(threads)
+    return rows
+
+
 def threshold(repeats: int) -> Dict[str, Any]:
-    """Each rule's step at small sizes: 1 thread, 2 threads with no threshold, the defaults;
-    interleaved, minimum of the repeats."""
-    threads, floor = ok.get_num_threads(), ok._core._testing.min_elements_per_thread()
+    """One thread's time per element of each rule; then each rule's step near the threshold: 1
+    thread, 2 threads with no threshold, the defaults; interleaved, minimum of the repeats."""
+    testing = ok._core._testing
+    threads, floor = ok.get_num_threads(), testing.min_elements_per_thread()
+    costs = element_costs(repeats)
     rows: List[Dict[str, Any]] = []
     try:
         for name in ("SGD", "Adam", "Adadelta"):
-            for n in (4096, 8192, 16384, 32768, 65536, 131072):
+            for n in (16384, 32768, 65536, 131072, 262144, 524288):
                 params, grads = [np.zeros(n, np.float32)], [np.full(n, 1e-3, np.float32)]
                 opt = getattr(ok, name)(params)
 
                 def on(k: int, least: int) -> Callable[[], None]:
                     def step() -> None:
                         ok.set_num_threads(k)
-                        ok._core._testing.set_min_elements_per_thread(least)
+                        testing.set_min_elements_per_thread(least)
                         opt.step(grads)
 
                     return step
@@ -84,14 +142,79 @@ def threshold(repeats: int) -> Dict[str, Any]:
                 rows.append({"optimizer": name, "size": n, **{k: v for k, v in s.items()}})
     finally:
         ok.set_num_threads(threads)
-        ok._core._testing.set_min_elements_per_thread(floor)
-    text = [f"Where a second thread pays (min of {repeats}; threshold {floor} elements per thread):"]
+        testing.set_min_elements_per_thread(floor)
+    text = [f"One thread's time per element (thread CPU time, min of {repeats}, fixed cost off):"]
+    for c in costs:
+        text.append(
+            f"  {c['rule']:9}{str(c['hyper']):18} fixed {c['fixed_us']:5.1f} us | "
+            + " | ".join(f"{n}: {v:5.3f} ns" for n, v in c["ns_per_element"].items())
+        )
+    text.append(f"Where a second thread pays (min of {repeats}; threshold {floor} units per thread):")
     for r in rows:
         text.append(
             f"  {r['optimizer']:9}{r['size']:8}: 1 thread {r['one'] * 1e6:7.1f} us, 2 threads "
             f"{r['two'] * 1e6:7.1f} us ({r['one'] / r['two']:.2f}x); default {r['default'] * 1e6:7.1f} us"
         )
-    return {"rows": rows, "text": "\n".join(text)}
+    return {"element_costs": costs, "rows": rows, "text": "\n".join(text)}
+
+
+def thread_placement(
+    repeats: int,
+    busy: Sequence[int] = (0, 1, 3),
+    sizes: Sequence[int] = (30_000, 100_000, 300_000, 1_000_000, 3_000_000),
+    optimizers: Sequence[str] = ("adam", "sgd"),
+    seconds: float = 0.8,
+) -> Dict[str, Any]:
+    """Helpers kept off the calling thread's CPU or allowed anywhere: the threads study's
+    measurement (threads.placement_rows), each variant in a fresh process, the variants
+    alternated `repeats` times, beside 0, 1 and 3 spinning processes."""
+    from . import loops
+
+    variants = {"kept off": True, "anywhere": False}
+    code = (
+        "import json, sys; from optkern.benchmark.threads import placement_rows; "
+        "print(json.dumps(placement_rows(json.loads(sys.argv[1]))))"
+    )
+    out: Dict[str, Any] = {"conditions": []}
+    text = []
+    for count in busy:
+        runs: Dict[str, List[Any]] = {v: [] for v in variants}
+        with loops.busy_processes(count):
+            for _ in range(repeats):
+                for name, on in variants.items():
+                    cfg = dict(keep_off=on, seconds=seconds, optimizers=list(optimizers))
+                    cfg["sizes"] = list(sizes)
+                    res = subprocess.run(
+                        [sys.executable, "-c", code, json.dumps(cfg)],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    runs[name].append(json.loads(res.stdout))
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        text.append(f"{count} busy processes; load average {load:.1f} after")
+        out["conditions"].append({"busy": count, "load_after": load, "runs": runs})
+        for i, (key, n) in enumerate((k, n) for k in optimizers for n in sizes):
+            line = f"  {key:5}{n:9}"
+            for name in variants:
+                rows = [rep[i] for rep in runs[name]]
+                med = statistics.median(r["median_ratio"] for r in rows)
+                p90 = statistics.median(r["p90_ratio"] for r in rows)
+                one = statistics.median(r["one"]["p90"] for r in rows) * 1e6
+                same = [x for r in rows for x in r["same"]]
+                other = [x for r in rows for x in r["other"]]
+                line += (
+                    f" | {name}: median x{med:5.2f} p90 x{p90:5.2f} (1 thread p90 {one:6.0f} us);"
+                    f" on caller's CPU {len(same)}/{len(same) + len(other)} calls, p90 "
+                    f"{_p90(same)} us, others {_p90(other)} us"
+                )
+            text.append(line)
+    out["text"] = "\n".join(text)
+    return out
+
+
+def _p90(xs: List[float]) -> str:
+    return f"{np.percentile(xs, 90):6.0f}" if xs else f"{'-':>6}"
 
 
 ADAFACTOR_SHAPES = [
@@ -322,6 +445,7 @@ def run_study(name: str, repeats: int) -> Dict[str, Any]:
         return algos.run_study(name, repeats)
     return {
         "threshold": threshold,
+        "thread-placement": thread_placement,
         "adafactor-shapes": adafactor_shapes,
         "pass-bounds": pass_bounds,
         "torch-bandwidth": torch_bandwidth,

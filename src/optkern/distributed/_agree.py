@@ -86,6 +86,20 @@ def describe_params(param_groups: Sequence[Dict[str, Any]]) -> Fields:
     ]
 
 
+def require_float32(params: Sequence[Any], wrapper: str) -> None:
+    """The distributed wrappers lay gradients, parameters and states out in float32 buffers:
+    a parameter of another dtype (optkern's optimizers also take float64) is refused, on every
+    rank alike (the ranks have agreed on the dtypes first), before anything is allocated."""
+    for i, p in enumerate(params):
+        if p.dtype != np.float32:
+            err = TypeError(
+                f"{wrapper} takes float32 parameters; parameter {i} is {p.dtype} (optkern's "
+                "optimizers step float64 arrays, optkern.distributed does not yet)"
+            )
+            err.raised_on_every_rank = True  # type: ignore[attr-defined]
+            raise err
+
+
 def digest(fields: Fields) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for what, value in fields:

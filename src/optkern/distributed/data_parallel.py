@@ -17,6 +17,7 @@ from ._agree import (
     describe_groups,
     describe_params,
     explain,
+    require_float32,
     sums_agree,
     to_sum_slots,
 )
@@ -146,6 +147,7 @@ class DataParallel:
                 + describe_groups(optimizer.param_groups),
                 "the DataParallel construction",
             )
+            require_float32(self._params, "DataParallel")
             self._build(bucket_mb)
             configure_threads(self.comm, num_threads)
             if broadcast_params:
@@ -250,7 +252,7 @@ class DataParallel:
                 )
             if g.dtype != np.float32:
                 raise TypeError(
-                    f"grads[{i}] must be a float32 array (as the optimizer's step takes), "
+                    f"grads[{i}] must be a float32 array (as its float32 parameter), "
                     f"got dtype {g.dtype}"
                 )
             if g.shape != view.shape:
@@ -371,7 +373,15 @@ class DataParallel:
         rank skips it everywhere."""
         with self._coll.guard("DataParallel.step"):
             if self._coll.size == 1 and not any(self._ready):
-                return self.optimizer.step(grads, **kwargs)  # nothing to average: no copy
+                # nothing to average: no copy; a gradient the averaging path would refuse (it
+                # averages float32) is refused here too, with one rank as with several
+                for i, g in enumerate(grads if isinstance(grads, (list, tuple)) else ()):
+                    if isinstance(g, np.ndarray) and g.dtype != np.float32:
+                        raise TypeError(
+                            f"grads[{i}] must be a float32 array (as its float32 parameter), "
+                            f"got dtype {g.dtype}"
+                        )
+                return self.optimizer.step(grads, **kwargs)
             self._call = "DataParallel.step"
             averaged = self._averaged(grads, kwargs)
             return self.optimizer.step(averaged, **kwargs)

@@ -16,6 +16,7 @@ from ._agree import (
     agree,
     describe_groups,
     describe_params,
+    require_float32,
 )
 from ._layout import Layout, flat_state, merge_meta, state_from_flat
 from ._mpi import (
@@ -155,6 +156,10 @@ class ZeroRedundancyOptimizer:
                 + describe_params(self.optimizer.param_groups)
                 + describe_groups(self.optimizer.param_groups),
                 "the ZeroRedundancyOptimizer construction",
+            )
+            require_float32(
+                [p for g in self.optimizer.param_groups for p in g["params"]],
+                "ZeroRedundancyOptimizer",
             )
             rule = optimizer_class._rule
             if rule.reduction or rule.factored:  # the same class on every rank: all refuse
