@@ -251,6 +251,17 @@ def test_bad_hyperparameters(kw, err):
         ok.LBFGS([np.zeros(3, np.float32)], **kw)
 
 
+def test_float64_refused_naming_the_argument():
+    # LBFGS's fused passes are float32 only
+    with pytest.raises(TypeError, match=r"params\[1\] must be a float32 array, got dtype float64"):
+        ok.LBFGS([np.zeros(3, np.float32), np.zeros(2, np.float64)])
+    p = np.ones(3, np.float32)
+    opt = ok.LBFGS([p])
+    with pytest.raises(TypeError, match=r"grads\[0\] must be a float32 array, got dtype float64"):
+        opt.step(lambda: (1.0, [np.ones(3, np.float64)]))
+    np.testing.assert_array_equal(p, 1.0)
+
+
 def test_bad_closures_change_nothing():
     p = np.ones(4, np.float32)
     opt = ok.LBFGS([p])

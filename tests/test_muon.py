@@ -150,6 +150,23 @@ def test_only_2d_parameters(shape):
     assert len(opt.param_groups) == 1
 
 
+def test_float64_refused_naming_the_argument():
+    # Muon's fused passes are float32 only: float64 parameters or gradients are refused before
+    # anything changes, the offending one named by its index over all groups.
+    with pytest.raises(TypeError, match=r"params\[1\] must be a float32 array, got dtype float64"):
+        ok.Muon([np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float64)])
+    p = np.ones((2, 2), np.float32)
+    opt = ok.Muon([p])
+    with pytest.raises(TypeError, match=r"params\[1\] must be a float32"):
+        opt.add_param_group({"params": [np.zeros((2, 2), np.float64)]})
+    assert len(opt.param_groups) == 1
+    q = np.ones((3, 2), np.float32)
+    opt.add_param_group({"params": [q]})
+    with pytest.raises(TypeError, match=r"grads\[1\] must be a float32 array, got dtype float64"):
+        opt.step([np.ones((2, 2), np.float32), np.ones((3, 2), np.float64)])
+    assert np.all(p == 1) and np.all(q == 1) and not opt.state
+
+
 @pytest.mark.parametrize(
     "kw, err, match",
     [

@@ -20,12 +20,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
-from .optimizer import Optimizer
+from .optimizer import Optimizer, require_float32
 from .registry import Hyper, Rule, check_execution_flags
 
 __all__ = ["LBFGS"]
 
-_DOC = r"""L-BFGS (torch.optim.LBFGS), for float32 arrays, one parameter group.
+_DOC = r"""L-BFGS (torch.optim.LBFGS), for float32 arrays (float64 ones are refused: its fused passes
+are float32 only), one parameter group.
 
 ``step(closure)``: ``closure()`` evaluates the model at the parameters' current values and
 returns ``(loss, grads)``, grads aligned with the parameters (None for a parameter without a
@@ -587,6 +588,11 @@ class LBFGS(Optimizer):
         if self.param_groups:
             raise ValueError(_GROUPS_ERROR)
         super().add_param_group(param_group)
+        try:
+            require_float32(self.param_groups[0]["params"], "params", "LBFGS")
+        except TypeError:
+            self.param_groups.pop()
+            raise
 
     @property
     def _params(self) -> List[np.ndarray]:
@@ -613,6 +619,7 @@ class LBFGS(Optimizer):
             )
         grads = [np.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         _core.check_grads(params, grads)
+        require_float32(grads, "grads", "LBFGS")
         try:
             float(loss)
         except (TypeError, ValueError) as e:

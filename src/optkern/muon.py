@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
-from .optimizer import Optimizer, _pack
+from .optimizer import Optimizer, _pack, require_float32
 from .registry import Hyper, Rule, State, as_flag, check_execution_flags
 
 __all__ = ["Muon", "newton_schulz", "NS_COEFFICIENTS", "adjusted_lr"]
@@ -29,7 +29,8 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 #: What ``ns_dtype`` takes: the element type of the Newton-Schulz matrix products.
 NS_DTYPES = {"float32": np.float32, "float64": np.float64}
 
-_DOC = r"""Muon (torch.optim.Muon) for 2-D float32 arrays::
+_DOC = r"""Muon (torch.optim.Muon) for 2-D float32 arrays (float64 ones are refused: its fused passes
+are float32 only)::
 
     buf <- buf + (1 - momentum) * (g - buf)            (buf.lerp_(g, 1 - momentum), buf from 0)
     u   <- g + momentum * (buf - g) if nesterov else buf
@@ -237,13 +238,20 @@ class Muon(Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         with self._lock:
             super().add_param_group(param_group)
-            bad = [p for p in self.param_groups[-1]["params"] if p.ndim != 2]
+            params = self.param_groups[-1]["params"]
+            bad = [p for p in params if p.ndim != 2]
             if bad:
                 self.param_groups.pop()
                 raise ValueError(
                     "Muon only supports 2D parameters whereas we found a parameter with "
                     f"size: {bad[0].shape}"
                 )
+            before = sum(len(g["params"]) for g in self.param_groups[:-1])
+            try:
+                require_float32(params, "params", "Muon", list(range(before, before + len(params))))
+            except TypeError:
+                self.param_groups.pop()
+                raise
 
     def _workspace(self, shape: Tuple[int, int]) -> _Workspace:
         if self._workspaces is None:  # after unpickling (a transient attribute)
@@ -269,6 +277,7 @@ class Muon(Optimizer):
             work = self._plan(grads)
             for _, params, group_grads, positions in work:
                 _core.check_grads(params, group_grads, positions=positions)
+                require_float32(group_grads, "grads", "Muon", positions)
             hyper = [self._hyper(group) for group, *_ in work]
             norm, scale, skip = self._clipping(work, max_grad_norm, norm_type, skip_if_nonfinite)
             if skip:

@@ -1031,3 +1031,17 @@ def _restore_dict(obj: Any, saved: Dict[str, Any]) -> None:
                         None,
                         [p.dtype for p, _ in have],
                     )
+
+
+def require_float32(
+    arrays: Sequence[np.ndarray], name: str, who: str, positions: Optional[List[int]] = None
+) -> None:
+    """Refuses (TypeError naming ``name[i]``) any array not float32, for the optimizers whose
+    fused passes are float32 only (Muon, LBFGS)."""
+    for i, a in enumerate(arrays):
+        if a.dtype != np.float32:
+            at = i if positions is None else positions[i]
+            raise TypeError(
+                f"{name}[{at}] must be a float32 array, got dtype {a.dtype}: {who}'s fused passes "
+                "step float32 only (optkern's other optimizers take float64)"
+            )

@@ -57,7 +57,10 @@ class RowSparse:
                 f"RowSparse values must be a float32 NumPy array, got {type(values).__name__}"
             )
         if values.dtype != np.float32:
-            raise TypeError(f"RowSparse values must be float32, got dtype {values.dtype}")
+            raise TypeError(
+                f"RowSparse values must be float32 (for float32 and float64 parameters alike), "
+                f"got dtype {values.dtype}"
+            )
         if values.ndim < 1 or values.shape[0] != idx.shape[0]:
             raise ValueError(
                 f"RowSparse values must have shape (len(indices), ...) = ({idx.shape[0]}, ...), "
