@@ -2,7 +2,7 @@
 """Golden bytes: a fingerprint of every kernel's exact output, for restructurings of the C++ core
 that must not change a single bit.
 
-Runs every rule with each option set of reference.CASES (flags on and off, weight decay,
+Runs every rule with each option set of optim_db.CASES (flags on and off, weight decay,
 maximize, amsgrad, nesterov, centered, ...), a few steps, on every ISA this machine runs
 (OPTKERN_FORCE_ISA in a child process per ISA, and the classes' ``_isa``), at 1 and 2 threads
 (64 elements per thread, so small arrays split), over one group of arrays whose sizes are not
@@ -151,7 +151,7 @@ def set_min_elements_per_thread(n: int) -> None:
 def child(dtype_name: str) -> None:
     """Runs everything on the ISA OPTKERN_FORCE_ISA names; prints {key: digest} as JSON."""
     import optkern as ok
-    from reference import CASES, case_id
+    from optim_db import CASES, case_id
 
     dtype = np.dtype(dtype_name)
     isa = ok.active_isa()

@@ -7,7 +7,8 @@ the parameter's type."""
 import numpy as np
 import pytest
 from helpers import bits
-from reference import CASES, Reference, case_id
+from optim_db import CASES, case_id
+from reference import Reference
 
 import optkern as ok
 import optkern.functional as F
