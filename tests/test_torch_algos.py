@@ -409,6 +409,49 @@ def test_sparse_refusals_are_torchs():
     assert torch.equal(p, torch.zeros(4, 3))
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first step", "later step"])
+@pytest.mark.parametrize("broken", ["negative lr", "row out of range", "float64", "dense"])
+def test_sparse_step_refused_in_group_1_changes_nothing_in_group_0(broken, first):
+    # as tests/test_all_or_nothing.py for the dense classes: every group is checked before any
+    # is written
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(20, 4, generator=gen))
+    b = torch.nn.Parameter(torch.randn(10, 3, generator=gen))
+    opt = okt.SparseAdam([{"params": [a]}, {"params": [b]}], lr=0.01)
+
+    def grads():
+        a.grad = torch.sparse_coo_tensor([[1, 5, 1]], torch.randn(3, 4, generator=gen), (20, 4))
+        b.grad = torch.sparse_coo_tensor([[2, 2]], torch.randn(2, 3, generator=gen), (10, 3))
+
+    if not first:
+        grads()
+        opt.step()
+    grads()
+    error = ValueError
+    if broken == "negative lr":
+        opt.param_groups[1]["lr"] = -1.0
+    elif broken == "row out of range":  # torch's invariant checks are off by default
+        b.grad = torch.sparse_coo_tensor([[2, 12]], torch.randn(2, 3, generator=gen), (10, 3))
+    elif broken == "float64":
+        with torch.no_grad():
+            b.data = b.data.double()
+        b.grad = torch.sparse_coo_tensor([[2]], torch.ones(1, 3, dtype=torch.float64), (10, 3))
+        error = TypeError
+    else:
+        b.grad = torch.ones(10, 3)
+        error = RuntimeError
+    before = [a.detach().clone(), copy.deepcopy(opt.state_dict())]
+    with pytest.raises(error):
+        opt.step()
+    assert torch.equal(a, before[0])
+    after = opt.state_dict()
+    assert after["state"].keys() == before[1]["state"].keys()
+    for k, st in before[1]["state"].items():
+        for name, v in st.items():
+            w = after["state"][k][name]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
+
+
 def test_sparse_adam_state_dict_both_ways():
     _, _, oa = embedding_run(torch.optim, "SparseAdam", {"lr": 0.01}, steps=5)
     _, _, ob = embedding_run(okt, "SparseAdam", {"lr": 0.01}, steps=5)
