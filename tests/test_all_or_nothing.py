@@ -224,8 +224,17 @@ def test_numpy_switch_with_a_z_of_the_wrong_shape_moves_nothing(name):
     assert all(g["train_mode"] for g in opt.param_groups)
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test. A shell starts a background
+    job with SIGINT ignored, and Python then installs no handler: CI's lanes run that way."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.parametrize("name", SF)
-def test_ctrl_c_during_the_switch_lands_after_every_group_moved(name, monkeypatch):
+def test_ctrl_c_during_the_switch_lands_after_every_group_moved(name, monkeypatch, ctrl_c_raises):
     opt, ps = _np_sf(name)
     ref, ref_ps = _np_sf(name)
     ref.eval()
@@ -253,6 +262,16 @@ def test_deferred_interrupts_delivers_to_the_callers_handler():
             signal.raise_signal(signal.SIGINT)
             assert got == []  # held back inside
         assert got == ["handled"]
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_deferred_interrupts_keeps_an_ignored_ctrl_c_ignored():
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with schedule_free.deferred_interrupts():
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, old)
 

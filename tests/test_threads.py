@@ -176,6 +176,23 @@ def test_invalid_environment_is_ignored(value):
     assert python(NUM_THREADS, {"OPTKERN_NUM_THREADS": value, "OMP_NUM_THREADS": "3"}) == "3"
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "2.5"])
+def test_unreadable_optkern_num_threads_warns_at_import(value):
+    code = """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import optkern
+        print([str(w.message) for w in caught if w.category is RuntimeWarning])
+    """
+    out = python(code, {"OPTKERN_NUM_THREADS": value})
+    assert f"OPTKERN_NUM_THREADS='{value}' is not a thread count" in out, out
+    assert "it is ignored" in out
+    # A readable count, or none, says nothing.
+    assert python(code, {"OPTKERN_NUM_THREADS": "2"}) == "[]"
+    assert python(code) == "[]"
+
+
 def test_parsers():
     parse = ok._core._testing.parse_thread_count
     assert [parse(s) for s in ("1", "12", "4,2", " 7\t", "1024")] == [1, 12, 4, 7, 1024]

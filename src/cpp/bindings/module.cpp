@@ -14,6 +14,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "bindings/arrays.hpp"
@@ -77,6 +78,18 @@ py::dict build_info() {
   return info;
 }
 
+// OPTKERN_NUM_THREADS set to something that is not a thread count would be ignored without a
+// word (the count then comes from OMP_NUM_THREADS or the CPUs): say so once, at import.
+void warn_on_unreadable_thread_count() {
+  const char* text = std::getenv("OPTKERN_NUM_THREADS");
+  if (text == nullptr || *text == '\0' || pool::parse_thread_count(text) > 0) return;
+  const std::string message = "OPTKERN_NUM_THREADS='" + std::string(text) +
+                              "' is not a thread count (a whole number from 1 to " +
+                              std::to_string(pool::MAX_THREADS) + "); it is ignored and " +
+                              std::to_string(pool::default_threads()) + " threads are used";
+  if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) != 0) throw py::error_already_set();
+}
+
 }  // namespace
 }  // namespace optkern
 
@@ -87,6 +100,7 @@ PYBIND11_MODULE(_core, m) {
       "use optkern and optkern.functional)";
   init_dispatch();
   m.attr("__version__") = OPTKERN_VERSION;
+  warn_on_unreadable_thread_count();
 
   m.def("active_isa", &active_isa,
         "The instruction set the kernels run with: scalar, avx2 or avx512.");
