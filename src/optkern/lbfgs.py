@@ -585,14 +585,15 @@ class LBFGS(Optimizer):
         return validate(core, labels)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        if self.param_groups:
-            raise ValueError(_GROUPS_ERROR)
-        super().add_param_group(param_group)
-        try:
-            require_float32(self.param_groups[0]["params"], "params", "LBFGS")
-        except TypeError:
-            self.param_groups.pop()
-            raise
+        with self._lock:
+            if self.param_groups:
+                raise ValueError(_GROUPS_ERROR)
+            super().add_param_group(param_group)
+            try:
+                require_float32(self.param_groups[0]["params"], "params", "LBFGS")
+            except TypeError:
+                self.param_groups.pop()
+                raise
 
     @property
     def _params(self) -> List[np.ndarray]:
