@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The oracle stage: the tests that compare optkern with other libraries (torch.optim and its own
 # optimizer test database, torch's schedulers and clipping, optkern.torch; jax/optax,
-# schedulefree and scikit-learn where tests use them) run with those libraries installed, and
+# schedulefree, scikit-learn and Keras where tests use them) run with those libraries installed, and
 # fail, rather than skip, when one of them does not import.
 #
 #   bash .ci/oracles.sh [PYTHON]
@@ -20,7 +20,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS=0
 
-oracles=("torch==2.13.0" expecttest "jax[cpu]" optax schedulefree lion-pytorch scikit-learn)
+oracles=("torch==2.13.0" expecttest "jax[cpu]" optax schedulefree lion-pytorch scikit-learn keras)
+# Keras 3 (the oracle of the textbook forms) runs on jax here; without it, it would look for
+# tensorflow and fail to import, which fails this stage.
+export KERAS_BACKEND=jax
 if [[ $# -ge 1 ]]; then
   py=$1
   echo "== oracles into $py"
@@ -50,7 +53,7 @@ files=(tests/test_torch_parity.py tests/test_lr_scheduler_torch.py tests/test_cl
        tests/test_torch_adapter.py tests/test_oracle_parity.py)
 while IFS= read -r f; do
   [[ " ${files[*]} " == *" $f "* ]] || files+=("$f")
-done < <(grep -lE "importorskip\(\s*[\"'](torch|jax|optax|schedulefree|lion_pytorch|sklearn)|with_oracle\(|\.oracle\(" tests/test_*.py | sort)
+done < <(grep -lE "importorskip\(\s*[\"'](torch|jax|optax|schedulefree|lion_pytorch|sklearn|keras)|with_oracle\(|\.oracle\(" tests/test_*.py | sort)
 
 echo "== oracle tests: ${files[*]}"
 start=$SECONDS

@@ -1,5 +1,5 @@
 """pytest plugin for .ci/oracles.sh: a test skipped because an oracle package (torch, jax,
-optax, schedulefree, scikit-learn, ...) could not be imported fails the run instead, so the
+optax, schedulefree, scikit-learn, keras, ...) could not be imported fails the run instead, so the
 oracle stage cannot pass by skipping what it exists to run. Loaded with
 ``-p require_oracles`` and .ci on PYTHONPATH; the ordinary test runs never load it."""
 

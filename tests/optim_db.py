@@ -30,8 +30,9 @@ sets, its oracles); an override naming no class of optkern is an error, so none 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,6 +58,9 @@ class Oracle:
     maximize: bool = True  # takes maximize=; else the tests step it on -g
     optim_db: bool = False  # torch's optimizer test database (optim_db) has inputs for it
     fused: bool = False  # torch has a fused CPU kernel for it
+    states: Tuple[Tuple[str, str], ...] = ()  # optkern's state name -> the oracle's (optax's fields)
+    convert: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None  # arguments it takes
+    # in another form, after renaming (AdEMAMix's warmups as optax schedules)
 
     def load(self) -> Any:
         """The oracle's class or function (skips the test when the package is absent)."""
@@ -67,35 +71,73 @@ class Oracle:
             obj = getattr(obj, part)
         return obj
 
+    def takes(self, entry: "Entry", hp: Dict[str, Any]) -> bool:
+        """Whether the oracle has the form ``hp`` asks for: no option of optkern's own (a
+        textbook form, which torch.optim lacks) switched on."""
+        return all(hp.get(key, default) == default for key, default in entry.rule.own_args())
+
     def kwargs(self, entry: "Entry", hp: Dict[str, Any]) -> Dict[str, Any]:
         """The oracle's arguments for optkern's ``hp`` on ``entry``'s class: optkern's defaults
         filled in (oracles default differently, or not at all), renamed and split as the oracle
-        names them; maximize dropped where the oracle has none."""
+        names them; maximize dropped where the oracle has none, and optkern's own options (the
+        textbook forms, which torch.optim lacks) dropped at their defaults."""
         full = dict(entry.defaults, **hp)
         out: Dict[str, Any] = dict(self.fixed)
         rename, split = dict(self.rename), dict(self.split)
+        own = dict(entry.rule.own_args())  # options torch.optim lacks (the textbook forms)
         for key, value in full.items():
             if key == "maximize" and not self.maximize:
+                continue
+            if key in own:
+                if value != own[key]:
+                    raise ValueError(f"{self.name} has no {key}={value!r}: optkern's own option")
                 continue
             if key in split:
                 out.update(zip(split[key], value))
             else:
                 out[rename.get(key, key)] = value
-        return out
+        return self.convert(out) if self.convert else out
 
 
 def _torch(name: str, **kw: Any) -> Oracle:
     return Oracle("torch", "optim." + name, optim_db=kw.pop("optim_db", True), **kw)
 
 
-def _optax(name: str) -> Oracle:
+def _optax(name: str, states: Tuple[Tuple[str, str], ...], **kw: Any) -> Oracle:
+    betas = kw.pop("betas", ("b1", "b2"))
     return Oracle(
         "optax",
         name,
         rename=(("lr", "learning_rate"),),
-        split=(("betas", ("b1", "b2")),),
+        split=(("betas", betas),),
         maximize=False,
+        states=states,
+        **kw,
     )
+
+
+def _ademamix_schedules(kw: Dict[str, Any]) -> Dict[str, Any]:
+    """AdEMAMix's warmups (the authors' class) as the schedules optax.contrib.ademamix takes:
+    functions of its count (the step - 1), computed in double on the host as optkern does (a
+    float32 log of beta3 + 1e-8 would move the half-life by 1e-3)."""
+    beta1, beta3, alpha = kw["b1"], kw["b3"], kw["alpha"]
+    beta3_warmup, alpha_warmup = kw.pop("beta3_warmup"), kw.pop("alpha_warmup")
+
+    def half_life(b: float) -> float:
+        return math.log(0.5) / math.log(b + 1e-8) - 1
+
+    def b3(count: Any) -> float:
+        step = int(count) + 1
+        if not beta3_warmup or step >= beta3_warmup:
+            return beta3
+        a = step / beta3_warmup
+        return 0.5 ** (1 / ((1 - a) * half_life(beta1) + a * half_life(beta3) + 1))
+
+    def warm_alpha(count: Any) -> float:
+        step = int(count) + 1
+        return alpha * step / alpha_warmup if alpha_warmup and step < alpha_warmup else alpha
+
+    return dict(kw, b3=b3, alpha=warm_alpha)
 
 
 # -- what a rule needs beyond its derived defaults -------------------------------------------------
@@ -112,10 +154,16 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(lr=0.005, momentum=0.8, weight_decay=0.05),
             dict(lr=0.005, momentum=0.5, weight_decay=0.1, nesterov=True, maximize=True),
             dict(lr=0.01, weight_decay=0.1),
+            # classic momentum (lr inside the velocity; Keras, its oracle: test_oracle_parity_keras.py)
+            dict(lr=0.005, momentum=0.9, lr_in_velocity=True),
+            dict(lr=0.005, momentum=0.8, dampening=0.3, weight_decay=0.05, lr_in_velocity=True),
+            dict(lr=0.005, momentum=0.5, nesterov=True, lr_in_velocity=True, maximize=True),
+            dict(lr=0.01, lr_in_velocity=True),  # no momentum: plain SGD
         ],
         attack=[
             dict(lr=0.1),
             dict(lr=0.1, momentum=0.9, weight_decay=0.01),
+            dict(lr=0.1, momentum=0.9, nesterov=True, lr_in_velocity=True),
             dict(lr=0.01, momentum=0.9, nesterov=True),
         ],
         oracles=[_torch("SGD", fused=True)],
@@ -125,6 +173,7 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
         cases=[
             dict(lr=0.005),
             dict(lr=0.005, momentum=0.8, weight_decay=0.01, maximize=True),
+            dict(lr=0.005, momentum=0.8, weight_decay=0.05, lr_in_velocity=True),
         ],
         attack=[dict(lr=0.1, maximize=True)],
         # SGD's optim_db inputs are SGD's (test_torch_parity checks Nesterov on its own cases)
@@ -149,8 +198,25 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             # is small next to the mean (a weight decay larger than the noise): a small decay.
             dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=0.01),
             dict(lr=1e-3, alpha=0.4, eps=1e-3, weight_decay=0.01, maximize=True),
+            # the textbook forms, Keras' (test_oracle_parity_keras.py): eps under the square root, lr
+            # inside the momentum buffer
+            dict(lr=1e-3, eps=1e-3, eps_inside_sqrt=True),
+            dict(lr=1e-3, momentum=0.9, eps_inside_sqrt=True, lr_in_velocity=True),
+            dict(
+                lr=1e-3,
+                momentum=0.9,
+                centered=True,
+                eps=1e-4,
+                eps_inside_sqrt=True,
+                weight_decay=0.01,
+            ),
+            dict(lr=1e-3, momentum=0.5, centered=True, lr_in_velocity=True, maximize=True),
         ],
-        attack=[dict(), dict(lr=1e-3, centered=True, momentum=0.9, weight_decay=0.1)],
+        attack=[
+            dict(),
+            dict(lr=1e-3, momentum=0.9, eps_inside_sqrt=True, lr_in_velocity=True),
+            dict(lr=1e-3, centered=True, momentum=0.9, weight_decay=0.1),
+        ],
         oracles=[_torch("RMSprop")],
         mpi=dict(lr=1e-3, centered=True, momentum=0.5),
     ),
@@ -159,8 +225,11 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(lr=1e-2),
             dict(lr=1e-2, lr_decay=0.01, weight_decay=0.1),
             dict(lr=1e-2, initial_accumulator_value=0.5, eps=1e-3, maximize=True),
+            # the textbook form, Keras' (test_oracle_parity_keras.py): eps under the square root
+            dict(lr=1e-2, eps=1e-7, initial_accumulator_value=0.1, eps_inside_sqrt=True),
+            dict(lr=1e-2, lr_decay=0.01, weight_decay=0.1, eps=1e-3, eps_inside_sqrt=True),
         ],
-        attack=[dict(lr_decay=0.1, initial_accumulator_value=0.1)],
+        attack=[dict(eps_inside_sqrt=True), dict(lr_decay=0.1, initial_accumulator_value=0.1)],
         oracles=[_torch("Adagrad", fused=True)],
         mpi=dict(lr=0.05, lr_decay=1e-3),
     ),
@@ -258,7 +327,10 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1),
             dict(lr=1e-3, betas=(0.0, 0.5), weight_decay=1e-3, maximize=True),
         ],
-        oracles=[_optax("lion"), Oracle("lion_pytorch", "Lion", maximize=False)],
+        oracles=[
+            _optax("lion", (("exp_avg", "mu"),)),
+            Oracle("lion_pytorch", "Lion", maximize=False),
+        ],
         oracle_cases=[
             dict(),
             dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.1),
@@ -287,7 +359,7 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.01),
             dict(lr=1e-3, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.1, maximize=True),
         ],
-        oracles=[_optax("lamb")],
+        oracles=[_optax("lamb", (("exp_avg", "mu"), ("exp_avg_sq", "nu")))],
         oracle_cases=[
             dict(),
             dict(weight_decay=0.01),
@@ -354,6 +426,26 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
             dict(weight_decay=0.1, lr=0.01),
             dict(weight_decay=0.1, maximize=True),
             dict(beta2_decay=-1.0, d=1.5, eps=(1e-20, 1e-2)),
+        ],
+    ),
+    # The derived cases leave the warmups (None-able numbers, not flags) off: the cases below
+    # warm up within the tests' steps, all along them, and not at all; and optax's oracle.
+    "AdEMAMix": dict(
+        cases=[
+            dict(),
+            dict(betas=(0.9, 0.999, 0.999), alpha=5.0, weight_decay=0.1, maximize=True),
+            dict(beta3_warmup=20, alpha_warmup=12),
+            dict(lr=2e-3, betas=(0.8, 0.99, 0.9999), alpha=8.0, beta3_warmup=500, alpha_warmup=500),
+            dict(betas=(0.0, 0.999, 0.99), eps=1e-6, weight_decay=0.01),  # no fast average
+            dict(alpha=0.0, alpha_warmup=0),  # Adam (a warmup of 0 is none)
+        ],
+        oracles=[
+            _optax(
+                "contrib.ademamix",
+                (("exp_avg_fast", "m1"), ("exp_avg_slow", "m2"), ("exp_avg_sq", "nu")),
+                betas=("b1", "b2", "b3"),
+                convert=_ademamix_schedules,
+            )
         ],
     ),
 }

@@ -96,10 +96,25 @@ class Reference:
 
     # -- the rules -------------------------------------------------------------------------------
 
-    def _sgd(self, g, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+    def _sgd(
+        self,
+        g,
+        lr=1e-3,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        lr_in_velocity=False,
+    ):
         p = self.p
         if weight_decay != 0:
             g = g + weight_decay * p
+        if momentum != 0 and lr_in_velocity:  # classic momentum: the buffer is the velocity
+            v = self.state.get("momentum_buffer")
+            v = -lr * g if v is None else momentum * v - lr * (1 - dampening) * g
+            self.state["momentum_buffer"] = v
+            self.p = p + (momentum * v - lr * g if nesterov else v)
+            return
         if momentum != 0:
             buf = self.state.get("momentum_buffer")
             buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
@@ -107,9 +122,17 @@ class Reference:
             g = g + momentum * buf if nesterov else buf
         self.p = p - lr * g
 
-    def _nesterov(self, g, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0):
+    def _nesterov(
+        self, g, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, lr_in_velocity=False
+    ):
         self._sgd(
-            g, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=True
+            g,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=True,
+            lr_in_velocity=lr_in_velocity,
         )
 
     def _momentum(self, g, lr=1e-3, beta=0.9, weight_decay=0.0):
@@ -120,20 +143,33 @@ class Reference:
         self.p = self.p - lr * v
 
     def _rmsprop(
-        self, g, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False
+        self,
+        g,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.0,
+        centered=False,
+        eps_inside_sqrt=False,
+        lr_in_velocity=False,
     ):
         p = self.p
         if weight_decay != 0:
             g = g + weight_decay * p
         sq = alpha * self.zeros("square_avg") + ((1 - alpha) * g) * g
         self.state["square_avg"] = sq
+        var = sq
         if centered:
             ga = lerp(self.zeros("grad_avg"), g, 1 - alpha)
             self.state["grad_avg"] = ga
-            avg = np.sqrt(sq - ga * ga) + eps
-        else:
-            avg = np.sqrt(sq) + eps
-        if momentum > 0:
+            var = sq - ga * ga
+        avg = np.sqrt(var + eps) if eps_inside_sqrt else np.sqrt(var) + eps
+        if momentum > 0 and lr_in_velocity:  # the buffer holds the steps, lr inside
+            buf = momentum * self.zeros("momentum_buffer") + (lr * g) / avg
+            self.state["momentum_buffer"] = buf
+            self.p = p - buf
+        elif momentum > 0:
             buf = momentum * self.zeros("momentum_buffer") + g / avg
             self.state["momentum_buffer"] = buf
             self.p = p - lr * buf
@@ -142,7 +178,14 @@ class Reference:
         self.state["step"] = self.t + 1
 
     def _adagrad(
-        self, g, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10
+        self,
+        g,
+        lr=1e-2,
+        lr_decay=0.0,
+        weight_decay=0.0,
+        initial_accumulator_value=0.0,
+        eps=1e-10,
+        eps_inside_sqrt=False,
     ):
         p = self.p
         t = self.t + 1
@@ -151,7 +194,8 @@ class Reference:
         clr = lr / (1 + (t - 1) * lr_decay)
         s = self.zeros("sum", initial_accumulator_value) + g * g
         self.state["sum"] = s
-        self.p = p - (clr * g) / (np.sqrt(s) + eps)
+        denom = np.sqrt(s + eps) if eps_inside_sqrt else np.sqrt(s) + eps
+        self.p = p - (clr * g) / denom
         self.state["step"] = t
 
     def _adadelta(self, g, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0):
@@ -364,6 +408,36 @@ class Reference:
             p = p + (-alpha / denom) * update
         self.p = p
         self.state["step"] = t
+
+    def _ademamix(
+        self,
+        g,
+        lr=1e-3,
+        betas=(0.9, 0.999, 0.9999),
+        alpha=2.0,
+        beta3_warmup=None,
+        alpha_warmup=None,
+        eps=1e-8,
+        weight_decay=0.0,
+    ):
+        beta1, beta2, beta3 = betas
+        t = self.t + 1
+        if alpha_warmup is not None and t < alpha_warmup:  # linear from 0
+            alpha = alpha * t / alpha_warmup
+        if beta3_warmup is not None and t < beta3_warmup:
+            # the slow average's half-life grows linearly from beta1's to beta3's
+            def half_life(b):
+                return math.log(0.5) / math.log(b + 1e-8) - 1
+
+            a = t / beta3_warmup
+            beta3 = 0.5 ** (1 / ((1 - a) * half_life(beta1) + a * half_life(beta3) + 1))
+        fast = beta1 * self.zeros("exp_avg_fast") + (1 - beta1) * g
+        slow = beta3 * self.zeros("exp_avg_slow") + (1 - beta3) * g
+        sq = beta2 * self.zeros("exp_avg_sq") + (1 - beta2) * g * g
+        denom = np.sqrt(sq) / math.sqrt(1 - beta2**t) + eps
+        update = (fast / (1 - beta1**t) + alpha * slow) / denom
+        self.p = self.p - lr * (update + weight_decay * self.p)
+        self.state.update(exp_avg_fast=fast, exp_avg_slow=slow, exp_avg_sq=sq, step=t)
 
     def _lamb(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         beta1, beta2 = betas

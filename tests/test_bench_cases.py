@@ -183,13 +183,13 @@ def test_torch_mlp_example_runs_every_okt_class():
     from optkern.examples import torch_mlp
 
     dense = [n for n, r in okt.RULES.items() if not r.sparse_only]  # SparseAdam: embeddings
-    assert list(torch_mlp.HYPER) == dense
-    rows = torch_mlp.run(list(torch_mlp.HYPER), n=200, hidden=16, epochs=1)
+    assert set(torch_mlp.HYPER) <= set(okt.RULES)  # the others run at their defaults
+    rows = torch_mlp.run(dense, n=200, hidden=16, epochs=1)
     assert [r["optimizer"] for r in rows] == dense
     for r in rows:
         assert r["okt_loss"] > 0 and r["okt_s"] > 0
-        if "peer_missing" in r:
-            assert r["optimizer"] in ("Lion", "LAMB", "ScheduleFreeAdamW", "ScheduleFreeSGD"), r
+        if "peer_missing" in r:  # only where torch.optim lacks the class
+            assert okt.RULES[r["optimizer"]].torch_name is None, r
             continue
         if r["optimizer"] == "Momentum":  # torch's SGD with dampening: differs at the first step
             continue

@@ -131,6 +131,8 @@ def _rmsprop_(
     weight_decay=0.0,
     momentum=0.0,
     centered=False,
+    eps_inside_sqrt=False,
+    lr_in_velocity=False,
     maximize=False,
     grad_scale=1.0,
     _positions=None,
@@ -145,6 +147,7 @@ def _adagrad_(
     lr_decay=0.0,
     weight_decay=0.0,
     eps=1e-10,
+    eps_inside_sqrt=False,
     maximize=False,
     grad_scale=1.0,
     _positions=None,
@@ -228,3 +231,49 @@ def test_a_stub_that_disagrees_with_the_declaration_is_refused():
 
     with pytest.raises(TypeError, match=r"unknown \['beta3'\], missing \['exp_avg_sqs'\]"):
         make_functional(rule("adam"), F._run, like=adam_)
+
+
+def test_textbook_forms_through_the_functions_match_the_classes():
+    """The textbook options (eps_inside_sqrt, lr_in_velocity) reach the kernels through
+    optkern.functional as through the classes: the same bits over steps with a changing lr."""
+    p0 = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    grads = gradient_sequence(1000, 12, seed=2, scale=0.1)
+    lrs = [0.01 * (1 + t % 3) for t in range(len(grads))]  # the forms differ when lr changes
+
+    def run(cls_name, hp, functional):
+        a, b = p0.copy(), p0.copy()
+        opt = getattr(ok, cls_name)([a], **hp)
+        for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+            opt.param_groups[0]["lr"] = lr
+            opt.step([g])
+            functional(b, g, t, dict(hp, lr=lr))
+        assert bits(a) == bits(b), cls_name
+        return opt.state[a]
+
+    buf = [None]
+    state = run(
+        "SGD",
+        dict(momentum=0.9, nesterov=True, lr_in_velocity=True),
+        lambda p, g, t, hp: F.sgd_([p], [g], buf, **hp),
+    )
+    assert bits(state["momentum_buffer"]) == bits(buf[0])
+
+    sq, mb, ga = (np.zeros(1000, np.float32) for _ in range(3))
+    hp = dict(alpha=0.9, eps=1e-4, momentum=0.5, centered=True)
+    hp.update(eps_inside_sqrt=True, lr_in_velocity=True)
+    state = run(
+        "RMSprop",
+        hp,
+        lambda p, g, t, hp: F.rmsprop_([p], [g], [sq], [ga], [mb], **hp),
+    )
+    assert bits(state["momentum_buffer"]) == bits(mb)
+
+    sums = np.full(1000, 0.1, np.float32)
+    state = run(
+        "Adagrad",
+        dict(eps=1e-3, initial_accumulator_value=0.1, eps_inside_sqrt=True),
+        lambda p, g, t, hp: F.adagrad_(
+            [p], [g], [sums], step=t, eps=hp["eps"], lr=hp["lr"], eps_inside_sqrt=True
+        ),
+    )
+    assert bits(state["sum"]) == bits(sums)

@@ -179,8 +179,9 @@ SHAPES = st.one_of(
     st.integers(1, 200).map(lambda n: (n,)),  # vector loops and their scalar tails
 )
 
-# Layouts of one array. Valid ones first; the rest break a rule (or do not, for some shapes: a
-# 'strided' array of one element is still contiguous -- the oracle looks at NumPy's flags).
+# Layouts of one array. Valid ones first; the rest break a rule (or do not: for some shapes, a
+# 'strided' array of one element is still contiguous, and float64 breaks one only for a state
+# of a float32 parameter -- the oracle, entry_error, looks at NumPy's flags).
 VALID_LAYOUTS = ["plain", "plain", "plain", "offset", "odd strides on size-1 axes", "read-only"]
 INVALID_LAYOUTS = [
     "float64",
@@ -248,14 +249,21 @@ def build(values, layout):
     return a
 
 
-def entry_error(a, shape, written):
+def entry_error(a, shape, written, param_dtype=None):
     """The error an entry of an array list must get, or None: the documented rules, read off
-    NumPy's own flags."""
+    NumPy's own flags. Parameters and gradients are float32 or float64 (a gradient of either type
+    for either); a state (``param_dtype``: its parameter's type, when that one is valid) has its
+    parameter's type. A 0-d array counts as one element, so only its shape can be wrong here
+    (the shapes drawn are never ())."""
     if not isinstance(a, np.ndarray):
         return TypeError
-    if a.dtype.kind != "f" or a.dtype.itemsize != 4 or not a.dtype.isnative:
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8) or not a.dtype.isnative:
         return TypeError
-    if a.ndim == 0 or not a.flags.c_contiguous or not a.flags.aligned:
+    if param_dtype is not None and a.dtype != param_dtype:
+        return TypeError
+    if a.ndim == 0 and a.shape != shape:
+        return ValueError
+    if not a.flags.c_contiguous or not a.flags.aligned:
         return ValueError
     if written and not a.flags.writeable:
         return ValueError
@@ -465,6 +473,11 @@ def draw_arrays(data, lists, bad_rate, rng, fresh_buffers):
     # The oracle for the entries: NumPy's flags, and np.shares_memory for aliasing. (With a
     # list of the wrong length the call may stop at an entry error first: either is right.)
     checked = []
+    param_dtypes = [None] * n  # each valid parameter's type: its states must have it
+    if isinstance(args.get("params"), (list, tuple)):
+        for i, a in enumerate(args["params"][:n]):
+            if entry_error(a, shapes[i], True) is None:
+                param_dtypes[i] = a.dtype
     for arg in lists:
         if isinstance(args[arg], (list, tuple)):
             for i, a in enumerate(args[arg][:n]):
@@ -473,7 +486,10 @@ def draw_arrays(data, lists, bad_rate, rng, fresh_buffers):
                 if a is None and values[arg][i] is None:  # not kept for this parameter
                     continue
                 written = arg != "grads"
-                err = entry_error(a, entry_shape(arg, shapes[i]), written)
+                state = arg not in ("params", "grads")
+                err = entry_error(
+                    a, entry_shape(arg, shapes[i]), written, param_dtypes[i] if state else None
+                )
                 if err:
                     errors.add(err)
                 elif a.size:
@@ -703,10 +719,13 @@ def test_fuzz_optimizer_classes(data):
     params = []
     for s in shapes:
         bad = coin(data, bad_rate / n)
-        # Any shape is a valid parameter: 'wrong shape' has no meaning here.
+        # Any shape is a valid parameter: 'wrong shape' and '0-d' (one element) have no meaning
+        # here.
         layout = data.draw(
             st.sampled_from(
-                [x for x in INVALID_LAYOUTS if x != "wrong shape"] if bad else VALID_LAYOUTS[:-1]
+                [x for x in INVALID_LAYOUTS if x not in ("wrong shape", "0-d")]
+                if bad
+                else VALID_LAYOUTS[:-1]
             )
         )
         params.append(build(rng.uniform(-1, 1, s).astype(np.float32), layout))

@@ -1,7 +1,8 @@
 """optkern's new rules against their oracles, in float32, over many steps: Lion against optax.lion
 and the lion-pytorch package; Rprop against torch.optim.Rprop on every input of torch's optimizer
-test database (optim_db), single-tensor and foreach; LAMB against optax.lamb. Each test needs its oracle and skips cleanly without it; the oracle
-stage of CI (.ci/oracles.sh) installs them all and fails on such a skip.
+test database (optim_db), single-tensor and foreach; LAMB against optax.lamb; AdEMAMix against
+optax.contrib.ademamix. Each test needs its oracle and skips cleanly without it; the oracle stage
+of CI (.ci/oracles.sh) installs them all and fails on such a skip.
 
 The float64 references of tests/reference.py cover every option without the oracles; here the
 kernels meet the oracles' own float32 arithmetic.
@@ -64,8 +65,8 @@ def run_optax_lion(hp, p0, grads):
 
 
 def run_optax(name, hp, p0, grads):
-    """Lion or LAMB in optax, float32, from p0 over the gradient steps; maximize as steps on -g.
-    Returns the params and optax's inner state (mu, and nu and count for LAMB)."""
+    """``name``'s optax oracle (optim_db), float32, from p0 over the gradient steps; maximize as
+    steps on -g. Returns the params and optax's inner state (its moments, and count)."""
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     jnp = jax.numpy
@@ -306,3 +307,57 @@ def test_lamb_defaults_are_optaxs():
     assert mine["eps"].default == theirs["eps"].default
     # optax's weight_decay default is 0.0 as well
     assert mine["weight_decay"].default == theirs["weight_decay"].default
+
+
+# -- AdEMAMix: optax.contrib.ademamix ---------------------------------------------------------------
+
+ADEMAMIX_CASES = list(db.entry("AdEMAMix").oracle_cases or db.entry("AdEMAMix").cases)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("hp", ADEMAMIX_CASES, ids=lion_id)
+def test_ademamix_matches_optax(hp, threads):
+    """optkern's float32 kernels against optax's float32 arithmetic, the warmups as optax
+    schedules (optim_db._ademamix_schedules): parameters and the three moments."""
+    p0, grads = initial(SHAPES), gradients(SHAPES, steps=60)
+    want, inner = run_optax("AdEMAMix", hp, p0, grads)
+    before = ok.get_num_threads(), ok._core._testing.min_elements_per_thread()
+    ok.set_num_threads(threads)
+    ok._core._testing.set_min_elements_per_thread(1)
+    try:
+        params, opt = run_optkern("AdEMAMix", hp, p0, grads)
+    finally:
+        ok.set_num_threads(before[0])
+        ok._core._testing.set_min_elements_per_thread(before[1])
+    for i, p in enumerate(params):
+        assert_close(p, want[i], f"param {i} {SHAPES[i]}")
+        state = opt.state[p]
+        assert set(state) == {"step", "exp_avg_fast", "exp_avg_slow", "exp_avg_sq"}
+        assert state["step"] == int(inner.count) == 60
+        for key, field in db.entry("AdEMAMix").oracle("optax").states:
+            assert_close(state[key], np.asarray(getattr(inner, field)[f"p{i}"]), f"{key} {i}")
+
+
+def test_ademamix_warmups_change_the_steps_as_optax_schedules():
+    """The warmups matter far beyond the oracles' tolerance (1e-5): a run warming alpha and beta3
+    up ends 1e-3 or more from one without, so the warmed-up cases above check the schedules."""
+    p0, grads = initial(SHAPES), gradients(SHAPES, steps=20)
+    hp = dict(lr=0.01, betas=(0.9, 0.999, 0.99))
+    warm, _ = run_optkern("AdEMAMix", dict(hp, beta3_warmup=30, alpha_warmup=30), p0, grads)
+    cold, _ = run_optkern("AdEMAMix", hp, p0, grads)
+    assert all(np.max(np.abs(w - c)) > 1e-3 for w, c in zip(warm, cold))
+
+
+def test_ademamix_defaults_are_the_authors():
+    """The authors' class's defaults (optax's alpha defaults to 5.0, its lr has none); optax's
+    b1, b2, b3, eps and weight_decay defaults are the same."""
+    import inspect
+
+    optax = pytest.importorskip("optax")
+    theirs = inspect.signature(optax.contrib.ademamix).parameters
+    mine = inspect.signature(ok.AdEMAMix).parameters
+    assert mine["betas"].default == tuple(theirs[b].default for b in ("b1", "b2", "b3"))
+    assert mine["eps"].default == theirs["eps"].default
+    assert mine["weight_decay"].default == theirs["weight_decay"].default
+    assert (mine["lr"].default, mine["alpha"].default) == (1e-3, 2.0)
+    assert mine["beta3_warmup"].default is mine["alpha_warmup"].default is None

@@ -1,9 +1,9 @@
 """The float64 references of reference.py (OracleReference) against their oracles, each skipped
 when its oracle is not installed: torch.optim 2.13 (every optimizer input of torch's own test
-database for that optimizer on CPU), optax (lion, lamb), lion-pytorch and schedulefree. Each
-oracle runs in float32 (its single-tensor and foreach paths) against the float64 reference at the
-tolerance the kernels must meet, and in float64 against it at 1e-10, which pins the order of
-operations.
+database for that optimizer on CPU), optax (lion, lamb, contrib.ademamix), lion-pytorch and
+schedulefree. Each oracle runs in float32 (its single-tensor and foreach paths) against the
+float64 reference at the tolerance the kernels must meet, and in float64 against it at 1e-10,
+which pins the order of operations.
 
 Without any oracle, the invariants at the end still check the references."""
 
@@ -202,7 +202,7 @@ def test_reference_defaults_are_torchs(name):
     assert not missing & set(inspect.signature(entry(name).cls).parameters)
 
 
-# -- optax: Lion and LAMB -----------------------------------------------------------------------
+# -- optax: Lion, LAMB, AdEMAMix --------------------------------------------------------------------
 
 #: The option sets of every rule with an optax oracle (optax has no maximize).
 OPTAX_CASES = [
@@ -249,12 +249,14 @@ def run_optax(name, hp, dtype, bad=None):
 def test_optax_rule_matches_reference(case, dtype):
     name, hp = case
     params, state, refs = run_optax(name, hp, dtype)
-    inner = state[0]  # scale_by_lion / scale_by_adam state: mu (and nu), count
+    inner = state[0]  # the scale_by_* transform's state: its moments (and count)
+    states = entry(name).oracle("optax").states
+    assert {key for key, _ in states} == set(refs[0].state) - {"step"}
     for i, r in enumerate(refs):
         assert_close(params[f"p{i}"], r.p, dtype, f"param {i} {OPTAX_SHAPES[i]}")
-        assert_close(np.asarray(inner.mu[f"p{i}"]), r.state["exp_avg"], dtype, "exp_avg")
-        if name == "LAMB":
-            assert_close(np.asarray(inner.nu[f"p{i}"]), r.state["exp_avg_sq"], dtype, "exp_avg_sq")
+        for key, field in states:
+            assert_close(np.asarray(getattr(inner, field)[f"p{i}"]), r.state[key], dtype, key)
+        if "step" in r.state:
             assert int(inner.count) == r.state["step"]
 
 

@@ -16,8 +16,13 @@ RTOL, ATOL = 1e-5, 1e-6
 # The rules with a torch.optim oracle in the optimizer database (the others: Momentum, the seed's
 # form, has none; Lion and LAMB are checked against optax and lion-pytorch in
 # test_oracle_parity.py, the Schedule-Free rules against schedulefree in
-# test_oracle_parity_schedulefree.py).
-TORCH_CASES = [c for c in CASES if db.entry(c[0]).oracle("torch")]
+# test_oracle_parity_schedulefree.py), in the forms torch has (the textbook forms are checked
+# against Keras in test_oracle_parity_keras.py).
+TORCH_CASES = [
+    (name, hp)
+    for name, hp in CASES
+    if db.entry(name).oracle("torch") and db.entry(name).oracle("torch").takes(db.entry(name), hp)
+]
 FUSED = {e.name for e in db.with_oracle("torch") if e.oracle("torch").fused}  # fused CPU kernels
 
 

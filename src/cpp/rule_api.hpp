@@ -56,6 +56,10 @@ struct HyperDecl {
   const char* torch;     // torch.optim's argument ("betas" for beta1 and beta2)
   int slot;              // -1, or the position in torch's tuple argument
   NoneMeans none = {false, 0.0, false};
+  // An option that torch.optim's class of the same name lacks (a textbook form: Adagrad's
+  // eps_inside_sqrt): optkern's class and function take it; optkern.torch keeps torch's
+  // signature, so its groups run the declared default.
+  bool optkern_only = false;
 };
 
 // The shape of a state array, from its parameter's shape (dims[0..nd)):

@@ -145,11 +145,13 @@ def sgd_(
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
+    lr_in_velocity: bool = False,
     maximize: bool = False,
     grad_scale: float = 1.0,
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
-    """SGD as torch.optim.SGD (see :class:`optkern.SGD` for the formulas).
+    """SGD as torch.optim.SGD, or with ``lr_in_velocity=True`` classic momentum (see
+    :class:`optkern.SGD` for the formulas).
 
     ``momentum_buffers`` (needed when momentum != 0) is a list with one entry per parameter; a
     None entry is a buffer that does not exist yet: it is created, filled by torch's first-step
@@ -161,6 +163,7 @@ def sgd_(
         dampening=dampening,
         weight_decay=weight_decay,
         nesterov=as_flag(nesterov),
+        lr_in_velocity=as_flag(lr_in_velocity),
         maximize=as_flag(maximize),
     )
     core = _core.validate(
@@ -261,12 +264,15 @@ def rmsprop_(
     weight_decay: float = 0.0,
     momentum: float = 0.0,
     centered: bool = False,
+    eps_inside_sqrt: bool = False,
+    lr_in_velocity: bool = False,
     maximize: bool = False,
     grad_scale: float = 1.0,
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
-    """RMSprop as torch.optim.RMSprop (see :class:`optkern.RMSprop`). ``grad_avgs`` is needed
-    when centered, ``momentum_buffers`` when momentum > 0; all state starts at zero."""
+    """RMSprop as torch.optim.RMSprop, or in the textbook forms (see :class:`optkern.RMSprop`).
+    ``grad_avgs`` is needed when centered, ``momentum_buffers`` when momentum > 0; all state
+    starts at zero."""
 
 
 @_declared("adagrad")
@@ -280,11 +286,13 @@ def adagrad_(
     lr_decay: float = 0.0,
     weight_decay: float = 0.0,
     eps: float = 1e-10,
+    eps_inside_sqrt: bool = False,
     maximize: bool = False,
     grad_scale: float = 1.0,
     _positions: Optional[Sequence[int]] = None,
 ) -> None:
-    """Adagrad as torch.optim.Adagrad (see :class:`optkern.Adagrad`)."""
+    """Adagrad as torch.optim.Adagrad, or with ``eps_inside_sqrt=True`` in the textbook form (see
+    :class:`optkern.Adagrad`)."""
 
 
 @_declared("adadelta")

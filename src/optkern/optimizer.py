@@ -199,11 +199,11 @@ class Optimizer:
         core["maximize"] = as_flag(seen.get("maximize", False))
         core = self._validate(core)
         missing = object()
-        for name in [n for n, _ in rule.torch_args()] + ["maximize"]:
+        for name in [n for n, _ in rule.torch_args() + rule.own_args()] + ["maximize"]:
             if name in seen and not (name == "lr" and callable(lr)):
                 slots = [h.name for h in rule.hyper if h.torch == name] or [name]
                 value = (
-                    core[name]
+                    _kept_none(rule, (seen[name],), 0, name, core)
                     if len(slots) == 1 and slots[0] == name
                     else tuple(_kept_none(rule, seen[name], i, n, core) for i, n in enumerate(slots))
                 )
@@ -739,9 +739,9 @@ class Optimizer:
 
 
 def _kept_none(rule: Rule, given: Any, slot: int, name: str, core: Dict[str, Any]) -> Any:
-    """Slot ``slot`` of a tuple hyperparameter as the group keeps it: None where the user gave
-    None and the declaration takes it (Adafactor's ``eps=(None, 1e-3)``, as torch keeps it),
-    else the checked value."""
+    """Slot ``slot`` of a tuple hyperparameter (of a 1-tuple for the others) as the group keeps
+    it: None where the user gave None and the declaration takes it (Adafactor's ``eps=(None,
+    1e-3)``, as torch keeps it; a warmup of None), else the checked value."""
     try:
         if given[slot] is None and any(h.name == name and h.if_none is not None for h in rule.hyper):
             return None

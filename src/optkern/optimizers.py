@@ -96,7 +96,13 @@ class Nesterov(SGD):  # type: ignore[misc, valid-type]
         p   <- p - lr * (g + momentum * buf)
 
     Nesterov's correction evaluates the momentum step where it will land, which damps the
-    overshoot of plain momentum. State: ``momentum_buffer``.
+    overshoot of plain momentum. ``lr_in_velocity=True`` keeps the learning rate inside the
+    buffer, as classic momentum (Keras' ``SGD(momentum=..., nesterov=True)``)::
+
+        v <- -lr * g  (first step),  then  v <- momentum * v - lr * (1 - dampening) * g
+        p <- p + momentum * v - lr * g
+
+    State: ``momentum_buffer``.
     """
 
     def __init__(
@@ -107,6 +113,7 @@ class Nesterov(SGD):  # type: ignore[misc, valid-type]
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         *,
+        lr_in_velocity: bool = False,
         maximize: bool = False,
         foreach: Any = None,
         fused: Any = None,
@@ -125,6 +132,7 @@ class Nesterov(SGD):  # type: ignore[misc, valid-type]
                 dampening=dampening,
                 weight_decay=weight_decay,
                 nesterov=True,
+                lr_in_velocity=lr_in_velocity,
                 maximize=maximize,
             ),
         )

@@ -33,6 +33,9 @@ class Hyper:
     #: eps1: the machine epsilon of the parameter's dtype, float32's here); None where None is
     #: refused. The core keeps a given None as None (``_core.validate`` returns it).
     if_none: Optional[float] = None
+    #: An option torch.optim's class of the same name lacks (a textbook form: Adagrad's
+    #: eps_inside_sqrt): optkern's class and function take it, optkern.torch does not.
+    optkern_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,15 +105,23 @@ class Rule:
     # -- torch's view: arguments as the class takes them ---------------------------------------------
 
     def torch_args(self) -> List[Tuple[str, Any]]:
-        """(argument, default) in torch's order, tuple arguments (betas) joined; maximize last."""
+        """(argument, default) in torch's order, tuple arguments (betas) joined; without the
+        options torch lacks (``own_args``) and maximize."""
         out: List[Tuple[str, Any]] = []
         for h in self.hyper:
+            if h.optkern_only:
+                continue
             if h.slot <= 0:
                 out.append((h.torch, h.default if h.slot < 0 else (h.default,)))
             else:
                 name, prev = out[-1]
                 out[-1] = (name, prev + (h.default,))
         return out
+
+    def own_args(self) -> List[Tuple[str, Any]]:
+        """(argument, default) of the options torch.optim's class lacks (the textbook forms),
+        keyword-only after torch's arguments."""
+        return [(h.torch, h.default) for h in self.hyper if h.optkern_only]
 
     def to_core(self, group: Dict[str, Any], lr: Any = None) -> Dict[str, Any]:
         """The core's hyperparameters from a group in torch's names (betas split), each turned
@@ -129,8 +140,9 @@ class Rule:
                         or not hasattr(pair, "__len__")
                         or len(pair) != len(names)
                     ):
+                        size = "a pair" if len(names) == 2 else f"a tuple of {len(names)}"
                         raise TypeError(
-                            f"{h.torch} must be a pair ({', '.join(names)}), got {pair!r}"
+                            f"{h.torch} must be {size} ({', '.join(names)}), got {pair!r}"
                         )
                 value = pair[h.slot]
             out[h.name] = as_flag(value) if h.range == "flag" else as_real(value)
@@ -264,18 +276,21 @@ def _annotation(default: Any) -> str:
     if isinstance(default, bool):
         return "bool"
     if isinstance(default, tuple):
-        return "Tuple[" + ", ".join("float" for _ in default) + "]"
-    return "float"
+        return "Tuple[" + ", ".join(_annotation(d) for d in default) + "]"
+    return "Optional[float]" if default is None else "float"  # None: a declared if_none
 
 
 def make_class(r: Rule, base: type) -> type:
-    """The optimizer class of rule ``r``: ``Cls(params, <torch's arguments>, *, maximize=False,
-    foreach=None, fused=None, differentiable=False, capturable=False)``."""
+    """The optimizer class of rule ``r``: ``Cls(params, <torch's arguments>, *, <the options
+    torch lacks>, maximize=False, foreach=None, fused=None, differentiable=False,
+    capturable=False)``."""
     args = r.torch_args()
+    own = r.own_args()
     sig = ", ".join(f"{name}: {_annotation(d)} = {d!r}" for name, d in args)
-    keys = ", ".join(f"{name}={name}" for name, _ in args)
+    sig_own = "".join(f"{name}: {_annotation(d)} = {d!r}, " for name, d in own)
+    keys = ", ".join(f"{name}={name}" for name, _ in args + own)
     src = (
-        f"def __init__(self, params: Any, {sig}, *, maximize: bool = False,\n"
+        f"def __init__(self, params: Any, {sig}, *, {sig_own}maximize: bool = False,\n"
         f"             foreach: Any = None, fused: Any = None, differentiable: Any = False,\n"
         f"             capturable: Any = False) -> None:\n"
         f"    check_execution_flags(foreach=foreach, fused=fused,\n"
@@ -284,6 +299,7 @@ def make_class(r: Rule, base: type) -> type:
     )
     scope: Dict[str, Any] = {
         "Any": Any,
+        "Optional": Optional,
         "Tuple": Tuple,
         "base": base,
         "check_execution_flags": check_execution_flags,

@@ -1120,7 +1120,10 @@ def _from_registry(r: Any) -> Rule:
         kwonly = tuple(kv for kv in _KWONLY_NO_TORCH if kv[0] != "foreach")
     else:
         args, kwonly = tuple(declared), _KWONLY_NO_TORCH
-    kw: Dict[str, Any] = {h.name: (h.torch if h.slot < 0 else (h.torch, h.slot)) for h in r.hyper}
+    # optkern's options torch lacks (the textbook forms) stay out: torch's signature, their defaults
+    kw: Dict[str, Any] = {
+        h.name: (h.torch if h.slot < 0 else (h.torch, h.slot)) for h in r.hyper if not h.optkern_only
+    }
     kw["maximize"] = "maximize"
     # only what the functional function takes (Adagrad's initial_accumulator_value fills state)
     takes = inspect.signature(getattr(F, f"{r.name}_")).parameters

@@ -267,6 +267,7 @@ py::list rule_table() {
       }
       e["torch"] = h.torch;
       e["slot"] = h.slot;
+      e["optkern_only"] = h.optkern_only;
       hyper.append(e);
     }
     d["hyper"] = hyper;
@@ -331,7 +332,8 @@ void define_rules(py::module_& m) {
         "one rule the core's array checks, the state dicts and the checkpoints share.");
   m.def("rules", &rule_table,
         "Every update rule's declaration: name, class, formulas, hyperparameters (name, range, "
-        "default, torch name and tuple slot), state buffers (name, functional argument, the "
+        "default, torch name and tuple slot, whether torch lacks it), state buffers (name, "
+        "functional argument, the "
         "option that enables it, the option it starts at), kernel and whether it counts steps.");
   m.def("validate", &validate, py::arg("rule"), py::arg("hyper"), py::kw_only(),
         py::arg("labels") = py::none(),
