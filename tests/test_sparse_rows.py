@@ -295,3 +295,26 @@ def test_empty_gradient_advances_the_step_only():
     opt.step([ok.RowSparse(np.zeros(0, np.int64), np.zeros((0, 3), np.float32))])
     np.testing.assert_array_equal(p, 1.0)
     assert opt.state[p]["step"] == 1
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("Adagrad", {"lr": 0.1, "eps_inside_sqrt": True}),
+        ("SGD", {"lr": 0.1, "momentum": 0.9, "lr_in_velocity": True}),
+        ("SGD", {"lr": 0.1, "momentum": 0.9, "lr_in_velocity": True, "nesterov": True}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_textbook_options_take_row_sparse_as_their_dense_gradient(name, kw, dtype):
+    # the rows run the rule's own kernel, options included: bit for bit the dense gradient's
+    # step (Adagrad: an unlisted row's zero gradient changes nothing; SGD with momentum: every row)
+    rng = np.random.default_rng(11)
+    p0 = rng.standard_normal((30, 4)).astype(dtype)
+    a, b = p0.copy(), p0.copy()
+    oa, ob = getattr(ok, name)([a], **kw), getattr(ok, name)([b], **kw)
+    for idx, vals in batches(30, (4,), 20, seed=12, most=25):
+        g = ok.RowSparse(idx, vals)
+        oa.step([g])
+        ob.step([g.to_dense(30)])
+    np.testing.assert_array_equal(a, b)
