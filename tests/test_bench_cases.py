@@ -3,6 +3,7 @@ with the reason, instead of crashing the run (python -m optkern bench is the REA
 
 import argparse
 import dataclasses
+import math
 
 import pytest
 
@@ -277,3 +278,22 @@ def test_torch_studies_run_small():
     assert [r["optimizer"] for r in b["rows"]] == ["SGD", "Adam", "AdamW", "Adagrad"]
     ph = studies.torch_phases(1, per_round=1)
     assert set(ph["ms"]) == {"torch fused", "okt", "okt 1 thread", "torch foreach"}
+
+
+def test_step_cost_study_runs_small():
+    """The step-cost study measures every figure in both dtypes and states each target with its
+    value (the timings mean nothing here)."""
+    from optkern.benchmark import step_cost
+
+    r = step_cost.step_cost(1, batch=2)
+    assert set(r["figures"]) == set(step_cost.DTYPES)
+    for figs in r["figures"].values():
+        assert set(figs) == set(step_cost.FIGURES)
+        assert figs["sgd"]["ratio"] > 0 and figs["adam"]["ratio"] > 0
+        assert set(figs["functional"]["fit"]) == {"sgd_", "adam_"}
+    names = [t["target"] for t in r["targets"]]
+    assert "float64: ok.Adam.step / numpy in-place Adam <= 0.6" in names
+    assert all(
+        math.isfinite(t["value"]) and t["met"] == (t["value"] <= t["limit"]) for t in r["targets"]
+    )
+    assert "targets:" in r["text"] and "== float64" in r["text"]

@@ -54,6 +54,8 @@ def test_loops_study_every_row_and_field(tmp_path, capsys):
                 "--loops",
                 "--loop-sizes",
                 *TINY,
+                "--programs",
+                "none",
                 "--loop-steps",
                 "2",
                 "--rounds",
@@ -119,6 +121,8 @@ def test_steps_chosen_when_not_given(tmp_path):
                 "sgd",
                 "--loop-sizes",
                 "8-4",
+                "--programs",
+                "none",
                 "--rounds",
                 "1",
                 "--loop-conditions",
@@ -238,6 +242,8 @@ def test_without_torch_the_torch_condition_is_skipped(monkeypatch, tmp_path, cap
                 "adam",
                 "--loop-sizes",
                 "8-4",
+                "--programs",
+                "none",
                 "--loop-steps",
                 "1",
                 "--rounds",
@@ -255,7 +261,12 @@ def test_without_torch_the_torch_condition_is_skipped(monkeypatch, tmp_path, cap
     )
     assert "torch: skipped (torch is not installed)" in capsys.readouterr().out
     conds = json.loads(out.read_text())["loops"]["conditions"]
-    assert conds[1] == {"condition": "torch", "skipped": "torch is not installed", "rows": []}
+    assert conds[1] == {
+        "condition": "torch",
+        "skipped": "torch is not installed",
+        "rows": [],
+        "program_rows": [],
+    }
     assert len(conds[0]["rows"]) == 1
 
 
@@ -271,6 +282,8 @@ def test_torch_condition_when_installed(tmp_path):
                 "adamw",
                 "--loop-sizes",
                 "8-4",
+                "--programs",
+                "none",
                 "--loop-steps",
                 "1",
                 "--rounds",

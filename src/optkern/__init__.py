@@ -18,7 +18,7 @@ from ._core import active_isa, available_isas, get_num_threads, set_num_threads
 from .clip import clip_grad_norm_, clip_grad_value_, grad_norms
 from .flat import FlatParams
 from .checkpoint import CheckpointError, load, save
-from .optimizer import Optimizer
+from .optimizer import Optimizer, StaleParameterWarning
 from . import registry
 from . import optimizers as _optimizers
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, Nesterov, RMSprop
@@ -33,6 +33,7 @@ __version__: str = _core.__version__
 
 __all__ = [
     "Optimizer",
+    "StaleParameterWarning",
     "SGD",
     "Nesterov",
     "Momentum",

@@ -86,6 +86,27 @@ def stream_axpy(a: _Arrays, b: _Arrays, s: float) -> None: ...
 
 class Prepared: ...
 
+class StepPlan:
+    def __init__(
+        self,
+        calls: Sequence[Prepared],
+        groups: List[Dict[str, Any]],
+        owner: Dict[str, Any],
+        param_state: Dict[str, Any],
+        state_dicts: Sequence[Sequence[Optional[Dict[str, Any]]]],
+        counter: List[int],
+        check_held: bool,
+        previous: Optional["StepPlan"],
+    ) -> None: ...
+    def step(
+        self,
+        grads: Sequence[Any],
+        run: bool,
+        max_norm: Optional[float],
+        norm_type: float,
+        skip: bool,
+    ) -> Union[None, float, Tuple[float], str, List[Tuple[int, int]]]: ...
+
 def rules() -> List[Dict[str, Any]]: ...
 def state_shape(kind: str, shape: Sequence[int]) -> Optional[Tuple[int, ...]]: ...
 def validate(
@@ -111,7 +132,6 @@ def step(
     grads: _Arrays,
     states: Dict[str, Optional[Union[_Arrays, List[float]]]],
     hyper: Dict[str, Any],
-    *,
     steps: Optional[_Steps] = ...,
     grad_scale: float = ...,
     positions: Optional[Sequence[int]] = ...,

@@ -97,32 +97,37 @@ def _steps(step: Steps) -> Steps:
     raise TypeError(f"step must be an int or a list of ints, got {type(step).__name__}")
 
 
+#: Types the core takes as they are (a NumPy scalar or 0-d array is turned into a float first).
+_PLAIN = frozenset((float, int, bool))
+
+
 def _run(
     rule: str,
     params: ArrayList,
     grads: ArrayList,
     states: dict,
     hyper: dict,
-    *,
     step: Optional[Steps],
     grad_scale: Any,
     positions: Optional[Sequence[int]],
 ) -> None:
-    """One fused update by ``rule``: real scalars become floats here, and the core checks the
-    rest (ranges, arrays, step counts, per-step scalars) before writing anything."""
-    core = {
-        k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()
-    }
-    _core.step(
-        rule,
-        params,
-        grads,
-        states,
-        core,
-        steps=None if step is None else _steps(step),
-        grad_scale=check_real("grad_scale", grad_scale),
-        positions=positions,
-    )
+    """One fused update by ``rule``: the core checks everything (ranges, arrays, step counts,
+    per-step scalars) before writing anything. It takes floats, ints and bools; a call it
+    refuses for a value of another type (a NumPy scalar, a 0-d array) changed nothing, and is
+    made again with every real scalar as a float."""
+    if type(grad_scale) is not float or not -FLOAT32_MAX <= grad_scale <= FLOAT32_MAX:
+        grad_scale = check_real("grad_scale", grad_scale)
+    if step is not None and type(step) is not int:
+        step = _steps(step)
+    try:
+        _core.step(rule, params, grads, states, hyper, step, grad_scale, positions)
+    except TypeError:
+        if _PLAIN.issuperset(map(type, hyper.values())):
+            raise
+        hyper = {
+            k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()
+        }
+        _core.step(rule, params, grads, states, hyper, step, grad_scale, positions)
 
 
 # -- the updates ------------------------------------------------------------------------------------
@@ -157,20 +162,25 @@ def sgd_(
     None entry is a buffer that does not exist yet: it is created, filled by torch's first-step
     rule (the buffer becomes the gradient) and stored back into the list.
     """
-    hyper = dict(
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=as_flag(nesterov),
-        lr_in_velocity=as_flag(lr_in_velocity),
-        maximize=as_flag(maximize),
-    )
+    hyper = {
+        "lr": lr,
+        "momentum": momentum,
+        "dampening": dampening,
+        "weight_decay": weight_decay,
+        "nesterov": nesterov,
+        "lr_in_velocity": lr_in_velocity,
+        "maximize": maximize,
+    }
+    if (type(momentum) is float or type(momentum) is int) and momentum == 0:
+        # Plain SGD (the common case): the core checks every value in the one call.
+        _run("sgd", params, grads, {}, hyper, None, grad_scale, _positions)
+        return
     core = _core.validate(
-        "sgd", {k: v if isinstance(v, bool) else as_real(v) for k, v in hyper.items()}
+        "sgd",
+        {k: as_flag(v) if isinstance(v, (bool, np.bool_)) else as_real(v) for k, v in hyper.items()},
     )
     if core["momentum"] == 0:
-        _run("sgd", params, grads, {}, core, step=None, grad_scale=grad_scale, positions=_positions)
+        _run("sgd", params, grads, {}, core, None, grad_scale, _positions)
         return
     bufs = momentum_buffers
     if bufs is None:
@@ -202,16 +212,8 @@ def sgd_(
             for i, view in zip(mine, FlatParams([params[i].shape for i in mine], dtype)):
                 filled[i] = view
     # A buffer's first step (step 1) takes torch's first-step rule: it becomes the gradient.
-    _run(
-        "sgd",
-        params,
-        grads,
-        {"momentum_buffer": filled},
-        core,
-        step=[1 if f else 2 for f in fresh],
-        grad_scale=grad_scale,
-        positions=_positions,
-    )
+    steps = [1 if f else 2 for f in fresh]
+    _run("sgd", params, grads, {"momentum_buffer": filled}, core, steps, grad_scale, _positions)
     if filled is not bufs:
         bufs[:] = filled
 
@@ -232,15 +234,16 @@ def momentum_(
     starting at zero (see :class:`optkern.Momentum`)."""
     if velocities is None:  # refused rather than run as plain SGD without its momentum
         raise ValueError("velocities is required (one zero-initialised array per parameter)")
+    hyper = {"lr": lr, "beta": beta, "weight_decay": weight_decay, "maximize": maximize}
     _run(
         "momentum",
         params,
         grads,
         {"momentum_buffer": velocities},
-        dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize),
-        step=None,
-        grad_scale=grad_scale,
-        positions=_positions,
+        hyper,
+        None,
+        grad_scale,
+        _positions,
     )
 
 

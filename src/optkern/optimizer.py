@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any, Dict, Iterable, Iterator, List, MutableMapping, Optional, Sequence
 
@@ -24,7 +27,12 @@ from .functional import check_nonnegative
 from .registry import Rule, as_flag, as_real
 from .sparse import RowSparse, check_row_sources, for_norms
 
-__all__ = ["Optimizer", "ParamState"]
+__all__ = ["Optimizer", "ParamState", "StaleParameterWarning"]
+
+
+class StaleParameterWarning(RuntimeWarning):
+    """A parameter is held by nothing but its optimizer any more: the code that read it has
+    replaced it with another array, so the optimizer updates an array nobody reads."""
 
 
 class ParamState(MutableMapping):
@@ -121,10 +129,12 @@ class Optimizer:
 
     #: The update rule (set on each class built by optkern.registry).
     _rule: Rule
-    #: Testing hook: the name of a compiled kernel build to run instead of the active one.
-    _isa: Optional[str] = None
     #: Attributes that pickling leaves out (rebuilt empty): keyed by id(), stale in a new process.
-    _transient_attrs = ("_checked",)
+    _transient_attrs = ("_checked", "_step_plan")
+    #: The plan kept from the last step that went the whole way (see step), or None.
+    _step_plan: Any = None
+    _isa_name: Optional[str] = None
+    _warn_stale_on = True
     #: True while a callable lr runs: step, add_param_group and load_state_dict then refuse.
     _in_lr = False
 
@@ -142,7 +152,6 @@ class Optimizer:
         self._counter = [0]
         self.skipped_steps = 0  # steps skip_if_nonfinite refused
         self._checked: Dict[int, _Checked] = {}  # id(group) -> its hyperparameters, validated
-        self._cache: Dict[int, _GroupStates] = {}  # id(group) -> its state dicts, as last found
         self._lock = threading.RLock()  # one step (or group change) at a time per optimizer
         self._check_group(self.defaults)
         groups = _as_param_list(params, "params")
@@ -152,6 +161,27 @@ class Optimizer:
             groups = [{"params": groups}]
         for group in groups:
             self.add_param_group(group)
+
+    @property
+    def _isa(self) -> Optional[str]:
+        """Testing hook: the name of a compiled kernel build to run instead of the active one."""
+        return self._isa_name
+
+    @_isa.setter
+    def _isa(self, name: Optional[str]) -> None:
+        self._isa_name = name
+        self._step_plan = None
+
+    @property
+    def warn_stale(self) -> bool:
+        """Whether ``step`` warns (``StaleParameterWarning``, once per parameter) when a parameter
+        is held by nothing but the optimizer any more (default True)."""
+        return self._warn_stale_on
+
+    @warn_stale.setter
+    def warn_stale(self, on: bool) -> None:
+        self._warn_stale_on = bool(on)
+        self._step_plan = None
 
     @property
     def step_count(self) -> int:
@@ -215,7 +245,6 @@ class Optimizer:
         if len(self._checked) > 2 * len(self.param_groups) + 8:  # groups replaced by loads
             live = {id(g) for g in self.param_groups} | {id(self.defaults), id(group)}
             self._checked = {k: v for k, v in self._checked.items() if k in live}
-            self._cache = {k: v for k, v in self._cache.items() if k in live}
         return core
 
     def _hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
@@ -287,6 +316,7 @@ class Optimizer:
                 raise
             group["params"] = params
             self.param_groups.append(group)
+            self._step_plan = None
 
     def _split_names(self, group: Dict[str, Any], params: List[Any]) -> List[Any]:
         """Named parameters, as torch 2.13 takes them: ``[("w", W), ("b", b)]`` keeps the names
@@ -341,6 +371,29 @@ class Optimizer:
         with self._lock:
             if self._in_lr:
                 self._not_reentered("step()")
+            # The kept plan takes the step when nothing it relies on changed (the common case);
+            # otherwise it says why, having changed nothing, and the whole path below runs.
+            plan = self._step_plan
+            why = None
+            if plan is not None:
+                limit, p, run = None, 2.0, True
+                if max_grad_norm is not None or skip_if_nonfinite:
+                    try:
+                        if max_grad_norm is not None:
+                            limit = check_nonnegative("max_grad_norm", max_grad_norm)
+                        p = check_norm_type(norm_type)
+                    except (TypeError, ValueError):
+                        run = False  # the whole path raises, after the errors it checks first
+                while True:
+                    why = plan.step(grads, run, limit, p, bool(skip_if_nonfinite))
+                    if why is None or type(why) is float:
+                        return why
+                    if type(why) is tuple:  # skip_if_nonfinite found NaN or Inf
+                        self.skipped_steps += 1
+                        return why[0]
+                    if type(why) is not list:
+                        break
+                    self._warn_stale(why)  # then the plan checks again
             work = self._plan(grads)
             hyper = [self._hyper(group) for group, *_ in work]  # each lr evaluated once
             norm, scale, skip = self._clipping(work, max_grad_norm, norm_type, skip_if_nonfinite)
@@ -353,6 +406,10 @@ class Optimizer:
                 self.skipped_steps += 1
                 return norm
             self._run(calls, created)
+            if why != "lr":  # (a callable lr, called above: the plan still holds)
+                # A step that left parameters out (None gradients) makes no plan; the old one
+                # stays, checking everything again at the next step.
+                self._step_plan = self._make_plan(work, calls, plan) or plan
             return norm
 
     def _clipping(
@@ -383,6 +440,50 @@ class Optimizer:
             if limit is not None and not skip:
                 scale = clip_coefficient(limit, norm)
         return norm, scale, skip
+
+    def _make_plan(self, work: list, calls: list, previous: Any) -> Any:
+        """The plan later steps take (``_core.StepPlan``), from the updates this step ran; None
+        when a step with a None gradient left parameters out, or when a value is of a type the
+        plan does not read."""
+        if any(len(params) != len(group["params"]) for group, params, _, _ in work):
+            return None
+        try:
+            return _core.StepPlan(
+                calls,
+                self.param_groups,
+                vars(self),
+                vars(self.state),
+                [[self.state.get_by_id(p) for p in g["params"]] for g in self.param_groups],
+                self._counter,
+                self._warn_stale_on,
+                previous,
+            )
+        except (TypeError, ValueError):
+            return None
+
+    def _warn_stale(self, found: list) -> None:
+        """Warns (StaleParameterWarning, once per parameter) that parameters are held by
+        nothing but the optimizer any more."""
+        for g, i in found:
+            group = self.param_groups[g]
+            p = group["params"][i]
+            names = group.get("param_names")
+            name = (
+                repr(names[i])
+                if isinstance(names, list) and i < len(names)
+                else f"param_groups[{g}]['params'][{i}]"
+            )
+            warnings.warn(
+                f"{type(self).__name__}.step(): parameter {name} (shape {p.shape}) is held by "
+                "nothing but the optimizer any more: the code that read it has probably "
+                "replaced it with another array (model.params = copies, W = W - ...), so this "
+                "step updates an array nobody reads. Write new values into the array instead "
+                "(np.copyto(W, new) or W[...] = new), or make a new optimizer over the new "
+                "arrays. Silence: warnings.filterwarnings('ignore', "
+                "category=optkern.StaleParameterWarning), or opt.warn_stale = False.",
+                StaleParameterWarning,
+                stacklevel=_outside_optkern(),
+            )
 
     def _plan(self, grads: Sequence[Optional[np.ndarray]]) -> list:
         """Splits ``grads`` by group and drops parameters without a gradient; with more than one
@@ -477,17 +578,6 @@ class Optimizer:
         or None)."""
         if carried:
             spec = {**spec, **carried}
-        ids = list(map(id, params))
-        cached = self._cache.get(id(group))
-        if (
-            cached is not None
-            and cached.group is group
-            and cached.state is self.state
-            and cached.version == self.state.version
-            and cached.ids == ids
-            and cached.names == spec.keys()
-        ):
-            return cached.states, cached.fresh  # the common case: nothing changed
         _core.check_params(params)  # a group whose "params" someone replaced: TypeError here
         states = [self.state.get_by_id(p) for p in params]
         if not spec and not self._counts_steps:  # no state at all (plain SGD, like torch's)
@@ -504,14 +594,13 @@ class Optimizer:
             needs = [spec.keys()] * len(params)
         fresh = [s is None or not s.keys() >= need for s, need in zip(states, needs)]
         if not any(fresh):
-            self._cache[id(group)] = _GroupStates(
-                group, self.state, self.state.version, ids, spec.keys(), states, fresh
-            )
             return states, fresh
         for i, p in enumerate(params):
             if fresh[i]:
                 old = states[i]
-                new = dict(old) if old is not None else ({"step": 0} if self._counts_steps else {})
+                new = dict(old) if old is not None else {}
+                if self._counts_steps:  # a dict emptied in place starts over, as a new one
+                    new.setdefault("step", 0)
                 states[i] = new
                 created.append((p, new, old))
         for name, start in spec.items():
@@ -600,6 +689,7 @@ class Optimizer:
                 new_state[p] = s
             self.param_groups = groups
             self.state = new_state
+            self._step_plan = None
             self.step_count = step_count
             self.skipped_steps = skipped
 
@@ -750,6 +840,18 @@ def _kept_none(rule: Rule, given: Any, slot: int, name: str, core: Dict[str, Any
     return core[name]
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _outside_optkern() -> int:
+    """The ``stacklevel`` of the first caller outside optkern, for a warning issued by the
+    function calling this (a subclass's step, ScheduleFree's say, adds frames in between)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class _Checked:
     """A group's hyperparameters as last checked: the values seen, and the core's dict."""
 
@@ -766,16 +868,6 @@ def _same(values: tuple, group: Dict[str, Any]) -> bool:
     get = group.get
     missing = object()
     return all(get(k, missing) is v for k, v in values)
-
-
-class _GroupStates:
-    """A group's state dicts as last found, with what they depend on."""
-
-    __slots__ = ("group", "state", "version", "ids", "names", "states", "fresh")
-
-    def __init__(self, group, state, version, ids, names, states, fresh) -> None:
-        self.group, self.state, self.version, self.ids = group, state, version, ids
-        self.names, self.states, self.fresh = names, states, fresh
 
 
 def _flatten(work: list) -> tuple:

@@ -365,14 +365,13 @@ def make_functional(r: Rule, run: Callable, like: Optional[Callable] = None) -> 
     states = ", ".join(
         [f"{s.name!r}: {s.arg}" for s in r.states] + [f"{c.name!r}: {c.arg}" for c in r.carried]
     )
-    names = ", ".join(f"{h.name}={h.name}" for h in r.hyper)
+    names = "".join(f"{h.name!r}: {h.name}, " for h in r.hyper)
     src = (
         f"def {r.name}_(params: ArrayList, grads: ArrayList, {lists}, *, {step}{hyper},\n"
         f"        maximize: bool = False, grad_scale: float = 1.0,\n"
         f"        _positions: Optional[Sequence[int]] = None) -> None:\n"
-        f"    run({r.name!r}, params, grads, {{{states}}}, dict({names}, maximize=maximize),\n"
-        f"        step={'step' if r.uses_step else 'None'}, grad_scale=grad_scale,\n"
-        f"        positions=_positions)\n"
+        f"    run({r.name!r}, params, grads, {{{states}}}, {{{names}'maximize': maximize}},\n"
+        f"        {'step' if r.uses_step else 'None'}, grad_scale, _positions)\n"
     )
     scope: Dict[str, Any] = {
         "run": run,
@@ -434,12 +433,11 @@ def _functional_like(r: Rule, run: Callable, like: Callable) -> Callable:
             star = True
         parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
     states = ", ".join(f"{name!r}: {arg}" for arg, name in lists.items())
-    names = ", ".join(f"{h}={h}" for h in hyper)
+    names = "".join(f"{h!r}: {h}, " for h in hyper)
     src = (
         f"def {like.__name__}({', '.join(parts)}):\n"
-        f"    run({r.name!r}, params, grads, {{{states}}}, dict({names}, maximize=maximize),\n"
-        f"        step={'step' if r.uses_step else 'None'}, grad_scale=grad_scale,\n"
-        f"        positions=_positions)\n"
+        f"    run({r.name!r}, params, grads, {{{states}}}, {{{names}'maximize': maximize}},\n"
+        f"        {'step' if r.uses_step else 'None'}, grad_scale, _positions)\n"
     )
     scope: Dict[str, Any] = {"run": run}
     exec(src, scope)  # noqa: S102 (the stub's signature, the declaration's body)

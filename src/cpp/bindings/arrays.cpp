@@ -37,12 +37,6 @@ std::string dims_str(const Py_intptr_t* d, int nd) {
   return s + (nd == 1 ? ",)" : ")");
 }
 
-bool native_order(char byteorder) {
-  const std::uint16_t probe = 1;
-  const bool little = *reinterpret_cast<const unsigned char*>(&probe) == 1;
-  return byteorder == '=' || byteorder == '|' || byteorder == (little ? '<' : '>');
-}
-
 const char* dtype_name(DType t) { return t == DType::f64 ? "float64" : "float32"; }
 
 // "float32", "float32 or float64", ...
@@ -56,7 +50,14 @@ std::string types_str(unsigned types) {
   return out;
 }
 
-// The DType of a NumPy dtype number, if optkern has one.
+}  // namespace
+
+bool native_order(char byteorder) {
+  const std::uint16_t probe = 1;
+  const bool little = *reinterpret_cast<const unsigned char*>(&probe) == 1;
+  return byteorder == '=' || byteorder == '|' || byteorder == (little ? '<' : '>');
+}
+
 bool dtype_of(int type_num, DType* out) {
   if (type_num == npy::NPY_FLOAT_) {
     *out = DType::f32;
@@ -67,8 +68,6 @@ bool dtype_of(int type_num, DType* out) {
   }
   return true;
 }
-
-}  // namespace
 
 std::string type_name(py::handle h) { return Py_TYPE(h.ptr())->tp_name; }
 
@@ -91,7 +90,9 @@ Positions positions_of(py::handle positions) {
 Buffers::Buffers(py::handle first, const char* name, Access access, Positions positions,
                  Accept accept)
     : first_name_(name), positions_(std::move(positions)) {
+  held_.reserve(2 + MAX_STATES);  // params, grads and states: no reallocation on the way
   first_ = add(first, name, access, accept);
+  ranges_.reserve(count() * (2 + MAX_STATES));
 }
 
 std::string Buffers::label(const char* name, std::size_t i) const {

@@ -22,6 +22,12 @@ enum class Access { read, write };
 
 std::string type_name(py::handle h);
 
+// Whether a NumPy byte order character is this machine's.
+bool native_order(char byteorder);
+
+// The DType of a NumPy dtype number, if optkern has one.
+bool dtype_of(int type_num, DType* out);
+
 // A list or tuple, copied into a new list of strong references: whatever Python code runs while
 // C++ walks it (an item's __index__, another thread) cannot free an item under us. Anything else,
 // an ndarray included, is refused: iterating a 2-D array would hand us row views and hide the
@@ -81,6 +87,9 @@ class Buffers {
   const Py_intptr_t* dims(std::size_t t) const { return shapes_[t]->dimensions; }
 
   std::string label(const char* name, std::size_t i) const;
+
+  // The k-th list of the call as copied (0: the first), holding its arrays.
+  const py::list& list(std::size_t k) const { return held_[k]; }
 
   // Validates a list of arrays (matched to the first list) and returns them. `shape`: a state
   // list, each array shaped by its kind from its parameter's shape (rule_api's state_dims); an

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <string_view>
 
 namespace optkern {
 namespace {
@@ -24,9 +25,8 @@ std::string hyper_label(const char* name, py::handle labels) {
   return name;
 }
 
-// One value, checked against its declaration: a real number (float or int, not bool) that float32
-// can hold, in its range; or a bool for a flag. The Python layer turns NumPy scalars, 0-d arrays
-// and the like into floats first; here only exact types pass, so no Python code runs.
+}  // namespace
+
 double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
   PyObject* o = v.ptr();
   if (d.range == Range::flag) {
@@ -51,39 +51,40 @@ double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
                          (d.none.allowed ? std::string(" or None") : std::string()) + ", got " +
                          type_name(v) + ": " + std::string(py::repr(v)));
   }
-  const std::string got = ", got " + std::string(py::repr(v));
+  // The message's tail, made only for a message (repr formats the number: slow, every step).
+  auto got = [&] { return ", got " + std::string(py::repr(v)); };
   if (!std::isfinite(x) || std::fabs(x) > FLOAT32_MAX) {
     throw py::value_error(hyper_label(d.name, labels) +
                           " must be finite (at most 3.403e+38 in magnitude, as float32 holds it)" +
-                          got);
+                          got());
   }
   switch (d.range) {
     case Range::nonnegative:
-      if (x < 0) throw py::value_error(hyper_label(d.name, labels) + " must be >= 0" + got);
+      if (x < 0) throw py::value_error(hyper_label(d.name, labels) + " must be >= 0" + got());
       break;
     case Range::unit:
       if (x < 0 || x > 1) {
-        throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1]" + got);
+        throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1]" + got());
       }
       break;
     case Range::unit_open:
       if (x < 0 || x >= 1) {
-        throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1)" + got);
+        throw py::value_error(hyper_label(d.name, labels) + " must be in [0, 1)" + got());
       }
       break;
     case Range::open_unit:
       if (x <= 0 || x >= 1) {
-        throw py::value_error(hyper_label(d.name, labels) + " must be in (0, 1)" + got);
+        throw py::value_error(hyper_label(d.name, labels) + " must be in (0, 1)" + got());
       }
       break;
     case Range::above_one:
-      if (x <= 1) throw py::value_error(hyper_label(d.name, labels) + " must be > 1" + got);
+      if (x <= 1) throw py::value_error(hyper_label(d.name, labels) + " must be > 1" + got());
       break;
     case Range::one_or_more:
-      if (x < 1) throw py::value_error(hyper_label(d.name, labels) + " must be >= 1" + got);
+      if (x < 1) throw py::value_error(hyper_label(d.name, labels) + " must be >= 1" + got());
       break;
     case Range::nonpositive:
-      if (x > 0) throw py::value_error(hyper_label(d.name, labels) + " must be <= 0" + got);
+      if (x > 0) throw py::value_error(hyper_label(d.name, labels) + " must be <= 0" + got());
       break;
     case Range::flag:
       break;
@@ -91,11 +92,18 @@ double hyper_value(const HyperDecl& d, py::handle v, py::handle labels) {
   return x;
 }
 
-// The rule's hyperparameters from a dict {name: value}, in declaration order (maximize last);
-// a missing name takes its default, an unknown one is refused.
-}  // namespace
-
 const Rule& rule_named(py::handle name) {
+  // Called on every functional step: looked up by its UTF-8 text (which the str keeps), the
+  // rule found last tried first (the GIL is held, so the cache needs no lock).
+  static const Rule* last = nullptr;
+  if (PyUnicode_Check(name.ptr())) {
+    Py_ssize_t size = 0;
+    const char* text = PyUnicode_AsUTF8AndSize(name.ptr(), &size);
+    if (text == nullptr) throw py::error_already_set();
+    const std::string_view n(text, static_cast<std::size_t>(size));
+    if (last != nullptr && n == last->name) return *last;
+    if (const Rule* r = find_rule(n)) return *(last = r);
+  }
   const std::string n = py::cast<std::string>(name);
   if (const Rule* r = find_rule(n)) return *r;
   std::string known;
@@ -116,14 +124,17 @@ std::vector<double> parse_hyper(const Rule& r, py::handle hyper, py::handle labe
   std::vector<char> seen(n, 0);
   PyObject *key, *value;
   Py_ssize_t pos = 0;
+  std::size_t next = 0;  // keys usually come in declaration order: try the next one first
   while (PyDict_Next(hyper.ptr(), &pos, &key, &value)) {
-    std::size_t i = 0;
-    for (; i < n; ++i) {
-      if (PyUnicode_Check(key) &&
-          PyUnicode_CompareWithASCIIString(key, hyper_decl(r, i).name) == 0) {
+    std::size_t i = n;
+    for (std::size_t j = 0; j < n && PyUnicode_Check(key); ++j) {
+      const std::size_t k = (next + j) % n;
+      if (PyUnicode_CompareWithASCIIString(key, hyper_decl(r, k).name) == 0) {
+        i = k;
         break;
       }
     }
+    next = i + 1;
     if (i == n) {
       throw py::value_error(std::string(r.cls) + " has no hyperparameter " +
                             std::string(py::repr(key)));

@@ -13,6 +13,12 @@ namespace optkern {
 // The rule of that name, or ValueError naming the known ones.
 const Rule& rule_named(py::handle name);
 
+// One value, checked against its declaration: a real number (float or int, not bool) that float32
+// can hold, in its range; or a bool for a flag (None where the declaration takes it); else
+// TypeError or ValueError naming it (labels: {name: label} for messages, or None). Only exact
+// types pass, so no Python code runs but to format a message.
+double hyper_value(const HyperDecl& d, py::handle v, py::handle labels);
+
 // The rule's hyperparameter i; i == hyper.size() is maximize, every rule's last.
 const HyperDecl& hyper_decl(const Rule& r, std::size_t i);
 

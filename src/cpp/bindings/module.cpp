@@ -26,6 +26,7 @@ namespace optkern {
 
 void define_rules(py::module_& m);
 void define_prepared(py::module_& m);
+void define_step_plan(py::module_& m);
 void define_norms(py::module_& m);
 void define_testing(py::module_& m);
 void define_algos(py::module_& m);
@@ -121,6 +122,7 @@ PYBIND11_MODULE(_core, m) {
   define_norms(m);
   define_rules(m);
   define_prepared(m);
+  define_step_plan(m);
   define_algos(m);
   py::module_ testing =
       m.def_submodule("_testing", "Hooks for optkern's tests and benchmarks; not an API.");

@@ -7,7 +7,7 @@
 #include <utility>
 #include <vector>
 
-#include "bindings/arrays.hpp"
+#include "bindings/norms.hpp"
 #include "dispatch.hpp"
 #include "multi_tensor.hpp"
 
@@ -36,34 +36,42 @@ constexpr std::size_t NORM_BLOCK = 4096;
 
 double nan_max(double a, double b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
 
-// Per-array norms and the total norm of all arrays together (torch.linalg.vector_norm of their
-// concatenation), from one read pass over the data.
 std::pair<std::vector<double>, double> compute_norms(const Buffers& cb, double p) {
+  return compute_norms(cb.first().data(), cb.sizes().data(), cb.count(), p);
+}
+
+}  // namespace
+
+std::pair<std::vector<double>, double> compute_norms(const ArrayRef* arrays,
+                                                     const std::size_t* sizes, std::size_t count,
+                                                     double p) {
   if (!(p > 0.0)) throw py::value_error("norm_type must be > 0 or inf, got " + std::to_string(p));
   struct Block {
     std::size_t tensor, begin, size;
   };
   std::vector<Block> blocks;
-  for (std::size_t t = 0; t < cb.count(); ++t) {
-    for (std::size_t b = 0; b < cb.sizes()[t]; b += NORM_BLOCK) {
-      blocks.push_back({t, b, std::min(NORM_BLOCK, cb.sizes()[t] - b)});
+  for (std::size_t t = 0; t < count; ++t) {
+    for (std::size_t b = 0; b < sizes[t]; b += NORM_BLOCK) {
+      blocks.push_back({t, b, std::min(NORM_BLOCK, sizes[t] - b)});
     }
   }
   std::vector<double> partial(blocks.size());
   const KernelTable& k = kernels();
   auto reduce = [&](std::size_t lo, std::size_t hi) {
     for (std::size_t i = lo; i < hi; ++i) {
-      const ArrayRef& x = cb.first()[blocks[i].tensor];
+      const ArrayRef& x = arrays[blocks[i].tensor];
       partial[i] =
           norm_kernels(k, x.type).norm_block(element(x, blocks[i].begin), blocks[i].size, p);
     }
   };
-  {
+  if (blocks.size() * NORM_BLOCK >= min_elements_per_thread()) {  // long enough to split
     py::gil_scoped_release nogil;
+    parallel_for(blocks.size(), NORM_BLOCK, reduce);
+  } else {
     parallel_for(blocks.size(), NORM_BLOCK, reduce);
   }
   const bool is_max = std::isinf(p);
-  std::vector<double> per_tensor(cb.count(), 0.0);
+  std::vector<double> per_tensor(count, 0.0);
   for (std::size_t i = 0; i < blocks.size(); ++i) {
     double& acc = per_tensor[blocks[i].tensor];
     acc = is_max ? nan_max(acc, partial[i]) : acc + partial[i];
@@ -77,6 +85,8 @@ std::pair<std::vector<double>, double> compute_norms(const Buffers& cb, double p
   for (double& v : per_tensor) v = root(v);
   return {per_tensor, root(total)};
 }
+
+namespace {
 
 py::tuple grad_norms(py::handle grads, double norm_type, py::handle positions) {
   Buffers cb(grads, "grads", Access::read, positions_of(positions), NORM_ARRAYS);

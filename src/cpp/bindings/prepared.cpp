@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <unordered_map>
 
 #include "bindings/hyper.hpp"
 #include "dispatch.hpp"
+#include "multi_tensor.hpp"
 
 namespace optkern {
 namespace {
@@ -34,6 +36,19 @@ bool rows_mode(const Rule& rule, const std::vector<double>& h, const std::string
 
 }  // namespace
 
+PyObject* key_of(const char* name) {
+  static std::unordered_map<const char*, PyObject*> keys;  // the GIL guards it
+  auto [it, fresh] = keys.try_emplace(name, nullptr);
+  if (fresh) {
+    it->second = PyUnicode_InternFromString(name);
+    if (it->second == nullptr) {
+      keys.erase(it);
+      throw py::error_already_set();
+    }
+  }
+  return it->second;
+}
+
 const KernelTable& table_for(py::handle isa) {
   if (isa.is_none()) return kernels();
   const std::string name = py::cast<std::string>(isa);
@@ -52,10 +67,12 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
   const KernelTable& table = table_for(isa);
   // Everything that can run Python code comes first: the hyperparameters, the step counts,
   // the positions and the state lists (all copied); then the arrays, which run none.
-  const std::vector<double> h = parse_hyper(rule, hyper, py::none());
+  h_ = parse_hyper(rule, hyper, py::none());
+  const std::vector<double>& h = h_;
   // grad_scale is data, like a gradient: a clipping coefficient from a NaN norm is NaN and
   // makes the update NaN, as in torch. optkern.functional refuses a non-finite one from users.
   if (h[rule.hyper.size()] != 0.0) grad_scale = -grad_scale;  // maximize
+  grad_scale_ = grad_scale;
   if (!PyDict_Check(states.ptr())) {
     throw py::type_error("states must be a dict {state name: list of arrays}, got " +
                          type_name(states));
@@ -63,7 +80,7 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
   std::vector<py::object> lists(rule.states.size());
   for (std::size_t k = 0; k < rule.states.size(); ++k) {
     const StateDecl& s = rule.states[k];
-    PyObject* l = PyDict_GetItemString(states.ptr(), s.name);
+    PyObject* l = PyDict_GetItem(states.ptr(), key_of(s.name));
     if (state_needed(rule, s, h)) {
       if (l == nullptr || (l == Py_None && s.when != nullptr)) {
         std::string why;
@@ -102,7 +119,7 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
   // The carried numbers (CarriedDecl): a list of floats per name, read now (converting them
   // may run Python code) and written back, with the state dicts, after the kernels.
   for (const CarriedDecl& c : rule.carried) {
-    PyObject* l = PyDict_GetItemString(states.ptr(), c.name);
+    PyObject* l = PyDict_GetItem(states.ptr(), key_of(c.name));
     if (l == nullptr) throw py::value_error(std::string(c.arg) + " is required");
     if (!PyList_CheckExact(l)) {
       throw py::type_error(std::string(c.arg) +
@@ -200,12 +217,6 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
                             std::to_string(count));
     }
   }
-  // carried_[t * nc + k]: tensor t's k-th carried number, turned by the scalars function from
-  // its value before this step into its value after it.
-  carried_.resize(count * nc);
-  for (std::size_t t = 0; t < count; ++t) {
-    for (std::size_t k = 0; k < nc; ++k) carried_[t * nc + k] = carried_in_[k][t];
-  }
 
   // Each tensor's arrays and kernel entry: the entry of its element types (parameter, gradient,
   // states: the parameter's type).
@@ -244,33 +255,9 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
     }
   }
 
-  // The per-step scalars, in double from the step count (and the carried numbers), rounded to
-  // each tensor's compute type: one set per distinct step, carried values and compute type.
-  const Hyper hyp(rule.hyper.data(), rule.hyper.size(), h.data());
-  for (std::size_t t = 0; t < count; ++t) {
-    const bool f64 = computes_in_f64(u.tensors[t].types.param);
-    bool same =
-        t > 0 && steps_[t] == steps_[t - 1] && f64 == computes_in_f64(u.tensors[t - 1].types.param);
-    for (std::size_t k = 0; same && k < nc; ++k) {
-      same = carried_in_[k][t] == carried_in_[k][t - 1];
-    }
-    if (same) {
-      u.tensors[t].scalars = u.tensors[t - 1].scalars;
-      std::copy(carried_.begin() + (t - 1) * nc, carried_.begin() + t * nc,
-                carried_.begin() + t * nc);
-      continue;
-    }
-    StepInfo info{rule.cls, steps_[t], steps_[t] == 1, grad_scale};
-    info.carried = nc ? carried_.data() + t * nc : nullptr;
-    u.scalars.emplace_back();
-    try {
-      rule.scalars[f64](hyp, info, u.scalars.back().bytes);
-    } catch (const HyperError& e) {
-      throw py::value_error(e.what());
-    }
-    u.tensors[t].scalars = u.scalars.size() - 1;
-  }
+  compute_scalars();
   if (count == 0) {  // still check the scalars of step 1 (or the given step), in float32
+    const Hyper hyp(rule.hyper.data(), rule.hyper.size(), h.data());
     StepInfo info{rule.cls, steps_given && step_counts.all ? step_counts.values[0] : 1, true,
                   grad_scale};
     std::vector<double> start(nc);  // each carried number at its start
@@ -286,6 +273,51 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
       throw py::value_error(e.what());
     }
   }
+}
+
+void Prepared::compute_scalars() {
+  const Rule& rule = rule_;
+  Update& u = update_;
+  const std::size_t nc = rule.carried.size(), count = steps_.size();
+  // carried_[t * nc + k]: tensor t's k-th carried number, turned by the scalars function from
+  // its value before this step into its value after it.
+  carried_.resize(count * nc);
+  for (std::size_t t = 0; t < count; ++t) {
+    for (std::size_t k = 0; k < nc; ++k) carried_[t * nc + k] = carried_in_[k][t];
+  }
+  // The per-step scalars, in double from the step count (and the carried numbers), rounded to
+  // each tensor's compute type: one set per distinct step, carried values and compute type.
+  const Hyper hyp(rule.hyper.data(), rule.hyper.size(), h_.data());
+  u.scalars.clear();
+  for (std::size_t t = 0; t < count; ++t) {
+    const bool f64 = computes_in_f64(u.tensors[t].types.param);
+    bool same =
+        t > 0 && steps_[t] == steps_[t - 1] && f64 == computes_in_f64(u.tensors[t - 1].types.param);
+    for (std::size_t k = 0; same && k < nc; ++k) {
+      same = carried_in_[k][t] == carried_in_[k][t - 1];
+    }
+    if (same) {
+      u.tensors[t].scalars = u.tensors[t - 1].scalars;
+      std::copy(carried_.begin() + (t - 1) * nc, carried_.begin() + t * nc,
+                carried_.begin() + t * nc);
+      continue;
+    }
+    StepInfo info{rule.cls, steps_[t], steps_[t] == 1, grad_scale_};
+    info.carried = nc ? carried_.data() + t * nc : nullptr;
+    u.scalars.emplace_back();
+    try {
+      rule.scalars[f64](hyp, info, u.scalars.back().bytes);
+    } catch (const HyperError& e) {
+      throw py::value_error(e.what());
+    }
+    u.tensors[t].scalars = u.scalars.size() - 1;
+  }
+}
+
+bool Prepared::worth_releasing_gil() const {
+  std::size_t work = 0;
+  for (std::size_t s : update_.sizes) work += s;
+  return work * rule_.info.weight >= min_elements_per_thread();
 }
 
 void Prepared::record() const {
@@ -305,12 +337,12 @@ void Prepared::record() const {
   const py::list& items = *record_;
   for (std::size_t t = 0; t < count; ++t) {
     py::int_ step(steps_[t]);
-    if (PyDict_SetItemString(items[t].ptr(), "step", step.ptr()) != 0) {
+    if (PyDict_SetItem(items[t].ptr(), key_of("step"), step.ptr()) != 0) {
       throw py::error_already_set();
     }
     for (std::size_t k = 0; k < nc; ++k) {
       py::float_ v(carried_[t * nc + k]);
-      if (PyDict_SetItemString(items[t].ptr(), rule_.carried[k].name, v.ptr()) != 0) {
+      if (PyDict_SetItem(items[t].ptr(), key_of(rule_.carried[k].name), v.ptr()) != 0) {
         throw py::error_already_set();
       }
     }
@@ -336,8 +368,10 @@ void run_prepared(py::handle calls, py::handle counter) {
     throw py::type_error("counter must be a list whose first item is an int");
   }
   for (Prepared* p : todo) p->used = true;
-  {
+  if (std::any_of(todo.begin(), todo.end(), [](Prepared* p) { return p->worth_releasing_gil(); })) {
     py::gil_scoped_release nogil;
+    for (Prepared* p : todo) p->run_kernels();
+  } else {
     for (Prepared* p : todo) p->run_kernels();
   }
   for (Prepared* p : todo) p->record();
@@ -377,15 +411,17 @@ void define_prepared(py::module_& m) {
         std::unique_ptr<Prepared> p(prepare(rule, params, grads, states, hyper, steps, grad_scale,
                                             positions, isa, py::none()));
         p->used = true;
-        {
+        if (p->worth_releasing_gil()) {
           py::gil_scoped_release nogil;
+          p->run_kernels();
+        } else {
           p->run_kernels();
         }
         p->record();  // the carried numbers, if the rule has any
       },
       py::arg("rule"), py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("hyper"),
-      py::kw_only(), py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0,
-      py::arg("positions") = py::none(), py::arg("isa") = py::none(),
+      py::arg("steps") = py::none(), py::arg("grad_scale") = 1.0, py::arg("positions") = py::none(),
+      py::arg("isa") = py::none(),
       "One fused update of a group by the named rule: every array validated, the GIL released, "
       "one multi-tensor kernel call. isa names a compiled kernel build to use instead of the "
       "active one (tests compare every ISA in one process).");

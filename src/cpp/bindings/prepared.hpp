@@ -20,7 +20,12 @@ class Prepared {
            py::handle hyper, py::handle steps, double grad_scale, py::handle positions,
            py::handle isa, py::handle record);
 
-  // The kernels, with the GIL released by the caller.
+  // Whether the kernels take long enough to let other Python threads run meanwhile: a call below
+  // the threshold of a second thread takes microseconds, less than handing the GIL over and back
+  // (and another thread holding it can make that wait last a whole switch interval, 5 ms).
+  bool worth_releasing_gil() const;
+
+  // The kernels, with the GIL released by the caller (or held, for a short call).
   void run_kernels() const { run_update(update_); }
 
   // The step's bookkeeping (GIL held, no Python code runs): each state dict's step count.
@@ -30,7 +35,16 @@ class Prepared {
   bool used = false;
 
  private:
+  friend class StepPlan;  // re-runs a prepared update with new gradients and step counts
+
+  // The per-step scalars of steps_ (and carried_in_) under h_ and grad_scale_, into update_;
+  // carried_ gets the carried numbers after this step. A scalar the compute type cannot hold:
+  // ValueError.
+  void compute_scalars();
+
   const Rule& rule_;
+  std::vector<double> h_;    // the hyperparameters, maximize last
+  double grad_scale_ = 1.0;  // with maximize's sign
   std::unique_ptr<Buffers> buffers_;
   std::vector<RowGrad> row_grads_;  // the row-sparse gradients (update_.rows points into them)
   Update update_;
@@ -40,6 +54,10 @@ class Prepared {
   std::vector<std::vector<double>> carried_in_;  // [k][t]: the values before the step
   std::vector<double> carried_;                  // [t * nc + k]: the values after it
 };
+
+// The interned str of a name declared in C++ (a state's, "step"): made once per name, so a dict
+// lookup by it hashes nothing and compares pointers first.
+PyObject* key_of(const char* name);
 
 // The kernel table of the ISA build named `isa` (None: the active one), or ValueError.
 const KernelTable& table_for(py::handle isa);

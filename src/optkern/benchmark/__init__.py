@@ -14,6 +14,7 @@ import optkern as ok
 
 from .._cli import dims, positive_int, positive_seconds, size, thread_count, writable_file
 from . import loops as _loops
+from . import programs as _programs
 from . import studies as _studies
 from . import threads as _threads
 from .cases import CASES, torch_available
@@ -38,6 +39,14 @@ STUDIES = ["main", "small", "threads", "clip", "loops"]
 #: run only when named (optkern.benchmark.studies)
 EXTRA_STUDIES = list(_studies.NAMES)
 DEFAULT_REPEATS = 5
+
+
+def _dims_or_none(text: str) -> str:
+    """--loop-sizes: layer sizes, or none (the program shapes alone)."""
+    return text if text == "none" else dims(text)
+
+
+_dims_or_none.__name__ = dims.__name__  # argparse names the type in its message
 
 
 def add_parser(sub) -> None:
@@ -120,9 +129,20 @@ def add_parser(sub) -> None:
         "--loop-sizes",
         nargs="+",
         default=_loops.DEFAULT_LOOP_SIZES,
-        type=dims,
+        type=_dims_or_none,
         metavar="DIMS",
-        help="MLP layer sizes for the loops study (default: %(default)s)",
+        help="MLP layer sizes for the loops study, or none for the program shapes alone "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--programs",
+        nargs="+",
+        default=list(_programs.PROGRAMS),
+        choices=list(_programs.PROGRAMS) + ["none"],
+        metavar="NAME",
+        help="program shapes run in the loops study beside the MLP, each with its own NumPy "
+        f"update lines and with optkern: {' '.join(_programs.PROGRAMS)}, or none "
+        "(default: all; see optkern/benchmark/programs.py)",
     )
     p.add_argument(
         "--loop-steps",
@@ -211,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
     # the small study: Adam, or each optimizer --optimizers names
     small_keys = args.optimizers if args.optimizers != list(CASES) else ["adam"]
     if "loops" in studies:
-        loop_sizes = [_loops.parse_dims(d) for d in args.loop_sizes]
+        loop_sizes = [_loops.parse_dims(d) for d in args.loop_sizes if d != "none"]
+        programs = [k for k in args.programs if k != "none"]
     total = (
         (len(sizes) * len(cases) if "main" in studies else 0)
         + (len(small_keys) if "small" in studies else 0)
@@ -262,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
                 use_torch,
                 progress,
                 show_progress=not args.quiet,
+                programs=programs,
             )
         for name in extra:
             progress(name)
@@ -326,5 +348,8 @@ def report(result: Dict[str, object]) -> None:
     if "loops" in result:
         print("\nInside a training loop (NumPy MLP, batch 64, NumPy's default BLAS threads):")
         print(_loops.table(result["loops"]))
+        if any(c.get("program_rows") for c in result["loops"]["conditions"]):
+            print("\nProgram shapes (their own NumPy update lines against optkern):")
+            print(_programs.table(result["loops"]["conditions"]))
         print("targets:")
         print(_loops.target_lines(result["loops"]))

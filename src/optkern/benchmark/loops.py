@@ -293,6 +293,7 @@ def run_worker(cfg: Dict[str, object]) -> Dict[str, object]:
     import optkern as ok
 
     from .cases import CASES
+    from .programs import PROGRAMS, measure_program
 
     if cfg.get("threads"):
         ok.set_num_threads(int(cfg["threads"]))
@@ -328,7 +329,8 @@ def run_worker(cfg: Dict[str, object]) -> Dict[str, object]:
         },
     }
     rows = []
-    total = len(cfg["sizes"]) * len(cfg["optimizers"])
+    programs = [(PROGRAMS[k], o) for k in cfg.get("programs", []) for o in PROGRAMS[k].optimizers]
+    total = len(cfg["sizes"]) * len(cfg["optimizers"]) + len(programs)
     for dims in cfg["sizes"]:
         for key in cfg["optimizers"]:
             case = CASES[key]
@@ -339,9 +341,21 @@ def run_worker(cfg: Dict[str, object]) -> Dict[str, object]:
                 )
                 sys.stderr.flush()
             rows.append(measure(case, dims, int(cfg["rounds"]), cfg.get("steps"), poke))
+    program_rows = []
+    for program, optimizer in programs:
+        if cfg.get("progress"):
+            sys.stderr.write(
+                f"\r[loops {cfg['condition']:<5} {len(rows) + len(program_rows) + 1:>2}/{total}] "
+                f"{program.key} {optimizer:<28}"
+            )
+            sys.stderr.flush()
+        program_rows.append(
+            measure_program(program, optimizer, int(cfg["rounds"]), cfg.get("steps"), poke)
+        )
     if cfg.get("progress"):
         sys.stderr.write("\r" + " " * 70 + "\r")
     out["rows"] = rows
+    out["program_rows"] = program_rows
     return out
 
 
@@ -433,10 +447,13 @@ def run_loops(
     progress: Callable[[str], None],
     show_progress: bool = True,
     worker: Callable[[Dict[str, object]], Dict[str, object]] = _run_in_worker,
+    programs: Sequence[str] = (),
 ) -> Dict[str, object]:
     """Every condition in its own worker process; returns every measurement. A rule without a
-    hand-written NumPy update (Adamax, say) has nothing to compare the loop with and is left out."""
+    hand-written NumPy update (Adamax, say) has nothing to compare the loop with and is left out.
+    ``programs``: keys of ``programs.PROGRAMS`` to run beside the MLP, each with its optimizers."""
     from .cases import CASES
+    from .programs import program_targets
 
     optimizers = [k for k in optimizers if CASES[k].numpy is not None]
     results = []
@@ -450,10 +467,11 @@ def run_loops(
             "steps": steps,
             "threads": threads,
             "progress": show_progress,
+            "programs": list(programs),
         }
         if condition == "torch" and not use_torch:
             why = "torch is not installed" if not torch_installed() else "torch left out (--no-torch)"
-            results.append({"condition": condition, "skipped": why, "rows": []})
+            results.append({"condition": condition, "skipped": why, "rows": [], "program_rows": []})
             continue
         if condition == "busy":
             with busy_neighbour() as proc:
@@ -474,7 +492,9 @@ def run_loops(
         "sizes": [list(d) for d in sizes],
         "conditions": results,
     }
-    out["targets"] = targets(results)
+    out["targets"] = targets(results) + program_targets(
+        [(c["condition"], r) for c in results for r in c.get("program_rows", [])]
+    )
     return out
 
 
@@ -611,9 +631,13 @@ def target_lines(result: Dict[str, object]) -> str:
     lines = []
     for t in result["targets"]:
         w = t["worst"]
+        if w is None:  # nothing measured: the reason instead
+            lines.append(f"  NOT met  {t['target']}: {t['failures'][0]}")
+            continue
+        what = w["program"] if "program" in w else _short(w["params"])
         lines.append(
             f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: worst "
-            f"{w['value']:.3f} ({w['optimizer']}, {_short(w['params'])}, "
+            f"{w['value']:.3f} ({w['optimizer']}, {what}, "
             f"{w['condition']})" + (f"; {len(t['failures'])} rows over" if t["failures"] else "")
         )
     return "\n".join(lines)

@@ -23,6 +23,10 @@ the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by defa
   torch's on the same inputs when torch is installed (optkern.benchmark.algos): SparseAdam,
   Adagrad and SGD on a 1M x 64 embedding table with 4096 looked-up rows a step; a 1024 x 1024
   Muon step; an LBFGS step at 1M parameters with the closure's time subtracted.
+* ``step-cost``: the fixed cost of a small step (optkern/benchmark/step_cost.py): SGD and Adam on
+  a 4-array model against NumPy's in-place updates, a hyperparameter written before each step,
+  the functional call per call and per array, the stale-parameter check per array, in float32
+  and float64 (repeats: rounds).
 
 Each returns a JSON-able dict whose ``"text"`` is what it prints.
 """
@@ -45,6 +49,7 @@ import optkern as ok
 
 from . import algos
 from .runner import compare, shuffled_times
+from .step_cost import step_cost
 
 NAMES = [
     "threshold",
@@ -54,6 +59,7 @@ NAMES = [
     "torch-bandwidth",
     "torch-phases",
     *algos.STUDIES,
+    "step-cost",
 ]
 #: repeats (rounds for torch-phases) when --repeats is not given
 DEFAULT_REPEATS = {
@@ -66,6 +72,7 @@ DEFAULT_REPEATS = {
     "sparse": 41,
     "muon": 5,
     "lbfgs": 5,
+    "step-cost": 301,
 }
 NEEDS_TORCH = {"torch-bandwidth", "torch-phases"}
 
@@ -450,4 +457,5 @@ def run_study(name: str, repeats: int) -> Dict[str, Any]:
         "pass-bounds": pass_bounds,
         "torch-bandwidth": torch_bandwidth,
         "torch-phases": torch_phases,
+        "step-cost": step_cost,
     }[name](repeats)
