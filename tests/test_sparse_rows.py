@@ -318,3 +318,24 @@ def test_textbook_options_take_row_sparse_as_their_dense_gradient(name, kw, dtyp
         oa.step([g])
         ob.step([g.to_dense(30)])
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [("SGD", {"lr": 0.1}), ("SGD", {"lr": 0.1, "momentum": 0.9}), ("Adagrad", {"lr": 0.1}),
+     ("SparseAdam", {"lr": 0.1})],
+)  # fmt: skip
+def test_dense_and_row_sparse_steps_alternate_with_the_kept_plan(name, kw):
+    # the kept step plan (made by a whole step) must never replay a row-sparse step's rows:
+    # every step equals the whole path's
+    a = np.ones((10, 3), np.float32)
+    b = a.copy()
+    oa, ob = getattr(ok, name)([a], **kw), getattr(ok, name)([b], **kw)
+    dense = np.full((10, 3), 0.5, np.float32)
+    for g in [dense, ok.RowSparse([2, 2, 7], np.ones((3, 3), np.float32)), dense, dense,
+              ok.RowSparse([1], np.ones((1, 3), np.float32)),
+              ok.RowSparse([4, 4], np.ones((2, 3), np.float32)), dense]:  # fmt: skip
+        oa.step([g])
+        ob._step_plan = None  # the whole path every time
+        ob.step([g])
+        np.testing.assert_array_equal(a, b)

@@ -447,6 +447,10 @@ class Optimizer:
         plan does not read."""
         if any(len(params) != len(group["params"]) for group, params, _, _ in work):
             return None
+        # A row-sparse step's calls hold its rows; a plan made of them would replay those rows
+        # for the next gradients. Such steps keep the plan they had (it refuses RowSparse items).
+        if any(isinstance(g, RowSparse) for _, _, grads, _ in work for g in grads):
+            return None
         try:
             return _core.StepPlan(
                 calls,
