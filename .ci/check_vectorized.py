@@ -126,7 +126,12 @@ def main() -> int:
         sys.exit(f"{cxx} is not GCC: -fopt-info-vec-missed is GCC's (set {variable})")
     sources = [pathlib.Path(a).resolve() for a in args]
     if not sources:
-        sources = [*rule_files(), CPP / "kernels/norms.cpp", CPP / "kernels/staging.cpp"]
+        sources = [
+            *rule_files(),
+            CPP / "kernels/norms.cpp",
+            CPP / "kernels/staging.cpp",
+            CPP / "kernels/algo_kernels.cpp",
+        ]
     missing = []
     checked = 0
     for source, unit in units(sources):

@@ -130,8 +130,8 @@ def peers() -> Dict[str, Peer]:
     for name, rule in okt.RULES.items():
         theirs = rule.torch_name
         if theirs is not None:
-            fused = "fused" in inspect.signature(getattr(torch.optim, theirs)).parameters
-            impl = "fused" if fused else "foreach"
+            takes = inspect.signature(getattr(torch.optim, theirs)).parameters
+            impl = "fused" if "fused" in takes else "foreach" if "foreach" in takes else "single"
             rename = None
             if theirs != name:  # Nesterov: torch's SGD with optkern's defaults and nesterov=True
                 defaults = dict(rule.args)
@@ -139,7 +139,8 @@ def peers() -> Dict[str, Peer]:
                 def rename(hp, defaults=defaults, fixed=rule.fixed):
                     return {**defaults, **hp, **fixed}
 
-            out[name] = Peer(f"torch.optim.{theirs}", impl, ((impl, True),), rename)
+            flags = ((impl, True),) if impl != "single" else ()
+            out[name] = Peer(f"torch.optim.{theirs}", impl, flags, rename)
         elif name == "Momentum":  # torch's SGD with dampening = momentum: the same update
             out[name] = Peer("torch.optim.SGD", "fused", (("fused", True),), _momentum_as_sgd)
         elif name == "Lion":
@@ -224,6 +225,8 @@ def bench_steps(
             gen = torch.Generator().manual_seed(0)
             p0 = torch.randn(n, generator=gen)
             grad = torch.randn(n, generator=gen) * 1e-3
+            if okt.RULES[name].sparse_only:  # SparseAdam: a sparse gradient listing every row
+                grad = grad.to_sparse()
             pt, po = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0)
             pt.grad, po.grad = grad.clone(), grad
             oo = getattr(okt, name)([po], **hp)
