@@ -339,3 +339,46 @@ def test_dense_and_row_sparse_steps_alternate_with_the_kept_plan(name, kw):
         ob._step_plan = None  # the whole path every time
         ob.step([g])
         np.testing.assert_array_equal(a, b)
+    assert oa._step_plan is not None  # the plan was kept and replayed between the sparse steps
+
+
+PRECISION = [
+    ("bfloat16 state", np.float32, {"state_dtype": "bfloat16"}),
+    ("int8 state", np.float32, {"state_dtype": "int8"}),
+    ("bfloat16 table", "bfloat16", {}),
+    ("float16 table", np.float16, {}),
+    ("bfloat16 table, master weights", "bfloat16", {"master_weights": True}),
+    ("float16 table, stochastic rounding", np.float16, {"stochastic_rounding": True}),
+]
+
+
+@pytest.mark.parametrize("name, kw", [("SparseAdam", {"lr": 0.1}), ("Adagrad", {"lr": 0.1}),
+                                      ("SGD", {"lr": 0.1, "momentum": 0.9})])  # fmt: skip
+@pytest.mark.parametrize("what, dtype, options", PRECISION, ids=[c[0] for c in PRECISION])
+def test_precision_options_refuse_row_sparse_before_anything_changes(name, kw, what, dtype, options):
+    # a row-sparse step runs plain float32/float64 rows only: the staged forms (16-bit tables,
+    # bfloat16 or int8 state, master weights, stochastic rounding) are refused, naming the
+    # gradient, with the table, the state and the step count as they were; dense steps go on
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    table = np.linspace(-1, 1, 40 * 256).reshape(40, 256).astype(dtype)
+    opt = getattr(ok, name)([table], **kw, **options)
+    dense = np.full(table.shape, 0.25, table.dtype)
+    opt.step([dense])  # the state exists: a later step must not change it either
+    before = (table.copy(), {k: np.copy(v) for k, v in opt.state[table].items()})
+    sparse = ok.RowSparse([3, 3, 17], np.ones((3, 256), np.float32))
+    with pytest.raises(TypeError, match=r"grads\[0\] is a row-sparse gradient .* float32 or float64"):
+        opt.step([sparse])
+    np.testing.assert_array_equal(table, before[0])
+    assert opt.state[table].keys() == before[1].keys()
+    for k, v in before[1].items():
+        np.testing.assert_array_equal(opt.state[table][k], v)
+    opt.step([dense])  # and it still steps
+
+
+def test_precision_options_refuse_row_sparse_on_the_first_step():
+    table = np.zeros((8, 4), np.float32)
+    opt = ok.SparseAdam([table], state_dtype="bfloat16")
+    with pytest.raises(TypeError, match="row-sparse"):
+        opt.step([ok.RowSparse([1], np.ones((1, 4), np.float32))])
+    assert table not in opt.state and not table.any()

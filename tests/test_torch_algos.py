@@ -547,3 +547,50 @@ def test_sparse_adam_state_dict_both_ways():
         dst.load_state_dict(copy.deepcopy(src.state_dict()))
         st = dst.state[emb.weight]
         assert st["step"] == 5 and type(st["step"]) is int
+
+
+@pytest.mark.parametrize("name, kw", [("SparseAdam", {"lr": 0.01}), ("Adagrad", {"lr": 0.1})])
+def test_float64_table_with_sparse_gradients_runs_torchs_step(name, kw):
+    # the kernels take float32 row values: a float64 table's float64 sparse gradient runs
+    # torch's own step (said once), with torch's results
+    outs = []
+    for module in (torch.optim, okt):
+        torch.manual_seed(5)
+        emb = torch.nn.Embedding(50, 4, sparse=True).double()
+        opt = getattr(module, name)(emb.parameters(), **kw)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for k in range(5):
+                opt.zero_grad()
+                emb(torch.tensor([[1, 2, 2, k]])).pow(2).sum().backward()
+                opt.step()
+        outs.append((emb.weight.detach().clone(), seen))
+    assert torch.equal(outs[0][0], outs[1][0])
+    fallbacks = [w for w in outs[1][1] if issubclass(w.category, okt.TorchFallbackWarning)]
+    assert len(fallbacks) == 1 and "torch.float64" in str(fallbacks[0].message)
+
+
+def test_lbfgs_steps_complex_parameters_as_their_real_pairs():
+    # as torch's LBFGS: a complex64 parameter is its float32 (real, imaginary) pairs, on the
+    # kernels (no fallback), bit for bit its real twin, and within float32 rounding of torch's
+    torch.manual_seed(0)
+    c0, target = torch.randn(10, 5, dtype=torch.complex64), torch.randn(10, 5, 2)
+    runs = []
+    for cls, complex_param in ((okt.LBFGS, True), (okt.LBFGS, False), (torch.optim.LBFGS, True)):
+        p = torch.nn.Parameter(c0.clone() if complex_param else torch.view_as_real(c0).clone())
+        opt = cls([p], line_search_fn="strong_wolfe", max_iter=5)
+
+        def closure(p=p, opt=opt):
+            opt.zero_grad()
+            x = torch.view_as_real(p) if p.is_complex() else p
+            loss = ((x - target) ** 2).sum() + (x**4).sum()
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", okt.TorchFallbackWarning)
+            for _ in range(3):
+                opt.step(closure)
+        runs.append(torch.view_as_real(p.detach()) if p.is_complex() else p.detach())
+    assert torch.equal(runs[0], runs[1])
+    torch.testing.assert_close(runs[0], runs[2], rtol=1e-5, atol=1e-5)

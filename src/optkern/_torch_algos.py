@@ -363,6 +363,12 @@ class _TorchStateIO(_lbfgs.StateIO):
         return tuple(dirs) + tuple(stps)
 
 
+def _as_real(t: torch.Tensor) -> torch.Tensor:
+    """A complex64 tensor as its float32 (real, imaginary) pairs, sharing its memory (as torch's
+    LBFGS steps a complex parameter); any other tensor as it is."""
+    return torch.view_as_real(t) if t.dtype is torch.complex64 and not t.is_conj() else t
+
+
 def _vector(v: Any) -> Optional[np.ndarray]:
     """A state vector (a tensor) as a flat float32 NumPy array: its own memory when it is a CPU
     float32 contiguous tensor, else a converted copy."""
@@ -380,9 +386,10 @@ class LBFGS(_TorchBuilt):
     calls backward and returns the loss), stepped with optkern's fused passes: the two-loop
     recursion runs on the history's inner products, two passes over the history per iteration
     instead of about 2 per pair (see optkern.LBFGS). Same arguments, defaults, iterates (up to
-    rounding) and state_dict layout as torch's. Parameters optkern cannot step in place (not CPU
-    float32 contiguous tensors), or hyperparameters its passes do not take, run torch's own
-    LBFGS, with a TorchFallbackWarning.
+    rounding) and state_dict layout as torch's. A complex64 parameter is stepped as its float32
+    (real, imaginary) pairs, as torch's LBFGS steps it. Parameters optkern cannot step in place
+    (not CPU float32 or complex64 contiguous tensors), or hyperparameters its passes do not
+    take, run torch's own LBFGS, with a TorchFallbackWarning.
 
     The algorithm, as optkern.LBFGS states it:
     """
@@ -453,9 +460,10 @@ class LBFGS(_TorchBuilt):
         except (TypeError, ValueError) as err:
             why = f"{err}, which optkern's passes do not take"
         params = self._params = group["params"]
-        bad = next((i for i, p in enumerate(params) if not _fast(p)), None)
+        reals = [_as_real(p) for p in params]  # a complex parameter as torch's LBFGS takes it
+        bad = next((i for i, r in enumerate(reals) if not _fast(r)), None)
         if why is None and bad is not None:
-            p = params[bad]
+            p = reals[bad]
             why = (
                 f"parameter {bad} is not a CPU float32 contiguous tensor ({p.dtype} on {p.device}, "
                 f"contiguous: {p.is_contiguous()})"
@@ -463,23 +471,24 @@ class LBFGS(_TorchBuilt):
         if why:
             self._engine = _lbfgs.Engine()  # torch's step changes the state: read it afresh
             return self._torch_step([group], why, closure)
-        views = [_np(p) for p in params]
+        views = [_np(r) for r in reals]
         closure = torch.enable_grad()(closure)
 
         def evaluate() -> Tuple[Any, List[np.ndarray]]:
             increment_version(params)  # the parameters moved in place (as torch's add_ does)
             loss = closure()
             grads = []
-            for p in params:
+            for p, v in zip(params, views):
                 g = p.grad
                 if g is None:
-                    grads.append(np.zeros(p.shape, np.float32))
+                    grads.append(np.zeros(v.shape, np.float32))
                     continue
                 if g.is_sparse:
                     g = g.to_dense()
+                g = _as_real(g)
                 if not _fast(g):
                     g = g.detach().to(device="cpu", dtype=torch.float32).contiguous()
-                grads.append(_np(g).reshape(p.shape))
+                grads.append(_np(g).reshape(v.shape))
             return loss, grads
 
         state = self.state[params[0]]
