@@ -180,19 +180,21 @@ class _History:
         self, H: float, gS: np.ndarray, gY: np.ndarray
     ) -> Tuple[float, np.ndarray, np.ndarray, np.ndarray]:
         """torch's two-loop recursion on the inner products: d = -H_k g as cg g + sum cy_j y_j +
-        cs_j s_j; returns (cg, cs, cy, al)."""
+        cs_j s_j; returns (cg, cs, cy, al). A diverging run overflows to inf and NaN silently,
+        as torch's recursion on tensors does."""
         k = len(self.S)
         ro, SY, YY = self.ro, self.SY, self.YY
         qc = np.zeros(k)  # q = -g + sum_j qc_j y_j
         al = np.zeros(k)
-        for i in range(k - 1, -1, -1):
-            al[i] = (-gS[i] + float(SY[i, i + 1 :] @ qc[i + 1 :])) * ro[i]
-            qc[i] = -al[i]
-        rs = np.zeros(k)  # r = H q + sum_j rs_j s_j
-        for i in range(k):
-            yr = H * (-gY[i] + float(YY[i] @ qc)) + float(rs[:i] @ SY[:i, i])
-            rs[i] = al[i] - yr * ro[i]
-        return -H, rs, H * qc, al
+        with np.errstate(all="ignore"):
+            for i in range(k - 1, -1, -1):
+                al[i] = (-gS[i] + float(SY[i, i + 1 :] @ qc[i + 1 :])) * ro[i]
+                qc[i] = -al[i]
+            rs = np.zeros(k)  # r = H q + sum_j rs_j s_j
+            for i in range(k):
+                yr = H * (-gY[i] + float(YY[i] @ qc)) + float(rs[:i] @ SY[:i, i])
+                rs[i] = al[i] - yr * ro[i]
+            return -H, rs, H * qc, al
 
 
 # -- the algorithm ---------------------------------------------------------------------------------
