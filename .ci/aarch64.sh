@@ -31,6 +31,8 @@
 #       subclasses, memmaps, zero sizes) and tests/test_memory_sharing.py (aliasing, foreign
 #       buffers); the core's hyperparameter checks from tests/test_registry.py;
 #     - checkpoints: save, load and continue bit for bit for every option set, truncated files;
+#     - row-sparse steps against the float64 references, Muon's and LBFGS's fused passes against
+#       NumPy, on NEON and SVE (tests/test_sparse_rows.py, test_muon.py, test_lbfgs.py);
 #     - tests/test_dispatch.py and tests/test_smoke.py (every class steps).
 #  2. -cpu max,sve-default-vector-length=16 (SVE at 128 bits): test_isa's test_isas_agree (NEON
 #     and SVE bit-identical at another vector length).
@@ -69,6 +71,9 @@ MAX_TESTS=(tests/test_isa.py
            tests/test_registry.py::test_adagrad_and_adamw_derived_scalars_are_checked
            tests/test_checkpoint.py::test_round_trip_continues_bit_identically
            tests/test_checkpoint.py::test_truncated_file_refused
+           tests/test_sparse_rows.py::test_every_isa_matches_the_reference
+           tests/test_muon.py::test_passes_match_numpy
+           tests/test_lbfgs.py::test_passes_match_numpy
            tests/test_dispatch.py tests/test_smoke.py)
 # 100003 elements: the float64 reference's 100 steps take minutes under emulation (the thread
 # split is covered by the thread tests, 64 and 16 elements per thread); 37x23: the layout of a

@@ -195,7 +195,11 @@ def compiler(arch: str):
     return version.split("\n")[0], failed
 
 
-KERNEL_UNITS = [CPP / "kernels/norms.cpp", CPP / "kernels/staging.cpp"]
+KERNEL_UNITS = [
+    CPP / "kernels/norms.cpp",
+    CPP / "kernels/staging.cpp",
+    CPP / "kernels/algo_kernels.cpp",
+]
 
 
 def main() -> int:

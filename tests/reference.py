@@ -257,6 +257,20 @@ class Reference:
         self.p = p - ((lr / (1 - beta1**t)) * m) / u
         self.state["step"] = t
 
+    def _sparseadam(self, g, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        # torch.optim.SparseAdam on a gradient listing every row (a dense one): Adam with eps
+        # outside the bias correction, in torch's order of operations
+        t = self.t + 1
+        beta1, beta2 = betas
+        m = self.zeros("exp_avg")
+        v = self.zeros("exp_avg_sq")
+        m = m + (g - m) * (1 - beta1)
+        v = v + (g * g - v) * (1 - beta2)
+        self.state["exp_avg"], self.state["exp_avg_sq"] = m, v
+        step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        self.p = self.p - step_size * (m / (np.sqrt(v) + eps))
+        self.state["step"] = t
+
     def _nadam(
         self,
         g,

@@ -444,3 +444,53 @@ def test_progress_bar_redraws_in_place_on_a_terminal():
     bar.update(2, "b", milestone=True)
     bar.close()
     assert log.getvalue().count("\n") == 1 and "b" in log.getvalue() and "\r" not in log.getvalue()
+
+
+# -- Muon on a transformer-shaped MLP --------------------------------------------------------------
+
+
+def test_muon_mlp_gradients_are_exact():
+    from optkern.examples.muon_mlp import ResidualMLP
+
+    rng = np.random.default_rng(0)
+    model = ResidualMLP(12, 8, 2, seed=1, dtype=np.float64)
+    X = rng.standard_normal((16, 12))
+    y = rng.integers(0, 10, 16)
+    _, grads = model.gradients(X, y)
+    for p, g in zip(model.params, grads):
+        for _ in range(3):
+            idx = tuple(int(rng.integers(0, s)) for s in p.shape)
+            old = p[idx]
+            p[idx] = old + 1e-6
+            up = model.gradients(X, y)[0]
+            p[idx] = old - 1e-6
+            down = model.gradients(X, y)[0]
+            p[idx] = old
+            assert (up - down) / 2e-6 == pytest.approx(g[idx], rel=1e-5, abs=1e-8)
+
+
+def test_muon_mlp_trains():
+    from optkern.examples import muon_mlp
+
+    with blas_threads(1):
+        out = muon_mlp.run(
+            ["muon", "adam"], {"muon": [0.1], "adam": [3e-3]}, width=32, epochs=3,
+            batch_size=128, seeds=[0], n_train=2000,
+        )  # fmt: skip
+    for m in ("muon", "adam"):
+        assert out["best"][m]["test_acc"] > 0.7  # chance: 0.1
+    assert "muon" in muon_mlp.table(out, markdown=True)
+
+
+# -- the recommender: row-sparse gradients --------------------------------------------------------
+
+
+def test_recommender_learns_with_row_sparse_gradients():
+    from optkern.examples import recommender
+
+    out = recommender.run(n_users=2000, n_items=500, n_ratings=30000, epochs=3, seed=0)
+    for m, res in out["results"].items():
+        assert res["test_rmse"][-1] < out["baseline_rmse"], m  # better than the mean
+    # the lazy methods touch a batch's rows only: much less work per step than dense Adam
+    assert out["results"]["SparseAdam"]["test_rmse"][-1] < 0.9 * out["baseline_rmse"]
+    assert "SparseAdam" in recommender.table(out, markdown=True)

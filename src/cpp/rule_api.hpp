@@ -344,6 +344,21 @@ constexpr PerReal<typename detail::Erased<F32>::Fn> per_real = {&detail::Erased<
 
 // One rule: what _core.rules() exports and _core.step runs. Declared with designated
 // initializers in its file's host part (fields in this order; the optional ones may be left out).
+// How a rule takes a row-sparse gradient (optkern.RowSparse: some rows of a parameter listed, the
+// others zero), with torch's semantics for sparse gradients. By default it refuses one, as torch's
+// optimizers refuse sparse gradients (Adam: "please consider SparseAdam instead").
+struct RowsDecl {
+  bool accepted = false;
+  // A hyperparameter that, when nonzero, makes the update touch every row, with a zero gradient
+  // for the rows not listed (SGD's momentum: torch's buffer decays on every row). Otherwise only
+  // the listed rows are touched, each once, with its duplicates summed (a lazy update: the other
+  // rows and their state are left as they are).
+  const char* dense_when = nullptr;
+  // A hyperparameter that, when nonzero, refuses a row-sparse gradient (weight decay: torch
+  // refuses it with sparse gradients).
+  const char* refused_when = nullptr;
+};
+
 struct RuleDecl {
   const char* name;  // functional name: optkern.functional.<name>_
   const char* cls;   // class name: optkern.<cls>
@@ -379,6 +394,7 @@ struct RuleDecl {
   // momentum=beta, dampening=beta)"; nullptr: torch.optim.<cls>, or none known.
   const char* peer = nullptr;
   const char* doc = "";  // the formulas, for the class docstring
+  RowsDecl rows = {};    // row-sparse gradients: refused unless declared
 };
 
 // Whether a rule file's declarations fit its kernel: a reduction pass needs per_array, a factored

@@ -16,7 +16,20 @@ void* advance(void* p, DType type, std::size_t elements) {
   return p == nullptr ? nullptr : static_cast<char*>(p) + elements * dtype_size(type);
 }
 const void* advance(const void* p, DType type, std::size_t elements) {
-  return static_cast<const char*>(p) + elements * dtype_size(type);
+  return p == nullptr ? nullptr : static_cast<const char*>(p) + elements * dtype_size(type);
+}
+
+// Asks for the cache lines of elements [offset, offset + n) of an array (nullptr: none), to be
+// written: its first lines (the hardware prefetcher follows a long row by itself).
+void prefetch_span(const void* p, DType type, std::size_t offset, std::size_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  if (p == nullptr) return;
+  const char* at = static_cast<const char*>(p) + offset * dtype_size(type);
+  const std::size_t bytes = std::min<std::size_t>(n * dtype_size(type), 1024);
+  for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(at + b, 1);
+#else
+  (void)p, (void)type, (void)offset, (void)n;
+#endif
 }
 
 // Tensor t's operands from element b on (b a multiple of range_align(t.types)).
@@ -107,6 +120,25 @@ void run_update(const Update& u) {
     tensor.entry->step(s.bytes, operands_at(tensor, b), e - b);
   };
   for_each_span(u.sizes, u.aligns, u.rule->info.weight, body);
+  if (u.rows.empty()) return;
+  // The tensors with row-sparse gradients (their sizes are 0 above): the rule's kernel on each
+  // listed row (or every row), the row's gradient summed from its duplicates in order (float32;
+  // their parameters and states are plain, checked by the bindings: no q8 blocks to align to).
+  struct Rows {
+    const Update& u;
+    void operator()(std::size_t r, std::size_t offset, const float* g, std::size_t n) const {
+      const Tensor& tensor = u.tensors[u.row_tensors[r]];
+      Operands op = operands_at(tensor, offset);
+      op.grad = g;
+      tensor.entry->step(u.scalars[tensor.scalars].bytes, op, n);
+    }
+    void prefetch(std::size_t r, std::size_t offset, std::size_t n) const {
+      const Tensor& tensor = u.tensors[u.row_tensors[r]];
+      prefetch_span(tensor.param, tensor.types.param, offset, n);
+      for (void* s : tensor.state) prefetch_span(s, tensor.types.state, offset, n);
+    }
+  } rows{u};
+  for_each_row(u.rows, u.dense_rows, u.rule->info.weight, rows);
 }
 
 }  // namespace optkern

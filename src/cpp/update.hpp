@@ -10,6 +10,7 @@
 
 #include "kernel_api.hpp"
 #include "rules/registry.hpp"
+#include "sparse_rows.hpp"
 
 namespace optkern {
 
@@ -41,9 +42,16 @@ struct Tensor {
 struct Update {
   const Rule* rule = nullptr;
   std::vector<Tensor> tensors;
-  std::vector<std::size_t> sizes;   // tensors[t].size, for the multi-tensor split
+  // tensors[t].size, for the multi-tensor split; 0 for a tensor with a row-sparse gradient
+  std::vector<std::size_t> sizes;
   std::vector<std::size_t> aligns;  // range_align(tensors[t].types): where ranges may start
   std::vector<ScalarsSlot> scalars;
+  // Row-sparse gradients (optkern.RowSparse): each one's rows, the tensor it belongs to (its
+  // grad is nullptr), and whether every row of those tensors is updated (RowsDecl::dense_when)
+  // or only the listed ones (sparse_rows.hpp).
+  std::vector<RowTarget> rows;
+  std::vector<std::size_t> row_tensors;
+  bool dense_rows = false;
 };
 
 // The entry of `set` for these element types: a compiled combination, else the staged entry

@@ -23,6 +23,9 @@ from .optimizer import Optimizer, StaleParameterWarning
 from . import registry
 from ._classes import *  # noqa: F403 (one class per rule of the registry; _classes.pyi names them)
 from ._classes import __all__ as _class_names
+from .sparse import RowSparse
+from .muon import Muon
+from .lbfgs import LBFGS
 
 __version__: str = _core.__version__
 
@@ -30,6 +33,9 @@ __all__ = [
     "Optimizer",
     "StaleParameterWarning",
     *_class_names,
+    "Muon",
+    "LBFGS",
+    "RowSparse",
     "functional",
     "registry",
     "clip_grad_norm_",

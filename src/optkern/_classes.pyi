@@ -23,6 +23,7 @@ __all__ = [
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",
     "Adafactor",
+    "SparseAdam",
     "AdEMAMix",
     "Nesterov",
 ]
@@ -360,6 +361,24 @@ class Adafactor(Optimizer):
         eps: Tuple[Optional[float], float] = (None, 0.001),
         d: float = 1.0,
         weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        differentiable: bool = False,
+        capturable: bool = False,
+        state_dtype: Any = "float32",
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
+    ) -> None: ...
+
+class SparseAdam(Optimizer):
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.001,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-08,
         *,
         maximize: bool = False,
         foreach: Optional[bool] = None,

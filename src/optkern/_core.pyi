@@ -66,6 +66,10 @@ class _Testing:
     def affinity_cpus() -> int: ...
     @staticmethod
     def quota_cpus() -> int: ...
+    @staticmethod
+    def group_rows(
+        indices: np.ndarray, num_rows: int
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 _testing: _Testing
 
@@ -132,4 +136,52 @@ def step(
     grad_scale: float = ...,
     positions: Optional[Sequence[int]] = ...,
     isa: Optional[str] = ...,
+) -> None: ...
+
+# Row-sparse gradients (optkern.RowSparse), and the fused passes of Muon and L-BFGS
+def _set_row_sparse_type(cls: type) -> None: ...
+def muon_momentum(
+    grad: np.ndarray,
+    momentum_buffer: np.ndarray,
+    out: np.ndarray,
+    *,
+    momentum: float,
+    nesterov: bool,
+    grad_scale: float = ...,
+    isa: Optional[str] = ...,
+) -> float: ...
+def muon_update(
+    param: np.ndarray, update: np.ndarray, *, decay: float, coeff: float, isa: Optional[str] = ...
+) -> None: ...
+def lbfgs_history(
+    grads: _Arrays,
+    prev_flat_grad: np.ndarray,
+    d: np.ndarray,
+    t: float,
+    y: np.ndarray,
+    s: np.ndarray,
+    S: _Arrays,
+    Y: _Arrays,
+    *,
+    isa: Optional[str] = ...,
+) -> Tuple[np.ndarray, np.ndarray]: ...
+def lbfgs_gram(
+    S: _Arrays, Y: _Arrays, sizes: Sequence[int], *, isa: Optional[str] = ...
+) -> Tuple[np.ndarray, np.ndarray]: ...
+def lbfgs_direction(
+    grads: _Arrays,
+    cg: float,
+    S: _Arrays,
+    cs: Sequence[float],
+    Y: _Arrays,
+    cy: Sequence[float],
+    d: np.ndarray,
+    *,
+    isa: Optional[str] = ...,
+) -> Tuple[float, float]: ...
+def lbfgs_take(
+    grads: _Arrays, out: np.ndarray, d: np.ndarray, *, isa: Optional[str] = ...
+) -> Tuple[float, float]: ...
+def lbfgs_point(
+    params: _Arrays, x: np.ndarray, d: np.ndarray, t: float, *, isa: Optional[str] = ...
 ) -> None: ...

@@ -37,6 +37,7 @@ from .registry import (
     rule,
     rules,
 )
+from .sparse import RowSparse
 
 __all__: List[str] = []  # one <rule>_ per rule of optkern.registry, added at the end of this module
 
@@ -148,7 +149,7 @@ def _run(
         hyper = _core.validate(name, _as_core(hyper))
         if not hyper[when]:
             continue  # not used under these options
-        _core.check_grads(params, grads, positions=positions)  # before allocating anything
+        _check_dense_grads(params, grads, positions)  # before allocating anything
         if len(entries) != len(params):
             raise ValueError(
                 f"{arg} has {len(entries)} entries but params has {len(params)}; they must "
@@ -194,6 +195,19 @@ def _run(
         _core.step(name, params, grads, states, _as_core(hyper), step, grad_scale, positions)
     for entries, filled in made:
         entries[:] = filled
+
+
+def _check_dense_grads(params: ArrayList, grads: Any, positions: Optional[Sequence[int]]) -> None:
+    """The core's checks of the dense gradients (a RowSparse one is checked by the step)."""
+    if not isinstance(grads, (list, tuple)) or not any(isinstance(g, RowSparse) for g in grads):
+        _core.check_grads(params, grads, positions=positions)
+        return
+    dense = [i for i, g in enumerate(grads) if not isinstance(g, RowSparse)]
+    _core.check_grads(
+        [params[i] for i in dense],
+        [grads[i] for i in dense],
+        positions=[(positions[i] if positions is not None else i) for i in dense],
+    )
 
 
 def _as_core(hyper: dict) -> dict:

@@ -28,6 +28,7 @@ __all__ = [
     "schedule_free_adamw_",
     "schedule_free_sgd_",
     "adafactor_",
+    "sparse_adam_",
     "ademamix_",
 ]
 
@@ -336,6 +337,21 @@ def adafactor_(
     eps2: float = 0.001,
     d: float = 1.0,
     weight_decay: float = 0.0,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+    _positions: Optional[Sequence[int]] = None,
+) -> None: ...
+def sparse_adam_(
+    params: ArrayList,
+    grads: ArrayList,
+    exp_avgs: ArrayList,
+    exp_avg_sqs: ArrayList,
+    *,
+    step: Steps,
+    lr: float = 0.001,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-08,
     maximize: bool = False,
     grad_scale: float = 1.0,
     _positions: Optional[Sequence[int]] = None,

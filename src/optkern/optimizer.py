@@ -25,6 +25,7 @@ from .clip import check_norm_type, clip_coefficient, total_norm
 from .flat import FlatParams
 from .functional import check_nonnegative
 from .registry import Rule, as_flag, as_real
+from .sparse import RowSparse, check_row_sources, for_norms
 
 __all__ = ["Optimizer", "ParamState", "StaleParameterWarning"]
 
@@ -250,7 +251,7 @@ class Optimizer:
         lr = seen.get("lr")
         core = rule.to_core(seen, lr=0.0 if callable(lr) else None)
         core["maximize"] = as_flag(seen.get("maximize", False))
-        core = _core.validate(rule.name, core)
+        core = self._validate(core)
         missing = object()
         for name in [n for n, _ in rule.torch_args() + rule.own_args()] + ["maximize"]:
             if name in seen and not (name == "lr" and callable(lr)):
@@ -286,12 +287,19 @@ class Optimizer:
                 value = lr(step)
             finally:
                 self._in_lr = False
-            core = _core.validate(
-                self._rule.name,
+            core = self._validate(
                 {**core, "lr": as_real(value)},
                 labels={"lr": f"lr({step}) (the group's lr schedule)"},
             )
         return core
+
+    def _validate(
+        self, core: Dict[str, Any], labels: Optional[Dict[str, str]] = None
+    ) -> Dict[str, Any]:
+        """Checks hyperparameters in the core's names (betas split) and returns them as the
+        kernels take them: by the C++ declaration of the rule. An optimizer that is not one
+        element-wise rule (Muon, LBFGS) checks its own here."""
+        return _core.validate(self._rule.name, core, labels=labels)
 
     def _not_reentered(self, what: str) -> None:
         if self._in_lr:
@@ -428,24 +436,7 @@ class Optimizer:
                     self._warn_stale(why)  # then the plan checks again
             work = self._plan(grads)
             hyper = [self._hyper(group) for group, *_ in work]  # each lr evaluated once
-            norm: Optional[float] = None
-            scale, skip = 1.0, False
-            if max_grad_norm is not None or skip_if_nonfinite:
-                limit = (
-                    None
-                    if max_grad_norm is None
-                    else check_nonnegative("max_grad_norm", max_grad_norm)
-                )
-                p = check_norm_type(norm_type)
-                flat_grads, flat_positions = _flatten(work)
-                norm = total_norm(flat_grads, p, flat_positions) if flat_grads else 0.0
-                skip = (
-                    skip_if_nonfinite
-                    and not math.isfinite(norm)
-                    and _has_nonfinite(flat_grads, flat_positions, p)
-                )
-                if limit is not None and not skip:
-                    scale = clip_coefficient(limit, norm)
+            norm, scale, skip = self._clipping(work, max_grad_norm, norm_type, skip_if_nonfinite)
             created: list = []
             calls = [
                 self._prepare(group, core, params, group_grads, positions, scale, created)
@@ -461,6 +452,35 @@ class Optimizer:
                 self._step_plan = self._make_plan(work, calls, plan) or plan
             return norm
 
+    def _clipping(
+        self,
+        work: list,
+        max_grad_norm: Optional[float],
+        norm_type: float,
+        skip_if_nonfinite: bool,
+    ) -> tuple:
+        """(total norm or None, the clipping coefficient, whether to skip the step) for a planned
+        step's gradients: one read pass when either option is on."""
+        norm: Optional[float] = None
+        scale, skip = 1.0, False
+        if max_grad_norm is not None or skip_if_nonfinite:
+            limit = (
+                None if max_grad_norm is None else check_nonnegative("max_grad_norm", max_grad_norm)
+            )
+            p = check_norm_type(norm_type)
+            flat_grads, flat_positions = _flatten(work)
+            if any(isinstance(g, RowSparse) for g in flat_grads):  # norms of the dense gradients
+                flat_grads, flat_positions = for_norms(flat_grads), None
+            norm = total_norm(flat_grads, p, flat_positions) if flat_grads else 0.0
+            skip = (
+                skip_if_nonfinite
+                and not math.isfinite(norm)
+                and _has_nonfinite(flat_grads, flat_positions, p)
+            )
+            if limit is not None and not skip:
+                scale = clip_coefficient(limit, norm)
+        return norm, scale, skip
+
     def _make_plan(self, work: list, calls: list, previous: Any) -> Any:
         """The plan later steps take (``_core.StepPlan``), from the updates this step ran; None
         when a step with a None gradient left parameters out, or when a value is of a type the
@@ -471,6 +491,10 @@ class Optimizer:
             # The plan replays one step's arrays and scalars: stochastic rounding's noise is
             # keyed by the step, and the 16-bit or 8-bit state and master copies are the staged
             # entries' (every such step takes the whole path).
+            return None
+        # A row-sparse step's calls hold its rows; a plan made of them would replay those rows
+        # for the next gradients. Such steps keep the plan they had (it refuses RowSparse items).
+        if any(isinstance(g, RowSparse) for _, _, grads, _ in work for g in grads):
             return None
         try:
             return _core.StepPlan(
@@ -542,6 +566,12 @@ class Optimizer:
         if len(work) > 1:
             all_params = [p for _, ps, _, _ in work for p in ps]
             all_grads, positions = _flatten(work)
+            if any(isinstance(g, RowSparse) for g in all_grads):  # each group's core checks them
+                check_row_sources(all_params, all_grads)
+                keep = [i for i, g in enumerate(all_grads) if not isinstance(g, RowSparse)]
+                all_params = [all_params[i] for i in keep]
+                all_grads = [all_grads[i] for i in keep]
+                positions = [positions[i] for i in keep]
             _core.check_grads(all_params, all_grads, positions=positions)
         return work
 
@@ -1272,3 +1302,17 @@ def _restore_dict(obj: Any, saved: Dict[str, Any]) -> None:
                         None,
                         [obj._state_storage(p) for p, _ in have],
                     )
+
+
+def require_float32(
+    arrays: Sequence[np.ndarray], name: str, who: str, positions: Optional[List[int]] = None
+) -> None:
+    """Refuses (TypeError naming ``name[i]``) any array not float32, for the optimizers whose
+    fused passes are float32 only (Muon, LBFGS)."""
+    for i, a in enumerate(arrays):
+        if a.dtype != np.float32:
+            at = i if positions is None else positions[i]
+            raise TypeError(
+                f"{name}[{at}] must be a float32 array, got dtype {a.dtype}: {who}'s fused passes "
+                "step float32 only (optkern's other optimizers take float64)"
+            )

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["Rule", "Hyper", "State", "Carried", "rules", "rule", "as_real", "as_flag"]
+__all__ = ["Rule", "Hyper", "State", "Carried", "Rows", "rules", "rule", "as_real", "as_flag"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,18 @@ class Carried:
 
 
 @dataclass(frozen=True)
+class Rows:
+    """How a rule takes a row-sparse gradient (optkern.RowSparse): ``accepted`` or refused (as
+    torch refuses sparse gradients); ``dense_when``: the hyperparameter that, when nonzero, makes
+    it update every row (SGD's momentum), else only the listed rows; ``refused_when``: the one
+    that, when nonzero, makes it refuse the gradient (weight_decay)."""
+
+    accepted: bool = False
+    dense_when: Optional[str] = None
+    refused_when: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     cls: str
@@ -100,6 +112,8 @@ class Rule:
     # "torch.optim.SGD(momentum=beta, dampening=beta)": arguments given as the class's own,
     # torch's names), or None.
     peer: Optional[str] = None
+    # How it takes a row-sparse gradient (optkern.RowSparse): the core's RowsDecl.
+    rows: Optional["Rows"] = None
 
     # -- torch's view: arguments as the class takes them ---------------------------------------------
 
@@ -253,6 +267,7 @@ def _load() -> Dict[str, Rule]:
             factored=r["factored"],
             example_lr=r["example_lr"],
             peer=r["peer"],
+            rows=Rows(**r["rows"]),
             hyper=tuple(Hyper(**h) for h in r["hyper"] if h["name"] != "maximize"),
             states=tuple(State(**s) for s in r["states"]),
             carried=tuple(Carried(**c) for c in r["carried"]),

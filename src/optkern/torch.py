@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -80,6 +81,7 @@ from ._torch_threads import use_torch_openmp
 from .flat import FlatParams
 from .registry import as_flag
 from .schedule_free import ScheduleFreeSwitch
+from .sparse import RowSparse
 
 use_torch_openmp(torch)  # optkern's chunks on torch's own OpenMP team (docs/threading.md)
 
@@ -104,7 +106,9 @@ class Binding:
     (AdamW's ``decoupled_weight_decay``, Nesterov's ``nesterov``). ``eager``: torch's class makes
     the state in its constructor (Adagrad). ``variants``: (flag, rule) pairs, the rule a group
     runs while its flag is true (torch's Adam with ``decoupled_weight_decay=True`` is AdamW).
-    ``dtypes``: the parameter dtypes the kernels take for this rule."""
+    ``dtypes``: the parameter dtypes the kernels take for this rule. ``sparse_only``: torch's
+    class takes sparse gradients only (SparseAdam: a dense one runs torch's step, which refuses
+    it); ``int_step``: torch's class keeps a parameter's ``step`` as a Python int (SparseAdam)."""
 
     name: str
     rule: registry.Rule
@@ -115,6 +119,8 @@ class Binding:
     eager: bool = False
     variants: Tuple[Tuple[str, registry.Rule], ...] = ()
     dtypes: FrozenSet[torch.dtype] = frozenset({torch.float32, torch.float64})
+    sparse_only: bool = False
+    int_step: bool = False
 
     @property
     def torch_name(self) -> Optional[str]:
@@ -145,6 +151,7 @@ UNMAPPED: Dict[str, str] = {}
 # -- tensors the kernels can serve ---------------------------------------------------------------
 
 _STRIDED = torch.strided
+_COO = torch.sparse_coo
 _BF16 = torch.bfloat16
 #: The element types optkern.torch steps on the kernels, as torch's, and the NumPy dtype each is
 #: viewed as (sharing the tensor's memory): float32, float64, float16 and, where ml_dtypes is
@@ -265,7 +272,7 @@ class _Keys:
         self,
         rule: registry.Rule,
         hyper: Dict[str, Any],
-        tensor_carried: bool,
+        b: "Binding",
         state_dtype: str = "float32",
         master: bool = False,
     ) -> None:
@@ -277,8 +284,8 @@ class _Keys:
             self.names
             + self.absmax
             + ([_MASTER] if master else [])
-            + (list(self.carried) if tensor_carried else [])
-            + (["step"] if rule.counts_steps else [])
+            + (list(self.carried) if b.torch_cls is not None else [])
+            + (["step"] if rule.counts_steps and not b.int_step else [])  # an int: read each step
         )
 
 
@@ -290,6 +297,22 @@ class _Plan:
     def __init__(self, call, params, entries, lists, steps, rule) -> None:
         self.call, self.params, self.entries = call, params, entries
         self.lists, self.steps, self.rule = lists, steps, rule
+
+
+class _IntStep:
+    """A parameter's step kept as a Python int in its state dict (torch's SparseAdam), read and
+    written as the 0-d array view of a tensor step is: ``int(x)``, ``x[()] = n``."""
+
+    __slots__ = ("st",)
+
+    def __init__(self, st: Dict[str, Any]) -> None:
+        self.st = st
+
+    def __int__(self) -> int:
+        return int(self.st["step"])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.st["step"] = int(value)
 
 
 class _Refused(Exception):
@@ -583,7 +606,7 @@ class _OktOptimizer(torch.optim.Optimizer):
         carried numbers. Arrays of the group are made later, in one block per name."""
         st: Dict[str, Any] = {}
         if rule.counts_steps:
-            st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            st["step"] = 0 if self._binding.int_step else torch.tensor(0.0, dtype=_get_scalar_dtype())
         as_tensor = self._binding.torch_cls is not None
         for name, start in rule.carried_spec(core).items():
             st[name] = torch.tensor(start, dtype=_get_scalar_dtype()) if as_tensor else start
@@ -778,6 +801,8 @@ class _OktOptimizer(torch.optim.Optimizer):
         gviews: List[np.ndarray] = []
         entries: List[_Entry] = []
         new: List[Tuple[int, torch.Tensor, _Entry]] = []  # whose state or views are (re)made
+        reshaped: Dict[int, Tuple[int, ...]] = {}  # position -> rows view (a sparse gradient's)
+        rows_shape: Optional[Tuple[int, ...]] = None
         state = self.state
         cache = self._okt_cache
         dtypes = b.dtypes
@@ -799,18 +824,28 @@ class _OktOptimizer(torch.optim.Optimizer):
                     self._refuse(TypeError, f"{self._label(group, gi, i)} {why}")
                 e = cache[id(p)] = _Entry(p)
             # The gradient's view is made at every step and held only during the call:
-            # zero_grad() must free the gradient, as with torch.optim. It may have any dtype
-            # the kernels take, whatever its parameter's.
-            try:
-                gv = g.numpy() if g.dtype is not _BF16 else _np(g)
-            except Exception:
-                gv = self._grad_view(g, group, gi, i)
-            if gv.shape != e.shape or gv.dtype not in _NUMPY_KERNEL:
-                gv = self._grad_view(g, group, gi, i, e)
-            if not gv.flags.c_contiguous:
-                gv = np.ascontiguousarray(gv)  # read through a contiguous copy
-            elif not gv.ndim:
-                gv = gv.reshape(1)
+            # zero_grad() must free the gradient, as with torch.optim.
+            if g.layout is _COO:  # nn.Embedding(sparse=True) and the like
+                gv, rows_shape = self._row_grad(g, p, rule, group, gi, i, hyper)
+                if rows_shape is not None:  # sparse in more than its first dimension
+                    reshaped[len(pviews)] = rows_shape
+            else:
+                if b.sparse_only:
+                    self._refuse(
+                        RuntimeError,
+                        f"the gradient of {self._label(group, gi, i)} is dense, which "
+                        f"torch.optim.{b.torch_name} refuses",
+                    )
+                try:  # any dtype the kernels take, whatever its parameter's
+                    gv = g.numpy() if g.dtype is not _BF16 else _np(g)
+                except Exception:
+                    gv = self._grad_view(g, group, gi, i)
+                if gv.shape != e.shape or gv.dtype not in _NUMPY_KERNEL:
+                    gv = self._grad_view(g, group, gi, i, e)
+                if not gv.flags.c_contiguous:
+                    gv = np.ascontiguousarray(gv)  # read through a contiguous copy
+                elif not gv.ndim:
+                    gv = gv.reshape(1)
             if e.stage is not None:
                 e.stage.copy_(p)  # the kernels step the copy; it is written back after them
             if keys:
@@ -831,9 +866,10 @@ class _OktOptimizer(torch.optim.Optimizer):
                     new.append((i, p, e))
                     e.sdict = None
             params.append(p)
-            pviews.append(e.pview)
+            pviews.append(e.pview if rows_shape is None else e.pview.reshape(rows_shape))
             gviews.append(gv)
             entries.append(e)
+            rows_shape = None
         if not params:
             return None
         fresh_names = self._complete_state(new, group, gi, rule, hyper, ks, undo) if new else ()
@@ -842,6 +878,10 @@ class _OktOptimizer(torch.optim.Optimizer):
             lists[n] = [e.aviews[k] for e in entries]
         if ks.master and any(e.mview is not None for e in entries):
             lists[_MASTER] = [e.mview for e in entries]
+        for k, shape in reshaped.items():  # their states viewed as the parameter is
+            for n in names:
+                if lists[n][k] is not None:
+                    lists[n][k] = lists[n][k].reshape(shape)
         for k, n in enumerate(cnames):
             if tensor_carried:  # read from their 0-d tensors, as torch keeps them
                 lists[n] = [float(e.cviews[k]) for e in entries]
@@ -880,6 +920,74 @@ class _OktOptimizer(torch.optim.Optimizer):
                 f"{err} (param group {gi}; the indices count {counted}: {where})",
             )
         return _Plan(call, params, entries, lists, steps if rule.counts_steps else None, rule)
+
+    def _row_grad(
+        self,
+        g: torch.Tensor,
+        p: torch.Tensor,
+        rule: registry.Rule,
+        group: Dict[str, Any],
+        gi: int,
+        i: int,
+        hyper: Dict[str, Any],
+    ) -> Tuple[RowSparse, Optional[Tuple[int, ...]]]:
+        """A sparse COO gradient as an optkern.RowSparse (its indices and values, no copy where
+        they are contiguous), and the shape to view the parameter and its states as when it is
+        sparse in more than its first dimension (rows of the flattened sparse dimensions).
+        Refuses the group where the rule takes no sparse gradient, or not under these
+        hyperparameters (torch's step then raises torch's error, or runs it), or where the
+        kernels take no such rows (a float64 gradient: the row values are float32)."""
+        label = f"the gradient of {self._label(group, gi, i)}"
+        rows = rule.rows
+        if rows is None or not rows.accepted:
+            self._refuse(
+                TypeError,
+                f"{label} is sparse, which {rule.cls} does not take (sparse gradients go to "
+                + ", ".join(r.cls for r in registry.rules() if r.rows and r.rows.accepted)
+                + ")",
+            )
+        if rows.refused_when is not None and hyper[rows.refused_when]:
+            self._refuse(
+                ValueError,
+                f"{label} is sparse, which {rule.cls} refuses when {rows.refused_when} != 0",
+            )
+        if (
+            g.device.type != "cpu"
+            or g.dtype is not torch.float32
+            or p.dtype
+            not in (
+                torch.float32,
+                torch.float64,
+            )
+        ):
+            self._refuse(
+                TypeError,
+                f"{label} is a sparse {g.dtype} tensor on {g.device}: the kernels take float32 rows",
+            )
+        if tuple(g.shape) != tuple(p.shape) or p.dim() == 0:
+            raise ValueError(f"{label} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
+        sd = g.sparse_dim()
+        ind, vals = g._indices(), g._values().detach()
+        if ind.numel():  # torch checks no sparse tensor's indices by default: its step would
+            # read and write outside the parameter, so this is refused, not handed to it
+            bad = (ind < 0) | (ind >= torch.tensor(p.shape[:sd]).unsqueeze(1))
+            if bad.any():
+                d, k = (int(x) for x in bad.nonzero()[0])
+                raise ValueError(
+                    f"{label} lists index {int(ind[d, k])} in dimension {d} (entry {k}), outside "
+                    f"[0, {p.shape[d]})"
+                )
+        if sd == 1:
+            idx, shape = ind[0], None
+        else:  # row-major position within the sparse dimensions
+            idx = ind[0].clone()
+            for d in range(1, sd):
+                idx.mul_(p.shape[d]).add_(ind[d])
+            shape = (math.prod(p.shape[:sd]), *p.shape[sd:])
+            vals = vals.reshape(vals.shape[0], *p.shape[sd:])
+        if not vals.is_contiguous():
+            vals = vals.contiguous()
+        return RowSparse(idx.contiguous().numpy(), vals.numpy()), shape
 
     def _grad_view(
         self, g: torch.Tensor, group: Dict[str, Any], gi: int, i: int, e: Optional[_Entry] = None
@@ -978,7 +1086,10 @@ class _OktOptimizer(torch.optim.Optimizer):
                 self._pop(undo, st, _MASTER)
             for key in ("step",) if rule.counts_steps else ():
                 s = st.get(key)
-                if not (isinstance(s, torch.Tensor) and s.dim() == 0 and s.device.type == "cpu"):
+                if self._binding.int_step:  # a Python int, as torch's SparseAdam keeps it
+                    if type(s) is not int:
+                        self._set(undo, st, key, int(s or 0))
+                elif not (isinstance(s, torch.Tensor) and s.dim() == 0 and s.device.type == "cpu"):
                     value = 0.0 if s is None else float(s)
                     self._set(undo, st, key, torch.tensor(value, dtype=_get_scalar_dtype()))
             for c in rule.carried:
@@ -1080,7 +1191,10 @@ class _OktOptimizer(torch.optim.Optimizer):
         e.views = tuple(None if st.get(n) is None else _np(st[n]) for n in names)
         e.aviews = tuple(None if st.get(n) is None else _np(st[n]) for n in ks.absmax)
         e.mview = _np(st[_MASTER]) if ks.master and st.get(_MASTER) is not None else None
-        e.steps = st["step"].numpy() if rule.counts_steps else None
+        if not rule.counts_steps:
+            e.steps = None
+        else:
+            e.steps = _IntStep(st) if self._binding.int_step else st["step"].numpy()
         e.cviews = (
             tuple(st[n].numpy() for n in rule.carried_names)
             if self._binding.torch_cls is not None
@@ -1106,13 +1220,7 @@ class _OktOptimizer(torch.optim.Optimizer):
             hyper = self._okt_validate(group)
         except (TypeError, ValueError) as err:
             self._refuse(type(err), f"{err}, which the kernels do not take")
-        ks = _Keys(
-            rule,
-            hyper,
-            self._binding.torch_cls is not None,
-            self.state_dtype,
-            self.master_weights,
-        )
+        ks = _Keys(rule, hyper, self._binding, self.state_dtype, self.master_weights)
         keys = tuple(dict.fromkeys([h.torch for h in rule.hyper] + ["maximize"]))
         values = [group.get(k) for k in keys]
         if _plain(values):  # checked: remember them (a tensor may change in place)
@@ -1144,7 +1252,9 @@ class _OktOptimizer(torch.optim.Optimizer):
             shared = [
                 k
                 for k, (e, g) in enumerate(zip(entries, gviews))
-                if g.ctypes.data < e.hi and e.lo < g.ctypes.data + g.nbytes
+                if isinstance(g, np.ndarray)
+                and g.ctypes.data < e.hi
+                and e.lo < g.ctypes.data + g.nbytes
             ]
             if not shared:
                 raise
@@ -1332,6 +1442,11 @@ _KWONLY_NO_TORCH = tuple(
 )  # as optkern's own classes
 
 
+#: torch's classes that take sparse gradients only and keep a parameter's step as a Python int
+#: (torch.optim.SparseAdam: "does not support dense gradients, please consider Adam instead").
+_TORCH_SPARSE_ONLY = frozenset({"SparseAdam"})
+
+
 def _torch_signature(theirs: type) -> Tuple[Tuple[Tuple[str, Any], ...], ...]:
     ps = list(inspect.signature(theirs).parameters.values())[1:]
     args = tuple((p.name, p.default) for p in ps if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -1409,7 +1524,20 @@ def _bind(r: registry.Rule) -> Binding:
             f"torch.optim.{r.cls} takes {sorted(extra)}, which the registry does not declare"
         )
     fixed, eager = _torch_fixed(theirs)
-    return Binding(r.cls, r, theirs, args, kwonly, fixed, eager, tuple(variants), dtypes)
+    sparse_only = r.cls in _TORCH_SPARSE_ONLY
+    return Binding(
+        r.cls,
+        r,
+        theirs,
+        args,
+        kwonly,
+        fixed,
+        eager,
+        tuple(variants),
+        dtypes,
+        sparse_only,
+        sparse_only,
+    )
 
 
 def _preset(name: str, cls: type) -> Optional[Binding]:
@@ -1445,6 +1573,11 @@ def _add_registry_rules() -> None:
 
 with _environment_kept():
     _add_registry_rules()
+
+# torch.optim's classes that are not one element-wise rule (their own module).
+from ._torch_algos import LBFGS, Muon  # noqa: E402
+
+__all__ += ["Muon", "LBFGS"]
 
 
 def __getattr__(name: str) -> Any:

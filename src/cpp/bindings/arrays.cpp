@@ -130,7 +130,7 @@ std::string Buffers::label(const char* name, std::size_t i) const {
 }
 
 std::vector<ArrayRef> Buffers::add(py::handle seq, const char* name, Access access, Accept accept,
-                                   const StateShape* shape) {
+                                   const StateShape* shape, const std::vector<char>* skip) {
   const bool is_first = held_.empty();
   if (is_first) first_types_ = accept.types;
   // The text of snapshot's message, built only where it can be thrown (a list or tuple is
@@ -185,6 +185,7 @@ std::vector<ArrayRef> Buffers::add(py::handle seq, const char* name, Access acce
       }
       continue;
     }
+    if (skip != nullptr && i < skip->size() && (*skip)[i]) continue;  // out[i].data: nullptr
     const auto* a = inspect(items[i], name, i, access, accept, &type);
     if (is_first) {
       std::size_t size = 1;
@@ -257,6 +258,13 @@ std::vector<ArrayRef> Buffers::add_float32(py::handle seq, const char* given,
   return out;
 }
 
+void Buffers::add_range(const void* data, std::size_t bytes, const char* name, std::size_t index,
+                        bool written) {
+  if (bytes == 0) return;
+  const auto lo = reinterpret_cast<std::uintptr_t>(data);
+  ranges_.push_back({lo, lo + bytes, name, index, written});
+}
+
 void Buffers::check_disjoint() {
   std::sort(ranges_.begin(), ranges_.end(),
             [](const Range& a, const Range& b) { return a.lo < b.lo; });
@@ -280,29 +288,43 @@ const py::detail::PyArray_Proxy* Buffers::inspect(py::handle item, const char* n
                                                   Access access, Accept accept, DType* type) const {
   // A state list (like_first with types) takes those types, or float64 like a float64 parameter.
   const bool exact = accept.like_first && (accept.types == 0 || first_[i].type == DType::f64);
-  // What the messages say it must be: built only when one is thrown (this runs per array).
-  const auto want = [&] {
-    return exact ? std::string(dtype_name(first_[i].type)) : types_str(accept.types);
-  };
+  if (exact && py::isinstance<py::array>(item)) {
+    const auto* a = py::detail::array_proxy(item.ptr());
+    const auto* descr = py::detail::array_descriptor_proxy(a->descr);
+    if (dtype_of(descr->type_num, type) && native_order(descr->byteorder) &&
+        *type != first_[i].type) {
+      throw py::type_error(label(name, i) + " must be a " + dtype_name(first_[i].type) +
+                           " array like " + label(first_name_, i) + ", got dtype " +
+                           std::string(py::str(py::handle(a->descr))));
+    }
+  }
+  const auto text = [&] { return label(name, i); };
+  return check_array(item, LabelRef(text), access, exact ? bit(first_[i].type) : accept.types,
+                     type);
+}
+
+const py::detail::PyArray_Proxy* check_array(py::handle item, const std::string& label,
+                                             Access access, unsigned types, DType* type) {
+  const auto text = [&] { return label; };
+  return check_array(item, LabelRef(text), access, types, type);
+}
+
+const py::detail::PyArray_Proxy* check_array(py::handle item, LabelRef label, Access access,
+                                             unsigned types, DType* type) {
   if (!py::isinstance<py::array>(item)) {
-    throw py::type_error(label(name, i) + " must be a " + want() + " NumPy array, got " +
+    throw py::type_error(label() + " must be a " + types_str(types) + " NumPy array, got " +
                          type_name(item));
   }
   if (is_masked_array(item)) {
-    throw py::type_error(label(name, i) +
+    throw py::type_error(label() +
                          " is a masked array (numpy.ma): its mask would be "
                          "ignored and the masked-out values used; pass .filled(...) or .data");
   }
   const auto* a = py::detail::array_proxy(item.ptr());
   const auto* descr = py::detail::array_descriptor_proxy(a->descr);
   const bool known = dtype_of(descr->type_num, type) && native_order(descr->byteorder);
-  if (exact && known && *type != first_[i].type) {
-    throw py::type_error(label(name, i) + " must be a " + want() + " array like " +
-                         label(first_name_, i) + ", got dtype " +
-                         std::string(py::str(py::handle(a->descr))));
-  }
-  if (!known || !(exact || (accept.types & bit(*type)))) {
-    throw py::type_error(label(name, i) + " must be a " + want() +
+  if (!known || !(types & bit(*type))) {
+    throw py::type_error(label() + " must be a " + types_str(types) +
                          " array in native byte order, got dtype " +
                          std::string(py::str(py::handle(a->descr))));
   }
@@ -311,17 +333,17 @@ const py::detail::PyArray_Proxy* Buffers::inspect(py::handle item, const char* n
     for (int d = 0; d < a->nd; ++d) strides += (d ? ", " : "") + std::to_string(a->strides[d]);
     strides += a->nd == 1 ? ",)" : ")";
     throw py::value_error(
-        label(name, i) + " must be C-contiguous, got strides " + strides +
+        label() + " must be C-contiguous, got strides " + strides +
         (access == Access::write
              ? "; it is updated in place, so a contiguous copy would lose the update"
              : "; np.ascontiguousarray() makes a contiguous copy"));
   }
   if (!(a->flags & npy::NPY_ARRAY_ALIGNED_)) {
-    throw py::value_error(label(name, i) + " is not aligned to " +
-                          std::to_string(dtype_size(*type)) + " bytes");
+    throw py::value_error(label() + " is not aligned to " + std::to_string(dtype_size(*type)) +
+                          " bytes");
   }
   if (access == Access::write && !(a->flags & npy::NPY_ARRAY_WRITEABLE_)) {
-    throw py::value_error(label(name, i) + " is read-only, but it is updated in place");
+    throw py::value_error(label() + " is read-only, but it is updated in place");
   }
   return a;
 }

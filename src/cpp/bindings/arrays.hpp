@@ -73,6 +73,30 @@ struct ArrayRef {
   DType type;
 };
 
+// The checks of one array (Buffers' for every array it takes; the fused passes of Muon and
+// L-BFGS, bindings/algos.cpp, call it for their flat vectors): a NumPy array (not a masked one)
+// of one of the types in `types` (bits of DType), in native byte order, of >= 1 dimension,
+// C-contiguous, aligned, writeable when written. TypeError or ValueError naming `label`
+// otherwise; its type in *type.
+const py::detail::PyArray_Proxy* check_array(py::handle item, const std::string& label,
+                                             Access access, unsigned types, DType* type);
+
+// A callable making an array's name for a message, called only when one is thrown (Buffers
+// checks every array of every step; building each name up front cost a string per array).
+class LabelRef {
+ public:
+  template <class F>
+  explicit LabelRef(const F& f)
+      : f_(&f), call_([](const void* g) { return (*static_cast<const F*>(g))(); }) {}
+  std::string operator()() const { return call_(f_); }
+
+ private:
+  const void* f_;
+  std::string (*call_)(const void*);
+};
+const py::detail::PyArray_Proxy* check_array(py::handle item, LabelRef label, Access access,
+                                             unsigned types, DType* type);
+
 // The validated arrays of one call. The first list (the parameters of an update, or the
 // gradients of a norm) fixes the number of tensors and their shapes; every other list must match
 // it one to one. Each array is held by a strong reference until the call is over.
@@ -98,8 +122,15 @@ class Buffers {
   // Validates a list of arrays (matched to the first list) and returns them. `shape`: a state
   // list, each array shaped by its kind from its parameter's shape (rule_api's state_dims); an
   // entry is None, and its data nullptr, where the kind does not apply.
+  // `skip`: entries left to the caller (an update's row-sparse gradients, optkern.RowSparse,
+  // checked by bindings/row_grads.hpp), unchecked here; their ArrayRef's data is nullptr.
   std::vector<ArrayRef> add(py::handle seq, const char* name, Access access, Accept accept,
-                            const StateShape* shape = nullptr);
+                            const StateShape* shape = nullptr,
+                            const std::vector<char>* skip = nullptr);
+  // Memory the call reads or writes beside its lists (a RowSparse gradient's values), for
+  // check_disjoint: `bytes` from `data`, named name[index] in messages.
+  void add_range(const void* data, std::size_t bytes, const char* name, std::size_t index,
+                 bool written);
 
   // A written list of float32 arrays beside the states: per tensor t, shape[t] = NONE (the
   // entry must be None: data nullptr), LIKE_PARAM (an array shaped like the first list's: a

@@ -312,6 +312,12 @@ py::list rule_table() {
       carried.append(e);
     }
     d["carried"] = carried;
+    py::dict rows;  // row-sparse gradients (RowsDecl)
+    rows["accepted"] = r.rows.accepted;
+    rows["dense_when"] = r.rows.dense_when ? py::object(py::str(r.rows.dense_when)) : py::none();
+    rows["refused_when"] =
+        r.rows.refused_when ? py::object(py::str(r.rows.refused_when)) : py::none();
+    d["rows"] = rows;
     out.append(d);
   }
   return out;

@@ -30,6 +30,8 @@ void define_step_plan(py::module_& m);
 void define_norms(py::module_& m);
 void define_testing(py::module_& m);
 void define_lowbits(py::module_& m, py::module_& testing);
+void define_algos(py::module_& m);
+void define_algos_testing(py::module_& m);
 
 namespace {
 
@@ -128,8 +130,10 @@ PYBIND11_MODULE(_core, m) {
   define_rules(m);
   define_prepared(m);
   define_step_plan(m);
+  define_algos(m);
   py::module_ testing =
       m.def_submodule("_testing", "Hooks for optkern's tests and benchmarks; not an API.");
   define_testing(testing);
   define_lowbits(m, testing);
+  define_algos_testing(testing);
 }

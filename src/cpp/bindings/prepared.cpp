@@ -23,6 +23,46 @@ std::uint32_t noise_key(std::uint64_t seed, std::size_t position) {
   return static_cast<std::uint32_t>(z ^ (z >> 32));
 }
 
+// Whether `rule` takes a row-sparse gradient (RowsDecl) with these hyperparameters, and then
+// whether every row is updated (true) or only the listed ones. TypeError or ValueError naming
+// `label` (the first row-sparse gradient) otherwise.
+bool rows_mode(const Rule& rule, const std::vector<double>& h, const std::string& label) {
+  const Hyper hyp(rule.hyper.data(), rule.hyper.size(), h.data());
+  if (!rule.rows.accepted) {
+    std::string takers;
+    for (const Rule& r : all_rules()) {
+      if (r.rows.accepted) takers += std::string(takers.empty() ? "" : ", ") + r.cls;
+    }
+    throw py::type_error(label + " is a row-sparse gradient (RowSparse), but " + rule.cls +
+                         " takes dense gradients only (as torch's " + rule.cls +
+                         " refuses sparse ones); RowSparse gradients are taken by " + takers);
+  }
+  if (rule.rows.refused_when != nullptr && hyp[rule.rows.refused_when] != 0.0) {
+    throw py::value_error(label + " is a row-sparse gradient (RowSparse), which " + rule.cls +
+                          " refuses when " + rule.rows.refused_when +
+                          " != 0 (as torch refuses sparse gradients then)");
+  }
+  return rule.rows.dense_when != nullptr && hyp[rule.rows.dense_when] != 0.0;
+}
+
+// A row-sparse gradient updates float32 and float64 parameters written to nearest, with state of
+// their type: its rows start anywhere (int8 state's blocks do not), and the staged forms
+// (16-bit parameters, bfloat16 state, master copies, stochastic rounding) are not run on rows.
+// TypeError naming `label` otherwise.
+void check_row_types(const Rule& rule, const Types& t, const std::string& label) {
+  const bool plain = (t.param == DType::f32 || t.param == DType::f64) && t.state == t.param &&
+                     t.write == ParamWrite::nearest;
+  if (plain) return;
+  throw py::type_error(
+      label + " is a row-sparse gradient (RowSparse), which " + rule.cls +
+      " takes only for float32 or float64 parameters with state of the parameter's type, "
+      "without master weights or stochastic rounding; here: a " +
+      dtype_name(t.param) + " parameter with " + dtype_name(t.state) + " state" +
+      (t.write == ParamWrite::master       ? " and master weights"
+       : t.write == ParamWrite::stochastic ? " rounded stochastically"
+                                           : ""));
+}
+
 }  // namespace
 
 PyObject* key_of(const char* name) {
@@ -186,7 +226,32 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
   buffers_ = std::make_unique<Buffers>(params, "params", Access::write, std::move(pos), PARAMS);
   Buffers& cb = *buffers_;
   const std::size_t count = cb.count();
-  const std::vector<ArrayRef> grad_arrays = cb.add(grads, "grads", Access::read, GRADS);
+  // Row-sparse gradients (optkern.RowSparse), found by their type (no Python code runs): Buffers
+  // leaves them out; they are checked, and their rows grouped, below.
+  const py::list grad_items = snapshot(grads, "grads", "float32 NumPy arrays or RowSparse");
+  std::vector<char> row_sparse(grad_items.size(), 0);
+  bool any_rows = false;
+  for (std::size_t i = 0; i < grad_items.size(); ++i) {
+    row_sparse[i] = is_row_sparse(grad_items[i]) ? 1 : 0;
+    any_rows = any_rows || row_sparse[i];
+  }
+  const std::vector<ArrayRef> grad_arrays =
+      cb.add(grad_items, "grads", Access::read, GRADS, nullptr, any_rows ? &row_sparse : nullptr);
+  bool dense_rows = false;
+  if (any_rows) {
+    const std::size_t first = static_cast<std::size_t>(
+        std::find(row_sparse.begin(), row_sparse.end(), 1) - row_sparse.begin());
+    dense_rows = rows_mode(rule, h, cb.label("grads", first));
+    row_grads_.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      if (!row_sparse[i]) continue;
+      row_grads_.push_back(
+          parse_row_grad(grad_items[i], cb.label("grads", i), cb.dims(i), cb.ndim(i)));
+      const RowGrad& rg = row_grads_.back();
+      cb.add_range(rg.values_data, rg.groups.order.size() * rg.row * sizeof(float), "grads", i,
+                   false);
+    }
+  }
   std::vector<ArrayRef> state_arrays[MAX_STATES];
   for (std::size_t k = 0; k < rule.states.size(); ++k) {
     if (lists[k]) {
@@ -287,6 +352,13 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
   u.rule = &rule;
   u.sizes = cb.sizes();
   u.aligns.assign(count, 1);
+  u.dense_rows = dense_rows;
+  for (std::size_t t = 0, r = 0; any_rows && t < count; ++t) {
+    if (!row_sparse[t]) continue;
+    u.sizes[t] = 0;  // its rows are run by for_each_row, not by the dense split
+    u.rows.push_back(row_grads_[r++].target());
+    u.row_tensors.push_back(t);
+  }
   u.tensors.resize(count);
   const KernelSet& kernels = *table.rules[static_cast<int>(rule.kernel)];
   for (std::size_t t = 0; t < count; ++t) {
@@ -331,6 +403,7 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
                                                               : ""));
     }
     u.aligns[t] = range_align(tensor.types);
+    if (row_sparse[t]) check_row_types(rule, tensor.types, cb.label("grads", t));
   }
 
   compute_scalars();

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bindings/arrays.hpp"
+#include "bindings/row_grads.hpp"
 #include "update.hpp"
 
 namespace optkern {
@@ -45,6 +46,7 @@ class Prepared {
   std::vector<double> h_;    // the hyperparameters, maximize last
   double grad_scale_ = 1.0;  // with maximize's sign
   std::unique_ptr<Buffers> buffers_;
+  std::vector<RowGrad> row_grads_;  // the row-sparse gradients (update_.rows points into them)
   Update update_;
   std::vector<std::int64_t> steps_;
   std::optional<py::list> record_;

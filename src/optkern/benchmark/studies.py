@@ -29,6 +29,10 @@ the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by defa
 * ``torch-phases`` (needs torch): zero_grad, forward, backward and step timed inside the torch
   training loop of ``bench --torch``, for torch fused, optkern.torch (2 threads and 1) and torch
   foreach;
+* ``sparse``, ``muon``, ``lbfgs``: the optimizers that are not one element-wise pass, against
+  torch's on the same inputs when torch is installed (optkern.benchmark.algos): SparseAdam,
+  Adagrad and SGD on a 1M x 64 embedding table with 4096 looked-up rows a step; a 1024 x 1024
+  Muon step; an LBFGS step at 1M parameters with the closure's time subtracted.
 * ``step-cost``: the fixed cost of a small step (optkern/benchmark/step_cost.py): SGD and Adam on
   a 4-array model against NumPy's in-place updates, a hyperparameter written before each step,
   the functional call per call and per array, the stale-parameter check per array, in float32
@@ -58,6 +62,7 @@ import numpy as np
 
 import optkern as ok
 
+from . import algos
 from .runner import compare, shuffled_times
 from .step_cost import step_cost
 
@@ -68,6 +73,7 @@ NAMES = [
     "pass-bounds",
     "torch-bandwidth",
     "torch-phases",
+    *algos.STUDIES,
     "step-cost",
     "torch-small-step",
     "precision",
@@ -82,6 +88,9 @@ DEFAULT_REPEATS = {
     "pass-bounds": 9,
     "torch-bandwidth": 9,
     "torch-phases": 30,
+    "sparse": 41,
+    "muon": 5,
+    "lbfgs": 5,
     "step-cost": 301,
     "torch-small-step": 60,
     "precision": 9,
@@ -784,6 +793,8 @@ def _p90s(xs: List[float]) -> float:
 
 
 def run_study(name: str, repeats: int) -> Dict[str, Any]:
+    if name in algos.STUDIES:
+        return algos.run_study(name, repeats)
     return {
         "precision": precision,
         "precision-loop": precision_loop,

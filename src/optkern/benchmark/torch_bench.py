@@ -149,12 +149,13 @@ def _declared_peer(rule: Any) -> Peer:
 
 
 def _torch_path(theirs: str) -> Tuple[str, Tuple[Tuple[str, Any], ...]]:
-    """torch.optim's fastest CPU path of class ``theirs``: fused where it takes it, else foreach."""
+    """torch.optim's fastest CPU path of class ``theirs``: fused where it takes it, else foreach, else its
+    single-tensor loop (SparseAdam, LBFGS)."""
     import torch
 
-    fused = "fused" in inspect.signature(getattr(torch.optim, theirs)).parameters
-    impl = "fused" if fused else "foreach"
-    return impl, ((impl, True),)
+    takes = inspect.signature(getattr(torch.optim, theirs)).parameters
+    impl = "fused" if "fused" in takes else "foreach" if "foreach" in takes else "single"
+    return impl, ((impl, True),) if impl != "single" else ()
 
 
 def peers() -> Dict[str, Peer]:
@@ -253,6 +254,8 @@ def bench_steps(
             gen = torch.Generator().manual_seed(0)
             p0 = torch.randn(n, generator=gen)
             grad = torch.randn(n, generator=gen) * 1e-3
+            if okt.RULES[name].sparse_only:  # SparseAdam: a sparse gradient listing every row
+                grad = grad.to_sparse()
             pt, po = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0)
             pt.grad, po.grad = grad.clone(), grad
             oo = getattr(okt, name)([po], **hp)
