@@ -76,6 +76,12 @@ KNOWN: Dict[str, Set[str]] = {
         "LAMB",
         "Adafactor",
     },
+    # the recommender example: the row-sparse rules against dense Adam, each at its tuned lr
+    "optkern/examples/recommender.py": {"SparseAdam", "Adagrad", "SGD", "Adam"},
+    # the Muon example: Muon's hidden matrices beside AdamW for the rest, against Adam and AdamW
+    "optkern/examples/muon_mlp.py": {"Adam", "AdamW"},
+    # a fact of torch's: its SparseAdam class refuses dense gradients and keeps an int step
+    "optkern/torch.py": {"SparseAdam"},
     # the thread study's default pair: a rule of weight 4 (Adam) and one of weight 1 (SGD)
     "optkern/benchmark/threads.py": {"SGD", "Adam"},
     # optkern.torch's per-parameter overhead: okt.Adam against F.adam_ and torch's fused Adam
