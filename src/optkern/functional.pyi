@@ -347,6 +347,8 @@ def sparse_adam_(
     exp_avgs: ArrayList,
     exp_avg_sqs: ArrayList,
     *,
+    exp_avg_absmax: Optional[List[Optional[np.ndarray]]] = None,
+    exp_avg_sq_absmax: Optional[List[Optional[np.ndarray]]] = None,
     step: Steps,
     lr: float = 0.001,
     beta1: float = 0.9,
