@@ -163,6 +163,7 @@ struct Operands {
   Types types;
   std::uint32_t noise;  // ParamWrite::stochastic: this tensor's key at this step
   std::size_t first;    // the range's first element within its tensor (the noise counter)
+  bool streaming;       // the call's operands come from memory: the entry prefetches ahead
 };
 
 // The element-wise pass.

@@ -54,6 +54,11 @@ struct Update {
   bool dense_rows = false;
 };
 
+// Calls whose operands take at least this many bytes prefetch ahead (update.cpp). Testing hook:
+// 0 makes every call of a rule with a division prefetch in pieces; results never depend on it.
+void set_streaming_call_bytes(std::size_t bytes);
+std::size_t streaming_call_bytes();
+
 // The entry of `set` for these element types: a compiled combination, else the staged entry
 // where it serves them (staged), else nullptr.
 const KernelEntry* find_entry(const KernelSet& set, Types types);

@@ -8,6 +8,7 @@
 
 #include "multi_tensor.hpp"
 #include "thread_pool.hpp"
+#include "update.hpp"
 
 namespace optkern {
 
@@ -26,6 +27,9 @@ void define_testing(py::module_& m) {
       "The threads a call of this many elements of this weight would use (before the backoff).");
   m.def("set_chunk_elements", &set_chunk_elements, py::arg("n"),
         "Elements per chunk of a multi-threaded call (0: chosen by size).");
+  m.def("set_streaming_call_bytes", &set_streaming_call_bytes, py::arg("n"),
+        "Calls of at least this many bytes prefetch ahead in pieces (0: every call).");
+  m.def("streaming_call_bytes", &streaming_call_bytes);
   m.def("fail_thread_creation_after", &pool::fail_thread_creation_after, py::arg("k"),
         "Creating a helper thread fails after k more (k < 0: never).");
   m.def("pool_helpers", &pool::helpers, "Helper threads this process started.");

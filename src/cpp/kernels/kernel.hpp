@@ -267,7 +267,7 @@ constexpr size_t LANES = 32;
 
 // A read-only pass has one stream per thread, which the hardware prefetcher alone does not keep
 // busy: asking for the data 4 KB ahead made the 50M-element norm 1.5x faster on the 2-core
-// Xeon of bench/README.md (the update kernels, with 3 to 5 streams each, gained nothing).
+// Xeon of bench/README.md. (The update kernels ask ahead too, in pieces: kernels/rule.cpp.)
 constexpr size_t PREFETCH_AHEAD_BYTES = 4096;
 
 template <class T>
@@ -275,6 +275,13 @@ void prefetch_ahead(const T* x, size_t i) {
   const char* at = reinterpret_cast<const char*>(x + i) + PREFETCH_AHEAD_BYTES;
   OK_PREFETCH(at);
   OK_PREFETCH(at + 64);
+}
+
+// Asks for the cache lines of x[0, n), to be written (kernels/rule.cpp's streaming pieces).
+template <class T>
+void prefetch_lines(const T* x, size_t n) {
+  const char* at = reinterpret_cast<const char*>(x);
+  for (size_t b = 0; b < n * sizeof(T); b += 64) OK_PREFETCH(at + b);
 }
 
 // -- shared by several rules

@@ -45,12 +45,46 @@ void states_of(void* const* state, State<T>** out) {
   for (size_t k = 0; k < MAX_STATES; ++k) out[k] = static_cast<State<T>*>(state[k]);
 }
 
+// A streaming call (Operands::streaming) runs in pieces of STREAMING_PIECE_BYTES of the
+// parameter, each first asking for the piece STREAMING_AHEAD_PIECES later (4 KB ahead in the
+// parameter) in every operand: the hardware prefetcher alone keeps too few lines in flight while
+// a rule with a division and a square root per element computes. Measured on the 2-core Xeon of
+// bench/results/2026-12-07-xeon-avx512-2core-streaming.md; the staged entries (8-bit state,
+// compute-bound) gained nothing from it and do not.
+constexpr size_t STREAMING_PIECE_BYTES = 512;
+constexpr size_t STREAMING_AHEAD_PIECES = 8;
+
+template <class T>
+void states_at(State<T>* const* st, size_t b, State<T>** out) {
+  for (size_t k = 0; k < MAX_STATES; ++k) out[k] = st[k] == nullptr ? nullptr : st[k] + b;
+}
+
 template <class K, class T>
 void step_entry(const void* s, const Operands& op, size_t n) {
+  const auto& scalars = *static_cast<const Scalars<Real<T>>*>(s);
+  auto* p = static_cast<Param<T>*>(op.param);
+  const auto* g = static_cast<const Grad<T>*>(op.grad);
   State<T>* st[MAX_STATES];
   states_of<T>(op.state, st);
-  K::template step<T>(*static_cast<const Scalars<Real<T>>*>(s), static_cast<Param<T>*>(op.param),
-                      static_cast<const Grad<T>*>(op.grad), st, n);
+  constexpr size_t piece = STREAMING_PIECE_BYTES / sizeof(Param<T>);
+  constexpr size_t ahead = STREAMING_AHEAD_PIECES * piece;
+  if (!op.streaming || n < 2 * ahead) {
+    K::template step<T>(scalars, p, g, st, n);
+    return;
+  }
+  State<T>* at[MAX_STATES];
+  size_t i = 0;
+  for (; i + ahead + piece <= n; i += piece) {
+    prefetch_lines(p + i + ahead, piece);
+    prefetch_lines(g + i + ahead, piece);
+    for (size_t k = 0; k < MAX_STATES; ++k) {
+      if (st[k] != nullptr) prefetch_lines(st[k] + i + ahead, piece);
+    }
+    states_at<T>(st, i, at);
+    K::template step<T>(scalars, p + i, g + i, at, piece);
+  }
+  states_at<T>(st, i, at);
+  K::template step<T>(scalars, p + i, g + i, at, n - i);
 }
 
 template <class K, class T>
