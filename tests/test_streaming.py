@@ -18,6 +18,7 @@ ISAS = ok.available_isas()
 OFF = 1 << 62
 FACTORED = {r.cls for r in ok.registry.rules() if r.factored}
 HAS_STATE = {r.cls for r in ok.registry.rules() if r.states}
+TAKES_INT8 = {r.cls for r in ok.registry.rules() if r.states and all(st.int8 for st in r.states)}
 DEFAULT_MIN_PER_THREAD = ok._core._testing.min_elements_per_thread()
 
 
@@ -34,7 +35,7 @@ def _bf16():
     return ml_dtypes.bfloat16
 
 
-def run(name, hp, isa, dtype, state_dtype, streaming_bytes, threads=1, chunk=0, steps=4):
+def run(name, hp, isa, dtype, state_dtype, options, streaming_bytes, threads=1, chunk=0, steps=4):
     """The bits of every parameter and state array after ``steps`` steps over tensors of
     THREAD_TEST_SIZES (5000 and 100003 elements hold several pieces; the others are shorter than
     the prefetch distance)."""
@@ -43,7 +44,7 @@ def run(name, hp, isa, dtype, state_dtype, streaming_bytes, threads=1, chunk=0, 
     ok.set_num_threads(threads)
     rng = np.random.default_rng(7)
     params = [placed(rng.standard_normal(n), i % 2, dtype) for i, n in enumerate(THREAD_TEST_SIZES)]
-    kw = {} if state_dtype == "float32" else {"state_dtype": state_dtype}
+    kw = dict(options) if state_dtype == "float32" else {"state_dtype": state_dtype, **options}
     opt = getattr(ok, name)(params, **hp, **kw)
     opt._isa = isa
     for _ in range(steps):
@@ -58,11 +59,17 @@ def run(name, hp, isa, dtype, state_dtype, streaming_bytes, threads=1, chunk=0, 
 
 
 def types(name):
-    out = [("float32", "float32"), ("float64", "float32")]
+    """(parameter type, state_dtype, options): the compiled combinations, and the staged ones
+    (int8 state, master weights, stochastic rounding), which prefetch blocks ahead instead."""
+    out = [("float32", "float32", {}), ("float64", "float32", {})]
     if name not in FACTORED:
-        out.append(("bfloat16", "float32"))
+        out.append(("bfloat16", "float32", {}))
         if name in HAS_STATE:
-            out.append(("float32", "bfloat16"))
+            out.append(("float32", "bfloat16", {}))
+        out.append(("bfloat16", "float32", {"master_weights": True}))
+        out.append(("bfloat16", "float32", {"stochastic_rounding": True}))
+    if name in TAKES_INT8:
+        out += [("float32", "int8", {}), ("bfloat16", "int8", {})]
     return out
 
 
@@ -71,13 +78,13 @@ def types(name):
 def test_pieces_change_no_bit(case, isa):
     name, hp = case
     ok._core._testing.set_min_elements_per_thread(1)
-    for ptype, state in types(name):
+    for ptype, state, options in types(name):
         dtype = _bf16() if ptype == "bfloat16" else np.dtype(ptype)
-        whole = run(name, hp, isa, dtype, state, OFF)
-        assert run(name, hp, isa, dtype, state, 0) == whole, (ptype, state)
+        whole = run(name, hp, isa, dtype, state, options, OFF)
+        assert run(name, hp, isa, dtype, state, options, 0) == whole, (ptype, state, options)
         for chunk in (640, 4096):  # ranges shorter and longer than the prefetch distance
-            got = run(name, hp, isa, dtype, state, 0, threads=2, chunk=chunk)
-            assert got == whole, (ptype, state, chunk)
+            got = run(name, hp, isa, dtype, state, options, 0, threads=2, chunk=chunk)
+            assert got == whole, (ptype, state, options, chunk)
 
 
 def test_threshold_is_the_calls_bytes():

@@ -355,6 +355,8 @@ struct StagedBlock {
 // Block [b, b + n) of op (b a multiple of Q8_BLOCK, n <= Q8_BLOCK). `nonnegative`: the kernel's
 // KernelDecl::nonnegative_states.
 StagedBlock stage_in(const Operands& op, size_t b, size_t n, Stage& buf, unsigned nonnegative);
+// Asks for the cache lines of block [b, b + Q8_BLOCK) of every operand of op.
+void prefetch_block(const Operands& op, size_t b);
 // Writes back what the pass wrote: the parameter (rounded to its type, stochastically when asked,
 // or from the master copy) if `param_written`, the 16-bit and q8 states if `states_written`.
 void stage_out(const Operands& op, size_t b, size_t n, const StagedBlock& block,

@@ -48,11 +48,12 @@ void states_of(void* const* state, State<T>** out) {
 // A streaming call (Operands::streaming) runs in pieces of STREAMING_PIECE_BYTES of the
 // parameter, each first asking for the piece STREAMING_AHEAD_PIECES later (4 KB ahead in the
 // parameter) in every operand: the hardware prefetcher alone keeps too few lines in flight while
-// a rule with a division and a square root per element computes. Measured on the 2-core Xeon of
-// bench/results/2026-12-07-xeon-avx512-2core-streaming.md; the staged entries (8-bit state,
-// compute-bound) gained nothing from it and do not.
+// a rule with a division and a square root per element computes. A staged entry asks for the
+// block STAGED_AHEAD_BLOCKS later (1024 elements). Measured on the 2-core Xeon of
+// bench/results/2026-12-07-xeon-avx512-2core-streaming.md.
 constexpr size_t STREAMING_PIECE_BYTES = 512;
 constexpr size_t STREAMING_AHEAD_PIECES = 8;
+constexpr size_t STAGED_AHEAD_BLOCKS = 4;
 
 template <class T>
 void states_at(State<T>* const* st, size_t b, State<T>** out) {
@@ -135,6 +136,8 @@ void staged_step(const void* s, const Operands& op, size_t n) {
   Stage buf;
   for (size_t b = 0; b < n; b += Q8_BLOCK) {
     const size_t len = n - b < Q8_BLOCK ? n - b : Q8_BLOCK;
+    const size_t ahead = b + STAGED_AHEAD_BLOCKS * Q8_BLOCK;
+    if (op.streaming && ahead + Q8_BLOCK <= n) prefetch_block(op, ahead);
     const StagedBlock block = stage_in(op, b, len, buf, kKernel.nonnegative_states);
     float* st[MAX_STATES];
     for (size_t k = 0; k < MAX_STATES; ++k) st[k] = block.state[k];

@@ -275,6 +275,19 @@ StagedBlock stage_in(const Operands& op, size_t b, size_t n, Stage& buf, unsigne
   return out;
 }
 
+void prefetch_block(const Operands& op, size_t b) {
+  const optkern::Types& t = op.types;
+  const size_t end = b + Q8_BLOCK;
+  prefetch_lines(at(op.param, t.param, b), at(op.param, t.param, end) - at(op.param, t.param, b));
+  prefetch_lines(at(op.grad, t.grad, b), at(op.grad, t.grad, end) - at(op.grad, t.grad, b));
+  for (size_t k = 0; k < MAX_STATES; ++k) {
+    if (op.state[k] == nullptr) continue;
+    prefetch_lines(at(op.state[k], t.state, b),
+                   at(op.state[k], t.state, end) - at(op.state[k], t.state, b));
+  }
+  if (op.master != nullptr) prefetch_lines(op.master + b, Q8_BLOCK);
+}
+
 void stage_out(const Operands& op, size_t b, size_t n, const StagedBlock& block,
                unsigned nonnegative, bool param_written, bool states_written) {
   const optkern::Types& t = op.types;
