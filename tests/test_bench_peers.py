@@ -67,6 +67,40 @@ def test_a_peer_that_does_not_import_is_a_line_of_the_study(monkeypatch):
     assert "int8 state vs f32" in r["ratios"] and "lr 1e-3, no weight decay" in r["text"]
 
 
+class CountingOptimizer:
+    def __init__(self, n):
+        self.n, self.steps = n, 0
+
+    def step(self):
+        self.steps += 1
+
+
+def test_a_peer_off_its_low_precision_path_is_not_timed():
+    """torchao keeps float32 state for a tensor that is not whole blocks of 256, or is under 4096
+    elements: a peer whose state comes out larger than its form's is a line, not a row. Its
+    elements are rounded down to its whole blocks."""
+    made = []
+
+    def make(n):
+        made.append(CountingOptimizer(n))
+        return made[-1]
+
+    peer = dataclasses.replace(
+        precision_peers.PEERS[1], package="numpy", make=make, state_bytes=lambda opt: 8.0
+    )
+    why = precision_peers.prepare(peer, N + 100)
+    assert why == (
+        f"its state is 8.000 bytes per parameter at {N} elements, not the 2.031 of the form it is "
+        "meant to time"
+    )
+    assert made[0].n == N and made[0].steps == peer.warmup_steps == 2
+    ready = precision_peers.prepare(dataclasses.replace(peer, state_bytes=lambda o: 2.03), N + 100)
+    assert ready.n == N and ready.state_bytes == 2.03 and len(ready.warmup_seconds) == 2
+    assert f"; {N} elements (whole blocks); 2 warm-up steps not timed (first " in (
+        precision_peers.describe(ready, 3, 9)
+    )
+
+
 def test_slow_steps_run_in_fewer_rounds_spread_out_and_shuffled_in():
     calls = []
     steps = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
@@ -83,7 +117,7 @@ def test_slow_steps_run_in_fewer_rounds_spread_out_and_shuffled_in():
 
 def test_a_peer_with_slow_steps_is_timed_in_fewer_rounds():
     def ready(seconds):
-        return precision_peers.Ready(precision_peers.PEERS[0], "0", lambda: None, 2.0, seconds)
+        return precision_peers.Ready(precision_peers.PEERS[0], "0", N, lambda: None, 2.0, seconds)
 
     assert precision_peers.timed_rounds(ready([30.0, 0.5]), 9) == 9
     assert precision_peers.timed_rounds(ready([30.0, 2.0]), 9) == 5
@@ -155,9 +189,11 @@ def test_torchaos_bfloat16_adamw_rounds_stochastically():
 def test_the_precision_study_times_torchao_when_it_imports(monkeypatch):
     pytest.importorskip("torchao")
     monkeypatch.setattr(precision_peers, "PEERS", peers_of("torchao"))
-    r = studies.precision(3, n=N)
+    r = studies.precision(3, n=N + 100)  # not whole blocks of 256, as 50M is not
     rows = {row["case"]: row for row in r["rows"]}
     int8, bf16 = precision_peers.PEERS
+    assert r["peers"][int8.label]["elements"] == N  # rounded down: int8 state, not float32
+    assert r["peers"][bf16.label]["elements"] == N + 100
     assert rows[int8.label]["state_bytes"] == pytest.approx(2 + 8 / 256)
     assert rows[bf16.label]["state_bytes"] == 4.0
     assert r["ratios"]["torchao 8-bit / optkern f32+int8"] > 0

@@ -36,10 +36,15 @@ class Peer:
     bytes_per_element: float  # bytes moved per element by one step (the study's convention)
     warmup_steps: int  # untimed steps first: state allocated, the step compiled
     setup: str  # how it is made like for like (printed with the results)
+    # the bytes of state per parameter of the path it is meant to time: more, and it is not timed
+    state_bytes_at_most: float
     # n -> the optimizer, over one parameter of n elements whose .grad is set
     make: Callable[[int], Any]
     # the optimizer -> its state's bytes per parameter
     state_bytes: Callable[[Any], float]
+    # its parameter's elements are a multiple of this (n rounded down): torchao keeps float32
+    # state for a tensor that is not whole blocks
+    whole_blocks: int = 1
 
 
 @dataclasses.dataclass
@@ -48,6 +53,7 @@ class Ready:
 
     peer: Peer
     version: str
+    n: int
     step: Callable[[], Any]
     state_bytes: float
     warmup_seconds: List[float]
@@ -115,6 +121,7 @@ PEERS = [
         bytes_per_element=16 + 16 / 256,
         warmup_steps=1,
         setup="bitsandbytes.optim.Adam8bit(min_8bit_size=0), float32 parameter",
+        state_bytes_at_most=2 + 8 / 256,
         make=_bitsandbytes_adam8bit,
         state_bytes=_bitsandbytes_state_bytes,
     ),
@@ -127,8 +134,10 @@ PEERS = [
         warmup_steps=2,
         setup="torchao.optim.AdamW8bit(weight_decay=0): Adam's step, like optkern's Adam rows "
         "(no weight decay); float32 parameter, int8 state in blocks of 256",
+        state_bytes_at_most=2 + 8 / 256,
         make=_torchao_adamw8bit,
         state_bytes=_torchao_state_bytes,
+        whole_blocks=256,
     ),
     Peer(
         label="torchao AdamW bf16 SR, wd 0",
@@ -139,6 +148,7 @@ PEERS = [
         warmup_steps=2,
         setup="torchao.optim._AdamW(weight_decay=0, bf16_stochastic_round=True): bfloat16 "
         "parameter, gradient and state, the parameter rounded stochastically",
+        state_bytes_at_most=4,
         make=_torchao_adamw_bf16_sr,
         state_bytes=_torchao_state_bytes,
     ),
@@ -146,19 +156,29 @@ PEERS = [
 
 
 def prepare(peer: Peer, n: int) -> Union[Ready, str]:
-    """The peer set up at n elements and warmed up, or why it is not measured (its package does
-    not import). Errors other than the import's are the peer's failures and propagate."""
+    """The peer set up at n elements (rounded down to its whole blocks) and warmed up, or why it
+    is not measured: its package does not import, or its state is not the low-precision form it
+    is meant to time (torchao's below 4096 elements). Other errors are the peer's failures and
+    propagate."""
     try:
         module = importlib.import_module(peer.package)
     except ImportError as exc:
         return f"{peer.package} does not import ({exc})"
+    n -= n % peer.whole_blocks
     opt = peer.make(n)
     warmup = []
     for _ in range(peer.warmup_steps):
         t0 = time.perf_counter()
         opt.step()
         warmup.append(time.perf_counter() - t0)
-    return Ready(peer, getattr(module, "__version__", "?"), opt.step, peer.state_bytes(opt), warmup)
+    state_bytes = peer.state_bytes(opt)
+    if state_bytes > peer.state_bytes_at_most:
+        return (
+            f"its state is {state_bytes:.3f} bytes per parameter at {n} elements, not the "
+            f"{peer.state_bytes_at_most:.3f} of the form it is meant to time"
+        )
+    version = getattr(module, "__version__", "?")
+    return Ready(peer, version, n, opt.step, state_bytes, warmup)
 
 
 def timed_rounds(ready: Ready, repeats: int) -> int:
@@ -173,6 +193,7 @@ def describe(ready: Ready, rounds: int, repeats: int) -> str:
     after = "".join(f", then {t:.2f} s" for t in rest)
     return (
         f"  {ready.peer.label}: {ready.peer.package} {ready.version}; {ready.peer.setup}; "
+        f"{ready.n} elements{' (whole blocks)' if ready.peer.whole_blocks > 1 else ''}; "
         f"{len(ready.warmup_seconds)} warm-up step{'s' if rest else ''} not timed "
         f"(first {first:.2f} s{after}); "
         f"timed in {rounds} of the {repeats} rounds"
@@ -185,6 +206,7 @@ def as_json(ready: Ready, rounds: int) -> Dict[str, Any]:
         "version": ready.version,
         "setup": ready.peer.setup,
         "compared_with": ready.peer.compared_with,
+        "elements": ready.n,
         "warmup_seconds": ready.warmup_seconds,
         "timed_rounds": rounds,
     }
