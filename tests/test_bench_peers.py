@@ -94,6 +94,8 @@ def test_a_peer_off_its_low_precision_path_is_not_timed():
         "meant to time"
     )
     assert made[0].n == N and made[0].steps == peer.warmup_steps == 2
+    assert precision_peers.prepare(peer, 255) == "not one whole block of 256 elements"
+    assert len(made) == 1
     ready = precision_peers.prepare(dataclasses.replace(peer, state_bytes=lambda o: 2.03), N + 100)
     assert ready.n == N and ready.state_bytes == 2.03 and len(ready.warmup_seconds) == 2
     assert f"; {N} elements (whole blocks); 2 warm-up steps not timed (first " in (

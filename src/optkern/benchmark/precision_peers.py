@@ -170,6 +170,8 @@ def prepare(peer: Peer, n: int) -> Union[Ready, str]:
     except ImportError as exc:
         return f"{peer.package} does not import ({exc})"
     n -= n % peer.whole_blocks
+    if n == 0:
+        return f"not one whole block of {peer.whole_blocks} elements"
     opt = peer.make(n)
     warmup = []
     for _ in range(peer.warmup_steps):
