@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The oracle stage: the tests that compare optkern with other libraries (torch.optim and its own
 # optimizer test database, torch's schedulers and clipping, optkern.torch; jax/optax,
-# schedulefree, scikit-learn, Keras and bitsandbytes' blockwise quantisation where tests use
-# them) run with those libraries installed, and fail, rather than skip, when one of them does not
-# import.
+# schedulefree, scikit-learn, Keras, bitsandbytes' blockwise quantisation, and bitsandbytes' and
+# torchao's optimizers as the precision study times them, where tests use them) run with those
+# libraries installed, and fail, rather than skip, when one of them does not import.
 #
 #   bash .ci/oracles.sh [PYTHON]
 #
@@ -16,13 +16,16 @@
 #
 # torch is pinned to 2.13.0: the CPU-only wheel (an unpinned torch would pull a multi-GB CUDA
 # build). expecttest is a test-only dependency of torch's optimizer test database
-# (torch.testing._internal.common_optimizers).
+# (torch.testing._internal.common_optimizers). torchao is pinned beside torch: it declares no torch
+# requirement, and each of its releases needs a recent torch (0.18.0 refuses torch below 2.11)
+# while the lane's torch stays at 2.13.0. Its optimizers compile their step with torch.compile,
+# which needs the C++ compiler this machine builds optkern with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS=0
 
 oracles=("torch==2.13.0" expecttest "jax[cpu]" optax schedulefree lion-pytorch scikit-learn keras
-         bitsandbytes)
+         bitsandbytes "torchao==0.18.0")
 # Keras 3 (the oracle of the textbook forms) runs on jax here; without it, it would look for
 # tensorflow and fail to import, which fails this stage.
 export KERAS_BACKEND=jax
@@ -57,7 +60,7 @@ files=(tests/test_torch_parity.py tests/test_lr_scheduler_torch.py tests/test_cl
        tests/test_torch_adapter.py tests/test_oracle_parity.py)
 while IFS= read -r f; do
   [[ " ${files[*]} " == *" $f "* ]] || files+=("$f")
-done < <(grep -lE "importorskip\(\s*[\"'](torch|jax|optax|schedulefree|lion_pytorch|sklearn|keras|bitsandbytes)|with_oracle\(|\.oracle\(" tests/test_*.py | sort)
+done < <(grep -lE "importorskip\(\s*[\"'](torch|jax|optax|schedulefree|lion_pytorch|sklearn|keras|bitsandbytes|torchao)|with_oracle\(|\.oracle\(" tests/test_*.py | sort)
 
 echo "== oracle tests: ${files[*]}"
 start=$SECONDS

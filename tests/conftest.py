@@ -49,6 +49,7 @@ ORACLES = {
     "sklearn",
     "keras",
     "bitsandbytes",
+    "torchao",
 }
 _MISSING_ORACLE = re.compile(r"could not import '([\w.]+)'")
 

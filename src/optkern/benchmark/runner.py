@@ -53,13 +53,25 @@ def compare(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, flo
     return best
 
 
-def shuffled_times(steps: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, List[float]]:
+def shuffled_times(
+    steps: Dict[str, Callable[[], None]], repeats: int, fewer: Optional[Dict[str, int]] = None
+) -> Dict[str, List[float]]:
     """Seconds of one call of each step in each repeat, the steps in a new random order every
     repeat, so that none always runs right after the same other (for steps long enough to time
-    one call: tens of milliseconds, as at 50M elements). Min or median is the caller's."""
+    one call: tens of milliseconds, as at 50M elements). Min or median is the caller's.
+
+    ``fewer`` names steps too slow to run in every repeat (seconds a call) and in how many of
+    the repeats each runs: those repeats are spread evenly over the run, and in each the step is
+    shuffled in with the others."""
+    fewer = fewer or {}
     times: Dict[str, List[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        order = list(steps)
+    for i in range(repeats):
+        order = [
+            k
+            for k in steps
+            # a step run r times of R runs in the repeats where floor(i * r / R) moves on
+            if k not in fewer or (i * fewer[k]) // repeats != ((i + 1) * fewer[k]) // repeats
+        ]
         random.shuffle(order)
         for k in order:
             t0 = time.perf_counter()

@@ -17,9 +17,11 @@ the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by defa
 * ``torch-bandwidth`` (needs torch): torch's fused step and optkern.torch's at 50M as a share of
   the in-place streaming bandwidth measured in the same run;
 * ``precision``: Adam's 50M step with bfloat16 and int8 state, bfloat16 parameters and
-  gradients, against optkern's float32 step, torch's fused Adam on bfloat16 tensors and
-  bitsandbytes' 8-bit Adam on CPU (each where installed), as a share of the in-place streaming
-  bandwidth for the bytes each moves; and the bytes of state per parameter;
+  gradients (rounded to nearest and stochastically), against optkern's float32 step, torch's
+  fused Adam on bfloat16 tensors, bitsandbytes' 8-bit Adam and torchao's 8-bit AdamW and
+  bfloat16 AdamW with stochastic rounding on CPU (each where installed:
+  optkern/benchmark/precision_peers.py), as a share of the in-place streaming bandwidth for the
+  bytes each moves; and the bytes of state per parameter;
 * ``precision-loop``: the loops study's MLP (784-256-128-10, 0.24M parameters) with Adam in
   float32 and with bfloat16 and int8 state: the update's share of the training step;
 * ``precision-accuracy``: the digits MLP of ``python -m optkern demo`` (Adam, 10 epochs) and a
@@ -62,7 +64,7 @@ import numpy as np
 
 import optkern as ok
 
-from . import algos
+from . import algos, precision_peers
 from .runner import compare, shuffled_times
 from .step_cost import step_cost
 
@@ -538,8 +540,9 @@ def torch_small_step(rounds: int, inner: int = 20, fresh: bool = False) -> Dict[
 
 
 def precision(repeats: int, n: int = 50_000_000) -> Dict[str, Any]:
-    """Adam's step at n elements per precision, shuffled, medians and p90s; bitsandbytes' 8-bit
-    Adam (seconds per step on CPU) only 3 times."""
+    """Adam's step at n elements per precision, shuffled, medians and p90s, beside the other
+    libraries' low-precision Adam where installed (precision_peers: warmed up first, and timed in
+    fewer of the rounds when a step takes seconds)."""
     from .. import _core, _lowbits
 
     rng = np.random.default_rng(0)
@@ -549,21 +552,23 @@ def precision(repeats: int, n: int = 50_000_000) -> Dict[str, Any]:
     nbytes: Dict[str, float] = {}
     state_bytes: Dict[str, float] = {}
     keep: List[Any] = []
-    # (label, parameter and gradient dtype, state_dtype, bytes moved per element)
+    # (label, parameter and gradient dtype, state_dtype, stochastic rounding, bytes moved per
+    # element)
     cases = [
-        ("optkern f32", np.float32, "float32", 28),
-        ("optkern f32, bf16 state", np.float32, "bfloat16", 20),
-        ("optkern f32, int8 state", np.float32, "int8", 16 + 16 / 256),
+        ("optkern f32", np.float32, "float32", False, 28),
+        ("optkern f32, bf16 state", np.float32, "bfloat16", False, 20),
+        ("optkern f32, int8 state", np.float32, "int8", False, 16 + 16 / 256),
     ]
     if bf16 is not None:
         cases += [
-            ("optkern bf16, bf16 state", bf16, "bfloat16", 14),
-            ("optkern bf16, int8 state", bf16, "int8", 10 + 16 / 256),
+            ("optkern bf16, bf16 state", bf16, "bfloat16", False, 14),
+            ("optkern bf16, bf16 state, SR", bf16, "bfloat16", True, 14),
+            ("optkern bf16, int8 state", bf16, "int8", False, 10 + 16 / 256),
         ]
-    for label, dtype, state_dtype, per in cases:
+    for label, dtype, state_dtype, sr, per in cases:
         p = rng.standard_normal(n, dtype=np.float32).astype(dtype)
         g = (rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)).astype(dtype)
-        opt = ok.Adam([p], lr=1e-3, state_dtype=state_dtype)
+        opt = ok.Adam([p], lr=1e-3, state_dtype=state_dtype, stochastic_rounding=sr)
         opt.step([g])  # state allocated, pages touched
         state_bytes[label] = (
             sum(v.nbytes for v in opt.state[p].values() if isinstance(v, np.ndarray)) / n
@@ -589,31 +594,31 @@ def precision(repeats: int, n: int = 50_000_000) -> Dict[str, Any]:
             nbytes[label] = per
     except ImportError:
         pass
-    times = shuffled_times(steps, repeats)
-    slow: Dict[str, List[float]] = {}
-    try:
-        import bitsandbytes as bnb
-        import torch
-
-        tp = torch.nn.Parameter(torch.randn(n))
-        tp.grad = torch.randn(n) * 1e-3
-        bopt = bnb.optim.Adam8bit([tp], lr=1e-3, min_8bit_size=0)
-        bopt.step()
-        slow["bitsandbytes Adam8bit f32"] = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            bopt.step()
-            slow["bitsandbytes Adam8bit f32"].append(time.perf_counter() - t0)
-        nbytes["bitsandbytes Adam8bit f32"] = 16 + 16 / 256
-        del bopt, tp
-    except ImportError:
-        pass
-    times.update(slow)
+    peer_lines, peer_json, fewer = [], {}, {}
+    for peer in precision_peers.PEERS:
+        if peer.compared_with not in steps:
+            peer_lines.append(f"  {peer.label}: not measured: no row {peer.compared_with!r}")
+            peer_json[peer.label] = {"skipped": f"no row {peer.compared_with!r}"}
+            continue
+        ready = precision_peers.prepare(peer, n)
+        if isinstance(ready, str):
+            peer_lines.append(f"  {peer.label}: not measured: {ready}")
+            peer_json[peer.label] = {"skipped": ready}
+            continue
+        fewer[peer.label] = precision_peers.timed_rounds(ready, repeats)
+        peer_lines.append(precision_peers.describe(ready, fewer[peer.label], repeats))
+        peer_json[peer.label] = precision_peers.as_json(ready, fewer[peer.label])
+        steps[peer.label] = ready.step
+        nbytes[peer.label] = peer.bytes_per_element
+        state_bytes[peer.label] = ready.state_bytes
+    times = shuffled_times(steps, repeats, fewer)
     med = {k: statistics.median(v) for k, v in times.items()}
     stream = 12 * n / med["stream"]
+    torch_threads = f" ({sys.modules['torch'].get_num_threads()} threads)" if torch_version else ""
     text = [
         f"Adam, {n / 1e6:g}M elements, {ok.get_num_threads()} threads, ISA {ok.active_isa()}, "
-        f"torch {torch_version}; medians (p90) of {repeats} shuffled repeats",
+        f"torch {torch_version}{torch_threads}; medians (p90) of {repeats} shuffled repeats; "
+        "lr 1e-3, no weight decay",
         f"  in-place stream a += s*b: {stream / 1e9:.1f} GB/s ({med['stream'] * 1e3:.1f} ms)",
     ]
     rows = []
@@ -640,18 +645,21 @@ def precision(repeats: int, n: int = 50_000_000) -> Dict[str, Any]:
         ("int8 state vs f32", "optkern f32", "optkern f32, int8 state"),
         ("torch fused bf16 / optkern bf16+int8", "torch fused bf16", "optkern bf16, int8 state"),
         ("torch fused f32 / optkern f32", "torch fused f32", "optkern f32"),
-        (
-            "bitsandbytes 8-bit / optkern f32+int8",
-            "bitsandbytes Adam8bit f32",
-            "optkern f32, int8 state",
-        ),
+        *((p.ratio, p.label, p.compared_with) for p in precision_peers.PEERS),
     ]
     out_ratios = {}
     for label, num, den in ratios:
         if num in med and den in med:
             out_ratios[label] = med[num] / med[den]
             text.append(f"  {label}: x = {med[num] / med[den]:.2f}")
-    return {"stream_gbps": stream / 1e9, "rows": rows, "ratios": out_ratios, "text": "\n".join(text)}
+    text += ["  the other libraries' rows (x = their time / optkern's):", *peer_lines]
+    return {
+        "stream_gbps": stream / 1e9,
+        "rows": rows,
+        "ratios": out_ratios,
+        "peers": peer_json,
+        "text": "\n".join(text),
+    }
 
 
 def precision_loop(rounds: int, dims: Sequence[int] = (784, 256, 128, 10)) -> Dict[str, Any]:
