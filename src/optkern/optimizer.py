@@ -487,11 +487,6 @@ class Optimizer:
         plan does not read."""
         if any(len(params) != len(group["params"]) for group, params, _, _ in work):
             return None
-        if self.stochastic_rounding or self.master_weights or self.state_dtype != "float32":
-            # The plan replays one step's arrays and scalars: stochastic rounding's noise is
-            # keyed by the step, and the 16-bit or 8-bit state and master copies are the staged
-            # entries' (every such step takes the whole path).
-            return None
         # A row-sparse step's calls hold its rows; a plan made of them would replay those rows
         # for the next gradients. Such steps keep the plan they had (it refuses RowSparse items).
         if any(isinstance(g, RowSparse) for _, _, grads, _ in work for g in grads):
