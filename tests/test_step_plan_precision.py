@@ -151,6 +151,7 @@ CHANGES = {
     "master_array": ("master", "bf16-master-int8-state"),
     "master_deleted": ("master", "bf16-master-int8-state"),
     "param_dtype_in_place": ("master", "stochastic", "bf16-master-int8-state"),
+    "state_dtype_in_place": ("bf16-state", "int8-state", "f16-stochastic-bf16-state"),
     "state_step": None,
     "param_in_list": None,
     "params_list": None,
@@ -191,6 +192,8 @@ def apply_change(change, opt, params, precision):
         del state["master_param"]
     elif change == "param_dtype_in_place":  # the same memory, the other 16-bit type
         params[1].dtype = F16 if dtype == BF16 else BF16
+    elif change == "state_dtype_in_place":  # the same memory as a type no state takes
+        state[first].dtype = np.int8 if state[first].dtype == np.uint8 else F16
     elif change == "state_step":
         opt.state[params[1]]["step"] = 40
     elif change == "param_in_list":
@@ -239,7 +242,8 @@ def test_changes_between_steps_match_the_whole_path(change, precision, monkeypat
         assert outcome(b, [x.copy() for x in g]) == results[-1], (change, t)
         assert snapshot(a, pa) == snapshot(b, pb), (change, t)
     low_state = PRECISIONS[precision][1].get("state_dtype") is not None
-    if change == "absmax_deleted" or (change == "state_as_float32" and low_state):
+    refused = ("absmax_deleted", "state_dtype_in_place")
+    if change in refused or (change == "state_as_float32" and low_state):
         assert all(r is not None for r in results)  # refused alike, nothing changed
     else:
         assert results == [None] * 3
@@ -415,3 +419,46 @@ def test_a_group_mixing_parameter_types_keeps_a_plan(options, monkeypatch):
     assert len(whole) == 1
     if options.get("master_weights"):
         assert ["master_param" in a.state[p] for p in pa] == [False, True, True, True]
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("stochastic_rounding", True), ("stochastic_rounding", False), ("master_weights", False)],
+)
+def test_setting_a_precision_option_drops_the_plan(option, value, monkeypatch):
+    """The plan follows the options it was made under: setting one (checked with the others)
+    drops it, and the steps after it are the whole path's under the new value."""
+    start = {"stochastic_rounding": not value} if option == "stochastic_rounding" else {}
+    start.setdefault("master_weights", option == "master_weights")
+
+    def make():
+        params = [np.full(3000, 0.5, BF16)]
+        return ok.SGD(params, lr=1e-4, **start), params
+
+    (a, pa), (b, pb) = make(), make()
+    whole_path_only(b)
+    whole = count_whole_steps(monkeypatch, a)
+    g = [np.ones(3000, np.float32)]
+    for t in range(5):
+        if t == 2:
+            for opt in (a, b):
+                setattr(opt, option, value)
+            assert a._step_plan is None and getattr(a, option) is value
+        a.step(g)
+        b.step(g)
+        assert snapshot(a, pa) == snapshot(b, pb), t
+    assert len(whole) == 2 and a._step_plan is not None
+
+
+def test_a_refused_precision_option_changes_nothing():
+    params = [np.full(300, 0.5, BF16)]
+    opt = ok.Adam(params, lr=1e-2, master_weights=True)
+    for _ in range(2):
+        opt.step([np.ones(300, np.float32)])
+    plan = opt._step_plan
+    with pytest.raises(ValueError, match="exclude each other"):
+        opt.stochastic_rounding = True
+    with pytest.raises(ValueError, match="state_dtype"):
+        opt.state_dtype = "int4"
+    assert opt._step_plan is plan is not None
+    assert (opt.state_dtype, opt.stochastic_rounding, opt.master_weights) == ("float32", False, True)
