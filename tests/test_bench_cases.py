@@ -340,4 +340,5 @@ def test_step_cost_study_runs_small():
     for where in ("one element", "the 4-array model"):
         assert "Adam, float32 state" in r["precision"][where]
         assert "Adam, int8 state" in r["precision"][where]
+    assert "Adam, int8 state, whole path" in r["precision"]["one element"]
     assert "== precision options" in r["text"]

@@ -245,15 +245,17 @@ PRECISION_OPTIONS = {
     "float32 state": (False, {}),
     "bfloat16 state": (False, {"state_dtype": "bfloat16"}),
     "int8 state": (False, {"state_dtype": "int8"}),
-    "bf16 params, master weights": (True, {"master_weights": True}),
-    "bf16 params, stochastic rounding": (True, {"stochastic_rounding": True}),
+    "bf16 param, master": (True, {"master_weights": True}),
+    "bf16 param, stochastic": (True, {"stochastic_rounding": True}),
 }
 
 
 def fig_precision(text, rounds, batch) -> Dict[str, Any]:
     """Adam's step on one element and on the 4-array model (float32 parameters, unless bfloat16
-    ones are named) under each precision option, beside float32 state. The options that need
-    bfloat16 (ml_dtypes) are left out without it."""
+    ones are named) under each precision option, beside float32 state; on one element also each
+    option's step through the whole path (no kept plan: every step validated whole, as a step
+    after a change the plan does not follow). The options that need bfloat16 (ml_dtypes) are left
+    out without it."""
     from .. import _lowbits
 
     bf16 = _lowbits.BFLOAT16
@@ -270,6 +272,10 @@ def fig_precision(text, rounds, batch) -> Dict[str, Any]:
                 params = [p.astype(bf16) for p in params]
             opt = ok.Adam(params, lr=1e-3, **options)
             cases[f"Adam, {label}"] = lambda o=opt, g=grads: o.step(g)
+            if shapes != SHAPES:
+                whole = ok.Adam([p.copy() for p in params], lr=1e-3, **options)
+                whole._make_plan = lambda *a, **k: None  # no plan is ever kept
+                cases[f"Adam, {label}, whole path"] = lambda o=whole, g=grads: o.step(g)
         title = f"Adam on {where} under each precision option"
         med = show(text, title, interleaved(cases, rounds, batch), "Adam, float32 state")
         out[where] = _us(med)
