@@ -337,3 +337,8 @@ def test_step_cost_study_runs_small():
         math.isfinite(t["value"]) and t["met"] == (t["value"] <= t["limit"]) for t in r["targets"]
     )
     assert "targets:" in r["text"] and "== float64" in r["text"]
+    for where in ("one element", "the 4-array model"):
+        assert "Adam, float32 state" in r["precision"][where]
+        assert "Adam, int8 state" in r["precision"][where]
+    assert "Adam, int8 state, whole path" in r["precision"]["one element"]
+    assert "== precision options" in r["text"]

@@ -127,6 +127,9 @@ class Optimizer:
     - ``master_weights``: each 16-bit parameter has a float32 copy in its state
       (``master_param``), which the rule updates; the parameter is that copy rounded to nearest.
 
+    Each is an attribute of that name; setting one checks the three together again and applies
+    from the next step on.
+
     ``step(grads)`` takes the gradients aligned with the parameters (group order, then list
     order) and updates parameters and state in place. A gradient may be None: that parameter is
     skipped, as torch skips a parameter whose ``.grad`` is None.
@@ -165,7 +168,7 @@ class Optimizer:
                 "Optimizer is the base of optkern's rule classes (optkern.Adam, ...); "
                 "it cannot be used by itself"
             )
-        self.state_dtype, self.stochastic_rounding, self.master_weights = _lowbits.check_precision(
+        self._precision = _lowbits.check_precision(
             self._rule, state_dtype, stochastic_rounding, master_weights
         )
         self.defaults = dict(defaults)
@@ -206,6 +209,38 @@ class Optimizer:
     def warn_stale(self, on: bool) -> None:
         self._warn_stale_on = bool(on)
         self._step_plan = None
+
+    # The precision options: checked together when one is set, and a kept plan (which follows
+    # the options it was made under) dropped.
+
+    @property
+    def state_dtype(self) -> str:
+        return self._precision[0]
+
+    @state_dtype.setter
+    def state_dtype(self, value: Any) -> None:
+        self._set_precision(value, *self._precision[1:])
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        return self._precision[1]
+
+    @stochastic_rounding.setter
+    def stochastic_rounding(self, on: Any) -> None:
+        self._set_precision(self._precision[0], on, self._precision[2])
+
+    @property
+    def master_weights(self) -> bool:
+        return self._precision[2]
+
+    @master_weights.setter
+    def master_weights(self, on: Any) -> None:
+        self._set_precision(*self._precision[:2], on)
+
+    def _set_precision(self, *options: Any) -> None:
+        with self._lock:
+            self._precision = _lowbits.check_precision(self._rule, *options)
+            self._step_plan = None
 
     @property
     def step_count(self) -> int:
@@ -486,11 +521,6 @@ class Optimizer:
         when a step with a None gradient left parameters out, or when a value is of a type the
         plan does not read."""
         if any(len(params) != len(group["params"]) for group, params, _, _ in work):
-            return None
-        if self.stochastic_rounding or self.master_weights or self.state_dtype != "float32":
-            # The plan replays one step's arrays and scalars: stochastic rounding's noise is
-            # keyed by the step, and the 16-bit or 8-bit state and master copies are the staged
-            # entries' (every such step takes the whole path).
             return None
         # A row-sparse step's calls hold its rows; a plan made of them would replay those rows
         # for the next gradients. Such steps keep the plan they had (it refuses RowSparse items).

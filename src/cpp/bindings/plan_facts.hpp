@@ -60,6 +60,14 @@ struct ArrayFacts {
   }
 };
 
+// An array of a parameter's state that an update reads and writes (a rule's state, an int8
+// state's absmax, a master copy) and its key in the parameter's state dict (a str the plan
+// keeps alive).
+struct StateEntry {
+  PyObject* key;
+  ArrayFacts facts;
+};
+
 // Whether anyone but the optimizer holds a parameter. The optimizer's own references are known:
 // its group's "params" list, the plan (through its prepared update's copy of that list) and,
 // once the parameter has state, its entry in optimizer.state. Anything beyond that is someone

@@ -379,12 +379,11 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
     tensor.master = master_arrays.empty() ? nullptr : static_cast<float*>(master_arrays[t].data);
     const bool half = p.type == DType::bf16 || p.type == DType::f16;
     ParamWrite write = ParamWrite::nearest;
-    tensor.noise = 0;
+    tensor.noise = 0;  // (stochastic rounding's: seed_noise, below)
     if (tensor.master != nullptr) {
       write = ParamWrite::master;
     } else if (seed && half) {
       write = ParamWrite::stochastic;
-      tensor.noise = noise_key(*seed, cb.position(t));
     }
     tensor.types = {p.type, grad_arrays[t].type, state_type[t], write};
     const Tensor* prev = t > 0 ? &u.tensors[t - 1] : nullptr;
@@ -406,6 +405,7 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
     if (row_sparse[t]) check_row_types(rule, tensor.types, cb.label("grads", t));
   }
 
+  if (seed) seed_noise(*seed);
   compute_scalars();
   if (count == 0) {  // still check the scalars of step 1 (or the given step), in float32
     const Hyper hyp(rule.hyper.data(), rule.hyper.size(), h.data());
@@ -422,6 +422,16 @@ Prepared::Prepared(const Rule& rule, py::handle params, py::handle grads, py::ha
       rule.scalars.f32(hyp, info, probe.bytes);
     } catch (const HyperError& e) {
       throw py::value_error(e.what());
+    }
+  }
+}
+
+void Prepared::seed_noise(std::uint64_t seed) {
+  noise_seed_ = seed;
+  for (std::size_t t = 0; t < update_.tensors.size(); ++t) {
+    Tensor& tensor = update_.tensors[t];
+    if (tensor.types.write == ParamWrite::stochastic) {
+      tensor.noise = noise_key(seed, buffers_->position(t));
     }
   }
 }

@@ -4,6 +4,7 @@
 // recorded with no Python code in between.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -37,6 +38,10 @@ class Prepared {
  private:
   friend class StepPlan;  // re-runs a prepared update with new gradients and step counts
 
+  // The noise keys of the tensors rounded stochastically, for the step whose noise seed is
+  // `seed` (each keyed by it and by the tensor's position).
+  void seed_noise(std::uint64_t seed);
+
   // The per-step scalars of steps_ (and carried_in_) under h_ and grad_scale_, into update_;
   // carried_ gets the carried numbers after this step. A scalar the compute type cannot hold:
   // ValueError.
@@ -49,6 +54,7 @@ class Prepared {
   std::vector<RowGrad> row_grads_;  // the row-sparse gradients (update_.rows points into them)
   Update update_;
   std::vector<std::int64_t> steps_;
+  std::optional<std::uint64_t> noise_seed_;  // stochastic rounding: the seed this step was given
   std::optional<py::list> record_;
   std::vector<py::list> carried_lists_;          // the caller's lists, written back by record()
   std::vector<std::vector<double>> carried_in_;  // [k][t]: the values before the step

@@ -5,8 +5,10 @@
 // reference to each, so none can be freed and its address reused); each array's data pointer,
 // shape, flags and dtype; each hyperparameter's value by identity, re-validating only the ones that
 // changed; and the gradients (dtype, layout, shape, no overlap with any buffer the step writes).
-// Then it computes the per-step scalars, runs the kernels and records the step counts with no
-// Python code in between, as run() does. Anything it does not handle (a value of another type, a
+// State arrays include an int8 state's absmax and a master copy; stochastic rounding's noise is
+// keyed anew for each step by its number, as the whole path keys it. Then it computes the
+// per-step scalars, runs the kernels and records the step counts with no Python code in
+// between, as run() does. Anything it does not handle (a value of another type, a
 // missing state, a None gradient, an error to report) it hands back to the whole path with a
 // reason, having changed nothing. It also notices a parameter only the optimizer still holds (see
 // Held, bindings/plan_facts.hpp).
@@ -15,6 +17,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -70,6 +74,10 @@ class StepPlan {
         rule_ = &G.prepared->rule_;
         for (std::size_t k = 0; k < rule_->states.size(); ++k) {
           state_keys_.push_back(interned(rule_->states[k].name));
+          const std::string absmax = std::string(rule_->states[k].name) + ABSMAX_SUFFIX;
+          absmax_keys_.push_back(
+              py::reinterpret_steal<py::object>(PyUnicode_InternFromString(absmax.c_str())));
+          if (!absmax_keys_.back()) throw py::error_already_set();
         }
         for (std::size_t k = 0; k < rule_->carried.size(); ++k) {
           carried_keys_.push_back(interned(rule_->carried[k].name));
@@ -83,11 +91,19 @@ class StepPlan {
     // Every buffer the step writes, sorted: a gradient must overlap none of them.
     for (const Group& G : groups_data_) {
       for (const ArrayFacts& f : G.params) add_written(f);
-      for (const auto& per_state : G.states) {
-        for (const ArrayFacts& f : per_state) {
-          if (f.obj != nullptr) add_written(f);
-        }
+      for (const auto& entries : G.entries) {
+        for (const StateEntry& e : entries) add_written(e.facts);
       }
+    }
+    // Stochastic rounding's noise is keyed by the number of the step being taken (the whole
+    // path passes step_count + 1): the step that made the plan has just been counted, so its
+    // seed is the counter now. Each later step takes the counter + 1 (see run_step).
+    for (const Group& G : groups_data_) {
+      if (!G.prepared->noise_seed_) continue;
+      if (G.prepared->noise_seed_ != step_seed(0)) {
+        throw py::value_error("a noise seed that is not the number of the step");
+      }
+      noisy_ = true;
     }
     std::sort(written_.begin(), written_.end());
     for (std::size_t i = 1; i < written_.size(); ++i) {
@@ -206,8 +222,14 @@ class StepPlan {
         scale = coef >= 1.0 ? 1.0 : coef;  // NaN stays NaN, as in torch
       }
     }
+    const std::optional<std::uint64_t> seed = noisy_ ? step_seed(1) : std::nullopt;
+    if (noisy_ && !seed) {
+      grads_held_.clear();
+      return py::str("counter");
+    }
     for (Group& G : groups_data_) {
       Prepared& P = *G.prepared;
+      if (P.noise_seed_) P.seed_noise(*seed);
       P.h_ = G.h_next;
       P.grad_scale_ = P.h_[rule_->hyper.size()] != 0.0 ? -scale : scale;
       P.steps_ = G.steps_next;
@@ -249,10 +271,10 @@ class StepPlan {
     py::object params_list;   // its "params" list
     std::vector<ArrayFacts> params;
     std::vector<Held> held;
-    std::vector<py::object> state_dicts;          // per parameter (None: no state entry)
-    std::vector<std::vector<ArrayFacts>> states;  // [state][parameter]; obj nullptr: none
-    std::vector<py::object> step_seen;            // per parameter: the step count object
-    std::vector<std::int64_t> step_value;         // and its value
+    std::vector<py::object> state_dicts;           // per parameter (None: no state entry)
+    std::vector<std::vector<StateEntry>> entries;  // per parameter: the arrays of its state
+    std::vector<py::object> step_seen;             // per parameter: the step count object
+    std::vector<std::int64_t> step_value;          // and its value
     // Hyperparameters, by the group's keys (torch's names): the value object last validated
     // and the hyperparameter slots it fills (a tuple's items: betas).
     std::vector<py::object> keys;
@@ -272,6 +294,17 @@ class StepPlan {
       if (PyUnicode_CompareWithASCIIString(G.keys[k].ptr(), "lr") == 0) return k;
     }
     return G.keys.size();
+  }
+
+  // The noise seed of step counter + ahead, in its low 64 bits as the core takes any int seed;
+  // nullopt if the counter holds no int (a lookup's Python code may have changed it).
+  std::optional<std::uint64_t> step_seed(std::uint64_t ahead) const {
+    PyObject* c =
+        PyList_GET_SIZE(counter_.ptr()) < 1 ? nullptr : PyList_GET_ITEM(counter_.ptr(), 0);
+    if (c == nullptr || !PyLong_CheckExact(c)) return std::nullopt;
+    const unsigned long long v = PyLong_AsUnsignedLongLongMask(c);
+    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+    return static_cast<std::uint64_t>(v) + ahead;
   }
 
   static py::object interned(const char* text) {
@@ -359,23 +392,28 @@ class StepPlan {
     // State: each parameter's dict, the arrays in it, its step count.
     const py::list dicts_list = snapshot(dicts, "state dicts", "dicts or None");
     if (dicts_list.size() != n) throw py::value_error("one state dict per parameter");
-    G.states.assign(r.states.size(), std::vector<ArrayFacts>(n));
+    G.entries.resize(n);
     for (std::size_t t = 0; t < n; ++t) {
       py::object d = py::reinterpret_borrow<py::object>(dicts_list[t]);
       if (!d.is_none() && !PyDict_CheckExact(d.ptr())) throw py::type_error("a state dict");
       G.state_dicts.push_back(d);
       G.held[t].own = 2 + (d.is_none() ? 0 : 1);
-      for (std::size_t s = 0; s < r.states.size(); ++s) {
-        void* ptr = P.update_.tensors[t].state[s];
-        if (!G.needed[s] || ptr == nullptr) continue;
+      const Tensor& tensor = P.update_.tensors[t];
+      const auto add = [&](PyObject* key, const void* ptr) {
         if (d.is_none()) throw py::value_error("a state array without a state dict");
-        PyObject* a = PyDict_GetItemString(d.ptr(), r.states[s].name);
+        PyObject* a = PyDict_GetItem(d.ptr(), key);
         if (a == nullptr || !py::isinstance<py::array>(a) ||
-            py::detail::array_proxy(a)->data != reinterpret_cast<char*>(ptr)) {
+            py::detail::array_proxy(a)->data != static_cast<const char*>(ptr)) {
           throw py::value_error("the state dicts do not hold the update's arrays");
         }
-        G.states[s][t] = ArrayFacts::of(a);
+        G.entries[t].push_back({key, ArrayFacts::of(a)});
+      };
+      for (std::size_t s = 0; s < r.states.size(); ++s) {
+        if (!G.needed[s] || tensor.state[s] == nullptr) continue;
+        add(state_keys_[s].ptr(), tensor.state[s]);
+        if (tensor.absmax[s] != nullptr) add(absmax_keys_[s].ptr(), tensor.absmax[s]);
       }
+      if (tensor.master != nullptr) add(key_of(MASTER_STATE), tensor.master);
     }
     // Step counts (rules that count them) as the update recorded them.
     const bool counts = r.steps != Steps::first_only;
@@ -507,10 +545,8 @@ class StepPlan {
       }
       for (std::size_t t = 0; t < G.params.size(); ++t) {
         const py::object& d = G.state_dicts[t];
-        for (std::size_t s = 0; s < r.states.size(); ++s) {
-          const ArrayFacts& f = G.states[s][t];
-          if (f.obj == nullptr) continue;
-          if (!f.same(PyDict_GetItem(d.ptr(), state_keys_[s].ptr()))) return "state";
+        for (const StateEntry& e : G.entries[t]) {
+          if (!e.facts.same(PyDict_GetItem(d.ptr(), e.key))) return "state";
         }
         if (counts) {
           PyObject* s = PyDict_GetItem(d.ptr(), key_step_.ptr());
@@ -618,8 +654,9 @@ class StepPlan {
   const Rule* rule_ = nullptr;
   bool check_held_;
   bool busy_ = false;
+  bool noisy_ = false;  // some update rounds stochastically: its noise is keyed by the step
   py::object key_groups_, key_state_, key_version_, key_params_, key_step_;
-  std::vector<py::object> state_keys_, carried_keys_;
+  std::vector<py::object> state_keys_, absmax_keys_, carried_keys_;
   py::object owner_, state_vars_, state_obj_, version_, groups_, counter_;
   std::vector<Group> groups_data_;
   std::size_t n_grads_ = 0;

@@ -1,7 +1,9 @@
 """The study ``step-cost``: the fixed cost of a small step. optkern against NumPy's own in-place
 update on a 4-array model (shapes (64, 30), (30,), (30, 10), (10,): a 64-30-10 MLP), the cost of
 writing a new hyperparameter value before each step, the functional call's cost per call and per
-array, and the stale-parameter check's cost per array, in float32 and float64.
+array, and the stale-parameter check's cost per array, in float32 and float64; and Adam's step on
+one element and on the 4-array model under each precision option (bfloat16 or int8 state,
+bfloat16 parameters with master weights or stochastic rounding) beside float32 state.
 
 Every case is a callable timed in short batches of calls (about BATCH_SECONDS each, so that on a
 loaded machine most batches run without being descheduled); the cases of one figure are
@@ -238,6 +240,50 @@ def fig_stale(text, dtype, rounds, batch) -> Dict[str, Any]:
     return {"us": _us(med), "per_array_us": per_array * 1e6}
 
 
+#: label: (bfloat16 parameters, the optimizer's precision options)
+PRECISION_OPTIONS = {
+    "float32 state": (False, {}),
+    "bfloat16 state": (False, {"state_dtype": "bfloat16"}),
+    "int8 state": (False, {"state_dtype": "int8"}),
+    "bf16 param, master": (True, {"master_weights": True}),
+    "bf16 param, stochastic": (True, {"stochastic_rounding": True}),
+}
+
+
+def fig_precision(text, rounds, batch) -> Dict[str, Any]:
+    """Adam's step on one element and on the 4-array model (float32 parameters, unless bfloat16
+    ones are named) under each precision option, beside float32 state; on one element also each
+    option's step through the whole path (no kept plan: every step validated whole, as a step
+    after a change the plan does not follow). The options that need bfloat16 (ml_dtypes) are left
+    out without it."""
+    from .. import _lowbits
+
+    bf16 = _lowbits.BFLOAT16
+    out = {}
+    for where, shapes in (("one element", [(1,)]), ("the 4-array model", SHAPES)):
+        cases = {}
+        for label, (half, options) in PRECISION_OPTIONS.items():
+            if bf16 is None and (half or options.get("state_dtype") == "bfloat16"):
+                continue
+            params, grads = model(np.float32)
+            if shapes != SHAPES:
+                params, grads = [params[1][:1].copy()], [grads[1][:1].copy()]
+            if half:
+                params = [p.astype(bf16) for p in params]
+            opt = ok.Adam(params, lr=1e-3, **options)
+            cases[f"Adam, {label}"] = lambda o=opt, g=grads: o.step(g)
+            if shapes != SHAPES:
+                whole = ok.Adam([p.copy() for p in params], lr=1e-3, **options)
+                whole._make_plan = lambda *a, **k: None  # no plan is ever kept
+                cases[f"Adam, {label}, whole path"] = lambda o=whole, g=grads: o.step(g)
+        title = f"Adam on {where} under each precision option"
+        med = show(text, title, interleaved(cases, rounds, batch), "Adam, float32 state")
+        out[where] = _us(med)
+    if bf16 is None:
+        text.append("  (ml_dtypes is not installed: the bfloat16 options are left out)")
+    return out
+
+
 def _us(med: Dict[str, float]) -> Dict[str, float]:
     return {k: v * 1e6 for k, v in med.items()}
 
@@ -276,8 +322,10 @@ def step_cost(
     batch: Optional[int] = None,
     dtypes: Sequence[str] = DTYPES,
     figures: Sequence[str] = FIGURES,
+    precision: bool = True,
 ) -> Dict[str, Any]:
-    """Every figure for each dtype; ``text`` is what the study prints."""
+    """Every figure for each dtype, then (``precision``) the precision options'; ``text`` is
+    what the study prints."""
     import os
 
     text = [
@@ -291,9 +339,13 @@ def step_cost(
         figs[dtype] = {
             name: globals()[f"fig_{name}"](text, np.dtype(dtype), rounds, batch) for name in figures
         }
+    precision_us = None
+    if precision:
+        text.append("\n== precision options")
+        precision_us = fig_precision(text, rounds, batch)
     goals = targets(figs)
     text.append("\ntargets:")
     for t in goals:
         text.append(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']:.3f}")
     text.append("load average after " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    return {"figures": figs, "targets": goals, "text": "\n".join(text)}
+    return {"figures": figs, "precision": precision_us, "targets": goals, "text": "\n".join(text)}

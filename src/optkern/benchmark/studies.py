@@ -38,7 +38,8 @@ the docs; ``python -m optkern bench --studies NAME`` runs one (none runs by defa
 * ``step-cost``: the fixed cost of a small step (optkern/benchmark/step_cost.py): SGD and Adam on
   a 4-array model against NumPy's in-place updates, a hyperparameter written before each step,
   the functional call per call and per array, the stale-parameter check per array, in float32
-  and float64 (repeats: rounds).
+  and float64; Adam on one element and on the 4-array model under each precision option
+  (repeats: rounds).
 * ``torch-small-step`` (needs torch): the fixed cost of a step on a small model (Adam over the
   six tensors of an MLP 784-128-64-10, 109K parameters): optkern.torch's step beside torch's
   fused and single-tensor steps, each timed alone, interleaved in a new random order every
