@@ -33,7 +33,7 @@ void prefetch_span(const void* p, DType type, std::size_t offset, std::size_t n)
 #endif
 }
 
-// A call whose operands take more than STREAMING_CALL_BYTES comes from memory, not from the
+// A call whose operands take at least STREAMING_CALL_BYTES comes from memory, not from the
 // caches: the kernel entries of a rule with a division per element (WEIGHT_DIVIDES) then
 // prefetch ahead (Operands::streaming, kernels/rule.cpp). Below it the prefetches cost more
 // than they bring (up to 10% of a call held in L2); the cheaper rules keep up with the hardware

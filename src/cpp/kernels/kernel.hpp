@@ -277,7 +277,7 @@ void prefetch_ahead(const T* x, size_t i) {
   OK_PREFETCH(at + 64);
 }
 
-// Asks for the cache lines of x[0, n), to be written (kernels/rule.cpp's streaming pieces).
+// Asks for the cache lines of x[0, n) (the streaming pieces of kernels/rule.cpp and staging.cpp).
 template <class T>
 void prefetch_lines(const T* x, size_t n) {
   const char* at = reinterpret_cast<const char*>(x);
