@@ -129,6 +129,16 @@ void require_size(const Span& s, std::size_t n, const char* what) {
 
 double nan_max(double a, double b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
 
+// (dot, max) of the L-BFGS passes from their per-block pairs (algo_api.hpp), added in block order.
+py::tuple dot_and_max(const std::vector<double>& partial) {
+  double dot = 0.0, mx = 0.0;
+  for (std::size_t b = 0; b + 1 < partial.size(); b += 2) {
+    dot += partial[b];
+    mx = nan_max(mx, partial[b + 1]);
+  }
+  return py::make_tuple(dot, mx);
+}
+
 // The blocks of a pass over a list of arrays that together hold n elements of flat vectors: a
 // block never spans two arrays.
 struct Block {
@@ -378,12 +388,7 @@ py::tuple lbfgs_direction(py::handle grads, double cg, py::handle S, py::handle 
     py::gil_scoped_release nogil;
     parallel_for(blocks.size(), ALGO_BLOCK * (1 + kk), body);
   }
-  double dot = 0.0, mx = 0.0;
-  for (std::size_t b = 0; b < blocks.size(); ++b) {
-    dot += partial[2 * b];
-    mx = nan_max(mx, partial[2 * b + 1]);
-  }
-  return py::make_tuple(dot, mx);
+  return dot_and_max(partial);
 }
 
 py::tuple lbfgs_take(py::handle grads, py::handle out, py::handle d, py::handle isa) {
@@ -410,12 +415,7 @@ py::tuple lbfgs_take(py::handle grads, py::handle out, py::handle d, py::handle 
     py::gil_scoped_release nogil;
     parallel_for(blocks.size(), ALGO_BLOCK * WEIGHT_STREAMING, body);
   }
-  double dot = 0.0, mx = 0.0;
-  for (std::size_t b = 0; b < blocks.size(); ++b) {
-    dot += partial[2 * b];
-    mx = nan_max(mx, partial[2 * b + 1]);
-  }
-  return py::make_tuple(dot, mx);
+  return dot_and_max(partial);
 }
 
 void lbfgs_point(py::handle params, py::handle x, py::handle d, double t, py::handle isa) {
