@@ -233,10 +233,10 @@ void dequantize(const std::uint8_t* q, float absmax, bool nonnegative, float* ou
 
 namespace {
 
-char* at(void* p, DType type, size_t b) {
-  const size_t size = type == DType::f64 ? 8 : type == DType::q8 ? 1 : (type == DType::f32 ? 4 : 2);
-  return static_cast<char*>(p) + b * size;
+size_t element_size(DType type) {
+  return type == DType::f64 ? 8 : type == DType::q8 ? 1 : (type == DType::f32 ? 4 : 2);
 }
+char* at(void* p, DType type, size_t b) { return static_cast<char*>(p) + b * element_size(type); }
 const char* at(const void* p, DType type, size_t b) { return at(const_cast<void*>(p), type, b); }
 
 }  // namespace
@@ -277,13 +277,13 @@ StagedBlock stage_in(const Operands& op, size_t b, size_t n, Stage& buf, unsigne
 
 void prefetch_block(const Operands& op, size_t b) {
   const optkern::Types& t = op.types;
-  const size_t end = b + Q8_BLOCK;
-  prefetch_lines(at(op.param, t.param, b), at(op.param, t.param, end) - at(op.param, t.param, b));
-  prefetch_lines(at(op.grad, t.grad, b), at(op.grad, t.grad, end) - at(op.grad, t.grad, b));
+  auto ask = [b](const void* p, DType type) {
+    prefetch_lines(at(p, type, b), Q8_BLOCK * element_size(type));
+  };
+  ask(op.param, t.param);
+  ask(op.grad, t.grad);
   for (size_t k = 0; k < MAX_STATES; ++k) {
-    if (op.state[k] == nullptr) continue;
-    prefetch_lines(at(op.state[k], t.state, b),
-                   at(op.state[k], t.state, end) - at(op.state[k], t.state, b));
+    if (op.state[k] != nullptr) ask(op.state[k], t.state);
   }
   if (op.master != nullptr) prefetch_lines(op.master + b, Q8_BLOCK);
 }
