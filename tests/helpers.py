@@ -91,3 +91,23 @@ def step_bits(name: str, hp: dict, threads: int, min_per_thread: int, steps: int
         for v in opt.state[p].values()
         if isinstance(v, np.ndarray)
     ]
+
+
+def step_from_threads(opt, grads, threads: int, steps: int) -> None:
+    """``steps`` steps of ``opt`` from each of ``threads`` Python threads started together, each
+    stepping with its own copies of ``grads``."""
+    import threading
+
+    barrier = threading.Barrier(threads)
+
+    def run():
+        mine = [x.copy() for x in grads]
+        barrier.wait()
+        for _ in range(steps):
+            opt.step(mine)
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()

@@ -6,12 +6,11 @@ errors and changes nothing."""
 
 import copy
 import pickle
-import threading
 
 import numpy as np
 import optim_db as db
 import pytest
-from helpers import bits
+from helpers import bits, step_from_threads
 
 import optkern as ok
 
@@ -383,19 +382,7 @@ def test_threads_stepping_one_optimizer_take_whole_steps():
     n = 300
     for _ in range(4 * n):
         ref.step(g)
-    barrier = threading.Barrier(4)
-
-    def run():
-        mine = [x.copy() for x in g]
-        barrier.wait()
-        for _ in range(n):
-            opt.step(mine)
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    step_from_threads(opt, g, threads=4, steps=n)
     assert opt.step_count == 4 * n and opt.state[params[0]]["step"] == 4 * n
     assert snapshot(opt, params) == snapshot(ref, ref_params)
 

@@ -5,12 +5,11 @@ and thread count; whatever makes the float32 plan hand a step to the whole path 
 too, and so does a change to what only these options keep (an absmax array, a master copy)."""
 
 import copy
-import threading
 import warnings
 
 import numpy as np
 import pytest
-from helpers import bits
+from helpers import bits, step_from_threads
 from test_step_plan import count_whole_steps, snapshot, whole_path_only
 
 import optkern as ok
@@ -359,19 +358,7 @@ def test_threads_stepping_one_optimizer_take_whole_steps(precision):
     for _ in range(4 * n):
         ref.step(g)
     opt, params = build("Adam", precision, hp=dict(lr=1e-3))
-    barrier = threading.Barrier(4)
-
-    def run():
-        mine = [x.copy() for x in g]
-        barrier.wait()
-        for _ in range(n):
-            opt.step(mine)
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    step_from_threads(opt, g, threads=4, steps=n)
     assert opt.step_count == 4 * n and opt.state[params[0]]["step"] == 4 * n
     assert snapshot(opt, params) == snapshot(ref, ref_params)
 
